@@ -61,6 +61,8 @@ from __future__ import annotations
 
 import array as pyarray
 import bisect
+import gc
+import glob
 import json
 import math
 import mmap
@@ -465,7 +467,11 @@ class _OffsetsMixin:
     offsets: memoryview
 
     def _offs(self) -> memoryview:
-        return self.offsets.cast("q")  # int64 view, no copy
+        if self._offs_view is None:
+            self._offs_view = self.offsets.cast("q")  # int64 view, no copy; cached (hot in ds[i])
+        return self._offs_view
+
+    _offs_view = None
 
     def _bounds(self, i: int) -> tuple[int, int]:
         o = self._offs()
@@ -566,7 +572,10 @@ class ListArray(_OffsetsMixin, Array):
             return None
         a, b = self._bounds(i)
         self._check_span(a, b, i)
-        return self.child.slice(a, b).to_pylist()
+        child = self.child
+        if isinstance(child, PrimitiveArray) and child._typed is not None and child.validity is None:
+            return child._typed[child.offset + a : child.offset + b].tolist()  # no Array object per row
+        return child.slice(a, b).to_pylist()
 
     def value_tensor(self, i: int) -> torch.Tensor:
         """ZERO-COPY tensor of row i's values (primitive children only)."""
@@ -579,7 +588,11 @@ class ListArray(_OffsetsMixin, Array):
             return []
         offs = self._offs()[self.offset : self.offset + self.length + 1].tolist()
         _check_range(offs, self.child.length, "list column")
-        flat, base = self.child.slice(offs[0], offs[-1]).to_pylist(), offs[0]
+        child = self.child
+        if isinstance(child, PrimitiveArray) and child._typed is not None and child.null_count == 0:
+            mv, o = child._typed, child.offset  # list<number>: convert each row straight from the buffer
+            return self._apply_nulls([mv[o + a : o + b].tolist() for a, b in zip(offs, offs[1:])])
+        flat, base = child.slice(offs[0], offs[-1]).to_pylist(), offs[0]
         return self._apply_nulls([flat[a - base : b - base] for a, b in zip(offs, offs[1:])])
 
     def take_pylist(self, idx):
@@ -1019,6 +1032,27 @@ class RecordBatch:
         return RecordBatch({k: a.slice(start, stop) for k, a in self.columns.items()})
 
 
+def _no_gc(fn):
+    """Pause Python's cyclic garbage collector while fn builds Python objects.
+
+    Decoding a batch allocates hundreds of thousands of lists; every 700 allocations CPython runs a
+    collection that walks the young objects looking for reference cycles, and these objects (lists
+    of ints and strs) can never form one. Pausing the collector for the duration of the decode makes
+    iteration ~1.3x faster; reference counting still frees everything as usual."""
+
+    def wrapper(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
+    return wrapper
+
+
 class Table:
     """Chunked columnar table: `batches` share one schema; rows are numbered across chunks."""
 
@@ -1063,6 +1097,7 @@ class Table:
         c, j = self._locate(i)
         return {k: a.get(j) for k, a in self.batches[c].columns.items()}
 
+    @_no_gc
     def slice_pydict(self, start: int, stop: int, columns: list[str] | None = None) -> dict[str, list]:
         """Rows [start, stop) as {column: list}, walking only the chunks that overlap."""
         columns = columns or self.column_names
@@ -1075,6 +1110,7 @@ class Table:
             c += 1
         return out
 
+    @_no_gc
     def take_pydict(self, idx: torch.Tensor, columns: list[str] | None = None) -> dict[str, list]:
         """Rows at global indices idx (int64 tensor, any order) as {column: list}."""
         columns = columns or self.column_names
@@ -1783,8 +1819,6 @@ def _read_json_rows(path: str) -> list[dict]:
 
 
 def _expand(paths) -> list[str]:
-    import glob
-
     out = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
         p = os.fspath(p)
@@ -2184,6 +2218,7 @@ def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, 
         import datasets as hf
     except ImportError:
         hf = None
+    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
     folder = folder or tempfile.mkdtemp(prefix="nanosets-bench-")
     nano_path, arrow_path = os.path.join(folder, "bench.nano"), os.path.join(folder, "bench.arrow")
     if not (os.path.exists(nano_path) and os.path.exists(arrow_path)):
@@ -2219,7 +2254,7 @@ def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, 
     res["pyarrow"]["scan float32 column (GB/s)"] = n * 4 / _timeit(
         lambda: torch.from_numpy(pt.column("score").combine_chunks().to_numpy(zero_copy_only=True)).sum()) / 1e9
     if hds is not None:
-        res["hf"]["scan float32 column (GB/s)"] = n * 4 / _timeit(lambda: hds.with_format("torch")["score"].sum(), 1) / 1e9
+        res["hf"]["scan float32 column (GB/s)"] = n * 4 / _timeit(lambda: hds.with_format("torch", columns=["score"])[:]["score"].sum(), 1) / 1e9
 
     # 2. batched iteration to Python objects (all four columns), first rows_iter rows
     def it_nano():
