@@ -710,7 +710,7 @@ def _describe(v) -> str:
     return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"
 
 
-def _infer_one(v) -> DataType:
+def _infer_one(v, name: str) -> DataType:
     if v is None:
         return NULL
     if isinstance(v, bool):
@@ -726,9 +726,9 @@ def _infer_one(v) -> DataType:
             return _TORCH_TO_PRIMITIVE[v.dtype]
         return TensorType(_TORCH_TO_PRIMITIVE[v.dtype], tuple(v.shape))
     if isinstance(v, (list, tuple)):
-        return ListType(infer_type(list(v)))
+        return ListType(infer_type(list(v), name + "[]"))
     if isinstance(v, dict):
-        return StructType({k: infer_type([v[k]]) for k in v})
+        return StructType({k: infer_type([v[k]], f"{name}.{k}") for k in v})
     raise TypeError(f"cannot store a {type(v).__name__} ({v!r:.40}); use bool/int/float/str/list/dict/tensor")
 
 
@@ -774,8 +774,8 @@ def infer_type(values: list, name: str = "column") -> DataType:
     result = NULL
     for row, v in enumerate(values):
         try:
-            t = _infer_one(v)
-        except (TypeError, KeyError) as e:
+            t = _infer_one(v, name)
+        except (TypeError, KeyError, NanosetsError) as e:
             raise NanosetsError(f"column {name!r}, row {row}: {e}") from None
         u = unify_types(result, t)
         if u is None:
@@ -869,13 +869,13 @@ def _build_primitive(values, t: PrimitiveType, path, validity, has_nulls) -> Pri
     is_int = t.torch_dtype.is_floating_point is False
     code = t.fmt if t.fmt else "d"  # halves are checked as doubles, then rounded by torch
     try:
-        if is_int and any(type(v) is float for v in filled):
-            raise TypeError  # array('q') would reject these too, but say which row first
+        if is_int and any(type(v) in (float, bool) for v in filled):
+            raise TypeError  # array('q') rejects floats and would take True as 1: name the row instead
         packed = pyarray.array(code, filled)  # converts + range-checks the whole list in C
     except (TypeError, OverflowError, ValueError):
         for row, v in enumerate(filled):
             try:
-                if is_int and type(v) is float:
+                if is_int and type(v) in (float, bool):
                     raise TypeError
                 pyarray.array(code, [v])
             except (TypeError, OverflowError, ValueError):
@@ -949,8 +949,7 @@ def take_array(a: Array, idx: torch.Tensor) -> Array:
         return TensorArray(a.type, n, tensor_to_buffer(a.to_torch()[idx]), valid)
     if isinstance(a, StructArray):
         return StructArray(a.type, n, {k: take_array(c, idx) for k, c in a.children.items()}, valid)
-    offs = a._offsets_tensor()
-    pos, new_offsets = _ranges_index(offs[idx], offs[idx + 1])
+    pos, new_offsets = _ranges_index(*_checked_spans(a, idx))
     if isinstance(a, StringArray):
         data = frombuffer(a.data, torch.uint8, len(a.data))[pos]  # gather the bytes
         return StringArray(n, tensor_to_buffer(new_offsets), tensor_to_buffer(data), valid)
@@ -1130,6 +1129,27 @@ class Table:
                     dst[p] = v
         return out
 
+    def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
+        """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local
+        ranges in order (positions None); an index tensor gives per-chunk local indices plus where
+        their values go in the output."""
+        if isinstance(rows, tuple):
+            start, stop = rows
+            parts, c = [], max(0, bisect.bisect_right(self._starts, start) - 1)
+            while c < len(self.batches) and self._starts[c] < stop:
+                s0 = self._starts[c]
+                parts.append((c, (max(start - s0, 0), min(stop - s0, self.batches[c].num_rows)), None))
+                c += 1
+            return parts or [(0, (0, 0), None)]
+        if len(self.batches) == 1:
+            return [(0, rows, None)]
+        chunk = torch.bucketize(rows, torch.tensor(self._starts, dtype=torch.int64), right=True) - 1
+        parts = []
+        for c in chunk.unique().tolist():
+            where = (chunk == c).nonzero().squeeze(1)  # output positions of this chunk's rows
+            parts.append((c, rows[where] - self._starts[c], where))
+        return parts or [(0, rows, None)]
+
     def column(self, name: str) -> Array:
         """The whole column as one Array: zero-copy when the table has one chunk, else concatenated."""
         if name not in self.schema:
@@ -1263,7 +1283,10 @@ class _Reader:
         raise NanosetsError(f"{self.path}: corrupt .nano file at {where}: {msg}")
 
     def buffer(self, node: dict, name: str, where: str, size: int | None = None):
-        spec = node.get("buffers", {}).get(name)
+        bufs = node.get("buffers", {})
+        if not isinstance(bufs, dict):
+            self.fail(where, f"'buffers' should be an object, got {type(bufs).__name__}")
+        spec = bufs.get(name)
         if spec is None:
             return None
         if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, int) for x in spec)):
@@ -1367,11 +1390,36 @@ def read_nano(path: str | os.PathLike) -> tuple[Table, dict]:
 def verify_nano(path: str | os.PathLike) -> int:
     """Full O(size) check: decode every row of every column (opening only checks O(1) things)."""
     table, _ = read_nano(path)
-    for b in table.batches:
+    for bi, b in enumerate(table.batches):
         for k, a in b.columns.items():
             for s in range(0, a.length, 65536):
-                a.slice(s, s + 65536).to_pylist()
+                try:
+                    a.slice(s, s + 65536).to_pylist()
+                except NanosetsError as e:
+                    raise NanosetsError(f"{os.fspath(path)}: batch {bi}, column {k!r}, rows {s}+: {e}") from None
     return table.num_rows
+
+
+def _checked_spans(a: "ListArray | StringArray", local) -> tuple[torch.Tensor, torch.Tensor]:
+    """Start/end offsets of the selected rows, refusing corrupt ones (a clamped slice would silently
+    return the wrong values, and pyarrow would read out of bounds)."""
+    offs = a._offsets_tensor()  # [length+1]
+    sel = torch.arange(*local) if isinstance(local, tuple) else local
+    starts, ends = offs[sel], offs[sel + 1]
+    limit = a.child.length if isinstance(a, ListArray) else len(a.data)
+    if len(sel) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
+        raise NanosetsError(f"corrupt {'list' if isinstance(a, ListArray) else 'string'} column: offsets "
+                            f"leave the values (size {limit}) or run backwards")
+    return starts, ends
+
+
+def _gather_rows_torch(a: Array, local, lists: bool):
+    """Rows `local` ((start, stop) or an index tensor) of one chunk as a tensor, or a list of row tensors."""
+    if not lists:
+        return a.slice(*local).to_torch() if isinstance(local, tuple) else a.to_torch()[local]
+    starts, ends = _checked_spans(a, local)
+    vals = a.child.to_torch()
+    return [vals[s:e] for s, e in zip(starts.tolist(), ends.tolist())]  # views into the file
 
 
 # ---- Dataset: the HF-datasets-like API -----------------------------------------------------------
@@ -1483,23 +1531,39 @@ class Dataset:
         return self._table.take_pydict(rows, columns)
 
     def _fetch_torch(self, rows, columns: list[str]) -> dict[str, Any]:
-        """Like _fetch but numbers come back as tensors, viewing the file when rows are contiguous."""
+        """Like _fetch, but numbers come back as tensors: zero-copy views of the file when the rows are
+        contiguous inside one chunk, a gather otherwise; list<number> rows become one tensor each
+        (views). Columns with nulls, strings and nested types stay Python values (no tensor holds None)."""
         out, python_cols = {}, []
+        parts = self._table.split_rows(rows)  # [(chunk, local rows, output positions or None)]
         for k in columns:
-            t = self.schema[k]
-            single = len(self._table.batches) == 1
-            arr = self._table.batches[0].columns[k] if single else None
-            if isinstance(t, (PrimitiveType, TensorType)) and (arr is None or arr.null_count == 0):
-                col = arr if single else self._table.column(k)
-                out[k] = (col.slice(*rows).to_torch() if isinstance(rows, tuple) else col.to_torch()[rows])
-            elif isinstance(t, ListType) and isinstance(t.value, PrimitiveType) and single and arr.null_count == 0 \
-                    and arr.child.null_count == 0:
-                offs = arr._offsets_tensor()
-                sel = torch.arange(*rows) if isinstance(rows, tuple) else rows
-                vals = arr.child.to_torch()
-                out[k] = [vals[a:b] for a, b in zip(offs[sel].tolist(), offs[sel + 1].tolist())]  # views
-            else:
+            t, chunks = self.schema[k], [b.columns[k] for b in self._table.batches]
+            numeric = isinstance(t, (PrimitiveType, TensorType))
+            lists = isinstance(t, ListType) and isinstance(t.value, PrimitiveType)
+            if not (numeric or lists) or any(a.null_count or (lists and a.child.null_count) for a in chunks):
                 python_cols.append(k)
+                continue
+            pieces = [(_gather_rows_torch(chunks[c], local, lists), pos) for c, local, pos in parts]
+            if len(pieces) == 1 and pieces[0][1] is None:
+                out[k] = pieces[0][0]  # the common case: one chunk, no reordering, views untouched
+            elif lists:
+                n = sum(len(p) for p, _ in pieces)
+                merged: list = [] if pieces[0][1] is None else [None] * n
+                for p, pos in pieces:
+                    if pos is None:
+                        merged.extend(p)
+                    else:
+                        for i, v in zip(pos.tolist(), p):
+                            merged[i] = v
+                out[k] = merged
+            elif pieces[0][1] is None:
+                out[k] = torch.cat([p for p, _ in pieces])
+            else:
+                first = pieces[0][0]
+                merged_t = torch.empty((sum(len(p) for p, _ in pieces),) + tuple(first.shape[1:]), dtype=first.dtype)
+                for p, pos in pieces:
+                    merged_t[pos] = p
+                out[k] = merged_t
         out.update(self._fetch(rows, python_cols) if python_cols else {})
         return {k: out[k] for k in columns}
 
@@ -1618,10 +1682,10 @@ class Dataset:
                          shuffle: bool = True, seed: int | None = None) -> DatasetDict:
         n = len(self)
 
-        def count(x):
-            return None if x is None else (math.ceil(x * n) if isinstance(x, float) else int(x))
+        def count(x, rounding):
+            return None if x is None else (rounding(x * n) if isinstance(x, float) else int(x))
 
-        n_test, n_train = count(test_size), count(train_size)
+        n_test, n_train = count(test_size, math.ceil), count(train_size, math.floor)  # as HF rounds
         if n_test is None:
             n_test = n - n_train if n_train is not None else math.ceil(0.25 * n)
         if n_train is None:
@@ -1722,8 +1786,9 @@ class Dataset:
         if self._indices is None:
             yield from self._table.batches
             return
+        table = self._table.combine_chunks()  # once, not per block: take() gathers within one chunk
         for s in range(0, len(self._indices), chunk_rows):
-            yield self._table.take(self._indices[s : s + chunk_rows]).batches[0]
+            yield table.take(self._indices[s : s + chunk_rows]).batches[0]
 
     def save_to_disk(self, path: str | os.PathLike) -> str:
         """Write a .nano file (`path` ending in .nano) or a folder holding data.nano; atomic."""
@@ -1805,7 +1870,8 @@ def _read_json_rows(path: str) -> list[dict]:
             if len(stripped.splitlines()) == 1:
                 return [obj]
     rows = []
-    for lineno, line in enumerate(text.splitlines(), 1):
+    # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which JSON strings may hold raw
+    for lineno, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -1935,6 +2001,8 @@ def _to_pa(a: Array):
             return pa.Array.from_buffers(pa.bool_(), n, [val, pa.py_buffer(pack_bits(a.to_torch()))])
         values = tensor_to_buffer(a.to_torch().float()) if t.name == "bfloat16" else a.values
         return pa.Array.from_buffers(_pa_type(t), n, [val, pa.py_buffer(values)])
+    if isinstance(a, (StringArray, ListArray)):
+        _checked_spans(a, (0, n))  # pyarrow trusts offsets blindly: a bad one would read out of bounds
     if isinstance(a, StringArray):
         return pa.Array.from_buffers(pa.large_string(), n, [val, pa.py_buffer(a.offsets), pa.py_buffer(a.data)])
     if isinstance(a, ListArray):
@@ -1962,7 +2030,7 @@ def _from_pa(arr, name: str) -> Array:
     import pyarrow as pa
 
     t, n, off = arr.type, len(arr), arr.offset
-    if isinstance(t, pa.ExtensionType) and isinstance(arr, pa.ExtensionArray):
+    if isinstance(arr, pa.ExtensionArray):
         if not hasattr(t, "shape"):
             raise NanosetsError(f"column {name!r}: arrow extension type {t} is not supported")
         storage = _from_pa(arr.storage, name)  # a tensor<T>[numel]; give it the real shape

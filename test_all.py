@@ -1,0 +1,1895 @@
+"""test_all.py: every test of nanorlhf in one pytest file, one section per module.
+
+Run: `bash run.sh test` (installs what is missing, then `pytest test_all.py -q`). CPU by default:
+GPU-only tests are marked `requires_cuda` and skip without CUDA; distributed tests spawn gloo
+processes; tests on the real data in ../shared/data skip when it is absent. The whole file stays
+under 15 minutes on 2 CPU cores with no network.
+
+Sections: repo hygiene . nanosets . prepare_data
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import operator
+import os
+import random
+import struct
+import subprocess
+import sys
+import zlib
+from fractions import Fraction
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+import nanosets as ns  # noqa: E402
+import prepare_data as pd  # noqa: E402
+from prepare_data import Config, build  # noqa: E402
+
+# ---- repo hygiene ---------------------------------------------------------------------------------
+# Every module is one flat file that opens with its README docstring, runs a self-test as a script,
+# and stays within a line budget (a file that outgrows it should lose code, not gain a package).
+
+LINE_BUDGETS = {"nanosets.py": 2700, "prepare_data.py": 900, "kernels.py": 2500, "nanotron.py": 3000,
+                "nanovllm.py": 2000, "nanoray.py": 1500, "sft.py": 900, "ppo.py": 1300, "merge.py": 400,
+                "eval.py": 600}
+
+
+@pytest.mark.parametrize("name", sorted(LINE_BUDGETS))
+def test_line_budget_and_docstring(name):
+    path = ROOT / name
+    if not path.exists():
+        pytest.skip(f"{name} is not written yet")
+    text = path.read_text()
+    assert text.startswith('"""'), f"{name} must open with its module docstring"
+    n = text.count("\n")
+    assert n <= LINE_BUDGETS[name], f"{name} has {n} lines, budget {LINE_BUDGETS[name]}"
+    assert 'if __name__ == "__main__":' in text, f"{name} needs a __main__ entry"
+    assert not list(ROOT.glob("*/__init__.py")), "the layout is flat files, no packages"
+
+
+def test_nanosets_selftest_runs_as_a_script():
+    out = subprocess.run([sys.executable, str(ROOT / "nanosets.py")], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "OK" in out.stdout
+
+
+# ==== nanosets ====================================================================================
+# nanosets: CPU only, no network.
+#
+# Sections: 1 round trips of every type . 2 zero-copy and flat RSS . 3 corrupt files . 4 type errors
+# that name the row . 5 pyarrow agreement and interop . 6 the Dataset API . 7 training helpers.
+# Expected values are always derived independently (from the Python input, from pyarrow, or from a
+# naive reference written here), never copied from nanosets' own output.
+# The .nano header, written down here from the format description in nanosets' docstring (not
+# imported from it), so these tests also pin the on-disk format.
+HEADER_FMT = "<8sIIQQQI20x"  # magic, version, header size, file size, meta offset, meta length, crc32
+MAGIC, TAIL = b"NANOSET\0", b"NANOEND\0"
+
+
+def _seed(*parts) -> int:
+    """A stable seed (str hashes are randomised per process, crc32 is not)."""
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+# ---- 1. round trips of every type ---------------------------------------------------------------
+
+INT_RANGES = {
+    "int8": (-(2**7), 2**7 - 1), "int16": (-(2**15), 2**15 - 1), "int32": (-(2**31), 2**31 - 1),
+    "int64": (-(2**63), 2**63 - 1), "uint8": (0, 2**8 - 1), "uint16": (0, 2**16 - 1),
+    "uint32": (0, 2**32 - 1), "uint64": (0, 2**64 - 1),
+}
+
+
+def _f32(x: float) -> float:
+    return struct.unpack("<f", struct.pack("<f", x))[0]
+
+
+def _int_gen(lo, hi):
+    specials = [lo, hi, 0, lo + 1, hi - 1, 1]
+
+    def gen(rng, i):
+        return specials[i] if i < len(specials) else rng.randint(lo, hi)
+    return gen
+
+
+def _specials_then(specials, rand):
+    def gen(rng, i):
+        return specials[i] if i < len(specials) else rand(rng)
+    return gen
+
+
+_UNI = "aZ09 _-héüß日本語😀\n\t\"\\/\x00\x7f"
+
+
+def _rand_str(rng, alphabet=_UNI):
+    return "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 12)))
+
+
+def _nested(rng, depth):
+    """list<...<int32>> nested `depth` deep: random lengths incl. 0, some null elements at every level."""
+    out = []
+    for _ in range(rng.choice([0, 0, 1, 2, 3])):
+        if rng.random() < 0.15:
+            out.append(None)
+        elif depth == 1:
+            out.append(rng.randint(-(2**31), 2**31 - 1))
+        else:
+            out.append(_nested(rng, depth - 1))
+    return out
+
+
+STRUCT_T = "struct<a: int32, b: list<struct<c: string, d: struct<e: float64, f: bool>>>, g: string>"
+
+
+def _struct_value(rng):
+    def inner():
+        if rng.random() < 0.15:
+            return None
+        d = None if rng.random() < 0.2 else {"e": rng.choice([None, rng.uniform(-1e9, 1e9)]),
+                                              "f": rng.choice([None, True, False])}
+        return {"c": rng.choice([None, _rand_str(rng)]), "d": d}
+    return {"a": rng.choice([None, rng.randint(-(2**31), 2**31 - 1)]),
+            "b": None if rng.random() < 0.15 else [inner() for _ in range(rng.randint(0, 3))],
+            "g": rng.choice([None, "", _rand_str(rng)])}
+
+
+def _tensor_value(shape, dtype):
+    def gen(rng, i):
+        g = torch.Generator().manual_seed(rng.randint(0, 2**31))
+        if dtype.is_floating_point:
+            return torch.randn(shape, generator=g).to(dtype)
+        return torch.randint(-1000, 1000, shape, generator=g).to(dtype)
+    return gen
+
+
+# name -> (type string, value generator (rng, row) -> non-null value)
+TYPES = {
+    "bool": ("bool", lambda rng, i: [True, False][i] if i < 2 else rng.random() < 0.5),
+    **{t: (t, _int_gen(lo, hi)) for t, (lo, hi) in INT_RANGES.items()},
+    # every float16/bfloat16 value below is exactly representable, so equality is exact
+    "float16": ("float16", _specials_then([65504.0, -65504.0, 6.103515625e-05, 5.960464477539063e-08, 0.0, -2.5],
+                                          lambda rng: rng.randint(-2047, 2047) / 4)),
+    "bfloat16": ("bfloat16", _specials_then([3.3895313892515355e38, -(2.0**-100), 1.0, -0.5, 3.0],
+                                            lambda rng: rng.randint(-255, 255) * 2.0 ** rng.randint(-30, 30))),
+    "float32": ("float32", _specials_then([3.4028234663852886e38, -1.401298464324817e-45, 1.1754943508222875e-38,
+                                           _f32(0.1)], lambda rng: _f32(rng.uniform(-1e6, 1e6)))),
+    "float64": ("float64", _specials_then([1.7976931348623157e308, -5e-324, math.inf, -math.inf, 0.1],
+                                          lambda rng: rng.uniform(-1e300, 1e300))),
+    "string": ("string", _specials_then(["", "héllo wörld", "日本語", "😀", "\x00", "a\nb"], _rand_str)),
+    "string_ascii": ("string", _specials_then(["", "x", ""],
+                                              lambda rng: _rand_str(rng, "abcXYZ 019+-=()\n\t"))),
+    "list3": ("list<list<list<int32>>>", _specials_then([[], [[]], [[[]]], [[[1, None]], None]],
+                                                        lambda rng: _nested(rng, 3))),
+    "list_string": ("list<string>", lambda rng, i: [rng.choice([None, _rand_str(rng)]) for _ in range(rng.randint(0, 3))]),
+    "struct": (STRUCT_T, lambda rng, i: _struct_value(rng)),
+    "tensor_f32": ("tensor<float32>[2,3]", _tensor_value((2, 3), torch.float32)),
+    "tensor_i16": ("tensor<int16>[4]", _tensor_value((4,), torch.int16)),
+    "tensor_bf16": ("tensor<bfloat16>[3,1,2]", _tensor_value((3, 1, 2), torch.bfloat16)),
+    "null": ("null", lambda rng, i: None),
+}
+LENGTHS = [0, 1, 7, 8, 9, 63, 65]
+
+
+def _expected(v):
+    """What to_list should give for an input value (tensors come back as nested lists)."""
+    return v.tolist() if isinstance(v, torch.Tensor) else v
+
+
+def _null_patterns(n: int, rng) -> dict[str, set]:
+    return {"none": set(), "first": {0} & set(range(n)), "last": {n - 1} & set(range(n)),
+            "all": set(range(n)), "alt": set(range(1, n, 2)),
+            "rand": {i for i in range(n) if rng.random() < 0.3}}
+
+
+def _make_rows(tname: str, n: int):
+    ty, gen = TYPES[tname]
+    rng = random.Random(_seed(tname, n))
+    patterns = _null_patterns(n, rng)
+    rows = [{} for _ in range(n)]
+    for pname, nulls in patterns.items():
+        for i in range(n):
+            rows[i][pname] = None if i in nulls else gen(rng, i)
+    expected = [{k: _expected(v) for k, v in r.items()} for r in rows]
+    return rows, expected, {p: ty for p in patterns}, patterns
+
+
+@pytest.mark.parametrize("n", LENGTHS)
+@pytest.mark.parametrize("tname", list(TYPES))
+def test_roundtrip_every_type(tmp_path, tname, n):
+    rows, expected, schema, patterns = _make_rows(tname, n)
+    ds = ns.Dataset.from_list(rows, schema=schema)
+    want_schema = {k: ns.parse_type(t) for k, t in schema.items()}
+    assert ds.schema == want_schema
+    assert ds.to_list() == expected
+    path = ds.save_to_disk(tmp_path / "t.nano")
+    back = ns.load_dataset(path)
+    assert back.schema == want_schema and len(back) == n
+    assert back.to_list() == expected
+    assert [back[i] for i in range(n)] == expected  # the per-row get() path
+    assert back[:] == {k: [r[k] for r in expected] for k in schema}  # the slice path
+    assert ns.verify_nano(path) == n
+    # null counts, from the file's validity bitmaps, match the pattern that made them
+    for k, nulls in patterns.items():
+        arr = back._table.batches[0].columns[k] if back._table.batches else None
+        if arr is not None:
+            assert arr.null_count == (n if tname == "null" else len(nulls)), k
+    # a gather in a random order (take_pylist) and a materialised gather (take_array + write)
+    perm = list(range(n))
+    random.Random(_seed("perm", tname, n)).shuffle(perm)
+    assert back.select(perm).to_list() == [expected[i] for i in perm]
+    p2 = back.select(perm).save_to_disk(tmp_path / "perm.nano")
+    assert ns.load_dataset(p2).to_list() == [expected[i] for i in perm]
+
+
+@pytest.mark.parametrize("start", [1, 3, 5, 8, 9])
+@pytest.mark.parametrize("tname", list(TYPES))
+def test_roundtrip_after_odd_offset_slicing(tmp_path, tname, start):
+    n = 65
+    rows, expected, schema, _ = _make_rows(tname, n)
+    back = ns.load_dataset(ns.Dataset.from_list(rows, schema=schema).save_to_disk(tmp_path / "t.nano"))
+    # select(range(start, n)) then save and reload
+    sub = back.select(range(start, n))
+    assert sub.to_list() == expected[start:]
+    assert ns.load_dataset(sub.save_to_disk(tmp_path / "sel.nano")).to_list() == expected[start:]
+    # a zero-copy Array.slice at an odd bit offset, written as is (the writer must re-base the bitmap)
+    batch = back._table.batches[0]
+    for stop in (n, n - 2):
+        sliced = ns.Table([batch.slice(start, stop)])
+        ns.write_nano(tmp_path / "slice.nano", sliced)
+        again = ns.load_dataset(tmp_path / "slice.nano")
+        assert again.to_list() == expected[start:stop]
+        assert ns.Dataset(sliced).to_list() == expected[start:stop]
+    # Array.slice + compact: offset 0, same values, same nulls; and a slice of the slice
+    for k in schema:
+        a = batch.columns[k].slice(start, n)
+        c = a.compact()
+        want = [r[k] for r in expected[start:]]
+        assert c.offset == 0 and c.to_pylist() == want and a.to_pylist() == want
+        assert c.null_count == sum(v is None for v in want) or tname == "null"
+        assert a.slice(2, 9).compact().to_pylist() == want[2:9]
+        assert [a.get(i) for i in range(len(want))] == want
+
+
+@pytest.mark.parametrize("tname", list(TYPES))
+def test_multi_chunk_tables_of_every_type(tmp_path, tname):
+    """Chunked tables (what concatenate and multi-file loads give): reads, gathers across chunks,
+    concat_arrays (combine_chunks), multi-batch files."""
+    n = 65
+    rows, expected, schema, _ = _make_rows(tname, n)
+    batch = ns.Dataset.from_list(rows, schema=schema)._table.batches[0]
+    cuts = [0, 3, 11, 11, 40, n]
+    ds = ns.Dataset(ns.Table([batch.slice(a, b) for a, b in zip(cuts, cuts[1:])]))
+    assert len(ds) == n and ds.to_list() == expected
+    assert [ds[i] for i in range(n)] == expected
+    perm = list(range(n))
+    random.Random(_seed("chunks", tname)).shuffle(perm)
+    assert ds.select(perm).to_list() == [expected[i] for i in perm]
+    for k in schema:
+        assert ds._table.column(k).to_pylist() == [r[k] for r in expected]
+    p = ds.save_to_disk(tmp_path / "multi.nano")  # one file, several batches
+    assert ns.load_dataset(p).to_list() == expected
+    p2 = ds.select(perm).save_to_disk(tmp_path / "perm.nano")  # take over chunks
+    assert ns.load_dataset(p2).to_list() == [expected[i] for i in perm]
+    two = ns.load_dataset([p, p2])  # two files
+    assert two.to_list() == expected + [expected[i] for i in perm]
+
+
+@pytest.mark.parametrize("t", list(INT_RANGES))
+def test_int_extremes_exact(tmp_path, t):
+    lo, hi = INT_RANGES[t]
+    values = [lo, hi, lo + 1, hi - 1, 0, None, hi]
+    ds = ns.Dataset.from_dict({"x": values}, schema={"x": t})
+    back = ns.load_dataset(ds.save_to_disk(tmp_path / "x.nano"))
+    assert back["x"] == values
+    raw = Path(tmp_path / "x.nano").read_bytes()
+    # the values sit in the file little-endian at their natural width: find lo and hi's encodings
+    size = ns.PRIMITIVES[t].itemsize
+    signed = t.startswith("int")
+    assert lo.to_bytes(size, "little", signed=signed) + hi.to_bytes(size, "little", signed=signed) in raw
+    no_nulls = ns.Dataset.from_dict({"x": values[:5]}, schema={"x": t}).save_to_disk(tmp_path / "y.nano")
+    t_torch = ns.load_dataset(no_nulls).with_format("torch")["x"]
+    assert t_torch.dtype == ns.PRIMITIVES[t].torch_dtype and t_torch.tolist() == values[:5]
+
+
+def test_missing_struct_keys_and_schema_only_columns(tmp_path):
+    rows = [{"s": {"a": 1}}, {"s": {"b": "x"}}, {"s": None}, {}]
+    ds = ns.Dataset.from_list(rows, schema={"extra": "list<int8>"})
+    want = [{"s": {"a": 1, "b": None}, "extra": None}, {"s": {"a": None, "b": "x"}, "extra": None},
+            {"s": None, "extra": None}, {"s": None, "extra": None}]
+    assert ds.to_list() == want
+    assert ns.load_dataset(ds.save_to_disk(tmp_path / "s.nano")).to_list() == want
+
+
+def test_tensor_inferred_from_torch_and_from_dict(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(2, 2, generator=g) for _ in range(9)]
+    ds = ns.Dataset.from_list([{"t": t} for t in ts] + [{"t": None}])
+    assert ds.schema["t"] == ns.parse_type("tensor<float32>[2,2]")
+    back = ns.load_dataset(ds.save_to_disk(tmp_path / "t.nano"))
+    assert back["t"] == [t.tolist() for t in ts] + [None]
+    stacked = torch.stack(ts)
+    d2 = ns.Dataset.from_dict({"t": stacked, "i": torch.arange(9, dtype=torch.int16)})
+    back2 = ns.load_dataset(d2.save_to_disk(tmp_path / "t2.nano")).with_format("torch")
+    assert torch.equal(back2["t"], stacked) and back2["i"].dtype == torch.int16
+    assert torch.equal(back2[3]["t"], ts[3])
+
+
+# ---- 2. zero-copy and flat RSS -------------------------------------------------------------------
+
+
+def _mapped_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps `path` (from /proc/self/maps)."""
+    real, out = os.path.realpath(path), []
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split(maxsplit=5)
+            if len(parts) == 6 and parts[5].strip() == real:
+                a, b = (int(x, 16) for x in parts[0].split("-"))
+                out.append((a, b))
+    return out
+
+
+def _inside(t: torch.Tensor, ranges) -> bool:
+    first, last = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size() - 1
+    return any(a <= first and last < b for a, b in ranges)
+
+
+@pytest.fixture
+def zc_file(tmp_path):
+    rng = random.Random(1)
+    lens = [rng.randint(0, 9) for _ in range(300)]
+    ids = [[rng.randint(0, 50_000) for _ in range(L)] for L in lens]
+    ds = ns.Dataset.from_dict({"x": list(range(300)), "f": [i / 4 for i in range(300)], "ids": ids,
+                               "b": [i % 3 == 0 for i in range(300)]}, schema={"ids": "list<int32>", "f": "float32"})
+    return ds.save_to_disk(tmp_path / "zc.nano"), lens, ids
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs /proc")
+def test_zero_copy_columns_view_the_mmap(zc_file):
+    path, lens, ids = zc_file
+    ds = ns.load_dataset(path)
+    ranges = _mapped_ranges(path)
+    assert ranges, "load_dataset should keep the file mapped"
+    t1, t2 = ds.with_format("torch")["x"], ds.with_format("torch")["x"]
+    assert t1.tolist() == list(range(300)) and t1.dtype == torch.int64
+    assert t1.data_ptr() == t2.data_ptr() and _inside(t1, ranges)
+    f = ds.with_format("torch")["f"]
+    assert f.tolist() == [i / 4 for i in range(300)] and _inside(f, ranges)
+    b = ds.with_format("torch")["b"]
+    assert b.dtype == torch.bool and b.tolist() == [i % 3 == 0 for i in range(300)] and _inside(b, ranges)
+    # a contiguous row range is a view at the right offset inside the column
+    s = ds.with_format("torch")[10:20]["x"]
+    assert s.data_ptr() == t1.data_ptr() + 10 * 8 and s.tolist() == list(range(10, 20))
+    # a list<int32> row is a view into the values child, at its start offset
+    child = ds._table.batches[0].columns["ids"].child.to_torch()
+    assert _inside(child, ranges)
+    starts = [0]
+    for L in lens:
+        starts.append(starts[-1] + L)
+    for i in (0, 1, 57, 299):
+        row = ds.with_format("torch")[i]["ids"]
+        assert row.dtype == torch.int32 and row.tolist() == ids[i]
+        assert row.data_ptr() == child.data_ptr() + starts[i] * 4
+    # after shuffle the rows are still views into the map
+    sh = ds.shuffle(seed=3).with_format("torch")
+    perm = ds.shuffle(seed=3)["x"]
+    r = sh[5]["ids"]
+    assert r.tolist() == ids[perm[5]]
+    if len(r):
+        assert r.data_ptr() == child.data_ptr() + starts[perm[5]] * 4
+    col = sh["x"]
+    assert col.tolist() == perm  # a gather (a copy) but the right values
+
+
+def test_array_slice_and_select_copy_nothing():
+    a = ns.array_from_pylist([[i] * (i % 4) for i in range(50)], "list<int64>")
+    s = a.slice(7, 30)
+    assert s.offsets is a.offsets and s.child is a.child and s.offset == 7 and len(s) == 23
+    assert s.to_pylist() == [[i] * (i % 4) for i in range(7, 30)]
+    t = torch.arange(40, dtype=torch.int32)
+    p = ns.array_from_tensor(t)
+    assert p.to_torch().data_ptr() == t.data_ptr()  # from_tensor wraps the tensor's memory
+    assert p.slice(5, 9).to_torch().data_ptr() == t.data_ptr() + 5 * 4
+
+
+def test_writes_through_views_never_reach_the_file(zc_file):
+    path, lens, ids = zc_file
+    before = Path(path).read_bytes()
+    ds = ns.load_dataset(path).with_format("torch")
+    x = ds["x"]
+    x[:] = -7
+    assert ds["x"].tolist() == [-7] * 300  # the tensor IS the mapped memory: this process sees the write
+    i = next(i for i, L in enumerate(lens) if L)
+    row = ds[i]["ids"]
+    row[0] = 123456789
+    assert ds[i]["ids"][0].item() == 123456789
+    assert Path(path).read_bytes() == before  # copy-on-write: the file is untouched
+    fresh = ns.load_dataset(path)
+    assert fresh["x"] == list(range(300)) and fresh[i]["ids"] == ids[i]
+
+
+def test_select_shuffle_filter_share_the_columns(zc_file):
+    path, _, _ = zc_file
+    ds = ns.load_dataset(path)
+    vals = ds._table.batches[0].columns["x"].values
+    for d in (ds.select([5, 1, 2]), ds.shuffle(seed=0), ds.filter(lambda r: r["x"] % 2 == 0),
+              ds.sort("f", reverse=True), ds.shard(3, 1), ds.select_columns(["x"]), ds.rename_column("f", "g")):
+        assert d._table.batches[0].columns["x"].values is vals
+
+
+_RSS_SCRIPT = r'''
+import gc, json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import nanosets as ns
+
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith(key + ":")) / 1024  # MB
+
+mode, path = sys.argv[2], sys.argv[3]
+if mode == "write":
+    g = torch.Generator().manual_seed(0)
+    n = 100_000
+    lens = torch.randint(400, 561, (n,), generator=g)  # ~480 int32 per row: ~192 MB of ids
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    ids = torch.randint(0, 150_000, (int(offs[-1]),), generator=g, dtype=torch.int32)
+    t = ns.Table([ns.RecordBatch({"id": ns.array_from_tensor(torch.arange(n)),
+                                  "score": ns.array_from_tensor(torch.rand(n, generator=g)),
+                                  "ids": ns.list_array_from_tensors(offs, ids)})])
+    ns.write_nano(path, t)
+else:
+    gc.collect()
+    r0 = status("VmRSS")
+    ds = ns.load_dataset(path)
+    r_open = status("VmRSS")
+    sh = ds.shuffle(seed=0)
+    sel = ds.select(range(0, len(ds), 3))
+    r_shuffle = status("VmRSS")
+    flt = ds.select_columns(["id"]).filter(lambda b: [x % 2 == 0 for x in b["id"]], batched=True, batch_size=10_000)
+    gc.collect()
+    r_filter = status("VmRSS")
+    row = sh[123]
+    print(json.dumps({"rows": len(ds), "open": r_open - r0, "shuffle": r_shuffle - r_open,
+                      "filter": r_filter - r_shuffle, "filtered": len(flt), "sel": len(sel),
+                      "row_ok": len(row["ids"]) >= 400}))
+'''
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs /proc")
+def test_open_and_shuffle_keep_rss_flat(tmp_path):
+    script, path = tmp_path / "rss.py", tmp_path / "big.nano"
+    script.write_text(_RSS_SCRIPT)
+    subprocess.run([sys.executable, str(script), str(ROOT), "write", str(path)], check=True, timeout=120)
+    assert os.path.getsize(path) > 190e6
+    out = subprocess.run([sys.executable, str(script), str(ROOT), "open", str(path)], check=True, timeout=120,
+                         capture_output=True, text=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["rows"] == 100_000 and r["filtered"] == 50_000 and r["sel"] == 33_334 and r["row_ok"]
+    assert r["open"] < 20, r  # opening maps, it does not read 200 MB
+    assert r["shuffle"] < 20, r  # an index permutation, no column copies
+    assert r["filter"] < 20, r
+
+
+# ---- 3. corrupt files ------------------------------------------------------------------------------
+
+
+def _header(b: bytes):
+    return struct.unpack_from(HEADER_FMT, b, 0)
+
+
+def _read_meta(path) -> dict:
+    b = Path(path).read_bytes()
+    _, _, _, _, moff, mlen, _ = _header(b)
+    return json.loads(b[moff: moff + mlen])
+
+
+def _rewrite_meta_bytes(path, new_meta: bytes) -> None:
+    """Replace the metadata of a .nano file with `new_meta`, fixing sizes, the crc and the tail, so
+    that the file gets past every header check and the reader has to judge the metadata itself."""
+    b = bytearray(Path(path).read_bytes())
+    magic, version, hsize, _, moff, _, _ = _header(b)
+    out = bytearray(b[:moff]) + new_meta + TAIL
+    out[:64] = struct.pack(HEADER_FMT, magic, version, hsize, len(out), moff, len(new_meta), zlib.crc32(new_meta))
+    Path(path).write_bytes(bytes(out))
+
+
+def _patch_meta(path, fn) -> None:
+    meta = _read_meta(path)
+    fn(meta)
+    _rewrite_meta_bytes(path, json.dumps(meta).encode())
+
+
+def _col(meta, name, batch=0) -> dict:
+    names = [n for n, _ in meta["schema"]]
+    return meta["batches"][batch]["columns"][names.index(name)]
+
+
+CORRUPT_ROWS = [{"x": i * 7 - 20, "s": ["abc", "héllo", "", None, "wörld"][i % 5], "ids": [[1, 2], [], None, [3]][i % 4],
+                 "st": {"a": i, "t": [str(i)] * (i % 3)} if i % 6 else None, "tok": [i, i + 1]} for i in range(11)]
+# "tok" has no nulls, so with_format("torch") serves its rows as zero-copy views (its own code path)
+CORRUPT_SCHEMA = {"x": "int32", "ids": "list<int32>", "st": "struct<a: int64, t: list<string>>", "tok": "list<int32>"}
+
+
+@pytest.fixture
+def good(tmp_path):
+    return ns.Dataset.from_list(CORRUPT_ROWS, schema=CORRUPT_SCHEMA).save_to_disk(tmp_path / "good.nano")
+
+
+def _expect_corrupt(path, match=None):
+    """Opening (and, if that passes, fully reading) must raise NanosetsError naming the path."""
+    with pytest.raises(ns.NanosetsError) as ei:
+        ds = ns.load_dataset(path)
+        ds.to_list()
+        ns.verify_nano(path)
+    assert isinstance(ei.value, ValueError)
+    assert str(path) in str(ei.value), str(ei.value)
+    if match:
+        assert match in str(ei.value), str(ei.value)
+    return ei.value
+
+
+def test_helpers_rewrite_a_loadable_file(good):
+    # the metadata rewriter itself must produce a valid file, or the tests below prove nothing
+    _patch_meta(good, lambda m: None)
+    assert ns.load_dataset(good).to_list() == ns.Dataset.from_list(CORRUPT_ROWS, schema=CORRUPT_SCHEMA).to_list()
+    assert ns.verify_nano(good) == 11
+    b = Path(good).read_bytes()
+    assert b[:8] == MAGIC and b[-8:] == TAIL and _header(b)[3] == len(b) and _header(b)[1] == 1
+
+
+def _cut_points(path):
+    b = Path(path).read_bytes()
+    meta, moff, mlen = _read_meta(path), _header(b)[4], _header(b)[5]
+    off, nbytes = _col(meta, "s")["buffers"]["data"]
+    xoff, xn = _col(meta, "x")["buffers"]["values"]
+    return {"1": 1, "header": 40, "after_header": 64, "72": 72, "mid_buffer": off + nbytes // 2,
+            "mid_x": xoff + xn // 2, "at_meta": moff, "mid_meta": moff + mlen // 2, "in_tail": len(b) - 3,
+            "minus_one": len(b) - 1}
+
+
+@pytest.mark.parametrize("where", ["1", "header", "after_header", "72", "mid_buffer", "mid_x", "at_meta",
+                                   "mid_meta", "in_tail", "minus_one"])
+def test_truncated_file(good, where):
+    cut = _cut_points(good)[where]
+    b = Path(good).read_bytes()
+    Path(good).write_bytes(b[:cut])
+    _expect_corrupt(good)
+
+
+def test_padded_file(good):
+    with open(good, "ab") as f:
+        f.write(bytes(64))
+    _expect_corrupt(good)
+
+
+def test_empty_and_tiny_random_files(tmp_path):
+    for name, data in [("empty.nano", b""), ("rand.nano", random.Random(0).randbytes(10)),
+                       ("zeros.nano", bytes(100)), ("magic_only.nano", MAGIC + bytes(64))]:
+        p = tmp_path / name
+        p.write_bytes(data)
+        _expect_corrupt(p)
+
+
+def test_wrong_magic(good):
+    b = bytearray(Path(good).read_bytes())
+    b[:8] = b"PAR1\0\0\0\0"
+    Path(good).write_bytes(bytes(b))
+    _expect_corrupt(good)
+
+
+def test_wrong_tail_magic(good):
+    b = bytearray(Path(good).read_bytes())
+    b[-2] ^= 0xFF
+    Path(good).write_bytes(bytes(b))
+    _expect_corrupt(good)
+
+
+@pytest.mark.parametrize("version", [0, 2, 2**32 - 1])
+def test_wrong_version(good, version):
+    b = bytearray(Path(good).read_bytes())
+    b[8:12] = struct.pack("<I", version)
+    Path(good).write_bytes(bytes(b))
+    e = _expect_corrupt(good)
+    assert str(version) in str(e)
+
+
+@pytest.mark.parametrize("field,delta", [("hsize", 8), ("moff", 64), ("moff", -64), ("mlen", 1), ("mlen", -1)])
+def test_inconsistent_header_fields(good, field, delta):
+    b = bytearray(Path(good).read_bytes())
+    h = list(_header(b))
+    h[{"hsize": 2, "moff": 4, "mlen": 5}[field]] += delta
+    b[:64] = struct.pack(HEADER_FMT, *h)
+    Path(good).write_bytes(bytes(b))
+    _expect_corrupt(good)
+
+
+@pytest.mark.parametrize("pos", ["first", "middle", "last"])
+def test_flipped_metadata_byte_fails_the_checksum(good, pos):
+    b = bytearray(Path(good).read_bytes())
+    moff, mlen = _header(b)[4], _header(b)[5]
+    i = {"first": moff, "middle": moff + mlen // 2, "last": moff + mlen - 1}[pos]
+    b[i] ^= 0x01
+    Path(good).write_bytes(bytes(b))
+    _expect_corrupt(good, "checksum")
+
+
+def _data_end(meta_path) -> int:
+    return _header(Path(meta_path).read_bytes())[4]
+
+
+# Each edit keeps valid JSON and a valid crc: only the reader's own checks can catch it.
+META_EDITS = {
+    "values_past_data": lambda m, end: _col(m, "x")["buffers"].__setitem__("values", [end + 64, 44]),
+    "values_at_metadata": lambda m, end: _col(m, "x")["buffers"].__setitem__("values", [end, 44]),
+    "values_in_header": lambda m, end: _col(m, "x")["buffers"].__setitem__("values", [0, 44]),
+    "values_negative": lambda m, end: _col(m, "x")["buffers"].__setitem__("values", [-64, 44]),
+    "values_unaligned": lambda m, end: _col(m, "x")["buffers"].__setitem__(
+        "values", [_col(m, "x")["buffers"]["values"][0] + 4, 40]),
+    "values_short": lambda m, end: _col(m, "x")["buffers"]["values"].__setitem__(1, 40),
+    "values_long": lambda m, end: _col(m, "x")["buffers"]["values"].__setitem__(1, 48),
+    "values_negative_size": lambda m, end: _col(m, "x")["buffers"]["values"].__setitem__(1, -44),
+    "values_huge_size": lambda m, end: _col(m, "x")["buffers"]["values"].__setitem__(1, 2**62),
+    "values_missing": lambda m, end: _col(m, "x")["buffers"].pop("values"),
+    "values_not_a_pair": lambda m, end: _col(m, "x")["buffers"].__setitem__("values", "64"),
+    "values_float": lambda m, end: _col(m, "x")["buffers"].__setitem__("values", [64.0, 44]),
+    "buffers_is_a_list": lambda m, end: _col(m, "x").__setitem__("buffers", []),
+    "validity_wrong_size": lambda m, end: _col(m, "s")["buffers"]["validity"].__setitem__(1, 1),
+    "string_offsets_missing": lambda m, end: _col(m, "s")["buffers"].pop("offsets"),
+    "string_offsets_short": lambda m, end: _col(m, "s")["buffers"]["offsets"].__setitem__(1, 88),
+    "string_data_short": lambda m, end: _col(m, "s")["buffers"]["data"].__setitem__(
+        1, _col(m, "s")["buffers"]["data"][1] - 1),
+    "type_widened": lambda m, end: m["schema"][0].__setitem__(1, "int64"),
+    "type_narrowed": lambda m, end: m["schema"][0].__setitem__(1, "int16"),
+    "type_unknown": lambda m, end: m["schema"][0].__setitem__(1, "int128"),
+    "type_garbage": lambda m, end: m["schema"][0].__setitem__(1, {"list": 5}),
+    "type_bad_tensor": lambda m, end: m["schema"][0].__setitem__(1, {"tensor": "bool", "shape": [1]}),
+    "num_rows": lambda m, end: m.__setitem__("num_rows", 12),
+    "batch_length": lambda m, end: m["batches"][0].__setitem__("length", 10),
+    "node_length": lambda m, end: _col(m, "x").__setitem__("length", 12),
+    "node_length_negative": lambda m, end: _col(m, "x").__setitem__("length", -1),
+    "node_length_string": lambda m, end: _col(m, "x").__setitem__("length", "11"),
+    "list_child_missing": lambda m, end: _col(m, "ids").__setitem__("children", []),
+    "list_child_length": lambda m, end: _col(m, "ids")["children"][0].__setitem__("length", 3),
+    "struct_child_missing": lambda m, end: _col(m, "st")["children"].pop(),
+    "struct_child_length": lambda m, end: _col(m, "st")["children"][0].__setitem__("length", 10),
+    "column_missing": lambda m, end: m["batches"][0]["columns"].pop(),
+    "schema_missing": lambda m, end: m.pop("schema"),
+    "batches_missing": lambda m, end: m.pop("batches"),
+    "batches_not_list": lambda m, end: m.__setitem__("batches", 5),
+    "node_not_dict": lambda m, end: m["batches"][0]["columns"].__setitem__(0, [1, 2]),
+}
+
+
+@pytest.mark.parametrize("edit", list(META_EDITS))
+def test_edited_metadata_is_caught(good, edit):
+    end = _data_end(good)
+    _patch_meta(good, lambda m: META_EDITS[edit](m, end))
+    _expect_corrupt(good)
+
+
+@pytest.mark.parametrize("raw", [b"{not json", b"[1, 2, 3]", b"null", b'{"version": 1}', b"\xff\xfe{}", b""])
+def test_metadata_that_is_not_the_expected_json(good, raw):
+    _rewrite_meta_bytes(good, raw)
+    _expect_corrupt(good)
+
+
+def _patch_i64(path, buf_off, k, value):
+    b = bytearray(Path(path).read_bytes())
+    struct.pack_into("<q", b, buf_off + 8 * k, value)
+    Path(path).write_bytes(bytes(b))
+
+
+def _offsets_buf(path, col):
+    node = _col(_read_meta(path), col)
+    return node["buffers"]["offsets"][0]
+
+
+@pytest.mark.parametrize("col", ["s", "ids"])
+@pytest.mark.parametrize("which,value", [("last", 10**6), ("last", -1), ("first", 1), ("first", -3)])
+def test_offsets_ends_patched_inside_data_region_fail_at_open(good, col, which, value):
+    off = _offsets_buf(good, col)
+    _patch_i64(good, off, 11 if which == "last" else 0, value)
+    _expect_corrupt(good)
+
+
+READ_PATHS = {
+    "to_list": lambda ds, p: ds.to_list(),
+    "row_get": lambda ds, p: [ds[i] for i in range(len(ds))],
+    "slice": lambda ds, p: ds[0:11],
+    "list_index": lambda ds, p: ds[[4, 2, 3, 1, 0]],
+    "column": lambda ds, p: ds["s"] + ds["ids"],
+    "iter": lambda ds, p: list(ds.iter(batch_size=3)),
+    "shuffle_to_list": lambda ds, p: ds.shuffle(seed=0).to_list(),
+    "torch_rows": lambda ds, p: [ds.with_format("torch")[i] for i in range(len(ds))],
+    "torch_slice": lambda ds, p: ds.with_format("torch")[0:11],
+    "torch_shuffled": lambda ds, p: ds.shuffle(seed=1).with_format("torch")[:],
+    "flatten_indices": lambda ds, p: ds.select([3, 2, 1, 0]).flatten_indices(),
+    "save_shuffled": lambda ds, p: ds.shuffle(seed=0).save_to_disk(Path(p).with_name("copy.nano")),
+    "to_arrow": lambda ds, p: ds.to_arrow().to_pylist(),
+    "verify_nano": lambda ds, p: ns.verify_nano(p),
+}
+
+
+_ISOLATED_READ = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import nanosets as ns
+ds = ns.load_dataset(sys.argv[2]).select_columns(["x", sys.argv[3]])
+try:
+    rows = ds.to_arrow().to_pylist()
+    print("RETURNED", rows[:4])
+except ns.NanosetsError as e:
+    print("RAISED NanosetsError", e)
+except Exception as e:
+    print("RAISED", type(e).__name__, e)
+'''
+
+
+@pytest.mark.parametrize("path_name", list(READ_PATHS))
+@pytest.mark.parametrize("col,row,value", [("s", 2, 10**6), ("s", 2, 0), ("ids", 1, 10**6), ("ids", 2, 0),
+                                           ("tok", 1, 10**6), ("tok", 2, 0)])
+def test_offsets_inside_patched_raise_on_every_read_path(good, col, row, value, path_name):
+    """A middle offset out of the values (10**6) or going backwards (0) must never give silently
+    wrong values: each read path raises NanosetsError (rows 0..3 are always involved)."""
+    _patch_i64(good, _offsets_buf(good, col), row, value)
+    ds = ns.load_dataset(good).select_columns(["x", col])  # O(1) open checks only the ends
+    if path_name == "to_arrow":
+        # pyarrow trusts the offsets it is handed and may read outside the map: run it in a child
+        # process so that a SIGBUS/SIGSEGV fails this one test instead of killing the whole session
+        pytest.importorskip("pyarrow")
+        out = subprocess.run([sys.executable, "-c", _ISOLATED_READ, str(ROOT), str(good), col],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, f"to_arrow crashed the interpreter (exit code {out.returncode})"
+        assert "RAISED NanosetsError" in out.stdout, out.stdout[-500:]
+        return
+    fn = READ_PATHS[path_name]
+    if path_name == "column":
+        fn = lambda ds, p: ds[col]  # noqa: E731
+    with pytest.raises(ns.NanosetsError) as ei:
+        fn(ds, good)
+    if path_name == "verify_nano":
+        assert str(good) in str(ei.value), str(ei.value)
+
+
+def _data_buf(path):
+    return _col(_read_meta(path), "s")["buffers"]["data"]
+
+
+@pytest.mark.parametrize("bad", [b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80"])
+def test_invalid_utf8_in_string_data(tmp_path, bad):
+    rows = [{"s": "abc"}, {"s": "héllo"}, {"s": "xyzxyz"}]
+    p = ns.Dataset.from_list(rows).save_to_disk(tmp_path / "u.nano")
+    off, _ = _data_buf(p)
+    b = bytearray(Path(p).read_bytes())
+    b[off + 9 + 1: off + 9 + 1 + len(bad)] = bad  # inside row 2 ("xyzxyz" starts at byte 3 + 6 = 9)
+    Path(p).write_bytes(bytes(b))
+    ds = ns.load_dataset(p)
+    assert ds[0]["s"] == "abc" and ds[1]["s"] == "héllo"  # intact rows still read
+    for read in (lambda: ds.to_list(), lambda: ds[2], lambda: ds["s"], lambda: ds[[2, 0]], lambda: ds[1:3]):
+        with pytest.raises(ns.NanosetsError):
+            read()
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.verify_nano(p)
+    assert str(p) in str(ei.value), f"verify_nano's error does not name the file: {ei.value}"
+
+
+def test_invalid_utf8_in_ascii_only_column(tmp_path):
+    p = ns.Dataset.from_list([{"s": "abcdef"}, {"s": "ghi"}]).save_to_disk(tmp_path / "a.nano")
+    off, _ = _data_buf(p)
+    b = bytearray(Path(p).read_bytes())
+    b[off + 7] = 0xFE
+    Path(p).write_bytes(bytes(b))
+    with pytest.raises(ns.NanosetsError):
+        ns.load_dataset(p).to_list()
+    with pytest.raises(ns.NanosetsError):
+        ns.load_dataset(p)[1]
+
+
+_FUZZ_SCRIPT = r'''
+import random, sys, traceback
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import nanosets as ns
+src, dst = Path(sys.argv[2]), Path(sys.argv[3])
+good = src.read_bytes()
+rng = random.Random(0)
+other = []
+for trial in range(300):
+    b = bytearray(good)
+    kind = trial % 3
+    if kind == 0:
+        for _ in range(rng.randint(1, 4)):
+            b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+    elif kind == 1:
+        b = b[: rng.randrange(len(b))]
+    else:
+        i = rng.randrange(len(b) - 8)
+        b[i : i + 8] = rng.randbytes(8)
+    dst.write_bytes(bytes(b))
+    try:
+        ds = ns.load_dataset(dst)
+        ds.to_list()
+        [ds[i] for i in range(len(ds))]
+        ns.verify_nano(dst)
+    except ns.NanosetsError:
+        pass
+    except Exception as e:
+        other.append(f"trial {trial}: {type(e).__name__}: {e}")
+print("\n".join(other))
+print("FUZZ-DONE", len(other))
+'''
+
+
+def test_fuzzed_files_never_crash_the_interpreter(tmp_path, good):
+    script = tmp_path / "fuzz.py"
+    script.write_text(_FUZZ_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(ROOT), str(good), str(tmp_path / "f.nano")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]  # a segfault/abort gives a negative code
+    assert "FUZZ-DONE 0" in out.stdout, out.stdout[-3000:]
+
+
+# ---- 4. type errors name the row ----------------------------------------------------------------
+
+
+def _err(rows, schema=None) -> str:
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.Dataset.from_list(rows, schema=schema)
+    assert isinstance(ei.value, ValueError)
+    return str(ei.value)
+
+
+def test_string_in_int32_column_names_row_and_type():
+    msg = _err([{"x": 1}, {"x": 2}, {"x": 3}, {"x": "abc"}, {"x": 5}], {"x": "int32"})
+    assert "row 3" in msg and "int32" in msg and "'x'" in msg and "abc" in msg
+
+
+@pytest.mark.parametrize("t,bad", [("int8", 128), ("int8", -129), ("uint8", -1), ("uint8", 256), ("int16", 2**15),
+                                   ("uint32", 2**32), ("int64", 2**63), ("uint64", 2**64), ("uint64", -1)])
+def test_out_of_range_int_names_row(t, bad):
+    lo, hi = INT_RANGES[t]
+    msg = _err([{"x": lo}, {"x": hi}, {"x": None}, {"x": bad}], {"x": t})
+    assert "row 3" in msg and t in msg
+
+
+def test_float_into_int_column_names_row():
+    msg = _err([{"x": 1}, {"x": 2.5}], {"x": "int32"})
+    assert "row 1" in msg and "int32" in msg
+    msg = _err([{"x": 1}, {"x": 2}, {"x": 3.0}], {"x": "int64"})  # even an integral float
+    assert "row 2" in msg
+
+
+def test_int_into_bool_and_str_into_float_name_row():
+    assert "row 2" in _err([{"b": True}, {"b": None}, {"b": 1}], {"b": "bool"})
+    assert "row 1" in _err([{"f": 1.0}, {"f": "1.0"}], {"f": "float32"})
+    assert "row 0" in _err([{"s": 5}], {"s": "string"})
+
+
+def test_nested_list_wrong_type_names_row_with_schema():
+    rows = [{"x": [[1], [2, 3]]}, {"x": []}, {"x": None}, {"x": [[], [4, "five"]]}, {"x": [[6]]}]
+    msg = _err(rows, {"x": "list<list<int32>>"})
+    assert "row 3" in msg and "int32" in msg and "five" in msg
+    assert "x[1][1]" in msg  # where inside the row
+
+
+def test_nested_list_wrong_type_names_row_when_inferred():
+    """Inference (no schema) with a conflict inside one row's list must name that row of column x."""
+    msg = _err([{"x": [1]}, {"x": [2]}, {"x": [3]}, {"x": [4, "a"]}])
+    assert "'x'" in msg and "row 3" in msg, msg
+
+
+def test_inference_conflict_names_row():
+    msg = _err([{"x": 1}, {"x": 2}, {"x": "three"}])
+    assert "row 2" in msg and "'x'" in msg
+    msg = _err([{"x": [1]}, {"x": ["a"]}])
+    assert "row 1" in msg
+    msg = _err([{"x": {"a": 1}}, {"x": 5}])
+    assert "row 1" in msg
+    msg = _err([{"d": {"a": 1}}, {"d": {"a": 2}}, {"d": {"a": "x"}}])  # conflict inside a struct field
+    assert "row 2" in msg and "'d'" in msg
+    msg = _err([{"x": 1}, {"x": 2**70}])  # inferred int64, value out of its range
+    assert "row 1" in msg and "int64" in msg
+    msg = _err([{"x": True}, {"x": None}, {"x": 1}])  # bool and int do not mix
+    assert "row 2" in msg
+
+
+def test_struct_unknown_field_and_non_dict_name_row():
+    msg = _err([{"s": {"a": 1}}, {"s": {"a": 2, "zz": 3}}], {"s": "struct<a: int32>"})
+    assert "row 1" in msg and "zz" in msg
+    msg = _err([{"s": {"a": 1}}, {"s": [1]}], {"s": "struct<a: int32>"})
+    assert "row 1" in msg
+    msg = _err([{"s": {"a": 1}}, {"s": {"a": "x"}}], {"s": "struct<a: int32>"})
+    assert "row 1" in msg and "int32" in msg
+
+
+def test_tensor_wrong_shape_names_row():
+    msg = _err([{"t": torch.zeros(2, 2)}, {"t": torch.zeros(3)}], {"t": "tensor<float32>[2,2]"})
+    assert "row 1" in msg
+
+
+def test_load_dataset_type_error_names_file_and_row(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"x": 1}\n{"x": 2}\n{"x": "abc"}\n')
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.load_dataset(str(p), schema={"x": "int32"})
+    assert str(p) in str(ei.value) and "row 2" in str(ei.value)
+
+
+def test_bad_types_and_schema_strings():
+    with pytest.raises(ValueError):
+        ns.parse_type("list<int32")
+    with pytest.raises(ValueError):
+        ns.parse_type("int31")
+    with pytest.raises(ValueError):
+        ns.parse_type("tensor<bool>[2]")
+    for s in ["list<struct<a: int32, b: list<string>>>", "tensor<float16>[2,3,4]", "struct<x: null>"]:
+        assert str(ns.parse_type(s)).replace(" ", "") == s.replace(" ", "")
+        assert ns.type_from_json(ns.type_to_json(ns.parse_type(s))) == ns.parse_type(s)
+    with pytest.raises(ns.NanosetsError):
+        ns.Dataset.from_dict({"x": [1]}, schema={"nope": "int32"})  # schema names a missing column
+    with pytest.raises(ns.NanosetsError):
+        ns.Dataset.from_list([{"x": 1}, 5])
+
+
+# ---- 5. pyarrow agreement and interop ---------------------------------------------------------------
+
+JSONL_ROWS = [
+    {"i": 1, "f": 1.5, "mix": 1, "s": "plain", "l": [1, 2, 3], "ll": [[1], [], [2, 3]], "d": {"a": 1, "b": "x"}, "n": None},
+    {"i": -7, "f": -0.25, "mix": 2.5, "s": "héllo \u00e9 日本 😀", "l": [], "ll": [], "d": {"a": None, "b": "y"}, "n": None},
+    {"i": None, "f": None, "mix": None, "s": "esc \" \\ / \n \t \r \b \f \u0001", "l": None, "ll": None, "d": None, "n": None},
+    {"i": 2**62, "f": 1e300, "mix": -3, "s": "", "l": [4, None, 6], "ll": [[None], [7, 8]], "d": {"a": 3}, "n": None},
+    {"i": 0, "f": 0.0, "mix": 0.5, "s": "raw 😀 ü ß", "l": [-1], "ll": [[9]], "d": {"b": "z", "a": 0}},
+]
+
+
+def test_jsonl_values_equal_pyarrow(tmp_path):
+    pj = pytest.importorskip("pyarrow.json")
+    p = tmp_path / "mixed.jsonl"
+    with open(p, "w", encoding="utf-8") as f:
+        for i, r in enumerate(JSONL_ROWS):
+            f.write(json.dumps(r, ensure_ascii=bool(i % 2)) + "\n")  # escaped and raw unicode both
+    ours = ns.load_dataset(str(p)).to_list()
+    theirs = pj.read_json(str(p)).to_pylist()
+    assert len(ours) == len(theirs) == len(JSONL_ROWS)
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a == b, (i, a, b)
+    # and both equal what json itself reads (with missing keys as None)
+    keys = {k for r in JSONL_ROWS for k in r}
+    assert ours[1]["s"] == JSONL_ROWS[1]["s"] and ours[2]["s"] == JSONL_ROWS[2]["s"]
+    assert all(set(r) == keys for r in ours)
+    assert [r["mix"] for r in ours] == [1.0, 2.5, None, -3.0, 0.5] and isinstance(ours[0]["mix"], float)
+
+
+def _pa_tables():
+    pa = pytest.importorskip("pyarrow")
+    n = 21
+    nums = pa.array([None if i % 5 == 3 else i * 3 for i in range(n)], pa.int32())
+    strs = pa.array([None if i % 4 == 1 else "s" * (i % 3) + "é" * (i % 2) for i in range(n)], pa.string())
+    lists = pa.array([None if i % 6 == 2 else [j for j in range(i % 4)] for i in range(n)], pa.list_(pa.int32()))
+    bools = pa.array([None if i % 7 == 0 else i % 2 == 0 for i in range(n)], pa.bool_())
+    nested = pa.array([[["a", None], []] if i % 3 else None for i in range(n)], pa.list_(pa.list_(pa.string())))
+    struct = pa.array([None if i % 8 == 5 else {"a": i, "b": None if i % 3 == 0 else f"v{i}"} for i in range(n)],
+                      pa.struct([("a", pa.int64()), ("b", pa.string())]))
+    f16 = pa.array([None if i == 4 else i / 8 for i in range(n)], pa.float64()).cast(pa.float16())
+    u64 = pa.array([2**64 - 1 - i for i in range(n)], pa.uint64())
+    large = pa.array([f"L{i}" for i in range(n)], pa.large_string())
+    return pa.table({"nums": nums, "strs": strs, "lists": lists, "bools": bools, "nested": nested, "struct": struct,
+                     "f16": f16, "u64": u64, "large": large, "nulls": pa.nulls(n)})
+
+
+@pytest.mark.parametrize("offset,length", [(0, None), (3, None), (5, 11), (8, 9), (13, 0)])
+def test_from_arrow_matches_pyarrow_values(tmp_path, offset, length):
+    t = _pa_tables()
+    t = t.slice(offset, length)
+    want = t.to_pylist()
+    ds = ns.Dataset.from_arrow(t)
+    assert ds.to_list() == want
+    assert ns.load_dataset(ds.save_to_disk(tmp_path / "a.nano")).to_list() == want
+    back = ds.to_arrow()
+    assert back.to_pylist() == want
+    assert ns.Dataset.from_arrow(back).to_list() == want
+    # chunked: the same rows as several record batches
+    pa = pytest.importorskip("pyarrow")
+    chunked = pa.Table.from_batches(t.to_batches(max_chunksize=4), schema=t.schema) if len(t) else t
+    assert ns.Dataset.from_arrow(chunked).to_list() == want
+
+
+def test_arrow_fixed_shape_tensor_round_trip(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    typ = pa.fixed_shape_tensor(pa.float32(), [2, 3])
+    vals = [[float(6 * i + j) for j in range(6)] for i in range(10)]
+    storage = pa.array([None if i == 7 else v for i, v in enumerate(vals)], pa.list_(pa.float32(), 6))
+    arr = pa.ExtensionArray.from_storage(typ, storage)
+    for sl in [(0, 10), (3, 7), (1, 2)]:
+        t = pa.table({"t": arr}).slice(*sl)
+        want = [None if i == 7 else [vals[i][:3], vals[i][3:]] for i in range(sl[0], sl[0] + sl[1])]
+        ds = ns.Dataset.from_arrow(t)
+        assert ds.schema["t"] == ns.parse_type("tensor<float32>[2,3]")
+        assert ds["t"] == want
+        assert ns.load_dataset(ds.save_to_disk(tmp_path / "t.nano"))["t"] == want
+        out = ds.to_arrow().column("t").combine_chunks()
+        assert out.type == typ
+        assert out.storage.to_pylist() == [None if w is None else w[0] + w[1] for w in want]
+
+
+@pytest.mark.parametrize("tname", list(TYPES))
+def test_to_arrow_from_arrow_round_trip_of_every_type(tname):
+    pytest.importorskip("pyarrow")
+    rows, expected, schema, _ = _make_rows(tname, 9)
+    ds = ns.Dataset.from_list(rows, schema=schema)
+    pt = ds.to_arrow()
+    assert pt.num_rows == 9
+    if not tname.startswith("tensor"):
+        assert pt.to_pylist() == expected  # pyarrow reads our buffers as the same values
+    back = ns.Dataset.from_arrow(pt)
+    assert back.to_list() == expected
+    if tname not in ("bfloat16", "tensor_bf16"):  # arrow has no bfloat16: widened to float32
+        assert back.schema == ds.schema
+    assert ns.Dataset.from_arrow(ds.select(range(3, 9)).to_arrow()).to_list() == expected[3:]
+
+
+def test_to_arrow_shares_numeric_memory(tmp_path):
+    pytest.importorskip("pyarrow")
+    ds = ns.load_dataset(ns.Dataset.from_dict({"x": list(range(100)), "ids": [[i] * (i % 3) for i in range(100)],
+                                               "s": [str(i) for i in range(100)]},
+                                              schema={"ids": "list<int16>"}).save_to_disk(tmp_path / "m.nano"))
+    pt = ds.to_arrow()
+    ours = ds.with_format("torch")["x"]
+    theirs = pt.column("x").chunk(0)
+    assert theirs.to_pylist() == list(range(100))
+    assert theirs.buffers()[1].address == ours.data_ptr()
+    child = ds._table.batches[0].columns["ids"].child.to_torch()
+    assert pt.column("ids").chunk(0).values.buffers()[1].address == child.data_ptr()
+    sdata = ds._table.batches[0].columns["s"].data
+    assert pt.column("s").chunk(0).buffers()[2].address == ns.frombuffer(sdata, torch.uint8, len(sdata)).data_ptr()
+    # and from_arrow shares pyarrow's buffer the other way
+    back = ns.Dataset.from_arrow(pt).with_format("torch")["x"]
+    assert back.data_ptr() == theirs.buffers()[1].address
+
+
+def test_parquet_via_load_dataset(tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")
+    t = _pa_tables().drop_columns(["nulls"])
+    pq.write_table(t, tmp_path / "a.parquet", row_group_size=6)
+    want = t.to_pylist()
+    ds = ns.load_dataset(str(tmp_path / "a.parquet"))
+    assert ds.to_list() == want
+    assert ns.load_dataset(ds.save_to_disk(tmp_path / "p.nano")).to_list() == want
+    pq.write_table(t.slice(0, 5), tmp_path / "b.parquet")
+    both = ns.load_dataset(str(tmp_path / "*.parquet"))
+    assert both.to_list() == want + want[:5]
+
+
+# ---- 6. the Dataset API -----------------------------------------------------------------------------
+
+
+def _rows(n=23):
+    return [{"id": i, "txt": f"t{i}" * (i % 3), "sq": i * i, "ids": list(range(i % 5)), "half": i / 2} for i in range(n)]
+
+
+@pytest.fixture(params=["memory", "file"])
+def ds23(request, tmp_path):
+    ds = ns.Dataset.from_list(_rows(), schema={"ids": "list<int32>"})
+    if request.param == "file":
+        ds = ns.load_dataset(ds.save_to_disk(tmp_path / "d.nano"))
+    return ds
+
+
+def test_len_and_getitem(ds23):
+    rows = _rows()
+    assert len(ds23) == 23 and ds23.num_rows == 23 and ds23.column_names == ["id", "txt", "sq", "ids", "half"]
+    assert ds23[0] == rows[0] and ds23[22] == rows[22] and ds23[-1] == rows[-1] and ds23[-23] == rows[0]
+    assert ds23[torch.tensor(4)] == rows[4]
+    for bad in (23, -24):
+        with pytest.raises(IndexError):
+            ds23[bad]
+
+    def cols(rs):
+        return {k: [r[k] for r in rs] for k in rows[0]}
+    for sl in [slice(3, 9), slice(None), slice(-5, None), slice(2, 20, 3), slice(None, None, -1),
+               slice(20, 3, -4), slice(7, 7), slice(30, 40), slice(-100, 2)]:
+        assert ds23[sl] == cols(rows[sl]), sl
+    assert ds23[[5, 1, 5, -1]] == cols([rows[5], rows[1], rows[5], rows[-1]])
+    assert ds23[[]] == cols([])
+    assert ds23[range(4, 8)] == cols(rows[4:8])
+    assert ds23["txt"] == [r["txt"] for r in rows]
+    with pytest.raises(KeyError):
+        ds23["nope"]
+    with pytest.raises(IndexError):
+        ds23[[0, 23]]
+    assert list(ds23) == rows
+
+
+def test_iter_batches(ds23):
+    rows = _rows()
+    batches = list(ds23.iter(batch_size=5))
+    assert [len(b["id"]) for b in batches] == [5, 5, 5, 5, 3]
+    assert [x for b in batches for x in b["id"]] == list(range(23))
+    assert batches[-1]["ids"] == [r["ids"] for r in rows[20:]]
+    dropped = list(ds23.iter(batch_size=5, drop_last_batch=True))
+    assert [len(b["id"]) for b in dropped] == [5, 5, 5, 5]
+    assert [len(b["id"]) for b in ds23.iter(batch_size=23, drop_last_batch=True)] == [23]
+    assert [len(b["id"]) for b in ds23.iter(batch_size=100)] == [23]
+    assert list(ds23.iter(batch_size=100, drop_last_batch=True)) == []
+    with pytest.raises(ValueError):
+        list(ds23.iter(batch_size=0))
+    sh = ds23.shuffle(seed=4)
+    assert [x for b in sh.iter(batch_size=7) for x in b["id"]] == sh["id"]
+
+
+def test_map_variants(ds23):
+    rows = _rows()
+    m = ds23.map(lambda r: {"n": len(r["ids"]), "id": r["id"] + 100})
+    assert m.column_names == ["id", "txt", "sq", "ids", "half", "n"]
+    assert m["n"] == [len(r["ids"]) for r in rows] and m["id"] == [r["id"] + 100 for r in rows]
+    assert m["txt"] == [r["txt"] for r in rows]  # untouched columns carried over
+    mb = ds23.map(lambda b: {"n": [x * 2 for x in b["sq"]]}, batched=True, batch_size=4, remove_columns=["txt", "ids"])
+    assert mb.column_names == ["id", "sq", "half", "n"] and mb["n"] == [2 * r["sq"] for r in rows]
+    mi = ds23.map(lambda r, i: {"i": i}, with_indices=True)
+    assert mi["i"] == list(range(23))
+    mbi = ds23.map(lambda b, idx: {"i": idx}, batched=True, batch_size=6, with_indices=True)
+    assert mbi["i"] == list(range(23))
+    # batched map that changes the row count: allowed once every input column is removed
+    grow = ds23.map(lambda b: {"tok": [t for x in b["ids"] for t in x]}, batched=True, batch_size=4,
+                    remove_columns=ds23.column_names)
+    assert grow.column_names == ["tok"] and grow["tok"] == [t for r in rows for t in r["ids"]]
+    shrink = ds23.map(lambda b: {k: v[:1] for k, v in b.items()}, batched=True, batch_size=10)
+    assert shrink["id"] == [0, 10, 20]  # every column returned: fine too
+    with pytest.raises(ns.NanosetsError) as ei:
+        ds23.map(lambda b: {"tok": [t for x in b["ids"] for t in x]}, batched=True, batch_size=4)
+    assert "row count" in str(ei.value)
+    # schema= pins the output types
+    pinned = ds23.map(lambda r: {"n": r["id"], "v": [r["id"]]}, schema={"n": "int8", "v": "list<float32>"})
+    assert pinned.schema["n"] == ns.parse_type("int8") and pinned.schema["v"] == ns.parse_type("list<float32>")
+    assert pinned["v"] == [[float(i)] for i in range(23)]
+    with pytest.raises(ns.NanosetsError):
+        ds23.map(lambda r: {"n": 1000 + r["id"]}, schema={"n": "int8"})
+    # fn_kwargs, and map over a shuffled dataset keeps the shuffled order
+    assert ds23.map(lambda r, k: {"k": r["id"] * k}, fn_kwargs={"k": 3})["k"] == [3 * i for i in range(23)]
+    sh = ds23.shuffle(seed=2)
+    assert sh.map(lambda r: {"y": r["id"]})["y"] == sh["id"]
+    assert sh.map(lambda r: {"y": r["id"]})["txt"] == sh["txt"]
+    with pytest.raises(ns.NanosetsError):
+        ds23.map(lambda r: 5)
+    with pytest.raises(KeyError):
+        ds23.map(lambda r: {}, remove_columns=["nope"])
+
+
+def test_filter_variants(ds23):
+    f = ds23.filter(lambda r: r["id"] % 3 == 0)
+    assert f["id"] == list(range(0, 23, 3)) and f[1] == _rows()[3]
+    fb = ds23.filter(lambda b: [x > 10 for x in b["id"]], batched=True, batch_size=4)
+    assert fb["id"] == list(range(11, 23))
+    fi = ds23.filter(lambda r, i: i % 2 == 1, with_indices=True)
+    assert fi["id"] == list(range(1, 23, 2))
+    fbi = ds23.filter(lambda b, idx: [i < 3 for i in idx], batched=True, with_indices=True, batch_size=2)
+    assert fbi["id"] == [0, 1, 2]
+    sh = ds23.shuffle(seed=9)
+    assert sh.filter(lambda r: r["id"] < 5)["id"] == [i for i in sh["id"] if i < 5]
+    assert len(ds23.filter(lambda r: False)) == 0 and ds23.filter(lambda r: False).to_list() == []
+    with pytest.raises(ns.NanosetsError):
+        ds23.filter(lambda b: [True], batched=True, batch_size=4)
+
+
+def test_select_shuffle_sort_shard(ds23):
+    assert ds23.select([4, 2, 2])["id"] == [4, 2, 2]
+    assert ds23.select(range(20, 23))["id"] == [20, 21, 22]
+    assert ds23.select([-1])["id"] == [22]
+    with pytest.raises(IndexError):
+        ds23.select([23])
+    a, b, c = ds23.shuffle(seed=1)["id"], ds23.shuffle(seed=1)["id"], ds23.shuffle(seed=2)["id"]
+    assert a == b and a != c and sorted(a) == list(range(23)) and sorted(c) == list(range(23))
+    assert a != list(range(23))
+    twice = ds23.shuffle(seed=1).shuffle(seed=2)["id"]
+    assert sorted(twice) == list(range(23))
+    assert ds23.shuffle(seed=1)[3] == _rows()[a[3]]
+    # sort: ascending stable, reverse, nulls last
+    d = ns.Dataset.from_list([{"k": v, "i": i} for i, v in enumerate([3, None, 1, 3, 2, None, 1])])
+    assert d.sort("k")["i"] == [2, 6, 4, 0, 3, 1, 5]
+    rk = d.sort("k", reverse=True)["k"]
+    assert rk == [3, 3, 2, 1, 1, None, None]
+    assert ds23.sort("txt")["txt"] == sorted(r["txt"] for r in _rows())
+    assert ds23.shuffle(seed=0).sort("id")["id"] == list(range(23))
+    # shard: contiguous and strided both partition the rows
+    for contiguous in (True, False):
+        parts = [ds23.shard(4, i, contiguous=contiguous)["id"] for i in range(4)]
+        flat = [x for p in parts for x in p]
+        assert sorted(flat) == list(range(23)) and len(flat) == 23
+        assert max(map(len, parts)) - min(map(len, parts)) <= 1
+        if contiguous:
+            assert flat == list(range(23))
+        else:
+            assert parts[1] == list(range(1, 23, 4))
+    with pytest.raises(ValueError):
+        ds23.shard(4, 4)
+
+
+@pytest.mark.parametrize("kw,n_train,n_test", [
+    ({"test_size": 0.2}, 18, 5), ({"test_size": 5}, 18, 5), ({"train_size": 10}, 10, 13),
+    ({"train_size": 10, "test_size": 3}, 10, 3), ({}, 17, 6), ({"test_size": 0.5}, 11, 12)])
+def test_train_test_split_sizes(ds23, kw, n_train, n_test):
+    # HF rule: test = ceil(test_size * n), train = floor(train_size * n); default test 0.25
+    dd = ds23.train_test_split(seed=0, **kw)
+    assert isinstance(dd, ns.DatasetDict) and set(dd) == {"train", "test"}
+    tr, te = dd["train"]["id"], dd["test"]["id"]
+    assert (len(tr), len(te)) == (n_train, n_test)
+    assert not set(tr) & set(te)
+    if n_train + n_test == 23:
+        assert sorted(tr + te) == list(range(23))
+    assert ds23.train_test_split(seed=0, **kw)["test"]["id"] == te  # deterministic
+
+
+def test_train_test_split_complementary_fractions():
+    """test_size=0.25 with train_size=0.75 must split 10 rows 7/3 (HF: test=ceil, train=floor)."""
+    ds = ns.Dataset.from_list([{"i": i} for i in range(10)])
+    dd = ds.train_test_split(test_size=0.25, train_size=0.75, seed=0)
+    assert (len(dd["train"]), len(dd["test"])) == (7, 3)
+    dd = ds.train_test_split(train_size=0.75, seed=0)  # train alone: floor(7.5) = 7, the rest is test
+    assert (len(dd["train"]), len(dd["test"])) == (7, 3)
+
+
+def test_train_test_split_unshuffled_and_errors(ds23):
+    dd = ds23.train_test_split(test_size=3, shuffle=False)
+    assert dd["train"]["id"] == list(range(20)) and dd["test"]["id"] == [20, 21, 22]
+    for kw in ({"test_size": 0}, {"test_size": 23}, {"test_size": 20, "train_size": 5}, {"test_size": 1.0}):
+        with pytest.raises(ValueError):
+            ds23.train_test_split(**kw)
+
+
+def test_column_operations(ds23):
+    s = ds23.select_columns(["sq", "id"])
+    assert s.column_names == ["sq", "id"] and s[2] == {"sq": 4, "id": 2}
+    assert ds23.select_columns("txt").column_names == ["txt"]
+    r = ds23.remove_columns(["txt", "ids"])
+    assert r.column_names == ["id", "sq", "half"] and r[3] == {"id": 3, "sq": 9, "half": 1.5}
+    assert ds23.remove_columns("id").column_names == ["txt", "sq", "ids", "half"]
+    rn = ds23.rename_column("sq", "square")
+    assert rn.column_names == ["id", "txt", "square", "ids", "half"] and rn["square"] == ds23["sq"]
+    rn2 = ds23.rename_columns({"id": "a", "txt": "b"})
+    assert rn2.column_names[:2] == ["a", "b"] and rn2["b"] == ds23["txt"]
+    swapped = ds23.rename_columns({"id": "txt", "txt": "id"})
+    assert swapped["txt"] == ds23["id"]
+    for bad in (lambda: ds23.select_columns(["nope"]), lambda: ds23.remove_columns(["nope"]),
+                lambda: ds23.rename_column("nope", "x")):
+        with pytest.raises(KeyError):
+            bad()
+    with pytest.raises(ns.NanosetsError):
+        ds23.rename_column("id", "txt")
+    sh = ds23.shuffle(seed=5)
+    assert sh.select_columns(["id"])["id"] == sh["id"]  # column ops keep the row selection
+
+
+def test_concatenate_datasets(tmp_path, ds23):
+    rows = _rows()
+    other = ns.Dataset.from_list(_rows(5), schema={"ids": "list<int32>"})
+    cat = ns.concatenate_datasets([ds23, other])
+    assert len(cat) == 28 and cat.to_list() == rows + _rows(5)
+    assert cat[25] == _rows(5)[2] and cat[-1] == _rows(5)[4]
+    assert cat[20:26]["id"] == [20, 21, 22, 0, 1, 2]
+    assert cat.select([27, 0, 24])["id"] == [4, 0, 1]
+    sh = ds23.shuffle(seed=3)
+    cat2 = ns.concatenate_datasets([other.select([4, 3]), sh, other])
+    assert cat2["id"] == [4, 3] + sh["id"] + list(range(5))
+    assert cat2.to_list() == [_rows(5)[4], _rows(5)[3]] + sh.to_list() + _rows(5)
+    p = cat2.save_to_disk(tmp_path / "cat.nano")
+    assert ns.load_dataset(p).to_list() == cat2.to_list()
+    assert cat2.shuffle(seed=0).sort("id")["id"] == sorted(cat2["id"])
+    mismatched = ns.Dataset.from_list([{"id": "x"}])
+    with pytest.raises(ns.NanosetsError):
+        ns.concatenate_datasets([ds23.select_columns(["id"]), mismatched])
+    with pytest.raises(ValueError):
+        ns.concatenate_datasets([])
+
+
+def test_torch_format_of_concatenated_datasets_keeps_nulls(tmp_path):
+    """A multi-chunk dataset (two files, or concatenate_datasets) with nulls in a numeric column
+    must not turn the nulls into zeros under with_format('torch'): a single-chunk one gives None."""
+    a = ns.Dataset.from_list([{"x": 1}, {"x": None}])
+    b = ns.Dataset.from_list([{"x": 3}])
+    single = ns.Dataset.from_list([{"x": 1}, {"x": None}, {"x": 3}])
+    assert single.with_format("torch")["x"] == [1, None, 3]
+    assert single.with_format("torch")[1]["x"] is None
+    pa_, pb = a.save_to_disk(tmp_path / "a.nano"), b.save_to_disk(tmp_path / "b.nano")
+    for cat in (ns.concatenate_datasets([a, b]), ns.load_dataset([pa_, pb])):
+        assert cat["x"] == [1, None, 3]
+        col = cat.with_format("torch")["x"]
+        assert [None if v is None else int(v) for v in col] == [1, None, 3], col
+        assert cat.with_format("torch")[1]["x"] is None
+
+
+def test_to_list_to_dict_to_jsonl_round_trip(tmp_path, ds23):
+    rows = _rows()
+    assert ds23.to_list() == rows
+    assert ds23.to_dict() == {k: [r[k] for r in rows] for k in rows[0]}
+    extra = ns.Dataset.from_list([{"s": "héllo\n\"q\" 😀", "n": None, "d": {"a": [1.5, None]}, "b": True},
+                                  {"s": "", "n": None, "d": None, "b": False}])
+    for d, name in ((ds23, "a.jsonl"), (extra, "b.jsonl"), (ds23.shuffle(seed=1), "c.jsonl")):
+        d.to_jsonl(tmp_path / name)
+        lines = (tmp_path / name).read_text(encoding="utf-8").splitlines()
+        assert [json.loads(x) for x in lines] == d.to_list()
+        assert ns.load_dataset(str(tmp_path / name)).to_list() == d.to_list()
+    t = ns.Dataset.from_dict({"t": torch.arange(6.0).reshape(3, 2)})
+    t.to_jsonl(tmp_path / "t.jsonl")
+    assert ns.load_dataset(str(tmp_path / "t.jsonl"))["t"] == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+
+
+@pytest.mark.parametrize("ch", ["\u2028", "\u2029", "\x85"])
+def test_to_jsonl_round_trip_with_unicode_line_separators(tmp_path, ch):
+    """U+2028/U+2029/U+0085 are legal raw inside JSON strings (to_jsonl writes them raw, with
+    ensure_ascii=False); a JSON-lines reader must split lines on '\\n' only, as pyarrow does."""
+    rows = [{"s": f"before{ch}after", "i": 1}, {"s": "plain", "i": 2}]
+    ns.Dataset.from_list(rows).to_jsonl(tmp_path / "u.jsonl")
+    assert len((tmp_path / "u.jsonl").read_bytes().split(b"\n")) == 3  # two lines + the final newline
+    assert ns.load_dataset(str(tmp_path / "u.jsonl")).to_list() == rows
+    pj = pytest.importorskip("pyarrow.json")
+    assert pj.read_json(str(tmp_path / "u.jsonl")).to_pylist() == rows
+
+
+def test_with_format_torch(ds23):
+    rows = _rows()
+    t = ds23.with_format("torch")
+    col = t["id"]
+    assert isinstance(col, torch.Tensor) and col.dtype == torch.int64 and col.tolist() == list(range(23))
+    assert t["half"].dtype == torch.float64 and t["half"].tolist() == [r["half"] for r in rows]
+    assert t["txt"] == [r["txt"] for r in rows]  # strings stay Python
+    ids = t["ids"]
+    assert all(isinstance(x, torch.Tensor) and x.dtype == torch.int32 for x in ids)
+    assert [x.tolist() for x in ids] == [r["ids"] for r in rows]
+    r7 = t[7]
+    assert isinstance(r7["id"], torch.Tensor) and r7["id"].dim() == 0 and r7["id"].item() == 7
+    assert r7["ids"].tolist() == rows[7]["ids"] and r7["txt"] == rows[7]["txt"]
+    b = t[2:6]
+    assert b["sq"].tolist() == [4, 9, 16, 25] and [x.tolist() for x in b["ids"]] == [r["ids"] for r in rows[2:6]]
+    lst = t[[6, 1]]
+    assert lst["id"].tolist() == [6, 1] and [x.tolist() for x in lst["ids"]] == [rows[6]["ids"], rows[1]["ids"]]
+    sh = ds23.shuffle(seed=0)
+    assert sh.with_format("torch")["id"].tolist() == sh["id"]
+    batches = list(t.iter(batch_size=10))
+    assert torch.cat([x["id"] for x in batches]).tolist() == list(range(23))
+    only = ds23.with_format("torch", columns=["id", "ids"])
+    assert set(only[0]) == {"id", "ids"}
+    assert t.reset_format()[0] == rows[0] and t.with_format(None)["id"] == list(range(23))
+    m = t.map(lambda r: {"z": r["id"] + 1})  # map sees Python values even under torch format
+    assert m.reset_format()["z"] == list(range(1, 24))
+    with pytest.raises(ValueError):
+        ds23.with_format("numpy")
+    with pytest.raises(KeyError):
+        ds23.with_format("torch", columns=["nope"])
+
+
+def test_load_dataset_json_shapes_globs_and_dicts(tmp_path):
+    rows = _rows(6)
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    (tmp_path / "cols.json").write_text(json.dumps({k: [r[k] for r in rows] for k in rows[0]}))
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    for name in ("rows.json", "cols.json", "wrapped.json", "lines.json"):
+        assert ns.load_dataset(str(tmp_path / name)).to_list() == rows, name
+    sub = tmp_path / "parts"
+    sub.mkdir()
+    for i in range(3):
+        (sub / f"p{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2 * i: 2 * i + 2]) + "\n")
+    assert ns.load_dataset(str(sub / "p*.jsonl")).to_list() == rows
+    assert ns.load_dataset(str(sub)).to_list() == rows  # a folder of jsonl files
+    assert ns.load_dataset([str(sub / "p2.jsonl"), str(sub / "p0.jsonl")])["id"] == [4, 5, 0, 1]
+    dd = ns.load_dataset("json", data_files={"train": str(sub / "p[01].jsonl"), "test": str(sub / "p2.jsonl")})
+    assert isinstance(dd, ns.DatasetDict) and dd["train"]["id"] == [0, 1, 2, 3] and dd["test"]["id"] == [4, 5]
+    assert ns.load_dataset("json", data_files={"train": str(sub / "p0.jsonl")}, split="train")["id"] == [0, 1]
+    with pytest.raises(KeyError):
+        ns.load_dataset("json", data_files={"train": str(sub / "p0.jsonl")}, split="test")
+    with pytest.raises(FileNotFoundError):
+        ns.load_dataset(str(sub / "nothing*.jsonl"))
+    with pytest.raises(FileNotFoundError):
+        ns.load_dataset(str(tmp_path / "missing.jsonl"))
+    (tmp_path / "x.csv").write_text("a,b\n")
+    with pytest.raises(ns.NanosetsError):
+        ns.load_dataset(str(tmp_path / "x.csv"))
+    pinned = ns.load_dataset(str(tmp_path / "rows.json"), schema={"id": "int16", "ids": "list<int8>"})
+    assert pinned.schema["id"] == ns.parse_type("int16") and pinned["ids"] == [r["ids"] for r in rows]
+
+
+def test_bad_json_line_names_file_and_line(tmp_path):
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"a": 1}\n\n{"a": 2}\n{"a": 3,,}\n{"a": 4}\n')
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.load_dataset(str(p))
+    assert str(p) in str(ei.value) and "line 4" in str(ei.value)
+    q = tmp_path / "notobj.jsonl"
+    q.write_text('{"a": 1}\n[1, 2]\n')
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.load_dataset(str(q))
+    assert str(q) in str(ei.value) and "line 2" in str(ei.value)
+
+
+def test_folder_save_and_load_from_disk(tmp_path, ds23):
+    folder = tmp_path / "saved"
+    ds23.metadata = {"source": "unit-test", "n": 23}
+    target = ds23.save_to_disk(folder)
+    assert Path(target) == folder / "data.nano" and os.path.isfile(target)
+    for back in (ns.load_from_disk(folder), ns.load_dataset(str(folder)), ns.load_from_disk(str(target))):
+        assert back.to_list() == _rows() and back.schema == ds23.schema
+        assert back.metadata == {"source": "unit-test", "n": 23}
+    # overwriting in place works (atomic replace), even while the old file is mapped
+    old = ns.load_from_disk(folder)
+    ds23.select(range(3)).save_to_disk(folder)
+    assert len(ns.load_from_disk(folder)) == 3 and old["id"] == list(range(23))
+    assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
+
+
+def test_empty_dataset_round_trip(tmp_path):
+    ds = ns.Dataset.from_list([], schema={"x": "int32", "s": "string", "l": "list<int8>"})
+    assert len(ds) == 0 and ds.to_list() == [] and ds.column_names == ["x", "s", "l"]
+    back = ns.load_dataset(ds.save_to_disk(tmp_path / "e.nano"))
+    assert len(back) == 0 and back.schema == ds.schema and back.to_list() == []
+    assert back.with_format("torch")["x"].numel() == 0
+    full = ns.Dataset.from_list([{"x": 1, "s": "a", "l": [1]}], schema={"x": "int32", "l": "list<int8>"})
+    assert ns.load_dataset(full.filter(lambda r: False).save_to_disk(tmp_path / "f.nano")).to_list() == []
+
+
+# ---- 7. training helpers ------------------------------------------------------------------------
+
+
+def _naive_first_fit(lengths, budget, order):
+    bins, free = [], []
+    for i in order:
+        for b in range(len(bins)):
+            if free[b] >= lengths[i]:
+                bins[b].append(i)
+                free[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            free.append(budget - lengths[i])
+    return bins
+
+
+@pytest.mark.parametrize("trial", range(12))
+def test_plan_packs_against_naive_first_fit(trial):
+    rng = random.Random(_seed("packs", trial))
+    budget = rng.choice([8, 64, 100, 512])
+    n = rng.randint(0, 300)
+    lengths = [rng.randint(1, budget) if rng.random() < 0.2 else rng.randint(1, max(1, budget // 3))
+               for _ in range(n)]
+    ff = ns.plan_packs(lengths, budget, "first_fit")
+    srt = ns.plan_packs(lengths, budget, "sorted")
+    for packs in (ff, srt):
+        assert sorted(i for p in packs for i in p) == list(range(n))  # every sequence exactly once
+        assert all(sum(lengths[i] for i in p) <= budget for p in packs)
+        assert all(p for p in packs)
+        assert len(packs) >= math.ceil(sum(lengths) / budget)
+    assert ff == _naive_first_fit(lengths, budget, range(n))
+    decreasing = sorted(range(n), key=lambda i: -lengths[i])  # stable: ties keep data order
+    assert srt == _naive_first_fit(lengths, budget, decreasing)
+    assert len(srt) <= len(ff)
+
+
+def test_plan_packs_errors_and_edges():
+    assert ns.plan_packs([], 10) == []
+    assert ns.plan_packs([10, 10], 10) == [[0], [1]]
+    assert ns.plan_packs([3, 7, 5, 5], 10) == [[0, 1], [2, 3]]
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.plan_packs([3, 4, 11, 2], 10)
+    assert "sequence 2" in str(ei.value)
+    with pytest.raises(ns.NanosetsError):
+        ns.plan_packs([3, 0], 10)
+    with pytest.raises(ValueError):
+        ns.plan_packs([3], 10, "best_fit")
+
+
+def _naive_pack(seqs, masks, pack):
+    ids, pos, lab, msk, cu = [], [], [], [], [0]
+    for i in pack:
+        s, m = list(seqs[i]), list(masks[i])
+        for t in range(len(s)):
+            ids.append(s[t])
+            pos.append(t)
+            msk.append(bool(m[t]))
+            lab.append(s[t + 1] if t + 1 < len(s) and m[t + 1] else -100)
+        cu.append(cu[-1] + len(s))
+    return ids, pos, lab, msk, cu
+
+
+@pytest.mark.parametrize("strategy", ["first_fit", "sorted"])
+@pytest.mark.parametrize("with_masks", [False, True])
+def test_pack_sequences_against_naive(strategy, with_masks):
+    rng = random.Random(_seed("pack", strategy, with_masks))
+    budget = 32
+    seqs = [[rng.randint(0, 999) for _ in range(rng.randint(1, budget))] for _ in range(40)]
+    masks = [[rng.random() < 0.6 for _ in s] for s in seqs] if with_masks else None
+    packs = ns.pack_sequences(seqs, budget, loss_masks=masks, strategy=strategy)
+    plan = ns.plan_packs([len(s) for s in seqs], budget, strategy)
+    assert len(packs) == len(plan)
+    seen = []
+    for p, order in zip(packs, plan):
+        ids, pos, lab, msk, cu = _naive_pack(seqs, masks or [[1] * len(s) for s in seqs], order)
+        assert p["seq_index"].tolist() == order
+        assert p["input_ids"].dtype == torch.int64 and p["input_ids"].tolist() == ids
+        assert p["positions"].tolist() == pos
+        assert p["labels"].tolist() == lab
+        assert p["loss_mask"].dtype == torch.bool and p["loss_mask"].tolist() == msk
+        assert p["cu_seqlens"].dtype == torch.int32 and p["cu_seqlens"].tolist() == cu
+        assert len(ids) <= budget
+        seen += order
+    assert sorted(seen) == list(range(40))
+
+
+def test_pack_sequences_small_example_and_errors():
+    p = ns.pack_sequences([[1, 2, 3], [4, 5]], 8, loss_masks=[[0, 1, 1], [1, 0]])
+    assert len(p) == 1
+    assert p[0]["positions"].tolist() == [0, 1, 2, 0, 1]
+    assert p[0]["labels"].tolist() == [2, 3, -100, -100, -100]
+    assert p[0]["cu_seqlens"].tolist() == [0, 3, 5]
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.pack_sequences([[1], [2, 3], list(range(9)), [4]], 8)
+    assert "sequence 2" in str(ei.value)
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.pack_sequences([[1, 2], [3]], 8, loss_masks=[[1, 1], [1, 1]])
+    assert "sequence 1" in str(ei.value)
+    t = ns.pack_sequences([torch.tensor([7, 8, 9], dtype=torch.int32)], 4)
+    assert t[0]["input_ids"].tolist() == [7, 8, 9] and t[0]["labels"].tolist() == [8, 9, -100]
+
+
+@pytest.mark.parametrize("n,dp,drop_last", [(10, 3, True), (12, 4, True), (7, 2, False), (5, 5, True), (11, 4, False)])
+def test_sampler_ranks_partition_each_epoch(n, dp, drop_last):
+    for epoch in range(3):
+        per_rank = [ns.ShardedSampler(n, r, dp, seed=7, drop_last=drop_last).epoch_indices(epoch).tolist()
+                    for r in range(dp)]
+        lens = {len(x) for x in per_rank}
+        assert len(lens) == 1
+        flat = [i for x in per_rank for i in x]
+        if drop_last:
+            assert len(flat) == len(set(flat)) == (n // dp) * dp  # disjoint
+            assert lens == {n // dp}
+        else:
+            assert set(flat) == set(range(n)) and len(flat) == math.ceil(n / dp) * dp
+        assert all(0 <= i < n for i in flat)
+        s = ns.ShardedSampler(n, 0, dp, seed=7, drop_last=drop_last)
+        assert len(s) == len(per_rank[0])
+    if drop_last and n % dp == 0:
+        assert set(flat) == set(range(n))
+
+
+def test_sampler_determinism_epochs_and_resume():
+    n, dp = 37, 3
+    for rank in range(dp):
+        ref = ns.ShardedSampler(n, rank, dp, seed=11).take(60)  # crosses 5 epochs of 12
+        assert ref == ns.ShardedSampler(n, rank, dp, seed=11).take(60)
+        assert ref != ns.ShardedSampler(n, rank, dp, seed=12).take(60)
+        per = len(ns.ShardedSampler(n, rank, dp, seed=11))
+        assert per == 12
+        epochs = [ref[e * per:(e + 1) * per] for e in range(5)]
+        assert len({tuple(e) for e in epochs}) == 5  # epochs draw different orders
+        for e in epochs:
+            assert len(set(e)) == per
+        for k in (0, 1, 5, 11, 12, 13, 25, 36, 47):  # mid-epoch, at and across epoch boundaries
+            a = ns.ShardedSampler(n, rank, dp, seed=11)
+            head = a.take(k)
+            state = json.loads(json.dumps(a.state_dict()))  # survives a checkpoint as JSON
+            b = ns.ShardedSampler(n, rank, dp, seed=11)
+            b.load_state_dict(state)
+            assert head + b.take(60 - k) == ref, k
+            assert a.take(60 - k) == ref[k:]  # the original also continues where it was
+        it = iter(ns.ShardedSampler(n, rank, dp, seed=11))
+        assert [next(it) for _ in range(30)] == ref[:30]
+    unshuffled = ns.ShardedSampler(10, 1, 2, shuffle=False)
+    assert unshuffled.take(7) == [1, 3, 5, 7, 9, 1, 3]
+
+
+def test_sampler_mismatched_state_raises():
+    s = ns.ShardedSampler(20, 0, 2, seed=1)
+    s.take(3)
+    st = s.state_dict()
+    for kw in ({"num_rows": 21}, {"dp_size": 4}, {"seed": 2}):
+        args = {"num_rows": 20, "dp_rank": 0, "dp_size": 2, "seed": 1, **kw}
+        other = ns.ShardedSampler(args["num_rows"], args["dp_rank"], args["dp_size"], seed=args["seed"])
+        with pytest.raises(ValueError):
+            other.load_state_dict(st)
+    with pytest.raises(ValueError):
+        ns.ShardedSampler(20, 2, 2)
+    with pytest.raises(ValueError):
+        ns.ShardedSampler(1, 0, 2)
+
+
+# ==== prepare_data ================================================================================
+# CPU only, no network; the SmolLM2 tokenizer is converted from the GGUF once and cached.
+
+
+
+@pytest.fixture(scope="module")
+def smollm2_tok():
+    return pd.load_tokenizer("smollm2")  # converts the GGUF once (~7 s), then ~0.2 s from the cache
+
+
+def _pd_exact(expr: str) -> Fraction:
+    """Evaluate + - * / ( ) on integers exactly, independent of the generator's own arithmetic."""
+    ops = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv}
+
+    def ev(n):
+        if isinstance(n, ast.BinOp) and type(n.op) in ops:
+            return ops[type(n.op)](ev(n.left), ev(n.right))
+        if isinstance(n, ast.Constant) and isinstance(n.value, int):
+            return Fraction(n.value)
+        raise AssertionError(f"unexpected syntax in {expr!r}")
+
+    return ev(ast.parse(expr, mode="eval").body)
+
+
+def _pd_small(tmp_path, **kw) -> Config:
+    return Config(out_dir=str(tmp_path), synthetic_train=24, synthetic_test=8, **kw)
+
+
+def _pd_write_jsonl(path: Path, rows: list) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+# ---- synthetic task ----
+
+
+def test_synthetic_deterministic_and_correct():
+    a = pd.synthetic_math(400, 60, seed=3)
+    assert a == pd.synthetic_math(400, 60, seed=3)
+    assert a != pd.synthetic_math(400, 60, seed=4)
+    assert pd.synthetic_math(50, 60, seed=3)["test"] == a["test"]  # test split does not depend on n_train
+    assert len(a["train"]) == 400 and len(a["test"]) == 60
+    assert not {r["problem"] for r in a["train"]} & {r["problem"] for r in a["test"]}
+    assert {r["subject"] for r in a["train"]} == set(pd.TEMPLATES)
+    for r in a["train"] + a["test"]:
+        value = _pd_exact(r["expression"])
+        assert value.denominator == 1 and value >= 0, r
+        assert r["answer"] == str(value.numerator), r
+        assert r["solution"].endswith(f"\\boxed{{{r['answer']}}}.")
+        assert pd.last_boxed(r["solution"]) == r["answer"]
+
+
+# ---- answer parsing and adapters ----
+
+
+def test_last_boxed():
+    assert pd.last_boxed(r"first \boxed{1}, then \boxed{\frac{1}{2}}.") == r"\frac{1}{2}"
+    assert pd.last_boxed(r"$\boxed{\left( 3, \frac{\pi}{2} \right)}$") == r"\left( 3, \frac{\pi}{2} \right)"
+    assert pd.last_boxed(r"\fbox{x^{2}}") == "x^{2}"
+    assert pd.last_boxed(r"so \boxed 5$.") == "5"
+    assert pd.last_boxed("no answer here") is None
+    assert pd.last_boxed(r"\boxed{\frac{1}{2}") is None  # unbalanced: no answer rather than a wrong one
+
+
+def test_adapters():
+    # NuminaMath-CoT, both layouts.
+    x = pd.adapt_numina({"problem": "P", "solution": r"so \boxed{\sqrt{2}}", "source": "olympiads"})
+    assert (x["problem"], x["answer"], x["subject"], x["level"]) == ("P", r"\sqrt{2}", "olympiads", None)
+    msgs = [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": r"A \boxed{7}"}]
+    x = pd.adapt_numina({"messages": msgs})
+    assert (x["problem"], x["solution"], x["answer"]) == ("Q?", r"A \boxed{7}", "7")
+    # DeepMath: yes/no/true/false answers are dropped, case-insensitively.
+    for bad in ("yes", "No", " TRUE ", "False"):
+        assert pd.adapt_deepmath({"question": "Is it?", "final_answer": bad}) is None
+    x = pd.adapt_deepmath({"question": "Q", "final_answer": "\\frac{3}{4}", "difficulty": 5.5, "topic": "Algebra"})
+    assert (x["answer"], x["level"], x["subject"], x["solution"]) == ("\\frac{3}{4}", "5.5", "Algebra", None)
+    # MATH: answer from the last boxed (nested braces); MATH-500: answer column, int level -> "3".
+    x = pd.adapt_math({"problem": "P", "solution": r"\boxed{1} no, \boxed{\frac{a^{2}}{b}}.", "level": "Level 5",
+                       "type": "Algebra"})
+    assert (x["answer"], x["level"], x["subject"], x["unique_id"]) == (r"\frac{a^{2}}{b}", "Level 5", "Algebra", None)
+    x = pd.adapt_math({"problem": "P", "solution": "S", "answer": "9", "level": 3, "subject": "Number Theory",
+                       "unique_id": "test/nt/1.json"})
+    assert (x["answer"], x["level"], x["subject"], x["unique_id"]) == ("9", "3", "Number Theory", "test/nt/1.json")
+    # GSM8K: '####' answer, <<...>> annotations stripped, response ends in \boxed{}.
+    x = pd.adapt_gsm8k({"question": "Q", "answer": "She sold 48/2 = <<48/2=24>>24.\nTotal $<<48+24=72>>72.\n#### 1,072"})
+    assert x["answer"] == "1072"
+    assert x["solution"] == "She sold 48/2 = 24.\nTotal $72.\nThe answer is \\boxed{1072}."
+    with pytest.raises(pd.BadRow, match="####"):
+        pd.adapt_gsm8k({"question": "Q", "answer": "72"})
+    with pytest.raises(pd.BadRow, match=r"\['question', 'answer'\]"):
+        pd.adapt_gsm8k({"question": "Q"})
+    # Auto-detection from column names.
+    assert pd.detect_adapter(["question", "final_answer", "r1_solution_1"]) == "deepmath"
+    assert pd.detect_adapter(["question", "answer"]) == "gsm8k"
+    assert pd.detect_adapter(["problem", "solution", "answer", "level"]) == "math"
+    assert pd.detect_adapter(["problem", "solution", "level", "type"]) == "math"
+    assert pd.detect_adapter(["source", "problem", "solution", "messages"]) == "numina"
+    with pytest.raises(ValueError, match="--source"):
+        pd.detect_adapter(["text"])
+
+
+def test_bad_row_names_file_and_row(smollm2_tok, tmp_path):
+    cfg = pd.resolve(Config(source="gsm8k", train_files=["x.jsonl"], recipe="rl"))
+    rows = [{"question": "Q", "answer": "ok\n#### 3"}, {"question": "Q2"}]
+    raw = [("x.jsonl", rows, 0), ("x.jsonl", rows, 1)]
+    with pytest.raises(ValueError, match=r"x\.jsonl: row 2 .*\['question', 'answer'\].*--skip_bad_rows"):
+        pd.process_split("train", raw, "gsm8k", smollm2_tok, cfg)
+    ds, report = pd.process_split("train", raw, "gsm8k", smollm2_tok, dataclasses.replace(cfg, skip_bad_rows=True))
+    assert len(ds) == 1 and report["dropped_bad"] == 1 and report["kept"] == 1
+    # The recipe's own needs: rl/eval need an answer (a MATH solution without \boxed has none).
+    raw = [("m.jsonl", [{}] * 6 + [{"problem": "P", "solution": "no box"}], 6)]
+    with pytest.raises(ValueError, match=r"m\.jsonl: row 7 .*answer"):
+        pd.process_split("test", raw, "math", smollm2_tok, cfg)
+    # Through build(): the real file name and line number.
+    path = _pd_write_jsonl(tmp_path / "g.jsonl", [{"question": "Q", "answer": "a\n#### 1"}] * 3 + [{"answer": "#### 2"}])
+    with pytest.raises(ValueError, match=r"g\.jsonl: row 4 "):
+        build(Config(out_dir=str(tmp_path), train_files=[path], test_size=1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl"]  # the temp folder was removed
+    m = build(Config(out_dir=str(tmp_path), train_files=[path], test_size=1, skip_bad_rows=True))
+    assert m["adapter"] == "gsm8k" and m["splits"]["train"]["dropped_bad"] + m["splits"]["test"]["dropped_bad"] == 1
+
+
+# ---- chat template and loss mask ----
+
+
+def test_sft_loss_mask_covers_exactly_the_response(smollm2_tok):
+    cfg = Config()
+    items = pd.synthetic_math(6, 0, seed=0)["train"]
+    items.append(pd.adapt_math({"problem": r"Find $\frac{1}{2}+x$.", "solution": r"It is $\boxed{\frac{1}{2}+x}$."}))
+    rows = pd.encode_chunk(items, smollm2_tok, cfg)
+    for x, r in zip(items, rows):
+        ids, mask = r["input_ids"], r["loss_mask"]
+        assert len(ids) == len(mask) == r["num_tokens"] and set(mask) <= {0, 1}
+        prompt = smollm2_tok.apply_chat_template(pd.prompt_messages(x["problem"], cfg), tokenize=False,
+                                         add_generation_prompt=True)
+        n_prompt = len(smollm2_tok(prompt, add_special_tokens=False)["input_ids"])
+        assert r["_prompt_len"] == n_prompt and not any(mask[:n_prompt])
+        trained = [t for t, m in zip(ids, mask) if m]
+        assert smollm2_tok.decode(trained) == x["solution"] + "<|im_end|>"
+        assert mask[n_prompt:].count(1) == len(trained)  # one contiguous run from the prompt's end
+        assert mask[n_prompt:n_prompt + len(trained)] == [1] * len(trained)
+    # The pure rule: through the last special token after the prompt, nothing after it.
+    assert pd.sft_loss_mask([5, 6], [5, 6, 7, 8, 2, 9], {2}) == [0, 0, 1, 1, 1, 0]
+    assert pd.sft_loss_mask([5], [5, 7, 8], {2}) == [0, 1, 1]
+
+
+def test_chat_template_variants(smollm2_tok):
+    other = pd.load_tokenizer("smollm2")  # a fresh copy; the module fixture stays untouched
+    item = pd.synthetic_math(1, 0)["train"]
+    # Qwen3-style: the answer turn gets an empty think block; enable_thinking=False puts it in the prompt,
+    # where its trailing "\n\n" merges with the response's first token unless we splice at the prompt.
+    other.chat_template = (
+        "{% for m in messages %}{% if m.role == 'assistant' %}"
+        "{{ '<|im_start|>assistant\n<think>\n\n</think>\n\n' + m.content + '<|im_end|>\n' }}{% else %}"
+        "{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+        "{% if enable_thinking is defined and not enable_thinking %}{{ '<think>\n\n</think>\n\n' }}{% endif %}"
+        "{% endif %}")
+    for kwargs, head in (("", "<think>\n\n</think>\n\n"), ('{"enable_thinking": false}', "")):
+        r = pd.encode_chunk(item, other, Config(template_kwargs=kwargs))[0]
+        prompt = other.apply_chat_template(pd.prompt_messages(item[0]["problem"], Config()), tokenize=False,
+                                           add_generation_prompt=True, **json.loads(kwargs or "{}"))
+        assert r["input_ids"][:r["_prompt_len"]] == other(prompt, add_special_tokens=False)["input_ids"]
+        trained = other.decode([t for t, m in zip(r["input_ids"], r["loss_mask"]) if m])
+        assert trained == head + item[0]["solution"] + "<|im_end|>"
+    # A template whose prompt text is not a prefix of the conversation cannot be masked: clear error.
+    other.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}ASSISTANT>{% endif %}")
+    with pytest.raises(ValueError, match="not a prefix"):
+        pd.encode_chunk(item, other, Config())
+
+
+# ---- end to end ----
+
+
+def test_build_synthetic_all_recipes(tmp_path):
+    import torch
+    from nanosets import load_dataset
+
+    expected = {"sft": ["input_ids", "loss_mask", "num_tokens", "problem", "answer"],
+                "rl": ["prompt_ids", "prompt", "answer", "num_tokens", "problem"],
+                "eval": ["prompt_ids", "prompt", "answer", "num_tokens", "problem", "level", "subject", "unique_id"]}
+    first_ids = {}
+    for recipe, columns in expected.items():
+        m = build(_pd_small(tmp_path, recipe=recipe))
+        out = Path(m["path"])
+        assert out == tmp_path / f"synthetic_{recipe}" and not m["reused"]
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temp leftovers
+        assert json.loads((out / "manifest.json").read_text())["columns"] == pd.SCHEMAS[recipe]
+        train, test = load_dataset(str(out / "train.nano")), load_dataset(str(out / "test.nano"))
+        assert (len(train), len(test)) == (24, 8) and m["splits"]["train"]["kept"] == 24
+        assert train.column_names == columns
+        assert {k: str(v) for k, v in train.schema.items()} == pd.SCHEMAS[recipe]
+        ids_col = "input_ids" if recipe == "sft" else "prompt_ids"
+        assert train.with_format("torch")[0][ids_col].dtype == torch.int32  # what the trainer gets
+        r = test[0]
+        ids = first_ids[recipe] = r[ids_col]
+        assert r["num_tokens"] == len(ids) and r["answer"] == pd.synthetic_math(24, 8)["test"][0]["answer"]
+        if recipe == "eval":
+            assert r["unique_id"] == "synthetic/test/0" and r["subject"] in pd.TEMPLATES
+        if recipe != "sft":
+            assert r["prompt"].endswith("<|im_start|>assistant\n") and "\\boxed{}" in r["prompt"]
+    # The RL prompt is exactly the start of the SFT sequence: both stages see the same prompt tokens.
+    assert first_ids["sft"][:len(first_ids["rl"])] == first_ids["rl"] == first_ids["eval"]
+
+
+def test_idempotent_reuse_and_overwrite(tmp_path, capsys):
+    first = build(_pd_small(tmp_path))
+    train = tmp_path / "synthetic_sft" / "train.nano"
+    stamp = train.stat().st_mtime_ns
+    again = build(_pd_small(tmp_path))
+    assert again["reused"] and train.stat().st_mtime_ns == stamp and again["splits"] == first["splits"]
+    assert "reusing" in capsys.readouterr().out
+    forced = build(_pd_small(tmp_path, overwrite=True))
+    assert not forced["reused"] and train.stat().st_mtime_ns != stamp
+    stamp = train.stat().st_mtime_ns
+    changed = build(_pd_small(tmp_path, seed=1))  # a different config rebuilds too
+    assert not changed["reused"] and train.stat().st_mtime_ns != stamp
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["synthetic_sft"]
+
+
+def test_local_files_random_split_and_numina_messages(tmp_path):
+    rows = [{"messages": [{"role": "user", "content": f"What is {i}+{i}?"},
+                          {"role": "assistant", "content": f"{i}+{i}={2 * i}, so \\boxed{{{2 * i}}}"}]}
+            for i in range(20)]
+    path = _pd_write_jsonl(tmp_path / "numina.jsonl", rows)
+    m = build(Config(out_dir=str(tmp_path), train_files=[path], test_size=0.25, recipe="rl", seed=5))
+    assert m["adapter"] == "numina" and m["name"] == "files_rl"
+    assert (m["splits"]["train"]["kept"], m["splits"]["test"]["kept"]) == (15, 5)
+    cfg = pd.resolve(Config(train_files=[path], test_size=0.25, seed=5))
+    a, b = pd.raw_splits(cfg), pd.raw_splits(cfg)
+    assert [r[2] for r in a["test"]] == [r[2] for r in b["test"]]  # seeded
+    assert not {r[2] for r in a["train"]} & {r[2] for r in a["test"]}
+    with pytest.raises(ValueError, match="test_size"):
+        pd.raw_splits(dataclasses.replace(cfg, test_size=20))
+
+
+def test_hub_offline_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network attempt, and an empty cache:
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    with pytest.raises(RuntimeError, match=r"HuggingFaceH4/MATH-500.*not reachable.*--train_files"):
+        build(Config(out_dir=str(tmp_path), hub_id="HuggingFaceH4/MATH-500"))
+    with pytest.raises(OSError, match="cannot load tokenizer 'no-such/tokenizer'"):
+        pd.load_tokenizer("no-such/tokenizer")
+
+
+def test_cli_args_and_smollm2_path():
+    cfg = pd.parse_args(["--recipe", "rl", "--train_files", "a.jsonl", "b.jsonl", "--skip_bad_rows",
+                         "--test_size", "0.1", "--max_rows", "5"])
+    assert (cfg.recipe, cfg.train_files, cfg.skip_bad_rows, cfg.test_size, cfg.max_rows, cfg.overwrite) == \
+        ("rl", ["a.jsonl", "b.jsonl"], True, 0.1, 5, False)
+    assert pd.parse_args([]) == Config()
+    r = pd.resolve(Config(source="gsm8k"))  # a named source alone reads the seed's hub repo
+    assert (r.hub_id, r.hub_subset, r.name) == ("openai/gsm8k", "main", "gsm8k_sft")
+    assert pd.smollm2_gguf_path().name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    with pytest.raises(ValueError, match="--recipe"):
+        build(Config(recipe="dpo"))
+    with pytest.raises(ValueError, match="synthetic takes no"):
+        build(Config(source="synthetic", train_files=["x.jsonl"]))
+
+
+# ---- the real datasets in ../shared/data (skipped when absent) ----
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "gsm8k").is_dir(), reason="no ../shared/data/gsm8k")
+def test_gsm8k_sft(tmp_path, smollm2_tok):
+    from nanosets import load_dataset
+
+    m = build(Config(out_dir=str(tmp_path), source="gsm8k", max_rows=200,
+                     train_files=[str(SHARED_DATA / "gsm8k" / "train.jsonl")],
+                     test_files=[str(SHARED_DATA / "gsm8k" / "test.jsonl")]))
+    assert m["splits"]["train"]["kept"] == 200 and m["splits"]["test"]["kept"] == 200
+    ds = load_dataset(str(Path(m["path"]) / "train.nano"))
+    r = ds[0]
+    assert r["answer"] == "72"
+    response = smollm2_tok.decode([t for t, k in zip(r["input_ids"], r["loss_mask"]) if k])
+    assert response.endswith("\\boxed{72}.<|im_end|>") and "<<" not in response
+    assert all(a.lstrip("-").replace(".", "").isdigit() for a in ds["answer"])
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "math500").is_dir(), reason="no ../shared/data/math500")
+def test_math500_eval(tmp_path):
+    from nanosets import load_dataset
+
+    m = build(Config(out_dir=str(tmp_path), source="math500", recipe="eval",
+                     test_files=[str(SHARED_DATA / "math500" / "test.jsonl")]))
+    assert list(m["splits"]) == ["test"] and m["splits"]["test"]["kept"] == 500
+    ds = load_dataset(str(Path(m["path"]) / "test.nano"))
+    assert len(ds) == 500 and set(ds["level"]) == {"1", "2", "3", "4", "5"}
+    assert all(s and u.startswith("test/") for s, u in zip(ds["subject"], ds["unique_id"]))
+    assert ds[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)"
