@@ -23,7 +23,9 @@ job=${1:-pipeline}
 case "$job" in
   test)
     install
-    "$PY" -m pip install -q pytest pyarrow psutil  # test-only: pyarrow is the oracle nanosets is checked against
+    # test-only: pyarrow is the oracle nanosets is checked against; triton runs the kernels in its CPU
+    # interpreter; accelerate lets transformers load the GGUF model the nanotron tests compare against.
+    "$PY" -m pip install -q pytest pyarrow psutil triton==3.9.0 accelerate
     set +e
     "$PY" -m pytest test_all.py -q "$@"
     rc=$?

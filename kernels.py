@@ -1,0 +1,2307 @@
+"""kernels: the Triton kernels that make nanorlhf train and generate fast, each beside its torch twin.
+
+Stands in for flash-attention (varlen FlashAttention-2 forward and backward), vLLM's paged attention
+and cache kernels, and Liger-Kernel (RMSNorm, RoPE, SwiGLU, fused linear cross-entropy). Keeps what a
+Qwen3/Llama training and inference step needs; drops dropout, ALiBi, sliding windows, fp8, softcaps.
+
+Every kernel has a readable torch reference (`*_ref`) right next to it: it is the test oracle, the
+CPU fallback, and the thing to read first. Public functions take `impl="auto"`: Triton on CUDA
+tensors when Triton is installed, the reference otherwise; "triton" or "ref" force one (CPU tensors
+with "triton" run under TRITON_INTERPRET=1). Training kernels are autograd Functions.
+
+Public API (shapes: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, Hd hidden,
+V vocab; varlen batches are packed with cu_seqlens[B+1]):
+  attention   flash_attn_varlen(q[N,H,D], k[N,Hkv,D], v, cu_seqlens, max_seqlen)  (+ flash_attn dense)
+              paged_attention_decode(q[B,H,D], k_cache, v_cache, block_table, context_lens)
+              paged_attention_prefill(q[N,H,D], k_cache, v_cache, block_table, cu_seqlens_q, context_lens)
+              store_kvcache(k[N,Hkv,D], v, k_cache, v_cache, slot_mapping)
+  row-wise    rms_norm(x, w, eps, residual=None) . rope_cos_sin(...) . rope_qk_norm(q, k, positions, ...)
+              swiglu(gate, up)
+  losses      fused_linear_cross_entropy(h[N,Hd], W[V,Hd], labels) . fused_linear_logprobs(h, W, tokens)
+              (vocab-parallel through VocabParallel(vocab_start, all_reduce_max, all_reduce_sum) hooks)
+
+Commands:
+  python kernels.py           CPU self-test: each kernel vs its reference at tiny shapes (interpreter)
+  python kernels.py --bench   GPU benchmark (bf16): ours vs SDPA / eager / torch.compile / Liger
+  pytest -q test_all.py -k kernels
+
+Sections: shared helpers . attention . row-wise kernels . losses over the LM head . benchmark .
+          self-test
+"""
+from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+if __name__ == "__main__" and "--bench" not in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the CPU self-test runs the kernels in the interpreter
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: every public function still works through its torch reference
+    triton = tl = None
+
+# ---- shared helpers ---------------------------------------------------------------------------------
+
+
+def _jit(fn):
+    """triton.jit when Triton is installed; otherwise leave the function as plain (never-called) Python."""
+    return triton.jit(fn) if triton is not None else fn
+
+
+def _use_triton(impl: str, *tensors) -> bool:
+    """impl='auto': Triton on CUDA tensors when Triton is installed; 'triton' forces it (CPU tensors run
+    under TRITON_INTERPRET=1); 'ref' forces the torch reference."""
+    if impl == "ref":
+        return False
+    if impl == "triton":
+        if triton is None:
+            raise RuntimeError("impl='triton' needs the triton package")
+        return True
+    if impl != "auto":
+        raise ValueError(f"impl must be 'auto', 'triton' or 'ref', got {impl!r}")
+    return triton is not None and all(t.is_cuda for t in tensors if t is not None)
+
+
+# ==== attention ===============================================================================
+# FlashAttention-2 on packed varlen sequences (training), paged attention over a block table
+# (inference decode and chunked prefill) and the KV-cache store. Stands in for flash-attn's
+# `flash_attn_varlen_func` (forward AND backward, causal or not, grouped-query attention) and for
+# vLLM's paged-attention / flash-decoding kernels and `reshape_and_cache`. It keeps head dims 16..128 (powers of two), fp16/bf16 (and fp32,
+# which the GPU multiplies in TF32) and bottom-right causal masks; it drops dropout, ALiBi, sliding
+# windows, softcapping, fp8 and the KV-cache quantization of the real libraries.
+#
+# How it works (Dao 2023, FlashAttention-2, Algorithms 1 and 2): a program owns a tile of BLOCK_M
+# queries and streams the keys/values in tiles of BLOCK_N through SRAM, keeping a running row max m
+# and row sum l (the "online softmax"), so the [S, S] score matrix never touches HBM. The backward
+# recomputes the probabilities from the saved log-sum-exp. Paged attention (Kwon et al. 2023, vLLM)
+# is the same loop with the key/value rows gathered through a block table; decode gives one program
+# all H/Hkv query heads of a kv head (each KV byte read once) and can split the context across
+# programs (flash-decoding, Dao et al. 2023) when there are too few programs to fill the GPU.
+#
+# Shapes legend: N packed tokens, B sequences, S (max) sequence length, H query heads, Hkv kv heads,
+# G = H / Hkv query heads per kv head, D head dim, P block (page) size of the paged cache.
+# Parts: helpers . torch references . flash forward . backward . varlen/dense API . paged decode .
+#        paged prefill . KV-cache store . benchmark
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+
+LOG2E = 1.4426950408889634   # log2(e): exp(x) = exp2(x * log2 e), and exp2 is one MUFU instruction
+
+# Tile sizes. On a GPU the kernels are autotuned over a few Hopper configs (see _cfgs below); on CPU
+# (the interpreter) these small tiles are used. They are deliberately NOT square (BLOCK_M != BLOCK_N)
+# so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
+_CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)   # forward and dQ: 32 queries x 16 keys per step
+_CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)  # dK/dV: 32 keys resident, 16 queries per step
+_CPU_DECODE_BLOCK_N = 32                  # decode: 32 cached tokens per step (2 pages of 16)
+# Decode on a GPU is not autotuned (it runs inside CUDA graphs; tuning there would benchmark mid-capture):
+# 64 tokens x 128 dims x 2 B = 16 KiB of K and of V per step; ptxas: 112 registers, 38 KiB SMEM at 4 warps,
+# so ~4 programs per SM keep ~128 KiB of loads in flight per SM, well above bandwidth x latency (~35 KiB).
+_GPU_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
+# Launch order of the flash kernels (_tile_order): groups of 4 (sequence, head) pairs. Measured on H100
+# (bf16, H=16, Hkv=8, D=128, 16k tokens; TFLOP/s of the kernel alone, head_group 1 / 4 / all):
+# fwd S=4k 419 / 440 / 405, S=8k 461 / 472 / 449; dQ S=4k 449 / 581 / 534; dK/dV S=4k 347 / 385 / 361.
+HEAD_GROUP = 4
+
+
+def _cfgs(rows):
+    """[(BLOCK_M, BLOCK_N, num_warps, num_stages)] -> triton.Config list for triton.autotune."""
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+
+
+def _check_head_dim(D: int, name: str):
+    if D < 16 or D > 128 or D & (D - 1):
+        raise ValueError(f"{name}: head dim D must be a power of two in 16..128 (tl.dot needs >= 16), got {D}")
+
+
+def _scale(softmax_scale, D: int) -> float:
+    """Default 1/sqrt(D) (Vaswani et al. 2017). Must be > 0: the kernels scale the row max, not every score."""
+    scale = D ** -0.5 if softmax_scale is None else float(softmax_scale)
+    if not scale > 0:
+        raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
+    return scale
+
+
+def _check_varlen(q, k, v, cu_seqlens):
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads H={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1; "
+                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    _check_head_dim(q.shape[2], "q")
+
+
+def _check_paged(q, k_cache, v_cache, block_table, context_lens, what):
+    if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"{what}: k_cache and v_cache must both be [num_blocks, block_size, Hkv, D]; "
+                         f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    P, Hkv, D = k_cache.shape[1:]
+    if P & (P - 1) or not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError(f"{what}: the caches must be contiguous with a power-of-two block_size, got block_size {P}")
+    if q.shape[-1] != D or q.shape[-2] % Hkv:
+        raise ValueError(f"{what}: q [..., H, D] needs D={D} and H a multiple of Hkv={Hkv}; got {tuple(q.shape)}")
+    if block_table.dim() != 2 or block_table.dtype != torch.int32:
+        raise ValueError(f"{what}: block_table must be int32 [B, max_blocks_per_seq]; "
+                         f"got {block_table.dtype} {tuple(block_table.shape)}")
+    B = block_table.shape[0]
+    if context_lens.shape != (B,) or context_lens.dtype != torch.int32:
+        raise ValueError(f"{what}: context_lens must be int32 [B={B}]; "
+                         f"got {context_lens.dtype} {tuple(context_lens.shape)}")
+    _check_head_dim(D, what)
+
+
+# ---- torch references (test oracles and the CPU fallback) ------------------------------------------
+
+def _attend_ref(q, k, v, scale, causal_offset):
+    """Plain softmax attention of ONE sequence in fp32: q [Lq, H, D], k/v [Lk, Hkv, D] -> [Lq, H, D].
+    causal_offset=None attends everywhere; otherwise query i sees keys j <= i + causal_offset (the
+    bottom-right aligned mask: the queries are the LAST Lq of the Lk positions, offset = Lk - Lq)."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)  # [Lk, H, D]: head h reads kv head h // G
+    q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))             # [H, L, D]
+    s = q @ k.transpose(1, 2) * scale                                    # [H, Lq, Lk]
+    if causal_offset is not None:
+        i = torch.arange(s.shape[1], device=s.device)[:, None]
+        j = torch.arange(s.shape[2], device=s.device)[None, :]
+        s = s.masked_fill(j > i + causal_offset, float("-inf"))
+    return (s.softmax(-1) @ v).transpose(0, 1)                           # [Lq, H, D]; Lk=0 gives zeros
+
+
+def attention_ref(q, k, v, cu_seqlens, causal=True, softmax_scale=None):
+    """Varlen attention, one readable loop over sequences: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D] in
+    q's dtype. Differentiable: its autograd is the oracle for the Triton backward. .tolist() syncs."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    bounds = cu_seqlens.tolist()
+    outs = [_attend_ref(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
+            for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs).to(q.dtype)
+
+
+def _gather_kv_ref(cache, block_table_b, n):
+    """The first n cached tokens of one sequence: cache [num_blocks, P, Hkv, D] -> [n, Hkv, D]."""
+    P = cache.shape[1]
+    pages = block_table_b[: -(-n // P)].long()     # ceil(n / P) pages, in the sequence's order
+    return cache[pages].flatten(0, 1)[:n]          # [pages, P, Hkv, D] -> [pages * P, Hkv, D] -> [n, Hkv, D]
+
+
+def paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None):
+    """q [B, H, D]: sequence b's one new query attends to its context_lens[b] cached tokens -> [B, H, D]."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    outs = []
+    for b, n in enumerate(context_lens.tolist()):
+        k, v = _gather_kv_ref(k_cache, block_table[b], n), _gather_kv_ref(v_cache, block_table[b], n)
+        outs.append(_attend_ref(q[b:b + 1], k, v, scale, None))
+    return torch.cat(outs).to(q.dtype)
+
+
+def paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale=None):
+    """q [N, H, D]: sequence b's q_len_b new tokens are the LAST q_len_b of its context_lens[b] cached
+    tokens (already stored) and attend causally (offset = context_len - q_len) -> [N, H, D]."""
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    bounds, outs = cu_seqlens_q.tolist(), []
+    for b, n in enumerate(context_lens.tolist()):
+        qb = q[bounds[b]:bounds[b + 1]]
+        k, v = _gather_kv_ref(k_cache, block_table[b], n), _gather_kv_ref(v_cache, block_table[b], n)
+        outs.append(_attend_ref(qb, k, v, scale, n - qb.shape[0]))
+    return torch.cat(outs).to(q.dtype)
+
+
+def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
+    """Write k[i], v[i] ([Hkv, D]) into flat slot slot_mapping[i] = block * P + offset; slot -1 = skip."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep])   # [num_blocks * P, Hkv, D]
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep])
+
+
+# ---- flash-attention forward (FA2 Algorithm 1) --------------------------------------------------------
+# Online softmax for one query row (all in the log2 domain, s_j = q.k_j * scale * log2 e), per key tile:
+#   m' = max(m, max_j s_j),  l' = l * 2^(m - m') + sum_j 2^(s_j - m'),
+#   acc' = acc * 2^(m - m') + sum_j 2^(s_j - m') v_j
+# and at the end o = acc / l, lse2 = m + log2 l (the log-sum-exp in the LOG2 domain, saved for the backward,
+# which then needs no ln 2 <-> log2 e conversion per score). FA2's change over FA1: the 1/l rescale
+# happens ONCE at the end, not per tile.
+#
+# Masking costs a compare + select per score, so the key range of a query tile is split in two:
+# tiles entirely at or below the first query's causal limit run UNMASKED (the vast majority at long S:
+# no compare, no select, no load predicates), the few tiles crossing the diagonal (and the ragged end) run
+# MASKED in a second, short loop.
+
+@_jit
+def _tile_order(head_group):
+    """Launch order of a (B * heads, tiles) grid -> (bh, t): this program's (sequence, head) and tile rank,
+    t = 0 being the LONGEST tile of a causal head. CUDA starts blocks in linear-id order (axis 0 fastest),
+    and that order is a trade-off: longest tiles first shortens the tail (the last wave idles less), but the
+    tiles of ONE head share their streamed K/V (Q/dO for dK/dV) in L2 only while they run together. So heads
+    go in groups of head_group: within a group, every head's longest tile, then every head's next one, ...
+    head_group = 1 is head by head (most reuse), = B * heads is longest-first over the whole grid."""
+    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    n_bh = tl.num_programs(0)
+    per_group = head_group * tl.num_programs(1)
+    first = pid // per_group * head_group                 # first (sequence, head) of this group
+    size = tl.minimum(n_bh - first, head_group)           # the last group may be smaller
+    r = pid % per_group
+    return first + r % size, r // size
+
+
+@_jit
+def _kv_rows(offs_n, k_start, k_len, bt_row, PAGED: tl.constexpr, P: tl.constexpr):
+    """Cache row ("slot") of each key position offs_n [BLOCK_N] of a sequence. Varlen: packed rows start at
+    k_start. Paged (vLLM): position t lives in page block_table[b, t // P] at offset t % P. Positions past
+    k_len read page 0 (valid memory; their scores are masked), never a garbage block-table entry."""
+    if PAGED:
+        page = tl.load(bt_row + offs_n // P, mask=offs_n < k_len, other=0)
+        rows = page.to(tl.int64) * P + offs_n % P
+    else:
+        rows = (k_start + offs_n).to(tl.int64)
+    return rows
+
+
+@_jit
+def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_len, causal_offset, qk_scale,
+                    kv_stride, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    PAGED: tl.constexpr, P: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    # Varlen K/V rows are contiguous, so the [BLOCK_N, D] pointer tile is built ONCE (64-bit math here only)
+    # and then bumped by BLOCK_N rows per step: recomputing 64-bit offsets for every element each step costs
+    # integer instructions and registers that the inner loop (bound by tensor cores + exp2) cannot spare.
+    k_ptrs = K + (k_start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+    v_ptrs = V + (k_start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)                         # key positions in the sequence
+        if PAGED:    # rows are gathered through the block table: one page lookup per key row and step
+            kv_off = _kv_rows(offs_n, k_start, k_len, bt_row, PAGED, P)[:, None] * kv_stride + offs_d[None, :]
+            k_ptrs = K + kv_off
+            v_ptrs = V + kv_off
+        if MASKED:   # ragged end: rows past k_len may be another sequence, garbage or out of bounds
+            k = tl.load(k_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+        qk = tl.dot(q, tl.trans(k))                                      # [BLOCK_M, BLOCK_N] raw q.k
+        if MASKED:
+            keep = offs_n[None, :] < k_len
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
+            qk = tl.where(keep, qk, float("-inf"))
+        # max(qk) * scale == max(qk * scale) for scale > 0: the row max is scaled once ([BLOCK_M] multiplies),
+        # and scale and max subtraction fuse into one FMA per score feeding exp2 (one MUFU op, no ln-2 fixup).
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)   # finite: >= 1 visible key per live row so far
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)         # rescale of the old statistics (0 on the first tile)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASKED:
+            v = tl.load(v_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
+        else:
+            v = tl.load(v_ptrs)
+        # Accumulate INTO acc (tl.dot's third operand): the tensor cores add p @ v onto the rescaled acc in
+        # place. `acc * alpha + tl.dot(p, v)` would materialise a second fp32 [BLOCK_M, D] tile (64 more
+        # registers per thread at 128x128 on 8 warps) plus an extra add per element.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+        if not PAGED:
+            k_ptrs += BLOCK_N * kv_stride
+            v_ptrs += BLOCK_N * kv_stride
+    return acc, l_i, m_i
+
+
+@_jit
+def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N, H, bt_stride, max_q_len,
+                     seq_bucket, qk_scale, head_group, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, P: tl.constexpr,
+                     STORE_LSE: tl.constexpr):
+    """Grid (B * H, cdiv(max_q_len, BLOCK_M)): one query tile of one head. Q/O [N, H, D], LSE [H, N] (log2
+    domain). Varlen: K/V [N, Hkv, D] and the keys are the sequence's own tokens. Paged: K/V are [num_blocks,
+    P, Hkv, D] caches holding context_lens[b] keys, the queries being the last q_len of them. seq_bucket is
+    not read: it only keys the autotuner."""
+    bh, t = _tile_order(head_group)
+    pid_m = tl.num_programs(1) - 1 - t     # causal: the LAST query tile sees the most keys
+    b = bh // H
+    h = bh % H
+    q_start = tl.load(cu_seqlens_q + b)
+    q_len = tl.load(cu_seqlens_q + b + 1) - q_start
+    if pid_m * BLOCK_M >= q_len:          # this sequence is shorter than the longest one (or empty)
+        return
+    if PAGED:
+        k_start = 0
+        k_len = tl.load(context_lens + b)
+    else:
+        k_start = q_start
+        k_len = q_len
+    causal_offset = k_len - q_len
+    Hkv = H // G
+    kv_stride = Hkv * D                                  # one token row of a [*, Hkv, D] buffer
+    K += (h // G) * D                                    # GQA: query head h reads kv head h // G
+    V += (h // G) * D
+    bt_row = block_table + b.to(tl.int64) * bt_stride
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)     # query positions in the sequence
+    offs_d = tl.arange(0, D)
+    q_off = (q_start + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=(offs_m < q_len)[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    if CAUSAL:
+        # Row r sees keys <= r + causal_offset. A key tile is visible to EVERY row of this tile when its last
+        # key <= the first row's limit; the masked band then runs to the last row's limit (capped at k_len).
+        first_limit = pid_m * BLOCK_M + causal_offset
+        unmasked_hi = (first_limit + 1) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(first_limit + BLOCK_M, k_len)
+    else:
+        unmasked_hi = k_len // BLOCK_N * BLOCK_N
+        hi = k_len
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, 0, unmasked_hi, k_start, k_len,
+                                    causal_offset, qk_scale, kv_stride, D, BLOCK_N, False, CAUSAL, PAGED, P)
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, unmasked_hi, hi, k_start, k_len,
+                                    causal_offset, qk_scale, kv_stride, D, BLOCK_N, True, CAUSAL, PAGED, P)
+    l_safe = tl.where(l_i > 0, l_i, 1.0)                 # l_i == 0 only in rows past q_len (never stored)
+    tl.store(O + q_off, (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=(offs_m < q_len)[:, None])
+    if STORE_LSE:
+        lse2 = m_i + tl.math.log2(l_safe)                # log2-domain log-sum-exp (of scores * log2 e)
+        tl.store(LSE + h.to(tl.int64) * N + q_start + offs_m, lse2, mask=offs_m < q_len)
+
+
+# ---- flash-attention backward (FA2 Algorithm 2) -------------------------------------------------------
+# With P = softmax(S), S = scale * Q K^T, and delta_i = rowsum(dO_i * O_i) (= rowsum(P_i * dP_i)):
+#   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
+# P is recomputed tile by tile from the saved log2-domain lse2: P_ij = 2^(S_ij log2 e - lse2_i), no running
+# max needed. Two kernels, no atomics: dK/dV programs own a key tile and loop over query tiles (and, for
+# GQA, over the G query heads sharing the kv head, so dK/dV are summed in registers); dQ programs own a
+# query tile and loop over key tiles. The price: Q K^T and dO V^T are computed twice, 7 matmuls instead of
+# the 5 of FA2's atomic-dQ backward (3.5x instead of 2.5x the forward's 2). The gain: determinism
+# (bitwise-repeatable gradients, which the RL trainer's reproducibility checks want), no fp32 dQ scratch
+# buffer, and no per-tile atomic traffic (Triton issues one scalar fp32 red.add per element).
+# As in the forward, every accumulation goes through tl.dot's accumulator operand (no second fp32 tile),
+# pointers are bumped rather than recomputed, and the causal compare runs only on the diagonal band.
+
+@_jit
+def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
+    """delta[h, n] = sum_d O[n, h, d] * dO[n, h, d] (fp32). Grid (cdiv(N, BLOCK), H)."""
+    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    h = tl.program_id(1)
+    off = offs_n.to(tl.int64)[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
+    mask = (offs_n < N)[:, None]
+    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + h.to(tl.int64) * N + offs_n, tl.sum(o * do, 1), mask=offs_n < N)
+
+
+@_jit
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_stride, qk_scale,
+                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    """Query tiles [lo, hi) of one head against the resident key tile. Q/DO point at the sequence's row 0 of
+    head h (row stride q_stride), LSE/DELTA at its row 0 of head h (stride 1)."""
+    offs_m = lo + tl.arange(0, BLOCK_M)
+    q_ptrs = Q + offs_m.to(tl.int64)[:, None] * q_stride + tl.arange(0, D)[None, :]   # [BLOCK_M, D]
+    do_ptrs = DO + offs_m.to(tl.int64)[:, None] * q_stride + tl.arange(0, D)[None, :]
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        if MASKED:
+            # Rows past seq_len load as zeros (q = dO = lse = delta = 0): then P = 1 but dV += P^T 0 = 0 and
+            # dS = P * (0 - 0) = 0, so they add nothing and need no score mask.
+            m_ok = offs_m < seq_len
+            q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
+            do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+            lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+        else:
+            q = tl.load(q_ptrs)
+            do = tl.load(do_ptrs)
+            lse2 = tl.load(LSE + offs_m)
+            delta = tl.load(DELTA + offs_m)
+        # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
+        pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
+        if MASKED:
+            if CAUSAL:
+                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)  # causal: query pos >= key pos
+        dv = tl.dot(pT.to(do.dtype), do, dv)                             # dV += P^T dO
+        dpT = tl.dot(v, tl.trans(do))                                    # (dO V^T)^T
+        dsT = pT * (dpT - delta[None, :])                                # dS^T = P^T * (dP^T - delta)
+        dk = tl.dot(dsT.to(q.dtype), q, dk)                              # dK += dS^T Q (scale applied later)
+        q_ptrs += BLOCK_M * q_stride
+        do_ptrs += BLOCK_M * q_stride
+    return dk, dv
+
+
+@_jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq_bucket, sm_scale, qk_scale, head_group,
+                          G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr):
+    """Grid (B * Hkv, cdiv(max_seqlen, BLOCK_N)). Each program: one key tile of one kv head -> dK, dV rows."""
+    bh, pid_n = _tile_order(head_group)   # causal: the FIRST key tile is seen by the most queries
+    Hkv = H // G
+    b = bh // Hkv
+    kvh = bh % Hkv
+    start = tl.load(cu_seqlens + b)
+    seq_len = tl.load(cu_seqlens + b + 1) - start
+    if pid_n * BLOCK_N >= seq_len:
+        return
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    kv_off = (start + offs_n).to(tl.int64)[:, None] * (Hkv * D) + kvh * D + offs_d[None, :]
+    n_ok = (offs_n < seq_len)[:, None]   # key rows past seq_len are computed but never stored
+    k = tl.load(K + kv_off, mask=n_ok, other=0.0)
+    v = tl.load(V + kv_off, mask=n_ok, other=0.0)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    # Query ranges: [lo, band_hi) the diagonal band (causal mask), [band_hi, mid_hi) whole unmasked tiles,
+    # [mid_hi, seq_len) the ragged last tile (load masks). BLOCK_N % BLOCK_M == 0 keeps them tile-aligned.
+    lo = pid_n * BLOCK_N if CAUSAL else 0
+    band_hi = tl.minimum(lo + BLOCK_N, seq_len) if CAUSAL else 0
+    mid_hi = tl.maximum(seq_len // BLOCK_M * BLOCK_M, band_hi)
+    for g in range(G):                   # GQA: the G query heads reading this kv head, summed in registers
+        h = kvh * G + g
+        Qh = Q + start.to(tl.int64) * (H * D) + h * D      # row 0 of this sequence, head h
+        DOh = DO + start.to(tl.int64) * (H * D) + h * D
+        LSEh = LSE + h.to(tl.int64) * N + start
+        DELTAh = DELTA + h.to(tl.int64) * N + start
+        if CAUSAL:
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, lo, band_hi, H * D,
+                                     qk_scale, D, BLOCK_M, True, CAUSAL)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, band_hi, mid_hi, H * D,
+                                 qk_scale, D, BLOCK_M, False, CAUSAL)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, mid_hi, seq_len, H * D,
+                                 qk_scale, D, BLOCK_M, True, CAUSAL)
+    tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_ok)
+    tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok)
+
+
+@_jit
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, kv_stride, qk_scale,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+    offs_d = tl.arange(0, D)
+    k_ptrs = K + (start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+    v_ptrs = V + (start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            keep = offs_n[None, :] < seq_len
+            if CAUSAL:
+                keep = keep & (offs_n[None, :] <= offs_m[:, None])
+            p = tl.where(keep, p, 0.0)
+        dp = tl.dot(do, tl.trans(v))                                     # dP = dO V^T
+        ds = p * (dp - delta[:, None])                                   # dS = P * (dP - delta)
+        dq = tl.dot(ds.to(k.dtype), k, dq)                               # dQ += dS K (scale applied later)
+        k_ptrs += BLOCK_N * kv_stride
+        v_ptrs += BLOCK_N * kv_stride
+    return dq
+
+
+@_jit
+def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqlen, seq_bucket, sm_scale, qk_scale,
+                        head_group,
+                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        CAUSAL: tl.constexpr):
+    """Grid (B * H, cdiv(max_seqlen, BLOCK_M)). Each program: one query tile of one head -> dQ rows."""
+    bh, t = _tile_order(head_group)
+    pid_m = tl.num_programs(1) - 1 - t   # causal: the LAST query tile sees the most keys (as in the forward)
+    b = bh // H
+    h = bh % H
+    start = tl.load(cu_seqlens + b)
+    seq_len = tl.load(cu_seqlens + b + 1) - start
+    if pid_m * BLOCK_M >= seq_len:
+        return
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    m_ok = offs_m < seq_len
+    q_off = (start + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + offs_d[None, :]
+    q = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0)
+    do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
+    lse2 = tl.load(LSE + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
+    K += (h // G) * D
+    V += (h // G) * D
+    kv_stride = (H // G) * D
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    if CAUSAL:   # same split as the forward: unmasked tiles left of the diagonal band, then the band
+        unmasked_hi = pid_m * BLOCK_M
+        hi = tl.minimum(unmasked_hi + BLOCK_M, seq_len)
+    else:
+        unmasked_hi = seq_len // BLOCK_N * BLOCK_N
+        hi = seq_len
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, 0, unmasked_hi, kv_stride,
+                       qk_scale, D, BLOCK_N, False, CAUSAL)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, unmasked_hi, hi, kv_stride,
+                       qk_scale, D, BLOCK_N, True, CAUSAL)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
+
+
+# Hopper (H100) configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (D, CAUSAL[, PAGED, G]) and
+# max-seqlen bucket (so a short first batch does not pick the tiles for every later long one); the LAST one of
+# each list is the untimed pick for short sequences (_short_seq_prune). Measured (TFLOP/s of the kernel alone,
+# bf16, D=128, causal, head_group 4; `ptxas` registers/spills):
+# Forward: 128x128 on 8 warps = two warpgroups of 64 rows (the wgmma shape) with N=128 (wgmma's widest
+# efficient tile): 440 at S=4k and 472 at 8k, 255 registers and no spills now that p @ v accumulates in place;
+# 3 stages of K/V (Q 32 KiB + 3 x 64 KiB) beat 2 stages by 15%. 128x64 (3 stages) is within 1-3%; at S=1k
+# (B*H = 256 short heads) 64x64 on 4 warps wins (309 vs 275-288): more, shorter programs, two per SM.
+# Backward: the RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one. dK/dV holds two fp32 [128, D]
+# accumulators, so every config spills some (72-260 B); 64 queries x 128 keys (385 at 4k, 412 at 8k) and 32x64
+# on 4 warps (383 at 4k, best at 1k) lead; K/V as the wgmma B operand (in SMEM) instead was 2x slower.
+# dQ: 128 queries x 64 keys, 3 stages (581 at 4k, no spills); 64x32 for short sequences.
+# The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
+def _short_seq_prune(configs, named_args, **kwargs):
+    """Autotune pruning: batches of short sequences (max_seqlen <= 1024) run the LAST config of each list
+    untimed. At S=1k the sweep above found those the fastest for the forward and dK/dV (and within 4% for
+    dQ), and their kernels are short enough that autotune timing noise picked worse ones; it also keeps
+    many-shape runs (the GPU tests) from compiling every config."""
+    return configs[-1:] if named_args["seq_bucket"] <= 1024 else configs
+
+
+if triton is not None:
+    _prune = {"early_config_prune": _short_seq_prune}
+    _attn_fwd_tuned = triton.autotune(_cfgs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
+                                      key=["D", "CAUSAL", "PAGED", "seq_bucket"], prune_configs_by=_prune)(_attn_fwd_kernel)
+    _attn_dkdv_tuned = triton.autotune(_cfgs([(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)]),
+                                       key=["D", "CAUSAL", "G", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
+    _attn_dq_tuned = triton.autotune(_cfgs([(128, 64, 8, 3), (64, 32, 4, 3)]),
+                                     key=["D", "CAUSAL", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dq_kernel)
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    """Autotuning bucket of a max sequence length: 512, 1024, ..., 8192 (5 tunings at most)."""
+    return min(max(triton.next_power_of_2(max(max_seqlen, 1)), 512), 8192)
+
+
+def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
+    """GPU: the autotuned kernel, grid computed from the chosen config. CPU: the raw kernel, small tiles."""
+    if on_gpu:
+        tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+    else:
+        raw[grid(cpu_cfg["BLOCK_M"], cpu_cfg["BLOCK_N"])](*args, **kwargs, **cpu_cfg)
+
+
+# ---- varlen and dense API ---------------------------------------------------------------------------
+
+def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    """q [N, H, D], k/v [N, Hkv, D] contiguous -> (o [N, H, D], lse [H, N] fp32)."""
+    N, H, D = q.shape
+    B = cu_seqlens.numel() - 1
+    o = torch.empty_like(q)
+    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
+    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen, bm))  # noqa: E731
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda,
+            q, k, v, o, lse, cu_seqlens, cu_seqlens, cu_seqlens, N, H, 0, max_seqlen, _seq_bucket(max_seqlen),
+            scale * LOG2E, HEAD_GROUP, G=H // k.shape[1], D=D, CAUSAL=causal, PAGED=False, P=1, STORE_LSE=True)
+    return o, lse
+
+
+def _flash_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale):
+    """FA2 backward: (dq [N, H, D], dk/dv [N, Hkv, D]) in the input dtype."""
+    N, H, D = q.shape
+    Hkv, B = k.shape[1], cu_seqlens.numel() - 1
+    delta = torch.empty_like(lse)                                      # [H, N] fp32
+    BLOCK = 64 if q.is_cuda else 16
+    _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    common, bucket = dict(G=H // Hkv, D=D, CAUSAL=causal), _seq_bucket(max_seqlen)
+    _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(max_seqlen, bn)),
+            _CPU_DKDV, q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
+            HEAD_GROUP, **common)
+    _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(max_seqlen, bm)),
+            _CPU_FWD, q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, max_seqlen, bucket, scale,
+            scale * LOG2E, HEAD_GROUP, **common)
+    return dq, dk, dv
+
+
+class _FlashAttnVarlen(torch.autograd.Function):
+    """Saves q, k, v, o and the [H, N] fp32 lse (not the [H, S, S] probabilities: that is the point)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_seqlen, causal, scale):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, lse = _flash_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
+        ctx.max_seqlen, ctx.causal, ctx.scale = max_seqlen, causal, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv = _flash_bwd(do.contiguous(), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None, None, None
+
+
+def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scale=None, impl="auto"):
+    """softmax(q k^T * scale + mask) v per packed sequence. q [N, H, D], k/v [N, Hkv, D] (H % Hkv == 0;
+    query head h uses kv head h // (H / Hkv)), cu_seqlens int32 [B+1] (cu_seqlens[-1] == N; empty
+    sequences allowed), max_seqlen = max sequence length (a Python int: it sizes the grid, so no sync).
+    FOOTGUN: a max_seqlen smaller than the true maximum silently leaves rows unwritten. Returns [N, H, D]."""
+    _check_varlen(q, k, v, cu_seqlens)
+    scale = _scale(softmax_scale, q.shape[-1])
+    if not _use_triton(impl, q, k, v, cu_seqlens):
+        return attention_ref(q, k, v, cu_seqlens, causal, scale)
+    return _FlashAttnVarlen.apply(q, k, v, cu_seqlens.contiguous(), int(max_seqlen), bool(causal), scale)
+
+
+def flash_attn(q, k, v, causal=True, softmax_scale=None, impl="auto"):
+    """Dense batch: q [B, S, H, D], k/v [B, S, Hkv, D] -> [B, S, H, D], as B packed sequences of length S."""
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"flash_attn: q must be [B, S, H, D] and k, v [B, S, Hkv, D]; "
+                         f"got {tuple(q.shape)}, {tuple(k.shape)}")
+    B, S = q.shape[:2]
+    cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)      # [B+1] = 0, S, 2S, ...
+    out = flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),   # [B*S, H|Hkv, D]
+                            cu, S, causal, softmax_scale, impl)
+    return out.view(B, S, *out.shape[1:])                                         # [B, S, H, D]
+
+
+# ---- paged attention: decode (one query per sequence), split-K flash-decoding ------------------------
+# A program owns (sequence b, kv head, context split s) and computes the G query heads of that kv head
+# together: the q tile is [G_PAD, D] (G padded to >= 16 rows for tl.dot), so each cached K/V byte is
+# read from HBM once instead of G times (decode is bandwidth-bound: bytes read ARE the time).
+# When B * Hkv programs cannot fill the GPU (small batch, long context), the context is split into
+# chunks whose partial (o_s, lse_s) are merged by a second kernel (flash-decoding):
+#   o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
+
+@_jit
+def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, H, chunk, qk_scale,
+                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                         P: tl.constexpr, SPLIT: tl.constexpr):
+    """Grid (B, Hkv, splits). Q [B, H, D]; K/V [num_blocks, P, Hkv, D]. Writes O [B, H, splits, D] (the
+    output itself when splits == 1) and, when SPLIT, LSE [B, H, splits]."""
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    splits = tl.num_programs(2)
+    Hkv = H // G
+    ctx = tl.load(context_lens + b)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, ctx)
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    heads = kvh * G + offs_g                                         # the query heads of this kv head
+    g_ok = (offs_g < G)[:, None]
+    q = tl.load(Q + b.to(tl.int64) * (H * D) + heads[:, None] * D + offs_d[None, :], mask=g_ok, other=0.0)
+    bt_row = block_table + b.to(tl.int64) * bt_stride
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < hi
+        rows = _kv_rows(offs_n, 0, hi, bt_row, True, P)              # page gather through the block table
+        kv_off = rows[:, None] * (Hkv * D) + kvh * D + offs_d[None, :]
+        k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
+        qk = tl.where(n_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))   # [G_PAD, BLOCK_N]
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    # An empty split (lo >= ctx, or ctx == 0) writes o = 0 and lse = -inf: it then weighs 0 in the merge.
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    row = (b.to(tl.int64) * H + heads) * splits + split                  # [G_PAD] row of O viewed as [B*H*splits, D]
+    tl.store(O + row[:, None] * D + offs_d[None, :], (acc / l_safe[:, None]).to(O.dtype.element_ty), mask=g_ok)
+    if SPLIT:
+        lse = tl.where(l_i > 0, m_i + tl.math.log2(l_safe), float("-inf"))   # log2 domain, merge uses exp2
+        tl.store(LSE + row, lse, mask=offs_g < G)
+
+
+@_jit
+def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PAD: tl.constexpr):
+    """Grid (B * H,). O_PART [B*H, splits, D] fp32, LSE_PART [B*H, splits] (log2) -> O [B*H, D]."""
+    bh = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, D)
+    lse = tl.load(LSE_PART + bh * splits + offs_s, mask=offs_s < splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))   # all -inf (context 0): every w = 0
+    o = tl.load(O_PART + (bh * splits + offs_s)[:, None] * D + offs_d[None, :],      # [SPLITS_PAD, D]
+                mask=(offs_s < splits)[:, None], other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.maximum(tl.sum(w, 0), 1e-30)
+    tl.store(O + bh * D + offs_d, out.to(O.dtype.element_ty))
+
+
+_SM_COUNT: dict = {}
+
+
+def _decode_splits(programs: int, max_ctx: int, device, min_chunk: int) -> int:
+    """Flash-decoding split count: 1 when B * Hkv programs already cover the SMs; else enough splits for
+    ~2 programs per SM, each keeping >= min_chunk tokens. Uses only static shapes (block_table width)
+    so it is CUDA-graph safe; FOOTGUN: contexts much shorter than that width gain little from splitting."""
+    if device.type != "cuda":
+        return 1
+    if device not in _SM_COUNT:
+        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    sms = _SM_COUNT[device]
+    if programs >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, programs), max_ctx // min_chunk))
+
+
+def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None, impl="auto",
+                           num_splits=None):
+    """One decode step: q [B, H, D] (the new token of each sequence, its k/v ALREADY stored), k_cache/v_cache
+    [num_blocks, P, Hkv, D], block_table int32 [B, max_blocks_per_seq], context_lens int32 [B] (cached
+    tokens incl. the new one; 0 gives a zero output) -> [B, H, D]. num_splits: split-K override."""
+    _check_paged(q, k_cache, v_cache, block_table, context_lens, "paged_attention_decode")
+    if q.dim() != 3 or q.shape[0] != block_table.shape[0]:
+        raise ValueError(f"paged_attention_decode: q must be [B={block_table.shape[0]}, H, D]; got {tuple(q.shape)}")
+    scale = _scale(softmax_scale, q.shape[-1])
+    if not _use_triton(impl, q, k_cache, v_cache, block_table, context_lens):
+        return paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, scale)
+    q, context_lens = q.contiguous(), context_lens.contiguous()
+    block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()  # rows may be a slice
+    B, H, D = q.shape
+    P, Hkv = k_cache.shape[1], k_cache.shape[2]
+    BLOCK_N = _GPU_DECODE["BLOCK_N"] if q.is_cuda else _CPU_DECODE_BLOCK_N
+    max_ctx = block_table.shape[1] * P
+    splits = num_splits or _decode_splits(B * Hkv, max_ctx, q.device, 4 * BLOCK_N)
+    chunk = triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N    # tokens per split, whole tiles
+    splits = max(1, triton.cdiv(max_ctx, chunk))
+    out = torch.empty_like(q)
+    if splits == 1:
+        o_part, lse_part = out, out                      # write the output directly; LSE unused
+    else:
+        o_part = torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
+    G = H // Hkv
+    _paged_decode_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, o_part, lse_part, block_table, context_lens, block_table.stride(0), H, chunk,
+        scale * LOG2E, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=BLOCK_N, P=P,
+        SPLIT=splits > 1, num_warps=_GPU_DECODE["num_warps"], num_stages=_GPU_DECODE["num_stages"])
+    if splits > 1:
+        _decode_merge_kernel[(B * H,)](o_part, lse_part, out, splits, D=D,
+                                       SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
+    return out
+
+
+# ---- paged attention: prefill and chunked prefill ----------------------------------------------------
+# The forward kernel above with PAGED=True: queries are this step's new tokens (packed by cu_seqlens_q),
+# keys are gathered from the cache through the block table, and the causal mask is bottom-right aligned
+# (query i of a q_len chunk sits at position context_len - q_len + i). A sequence with a cached prefix
+# (prefix cache hit, or a long prompt split into chunks) is just context_len > q_len.
+
+def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale=None,
+                            impl="auto", max_seqlen_q=None):
+    """q [N, H, D] new tokens (k/v already stored by store_kvcache), cu_seqlens_q int32 [B+1], context_lens
+    int32 [B] (cached tokens incl. the new ones, >= q_len) -> [N, H, D]. max_seqlen_q=None computes it
+    from cu_seqlens_q (a .item() sync)."""
+    _check_paged(q, k_cache, v_cache, block_table, context_lens, "paged_attention_prefill")
+    if q.dim() != 3 or cu_seqlens_q.shape != (block_table.shape[0] + 1,) or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(f"paged_attention_prefill: q must be [N, H, D] and cu_seqlens_q int32 [B+1="
+                         f"{block_table.shape[0] + 1}]; got {tuple(q.shape)}, {cu_seqlens_q.dtype} "
+                         f"{tuple(cu_seqlens_q.shape)}")
+    scale = _scale(softmax_scale, q.shape[-1])
+    if not _use_triton(impl, q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens):
+        return paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, scale)
+    q, cu_seqlens_q, context_lens = q.contiguous(), cu_seqlens_q.contiguous(), context_lens.contiguous()
+    block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
+    N, H, D = q.shape
+    B = block_table.shape[0]
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())   # .item() syncs the GPU
+    o = torch.empty_like(q)
+    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda,
+            q, k_cache, v_cache, o, o, cu_seqlens_q, context_lens, block_table, N, H, block_table.stride(0),
+            max_seqlen_q, _seq_bucket(max_seqlen_q), scale * LOG2E, HEAD_GROUP, G=H // k_cache.shape[2], D=D, CAUSAL=True,
+            PAGED=True, P=k_cache.shape[1], STORE_LSE=False)
+    return o
+
+
+# ---- KV-cache store ------------------------------------------------------------------------------------
+
+@_jit
+def _store_kvcache_kernel(K, V, K_CACHE, V_CACHE, slot_mapping, HKV: tl.constexpr, HKV_PAD: tl.constexpr,
+                          D: tl.constexpr):
+    """Grid (N,): copy token i's [Hkv, D] rows of k and v to cache slot slot_mapping[i] (skip if < 0)."""
+    i = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping + i).to(tl.int64)
+    if slot < 0:                                    # padding token (e.g. CUDA-graph batch padding)
+        return
+    offs = tl.arange(0, HKV_PAD)[:, None] * D + tl.arange(0, D)[None, :]   # [HKV_PAD, D] within a row
+    mask = (tl.arange(0, HKV_PAD) < HKV)[:, None]
+    tl.store(K_CACHE + slot * (HKV * D) + offs, tl.load(K + i * (HKV * D) + offs, mask=mask), mask=mask)
+    tl.store(V_CACHE + slot * (HKV * D) + offs, tl.load(V + i * (HKV * D) + offs, mask=mask), mask=mask)
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
+    """In place: k_cache/v_cache [num_blocks, P, Hkv, D] <- k/v [N, Hkv, D] at flat slots slot_mapping [N]
+    (int32/int64, slot = block * P + offset, -1 = skip). The caches must be contiguous (written in place)."""
+    if k.dim() != 3 or k.shape != v.shape or k_cache.shape != v_cache.shape or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"store_kvcache: k, v must be [N, Hkv, D] matching the caches' [num_blocks, P, Hkv, D]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)}")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"store_kvcache: slot_mapping must be int32/int64 [N={k.shape[0]}]; got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k.dtype != k_cache.dtype:
+        raise ValueError(f"store_kvcache: caches must be contiguous with k's dtype {k.dtype}; got {k_cache.dtype}")
+    if not _use_triton(impl, k, v, k_cache, v_cache, slot_mapping):
+        return store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    Hkv, D = k.shape[1:]
+    _check_head_dim(D, "store_kvcache")
+    _store_kvcache_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous(),
+                                          HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D)
+
+
+# ---- benchmark ---------------------------------------------------------------------------------------
+
+def _sdpa_variants(qs, ks, vs, G):
+    """Every torch SDPA setup that runs fwd+bwd here: the DEFAULT backend choice (what users get) and each of
+    cuDNN / FLASH / EFFICIENT forced. GQA: enable_gqa=True (torch >= 2.5) where that backend accepts it,
+    else the kv heads repeated by expand + reshape OUTSIDE the timed call (so SDPA is charged neither for
+    the copy nor for summing dK/dV over the copies: the conservative side for our ratio). A backend that
+    accepts both gets both (the default may pick different kernels for them). -> [(name, fn, leaves)]."""
+    import contextlib
+    import warnings
+    import torch.nn.functional as F
+    backends = [("default", contextlib.nullcontext)]
+    try:
+        from torch.nn.attention import sdpa_kernel, SDPBackend
+        for nm in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
+            if hasattr(SDPBackend, nm):
+                backends.append((nm.split("_")[0].lower(), lambda nm=nm: sdpa_kernel(getattr(SDPBackend, nm))))
+    except ImportError:
+        pass
+    B, Hkv, S, D = ks.shape
+    # [B, Hkv, S, D] -> [B, Hkv, G, S, D] (a view) -> [B, Hkv * G = H, S, D] (the copy): head h reads kv head h // G
+    rep = [t.detach().unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D).requires_grad_()
+           for t in (ks, vs)]
+    out = []
+    for bname, ctx in backends:
+        for kk, vv, kw, tag in ((ks, vs, dict(enable_gqa=True), "enable_gqa"), (rep[0], rep[1], {}, "kv repeated")):
+            def fn(kk=kk, vv=vv, kw=kw, ctx=ctx):
+                with ctx():
+                    return F.scaled_dot_product_attention(qs, kk, vv, is_causal=True, **kw)
+            try:
+                with warnings.catch_warnings():    # a refusing backend also warns why; the skip says enough
+                    warnings.simplefilter("ignore")
+                    fn().sum().backward()
+                torch.cuda.synchronize()
+            except (TypeError, RuntimeError):      # backend cannot run this setup (or no enable_gqa)
+                continue
+            out.append((f"SDPA {bname} ({tag})", fn, [qs, kk, vv]))
+    return out
+
+
+def _bench_attn() -> list[tuple]:
+    """bf16 on one GPU. Rows: (name, ours, peer name, peer value, unit, ratio ours/peer, roofline fraction);
+    the flash rows' peer is the BEST of all SDPA setups (_sdpa_variants), each printed as it is measured.
+    FLOPs (causal): fwd = 4 * B * H * S^2 * D / 2; fwd+bwd = 3.5x fwd (bwd = 2.5x: 5 matmuls vs 2).
+    Roofline: 734 TFLOP/s (measured bf16 matmul on H100) and 3.0 TB/s HBM (device copy)."""
+    if triton is None or not torch.cuda.is_available():
+        print("_bench_attn: needs CUDA and triton, skipped")
+        return []
+    from triton.testing import do_bench
+    import torch.nn.functional as F
+    dev, dt, rows = "cuda", torch.bfloat16, []
+    H, Hkv, D, N = 16, 8, 128, 16384
+    print(f"_bench_attn on {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+
+    def ms(fn, leaves=()):   # median ms; grads reset to None before each rep (outside the timing)
+        return do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=list(leaves))
+
+    for S in (1024, 4096, 8192):
+        B = N // S
+        q = torch.randn(N, H, D, device=dev, dtype=dt, requires_grad=True)
+        k = torch.randn(N, Hkv, D, device=dev, dtype=dt, requires_grad=True)
+        v = torch.randn(N, Hkv, D, device=dev, dtype=dt, requires_grad=True)
+        cu = torch.arange(0, N + 1, S, device=dev, dtype=torch.int32)
+        o = flash_attn_varlen(q, k, v, cu, S)
+        do = torch.randn_like(o)
+        o.backward(do)                       # warm-up: compile + autotune forward and backward
+        # SDPA layout [B, H, S, D]: [N, H, D] -> [B, S, H, D] -> [B, H, S, D]
+        qs, ks, vs = (t.detach().view(B, S, -1, D).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        dos = do.view(B, S, H, D).transpose(1, 2).contiguous()
+        flops = 4 * B * H * S * S * D / 2
+        best_f, best_fb = ("none", 0.0), ("none", 0.0)
+        for name, fn, leaves in _sdpa_variants(qs, ks, vs, H // Hkv):
+            tf = flops / ms(fn) * 1e-9                                            # TFLOP/s (ms)
+            tfb = 3.5 * flops / ms(lambda: fn().backward(dos), leaves) * 1e-9
+            print(f"    S={S:<5} {name:<36} fwd {tf:6.1f}  fwd+bwd {tfb:6.1f} TFLOP/s")
+            best_f, best_fb = max(best_f, (name, tf), key=lambda r: r[1]), max(best_fb, (name, tfb), key=lambda r: r[1])
+        t_ours = ms(lambda: flash_attn_varlen(q, k, v, cu, S))
+        t_ours_fb = ms(lambda: flash_attn_varlen(q, k, v, cu, S).backward(do), (q, k, v))
+        for name, t, (peer, theirs), f in ((f"flash varlen fwd S={S}", t_ours, best_f, flops),
+                                           (f"flash varlen fwd+bwd S={S}", t_ours_fb, best_fb, 3.5 * flops)):
+            ours = f / t * 1e-9
+            rows.append((name, ours, "best: " + peer, theirs, "TFLOP/s", ours / theirs, ours / 734))
+        del q, k, v, o, do, qs, ks, vs, dos
+
+    for P in (16, 256):   # decode: 256 sequences x 1024 cached tokens, Qwen3-0.6B KV shape
+        B, ctx_len = 256, 1024
+        nb = B * ctx_len // P
+        kc = torch.randn(nb, P, Hkv, D, device=dev, dtype=dt)
+        vc = torch.randn_like(kc)
+        bt = torch.randperm(nb, device=dev).view(B, -1).to(torch.int32)   # shuffled pages, as after churn
+        cl = torch.full((B,), ctx_len, device=dev, dtype=torch.int32)
+        q = torch.randn(B, H, D, device=dev, dtype=dt)
+        kv_bytes = 2 * B * ctx_len * Hkv * D * 2
+
+        def torch_decode():   # eager peer: gather each sequence's pages, then one batched SDPA
+            kk = kc[bt.long()].view(B, ctx_len, Hkv, D).transpose(1, 2)      # [B, Hkv, ctx, D]
+            vv = vc[bt.long()].view(B, ctx_len, Hkv, D).transpose(1, 2)
+            return F.scaled_dot_product_attention(q.unsqueeze(2), kk.repeat_interleave(H // Hkv, 1),
+                                                  vv.repeat_interleave(H // Hkv, 1))
+        paged_attention_decode(q, kc, vc, bt, cl)     # warm-up: compile
+        t_ours, t_ref = ms(lambda: paged_attention_decode(q, kc, vc, bt, cl)), ms(torch_decode)
+        gbs, gbs_ref = kv_bytes / t_ours * 1e-6, kv_bytes / t_ref * 1e-6      # GB/s (t in ms)
+        rows.append((f"paged decode 256x1024 P={P}", gbs, "torch gather+SDPA", gbs_ref, "GB/s", gbs / gbs_ref,
+                     gbs / 3000))
+        del kc, vc
+    for r in rows:
+        print(f"  {r[0]:<28} {r[1]:8.1f} {r[4]:<8}| {r[2]:<38} {r[3]:8.1f} | ratio {r[5]:.2f} | roofline {r[6]:.0%}")
+    return rows
+
+
+# ==== row-wise kernels: RMSNorm, RoPE + q/k norm, SwiGLU ======================================
+# Row-wise and elementwise training kernels (RMSNorm, RoPE + qk-norm, SwiGLU). Stands in for
+# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: it keeps the three memory-bound ops of a Qwen3/Llama block, forward AND backward,
+# and drops everything else (LayerNorm, GeGLU, offset/gemma casting modes, in-place grads).
+#
+# How it works: every op reads each input once and writes each output once (that is the whole speed
+# story: these ops do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS
+# rows x BLOCK columns, with BLOCK = next_pow2(row length) so a row's reduction stays in registers. All
+# math is fp32 inside; results are stored in the input dtype. Weight gradients are reduced without
+# atomics: a persistent backward grid writes one fp32 partial row per program, torch sums them
+# (deterministic, bitwise repeatable).
+#
+# Shapes legend: N packed tokens, H query heads, Hkv kv heads, D head dim, Hd hidden size, I MLP width.
+#
+
+
+# ---- helpers ----------------------------------------------------------------------------------------
+
+def _row_cfg(row_len: int, elems: int = 4096, per_thread: int = 16, rows=None, warps=None):
+    """(BLOCK, ROWS, num_warps) for a tile of ROWS whole rows (BLOCK = next_pow2(row_len) columns).
+    Callers pick ~elems elements per tile and per_thread elements per thread (per_thread 8 = one
+    16-byte bf16 load per input per thread). Small rows (qk-norm's D=128) pack many rows per program so
+    the launch is not a million tiny programs. rows/warps override the heuristic (the benchmark sweeps
+    them); the tuned values are at each launch, with the H100 numbers that chose them."""
+    BLOCK = triton.next_power_of_2(row_len)
+    if BLOCK > 32768:
+        raise ValueError(f"row length {row_len} too large: these kernels keep a whole row (<= 32768) in registers")
+    ROWS = rows or max(1, min(32, elems // BLOCK))
+    num_warps = warps or max(2, min(16, ROWS * BLOCK // (32 * per_thread)))
+    return BLOCK, ROWS, num_warps
+
+
+_SM_COUNT = {}   # device index -> SM count: get_device_properties costs host time on every launch
+
+
+def _persistent_programs(device: torch.device, n_tiles: int, per_sm: int = 4) -> int:
+    """Grid size of a persistent kernel: per_sm programs per SM, each looping over tiles. Fewer
+    programs = fewer fp32 partial rows of dW to write and sum; enough keep every SM busy."""
+    if device.type != "cuda":
+        return max(1, min(n_tiles, 2 * per_sm))   # the interpreter: still several tiles per program
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return max(1, min(n_tiles, per_sm * _SM_COUNT[idx]))
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [R, C] view (a copy only if the leading dims cannot merge, or the last dim is strided).
+    Kernels take the row stride, so a column slice of a wider tensor (t[:, :C]) is read in place."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+# ---- RMSNorm (+ fused residual add) ------------------------------------------------------------------
+# Zhang & Sennrich 2019 (Root Mean Square Layer Normalization), eq. 4: y = h / RMS(h) * w with
+# RMS(h) = sqrt(mean_j h_j^2) (+ eps inside the root, as HF and every LLM implementation do).
+# Qwen3RMSNorm/LlamaRMSNorm (HF) compute h / RMS(h) in fp32, ROUND TO THE INPUT DTYPE, then multiply by
+# the weight: `weight * hidden.to(input_dtype)`. We keep that rounding so bf16 outputs match HF.
+# Backward, with n = h * rstd, rstd = 1/RMS(h), dn = dy * w:
+#     dh = rstd * (dn - n * mean_j(dn_j * n_j))          dW = sum_rows dy * n
+# Fused residual (pre-norm block): h = x + residual is both normalised and returned as the new residual
+# stream; the gradient of h (from y and from the returned h) flows unchanged to x and to residual.
+
+def rms_norm_ref(x, weight, eps=1e-6, residual=None):
+    """Naive twin: HF Qwen3RMSNorm line for line (bitwise equal to it in fp32), plus the residual add
+    done in the input dtype, as the unfused model does it (`hidden = residual + hidden`)."""
+    h = x if residual is None else x + residual
+    hf = h.to(torch.float32)
+    variance = hf.pow(2).mean(-1, keepdim=True)
+    y = (weight * (hf * torch.rsqrt(variance + eps)).to(x.dtype)).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+@_jit
+def _load_rows(ptr, rows, cols, stride, n_rows, n_cols):
+    """[ROWS, BLOCK] tile of a row-major matrix (row stride `stride`, unit column stride), 0 outside.
+    evict_first: every streamed tensor is read exactly once, so it should not push the small, reused
+    tensors (the weight, the RoPE table) out of L2."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0,
+                   eviction_policy="evict_first")   # int64: row * stride may pass 2^31
+
+
+@_jit
+def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows, Hd, stride_x, stride_r,
+                         eps, HAS_RES: tl.constexpr, PREFETCH: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
+    # Grid-stride loop over tiles of ROWS rows x all Hd columns: program pid owns tiles pid, pid + nprog,
+    # ... With one tile per program (nprog = n_tiles) this is the plain one-shot kernel; a persistent
+    # grid (a few programs per SM) loads w once per program and has no wave-quantisation tail.
+    # y and h are contiguous.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)                                            # [BLOCK]
+    cmask = cols < Hd
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)      # [BLOCK], once per program
+    rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
+    if PREFETCH:   # software pipelining by hand: the next tile's loads are in flight while this
+        x = _load_rows(x_ptr, rows, cols, stride_x, n_rows, Hd)           # tile is reduced and stored
+        if HAS_RES:
+            r = _load_rows(r_ptr, rows, cols, stride_r, n_rows, Hd)
+    for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
+        if PREFETCH:
+            xc = x
+            x = _load_rows(x_ptr, rows + nprog * ROWS, cols, stride_x, n_rows, Hd)   # masked off past the end
+            if HAS_RES:
+                rc = r
+                r = _load_rows(r_ptr, rows + nprog * ROWS, cols, stride_r, n_rows, Hd)
+        else:
+            xc = _load_rows(x_ptr, rows, cols, stride_x, n_rows, Hd)
+            if HAS_RES:
+                rc = _load_rows(r_ptr, rows, cols, stride_r, n_rows, Hd)
+        mask = (rows[:, None] < n_rows) & cmask[None, :]                  # [ROWS, BLOCK]
+        out = rows.to(tl.int64)[:, None] * Hd + cols[None, :]             # y, h are contiguous [R, Hd]
+        if HAS_RES:
+            # round the sum to the model dtype BEFORE normalising: the stored residual stream and the
+            # value we normalise must be the same number, exactly as in the unfused bf16 model
+            h = (xc.to(tl.float32) + rc.to(tl.float32)).to(xc.dtype)
+            tl.store(h_ptr + out, h, mask=mask)
+        else:
+            h = xc
+        hf = h.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / Hd + eps)               # [ROWS] 1 / RMS(h)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)               # 4 bytes/row, saves a pass in bwd
+        n = (hf * rstd[:, None]).to(xc.dtype).to(tl.float32)              # HF's `.to(input_dtype)`
+        tl.store(y_ptr + out, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+        rows += nprog * ROWS
+
+
+@_jit
+def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_part_ptr, n_rows, Hd,
+                         stride_dy, stride_dho, stride_h, HAS_DHO: tl.constexpr, PREFETCH: tl.constexpr,
+                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # persistent: program pid handles tiles pid, pid + nprog, ... and owns one fp32 row of dW partials,
+    # accumulated in registers over all its tiles and written once at the end
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)                                            # [BLOCK]
+    cmask = cols < Hd
+    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)                    # summed over axis 0 at the end only
+    rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
+    if PREFETCH:   # the loop below is latency-bound otherwise: each tile's loads would wait for the
+        # previous tile's reduction and stores. Loading tile i+1 before computing tile i keeps two
+        # tiles of bytes in flight per program (loop-carried registers, kept in the input dtype).
+        dy = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd)
+        h = _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+        if HAS_DHO:
+            dho = _load_rows(dh_out_ptr, rows, cols, stride_dho, n_rows, Hd)
+    for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
+        nxt = rows + nprog * ROWS                                         # masked off past the end
+        if PREFETCH:
+            dyc, hc, rstdc = dy, h, rstd
+            dy = _load_rows(dy_ptr, nxt, cols, stride_dy, n_rows, Hd)
+            h = _load_rows(h_ptr, nxt, cols, stride_h, n_rows, Hd)
+            rstd = tl.load(rstd_ptr + nxt, mask=nxt < n_rows, other=0.0)
+            if HAS_DHO:
+                dhoc = dho
+                dho = _load_rows(dh_out_ptr, nxt, cols, stride_dho, n_rows, Hd)
+        else:
+            dyc = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd)
+            hc = _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
+            rstdc = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+            if HAS_DHO:
+                dhoc = _load_rows(dh_out_ptr, rows, cols, stride_dho, n_rows, Hd)
+        dyf = dyc.to(tl.float32)
+        n = hc.to(tl.float32) * rstdc[:, None]                            # rstd is 0 on padding rows
+        dw_acc += dyf * n                                                 # dW = sum_rows dy * n
+        dn = dyf * w[None, :]
+        c = tl.sum(dn * n, axis=1) / Hd                                   # [ROWS] mean_j dn_j n_j
+        dh = rstdc[:, None] * (dn - n * c[:, None])
+        if HAS_DHO:   # gradient reaching the returned residual stream h adds to the norm's
+            dh += dhoc.to(tl.float32)
+        mask = (rows[:, None] < n_rows) & cmask[None, :]
+        tl.store(dh_ptr + rows.to(tl.int64)[:, None] * Hd + cols[None, :], dh.to(dh_ptr.dtype.element_ty),
+                 mask=mask)
+        rows = nxt
+    tl.store(dw_part_ptr + pid * Hd + cols, tl.sum(dw_acc, axis=0), mask=cmask)
+
+
+def _rms_norm_fwd(x2, r2, weight, eps, rows=None, warps=None, per_sm=None, prefetch=False):
+    """Launch the forward on rows x2 [R, Hd] (+ r2 [R, Hd]) -> (y [R, Hd], h [R, Hd], rstd [R] fp32).
+    rows/warps/per_sm/prefetch override the tuned defaults (the benchmark sweeps them).
+    Tuning (H100, 16384x1024 bf16, kernel alone): every one-shot config of 2-8 K elements per program
+    and 2-8 warps lands within 3% of a plain torch copy_ of the same bytes (2.34-2.41 TB/s at this
+    size; timed by _gpu_time_ms: 2.33-2.37 vs copy_ 2.37), i.e. the kernel is at the copy ceiling; the persistent grid (per_sm) with or without
+    PREFETCH was never faster, so the default is one tile of 2 rows per program with 2 warps (32
+    elements per thread: four 16-byte loads in flight per thread) and per_sm=None."""
+    R, Hd = x2.shape
+    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32, rows=rows, warps=warps)
+    n_tiles = triton.cdiv(R, ROWS)
+    nprog = _persistent_programs(x2.device, n_tiles, per_sm) if per_sm else n_tiles
+    y = torch.empty((R, Hd), dtype=x2.dtype, device=x2.device)
+    h = torch.empty_like(y) if r2 is not None else x2
+    rstd = torch.empty(R, dtype=torch.float32, device=x2.device)
+    _rms_norm_fwd_kernel[(nprog,)](
+        x2, r2 if r2 is not None else x2, weight, y, h, rstd, R, Hd, x2.stride(0),
+        r2.stride(0) if r2 is not None else 0, eps, HAS_RES=r2 is not None, PREFETCH=bool(prefetch),
+        ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
+    return y, h, rstd
+
+
+def _rms_norm_bwd(dy2, dho2, h2, weight, rstd, rows=None, warps=None, per_sm=4, prefetch=True):
+    """Launch the backward -> (dh [R, Hd] in h's dtype, dW [Hd] in weight's dtype).
+    Tuning (H100, 16384x1024 bf16): the old default (2 rows, 8 warps, 4 programs/SM, no prefetch) moved
+    only 8 elements per thread per tile, and each tile's loads waited for the previous tile's
+    reduction: 1.75 TB/s on the GPU clock (the 0.7 TB/s first reported was mostly host time, see
+    _gpu_time_ms). 2 rows x 4 warps (16 elements per thread) with PREFETCH: 1.88-1.89 TB/s at 4 or 8
+    programs per SM (same within noise; 4 writes half the [nprog, Hd] partials), 16 per SM is slower."""
+    R, Hd = h2.shape
+    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16, rows=rows, warps=warps)
+    nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm)
+    dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
+    dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
+    _rms_norm_bwd_kernel[(nprog,)](
+        dy2, dho2 if dho2 is not None else dy2, h2, weight, rstd, dh, dw_part, R, Hd, dy2.stride(0),
+        dho2.stride(0) if dho2 is not None else 0, h2.stride(0), HAS_DHO=dho2 is not None,
+        PREFETCH=prefetch, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
+    return dh, dw_part.sum(0).to(weight.dtype)                                    # stage 2: [Hd]
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        ctx.set_materialize_grads(False)   # an unused output gets grad None, not a tensor of zeros to read
+        x2 = _as_rows(x)                                                  # [..., Hd] -> [R, Hd]
+        r2 = _as_rows(residual) if residual is not None else None
+        y, h, rstd = _rms_norm_fwd(x2, r2, weight, eps)
+        ctx.save_for_backward(h, weight, rstd)   # h is x itself (no copy) when there is no residual
+        ctx.shape, ctx.has_res = x.shape, residual is not None
+        if residual is None:
+            return y.view(x.shape)
+        return y.view(x.shape), h.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy, dh_out=None):
+        h2, weight, rstd = ctx.saved_tensors
+        if dy is None:   # only the residual output was used: y's gradient is zero
+            dy = torch.zeros(ctx.shape, dtype=h2.dtype, device=h2.device)
+        dho2 = _as_rows(dh_out) if dh_out is not None else None
+        dh, dw = _rms_norm_bwd(_as_rows(dy), dho2, h2, weight, rstd)
+        dh = dh.view(ctx.shape)
+        # h = x + residual: dL/dx = dL/dresidual = dL/dh (one tensor handed to both; autograd copies
+        # before accumulating into a shared buffer)
+        return dh, (dh if ctx.has_res else None), dw, None
+
+
+def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
+    """RMSNorm over the last dim, optionally fused with the pre-norm residual add.
+    x [..., Hd], weight [Hd], residual [..., Hd] | None (same shape and dtype as x).
+    Returns y [..., Hd] in x's dtype, or (y, h) with h = x + residual, the new residual stream.
+    rms_norm_ref is HF Qwen3RMSNorm bit for bit; the kernel agrees to rounding (its sum order differs).
+    One difference: an fp32 weight with a bf16 x gives HF an fp32 output (promotion), here bf16."""
+    if x.dim() < 1 or weight.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm: weight must have shape [{x.shape[-1] if x.dim() else '?'}] "
+                         f"(x's last dim), got {tuple(weight.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"rms_norm: residual must match x {tuple(x.shape)} {x.dtype}, "
+                         f"got {tuple(residual.shape)} {residual.dtype}")
+    if not _use_triton(impl, x, weight, residual):
+        return rms_norm_ref(x, weight, eps, residual)
+    return _RMSNormFn.apply(x, residual, weight, eps)
+
+
+# ---- RoPE + Qwen3 qk-norm ----------------------------------------------------------------------------
+# Qwen3 attention: q = rope(rmsnorm_D(q) * q_w), k = rope(rmsnorm_D(k) * k_w), the norm over each head's
+# D dims with one [D] weight shared by all heads. RoPE (RoFormer, Su et al. 2021, eq. 34) rotates
+# pairs of dims by angle pos * f_i, f_i = theta^(-2i/D). The paper pairs (2i, 2i+1); HF's "rotate_half"
+# (NeoX) layout, used here, pairs (i, i + D/2): the same math on permuted dims, x1 = x[:D/2], x2 = x[D/2:]:
+#     out[:D/2] = x1 * cos - x2 * sin        out[D/2:] = x2 * cos + x1 * sin
+# Backward: a rotation is orthogonal, so its transpose is the rotation by -angle:
+#     da1 = do1 * cos + do2 * sin            da2 = do2 * cos - do1 * sin
+# then the RMSNorm backward above over the D dims of each (token, head) row.
+# With both weights None this is plain RoPE (Llama, Qwen2).
+
+def rope_cos_sin(max_positions, D, theta=1e6, device=None, dtype=torch.float32):
+    """The RoPE table [max_positions, D]: cos in the first D/2 columns, sin in the last D/2.
+    Same fp32 ops as HF's rotary embedding (bitwise equal to its cos/sin halves in fp32).
+    theta=1e6 is Qwen3's rope_theta (Llama-3: 5e5, Qwen2: 1e6, Llama-2: 1e4)."""
+    if D % 2:
+        raise ValueError(f"rope_cos_sin: head dim D must be even, got {D}")
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))  # [D/2]
+    freqs = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)                 # [max_pos, D]
+
+
+def _split_cos_sin(cos_sin, D):
+    """cos_sin [max_pos, D] (rope_cos_sin's table) or a (cos, sin) pair of [max_pos, D/2] -> (cos, sin)."""
+    cos, sin = cos_sin if isinstance(cos_sin, (tuple, list)) else (cos_sin[:, : D // 2], cos_sin[:, D // 2:])
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.dim() != 2 or t.shape[1] != D // 2 or t.stride(1) != 1:
+            raise ValueError(f"rope_qk_norm: {name} must be [max_pos, D/2={D // 2}] with unit last stride "
+                             f"(or pass cos_sin [max_pos, D]), got {tuple(t.shape)}")
+    return cos, sin
+
+
+def rope_qk_norm_ref(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight=None, eps=1e-6):
+    """Naive twin: Qwen3RMSNorm per head, then HF apply_rotary_pos_emb (fp32 rotation, one rounding)."""
+    cos, sin = _split_cos_sin(cos_sin, q.shape[-1])
+    c = cos[positions].float()[:, None, :]                                # [N, 1, D/2]
+    s = sin[positions].float()[:, None, :]
+
+    def one(x, w):                                                        # x [N, heads, D]
+        if w is not None:
+            x = rms_norm_ref(x, w, eps)
+        x1, x2 = x.float().chunk(2, dim=-1)                               # [N, heads, D/2] each
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    return one(q, q_norm_weight), one(k, k_norm_weight)
+
+
+@_jit
+def _rope_norm_fwd_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, n_heads,
+                          HALF, stride_xn, stride_xh, stride_cos, stride_sin, eps,
+                          HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # a row is one (token, head) vector of D = 2 * HALF; row = token * n_heads + head. out is contiguous.
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                   # [ROWS]
+    rmask = rows < n_rows
+    tok = rows // n_heads
+    base = tok.to(tl.int64) * stride_xn + (rows % n_heads) * stride_xh    # [ROWS] (x may be a qkv slice)
+    cols = tl.arange(0, BLOCK)                                            # [BLOCK] over one half
+    mask = rmask[:, None] & (cols[None, :] < HALF)                        # [ROWS, BLOCK]
+    x1 = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0)
+    x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0)
+    a1 = x1.to(tl.float32)
+    a2 = x2.to(tl.float32)
+    if HAS_NORM:
+        rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
+        w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        # Qwen3RMSNorm's two roundings: normalised value to the dtype, then the weighted output
+        a1 = ((a1 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
+        a2 = ((a2 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
+    pos = tl.load(pos_ptr + tok, mask=rmask, other=0).to(tl.int64)        # [ROWS] gather of table rows
+    c = tl.load(cos_ptr + pos[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + pos[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    out = out_ptr + rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+    tl.store(out, (a1 * c - a2 * s).to(x1.dtype), mask=mask)
+    tl.store(out + HALF, (a2 * c + a1 * s).to(x1.dtype), mask=mask)
+
+
+@_jit
+def _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows, n_heads, HALF, stride_xn,
+                   stride_xh, HAS_NORM: tl.constexpr):
+    """The streamed inputs of one backward tile (do halves, x halves, positions, rstd)."""
+    rmask = rows < n_rows
+    tok = rows // n_heads
+    mask = rmask[:, None] & (cols[None, :] < HALF)                        # [ROWS, BLOCK]
+    dst = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]         # do is contiguous [n_rows, D]
+    do1 = tl.load(do_ptr + dst, mask=mask, other=0.0, eviction_policy="evict_first")
+    do2 = tl.load(do_ptr + dst + HALF, mask=mask, other=0.0, eviction_policy="evict_first")
+    pos = tl.load(pos_ptr + tok, mask=rmask, other=0)
+    if HAS_NORM:
+        base = tok.to(tl.int64) * stride_xn + (rows % n_heads) * stride_xh   # x may be a qkv slice
+        x1 = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0,
+                     eviction_policy="evict_first")
+        rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)            # [ROWS]; 0 on padding rows
+    else:   # plain RoPE's backward never reads x: placeholders the compiler drops
+        x1, x2, rstd = do1, do2, pos
+    return do1, do2, x1, x2, pos, rstd
+
+
+@_jit
+def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
+                          n_rows, n_heads, HALF, stride_xn, stride_xh, stride_cos, stride_sin,
+                          HAS_NORM: tl.constexpr, PREFETCH: tl.constexpr, ROWS: tl.constexpr,
+                          BLOCK: tl.constexpr):
+    # persistent like _rms_norm_bwd_kernel; do and dx are contiguous [n_rows, D]
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK)
+    cmask = cols < HALF
+    if HAS_NORM:
+        w1 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw1_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    dw2_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
+    if PREFETCH:   # as in _rms_norm_bwd_kernel: tile i+1's loads fly while tile i computes. Without it
+        # each tile pays two dependent DRAM latencies (positions, then the cos/sin rows they index)
+        # with little else in flight, and the kernel sits near 50% of bandwidth.
+        do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows,
+                                                     n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
+    for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
+        nxt = rows + nprog * ROWS                                         # masked off past the end
+        if PREFETCH:
+            do1c, do2c, x1c, x2c, posc, rstdc = do1, do2, x1, x2, pos, rstd
+            do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, nxt, cols, n_rows,
+                                                         n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
+        else:
+            do1c, do2c, x1c, x2c, posc, rstdc = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols,
+                                                               n_rows, n_heads, HALF, stride_xn, stride_xh,
+                                                               HAS_NORM)
+        mask = (rows < n_rows)[:, None] & cmask[None, :]                  # [ROWS, BLOCK]
+        p64 = posc.to(tl.int64)[:, None]                                  # gather of table rows (L2-resident)
+        c = tl.load(cos_ptr + p64 * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + p64 * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        do1f = do1c.to(tl.float32)
+        do2f = do2c.to(tl.float32)
+        da1 = do1f * c + do2f * s                                         # rotate back by -angle
+        da2 = do2f * c - do1f * s
+        if HAS_NORM:
+            n1 = x1c.to(tl.float32) * rstdc[:, None]                      # normalised input, recomputed
+            n2 = x2c.to(tl.float32) * rstdc[:, None]
+            dw1_acc += da1 * n1
+            dw2_acc += da2 * n2
+            dn1 = da1 * w1[None, :]
+            dn2 = da2 * w2[None, :]
+            cdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / (2 * HALF)   # [ROWS]
+            da1 = rstdc[:, None] * (dn1 - n1 * cdot[:, None])
+            da2 = rstdc[:, None] * (dn2 - n2 * cdot[:, None])
+        dst = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
+        tl.store(dx_ptr + dst, da1.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + dst + HALF, da2.to(dx_ptr.dtype.element_ty), mask=mask)
+        rows = nxt
+    if HAS_NORM:
+        tl.store(dw_part_ptr + pid * 2 * HALF + cols, tl.sum(dw1_acc, axis=0), mask=cmask)
+        tl.store(dw_part_ptr + pid * 2 * HALF + HALF + cols, tl.sum(dw2_acc, axis=0), mask=cmask)
+
+
+# backward launch knobs (ROWS, num_warps, programs per SM or None = one tile per program, PREFETCH).
+# H100, Qwen3-8B q+k, GPU clock: 16 rows, 4 warps, 4/SM: 2.11 TB/s without PREFETCH, 2.23 with it;
+# bigger tiles, 8/SM, or one tile per program (no loop): 1.4-2.16 TB/s.
+_ROPE_BWD_CFG = dict(rows=16, warps=4, per_sm=4, prefetch=True)
+
+
+def _rope_launch_args(x, cos, sin, backward=False):
+    """Launch geometry: x [N, heads, D] with unit last stride (a qkv slice is fine). A tile holds
+    ROWS half-rows (BLOCK = next_pow2(D/2)) and a row is two of them. D=128 forward: 32 rows, 8 warps;
+    backward: _ROPE_BWD_CFG."""
+    N, heads, D = x.shape
+    if backward:
+        BLOCK, ROWS, num_warps = _row_cfg(D // 2, rows=_ROPE_BWD_CFG["rows"], warps=_ROPE_BWD_CFG["warps"])
+    else:
+        BLOCK, ROWS, num_warps = _row_cfg(D // 2, 2048, 8)
+    return (N * heads, heads, D // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0)), \
+        dict(ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
+
+
+class _RopeNormFn(torch.autograd.Function):
+    """One of q or k: out = rope(qk_norm(x)). cos/sin are constants (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, positions, cos, sin, weight, eps):
+        if x.stride(-1) != 1:
+            x = x.contiguous()
+        N, heads, D = x.shape
+        args, meta = _rope_launch_args(x, cos, sin)
+        out = torch.empty((N, heads, D), dtype=x.dtype, device=x.device)
+        rstd = torch.empty(N * heads if weight is not None else 1, dtype=torch.float32, device=x.device)
+        _rope_norm_fwd_kernel[(triton.cdiv(N * heads, meta["ROWS"]),)](
+            x, positions, cos, sin, weight if weight is not None else cos, out, rstd, *args, eps,
+            HAS_NORM=weight is not None, **meta)
+        ctx.save_for_backward(x, positions, cos, sin, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, positions, cos, sin, weight, rstd = ctx.saved_tensors
+        dout = dout.contiguous()                                          # [N, heads, D]
+        args, meta = _rope_launch_args(x, cos, sin, backward=True)
+        n_tiles = triton.cdiv(args[0], meta["ROWS"])
+        per_sm = _ROPE_BWD_CFG["per_sm"]
+        nprog = _persistent_programs(x.device, n_tiles, per_sm) if per_sm else n_tiles
+        dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        dw_part = torch.empty((nprog, x.shape[-1]) if weight is not None else (1,), dtype=torch.float32,
+                              device=x.device)
+        _rope_norm_bwd_kernel[(nprog,)](
+            dout, x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part, *args,
+            HAS_NORM=weight is not None, PREFETCH=_ROPE_BWD_CFG["prefetch"], **meta)
+        dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None   # [nprog, D] -> [D]
+        return dx, None, None, None, dw, None
+
+
+def rope_qk_norm(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight=None, eps=1e-6, impl="auto"):
+    """Qwen3's per-head q/k RMSNorm followed by rotary embedding (plain RoPE when the weights are None).
+    q [N, H, D], k [N, Hkv, D] (views into a fused qkv output are read in place), positions [N] int,
+    cos_sin: rope_cos_sin's [max_pos, D] table or a (cos, sin) pair of [max_pos, D/2] (fp32 is more
+    exact than HF, which rounds cos/sin to the model dtype; pass a bf16 table to mimic it).
+    Returns (q_out [N, H, D], k_out [N, Hkv, D]) in q's dtype. Positions are NOT range-checked (that
+    would sync the GPU): each must be < max_pos."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
+        raise ValueError(f"rope_qk_norm: expected q [N, H, D] and k [N, Hkv, D] with the same N and an even D, "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    N, _, D = q.shape
+    if positions.shape != (N,) or positions.is_floating_point():
+        raise ValueError(f"rope_qk_norm: positions must be an integer tensor [N={N}], "
+                         f"got {tuple(positions.shape)} {positions.dtype}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None and w.shape != (D,):
+            raise ValueError(f"rope_qk_norm: {name} must be [D={D}], got {tuple(w.shape)}")
+    cos, sin = _split_cos_sin(cos_sin, D)
+    if not _use_triton(impl, q, k, positions, cos, q_norm_weight, k_norm_weight):
+        return rope_qk_norm_ref(q, k, positions, (cos, sin), q_norm_weight, k_norm_weight, eps)
+    return (_RopeNormFn.apply(q, positions, cos, sin, q_norm_weight, eps),
+            _RopeNormFn.apply(k, positions, cos, sin, k_norm_weight, eps))
+
+
+# ---- SwiGLU ------------------------------------------------------------------------------------------
+# Shazeer 2020, "GLU Variants Improve Transformer", sec. 2: FFN_SwiGLU = (silu(x W) * x V) W2; this is the
+# middle product y = silu(g) * u, silu(g) = g * sigmoid(g). With sg = sigmoid(g), dy the output grad:
+#     du = dy * silu(g)          dg = dy * u * sg * (1 + g * (1 - sg))     (d silu/dg = sg + g sg (1 - sg))
+# g and u may be column slices of one fused gate_up projection [N, 2I]: the kernels take row strides.
+
+def swiglu_ref(gate, up):
+    """Naive twin, fp32 inside with one rounding (eager `F.silu(g) * u` rounds twice in bf16)."""
+    return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
+
+
+@_jit
+def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n_rows, n_cols, stride_g, stride_u,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)   # [ROWS]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)            # [ROWS, BLOCK]
+    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    y = g * tl.sigmoid(g) * u
+    tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _swiglu_fwd_flat_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
+    # contiguous gate/up: one flat 1-D stream, no row/column index math and no masked column tail per
+    # row; each thread moves whole 16-byte vectors. (The 2-D kernel above stays for strided views.)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]; int64: n may pass 2^31
+    mask = offs < n
+    # no eviction hint here: evict_first measured ~1.5% SLOWER on this pure stream (nothing to protect)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# flat SwiGLU forward (BLOCK, num_warps); the benchmark sweep overrides it
+# (H100, 16384x3072 bf16: every BLOCK 1024-8192 x 4-16 warps is within 1%, 2.86-2.88 TB/s = Liger's
+# 2.86; the 2-D kernel on the same contiguous tensors: 2.77)
+_SWIGLU_FLAT_CFG = (1024, 8)
+
+
+@_jit
+def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols, stride_dy, stride_g, stride_u,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)                                                    # recomputed: cheaper than storing
+    out = rows[:, None] * n_cols + cols[None, :]                          # dg, du contiguous [R, I]
+    tl.store(du_ptr + out, (dy * g * sg).to(du_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + out, (dy * u * sg * (1.0 + g * (1.0 - sg))).to(dg_ptr.dtype.element_ty), mask=mask)
+
+
+def _swiglu_grid(R, I):
+    """2-D grid of [ROWS, BLOCK] tiles, BLOCK <= 1024 columns, ~4096 elements (8 warps) per program."""
+    BLOCK = min(triton.next_power_of_2(I), 1024)
+    ROWS = max(1, 4096 // BLOCK)
+    return (triton.cdiv(R, ROWS), triton.cdiv(I, BLOCK)), dict(ROWS=ROWS, BLOCK=BLOCK, num_warps=8)
+
+
+class _SwiGLUFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up):
+        g2, u2 = _as_rows(gate), _as_rows(up)                             # [R, I] views, row strides kept
+        R, I = g2.shape
+        y = torch.empty((R, I), dtype=gate.dtype, device=gate.device)
+        if g2.is_contiguous() and u2.is_contiguous():
+            BLOCK, num_warps = _SWIGLU_FLAT_CFG
+            _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, BLOCK),)](g2, u2, y, R * I, BLOCK=BLOCK,
+                                                                  num_warps=num_warps)
+        else:
+            grid, meta = _swiglu_grid(R, I)
+            _swiglu_fwd_kernel[grid](g2, u2, y, R, I, g2.stride(0), u2.stride(0), **meta)
+        ctx.save_for_backward(g2, u2)
+        ctx.shape = gate.shape
+        return y.view(gate.shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        dy2 = _as_rows(dy)
+        R, I = g2.shape
+        dg = torch.empty((R, I), dtype=g2.dtype, device=g2.device)
+        du = torch.empty((R, I), dtype=u2.dtype, device=u2.device)
+        grid, meta = _swiglu_grid(R, I)
+        _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, R, I, dy2.stride(0), g2.stride(0), u2.stride(0), **meta)
+        return dg.view(ctx.shape), du.view(ctx.shape)
+
+
+def swiglu(gate, up, impl="auto"):
+    """silu(gate) * up, fp32 inside. gate, up [..., I] of one shape and dtype; each may be a strided
+    view (e.g. gate_up[:, :I] and gate_up[:, I:] of a fused [N, 2I] projection: no copy is made).
+    Returns [..., I] contiguous in gate's dtype. COST NOTE for views: autograd's slice backward then
+    scatters dg and du into two zero-filled [N, 2I] tensors and adds them (~3 extra passes)."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate and up must have the same shape and dtype, got "
+                         f"{tuple(gate.shape)} {gate.dtype} and {tuple(up.shape)} {up.dtype}")
+    if not _use_triton(impl, gate, up):
+        return swiglu_ref(gate, up)
+    return _SwiGLUFn.apply(gate, up)
+
+
+# ---- benchmark ---------------------------------------------------------------------------------------
+
+def _gpu_time_ms(fn, reps: int = 100) -> float:
+    """Median GPU milliseconds of fn() with a cold L2, free of host overhead.
+    Why not plain triton.testing.do_bench: it times fn() launched from Python each time, so when the
+    host work of a call (Python, autograd, Triton's launcher: 50-150 us on the shared device machine)
+    exceeds the GPU work (~28 us for the RMSNorm forward) it measures the host. It did: the same
+    forward kernel read 2.36 TB/s called directly and 0.78-1.1 TB/s through rms_norm() in one run.
+    So fn is captured once in a CUDA graph (one replay = the same kernels fn launches) and each replay
+    follows a 256 MB L2 flush outside the timed region, as do_bench does. Every implementation, ours
+    and the peers, is timed this way. Falls back to do_bench when fn cannot be captured."""
+    from triton.testing import do_bench
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):   # warm-up (compiles; a bwd closure runs its forward here) on the
+        fn()                        # capture stream, so autograd's backward later runs on that stream too
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=side):
+            fn()
+    except Exception as e:   # e.g. a peer that syncs with the host
+        print(f"  (CUDA graph capture failed: {type(e).__name__}; timing with do_bench)")
+        torch.cuda.synchronize()
+        return do_bench(fn, warmup=25, rep=200, return_mode="median")
+    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    events = []
+    for _ in range(reps):
+        flush.zero_()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        events.append((start, end))
+    torch.cuda.synchronize()
+    del graph
+    return sorted(s.elapsed_time(e) for s, e in events)[reps // 2]
+
+
+def _bench_norm() -> list[tuple]:
+    """bf16 GB/s on one CUDA GPU, every peer timed in the same run (_gpu_time_ms: CUDA graph, cold L2). Bytes = each input read once + each
+    output written once (the floor all implementations share), so ratio = inverse time ratio and
+    roofline = GB/s over 3.0 TB/s (H100 SXM copy bandwidth as measured; datasheet 3.35).
+    Backward rows time torch.autograd.grad on a retained graph (the forward is not in the number)."""
+    if not torch.cuda.is_available():
+        print("_bench_norm: needs CUDA, skipped")
+        return []
+    F, bf, dev, ROOF = torch.nn.functional, torch.bfloat16, "cuda", 3.0e12
+    try:   # Liger-Kernel, the peer the issue names; its columns are skipped when it is not installed
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        LigerRMSNorm = LigerSiLUMulFunction = None
+    table = []
+
+    time_ms = _gpu_time_ms
+
+    def bwd(f, inputs, grads):
+        """Closure timing only the backward of f(): its first (untimed) call runs the forward once."""
+        graph = []
+
+        def run():
+            if not graph:
+                outs = f()
+                graph.append(outs if isinstance(outs, tuple) else (outs,))
+            return torch.autograd.grad(graph[0], inputs, grads, retain_graph=True)
+        return run
+
+    def add(name, nbytes, ours_fn, peers):
+        ours = nbytes / time_ms(ours_fn) / 1e6                            # bytes / ms / 1e6 = GB/s
+        for pname, pfn in peers.items():
+            if pfn is None:
+                continue
+            try:
+                pv = nbytes / time_ms(pfn) / 1e6
+            except Exception as e:   # a peer that fails to compile must not sink our rows
+                print(f"  peer {pname} failed on {name}: {type(e).__name__}: {e}"[:300])
+                continue
+            table.append((name, round(ours), pname, round(pv), "GB/s", round(ours / pv, 3),
+                          round(ours * 1e9 / ROOF, 3)))
+
+    # RMSNorm 16384 x 1024 (the issue's size), weights in bf16 like a bf16 model
+    N, Hd, eps = 16384, 1024, 1e-6
+    x = torch.randn(N, Hd, device=dev, dtype=bf, requires_grad=True)
+    r = torch.randn(N, Hd, device=dev, dtype=bf)
+    w = (1 + 0.1 * torch.randn(Hd, device=dev)).to(bf).requires_grad_()
+    dy = torch.randn(N, Hd, device=dev, dtype=bf)
+    ref_c = torch.compile(rms_norm_ref)
+    liger = None
+    if LigerRMSNorm is not None:
+        liger = LigerRMSNorm(Hd, eps=eps).to(dev, bf)
+        liger.weight.data.copy_(w.detach())
+        liger.in_place = False      # in_place would overwrite dy on every timed backward
+    fns = {"ours": lambda: rms_norm(x, w, eps), "eager": lambda: rms_norm_ref(x, w, eps),
+           "F.rms_norm": lambda: F.rms_norm(x, (Hd,), w, eps), "torch.compile": lambda: ref_c(x, w, eps),
+           "liger": (lambda: liger(x)) if liger is not None else None}
+    y_copy = torch.empty_like(x)
+    with torch.no_grad():   # + the practical ceiling: torch's copy of the same bytes (read x, write y)
+        add("rms_norm fwd 16384x1024", 2 * N * Hd * 2, fns["ours"],
+            {**{k: v for k, v in fns.items() if k != "ours"}, "copy_ (ceiling)": lambda: y_copy.copy_(x)})
+    # liger's backward also accumulates into its own weight; grads are taken w.r.t. its weight
+    bw = {k: (bwd(v, (x, liger.weight if k == "liger" else w), dy) if v is not None else None) for k, v in fns.items()}
+    add("rms_norm bwd 16384x1024", 3 * N * Hd * 2, bw.pop("ours"), bw)
+    with torch.no_grad():
+        add("rms_norm+residual fwd 16384x1024", 4 * N * Hd * 2, lambda: rms_norm(x, w, eps, residual=r),
+            {"eager": lambda: rms_norm_ref(x, w, eps, r), "torch.compile": lambda: ref_c(x, w, eps, r)})
+        ours_default = time_ms(lambda: _rms_norm_fwd(x, None, w, eps))
+        for rows_, warps_, pps in [(2, 4, None), (4, 4, None), (4, 8, None), (2, 4, 8)]:   # tuning aid
+            t = time_ms(lambda: _rms_norm_fwd(x, None, w, eps, rows_, warps_, pps, pps is not None))
+            gbs = 2 * N * Hd * 2 / t / 1e6
+            table.append((f"rms_norm fwd R={rows_} w={warps_} pps={pps}", round(gbs), "default cfg",
+                          round(2 * N * Hd * 2 / ours_default / 1e6), "GB/s", round(ours_default / t, 3),
+                          round(gbs * 1e9 / ROOF, 3)))
+
+    # SwiGLU 16384 x 3072 (the issue's size), then the same on column views of a fused gate_up
+    N, I = 16384, 3072
+    g = torch.randn(N, I, device=dev, dtype=bf, requires_grad=True)
+    u = torch.randn(N, I, device=dev, dtype=bf, requires_grad=True)
+    dy = torch.randn(N, I, device=dev, dtype=bf)
+    eager_sw = lambda a, b: F.silu(a) * b
+    comp_sw = torch.compile(eager_sw)
+    fns = {"ours": lambda: swiglu(g, u), "eager": lambda: eager_sw(g, u), "torch.compile": lambda: comp_sw(g, u),
+           "liger": (lambda: LigerSiLUMulFunction.apply(g, u)) if LigerSiLUMulFunction is not None else None}
+    with torch.no_grad():
+        add("swiglu fwd 16384x3072", 3 * N * I * 2, fns["ours"], {k: v for k, v in fns.items() if k != "ours"})
+    # (Liger's backward writes its grads into the saved g, u: repeated runs change the values, not the time)
+    bw = {k: (bwd(v, (g, u), dy) if v is not None else None) for k, v in fns.items()}
+    add("swiglu bwd 16384x3072", 5 * N * I * 2, bw.pop("ours"), bw)
+    gu = torch.randn(N, 2 * I, device=dev, dtype=bf)
+    with torch.no_grad():
+        add("swiglu fwd gate_up views", 3 * N * I * 2, lambda: swiglu(gu[:, :I], gu[:, I:]),
+            {"eager": lambda: eager_sw(gu[:, :I], gu[:, I:])})
+
+    # RoPE + qk-norm, Qwen3-8B attention (H=32, Hkv=8, D=128), q/k as views of the fused qkv output
+    N, H, Hkv, D = 16384, 32, 8, 128
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, device=dev, dtype=bf)
+    q = qkv[:, : H * D].view(N, H, D).detach().requires_grad_()         # [N, H, D] leaf, strided view
+    k = qkv[:, H * D: (H + Hkv) * D].view(N, Hkv, D).detach().requires_grad_()
+    pos = torch.arange(N, device=dev)
+    table_cs = rope_cos_sin(N, D, device=dev)
+    qw = (1 + 0.1 * torch.randn(D, device=dev)).to(bf).requires_grad_()
+    kw = (1 + 0.1 * torch.randn(D, device=dev)).to(bf).requires_grad_()
+    dq, dk = torch.randn(N, H, D, device=dev, dtype=bf), torch.randn(N, Hkv, D, device=dev, dtype=bf)
+    ref_c = torch.compile(rope_qk_norm_ref)
+    qk_bytes = (H + Hkv) * N * D * 2
+    fns = {"ours": lambda: rope_qk_norm(q, k, pos, table_cs, qw, kw),
+           "eager": lambda: rope_qk_norm_ref(q, k, pos, table_cs, qw, kw),
+           "torch.compile": lambda: ref_c(q, k, pos, table_cs, qw, kw)}
+    with torch.no_grad():   # + positions and the gathered fp32 table rows, read once
+        add("rope_qk_norm fwd Qwen3-8B", 2 * qk_bytes + N * (8 + D * 4), fns["ours"],
+            {k_: v for k_, v in fns.items() if k_ != "ours"})
+    bw = {k_: bwd(v, (q, k, qw, kw), (dq, dk)) for k_, v in fns.items()}
+    add("rope_qk_norm bwd Qwen3-8B", 3 * qk_bytes + N * (8 + D * 4), bw.pop("ours"), bw)
+
+    print(f"_bench_norm on {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
+    print(f"{'op':36s} {'ours':>6s}  {'peer':18s} {'peer':>6s} unit  ratio  roofline")
+    for name, ours, pname, pv, unit, ratio, roof in table:
+        print(f"{name:36s} {ours:6d}  {pname:18s} {pv:6d} {unit}  {ratio:5.2f}  {roof:6.1%}")
+    return table
+
+
+# ==== losses over the LM head =================================================================
+# Losses over the LM head that never hold the [N, V] fp32 logits. Stands in for Liger-Kernel's fused linear cross-entropy and the "Cut Cross-Entropy" idea (Wijmans et
+# al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). Keeps: SFT cross-entropy with
+# ignore_index and sum/mean/none, PPO per-token log-probs of given tokens with temperature and entropy,
+# a Megatron-style vocab-parallel mode. Drops: label smoothing, z-loss, soft-capping, bias.
+#
+# Why: the eager LM-head loss `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab
+# of V=151936 holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (16384 x 151936 x
+# 4 B = 9.96 GB), the fp32 log-softmax saved for backward (9.96 GB) and in backward the fp32 and bf16
+# gradients of the logits: ~30 GB (29.9 GB measured) for a loss that is one number per token.
+# How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype
+# (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
+# logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
+# matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W (V x Hd, 0.31 GB at Hd=1024).
+# - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
+#   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
+# - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
+#   logits (one extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
+# Legend: N packed tokens, Hd hidden size, V vocab (V_r: this rank's vocab slice), C rows per chunk.
+# Parts: references . vocab-parallel hooks . Triton kernels (+ torch twins) . chunked autograd
+#        Functions . public API . benchmark
+
+
+# ---- references: the plain math, materialising the fp32 logits (test oracles, CPU fallback) ----
+
+def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, reduction="mean",
+                             num_tokens_for_mean=None):
+    """Eager torch: logits = h @ W^T in the input dtype, then fp32 cross-entropy. 'mean' divides by the
+    number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0."""
+    logits = (hidden @ weight.t()).float()                                       # [N, V] fp32
+    if reduction == "none":
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    n = (labels != ignore_index).sum() if num_tokens_for_mean is None else num_tokens_for_mean
+    return total / torch.as_tensor(n, dtype=torch.float32, device=total.device).clamp(min=1)
+
+
+def linear_logprobs_ref(hidden, weight, tokens, temperature=1.0, return_entropy=True):
+    """Eager torch: z = (h @ W^T)/T in fp32, log p = log_softmax(z), logp_i = log p[i, tokens_i],
+    H_i = -sum_j p_ij log p_ij (Shannon entropy of the sampling distribution, in nats)."""
+    logp = torch.log_softmax((hidden @ weight.t()).float() / temperature, dim=-1)   # [N, V] fp32
+    lp = logp.gather(1, tokens.long()[:, None])[:, 0]                                # [N]
+    return lp, (-(logp.exp() * logp).sum(-1) if return_entropy else None)
+
+
+def _shard_stats_ref(hidden, weight_shards, tokens, temperature):
+    """The vocab-parallel math written on the shards, every shard in one process: each shard r gives a
+    local max m_r, sum-exp s_r and target logit t_r (0 when the token is not in its slice); combine with
+    M = max_r m_r, S = sum_r s_r e^(m_r - M), t = sum_r t_r; then lse = M + log S (the merge step of
+    Milakov & Gimelshein 2018, 'Online normalizer calculation for softmax', applied across shards)."""
+    v0, m, s, t, sz = 0, [], [], [], []
+    for w in weight_shards:
+        z = (hidden @ w.t()).float() / temperature                 # [N, V_r]: this shard's logits
+        loc = tokens.long() - v0
+        hit = (loc >= 0) & (loc < w.shape[0])
+        t.append(torch.where(hit, z.gather(1, loc.clamp(0, w.shape[0] - 1)[:, None])[:, 0], 0.0))
+        m.append(z.max(-1).values.detach())     # the shift cancels in lse: no gradient through the max
+        e = torch.exp(z - m[-1][:, None])
+        s.append(e.sum(-1))
+        sz.append((e * z).sum(-1))              # for the entropy: sum_j e^(z_j - m) z_j
+        v0 += w.shape[0]
+    M = torch.stack(m).max(0).values                                             # "all_reduce_max"
+    r = [torch.exp(mi - M) for mi in m]                                          # rescale to the global max
+    S = sum(si * ri for si, ri in zip(s, r))                                     # "all_reduce_sum"
+    lse = M + torch.log(S)
+    return lse, sum(t), lse - sum(x * ri for x, ri in zip(sz, r)) / S            # lse, target logit, entropy
+
+
+def linear_cross_entropy_vocab_parallel_ref(hidden, weight_shards, labels, ignore_index=-100,
+                                            reduction="mean"):
+    """Cross-entropy from the shard-wise math above: loss_i = lse_i - z_i[label_i]."""
+    valid = labels != ignore_index
+    lse, tgt, _ = _shard_stats_ref(hidden, weight_shards, torch.where(valid, labels, -1), 1.0)
+    rows = torch.where(valid, lse - tgt, 0.0)
+    if reduction == "none":
+        return rows
+    return rows.sum() if reduction == "sum" else rows.sum() / valid.sum().clamp(min=1)
+
+
+def linear_logprobs_vocab_parallel_ref(hidden, weight_shards, tokens, temperature=1.0):
+    """Log-prob and entropy from the shard-wise math: logp_i = z_i[t_i] - lse_i, H_i = lse_i - E_p[z]."""
+    lse, tgt, ent = _shard_stats_ref(hidden, weight_shards, tokens, temperature)
+    return tgt - lse, ent
+
+
+# ---- vocab-parallel hooks ----
+# Megatron's vocab-parallel cross-entropy (Shoeybi et al. 2019, sec. 3): rank r holds the rows
+# W[v0:v0+V_r] of the LM head and computes only its [C, V_r] logits. Softmax statistics combine
+# exactly: a global max (all-reduce MAX), then the local sums rescaled to it, the target logit (only
+# the owning rank has a non-zero one) and the entropy numerator (all-reduce SUM). After that every rank
+# knows the global lse and finishes its own slice of the gradient with no further communication.
+
+@dataclass
+class VocabParallel:
+    """This rank's vocab slice and two in-place all-reduce hooks over the tensor-parallel group, e.g.
+    `lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=tp_group)`. A dict with the same keys works."""
+    vocab_start: int
+    all_reduce_max: Callable[[torch.Tensor], object]
+    all_reduce_sum: Callable[[torch.Tensor], object]
+
+
+def _as_vocab_parallel(vp):
+    if vp is None or isinstance(vp, VocabParallel):
+        return vp
+    if isinstance(vp, dict):
+        return VocabParallel(**vp)
+    return VocabParallel(vp.vocab_start, vp.all_reduce_max, vp.all_reduce_sum)
+
+
+# ---- Triton kernels (each with its torch twin) ----
+# Both kernels give one program to one row of the [C, V_r] logits chunk and walk it in BLOCK_V slices.
+# Memory-bound: the stats pass reads the chunk once, the gradient pass reads and writes it once.
+
+_LOSS_MAX_BLOCK_V = 4096          # 4096 fp32 lanes over 8 warps = 16 per thread per running vector
+_LOSS_CHUNK_BYTES = 1 << 30       # budget for one [C, V_r] logits chunk; see _default_chunk_size
+
+
+@_jit
+def _loss_row_stats_kernel(logits_ptr, stride_row, tok_ptr, stats_ptr, n_rows, V, inv_temp,
+                           BLOCK_V: tl.constexpr):
+    """stats[:, row] = (max_j z_j, sum_j e^(z_j - max), z[tok] or 0, sum_j e^(z_j - max) z_j) where
+    z = logits[row] * inv_temp in fp32; tok is this slice's local id (-1 or >= V: not in the slice)."""
+    row = tl.program_id(0)
+    ptr = logits_ptr + row.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    # one running (max, sum-exp, sum-exp*z) per lane: the online softmax of Milakov & Gimelshein 2018,
+    # kept as vectors so the loop has no cross-lane reduction; the lanes are merged once at the end
+    m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+    s = tl.zeros([BLOCK_V], dtype=tl.float32)
+    sz = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        z = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
+        m_new = tl.maximum(m, z)
+        # a lane that has only seen padding has max -inf: shift by 0 there, so exp(-inf - 0) = 0, not NaN
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m - shift)                       # rescale the old sums to the new max
+        e = tl.exp(z - shift)
+        s = s * alpha + e
+        sz = sz * alpha + e * tl.where(mask, z, 0.0)    # padding: 0 * 0, not 0 * -inf = NaN
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    w = tl.exp(m - row_max)                             # merge the lanes: rescale each to the row max
+    tok = tl.load(tok_ptr + row)
+    hit = (tok >= 0) & (tok < V)
+    # the target logit: a masked scalar load, so 0 when the token is ignored or in another rank's slice
+    z_tok = tl.load(ptr + tl.where(hit, tok, 0), mask=hit, other=0.0).to(tl.float32) * inv_temp
+    tl.store(stats_ptr + row, row_max)
+    tl.store(stats_ptr + n_rows + row, tl.sum(s * w, axis=0))
+    tl.store(stats_ptr + 2 * n_rows + row, z_tok)
+    tl.store(stats_ptr + 3 * n_rows + row, tl.sum(sz * w, axis=0))
+
+
+def _row_stats_ref(logits, tok, inv_temp):
+    """Torch twin of _loss_row_stats_kernel: returns [4, C] fp32 (local max, sum-exp, target z, sum e*z)."""
+    z = logits.float() * inv_temp                                               # [C, V_r]
+    m = z.max(-1).values
+    e = torch.exp(z - m[:, None])
+    hit = (tok >= 0) & (tok < z.shape[1])
+    t = torch.where(hit, z.gather(1, tok.clamp(0, z.shape[1] - 1)[:, None])[:, 0], 0.0)
+    return torch.stack([m, e.sum(-1), t, (e * z).sum(-1)])
+
+
+@_jit
+def _loss_dlogits_kernel(logits_ptr, stride_row, tok_ptr, lse_ptr, ent_ptr, glp_ptr, gent_ptr, V,
+                         inv_temp, HAS_ENT: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Overwrite logits[row] with d loss/d logits for loss = sum_i g_lp_i logp_i + g_ent_i H_i:
+        d logp_i/d z_j = [j == tok_i] - p_ij                   (log-softmax)
+        d H_i/d z_j    = -p_ij (log p_ij + H_i)                (entropy; H = -sum p log p)
+        d z/d logits   = inv_temp                              (z = logits / T)"""
+    row = tl.program_id(0)
+    ptr = logits_ptr + row.to(tl.int64) * stride_row
+    cols = tl.arange(0, BLOCK_V)
+    tok = tl.load(tok_ptr + row)
+    lse = tl.load(lse_ptr + row)
+    g_lp = tl.load(glp_ptr + row)
+    if HAS_ENT:
+        ent = tl.load(ent_ptr + row)
+        g_ent = tl.load(gent_ptr + row)
+    for start in range(0, V, BLOCK_V):
+        idx = start + cols
+        mask = idx < V
+        logp = tl.load(ptr + idx, mask=mask, other=0.0).to(tl.float32) * inv_temp - lse
+        p = tl.exp(logp)
+        dz = tl.where(idx == tok, g_lp, 0.0) - g_lp * p
+        if HAS_ENT:
+            dz -= g_ent * p * (logp + ent)
+        # IN PLACE: this slice is read before it is written and no other program touches the row
+        tl.store(ptr + idx, (dz * inv_temp).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _dlogits_ref_(logits, tok, lse, ent, g_lp, g_ent, inv_temp):
+    """Torch twin of _loss_dlogits_kernel (same in-place contract)."""
+    logp = logits.float() * inv_temp - lse[:, None]                              # [C, V_r]
+    p = logp.exp()
+    dz = -g_lp[:, None] * p
+    hit = (tok >= 0) & (tok < logits.shape[1])
+    dz[hit, tok[hit]] += g_lp[hit]
+    if ent is not None:
+        dz -= g_ent[:, None] * p * (logp + ent[:, None])
+    logits.copy_(dz * inv_temp)
+
+
+def _loss_launch_cfg(V):
+    block = min(_LOSS_MAX_BLOCK_V, triton.next_power_of_2(V))
+    return block, (8 if block >= 2048 else 4)
+
+
+def _row_stats(logits, tok, inv_temp, use_triton):
+    if not use_triton:
+        return _row_stats_ref(logits, tok, inv_temp)
+    C, V = logits.shape
+    stats = torch.empty(4, C, dtype=torch.float32, device=logits.device)
+    block, warps = _loss_launch_cfg(V)
+    _loss_row_stats_kernel[(C,)](logits, logits.stride(0), tok, stats, C, V, inv_temp,
+                                 BLOCK_V=block, num_warps=warps)
+    return stats
+
+
+def _dlogits_(logits, tok, lse, ent, g_lp, g_ent, inv_temp, use_triton):
+    if not use_triton:
+        return _dlogits_ref_(logits, tok, lse, ent, g_lp, g_ent, inv_temp)
+    C, V = logits.shape
+    has_ent = ent is not None
+    block, warps = _loss_launch_cfg(V)
+    _loss_dlogits_kernel[(C,)](logits, logits.stride(0), tok, lse, ent if has_ent else lse, g_lp,
+                               g_ent if has_ent else g_lp, V, inv_temp, HAS_ENT=has_ent,
+                               BLOCK_V=block, num_warps=warps)
+
+
+def _softmax_stats(logits, tok, inv_temp, vp, use_triton):
+    """One chunk's per-row (lse, target z, entropy), global over the vocab even when vocab-parallel."""
+    m, s, t, sz = _row_stats(logits, tok, inv_temp, use_triton).unbind(0)       # each [C]
+    if vp is not None:
+        gm = m.clone()
+        vp.all_reduce_max(gm)                           # 1) the global max M
+        r = torch.exp(m - gm)                           # 2) e^(m_r - M) rescales this rank's sums to M
+        packed = torch.stack([s * r, t, sz * r])        # [3, C]: one all-reduce instead of three
+        vp.all_reduce_sum(packed)
+        m, (s, t, sz) = gm, packed.unbind(0)
+    lse = m + torch.log(s)
+    return lse, t, lse - sz / s                          # H = lse - sum_j p_j z_j
+
+
+# ---- chunked autograd Functions ----
+
+def _default_chunk_size(V, itemsize):
+    """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB),
+    within [128, 8192]. At V=151936 in bf16 that is C=2048: a 0.62 GB buffer and 8 chunks at 16k tokens.
+    Why not smaller (Liger's N*Hd/V heuristic gives 128 rows here): every chunk re-reads W and
+    read-modify-writes grad_W (V x Hd: 0.31 GB each), and grad_W += dlogits^T @ h_c contracts over only
+    C rows, so small chunks turn three compute-bound GEMMs into many bandwidth-bound ones. Why not
+    larger: memory grows as C*V, while a [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256
+    output tiles for 132 SMs, so more rows buy little speed (_bench_loss also times C=1024 and 4096)."""
+    rows = max(1, _LOSS_CHUNK_BYTES // (V * itemsize))
+    return max(128, min(8192, 1 << (rows.bit_length() - 1)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """loss = sum_i w_i (lse_i - z_i[label_i]) with fixed row weights w (1, 1/n or 0 for ignored rows).
+    The gradients are made in the forward: d loss/d z_ij = w_i (p_ij - [j == label_i])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tok, row_w, chunk, need_gh, need_gw, use_triton, vp):
+        N, V = hidden.shape[0], weight.shape[0]
+        loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        grad_h = hidden.new_empty(hidden.shape) if need_gh else None        # contiguous, for out=
+        grad_w = weight.new_zeros(weight.shape) if need_gw else None
+        buf = hidden.new_empty(min(chunk, N), V)                # the only [C, V_r] tensor that exists
+        for s0 in range(0, N, chunk):
+            h_c = hidden[s0:s0 + chunk]                                          # [c, Hd], c <= C
+            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # [c, V_r] input dtype
+            lse, t, _ = _softmax_stats(logits, tok[s0:s0 + chunk], 1.0, vp, use_triton)
+            loss_rows[s0:s0 + chunk] = lse - t
+            if need_gh or need_gw:
+                # logp has d/dz = onehot - p, the loss is -w * logp: so g_lp = -w (0 on ignored rows).
+                # FOOTGUN (fp16 only): w = 1/n is folded into dlogits, so entries below fp16's 6e-8
+                # flush to zero at large n; bf16 has fp32's exponent range and does not care.
+                _dlogits_(logits, tok[s0:s0 + chunk], lse, None, -row_w[s0:s0 + chunk], None, 1.0,
+                          use_triton)                   # logits now holds dlogits [c, V_r]
+                if need_gh:
+                    torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])          # [c, Hd]
+                if need_gw:
+                    # addmm accumulates in fp32 inside the GEMM and rounds into grad_w once per chunk
+                    grad_w.addmm_(logits.t(), h_c)                              # [V_r, Hd]
+        ctx.grads = (grad_h, grad_w)
+        return (loss_rows * row_w).sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        grad_h, grad_w = ctx.grads
+        if grad_h is None and grad_w is None:
+            raise RuntimeError("fused_linear_cross_entropy: no gradients were made in the forward "
+                               "(grad mode was off, or backward already ran once; it may run only once)")
+        ctx.grads = (None, None)        # scaled in place below: a second backward would double-scale
+        grad_h = grad_h.mul_(g) if grad_h is not None else None
+        grad_w = grad_w.mul_(g) if grad_w is not None else None
+        return grad_h, grad_w, None, None, None, None, None, None, None
+
+
+class _LinearLogprobs(torch.autograd.Function):
+    """(logp_i, H_i) of z = h W^T / T. Forward keeps h, lse and H only; backward recomputes each chunk's
+    logits, turns them in place into d loss/d logits, then grad_h = dl @ W, grad_W += dl^T @ h."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, tok, inv_temp, chunk, use_triton, vp):
+        N, V = hidden.shape[0], weight.shape[0]
+        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        tgt, ent = torch.empty_like(lse), torch.empty_like(lse)
+        buf = hidden.new_empty(min(chunk, N), V)
+        for s0 in range(0, N, chunk):
+            h_c = hidden[s0:s0 + chunk]
+            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # [c, V_r]
+            lse[s0:s0 + chunk], tgt[s0:s0 + chunk], ent[s0:s0 + chunk] = _softmax_stats(
+                logits, tok[s0:s0 + chunk], inv_temp, vp, use_triton)
+        ctx.save_for_backward(hidden, weight, tok, lse, ent)
+        ctx.cfg = (inv_temp, chunk, use_triton)
+        ctx.set_materialize_grads(False)                # an unused output's grad arrives as None
+        return tgt - lse, ent
+
+    @staticmethod
+    def backward(ctx, g_lp, g_ent):
+        hidden, weight, tok, lse, ent = ctx.saved_tensors
+        inv_temp, chunk, use_triton = ctx.cfg
+        N, V = hidden.shape[0], weight.shape[0]
+        g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
+        g_ent = None if g_ent is None else g_ent.float().contiguous()
+        grad_h = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
+        grad_w = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        buf = hidden.new_empty(min(chunk, N), V)
+        for s0 in range(0, N, chunk):
+            h_c = hidden[s0:s0 + chunk]
+            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # recompute [c, V_r]
+            _dlogits_(logits, tok[s0:s0 + chunk], lse[s0:s0 + chunk],
+                      None if g_ent is None else ent[s0:s0 + chunk], g_lp[s0:s0 + chunk],
+                      None if g_ent is None else g_ent[s0:s0 + chunk], inv_temp, use_triton)
+            if grad_h is not None:
+                torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])              # [c, Hd]
+            if grad_w is not None:
+                grad_w.addmm_(logits.t(), h_c)                                  # [V_r, Hd]
+        return grad_h, grad_w, None, None, None, None, None
+
+
+# ---- public API ----
+
+def _loss_check_inputs(hidden, weight, ids, ids_name, chunk_size):
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden must be [N, Hd] and weight [V, Hd] with the same Hd, got "
+                         f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or hidden.device != weight.device:
+        raise ValueError(f"hidden and weight must share dtype and device, got {hidden.dtype}/"
+                         f"{hidden.device} and {weight.dtype}/{weight.device}")
+    if ids.shape != (hidden.shape[0],) or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise ValueError(f"{ids_name} must be an integer tensor of shape [N]=[{hidden.shape[0]}], "
+                         f"got {ids.dtype} {tuple(ids.shape)}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size or _default_chunk_size(weight.shape[0], weight.element_size())
+
+
+def _local_ids(ids, valid, vp, V_r):
+    """Global token ids -> this rank's column (int64), -1 where the id is ignored or in another slice."""
+    loc = ids.long() - (vp.vocab_start if vp is not None else 0)
+    return torch.where(valid & (loc >= 0) & (loc < V_r), loc, -1).contiguous()
+
+
+def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean",
+                               chunk_size=None, impl="auto", vocab_parallel=None,
+                               num_tokens_for_mean=None):
+    """Cross-entropy of softmax(hidden @ weight^T) against labels without the [N, V] fp32 logits.
+
+    hidden [N, Hd] and weight [V, Hd] (same dtype: bf16/fp16/fp32), labels [N] int, ignore_index rows
+    contribute 0. reduction: "sum"; "mean" (sum / number of non-ignored labels, or / num_tokens_for_mean
+    when given; a count of 0 is clamped to 1); "none" ([N] fp32, 0 on ignored rows).
+    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. With gradient
+    accumulation and data parallelism, a per-micro-batch mean over-weights short micro-batches; passing
+    the step's total count (all-reduced over DP once per step) makes sum(micro-batch losses) with a SUM
+    all-reduce of gradients exactly the per-token mean over the whole batch.
+    chunk_size: rows per [C, V] logits chunk (default: see _default_chunk_size, 2048 at V=151936 bf16).
+    Memory: one [C, V] buffer in the input dtype + the gradients, vs ~30 GB eager at 16k x 152k.
+    "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales
+    them by grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
+    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref".
+    vocab_parallel: None, or a VocabParallel / dict / object with vocab_start and in-place all-reduce
+    hooks all_reduce_max(t) and all_reduce_sum(t) over the tensor-parallel group; weight is then this
+    rank's rows W[vocab_start : vocab_start + V_r] and labels stay global ids. The returned loss is the
+    full (global-vocab) loss on every rank and grad_W is this rank's slice, but grad_h is only THIS
+    RANK'S PARTIAL SUM over its vocab slice: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP,
+    as Megatron does in the backward of `copy_to_tensor_model_parallel_region` before the LM head.
+    With impl="ref" the vocab-parallel path runs the same chunked algorithm with torch twins."""
+    chunk = _loss_check_inputs(hidden, weight, labels, "labels", chunk_size)
+    if reduction not in ("sum", "mean", "none"):
+        raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
+    vp = _as_vocab_parallel(vocab_parallel)
+    use_triton = _use_triton(impl, hidden, weight, labels)
+    if vp is None and not use_triton:
+        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction,
+                                        num_tokens_for_mean)
+    valid = labels != ignore_index
+    if reduction == "none":   # per-row grad_output is only known in backward: the recompute path
+        lp, _ = fused_linear_logprobs(hidden, weight, torch.where(valid, labels, 0), 1.0, False,
+                                      chunk, impl, vp)
+        return torch.where(valid, -lp, 0.0)
+    row_w = valid.float()                                                        # [N] d loss/d loss_i
+    if reduction == "mean":   # stays on the device: no .item() sync
+        n = valid.sum() if num_tokens_for_mean is None else num_tokens_for_mean
+        row_w = row_w / torch.as_tensor(n, dtype=torch.float32, device=hidden.device).clamp(min=1)
+    grad_on = torch.is_grad_enabled()   # Function.forward sees requires_grad even under no_grad
+    return _LinearCrossEntropy.apply(hidden, weight, _local_ids(labels, valid, vp, weight.shape[0]),
+                                     row_w, chunk, grad_on and hidden.requires_grad,
+                                     grad_on and weight.requires_grad, use_triton, vp)
+
+
+def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entropy=True,
+                          chunk_size=None, impl="auto", vocab_parallel=None):
+    """Per-token log-prob of `tokens` and entropy under softmax(hidden @ weight^T / temperature).
+
+    Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for
+    any loss using both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the
+    SAME temperature the rollout sampled with, or the ratio compares two different distributions.
+    Backward, with g_lp = d loss/d logp_i and g_H = d loss/d H_i:
+        d loss/d z_ij = g_lp_i ([j == t_i] - p_ij) - g_H_i p_ij (log p_ij + H_i),  d z/d logits = 1/T,
+    done chunk by chunk on recomputed logits (forward keeps only h, lse and H: 8 bytes per token).
+    tokens must lie in [0, V) (not checked: that would sync the GPU); an id outside gives logp = -lse.
+    impl, chunk_size and vocab_parallel as in fused_linear_cross_entropy (tokens are global ids; under
+    vocab_parallel THE CALLER MUST ALL-REDUCE grad_h over the TP group; backward needs no collective)."""
+    chunk = _loss_check_inputs(hidden, weight, tokens, "tokens", chunk_size)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    vp = _as_vocab_parallel(vocab_parallel)
+    use_triton = _use_triton(impl, hidden, weight, tokens)
+    if vp is None and not use_triton:
+        return linear_logprobs_ref(hidden, weight, tokens, temperature, return_entropy)
+    ok = torch.ones_like(tokens, dtype=torch.bool)
+    lp, ent = _LinearLogprobs.apply(hidden, weight, _local_ids(tokens, ok, vp, weight.shape[0]),
+                                    1.0 / temperature, chunk, use_triton, vp)
+    return lp, (ent if return_entropy else None)
+
+
+# ---- benchmark ----
+
+def _loss_measure(fn):
+    """(median ms, peak extra GB): peak = max_memory_allocated during one call - memory before it."""
+    import triton.testing
+    fn()                                                          # warm-up: compile, autotune, cuBLAS
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"), peak
+
+
+def _bench_loss() -> list[tuple]:
+    """bf16, N=16384, Hd=1024, V=151936, fwd+bwd. Rows: (name, ours, peer name, peer value, unit,
+    ratio peer/ours (>1: ours better), roofline fraction). Roofline: the 3 GEMMs any method needs,
+    6 N V Hd FLOP = 15.3 TFLOP, at 989 TFLOP/s (H100 SXM dense bf16); logprobs does a 4th (recompute)."""
+    if not torch.cuda.is_available() or triton is None:
+        print("_bench_loss: needs CUDA and triton, skipped")
+        return []
+    import time
+    N, Hd, V, dev, bf = 16384, 1024, 151936, "cuda", torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(0)
+    h = torch.randn(N, Hd, device=dev, dtype=bf, generator=g).requires_grad_()
+    w = (torch.randn(V, Hd, device=dev, dtype=bf, generator=g) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (N,), device=dev, generator=g)
+    y[::7] = -100                                                  # some ignored rows, as in SFT
+    roof_ms = 6 * N * V * Hd / 989e12 * 1e3
+    grads = lambda loss: torch.autograd.grad(loss, (h, w))         # noqa: E731 (no .grad accumulation)
+    eager = lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y)  # noqa: E731
+    ce = {"ours": lambda: grads(fused_linear_cross_entropy(h, w, y)),
+          "eager": lambda: grads(eager(h, w, y))}
+    for c in (1024, 4096):
+        ce[f"ours chunk {c}"] = lambda c=c: grads(fused_linear_cross_entropy(h, w, y, chunk_size=c))
+    try:
+        t0, comp = time.time(), torch.compile(eager)
+        grads(comp(h, w, y))
+        print(f"torch.compile(eager) compiled in {time.time() - t0:.0f} s")
+        ce["torch.compile"] = lambda: grads(comp(h, w, y))
+    except Exception as e:  # noqa: BLE001 (inductor can fail in many ways; the column is optional)
+        print(f"torch.compile(eager) skipped: {type(e).__name__}: {e}")
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss()
+        ce["liger"] = lambda: grads(liger(w, h, y))
+    except ImportError:
+        print("liger_kernel not importable: Liger column skipped")
+    a = torch.randn(N, device=dev, generator=g)                    # random d loss/d logp, d loss/d H
+    def lp_eager():
+        logp = torch.log_softmax((h @ w.t()).float() / 0.7, -1)
+        ent = -(logp.exp() * logp).sum(-1)
+        return grads((logp.gather(1, y.clamp(min=0)[:, None])[:, 0] * a).sum() + (ent * a).sum())
+    def lp_ours():
+        lp, ent = fused_linear_logprobs(h, w, y.clamp(min=0), temperature=0.7)
+        return grads((lp * a).sum() + (ent * a).sum())
+    res = {}
+    for name, fn in list(ce.items()) + [("logprobs ours", lp_ours), ("logprobs eager", lp_eager)]:
+        try:
+            res[name] = _loss_measure(fn)
+        except Exception as e:  # noqa: BLE001 (OOM of the eager peers; a peer library's own failure)
+            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
+            res[name] = (float("nan"), float("nan"))
+        torch.cuda.empty_cache()
+    rows = []
+    def add(name, ours, peer):
+        for i, unit in ((0, "ms"), (1, "GB")):
+            o, p = res[ours][i], res[peer][i]
+            rows.append((f"{name} [{ours}]", o, peer, p, unit, p / o,
+                         roof_ms / o if unit == "ms" else None))
+    for peer in [k for k in ("eager", "torch.compile", "liger") if k in res]:
+        add("linear+CE fwd+bwd", "ours", peer)
+    for k in ("ours chunk 1024", "ours chunk 4096"):
+        add("linear+CE fwd+bwd", k, "eager")
+    add("logprobs+entropy fwd+bwd T=0.7", "logprobs ours", "logprobs eager")
+    print(f"{'case':48s} {'ours':>9s} {'peer':>16s} {'value':>9s} unit {'peer/ours':>9s} roofline")
+    for r in rows:
+        roof = f"{r[6]:.2f}" if r[6] is not None else "-"
+        print(f"{r[0]:48s} {r[1]:9.2f} {r[2]:>16s} {r[3]:9.2f} {r[4]:4s} {r[5]:9.2f} {roof}")
+    return rows
+
+
+# ==== benchmark: python kernels.py --bench ==========================================================
+
+
+def bench() -> None:
+    """Every kernel's GPU benchmark in one run (bf16 on CUDA); each part prints its own table."""
+    if not torch.cuda.is_available():
+        raise SystemExit("kernels.py --bench needs a CUDA GPU")
+    print(f"kernels bench on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    for part in (_bench_attn, _bench_norm, _bench_loss):
+        part()
+
+
+# ==== self-test: python kernels.py =================================================================
+
+
+def selftest() -> None:
+    """Each kernel against its reference at tiny shapes (the interpreter on CPU, compiled on a GPU)."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    impl = "triton" if triton is not None else "ref"
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dev)
+
+    def close(a, b, tol=1e-4):
+        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+        assert err < tol, err
+
+    cu = torch.tensor([0, 5, 5, 22], dtype=torch.int32, device=dev)  # lengths 5, 0, 17
+    q, k, v = rnd(22, 4, 32), rnd(22, 2, 32), rnd(22, 2, 32)
+    # a GPU multiplies fp32 in TF32 (10-bit mantissa): ~1e-3 relative error is expected there
+    close(flash_attn_varlen(q, k, v, cu, 17, impl=impl), attention_ref(q, k, v, cu), 5e-3 if dev == "cuda" else 1e-4)
+    x, w, r = rnd(7, 48), rnd(48), rnd(7, 48)
+    close(rms_norm(x, w, residual=r, impl=impl)[0], rms_norm(x, w, residual=r, impl="ref")[0])
+    gate, up = rnd(7, 40), rnd(7, 40)
+    close(swiglu(gate, up, impl=impl), swiglu_ref(gate, up))
+    h, W, y = rnd(9, 16), rnd(50, 16), torch.randint(0, 50, (9,), generator=g).to(dev)
+    close(fused_linear_cross_entropy(h, W, y, impl=impl), linear_cross_entropy_ref(h, W, y))
+    print(f"kernels selftest ({impl} on {dev}): OK")
+
+
+if __name__ == "__main__":
+    bench() if "--bench" in sys.argv else selftest()

