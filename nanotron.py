@@ -17,7 +17,7 @@ Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable 
 
 Commands:
     python nanotron.py                            # CPU self-test: tiny model forward/backward, seconds
-    python -m pytest -q _tests_nanotron.py        # HF equality, TP=2/4 on gloo, GGUF conversion
+    pytest -q test_all.py -k "tp or hf or gguf"   # HF equality, TP=2/4 on gloo, GGUF conversion
     torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # (sft.py drives this file; dp inferred = 2)
 
 Legend: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, Hd hidden size,
