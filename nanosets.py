@@ -360,6 +360,13 @@ class Array:
             return None
         return unpack_bits(self.validity, self.offset, self.length).tolist()
 
+    def _take_nulls(self, values: list, idx: torch.Tensor) -> list:
+        """values gathered at rows idx, with None where those rows are null."""
+        if self.validity is None or self.null_count == 0:
+            return values
+        valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
+        return [v if ok else None for v, ok in zip(values, valid)]
+
     def _apply_nulls(self, values: list) -> list:
         valid = self.valid_list()
         return values if valid is None else [v if ok else None for v, ok in zip(values, valid)]
@@ -448,11 +455,7 @@ class PrimitiveArray(Array):
         return self._apply_nulls(values)
 
     def take_pylist(self, idx):
-        values = self.to_torch()[idx].tolist()  # one vectorised gather, one conversion
-        if self.validity is None or self.null_count == 0:
-            return values
-        valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-        return [v if ok else None for v, ok in zip(values, valid)]
+        return self._take_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
 
     def compact(self):
         isz = self.type.itemsize
@@ -542,10 +545,7 @@ class StringArray(_OffsetsMixin, Array):
             if not 0 <= a <= b <= n:
                 raise NanosetsError(f"corrupt string column: a row spans bytes [{a}, {b}) of {n}")
             out.append(_utf8(data[a:b], len(out)))
-        if self.validity is not None and self.null_count:
-            valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-            out = [v if ok else None for v, ok in zip(out, valid)]
-        return out
+        return self._take_nulls(out, idx)
 
     def compact(self):
         offsets, first, last = self._compact_offsets()
@@ -606,10 +606,7 @@ class ListArray(_OffsetsMixin, Array):
             out = [mv[o + a : o + b].tolist() for a, b in zip(starts, ends)]
         else:
             out = [child.slice(a, b).to_pylist() for a, b in zip(starts, ends)]
-        if self.validity is not None and self.null_count:
-            valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-            out = [v if ok else None for v, ok in zip(out, valid)]
-        return out
+        return self._take_nulls(out, idx)
 
     def compact(self):
         offsets, first, last = self._compact_offsets()
@@ -645,10 +642,7 @@ class StructArray(Array):
 
     def take_pylist(self, idx):
         rows = self._zip({k: c.take_pylist(idx) for k, c in self.children.items()}, len(idx))
-        if self.validity is not None and self.null_count:
-            valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-            rows = [r if ok else None for r, ok in zip(rows, valid)]
-        return rows
+        return self._take_nulls(rows, idx)
 
     def compact(self):
         kids = {k: c.compact() for k, c in self.children.items()}
@@ -680,10 +674,7 @@ class TensorArray(Array):
 
     def take_pylist(self, idx):
         out = self.to_torch()[idx].tolist()
-        if self.validity is not None and self.null_count:
-            valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-            out = [v if ok else None for v, ok in zip(out, valid)]
-        return out
+        return self._take_nulls(out, idx)
 
     def compact(self):
         row = self.type.numel * self.type.value.itemsize
