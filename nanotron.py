@@ -3,7 +3,8 @@
 Stands in for Megatron-LM / picotron / nanotron. Keeps: the Qwen3 / Qwen2 / Llama (SmolLM2) decoder
 family loaded from HF safetensors, packed varlen batches (no padding), activation checkpointing, one
 explicit rank-grid object, Megatron tensor parallelism (column / row / vocab-parallel layers, the
-vocab-parallel loss) with optional sequence parallelism. Drops: MoE, rope scaling, sliding windows,
+vocab-parallel loss) with optional sequence parallelism, pipeline parallelism (AFAB, 1F1B), data
+parallelism with ZeRO 0-3, fp32 master weights and AdamW. Drops: MoE, rope scaling, sliding windows,
 context parallelism, fp8, kv-head replication when tp > num_kv_heads.
 
 How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp)
@@ -31,14 +32,15 @@ Contents:
                               VocabParallelEmbedding, vocab_parallel_cross_entropy / _logprobs
     model ................... Attention, MLP, DecoderLayer, Transformer
     loading ................. load_hf_state, hub ids, HF name <-> shard mapping, GGUF -> HF conversion
-    pipeline parallelism .... (coming) AFAB and 1F1B schedules over the pp groups
-    data parallelism ........ (coming) gradient all-reduce, ZeRO 0-3
-    optimizer ............... (coming) bf16 params + fp32 master weights, clipping, AdamW, LR schedules
+    pipeline parallelism .... stage_layers, build_stage, p2p of varlen activations, AFAB / 1F1B pipeline_step
+    data parallelism ........ DataParallel: naive / bucketed overlapped grad reduction, ZeRO stages 0-3
+    optimizer ............... fp32 master weights + main_grad, clip_grad_norm_, AdamW, lr_at, build_optimizer
     checkpoints ............. (coming) sharded save / resume
     self-test ............... selftest(), `python nanotron.py`
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import math
@@ -46,7 +48,9 @@ import os
 import shutil
 import time
 import zlib
+from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -1164,9 +1168,1023 @@ def default_model_path() -> Path:
     return out
 
 
-# ---- pipeline parallelism (coming) -----------------------------------------------------------------
-# ---- data parallelism + ZeRO (coming) --------------------------------------------------------------
-# ---- optimizer (coming) ----------------------------------------------------------------------------
+# ---- pipeline parallelism --------------------------------------------------------------------------
+# Pipeline parallelism (GPipe, Huang et al. 2019; PipeDream-Flush / 1F1B, Narayanan et al. 2021) cuts the
+# L decoder layers into pp contiguous stages, one per pp rank; a step's batch is cut into M micro-batches
+# that flow through the stages so that several stages work at once. Each micro-batch is a packed varlen
+# batch (input_ids[N], positions[N], cu_seqlens[B+1], labels[N]) whose N differs from the next one's, so
+# every activation travels with a small shape header.
+#
+#     stage_layers(cfg, pp) ....... balanced contiguous partition of the layers (embedding and head counted)
+#     build_stage(cfg, mesh) ...... this rank's Transformer stage (+ the tied-embedding group)
+#     send_activation / recv_activation / send_grad / recv_grad ... p2p over the pp group
+#     pipeline_step(stage, mesh, micro_batches, schedule="1f1b"|"afab") -> (loss_sum, n_tokens)
+#
+# Schedules, pp = 4 stages, M = 6 micro-batches, time flows right (F3 = forward of micro-batch 3, B3 its
+# backward; one slot each for the picture, a real backward takes ~2 forwards):
+#
+#   AFAB (all forward, all backward; GPipe with a flush): the naive reference. Every stage holds the
+#   activations of ALL M micro-batches at its peak.
+#     stage 0: F0 F1 F2 F3 F4 F5 .. .. .. .. .. .. B0 B1 B2 B3 B4 B5
+#     stage 1: .. F0 F1 F2 F3 F4 F5 .. .. .. .. B0 B1 B2 B3 B4 B5 ..
+#     stage 2: .. .. F0 F1 F2 F3 F4 F5 .. .. B0 B1 B2 B3 B4 B5 .. ..
+#     stage 3: .. .. .. F0 F1 F2 F3 F4 F5 B0 B1 B2 B3 B4 B5 .. .. ..
+#
+#   1F1B (PipeDream-Flush): stage r runs w = pp - r - 1 warm-up forwards, then alternates one forward and
+#   one backward, then drains w backwards. The same bubble as AFAB ((pp-1)/(M+pp-1) of the step idle), but
+#   stage r holds at most w + 1 <= pp micro-batches of activations instead of M.
+#     stage 0: F0 F1 F2 F3 .. .. .. B0 F4 B1 F5 B2 .. B3 .. B4 .. B5
+#     stage 1: .. F0 F1 F2 .. .. B0 F3 B1 F4 B2 F5 B3 .. B4 .. B5 ..
+#     stage 2: .. .. F0 F1 .. B0 F2 B1 F3 B2 F4 B3 F5 B4 .. B5 .. ..
+#     stage 3: .. .. .. F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 .. .. ..
+#
+# Both run the backwards in micro-batch order 0, 1, .., M-1, so the gradients accumulate in the same
+# order and the two schedules give bit-identical gradients (tested in test_all.py).
+#
+# Tied embeddings (Megatron's approach): the last stage holds its OWN copy of the embedding matrix for
+# the LM head (Transformer builds it, init_random / load_hf fill it from model.embed_tokens.weight). The
+# true gradient of the shared matrix is the sum of the two copies' gradients, so after the backward the
+# two are all-reduced over an "embedding group" {first-stage rank, last-stage rank} per (dp, tp)
+# coordinate; both copies then take the same optimizer update and stay equal.
+#
+# Legend: as above (N packed tokens, Hd hidden, L layers, V vocab), plus M micro-batches, pp stages.
+
+# -- stage partition --
+# Cost model, forward FLOPs per token (one multiply-add = 2 FLOPs; the backward costs ~2x the forward for
+# every part, so the RATIOS below hold for forward + backward too):
+#   decoder layer = 2*Hd*(H*D + 2*Hkv*D)  q/k/v projections
+#                 + 2*H*D*Hd              o projection
+#                 + 2*3*Hd*I              SwiGLU gate, up, down
+#                 + 2*H*D*S               causal attention: q.k and p.v, 2*D FLOPs each, over S/2 keys on
+#                                         average (S: the typical sequence length, the only data-dependent term)
+#   LM head       = 2*Hd*V                (+ the softmax of the loss, O(V), ignored)
+#   embedding     = Hd                    a row lookup: ~0 FLOPs but a memory read; charged lightly
+# In "layer equivalents" (cost / layer cost), Qwen3-0.6B (Hd 1024, V 151936, S 2048) has a head worth
+# ~8 layers: a 4-stage split of its 28 layers gives the last stage 1 layer, not 7. (Activation
+# checkpointing re-runs the layers' forward, making them ~4/3 dearer than the head: ignored.)
+
+def stage_costs(cfg: ModelConfig, seq_len: int = 2048) -> tuple[float, float, float]:
+    """(embedding, decoder layer, head) forward FLOPs per token, per the cost model above."""
+    Hd, D, H, Hkv, I = cfg.hidden_size, cfg.head_dim, cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size
+    layer = 2 * Hd * (H * D + 2 * Hkv * D) + 2 * H * D * Hd + 2 * 3 * Hd * I + 2 * H * D * seq_len
+    return float(Hd), float(layer), float(2 * Hd * cfg.vocab_size)
+
+
+def stage_layers(cfg: ModelConfig, pp: int, seq_len: int = 2048) -> list[tuple[int, int]]:
+    """Split layers [0, L) into pp contiguous stages [(a0, b0), (a1, b1), ..], each >= 1 layer, minimising
+    the cost of the most expensive stage, where stage 0 also pays for the embedding and stage pp-1 for the
+    final norm + LM head + loss (cost model above). Exact: a DP over split points, O(pp * L^2).
+    Ties go to the split whose LATER stages hold more layers: under 1F1B stage r keeps pp - r micro-batches
+    of activations in flight, so the first stages are the ones short of memory."""
+    L = cfg.num_layers
+    if not (isinstance(pp, int) and pp >= 1):
+        raise ValueError(f"stage_layers: pp must be a positive int, got {pp!r}")
+    if pp > L:
+        raise ValueError(f"stage_layers: pp={pp} pipeline stages but the model has only {L} layers; every stage "
+                         f"needs at least one layer (use pp <= {L})")
+    emb, layer, head = stage_costs(cfg, seq_len)
+    emb, head = emb / layer, head / layer                    # layer equivalents: a decoder layer costs 1
+
+    def cost(s, a, b):                                       # stage s holding layers [a, b)
+        return (b - a) + (emb if s == 0 else 0.0) + (head if s == pp - 1 else 0.0)
+    # best[s][i]: the smallest possible max-cost of putting layers [0, i) into stages 0..s-1
+    INF = float("inf")
+    best = [[INF] * (L + 1) for _ in range(pp + 1)]
+    best[0][0] = 0.0
+    for s in range(1, pp + 1):
+        for i in range(s, L + 1):
+            best[s][i] = min(max(best[s - 1][a], cost(s - 1, a, i)) for a in range(s - 1, i))
+    bound = best[pp][L] * (1 + 1e-12)                        # the optimum (float slack for the ties)
+    # walk back from the last stage, each taking as many layers as the optimum allows (the tie rule)
+    stages, b = [], L
+    for s in range(pp, 0, -1):
+        a = next(a for a in range(s - 1, b) if cost(s - 1, a, b) <= bound and best[s - 1][a] <= bound)
+        stages.append((a, b))
+        b = a
+    return stages[::-1]
+
+
+# -- building this rank's stage --
+
+def build_embedding_groups(mesh: Mesh):
+    """Create the tied-embedding groups {rank_of(d, 0, t), rank_of(d, pp-1, t)} for every (dp d, tp t) and
+    return this rank's (None on middle stages, and when pp == 1). EVERY rank must call it, in the same
+    order relative to other group creations: new_group is a collective over the default group. Cached on
+    the mesh, so a second call (another model on the same mesh) creates nothing."""
+    if "embedding" in mesh._groups or mesh.pp == 1:
+        return mesh._groups.get("embedding")
+    if not dist.is_initialized():
+        raise RuntimeError("build_embedding_groups: no process group; build the mesh with Mesh.build(...) under "
+                           "torchrun (Mesh(pp=...) alone only does rank arithmetic)")
+    mine = None
+    for d in range(mesh.dp):
+        for t in range(mesh.tp):
+            ranks = [mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
+            g = dist.new_group(ranks)
+            if mesh.rank in ranks:
+                mine = g
+    mesh._groups["embedding"] = mine
+    return mine
+
+
+def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] | None = None,
+                seq_len: int = 2048, **transformer_kwargs) -> Transformer:
+    """This rank's pipeline stage: layers stage_layers(cfg, pp)[pp_rank] (or partition[pp_rank]), the
+    embedding on the first stage, final norm + head on the last. Parameters are EMPTY, as for Transformer:
+    fill them with init_random(seed) / load_hf(...). A collective (creates the embedding groups)."""
+    partition = partition or stage_layers(cfg, mesh.pp, seq_len)
+    if len(partition) != mesh.pp:
+        raise ValueError(f"build_stage: partition has {len(partition)} stages, the mesh pp={mesh.pp}")
+    build_embedding_groups(mesh)
+    return Transformer(cfg, mesh, layer_range=partition[mesh.pp_rank], has_embedding=mesh.is_first_stage,
+                       has_head=mesh.is_last_stage, **transformer_kwargs)
+
+
+def tied_embedding_weight(stage: Transformer):
+    """The copy of the tied embedding matrix this stage holds (embedding or LM head), or None."""
+    if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1:
+        return None                         # untied, or one stage where the head IS the embedding
+    if stage.has_embedding:
+        return stage.embed.weight
+    return stage.lm_head.weight if stage.has_head else None
+
+
+def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = None):
+    """Sum the two tied copies' gradients over the embedding group (no-op when untied or pp == 1, and on
+    middle stages). Run once per optimizer step, after the last backward (pipeline_step does). With an
+    optimizer attached (`dp` = optimizer.dp) the gradients live in its fp32 buffers, not in .grad: finish
+    the dp reduction first, then sum the owned fp32 shards (they line up: the embedding and the head have
+    buckets of their own, cut the same way on both stages)."""
+    w = tied_embedding_weight(stage)
+    if w is None:
+        return
+    if "embedding" not in stage.mesh._groups:
+        raise RuntimeError("sync_tied_embedding_grads: no embedding group on this mesh; build the stage with "
+                           "build_stage(...) (or call build_embedding_groups(mesh) on every rank)")
+    if dp is not None:
+        dp.finish_grad_sync()
+        all_reduce_(dp.owned_grad(w), stage.mesh._groups["embedding"])
+        return
+    if w.grad is None:                      # a stage that saw no token still joins the collective
+        w.grad = torch.zeros_like(w)
+    all_reduce_(w.grad, stage.mesh._groups["embedding"])
+
+
+# -- point-to-point --
+# Activations go from pp rank r to r+1, gradients from r+1 back to r, between ranks of the same (dp, tp)
+# coordinate (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under sequence
+# parallelism). N varies per micro-batch, so an activation is preceded by an int64 header [8] =
+# [ndim, *shape, 0 ..]. A gradient needs none: it has the shape of the activation the receiver sent.
+# DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv of all its sends and receives, so two
+# neighbours that send to each other at the same moment (1F1B's steady state: r sends activation k+1
+# while r+1 sends gradient k) cannot both block in send. Headers go in their own batch BEFORE the
+# tensors (the receiver must allocate), on both sides, so the two sides' sequences of batches between
+# any pair stay in step. The ops run on the pp group: its first use is pipeline_step's micro-batch count
+# check, which all its ranks join (NCCL requires that of a group's first batched p2p).
+
+_HEADER = 8
+
+
+def _p2p(ops, group):
+    """Run [(dist.isend | dist.irecv, tensor, global peer rank)] as one batch and wait for all of it."""
+    if ops:
+        for work in dist.batch_isend_irecv([dist.P2POp(op, t, peer, group) for op, t, peer in ops]):
+            work.wait()
+
+
+def _header(t):
+    if t.dim() >= _HEADER:
+        raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
+    return torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
+
+
+def _shape(h, src, hidden):
+    h = h.tolist()                                           # .tolist() syncs the GPU (once per micro-batch)
+    shape = tuple(h[1:1 + h[0]])
+    if not shape or shape[-1] != hidden:
+        raise RuntimeError(f"recv_activation: rank {src} sent shape {shape}, expected [.., {hidden}] (hidden "
+                           "size); are both stages built from the same config?")
+    return shape
+
+
+def send_activation(t, dst, group=None, recv_grad_of=None):
+    """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of
+    (1F1B's steady state) also receive from dst, in the same batch, the gradient of recv_grad_of (an
+    EARLIER activation sent there) and return it."""
+    _p2p([(dist.isend, _header(t), dst)], group)
+    g = None if recv_grad_of is None else torch.empty_like(recv_grad_of)
+    _p2p([(dist.isend, t.contiguous(), dst)] + ([(dist.irecv, g, dst)] if g is not None else []), group)
+    return g
+
+
+def recv_activation(src, hidden, dtype, device=None, group=None, send_grad_back=None):
+    """Receive an activation of any shape [.., hidden] from global rank src. With send_grad_back (1F1B's
+    steady state) also send that gradient (of an earlier activation) to src in the same batch."""
+    h = torch.empty(_HEADER, dtype=torch.int64, device=device)
+    _p2p([(dist.irecv, h, src)], group)
+    x = torch.empty(_shape(h, src, hidden), dtype=dtype, device=device)
+    g = send_grad_back
+    _p2p([(dist.irecv, x, src)] + ([(dist.isend, g.contiguous(), src)] if g is not None else []), group)
+    return x
+
+
+def send_grad(g, dst, group=None):
+    """Send dL/d(activation) back to the stage that sent the activation (global rank dst)."""
+    _p2p([(dist.isend, g.contiguous(), dst)], group)
+
+
+def recv_grad(src, like, group=None):
+    """Receive dL/d(like) from the next stage (global rank src): same shape and dtype as the activation
+    `like` that this rank sent there."""
+    g = torch.empty_like(like)
+    _p2p([(dist.irecv, g, src)], group)
+    return g
+
+
+# -- schedules --
+
+class _Pipe:
+    """One pipeline_step's plumbing: this stage's forward/backward of one micro-batch and the p2p to its
+    neighbours (None where there is no neighbour: every call below is a no-op at the ends)."""
+
+    def __init__(self, stage, mesh, micro_batches, loss_scale, dp=None):
+        self.stage, self.mesh, self.mbs, self.loss_scale = stage, mesh, micro_batches, loss_scale
+        self.dp, self.n_backward = dp, 0    # dp: the optimizer's DataParallel (grad sync on the last backward)
+        r, d, t = mesh.pp_rank, mesh.dp_rank, mesh.tp_rank
+        self.prev = mesh.rank_of(d, r - 1, t) if r > 0 else None
+        self.next = mesh.rank_of(d, r + 1, t) if r < mesh.pp - 1 else None
+        self.group = mesh.pp_group
+        p = next(stage.parameters())
+        self.dtype, self.device, self.hidden = p.dtype, p.device, stage.cfg.hidden_size
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.n_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
+
+    def forward(self, k, x):
+        """Micro-batch k through this stage. x: the received activation (None on the first stage).
+        Returns what backward needs: (x, y) with y the activation to send, or the scaled loss on the last."""
+        mb = {n: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for n, v in self.mbs[k].items()}
+        s = self.stage
+        y = s(mb["input_ids"] if s.has_embedding else x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
+        if s.has_head:
+            total, n = s.loss(y, mb["labels"])
+            self.loss_sum += total.detach()
+            self.n_tokens += n
+            y = total * self.loss_scale         # the step's mean: sum over micro-batches of total / n_total
+        return x, y
+
+    def backward(self, x, y, g):
+        """Backpropagate g = dL/dy (None when y is the loss) through this stage; returns dL/dx (None on the
+        first stage). The grads of the parameters ACCUMULATE into .grad over the micro-batches. With an
+        optimizer attached, only the LAST backward of the step (micro-batch M-1: both schedules run the
+        backwards in order) lets the dp gradient reduction run; the earlier ones accumulate locally."""
+        self.n_backward += 1
+        last = self.n_backward == len(self.mbs)
+        with (self.dp.no_sync() if self.dp is not None and not last else contextlib.nullcontext()):
+            torch.autograd.backward(y, grad_tensors=g)
+        return x.grad if x is not None else None
+
+    def recv_forward(self):
+        if self.prev is None:
+            return None
+        return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group).requires_grad_()
+
+    def send_forward(self, y):
+        if self.next is not None:
+            send_activation(y.detach(), self.next, self.group)
+
+    def recv_backward(self, y):
+        return recv_grad(self.next, y, self.group) if self.next is not None else None
+
+    def send_backward(self, dx):
+        if self.prev is not None:
+            send_grad(dx, self.prev, self.group)
+
+    def send_forward_recv_backward(self, y, y_old):
+        """Send activation y forward and, in the same batch, receive the gradient of the older y_old."""
+        if self.next is None:
+            return None
+        return send_activation(y.detach(), self.next, self.group, recv_grad_of=y_old)
+
+    def send_backward_recv_forward(self, dx):
+        """Send gradient dx back and, in the same batch, receive the next activation."""
+        if self.prev is None:
+            return None
+        return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group,
+                               send_grad_back=dx).requires_grad_()
+
+
+def _afab(p: _Pipe, M: int):
+    """All forwards, then all backwards (in micro-batch order). Holds M micro-batches of activations."""
+    saved = []
+    for k in range(M):
+        x, y = p.forward(k, p.recv_forward())
+        p.send_forward(y)
+        saved.append((x, y))
+    for k in range(M):
+        x, y = saved[k]
+        saved[k] = None                                         # free micro-batch k's graph now
+        p.send_backward(p.backward(x, y, p.recv_backward(y)))
+
+
+def _1f1b(p: _Pipe, M: int):
+    """PipeDream-Flush (Narayanan et al. 2021, Megatron-LM on GPU clusters, sec. 2.2.1): w warm-up forwards,
+    M - w steady (forward k + w, backward k) pairs, w cool-down backwards. Holds at most w + 1 micro-batches."""
+    w = min(p.mesh.pp - p.mesh.pp_rank - 1, M)
+    inflight = deque()                                          # (x, y) of the forwarded, not yet backwarded
+    for k in range(w):                                          # warm-up: fill the pipe downstream of us
+        x, y = p.forward(k, p.recv_forward())
+        p.send_forward(y)
+        inflight.append((x, y))
+    x_next = p.recv_forward() if M > w else None
+    for k in range(M - w):                                      # steady: one forward, one backward
+        x, y = p.forward(k + w, x_next)
+        inflight.append((x, y))
+        x_old, y_old = inflight.popleft()                       # the oldest micro-batch: k
+        # our output k + w goes down while the gradient of output k comes up: ONE batch, no deadlock
+        g = p.send_forward_recv_backward(y, y_old)
+        dx = p.backward(x_old, y_old, g)
+        if k == M - w - 1:                                      # last steady step: nothing left to receive
+            p.send_backward(dx)
+        else:
+            x_next = p.send_backward_recv_forward(dx)
+    while inflight:                                             # cool-down: drain the warm-up micro-batches
+        x, y = inflight.popleft()
+        p.send_backward(p.backward(x, y, p.recv_backward(y)))
+
+
+SCHEDULES = {"1f1b": _1f1b, "afab": _afab}
+
+
+def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], schedule: str = "1f1b",
+                  loss_scale: float | None = None, check: bool = True, optimizer=None) -> tuple[float, int]:
+    """Forward + backward of one step's micro-batches through the pipeline; the parameter gradients
+    ACCUMULATE into .grad (zero them before, step the optimizer after). Every rank of the pipeline calls it
+    with the SAME list of micro-batches (same length, same order): dicts with input_ids [N], positions [N],
+    cu_seqlens [B+1], max_seqlen (int, optional), labels [N] (next tokens, IGNORE_INDEX where no loss).
+    loss_scale: the backward runs on loss_sum * loss_scale. Pass 1 / (tokens with a label in the whole step,
+    over all micro-batches AND dp ranks): then the gradient is the same however the batch is split. None:
+    1 / this pipeline's token count (the mean over its micro-batches).
+    Returns (loss_sum, n_tokens) of this pipeline's micro-batches (unscaled sum of token losses and the
+    count), the same on every rank of the pipeline (broadcast from the last stage). Tied embeddings: the two
+    copies' gradients are summed at the end. check: one tiny all-reduce that turns different micro-batch
+    counts on different stages into an error instead of a hang. optimizer: the one build_optimizer made for
+    this stage, so the dp gradient reduction runs once, on the last micro-batch (None: grads stay in .grad)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
+    M = len(micro_batches)
+    if M == 0:
+        raise ValueError("pipeline_step: no micro-batches")
+    for k, mb in enumerate(micro_batches):
+        missing = {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb)
+        if missing:
+            raise KeyError(f"pipeline_step: micro-batch {k} lacks {sorted(missing)}")
+    if stage.mesh is not mesh:
+        raise ValueError("pipeline_step: the stage was built on another mesh")
+    if check and mesh.pp > 1:
+        mm = all_reduce_(torch.tensor([M, -M], device=mesh.device), mesh.pp_group, "max")
+        if mm.tolist() != [M, -M]:
+            raise RuntimeError(f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the stages "
+                               f"of this pipeline have between {-int(mm[1])} and {int(mm[0])}; give every "
+                               "stage the same list")
+    if loss_scale is None:          # .item() syncs: pass loss_scale in (you know the step's token count)
+        loss_scale = 1.0 / max(1, sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
+    dp = optimizer.dp if optimizer is not None else None
+    p = _Pipe(stage, mesh, micro_batches, loss_scale, dp)
+    SCHEDULES[schedule](p, M)
+    sync_tied_embedding_grads(stage, dp)
+    # the last stage knows the loss: broadcast it so every rank logs the same numbers (one small collective)
+    out = torch.stack([p.loss_sum, p.n_tokens.double()])
+    if mesh.pp > 1:
+        dist.broadcast(out, src=mesh.rank_of(mesh.dp_rank, mesh.pp - 1, mesh.tp_rank), group=mesh.pp_group)
+    loss_sum, n = out.tolist()
+    return loss_sum, int(n)
+
+
+# ---- data parallelism + ZeRO -----------------------------------------------------------------------
+# Data parallelism and the optimizer: naive or bucketed/overlapped gradient
+# reduction and ZeRO stages 0-3, bf16 params with fp32 master weights and fp32 gradient accumulation,
+# global gradient clipping over (dp, tp, pp), our own AdamW, and the warmup + cosine LR schedule.
+#
+# The training loop it serves (every rank runs the same lines):
+#
+#     opt = build_optimizer(model, mesh, zero_stage=1, lr=3e-4, weight_decay=0.1)   # after loading weights
+#     for step in range(total):
+#         opt.zero_grad()
+#         for i, mb in enumerate(micro_batches):                 # this dp rank's share of the step
+#             with opt.no_sync() if i < len(micro_batches) - 1 else contextlib.nullcontext():
+#                 total_loss, _ = model.loss(model(mb.ids, mb.pos, mb.cu), mb.labels)
+#                 (total_loss / global_tokens).backward()        # global_tokens: the whole step, all dp ranks
+#         grad_norm = opt.clip_grad_norm_(1.0)
+#         opt.step(lr=lr_at(step, warmup, total, peak_lr, min_ratio=0.1))
+#
+# Every dp rank holds the same model (its (pp, tp) slice of it), runs its own share of the step's
+# sequences, and the gradients are SUMMED over dp before the optimizer step. SUM, not mean: the loss of
+# each micro-batch is already divided by the token count of the WHOLE step (all micro-batches, all dp
+# ranks), so the dp sum is exactly the gradient of the global mean loss, whatever each rank's share of
+# tokens (a mean over ranks would be wrong when ranks hold different numbers of tokens).
+#
+# Ownership (Rajbhandari et al. 2020, "ZeRO", sec. 5). This rank's parameters are packed into flat
+# BUCKETS, each padded to a multiple of dp; every bucket is cut into dp equal shards, and dp rank r
+# OWNS shard r of every bucket (Megatron's distributed optimizer cuts buckets the same way):
+#
+#   bucket (P elements, P % dp == 0; reverse parameter order = the order backward produces grads)
+#     param_buf  [ lm_head.w          | norm.w | layers.1.mlp.down.w ...          | pad ]  model dtype
+#     grad_buf   [ the same layout in fp32: p.main_grad is a view of it                   ]  fp32
+#                |<------- dp rank 0: [0, S) -------->|<------- dp rank 1: [S, 2S) -------->|
+#
+#   stage | params (model dtype)     | fp32 grads                        | fp32 master, Adam m, v | comm per step
+#   ------+--------------------------+-----------------------------------+------------------------+----------------
+#     0   | full P                   | full P, all-reduced               | full P (every rank)    | all-reduce
+#     1   | full P                   | full P, all-reduced               | own shard S = P / dp   | AR + all-gather
+#     2   | full P                   | own shard S: grad_buf lives only  | own shard S            | reduce-scatter
+#         |                          | in backward, reduce-scattered     |                        | + all-gather
+#     3   | own shard S; full P only | as stage 2                        | own shard S            | RS + all-gather
+#         | while its layer runs     |                                   |                        | per layer x2
+#
+# Who shards over what (W=8, tp=2, pp=2, dp=2): rank (pp, dp, tp) first holds the TP-local slice of its
+# pipeline stage's layers (nanotron's TP and PP), then ZeRO splits THAT over the dp group only:
+#   stage 0 (pp=0): tp 0 slice -> buckets split between ranks {0, 2}; tp 1 slice -> between {1, 3}
+#   stage 1 (pp=1): tp 0 slice -> buckets split between ranks {4, 6}; tp 1 slice -> between {5, 7}
+# so from stage 1 on each element of a (pp, tp) slice has ONE optimizer owner among its dp ranks (stage 0:
+# all of them), and the global grad norm sums over dp (owned shards), tp (sharded tensors once each,
+# replicated norm weights once, not tp times) and pp (disjoint layers).
+#
+# Stage 0 is plain DP: every rank also steps every parameter (identical math, identical results).
+# Buckets: in stage 0-2 ~bucket_mb of parameters each, the embedding and the LM head alone in their own
+# bucket (so a tied embedding's shard lines up on the first and the last pipeline stage: the pipeline
+# part can all-reduce their owned grads elementwise). In stage 3 a bucket is a "unit" that is gathered
+# as a whole: one per decoder layer, plus a root unit with everything else (embedding, final norm, head).
+#
+# ZeRO-3 life of a layer's parameters, per micro-batch:
+#   forward pre-hook: all-gather -> layer forward -> forward hook: free, and wrap the output in
+#   _GatherBeforeBackward -> ... backward reaches the output: all-gather again -> layer backward ->
+#   the last grad hook of the layer: free, reduce-scatter the grads (bucketed) into the owned shard.
+# The root unit (embedding, final norm, head) is gathered for the whole forward + backward instead.
+# Not done: prefetching the next layer's all-gather (so here it is on the critical path).
+#
+# Freeing memory without breaking autograd: a view of a tensor keeps pointing at the tensor's storage
+# OBJECT, so `buf.untyped_storage().resize_(0)` frees the bytes while every view (the params, the
+# main_grads, and the weight views autograd saved for backward) stays valid, and resizing it back and
+# all-gathering into it makes them all see the data again. FSDP (v1) frees its flat parameters this way.
+
+def _free(t: torch.Tensor):
+    t.untyped_storage().resize_(0)
+
+
+def _alloc(t: torch.Tensor) -> torch.Tensor:
+    """Give a freed flat buffer its bytes back (contents undefined). Its views become usable again."""
+    if t.untyped_storage().size() == 0:
+        t.untyped_storage().resize_(t.numel() * t.element_size())
+    return t
+
+
+def _allocated(t: torch.Tensor) -> bool:
+    return t.untyped_storage().size() > 0
+
+
+def _clip(start, n, lo, hi):
+    """[start, start + n) intersected with [lo, hi), shifted to shard coordinates; None when empty."""
+    a, b = max(start, lo), min(start + n, hi)
+    return (a - lo, b - lo) if a < b else None
+
+
+def _merge(ranges):
+    """Merge touching (a, b) ranges, so the optimizer loops over few slices instead of one per param."""
+    out = []
+    for a, b in sorted(r for r in ranges if r is not None):
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+class Bucket:
+    """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
+
+    [lo, hi) is the element range this rank's optimizer owns: [0, P) in stage 0, shard dp_rank after.
+    param_shard [hi - lo] and grad_shard [hi - lo] are views of the full buffers when those persist
+    (stage 0/1: both; stage 2: the params) and separate tensors otherwise."""
+
+    def __init__(self, named, dp, dp_rank, stage):
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        dtypes = {p.dtype for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"Bucket: parameters {self.names} mix dtypes {dtypes}; build the model in one dtype")
+        dev = self.params[0].device
+        n = sum(p.numel() for p in self.params)
+        self.P = -(-n // dp) * dp                                         # padded so dp shards are equal
+        S = self.P // dp
+        self.lo, self.hi = (0, self.P) if stage == 0 else (dp_rank * S, (dp_rank + 1) * S)
+        self.param_buf = torch.zeros(self.P, dtype=self.params[0].dtype, device=dev)
+        self.grad_buf = torch.zeros(self.P, dtype=torch.float32, device=dev)
+        self.offsets, o = [], 0
+        with torch.no_grad():
+            for p in self.params:
+                k = p.numel()
+                self.param_buf[o:o + k].copy_(p.detach().reshape(-1))
+                p.data = self.param_buf[o:o + k].view_as(p)            # the param now LIVES in the bucket
+                p.main_grad = self.grad_buf[o:o + k].view_as(p)        # Megatron's name: the fp32 grad
+                self.offsets.append(o)
+                o += k
+        if stage == 3:
+            self.param_shard = self.param_buf[self.lo:self.hi].clone()
+            _free(self.param_buf)
+        else:
+            self.param_shard = self.param_buf[self.lo:self.hi]
+        if stage >= 2:
+            self.grad_shard = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=dev)
+            _free(self.grad_buf)                                        # allocated by the first grad hook
+        else:
+            self.grad_shard = self.grad_buf[self.lo:self.hi]
+        self.gathered = stage != 3          # stage 3: is param_buf allocated and filled right now?
+        self.in_backward = False            # stage 3: gathered for backward, keep until its grads are in
+        self.ready = 0                      # params whose grad arrived in the current backward
+        self.pending = False                # grad_buf holds local grads not yet reduced
+        self.reduced = False                # stage 0/1: already all-reduced in this step
+        self.work = None                    # the async collective in flight (a torch Work handle)
+        self.rs_out = None                  # stage 2/3: its reduce-scatter output [S]
+
+
+class _GatherBeforeBackward(torch.autograd.Function):
+    """ZeRO-3's backward pre-hook: identity on a layer's output; its backward runs when the gradient of
+    that output is ready, i.e. JUST BEFORE the layer's own backward, and all-gathers the layer's params
+    there (the weight views autograd saved in forward see them again: see the storage trick above)."""
+    @staticmethod
+    def forward(ctx, x, dp, bucket):
+        ctx.dp, ctx.bucket = dp, bucket
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        ctx.dp._gather(ctx.bucket)
+        ctx.bucket.in_backward = True       # activation-checkpoint recompute must not free it again
+        return g, None, None
+
+
+class DataParallel:
+    """Gradient synchronisation over mesh.dp and the ZeRO ownership of one model (or pipeline stage).
+
+    Gradients: a post-accumulate-grad hook on every parameter adds p.grad (model dtype) into p.main_grad
+    (fp32) and drops p.grad, so bf16 grads of many micro-batches sum in fp32 (Megatron's
+    gradient_accumulation_fusion does the same inside the matmul). AFTER BACKWARD THE GRADIENTS ARE IN
+    p.main_grad (stage 0/1) OR THE BUCKETS' grad_shard (stage 2/3), NEVER IN p.grad.
+    grad_sync: 'naive' reduces every bucket after backward (finish_grad_sync), one at a time, nothing
+    overlapped; 'bucketed' launches a bucket's collective asynchronously from the hook that completes it,
+    so communication runs while backward computes the earlier layers (Li et al. 2020, "PyTorch
+    Distributed", sec. 3.2.3), and finish_grad_sync only waits. Both produce the same numbers."""
+
+    def __init__(self, model, mesh, zero_stage: int = 0, grad_sync: str = "bucketed", bucket_mb: float = 25.0):
+        if zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"DataParallel: zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+        if grad_sync not in ("naive", "bucketed"):
+            raise ValueError(f"DataParallel: grad_sync must be 'naive' or 'bucketed', got {grad_sync!r}")
+        if zero_stage == 3 and mesh.pp > 1:
+            raise NotImplementedError(f"DataParallel: ZeRO-3 is implemented for pp=1 only (got pp={mesh.pp}); "
+                                      "use zero_stage <= 2 with pipeline parallelism")
+        self.model, self.mesh, self.stage = model, mesh, zero_stage
+        self.group, self.overlap = mesh.dp_group, grad_sync == "bucketed"
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        groups = self._units(model, named) if zero_stage == 3 else self._buckets(model, named, bucket_mb)
+        self.buckets = [Bucket(g, mesh.dp, mesh.dp_rank, zero_stage) for g in groups]
+        self._sync = True
+        for b in self.buckets:
+            for p in b.params:
+                p.register_post_accumulate_grad_hook(partial(self._on_grad, b))
+        if zero_stage == 3:
+            self._install_zero3_hooks(model)
+        self._norm_ranges = self._norm_ranges_of(model)
+
+    # -- layout --
+
+    @staticmethod
+    def _buckets(model, named, bucket_mb):
+        """Stage 0-2: reverse parameter order, closed when ~bucket_mb full; embedding / head alone."""
+        solo = {id(m.weight) for m in (model.embed, model.lm_head) if m is not None}
+        limit, groups, cur, nbytes = bucket_mb * 2 ** 20, [], [], 0
+        for n, p in reversed(named):
+            if id(p) in solo:
+                groups += [cur, [(n, p)]] if cur else [[(n, p)]]
+                cur, nbytes = [], 0
+                continue
+            cur.append((n, p))
+            nbytes += p.numel() * p.element_size()
+            if nbytes >= limit:
+                groups.append(cur)
+                cur, nbytes = [], 0
+        return groups + ([cur] if cur else [])
+
+    @staticmethod
+    def _units(model, named):
+        """Stage 3: one unit per decoder layer (reverse order) + the root unit (everything else), last."""
+        name_of = {id(p): n for n, p in named}
+        in_layer = {id(p) for layer in model.layers for p in layer.parameters()}
+        units = [[(name_of[id(p)], p) for p in layer.parameters()] for layer in reversed(model.layers)]
+        root = [(n, p) for n, p in named if id(p) not in in_layer]
+        return [u for u in units if u] + ([root] if root else [])
+
+    def _install_zero3_hooks(self, model):
+        by_first = {id(b.params[0]): b for b in self.buckets}
+        for layer in model.layers:
+            b = by_first[id(next(layer.parameters()))]
+            layer.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
+            layer.register_forward_hook(lambda m, args, out, b=b: self._after_forward(b, out))
+        in_layer = {id(p) for layer in model.layers for p in layer.parameters()}
+        roots = [b for b in self.buckets if id(b.params[0]) not in in_layer]
+        # The root (embedding, final norm, LM head) is gathered when forward starts and stays gathered
+        # until its grads are all in: the loss uses the head weight OUTSIDE any module call, so no
+        # module hook could gather it in time. It is the one unit that is not freed after its forward.
+        def gather_roots(module, args):
+            for b in roots:
+                self._gather(b)
+        model.register_forward_pre_hook(gather_roots)
+
+    def _after_forward(self, b, out):
+        if torch.is_grad_enabled() and out.requires_grad:
+            out = _GatherBeforeBackward.apply(out, self, b)
+        if not b.in_backward:
+            self._release(b)
+        return out
+
+    def _gather(self, b):
+        """Stage 3: all-gather a unit's params into its flat buffer (a no-op when already there)."""
+        if b.gathered:
+            return
+        _alloc(b.param_buf)
+        # .data: write without bumping the autograd version counter the saved weight views share
+        if self.group is None:
+            b.param_buf.data.copy_(b.param_shard)
+        else:
+            _all_gather_base(b.param_buf.data, b.param_shard, group=self.group)
+        b.gathered = True
+
+    def _release(self, b):
+        if self.stage == 3 and b.gathered:
+            _free(b.param_buf)
+            b.gathered, b.in_backward = False, False
+
+    @contextlib.contextmanager
+    def gathered_params(self):
+        """Stage 3: every parameter full for the duration (checkpoints, state_dict_hf, weight sync to the
+        inference engine, evaluation). A no-op for stage 0-2. A collective: all dp ranks enter it.
+        FOOTGUN: tensors that view the params (state_dict_hf at tp=1 yields views) point at FREED memory
+        after the block (reading them can segfault): clone what you keep."""
+        for b in self.buckets:
+            self._gather(b)
+        try:
+            yield
+        finally:
+            for b in self.buckets:
+                self._release(b)
+
+    # -- gradients --
+
+    def _on_grad(self, b, p):
+        """Post-accumulate-grad hook: p.grad (model dtype) -> p.main_grad (fp32), then maybe launch b."""
+        if self.stage <= 1 and b.reduced:
+            raise RuntimeError(f"DataParallel: a gradient of {b.names[0]!r} arrived after its bucket was already "
+                               "all-reduced this step. With gradient accumulation wrap every micro-batch's "
+                               "backward except the last in `with opt.no_sync():`, and call zero_grad() each step")
+        if b.work is not None:              # stage 2/3: the previous micro-batch's reduce-scatter reads grad_buf
+            self._wait(b)
+        if not _allocated(b.grad_buf):
+            _alloc(b.grad_buf).zero_()
+        p.main_grad.add_(p.grad)            # fp32 += model-dtype grad (upcast inside add)
+        p.grad = None
+        b.pending = True
+        b.ready += 1
+        if b.ready == len(b.params):        # the last grad of this bucket in this backward
+            b.ready = 0
+            if self.stage == 3:
+                self._release(b)            # its backward is over: the full params can go
+            # stage 2/3 reduce-scatter EVERY micro-batch (keeping the full fp32 grads across micro-batches
+            # would undo their memory saving; DeepSpeed does the same), stage 0/1 only outside no_sync()
+            if self.overlap and (self._sync or self.stage >= 2):
+                self._launch(b)
+
+    def _launch(self, b):
+        """Start b's collective asynchronously: all-reduce (stage 0/1) or reduce-scatter (stage 2/3), SUM."""
+        b.pending = False
+        if self.stage <= 1:
+            b.reduced = True
+            if self.group is not None:
+                b.work = dist.all_reduce(b.grad_buf, group=self.group, async_op=True)
+        elif self.group is None:
+            b.rs_out = b.grad_buf                                       # dp = 1: the shard is everything
+        else:
+            b.rs_out = torch.empty(b.hi - b.lo, dtype=torch.float32, device=b.grad_buf.device)
+            b.work = _reduce_scatter_base(b.rs_out, b.grad_buf, group=self.group, async_op=True)
+
+    def _wait(self, b):
+        if b.work is not None:
+            b.work.wait()
+            b.work = None
+        if b.rs_out is not None:            # stage 2/3: accumulate into the owned shard, drop the full buffer
+            b.grad_shard.add_(b.rs_out)
+            b.rs_out = None
+            _free(b.grad_buf)
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside accumulate locally without communicating (stage 0/1; stage 2/3 still
+        reduce-scatter every micro-batch, see _on_grad). Wrap every micro-batch but the last."""
+        prev, self._sync = self._sync, False
+        try:
+            yield
+        finally:
+            self._sync = prev
+
+    def finish_grad_sync(self):
+        """Launch what the hooks did not (naive mode; buckets with unused params) and wait for everything.
+        Called by clip_grad_norm_ and step(); idempotent. Every rank issues the same collectives in the same
+        order (backward order, then bucket order), which gloo and NCCL require."""
+        for b in self.buckets:
+            if (self.stage <= 1 and not b.reduced) or (self.stage >= 2 and b.pending):
+                self._launch(b)
+        for b in self.buckets:
+            self._wait(b)
+            self._release(b)                # stage 3: nothing stays gathered past the step
+
+    def owned_grad(self, param) -> torch.Tensor:
+        """The fp32 gradient this rank owns of a parameter that has a bucket of its own (the embedding, the
+        LM head): all of it in stage 0, its dp shard after. For the pipeline part's tied-embedding sync:
+        after finish_grad_sync, all-reduce it between the first and the last stage (same shapes, same dp
+        -> the same shard on both), then clip and step."""
+        b = next((b for b in self.buckets if any(p is param for p in b.params)), None)
+        if b is None or len(b.params) != 1:
+            raise ValueError("DataParallel.owned_grad: only a parameter alone in its bucket (embedding, LM head; "
+                             "stage 0-2) has an owned gradient that lines up across pipeline stages")
+        return b.grad_shard
+
+    def zero_grad(self):
+        for b in self.buckets:
+            self._wait(b)
+            if self.stage <= 1:
+                b.grad_buf.zero_()
+            else:
+                b.grad_shard.zero_()
+                if _allocated(b.grad_buf):
+                    _free(b.grad_buf)
+            b.ready, b.pending, b.reduced = 0, False, False
+            for p in b.params:
+                p.grad = None
+
+    # -- the global gradient norm --
+
+    def _norm_ranges_of(self, model):
+        """Per bucket, the shard ranges whose grads count in the global norm. Every element of the full
+        model must count exactly once over all (dp, tp, pp) ranks:
+          dp: stage 0 grads are replicated over dp -> count the full buffer, reduce over tp, pp only;
+              stage >= 1 count the owned shard and reduce over dp too;
+          tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
+          pp: a tied LM head copy on the last stage (no embedding there) duplicates the first stage's
+              embedding -> it does not count."""
+        kinds = {}
+        for _, (param, kind, *_rest) in model._hf_spec().items():
+            kinds[id(param)] = kind
+        tied_copy = (model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding)
+        out = []
+        for b in self.buckets:
+            rs = []
+            for p, o in zip(b.params, b.offsets):
+                if kinds.get(id(p)) == "rep" and self.mesh.tp_rank > 0:
+                    continue
+                if tied_copy and p is model.lm_head.weight:
+                    continue
+                rs.append(_clip(o, p.numel(), b.lo, b.hi))
+            out.append(_merge(rs))
+        return out
+
+    def grad_norm(self) -> torch.Tensor:
+        """The global L2 norm of all gradients (fp32 0-dim tensor, the same on every rank). A collective."""
+        self.finish_grad_sync()
+        dev = self.buckets[0].grad_shard.device if self.buckets else self.mesh.device
+        sq = torch.zeros((), dtype=torch.float32, device=dev)
+        for b, ranges in zip(self.buckets, self._norm_ranges):
+            for a, e in ranges:
+                sq += b.grad_shard[a:e].square().sum()
+        self.mesh.all_reduce_(sq, "dp_tp" if self.stage >= 1 else "tp")
+        self.mesh.all_reduce_(sq, "pp")
+        return sq.sqrt()
+
+
+def clip_grad_norm_(dp: DataParallel, max_norm: float) -> torch.Tensor:
+    """Scale all gradients by min(1, max_norm / (norm + 1e-6)) where norm is the global L2 norm over every
+    gradient shard of every (dp, tp, pp) rank (torch.nn.utils.clip_grad_norm_'s rule, Pascanu et al. 2013,
+    sec. 3.2, computed as if the model were in one process). Returns the norm before clipping.
+    Only owned shards are scaled: they are what the optimizer reads. No .item(): no host sync."""
+    norm = dp.grad_norm()
+    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for b in dp.buckets:
+        b.grad_shard.mul_(scale)
+    return norm
+
+
+# ---- optimizer ---------------------------------------------------------------------------------------
+# Mixed precision (Micikevicius et al. 2018, sec. 3.1): the model computes in bf16 (its params, its
+# grads), but a bf16 weight cannot absorb an update smaller than 2^-8 of itself, so the optimizer keeps
+# an fp32 MASTER copy of the weights it owns and does all its math in fp32; after the step the master is
+# rounded into the bf16 params. Gradients are accumulated and reduced in fp32 (main_grad, see above).
+# In an fp32 model the master IS the parameter shard (an alias, no copy).
+
+def default_no_decay(name: str) -> bool:
+    """Parameters without weight decay: biases and norm weights (their module's name contains 'norm').
+    Decaying a norm gain towards 0 shrinks the layer's output scale, which is not a regulariser."""
+    leaf_module = name.rsplit(".", 2)[-2] if name.count(".") else ""
+    return name.endswith(".bias") or "norm" in leaf_module
+
+
+def lr_at(step: int, warmup: int, total: int, peak: float, min_ratio: float = 0.1) -> float:
+    """Linear warmup then cosine decay (Loshchilov & Hutter 2017, SGDR eq. 5, one cycle, no restart):
+        step < warmup:  lr = peak * (step + 1) / warmup               (reaches peak at step warmup - 1)
+        after:          lr = lo + (peak - lo) * (1 + cos(pi * t)) / 2,  t = (step - warmup) / (total - warmup)
+        lo = peak * min_ratio;  t is clamped to [0, 1], so lr = lo from step `total` on."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    lo = peak * min_ratio
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lo + (peak - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+class AdamW:
+    """AdamW (Loshchilov & Hutter 2019, Algorithm 2: Adam with DECOUPLED weight decay) on the fp32 shards
+    this rank owns, with torch.optim.AdamW's exact formulas, t = step count:
+        p <- p * (1 - lr * wd)                      (decay the weight itself, not the gradient)
+        m <- b1 m + (1 - b1) g;    v <- b2 v + (1 - b2) g^2
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+    Every tensor is flat [hi - lo]: one fused op per bucket instead of one per parameter; the padding
+    elements have g = p = 0 and stay 0. Weight decay applies on merged ranges (no_decay(name) excluded)."""
+
+    def __init__(self, dp: DataParallel, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, no_decay=default_no_decay):
+        self.dp, self.lr, self.betas, self.eps, self.weight_decay = dp, lr, tuple(betas), eps, weight_decay
+        self.t = 0
+        self.master, self.exp_avg, self.exp_avg_sq, self.decay = [], [], [], []
+        for b in dp.buckets:
+            fp32 = b.param_shard.dtype == torch.float32
+            self.master.append(b.param_shard if fp32 else b.param_shard.detach().float())
+            self.exp_avg.append(torch.zeros_like(self.master[-1]))
+            self.exp_avg_sq.append(torch.zeros_like(self.master[-1]))
+            self.decay.append(_merge(_clip(o, p.numel(), b.lo, b.hi)
+                                     for n, p, o in zip(b.names, b.params, b.offsets) if not no_decay(n)))
+        self._pieces = self._piece_table()
+
+    def no_sync(self):
+        return self.dp.no_sync()
+
+    def zero_grad(self):
+        self.dp.zero_grad()
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        return clip_grad_norm_(self.dp, max_norm)
+
+    @torch.no_grad()
+    def step(self, lr: float | None = None):
+        """Finish the gradient sync, update the owned shards, then publish the new params (stage 1/2:
+        all-gather every bucket over dp; stage 3: the next forward gathers them; stage 0: nothing)."""
+        if lr is not None:
+            self.lr = lr
+        self.dp.finish_grad_sync()
+        self.t += 1
+        b1, b2 = self.betas
+        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+        for b, p, m, v, decay in zip(self.dp.buckets, self.master, self.exp_avg, self.exp_avg_sq, self.decay):
+            g = b.grad_shard
+            if self.weight_decay:
+                for a, e in decay:
+                    p[a:e].mul_(1 - self.lr * self.weight_decay)
+            m.lerp_(g, 1 - b1)
+            v.mul_(b2).addcmul_(g, g, value=1 - b2)
+            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+            p.addcdiv_(m, denom, value=-self.lr / bc1)
+        self._publish()
+
+    @torch.no_grad()
+    def _publish(self):
+        """master -> model-dtype param shard (rounding, unless aliased) -> the full params of every dp rank."""
+        for b, p in zip(self.dp.buckets, self.master):
+            if p is not b.param_shard:
+                b.param_shard.copy_(p)
+            if self.dp.stage in (1, 2) and self.dp.group is not None:
+                # a copy as input: gloo does not promise in-place all-gather (input inside the output)
+                _all_gather_base(b.param_buf, b.param_shard.clone(), group=self.dp.group)
+
+    def state_bytes(self) -> dict:
+        """Bytes this rank keeps between steps, by kind (the ZeRO memory claim: divide by dp)."""
+        bs = self.dp.buckets
+        return {"master": sum(t.numel() * 4 for t in self.master),
+                "adam": sum(t.numel() * 4 for t in self.exp_avg + self.exp_avg_sq),
+                "grads": sum(b.grad_shard.numel() * 4 if self.dp.stage >= 2 else b.P * 4 for b in bs),
+                "params": sum((b.param_shard.numel() if self.dp.stage == 3 else b.P) * b.param_buf.element_size()
+                              for b in bs)}
+
+    # -- state dict: layout-independent --
+    # A checkpoint must reload into ANY (dp, tp, pp, zero) layout, so state is saved per HF tensor name:
+    # for each HF tensor this rank holds a piece of, its full shape, how TP cut it (kind, tp rank, the
+    # local shape) and the flat element range [a, b) of the TP-local tensor that this rank's shard covers.
+    # A col-kind HF tensor (q in the fused qkv) is a run of whole rows of the local param, so its local
+    # piece is one contiguous range of the bucket and its owned part is contiguous too.
+
+    def _piece_table(self):
+        """[(hf_name, bucket index, shard range (s, e), info dict)] for every owned piece."""
+        spec, mesh, rows_of = self.dp.model._hf_spec(), self.dp.mesh, {}
+        for name, (param, kind, off, rows, shape) in spec.items():
+            rows_of.setdefault(id(param), []).append((name, kind, off, rows, shape))
+        table = []
+        for i, b in enumerate(self.dp.buckets):
+            for p, o in zip(b.params, b.offsets):
+                row = p.numel() // p.shape[0]                           # elements per dim-0 row
+                for name, kind, off, rows, shape in rows_of.get(id(p), []):
+                    local_shape = (rows, *p.shape[1:]) if kind == "col" else tuple(p.shape)
+                    start = o + (off * row if kind == "col" else 0)
+                    n = math.prod(local_shape)
+                    r = _clip(start, n, b.lo, b.hi)
+                    if r is None:
+                        continue
+                    info = {"full_shape": tuple(shape), "kind": kind, "tp_rank": mesh.tp_rank, "tp": mesh.tp,
+                            "local_shape": local_shape, "range": (r[0] + b.lo - start, r[1] + b.lo - start)}
+                    table.append((name, i, r, info))
+        return table
+
+    def state_dict(self) -> dict:
+        """{'step', 'hparams', 'tensors': {hf_name: info + {'master', 'exp_avg', 'exp_avg_sq'}}}, this
+        rank's pieces only (no communication). Save every rank's dict; load_state_dict takes them all."""
+        tensors = {}
+        for name, i, (s, e), info in self._pieces:
+            tensors[name] = dict(info, **{k: getattr(self, k)[i][s:e].clone()
+                                          for k in ("master", "exp_avg", "exp_avg_sq")})
+        return {"step": self.t, "hparams": {"betas": self.betas, "eps": self.eps,
+                                            "weight_decay": self.weight_decay}, "tensors": tensors}
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dicts):
+        """Load the state saved by state_dict() from ANY layout: pass the list of every rank's dicts (or
+        one dict from a one-rank run). Each HF tensor is reassembled in full from its pieces, cut for this
+        rank, and the params are rewritten from the loaded master (stage 1/2: a collective all-gather)."""
+        sds = [state_dicts] if isinstance(state_dicts, dict) else list(state_dicts)
+        if not sds:
+            raise ValueError("AdamW.load_state_dict: no state dicts given")
+        self.t = sds[0]["step"]
+        cache = {}
+        for name, i, (s, e), info in self._pieces:
+            if name not in cache:
+                cache[name] = _assemble(name, [sd["tensors"][name] for sd in sds if name in sd["tensors"]])
+            local = {k: self.dp.model._shard_of(full, info["kind"], info["local_shape"][0])
+                     for k, full in cache[name].items()}
+            a, z = info["range"]
+            for k, t in local.items():
+                getattr(self, k)[i][s:e].copy_(t.reshape(-1)[a:z])
+        self._publish()
+
+
+def _assemble(name, pieces):
+    """Full HF-shaped tensors {master, exp_avg, exp_avg_sq} from the pieces of all ranks (any layout)."""
+    if not pieces:
+        raise KeyError(f"AdamW.load_state_dict: no saved state for tensor {name!r}")
+    full_shape = tuple(pieces[0]["full_shape"])
+    keys = ("master", "exp_avg", "exp_avg_sq")
+    locals_ = {}                                                       # tp_rank -> ({key: flat}, covered)
+    for pc in pieces:
+        n = math.prod(pc["local_shape"])
+        bufs, cov = locals_.setdefault(pc["tp_rank"], ({k: torch.zeros(n) for k in keys},
+                                                       torch.zeros(n, dtype=torch.bool)))
+        a, z = pc["range"]
+        for k in keys:
+            bufs[k][a:z] = pc[k].float()
+        cov[a:z] = True
+    tp, kind = pieces[0]["tp"], pieces[0]["kind"]
+    if (kind != "rep" and sorted(locals_) != list(range(tp))) or not all(c.all() for _, c in locals_.values()):
+        raise ValueError(f"AdamW.load_state_dict: the saved pieces of {name!r} do not cover the whole tensor; "
+                         "pass the state dicts of EVERY rank of the saving job")
+    out = {}
+    for k in keys:
+        full = torch.zeros(full_shape)
+        for r, (bufs, _) in locals_.items():
+            shape = next(p["local_shape"] for p in pieces if p["tp_rank"] == r)
+            loc = bufs[k].view(shape)
+            if kind == "col":
+                full.narrow(0, r * shape[0], shape[0]).copy_(loc)
+            elif kind == "row":
+                full.narrow(1, r * shape[1], shape[1]).copy_(loc)
+            elif kind == "vocab":
+                _, start, n_valid = vocab_shard(full_shape[0], tp, r)
+                full.narrow(0, start, n_valid).copy_(loc[:n_valid])
+            else:
+                full.copy_(loc)
+        out[k] = full
+    return out
+
+
+def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, betas=(0.9, 0.95),
+                    weight_decay: float = 0.1, eps: float = 1e-8, grad_sync: str = "bucketed",
+                    bucket_mb: float = 25.0, no_decay=default_no_decay) -> AdamW:
+    """DataParallel (grad hooks, buckets, ZeRO ownership) + AdamW over it. Call it AFTER the weights are
+    loaded: the buckets copy the params in and (stage 3) keep only this rank's shard."""
+    dp = DataParallel(model, mesh or model.mesh, zero_stage, grad_sync, bucket_mb)
+    return AdamW(dp, lr, betas, eps, weight_decay, no_decay)
+
+
 # ---- checkpoints (coming) --------------------------------------------------------------------------
 
 
@@ -1178,6 +2196,42 @@ def tiny_config(**kw) -> ModelConfig:
                 num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256, qk_norm=True)
     base.update(kw)
     return ModelConfig(**base)
+
+
+def selftest_pp():
+    """CPU, one process (pp = 1): both schedules equal one plain forward/backward of the packed batch, and
+    the partition puts the head's cost on the last stage."""
+    from nanotron import cu_seqlens_from_lengths, next_token_labels
+    cfg = tiny_config(num_layers=4)
+    mbs, ids_all, lengths_all = [], [], []
+    g = torch.Generator().manual_seed(0)
+    for lengths in ([5, 3], [7], [2, 4, 6]):
+        cu, pos = cu_seqlens_from_lengths(lengths)
+        ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),), generator=g)
+        mbs.append(dict(input_ids=ids, positions=pos, cu_seqlens=cu, max_seqlen=max(lengths),
+                        labels=next_token_labels(ids, cu)))
+        ids_all.append(ids)
+        lengths_all += lengths
+    grads = {}
+    for schedule in ("afab", "1f1b", "plain"):
+        model = build_stage(cfg, Mesh(), use_kernels=False).init_random(1)
+        if schedule == "plain":
+            cu, pos = cu_seqlens_from_lengths(lengths_all)
+            ids = torch.cat(ids_all)
+            total, n = model.loss(model(ids, pos, cu), next_token_labels(ids, cu))
+            (total / n).backward()
+            loss = total.item()
+        else:
+            loss, n = pipeline_step(model, model.mesh, mbs, schedule)
+        grads[schedule] = (loss, [q.grad.clone() for q in model.parameters()])
+    for schedule in ("afab", "1f1b"):
+        assert abs(grads[schedule][0] - grads["plain"][0]) < 1e-4 * abs(grads["plain"][0])
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[schedule][1], grads["plain"][1]))
+    big = ModelConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28)
+    parts = stage_layers(big, 4)
+    assert parts[-1][1] - parts[-1][0] < parts[0][1] - parts[0][0]
+    print(f"pipeline selftest ok: AFAB = 1F1B = plain over {len(mbs)} micro-batches, loss/token "
+          f"{grads['plain'][0] / n:.4f}; Qwen3-0.6B-shaped pp=4 partition {parts}")
 
 
 def selftest():
@@ -1212,3 +2266,4 @@ def selftest():
 
 if __name__ == "__main__":
     selftest()
+    selftest_pp()

@@ -5,7 +5,8 @@ GPU-only tests are marked `requires_cuda` and skip without CUDA; distributed tes
 processes; tests on the real data in ../shared/data skip when it is absent. The whole file stays
 under 15 minutes on 2 CPU cores with no network.
 
-Sections: repo hygiene . nanosets . prepare_data . kernels (attention, row-wise, losses) . nanotron
+Sections: repo hygiene . nanosets . prepare_data . kernels (attention, row-wise, losses) . nanotron (model,
+TP, pipeline parallelism, data parallelism + ZeRO + optimizer)
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ if "CUDA_VISIBLE_DEVICES" not in os.environ and shutil.which("nvidia-smi") is No
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import ast
+import contextlib
 import dataclasses
 import importlib
 import json
@@ -37,6 +39,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent
@@ -2988,3 +2991,590 @@ def test_pipeline_stages_chain_to_the_full_model():
         expect = full.logits(full(ids, pos, cu))
         got = s1.logits(s1(s0(ids, pos, cu), pos, cu))
     assert torch.equal(expect, got)
+
+
+# ==== nanotron: pipeline parallelism =============================================================
+
+# N per micro-batch: 8, 7, 12, 13 (different lengths, some odd); the SP variant keeps N % tp == 0: 8, 6, 12, 4
+PP_LENGTHS = [[5, 3], [7], [2, 4, 6], [9, 1, 3]]
+PP_LENGTHS_SP = [[5, 3], [6], [2, 4, 6], [4]]
+
+
+def _pp_rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def _pp_micro_batches(cfg, lengths_list, seed):
+    """Packed micro-batches with next-token labels; a few labels masked (prompt tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    mbs = []
+    for lengths in lengths_list:
+        cu, pos = nt.cu_seqlens_from_lengths(lengths)
+        ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),), generator=g)
+        labels = nt.next_token_labels(ids, cu)
+        labels[0] = nt.IGNORE_INDEX
+        mbs.append(dict(input_ids=ids, positions=pos, cu_seqlens=cu, max_seqlen=max(lengths), labels=labels))
+    return mbs
+
+
+def _pp_pack(mbs):
+    """All micro-batches as one packed batch (what the single process sees)."""
+    lengths = [int(b - a) for mb in mbs for a, b in zip(mb["cu_seqlens"][:-1], mb["cu_seqlens"][1:])]
+    cu, pos = nt.cu_seqlens_from_lengths(lengths)
+    return torch.cat([mb["input_ids"] for mb in mbs]), pos, cu, torch.cat([mb["labels"] for mb in mbs])
+
+
+def _pp_reference(cfg, mbs, seed=7):
+    """(loss sum, token count, {hf name: grad}) of the whole model on the whole batch, one process."""
+    model = nt.Transformer(cfg, use_kernels=False).init_random(seed).train()
+    ids, pos, cu, labels = _pp_pack(mbs)
+    total, n = model.loss(model(ids, pos, cu), labels)
+    (total / n).backward()
+    return total.item(), int(n), dict(model.state_dict_hf(grads=True))
+
+
+def _pp_cfg(tie, layers=5):
+    return nt.tiny_config(num_layers=layers, num_heads=8, num_kv_heads=4, tie_word_embeddings=tie)
+
+
+# ---- stage partition (no processes) ----------------------------------------------------------------
+
+def _pp_brute_force(cfg, P):
+    """min over every composition of L into P positive parts of the max stage cost."""
+    import itertools
+    emb, layer, head = (c / nt.stage_costs(cfg)[1] for c in nt.stage_costs(cfg))
+    L = cfg.num_layers
+    best = float("inf")
+    for cuts in itertools.combinations(range(1, L), P - 1):
+        bounds = [0, *cuts, L]
+        costs = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        costs[0] += emb
+        costs[-1] += head
+        best = min(best, max(costs))
+    return best
+
+
+def _pp_max_cost(cfg, parts):
+    emb, layer, head = (c / nt.stage_costs(cfg)[1] for c in nt.stage_costs(cfg))
+    costs = [b - a for a, b in parts]
+    costs[0] += emb
+    costs[-1] += head
+    return max(costs)
+
+
+@pytest.mark.parametrize("vocab", [101, 5000, 151936])
+def test_stage_layers_is_optimal_contiguous_and_nonempty(vocab):
+    for L in range(1, 10):
+        cfg = nt.tiny_config(num_layers=L, vocab_size=vocab, hidden_size=256, intermediate_size=512)
+        for P in range(1, L + 1):
+            parts = nt.stage_layers(cfg, P)
+            assert len(parts) == P and parts[0][0] == 0 and parts[-1][1] == L
+            assert all(a < b for a, b in parts) and all(p[1] == q[0] for p, q in zip(parts, parts[1:]))
+            assert _pp_max_cost(cfg, parts) <= _pp_brute_force(cfg, P) * (1 + 1e-9), (L, P, parts)
+
+
+def test_stage_layers_counts_the_head():
+    qwen3_06b = nt.ModelConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28,
+                               num_heads=16, num_kv_heads=8, head_dim=128, qk_norm=True)
+    emb, layer, head = nt.stage_costs(qwen3_06b)
+    assert 6 < head / layer < 10 and emb / layer < 1e-3           # the head weighs ~8 layers, the lookup ~0
+    assert nt.stage_layers(qwen3_06b, 4) == [(0, 9), (9, 18), (18, 27), (27, 28)]
+    a, b = nt.stage_layers(qwen3_06b, 2)
+    assert b[1] - b[0] < a[1] - a[0]                              # the head stage gets fewer layers
+    # a small head: 10 layers in 4 stages cost at least 3; ties give later stages the extra layers (1F1B
+    # memory), except the last, which cannot take a 3rd layer on top of its head
+    small = nt.tiny_config(num_layers=10)
+    assert nt.stage_layers(small, 4) == [(0, 2), (2, 5), (5, 8), (8, 10)]
+    assert nt.stage_layers(small, 1) == [(0, 10)]
+
+
+def test_pipeline_errors():
+    with pytest.raises(ValueError, match="pp=3 pipeline stages but the model has only 2 layers"):
+        nt.stage_layers(nt.tiny_config(num_layers=2), 3)
+    with pytest.raises(ValueError, match="only 2 layers"):
+        nt.build_stage(nt.tiny_config(num_layers=2), nt.Mesh(pp=4), use_kernels=False)
+    with pytest.raises(ValueError, match="partition has 1 stages"):
+        nt.build_stage(nt.tiny_config(num_layers=2), nt.Mesh(pp=2), partition=[(0, 2)])
+    stage = nt.build_stage(nt.tiny_config(), nt.Mesh(), use_kernels=False).init_random(0)
+    mbs = _pp_micro_batches(stage.cfg, [[4]], 0)
+    with pytest.raises(ValueError, match="schedule 'gpipe'"):
+        nt.pipeline_step(stage, stage.mesh, mbs, "gpipe")
+    with pytest.raises(ValueError, match="no micro-batches"):
+        nt.pipeline_step(stage, stage.mesh, [])
+    with pytest.raises(KeyError, match="micro-batch 0 lacks \\['labels'\\]"):
+        nt.pipeline_step(stage, stage.mesh, [{k: v for k, v in mbs[0].items() if k != "labels"}])
+
+
+def test_pp_that_does_not_divide_the_world(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ValueError, match="world size 4 is not divisible by tp\\*pp = 1\\*3"):
+        nt.Mesh.build(pp=3, backend="gloo")
+
+
+def test_single_process_schedules_equal_plain_backward():
+    nt.selftest_pp()
+
+
+# ---- distributed (gloo) ----------------------------------------------------------------------------
+
+def _pp_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pp_pp_case(mesh, tie, sp, n_mb=4):
+    """Both schedules on this layout vs the single process: loss, token count, every gradient."""
+    cfg = _pp_cfg(tie)
+    mbs = _pp_micro_batches(cfg, (PP_LENGTHS_SP if sp else PP_LENGTHS)[:n_mb], seed=11)
+    ref_loss, ref_n, ref_grads = _pp_reference(cfg, mbs)
+    mine = mbs[mesh.dp_rank::mesh.dp]                      # dp: each pipeline gets every dp-th micro-batch
+    out = {}
+    for schedule in ("afab", "1f1b"):
+        stage = nt.build_stage(cfg, mesh, use_kernels=False, sequence_parallel=sp).init_random(7).train()
+        loss, n = nt.pipeline_step(stage, mesh, mine, schedule, loss_scale=1.0 / ref_n)
+        if mesh.dp > 1:                                    # the data-parallel all-reduce (not this section's)
+            for p in stage.parameters():
+                nt.all_reduce_(p.grad, mesh.dp_group)
+            t = nt.all_reduce_(torch.tensor([loss, float(n)], dtype=torch.float64), mesh.dp_group)
+            loss, n = t[0].item(), int(t[1])
+        out[schedule] = (loss, n, dict(stage.state_dict_hf(grads=True)))
+    (la, na, ga), (lb, nb, gb) = out["afab"], out["1f1b"]
+    assert la == lb and na == nb == ref_n, (la, lb, na, nb, ref_n)
+    assert abs(la - ref_loss) <= 1e-5 * abs(ref_loss), (la, ref_loss)
+    assert ga.keys() == gb.keys() and ga.keys() <= ref_grads.keys()
+    for k in ga:
+        assert torch.equal(ga[k], gb[k]), f"1F1B != AFAB for {k}"
+        assert _pp_rel(ga[k], ref_grads[k]) < 1e-5, (mesh, k, _pp_rel(ga[k], ref_grads[k]))
+    if tie and (mesh.is_first_stage or mesh.is_last_stage):
+        assert "model.embed_tokens.weight" in ga            # both copies hold the SUMMED gradient
+    return sorted(ga)
+
+
+def _pp_train_case(mesh, tie, steps=3, lr=0.5):
+    """3 SGD steps on fresh micro-batches each step: per-step losses equal the single process."""
+    cfg = _pp_cfg(tie)
+    ref = nt.Transformer(cfg, use_kernels=False).init_random(3).train()
+    stage = nt.build_stage(cfg, mesh, use_kernels=False).init_random(3).train()
+    for step in range(steps):
+        mbs = _pp_micro_batches(cfg, PP_LENGTHS[step:] + PP_LENGTHS[:step], seed=100 + step)
+        ids, pos, cu, labels = _pp_pack(mbs)
+        total, n = ref.loss(ref(ids, pos, cu), labels)
+        (total / n).backward()
+        loss, m = nt.pipeline_step(stage, mesh, mbs, "1f1b", loss_scale=1.0 / int(n))
+        assert m == int(n) and abs(loss / m - total.item() / int(n)) <= 1e-4 * total.item() / int(n), (step, loss)
+        with torch.no_grad():
+            for model in (ref, stage):
+                for p in model.parameters():
+                    p -= lr * p.grad
+                    p.grad = None
+    # the two tied copies took the same updates: still equal, and equal to the single process's weights
+    want = dict(ref.state_dict_hf())
+    for k, v in stage.state_dict_hf():
+        assert _pp_rel(v, want[k]) < 1e-4, (k, _pp_rel(v, want[k]))
+
+
+def _pp_p2p_and_count_check(mesh):
+    """Headers carry any shape; a stage with a different micro-batch count fails loudly instead of hanging."""
+    peer = mesh.rank_of(mesh.dp_rank, 1 - mesh.pp_rank, mesh.tp_rank)
+    shapes = [(5, 4), (3, 4), (2, 3, 4), (1, 4)]
+    for i, shape in enumerate(shapes):
+        t = torch.arange(torch.Size(shape).numel(), dtype=torch.float32).reshape(shape) + i
+        if mesh.pp_rank == 0:
+            nt.send_activation(t, peer, mesh.pp_group)
+            assert torch.equal(nt.recv_grad(peer, t, mesh.pp_group), -t)
+        else:
+            x = nt.recv_activation(peer, 4, torch.float32, group=mesh.pp_group)
+            assert torch.equal(x, t)
+            nt.send_grad(-x, peer, mesh.pp_group)
+    cfg = _pp_cfg(False)
+    stage = nt.build_stage(cfg, mesh, use_kernels=False).init_random(0)
+    mbs = _pp_micro_batches(cfg, PP_LENGTHS, 0)[: 3 - mesh.pp_rank]
+    with pytest.raises(RuntimeError, match="between 2 and 3"):
+        nt.pipeline_step(stage, mesh, mbs)
+
+
+def _pp_worker(rank, world, port, cases):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    nt._KERNELS = None                                     # the torch path: no Triton interpreter on CPU
+    meshes = {}
+    try:
+        for kind, tp, ppn, *args in cases:
+            if (tp, ppn) not in meshes:                    # same order on every rank: group creation is collective
+                meshes[tp, ppn] = nt.Mesh.build(tp=tp, pp=ppn, backend="gloo", timeout_s=120)
+            mesh = meshes[tp, ppn]
+            {"grads": _pp_pp_case, "train": _pp_train_case, "p2p": _pp_p2p_and_count_check}[kind](mesh, *args)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _pp_spawn(world, cases):
+    mp.spawn(_pp_worker, args=(world, _pp_free_port(), cases), nprocs=world, join=True)
+
+
+def test_pp2_equals_single_process():
+    # (kind, tp, pp, tied, sequence_parallel)
+    _pp_spawn(2, [("p2p", 1, 2), ("grads", 1, 2, False, False), ("grads", 1, 2, True, False),
+               ("train", 1, 2, True)])
+
+
+def test_pp4_tp2pp2_dp2pp2_equal_single_process():
+    _pp_spawn(4, [("grads", 1, 4, True, False), ("grads", 1, 4, False, False),
+               ("grads", 1, 4, True, False, 2), ("grads", 1, 4, False, False, 1),   # M < pp: warm-up only
+               ("grads", 2, 2, True, True), ("grads", 2, 2, False, False),
+               ("grads", 1, 2, True, False),                 # dp = 2: 2 micro-batches per pipeline
+               ("train", 1, 4, True), ("train", 2, 2, False)])
+
+
+def test_tp2pp4_and_tp2pp2dp2_equal_single_process():
+    _pp_spawn(8, [("grads", 2, 4, True, False), ("grads", 2, 2, True, True), ("train", 2, 4, True)])
+
+
+# ==== nanotron: data parallelism, ZeRO, optimizer ===============================================
+
+# EPS 1e-6, not torch's 1e-8: Adam moves an element by ~lr * g / (|g| + eps) whatever the size of g, so
+# an element whose gradient is ~1e-9 (float noise of a different summation order: TP alone, dp=1, shows it)
+# moves by a noise-decided ~lr at eps=1e-8 (measured 2e-5 param error at tp=2); eps=1e-6 caps that at
+# lr * |g| / eps and the layouts agree to ~4e-6. ZeRO 0 and 1 of one layout agree bitwise either way.
+STEPS, MAX_NORM, PEAK, WD, BETAS, EPS = 3, 0.5, 1e-2, 0.1, (0.9, 0.95), 1e-6
+DP_SCHED = dict(warmup=2, total=5, peak=PEAK, min_ratio=0.1)
+DP_LENGTHS = [(5, 9, 3, 7), (6, 4, 8, 2), (3, 3, 10, 5)]                 # 4 sequences per step
+
+
+def _dp_rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
+
+
+def _dp_data(cfg):
+    """Per step: 4 token sequences (a fixed list: the same in every process)."""
+    g = torch.Generator().manual_seed(11)
+    return [[torch.randint(0, cfg.vocab_size, (n,), generator=g) for n in lens] for lens in DP_LENGTHS]
+
+
+def _dp_pack(seqs):
+    """A packed micro-batch: (ids, positions, cu_seqlens, labels, max_len)."""
+    cu, pos = nt.cu_seqlens_from_lengths([len(s) for s in seqs])
+    ids = torch.cat(seqs)
+    return ids, pos, cu, nt.next_token_labels(ids, cu), max(len(s) for s in seqs)
+
+
+def _dp_n_tokens(seqs):
+    return sum(len(s) - 1 for s in seqs)                             # every sequence's last token has no label
+
+
+def _dp_model(cfg, mesh=None, dtype=torch.float32, **kw):
+    return nt.Transformer(cfg, mesh, use_kernels=False, dtype=dtype, **kw).init_random(3).train()
+
+
+def _dp_reference(cfg, data):
+    """Plain torch, one process: (losses, grad norms, {hf_name: param})."""
+    model = _dp_model(cfg)
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not nt.default_no_decay(n)], "weight_decay": WD},
+              {"params": [p for n, p in named if nt.default_no_decay(n)], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=PEAK, betas=BETAS, eps=EPS)
+    losses, norms = [], []
+    for s, seqs in enumerate(data[:STEPS]):
+        opt.zero_grad()
+        ids, pos, cu, labels, L = _dp_pack(seqs)
+        total, _ = model.loss(model(ids, pos, cu, L), labels)
+        (total / _dp_n_tokens(seqs)).backward()
+        losses.append(total.item() / _dp_n_tokens(seqs))
+        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM).item())
+        for g in opt.param_groups:
+            g["lr"] = nt.lr_at(s, **DP_SCHED)
+        opt.step()
+    return losses, norms, dict(model.state_dict_hf())
+
+
+# ---- single process ------------------------------------------------------------------------------------
+
+def test_lr_schedule_values():
+    f = lambda s: nt.lr_at(s, warmup=4, total=14, peak=1.0, min_ratio=0.1)  # noqa: E731
+    assert [f(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == 1.0                                                # cosine starts at the peak
+    assert abs(f(9) - (0.1 + 0.9 * 0.5)) < 1e-12                     # half way: the mean of peak and floor
+    assert abs(f(14) - 0.1) < 1e-12 and abs(f(100) - 0.1) < 1e-12    # floor from `total` on
+    assert all(f(s) >= f(s + 1) for s in range(4, 20))
+
+
+def test_no_decay_rule():
+    model = _dp_model(nt.tiny_config(qkv_bias=True, model_type="qwen2", qk_norm=False))
+    nd = {n for n, _ in model.named_parameters() if nt.default_no_decay(n)}
+    assert nd == {"norm.weight", "layers.0.attn.qkv.bias", "layers.1.attn.qkv.bias",
+                  *{f"layers.{i}.{k}.weight" for i in (0, 1) for k in ("input_norm", "post_attn_norm")}}
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_adamw_and_clipping_equal_torch_single_process(zero):
+    """Our clip + AdamW (with the LR schedule) == torch's, step by step, in one process."""
+    cfg = nt.tiny_config()
+    data = _dp_data(cfg)
+    losses, norms, ref = _dp_reference(cfg, data)
+    model = _dp_model(cfg)
+    opt = nt.build_optimizer(model, zero_stage=zero, lr=PEAK, betas=BETAS, weight_decay=WD, eps=EPS)
+    for s, seqs in enumerate(data[:STEPS]):
+        opt.zero_grad()
+        ids, pos, cu, labels, L = _dp_pack(seqs)
+        total, _ = model.loss(model(ids, pos, cu, L), labels)
+        (total / _dp_n_tokens(seqs)).backward()
+        assert abs(total.item() / _dp_n_tokens(seqs) - losses[s]) <= 1e-5 * abs(losses[s])
+        norm = opt.clip_grad_norm_(MAX_NORM)
+        assert abs(norm.item() - norms[s]) <= 1e-5 * norms[s], (norm.item(), norms[s])
+        opt.step(lr=nt.lr_at(s, **DP_SCHED))
+    assert min(norms) > MAX_NORM                                      # clipping really was active
+    with opt.dp.gathered_params():
+        got = {k: v.clone() for k, v in model.state_dict_hf()}
+    for k in ref:
+        assert (got[k] - ref[k]).abs().max() < 1e-6, k
+
+
+def test_gradient_accumulation_equals_one_packed_micro_batch():
+    """2 micro-batches (no_sync on the first) == 1 micro-batch holding both sequences, same loss scale."""
+    cfg = nt.tiny_config()
+    seqs = _dp_data(cfg)[0]
+    grads = []
+    for split in ([seqs], [seqs[:2], seqs[2:]]):
+        model = _dp_model(cfg)
+        opt = nt.build_optimizer(model, zero_stage=0)
+        for i, mb in enumerate(split):
+            with opt.no_sync() if i < len(split) - 1 else contextlib.nullcontext():
+                ids, pos, cu, labels, L = _dp_pack(mb)
+                (model.loss(model(ids, pos, cu, L), labels)[0] / _dp_n_tokens(seqs)).backward()
+        opt.dp.finish_grad_sync()
+        assert all(p.grad is None for p in model.parameters())       # the grads live in main_grad
+        grads.append({n: p.main_grad.clone() for n, p in model.named_parameters()})
+    for n in grads[0]:
+        assert torch.allclose(grads[0][n], grads[1][n], atol=1e-7), n
+
+
+def test_bf16_params_fp32_master_and_main_grad():
+    """bf16 model: grads accumulate in fp32 main_grad (exactly the fp32 sum of the bf16 grads), the master
+    is fp32, and after the step each bf16 param is the rounded master. An update far below bf16's
+    resolution moves the master and not the param."""
+    cfg = nt.tiny_config()
+    seqs = _dp_data(cfg)[0]
+    model = _dp_model(cfg, dtype=torch.bfloat16)
+    plain = _dp_model(cfg, dtype=torch.bfloat16)
+    opt = nt.build_optimizer(model, zero_stage=0, lr=1e-7, weight_decay=0.0)
+    want = {n: torch.zeros(p.shape) for n, p in plain.named_parameters()}
+    for i, mb in enumerate([seqs[:2], seqs[2:]]):
+        ids, pos, cu, labels, L = _dp_pack(mb)
+        with opt.no_sync() if i == 0 else contextlib.nullcontext():
+            model.loss(model(ids, pos, cu, L), labels)[0].backward()
+        plain.zero_grad()
+        plain.loss(plain(ids, pos, cu, L), labels)[0].backward()
+        for n, p in plain.named_parameters():
+            want[n] += p.grad.float()
+    for n, p in model.named_parameters():
+        assert p.main_grad.dtype == torch.float32 and torch.equal(p.main_grad, want[n]), n
+    before = [m.clone() for m in opt.master]
+    opt.step()
+    for b, m, m0 in zip(opt.dp.buckets, opt.master, before):
+        assert m.dtype == torch.float32 and not torch.equal(m, m0)    # lr 1e-7: the master moved
+        assert torch.equal(b.param_buf, m.to(torch.bfloat16))         # the params are the rounded master
+    # the final norm's weights are 1.0: bf16 steps there are 2^-8 apart, so a 1e-7 update rounds away
+    i, b = next((i, b) for i, b in enumerate(opt.dp.buckets) if any(p is model.norm.weight for p in b.params))
+    o = b.offsets[[p is model.norm.weight for p in b.params].index(True)]
+    master = opt.master[i][o:o + cfg.hidden_size]
+    assert (master != 1).all() and (master - 1).abs().max() < 1e-6 and (model.norm.weight == 1).all()
+
+
+def test_errors():
+    cfg = nt.tiny_config()
+    with pytest.raises(ValueError, match="zero_stage"):
+        nt.build_optimizer(_dp_model(cfg), zero_stage=4)
+    with pytest.raises(ValueError, match="grad_sync"):
+        nt.build_optimizer(_dp_model(cfg), grad_sync="ring")
+    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+        nt.DataParallel(_dp_model(cfg), nt.Mesh(pp=2, rank=0), zero_stage=3)
+    # accumulating without no_sync() would all-reduce the first micro-batch twice: refused
+    model = _dp_model(cfg)
+    opt = nt.build_optimizer(model, zero_stage=1)
+    ids, pos, cu, labels, L = _dp_pack(_dp_data(cfg)[0])
+    model.loss(model(ids, pos, cu, L), labels)[0].backward()
+    with pytest.raises(RuntimeError, match="no_sync"):
+        model.loss(model(ids, pos, cu, L), labels)[0].backward()
+
+
+# ---- spawned gloo processes ------------------------------------------------------------------------------
+
+def _dp_free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_run_layout(cfg, data, mesh, zero, grad_sync="bucketed", n_micro=2, bucket_mb=0.02, ckpt=False,
+                   pipeline=False):
+    """3 training steps in this layout: (losses, norms, full params, optimizer). pp=2: the two stages run
+    each micro-batch forward then backward (AFAB by hand, point-to-point), enough to test the optimizer;
+    pipeline=True runs nt.pipeline_step (1F1B) with the optimizer attached instead."""
+    pp = mesh.pp > 1
+    if pipeline:
+        nt.build_embedding_groups(mesh)
+    a, b = (mesh.pp_rank * cfg.num_layers // mesh.pp, (mesh.pp_rank + 1) * cfg.num_layers // mesh.pp)
+    model = _dp_model(cfg, mesh, layer_range=(a, b), has_embedding=mesh.is_first_stage,
+                   has_head=mesh.is_last_stage, activation_checkpointing=ckpt)
+    opt = nt.build_optimizer(model, mesh, zero, lr=PEAK, betas=BETAS, weight_decay=WD, eps=EPS,
+                               grad_sync=grad_sync, bucket_mb=bucket_mb)
+    other = mesh.rank_of(mesh.dp_rank, 1 - mesh.pp_rank, mesh.tp_rank) if pp else None
+    losses, norms = [], []
+    for s, seqs in enumerate(data[:STEPS]):
+        opt.zero_grad()
+        mine = seqs[mesh.dp_rank * 4 // mesh.dp:(mesh.dp_rank + 1) * 4 // mesh.dp]
+        mbs = [mine[i::n_micro] for i in range(n_micro)] if len(mine) >= n_micro else [mine]
+        loss = torch.zeros(())
+        if pipeline:   # the real schedule: dp sync on the last micro-batch, tied grads summed inside
+            micro = [dict(zip(("input_ids", "positions", "cu_seqlens", "labels", "max_seqlen"), _dp_pack(mb)))
+                     for mb in mbs]
+            loss_sum, _ = nt.pipeline_step(model, mesh, micro, "1f1b", loss_scale=1 / _dp_n_tokens(seqs),
+                                           optimizer=opt)
+            loss = torch.tensor(loss_sum / _dp_n_tokens(seqs), dtype=torch.float32)
+            mesh.all_reduce_(loss, "dp")
+            losses.append(loss.item())
+            norms.append(opt.clip_grad_norm_(MAX_NORM).item())
+            opt.step(lr=nt.lr_at(s, **DP_SCHED))
+            continue
+        for i, mb in enumerate(mbs):
+            ids, pos, cu, labels, L = _dp_pack(mb)
+            with opt.no_sync() if i < len(mbs) - 1 else contextlib.nullcontext():
+                if not pp:
+                    total, _ = model.loss(model(ids, pos, cu, L), labels)
+                    (total / _dp_n_tokens(seqs)).backward()
+                    loss += total.detach() / _dp_n_tokens(seqs)
+                elif mesh.is_first_stage:
+                    h = model(ids, pos, cu, L)
+                    dist.send(h.detach().contiguous(), other)
+                    gh = torch.empty_like(h)
+                    dist.recv(gh, other)
+                    h.backward(gh)
+                else:
+                    h = torch.empty(len(ids), cfg.hidden_size)
+                    dist.recv(h, other)
+                    h.requires_grad_()
+                    total, _ = model.loss(model(h, pos, cu, L), labels)
+                    (total / _dp_n_tokens(seqs)).backward()
+                    dist.send(h.grad.contiguous(), other)
+                    loss += total.detach() / _dp_n_tokens(seqs)
+        if pp and cfg.tie_word_embeddings:    # the pipeline part's job: sum the tied copies' grads
+            opt.dp.finish_grad_sync()
+            w = model.embed.weight if mesh.is_first_stage else model.lm_head.weight
+            mesh.all_reduce_(opt.dp.owned_grad(w), "pp")
+        mesh.all_reduce_(loss, "dp")
+        mesh.all_reduce_(loss, "pp")                                 # first stages contribute 0
+        losses.append(loss.item())
+        norms.append(opt.clip_grad_norm_(MAX_NORM).item())
+        opt.step(lr=nt.lr_at(s, **DP_SCHED))
+    with opt.dp.gathered_params():
+        params = {k: v.clone() for k, v in model.state_dict_hf()}   # clone: views die on exit
+    return losses, norms, params, opt
+
+
+def _dp_check(got, ref, what):
+    (l1, n1, p1, _), (l0, n0, p0) = got, ref
+    for x, y in zip(l1, l0):
+        assert abs(x - y) <= 1e-4 * abs(y), (what, "loss", l1, l0)
+    for x, y in zip(n1, n0):
+        assert abs(x - y) <= 1e-4 * abs(y), (what, "grad norm", n1, n0)
+    assert p1.keys() <= p0.keys() and p1, what
+    for k in p1:
+        err = (p1[k] - p0[k]).abs().max().item()
+        assert err < 1e-5, (what, k, err)
+
+
+def _dp_dp2_cases(mesh, cfg, data, ref):
+    runs = {}
+    for zero in (0, 1, 2, 3):
+        for grad_sync, n_micro, bucket_mb in (("naive", 2, 25.0), ("bucketed", 2, 0.02), ("one", 1, 25.0)):
+            r = _dp_run_layout(cfg, data, mesh, zero, grad_sync.replace("one", "bucketed"), n_micro, bucket_mb)
+            _dp_check(r, ref, f"dp2 zero{zero} {grad_sync} micro={n_micro}")
+            runs[zero, grad_sync] = r
+        # naive == bucketed (one 25 MB bucket reduced after backward vs ~15 tiny ones overlapped with it)
+        pa, pb = runs[zero, "naive"][2], runs[zero, "bucketed"][2]
+        err = max((pa[k] - pb[k]).abs().max().item() for k in pa)
+        assert err < 1e-6, (zero, err)
+    assert len(runs[1, "bucketed"][3].dp.buckets) > 5                # the small buckets really were many
+    for z in (2, 3):                  # between steps stage 2/3 hold no full grads, stage 3 no full params
+        assert not any(nt._allocated(b.grad_buf) for b in runs[z, "bucketed"][3].dp.buckets)
+    assert not any(nt._allocated(b.param_buf) for b in runs[3, "bucketed"][3].dp.buckets)
+    # overlap: in bucketed mode the hooks have launched every bucket when backward returns, naive none
+    for grad_sync, launched in (("bucketed", True), ("naive", False)):
+        model = _dp_model(cfg, mesh)
+        opt = nt.build_optimizer(model, mesh, 1, grad_sync=grad_sync, bucket_mb=0.02)
+        ids, pos, cu, labels, L = _dp_pack(data[0][2 * mesh.dp_rank:2 * mesh.dp_rank + 2])
+        model.loss(model(ids, pos, cu, L), labels)[0].backward()
+        assert all(b.reduced == launched for b in opt.dp.buckets), grad_sync
+        opt.dp.finish_grad_sync()
+    # activation checkpointing under ZeRO-3: the recompute re-enters the layer hooks mid-backward
+    _dp_check(_dp_run_layout(cfg, data, mesh, 3, ckpt=True), ref, "dp2 zero3 checkpointing")
+    # ZeRO memory claim: optimizer state (and grads from stage 2, params at stage 3) shrink to ~1/dp
+    sb = {z: runs[z, "naive"][3].state_bytes() for z in range(4)}
+    half = lambda x, y: abs(x - y / 2) <= 64 * 4                      # noqa: E731  (padding: < dp elements per bucket)
+    assert half(sb[1]["master"], sb[0]["master"]) and half(sb[1]["adam"], sb[0]["adam"])
+    assert sb[1]["grads"] == sb[0]["grads"] and half(sb[2]["grads"], sb[0]["grads"])
+    assert sb[2]["params"] == sb[0]["params"] and half(sb[3]["params"], sb[0]["params"])
+    assert half(sb[3]["master"], sb[0]["master"]) and half(sb[3]["grads"], sb[0]["grads"])
+    # layout-independent optimizer state: ZeRO-2 dp=2 pieces from both ranks -> a one-process optimizer
+    # equals the one-process optimizer that trained the same 3 steps (here: the ZeRO-0 dp=2 run's replica)
+    sds = [None] * mesh.dp
+    dist.all_gather_object(sds, runs[2, "bucketed"][3].state_dict())
+    one = nt.build_optimizer(_dp_model(cfg), nt.Mesh(), 0)
+    one.load_state_dict(sds)
+    want = runs[0, "naive"][3].state_dict()["tensors"]
+    got = one.state_dict()["tensors"]
+    assert got.keys() == want.keys()
+    for name in want:
+        for k in ("master", "exp_avg", "exp_avg_sq"):
+            assert _dp_rel(got[name][k], want[name][k]) < 1e-5, (name, k)
+    assert one.t == STEPS
+
+
+def _dp_worker(rank, world, port, layouts):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        refs = {}
+        for tp, pp, zeros, *extra in layouts:
+            tied, pipeline = "tied" in extra, "pipeline" in extra
+            cfg = nt.tiny_config(tie_word_embeddings=tied)
+            data = _dp_data(cfg)
+            ref = refs.setdefault(tied, _dp_reference(cfg, data))
+            mesh = nt.Mesh.build(tp=tp, pp=pp, backend="gloo", timeout_s=120)
+            if tp == 1 and pp == 1 and zeros == "all":
+                _dp_dp2_cases(mesh, cfg, data, ref)
+                continue
+            for zero in zeros:
+                what = f"tp{tp} pp{pp} dp{mesh.dp} zero{zero} tied={tied} pipeline={pipeline}"
+                _dp_check(_dp_run_layout(cfg, data, mesh, zero, pipeline=pipeline), ref, what)
+    finally:
+        dist.destroy_process_group()
+
+
+def _dp_spawn(world, layouts):
+    mp.spawn(_dp_worker, args=(world, _dp_free_port(), layouts), nprocs=world, join=True)
+
+
+def test_dp2_every_zero_stage_equals_single_process():
+    """dp=2: ZeRO 0/1/2/3 x naive/bucketed, checkpointing under ZeRO-3, memory, state dict resharding."""
+    _dp_spawn(2, [(1, 1, "all")])
+
+
+def test_dp_pp2_equals_single_process():
+    """pp=2 stages (hand-run AFAB): the grad norm reduces over pp, the optimizer steps each stage's layers.
+    Tied embeddings: the last stage's head copy is synced through owned_grad and counted once in the norm."""
+    _dp_spawn(2, [(1, 2, (0, 1, 2)), (1, 2, (0, 2), "tied")])
+
+
+def test_pipeline_step_with_optimizer_equals_single_process():
+    """nt.pipeline_step(optimizer=...) end to end: 1F1B, dp gradient sync on the last micro-batch only,
+    tied embedding grads summed through the optimizer's fp32 buffers, ZeRO 0/1/2 (pp2 x dp2, tied)."""
+    _dp_spawn(4, [(1, 2, (0, 1, 2), "tied", "pipeline")])
+
+
+def test_tp2_dp2_and_pp2_dp2_and_tp2_pp2_equal_single_process():
+    _dp_spawn(4, [(2, 1, (0, 1, 2, 3)), (1, 2, (1, 2), "tied"), (2, 2, (0, 2))])
