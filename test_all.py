@@ -51,6 +51,18 @@ CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 
 
+def _dist_teardown():
+    """Leave the process group cleanly (call it in a worker's `finally`): on success a barrier first, so no
+    rank tears gloo down while a peer still has a collective in flight (a teardown abort, SIGABRT with
+    "terminate called without an active exception", was seen once in CI under heavy CPU load); after an
+    error no barrier, which could wait on a dead peer."""
+    import torch.distributed as _d
+    if _d.is_initialized():
+        if sys.exc_info()[0] is None:
+            _d.barrier()
+        _d.destroy_process_group()
+
+
 def rel(a, b):
     """Relative error ||a - b|| / ||b|| in fp32 (the kernels' tolerance measure)."""
     return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-30)).item()
@@ -2889,7 +2901,7 @@ def _tp_worker(rank, world, port, cases):
             _tp_case(world, sp, use_kernels and nt._KERNELS is not None, tie)
         _vocab_parallel_functions(MESH[0])
     finally:
-        torch.distributed.destroy_process_group()
+        _dist_teardown()
 
 
 def _vocab_parallel_functions(mesh):
@@ -3211,7 +3223,7 @@ def _pp_worker(rank, world, port, cases):
             mesh = meshes[tp, ppn]
             {"grads": _pp_pp_case, "train": _pp_train_case, "p2p": _pp_p2p_and_count_check}[kind](mesh, *args)
     finally:
-        torch.distributed.destroy_process_group()
+        _dist_teardown()
 
 
 def _pp_spawn(world, cases):
@@ -3555,7 +3567,7 @@ def _dp_worker(rank, world, port, layouts):
                 what = f"tp{tp} pp{pp} dp{mesh.dp} zero{zero} tied={tied} pipeline={pipeline}"
                 _dp_check(_dp_run_layout(cfg, data, mesh, zero, pipeline=pipeline), ref, what)
     finally:
-        dist.destroy_process_group()
+        _dist_teardown()
 
 
 def _dp_spawn(world, layouts):
@@ -3707,7 +3719,7 @@ def _ck_worker(rank, world, port, root, jobs):
             if rank == 0:
                 (root / f"{job}-{name}.json").write_text(json.dumps(res))
     finally:
-        dist.destroy_process_group()
+        _dist_teardown()
 
 
 def _ck_spawn(world, root, jobs):
@@ -3994,7 +4006,7 @@ def _sft_dp_worker(rank, world, port, steps_rows, budget, out):
     losses, params = _sft_run_steps(steps_rows, budget, mesh)
     if rank == 0:
         torch.save((losses, params), out)
-    torch.distributed.destroy_process_group()
+    _dist_teardown()
 
 
 def _sft_free_port():
