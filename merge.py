@@ -20,12 +20,8 @@ Commands:
   From Python: `from merge import merge; merge("ckpt/sft/step_120", dtype="float32")`.
 """
 
-import argparse
-import dataclasses
-import inspect
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -151,26 +147,9 @@ def demo() -> Path:
 
 # ---- CLI ----
 
-def _field_help() -> dict:
-    # Help text = the comment after each Config field, so the dataclass stays the one place to read.
-    try:
-        src = inspect.getsource(Config)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", src, flags=re.M))
-
-
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.strip().split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _field_help()
-    for f in dataclasses.fields(Config):
-        h = helps.get(f.name, "").replace("%", "%%")       # argparse formats help with %
-        if f.name == "ckpt":                               # the one positional argument
-            p.add_argument("ckpt", nargs="?", default=f.default, help=h)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=h)
-    return Config(**vars(p.parse_args(argv)))
+    from prepare_data import config_from_argv  # the sibling that owns the dataclass -> argparse helper
+    return config_from_argv(Config, argv, __doc__.strip().split("\n")[0], positional=("ckpt",))
 
 
 def main(argv=None) -> Path:

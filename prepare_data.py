@@ -706,29 +706,40 @@ def append_result(path, stage: str, config: dict, metrics: dict) -> None:
 # ------------------------------------------------------------------ CLI ----
 
 
-def _field_help() -> dict:
-    # Help text = the comment after each Config field, so the dataclass stays the one place to read.
+def field_help(cls) -> dict:
+    """{field: help}: the comment after each field of a config dataclass, so the dataclass stays the one place
+    to read (sft.py and merge.py build their CLIs with config_from_argv too)."""
     try:
-        src = inspect.getsource(Config)
+        src = inspect.getsource(cls)
     except (OSError, TypeError):
         return {}
     return dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", src, flags=re.M))
 
 
-def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _field_help()
-    for f in dataclasses.fields(Config):
+def config_from_argv(cls, argv=None, description: str = "", positional: tuple = ()):
+    """argparse generated from a config dataclass: one --flag per field with its default and its comment as
+    help; bools get --x/--no-x, lists nargs='*', tuples a fixed nargs; names in `positional` are optional
+    positional arguments instead of flags."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = field_help(cls)
+    for f in dataclasses.fields(cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         h = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        if f.type is bool:
+        if f.name in positional:
+            p.add_argument(f.name, nargs="?", default=default, help=h)
+        elif f.type in (bool, "bool"):
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=h)
-        elif f.type is list:
+        elif f.type in (list, "list"):
             p.add_argument(f"--{f.name}", nargs="*", default=default, help=h)
+        elif f.type in (tuple, "tuple"):
+            p.add_argument(f"--{f.name}", nargs=len(default), type=type(default[0]), default=default, help=h)
         else:
             p.add_argument(f"--{f.name}", type=f.type, default=default, help=h)
-    return Config(**vars(p.parse_args(argv)))
+    return cls(**vars(p.parse_args(argv)))
+
+
+def parse_args(argv=None) -> Config:
+    return config_from_argv(Config, argv, __doc__.split("\n\n")[0].strip())
 
 
 def main(argv=None) -> dict:

@@ -27,10 +27,8 @@ Outputs: <out>/step_N/ (checkpoints), <out>/metrics.jsonl, <out>/loss.png, one l
 Contents: config | data (toy task, preference pairs, packing) | losses and steps | eval |
           FLOPs and MFU | logging | driver | CLI
 """
-import argparse
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -677,28 +675,9 @@ def main(argv=None) -> dict:
 # ---- CLI ---------------------------------------------------------------------------------------------
 
 
-def _field_help() -> dict:
-    # Help text = the comment after each Config field, so the dataclass stays the one place to read.
-    try:
-        src = inspect.getsource(Config)
-    except (OSError, TypeError):
-        return {}
-    return dict(re.findall(r"^\s+(\w+): .*?  # (.*)$", src, flags=re.M))
-
-
 def parse_args(argv=None) -> Config:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip(),
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    helps = _field_help()
-    for f in dataclasses.fields(Config):
-        h = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
-        if f.type is bool:
-            p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=f.default, help=h)
-        elif f.type is tuple:
-            p.add_argument(f"--{f.name}", nargs=len(f.default), type=type(f.default[0]), default=f.default, help=h)
-        else:
-            p.add_argument(f"--{f.name}", type=f.type, default=f.default, help=h)
-    return Config(**vars(p.parse_args(argv)))
+    from prepare_data import config_from_argv  # the sibling that owns the dataclass -> argparse helper
+    return config_from_argv(Config, argv, __doc__.split("\n\n")[0].strip(), positional=())
 
 
 if __name__ == "__main__":
