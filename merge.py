@@ -64,6 +64,9 @@ def _tokenizer_source(ck, override: str) -> Path | None:
     through nanotron (HF cache or download). None, with a warning, when there is nothing usable."""
     run = ck.manifest.get("config") or {}
     src = override or run.get("tokenizer") or run.get("model")
+    if not override and src in nt.PRESETS:   # a random-init shape: the tokenizer is the one its data used
+        data_manifest = Path(run.get("data") or "") / "manifest.json"
+        src = json.loads(data_manifest.read_text()).get("tokenizer") if data_manifest.is_file() else None
     if not src:
         print(f"merge: WARNING: no tokenizer copied: the run config in {ck.folder}/manifest.json has no "
               "'tokenizer' or 'model' key (pass --tokenizer FOLDER)")

@@ -163,6 +163,25 @@ class ModelConfig:
         return d
 
 
+# Shapes known by name, for random-init runs (tests, benchmarks, `sft.py --model qwen3-0.6b`): a config,
+# no weights. Real weights come from an HF folder or hub id (load_hf_state).
+PRESETS = {
+    "tiny": dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+                 head_dim=16, rope_theta=10000.0, max_position_embeddings=256, qk_norm=True),
+    # Qwen/Qwen3-0.6B's config.json: 596,049,920 parameters (tied embedding counted once)
+    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
+                       num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960,
+                       tie_word_embeddings=True, qk_norm=True, model_type="qwen3"),
+}
+
+
+def preset_config(name: str, **kw) -> ModelConfig:
+    """PRESETS[name] with fields overridden by kw."""
+    if name not in PRESETS:
+        raise ValueError(f"preset_config: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    return ModelConfig(**{**PRESETS[name], **kw})
+
+
 # ---- pure functions (the torch reference path) ------------------------------------------------------
 # kernels.py has a Triton version of each; these are what runs without it, and what a reader reads first.
 
@@ -428,6 +447,14 @@ class Mesh:
     def barrier(self):
         if self.world > 1:
             dist.barrier()
+
+    def destroy(self):
+        """Leave the process group at the end of a job: a barrier first (no rank tears down while another
+        still talks), then destroy. Skipping it leaves interpreter exit to destroy the backend's threads in
+        no set order, which ends a finished gloo job with an occasional SIGABRT."""
+        if self.world > 1 and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
 
     def __repr__(self):
         return (f"Mesh(rank={self.rank}/{self.world}: tp {self.tp_rank}/{self.tp}, dp {self.dp_rank}/{self.dp}, "
@@ -1768,7 +1795,7 @@ class DataParallel:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         groups = self._units(model, named) if zero_stage == 3 else self._buckets(model, named, bucket_mb)
         self.buckets = [Bucket(g, mesh.dp, mesh.dp_rank, zero_stage) for g in groups]
-        self._sync = True
+        self._sync, self._drain_queued = True, False
         for b in self.buckets:
             for p in b.params:
                 p.register_post_accumulate_grad_hook(partial(self._on_grad, b))
@@ -1874,6 +1901,11 @@ class DataParallel:
             self._wait(b)
         if not _allocated(b.grad_buf):
             _alloc(b.grad_buf).zero_()
+        if self.overlap and self.stage >= 2 and not self._drain_queued:
+            # the end of this backward waits for its reduce-scatters and frees the full fp32 grads: left to
+            # the NEXT micro-batch's hooks they would live through its forward, the peak of the step
+            torch.autograd.Variable._execution_engine.queue_callback(self._drain)
+            self._drain_queued = True
         p.main_grad.add_(p.grad)            # fp32 += model-dtype grad (upcast inside add)
         p.grad = None
         b.pending = True
@@ -1899,6 +1931,14 @@ class DataParallel:
         else:
             b.rs_out = torch.empty(b.hi - b.lo, dtype=torch.float32, device=b.grad_buf.device)
             b.work = _reduce_scatter_base(b.rs_out, b.grad_buf, group=self.group, async_op=True)
+
+    def _drain(self):
+        """Stage 2/3, run by autograd when a backward ends: wait for the launched reduce-scatters (which
+        frees each full grad buffer). Buckets with grads still pending wait for finish_grad_sync."""
+        self._drain_queued = False
+        for b in self.buckets:
+            if not b.pending:
+                self._wait(b)
 
     def _wait(self, b):
         if b.work is not None:
@@ -2619,14 +2659,198 @@ def latest_checkpoint(root) -> Path | None:
 
 
 
+# ---- benchmark -------------------------------------------------------------------------------------
+# `python nanotron.py --bench`: one training step of the Qwen3-0.6B shape on one GPU, ours against what
+# users would otherwise pick, HF transformers with Liger-Kernel's patches (and plain HF), at the same tokens
+# per step. Ours: Transformer(use_kernels=True), the S sequences PACKED into micro-batches of mb_tokens,
+# fused linear cross-entropy, build_optimizer(zero_stage=0) AdamW (fp32 master weights and grads), clip.
+# HF: Qwen3ForCausalLM from the same config (ModelConfig.to_hf), SDPA, dense [mb, T] micro-batches,
+# torch.optim.AdamW(fused=True) on the bf16 params. Each system runs in its own subprocess (its peak memory
+# is its own), warms up untimed, then `steps` steps run between two CUDA events (no host sync inside).
+# MFU, PaLM convention (Chowdhery et al. 2022, app. B): FLOPs/token = 6 N + 12 L H D T, N = all parameters
+# (the tied embedding once): 4.985 GFLOP at T=2048 for Qwen3-0.6B; over 989 TFLOP/s (H100/H200 bf16 dense).
+# Recompute under activation checkpointing is not counted (MFU counts useful FLOPs).
+
+BENCH_PEAK_TFLOPS = 989.0
+
+
+def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
+    """Our training step on ids [S, T]: packed micro-batches of mb_tokens tokens (mb_tokens / T sequences)."""
+    S, T = ids.shape
+    model = Transformer(cfg, Mesh(device=dev), use_kernels=True, dtype=torch.bfloat16, device=dev).init_random(0)
+    model.activation_checkpointing = ckpt
+    opt = build_optimizer(model, zero_stage=0, lr=3e-4, weight_decay=0.1)
+    per = mb_tokens // T
+    cu, pos = cu_seqlens_from_lengths([T] * per, device=dev)
+    mbs = [dict(ids=ids[s:s + per].reshape(-1)) for s in range(0, S, per)]               # [per * T] each
+    for mb in mbs:
+        mb["labels"] = next_token_labels(mb["ids"], cu)
+    n_labels = S * (T - 1)                          # the last token of each sequence has no label
+
+    def step(i):
+        opt.zero_grad()
+        for k, mb in enumerate(mbs):                # the dp grad sync (a no-op here) waits for the last one
+            with opt.no_sync() if k < len(mbs) - 1 else contextlib.nullcontext():
+                total, _ = model.loss(model(mb["ids"], pos, cu, T), mb["labels"])
+                (total / n_labels).backward()       # micro-batch sums add up to the step's mean
+        opt.clip_grad_norm_(1.0)
+        opt.step(lr=lr_at(i, 100, 1000, 3e-4))
+        return total.detach() * len(mbs) / n_labels
+    return model, step, f"packed {len(mbs)}x{mb_tokens} tok, ckpt={'on' if ckpt else 'off'}"
+
+
+def _bench_hf(cfg, ids, mb: int, liger: bool, dev):
+    """HF Qwen3ForCausalLM's step on ids [S, T] in dense micro-batches of mb sequences."""
+    import transformers
+    if liger:   # patches the module classes, so it must run BEFORE the model is built
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
+        apply_liger_kernel_to_qwen3()
+    hcfg = transformers.Qwen3Config.from_dict({**cfg.to_hf(), "use_cache": False})
+    hcfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(dev):
+        model = transformers.Qwen3ForCausalLM(hcfg).to(torch.bfloat16)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
+                            fused=dev.type == "cuda")
+    S = ids.shape[0]
+
+    def step(i):
+        for s in range(0, S, mb):
+            loss = model(input_ids=ids[s:s + mb], labels=ids[s:s + mb]).loss     # HF shifts the labels
+            (loss * (mb / S)).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(i, 100, 1000, 3e-4)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+    return model, step, f"dense {S // mb}x[{mb}, {ids.shape[1]}], sdpa, AdamW fused"
+
+
+def _bench_profile(step, label: str, top: int = 15):
+    """Where one step's GPU time goes: torch.profiler's top kernels by total time."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step(0)
+        torch.cuda.synchronize()
+    print(f"-- profile of {label} --\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+
+
+def bench_one(args) -> None:
+    """One system, one or more configs, in this process: prints a `RESULT {json}` line per config."""
+    tiny = args.tiny or not torch.cuda.is_available()
+    dev = torch.device("cpu") if tiny else torch.device("cuda", 0)
+    cfg = preset_config("tiny", tie_word_embeddings=True) if tiny else preset_config("qwen3-0.6b")
+    g = torch.Generator(device=dev).manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (args.seqs, args.seq_len), device=dev, generator=g)  # [S, T]
+    specs = args.configs.split(",") if args.one == "ours" else [str(args.mb if args.one == "hf_liger" else args.hf_mb)]
+    for spec in specs:
+        if args.one == "ours":
+            mb_tokens, ckpt = (int(v) for v in spec.split(":"))
+            if mb_tokens % args.seq_len or args.seqs * args.seq_len % mb_tokens:
+                raise ValueError(f"--configs {spec}: mb_tokens must be a multiple of T={args.seq_len} that "
+                                 f"divides S*T={args.seqs * args.seq_len}")
+            model, step, desc = _bench_ours(cfg, ids, mb_tokens, bool(ckpt), dev)
+        else:
+            model, step, desc = _bench_hf(cfg, ids, int(spec), args.one == "hf_liger", dev)
+        n_params = sum(p.numel() for p in model.parameters())
+        row = dict(system=args.one, config=desc, tokens_per_step=ids.numel())
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        try:
+            for i in range(args.warmup):            # compile, autotune, grow the allocator: untimed
+                step(i)
+            t0 = time.perf_counter()
+            if dev.type == "cuda":
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+            for i in range(args.steps):
+                loss = step(args.warmup + i)
+            if dev.type == "cuda":
+                b.record()
+                torch.cuda.synchronize()            # the one sync, after the timed region
+                seconds = a.elapsed_time(b) / 1e3
+            else:
+                seconds = time.perf_counter() - t0
+            tok_s = args.steps * ids.numel() / seconds
+            flops = 6 * n_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.seq_len
+            row.update(tokens_per_s=round(tok_s), step_ms=round(1e3 * seconds / args.steps, 1),
+                       mfu=round(tok_s * flops / (BENCH_PEAK_TFLOPS * 1e12), 4), last_loss=round(float(loss), 4),
+                       peak_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else 0.0)
+        except torch.OutOfMemoryError as e:
+            row["error"] = "OOM: " + str(e).splitlines()[0][:100]
+        print("RESULT " + json.dumps(row), flush=True)
+        if args.profile and dev.type == "cuda" and "error" not in row:
+            _bench_profile(step, f"{args.one} {desc}")
+        del model, step
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def bench(argv=None) -> list[dict]:
+    """The driver: each system in a subprocess (`--one`), then one table with ratios to the best HF peer."""
+    import argparse
+    import subprocess
+    import sys
+    ap = argparse.ArgumentParser(description="nanotron training-step benchmark (see the banner above bench_one)")
+    ap.add_argument("--bench", action="store_true")
+    ap.add_argument("--one", choices=["ours", "hf", "hf_liger"], help="run one system in this process")
+    ap.add_argument("--systems", default="ours,hf_liger,hf", help="in order; a repeated one is another sample")
+    ap.add_argument("--configs", default="16384:0,8192:0,32768:1", help="ours: mb_tokens:checkpointing(0|1),...")
+    ap.add_argument("--mb", type=int, default=16, help="hf_liger: sequences per micro-batch")
+    ap.add_argument("--hf-mb", type=int, default=8, help="plain hf: sequences per micro-batch (16 does not fit 80 GB)")
+    ap.add_argument("--seqs", type=int, default=16, help="sequences per optimizer step")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", action="store_true", help="print the top kernels of one step per system")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny preset, 4 x 64 tokens")
+    ap.add_argument("--out", default="", help="also write the rows to OUT/bench_train.json")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.seqs, args.seq_len, args.steps, args.warmup, args.mb, args.hf_mb = 4, 64, 2, 1, 4, 2
+        args.configs = "128:0,64:1" if args.configs == ap.get_default("configs") else args.configs
+    if args.one:
+        return bench_one(args)
+    rows, seen = [], {}
+    for system in args.systems.split(","):
+        seen[system] = seen.get(system, 0) + 1
+        cmd = [sys.executable, os.path.abspath(__file__), "--bench", "--one", system] + [
+            a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--bench",)]
+        cmd = [c for i, c in enumerate(cmd) if not (c == "--systems" or (i and cmd[i - 1] == "--systems"))]
+        print("$ " + " ".join(cmd[1:]), flush=True)
+        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
+            for line in p.stdout:                   # streamed: a run that dies keeps its log
+                print("  " + line.rstrip("\n"), flush=True)
+                if line.startswith("RESULT "):
+                    rows.append(dict(json.loads(line[7:]), sample=seen[system]))
+        if p.returncode:
+            rows.append(dict(system=system, config="", error=f"exit code {p.returncode}", sample=seen[system]))
+    peers = [r for r in rows if r["system"].startswith("hf") and "tokens_per_s" in r]
+    best = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
+    print(f"\n{'tiny preset' if args.tiny else 'Qwen3-0.6B shape'}, {args.seqs} x {args.seq_len} tokens per step; MFU = PaLM 6N + 12LHDT over "
+          f"{BENCH_PEAK_TFLOPS:.0f} TFLOP/s; peak = max_memory_allocated (GB = 1e9 B); ratios vs "
+          f"{best['system'] + ' #' + str(best['sample']) if best else 'no peer'}")
+    print("| system | config | tokens/s | step ms | MFU | peak GB | speed x | memory x |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"| {r['system']} | {r['config']} | {r.get('error')} | | | | | |")
+            continue
+        sp = f"{r['tokens_per_s'] / best['tokens_per_s']:.3f}" if best else "-"
+        mem = f"{best['peak_gb'] / r['peak_gb']:.2f}" if best and r["peak_gb"] else "-"
+        print(f"| {r['system']} #{r['sample']} | {r['config']} | {r['tokens_per_s']:,} | {r['step_ms']} | "
+              f"{100 * r['mfu']:.1f}% | {r['peak_gb']} | {sp} | {mem} |")
+    if args.out:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "bench_train.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
 # ---- self-test -------------------------------------------------------------------------------------
 
 def tiny_config(**kw) -> ModelConfig:
     """A Qwen3-shaped toy (for tests and the self-test)."""
-    base = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
-                num_kv_heads=2, head_dim=16, rope_theta=10000.0, max_position_embeddings=256, qk_norm=True)
-    base.update(kw)
-    return ModelConfig(**base)
+    return preset_config("tiny", **kw)
 
 
 def selftest_pp():
@@ -2696,5 +2920,9 @@ def selftest():
 
 
 if __name__ == "__main__":
-    selftest()
-    selftest_pp()
+    import sys
+    if "--bench" in sys.argv:
+        bench()
+    else:
+        selftest()
+        selftest_pp()

@@ -21,11 +21,14 @@ Commands:
     python sft.py --objective dpo                      # DPO on synthetic preference pairs
     torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # 8 GPUs: dp = 8 / (2 * 2) = 2 inferred
     torchrun --nproc_per_node 2 sft.py --model tiny --data toy --tp 2   # CPU, gloo
-    pytest -q _tests_sft.py
-Outputs: <out>/step_N/ (checkpoints), <out>/metrics.jsonl, <out>/loss.png, one line in results.jsonl.
+    python sft.py --bench 1,tp2,pp2,dp2 --model qwen3-0.6b --data data/gsm8k_sft --lr 3e-4 --out runs/layouts
+                                                       # 2 GPUs: each layout once -> table + loss_layouts.png
+    pytest -q test_all.py -k sft
+Outputs: <out>/step_N/ (checkpoints), <out>/metrics.jsonl, <out>/loss.png, <out>/summary.json, one line in
+results.jsonl.
 
 Contents: config | data (toy task, preference pairs, packing) | losses and steps | eval |
-          FLOPs and MFU | logging | driver | CLI
+          FLOPs and MFU | logging | driver | layout benchmark | CLI
 """
 import contextlib
 import dataclasses
@@ -52,7 +55,7 @@ IGNORE = nt.IGNORE_INDEX
 
 @dataclass
 class Config:
-    model: str = "smollm2"  # HF folder or hub id; smollm2 = the offline SmolLM2-135M-Instruct; tiny = random toy
+    model: str = "smollm2"  # HF folder or hub id; smollm2 = the offline SmolLM2-135M-Instruct; tiny, qwen3-0.6b = random init of that shape
     data: str = ""  # folder with train.nano + test.nano; "" = data/synthetic_sft (dpo: synthetic_dpo), built if missing; toy = no tokenizer
     out: str = "ckpt/sft"  # checkpoints step_N/, metrics.jsonl and loss.png go here
     results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
@@ -73,7 +76,7 @@ class Config:
     grad_clip: float = 1.0  # clip the global grad norm (Pascanu et al. 2013); 0 = measure only
     eval_every: int = 100  # steps between evals on the test split (also before the first and after the last)
     eval_tokens: int = 0  # test tokens per eval; 0 = 65536 on CUDA, 1024 on CPU
-    save_every: int = 500  # steps between checkpoints (the last step is always saved; 0 = only the last)
+    save_every: int = 500  # steps between checkpoints (the last step is always saved; 0 = only the last; -1 = none)
     resume: str = "auto"  # auto = latest <out>/step_N if any | never | a checkpoint folder
     seed: int = 0  # data order (and the random init of --model tiny)
     dtype: str = "auto"  # bfloat16 | float32; auto = bfloat16 on CUDA, float32 on CPU
@@ -83,6 +86,7 @@ class Config:
     dpo_beta: float = 0.1  # DPO's KL strength: larger = stay closer to the reference
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases (when the package is installed)
+    bench: str = ""  # layouts to compare, e.g. 1,tp2,pp2,dp2: this run once per layout under torchrun -> table + PNG
 
 
 # Defaults that depend on the device: (CUDA, CPU). The CPU column makes `python sft.py` a < 2 minute demo.
@@ -91,6 +95,9 @@ class Config:
 AUTO = {"tokens_per_step": (16384, 2048), "micro_batch_tokens": (2048, 1024), "eval_tokens": (65536, 1024),
         "dtype": ("bfloat16", "float32")}
 CPU_DEMO_STEPS = 4
+# The first steps of a run compile and autotune the Triton kernels and grow the allocator (on 2 H200s: 4-8 s,
+# then 0.3-0.6 s): the summary's tokens/s and MFU average the steps after them (every step is in metrics.jsonl).
+UNTIMED_STEPS = 3
 # Peak dense bf16 TFLOP/s per GPU for MFU (vendor sheets, without sparsity). Unknown GPUs print n/a.
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -382,6 +389,15 @@ def evaluate(model, mesh: nt.Mesh, mbs: list, cfg: Config, ref=None) -> float:
         if mm.tolist() != [len(mbs), -len(mbs)]:
             raise RuntimeError(f"evaluate: pp rank {r} has {len(mbs)} eval micro-batches, other stages differ")
     dtype = next(model.parameters()).dtype
+    if mesh.dp > 1:
+        # ZeRO-3 all-gathers the parameters over dp in EVERY forward, so every dp rank must run as many
+        # forwards, but the test rows dealt r, r + dp, .. can pack into a different number of micro-batches
+        # per rank (a rank with fewer would leave the others waiting in an all-gather). Pad with fillers:
+        # one sequence of `mult` tokens, no labels, no pairs: loss 0, units 0.
+        n = int(nt.all_reduce_(torch.tensor([len(mbs)], device=mesh.device), mesh.dp_group, "max"))
+        mult = mesh.tp if cfg.sequence_parallel else 1
+        filler = collate([(torch.zeros(mult, dtype=torch.int64), torch.zeros(mult, dtype=torch.uint8))]) | {"n_pairs": 0}
+        mbs = list(mbs) + [filler] * (n - len(mbs))
     for mb in mbs:
         mb = _to(mb, mesh.device)
         if cfg.objective == "dpo":
@@ -470,25 +486,30 @@ class Logger:
             self.wandb.finish()
 
 
-def plot_loss(metrics_path: Path, png: Path, ylabel: str = "loss") -> bool:
-    """Train (per step) and eval loss curves from metrics.jsonl -> PNG. Needs matplotlib (optional)."""
+def plot_loss(runs: dict, png: Path, ylabel: str = "loss") -> bool:
+    """Train (per step) and eval loss curves of one or more runs -> one PNG. runs: {label: metrics.jsonl}
+    ("" for a single run). Needs matplotlib (optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("sft.py: no matplotlib, so no loss.png (pip install matplotlib); the numbers are in metrics.jsonl")
+        print("sft.py: no matplotlib, so no loss plot (pip install matplotlib); the numbers are in metrics.jsonl")
         return False
-    rows = [json.loads(l) for l in metrics_path.read_text().splitlines()]
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for pts, label, style in ((train, "train", "-"), (ev, "eval (test split)", "o-")):
-        if pts:
-            ax.plot(*zip(*pts), style, label=label)
+    for i, (label, path) in enumerate(runs.items()):
+        rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+        color = f"C{i}"
+        # later runs dashed and thinner, so curves that overlay exactly stay visible
+        for pts, kind, style in ((train, "train", dict(ls="-" if i == 0 else "--", lw=2.0 if i == 0 else 1.2)),
+                                 (ev, "eval (test split)", dict(ls="none", marker="o", ms=5 - min(i, 3)))):
+            if pts:
+                ax.plot(*zip(*pts), color=color, label=f"{label} {kind}".strip(), **style)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -504,8 +525,11 @@ def build_model(cfg: Config, mesh: nt.Mesh, vocab_size: int, seq_len: float, dty
     by rank 0 while the others wait) or the random tiny config."""
     kw = dict(seq_len=int(seq_len), sequence_parallel=cfg.sequence_parallel, use_kernels=cfg.use_kernels,
               activation_checkpointing=cfg.activation_checkpointing, dtype=dtype)
-    if cfg.model == "tiny":
-        mcfg = nt.tiny_config(vocab_size=vocab_size, max_position_embeddings=8192)
+    if cfg.model in nt.PRESETS:        # a known shape, random weights (tiny: the data's vocabulary)
+        mcfg = nt.preset_config(cfg.model, **(dict(vocab_size=vocab_size, max_position_embeddings=8192)
+                                              if cfg.model == "tiny" else {}))
+        if vocab_size > mcfg.vocab_size:
+            raise ValueError(f"sft.py: the data has {vocab_size} token ids, --model {cfg.model} only {mcfg.vocab_size}")
         return nt.build_stage(mcfg, mesh, **kw).init_random(cfg.seed), None
     if cfg.model == "smollm2":
         if mesh.rank == 0:
@@ -547,6 +571,10 @@ def _every(n: int, step: int) -> bool:
 
 def main(argv=None) -> dict:
     cfg = parse_args(argv)
+    if cfg.bench:
+        if nt.dist_env()[1] > 1:
+            raise ValueError("sft.py: --bench starts its own torchrun jobs: run it as `python sft.py --bench ..`")
+        return bench_layouts(cfg, argv)
     t_start = time.time()
     mesh = nt.Mesh.build(cfg.tp, cfg.pp)                     # joins torchrun's group; dp = world / (tp * pp)
     cfg = resolve(cfg, mesh.device.type == "cuda")
@@ -628,14 +656,15 @@ def main(argv=None) -> dict:
         print(f"sft.py: {cfg.out} already holds step {start} >= steps {total}: nothing to train (raise --steps, "
               "or start over with --resume never / another --out)")
     log.log({"step": start, "eval_loss": eval_loss}, f"step {start}/{total} | eval loss {eval_loss:.4f} per {unit}")
-    tok_total, time_total = 0, 0.0
+    tok_total, time_total, flop_total = 0, 0.0, 0.0
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
         m = train_step(model, mesh, opt, batcher.next_step(), cfg, lr, ref)
         dt = time.perf_counter() - t0
-        if step > start:                                        # the first step warms up: not in the average
+        if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
             tok_total, time_total = tok_total + m["tokens"], time_total + dt
+            flop_total += flops_per_token(model.cfg, m["seq_len_eff"]) * m["tokens"]
         tps = m["tokens"] / dt
         mfu = None if peak is None else flops_per_token(model.cfg, m["seq_len_eff"]) * tps / (mesh.world * peak * 1e12)
         row = {"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": batcher.epoch(),
@@ -651,25 +680,126 @@ def main(argv=None) -> dict:
             eval_loss = evaluate(model, mesh, eval_mbs, cfg, ref)
             log.log({"step": step + 1, "eval_loss": eval_loss}, f"step {step + 1}/{total} | eval loss "
                     f"{eval_loss:.4f} per {unit}")
-        if _every(cfg.save_every, step + 1) or done:
+        if _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0):
             saved = save(step + 1)
             if main_rank:
                 log.log({"step": step + 1, "checkpoint": str(saved)})
     log.close()
 
     # -- summary --
+    tps = tok_total / time_total if time_total else None
+    mem = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) if mesh.device.type == "cuda" else 0.0],
+                       device=mesh.device)
+    if mesh.world > 1:
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)                        # the fullest GPU decides what fits
     summary = {"steps": total, "first_loss": first, "last_loss": last, "eval_loss": eval_loss,
-               "tokens_per_s": tok_total / time_total if time_total else None, "skipped_rows": batcher.skipped,
-               "seconds": round(time.time() - t_start, 1), "world": mesh.world, "dp": mesh.dp,
-               "checkpoint": str(Path(cfg.out) / f"step_{total}")}
+               "tokens_per_s": tps, "mfu": None if peak is None or not time_total else
+               flop_total / time_total / (mesh.world * peak * 1e12),
+               "peak_gb": round(mem.item() / 1e9, 2), "skipped_rows": batcher.skipped,
+               "seconds": round(time.time() - t_start, 1), "world": mesh.world, "dp": mesh.dp, "tp": mesh.tp,
+               "pp": mesh.pp, "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
     if main_rank:
         if (Path(cfg.out) / "metrics.jsonl").is_file():
-            plot_loss(Path(cfg.out) / "metrics.jsonl", Path(cfg.out) / "loss.png", f"{cfg.objective} loss per {unit}")
+            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png", f"{cfg.objective} loss per {unit}")
         print(f"sft.py: {cfg.objective} {start} -> {total} steps, loss {first} -> {last}, eval {eval_loss:.4f}, "
               f"{summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, {summary['seconds']} s; out {cfg.out}")
         from prepare_data import append_result
         append_result(cfg.results, cfg.objective, asdict(cfg), summary)
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    mesh.destroy()
     return summary
+
+
+# ---- layout benchmark --------------------------------------------------------------------------------
+# `python sft.py --bench 1,tp2,pp2,dp2 <the run's flags>` runs the SAME run (model, data, tokens per step,
+# steps, seed) once per layout, each as its own torchrun job on W = tp * pp * dp processes, then prints one
+# table (tokens/s, MFU, peak memory of the fullest GPU, losses, speed-up over the first layout) and draws
+# every layout's loss curve in one PNG. The curves must overlay: a layout changes how the work is split, not
+# what is computed (tp and pp see the same micro-batches; dp deals the same kind of rows to more ranks), and
+# `max |dloss|` puts a number on it. No checkpoints are written (--save_every -1).
+
+LAYOUT_PART = re.compile(r"(tp|pp|dp)(\d+)")
+BENCH_TIMEOUT_S = 3 * 3600       # one layout's job; NCCL's own timeout (600 s) catches a stuck collective first
+
+
+def parse_layout(name: str) -> dict:
+    """"1" -> one process; "tp2", "pp2dp2", "tp2pp2dp2" -> {tp, pp, dp, world}."""
+    d = {"tp": 1, "pp": 1, "dp": 1}
+    parts = LAYOUT_PART.findall(name)
+    if name != "1":
+        if not parts or "".join(a + b for a, b in parts) != name or len({a for a, _ in parts}) < len(parts) \
+                or any(int(b) < 1 for _, b in parts):
+            raise ValueError(f"sft.py: --bench layout {name!r}: expected 1, or tpN / ppN / dpN joined, e.g. tp2pp2dp2")
+        d.update({a: int(b) for a, b in parts})
+    return d | {"world": d["tp"] * d["pp"] * d["dp"]}
+
+
+def _drop_flags(argv: list, names: set) -> list:
+    """argv without the flags in names (`--x v` and `--x=v` forms)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a[2:].split("=")[0] if a.startswith("--") else None
+        if name in names:
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out
+
+
+def bench_layouts(cfg: Config, argv=None) -> list:
+    import subprocess
+    import sys
+    layouts = [x.strip() for x in cfg.bench.split(",") if x.strip()]
+    specs = {name: parse_layout(name) for name in layouts}
+    base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
+                       {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
+    root = Path(cfg.out)
+    rows = []
+    for name, d in specs.items():
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)                        # a fresh run, never a resumed one
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={d['world']}",
+               os.path.abspath(__file__), *base, "--tp", str(d["tp"]), "--pp", str(d["pp"]), "--out", str(out),
+               "--resume", "never", "--save_every", "-1", "--results", str(root / "results.jsonl")]
+        print(f"\n=== layout {name}: {' '.join(cmd[2:])}", flush=True)
+        try:
+            rc = subprocess.run(cmd, timeout=BENCH_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        if rc != 0 or not (out / "summary.json").is_file():
+            rows.append({"layout": name, **d, "error": f"exit {rc}"})
+            continue
+        losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in r}
+        rows.append({"layout": name, **d, **json.loads((out / "summary.json").read_text()), "losses": losses})
+    ok = [r for r in rows if "error" not in r]
+    first = ok[0] if ok else None
+    lines = ["| layout | GPUs | tokens/s | per GPU | MFU | peak GB | last loss | eval loss | speed-up | max |dloss| |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | {r['world']} | {r['error']} | | | | | | | |")
+            continue
+        tps = r["tokens_per_s"] or 0.0
+        common = sorted(set(r["losses"]) & set(first["losses"]))
+        dmax = max((abs(r["losses"][k] - first["losses"][k]) for k in common), default=float("nan"))
+        r["speedup"], r["max_dloss"] = tps / (first["tokens_per_s"] or float("nan")), dmax
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['layout']} | {r['world']} | {tps:,.0f} | {tps / r['world']:,.0f} | {mfu} | {r['peak_gb']} "
+                     f"| {r['last_loss']:.4f} | {r['eval_loss']:.4f} | {r['speedup']:.2f}x | {dmax:.4f} |")
+    table = "\n".join(lines)
+    print(f"\nsft.py --bench ({cfg.model}, {cfg.data}; speed-up and |dloss| against {first['layout'] if first else '-'}):"
+          f"\n{table}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bench.md").write_text(table + "\n")
+    (root / "bench.json").write_text(json.dumps(rows, indent=1) + "\n")
+    if ok:
+        plot_loss({r["layout"]: root / r["layout"] / "metrics.jsonl" for r in ok}, root / "loss_layouts.png",
+                  f"{cfg.objective} loss")
+    return rows
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------

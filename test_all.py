@@ -3524,6 +3524,16 @@ def _dp_dp2_cases(mesh, cfg, data, ref):
         model.loss(model(ids, pos, cu, L), labels)[0].backward()
         assert all(b.reduced == launched for b in opt.dp.buckets), grad_sync
         opt.dp.finish_grad_sync()
+    # stage 2/3: the full fp32 grads live only DURING a backward, also between the micro-batches of a step
+    # (the next forward, the step's memory peak, must not meet them)
+    for z in (2, 3):
+        model = _dp_model(cfg, mesh)
+        opt = nt.build_optimizer(model, mesh, z, bucket_mb=0.02)
+        ids, pos, cu, labels, L = _dp_pack(data[0][2 * mesh.dp_rank:2 * mesh.dp_rank + 2])
+        with opt.no_sync():
+            model.loss(model(ids, pos, cu, L), labels)[0].backward()
+        assert not any(nt._allocated(b.grad_buf) for b in opt.dp.buckets), z
+        opt.dp.finish_grad_sync()
     # activation checkpointing under ZeRO-3: the recompute re-enters the layer hooks mid-backward
     _dp_check(_dp_run_layout(cfg, data, mesh, 3, ckpt=True), ref, "dp2 zero3 checkpointing")
     # ZeRO memory claim: optimizer state (and grads from stage 2, params at stage 3) shrink to ~1/dp
@@ -4009,6 +4019,36 @@ def _sft_dp_worker(rank, world, port, steps_rows, budget, out):
     _dist_teardown()
 
 
+def _sft_eval_worker(rank, world, port, rows, out):
+    """ZeRO-3 on dp 2: rank 0's test rows pack into more micro-batches than rank 1's."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        mesh = nt.Mesh.build(1, 1, backend="gloo", timeout_s=60)      # a hang becomes an error in 60 s
+        model = nt.build_stage(nt.tiny_config(), mesh).init_random(0)
+        nt.build_optimizer(model, mesh, zero_stage=3)
+        mine = rows[:6] if rank == 0 else rows[6:8]                    # 6 rows vs 2: unequal pack counts
+        mbs = [sft.collate([r]) | {"n_pairs": 1} for r in mine]
+        loss = sft.evaluate(model, mesh, mbs, sft.Config())
+        if rank == 0:
+            torch.save(loss, out)
+    finally:
+        _dist_teardown()
+
+
+def test_sft_eval_zero3_unequal_micro_batches(tmp_path):
+    """evaluate() under ZeRO-3 with dp 2 when the ranks hold different numbers of eval micro-batches (the
+    GSM8K test split does: 2 vs 3): it finishes (fillers keep the parameter all-gathers in step) and gives
+    the single-process mean loss."""
+    rows = _sft_toy_rows(tmp_path, n=8)
+    model = nt.build_stage(nt.tiny_config(), nt.Mesh()).init_random(0)
+    ref = sft.evaluate(model, model.mesh, [sft.collate([r]) | {"n_pairs": 1} for r in rows], sft.Config())
+    out = tmp_path / "loss.pt"
+    mp.spawn(_sft_eval_worker, args=(2, _sft_free_port(), rows, str(out)), nprocs=2, join=True)
+    assert torch.load(out) == pytest.approx(ref, rel=1e-5)
+
+
 def _sft_free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -4101,7 +4141,7 @@ def test_dpo_starts_at_log2_and_learns(tmp_path, monkeypatch):
         sft.resolve(sft.Config(objective="dpo", pp=2), cuda=False)
 
 
-@pytest.mark.parametrize("layout", [["--tp", "2"], ["--pp", "2"]])
+@pytest.mark.parametrize("layout", [["--tp", "2"]])     # pp 2 under torchrun: test_sft_bench_layouts
 def test_torchrun_two_ranks(tmp_path, layout):
     """(f) torchrun --nproc_per_node 2 on CPU (gloo) runs end to end, and its first loss (before any
     update) equals the single-process one: tp and pp compute the same numbers."""
@@ -4124,3 +4164,86 @@ def test_torchrun_two_ranks(tmp_path, layout):
     assert two[1]["loss"] == pytest.approx(one[1]["loss"], rel=1e-4)
     ev = [[r["eval_loss"] for r in _sft_metrics(tmp_path / d) if "eval_loss" in r] for d in ("one", "two")]
     assert ev[1] == pytest.approx(ev[0], rel=1e-4)            # the forward-only eval pipeline too
+
+
+def test_sft_bench_layouts(tmp_path):
+    """(g) `sft.py --bench 1,pp2`: each layout runs as its own torchrun job (pp 2: two gloo processes), the
+    table's pp2 losses equal the one-process run's (same micro-batches, fp32), no checkpoint is written, and
+    bench.json / bench.md / the overlay PNG appear."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(SFT_HERE))
+    cmd = [sys.executable, str(SFT_HERE / "sft.py"), "--bench", "1,pp2", "--model", "tiny", "--data", "toy",
+           "--steps", "2", "--lr", "3e-3", "--out", "runs"]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    rows = json.loads((tmp_path / "runs" / "bench.json").read_text())
+    assert [(x["layout"], x["world"], x["pp"]) for x in rows] == [("1", 1, 1), ("pp2", 2, 2)]
+    assert all("error" not in x and x["tokens_per_s"] > 0 for x in rows)
+    assert rows[1]["max_dloss"] < 1e-4 * rows[0]["last_loss"] and rows[0]["max_dloss"] == 0
+    assert not list((tmp_path / "runs").glob("*/step_*"))                       # --save_every -1
+    assert "| pp2 | 2 |" in (tmp_path / "runs" / "bench.md").read_text()
+    try:
+        import matplotlib  # noqa: F401
+        assert (tmp_path / "runs" / "loss_layouts.png").stat().st_size > 0
+    except ImportError:
+        pass
+
+
+def test_sft_parse_layout_and_presets():
+    assert sft.parse_layout("1") == {"tp": 1, "pp": 1, "dp": 1, "world": 1}
+    assert sft.parse_layout("tp2pp2dp2") == {"tp": 2, "pp": 2, "dp": 2, "world": 8}
+    for bad in ("tp", "tp2tp2", "2", "tp2x", "pp0"):
+        with pytest.raises(ValueError, match="--bench layout"):
+            sft.parse_layout(bad)
+    assert sft._drop_flags(["--bench", "1,tp2", "--lr=3", "--out", "x", "--steps", "2"], {"bench", "lr", "out"}) \
+        == ["--steps", "2"]
+    # the Qwen3-0.6B preset has Qwen3-0.6B's parameter count (tied embedding counted once)
+    with torch.device("meta"):
+        m = nt.Transformer(nt.preset_config("qwen3-0.6b"), use_kernels=False)
+    assert sum(p.numel() for p in m.parameters()) == 596_049_920
+    with pytest.raises(ValueError, match="unknown preset"):
+        nt.preset_config("qwen3-7b")
+
+
+def test_nanotron_bench_tiny(capsys):
+    """`python nanotron.py --bench --tiny` (our system, in this process): both configs run and report."""
+    nt.bench(["--bench", "--tiny", "--one", "ours"])
+    rows = [json.loads(l[7:]) for l in capsys.readouterr().out.splitlines() if l.startswith("RESULT ")]
+    assert [r["config"] for r in rows] == ["packed 2x128 tok, ckpt=off", "packed 4x64 tok, ckpt=on"]
+    assert all(r["tokens_per_s"] > 0 and math.isfinite(r["last_loss"]) for r in rows)
+
+
+@requires_cuda
+def test_gpu_fused_adamw_equals_loop():
+    """The fused AdamW step (torch._fused_adamw_ over the flat fp32 buckets, CUDA only) equals the readable
+    loop: 3 steps with weight decay on some ranges and not others, same grads, masters within 1e-6."""
+    masters = []
+    for fused in (True, False):
+        dev = torch.device("cuda")
+        model = nt.Transformer(nt.tiny_config(), nt.Mesh(device=dev), use_kernels=False, device=dev).init_random(0)
+        opt = nt.build_optimizer(model, zero_stage=0, lr=1e-2, weight_decay=0.1)
+        assert opt._fused is not None
+        if not fused:
+            opt._fused = None
+        g = torch.Generator(device=dev).manual_seed(1)
+        cu, pos = nt.cu_seqlens_from_lengths([15, 25], device=dev)
+        for _ in range(3):
+            opt.zero_grad()
+            ids = torch.randint(0, 101, (40,), device=dev, generator=g)
+            total, n = model.loss(model(ids, pos, cu, 25), nt.next_token_labels(ids, cu))
+            (total / n).backward()
+            opt.clip_grad_norm_(1.0)
+            opt.step()
+        masters.append([p.detach().clone() for p in opt.master])
+    for a, b in zip(*masters):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@requires_cuda
+def test_gpu_sft_main_bf16(tmp_path, monkeypatch):
+    """sft.py on a GPU: bf16, Triton kernels, a few steps of the tiny model; the loss falls."""
+    monkeypatch.chdir(tmp_path)
+    s = sft.main(["--model", "tiny", "--data", "toy", "--steps", "8", "--lr", "3e-3", "--out", "o",
+                  "--tokens_per_step", "2048", "--micro_batch_tokens", "1024", "--results", "r.jsonl"])
+    assert s["last_loss"] < s["first_loss"] and s["peak_gb"] > 0
+    assert json.loads(Path("o/summary.json").read_text())["steps"] == 8
+
