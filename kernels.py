@@ -1576,7 +1576,7 @@ def swiglu(gate, up, impl="auto"):
 
 # ---- benchmark ---------------------------------------------------------------------------------------
 
-def _gpu_time_ms(fn, reps: int = 100) -> float:
+def _gpu_time_ms(fn, reps: int = 100, flush: str = "dirty") -> float:
     """Median GPU milliseconds of fn() with a cold L2, free of host overhead.
     Why not plain triton.testing.do_bench: it times fn() launched from Python each time, so when the
     host work of a call (Python, autograd, Triton's launcher: 50-150 us on the shared device machine)
@@ -1584,7 +1584,10 @@ def _gpu_time_ms(fn, reps: int = 100) -> float:
     forward kernel read 2.36 TB/s called directly and 0.78-1.1 TB/s through rms_norm() in one run.
     So fn is captured once in a CUDA graph (one replay = the same kernels fn launches) and each replay
     follows a 256 MB L2 flush outside the timed region, as do_bench does. Every implementation, ours
-    and the peers, is timed this way. Falls back to do_bench when fn cannot be captured."""
+    and the peers, is timed this way. Falls back to do_bench when fn cannot be captured.
+    flush: "dirty" = do_bench's flush, which WRITES 256 MB, so the L2 starts full of dirty lines that the
+    kernel's traffic must write back (at 64 MB this caps even a plain copy_ near 2.4 TB/s on an H100);
+    "clean" = READ 256 MB instead (a cold L2 with nothing to write back); "none" = back-to-back replays."""
     from triton.testing import do_bench
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -1601,10 +1604,14 @@ def _gpu_time_ms(fn, reps: int = 100) -> float:
         print(f"  (CUDA graph capture failed: {type(e).__name__}; timing with do_bench)")
         torch.cuda.synchronize()
         return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    flush = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    buf = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    sink = torch.empty((), dtype=torch.int64, device="cuda")
     events = []
     for _ in range(reps):
-        flush.zero_()
+        if flush == "dirty":
+            buf.zero_()
+        elif flush == "clean":
+            torch.sum(buf.view(torch.int64), dim=0, out=sink)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         graph.replay()
@@ -1679,7 +1686,14 @@ def _bench_norm() -> list[tuple]:
     # liger's backward also accumulates into its own weight; grads are taken w.r.t. its weight
     bw = {k: (bwd(v, (x, liger.weight if k == "liger" else w), dy) if v is not None else None) for k, v in fns.items()}
     add("rms_norm bwd 16384x1024", 3 * N * Hd * 2, bw.pop("ours"), bw)
-    with torch.no_grad():
+    with torch.no_grad():   # the same forward from a cold but CLEAN L2 (see _gpu_time_ms's flush)
+        clean = lambda f: _gpu_time_ms(f, flush="clean")
+        t_ours = clean(fns["ours"])
+        for pname in ("copy_ (ceiling)", "torch.compile"):
+            t = clean(lambda: y_copy.copy_(x)) if pname.startswith("copy") else clean(fns[pname])
+            table.append(("rms_norm fwd 16384x1024, clean L2", round(2 * N * Hd * 2 / t_ours / 1e6), pname,
+                          round(2 * N * Hd * 2 / t / 1e6), "GB/s", round(t / t_ours, 3),
+                          round(2 * N * Hd * 2 / t_ours / 1e6 * 1e9 / ROOF, 3)))
         add("rms_norm+residual fwd 16384x1024", 4 * N * Hd * 2, lambda: rms_norm(x, w, eps, residual=r),
             {"eager": lambda: rms_norm_ref(x, w, eps, r), "torch.compile": lambda: ref_c(x, w, eps, r)})
         ours_default = time_ms(lambda: _rms_norm_fwd(x, None, w, eps))

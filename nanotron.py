@@ -18,6 +18,8 @@ Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable 
 
 Commands:
     python nanotron.py                            # CPU self-test: tiny model forward/backward, seconds
+    python nanotron.py --bench                    # one GPU: our training step vs HF + Liger-Kernel, one table
+    python nanotron.py --bench --tiny             # the same on CPU with the tiny preset (a smoke test)
     pytest -q test_all.py -k "tp or hf or gguf"   # HF equality, TP=2/4 on gloo, GGUF conversion
     torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # (sft.py drives this file; dp inferred = 2)
 
@@ -25,7 +27,7 @@ Legend: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, H
 I intermediate size, V vocab (V_r: one TP rank's vocab rows), W world size, L layers.
 
 Contents:
-    config .................. ModelConfig (<-> HF config.json)
+    config .................. ModelConfig (<-> HF config.json), PRESETS (random-init shapes)
     pure functions .......... RMSNorm, RoPE, varlen attention, labels (torch references)
     mesh .................... dist_env, init_distributed, collectives, Mesh
     tensor parallelism ...... f/g operators, sequence-parallel gather/scatter, Column/RowParallelLinear,
@@ -36,6 +38,7 @@ Contents:
     data parallelism ........ DataParallel: naive / bucketed overlapped grad reduction, ZeRO stages 0-3
     optimizer ............... fp32 master weights + main_grad, clip_grad_norm_, AdamW, lr_at, build_optimizer
     checkpoints ............. save_checkpoint / load_checkpoint (any layout) / latest_checkpoint, CheckpointReader
+    benchmark ............... `--bench`: Qwen3-0.6B-shaped training step, ours vs HF (+ Liger) in subprocesses
     self-test ............... selftest(), `python nanotron.py`
 """
 from __future__ import annotations
@@ -2724,7 +2727,7 @@ def _bench_hf(cfg, ids, mb: int, liger: bool, dev):
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
-    return model, step, f"dense {S // mb}x[{mb}, {ids.shape[1]}], sdpa, AdamW fused"
+    return model, step, f"dense {S // mb}x[{mb}, {ids.shape[1]}], sdpa, AdamW{' fused' if dev.type == 'cuda' else ''}"
 
 
 def _bench_profile(step, label: str, top: int = 15):
@@ -2813,11 +2816,11 @@ def bench(argv=None) -> list[dict]:
     if args.one:
         return bench_one(args)
     rows, seen = [], {}
+    given = list(sys.argv[1:] if argv is None else argv)     # passed on to each subprocess, minus the driver's
+    rest = [a for i, a in enumerate(given) if a not in ("--bench", "--systems") and given[i - 1:i] != ["--systems"]]
     for system in args.systems.split(","):
         seen[system] = seen.get(system, 0) + 1
-        cmd = [sys.executable, os.path.abspath(__file__), "--bench", "--one", system] + [
-            a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--bench",)]
-        cmd = [c for i, c in enumerate(cmd) if not (c == "--systems" or (i and cmd[i - 1] == "--systems"))]
+        cmd = [sys.executable, os.path.abspath(__file__), "--bench", "--one", system] + rest
         print("$ " + " ".join(cmd[1:]), flush=True)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
             for line in p.stdout:                   # streamed: a run that dies keeps its log
