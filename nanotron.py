@@ -263,6 +263,16 @@ def next_token_labels(input_ids, cu_seqlens, loss_mask=None):
     return labels
 
 
+def label_rows(labels, device=None):
+    """The positions [n] of the labelled tokens of labels [N], for Transformer.loss(rows=...), or None when
+    skipping rows would not pay (every row labelled, none labelled) or would cost a GPU sync (labels
+    already on the GPU: finding them there is a device->host copy). Give it the host copy of labels."""
+    if labels.device.type != "cpu":
+        return None
+    rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)                     # [n], on the host: no sync
+    return rows.to(device, non_blocking=True) if 0 < len(rows) < len(labels) else None
+
+
 def cu_seqlens_from_lengths(lengths, device=None):
     """[3, 5, 2] -> cu_seqlens int32 [0, 3, 8, 10] and positions [0,1,2, 0,1,2,3,4, 0,1] (int64)."""
     lengths = torch.as_tensor(lengths, dtype=torch.int32, device=device)
@@ -894,14 +904,20 @@ class Transformer(nn.Module):
         # rank-major concatenation [rank 0's V_r | rank 1's | ..]: all padding sits at the end -> cut it
         return gather_last_dim(z, self.mesh.tp_group)[:, : self.cfg.vocab_size]
 
-    def loss(self, hidden, labels, ignore_index=IGNORE_INDEX):
+    def loss(self, hidden, labels, ignore_index=IGNORE_INDEX, rows=None):
         """(sum of token cross-entropies fp32, number of counted tokens int64). Sum, not mean, so the
         caller can divide by the token count of the whole step (all micro-batches, all DP ranks).
-        labels [N] are the next tokens already (see next_token_labels)."""
+        labels [N] are the next tokens already (see next_token_labels). rows: optional int64 [n] positions
+        of the labelled tokens (label_rows): the LM head then runs on those rows only. Same sum, same
+        gradients, less work: in SFT about half the tokens are prompt, and the head's [N, Hd] x [Hd, V]
+        matmul (forward, and two in backward) is the biggest of a small model (V = 151936 for Qwen3)."""
         W, start = self._head()
-        total = vocab_parallel_cross_entropy(self._head_input(hidden), W, labels, start, self.mesh.tp_group,
-                                             ignore_index, self.use_kernels)
-        return total, (labels != ignore_index).sum()
+        h, n = self._head_input(hidden), (labels != ignore_index).sum()
+        if rows is not None:
+            h, labels = h.index_select(0, rows), labels.index_select(0, rows)     # [N, Hd] -> [n, Hd]
+        total = vocab_parallel_cross_entropy(h, W, labels, start, self.mesh.tp_group, ignore_index,
+                                             self.use_kernels)
+        return total, n
 
     def logprobs(self, hidden, tokens, temperature=1.0, return_entropy=True):
         """(log p(tokens) [N], entropy [N] or None) in fp32, for RL: tokens [N] are the sampled next tokens."""
@@ -1476,7 +1492,7 @@ class _Pipe:
         s = self.stage
         y = s(mb["input_ids"] if s.has_embedding else x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
         if s.has_head:
-            total, n = s.loss(y, mb["labels"])
+            total, n = s.loss(y, mb["labels"], rows=label_rows(self.mbs[k]["labels"], self.device))
             self.loss_sum += total.detach()
             self.n_tokens += n
             y = total * self.loss_scale         # the step's mean: sum over micro-batches of total / n_total

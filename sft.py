@@ -399,6 +399,7 @@ def evaluate(model, mesh: nt.Mesh, mbs: list, cfg: Config, ref=None) -> float:
         filler = collate([(torch.zeros(mult, dtype=torch.int64), torch.zeros(mult, dtype=torch.uint8))]) | {"n_pairs": 0}
         mbs = list(mbs) + [filler] * (n - len(mbs))
     for mb in mbs:
+        label_rows = nt.label_rows(mb["labels"], mesh.device)    # found on the host copy: no GPU sync
         mb = _to(mb, mesh.device)
         if cfg.objective == "dpo":
             losses, _ = dpo_losses(sequence_logps(model, mb), sequence_logps(ref, mb), mb["n_pairs"], cfg.dpo_beta)
@@ -410,7 +411,7 @@ def evaluate(model, mesh: nt.Mesh, mbs: list, cfg: Config, ref=None) -> float:
         if nxt is not None:
             nt.send_activation(y, nxt, mesh.pp_group)
         else:
-            s, n = model.loss(y, mb["labels"])
+            s, n = model.loss(y, mb["labels"], rows=label_rows)
             tot += torch.stack([s.double(), n.double()])
     if mesh.pp > 1:
         dist.broadcast(tot, src=mesh.rank_of(d, mesh.pp - 1, t), group=mesh.pp_group)

@@ -4072,6 +4072,30 @@ def test_split_invariance(tmp_path):
     assert ref_losses[1] != ref_losses[0]
 
 
+def test_loss_on_labelled_rows_only():
+    """Transformer.loss(rows=label_rows(labels)) runs the LM head on the labelled rows only: the same sum,
+    count and gradients as the full head (fp32), for SFT-like labels (most of each sequence masked)."""
+    cfg = nt.tiny_config()
+    cu, pos = nt.cu_seqlens_from_lengths([9, 14, 5])
+    ids = torch.randint(0, cfg.vocab_size, (28,), generator=torch.Generator().manual_seed(0))
+    labels = nt.next_token_labels(ids, cu)
+    labels[:6], labels[9:18] = nt.IGNORE_INDEX, nt.IGNORE_INDEX                 # prompts: no loss
+    rows = nt.label_rows(labels)
+    assert rows.tolist() == [i for i in range(28) if labels[i] != nt.IGNORE_INDEX]
+    out = []
+    for r in (None, rows):
+        model = nt.Transformer(cfg).init_random(0)
+        total, n = model.loss(model(ids, pos, cu, 14), labels, rows=r)
+        total.backward()
+        out.append((total.item(), int(n), [p.grad.clone() for p in model.parameters()]))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6) and out[1][1] == out[0][1] == len(rows)
+    for a, b in zip(out[0][2], out[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # nothing to skip, nothing labelled, or labels on another device (a GPU: finding rows would sync)
+    assert nt.label_rows(torch.arange(5)) is None and nt.label_rows(torch.full((5,), -100)) is None
+    assert nt.label_rows(torch.arange(5, device="meta")) is None
+
+
 def test_response_only_loss():
     """(b) Labels exist only where the NEXT token is a response token of the same sequence, and the loss
     equals a hand computation over exactly those positions of the full logits."""
