@@ -2847,10 +2847,12 @@ def bench(argv=None) -> list[dict]:
             rows.append(dict(system=system, config="", error=f"exit code {p.returncode}", sample=seen[system]))
     peers = [r for r in rows if r["system"].startswith("hf") and "tokens_per_s" in r]
     best = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
-    print(f"\n{'tiny preset' if args.tiny else 'Qwen3-0.6B shape'}, {args.seqs} x {args.seq_len} tokens per step; MFU = PaLM 6N + 12LHDT over "
+    shape = "tiny preset" if args.tiny else "Qwen3-0.6B shape"
+    print(f"\n{shape}, {args.seqs} x {args.seq_len} tokens per step; MFU = PaLM 6N + 12LHDT over "
           f"{BENCH_PEAK_TFLOPS:.0f} TFLOP/s; peak = max_memory_allocated (GB = 1e9 B); ratios vs "
           f"{best['system'] + ' #' + str(best['sample']) if best else 'no peer'}")
-    print("| system | config | tokens/s | step ms | MFU | peak GB | speed x | memory x |\n|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| system | config | tokens/s | step ms | MFU | peak GB | speed x | memory x |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         if "tokens_per_s" not in r:
             print(f"| {r['system']} | {r['config']} | {r.get('error')} | | | | | |")

@@ -78,7 +78,7 @@ class Config:
     eval_tokens: int = 0  # test tokens per eval; 0 = 65536 on CUDA, 1024 on CPU
     save_every: int = 500  # steps between checkpoints (the last step is always saved; 0 = only the last; -1 = none)
     resume: str = "auto"  # auto = latest <out>/step_N if any | never | a checkpoint folder
-    seed: int = 0  # data order (and the random init of --model tiny)
+    seed: int = 0  # data order (and the random init of the presets, --model tiny / qwen3-0.6b)
     dtype: str = "auto"  # bfloat16 | float32; auto = bfloat16 on CUDA, float32 on CPU
     activation_checkpointing: bool = False  # recompute layers in backward: less memory, ~1/3 more compute
     sequence_parallel: bool = False  # shard norms/activations over tp between the parallel layers
@@ -396,7 +396,8 @@ def evaluate(model, mesh: nt.Mesh, mbs: list, cfg: Config, ref=None) -> float:
         # one sequence of `mult` tokens, no labels, no pairs: loss 0, units 0.
         n = int(nt.all_reduce_(torch.tensor([len(mbs)], device=mesh.device), mesh.dp_group, "max"))
         mult = mesh.tp if cfg.sequence_parallel else 1
-        filler = collate([(torch.zeros(mult, dtype=torch.int64), torch.zeros(mult, dtype=torch.uint8))]) | {"n_pairs": 0}
+        filler = collate([(torch.zeros(mult, dtype=torch.int64), torch.zeros(mult, dtype=torch.uint8))])
+        filler["n_pairs"] = 0
         mbs = list(mbs) + [filler] * (n - len(mbs))
     for mb in mbs:
         label_rows = nt.label_rows(mb["labels"], mesh.device)    # found on the host copy: no GPU sync
@@ -523,7 +524,7 @@ def plot_loss(runs: dict, png: Path, ylabel: str = "loss") -> bool:
 
 def build_model(cfg: Config, mesh: nt.Mesh, vocab_size: int, seq_len: float, dtype):
     """This rank's stage, with weights: a pretrained HF folder (smollm2 = converted once from the GGUF,
-    by rank 0 while the others wait) or the random tiny config."""
+    by rank 0 while the others wait) or a random-init preset (nanotron.PRESETS: tiny, qwen3-0.6b)."""
     kw = dict(seq_len=int(seq_len), sequence_parallel=cfg.sequence_parallel, use_kernels=cfg.use_kernels,
               activation_checkpointing=cfg.activation_checkpointing, dtype=dtype)
     if cfg.model in nt.PRESETS:        # a known shape, random weights (tiny: the data's vocabulary)
@@ -701,7 +702,8 @@ def main(argv=None) -> dict:
                "pp": mesh.pp, "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
     if main_rank:
         if (Path(cfg.out) / "metrics.jsonl").is_file():
-            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png", f"{cfg.objective} loss per {unit}")
+            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png",
+                      f"{cfg.objective} loss per {unit}")
         print(f"sft.py: {cfg.objective} {start} -> {total} steps, loss {first} -> {last}, eval {eval_loss:.4f}, "
               f"{summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, {summary['seconds']} s; out {cfg.out}")
         from prepare_data import append_result
@@ -792,7 +794,8 @@ def bench_layouts(cfg: Config, argv=None) -> list:
         lines.append(f"| {r['layout']} | {r['world']} | {tps:,.0f} | {tps / r['world']:,.0f} | {mfu} | {r['peak_gb']} "
                      f"| {r['last_loss']:.4f} | {r['eval_loss']:.4f} | {r['speedup']:.2f}x | {dmax:.4f} |")
     table = "\n".join(lines)
-    print(f"\nsft.py --bench ({cfg.model}, {cfg.data}; speed-up and |dloss| against {first['layout'] if first else '-'}):"
+    against = first["layout"] if first else "-"
+    print(f"\nsft.py --bench ({cfg.model}, {cfg.data}; speed-up and |dloss| against {against}):"
           f"\n{table}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench.md").write_text(table + "\n")
