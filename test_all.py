@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import types
 import zlib
 from fractions import Fraction
@@ -61,6 +62,25 @@ def _dist_teardown():
         if sys.exc_info()[0] is None:
             _d.barrier()
         _d.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1: the MASTER_PORT of one spawned process group."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn, args: tuple, nprocs: int, timeout_s: float = 600.0):
+    """mp.spawn(fn, args, nprocs) with a deadline: a deadlocked collective fails the test (its workers
+    killed) instead of hanging the suite. A worker's exception is re-raised here, as mp.spawn does."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout_s
+    while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"{fn.__name__}: {nprocs} workers still running after {timeout_s:.0f} s (a hang?)")
 
 
 def rel(a, b):
@@ -2847,12 +2867,6 @@ def test_next_token_labels():
 
 # ---- tensor parallelism on gloo ---------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tp_case(tp, sp, use_kernels, tie):
     """tp-sharded vs single-process model from the same init: logits, loss, logprobs, entropy and every
     (gathered) gradient. vocab 101 is not divisible by 2 or 4."""
@@ -2932,7 +2946,7 @@ def _vocab_parallel_functions(mesh):
 
 
 def _spawn(world, cases):
-    mp.spawn(_tp_worker, args=(world, _free_port(), cases), nprocs=world, join=True)
+    spawn(_tp_worker, (world, free_port(), cases), world)
 
 
 def test_tp2_equals_single_process():
@@ -3133,12 +3147,6 @@ def test_single_process_schedules_equal_plain_backward():
 
 # ---- distributed (gloo) ----------------------------------------------------------------------------
 
-def _pp_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _pp_pp_case(mesh, tie, sp, n_mb=4):
     """Both schedules on this layout vs the single process: loss, token count, every gradient."""
     cfg = _pp_cfg(tie)
@@ -3227,7 +3235,7 @@ def _pp_worker(rank, world, port, cases):
 
 
 def _pp_spawn(world, cases):
-    mp.spawn(_pp_worker, args=(world, _pp_free_port(), cases), nprocs=world, join=True)
+    spawn(_pp_worker, (world, free_port(), cases), world)
 
 
 def test_pp2_equals_single_process():
@@ -3417,12 +3425,6 @@ def test_errors():
 
 # ---- spawned gloo processes ------------------------------------------------------------------------------
 
-def _dp_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dp_run_layout(cfg, data, mesh, zero, grad_sync="bucketed", n_micro=2, bucket_mb=0.02, ckpt=False,
                    pipeline=False):
     """3 training steps in this layout: (losses, norms, full params, optimizer). pp=2: the two stages run
@@ -3581,7 +3583,7 @@ def _dp_worker(rank, world, port, layouts):
 
 
 def _dp_spawn(world, layouts):
-    mp.spawn(_dp_worker, args=(world, _dp_free_port(), layouts), nprocs=world, join=True)
+    spawn(_dp_worker, (world, free_port(), layouts), world)
 
 
 def test_dp2_every_zero_stage_equals_single_process():
@@ -3708,12 +3710,6 @@ def _ck_reshard_run(mesh, root: Path, name, zero, tied, single: Path):
     return out
 
 
-def _ck_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ck_worker(rank, world, port, root, jobs):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -3733,7 +3729,7 @@ def _ck_worker(rank, world, port, root, jobs):
 
 
 def _ck_spawn(world, root, jobs):
-    mp.spawn(_ck_worker, args=(world, _ck_free_port(), str(root), jobs), nprocs=world, join=True)
+    spawn(_ck_worker, (world, free_port(), str(root), jobs), world)
 
 
 @pytest.fixture(scope="module")
@@ -4045,14 +4041,8 @@ def test_sft_eval_zero3_unequal_micro_batches(tmp_path):
     model = nt.build_stage(nt.tiny_config(), nt.Mesh()).init_random(0)
     ref = sft.evaluate(model, model.mesh, [sft.collate([r]) | {"n_pairs": 1} for r in rows], sft.Config())
     out = tmp_path / "loss.pt"
-    mp.spawn(_sft_eval_worker, args=(2, _sft_free_port(), rows, str(out)), nprocs=2, join=True)
+    spawn(_sft_eval_worker, (2, free_port(), rows, str(out)), 2, timeout_s=120)
     assert torch.load(out) == pytest.approx(ref, rel=1e-5)
-
-
-def _sft_free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_split_invariance(tmp_path):
@@ -4063,7 +4053,7 @@ def test_split_invariance(tmp_path):
     ref_losses, ref_params = _sft_run_steps(steps_rows, 4096, nt.Mesh())            # one micro-batch per step
     runs = {"micro-batches of <= 64 tokens": _sft_run_steps(steps_rows, 64, nt.Mesh())}
     out = tmp_path / "dp2.pt"
-    mp.spawn(_sft_dp_worker, args=(2, _sft_free_port(), steps_rows, 64, str(out)), nprocs=2, join=True)
+    spawn(_sft_dp_worker, (2, free_port(), steps_rows, 64, str(out)), 2)
     runs["dp=2"] = torch.load(out)
     for name, (losses, params) in runs.items():
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
@@ -4178,7 +4168,7 @@ def test_torchrun_two_ranks(tmp_path, layout):
     r1 = subprocess.run(base + ["--out", "one"], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=120)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(_sft_free_port()), str(SFT_HERE / "sft.py")] + \
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(SFT_HERE / "sft.py")] + \
         common + layout + ["--out", "two"]
     r2 = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
