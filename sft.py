@@ -775,9 +775,10 @@ def bench_layouts(cfg: Config, argv=None) -> list:
         if rc != 0 or not (out / "summary.json").is_file():
             rows.append({"layout": name, **d, "error": f"exit {rc}"})
             continue
-        losses = {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                  if "loss" in r}
-        rows.append({"layout": name, **d, **json.loads((out / "summary.json").read_text()), "losses": losses})
+        steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        losses = {r["step"]: r["loss"] for r in steps}
+        rows.append({"layout": name, **d, **json.loads((out / "summary.json").read_text()), "losses": losses,
+                     "step_seconds": {r["step"]: r["seconds"] for r in steps}})     # to re-derive any average
     ok = [r for r in rows if "error" not in r]
     first = ok[0] if ok else None
     lines = ["| layout | GPUs | tokens/s | per GPU | MFU | peak GB | last loss | eval loss | speed-up | max |dloss| |",
