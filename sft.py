@@ -23,6 +23,7 @@ Commands:
     torchrun --nproc_per_node 2 sft.py --model tiny --data toy --tp 2   # CPU, gloo
     python sft.py --bench 1,tp2,pp2,dp2 --model qwen3-0.6b --data data/gsm8k_sft --lr 3e-4 --out runs/layouts
                                                        # 2 GPUs: each layout once -> table + loss_layouts.png
+    python sft.py --bench auto --model tiny --data toy --steps 2   # CPU: the same 4 layouts on gloo, seconds
     pytest -q test_all.py -k sft
 Outputs: <out>/step_N/ (checkpoints), <out>/metrics.jsonl, <out>/loss.png, <out>/summary.json, one line in
 results.jsonl.
@@ -86,7 +87,7 @@ class Config:
     dpo_beta: float = 0.1  # DPO's KL strength: larger = stay closer to the reference
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases (when the package is installed)
-    bench: str = ""  # layouts to compare, e.g. 1,tp2,pp2,dp2: this run once per layout under torchrun -> table + PNG
+    bench: str = ""  # layouts, e.g. 1,tp2,pp2,dp2, or auto (1,dpG,tpG,ppG on G GPUs): a torchrun job each -> table, PNG
 
 
 # Defaults that depend on the device: (CUDA, CPU). The CPU column makes `python sft.py` a < 2 minute demo.
@@ -755,7 +756,9 @@ def _drop_flags(argv: list, names: set) -> list:
 def bench_layouts(cfg: Config, argv=None) -> list:
     import subprocess
     import sys
-    layouts = [x.strip() for x in cfg.bench.split(",") if x.strip()]
+    G = torch.cuda.device_count() if torch.cuda.is_available() else 2        # CPU: 2 gloo processes
+    spec = cfg.bench if cfg.bench != "auto" else ",".join(["1"] + [f"{k}{G}" for k in ("dp", "tp", "pp")] * (G > 1))
+    layouts = [x.strip() for x in spec.split(",") if x.strip()]
     specs = {name: parse_layout(name) for name in layouts}
     base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
                        {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
