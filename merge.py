@@ -68,8 +68,10 @@ def _tokenizer_source(ck, override: str) -> Path | None:
         data_manifest = Path(run.get("data") or "") / "manifest.json"
         src = json.loads(data_manifest.read_text()).get("tokenizer") if data_manifest.is_file() else None
     if not src:
-        print(f"merge: WARNING: no tokenizer copied: the run config in {ck.folder}/manifest.json has no "
-              "'tokenizer' or 'model' key (pass --tokenizer FOLDER)")
+        why = (f"the run trained the random-init preset {run.get('model')!r} and its data folder names no tokenizer"
+               if run.get("model") in nt.PRESETS else f"the run config in {ck.folder}/manifest.json has no "
+               "'tokenizer' or 'model' key")
+        print(f"merge: WARNING: no tokenizer copied: {why} (pass --tokenizer FOLDER)")
         return None
     try:
         return nt.default_model_path() if src == "smollm2" else nt.resolve_model_path(src)

@@ -3951,6 +3951,22 @@ def test_mismatched_model_and_checkpoint(_ck_copy):
         nt.load_checkpoint(_ck_copy, model, nt.build_optimizer(model))
 
 
+def test_merge_preset_takes_the_tokenizer_of_its_data(tmp_path, capsys):
+    """A run of a random-init preset (--model tiny / qwen3-0.6b) has no model folder to copy a tokenizer
+    from: merge.py copies the one the run's data manifest names, and says why when there is none."""
+    model = nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(0)
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    for data, tok in (("data_a", str(tmp_path / "tok")), ("data_b", None)):
+        (tmp_path / data).mkdir()
+        (tmp_path / data / "manifest.json").write_text(json.dumps({"tokenizer": tok} if tok else {}))
+        ck = nt.save_checkpoint(tmp_path / data / "step_1", model, None, model.mesh, step=1,
+                                config={"model": "tiny", "data": str(tmp_path / data)})
+        out = mg.merge(ck, tmp_path / data / "hf")
+        assert (out / "tokenizer.json").is_file() == (tok is not None)
+    assert "random-init preset 'tiny' and its data folder names no tokenizer" in capsys.readouterr().out
+
+
 def test_crash_mid_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
     model, opt = _ck_setup(nt.Mesh(), 1, False)
     nt.save_checkpoint(tmp_path / "step_1", model, opt, model.mesh, step=1)
