@@ -1765,11 +1765,15 @@ def _bench_norm() -> list[tuple]:
 # (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
 # logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
 # matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W (V x Hd, 0.31 GB at Hd=1024).
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed over the chunks in fp32 and rounded to
+# the weight dtype once (V x Hd fp32: 0.62 GB at Hd=1024, and as much for one chunk's product).
 # - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
 #   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
 # - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
 #   logits (one extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
+# Precision in bf16: the logits are rounded to bf16 (as eager, HF and Liger do: the largest error left,
+# several % on the rows of a few large logits against fp32 logits), d loss/d logits is rounded to bf16
+# to feed the GEMMs (one rounding per term, as eager does), and the result once (grad_W: see _add_grad_w).
 # Legend: N packed tokens, Hd hidden size, V vocab (V_r: this rank's vocab slice), C rows per chunk.
 # Parts: references . vocab-parallel hooks . Triton kernels (+ torch twins) . chunked autograd
 #        Functions . public API . benchmark
@@ -1780,8 +1784,10 @@ def _bench_norm() -> list[tuple]:
 def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, reduction="mean",
                              num_tokens_for_mean=None):
     """Eager torch: logits = h @ W^T in the input dtype, then fp32 cross-entropy. 'mean' divides by the
-    number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0."""
+    number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0.
+    labels may be any integer dtype (F.cross_entropy itself wants int64)."""
     logits = (hidden @ weight.t()).float()                                       # [N, V] fp32
+    labels = labels.long()
     if reduction == "none":
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -2004,12 +2010,31 @@ def _default_chunk_size(V, itemsize):
     """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB),
     within [128, 8192]. At V=151936 in bf16 that is C=2048: a 0.62 GB buffer and 8 chunks at 16k tokens.
     Why not smaller (Liger's N*Hd/V heuristic gives 128 rows here): every chunk re-reads W and
-    read-modify-writes grad_W (V x Hd: 0.31 GB each), and grad_W += dlogits^T @ h_c contracts over only
+    read-modify-writes grad_W (V x Hd fp32: 0.62 GB each), and grad_W += dlogits^T @ h_c contracts over only
     C rows, so small chunks turn three compute-bound GEMMs into many bandwidth-bound ones. Why not
     larger: memory grows as C*V, while a [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256
-    output tiles for 132 SMs, so more rows buy little speed (_bench_loss also times C=1024 and 4096)."""
+    output tiles for 132 SMs, so more rows buy little speed."""
     rows = max(1, _LOSS_CHUNK_BYTES // (V * itemsize))
     return max(128, min(8192, 1 << (rows.bit_length() - 1)))
+
+
+def _add_grad_w(acc, dlogits, h_c):
+    """acc + dlogits^T @ h_c: [V_r, c] x [c, Hd] -> [V_r, Hd], kept in FP32 across chunks (acc None: the
+    first chunk). Why: grad_W sums one product per chunk; a bf16 running sum (`grad_w.addmm_` on a bf16
+    tensor) rounds the partial sum to 8 bits after EVERY chunk, so its error grows with the chunk count
+    (twice the one-rounding error at 16 chunks). Here every chunk's product leaves the GEMM in fp32
+    (bf16 operands, fp32 accumulate and output) and is added in fp32; the caller rounds once.
+    Cost at V=151936, Hd=1024: 0.62 GB for acc plus a 0.62 GB product per chunk, vs 0.31 GB in bf16."""
+    if dlogits.dtype == torch.float32:
+        return torch.mm(dlogits.t(), h_c) if acc is None else acc.addmm_(dlogits.t(), h_c)
+    if dlogits.is_cuda:
+        try:
+            prod = torch.mm(dlogits.t(), h_c, out_dtype=torch.float32)       # torch >= 2.8
+        except TypeError:                       # older torch: this chunk's product is rounded once
+            prod = torch.mm(dlogits.t(), h_c).float()
+    else:   # CPU has no fp32-output bf16/fp16 GEMM; upcasting is exact (the products fit in fp32)
+        prod = torch.mm(dlogits.t().float(), h_c.float())
+    return prod if acc is None else acc.add_(prod)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -2021,7 +2046,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grad_h = hidden.new_empty(hidden.shape) if need_gh else None        # contiguous, for out=
-        grad_w = weight.new_zeros(weight.shape) if need_gw else None
+        grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
         buf = hidden.new_empty(min(chunk, N), V)                # the only [C, V_r] tensor that exists
         for s0 in range(0, N, chunk):
             h_c = hidden[s0:s0 + chunk]                                          # [c, Hd], c <= C
@@ -2037,9 +2062,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_gh:
                     torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])          # [c, Hd]
                 if need_gw:
-                    # addmm accumulates in fp32 inside the GEMM and rounds into grad_w once per chunk
-                    grad_w.addmm_(logits.t(), h_c)                              # [V_r, Hd]
-        ctx.grads = (grad_h, grad_w)
+                    grad_w = _add_grad_w(grad_w, logits, h_c)                   # [V_r, Hd] fp32
+        if need_gw and grad_w is None:                          # N == 0: no chunk ran
+            grad_w = weight.new_zeros(weight.shape, dtype=torch.float32)
+        ctx.grads, ctx.w_dtype = (grad_h, grad_w), weight.dtype
         return (loss_rows * row_w).sum()
 
     @staticmethod
@@ -2050,7 +2076,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                "(grad mode was off, or backward already ran once; it may run only once)")
         ctx.grads = (None, None)        # scaled in place below: a second backward would double-scale
         grad_h = grad_h.mul_(g) if grad_h is not None else None
-        grad_w = grad_w.mul_(g) if grad_w is not None else None
+        grad_w = grad_w.mul_(g).to(ctx.w_dtype) if grad_w is not None else None   # the ONE rounding
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
@@ -2082,7 +2108,7 @@ class _LinearLogprobs(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         grad_h = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
-        grad_w = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
         buf = hidden.new_empty(min(chunk, N), V)
         for s0 in range(0, N, chunk):
             h_c = hidden[s0:s0 + chunk]
@@ -2092,8 +2118,10 @@ class _LinearLogprobs(torch.autograd.Function):
                       None if g_ent is None else g_ent[s0:s0 + chunk], inv_temp, use_triton)
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])              # [c, Hd]
-            if grad_w is not None:
-                grad_w.addmm_(logits.t(), h_c)                                  # [V_r, Hd]
+            if ctx.needs_input_grad[1]:
+                grad_w = _add_grad_w(grad_w, logits, h_c)                       # [V_r, Hd] fp32
+        if ctx.needs_input_grad[1]:                             # round once (zeros when N == 0)
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else torch.zeros_like(weight)
         return grad_h, grad_w, None, None, None, None, None
 
 
@@ -2133,7 +2161,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     the step's total count (all-reduced over DP once per step) makes sum(micro-batch losses) with a SUM
     all-reduce of gradients exactly the per-token mean over the whole batch.
     chunk_size: rows per [C, V] logits chunk (default: see _default_chunk_size, 2048 at V=151936 bf16).
-    Memory: one [C, V] buffer in the input dtype + the gradients, vs ~30 GB eager at 16k x 152k.
+    Memory: one [C, V] buffer in the input dtype + the gradients (grad_W summed in fp32), vs ~30 GB
+    eager at 16k x 152k.
     "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales
     them by grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
     impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref".

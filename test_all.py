@@ -2470,13 +2470,18 @@ LOSS_TOL = {torch.float32: 2e-5, torch.float16: 5e-3}
 LOSS_DEVICE = "cuda" if CUDA else "cpu"       # with a GPU the small tests run the compiled kernels too
 
 
-@pytest.fixture(autouse=True)
+LOSS_BLOCK_V = K._LOSS_MAX_BLOCK_V            # the production width, read before any test runs
+
+
+@pytest.fixture
 def _small_blocks(monkeypatch):
-    """256-wide blocks so the row loop runs several times and ends on a ragged block (the GPU tests at
-    real sizes set the production width back)."""
+    """256-wide blocks so the row loop runs several times and ends on a ragged block. Only the tests
+    marked @small_blocks get it (monkeypatch restores the width after each): every other test, the GPU
+    loss tests and the nanotron/sft tests included, runs the production width."""
     monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 256)
 
 
+small_blocks = pytest.mark.usefixtures("_small_blocks")
 
 
 def make(dtype, n=N, v=V, hd=HD, n_ignored=5, seed=0, device=LOSS_DEVICE):
@@ -2510,6 +2515,7 @@ def check(ours, ref, tol):
 
 # ---- cross-entropy ----
 
+@small_blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_cross_entropy_matches_ref(dtype, reduction):
@@ -2522,6 +2528,7 @@ def test_cross_entropy_matches_ref(dtype, reduction):
         assert (ours[0][0][y == -100] == 0).all()
 
 
+@small_blocks
 def test_cross_entropy_num_tokens_for_mean_and_all_ignored():
     h, w, y = make(torch.float32)
     ours = run(K.fused_linear_cross_entropy, h, w, y, chunk_size=CHUNK, impl="triton",
@@ -2533,6 +2540,7 @@ def test_cross_entropy_num_tokens_for_mean_and_all_ignored():
     assert vals[0].item() == 0 and gh.abs().max() == 0 and gw.abs().max() == 0
 
 
+@small_blocks
 def test_cross_entropy_no_grad_and_default_chunk():
     h, w, y = make(torch.float32)
     with torch.no_grad():                         # forward only: no gradient work, same value
@@ -2543,6 +2551,7 @@ def test_cross_entropy_no_grad_and_default_chunk():
 
 # ---- log-probs and entropy ----
 
+@small_blocks
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_logprobs_entropy_matches_ref(dtype):
     h, w, y = make(dtype, n_ignored=0)
@@ -2551,6 +2560,7 @@ def test_logprobs_entropy_matches_ref(dtype):
     check(ours, ref, LOSS_TOL[dtype])
 
 
+@small_blocks
 def test_logprobs_without_entropy():
     h, w, y = make(torch.float32, n_ignored=0)
     ours = run(K.fused_linear_logprobs, h, w, y, temperature=1.3, return_entropy=False,
@@ -2621,6 +2631,7 @@ def run_sharded(fn, h, w, sizes, impl, **kw):
     return res[0][0], sum(r[1] for r in res), torch.cat([r[2] for r in res])
 
 
+@small_blocks
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_cross_entropy(world):
     h, w, y = make(torch.float32)
@@ -2630,6 +2641,7 @@ def test_vocab_parallel_cross_entropy(world):
         check(ours, run(K.linear_cross_entropy_ref, h, w, y, reduction=reduction), 2e-5)
 
 
+@small_blocks
 @pytest.mark.parametrize("world", [2, 3])
 def test_vocab_parallel_logprobs_entropy(world):
     h, w, y = make(torch.float32, n_ignored=0)
@@ -2638,6 +2650,7 @@ def test_vocab_parallel_logprobs_entropy(world):
     check(ours, run(K.linear_logprobs_ref, h, w, y, temperature=0.7), 2e-5)
 
 
+@small_blocks
 def test_vocab_parallel_refs_and_torch_twins():
     """The shard-wise references equal the unsharded ones, and impl='ref' under vocab_parallel (the
     chunked algorithm with the kernels' torch twins, the CPU fallback) does too."""
@@ -2674,11 +2687,88 @@ def test_loss_bad_inputs_name_the_argument():
         K.fused_linear_logprobs(h, w, y.clamp(min=0), chunk_size=0)
 
 
+@small_blocks
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_int32_labels_equal_int64(impl):
+    """The docstring says int: int32 labels (what a packed int32 batch holds) give the int64 results,
+    on the reference path (F.cross_entropy alone would refuse them) and on the chunked one."""
+    h, w, y = make(torch.float32)
+    for reduction in ("mean", "none"):
+        a = run(K.fused_linear_cross_entropy, h, w, y, reduction=reduction, chunk_size=CHUNK, impl=impl)
+        b = run(K.fused_linear_cross_entropy, h, w, y.int(), reduction=reduction, chunk_size=CHUNK, impl=impl)
+        assert all(torch.equal(x, z) for x, z in zip(a[0] + [a[1], a[2]], b[0] + [b[1], b[2]])), reduction
+    t = y.clamp(min=0)
+    a = run(K.fused_linear_logprobs, h, w, t, chunk_size=CHUNK, impl=impl)
+    b = run(K.fused_linear_logprobs, h, w, t.int(), chunk_size=CHUNK, impl=impl)
+    assert all(torch.equal(x, z) for x, z in zip(a[0] + [a[1], a[2]], b[0] + [b[1], b[2]]))
+
+
+def exact_logit_inputs(n, v, hd, dtype, device, seed=0):
+    """h in {-1, 0, 1} and W in multiples of 1/16, scaled so the logits have std ~2: every logit is a
+    multiple of 1/16 far below 16 in magnitude, i.e. EXACT in fp16 and bf16 however a GEMM orders its
+    sum. The only error left in grad_W is then the backward's own rounding, and an fp64 oracle sees
+    the same logits bit for bit (checked)."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randint(-1, 2, (n, hd), generator=g).double()
+    w = (torch.randn(v, hd, generator=g, dtype=torch.float64) * 32 / (hd * 2 / 3) ** 0.5).round() / 16
+    return h.to(device, dtype), w.to(device, dtype), torch.randint(0, v, (n,), generator=g).to(device)
+
+
+def grad_w_row_errors(h, w, tok, g_lp, g_ent, temperature, grad_w, rows=1024):
+    """Per vocab row j: ||grad_W[j] - oracle[j]|| / s_j, with the fp64 oracle dz^T h and the row's term
+    scale s_j = sqrt(sum_i dz_ij^2 ||h_i||^2) (the size of what row j sums, so a row whose terms cancel
+    is not judged against its small total). dz = d loss/d logits of loss = sum_i g_lp_i logp_i + g_ent_i H_i."""
+    gw, s2 = torch.zeros(w.shape, dtype=torch.float64, device=w.device), 0
+    for i in range(0, h.shape[0], rows):                   # [rows, V] fp64 at a time
+        hc, tc = h[i:i + rows].double(), tok[i:i + rows]
+        z = hc @ w.double().t()
+        assert torch.equal(z, (h[i:i + rows] @ w.t()).double()), "the logits must be exact in the dtype"
+        logp = torch.log_softmax(z / temperature, -1)
+        p = logp.exp()
+        dz = -g_lp[i:i + rows, None] * p
+        dz[torch.arange(len(tc)), tc] += g_lp[i:i + rows]
+        if g_ent is not None:
+            dz -= g_ent[i:i + rows, None] * p * (logp - (p * logp).sum(-1, keepdim=True))
+        dz /= temperature
+        gw += dz.t() @ hc
+        s2 = s2 + (dz ** 2 * (hc ** 2).sum(1)[:, None]).sum(0)
+    return (grad_w.double() - gw).norm(dim=1) / s2.sqrt()
+
+
+def check_grad_w_rows(dtype, n, v, hd, chunk, device):
+    """16 chunks, so a grad_W kept in the low dtype across chunks (rounded after each) shows: on the CPU
+    case its worst row measured 2.6 units of rounding u (2.1-2.6u over seeds), with fp32 accumulation
+    1.0-1.3u; one rounding of dz and one of the result bound a row near 1.1u, the limit is 1.75u."""
+    u = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}[dtype]
+    h, w, tok = exact_logit_inputs(n, v, hd, dtype, device)
+    g = torch.Generator().manual_seed(1)
+    g_lp, g_ent = (torch.randn(n, generator=g, dtype=torch.float64).mul(64).to(device) for _ in range(2))
+    hl, wl = leaf(h), leaf(w)                            # x64: keeps fp16's small p terms normal numbers
+    lp, ent = K.fused_linear_logprobs(hl, wl, tok, temperature=0.8, chunk_size=chunk, impl="triton")
+    ((lp.double() * g_lp).sum() + (ent.double() * g_ent).sum()).backward()
+    err = grad_w_row_errors(h, w, tok, g_lp, g_ent, 0.8, wl.grad)
+    assert err.max() < 1.75 * u, f"logprobs: worst grad_W row {err.max() / u:.2f}u"
+    hl, wl = leaf(h), leaf(w)
+    K.fused_linear_cross_entropy(hl, wl, tok, reduction="sum", chunk_size=chunk, impl="triton").backward()
+    err = grad_w_row_errors(h, w, tok, -torch.ones_like(g_lp), None, 1.0, wl.grad)
+    assert err.max() < 1.75 * u, f"cross-entropy: worst grad_W row {err.max() / u:.2f}u"
+
+
+@small_blocks
+def test_grad_w_rows_accumulate_in_fp32():
+    check_grad_w_rows(torch.float16, 128, 160, 32, 8, LOSS_DEVICE)
+
+
+def test_small_blocks_stay_in_their_section():
+    """Not marked, and placed after the marked tests: it must see the production width, as the GPU
+    loss tests below and every nanotron/sft test do (the width is restored, not leaked)."""
+    assert K._LOSS_MAX_BLOCK_V == LOSS_BLOCK_V == 4096
+
+
 # ---- GPU: bf16 at real sizes ----
 
 @requires_cuda
-def test_gpu_cross_entropy_bf16(monkeypatch):
-    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 4096)
+def test_gpu_cross_entropy_bf16():
     h, w, y = make(torch.bfloat16, n=4096, v=151936, hd=1024, n_ignored=300, device="cuda")
     w = w * 0.2                                    # keep logits O(1) at Hd=1024
     for reduction in ("mean", "sum"):
@@ -2687,8 +2777,7 @@ def test_gpu_cross_entropy_bf16(monkeypatch):
 
 
 @requires_cuda
-def test_gpu_logprobs_entropy_bf16(monkeypatch):
-    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 4096)
+def test_gpu_logprobs_entropy_bf16():
     h, w, y = make(torch.bfloat16, n=4096, v=151936, hd=1024, n_ignored=0, device="cuda")
     w = w * 0.2
     ours = run(K.fused_linear_logprobs, h, w, y, temperature=0.7)
@@ -2696,12 +2785,17 @@ def test_gpu_logprobs_entropy_bf16(monkeypatch):
 
 
 @requires_cuda
-def test_gpu_vocab_parallel_bf16(monkeypatch):
-    monkeypatch.setattr(K, "_LOSS_MAX_BLOCK_V", 4096)
+def test_gpu_vocab_parallel_bf16():
     h, w, y = make(torch.bfloat16, n=1024, v=151936, hd=1024, n_ignored=50, device="cuda")
     w = w * 0.2
     ours = run_sharded(K.fused_linear_cross_entropy, h, w, [75968, 75968], "triton", labels=y)
     check(ours, run(K.linear_cross_entropy_ref, h, w, y), 1e-2)
+
+
+@requires_cuda
+def test_gpu_grad_w_rows_bf16():
+    """Per-row grad_W error at the real size (V=151936, Hd=1024), 16 chunks of 256 rows."""
+    check_grad_w_rows(torch.bfloat16, 4096, 151936, 1024, 256, "cuda")
 
 
 # ==== nanotron (model, mesh, tensor parallelism, loading, GGUF conversion) ========================
