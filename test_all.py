@@ -26,6 +26,7 @@ import json
 import math
 import operator
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -2811,6 +2812,48 @@ def test_gpu_vocab_parallel_bf16():
 def test_gpu_grad_w_rows_bf16():
     """Per-row grad_W error at the real size (V=151936, Hd=1024), 16 chunks of 256 rows."""
     check_grad_w_rows(torch.bfloat16, 4096, 151936, 1024, 256, "cuda")
+
+
+# ---- kernels.py as a script: the self-test and the command line ----
+
+def run_kernels_py(*args, block_triton=False):
+    """`python kernels.py ARGS` in a subprocess; block_triton makes `import triton` fail inside it."""
+    code = "import runpy, sys\n"
+    if block_triton:
+        code += "sys.modules['triton'] = None   # any `import triton` now raises ImportError\n"
+    code += f"sys.argv = ['kernels.py', *{list(args)!r}]\nrunpy.run_path('kernels.py', run_name='__main__')\n"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT)
+
+
+def test_kernels_selftest_runs_every_public_op():
+    pytest.importorskip("triton")
+    out = run_kernels_py()
+    assert out.returncode == 0, out.stderr
+    assert "kernels selftest: OK, 9 ops" in out.stdout and "SKIPPED" not in out.stdout, out.stdout
+    for op in ("flash_attn_varlen fwd+bwd", "paged_attention_decode", "store_kvcache", "rope_qk_norm",
+               "fused_linear_logprobs fwd+bwd"):
+        assert op in out.stdout
+
+
+def test_kernels_selftest_without_triton_says_skipped_never_ok():
+    """Without Triton every op falls back to its reference, so a comparison would pit the reference
+    against itself: the self-test must say SKIPPED and claim no OK."""
+    out = run_kernels_py(block_triton=True)
+    assert out.returncode == 0, out.stderr
+    assert "no triton" in out.stdout and out.stdout.count("SKIPPED") == 10, out.stdout
+    assert not re.search(r"\bOK\b", out.stdout), out.stdout
+
+
+def test_kernels_cli_help_and_one_line_errors():
+    out = run_kernels_py("--help", block_triton=True)
+    assert out.returncode == 0 and "usage: kernels.py" in out.stdout and "selftest" not in out.stdout
+    out = run_kernels_py("--no-such-flag", block_triton=True)
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+    assert out.stderr.startswith("kernels.py: error: unrecognized arguments: --no-such-flag")
+    if not CUDA:   # --bench refuses in one line, exit 2, naming what is missing
+        out = run_kernels_py("--bench")
+        assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr
+        assert out.stderr.startswith("kernels.py: error: --bench needs a CUDA GPU") and "no CUDA GPU" in out.stderr
 
 
 # ==== nanotron (model, mesh, tensor parallelism, loading, GGUF conversion) ========================
