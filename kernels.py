@@ -26,7 +26,8 @@ Commands:
   python kernels.py --bench   GPU benchmark (bf16), one table: ours vs torch SDPA, eager torch,
                               torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
   python kernels.py --help    (--debug: full tracebacks)
-  pytest -q test_all.py -k "flash or paged or rms or rope or swiglu or cross_entropy or logprobs"
+  pytest -q test_all.py -k "kernels or flash or paged or store or attn or attention or rms or rope or
+      swiglu or rowwise or entropy or logprobs or vocab or grad_w or int32 or blocks or loss_bad"
 
 First read (~600 lines): the shared helpers; the attention section from its opening comment through
 the flash forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the

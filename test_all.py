@@ -2376,7 +2376,7 @@ def test_swiglu_forward_and_grads(dtype, views):
 
 # ---- interface ---------------------------------------------------------------------------------------
 
-def test_errors_and_dispatch():
+def test_rowwise_errors_and_dispatch():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="weight"):
         K.rms_norm(x, torch.ones(7))
