@@ -570,8 +570,9 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
 # one of each list is the untimed pick for short sequences (_short_seq_prune). The forward's 128x128 on 8
 # warps is two warpgroups of 64 rows (the wgmma shape) by wgmma's widest efficient N; 3 stages of K/V
 # keep the tensor cores fed. In the backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the
-# wide one. The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0
-# (dK/dV): all do. The sweeps that chose them are in BENCHMARKS.md.
+# wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators in registers, hence its narrower query tiles.
+# The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all
+# do. The sweeps that chose them are in BENCHMARKS.md.
 def _short_seq_prune(configs, named_args, **kwargs):
     """Autotune pruning: batches of short sequences (max_seqlen <= 1024) run the LAST config of each list
     untimed: at S=1k they were the fastest (or within 4%) and their kernels are short enough that
@@ -2026,7 +2027,7 @@ def _bench_rowwise(rows, peaks):
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction
     except ImportError:
         LigerRMSNorm = LigerSiLUMulFunction = None
-    bf, bw, nograd = torch.bfloat16, (lambda r: r / peaks["GB/s"]), torch.no_grad()
+    bf, bw = torch.bfloat16, (lambda r: r / peaks["GB/s"])
     N, Hd, eps = 16384, 1024, 1e-6
     x = torch.randn(N, Hd, device="cuda", dtype=bf, requires_grad=True)
     r, dy, y = (torch.randn(N, Hd, device="cuda", dtype=bf) for _ in range(3))
@@ -2039,7 +2040,7 @@ def _bench_rowwise(rows, peaks):
     fns = {"eager": lambda: rms_norm_ref(x, w, eps), "F.rms_norm": lambda: F.rms_norm(x, (Hd,), w, eps),
            "torch.compile": lambda: ref_c(x, w, eps), "liger": liger and (lambda: liger(x))}
     copy = {"copy_ (ceiling)": lambda: y.copy_(x)}
-    with nograd:
+    with torch.no_grad():
         _compare(rows, "rms_norm fwd 16384x1024", "GB/s", gb(2), lambda: rms_norm(x, w, eps), {**fns, **copy}, bw)
         _compare(rows, "rms_norm fwd 16384x1024, clean L2", "GB/s", gb(2, flush="clean"), lambda: rms_norm(x, w, eps),
                  {**copy, "torch.compile": fns["torch.compile"]}, bw)
@@ -2054,7 +2055,7 @@ def _bench_rowwise(rows, peaks):
     comp_sw, gb = torch.compile(eager_sw), (lambda n: _rate(n * N * I * 2 / 1e6))
     fns = {"eager": lambda: eager_sw(g, u), "torch.compile": lambda: comp_sw(g, u),
            "liger": LigerSiLUMulFunction and (lambda: LigerSiLUMulFunction.apply(g, u))}
-    with nograd:
+    with torch.no_grad():
         _compare(rows, "swiglu fwd 16384x3072", "GB/s", gb(3), lambda: swiglu(g, u), fns, bw)
         _compare(rows, "swiglu fwd gate_up views", "GB/s", gb(3), lambda: swiglu(gu[:, :I], gu[:, I:]),
                  {"eager": lambda: eager_sw(gu[:, :I], gu[:, I:])}, bw)
@@ -2072,7 +2073,7 @@ def _bench_rowwise(rows, peaks):
     fns = {"eager": lambda: rope_qk_norm_ref(q, k, pos, cs, qw, kw), "torch.compile": lambda: ref_c(q, k, pos, cs, qw, kw)}
     gb = lambda n: _rate((n * (H + Hkv) * N * D * 2 + N * (8 + D * 4)) / 1e6)  # noqa: E731 (+ positions, table rows)
     ours = lambda: rope_qk_norm(q, k, pos, cs, qw, kw)  # noqa: E731
-    with nograd:
+    with torch.no_grad():
         _compare(rows, "rope_qk_norm fwd Qwen3-8B heads", "GB/s", gb(2), ours, fns, bw)
     _compare(rows, "rope_qk_norm bwd Qwen3-8B heads", "GB/s", gb(3), _grad_fn(ours, leaves, grads),
              {n: _grad_fn(f, leaves, grads) for n, f in fns.items()}, bw)
