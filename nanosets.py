@@ -111,10 +111,15 @@ import torch
 
 
 class DataType:
-    """Base class of all types. Equality and hashing go through the canonical string form, so two
-    separately built `list<int32>` types are equal and can key a dict."""
+    """Base class of all types. `name` is the canonical string form ("list<int32>") that parse_type
+    reads back; equality and hashing go through it, so two separately built list<int32> are equal."""
 
-    def __eq__(self, other):
+    name: str
+
+    def __str__(self):
+        return self.name
+
+    def __eq__(self, other):  # structural: the canonical names are equal
         return isinstance(other, DataType) and str(self) == str(other)
 
     def __hash__(self):
@@ -127,36 +132,28 @@ class DataType:
 class PrimitiveType(DataType):
     """Fixed-width scalar. `fmt` is the memoryview/struct format char (None where Python has none)."""
 
-    def __init__(self, name: str, fmt: str | None, itemsize: int, torch_dtype: torch.dtype):
-        self.name, self.fmt, self.itemsize, self.torch_dtype = name, fmt, itemsize, torch_dtype
-
-    def __str__(self):
-        return self.name
+    def __init__(self, name: str, fmt: str | None, torch_dtype: torch.dtype):
+        self.name, self.fmt, self.torch_dtype, self.itemsize = name, fmt, torch_dtype, torch_dtype.itemsize
 
 
 class NullType(DataType):
     """A column where every value is None (what inference gives for an all-None column)."""
 
-    def __str__(self):
-        return "null"
+    name = "null"
 
 
 class StringType(DataType):
     """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8; 64-bit offsets so a
     column may hold more than 2 GB of text)."""
 
-    def __str__(self):
-        return "string"
+    name = "string"
 
 
 class ListType(DataType):
     """Variable-length list of `value` (any type, so lists nest to any depth): Arrow's large_list."""
 
     def __init__(self, value: DataType):
-        self.value = value
-
-    def __str__(self):
-        return f"list<{self.value}>"
+        self.value, self.name = value, f"list<{value}>"
 
 
 class StructType(DataType):
@@ -164,13 +161,11 @@ class StructType(DataType):
     the type grammar's punctuation, or str(t) could not be parsed back."""
 
     def __init__(self, fields: dict[str, DataType]):
-        for name in fields:
+        for name in fields:  # these characters are the grammar's: "struct<a: int32, b: list<string>>"
             if any(c in name for c in "<>,:"):
                 raise ValueError(f"struct field name {name!r} may not contain any of '<>,:'")
         self.fields = dict(fields)
-
-    def __str__(self):
-        return "struct<" + ", ".join(f"{k}: {v}" for k, v in self.fields.items()) + ">"
+        self.name = "struct<" + ", ".join(f"{k}: {v}" for k, v in self.fields.items()) + ">"
 
 
 class TensorType(DataType):
@@ -183,33 +178,16 @@ class TensorType(DataType):
         if not shape or any(int(s) <= 0 for s in shape):
             raise ValueError(f"tensor shape must be non-empty positive ints, got {shape}")
         self.value, self.shape = value, tuple(int(s) for s in shape)
-        self.numel = math.prod(self.shape)
-
-    def __str__(self):
-        return f"tensor<{self.value}>[{','.join(map(str, self.shape))}]"
+        self.numel = math.prod(self.shape)  # elements per row
+        self.name = f"tensor<{value}>[{','.join(map(str, self.shape))}]"
 
 
-PRIMITIVES: dict[str, PrimitiveType] = {
-    t.name: t
-    for t in [
-        PrimitiveType("bool", "?", 1, torch.bool),
-        PrimitiveType("int8", "b", 1, torch.int8),
-        PrimitiveType("uint8", "B", 1, torch.uint8),
-        PrimitiveType("int16", "h", 2, torch.int16),
-        PrimitiveType("uint16", "H", 2, torch.uint16),
-        PrimitiveType("int32", "i", 4, torch.int32),
-        PrimitiveType("uint32", "I", 4, torch.uint32),
-        PrimitiveType("int64", "q", 8, torch.int64),
-        PrimitiveType("uint64", "Q", 8, torch.uint64),
-        # memoryview cannot cast to half floats, so these two decode through torch instead.
-        PrimitiveType("float16", None, 2, torch.float16),
-        PrimitiveType("bfloat16", None, 2, torch.bfloat16),
-        PrimitiveType("float32", "f", 4, torch.float32),
-        PrimitiveType("float64", "d", 8, torch.float64),
-    ]
-}
-STRING, NULL = StringType(), NullType()
-_TORCH_TO_PRIMITIVE = {t.torch_dtype: t for t in PRIMITIVES.values()}
+# name -> memoryview format char ("" where Python has none: the halves decode through torch instead)
+PRIMITIVES: dict[str, PrimitiveType] = {name: PrimitiveType(name, fmt or None, getattr(torch, name)) for name, fmt in [
+    ("bool", "?"), ("int8", "b"), ("uint8", "B"), ("int16", "h"), ("uint16", "H"), ("int32", "i"), ("uint32", "I"),
+    ("int64", "q"), ("uint64", "Q"), ("float16", ""), ("bfloat16", ""), ("float32", "f"), ("float64", "d")]}
+STRING, NULL = StringType(), NullType()  # types without parameters: one instance each
+_TORCH_TO_PRIMITIVE = {t.torch_dtype: t for t in PRIMITIVES.values()}  # for columns built from tensors
 
 
 def parse_type(spec: str | DataType) -> DataType:
@@ -221,7 +199,7 @@ def parse_type(spec: str | DataType) -> DataType:
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a type must be a DataType or a string like 'list<int32>', got {spec!r}")
-    s = spec.replace(" ", "")
+    s = spec.replace(" ", "")  # spaces are decoration: "list< int32 >" is "list<int32>"
     t, end = _parse_type_at(s, 0, spec)
     if end != len(s):
         raise ValueError(f"cannot parse type {spec!r}: unexpected text at {s[end:]!r}")
@@ -233,7 +211,7 @@ def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
     while j < len(s) and (s[j].isalnum() or s[j] == "_"):  # the type's name: letters, digits, '_'
         j += 1
     name = s[i:j]
-    simple = {**PRIMITIVES, "string": STRING, "null": NULL}
+    simple = {**PRIMITIVES, "string": STRING, "null": NULL}  # the types that are just a name
     if name in simple:
         return simple[name], j
     if name in ("list", "struct", "tensor") and s[j : j + 1] == "<":
@@ -242,7 +220,7 @@ def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
             _expect(s, k, ">", spec)
             if name == "list":
                 return ListType(inner), k + 1
-            _expect(s, k + 1, "[", spec)
+            _expect(s, k + 1, "[", spec)  # tensor: the shape follows the '>' as [d0,d1,...]
             close = s.find("]", k + 2)
             if close < 0:
                 raise ValueError(f"cannot parse type {spec!r}: tensor shape has no closing ']'")
@@ -360,7 +338,7 @@ class Array:
 
     def __init__(self, length: int, validity=None, offset: int = 0):
         self.length, self.validity, self.offset = int(length), validity, int(offset)
-        self._null_count = None if validity is not None else 0
+        self._null_count = None if validity is not None else 0  # None: unknown until someone asks
 
     def __len__(self):
         return self.length
@@ -376,28 +354,18 @@ class Array:
 
     def is_valid(self, i: int) -> bool:
         """Row i is not null: bit (offset + i) of the bitmap, read straight from its byte."""
-        j = self.offset + i
+        j = self.offset + i  # the bitmap, like every buffer, is indexed from the buffer's start
         return self.validity is None or bool((self.validity[j >> 3] >> (j & 7)) & 1)
 
-    def valid_list(self) -> list[bool] | None:
-        """Every row's validity as Python bools, or None when no row is null (the fast common case)."""
+    def _with_nulls(self, values: list, idx: torch.Tensor | None = None) -> list:
+        """values (of every row, or of rows idx) with None put where those rows are null."""
         if self.validity is None or self.null_count == 0:
-            return None
-        return unpack_bits(self.validity, self.offset, self.length).tolist()
-
-    def _take_nulls(self, values: list, idx: torch.Tensor) -> list:
-        """values gathered at rows idx, with None where those rows are null."""
-        if self.validity is None or self.null_count == 0:
-            return values
-        valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-        return [v if ok else None for v, ok in zip(values, valid)]
-
-    def _apply_nulls(self, values: list) -> list:
-        """All rows' values with None put in where rows are null."""
-        valid = self.valid_list()
-        return values if valid is None else [v if ok else None for v, ok in zip(values, valid)]
+            return values  # the common case: no bitmap to read
+        valid = unpack_bits(self.validity, self.offset, self.length)  # [length] bool
+        return [v if ok else None for v, ok in zip(values, (valid if idx is None else valid[idx]).tolist())]
 
     def _check_index(self, i: int) -> int:
+        """Python's rules: -length <= i < length, negative i counts from the end."""
         if not -self.length <= i < self.length:
             raise IndexError(f"row {i} out of range for an array of {self.length} rows")
         return i + self.length if i < 0 else i
@@ -453,7 +421,7 @@ class _FixedWidth(Array):
         self.type, self.values = type, values
 
     def take_pylist(self, idx):
-        return self._take_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
+        return self._with_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
 
     def compact(self):
         rb = self.row_bytes
@@ -479,7 +447,7 @@ class PrimitiveArray(_FixedWidth):
         i = self._check_index(i)
         if not self.is_valid(i):
             return None
-        if self._typed is not None:
+        if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
             return self._typed[self.offset + i]
         return frombuffer(self.values, self.type.torch_dtype, 1, (self.offset + i) * self.row_bytes).item()
 
@@ -488,7 +456,7 @@ class PrimitiveArray(_FixedWidth):
             values = self._typed[self.offset : self.offset + self.length].tolist()
         else:
             values = self.to_torch().tolist()
-        return self._apply_nulls(values)
+        return self._with_nulls(values)
 
 
 class TensorArray(_FixedWidth):
@@ -506,10 +474,10 @@ class TensorArray(_FixedWidth):
 
     def get(self, i):
         i = self._check_index(i)
-        return self.to_torch()[i].tolist() if self.is_valid(i) else None
+        return self.to_torch()[i].tolist() if self.is_valid(i) else None  # nested lists, shape [*shape]
 
     def to_pylist(self):
-        return self._apply_nulls(self.to_torch().tolist())
+        return self._with_nulls(self.to_torch().tolist())
 
 
 class _OffsetsMixin:
@@ -528,7 +496,7 @@ class _OffsetsMixin:
 
     def _bounds(self, i: int) -> tuple[int, int]:
         o = self._offs()
-        return o[self.offset + i], o[self.offset + i + 1]
+        return o[self.offset + i], o[self.offset + i + 1]  # row i's [start, end) in the values
 
     def _offsets_tensor(self) -> torch.Tensor:
         return frombuffer(self.offsets, torch.int64, self.length + 1, self.offset * 8)  # [length+1]
@@ -536,6 +504,7 @@ class _OffsetsMixin:
     def _span_list(self) -> list[int]:
         """This window's length+1 offsets as Python ints, checked: non-decreasing, inside the values."""
         offs, limit = self._offs()[self.offset : self.offset + self.length + 1].tolist(), self._num_values()
+        # one Python pass over ints we convert anyway: far cheaper than decoding a wrong row
         if offs and (offs[0] < 0 or offs[-1] > limit or any(b < a for a, b in zip(offs, offs[1:]))):
             raise NanosetsError(f"corrupt {self.type} column: offsets {offs[:4]}...{offs[-2:]} leave the "
                                 f"values (size {limit})")
@@ -545,7 +514,7 @@ class _OffsetsMixin:
         """Start/end value positions of rows ((start, stop) or an index tensor), vectorised and checked
         (a clamped slice would silently return the wrong values; pyarrow would read out of bounds)."""
         offs = self._offsets_tensor()  # [length+1]
-        sel = torch.arange(*rows) if isinstance(rows, tuple) else rows
+        sel = torch.arange(*rows) if isinstance(rows, tuple) else rows  # [k] rows of this window
         starts, ends = offs[sel], offs[sel + 1]  # [k], [k]
         limit = self._num_values()
         if len(sel) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
@@ -555,7 +524,7 @@ class _OffsetsMixin:
 
     def _compact_offsets(self) -> tuple[memoryview, int, int]:
         """Offsets re-based to start at 0, plus the [first, last) range of values they cover."""
-        t = self._offsets_tensor()
+        t = self._offsets_tensor()  # [length+1]
         first, last = int(t[0]), int(t[-1])
         if first == 0:  # already based at 0: a view of the window's offsets
             return self.offsets[self.offset * 8 : (self.offset + self.length + 1) * 8], 0, last
@@ -563,6 +532,7 @@ class _OffsetsMixin:
 
 
 def _utf8(b, row) -> str:
+    """bytes -> str, or an error naming the row (a raw UnicodeDecodeError names no row or column)."""
     try:
         return str(b, "utf-8")
     except UnicodeDecodeError as e:
@@ -586,7 +556,7 @@ class StringArray(_OffsetsMixin, Array):
         if not self.is_valid(i):
             return None
         a, b = self._bounds(i)
-        if not 0 <= a <= b <= len(self.data):
+        if not 0 <= a <= b <= len(self.data):  # never trust a file's offsets: check the one span we use
             raise NanosetsError(f"corrupt string column: row {i} spans bytes [{a}, {b}) of {len(self.data)}")
         return _utf8(self.data[a:b], i)
 
@@ -597,17 +567,17 @@ class StringArray(_OffsetsMixin, Array):
         base, blob = offs[0], bytes(self.data[offs[0] : offs[-1]])  # one copy of this window's bytes
         # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
         # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
-        if blob.isascii():
+        if blob.isascii():  # a C-speed scan of the bytes
             text = blob.decode("ascii")
             values = [text[a - base : b - base] for a, b in zip(offs, offs[1:])]
         else:
             values = [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(offs, offs[1:]))]
-        return self._apply_nulls(values)
+        return self._with_nulls(values)
 
     def take_pylist(self, idx):
-        starts, ends = self._spans(idx)
+        starts, ends = self._spans(idx)  # checked, vectorised; then one decode per row
         out = [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts.tolist(), ends.tolist())]
-        return self._take_nulls(out, idx)
+        return self._with_nulls(out, idx)
 
     def compact(self):
         offsets, first, last = self._compact_offsets()
@@ -648,12 +618,6 @@ class ListArray(_OffsetsMixin, Array):
             return mv[self.child.offset + a : self.child.offset + b].tolist()
         return self.child.slice(a, b).to_pylist()
 
-    def value_tensor(self, i: int) -> torch.Tensor:
-        """ZERO-COPY tensor of row i's values (primitive children only)."""
-        a, b = self._bounds(self._check_index(i))
-        self._check_span(a, b, i)
-        return self.child.slice(a, b).to_torch()
-
     def _rows_from(self, starts: list[int], ends: list[int], contiguous: bool) -> list[list]:
         """Python lists for the value spans [starts[k], ends[k]) (already checked). Contiguous spans
         (a window of rows) decode their child range once and cut it; scattered ones decode per row."""
@@ -662,21 +626,21 @@ class ListArray(_OffsetsMixin, Array):
             return [mv[o + a : o + b].tolist() for a, b in zip(starts, ends)]
         if not contiguous or not starts:
             return [self.child.slice(a, b).to_pylist() for a, b in zip(starts, ends)]
-        lo, flat = starts[0], self.child.slice(starts[0], ends[-1]).to_pylist()
-        return [flat[a - lo : b - lo] for a, b in zip(starts, ends)]
+        lo, flat = starts[0], self.child.slice(starts[0], ends[-1]).to_pylist()  # the window's values
+        return [flat[a - lo : b - lo] for a, b in zip(starts, ends)]  # cut into rows (list slices)
 
     def to_pylist(self):
         if self.length == 0:
             return []
         offs = self._span_list()
-        return self._apply_nulls(self._rows_from(offs[:-1], offs[1:], contiguous=True))
+        return self._with_nulls(self._rows_from(offs[:-1], offs[1:], contiguous=True))
 
     def take_pylist(self, idx):
         starts, ends = self._spans(idx)
-        return self._take_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=False), idx)
+        return self._with_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=False), idx)
 
     def compact(self):
-        offsets, first, last = self._compact_offsets()
+        offsets, first, last = self._compact_offsets()  # the child keeps only the values we cover
         return ListArray(self.type, self.length, offsets, self.child.slice(first, last).compact(),
                          self._compact_validity())
 
@@ -691,7 +655,7 @@ class StructArray(Array):
 
     def slice(self, start, stop):
         new = super().slice(start, stop)  # moves the window of our validity bitmap
-        s = new.offset - self.offset
+        s = new.offset - self.offset  # the clamped start, relative to this struct
         new.children = {k: c.slice(s, s + new.length) for k, c in self.children.items()}
         return new
 
@@ -709,11 +673,11 @@ class StructArray(Array):
         return [dict(zip(names, vals)) for vals in zip(*columns.values())]
 
     def to_pylist(self):
-        return self._apply_nulls(self._zip({k: c.to_pylist() for k, c in self.children.items()}, self.length))
+        return self._with_nulls(self._zip({k: c.to_pylist() for k, c in self.children.items()}, self.length))
 
     def take_pylist(self, idx):
         rows = self._zip({k: c.take_pylist(idx) for k, c in self.children.items()}, len(idx))
-        return self._take_nulls(rows, idx)
+        return self._with_nulls(rows, idx)
 
     def compact(self):
         kids = {k: c.compact() for k, c in self.children.items()}
@@ -735,25 +699,30 @@ class _Mismatch(Exception):
 
 def _describe(v) -> str:
     r = repr(v)
-    return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"
+    return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"  # short: it goes into one error line
+
+
+def _check_all(values: list, ok: Callable, path: str, t) -> None:
+    """Raise _Mismatch at the first non-null value that ok(value) refuses."""
+    bad = next((row for row, v in enumerate(values) if v is not None and not ok(v)), None)
+    if bad is not None:
+        raise _Mismatch(bad, path, t, values[bad])
+
+
+# Python scalar -> column type; bool first, because bool is a subclass of int in Python
+_PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIVES["float64"], str: STRING}
 
 
 def _infer_one(v, name: str) -> DataType:
     """The type of one Python value (lists and dicts recurse into their items)."""
     if v is None:
         return NULL
-    if isinstance(v, bool):  # before int: bool is a subclass of int in Python
-        return PRIMITIVES["bool"]
-    if isinstance(v, int):
-        return PRIMITIVES["int64"]
-    if isinstance(v, float):
-        return PRIMITIVES["float64"]
-    if isinstance(v, str):
-        return STRING
-    if isinstance(v, torch.Tensor):
-        if v.dim() == 0:
-            return _TORCH_TO_PRIMITIVE[v.dtype]
-        return TensorType(_TORCH_TO_PRIMITIVE[v.dtype], tuple(v.shape))
+    for py, t in _PY_TYPES.items():
+        if isinstance(v, py):
+            return t
+    if isinstance(v, torch.Tensor):  # a 0-d tensor is a scalar; a [d0, ...] one is a tensor<T>[d0, ...]
+        p = _TORCH_TO_PRIMITIVE[v.dtype]
+        return p if v.dim() == 0 else TensorType(p, tuple(v.shape))
     if isinstance(v, (list, tuple)):
         return ListType(infer_type(list(v), name + "[]"))
     if isinstance(v, dict):
@@ -766,12 +735,10 @@ def unify_types(a: DataType, b: DataType) -> DataType | None:
 
     This is how a column's type grows over its rows: null joins anything, int64 + float64 -> float64,
     lists unify their items, structs take the union of their fields (a missing field is a null)."""
-    if a == b:
+    if a == b or b == NULL:
         return a
     if a == NULL:
         return b
-    if b == NULL:
-        return a
     nums = ("int64", "float64")
     if str(a) in nums and str(b) in nums:
         return PRIMITIVES["float64"]  # int + float -> float, as pyarrow and pandas do
@@ -779,23 +746,21 @@ def unify_types(a: DataType, b: DataType) -> DataType | None:
         v = unify_types(a.value, b.value)
         return None if v is None else ListType(v)
     if isinstance(a, StructType) and isinstance(b, StructType):
-        fields = dict(a.fields)
+        fields = dict(a.fields)  # a's fields first, then the ones only b has: column order is first seen
         for k, t in b.fields.items():
             fields[k] = unify_types(fields[k], t) if k in fields else t
-            if fields[k] is None:
+            if fields[k] is None:  # the same field holds two types that do not unify
                 return None
         return StructType(fields)
-    return None
+    return None  # e.g. string vs int64, list vs struct: no type holds both
 
 
 def infer_type(values: list, name: str = "column") -> DataType:
     """One type for every value of a column; raises naming the first row that disagrees."""
-    kinds = set(map(type, values))
-    fast = {int: "int64", float: "float64", str: "string", bool: "bool"}
-    simple = kinds - {type(None)}
-    if len(simple) == 1 and next(iter(simple)) in fast:  # the common case, no per-row work
-        return parse_type(fast[next(iter(simple))])
-    if simple <= {int, float} and simple:
+    simple = set(map(type, values)) - {type(None)}  # the Python types present, nulls aside
+    if len(simple) == 1 and next(iter(simple)) in _PY_TYPES:  # the common case, no per-row work
+        return _PY_TYPES[next(iter(simple))]
+    if simple <= {int, float} and simple:  # ints mixed with floats: float64, as pyarrow does
         return PRIMITIVES["float64"]
     if simple and simple <= {list, tuple}:  # infer lists from their flattened values in one call
         flat = [x for v in values if v is not None for x in v]
@@ -803,7 +768,7 @@ def infer_type(values: list, name: str = "column") -> DataType:
             return ListType(infer_type(flat, name + "[]"))
         except NanosetsError:
             pass  # fall through to the row-by-row scan, which names the row
-    result = NULL
+    result = NULL  # the slow path: grow the type row by row, so a conflict names its row
     for row, v in enumerate(values):
         try:
             t = _infer_one(v, name)
@@ -833,22 +798,18 @@ def _build(values: list, t: DataType, path: str) -> Array:
     n = len(values)
     valid = [v is not None for v in values]
     has_nulls = not all(valid)
-    validity = pack_bits(torch.tensor(valid, dtype=torch.bool)) if has_nulls else None
+    validity = pack_bits(torch.tensor(valid, dtype=torch.bool)) if has_nulls else None  # None: no nulls
     if isinstance(t, NullType):
-        bad = next((row for row, v in enumerate(values) if v is not None), None)
-        if bad is not None:
-            raise _Mismatch(bad, path, t, values[bad])
+        _check_all(values, lambda v: False, path, t)  # only None fits
         return NullArray(n)
     if isinstance(t, PrimitiveType):
         return _build_primitive(values, t, path, validity, has_nulls)
     if isinstance(t, StringType):
-        bad = next((row for row, v in enumerate(values) if v is not None and not isinstance(v, str)), None)
-        if bad is not None:
-            raise _Mismatch(bad, path, t, values[bad])
+        _check_all(values, lambda v: isinstance(v, str), path, t)
         enc = [b"" if v is None else v.encode("utf-8") for v in values]  # a null row is an empty span
         return StringArray(n, _offsets_of(map(len, enc)), memoryview(b"".join(enc)), validity)
     if isinstance(t, ListType):
-        rows = []
+        rows = []  # each row as a sequence (a null row is empty), then all items flattened into the child
         for row, v in enumerate(values):
             if v is None or isinstance(v, (list, tuple)):
                 rows.append(v or ())
@@ -860,22 +821,21 @@ def _build(values: list, t: DataType, path: str) -> Array:
         try:
             child = _build([x for r in rows for x in r], t.value, path + "[]")
         except _Mismatch as m:  # map the flat position back to the row that holds it
-            starts = offsets.cast("q")
+            starts = offsets.cast("q")  # starts[r] = flat position of row r's first item
             row = bisect.bisect_right(starts, m.row) - 1
             raise _Mismatch(row, f"{path}[{m.row - starts[row]}]" + m.path[len(path) + 2 :], m.expected, m.value)
         return ListArray(t, n, offsets, child, validity)
     if isinstance(t, StructType):
-        for row, v in enumerate(values):
-            if v is not None and not isinstance(v, dict):
-                raise _Mismatch(row, path, t, v)
+        _check_all(values, lambda v: isinstance(v, dict), path, t)
+        for row, v in enumerate(values):  # a key the type does not have would be lost silently: refuse it
             if v is not None and not v.keys() <= t.fields.keys():
                 extra = sorted(set(v) - set(t.fields))
                 raise _Mismatch(row, f"{path}.{extra[0]}", "no such field in " + str(t), v[extra[0]])
-        kids = {k: _build([None if v is None else v.get(k) for v in values], ft, f"{path}.{k}")
+        kids = {k: _build([None if v is None else v.get(k) for v in values], ft, f"{path}.{k}")  # missing: null
                 for k, ft in t.fields.items()}
         return StructArray(t, n, kids, validity)
     if isinstance(t, TensorType):
-        rows = []
+        rows = []  # one [*shape] tensor per row (zeros under a null), stacked into one buffer
         for row, v in enumerate(values):
             try:
                 x = torch.zeros(t.shape) if v is None else torch.as_tensor(v, dtype=t.value.torch_dtype)
@@ -893,10 +853,8 @@ def _build_primitive(values, t: PrimitiveType, path, validity, has_nulls) -> Pri
     """Numbers -> one packed buffer. array.array converts and range-checks the whole list in C; only
     when it refuses do we walk the rows in Python to find which one to name."""
     filled = [0 if v is None else v for v in values] if has_nulls else values  # nulls hold 0
-    if t.name == "bool":
-        bad = next((row for row, v in enumerate(values) if v is not None and not isinstance(v, bool)), None)
-        if bad is not None:
-            raise _Mismatch(bad, path, t, values[bad])
+    if t.name == "bool":  # only real bools: 1 or "yes" in a bool column is a mistake to report
+        _check_all(values, lambda v: isinstance(v, bool), path, t)
         return PrimitiveArray(t, len(values), memoryview(pyarray.array("b", filled)).cast("B"), validity)
     is_int = not t.torch_dtype.is_floating_point
     code = t.fmt if t.fmt else "d"  # halves are checked as doubles, then rounded by torch
@@ -907,7 +865,7 @@ def _build_primitive(values, t: PrimitiveType, path, validity, has_nulls) -> Pri
         return pyarray.array(code, vals)
 
     try:
-        packed = pack(filled)
+        packed = pack(filled)  # the fast path: one C call for the whole column
     except (TypeError, OverflowError, ValueError):
         for row, v in enumerate(filled):  # the slow path, only to name the first bad row
             try:
@@ -926,7 +884,7 @@ def array_from_pylist(values: list, type: DataType | str | None = None, name: st
     t = infer_type(values, name) if type is None else parse_type(type)
     try:
         return _build(list(values), t, name)
-    except _Mismatch as m:
+    except _Mismatch as m:  # the internal signal becomes the user's error, with the full position
         raise NanosetsError(f"column {name!r}, row {m.row} (at {m.path}): expected {m.expected}, "
                             f"got {_describe(m.value)}") from None
 
@@ -944,8 +902,8 @@ def array_from_tensor(t: torch.Tensor) -> Array:
 def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor) -> ListArray:
     """Build list<T> straight from int64 offsets[n+1] and the flat values (no Python per row): how
     a tokenizer's output becomes a column without a Python int per token."""
-    child = array_from_tensor(values) if isinstance(values, torch.Tensor) else values
-    offsets = offsets.to(torch.int64)
+    child = array_from_tensor(values) if isinstance(values, torch.Tensor) else values  # zero-copy
+    offsets = offsets.to(torch.int64)  # [n+1]
     if offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != child.length:
         raise NanosetsError("list offsets must start at 0 and end at the number of values")
     if bool((offsets[1:] < offsets[:-1]).any()):
@@ -1042,7 +1000,7 @@ class RecordBatch:
 
     def __init__(self, columns: dict[str, Array]):
         lengths = {k: a.length for k, a in columns.items()}
-        if len(set(lengths.values())) > 1:
+        if len(set(lengths.values())) > 1:  # a row is position i in every column: lengths must agree
             raise NanosetsError(f"columns of one batch must have equal lengths, got {lengths}")
         self.columns = dict(columns)
         self.num_rows = next(iter(lengths.values()), 0)
@@ -1060,7 +1018,7 @@ class RecordBatch:
             raise NanosetsError(f"schema names columns {sorted(unknown)} that the data does not have")
         cols = {}
         for k, v in data.items():
-            if isinstance(v, Array):
+            if isinstance(v, Array):  # already columnar: used as is
                 cols[k] = v
             elif isinstance(v, torch.Tensor) and k not in schema:
                 cols[k] = array_from_tensor(v)  # zero-copy
@@ -1072,36 +1030,15 @@ class RecordBatch:
         return RecordBatch({k: a.slice(start, stop) for k, a in self.columns.items()})
 
 
-def _no_gc(fn):
-    """Pause Python's cyclic garbage collector while fn builds Python objects.
-
-    Decoding a batch allocates hundreds of thousands of lists; every 700 allocations CPython runs a
-    collection that walks the young objects looking for reference cycles, and these objects (lists
-    of ints and strs) can never form one. Pausing the collector for the duration of the decode makes
-    iteration ~1.3x faster; reference counting still frees everything as usual."""
-
-    def wrapper(*args, **kwargs):
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
-
-
 def _read_rows(a: Array, local, as_tensors: bool = False):
     """Rows `local` of one chunk's column: a (start, stop) range or an index tensor. As Python values,
     or with as_tensors as one tensor (numbers) / a list of per-row tensors (list<number>)."""
-    if not as_tensors:
+    if not as_tensors:  # a range decodes a window in one pass; indices gather row by row
         return a.slice(*local).to_pylist() if isinstance(local, tuple) else a.take_pylist(local)
-    if not isinstance(a, ListArray):
+    if not isinstance(a, ListArray):  # a range is a zero-copy view; indices are a tensor gather
         return a.slice(*local).to_torch() if isinstance(local, tuple) else a.to_torch()[local]
     starts, ends = a._spans(local)
-    vals = a.child.to_torch()
+    vals = a.child.to_torch()  # [total values], a view of the child
     return [vals[s:e] for s, e in zip(starts.tolist(), ends.tolist())]  # views into the file
 
 
@@ -1112,14 +1049,14 @@ def _merge(pieces: list, n: int):
     if len(pieces) == 1 and pieces[0][1] is None:
         return pieces[0][0]  # the common case: one chunk, in order, returned untouched (views stay views)
     first = pieces[0][0]
-    if isinstance(first, torch.Tensor):
+    if isinstance(first, torch.Tensor):  # numbers: one tensor [n, ...] (a copy: the chunks are apart)
         if pieces[0][1] is None:
             return torch.cat([p for p, _ in pieces])
         out = first.new_empty((n, *first.shape[1:]))  # [n, ...]
         for p, pos in pieces:
             out[pos] = p
         return out
-    if pieces[0][1] is None:
+    if pieces[0][1] is None:  # Python values (or per-row tensors): concatenate or scatter the lists
         return [v for p, _ in pieces for v in p]
     out = [None] * n
     for p, pos in pieces:
@@ -1173,12 +1110,8 @@ class Table:
         if not -self.num_rows <= i < self.num_rows:
             raise IndexError(f"row {i} out of range for a table of {self.num_rows} rows")
         i = i + self.num_rows if i < 0 else i
-        c = bisect.bisect_right(self._starts, i) - 1
+        c = bisect.bisect_right(self._starts, i) - 1  # the last chunk starting at or before row i
         return c, i - self._starts[c]
-
-    def row(self, i: int) -> dict:
-        c, j = self._locate(i)
-        return {k: a.get(j) for k, a in self.batches[c].columns.items()}
 
     def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
         """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local
@@ -1186,13 +1119,13 @@ class Table:
         their values go in the output."""
         if isinstance(rows, tuple):
             start, stop = rows
-            parts, c = [], max(0, bisect.bisect_right(self._starts, start) - 1)
-            while c < len(self.batches) and self._starts[c] < stop:
-                s0 = self._starts[c]
+            parts, c = [], max(0, bisect.bisect_right(self._starts, start) - 1)  # the chunk holding `start`
+            while c < len(self.batches) and self._starts[c] < stop:  # ...and every chunk until `stop`
+                s0 = self._starts[c]  # clip the range to this chunk, in its own row numbers
                 parts.append((c, (max(start - s0, 0), min(stop - s0, self.batches[c].num_rows)), None))
                 c += 1
             return parts or [(0, (0, 0), None)]
-        if len(self.batches) == 1:
+        if len(self.batches) == 1:  # one chunk: global rows are local rows, output order is kept
             return [(0, rows, None)]
         chunk = torch.bucketize(rows, torch.tensor(self._starts, dtype=torch.int64), right=True) - 1  # [k]
         parts = []
@@ -1201,13 +1134,22 @@ class Table:
             parts.append((c, rows[where] - self._starts[c], where))
         return parts or [(0, rows, None)]
 
-    @_no_gc
     def to_pydict(self, rows, columns: list[str] | None = None) -> dict[str, list]:
-        """Rows as {column: list}: rows is a (start, stop) range or an int64 index tensor (any order)."""
+        """Rows as {column: list}: rows is a (start, stop) range or an int64 index tensor (any order).
+
+        Python's cyclic garbage collector is paused meanwhile: decoding a batch allocates hundreds of
+        thousands of lists, every 700 allocations CPython walks the young objects looking for
+        reference cycles, and lists of ints and strs can never form one. Pausing it makes iteration
+        ~1.3x faster; reference counting still frees everything as usual."""
         n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
-        parts = self.split_rows(rows)
-        return {k: _merge([(_read_rows(self.batches[c].columns[k], local), pos) for c, local, pos in parts], n)
-                for k in columns or self.column_names}
+        parts, was_enabled = self.split_rows(rows), gc.isenabled()
+        gc.disable()
+        try:
+            return {k: _merge([(_read_rows(self.batches[c].columns[k], local), pos) for c, local, pos in parts], n)
+                    for k in columns or self.column_names}
+        finally:
+            if was_enabled:
+                gc.enable()
 
     def column(self, name: str) -> Array:
         """The whole column as one Array: zero-copy when the table has one chunk, else concatenated."""
@@ -1231,7 +1173,7 @@ class Table:
 
     def take(self, idx: torch.Tensor) -> "Table":
         """Rows idx copied into one new chunk (materialises a select/shuffle/filter indirection)."""
-        if len(self.batches) > 1:
+        if len(self.batches) > 1:  # take_array gathers inside one Array: join the chunks first
             return self.combine_chunks().take(idx)
         b = self.batches[0]
         return Table([RecordBatch({k: take_array(a, idx) for k, a in b.columns.items()})], self.schema)
@@ -1263,7 +1205,7 @@ _CHUNK = 1 << 24  # buffers are checksummed and written 16 MB at a time: the chu
 
 
 def _pad(f):
-    f.write(bytes(-f.tell() % ALIGN))
+    f.write(bytes(-f.tell() % ALIGN))  # zeros up to the next multiple of 64: aligned for any dtype and SIMD
 
 
 def _write_buffer(f, buf) -> list[int] | None:
@@ -1272,7 +1214,7 @@ def _write_buffer(f, buf) -> list[int] | None:
         return None
     _pad(f)
     off, crc = f.tell(), 0
-    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
+    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf  # bytes
     for s in range(0, mv.nbytes, _CHUNK):
         chunk = mv[s : s + _CHUNK]
         crc = zlib.crc32(chunk, crc)  # running crc: chunk by chunk equals the crc of the whole buffer
@@ -1334,13 +1276,13 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
                 raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, expected {_schema_str(schema)}")
             batches.append({"length": b.num_rows, "columns": [_write_node(f, b.columns[k]) for k in schema]})
             num_rows += b.num_rows
-        meta = json.dumps({"version": VERSION, "num_rows": num_rows,
+        meta = json.dumps({"version": VERSION, "num_rows": num_rows,  # the metadata goes last: only now known
                            "schema": [[k, type_to_json(t)] for k, t in schema.items()],
                            "batches": batches, "metadata": metadata or {}}).encode()
         _pad(f)
         meta_off = f.tell()
         f.write(meta + TAIL)
-        size = f.tell()
+        size = f.tell()  # recorded, so a truncated copy is caught at open
         f.seek(0)
         f.write(struct.pack(_HEADER_FMT, MAGIC, VERSION, HEADER, size, meta_off, len(meta), zlib.crc32(meta)))
 
@@ -1364,7 +1306,7 @@ class _Reader:
     def buffer(self, node: dict, name: str, where: str, size: int | None = None):
         """The view of buffer `name` of a node (None when absent), after checking it lies inside the
         data region, is 64-byte aligned and has exactly `size` bytes when the type fixes the size."""
-        bufs = node.get("buffers", {})
+        bufs = node.get("buffers", {})  # JSON from the file: check every shape before using it
         if not isinstance(bufs, dict):
             self.fail(where, f"'buffers' should be an object, got {type(bufs).__name__}")
         spec = bufs.get(name)
@@ -1374,12 +1316,13 @@ class _Reader:
         if not (isinstance(spec, list) and len(spec) == len(want) and all(isinstance(x, int) for x in spec)):
             self.fail(where, f"buffer {name!r} should be [{', '.join(want)}], got {spec!r}")
         off, n = spec[0], spec[1]
+        # inside [header end, metadata start): a bad number must never map the header or the metadata
         if off < HEADER or n < 0 or off + n > self.data_end or off % ALIGN:
             self.fail(where, f"buffer {name!r} [{off}, {off + n}) is outside the data region "
                              f"[{HEADER}, {self.data_end}) or not {ALIGN}-byte aligned")
         if size is not None and n != size:
             self.fail(where, f"buffer {name!r} has {n} bytes, expected {size}")
-        view = self.mv[off : off + n]
+        view = self.mv[off : off + n]  # a view of the map: nothing is read from disk yet
         self.buffers.append((where, name, view, spec[2] if len(spec) == 3 else None))
         return view
 
@@ -1389,7 +1332,7 @@ class _Reader:
         buf = self.buffer(node, "offsets", where, (length + 1) * 8)
         if buf is None:
             self.fail(where, "missing offsets buffer")
-        first, last = struct.unpack_from("<q", buf, 0)[0], struct.unpack_from("<q", buf, length * 8)[0]
+        first, last = struct.unpack_from("<q", buf, 0)[0], struct.unpack_from("<q", buf, length * 8)[0]  # 2 reads
         if first != 0 or last < 0:
             self.fail(where, f"offsets run from {first} to {last}; expected 0 to a non-negative end")
         self.offsets_views.append((where, buf))
@@ -1402,15 +1345,14 @@ class _Reader:
         if not isinstance(node, dict) or not isinstance(node.get("length"), int) or node["length"] < 0:
             self.fail(where, f"expected a node with a non-negative length, got {str(node)[:80]}")
         n = node["length"]
-        validity = self.buffer(node, "validity", where, (n + 7) // 8)
+        validity = self.buffer(node, "validity", where, (n + 7) // 8)  # one bit per row, when present
         kids = node.get("children", [])
         if isinstance(t, NullType):
             return NullArray(n)
-        if isinstance(t, PrimitiveType):
+        if isinstance(t, PrimitiveType):  # the type and the length fix the size exactly
             return PrimitiveArray(t, n, self.buffer(node, "values", where, n * t.itemsize), validity)
         if isinstance(t, TensorType):
-            size = n * t.numel * t.value.itemsize
-            return TensorArray(t, n, self.buffer(node, "values", where, size), validity)
+            return TensorArray(t, n, self.buffer(node, "values", where, n * t.numel * t.value.itemsize), validity)
         if isinstance(t, StringType):
             offsets, last = self.offsets(node, where, n)
             data = self.buffer(node, "data", where, last)  # the offsets' end fixes the data's size
@@ -1420,7 +1362,7 @@ class _Reader:
             if len(kids) != 1:
                 self.fail(where, f"a list node needs 1 child, has {len(kids)}")
             child = self.node(kids[0], t.value, batch, name + "[]")
-            if child.length != last:
+            if child.length != last:  # the last offset must land exactly on the end of the values
                 self.fail(where, f"offsets end at {last} but the values child has {child.length} rows")
             return ListArray(t, n, offsets, child, validity)
         if isinstance(t, StructType):
@@ -1455,7 +1397,7 @@ class _Reader:
                 raise NanosetsError(f"{self.path}: {where}, buffer {name!r}: checksum mismatch (stored crc32 "
                                     f"{crc:08x}, the bytes give {got:08x}): the data changed after it was "
                                     "written; rebuild the file from its source")
-        for where, view in self.offsets_views:
+        for where, view in self.offsets_views:  # crc-clean but written wrong: still refuse it
             o = frombuffer(view, torch.int64, len(view) // 8)  # [length+1]
             if bool((o[1:] < o[:-1]).any()):
                 row = int((o[1:] < o[:-1]).nonzero()[0])
@@ -1482,7 +1424,7 @@ def read_nano(path: str | os.PathLike, verify: bool = False) -> tuple[Table, dic
         raise NanosetsError(f"{path}: truncated or padded: the header says {fsize} bytes, the file has {size}")
     if hsize != HEADER or moff < HEADER or moff + mlen + len(TAIL) != size or mm[size - 8 :] != TAIL:
         raise NanosetsError(f"{path}: corrupt .nano header (metadata at {moff}+{mlen} in a {size}-byte file)")
-    meta_bytes = mm[moff : moff + mlen]
+    meta_bytes = mm[moff : moff + mlen]  # the only bytes an open reads besides the header and the tail
     if zlib.crc32(meta_bytes) != crc:
         raise NanosetsError(f"{path}: metadata checksum mismatch: the file is corrupt")
     reader = _Reader(path, memoryview(mm), moff, version)
@@ -1502,7 +1444,7 @@ def read_nano(path: str | os.PathLike, verify: bool = False) -> tuple[Table, dic
     except (KeyError, TypeError, ValueError) as e:  # JSON of the wrong shape: name the file
         raise NanosetsError(f"{path}: corrupt .nano metadata: {type(e).__name__}: {e}") from None
     table = Table(batches, schema)
-    if table.num_rows != meta.get("num_rows"):
+    if table.num_rows != meta.get("num_rows"):  # a cross-check of the batch lengths
         raise NanosetsError(f"{path}: metadata says {meta.get('num_rows')} rows, batches hold {table.num_rows}")
     if verify:
         reader.verify(table)
@@ -1534,12 +1476,12 @@ def _progress(total: int, desc: str, enabled: bool | None):
 
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
-    if isinstance(indices, range):
+    if isinstance(indices, range):  # no Python list of a million ints for select(range(...))
         idx = torch.arange(indices.start, indices.stop, indices.step, dtype=torch.int64)
     else:
         idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.int64)
-    idx = idx.reshape(-1)
-    if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):
+    idx = idx.reshape(-1)  # [k]
+    if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):  # two reductions, not a Python loop
         bad = idx[(idx < -n) | (idx >= n)][0]
         raise IndexError(f"index {int(bad)} out of range for a dataset of {n} rows")
     return torch.where(idx < 0, idx + n, idx)  # negative rows count from the end, as in Python
@@ -1565,9 +1507,9 @@ class Dataset:
 
     def __init__(self, table: Table, indices: torch.Tensor | None = None, format: dict | None = None,
                  metadata: dict | None = None):
-        self._table, self._indices = table, indices
-        self._format = format or {"type": "python", "columns": None}
-        self.metadata = metadata or {}
+        self._table, self._indices = table, indices  # indices None: logical row i is physical row i
+        self._format = format or {"type": "python", "columns": None}  # columns None: all of them
+        self.metadata = metadata or {}  # free-form JSON, saved in the .nano file
 
     # -- construction --
     @classmethod
@@ -1579,6 +1521,13 @@ class Dataset:
     def from_dict(cls, columns: dict[str, list], schema: dict | None = None) -> "Dataset":
         """{column: list | tensor | Array} -> Dataset (1-D tensors are wrapped without a copy)."""
         return cls(Table.from_pydict(columns, schema))
+
+    def _require(self, columns: list[str], what: str = "no columns") -> list[str]:
+        """columns, after checking each exists (a KeyError naming the missing ones and the real ones)."""
+        missing = [c for c in columns if c not in self.schema]
+        if missing:
+            raise KeyError(f"{what} {missing}; columns are {self.column_names}")
+        return columns
 
     def _derive(self, table=None, indices=..., format=None) -> "Dataset":
         """A new Dataset sharing everything not given (the one place row/column operations build one)."""
@@ -1612,13 +1561,13 @@ class Dataset:
         Ranges matter: a range of a single chunk is read as zero-copy slices, never gathered."""
         n = len(self)
         if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step == 1 and self._indices is None:
+            start, stop, step = key.indices(n)  # Python's slice rules (negatives, clamping)
+            if step == 1 and self._indices is None:  # no indirection: logical rows are physical rows
                 return start, max(start, stop)
             idx = torch.arange(start, stop, step, dtype=torch.int64)
         else:
             idx = _index_tensor(key, n)
-        idx = idx if self._indices is None else self._indices[idx]
+        idx = idx if self._indices is None else self._indices[idx]  # compose with the indirection
         if len(idx) > 1 and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and bool((idx[1:] > idx[:-1]).all()):
             return int(idx[0]), int(idx[-1]) + 1  # a run like 7,8,9: read it as a zero-copy range
         return idx
@@ -1632,7 +1581,7 @@ class Dataset:
             return self._table.to_pydict(rows, columns)
         n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
         parts = self._table.split_rows(rows)  # [(chunk, local rows, output positions or None)]
-        out, python_cols = {}, []
+        out, python_cols = {}, []  # tensor columns are read here; the rest in one to_pydict call
         for k in columns:
             t, chunks = self.schema[k], [b.columns[k] for b in self._table.batches]
             lists = isinstance(t, ListType) and isinstance(t.value, PrimitiveType)
@@ -1648,9 +1597,7 @@ class Dataset:
         """ds[i] -> row dict; ds[a:b] / ds[[i, j]] -> {column: values}; ds["col"] -> the column."""
         columns = self._format["columns"] or self.column_names
         if isinstance(key, str):
-            if key not in self.schema:
-                raise KeyError(f"no column {key!r}; columns are {self.column_names}")
-            return self._fetch(self._physical(slice(None)), [key])[key]
+            return self._fetch(self._physical(slice(None)), self._require([key]))[key]
         if isinstance(key, int) or (isinstance(key, torch.Tensor) and key.dim() == 0):
             i = int(key)
             if not -len(self) <= i < len(self):
@@ -1660,7 +1607,7 @@ class Dataset:
             if self._format["type"] == "torch":
                 return {k: v[0] for k, v in self._fetch((p, p + 1), columns).items()}  # one-row batch -> row
             c, j = self._table._locate(p)  # hot path for random access: no tensors, no slicing
-            cols = self._table.batches[c].columns
+            cols = self._table.batches[c].columns  # ~20 us for a row with ~500 token ids (BENCHMARKS.md)
             return {k: cols[k].get(j) for k in columns}
         return self._fetch(self._physical(key), columns)
 
@@ -1685,10 +1632,7 @@ class Dataset:
         """'torch': numbers as tensors (zero-copy views when possible); None/'python': Python objects."""
         if type not in (None, "python", "torch"):
             raise ValueError(f"format {type!r} is not supported; use None, 'python' or 'torch'")
-        if columns is not None:
-            missing = [c for c in columns if c not in self.schema]
-            if missing:
-                raise KeyError(f"no columns {missing}; columns are {self.column_names}")
+        columns = None if columns is None else self._require(list(columns))
         return self._derive(format={"type": type or "python", "columns": columns})
 
     def reset_format(self) -> "Dataset":
@@ -1703,12 +1647,13 @@ class Dataset:
     def shuffle(self, seed: int | None = None) -> "Dataset":
         """A seeded random permutation of the rows (a fresh random seed when None)."""
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        # a private generator: shuffling never touches (or depends on) torch's global RNG state
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return self.select(perm)
 
     def sort(self, column: str, reverse: bool = False) -> "Dataset":
         """Rows ordered by `column` (stable: equal values keep their order); nulls last either way."""
-        values = self.reset_format()[column]
+        values = self.reset_format()[column]  # Python values: sorted() compares them like Python does
         nonnull = sorted((i for i, v in enumerate(values) if v is not None), key=values.__getitem__, reverse=reverse)
         return self.select(nonnull + [i for i, v in enumerate(values) if v is None])
 
@@ -1719,14 +1664,14 @@ class Dataset:
         src, kw, bar = self.reset_format(), fn_kwargs or {}, _progress(len(self), desc, progress)
         try:
             for start in range(0, len(self), batch_size):
-                batch = src[start : start + batch_size]
+                batch = src[start : start + batch_size]  # {column: values}, decoded in one pass
                 n = len(next(iter(batch.values()), []))
-                idx = list(range(start, start + n))
+                idx = list(range(start, start + n))  # logical row numbers, for with_indices
                 if batched:
                     out = function(*((batch, idx) if with_indices else (batch,)), **kw)
                 else:
                     names = list(batch)
-                    rows = [dict(zip(names, vals)) for vals in zip(*batch.values())]
+                    rows = [dict(zip(names, vals)) for vals in zip(*batch.values())]  # columns -> row dicts
                     out = [function(*((r, i) if with_indices else (r,)), **kw) for r, i in zip(rows, idx)]
                 yield n, out
                 if bar is not None:
@@ -1746,7 +1691,7 @@ class Dataset:
                 raise NanosetsError(f"filter function returned {len(mask)} values for a batch of {n} rows")
             keep.extend(start + j for j, m in enumerate(mask) if m)
             start += n
-        return self.select(keep)
+        return self.select(keep)  # an index list: the kept rows are not copied
 
     def shard(self, num_shards: int, index: int, contiguous: bool = True) -> "Dataset":
         """The index-th of num_shards pieces (contiguous blocks, or every num_shards-th row)."""
@@ -1769,13 +1714,13 @@ class Dataset:
             return None if x is None else (rounding(x * n) if isinstance(x, float) else int(x))
 
         n_test, n_train = count(test_size, math.ceil), count(train_size, math.floor)
-        if n_test is None:
+        if n_test is None:  # one size given: the other is the rest
             n_test = n - n_train if n_train is not None else math.ceil(0.25 * n)
         if n_train is None:
             n_train = n - n_test
         if n_test < 1 or n_train < 1 or n_test + n_train > n:
             raise ValueError(f"cannot split {n} rows into train={n_train} and test={n_test}")
-        order = self.shuffle(seed) if shuffle else self
+        order = self.shuffle(seed) if shuffle else self  # one permutation, cut in two: disjoint by design
         return DatasetDict(train=order.select(range(n_train)), test=order.select(range(n_train, n_train + n_test)))
 
     # -- column operations: metadata only, no copy --
@@ -1783,19 +1728,14 @@ class Dataset:
         return self._derive(table=self._table.select([columns] if isinstance(columns, str) else list(columns)))
 
     def remove_columns(self, columns: str | list[str]) -> "Dataset":
-        drop = [columns] if isinstance(columns, str) else list(columns)
-        missing = [c for c in drop if c not in self.schema]
-        if missing:
-            raise KeyError(f"cannot remove missing columns {missing}; columns are {self.column_names}")
+        drop = self._require([columns] if isinstance(columns, str) else list(columns), "cannot remove missing columns")
         return self.select_columns([c for c in self.column_names if c not in drop])
 
     def rename_column(self, original: str, new: str) -> "Dataset":
         return self.rename_columns({original: new})
 
     def rename_columns(self, mapping: dict[str, str]) -> "Dataset":
-        missing = [c for c in mapping if c not in self.schema]
-        if missing:
-            raise KeyError(f"cannot rename missing columns {missing}; columns are {self.column_names}")
+        self._require(list(mapping), "cannot rename missing columns")
         return self._derive(table=self._table.rename(mapping))
 
     # -- map: the one operation that builds new columns --
@@ -1809,9 +1749,7 @@ class Dataset:
         columns replace or add columns; columns neither returned nor removed are carried over as
         they are, without re-encoding. `schema` pins output types (e.g. {"ids": "list<int32>"})."""
         remove = [remove_columns] if isinstance(remove_columns, str) else list(remove_columns or [])
-        missing = [c for c in remove if c not in self.schema]
-        if missing:
-            raise KeyError(f"remove_columns names missing columns {missing}; columns are {self.column_names}")
+        self._require(remove, "remove_columns names missing columns")
         outputs: dict[str, list] = {}  # output column -> values so far (n_out rows)
         n_out = 0
         for n, out in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, desc):
@@ -1822,13 +1760,13 @@ class Dataset:
                 lens = {k: len(v) for k, v in out.items()}
                 if len(set(lens.values())) > 1:
                     raise NanosetsError(f"map function returned columns of different lengths: {lens}")
-                m = next(iter(lens.values()), n)
+                m = next(iter(lens.values()), n)  # rows this batch produced (n when it returned nothing)
             else:
                 bad = next((j for j, r in enumerate(out) if r is not None and not isinstance(r, dict)), None)
                 if bad is not None:
                     raise NanosetsError(f"map function must return a dict, got {type(out[bad]).__name__} "
                                         f"at row {n_out + bad}")
-                rows = [r or {} for r in out]
+                rows = [r or {} for r in out]  # rows -> columns; a key some rows lack is null there
                 out, m = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}, n
             for k in out:  # a column first seen in this batch is null in the earlier rows
                 outputs.setdefault(k, [None] * n_out)
@@ -1842,8 +1780,9 @@ class Dataset:
         # carried-over columns: materialised in the current row order, one chunk, no re-encoding
         cols = dict(self.select_columns(keep).flatten_indices()._table.combine_chunks().batches[0].columns) \
             if keep else {}
-        new = RecordBatch.from_pydict(outputs, schema) if outputs else RecordBatch({})
+        new = RecordBatch.from_pydict(outputs, schema) if outputs else RecordBatch({})  # encode the outputs once
         cols.update(new.columns)
+        # returned columns keep their old position; new ones come after, in order of first appearance
         order = [c for c in self.column_names if c in cols] + [c for c in new.columns if c not in self.schema]
         return Dataset(Table([RecordBatch({c: cols[c] for c in order})]), None, dict(self._format), self.metadata)
 
@@ -1867,6 +1806,7 @@ class Dataset:
         """Write a .nano file (`path` ending in .nano) or a folder holding data.nano; atomic."""
         path = os.fspath(path)
         target = path if path.endswith(".nano") else os.path.join(path, "data.nano")
+        # a generator of batches: a shuffled 10 GB dataset is gathered and written 64k rows at a time
         write_nano(target, self._batches(), metadata=self.metadata, schema=self.schema)
         return target
 
