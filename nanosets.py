@@ -15,11 +15,12 @@ How it works, in five lines:
      and only parses the metadata, so opening is O(1) in data size and columns are views into the map.
   5. `Dataset` wraps a Table with an optional row-index indirection and the HF-datasets-like API.
 
-First read (~700 lines): the format table below -> arrays (Array, PrimitiveArray, StringArray,
-ListArray) -> the .nano file (write_nano, _Reader, read_nano, verify_nano) -> Dataset (__getitem__,
-select) -> load_dataset. The other chapters stand alone: types (the type grammar), building arrays
-from Python (inference, errors that name the row), take/concat, tables (chunking), pyarrow interop,
-training helpers (packing, the sharded sampler), the benchmark.
+First read (~600 lines): the format table below -> arrays (Array, PrimitiveArray, _OffsetsMixin,
+ListArray) -> the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) -> Dataset (its
+docstring, _physical, __getitem__, select, shuffle) -> load_dataset. The other chapters stand alone:
+types (the type grammar), building arrays from Python (inference, errors that name the row),
+take/concat, tables (chunking), pyarrow interop, training helpers (packing, the sharded sampler),
+the benchmark, the command line.
 
 Commands:
   python nanosets.py                      # CPU self-test, a few seconds
@@ -183,7 +184,7 @@ class TensorType(DataType):
 
 
 # name -> memoryview format char ("" where Python has none: the halves decode through torch instead)
-PRIMITIVES: dict[str, PrimitiveType] = {name: PrimitiveType(name, fmt or None, getattr(torch, name)) for name, fmt in [
+PRIMITIVES: dict[str, PrimitiveType] = {n: PrimitiveType(n, fmt or None, getattr(torch, n)) for n, fmt in [
     ("bool", "?"), ("int8", "b"), ("uint8", "B"), ("int16", "h"), ("uint16", "H"), ("int32", "i"), ("uint32", "I"),
     ("int64", "q"), ("uint64", "Q"), ("float16", ""), ("bfloat16", ""), ("float32", "f"), ("float64", "d")]}
 STRING, NULL = StringType(), NullType()  # types without parameters: one instance each
@@ -776,7 +777,8 @@ def infer_type(values: list, name: str = "column") -> DataType:
             raise NanosetsError(f"column {name!r}, row {row}: {e}") from None
         u = unify_types(result, t)
         if u is None:
-            raise NanosetsError(f"column {name!r}, row {row} holds {_describe(v)} ({t}) but earlier rows are {result}")
+            raise NanosetsError(f"column {name!r}, row {row} holds {_describe(v)} ({t}) but earlier rows are "
+                                f"{result}")
         result = u
     return result
 
@@ -1728,7 +1730,7 @@ class Dataset:
         return self._derive(table=self._table.select([columns] if isinstance(columns, str) else list(columns)))
 
     def remove_columns(self, columns: str | list[str]) -> "Dataset":
-        drop = self._require([columns] if isinstance(columns, str) else list(columns), "cannot remove missing columns")
+        drop = self._require([columns] if isinstance(columns, str) else list(columns), "cannot remove columns")
         return self.select_columns([c for c in self.column_names if c not in drop])
 
     def rename_column(self, original: str, new: str) -> "Dataset":
@@ -1860,30 +1862,35 @@ SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation"
 
 
 def _read_json_rows(path: str) -> list[dict]:
-    """JSON lines, a JSON list of rows, a dict of columns, or {"data": [rows]} -> list of row dicts."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if path.endswith(".json") and stripped[:1] in "[{":
+    """JSON lines, or in a .json file a JSON list of rows, {"data": [rows]}, a dict of columns or one
+    object -> a list of row dicts. Errors name the file and the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a bare UnicodeDecodeError names neither the file nor the line
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise NanosetsError(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.endswith(".json") and text.lstrip()[:1] in "[{":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
             obj = None  # not one JSON document: maybe JSON lines saved as .json
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {column: values}
+            lens = {k: len(v) for k, v in obj.items()}
+            if len(set(lens.values())) != 1:
+                raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
+            obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+        elif isinstance(obj, dict):
+            obj = [obj]  # one object is one row
         if isinstance(obj, list):
             bad = next((i for i, r in enumerate(obj) if not isinstance(r, dict)), None)
             if bad is not None:
-                raise NanosetsError(f"{path}: item {bad} of the JSON list is a {type(obj[bad]).__name__}, expected an object")
+                raise NanosetsError(f"{path}: item {bad} of the JSON list is a {type(obj[bad]).__name__}, "
+                                    "expected an object")
             return obj
-        if isinstance(obj, dict):
-            if isinstance(obj.get("data"), list):
-                return obj["data"]
-            if obj and all(isinstance(v, list) for v in obj.values()):  # {column: [values]}
-                lens = {k: len(v) for k, v in obj.items()}
-                if len(set(lens.values())) != 1:
-                    raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
-                return [dict(zip(obj, vals)) for vals in zip(*obj.values())]
-            if len(stripped.splitlines()) == 1:
-                return [obj]
     rows = []
     # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which JSON strings may hold raw
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -2113,7 +2120,8 @@ def _from_pa(arr, name: str) -> Array:
     if pa.types.is_null(t):
         return NullArray(n)
     if pa.types.is_boolean(t):
-        return PrimitiveArray(PRIMITIVES["bool"], n, tensor_to_buffer(unpack_bits(memoryview(bufs[1]), off, n)), validity)
+        values = tensor_to_buffer(unpack_bits(memoryview(bufs[1]), off, n))  # bits -> one byte per value
+        return PrimitiveArray(PRIMITIVES["bool"], n, values, validity)
     if pa.types.is_large_string(t) or pa.types.is_large_list(t):
         offs = frombuffer(memoryview(bufs[1]), torch.int64, n + 1, off * 8)  # [n+1]
         first, last = int(offs[0]), int(offs[-1])
@@ -2361,8 +2369,9 @@ def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, 
         os.makedirs(folder, exist_ok=True)
         res = _bench_measure(folder, gb, rows_iter, rows_random, pa, hf)
     n, size = res.pop("_rows"), res.pop("_bytes")
-    print(f"\nnanosets bench: {n:,} rows, {size / 1e9:.2f} GB file; torch {torch.__version__}, pyarrow "
-          f"{pa.__version__}{', datasets ' + hf.__version__ if hf else ', HF datasets not installed'}; warm page cache")
+    peers = f"pyarrow {pa.__version__}, " + (f"datasets {hf.__version__}" if hf else "HF datasets not installed")
+    print(f"\nnanosets bench: {n:,} rows, {size / 1e9:.2f} GB file; torch {torch.__version__}, {peers}; "
+          "warm page cache")
     head = f"{'metric':30s} {'nanosets':>10s} {'pyarrow':>10s} {'HF':>10s} {'ratio':>7s}"
     print(head + "\n" + "-" * len(head))
     rows = []
@@ -2405,8 +2414,9 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
     opened = {}
     for k in kinds:
         for _ in range(2):  # the first run warms the page cache for the metadata; keep the second
-            out = subprocess.run([sys.executable, __file__, "--bench-open", k, nano_path if k == "nanosets" else arrow_path],
-                                 capture_output=True, text=True, check=True, timeout=600)
+            path = nano_path if k == "nanosets" else arrow_path
+            out = subprocess.run([sys.executable, __file__, "--bench-open", k, path], capture_output=True, text=True,
+                                 check=True, timeout=600)
         opened[k] = json.loads(out.stdout.strip().splitlines()[-1])
     res["open (ms)"] = {k: opened[k]["open_ms"] for k in kinds}
     res["RSS added by open (MB)"] = {k: opened[k]["rss_mb"] for k in kinds}

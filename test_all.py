@@ -1596,6 +1596,11 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     with pytest.raises(ns.NanosetsError) as ei:
         ns.load_dataset(str(q))
     assert str(q) in str(ei.value) and "line 2" in str(ei.value)
+    u = tmp_path / "latin1.jsonl"  # a file saved in another encoding
+    u.write_bytes('{"a": "ok"}\n{"a": 1}\n{"a": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.load_dataset(str(u))
+    assert str(u) in str(ei.value) and "line 3" in str(ei.value) and "UTF-8" in str(ei.value)
 
 
 def test_folder_save_and_load_from_disk(tmp_path, ds23):
