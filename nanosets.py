@@ -2364,8 +2364,9 @@ def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, 
         import datasets as hf
     except ImportError:
         hf = None
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    with nullcontext(folder) if folder else tempfile.TemporaryDirectory(prefix="nanosets-bench-") as folder:
+    scratch = nullcontext(folder) if folder else tempfile.TemporaryDirectory(prefix="nanosets-bench-")
+    with warnings.catch_warnings(), scratch as folder:  # both undone on the way out, also on Ctrl-C
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # pyarrow's views
         os.makedirs(folder, exist_ok=True)
         res = _bench_measure(folder, gb, rows_iter, rows_random, pa, hf)
     n, size = res.pop("_rows"), res.pop("_bytes")
