@@ -1229,15 +1229,15 @@ def _write_node(f, a: Array) -> dict:
     a = a.compact()  # offset 0: the file stores exactly this array's rows
     bufs: dict[str, list[int] | None] = {"validity": _write_buffer(f, a._compact_validity())}
     children = []
-    if isinstance(a, _FixedWidth):
+    if isinstance(a, _FixedWidth):  # numbers and tensors: one flat buffer
         bufs["values"] = _write_buffer(f, a.values)
     elif isinstance(a, StringArray):
         bufs["offsets"], bufs["data"] = _write_buffer(f, a.offsets), _write_buffer(f, a.data)
     elif isinstance(a, ListArray):
         bufs["offsets"] = _write_buffer(f, a.offsets)
-        children = [_write_node(f, a.child)]
+        children = [_write_node(f, a.child)]  # the values: any type, written by the same function
     elif isinstance(a, StructArray):
-        children = [_write_node(f, c) for c in a.children.values()]
+        children = [_write_node(f, c) for c in a.children.values()]  # one child per field, in order
     return {"length": a.length, "null_count": a.null_count, "buffers": bufs, "children": children}
 
 
@@ -1246,6 +1246,7 @@ def _atomic_write(path: str, suffix: str, write: Callable, mode: str = "wb", **o
     leaves either the old file or none, never half of one, and no temp file behind."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    # same folder, so the rename cannot cross filesystems; a leading dot keeps it out of load_dataset(folder)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         with os.fdopen(fd, mode, **open_kw) as f:
@@ -1254,7 +1255,7 @@ def _atomic_write(path: str, suffix: str, write: Callable, mode: str = "wb", **o
             os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a dataset is meant to be shared
         os.replace(tmp, path)  # atomic on POSIX
-    except BaseException:
+    except BaseException:  # also KeyboardInterrupt: no half-written temp file stays behind
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
@@ -1265,7 +1266,7 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
     """Write a Table (or a stream of RecordBatches with `schema`) to `path` atomically. Batches are
     written as they come, so a large dataset never has to be in memory at once. Every buffer's crc32
     is computed on the way out (~+25% write time, see BENCHMARKS.md) and stored in the metadata."""
-    if isinstance(table, Table):
+    if isinstance(table, Table):  # a Table is its batches plus their schema
         schema, table = table.schema, table.batches
     elif schema is None:
         raise NanosetsError("write_nano needs schema= when given batches instead of a Table")
@@ -1273,7 +1274,7 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
     def write(f):
         f.write(bytes(HEADER))  # placeholder, patched at the end when we know the offsets
         batches, num_rows = [], 0
-        for i, b in enumerate(table):
+        for i, b in enumerate(table):  # one batch in memory at a time (a generator may produce them)
             if list(b.schema.items()) != list(schema.items()):
                 raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, expected {_schema_str(schema)}")
             batches.append({"length": b.num_rows, "columns": [_write_node(f, b.columns[k]) for k in schema]})
@@ -1381,7 +1382,7 @@ class _Reader:
         (vectorised; with the first = 0 and last = size checks of open, every span is then in range).
         Version 1 has no checksums: decode every row instead (catches broken offsets and UTF-8, not a
         changed number) and warn that a rebuild would give the file checksums."""
-        if self.version == 1:
+        if self.version == 1:  # decode in 64k-row windows, so memory stays bounded
             for bi, b in enumerate(table.batches):
                 for k, a in b.columns.items():
                     for s in range(0, a.length, 65536):
@@ -1429,7 +1430,7 @@ def read_nano(path: str | os.PathLike, verify: bool = False) -> tuple[Table, dic
     meta_bytes = mm[moff : moff + mlen]  # the only bytes an open reads besides the header and the tail
     if zlib.crc32(meta_bytes) != crc:
         raise NanosetsError(f"{path}: metadata checksum mismatch: the file is corrupt")
-    reader = _Reader(path, memoryview(mm), moff, version)
+    reader = _Reader(path, memoryview(mm), moff, version)  # every buffer must end before the metadata
     try:
         meta = json.loads(meta_bytes)
         schema = {name: type_from_json(t) for name, t in meta["schema"]}
