@@ -127,14 +127,16 @@ def test_nanosets_selftest_runs_as_a_script():
 # ==== nanosets ====================================================================================
 # nanosets: CPU only, no network.
 #
-# Sections: 1 round trips of every type . 2 zero-copy and flat RSS . 3 corrupt files . 4 type errors
-# that name the row . 5 pyarrow agreement and interop . 6 the Dataset API . 7 training helpers.
+# Sections: 1 round trips of every type . 2 zero-copy and flat RSS . 3 corrupt files and checksums .
+# 4 type errors that name the row . 5 pyarrow agreement and interop . 6 the Dataset API and load_dataset .
+# 7 training helpers . 8 command line and benchmark. `pytest -k nanosets` runs them all.
 # Expected values are always derived independently (from the Python input, from pyarrow, or from a
 # naive reference written here), never copied from nanosets' own output.
 # The .nano header, written down here from the format description in nanosets' docstring (not
 # imported from it), so these tests also pin the on-disk format.
 HEADER_FMT = "<8sIIQQQI20x"  # magic, version, header size, file size, meta offset, meta length, crc32
 MAGIC, TAIL = b"NANOSET\0", b"NANOEND\0"
+_BEFORE_NANOSETS = set(globals())  # see the end of this section
 
 
 def _seed(*parts) -> int:
@@ -606,14 +608,14 @@ def test_helpers_rewrite_a_loadable_file(good):
     assert ns.load_dataset(good).to_list() == ns.Dataset.from_list(CORRUPT_ROWS, schema=CORRUPT_SCHEMA).to_list()
     assert ns.verify_nano(good) == 11
     b = Path(good).read_bytes()
-    assert b[:8] == MAGIC and b[-8:] == TAIL and _header(b)[3] == len(b) and _header(b)[1] == 1
+    assert b[:8] == MAGIC and b[-8:] == TAIL and _header(b)[3] == len(b) and _header(b)[1] == 2
 
 
 def _cut_points(path):
     b = Path(path).read_bytes()
     meta, moff, mlen = _read_meta(path), _header(b)[4], _header(b)[5]
-    off, nbytes = _col(meta, "s")["buffers"]["data"]
-    xoff, xn = _col(meta, "x")["buffers"]["values"]
+    off, nbytes = _col(meta, "s")["buffers"]["data"][:2]  # [offset, nbytes, crc32]
+    xoff, xn = _col(meta, "x")["buffers"]["values"][:2]
     return {"1": 1, "header": 40, "after_header": 64, "72": 72, "mid_buffer": off + nbytes // 2,
             "mid_x": xoff + xn // 2, "at_meta": moff, "mid_meta": moff + mlen // 2, "in_tail": len(b) - 3,
             "minus_one": len(b) - 1}
@@ -656,7 +658,7 @@ def test_wrong_tail_magic(good):
     _expect_corrupt(good)
 
 
-@pytest.mark.parametrize("version", [0, 2, 2**32 - 1])
+@pytest.mark.parametrize("version", [0, 3, 2**32 - 1])
 def test_wrong_version(good, version):
     b = bytearray(Path(good).read_bytes())
     b[8:12] = struct.pack("<I", version)
@@ -824,7 +826,7 @@ def test_offsets_inside_patched_raise_on_every_read_path(good, col, row, value, 
 
 
 def _data_buf(path):
-    return _col(_read_meta(path), "s")["buffers"]["data"]
+    return _col(_read_meta(path), "s")["buffers"]["data"][:2]
 
 
 @pytest.mark.parametrize("bad", [b"\xff", b"\xc3", b"\x80", b"\xed\xa0\x80"])
@@ -899,6 +901,130 @@ def test_fuzzed_files_never_crash_the_interpreter(tmp_path, good):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]  # a segfault/abort gives a negative code
     assert "FUZZ-DONE 0" in out.stdout, out.stdout[-3000:]
+
+
+# Data buffers: the open is O(1) and cannot see a changed byte inside a buffer; each one carries a crc32
+# (format version 2) that verify checks. The columns are those prepare_data.py writes for SFT.
+SFT_ROWS = [{"input_ids": [100 + 7 * i + j for j in range(5 + i % 4)], "loss_mask": [j % 2 for j in range(5 + i % 4)],
+             "num_tokens": 5 + i % 4, "problem": f"p{i}" if i % 3 else None} for i in range(40)]
+SFT_SCHEMA = {"input_ids": "list<int32>", "loss_mask": "list<uint8>", "num_tokens": "int32", "problem": "string"}
+
+
+@pytest.fixture
+def sft_file(tmp_path):
+    return ns.Dataset.from_list(SFT_ROWS, schema=SFT_SCHEMA).save_to_disk(tmp_path / "train.nano")
+
+
+def _buffers(meta):
+    """Every data buffer in the metadata, walked here from the format description: {(column path, name): spec}."""
+    out = {}
+
+    def walk(node, path):
+        for name, spec in node["buffers"].items():
+            if spec is not None:
+                out[(path, name)] = spec
+        kids = node["children"]
+        for i, kid in enumerate(kids):
+            walk(kid, path + "[]" if len(kids) == 1 and "offsets" in node["buffers"] else f"{path}.{i}")
+
+    for (name, _), node in zip(meta["schema"], meta["batches"][0]["columns"]):
+        walk(node, name)
+    return out
+
+
+def test_buffer_checksums_are_crc32_of_the_bytes(sft_file, good):
+    for path in (sft_file, good):
+        b, bufs = Path(path).read_bytes(), _buffers(_read_meta(path))
+        assert len(bufs) >= 6 and _header(b)[1] == 2 and _read_meta(path)["version"] == 2
+        for key, (off, n, crc) in bufs.items():
+            assert crc == zlib.crc32(b[off: off + n]), key  # the crc of exactly the buffer's bytes
+
+
+# (column path, buffer): what a flipped byte there does to training if nothing catches it
+FLIPS = {"token_id": ("input_ids[]", "values"),  # an id >= vocab size: nn.Embedding fails deep inside
+         "num_tokens": ("num_tokens", "values"),  # a wrong length: packing and the loss go silently wrong
+         "loss_mask": ("loss_mask[]", "values"),  # a wrong target: trains silently on the prompt
+         "offsets": ("input_ids", "offsets"), "string": ("problem", "data"), "validity": ("problem", "validity")}
+
+
+def _flip(path, column, buffer, bit=0x04):
+    off, n = _buffers(_read_meta(path))[(column, buffer)][:2]
+    b = bytearray(Path(path).read_bytes())
+    b[off + n // 2] ^= bit
+    Path(path).write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("what", list(FLIPS))
+def test_flipped_data_byte_is_caught_by_verify(sft_file, what):
+    column, buffer = FLIPS[what]
+    _flip(sft_file, column, buffer)
+    if buffer == "values":  # the O(1) open cannot see it: the rows read back silently changed
+        assert ns.load_dataset(sft_file).to_list() != ns.Dataset.from_list(SFT_ROWS, schema=SFT_SCHEMA).to_list()
+    for check in (lambda: ns.verify_nano(sft_file), lambda: ns.load_dataset(sft_file, verify=True),
+                  lambda: ns.load_from_disk(sft_file, verify=True),
+                  lambda: ns.load_dataset(str(Path(sft_file).parent), split="train", verify=True)):
+        with pytest.raises(ns.NanosetsError) as ei:
+            check()
+        msg = str(ei.value)
+        assert str(sft_file) in msg and f"column '{column}'" in msg and f"buffer '{buffer}'" in msg, msg
+        assert "checksum" in msg, msg
+
+
+def test_offsets_running_backwards_with_a_valid_crc_fail_verify(sft_file):
+    """A writer bug, not a flipped bit: the crc matches, so verify's structural pass must catch it."""
+    meta = _read_meta(sft_file)
+    off, n, _ = _buffers(meta)[("input_ids", "offsets")]
+    b = bytearray(Path(sft_file).read_bytes())
+    struct.pack_into("<q", b, off + 8 * 5, 1)  # offsets[5] = 1 < offsets[4]
+    Path(sft_file).write_bytes(bytes(b))
+    _patch_meta(sft_file, lambda m: _col(m, "input_ids")["buffers"]["offsets"].__setitem__(2, zlib.crc32(b[off: off + n])))
+    ns.load_dataset(sft_file)  # the open checks only the ends
+    with pytest.raises(ns.NanosetsError, match=r"column 'input_ids'.*backwards at row 4"):
+        ns.verify_nano(sft_file)
+
+
+def _to_version_1(path) -> None:
+    """Rewrite a version-2 file as version 1 wrote it: buffers as [offset, nbytes], version 1 in the
+    header and the metadata (the data bytes stay where they are)."""
+    meta = _read_meta(path)
+
+    def strip(node):
+        node["buffers"] = {k: None if v is None else v[:2] for k, v in node["buffers"].items()}
+        for kid in node["children"]:
+            strip(kid)
+    for batch in meta["batches"]:
+        for node in batch["columns"]:
+            strip(node)
+    meta["version"] = 1
+    _rewrite_meta_bytes(path, json.dumps(meta).encode())
+    b = bytearray(Path(path).read_bytes())
+    b[8:12] = struct.pack("<I", 1)
+    Path(path).write_bytes(bytes(b))
+
+
+def test_version_1_files_open_and_verify_warns_what_it_cannot_see(sft_file):
+    want = ns.Dataset.from_list(SFT_ROWS, schema=SFT_SCHEMA).to_list()
+    _to_version_1(sft_file)
+    assert _header(Path(sft_file).read_bytes())[1] == 1 and "crc32" not in str(_buffers(_read_meta(sft_file)))
+    assert ns.load_dataset(sft_file).to_list() == want  # opens and reads as before
+    with pytest.warns(UserWarning, match="version-1 .nano file has no buffer checksums.*rebuild"):
+        assert ns.verify_nano(sft_file) == 40
+    # what it cannot see: a changed number (documented); what it can: broken offsets
+    _flip(sft_file, "num_tokens", "values")
+    with pytest.warns(UserWarning):
+        assert ns.verify_nano(sft_file) == 40
+    _patch_i64(sft_file, _offsets_buf(sft_file, "input_ids"), 3, 10**6)
+    with pytest.raises(ns.NanosetsError, match="column 'input_ids'"):
+        ns.verify_nano(sft_file)
+
+
+@pytest.mark.parametrize("spec", ["short", "long", "crc_not_int"])
+def test_buffer_spec_must_match_the_version(good, spec):
+    """Version 2 buffers are [offset, nbytes, crc32]; a spec of another shape is refused at open."""
+    edit = {"short": lambda v: v[:2], "long": lambda v: v + [0], "crc_not_int": lambda v: v[:2] + ["x"]}[spec]
+    _patch_meta(good, lambda m: _col(m, "x")["buffers"].__setitem__("values", edit(_col(m, "x")["buffers"]["values"])))
+    e = _expect_corrupt(good, "column 'x'")
+    assert "[offset, nbytes, crc32]" in str(e)
 
 
 # ---- 4. type errors name the row ----------------------------------------------------------------
@@ -1442,12 +1568,12 @@ def test_load_dataset_json_shapes_globs_and_dicts(tmp_path):
     for i in range(3):
         (sub / f"p{i}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[2 * i: 2 * i + 2]) + "\n")
     assert ns.load_dataset(str(sub / "p*.jsonl")).to_list() == rows
-    assert ns.load_dataset(str(sub)).to_list() == rows  # a folder of jsonl files
+    assert ns.load_dataset(str(sub))["train"].to_list() == rows  # a folder of jsonl files naming no split
     assert ns.load_dataset([str(sub / "p2.jsonl"), str(sub / "p0.jsonl")])["id"] == [4, 5, 0, 1]
     dd = ns.load_dataset("json", data_files={"train": str(sub / "p[01].jsonl"), "test": str(sub / "p2.jsonl")})
     assert isinstance(dd, ns.DatasetDict) and dd["train"]["id"] == [0, 1, 2, 3] and dd["test"]["id"] == [4, 5]
     assert ns.load_dataset("json", data_files={"train": str(sub / "p0.jsonl")}, split="train")["id"] == [0, 1]
-    with pytest.raises(KeyError):
+    with pytest.raises(ns.NanosetsError, match="no split 'test' in data_files"):
         ns.load_dataset("json", data_files={"train": str(sub / "p0.jsonl")}, split="test")
     with pytest.raises(FileNotFoundError):
         ns.load_dataset(str(sub / "nothing*.jsonl"))
@@ -1471,6 +1597,11 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     with pytest.raises(ns.NanosetsError) as ei:
         ns.load_dataset(str(q))
     assert str(q) in str(ei.value) and "line 2" in str(ei.value)
+    u = tmp_path / "latin1.jsonl"  # a file saved in another encoding
+    u.write_bytes('{"a": "ok"}\n{"a": 1}\n{"a": "café"}\n'.encode("latin-1"))
+    with pytest.raises(ns.NanosetsError) as ei:
+        ns.load_dataset(str(u))
+    assert str(u) in str(ei.value) and "line 3" in str(ei.value) and "UTF-8" in str(ei.value)
 
 
 def test_folder_save_and_load_from_disk(tmp_path, ds23):
@@ -1478,7 +1609,7 @@ def test_folder_save_and_load_from_disk(tmp_path, ds23):
     ds23.metadata = {"source": "unit-test", "n": 23}
     target = ds23.save_to_disk(folder)
     assert Path(target) == folder / "data.nano" and os.path.isfile(target)
-    for back in (ns.load_from_disk(folder), ns.load_dataset(str(folder)), ns.load_from_disk(str(target))):
+    for back in (ns.load_from_disk(folder), ns.load_dataset(str(folder), split="train"), ns.load_from_disk(str(target))):
         assert back.to_list() == _rows() and back.schema == ds23.schema
         assert back.metadata == {"source": "unit-test", "n": 23}
     # overwriting in place works (atomic replace), even while the old file is mapped
@@ -1496,6 +1627,62 @@ def test_empty_dataset_round_trip(tmp_path):
     assert back.with_format("torch")["x"].numel() == 0
     full = ns.Dataset.from_list([{"x": 1, "s": "a", "l": [1]}], schema={"x": "int32", "l": "list<int8>"})
     assert ns.load_dataset(full.filter(lambda r: False).save_to_disk(tmp_path / "f.nano")).to_list() == []
+
+
+def test_load_dataset_on_a_prepare_data_folder_gives_its_splits(tmp_path, ds23):
+    """train.nano + test.nano + manifest.json (what prepare_data.py writes): a dict of splits named by
+    the files, never one concatenated Dataset; manifest.json and a leftover temp file are not data."""
+    rows, tmp_path = _rows(), tmp_path / "gsm8k_sft"
+    ds23.select(range(20)).save_to_disk(tmp_path / "train.nano")
+    ds23.select(range(20, 23)).save_to_disk(tmp_path / "test.nano")
+    (tmp_path / "manifest.json").write_text(json.dumps({"name": "x", "splits": {"train": {}, "test": {}}}, indent=1))
+    (tmp_path / ".tmp-crash.nano").write_bytes(b"half a file")
+    dd = ns.load_dataset(str(tmp_path))
+    assert isinstance(dd, ns.DatasetDict) and list(dd) == ["train", "test"]
+    assert dd["train"].to_list() == rows[:20] and dd["test"].to_list() == rows[20:]
+    assert ns.load_dataset(tmp_path, split="test").to_list() == rows[20:]  # a PathLike works too
+    assert len(ns.load_dataset(str(tmp_path), split="train", verify=True)) == 20
+    with pytest.raises(ns.NanosetsError, match=r"no split 'validation' in folder .*\['train', 'test'\]"):
+        ns.load_dataset(str(tmp_path), split="validation")
+    with pytest.raises(ns.NanosetsError, match="is a folder"):  # a folder inside a list could only mix splits
+        ns.load_dataset([str(tmp_path / "train.nano"), str(tmp_path)])
+    with pytest.raises(ns.NanosetsError, match="is a folder"):
+        ns.load_dataset("nano", data_files={"train": str(tmp_path)})
+    with pytest.raises(FileNotFoundError, match="has no data.nano"):
+        ns.load_from_disk(tmp_path)
+
+
+def test_split_names_come_from_file_names(tmp_path):
+    def write(name, ids):
+        (tmp_path / name).write_text("".join(json.dumps({"id": i}) + "\n" for i in ids))
+    write("train-00001-of-00002.jsonl", [2, 3])
+    write("train-00000-of-00002.jsonl", [0, 1])
+    write("gsm8k_test.jsonl", [9])
+    write("dev.jsonl", [7])  # HF's synonyms: dev/val/valid -> validation, eval/testing -> test
+    write("notes.json", [])  # .jsonl files are the format here; .json files are ignored
+    dd = ns.load_dataset(str(tmp_path))
+    assert list(dd) == ["train", "validation", "test"]
+    assert dd["train"]["id"] == [0, 1, 2, 3] and dd["validation"]["id"] == [7] and dd["test"]["id"] == [9]
+    write("extra.jsonl", [5])  # names no split while the others do: refused, not guessed
+    with pytest.raises(ns.NanosetsError, match="extra.jsonl names no split"):
+        ns.load_dataset(str(tmp_path))
+    (tmp_path / "extra.jsonl").unlink()
+    write("train_test.jsonl", [6])
+    with pytest.raises(ns.NanosetsError, match="more than one split"):
+        ns.load_dataset(str(tmp_path))
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "a.jsonl").write_text('{"id": 1}\n')
+    (only / "b.jsonl").write_text('{"id": 2}\n')
+    assert ns.load_dataset(str(only))["train"]["id"] == [1, 2]  # no split named: all of it is "train"
+    assert ns.load_dataset(str(only / "a.jsonl"), split="train")["id"] == [1]  # a file is the train split
+    with pytest.raises(ns.NanosetsError, match="split='test'"):
+        ns.load_dataset(str(only / "a.jsonl"), split="test")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "README.md").write_text("no data")
+    with pytest.raises(FileNotFoundError, match="holds no"):
+        ns.load_dataset(str(empty))
 
 
 # ---- 7. training helpers ------------------------------------------------------------------------
@@ -1660,6 +1847,66 @@ def test_sampler_mismatched_state_raises():
         ns.ShardedSampler(20, 2, 2)
     with pytest.raises(ValueError):
         ns.ShardedSampler(1, 0, 2)
+
+
+# ---- 8. command line and benchmark ------------------------------------------------------------------
+
+
+def test_cli_help_and_one_line_errors(tmp_path, capsys, sft_file):
+    out = subprocess.run([sys.executable, str(ROOT / "nanosets.py"), "--help"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and "usage: nanosets.py" in out.stdout and "--verify" in out.stdout
+    assert "selftest" not in out.stdout  # --help never runs the self-test
+    assert ns.cli(["--verify", sft_file]) == 0
+    assert "OK, 40 rows" in capsys.readouterr().out
+    _flip(sft_file, "input_ids[]", "values")
+    missing = str(tmp_path / "missing.nano")
+    for argv, names in [(["--verify", sft_file], [sft_file, "input_ids[]", "checksum"]),
+                        (["--verify", missing], [missing]), (["--bogus"], ["--bogus"]),
+                        (["--bench", "--gb", "-1"], ["--gb"])]:
+        assert ns.cli(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("nanosets.py: error: ") and err.count("\n") == 1, err  # ONE line
+        assert all(n in err for n in names), err
+    with pytest.raises(ns.NanosetsError):  # --debug: the full traceback instead
+        ns.cli(["--debug", "--verify", sft_file])
+
+
+def test_bench_removes_its_temp_folder_also_after_an_error(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where TemporaryDirectory puts its folder
+    seen = []
+
+    def boom(gb, seed=0):
+        seen.extend(os.listdir(scratch))
+        raise KeyboardInterrupt  # what Ctrl-C raises in the middle of the generation
+
+    monkeypatch.setattr(ns, "_bench_table", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ns.bench(gb=0.001)
+    assert seen and seen[0].startswith("nanosets-bench-")  # the folder existed while it ran...
+    assert os.listdir(scratch) == []  # ...and is gone
+
+
+def test_small_bench_runs_prints_its_table_and_cleans_up(tmp_path, monkeypatch, capsys):
+    """The whole harness end to end at 2 MB (~30 s: it opens each file in fresh processes)."""
+    pytest.importorskip("pyarrow")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    rows = ns.bench(gb=0.002, rows_iter=3000, rows_random=100)
+    metrics = [r[0] for r in rows]
+    assert metrics[:4] == ["write, crc32 incl. (GB/s)", "open (ms)", "RSS added by open (MB)", "verify, full check (GB/s)"]
+    assert all(r[1] > 0 for r in rows if "RSS" not in r[0]) and "ratio" in capsys.readouterr().out
+    assert os.listdir(scratch) == []
+
+
+# `pytest -k nanosets` selects this whole section: -k also matches names assigned to a test function.
+for _name, _fn in list(globals().items()):
+    if _name.startswith("test_") and _name not in _BEFORE_NANOSETS:
+        _fn.nanosets = True
 
 
 # ==== prepare_data ================================================================================
