@@ -1665,6 +1665,36 @@ def _merge(ranges):
     return out
 
 
+# A Bucket's gradient is a small state machine, run once per optimizer step (the fields that hold it):
+#
+#   state      | meaning                                               | fields
+#   -----------+-------------------------------------------------------+-------------------------------------
+#   CLEAN      | no gradient yet this step                             | ready 0, not pending, work None
+#   FILLING    | some of its params' grads added into grad_buf         | 0 < ready < len(params), pending
+#   HELD       | all added, not reduced: more micro-batches may add    | ready 0, pending
+#   IN FLIGHT  | the async collective is launched, not waited for      | work; 0/1: reduced; 2/3: rs_out
+#   REDUCED    | summed over dp: 0/1 in grad_buf; 2/3 added into       | work None, rs_out None
+#              | grad_shard, grad_buf freed                            |
+#
+#   event                                          | transition
+#   -----------------------------------------------+-----------------------------------------------------
+#   grad hook (_on_grad), not the bucket's last    | CLEAN, HELD, REDUCED (2/3) -> FILLING;
+#     param in this backward                       |   IN FLIGHT (2/3: the next micro-batch) waits first
+#   grad hook of its last param: bucketed mode,    | FILLING -> IN FLIGHT (_launch)
+#     outside no_sync (0/1) or always (2/3)        |
+#   the same in naive mode or inside no_sync (0/1) | FILLING -> HELD
+#   a backward ends (_drain, bucketed 2/3)         | IN FLIGHT -> REDUCED
+#   finish_grad_sync (clip, step)                  | FILLING, HELD, CLEAN (0/1) -> IN FLIGHT -> REDUCED;
+#                                                  |   IN FLIGHT -> REDUCED
+#   zero_grad                                      | any -> CLEAN
+#   grad hook at stage 0/1 when reduced            | RuntimeError: the step already reduced that bucket
+# (0/1 launch CLEAN buckets too: every rank must issue the same all-reduces, used params or not.)
+#
+# ZeRO-3 adds the parameters' own states (gathered, in_backward): SHARDED -> GATHERED by the layer's
+# forward pre-hook, by _GatherBeforeBackward when backward reaches the layer (in_backward: an activation
+# checkpointing recompute must not free it again) or by gathered_params(); GATHERED -> SHARDED by the
+# forward hook (unless in_backward), by the unit's last grad hook, and at finish_grad_sync.
+
 class Bucket:
     """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
 
@@ -1743,12 +1773,12 @@ class DataParallel:
 
     def __init__(self, model, mesh, zero_stage: int = 0, grad_sync: str = "bucketed", bucket_mb: float = 25.0):
         if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"DataParallel: zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+            raise ValueError(f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if grad_sync not in ("naive", "bucketed"):
             raise ValueError(f"DataParallel: grad_sync must be 'naive' or 'bucketed', got {grad_sync!r}")
         if zero_stage == 3 and mesh.pp > 1:
-            raise NotImplementedError(f"DataParallel: ZeRO-3 is implemented for pp=1 only (got pp={mesh.pp}); "
-                                      "use zero_stage <= 2 with pipeline parallelism")
+            raise ValueError(f"--zero_stage 3 is implemented for --pp 1 only (got --pp {mesh.pp}): use "
+                             "--zero_stage <= 2 with pipeline parallelism")
         self.model, self.mesh, self.stage = model, mesh, zero_stage
         self.group, self.overlap = mesh.dp_group, grad_sync == "bucketed"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
