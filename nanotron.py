@@ -2113,7 +2113,7 @@ class AdamW:
         b1, b2 = self.betas
         if self._fused is not None:
             # the same update in 1 launch per decay class instead of ~8 full passes per bucket: 28 B/element
-            # (read p, g, m, v; write p, m, v) instead of ~100. H100, 0.6B: 22.7 -> 10.5 ms with the clip below
+            # (read p, g, m, v; write p, m, v) instead of ~100 (BENCHMARKS.md has the measured gain)
             for (lists, steps), wd in zip(self._fused, (self.weight_decay, 0.0)):
                 if lists[0]:
                     torch._foreach_add_(steps, 1.0)                      # == self.t (load_state_dict syncs)
