@@ -16,10 +16,10 @@ all-gather + reduce-scatter pair under sequence parallelism) make every layout c
 numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, about 600 lines: the model at tp=1, config -> pure functions -> model -> HF folders (the top
-of the file), then selftest() at the bottom. At tp=1 the parallel layers the model is built from are
-plain nn.Linear / nn.Embedding and every collective is a no-op. The chapters after it are independent of
-each other; each opens with a comment that teaches its idea before any code:
+Read first, lines 1-718: the model at tp=1, config -> pure functions -> model -> HF folders, then
+selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
+nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
+(after the mesh); each opens with a comment that teaches its idea before any code:
     mesh .................. dist_env, init_distributed, collectives, Mesh (the rank grid), check_layout
     tensor parallelism .... f/g operators, sequence parallelism, Column/RowParallelLinear,
                             VocabParallelEmbedding, vocab_parallel_cross_entropy / _logprobs
@@ -37,7 +37,7 @@ Commands:
     python nanotron.py --help              # the flags
     python nanotron.py --bench             # one GPU: our training step vs HF + Liger-Kernel, one table
     python nanotron.py --bench --tiny      # CPU smoke test of the same harness (tiny preset, ours vs plain HF)
-    pytest -q test_all.py -k "tp or hf"    # HF equality, TP=2/4 on gloo, ...
+    pytest -q test_all.py -k "tp or pp or dp or hf"   # HF equality, the layouts on gloo (minutes)
     torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # (sft.py drives this file; dp inferred = 2)
 
 Legend: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, Hd hidden size,
@@ -399,9 +399,8 @@ class DecoderLayer(nn.Module):
 
 
 class HFSlot(NamedTuple):
-    """Where one HF tensor lives in this rank's parameters and how tensor parallelism cut it. One table of
-    these (Transformer.hf_slots) drives loading, random init, state dicts, the optimizer's layout-free state
-    and checkpoints.
+    """Where one HF tensor lives in this rank's parameters and how TP cut it. Transformer.hf_slots() drives
+    loading, random init, state dicts, the optimizer's layout-free state and checkpoints.
         param       the nn.Parameter that holds (a piece of) the tensor
         kind        'rep' replicated | 'col' rows split over TP (a part of a fused column-parallel weight:
                     q of qkv, up of gate_up) | 'row' columns split | 'vocab' rows split, padded to V_r per rank
@@ -479,8 +478,7 @@ class Transformer(nn.Module):
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 # keep only the layer inputs; recompute the inside in backward (its collectives too: every
                 # TP rank recomputes in the same order, so they still match)
-                x, res = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, res,
-                                    use_reentrant=False)
+                x, res = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, res, use_reentrant=False)
             else:
                 x, res = layer(x, positions, cu_seqlens, max_seqlen, self.rope, res)
         if self.has_head:
@@ -718,6 +716,10 @@ def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
     os.replace(tmp, folder)
 
 
+# ==== The chapters. Above: the model at tp=1 (the first read). Each chapter below adds one idea and reads
+# on its own after the mesh: tensor parallelism, pipeline parallelism, data parallelism + ZeRO, the
+# optimizer, checkpoints, the benchmark. ===============================================================
+
 # ---- mesh ------------------------------------------------------------------------------------------
 # Rank layout: rank = (pp_rank * dp + dp_rank) * tp + tp_rank, i.e. tp varies fastest, then dp, then pp.
 # Why: tensor parallelism talks most (two all-reduces per layer, on the critical path), so its ranks
@@ -806,7 +808,8 @@ class Mesh:
     shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
     KINDS = ("tp", "dp", "pp", "dp_tp")
 
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None):
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None,
+                 timeout_s: float = 600.0):
         for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
             if not (isinstance(n, int) and n >= 1):
                 raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
@@ -817,7 +820,7 @@ class Mesh:
         self.rank = rank
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._groups = groups or {}
-        self.timeout = datetime.timedelta(seconds=600)      # of every process group (Mesh.build sets it)
+        self.timeout = datetime.timedelta(seconds=timeout_s)   # of every process group Mesh.build makes
         # coordinates from rank = (pp_rank * dp + dp_rank) * tp + tp_rank
         self.tp_rank = rank % tp
         self.dp_rank = (rank // tp) % dp
@@ -834,10 +837,6 @@ class Mesh:
                 "pp": [[r(d, p, t) for p in P] for d in D for t in T],
                 "dp_tp": [[r(d, p, t) for d in D for t in T] for p in P]}[kind]
 
-    def group_ranks(self, kind: str) -> list[int]:
-        """The ranks of this rank's group of one kind."""
-        return next(g for g in self.all_group_ranks(kind) if self.rank in g)
-
     def size(self, kind: str) -> int:
         return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "dp_tp": self.dp * self.tp}[kind]
 
@@ -853,7 +852,6 @@ class Mesh:
     tp_group = property(lambda self: self.group("tp"))
     dp_group = property(lambda self: self.group("dp"))
     pp_group = property(lambda self: self.group("pp"))
-    dp_tp_group = property(lambda self: self.group("dp_tp"))
     is_first_stage = property(lambda self: self.pp_rank == 0)
     is_last_stage = property(lambda self: self.pp_rank == self.pp - 1)
 
@@ -873,8 +871,7 @@ class Mesh:
         if tp * pp * dp != world:
             raise ValueError(f"--tp {tp} x --pp {pp} x dp {dp} = {tp * pp * dp} != world size {world}")
         device = init_distributed(backend, timeout_s)
-        mesh = cls(tp, pp, dp, rank, device)
-        mesh.timeout = datetime.timedelta(seconds=timeout_s)
+        mesh = cls(tp, pp, dp, rank, device, timeout_s=timeout_s)
         if world > 1:
             # EVERY rank must call new_group for EVERY group, in the same order (even groups it is not
             # in): group creation is itself a collective over the default group.
@@ -902,9 +899,8 @@ class Mesh:
             dist.barrier()
 
     def destroy(self):
-        """Leave the process group at the end of a job: a barrier first (no rank tears down while another
-        still talks), then destroy. Skipping it leaves interpreter exit to destroy the backend's threads in
-        no set order, which ends a finished gloo job with an occasional SIGABRT."""
+        """Leave the process group at the end of a job, after a barrier (no rank tears down while another
+        talks). Left to interpreter exit, a finished gloo job ends with an occasional SIGABRT."""
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -918,15 +914,13 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
     """Refuse a (tp, pp) this model cannot be cut into, from the config alone: call it before building
     anything (Transformer and build_stage do). TP splits whole heads (kv heads too: replicating them when
     tp > Hkv is not implemented), the MLP's columns and the vocab rows; PP needs a layer per stage."""
-    c = cfg
-    for name, n in (("attention heads", c.num_heads), ("kv heads", c.num_kv_heads),
-                    ("MLP columns (intermediate_size)", c.intermediate_size)):
+    c, cuts = cfg, (("attention heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads),
+                    ("MLP columns (intermediate_size)", cfg.intermediate_size))
+    for name, n in cuts:
         if n % tp:
-            ok = [t for t in range(1, c.num_kv_heads + 1) if c.num_kv_heads % t == 0 and c.num_heads % t == 0
-                  and c.intermediate_size % t == 0]
-            raise ValueError(f"--tp {tp} must divide the model's {n} {name} ({c.num_heads} heads, "
-                             f"{c.num_kv_heads} kv heads, intermediate_size {c.intermediate_size}); "
-                             f"this model takes --tp in {ok}")
+            ok = [t for t in range(1, c.num_kv_heads + 1) if all(m % t == 0 for _, m in cuts)]
+            raise ValueError(f"--tp {tp} must divide the model's {n} {name} ({c.num_heads} heads, {c.num_kv_heads} "
+                             f"kv heads, intermediate_size {c.intermediate_size}); this model takes --tp in {ok}")
     if -(-c.vocab_size // tp) * (tp - 1) >= c.vocab_size:
         raise ValueError(f"--tp {tp}: the model's vocab of {c.vocab_size} rows leaves the last TP rank no row")
     if pp > c.num_layers:
@@ -1007,24 +1001,14 @@ class _GatherLastDim(torch.autograd.Function):
         return g.narrow(-1, r * ctx.n, ctx.n).contiguous(), None
 
 
-def copy_to_tp(x, group):
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+def _on_group(fn):
+    """f(x, group) = fn.apply(x, group), or x itself when the group has one rank (None): no autograd node."""
+    return lambda x, group: x if _size(group) == 1 else fn.apply(x, group)
 
 
-def reduce_from_tp(x, group):
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
-
-
-def gather_from_sp(x, group):
-    return x if _size(group) == 1 else _GatherFromSP.apply(x, group)
-
-
-def scatter_to_sp(x, group):
-    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def gather_last_dim(x, group):
-    return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+copy_to_tp, reduce_from_tp = _on_group(_CopyToTP), _on_group(_ReduceFromTP)          # f, g
+gather_from_sp, scatter_to_sp = _on_group(_GatherFromSP), _on_group(_ScatterToSP)    # f, g under SP
+gather_last_dim = _on_group(_GatherLastDim)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -1034,11 +1018,10 @@ class ColumnParallelLinear(nn.Module):
     [I, I] for gate/up. EACH PART is split separately, so rank r holds [q_r; k_r; v_r], its own heads of
     all three (splitting the concatenation instead would hand rank 0 all of q and none of v).
     Input: replicated [N, in] (f operator), or with sequence_parallel this rank's [N/tp, in] shard
-    (all-gathered here). Output: [N, sum(out_parts)/tp], or the full [N, sum(out_parts)] with gather_output
-    (then in the rank-major order [part slices of rank 0, of rank 1, ...])."""
+    (all-gathered here). Output: [N, sum(out_parts)/tp], this rank's columns (the next layer is row-parallel)."""
 
-    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False,
-                 gather_output=False, dtype=None, device=None):
+    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False, dtype=None,
+                 device=None):
         super().__init__()
         mesh = mesh or Mesh()
         self.out_parts = [out_parts] if isinstance(out_parts, int) else list(out_parts)
@@ -1046,15 +1029,14 @@ class ColumnParallelLinear(nn.Module):
             if p % mesh.tp:
                 raise ValueError(f"ColumnParallelLinear: out features {p} not divisible by tp={mesh.tp}")
         self.local_parts = [p // mesh.tp for p in self.out_parts]
-        self.group, self.sp, self.gather_output = mesh.tp_group, sequence_parallel, gather_output
+        self.group, self.sp = mesh.tp_group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features, dtype=dtype, device=device))
         self.bias = (nn.Parameter(torch.empty(sum(self.local_parts), dtype=dtype, device=device))
                      if bias else None)
 
     def forward(self, x):
         x = gather_from_sp(x, self.group) if self.sp else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)                          # [N, sum(local_parts)]
-        return gather_last_dim(y, self.group) if self.gather_output else y
+        return F.linear(x, self.weight, self.bias)                       # [N, sum(local_parts)]
 
 
 class RowParallelLinear(nn.Module):
@@ -1211,8 +1193,6 @@ def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, t
 # true gradient of the shared matrix is the sum of the two copies' gradients, so after the backward the
 # two are all-reduced over an "embedding group" {first-stage rank, last-stage rank} per (dp, tp)
 # coordinate; both copies then take the same optimizer update and stay equal.
-#
-# Legend: as above (N packed tokens, Hd hidden, L layers, V vocab), plus M micro-batches, pp stages.
 
 # -- stage partition --
 # Cost model, forward FLOPs per token (one multiply-add = 2 FLOPs; the backward costs ~2x the forward for
@@ -1306,24 +1286,15 @@ def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] |
                        has_head=mesh.is_last_stage, **transformer_kwargs)
 
 
-def tied_embedding_weight(stage: Transformer):
-    """The copy of the tied embedding matrix this stage holds (embedding or LM head), or None."""
-    if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1:
-        return None                         # untied, or one stage where the head IS the embedding
-    if stage.has_embedding:
-        return stage.embed.weight
-    return stage.lm_head.weight if stage.has_head else None
-
-
 def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = None):
     """Sum the two tied copies' gradients over the embedding group (no-op when untied or pp == 1, and on
     middle stages). Run once per optimizer step, after the last backward (pipeline_step does). With an
     optimizer attached (`dp` = optimizer.dp) the gradients live in its fp32 buffers, not in .grad: finish
     the dp reduction first, then sum the owned fp32 shards (they line up: the embedding and the head have
     buckets of their own, cut the same way on both stages)."""
-    w = tied_embedding_weight(stage)
-    if w is None:
-        return
+    if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1 or not (stage.has_embedding or stage.has_head):
+        return                              # untied, one stage (the head IS the embedding), a middle stage
+    w = stage.embed.weight if stage.has_embedding else stage.lm_head.weight     # this stage's copy
     if "embedding" not in stage.mesh._groups:
         raise RuntimeError("sync_tied_embedding_grads: no embedding group on this mesh; build the stage with "
                            "build_stage(...) (or call build_embedding_groups(mesh) on every rank)")
@@ -1623,8 +1594,9 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 #
 # ZeRO-3 life of a layer's parameters, per micro-batch:
 #   forward pre-hook: all-gather -> layer forward -> forward hook: free, and wrap the output in
-#   _GatherBeforeBackward -> ... backward reaches the output: all-gather again -> layer backward ->
-#   the last grad hook of the layer: free, reduce-scatter the grads (bucketed) into the owned shard.
+#   _GatherBeforeBackward -> ... backward reaches the output: all-gather again (Bucket.in_backward: an
+#   activation-checkpointing recompute must not free it) -> layer backward -> the last grad hook of the
+#   layer: free, reduce-scatter the grads (bucketed) into the owned shard. (Bucket.gathered: the state.)
 # The root unit (embedding, final norm, head) is gathered for the whole forward + backward instead.
 # Not done: prefetching the next layer's all-gather (so here it is on the critical path).
 #
@@ -1665,35 +1637,25 @@ def _merge(ranges):
     return out
 
 
-# A Bucket's gradient is a small state machine, run once per optimizer step (the fields that hold it):
+# A Bucket's gradient is a small state machine, run once per optimizer step (its fields in brackets):
+#   CLEAN      no gradient yet this step                                   [ready 0, not pending]
+#   FILLING    some params' grads added into grad_buf                      [0 < ready < len(params), pending]
+#   HELD       all added, not reduced: more micro-batches may still add    [ready 0, pending]
+#   IN FLIGHT  the async collective is launched, not waited for            [work; 0/1: reduced; 2/3: rs_out]
+#   REDUCED    summed over dp: 0/1 in grad_buf; 2/3 added into grad_shard, grad_buf freed   [work None]
 #
-#   state      | meaning                                               | fields
-#   -----------+-------------------------------------------------------+-------------------------------------
-#   CLEAN      | no gradient yet this step                             | ready 0, not pending, work None
-#   FILLING    | some of its params' grads added into grad_buf         | 0 < ready < len(params), pending
-#   HELD       | all added, not reduced: more micro-batches may add    | ready 0, pending
-#   IN FLIGHT  | the async collective is launched, not waited for      | work; 0/1: reduced; 2/3: rs_out
-#   REDUCED    | summed over dp: 0/1 in grad_buf; 2/3 added into       | work None, rs_out None
-#              | grad_shard, grad_buf freed                            |
-#
-#   event                                          | transition
-#   -----------------------------------------------+-----------------------------------------------------
-#   grad hook (_on_grad), not the bucket's last    | CLEAN, HELD, REDUCED (2/3) -> FILLING;
-#     param in this backward                       |   IN FLIGHT (2/3: the next micro-batch) waits first
-#   grad hook of its last param: bucketed mode,    | FILLING -> IN FLIGHT (_launch)
-#     outside no_sync (0/1) or always (2/3)        |
-#   the same in naive mode or inside no_sync (0/1) | FILLING -> HELD
-#   a backward ends (_drain, bucketed 2/3)         | IN FLIGHT -> REDUCED
-#   finish_grad_sync (clip, step)                  | FILLING, HELD, CLEAN (0/1) -> IN FLIGHT -> REDUCED;
-#                                                  |   IN FLIGHT -> REDUCED
-#   zero_grad                                      | any -> CLEAN
-#   grad hook at stage 0/1 when reduced            | RuntimeError: the step already reduced that bucket
-# (0/1 launch CLEAN buckets too: every rank must issue the same all-reduces, used params or not.)
-#
-# ZeRO-3 adds the parameters' own states (gathered, in_backward): SHARDED -> GATHERED by the layer's
-# forward pre-hook, by _GatherBeforeBackward when backward reaches the layer (in_backward: an activation
-# checkpointing recompute must not free it again) or by gathered_params(); GATHERED -> SHARDED by the
-# forward hook (unless in_backward), by the unit's last grad hook, and at finish_grad_sync.
+#   event                                            | transition
+#   -------------------------------------------------+----------------------------------------------------
+#   grad hook (_on_grad), not the bucket's last param | CLEAN, HELD, REDUCED (2/3) -> FILLING (IN FLIGHT, 2/3:
+#                                                    |   the next micro-batch, waits for it first)
+#   grad hook of the last param: bucketed mode and   | FILLING -> IN FLIGHT (_launch)
+#     outside no_sync (0/1), or always (2/3)         |
+#   the same in naive mode or inside no_sync (0/1)   | FILLING -> HELD
+#   a backward ends (_drain, bucketed 2/3)           | IN FLIGHT -> REDUCED
+#   finish_grad_sync (clip, step)                    | any -> REDUCED (0/1: CLEAN ones too, every rank must
+#                                                    |   issue the same all-reduces)
+#   zero_grad                                        | any -> CLEAN
+#   grad hook once REDUCED at stage 0/1              | RuntimeError: the step already reduced that bucket
 
 class Bucket:
     """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
@@ -1705,8 +1667,7 @@ class Bucket:
     def __init__(self, named, dp, dp_rank, stage):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
+        if len(dtypes := {p.dtype for p in self.params}) != 1:
             raise ValueError(f"Bucket: parameters {self.names} mix dtypes {dtypes}; build the model in one dtype")
         dev = self.params[0].device
         n = sum(p.numel() for p in self.params)
@@ -1724,16 +1685,14 @@ class Bucket:
                 p.main_grad = self.grad_buf[o:o + k].view_as(p)        # Megatron's name: the fp32 grad
                 self.offsets.append(o)
                 o += k
+        self.param_shard = self.param_buf[self.lo:self.hi]            # views, unless the full buffer goes:
+        self.grad_shard = self.grad_buf[self.lo:self.hi]
         if stage == 3:
-            self.param_shard = self.param_buf[self.lo:self.hi].clone()
+            self.param_shard = self.param_shard.clone()
             _free(self.param_buf)
-        else:
-            self.param_shard = self.param_buf[self.lo:self.hi]
         if stage >= 2:
             self.grad_shard = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=dev)
             _free(self.grad_buf)                                        # allocated by the first grad hook
-        else:
-            self.grad_shard = self.grad_buf[self.lo:self.hi]
         self.gathered = stage != 3          # stage 3: is param_buf allocated and filled right now?
         self.in_backward = False            # stage 3: gathered for backward, keep until its grads are in
         self.ready = 0                      # params whose grad arrived in the current backward
@@ -2234,22 +2193,16 @@ def _assemble(name, pieces):
     if (kind != "rep" and sorted(locals_) != list(range(tp))) or not all(c.all() for _, c in locals_.values()):
         raise ValueError(f"AdamW.load_state_dict: the saved pieces of {name!r} do not cover the whole tensor; "
                          "pass the state dicts of EVERY rank of the saving job")
+    shape_of = {pc["tp_rank"]: pc["local_shape"] for pc in pieces}
     out = {}
     for k in keys:
-        full = torch.zeros(full_shape)
-        for r, (bufs, _) in locals_.items():
-            shape = next(p["local_shape"] for p in pieces if p["tp_rank"] == r)
-            loc = bufs[k].view(shape)
-            if kind == "col":
-                full.narrow(0, r * shape[0], shape[0]).copy_(loc)
-            elif kind == "row":
-                full.narrow(1, r * shape[1], shape[1]).copy_(loc)
-            elif kind == "vocab":
-                _, start, n_valid = vocab_shard(full_shape[0], tp, r)
-                full.narrow(0, start, n_valid).copy_(loc[:n_valid])
-            else:
-                full.copy_(loc)
-        out[k] = full
+        locs = [locals_[r][0][k].view(shape_of[r]) for r in sorted(locals_)]
+        # TP pieces in rank order glue like the checkpoint's model pieces (see the checkpoints chapter);
+        # a vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
+        out[k] = locs[0] if kind == "rep" else torch.cat(locs, 1 if kind == "row" else 0)[: full_shape[0]]
+        if tuple(out[k].shape) != full_shape:
+            raise ValueError(f"AdamW.load_state_dict: the pieces of {name!r} glue to {tuple(out[k].shape)}, not "
+                             f"{full_shape}")
     return out
 
 
@@ -2293,7 +2246,8 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 # file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>.
 # latest_checkpoint() only picks step_N folders that have a manifest, so a save that died halfway (a
 # temp folder, or nothing) is never resumed from. The checksums catch what a rename cannot: a file
-# damaged afterwards (a full disk, a bad copy, truncation).
+# damaged afterwards (a full disk, a bad copy, truncation); load_checkpoint then refuses it and names the
+# newest complete checkpoint before it (CheckpointDamaged).
 
 CKPT_FORMAT, CKPT_VERSION = "nanotron-checkpoint", 1
 _OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -2609,9 +2563,8 @@ def config_mismatches(saved: ModelConfig, cfg: ModelConfig) -> list[str]:
 
 def checkpoint_model_config(path) -> dict | None:
     """The HF config.json dict of the model a checkpoint holds, from its manifest alone (no tensor is read):
-    path is a checkpoint folder, or a run folder whose latest step_N is taken; None when it holds none.
-    For checks before anything is built: compare ModelConfig.from_hf(it) with the model to be trained
-    (config_mismatches) before spending a minute building it."""
+    path is a checkpoint folder, or a run folder (its latest step_N); None when it holds none. For checks
+    before a minute is spent building a model: config_mismatches(ModelConfig.from_hf(it), the model's)."""
     path = Path(path)
     folder = path if (path / "manifest.json").is_file() else latest_checkpoint(path)
     return None if folder is None else read_manifest(folder)["model_config"]
@@ -2619,9 +2572,7 @@ def checkpoint_model_config(path) -> dict | None:
 
 def _steps(root: Path) -> list[tuple[int, Path]]:
     """(N, folder) of every step_N folder under root that has a manifest.json (a committed save), by N."""
-    if not root.is_dir():
-        return []
-    return sorted((int(m.group(1)), p) for p in root.iterdir()
+    return sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
                   if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / "manifest.json").is_file())
 
 
@@ -2651,8 +2602,8 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
     rank's model and optimizer; returns the manifest (step, extra, config, layout). Every rank calls it
     (ZeRO-3 gathers; stage 1/2's optimizer load all-gathers). optimizer=None loads the weights only (do it
     BEFORE build_optimizer under ZeRO-3). The RNG states are restored only when tp, pp and dp equal the
-    saving job's: rank r of another layout is another rank (printed as a note otherwise). A damaged or
-    unfinished checkpoint raises an error that names the newest complete one before it."""
+    saving job's: rank r of another layout is another rank (printed as a note otherwise). A damaged one
+    raises an error that names the newest complete checkpoint before it."""
     try:
         return _load_checkpoint(Path(folder), model, optimizer, mesh or model.mesh, load_rng)
     except (CheckpointDamaged, FileNotFoundError) as e:
@@ -2793,19 +2744,9 @@ def _bench_hf(cfg, ids, mb: int, liger: bool, dev):
     return model, step, f"dense {S // mb}x[{mb}, {ids.shape[1]}], sdpa, AdamW{' fused' if dev.type == 'cuda' else ''}"
 
 
-def _bench_profile(step, label: str, top: int = 15):
-    """Where one step's GPU time goes: torch.profiler's top kernels by total time."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(0)
-        torch.cuda.synchronize()
-    print(f"-- profile of {label} --\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
-
-
 def _time_steps(step, warmup: int, steps: int, dev) -> tuple[float, float]:
-    """The one timer: (seconds per step, last loss). `warmup` untimed steps first (compile, autotune, grow
-    the allocator), then `steps` steps between two CUDA events with ONE host sync, after the timed region
-    (on CPU: perf_counter)."""
+    """The one timer: (seconds per step, last loss). `warmup` untimed steps (compile, autotune, allocator),
+    then `steps` steps between two CUDA events, ONE host sync after them (on CPU: perf_counter)."""
     for i in range(warmup):
         step(i)
     if dev.type == "cuda":
@@ -2868,8 +2809,13 @@ def bench_one(args) -> None:
         except torch.OutOfMemoryError as e:
             row["error"] = "OOM: " + str(e).splitlines()[0][:100]
         print("RESULT " + json.dumps(row), flush=True)
-        if args.profile and dev.type == "cuda" and "error" not in row:
-            _bench_profile(step, f"{args.one} {desc}")
+        if args.profile and dev.type == "cuda" and "error" not in row:       # where one step's GPU time goes
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step(0)
+                torch.cuda.synchronize()
+            print(f"-- profile of {args.one} {desc} --\n"
+                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
         del model, step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -2881,11 +2827,10 @@ def bench(argv: list[str]) -> int:
     import subprocess
     import sys
     args = _parser().parse_args(argv)
-    if args.tiny:
+    if args.tiny:                                   # Liger-Kernel needs CUDA: the tiny peer is plain HF
         args.seqs, args.seq_len, args.steps, args.warmup, args.mb, args.hf_mb = 4, 64, 2, 1, 4, 2
-        args.configs = args.configs or "128:0,64:1"
-    args.configs = args.configs or "16384:0,8192:0,32768:1"
-    args.systems = args.systems or ("ours,hf" if args.tiny else "ours,hf_liger,hf")  # Liger: CUDA only
+    args.configs = args.configs or ("128:0,64:1" if args.tiny else "16384:0,8192:0,32768:1")
+    args.systems = args.systems or ("ours,hf" if args.tiny else "ours,hf_liger,hf")
     if args.one:
         bench_one(args)
         return 0
@@ -2991,8 +2936,8 @@ def selftest_kernels():
     """The fast path against the readable one: the same model with kernels.py's Triton kernels and with the
     torch path, on a GPU (kernels.py runs Triton on CUDA tensors only). SKIPPED where it cannot run."""
     if _kernels() is None or not torch.cuda.is_available():
-        why = "kernels.py is not importable" if _kernels() is None else "no CUDA GPU"
-        print(f"kernels path vs torch path: SKIPPED ({why}; the torch path above is what runs here)")
+        print(f"kernels path vs torch path: SKIPPED ({'no CUDA GPU' if _kernels() else 'no kernels.py'}; the "
+              "torch path above is what runs here)")
         return
     dev, cfg = torch.device("cuda"), tiny_config()
     cu, pos = cu_seqlens_from_lengths([5, 9, 3], device=dev)
@@ -3002,8 +2947,8 @@ def selftest_kernels():
         model = Transformer(cfg, Mesh(device=dev), use_kernels=use_kernels).init_random(seed=0)
         total, n = model.loss(model(ids, pos, cu, 9), next_token_labels(ids, cu))
         (total / n).backward()
-        out.append((total.item(), [p.grad for p in model.parameters()]))
-    (fast, gf), (ref, gr) = out
+        out += [total.item(), [p.grad for p in model.parameters()]]
+    fast, gf, ref, gr = out
     err = max(((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(gf, gr))
     assert abs(fast - ref) <= 1e-3 * abs(ref) and err < 1e-2, (fast, ref, err)    # tf32 inside Triton dots
     print(f"kernels path vs torch path OK on {torch.cuda.get_device_name(dev)}: loss {fast:.5f} vs {ref:.5f}, "
@@ -3014,22 +2959,21 @@ def _parser():
     import argparse
     ap = argparse.ArgumentParser(prog="nanotron.py", description="nanotron: runs its CPU self-test by default; "
                                  "--bench times a training step (one GPU) against HF transformers + Liger-Kernel.")
-    ap.add_argument("--debug", action="store_true", help="show the full traceback of every error")
-    ap.add_argument("--bench", action="store_true", help="the benchmark instead of the self-test")
-    ap.add_argument("--tiny", action="store_true", help="bench: CPU smoke test, the tiny preset, 4 x 64 tokens")
-    ap.add_argument("--systems", default=None, help="bench: in order, a repeated one is another sample "
-                    "(default ours,hf_liger,hf; --tiny: ours,hf)")
-    ap.add_argument("--configs", default=None, help="bench, ours: mb_tokens:checkpointing(0|1),... "
-                    "(default 16384:0,8192:0,32768:1; --tiny: 128:0,64:1)")
-    ap.add_argument("--mb", type=int, default=16, help="bench, hf_liger: sequences per micro-batch")
-    ap.add_argument("--hf-mb", type=int, default=8, help="bench, plain hf: sequences per micro-batch")
-    ap.add_argument("--seqs", type=int, default=16, help="bench: sequences per optimizer step")
-    ap.add_argument("--seq-len", type=int, default=2048, help="bench: tokens per sequence")
-    ap.add_argument("--steps", type=int, default=10, help="bench: timed steps")
-    ap.add_argument("--warmup", type=int, default=3, help="bench: untimed steps before them")
-    ap.add_argument("--profile", action="store_true", help="bench: print the top kernels of one step per system")
-    ap.add_argument("--out", default="", help="bench: also write the rows to OUT/bench_train.json")
-    ap.add_argument("--one", choices=["ours", "hf", "hf_liger"], help=argparse.SUPPRESS)   # the driver's worker
+    add = ap.add_argument
+    add("--debug", action="store_true", help="show the full traceback of every error")
+    add("--bench", action="store_true", help="the benchmark instead of the self-test")
+    add("--tiny", action="store_true", help="bench: CPU smoke test, the tiny preset, 4 x 64 tokens")
+    add("--systems", help="bench: in order, a repeat is another sample (ours,hf_liger,hf; --tiny: ours,hf)")
+    add("--configs", help="bench, ours: mb_tokens:checkpointing(0|1),.. (16384:0,8192:0,32768:1; --tiny: 128:0,64:1)")
+    add("--mb", type=int, default=16, help="bench, hf_liger: sequences per micro-batch")
+    add("--hf-mb", type=int, default=8, help="bench, plain hf: sequences per micro-batch")
+    add("--seqs", type=int, default=16, help="bench: sequences per optimizer step")
+    add("--seq-len", type=int, default=2048, help="bench: tokens per sequence")
+    add("--steps", type=int, default=10, help="bench: timed steps")
+    add("--warmup", type=int, default=3, help="bench: untimed steps before them")
+    add("--profile", action="store_true", help="bench: print the top kernels of one step per system")
+    add("--out", default="", help="bench: also write the rows to OUT/bench_train.json")
+    add("--one", choices=["ours", "hf", "hf_liger"], help=argparse.SUPPRESS)   # one system: the driver's worker
     return ap
 
 
