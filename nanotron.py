@@ -2536,7 +2536,8 @@ class CheckpointReader:
         opt = self.manifest["optimizer"]
         if opt is None:
             raise ValueError(f"checkpoint {self.folder} holds weights only (no optimizer state): a run cannot "
-                             f"resume from it; merge it (python merge.py {self.folder}) and start from that folder")
+                             f"resume from it; start a new one from its weights: python merge.py {self.folder}, "
+                             f"then --model {self.folder}/hf")
         lost = [n for n in names if n not in self.optim_index]
         if lost:
             raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: no optimizer state for {len(lost)} "
