@@ -3127,6 +3127,14 @@ def test_flops_per_token_is_the_palm_count():
     assert nt.peak_tflops("cpu") is None and nt.peak_tflops(torch.device("cpu")) is None
 
 
+@requires_cuda
+def test_gpu_selftest_kernels_path_equals_torch_path(capsys, kernels_switch):
+    """`python nanotron.py` on a GPU: the model with kernels.py's Triton kernels equals the torch path."""
+    assert kernels_switch(True), "kernels.py is not importable"
+    nt.selftest_kernels()
+    assert "kernels path vs torch path OK" in capsys.readouterr().out
+
+
 def _cli(*args, cwd=ROOT, script="nanotron.py", timeout=300):
     return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
