@@ -67,7 +67,6 @@ placement groups, failures, the CLI. Sections: errors . serialization . wire . r
 client side (ObjectRef, _Client, public API) . head . node manager, raylet, worker . CLI, self-test, bench.
 """
 
-import asyncio
 import atexit
 import builtins
 import ctypes
@@ -95,7 +94,6 @@ import traceback
 import types
 import weakref
 from collections import Counter, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 INLINE_MAX = 100 * 1024  # objects up to this size travel inside messages (Ray's max_direct_call_object_size)
@@ -106,7 +104,7 @@ RPC_TIMEOUT = 120.0  # an internal request to the head that takes longer than th
 PAGE = mmap.ALLOCATIONGRANULARITY  # arena regions start on page boundaries (mmap offsets must)
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
-STATE_DIR = os.path.join(tempfile.gettempdir(), f"nanoray-{os.getuid()}")  # pid files of `start`
+STATE_DIR = os.environ.get("NANORAY_STATE_DIR") or os.path.join(tempfile.gettempdir(), f"nanoray-{os.getuid()}")
 SECRET_FILE = os.path.join(os.path.expanduser("~"), ".nanoray", "secret")
 _BY_VALUE = {"__main__"}  # modules whose functions and classes ship by value (locals always do)
 
@@ -624,6 +622,7 @@ class ObjectRef:
         return _ref_from_wire, (self._id,)
 
     def __await__(self):  # `await ref` in async actors: a blocking get on a helper thread
+        import asyncio
         return asyncio.get_running_loop().run_in_executor(None, get, self).__await__()
 
 
@@ -649,7 +648,7 @@ class _Client:
     files what it reads for the others, so a synchronous call costs one send and one receive."""
 
     def __init__(self, address: str, secret: bytes, hello: dict, timeout: float = 10.0):
-        self.address, self.sock = address, _connect(address, secret, timeout)
+        self.address, self.secret, self.sock = address, secret, _connect(address, secret, timeout)
         self.send_lock, self.ref_lock, self.cond = threading.Lock(), threading.RLock(), threading.Condition()
         self.reading, self.rbuf, self.rpos = False, bytearray(), 0
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
@@ -782,7 +781,7 @@ class _Client:
             deadline = None if timeout is None else time.monotonic() + timeout
             req = next(self.ids)
             self.wanted.update(missing)
-            self.send(("get", req, missing))
+            self.send(("get", req, missing, False))
             pending = missing[::-1]
 
             def done():
@@ -973,7 +972,7 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
     missing = [r._id for r in refs if r._id not in c.descs]
     if missing and num_returns > len(refs) - len(missing):
         req = next(c.ids)
-        c.send(("get", req, missing))
+        c.send(("get", req, missing, True))
         deadline = None if timeout is None else time.monotonic() + timeout
         c.pump(lambda: req in c.acks and sum(i in c.descs for i in missing) >= num_returns - len(refs)
                + len(missing), deadline)
@@ -1657,7 +1656,7 @@ class _Head:
         for t in dependents:
             self._dep_ready(t, o)
 
-    def _on_get(self, peer, req, oids) -> None:
+    def _on_get(self, peer, req, oids, ack) -> None:
         ready = []
         for oid in oids:
             o = self.objects.get(oid)
@@ -1669,7 +1668,8 @@ class _Head:
                 o.waiters.append((peer, req))
                 if o.state == "ready":
                     self._pull(oid, o, peer.node)
-        self._send(peer, ("objs", req, ready))  # also the acknowledgement wait() needs
+        if ready or ack:  # wait() needs an answer even when nothing is ready yet
+            self._send(peer, ("objs", req, ready))
 
     def _on_unsub(self, peer, req) -> None:
         for o in self.objects.values():
@@ -1757,6 +1757,9 @@ class _Head:
     def _finish(self, t, results, node, writer) -> None:
         """Seal a task's results (or its error), release its arguments, push results to its owner."""
         t.done = True
+        owner = t.owner  # gets it from a waiting get, or else by a push (it will likely ask)
+        push = not owner.closed and owner is not writer and not any(
+            p is owner for r in t.rids if r in self.objects for p, _ in self.objects[r].waiters)
         for rid, desc, contained in results:
             o = self.objects.get(rid)
             if o is None or o.state != "pending":  # nobody wants it any more: give the region back
@@ -1768,8 +1771,7 @@ class _Head:
             self._seal(rid, o, desc, contained, node, writer)
         for d in t.deps + t.contained:
             self._unpin(d)
-        owner = t.owner
-        if not owner.closed and owner is not writer:
+        if push:
             objs = [(r, self._desc_for(self.objects[r], owner.node)) for r in t.rids if r in self.objects]
             self._send(owner, ("objs", None, [(r, d) for r, d in objs if d is not None]))
         for rid in t.rids:
@@ -2191,11 +2193,8 @@ class _Head:
 
 
 def _desc_text(desc) -> str:
-    try:
-        _loads(memoryview(bytearray(desc[1])))
-    except BaseException as e:
-        return f"{type(e).__name__}: {e}"
-    return "?"
+    """The message of an error descriptor (for the errors of actors that could not start)."""
+    return str(_loads(memoryview(bytearray(desc[1]))))
 
 
 def _fmt_res(units: dict) -> str:
@@ -2205,7 +2204,11 @@ def _fmt_res(units: dict) -> str:
 # ---- node manager (head and raylets), raylet, worker ----------------------------------------------
 
 def _boot(entry: str) -> str:
-    return f"import sys; sys.path.insert(0, {HERE!r}); import nanoray; nanoray.{entry}()"
+    """The -c program of a head, raylet or worker. Each process would otherwise compile this file again
+    when bytecode writing is off (PYTHONDONTWRITEBYTECODE): cache it outside the repo instead."""
+    cache = os.path.join(STATE_DIR, "pycache")
+    return (f"import sys; sys.dont_write_bytecode = False; sys.pycache_prefix = {cache!r}; "
+            f"sys.path.insert(0, {HERE!r}); import nanoray; nanoray.{entry}()")
 
 
 class _NodeManager:
@@ -2226,7 +2229,7 @@ class _NodeManager:
         self.arena = _Arena(os.path.join(SHM_DIR, f"nanoray_{os.getpid()}_{nid}"), size, create=True)
         # the janitor: removes the arena when this process dies, however it dies
         self.janitor = subprocess.Popen(
-            [sys.executable, "-c", "import os, sys; sys.stdin.buffer.read(); os.path.exists(sys.argv[1]) and "
+            [sys.executable, "-S", "-c", "import os, sys; sys.stdin.buffer.read(); os.path.exists(sys.argv[1]) and "
              "os.unlink(sys.argv[1])", self.arena.path], stdin=subprocess.PIPE, start_new_session=True)
         self.server = socket.create_server((host, 0))
         threading.Thread(target=self._serve, daemon=True).start()
@@ -2239,7 +2242,7 @@ class _NodeManager:
                 "resources": {k: _units(v, k) for k, v in (self.cfg.get("resources") or {}).items()}}
 
     def spawn(self, wid, gpus) -> None:
-        env = dict(os.environ, NANORAY_ADDRESS=self.head_address, NANORAY_WORKER_ID=wid)
+        env = dict(os.environ, NANORAY_ADDRESS=self.head_address, NANORAY_WORKER_ID=wid, NANORAY_NODE_ID=self.nid)
         env.pop("NANORAY_CONFIG", None)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = env["NANORAY_GPU_IDS"] = ",".join(self.gpus[i] for i in gpus)
@@ -2444,6 +2447,7 @@ def _actor_runner(c, instance, opts):
         a, kw = c.resolve_args(args, deps)
         return getattr(instance, name)(*a, **kw)
     if opts["is_async"]:
+        import asyncio
         loop = asyncio.new_event_loop()
         threading.Thread(target=loop.run_forever, daemon=True).start()
         sem = asyncio.Semaphore(opts["max_concurrency"])
@@ -2459,6 +2463,7 @@ def _actor_runner(c, instance, opts):
         return lambda tid, name, args, deps, rids: asyncio.run_coroutine_threadsafe(
             acall(tid, name, args, deps, rids), loop)
     if opts["max_concurrency"] > 1:
+        from concurrent.futures import ThreadPoolExecutor
         pool = ThreadPoolExecutor(opts["max_concurrency"])
         return lambda tid, name, args, deps, rids: pool.submit(
             _run_call, c, tid, name, rids, lambda: body(tid, name, args, deps))
@@ -2591,7 +2596,7 @@ def _status(address: str) -> None:
     c = _Client(address or _local_head_address(), _load_secret(), {"kind": "cli"})
     s = c.rpc("status")
     c.sock.close()
-    res = lambda d: " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(d.items()))  # noqa: E731
+    res = lambda d: " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(d.items()) if v) or "-"  # noqa: E731
     print(f"nanoray cluster at {s['address']}: {len(s['nodes'])} node(s), {len(s['actors'])} actor(s), "
           f"{s['objects']} object(s)")
     for n in s["nodes"]:
