@@ -1982,8 +1982,8 @@ class _Head:
         for t in inflight:
             if t in retry:
                 t.retries -= 1
-            else:
-                self._fail(t, _error_desc(ActorDiedError(
+            else:  # RayActorError, not ActorDiedError: the actor itself may come back
+                self._fail(t, _error_desc(RayActorError(
                     f"the actor {a.spec.name} ({a.aid}) died while running {t.name}: {why}")))
         if a.state != "dead" and a.restarts != 0:
             a.restarts -= 1

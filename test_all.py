@@ -4717,8 +4717,8 @@ def test_nanoray_actor_restarts_after_kill9_then_dies(nr):
         while True:  # calls that race with the crash fail; later ones reach the restarted process
             try:
                 return nr.get(a.add.remote(), timeout=60)
-            except nr.exceptions.RayActorError:
-                if time.monotonic() > deadline:
+            except nr.exceptions.RayActorError as e:
+                if isinstance(e, nr.exceptions.ActorDiedError) or time.monotonic() > deadline:
                     raise
                 time.sleep(0.1)
     a = Counter.remote()
