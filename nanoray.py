@@ -655,10 +655,14 @@ class _Client:
         self.counts, self.ops, self.wanted = {}, [], set()
         self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()
         self.in_task, self.arena, self.head_proc = False, None, None
-        self.send(("hello", hello))
-        if not self.pump(lambda: 0 in self.replies, time.monotonic() + RPC_TIMEOUT):
-            raise TimeoutError(f"the nanoray head at {address} did not answer hello")
-        self.info = self._reply(0)
+        try:
+            self.send(("hello", hello))
+            if not self.pump(lambda: 0 in self.replies, time.monotonic() + RPC_TIMEOUT):
+                raise TimeoutError(f"the nanoray head at {address} did not answer hello")
+            self.info = self._reply(0)
+        except BaseException:
+            self.sock.close()
+            raise
 
     def new_id(self) -> str:
         return f"{self.prefix}{next(self.ids):x}"
@@ -861,6 +865,7 @@ class _Client:
 
 # ---- public API ------------------------------------------------------------------------------------
 
+_ATEXIT = []  # shutdown() registered once per process
 _IGNORED_INIT = {"include_dashboard", "dashboard_host", "dashboard_port", "logging_level", "log_to_driver",
                  "configure_logging"}  # Ray's cosmetic init options: accepted, without effect
 
@@ -904,7 +909,8 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
             proc.wait()
             raise
         _client.head_proc = proc
-    atexit.register(shutdown)
+    if not _ATEXIT:
+        _ATEXIT.append(atexit.register(shutdown))
     return _client.info
 
 
@@ -1332,7 +1338,7 @@ class _Peer:
     def __init__(self, sock, addr):
         self.sock, self.addr, self.rbuf, self.rpos, self.wbuf = sock, addr, bytearray(), 0, bytearray()
         self.kind = self.node = self.job = self.worker = None
-        self.held, self.maps, self.allocs, self.closed = set(), Counter(), set(), False
+        self.held, self.maps, self.allocs, self.subs, self.closed = set(), Counter(), set(), {}, False
 
 
 class _Head:
@@ -1519,7 +1525,7 @@ class _Head:
         if peer.kind == "worker":
             w = peer.worker
             if w.job is not None:
-                self._send(peer, ("bind", w.job, self.jobs[w.job]["ns"], self.jobs[w.job]["sys_path"]))
+                self._send(peer, ("bind", self.jobs[w.job]["sys_path"]))
             if w.task is not None or w.actor is not None:
                 self._dispatch(w)
             else:
@@ -1666,14 +1672,16 @@ class _Head:
                 ready.append((oid, self._desc_for(o, peer.node)))
             else:
                 o.waiters.append((peer, req))
+                peer.subs.setdefault(req, []).append(oid)
                 if o.state == "ready":
                     self._pull(oid, o, peer.node)
         if ready or ack:  # wait() needs an answer even when nothing is ready yet
             self._send(peer, ("objs", req, ready))
 
     def _on_unsub(self, peer, req) -> None:
-        for o in self.objects.values():
-            if o.waiters:
+        for oid in peer.subs.pop(req, ()):
+            o = self.objects.get(oid)
+            if o is not None:
                 o.waiters = [w for w in o.waiters if w != (peer, req)]
 
     def _pull(self, oid, o, dst) -> None:
@@ -1742,6 +1750,8 @@ class _Head:
             self._runnable(t)
 
     def _runnable(self, t) -> None:
+        if not self.jobs[t.job]["alive"] and not (t.kind == "actor" and t.opts["detached"]):
+            return self._fail(t, _error_desc(RayError("its driver exited")))
         if t.kind == "call":
             return self._pump_actor(self.actors[t.opts["aid"]])
         key = (tuple(sorted(t.opts["req"].items())), repr(t.opts["strategy"]))
@@ -1764,9 +1774,8 @@ class _Head:
             o = self.objects.get(rid)
             if o is None or o.state != "pending":  # nobody wants it any more: give the region back
                 if desc[0] == "shm":
-                    node.allocs[desc[1]][1] = ("dropped",)
                     writer.allocs.discard((node.nid, desc[1]))
-                    self._release_region(node.nid, desc[1], ("dropped",))
+                    self._release_region(node.nid, desc[1], writer)
                 continue
             self._seal(rid, o, desc, contained, node, writer)
         for d in t.deps + t.contained:
@@ -1874,8 +1883,7 @@ class _Head:
             w = self._spawn(node, t.job, gpus)
         elif w.job is None:
             w.job = t.job
-            job = self.jobs[t.job]
-            self._send(w.conn, ("bind", t.job, job["ns"], job["sys_path"]))
+            self._send(w.conn, ("bind", self.jobs[t.job]["sys_path"]))
         w.alloc, w.pool = alloc, pool
         if t.kind == "actor":
             a = self.actors[t.tid]
@@ -2041,7 +2049,7 @@ class _Head:
         t, w.task = w.task, None
         if t is not None and not t.done:
             if not self.jobs[t.job]["alive"]:
-                t.done = True
+                self._fail(t, _error_desc(RayError("its driver exited")))
             elif t.retries != 0:  # a system failure: retried up to max_retries (-1: forever)
                 t.retries -= 1
                 self._runnable(t)
@@ -2067,9 +2075,8 @@ class _Head:
         for w in list(self.workers.values()):
             if w.job == job and w.actor is None:
                 self._node_call(w.node, "kill", w.wid)
-        for q in self.queues.values():
-            for t in q:
-                t.done = t.done or t.job == job
+        for t in [t for q in self.queues.values() for t in q if t.job == job]:
+            self._fail(t, _error_desc(RayError("its driver exited")))
         for pg in list(self.pgs.values()):
             if pg.job == job and not pg.detached:
                 self._on_rm_pg(None, pg.pgid)
@@ -2118,8 +2125,8 @@ class _Head:
                 taken.append(got)
                 used.add(got[0].nid)
         if not taken:
-            if pg.pgid not in self.warned and not any(all(n.total.get(k, 0) >= v for k, v in b.items())
-                                                      for b in pg.bundles for n in nodes):
+            if pg.pgid not in self.warned and any(not any(all(n.total.get(k, 0) >= v for k, v in b.items())
+                                                          for n in nodes) for b in pg.bundles):
                 self.warned.add(pg.pgid)
                 _log(f"head: placement group {pg.pgid} asks for bundles larger than any node; it waits")
             return
@@ -2147,7 +2154,7 @@ class _Head:
     def _on_rpc(self, peer, req, name, args) -> None:
         try:
             value = getattr(self, "_rpc_" + name)(peer, *args)
-        except (ValueError, RayError) as e:
+        except Exception as e:  # the caller raises it
             value = e
         self._send(peer, ("reply", req, value))
 
@@ -2380,6 +2387,8 @@ def _node_main() -> None:
     finally:
         if cfg.get("pidfile") and os.path.exists(cfg["pidfile"]):
             os.unlink(cfg["pidfile"])
+    sys.stderr.flush()
+    os._exit(0)  # everything is cleaned up: skip the interpreter's teardown
 
 
 def _worker_main() -> None:
@@ -2396,9 +2405,8 @@ def _worker_main() -> None:
         except RaySystemError:
             os._exit(0)  # the head is gone
         op = msg[0]
-        if op == "bind":
-            c.info["namespace"] = msg[2]
-            sys.path.extend(p for p in msg[3] if p not in sys.path)
+        if op == "bind":  # the driver's sys.path, so its own modules import here too
+            sys.path.extend(p for p in msg[1] if p not in sys.path)
         elif op == "exec":
             _, tid, blob, name, args, deps, rids = msg
             fn = fns.get(blob) or fns.setdefault(blob, _loads(memoryview(bytearray(blob))))
