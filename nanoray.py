@@ -295,7 +295,7 @@ class _Pickler(pickle.Pickler):
         t = type(obj)
         if t is ObjectRef:
             self.refs.append(obj._id)
-            return _ref_from_wire, (obj._id,)
+            return ObjectRef, (obj._id,)
         if t is types.FunctionType:
             return _reduce_function(obj) if _by_value(obj) else NotImplemented
         if isinstance(obj, type):
@@ -309,7 +309,7 @@ class _Pickler(pickle.Pickler):
         torch = sys.modules.get("torch")  # no torch imported -> no tensors can exist
         if torch is not None and t is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided \
                 and obj.grad_fn is None:
-            c = obj.detach().contiguous()  # a copy only when the tensor is strided
+            c = obj.detach().contiguous()  # a copy only when the tensor is not contiguous
             self.keep.append(c)
             n = c.numel() * c.element_size()
             # the tensor's bytes as a buffer without numpy: a ctypes array over its data pointer
@@ -618,28 +618,17 @@ class ObjectRef:
     def __repr__(self):
         return f"ObjectRef({self._id})"
 
-    def __reduce__(self):
-        return _ref_from_wire, (self._id,)
+    def __reduce__(self):  # unpickling makes a new ref: its process reports "+"
+        return ObjectRef, (self._id,)
 
     def __await__(self):  # `await ref` in async actors: a blocking get on a helper thread
         import asyncio
         return asyncio.get_running_loop().run_in_executor(None, get, self).__await__()
 
 
-def _ref_from_wire(oid):
-    return ObjectRef(oid)
-
-
-class _Arg:
-    """Marks a top-level ObjectRef argument: the worker replaces it by the object's value (nested refs,
-    e.g. inside a list, arrive as refs: Ray's rule)."""
-    __slots__ = ("oid",)
-
-    def __init__(self, oid):
-        self.oid = oid
-
-    def __reduce__(self):
-        return _Arg, (self.oid,)
+class _Arg(str):
+    """The id of a top-level ObjectRef argument: the worker replaces it by the object's value (nested
+    refs, e.g. inside a list, arrive as refs: Ray's rule)."""
 
 
 class _Client:
@@ -652,7 +641,7 @@ class _Client:
         self.send_lock, self.ref_lock, self.cond = threading.Lock(), threading.RLock(), threading.Condition()
         self.reading, self.rbuf, self.rpos = False, bytearray(), 0
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
-        self.counts, self.ops, self.wanted = {}, [], set()
+        self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
         self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()
         self.in_task, self.arena, self.head_proc = False, None, None
         try:
@@ -752,7 +741,7 @@ class _Client:
     def _file(self, msg):
         if msg[0] == "objs":  # descriptors: answers to a get, or the results of tasks we submitted
             for oid, d in msg[2]:
-                if oid in self.counts or oid in self.wanted:
+                if oid in self.counts or self.wanted[oid] > 0:
                     self.descs[oid] = d
             self.acks.add(msg[1])
         elif msg[0] == "reply":
@@ -800,15 +789,16 @@ class _Client:
             finally:
                 if blocked:
                     self.send(("blocked", False))
-                self.wanted.difference_update(missing)
+                self.wanted.subtract(missing)
             if not ok:
                 self.send(("unsub", req))
                 raise GetTimeoutError(f"get timed out after {timeout} s: {len(pending)} of {len(ids)} objects "
                                       f"not ready")
         out = [self.descs[i] for i in ids]
-        for i in missing:
-            if i not in self.counts:
+        for i in missing:  # not ours to cache (no ref here), unless another thread still waits for it
+            if i not in self.counts and self.wanted[i] <= 0:
                 self.descs.pop(i, None)
+                del self.wanted[i]
         return out
 
     def value(self, desc):
@@ -859,7 +849,7 @@ class _Client:
         need = [d for d, v in descs.items() if v is None]  # not on this node (or not inline): fetch
         descs.update(zip(need, self.fetch(need)))
         a, kw = self.value(descs[args]) if isinstance(args, str) else _loads(memoryview(bytearray(args)))
-        val = lambda x: self.value(descs[x.oid]) if type(x) is _Arg else x  # noqa: E731
+        val = lambda x: self.value(descs[x]) if type(x) is _Arg else x  # noqa: E731
         return [val(x) for x in a], {k: val(v) for k, v in kw.items()}
 
 
@@ -1501,7 +1491,7 @@ class _Head:
 
     # -- peers arrive
     def _on_hello(self, peer, info) -> None:
-        peer.kind, reply = info["kind"], None
+        peer.kind = info["kind"]
         if peer.kind == "driver":
             here = [n for n in self.nodes.values() if n.alive and n.info["host"] == info["host"]]
             if not here:
@@ -1554,10 +1544,12 @@ class _Head:
                 if o is not None:
                     o.holders.discard(peer)
                     self._maybe_free(x, o)
-            elif op in "mu":  # a process mapped / unmapped a region of its node's arena
-                key, n = (peer.node.nid, x), 1 if op == "m" else -1
-                peer.maps[key] += n
-                self._unmap(key, -n)
+            elif op == "m":  # a process mapped a region of its node's arena (x: the offset)
+                self.maps[(peer.node.nid, x)] += 1
+                peer.maps[(peer.node.nid, x)] += 1
+            elif op == "u":  # ... and its last view of that mapping is gone
+                peer.maps[(peer.node.nid, x)] -= 1
+                self._unmap((peer.node.nid, x), 1)
 
     def _new_obj(self, oid, holder, **kw) -> _Obj:
         o = self.objects[oid] = _Obj(**kw)
@@ -1853,7 +1845,7 @@ class _Head:
             if pg.state != "created":
                 return None
             for i in (range(len(pg.pools)) if s[2] < 0 else [s[2]]):
-                alloc = pg.pools[i].take(req)
+                alloc = pg.pools[i].take(req) if pg.nodes[i].alive else None  # (bundles are not moved)
                 if alloc is not None:
                     return pg.nodes[i], pg.pools[i], alloc
             return None
@@ -2101,12 +2093,11 @@ class _Head:
         """Reserve every bundle or none. PACK: one node if possible, else as few as possible;
         SPREAD: distinct nodes if possible; STRICT_*: exactly that, or wait."""
         nodes, taken = [n for n in self.nodes.values() if n.alive], []
-        order = {"PACK": [[n] * len(pg.bundles) for n in nodes], "STRICT_PACK": [[n] * len(pg.bundles) for n in nodes]}
-        for plan in order.get(pg.strategy, []):  # try each node alone
-            taken = [(n, n.pool.take(b)) for n, b in zip(plan, pg.bundles)]
+        for n in nodes if pg.strategy in ("PACK", "STRICT_PACK") else []:  # every bundle on one node
+            taken = [(n, n.pool.take(b)) for b in pg.bundles]
             if all(a for _, a in taken):
                 break
-            for n, a in taken:
+            for _, a in taken:
                 if a:
                     n.pool.give(a)
             taken = []
@@ -2379,9 +2370,6 @@ def _node_main() -> None:
                 mgr.shutdown()
     if cfg.get("pidfile"):
         _write_json(cfg["pidfile"], {"pid": os.getpid(), "address": address, "head": cfg["head"]})
-    if cfg.get("ready_fd"):
-        os.write(cfg["ready_fd"], (address + "\n").encode())
-        os.close(cfg["ready_fd"])
     try:
         run()
     finally:
@@ -2548,38 +2536,24 @@ def _start(cfg: StartConfig) -> None:
     if cfg.block:
         os.environ.update(NANORAY_SECRET=secret.decode(), NANORAY_CONFIG=json.dumps(node))
         return _node_main()
-    r, w = os.pipe()
-    node.update(ready_fd=w, pidfile=os.path.join(STATE_DIR, f"node-{time.time_ns()}.json"))
+    stem = os.path.join(STATE_DIR, f"node-{time.time_ns()}")
+    node["pidfile"], log = stem + ".json", stem + ".log"
     os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
-    log = os.path.join(STATE_DIR, f"node-{time.time_ns()}.log")
-    with open(log, "ab") as logf:
+    with open(log, "ab") as logf:  # a daemon: its own session, output to the log, no terminal
         proc = subprocess.Popen([sys.executable, "-c", _boot("_node_main")], stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, pass_fds=(w,), start_new_session=True,
-                                env=dict(env, NANORAY_CONFIG=json.dumps(node)))
-    os.close(w)
-    ready = select_read(r, 30.0)
-    if not ready:
-        proc.kill()
-        raise TimeoutError(f"start: the node did not come up within 30 s; see {log}")
+                                stderr=logf, start_new_session=True, env=dict(env, NANORAY_CONFIG=json.dumps(node)))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(node["pidfile"]):  # written once the node listens
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"start: the node did not come up within 30 s; see {log}")
+        time.sleep(0.05)
+    with open(node["pidfile"]) as f:
+        ready = json.load(f)["address"]
     print(f"nanoray {'head' if cfg.head else 'node'} started (pid {proc.pid}) at {ready}; log {log}")
     if cfg.head:
         print(f"join with: python nanoray.py start --address {ready}   (same secret: NANORAY_SECRET or "
               f"{cfg.secret_file or SECRET_FILE})\nstop with: python nanoray.py stop")
-
-
-def select_read(fd, timeout) -> str:
-    """One line from a pipe, or "" after `timeout` seconds (or EOF)."""
-    import select
-    data, deadline = b"", time.monotonic() + timeout
-    while not data.endswith(b"\n"):
-        if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
-            break
-        chunk = os.read(fd, 256)
-        if not chunk:
-            break
-        data += chunk
-    os.close(fd)
-    return data.decode().strip()
 
 
 def _stop() -> None:
