@@ -1707,6 +1707,11 @@ class _Head:
         else:
             _log(f"head: transfer of {oid} to node {nid} failed: {err}")
             self._release_region(nid, off, ("pull", oid))
+            if o is not None:  # the gets waiting on that node fail instead of waiting forever
+                lost = _error_desc(ObjectLostError(f"object {oid}: the transfer to node {nid} failed: {err}"))
+                for p, req in [w for w in o.waiters if w[0].node is node]:
+                    self._send(p, ("objs", req, [(oid, lost)]))
+                o.waiters = [w for w in o.waiters if w[0].node is not node]
         if o is not None:
             self._maybe_free(oid, o)
 
