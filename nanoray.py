@@ -642,6 +642,7 @@ class _Client:
         self.reading, self.rbuf, self.rpos = False, bytearray(), 0
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
         self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
+        self.owned, self.elsewhere = set(), set()  # returns of our tasks, not pushed yet; pushed as "ask"
         self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()
         self.in_task, self.arena, self.head_proc = False, None, None
         try:
@@ -741,7 +742,10 @@ class _Client:
     def _file(self, msg):
         if msg[0] == "objs":  # descriptors: answers to a get, or the results of tasks we submitted
             for oid, d in msg[2]:
-                if oid in self.counts or self.wanted[oid] > 0:
+                self.owned.discard(oid)
+                if d is None:  # ready, but not readable here (another node's arena): get() asks
+                    self.elsewhere.add(oid)
+                elif oid in self.counts or self.wanted[oid] > 0:
                     self.descs[oid] = d
             self.acks.add(msg[1])
         elif msg[0] == "reply":
@@ -774,18 +778,27 @@ class _Client:
             deadline = None if timeout is None else time.monotonic() + timeout
             req = next(self.ids)
             self.wanted.update(missing)
-            self.send(("get", req, missing, False))
+            ask = [i for i in missing if i not in self.owned]  # our own task results are pushed anyway
+            if ask:
+                self.send(("get", req, ask, False))
             pending = missing[::-1]
 
             def done():
                 while pending and pending[-1] in self.descs:
                     pending.pop()
-                return not pending
+                return not pending or bool(self.elsewhere)
             blocked = self.in_task and not self.pump(done, time.monotonic())
             if blocked:  # a task waiting in get lends its CPU back, so nested tasks can run
                 self.send(("blocked", True))
             try:
-                ok = self.pump(done, deadline)
+                while True:
+                    ok = self.pump(done, deadline)
+                    with self.cond:
+                        there, self.elsewhere = [i for i in self.elsewhere if self.wanted[i] > 0], set()
+                    if there:
+                        self.send(("get", req, there, False))
+                    if not ok or not pending:
+                        break
             finally:
                 if blocked:
                     self.send(("blocked", False))
@@ -1070,6 +1083,7 @@ class RemoteFunction:
         blob = self._shared.get("blob") or self._shared.setdefault("blob", _bytes_of(self._function))
         tid, rids = c.new_id(), [c.new_id() for _ in range(o["num_returns"])]
         args_blob, deps, contained = c.pack_args(args, kwargs)
+        c.owned.update(rids)
         c.send(("submit", tid, blob, o["name"] or self._function.__qualname__, args_blob, deps, contained, rids,
                 {k: o[k] for k in ("req", "strategy", "max_retries", "retry_exceptions")}))
         refs = [ObjectRef(r, _counted=True) for r in rids]
@@ -1144,6 +1158,7 @@ class ActorMethod:
         c = _need_client()
         tid, rids = c.new_id(), [c.new_id() for _ in range(self._num_returns)]
         args_blob, deps, contained = c.pack_args(args, kwargs)
+        c.owned.update(rids)
         c.send(("call", tid, self._handle._aid, self._name, args_blob, deps, contained, rids))
         refs = [ObjectRef(r, _counted=True) for r in rids]
         return refs[0] if len(refs) == 1 else refs
@@ -1764,9 +1779,6 @@ class _Head:
     def _finish(self, t, results, node, writer) -> None:
         """Seal a task's results (or its error), release its arguments, push results to its owner."""
         t.done = True
-        owner = t.owner  # gets it from a waiting get, or else by a push (it will likely ask)
-        push = not owner.closed and owner is not writer and not any(
-            p is owner for r in t.rids if r in self.objects for p, _ in self.objects[r].waiters)
         for rid, desc, contained in results:
             o = self.objects.get(rid)
             if o is None or o.state != "pending":  # nobody wants it any more: give the region back
@@ -1777,9 +1789,9 @@ class _Head:
             self._seal(rid, o, desc, contained, node, writer)
         for d in t.deps + t.contained:
             self._unpin(d)
-        if push:
-            objs = [(r, self._desc_for(self.objects[r], owner.node)) for r in t.rids if r in self.objects]
-            self._send(owner, ("objs", None, [(r, d) for r, d in objs if d is not None]))
+        if t.rids and not t.owner.closed:  # the owner waits for this push instead of asking (None: ask)
+            self._send(t.owner, ("objs", None, [(r, self._desc_for(self.objects[r], t.owner.node) if r in
+                                                 self.objects else None) for r in t.rids]))
         for rid in t.rids:
             if rid in self.objects:
                 self._maybe_free(rid, self.objects[rid])

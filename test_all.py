@@ -4836,9 +4836,9 @@ class Blocker:
     def where(self):
         return os.environ["NANORAY_NODE_ID"]
 
-@ray.remote(max_retries=1)
-def long_task(marker):
-    if not os.path.exists(marker):
+@ray.remote(max_retries=3)
+def long_task(marker, head_node):
+    if os.environ["NANORAY_NODE_ID"] != head_node:  # on the side node: hang there until killed
         open(marker, "w").write(os.environ["NANORAY_NODE_ID"])
         time.sleep(60)
     return os.environ["NANORAY_NODE_ID"]
@@ -4853,7 +4853,7 @@ only_side = make.options(resources={"side": 1}).remote(200_000)
 assert ray.get(on_side.remote(only_side), timeout=60)[1] == 400_000.0   # ready, but never copied here
 blocker = Blocker.remote()                                     # takes the head node's only CPU
 assert ray.get(blocker.where.remote(), timeout=60) == head_node
-task = long_task.remote(marker)                                # so this one starts on the side node
+task = long_task.remote(marker, head_node)                    # so this one starts on the side node
 while not (os.path.exists(marker) and open(marker).read()):
     assert time.monotonic() < deadline + 60
     time.sleep(0.05)
