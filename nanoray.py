@@ -11,16 +11,20 @@ max_concurrency threads, async methods, named and detached actors), .options(), 
 timeouts, kill, get_actor, cluster/available_resources, nodes, get_gpu_ids, placement groups (PACK,
 SPREAD, STRICT_PACK, STRICT_SPREAD) as `nanoray.util.*`, the `exceptions` namespace. Drops: the
 dashboard, runtime_env, object spilling and lineage reconstruction (a lost object raises
-ObjectLostError), generators, cancel, Ray Client, autoscaling, every non-Python language.
+ObjectLostError), generators, cancel, Ray Client, autoscaling, every non-Python language. Differs
+where noted: an actor holds 0 CPUs unless asked (Ray also needs 1 free CPU to place it); bundles on a
+dead node are not rescheduled; sync methods of an async actor run on threads.
 
 How it works. Processes: one *head* per cluster (object directory, reference counts, scheduler, actor
 table, placement groups, and the node manager of its own machine); one *raylet* per extra machine
 (spawns that node's workers, owns its arena, moves objects between nodes); *workers* (one process each,
 reused by tasks, dedicated to an actor); *drivers*. Everyone talks to the head over TCP, messages are
 pickles, so every connection first proves a shared secret (HMAC challenge both ways). A worker is a
-fresh interpreter (never a fork: forking after torch/CUDA initialised is unsafe), so functions and
-classes defined in `__main__` or inside a function travel *by value* (code + the globals they use, like
-Ray's cloudpickle); everything else by reference (module + name).
+fresh interpreter, as with multiprocessing's "spawn" (never a fork: forking after torch/CUDA
+initialised is unsafe), started with subprocess rather than multiprocessing so that it does not
+re-import the driver's __main__. So functions and classes defined in `__main__` or inside a function
+travel *by value* (code + the globals they use, like Ray's cloudpickle); the rest by reference.
+A task's results are pushed to the process that submitted it (its owner), which waits for them.
   Objects. <= 100 KiB travel inside messages and live in the head's memory; larger ones live in the
 node's *arena*, one sparse file in /dev/shm that every process of the node maps. A writer asks the
 head for a region, copies its pickle stream and out-of-band buffers (pickle protocol 5: numpy arrays,
@@ -36,7 +40,9 @@ reclaimed by the head; a killed node's arena is removed by that node's janitor (
 waits on a pipe for its node to die).
   Failures: a worker's death is seen as EOF on its socket (or its exit code): its task is retried up to
 max_retries (default 3), then the ref raises WorkerCrashedError; an actor restarts up to max_restarts
-(state lost; calls that were running fail with ActorDiedError). get(timeout=) never waits past it.
+(state lost; calls that were running fail with RayActorError, later ones reach the new process; once
+out of restarts, ActorDiedError). A node's death loses the objects only it had (ObjectLostError).
+get(timeout=) never waits past its timeout.
 
 Commands:
   python nanoray.py                      # self-test (seconds): every API on a 2-CPU local cluster
@@ -1356,6 +1362,7 @@ class _Head:
         self.wake_r.setblocking(False)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.posted = deque()  # callables from other threads, run by the loop
+        self.handshakes = threading.BoundedSemaphore(64)  # handshakes in flight
         self.objects, self.queues, self.actors, self.names, self.pgs = {}, {}, {}, {}, {}
         self.nodes, self.workers, self.jobs, self.maps = {}, {}, {}, Counter()
         self.ids, self.rr, self.stopping, self.warned = itertools.count(), 0, False, set()
@@ -1403,6 +1410,9 @@ class _Head:
             sock, addr = self.listen.accept()
         except OSError:
             return
+        if not self.handshakes.acquire(blocking=False):  # a connection flood costs connections, not threads
+            _log(f"head: refused a connection from {addr[0]}:{addr[1]}: too many handshakes at once")
+            return sock.close()
         threading.Thread(target=self._handshake, args=(sock, addr), daemon=True).start()
 
     def _handshake(self, sock, addr) -> None:
@@ -1413,6 +1423,8 @@ class _Head:
             _log(f"head: refused a connection from {addr[0]}:{addr[1]}: {e}")
             sock.close()
             return
+        finally:
+            self.handshakes.release()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         self.post(lambda: self.sel.register(sock, selectors.EVENT_READ, _Peer(sock, addr)))
@@ -2236,10 +2248,13 @@ class _NodeManager:
         self.procs, self.gpus = {}, _detect_gpus()
         if cfg.get("num_gpus") is not None:  # declared GPUs (a CPU box may pretend, for placement tests)
             self.gpus = (self.gpus + [str(i) for i in range(len(self.gpus), cfg["num_gpus"])])[:cfg["num_gpus"]]
-        for stale in os.listdir(SHM_DIR):  # arenas of nodes that died without their janitor
-            pid = stale.split("_")[1] if stale.startswith("nanoray_") else ""
-            if pid.isdigit() and not _alive(int(pid)):
-                os.unlink(os.path.join(SHM_DIR, stale))
+        for stale in os.listdir(SHM_DIR):  # our arenas whose node died without its janitor (kill -9 of both)
+            pid, path = stale.split("_")[1] if stale.startswith("nanoray_") else "", os.path.join(SHM_DIR, stale)
+            try:
+                if pid.isdigit() and not _alive(int(pid)) and os.stat(path).st_uid == os.getuid():
+                    os.unlink(path)
+            except OSError:
+                pass
         size = cfg.get("object_store_memory") or _default_store_size()
         self.arena = _Arena(os.path.join(SHM_DIR, f"nanoray_{os.getpid()}_{nid}"), size, create=True)
         # the janitor: removes the arena when this process dies, however it dies

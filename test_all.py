@@ -4416,6 +4416,7 @@ def test_nanoray_tasks_refs_options_and_timeouts(nr):
     def nap(s):
         time.sleep(s)
         return s
+    assert nr.is_initialized()
     x = nr.put(40)
     assert nr.get(add.remote(x, add.remote(1, 1))) == 42, "top-level refs resolve before the call"
     assert nr.get(three.remote(7)) == [7, 8, 9]
@@ -4701,6 +4702,19 @@ def test_nanoray_kill9_worker_mid_task_is_retried_then_fails(nr, tmp_path):
         nr.get(ref, timeout=60)
     assert nr.get(victim.remote(str(marker)), timeout=60) == "second attempt", "the cluster still works"
 
+    @nr.remote(max_retries=0)
+    def grab_then_hang(marker):  # takes a region of the arena, then dies before filling it
+        nr._client.rpc("alloc", 50_000_000)
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(120)
+    used0 = _nr_status(nr)["nodes"][0]["store_used"]
+    marker = tmp_path / "c"
+    ref = grab_then_hang.remote(str(marker))
+    kill_when_started(marker)
+    with pytest.raises(nr.exceptions.WorkerCrashedError):
+        nr.get(ref, timeout=60)
+    assert _nr_status(nr)["nodes"][0]["store_used"] == used0, "the dead worker's region went back"
+
 
 def test_nanoray_actor_restarts_after_kill9_then_dies(nr):
     @nr.remote(max_restarts=1)
@@ -4815,7 +4829,8 @@ import json, os, signal, sys, time
 sys.path.insert(0, sys.argv[1])
 import numpy as np
 import nanoray as ray
-ray.init(address=sys.argv[2])
+ray.init(address="auto")                                      # the head in $NANORAY_STATE_DIR
+assert ray._client.address == sys.argv[2]
 side_pid, marker = int(sys.argv[3]), sys.argv[4]
 deadline = time.monotonic() + 60
 while sum(n["Alive"] for n in ray.nodes()) < 2:
