@@ -329,8 +329,20 @@ class _Pickler(pickle.Pickler):
 _HDR, _BUF, _MAGIC = struct.Struct("<8sIQ"), struct.Struct("<QQ"), b"NRAYOBJ1"
 
 
+_PLAIN = {type(None), bool, int, float, str, bytes}  # values that cannot hold refs, tensors or code
+
+
+def _plain(value) -> bool:
+    t = type(value)
+    return t in _PLAIN or (t in (list, tuple) and len(value) < 16 and all(_plain(v) for v in value)) or (
+        t is dict and len(value) < 16 and all(type(k) is str and _plain(v) for k, v in value.items()))
+
+
 def _dumps(value):
     """value -> (parts [(offset, bytes-like)], size, ids of contained refs, temporaries to keep alive)."""
+    if _plain(value):  # the common small case (a task's arguments, None returned): the C pickler alone
+        data = pickle.dumps(value, protocol=5)
+        return [(0, _HDR.pack(_MAGIC, 0, len(data))), (_HDR.size, data)], _HDR.size + len(data), [], None
     bufs, f = [], io.BytesIO()
     p = _Pickler(f, bufs)
     p.dump(value)
@@ -2576,7 +2588,11 @@ def _start(cfg: StartConfig) -> None:
                                 stderr=logf, start_new_session=True, env=dict(env, NANORAY_CONFIG=json.dumps(node)))
     deadline = time.monotonic() + 30
     while not os.path.exists(node["pidfile"]):  # written once the node listens
-        if proc.poll() is not None or time.monotonic() > deadline:
+        if proc.poll() is not None:
+            with open(log, errors="replace") as f:
+                last = ([ln.strip() for ln in f if ln.strip()] or ["no output"])[-1]
+            raise OSError(f"start: the node exited with code {proc.returncode}: {last} (log: {log})")
+        if time.monotonic() > deadline:
             proc.kill()
             raise TimeoutError(f"start: the node did not come up within 30 s; see {log}")
         time.sleep(0.05)
