@@ -4640,7 +4640,7 @@ def test_nanoray_resources_gpus_and_placement_groups(nr):
         def ok(self):
             return True
     assert nr.cluster_resources() == {"CPU": 2.0, "GPU": 2.0}
-    assert nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}
+    _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="earlier tasks to finish")
     h = Holder.remote()
     nr.get(h.ok.remote())
     assert nr.available_resources()["CPU"] == 1.0, "an actor with num_cpus=1 holds it"
