@@ -100,7 +100,7 @@ import traceback
 import types
 import weakref
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 INLINE_MAX = 100 * 1024  # objects up to this size travel inside messages (Ray's max_direct_call_object_size)
 UNIT = 10_000  # resources are counted in 1/10000 units: fractional GPUs without float drift
@@ -2518,18 +2518,23 @@ def _reraise(out):
 
 # ---- CLI: start / stop / status, the self-test, the benchmark -------------------------------------
 
+def _opt(default, why):
+    return field(default=default, metadata={"help": why})
+
+
 @dataclass
 class StartConfig:
-    head: bool = False  # start the head of a new cluster (else join the one at --address)
-    address: str = ""  # HOST:PORT of the head to join
-    port: int = 6379  # the head's port (Ray's default)
-    node_ip_address: str = "127.0.0.1"  # the address this node binds and announces: loopback unless given
-    num_cpus: int = None  # worker slots (default: the machine's cores)
-    num_gpus: int = None  # GPUs to offer (default: CUDA_VISIBLE_DEVICES, else every GPU)
-    resources: str = "{}"  # custom resources as JSON, e.g. '{"reward": 4}'
-    object_store_memory: int = None  # arena bytes (default: 30% of RAM)
-    secret_file: str = ""  # the secret file (default: $NANORAY_SECRET, else ~/.nanoray/secret)
-    block: bool = False  # run in the foreground instead of in the background
+    """`python nanoray.py start`: every flag, its default and why (argparse is generated from it)."""
+    head: bool = _opt(False, "start the head of a new cluster (else join the one at --address)")
+    address: str = _opt("", "HOST:PORT of the head to join")
+    port: int = _opt(6379, "the head's port (Ray's default)")
+    node_ip_address: str = _opt("127.0.0.1", "the address this node binds and announces: loopback unless given")
+    num_cpus: int = _opt(None, "worker slots (default: the machine's cores)")
+    num_gpus: int = _opt(None, "GPUs to offer (default: CUDA_VISIBLE_DEVICES, else every GPU)")
+    resources: str = _opt("{}", "custom resources as JSON, e.g. '{\"reward\": 4}'")
+    object_store_memory: int = _opt(None, "arena bytes (default: 30%% of RAM)")
+    secret_file: str = _opt("", "the secret file (default: $NANORAY_SECRET, else ~/.nanoray/secret)")
+    block: bool = _opt(False, "run in the foreground instead of in the background")
 
 
 def _write_json(path, obj) -> None:
@@ -2800,6 +2805,8 @@ def bench(mb: int = 800, systems=("nanoray", "ray")) -> dict:
 def main(argv=None) -> int:
     import argparse
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
     p = argparse.ArgumentParser(prog="nanoray.py", description=__doc__.strip().split("\n")[0],
                                 epilog="with no command: the self-test")
     p.add_argument("--bench", action="store_true", help="benchmark against the ray package (when installed)")
@@ -2807,19 +2814,19 @@ def main(argv=None) -> int:
     p.add_argument("--debug", action="store_true", help="full tracebacks for every error")
     sub = p.add_subparsers(dest="cmd")
     start = sub.add_parser("start", help="start a head or join a cluster")
-    for f in dataclasses_fields(StartConfig):
-        name = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            start.add_argument(name, action="store_true", dest=f.name, help=f.metadata.get("help"))
+    for f in fields(StartConfig):
+        name, why = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            start.add_argument(name, action="store_true", dest=f.name, help=why)
         else:
-            start.add_argument(name, type=int if "int" in str(f.type) else str, default=f.default, dest=f.name)
+            start.add_argument(name, type=f.type, default=f.default, dest=f.name, help=why)
     st = sub.add_parser("status", help="nodes, resources, actors, tasks, store use")
     st.add_argument("--address", default="", help="HOST:PORT of the head (default: the head on this machine)")
     sub.add_parser("stop", help="stop the nodes started on this machine")
     a = p.parse_args(argv)
     try:
         if a.cmd == "start":
-            _start(StartConfig(**{f.name: getattr(a, f.name) for f in dataclasses_fields(StartConfig)}))
+            _start(StartConfig(**{f.name: getattr(a, f.name) for f in fields(StartConfig)}))
         elif a.cmd == "status":
             _status(a.address)
         elif a.cmd == "stop":
@@ -2829,14 +2836,12 @@ def main(argv=None) -> int:
         else:
             selftest()
     except (ValueError, OSError, TimeoutError) as e:  # expected errors: one line, exit 2
-        if a.debug:
+        if debug:
             raise
         print(f"nanoray.py: error: {e}", file=sys.stderr)
         return 2
     return 0
 
-
-from dataclasses import fields as dataclasses_fields  # noqa: E402
 
 if __name__ == "__main__":
     import nanoray  # run as the module `nanoray`, so pickles name its classes the same in every process
