@@ -4422,6 +4422,7 @@ def test_nanoray_tasks_refs_options_and_timeouts(nr):
     assert nr.get(three.remote(7)) == [7, 8, 9]
     assert nr.get(kinds.remote(x, [x])) == ("int", "ObjectRef", 40), "nested refs stay refs (Ray's rule)"
     assert nr.get(add.options(num_cpus=0.5, name="half").remote(2, 3)) == 5
+    assert nr.get(add.options(scheduling_strategy="SPREAD").remote(1, 2)) == 3
     assert nr.get([nr.put(i) for i in range(5)]) == list(range(5))
     t = time.monotonic()
     with pytest.raises(nr.exceptions.GetTimeoutError) as e:
@@ -4531,6 +4532,9 @@ def test_nanoray_actors_state_order_names_concurrency(nr):
             self.event.set()
             return "woke"
 
+        async def double(self, refs):  # an ObjectRef can be awaited in an async actor
+            return 2 * await refs[0]
+
     @nr.remote
     class Broken:
         def __init__(self):
@@ -4546,6 +4550,7 @@ def test_nanoray_actors_state_order_names_concurrency(nr):
     assert nr.get(nr.get_actor("nr_named").add.remote(5)) == 5
     with pytest.raises(ValueError, match="already taken"):
         Counter.options(name="nr_named").remote(0)
+    assert nr.get(Counter.options(name="nr_named", get_if_exists=True).remote(0).add.remote(1)) == 6
     with pytest.raises(ValueError, match="Failed to look up"):
         nr.get_actor("nr_nobody")
     m = Meeting.remote()
@@ -4553,6 +4558,7 @@ def test_nanoray_actors_state_order_names_concurrency(nr):
     am = AsyncMeeting.remote()
     first = am.wait_for_other.remote()
     assert nr.get([first, am.wake.remote()], timeout=60) == ["woken", "woke"]
+    assert nr.get(am.double.remote([nr.put(21)]), timeout=60) == 42
     nr.kill(named)
     with pytest.raises(nr.exceptions.RayActorError, match="killed"):
         nr.get(named.add.remote(1), timeout=30)
