@@ -379,8 +379,11 @@ def _loads(mv):
     return pickle.loads(mv[pos:pos + plen], buffers=bufs)
 
 
-def _bytes_of(value) -> bytes:
-    parts, size, _, _ = _dumps(value)
+def _bytes_of(value, what="a value") -> bytes:
+    try:
+        parts, size, _, _ = _dumps(value)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        raise TypeError(f"{what} cannot be sent to another process: {e}") from None
     return _to_bytes(parts, size)
 
 
@@ -857,7 +860,7 @@ class _Client:
         self.get_arena().write(off, parts)
         return ("shm", off, size), refs
 
-    def pack_args(self, args, kwargs):
+    def pack_args(self, args, kwargs, what="the call"):
         deps = []
 
         def mark(x):
@@ -866,7 +869,10 @@ class _Client:
                 return _Arg(x._id)
             return x
         payload = ([mark(a) for a in args], {k: mark(v) for k, v in kwargs.items()})
-        parts, size, refs, _keep = _dumps(payload)
+        try:
+            parts, size, refs, _keep = _dumps(payload)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(f"an argument of {what} cannot be sent to another process: {e}") from None
         if size <= INLINE_MAX:
             return _to_bytes(parts, size), deps, refs
         oid = self.new_id()  # large arguments become an object of their own, pinned by the task
@@ -1098,9 +1104,10 @@ class RemoteFunction:
 
     def remote(self, *args, **kwargs):
         c, o = _need_client(), self._opts
-        blob = self._shared.get("blob") or self._shared.setdefault("blob", _bytes_of(self._function))
+        blob = self._shared.get("blob") or self._shared.setdefault(
+            "blob", _bytes_of(self._function, f"remote function {self.__name__} (or a global it uses)"))
         tid, rids = c.new_id(), [c.new_id() for _ in range(o["num_returns"])]
-        args_blob, deps, contained = c.pack_args(args, kwargs)
+        args_blob, deps, contained = c.pack_args(args, kwargs, f"{self.__name__}.remote()")
         c.owned.update(rids)
         c.send(("submit", tid, blob, o["name"] or self._function.__qualname__, args_blob, deps, contained, rids,
                 {k: o[k] for k in ("req", "strategy", "max_retries", "retry_exceptions")}))
@@ -1128,7 +1135,8 @@ class ActorClass:
 
     def remote(self, *args, **kwargs):
         c, o = _need_client(), self._opts
-        blob = self._shared.get("blob") or self._shared.setdefault("blob", _bytes_of(self._cls))
+        blob = self._shared.get("blob") or self._shared.setdefault(
+            "blob", _bytes_of(self._cls, f"actor class {self._cls.__name__} (or a global it uses)"))
         if o["lifetime"] not in (None, "detached"):
             raise ValueError(f"lifetime={o['lifetime']!r}: expected None or 'detached'")
         conc = o["max_concurrency"] or (1000 if self._is_async else 1)  # Ray's defaults
@@ -1136,7 +1144,7 @@ class ActorClass:
                  "max_task_retries": o["max_task_retries"], "max_concurrency": conc, "is_async": self._is_async,
                  "name": o["name"], "namespace": o["namespace"], "detached": o["lifetime"] == "detached",
                  "get_if_exists": o["get_if_exists"]}
-        args_blob, deps, contained = c.pack_args(args, kwargs)
+        args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._cls.__name__}.remote()")
         aid = c.rpc("create_actor", c.new_id(), blob, self._cls.__name__, args_blob, deps, contained, hopts,
                     self._methods)
         return ActorHandle(aid, self._cls.__name__, self._methods, ObjectRef(aid, _counted=True))
@@ -1175,7 +1183,7 @@ class ActorMethod:
     def remote(self, *args, **kwargs):
         c = _need_client()
         tid, rids = c.new_id(), [c.new_id() for _ in range(self._num_returns)]
-        args_blob, deps, contained = c.pack_args(args, kwargs)
+        args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._name}.remote()")
         c.owned.update(rids)
         c.send(("call", tid, self._handle._aid, self._name, args_blob, deps, contained, rids))
         refs = [ObjectRef(r, _counted=True) for r in rids]
