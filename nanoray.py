@@ -399,6 +399,7 @@ def _error_desc(exc) -> tuple:
 # Unpickling is code execution, so nothing is unpickled from a peer before it proved the secret:
 # server -> b"NRAY1" + nonce_s; client -> HMAC(secret, "C" + nonce_s) + nonce_c; server checks, then
 # -> HMAC(secret, "S" + nonce_c); the client checks. Different role prefixes stop a reflection attack.
+# This authenticates peers; it does not encrypt: across machines, use a trusted network (as with Ray).
 
 _LEN = struct.Struct("<I")
 
@@ -1984,7 +1985,7 @@ class _Head:
             self.names[key] = aid
         opts = dict(opts, methods=methods, cls_name=cls_name)
         t = _Task(aid, "actor", job, peer, blob, cls_name, args, deps, contained, [], opts)
-        a = self.actors[aid] = _Actor(aid, t, job, restarts=opts["max_restarts"])
+        self.actors[aid] = _Actor(aid, t, job, restarts=opts["max_restarts"])
         self._new_obj(aid, peer, state="ready", actor=aid)  # counts the handles
         self._admit(t, peer)
         self._check_deps(t)
@@ -2774,7 +2775,8 @@ def _bench_system(ray, mb: int) -> dict:
     small = ray.put(np.full(10**6, 1.0))
     out["get 8 MB, other process (ms)"] = ray.get(actor.get_ms.remote([small]))
     out[f"get {mb} MB, other process (ms)"] = ray.get(actor.get_ms.remote([refs[0]]))
-    del refs, small, actor
+    refs.clear()
+    small = actor = None  # noqa: F841 (dropped before shutdown)
     out["shutdown (s)"] = _timed(ray.shutdown)
     return out
 

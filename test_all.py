@@ -4379,7 +4379,7 @@ def test_nanoray_pool_and_allocator_against_naive_models():
     assert pool.take({"GPU": 2 * U})[1] == {0: U, 1: U} and pool.free == {"CPU": 2 * U, "GPU": 0}
     rng = random.Random(0)
     P = nanoray.PAGE
-    alloc, live, taken = nanoray._Alloc(64 * P), {}, set()
+    alloc, live = nanoray._Alloc(64 * P), {}
     for step in range(400):
         if live and rng.random() < 0.45:
             off = rng.choice(sorted(live))
