@@ -5103,3 +5103,42 @@ def test_nanoray_ray_compat_program_same_results_on_both(nr):
         assert _nr_compat_program(ray) == expected
     finally:
         ray.shutdown()
+
+
+_NR_GPU_DRIVER = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import nanoray as ray
+ray.init()                                 # the node offers the GPUs it finds (CUDA_VISIBLE_DEVICES or /proc)
+n = int(ray.cluster_resources().get("GPU", 0))
+
+@ray.remote
+class Probe:
+    def look(self):
+        import torch
+        x = torch.ones(1024, device="cuda") * 2     # the device really works in the actor
+        return os.environ["CUDA_VISIBLE_DEVICES"], torch.cuda.device_count(), float(x.sum())
+whole = [Probe.options(num_gpus=1).remote() for _ in range(n)]
+halves = [Probe.options(num_gpus=0.5).remote() for _ in range(2)] if n == 1 else []
+out = {"n": n, "whole": ray.get([p.look.remote() for p in whole], timeout=300)}
+del whole
+out["halves"] = ray.get([p.look.remote() for p in halves], timeout=300)
+print("RESULT " + json.dumps(out), flush=True)
+ray.shutdown()
+'''
+
+
+@requires_cuda
+def test_gpu_nanoray_actors_get_their_own_gpus():
+    """On a GPU machine: one actor per GPU (num_gpus=1) sees exactly one device and computes on it, all on
+    different devices; with one GPU, two num_gpus=0.5 actors share it."""
+    out = subprocess.run([sys.executable, "-c", _NR_GPU_DRIVER, str(ROOT)], capture_output=True, text=True,
+                         timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout + out.stderr
+    r = json.loads(lines[0][7:])
+    assert r["n"] == torch.cuda.device_count() >= 1
+    assert all(count == 1 and total == 2048.0 for _, count, total in r["whole"])
+    assert len({dev for dev, _, _ in r["whole"]}) == r["n"], "each actor got its own device"
+    if r["n"] == 1:
+        assert [dev for dev, _, _ in r["halves"]] == [r["whole"][0][0]] * 2, "two halves share the device"
