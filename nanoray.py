@@ -2450,9 +2450,9 @@ def _worker_main() -> None:
             sys.path.extend(p for p in msg[1] if p not in sys.path)
         elif op == "exec":
             _, tid, blob, name, args, deps, rids = msg
-            fn = fns.get(blob) or fns.setdefault(blob, _loads(memoryview(bytearray(blob))))
 
-            def call(fn=fn, args=args, deps=deps):
+            def call(blob=blob, args=args, deps=deps):  # a function that cannot load fails its task, readably
+                fn = fns.get(blob) or fns.setdefault(blob, _loads(memoryview(bytearray(blob))))
                 a, kw = c.resolve_args(args, deps)
                 return fn(*a, **kw)
             c.in_task = True
