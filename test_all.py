@@ -4322,7 +4322,7 @@ def _nr_arena_ranges(path):
 
 
 def test_nanoray_serialization_round_trips_without_a_cluster():
-    """The object layout, by-value code and zero-copy tensors, checked against plain pickle."""
+    """The object layout, by-value code and zero-copy tensors round-trip to the original values."""
     import nanoray
     np = pytest.importorskip("numpy")
     k = 3
