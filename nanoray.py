@@ -1731,17 +1731,19 @@ class _Head:
         src = next((self.nodes[n] for n in o.locs if self.nodes[n].alive), None)
         off = dst.alloc.alloc(o.size) if src else None
         if off is None:
-            err = ObjectLostError(f"object {oid}: no live copy") if src is None else ObjectStoreFullError(
-                f"object {oid} ({o.size / 1e6:.1f} MB) does not fit in the store of node {dst.nid}")
-            for peer, req in o.waiters:
-                if peer.node is dst:
-                    self._send(peer, ("objs", req, [(oid, _error_desc(err))]))
-            o.waiters = [w for w in o.waiters if w[0].node is not dst]
-            return
+            return self._fail_waiters(oid, o, dst, ObjectLostError(f"object {oid}: no live copy") if src is None
+                                      else ObjectStoreFullError(f"object {oid} ({o.size / 1e6:.1f} MB) does not "
+                                                                f"fit in the store of node {dst.nid}"))
         dst.allocs[off] = [o.size, ("pull", oid)]
         o.pins += 1
         o.pulling.add(dst.nid)
         self._node_call(dst, "pull", oid, src.info["objects"], o.locs[src.nid][0], o.size, off)
+
+    def _fail_waiters(self, oid, o, node, exc) -> None:
+        """The gets waiting for `oid` on `node` fail with exc instead of waiting forever."""
+        for peer, req in [w for w in o.waiters if w[0].node is node]:
+            self._send(peer, ("objs", req, [(oid, _error_desc(exc))]))
+        o.waiters = [w for w in o.waiters if w[0].node is not node]
 
     def _on_pulled(self, peer, oid, nid, off, err) -> None:
         node, o = self.nodes[nid], self.objects.get(oid)
@@ -1755,11 +1757,9 @@ class _Head:
         else:
             _log(f"head: transfer of {oid} to node {nid} failed: {err}")
             self._release_region(nid, off, ("pull", oid))
-            if o is not None:  # the gets waiting on that node fail instead of waiting forever
-                lost = _error_desc(ObjectLostError(f"object {oid}: the transfer to node {nid} failed: {err}"))
-                for p, req in [w for w in o.waiters if w[0].node is node]:
-                    self._send(p, ("objs", req, [(oid, lost)]))
-                o.waiters = [w for w in o.waiters if w[0].node is not node]
+            if o is not None:
+                self._fail_waiters(oid, o, node, ObjectLostError(f"object {oid}: the transfer to node {nid} "
+                                                                 f"failed: {err}"))
         if o is not None:
             self._maybe_free(oid, o)
 
