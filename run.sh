@@ -26,7 +26,7 @@ case "$job" in
     install
     # test-only: pyarrow is the oracle nanosets is checked against; triton runs the kernels in its CPU
     # interpreter; accelerate lets transformers load the GGUF model the nanotron tests compare against.
-    "$PY" -m pip install -q pytest pyarrow psutil triton==3.9.0 accelerate
+    "$PY" -m pip install -q pytest pyarrow psutil triton==3.9.0 accelerate ray
     set +e
     "$PY" -m pytest test_all.py -q "$@"
     rc=$?

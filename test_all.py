@@ -4880,3 +4880,868 @@ def test_gpu_sft_main_bf16(tmp_path, monkeypatch):
     assert s["last_loss"] < s["first_loss"] and s["peak_gb"] > 0
     assert json.loads(Path("o/summary.json").read_text())["steps"] == 8
 
+
+
+# ==== nanoray =====================================================================================
+# nanoray: CPU only. One 2-CPU local cluster (with 2 declared GPUs: placement is bookkeeping) serves
+# the section, shut down in a finally; tests that need their own cluster (several nodes, the CLI,
+# leak checks after shutdown) run it in subprocesses. Remote functions and classes are defined inside
+# the tests, so they travel by value and workers never import this file. Every wait has a deadline.
+import signal as _signal  # noqa: E402
+
+NR_FILE = ROOT / "nanoray.py"
+
+
+@pytest.fixture(scope="module")
+def nr():
+    import nanoray
+    nanoray.init(num_cpus=2, num_gpus=2)
+    try:
+        yield nanoray
+    finally:
+        nanoray.shutdown()
+
+
+def _nr_wait_until(pred, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} not reached within {timeout:.0f} s")
+        time.sleep(0.05)
+
+
+def _nr_status(nr):
+    return nr._client.rpc("status")
+
+
+def _nr_arena_ranges(path):
+    """Address ranges of this process's mappings of the arena file (from /proc/self/maps)."""
+    out = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        if line.endswith(path):
+            lo, hi = line.split()[0].split("-")
+            out.append((int(lo, 16), int(hi, 16)))
+    return out
+
+
+def test_nanoray_serialization_round_trips_without_a_cluster():
+    """The object layout, by-value code and zero-copy tensors round-trip to the original values."""
+    import nanoray
+    np = pytest.importorskip("numpy")
+    k = 3
+
+    def fact(n):  # a local (by-value) function that names itself and a closure cell
+        return 1 if n <= 1 else n * fact(n - 1) * k // k
+
+    class Base:
+        def who(self):
+            return "base"
+
+    class Kid(Base):  # by value, with super() (a __class__ cell)
+        def who(self):
+            return "kid+" + super().who()
+    ts = [torch.arange(10, dtype=torch.float32).reshape(2, 5), torch.randn(4, 6).t(), torch.empty(0, 3),
+          torch.randn(5).to(torch.bfloat16), torch.tensor([True, False]), torch.randn(3, requires_grad=True)]
+    value = {"ts": ts, "np": np.arange(7, dtype=np.int16), "fn": fact, "kid": Kid, "lam": (lambda x: x + k)}
+    parts, size, refs, _ = nanoray._dumps(value)
+    assert refs == []
+    blob = nanoray._to_bytes(parts, size)
+    assert blob[:8] == b"NRAYOBJ1" and size == len(blob)
+    nanoray._BY_VALUE.add("no_such_module")  # (a module in the set is shipped by value; restored below)
+    try:
+        back = nanoray._loads(memoryview(bytearray(blob)))
+    finally:
+        nanoray._BY_VALUE.discard("no_such_module")
+    for a, b in zip(ts, back["ts"]):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.detach(), b.detach())
+        assert a.requires_grad == b.requires_grad
+    assert back["np"].tolist() == list(range(7)) and back["np"].dtype == np.int16
+    # local functions and classes cannot be found by name, so they were rebuilt from their code
+    assert back["fn"] is not fact and back["fn"](5) == 120 and back["lam"](1) == 4
+    assert back["kid"] is not Kid and back["kid"]().who() == "kid+base"
+    # the out-of-band buffers are 64-byte aligned inside the layout
+    magic, nbuf, _ = nanoray._HDR.unpack_from(blob, 0)
+    offs = [nanoray._BUF.unpack_from(blob, nanoray._HDR.size + i * nanoray._BUF.size)[0] for i in range(nbuf)]
+    assert nbuf >= 5 and all(o % 64 == 0 for o in offs)
+    with pytest.raises(nanoray.ObjectLostError, match="bad magic"):
+        nanoray._loads(memoryview(bytearray(b"X" * 40)))
+
+
+def test_nanoray_pool_and_allocator_against_naive_models():
+    import nanoray
+    U = nanoray.UNIT
+    pool = nanoray._Pool({"CPU": 2 * U, "GPU": 2 * U}, {0: U, 1: U})
+    a = pool.take({"GPU": U // 2})
+    b = pool.take({"GPU": U // 2})
+    assert a[1] == b[1] == {0: U // 2}, "two halves share the fullest device that fits (best fit)"
+    assert pool.take({"GPU": 2 * U}) is None, "two whole devices are not free any more"
+    c = pool.take({"GPU": U, "CPU": U})
+    assert c[1] == {1: U} and pool.take({"GPU": 1}) is None and pool.free["CPU"] == U
+    for x in (a, b, c):
+        pool.give(x)
+    assert pool.take({"GPU": 2 * U})[1] == {0: U, 1: U} and pool.free == {"CPU": 2 * U, "GPU": 0}
+    rng = random.Random(0)
+    P = nanoray.PAGE
+    alloc, live = nanoray._Alloc(64 * P), {}
+    for step in range(400):
+        if live and rng.random() < 0.45:
+            off = rng.choice(sorted(live))
+            alloc.free(off, live.pop(off))
+        else:
+            n = rng.randint(1, 6 * P)
+            off = alloc.alloc(n)
+            pages = -(-n // P)
+            # naive model: the first run of free pages that fits
+            used = {p for o, m in live.items() for p in range(o // P, o // P + -(-m // P))}
+            first = next((s for s in range(64 - pages + 1) if not used & set(range(s, s + pages))), None)
+            assert off == (None if first is None else first * P), step
+            if off is not None:
+                live[off] = n
+    for off in list(live):
+        alloc.free(off, live.pop(off))
+    assert alloc.free_list == [(0, 64 * P)], "freed neighbours coalesce back into one block"
+
+
+def test_nanoray_tasks_refs_options_and_timeouts(nr):
+    @nr.remote
+    def add(a, b):
+        return a + b
+
+    @nr.remote(num_returns=3)
+    def three(x):
+        return x, x + 1, x + 2
+
+    @nr.remote
+    def kinds(v, nested):
+        return type(v).__name__, type(nested[0]).__name__, nr.get(nested[0])
+
+    @nr.remote
+    def nap(s):
+        time.sleep(s)
+        return s
+    assert nr.is_initialized()
+    x = nr.put(40)
+    assert nr.get(add.remote(x, add.remote(1, 1))) == 42, "top-level refs resolve before the call"
+    assert nr.get(three.remote(7)) == [7, 8, 9]
+    assert nr.get(kinds.remote(x, [x])) == ("int", "ObjectRef", 40), "nested refs stay refs (Ray's rule)"
+    assert nr.get(add.options(num_cpus=0.5, name="half").remote(2, 3)) == 5
+    assert nr.get(add.options(scheduling_strategy="SPREAD").remote(1, 2)) == 3
+    assert nr.get([nr.put(i) for i in range(5)]) == list(range(5))
+    t = time.monotonic()
+    with pytest.raises(nr.exceptions.GetTimeoutError) as e:
+        nr.get(nap.remote(3), timeout=0.3)
+    assert isinstance(e.value, TimeoutError) and time.monotonic() - t < 2.5, "get never waits past its timeout"
+    big = list(range(100_000))  # > 100 KiB of arguments: shipped as an object of its own
+    assert nr.get(add.remote(big, [1])) == big + [1]
+    with pytest.raises(TypeError, match="cannot be called directly"):
+        add(1, 2)
+    with pytest.raises(TypeError, match="ObjectRef"):
+        nr.get([1])
+    with pytest.raises(TypeError, match="put"):
+        nr.put(x)
+    with pytest.raises(ValueError, match="unknown option.*num_cpu"):
+        add.options(num_cpu=1)
+    with pytest.raises(ValueError, match="num_gpus=1.5"):
+        add.options(num_gpus=1.5)
+    with pytest.raises(ValueError, match="scheduling_strategy"):
+        add.options(scheduling_strategy="NEAREST")
+    with pytest.raises(RuntimeError, match="twice"):
+        nr.init()
+
+
+def test_nanoray_wait_semantics(nr):
+    @nr.remote
+    def nap(s):
+        time.sleep(s)
+        return s
+    fast, slow = nr.put("now"), nap.remote(4)
+    refs = [slow, fast, nr.put(2)]
+    ready, rest = nr.wait(refs, num_returns=2, timeout=30)
+    assert ready == [fast, refs[2]] and rest == [slow], "ready refs keep the input order"
+    ready, rest = nr.wait(refs, num_returns=3, timeout=0.2)
+    assert ready == [fast, refs[2]] and rest == [slow], "a timeout returns what is ready"
+    assert nr.wait([slow], timeout=0) == ([], [slow])
+    assert nr.wait(refs, num_returns=1)[0] == [fast]
+    with pytest.raises(ValueError, match="unique"):
+        nr.wait([fast, fast])
+    with pytest.raises(ValueError, match="num_returns"):
+        nr.wait([fast], num_returns=2)
+
+
+def test_nanoray_remote_errors_carry_the_remote_traceback(nr):
+    @nr.remote
+    def parse(s):
+        return int(s)
+
+    @nr.remote
+    def plus_one(x):
+        return x + 1
+
+    @nr.remote(retry_exceptions=True, max_retries=2)
+    def flaky(path):
+        n = int(Path(path).read_text()) + 1 if Path(path).exists() else 1
+        Path(path).write_text(str(n))
+        if n < 3:
+            raise OSError(f"attempt {n}")
+        return n
+    with pytest.raises(ValueError) as e:  # also a RayTaskError: Ray's dual class
+        nr.get(parse.remote("seven"))
+    assert isinstance(e.value, nr.exceptions.RayTaskError)
+    assert "return int(s)" in str(e.value) and "invalid literal" in str(e.value)
+    with pytest.raises(ValueError):  # a failed argument fails the task that needs it
+        nr.get(plus_one.remote(parse.remote("x")))
+    with tempfile.TemporaryDirectory() as d:
+        assert nr.get(flaky.remote(os.path.join(d, "n")), timeout=60) == 3, "retry_exceptions retries"
+
+
+def test_nanoray_actors_state_order_names_concurrency(nr):
+    @nr.remote
+    class Counter:
+        def __init__(self, start):
+            self.n = start
+
+        def add(self, k=1):
+            self.n += k
+            return self.n
+
+        @nr.method(num_returns=2)
+        def pair(self):
+            return self.n, -self.n
+
+    @nr.remote
+    def use(counter):  # a handle passed to a task
+        return nr.get(counter.add.remote(100))
+
+    @nr.remote(max_concurrency=2)
+    class Meeting:  # both calls must be inside at once to pass the barrier: they run on two threads
+        def __init__(self):
+            self.barrier = threading.Barrier(2, timeout=20)
+
+        def meet(self):
+            return self.barrier.wait()
+
+    @nr.remote
+    class AsyncMeeting:
+        def __init__(self):
+            import asyncio
+            self.event = asyncio.Event()
+
+        async def wait_for_other(self):
+            import asyncio
+            await asyncio.wait_for(self.event.wait(), 20)
+            return "woken"
+
+        async def wake(self):
+            self.event.set()
+            return "woke"
+
+        async def double(self, refs):  # an ObjectRef can be awaited in an async actor
+            return 2 * await refs[0]
+
+    @nr.remote
+    class Broken:
+        def __init__(self):
+            raise RuntimeError("no config")
+
+        def f(self):
+            return 1
+    c = Counter.remote(10)
+    assert nr.get([c.add.remote(k) for k in (1, 2, 3)]) == [11, 13, 16], "one caller's calls run in order"
+    assert nr.get(c.pair.remote()) == [16, -16]
+    assert nr.get(use.remote(c)) == 116
+    named = Counter.options(name="nr_named").remote(0)
+    assert nr.get(nr.get_actor("nr_named").add.remote(5)) == 5
+    with pytest.raises(ValueError, match="already taken"):
+        Counter.options(name="nr_named").remote(0)
+    assert nr.get(Counter.options(name="nr_named", get_if_exists=True).remote(0).add.remote(1)) == 6
+    with pytest.raises(ValueError, match="Failed to look up"):
+        nr.get_actor("nr_nobody")
+    m = Meeting.remote()
+    assert sorted(nr.get([m.meet.remote(), m.meet.remote()], timeout=60)) == [0, 1]
+    am = AsyncMeeting.remote()
+    first = am.wait_for_other.remote()
+    assert nr.get([first, am.wake.remote()], timeout=60) == ["woken", "woke"]
+    assert nr.get(am.double.remote([nr.put(21)]), timeout=60) == 42
+    nr.kill(named)
+    with pytest.raises(nr.exceptions.RayActorError, match="killed"):
+        nr.get(named.add.remote(1), timeout=30)
+    with pytest.raises(nr.exceptions.ActorDiedError, match="no config"):
+        nr.get(Broken.remote().f.remote(), timeout=30)
+    with pytest.raises(AttributeError, match="no method 'nope'"):
+        c.nope
+    with pytest.raises(TypeError, match="remote"):
+        Counter(1)
+
+
+def test_nanoray_actor_ends_when_its_last_handle_is_gone(nr):
+    @nr.remote
+    class Pid:
+        def pid(self):
+            return os.getpid()
+    a = Pid.remote()
+    pid = nr.get(a.pid.remote())
+    del a
+    nr.available_resources()  # any call flushes the "-"
+    _nr_wait_until(lambda: not _nr_pid_alive(pid), what="the actor process to exit after its last handle")
+
+
+def _nr_pid_alive(pid):
+    psutil = pytest.importorskip("psutil")
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_nanoray_zero_copy_reads_of_the_arena(nr):
+    """A large numpy array or tensor comes back as a view of the node's arena, in the driver and in
+    another worker (checked against /proc/self/maps), and writes to it stay private."""
+    np = pytest.importorskip("numpy")
+    arena = nr._client.info["arena"]
+    arr = np.arange(2_000_000, dtype=np.float64)
+    ref = nr.put(arr)
+    back = nr.get(ref)
+    inside = lambda addr: any(lo <= addr < hi for lo, hi in _nr_arena_ranges(arena))  # noqa: E731
+    assert (back == arr).all() and inside(back.ctypes.data), "the array views the arena"
+    back[0] = -1.0
+    assert nr.get(ref)[0] == 0.0, "a reader's writes are private (copy-on-write mapping)"
+    t = torch.arange(300_000, dtype=torch.float32)
+    tb = nr.get(nr.put(t))
+    assert torch.equal(tb, t) and inside(tb.data_ptr())
+
+    @nr.remote
+    def where(refs):
+        x = nr.get(refs[0])
+        maps = Path("/proc/self/maps").read_text().splitlines()
+        ranges = [tuple(int(v, 16) for v in line.split()[0].split("-")) for line in maps if line.endswith(arena)]
+        return float(x.sum()), any(lo <= x.ctypes.data < hi for lo, hi in ranges)
+    assert nr.get(where.remote([ref]), timeout=60) == (float(arr.sum()), True)
+
+
+def test_nanoray_objects_are_freed_with_their_last_ref(nr):
+    np = pytest.importorskip("numpy")
+
+    @nr.remote
+    def make(n):
+        return np.ones(n)
+    base = _nr_status(nr)
+    used0 = base["nodes"][0]["store_used"]
+    refs = [nr.put(np.ones(500_000)), make.remote(400_000)]
+    nr.get(refs[1])
+    s = _nr_status(nr)
+    assert s["nodes"][0]["store_used"] >= used0 + 7_000_000 and s["objects"] >= base["objects"] + 2
+    view = nr.get(refs[0])
+    del refs
+    _nr_wait_until(lambda: _nr_status(nr)["objects"] <= base["objects"], what="objects freed")
+    assert _nr_status(nr)["nodes"][0]["store_used"] >= used0 + 4_000_000, "a mapped region outlives its object"
+    assert view.sum() == 500_000
+    del view
+    _nr_wait_until(lambda: _nr_status(nr)["nodes"][0]["store_used"] <= used0, what="regions back to the allocator")
+
+
+def test_nanoray_resources_gpus_and_placement_groups(nr):
+    @nr.remote
+    def env():
+        return os.environ.get("CUDA_VISIBLE_DEVICES"), nr.get_gpu_ids()
+
+    @nr.remote(num_cpus=1)
+    class Holder:
+        def ok(self):
+            return True
+    assert nr.cluster_resources() == {"CPU": 2.0, "GPU": 2.0}
+    _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="earlier tasks to finish")
+    h = Holder.remote()
+    nr.get(h.ok.remote())
+    assert nr.available_resources()["CPU"] == 1.0, "an actor with num_cpus=1 holds it"
+    del h
+    _nr_wait_until(lambda: nr.available_resources().get("CPU") == 2.0, what="the actor's CPU back")
+    assert nr.get(env.options(num_gpus=0.5).remote())[0] in ("0", "1")
+    assert nr.get(env.options(num_gpus=2).remote()) == ("0,1", [0, 1])
+    assert nr.get(env.remote())[1] == []
+    pg = nr.util.placement_group([{"CPU": 1, "GPU": 1}, {"GPU": 1}], strategy="STRICT_PACK")
+    assert nr.get(pg.ready(), timeout=30).bundle_count == 2
+    assert nr.available_resources() == {"CPU": 1.0}
+    strat = nr.util.scheduling_strategies.PlacementGroupSchedulingStrategy
+    gpu = [nr.get(env.options(num_cpus=0, num_gpus=1, scheduling_strategy=strat(pg, i)).remote())[0] for i in (0, 1)]
+    assert sorted(gpu) == ["0", "1"], "each bundle reserved its own device"
+    with pytest.raises(ValueError, match="bundle_index=2"):
+        env.options(scheduling_strategy=strat(pg, 2))
+    spread = nr.util.placement_group([{"CPU": 0.5}, {"CPU": 0.5}], strategy="STRICT_SPREAD")
+    assert not spread.wait(0.5), "one node cannot hold two STRICT_SPREAD bundles"
+    nr.util.remove_placement_group(spread)
+    nr.util.remove_placement_group(pg)
+    _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="bundles released")
+    with pytest.raises(nr.exceptions.RayError, match="removed"):
+        nr.get(env.options(scheduling_strategy=strat(pg, 0)).remote(), timeout=30)
+    for strategy in ("PACK", "SPREAD"):
+        g = nr.util.placement_group([{"CPU": 1}, {"CPU": 1}], strategy=strategy)
+        assert g.wait(30)
+        nr.util.remove_placement_group(g)
+    with pytest.raises(ValueError, match="strategy"):
+        nr.util.placement_group([{"CPU": 1}], strategy="TIGHT")
+
+
+def test_nanoray_nested_tasks_lend_their_cpu(nr):
+    @nr.remote
+    def depth(n):  # every level waits in get() for the next: 5 levels on 2 CPUs
+        return 0 if n == 0 else 1 + nr.get(depth.remote(n - 1))
+    assert nr.get(depth.remote(5), timeout=120) == 5
+
+
+def test_nanoray_kill9_worker_mid_task_is_retried_then_fails(nr, tmp_path):
+    @nr.remote
+    def victim(marker):
+        p = Path(marker)
+        if not p.exists():  # first attempt: say who we are, then hang until killed
+            p.write_text(str(os.getpid()))
+            time.sleep(120)
+        return "second attempt"
+
+    def kill_when_started(marker):
+        _nr_wait_until(lambda: marker.exists() and marker.read_text(), what="the task to start")
+        os.kill(int(marker.read_text()), _signal.SIGKILL)
+    marker = tmp_path / "a"
+    ref = victim.options(max_retries=1).remote(str(marker))
+    kill_when_started(marker)
+    assert nr.get(ref, timeout=60) == "second attempt"
+    marker = tmp_path / "b"
+    ref = victim.options(max_retries=0).remote(str(marker))
+    kill_when_started(marker)
+    with pytest.raises(nr.exceptions.WorkerCrashedError, match="max_retries=0"):
+        nr.get(ref, timeout=60)
+    assert nr.get(victim.remote(str(marker)), timeout=60) == "second attempt", "the cluster still works"
+
+    @nr.remote(max_retries=0)
+    def grab_then_hang(marker):  # takes a region of the arena, then dies before filling it
+        nr._client.rpc("alloc", 50_000_000)
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(120)
+    used0 = _nr_status(nr)["nodes"][0]["store_used"]
+    marker = tmp_path / "c"
+    ref = grab_then_hang.remote(str(marker))
+    kill_when_started(marker)
+    with pytest.raises(nr.exceptions.WorkerCrashedError):
+        nr.get(ref, timeout=60)
+    assert _nr_status(nr)["nodes"][0]["store_used"] == used0, "the dead worker's region went back"
+
+
+def test_nanoray_actor_restarts_after_kill9_then_dies(nr):
+    @nr.remote(max_restarts=1)
+    class Counter:
+        def __init__(self):
+            self.n = 0
+
+        def add(self):
+            self.n += 1
+            return self.n, os.getpid()
+
+    def call_until_answer(a):
+        deadline = time.monotonic() + 60
+        while True:  # calls that race with the crash fail; later ones reach the restarted process
+            try:
+                return nr.get(a.add.remote(), timeout=60)
+            except nr.exceptions.RayActorError as e:
+                if isinstance(e, nr.exceptions.ActorDiedError) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+    a = Counter.remote()
+    n, pid = nr.get(a.add.remote())
+    assert nr.get(a.add.remote())[0] == 2
+    os.kill(pid, _signal.SIGKILL)
+    n, pid2 = call_until_answer(a)
+    assert n == 1 and pid2 != pid, "restarted in a new process, state lost"
+    os.kill(pid2, _signal.SIGKILL)
+    with pytest.raises(nr.exceptions.ActorDiedError):
+        call_until_answer(a)
+
+
+def test_nanoray_spmd_trainer_group_beside_torchrun(nr):
+    """ppo.py's layout: one actor per GPU in a placement group, each given torchrun's environment,
+    joins one torch.distributed group (gloo here); an engine actor sits in its own group."""
+    @nr.remote
+    class Trainer:
+        def free_address(self):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return nr.util.get_node_ip_address(), s.getsockname()[1]
+
+        def join(self, rank, world, addr, port):
+            import datetime
+            import torch.distributed as d
+            os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                              MASTER_ADDR=addr, MASTER_PORT=str(port))
+            d.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+            t = torch.tensor([float(rank + 1)])
+            d.all_reduce(t)
+            return t.item(), os.environ["CUDA_VISIBLE_DEVICES"]
+
+        def leave(self):
+            torch.distributed.destroy_process_group()
+
+    @nr.remote
+    class Engine:
+        def generate(self, prompt):
+            return prompt[::-1]
+    W = 2
+    strat = nr.util.scheduling_strategies.PlacementGroupSchedulingStrategy
+    pg = nr.util.placement_group([{"CPU": 0.5, "GPU": 1}] * W, strategy="PACK")
+    engines_pg = nr.util.placement_group([{"CPU": 0.5}], strategy="PACK")
+    assert pg.wait(30) and engines_pg.wait(30)
+    ranks = [Trainer.options(num_cpus=0.5, num_gpus=1, scheduling_strategy=strat(pg, i)).remote() for i in range(W)]
+    engine = Engine.options(num_cpus=0.5, scheduling_strategy=strat(engines_pg, 0)).remote()
+    addr, port = nr.get(ranks[0].free_address.remote(), timeout=60)
+    out = nr.get([r.join.remote(rank=i, world=W, addr=addr, port=port) for i, r in enumerate(ranks)], timeout=120)
+    assert [v for v, _ in out] == [3.0, 3.0] and sorted(g for _, g in out) == ["0", "1"]
+    assert nr.get(engine.generate.remote("abc")) == "cba"
+    nr.get([r.leave.remote() for r in ranks], timeout=60)
+    nr.util.remove_placement_group(pg)
+    nr.util.remove_placement_group(engines_pg)
+
+
+def test_nanoray_secret_file_rights_and_env(tmp_path, monkeypatch):
+    import nanoray
+    monkeypatch.delenv("NANORAY_SECRET", raising=False)
+    monkeypatch.delenv("NANORAY_SECRET_FILE", raising=False)
+    f = tmp_path / "secret"
+    with pytest.raises(FileNotFoundError, match="NANORAY_SECRET"):
+        nanoray._load_secret(str(f))
+    f.write_text("abc\n")
+    f.chmod(0o644)
+    with pytest.raises(PermissionError, match="chmod 600"):
+        nanoray._load_secret(str(f))
+    f.chmod(0o600)
+    assert nanoray._load_secret(str(f)) == b"abc"
+    monkeypatch.setenv("NANORAY_SECRET", "from-env")
+    assert nanoray._load_secret(str(f)) == b"from-env"
+
+
+def _nr_cli(*args, env=None, timeout=120):
+    return subprocess.run([sys.executable, str(NR_FILE), *args], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_nanoray_cli_help_errors_and_selftest():
+    out = _nr_cli("--help")
+    assert out.returncode == 0 and "start" in out.stdout and "selftest" not in out.stdout.lower().split("usage")[0]
+    out = _nr_cli("start")
+    assert out.returncode == 2 and out.stderr.strip() == \
+        "nanoray.py: error: start: give exactly one of --head or --address HOST:PORT"
+    out = _nr_cli("status", "--address", f"127.0.0.1:{free_port()}", env=dict(os.environ, NANORAY_SECRET="x"))
+    assert out.returncode == 2 and out.stderr.startswith("nanoray.py: error: cannot reach a nanoray node")
+    assert len(out.stderr.strip().splitlines()) == 1
+    out = _nr_cli()
+    assert out.returncode == 0 and "nanoray selftest: OK" in out.stdout, out.stdout + out.stderr
+
+
+_NR_TWO_NODE_DRIVER = r'''
+import json, os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+import nanoray as ray
+ray.init(address="auto")                                      # the head in $NANORAY_STATE_DIR
+assert ray._client.address == sys.argv[2]
+side_pid, marker = int(sys.argv[3]), sys.argv[4]
+deadline = time.monotonic() + 60
+while sum(n["Alive"] for n in ray.nodes()) < 2:
+    assert time.monotonic() < deadline, "the second node never joined"
+    time.sleep(0.1)
+head_node = ray._client.info["node"]
+
+@ray.remote
+def node_of(x):
+    return os.environ["NANORAY_NODE_ID"], float(np.asarray(x).sum())
+
+@ray.remote
+def make(n):
+    return np.full(n, 2.0)
+
+@ray.remote(num_cpus=1)
+class Blocker:
+    def where(self):
+        return os.environ["NANORAY_NODE_ID"]
+
+@ray.remote(max_retries=3)
+def long_task(marker, head_node):
+    if os.environ["NANORAY_NODE_ID"] != head_node:  # on the side node: hang there until killed
+        open(marker, "w").write(os.environ["NANORAY_NODE_ID"])
+        time.sleep(60)
+    return os.environ["NANORAY_NODE_ID"]
+out = {}
+on_side = node_of.options(resources={"side": 1})
+a = ray.put(np.arange(1_000_000, dtype=np.float64))          # lives on the head's node
+side, total = ray.get(on_side.remote(a), timeout=60)           # copied to the side node
+out["side_reads_head_object"] = side != head_node and total == float(np.arange(1_000_000).sum())
+b = make.options(resources={"side": 1}).remote(300_000)       # made on the side node
+out["driver_reads_side_object"] = float(ray.get(b, timeout=60).sum()) == 600_000.0
+only_side = make.options(resources={"side": 1}).remote(200_000)
+assert ray.get(on_side.remote(only_side), timeout=60)[1] == 400_000.0   # ready, but never copied here
+blocker = Blocker.remote()                                     # takes the head node's only CPU
+assert ray.get(blocker.where.remote(), timeout=60) == head_node
+task = long_task.remote(marker, head_node)                    # so this one starts on the side node
+while not (os.path.exists(marker) and open(marker).read()):
+    assert time.monotonic() < deadline + 60
+    time.sleep(0.05)
+out["task_started_on_side"] = open(marker).read() != head_node
+os.kill(side_pid, signal.SIGKILL)                              # the side node dies mid-task
+ray.kill(blocker)
+out["retried_on_head"] = ray.get(task, timeout=90) == head_node
+try:
+    ray.get(only_side, timeout=60)
+    out["lost"] = False
+except ray.exceptions.ObjectLostError:
+    out["lost"] = True
+out["alive_nodes"] = sum(n["Alive"] for n in ray.nodes())
+print("RESULT " + json.dumps(out), flush=True)
+ray.shutdown()
+'''
+
+
+def test_nanoray_two_nodes_cli_exchange_objects_and_survive_a_node_kill(tmp_path):
+    """`start --head`, a second node with `start --address` (separate processes and arenas), a driver
+    that moves objects both ways; kill -9 of the second node: its task is retried on the head node,
+    an object only it had raises ObjectLostError, its workers exit and its janitor removes its arena."""
+    psutil = pytest.importorskip("psutil")
+    pytest.importorskip("numpy")
+    env = dict(os.environ, NANORAY_SECRET="two-node-test", NANORAY_STATE_DIR=str(tmp_path / "state"))
+    port = free_port()
+    shm_before = {n for n in os.listdir("/dev/shm") if n.startswith("nanoray_")}
+
+    def cluster_processes():
+        found = []
+        for p in psutil.process_iter(["environ"]):
+            if (p.info["environ"] or {}).get("NANORAY_ADDRESS") == f"127.0.0.1:{port}" and _nr_pid_alive(p.pid):
+                found.append(p.pid)
+        return found
+    out = _nr_cli("start", "--head", "--port", str(port), "--num-cpus", "1", env=env)
+    assert out.returncode == 0 and f"127.0.0.1:{port}" in out.stdout, out.stdout + out.stderr
+    side = subprocess.Popen([sys.executable, str(NR_FILE), "start", "--address", f"127.0.0.1:{port}", "--num-cpus",
+                             "1", "--resources", '{"side": 1}', "--block"], env=env, stderr=subprocess.PIPE)
+    try:
+        drv = subprocess.run([sys.executable, "-c", _NR_TWO_NODE_DRIVER, str(ROOT), f"127.0.0.1:{port}",
+                              str(side.pid), str(tmp_path / "marker")], capture_output=True, text=True,
+                             timeout=300, env=env)
+        lines = [ln for ln in drv.stdout.splitlines() if ln.startswith("RESULT ")]
+        assert lines, drv.stdout + drv.stderr
+        assert json.loads(lines[0][7:]) == {"side_reads_head_object": True, "driver_reads_side_object": True,
+                                            "task_started_on_side": True, "retried_on_head": True, "lost": True,
+                                            "alive_nodes": 1}, drv.stderr
+        side.wait(30)
+        status = _nr_cli("status", "--address", f"127.0.0.1:{port}", env=env)
+        assert status.returncode == 0 and "2 node(s)" in status.stdout and "DEAD" in status.stdout, status.stdout
+        assert "store" in status.stdout and "tasks running" in status.stdout
+    finally:
+        side.kill()
+        stop = _nr_cli("stop", env=env)
+    assert stop.returncode == 0 and "stopped head" in stop.stdout, stop.stdout + stop.stderr
+    _nr_wait_until(lambda: not cluster_processes(), what="every worker of the cluster to exit")
+    _nr_wait_until(lambda: {n for n in os.listdir("/dev/shm") if n.startswith("nanoray_")} <= shm_before,
+                   what="both arenas removed (the killed node's by its janitor)")
+
+
+def test_nanoray_head_refuses_bad_peers_and_survives_bad_frames(tmp_path):
+    """A wrong secret is refused and logged; garbage before or after authentication and a truncated
+    frame cost that connection only: the head keeps serving."""
+    import nanoray
+    port = free_port()
+    log = tmp_path / "head.log"
+    env = dict(os.environ, NANORAY_SECRET="right", NANORAY_STATE_DIR=str(tmp_path / "state"))
+    with open(log, "wb") as logf:
+        head = subprocess.Popen([sys.executable, str(NR_FILE), "start", "--head", "--port", str(port), "--num-cpus",
+                                 "1", "--block"], env=env, stderr=logf)
+    try:
+        addr = f"127.0.0.1:{port}"
+
+        def status():
+            c = nanoray._Client(addr, b"right", {"kind": "cli"})
+            try:
+                return c.rpc("status", timeout=30)
+            finally:
+                c.sock.close()
+        _nr_wait_until(lambda: _nr_try(status), what="the head to listen")
+        with pytest.raises(ConnectionError, match="refused our secret"):
+            nanoray._connect(addr, b"wrong")
+        for junk in (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", os.urandom(300), b""):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(junk)
+        s = nanoray._connect(addr, b"right")  # authenticated, then a frame cut short
+        s.sendall(struct.pack("<I", 1000) + b"x" * 10)
+        s.close()
+        s = nanoray._connect(addr, b"right")  # authenticated, then a frame that is no pickle
+        s.sendall(struct.pack("<I", 12) + b"not a pickle")
+        _nr_wait_until(lambda: s.recv(1) == b"", what="the head to drop the garbage frame")
+        s.close()
+        s = nanoray._connect(addr, b"right")  # a header claiming 4 GB
+        s.sendall(struct.pack("<I", 0xFFFFFFF0))
+        s.close()
+        assert status()["address"] == addr, "the head still serves"
+        text = log.read_text()
+        assert "refused a connection" in text and "wrong secret" in text
+        _nr_wait_until(lambda: "undecodable frame" in log.read_text(), what="the garbage frame in the log")
+        assert "claims" in log.read_text()
+    finally:
+        head.send_signal(_signal.SIGTERM)
+        head.wait(30)
+    assert head.returncode == 0
+
+
+def _nr_try(fn):
+    try:
+        return fn()
+    except (OSError, ConnectionError):
+        return None
+
+
+_NR_LEAK_DRIVER = r'''
+import os, signal, sys, time
+sys.path.insert(0, sys.argv[1])
+import nanoray as ray
+ray.init(num_cpus=2)
+@ray.remote
+class A:
+    def pid(self):
+        return os.getpid()
+@ray.remote(max_retries=0)
+def pid_then_hang():
+    return os.getpid()
+a = A.remote()
+pids = [ray.get(a.pid.remote()), ray.get(pid_then_hang.remote()), ray._client.head_proc.pid]
+os.kill(pids[0], signal.SIGKILL)          # a crashed actor worker
+big = ray.put(bytearray(5_000_000))        # an object in the arena at shutdown
+print("PIDS", *pids, ray._client.info["arena"], ray._client.address, flush=True)
+ray.shutdown()
+'''
+
+
+def test_nanoray_no_leaked_processes_or_arenas_after_shutdown():
+    """After shutdown (with a crashed worker and a live object before it): no head, worker or janitor
+    process of that cluster is left, and its arena is gone from /dev/shm."""
+    psutil = pytest.importorskip("psutil")
+    out = subprocess.run([sys.executable, "-c", _NR_LEAK_DRIVER, str(ROOT)], capture_output=True, text=True,
+                         timeout=120)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("PIDS ")]
+    assert out.returncode == 0 and line, out.stdout + out.stderr
+    *pids, arena, address = line[0].split()[1:]
+    assert not os.path.exists(arena), "the arena is removed by shutdown"
+
+    def leftovers():
+        found = []
+        for p in psutil.process_iter(["cmdline", "environ"]):
+            env, cmd = p.info["environ"] or {}, " ".join(p.info["cmdline"] or [])
+            if (env.get("NANORAY_ADDRESS") == address or arena in cmd) and _nr_pid_alive(p.pid):
+                found.append((p.pid, cmd[:80]))
+        return found + [(int(pid), "reported") for pid in pids if _nr_pid_alive(int(pid))]
+    _nr_wait_until(lambda: not leftovers(), what="every process of the cluster gone")
+
+
+def _nr_compat_program(ray):
+    """One program for nanoray and for real Ray: tasks, actors, put/get/wait, errors, placement groups."""
+    @ray.remote
+    def square(x):
+        return x * x
+
+    @ray.remote(num_returns=2)
+    def div_mod(a, b):
+        return a // b, a % b
+
+    @ray.remote
+    def kinds(v, nested):
+        return type(v).__name__, type(nested[0]).__name__, sum(v)
+
+    @ray.remote
+    def fail():
+        raise ValueError("bad input 7")
+
+    @ray.remote
+    def nap(s):
+        import time
+        time.sleep(s)
+        return s
+
+    @ray.remote
+    class Counter:
+        def __init__(self, start):
+            self.n = start
+
+        def add(self, k):
+            self.n += k
+            return self.n
+    out = {}
+    refs = [square.remote(i) for i in range(6)]
+    ready, rest = ray.wait(refs, num_returns=6, timeout=60)
+    out["squares"], out["rest"] = ray.get(ready), len(rest)
+    out["div_mod"] = ray.get(list(div_mod.remote(17, 5)))
+    data = ray.put(list(range(100)))
+    out["kinds"] = ray.get(kinds.remote(data, [data]))
+    c = Counter.remote(10)
+    out["counter"] = ray.get([c.add.remote(k) for k in (1, 2, 3)])
+    named = Counter.options(name="compat_counter").remote(0)
+    ray.get(named.add.remote(5))
+    out["named"] = ray.get(ray.get_actor("compat_counter").add.remote(1))
+    try:
+        ray.get(fail.remote())
+    except ValueError as e:
+        out["error"] = ["bad input 7" in str(e), isinstance(e, ray.exceptions.RayTaskError)]
+    try:
+        ray.get(nap.remote(2), timeout=0.1)
+    except ray.exceptions.GetTimeoutError as e:
+        out["timeout"] = isinstance(e, TimeoutError)
+    del c, named
+    pg = ray.util.placement_group([{"CPU": 1}, {"CPU": 1}], strategy="PACK")
+    ray.get(pg.ready(), timeout=60)
+    strat = ray.util.scheduling_strategies.PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=1)
+    out["in_pg"] = ray.get(square.options(scheduling_strategy=strat).remote(9), timeout=60)
+    ray.util.remove_placement_group(pg)
+    out["cpus"] = ray.cluster_resources()["CPU"]
+    return out
+
+
+def test_nanoray_ray_compat_program_same_results_on_both(nr):
+    expected = {"squares": [0, 1, 4, 9, 16, 25], "rest": 0, "div_mod": [3, 2], "kinds": ("list", "ObjectRef", 4950),
+                "counter": [11, 13, 16], "named": 6, "error": [True, True], "timeout": True, "in_pg": 81,
+                "cpus": 2.0}
+    assert _nr_compat_program(nr) == expected
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    try:
+        assert _nr_compat_program(ray) == expected
+    finally:
+        ray.shutdown()
+
+
+_NR_GPU_DRIVER = r'''
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import nanoray as ray
+ray.init()                                 # the node offers the GPUs it finds (CUDA_VISIBLE_DEVICES or /proc)
+n = int(ray.cluster_resources().get("GPU", 0))
+
+@ray.remote
+class Probe:
+    def look(self):
+        import torch
+        x = torch.ones(1024, device="cuda") * 2     # the device really works in the actor
+        return os.environ["CUDA_VISIBLE_DEVICES"], torch.cuda.device_count(), float(x.sum())
+whole = [Probe.options(num_gpus=1).remote() for _ in range(n)]
+halves = [Probe.options(num_gpus=0.5).remote() for _ in range(2)] if n == 1 else []
+out = {"n": n, "whole": ray.get([p.look.remote() for p in whole], timeout=300)}
+del whole
+out["halves"] = ray.get([p.look.remote() for p in halves], timeout=300)
+print("RESULT " + json.dumps(out), flush=True)
+ray.shutdown()
+'''
+
+
+@requires_cuda
+def test_gpu_nanoray_actors_get_their_own_gpus():
+    """On a GPU machine: one actor per GPU (num_gpus=1) sees exactly one device and computes on it, all on
+    different devices; with one GPU, two num_gpus=0.5 actors share it."""
+    out = subprocess.run([sys.executable, "-c", _NR_GPU_DRIVER, str(ROOT)], capture_output=True, text=True,
+                         timeout=600)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stdout + out.stderr
+    r = json.loads(lines[0][7:])
+    assert r["n"] == torch.cuda.device_count() >= 1
+    assert all(count == 1 and total == 2048.0 for _, count, total in r["whole"])
+    assert len({dev for dev, _, _ in r["whole"]}) == r["n"], "each actor got its own device"
+    if r["n"] == 1:
+        assert [dev for dev, _, _ in r["halves"]] == [r["whole"][0][0]] * 2, "two halves share the device"

@@ -1,0 +1,2855 @@
+"""
+nanoray.py -- a Ray-shaped distributed engine in one file: tasks, actors, object refs, a shared-memory
+object store, resources and placement groups, over processes on one machine or on several.
+
+Stands in for Ray core. The API is a strict subset of Ray's (same names, arguments and semantics), so
+`import nanoray as ray` runs a Ray program that stays inside the subset, and a program written against
+nanoray runs unchanged on real Ray, the scale-out path (test_all.py runs one program on both).
+Keeps: init/shutdown/is_initialized; @remote functions (num_cpus, num_gpus, resources, max_retries,
+retry_exceptions, num_returns, scheduling_strategy) and actors (max_restarts, max_task_retries,
+max_concurrency threads, async methods, named and detached actors), .options(), get/wait/put with
+timeouts, kill, get_actor, cluster/available_resources, nodes, get_gpu_ids, placement groups (PACK,
+SPREAD, STRICT_PACK, STRICT_SPREAD) as `nanoray.util.*`, the `exceptions` namespace. Drops: the
+dashboard, runtime_env, object spilling and lineage reconstruction (a lost object raises
+ObjectLostError), generators, cancel, Ray Client, autoscaling, every non-Python language. Differs
+where noted: an actor holds 0 CPUs unless asked (Ray also needs 1 free CPU to place it); bundles on a
+dead node are not rescheduled; sync methods of an async actor run on threads.
+
+How it works. Processes: one *head* per cluster (object directory, reference counts, scheduler, actor
+table, placement groups, and the node manager of its own machine); one *raylet* per extra machine
+(spawns that node's workers, owns its arena, moves objects between nodes); *workers* (one process each,
+reused by tasks, dedicated to an actor); *drivers*. Everyone talks to the head over TCP, messages are
+pickles, so every connection first proves a shared secret (HMAC challenge both ways). A worker is a
+fresh interpreter, as with multiprocessing's "spawn" (never a fork: forking after torch/CUDA
+initialised is unsafe), started with subprocess rather than multiprocessing so that it does not
+re-import the driver's __main__. So functions and classes defined in `__main__` or inside a function
+travel *by value* (code + the globals they use, like Ray's cloudpickle); the rest by reference.
+A task's results are pushed to the process that submitted it (its owner), which waits for them.
+  Objects. <= 100 KiB travel inside messages and live in the head's memory; larger ones live in the
+node's *arena*, one sparse file in /dev/shm that every process of the node maps. A writer asks the
+head for a region, copies its pickle stream and out-of-band buffers (pickle protocol 5: numpy arrays,
+and torch CPU tensors through a reducer here) into it; a reader maps the region copy-on-write, so
+arrays and tensors it gets view the store without a copy (time independent of size) and writes stay
+private. Reference counting, owner-based with the head as the single owner: a process reports its
+first and its last ObjectRef of an id ("+"/"-"); the head keeps the holders per object, plus pins
+(tasks using it as an argument, objects containing it). Messages of one connection arrive in order,
+so a ref passed to a task is pinned before the sender's "-" arrives. An object is freed when it has
+no holder and no pin; its region returns to the allocator once no process maps it any more (each
+mapping reports "m"/"u"; views die -> the mapping dies -> "u"). A crashed worker's regions are
+reclaimed by the head; a killed node's arena is removed by that node's janitor (a tiny process that
+waits on a pipe for its node to die).
+  Failures: a worker's death is seen as EOF on its socket (or its exit code): its task is retried up to
+max_retries (default 3), then the ref raises WorkerCrashedError; an actor restarts up to max_restarts
+(state lost; calls that were running fail with RayActorError, later ones reach the new process; once
+out of restarts, ActorDiedError). A node's death loses the objects only it had (ObjectLostError).
+get(timeout=) never waits past its timeout.
+
+Commands:
+  python nanoray.py                      # self-test (seconds): every API on a 2-CPU local cluster
+  python nanoray.py --bench              # vs the `ray` package in the same run (when installed)
+  python nanoray.py start --head --port 6379 [--node-ip-address IP] [--num-cpus N] [--num-gpus N]
+  python nanoray.py start --address HOST:6379          # join; both read the secret from NANORAY_SECRET,
+                                                       # else ~/.nanoray/secret (mode 0600, made by --head)
+  python nanoray.py status [--address HOST:PORT]       # nodes, resources, actors, tasks, store use
+  python nanoray.py stop                               # stop the nodes started on this machine
+
+With torchrun's SPMD code, under one driver (how ppo.py places its roles): reserve the GPUs with a
+placement group, start one actor per rank in its bundle, and give each actor the environment torchrun
+would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); code written for torchrun (nanotron's
+mesh) then runs unchanged inside the actors. The driver asks rank 0 for its node address and a free
+port, so the group also forms across machines. Engines get their own placement group:
+    pg = ray.util.placement_group([{"CPU": 1, "GPU": 1}] * W, strategy="PACK"); ray.get(pg.ready())
+    ranks = [Trainer.options(num_gpus=1, scheduling_strategy=ray.util.scheduling_strategies.
+             PlacementGroupSchedulingStrategy(pg, i)).remote() for i in range(W)]
+    addr, port = ray.get(ranks[0].free_address.remote())
+    ray.get([r.join.remote(rank=i, world=W, addr=addr, port=port) for i, r in enumerate(ranks)])
+    # join(): os.environ.update(RANK=..., MASTER_ADDR=...); torch.distributed.init_process_group()
+(test_all.py runs exactly this with gloo on CPU.)
+
+First read (~600 lines): this docstring -> ObjectRef and the public API (init, remote, get, put, wait)
+-> _Head (the directory, _schedule, _on_done) -> _worker_main. Independent chapters: serialization
+(by-value functions, tensors, the object layout), the wire (frames + HMAC), the arena allocator,
+placement groups, failures, the CLI. Sections: errors . serialization . wire . resources and arena .
+client side (ObjectRef, _Client, public API) . head . node manager, raylet, worker . CLI, self-test, bench.
+"""
+
+import atexit
+import builtins
+import ctypes
+import hashlib
+import hmac
+import importlib
+import inspect
+import io
+import itertools
+import json
+import marshal
+import mmap
+import os
+import pickle
+import selectors
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import types
+import weakref
+from collections import Counter, deque
+from dataclasses import dataclass, field, fields
+
+INLINE_MAX = 100 * 1024  # objects up to this size travel inside messages (Ray's max_direct_call_object_size)
+UNIT = 10_000  # resources are counted in 1/10000 units: fractional GPUs without float drift
+MAX_FRAME = 1 << 28  # a length header above 256 MiB is garbage: no message is that big
+AUTH_TIMEOUT = 5.0  # seconds a peer gets to prove the secret before it is dropped
+RPC_TIMEOUT = 120.0  # an internal request to the head that takes longer than this means the head is stuck
+PAGE = mmap.ALLOCATIONGRANULARITY  # arena regions start on page boundaries (mmap offsets must)
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+STATE_DIR = os.environ.get("NANORAY_STATE_DIR") or os.path.join(tempfile.gettempdir(), f"nanoray-{os.getuid()}")
+SECRET_FILE = os.path.join(os.path.expanduser("~"), ".nanoray", "secret")
+_BY_VALUE = {"__main__"}  # modules whose functions and classes ship by value (locals always do)
+
+
+def _log(msg: str) -> None:
+    print(f"[nanoray {os.getpid()} {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+# ---- errors: the `exceptions` namespace (ray.exceptions) ------------------------------------------
+
+class RayError(Exception):
+    """Base of every nanoray error."""
+
+
+class RayTaskError(RayError):
+    """An exception raised by remote code, with the remote traceback. `get` raises it as an instance of
+    both RayTaskError and the original class (as Ray does), so `except ValueError` still catches it."""
+
+    def __init__(self, function_name="", traceback_str="", cause=None, pid=0):
+        super().__init__(function_name, traceback_str, cause, pid)
+        self.function_name, self.traceback_str, self.cause, self.pid = function_name, traceback_str, cause, pid
+
+    def __str__(self):
+        return f"{self.function_name} failed in worker pid {self.pid}:\n{self.traceback_str.rstrip()}"
+
+    def as_instanceof_cause(self):
+        cause = self.cause
+        if cause is None or isinstance(cause, RayTaskError):
+            return self
+        try:  # a class deriving from both; creating it fails for classes that cannot be subclassed
+            cls = _DUAL.get(type(cause)) or _DUAL.setdefault(
+                type(cause), type(f"RayTaskError({type(cause).__name__})", (RayTaskError, type(cause)), {}))
+            err = cls.__new__(cls)
+        except TypeError:
+            return self
+        err.__dict__.update(cause.__dict__)
+        err.__dict__.update(self.__dict__)
+        err.args = cause.args
+        return err
+
+
+_DUAL: dict = {}
+
+
+class RayActorError(RayError):
+    """An actor method could not run: the actor process died or was killed."""
+
+
+class ActorDiedError(RayActorError):
+    """The actor is dead (out of restarts, killed, or its constructor raised)."""
+
+
+class WorkerCrashedError(RayError):
+    """The worker process running the task died, and the task ran out of retries."""
+
+
+class ObjectLostError(RayError):
+    """The object's only copy was on a node that died (or it was freed): there is no lineage to rebuild it."""
+
+
+class ObjectStoreFullError(RayError):
+    """The node's arena has no region large enough for a new object."""
+
+
+class RaySystemError(RayError):
+    """The connection to the head was lost."""
+
+
+class GetTimeoutError(RayError, TimeoutError):
+    """get() did not finish within its timeout."""
+
+
+exceptions = types.SimpleNamespace(
+    RayError=RayError, RayTaskError=RayTaskError, RayActorError=RayActorError, ActorDiedError=ActorDiedError,
+    WorkerCrashedError=WorkerCrashedError, ObjectLostError=ObjectLostError, RaySystemError=RaySystemError,
+    ObjectStoreFullError=ObjectStoreFullError, GetTimeoutError=GetTimeoutError)
+
+
+# ---- serialization: by-value code, zero-copy tensors, the object layout ---------------------------
+# A worker cannot import the driver's __main__ or a function's local scope, so such functions travel
+# as (marshalled code, the globals it names, closure cells); classes as (bases, attribute dict). The
+# reconstructor first looks for the same object in the receiving process (the driver gets its own
+# classes back, so `except MyError` works) and builds a copy only when it is not there.
+
+def _by_value(obj) -> bool:
+    qual = getattr(obj, "__qualname__", "")
+    return getattr(obj, "__module__", None) in _BY_VALUE or "<locals>" in qual or qual == "<lambda>"
+
+
+def _lookup(module, qualname, kind):
+    obj = sys.modules.get(module)
+    if obj is None or "<locals>" in qualname:
+        return None
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+    return obj if isinstance(obj, kind) else None
+
+
+def _code_names(code, out):
+    out.update(code.co_names)  # globals and attribute names; only keys of the globals dict are kept
+    for c in code.co_consts:
+        if isinstance(c, types.CodeType):
+            _code_names(c, out)
+    return out
+
+
+_EMPTY = object()  # an empty closure cell
+
+
+def _reduce_function(fn):
+    g = fn.__globals__
+    cells = []
+    for c in fn.__closure__ or ():
+        try:
+            cells.append(c.cell_contents)
+        except ValueError:
+            cells.append(_EMPTY)
+    # state comes after the skeleton is memoised: a function that names itself (recursion) just works
+    state = ({n: g[n] for n in _code_names(fn.__code__, set()) if n in g}, fn.__defaults__,
+             fn.__kwdefaults__, cells, fn.__dict__, fn.__doc__)
+    args = (marshal.dumps(fn.__code__), fn.__name__, fn.__qualname__, fn.__module__, len(cells))
+    return _make_function, args, state, None, None, _set_function_state
+
+
+def _make_function(code, name, qualname, module, ncells):
+    existing = _lookup(module, qualname, types.FunctionType)
+    if existing is not None:
+        return existing
+    g = {"__builtins__": builtins, "__name__": module}
+    closure = tuple(types.CellType() for _ in range(ncells)) or None
+    fn = types.FunctionType(marshal.loads(code), g, name, None, closure)
+    fn.__qualname__, fn.__nanoray_by_value__ = qualname, True
+    return fn
+
+
+def _set_function_state(fn, state):
+    if not fn.__dict__.get("__nanoray_by_value__"):
+        return fn  # the receiving process's own function: leave it alone
+    g, fn.__defaults__, fn.__kwdefaults__, cells, d, fn.__doc__ = state
+    fn.__globals__.update(g)
+    for cell, value in zip(fn.__closure__ or (), cells):
+        if value is not _EMPTY:
+            cell.cell_contents = value
+    fn.__dict__.update(d)
+    return fn
+
+
+def _reduce_class(cls):
+    d = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+    return (_make_class, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__), d,
+            None, None, _set_class_state)
+
+
+def _make_class(meta, name, qualname, module, bases):
+    existing = _lookup(module, qualname, type)
+    if existing is not None:
+        return existing
+    cls = meta(name, bases, {"__module__": module, "__nanoray_by_value__": True})
+    cls.__qualname__ = qualname
+    return cls
+
+
+def _set_class_state(cls, d):
+    if cls.__dict__.get("__nanoray_by_value__"):
+        for k, v in d.items():
+            if k not in ("__module__", "__qualname__"):
+                setattr(cls, k, v)
+    return cls
+
+
+def _tensor_from_buffer(buf, dtype, shape, requires_grad):
+    """Rebuild a CPU tensor on top of `buf` (a view of the store or of a message): no copy."""
+    import torch  # only processes that receive tensors pay for importing torch
+    mv, dt = memoryview(buf), getattr(torch, dtype)
+    t = torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape) if mv.nbytes else torch.empty(shape, dtype=dt)
+    return t.requires_grad_() if requires_grad else t
+
+
+class _Pickler(pickle.Pickler):
+    """Protocol 5 with out-of-band buffers, plus: ObjectRefs are recorded (the head pins them while the
+    containing object lives), CPU tensors give their memory as a buffer, by-value code as above."""
+
+    def __init__(self, file, buffers):
+        super().__init__(file, protocol=5, buffer_callback=buffers.append)
+        self.refs, self.keep = [], []  # ids of ObjectRefs inside; temporaries the buffers point into
+
+    def reducer_override(self, obj):  # called for every object but the plain containers and scalars
+        t = type(obj)
+        if t is ObjectRef:
+            self.refs.append(obj._id)
+            return ObjectRef, (obj._id,)
+        if t is types.FunctionType:
+            return _reduce_function(obj) if _by_value(obj) else NotImplemented
+        if isinstance(obj, type):
+            return _reduce_class(obj) if _by_value(obj) else NotImplemented
+        if t is types.ModuleType:
+            return importlib.import_module, (obj.__name__,)
+        if t is staticmethod or t is classmethod:
+            return t, (obj.__func__,)
+        if t is property:
+            return property, (obj.fget, obj.fset, obj.fdel, obj.__doc__)
+        torch = sys.modules.get("torch")  # no torch imported -> no tensors can exist
+        if torch is not None and t is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided \
+                and obj.grad_fn is None:
+            c = obj.detach().contiguous()  # a copy only when the tensor is not contiguous
+            self.keep.append(c)
+            n = c.numel() * c.element_size()
+            # the tensor's bytes as a buffer without numpy: a ctypes array over its data pointer
+            raw = (ctypes.c_ubyte * n).from_address(c.data_ptr()) if n else bytearray()
+            return _tensor_from_buffer, (pickle.PickleBuffer(raw), str(c.dtype)[6:], tuple(c.shape), obj.requires_grad)
+        return NotImplemented
+
+
+# One object = header | buffer table | pickle stream | out-of-band buffers, each buffer 64-byte aligned
+# (vector loads). The same layout lives inline in a message or in an arena region.
+_HDR, _BUF, _MAGIC = struct.Struct("<8sIQ"), struct.Struct("<QQ"), b"NRAYOBJ1"
+
+
+_PLAIN = {type(None), bool, int, float, str, bytes}  # values that cannot hold refs, tensors or code
+
+
+def _plain(value) -> bool:
+    t = type(value)
+    return t in _PLAIN or (t in (list, tuple) and len(value) < 16 and all(_plain(v) for v in value)) or (
+        t is dict and len(value) < 16 and all(type(k) is str and _plain(v) for k, v in value.items()))
+
+
+def _dumps(value):
+    """value -> (parts [(offset, bytes-like)], size, ids of contained refs, temporaries to keep alive)."""
+    if _plain(value):  # the common small case (a task's arguments, None returned): the C pickler alone
+        data = pickle.dumps(value, protocol=5)
+        return [(0, _HDR.pack(_MAGIC, 0, len(data))), (_HDR.size, data)], _HDR.size + len(data), [], None
+    bufs, f = [], io.BytesIO()
+    p = _Pickler(f, bufs)
+    p.dump(value)
+    data, raws = f.getbuffer(), [b.raw() for b in bufs]
+    pos = _HDR.size + _BUF.size * len(raws) + len(data)
+    table = []
+    for r in raws:
+        pos = (pos + 63) & ~63
+        table.append((pos, r.nbytes))
+        pos += r.nbytes
+    header = _HDR.pack(_MAGIC, len(raws), len(data)) + b"".join(_BUF.pack(o, n) for o, n in table)
+    parts = [(0, header), (len(header), data)] + [(o, r) for (o, _), r in zip(table, raws)]
+    return parts, pos, p.refs, p.keep
+
+
+def _to_bytes(parts, size) -> bytes:
+    out = bytearray(size)
+    for off, chunk in parts:
+        out[off:off + len(chunk)] = chunk
+    return bytes(out)
+
+
+def _loads(mv):
+    """An object from its layout. Buffers are slices of `mv`: writable views (a bytearray copy of a small
+    object, a copy-on-write mapping of an arena region) so arrays and tensors come back writable."""
+    magic, nbuf, plen = _HDR.unpack_from(mv, 0)
+    if magic != _MAGIC:
+        raise ObjectLostError("corrupt object: bad magic (the store was overwritten?)")
+    pos, bufs = _HDR.size, []
+    for _ in range(nbuf):
+        off, n = _BUF.unpack_from(mv, pos)
+        bufs.append(mv[off:off + n])
+        pos += _BUF.size
+    return pickle.loads(mv[pos:pos + plen], buffers=bufs)
+
+
+def _bytes_of(value, what="a value") -> bytes:
+    try:
+        parts, size, _, _ = _dumps(value)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        raise TypeError(f"{what} cannot be sent to another process: {e}") from None
+    return _to_bytes(parts, size)
+
+
+def _error_desc(exc) -> tuple:
+    """The descriptor of an object whose value is an error (raised by get)."""
+    try:
+        return ("error", _bytes_of(exc))
+    except Exception:  # an unpicklable cause: keep the traceback text, drop the object
+        return ("error", _bytes_of(RayTaskError(getattr(exc, "function_name", "?"), str(exc))))
+
+
+# ---- wire: length-prefixed pickles after a mutual HMAC challenge ----------------------------------
+# Unpickling is code execution, so nothing is unpickled from a peer before it proved the secret:
+# server -> b"NRAY1" + nonce_s; client -> HMAC(secret, "C" + nonce_s) + nonce_c; server checks, then
+# -> HMAC(secret, "S" + nonce_c); the client checks. Different role prefixes stop a reflection attack.
+# This authenticates peers; it does not encrypt: across machines, use a trusted network (as with Ray).
+
+_LEN = struct.Struct("<I")
+
+
+def _frame(msg) -> bytes:
+    data = pickle.dumps(msg, protocol=5)
+    return _LEN.pack(len(data)) + data
+
+
+def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
+    return hmac.new(secret, role + nonce, hashlib.sha256).digest()
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("the peer closed the connection during the handshake")
+        buf += chunk
+    return bytes(buf)
+
+
+def _auth_server(sock, secret: bytes) -> None:
+    nonce = os.urandom(32)
+    sock.sendall(b"NRAY1" + nonce)
+    reply = _recv_exact(sock, 64)
+    if not hmac.compare_digest(reply[:32], _mac(secret, b"C", nonce)):
+        raise ConnectionError("wrong secret (or not a nanoray peer)")
+    sock.sendall(_mac(secret, b"S", reply[32:]))
+
+
+def _auth_client(sock, secret: bytes) -> None:
+    hello = _recv_exact(sock, 37)
+    if hello[:5] != b"NRAY1":
+        raise ConnectionError("the server is not a nanoray node")
+    mine = os.urandom(32)
+    sock.sendall(_mac(secret, b"C", hello[5:]) + mine)
+    try:
+        proof = _recv_exact(sock, 32)
+    except ConnectionError:
+        raise ConnectionError("the node refused our secret (NANORAY_SECRET or the secret file differ)") from None
+    if not hmac.compare_digest(proof, _mac(secret, b"S", mine)):
+        raise ConnectionError("the node failed to prove the shared secret")
+
+
+def _split_address(address: str):
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address {address!r}: expected HOST:PORT")
+    return host or "127.0.0.1", int(port)
+
+
+def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socket:
+    try:
+        sock = socket.create_connection(_split_address(address), timeout=timeout)
+    except OSError as e:
+        raise ConnectionError(f"cannot reach a nanoray node at {address}: {e}") from None
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages: no Nagle delay
+    try:
+        _auth_client(sock, secret)
+    except (OSError, ConnectionError) as e:
+        sock.close()
+        raise ConnectionError(f"{address}: {e}") from None
+    sock.settimeout(None)
+    return sock
+
+
+def _load_secret(path=None) -> bytes:
+    """The cluster secret: $NANORAY_SECRET, else the file (--secret-file, $NANORAY_SECRET_FILE or
+    ~/.nanoray/secret), which must be readable by its owner only."""
+    if os.environ.get("NANORAY_SECRET"):
+        return os.environ["NANORAY_SECRET"].encode()
+    path = path or os.environ.get("NANORAY_SECRET_FILE") or SECRET_FILE
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no secret: set NANORAY_SECRET, or create {path} (mode 0600); "
+                                f"`start --head` creates it") from None
+    if st.st_mode & 0o077:
+        raise PermissionError(f"the secret file {path} has mode {st.st_mode & 0o777:o}: it must be readable by "
+                              f"its owner only (chmod 600 {path})")
+    with open(path, "rb") as f:
+        secret = f.read().strip()
+    if not secret:
+        raise ValueError(f"the secret file {path} is empty")
+    return secret
+
+
+# ---- resources, the arena and its allocator -------------------------------------------------------
+
+def _units(x, what: str) -> int:
+    if not isinstance(x, (int, float)) or x < 0:
+        raise ValueError(f"{what}={x!r}: expected a number >= 0")
+    return round(x * UNIT)
+
+
+def _detect_gpus() -> list:
+    """Physical GPU ids this node may use, without importing torch: CUDA_VISIBLE_DEVICES, else the
+    driver's /proc entries."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [g for g in env.split(",") if g.strip() and g.strip() != "-1"]
+    try:
+        return [str(i) for i in range(len(os.listdir("/proc/driver/nvidia/gpus")))]
+    except OSError:
+        return []
+
+
+class _Pool:
+    """Free resources of a node or of a placement-group bundle, in units; GPUs also per device so a
+    task gets device ids (num_gpus=0.5 shares a device, num_gpus=2 takes two whole ones)."""
+
+    def __init__(self, free: dict, gpus: dict):
+        self.free, self.gpus = dict(free), dict(gpus)  # resource -> units; gpu index -> free units
+
+    def take(self, req: dict):
+        """Allocate `req` -> (resources, {gpu index: units}), or None when it does not fit now."""
+        if any(self.free.get(k, 0) < v for k, v in req.items()):
+            return None
+        g, ids = req.get("GPU", 0), {}
+        if g and g <= UNIT:  # a fraction (or one): the fullest device that still fits (best fit)
+            fits = [i for i, f in self.gpus.items() if f >= g]
+            if not fits:
+                return None
+            ids = {min(fits, key=lambda i: self.gpus[i]): g}
+        elif g:  # several whole devices
+            whole = [i for i, f in sorted(self.gpus.items()) if f == UNIT][:g // UNIT]
+            if len(whole) < g // UNIT:
+                return None
+            ids = {i: UNIT for i in whole}
+        for k, v in req.items():
+            self.free[k] -= v
+        for i, u in ids.items():
+            self.gpus[i] -= u
+        return dict(req), ids
+
+    def give(self, alloc) -> None:
+        for k, v in alloc[0].items():
+            self.free[k] = self.free.get(k, 0) + v
+        for i, u in alloc[1].items():
+            self.gpus[i] += u
+
+
+class _Alloc:
+    """First-fit allocator over one arena: a sorted free list of (offset, size), neighbours coalesced
+    on free. Sizes are rounded up to pages so every region can be mapped on its own."""
+
+    def __init__(self, size: int):
+        self.size, self.free_list = size, [(0, size)]
+
+    def alloc(self, n: int):
+        n = -(-max(n, 1) // PAGE) * PAGE
+        for i, (off, size) in enumerate(self.free_list):
+            if size >= n:
+                self.free_list[i:i + 1] = [(off + n, size - n)] if size > n else []
+                return off
+        return None
+
+    def free(self, off: int, n: int) -> None:
+        n = -(-max(n, 1) // PAGE) * PAGE
+        fl = self.free_list
+        i = next((k for k, (o, _) in enumerate(fl) if o > off), len(fl))
+        fl.insert(i, (off, n))
+        if i + 1 < len(fl) and off + n == fl[i + 1][0]:  # merge with the block after
+            fl[i:i + 2] = [(off, n + fl[i + 1][1])]
+        if i > 0 and fl[i - 1][0] + fl[i - 1][1] == off:  # and with the block before
+            fl[i - 1:i + 1] = [(fl[i - 1][0], fl[i - 1][1] + fl[i][1])]
+
+    def free_bytes(self) -> int:
+        return sum(s for _, s in self.free_list)
+
+
+class _Arena:
+    """One node's object store: a sparse file in /dev/shm mapped once per process for writing (its
+    pages stay mapped, so reusing a freed region copies at memcpy speed) and mapped per read,
+    copy-on-write, so a reader's arrays view the store and the mapping's life tracks theirs."""
+
+    def __init__(self, path: str, size: int, create: bool = False):
+        self.path, self.size = path, size
+        self.fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
+        if create:
+            os.ftruncate(self.fd, size)  # sparse: a page costs memory only once written
+        self.map = mmap.mmap(self.fd, size)
+        self.mv = memoryview(self.map)
+
+    def write(self, off: int, parts) -> None:
+        for o, chunk in parts:
+            self.mv[off + o:off + o + len(chunk)] = chunk  # the one copy of a put
+
+    def view(self, off: int, size: int, on_unmap):
+        base = off - off % PAGE
+        m = mmap.mmap(self.fd, size + off - base, offset=base, access=mmap.ACCESS_COPY)
+        weakref.finalize(m, on_unmap, off)  # runs when the last array/tensor viewing it is gone
+        return memoryview(m)[off - base:off - base + size]
+
+    def close(self) -> None:
+        self.mv.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+# ---- client side: ObjectRef, the connection to the head, the public API ---------------------------
+
+_client = None  # this process's _Client once init() ran (or the worker/raylet connection)
+
+
+def _need_client():
+    if _client is None:
+        raise RuntimeError("nanoray is not initialized: call nanoray.init() first")
+    return _client
+
+
+class ObjectRef:
+    """A future for one object. Creating the first ref of an id in a process and dropping the last are
+    reported to the head ("+"/"-"), which frees the object when no process holds it."""
+    __slots__ = ("_id", "__weakref__")
+
+    def __init__(self, oid: str, _counted: bool = False):
+        self._id = oid
+        if _client is not None:
+            _client.addref(oid, _counted)  # _counted: the head already counted this process
+
+    def __del__(self):
+        c = _client
+        if c is not None:
+            c.delref(self._id)
+
+    def hex(self) -> str:
+        return self._id
+
+    def __eq__(self, other):
+        return type(other) is ObjectRef and other._id == self._id
+
+    def __hash__(self):
+        return hash(self._id)
+
+    def __repr__(self):
+        return f"ObjectRef({self._id})"
+
+    def __reduce__(self):  # unpickling makes a new ref: its process reports "+"
+        return ObjectRef, (self._id,)
+
+    def __await__(self):  # `await ref` in async actors: a blocking get on a helper thread
+        import asyncio
+        return asyncio.get_running_loop().run_in_executor(None, get, self).__await__()
+
+
+class _Arg(str):
+    """The id of a top-level ObjectRef argument: the worker replaces it by the object's value (nested
+    refs, e.g. inside a list, arrive as refs: Ray's rule)."""
+
+
+class _Client:
+    """One process's connection to the head and its local state: ref counts, cached object descriptors,
+    the arena. No reader thread: a thread that waits reads the socket itself ("caller pumps") and
+    files what it reads for the others, so a synchronous call costs one send and one receive."""
+
+    def __init__(self, address: str, secret: bytes, hello: dict, timeout: float = 10.0):
+        self.address, self.secret, self.sock = address, secret, _connect(address, secret, timeout)
+        self.send_lock, self.ref_lock, self.cond = threading.Lock(), threading.RLock(), threading.Condition()
+        self.reading, self.rbuf, self.rpos = False, bytearray(), 0
+        self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
+        self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
+        self.owned, self.elsewhere = set(), set()  # returns of our tasks, not pushed yet; pushed as "ask"
+        self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()
+        self.in_task, self.arena, self.head_proc = False, None, None
+        try:
+            self.send(("hello", hello))
+            if not self.pump(lambda: 0 in self.replies, time.monotonic() + RPC_TIMEOUT):
+                raise TimeoutError(f"the nanoray head at {address} did not answer hello")
+            self.info = self._reply(0)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def new_id(self) -> str:
+        return f"{self.prefix}{next(self.ids):x}"
+
+    # -- references: local counts, "+"/"-" and map/unmap reports queued and flushed with the next send
+    def addref(self, oid, counted):
+        with self.ref_lock:
+            n = self.counts.get(oid, 0)
+            self.counts[oid] = n + 1
+            if n == 0 and not counted:
+                self.ops.append(("+", oid))
+
+    def delref(self, oid):
+        with self.ref_lock:
+            n = self.counts.get(oid)
+            if n is None:
+                return
+            if n > 1:
+                self.counts[oid] = n - 1
+                return
+            del self.counts[oid]
+            self.descs.pop(oid, None)
+            self.ops.append(("-", oid))
+
+    def unmapped(self, off):
+        with self.ref_lock:
+            self.ops.append(("u", off))
+
+    # -- the socket
+    def send(self, msg) -> None:
+        with self.send_lock:
+            with self.ref_lock:
+                ops, self.ops = self.ops, []
+            data = (_frame(("refs", ops)) if ops else b"") + _frame(msg)
+            try:
+                self.sock.sendall(data)
+            except OSError as e:
+                raise RaySystemError(f"lost the connection to the nanoray head at {self.address}: {e}") from None
+
+    def _recv(self, timeout):
+        while True:
+            buf, pos = self.rbuf, self.rpos
+            if len(buf) - pos >= 4:
+                (n,) = _LEN.unpack_from(buf, pos)
+                if len(buf) - pos - 4 >= n:
+                    self.rpos = pos + 4 + n
+                    if self.rpos == len(buf):
+                        self.rbuf, self.rpos = bytearray(), 0
+                    return pickle.loads(buf[pos + 4:pos + 4 + n])
+            if pos > (1 << 20):  # compact now and then, not per message (that would be quadratic)
+                del buf[:pos]
+                self.rpos = 0
+            self.sock.settimeout(timeout)
+            try:
+                chunk = self.sock.recv(1 << 20)
+            except socket.timeout:
+                return None
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise RaySystemError(f"lost the connection to the nanoray head at {self.address}")
+            self.rbuf += chunk
+
+    def pump(self, done, deadline=None) -> bool:
+        """Read and file messages until done() (True) or the deadline (False)."""
+        while True:
+            with self.cond:
+                if done():
+                    return True
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return False
+                if self.reading:  # another thread reads for us and notifies
+                    self.cond.wait(1.0 if left is None else min(left, 1.0))
+                    continue
+                self.reading = True
+            msg = None
+            try:
+                msg = self._recv(left)
+            finally:
+                with self.cond:
+                    self.reading = False
+                    if msg is not None:
+                        self._file(msg)
+                    self.cond.notify_all()
+
+    def _file(self, msg):
+        if msg[0] == "objs":  # descriptors: answers to a get, or the results of tasks we submitted
+            for oid, d in msg[2]:
+                self.owned.discard(oid)
+                if d is None:  # ready, but not readable here (another node's arena): get() asks
+                    self.elsewhere.add(oid)
+                elif oid in self.counts or self.wanted[oid] > 0:
+                    self.descs[oid] = d
+            self.acks.add(msg[1])
+        elif msg[0] == "reply":
+            self.replies[msg[1]] = msg[2]
+        else:  # work for a worker, commands for a raylet
+            self.inbox.append(msg)
+
+    def next_message(self, timeout=None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        return self.inbox.popleft() if self.pump(lambda: self.inbox, deadline) else None
+
+    def _reply(self, req):
+        v = self.replies.pop(req)
+        if isinstance(v, BaseException):
+            raise v
+        return v
+
+    def rpc(self, name, *args, timeout=RPC_TIMEOUT):
+        req = next(self.ids)
+        self.send(("rpc", req, name, args))
+        if not self.pump(lambda: req in self.replies, time.monotonic() + timeout):
+            raise TimeoutError(f"the nanoray head at {self.address} did not answer {name!r} within {timeout:.0f} s")
+        return self._reply(req)
+
+    # -- objects
+    def fetch(self, ids, timeout=None):
+        """Descriptors of `ids`, waiting until they are ready (and local) or raising GetTimeoutError."""
+        missing = [i for i in ids if i not in self.descs]
+        if missing:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            req = next(self.ids)
+            self.wanted.update(missing)
+            ask = [i for i in missing if i not in self.owned]  # our own task results are pushed anyway
+            if ask:
+                self.send(("get", req, ask, False))
+            pending = missing[::-1]
+
+            def done():
+                while pending and pending[-1] in self.descs:
+                    pending.pop()
+                return not pending or bool(self.elsewhere)
+            blocked = self.in_task and not self.pump(done, time.monotonic())
+            if blocked:  # a task waiting in get lends its CPU back, so nested tasks can run
+                self.send(("blocked", True))
+            try:
+                while True:
+                    ok = self.pump(done, deadline)
+                    with self.cond:
+                        there, self.elsewhere = [i for i in self.elsewhere if self.wanted[i] > 0], set()
+                    if there:
+                        self.send(("get", req, there, False))
+                    if not ok or not pending:
+                        break
+            finally:
+                if blocked:
+                    self.send(("blocked", False))
+                self.wanted.subtract(missing)
+            if not ok:
+                self.send(("unsub", req))
+                raise GetTimeoutError(f"get timed out after {timeout} s: {len(pending)} of {len(ids)} objects "
+                                      f"not ready")
+        out = [self.descs[i] for i in ids]
+        for i in missing:  # not ours to cache (no ref here), unless another thread still waits for it
+            if i not in self.counts and self.wanted[i] <= 0:
+                self.descs.pop(i, None)
+                del self.wanted[i]
+        return out
+
+    def value(self, desc):
+        kind = desc[0]
+        if kind == "inline":
+            return _loads(memoryview(bytearray(desc[1])))
+        if kind == "shm":
+            with self.ref_lock:
+                self.ops.append(("m", desc[1]))
+            return _loads(self.get_arena().view(desc[1], desc[2], self.unmapped))
+        err = _loads(memoryview(bytearray(desc[1])))
+        raise err.as_instanceof_cause() if isinstance(err, RayTaskError) else err
+
+    def get_arena(self):
+        if self.arena is None:
+            self.arena = _Arena(self.info["arena"], self.info["arena_size"])
+        return self.arena
+
+    def store(self, value):
+        """value -> (descriptor, contained ref ids): inline when small, else a region of the arena."""
+        parts, size, refs, _keep = _dumps(value)
+        if size <= INLINE_MAX:
+            return ("inline", _to_bytes(parts, size)), refs
+        off = self.rpc("alloc", size)
+        self.get_arena().write(off, parts)
+        return ("shm", off, size), refs
+
+    def pack_args(self, args, kwargs, what="the call"):
+        deps = []
+
+        def mark(x):
+            if type(x) is ObjectRef:
+                deps.append(x._id)
+                return _Arg(x._id)
+            return x
+        payload = ([mark(a) for a in args], {k: mark(v) for k, v in kwargs.items()})
+        try:
+            parts, size, refs, _keep = _dumps(payload)
+        except (pickle.PicklingError, TypeError, AttributeError) as e:
+            raise TypeError(f"an argument of {what} cannot be sent to another process: {e}") from None
+        if size <= INLINE_MAX:
+            return _to_bytes(parts, size), deps, refs
+        oid = self.new_id()  # large arguments become an object of their own, pinned by the task
+        desc, refs = self.store(payload)
+        self.send(("put", oid, desc, refs, False))
+        return oid, deps + [oid], []
+
+    def resolve_args(self, args, deps):
+        """(args, kwargs) of a task, top-level refs replaced by their values."""
+        descs = dict(deps)
+        need = [d for d, v in descs.items() if v is None]  # not on this node (or not inline): fetch
+        descs.update(zip(need, self.fetch(need)))
+        a, kw = self.value(descs[args]) if isinstance(args, str) else _loads(memoryview(bytearray(args)))
+        val = lambda x: self.value(descs[x]) if type(x) is _Arg else x  # noqa: E731
+        return [val(x) for x in a], {k: val(v) for k, v in kw.items()}
+
+
+# ---- public API ------------------------------------------------------------------------------------
+
+_ATEXIT = []  # shutdown() registered once per process
+_IGNORED_INIT = {"include_dashboard", "dashboard_host", "dashboard_port", "logging_level", "log_to_driver",
+                 "configure_logging"}  # Ray's cosmetic init options: accepted, without effect
+
+
+def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_store_memory=None,
+         namespace=None, ignore_reinit_error=False, **kwargs):
+    """Start a local cluster (head + workers in fresh processes), or join one: address="HOST:PORT",
+    "auto" (the head started on this machine by `start`), or $NANORAY_ADDRESS."""
+    global _client
+    unknown = set(kwargs) - _IGNORED_INIT
+    if unknown:
+        raise ValueError(f"init(): unsupported argument(s) {sorted(unknown)} (nanoray keeps a subset of ray.init)")
+    if _client is not None:
+        if ignore_reinit_error:
+            return _client.info
+        raise RuntimeError("Maybe you called nanoray.init twice by accident? Pass ignore_reinit_error=True.")
+    address = address or os.environ.get("NANORAY_ADDRESS")
+    hello = {"kind": "driver", "pid": os.getpid(), "host": socket.gethostname(), "sys_path": sys.path,
+             "namespace": namespace}
+    if address:
+        if num_cpus is not None or num_gpus is not None or resources or object_store_memory:
+            raise ValueError("init(address=...): num_cpus, num_gpus, resources and object_store_memory belong "
+                             "to `python nanoray.py start`, not to a driver joining a cluster")
+        if address == "auto":
+            address = _local_head_address()
+        _client = _Client(address, _load_secret(), hello)
+    else:
+        secret = os.urandom(16).hex()
+        listen = socket.create_server(("127.0.0.1", 0))
+        cfg = {"head": True, "listen_fd": listen.fileno(), "lifeline": True, "num_cpus": num_cpus,
+               "num_gpus": num_gpus, "resources": resources or {}, "object_store_memory": object_store_memory}
+        env = dict(os.environ, NANORAY_SECRET=secret, NANORAY_CONFIG=json.dumps(cfg))
+        proc = subprocess.Popen([sys.executable, "-c", _boot("_node_main")], env=env, stdin=subprocess.PIPE,
+                                pass_fds=(listen.fileno(),), start_new_session=True)
+        address = "127.0.0.1:%d" % listen.getsockname()[1]
+        listen.close()  # the head holds its own copy of the listening socket
+        try:
+            _client = _Client(address, secret.encode(), hello)
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        _client.head_proc = proc
+    if not _ATEXIT:
+        _ATEXIT.append(atexit.register(shutdown))
+    return _client.info
+
+
+def shutdown() -> None:
+    """Disconnect; a cluster this process started is stopped (workers killed, the arena removed)."""
+    global _client
+    c, _client = _client, None
+    if c is None:
+        return
+    if c.head_proc is not None:
+        try:
+            c.rpc("shutdown", timeout=10)
+        except (RayError, OSError):
+            pass  # the head is gone already: its janitor removes the arena
+    c.sock.close()
+    if c.arena is not None:
+        c.arena.mv.release()  # arrays still viewing the arena keep their own mappings
+    if c.head_proc is not None:
+        try:
+            c.head_proc.wait(10)
+        except subprocess.TimeoutExpired:
+            c.head_proc.kill()
+            c.head_proc.wait()
+
+
+def is_initialized() -> bool:
+    return _client is not None
+
+
+def get(object_refs, *, timeout=None):
+    """The value of one ref or a list of refs; raises the task's error, or GetTimeoutError."""
+    single = type(object_refs) is ObjectRef
+    refs = [object_refs] if single else object_refs
+    if not isinstance(refs, (list, tuple)) or any(type(r) is not ObjectRef for r in refs):
+        raise TypeError(f"get() expects an ObjectRef or a list of ObjectRefs, got {type(object_refs).__name__}")
+    if timeout is not None and timeout < 0:
+        raise ValueError(f"get(timeout={timeout}): expected None or >= 0")
+    c = _need_client()
+    values = [c.value(d) for d in c.fetch([r._id for r in refs], timeout)]
+    return values[0] if single else values
+
+
+def put(value) -> ObjectRef:
+    if type(value) is ObjectRef:
+        raise TypeError("Calling 'put' on an ObjectRef is not allowed (wrap it in a list to store it)")
+    c = _need_client()
+    oid = c.new_id()
+    desc, refs = c.store(value)
+    c.send(("put", oid, desc, refs, True))
+    ref = ObjectRef(oid, _counted=True)
+    c.descs[oid] = desc  # our own put: get() needs no round trip
+    return ref
+
+
+def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
+    """(ready, not_ready): the first num_returns refs that are ready (and local), in input order."""
+    refs = list(object_refs)
+    if any(type(r) is not ObjectRef for r in refs):
+        raise TypeError("wait() expects a list of ObjectRefs")
+    if len(set(refs)) != len(refs):
+        raise ValueError("Wait requires a list of unique object refs.")
+    if not 0 <= num_returns <= len(refs):
+        raise ValueError(f"wait(num_returns={num_returns}): expected 0..{len(refs)} (the number of refs)")
+    c = _need_client()
+    missing = [r._id for r in refs if r._id not in c.descs]
+    if missing and num_returns > len(refs) - len(missing):
+        req = next(c.ids)
+        c.send(("get", req, missing, True))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        c.pump(lambda: req in c.acks and sum(i in c.descs for i in missing) >= num_returns - len(refs)
+               + len(missing), deadline)
+        c.send(("unsub", req))
+        c.acks.discard(req)
+    ready = [r for r in refs if r._id in c.descs][:num_returns]
+    taken = set(ready)
+    return ready, [r for r in refs if r not in taken]
+
+
+def kill(actor, *, no_restart=True) -> None:
+    if not isinstance(actor, ActorHandle):
+        raise ValueError(f"kill() only supports actors, got {type(actor).__name__}")
+    _need_client().rpc("kill", actor._aid, no_restart)
+
+
+def get_actor(name: str, namespace=None):
+    aid, cls_name, methods = _need_client().rpc("get_actor", name, namespace)
+    return ActorHandle(aid, cls_name, methods, ObjectRef(aid, _counted=True))
+
+
+def cluster_resources() -> dict:
+    return _need_client().rpc("resources", "total")
+
+
+def available_resources() -> dict:
+    return _need_client().rpc("resources", "free")
+
+
+def nodes() -> list:
+    return _need_client().rpc("nodes")
+
+
+def get_gpu_ids() -> list:
+    """Physical GPU ids assigned to this worker (empty in a driver)."""
+    return [int(g) if g.isdigit() else g for g in os.environ.get("NANORAY_GPU_IDS", "").split(",") if g]
+
+
+_TASK_OPTIONS = {"num_cpus": 1, "num_gpus": 0, "resources": None, "max_retries": 3, "retry_exceptions": False,
+                 "num_returns": 1, "scheduling_strategy": None, "name": None}
+_ACTOR_OPTIONS = {"num_cpus": 0, "num_gpus": 0, "resources": None, "max_restarts": 0, "max_task_retries": 0,
+                  "max_concurrency": None, "name": None, "namespace": None, "lifetime": None,
+                  "scheduling_strategy": None, "get_if_exists": False}
+
+
+def _head_options(opts: dict, defaults: dict, what: str) -> dict:
+    """User options -> what the head needs: resource units, an encoded strategy, the rest checked."""
+    bad = set(opts) - set(defaults)
+    if bad:
+        raise ValueError(f"{what}: unknown option(s) {sorted(bad)}; nanoray supports {sorted(defaults)}")
+    o = {**defaults, **{k: v for k, v in opts.items() if v is not None}}
+    req = {"CPU": _units(o["num_cpus"], "num_cpus"), "GPU": _units(o["num_gpus"], "num_gpus")}
+    if req["GPU"] > UNIT and req["GPU"] % UNIT:
+        raise ValueError(f"{what}: num_gpus={o['num_gpus']}: a request above one GPU must be a whole number")
+    for k, v in (o["resources"] or {}).items():
+        if k in ("CPU", "GPU"):
+            raise ValueError(f"{what}: use num_cpus / num_gpus, not resources={{{k!r}: ...}}")
+        req[k] = _units(v, f"resources[{k!r}]")
+    s = o["scheduling_strategy"]
+    if isinstance(s, PlacementGroupSchedulingStrategy):
+        pg, i = s.placement_group, s.placement_group_bundle_index
+        if not -1 <= i < len(pg.bundle_specs):
+            raise ValueError(f"{what}: placement_group_bundle_index={i}, the group has {len(pg.bundle_specs)} bundles")
+        s = ("pg", pg.id, i)
+    elif s not in (None, "DEFAULT", "SPREAD"):
+        raise ValueError(f"{what}: scheduling_strategy={s!r}: expected 'DEFAULT', 'SPREAD' or a "
+                         f"PlacementGroupSchedulingStrategy")
+    o["req"], o["strategy"] = {k: v for k, v in req.items() if v}, None if s == "DEFAULT" else s
+    if not isinstance(o.get("num_returns", 1), int) or o.get("num_returns", 1) < 1:
+        raise ValueError(f"{what}: num_returns={o['num_returns']}: expected an int >= 1")
+    del o["scheduling_strategy"], o["resources"]
+    return o
+
+
+class RemoteFunction:
+    """f.remote(*args) submits a task and returns an ObjectRef (a list of them for num_returns > 1)."""
+
+    def __init__(self, function, options, _shared=None):
+        self._function, self._options = function, options
+        self._opts = _head_options(options, _TASK_OPTIONS, f"remote function {function.__qualname__}")
+        self._shared = {} if _shared is None else _shared  # the pickled function, shared by .options() copies
+        self.__name__, self.__doc__ = function.__name__, function.__doc__
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Remote functions cannot be called directly. Instead of running '{self.__name__}()', "
+                        f"try '{self.__name__}.remote()'.")
+
+    def options(self, **options):
+        return RemoteFunction(self._function, {**self._options, **options}, self._shared)
+
+    def __getstate__(self):
+        return {"_function": self._function, "_options": self._options}
+
+    def __setstate__(self, d):
+        self.__init__(d["_function"], d["_options"])
+
+    def remote(self, *args, **kwargs):
+        c, o = _need_client(), self._opts
+        blob = self._shared.get("blob") or self._shared.setdefault(
+            "blob", _bytes_of(self._function, f"remote function {self.__name__} (or a global it uses)"))
+        tid, rids = c.new_id(), [c.new_id() for _ in range(o["num_returns"])]
+        args_blob, deps, contained = c.pack_args(args, kwargs, f"{self.__name__}.remote()")
+        c.owned.update(rids)
+        c.send(("submit", tid, blob, o["name"] or self._function.__qualname__, args_blob, deps, contained, rids,
+                {k: o[k] for k in ("req", "strategy", "max_retries", "retry_exceptions")}))
+        refs = [ObjectRef(r, _counted=True) for r in rids]
+        return refs[0] if len(refs) == 1 else refs
+
+
+class ActorClass:
+    """A.remote(*args) starts an actor (a dedicated worker process) and returns its ActorHandle."""
+
+    def __init__(self, cls, options, _shared=None):
+        self._cls, self._options = cls, options
+        self._opts = _head_options(options, _ACTOR_OPTIONS, f"actor class {cls.__qualname__}")
+        self._shared = {} if _shared is None else _shared
+        funcs = inspect.getmembers(cls, inspect.isfunction)
+        self._methods = {n: getattr(f, "__nanoray_num_returns__", 1) for n, f in funcs if not n.startswith("__")}
+        self._is_async = any(inspect.iscoroutinefunction(f) for _, f in funcs)
+
+    def __call__(self, *args, **kwargs):
+        name = self._cls.__name__
+        raise TypeError(f"Actors cannot be instantiated directly. Instead of '{name}()', use '{name}.remote()'.")
+
+    def options(self, **options):
+        return ActorClass(self._cls, {**self._options, **options}, self._shared)
+
+    def remote(self, *args, **kwargs):
+        c, o = _need_client(), self._opts
+        blob = self._shared.get("blob") or self._shared.setdefault(
+            "blob", _bytes_of(self._cls, f"actor class {self._cls.__name__} (or a global it uses)"))
+        if o["lifetime"] not in (None, "detached"):
+            raise ValueError(f"lifetime={o['lifetime']!r}: expected None or 'detached'")
+        conc = o["max_concurrency"] or (1000 if self._is_async else 1)  # Ray's defaults
+        hopts = {"req": o["req"], "strategy": o["strategy"], "max_restarts": o["max_restarts"],
+                 "max_task_retries": o["max_task_retries"], "max_concurrency": conc, "is_async": self._is_async,
+                 "name": o["name"], "namespace": o["namespace"], "detached": o["lifetime"] == "detached",
+                 "get_if_exists": o["get_if_exists"]}
+        args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._cls.__name__}.remote()")
+        aid = c.rpc("create_actor", c.new_id(), blob, self._cls.__name__, args_blob, deps, contained, hopts,
+                    self._methods)
+        return ActorHandle(aid, self._cls.__name__, self._methods, ObjectRef(aid, _counted=True))
+
+
+class ActorHandle:
+    """handle.method.remote(*args) -> ObjectRef. Handles can be passed to tasks and other actors; a
+    non-detached actor ends when the last handle anywhere is gone."""
+
+    def __init__(self, aid, cls_name, methods, ref):
+        self._aid, self._cls_name, self._methods, self._ref = aid, cls_name, methods, ref
+
+    def __getattr__(self, name):
+        if name.startswith("__") or name not in self._methods:
+            raise AttributeError(f"'{self.__dict__.get('_cls_name')}' actor has no method '{name}'")
+        return ActorMethod(self, name, self._methods[name])
+
+    def __reduce__(self):
+        return ActorHandle, (self._aid, self._cls_name, self._methods, self._ref)
+
+    def __repr__(self):
+        return f"Actor({self._cls_name}, {self._aid})"
+
+
+class ActorMethod:
+    def __init__(self, handle, name, num_returns):
+        self._handle, self._name, self._num_returns = handle, name, num_returns
+
+    def __call__(self, *args, **kwargs):
+        raise TypeError(f"Actor methods cannot be called directly. Instead of running 'object.{self._name}()', "
+                        f"try 'object.{self._name}.remote()'.")
+
+    def options(self, *, num_returns=None):
+        return ActorMethod(self._handle, self._name, num_returns or self._num_returns)
+
+    def remote(self, *args, **kwargs):
+        c = _need_client()
+        tid, rids = c.new_id(), [c.new_id() for _ in range(self._num_returns)]
+        args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._name}.remote()")
+        c.owned.update(rids)
+        c.send(("call", tid, self._handle._aid, self._name, args_blob, deps, contained, rids))
+        refs = [ObjectRef(r, _counted=True) for r in rids]
+        return refs[0] if len(refs) == 1 else refs
+
+
+def remote(*args, **options):
+    """@remote or @remote(num_cpus=..., ...) on a function (-> RemoteFunction) or a class (-> ActorClass)."""
+    def make(obj):
+        return ActorClass(obj, options) if inspect.isclass(obj) else RemoteFunction(obj, options)
+    if len(args) == 1 and not options and callable(args[0]):
+        return make(args[0])
+    if args:
+        raise TypeError("@remote takes no positional arguments: use @remote or @remote(num_cpus=1, ...)")
+    return make
+
+
+def method(*, num_returns=1):
+    """@method(num_returns=2) on an actor method."""
+    def deco(f):
+        f.__nanoray_num_returns__ = num_returns
+        return f
+    return deco
+
+
+class PlacementGroup:
+    """Reserved bundles of resources. ready() -> an ObjectRef that resolves once they are placed."""
+
+    def __init__(self, pg_id, bundle_specs, strategy):
+        self.id, self.bundle_specs, self.strategy = pg_id, bundle_specs, strategy
+
+    @property
+    def bundle_count(self):
+        return len(self.bundle_specs)
+
+    def ready(self) -> ObjectRef:
+        return ObjectRef(self.id + ".ready")
+
+    def wait(self, timeout_seconds=30) -> bool:
+        try:
+            get(self.ready(), timeout=timeout_seconds)
+            return True
+        except GetTimeoutError:
+            return False
+
+    def __reduce__(self):
+        return PlacementGroup, (self.id, self.bundle_specs, self.strategy)
+
+
+class PlacementGroupSchedulingStrategy:
+    def __init__(self, placement_group, placement_group_bundle_index=-1, placement_group_capture_child_tasks=None):
+        self.placement_group, self.placement_group_bundle_index = placement_group, placement_group_bundle_index
+        self.placement_group_capture_child_tasks = placement_group_capture_child_tasks
+
+
+def placement_group(bundles, strategy="PACK", name="", lifetime=None) -> PlacementGroup:
+    if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+        raise ValueError(f"placement_group(strategy={strategy!r}): expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
+    if not bundles or not all(isinstance(b, dict) and b for b in bundles):
+        raise ValueError("placement_group(bundles=...): expected a non-empty list of non-empty resource dicts")
+    c = _need_client()
+    units = [{k: _units(v, f"bundle {i} {k}") for k, v in b.items()} for i, b in enumerate(bundles)]
+    if any(b.get("GPU", 0) > UNIT and b["GPU"] % UNIT for b in units):
+        raise ValueError("placement_group: a bundle asking for more than one GPU must ask for a whole number")
+    pg = PlacementGroup(c.new_id(), [dict(b) for b in bundles], strategy)
+    c.send(("pg", pg.id, units, strategy, _bytes_of(pg), lifetime == "detached"))
+    return pg
+
+
+def remove_placement_group(placement_group) -> None:
+    _need_client().send(("rm_pg", placement_group.id))
+
+
+def get_node_ip_address() -> str:
+    return _need_client().info["ip"]
+
+
+# `ray.util` is a package; a flat file offers the same spelling through a namespace object.
+util = types.SimpleNamespace(
+    placement_group=placement_group, remove_placement_group=remove_placement_group,
+    get_node_ip_address=get_node_ip_address,
+    scheduling_strategies=types.SimpleNamespace(PlacementGroupSchedulingStrategy=PlacementGroupSchedulingStrategy))
+
+
+# ---- the head: object directory, scheduler, actors, placement groups ------------------------------
+# One thread runs everything (a selectors loop), so no state needs a lock: sockets are non-blocking,
+# a slow peer only grows its own output buffer, and handshakes run on helper threads that hand
+# authenticated sockets to the loop. Each handler is `_on_<op>(peer, ...)` for a message (op, ...).
+
+@dataclass(eq=False)
+class _Obj:
+    state: str = "pending"  # pending (a task will produce it) | ready
+    desc: tuple = None  # ("inline", bytes) | ("error", bytes); None when it lives in arenas
+    locs: dict = field(default_factory=dict)  # node id -> (offset, size) of a copy in that node's arena
+    size: int = 0
+    holders: set = field(default_factory=set)  # peers holding an ObjectRef to it
+    pins: int = 0  # tasks using it as an argument, objects containing it, transfers reading it
+    contained: tuple = ()  # ids of the refs inside it (pinned while it lives)
+    waiters: list = field(default_factory=list)  # (peer, req) of gets waiting for it
+    dependents: list = field(default_factory=list)  # tasks waiting for it as an argument
+    pulling: set = field(default_factory=set)  # nodes a copy is being transferred to
+    actor: str = None  # set for the entry that counts an actor's handles
+
+
+@dataclass(eq=False)
+class _Task:
+    tid: str
+    kind: str  # task | actor (a creation) | call (an actor method)
+    job: str
+    owner: object  # the submitting peer: it gets the results pushed
+    blob: bytes  # the pickled function or class (None for calls)
+    name: str  # function, class or method name
+    args: object  # the pickled (args, kwargs), or the id of an object holding them
+    deps: list  # ids of top-level ref arguments (+ the args object)
+    contained: list  # ids of refs nested in the arguments (pinned, not resolved)
+    rids: list  # ids of the returns
+    opts: dict
+    missing: int = 0  # arguments not ready yet
+    done: bool = False
+    retries: int = 0
+
+
+@dataclass(eq=False)
+class _Actor:
+    aid: str
+    spec: _Task  # the creation task, run again on restart
+    job: str
+    state: str = "pending"  # pending | alive | restarting | dead
+    worker: object = None
+    queue: deque = field(default_factory=deque)  # calls in submission order, sent when their args are ready
+    inflight: dict = field(default_factory=dict)
+    restarts: int = 0  # restarts left (-1: unlimited)
+    out_of_scope: bool = False  # no handle left: exit once the queue drains
+    cause: str = ""
+
+
+@dataclass(eq=False)
+class _Worker:
+    wid: str
+    node: object
+    job: str  # None until its first task (prestarted workers serve any job)
+    gpus: tuple
+    state: str = "starting"  # starting | idle | busy | actor | dead
+    conn: object = None
+    pid: int = 0
+    task: _Task = None
+    actor: str = None
+    alloc: tuple = None
+    pool: _Pool = None
+    blocked_cpu: int = 0  # CPU units lent back while its task waits in get()
+
+
+@dataclass(eq=False)
+class _Node:
+    nid: str
+    conn: object  # the raylet's peer; None for the head's own node
+    info: dict  # ip, object server address, arena path and size, hostname
+    total: dict
+    pool: _Pool
+    alloc: _Alloc
+    allocs: dict = field(default_factory=dict)  # offset -> [size, owner]: object id | peer | ("pull", id) | None
+    idle: dict = field(default_factory=dict)  # (job, gpus) -> idle workers
+    alive: bool = True
+
+
+@dataclass(eq=False)
+class _PG:
+    pgid: str
+    bundles: list
+    strategy: str
+    value: bytes  # the pickled PlacementGroup that ready() resolves to
+    detached: bool
+    job: str
+    state: str = "pending"  # pending | created | removed
+    nodes: list = field(default_factory=list)
+    pools: list = field(default_factory=list)
+    allocs: list = field(default_factory=list)
+
+
+class _Peer:
+    """The head's end of one authenticated connection (a driver, a worker, a raylet or the CLI)."""
+
+    def __init__(self, sock, addr):
+        self.sock, self.addr, self.rbuf, self.rpos, self.wbuf = sock, addr, bytearray(), 0, bytearray()
+        self.kind = self.node = self.job = self.worker = None
+        self.held, self.maps, self.allocs, self.subs, self.closed = set(), Counter(), set(), {}, False
+
+
+class _Head:
+    def __init__(self, cfg: dict, listen: socket.socket, secret: bytes):
+        self.cfg, self.secret, self.listen = cfg, secret, listen
+        listen.setblocking(False)
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(listen, selectors.EVENT_READ, "listen")
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
+        self.posted = deque()  # callables from other threads, run by the loop
+        self.handshakes = threading.BoundedSemaphore(64)  # handshakes in flight
+        self.objects, self.queues, self.actors, self.names, self.pgs = {}, {}, {}, {}, {}
+        self.nodes, self.workers, self.jobs, self.maps = {}, {}, {}, Counter()
+        self.ids, self.rr, self.stopping, self.warned = itertools.count(), 0, False, set()
+        host, port = listen.getsockname()[:2]
+        self.address = f"{host}:{port}"
+        self.local = _NodeManager(os.urandom(4).hex(), self.address, secret, cfg, host,
+                                  report=lambda msg: self.post(lambda: self._handle(self.local_peer, msg)))
+        self.local_peer = _Peer(None, "local")
+        self.local_peer.kind = "node"
+        self._add_node(self.local.nid, None, self.local.info())
+
+    # -- the loop
+    def post(self, fn) -> None:
+        self.posted.append(fn)
+        try:
+            self.wake_w.send(b"x")
+        except OSError:
+            pass
+
+    def loop(self) -> None:
+        next_poll = 0.0
+        while not self.stopping:
+            for key, events in self.sel.select(timeout=0.1):
+                if key.data == "listen":
+                    self._accept()
+                elif key.data == "wake":
+                    try:
+                        self.wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    while self.posted:
+                        self.posted.popleft()()
+                else:
+                    if events & selectors.EVENT_READ:
+                        self._read(key.data)
+                    if events & selectors.EVENT_WRITE and not key.data.closed:
+                        self._flush(key.data)
+            if time.monotonic() >= next_poll:  # reap exited worker processes of this node
+                self.local.poll()
+                next_poll = time.monotonic() + 0.1
+        self._shutdown()
+
+    def _accept(self) -> None:
+        try:
+            sock, addr = self.listen.accept()
+        except OSError:
+            return
+        if not self.handshakes.acquire(blocking=False):  # a connection flood costs connections, not threads
+            _log(f"head: refused a connection from {addr[0]}:{addr[1]}: too many handshakes at once")
+            return sock.close()
+        threading.Thread(target=self._handshake, args=(sock, addr), daemon=True).start()
+
+    def _handshake(self, sock, addr) -> None:
+        try:  # blocking, on its own thread: a silent peer costs a thread for AUTH_TIMEOUT, not the loop
+            sock.settimeout(AUTH_TIMEOUT)
+            _auth_server(sock, self.secret)
+        except (OSError, ConnectionError) as e:
+            _log(f"head: refused a connection from {addr[0]}:{addr[1]}: {e}")
+            sock.close()
+            return
+        finally:
+            self.handshakes.release()
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setblocking(False)
+        self.post(lambda: self.sel.register(sock, selectors.EVENT_READ, _Peer(sock, addr)))
+
+    def _read(self, peer) -> None:
+        try:
+            data = peer.sock.recv(1 << 20)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            return self._close(peer, "closed mid-frame" if len(peer.rbuf) > peer.rpos else "closed")
+        peer.rbuf += data
+        while not peer.closed and len(peer.rbuf) - peer.rpos >= 4:
+            (n,) = _LEN.unpack_from(peer.rbuf, peer.rpos)
+            if n > MAX_FRAME:
+                return self._close(peer, f"a frame header claims {n} bytes (limit {MAX_FRAME})", loud=True)
+            if len(peer.rbuf) - peer.rpos - 4 < n:
+                break
+            payload = peer.rbuf[peer.rpos + 4:peer.rpos + 4 + n]
+            peer.rpos += 4 + n
+            try:
+                msg = pickle.loads(payload)
+            except Exception as e:
+                return self._close(peer, f"an undecodable frame ({type(e).__name__}: {e})", loud=True)
+            self._handle(peer, msg)
+        if peer.rpos == len(peer.rbuf):
+            peer.rbuf, peer.rpos = bytearray(), 0
+
+    def _handle(self, peer, msg) -> None:
+        try:
+            if peer.kind is None and msg[0] != "hello":
+                raise ValueError("the first message must be hello")
+            getattr(self, "_on_" + msg[0])(peer, *msg[1:])
+        except Exception as e:  # a malformed message (or a bug) costs that peer its connection, not the head
+            _log(f"head: bad message {str(msg)[:80]} from {peer.kind} {peer.addr}: {e!r}\n{traceback.format_exc()}")
+            self._close(peer, "bad message")
+
+    def _send(self, peer, msg) -> None:
+        if peer.closed or peer.sock is None:
+            return
+        data = _frame(msg)
+        if not peer.wbuf:
+            try:
+                n = peer.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError as e:
+                return self._close(peer, f"send failed: {e}")
+            if n == len(data):
+                return
+            data = data[n:]
+            self.sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
+        peer.wbuf += data
+
+    def _flush(self, peer) -> None:
+        try:
+            n = peer.sock.send(peer.wbuf)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._close(peer, f"send failed: {e}")
+        del peer.wbuf[:n]
+        if not peer.wbuf:
+            self.sel.modify(peer.sock, selectors.EVENT_READ, peer)
+
+    def _close(self, peer, why, loud=False) -> None:
+        if peer.closed or peer.sock is None:
+            return
+        peer.closed = True
+        if loud or peer.kind is None:
+            _log(f"head: dropped {peer.kind or 'unidentified'} peer {peer.addr}: {why}")
+        self.sel.unregister(peer.sock)
+        peer.sock.close()
+        for oid in peer.held:  # everything it held is released
+            o = self.objects.get(oid)
+            if o is not None:
+                o.holders.discard(peer)
+                self._maybe_free(oid, o)
+        for key, n in peer.maps.items():
+            self._unmap(key, n)
+        for nid, off in peer.allocs:  # regions it allocated but never sealed
+            self._release_region(nid, off, peer)
+        if peer.kind == "worker" and peer.worker is not None:
+            self._worker_dead(peer.worker, why)
+        elif peer.kind == "driver":
+            self._job_end(peer.job)
+        elif peer.kind == "node" and peer.node is not None:
+            self._node_dead(peer.node)
+
+    # -- peers arrive
+    def _on_hello(self, peer, info) -> None:
+        peer.kind = info["kind"]
+        if peer.kind == "driver":
+            here = [n for n in self.nodes.values() if n.alive and n.info["host"] == info["host"]]
+            if not here:
+                self._send(peer, ("reply", 0, ValueError(
+                    f"no nanoray node runs on this machine ({info['host']}); start one with "
+                    f"`python nanoray.py start --address {self.address}` first")))
+                return self._close(peer, "no local node")
+            peer.node, peer.job = here[0], f"job{next(self.ids)}"
+            self.jobs[peer.job] = {"ns": info["namespace"] or peer.job, "sys_path": info["sys_path"], "alive": True}
+        elif peer.kind == "worker":
+            w = self.workers.get(info["wid"])
+            if w is None or w.state == "dead":
+                return self._close(peer, "unknown worker")
+            w.conn, w.pid, peer.worker, peer.node = peer, info["pid"], w, w.node
+        elif peer.kind == "node":
+            peer.node = self._add_node(info["nid"], peer, info)
+        info = peer.node.info if peer.node else {}
+        self._send(peer, ("reply", 0, {"job": peer.job, "address": self.address, "ip": info.get("ip"),
+                                       "arena": info.get("arena"), "arena_size": info.get("arena_size"),
+                                       "node": info.get("nid")}))
+        if peer.kind == "worker":
+            w = peer.worker
+            if w.job is not None:
+                self._send(peer, ("bind", self.jobs[w.job]["sys_path"]))
+            if w.task is not None or w.actor is not None:
+                self._dispatch(w)
+            else:
+                self._idle(w)
+                self._schedule()
+
+    def _add_node(self, nid, conn, info) -> _Node:
+        gpus = {i: UNIT for i in range(info["num_gpus"])}
+        total = {"CPU": info["num_cpus"] * UNIT, "GPU": len(gpus) * UNIT, **info["resources"]}
+        node = _Node(nid, conn, info, total, _Pool(total, gpus), _Alloc(info["arena_size"]))
+        self.nodes[nid] = node
+        for _ in range(info["num_cpus"]):  # prestart a worker per CPU, as Ray does
+            self._spawn(node, None, ())
+        self._schedule()
+        return node
+
+    # -- references and objects
+    def _on_refs(self, peer, ops) -> None:
+        for op, x in ops:
+            if op == "+" and x in self.objects:
+                self.objects[x].holders.add(peer)
+                peer.held.add(x)
+            elif op == "-":
+                peer.held.discard(x)
+                o = self.objects.get(x)
+                if o is not None:
+                    o.holders.discard(peer)
+                    self._maybe_free(x, o)
+            elif op == "m":  # a process mapped a region of its node's arena (x: the offset)
+                self.maps[(peer.node.nid, x)] += 1
+                peer.maps[(peer.node.nid, x)] += 1
+            elif op == "u":  # ... and its last view of that mapping is gone
+                peer.maps[(peer.node.nid, x)] -= 1
+                self._unmap((peer.node.nid, x), 1)
+
+    def _new_obj(self, oid, holder, **kw) -> _Obj:
+        o = self.objects[oid] = _Obj(**kw)
+        if holder is not None:
+            o.holders.add(holder)
+            holder.held.add(oid)
+        return o
+
+    def _maybe_free(self, oid, o) -> None:
+        if o.holders or o.pins or o.state == "pending" or self.objects.get(oid) is not o:
+            return
+        del self.objects[oid]
+        for nid, (off, _) in o.locs.items():
+            self._release_region(nid, off, oid)
+        for c in o.contained:
+            self._unpin(c)
+        if o.actor is not None:
+            a = self.actors.get(o.actor)
+            if a is not None and not a.spec.opts["detached"]:
+                a.out_of_scope = True
+                self._maybe_exit(a)
+
+    def _pin(self, oid) -> None:
+        if oid in self.objects:
+            self.objects[oid].pins += 1
+
+    def _unpin(self, oid) -> None:
+        o = self.objects.get(oid)
+        if o is not None:
+            o.pins -= 1
+            self._maybe_free(oid, o)
+
+    def _release_region(self, nid, off, owner) -> None:
+        """The owner lets go of a region: it returns to the allocator once no process maps it."""
+        node = self.nodes.get(nid)
+        reg = node.allocs.get(off) if node else None
+        if reg is None or reg[1] != owner:
+            return
+        reg[1] = None
+        if not self.maps.get((nid, off)):
+            node.alloc.free(off, reg[0])
+            del node.allocs[off]
+
+    def _unmap(self, key, n) -> None:
+        left = self.maps[key] - n
+        if left > 0:
+            self.maps[key] = left
+            return
+        self.maps.pop(key, None)
+        node = self.nodes.get(key[0])
+        if node and node.allocs.get(key[1], [0, 1])[1] is None:
+            self._release_region(key[0], key[1], None)
+
+    def _rpc_alloc(self, peer, size):
+        node = peer.node
+        off = node.alloc.alloc(size)
+        if off is None:
+            raise ObjectStoreFullError(
+                f"the object store of node {node.nid} is full: {size / 1e6:.1f} MB do not fit in "
+                f"{node.alloc.free_bytes() / 1e6:.1f} MB free of {node.alloc.size / 1e6:.1f} MB; drop references "
+                f"to objects you no longer need, or init(object_store_memory=...)")
+        node.allocs[off] = [size, peer]
+        peer.allocs.add((node.nid, off))
+        return off
+
+    def _on_put(self, peer, oid, desc, contained, hold) -> None:
+        self._seal(oid, self._new_obj(oid, peer if hold else None), desc, contained, peer.node, peer)
+
+    def _seal(self, oid, o, desc, contained, node, writer) -> None:
+        """The value of `oid` exists now: record where, wake its gets and the tasks waiting for it."""
+        if desc[0] == "shm":
+            off, o.size = desc[1], desc[2]
+            node.allocs[off][1] = oid  # the region belongs to the object from now on
+            writer.allocs.discard((node.nid, off))
+            o.locs[node.nid] = (off, o.size)
+        else:
+            o.desc, o.size = desc, len(desc[1])
+        o.contained, o.state = tuple(contained), "ready"
+        for c in contained:
+            self._pin(c)
+        self._notify(oid, o)
+
+    def _desc_for(self, o, node):
+        if o.desc is not None:
+            return o.desc
+        loc = o.locs.get(node.nid) if node else None
+        return None if loc is None else ("shm",) + loc
+
+    def _notify(self, oid, o) -> None:
+        waiting = []
+        for peer, req in o.waiters:
+            if peer.closed:
+                continue
+            d = self._desc_for(o, peer.node)
+            if d is None:  # ready, but on another node: copy it over first
+                self._pull(oid, o, peer.node)
+                waiting.append((peer, req))
+            else:
+                self._send(peer, ("objs", req, [(oid, d)]))
+        o.waiters = waiting
+        dependents, o.dependents = o.dependents, []
+        for t in dependents:
+            self._dep_ready(t, o)
+
+    def _on_get(self, peer, req, oids, ack) -> None:
+        ready = []
+        for oid in oids:
+            o = self.objects.get(oid)
+            if o is None:
+                ready.append((oid, _error_desc(ObjectLostError(f"object {oid} was freed (no reference left)"))))
+            elif o.state == "ready" and self._desc_for(o, peer.node) is not None:
+                ready.append((oid, self._desc_for(o, peer.node)))
+            else:
+                o.waiters.append((peer, req))
+                peer.subs.setdefault(req, []).append(oid)
+                if o.state == "ready":
+                    self._pull(oid, o, peer.node)
+        if ready or ack:  # wait() needs an answer even when nothing is ready yet
+            self._send(peer, ("objs", req, ready))
+
+    def _on_unsub(self, peer, req) -> None:
+        for oid in peer.subs.pop(req, ()):
+            o = self.objects.get(oid)
+            if o is not None:
+                o.waiters = [w for w in o.waiters if w != (peer, req)]
+
+    def _pull(self, oid, o, dst) -> None:
+        """Copy an arena object to node dst: dst's manager fetches it from a node that has it."""
+        if dst.nid in o.pulling:
+            return
+        src = next((self.nodes[n] for n in o.locs if self.nodes[n].alive), None)
+        off = dst.alloc.alloc(o.size) if src else None
+        if off is None:
+            return self._fail_waiters(oid, o, dst, ObjectLostError(f"object {oid}: no live copy") if src is None
+                                      else ObjectStoreFullError(f"object {oid} ({o.size / 1e6:.1f} MB) does not "
+                                                                f"fit in the store of node {dst.nid}"))
+        dst.allocs[off] = [o.size, ("pull", oid)]
+        o.pins += 1
+        o.pulling.add(dst.nid)
+        self._node_call(dst, "pull", oid, src.info["objects"], o.locs[src.nid][0], o.size, off)
+
+    def _fail_waiters(self, oid, o, node, exc) -> None:
+        """The gets waiting for `oid` on `node` fail with exc instead of waiting forever."""
+        for peer, req in [w for w in o.waiters if w[0].node is node]:
+            self._send(peer, ("objs", req, [(oid, _error_desc(exc))]))
+        o.waiters = [w for w in o.waiters if w[0].node is not node]
+
+    def _on_pulled(self, peer, oid, nid, off, err) -> None:
+        node, o = self.nodes[nid], self.objects.get(oid)
+        if o is not None:
+            o.pins -= 1
+            o.pulling.discard(nid)
+        if err is None and o is not None and node.alive:
+            node.allocs[off][1] = oid
+            o.locs[nid] = (off, o.size)
+            self._notify(oid, o)
+        else:
+            _log(f"head: transfer of {oid} to node {nid} failed: {err}")
+            self._release_region(nid, off, ("pull", oid))
+            if o is not None:
+                self._fail_waiters(oid, o, node, ObjectLostError(f"object {oid}: the transfer to node {nid} "
+                                                                 f"failed: {err}"))
+        if o is not None:
+            self._maybe_free(oid, o)
+
+    # -- tasks
+    def _job(self, peer):
+        return peer.job if peer.kind == "driver" else peer.worker.job
+
+    def _admit(self, t: _Task, peer) -> None:
+        for rid in t.rids:
+            self._new_obj(rid, peer)
+        for d in t.deps + t.contained:
+            self._pin(d)
+
+    def _check_deps(self, t: _Task) -> None:
+        t.missing = 0
+        for d in t.deps:
+            o = self.objects.get(d)
+            if o is None or (o.desc is not None and o.desc[0] == "error"):
+                return self._fail(t, o.desc if o else _error_desc(ObjectLostError(f"argument {d} was freed")))
+            if o.state == "pending":
+                o.dependents.append(t)
+                t.missing += 1
+        if t.missing == 0:
+            self._runnable(t)
+
+    def _dep_ready(self, t, o) -> None:
+        if t.done:
+            return
+        if o.desc is not None and o.desc[0] == "error":  # an argument failed: so does this task (Ray's rule)
+            return self._fail(t, o.desc)
+        t.missing -= 1
+        if t.missing == 0:
+            self._runnable(t)
+
+    def _runnable(self, t) -> None:
+        if not self.jobs[t.job]["alive"] and not (t.kind == "actor" and t.opts["detached"]):
+            return self._fail(t, _error_desc(RayError("its driver exited")))
+        if t.kind == "call":
+            return self._pump_actor(self.actors[t.opts["aid"]])
+        key = (tuple(sorted(t.opts["req"].items())), repr(t.opts["strategy"]))
+        self.queues.setdefault(key, deque()).append(t)
+        self._schedule()
+
+    def _on_submit(self, peer, tid, blob, name, args, deps, contained, rids, opts) -> None:
+        t = _Task(tid, "task", self._job(peer), peer, blob, name, args, deps, contained, rids, opts,
+                  retries=opts["max_retries"])
+        self._admit(t, peer)
+        self._check_deps(t)
+
+    def _finish(self, t, results, node, writer) -> None:
+        """Seal a task's results (or its error), release its arguments, push results to its owner."""
+        t.done = True
+        for rid, desc, contained in results:
+            o = self.objects.get(rid)
+            if o is None or o.state != "pending":  # nobody wants it any more: give the region back
+                if desc[0] == "shm":
+                    writer.allocs.discard((node.nid, desc[1]))
+                    self._release_region(node.nid, desc[1], writer)
+                continue
+            self._seal(rid, o, desc, contained, node, writer)
+        for d in t.deps + t.contained:
+            self._unpin(d)
+        if t.rids and not t.owner.closed:  # the owner waits for this push instead of asking (None: ask)
+            self._send(t.owner, ("objs", None, [(r, self._desc_for(self.objects[r], t.owner.node) if r in
+                                                 self.objects else None) for r in t.rids]))
+        for rid in t.rids:
+            if rid in self.objects:
+                self._maybe_free(rid, self.objects[rid])
+
+    def _fail(self, t, desc) -> None:
+        if t.done:
+            return
+        if t.kind == "actor":
+            a = self.actors[t.tid]
+            return self._actor_dead(a, "its constructor could not run: " + _desc_text(desc))
+        self._finish(t, [(r, desc, ()) for r in t.rids], None, None)
+
+    def _on_done(self, peer, tid, results, failed) -> None:
+        w = peer.worker
+        if w.actor is not None:
+            a = self.actors[w.actor]
+            t = a.inflight.pop(tid, None)
+            if t is not None:
+                self._finish(t, results, w.node, peer)
+            self._maybe_exit(a)
+            return
+        t, w.task = w.task, None
+        self._release_worker(w)
+        if failed and t.opts["retry_exceptions"] and t.retries != 0:  # an application error, retried on request
+            t.retries -= 1
+            self._runnable(t)
+        else:
+            self._finish(t, results, w.node, peer)
+        self._schedule()
+
+    def _on_blocked(self, peer, flag) -> None:
+        w = peer.worker
+        if w is None or w.alloc is None or w.actor is not None:
+            return
+        if flag and not w.blocked_cpu and w.alloc[0].get("CPU"):
+            w.blocked_cpu = w.alloc[0]["CPU"]
+            w.alloc[0]["CPU"] = 0
+            w.pool.free["CPU"] += w.blocked_cpu
+            self._schedule()
+        elif not flag and w.blocked_cpu:  # take it back, even if that oversubscribes for a moment (as Ray)
+            w.pool.free["CPU"] -= w.blocked_cpu
+            w.alloc[0]["CPU"], w.blocked_cpu = w.blocked_cpu, 0
+
+    # -- scheduling: queues per resource shape; a task takes resources, then a worker
+    def _schedule(self) -> None:
+        for pg in [p for p in self.pgs.values() if p.state == "pending"]:
+            self._place_pg(pg)
+        for key in list(self.queues):
+            q = self.queues[key]
+            while q:
+                t = q[0]
+                placed = None if t.done else self._place(t)
+                if placed is None and not t.done:
+                    break
+                q.popleft()
+                if placed is not None:
+                    self._start(t, *placed)
+            if not q:
+                del self.queues[key]
+
+    def _place(self, t):
+        req, s = t.opts["req"], t.opts["strategy"]
+        if s is not None and s[0] == "pg":
+            pg = self.pgs.get(s[1])
+            if pg is None or pg.state == "removed":
+                self._fail(t, _error_desc(RayError(f"{t.name}: placement group {s[1]} was removed")))
+                return None
+            if pg.state != "created":
+                return None
+            for i in (range(len(pg.pools)) if s[2] < 0 else [s[2]]):
+                alloc = pg.pools[i].take(req) if pg.nodes[i].alive else None  # (bundles are not moved)
+                if alloc is not None:
+                    return pg.nodes[i], pg.pools[i], alloc
+            return None
+        nodes = [n for n in self.nodes.values() if n.alive]
+        if s == "SPREAD":
+            self.rr += 1
+            nodes = nodes[self.rr % len(nodes):] + nodes[:self.rr % len(nodes)]
+        else:  # the submitter's node first: its arguments are likely there
+            nodes.sort(key=lambda n: n is not t.owner.node)
+        for n in nodes:
+            alloc = n.pool.take(req)
+            if alloc is not None:
+                return n, n.pool, alloc
+        if not any(all(n.total.get(k, 0) >= v for k, v in req.items()) for n in nodes) and t.name not in self.warned:
+            self.warned.add(t.name)
+            _log(f"head: {t.name} asks for {_fmt_res(req)}, more than any node has; it waits for a node that does")
+        return None
+
+    def _start(self, t, node, pool, alloc) -> None:
+        gpus = tuple(sorted(alloc[1]))
+        w = None
+        for key in ((t.job, gpus), (None, gpus)):  # an idle worker of this job, else an unbound one
+            while w is None and node.idle.get(key):
+                cand = node.idle[key].pop()
+                w = cand if cand.state == "idle" else None
+        if w is None:
+            w = self._spawn(node, t.job, gpus)
+        elif w.job is None:
+            w.job = t.job
+            self._send(w.conn, ("bind", self.jobs[t.job]["sys_path"]))
+        w.alloc, w.pool = alloc, pool
+        if t.kind == "actor":
+            a = self.actors[t.tid]
+            a.worker, w.actor, w.state = w, a.aid, "actor"
+        else:
+            w.task, w.state = t, "busy"
+        if w.conn is not None:
+            self._dispatch(w)
+
+    def _spawn(self, node, job, gpus) -> _Worker:
+        w = _Worker(f"w{next(self.ids)}", node, job, gpus)
+        self.workers[w.wid] = w
+        self._node_call(node, "spawn", w.wid, list(gpus))
+        return w
+
+    def _dispatch(self, w) -> None:
+        if w.actor is not None:
+            t = self.actors[w.actor].spec
+            self._send(w.conn, ("create", t.tid, t.blob, t.name, t.args, self._dep_descs(t, w.node), t.opts))
+        else:
+            t = w.task
+            self._send(w.conn, ("exec", t.tid, t.blob, t.name, t.args, self._dep_descs(t, w.node), t.rids))
+
+    def _dep_descs(self, t, node) -> list:
+        return [(d, self._desc_for(self.objects[d], node)) for d in t.deps if d in self.objects]
+
+    def _idle(self, w) -> None:
+        w.state = "idle"
+        w.node.idle.setdefault((w.job, w.gpus), []).append(w)
+
+    def _release_worker(self, w) -> None:
+        if w.alloc is not None:
+            w.pool.give(w.alloc)
+        w.alloc = w.pool = None
+        w.blocked_cpu = 0
+        if w.state == "busy":
+            self._idle(w)
+
+    def _node_call(self, node, method, *args) -> None:
+        if node.conn is None:
+            getattr(self.local, method)(*args)
+        elif node.alive:
+            self._send(node.conn, ("node", method, args))
+
+    # -- actors
+    def _rpc_create_actor(self, peer, aid, blob, cls_name, args, deps, contained, opts, methods):
+        job = self._job(peer)
+        if opts["name"]:
+            key = (opts["namespace"] or self.jobs[job]["ns"], opts["name"])
+            old = self.actors.get(self.names.get(key))
+            if old is not None and old.state != "dead":
+                if opts["get_if_exists"]:
+                    self.objects[old.aid].holders.add(peer)
+                    peer.held.add(old.aid)
+                    return old.aid
+                raise ValueError(f"the actor name {opts['name']!r} is already taken in namespace {key[0]!r}")
+            self.names[key] = aid
+        opts = dict(opts, methods=methods, cls_name=cls_name)
+        t = _Task(aid, "actor", job, peer, blob, cls_name, args, deps, contained, [], opts)
+        self.actors[aid] = _Actor(aid, t, job, restarts=opts["max_restarts"])
+        self._new_obj(aid, peer, state="ready", actor=aid)  # counts the handles
+        self._admit(t, peer)
+        self._check_deps(t)
+        return aid
+
+    def _on_created(self, peer, aid, err) -> None:
+        a = self.actors.get(aid)
+        if a is None or a.state == "dead":
+            return
+        if err is not None:
+            return self._actor_dead(a, "its constructor raised: " + _desc_text(err))
+        a.state = "alive"
+        self._pump_actor(a)
+
+    def _on_call(self, peer, tid, aid, method, args, deps, contained, rids) -> None:
+        a = self.actors.get(aid)
+        t = _Task(tid, "call", self._job(peer), peer, None, method, args, deps, contained, rids,
+                  {"aid": aid}, retries=a.spec.opts["max_task_retries"] if a else 0)
+        self._admit(t, peer)
+        if a is None or a.state == "dead":
+            return self._fail(t, _error_desc(ActorDiedError(f"the actor {aid} is dead: {a.cause if a else '?'}")))
+        a.queue.append(t)
+        self._check_deps(t)
+
+    def _pump_actor(self, a) -> None:
+        """Send the calls at the head of the queue whose arguments are ready (in order: a call waiting
+        for an argument holds back the ones behind it, as Ray orders one caller's calls)."""
+        while a.state == "alive" and a.queue and (a.queue[0].done or a.queue[0].missing == 0):
+            t = a.queue.popleft()
+            if not t.done:
+                a.inflight[t.tid] = t
+                self._send(a.worker.conn, ("call", t.tid, t.name, t.args, self._dep_descs(t, a.worker.node), t.rids))
+        self._maybe_exit(a)
+
+    def _maybe_exit(self, a) -> None:
+        if a.out_of_scope and a.state == "alive" and not a.queue and not a.inflight:
+            self._actor_dead(a, "all its handles are gone")
+
+    def _actor_lost(self, a, why) -> None:
+        """The actor's process died: fail (or retry) what ran there, restart if it may."""
+        a.worker = None
+        inflight, a.inflight = list(a.inflight.values()), {}
+        retry = [t for t in inflight if t.retries != 0 and a.state != "dead"]
+        for t in inflight:
+            if t in retry:
+                t.retries -= 1
+            else:  # RayActorError, not ActorDiedError: the actor itself may come back
+                self._fail(t, _error_desc(RayActorError(
+                    f"the actor {a.spec.name} ({a.aid}) died while running {t.name}: {why}")))
+        if a.state != "dead" and a.restarts != 0:
+            a.restarts -= 1
+            a.state = "restarting"
+            a.queue.extendleft(reversed(retry))
+            self._runnable(a.spec)
+        else:
+            a.queue.extendleft(reversed(retry))
+            self._actor_dead(a, why)
+
+    def _actor_dead(self, a, why) -> None:
+        first = a.state != "dead"
+        a.state, a.cause = "dead", a.cause or why
+        for t in list(a.queue) + list(a.inflight.values()):
+            self._fail(t, _error_desc(ActorDiedError(f"the actor {a.spec.name} ({a.aid}) is dead: {a.cause}")))
+        a.queue.clear()
+        a.inflight.clear()
+        if first and not a.spec.done:
+            a.spec.done = True
+            for d in a.spec.deps + a.spec.contained:
+                self._unpin(d)
+        if a.worker is not None:
+            self._node_call(a.worker.node, "kill", a.worker.wid)
+
+    def _rpc_kill(self, peer, aid, no_restart):
+        a = self.actors.get(aid)
+        if a is None:
+            raise ValueError(f"kill(): no actor {aid}")
+        if no_restart:
+            self._actor_dead(a, "killed by nanoray.kill()")
+        elif a.worker is not None:
+            self._node_call(a.worker.node, "kill", a.worker.wid)
+
+    def _rpc_get_actor(self, peer, name, namespace):
+        key = (namespace or self.jobs[self._job(peer)]["ns"], name)
+        a = self.actors.get(self.names.get(key))
+        if a is None or a.state == "dead":
+            raise ValueError(f"Failed to look up actor with name '{name}' in namespace '{key[0]}'")
+        self.objects[a.aid].holders.add(peer)  # counted now: the creator may drop its handle meanwhile
+        peer.held.add(a.aid)
+        return a.aid, a.spec.name, a.spec.opts["methods"]
+
+    # -- failures
+    def _worker_dead(self, w, why) -> None:
+        if w.state == "dead":
+            return
+        w.state = "dead"
+        self.workers.pop(w.wid, None)
+        if w.conn is not None:
+            self._close(w.conn, why)
+        self._node_call(w.node, "kill", w.wid)
+        if w.alloc is not None:
+            w.pool.give(w.alloc)
+            w.alloc = None
+        t, w.task = w.task, None
+        if t is not None and not t.done:
+            if not self.jobs[t.job]["alive"]:
+                self._fail(t, _error_desc(RayError("its driver exited")))
+            elif t.retries != 0:  # a system failure: retried up to max_retries (-1: forever)
+                t.retries -= 1
+                self._runnable(t)
+            else:
+                n = t.opts["max_retries"]
+                self._fail(t, _error_desc(WorkerCrashedError(
+                    f"the worker (pid {w.pid}) running {t.name} died ({why}); tried {n + 1} time(s), "
+                    f"max_retries={n}")))
+        if w.actor is not None:
+            self._actor_lost(self.actors[w.actor], f"its worker (pid {w.pid}) died: {why}")
+        self._schedule()
+
+    def _on_worker_exit(self, peer, wid, code) -> None:
+        w = self.workers.get(wid)
+        if w is not None:
+            self._worker_dead(w, f"exit code {code}")
+
+    def _job_end(self, job) -> None:
+        self.jobs[job]["alive"] = False
+        for a in self.actors.values():
+            if a.job == job and not a.spec.opts["detached"] and a.state != "dead":
+                self._actor_dead(a, "its driver exited")
+        for w in list(self.workers.values()):
+            if w.job == job and w.actor is None:
+                self._node_call(w.node, "kill", w.wid)
+        for t in [t for q in self.queues.values() for t in q if t.job == job]:
+            self._fail(t, _error_desc(RayError("its driver exited")))
+        for pg in list(self.pgs.values()):
+            if pg.job == job and not pg.detached:
+                self._on_rm_pg(None, pg.pgid)
+
+    def _node_dead(self, node) -> None:
+        node.alive = False
+        _log(f"head: node {node.nid} ({node.info['ip']}) is gone")
+        for w in [w for w in self.workers.values() if w.node is node]:
+            self._worker_dead(w, "its node died")
+        for oid, o in list(self.objects.items()):
+            if o.locs.pop(node.nid, None) and not o.locs and o.desc is None:
+                o.desc = _error_desc(ObjectLostError(f"object {oid}: its only copy was on node {node.nid}, which died"))
+                self._notify(oid, o)
+
+    # -- placement groups
+    def _on_pg(self, peer, pgid, bundles, strategy, value, detached) -> None:
+        self.pgs[pgid] = _PG(pgid, bundles, strategy, value, detached, self._job(peer))
+        self._new_obj(pgid + ".ready", None).pins = 1  # lives as long as the group
+        self._schedule()
+
+    def _place_pg(self, pg) -> None:
+        """Reserve every bundle or none. PACK: one node if possible, else as few as possible;
+        SPREAD: distinct nodes if possible; STRICT_*: exactly that, or wait."""
+        nodes, taken = [n for n in self.nodes.values() if n.alive], []
+        for n in nodes if pg.strategy in ("PACK", "STRICT_PACK") else []:  # every bundle on one node
+            taken = [(n, n.pool.take(b)) for b in pg.bundles]
+            if all(a for _, a in taken):
+                break
+            for _, a in taken:
+                if a:
+                    n.pool.give(a)
+            taken = []
+        if not taken and pg.strategy != "STRICT_PACK":
+            used = set()
+            for b in pg.bundles:
+                cands = sorted(nodes, key=lambda n: (n.nid in used) != (pg.strategy == "PACK"))
+                if pg.strategy == "STRICT_SPREAD":
+                    cands = [n for n in nodes if n.nid not in used]
+                got = next(((n, a) for n in cands for a in [n.pool.take(b)] if a), None)
+                if got is None:
+                    for n, a in taken:
+                        n.pool.give(a)
+                    taken = []
+                    break
+                taken.append(got)
+                used.add(got[0].nid)
+        if not taken:
+            if pg.pgid not in self.warned and any(not any(all(n.total.get(k, 0) >= v for k, v in b.items())
+                                                          for n in nodes) for b in pg.bundles):
+                self.warned.add(pg.pgid)
+                _log(f"head: placement group {pg.pgid} asks for bundles larger than any node; it waits")
+            return
+        pg.state, pg.allocs = "created", taken
+        pg.nodes, pg.pools = [n for n, _ in taken], [_Pool(a[0], a[1]) for _, a in taken]
+        oid = pg.pgid + ".ready"
+        self._seal(oid, self.objects[oid], ("inline", pg.value), (), None, None)
+
+    def _on_rm_pg(self, peer, pgid) -> None:
+        pg = self.pgs.pop(pgid, None)
+        if pg is None:
+            return
+        for a in self.actors.values():  # actors in the group die with it (running tasks finish)
+            s = a.spec.opts["strategy"]
+            if s and s[0] == "pg" and s[1] == pgid and a.state != "dead":
+                self._actor_dead(a, "its placement group was removed")
+        if pg.state == "created":
+            for n, alloc in pg.allocs:
+                n.pool.give(alloc)
+        pg.state = "removed"
+        self._unpin(pgid + ".ready")
+        self._schedule()
+
+    # -- queries and shutdown
+    def _on_rpc(self, peer, req, name, args) -> None:
+        try:
+            value = getattr(self, "_rpc_" + name)(peer, *args)
+        except Exception as e:  # the caller raises it
+            value = e
+        self._send(peer, ("reply", req, value))
+
+    def _rpc_resources(self, peer, which):
+        out = Counter()
+        for n in self.nodes.values():
+            if n.alive:
+                out.update(n.total if which == "total" else n.pool.free)
+        return {k: v / UNIT for k, v in out.items() if v > 0}
+
+    def _rpc_nodes(self, peer):
+        return [{"NodeID": n.nid, "Alive": n.alive, "NodeManagerAddress": n.info["ip"],
+                 "Resources": {k: v / UNIT for k, v in n.total.items() if v}} for n in self.nodes.values()]
+
+    def _rpc_status(self, peer):
+        running = Counter(w.task.name for w in self.workers.values() if w.task is not None)
+        queued = Counter(t.name for q in self.queues.values() for t in q if not t.done)
+        inline = [o.size for o in self.objects.values() if o.desc is not None]
+        return {"address": self.address,
+                "nodes": [{"id": n.nid, "ip": n.info["ip"], "alive": n.alive, "total": n.total, "free": n.pool.free,
+                           "workers": sum(w.node is n for w in self.workers.values()),
+                           "store_used": n.alloc.size - n.alloc.free_bytes(), "store_size": n.alloc.size,
+                           "store_objects": sum(n.nid in o.locs for o in self.objects.values())}
+                          for n in self.nodes.values()],
+                "actors": [{"id": a.aid, "class": a.spec.name, "name": a.spec.opts["name"], "state": a.state,
+                            "pid": a.worker.pid if a.worker else None} for a in self.actors.values()],
+                "running": dict(running), "queued": dict(queued), "inline_objects": len(inline),
+                "inline_bytes": sum(inline), "objects": len(self.objects)}
+
+    def _rpc_shutdown(self, peer):
+        self.stopping = True
+
+    def _shutdown(self) -> None:
+        for n in self.nodes.values():
+            if n.conn is not None and n.alive:
+                self._send(n.conn, ("node", "shutdown", ()))
+                n.conn.sock.setblocking(True)
+                self._flush(n.conn)
+        self.local.shutdown()
+        for key in list(self.sel.get_map().values()):
+            key.fileobj.close()
+        self.wake_w.close()
+
+
+def _desc_text(desc) -> str:
+    """The message of an error descriptor (for the errors of actors that could not start)."""
+    return str(_loads(memoryview(bytearray(desc[1]))))
+
+
+def _fmt_res(units: dict) -> str:
+    return ", ".join(f"{k}={v / UNIT:g}" for k, v in sorted(units.items()))
+
+
+# ---- node manager (head and raylets), raylet, worker ----------------------------------------------
+
+def _boot(entry: str) -> str:
+    """The -c program of a head, raylet or worker. Each process would otherwise compile this file again
+    when bytecode writing is off (PYTHONDONTWRITEBYTECODE): cache it outside the repo instead."""
+    cache = os.path.join(STATE_DIR, "pycache")
+    return (f"import sys; sys.dont_write_bytecode = False; sys.pycache_prefix = {cache!r}; "
+            f"sys.path.insert(0, {HERE!r}); import nanoray; nanoray.{entry}()")
+
+
+class _NodeManager:
+    """What one machine does for the cluster: spawn and kill its workers (fresh interpreters, their
+    CUDA_VISIBLE_DEVICES set from the GPUs they got), own its arena, serve arena regions to other
+    nodes and fetch theirs. Events (a worker exited, a transfer finished) go to `report`."""
+
+    def __init__(self, nid, head_address, secret, cfg, host, report):
+        self.nid, self.head_address, self.secret, self.cfg, self.report = nid, head_address, secret, cfg, report
+        self.procs, self.gpus = {}, _detect_gpus()
+        if cfg.get("num_gpus") is not None:  # declared GPUs (a CPU box may pretend, for placement tests)
+            self.gpus = (self.gpus + [str(i) for i in range(len(self.gpus), cfg["num_gpus"])])[:cfg["num_gpus"]]
+        for stale in os.listdir(SHM_DIR):  # our arenas whose node died without its janitor (kill -9 of both)
+            pid, path = stale.split("_")[1] if stale.startswith("nanoray_") else "", os.path.join(SHM_DIR, stale)
+            try:
+                if pid.isdigit() and not _alive(int(pid)) and os.stat(path).st_uid == os.getuid():
+                    os.unlink(path)
+            except OSError:
+                pass
+        size = cfg.get("object_store_memory") or _default_store_size()
+        self.arena = _Arena(os.path.join(SHM_DIR, f"nanoray_{os.getpid()}_{nid}"), size, create=True)
+        # the janitor: removes the arena when this process dies, however it dies
+        self.janitor = subprocess.Popen(
+            [sys.executable, "-S", "-c", "import os, sys; sys.stdin.buffer.read(); os.path.exists(sys.argv[1]) and "
+             "os.unlink(sys.argv[1])", self.arena.path], stdin=subprocess.PIPE, start_new_session=True)
+        self.server = socket.create_server((host, 0))
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def info(self) -> dict:
+        host, port = self.server.getsockname()[:2]
+        return {"nid": self.nid, "ip": host, "host": socket.gethostname(), "objects": f"{host}:{port}",
+                "arena": self.arena.path, "arena_size": self.arena.size, "num_gpus": len(self.gpus),
+                "num_cpus": self.cfg.get("num_cpus") if self.cfg.get("num_cpus") is not None else os.cpu_count(),
+                "resources": {k: _units(v, k) for k, v in (self.cfg.get("resources") or {}).items()}}
+
+    def spawn(self, wid, gpus) -> None:
+        env = dict(os.environ, NANORAY_ADDRESS=self.head_address, NANORAY_WORKER_ID=wid, NANORAY_NODE_ID=self.nid)
+        env.pop("NANORAY_CONFIG", None)
+        if gpus:
+            env["CUDA_VISIBLE_DEVICES"] = env["NANORAY_GPU_IDS"] = ",".join(self.gpus[i] for i in gpus)
+        self.procs[wid] = subprocess.Popen([sys.executable, "-c", _boot("_worker_main")], env=env,
+                                           stdin=subprocess.PIPE, start_new_session=True)
+
+    def kill(self, wid) -> None:
+        p = self.procs.get(wid)
+        if p is not None and p.poll() is None:
+            p.kill()
+
+    def poll(self) -> None:
+        for wid, p in list(self.procs.items()):
+            if p.poll() is not None:
+                del self.procs[wid]
+                self.report(("worker_exit", wid, p.returncode))
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                sock, addr = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve_one, args=(sock, addr), daemon=True).start()
+
+    def _serve_one(self, sock, addr) -> None:
+        try:
+            sock.settimeout(AUTH_TIMEOUT)
+            _auth_server(sock, self.secret)
+            sock.settimeout(60)
+            off, size = struct.unpack("<QQ", _recv_exact(sock, 16))
+            if off + size > self.arena.size:
+                raise ValueError(f"region {off}+{size} is outside the arena")
+            sock.sendall(self.arena.mv[off:off + size])
+        except (OSError, ConnectionError, ValueError) as e:
+            _log(f"object server: refused {addr[0]}:{addr[1]}: {e}")
+        finally:
+            sock.close()
+
+    def pull(self, oid, src, src_off, size, dst_off) -> None:
+        def run():
+            err = None
+            try:
+                with _connect(src, self.secret) as sock:
+                    sock.settimeout(60)
+                    sock.sendall(struct.pack("<QQ", src_off, size))
+                    view, got = self.arena.mv[dst_off:dst_off + size], 0
+                    while got < size:  # straight into our arena: one copy per transfer
+                        n = sock.recv_into(view[got:])
+                        if not n:
+                            raise ConnectionError("the source closed the transfer early")
+                        got += n
+            except (OSError, ConnectionError) as e:
+                err = str(e)
+            self.report(("pulled", oid, self.nid, dst_off, err))
+        threading.Thread(target=run, daemon=True).start()
+
+    def shutdown(self) -> None:
+        for p in self.procs.values():
+            p.kill()
+        for p in self.procs.values():
+            p.wait()
+        self.server.close()
+        self.arena.close()
+        os.unlink(self.arena.path)
+        self.janitor.stdin.close()
+        self.janitor.wait()
+
+
+def _lifeline(then) -> None:
+    """Block until stdin (a pipe from the parent) reaches EOF, i.e. the parent died, then call then()."""
+    while os.read(0, 4096):
+        pass
+    then()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _default_store_size() -> int:
+    """30% of RAM (Ray's default), at most 80% of what /dev/shm has free."""
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    st = os.statvfs(SHM_DIR)
+    return int(min(0.3 * ram, 0.8 * st.f_bavail * st.f_frsize)) // PAGE * PAGE
+
+
+def _node_main() -> None:
+    """Entry of a head or raylet process (started by init() or by `start`)."""
+    cfg = json.loads(os.environ.pop("NANORAY_CONFIG"))
+    secret = os.environ["NANORAY_SECRET"].encode()
+    host = cfg.get("host") or "127.0.0.1"
+    if cfg["head"]:
+        listen = socket.socket(fileno=cfg["listen_fd"]) if cfg.get("listen_fd") else \
+            socket.create_server((host, cfg["port"]))
+        node = _Head(cfg, listen, secret)
+        stop = lambda *_: node.post(lambda: setattr(node, "stopping", True))  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        if cfg.get("lifeline"):  # started by init(): live as long as the driver
+            threading.Thread(target=_lifeline, args=(stop,), daemon=True).start()
+        address, run = node.address, node.loop
+    else:
+        nid = os.urandom(4).hex()
+        mgr = _NodeManager(nid, cfg["address"], secret, cfg, host, report=None)
+        client = _Client(cfg["address"], secret, {"kind": "node", **mgr.info()})
+        mgr.report, address = client.send, cfg["address"]
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+        def run():
+            try:
+                while True:
+                    msg = client.next_message(timeout=0.1)
+                    if msg is not None:
+                        if msg[1] == "shutdown":
+                            break
+                        getattr(mgr, msg[1])(*msg[2])
+                    mgr.poll()
+            except RaySystemError:
+                _log(f"raylet {nid}: lost the head at {cfg['address']}; stopping")
+            finally:
+                mgr.shutdown()
+    if cfg.get("pidfile"):
+        _write_json(cfg["pidfile"], {"pid": os.getpid(), "address": address, "head": cfg["head"]})
+    try:
+        run()
+    finally:
+        if cfg.get("pidfile") and os.path.exists(cfg["pidfile"]):
+            os.unlink(cfg["pidfile"])
+    sys.stderr.flush()
+    os._exit(0)  # everything is cleaned up: skip the interpreter's teardown
+
+
+def _worker_main() -> None:
+    """A worker: run what the head sends, in order (or on threads / an event loop for actors that
+    allow concurrency); results go back as ("done", task id, [(return id, descriptor, refs)], failed)."""
+    global _client
+    threading.Thread(target=_lifeline, args=(lambda: os._exit(1),), daemon=True).start()  # the node died
+    c = _client = _Client(os.environ["NANORAY_ADDRESS"], os.environ["NANORAY_SECRET"].encode(),
+                          {"kind": "worker", "wid": os.environ["NANORAY_WORKER_ID"], "pid": os.getpid()})
+    fns, instance, run = {}, None, None
+    while True:
+        try:
+            msg = c.next_message()
+        except RaySystemError:
+            os._exit(0)  # the head is gone
+        op = msg[0]
+        if op == "bind":  # the driver's sys.path, so its own modules import here too
+            sys.path.extend(p for p in msg[1] if p not in sys.path)
+        elif op == "exec":
+            _, tid, blob, name, args, deps, rids = msg
+
+            def call(blob=blob, args=args, deps=deps):  # a function that cannot load fails its task, readably
+                fn = fns.get(blob) or fns.setdefault(blob, _loads(memoryview(bytearray(blob))))
+                a, kw = c.resolve_args(args, deps)
+                return fn(*a, **kw)
+            c.in_task = True
+            _run_call(c, tid, name, rids, call)
+            c.in_task = False
+        elif op == "create":
+            _, aid, blob, name, args, deps, opts = msg
+            try:
+                a, kw = c.resolve_args(args, deps)
+                instance, err = _loads(memoryview(bytearray(blob)))(*a, **kw), None
+            except Exception as e:
+                err = _error_desc(RayTaskError(f"{name}.__init__", _format_tb(e), e, os.getpid()))
+            run = _actor_runner(c, instance, opts)
+            c.send(("created", aid, err))
+        elif op == "call":
+            run(*msg[1:])
+
+
+def _format_tb(e) -> str:
+    return "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
+
+
+def _run_call(c, tid, name, rids, call) -> None:
+    try:
+        out = call()
+        values = [out] if len(rids) == 1 else list(out)
+        if len(values) != len(rids):
+            raise ValueError(f"{name} returned {len(values)} values, num_returns={len(rids)}")
+        results = [(r, *c.store(v)) for r, v in zip(rids, values)]
+        failed = False
+    except Exception as e:
+        err = _error_desc(RayTaskError(name, _format_tb(e), e, os.getpid()))
+        results, failed = [(r, err, ()) for r in rids], True
+    c.send(("done", tid, results, failed))
+
+
+def _actor_runner(c, instance, opts):
+    """How an actor runs its calls: in order on this thread; on a thread pool (max_concurrency > 1);
+    or as coroutines on an event loop thread (async methods), at most max_concurrency at once."""
+    def body(tid, name, args, deps):
+        a, kw = c.resolve_args(args, deps)
+        return getattr(instance, name)(*a, **kw)
+    if opts["is_async"]:
+        import asyncio
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True).start()
+        sem = asyncio.Semaphore(opts["max_concurrency"])
+
+        async def acall(tid, name, args, deps, rids):
+            async with sem:
+                try:
+                    out = await loop.run_in_executor(None, body, tid, name, args, deps)
+                    out = (await out) if inspect.isawaitable(out) else out
+                except Exception as e:
+                    out = e
+            await loop.run_in_executor(None, _run_call, c, tid, name, rids, lambda: _reraise(out))
+        return lambda tid, name, args, deps, rids: asyncio.run_coroutine_threadsafe(
+            acall(tid, name, args, deps, rids), loop)
+    if opts["max_concurrency"] > 1:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = ThreadPoolExecutor(opts["max_concurrency"])
+        return lambda tid, name, args, deps, rids: pool.submit(
+            _run_call, c, tid, name, rids, lambda: body(tid, name, args, deps))
+    return lambda tid, name, args, deps, rids: _run_call(c, tid, name, rids, lambda: body(tid, name, args, deps))
+
+
+def _reraise(out):
+    if isinstance(out, Exception):
+        raise out
+    return out
+
+
+# ---- CLI: start / stop / status, the self-test, the benchmark -------------------------------------
+
+def _opt(default, why):
+    return field(default=default, metadata={"help": why})
+
+
+@dataclass
+class StartConfig:
+    """`python nanoray.py start`: every flag, its default and why (argparse is generated from it)."""
+    head: bool = _opt(False, "start the head of a new cluster (else join the one at --address)")
+    address: str = _opt("", "HOST:PORT of the head to join")
+    port: int = _opt(6379, "the head's port (Ray's default)")
+    node_ip_address: str = _opt("127.0.0.1", "the address this node binds and announces: loopback unless given")
+    num_cpus: int = _opt(None, "worker slots (default: the machine's cores)")
+    num_gpus: int = _opt(None, "GPUs to offer (default: CUDA_VISIBLE_DEVICES, else every GPU)")
+    resources: str = _opt("{}", "custom resources as JSON, e.g. '{\"reward\": 4}'")
+    object_store_memory: int = _opt(None, "arena bytes (default: 30%% of RAM)")
+    secret_file: str = _opt("", "the secret file (default: $NANORAY_SECRET, else ~/.nanoray/secret)")
+    block: bool = _opt(False, "run in the foreground instead of in the background")
+
+
+def _write_json(path, obj) -> None:
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f)
+    os.replace(path + ".tmp", path)  # nothing half-written
+
+
+def _pidfiles() -> list:
+    out = []
+    for name in sorted(os.listdir(STATE_DIR)) if os.path.isdir(STATE_DIR) else []:
+        try:
+            with open(os.path.join(STATE_DIR, name)) as f:
+                out.append((os.path.join(STATE_DIR, name), json.load(f)))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def _local_head_address() -> str:
+    heads = [d["address"] for _, d in _pidfiles() if d.get("head") and _alive(d["pid"])]
+    if not heads:
+        raise ConnectionError("address='auto': no nanoray head runs on this machine (`python nanoray.py start --head`)")
+    return heads[-1]
+
+
+def _start(cfg: StartConfig) -> None:
+    if cfg.head == bool(cfg.address):
+        raise ValueError("start: give exactly one of --head or --address HOST:PORT")
+    if cfg.head and not os.environ.get("NANORAY_SECRET") and not os.path.exists(cfg.secret_file or SECRET_FILE):
+        path = cfg.secret_file or SECRET_FILE  # a first head on this machine makes the secret
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(os.urandom(32).hex())
+    secret = _load_secret(cfg.secret_file or None)
+    try:
+        resources = json.loads(cfg.resources)
+        assert isinstance(resources, dict)
+    except (ValueError, AssertionError):
+        raise ValueError(f"--resources {cfg.resources!r}: expected a JSON object such as '{{\"reward\": 4}}'") from None
+    node = {"head": cfg.head, "address": cfg.address, "port": cfg.port, "host": cfg.node_ip_address,
+            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": resources,
+            "object_store_memory": cfg.object_store_memory}
+    if not cfg.head:
+        _Client(cfg.address, secret, {"kind": "cli"}).sock.close()  # fail here, readably, if unreachable
+    env = dict(os.environ, NANORAY_SECRET=secret.decode())
+    if cfg.block:
+        os.environ.update(NANORAY_SECRET=secret.decode(), NANORAY_CONFIG=json.dumps(node))
+        return _node_main()
+    stem = os.path.join(STATE_DIR, f"node-{time.time_ns()}")
+    node["pidfile"], log = stem + ".json", stem + ".log"
+    os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    with open(log, "ab") as logf:  # a daemon: its own session, output to the log, no terminal
+        proc = subprocess.Popen([sys.executable, "-c", _boot("_node_main")], stdin=subprocess.DEVNULL, stdout=logf,
+                                stderr=logf, start_new_session=True, env=dict(env, NANORAY_CONFIG=json.dumps(node)))
+    deadline = time.monotonic() + 30
+    while not os.path.exists(node["pidfile"]):  # written once the node listens
+        if proc.poll() is not None:
+            with open(log, errors="replace") as f:
+                last = ([ln.strip() for ln in f if ln.strip()] or ["no output"])[-1]
+            raise OSError(f"start: the node exited with code {proc.returncode}: {last} (log: {log})")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise TimeoutError(f"start: the node did not come up within 30 s; see {log}")
+        time.sleep(0.05)
+    with open(node["pidfile"]) as f:
+        ready = json.load(f)["address"]
+    print(f"nanoray {'head' if cfg.head else 'node'} started (pid {proc.pid}) at {ready}; log {log}")
+    if cfg.head:
+        print(f"join with: python nanoray.py start --address {ready}   (same secret: NANORAY_SECRET or "
+              f"{cfg.secret_file or SECRET_FILE})\nstop with: python nanoray.py stop")
+
+
+def _stop() -> None:
+    found = _pidfiles()
+    for path, d in found:
+        if _alive(d["pid"]):
+            os.kill(d["pid"], signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    for path, d in found:
+        while _alive(d["pid"]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(d["pid"]):
+            os.kill(d["pid"], signal.SIGKILL)  # its janitor still removes the arena
+        if os.path.exists(path):
+            os.unlink(path)
+        print(f"stopped {'head' if d.get('head') else 'node'} pid {d['pid']} ({d['address']})")
+    if not found:
+        print("no nanoray node was running on this machine")
+
+
+def _status(address: str) -> None:
+    c = _Client(address or _local_head_address(), _load_secret(), {"kind": "cli"})
+    s = c.rpc("status")
+    c.sock.close()
+    res = lambda d: " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(d.items()) if v) or "-"  # noqa: E731
+    print(f"nanoray cluster at {s['address']}: {len(s['nodes'])} node(s), {len(s['actors'])} actor(s), "
+          f"{s['objects']} object(s)")
+    for n in s["nodes"]:
+        print(f"  node {n['id']} {n['ip']} {'alive' if n['alive'] else 'DEAD'}: total {res(n['total'])}; free "
+              f"{res(n['free'])}; {n['workers']} workers; store {n['store_used'] / 1e6:.1f} of "
+              f"{n['store_size'] / 1e6:.0f} MB in {n['store_objects']} objects")
+    for a in s["actors"]:
+        print(f"  actor {a['id']} {a['class']}{' ' + repr(a['name']) if a['name'] else ''}: {a['state']}, "
+              f"pid {a['pid']}")
+    print(f"  tasks running: {s['running'] or 'none'}; queued: {s['queued'] or 'none'}")
+    print(f"  small objects in the head: {s['inline_objects']} ({s['inline_bytes'] / 1e3:.1f} kB)")
+
+
+def _shm_entries() -> set:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("nanoray_")}
+
+
+def selftest() -> None:
+    """Every API once on a local 2-CPU cluster with 2 declared GPUs (placement is bookkeeping: no
+    CUDA needed), then checks that shutdown leaves no process and no arena behind."""
+    t0, shm_before = time.time(), _shm_entries()
+    init(num_cpus=2, num_gpus=2)
+    try:
+        @remote
+        def add(a, b):
+            return a + b
+
+        @remote(num_returns=2, num_gpus=0.5)
+        def split(x):
+            return x, os.environ.get("CUDA_VISIBLE_DEVICES")
+
+        @remote
+        def boom():
+            raise KeyError("boom")
+
+        @remote(max_restarts=1)
+        class Counter:
+            def __init__(self, start):
+                self.n = start
+
+            def incr(self, k=1):
+                self.n += k
+                return self.n
+
+            def pid(self):
+                return os.getpid()
+        x = put(20)
+        assert get(add.remote(x, add.remote(1, 1))) == 22, "refs as arguments resolve before the call"
+        v, gpu = get(split.remote(5))
+        assert v == 5 and gpu in ("0", "1"), gpu
+        ready, rest = wait([add.remote(i, i) for i in range(4)], num_returns=4, timeout=30)
+        assert sorted(get(ready)) == [0, 2, 4, 6] and not rest
+        try:
+            get(boom.remote())
+            raise AssertionError("the remote KeyError must come back")
+        except KeyError as e:  # also a RayTaskError, with the remote traceback
+            assert isinstance(e, RayTaskError) and "raise KeyError" in str(e), str(e)
+        c = Counter.remote(10)
+        assert get([c.incr.remote() for _ in range(3)]) == [11, 12, 13], "calls run in order"
+        os.kill(get(c.pid.remote()), signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while True:  # the actor restarts (state lost): calls fail until the head has seen the death
+            try:
+                assert get(c.incr.remote(), timeout=30) == 11
+                break
+            except RayActorError:
+                assert time.monotonic() < deadline, "the actor did not restart"
+        try:
+            import numpy as np
+            big = np.arange(4_000_000, dtype=np.float32)
+            back = get(put(big))
+            assert back.ctypes.data != big.ctypes.data and (back == big).all()
+            print("  numpy 16 MB array: zero-copy view of the arena OK")
+        except ImportError:
+            print("  numpy zero-copy check: SKIPPED (numpy is not installed)")
+        pg = util.placement_group([{"CPU": 1}, {"GPU": 1}], strategy="PACK")
+        get(pg.ready(), timeout=30)
+        strat = util.scheduling_strategies.PlacementGroupSchedulingStrategy(pg, 1)
+        assert get(split.options(scheduling_strategy=strat, num_cpus=0).remote(1))[0] == 1
+        try:
+            get(remote(time.sleep).remote(3), timeout=0.2)
+            raise AssertionError("get(timeout=0.2) on a 3 s task must time out")
+        except GetTimeoutError:
+            pass
+        assert cluster_resources()["CPU"] == 2.0 and available_resources().get("GPU", 0) <= 1.0
+    finally:
+        shutdown()
+    assert _shm_entries() <= shm_before, "an arena was left in /dev/shm"
+    print(f"nanoray selftest: OK ({time.time() - t0:.1f} s)")
+
+
+def _bench_noop():
+    return None
+
+
+class _BenchActor:
+    def __init__(self, system):
+        self.ray = importlib.import_module(system)
+
+    def noop(self):
+        return None
+
+    def get_ms(self, refs):  # the ref arrives nested in a list, so this process does the get (best of 5)
+        return min(_timed(lambda: self.ray.get(refs[0])) for _ in range(5)) * 1e3
+
+
+def _timed(fn, n=1):
+    """The one timer: seconds per call of fn() (n calls, after the caller's warm-up)."""
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    return (time.perf_counter() - t) / n
+
+
+def _bench_system(ray, mb: int) -> dict:
+    import numpy as np
+    out, kw = {}, ({"include_dashboard": False, "logging_level": "ERROR"} if ray.__name__ == "ray" else {})
+    out["init (s)"] = _timed(lambda: ray.init(num_cpus=2, **kw))
+    f, actor = ray.remote(_bench_noop), ray.remote(_BenchActor).remote(ray.__name__)
+    ray.get([f.remote() for _ in range(50)] + [actor.noop.remote()])  # warm-up: workers up, code loaded
+    out["sync task round trips (/s)"] = 1 / _timed(lambda: ray.get(f.remote()), 300)
+    out["1000 async tasks (/s)"] = 1000 / _timed(lambda: ray.get([f.remote() for _ in range(1000)]))
+    out["sync actor calls (/s)"] = 1 / _timed(lambda: ray.get(actor.noop.remote()), 500)
+    out["1000 async actor calls (/s)"] = 1000 / _timed(lambda: ray.get([actor.noop.remote() for _ in range(1000)]))
+    arr = np.full(mb * 10**6 // 8, 1.0)
+    refs = []
+    out[f"put {mb} MB, first (GB/s)"] = arr.nbytes / 1e9 / _timed(lambda: refs.append(ray.put(arr)))
+    refs.clear()  # freed: the next put may reuse the pages (warm)
+    time.sleep(0.5)
+    out[f"put {mb} MB, again (GB/s)"] = arr.nbytes / 1e9 / _timed(lambda: refs.append(ray.put(arr)))
+    out[f"get {mb} MB, same process (ms)"] = min(_timed(lambda: ray.get(refs[0])) for _ in range(5)) * 1e3
+    small = ray.put(np.full(10**6, 1.0))
+    out["get 8 MB, other process (ms)"] = ray.get(actor.get_ms.remote([small]))
+    out[f"get {mb} MB, other process (ms)"] = ray.get(actor.get_ms.remote([refs[0]]))
+    refs.clear()
+    small = actor = None  # noqa: F841 (dropped before shutdown)
+    out["shutdown (s)"] = _timed(ray.shutdown)
+    return out
+
+
+def bench(mb: int = 800, systems=("nanoray", "ray")) -> dict:
+    """`python nanoray.py --bench`: nanoray and the ray package on the same machine, one table."""
+    load0, results = os.getloadavg(), {}
+    os.environ["PYTHONPATH"] = os.pathsep.join([HERE] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    for name in systems:
+        try:
+            mod = sys.modules[__name__] if name == "nanoray" else importlib.import_module(name)
+        except ImportError:
+            print(f"{name}: SKIPPED (pip install {name})")
+            continue
+        results[name] = _bench_system(mod, mb)
+        results[name]["init + shutdown (s)"] = results[name]["init (s)"] + results[name]["shutdown (s)"]
+    lower = {"init (s)", "shutdown (s)", "init + shutdown (s)"} | {k for k in results.get("nanoray", {}) if "(ms)" in k}
+    targets = {"init + shutdown (s)": "<= 0.5", "sync task round trips (/s)": ">= 1.0x ray",
+               "1000 async tasks (/s)": ">= 1.0x ray", "sync actor calls (/s)": ">= 1.0x ray",
+               "1000 async actor calls (/s)": ">= 1.0x ray", f"put {mb} MB, again (GB/s)": ">= 2",
+               f"get {mb} MB, other process (ms)": "~ the 8 MB get (zero-copy)"}
+    print(f"{'metric':34s} {'nanoray':>10s} {'ray':>10s} {'ratio':>7s}  target")
+    for k, ours in results.get("nanoray", {}).items():
+        peer = results.get("ray", {}).get(k)
+        ratio = "" if peer is None or not ours else f"{(peer / ours if k in lower else ours / peer):7.2f}"
+        print(f"{k:34s} {ours:10.3f} {'-' if peer is None else f'{peer:10.3f}':>10s} {ratio:>7s}  {targets.get(k, '')}")
+    load1 = os.getloadavg()
+    print(f"ratio > 1: nanoray is better. load average before {load0[0]:.2f}, after {load1[0]:.2f} "
+          f"({os.cpu_count()} cores)")
+    return results
+
+
+def main(argv=None) -> int:
+    import argparse
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted anywhere on the line
+    argv = [a for a in argv if a != "--debug"]
+    p = argparse.ArgumentParser(prog="nanoray.py", description=__doc__.strip().split("\n")[0],
+                                epilog="with no command: the self-test")
+    p.add_argument("--bench", action="store_true", help="benchmark against the ray package (when installed)")
+    p.add_argument("--mb", type=int, default=800, help="size of the large array in --bench")
+    p.add_argument("--debug", action="store_true", help="full tracebacks for every error")
+    sub = p.add_subparsers(dest="cmd")
+    start = sub.add_parser("start", help="start a head or join a cluster")
+    for f in fields(StartConfig):
+        name, why = "--" + f.name.replace("_", "-"), f.metadata["help"]
+        if f.type is bool:
+            start.add_argument(name, action="store_true", dest=f.name, help=why)
+        else:
+            start.add_argument(name, type=f.type, default=f.default, dest=f.name, help=why)
+    st = sub.add_parser("status", help="nodes, resources, actors, tasks, store use")
+    st.add_argument("--address", default="", help="HOST:PORT of the head (default: the head on this machine)")
+    sub.add_parser("stop", help="stop the nodes started on this machine")
+    a = p.parse_args(argv)
+    try:
+        if a.cmd == "start":
+            _start(StartConfig(**{f.name: getattr(a, f.name) for f in fields(StartConfig)}))
+        elif a.cmd == "status":
+            _status(a.address)
+        elif a.cmd == "stop":
+            _stop()
+        elif a.bench:
+            bench(a.mb)
+        else:
+            selftest()
+    except (ValueError, OSError, TimeoutError) as e:  # expected errors: one line, exit 2
+        if debug:
+            raise
+        print(f"nanoray.py: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    import nanoray  # run as the module `nanoray`, so pickles name its classes the same in every process
+    sys.exit(nanoray.main())
