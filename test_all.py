@@ -1750,8 +1750,10 @@ def test_adapters():
     assert x["solution"] == "She sold 48/2 = 24.\nTotal $72.\nThe answer is \\boxed{1072}."
     with pytest.raises(pd.BadRow, match="####"):
         pd.adapt_gsm8k({"question": "Q", "answer": "72"})
-    with pytest.raises(pd.BadRow, match=r"\['question', 'answer'\]"):
+    with pytest.raises(pd.BadRow, match=r"^'answer' is missing .*\['question', 'answer'\]"):
         pd.adapt_gsm8k({"question": "Q"})
+    with pytest.raises(pd.BadRow, match=r"^'question' is missing and 'answer' is empty "):
+        pd.adapt_gsm8k({"question": None, "answer": "  "})
     # Auto-detection from column names.
     assert pd.detect_adapter(["question", "final_answer", "r1_solution_1"]) == "deepmath"
     assert pd.detect_adapter(["question", "answer"]) == "gsm8k"
@@ -1776,11 +1778,70 @@ def test_bad_row_names_file_and_row(smollm2_tok, tmp_path):
         pd.process_split("test", raw, "math", smollm2_tok, cfg)
     # Through build(): the real file name and line number.
     path = _pd_write_jsonl(tmp_path / "g.jsonl", [{"question": "Q", "answer": "a\n#### 1"}] * 3 + [{"answer": "#### 2"}])
-    with pytest.raises(ValueError, match=r"g\.jsonl: row 4 "):
+    with pytest.raises(ValueError, match=r"g\.jsonl: line 4 .*'question' is missing"):
         build(Config(out_dir=str(tmp_path), train_files=[path], test_size=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.jsonl"]  # the temp folder was removed
     m = build(Config(out_dir=str(tmp_path), train_files=[path], test_size=1, skip_bad_rows=True))
     assert m["adapter"] == "gsm8k" and m["splits"]["train"]["dropped_bad"] + m["splits"]["test"]["dropped_bad"] == 1
+
+
+def test_bad_fields_and_bytes_name_the_file_and_line(tmp_path):
+    """An empty or missing field names itself and the file's LINE (blank lines skipped when reading make row
+    and line differ); a byte that is not UTF-8 gives the line too, never a bare UnicodeDecodeError."""
+    good = json.dumps({"question": "Q", "answer": "a\n#### 1"})
+    cases = {"empty": (good + "\n" + json.dumps({"question": "Q2", "answer": ""}) + "\n", r"line 2 .*'answer' is empty"),
+             "missing": (good + "\n\n\n" + json.dumps({"question": "Q2"}) + "\n", r"line 4 .*'answer' is missing"),
+             "utf8": (good + "\n" + '{"question": "caf\xe9", "answer": "#### 2"}\n', r"line 2, byte 18: not valid UTF-8")}
+    for name, (text, pattern) in cases.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(text.encode("latin-1"))
+        with pytest.raises(ValueError, match=rf"{name}\.jsonl: {pattern}"):
+            build(Config(out_dir=str(tmp_path / "out"), train_files=[str(path)], test_size=1))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())     # nothing half-written
+
+
+def _pd_token_file(path, rows, chunks=2):
+    """An sft-recipe .nano file written in `chunks` chunks (the reader sees several record batches)."""
+    from nanosets import Dataset, concatenate_datasets
+    k = (len(rows) + chunks - 1) // chunks
+    parts = [Dataset.from_list(rows[i:i + k], schema=pd.SCHEMAS["sft"]) for i in range(0, len(rows), k)]
+    concatenate_datasets(parts).save_to_disk(str(path))
+    return ns.load_dataset(str(path))
+
+
+def test_check_token_split_names_file_row_and_column(tmp_path):
+    """check_token_split (one vectorised pass over the flat buffers) finds each single corruption at the row
+    and column where it was put, in any chunk of the file; a clean split passes and reports its totals."""
+    g = random.Random(0)
+
+    def clean():
+        out = []
+        for _ in range(40):
+            n, p = g.randint(3, 12), g.randint(1, 3)
+            out.append({"input_ids": [g.randrange(50) for _ in range(n)], "loss_mask": [0] * p + [1] * (n - p),
+                        "num_tokens": n, "problem": "p", "answer": "a"})
+        return out
+    rows = clean()
+    ds = _pd_token_file(tmp_path / "ok.nano", rows)
+    assert len(ds._table.batches) == 2                              # the test covers a multi-chunk file
+    st = pd.check_token_split(ds, "ok.nano", 50, {"input_ids": "loss_mask"})
+    assert st == {"rows": 40, "tokens": sum(r["num_tokens"] for r in rows), "max_id": max(max(r["input_ids"]) for r in rows)}
+    corruptions = {"input_ids": lambda r: r["input_ids"].__setitem__(1, 50),      # id == vocab size
+                   "loss_mask": lambda r: r["loss_mask"].__setitem__(-1, 2),       # not 0 or 1
+                   "num_tokens": lambda r: r.__setitem__("num_tokens", r["num_tokens"] + 1),
+                   "mask_len": lambda r: r["loss_mask"].append(1)}                  # one mask value too many
+    for trial in range(8):
+        what, row = list(corruptions)[trial % 4], g.randrange(40)
+        rows = clean()
+        corruptions[what](rows[row])
+        ds = _pd_token_file(tmp_path / f"bad{trial}.nano", rows)
+        col = "loss_mask" if what == "mask_len" else what
+        with pytest.raises(ValueError, match=rf"bad{trial}\.nano: row {row}, column '{col}': "):
+            pd.check_token_split(ds, tmp_path / f"bad{trial}.nano", 50, {"input_ids": "loss_mask"})
+    ids = [{"prompt_ids": [1, -3], "num_tokens": 2}]                # rl rows, no mask, no vocabulary given
+    with pytest.raises(ValueError, match=r"row 0, column 'prompt_ids': token id -3 is outside"):
+        pd.check_token_split(ns.Dataset.from_list(ids, schema={"prompt_ids": "list<int32>"}), "rl.nano", None,
+                             {"prompt_ids": None})
 
 
 # ---- chat template and loss mask ----
@@ -1901,7 +1962,7 @@ def test_local_files_random_split_and_numina_messages(tmp_path):
 def test_hub_offline_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network attempt, and an empty cache:
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    with pytest.raises(RuntimeError, match=r"HuggingFaceH4/MATH-500.*not reachable.*--train_files"):
+    with pytest.raises(ConnectionError, match=r"HuggingFaceH4/MATH-500.*not reachable.*--train_files"):
         build(Config(out_dir=str(tmp_path), hub_id="HuggingFaceH4/MATH-500"))
     with pytest.raises(OSError, match="cannot load tokenizer 'no-such/tokenizer'"):
         pd.load_tokenizer("no-such/tokenizer")
@@ -1920,6 +1981,65 @@ def test_cli_args_and_smollm2_path():
         build(Config(recipe="dpo"))
     with pytest.raises(ValueError, match="synthetic takes no"):
         build(Config(source="synthetic", train_files=["x.jsonl"]))
+
+
+# ---- CLIs: one line per expected error ----
+
+
+def test_run_cli_one_line_exit_2_and_debug(capsys, monkeypatch):
+    """run_cli: an expected error (ValueError / OSError and subclasses) prints ONE line `prog: error: msg` (the
+    message's own `prog:` prefix not repeated) and exits 2; rank != 0 prints nothing; --debug re-raises;
+    an unexpected exception keeps its traceback."""
+    def fails(exc):
+        def main(argv):
+            raise exc
+        return main
+    monkeypatch.delenv("RANK", raising=False)
+    for exc in (ValueError("x.py: --lr -1: expected > 0"), FileNotFoundError("x: no such file: a.jsonl"),
+                TimeoutError("rank 1 did not answer in 5 s")):
+        with pytest.raises(SystemExit) as e:
+            pd.run_cli(fails(exc), [], "x.py")
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("x.py: error: ") and "x.py: x" not in err
+        assert str(exc).split(": ", 1)[-1] in err
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        pd.run_cli(fails(ValueError("bad")), [], "x.py")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(ValueError, match="bad"):
+        pd.run_cli(fails(ValueError("bad")), ["--debug"], "x.py")
+    with pytest.raises(KeyError):                                       # a bug: the traceback stays
+        pd.run_cli(fails(KeyError("bug")), [], "x.py")
+    assert pd.run_cli(lambda argv: None, [], "x.py") == 0
+
+
+def _cli(args, cwd, env=None, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
+    env.pop("RANK", None)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_root_clis_bad_input_is_one_line(tmp_path):
+    """The root CLIs on bad input: exit 2 and exactly one line on stderr that names the flag or file; --help
+    exits 0 without running anything; `merge.py --help` works where tqdm cannot be imported."""
+    cases = [(["prepare_data.py", "--train_files", "nope.jsonl"], "prepare_data.py: error: data file not found: "),
+             (["prepare_data.py", "--recipe", "dpo"], "prepare_data.py: error: --recipe 'dpo': expected one of"),
+             (["sft.py", "--tp", "3"], "sft.py: error: --tp 3 x --pp 1 = 3 does not divide the world size 1"),
+             (["sft.py", "--resume", "nowhere"], "sft.py: error: --resume nowhere: no checkpoint there"),
+             (["merge.py", "nowhere"], "merge.py: error: nowhere is neither a checkpoint")]
+    for args, line in cases:
+        r = _cli([str(ROOT / args[0]), *args[1:]], tmp_path)
+        assert r.returncode == 2 and r.stderr.startswith(line) and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
+    r = _cli([str(ROOT / "sft.py"), "--tp", "3", "--debug"], tmp_path)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: sft.py: --tp 3" in r.stderr
+    for f in ("sft.py", "prepare_data.py"):
+        r = _cli([str(ROOT / f), "--help"], tmp_path)
+        assert r.returncode == 0 and r.stdout.startswith("usage:") and "--debug" in r.stdout and "config:" not in r.stdout
+    no_tqdm = f"import sys, runpy; sys.modules['tqdm'] = None; sys.argv = ['merge.py', '--help']; " \
+              f"runpy.run_path({str(ROOT / 'merge.py')!r}, run_name='__main__')"
+    r = _cli(["-c", no_tqdm], tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []             # nothing was run or written
 
 
 # ---- the real datasets in ../shared/data (skipped when absent) ----
