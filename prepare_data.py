@@ -337,17 +337,15 @@ def read_rows(path: str):
         raise FileNotFoundError(f"prepare_data: data file not found: {path}")
     try:
         return load_dataset(str(path))
-    except UnicodeDecodeError as e:   # the text is not UTF-8: name the line, not a byte offset of a buffer
-        data = Path(path).read_bytes()
-        start = e.start
+    except UnicodeDecodeError as e:   # not UTF-8: name the line, not an offset into some buffer
+        data, start = Path(path).read_bytes(), e.start
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as whole:   # the position in the whole file
             start = whole.start
         line, column = data.count(b"\n", 0, start) + 1, start - data.rfind(b"\n", 0, start)
-        where = f"line {line}, byte {column}"
-        raise ValueError(f"prepare_data: {path}: {where}: not valid UTF-8 ({e.reason}, byte "
-                         f"{e.object[e.start:e.start + 1]!r}); save the file as UTF-8") from None
+        raise ValueError(f"prepare_data: {path}: line {line}, byte {column}: not valid UTF-8 ({e.reason}, byte "
+                         f"{data[start:start + 1]!r}); save the file as UTF-8") from None
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -563,7 +561,8 @@ def process_split(split: str, raw: list, adapter: str, tok, cfg: Config, chunk: 
 
     counts = {"raw": len(raw), "kept": 0, "dropped_too_long": 0, "dropped_bad": 0, "dropped_by_adapter": 0}
     fn, parts, lengths, trained = ADAPTERS[adapter], [], [], []
-    with tqdm(total=len(raw), desc=f"{split:>5}", unit="rows", leave=False) as bar:  # closed on errors too
+    # disable=None: no bar when stderr is not a terminal (CI logs); `with` closes it on errors too
+    with tqdm(total=len(raw), desc=f"{split:>5}", unit="rows", leave=False, disable=None) as bar:
         for start in range(0, len(raw), chunk):
             items = []
             for path, rows, i in raw[start:start + chunk]:

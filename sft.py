@@ -32,6 +32,8 @@ model against a checkpoint in --out, and --out itself (a new run never mixes wit
 
 Contents: config | data (toy task, preference pairs, packing) | losses and steps | eval |
           FLOPs and MFU | logging | checks and checkpoints | driver | layout benchmark | CLI
+First read: config -> data (Batcher, collate) -> losses and steps (train_step) -> driver (main and its four
+phases). Independent chapters: DPO, the forward-only eval pipeline, the checks, the layout benchmark.
 """
 import contextlib
 import dataclasses
@@ -71,7 +73,7 @@ class Config:
     micro_batch_tokens: int = 0  # packing budget of one micro-batch (the memory knob); 0 = 2048 CUDA, 1024 CPU
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over train on CUDA, 4 on CPU (a demo)
     epochs: float = 1.0  # passes over the train split when steps is derived (CUDA)
-    lr: float = 0.0  # peak LR; 0 = 2e-5 (fine-tuning pretrained weights wants a small one; DPO: ~5e-7 at scale), 3e-3 for tiny
+    lr: float = 0.0  # peak LR; 0 = 2e-5 (pretrained weights want a small one; DPO: ~5e-7 at scale), 3e-3 for tiny
     min_lr_ratio: float = 0.1  # cosine decays to lr * this, not to 0 (the last steps still learn)
     warmup_steps: int = 20  # linear warmup from ~0; clamped to 10% of the run so short runs still train
     weight_decay: float = 0.0  # a few epochs of fine-tuning need little regularisation
@@ -80,9 +82,9 @@ class Config:
     eval_every: int = 100  # steps between evals on the test split (also before the first and after the last)
     eval_tokens: int = 0  # test tokens per eval; 0 = 65536 on CUDA, 1024 on CPU
     save_every: int = 500  # steps between checkpoints (the last step is always saved; 0 = only the last; -1 = none)
-    keep_last: int = 2  # after each save keep only the newest N complete checkpoints in --out (0 = all); SmolLM2's is 2 GB on CPU
+    keep_last: int = 2  # after each save keep the newest N complete checkpoints in --out (0 = all); SmolLM2's: 2 GB
     resume: str = "auto"  # auto = latest <out>/step_N if any | never | a checkpoint folder
-    overwrite: bool = False  # delete --out's step_N folders after the resumed step (never: all) instead of refusing to mix runs
+    overwrite: bool = False  # delete --out's step_N folders after the resumed step (never: all) instead of refusing
     seed: int = 0  # data order (and the random init of the presets, --model tiny / qwen3-0.6b)
     dtype: str = "auto"  # bfloat16 | float32; auto = bfloat16 on CUDA, float32 on CPU
     activation_checkpointing: bool = False  # recompute layers in backward: less memory, ~1/3 more compute
@@ -119,9 +121,10 @@ def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
         raise ValueError(f"sft.py: --schedule {cfg.schedule!r}: expected one of {sorted(nt.SCHEDULES)}")
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"sft.py: --dtype {cfg.dtype!r}: expected auto, bfloat16 or float32")
-    for flag in ("tp", "pp", "keep_last", "tokens_per_step", "micro_batch_tokens", "steps", "eval_tokens"):
-        if getattr(cfg, flag) < (1 if flag in ("tp", "pp") else 0):
-            raise ValueError(f"sft.py: --{flag} {getattr(cfg, flag)}: expected >= {1 if flag in ('tp', 'pp') else 0}")
+    for flag, low in (("tp", 1), ("pp", 1), ("keep_last", 0), ("tokens_per_step", 0), ("micro_batch_tokens", 0),
+                      ("steps", 0), ("eval_tokens", 0)):
+        if getattr(cfg, flag) < low:
+            raise ValueError(f"sft.py: --{flag} {getattr(cfg, flag)}: expected >= {low}")
     if world % (cfg.tp * cfg.pp):
         raise ValueError(f"sft.py: --tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the world size "
                          f"{world} (torchrun --nproc_per_node); dp = world / (tp * pp) must be a whole number")
@@ -221,8 +224,7 @@ def ensure_data(cfg: Config, mesh: nt.Mesh) -> Path:
 
 
 def open_split(folder: Path, split: str, objective: str):
-    ds = nanosets.load_dataset(str(folder / f"{split}.nano"))
-    need = DPO_SCHEMA if objective == "dpo" else SFT_SCHEMA
+    ds, need = nanosets.load_dataset(str(folder / f"{split}.nano")), DPO_SCHEMA if objective == "dpo" else SFT_SCHEMA
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise ValueError(f"sft.py: {folder / (split + '.nano')} lacks columns {missing} for --objective "
@@ -231,7 +233,7 @@ def open_split(folder: Path, split: str, objective: str):
 
 
 def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
-    """(folder, train, test, vocab size, a line for the derived block): both splits opened and checked in
+    """(train, test, vocab size, a line for the derived block): both splits opened and checked in
     one vectorised pass each (prepare_data.check_token_split) before any model exists. The vocabulary is
     the data manifest's (its tokenizer's size), else 1 + the largest id seen."""
     from prepare_data import check_token_split
@@ -247,7 +249,7 @@ def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
     vocab = vocab or 1 + max(st["max_id"] for st in stats)
     line = (f"data check: {stats[0]['rows']} + {stats[1]['rows']} rows, {sum(st['tokens'] for st in stats):,} "
             f"tokens: ids < {vocab}, masks 0/1, num_tokens = row lengths ({time.perf_counter() - t0:.2f} s)")
-    return folder, splits[0], splits[1], vocab, line
+    return splits[0], splits[1], vocab, line
 
 
 def row_sequences(row: dict, objective: str) -> list:
@@ -624,7 +626,8 @@ def model_config(cfg: Config, mesh: nt.Mesh, vocab_size: int) -> tuple:
     else:
         path = nt.resolve_model_path(cfg.model)
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"sft.py: --model {cfg.model}: {path / 'config.json'} is missing (not an HF model folder)")
+        raise FileNotFoundError(f"sft.py: --model {cfg.model}: {path / 'config.json'} is missing (not an HF "
+                                "model folder)")
     return nt.ModelConfig.from_hf(json.loads((path / "config.json").read_text())), path
 
 
@@ -636,7 +639,8 @@ def check_model(cfg: Config, mcfg, vocab_size: int, src):
         raise ValueError(f"sft.py: --tp {cfg.tp} must divide the model's {H} query heads and {Hkv} kv heads "
                          f"(--model {cfg.model}): use --tp in {ok}")
     if cfg.pp > L:
-        raise ValueError(f"sft.py: --pp {cfg.pp} is more pipeline stages than the model's {L} layers (--model {cfg.model})")
+        raise ValueError(f"sft.py: --pp {cfg.pp} is more pipeline stages than the model's {L} layers "
+                         f"(--model {cfg.model})")
     if vocab_size > mcfg.vocab_size:
         raise ValueError(f"sft.py: --data {cfg.data} has token ids up to {vocab_size - 1}, --model {cfg.model} only "
                          f"{mcfg.vocab_size} embeddings: tokenize with the model's own tokenizer")
@@ -646,9 +650,10 @@ def check_model(cfg: Config, mcfg, vocab_size: int, src):
                  for f in dataclasses.fields(mcfg) if f.name not in ("bos_token_id", "eos_token_id")
                  and getattr(saved, f.name) != getattr(mcfg, f.name)]
         if diffs:
+            more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise ValueError(f"sft.py: {src} (--resume {cfg.resume}) was trained from another model than --model "
-                             f"{cfg.model}: {'; '.join(diffs)}. Pass the --model it was trained from, another "
-                             "--out, or --resume never --overwrite to start over")
+                             f"{cfg.model}: {'; '.join(diffs[:3])}{more}. Pass the --model it was trained from, "
+                             "another --out, or --resume never --overwrite to start over")
 
 
 def prune_checkpoints(root, keep: int) -> list:
@@ -668,22 +673,23 @@ def prune_checkpoints(root, keep: int) -> list:
 
 @dataclass
 class Job:
-    """What main's phases share."""
+    """What main's phases share: the run's config and mesh, its data splits, the model to build (mcfg, from
+    the HF folder `path` or random init when None), the checkpoint `src` to resume at step `start`, the
+    step folders of --out that --overwrite deletes, the derived quantities (see derive), the start time."""
     cfg: Config
     mesh: nt.Mesh
-    folder: Path                # the data
     train_ds: object
     test_ds: object
-    mcfg: nt.ModelConfig        # the model to build, and its HF folder (None: random init)
+    mcfg: nt.ModelConfig
     path: Path | None
-    src: Path | None            # the checkpoint to resume from, at step `start`
+    src: Path | None
     start: int
-    stale: list                 # step folders of --out that --overwrite deletes
-    derived: dict               # M, total steps, warmup, row statistics (see derive)
+    stale: list
+    derived: dict
     t_start: float
 
 
-def derive(cfg: Config, mesh: nt.Mesh, train_ds, folder) -> dict:
+def derive(cfg: Config, mesh: nt.Mesh, train_ds) -> dict:
     """The few dials -> micro-batches per step M, total steps, warmup, and the row statistics printed."""
     share = mesh.dp * cfg.micro_batch_tokens
     if cfg.tokens_per_step % share:
@@ -693,7 +699,7 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds, folder) -> dict:
     lengths = train_ds["num_tokens"].double()
     n_long = int((lengths > cfg.micro_batch_tokens).sum())
     if n_long == len(lengths):
-        raise ValueError(f"sft.py: every train row of {folder} is longer than --micro_batch_tokens "
+        raise ValueError(f"sft.py: every train row of --data {cfg.data} is longer than --micro_batch_tokens "
                          f"{cfg.micro_batch_tokens} (shortest {int(lengths.min())}); raise --micro_batch_tokens")
     mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
     total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
@@ -711,11 +717,11 @@ def setup(cfg: Config) -> Job:
     if mesh.rank == 0:
         print("sft config:", json.dumps(asdict(cfg)))
     src, start, stale = plan_resume(cfg)
-    folder, train_ds, test_ds, vocab, check_line = open_data(cfg, mesh)
+    train_ds, test_ds, vocab, check_line = open_data(cfg, mesh)
     mcfg, path = model_config(cfg, mesh, vocab)
     check_model(cfg, mcfg, vocab, src)
-    derived = derive(cfg, mesh, train_ds, folder) | {"check": check_line}
-    return Job(cfg, mesh, folder, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
+    derived = derive(cfg, mesh, train_ds) | {"check": check_line}
+    return Job(cfg, mesh, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
 
 
 def build_model(job: Job, dtype):
@@ -744,7 +750,8 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
         f"peak for MFU: {'n/a (CPU or unknown GPU)' if peak is None else f'{peak:.0f} TFLOP/s per GPU (bf16 dense)'}",
     ]
     if cfg.pp > 1 and d["M"] < cfg.pp:
-        lines.append(f"NOTE: M = {d['M']} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise tokens_per_step")
+        lines.append(f"NOTE: M = {d['M']} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise "
+                     "tokens_per_step")
     print("derived:\n  " + "\n  ".join(lines))
 
 
@@ -820,7 +827,8 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
         dt = time.perf_counter() - t0
         fpt = flops_per_token(model.cfg, m["seq_len_eff"])
         if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
-            r["tokens"], r["seconds"], r["flops"] = r["tokens"] + m["tokens"], r["seconds"] + dt, r["flops"] + fpt * m["tokens"]
+            r["tokens"], r["seconds"], r["flops"] = r["tokens"] + m["tokens"], r["seconds"] + dt, \
+                r["flops"] + fpt * m["tokens"]
         tps = m["tokens"] / dt
         mfu = None if peak is None else fpt * tps / (mesh.world * peak * 1e12)
         r["first"], r["last"] = m["loss"] if r["first"] is None else r["first"], m["loss"]
@@ -828,7 +836,8 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
                 f"{tps:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {dt:.2f}s" +
                 (f" | acc {m['reward_acc']:.2f}" if "reward_acc" in m else ""))
         log.log({"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": batcher.epoch(),
-                 "skipped_rows": batcher.skipped, "seconds": dt}, line if _every(cfg.log_every, step + 1) or step == start else None)
+                 "skipped_rows": batcher.skipped, "seconds": dt},
+                line if _every(cfg.log_every, step + 1) or step == start else None)
         log.advance()
         done = step + 1 == total
         if _every(cfg.eval_every, step + 1) or done:
@@ -851,14 +860,16 @@ def summarize(job: Job, r: dict, skipped: int) -> dict:
         dist.all_reduce(mem, op=dist.ReduceOp.MAX)                        # the fullest GPU decides what fits
     summary = {"steps": total, "first_loss": r["first"], "last_loss": r["last"], "eval_loss": r["eval_loss"],
                "tokens_per_s": r["tokens"] / r["seconds"] if r["seconds"] else None,
-               "mfu": None if peak is None or not r["seconds"] else r["flops"] / r["seconds"] / (mesh.world * peak * 1e12),
+               "mfu": None if peak is None or not r["seconds"] else
+               r["flops"] / r["seconds"] / (mesh.world * peak * 1e12),
                "peak_gb": round(mem.item() / 1e9, 2), "skipped_rows": skipped,
                "seconds": round(time.time() - job.t_start, 1), "world": mesh.world, "dp": mesh.dp, "tp": mesh.tp,
                "pp": mesh.pp, "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
     if mesh.rank == 0:
         unit = "pair" if cfg.objective == "dpo" else "token"
         if (Path(cfg.out) / "metrics.jsonl").is_file():
-            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png", f"{cfg.objective} loss per {unit}")
+            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png",
+                      f"{cfg.objective} loss per {unit}")
         print(f"sft.py: {cfg.objective} {job.start} -> {total} steps, loss {r['first']} -> {r['last']}, eval "
               f"{r['eval_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, {summary['seconds']} s; "
               f"out {cfg.out}")

@@ -1789,9 +1789,11 @@ def test_bad_fields_and_bytes_name_the_file_and_line(tmp_path):
     """An empty or missing field names itself and the file's LINE (blank lines skipped when reading make row
     and line differ); a byte that is not UTF-8 gives the line too, never a bare UnicodeDecodeError."""
     good = json.dumps({"question": "Q", "answer": "a\n#### 1"})
-    cases = {"empty": (good + "\n" + json.dumps({"question": "Q2", "answer": ""}) + "\n", r"line 2 .*'answer' is empty"),
+    cases = {"empty": (good + "\n" + json.dumps({"question": "Q2", "answer": ""}) + "\n",
+                       r"line 2 .*'answer' is empty"),
              "missing": (good + "\n\n\n" + json.dumps({"question": "Q2"}) + "\n", r"line 4 .*'answer' is missing"),
-             "utf8": (good + "\n" + '{"question": "caf\xe9", "answer": "#### 2"}\n', r"line 2, byte 18: not valid UTF-8")}
+             "utf8": (good + "\n" + '{"question": "caf\xe9", "answer": "#### 2"}\n',
+                      r"line 2, byte 18: not valid UTF-8")}
     for name, (text, pattern) in cases.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_bytes(text.encode("latin-1"))
@@ -1825,7 +1827,8 @@ def test_check_token_split_names_file_row_and_column(tmp_path):
     ds = _pd_token_file(tmp_path / "ok.nano", rows)
     assert len(ds._table.batches) == 2                              # the test covers a multi-chunk file
     st = pd.check_token_split(ds, "ok.nano", 50, {"input_ids": "loss_mask"})
-    assert st == {"rows": 40, "tokens": sum(r["num_tokens"] for r in rows), "max_id": max(max(r["input_ids"]) for r in rows)}
+    assert st == {"rows": 40, "tokens": sum(r["num_tokens"] for r in rows),
+                  "max_id": max(max(r["input_ids"]) for r in rows)}
     corruptions = {"input_ids": lambda r: r["input_ids"].__setitem__(1, 50),      # id == vocab size
                    "loss_mask": lambda r: r["loss_mask"].__setitem__(-1, 2),       # not 0 or 1
                    "num_tokens": lambda r: r.__setitem__("num_tokens", r["num_tokens"] + 1),
@@ -4360,7 +4363,8 @@ def test_sft_checks_model_against_checkpoint_before_building(tmp_path, monkeypat
     sft.main(SFT_TINY + ["--steps", "1", "--out", "o", "--results", "r.jsonl"])
     monkeypatch.setattr(nt, "build_stage", lambda *a, **k: pytest.fail("built a model before the check"))
     with pytest.raises(ValueError, match=r"o/step_1 \(--resume auto\) was trained from another model than --model "
-                                         r"qwen3-0.6b: vocab_size \(checkpoint 101, --model 151936\);.*--resume never --overwrite"):
+                                         r"qwen3-0.6b: vocab_size \(checkpoint 101, --model 151936\);.*"
+                                         r"--resume never --overwrite"):
         sft.main(["--model", "qwen3-0.6b", "--data", "toy", "--out", "o", "--steps", "2", "--results", "r.jsonl"])
 
 
