@@ -22,9 +22,9 @@ How it works, in four steps:
 Commands:
   python prepare_data.py                       # synthetic task, sft recipe, SmolLM2 tokenizer (~5 s)
   python prepare_data.py --recipe rl
-  python prepare_data.py --source gsm8k --train_files ../shared/data/gsm8k/train.jsonl \\
-                         --test_files ../shared/data/gsm8k/test.jsonl
-  python prepare_data.py --source math500 --recipe eval --test_files ../shared/data/math500/test.jsonl
+  python prepare_data.py --source gsm8k           # openai/gsm8k from the Hub (online); offline: your copy with
+                         --train_files PATH/train.jsonl --test_files PATH/test.jsonl
+  python prepare_data.py --source math500 --recipe eval   # HuggingFaceH4/MATH-500, or --test_files PATH
   python prepare_data.py --hub_id zwhe99/DeepMath-103K --recipe rl --tokenizer Qwen/Qwen3-0.6B-Base
   From Python: `from prepare_data import Config, build; build(Config(recipe="rl"))`.
 

