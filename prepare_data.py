@@ -29,7 +29,7 @@ Commands:
   From Python: `from prepare_data import Config, build; build(Config(recipe="rl"))`.
 
 Contents: config | synthetic task | answer parsing | adapters | reading sources | tokenizer |
-          recipes | driver (build) | CLI
+          recipes | checking a split (used by the trainers) | driver (build) | CLI (run_cli: shared by the roots)
 """
 
 import argparse
