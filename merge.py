@@ -33,7 +33,7 @@ import nanotron as nt
 
 @dataclass
 class Config:
-    ckpt: str = ""  # a checkpoint folder (step_N), or a root holding step_N folders (its latest); "" = demo
+    ckpt: str = ""  # a checkpoint folder (step_N), or a root holding step_N folders (its latest); "" = self-test
     out: str = ""  # the HF folder to write; "" = <ckpt>/hf
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32: the dtype of the written weights
     max_shard_gb: float = 5.0  # weights above this go into several files + an index (HF's default size)
