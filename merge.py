@@ -73,8 +73,8 @@ def _tokenizer_source(ck, override: str) -> Path | None:
                "'tokenizer' or 'model' key")
         print(f"merge: WARNING: no tokenizer copied: {why} (pass --tokenizer FOLDER)")
         return None
-    import prepare_data
     try:
+        import prepare_data                  # the offline default model's glue (GGUF -> HF folder)
         return prepare_data.default_model_path() if src == "smollm2" else nt.resolve_model_path(src)
     except (FileNotFoundError, ImportError) as e:
         print(f"merge: WARNING: no tokenizer copied: {e}")
