@@ -14,10 +14,10 @@ back from its TP pieces (the manifest says how each piece was cut); the tensors 
 to a temp folder with config.json (+ generation_config.json), then the folder is renamed into place.
 
 Commands:
-  python merge.py ckpt/sft/step_120                  # -> ckpt/sft/step_120/hf (bfloat16)
-  python merge.py ckpt/sft --dtype float32 --out out/sft-hf   # a root: its latest step_N
-  python merge.py                                    # CPU demo: tiny model, save, merge, check vs transformers
-  From Python: `from merge import merge; merge("ckpt/sft/step_120", dtype="float32")`.
+  python merge.py ckpt/sft-smollm2/step_120          # -> ckpt/sft-smollm2/step_120/hf (bfloat16)
+  python merge.py ckpt/sft-smollm2 --dtype float32 --out out/sft-hf   # a root: its latest step_N
+  python merge.py                                    # CPU self-test: tiny model, save, merge, check vs transformers
+  From Python: `from merge import merge; merge("ckpt/sft-smollm2/step_120", dtype="float32")`.
 """
 
 import json
@@ -33,7 +33,7 @@ import nanotron as nt
 
 @dataclass
 class Config:
-    ckpt: str = ""  # a checkpoint folder (step_N), or a root holding step_N folders (its latest); "" = demo
+    ckpt: str = ""  # a checkpoint folder (step_N), or a root holding step_N folders (its latest); "" = self-test
     out: str = ""  # the HF folder to write; "" = <ckpt>/hf
     dtype: str = "bfloat16"  # bfloat16 | float16 | float32: the dtype of the written weights
     max_shard_gb: float = 5.0  # weights above this go into several files + an index (HF's default size)
@@ -84,12 +84,29 @@ def _tokenizer_source(ck, override: str) -> Path | None:
 def merge(ckpt, out=None, dtype: str = "bfloat16", max_shard_gb: float = 5.0, tokenizer: str = "") -> Path:
     """Write the HF folder of checkpoint `ckpt` (any layout) to `out` (default <ckpt>/hf); returns it."""
     if dtype not in DTYPES:
-        raise ValueError(f"merge: dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        raise ValueError(f"merge: --dtype {dtype!r}; expected one of {sorted(DTYPES)}")
     t0, ckpt = time.time(), Path(ckpt)
-    if not (ckpt / "manifest.json").is_file() and nt.latest_checkpoint(ckpt) is not None:
-        ckpt = nt.latest_checkpoint(ckpt)                # a root folder: take its newest finished save
+    if not (ckpt / "manifest.json").is_file():          # a root folder: take its newest finished save
+        if nt.latest_checkpoint(ckpt) is None:
+            raise FileNotFoundError(f"merge: {ckpt} is neither a checkpoint (no manifest.json) nor a folder of "
+                                    "finished step_N checkpoints")
+        ckpt = nt.latest_checkpoint(ckpt)
     out = Path(out) if out else ckpt / "hf"
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    from prepare_data import replace_dir
+    try:                                                # a failure leaves no half-written folder behind
+        step, lay, names, groups, n_bytes, src, copied = _write(ckpt, tmp, dtype, max_shard_gb, tokenizer)
+        replace_dir(tmp, out)                           # an old `out` is deleted once the new one is in place
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merge: {ckpt} (step {step}, saved as tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}) -> {out}: "
+          f"{len(names)} tensors, {n_bytes / 2 ** 20:.1f} MiB {dtype} in {len(groups)} file(s), tokenizer: "
+          f"{f'{len(copied)} files from {src}' if copied else 'none'}, {time.time() - t0:.1f}s")
+    return out
+
+
+def _write(ckpt: Path, tmp: Path, dtype: str, max_shard_gb: float, tokenizer: str) -> tuple:
+    """The HF folder's files, written into tmp; returns what the summary line prints."""
     with nt.CheckpointReader(ckpt) as ck:
         cfg, names = ck.config, ck.model_names()
         # plan the shards from the manifest alone (full shapes x output dtype), before reading anything
@@ -118,37 +135,30 @@ def merge(ckpt, out=None, dtype: str = "bfloat16", max_shard_gb: float = 5.0, to
             # what generate() needs to stop; the source model's own file (sampling defaults) wins when present
             gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-        step, lay = ck.manifest["step"], ck.manifest["layout"]
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-    n_bytes = sum(sizes.values())
-    print(f"merge: {ckpt} (step {step}, saved as tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}) -> {out}: "
-          f"{len(names)} tensors, {n_bytes / 2 ** 20:.1f} MiB {dtype} in {len(groups)} file(s), tokenizer: "
-          f"{f'{len(copied)} files from {src}' if copied else 'none'}, {time.time() - t0:.1f}s")
-    return out
+        return ck.manifest["step"], ck.manifest["layout"], names, groups, sum(sizes.values()), src, copied
 
 
 # ---- demo (python merge.py with no checkpoint) ----
 
-def demo() -> Path:
+def demo() -> float:
     """One process, CPU, seconds: a tiny random Qwen3 -> save_checkpoint -> merge -> transformers loads it
     and gives the same logits."""
     import tempfile
     from transformers import AutoModelForCausalLM
-    root = Path(tempfile.mkdtemp(prefix="merge-demo-"))
-    model = nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(0)
-    opt = nt.build_optimizer(model)
-    ckpt = nt.save_checkpoint(root / "step_0", model, opt, model.mesh, step=0)
-    out = merge(ckpt, dtype="float32")
-    hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    ids = torch.arange(11) % model.cfg.vocab_size
-    cu, pos = nt.cu_seqlens_from_lengths([11])
-    with torch.no_grad():
-        err = (model.logits(model(ids, pos, cu)) - hf(ids[None]).logits[0]).abs().max().item()
-    assert err < 1e-5, err
-    print(f"merge demo ok: transformers' logits equal nanotron's (max |diff| {err:.1e}); files in {root}")
-    return out
+    with tempfile.TemporaryDirectory(prefix="merge-demo-") as root:      # removed afterwards, even on failure
+        model = nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(0)
+        opt = nt.build_optimizer(model)
+        ckpt = nt.save_checkpoint(Path(root) / "step_0", model, opt, model.mesh, step=0)
+        out = merge(ckpt, dtype="float32")
+        hf = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        ids = torch.arange(11) % model.cfg.vocab_size
+        cu, pos = nt.cu_seqlens_from_lengths([11])
+        with torch.no_grad():
+            err = (model.logits(model(ids, pos, cu)) - hf(ids[None]).logits[0]).abs().max().item()
+    if not err < 1e-5:
+        raise AssertionError(f"merge demo: transformers' logits differ from nanotron's by {err:.1e}")
+    print(f"merge demo ok: transformers' logits equal nanotron's (max |diff| {err:.1e})")
+    return err
 
 
 # ---- CLI ----
@@ -158,7 +168,7 @@ def parse_args(argv=None) -> Config:
     return config_from_argv(Config, argv, __doc__.strip().split("\n")[0], positional=("ckpt",))
 
 
-def main(argv=None) -> Path:
+def main(argv=None):
     cfg = parse_args(argv)
     if not cfg.ckpt:
         return demo()
@@ -166,4 +176,5 @@ def main(argv=None) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    from prepare_data import run_cli
+    run_cli(main, prog="merge.py")

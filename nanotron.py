@@ -2402,9 +2402,17 @@ def _commit(tmp: Path, folder: Path, mesh, model_config: dict, step, extra, conf
                 "model_config": model_config, "config": config, "extra": extra,
                 "optimizer": parts[0]["optimizer"], "files": files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    if folder.exists():                         # re-saving a step: the old copy goes first
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    old = folder.with_name(f"{folder.name}.old-save")
+    if folder.exists():                         # re-saving a step: the old copy is deleted only once the new
+        shutil.rmtree(old, ignore_errors=True)  # one is in place (a rename cannot replace a full folder)
+        os.replace(folder, old)
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        if old.exists() and not folder.exists():
+            os.replace(old, folder)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return sum(e["bytes"] for e in files.values())
 
 

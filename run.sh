@@ -5,9 +5,31 @@
 #                        a merge to one HF folder; CPU ok (a few minutes)
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
 # Extra arguments go to the job (e.g. `bash run.sh test -k nanosets`).
+# Outside a virtual environment everything is installed into ./.venv (created on the first run): a stock
+# distribution python refuses `pip install` into itself (PEP 668, "externally-managed-environment").
+# Inside one (an activated venv or conda env), or with PYTHON=/path/to/python, that python is used as is.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=${PYTHON:-python3}
+
+pick_python() {
+  if [ -n "${PYTHON:-}" ]; then PY=$PYTHON; return; fi
+  local sys_py=python3
+  command -v python3 >/dev/null 2>&1 || sys_py=python
+  if [ -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ] || "$sys_py" -c "import sys; sys.exit(sys.prefix == sys.base_prefix)"; then
+    PY=$sys_py                                    # already isolated: install right here
+    return
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    echo "run.sh: creating .venv (a virtual environment for nanorlhf's packages; reused by later runs)" >&2
+    if ! "$sys_py" -m venv .venv; then
+      rm -rf .venv
+      echo "run.sh: error: '$sys_py -m venv .venv' failed; install the venv module (Debian/Ubuntu:" \
+           "apt install python3-venv) or run inside your own virtual environment" >&2
+      exit 2
+    fi
+  fi
+  PY=.venv/bin/python
+}
 
 install() {
   # torch first and pinned: a bare `torch` requirement with no torch installed pulls a CUDA build
@@ -23,6 +45,7 @@ job=${1:-pipeline}
 [ $# -gt 0 ] && shift
 case "$job" in
   test)
+    pick_python
     install
     # test-only: pyarrow is the oracle nanosets is checked against; triton runs the kernels in its CPU
     # interpreter; accelerate lets transformers load the GGUF model the nanotron tests compare against.
@@ -36,10 +59,11 @@ case "$job" in
     ;;
   pipeline)
     # data -> SFT -> one HF folder. Each stage reuses what an earlier run left (data, checkpoints).
+    pick_python
     install
     "$PY" prepare_data.py
-    "$PY" sft.py "$@"
-    "$PY" merge.py ckpt/sft
+    "$PY" sft.py --model smollm2 --data data/synthetic_sft --out ckpt/sft-smollm2 "$@"
+    "$PY" merge.py ckpt/sft-smollm2
     ;;
   *)
     echo "usage: bash run.sh [pipeline|test] [args...]" >&2

@@ -16,20 +16,24 @@ count (any pp, pp = 1 included), then clip, AdamW. `--objective dpo` (Rafailov e
 (chosen, rejected) pairs against a frozen copy of the starting model (pp = 1 only for now).
 
 Commands:
-    python sft.py                                      # CPU: SmolLM2-135M on the synthetic task, ~2 min
-    python sft.py --model tiny --data toy              # CPU: a random toy model on a toy task, seconds
-    python sft.py --objective dpo                      # DPO on synthetic preference pairs
-    torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # 8 GPUs: dp = 8 / (2 * 2) = 2 inferred
+    python sft.py                                      # CPU, seconds: a tiny random model, a toy task, 4 steps
+    python sft.py --model smollm2                      # CPU: SmolLM2-135M on the synthetic math task, ~2 min
+    python sft.py --model smollm2 --objective dpo      # DPO on synthetic preference pairs
+    torchrun --nproc_per_node 8 sft.py --model qwen3-0.6b --tp 2 --pp 2   # 8 GPUs: dp = 8 / (2 * 2) = 2
     torchrun --nproc_per_node 2 sft.py --model tiny --data toy --tp 2   # CPU, gloo
     python sft.py --bench 1,tp2,pp2,dp2 --model qwen3-0.6b --data data/gsm8k_sft --lr 3e-4 --out runs/layouts
                                                        # 2 GPUs: each layout once -> table + loss_layouts.png
     python sft.py --bench auto --model tiny --data toy --steps 2   # CPU: the same 4 layouts on gloo, seconds
     pytest -q test_all.py -k sft
-Outputs: <out>/step_N/ (checkpoints), <out>/metrics.jsonl, <out>/loss.png, <out>/summary.json, one line in
-results.jsonl.
+Outputs (--out, default ckpt/<objective>-<model>): step_N/ (checkpoints, the newest --keep_last kept),
+metrics.jsonl, loss.png, summary.json; one line in results.jsonl. Everything that can be checked runs before
+a model is built: flags against the world size and the model's heads, the data (one vectorised pass), the
+model against a checkpoint in --out, and --out itself (a new run never mixes with an old run's steps).
 
 Contents: config | data (toy task, preference pairs, packing) | losses and steps | eval |
-          FLOPs and MFU | logging | driver | layout benchmark | CLI
+          FLOPs and MFU | logging | checks and checkpoints | driver | layout benchmark | CLI
+First read: config -> data (Batcher, collate) -> losses and steps (train_step) -> driver (main and its four
+phases). Independent chapters: DPO, the forward-only eval pipeline, the checks, the layout benchmark.
 """
 import contextlib
 import dataclasses
@@ -56,9 +60,9 @@ IGNORE = nt.IGNORE_INDEX
 
 @dataclass
 class Config:
-    model: str = "smollm2"  # HF folder or hub id; smollm2 = the offline SmolLM2-135M-Instruct; tiny, qwen3-0.6b = random init of that shape
-    data: str = ""  # folder with train.nano + test.nano; "" = data/synthetic_sft (dpo: synthetic_dpo), built if missing; toy = no tokenizer
-    out: str = "ckpt/sft"  # checkpoints step_N/, metrics.jsonl and loss.png go here
+    model: str = "tiny"  # tiny, qwen3-0.6b = random init of that shape; smollm2 = the offline SmolLM2-135M-Instruct; or an HF folder / hub id
+    data: str = ""  # folder with train.nano + test.nano; "" = toy for --model tiny (no tokenizer), else data/synthetic_sft (dpo: synthetic_dpo), built if missing
+    out: str = ""  # checkpoints step_N/, metrics.jsonl and loss.png go here; "" = ckpt/<objective>-<model> (--bench: runs/layouts)
     results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
     objective: str = "sft"  # sft (next-token loss on the response) | dpo (preference pairs vs a frozen reference)
     tp: int = 1  # tensor-parallel ranks (within a node: two all-reduces per layer)
@@ -69,7 +73,7 @@ class Config:
     micro_batch_tokens: int = 0  # packing budget of one micro-batch (the memory knob); 0 = 2048 CUDA, 1024 CPU
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over train on CUDA, 4 on CPU (a demo)
     epochs: float = 1.0  # passes over the train split when steps is derived (CUDA)
-    lr: float = 2e-5  # peak LR; SFT of a pretrained model wants a small one (DPO: ~5e-7 at scale)
+    lr: float = 0.0  # peak LR; 0 = 2e-5 (pretrained weights want a small one; DPO: ~5e-7 at scale), 3e-3 for tiny
     min_lr_ratio: float = 0.1  # cosine decays to lr * this, not to 0 (the last steps still learn)
     warmup_steps: int = 20  # linear warmup from ~0; clamped to 10% of the run so short runs still train
     weight_decay: float = 0.0  # a few epochs of fine-tuning need little regularisation
@@ -78,7 +82,9 @@ class Config:
     eval_every: int = 100  # steps between evals on the test split (also before the first and after the last)
     eval_tokens: int = 0  # test tokens per eval; 0 = 65536 on CUDA, 1024 on CPU
     save_every: int = 500  # steps between checkpoints (the last step is always saved; 0 = only the last; -1 = none)
+    keep_last: int = 2  # after each save keep the newest N complete checkpoints in --out (0 = all); SmolLM2's: 2 GB
     resume: str = "auto"  # auto = latest <out>/step_N if any | never | a checkpoint folder
+    overwrite: bool = False  # delete --out's step_N folders after the resumed step (never: all) instead of refusing
     seed: int = 0  # data order (and the random init of the presets, --model tiny / qwen3-0.6b)
     dtype: str = "auto"  # bfloat16 | float32; auto = bfloat16 on CUDA, float32 on CPU
     activation_checkpointing: bool = False  # recompute layers in backward: less memory, ~1/3 more compute
@@ -101,20 +107,31 @@ CPU_DEMO_STEPS = 4
 UNTIMED_STEPS = 3
 
 
-def resolve(cfg: Config, cuda: bool) -> Config:
-    """Validate choices and fill the device-dependent defaults, so the printed config is what ran."""
+def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
+    """Validate the flags (before any process group or model exists) and fill the derived defaults, so the
+    printed config is what ran."""
     if cfg.objective not in ("sft", "dpo"):
         raise ValueError(f"sft.py: --objective {cfg.objective!r}: expected sft or dpo")
     if cfg.objective == "dpo" and cfg.pp > 1:
-        raise NotImplementedError("sft.py: --objective dpo supports pp = 1 only for now (use tp and dp); the "
-                                  "policy and reference log-probs would need a forward-only pipeline per pair")
+        raise ValueError("sft.py: --objective dpo supports --pp 1 only for now (use --tp and dp); the policy "
+                         "and reference log-probs would need a forward-only pipeline per pair")
     if cfg.schedule not in nt.SCHEDULES:
         raise ValueError(f"sft.py: --schedule {cfg.schedule!r}: expected one of {sorted(nt.SCHEDULES)}")
-    auto = {k: v[0 if cuda else 1] for k, v in AUTO.items() if getattr(cfg, k) in (0, "auto")}
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"sft.py: --dtype {cfg.dtype!r}: expected auto, bfloat16 or float32")
-    data = cfg.data or f"data/synthetic_{cfg.objective}"
-    return dataclasses.replace(cfg, data=data, betas=tuple(cfg.betas), **auto)
+    for flag, low in (("tp", 1), ("pp", 1), ("keep_last", 0), ("tokens_per_step", 0), ("micro_batch_tokens", 0),
+                      ("steps", 0), ("eval_tokens", 0)):
+        if getattr(cfg, flag) < low:
+            raise ValueError(f"sft.py: --{flag} {getattr(cfg, flag)}: expected >= {low}")
+    if world % (cfg.tp * cfg.pp):
+        raise ValueError(f"sft.py: --tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the world size "
+                         f"{world} (torchrun --nproc_per_node); dp = world / (tp * pp) must be a whole number")
+    auto = {k: v[0 if cuda else 1] for k, v in AUTO.items() if getattr(cfg, k) in (0, "auto")}
+    data = cfg.data or ("toy" if cfg.model == "tiny" else f"data/synthetic_{cfg.objective}")
+    name = cfg.model if cfg.model in nt.PRESETS or cfg.model == "smollm2" else Path(cfg.model.rstrip("/")).name
+    out = cfg.out or f"ckpt/{cfg.objective}-{name}"
+    lr = cfg.lr or (3e-3 if cfg.model == "tiny" else 2e-5)         # a random init learns at a much larger one
+    return dataclasses.replace(cfg, data=data, out=out, lr=lr, betas=tuple(cfg.betas), **auto)
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -205,13 +222,32 @@ def ensure_data(cfg: Config, mesh: nt.Mesh) -> Path:
 
 
 def open_split(folder: Path, split: str, objective: str):
-    ds = nanosets.load_dataset(str(folder / f"{split}.nano"))
-    need = DPO_SCHEMA if objective == "dpo" else SFT_SCHEMA
+    ds, need = nanosets.load_dataset(str(folder / f"{split}.nano")), DPO_SCHEMA if objective == "dpo" else SFT_SCHEMA
     missing = [c for c in need if c not in ds.column_names]
     if missing:
         raise ValueError(f"sft.py: {folder / (split + '.nano')} lacks columns {missing} for --objective "
                          f"{objective}; expected {sorted(need)} (sft: prepare_data.py --recipe sft)")
     return ds.with_format("torch")
+
+
+def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
+    """(train, test, vocab size, a line for the derived block): both splits opened and checked in
+    one vectorised pass each (prepare_data.check_token_split) before any model exists. The vocabulary is
+    the data manifest's (its tokenizer's size), else 1 + the largest id seen."""
+    from prepare_data import check_token_split
+    folder, t0 = ensure_data(cfg, mesh), time.perf_counter()
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    vocab = manifest.get("vocab_size")
+    seqs = ({"chosen_ids": "chosen_mask", "rejected_ids": "rejected_mask"} if cfg.objective == "dpo"
+            else {"input_ids": "loss_mask"})
+    splits, stats = [], []
+    for split in ("train", "test"):
+        splits.append(open_split(folder, split, cfg.objective))
+        stats.append(check_token_split(splits[-1], folder / f"{split}.nano", vocab, seqs))
+    vocab = vocab or 1 + max(st["max_id"] for st in stats)
+    line = (f"data check: {stats[0]['rows']} + {stats[1]['rows']} rows, {sum(st['tokens'] for st in stats):,} "
+            f"tokens: ids < {vocab}, masks 0/1, num_tokens = row lengths ({time.perf_counter() - t0:.2f} s)")
+    return splits[0], splits[1], vocab, line
 
 
 def row_sequences(row: dict, objective: str) -> list:
@@ -422,6 +458,23 @@ def evaluate(model, mesh: nt.Mesh, mbs: list, cfg: Config, ref=None) -> float:
 # ---- logging -----------------------------------------------------------------------------------------
 
 
+def read_jsonl(path) -> list[dict]:
+    """The JSON objects of a .jsonl file, one per line. A line that does not parse (a write cut short by a
+    crash or a power loss) is skipped with a warning naming the file and line: a torn last line of
+    metrics.jsonl must not stop a resume."""
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").split("\n"), 1):
+        try:
+            row = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            row = e.msg
+        if isinstance(row, dict):
+            rows.append(row)
+        elif row is not None:
+            print(f"sft.py: WARNING: {path}: line {i} is not a JSON object ({row}); skipped (a write cut short?)")
+    return rows
+
+
 class Logger:
     """Rank 0's outputs: one console line per log_every steps, a tqdm bar (on a terminal), every step in
     <out>/metrics.jsonl (kept up to the resumed step on --resume), wandb when asked for and installed."""
@@ -432,8 +485,10 @@ class Logger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        old = self.path.read_text().splitlines() if self.path.is_file() and start > 0 else []
-        self.path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] <= start))
+        old = read_jsonl(self.path) if self.path.is_file() and start > 0 else []
+        tmp = self.path.with_name(self.path.name + ".tmp")      # rewritten whole, then renamed: never half
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in old if r.get("step", 0) <= start))
+        os.replace(tmp, self.path)
         from tqdm import tqdm
         self.bar = tqdm(total=total, initial=start, desc=cfg.objective, unit="step", disable=None)
         if cfg.wandb:
@@ -476,7 +531,7 @@ def plot_loss(runs: dict, png: Path, ylabel: str = "loss") -> bool:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
     for i, (label, path) in enumerate(runs.items()):
-        rows = [json.loads(l) for l in Path(path).read_text().splitlines()]
+        rows = read_jsonl(path)
         train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
         ev = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
         color = f"C{i}"
@@ -495,20 +550,48 @@ def plot_loss(runs: dict, png: Path, ylabel: str = "loss") -> bool:
     return True
 
 
-# ---- driver ------------------------------------------------------------------------------------------
+# ---- checks and checkpoints --------------------------------------------------------------------------
+# What can be checked is checked before a model is built (a 0.6B model takes ~35 s to build on CPU): the
+# model's shape against --tp / --pp and against the checkpoint a resume would load, and --out itself.
+# A run owns the step_N folders of its --out: merge.py and the next --resume take the NEWEST step, so a new
+# run (or a resume from an older step) must never leave another run's later steps next to its own.
 
 
-def build_model(cfg: Config, mesh: nt.Mesh, vocab_size: int, seq_len: float, dtype):
-    """This rank's stage, with weights: a pretrained HF folder (smollm2 = converted once from the GGUF,
-    by rank 0 while the others wait) or a random-init preset (nanotron.PRESETS: tiny, qwen3-0.6b)."""
-    kw = dict(seq_len=int(seq_len), sequence_parallel=cfg.sequence_parallel, use_kernels=cfg.use_kernels,
-              activation_checkpointing=cfg.activation_checkpointing, dtype=dtype)
-    if cfg.model in nt.PRESETS:        # a known shape, random weights (tiny: the data's vocabulary)
-        mcfg = nt.preset_config(cfg.model, **(dict(vocab_size=vocab_size, max_position_embeddings=8192)
-                                              if cfg.model == "tiny" else {}))
-        if vocab_size > mcfg.vocab_size:
-            raise ValueError(f"sft.py: the data has {vocab_size} token ids, --model {cfg.model} only {mcfg.vocab_size}")
-        return nt.build_stage(mcfg, mesh, **kw).init_random(cfg.seed), None
+def step_folders(root) -> dict:
+    """{N: folder} for every step_N folder under root, complete (manifest.json present) or not."""
+    root = Path(root)
+    found = [(int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else [])
+             if (m := re.fullmatch(r"step_(\d+)", p.name)) and p.is_dir()]
+    return dict(sorted(found))
+
+
+def plan_resume(cfg: Config) -> tuple:
+    """(checkpoint to resume from or None, its step, the step folders of --out that --overwrite deletes).
+    Refuses, naming the flags, when --out holds steps after the one this run starts from."""
+    src = None
+    if cfg.resume == "auto":
+        src = nt.latest_checkpoint(cfg.out)
+    elif cfg.resume != "never":
+        src = Path(cfg.resume)
+        if not (src / "manifest.json").is_file():
+            raise FileNotFoundError(f"sft.py: --resume {cfg.resume}: no checkpoint there (no manifest.json); "
+                                    "expected a step_N folder, auto or never")
+    start = int(nt.read_manifest(src)["step"]) if src is not None else 0
+    later = [p for n, p in step_folders(cfg.out).items() if n > start]
+    if later and not cfg.overwrite:
+        how = "a new run (--resume never)" if src is None else f"this run (resuming from step {start})"
+        raise ValueError(f"sft.py: --out {cfg.out} already holds {', '.join(p.name for p in later)} of another run; "
+                         f"{how} would mix with it (merge.py and the next resume take the newest step). Pass "
+                         "another --out, or --overwrite to delete those step folders first")
+    return src, start, later
+
+
+def model_config(cfg: Config, mesh: nt.Mesh, vocab_size: int) -> tuple:
+    """(ModelConfig, HF folder or None) of --model, read without building a model: a preset's shape (tiny:
+    the data's vocabulary), or a folder's config.json (smollm2: converted once by rank 0, the others wait)."""
+    if cfg.model in nt.PRESETS:
+        extra = dict(vocab_size=vocab_size, max_position_embeddings=8192) if cfg.model == "tiny" else {}
+        return nt.preset_config(cfg.model, **extra), None
     if cfg.model == "smollm2":
         import prepare_data
         if mesh.rank == 0:
@@ -517,31 +600,259 @@ def build_model(cfg: Config, mesh: nt.Mesh, vocab_size: int, seq_len: float, dty
         path = prepare_data.default_model_path()
     else:
         path = nt.resolve_model_path(cfg.model)
-    mcfg, _ = nt.load_hf_state(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"sft.py: --model {cfg.model}: {path / 'config.json'} is missing (not an HF "
+                                "model folder)")
+    return nt.ModelConfig.from_hf(json.loads((path / "config.json").read_text())), path
+
+
+def check_model(cfg: Config, mcfg, vocab_size: int, src):
+    """The model's shape against the layout flags, the data's vocabulary and the checkpoint to resume."""
+    H, Hkv, L = mcfg.num_heads, mcfg.num_kv_heads, mcfg.num_layers
+    if H % cfg.tp or Hkv % cfg.tp:
+        ok = [t for t in range(1, Hkv + 1) if H % t == 0 and Hkv % t == 0]
+        raise ValueError(f"sft.py: --tp {cfg.tp} must divide the model's {H} query heads and {Hkv} kv heads "
+                         f"(--model {cfg.model}): use --tp in {ok}")
+    if cfg.pp > L:
+        raise ValueError(f"sft.py: --pp {cfg.pp} is more pipeline stages than the model's {L} layers "
+                         f"(--model {cfg.model})")
     if vocab_size > mcfg.vocab_size:
-        raise ValueError(f"sft.py: the data's tokenizer has {vocab_size} ids, the model {cfg.model} only "
-                         f"{mcfg.vocab_size}: tokenize with the model's own tokenizer")
-    return nt.build_stage(mcfg, mesh, **kw).load_hf(path), path
+        raise ValueError(f"sft.py: --data {cfg.data} has token ids up to {vocab_size - 1}, --model {cfg.model} only "
+                         f"{mcfg.vocab_size} embeddings: tokenize with the model's own tokenizer")
+    if src is not None:     # the manifest alone: a mismatch costs milliseconds, not a model build
+        saved = nt.ModelConfig.from_hf(nt.read_manifest(src)["model_config"])
+        diffs = [f"{f.name} (checkpoint {getattr(saved, f.name)!r}, --model {getattr(mcfg, f.name)!r})"
+                 for f in dataclasses.fields(mcfg) if f.name not in ("bos_token_id", "eos_token_id")
+                 and getattr(saved, f.name) != getattr(mcfg, f.name)]
+        if diffs:
+            more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise ValueError(f"sft.py: {src} (--resume {cfg.resume}) was trained from another model than --model "
+                             f"{cfg.model}: {'; '.join(diffs[:3])}{more}. Pass the --model it was trained from, "
+                             "another --out, or --resume never --overwrite to start over")
 
 
-def print_derived(cfg, mesh, M, n_rows, n_long, mean_len, per_seq, total, warmup, mcfg, peak):
-    seqs = cfg.tokens_per_step / mean_len
-    fpt = nt.flops_per_token(mcfg, per_seq)
+def prune_checkpoints(root, keep: int) -> list:
+    """Delete all but the newest `keep` complete checkpoints (step_N with manifest.json) under root; 0 keeps
+    all. Incomplete folders are left alone (they may be a save in progress). Returns the deleted folders."""
+    done = [p for p in step_folders(root).values() if (p / "manifest.json").is_file()]
+    old = done[:-keep] if keep > 0 else []
+    for p in old:
+        shutil.rmtree(p)
+    return old
+
+
+# ---- driver ------------------------------------------------------------------------------------------
+# main = setup (flags, mesh, data, model config: everything that can fail cheaply) -> build (model,
+# optimizer, data order, resume) -> train (the loop, evals, saves) -> summarize.
+
+
+@dataclass
+class Job:
+    """What main's phases share: the run's config and mesh, its data splits, the model to build (mcfg, from
+    the HF folder `path` or random init when None), the checkpoint `src` to resume at step `start`, the
+    step folders of --out that --overwrite deletes, the derived quantities (see derive), the start time."""
+    cfg: Config
+    mesh: nt.Mesh
+    train_ds: object
+    test_ds: object
+    mcfg: nt.ModelConfig
+    path: Path | None
+    src: Path | None
+    start: int
+    stale: list
+    derived: dict
+    t_start: float
+
+
+def derive(cfg: Config, mesh: nt.Mesh, train_ds) -> dict:
+    """The few dials -> micro-batches per step M, total steps, warmup, and the row statistics printed."""
+    share = mesh.dp * cfg.micro_batch_tokens
+    if cfg.tokens_per_step % share:
+        raise ValueError(f"sft.py: --tokens_per_step {cfg.tokens_per_step} must be a multiple of dp * "
+                         f"--micro_batch_tokens = {mesh.dp} * {cfg.micro_batch_tokens} = {share}; e.g. "
+                         f"--tokens_per_step {max(1, round(cfg.tokens_per_step / share)) * share}")
+    lengths = train_ds["num_tokens"].double()
+    n_long = int((lengths > cfg.micro_batch_tokens).sum())
+    if n_long == len(lengths):
+        raise ValueError(f"sft.py: every train row of --data {cfg.data} is longer than --micro_batch_tokens "
+                         f"{cfg.micro_batch_tokens} (shortest {int(lengths.min())}); raise --micro_batch_tokens")
+    mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
+    total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
+                          if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
+    return {"M": cfg.tokens_per_step // share, "n_rows": len(lengths), "n_long": n_long, "mean_len": mean_len,
+            "per_seq": mean_len / 2 if cfg.objective == "dpo" else mean_len,      # attention sees each sequence
+            "total": total, "warmup": min(cfg.warmup_steps, total // 10)}
+
+
+def setup(cfg: Config) -> Job:
+    """Flags, mesh, --out, data and model shape, all checked before a model is built."""
+    t_start = time.time()
+    cfg = resolve(cfg, torch.cuda.is_available(), nt.dist_env()[1])
+    mesh = nt.Mesh.build(cfg.tp, cfg.pp)                     # joins torchrun's group; dp = world / (tp * pp)
+    if mesh.rank == 0:
+        print("sft config:", json.dumps(asdict(cfg)))
+    src, start, stale = plan_resume(cfg)
+    train_ds, test_ds, vocab, check_line = open_data(cfg, mesh)
+    mcfg, path = model_config(cfg, mesh, vocab)
+    check_model(cfg, mcfg, vocab, src)
+    derived = derive(cfg, mesh, train_ds) | {"check": check_line}
+    return Job(cfg, mesh, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
+
+
+def build_model(job: Job, dtype):
+    """This rank's stage, with weights: the HF folder's, or a random init of the preset's shape."""
+    cfg = job.cfg
+    kw = dict(seq_len=int(job.derived["per_seq"]), sequence_parallel=cfg.sequence_parallel,
+              use_kernels=cfg.use_kernels, activation_checkpointing=cfg.activation_checkpointing, dtype=dtype)
+    stage = nt.build_stage(job.mcfg, job.mesh, **kw)
+    return stage.init_random(cfg.seed) if job.path is None else stage.load_hf(job.path)
+
+
+def print_derived(cfg, mesh, d: dict, mcfg, peak):
+    seqs = cfg.tokens_per_step / d["mean_len"]
+    fpt = nt.flops_per_token(mcfg, d["per_seq"])
     lines = [
         f"world {mesh.world} = dp {mesh.dp} x tp {mesh.tp} x pp {mesh.pp}  (dp inferred from the world size)",
         f"micro-batches per step per dp rank M = tokens_per_step / (dp * micro_batch_tokens) = "
-        f"{cfg.tokens_per_step} / ({mesh.dp} * {cfg.micro_batch_tokens}) = {M}",
+        f"{cfg.tokens_per_step} / ({mesh.dp} * {cfg.micro_batch_tokens}) = {d['M']}",
         f"{'pairs' if cfg.objective == 'dpo' else 'sequences'} per step ~ {seqs:.0f} (mean train row "
-        f"{mean_len:.0f} tokens; packs are filled first-fit, so a step holds <= tokens_per_step)",
-        f"train rows {n_rows}, {n_long} longer than micro_batch_tokens (skipped, never truncated)",
-        f"steps {total} (~{total * seqs / max(n_rows, 1):.2f} epochs), warmup {warmup}, "
+        f"{d['mean_len']:.0f} tokens; packs are filled first-fit, so a step holds <= tokens_per_step)",
+        f"train rows {d['n_rows']}, {d['n_long']} longer than micro_batch_tokens (skipped, never truncated)",
+        d["check"],
+        f"steps {d['total']} (~{d['total'] * seqs / max(d['n_rows'], 1):.2f} epochs), warmup {d['warmup']}, "
         f"cosine to {cfg.lr * cfg.min_lr_ratio:.2e}",
-        f"FLOPs/token, PaLM convention 6N + 12*L*H*D*T (N = matmul params, T = {per_seq:.0f}): {fpt / 1e9:.3f} G",
+        f"FLOPs/token, PaLM convention 6N + 12*L*H*D*T (N = matmul params, T = {d['per_seq']:.0f}): {fpt / 1e9:.3f} G",
         f"peak for MFU: {'n/a (CPU or unknown GPU)' if peak is None else f'{peak:.0f} TFLOP/s per GPU (bf16 dense)'}",
     ]
-    if cfg.pp > 1 and M < cfg.pp:
-        lines.append(f"NOTE: M = {M} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise tokens_per_step")
+    if cfg.pp > 1 and d["M"] < cfg.pp:
+        lines.append(f"NOTE: M = {d['M']} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise "
+                     "tokens_per_step")
     print("derived:\n  " + "\n  ".join(lines))
+
+
+def build(job: Job) -> tuple:
+    """(model, frozen reference or None, optimizer, batcher, eval micro-batches), resumed from job.src."""
+    cfg, mesh, d = job.cfg, job.mesh, job.derived
+    if job.stale and mesh.rank == 0:                  # --overwrite: only now that every check has passed
+        for p in job.stale:
+            shutil.rmtree(p)
+        print(f"sft.py: --overwrite: deleted {', '.join(p.name for p in job.stale)} from {cfg.out}")
+    mesh.barrier()
+    dtype = getattr(torch, cfg.dtype)
+    model = build_model(job, dtype)
+    if mesh.rank == 0:
+        print(f"model: {cfg.model} ({job.path or 'random init'}), {model.cfg.num_layers} layers, this stage "
+              f"{model.layer_range}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on rank 0, "
+              f"{cfg.dtype}, kernels={model.use_kernels}")
+        print_derived(cfg, mesh, d, model.cfg, nt.peak_tflops(mesh.device))
+    ref = None
+    if cfg.objective == "dpo":                    # the frozen reference: the same weights, no optimizer
+        ref = build_model(job, dtype).requires_grad_(False)
+    opt = nt.build_optimizer(model, mesh, cfg.zero_stage, cfg.lr, cfg.betas, cfg.weight_decay)
+    mult = mesh.tp if cfg.sequence_parallel else 1
+    batcher = Batcher(job.train_ds, cfg.objective, d["M"], cfg.micro_batch_tokens, mesh.dp_rank, mesh.dp,
+                      cfg.seed, mult)
+    if job.src is not None:
+        states = nt.load_checkpoint(job.src, model, opt, mesh)["extra"]["batcher"]
+        if len(states) == mesh.dp:
+            batcher.load_state_dict(states[mesh.dp_rank])
+        else:   # another dp: the rows were dealt differently; restart the data at the next epoch boundary
+            batcher.sampler.epoch = max(s["sampler"]["epoch"] for s in states) + 1
+            batcher.it = iter(batcher.sampler)
+        if mesh.rank == 0:
+            print(f"sft.py: resumed from {job.src} at step {job.start}" + ("" if len(states) == mesh.dp else
+                  f" (dp {len(states)} -> {mesh.dp}: data restarts at an epoch)"))
+    return model, ref, opt, batcher, eval_batches(job.test_ds, cfg, mesh, cfg.micro_batch_tokens)
+
+
+def save(job: Job, model, opt, batcher, step: int, log) -> Path:
+    """A checkpoint of every rank (the batchers' positions gathered over dp), then --keep_last pruning."""
+    cfg, mesh = job.cfg, job.mesh
+    states = [batcher.state_dict()]
+    if mesh.dp > 1:
+        states = [None] * mesh.dp
+        dist.all_gather_object(states, batcher.state_dict(), group=mesh.dp_group)
+    folder = nt.save_checkpoint(Path(cfg.out) / f"step_{step}", model, opt, mesh, step,
+                                extra={"batcher": states, "objective": cfg.objective}, config=asdict(cfg))
+    if mesh.rank == 0:
+        size = sum(e["bytes"] for e in nt.read_manifest(folder)["files"].values())
+        gone = prune_checkpoints(cfg.out, cfg.keep_last)
+        log.log({"step": step, "checkpoint": str(folder), "checkpoint_gb": round(size / 1e9, 3)},
+                f"saved {folder} ({size / 2 ** 30:.2f} GiB)" + (f"; --keep_last {cfg.keep_last}: deleted "
+                f"{', '.join(p.name for p in gone)}" if gone else ""))
+    mesh.barrier()                                  # no rank reads --out while rank 0 prunes it
+    return folder
+
+
+def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
+    """The loop: a step, a log line, evals and saves on their schedules. Returns the numbers of the summary."""
+    cfg, mesh, start, total, warmup = job.cfg, job.mesh, job.start, job.derived["total"], job.derived["warmup"]
+    log = Logger(cfg, mesh.rank == 0, start, total)
+    unit, peak = ("pair" if cfg.objective == "dpo" else "token"), nt.peak_tflops(mesh.device)
+    eval_loss = evaluate(model, mesh, eval_mbs, cfg, ref)
+    if start >= total and mesh.rank == 0:
+        print(f"sft.py: {cfg.out} already holds step {start} >= steps {total}: nothing to train (raise --steps, "
+              "or start over with --resume never --overwrite, or another --out)")
+    log.log({"step": start, "eval_loss": eval_loss}, f"step {start}/{total} | eval loss {eval_loss:.4f} per {unit}")
+    r = {"first": None, "last": None, "eval_loss": eval_loss, "tokens": 0, "seconds": 0.0, "flops": 0.0}
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
+        m = train_step(model, mesh, opt, batcher.next_step(), cfg, lr, ref)
+        dt = time.perf_counter() - t0
+        fpt = nt.flops_per_token(model.cfg, m["seq_len_eff"])
+        if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
+            r["tokens"], r["seconds"], r["flops"] = r["tokens"] + m["tokens"], r["seconds"] + dt, \
+                r["flops"] + fpt * m["tokens"]
+        tps = m["tokens"] / dt
+        mfu = None if peak is None else fpt * tps / (mesh.world * peak * 1e12)
+        r["first"], r["last"] = m["loss"] if r["first"] is None else r["first"], m["loss"]
+        line = (f"step {step + 1}/{total} | loss {m['loss']:.4f} | lr {lr:.2e} | gnorm {m['grad_norm']:.3f} | "
+                f"{tps:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {dt:.2f}s" +
+                (f" | acc {m['reward_acc']:.2f}" if "reward_acc" in m else ""))
+        log.log({"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": batcher.epoch(),
+                 "skipped_rows": batcher.skipped, "seconds": dt},
+                line if _every(cfg.log_every, step + 1) or step == start else None)
+        log.advance()
+        done = step + 1 == total
+        if _every(cfg.eval_every, step + 1) or done:
+            r["eval_loss"] = evaluate(model, mesh, eval_mbs, cfg, ref)
+            log.log({"step": step + 1, "eval_loss": r["eval_loss"]},
+                    f"step {step + 1}/{total} | eval loss {r['eval_loss']:.4f} per {unit}")
+        if _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0):
+            save(job, model, opt, batcher, step + 1, log)
+    log.close()
+    return r
+
+
+def summarize(job: Job, r: dict, skipped: int) -> dict:
+    """summary.json, the loss PNG, one results.jsonl line and the closing line; leaves the process group."""
+    cfg, mesh, total = job.cfg, job.mesh, job.derived["total"]
+    peak = nt.peak_tflops(mesh.device)
+    mem = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) if mesh.device.type == "cuda" else 0.0],
+                       device=mesh.device)
+    if mesh.world > 1:
+        dist.all_reduce(mem, op=dist.ReduceOp.MAX)                        # the fullest GPU decides what fits
+    summary = {"steps": total, "first_loss": r["first"], "last_loss": r["last"], "eval_loss": r["eval_loss"],
+               "tokens_per_s": r["tokens"] / r["seconds"] if r["seconds"] else None,
+               "mfu": None if peak is None or not r["seconds"] else
+               r["flops"] / r["seconds"] / (mesh.world * peak * 1e12),
+               "peak_gb": round(mem.item() / 1e9, 2), "skipped_rows": skipped,
+               "seconds": round(time.time() - job.t_start, 1), "world": mesh.world, "dp": mesh.dp, "tp": mesh.tp,
+               "pp": mesh.pp, "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
+    if mesh.rank == 0:
+        unit = "pair" if cfg.objective == "dpo" else "token"
+        if (Path(cfg.out) / "metrics.jsonl").is_file():
+            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png",
+                      f"{cfg.objective} loss per {unit}")
+        print(f"sft.py: {cfg.objective} {job.start} -> {total} steps, loss {r['first']} -> {r['last']}, eval "
+              f"{r['eval_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, {summary['seconds']} s; "
+              f"out {cfg.out}")
+        from prepare_data import append_result
+        append_result(cfg.results, cfg.objective, asdict(cfg), summary)
+        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    mesh.destroy()
+    return summary
 
 
 def _every(n: int, step: int) -> bool:
@@ -554,140 +865,10 @@ def main(argv=None) -> dict:
         if nt.dist_env()[1] > 1:
             raise ValueError("sft.py: --bench starts its own torchrun jobs: run it as `python sft.py --bench ..`")
         return bench_layouts(cfg, argv)
-    t_start = time.time()
-    mesh = nt.Mesh.build(cfg.tp, cfg.pp)                     # joins torchrun's group; dp = world / (tp * pp)
-    cfg = resolve(cfg, mesh.device.type == "cuda")
-    main_rank = mesh.rank == 0
-    dtype = getattr(torch, cfg.dtype)
-    if main_rank:
-        print("sft config:", json.dumps(asdict(cfg)))
-    folder = ensure_data(cfg, mesh)
-    train_ds, test_ds = open_split(folder, "train", cfg.objective), open_split(folder, "test", cfg.objective)
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
-    vocab = manifest.get("vocab_size") or 1 + max(int(r["input_ids" if cfg.objective == "sft" else "chosen_ids"]
-                                                     .max()) for r in train_ds)
-
-    # -- derived quantities --
-    share = mesh.dp * cfg.micro_batch_tokens
-    if cfg.tokens_per_step % share:
-        raise ValueError(f"sft.py: tokens_per_step {cfg.tokens_per_step} must be a multiple of dp * "
-                         f"micro_batch_tokens = {mesh.dp} * {cfg.micro_batch_tokens} = {share}; e.g. "
-                         f"--tokens_per_step {max(1, round(cfg.tokens_per_step / share)) * share}")
-    M = cfg.tokens_per_step // share
-    lengths = train_ds["num_tokens"].double()
-    n_long = int((lengths > cfg.micro_batch_tokens).sum())
-    if n_long == len(lengths):
-        raise ValueError(f"sft.py: every train row of {folder} is longer than micro_batch_tokens "
-                         f"{cfg.micro_batch_tokens} (shortest {int(lengths.min())}); raise --micro_batch_tokens")
-    mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
-    per_seq = mean_len / 2 if cfg.objective == "dpo" else mean_len       # attention sees each sequence
-    total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
-                          if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
-    warmup = min(cfg.warmup_steps, total // 10)
-    model, path = build_model(cfg, mesh, vocab, per_seq, dtype)
-    peak = nt.peak_tflops(mesh.device)
-    if main_rank:
-        print(f"model: {cfg.model} ({path or 'random init'}), {model.cfg.num_layers} layers, this stage "
-              f"{model.layer_range}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on rank 0, "
-              f"{cfg.dtype}, kernels={model.use_kernels}")
-        print_derived(cfg, mesh, M, len(lengths), n_long, mean_len, per_seq, total, warmup, model.cfg, peak)
-    ref = None
-    if cfg.objective == "dpo":                    # the frozen reference: the same weights, no optimizer
-        ref, _ = build_model(cfg, mesh, vocab, per_seq, dtype)
-        ref.requires_grad_(False)
-    opt = nt.build_optimizer(model, mesh, cfg.zero_stage, cfg.lr, cfg.betas, cfg.weight_decay)
-    mult = mesh.tp if cfg.sequence_parallel else 1
-    batcher = Batcher(train_ds, cfg.objective, M, cfg.micro_batch_tokens, mesh.dp_rank, mesh.dp, cfg.seed, mult)
-    eval_mbs = eval_batches(test_ds, cfg, mesh, cfg.micro_batch_tokens)
-
-    # -- resume --
-    start, src = 0, None
-    if cfg.resume == "auto":
-        src = nt.latest_checkpoint(cfg.out)
-    elif cfg.resume != "never":
-        src = Path(cfg.resume)
-    if src is not None:
-        man = nt.load_checkpoint(src, model, opt, mesh)
-        start, states = int(man["step"]), man["extra"]["batcher"]
-        if len(states) == mesh.dp:
-            batcher.load_state_dict(states[mesh.dp_rank])
-        else:   # another dp: the rows were dealt differently; restart the data at the next epoch boundary
-            batcher.sampler.epoch = max(s["sampler"]["epoch"] for s in states) + 1
-            batcher.it = iter(batcher.sampler)
-        if main_rank:
-            print(f"sft.py: resumed from {src} at step {start}" +
-                  ("" if len(states) == mesh.dp else f" (dp {len(states)} -> {mesh.dp}: data restarts at an epoch)"))
-
-    def save(step):
-        states = [batcher.state_dict()]
-        if mesh.dp > 1:
-            states = [None] * mesh.dp
-            dist.all_gather_object(states, batcher.state_dict(), group=mesh.dp_group)
-        return nt.save_checkpoint(Path(cfg.out) / f"step_{step}", model, opt, mesh, step,
-                       extra={"batcher": states, "objective": cfg.objective}, config=asdict(cfg))
-
-    # -- train --
-    log = Logger(cfg, main_rank, start, total)
-    unit = "pair" if cfg.objective == "dpo" else "token"
-    eval_loss = evaluate(model, mesh, eval_mbs, cfg, ref)
-    first = last = None
-    if start >= total and main_rank:
-        print(f"sft.py: {cfg.out} already holds step {start} >= steps {total}: nothing to train (raise --steps, "
-              "or start over with --resume never / another --out)")
-    log.log({"step": start, "eval_loss": eval_loss}, f"step {start}/{total} | eval loss {eval_loss:.4f} per {unit}")
-    tok_total, time_total, flop_total = 0, 0.0, 0.0
-    for step in range(start, total):
-        t0 = time.perf_counter()
-        lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
-        m = train_step(model, mesh, opt, batcher.next_step(), cfg, lr, ref)
-        dt = time.perf_counter() - t0
-        if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
-            tok_total, time_total = tok_total + m["tokens"], time_total + dt
-            flop_total += nt.flops_per_token(model.cfg, m["seq_len_eff"]) * m["tokens"]
-        tps = m["tokens"] / dt
-        mfu = None if peak is None else nt.flops_per_token(model.cfg, m["seq_len_eff"]) * tps / (mesh.world * peak * 1e12)
-        row = {"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": batcher.epoch(),
-               "skipped_rows": batcher.skipped, "seconds": dt}
-        first, last = first if first is not None else m["loss"], m["loss"]
-        line = (f"step {step + 1}/{total} | loss {m['loss']:.4f} | lr {lr:.2e} | gnorm {m['grad_norm']:.3f} | "
-                f"{tps:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {dt:.2f}s" +
-                (f" | acc {m['reward_acc']:.2f}" if "reward_acc" in m else ""))
-        log.log(row, line if _every(cfg.log_every, step + 1) or step == start else None)
-        log.advance()
-        done = step + 1 == total
-        if _every(cfg.eval_every, step + 1) or done:
-            eval_loss = evaluate(model, mesh, eval_mbs, cfg, ref)
-            log.log({"step": step + 1, "eval_loss": eval_loss}, f"step {step + 1}/{total} | eval loss "
-                    f"{eval_loss:.4f} per {unit}")
-        if _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0):
-            saved = save(step + 1)
-            if main_rank:
-                log.log({"step": step + 1, "checkpoint": str(saved)})
-    log.close()
-
-    # -- summary --
-    tps = tok_total / time_total if time_total else None
-    mem = torch.tensor([torch.cuda.max_memory_allocated(mesh.device) if mesh.device.type == "cuda" else 0.0],
-                       device=mesh.device)
-    if mesh.world > 1:
-        dist.all_reduce(mem, op=dist.ReduceOp.MAX)                        # the fullest GPU decides what fits
-    summary = {"steps": total, "first_loss": first, "last_loss": last, "eval_loss": eval_loss,
-               "tokens_per_s": tps, "mfu": None if peak is None or not time_total else
-               flop_total / time_total / (mesh.world * peak * 1e12),
-               "peak_gb": round(mem.item() / 1e9, 2), "skipped_rows": batcher.skipped,
-               "seconds": round(time.time() - t_start, 1), "world": mesh.world, "dp": mesh.dp, "tp": mesh.tp,
-               "pp": mesh.pp, "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
-    if main_rank:
-        if (Path(cfg.out) / "metrics.jsonl").is_file():
-            plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png",
-                      f"{cfg.objective} loss per {unit}")
-        print(f"sft.py: {cfg.objective} {start} -> {total} steps, loss {first} -> {last}, eval {eval_loss:.4f}, "
-              f"{summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, {summary['seconds']} s; out {cfg.out}")
-        from prepare_data import append_result
-        append_result(cfg.results, cfg.objective, asdict(cfg), summary)
-        (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    mesh.destroy()
-    return summary
+    job = setup(cfg)                                  # every check that needs no model
+    model, ref, opt, batcher, eval_mbs = build(job)
+    r = train(job, model, ref, opt, batcher, eval_mbs)
+    return summarize(job, r, batcher.skipped)
 
 
 # ---- layout benchmark --------------------------------------------------------------------------------
@@ -738,7 +919,7 @@ def bench_layouts(cfg: Config, argv=None) -> list:
     specs = {name: parse_layout(name) for name in layouts}
     base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
                        {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
-    root = Path(cfg.out)
+    root = Path(cfg.out or "runs/layouts")
     rows = []
     for name, d in specs.items():
         out = root / name
@@ -754,7 +935,7 @@ def bench_layouts(cfg: Config, argv=None) -> list:
         if rc != 0 or not (out / "summary.json").is_file():
             rows.append({"layout": name, **d, "error": f"exit {rc}"})
             continue
-        steps = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        steps = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
         losses = {r["step"]: r["loss"] for r in steps}
         rows.append({"layout": name, **d, **json.loads((out / "summary.json").read_text()), "losses": losses,
                      "step_seconds": {r["step"]: r["seconds"] for r in steps}})     # to re-derive any average
@@ -795,4 +976,5 @@ def parse_args(argv=None) -> Config:
 
 
 if __name__ == "__main__":
-    main()
+    from prepare_data import run_cli
+    run_cli(main, prog="sft.py")
