@@ -443,6 +443,10 @@ def smollm2_tokenizer_dir() -> Path:
     return final
 
 
+def default_model_path():  # temporary shim until the GGUF glue moves here from nanotron.py
+    import nanotron; return nanotron.default_model_path()
+
+
 def load_tokenizer(name: str = "smollm2"):
     from transformers import AutoTokenizer
 
@@ -736,6 +740,24 @@ def config_from_argv(cls, argv=None, description: str = "", positional: tuple = 
         else:
             p.add_argument(f"--{f.name}", type=f.type, default=default, help=h)
     return cls(**vars(p.parse_args(argv)))
+
+
+def run_cli(main, argv=None, prog: str = "") -> int:
+    """Minimal shared CLI wrapper (temporary, until the full one lands): an expected error (ValueError,
+    OSError) prints one line `<prog>: error: <message>` and exits 2; --debug keeps the traceback."""
+    import sys
+    argv = sys.argv[1:] if argv is None else list(argv)
+    prog = prog or Path(sys.argv[0]).name
+    try:
+        main([a for a in argv if a != "--debug"])
+    except (ValueError, OSError) as e:
+        if "--debug" in argv:
+            raise
+        msg = (str(e).strip() or type(e).__name__).removeprefix(f"{prog}: ").removeprefix(f"{Path(prog).stem}: ")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"{prog}: error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    return 0
 
 
 def parse_args(argv=None) -> Config:
