@@ -38,7 +38,6 @@ import multiprocessing as mp
 import os
 import re
 import signal
-import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -73,7 +72,7 @@ class Config:
     gpu_memory_utilization: float = 0.9  # nanovllm: share of GPU memory for weights + KV cache
     enforce_eager: bool = False  # nanovllm: no CUDA graphs (slower decode; for debugging)
     hf_batch_size: int = 64  # --engine hf: prompts per generate() call (sorted by length: less padding)
-    grade_mode: str = "boxed"  # boxed: the last \boxed{} is the answer, as the RL reward | any: math-verify searches the text
+    grade_mode: str = "boxed"  # boxed: the last \boxed{} is the answer (as the RL reward) | any: anywhere in the text
     workers: int = -1  # grading processes; -1 = min(8, CPU cores)
     timeout_s: float = 5.0  # wall clock per graded answer; slower ones are killed and counted as timeouts
     out: str = ""  # folder for samples.jsonl, summary.json, accuracy.png; "" = runs/eval/<model>_<data>
@@ -124,11 +123,7 @@ def _grade_worker(conn, mode: str):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the parent, which kills us
     import logging
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # its "timeout disabled" warning: ours is the kill
-    try:
-        import math_verify  # noqa: F401  (sympy and antlr load here, once per worker: ~1 s)
-    except ImportError as e:
-        conn.send(("failed", str(e)))
-        return
+    import math_verify  # noqa: F401  (sympy and antlr load here, once per worker: ~1 s; a failure is EOF)
     conn.send(("ready",))
     while True:
         try:
@@ -147,7 +142,7 @@ class _Worker:
         self.proc = ctx.Process(target=_grade_worker, args=(child, mode), daemon=True, name="eval-grader")
         self.proc.start()
         child.close()  # the parent keeps only its end, so a dead worker shows up as EOF
-        self.ready, self.job = False, None  # job = (index, answer) while grading
+        self.ready, self.job = False, None  # job = (index, answer, gold) while grading
         self.deadline = time.monotonic() + start_timeout_s
 
     def kill(self):
@@ -162,13 +157,13 @@ class Grader:
     what the RL format reward checks); "any": math-verify looks for the answer anywhere in the text.
     Workers start on the first grade() (spawned, so safe under threads and CUDA) and live until close()."""
 
-    def __init__(self, workers: int = 4, timeout_s: float = 5.0, mode: str = "boxed", start_timeout_s: float = 120.0):
+    def __init__(self, workers: int = 4, timeout_s: float = 5.0, mode: str = "boxed", start_timeout_s: float = 120):
         if mode not in ("boxed", "any"):
             raise ValueError(f"eval.py: --grade_mode {mode!r}: expected boxed or any")
         if workers < 1 or timeout_s <= 0:
             raise ValueError(f"eval.py: --workers {workers} must be >= 1 and --timeout_s {timeout_s} > 0")
         if importlib.util.find_spec("math_verify") is None:  # fail here, not after an hour of generation
-            raise FileNotFoundError("eval.py: grading needs the math-verify package: pip install 'math-verify[antlr4_13_2]'")
+            raise FileNotFoundError("eval.py: grading needs math-verify: pip install 'math-verify[antlr4_13_2]'")
         self.n_workers, self.timeout_s, self.mode, self.start_timeout_s = workers, timeout_s, mode, start_timeout_s
         self.ctx, self.pool = mp.get_context("spawn"), []
 
@@ -183,6 +178,11 @@ class Grader:
             w.kill()
         self.pool = []
 
+    def start(self):
+        """Spawn the workers now: they import math-verify (~1 s) in the background while the caller works."""
+        while len(self.pool) < self.n_workers:
+            self.pool.append(_Worker(self.ctx, self.mode, self.start_timeout_s))
+
     def _replace(self, w: _Worker):
         w.kill()
         self.pool[self.pool.index(w)] = _Worker(self.ctx, self.mode, self.start_timeout_s)
@@ -194,45 +194,46 @@ class Grader:
         for i, (response, gold) in enumerate(pairs):
             answer = pd.last_boxed(response) if self.mode == "boxed" else response
             if answer is None or not answer.strip():  # no box, an empty one, or unbalanced braces
-                grades[i] = Grade(False, "no_answer", detail="no final \\boxed{} answer")
+                grades[i] = Grade(False, "no_answer", detail="no final \\boxed{} answer" if self.mode == "boxed"
+                                  else "empty response")
             else:
                 todo.append((i, answer, str(gold)))
-        while todo and len(self.pool) < self.n_workers:
-            self.pool.append(_Worker(self.ctx, self.mode, self.start_timeout_s))
+        if todo:
+            self.start()
         while todo or any(w.job for w in self.pool):
             for w in self.pool:  # hand one job to every idle, started worker
                 if w.ready and w.job is None and todo:
-                    i, answer, gold = todo.popleft()
-                    w.conn.send((i, answer, gold))
-                    w.job, w.deadline = (i, answer), time.monotonic() + self.timeout_s
+                    w.job, w.deadline = todo.popleft(), time.monotonic() + self.timeout_s
+                    try:
+                        w.conn.send(w.job)
+                    except OSError:  # it just died: the EOF below counts the answer and replaces it
+                        pass
             waiting = {w.conn: w for w in self.pool if w.job or not w.ready}
             nearest = min(w.deadline for w in waiting.values())
             for conn in wait(list(waiting), timeout=max(0.0, nearest - time.monotonic())):
                 w = waiting[conn]
                 try:
                     msg = conn.recv()
-                except (EOFError, OSError):  # the worker died (out of memory, a crash in C code)
-                    if w.job:
-                        grades[w.job[0]] = Grade(False, "error", w.job[1], detail="the grading worker died")
+                except (EOFError, OSError):  # the worker died: out of memory, a crash in C code
+                    if not w.ready:  # e.g. math-verify fails to import: its traceback is above
+                        self.close()
+                        raise ChildProcessError("eval.py: a grading worker died while starting") from None
+                    grades[w.job[0]] = Grade(False, "error", w.job[1], detail="the grading worker died")
                     self._replace(w)
                     continue
                 if msg[0] == "ready":
                     w.ready = True
-                elif msg[0] == "failed":
-                    self.close()
-                    raise FileNotFoundError(f"eval.py: a grading worker cannot import math-verify: {msg[1]}")
                 else:
                     i, status, correct, key, pred, detail = msg
                     grades[i], w.job = Grade(correct, status, pred, key, detail), None
             now = time.monotonic()
-            for w in list(self.pool):  # anything past its deadline: kill it, count it, start a fresh worker
-                if now < w.deadline or not (w.job or not w.ready):
-                    continue
-                if not w.ready:
-                    self.close()
-                    raise TimeoutError(f"eval.py: a grading worker did not start within {self.start_timeout_s:.0f} s")
-                grades[w.job[0]] = Grade(False, "timeout", w.job[1], detail=f"killed after {self.timeout_s:g} s")
-                self._replace(w)
+            for w in list(self.pool):  # past its deadline: kill it, count the answer, start a fresh worker
+                if (w.job or not w.ready) and now >= w.deadline:
+                    if not w.ready:
+                        self.close()
+                        raise TimeoutError(f"eval.py: a grading worker did not start in {self.start_timeout_s:.0f} s")
+                    grades[w.job[0]] = Grade(False, "timeout", w.job[1], detail=f"killed after {self.timeout_s:g} s")
+                    self._replace(w)
         return grades
 
 
@@ -263,16 +264,10 @@ def maj_at_k(grades: list, k: int) -> bool:
     return bool(votes) and max(votes, key=lambda v: (votes[v], -first[v])) == "<correct>"
 
 
-def _ks(n: int) -> list:
-    """1, 2, 4, ... up to n, and n itself."""
-    return sorted({2 ** i for i in range(n.bit_length()) if 2 ** i <= n} | {n})
-
-
 def _acc(means: list) -> dict:
     """Mean of per-problem accuracies and its standard error. Samples of one problem are not independent,
     so the error comes from the spread between problems: sqrt(var / P)."""
-    P = len(means)
-    mean = sum(means) / P
+    P, mean = len(means), sum(means) / len(means)
     var = sum((m - mean) ** 2 for m in means) / (P - 1) if P > 1 else 0.0
     return {"n": P, "accuracy": mean, "stderr": math.sqrt(var / P)}
 
@@ -293,11 +288,10 @@ def summarize(problems: list, samples: list) -> dict:
         # natural order: "Level 10" after "Level 9", not between 1 and 2
         order = sorted(groups, key=lambda g: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", g)])
         out[f"by_{field}"] = {g: _acc(groups[g]) for g in order}
+    for k in sorted({2 ** i for i in range(n.bit_length())} | {n}):  # k = 1, 2, 4, .. <= n, and n itself
+        out[f"pass@{k}"] = sum(pass_at_k(n, c, k) for c in correct) / len(samples)
+        out[f"maj@{k}"] = sum(maj_at_k([s["grade"] for s in ss], k) for ss in samples) / len(samples)
     counts = Counter(s["grade"].status for s in flat)
-    out.update({
-        f"pass@{k}": sum(pass_at_k(n, c, k) for c in correct) / len(samples) for k in _ks(n)})
-    out.update({f"maj@{k}": sum(maj_at_k([s["grade"] for s in ss], k) for ss in samples) / len(samples)
-                for k in _ks(n)})
     out.update({
         "format_rate": sum(s["boxed"] for s in flat) / len(flat),  # a final \boxed{} answer is present
         "truncation_rate": sum(s["finish_reason"] == "length" for s in flat) / len(flat),
@@ -432,24 +426,21 @@ def generate_hf(folder, tok, prompt_ids: list, cfg: Config) -> list:
 
 def format_table(s: dict) -> str:
     """The summary as a compact text table (what a person reads first)."""
-    pct = lambda x: f"{100 * x:5.1f}%"
-    lines = [f"eval.py: {s['model_name']} on {s['data_name']} ({s['problems']} of {s['problems_in_data']} problems"
-             f" x {s['samples_per_problem']} samples), {s['engine']}, "
-             f"{'greedy' if s['temperature'] == 0 else 'temperature %g' % s['temperature']}, max_tokens {s['max_tokens']}",
-             f"  {'group':<28}{'n':>6}{'accuracy':>10}{'+-se':>8}",
-             f"  {'all':<28}{s['n']:>6}{pct(s['accuracy']):>10}{pct(s['stderr']):>8}"]
-    for field in ("level", "subject"):
-        for g, a in s[f"by_{field}"].items():
-            lines.append(f"  {(field + ' ' + g)[:27]:<28}{a['n']:>6}{pct(a['accuracy']):>10}{pct(a['stderr']):>8}")
-    lines.append("  " + "  ".join(f"{k} {pct(v).strip()}" for k, v in s.items() if k.startswith(("pass@", "maj@"))))
-    c = s["counts"]
-    lines += [f"  format (final \\boxed{{}}) {pct(s['format_rate']).strip()}  truncated "
-              f"{pct(s['truncation_rate']).strip()}  mean response {s['mean_response_tokens']:.0f} tokens",
-              f"  grades: ok {c['ok']}, no answer {c['no_answer']}, parse error {c['parse_error']} (gold "
-              f"{s['gold_parse_errors']}), timeout {c['timeout']}, error {c['error']}",
-              f"  load + generate {s['generate_s']:.1f} s ({s['output_tokens_per_s']:.0f} new tokens/s), grade "
-              f"{s['grade_s']:.1f} s, total {s['total_s']:.1f} s"]
-    return "\n".join(lines)
+    pct, c = (lambda x: f"{100 * x:.1f}%"), s["counts"]
+    how = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']:g}"
+    row = lambda name, a: f"  {name[:27]:<28}{a['n']:>6}{pct(a['accuracy']):>10}{pct(a['stderr']):>8}"
+    return "\n".join([
+        f"eval.py: {s['model_name']} on {s['data_name']} ({s['problems']} of {s['problems_in_data']} problems x "
+        f"{s['samples_per_problem']} samples), {s['engine']}, {how}, max_tokens {s['max_tokens']}",
+        f"  {'group':<28}{'n':>6}{'accuracy':>10}{'+-se':>8}", row("all", s),
+        *[row(f"{f} {g}", a) for f in ("level", "subject") for g, a in s[f"by_{f}"].items()],
+        "  " + "  ".join(f"{k} {pct(v)}" for k, v in s.items() if k.startswith(("pass@", "maj@"))),
+        f"  format (final \\boxed{{}}) {pct(s['format_rate'])}  truncated {pct(s['truncation_rate'])}  mean "
+        f"response {s['mean_response_tokens']:.0f} tokens",
+        f"  grades: ok {c['ok']}, no answer {c['no_answer']}, parse error {c['parse_error']} (gold "
+        f"{s['gold_parse_errors']}), timeout {c['timeout']}, error {c['error']}",
+        f"  load + generate {s['generate_s']:.1f} s ({s['output_tokens_per_s']:.0f} new tokens/s), grade "
+        f"{s['grade_s']:.1f} s, total {s['total_s']:.1f} s"])
 
 
 def plot_accuracy(s: dict, path: Path) -> bool:
@@ -507,7 +498,9 @@ def resolve(cfg: Config) -> tuple:
                f"--n {cfg.n} must be >= 1, --temperature {cfg.temperature} >= 0, --top_p {cfg.top_p} in (0, 1]"),
               (cfg.n == 1 or cfg.temperature > 0, f"--n {cfg.n} with --temperature 0 gives {cfg.n} identical greedy "
                "answers; pass --temperature > 0 (e.g. 0.6)"),
-              (cfg.limit >= -1 and cfg.hf_batch_size >= 1, "--limit must be >= -1 and --hf_batch_size >= 1")]
+              (cfg.limit >= -1 and cfg.hf_batch_size >= 1, "--limit must be >= -1 and --hf_batch_size >= 1"),
+              (cfg.dtype in ("auto", "bfloat16", "float16", "float32"),
+               f"--dtype {cfg.dtype!r}: expected auto, bfloat16, float16 or float32")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"eval.py: {msg}")
@@ -516,10 +509,14 @@ def resolve(cfg: Config) -> tuple:
     except ValueError as e:
         raise ValueError(f"eval.py: --template_kwargs {cfg.template_kwargs!r} is not JSON ({e})") from None
     gpu = torch.cuda.is_available()
-    return dataclasses.replace(
+    out = dataclasses.replace(
         cfg, limit=(0 if gpu else CPU_LIMIT) if cfg.limit == -1 else cfg.limit,
         max_tokens=(GPU_MAX_TOKENS if gpu else CPU_MAX_TOKENS) if cfg.max_tokens == -1 else cfg.max_tokens,
-        workers=min(8, os.cpu_count() or 1) if cfg.workers == -1 else cfg.workers), gpu
+        workers=min(8, os.cpu_count() or 1) if cfg.workers == -1 else cfg.workers)
+    if not gpu and (cfg.limit == -1 or cfg.max_tokens == -1):
+        print(f"eval.py: a CPU demo: {out.limit or 'all'} problems, {out.max_tokens} new tokens each (on a GPU the "
+              f"defaults are every problem and {GPU_MAX_TOKENS} tokens; set --limit 0 --max_tokens N)")
+    return out, gpu
 
 
 def model_folder(cfg: Config) -> Path:
@@ -535,53 +532,53 @@ def model_folder(cfg: Config) -> Path:
 
 def evaluate(cfg: Config) -> dict:
     """The whole run: data -> prompts -> generation -> grading -> report. Returns the summary."""
+    import torch
     t0 = time.time()
     cfg, gpu = resolve(cfg)
     grader = Grader(cfg.workers, cfg.timeout_s, cfg.grade_mode)  # checks math-verify before the slow part
     problems, data_name = load_problems(cfg)
-    n_data = len(problems)
-    problems = problems[:cfg.limit] if cfg.limit else problems
+    n_data, problems = len(problems), problems[:cfg.limit] if cfg.limit else problems
     folder = model_folder(cfg)
-    if not gpu and cfg.limit == CPU_LIMIT and cfg.max_tokens == CPU_MAX_TOKENS:
-        print(f"eval.py: CPU demo: the first {len(problems)} problems, {cfg.max_tokens} new tokens each "
-              "(on a GPU the defaults are every problem and 2048 tokens; set --limit 0 --max_tokens N)")
-    try:
-        tok = pd.load_tokenizer(cfg.tokenizer or str(folder))
-    except OSError as e:
-        raise OSError(f"eval.py: no usable tokenizer in {cfg.tokenizer or folder} ({e}); pass --tokenizer FOLDER") from None
+    tok = pd.load_tokenizer(cfg.tokenizer or str(folder))  # its errors name the folder (--tokenizer to override)
     rows = build_prompts(problems, tok, cfg)
     max_pos = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 1 << 30)
-    longest = max(r["num_tokens"] for r in rows)
-    if longest >= max_pos:
-        i = max(range(len(rows)), key=lambda i: rows[i]["num_tokens"])
-        raise ValueError(f"eval.py: problem {problems[i]['unique_id']}: its prompt has {longest} tokens, the model "
-                         f"takes {max_pos}; drop it from --data or use a model with a longer context")
+    longest = max(range(len(rows)), key=lambda i: rows[i]["num_tokens"])
+    if rows[longest]["num_tokens"] >= max_pos:  # no room for one new token: say so rather than drop it
+        raise ValueError(f"eval.py: problem {problems[longest]['unique_id']}: its prompt has "
+                         f"{rows[longest]['num_tokens']} tokens, the model takes {max_pos}; drop it from --data")
     ids = [r["prompt_ids"] for r in rows]
-    t1 = time.time()
-    gen = (generate_hf(folder, tok, ids, cfg) if cfg.engine == "hf"
-           else generate_nanovllm(folder, ids, cfg, min(max_pos, longest + cfg.max_tokens)))
-    t2 = time.time()
     with grader:
+        grader.start()  # workers load math-verify while the model generates
+        t1, threads = time.time(), torch.get_num_threads()
+        if not gpu and "OMP_NUM_THREADS" not in os.environ:
+            # CPU decoding is a chain of small matmuls; with 2+ OpenMP threads on a busy machine each one
+            # waits for a descheduled peer (7x slower measured on 2 shared cores), so one thread by default
+            torch.set_num_threads(1)
+        try:
+            gen = (generate_hf(folder, tok, ids, cfg) if cfg.engine == "hf" else
+                   generate_nanovllm(folder, ids, cfg, min(max_pos, rows[longest]["num_tokens"] + cfg.max_tokens)))
+        finally:
+            torch.set_num_threads(threads)  # a process-wide setting: give it back (tests run in one process)
+        t2 = time.time()
         grades = iter(grader.grade([(s["text"], p["answer"]) for p, ss in zip(problems, gen) for s in ss]))
     t3 = time.time()
-    samples, records = [], []
+    samples, records = [], []  # samples[p][j]: what summarize() needs; records: one samples.jsonl line each
     for p, r, ss in zip(problems, rows, gen):
         samples.append([])
         for j, s in enumerate(ss):
-            g = next(grades)
+            g, n_new = next(grades), len(s["token_ids"])
             samples[-1].append({"grade": g, "boxed": pd.last_boxed(s["text"]) is not None,
-                                "finish_reason": s["finish_reason"], "num_tokens": len(s["token_ids"])})
+                                "finish_reason": s["finish_reason"], "num_tokens": n_new})
             records.append({"id": p["unique_id"], "sample": j, "level": p["level"], "subject": p["subject"],
-                            "problem": p["problem"], "prompt": r["prompt"], "response": s["text"],
-                            "pred": g.pred, "gold": p["answer"], "correct": g.correct, "status": g.status,
-                            "detail": g.detail, "finish_reason": s["finish_reason"], "num_tokens": len(s["token_ids"])})
+                            "problem": p["problem"], "prompt": r["prompt"], "response": s["text"], "pred": g.pred,
+                            "gold": p["answer"], "correct": g.correct, "status": g.status, "detail": g.detail,
+                            "finish_reason": s["finish_reason"], "num_tokens": n_new})
     summary = summarize(problems, samples)
-    n_new = sum(x["num_tokens"] for ss in samples for x in ss)
     name = "-".join(folder.parts[-3:] if folder.name == "hf" else folder.parts[-1:])  # ckpt/sft/step_9/hf
     summary.update(model=str(folder), model_name=name, data_name=data_name, problems_in_data=n_data,
                    engine=cfg.engine, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
-                   device="cuda" if gpu else "cpu", generate_s=t2 - t1, grade_s=t3 - t2,
-                   output_tokens_per_s=n_new / max(t2 - t1, 1e-9), total_s=time.time() - t0)
+                   device="cuda" if gpu else "cpu", generate_s=t2 - t1, grade_s=t3 - t2, total_s=time.time() - t0,
+                   output_tokens_per_s=sum(x["num_tokens"] for x in records) / max(t2 - t1, 1e-9))
     out = Path(cfg.out or f"runs/eval/{name}_{data_name}")
     write_report(out, records, summary, cfg)
     print(format_table(summary) + f"\n  -> {out}/ (samples.jsonl, summary.json, accuracy.png), {cfg.results}")
