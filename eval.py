@@ -19,7 +19,7 @@ How it works:
      truncation rates, response length; samples.jsonl, summary.json, accuracy.png, a results.jsonl line.
 
 Commands:
-  python eval.py                    # CPU demo: SmolLM2-135M-Instruct, 8 synthetic test problems (minutes)
+  python eval.py                    # CPU demo: SmolLM2-135M-Instruct, 16 synthetic test problems (~1 min)
   python eval.py --model ckpt/sft/step_120/hf --data ../shared/data/math500/test.jsonl
   python eval.py --model M --data gsm8k --n 8 --temperature 0.6      # pass@1..8 and maj@1..8
   python eval.py --model M --data my.jsonl --question_field q --answer_field a
@@ -27,7 +27,7 @@ Commands:
   From Python (ppo.py's rewards): `with Grader(workers=4) as g: grades = g.grade([(response, gold)])`.
 
 First read: Grader (the pool and why it exists) -> metrics (pass@k, maj@k) -> evaluate (the driver).
-Contents: config | grading | metrics | data and prompts | generation | report | driver | CLI
+Contents: config | grading | metrics | data | generation | report | driver | CLI
 """
 
 import dataclasses
@@ -58,7 +58,7 @@ class Config:
     answer_field: str = ""  # any file: the column with the final answer
     level_field: str = "level"  # with --question_field: optional column for the per-level table
     subject_field: str = "subject"  # with --question_field: optional column for the per-subject table
-    limit: int = -1  # the first N problems; -1 = all on a GPU, 8 on CPU (a demo); 0 = all
+    limit: int = -1  # the first N problems; -1 = all on a GPU, 16 on CPU (a demo); 0 = all
     tokenizer: str = ""  # "" = the model folder's own (its chat template makes the prompt)
     template_kwargs: str = ""  # JSON for apply_chat_template, e.g. '{"enable_thinking": false}' for Qwen3
     engine: str = "nanovllm"  # nanovllm | hf (transformers' generate on the same prompt ids)
@@ -80,7 +80,7 @@ class Config:
 
 
 HUB_DATA = ("gsm8k", "math500")  # --data names read from the Hub (prepare_data.DEFAULT_HUB has the repos)
-CPU_LIMIT, CPU_MAX_TOKENS, GPU_MAX_TOKENS = 8, 256, 2048
+CPU_LIMIT, CPU_MAX_TOKENS, GPU_MAX_TOKENS = 16, 256, 2048
 
 # --------------------------------------------------------------- grading ----
 # Why a process pool: math-verify turns answers into sympy expressions and compares them, and sympy can
@@ -301,7 +301,7 @@ def summarize(problems: list, samples: list) -> dict:
     return out
 
 
-# ----------------------------------------------------- data and prompts ----
+# ----------------------------------------------------------------- data ----
 
 
 def _adapt(rows, where: str, adapter: str, cfg: Config) -> list:
@@ -340,10 +340,13 @@ def load_problems(cfg: Config) -> tuple[list, str]:
         d = pd.Config()
         return pd.synthetic_math(0, d.synthetic_test, d.seed)["test"], "synthetic"
     if cfg.data in HUB_DATA:
+        repo = pd.DEFAULT_HUB[cfg.data]
         try:
-            files = pd.hub_files(*pd.DEFAULT_HUB[cfg.data])["test"]
+            files = pd.hub_files(*repo)["test"]
         except RuntimeError as e:
-            raise ConnectionError(f"{e}. Offline, pass the data file: --data PATH/{cfg.data}/test.jsonl") from None
+            raise ConnectionError(f"eval.py: --data {cfg.data}: cannot get the Hub dataset {repo[0]!r} (offline and "
+                                  f"not in the HF cache? {type(e.__cause__).__name__}); pass its test file instead: "
+                                  f"--data PATH/{cfg.data}/test.jsonl") from None
         return [r for f in files for r in _adapt(pd.read_rows(f), f, cfg.data, cfg)], cfg.data
     path = Path(cfg.data)
     if not path.is_file():
@@ -354,13 +357,6 @@ def load_problems(cfg: Config) -> tuple[list, str]:
         raise ValueError(f"eval.py: --data {cfg.data}: the file has no rows")
     adapter = cfg.source if cfg.source != "auto" else "" if cfg.question_field else pd.detect_adapter(rows[0])
     return _adapt(rows, str(path), adapter, cfg), f"{path.parent.name}-{path.stem}"
-
-
-def build_prompts(problems: list, tok, cfg: Config) -> list:
-    """prepare_data's eval recipe, the very function that writes the RL and eval .nano files: chat template
-    with add_generation_prompt=True, the shared instruction after the problem, one batched tokenization."""
-    recipe = pd.Config(recipe="eval", template_kwargs=cfg.template_kwargs)
-    return pd.encode_chunk(problems, tok, recipe)
 
 
 # ----------------------------------------------------------- generation ----
@@ -430,8 +426,8 @@ def format_table(s: dict) -> str:
     how = "greedy" if s["temperature"] == 0 else f"temperature {s['temperature']:g}"
     row = lambda name, a: f"  {name[:27]:<28}{a['n']:>6}{pct(a['accuracy']):>10}{pct(a['stderr']):>8}"
     return "\n".join([
-        f"eval.py: {s['model_name']} on {s['data_name']} ({s['problems']} of {s['problems_in_data']} problems x "
-        f"{s['samples_per_problem']} samples), {s['engine']}, {how}, max_tokens {s['max_tokens']}",
+        f"eval.py: {s['model_name']} on {s['data_name']} ({s['problems']} of {s['problems_in_data']} problems, n="
+        f"{s['samples_per_problem']}), {s['engine']}, {how}, max_tokens {s['max_tokens']}",
         f"  {'group':<28}{'n':>6}{'accuracy':>10}{'+-se':>8}", row("all", s),
         *[row(f"{f} {g}", a) for f in ("level", "subject") for g, a in s[f"by_{f}"].items()],
         "  " + "  ".join(f"{k} {pct(v)}" for k, v in s.items() if k.startswith(("pass@", "maj@"))),
@@ -454,12 +450,12 @@ def plot_accuracy(s: dict, path: Path) -> bool:
         return False
     field = "level" if s["by_level"] else "subject" if s["by_subject"] else None
     groups = s[f"by_{field}"] if field else {"all": s}
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * len(groups) + 2), 3.5))
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) + 2), 3.8))
     ax.bar([f"{g}\n(n={a['n']})" for g, a in groups.items()], [100 * a["accuracy"] for a in groups.values()],
            yerr=[100 * a["stderr"] for a in groups.values()], capsize=3, color="tab:blue")
     ax.axhline(100 * s["accuracy"], color="gray", ls="--", lw=1, label=f"all: {100 * s['accuracy']:.1f}%")
     ax.set(ylabel="accuracy (%)", xlabel=field or "", ylim=(0, 100),
-           title=f"{s['model_name']} on {s['data_name']} ({s['engine']})")
+           title=f"{s['model_name']}\non {s['data_name']} ({s['engine']}, n={s['samples_per_problem']})")
     ax.legend(loc="upper right")
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -540,7 +536,9 @@ def evaluate(cfg: Config) -> dict:
     n_data, problems = len(problems), problems[:cfg.limit] if cfg.limit else problems
     folder = model_folder(cfg)
     tok = pd.load_tokenizer(cfg.tokenizer or str(folder))  # its errors name the folder (--tokenizer to override)
-    rows = build_prompts(problems, tok, cfg)
+    # prepare_data's eval recipe, the very function that writes the RL and eval .nano files: the chat template
+    # with add_generation_prompt=True, the shared instruction after the problem, one batched tokenization
+    rows = pd.encode_chunk(problems, tok, pd.Config(recipe="eval", template_kwargs=cfg.template_kwargs))
     max_pos = json.loads((folder / "config.json").read_text()).get("max_position_embeddings", 1 << 30)
     longest = max(range(len(rows)), key=lambda i: rows[i]["num_tokens"])
     if rows[longest]["num_tokens"] >= max_pos:  # no room for one new token: say so rather than drop it

@@ -4285,7 +4285,7 @@ def test_gpu_sft_main_bf16(tmp_path, monkeypatch):
 # transformers must generate the same tokens, so the same grades) and a "bigram" one wired to always
 # answer "The answer is \boxed{5}." (so the accuracy of a run is known exactly).
 
-ev = pytest.importorskip("eval")  # the module, not the builtin
+import eval as ev  # noqa: E402  (eval.py, not the builtin)
 
 
 @pytest.fixture(scope="module")
@@ -4323,6 +4323,18 @@ def test_eval_grader_known_answers(eval_grader):
     assert grades[9].pred == "5" and grades[0].pred == "0.5" and grades[0].key == "1/2"
     assert grades[15].detail.startswith("gold ")
     assert eval_grader.grade([]) == []
+
+
+def test_eval_grader_any_mode_reads_unboxed_answers():
+    """grade_mode "any" (lighteval's way) lets math-verify find the answer anywhere; "boxed" (the RL reward's
+    way) calls the same text no_answer."""
+    pytest.importorskip("math_verify")
+    with ev.Grader(workers=1, timeout_s=20.0, mode="any") as g:
+        grades = g.grade([("So each friend gets 2 cookies.", "2"), ("The result is $\\frac{3}{4}$.", "0.75"),
+                          ("It is 7.", "8"), ("", "1")])
+    assert [(x.status, x.correct) for x in grades] == [("ok", True), ("ok", True), ("ok", False), ("no_answer", False)]
+    with pytest.raises(ValueError, match="--grade_mode 'last'"):
+        ev.Grader(mode="last")
 
 
 def test_eval_grader_timeout_kills_a_stuck_worker_and_goes_on():
@@ -4472,15 +4484,15 @@ def test_eval_cli_writes_the_report_with_known_accuracy(tmp_path):
 
 
 def test_eval_nanovllm_and_hf_generate_the_same_tokens(tmp_path):
-    """A random tiny model, greedy, prompts of different lengths (HF left-pads them): both engines give the
-    same responses, so the same grades."""
+    """A random tiny model, greedy in fp32, prompts of different lengths (HF left-pads them): both engines
+    give the same responses, so the same grades."""
     pytest.importorskip("math_verify")
     model = _eval_tiny_model(tmp_path / "random", bigram=False)
     data = _eval_jsonl(tmp_path / "d.jsonl", [{"q": "What is 2 + 3?", "a": "5"},
                                               {"q": "A train leaves at 3 pm and travels 120 km at 60 km/h. "
                                                     "When does it arrive?", "a": "5"},
                                               {"q": "Compute 7 * 8.", "a": "56"}])
-    runs = [_eval_run(tmp_path, model, data, e, "--engine", e)[1] for e in ("nanovllm", "hf")]
+    runs = [_eval_run(tmp_path, model, data, e, "--engine", e, "--dtype", "float32")[1] for e in ("nanovllm", "hf")]
     keys = ("response", "num_tokens", "finish_reason", "status", "correct")
     assert [[r[k] for k in keys] for r in runs[0]] == [[r[k] for k in keys] for r in runs[1]]
     assert all(r["num_tokens"] >= 1 for r in runs[0])
@@ -4523,3 +4535,27 @@ def test_eval_data_adapters_and_field_errors(tmp_path):
     syn, name = ev.load_problems(dataclasses.replace(cfg, data="synthetic"))
     assert name == "synthetic" and len(syn) == pd.Config().synthetic_test
     assert syn == pd.synthetic_math(0, pd.Config().synthetic_test, pd.Config().seed)["test"]
+
+
+@requires_cuda
+def test_gpu_eval_gsm8k_smollm2_both_engines(tmp_path):
+    """SmolLM2-135M-Instruct on all 1319 GSM8K test problems, greedy, 512 new tokens, through nanovllm (the
+    target is <= 60 s including load) and through transformers' generate; one RESULT line per engine. The
+    engines' bf16 kernels differ, so greedy paths may part on near-ties: grades must agree on >= 95%."""
+    pytest.importorskip("math_verify")
+    path = SHARED_DATA / "gsm8k" / "test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    pd.default_model_path()  # the one-time GGUF conversion is not part of the timed runs
+    runs = {}
+    for engine in ("nanovllm", "hf"):
+        s = ev.main(["--data", str(path), "--max_tokens", "512", "--engine", engine, "--hf_batch_size", "256",
+                     "--out", str(tmp_path / engine), "--results", str(tmp_path / "results.jsonl")])
+        recs = [json.loads(l) for l in (tmp_path / engine / "samples.jsonl").read_text().splitlines()]
+        runs[engine] = (s, [r["correct"] for r in recs])
+        print("RESULT " + json.dumps({k: s[k] for k in ("engine", "problems", "accuracy", "format_rate",
+                                                        "truncation_rate", "generate_s", "grade_s", "total_s",
+                                                        "output_tokens_per_s")}))
+    (a, ga), (b, gb) = runs["nanovllm"], runs["hf"]
+    assert a["problems"] == b["problems"] == 1319 and a["counts"]["timeout"] == 0
+    assert sum(x == y for x, y in zip(ga, gb)) / 1319 >= 0.95 and abs(a["accuracy"] - b["accuracy"]) <= 0.02
