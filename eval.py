@@ -79,7 +79,6 @@ class Config:
     results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
 
 
-HUB_DATA = ("gsm8k", "math500")  # --data names read from the Hub (prepare_data.DEFAULT_HUB has the repos)
 CPU_LIMIT, CPU_MAX_TOKENS, GPU_MAX_TOKENS = 16, 256, 2048
 
 # --------------------------------------------------------------- grading ----
@@ -200,41 +199,48 @@ class Grader:
                 todo.append((i, answer, str(gold)))
         if todo:
             self.start()
-        while todo or any(w.job for w in self.pool):
-            for w in self.pool:  # hand one job to every idle, started worker
-                if w.ready and w.job is None and todo:
-                    w.job, w.deadline = todo.popleft(), time.monotonic() + self.timeout_s
-                    try:
-                        w.conn.send(w.job)
-                    except OSError:  # it just died: the EOF below counts the answer and replaces it
-                        pass
-            waiting = {w.conn: w for w in self.pool if w.job or not w.ready}
-            nearest = min(w.deadline for w in waiting.values())
-            for conn in wait(list(waiting), timeout=max(0.0, nearest - time.monotonic())):
-                w = waiting[conn]
-                try:
-                    msg = conn.recv()
-                except (EOFError, OSError):  # the worker died: out of memory, a crash in C code
-                    if not w.ready:  # e.g. math-verify fails to import: its traceback is above
-                        self.close()
-                        raise ChildProcessError("eval.py: a grading worker died while starting") from None
-                    grades[w.job[0]] = Grade(False, "error", w.job[1], detail="the grading worker died")
-                    self._replace(w)
-                    continue
-                if msg[0] == "ready":
-                    w.ready = True
-                else:
-                    i, status, correct, key, pred, detail = msg
-                    grades[i], w.job = Grade(correct, status, pred, key, detail), None
-            now = time.monotonic()
-            for w in list(self.pool):  # past its deadline: kill it, count the answer, start a fresh worker
-                if (w.job or not w.ready) and now >= w.deadline:
-                    if not w.ready:
-                        self.close()
-                        raise TimeoutError(f"eval.py: a grading worker did not start in {self.start_timeout_s:.0f} s")
-                    grades[w.job[0]] = Grade(False, "timeout", w.job[1], detail=f"killed after {self.timeout_s:g} s")
-                    self._replace(w)
+        try:
+            while todo or any(w.job for w in self.pool):
+                self._step(todo, grades)
+        except BaseException:  # a failed start or Ctrl-C: no worker may carry a job of this call into the next
+            self.close()
+            raise
         return grades
+
+    def _step(self, todo: deque, grades: list):
+        """One round of the pool: give idle workers a job, wait for a message or the nearest deadline, then
+        kill whatever is past its deadline."""
+        for w in self.pool:
+            if w.ready and w.job is None and todo:
+                w.job, w.deadline = todo.popleft(), time.monotonic() + self.timeout_s
+                try:
+                    w.conn.send(w.job)  # (index, answer, gold)
+                except OSError:  # it just died: the EOF below counts the answer and replaces it
+                    pass
+        waiting = {w.conn: w for w in self.pool if w.job or not w.ready}
+        nearest = min(w.deadline for w in waiting.values())
+        for conn in wait(list(waiting), timeout=max(0.0, nearest - time.monotonic())):  # sleeps, no polling
+            w = waiting[conn]
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):  # the worker died: out of memory, a crash in C code
+                if not w.ready:  # e.g. math-verify fails to import: its traceback is above
+                    raise ChildProcessError("eval.py: a grading worker died while starting") from None
+                grades[w.job[0]] = Grade(False, "error", w.job[1], detail="the grading worker died")
+                self._replace(w)
+                continue
+            if msg[0] == "ready":
+                w.ready = True
+            else:
+                i, status, correct, key, pred, detail = msg
+                grades[i], w.job = Grade(correct, status, pred, key, detail), None
+        now = time.monotonic()
+        for w in list(self.pool):  # past its deadline: kill it, count the answer, start a fresh worker
+            if (w.job or not w.ready) and now >= w.deadline:
+                if not w.ready:
+                    raise TimeoutError(f"eval.py: a grading worker did not start in {self.start_timeout_s:.0f} s")
+                grades[w.job[0]] = Grade(False, "timeout", w.job[1], detail=f"killed after {self.timeout_s:g} s")
+                self._replace(w)
 
 
 # --------------------------------------------------------------- metrics ----
@@ -339,7 +345,7 @@ def load_problems(cfg: Config) -> tuple[list, str]:
     if cfg.data == "synthetic":  # the held-out split SFT never saw: same generator, seed and size as prepare_data
         d = pd.Config()
         return pd.synthetic_math(0, d.synthetic_test, d.seed)["test"], "synthetic"
-    if cfg.data in HUB_DATA:
+    if cfg.data in ("gsm8k", "math500"):  # the test split of the seed's Hub repo (prepare_data.DEFAULT_HUB)
         repo = pd.DEFAULT_HUB[cfg.data]
         try:
             files = pd.hub_files(*repo)["test"]
@@ -350,8 +356,8 @@ def load_problems(cfg: Config) -> tuple[list, str]:
         return [r for f in files for r in _adapt(pd.read_rows(f), f, cfg.data, cfg)], cfg.data
     path = Path(cfg.data)
     if not path.is_file():
-        raise FileNotFoundError(f"eval.py: --data {cfg.data!r}: no such file; expected synthetic, "
-                                f"{' or '.join(HUB_DATA)}, or a .jsonl/.json/.parquet file")
+        raise FileNotFoundError(f"eval.py: --data {cfg.data!r}: no such file; expected synthetic, gsm8k, math500 "
+                                "or a .jsonl/.json/.parquet file")
     rows = pd.read_rows(str(path))
     if len(rows) == 0:
         raise ValueError(f"eval.py: --data {cfg.data}: the file has no rows")
@@ -517,13 +523,8 @@ def resolve(cfg: Config) -> tuple:
 
 def model_folder(cfg: Config) -> Path:
     """--model as a local HF folder: itself, the offline default, or a hub id downloaded by nanovllm."""
-    if not cfg.model:
-        return pd.default_model_path()
-    from nanovllm import resolve_model  # names the folder or the hub id in its errors
-    try:
-        return resolve_model(cfg.model)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"eval.py: --model: {e}") from None
+    from nanovllm import resolve_model  # its errors name the folder or the hub id
+    return resolve_model(cfg.model) if cfg.model else pd.default_model_path()
 
 
 def evaluate(cfg: Config) -> dict:

@@ -4498,6 +4498,19 @@ def test_eval_nanovllm_and_hf_generate_the_same_tokens(tmp_path):
     assert all(r["num_tokens"] >= 1 for r in runs[0])
 
 
+def test_eval_runs_on_a_merged_checkpoint(tmp_path):
+    """The pipeline's path: a nanotron checkpoint -> merge.py (tokenizer copied in) -> eval.py on the folder."""
+    pytest.importorskip("math_verify")
+    tok = pd.load_tokenizer("smollm2")
+    model = nt.Transformer(nt.tiny_config(vocab_size=len(tok)), use_kernels=False).init_random(0)
+    ckpt = nt.save_checkpoint(tmp_path / "step_0", model, None, model.mesh, step=0)
+    hf = mg.merge(ckpt, dtype="float32", tokenizer=str(pd.smollm2_tokenizer_dir()))
+    data = _eval_jsonl(tmp_path / "d.jsonl", [{"q": "What is 2 + 3?", "a": "5"}, {"q": "What is 1 + 1?", "a": "2"}])
+    s, recs = _eval_run(tmp_path, hf, data, "out", "--max_tokens", "4")
+    assert s["problems"] == 2 and s["model_name"].endswith("step_0-hf") and len(recs) == 2
+    assert all(1 <= r["num_tokens"] <= 4 and r["status"] == "no_answer" for r in recs)
+
+
 def test_eval_cli_help_and_one_line_errors(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, str(ROOT / "eval.py"), *a], capture_output=True, text=True,
                                     timeout=300, cwd=tmp_path)
