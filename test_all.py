@@ -4545,6 +4545,11 @@ def test_eval_data_adapters_and_field_errors(tmp_path):
         ev.load_problems(dataclasses.replace(cfg, data=str(bad), question_field="q", answer_field="a"))
     with pytest.raises(ValueError, match=r"bad.jsonl: row 1 \(gsm8k adapter\)"):
         ev.load_problems(dataclasses.replace(cfg, data=str(bad), source="gsm8k"))
+    for bad_cfg, words in [(dict(template_kwargs="{nope"), "--template_kwargs '{nope' is not JSON"),
+                           (dict(question_field="q"), "--question_field and --answer_field go together"),
+                           (dict(source="synthetic"), "--source 'synthetic'"), (dict(dtype="fp8"), "--dtype 'fp8'")]:
+        with pytest.raises(ValueError, match=words.replace("{", "\\{")):
+            ev.resolve(dataclasses.replace(cfg, **bad_cfg))
     syn, name = ev.load_problems(dataclasses.replace(cfg, data="synthetic"))
     assert name == "synthetic" and len(syn) == pd.Config().synthetic_test
     assert syn == pd.synthetic_math(0, pd.Config().synthetic_test, pd.Config().seed)["test"]
