@@ -4529,7 +4529,9 @@ def test_eval_cli_help_and_one_line_errors(tmp_path):
 
 def test_eval_data_adapters_and_field_errors(tmp_path):
     """GSM8K and MATH-500 files go through prepare_data's adapters (GSM8K's '#### 72' answer, MATH's level
-    and subject); --question_field names any jsonl's columns; a row without them is named in the error."""
+    and subject); --question_field names any jsonl's columns; a row without them is named in the error; bad
+    flag values are refused before anything runs."""
+    import re
     cfg = ev.Config(limit=0)
     for name, check in [("gsm8k", lambda p: p["answer"].isdigit() and p["level"] is None),
                         ("math500", lambda p: p["answer"] and p["level"] in "12345" and p["subject"])]:
@@ -4548,7 +4550,7 @@ def test_eval_data_adapters_and_field_errors(tmp_path):
     for bad_cfg, words in [(dict(template_kwargs="{nope"), "--template_kwargs '{nope' is not JSON"),
                            (dict(question_field="q"), "--question_field and --answer_field go together"),
                            (dict(source="synthetic"), "--source 'synthetic'"), (dict(dtype="fp8"), "--dtype 'fp8'")]:
-        with pytest.raises(ValueError, match=words.replace("{", "\\{")):
+        with pytest.raises(ValueError, match=re.escape(words)):
             ev.resolve(dataclasses.replace(cfg, **bad_cfg))
     syn, name = ev.load_problems(dataclasses.replace(cfg, data="synthetic"))
     assert name == "synthetic" and len(syn) == pd.Config().synthetic_test
