@@ -152,8 +152,8 @@ class _Worker:
 
 class Grader:
     """Grade (response, gold) pairs with math-verify in `workers` processes, at most `timeout_s` seconds of
-    wall clock per answer. `mode="boxed"`: the answer is the response's last \\boxed{} (no box = no_answer,
-    what the RL format reward checks); "any": math-verify looks for the answer anywhere in the text.
+    wall clock per answer. `mode="boxed"`: the answer is the response's last \\boxed{} (the RL format reward is
+    status != "no_answer"); "any": math-verify looks for the answer anywhere in the text.
     Workers start on the first grade() (spawned, so safe under threads and CUDA) and live until close()."""
 
     def __init__(self, workers: int = 4, timeout_s: float = 5.0, mode: str = "boxed", start_timeout_s: float = 120):
@@ -535,6 +535,8 @@ def evaluate(cfg: Config) -> dict:
     grader = Grader(cfg.workers, cfg.timeout_s, cfg.grade_mode)  # checks math-verify before the slow part
     problems, data_name = load_problems(cfg)
     n_data, problems = len(problems), problems[:cfg.limit] if cfg.limit else problems
+    if not problems:
+        raise ValueError(f"eval.py: --data {cfg.data}: no problems to evaluate (the adapter dropped every row)")
     folder = model_folder(cfg)
     tok = pd.load_tokenizer(cfg.tokenizer or str(folder))  # its errors name the folder (--tokenizer to override)
     # prepare_data's eval recipe, the very function that writes the RL and eval .nano files: the chat template
@@ -587,12 +589,8 @@ def evaluate(cfg: Config) -> dict:
 # ------------------------------------------------------------------ CLI ----
 
 
-def parse_args(argv=None) -> Config:
-    return pd.config_from_argv(Config, argv, __doc__.strip().split("\n")[0])
-
-
 def main(argv=None) -> dict:
-    return evaluate(parse_args(argv))
+    return evaluate(pd.config_from_argv(Config, argv, __doc__.strip().split("\n")[0]))
 
 
 if __name__ == "__main__":

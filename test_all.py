@@ -4478,9 +4478,13 @@ def test_eval_cli_writes_the_report_with_known_accuracy(tmp_path):
         assert summary["accuracy"] == s["accuracy"] and summary["config"]["engine"] == engine
         if importlib.util.find_spec("matplotlib"):
             assert (tmp_path / engine / "accuracy.png").stat().st_size > 1000
+        # 4 samples at temperature 1: the logit gap of 80 keeps every sample on the chain
+        s, recs = _eval_run(tmp_path, model, data, engine + "-n4", "--engine", engine, "--n", "4", "--temperature", "1")
+        assert [(r["id"], r["sample"]) for r in recs] == [(f"d/{i}", j) for i in range(3) for j in range(4)]
+        assert s["samples_per_problem"] == 4 and s["pass@4"] == s["maj@4"] == s["accuracy"] == pytest.approx(2 / 3)
     results = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert [r["stage"] for r in results] == ["eval", "eval"]
-    assert results[1]["config"]["engine"] == "hf" and results[1]["metrics"]["accuracy"] == pytest.approx(2 / 3)
+    assert [r["stage"] for r in results] == ["eval"] * 4
+    assert results[2]["config"]["engine"] == "hf" and results[2]["metrics"]["accuracy"] == pytest.approx(2 / 3)
 
 
 def test_eval_nanovllm_and_hf_generate_the_same_tokens(tmp_path):
