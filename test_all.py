@@ -6085,3 +6085,309 @@ def test_gpu_nanoray_actors_get_their_own_gpus():
     assert len({dev for dev, _, _ in r["whole"]}) == r["n"], "each actor got its own device"
     if r["n"] == 1:
         assert [dev for dev, _, _ in r["halves"]] == [r["whole"][0][0]] * 2, "two halves share the device"
+
+
+# ==== eval.py =====================================================================================
+# The grader (math-verify in a process pool with a wall-clock timeout), the metrics against hand-computed
+# values, and the CLI end to end on tiny models with the SmolLM2 tokenizer: a random one (nanovllm and
+# transformers must generate the same tokens, so the same grades) and a "bigram" one wired to always
+# answer "The answer is \boxed{5}." (so the accuracy of a run is known exactly).
+
+import eval as ev  # noqa: E402  (eval.py, not the builtin)
+
+
+@pytest.fixture(scope="module")
+def eval_grader():
+    pytest.importorskip("math_verify")
+    g = ev.Grader(workers=2, timeout_s=20.0)  # generous: a loaded CI machine must never time out a simple answer
+    try:
+        yield g
+    finally:
+        g.close()
+
+
+def test_eval_grader_known_answers(eval_grader):
+    cases = [  # (response, gold, expected status, expected correct)
+        ("So x = \\boxed{0.5}.", "\\frac{1}{2}", "ok", True),            # equivalent forms, both ways
+        ("\\boxed{\\frac12}", "0.5", "ok", True),
+        ("\\boxed{1/2}", "\\dfrac{1}{2}", "ok", True),
+        ("It costs \\boxed{\\$18}.", "18", "ok", True),                  # units and text around the number
+        ("\\boxed{5 \\text{ dollars}}", "5", "ok", True),
+        ("\\boxed{1,000}", "1000", "ok", True),
+        ("\\boxed{x = 3}", "3", "ok", True),
+        ("\\boxed{(3, \\frac{\\pi}{2})}", "\\left( 3, \\frac{\\pi}{2} \\right)", "ok", True),
+        ("\\boxed{7}", "8", "ok", False),                                 # plainly wrong
+        ("First \\boxed{4}, no wait: \\boxed{5}", "5", "ok", True),        # several boxes: the last counts
+        ("First \\boxed{5}, no wait: \\boxed{4}", "5", "ok", False),
+        ("The answer is 5.", "5", "no_answer", False),                    # missing box
+        ("\\boxed{\\frac{1}{2}", "0.5", "no_answer", False),              # malformed box (unbalanced)
+        ("\\boxed{}", "0", "no_answer", False),                           # empty box
+        ("\\boxed{\\sqrt[}", "2", "parse_error", False),                  # a box math-verify cannot read
+        ("\\boxed{2}", "\\sqrt[", "parse_error", False),                  # nor the gold: counted, never dropped
+    ]
+    grades = eval_grader.grade([(r, g) for r, g, _, _ in cases])
+    for (r, g, status, correct), got in zip(cases, grades):
+        assert (got.status, got.correct) == (status, correct), (r, g, got)
+    assert grades[9].pred == "5" and grades[0].pred == "0.5" and grades[0].key == "1/2"
+    assert grades[15].detail.startswith("gold ")
+    assert eval_grader.grade([]) == []
+
+
+def test_eval_grader_any_mode_reads_unboxed_answers():
+    """grade_mode "any" (lighteval's way) lets math-verify find the answer anywhere; "boxed" (the RL reward's
+    way) calls the same text no_answer."""
+    pytest.importorskip("math_verify")
+    with ev.Grader(workers=1, timeout_s=20.0, mode="any") as g:
+        grades = g.grade([("So each friend gets 2 cookies.", "2"), ("The result is $\\frac{3}{4}$.", "0.75"),
+                          ("It is 7.", "8"), ("", "1")])
+    assert [(x.status, x.correct) for x in grades] == [("ok", True), ("ok", True), ("ok", False), ("no_answer", False)]
+    with pytest.raises(ValueError, match="--grade_mode 'last'"):
+        ev.Grader(mode="last")
+
+
+def test_eval_grader_timeout_kills_a_stuck_worker_and_goes_on():
+    """9^{9^{9}} sends sympy into a 370-million-digit evaluation: the worker is killed at the deadline, the
+    answer counts as a timeout, the other answers are graded, and the pool keeps working afterwards."""
+    pytest.importorskip("math_verify")
+    with ev.Grader(workers=1, timeout_s=3.0) as g:
+        g.grade([("\\boxed{1}", "1")])                     # started: the timeout below measures grading only
+        pid = g.pool[0].proc.pid
+        t0 = time.monotonic()
+        grades = g.grade([("\\boxed{9^{9^{9}}}", "2"), ("\\boxed{2}", "2"), ("\\boxed{3}", "2")])
+        assert time.monotonic() - t0 < 60
+        assert [(x.status, x.correct) for x in grades] == [("timeout", False), ("ok", True), ("ok", False)]
+        assert grades[0].pred == "9^{9^{9}}" and "3 s" in grades[0].detail
+        assert g.pool[0].proc.pid != pid and not _eval_pid_alive(pid)
+        assert g.grade([("\\boxed{4}", "4")])[0].correct
+
+
+def _eval_pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_eval_pass_at_k_hand_values_and_oracle():
+    assert ev.pass_at_k(5, 2, 1) == pytest.approx(0.4)                  # c / n
+    assert ev.pass_at_k(5, 2, 2) == pytest.approx(1 - 3 / 10)           # 1 - C(3,2)/C(5,2)
+    assert ev.pass_at_k(4, 0, 2) == 0.0 and ev.pass_at_k(4, 4, 1) == 1.0 and ev.pass_at_k(3, 1, 3) == 1.0
+    rng = random.Random(0)
+    for _ in range(200):                                                 # the product form vs the binomials
+        n = rng.randint(1, 40)
+        c, k = rng.randint(0, n), rng.randint(1, n)
+        ref = 1.0 if n - c < k else 1 - math.comb(n - c, k) / math.comb(n, k)
+        assert ev.pass_at_k(n, c, k) == pytest.approx(ref, abs=1e-12)
+
+
+def _g(key):
+    """A hand-made Grade: "ok" is a correct answer, None no answer, anything else a wrong answer with that key."""
+    if key is None:
+        return ev.Grade(False, "no_answer")
+    return ev.Grade(key == "ok", "ok", key=key)
+
+
+def test_eval_maj_at_k_hand_values():
+    votes = [_g("3"), _g("ok"), _g("3"), _g("ok"), _g("ok")]
+    assert [ev.maj_at_k(votes, k) for k in (1, 2, 3, 5)] == [False, False, False, True]  # k=2: tie, "3" first
+    assert ev.maj_at_k([_g("ok"), _g("7")], 2) and not ev.maj_at_k([_g("7"), _g("ok")], 2)  # ties: first seen
+    assert ev.maj_at_k([_g(None), _g(None), _g("ok")], 3)               # no answer = no vote
+    assert not ev.maj_at_k([_g(None)], 1) and not ev.maj_at_k([_g("1"), _g("2"), _g("ok")], 3)
+
+
+def test_eval_summarize_hand_values():
+    import statistics
+    rec = lambda key, fin="stop", n=10, boxed=True: {"grade": _g(key), "finish_reason": fin, "num_tokens": n,
+                                                     "boxed": boxed}
+    problems = [{"level": "2", "subject": "a"}, {"level": "10", "subject": "a"}, {"level": "2", "subject": None}]
+    samples = [[rec("ok"), rec("1"), rec("ok"), rec("1")],                  # c = 2 of 4
+               [rec("ok"), rec("ok"), rec("ok"), rec("2")],                  # c = 3
+               [rec(None, "length", 30, False)] * 4]                         # c = 0, all truncated
+    s = ev.summarize(problems, samples)
+    assert s["accuracy"] == pytest.approx((0.5 + 0.75 + 0) / 3)
+    per = [0.5, 0.75, 0.0]
+    assert s["stderr"] == pytest.approx(statistics.stdev(per) / math.sqrt(3))
+    assert s["pass@1"] == pytest.approx(s["accuracy"])
+    assert s["pass@2"] == pytest.approx((1 - 1 / 6 + 1 - 0 + 0) / 3)        # C(2,2)/C(4,2) = 1/6; C(1,2) = 0
+    assert s["pass@4"] == pytest.approx(2 / 3) and [k for k in s if k[:5] == "pass@"] == ["pass@1", "pass@2", "pass@4"]
+    assert s["maj@4"] == pytest.approx(2 / 3)                               # problem 1 ties 2-2: "ok" seen first
+    assert s["maj@1"] == pytest.approx(2 / 3) and s["maj@2"] == pytest.approx(2 / 3)
+    assert list(s["by_level"]) == ["2", "10"] and s["by_level"]["2"]["accuracy"] == pytest.approx(0.25)
+    assert s["by_subject"]["a"]["n"] == 2
+    assert s["format_rate"] == pytest.approx(8 / 12) and s["truncation_rate"] == pytest.approx(4 / 12)
+    assert s["mean_response_tokens"] == pytest.approx((8 * 10 + 4 * 30) / 12)
+    assert s["counts"] == {"ok": 8, "no_answer": 4, "parse_error": 0, "timeout": 0, "error": 0}
+
+
+def _eval_tiny_model(folder: Path, bigram: bool) -> Path:
+    """A 2-layer random Llama with the SmolLM2 tokenizer (its vocab size), saved as an HF folder. bigram=True
+    wires it to answer every prompt with "The answer is \\boxed{5}." then <|im_end|>: attention and MLP
+    outputs are zeroed, so the last hidden state is the current token's embedding; chain token j gets the
+    unit embedding e_j and the LM-head row of its successor gets 10 * e_j, so greedy decoding walks the chain."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    tok = pd.load_tokenizer("smollm2")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                      tie_word_embeddings=False, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg).eval()
+    if bigram:
+        prompt_end = tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True)
+        prompt_end = (prompt_end["input_ids"] if hasattr(prompt_end, "keys") else prompt_end)[-1]
+        chain = [prompt_end] + tok("The answer is \\boxed{5}.", add_special_tokens=False).input_ids + [tok.eos_token_id]
+        assert len(set(chain)) == len(chain) <= 64      # a bigram chain needs distinct tokens, one direction each
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+            E, head = model.model.embed_tokens.weight, model.lm_head.weight
+            for j, (a, b) in enumerate(zip(chain, chain[1:])):
+                E[a] = 0.0
+                E[a, j] = 1.0
+                head[b, j] = 10.0
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _eval_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _eval_run(tmp, model, data, name, *extra):
+    """eval.main on a jsonl with q/a/lvl/topic columns; returns (summary, records of samples.jsonl)."""
+    out = tmp / name
+    s = ev.main(["--model", str(model), "--data", str(data), "--question_field", "q", "--answer_field", "a",
+                 "--level_field", "lvl", "--subject_field", "topic", "--limit", "0", "--max_tokens", "16",
+                 "--workers", "1", "--out", str(out), "--results", str(tmp / "results.jsonl"), *extra])
+    return s, [json.loads(l) for l in (out / "samples.jsonl").read_text().splitlines()]
+
+
+def test_eval_cli_writes_the_report_with_known_accuracy(tmp_path):
+    """The bigram model answers \\boxed{5} to everything: against golds 5, 5.0 and 6 the accuracy is exactly
+    2/3 (level 1: 2/2, level 2: 0/1), every answer boxed and finished, 10 new tokens each; both engines."""
+    pytest.importorskip("math_verify")
+    model = _eval_tiny_model(tmp_path / "bigram", bigram=True)
+    data = _eval_jsonl(tmp_path / "d.jsonl", [{"q": "What is 2 + 3?", "a": "5", "lvl": 1, "topic": "add"},
+                                              {"q": "What is 10 / 2?", "a": "5.0", "lvl": 1, "topic": "div"},
+                                              {"q": "How many legs does an insect have?", "a": "6", "lvl": 2,
+                                               "topic": "facts"}])
+    for engine in ("nanovllm", "hf"):
+        s, recs = _eval_run(tmp_path, model, data, engine, "--engine", engine)
+        assert s["accuracy"] == pytest.approx(2 / 3) and s["pass@1"] == pytest.approx(2 / 3)
+        assert {g: a["accuracy"] for g, a in s["by_level"].items()} == {"1": 1.0, "2": 0.0}
+        assert s["format_rate"] == 1.0 and s["truncation_rate"] == 0.0 and s["mean_response_tokens"] == 10
+        assert [r["correct"] for r in recs] == [True, True, False] and recs[0]["pred"] == "5"
+        assert recs[0]["response"] == "The answer is \\boxed{5}." and recs[2]["gold"] == "6"
+        assert recs[0]["prompt"].rstrip().endswith("assistant") and pd.Config().instruction in recs[0]["prompt"]
+        summary = json.loads((tmp_path / engine / "summary.json").read_text())
+        assert summary["accuracy"] == s["accuracy"] and summary["config"]["engine"] == engine
+        if importlib.util.find_spec("matplotlib"):
+            assert (tmp_path / engine / "accuracy.png").stat().st_size > 1000
+        # 4 samples at temperature 1: the logit gap of 80 keeps every sample on the chain
+        s, recs = _eval_run(tmp_path, model, data, engine + "-n4", "--engine", engine, "--n", "4", "--temperature", "1")
+        assert [(r["id"], r["sample"]) for r in recs] == [(f"d/{i}", j) for i in range(3) for j in range(4)]
+        assert s["samples_per_problem"] == 4 and s["pass@4"] == s["maj@4"] == s["accuracy"] == pytest.approx(2 / 3)
+    results = [json.loads(l) for l in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in results] == ["eval"] * 4
+    assert results[2]["config"]["engine"] == "hf" and results[2]["metrics"]["accuracy"] == pytest.approx(2 / 3)
+
+
+def test_eval_nanovllm_and_hf_generate_the_same_tokens(tmp_path):
+    """A random tiny model, greedy in fp32, prompts of different lengths (HF left-pads them): both engines
+    give the same responses, so the same grades."""
+    pytest.importorskip("math_verify")
+    model = _eval_tiny_model(tmp_path / "random", bigram=False)
+    data = _eval_jsonl(tmp_path / "d.jsonl", [{"q": "What is 2 + 3?", "a": "5"},
+                                              {"q": "A train leaves at 3 pm and travels 120 km at 60 km/h. "
+                                                    "When does it arrive?", "a": "5"},
+                                              {"q": "Compute 7 * 8.", "a": "56"}])
+    runs = [_eval_run(tmp_path, model, data, e, "--engine", e, "--dtype", "float32")[1] for e in ("nanovllm", "hf")]
+    keys = ("response", "num_tokens", "finish_reason", "status", "correct")
+    assert [[r[k] for k in keys] for r in runs[0]] == [[r[k] for k in keys] for r in runs[1]]
+    assert all(r["num_tokens"] >= 1 for r in runs[0])
+
+
+def test_eval_runs_on_a_merged_checkpoint(tmp_path):
+    """The pipeline's path: a nanotron checkpoint -> merge.py (tokenizer copied in) -> eval.py on the folder."""
+    pytest.importorskip("math_verify")
+    tok = pd.load_tokenizer("smollm2")
+    model = nt.Transformer(nt.tiny_config(vocab_size=len(tok)), use_kernels=False).init_random(0)
+    ckpt = nt.save_checkpoint(tmp_path / "step_0", model, None, model.mesh, step=0)
+    hf = mg.merge(ckpt, dtype="float32", tokenizer=str(pd.smollm2_tokenizer_dir()))
+    data = _eval_jsonl(tmp_path / "d.jsonl", [{"q": "What is 2 + 3?", "a": "5"}, {"q": "What is 1 + 1?", "a": "2"}])
+    s, recs = _eval_run(tmp_path, hf, data, "out", "--max_tokens", "4")
+    assert s["problems"] == 2 and s["model_name"].endswith("step_0-hf") and len(recs) == 2
+    assert all(1 <= r["num_tokens"] <= 4 and r["status"] == "no_answer" for r in recs)
+
+
+def test_eval_cli_help_and_one_line_errors(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "eval.py"), *a], capture_output=True, text=True,
+                                    timeout=300, cwd=tmp_path)
+    out = run("--help")
+    assert out.returncode == 0 and "--question_field" in out.stdout and "usage" in out.stdout
+    for args, words in [(("--data", "nope/missing.jsonl"), ["--data", "nope/missing.jsonl"]),
+                        (("--n", "4"), ["--n 4", "--temperature"]),
+                        (("--engine", "vllm"), ["--engine", "nanovllm or hf"])]:
+        out = run(*args)
+        assert out.returncode == 2, (args, out.stderr)
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("eval.py: error: ") and "Traceback" not in out.stderr, lines
+        assert all(w in lines[0] for w in words), lines
+    assert not (tmp_path / "results.jsonl").exists()
+
+
+def test_eval_data_adapters_and_field_errors(tmp_path):
+    """GSM8K and MATH-500 files go through prepare_data's adapters (GSM8K's '#### 72' answer, MATH's level
+    and subject); --question_field names any jsonl's columns; a row without them is named in the error; bad
+    flag values are refused before anything runs."""
+    import re
+    cfg = ev.Config(limit=0)
+    for name, check in [("gsm8k", lambda p: p["answer"].isdigit() and p["level"] is None),
+                        ("math500", lambda p: p["answer"] and p["level"] in "12345" and p["subject"])]:
+        path = SHARED_DATA / name / "test.jsonl"
+        if not path.is_file():
+            pytest.skip(f"{path} is absent")
+        problems, data_name = ev.load_problems(dataclasses.replace(cfg, data=str(path)))
+        assert len(problems) == {"gsm8k": 1319, "math500": 500}[name] and data_name == f"{name}-test"
+        assert all(check(p) for p in problems[:50])
+    bad = _eval_jsonl(tmp_path / "bad.jsonl", [{"q": "1+1?", "a": "2"}, {"q": "2+2?", "answer": "4"}])
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 2: --answer_field 'a' missing or empty; the row has "
+                                         r"values in \['answer', 'q'\]"):
+        ev.load_problems(dataclasses.replace(cfg, data=str(bad), question_field="q", answer_field="a"))
+    with pytest.raises(ValueError, match=r"bad.jsonl: row 1 \(gsm8k adapter\)"):
+        ev.load_problems(dataclasses.replace(cfg, data=str(bad), source="gsm8k"))
+    for bad_cfg, words in [(dict(template_kwargs="{nope"), "--template_kwargs '{nope' is not JSON"),
+                           (dict(question_field="q"), "--question_field and --answer_field go together"),
+                           (dict(source="synthetic"), "--source 'synthetic'"), (dict(dtype="fp8"), "--dtype 'fp8'")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ev.resolve(dataclasses.replace(cfg, **bad_cfg))
+    syn, name = ev.load_problems(dataclasses.replace(cfg, data="synthetic"))
+    assert name == "synthetic" and len(syn) == pd.Config().synthetic_test
+    assert syn == pd.synthetic_math(0, pd.Config().synthetic_test, pd.Config().seed)["test"]
+
+
+@requires_cuda
+def test_gpu_eval_gsm8k_smollm2_both_engines(tmp_path):
+    """SmolLM2-135M-Instruct on all 1319 GSM8K test problems, greedy, 512 new tokens, through nanovllm (the
+    target is <= 60 s including load) and through transformers' generate; one RESULT line per engine. The
+    engines' bf16 kernels differ, so greedy paths may part on near-ties: grades must agree on >= 95%."""
+    pytest.importorskip("math_verify")
+    path = SHARED_DATA / "gsm8k" / "test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    pd.default_model_path()  # the one-time GGUF conversion is not part of the timed runs
+    runs = {}
+    for engine in ("nanovllm", "hf"):
+        s = ev.main(["--data", str(path), "--max_tokens", "512", "--engine", engine, "--hf_batch_size", "256",
+                     "--out", str(tmp_path / engine), "--results", str(tmp_path / "results.jsonl")])
+        recs = [json.loads(l) for l in (tmp_path / engine / "samples.jsonl").read_text().splitlines()]
+        runs[engine] = (s, [r["correct"] for r in recs])
+        print("RESULT " + json.dumps({k: s[k] for k in ("engine", "problems", "accuracy", "format_rate",
+                                                        "truncation_rate", "generate_s", "grade_s", "total_s",
+                                                        "output_tokens_per_s")}))
+    (a, ga), (b, gb) = runs["nanovllm"], runs["hf"]
+    assert a["problems"] == b["problems"] == 1319 and a["counts"]["timeout"] == 0
+    assert sum(x == y for x, y in zip(ga, gb)) / 1319 >= 0.95 and abs(a["accuracy"] - b["accuracy"]) <= 0.02

@@ -1,0 +1,1738 @@
+"""nanovllm: a paged-attention inference engine, the rollout worker of ppo.py and the generator of eval.py.
+
+Stands in for vLLM (and nano-vllm). Keeps vLLM's offline API (`LLM`, `SamplingParams`, `generate`,
+`chat`, RequestOutput / CompletionOutput), a paged KV cache with a reference-counting block manager and
+prefix caching, a continuous-batching scheduler (prefill and decode in one step, chunked prefill, FCFS,
+preemption by recompute), CUDA graphs for decode, sampling on the GPU (temperature, top-k, top-p, min-p,
+per-request seeds, log-probs), tensor parallelism, and what RL needs: `update_weights` from live tensors,
+`sleep` / `wake_up`. Drops: the OpenAI server, beam search, LoRA, quantization, speculative decoding,
+multi-modal inputs, pipeline parallelism, attention backends other than paged attention.
+
+How it works. `LLM.generate` turns prompts into Requests; each step the Scheduler picks, under a token
+budget, one token for every running sequence (decode) and chunks of prompts for new ones (prefill), and
+the BlockManager gives each sequence the KV-cache blocks (pages of `block_size` tokens) it needs, reusing
+blocks whose chained hash says they already hold the same prefix. The ModelRunner packs the step into
+flat tensors (input_ids[N], positions[N], slot_mapping[N], block_table[B, blocks], context_lens[B]), runs
+the model (its own Qwen3 / Qwen2 / Llama implementation: each layer writes its new K/V into the cache,
+then attends over the pages), computes fp32 logits for the last token of each sequence and samples on
+the GPU. A pure-decode step replays a CUDA graph captured for its (padded) batch size.
+
+Commands:
+    python nanovllm.py                                   # self-test on CPU: tiny random models, seconds
+    python nanovllm.py --model PATH --prompt "2+2="      # one generation (PATH: an HF folder)
+    python nanovllm.py --bench                           # GPU: the nano-vllm workload vs HF, one table
+    pytest -q test_all.py -k nanovllm
+
+First read (~600 lines): SamplingParams and the outputs -> the model (ModelConfig, the layers, Model)
+-> Sequence, BlockManager, Scheduler -> the sampler -> ModelRunner.execute -> LLM.generate -> selftest.
+Independent chapters after that: CUDA graphs, tensor parallelism (worker processes), RL hooks
+(update_weights, sleep / wake_up), benchmark.
+
+Numerics (ppo.py compares these log-probs with the trainer's): weights and activations in the model
+dtype (bf16 on GPU, fp32 on CPU); the LM head accumulates in fp32 and its logits are fp32 (never rounded
+to bf16); temperature divides those logits; top-k / top-p / min-p then mask tokens of the tempered
+distribution. `logprobs_mode="processed_logprobs"` (the default) returns log-softmax of the logits after
+temperature and masking: the exact distribution the token was drawn from (with top-k/top-p off it is
+log_softmax(logits / T), what a trainer computes at the same temperature); "raw_logprobs" returns
+log_softmax(logits) (T = 1, no masking). Greedy rows (temperature 0) report the raw view.
+
+Legend: N packed tokens of a step, B sequences of a step, H query heads, Hkv kv heads, D head dim,
+Hd hidden size, V vocab, P block size (tokens per KV page), L layers, tp tensor-parallel ranks.
+
+Contents: config and outputs . model config . torch fallbacks . model . sequences . block manager .
+          scheduler . sampler . model runner (+ CUDA graphs) . tensor parallelism . LLM . CLI .
+          benchmark . self-test
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- config and outputs ----------------------------------------------------------------------------
+
+
+@dataclass
+class SamplingParams:
+    """How to sample one request, as vLLM's SamplingParams (same names, same defaults)."""
+    n: int = 1                          # independent samples of the prompt (they share its KV blocks)
+    temperature: float = 1.0            # 0 = greedy (exact argmax)
+    top_p: float = 1.0                  # keep the smallest set of tokens whose probability sums to >= top_p
+    top_k: int = -1                     # keep the k most likely tokens; -1 (or 0) = all
+    min_p: float = 0.0                  # drop tokens with p < min_p * p(most likely token)
+    max_tokens: int | None = 16         # new tokens at most (None = up to max_model_len)
+    stop: str | list[str] | None = None  # stop when the text contains one of these (not included in text)
+    stop_token_ids: list[int] | None = None  # stop on these tokens (the token is kept in token_ids)
+    ignore_eos: bool = False            # keep going past the EOS token (benchmarks)
+    seed: int | None = None             # per-request seed: the same seed gives the same sample, in any batch
+    logprobs: int | None = None         # None: no log-probs; 0: the sampled token's; k: also the top k
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True    # in the detokenized text
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == 0:
+            self.top_k = -1
+        checks = [(self.n >= 1, "n must be >= 1"), (self.temperature >= 0, "temperature must be >= 0"),
+                  (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (self.top_k >= -1, "top_k must be -1 or >= 1"),
+                  (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+                  (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1 or None"),
+                  (self.logprobs is None or self.logprobs >= 0, "logprobs must be None or >= 0"),
+                  (all(s for s in self.stop), "stop strings must be non-empty")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"SamplingParams: {msg}; got {self}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Logprob:
+    """vLLM's per-token log-prob record: the value, its rank in the distribution (1 = most likely)."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """One sample of a request. token_logprobs[i] is log p(token_ids[i]) (fp32, the view chosen by
+    LLM(logprobs_mode=...)); logprobs is vLLM's form: per token {token_id: Logprob}, incl. the top k."""
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict] | None
+    finish_reason: str | None          # "stop" (EOS, stop token or string) | "length" | "abort"
+    stop_reason: int | str | None = None   # the stop token id or stop string that ended it (None for EOS)
+    token_logprobs: list[float] | None = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class RequestOutput:
+    """One request: its prompt and its n samples (vLLM's RequestOutput)."""
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    num_cached_tokens: int = 0         # prompt tokens served by the prefix cache
+
+
+# ---- model config ----------------------------------------------------------------------------------
+# The same field names as nanotron.ModelConfig (one vocabulary), parsed from an HF config.json. The
+# engine refuses what it does not implement rather than computing a different model.
+
+_ARCHS = ("qwen3", "qwen2", "llama")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    model_type: str
+    eos_token_id: list[int]
+    torch_dtype: str = "bfloat16"
+
+    @property
+    def qk_norm(self) -> bool:        # Qwen3: RMSNorm over each head's q and k before RoPE
+        return self.model_type == "qwen3"
+
+    @property
+    def qkv_bias(self) -> bool:       # Qwen2: bias on the q, k, v projections
+        return self.model_type == "qwen2"
+
+    @classmethod
+    def from_hf(cls, d: dict, where: str = "config.json") -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in _ARCHS:
+            raise ValueError(f"{where}: model_type {mt!r} is not supported; nanovllm runs {list(_ARCHS)}")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if rope.get("rope_type", rope.get("type", "default")) not in (None, "default"):
+            raise ValueError(f"{where}: rope scaling {rope!r} is not implemented (plain RoPE only)")
+        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
+            if d.get(flag):
+                raise ValueError(f"{where}: {flag}=true is not supported by nanovllm")
+        if d.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (SwiGLU/silu only)")
+        H = d["num_attention_heads"]
+        eos = d.get("eos_token_id")
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+                   intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=H,
+                   num_kv_heads=d.get("num_key_value_heads") or H, head_dim=d.get("head_dim") or d["hidden_size"] // H,
+                   rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
+                   rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                   max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+                   tie_word_embeddings=bool(d.get("tie_word_embeddings", False)), model_type=mt,
+                   eos_token_id=[] if eos is None else [eos] if isinstance(eos, int) else list(eos),
+                   torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "bfloat16"))
+
+
+# ---- torch fallbacks ---------------------------------------------------------------------------------
+# kernels.py (Triton) runs the hot ops when it is importable: RMSNorm (+ residual), RoPE with Qwen3's
+# q/k norm, SwiGLU, the KV-cache store and paged attention, each with a torch twin of its own. These few
+# lines are what runs when nanovllm.py is copied without kernels.py: the same math, written plainly.
+
+def _kernels():
+    """kernels.py if importable (it falls back to its own torch twins on CPU tensors), else None."""
+    try:
+        import kernels
+        return kernels
+    except ImportError:
+        return None
+
+
+_MM_OUT_DTYPE: list = []
+
+
+def _mm_out_dtype_ok() -> bool:
+    """Does this torch have torch.mm(a, b, out_dtype=float32) for bf16 on CUDA (tried once)?"""
+    if not _MM_OUT_DTYPE:
+        try:
+            a = torch.ones(2, 2, device="cuda", dtype=torch.bfloat16)
+            _MM_OUT_DTYPE.append(torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32)
+        except (RuntimeError, TypeError):
+            _MM_OUT_DTYPE.append(False)
+    return _MM_OUT_DTYPE[0]
+
+
+def rms_norm_ref(x, w, eps, residual=None):
+    """RMSNorm in fp32, rounded once (HF's formula); with a residual: (norm(x + residual), x + residual)."""
+    h = x if residual is None else x + residual
+    hf = h.float()
+    y = (w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def rope_table(max_pos: int, D: int, theta: float, device=None) -> torch.Tensor:
+    """[max_pos, D] fp32: cos in the first D/2 columns, sin in the last D/2 (HF's inv_freq formula)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))  # [D/2]
+    f = torch.arange(max_pos, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    return torch.cat([f.cos(), f.sin()], dim=-1)
+
+
+def rope_ref(x, positions, table):
+    """Rotate pairs (i, i + D/2) of x [N, heads, D] by angle position * inv_freq_i (rotate_half layout)."""
+    D = x.shape[-1]
+    c, s = table[positions, : D // 2][:, None, :], table[positions, D // 2:][:, None, :]   # [N, 1, D/2]
+    x1, x2 = x.float().chunk(2, dim=-1)
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
+def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
+    """k/v [N, Hkv, D] -> flat cache slots (block * P + offset); slot -1 is a padding token: skipped."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep])
+    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slots, v[keep])
+
+
+def paged_attention_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, scale):
+    """Causal attention of each sequence's new queries over its cached tokens (the new ones included: they
+    are the LAST q_len of context_len), gathered page by page through the block table. q [N, H, D]."""
+    P, out = k_cache.shape[1], []
+    G = q.shape[1] // k_cache.shape[2]
+    for b, (s, e, n) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), context_lens.tolist())):
+        pages = block_table[b, : -(-n // P)].long()
+        k = k_cache[pages].flatten(0, 1)[:n].repeat_interleave(G, dim=1)     # [n, H, D]
+        v = v_cache[pages].flatten(0, 1)[:n].repeat_interleave(G, dim=1)
+        sc = torch.einsum("qhd,khd->hqk", q[s:e].float(), k.float()) * scale  # [H, q_len, n]
+        i = torch.arange(e - s, device=q.device)[:, None] + (n - (e - s))      # query i sits at position n-q_len+i
+        sc = sc.masked_fill(torch.arange(n, device=q.device)[None, :] > i, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", sc.softmax(-1), v.float()).to(q.dtype))
+    return torch.cat(out)
+
+
+# ---- model ---------------------------------------------------------------------------------------------
+# The inference twin of nanotron's Transformer (real systems define the model twice, too: Megatron for
+# training, vLLM for serving). Same HF tensor names; weights are sharded over tp ranks Megatron-style:
+# q/k/v and gate/up are column-parallel (each rank owns heads / intermediate rows), o_proj and down are
+# row-parallel (each rank owns input columns, the outputs are summed by an all-reduce), the embedding
+# and LM head are vocab-parallel (each rank owns V/tp rows). With tp = 1 every collective is a no-op.
+
+class TPGroup:
+    """The tensor-parallel ranks of one engine: rank, size, and the collectives the model needs."""
+
+    def __init__(self, rank: int = 0, size: int = 1, group=None):
+        self.rank, self.size, self.group = rank, size, group
+
+    def all_reduce(self, x):
+        if self.size > 1:
+            torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def gather_last_dim(self, x):
+        """[.., V/tp] on every rank -> [.., V] (rank-major concat)."""
+        if self.size == 1:
+            return x
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+class Linear(nn.Module):
+    """y = x W^T (+ b). W is this rank's shard: [out/tp, in] (column-parallel) or [out, in/tp] (row-parallel,
+    then the partial outputs are summed over tp)."""
+
+    def __init__(self, n_in, n_out, tp: TPGroup, parallel: str, bias=False, dtype=None, device=None):
+        super().__init__()
+        self.tp, self.parallel = tp, parallel
+        shape = (n_out // tp.size, n_in) if parallel == "column" else (n_out, n_in // tp.size)
+        self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (nn.Parameter(torch.zeros(shape[0], dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        return self.tp.all_reduce(y) if self.parallel == "row" else y
+
+
+class Embedding(nn.Module):
+    """Vocab-parallel embedding: rank r owns rows [r * V_r, (r+1) * V_r) (V padded to a multiple of tp);
+    tokens outside give zeros here and the all-reduce fills them in from their owner."""
+
+    def __init__(self, V, Hd, tp: TPGroup, dtype=None, device=None):
+        super().__init__()
+        self.tp, self.V_r = tp, -(-V // tp.size)
+        self.start = tp.rank * self.V_r
+        self.weight = nn.Parameter(torch.zeros(self.V_r, Hd, dtype=dtype, device=device), requires_grad=False)
+
+    def forward(self, ids):
+        if self.tp.size == 1:
+            return F.embedding(ids, self.weight)
+        local = ids - self.start
+        mine = (local >= 0) & (local < self.V_r)
+        x = F.embedding(local.clamp(0, self.V_r - 1), self.weight) * mine[:, None]
+        return self.tp.all_reduce(x)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps, kern, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
+        self.eps, self.kern = eps, kern
+
+    def forward(self, x, residual=None):
+        if self.kern is not None:
+            return self.kern.rms_norm(x, self.weight, self.eps, residual=residual)
+        return rms_norm_ref(x, self.weight, self.eps, residual)
+
+
+@dataclass
+class AttnMeta:
+    """Where this step's tokens live in the paged cache, for every layer (built once per step).
+    decode: every sequence has exactly one new token (q is [B, H, D]; the CUDA-graph path).
+    slot_mapping [N]: flat cache slot (block * P + offset) of each new token, -1 for padding.
+    block_table [B, max_blocks] int32, context_lens [B] int32 (cached tokens incl. the new ones),
+    cu_seqlens_q [B+1] int32 and max_seqlen_q: the packed new tokens of each sequence (prefill path)."""
+    decode: bool
+    slot_mapping: torch.Tensor
+    block_table: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    max_seqlen_q: int = 1
+
+
+class Attention(nn.Module):
+    """GQA attention over the paged KV cache. Each rank owns H/tp query heads and Hkv/tp kv heads."""
+
+    def __init__(self, c: ModelConfig, tp: TPGroup, kern, dtype=None, device=None):
+        super().__init__()
+        if c.num_kv_heads % tp.size:
+            raise ValueError(f"tensor_parallel_size={tp.size} must divide num_kv_heads={c.num_kv_heads}")
+        self.h, self.hkv, self.D = c.num_heads // tp.size, c.num_kv_heads // tp.size, c.head_dim
+        self.scale, self.eps, self.kern = c.head_dim ** -0.5, c.rms_norm_eps, kern
+        D = c.head_dim
+        self.qkv = Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * D, tp, "column", c.qkv_bias,
+                          dtype, device)
+        self.o_proj = Linear(c.num_heads * D, c.hidden_size, tp, "row", dtype=dtype, device=device)
+        self.q_norm = RMSNorm(D, c.rms_norm_eps, kern, dtype, device) if c.qk_norm else None
+        self.k_norm = RMSNorm(D, c.rms_norm_eps, kern, dtype, device) if c.qk_norm else None
+        self.k_cache = self.v_cache = None          # [num_blocks, P, Hkv/tp, D] each, set by the runner
+
+    def forward(self, x, positions, meta: AttnMeta, rope):
+        N, D = x.shape[0], self.D
+        q, k, v = self.qkv(x).split([self.h * D, self.hkv * D, self.hkv * D], dim=-1)
+        q, k, v = q.view(N, self.h, D), k.view(N, self.hkv, D), v.view(N, self.hkv, D)
+        qw = self.q_norm.weight if self.q_norm is not None else None
+        kw = self.k_norm.weight if self.k_norm is not None else None
+        kern = self.kern
+        if kern is not None:
+            q, k = kern.rope_qk_norm(q, k, positions, rope, qw, kw, self.eps)
+            kern.store_kvcache(k, v.contiguous(), self.k_cache, self.v_cache, meta.slot_mapping)
+            if meta.decode:                  # [B, H, D]: one query per sequence, split-K over the context
+                o = kern.paged_attention_decode(q, self.k_cache, self.v_cache, meta.block_table,
+                                                meta.context_lens, self.scale)
+            else:                            # packed new tokens, causal over cached prefix + themselves
+                o = kern.paged_attention_prefill(q, self.k_cache, self.v_cache, meta.block_table,
+                                                 meta.cu_seqlens_q, meta.context_lens, self.scale,
+                                                 max_seqlen_q=meta.max_seqlen_q)
+        else:
+            if qw is not None:
+                q, k = rms_norm_ref(q, qw, self.eps), rms_norm_ref(k, kw, self.eps)
+            q, k = rope_ref(q, positions, rope), rope_ref(k, positions, rope)
+            store_kv_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            cu = meta.cu_seqlens_q
+            if meta.decode:                  # one new token per sequence: cu_seqlens_q = 0, 1, .., B
+                cu = torch.arange(N + 1, dtype=torch.int32, device=x.device)
+            o = paged_attention_ref(q, self.k_cache, self.v_cache, meta.block_table, cu, meta.context_lens,
+                                    self.scale)
+        return self.o_proj(o.reshape(N, self.h * D))
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(x W_gate) * x W_up); gate and up fused in one column-parallel matmul."""
+
+    def __init__(self, c: ModelConfig, tp: TPGroup, kern, dtype=None, device=None):
+        super().__init__()
+        self.gate_up = Linear(c.hidden_size, 2 * c.intermediate_size, tp, "column", dtype=dtype, device=device)
+        self.down = Linear(c.intermediate_size, c.hidden_size, tp, "row", dtype=dtype, device=device)
+        self.kern = kern
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)                   # [N, I/tp] each
+        y = self.kern.swiglu(gate, up) if self.kern is not None else (F.silu(gate.float()) * up.float()).to(x.dtype)
+        return self.down(y)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block with the residual add deferred into the next norm (one fused pass per norm)."""
+
+    def __init__(self, c, tp, kern, dtype=None, device=None):
+        super().__init__()
+        self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, kern, dtype, device)
+        self.attn = Attention(c, tp, kern, dtype, device)
+        self.post_attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, kern, dtype, device)
+        self.mlp = MLP(c, tp, kern, dtype, device)
+
+    def forward(self, x, residual, positions, meta, rope):
+        y, residual = (self.input_norm(x), x) if residual is None else self.input_norm(x, residual)
+        y, residual = self.post_attn_norm(self.attn(y, positions, meta, rope), residual)
+        return self.mlp(y), residual
+
+
+class Model(nn.Module):
+    """The decoder: forward(input_ids[N], positions[N], meta) -> final-norm hidden [N, Hd];
+    logits(hidden[B, Hd]) -> fp32 [B, V] (gathered over tp)."""
+
+    def __init__(self, c: ModelConfig, tp: TPGroup, use_kernels=True, dtype=torch.float32, device=None):
+        super().__init__()
+        kern = _kernels() if use_kernels else None
+        self.cfg, self.tp, self.kern = c, tp, kern
+        self.embed = Embedding(c.vocab_size, c.hidden_size, tp, dtype, device)
+        self.layers = nn.ModuleList(DecoderLayer(c, tp, kern, dtype, device) for _ in range(c.num_layers))
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, kern, dtype, device)
+        self.lm_head = None if c.tie_word_embeddings else Embedding(c.vocab_size, c.hidden_size, tp, dtype, device)
+        self.register_buffer("rope", rope_table(c.max_position_embeddings, c.head_dim, c.rope_theta, device),
+                             persistent=False)
+
+    def forward(self, input_ids, positions, meta: AttnMeta):
+        x, res = self.embed(input_ids), None                         # [N, Hd]
+        for layer in self.layers:
+            x, res = layer(x, res, positions, meta, self.rope)
+        return self.norm(x, res)[0]
+
+    def logits(self, hidden):
+        """fp32 logits [B, V]: the matmul accumulates in fp32 and is NOT rounded to bf16 on the way out
+        (a bf16 logit of 20 is off by up to 0.06: far too coarse for RL's log-prob ratios)."""
+        W = (self.lm_head if self.lm_head is not None else self.embed).weight    # [V_r, Hd]
+        if hidden.is_cuda and hidden.dtype != torch.float32 and _mm_out_dtype_ok():
+            z = torch.mm(hidden, W.t(), out_dtype=torch.float32)      # bf16 in, fp32 accumulate and out
+        else:                                                          # (upcasting W costs 2x its bytes)
+            z = hidden.float() @ W.float().t()
+        return self.tp.gather_last_dim(z)[:, : self.cfg.vocab_size]   # drop the vocab padding rows
+
+    # -- weights: HF names -> (parameter, how it is sharded) --
+
+    def weight_slots(self) -> dict:
+        """{hf_name: (param, kind, row_offset, rows)}. kind: 'col' rows [offset, offset + rows) of a fused
+        column-parallel weight get this rank's 1/tp of the HF tensor's rows; 'row' this rank's 1/tp of the
+        columns; 'vocab' this rank's vocab rows (zero padding); 'rep' the whole tensor."""
+        c, tp = self.cfg, self.tp.size
+        D, I = c.head_dim, c.intermediate_size
+        s = {"model.embed_tokens.weight": (self.embed.weight, "vocab", 0, 0),
+             "model.norm.weight": (self.norm.weight, "rep", 0, 0)}
+        if self.lm_head is not None:
+            s["lm_head.weight"] = (self.lm_head.weight, "vocab", 0, 0)
+        for i, L in enumerate(self.layers):
+            p, a = f"model.layers.{i}.", L.attn
+            off = 0
+            for name, rows in (("q", c.num_heads * D), ("k", c.num_kv_heads * D), ("v", c.num_kv_heads * D)):
+                s[f"{p}self_attn.{name}_proj.weight"] = (a.qkv.weight, "col", off, rows // tp)
+                if c.qkv_bias:
+                    s[f"{p}self_attn.{name}_proj.bias"] = (a.qkv.bias, "col", off, rows // tp)
+                off += rows // tp
+            s[f"{p}self_attn.o_proj.weight"] = (a.o_proj.weight, "row", 0, 0)
+            if c.qk_norm:
+                s[f"{p}self_attn.q_norm.weight"] = (a.q_norm.weight, "rep", 0, 0)
+                s[f"{p}self_attn.k_norm.weight"] = (a.k_norm.weight, "rep", 0, 0)
+            s[f"{p}mlp.gate_proj.weight"] = (L.mlp.gate_up.weight, "col", 0, I // tp)
+            s[f"{p}mlp.up_proj.weight"] = (L.mlp.gate_up.weight, "col", I // tp, I // tp)
+            s[f"{p}mlp.down_proj.weight"] = (L.mlp.down.weight, "row", 0, 0)
+            s[f"{p}input_layernorm.weight"] = (L.input_norm.weight, "rep", 0, 0)
+            s[f"{p}post_attention_layernorm.weight"] = (L.post_attn_norm.weight, "rep", 0, 0)
+        return s
+
+    @torch.no_grad()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "the weights",
+                     require_all: bool = True) -> int:
+        """Copy (hf_name, full tensor) pairs into this rank's shards, in place (so CUDA graphs, which baked
+        in the parameters' addresses, stay valid). Returns the number of tensors loaded."""
+        slots, r, tp, seen = self.weight_slots(), self.tp.rank, self.tp.size, set()
+        for name, full in tensors:
+            if name not in slots:
+                if name == "lm_head.weight" and self.cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
+                    continue                                            # tied checkpoints may store it
+                raise KeyError(f"{where}: unexpected tensor {name!r}: a {self.cfg.model_type} model with this "
+                               "config.json has no such weight")
+            param, kind, off, rows = slots[name]
+            if kind == "col":
+                part = full.narrow(0, r * rows, rows)
+                dst = param.narrow(0, off, rows)
+            elif kind == "row":
+                n = full.shape[-1] // tp
+                part, dst = full.narrow(-1, r * n, n), param
+            elif kind == "vocab":
+                V_r = param.shape[0]
+                part = full[r * V_r: (r + 1) * V_r]
+                dst = param[: part.shape[0]]
+            else:
+                part, dst = full, param
+            if part.shape != dst.shape:
+                raise ValueError(f"{where}: tensor {name!r} has shape {tuple(full.shape)}, which does not fit "
+                                 f"this config (shard {tuple(dst.shape)} at tp={tp})")
+            dst.copy_(part)
+            seen.add(name)
+        missing = sorted(set(slots) - seen)
+        if require_all and missing:
+            raise KeyError(f"{where}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
+        return len(seen)
+
+
+# ---- sequences -----------------------------------------------------------------------------------------
+# A Request holds a prompt and its SamplingParams; each of its n samples is a Sequence (prompt + output
+# tokens and the KV blocks that hold them). A request with n > 1 starts as ONE sequence: its prompt is
+# prefilled once, then it forks into n sequences that share the prompt's full blocks (reference counts,
+# no copy) and each get a copy of the last, partly filled block, which they will write into.
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+class Request:
+    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
+                 arrival: int, seed: int):
+        self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
+        self.arrival, self.seed = arrival, seed
+        self.seqs: list[Sequence] = []                # all n samples once forked (sample order)
+        self.num_cached_tokens = 0
+
+
+class Sequence:
+    def __init__(self, seq_id: int, request: Request, sample: int, token_ids: list[int]):
+        self.seq_id, self.request, self.sample = seq_id, request, sample
+        self.token_ids = token_ids                     # prompt + output
+        self.num_prompt = len(request.prompt_ids)
+        self.num_computed = 0                          # leading tokens whose K/V are in the cache
+        self.block_table: list[int] = []               # KV blocks, in token order
+        self.block_hashes: list[int] = []              # chained hashes of the full blocks computed so far
+        self.status = WAITING
+        self.pending_forks = 0                         # samples still to fork off after the prompt prefill
+        self.fork_blocks: list[int] = []               # blocks reserved for those forks' last-block copies
+        self.logprobs: list[float] = []
+        self.top_logprobs: list[dict] = []
+        self.finish_reason = self.stop_reason = None
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_output(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def seats(self) -> int:
+        """Scheduler slots this sequence will occupy (itself + the samples it will fork into)."""
+        return 1 + self.pending_forks
+
+    def __repr__(self):
+        return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, sample={self.sample}, "
+                f"tokens={self.num_tokens}, computed={self.num_computed}, blocks={self.block_table}, {self.status})")
+
+
+# ---- block manager ---------------------------------------------------------------------------------------
+# The KV cache is num_blocks pages of P token slots per layer. A block is free (ref 0) or held by ref > 0
+# sequences. Prefix caching (Kwon et al. 2023, vLLM's automatic prefix caching): a FULL block whose K/V
+# are computed gets a chained hash h_i = hash(h_{i-1}, its P tokens), which names the whole prefix up to
+# it; a new sequence whose first blocks hash the same reuses them instead of recomputing. A freed block
+# keeps its hash and contents until it is handed out again, so `free` is an LRU queue of blocks that may
+# still be hit (least recently freed first out).
+#
+#   state              ref  in free  in cached   how it leaves the state
+#   free, empty          0   yes       no        take() -> held
+#   free, cached         0   yes       yes       take() (evicts the hash) -> held; a prefix hit -> held
+#   held                >0   no        maybe     last release -> free (keeps its hash, if any)
+
+class Block:
+    __slots__ = ("id", "ref", "hash", "key")
+
+    def __init__(self, i: int):
+        self.id, self.ref, self.hash, self.key = i, 0, None, None
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV cache has {num_blocks} blocks: raise gpu_memory_utilization or "
+                             "num_gpu_blocks_override, or lower max_num_batched_tokens")
+        self.P, self.prefix_caching = block_size, prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self.cached: dict[int, int] = {}               # prefix hash -> block id
+
+    def num_free(self) -> int:
+        return len(self.free)
+
+    def take(self) -> int:
+        """A block for new tokens: the least recently freed one; its old prefix hash is forgotten."""
+        bid, _ = self.free.popitem(last=False)
+        b = self.blocks[bid]
+        if b.hash is not None and self.cached.get(b.hash) == bid:
+            del self.cached[b.hash]
+        b.ref, b.hash, b.key = 1, None, None
+        return bid
+
+    def acquire(self, bid: int):
+        """One more holder of a block (a prefix hit, or a forked sample sharing its parent's block)."""
+        b = self.blocks[bid]
+        if b.ref == 0:
+            del self.free[bid]
+        b.ref += 1
+
+    def release(self, bid: int):
+        b = self.blocks[bid]
+        b.ref -= 1
+        if b.ref == 0:
+            self.free[bid] = None                      # most recently freed: evicted last
+
+    def free_seq(self, seq: Sequence):
+        for bid in reversed(seq.block_table):          # tail first: the prefix stays cached longest
+            self.release(bid)
+        for bid in seq.fork_blocks:
+            self.release(bid)
+        seq.block_table, seq.fork_blocks, seq.block_hashes = [], [], []
+
+    def blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        return max(0, -(-(seq.num_computed + num_new) // self.P) - len(seq.block_table))
+
+    def grow(self, seq: Sequence, num_new: int):
+        for _ in range(self.blocks_needed(seq, num_new)):
+            seq.block_table.append(self.take())
+
+    @staticmethod
+    def _key(prev: int | None, tokens) -> tuple:
+        return (prev, tuple(tokens))
+
+    def match_prefix(self, seq: Sequence) -> int:
+        """Reuse cached blocks for the longest cached prefix of a sequence with nothing computed yet.
+        At least one token is left to compute (its logits give the next token). Returns tokens reused."""
+        if not self.prefix_caching or seq.num_computed or seq.block_table:
+            return 0
+        P, prev, hits = self.P, None, []
+        for i in range((seq.num_tokens - 1) // P):
+            key = self._key(prev, seq.token_ids[i * P:(i + 1) * P])
+            h = hash(key)
+            bid = self.cached.get(h)
+            if bid is None or self.blocks[bid].key != key:     # the key check makes a hash collision harmless
+                break
+            hits.append((bid, h))
+            prev = h
+        for bid, h in hits:
+            self.acquire(bid)
+            seq.block_table.append(bid)
+            seq.block_hashes.append(h)
+        seq.num_computed = len(hits) * P
+        return seq.num_computed
+
+    def commit(self, seq: Sequence):
+        """After a step computed K/V: hash the blocks that are now full, so later prompts can hit them."""
+        if not self.prefix_caching:
+            return
+        P = self.P
+        for i in range(len(seq.block_hashes), seq.num_computed // P):
+            prev = seq.block_hashes[-1] if seq.block_hashes else None
+            key = self._key(prev, seq.token_ids[i * P:(i + 1) * P])
+            h = hash(key)
+            seq.block_hashes.append(h)
+            b = self.blocks[seq.block_table[i]]
+            if b.hash is None and h not in self.cached:   # the first block with this content is the cached one
+                b.hash, b.key = h, key
+                self.cached[h] = b.id
+
+    def reset_prefix_cache(self):
+        """Forget every hash (the weights changed, or the cache memory was released)."""
+        for b in self.blocks:
+            b.hash = b.key = None
+        self.cached.clear()
+
+    def check(self, seqs: Iterable[Sequence]):
+        """Invariants (the tests call this after every step): each block's ref equals the number of live
+        holders, free holds exactly the ref-0 blocks, and every cached hash points at a block carrying it."""
+        holders = [0] * len(self.blocks)
+        for s in seqs:
+            for bid in s.block_table + s.fork_blocks:
+                holders[bid] += 1
+            if len(set(s.block_table)) != len(s.block_table):
+                raise AssertionError(f"{s} holds a block twice")
+        for b in self.blocks:
+            if b.ref != holders[b.id]:
+                raise AssertionError(f"block {b.id}: ref {b.ref} but {holders[b.id]} holders")
+            if (b.ref == 0) != (b.id in self.free):
+                raise AssertionError(f"block {b.id}: ref {b.ref} but {'in' if b.id in self.free else 'not in'} free")
+        for h, bid in self.cached.items():
+            if self.blocks[bid].hash != h:
+                raise AssertionError(f"cached hash {h} points at block {bid} with hash {self.blocks[bid].hash}")
+
+
+# ---- scheduler -------------------------------------------------------------------------------------------
+# One step = a token budget (max_num_batched_tokens) shared by every sequence that runs in it. Running
+# sequences go first, in arrival order (FCFS): a decoding one takes 1 token, one still in its prompt takes
+# the next chunk (chunked prefill: a long prompt never stalls the decodes of everyone else). Then waiting
+# sequences are admitted, oldest first, while budget, seats (max_num_seqs) and free blocks last. When a
+# running sequence needs a block and none is free, the NEWEST running sequence is preempted: its blocks are
+# freed and it goes back to the front of the queue with all its tokens, to be recomputed later (vLLM's
+# preemption by recompute; the prefix cache often makes that cheap). No new sequence is admitted in a step
+# that preempted, so a preempted sequence is never overtaken by a newer one.
+
+class Scheduler:
+    def __init__(self, bm: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.bm, self.max_num_seqs, self.budget = bm, max_num_seqs, max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence):
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _need(self, seq: Sequence, n: int) -> int:
+        """Blocks to allocate for n more tokens (+ one per fork if this chunk completes a forking prompt)."""
+        done = seq.num_computed + n == seq.num_tokens
+        forks = seq.pending_forks if done and seq.num_prompt % self.bm.P else 0
+        return self.bm.blocks_needed(seq, n) + forks - len(seq.fork_blocks)
+
+    def _allocate(self, seq: Sequence, n: int):
+        self.bm.grow(seq, n)
+        if seq.num_computed + n == seq.num_tokens and seq.num_prompt % self.bm.P:
+            while len(seq.fork_blocks) < seq.pending_forks:
+                seq.fork_blocks.append(self.bm.take())
+
+    def preempt(self, seq: Sequence):
+        self.bm.free_seq(seq)
+        seq.num_computed, seq.status = 0, WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def schedule(self) -> list[tuple[Sequence, int]]:
+        """[(sequence, new tokens this step)], running ones first. Mutates block tables and queues."""
+        budget, out, preempted, i = self.budget, [], False, 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            while self._need(seq, n) > self.bm.num_free():
+                victim = self.running.pop()              # the newest; may be seq itself
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    if not self.running and not out:     # alone and still too big: it can never run
+                        raise RuntimeError(f"the KV cache ({len(self.bm.blocks)} blocks of {self.bm.P} tokens) "
+                                           f"cannot hold {seq}: raise gpu_memory_utilization / "
+                                           "num_gpu_blocks_override or lower max_model_len or n")
+                    break
+            else:
+                self._allocate(seq, n)
+                out.append((seq, n))
+                budget -= n
+                i += 1
+        seats = sum(s.seats for s in self.running)
+        while self.waiting and budget > 0 and not preempted:
+            seq = self.waiting[0]
+            if seats + seq.seats > self.max_num_seqs:
+                break
+            if seq.num_computed == 0:
+                cached = self.bm.match_prefix(seq)
+                if seq.num_output == 0 and seq.sample == 0:   # a first admission, not a recompute
+                    seq.request.num_cached_tokens = cached
+            n = min(seq.num_tokens - seq.num_computed, budget)
+            if self._need(seq, n) > self.bm.num_free():
+                if not self.running and not out:
+                    raise RuntimeError(f"the KV cache ({len(self.bm.blocks)} blocks of {self.bm.P} tokens) cannot "
+                                       f"hold one sequence of {seq.num_tokens} tokens: raise the cache size or "
+                                       "lower max_model_len")
+                self.bm.free_seq(seq)                    # give back the prefix hits; retry next step
+                seq.num_computed = 0
+                break
+            self.waiting.popleft()
+            self._allocate(seq, n)
+            seq.status = RUNNING
+            self.running.append(seq)
+            seats += seq.seats
+            out.append((seq, n))
+            budget -= n
+        return out
+
+    def finish(self, seq: Sequence, reason: str, stop_reason=None):
+        seq.status, seq.finish_reason, seq.stop_reason = FINISHED, reason, stop_reason
+        self.bm.free_seq(seq)
+
+    def abort(self, seqs: Iterable[Sequence]):
+        for seq in seqs:
+            if seq.status == FINISHED:
+                continue
+            if seq in self.waiting:
+                self.waiting.remove(seq)
+            self.finish(seq, "abort")
+        self.running = [s for s in self.running if s.status != FINISHED]
+
+
+# ---- sampler ---------------------------------------------------------------------------------------------
+# All on the GPU, batched, with no host sync: the logits of each sampled row are tempered, masked by
+# top-k / min-p / top-p, turned into a CDF, and a token is drawn by inverse transform with ONE uniform
+# number per row. That number is a hash of (request seed, sample index, output position), computed on the
+# host: so a request with a seed gets the same tokens whatever else shares its batch, and a run with the
+# same LLM seed and the same requests is reproducible. Temperature 0 is an exact argmax of the raw logits.
+#
+# The target distribution, in the order the masks apply (sampling_probs_ref is the float64 oracle):
+#   p = softmax(logits / T); drop ranks >= top_k; drop p_i < min_p * max(p); renormalise; keep the
+#   smallest prefix (by decreasing p) whose mass reaches top_p; renormalise.
+
+M64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64's output function (Steele, Lea, Flood 2014): a bijective scramble of 64-bit integers."""
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, sample: int, position: int) -> float:
+    """A reproducible U[0, 1) draw (53 bits) for one (request seed, sample index, output position)."""
+    return (_mix64(_mix64(_mix64(seed & M64) ^ sample) ^ position) >> 11) / float(1 << 53)
+
+
+def sampling_probs_ref(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The exact distribution one row is sampled from, in float64, written plainly (the test oracle)."""
+    x = logits.double()
+    if p.greedy:
+        return F.one_hot(x.argmax(), x.numel()).double()
+    probs = (x / p.temperature).softmax(-1)
+    order = probs.argsort(descending=True, stable=True)
+    ps = probs[order]
+    keep = torch.ones_like(ps, dtype=torch.bool)
+    if p.top_k > 0:
+        keep[p.top_k:] = False
+    keep &= ps >= p.min_p * ps[0]
+    ps = torch.where(keep, ps, 0.0)
+    ps = ps / ps.sum()
+    before = ps.cumsum(0) - ps                                         # mass of the more likely tokens
+    keep &= before < p.top_p
+    keep[0] = True
+    ps = torch.where(keep, ps, 0.0)
+    out = torch.zeros_like(ps)
+    out[order] = ps / ps.sum()
+    return out
+
+
+@dataclass
+class SamplingBatch:
+    """Per sampled row (one per sample; forked samples of a prompt repeat its logits row). Tensors [R]."""
+    rows: torch.Tensor            # int64: which logits row
+    temperature: torch.Tensor     # fp32 (0 = greedy)
+    top_k: torch.Tensor           # fp32, V when off
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    u: torch.Tensor               # fp64 uniform draws
+    all_greedy: bool
+    any_filter: bool              # some row has top_k / top_p / min_p on (host flag: no sync to find out)
+    logprobs: int | None          # None: none wanted; k >= 0: the sampled token's (+ the top k)
+    processed: bool               # logprobs of the tempered, masked distribution (else raw log_softmax)
+
+
+def _mask_logits(z: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
+    """Tempered logits z [R, V] -> the same with masked tokens at -inf (top-k, min-p, then top-p)."""
+    sz, idx = z.sort(dim=-1, descending=True)                          # [R, V], idx[r, j] = token of rank j
+    ps = sz.softmax(-1)
+    rank = torch.arange(z.shape[-1], device=z.device)
+    drop = (rank[None, :] >= sb.top_k[:, None]) | (ps < sb.min_p[:, None] * ps[:, :1])
+    ps = ps.masked_fill(drop, 0.0)
+    ps = ps / ps.sum(-1, keepdim=True)
+    drop |= (ps.cumsum(-1) - ps) >= sb.top_p[:, None]
+    drop[:, 0] = False                                                 # the most likely token always stays
+    return torch.empty_like(z).scatter_(-1, idx, sz.masked_fill(drop, float("-inf")))
+
+
+def sample(logits: torch.Tensor, sb: SamplingBatch):
+    """logits [B, V] fp32 -> (tokens [R] int64, logprobs [R] fp32 | None, (top values, top ids) | None)."""
+    z = logits.index_select(0, sb.rows) if sb.rows.numel() != logits.shape[0] else logits   # [R, V]
+    greedy_tok = z.argmax(-1)
+    if sb.all_greedy and sb.logprobs is None:
+        return greedy_tok, None, None
+    greedy = sb.temperature == 0
+    zt = z / torch.where(greedy, 1.0, sb.temperature)[:, None]
+    if sb.any_filter:
+        zt = _mask_logits(zt, sb)
+    probs = zt.softmax(-1)
+    cdf = probs.cumsum(-1)                                             # fp32; searchsorted skips p = 0 tokens
+    target = (sb.u * cdf[:, -1].double()).float()[:, None]
+    tok = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=z.shape[-1] - 1)
+    tok = torch.where(greedy, greedy_tok, tok)
+    if sb.logprobs is None:
+        return tok, None, None
+    lp = torch.log_softmax(zt, -1) if sb.processed else torch.log_softmax(z, -1)
+    if sb.processed and not sb.all_greedy:                             # greedy rows report the raw view
+        lp = torch.where(greedy[:, None], torch.log_softmax(z, -1), lp)
+    elif sb.processed:
+        lp = torch.log_softmax(z, -1)
+    tok_lp = lp.gather(1, tok[:, None]).squeeze(1)
+    top = lp.topk(sb.logprobs, dim=-1) if sb.logprobs > 0 else None
+    return tok, tok_lp, top
+
+
+# ---- model runner --------------------------------------------------------------------------------------
+# Owns the model, the KV cache and the CUDA graphs of one tp rank. A step arrives as a StepInput: plain CPU
+# tensors built by the LLM (so the same object can be sent to tp worker processes), all integers packed in
+# ONE int32 tensor so a step costs one host-to-device copy.
+
+
+@dataclass
+class StepInput:
+    """One step, packed. ints (int32) = [input_ids N | positions N | slot_mapping N | context_lens B |
+    cu_seqlens_q B+1 | block_table B*W | hidden_rows S] for an eager step; for a CUDA-graph decode step
+    (graph_bs > 0) the fixed layout of the graph's static buffer instead (see ModelRunner.capture).
+    hidden_rows: the token row of each sequence whose last token is sampled this step."""
+    ints: torch.Tensor
+    N: int
+    B: int
+    W: int
+    S: int
+    max_seqlen_q: int
+    decode: bool
+    graph_bs: int
+    sb: dict                       # SamplingBatch fields as CPU tensors / flags
+    copies: list                   # [(src_block, dst_block)]: fork copies to make before the forward
+
+    def views(self, ints):
+        N, B, W, S = self.N, self.B, self.W, self.S
+        parts = ints.split([N, N, N, B, B + 1, B * W, S])
+        return parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(B, W), parts[6]
+
+
+class ModelRunner:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, device: torch.device, dtype: torch.dtype, block_size: int,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_kernels: bool = True):
+        self.cfg, self.tp, self.device, self.dtype, self.P = cfg, tp, device, dtype, block_size
+        self.W = -(-max_model_len // block_size)                        # block-table width
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.model = Model(cfg, tp, use_kernels, dtype, device).eval()
+        self.kv = None
+        self.num_blocks = 0
+        self.graphs: dict[int, tuple] = {}
+        self.graph_ints = None
+        self.offloaded = None
+
+    # -- KV cache --
+
+    def bytes_per_block(self) -> int:
+        c = self.cfg
+        return 2 * c.num_layers * self.P * (c.num_kv_heads // self.tp.size) * c.head_dim * self.dtype.itemsize
+
+    def allocate_kv(self, num_blocks: int):
+        """The cache: [L, 2 (k, v), num_blocks, P, Hkv/tp, D]; each layer gets views of its two slices."""
+        c = self.cfg
+        self.kv = torch.zeros(c.num_layers, 2, num_blocks, self.P, c.num_kv_heads // self.tp.size, c.head_dim,
+                              dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.model.layers):
+            layer.attn.k_cache, layer.attn.v_cache = self.kv[i, 0], self.kv[i, 1]
+        self.num_blocks = num_blocks
+
+    def free_kv(self):
+        for layer in self.model.layers:
+            layer.attn.k_cache = layer.attn.v_cache = None
+        self.kv = None
+
+    @torch.inference_mode()
+    def setup(self, load: str, seed: int, gpu_memory_utilization: float, num_blocks: int | None,
+              capture_graphs: bool) -> tuple[int, list[int]]:
+        """Load weights (an HF folder, or 'dummy'), size and allocate the KV cache, capture the CUDA graphs.
+        Returns (num_blocks, graph batch sizes). tp ranks agree on the smallest cache any of them fits."""
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+            free0, total = torch.cuda.mem_get_info(self.device)
+            base = torch.cuda.memory_allocated(self.device)
+        src = dummy_weights(self.model, seed) if load == "dummy" else safetensors_weights(Path(load))
+        self.model.load_weights(src, where=load)
+        if num_blocks is None:
+            if cuda:   # this engine may use util * total, never more than was free when it started
+                peak = self.profile_peak_bytes() - base
+                budget = min(free0, gpu_memory_utilization * total) - peak - max(1 << 30, total // 50)
+                num_blocks = int(budget // self.bytes_per_block())
+            else:      # CPU: enough for max_num_seqs sequences of max_model_len, at most 2 GiB
+                need = self.max_num_seqs * self.W
+                num_blocks = int(min(need, max(self.W, (2 << 30) // self.bytes_per_block())))
+            if self.tp.size > 1:
+                t = torch.tensor([num_blocks], device=self.device)
+                torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+                num_blocks = int(t.item())
+        if num_blocks * self.P < self.W * self.P:
+            raise ValueError(f"the KV cache fits {max(num_blocks, 0) * self.P} tokens, less than one sequence of "
+                             f"max_model_len={self.W * self.P}: lower max_model_len or raise gpu_memory_utilization")
+        self.allocate_kv(num_blocks)
+        if capture_graphs and cuda:
+            self.capture()
+        return num_blocks, sorted(self.graphs)
+
+    @torch.inference_mode()
+    def profile_peak_bytes(self) -> int:
+        """Peak memory of a forward over max_num_batched_tokens tokens (prefill, the worst case) plus the
+        logits of max_num_seqs rows, measured with a throwaway cache just big enough for it."""
+        n = self.max_num_batched_tokens
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.allocate_kv(-(-n // self.P) + 1)
+        ids = torch.zeros(n, dtype=torch.int32, device=self.device)
+        pos = torch.arange(n, dtype=torch.int32, device=self.device) % self.cfg.max_position_embeddings
+        meta = AttnMeta(False, torch.arange(n, dtype=torch.int32, device=self.device),
+                        torch.arange(-(-n // self.P), dtype=torch.int32, device=self.device)[None, :],
+                        torch.tensor([n], dtype=torch.int32, device=self.device),
+                        torch.tensor([0, n], dtype=torch.int32, device=self.device), n)
+        h = self.model(ids, pos, meta)
+        self.model.logits(h[: self.max_num_seqs])
+        torch.cuda.synchronize(self.device)
+        self.free_kv()
+        return torch.cuda.max_memory_allocated(self.device)
+
+    def copy_blocks(self, copies):
+        """Fork copies: block dst <- block src in every layer, k and v (one indexed copy)."""
+        src = torch.tensor([s for s, _ in copies], device=self.device)
+        dst = torch.tensor([d for _, d in copies], device=self.device)
+        self.kv[:, :, dst] = self.kv[:, :, src]
+
+    # -- one step --
+
+    @torch.inference_mode()
+    def execute(self, st: StepInput):
+        """Run one step; tp rank 0 returns (tokens, logprobs or None, top-k (values, ids) or None) as lists."""
+        if st.copies:
+            self.copy_blocks(st.copies)
+        ints = st.ints.to(self.device, non_blocking=True)
+        if st.graph_bs:
+            self.graph_ints.copy_(ints)
+            graph, logits = self.graphs[st.graph_bs]
+            graph.replay()
+            logits = logits[: st.B]
+        else:
+            ids, pos, slots, ctx, cu, bt, rows = st.views(ints)
+            meta = AttnMeta(st.decode, slots, bt, ctx, cu, st.max_seqlen_q)
+            hidden = self.model(ids, pos, meta)                          # [N, Hd]
+            logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
+        if self.tp.rank != 0:
+            return None
+        f = st.sb["floats"].to(self.device, non_blocking=True)           # [5, R] fp64
+        sb = SamplingBatch(st.sb["rows"].to(self.device, non_blocking=True), f[0].float(), f[1].float(),
+                           f[2].float(), f[3].float(), f[4], st.sb["all_greedy"], st.sb["any_filter"],
+                           st.sb["logprobs"], st.sb["processed"])
+        tok, lp, top = sample(logits, sb)
+        out = (tok.tolist(), None if lp is None else lp.tolist(),          # .tolist() syncs: once per step
+               None if top is None else (top.values.tolist(), top.indices.tolist()))
+        return out
+
+    # -- RL hooks --
+
+    def load_weights(self, batch: list):
+        self.model.load_weights(batch, "update_weights", require_all=False)
+
+    def sleep(self, level: int):
+        """Level 1: weights to CPU memory, KV cache freed; level 2: both freed (reload with update_weights).
+        CUDA graphs baked in the old addresses, so they are dropped here and captured again by wake_up."""
+        self.slept = (level, bool(self.graphs))
+        self.graphs.clear()
+        self.graph_ints = None
+        self.free_kv()
+        self.offloaded = {}
+        for name, p in self.model.named_parameters():
+            self.offloaded[name] = p.data.to("cpu") if level == 1 else (p.shape, p.dtype)
+            p.data = torch.empty(0, dtype=p.dtype, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @torch.inference_mode()
+    def wake_up(self):
+        level, graphs = self.slept
+        for name, p in self.model.named_parameters():
+            v = self.offloaded[name]
+            p.data = v.to(self.device) if level == 1 else torch.empty(v[0], dtype=v[1], device=self.device)
+        self.offloaded = None
+        self.allocate_kv(self.num_blocks)
+        if graphs:
+            self.capture()
+
+    # -- CUDA graphs --
+    # A decode step of a small model is hundreds of tiny kernels: launching them from Python costs more
+    # than running them. A CUDA graph records the whole forward (embedding -> logits) once per batch size
+    # and replays it with one launch. Everything it touches must live at fixed addresses: one static int32
+    # buffer holds [input_ids | positions | slot_mapping | context_lens] (max_bs each) and the block table
+    # (max_bs x W); a step copies its packed ints into it, padded (slot -1: no KV write; context 0: zero
+    # attention output), and replays the smallest graph >= its batch size.
+
+    def graph_sizes(self) -> list[int]:
+        m = self.max_num_seqs
+        return sorted({s for s in [1, 2, 4, 8] + list(range(16, m + 1, 16)) + [m] if s <= m})
+
+    @torch.inference_mode()
+    def capture(self):
+        mb, W, dev = self.max_num_seqs, self.W, self.device
+        self.graph_ints = torch.zeros(4 * mb + mb * W, dtype=torch.int32, device=dev)
+        ids, pos, slots, ctx, bt = self.graph_ints.split([mb, mb, mb, mb, mb * W])
+        slots.fill_(-1)
+        bt = bt.view(mb, W)
+        pool = None
+        for bs in reversed(self.graph_sizes()):                          # largest first: the pool fits all
+            meta = AttnMeta(True, slots[:bs], bt[:bs], ctx[:bs])
+            fwd = lambda: self.model.logits(self.model(ids[:bs], pos[:bs], meta))   # noqa: E731
+            fwd()                                                        # warm-up (Triton compiles here)
+            torch.cuda.synchronize(dev)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool):
+                out = fwd()
+            pool = pool or g.pool()
+            self.graphs[bs] = (g, out)
+        torch.cuda.synchronize(dev)
+
+
+def pack_graph_ints(mb: int, W: int, ids, pos, slots, ctx, tables) -> torch.Tensor:
+    """[ids | pos | slots (pad -1) | ctx (pad 0)] (mb each) + block tables (mb x W), int32, on the host."""
+    from array import array
+    B = len(ids)
+    a = array("i", ids)
+    a.extend(itertools.repeat(0, mb - B))
+    a.extend(pos)
+    a.extend(itertools.repeat(0, mb - B))
+    a.extend(slots)
+    a.extend(itertools.repeat(-1, mb - B))
+    a.extend(ctx)
+    a.extend(itertools.repeat(0, mb - B))
+    for t in tables:
+        a.extend(t)
+        a.extend(itertools.repeat(0, W - len(t)))
+    a.extend(itertools.repeat(0, (mb - B) * W))
+    return torch.frombuffer(a, dtype=torch.int32)
+
+
+# ---- loading ---------------------------------------------------------------------------------------------
+
+def resolve_model(model) -> Path:
+    """A local HF folder, or a hub id ("org/name") downloaded with huggingface_hub when online."""
+    p = Path(str(model)).expanduser()
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise FileNotFoundError(f"model {str(model)!r}: the folder has no config.json (not an HF model folder)")
+        return p
+    if str(model).count("/") != 1 or p.exists():
+        raise FileNotFoundError(f"model {str(model)!r}: no such folder, and not a hub id like 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(model), allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                                   "*.jinja"]))
+    except Exception as e:   # offline, unknown repo, no auth: one clear message
+        raise FileNotFoundError(f"model {str(model)!r}: not a local folder, and the hub download failed "
+                                f"({type(e).__name__}). Offline? Pass an HF folder (e.g. merge.py's output)") from e
+
+
+def safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) from model.safetensors or the shards its index lists; one tensor in memory at a time."""
+    from safetensors import safe_open
+    index = folder / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else sorted(p.name for p in folder.glob("*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no *.safetensors weights (use load_format='dummy' for random ones)")
+    for f in files:
+        with safe_open(str(folder / f), framework="pt") as sf:
+            for name in sf.keys():
+                yield name, sf.get_tensor(name)
+
+
+def dummy_weights(model: Model, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random full HF tensors (norms 1, biases 0, matrices N(0, std)), the same on every tp rank."""
+    c, D, I, Hd = model.cfg, model.cfg.head_dim, model.cfg.intermediate_size, model.cfg.hidden_size
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, Hd), "lm_head.weight": (c.vocab_size, Hd)}
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}."
+        for n, rows in (("q", c.num_heads * D), ("k", c.num_kv_heads * D), ("v", c.num_kv_heads * D)):
+            shapes[f"{p}self_attn.{n}_proj.weight"] = (rows, Hd)
+            shapes[f"{p}self_attn.{n}_proj.bias"] = (rows,)
+        shapes[f"{p}self_attn.o_proj.weight"] = (Hd, c.num_heads * D)
+        shapes.update({f"{p}mlp.gate_proj.weight": (I, Hd), f"{p}mlp.up_proj.weight": (I, Hd),
+                       f"{p}mlp.down_proj.weight": (Hd, I)})
+    dev = model.norm.weight.device
+    g = torch.Generator(dev).manual_seed(seed)
+    for name in model.weight_slots():
+        if "norm" in name:
+            yield name, torch.ones(model.cfg.head_dim if "_norm." in name and "self_attn" in name else Hd, device=dev)
+        elif name.endswith("bias"):
+            yield name, torch.zeros(shapes[name], device=dev)
+        else:
+            yield name, torch.randn(shapes[name], generator=g, device=dev) * std
+
+
+# ---- executors: where the model runs ----------------------------------------------------------------------
+# tp = 1: in this process. tp > 1: tp worker processes (one per GPU, or CPU processes with gloo), each a
+# ModelRunner holding 1/tp of every layer; they form their own torch.distributed group, so the engine also
+# works inside a program that already has one (ppo.py under torchrun). Every step the driver sends the same
+# StepInput to all of them (a pipe each); they run the forward in lockstep (the all-reduces line them up)
+# and rank 0 sends back the sampled tokens.
+
+class UniExecutor:
+    def __init__(self, runner_args: dict):
+        self.runner = ModelRunner(**runner_args)
+
+    def call(self, method: str, *args):
+        return getattr(self.runner, method)(*args)
+
+    def execute(self, st: StepInput):
+        return self.runner.execute(st)
+
+    def shutdown(self):
+        pass
+
+
+def _worker_main(rank: int, size: int, port: int, runner_args: dict, conn, cuda: bool):
+    """A tp worker: join the engine's group, build this rank's runner, then serve calls until 'exit'."""
+    if cuda:
+        torch.cuda.set_device(rank)
+    dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+    import datetime
+    torch.distributed.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}",
+                                         rank=rank, world_size=size, timeout=datetime.timedelta(seconds=600))
+    try:
+        runner = ModelRunner(**{**runner_args, "tp": TPGroup(rank, size), "device": dev})
+        conn.send(("ok", None))
+        while True:
+            method, args = conn.recv()
+            if method == "exit":
+                break
+            try:
+                out = runner.execute(*args) if method == "execute" else getattr(runner, method)(*args)
+                if method != "execute" or rank == 0:
+                    conn.send(("ok", out))
+            except Exception as e:          # report, then stop: the group is out of step now
+                import traceback
+                conn.send(("error", f"tp rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"))
+                raise
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+class MultiprocExecutor:
+    def __init__(self, runner_args: dict, size: int, cuda: bool, timeout_s: float = 600.0):
+        import multiprocessing as mp
+        import socket
+        ctx = mp.get_context("spawn")                 # never fork a process that may hold CUDA state
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        self.conns, self.procs, self.timeout_s = [], [], timeout_s
+        args = {k: v for k, v in runner_args.items() if k not in ("tp", "device")}
+        for r in range(size):
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(r, size, port, args, b, cuda), daemon=True)
+            p.start()
+            self.conns.append(a)
+            self.procs.append(p)
+        for r in range(size):
+            self._recv(r)
+
+    def _recv(self, rank: int):
+        """Wait for one worker's reply. A worker that fails sends its error and exits; any worker that dies
+        meanwhile (the others then wait in a collective) or a timeout raises here: never a hang."""
+        conn, deadline = self.conns[rank], time.monotonic() + self.timeout_s
+        while not conn.poll(0.05):
+            for r, (c, p) in enumerate(zip(self.conns, self.procs)):
+                if not p.is_alive():
+                    msg = c.recv()[1] if c.poll() else f"exit code {p.exitcode}"
+                    raise RuntimeError(f"nanovllm: tp worker {r} died: {msg}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nanovllm: tp worker {rank} did not answer within {self.timeout_s:.0f} s")
+        status, out = conn.recv()
+        if status == "error":
+            raise RuntimeError(out)
+        return out
+
+    def call(self, method: str, *args):
+        for c in self.conns:
+            c.send((method, args))
+        return [self._recv(r) for r in range(len(self.conns))][0]
+
+    def execute(self, st: StepInput):
+        for c in self.conns:
+            c.send(("execute", (st,)))
+        return self._recv(0)
+
+    def shutdown(self):
+        for c, p in zip(self.conns, self.procs):
+            if p.is_alive():
+                try:
+                    c.send(("exit", ()))
+                except (BrokenPipeError, OSError):
+                    pass
+        for p in self.procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+        self.procs = []
+
+
+# ---- LLM: the engine's front door --------------------------------------------------------------------------
+
+class LLM:
+    """vLLM's offline API. `generate` / `chat` run requests to completion; `add_request` / `step` /
+    `abort_request` drive the engine one step at a time (what ppo.py and the tests use)."""
+
+    def __init__(self, model, tokenizer=None, *, tensor_parallel_size: int = 1, dtype: str = "auto",
+                 seed: int = 0, gpu_memory_utilization: float = 0.9, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None, enforce_eager: bool = False,
+                 enable_prefix_caching: bool = True, block_size: int = 16, num_gpu_blocks_override: int | None = None,
+                 load_format: str = "auto", weights: Iterable | None = None,
+                 logprobs_mode: str = "processed_logprobs", skip_tokenizer_init: bool = False,
+                 device: str | None = None, use_kernels: bool = True):
+        t0 = time.perf_counter()
+        folder = resolve_model(model)
+        self.cfg = c = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), f"{folder}/config.json")
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        tp = tensor_parallel_size
+        checks = [(tp >= 1 and c.num_kv_heads % tp == 0 and c.num_heads % tp == 0,
+                   f"tensor_parallel_size={tp} must divide num_attention_heads={c.num_heads} and "
+                   f"num_key_value_heads={c.num_kv_heads}"),
+                  (dev.type != "cuda" or tp <= torch.cuda.device_count(),
+                   f"tensor_parallel_size={tp} needs {tp} GPUs, {torch.cuda.device_count() if dev.type == 'cuda' else 0} visible"),
+                  (block_size >= 1 and block_size & (block_size - 1) == 0, f"block_size={block_size} must be a power of 2"),
+                  (0 < gpu_memory_utilization <= 1, f"gpu_memory_utilization={gpu_memory_utilization} must be in (0, 1]"),
+                  (dtype in ("auto", "bfloat16", "float16", "float32"), f"dtype={dtype!r}: auto|bfloat16|float16|float32"),
+                  (logprobs_mode in ("processed_logprobs", "raw_logprobs"),
+                   f"logprobs_mode={logprobs_mode!r}: processed_logprobs | raw_logprobs"),
+                  (load_format in ("auto", "dummy"), f"load_format={load_format!r}: auto | dummy"),
+                  (max_num_seqs >= 1 and max_num_batched_tokens >= 1, "max_num_seqs and max_num_batched_tokens must be >= 1"),
+                  (max_model_len is None or 1 <= max_model_len <= c.max_position_embeddings,
+                   f"max_model_len={max_model_len} must be in [1, max_position_embeddings={c.max_position_embeddings}]")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"LLM: {msg}")
+        if dtype == "auto":   # the checkpoint's half precision on a GPU; fp32 on CPU (fast and exact there)
+            dtype = ("float16" if c.torch_dtype == "float16" else "bfloat16") if dev.type == "cuda" else "float32"
+        self.dtype, self.device, self.seed = getattr(torch, dtype), dev, seed
+        self.max_model_len = max_model_len or c.max_position_embeddings
+        self.processed = logprobs_mode == "processed_logprobs"
+        self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer or folder, required=tokenizer is not None)
+        self.eos_ids = set(c.eos_token_id) | set(_generation_eos(folder))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        args = dict(cfg=c, tp=TPGroup(), device=dev, dtype=self.dtype, block_size=block_size,
+                    max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
+                    max_num_batched_tokens=max_num_batched_tokens, use_kernels=use_kernels)
+        self.executor = (UniExecutor(args) if tp == 1 else MultiprocExecutor(args, tp, dev.type == "cuda"))
+        load = "dummy" if load_format == "dummy" or weights is not None else str(folder)
+        try:
+            num_blocks, self.graph_sizes = self.executor.call(
+                "setup", load, seed, gpu_memory_utilization, num_gpu_blocks_override,
+                not enforce_eager and dev.type == "cuda")
+            if weights is not None:
+                self.update_weights(weights)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+        self.block_size, self.W = block_size, -(-self.max_model_len // block_size)
+        self.max_num_seqs = max_num_seqs
+        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
+        self._seq_ids = itertools.count()
+        self._copies: list = []
+        self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, graph_steps=0, load_s=0.0)
+        self.stats["load_s"] = time.perf_counter() - t0
+        self.log(f"nanovllm: {c.model_type} {c.num_layers} layers from {folder} on {dev} ({dtype}, tp={tp}), "
+                 f"KV cache {num_blocks} blocks x {block_size} tokens = {num_blocks * block_size:,} tokens, "
+                 f"CUDA graphs for {len(self.graph_sizes)} batch sizes, {self.stats['load_s']:.1f} s")
+
+    verbose = True
+
+    def log(self, msg: str):
+        if self.verbose:
+            print(msg, file=sys.stderr)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    # -- requests in --
+
+    def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            prompt = prompt["prompt"]
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("LLM: text prompts need a tokenizer (this engine has none): pass token ids")
+            return prompt, self.tokenizer(prompt).input_ids
+        ids = list(prompt)
+        if not all(isinstance(t, int) for t in ids):
+            raise ValueError(f"LLM: a prompt must be a string, a list of token ids or a dict; got {type(prompt)}")
+        return None, ids
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Queue one prompt (text, token ids, or {"prompt_token_ids": ...}); returns its request id."""
+        params = params or SamplingParams()
+        text, ids = self._prompt_ids(prompt)
+        arrival = next(self._ids)
+        rid = str(arrival) if request_id is None else str(request_id)
+        if rid in self.requests:
+            raise ValueError(f"LLM: request id {rid!r} is already in use")
+        if not ids:
+            raise ValueError(f"LLM: request {rid}: the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"LLM: request {rid}: the prompt has {len(ids)} tokens, max_model_len is "
+                             f"{self.max_model_len} (room for at least one new token is needed)")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"LLM: request {rid}: n={params.n} > max_num_seqs={self.max_num_seqs}")
+        bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"LLM: request {rid}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        seed = params.seed if params.seed is not None else _mix64((self.seed << 32) ^ arrival)
+        req = Request(rid, text, ids, params, arrival, seed)
+        seq = Sequence(next(self._seq_ids), req, 0, list(ids))
+        seq.pending_forks = params.n - 1
+        req.seqs.append(seq)
+        self.requests[rid] = req
+        self.scheduler.add(seq)
+        return rid
+
+    def abort_request(self, request_id: str):
+        req = self.requests.get(str(request_id))
+        if req is not None:
+            self.scheduler.abort(req.seqs)
+            for s in req.seqs:
+                s.pending_forks = 0
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step --
+
+    def _build_step(self, scheduled) -> tuple[StepInput, list]:
+        """Pack the scheduled (sequence, new tokens) pairs into one StepInput; plan which rows sample."""
+        P, W = self.block_size, self.W
+        ids, pos, slots, ctx, cu, tables, rows, plan = [], [], [], [], [0], [], [], []
+        decode = all(n == 1 and s.num_computed == s.num_tokens - 1 for s, n in scheduled)
+        for seq, n in scheduled:
+            a, bt = seq.num_computed, seq.block_table
+            ids.extend(seq.token_ids[a:a + n])
+            pos.extend(range(a, a + n))
+            slots.extend(bt[p // P] * P + p % P for p in range(a, a + n))
+            ctx.append(a + n)
+            cu.append(cu[-1] + n)
+            tables.append(bt)
+            if a + n == seq.num_tokens:                         # its last token is in: sample the next one
+                rows.append(cu[-1] - 1)
+                plan.append(seq)
+        N, B, S = len(ids), len(scheduled), len(rows)
+        graph_bs = next((g for g in self.graph_sizes if g >= B), 0) if decode and not self._copies else 0
+        if graph_bs:
+            ints = pack_graph_ints(self.max_num_seqs, W, ids, pos, slots, ctx, tables)
+        else:
+            from array import array
+            a = array("i", ids)
+            for part in (pos, slots, ctx, cu):
+                a.extend(part)
+            for bt in tables:
+                a.extend(bt)
+                a.extend(itertools.repeat(0, W - len(bt)))
+            a.extend(rows)
+            ints = torch.frombuffer(a, dtype=torch.int32)
+        st = StepInput(ints, N, B, W, S, max(n for _, n in scheduled), decode, graph_bs,
+                       self._sampling(plan, rows), self._copies)
+        self._copies = []
+        return st, plan
+
+    def _sampling(self, plan: list, rows: list) -> dict:
+        """Per sampled row: the logits row it reads and its sampling params; forking prompts read their row
+        n times (one per sample, each with its own random stream)."""
+        V = float(self.cfg.vocab_size)
+        rix, fl, lp, greedy, filt = [], [[], [], [], [], []], None, True, False
+        for i, seq in enumerate(plan):
+            p, req = seq.request.params, seq.request
+            for k in range(seq.seats):
+                sample = seq.sample + k
+                rix.append(i)
+                for col, v in zip(fl, (p.temperature, p.top_k if p.top_k > 0 else V, p.top_p, p.min_p,
+                                       uniform(req.seed, sample, seq.num_output))):
+                    col.append(v)
+            greedy &= p.greedy
+            filt |= p.top_k > 0 or p.top_p < 1 or p.min_p > 0
+            if p.logprobs is not None:
+                lp = max(lp or 0, p.logprobs)
+        return dict(rows=torch.tensor(rix, dtype=torch.int64), floats=torch.tensor(fl, dtype=torch.float64),
+                    all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and sample one step; returns the requests that finished in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        st, plan = self._build_step(scheduled)
+        toks, lps, top = self.executor.execute(st)
+        for seq, n in scheduled:
+            seq.num_computed += n
+            self.bm.commit(seq)
+        self.stats["steps"] += 1
+        self.stats["graph_steps"] += bool(st.graph_bs)
+        self.stats["decode_tokens" if st.decode else "prefill_tokens"] += st.N
+        done, k = [], 0
+        new = {}
+        for seq in plan:
+            group = [seq] + self._fork(seq)
+            if len(group) > 1:
+                new[seq.seq_id] = group[1:]
+            for s in group:
+                self._append(s, toks[k], None if lps is None else lps[k],
+                             None if top is None else (top[0][k], top[1][k]))
+                k += 1
+        running = []
+        for s in self.scheduler.running:                      # children go right after their parent (FCFS)
+            running.append(s)
+            running.extend(new.get(s.seq_id, ()))
+        self.scheduler.running = [s for s in running if s.status != FINISHED]
+        for seq in plan:
+            req = seq.request
+            if all(s.status == FINISHED for s in req.seqs) and not any(s.pending_forks for s in req.seqs) \
+                    and req.request_id in self.requests:
+                done.append(self._output(self.requests.pop(req.request_id)))
+        return done
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """After its prompt prefill, a request with n samples splits into n sequences. The full blocks are
+        shared (ref += 1 each); the last, partial block (if any) is copied into a reserved block per child
+        before the next forward, because every sample writes its own next tokens into it."""
+        if not parent.pending_forks:
+            return []
+        P, kids = self.block_size, []
+        full = parent.num_prompt // P
+        for j in range(1, parent.pending_forks + 1):
+            kid = Sequence(next(self._seq_ids), parent.request, j, list(parent.token_ids))
+            kid.num_computed, kid.status = parent.num_computed, RUNNING
+            kid.block_hashes = list(parent.block_hashes)
+            for bid in parent.block_table[:full]:
+                self.bm.acquire(bid)
+                kid.block_table.append(bid)
+            if parent.num_prompt % P:
+                dst = parent.fork_blocks.pop()
+                kid.block_table.append(dst)
+                self._copies.append((parent.block_table[full], dst))
+            kids.append(kid)
+        parent.request.seqs.extend(kids)
+        parent.pending_forks = 0
+        return kids
+
+    def _append(self, seq: Sequence, tok: int, lp, top):
+        seq.token_ids.append(tok)
+        p = seq.request.params
+        if lp is not None:
+            seq.logprobs.append(lp)
+            if p.logprobs:
+                d = {i: Logprob(v, r + 1) for r, (v, i) in enumerate(zip(top[0][: p.logprobs], top[1][: p.logprobs]))}
+                d.setdefault(tok, Logprob(lp))
+                seq.top_logprobs.append(d)
+        if tok in p.stop_token_ids:
+            self.scheduler.finish(seq, "stop", tok)
+        elif tok in self.eos_ids and not p.ignore_eos:
+            self.scheduler.finish(seq, "stop")
+        elif (p.max_tokens is not None and seq.num_output >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
+            self.scheduler.finish(seq, "length")
+        elif p.stop and self.tokenizer is not None:
+            width = max(len(s) for s in p.stop) + 2                 # a stop string spans at most that many tokens
+            tail = self.tokenizer.decode(seq.token_ids[max(seq.num_prompt, seq.num_tokens - width):],
+                                         skip_special_tokens=p.skip_special_tokens)
+            hit = next((s for s in p.stop if s in tail), None)
+            if hit is not None:
+                self.scheduler.finish(seq, "stop", hit)
+
+    def _output(self, req: Request) -> RequestOutput:
+        outs = []
+        for s in sorted(req.seqs, key=lambda s: s.sample):
+            ids, p = s.token_ids[s.num_prompt:], req.params
+            text = ""
+            if self.tokenizer is not None:
+                text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+                if isinstance(s.stop_reason, str):
+                    cut = text.find(s.stop_reason)
+                    if cut >= 0:
+                        text = text[: cut + (len(s.stop_reason) if p.include_stop_str_in_output else 0)]
+            lp = s.logprobs if p.logprobs is not None else None
+            outs.append(CompletionOutput(s.sample, text, ids, None if lp is None else float(sum(lp)),
+                                         (s.top_logprobs or [{t: Logprob(v)} for t, v in zip(ids, lp)])
+                                         if lp is not None else None, s.finish_reason, s.stop_reason, lp))
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens)
+
+    # -- batch API --
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Run prompts to completion; outputs in the order of the prompts. prompts: a string, a list of
+        token ids, a dict, or a list of those. sampling_params: one for all, or one per prompt."""
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"LLM.generate: {len(prompts)} prompts but {len(params)} sampling params")
+        order = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        return self._run(order, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,
+             chat_template_kwargs: dict | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation ([{"role": .., "content": ..}, ..]) or a list of them, through
+        the tokenizer's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("LLM.chat needs a tokenizer with a chat template")
+        convs = [messages] if messages and isinstance(messages[0], dict) else list(messages)
+        prompts = []
+        for conv in convs:
+            ids = self.tokenizer.apply_chat_template(conv, tokenize=True, add_generation_prompt=add_generation_prompt,
+                                                     **(chat_template_kwargs or {}))
+            prompts.append({"prompt_token_ids": list(ids["input_ids"] if hasattr(ids, "keys") else ids)})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        bar = _progress(len(order)) if use_tqdm and self.verbose else None
+        done, t0 = {}, time.perf_counter()
+        try:
+            while self.has_unfinished_requests():
+                for out in self.step():
+                    done[out.request_id] = out
+                    if bar is not None:
+                        bar.update(1)
+        except BaseException:
+            self.scheduler.abort(s for r in list(self.requests.values()) for s in r.seqs)
+            self.requests.clear()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        self.stats["generate_s"] = time.perf_counter() - t0
+        return [done[r] for r in order]
+
+    # -- RL hooks --
+
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
+        """Load new weights in place from (hf_name, full tensor) pairs (no disk), then forget the prefix
+        cache (its K/V came from the old weights). Returns the seconds it took."""
+        t0 = time.perf_counter()
+        if isinstance(self.executor, UniExecutor):
+            self.executor.runner.model.load_weights(weights, "update_weights", require_all=False)
+        else:
+            batch, size = [], 0
+            for name, t in weights:
+                batch.append((name, t.detach().cpu()))
+                size += t.numel() * t.element_size()
+                if size > 256 << 20:
+                    self.executor.call("load_weights", batch)
+                    batch, size = [], 0
+            if batch:
+                self.executor.call("load_weights", batch)
+        self.reset_prefix_cache()
+        return time.perf_counter() - t0
+
+    def reset_prefix_cache(self):
+        self.bm.reset_prefix_cache()
+
+    def sleep(self, level: int = 1) -> float:
+        """Free the KV cache (and with level 1 move the weights to CPU memory) so a trainer can use the GPU.
+        Nothing may be running. Returns the seconds it took."""
+        if self.has_unfinished_requests():
+            raise RuntimeError("LLM.sleep: requests are still running; finish or abort them first")
+        t0 = time.perf_counter()
+        self.executor.call("sleep", level)
+        self.bm.reset_prefix_cache()
+        return time.perf_counter() - t0
+
+    def wake_up(self) -> float:
+        t0 = time.perf_counter()
+        self.executor.call("wake_up")
+        return time.perf_counter() - t0
+
+    def shutdown(self):
+        self.executor.shutdown()
+
+    def __del__(self):
+        ex = getattr(self, "executor", None)
+        if ex is not None:
+            ex.shutdown()
+
+
+def _generation_eos(folder: Path) -> list[int]:
+    f = folder / "generation_config.json"
+    if not f.is_file():
+        return []
+    eos = json.loads(f.read_text()).get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+
+def load_tokenizer(name, required: bool = False):
+    """The HF tokenizer of a folder / hub id, or None when the folder has none (token-id prompts only)."""
+    try:
+        from transformers import AutoTokenizer
+        return AutoTokenizer.from_pretrained(str(name))
+    except (OSError, ValueError, ImportError) as e:
+        if required:
+            raise ValueError(f"LLM: cannot load the tokenizer {str(name)!r}: {str(e).splitlines()[0]}") from e
+        return None
+
+
+def _progress(total: int):
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, desc="nanovllm", unit="req", dynamic_ncols=True, file=sys.stderr)
