@@ -503,7 +503,7 @@ class Model(nn.Module):
             s[f"{p}post_attention_layernorm.weight"] = (L.post_attn_norm.weight, "rep", 0, 0)
         return s
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "the weights",
                      require_all: bool = True) -> int:
         """Copy (hf_name, full tensor) pairs into this rank's shards, in place (so CUDA graphs, which baked
@@ -1379,6 +1379,7 @@ class LLM:
             num_blocks, self.graph_sizes = self.executor.call(
                 "setup", load, seed, gpu_memory_utilization, num_gpu_blocks_override,
                 not enforce_eager and dev.type == "cuda")
+            self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
             if weights is not None:
                 self.update_weights(weights)
         except BaseException:
@@ -1386,7 +1387,6 @@ class LLM:
             raise
         self.block_size, self.W = block_size, -(-self.max_model_len // block_size)
         self.max_num_seqs = max_num_seqs
-        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -1721,6 +1721,12 @@ def _generation_eos(folder: Path) -> list[int]:
 
 def load_tokenizer(name, required: bool = False):
     """The HF tokenizer of a folder / hub id, or None when the folder has none (token-id prompts only)."""
+    p = Path(str(name))
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                          "tokenizer.model")):
+        if required:
+            raise ValueError(f"LLM: the tokenizer folder {p} has no tokenizer files")
+        return None                       # (transformers would build an EMPTY tokenizer from config.json)
     try:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(name))
