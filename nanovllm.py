@@ -854,6 +854,27 @@ def uniform(seed: int, sample: int, position: int) -> float:
     return (_mix64(_mix64(_mix64(seed & M64) ^ sample) ^ position) >> 11) / float(1 << 53)
 
 
+def _s64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits (torch has no uint64 math)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mix64_t(x: torch.Tensor) -> torch.Tensor:
+    """_mix64 on an int64 tensor: multiplication and addition wrap mod 2^64 exactly as uint64 does; >> is
+    arithmetic in torch, so each shift masks off the copied sign bits to act as a logical shift."""
+    srl = lambda v, k: (v >> k) & ((1 << (64 - k)) - 1)                  # noqa: E731
+    x = x + _s64(0x9E3779B97F4A7C15)
+    x = (x ^ srl(x, 30)) * _s64(0xBF58476D1CE4E5B9)
+    x = (x ^ srl(x, 27)) * _s64(0x94D049BB133111EB)
+    return x ^ srl(x, 31)
+
+
+def uniform_t(seed: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """uniform() for whole int64 columns at once, on the device: float64 [R], bit-equal to the scalar one."""
+    x = _mix64_t(_mix64_t(_mix64_t(seed) ^ sample) ^ position)
+    return (x >> 11 & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
 def sampling_probs_ref(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The exact distribution one row is sampled from, in float64, written plainly (the test oracle)."""
     x = logits.double()
@@ -1071,9 +1092,10 @@ class ModelRunner:
             logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
         if self.tp.rank != 0:
             return None
-        f = st.sb["floats"].to(self.device, non_blocking=True)           # [5, R] fp64
-        sb = SamplingBatch(st.sb["rows"].to(self.device, non_blocking=True), f[0].float(), f[1].float(),
-                           f[2].float(), f[3].float(), f[4], st.sb["all_greedy"], st.sb["any_filter"],
+        f = st.sb["floats"].to(self.device, non_blocking=True)           # [4, R]: T, top_k, top_p, min_p
+        k = st.sb["keys"].to(self.device, non_blocking=True)             # [3, R]: seed, sample, position
+        sb = SamplingBatch(st.sb["rows"].to(self.device, non_blocking=True), f[0], f[1], f[2], f[3],
+                           uniform_t(k[0], k[1], k[2]), st.sb["all_greedy"], st.sb["any_filter"],
                            st.sb["logprobs"], st.sb["processed"])
         tok, lp, top = sample(logits, sb)
         out = (tok.tolist(), None if lp is None else lp.tolist(),          # .tolist() syncs: once per step
@@ -1498,24 +1520,25 @@ class LLM:
         return st, plan
 
     def _sampling(self, plan: list, rows: list) -> dict:
-        """Per sampled row: the logits row it reads and its sampling params; forking prompts read their row
-        n times (one per sample, each with its own random stream)."""
-        V = float(self.cfg.vocab_size)
-        rix, fl, lp, greedy, filt = [], [[], [], [], [], []], None, True, False
+        """Per sampled row: the logits row it reads, its sampling params and its random-stream key (request
+        seed, sample index, output position); forking prompts read their row n times (one per sample)."""
+        V = self.cfg.vocab_size
+        rix, fl, keys, lp, greedy, filt = [], [[], [], [], []], [[], [], []], None, True, False
         for i, seq in enumerate(plan):
             p, req = seq.request.params, seq.request
             for k in range(seq.seats):
-                sample = seq.sample + k
                 rix.append(i)
-                for col, v in zip(fl, (p.temperature, p.top_k if p.top_k > 0 else V, p.top_p, p.min_p,
-                                       uniform(req.seed, sample, seq.num_output))):
+                for col, v in zip(fl, (p.temperature, p.top_k if p.top_k > 0 else V, p.top_p, p.min_p)):
+                    col.append(v)
+                for col, v in zip(keys, (_s64(req.seed & M64), seq.sample + k, seq.num_output)):
                     col.append(v)
             greedy &= p.greedy
             filt |= p.top_k > 0 or p.top_p < 1 or p.min_p > 0
             if p.logprobs is not None:
                 lp = max(lp or 0, p.logprobs)
-        return dict(rows=torch.tensor(rix, dtype=torch.int64), floats=torch.tensor(fl, dtype=torch.float64),
-                    all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
+        return dict(rows=torch.tensor(rix, dtype=torch.int64), floats=torch.tensor(fl, dtype=torch.float32),
+                    keys=torch.tensor(keys, dtype=torch.int64), all_greedy=greedy, any_filter=filt, logprobs=lp,
+                    processed=self.processed)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one step; returns the requests that finished in it."""
@@ -1742,3 +1765,214 @@ def _progress(total: int):
     except ImportError:
         return None
     return tqdm(total=total, desc="nanovllm", unit="req", dynamic_ncols=True, file=sys.stderr)
+
+
+# ---- benchmark --------------------------------------------------------------------------------------------
+# `python nanovllm.py --bench` (one GPU). The workload of nano-vllm's bench.py: 256 requests with prompt and
+# output lengths uniform in 100..1024, ignore_eos, random weights of the Qwen3-0.6B shape (and of the
+# SmolLM2-135M shape, where the host decides). The bound: decode is bandwidth-bound, so no engine beats
+# reading, every decode step, all weights once (the embedding: only B rows) plus every active sequence's
+# K/V; summed over the steps of the ideal schedule (all requests in flight from the start) at the copy
+# bandwidth measured in the same run. Prefill is left out of the bound (it only makes the bound harder).
+
+SHAPES = {   # config.json fields of the benchmarked shapes (random weights)
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5),
+}
+
+
+def _timed(fn) -> tuple[float, object]:
+    """(seconds, result) of fn() with the GPU drained before and after: the one timer of this file."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), the best of 5: the roofline of this run."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    return max(nbytes / _timed(lambda: b.copy_(a))[0] for _ in range(5))
+
+
+def decode_bound(c: ModelConfig, prompt_lens, out_lens, bw: float, dtype_bytes: int = 2) -> float:
+    """Output tokens/s of an engine that only ever waits for HBM (see the banner)."""
+    D, I, Hd, L = c.head_dim, c.intermediate_size, c.hidden_size, c.num_layers
+    layer = Hd * (c.num_heads + 2 * c.num_kv_heads) * D + c.num_heads * D * Hd + 3 * Hd * I
+    weights = (L * layer + c.vocab_size * Hd) * dtype_bytes          # the head reads all of [V, Hd]
+    kv_tok = 2 * L * c.num_kv_heads * D * dtype_bytes
+    seconds = 0.0
+    for t in range(1, max(out_lens) + 1):
+        ctx = sum(p + t for p, o in zip(prompt_lens, out_lens) if o >= t)
+        seconds += (weights + ctx * kv_tok) / bw
+    return sum(out_lens) / seconds
+
+
+def _bench_folder(shape: str) -> Path:
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix=f"nanovllm-{shape}-"))
+    (folder / "config.json").write_text(json.dumps({**SHAPES[shape], "torch_dtype": "bfloat16", "hidden_act": "silu"}))
+    return folder
+
+
+def _bench_engine(folder, prompts, outs, **kw) -> float:
+    """Output tokens/s of nanovllm on prompts (token lists) with per-request output lengths."""
+    llm = LLM(folder, load_format="dummy", max_model_len=2048, **kw)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)        # warm-up (Triton compiles)
+    sps = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True) for o in outs]
+    secs, _ = _timed(lambda: llm.generate(prompts, sps, use_tqdm=False))
+    llm.log(f"  {len(prompts)} requests: {llm.stats['steps']} steps, {llm.stats['graph_steps']} as CUDA graphs")
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    return sum(outs) / secs
+
+
+def _bench_hf(folder, prompts, new: int, batch_api: bool) -> float:
+    """Output tokens/s of transformers on the same prompts: generate_batch (continuous batching, paged
+    attention) or one padded generate call."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    cfg = AutoConfig.from_pretrained(folder)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                         attn_implementation="sdpa_paged" if batch_api else "sdpa").cuda().eval()
+    gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if batch_api:
+        run = lambda: m.generate_batch(inputs=prompts, generation_config=gc)          # noqa: E731
+    else:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+        run = lambda: m.generate(ids, attention_mask=mask, generation_config=gc)      # noqa: E731
+    with torch.inference_mode():
+        secs, _ = _timed(run)
+    del m
+    torch.cuda.empty_cache()
+    return len(prompts) * new / secs
+
+
+def bench(argv=None) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise ValueError("--bench needs a CUDA GPU (the CPU path is for tests; see `python nanovllm.py`)")
+    LLM.verbose = False
+    rng = torch.Generator().manual_seed(0)
+    lens = lambda n: torch.randint(100, 1025, (n,), generator=rng).tolist()   # noqa: E731
+    bw, rows = copy_bandwidth(), []
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:,.0f} GB/s")
+    for shape in ("qwen3-0.6b", "smollm2-135m"):
+        folder = _bench_folder(shape)
+        c = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        p_len, o_len = lens(256), lens(256)
+        prompts = [torch.randint(0, 10000, (n,), generator=rng).tolist() for n in p_len]
+        tps = _bench_engine(folder, prompts, o_len)
+        rows.append(dict(what=f"{shape}: 256 req, in/out U[100,1024]", system="nanovllm", tok_s=tps,
+                         bound=decode_bound(c, p_len, o_len, bw)))
+        if shape == "qwen3-0.6b":
+            tps = _bench_engine(folder, prompts[:1], [512], max_num_seqs=1)
+            rows.append(dict(what=f"{shape}: batch 1, {p_len[0]} in, 512 out", system="nanovllm", tok_s=tps,
+                             bound=decode_bound(c, p_len[:1], [512], bw)))
+            peer = prompts[:64]
+            rows.append(dict(what=f"{shape}: 64 req U[100,1024] in, 256 out", system="nanovllm",
+                             tok_s=_bench_engine(folder, peer, [256] * 64), bound=decode_bound(c, p_len[:64], [256] * 64, bw)))
+            for api in (True, False):
+                try:
+                    tps = _bench_hf(folder, peer, 256, api)
+                except Exception as e:        # a peer's failure is reported, never fatal to our own numbers
+                    print(f"# HF {'generate_batch' if api else 'generate'} failed: {type(e).__name__}: {e}")
+                    tps = float("nan")
+                rows.append(dict(what=rows[-1]["what"], system="HF " + ("generate_batch" if api else "generate"),
+                                 tok_s=tps, bound=rows[-1]["bound"]))
+    print(f"| workload | system | output tok/s | HBM bound tok/s | of bound |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['what']} | {r['system']} | {r['tok_s']:,.0f} | {r['bound']:,.0f} | {r['tok_s'] / r['bound']:.1%} |")
+    return rows
+
+
+# ---- CLI and self-test -------------------------------------------------------------------------------------
+
+def selftest() -> None:
+    """Seconds on CPU: a tiny random Qwen3; every engine path (prefix cache, chunked prefill, preemption, n > 1
+    forks, torch fallbacks) gives the same greedy tokens, and transformers' generate agrees when installed."""
+    import tempfile
+    LLM.verbose = False
+    cfg = dict(SHAPES["qwen3-0.6b"], vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (5, 19, 33, 12)]
+    sp = SamplingParams(temperature=0, max_tokens=10)
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            from transformers import Qwen3Config, Qwen3ForCausalLM
+            torch.manual_seed(0)
+            hf = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in cfg.items() if k != "model_type"},
+                                              initializer_range=0.2)).eval()
+            hf.save_pretrained(d)
+            load = "auto"
+        except ImportError:
+            hf, load = None, "dummy"
+            (Path(d) / "config.json").write_text(json.dumps(cfg))
+        runs = {}
+        for name, kw in {"plain": dict(enable_prefix_caching=False), "prefix cache": {},
+                         "chunked prefill": dict(max_num_batched_tokens=6),
+                         "preemption": dict(num_gpu_blocks_override=11, block_size=4, max_model_len=44),
+                         "torch fallbacks": dict(use_kernels=False)}.items():
+            llm = LLM(d, load_format=load, device="cpu", **{"num_gpu_blocks_override": 64, "block_size": 8, **kw})
+            runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts + prompts[:2], sp, use_tqdm=False)]
+            llm.bm.check([])
+        forks = llm.generate(prompts[1], SamplingParams(n=3, temperature=0, max_tokens=10), use_tqdm=False)
+        plain = runs.pop("plain")
+        runs["n=3 forks"] = [c.token_ids for c in forks[0].outputs] * 2
+        for name, toks in runs.items():
+            ok = toks == (plain if name != "n=3 forks" else [plain[1]] * 6)
+            print(f"{'OK' if ok else 'FAIL':8}{name}: greedy tokens equal the plain engine's")
+            assert ok, name
+        if hf is None:
+            print("SKIPPED transformers is not installed: no comparison with HF generate")
+            return
+        for p, toks in zip(prompts, plain):
+            ids = torch.tensor([p])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            assert toks == ref, (p, toks, ref)
+        print(f"OK      the plain engine equals transformers' greedy generate on {len(prompts)} prompts")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="nanovllm.py", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF folder (or hub id when online) to generate with")
+    ap.add_argument("--prompt", default="What is 12 * 7?", help="the user message (sent through the chat template)")
+    ap.add_argument("--max_tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--n", type=int, default=1, help="samples of the prompt")
+    ap.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat turn")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel workers")
+    ap.add_argument("--bench", action="store_true", help="GPU benchmark: the nano-vllm workload vs HF, one table")
+    ap.add_argument("--debug", action="store_true", help="full tracebacks for every error")
+    args = ap.parse_args(argv)
+    if args.bench:
+        return bench()
+    if not args.model:
+        return selftest()
+    llm = LLM(args.model, tensor_parallel_size=args.tp)
+    sp = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens)
+    outs = (llm.generate(args.prompt, sp) if args.raw else llm.chat([{"role": "user", "content": args.prompt}], sp))
+    for c in outs[0].outputs:
+        print(f"--- sample {c.index} ({len(c.token_ids)} tokens, {c.finish_reason})\n{c.text}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, TimeoutError) as e:    # expected: bad flags, files, inputs -> one line
+        if "--debug" in sys.argv:
+            raise
+        print(f"nanovllm.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

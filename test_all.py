@@ -4577,6 +4577,15 @@ def test_nanovllm_logprobs_equal_hf_log_softmax(nv_models, mode):
         assert all(t.rank == 1 for t in top) and len(c.logprobs[0]) >= 2
 
 
+def test_nanovllm_device_rng_equals_the_python_oracle():
+    """The per-row uniform draws are hashed on the device with int64 math; bit-equal to the Python ints."""
+    rng = random.Random(0)
+    keys = [(rng.randrange(1 << 64), rng.randrange(8), rng.randrange(5000)) for _ in range(200)]
+    t = nv.uniform_t(*(torch.tensor(c) for c in zip(*[(nv._s64(a), b, c) for a, b, c in keys])))
+    assert torch.equal(t, torch.tensor([nv.uniform(*k) for k in keys], dtype=torch.float64))
+    assert 0.4 < t.mean().item() < 0.6 and len(set(t.tolist())) == 200
+
+
 # ---- RL hooks ----
 
 def test_nanovllm_update_weights_equals_a_fresh_engine(nv_models, tmp_path):
@@ -4650,3 +4659,43 @@ def test_nanovllm_bad_inputs_name_the_problem(nv_models, tmp_path):
     with pytest.raises(ValueError, match="less than one sequence"):
         _nv_llm(folder, num_gpu_blocks_override=2)
     assert not llm.has_unfinished_requests() and llm.bm.num_free() == 64   # failed calls queued nothing
+
+
+# ---- GPU: CUDA graphs, bf16, Triton kernels ----
+
+@requires_cuda
+def test_gpu_nanovllm_cuda_graphs_equal_eager(nv_models):
+    """The same engine with and without CUDA graphs (fp32 weights: the graph pads the batch, eager does not,
+    so matmuls may pick other algorithms; tokens must agree and log-probs to 1e-3)."""
+    folder, _ = nv_models["qwen3"]
+    prompts = _nv_prompts([5, 17, 33, 8, 40, 2, 11])
+    sp = nv.SamplingParams(temperature=0.8, max_tokens=24, seed=1, logprobs=0)
+    outs = []
+    for eager in (False, True):
+        llm = nv.LLM(folder, device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=16,
+                     gpu_memory_utilization=0.05)
+        llm.verbose = False
+        outs.append(llm.generate(prompts, sp, use_tqdm=False))
+        assert (llm.stats["graph_steps"] > 0) != eager
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(a.outputs[0].token_logprobs, b.outputs[0].token_logprobs, atol=1e-3, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_gpu_nanovllm_bf16_logprobs_match_hf_fp32(nv_models, kind):
+    """bf16 engine (Triton kernels, graphs) vs transformers in fp32 on the engine's own samples: the
+    per-token log-probs agree to bf16 accuracy."""
+    folder, m = nv_models[kind]
+    prompts = _nv_prompts([7, 30, 64])
+    llm = nv.LLM(folder, device="cuda", max_num_seqs=8, gpu_memory_utilization=0.05, logprobs_mode="raw_logprobs")
+    llm.verbose = False
+    outs = llm.generate(prompts, nv.SamplingParams(temperature=1.0, max_tokens=32, seed=0, logprobs=0), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ids = torch.tensor([p + o.outputs[0].token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(m(ids).logits[0, len(p) - 1:-1].double(), -1)
+        want = ref.gather(1, torch.tensor(o.outputs[0].token_ids)[:, None])[:, 0]
+        err = (torch.tensor(o.outputs[0].token_logprobs, dtype=torch.double) - want).abs()
+        assert err.mean() < 0.03 and err.max() < 0.2, (kind, err.mean().item(), err.max().item())
