@@ -570,6 +570,7 @@ class Sequence:
         self.fork_blocks: list[int] = []               # blocks reserved for those forks' last-block copies
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict] = []
+        self.bt_row, self.bt_synced = None, 0         # block_table mirrored in an int32 tensor (see _table_row)
         self.finish_reason = self.stop_reason = None
 
     @property
@@ -588,6 +589,18 @@ class Sequence:
     def __repr__(self):
         return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, sample={self.sample}, "
                 f"tokens={self.num_tokens}, computed={self.num_computed}, blocks={self.block_table}, {self.status})")
+
+
+def _table_row(seq: Sequence, W: int) -> torch.Tensor:
+    """seq.block_table as an int32 [W] tensor, kept in step with the list by writing only the new entries
+    (blocks are only ever appended, or all dropped by free_seq, which resets bt_synced)."""
+    if seq.bt_row is None:
+        seq.bt_row = torch.zeros(W, dtype=torch.int32)
+    bt = seq.block_table
+    for i in range(seq.bt_synced, len(bt)):
+        seq.bt_row[i] = bt[i]
+    seq.bt_synced = len(bt)
+    return seq.bt_row
 
 
 # ---- block manager ---------------------------------------------------------------------------------------
@@ -650,7 +663,7 @@ class BlockManager:
             self.release(bid)
         for bid in seq.fork_blocks:
             self.release(bid)
-        seq.block_table, seq.fork_blocks, seq.block_hashes = [], [], []
+        seq.block_table, seq.fork_blocks, seq.block_hashes, seq.bt_synced = [], [], [], 0
 
     def blocks_needed(self, seq: Sequence, num_new: int) -> int:
         return max(0, -(-(seq.num_computed + num_new) // self.P) - len(seq.block_table))
@@ -961,9 +974,11 @@ def sample(logits: torch.Tensor, sb: SamplingBatch):
 
 @dataclass
 class StepInput:
-    """One step, packed. ints (int32) = [input_ids N | positions N | slot_mapping N | context_lens B |
-    cu_seqlens_q B+1 | block_table B*W | hidden_rows S] for an eager step; for a CUDA-graph decode step
-    (graph_bs > 0) the fixed layout of the graph's static buffer instead (see ModelRunner.capture).
+    """One step, packed in ONE int32 tensor `ints` (one host-to-device copy). The model part (n_model words):
+    [input_ids N | positions N | slot_mapping N | context_lens B | cu_seqlens_q B+1 | block_table B*W |
+    hidden_rows S] for an eager step, or for a CUDA-graph decode step (graph_bs > 0) the image of the graph's
+    static buffer (see ModelRunner.capture). Then, 8-byte aligned, the sampling part of R rows: keys int64
+    [3, R] (seed, sample, position), params fp32 [4, R] (temperature, top_k, top_p, min_p), logits row [R].
     hidden_rows: the token row of each sequence whose last token is sampled this step."""
     ints: torch.Tensor
     N: int
@@ -973,13 +988,22 @@ class StepInput:
     max_seqlen_q: int
     decode: bool
     graph_bs: int
-    sb: dict                       # SamplingBatch fields as CPU tensors / flags
+    n_model: int
+    sb: dict                       # R and the host-side flags of the SamplingBatch
     copies: list                   # [(src_block, dst_block)]: fork copies to make before the forward
 
     def views(self, ints):
         N, B, W, S = self.N, self.B, self.W, self.S
-        parts = ints.split([N, N, N, B, B + 1, B * W, S])
+        parts = ints[: self.n_model].split([N, N, N, B, B + 1, B * W, S])
         return parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(B, W), parts[6]
+
+    def sampling(self, ints) -> SamplingBatch:
+        R = self.sb["R"]
+        w = ints[-11 * R:] if R else ints[:0]                             # 6R + 4R + R int32 words
+        keys = w[: 6 * R].view(torch.int64).view(3, R)
+        f = w[6 * R: 10 * R].view(torch.float32).view(4, R)
+        return SamplingBatch(w[10 * R:].long(), f[0], f[1], f[2], f[3], uniform_t(keys[0], keys[1], keys[2]),
+                             self.sb["all_greedy"], self.sb["any_filter"], self.sb["logprobs"], self.sb["processed"])
 
 
 class ModelRunner:
@@ -1043,25 +1067,31 @@ class ModelRunner:
             raise ValueError(f"the KV cache fits {max(num_blocks, 0) * self.P} tokens, less than one sequence of "
                              f"max_model_len={self.W * self.P}: lower max_model_len or raise gpu_memory_utilization")
         self.allocate_kv(num_blocks)
+        if cuda:                                  # each autotuning bucket of the prefill kernel, once
+            for n in (500, 1000, 2000, 4000, 8000):
+                if n <= min(self.max_num_batched_tokens, self.W * self.P):
+                    self._dummy_prefill(n)
         if capture_graphs and cuda:
             self.capture()
         return num_blocks, sorted(self.graphs)
 
+    def _dummy_prefill(self, n: int):
+        """A forward of one n-token prompt that writes no K/V (slots -1): to profile memory and to make Triton
+        compile and autotune the prefill kernels before anyone times them."""
+        dev, P = self.device, self.P
+        i32 = dict(dtype=torch.int32, device=dev)
+        meta = AttnMeta(False, torch.full((n,), -1, **i32), torch.zeros(1, self.W, **i32),
+                        torch.tensor([n], **i32), torch.tensor([0, n], **i32), n)
+        h = self.model(torch.zeros(n, **i32), torch.arange(n, **i32) % self.cfg.max_position_embeddings, meta)
+        return self.model.logits(h[-min(n, self.max_num_seqs):])
+
     @torch.inference_mode()
     def profile_peak_bytes(self) -> int:
-        """Peak memory of a forward over max_num_batched_tokens tokens (prefill, the worst case) plus the
-        logits of max_num_seqs rows, measured with a throwaway cache just big enough for it."""
-        n = self.max_num_batched_tokens
+        """Peak memory of the worst step: max_num_batched_tokens of prefill (+ the logits of max_num_seqs
+        rows), measured with a throwaway cache of one sequence."""
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.allocate_kv(-(-n // self.P) + 1)
-        ids = torch.zeros(n, dtype=torch.int32, device=self.device)
-        pos = torch.arange(n, dtype=torch.int32, device=self.device) % self.cfg.max_position_embeddings
-        meta = AttnMeta(False, torch.arange(n, dtype=torch.int32, device=self.device),
-                        torch.arange(-(-n // self.P), dtype=torch.int32, device=self.device)[None, :],
-                        torch.tensor([n], dtype=torch.int32, device=self.device),
-                        torch.tensor([0, n], dtype=torch.int32, device=self.device), n)
-        h = self.model(ids, pos, meta)
-        self.model.logits(h[: self.max_num_seqs])
+        self.allocate_kv(self.W)
+        self._dummy_prefill(self.max_num_batched_tokens)
         torch.cuda.synchronize(self.device)
         self.free_kv()
         return torch.cuda.max_memory_allocated(self.device)
@@ -1081,7 +1111,7 @@ class ModelRunner:
             self.copy_blocks(st.copies)
         ints = st.ints.to(self.device, non_blocking=True)
         if st.graph_bs:
-            self.graph_ints.copy_(ints)
+            self.graph_ints.copy_(ints[: st.n_model])
             graph, logits = self.graphs[st.graph_bs]
             graph.replay()
             logits = logits[: st.B]
@@ -1092,12 +1122,7 @@ class ModelRunner:
             logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
         if self.tp.rank != 0:
             return None
-        f = st.sb["floats"].to(self.device, non_blocking=True)           # [4, R]: T, top_k, top_p, min_p
-        k = st.sb["keys"].to(self.device, non_blocking=True)             # [3, R]: seed, sample, position
-        sb = SamplingBatch(st.sb["rows"].to(self.device, non_blocking=True), f[0], f[1], f[2], f[3],
-                           uniform_t(k[0], k[1], k[2]), st.sb["all_greedy"], st.sb["any_filter"],
-                           st.sb["logprobs"], st.sb["processed"])
-        tok, lp, top = sample(logits, sb)
+        tok, lp, top = sample(logits, st.sampling(ints))
         out = (tok.tolist(), None if lp is None else lp.tolist(),          # .tolist() syncs: once per step
                None if top is None else (top.values.tolist(), top.indices.tolist()))
         return out
@@ -1163,25 +1188,6 @@ class ModelRunner:
             pool = pool or g.pool()
             self.graphs[bs] = (g, out)
         torch.cuda.synchronize(dev)
-
-
-def pack_graph_ints(mb: int, W: int, ids, pos, slots, ctx, tables) -> torch.Tensor:
-    """[ids | pos | slots (pad -1) | ctx (pad 0)] (mb each) + block tables (mb x W), int32, on the host."""
-    from array import array
-    B = len(ids)
-    a = array("i", ids)
-    a.extend(itertools.repeat(0, mb - B))
-    a.extend(pos)
-    a.extend(itertools.repeat(0, mb - B))
-    a.extend(slots)
-    a.extend(itertools.repeat(-1, mb - B))
-    a.extend(ctx)
-    a.extend(itertools.repeat(0, mb - B))
-    for t in tables:
-        a.extend(t)
-        a.extend(itertools.repeat(0, W - len(t)))
-    a.extend(itertools.repeat(0, (mb - B) * W))
-    return torch.frombuffer(a, dtype=torch.int32)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -1465,6 +1471,10 @@ class LLM:
             raise ValueError(f"LLM: request {rid}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
         seed = params.seed if params.seed is not None else _mix64((self.seed << 32) ^ arrival)
         req = Request(rid, text, ids, params, arrival, seed)
+        req.seed64 = _s64(seed & M64)
+        req.row = (params.temperature, params.top_k if params.top_k > 0 else self.cfg.vocab_size, params.top_p,
+                   params.min_p)
+        req.filtered = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
         seq = Sequence(next(self._seq_ids), req, 0, list(ids))
         seq.pending_forks = params.n - 1
         req.seqs.append(seq)
@@ -1485,68 +1495,84 @@ class LLM:
     # -- one step --
 
     def _build_step(self, scheduled) -> tuple[StepInput, list]:
-        """Pack the scheduled (sequence, new tokens) pairs into one StepInput; plan which rows sample."""
+        """Pack the scheduled (sequence, new tokens) pairs into one StepInput; plan which rows sample.
+        Hot path: at 256 sequences this runs every few milliseconds, so it builds flat Python lists and
+        stacks the per-sequence block-table rows (cached as tensors, see _table_row) in one call."""
         P, W = self.block_size, self.W
-        ids, pos, slots, ctx, cu, tables, rows, plan = [], [], [], [], [0], [], [], []
         decode = all(n == 1 and s.num_computed == s.num_tokens - 1 for s, n in scheduled)
-        for seq, n in scheduled:
-            a, bt = seq.num_computed, seq.block_table
-            ids.extend(seq.token_ids[a:a + n])
-            pos.extend(range(a, a + n))
-            slots.extend(bt[p // P] * P + p % P for p in range(a, a + n))
-            ctx.append(a + n)
-            cu.append(cu[-1] + n)
-            tables.append(bt)
-            if a + n == seq.num_tokens:                         # its last token is in: sample the next one
-                rows.append(cu[-1] - 1)
-                plan.append(seq)
-        N, B, S = len(ids), len(scheduled), len(rows)
-        graph_bs = next((g for g in self.graph_sizes if g >= B), 0) if decode and not self._copies else 0
-        if graph_bs:
-            ints = pack_graph_ints(self.max_num_seqs, W, ids, pos, slots, ctx, tables)
+        seqs = [s for s, _ in scheduled]
+        B = len(seqs)
+        if decode:                                               # one token each: no per-token loops
+            ids = [s.token_ids[-1] for s in seqs]
+            pos = [s.num_tokens - 1 for s in seqs]
+            slots = [s.block_table[p // P] * P + p % P for s, p in zip(seqs, pos)]
+            ctx = [p + 1 for p in pos]
+            cu, rows, plan = list(range(B + 1)), list(range(B)), seqs
         else:
-            from array import array
-            a = array("i", ids)
-            for part in (pos, slots, ctx, cu):
-                a.extend(part)
-            for bt in tables:
-                a.extend(bt)
-                a.extend(itertools.repeat(0, W - len(bt)))
-            a.extend(rows)
-            ints = torch.frombuffer(a, dtype=torch.int32)
-        st = StepInput(ints, N, B, W, S, max(n for _, n in scheduled), decode, graph_bs,
-                       self._sampling(plan, rows), self._copies)
+            ids, pos, slots, ctx, cu, rows, plan = [], [], [], [], [0], [], []
+            for seq, n in scheduled:
+                a, bt = seq.num_computed, seq.block_table
+                ids.extend(seq.token_ids[a:a + n])
+                pos.extend(range(a, a + n))
+                slots.extend(bt[p // P] * P + p % P for p in range(a, a + n))
+                ctx.append(a + n)
+                cu.append(cu[-1] + n)
+                if a + n == seq.num_tokens:                     # its last token is in: sample the next one
+                    rows.append(cu[-1] - 1)
+                    plan.append(seq)
+        tables = torch.stack([_table_row(s, W) for s in seqs])  # [B, W]
+        graph_bs = next((g for g in self.graph_sizes if g >= B), 0) if decode and not self._copies else 0
+        if graph_bs:                                             # the graph's static layout, padded to max_bs
+            pad = self.max_num_seqs - B
+            head = torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + ctx + [0] * pad,
+                                dtype=torch.int32)
+            parts = [head, tables.view(-1), torch.zeros(pad * W, dtype=torch.int32)]
+        else:
+            parts = [torch.tensor(ids + pos + slots + ctx + cu, dtype=torch.int32), tables.view(-1),
+                     torch.tensor(rows, dtype=torch.int32)]
+        n_model = sum(t.numel() for t in parts)
+        sb = self._sampling(plan)
+        parts += [torch.zeros(n_model % 2, dtype=torch.int32), sb.pop("words")]   # int64 keys need 8-byte alignment
+        st = StepInput(torch.cat(parts), len(ids), B, W, len(rows), max(n for _, n in scheduled), decode, graph_bs,
+                       n_model, sb, self._copies)
         self._copies = []
         return st, plan
 
-    def _sampling(self, plan: list, rows: list) -> dict:
-        """Per sampled row: the logits row it reads, its sampling params and its random-stream key (request
-        seed, sample index, output position); forking prompts read their row n times (one per sample)."""
-        V = self.cfg.vocab_size
-        rix, fl, keys, lp, greedy, filt = [], [[], [], [], []], [[], [], []], None, True, False
+    def _sampling(self, plan: list) -> dict:
+        """Per sampled row: its random-stream key (request seed, sample index, output position), its sampling
+        params and the logits row it reads, as int32 words (int64 and fp32 bits) that travel in the step's one
+        host-to-device copy. Forking prompts read their row n times (one per sample)."""
+        keys, fl, rix, lp, greedy, filt = [[], [], []], [[], [], [], []], [], None, True, False
         for i, seq in enumerate(plan):
-            p, req = seq.request.params, seq.request
+            req = seq.request
+            p = req.params
             for k in range(seq.seats):
                 rix.append(i)
-                for col, v in zip(fl, (p.temperature, p.top_k if p.top_k > 0 else V, p.top_p, p.min_p)):
-                    col.append(v)
-                for col, v in zip(keys, (_s64(req.seed & M64), seq.sample + k, seq.num_output)):
+                keys[0].append(req.seed64)
+                keys[1].append(seq.sample + k)
+                keys[2].append(seq.num_output)
+                for col, v in zip(fl, req.row):
                     col.append(v)
             greedy &= p.greedy
-            filt |= p.top_k > 0 or p.top_p < 1 or p.min_p > 0
+            filt |= req.filtered
             if p.logprobs is not None:
                 lp = max(lp or 0, p.logprobs)
-        return dict(rows=torch.tensor(rix, dtype=torch.int64), floats=torch.tensor(fl, dtype=torch.float32),
-                    keys=torch.tensor(keys, dtype=torch.int64), all_greedy=greedy, any_filter=filt, logprobs=lp,
-                    processed=self.processed)
+        words = torch.cat([torch.tensor(keys, dtype=torch.int64).view(-1).view(torch.int32),
+                           torch.tensor(fl, dtype=torch.float32).view(-1).view(torch.int32),
+                           torch.tensor(rix, dtype=torch.int32)])
+        return dict(words=words, R=len(rix), all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one step; returns the requests that finished in it."""
+        t0 = time.perf_counter()
         scheduled = self.scheduler.schedule()
         if not scheduled:
             return []
+        t1 = time.perf_counter()
         st, plan = self._build_step(scheduled)
+        t2 = time.perf_counter()
         toks, lps, top = self.executor.execute(st)
+        t3 = time.perf_counter()
         for seq, n in scheduled:
             seq.num_computed += n
             self.bm.commit(seq)
@@ -1573,6 +1599,9 @@ class LLM:
             if all(s.status == FINISHED for s in req.seqs) and not any(s.pending_forks for s in req.seqs) \
                     and req.request_id in self.requests:
                 done.append(self._output(self.requests.pop(req.request_id)))
+        for k, v in zip(("schedule_s", "build_s", "execute_s", "postprocess_s"), (t1 - t0, t2 - t1, t3 - t2,
+                                                                                 time.perf_counter() - t3)):
+            self.stats[k] = self.stats.get(k, 0.0) + v
         return done
 
     def _fork(self, parent: Sequence) -> list[Sequence]:

