@@ -1076,13 +1076,16 @@ class ModelRunner:
         return num_blocks, sorted(self.graphs)
 
     def _dummy_prefill(self, n: int):
-        """A forward of one n-token prompt that writes no K/V (slots -1): to profile memory and to make Triton
-        compile and autotune the prefill kernels before anyone times them."""
-        dev, P = self.device, self.P
+        """A forward of n prompt tokens (as sequences of at most max_model_len) that writes no K/V (slots -1):
+        to profile memory and to make Triton compile and autotune the prefill kernels before anyone times them."""
+        dev, L = self.device, min(n, self.W * self.P)
         i32 = dict(dtype=torch.int32, device=dev)
-        meta = AttnMeta(False, torch.full((n,), -1, **i32), torch.zeros(1, self.W, **i32),
-                        torch.tensor([n], **i32), torch.tensor([0, n], **i32), n)
-        h = self.model(torch.zeros(n, **i32), torch.arange(n, **i32) % self.cfg.max_position_embeddings, meta)
+        lens = [L] * (n // L) + ([n % L] if n % L else [])
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), **i32)
+        pos = torch.cat([torch.arange(k, **i32) for k in lens])
+        meta = AttnMeta(False, torch.full((n,), -1, **i32), torch.zeros(len(lens), self.W, **i32),
+                        torch.tensor(lens, **i32), cu, L)
+        h = self.model(torch.zeros(n, **i32), pos, meta)
         return self.model.logits(h[-min(n, self.max_num_seqs):])
 
     @torch.inference_mode()
@@ -1105,27 +1108,56 @@ class ModelRunner:
     # -- one step --
 
     @torch.inference_mode()
-    def execute(self, st: StepInput):
-        """Run one step; tp rank 0 returns (tokens, logprobs or None, top-k (values, ids) or None) as lists."""
+    def launch(self, st: StepInput, prev_tokens=None):
+        """Queue one step on the device and return without waiting: tp rank 0 gets (tokens, logprobs, top-k)
+        as device tensors, their host copies started (pinned, non-blocking) and an event that marks them done.
+        prev_tokens: the device tokens sampled by the step still in flight; they become this step's input ids
+        (one-step-ahead decoding: the host never had them)."""
         if st.copies:
             self.copy_blocks(st.copies)
-        ints = st.ints.to(self.device, non_blocking=True)
+        # FOOTGUN: a copy from pageable host memory waits for the whole stream first; pinned memory does not
+        host = st.ints.pin_memory() if self.device.type == "cuda" else st.ints
+        ints = host.to(self.device, non_blocking=True)
         if st.graph_bs:
             self.graph_ints.copy_(ints[: st.n_model])
+            if prev_tokens is not None:
+                self.graph_ints[: st.B].copy_(prev_tokens)
             graph, logits = self.graphs[st.graph_bs]
             graph.replay()
             logits = logits[: st.B]
         else:
             ids, pos, slots, ctx, cu, bt, rows = st.views(ints)
+            if prev_tokens is not None:
+                ids.copy_(prev_tokens)
             meta = AttnMeta(st.decode, slots, bt, ctx, cu, st.max_seqlen_q)
             hidden = self.model(ids, pos, meta)                          # [N, Hd]
             logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
         if self.tp.rank != 0:
             return None
         tok, lp, top = sample(logits, st.sampling(ints))
-        out = (tok.tolist(), None if lp is None else lp.tolist(),          # .tolist() syncs: once per step
-               None if top is None else (top.values.tolist(), top.indices.tolist()))
-        return out
+        outs = [tok, lp] + ([None, None] if top is None else [top.values, top.indices])
+        if self.device.type != "cuda":
+            return tok, outs, None
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in outs]
+        done = torch.cuda.Event()
+        done.record()
+        return tok, host, done
+
+    @staticmethod
+    def fetch(handle):
+        """Wait for a launched step's host copies (only for them: later steps may already be queued) ->
+        (tokens, logprobs or None, (top values, top ids) or None) as lists."""
+        _, (tok, lp, tv, ti), done = handle
+        if done is not None:
+            done.synchronize()
+        return tok.tolist(), None if lp is None else lp.tolist(), None if tv is None else (tv.tolist(), ti.tolist())
+
+    @torch.inference_mode()
+    def execute(self, st: StepInput):
+        """One step, synchronously: tp rank 0 returns (tokens, logprobs or None, top-k or None) as lists."""
+        h = self.launch(st)
+        return None if h is None else self.fetch(h)
 
     # -- RL hooks --
 
@@ -1264,6 +1296,13 @@ class UniExecutor:
     def execute(self, st: StepInput):
         return self.runner.execute(st)
 
+    @torch.inference_mode()
+    def launch(self, st: StepInput, prev_tokens=None):
+        return self.runner.launch(st, prev_tokens)
+
+    def fetch(self, handle):
+        return self.runner.fetch(handle)
+
     def shutdown(self):
         pass
 
@@ -1366,7 +1405,7 @@ class LLM:
                  enable_prefix_caching: bool = True, block_size: int = 16, num_gpu_blocks_override: int | None = None,
                  load_format: str = "auto", weights: Iterable | None = None,
                  logprobs_mode: str = "processed_logprobs", skip_tokenizer_init: bool = False,
-                 device: str | None = None, use_kernels: bool = True):
+                 device: str | None = None, use_kernels: bool = True, async_scheduling: bool = True):
         t0 = time.perf_counter()
         folder = resolve_model(model)
         self.cfg = c = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), f"{folder}/config.json")
@@ -1414,8 +1453,9 @@ class LLM:
             self.executor.shutdown()
             raise
         self.block_size, self.W = block_size, -(-self.max_model_len // block_size)
-        self.max_num_seqs = max_num_seqs
+        self.max_num_seqs, self.async_scheduling = max_num_seqs, async_scheduling
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
+        self._inflight, self._aborted = None, []
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -1483,18 +1523,20 @@ class LLM:
         return rid
 
     def abort_request(self, request_id: str):
-        req = self.requests.get(str(request_id))
+        """Stop a request now: its samples end with finish_reason "abort" and the next step returns it."""
+        req = self.requests.pop(str(request_id), None)
         if req is not None:
-            self.scheduler.abort(req.seqs)
             for s in req.seqs:
                 s.pending_forks = 0
+            self.scheduler.abort(req.seqs)
+            self._aborted.append(self._output(req))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None or bool(self._aborted)
 
     # -- one step --
 
-    def _build_step(self, scheduled) -> tuple[StepInput, list]:
+    def _build_step(self, scheduled, ahead: int = 0) -> tuple[StepInput, list]:
         """Pack the scheduled (sequence, new tokens) pairs into one StepInput; plan which rows sample.
         Hot path: at 256 sequences this runs every few milliseconds, so it builds flat Python lists and
         stacks the per-sequence block-table rows (cached as tensors, see _table_row) in one call."""
@@ -1503,8 +1545,8 @@ class LLM:
         seqs = [s for s, _ in scheduled]
         B = len(seqs)
         if decode:                                               # one token each: no per-token loops
-            ids = [s.token_ids[-1] for s in seqs]
-            pos = [s.num_tokens - 1 for s in seqs]
+            ids = [s.token_ids[-1] for s in seqs] if not ahead else [0] * B   # ahead: filled on the device
+            pos = [s.num_tokens - 1 + ahead for s in seqs]
             slots = [s.block_table[p // P] * P + p % P for s, p in zip(seqs, pos)]
             ctx = [p + 1 for p in pos]
             cu, rows, plan = list(range(B + 1)), list(range(B)), seqs
@@ -1531,14 +1573,14 @@ class LLM:
             parts = [torch.tensor(ids + pos + slots + ctx + cu, dtype=torch.int32), tables.view(-1),
                      torch.tensor(rows, dtype=torch.int32)]
         n_model = sum(t.numel() for t in parts)
-        sb = self._sampling(plan)
+        sb = self._sampling(plan, ahead)
         parts += [torch.zeros(n_model % 2, dtype=torch.int32), sb.pop("words")]   # int64 keys need 8-byte alignment
         st = StepInput(torch.cat(parts), len(ids), B, W, len(rows), max(n for _, n in scheduled), decode, graph_bs,
                        n_model, sb, self._copies)
         self._copies = []
         return st, plan
 
-    def _sampling(self, plan: list) -> dict:
+    def _sampling(self, plan: list, ahead: int = 0) -> dict:
         """Per sampled row: its random-stream key (request seed, sample index, output position), its sampling
         params and the logits row it reads, as int32 words (int64 and fp32 bits) that travel in the step's one
         host-to-device copy. Forking prompts read their row n times (one per sample)."""
@@ -1550,7 +1592,7 @@ class LLM:
                 rix.append(i)
                 keys[0].append(req.seed64)
                 keys[1].append(seq.sample + k)
-                keys[2].append(seq.num_output)
+                keys[2].append(seq.num_output + ahead)
                 for col, v in zip(fl, req.row):
                     col.append(v)
             greedy &= p.greedy
@@ -1563,45 +1605,84 @@ class LLM:
         return dict(words=words, R=len(rix), all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one step; returns the requests that finished in it."""
+        """Schedule, run and sample one step; returns the requests that finished in it.
+        One step ahead (async_scheduling, tp = 1): while a pure-decode step runs on the device, the next one is
+        built and queued behind it, its input ids taken ON THE DEVICE from the running step's samples; the host
+        then processes the running step's tokens while the device computes the next. The host's Python work
+        (scheduling, packing, stop checks) hides behind device time instead of adding to it. A sequence that
+        stopped meanwhile has its one extra token discarded; blocks are only freed after the step that wrote
+        them was queued, and the stream runs steps in order, so a reused block is never overwritten late."""
         t0 = time.perf_counter()
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                done, self._aborted = self._aborted, []
+                return done
+            cur = self._launch(scheduled)
         t1 = time.perf_counter()
-        st, plan = self._build_step(scheduled)
+        if self.async_scheduling:
+            self._inflight = self._speculate(cur)
         t2 = time.perf_counter()
-        toks, lps, top = self.executor.execute(st)
-        t3 = time.perf_counter()
-        for seq, n in scheduled:
-            seq.num_computed += n
-            self.bm.commit(seq)
+        done = self._finish(cur) + self._aborted
+        self._aborted = []
+        for k, v in zip(("launch_s", "ahead_s", "finish_s"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            self.stats[k] = self.stats.get(k, 0.0) + v
+        return done
+
+    def _launch(self, scheduled, ahead: int = 0, prev=None) -> tuple:
+        st, plan = self._build_step(scheduled, ahead)
         self.stats["steps"] += 1
         self.stats["graph_steps"] += bool(st.graph_bs)
         self.stats["decode_tokens" if st.decode else "prefill_tokens"] += st.N
-        done, k = [], 0
-        new = {}
+        if isinstance(self.executor, UniExecutor):
+            return scheduled, plan, st, self.executor.launch(st, prev)
+        return scheduled, plan, st, self.executor.execute(st)        # tp workers: one synchronous step
+
+    def _speculate(self, cur):
+        """Queue the decode step after `cur` before its tokens are known (see step), when that next step is
+        sure to be exactly 'every running sequence, one more token': cur was a pure decode of all of them,
+        nobody waits to be admitted, and the blocks for the next position are free (else: the normal path)."""
+        scheduled, _, st, handle = cur
+        seqs = [q for q, _ in scheduled]
+        if (not st.decode or self.scheduler.waiting or self._copies or not isinstance(self.executor, UniExecutor)
+                or len(seqs) != len(self.scheduler.running) or any(q.status != RUNNING or q.seats > 1 for q in seqs)):
+            return None
+        if sum(self.bm.blocks_needed(q, 2) for q in seqs) > self.bm.num_free():
+            return None
+        for q in seqs:
+            self.bm.grow(q, 2)
+        return self._launch([(q, 1) for q in seqs], ahead=1, prev=handle[0])
+
+    def _finish(self, cur) -> list[RequestOutput]:
+        """Wait for a launched step's samples and apply them: computed counts, prefix-cache hashes, forks,
+        new tokens, stops. Sequences finished in the meantime (stopped one step earlier, or aborted) skip."""
+        scheduled, plan, st, handle = cur
+        toks, lps, top = self.executor.fetch(handle) if isinstance(self.executor, UniExecutor) else handle
+        for seq, n in scheduled:
+            if seq.status != FINISHED:
+                seq.num_computed += n
+                self.bm.commit(seq)
+        done, k, new = [], 0, {}
         for seq in plan:
+            if seq.status == FINISHED:
+                k += seq.seats
+                continue
             group = [seq] + self._fork(seq)
             if len(group) > 1:
                 new[seq.seq_id] = group[1:]
-            for s in group:
-                self._append(s, toks[k], None if lps is None else lps[k],
-                             None if top is None else (top[0][k], top[1][k]))
+            for q in group:
+                self._append(q, toks[k], None if lps is None else lps[k], None if top is None else (top[0][k], top[1][k]))
                 k += 1
         running = []
-        for s in self.scheduler.running:                      # children go right after their parent (FCFS)
-            running.append(s)
-            running.extend(new.get(s.seq_id, ()))
-        self.scheduler.running = [s for s in running if s.status != FINISHED]
+        for q in self.scheduler.running:                      # children go right after their parent (FCFS)
+            running.append(q)
+            running.extend(new.get(q.seq_id, ()))
+        self.scheduler.running = [q for q in running if q.status != FINISHED]
         for seq in plan:
             req = seq.request
-            if all(s.status == FINISHED for s in req.seqs) and not any(s.pending_forks for s in req.seqs) \
-                    and req.request_id in self.requests:
+            if req.request_id in self.requests and not any(q.pending_forks or q.status != FINISHED for q in req.seqs):
                 done.append(self._output(self.requests.pop(req.request_id)))
-        for k, v in zip(("schedule_s", "build_s", "execute_s", "postprocess_s"), (t1 - t0, t2 - t1, t3 - t2,
-                                                                                 time.perf_counter() - t3)):
-            self.stats[k] = self.stats.get(k, 0.0) + v
         return done
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -1705,9 +1786,10 @@ class LLM:
                     done[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
-        except BaseException:
+        except BaseException:                             # leave the engine empty and usable
             self.scheduler.abort(s for r in list(self.requests.values()) for s in r.seqs)
             self.requests.clear()
+            self._inflight, self._aborted = None, []
             raise
         finally:
             if bar is not None:
@@ -1870,7 +1952,7 @@ def _bench_hf(folder, prompts, new: int, batch_api: bool) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
     cfg = AutoConfig.from_pretrained(folder)
     m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
-                                         attn_implementation="sdpa_paged" if batch_api else "sdpa").cuda().eval()
+                                         attn_implementation="paged|sdpa" if batch_api else "sdpa").cuda().eval()
     gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
     if batch_api:
         run = lambda: m.generate_batch(inputs=prompts, generation_config=gc)          # noqa: E731

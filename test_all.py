@@ -4420,6 +4420,25 @@ def test_nanovllm_preemption_and_chunked_prefill(nv_models):
             assert llm.stats["steps"] > 12 + 78 // 7 - 1    # prompts of 78 tokens need >= 12 prefill steps
 
 
+def test_nanovllm_one_step_ahead_equals_synchronous(nv_models):
+    """async_scheduling queues each decode step before the previous one's tokens reach the host; it must give
+    exactly the synchronous engine's tokens and log-probs, stops and EOS included."""
+    folder, _ = nv_models["qwen2"]
+    prompts = _nv_prompts([5, 17, 33, 8, 1, 12])
+    ref = _hf_greedy(nv_models["qwen2"][1], prompts[2], 12)
+    sps = [nv.SamplingParams(temperature=t, max_tokens=m, seed=i, logprobs=0, stop_token_ids=[ref[5]] if i == 2 else [])
+           for i, (t, m) in enumerate([(1.0, 15), (0.0, 3), (0.0, 12), (0.7, 20), (1.0, 1), (1.0, 9)])]
+    outs = []
+    for a in (True, False):
+        llm = _nv_llm(folder, async_scheduling=a, num_gpu_blocks_override=40, block_size=4, max_model_len=64)
+        outs.append(llm.generate(prompts, sps, use_tqdm=False))
+        assert llm.bm.num_free() == 40
+    for x, y in zip(*outs):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids and x.outputs[0].finish_reason == y.outputs[0].finish_reason
+        torch.testing.assert_close(x.outputs[0].token_logprobs, y.outputs[0].token_logprobs, atol=1e-5, rtol=0)
+    assert outs[0][2].outputs[0].token_ids == ref[: ref.index(ref[5]) + 1]
+
+
 def test_nanovllm_random_workload_block_invariants(nv_models):
     """Random prompts, n, lengths, stops and aborts on a cache small enough to preempt: after every step
     each block's reference count equals its holders, and at the end every block is free again."""
@@ -4457,8 +4476,13 @@ def test_nanovllm_stop_conditions_and_finish_reasons(nv_models):
     assert len(p) + len(o.outputs[0].token_ids) == 256 and o.outputs[0].finish_reason == "length"  # max_model_len
     rid = llm.add_request(p, nv.SamplingParams(max_tokens=50))
     llm.step()
+    llm.step()
     llm.abort_request(rid)
-    assert not llm.has_unfinished_requests() and llm.bm.num_free() == 64
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += llm.step()
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort"] and len(outs[0].outputs[0].token_ids) >= 2
+    assert llm.bm.num_free() == 64
 
 
 def test_nanovllm_eos_and_stop_strings_with_a_tokenizer(tmp_path):
