@@ -21,16 +21,27 @@ V vocab; varlen batches are packed with cu_seqlens[B+1]):
               (vocab-parallel through VocabParallel(vocab_start, all_reduce_max, all_reduce_sum) hooks)
 
 Commands:
-  python kernels.py           CPU self-test: each kernel vs its reference at tiny shapes (interpreter)
-  python kernels.py --bench   GPU benchmark (bf16): ours vs SDPA / eager / torch.compile / Liger
-  pytest -q test_all.py -k kernels
+  python kernels.py           self-test: every public op vs its reference at tiny shapes, in seconds
+                              (Triton's interpreter without a GPU; SKIPPED, never OK, without Triton)
+  python kernels.py --bench   GPU benchmark (bf16), one table: ours vs torch SDPA, eager torch,
+                              torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
+  python kernels.py --help    (--debug: full tracebacks)
+  pytest -q test_all.py -k "kernels or flash or paged or store or attn or attention or rms or rope or
+      swiglu or rowwise or entropy or logprobs or vocab or grad_w or int32 or blocks or loss_bad"
+
+First read (~600 lines): the shared helpers; the attention section from its opening comment through
+the flash forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the
+varlen API; RMSNorm (reference, forward kernel, autograd Function); the LM-head losses' opening comment,
+references and chunked autograd Functions. The rest are independent chapters, each readable alone:
+flash backward . paged decode (split-K) . paged prefill and the KV-cache store . RoPE + qk-norm .
+SwiGLU . vocab-parallel losses (hooks and the two row kernels) . benchmark . self-test and CLI.
 
 Sections: shared helpers . attention . row-wise kernels . losses over the LM head . benchmark .
-          self-test
+          self-test and command line
 """
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
-import math
+import argparse
 import os
 import sys
 from dataclasses import dataclass
@@ -69,13 +80,23 @@ def _use_triton(impl: str, *tensors) -> bool:
     return triton is not None and all(t.is_cuda for t in tensors if t is not None)
 
 
+_SM_COUNT: dict = {}   # device index -> SM count: get_device_properties costs host time on every launch
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
 # ==== attention ===============================================================================
 # FlashAttention-2 on packed varlen sequences (training), paged attention over a block table
 # (inference decode and chunked prefill) and the KV-cache store. Stands in for flash-attn's
 # `flash_attn_varlen_func` (forward AND backward, causal or not, grouped-query attention) and for
-# vLLM's paged-attention / flash-decoding kernels and `reshape_and_cache`. It keeps head dims 16..128 (powers of two), fp16/bf16 (and fp32,
-# which the GPU multiplies in TF32) and bottom-right causal masks; it drops dropout, ALiBi, sliding
-# windows, softcapping, fp8 and the KV-cache quantization of the real libraries.
+# vLLM's paged-attention / flash-decoding kernels and `reshape_and_cache`. It keeps head dims 16..128
+# (powers of two), fp16/bf16 (and fp32, which the GPU multiplies in TF32) and bottom-right causal masks;
+# it drops dropout, ALiBi, sliding windows, softcapping, fp8 and the KV-cache quantization.
 #
 # How it works (Dao 2023, FlashAttention-2, Algorithms 1 and 2): a program owns a tile of BLOCK_M
 # queries and streams the keys/values in tiles of BLOCK_N through SRAM, keeping a running row max m
@@ -88,7 +109,7 @@ def _use_triton(impl: str, *tensors) -> bool:
 # Shapes legend: N packed tokens, B sequences, S (max) sequence length, H query heads, Hkv kv heads,
 # G = H / Hkv query heads per kv head, D head dim, P block (page) size of the paged cache.
 # Parts: helpers . torch references . flash forward . backward . varlen/dense API . paged decode .
-#        paged prefill . KV-cache store . benchmark
+#        paged prefill . KV-cache store
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -102,13 +123,10 @@ _CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)   # forward and dQ: 32 queries x 16 keys
 _CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)  # dK/dV: 32 keys resident, 16 queries per step
 _CPU_DECODE_BLOCK_N = 32                  # decode: 32 cached tokens per step (2 pages of 16)
 # Decode on a GPU is not autotuned (it runs inside CUDA graphs; tuning there would benchmark mid-capture):
-# 64 tokens x 128 dims x 2 B = 16 KiB of K and of V per step; ptxas: 112 registers, 38 KiB SMEM at 4 warps,
-# so ~4 programs per SM keep ~128 KiB of loads in flight per SM, well above bandwidth x latency (~35 KiB).
+# 64 tokens x 128 dims x 2 B = 16 KiB of K and of V per step, ~4 programs per SM: enough loads in flight
+# per SM to cover bandwidth x latency (~35 KiB), which is all a bandwidth-bound kernel needs.
 _GPU_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
-# Launch order of the flash kernels (_tile_order): groups of 4 (sequence, head) pairs. Measured on H100
-# (bf16, H=16, Hkv=8, D=128, 16k tokens; TFLOP/s of the kernel alone, head_group 1 / 4 / all):
-# fwd S=4k 419 / 440 / 405, S=8k 461 / 472 / 449; dQ S=4k 449 / 581 / 534; dK/dV S=4k 347 / 385 / 361.
-HEAD_GROUP = 4
+HEAD_GROUP = 4   # launch order of the flash kernels (_tile_order): groups of 4 (sequence, head) pairs
 
 
 def _cfgs(rows):
@@ -547,24 +565,19 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
-# Hopper (H100) configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (D, CAUSAL[, PAGED, G]) and
-# max-seqlen bucket (so a short first batch does not pick the tiles for every later long one); the LAST one of
-# each list is the untimed pick for short sequences (_short_seq_prune). Measured (TFLOP/s of the kernel alone,
-# bf16, D=128, causal, head_group 4; `ptxas` registers/spills):
-# Forward: 128x128 on 8 warps = two warpgroups of 64 rows (the wgmma shape) with N=128 (wgmma's widest
-# efficient tile): 440 at S=4k and 472 at 8k, 255 registers and no spills now that p @ v accumulates in place;
-# 3 stages of K/V (Q 32 KiB + 3 x 64 KiB) beat 2 stages by 15%. 128x64 (3 stages) is within 1-3%; at S=1k
-# (B*H = 256 short heads) 64x64 on 4 warps wins (309 vs 275-288): more, shorter programs, two per SM.
-# Backward: the RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one. dK/dV holds two fp32 [128, D]
-# accumulators, so every config spills some (72-260 B); 64 queries x 128 keys (385 at 4k, 412 at 8k) and 32x64
-# on 4 warps (383 at 4k, best at 1k) lead; K/V as the wgmma B operand (in SMEM) instead was 2x slower.
-# dQ: 128 queries x 64 keys, 3 stages (581 at 4k, no spills); 64x32 for short sequences.
-# The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
+# Hopper configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (D, CAUSAL[, PAGED, G]) and
+# max-seqlen bucket (so a short first batch does not pick the tiles for every later long one); the LAST
+# one of each list is the untimed pick for short sequences (_short_seq_prune). The forward's 128x128 on 8
+# warps is two warpgroups of 64 rows (the wgmma shape) by wgmma's widest efficient N; 3 stages of K/V
+# keep the tensor cores fed. In the backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the
+# wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators in registers, hence its narrower query tiles.
+# The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all
+# do. The sweeps that chose them are in BENCHMARKS.md.
 def _short_seq_prune(configs, named_args, **kwargs):
     """Autotune pruning: batches of short sequences (max_seqlen <= 1024) run the LAST config of each list
-    untimed. At S=1k the sweep above found those the fastest for the forward and dK/dV (and within 4% for
-    dQ), and their kernels are short enough that autotune timing noise picked worse ones; it also keeps
-    many-shape runs (the GPU tests) from compiling every config."""
+    untimed: at S=1k they were the fastest (or within 4%) and their kernels are short enough that
+    autotune timing noise picked worse ones; it also keeps many-shape runs (the GPU tests) from
+    compiling every config."""
     return configs[-1:] if named_args["seq_bucket"] <= 1024 else configs
 
 
@@ -735,18 +748,13 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PA
     tl.store(O + bh * D + offs_d, out.to(O.dtype.element_ty))
 
 
-_SM_COUNT: dict = {}
-
-
 def _decode_splits(programs: int, max_ctx: int, device, min_chunk: int) -> int:
     """Flash-decoding split count: 1 when B * Hkv programs already cover the SMs; else enough splits for
     ~2 programs per SM, each keeping >= min_chunk tokens. Uses only static shapes (block_table width)
     so it is CUDA-graph safe; FOOTGUN: contexts much shorter than that width gain little from splitting."""
     if device.type != "cuda":
         return 1
-    if device not in _SM_COUNT:
-        _SM_COUNT[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    sms = _SM_COUNT[device]
+    sms = _sm_count(device)
     if programs >= sms:
         return 1
     return max(1, min(triton.cdiv(2 * sms, programs), max_ctx // min_chunk))
@@ -858,120 +866,11 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
                                           HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D)
 
 
-# ---- benchmark ---------------------------------------------------------------------------------------
-
-def _sdpa_variants(qs, ks, vs, G):
-    """Every torch SDPA setup that runs fwd+bwd here: the DEFAULT backend choice (what users get) and each of
-    cuDNN / FLASH / EFFICIENT forced. GQA: enable_gqa=True (torch >= 2.5) where that backend accepts it,
-    else the kv heads repeated by expand + reshape OUTSIDE the timed call (so SDPA is charged neither for
-    the copy nor for summing dK/dV over the copies: the conservative side for our ratio). A backend that
-    accepts both gets both (the default may pick different kernels for them). -> [(name, fn, leaves)]."""
-    import contextlib
-    import warnings
-    import torch.nn.functional as F
-    backends = [("default", contextlib.nullcontext)]
-    try:
-        from torch.nn.attention import sdpa_kernel, SDPBackend
-        for nm in ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION"):
-            if hasattr(SDPBackend, nm):
-                backends.append((nm.split("_")[0].lower(), lambda nm=nm: sdpa_kernel(getattr(SDPBackend, nm))))
-    except ImportError:
-        pass
-    B, Hkv, S, D = ks.shape
-    # [B, Hkv, S, D] -> [B, Hkv, G, S, D] (a view) -> [B, Hkv * G = H, S, D] (the copy): head h reads kv head h // G
-    rep = [t.detach().unsqueeze(2).expand(B, Hkv, G, S, D).reshape(B, Hkv * G, S, D).requires_grad_()
-           for t in (ks, vs)]
-    out = []
-    for bname, ctx in backends:
-        for kk, vv, kw, tag in ((ks, vs, dict(enable_gqa=True), "enable_gqa"), (rep[0], rep[1], {}, "kv repeated")):
-            def fn(kk=kk, vv=vv, kw=kw, ctx=ctx):
-                with ctx():
-                    return F.scaled_dot_product_attention(qs, kk, vv, is_causal=True, **kw)
-            try:
-                with warnings.catch_warnings():    # a refusing backend also warns why; the skip says enough
-                    warnings.simplefilter("ignore")
-                    fn().sum().backward()
-                torch.cuda.synchronize()
-            except (TypeError, RuntimeError):      # backend cannot run this setup (or no enable_gqa)
-                continue
-            out.append((f"SDPA {bname} ({tag})", fn, [qs, kk, vv]))
-    return out
-
-
-def _bench_attn() -> list[tuple]:
-    """bf16 on one GPU. Rows: (name, ours, peer name, peer value, unit, ratio ours/peer, roofline fraction);
-    the flash rows' peer is the BEST of all SDPA setups (_sdpa_variants), each printed as it is measured.
-    FLOPs (causal): fwd = 4 * B * H * S^2 * D / 2; fwd+bwd = 3.5x fwd (bwd = 2.5x: 5 matmuls vs 2).
-    Roofline: 734 TFLOP/s (measured bf16 matmul on H100) and 3.0 TB/s HBM (device copy)."""
-    if triton is None or not torch.cuda.is_available():
-        print("_bench_attn: needs CUDA and triton, skipped")
-        return []
-    from triton.testing import do_bench
-    import torch.nn.functional as F
-    dev, dt, rows = "cuda", torch.bfloat16, []
-    H, Hkv, D, N = 16, 8, 128, 16384
-    print(f"_bench_attn on {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-
-    def ms(fn, leaves=()):   # median ms; grads reset to None before each rep (outside the timing)
-        return do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=list(leaves))
-
-    for S in (1024, 4096, 8192):
-        B = N // S
-        q = torch.randn(N, H, D, device=dev, dtype=dt, requires_grad=True)
-        k = torch.randn(N, Hkv, D, device=dev, dtype=dt, requires_grad=True)
-        v = torch.randn(N, Hkv, D, device=dev, dtype=dt, requires_grad=True)
-        cu = torch.arange(0, N + 1, S, device=dev, dtype=torch.int32)
-        o = flash_attn_varlen(q, k, v, cu, S)
-        do = torch.randn_like(o)
-        o.backward(do)                       # warm-up: compile + autotune forward and backward
-        # SDPA layout [B, H, S, D]: [N, H, D] -> [B, S, H, D] -> [B, H, S, D]
-        qs, ks, vs = (t.detach().view(B, S, -1, D).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
-        dos = do.view(B, S, H, D).transpose(1, 2).contiguous()
-        flops = 4 * B * H * S * S * D / 2
-        best_f, best_fb = ("none", 0.0), ("none", 0.0)
-        for name, fn, leaves in _sdpa_variants(qs, ks, vs, H // Hkv):
-            tf = flops / ms(fn) * 1e-9                                            # TFLOP/s (ms)
-            tfb = 3.5 * flops / ms(lambda: fn().backward(dos), leaves) * 1e-9
-            print(f"    S={S:<5} {name:<36} fwd {tf:6.1f}  fwd+bwd {tfb:6.1f} TFLOP/s")
-            best_f, best_fb = max(best_f, (name, tf), key=lambda r: r[1]), max(best_fb, (name, tfb), key=lambda r: r[1])
-        t_ours = ms(lambda: flash_attn_varlen(q, k, v, cu, S))
-        t_ours_fb = ms(lambda: flash_attn_varlen(q, k, v, cu, S).backward(do), (q, k, v))
-        for name, t, (peer, theirs), f in ((f"flash varlen fwd S={S}", t_ours, best_f, flops),
-                                           (f"flash varlen fwd+bwd S={S}", t_ours_fb, best_fb, 3.5 * flops)):
-            ours = f / t * 1e-9
-            rows.append((name, ours, "best: " + peer, theirs, "TFLOP/s", ours / theirs, ours / 734))
-        del q, k, v, o, do, qs, ks, vs, dos
-
-    for P in (16, 256):   # decode: 256 sequences x 1024 cached tokens, Qwen3-0.6B KV shape
-        B, ctx_len = 256, 1024
-        nb = B * ctx_len // P
-        kc = torch.randn(nb, P, Hkv, D, device=dev, dtype=dt)
-        vc = torch.randn_like(kc)
-        bt = torch.randperm(nb, device=dev).view(B, -1).to(torch.int32)   # shuffled pages, as after churn
-        cl = torch.full((B,), ctx_len, device=dev, dtype=torch.int32)
-        q = torch.randn(B, H, D, device=dev, dtype=dt)
-        kv_bytes = 2 * B * ctx_len * Hkv * D * 2
-
-        def torch_decode():   # eager peer: gather each sequence's pages, then one batched SDPA
-            kk = kc[bt.long()].view(B, ctx_len, Hkv, D).transpose(1, 2)      # [B, Hkv, ctx, D]
-            vv = vc[bt.long()].view(B, ctx_len, Hkv, D).transpose(1, 2)
-            return F.scaled_dot_product_attention(q.unsqueeze(2), kk.repeat_interleave(H // Hkv, 1),
-                                                  vv.repeat_interleave(H // Hkv, 1))
-        paged_attention_decode(q, kc, vc, bt, cl)     # warm-up: compile
-        t_ours, t_ref = ms(lambda: paged_attention_decode(q, kc, vc, bt, cl)), ms(torch_decode)
-        gbs, gbs_ref = kv_bytes / t_ours * 1e-6, kv_bytes / t_ref * 1e-6      # GB/s (t in ms)
-        rows.append((f"paged decode 256x1024 P={P}", gbs, "torch gather+SDPA", gbs_ref, "GB/s", gbs / gbs_ref,
-                     gbs / 3000))
-        del kc, vc
-    for r in rows:
-        print(f"  {r[0]:<28} {r[1]:8.1f} {r[4]:<8}| {r[2]:<38} {r[3]:8.1f} | ratio {r[5]:.2f} | roofline {r[6]:.0%}")
-    return rows
-
-
 # ==== row-wise kernels: RMSNorm, RoPE + q/k norm, SwiGLU ======================================
 # Row-wise and elementwise training kernels (RMSNorm, RoPE + qk-norm, SwiGLU). Stands in for
-# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: it keeps the three memory-bound ops of a Qwen3/Llama block, forward AND backward,
-# and drops everything else (LayerNorm, GeGLU, offset/gemma casting modes, in-place grads).
+# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: it keeps the three memory-bound
+# ops of a Qwen3/Llama block, forward AND backward, and drops everything else (LayerNorm, GeGLU,
+# offset/gemma casting modes, in-place grads).
 #
 # How it works: every op reads each input once and writes each output once (that is the whole speed
 # story: these ops do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS
@@ -981,7 +880,6 @@ def _bench_attn() -> list[tuple]:
 # (deterministic, bitwise repeatable).
 #
 # Shapes legend: N packed tokens, H query heads, Hkv kv heads, D head dim, Hd hidden size, I MLP width.
-#
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
@@ -990,8 +888,7 @@ def _row_cfg(row_len: int, elems: int = 4096, per_thread: int = 16, rows=None, w
     """(BLOCK, ROWS, num_warps) for a tile of ROWS whole rows (BLOCK = next_pow2(row_len) columns).
     Callers pick ~elems elements per tile and per_thread elements per thread (per_thread 8 = one
     16-byte bf16 load per input per thread). Small rows (qk-norm's D=128) pack many rows per program so
-    the launch is not a million tiny programs. rows/warps override the heuristic (the benchmark sweeps
-    them); the tuned values are at each launch, with the H100 numbers that chose them."""
+    the launch is not a million tiny programs. rows/warps override the heuristic."""
     BLOCK = triton.next_power_of_2(row_len)
     if BLOCK > 32768:
         raise ValueError(f"row length {row_len} too large: these kernels keep a whole row (<= 32768) in registers")
@@ -1000,18 +897,12 @@ def _row_cfg(row_len: int, elems: int = 4096, per_thread: int = 16, rows=None, w
     return BLOCK, ROWS, num_warps
 
 
-_SM_COUNT = {}   # device index -> SM count: get_device_properties costs host time on every launch
-
-
 def _persistent_programs(device: torch.device, n_tiles: int, per_sm: int = 4) -> int:
     """Grid size of a persistent kernel: per_sm programs per SM, each looping over tiles. Fewer
     programs = fewer fp32 partial rows of dW to write and sum; enough keep every SM busy."""
     if device.type != "cuda":
         return max(1, min(n_tiles, 2 * per_sm))   # the interpreter: still several tiles per program
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return max(1, min(n_tiles, per_sm * _SM_COUNT[idx]))
+    return max(1, min(n_tiles, per_sm * _sm_count(device)))
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
@@ -1053,54 +944,33 @@ def _load_rows(ptr, rows, cols, stride, n_rows, n_cols):
 
 @_jit
 def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows, Hd, stride_x, stride_r,
-                         eps, HAS_RES: tl.constexpr, PREFETCH: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK: tl.constexpr):
-    # Grid-stride loop over tiles of ROWS rows x all Hd columns: program pid owns tiles pid, pid + nprog,
-    # ... With one tile per program (nprog = n_tiles) this is the plain one-shot kernel; a persistent
-    # grid (a few programs per SM) loads w once per program and has no wave-quantisation tail.
-    # y and h are contiguous.
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+                         eps, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    # one program = one tile of ROWS rows x all Hd columns; y and h are contiguous [R, Hd]
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                   # [ROWS]
     cols = tl.arange(0, BLOCK)                                            # [BLOCK]
-    cmask = cols < Hd
-    w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)      # [BLOCK], once per program
-    rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
-    if PREFETCH:   # software pipelining by hand: the next tile's loads are in flight while this
-        x = _load_rows(x_ptr, rows, cols, stride_x, n_rows, Hd)           # tile is reduced and stored
-        if HAS_RES:
-            r = _load_rows(r_ptr, rows, cols, stride_r, n_rows, Hd)
-    for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
-        if PREFETCH:
-            xc = x
-            x = _load_rows(x_ptr, rows + nprog * ROWS, cols, stride_x, n_rows, Hd)   # masked off past the end
-            if HAS_RES:
-                rc = r
-                r = _load_rows(r_ptr, rows + nprog * ROWS, cols, stride_r, n_rows, Hd)
-        else:
-            xc = _load_rows(x_ptr, rows, cols, stride_x, n_rows, Hd)
-            if HAS_RES:
-                rc = _load_rows(r_ptr, rows, cols, stride_r, n_rows, Hd)
-        mask = (rows[:, None] < n_rows) & cmask[None, :]                  # [ROWS, BLOCK]
-        out = rows.to(tl.int64)[:, None] * Hd + cols[None, :]             # y, h are contiguous [R, Hd]
-        if HAS_RES:
-            # round the sum to the model dtype BEFORE normalising: the stored residual stream and the
-            # value we normalise must be the same number, exactly as in the unfused bf16 model
-            h = (xc.to(tl.float32) + rc.to(tl.float32)).to(xc.dtype)
-            tl.store(h_ptr + out, h, mask=mask)
-        else:
-            h = xc
-        hf = h.to(tl.float32)
-        rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / Hd + eps)               # [ROWS] 1 / RMS(h)
-        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)               # 4 bytes/row, saves a pass in bwd
-        n = (hf * rstd[:, None]).to(xc.dtype).to(tl.float32)              # HF's `.to(input_dtype)`
-        tl.store(y_ptr + out, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
-        rows += nprog * ROWS
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < Hd)                # [ROWS, BLOCK]
+    w = tl.load(w_ptr + cols, mask=cols < Hd, other=0.0).to(tl.float32)   # [BLOCK]
+    x = _load_rows(x_ptr, rows, cols, stride_x, n_rows, Hd)
+    out = rows.to(tl.int64)[:, None] * Hd + cols[None, :]
+    if HAS_RES:
+        # round the sum to the model dtype BEFORE normalising: the stored residual stream and the
+        # value we normalise must be the same number, exactly as in the unfused bf16 model
+        r = _load_rows(r_ptr, rows, cols, stride_r, n_rows, Hd)
+        h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)
+        tl.store(h_ptr + out, h, mask=mask)
+    else:
+        h = x
+    hf = h.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(hf * hf, axis=1) / Hd + eps)                   # [ROWS] 1 / RMS(h)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)                   # 4 bytes/row, saves a pass in bwd
+    n = (hf * rstd[:, None]).to(x.dtype).to(tl.float32)                  # HF's `.to(input_dtype)`
+    tl.store(y_ptr + out, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @_jit
 def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_part_ptr, n_rows, Hd,
-                         stride_dy, stride_dho, stride_h, HAS_DHO: tl.constexpr, PREFETCH: tl.constexpr,
-                         ROWS: tl.constexpr, BLOCK: tl.constexpr):
+                         stride_dy, stride_dho, stride_h, HAS_DHO: tl.constexpr, ROWS: tl.constexpr,
+                         BLOCK: tl.constexpr):
     # persistent: program pid handles tiles pid, pid + nprog, ... and owns one fp32 row of dW partials,
     # accumulated in registers over all its tiles and written once at the end
     pid = tl.program_id(0)
@@ -1110,30 +980,23 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)                    # summed over axis 0 at the end only
     rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
-    if PREFETCH:   # the loop below is latency-bound otherwise: each tile's loads would wait for the
-        # previous tile's reduction and stores. Loading tile i+1 before computing tile i keeps two
-        # tiles of bytes in flight per program (loop-carried registers, kept in the input dtype).
-        dy = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd)
-        h = _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
-        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
-        if HAS_DHO:
-            dho = _load_rows(dh_out_ptr, rows, cols, stride_dho, n_rows, Hd)
+    # Software pipelining by hand: tile i+1 is loaded before tile i is computed, so two tiles of bytes
+    # are in flight per program; otherwise each tile's loads would wait for the previous tile's
+    # reduction and stores, and the loop would be latency-bound.
+    dy = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd)
+    h = _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
+    rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+    if HAS_DHO:
+        dho = _load_rows(dh_out_ptr, rows, cols, stride_dho, n_rows, Hd)
     for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
         nxt = rows + nprog * ROWS                                         # masked off past the end
-        if PREFETCH:
-            dyc, hc, rstdc = dy, h, rstd
-            dy = _load_rows(dy_ptr, nxt, cols, stride_dy, n_rows, Hd)
-            h = _load_rows(h_ptr, nxt, cols, stride_h, n_rows, Hd)
-            rstd = tl.load(rstd_ptr + nxt, mask=nxt < n_rows, other=0.0)
-            if HAS_DHO:
-                dhoc = dho
-                dho = _load_rows(dh_out_ptr, nxt, cols, stride_dho, n_rows, Hd)
-        else:
-            dyc = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd)
-            hc = _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
-            rstdc = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
-            if HAS_DHO:
-                dhoc = _load_rows(dh_out_ptr, rows, cols, stride_dho, n_rows, Hd)
+        dyc, hc, rstdc = dy, h, rstd
+        dy = _load_rows(dy_ptr, nxt, cols, stride_dy, n_rows, Hd)
+        h = _load_rows(h_ptr, nxt, cols, stride_h, n_rows, Hd)
+        rstd = tl.load(rstd_ptr + nxt, mask=nxt < n_rows, other=0.0)
+        if HAS_DHO:
+            dhoc = dho
+            dho = _load_rows(dh_out_ptr, nxt, cols, stride_dho, n_rows, Hd)
         dyf = dyc.to(tl.float32)
         n = hc.to(tl.float32) * rstdc[:, None]                            # rstd is 0 on padding rows
         dw_acc += dyf * n                                                 # dW = sum_rows dy * n
@@ -1149,44 +1012,35 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
     tl.store(dw_part_ptr + pid * Hd + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
 
-def _rms_norm_fwd(x2, r2, weight, eps, rows=None, warps=None, per_sm=None, prefetch=False):
+def _rms_norm_fwd(x2, r2, weight, eps):
     """Launch the forward on rows x2 [R, Hd] (+ r2 [R, Hd]) -> (y [R, Hd], h [R, Hd], rstd [R] fp32).
-    rows/warps/per_sm/prefetch override the tuned defaults (the benchmark sweeps them).
-    Tuning (H100, 16384x1024 bf16, kernel alone): every one-shot config of 2-8 K elements per program
-    and 2-8 warps lands within 3% of a plain torch copy_ of the same bytes (2.34-2.41 TB/s at this
-    size; timed by _gpu_time_ms: 2.33-2.37 vs copy_ 2.37), i.e. the kernel is at the copy ceiling; the persistent grid (per_sm) with or without
-    PREFETCH was never faster, so the default is one tile of 2 rows per program with 2 warps (32
-    elements per thread: four 16-byte loads in flight per thread) and per_sm=None."""
+    One tile of 2 rows per program on 2 warps (32 elements per thread: four 16-byte loads in flight per
+    thread): a plain copy_ of the same bytes is the ceiling, and this lands on it."""
     R, Hd = x2.shape
-    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32, rows=rows, warps=warps)
-    n_tiles = triton.cdiv(R, ROWS)
-    nprog = _persistent_programs(x2.device, n_tiles, per_sm) if per_sm else n_tiles
+    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32)
     y = torch.empty((R, Hd), dtype=x2.dtype, device=x2.device)
     h = torch.empty_like(y) if r2 is not None else x2
     rstd = torch.empty(R, dtype=torch.float32, device=x2.device)
-    _rms_norm_fwd_kernel[(nprog,)](
+    _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](
         x2, r2 if r2 is not None else x2, weight, y, h, rstd, R, Hd, x2.stride(0),
-        r2.stride(0) if r2 is not None else 0, eps, HAS_RES=r2 is not None, PREFETCH=bool(prefetch),
-        ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
+        r2.stride(0) if r2 is not None else 0, eps, HAS_RES=r2 is not None, ROWS=ROWS, BLOCK=BLOCK,
+        num_warps=num_warps)
     return y, h, rstd
 
 
-def _rms_norm_bwd(dy2, dho2, h2, weight, rstd, rows=None, warps=None, per_sm=4, prefetch=True):
-    """Launch the backward -> (dh [R, Hd] in h's dtype, dW [Hd] in weight's dtype).
-    Tuning (H100, 16384x1024 bf16): the old default (2 rows, 8 warps, 4 programs/SM, no prefetch) moved
-    only 8 elements per thread per tile, and each tile's loads waited for the previous tile's
-    reduction: 1.75 TB/s on the GPU clock (the 0.7 TB/s first reported was mostly host time, see
-    _gpu_time_ms). 2 rows x 4 warps (16 elements per thread) with PREFETCH: 1.88-1.89 TB/s at 4 or 8
-    programs per SM (same within noise; 4 writes half the [nprog, Hd] partials), 16 per SM is slower."""
+def _rms_norm_bwd(dy2, dho2, h2, weight, rstd):
+    """Launch the backward -> (dh [R, Hd] in h's dtype, dW [Hd] in weight's dtype): 2 rows x 4 warps per
+    tile (16 elements per thread), 4 persistent programs per SM (each writes one [Hd] row of dW partials,
+    so fewer programs = fewer partials to sum)."""
     R, Hd = h2.shape
-    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16, rows=rows, warps=warps)
-    nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm)
+    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
+    nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
     dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
     dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
     _rms_norm_bwd_kernel[(nprog,)](
         dy2, dho2 if dho2 is not None else dy2, h2, weight, rstd, dh, dw_part, R, Hd, dy2.stride(0),
         dho2.stride(0) if dho2 is not None else 0, h2.stride(0), HAS_DHO=dho2 is not None,
-        PREFETCH=prefetch, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
+        ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
     return dh, dw_part.sum(0).to(weight.dtype)                                    # stage 2: [Hd]
 
 
@@ -1336,8 +1190,7 @@ def _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows, n_heads
 @_jit
 def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
                           n_rows, n_heads, HALF, stride_xn, stride_xh, stride_cos, stride_sin,
-                          HAS_NORM: tl.constexpr, PREFETCH: tl.constexpr, ROWS: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # persistent like _rms_norm_bwd_kernel; do and dx are contiguous [n_rows, D]
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
@@ -1349,21 +1202,16 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
     dw1_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     dw2_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
-    if PREFETCH:   # as in _rms_norm_bwd_kernel: tile i+1's loads fly while tile i computes. Without it
-        # each tile pays two dependent DRAM latencies (positions, then the cos/sin rows they index)
-        # with little else in flight, and the kernel sits near 50% of bandwidth.
-        do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows,
-                                                     n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
+    # As in _rms_norm_bwd_kernel, tile i+1's loads fly while tile i computes. Without that each tile
+    # pays two dependent DRAM latencies (positions, then the cos/sin rows they index) with little else
+    # in flight, and the kernel sits near 50% of bandwidth.
+    do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows,
+                                                 n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
     for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
         nxt = rows + nprog * ROWS                                         # masked off past the end
-        if PREFETCH:
-            do1c, do2c, x1c, x2c, posc, rstdc = do1, do2, x1, x2, pos, rstd
-            do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, nxt, cols, n_rows,
-                                                         n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
-        else:
-            do1c, do2c, x1c, x2c, posc, rstdc = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols,
-                                                               n_rows, n_heads, HALF, stride_xn, stride_xh,
-                                                               HAS_NORM)
+        do1c, do2c, x1c, x2c, posc, rstdc = do1, do2, x1, x2, pos, rstd
+        do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, nxt, cols, n_rows,
+                                                     n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
         mask = (rows < n_rows)[:, None] & cmask[None, :]                  # [ROWS, BLOCK]
         p64 = posc.to(tl.int64)[:, None]                                  # gather of table rows (L2-resident)
         c = tl.load(cos_ptr + p64 * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -1391,19 +1239,13 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
         tl.store(dw_part_ptr + pid * 2 * HALF + HALF + cols, tl.sum(dw2_acc, axis=0), mask=cmask)
 
 
-# backward launch knobs (ROWS, num_warps, programs per SM or None = one tile per program, PREFETCH).
-# H100, Qwen3-8B q+k, GPU clock: 16 rows, 4 warps, 4/SM: 2.11 TB/s without PREFETCH, 2.23 with it;
-# bigger tiles, 8/SM, or one tile per program (no loop): 1.4-2.16 TB/s.
-_ROPE_BWD_CFG = dict(rows=16, warps=4, per_sm=4, prefetch=True)
-
-
 def _rope_launch_args(x, cos, sin, backward=False):
     """Launch geometry: x [N, heads, D] with unit last stride (a qkv slice is fine). A tile holds
     ROWS half-rows (BLOCK = next_pow2(D/2)) and a row is two of them. D=128 forward: 32 rows, 8 warps;
-    backward: _ROPE_BWD_CFG."""
+    backward: 16 rows, 4 warps, 4 persistent programs per SM."""
     N, heads, D = x.shape
     if backward:
-        BLOCK, ROWS, num_warps = _row_cfg(D // 2, rows=_ROPE_BWD_CFG["rows"], warps=_ROPE_BWD_CFG["warps"])
+        BLOCK, ROWS, num_warps = _row_cfg(D // 2, rows=16, warps=4)
     else:
         BLOCK, ROWS, num_warps = _row_cfg(D // 2, 2048, 8)
     return (N * heads, heads, D // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0)), \
@@ -1432,15 +1274,13 @@ class _RopeNormFn(torch.autograd.Function):
         x, positions, cos, sin, weight, rstd = ctx.saved_tensors
         dout = dout.contiguous()                                          # [N, heads, D]
         args, meta = _rope_launch_args(x, cos, sin, backward=True)
-        n_tiles = triton.cdiv(args[0], meta["ROWS"])
-        per_sm = _ROPE_BWD_CFG["per_sm"]
-        nprog = _persistent_programs(x.device, n_tiles, per_sm) if per_sm else n_tiles
+        nprog = _persistent_programs(x.device, triton.cdiv(args[0], meta["ROWS"]), per_sm=4)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dw_part = torch.empty((nprog, x.shape[-1]) if weight is not None else (1,), dtype=torch.float32,
                               device=x.device)
         _rope_norm_bwd_kernel[(nprog,)](
             dout, x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part, *args,
-            HAS_NORM=weight is not None, PREFETCH=_ROPE_BWD_CFG["prefetch"], **meta)
+            HAS_NORM=weight is not None, **meta)
         dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None   # [nprog, D] -> [D]
         return dx, None, None, None, dw, None
 
@@ -1498,16 +1338,13 @@ def _swiglu_fwd_flat_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     # row; each thread moves whole 16-byte vectors. (The 2-D kernel above stays for strided views.)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]; int64: n may pass 2^31
     mask = offs < n
-    # no eviction hint here: evict_first measured ~1.5% SLOWER on this pure stream (nothing to protect)
+    # no eviction hint: on a pure stream there is nothing in L2 worth protecting
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-# flat SwiGLU forward (BLOCK, num_warps); the benchmark sweep overrides it
-# (H100, 16384x3072 bf16: every BLOCK 1024-8192 x 4-16 warps is within 1%, 2.86-2.88 TB/s = Liger's
-# 2.86; the 2-D kernel on the same contiguous tensors: 2.77)
-_SWIGLU_FLAT_CFG = (1024, 8)
+_SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps): any 1024-8192 x 4-16 is as fast
 
 
 @_jit
@@ -1574,183 +1411,6 @@ def swiglu(gate, up, impl="auto"):
     return _SwiGLUFn.apply(gate, up)
 
 
-# ---- benchmark ---------------------------------------------------------------------------------------
-
-def _gpu_time_ms(fn, reps: int = 100, flush: str = "dirty") -> float:
-    """Median GPU milliseconds of fn() with a cold L2, free of host overhead.
-    Why not plain triton.testing.do_bench: it times fn() launched from Python each time, so when the
-    host work of a call (Python, autograd, Triton's launcher: 50-150 us on the shared device machine)
-    exceeds the GPU work (~28 us for the RMSNorm forward) it measures the host. It did: the same
-    forward kernel read 2.36 TB/s called directly and 0.78-1.1 TB/s through rms_norm() in one run.
-    So fn is captured once in a CUDA graph (one replay = the same kernels fn launches) and each replay
-    follows a 256 MB L2 flush outside the timed region, as do_bench does. Every implementation, ours
-    and the peers, is timed this way. Falls back to do_bench when fn cannot be captured.
-    flush: "dirty" = do_bench's flush, which WRITES 256 MB, so the L2 starts full of dirty lines that the
-    kernel's traffic must write back (at 64 MB this caps even a plain copy_ near 2.4 TB/s on an H100);
-    "clean" = READ 256 MB instead (a cold L2 with nothing to write back); "none" = back-to-back replays."""
-    from triton.testing import do_bench
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):   # warm-up (compiles; a bwd closure runs its forward here) on the
-        fn()                        # capture stream, so autograd's backward later runs on that stream too
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=side):
-            fn()
-    except Exception as e:   # e.g. a peer that syncs with the host
-        print(f"  (CUDA graph capture failed: {type(e).__name__}; timing with do_bench)")
-        torch.cuda.synchronize()
-        return do_bench(fn, warmup=25, rep=200, return_mode="median")
-    buf = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
-    sink = torch.empty((), dtype=torch.int64, device="cuda")
-    events = []
-    for _ in range(reps):
-        if flush == "dirty":
-            buf.zero_()
-        elif flush == "clean":
-            torch.sum(buf.view(torch.int64), dim=0, out=sink)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        events.append((start, end))
-    torch.cuda.synchronize()
-    del graph
-    return sorted(s.elapsed_time(e) for s, e in events)[reps // 2]
-
-
-def _bench_norm() -> list[tuple]:
-    """bf16 GB/s on one CUDA GPU, every peer timed in the same run (_gpu_time_ms: CUDA graph, cold L2). Bytes = each input read once + each
-    output written once (the floor all implementations share), so ratio = inverse time ratio and
-    roofline = GB/s over 3.0 TB/s (H100 SXM copy bandwidth as measured; datasheet 3.35).
-    Backward rows time torch.autograd.grad on a retained graph (the forward is not in the number)."""
-    if not torch.cuda.is_available():
-        print("_bench_norm: needs CUDA, skipped")
-        return []
-    F, bf, dev, ROOF = torch.nn.functional, torch.bfloat16, "cuda", 3.0e12
-    try:   # Liger-Kernel, the peer the issue names; its columns are skipped when it is not installed
-        from liger_kernel.transformers.rms_norm import LigerRMSNorm
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
-    except ImportError:
-        LigerRMSNorm = LigerSiLUMulFunction = None
-    table = []
-
-    time_ms = _gpu_time_ms
-
-    def bwd(f, inputs, grads):
-        """Closure timing only the backward of f(): its first (untimed) call runs the forward once."""
-        graph = []
-
-        def run():
-            if not graph:
-                outs = f()
-                graph.append(outs if isinstance(outs, tuple) else (outs,))
-            return torch.autograd.grad(graph[0], inputs, grads, retain_graph=True)
-        return run
-
-    def add(name, nbytes, ours_fn, peers):
-        ours = nbytes / time_ms(ours_fn) / 1e6                            # bytes / ms / 1e6 = GB/s
-        for pname, pfn in peers.items():
-            if pfn is None:
-                continue
-            try:
-                pv = nbytes / time_ms(pfn) / 1e6
-            except Exception as e:   # a peer that fails to compile must not sink our rows
-                print(f"  peer {pname} failed on {name}: {type(e).__name__}: {e}"[:300])
-                continue
-            table.append((name, round(ours), pname, round(pv), "GB/s", round(ours / pv, 3),
-                          round(ours * 1e9 / ROOF, 3)))
-
-    # RMSNorm 16384 x 1024 (the issue's size), weights in bf16 like a bf16 model
-    N, Hd, eps = 16384, 1024, 1e-6
-    x = torch.randn(N, Hd, device=dev, dtype=bf, requires_grad=True)
-    r = torch.randn(N, Hd, device=dev, dtype=bf)
-    w = (1 + 0.1 * torch.randn(Hd, device=dev)).to(bf).requires_grad_()
-    dy = torch.randn(N, Hd, device=dev, dtype=bf)
-    ref_c = torch.compile(rms_norm_ref)
-    liger = None
-    if LigerRMSNorm is not None:
-        liger = LigerRMSNorm(Hd, eps=eps).to(dev, bf)
-        liger.weight.data.copy_(w.detach())
-        liger.in_place = False      # in_place would overwrite dy on every timed backward
-    fns = {"ours": lambda: rms_norm(x, w, eps), "eager": lambda: rms_norm_ref(x, w, eps),
-           "F.rms_norm": lambda: F.rms_norm(x, (Hd,), w, eps), "torch.compile": lambda: ref_c(x, w, eps),
-           "liger": (lambda: liger(x)) if liger is not None else None}
-    y_copy = torch.empty_like(x)
-    with torch.no_grad():   # + the practical ceiling: torch's copy of the same bytes (read x, write y)
-        add("rms_norm fwd 16384x1024", 2 * N * Hd * 2, fns["ours"],
-            {**{k: v for k, v in fns.items() if k != "ours"}, "copy_ (ceiling)": lambda: y_copy.copy_(x)})
-    # liger's backward also accumulates into its own weight; grads are taken w.r.t. its weight
-    bw = {k: (bwd(v, (x, liger.weight if k == "liger" else w), dy) if v is not None else None) for k, v in fns.items()}
-    add("rms_norm bwd 16384x1024", 3 * N * Hd * 2, bw.pop("ours"), bw)
-    with torch.no_grad():   # the same forward from a cold but CLEAN L2 (see _gpu_time_ms's flush)
-        clean = lambda f: _gpu_time_ms(f, flush="clean")
-        t_ours = clean(fns["ours"])
-        for pname in ("copy_ (ceiling)", "torch.compile"):
-            t = clean(lambda: y_copy.copy_(x)) if pname.startswith("copy") else clean(fns[pname])
-            table.append(("rms_norm fwd 16384x1024, clean L2", round(2 * N * Hd * 2 / t_ours / 1e6), pname,
-                          round(2 * N * Hd * 2 / t / 1e6), "GB/s", round(t / t_ours, 3),
-                          round(2 * N * Hd * 2 / t_ours / 1e6 * 1e9 / ROOF, 3)))
-        add("rms_norm+residual fwd 16384x1024", 4 * N * Hd * 2, lambda: rms_norm(x, w, eps, residual=r),
-            {"eager": lambda: rms_norm_ref(x, w, eps, r), "torch.compile": lambda: ref_c(x, w, eps, r)})
-        ours_default = time_ms(lambda: _rms_norm_fwd(x, None, w, eps))
-        for rows_, warps_, pps in [(2, 4, None), (4, 4, None), (4, 8, None), (2, 4, 8)]:   # tuning aid
-            t = time_ms(lambda: _rms_norm_fwd(x, None, w, eps, rows_, warps_, pps, pps is not None))
-            gbs = 2 * N * Hd * 2 / t / 1e6
-            table.append((f"rms_norm fwd R={rows_} w={warps_} pps={pps}", round(gbs), "default cfg",
-                          round(2 * N * Hd * 2 / ours_default / 1e6), "GB/s", round(ours_default / t, 3),
-                          round(gbs * 1e9 / ROOF, 3)))
-
-    # SwiGLU 16384 x 3072 (the issue's size), then the same on column views of a fused gate_up
-    N, I = 16384, 3072
-    g = torch.randn(N, I, device=dev, dtype=bf, requires_grad=True)
-    u = torch.randn(N, I, device=dev, dtype=bf, requires_grad=True)
-    dy = torch.randn(N, I, device=dev, dtype=bf)
-    eager_sw = lambda a, b: F.silu(a) * b
-    comp_sw = torch.compile(eager_sw)
-    fns = {"ours": lambda: swiglu(g, u), "eager": lambda: eager_sw(g, u), "torch.compile": lambda: comp_sw(g, u),
-           "liger": (lambda: LigerSiLUMulFunction.apply(g, u)) if LigerSiLUMulFunction is not None else None}
-    with torch.no_grad():
-        add("swiglu fwd 16384x3072", 3 * N * I * 2, fns["ours"], {k: v for k, v in fns.items() if k != "ours"})
-    # (Liger's backward writes its grads into the saved g, u: repeated runs change the values, not the time)
-    bw = {k: (bwd(v, (g, u), dy) if v is not None else None) for k, v in fns.items()}
-    add("swiglu bwd 16384x3072", 5 * N * I * 2, bw.pop("ours"), bw)
-    gu = torch.randn(N, 2 * I, device=dev, dtype=bf)
-    with torch.no_grad():
-        add("swiglu fwd gate_up views", 3 * N * I * 2, lambda: swiglu(gu[:, :I], gu[:, I:]),
-            {"eager": lambda: eager_sw(gu[:, :I], gu[:, I:])})
-
-    # RoPE + qk-norm, Qwen3-8B attention (H=32, Hkv=8, D=128), q/k as views of the fused qkv output
-    N, H, Hkv, D = 16384, 32, 8, 128
-    qkv = torch.randn(N, (H + 2 * Hkv) * D, device=dev, dtype=bf)
-    q = qkv[:, : H * D].view(N, H, D).detach().requires_grad_()         # [N, H, D] leaf, strided view
-    k = qkv[:, H * D: (H + Hkv) * D].view(N, Hkv, D).detach().requires_grad_()
-    pos = torch.arange(N, device=dev)
-    table_cs = rope_cos_sin(N, D, device=dev)
-    qw = (1 + 0.1 * torch.randn(D, device=dev)).to(bf).requires_grad_()
-    kw = (1 + 0.1 * torch.randn(D, device=dev)).to(bf).requires_grad_()
-    dq, dk = torch.randn(N, H, D, device=dev, dtype=bf), torch.randn(N, Hkv, D, device=dev, dtype=bf)
-    ref_c = torch.compile(rope_qk_norm_ref)
-    qk_bytes = (H + Hkv) * N * D * 2
-    fns = {"ours": lambda: rope_qk_norm(q, k, pos, table_cs, qw, kw),
-           "eager": lambda: rope_qk_norm_ref(q, k, pos, table_cs, qw, kw),
-           "torch.compile": lambda: ref_c(q, k, pos, table_cs, qw, kw)}
-    with torch.no_grad():   # + positions and the gathered fp32 table rows, read once
-        add("rope_qk_norm fwd Qwen3-8B", 2 * qk_bytes + N * (8 + D * 4), fns["ours"],
-            {k_: v for k_, v in fns.items() if k_ != "ours"})
-    bw = {k_: bwd(v, (q, k, qw, kw), (dq, dk)) for k_, v in fns.items()}
-    add("rope_qk_norm bwd Qwen3-8B", 3 * qk_bytes + N * (8 + D * 4), bw.pop("ours"), bw)
-
-    print(f"_bench_norm on {torch.cuda.get_device_name()} torch {torch.__version__} triton {triton.__version__}")
-    print(f"{'op':36s} {'ours':>6s}  {'peer':18s} {'peer':>6s} unit  ratio  roofline")
-    for name, ours, pname, pv, unit, ratio, roof in table:
-        print(f"{name:36s} {ours:6d}  {pname:18s} {pv:6d} {unit}  {ratio:5.2f}  {roof:6.1%}")
-    return table
-
-
 # ==== losses over the LM head =================================================================
 # Losses over the LM head that never hold the [N, V] fp32 logits. Stands in for Liger-Kernel's fused linear cross-entropy and the "Cut Cross-Entropy" idea (Wijmans et
 # al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). Keeps: SFT cross-entropy with
@@ -1765,14 +1425,18 @@ def _bench_norm() -> list[tuple]:
 # (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
 # logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
 # matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W (V x Hd, 0.31 GB at Hd=1024).
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed over the chunks in fp32 and rounded to
+# the weight dtype once (V x Hd fp32: 0.62 GB at Hd=1024, and as much for one chunk's product).
 # - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
 #   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
 # - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
 #   logits (one extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
+# Precision in bf16: the logits are rounded to bf16 (as eager, HF and Liger do: the largest error left,
+# several % on the rows of a few large logits against fp32 logits), d loss/d logits is rounded to bf16
+# to feed the GEMMs (one rounding per term, as eager does), and the result once (grad_W: see _add_grad_w).
 # Legend: N packed tokens, Hd hidden size, V vocab (V_r: this rank's vocab slice), C rows per chunk.
 # Parts: references . vocab-parallel hooks . Triton kernels (+ torch twins) . chunked autograd
-#        Functions . public API . benchmark
+#        Functions . public API
 
 
 # ---- references: the plain math, materialising the fp32 logits (test oracles, CPU fallback) ----
@@ -1780,8 +1444,10 @@ def _bench_norm() -> list[tuple]:
 def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, reduction="mean",
                              num_tokens_for_mean=None):
     """Eager torch: logits = h @ W^T in the input dtype, then fp32 cross-entropy. 'mean' divides by the
-    number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0."""
+    number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0.
+    labels may be any integer dtype (F.cross_entropy itself wants int64)."""
     logits = (hidden @ weight.t()).float()                                       # [N, V] fp32
+    labels = labels.long()
     if reduction == "none":
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -2004,12 +1670,31 @@ def _default_chunk_size(V, itemsize):
     """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB),
     within [128, 8192]. At V=151936 in bf16 that is C=2048: a 0.62 GB buffer and 8 chunks at 16k tokens.
     Why not smaller (Liger's N*Hd/V heuristic gives 128 rows here): every chunk re-reads W and
-    read-modify-writes grad_W (V x Hd: 0.31 GB each), and grad_W += dlogits^T @ h_c contracts over only
+    read-modify-writes grad_W (V x Hd fp32: 0.62 GB each), and grad_W += dlogits^T @ h_c contracts over only
     C rows, so small chunks turn three compute-bound GEMMs into many bandwidth-bound ones. Why not
     larger: memory grows as C*V, while a [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256
-    output tiles for 132 SMs, so more rows buy little speed (_bench_loss also times C=1024 and 4096)."""
+    output tiles for 132 SMs, so more rows buy little speed."""
     rows = max(1, _LOSS_CHUNK_BYTES // (V * itemsize))
     return max(128, min(8192, 1 << (rows.bit_length() - 1)))
+
+
+def _add_grad_w(acc, dlogits, h_c):
+    """acc + dlogits^T @ h_c: [V_r, c] x [c, Hd] -> [V_r, Hd], kept in FP32 across chunks (acc None: the
+    first chunk). Why: grad_W sums one product per chunk; a bf16 running sum (`grad_w.addmm_` on a bf16
+    tensor) rounds the partial sum to 8 bits after EVERY chunk, so its error grows with the chunk count
+    (twice the one-rounding error at 16 chunks). Here every chunk's product leaves the GEMM in fp32
+    (bf16 operands, fp32 accumulate and output) and is added in fp32; the caller rounds once.
+    Cost at V=151936, Hd=1024: 0.62 GB for acc plus a 0.62 GB product per chunk, vs 0.31 GB in bf16."""
+    if dlogits.dtype == torch.float32:
+        return torch.mm(dlogits.t(), h_c) if acc is None else acc.addmm_(dlogits.t(), h_c)
+    if dlogits.is_cuda:
+        try:
+            prod = torch.mm(dlogits.t(), h_c, out_dtype=torch.float32)       # torch >= 2.8
+        except TypeError:                       # older torch: this chunk's product is rounded once
+            prod = torch.mm(dlogits.t(), h_c).float()
+    else:   # CPU has no fp32-output bf16/fp16 GEMM; upcasting is exact (the products fit in fp32)
+        prod = torch.mm(dlogits.t().float(), h_c.float())
+    return prod if acc is None else acc.add_(prod)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -2021,7 +1706,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         N, V = hidden.shape[0], weight.shape[0]
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
         grad_h = hidden.new_empty(hidden.shape) if need_gh else None        # contiguous, for out=
-        grad_w = weight.new_zeros(weight.shape) if need_gw else None
+        grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
         buf = hidden.new_empty(min(chunk, N), V)                # the only [C, V_r] tensor that exists
         for s0 in range(0, N, chunk):
             h_c = hidden[s0:s0 + chunk]                                          # [c, Hd], c <= C
@@ -2037,9 +1722,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 if need_gh:
                     torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])          # [c, Hd]
                 if need_gw:
-                    # addmm accumulates in fp32 inside the GEMM and rounds into grad_w once per chunk
-                    grad_w.addmm_(logits.t(), h_c)                              # [V_r, Hd]
-        ctx.grads = (grad_h, grad_w)
+                    grad_w = _add_grad_w(grad_w, logits, h_c)                   # [V_r, Hd] fp32
+        if need_gw and grad_w is None:                          # N == 0: no chunk ran
+            grad_w = weight.new_zeros(weight.shape, dtype=torch.float32)
+        ctx.grads, ctx.w_dtype = (grad_h, grad_w), weight.dtype
         return (loss_rows * row_w).sum()
 
     @staticmethod
@@ -2050,7 +1736,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                "(grad mode was off, or backward already ran once; it may run only once)")
         ctx.grads = (None, None)        # scaled in place below: a second backward would double-scale
         grad_h = grad_h.mul_(g) if grad_h is not None else None
-        grad_w = grad_w.mul_(g) if grad_w is not None else None
+        grad_w = grad_w.mul_(g).to(ctx.w_dtype) if grad_w is not None else None   # the ONE rounding
         return grad_h, grad_w, None, None, None, None, None, None, None
 
 
@@ -2082,7 +1768,7 @@ class _LinearLogprobs(torch.autograd.Function):
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         grad_h = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
-        grad_w = weight.new_zeros(weight.shape) if ctx.needs_input_grad[1] else None
+        grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
         buf = hidden.new_empty(min(chunk, N), V)
         for s0 in range(0, N, chunk):
             h_c = hidden[s0:s0 + chunk]
@@ -2092,8 +1778,10 @@ class _LinearLogprobs(torch.autograd.Function):
                       None if g_ent is None else g_ent[s0:s0 + chunk], inv_temp, use_triton)
             if grad_h is not None:
                 torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])              # [c, Hd]
-            if grad_w is not None:
-                grad_w.addmm_(logits.t(), h_c)                                  # [V_r, Hd]
+            if ctx.needs_input_grad[1]:
+                grad_w = _add_grad_w(grad_w, logits, h_c)                       # [V_r, Hd] fp32
+        if ctx.needs_input_grad[1]:                             # round once (zeros when N == 0)
+            grad_w = grad_w.to(weight.dtype) if grad_w is not None else torch.zeros_like(weight)
         return grad_h, grad_w, None, None, None, None, None
 
 
@@ -2133,7 +1821,8 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     the step's total count (all-reduced over DP once per step) makes sum(micro-batch losses) with a SUM
     all-reduce of gradients exactly the per-token mean over the whole batch.
     chunk_size: rows per [C, V] logits chunk (default: see _default_chunk_size, 2048 at V=151936 bf16).
-    Memory: one [C, V] buffer in the input dtype + the gradients, vs ~30 GB eager at 16k x 152k.
+    Memory: one [C, V] buffer in the input dtype + the gradients (grad_W summed in fp32), vs ~30 GB
+    eager at 16k x 152k.
     "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales
     them by grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
     impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref".
@@ -2193,129 +1882,355 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
     return lp, (ent if return_entropy else None)
 
 
-# ---- benchmark ----
+# ==== benchmark: python kernels.py --bench ==========================================================
+# One harness for every kernel: one timer (_time_ms), one source of peaks (_peaks: the copy bandwidth and
+# bf16 matmul rate of THIS GPU, measured at the start of the run) and one table. Each row is ours against
+# one peer measured in the same run: torch SDPA (the default backend, and the best one, cuDNN, forced),
+# eager torch, torch.compile, Liger-Kernel when importable. ratio > 1: ours is better (faster, or less
+# memory); roofline: our rate over the measured peak (matmul FLOP/s for attention and the LM head, copy
+# bandwidth for the memory-bound rest). Measured history and tuning sweeps live in BENCHMARKS.md.
 
-def _loss_measure(fn):
-    """(median ms, peak extra GB): peak = max_memory_allocated during one call - memory before it."""
-    import triton.testing
-    fn()                                                          # warm-up: compile, autotune, cuBLAS
+def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
+    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush.
+    graph=True times replays of fn captured once in a CUDA graph: the row-wise and decode kernels run
+    ~30 us, less than the host needs to launch them from Python (50-150 us through autograd and
+    Triton's launcher), so timing the calls would time the host. Attention and the LM-head losses take
+    milliseconds and are called directly (graph=False), as is a fn that cannot be captured.
+    flush="dirty" WRITES 256 MB (as triton's do_bench does), leaving an L2 full of dirty lines that the
+    kernel must write back, which caps even a copy_ of 64 MB; "clean" READS it (a cold, clean L2)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):    # warm-up (compile, autotune) on the capture stream, so that the
+        fn()                         # backward of a captured autograd closure runs there too
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, stream=side):
+                fn()
+            run = g.replay
+        except Exception as e:   # noqa: BLE001 (capture fails in many ways; direct calls still time)
+            print(f"    (not capturable, {type(e).__name__}: timing direct calls)")
+            torch.cuda.synchronize()
+    buf = torch.empty(256 * 2 ** 20, dtype=torch.int8, device="cuda")
+    sink, events = torch.empty((), dtype=torch.int64, device="cuda"), []
+    for _ in range(reps):
+        buf.zero_() if flush == "dirty" else torch.sum(buf.view(torch.int64), dim=0, out=sink)
+        events.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
+        events[-1][0].record()
+        run()
+        events[-1][1].record()
+    torch.cuda.synchronize()
+    return sorted(s.elapsed_time(e) for s, e in events)[reps // 2]
+
+
+def _peak_gb(fn) -> float:
+    """GB that one fn() allocates at its peak beyond what was allocated before it."""
+    fn()                                                      # warm-up: compile, autotune, workspaces
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     fn()
     torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 1e9
-    return triton.testing.do_bench(fn, warmup=5, rep=50, return_mode="median"), peak
+    return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 
-def _bench_loss() -> list[tuple]:
-    """bf16, N=16384, Hd=1024, V=151936, fwd+bwd. Rows: (name, ours, peer name, peer value, unit,
-    ratio peer/ours (>1: ours better), roofline fraction). Roofline: the 3 GEMMs any method needs,
-    6 N V Hd FLOP = 15.3 TFLOP, at 989 TFLOP/s (H100 SXM dense bf16); logprobs does a 4th (recompute)."""
-    if not torch.cuda.is_available() or triton is None:
-        print("_bench_loss: needs CUDA and triton, skipped")
-        return []
-    import time
-    N, Hd, V, dev, bf = 16384, 1024, 151936, "cuda", torch.bfloat16
-    g = torch.Generator(device=dev).manual_seed(0)
-    h = torch.randn(N, Hd, device=dev, dtype=bf, generator=g).requires_grad_()
-    w = (torch.randn(V, Hd, device=dev, dtype=bf, generator=g) * 0.02).requires_grad_()
-    y = torch.randint(0, V, (N,), device=dev, generator=g)
-    y[::7] = -100                                                  # some ignored rows, as in SFT
-    roof_ms = 6 * N * V * Hd / 989e12 * 1e3
-    grads = lambda loss: torch.autograd.grad(loss, (h, w))         # noqa: E731 (no .grad accumulation)
-    eager = lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y)  # noqa: E731
-    ce = {"ours": lambda: grads(fused_linear_cross_entropy(h, w, y)),
-          "eager": lambda: grads(eager(h, w, y))}
-    for c in (1024, 4096):
-        ce[f"ours chunk {c}"] = lambda c=c: grads(fused_linear_cross_entropy(h, w, y, chunk_size=c))
+def _peaks() -> dict:
+    """This GPU's practical peaks, measured now with _time_ms, not read from a datasheet: copy bandwidth
+    (a 1 GiB copy_, read + write counted) and dense bf16 matmul FLOP/s (8192^3)."""
+    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return {"GB/s": 2 * x.numel() / _time_ms(lambda: y.copy_(x)) / 1e6,         # bytes / ms / 1e6
+            "TFLOP/s": 2 * 8192 ** 3 / _time_ms(lambda: a @ b, graph=False) / 1e9}
+
+
+def _compare(rows, case, unit, measure, ours, peers, roof=None):
+    """measure(ours) and measure(each peer; peers: name -> fn, None when not installed), one row per
+    peer. roof(our value) is the roofline fraction (None: the row has no roofline)."""
+    value = measure(ours)
+    for name, fn in peers.items():
+        try:
+            if fn is not None:
+                rows.append((case, unit, value, name, measure(fn), roof(value) if roof else None))
+        except Exception as e:   # noqa: BLE001 (a peer's OOM or failure to compile must not sink our rows)
+            print(f"    {case}: peer {name} failed: {type(e).__name__}: {str(e)[:150]}")
+        torch.cuda.empty_cache()
+
+
+def _rate(work, **timer):
+    """measure for _compare: work / ms (bytes / 1e6 -> GB/s, FLOPs / 1e9 -> TFLOP/s)."""
+    return lambda fn: work / _time_ms(fn, **timer)
+
+
+def _grad_fn(f, inputs, grads):
+    """A closure timing only the backward of f(): its first call (the untimed warm-up) runs f once."""
+    saved = []
+
+    def run():
+        if not saved:
+            saved.append((lambda o: o if isinstance(o, tuple) else (o,))(f()))
+        return torch.autograd.grad(saved[0], inputs, grads, retain_graph=True)
+    return run
+
+
+def _bench_attention(rows, peaks):
+    """Flash varlen (causal, Qwen3 heads: H=16, Hkv=8, D=128, 16k tokens per batch) and paged decode.
+    Causal FLOPs = 2 matmuls x 2 B H S^2 D / 2; fwd+bwd = 3.5x that (the backward's 5 matmuls)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    H, Hkv, D, N, bf, sdpa = 16, 8, 128, 16384, torch.bfloat16, F.scaled_dot_product_attention
+    mfu, bw = (lambda r: r / peaks["TFLOP/s"]), (lambda r: r / peaks["GB/s"])
+    both = lambda f, xs, g: lambda: torch.autograd.grad(f(), xs, g)  # noqa: E731 (fwd + bwd, no .grad)
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return sdpa(q, k, v, is_causal=True)
+    for S in (1024, 4096, 8192):
+        B, flops = N // S, 2 * 2 * (N // S) * H * S * S * D / 2
+        q, k, v = (torch.randn(N, h, D, device="cuda", dtype=bf, requires_grad=True) for h in (H, Hkv, Hkv))
+        cu, do = torch.arange(0, N + 1, S, device="cuda", dtype=torch.int32), torch.randn_like(q)
+        # SDPA layout [N, H, D] -> [B, S, H, D] -> [B, H, S, D]; for cuDNN the kv heads are repeated
+        # OUTSIDE the timed call (head h reads kv head h // G): it pays neither the copy nor the dK/dV sum
+        qs, ks, vs = (t.detach().view(B, S, -1, D).transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+        kr, vr = (t.detach().repeat_interleave(H // Hkv, 1).requires_grad_() for t in (ks, vs))
+        dos = do.view(B, S, H, D).transpose(1, 2).contiguous()
+        peers = {"SDPA default (enable_gqa)": (lambda: sdpa(qs, ks, vs, is_causal=True, enable_gqa=True), (qs, ks, vs)),
+                 "SDPA cuDNN (kv repeated)": (lambda: cudnn(qs, kr, vr), (qs, kr, vr))}
+        ours = lambda: flash_attn_varlen(q, k, v, cu, S)  # noqa: E731
+        _compare(rows, f"flash varlen fwd S={S}", "TFLOP/s", _rate(flops / 1e9, graph=False), ours,
+                 {n: f for n, (f, _) in peers.items()}, mfu)
+        _compare(rows, f"flash varlen fwd+bwd S={S}", "TFLOP/s", _rate(3.5 * flops / 1e9, graph=False),
+                 both(ours, (q, k, v), do), {n: both(f, xs, dos) for n, (f, xs) in peers.items()}, mfu)
+    B, ctx = 256, 1024                    # decode: 256 sequences x 1024 cached tokens, Qwen3-0.6B KV shape
+    for P in (16, 256):
+        kc, vc = (torch.randn(B * ctx // P, P, Hkv, D, device="cuda", dtype=bf) for _ in range(2))
+        bt = torch.randperm(B * ctx // P, device="cuda").view(B, -1).to(torch.int32)   # shuffled pages
+        cl, q = torch.full((B,), ctx, device="cuda", dtype=torch.int32), torch.randn(B, H, D, device="cuda", dtype=bf)
+
+        def gather_sdpa():   # the eager peer: gather each sequence's pages, then one batched SDPA
+            kk, vv = (c[bt.long()].view(B, ctx, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+                      for c in (kc, vc))                                          # [B, H, ctx, D]
+            return sdpa(q.unsqueeze(2), kk, vv)
+        _compare(rows, f"paged decode 256x1024 P={P}", "GB/s", _rate(2 * B * ctx * Hkv * D * 2 / 1e6),
+                 lambda: paged_attention_decode(q, kc, vc, bt, cl), {"torch gather + SDPA": gather_sdpa}, bw)
+
+
+def _bench_rowwise(rows, peaks):
+    """GB/s = each input read once + each output written once (the floor every implementation shares),
+    at Qwen3 sizes; copy_ of the same bytes is the practical ceiling. Backward rows time the backward
+    alone (_grad_fn). Liger's RMSNorm grads are taken w.r.t. its own weight, which its backward fills."""
     try:
-        t0, comp = time.time(), torch.compile(eager)
-        grads(comp(h, w, y))
-        print(f"torch.compile(eager) compiled in {time.time() - t0:.0f} s")
-        ce["torch.compile"] = lambda: grads(comp(h, w, y))
-    except Exception as e:  # noqa: BLE001 (inductor can fail in many ways; the column is optional)
-        print(f"torch.compile(eager) skipped: {type(e).__name__}: {e}")
+        from liger_kernel.transformers.rms_norm import LigerRMSNorm
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        LigerRMSNorm = LigerSiLUMulFunction = None
+    bf, bw = torch.bfloat16, (lambda r: r / peaks["GB/s"])
+    N, Hd, eps = 16384, 1024, 1e-6
+    x = torch.randn(N, Hd, device="cuda", dtype=bf, requires_grad=True)
+    r, dy, y = (torch.randn(N, Hd, device="cuda", dtype=bf) for _ in range(3))
+    w = (1 + 0.1 * torch.randn(Hd, device="cuda")).to(bf).requires_grad_()
+    liger = LigerRMSNorm(Hd, eps=eps).to("cuda", bf) if LigerRMSNorm is not None else None
+    if liger is not None:
+        liger.weight.data.copy_(w.detach())
+        liger.in_place = False                 # in place, it would overwrite dy on every timed backward
+    ref_c, gb = torch.compile(rms_norm_ref), (lambda n, **t: _rate(n * N * Hd * 2 / 1e6, **t))  # n passes
+    fns = {"eager": lambda: rms_norm_ref(x, w, eps), "F.rms_norm": lambda: F.rms_norm(x, (Hd,), w, eps),
+           "torch.compile": lambda: ref_c(x, w, eps), "liger": liger and (lambda: liger(x))}
+    copy = {"copy_ (ceiling)": lambda: y.copy_(x)}
+    with torch.no_grad():
+        _compare(rows, "rms_norm fwd 16384x1024", "GB/s", gb(2), lambda: rms_norm(x, w, eps), {**fns, **copy}, bw)
+        _compare(rows, "rms_norm fwd 16384x1024, clean L2", "GB/s", gb(2, flush="clean"), lambda: rms_norm(x, w, eps),
+                 {**copy, "torch.compile": fns["torch.compile"]}, bw)
+        _compare(rows, "rms_norm+residual fwd 16384x1024", "GB/s", gb(4), lambda: rms_norm(x, w, eps, residual=r),
+                 {"eager": lambda: rms_norm_ref(x, w, eps, r), "torch.compile": lambda: ref_c(x, w, eps, r)}, bw)
+    _compare(rows, "rms_norm bwd 16384x1024", "GB/s", gb(3), _grad_fn(lambda: rms_norm(x, w, eps), (x, w), dy),
+             {k: f and _grad_fn(f, (x, liger.weight if k == "liger" else w), dy) for k, f in fns.items()}, bw)
+    N, I = 16384, 3072
+    g, u = (torch.randn(N, I, device="cuda", dtype=bf, requires_grad=True) for _ in range(2))
+    dy, gu = torch.randn(N, I, device="cuda", dtype=bf), torch.randn(N, 2 * I, device="cuda", dtype=bf)
+    eager_sw = lambda a, b: F.silu(a) * b  # noqa: E731
+    comp_sw, gb = torch.compile(eager_sw), (lambda n: _rate(n * N * I * 2 / 1e6))
+    fns = {"eager": lambda: eager_sw(g, u), "torch.compile": lambda: comp_sw(g, u),
+           "liger": LigerSiLUMulFunction and (lambda: LigerSiLUMulFunction.apply(g, u))}
+    with torch.no_grad():
+        _compare(rows, "swiglu fwd 16384x3072", "GB/s", gb(3), lambda: swiglu(g, u), fns, bw)
+        _compare(rows, "swiglu fwd gate_up views", "GB/s", gb(3), lambda: swiglu(gu[:, :I], gu[:, I:]),
+                 {"eager": lambda: eager_sw(gu[:, :I], gu[:, I:])}, bw)
+    # (Liger's backward writes its grads into the saved g, u: repeated runs change the values, not the time)
+    _compare(rows, "swiglu bwd 16384x3072", "GB/s", gb(5), _grad_fn(lambda: swiglu(g, u), (g, u), dy),
+             {k: f and _grad_fn(f, (g, u), dy) for k, f in fns.items()}, bw)
+    N, H, Hkv, D = 16384, 32, 8, 128           # RoPE + qk-norm at Qwen3-8B heads, q/k as views of a fused qkv
+    qkv = torch.randn(N, (H + 2 * Hkv) * D, device="cuda", dtype=bf)
+    q = qkv[:, : H * D].view(N, H, D).detach().requires_grad_()
+    k = qkv[:, H * D: (H + Hkv) * D].view(N, Hkv, D).detach().requires_grad_()
+    pos, cs = torch.arange(N, device="cuda"), rope_cos_sin(N, D, device="cuda")
+    qw, kw = ((1 + 0.1 * torch.randn(D, device="cuda")).to(bf).requires_grad_() for _ in range(2))
+    grads = (torch.randn(N, H, D, device="cuda", dtype=bf), torch.randn(N, Hkv, D, device="cuda", dtype=bf))
+    ref_c, leaves = torch.compile(rope_qk_norm_ref), (q, k, qw, kw)
+    fns = {"eager": lambda: rope_qk_norm_ref(q, k, pos, cs, qw, kw), "torch.compile": lambda: ref_c(q, k, pos, cs, qw, kw)}
+    gb = lambda n: _rate((n * (H + Hkv) * N * D * 2 + N * (8 + D * 4)) / 1e6)  # noqa: E731 (+ positions, table rows)
+    ours = lambda: rope_qk_norm(q, k, pos, cs, qw, kw)  # noqa: E731
+    with torch.no_grad():
+        _compare(rows, "rope_qk_norm fwd Qwen3-8B heads", "GB/s", gb(2), ours, fns, bw)
+    _compare(rows, "rope_qk_norm bwd Qwen3-8B heads", "GB/s", gb(3), _grad_fn(ours, leaves, grads),
+             {n: _grad_fn(f, leaves, grads) for n, f in fns.items()}, bw)
+
+
+def _bench_losses(rows, peaks):
+    """Linear + cross-entropy and log-probs + entropy, fwd+bwd, N=16384, Hd=1024, V=151936: time and peak
+    extra memory. Roofline: the 3 GEMMs any method needs, 6 N V Hd FLOPs, at the measured matmul peak."""
+    N, Hd, V, bf = 16384, 1024, 151936, torch.bfloat16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    h = torch.randn(N, Hd, device="cuda", dtype=bf, generator=gen).requires_grad_()
+    w = (torch.randn(V, Hd, device="cuda", dtype=bf, generator=gen) * 0.02).requires_grad_()
+    y = torch.randint(0, V, (N,), device="cuda", generator=gen)
+    y[::7] = -100                                                  # some ignored rows, as in SFT
+    a = torch.randn(N, device="cuda", generator=gen)               # random d loss/d logp and d loss/d H
+    grads = lambda loss: torch.autograd.grad(loss, (h, w))  # noqa: E731
+    eager = lambda h, w, y: F.cross_entropy((h @ w.t()).float(), y)  # noqa: E731
+    comp = torch.compile(eager)
     try:
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
         liger = LigerFusedLinearCrossEntropyLoss()
-        ce["liger"] = lambda: grads(liger(w, h, y))
     except ImportError:
-        print("liger_kernel not importable: Liger column skipped")
-    a = torch.randn(N, device=dev, generator=g)                    # random d loss/d logp, d loss/d H
+        liger = None
+
     def lp_eager():
         logp = torch.log_softmax((h @ w.t()).float() / 0.7, -1)
-        ent = -(logp.exp() * logp).sum(-1)
-        return grads((logp.gather(1, y.clamp(min=0)[:, None])[:, 0] * a).sum() + (ent * a).sum())
+        return grads((logp.gather(1, y.clamp(min=0)[:, None])[:, 0] * a).sum() - ((logp.exp() * logp).sum(-1) * a).sum())
+
     def lp_ours():
         lp, ent = fused_linear_logprobs(h, w, y.clamp(min=0), temperature=0.7)
         return grads((lp * a).sum() + (ent * a).sum())
-    res = {}
-    for name, fn in list(ce.items()) + [("logprobs ours", lp_ours), ("logprobs eager", lp_eager)]:
-        try:
-            res[name] = _loss_measure(fn)
-        except Exception as e:  # noqa: BLE001 (OOM of the eager peers; a peer library's own failure)
-            print(f"{name}: FAILED {type(e).__name__}: {str(e)[:200]}")
-            res[name] = (float("nan"), float("nan"))
-        torch.cuda.empty_cache()
+    roof_ms = 6 * N * V * Hd / (peaks["TFLOP/s"] * 1e9)
+    for case, ours, peers in (
+            ("linear+CE fwd+bwd", lambda: grads(fused_linear_cross_entropy(h, w, y)),
+             {"eager": lambda: grads(eager(h, w, y)), "torch.compile": lambda: grads(comp(h, w, y)),
+              "liger": liger and (lambda: grads(liger(w, h, y)))}),
+            ("logprobs+entropy fwd+bwd T=0.7", lp_ours, {"eager": lp_eager})):
+        _compare(rows, f"{case}, time", "ms", lambda fn: _time_ms(fn, graph=False), ours, peers, lambda t: roof_ms / t)
+        _compare(rows, f"{case}, memory", "GB", _peak_gb, ours, peers)
+
+
+def _print_table(rows):
+    print(f"{'case':44s} {'unit':7s} {'ours':>8s}  {'peer':26s} {'peer':>8s} {'ratio':>6s} {'roofline':>8s}")
+    for case, unit, ours, peer, theirs, roof in rows:
+        ratio = theirs / ours if unit in ("ms", "GB") else ours / theirs        # > 1: ours is better
+        roof = "" if roof is None else f"{roof:.0%}"
+        print(f"{case:44s} {unit:7s} {ours:8.2f}  {peer:26s} {theirs:8.2f} {ratio:6.2f} {roof:>8s}")
+
+
+def bench() -> list:
+    """Every kernel against its peers on this GPU in bf16; prints one table and returns its rows
+    (case, unit, ours, peer, peer's value, roofline fraction or None)."""
+    print(f"kernels bench on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    peaks = _peaks()
+    print(f"measured peaks: copy {peaks['GB/s']:.0f} GB/s, bf16 matmul {peaks['TFLOP/s']:.0f} TFLOP/s")
     rows = []
-    def add(name, ours, peer):
-        for i, unit in ((0, "ms"), (1, "GB")):
-            o, p = res[ours][i], res[peer][i]
-            rows.append((f"{name} [{ours}]", o, peer, p, unit, p / o,
-                         roof_ms / o if unit == "ms" else None))
-    for peer in [k for k in ("eager", "torch.compile", "liger") if k in res]:
-        add("linear+CE fwd+bwd", "ours", peer)
-    for k in ("ours chunk 1024", "ours chunk 4096"):
-        add("linear+CE fwd+bwd", k, "eager")
-    add("logprobs+entropy fwd+bwd T=0.7", "logprobs ours", "logprobs eager")
-    print(f"{'case':48s} {'ours':>9s} {'peer':>16s} {'value':>9s} unit {'peer/ours':>9s} roofline")
-    for r in rows:
-        roof = f"{r[6]:.2f}" if r[6] is not None else "-"
-        print(f"{r[0]:48s} {r[1]:9.2f} {r[2]:>16s} {r[3]:9.2f} {r[4]:4s} {r[5]:9.2f} {roof}")
+    for part in (_bench_attention, _bench_rowwise, _bench_losses):
+        print(f"  {part.__name__[7:]} ...", flush=True)
+        part(rows, peaks)
+    _print_table(rows)
     return rows
 
 
-# ==== benchmark: python kernels.py --bench ==========================================================
-
-
-def bench() -> None:
-    """Every kernel's GPU benchmark in one run (bf16 on CUDA); each part prints its own table."""
-    if not torch.cuda.is_available():
-        raise SystemExit("kernels.py --bench needs a CUDA GPU")
-    print(f"kernels bench on {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
-    for part in (_bench_attn, _bench_norm, _bench_loss):
-        part()
-
-
-# ==== self-test: python kernels.py =================================================================
-
+# ==== self-test and command line: python kernels.py [--bench] ======================================
 
 def selftest() -> None:
-    """Each kernel against its reference at tiny shapes (the interpreter on CPU, compiled on a GPU)."""
+    """Every public op against its torch reference at tiny odd shapes, forward, plus the backward of
+    the two autograd paths that differ most (flash attention, LM-head log-probs). Compiled on a GPU, in
+    Triton's interpreter on a CPU. Without Triton no kernel can run (impl="auto" IS the reference
+    then): every op says SKIPPED and nothing claims OK."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    impl = "triton" if triton is not None else "ref"
-    g = torch.Generator(device="cpu").manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    rnd = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
+    ints = lambda *xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
+    T = dict(impl="triton")
 
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dev)
+    def fwd_bwd(f, *xs):   # f's outputs, then the grads of a fixed linear functional of them
+        xs = [x.detach().requires_grad_() for x in xs]
+        outs = [o for o in f(*xs) if o is not None]
+        sum((o.float() * torch.linspace(-1, 1, o.numel(), device=dev).view(o.shape)).sum() for o in outs).backward()
+        return (*outs, *(x.grad for x in xs))
 
-    def close(a, b, tol=1e-4):
-        err = ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
-        assert err < tol, err
+    def store_prefill(store, prefill):   # write 10 new tokens' k/v through their slots, then attend
+        kc2, vc2 = kc.clone(), vc.clone()
+        pos, seq = torch.arange(30, 40, device=dev), ints(*[0] * 7, *[1] * 3)   # new tokens 30..36 | 37..39
+        store(kn, vn, kc2, vc2, bt[seq, pos // 16].long() * 16 + pos % 16)      # slot = page * P + offset
+        return prefill(qn, kc2, vc2, bt, ints(0, 7, 10), ints(37, 40)), kc2, vc2
 
-    cu = torch.tensor([0, 5, 5, 22], dtype=torch.int32, device=dev)  # lengths 5, 0, 17
-    q, k, v = rnd(22, 4, 32), rnd(22, 2, 32), rnd(22, 2, 32)
-    # a GPU multiplies fp32 in TF32 (10-bit mantissa): ~1e-3 relative error is expected there
-    close(flash_attn_varlen(q, k, v, cu, 17, impl=impl), attention_ref(q, k, v, cu), 5e-3 if dev == "cuda" else 1e-4)
-    x, w, r = rnd(7, 48), rnd(48), rnd(7, 48)
-    close(rms_norm(x, w, residual=r, impl=impl)[0], rms_norm(x, w, residual=r, impl="ref")[0])
-    gate, up = rnd(7, 40), rnd(7, 40)
-    close(swiglu(gate, up, impl=impl), swiglu_ref(gate, up))
+    cu, cl = ints(0, 5, 5, 22), ints(37, 40)                       # lengths 5, 0, 17; cached 37 and 40
+    q, k, v = rnd(22, 4, 32), rnd(22, 2, 32), rnd(22, 2, 32)       # H=4, Hkv=2 (GQA), D=32
+    kc, vc, bt = rnd(6, 16, 2, 32), rnd(6, 16, 2, 32), ints([4, 1, 0], [2, 5, 3])   # 6 shuffled pages of 16
+    qn, kn, vn, qd = rnd(10, 4, 32), rnd(10, 2, 32), rnd(10, 2, 32), rnd(2, 4, 32)
+    x, w, r, cs = rnd(7, 48), rnd(48), rnd(7, 48), rope_cos_sin(64, 32, device=dev)
+    pos = torch.randint(0, 64, (22,), generator=g).to(dev)
     h, W, y = rnd(9, 16), rnd(50, 16), torch.randint(0, 50, (9,), generator=g).to(dev)
-    close(fused_linear_cross_entropy(h, W, y, impl=impl), linear_cross_entropy_ref(h, W, y))
-    print(f"kernels selftest ({impl} on {dev}): OK")
+    y[3] = -100
+    dense = [t[:20].view(2, 10, -1, 32) for t in (q, k, v)]        # [B=2, S=10, H|Hkv, D]
+    checks = {   # name: () -> (ours, reference), each a tuple of tensors
+        "flash_attn_varlen fwd+bwd": lambda: (
+            fwd_bwd(lambda q, k, v: (flash_attn_varlen(q, k, v, cu, 17, **T),), q, k, v),
+            fwd_bwd(lambda q, k, v: (attention_ref(q, k, v, cu),), q, k, v)),
+        "flash_attn dense, non-causal": lambda: (
+            (flash_attn(*dense, causal=False, **T).flatten(0, 1),), (attention_ref(q[:20], k[:20], v[:20], ints(0, 10, 20), False),)),
+        "paged_attention_decode, 2 splits": lambda: (
+            (paged_attention_decode(qd, kc, vc, bt, cl, num_splits=2, **T),), (paged_attention_decode_ref(qd, kc, vc, bt, cl),)),
+        "store_kvcache + paged_attention_prefill": lambda: (
+            store_prefill(lambda *a: store_kvcache(*a, **T), lambda *a: paged_attention_prefill(*a, **T)),
+            store_prefill(store_kvcache_ref, paged_attention_prefill_ref)),
+        "rms_norm + residual": lambda: (rms_norm(x, w, residual=r, **T), rms_norm_ref(x, w, residual=r)),
+        "rope_qk_norm": lambda: (rope_qk_norm(q, k, pos, cs, w[:32], w[16:], **T), rope_qk_norm_ref(q, k, pos, cs, w[:32], w[16:])),
+        "swiglu": lambda: ((swiglu(x, r, **T),), (swiglu_ref(x, r),)),
+        "fused_linear_cross_entropy, 3 chunks": lambda: (
+            (fused_linear_cross_entropy(h, W, y, chunk_size=4, **T),), (linear_cross_entropy_ref(h, W, y),)),
+        "fused_linear_logprobs fwd+bwd, T=0.7": lambda: (
+            fwd_bwd(lambda h, W: fused_linear_logprobs(h, W, y.clamp(min=0), 0.7, chunk_size=4, **T), h, W),
+            fwd_bwd(lambda h, W: linear_logprobs_ref(h, W, y.clamp(min=0), 0.7), h, W)),
+    }
+    where = (f"triton {triton.__version__}, " + ("compiled on cuda" if dev == "cuda" else "interpreter on cpu")
+             if triton is not None else "no triton")
+    print(f"kernels selftest ({where}): each public op vs its torch reference")
+    for name, pair in checks.items():
+        if triton is None:
+            print(f"  {name:42s} SKIPPED (no triton: only the reference can run)")
+            continue
+        err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() for a, b in zip(*pair()))
+        # a GPU multiplies fp32 in TF32 inside the attention kernels (10-bit mantissa): ~1e-3 there
+        assert err < (5e-3 if dev == "cuda" else 1e-4), f"{name}: relative error {err:.2e}"
+        print(f"  {name:42s} OK (max relative error {err:.1e})")
+    print("kernels selftest: " + ("SKIPPED: the triton package is not importable, no kernel ran" if triton is None
+                                  else f"OK, {len(checks)} ops"))
+
+
+def _fail(message: str):
+    print(f"kernels.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="kernels.py", description="Triton kernels beside their torch twins. "
+                                 "Without flags: the self-test (each public op vs its reference, seconds).")
+    ap.add_argument("--bench", action="store_true", help="GPU benchmark in bf16: ours vs torch SDPA, eager, "
+                    "torch.compile and Liger-Kernel (when importable), one table")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    ap.error = lambda message: _fail(f"{message} (see --help)")    # one line and exit 2, like every error
+    args = ap.parse_args(argv)
+    try:
+        if args.bench and (triton is None or not torch.cuda.is_available()):
+            missing = [m for m, ok in (("no CUDA GPU is visible", torch.cuda.is_available()),
+                                       ("triton is not importable", triton is not None)) if not ok]
+            raise ValueError("--bench needs a CUDA GPU and Triton: " + " and ".join(missing))
+        bench() if args.bench else selftest()
+    except (ValueError, OSError, TimeoutError) as e:
+        if args.debug:
+            raise
+        _fail(str(e))
+    return 0
 
 
 if __name__ == "__main__":
-    bench() if "--bench" in sys.argv else selftest()
+    sys.exit(main())

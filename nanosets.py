@@ -1,4 +1,4 @@
-"""nanosets: an Arrow-like columnar dataset library with a zero-copy file format, from scratch.
+"""nanosets: an Arrow-like columnar dataset library with a zero-copy, checksummed file format, from scratch.
 
 Stands in for pyarrow + HF `datasets` in this project. It keeps the ideas that make them fast: data
 stored column by column in flat typed buffers, nulls in validity bitmaps, variable-length values
@@ -15,20 +15,31 @@ How it works, in five lines:
      and only parses the metadata, so opening is O(1) in data size and columns are views into the map.
   5. `Dataset` wraps a Table with an optional row-index indirection and the HF-datasets-like API.
 
+First read (~600 lines): the format table below -> arrays (Array, PrimitiveArray, _OffsetsMixin,
+ListArray) -> the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) -> Dataset (its
+docstring, _physical, __getitem__, select, shuffle) -> load_dataset. The other chapters stand alone:
+types (the type grammar), building arrays from Python (inference, errors that name the row),
+take/concat, tables (chunking), pyarrow interop, training helpers (packing, the sharded sampler),
+the benchmark, the command line.
+
 Commands:
-  python nanosets.py            # CPU self-test, a few seconds
-  python nanosets.py --bench    # 1 GB benchmark against pyarrow (and HF datasets when installed)
+  python nanosets.py                      # CPU self-test, a few seconds
+  python nanosets.py --verify F.nano ...  # check every buffer's checksum (~0.5 s per GB, see verify_nano)
+  python nanosets.py --bench              # 1 GB benchmark against pyarrow (and HF datasets when installed)
+  python nanosets.py --help
 
 Usage:
   from nanosets import Dataset, load_dataset
   ds = Dataset.from_list([{"q": "1+1", "ids": [1, 2, 3]}], schema={"ids": "list<int32>"})
   ds.save_to_disk("data/train.nano"); ds = load_dataset("data/train.nano")
   ds.shuffle(seed=0).with_format("torch")[0]["ids"]   # a tensor viewing the mmap'd file
+  load_dataset("data/gsm8k_sft")                      # a folder: {"train": ..., "test": ...} by file name
+  load_dataset("data/gsm8k_sft", split="test", verify=True)   # one split, every checksum checked
 
-THE .nano FILE FORMAT (version 1; all integers little-endian)
+THE .nano FILE FORMAT (version 2; all integers little-endian)
   offset  bytes  field
   0       8      magic b"NANOSET\\0"
-  8       4      format version, uint32 (= 1)
+  8       4      format version, uint32 (= 2)
   12      4      header size, uint32 (= 64)
   16      8      total file size, uint64 (a shorter file on disk means it was truncated)
   24      8      metadata offset, uint64
@@ -39,28 +50,42 @@ THE .nano FILE FORMAT (version 1; all integers little-endian)
   M       L      metadata: UTF-8 JSON (M = metadata offset, L = metadata length), see below
   M+L     8      tail magic b"NANOEND\\0" (also the last 8 bytes of the file)
 
-  Metadata JSON: {"version": 1, "num_rows": R, "schema": [[name, type], ...],
+  Metadata JSON: {"version": 2, "num_rows": R, "schema": [[name, type], ...],
                   "batches": [{"length": n, "columns": [node, ...]}, ...], "metadata": {...}}
   A type is JSON: "int32" (any primitive name), "string", "null", {"list": T},
                   {"struct": [[name, T], ...]}, {"tensor": "float32", "shape": [2, 3]}.
   A node describes one Array of a batch: {"length": n, "null_count": k,
-      "buffers": {"validity": [offset, nbytes] or null, "offsets"/"values"/"data": [offset, nbytes]},
+      "buffers": {"validity": [offset, nbytes, crc32] or null, "offsets"/"values"/"data": [offset, nbytes, crc32]},
       "children": [node, ...]}   (list: one child with the values; struct: one child per field)
   Buffers per type: primitive -> values (n * itemsize); bool -> values (one byte per value, unlike
   Arrow's bits, so torch.frombuffer(dtype=torch.bool) is zero-copy); string -> offsets ((n+1) int64)
   + data (UTF-8 bytes); list -> offsets ((n+1) int64) + child; struct -> children; tensor -> values
   (n * prod(shape) * itemsize); null -> nothing. Validity is bit-packed, LSB first, 1 = valid, and is
-  omitted when the column has no nulls.
+  omitted when the column has no nulls. crc32 is zlib's, of the buffer's nbytes (padding excluded).
+
+  What is checked, and when:
+    open (O(1) in the data size): magic, version, sizes, tail, the metadata crc32, every buffer's
+        range, size and alignment against its type, the first and last offset of every string/list;
+    every read: the offsets of the rows it touches, and UTF-8 of the strings it decodes;
+    verify (verify_nano, load_dataset(verify=True), --verify; O(size)): every data buffer's crc32 and
+        that every offsets buffer is non-decreasing. A flipped byte in a token id, a length or a mask
+        is invisible to the checks above and caught only here: run it once before a long job.
+        Cost: crc32 runs at ~2.3 GB/s on one core here, ~0.5 s per GB when the pages are cached;
+        a cold file is read from disk first (BENCHMARKS.md has the measured numbers).
+  Version 1 files (buffers as [offset, nbytes], no checksums) still open and read. verify can only
+  decode every row of them (offsets, UTF-8), which misses a changed number, and warns so: rebuild
+  such a file from its source (for prepare_data.py output: rerun it with --overwrite).
 
 Sections:
-  types . bitmaps . arrays . building arrays from Python . tables . the .nano file .
-  Dataset . loading (jsonl/json/parquet/nano) . pyarrow interop . training helpers (packing,
-  sharded sampler) . benchmark . self-test
+  types . buffers and bitmaps . arrays . building arrays from Python . take and concat . tables .
+  the .nano file . Dataset . loading files . pyarrow interop . training helpers . benchmark .
+  self-test and command line
 """
 from __future__ import annotations
 
 import array as pyarray
 import bisect
+import copy
 import gc
 import glob
 import json
@@ -68,12 +93,14 @@ import math
 import mmap
 import os
 import random
+import re
 import struct
 import sys
 import tempfile
 import time
 import warnings
 import zlib
+from contextlib import nullcontext
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -85,9 +112,15 @@ import torch
 
 
 class DataType:
-    """Base class of all types. Equality and hashing go through the canonical string form."""
+    """Base class of all types. `name` is the canonical string form ("list<int32>") that parse_type
+    reads back; equality and hashing go through it, so two separately built list<int32> are equal."""
 
-    def __eq__(self, other):
+    name: str
+
+    def __str__(self):
+        return self.name
+
+    def __eq__(self, other):  # structural: the canonical names are equal
         return isinstance(other, DataType) and str(self) == str(other)
 
     def __hash__(self):
@@ -100,52 +133,45 @@ class DataType:
 class PrimitiveType(DataType):
     """Fixed-width scalar. `fmt` is the memoryview/struct format char (None where Python has none)."""
 
-    def __init__(self, name: str, fmt: str | None, itemsize: int, torch_dtype: torch.dtype):
-        self.name, self.fmt, self.itemsize, self.torch_dtype = name, fmt, itemsize, torch_dtype
-
-    def __str__(self):
-        return self.name
+    def __init__(self, name: str, fmt: str | None, torch_dtype: torch.dtype):
+        self.name, self.fmt, self.torch_dtype, self.itemsize = name, fmt, torch_dtype, torch_dtype.itemsize
 
 
 class NullType(DataType):
     """A column where every value is None (what inference gives for an all-None column)."""
 
-    def __str__(self):
-        return "null"
+    name = "null"
 
 
 class StringType(DataType):
-    """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8)."""
+    """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8; 64-bit offsets so a
+    column may hold more than 2 GB of text)."""
 
-    def __str__(self):
-        return "string"
+    name = "string"
 
 
 class ListType(DataType):
     """Variable-length list of `value` (any type, so lists nest to any depth): Arrow's large_list."""
 
     def __init__(self, value: DataType):
-        self.value = value
-
-    def __str__(self):
-        return f"list<{self.value}>"
+        self.value, self.name = value, f"list<{value}>"
 
 
 class StructType(DataType):
-    """A record of named fields, each a child Array of the same length."""
+    """A record of named fields, each a child Array of the same length. Field names may not contain
+    the type grammar's punctuation, or str(t) could not be parsed back."""
 
     def __init__(self, fields: dict[str, DataType]):
-        for name in fields:
+        for name in fields:  # these characters are the grammar's: "struct<a: int32, b: list<string>>"
             if any(c in name for c in "<>,:"):
                 raise ValueError(f"struct field name {name!r} may not contain any of '<>,:'")
         self.fields = dict(fields)
-
-    def __str__(self):
-        return "struct<" + ", ".join(f"{k}: {v}" for k, v in self.fields.items()) + ">"
+        self.name = "struct<" + ", ".join(f"{k}: {v}" for k, v in self.fields.items()) + ">"
 
 
 class TensorType(DataType):
-    """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer."""
+    """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, so a
+    whole column is one zero-copy tensor and needs no offsets."""
 
     def __init__(self, value: PrimitiveType, shape: tuple[int, ...]):
         if not isinstance(value, PrimitiveType) or value.name == "bool":
@@ -153,42 +179,28 @@ class TensorType(DataType):
         if not shape or any(int(s) <= 0 for s in shape):
             raise ValueError(f"tensor shape must be non-empty positive ints, got {shape}")
         self.value, self.shape = value, tuple(int(s) for s in shape)
-        self.numel = math.prod(self.shape)
-
-    def __str__(self):
-        return f"tensor<{self.value}>[{','.join(map(str, self.shape))}]"
+        self.numel = math.prod(self.shape)  # elements per row
+        self.name = f"tensor<{value}>[{','.join(map(str, self.shape))}]"
 
 
-PRIMITIVES: dict[str, PrimitiveType] = {
-    t.name: t
-    for t in [
-        PrimitiveType("bool", "?", 1, torch.bool),
-        PrimitiveType("int8", "b", 1, torch.int8),
-        PrimitiveType("uint8", "B", 1, torch.uint8),
-        PrimitiveType("int16", "h", 2, torch.int16),
-        PrimitiveType("uint16", "H", 2, torch.uint16),
-        PrimitiveType("int32", "i", 4, torch.int32),
-        PrimitiveType("uint32", "I", 4, torch.uint32),
-        PrimitiveType("int64", "q", 8, torch.int64),
-        PrimitiveType("uint64", "Q", 8, torch.uint64),
-        # memoryview cannot cast to half floats, so these two decode through torch instead.
-        PrimitiveType("float16", None, 2, torch.float16),
-        PrimitiveType("bfloat16", None, 2, torch.bfloat16),
-        PrimitiveType("float32", "f", 4, torch.float32),
-        PrimitiveType("float64", "d", 8, torch.float64),
-    ]
-}
-STRING, NULL = StringType(), NullType()
-_TORCH_TO_PRIMITIVE = {t.torch_dtype: t for t in PRIMITIVES.values()}
+# name -> memoryview format char ("" where Python has none: the halves decode through torch instead)
+PRIMITIVES: dict[str, PrimitiveType] = {n: PrimitiveType(n, fmt or None, getattr(torch, n)) for n, fmt in [
+    ("bool", "?"), ("int8", "b"), ("uint8", "B"), ("int16", "h"), ("uint16", "H"), ("int32", "i"), ("uint32", "I"),
+    ("int64", "q"), ("uint64", "Q"), ("float16", ""), ("bfloat16", ""), ("float32", "f"), ("float64", "d")]}
+STRING, NULL = StringType(), NullType()  # types without parameters: one instance each
+_TORCH_TO_PRIMITIVE = {t.torch_dtype: t for t in PRIMITIVES.values()}  # for columns built from tensors
 
 
 def parse_type(spec: str | DataType) -> DataType:
-    """'list<struct<a: int32, b: string>>' -> DataType. A small recursive-descent parser."""
+    """'list<struct<a: int32, b: string>>' -> DataType, so schemas can be written as strings.
+
+    A small recursive-descent parser: _parse_type_at reads one type starting at position i and
+    returns where it stopped; composite types call it again for their inner types."""
     if isinstance(spec, DataType):
         return spec
     if not isinstance(spec, str):
         raise TypeError(f"a type must be a DataType or a string like 'list<int32>', got {spec!r}")
-    s = spec.replace(" ", "")
+    s = spec.replace(" ", "")  # spaces are decoration: "list< int32 >" is "list<int32>"
     t, end = _parse_type_at(s, 0, spec)
     if end != len(s):
         raise ValueError(f"cannot parse type {spec!r}: unexpected text at {s[end:]!r}")
@@ -197,36 +209,29 @@ def parse_type(spec: str | DataType) -> DataType:
 
 def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
     j = i
-    while j < len(s) and (s[j].isalnum() or s[j] == "_"):
+    while j < len(s) and (s[j].isalnum() or s[j] == "_"):  # the type's name: letters, digits, '_'
         j += 1
     name = s[i:j]
-    if name in PRIMITIVES:
-        return PRIMITIVES[name], j
-    if name == "string":
-        return STRING, j
-    if name == "null":
-        return NULL, j
+    simple = {**PRIMITIVES, "string": STRING, "null": NULL}  # the types that are just a name
+    if name in simple:
+        return simple[name], j
     if name in ("list", "struct", "tensor") and s[j : j + 1] == "<":
-        if name == "list":
+        if name != "struct":  # list<T> and tensor<T>[d0,d1,...] both start with one inner type
             inner, k = _parse_type_at(s, j + 1, spec)
             _expect(s, k, ">", spec)
-            return ListType(inner), k + 1
-        if name == "tensor":
-            inner, k = _parse_type_at(s, j + 1, spec)
-            _expect(s, k, ">", spec)
-            _expect(s, k + 1, "[", spec)
+            if name == "list":
+                return ListType(inner), k + 1
+            _expect(s, k + 1, "[", spec)  # tensor: the shape follows the '>' as [d0,d1,...]
             close = s.find("]", k + 2)
             if close < 0:
                 raise ValueError(f"cannot parse type {spec!r}: tensor shape has no closing ']'")
-            shape = tuple(int(x) for x in s[k + 2 : close].split(","))
-            return TensorType(inner, shape), close + 1
-        fields, k = {}, j + 1
+            return TensorType(inner, tuple(int(x) for x in s[k + 2 : close].split(","))), close + 1
+        fields, k = {}, j + 1  # struct<name: T, ...>: fields until the closing '>'
         while s[k : k + 1] != ">":
             colon = s.find(":", k)
             if colon < 0:
                 raise ValueError(f"cannot parse type {spec!r}: struct field without ':'")
-            fname = s[k:colon]
-            fields[fname], k = _parse_type_at(s, colon + 1, spec)
+            fields[s[k:colon]], k = _parse_type_at(s, colon + 1, spec)
             if s[k : k + 1] == ",":
                 k += 1
         return StructType(fields), k + 1
@@ -242,6 +247,7 @@ def _expect(s: str, i: int, ch: str, spec: str):
 
 
 def type_to_json(t: DataType):
+    """DataType -> the JSON the file's metadata stores (structured, so no string parsing on open)."""
     if isinstance(t, ListType):
         return {"list": type_to_json(t.value)}
     if isinstance(t, StructType):
@@ -252,6 +258,7 @@ def type_to_json(t: DataType):
 
 
 def type_from_json(j) -> DataType:
+    """The inverse of type_to_json; raises ValueError on anything else (a corrupt file's metadata)."""
     if isinstance(j, str):
         return parse_type(j)
     if isinstance(j, dict) and "list" in j:
@@ -269,11 +276,8 @@ def type_from_json(j) -> DataType:
 
 
 class NanosetsError(ValueError):
-    """Bad input: a corrupt file, a row that disagrees with the schema, a bad argument."""
-
-
-def _empty_tensor(dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(0, dtype=dtype)
+    """Bad input: a corrupt file, a row that disagrees with the schema, a bad argument. A ValueError,
+    so callers (and CLIs) can treat it as an expected error with a message for the user."""
 
 
 def frombuffer(buf, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
@@ -283,7 +287,7 @@ def frombuffer(buf, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Te
     (e.g. an mmap opened for reading) make torch warn; we silence that one warning, as our files are
     mapped copy-on-write (a write changes this process's copy, never the file)."""
     if count == 0:
-        return _empty_tensor(dtype)
+        return torch.empty(0, dtype=dtype)  # torch.frombuffer refuses a zero-length range
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")
         return torch.frombuffer(buf, dtype=dtype, count=count, offset=offset)
@@ -301,44 +305,41 @@ def tensor_to_buffer(t: torch.Tensor) -> memoryview:
 def pack_bits(valid: torch.Tensor) -> memoryview:
     """bool[n] -> validity bitmap, LSB first (bit i of byte i//8 is row i), as Arrow lays it out."""
     n = valid.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)
+    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)  # [8 * ceil(n/8)], zero bits past the end
     padded[:n] = valid.to(torch.uint8)
-    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
+    weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # bit j of a byte = row 8k+j
     return tensor_to_buffer((padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8))  # [ceil(n/8)]
 
 
 def unpack_bits(bitmap, offset: int, length: int) -> torch.Tensor:
     """Validity bitmap -> bool[length] for rows offset..offset+length (vectorised, no Python loop)."""
-    first, last = offset // 8, (offset + length + 7) // 8
+    first, last = offset // 8, (offset + length + 7) // 8  # the bytes that hold those rows
     by = frombuffer(bitmap, torch.uint8, last - first, first)  # [bytes]
     bits = (by.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8)) & 1  # [bytes, 8]
-    start = offset - first * 8
+    start = offset - first * 8  # rows before `offset` that share its first byte
     return bits.reshape(-1)[start : start + length].bool()
-
-
-def _bit(bitmap, i: int) -> bool:
-    return bool((bitmap[i >> 3] >> (i & 7)) & 1)
-
-
-def _check_range(offs: list[int], limit: int, what: str):
-    """Offsets must be non-decreasing and inside their values buffer, or we'd silently return garbage."""
-    if offs and (offs[0] < 0 or offs[-1] > limit or any(b < a for a, b in zip(offs, offs[1:]))):
-        raise NanosetsError(f"corrupt {what}: offsets {offs[:4]}...{offs[-2:]} leave the values (size {limit})")
 
 
 # ---- arrays ---------------------------------------------------------------------------------------
 # An Array = type + length + buffers + `offset` (the first row it shows inside its buffers). slice()
 # only moves offset/length, which is why slicing is O(1) and shares memory with its parent.
-# Each class implements: get(i) (one Python value), to_pylist(), take_pylist(idx), compact() (an
-# equal array whose offset is 0, copying only what must be shifted) and buffers for the writer.
 
 
 class Array:
+    """One column (or one chunk of a column): `length` rows starting at row `offset` of its buffers.
+
+    Why an offset: slice() returns a shallow copy over the SAME buffers with a moved window, so a
+    slice is O(1) and copies nothing (as in Arrow). compact() does the opposite when a writer needs
+    offset 0: it re-bases the buffers and copies only what must move. Each subclass implements
+    get(i) (one Python value), to_pylist() (every row, vectorised where it can), take_pylist(idx)
+    (rows idx, an int64 tensor, in any order) and compact(). Nulls live in `validity` (a bitmap, or
+    None when there are none); the values under a null row are zeros and are never shown."""
+
     type: DataType
 
     def __init__(self, length: int, validity=None, offset: int = 0):
         self.length, self.validity, self.offset = int(length), validity, int(offset)
-        self._null_count = None if validity is not None else 0
+        self._null_count = None if validity is not None else 0  # None: unknown until someone asks
 
     def __len__(self):
         return self.length
@@ -353,25 +354,19 @@ class Array:
         return self._null_count
 
     def is_valid(self, i: int) -> bool:
-        return self.validity is None or _bit(self.validity, self.offset + i)
+        """Row i is not null: bit (offset + i) of the bitmap, read straight from its byte."""
+        j = self.offset + i  # the bitmap, like every buffer, is indexed from the buffer's start
+        return self.validity is None or bool((self.validity[j >> 3] >> (j & 7)) & 1)
 
-    def valid_list(self) -> list[bool] | None:
+    def _with_nulls(self, values: list, idx: torch.Tensor | None = None) -> list:
+        """values (of every row, or of rows idx) with None put where those rows are null."""
         if self.validity is None or self.null_count == 0:
-            return None
-        return unpack_bits(self.validity, self.offset, self.length).tolist()
-
-    def _take_nulls(self, values: list, idx: torch.Tensor) -> list:
-        """values gathered at rows idx, with None where those rows are null."""
-        if self.validity is None or self.null_count == 0:
-            return values
-        valid = unpack_bits(self.validity, self.offset, self.length)[idx].tolist()
-        return [v if ok else None for v, ok in zip(values, valid)]
-
-    def _apply_nulls(self, values: list) -> list:
-        valid = self.valid_list()
-        return values if valid is None else [v if ok else None for v, ok in zip(values, valid)]
+            return values  # the common case: no bitmap to read
+        valid = unpack_bits(self.validity, self.offset, self.length)  # [length] bool
+        return [v if ok else None for v, ok in zip(values, (valid if idx is None else valid[idx]).tolist())]
 
     def _check_index(self, i: int) -> int:
+        """Python's rules: -length <= i < length, negative i counts from the end."""
         if not -self.length <= i < self.length:
             raise IndexError(f"row {i} out of range for an array of {self.length} rows")
         return i + self.length if i < 0 else i
@@ -379,28 +374,23 @@ class Array:
     def slice(self, start: int, stop: int) -> "Array":
         """Rows [start, stop) as a new Array sharing every buffer (O(1), no copy)."""
         start, stop = max(0, min(start, self.length)), max(0, min(stop, self.length))
-        new = self._with_window(self.offset + start, max(0, stop - start))
-        if self._null_count == 0:
-            new._null_count = 0
+        new = copy.copy(self)  # shallow: buffers and cached views are shared, not copied
+        new.offset, new.length = self.offset + start, max(0, stop - start)
+        new._null_count = 0 if self._null_count == 0 else None  # no nulls stays no nulls; else recount
         return new
-
-    def _with_window(self, offset: int, length: int) -> "Array":
-        raise NotImplementedError
 
     def _compact_validity(self):
         """The validity bitmap re-based to offset 0 (a byte slice when aligned, else repacked)."""
         if self.validity is None or self.null_count == 0:
             return None
-        if self.offset % 8 == 0:
+        if self.offset % 8 == 0:  # byte-aligned: the bits are already in place, just slice the bytes
             return self.validity[self.offset // 8 : (self.offset + self.length + 7) // 8]
         return pack_bits(unpack_bits(self.validity, self.offset, self.length))
 
-    def take_pylist(self, idx: torch.Tensor) -> list:
-        """Python values at rows idx (int64 tensor). Subclasses vectorise; this is the plain loop."""
-        return [self.get(i) for i in idx.tolist()]
-
 
 class NullArray(Array):
+    """The `null` type: every row is None, so there are no buffers at all."""
+
     type = NULL
 
     def get(self, i):
@@ -413,86 +403,137 @@ class NullArray(Array):
     def take_pylist(self, idx):
         return [None] * len(idx)
 
-    def _with_window(self, offset, length):
-        return NullArray(length)
-
     def compact(self):
-        return self
+        return NullArray(self.length)
 
     @property
     def null_count(self):
         return self.length
 
 
-class PrimitiveArray(Array):
-    """Fixed-width values: row i lives at bytes [(offset+i)*itemsize, (offset+i+1)*itemsize)."""
+class _FixedWidth(Array):
+    """Shared by PrimitiveArray and TensorArray: every row is `row_bytes` bytes of `values`, so row i
+    sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes): no offsets buffer needed."""
 
-    def __init__(self, type: PrimitiveType, length, values, validity=None, offset=0):
+    row_bytes: int
+
+    def __init__(self, type, length, values, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.values = type, values
-        self._typed = values.cast(type.fmt) if type.fmt and len(values) % type.itemsize == 0 else None
 
-    def _with_window(self, offset, length):
-        return PrimitiveArray(self.type, length, self.values, self.validity, offset)
+    def take_pylist(self, idx):
+        return self._with_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
+
+    def compact(self):
+        rb = self.row_bytes
+        window = self.values[self.offset * rb : (self.offset + self.length) * rb]  # a view, no copy
+        return type(self)(self.type, self.length, window, self._compact_validity())
+
+
+class PrimitiveArray(_FixedWidth):
+    """Fixed-width scalars (ints, floats, bool as one byte each): a column is one flat buffer, so
+    to_torch() is a zero-copy tensor and to_pylist() converts the whole buffer in C."""
+
+    def __init__(self, type: PrimitiveType, length, values, validity=None, offset=0):
+        super().__init__(type, length, values, validity, offset)
+        self.row_bytes = type.itemsize
+        # A typed memoryview (e.g. 'i' for int32) indexes and converts in C; halves have no format char.
+        self._typed = values.cast(type.fmt) if type.fmt and len(values) % type.itemsize == 0 else None
 
     def to_torch(self) -> torch.Tensor:
         """ZERO-COPY tensor [length] over the values buffer (null rows hold whatever bytes are there)."""
-        return frombuffer(self.values, self.type.torch_dtype, self.length, self.offset * self.type.itemsize)
+        return frombuffer(self.values, self.type.torch_dtype, self.length, self.offset * self.row_bytes)
 
     def get(self, i):
         i = self._check_index(i)
         if not self.is_valid(i):
             return None
-        if self._typed is not None:
+        if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
             return self._typed[self.offset + i]
-        return frombuffer(self.values, self.type.torch_dtype, 1, (self.offset + i) * self.type.itemsize).item()
+        return frombuffer(self.values, self.type.torch_dtype, 1, (self.offset + i) * self.row_bytes).item()
 
     def to_pylist(self):
         if self._typed is not None:  # memoryview.tolist() builds Python numbers in C: fast
             values = self._typed[self.offset : self.offset + self.length].tolist()
         else:
             values = self.to_torch().tolist()
-        return self._apply_nulls(values)
+        return self._with_nulls(values)
 
-    def take_pylist(self, idx):
-        return self._take_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
 
-    def compact(self):
-        isz = self.type.itemsize
-        return PrimitiveArray(self.type, self.length,
-                              self.values[self.offset * isz : (self.offset + self.length) * isz],
-                              self._compact_validity())
+class TensorArray(_FixedWidth):
+    """Fixed-shape tensor per row: values hold length * prod(shape) elements, row-major."""
+
+    def __init__(self, type: TensorType, length, values, validity=None, offset=0):
+        super().__init__(type, length, values, validity, offset)
+        self.row_bytes = type.numel * type.value.itemsize
+
+    def to_torch(self) -> torch.Tensor:
+        """ZERO-COPY tensor [length, *shape] over the values buffer."""
+        t = self.type
+        flat = frombuffer(self.values, t.value.torch_dtype, self.length * t.numel, self.offset * self.row_bytes)
+        return flat.view(self.length, *t.shape)  # [length * numel] -> [length, *shape]
+
+    def get(self, i):
+        i = self._check_index(i)
+        return self.to_torch()[i].tolist() if self.is_valid(i) else None  # nested lists, shape [*shape]
+
+    def to_pylist(self):
+        return self._with_nulls(self.to_torch().tolist())
 
 
 class _OffsetsMixin:
-    """Shared by string and list arrays: row i spans values [offsets[offset+i], offsets[offset+i+1])."""
+    """Shared by string and list arrays: row i spans values [offsets[offset+i], offsets[offset+i+1]).
+
+    The offsets of a file are not trusted blindly: every read checks the spans it uses (a span that
+    runs backwards or past the values would otherwise return the wrong rows without a word)."""
 
     offsets: memoryview
+    _offs_view = None
 
     def _offs(self) -> memoryview:
         if self._offs_view is None:
             self._offs_view = self.offsets.cast("q")  # int64 view, no copy; cached (hot in ds[i])
         return self._offs_view
 
-    _offs_view = None
-
     def _bounds(self, i: int) -> tuple[int, int]:
         o = self._offs()
-        return o[self.offset + i], o[self.offset + i + 1]
+        return o[self.offset + i], o[self.offset + i + 1]  # row i's [start, end) in the values
 
     def _offsets_tensor(self) -> torch.Tensor:
         return frombuffer(self.offsets, torch.int64, self.length + 1, self.offset * 8)  # [length+1]
 
+    def _span_list(self) -> list[int]:
+        """This window's length+1 offsets as Python ints, checked: non-decreasing, inside the values."""
+        offs, limit = self._offs()[self.offset : self.offset + self.length + 1].tolist(), self._num_values()
+        # one Python pass over ints we convert anyway: far cheaper than decoding a wrong row
+        if offs and (offs[0] < 0 or offs[-1] > limit or any(b < a for a, b in zip(offs, offs[1:]))):
+            raise NanosetsError(f"corrupt {self.type} column: offsets {offs[:4]}...{offs[-2:]} leave the "
+                                f"values (size {limit})")
+        return offs
+
+    def _spans(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start/end value positions of rows ((start, stop) or an index tensor), vectorised and checked
+        (a clamped slice would silently return the wrong values; pyarrow would read out of bounds)."""
+        offs = self._offsets_tensor()  # [length+1]
+        sel = torch.arange(*rows) if isinstance(rows, tuple) else rows  # [k] rows of this window
+        starts, ends = offs[sel], offs[sel + 1]  # [k], [k]
+        limit = self._num_values()
+        if len(sel) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
+            raise NanosetsError(f"corrupt {self.type} column: offsets leave the values (size {limit}) "
+                                "or run backwards")
+        return starts, ends
+
     def _compact_offsets(self) -> tuple[memoryview, int, int]:
         """Offsets re-based to start at 0, plus the [first, last) range of values they cover."""
-        t = self._offsets_tensor()
+        t = self._offsets_tensor()  # [length+1]
         first, last = int(t[0]), int(t[-1])
-        if first == 0:
+        if first == 0:  # already based at 0: a view of the window's offsets
             return self.offsets[self.offset * 8 : (self.offset + self.length + 1) * 8], 0, last
         return tensor_to_buffer(t - first), first, last
 
 
 def _utf8(b, row) -> str:
+    """bytes -> str, or an error naming the row (a raw UnicodeDecodeError names no row or column)."""
     try:
         return str(b, "utf-8")
     except UnicodeDecodeError as e:
@@ -508,44 +549,36 @@ class StringArray(_OffsetsMixin, Array):
         super().__init__(length, validity, offset)
         self.offsets, self.data = offsets, data
 
-    def _with_window(self, offset, length):
-        return StringArray(length, self.offsets, self.data, self.validity, offset)
+    def _num_values(self) -> int:
+        return len(self.data)
 
     def get(self, i):
         i = self._check_index(i)
         if not self.is_valid(i):
             return None
         a, b = self._bounds(i)
-        if not 0 <= a <= b <= len(self.data):
+        if not 0 <= a <= b <= len(self.data):  # never trust a file's offsets: check the one span we use
             raise NanosetsError(f"corrupt string column: row {i} spans bytes [{a}, {b}) of {len(self.data)}")
         return _utf8(self.data[a:b], i)
-
-    def _decode(self, spans: list[tuple[int, int]], base: int, blob: bytes) -> list[str]:
-        # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
-        # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
-        if blob.isascii():
-            text = blob.decode("ascii")
-            return [text[a - base : b - base] for a, b in spans]
-        return [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(spans)]
 
     def to_pylist(self):
         if self.length == 0:
             return []
-        offs = self._offs()[self.offset : self.offset + self.length + 1].tolist()
-        _check_range(offs, len(self.data), "string column")
-        blob = bytes(self.data[offs[0] : offs[-1]])  # one copy of this slice's bytes
-        return self._apply_nulls(self._decode(list(zip(offs, offs[1:])), offs[0], blob))
+        offs = self._span_list()
+        base, blob = offs[0], bytes(self.data[offs[0] : offs[-1]])  # one copy of this window's bytes
+        # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
+        # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
+        if blob.isascii():  # a C-speed scan of the bytes
+            text = blob.decode("ascii")
+            values = [text[a - base : b - base] for a, b in zip(offs, offs[1:])]
+        else:
+            values = [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(offs, offs[1:]))]
+        return self._with_nulls(values)
 
     def take_pylist(self, idx):
-        t = self._offsets_tensor()
-        starts, ends = t[idx].tolist(), t[idx + 1].tolist()
-        data, n = self.data, len(self.data)
-        out = []
-        for a, b in zip(starts, ends):
-            if not 0 <= a <= b <= n:
-                raise NanosetsError(f"corrupt string column: a row spans bytes [{a}, {b}) of {n}")
-            out.append(_utf8(data[a:b], len(out)))
-        return self._take_nulls(out, idx)
+        starts, ends = self._spans(idx)  # checked, vectorised; then one decode per row
+        out = [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts.tolist(), ends.tolist())]
+        return self._with_nulls(out, idx)
 
     def compact(self):
         offsets, first, last = self._compact_offsets()
@@ -553,18 +586,27 @@ class StringArray(_OffsetsMixin, Array):
 
 
 class ListArray(_OffsetsMixin, Array):
-    """list<T>: int64 offsets[length+1] into a child Array that holds all rows' values back to back."""
+    """list<T>: int64 offsets[length+1] into a child Array that holds all rows' values back to back.
+
+    The child is itself any Array, so list<list<int32>> is a ListArray over a ListArray over a
+    PrimitiveArray. For list<number> without nulls the row values come straight from the child's typed
+    memoryview (no Array object per row): the hot path of a token-id column."""
 
     def __init__(self, type: ListType, length, offsets, child: Array, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.offsets, self.child = type, offsets, child
 
-    def _with_window(self, offset, length):
-        return ListArray(self.type, length, self.offsets, self.child, self.validity, offset)
+    def _num_values(self) -> int:
+        return self.child.length
 
     def _check_span(self, a, b, i):
         if not 0 <= a <= b <= self.child.length:
             raise NanosetsError(f"corrupt list column: row {i} spans values [{a}, {b}) of {self.child.length}")
+
+    def _typed_child(self) -> memoryview | None:
+        """The child's typed memoryview when rows can be read from it directly (numbers, no nulls)."""
+        c = self.child
+        return c._typed if isinstance(c, PrimitiveArray) and c._typed is not None and c.null_count == 0 else None
 
     def get(self, i):
         i = self._check_index(i)
@@ -572,59 +614,51 @@ class ListArray(_OffsetsMixin, Array):
             return None
         a, b = self._bounds(i)
         self._check_span(a, b, i)
-        child = self.child
-        if isinstance(child, PrimitiveArray) and child._typed is not None and child.validity is None:
-            return child._typed[child.offset + a : child.offset + b].tolist()  # no Array object per row
-        return child.slice(a, b).to_pylist()
+        mv = self._typed_child()
+        if mv is not None:
+            return mv[self.child.offset + a : self.child.offset + b].tolist()
+        return self.child.slice(a, b).to_pylist()
 
-    def value_tensor(self, i: int) -> torch.Tensor:
-        """ZERO-COPY tensor of row i's values (primitive children only)."""
-        a, b = self._bounds(self._check_index(i))
-        self._check_span(a, b, i)
-        return self.child.slice(a, b).to_torch()
+    def _rows_from(self, starts: list[int], ends: list[int], contiguous: bool) -> list[list]:
+        """Python lists for the value spans [starts[k], ends[k]) (already checked). Contiguous spans
+        (a window of rows) decode their child range once and cut it; scattered ones decode per row."""
+        mv, o = self._typed_child(), self.child.offset
+        if mv is not None:  # list<number>: each row converted straight from the buffer
+            return [mv[o + a : o + b].tolist() for a, b in zip(starts, ends)]
+        if not contiguous or not starts:
+            return [self.child.slice(a, b).to_pylist() for a, b in zip(starts, ends)]
+        lo, flat = starts[0], self.child.slice(starts[0], ends[-1]).to_pylist()  # the window's values
+        return [flat[a - lo : b - lo] for a, b in zip(starts, ends)]  # cut into rows (list slices)
 
     def to_pylist(self):
         if self.length == 0:
             return []
-        offs = self._offs()[self.offset : self.offset + self.length + 1].tolist()
-        _check_range(offs, self.child.length, "list column")
-        child = self.child
-        if isinstance(child, PrimitiveArray) and child._typed is not None and child.null_count == 0:
-            mv, o = child._typed, child.offset  # list<number>: convert each row straight from the buffer
-            return self._apply_nulls([mv[o + a : o + b].tolist() for a, b in zip(offs, offs[1:])])
-        flat, base = child.slice(offs[0], offs[-1]).to_pylist(), offs[0]
-        return self._apply_nulls([flat[a - base : b - base] for a, b in zip(offs, offs[1:])])
+        offs = self._span_list()
+        return self._with_nulls(self._rows_from(offs[:-1], offs[1:], contiguous=True))
 
     def take_pylist(self, idx):
-        t = self._offsets_tensor()
-        starts, ends = t[idx].tolist(), t[idx + 1].tolist()
-        child = self.child
-        for a, b in zip(starts, ends):
-            self._check_span(a, b, "?")
-        if isinstance(child, PrimitiveArray) and child._typed is not None and child.validity is None:
-            mv, o = child._typed, child.offset  # fast path: list<number> without nulls
-            out = [mv[o + a : o + b].tolist() for a, b in zip(starts, ends)]
-        else:
-            out = [child.slice(a, b).to_pylist() for a, b in zip(starts, ends)]
-        return self._take_nulls(out, idx)
+        starts, ends = self._spans(idx)
+        return self._with_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=False), idx)
 
     def compact(self):
-        offsets, first, last = self._compact_offsets()
+        offsets, first, last = self._compact_offsets()  # the child keeps only the values we cover
         return ListArray(self.type, self.length, offsets, self.child.slice(first, last).compact(),
                          self._compact_validity())
 
 
 class StructArray(Array):
-    """struct<...>: one child Array per field, all of this array's length (children are pre-sliced)."""
+    """struct<...>: one child Array per field, all of this array's length. The children are kept
+    pre-sliced to this window; `offset` only locates rows in this array's own validity bitmap."""
 
     def __init__(self, type: StructType, length, children: dict[str, Array], validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.children = type, children
 
-    def _with_window(self, offset, length):
-        start = offset - self.offset
-        kids = {k: c.slice(start, start + length) for k, c in self.children.items()}
-        return StructArray(self.type, length, kids, self.validity, offset)
+    def slice(self, start, stop):
+        new = super().slice(start, stop)  # moves the window of our validity bitmap
+        s = new.offset - self.offset  # the clamped start, relative to this struct
+        new.children = {k: c.slice(s, s + new.length) for k, c in self.children.items()}
+        return new
 
     def get(self, i):
         i = self._check_index(i)
@@ -632,55 +666,23 @@ class StructArray(Array):
             return None
         return {k: c.get(i) for k, c in self.children.items()}
 
-    def _zip(self, columns: dict[str, list], n: int) -> list:
+    def _zip(self, columns: dict[str, list], n: int) -> list[dict]:
+        """{field: values} -> one dict per row (n rows; a struct with no fields gives empty dicts)."""
+        if not columns:
+            return [{} for _ in range(n)]
         names = list(columns)
-        rows = [dict(zip(names, vals)) for vals in zip(*columns.values())] if names else [{} for _ in range(n)]
-        return rows
+        return [dict(zip(names, vals)) for vals in zip(*columns.values())]
 
     def to_pylist(self):
-        return self._apply_nulls(self._zip({k: c.to_pylist() for k, c in self.children.items()}, self.length))
+        return self._with_nulls(self._zip({k: c.to_pylist() for k, c in self.children.items()}, self.length))
 
     def take_pylist(self, idx):
         rows = self._zip({k: c.take_pylist(idx) for k, c in self.children.items()}, len(idx))
-        return self._take_nulls(rows, idx)
+        return self._with_nulls(rows, idx)
 
     def compact(self):
         kids = {k: c.compact() for k, c in self.children.items()}
         return StructArray(self.type, self.length, kids, self._compact_validity())
-
-
-class TensorArray(Array):
-    """Fixed-shape tensor per row: values hold length * prod(shape) elements, row-major."""
-
-    def __init__(self, type: TensorType, length, values, validity=None, offset=0):
-        super().__init__(length, validity, offset)
-        self.type, self.values = type, values
-
-    def _with_window(self, offset, length):
-        return TensorArray(self.type, length, self.values, self.validity, offset)
-
-    def to_torch(self) -> torch.Tensor:
-        """ZERO-COPY tensor [length, *shape] over the values buffer."""
-        t, isz = self.type, self.type.value.itemsize
-        flat = frombuffer(self.values, t.value.torch_dtype, self.length * t.numel, self.offset * t.numel * isz)
-        return flat.view(self.length, *t.shape)
-
-    def get(self, i):
-        i = self._check_index(i)
-        return self.to_torch()[i].tolist() if self.is_valid(i) else None
-
-    def to_pylist(self):
-        return self._apply_nulls(self.to_torch().tolist())
-
-    def take_pylist(self, idx):
-        out = self.to_torch()[idx].tolist()
-        return self._take_nulls(out, idx)
-
-    def compact(self):
-        row = self.type.numel * self.type.value.itemsize
-        return TensorArray(self.type, self.length,
-                           self.values[self.offset * row : (self.offset + self.length) * row],
-                           self._compact_validity())
 
 
 # ---- building arrays from Python -------------------------------------------------------------------
@@ -698,24 +700,30 @@ class _Mismatch(Exception):
 
 def _describe(v) -> str:
     r = repr(v)
-    return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"
+    return f"{type(v).__name__} {r[:40] + '...' if len(r) > 40 else r}"  # short: it goes into one error line
+
+
+def _check_all(values: list, ok: Callable, path: str, t) -> None:
+    """Raise _Mismatch at the first non-null value that ok(value) refuses."""
+    bad = next((row for row, v in enumerate(values) if v is not None and not ok(v)), None)
+    if bad is not None:
+        raise _Mismatch(bad, path, t, values[bad])
+
+
+# Python scalar -> column type; bool first, because bool is a subclass of int in Python
+_PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIVES["float64"], str: STRING}
 
 
 def _infer_one(v, name: str) -> DataType:
+    """The type of one Python value (lists and dicts recurse into their items)."""
     if v is None:
         return NULL
-    if isinstance(v, bool):
-        return PRIMITIVES["bool"]
-    if isinstance(v, int):
-        return PRIMITIVES["int64"]
-    if isinstance(v, float):
-        return PRIMITIVES["float64"]
-    if isinstance(v, str):
-        return STRING
-    if isinstance(v, torch.Tensor):
-        if v.dim() == 0:
-            return _TORCH_TO_PRIMITIVE[v.dtype]
-        return TensorType(_TORCH_TO_PRIMITIVE[v.dtype], tuple(v.shape))
+    for py, t in _PY_TYPES.items():
+        if isinstance(v, py):
+            return t
+    if isinstance(v, torch.Tensor):  # a 0-d tensor is a scalar; a [d0, ...] one is a tensor<T>[d0, ...]
+        p = _TORCH_TO_PRIMITIVE[v.dtype]
+        return p if v.dim() == 0 else TensorType(p, tuple(v.shape))
     if isinstance(v, (list, tuple)):
         return ListType(infer_type(list(v), name + "[]"))
     if isinstance(v, dict):
@@ -724,13 +732,14 @@ def _infer_one(v, name: str) -> DataType:
 
 
 def unify_types(a: DataType, b: DataType) -> DataType | None:
-    """The narrowest type holding values of both a and b (None when there is none)."""
-    if a == b:
+    """The narrowest type holding values of both a and b (None when there is none).
+
+    This is how a column's type grows over its rows: null joins anything, int64 + float64 -> float64,
+    lists unify their items, structs take the union of their fields (a missing field is a null)."""
+    if a == b or b == NULL:
         return a
     if a == NULL:
         return b
-    if b == NULL:
-        return a
     nums = ("int64", "float64")
     if str(a) in nums and str(b) in nums:
         return PRIMITIVES["float64"]  # int + float -> float, as pyarrow and pandas do
@@ -738,23 +747,21 @@ def unify_types(a: DataType, b: DataType) -> DataType | None:
         v = unify_types(a.value, b.value)
         return None if v is None else ListType(v)
     if isinstance(a, StructType) and isinstance(b, StructType):
-        fields = dict(a.fields)
+        fields = dict(a.fields)  # a's fields first, then the ones only b has: column order is first seen
         for k, t in b.fields.items():
             fields[k] = unify_types(fields[k], t) if k in fields else t
-            if fields[k] is None:
+            if fields[k] is None:  # the same field holds two types that do not unify
                 return None
         return StructType(fields)
-    return None
+    return None  # e.g. string vs int64, list vs struct: no type holds both
 
 
 def infer_type(values: list, name: str = "column") -> DataType:
     """One type for every value of a column; raises naming the first row that disagrees."""
-    kinds = set(map(type, values))
-    fast = {int: "int64", float: "float64", str: "string", bool: "bool"}
-    simple = kinds - {type(None)}
-    if len(simple) == 1 and next(iter(simple)) in fast:  # the common case, no per-row work
-        return parse_type(fast[next(iter(simple))])
-    if simple <= {int, float} and simple:
+    simple = set(map(type, values)) - {type(None)}  # the Python types present, nulls aside
+    if len(simple) == 1 and next(iter(simple)) in _PY_TYPES:  # the common case, no per-row work
+        return _PY_TYPES[next(iter(simple))]
+    if simple <= {int, float} and simple:  # ints mixed with floats: float64, as pyarrow does
         return PRIMITIVES["float64"]
     if simple and simple <= {list, tuple}:  # infer lists from their flattened values in one call
         flat = [x for v in values if v is not None for x in v]
@@ -762,7 +769,7 @@ def infer_type(values: list, name: str = "column") -> DataType:
             return ListType(infer_type(flat, name + "[]"))
         except NanosetsError:
             pass  # fall through to the row-by-row scan, which names the row
-    result = NULL
+    result = NULL  # the slow path: grow the type row by row, so a conflict names its row
     for row, v in enumerate(values):
         try:
             t = _infer_one(v, name)
@@ -770,73 +777,67 @@ def infer_type(values: list, name: str = "column") -> DataType:
             raise NanosetsError(f"column {name!r}, row {row}: {e}") from None
         u = unify_types(result, t)
         if u is None:
-            raise NanosetsError(f"column {name!r}, row {row} holds {_describe(v)} ({t}) but earlier rows are {result}")
+            raise NanosetsError(f"column {name!r}, row {row} holds {_describe(v)} ({t}) but earlier rows are "
+                                f"{result}")
         result = u
     return result
 
 
-def _as_list(v, row, path, t):
-    if isinstance(v, (list, tuple)):
-        return v
-    if isinstance(v, torch.Tensor) and v.dim() == 1:
-        return v.tolist()
-    raise _Mismatch(row, path, t, v)
+def _offsets_of(lengths: Iterable[int]) -> memoryview:
+    """Lengths -> int64 offsets [0, l0, l0+l1, ...] as bytes: row i spans [offsets[i], offsets[i+1])."""
+    offsets, total = pyarray.array("q", [0]), 0
+    for n in lengths:
+        total += n
+        offsets.append(total)
+    return memoryview(offsets).cast("B")
 
 
 def _build(values: list, t: DataType, path: str) -> Array:
-    """Pack Python values into an Array of type t (raises _Mismatch with the row inside `values`)."""
+    """Pack Python values into an Array of type t (raises _Mismatch with the row inside `values`).
+
+    Nested types recurse: a list column builds its child from all rows' items flattened, a struct
+    builds one child per field. `path` names the position for errors (e.g. "col[].field")."""
     n = len(values)
     valid = [v is not None for v in values]
     has_nulls = not all(valid)
-    validity = pack_bits(torch.tensor(valid, dtype=torch.bool)) if has_nulls else None
+    validity = pack_bits(torch.tensor(valid, dtype=torch.bool)) if has_nulls else None  # None: no nulls
     if isinstance(t, NullType):
-        for row, v in enumerate(values):
-            if v is not None:
-                raise _Mismatch(row, path, t, v)
+        _check_all(values, lambda v: False, path, t)  # only None fits
         return NullArray(n)
     if isinstance(t, PrimitiveType):
         return _build_primitive(values, t, path, validity, has_nulls)
     if isinstance(t, StringType):
-        enc = []
+        _check_all(values, lambda v: isinstance(v, str), path, t)
+        enc = [b"" if v is None else v.encode("utf-8") for v in values]  # a null row is an empty span
+        return StringArray(n, _offsets_of(map(len, enc)), memoryview(b"".join(enc)), validity)
+    if isinstance(t, ListType):
+        rows = []  # each row as a sequence (a null row is empty), then all items flattened into the child
         for row, v in enumerate(values):
-            if v is None:
-                enc.append(b"")
-            elif isinstance(v, str):
-                enc.append(v.encode("utf-8"))
+            if v is None or isinstance(v, (list, tuple)):
+                rows.append(v or ())
+            elif isinstance(v, torch.Tensor) and v.dim() == 1:
+                rows.append(v.tolist())
             else:
                 raise _Mismatch(row, path, t, v)
-        offsets = pyarray.array("q", [0])
-        total = 0
-        for e in enc:
-            total += len(e)
-            offsets.append(total)
-        return StringArray(n, memoryview(offsets).cast("B"), memoryview(b"".join(enc)), validity)
-    if isinstance(t, ListType):
-        offsets, flat, total = pyarray.array("q", [0]), [], 0
-        for row, v in enumerate(values):
-            if v is not None:
-                v = _as_list(v, row, path, t)
-                flat.extend(v)
-                total += len(v)
-            offsets.append(total)
+        offsets = _offsets_of(map(len, rows))
         try:
-            child = _build(flat, t.value, path + "[]")
+            child = _build([x for r in rows for x in r], t.value, path + "[]")
         except _Mismatch as m:  # map the flat position back to the row that holds it
-            row = bisect.bisect_right(offsets, m.row) - 1
-            raise _Mismatch(row, f"{path}[{m.row - offsets[row]}]" + m.path[len(path) + 2 :], m.expected, m.value)
-        return ListArray(t, n, memoryview(offsets).cast("B"), child, validity)
+            starts = offsets.cast("q")  # starts[r] = flat position of row r's first item
+            row = bisect.bisect_right(starts, m.row) - 1
+            raise _Mismatch(row, f"{path}[{m.row - starts[row]}]" + m.path[len(path) + 2 :], m.expected, m.value)
+        return ListArray(t, n, offsets, child, validity)
     if isinstance(t, StructType):
-        for row, v in enumerate(values):
-            if v is not None and not isinstance(v, dict):
-                raise _Mismatch(row, path, t, v)
+        _check_all(values, lambda v: isinstance(v, dict), path, t)
+        for row, v in enumerate(values):  # a key the type does not have would be lost silently: refuse it
             if v is not None and not v.keys() <= t.fields.keys():
                 extra = sorted(set(v) - set(t.fields))
                 raise _Mismatch(row, f"{path}.{extra[0]}", "no such field in " + str(t), v[extra[0]])
-        kids = {k: _build([None if v is None else v.get(k) for v in values], ft, f"{path}.{k}")
+        kids = {k: _build([None if v is None else v.get(k) for v in values], ft, f"{path}.{k}")  # missing: null
                 for k, ft in t.fields.items()}
         return StructArray(t, n, kids, validity)
     if isinstance(t, TensorType):
-        rows = []
+        rows = []  # one [*shape] tensor per row (zeros under a null), stacked into one buffer
         for row, v in enumerate(values):
             try:
                 x = torch.zeros(t.shape) if v is None else torch.as_tensor(v, dtype=t.value.torch_dtype)
@@ -845,30 +846,32 @@ def _build(values: list, t: DataType, path: str) -> Array:
             if tuple(x.shape) != t.shape:
                 raise _Mismatch(row, path, t, v)
             rows.append(x.to(t.value.torch_dtype))
-        stacked = torch.stack(rows) if rows else torch.zeros(0, *t.shape, dtype=t.value.torch_dtype)
+        stacked = torch.stack(rows) if rows else torch.zeros(0, *t.shape, dtype=t.value.torch_dtype)  # [n, *shape]
         return TensorArray(t, n, tensor_to_buffer(stacked), validity)
     raise TypeError(f"unknown type {t}")
 
 
 def _build_primitive(values, t: PrimitiveType, path, validity, has_nulls) -> PrimitiveArray:
-    filled = [0 if v is None else v for v in values] if has_nulls else values
-    if t.name == "bool":
-        for row, v in enumerate(values):
-            if v is not None and not isinstance(v, bool):
-                raise _Mismatch(row, path, t, v)
+    """Numbers -> one packed buffer. array.array converts and range-checks the whole list in C; only
+    when it refuses do we walk the rows in Python to find which one to name."""
+    filled = [0 if v is None else v for v in values] if has_nulls else values  # nulls hold 0
+    if t.name == "bool":  # only real bools: 1 or "yes" in a bool column is a mistake to report
+        _check_all(values, lambda v: isinstance(v, bool), path, t)
         return PrimitiveArray(t, len(values), memoryview(pyarray.array("b", filled)).cast("B"), validity)
-    is_int = t.torch_dtype.is_floating_point is False
+    is_int = not t.torch_dtype.is_floating_point
     code = t.fmt if t.fmt else "d"  # halves are checked as doubles, then rounded by torch
-    try:
-        if is_int and any(type(v) in (float, bool) for v in filled):
+
+    def pack(vals):
+        if is_int and any(type(v) in (float, bool) for v in vals):
             raise TypeError  # array('q') rejects floats and would take True as 1: name the row instead
-        packed = pyarray.array(code, filled)  # converts + range-checks the whole list in C
+        return pyarray.array(code, vals)
+
+    try:
+        packed = pack(filled)  # the fast path: one C call for the whole column
     except (TypeError, OverflowError, ValueError):
-        for row, v in enumerate(filled):
+        for row, v in enumerate(filled):  # the slow path, only to name the first bad row
             try:
-                if is_int and type(v) in (float, bool):
-                    raise TypeError
-                pyarray.array(code, [v])
+                pack([v])
             except (TypeError, OverflowError, ValueError):
                 raise _Mismatch(row, path, t, v) from None
         raise
@@ -883,7 +886,7 @@ def array_from_pylist(values: list, type: DataType | str | None = None, name: st
     t = infer_type(values, name) if type is None else parse_type(type)
     try:
         return _build(list(values), t, name)
-    except _Mismatch as m:
+    except _Mismatch as m:  # the internal signal becomes the user's error, with the full position
         raise NanosetsError(f"column {name!r}, row {m.row} (at {m.path}): expected {m.expected}, "
                             f"got {_describe(m.value)}") from None
 
@@ -899,9 +902,10 @@ def array_from_tensor(t: torch.Tensor) -> Array:
 
 
 def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor) -> ListArray:
-    """Build list<T> straight from int64 offsets[n+1] and the flat values (no Python per row)."""
-    child = array_from_tensor(values) if isinstance(values, torch.Tensor) else values
-    offsets = offsets.to(torch.int64)
+    """Build list<T> straight from int64 offsets[n+1] and the flat values (no Python per row): how
+    a tokenizer's output becomes a column without a Python int per token."""
+    child = array_from_tensor(values) if isinstance(values, torch.Tensor) else values  # zero-copy
+    offsets = offsets.to(torch.int64)  # [n+1]
     if offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != child.length:
         raise NanosetsError("list offsets must start at 0 and end at the number of values")
     if bool((offsets[1:] < offsets[:-1]).any()):
@@ -910,6 +914,8 @@ def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor)
 
 
 # ---- take and concat (the two operations that do copy data) -----------------------------------------
+# Everything above views memory. These two build new buffers: take_array gathers rows into a fresh
+# Array (what save_to_disk does to a shuffled dataset), concat_arrays joins chunks into one.
 
 
 def _gather_validity(a: Array, idx: torch.Tensor):
@@ -919,13 +925,15 @@ def _gather_validity(a: Array, idx: torch.Tensor):
 
 
 def _ranges_index(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenated aranges [s0..e0) ++ [s1..e1) ++ ... without a Python loop; plus new offsets."""
+    """Concatenated aranges [s0..e0) ++ [s1..e1) ++ ... without a Python loop; plus new offsets.
+
+    Example: starts [5, 0], ends [7, 3] -> positions [5, 6, 0, 1, 2], new offsets [0, 2, 5]."""
     lens = ends - starts  # [k]
-    new_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)
+    new_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)  # [k+1]
     torch.cumsum(lens, 0, out=new_offsets[1:])
     total = int(new_offsets[-1])
     # position p of the output comes from starts[row(p)] + (p - new_offsets[row(p)])
-    within = torch.arange(total, dtype=torch.int64) - new_offsets[:-1].repeat_interleave(lens)
+    within = torch.arange(total, dtype=torch.int64) - new_offsets[:-1].repeat_interleave(lens)  # [total]
     return starts.repeat_interleave(lens) + within, new_offsets
 
 
@@ -934,13 +942,12 @@ def take_array(a: Array, idx: torch.Tensor) -> Array:
     n, valid = len(idx), _gather_validity(a, idx)
     if isinstance(a, NullArray):
         return NullArray(n)
-    if isinstance(a, PrimitiveArray):
-        return PrimitiveArray(a.type, n, tensor_to_buffer(a.to_torch()[idx]), valid)
-    if isinstance(a, TensorArray):
-        return TensorArray(a.type, n, tensor_to_buffer(a.to_torch()[idx]), valid)
+    if isinstance(a, _FixedWidth):  # one tensor gather: [length, ...] -> [n, ...]
+        return type(a)(a.type, n, tensor_to_buffer(a.to_torch()[idx]), valid)
     if isinstance(a, StructArray):
         return StructArray(a.type, n, {k: take_array(c, idx) for k, c in a.children.items()}, valid)
-    pos, new_offsets = _ranges_index(*_checked_spans(a, idx))
+    # strings and lists: gather each selected row's span of values, then new offsets over them
+    pos, new_offsets = _ranges_index(*a._spans(idx))
     if isinstance(a, StringArray):
         data = frombuffer(a.data, torch.uint8, len(a.data))[pos]  # gather the bytes
         return StringArray(n, tensor_to_buffer(new_offsets), tensor_to_buffer(data), valid)
@@ -961,19 +968,19 @@ def concat_arrays(arrays: list[Array]) -> Array:
                                      else unpack_bits(a.validity, a.offset, a.length) for a in arrays]))
     if isinstance(t, NullType):
         return NullArray(n)
-    if isinstance(a := arrays[0], (PrimitiveArray, TensorArray)):
-        data = tensor_to_buffer(torch.cat([x.to_torch() for x in arrays]))
-        return type(a)(t, n, data, valid)
+    if isinstance(arrays[0], _FixedWidth):
+        return type(arrays[0])(t, n, tensor_to_buffer(torch.cat([x.to_torch() for x in arrays])), valid)
     if isinstance(t, StructType):
         kids = {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}
         return StructArray(t, n, kids, valid)
+    # strings and lists: each part's offsets, shifted by the values that come before it
     parts = [x.compact() for x in arrays]
     offs, base = [torch.zeros(1, dtype=torch.int64)], 0
     for p in parts:
-        o = p._offsets_tensor()
+        o = p._offsets_tensor()  # [len+1], starting at 0 after compact()
         offs.append(o[1:] + base)
         base += int(o[-1])
-    offsets = tensor_to_buffer(torch.cat(offs))
+    offsets = tensor_to_buffer(torch.cat(offs))  # [n+1]
     if isinstance(t, StringType):
         return StringArray(n, offsets, memoryview(b"".join(p.data for p in parts)), valid)
     return ListArray(t, n, offsets, concat_arrays([p.child for p in parts]), valid)
@@ -991,9 +998,11 @@ def _schema_str(schema: Schema) -> str:
 
 
 class RecordBatch:
+    """Named columns of one length: one chunk of a Table (and one batch of a .nano file)."""
+
     def __init__(self, columns: dict[str, Array]):
         lengths = {k: a.length for k, a in columns.items()}
-        if len(set(lengths.values())) > 1:
+        if len(set(lengths.values())) > 1:  # a row is position i in every column: lengths must agree
             raise NanosetsError(f"columns of one batch must have equal lengths, got {lengths}")
         self.columns = dict(columns)
         self.num_rows = next(iter(lengths.values()), 0)
@@ -1004,16 +1013,17 @@ class RecordBatch:
 
     @classmethod
     def from_pydict(cls, data: dict[str, list], schema: dict | None = None) -> "RecordBatch":
+        """{column: list | tensor | Array} -> RecordBatch; `schema` pins some columns' types."""
         schema = {k: parse_type(v) for k, v in (schema or {}).items()}
         unknown = set(schema) - set(data)
         if unknown:
             raise NanosetsError(f"schema names columns {sorted(unknown)} that the data does not have")
         cols = {}
         for k, v in data.items():
-            if isinstance(v, Array):
+            if isinstance(v, Array):  # already columnar: used as is
                 cols[k] = v
             elif isinstance(v, torch.Tensor) and k not in schema:
-                cols[k] = array_from_tensor(v)
+                cols[k] = array_from_tensor(v)  # zero-copy
             else:
                 cols[k] = array_from_pylist(v.tolist() if isinstance(v, torch.Tensor) else list(v), schema.get(k), k)
         return cls(cols)
@@ -1022,29 +1032,47 @@ class RecordBatch:
         return RecordBatch({k: a.slice(start, stop) for k, a in self.columns.items()})
 
 
-def _no_gc(fn):
-    """Pause Python's cyclic garbage collector while fn builds Python objects.
+def _read_rows(a: Array, local, as_tensors: bool = False):
+    """Rows `local` of one chunk's column: a (start, stop) range or an index tensor. As Python values,
+    or with as_tensors as one tensor (numbers) / a list of per-row tensors (list<number>)."""
+    if not as_tensors:  # a range decodes a window in one pass; indices gather row by row
+        return a.slice(*local).to_pylist() if isinstance(local, tuple) else a.take_pylist(local)
+    if not isinstance(a, ListArray):  # a range is a zero-copy view; indices are a tensor gather
+        return a.slice(*local).to_torch() if isinstance(local, tuple) else a.to_torch()[local]
+    starts, ends = a._spans(local)
+    vals = a.child.to_torch()  # [total values], a view of the child
+    return [vals[s:e] for s, e in zip(starts.tolist(), ends.tolist())]  # views into the file
 
-    Decoding a batch allocates hundreds of thousands of lists; every 700 allocations CPython runs a
-    collection that walks the young objects looking for reference cycles, and these objects (lists
-    of ints and strs) can never form one. Pausing the collector for the duration of the decode makes
-    iteration ~1.3x faster; reference counting still frees everything as usual."""
 
-    def wrapper(*args, **kwargs):
-        was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if was_enabled:
-                gc.enable()
-
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
+def _merge(pieces: list, n: int):
+    """Per-chunk results -> one result of n rows in output order. pieces = [(values, positions)]:
+    positions None means the pieces are consecutive ranges (concatenate them); else each piece's
+    values go to its output positions (an index tensor). Values are lists or tensors."""
+    if len(pieces) == 1 and pieces[0][1] is None:
+        return pieces[0][0]  # the common case: one chunk, in order, returned untouched (views stay views)
+    first = pieces[0][0]
+    if isinstance(first, torch.Tensor):  # numbers: one tensor [n, ...] (a copy: the chunks are apart)
+        if pieces[0][1] is None:
+            return torch.cat([p for p, _ in pieces])
+        out = first.new_empty((n, *first.shape[1:]))  # [n, ...]
+        for p, pos in pieces:
+            out[pos] = p
+        return out
+    if pieces[0][1] is None:  # Python values (or per-row tensors): concatenate or scatter the lists
+        return [v for p, _ in pieces for v in p]
+    out = [None] * n
+    for p, pos in pieces:
+        for i, v in zip(pos.tolist(), p):
+            out[i] = v
+    return out
 
 
 class Table:
-    """Chunked columnar table: `batches` share one schema; rows are numbered across chunks."""
+    """Chunked columnar table: `batches` share one schema; rows are numbered across chunks.
+
+    _starts[c] is the global row of chunk c's first row, so a row is found by bisection and a range of
+    rows visits only the chunks it overlaps. Chunks are what make concatenate_datasets and multi-file
+    loads zero-copy; operations that need one buffer per column call combine_chunks()."""
 
     def __init__(self, batches: list[RecordBatch], schema: Schema | None = None):
         self.schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
@@ -1052,8 +1080,10 @@ class Table:
             if list(b.schema.items()) != list(self.schema.items()):
                 raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, "
                                     f"expected {_schema_str(self.schema)}")
-        self.batches = [b for b in batches if b.num_rows] or batches[:1]
-        self._starts = [0]  # _starts[c] = global row of chunk c's first row
+        if not batches:  # keep one (empty) chunk, so every column always has an Array to read
+            batches = [RecordBatch.from_pydict({k: [] for k in self.schema}, self.schema)]
+        self.batches = [b for b in batches if b.num_rows] or batches[:1]  # empty chunks only cost lookups
+        self._starts = [0]
         for b in self.batches:
             self._starts.append(self._starts[-1] + b.num_rows)
         self.num_rows = self._starts[-1]
@@ -1068,7 +1098,8 @@ class Table:
 
     @classmethod
     def from_pylist(cls, rows: list[dict], schema: dict | None = None) -> "Table":
-        names: dict[str, None] = {}  # column order = first appearance in the rows
+        """Row dicts -> Table. Columns appear in order of first appearance; a missing key is a null."""
+        names: dict[str, None] = {}
         for i, r in enumerate(rows):
             if not isinstance(r, dict):
                 raise NanosetsError(f"row {i} is a {type(r).__name__}, expected a dict of column -> value")
@@ -1077,48 +1108,12 @@ class Table:
         return cls.from_pydict({k: [r.get(k) for r in rows] for k in names}, schema)
 
     def _locate(self, i: int) -> tuple[int, int]:
+        """Global row i -> (chunk, row within the chunk)."""
         if not -self.num_rows <= i < self.num_rows:
             raise IndexError(f"row {i} out of range for a table of {self.num_rows} rows")
         i = i + self.num_rows if i < 0 else i
-        c = bisect.bisect_right(self._starts, i) - 1
+        c = bisect.bisect_right(self._starts, i) - 1  # the last chunk starting at or before row i
         return c, i - self._starts[c]
-
-    def row(self, i: int) -> dict:
-        c, j = self._locate(i)
-        return {k: a.get(j) for k, a in self.batches[c].columns.items()}
-
-    @_no_gc
-    def slice_pydict(self, start: int, stop: int, columns: list[str] | None = None) -> dict[str, list]:
-        """Rows [start, stop) as {column: list}, walking only the chunks that overlap."""
-        columns = columns or self.column_names
-        out: dict[str, list] = {k: [] for k in columns}
-        c = max(0, bisect.bisect_right(self._starts, start) - 1)
-        while c < len(self.batches) and self._starts[c] < stop:
-            b, s0 = self.batches[c], self._starts[c]
-            for k in columns:
-                out[k].extend(b.columns[k].slice(max(start - s0, 0), min(stop - s0, b.num_rows)).to_pylist())
-            c += 1
-        return out
-
-    @_no_gc
-    def take_pydict(self, idx: torch.Tensor, columns: list[str] | None = None) -> dict[str, list]:
-        """Rows at global indices idx (int64 tensor, any order) as {column: list}."""
-        columns = columns or self.column_names
-        if len(self.batches) == 1:
-            b = self.batches[0]
-            return {k: b.columns[k].take_pylist(idx) for k in columns}
-        starts = torch.tensor(self._starts, dtype=torch.int64)
-        chunk = torch.bucketize(idx, starts, right=True) - 1  # [k] chunk of each row
-        out: dict[str, list] = {k: [None] * len(idx) for k in columns}
-        for c in chunk.unique().tolist():
-            where = (chunk == c).nonzero().squeeze(1)  # positions in the output
-            local = idx[where] - self._starts[c]
-            pos = where.tolist()
-            for k in columns:
-                dst = out[k]
-                for p, v in zip(pos, self.batches[c].columns[k].take_pylist(local)):
-                    dst[p] = v
-        return out
 
     def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
         """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local
@@ -1126,26 +1121,43 @@ class Table:
         their values go in the output."""
         if isinstance(rows, tuple):
             start, stop = rows
-            parts, c = [], max(0, bisect.bisect_right(self._starts, start) - 1)
-            while c < len(self.batches) and self._starts[c] < stop:
-                s0 = self._starts[c]
+            parts, c = [], max(0, bisect.bisect_right(self._starts, start) - 1)  # the chunk holding `start`
+            while c < len(self.batches) and self._starts[c] < stop:  # ...and every chunk until `stop`
+                s0 = self._starts[c]  # clip the range to this chunk, in its own row numbers
                 parts.append((c, (max(start - s0, 0), min(stop - s0, self.batches[c].num_rows)), None))
                 c += 1
             return parts or [(0, (0, 0), None)]
-        if len(self.batches) == 1:
+        if len(self.batches) == 1:  # one chunk: global rows are local rows, output order is kept
             return [(0, rows, None)]
-        chunk = torch.bucketize(rows, torch.tensor(self._starts, dtype=torch.int64), right=True) - 1
+        chunk = torch.bucketize(rows, torch.tensor(self._starts, dtype=torch.int64), right=True) - 1  # [k]
         parts = []
         for c in chunk.unique().tolist():
             where = (chunk == c).nonzero().squeeze(1)  # output positions of this chunk's rows
             parts.append((c, rows[where] - self._starts[c], where))
         return parts or [(0, rows, None)]
 
+    def to_pydict(self, rows, columns: list[str] | None = None) -> dict[str, list]:
+        """Rows as {column: list}: rows is a (start, stop) range or an int64 index tensor (any order).
+
+        Python's cyclic garbage collector is paused meanwhile: decoding a batch allocates hundreds of
+        thousands of lists, every 700 allocations CPython walks the young objects looking for
+        reference cycles, and lists of ints and strs can never form one. Pausing it makes iteration
+        ~1.3x faster; reference counting still frees everything as usual."""
+        n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
+        parts, was_enabled = self.split_rows(rows), gc.isenabled()
+        gc.disable()
+        try:
+            return {k: _merge([(_read_rows(self.batches[c].columns[k], local), pos) for c, local, pos in parts], n)
+                    for k in columns or self.column_names}
+        finally:
+            if was_enabled:
+                gc.enable()
+
     def column(self, name: str) -> Array:
         """The whole column as one Array: zero-copy when the table has one chunk, else concatenated."""
         if name not in self.schema:
             raise KeyError(f"no column {name!r}; columns are {self.column_names}")
-        return concat_arrays([b.columns[name] for b in self.batches]) if self.batches else NullArray(0)
+        return concat_arrays([b.columns[name] for b in self.batches])
 
     def select(self, names: list[str]) -> "Table":
         missing = [n for n in names if n not in self.schema]
@@ -1163,12 +1175,13 @@ class Table:
 
     def take(self, idx: torch.Tensor) -> "Table":
         """Rows idx copied into one new chunk (materialises a select/shuffle/filter indirection)."""
-        if len(self.batches) > 1:
+        if len(self.batches) > 1:  # take_array gathers inside one Array: join the chunks first
             return self.combine_chunks().take(idx)
         b = self.batches[0]
         return Table([RecordBatch({k: take_array(a, idx) for k, a in b.columns.items()})], self.schema)
 
     def combine_chunks(self) -> "Table":
+        """One chunk holding every row (copies each column once when there are several chunks)."""
         if len(self.batches) <= 1:
             return self
         return Table([RecordBatch({k: self.column(k) for k in self.schema})], self.schema)
@@ -1185,157 +1198,218 @@ class Table:
 
 # ---- the .nano file ---------------------------------------------------------------------------------
 # Layout in the module docstring. Writing streams each buffer straight from its memoryview into a
-# temp file (no serialisation step), then renames; reading maps the file and validates every number
-# in the metadata against the file size and the type before trusting it.
+# temp file (no serialisation step) while computing its crc32, then renames; reading maps the file
+# and validates every number in the metadata against the file size and the type before trusting it.
 
-MAGIC, TAIL, VERSION, HEADER, ALIGN = b"NANOSET\0", b"NANOEND\0", 1, 64, 64
+MAGIC, TAIL, VERSION, HEADER, ALIGN = b"NANOSET\0", b"NANOEND\0", 2, 64, 64
 _HEADER_FMT = "<8sIIQQQI20x"  # magic, version, header size, file size, meta offset, meta length, crc
+_CHUNK = 1 << 24  # buffers are checksummed and written 16 MB at a time: the chunk is still in cache
 
 
 def _pad(f):
-    f.write(bytes(-f.tell() % ALIGN))
+    f.write(bytes(-f.tell() % ALIGN))  # zeros up to the next multiple of 64: aligned for any dtype and SIMD
 
 
 def _write_buffer(f, buf) -> list[int] | None:
+    """Write one buffer at the next 64-byte boundary; returns its metadata [offset, nbytes, crc32]."""
     if buf is None:
         return None
     _pad(f)
-    off = f.tell()
-    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf
-    f.write(mv)
-    return [off, mv.nbytes]
+    off, crc = f.tell(), 0
+    mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf  # bytes
+    for s in range(0, mv.nbytes, _CHUNK):
+        chunk = mv[s : s + _CHUNK]
+        crc = zlib.crc32(chunk, crc)  # running crc: chunk by chunk equals the crc of the whole buffer
+        f.write(chunk)
+    return [off, mv.nbytes, crc]
 
 
 def _write_node(f, a: Array) -> dict:
+    """Write one Array's buffers (children after their parent) and return its metadata node."""
     a = a.compact()  # offset 0: the file stores exactly this array's rows
     bufs: dict[str, list[int] | None] = {"validity": _write_buffer(f, a._compact_validity())}
     children = []
-    if isinstance(a, (PrimitiveArray, TensorArray)):
+    if isinstance(a, _FixedWidth):  # numbers and tensors: one flat buffer
         bufs["values"] = _write_buffer(f, a.values)
     elif isinstance(a, StringArray):
         bufs["offsets"], bufs["data"] = _write_buffer(f, a.offsets), _write_buffer(f, a.data)
     elif isinstance(a, ListArray):
         bufs["offsets"] = _write_buffer(f, a.offsets)
-        children = [_write_node(f, a.child)]
+        children = [_write_node(f, a.child)]  # the values: any type, written by the same function
     elif isinstance(a, StructArray):
-        children = [_write_node(f, c) for c in a.children.values()]
+        children = [_write_node(f, c) for c in a.children.values()]  # one child per field, in order
     return {"length": a.length, "null_count": a.null_count, "buffers": bufs, "children": children}
 
 
-def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], metadata: dict | None = None,
-               schema: Schema | None = None) -> None:
-    """Write a Table (or a stream of RecordBatches with `schema`) to `path` atomically: a crash
-    leaves either the old file or none, never half of one. Batches are written as they come, so a
-    large dataset never has to be in memory at once."""
-    if isinstance(table, Table):
-        schema, table = table.schema, table.batches
-    elif schema is None:
-        raise NanosetsError("write_nano needs schema= when given batches instead of a Table")
-    path = os.fspath(path)
+def _atomic_write(path: str, suffix: str, write: Callable, mode: str = "wb", **open_kw) -> None:
+    """Run write(f) on a temp file next to `path`, then rename it over `path`: a crash (or Ctrl-C)
+    leaves either the old file or none, never half of one, and no temp file behind."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".nano", dir=folder)
+    # same folder, so the rename cannot cross filesystems; a leading dot keeps it out of load_dataset(folder)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(bytes(HEADER))  # placeholder, patched at the end when we know the offsets
-            batches, num_rows = [], 0
-            for i, b in enumerate(table):
-                if list(b.schema.items()) != list(schema.items()):
-                    raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, expected {_schema_str(schema)}")
-                batches.append({"length": b.num_rows, "columns": [_write_node(f, b.columns[k]) for k in schema]})
-                num_rows += b.num_rows
-            meta = json.dumps({"version": VERSION, "num_rows": num_rows,
-                               "schema": [[k, type_to_json(t)] for k, t in schema.items()],
-                               "batches": batches, "metadata": metadata or {}}).encode()
-            _pad(f)
-            meta_off = f.tell()
-            f.write(meta)
-            f.write(TAIL)
-            size = f.tell()
-            f.seek(0)
-            f.write(struct.pack(_HEADER_FMT, MAGIC, VERSION, HEADER, size, meta_off, len(meta), zlib.crc32(meta)))
+        with os.fdopen(fd, mode, **open_kw) as f:
+            write(f)
             f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+            os.fsync(f.fileno())  # the data is on disk before the rename makes it visible
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a dataset is meant to be shared
         os.replace(tmp, path)  # atomic on POSIX
-    except BaseException:
+    except BaseException:  # also KeyboardInterrupt: no half-written temp file stays behind
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
-class _Reader:
-    """Turns metadata nodes back into Arrays over the mapped file, checking every range first."""
+def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], metadata: dict | None = None,
+               schema: Schema | None = None) -> None:
+    """Write a Table (or a stream of RecordBatches with `schema`) to `path` atomically. Batches are
+    written as they come, so a large dataset never has to be in memory at once. Every buffer's crc32
+    is computed on the way out (~+25% write time, see BENCHMARKS.md) and stored in the metadata."""
+    if isinstance(table, Table):  # a Table is its batches plus their schema
+        schema, table = table.schema, table.batches
+    elif schema is None:
+        raise NanosetsError("write_nano needs schema= when given batches instead of a Table")
 
-    def __init__(self, path: str, mv: memoryview, data_end: int):
-        self.path, self.mv, self.data_end = path, mv, data_end
+    def write(f):
+        f.write(bytes(HEADER))  # placeholder, patched at the end when we know the offsets
+        batches, num_rows = [], 0
+        for i, b in enumerate(table):  # one batch in memory at a time (a generator may produce them)
+            if list(b.schema.items()) != list(schema.items()):
+                raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, expected {_schema_str(schema)}")
+            batches.append({"length": b.num_rows, "columns": [_write_node(f, b.columns[k]) for k in schema]})
+            num_rows += b.num_rows
+        meta = json.dumps({"version": VERSION, "num_rows": num_rows,  # the metadata goes last: only now known
+                           "schema": [[k, type_to_json(t)] for k, t in schema.items()],
+                           "batches": batches, "metadata": metadata or {}}).encode()
+        _pad(f)
+        meta_off = f.tell()
+        f.write(meta + TAIL)
+        size = f.tell()  # recorded, so a truncated copy is caught at open
+        f.seek(0)
+        f.write(struct.pack(_HEADER_FMT, MAGIC, VERSION, HEADER, size, meta_off, len(meta), zlib.crc32(meta)))
+
+    _atomic_write(os.fspath(path), ".nano", write)
+
+
+class _Reader:
+    """Turns metadata nodes back into Arrays over the mapped file, checking every range first.
+
+    It also records every buffer it hands out (with its stored crc32) and every offsets buffer, which
+    is all that verify() needs: checking is a pass over those lists, not a second walk of the tree."""
+
+    def __init__(self, path: str, mv: memoryview, data_end: int, version: int):
+        self.path, self.mv, self.data_end, self.version = path, mv, data_end, version
+        self.buffers: list[tuple[str, str, memoryview, int | None]] = []  # (where, name, view, crc32)
+        self.offsets_views: list[tuple[str, memoryview]] = []  # (where, view) of every offsets buffer
 
     def fail(self, where: str, msg: str):
         raise NanosetsError(f"{self.path}: corrupt .nano file at {where}: {msg}")
 
     def buffer(self, node: dict, name: str, where: str, size: int | None = None):
-        bufs = node.get("buffers", {})
+        """The view of buffer `name` of a node (None when absent), after checking it lies inside the
+        data region, is 64-byte aligned and has exactly `size` bytes when the type fixes the size."""
+        bufs = node.get("buffers", {})  # JSON from the file: check every shape before using it
         if not isinstance(bufs, dict):
             self.fail(where, f"'buffers' should be an object, got {type(bufs).__name__}")
         spec = bufs.get(name)
         if spec is None:
             return None
-        if not (isinstance(spec, list) and len(spec) == 2 and all(isinstance(x, int) for x in spec)):
-            self.fail(where, f"buffer {name} should be [offset, nbytes], got {spec!r}")
-        off, n = spec
+        want = ["offset", "nbytes", "crc32"][: 3 if self.version >= 2 else 2]  # version 1 has no crc32
+        if not (isinstance(spec, list) and len(spec) == len(want) and all(isinstance(x, int) for x in spec)):
+            self.fail(where, f"buffer {name!r} should be [{', '.join(want)}], got {spec!r}")
+        off, n = spec[0], spec[1]
+        # inside [header end, metadata start): a bad number must never map the header or the metadata
         if off < HEADER or n < 0 or off + n > self.data_end or off % ALIGN:
-            self.fail(where, f"buffer {name} [{off}, {off + n}) is outside the data region "
+            self.fail(where, f"buffer {name!r} [{off}, {off + n}) is outside the data region "
                              f"[{HEADER}, {self.data_end}) or not {ALIGN}-byte aligned")
         if size is not None and n != size:
-            self.fail(where, f"buffer {name} has {n} bytes, expected {size}")
-        return self.mv[off : off + n]
+            self.fail(where, f"buffer {name!r} has {n} bytes, expected {size}")
+        view = self.mv[off : off + n]  # a view of the map: nothing is read from disk yet
+        self.buffers.append((where, name, view, spec[2] if len(spec) == 3 else None))
+        return view
 
     def offsets(self, node, where, length) -> tuple[memoryview, int]:
+        """The (length+1) int64 offsets of a string/list node, and where they end. O(1): only the
+        first and last are read here; the ones between are checked by each read and by verify."""
         buf = self.buffer(node, "offsets", where, (length + 1) * 8)
         if buf is None:
             self.fail(where, "missing offsets buffer")
-        first, last = struct.unpack_from("<q", buf, 0)[0], struct.unpack_from("<q", buf, length * 8)[0]
+        first, last = struct.unpack_from("<q", buf, 0)[0], struct.unpack_from("<q", buf, length * 8)[0]  # 2 reads
         if first != 0 or last < 0:
             self.fail(where, f"offsets run from {first} to {last}; expected 0 to a non-negative end")
+        self.offsets_views.append((where, buf))
         return buf, last
 
-    def node(self, node, t: DataType, where: str) -> Array:
+    def node(self, node, t: DataType, batch: int, name: str) -> Array:
+        """Metadata node of type t -> Array. `name` is the column's path ("ids[]" for a list's values,
+        "meta.level" for a struct field), so every error names the column and the buffer."""
+        where = f"batch {batch}, column {name!r}"
         if not isinstance(node, dict) or not isinstance(node.get("length"), int) or node["length"] < 0:
             self.fail(where, f"expected a node with a non-negative length, got {str(node)[:80]}")
         n = node["length"]
-        validity = self.buffer(node, "validity", where, (n + 7) // 8)
+        validity = self.buffer(node, "validity", where, (n + 7) // 8)  # one bit per row, when present
         kids = node.get("children", [])
         if isinstance(t, NullType):
             return NullArray(n)
-        if isinstance(t, PrimitiveType):
+        if isinstance(t, PrimitiveType):  # the type and the length fix the size exactly
             return PrimitiveArray(t, n, self.buffer(node, "values", where, n * t.itemsize), validity)
         if isinstance(t, TensorType):
-            size = n * t.numel * t.value.itemsize
-            return TensorArray(t, n, self.buffer(node, "values", where, size), validity)
+            return TensorArray(t, n, self.buffer(node, "values", where, n * t.numel * t.value.itemsize), validity)
         if isinstance(t, StringType):
             offsets, last = self.offsets(node, where, n)
-            data = self.buffer(node, "data", where, last)
+            data = self.buffer(node, "data", where, last)  # the offsets' end fixes the data's size
             return StringArray(n, offsets, data if data is not None else memoryview(b""), validity)
         if isinstance(t, ListType):
             offsets, last = self.offsets(node, where, n)
             if len(kids) != 1:
                 self.fail(where, f"a list node needs 1 child, has {len(kids)}")
-            child = self.node(kids[0], t.value, where + "[]")
-            if child.length != last:
+            child = self.node(kids[0], t.value, batch, name + "[]")
+            if child.length != last:  # the last offset must land exactly on the end of the values
                 self.fail(where, f"offsets end at {last} but the values child has {child.length} rows")
             return ListArray(t, n, offsets, child, validity)
         if isinstance(t, StructType):
             if len(kids) != len(t.fields):
                 self.fail(where, f"struct has {len(t.fields)} fields but {len(kids)} children")
-            children = {k: self.node(c, ft, f"{where}.{k}") for (k, ft), c in zip(t.fields.items(), kids)}
+            children = {k: self.node(c, ft, batch, f"{name}.{k}") for (k, ft), c in zip(t.fields.items(), kids)}
             if any(c.length != n for c in children.values()):
                 self.fail(where, "struct children differ in length from the struct")
             return StructArray(t, n, children, validity)
         self.fail(where, f"unknown type {t}")
 
+    def verify(self, table: Table) -> None:
+        """The O(size) check. Version 2: every buffer's crc32, then every offsets buffer non-decreasing
+        (vectorised; with the first = 0 and last = size checks of open, every span is then in range).
+        Version 1 has no checksums: decode every row instead (catches broken offsets and UTF-8, not a
+        changed number) and warn that a rebuild would give the file checksums."""
+        if self.version == 1:  # decode in 64k-row windows, so memory stays bounded
+            for bi, b in enumerate(table.batches):
+                for k, a in b.columns.items():
+                    for s in range(0, a.length, 65536):
+                        try:
+                            a.slice(s, s + 65536).to_pylist()
+                        except NanosetsError as e:
+                            raise NanosetsError(f"{self.path}: batch {bi}, column {k!r}, rows {s}+: {e}") from None
+            warnings.warn(f"{self.path}: a version-1 .nano file has no buffer checksums, so verify checked "
+                          "its structure and strings but cannot see a changed number; rebuild the file "
+                          "(for prepare_data.py output: rerun it with --overwrite) to get checksums", stacklevel=3)
+            return
+        for where, name, view, crc in self.buffers:
+            got = zlib.crc32(view)  # releases the GIL; ~2.3 GB/s on one core of this machine
+            if got != crc:
+                raise NanosetsError(f"{self.path}: {where}, buffer {name!r}: checksum mismatch (stored crc32 "
+                                    f"{crc:08x}, the bytes give {got:08x}): the data changed after it was "
+                                    "written; rebuild the file from its source")
+        for where, view in self.offsets_views:  # crc-clean but written wrong: still refuse it
+            o = frombuffer(view, torch.int64, len(view) // 8)  # [length+1]
+            if bool((o[1:] < o[:-1]).any()):
+                row = int((o[1:] < o[:-1]).nonzero()[0])
+                self.fail(where, f"offsets run backwards at row {row} ({int(o[row])} -> {int(o[row + 1])})")
 
-def read_nano(path: str | os.PathLike) -> tuple[Table, dict]:
-    """Map a .nano file and return (Table, user metadata). Reads only the header and metadata."""
+
+def read_nano(path: str | os.PathLike, verify: bool = False) -> tuple[Table, dict]:
+    """Map a .nano file and return (Table, user metadata). Reads only the header and metadata, so it
+    is O(1) in the data size; verify=True adds the O(size) checksum pass (see the module docstring)."""
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
@@ -1347,70 +1421,43 @@ def read_nano(path: str | os.PathLike) -> tuple[Table, dict]:
     magic, version, hsize, fsize, moff, mlen, crc = struct.unpack_from(_HEADER_FMT, mm, 0)
     if magic != MAGIC:
         raise NanosetsError(f"{path}: not a .nano file (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
-        raise NanosetsError(f"{path}: .nano format version {version}; this nanosets reads version {VERSION}")
+    if version not in (1, VERSION):
+        raise NanosetsError(f"{path}: .nano format version {version}; this nanosets reads versions 1 and {VERSION}")
     if fsize != size:
         raise NanosetsError(f"{path}: truncated or padded: the header says {fsize} bytes, the file has {size}")
     if hsize != HEADER or moff < HEADER or moff + mlen + len(TAIL) != size or mm[size - 8 :] != TAIL:
         raise NanosetsError(f"{path}: corrupt .nano header (metadata at {moff}+{mlen} in a {size}-byte file)")
-    meta_bytes = mm[moff : moff + mlen]
+    meta_bytes = mm[moff : moff + mlen]  # the only bytes an open reads besides the header and the tail
     if zlib.crc32(meta_bytes) != crc:
         raise NanosetsError(f"{path}: metadata checksum mismatch: the file is corrupt")
+    reader = _Reader(path, memoryview(mm), moff, version)  # every buffer must end before the metadata
     try:
         meta = json.loads(meta_bytes)
         schema = {name: type_from_json(t) for name, t in meta["schema"]}
-        reader = _Reader(path, memoryview(mm), moff)
         batches = []
         for bi, b in enumerate(meta["batches"]):
             if len(b["columns"]) != len(schema):
                 reader.fail(f"batch {bi}", f"{len(b['columns'])} columns, schema has {len(schema)}")
-            cols = {k: reader.node(node, t, f"batch {bi}, column {k!r}") for (k, t), node in zip(schema.items(), b["columns"])}
+            cols = {k: reader.node(node, t, bi, k) for (k, t), node in zip(schema.items(), b["columns"])}
             if any(a.length != b["length"] for a in cols.values()):
                 reader.fail(f"batch {bi}", "columns differ in length from the batch")
             batches.append(RecordBatch(cols))
-    except (KeyError, TypeError, ValueError) as e:  # NanosetsError is a ValueError and passes through
-        if isinstance(e, NanosetsError):
-            raise
+    except NanosetsError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:  # JSON of the wrong shape: name the file
         raise NanosetsError(f"{path}: corrupt .nano metadata: {type(e).__name__}: {e}") from None
     table = Table(batches, schema)
-    if table.num_rows != meta.get("num_rows"):
+    if table.num_rows != meta.get("num_rows"):  # a cross-check of the batch lengths
         raise NanosetsError(f"{path}: metadata says {meta.get('num_rows')} rows, batches hold {table.num_rows}")
+    if verify:
+        reader.verify(table)
     return table, meta.get("metadata", {})
 
 
 def verify_nano(path: str | os.PathLike) -> int:
-    """Full O(size) check: decode every row of every column (opening only checks O(1) things)."""
-    table, _ = read_nano(path)
-    for bi, b in enumerate(table.batches):
-        for k, a in b.columns.items():
-            for s in range(0, a.length, 65536):
-                try:
-                    a.slice(s, s + 65536).to_pylist()
-                except NanosetsError as e:
-                    raise NanosetsError(f"{os.fspath(path)}: batch {bi}, column {k!r}, rows {s}+: {e}") from None
-    return table.num_rows
-
-
-def _checked_spans(a: "ListArray | StringArray", local) -> tuple[torch.Tensor, torch.Tensor]:
-    """Start/end offsets of the selected rows, refusing corrupt ones (a clamped slice would silently
-    return the wrong values, and pyarrow would read out of bounds)."""
-    offs = a._offsets_tensor()  # [length+1]
-    sel = torch.arange(*local) if isinstance(local, tuple) else local
-    starts, ends = offs[sel], offs[sel + 1]
-    limit = a.child.length if isinstance(a, ListArray) else len(a.data)
-    if len(sel) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
-        raise NanosetsError(f"corrupt {'list' if isinstance(a, ListArray) else 'string'} column: offsets "
-                            f"leave the values (size {limit}) or run backwards")
-    return starts, ends
-
-
-def _gather_rows_torch(a: Array, local, lists: bool):
-    """Rows `local` ((start, stop) or an index tensor) of one chunk as a tensor, or a list of row tensors."""
-    if not lists:
-        return a.slice(*local).to_torch() if isinstance(local, tuple) else a.to_torch()[local]
-    starts, ends = _checked_spans(a, local)
-    vals = a.child.to_torch()
-    return [vals[s:e] for s, e in zip(starts.tolist(), ends.tolist())]  # views into the file
+    """Open `path` and check every data buffer against its crc32 (O(size); the cost is in the module
+    docstring). Returns the number of rows; raises NanosetsError naming the file, column and buffer."""
+    return read_nano(path, verify=True)[0].num_rows
 
 
 # ---- Dataset: the HF-datasets-like API -----------------------------------------------------------
@@ -1432,30 +1479,40 @@ def _progress(total: int, desc: str, enabled: bool | None):
 
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
-    if isinstance(indices, range):
+    if isinstance(indices, range):  # no Python list of a million ints for select(range(...))
         idx = torch.arange(indices.start, indices.stop, indices.step, dtype=torch.int64)
     else:
         idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.int64)
-    idx = idx.reshape(-1)
-    if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):
+    idx = idx.reshape(-1)  # [k]
+    if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):  # two reductions, not a Python loop
         bad = idx[(idx < -n) | (idx >= n)][0]
         raise IndexError(f"index {int(bad)} out of range for a dataset of {n} rows")
-    return torch.where(idx < 0, idx + n, idx)
+    return torch.where(idx < 0, idx + n, idx)  # negative rows count from the end, as in Python
 
 
 class DatasetDict(dict):
-    """{split name: Dataset}, as returned by train_test_split and load_dataset(data_files={...})."""
+    """{split name: Dataset}, as returned by train_test_split and by load_dataset on a folder or a
+    data_files dict (HF's DatasetDict, as a plain dict)."""
 
     def __repr__(self):
         return "DatasetDict({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.items()) + "})"
 
 
 class Dataset:
+    """Rows over a Table, with HF datasets' API: ds[i], ds[a:b], ds["col"], iter, map, filter,
+    select, shuffle, sort, shard, train_test_split, with_format("torch"), save_to_disk.
+
+    Why an index indirection: a shuffle of a 1 GB file should not copy 1 GB. `_indices` (int64
+    [len]) maps logical row i to physical row _indices[i] of `_table`; row operations compose it and
+    leave the columns (often views of an mmap'd file) untouched. Reads turn logical rows into
+    physical ones (_physical), then gather them per chunk. `_format` says what reads return:
+    Python objects, or tensors ("torch") that are zero-copy views when the rows are contiguous."""
+
     def __init__(self, table: Table, indices: torch.Tensor | None = None, format: dict | None = None,
                  metadata: dict | None = None):
-        self._table, self._indices = table, indices
-        self._format = format or {"type": "python", "columns": None}
-        self.metadata = metadata or {}
+        self._table, self._indices = table, indices  # indices None: logical row i is physical row i
+        self._format = format or {"type": "python", "columns": None}  # columns None: all of them
+        self.metadata = metadata or {}  # free-form JSON, saved in the .nano file
 
     # -- construction --
     @classmethod
@@ -1468,7 +1525,15 @@ class Dataset:
         """{column: list | tensor | Array} -> Dataset (1-D tensors are wrapped without a copy)."""
         return cls(Table.from_pydict(columns, schema))
 
+    def _require(self, columns: list[str], what: str = "no columns") -> list[str]:
+        """columns, after checking each exists (a KeyError naming the missing ones and the real ones)."""
+        missing = [c for c in columns if c not in self.schema]
+        if missing:
+            raise KeyError(f"{what} {missing}; columns are {self.column_names}")
+        return columns
+
     def _derive(self, table=None, indices=..., format=None) -> "Dataset":
+        """A new Dataset sharing everything not given (the one place row/column operations build one)."""
         return Dataset(self._table if table is None else table, self._indices if indices is ... else indices,
                        dict(format or self._format), self.metadata)
 
@@ -1495,97 +1560,62 @@ class Dataset:
 
     # -- row addressing --
     def _physical(self, key) -> tuple[int, int] | torch.Tensor:
-        """Logical rows -> physical rows: a (start, stop) range when contiguous, else an index tensor."""
+        """Logical rows -> physical rows: a (start, stop) range when contiguous, else an index tensor.
+        Ranges matter: a range of a single chunk is read as zero-copy slices, never gathered."""
         n = len(self)
         if isinstance(key, slice):
-            start, stop, step = key.indices(n)
-            if step == 1:
-                if self._indices is None:
-                    return start, max(start, stop)
-                idx = self._indices[start:stop]
-            else:
-                idx = torch.arange(start, stop, step, dtype=torch.int64)
-                idx = idx if self._indices is None else self._indices[idx]
+            start, stop, step = key.indices(n)  # Python's slice rules (negatives, clamping)
+            if step == 1 and self._indices is None:  # no indirection: logical rows are physical rows
+                return start, max(start, stop)
+            idx = torch.arange(start, stop, step, dtype=torch.int64)
         else:
             idx = _index_tensor(key, n)
-            idx = idx if self._indices is None else self._indices[idx]
+        idx = idx if self._indices is None else self._indices[idx]  # compose with the indirection
         if len(idx) > 1 and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and bool((idx[1:] > idx[:-1]).all()):
             return int(idx[0]), int(idx[-1]) + 1  # a run like 7,8,9: read it as a zero-copy range
         return idx
 
-    def _columns_for_output(self) -> list[str]:
-        return self._format["columns"] or self.column_names
-
-    def _fetch(self, rows, columns: list[str]) -> dict[str, list]:
-        if isinstance(rows, tuple):
-            return self._table.slice_pydict(rows[0], rows[1], columns)
-        return self._table.take_pydict(rows, columns)
-
-    def _fetch_torch(self, rows, columns: list[str]) -> dict[str, Any]:
-        """Like _fetch, but numbers come back as tensors: zero-copy views of the file when the rows are
-        contiguous inside one chunk, a gather otherwise; list<number> rows become one tensor each
-        (views). Columns with nulls, strings and nested types stay Python values (no tensor holds None)."""
-        out, python_cols = {}, []
+    def _fetch(self, rows, columns: list[str]) -> dict[str, Any]:
+        """{column: values} of physical rows. Python format: lists. Torch format: numbers come back as
+        tensors (zero-copy views when the rows are contiguous inside one chunk, a gather otherwise) and
+        list<number> rows as one tensor each (views); columns with nulls, strings and nested types stay
+        Python values, since no tensor holds a None."""
+        if self._format["type"] != "torch":
+            return self._table.to_pydict(rows, columns)
+        n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
         parts = self._table.split_rows(rows)  # [(chunk, local rows, output positions or None)]
+        out, python_cols = {}, []  # tensor columns are read here; the rest in one to_pydict call
         for k in columns:
             t, chunks = self.schema[k], [b.columns[k] for b in self._table.batches]
-            numeric = isinstance(t, (PrimitiveType, TensorType))
             lists = isinstance(t, ListType) and isinstance(t.value, PrimitiveType)
-            if not (numeric or lists) or any(a.null_count or (lists and a.child.null_count) for a in chunks):
+            if not (isinstance(t, (PrimitiveType, TensorType)) or lists) or \
+                    any(a.null_count or (lists and a.child.null_count) for a in chunks):
                 python_cols.append(k)
                 continue
-            pieces = [(_gather_rows_torch(chunks[c], local, lists), pos) for c, local, pos in parts]
-            if len(pieces) == 1 and pieces[0][1] is None:
-                out[k] = pieces[0][0]  # the common case: one chunk, no reordering, views untouched
-            elif lists:
-                n = sum(len(p) for p, _ in pieces)
-                merged: list = [] if pieces[0][1] is None else [None] * n
-                for p, pos in pieces:
-                    if pos is None:
-                        merged.extend(p)
-                    else:
-                        for i, v in zip(pos.tolist(), p):
-                            merged[i] = v
-                out[k] = merged
-            elif pieces[0][1] is None:
-                out[k] = torch.cat([p for p, _ in pieces])
-            else:
-                first = pieces[0][0]
-                merged_t = torch.empty((sum(len(p) for p, _ in pieces),) + tuple(first.shape[1:]), dtype=first.dtype)
-                for p, pos in pieces:
-                    merged_t[pos] = p
-                out[k] = merged_t
-        out.update(self._fetch(rows, python_cols) if python_cols else {})
+            out[k] = _merge([(_read_rows(chunks[c], local, as_tensors=True), pos) for c, local, pos in parts], n)
+        out.update(self._table.to_pydict(rows, python_cols) if python_cols else {})
         return {k: out[k] for k in columns}
 
     def __getitem__(self, key):
         """ds[i] -> row dict; ds[a:b] / ds[[i, j]] -> {column: values}; ds["col"] -> the column."""
-        torch_fmt = self._format["type"] == "torch"
+        columns = self._format["columns"] or self.column_names
         if isinstance(key, str):
-            if key not in self.schema:
-                raise KeyError(f"no column {key!r}; columns are {self.column_names}")
-            rows = self._physical(slice(None))
-            if torch_fmt:
-                return self._fetch_torch(rows, [key])[key]
-            return self._fetch(rows, [key])[key]
+            return self._fetch(self._physical(slice(None)), self._require([key]))[key]
         if isinstance(key, int) or (isinstance(key, torch.Tensor) and key.dim() == 0):
             i = int(key)
             if not -len(self) <= i < len(self):
                 raise IndexError(f"row {i} out of range for a dataset of {len(self)} rows")
             i = i + len(self) if i < 0 else i
             p = i if self._indices is None else int(self._indices[i])
-            if torch_fmt:
-                batch = self._fetch_torch((p, p + 1), self._columns_for_output())
-                return {k: (v[0] if isinstance(v, (list, torch.Tensor)) else v) for k, v in batch.items()}
+            if self._format["type"] == "torch":
+                return {k: v[0] for k, v in self._fetch((p, p + 1), columns).items()}  # one-row batch -> row
             c, j = self._table._locate(p)  # hot path for random access: no tensors, no slicing
-            cols = self._table.batches[c].columns
-            return {k: cols[k].get(j) for k in self._columns_for_output()}
-        rows = self._physical(key)
-        cols = self._columns_for_output()
-        return self._fetch_torch(rows, cols) if torch_fmt else self._fetch(rows, cols)
+            cols = self._table.batches[c].columns  # ~20 us for a row with ~500 token ids (BENCHMARKS.md)
+            return {k: cols[k].get(j) for k in columns}
+        return self._fetch(self._physical(key), columns)
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.iter(batch_size=1024):
+        for batch in self.iter(batch_size=1024):  # decode in batches (fast), hand out rows
             names = list(batch)
             for values in zip(*batch.values()):
                 yield dict(zip(names, values))
@@ -1605,10 +1635,7 @@ class Dataset:
         """'torch': numbers as tensors (zero-copy views when possible); None/'python': Python objects."""
         if type not in (None, "python", "torch"):
             raise ValueError(f"format {type!r} is not supported; use None, 'python' or 'torch'")
-        if columns is not None:
-            missing = [c for c in columns if c not in self.schema]
-            if missing:
-                raise KeyError(f"no columns {missing}; columns are {self.column_names}")
+        columns = None if columns is None else self._require(list(columns))
         return self._derive(format={"type": type or "python", "columns": columns})
 
     def reset_format(self) -> "Dataset":
@@ -1616,47 +1643,58 @@ class Dataset:
 
     # -- row selection: all of these only build `indices` --
     def select(self, indices) -> "Dataset":
+        """Rows `indices` (list, range or tensor; repeats and negatives allowed), in that order."""
         idx = _index_tensor(indices, len(self))
         return self._derive(indices=idx if self._indices is None else self._indices[idx])
 
     def shuffle(self, seed: int | None = None) -> "Dataset":
+        """A seeded random permutation of the rows (a fresh random seed when None)."""
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
+        # a private generator: shuffling never touches (or depends on) torch's global RNG state
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         return self.select(perm)
 
     def sort(self, column: str, reverse: bool = False) -> "Dataset":
-        """Rows ordered by `column` (stable); nulls last."""
-        values = self.reset_format()[column]
-        order = sorted(range(len(values)), key=lambda i: (values[i] is None, values[i] if values[i] is not None else 0),
-                       reverse=False)
-        if reverse:
-            nonnull = [i for i in order if values[i] is not None][::-1]
-            order = nonnull + [i for i in order if values[i] is None]
-        return self.select(order)
+        """Rows ordered by `column` (stable: equal values keep their order); nulls last either way."""
+        values = self.reset_format()[column]  # Python values: sorted() compares them like Python does
+        nonnull = sorted((i for i, v in enumerate(values) if v is not None), key=values.__getitem__, reverse=reverse)
+        return self.select(nonnull + [i for i, v in enumerate(values) if v is None])
+
+    def _calls(self, function: Callable, batched: bool, batch_size: int, with_indices: bool,
+               fn_kwargs: dict | None, progress: bool | None, desc: str) -> Iterator[tuple[int, Any]]:
+        """The loop map and filter share: yields (n, out) per batch of batch_size rows, where out is
+        function(batch[, indices]) when batched, else [function(row[, index]) for each row]."""
+        src, kw, bar = self.reset_format(), fn_kwargs or {}, _progress(len(self), desc, progress)
+        try:
+            for start in range(0, len(self), batch_size):
+                batch = src[start : start + batch_size]  # {column: values}, decoded in one pass
+                n = len(next(iter(batch.values()), []))
+                idx = list(range(start, start + n))  # logical row numbers, for with_indices
+                if batched:
+                    out = function(*((batch, idx) if with_indices else (batch,)), **kw)
+                else:
+                    names = list(batch)
+                    rows = [dict(zip(names, vals)) for vals in zip(*batch.values())]  # columns -> row dicts
+                    out = [function(*((r, i) if with_indices else (r,)), **kw) for r, i in zip(rows, idx)]
+                yield n, out
+                if bar is not None:
+                    bar.update(n)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def filter(self, function: Callable, batched: bool = False, batch_size: int = 1000,
                with_indices: bool = False, fn_kwargs: dict | None = None, progress: bool | None = None) -> "Dataset":
         """Keep rows where function(row) is true (function(batch) -> list of bools when batched)."""
         keep: list[int] = []
-        src, bar, kw = self.reset_format(), _progress(len(self), "filter", progress), fn_kwargs or {}
-        for start in range(0, len(self), batch_size):
-            batch = src[start : start + batch_size]
-            n = len(next(iter(batch.values()), []))
-            if batched:
-                args = (batch, list(range(start, start + n))) if with_indices else (batch,)
-                mask = list(function(*args, **kw))
-                if len(mask) != n:
-                    raise NanosetsError(f"filter function returned {len(mask)} values for a batch of {n} rows")
-            else:
-                names = list(batch)
-                mask = [function(*((dict(zip(names, vals)), start + j) if with_indices else (dict(zip(names, vals)),)), **kw)
-                        for j, vals in enumerate(zip(*batch.values()))]
+        start = 0
+        for n, mask in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, "filter"):
+            mask = list(mask)
+            if len(mask) != n:
+                raise NanosetsError(f"filter function returned {len(mask)} values for a batch of {n} rows")
             keep.extend(start + j for j, m in enumerate(mask) if m)
-            if bar is not None:
-                bar.update(n)
-        if bar is not None:
-            bar.close()
-        return self.select(keep)
+            start += n
+        return self.select(keep)  # an index list: the kept rows are not copied
 
     def shard(self, num_shards: int, index: int, contiguous: bool = True) -> "Dataset":
         """The index-th of num_shards pieces (contiguous blocks, or every num_shards-th row)."""
@@ -1664,26 +1702,28 @@ class Dataset:
             raise ValueError(f"shard index {index} is not in [0, {num_shards})")
         n = len(self)
         if contiguous:
-            div, mod = divmod(n, num_shards)
+            div, mod = divmod(n, num_shards)  # the first `mod` shards get one extra row
             start = index * div + min(index, mod)
             return self.select(range(start, start + div + (index < mod)))
         return self.select(range(index, n, num_shards))
 
     def train_test_split(self, test_size: float | int | None = None, train_size: float | int | None = None,
                          shuffle: bool = True, seed: int | None = None) -> DatasetDict:
+        """{"train", "test"} as two index selections. Sizes are fractions or counts, rounded as HF
+        does (test = ceil, train = floor); the default test size is 0.25."""
         n = len(self)
 
         def count(x, rounding):
             return None if x is None else (rounding(x * n) if isinstance(x, float) else int(x))
 
-        n_test, n_train = count(test_size, math.ceil), count(train_size, math.floor)  # as HF rounds
-        if n_test is None:
+        n_test, n_train = count(test_size, math.ceil), count(train_size, math.floor)
+        if n_test is None:  # one size given: the other is the rest
             n_test = n - n_train if n_train is not None else math.ceil(0.25 * n)
         if n_train is None:
             n_train = n - n_test
         if n_test < 1 or n_train < 1 or n_test + n_train > n:
             raise ValueError(f"cannot split {n} rows into train={n_train} and test={n_test}")
-        order = self.shuffle(seed) if shuffle else self
+        order = self.shuffle(seed) if shuffle else self  # one permutation, cut in two: disjoint by design
         return DatasetDict(train=order.select(range(n_train)), test=order.select(range(n_train, n_train + n_test)))
 
     # -- column operations: metadata only, no copy --
@@ -1691,19 +1731,14 @@ class Dataset:
         return self._derive(table=self._table.select([columns] if isinstance(columns, str) else list(columns)))
 
     def remove_columns(self, columns: str | list[str]) -> "Dataset":
-        drop = [columns] if isinstance(columns, str) else list(columns)
-        missing = [c for c in drop if c not in self.schema]
-        if missing:
-            raise KeyError(f"cannot remove missing columns {missing}; columns are {self.column_names}")
+        drop = self._require([columns] if isinstance(columns, str) else list(columns), "cannot remove columns")
         return self.select_columns([c for c in self.column_names if c not in drop])
 
     def rename_column(self, original: str, new: str) -> "Dataset":
         return self.rename_columns({original: new})
 
     def rename_columns(self, mapping: dict[str, str]) -> "Dataset":
-        missing = [c for c in mapping if c not in self.schema]
-        if missing:
-            raise KeyError(f"cannot rename missing columns {missing}; columns are {self.column_names}")
+        self._require(list(mapping), "cannot rename missing columns")
         return self._derive(table=self._table.rename(mapping))
 
     # -- map: the one operation that builds new columns --
@@ -1717,51 +1752,40 @@ class Dataset:
         columns replace or add columns; columns neither returned nor removed are carried over as
         they are, without re-encoding. `schema` pins output types (e.g. {"ids": "list<int32>"})."""
         remove = [remove_columns] if isinstance(remove_columns, str) else list(remove_columns or [])
-        missing = [c for c in remove if c not in self.schema]
-        if missing:
-            raise KeyError(f"remove_columns names missing columns {missing}; columns are {self.column_names}")
-        src, bar, kw = self.reset_format(), _progress(len(self), desc, progress), fn_kwargs or {}
-        outputs: dict[str, list] = {}
+        self._require(remove, "remove_columns names missing columns")
+        outputs: dict[str, list] = {}  # output column -> values so far (n_out rows)
         n_out = 0
-        for start in range(0, len(self), batch_size):
-            batch = src[start : start + batch_size]
-            n = len(next(iter(batch.values()), []))
+        for n, out in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, desc):
             if batched:
-                out = function(*((batch, list(range(start, start + n))) if with_indices else (batch,)), **kw)
                 out = {} if out is None else out
                 if not isinstance(out, dict):
                     raise NanosetsError(f"map function must return a dict of lists, got {type(out).__name__}")
                 lens = {k: len(v) for k, v in out.items()}
                 if len(set(lens.values())) > 1:
                     raise NanosetsError(f"map function returned columns of different lengths: {lens}")
-                m = next(iter(lens.values()), n)
+                m = next(iter(lens.values()), n)  # rows this batch produced (n when it returned nothing)
             else:
-                names, rows = list(batch), []
-                for j, vals in enumerate(zip(*batch.values())):
-                    row = dict(zip(names, vals))
-                    r = function(*((row, start + j) if with_indices else (row,)), **kw)
-                    if r is not None and not isinstance(r, dict):
-                        raise NanosetsError(f"map function must return a dict, got {type(r).__name__} at row {start + j}")
-                    rows.append(r or {})
-                keys = dict.fromkeys(k for r in rows for k in r)
-                out, m = {k: [r.get(k) for r in rows] for k in keys}, n
+                bad = next((j for j, r in enumerate(out) if r is not None and not isinstance(r, dict)), None)
+                if bad is not None:
+                    raise NanosetsError(f"map function must return a dict, got {type(out[bad]).__name__} "
+                                        f"at row {n_out + bad}")
+                rows = [r or {} for r in out]  # rows -> columns; a key some rows lack is null there
+                out, m = {k: [r.get(k) for r in rows] for k in dict.fromkeys(k for r in rows for k in r)}, n
             for k in out:  # a column first seen in this batch is null in the earlier rows
                 outputs.setdefault(k, [None] * n_out)
             for k in outputs:
                 outputs[k].extend(out[k] if k in out else [None] * m)
             n_out += m
-            if bar is not None:
-                bar.update(n)
-        if bar is not None:
-            bar.close()
         keep = [c for c in self.column_names if c not in remove and c not in outputs]
         if keep and n_out != len(self):
             raise NanosetsError(f"map changed the row count ({len(self)} -> {n_out}) but keeps columns {keep}: "
                                 "remove them with remove_columns= or return them")
-        base = self.select_columns(keep).flatten_indices()._table.combine_chunks() if keep else None
-        new = RecordBatch.from_pydict(outputs, schema) if outputs else RecordBatch({})
-        cols = {} if base is None or not base.batches else dict(base.batches[0].columns)
+        # carried-over columns: materialised in the current row order, one chunk, no re-encoding
+        cols = dict(self.select_columns(keep).flatten_indices()._table.combine_chunks().batches[0].columns) \
+            if keep else {}
+        new = RecordBatch.from_pydict(outputs, schema) if outputs else RecordBatch({})  # encode the outputs once
         cols.update(new.columns)
+        # returned columns keep their old position; new ones come after, in order of first appearance
         order = [c for c in self.column_names if c in cols] + [c for c in new.columns if c not in self.schema]
         return Dataset(Table([RecordBatch({c: cols[c] for c in order})]), None, dict(self._format), self.metadata)
 
@@ -1785,6 +1809,7 @@ class Dataset:
         """Write a .nano file (`path` ending in .nano) or a folder holding data.nano; atomic."""
         path = os.fspath(path)
         target = path if path.endswith(".nano") else os.path.join(path, "data.nano")
+        # a generator of batches: a shuffled 10 GB dataset is gathered and written 64k rows at a time
         write_nano(target, self._batches(), metadata=self.metadata, schema=self.schema)
         return target
 
@@ -1796,19 +1821,11 @@ class Dataset:
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
         """One JSON object per line (UTF-8, tensors as lists), written atomically."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                for row in self.reset_format():
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        def write(f):
+            for row in self.reset_format():
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+        _atomic_write(os.fspath(path), ".jsonl", write, "w", encoding="utf-8")
 
     def to_arrow(self):
         return to_arrow(Table(list(self._batches()), self.schema))
@@ -1826,40 +1843,55 @@ def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
     if all(d._indices is None for d in datasets):
         return Dataset(table, None, dict(datasets[0]._format))
     parts, base = [], 0
-    for d in datasets:
+    for d in datasets:  # each dataset's logical rows, shifted past the chunks of those before it
         parts.append((d._indices if d._indices is not None else torch.arange(d._table.num_rows)) + base)
         base += d._table.num_rows
     return Dataset(table, torch.cat(parts), dict(datasets[0]._format))
 
 
 # ---- loading files --------------------------------------------------------------------------------
+# load_dataset follows HF datasets where it can: a file, a glob or a list of files is one Dataset; a
+# folder is a DatasetDict whose split names come from the file names (train*.jsonl, test-0001.parquet,
+# ...), so the splits of a prepare_data.py output folder are never mixed; `split=` picks one.
+
+SUPPORTED = (".nano", ".parquet", ".jsonl", ".json")  # also the order a folder's format is chosen in
+# HF's split keywords: a file whose name holds one of these words (between '-', '_', '.', ' ' or
+# digits) belongs to that split: "train.nano", "gsm8k_test.jsonl", "validation-00001-of-00004.parquet".
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}
 
 
 def _read_json_rows(path: str) -> list[dict]:
-    """JSON lines, a JSON list of rows, a dict of columns, or {"data": [rows]} -> list of row dicts."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if path.endswith(".json") and stripped[:1] in "[{":
+    """JSON lines, or in a .json file a JSON list of rows, {"data": [rows]}, a dict of columns or one
+    object -> a list of row dicts. Errors name the file and the line."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:  # a bare UnicodeDecodeError names neither the file nor the line
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise NanosetsError(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    if path.endswith(".json") and text.lstrip()[:1] in "[{":
         try:
             obj = json.loads(text)
         except json.JSONDecodeError:
             obj = None  # not one JSON document: maybe JSON lines saved as .json
+        if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+            obj = obj["data"]
+        elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {column: values}
+            lens = {k: len(v) for k, v in obj.items()}
+            if len(set(lens.values())) != 1:
+                raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
+            obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+        elif isinstance(obj, dict):
+            obj = [obj]  # one object is one row
         if isinstance(obj, list):
             bad = next((i for i, r in enumerate(obj) if not isinstance(r, dict)), None)
             if bad is not None:
-                raise NanosetsError(f"{path}: item {bad} of the JSON list is a {type(obj[bad]).__name__}, expected an object")
+                raise NanosetsError(f"{path}: item {bad} of the JSON list is a {type(obj[bad]).__name__}, "
+                                    "expected an object")
             return obj
-        if isinstance(obj, dict):
-            if isinstance(obj.get("data"), list):
-                return obj["data"]
-            if obj and all(isinstance(v, list) for v in obj.values()):
-                lens = {k: len(v) for k, v in obj.items()}
-                if len(set(lens.values())) != 1:
-                    raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
-                return [dict(zip(obj, vals)) for vals in zip(*obj.values())]
-            if len(stripped.splitlines()) == 1:
-                return [obj]
     rows = []
     # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which JSON strings may hold raw
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -1875,49 +1907,82 @@ def _read_json_rows(path: str) -> list[dict]:
     return rows
 
 
-def _expand(paths) -> list[str]:
+def _expand(paths, what: str) -> list[str]:
+    """Files and globs -> a list of files (globs sorted). A folder is refused here: inside a list or
+    a data_files dict it could only mean "all its files", which is how splits get mixed."""
     out = []
     for p in [paths] if isinstance(paths, (str, os.PathLike)) else list(paths):
         p = os.fspath(p)
         if any(c in p for c in "*?["):
-            found = sorted(glob.glob(p))
+            found = sorted(f for f in glob.glob(p) if os.path.isfile(f))
             if not found:
-                raise FileNotFoundError(f"no files match {p!r}")
+                raise FileNotFoundError(f"{what}: no files match {p!r}")
             out.extend(found)
         elif os.path.isdir(p):
-            if os.path.exists(os.path.join(p, "data.nano")):
-                out.append(os.path.join(p, "data.nano"))
-            else:
-                found = sorted(os.path.join(p, f) for f in os.listdir(p) if f.endswith(SUPPORTED))
-                if not found:
-                    raise FileNotFoundError(f"folder {p!r} holds no {'/'.join(SUPPORTED)} files")
-                out.extend(found)
+            raise NanosetsError(f"{what}: {p!r} is a folder; pass files or a glob, or load_dataset({p!r}) "
+                                "alone to get its splits")
         elif not os.path.exists(p):
-            raise FileNotFoundError(f"no such file: {p!r}")
+            raise FileNotFoundError(f"{what}: no such file: {p!r}")
         else:
             out.append(p)
     return out
 
 
-SUPPORTED = (".jsonl", ".json", ".nano", ".parquet")
+def _split_of(name: str) -> str | None:
+    """The split a file name names ('gsm8k_test.jsonl' -> 'test'), or None when it names none."""
+    found = {SPLIT_WORDS[w] for w in re.split(r"[-_. 0-9]+", name.lower()) if w in SPLIT_WORDS}
+    if len(found) > 1:
+        raise NanosetsError(f"{name!r} names more than one split ({sorted(found)}); rename it")
+    return found.pop() if found else None
 
 
-def load_from_disk(path: str | os.PathLike) -> Dataset:
-    """Open a .nano file (or a folder with data.nano) written by save_to_disk. O(1), zero-copy."""
+def _folder_splits(folder: str) -> dict[str, list[str]]:
+    """A folder's data files grouped by split, as HF datasets groups them.
+
+    The folder is read in ONE format: the first of .nano, .parquet, .jsonl, .json that it holds, so
+    manifest.json next to train.nano/test.nano is not data. Hidden files (.tmp-* left by an
+    interrupted write) are skipped. Files named after a split go to it; when no file names a split,
+    every file is "train" (HF's rule); a mix of named and unnamed files is refused, not guessed."""
+    names = sorted(f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
+    ext = next((e for e in SUPPORTED if any(f.endswith(e) for f in names)), None)
+    if ext is None:
+        raise FileNotFoundError(f"folder {folder!r} holds no {'/'.join(SUPPORTED)} files")
+    splits: dict[str | None, list[str]] = {}
+    for f in (f for f in names if f.endswith(ext)):
+        splits.setdefault(_split_of(f), []).append(os.path.join(folder, f))
+    unnamed = splits.pop(None, [])
+    if not splits:
+        return {"train": unnamed}
+    if unnamed:
+        raise NanosetsError(f"folder {folder!r}: {os.path.basename(unnamed[0])} names no split while "
+                            f"{', '.join(os.path.basename(v[0]) for v in splits.values())} do; rename it "
+                            "(train*/validation*/test*) or pass data_files={split: files}")
+    order = ["train", "validation", "test"]
+    return dict(sorted(splits.items(), key=lambda kv: order.index(kv[0])))
+
+
+def load_from_disk(path: str | os.PathLike, verify: bool = False) -> Dataset:
+    """Open a .nano file (or a folder with data.nano) written by save_to_disk. O(1), zero-copy;
+    verify=True also checks every buffer's checksum (O(size))."""
     path = os.fspath(path)
     if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "data.nano")):
+            raise FileNotFoundError(f"folder {path!r} has no data.nano (what save_to_disk writes); "
+                                    "for a folder of split files use load_dataset(folder)")
         path = os.path.join(path, "data.nano")
-    table, meta = read_nano(path)
+    table, meta = read_nano(path, verify=verify)
     return Dataset(table, metadata=meta)
 
 
-def _load_files(files: list[str], schema: dict | None) -> Dataset:
+def _load_files(files: list[str], schema: dict | None, verify: bool) -> Dataset:
+    """One Dataset from files of one split. JSON rows are pooled first so types are inferred over every
+    file at once; .nano and parquet files become chunks of one table (no copy)."""
     kinds = {os.path.splitext(f)[1] for f in files}
     unknown = kinds - set(SUPPORTED)
     if unknown:
         raise NanosetsError(f"cannot load {[f for f in files if os.path.splitext(f)[1] in unknown][0]!r}: "
                             f"supported endings are {SUPPORTED}")
-    if kinds <= {".jsonl", ".json"}:  # all rows first, so types are inferred over every file at once
+    if kinds <= {".jsonl", ".json"}:
         rows = [r for f in files for r in _read_json_rows(f)]
         try:
             return Dataset.from_list(rows, schema)
@@ -1926,7 +1991,7 @@ def _load_files(files: list[str], schema: dict | None) -> Dataset:
     parts = []
     for f in files:
         if f.endswith(".nano"):
-            parts.append(load_from_disk(f))
+            parts.append(load_from_disk(f, verify))
         elif f.endswith(".parquet"):
             try:
                 import pyarrow.parquet as pq
@@ -1934,35 +1999,52 @@ def _load_files(files: list[str], schema: dict | None) -> Dataset:
                 raise NanosetsError(f"reading {f} needs pyarrow (pip install pyarrow)") from None
             parts.append(Dataset(from_arrow(pq.read_table(f))))
         else:
-            parts.append(_load_files([f], schema))
+            parts.append(_load_files([f], schema, verify))
     return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
 
 
-def load_dataset(path=None, data_files=None, split: str | None = None, schema: dict | None = None):
-    """Load jsonl / json / .nano / parquet files (globs and folders too) into a Dataset.
+def load_dataset(path=None, data_files=None, split: str | None = None, schema: dict | None = None,
+                 verify: bool = False):
+    """Load jsonl / json / .nano / parquet files into a Dataset, or a folder into a DatasetDict.
 
-    load_dataset("train.jsonl") or load_dataset(["a.jsonl", "b.jsonl"]) -> Dataset
-    load_dataset("json", data_files={"train": ..., "test": ...}) -> DatasetDict (or one split)
-    Unlike HF, a single file or list gives a Dataset, not {"train": Dataset}. Hub names are not
-    fetched here (prepare_data.py downloads hub files, then loads them with this)."""
+    load_dataset("train.jsonl"), a glob ("parts/*.jsonl") or a list of files -> one Dataset
+    load_dataset("data/gsm8k_sft") -> DatasetDict {"train": ..., "test": ...}: split names from file
+        names (see _folder_splits); non-data files such as manifest.json are ignored
+    load_dataset("json", data_files={"train": ..., "test": ...}) -> DatasetDict
+    split="test" -> that split's Dataset only (the other splits are not opened). A file, glob or list
+        is HF's "train" split, so split="train" returns it and other names are refused.
+    schema pins column types of JSON input; verify=True checks every .nano buffer's checksum.
+    Unlike HF, a file or list gives a Dataset, not {"train": Dataset}. Hub names are not fetched
+    (prepare_data.py downloads hub files, then loads them with this)."""
     if path in ("json", "jsonl", "nano", "parquet", None):
         if data_files is None:
             raise ValueError("pass a path, or a format name with data_files=")
         path = data_files
     if isinstance(path, dict):
-        dd = DatasetDict({k: _load_files(_expand(v), schema) for k, v in path.items()})
-        if split is not None:
-            if split not in dd:
-                raise KeyError(f"no split {split!r}; splits are {list(dd)}")
-            return dd[split]
-        return dd
-    return _load_files(_expand(path), schema)
+        splits, source = {k: _expand(v, f"data_files[{k!r}]") for k, v in path.items()}, "data_files"
+    elif isinstance(path, (str, os.PathLike)) and os.path.isdir(path):
+        splits, source = _folder_splits(os.fspath(path)), f"folder {os.fspath(path)!r}"
+    else:  # files: one Dataset, which HF would call the train split
+        files = _expand(path, "load_dataset")
+        if split not in (None, "train"):
+            raise NanosetsError(f"split={split!r}: a file, glob or list of files is the one split 'train'; "
+                                "pass a folder or data_files={split: files} to choose between splits")
+        return _load_files(files, schema, verify)
+    if split is None:
+        return DatasetDict({k: _load_files(v, schema, verify) for k, v in splits.items()})
+    if split not in splits:
+        raise NanosetsError(f"no split {split!r} in {source}; its splits are {list(splits)}")
+    return _load_files(splits[split], schema, verify)
 
 
 # ---- pyarrow interop (optional: pyarrow is imported only here) -----------------------------------
+# Our buffers ARE Arrow's layout (validity bits, int64 offsets, flat values), so conversion in either
+# direction hands over the same memory. Two exceptions copy: bool (Arrow packs bools into bits, we
+# keep a byte per value) and bfloat16 (Arrow has no such type: widened to float32).
 
 
 def _pa_type(t: DataType):
+    """DataType -> pyarrow type (large_string/large_list: Arrow's 64-bit-offset variants, like ours)."""
     import pyarrow as pa
 
     if isinstance(t, PrimitiveType):
@@ -1982,7 +2064,7 @@ def _to_pa(a: Array):
     """Array -> pyarrow Array over the same memory (bool and bfloat16 are converted)."""
     import pyarrow as pa
 
-    a, t, n = a.compact(), a.type, a.length
+    a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0
     val = a._compact_validity()
     val = pa.py_buffer(val) if val is not None else None
     if isinstance(a, NullArray):
@@ -1993,7 +2075,7 @@ def _to_pa(a: Array):
         values = tensor_to_buffer(a.to_torch().float()) if t.name == "bfloat16" else a.values
         return pa.Array.from_buffers(_pa_type(t), n, [val, pa.py_buffer(values)])
     if isinstance(a, (StringArray, ListArray)):
-        _checked_spans(a, (0, n))  # pyarrow trusts offsets blindly: a bad one would read out of bounds
+        a._spans((0, n))  # pyarrow trusts offsets blindly: a bad one would read out of bounds
     if isinstance(a, StringArray):
         return pa.Array.from_buffers(pa.large_string(), n, [val, pa.py_buffer(a.offsets), pa.py_buffer(a.data)])
     if isinstance(a, ListArray):
@@ -2002,6 +2084,7 @@ def _to_pa(a: Array):
     if isinstance(a, StructArray):
         kids = [_to_pa(c) for c in a.children.values()]
         return pa.Array.from_buffers(_pa_type(t), n, [val], children=kids)
+    # tensor: Arrow stores it as fixed_size_list<T>[numel] storage wrapped in the extension type
     flat = PrimitiveArray(t.value, n * t.numel, a.values)
     storage = pa.Array.from_buffers(pa.list_(_pa_type(t.value), t.numel), n, [val], children=[_to_pa(flat)])
     return pa.ExtensionArray.from_storage(_pa_type(t), storage)
@@ -2018,6 +2101,8 @@ def to_arrow(table: Table):
 
 
 def _from_pa(arr, name: str) -> Array:
+    """pyarrow Array -> Array over pyarrow's buffers where the layouts agree. An arrow array may start
+    at a nonzero `offset` (a slice): numbers keep it by slicing the view, offsets are re-based."""
     import pyarrow as pa
 
     t, n, off = arr.type, len(arr), arr.offset
@@ -2031,14 +2116,15 @@ def _from_pa(arr, name: str) -> Array:
         return _from_pa(arr.cast(large), name)  # 32-bit offsets -> 64-bit (copies the offsets only)
     bufs = arr.buffers()
     validity = None
-    if arr.null_count and bufs[0] is not None:
+    if arr.null_count and bufs[0] is not None:  # byte-aligned: share it; else repack from bit `off`
         validity = pack_bits(unpack_bits(memoryview(bufs[0]), off, n)) if off % 8 else memoryview(bufs[0])[off // 8 :]
     if pa.types.is_null(t):
         return NullArray(n)
     if pa.types.is_boolean(t):
-        return PrimitiveArray(PRIMITIVES["bool"], n, tensor_to_buffer(unpack_bits(memoryview(bufs[1]), off, n)), validity)
+        values = tensor_to_buffer(unpack_bits(memoryview(bufs[1]), off, n))  # bits -> one byte per value
+        return PrimitiveArray(PRIMITIVES["bool"], n, values, validity)
     if pa.types.is_large_string(t) or pa.types.is_large_list(t):
-        offs = frombuffer(memoryview(bufs[1]), torch.int64, n + 1, off * 8)
+        offs = frombuffer(memoryview(bufs[1]), torch.int64, n + 1, off * 8)  # [n+1]
         first, last = int(offs[0]), int(offs[-1])
         offsets = tensor_to_buffer(offs - first)
         if pa.types.is_large_string(t):
@@ -2064,16 +2150,19 @@ def _from_pa(arr, name: str) -> Array:
 
 def from_arrow(table) -> Table:
     """pyarrow.Table -> nanosets Table, sharing pyarrow's buffers wherever the layouts agree."""
+    import pyarrow as pa
+
     batches = [RecordBatch({name: _from_pa(b.column(i), name) for i, name in enumerate(b.schema.names)})
                for b in table.to_batches()]
-    if not batches:  # an empty table still has a schema
-        empty = {f.name: _from_pa(table.column(f.name).combine_chunks() if table.column(f.name).num_chunks
-                                  else __import__("pyarrow").array([], f.type), f.name) for f in table.schema}
-        batches = [RecordBatch(empty)]
+    if not batches:  # an empty table still has a schema: one empty batch of the right types
+        batches = [RecordBatch({f.name: _from_pa(pa.array([], f.type), f.name) for f in table.schema})]
     return Table(batches)
 
 
 # ---- training helpers: packing and a resumable sharded sampler -----------------------------------
+# What a trainer needs from its data besides rows: packing variable-length sequences into fixed token
+# budgets without padding (the varlen layout of DESIGN.md), and a sampler that splits rows across
+# data-parallel ranks identically on every rank and resumes mid-epoch from a checkpoint.
 
 
 def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit") -> list[list[int]]:
@@ -2091,7 +2180,7 @@ def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit
     n = len(lengths)
     order = sorted(range(n), key=lambda i: -lengths[i]) if strategy == "sorted" else range(n)
     size = 1
-    while size < max(n, 1):
+    while size < max(n, 1):  # leaves: a power of two >= the most packs we can need (one per sequence)
         size *= 2
     tree = [token_budget] * (2 * size)  # tree[1] = root; leaves tree[size + p] = free space of pack p
     packs: list[list[int]] = []
@@ -2100,12 +2189,12 @@ def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit
         while node < size:  # walk down, preferring the left child: the first pack that fits
             node = 2 * node if tree[2 * node] >= L else 2 * node + 1
         p = node - size
-        if p == len(packs):
+        if p == len(packs):  # the first untouched leaf: open a new pack
             packs.append([])
         packs[p].append(i)
         tree[node] -= L
         node //= 2
-        while node:
+        while node:  # update the maxima on the way back to the root
             tree[node] = max(tree[2 * node], tree[2 * node + 1])
             node //= 2
     return packs
@@ -2135,7 +2224,7 @@ def pack_sequences(sequences: list, token_budget: int, loss_masks: list | None =
         ids = torch.cat([seqs[i] for i in pack])  # [N]
         mask = torch.cat([masks[i] for i in pack])  # [N]
         lens = torch.tensor([len(seqs[i]) for i in pack], dtype=torch.int64)  # [B]
-        cu = torch.zeros(len(pack) + 1, dtype=torch.int32)
+        cu = torch.zeros(len(pack) + 1, dtype=torch.int32)  # [B+1]
         cu[1:] = torch.cumsum(lens, 0)
         positions = torch.cat([torch.arange(int(L)) for L in lens])  # [N]
         labels = torch.full_like(ids, -100)
@@ -2167,10 +2256,10 @@ class ShardedSampler:
 
     def __len__(self) -> int:
         """Indices this rank gets per epoch."""
-        n = self.num_rows // self.dp_size if self.drop_last else -(-self.num_rows // self.dp_size)
-        return n
+        return self.num_rows // self.dp_size if self.drop_last else -(-self.num_rows // self.dp_size)
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
+        """This rank's indices of one epoch (the same on every call: a pure function of the seed)."""
         if self.shuffle:
             order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
@@ -2184,7 +2273,7 @@ class ShardedSampler:
         while True:
             idx = self.epoch_indices(self.epoch).tolist()
             while self.position < len(idx):
-                self.position += 1
+                self.position += 1  # advanced before the yield, so state_dict() counts this index as used
                 yield idx[self.position - 1]
             self.epoch, self.position = self.epoch + 1, 0
 
@@ -2198,6 +2287,7 @@ class ShardedSampler:
                 "dp_rank": self.dp_rank, "dp_size": self.dp_size}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`; refuses one from a different dataset size, dp size or seed."""
         for k in ("num_rows", "dp_size", "seed"):
             if state[k] != getattr(self, k):
                 raise ValueError(f"sampler state has {k}={state[k]}, this sampler has {getattr(self, k)}")
@@ -2205,14 +2295,15 @@ class ShardedSampler:
 
 
 # ---- benchmark: python nanosets.py --bench ------------------------------------------------------
-# A generated dataset of >= 1 GB (int64, float32, string and list<int32> token columns), written as
+# A generated dataset of ~1 GB (int64, float32, string and list<int32> token columns), written as
 # .nano and as an Arrow IPC stream (what HF datasets caches), then read by nanosets, pyarrow and HF
 # datasets (when installed) in the same run. Opening and RSS are measured in fresh subprocesses.
+# One timer (_timeit), one table; the measured numbers live in BENCHMARKS.md.
 
 
 def _bench_table(gb: float, seed: int = 0) -> Table:
     g = torch.Generator().manual_seed(seed)
-    n = int(gb * 1e9 / (8 + 4 + 200 + 8 + 512 * 4 + 8))  # bytes per row, offsets included
+    n = max(1000, int(gb * 1e9 / (8 + 4 + 200 + 8 + 512 * 4 + 8)))  # bytes per row, offsets included
     text_len = torch.randint(20, 381, (n,), generator=g)  # ~200 ASCII chars per row
     text = torch.randint(97, 123, (int(text_len.sum()),), generator=g, dtype=torch.uint8)
     text[torch.rand(len(text), generator=g) < 0.15] = 32  # spaces, so it looks like words
@@ -2236,8 +2327,6 @@ def _rss_mb() -> float:
 
 def _bench_open(kind: str, path: str) -> dict:
     """Run in a fresh process: import everything first, then time the open and the RSS it adds."""
-    import gc
-
     if kind == "pyarrow":
         import pyarrow as pa
     if kind == "hf":
@@ -2245,19 +2334,17 @@ def _bench_open(kind: str, path: str) -> dict:
     gc.collect()
     rss0, t0 = _rss_mb(), time.perf_counter()
     if kind == "nanosets":
-        ds = load_dataset(path)
-        n = len(ds)
+        n = len(load_dataset(path))
     elif kind == "pyarrow":
-        ds = pa.ipc.open_stream(pa.memory_map(path)).read_all()
-        n = ds.num_rows
+        n = pa.ipc.open_stream(pa.memory_map(path)).read_all().num_rows
     else:
-        ds = datasets.Dataset.from_file(path)
-        n = len(ds)
+        n = len(datasets.Dataset.from_file(path))
     return {"open_ms": (time.perf_counter() - t0) * 1e3, "rss_mb": _rss_mb() - rss0, "rows": n}
 
 
 def _timeit(fn, repeat: int = 3) -> float:
-    fn()  # untimed warm-up: page cache, lazy imports
+    """Best of `repeat` timed runs after one untimed warm-up (page cache, lazy imports): seconds."""
+    fn()
     best = float("inf")
     for _ in range(repeat):
         t0 = time.perf_counter()
@@ -2267,147 +2354,137 @@ def _timeit(fn, repeat: int = 3) -> float:
 
 
 def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, rows_random: int = 2000) -> list:
-    import subprocess
-
+    """Run the benchmark and print its table; returns the rows (metric, ours, pyarrow, HF, ratio).
+    Without `folder` the generated files (about 2 x gb) live in a temp folder that is removed at
+    the end, also after an error or Ctrl-C; with it they are kept and reused by the next run."""
     try:
         import pyarrow as pa
     except ImportError:
-        raise SystemExit("the benchmark compares against pyarrow: pip install pyarrow") from None
+        raise NanosetsError("--bench compares against pyarrow: pip install pyarrow") from None
     try:
         import datasets as hf
     except ImportError:
         hf = None
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    folder = folder or tempfile.mkdtemp(prefix="nanosets-bench-")
+    scratch = nullcontext(folder) if folder else tempfile.TemporaryDirectory(prefix="nanosets-bench-")
+    with warnings.catch_warnings(), scratch as folder:  # both undone on the way out, also on Ctrl-C
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")  # pyarrow's views
+        os.makedirs(folder, exist_ok=True)
+        res = _bench_measure(folder, gb, rows_iter, rows_random, pa, hf)
+    n, size = res.pop("_rows"), res.pop("_bytes")
+    peers = f"pyarrow {pa.__version__}, " + (f"datasets {hf.__version__}" if hf else "HF datasets not installed")
+    print(f"\nnanosets bench: {n:,} rows, {size / 1e9:.2f} GB file; torch {torch.__version__}, {peers}; "
+          "warm page cache")
+    head = f"{'metric':30s} {'nanosets':>10s} {'pyarrow':>10s} {'HF':>10s} {'ratio':>7s}"
+    print(head + "\n" + "-" * len(head))
+    rows = []
+    for metric, v in res.items():
+        ours, pa_v, hf_v = v["nanosets"], v.get("pyarrow"), v.get("hf")
+        lower = metric.endswith(("(ms)", "(MB)", "(us)"))  # times and memory: smaller is better
+        best = (min if lower else max)(x for x in (pa_v, hf_v) if x is not None)
+        ratio = (best / ours if ours else math.inf) if lower else ours / best  # > 1: nanosets is better
+        fmt = lambda x: "-" if x is None else f"{x:10.2f}"  # noqa: E731
+        print(f"{metric:30s} {fmt(ours):>10s} {fmt(pa_v):>10s} {fmt(hf_v):>10s} {ratio:7.2f}")
+        rows.append((metric, ours, pa_v, hf_v, ratio))
+    print("ratio = nanosets vs the best peer (> 1: nanosets is better)")
+    return rows
+
+
+def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa, hf) -> dict:
+    """The measurements of bench(): {metric: {"nanosets": x, "pyarrow": y, "hf": z}}."""
+    import subprocess
+
     nano_path, arrow_path = os.path.join(folder, "bench.nano"), os.path.join(folder, "bench.arrow")
+    res: dict = {}
     if not (os.path.exists(nano_path) and os.path.exists(arrow_path)):
-        t0 = time.perf_counter()
         table = _bench_table(gb)
-        write_nano(nano_path, table)
         pat = to_arrow(table)  # zero-copy view; cast to the 32-bit-offset types HF uses by default
         pat = pat.cast(pa.schema([("id", pa.int64()), ("score", pa.float32()), ("text", pa.string()),
                                   ("input_ids", pa.list_(pa.int32()))]))
-        with pa.ipc.new_stream(arrow_path, pat.schema) as w:
-            w.write_table(pat)
+
+        def write_arrow():  # fsync'd like write_nano, so both times include reaching the disk
+            with pa.ipc.new_stream(arrow_path, pat.schema) as w:
+                w.write_table(pat)
+            with open(arrow_path, "rb") as f:
+                os.fsync(f.fileno())
+
+        t_nano, t_arrow = _timeit(lambda: write_nano(nano_path, table), 1), _timeit(write_arrow, 1)
+        res["write, crc32 incl. (GB/s)"] = {"nanosets": os.path.getsize(nano_path) / t_nano / 1e9,
+                                            "pyarrow": os.path.getsize(arrow_path) / t_arrow / 1e9}
         del table, pat
-        print(f"generated {os.path.getsize(nano_path) / 1e9:.2f} GB in {time.perf_counter() - t0:.0f} s at {folder}")
     size = os.path.getsize(nano_path)
     kinds = ["nanosets", "pyarrow"] + (["hf"] if hf else [])
     opened = {}
     for k in kinds:
         for _ in range(2):  # the first run warms the page cache for the metadata; keep the second
-            out = subprocess.run([sys.executable, __file__, "--bench-open", k,
-                                  nano_path if k == "nanosets" else arrow_path],
-                                 capture_output=True, text=True, check=True)
+            path = nano_path if k == "nanosets" else arrow_path
+            out = subprocess.run([sys.executable, __file__, "--bench-open", k, path], capture_output=True, text=True,
+                                 check=True, timeout=600)
         opened[k] = json.loads(out.stdout.strip().splitlines()[-1])
+    res["open (ms)"] = {k: opened[k]["open_ms"] for k in kinds}
+    res["RSS added by open (MB)"] = {k: opened[k]["rss_mb"] for k in kinds}
 
     ds = load_dataset(nano_path)
     pt = pa.ipc.open_stream(pa.memory_map(arrow_path)).read_all()
     hds = hf.Dataset.from_file(arrow_path) if hf else None
     n = len(ds)
-    row_bytes = size / n
-    res: dict[str, dict[str, float]] = {k: {} for k in kinds}
-    for k in kinds:
-        res[k]["open (ms)"], res[k]["RSS added by open (MB)"] = opened[k]["open_ms"], opened[k]["rss_mb"]
+    rows_iter, rows_random = min(rows_iter, n), min(rows_random, n)
+    mb = rows_iter * size / n / 1e6  # file bytes of the rows the iteration benchmarks read
 
-    # 1. full scan of a numeric column as a tensor (sum forces every byte to be read)
-    res["nanosets"]["scan float32 column (GB/s)"] = n * 4 / _timeit(lambda: ds.with_format("torch")["score"].sum()) / 1e9
-    res["pyarrow"]["scan float32 column (GB/s)"] = n * 4 / _timeit(
-        lambda: torch.from_numpy(pt.column("score").combine_chunks().to_numpy(zero_copy_only=True)).sum()) / 1e9
-    if hds is not None:
-        res["hf"]["scan float32 column (GB/s)"] = n * 4 / _timeit(lambda: hds.with_format("torch", columns=["score"])[:]["score"].sum(), 1) / 1e9
-
-    # 2. batched iteration to Python objects (all four columns), first rows_iter rows
-    def it_nano():
-        for b in ds.iter(batch_size=1000):
-            if b["id"][-1] >= rows_iter - 1:
+    def first_rows(batches):  # consume (and drop) batches of 1000 rows until rows_iter rows were read
+        for j, _ in enumerate(batches):
+            if (j + 1) * 1000 >= rows_iter:
                 break
 
-    def it_pa():
-        for b in pt.slice(0, rows_iter).to_batches(max_chunksize=1000):
-            b.to_pydict()
-
-    def it_hf():
-        for b in hds.iter(batch_size=1000):
-            if b["id"][-1] >= rows_iter - 1:
-                break
-
-    mb = rows_iter * row_bytes / 1e6
-    res["nanosets"]["iterate to Python (MB/s)"] = mb / _timeit(it_nano, 1)
-    res["pyarrow"]["iterate to Python (MB/s)"] = mb / _timeit(it_pa, 1)
-    if hds is not None:
-        res["hf"]["iterate to Python (MB/s)"] = mb / _timeit(it_hf, 1)
-
-    # 3. random row access (one full row: all four columns)
-    rows = random.Random(0).sample(range(n), rows_random)
-    res["nanosets"]["random row (us)"] = _timeit(lambda: [ds[i] for i in rows], 1) / rows_random * 1e6
-    res["pyarrow"]["random row (us)"] = _timeit(lambda: [pt.slice(i, 1).to_pylist() for i in rows], 1) / rows_random * 1e6
-    if hds is not None:
-        res["hf"]["random row (us)"] = _timeit(lambda: [hds[i] for i in rows], 1) / rows_random * 1e6
-
-    # 4. shuffled batch iteration (a permutation of all rows, first rows_iter rows read)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-
-    def sh_nano():
-        for j, _ in enumerate(ds.shuffle(seed=0).iter(batch_size=1000)):
-            if (j + 1) * 1000 >= rows_iter:
-                break
-
-    def sh_pa():
-        for s in range(0, rows_iter, 1000):
-            pt.take(pa.array(perm[s : s + 1000].numpy())).to_pydict()
-
-    def sh_hf():
-        for j, _ in enumerate(hds.shuffle(seed=0).iter(batch_size=1000)):
-            if (j + 1) * 1000 >= rows_iter:
-                break
-
-    res["nanosets"]["shuffled iterate (MB/s)"] = mb / _timeit(sh_nano, 1)
-    res["pyarrow"]["shuffled iterate (MB/s)"] = mb / _timeit(sh_pa, 1)
-    if hds is not None:
-        res["hf"]["shuffled iterate (MB/s)"] = mb / _timeit(sh_hf, 1)
-
-    targets = {"open (ms)": ("<=", 50), "RSS added by open (MB)": ("<", 50), "random row (us)": ("<=", 20),
-               "scan float32 column (GB/s)": ("x pyarrow >=", 0.8), "iterate to Python (MB/s)": ("x HF >=", 1.0)}
-    lower_better = {"open (ms)", "RSS added by open (MB)", "random row (us)"}
-    print(f"\nnanosets bench: {n:,} rows, {size / 1e9:.2f} GB file; torch {torch.__version__}, pyarrow {pa.__version__}"
-          f"{', datasets ' + hf.__version__ if hf else ', HF datasets not installed'}; warm page cache")
-    head = f"{'metric':28s} {'nanosets':>10s} {'pyarrow':>10s} {'HF':>10s} {'ratio':>7s}  target"
-    print(head + "\n" + "-" * len(head))
-    table_rows = []
-    for metric in res["nanosets"]:
-        ours, pa_v, hf_v = res["nanosets"][metric], res["pyarrow"].get(metric), res.get("hf", {}).get(metric)
-        peers = [v for v in (pa_v, hf_v) if v is not None]
-        best = (min if metric in lower_better else max)(peers)
-        ratio = best / ours if metric in lower_better else ours / best  # > 1 means we beat the best peer
-        op, goal = targets.get(metric, ("", None))
-        if op.startswith("x pyarrow"):
-            ok = ours / pa_v >= goal
-        elif op.startswith("x HF"):
-            ok = hf_v is None or ours / hf_v >= goal
-        elif op:
-            ok = ours <= goal if op == "<=" else ours < goal
-        else:
-            ok = None
-        tgt = f"{op} {goal}" + ("" if ok is None else (" ok" if ok else " MISSED")) if op else ""
-        fmt = lambda v: "-" if v is None else f"{v:10.2f}"  # noqa: E731
-        print(f"{metric:28s} {fmt(ours):>10s} {fmt(pa_v):>10s} {fmt(hf_v):>10s} {ratio:7.2f}  {tgt}")
-        table_rows.append((metric, ours, pa_v, hf_v, ratio, tgt))
-    print("ratio = nanosets vs the best peer (>1: nanosets is better)")
-    return table_rows
+    rows = random.Random(0).sample(range(n), rows_random)
+    score = lambda: ds.with_format("torch")["score"].sum()  # noqa: E731  (the sum reads every byte)
+    measure = {  # metric -> {library: (function, repeats, scale: result = scale / seconds)}
+        "verify, full check (GB/s)": {
+            "nanosets": (lambda: verify_nano(nano_path), 3, size / 1e9),
+            "pyarrow": (lambda: pt.validate(full=True), 3, os.path.getsize(arrow_path) / 1e9)},
+        "scan float32 column (GB/s)": {
+            "nanosets": (score, 3, n * 4 / 1e9),
+            "pyarrow": (lambda: torch.from_numpy(pt.column("score").combine_chunks().to_numpy(
+                zero_copy_only=True)).sum(), 3, n * 4 / 1e9),
+            "hf": (lambda: hds.with_format("torch", columns=["score"])[:]["score"].sum(), 1, n * 4 / 1e9)},
+        "iterate to Python (MB/s)": {
+            "nanosets": (lambda: first_rows(ds.iter(batch_size=1000)), 1, mb),
+            "pyarrow": (lambda: first_rows(b.to_pydict() for b in pt.to_batches(max_chunksize=1000)), 1, mb),
+            "hf": (lambda: first_rows(hds.iter(batch_size=1000)), 1, mb)},
+        "random row (us)": {  # one full row (all four columns) per access
+            "nanosets": (lambda: [ds[i] for i in rows], 1, None),
+            "pyarrow": (lambda: [pt.slice(i, 1).to_pylist() for i in rows], 1, None),
+            "hf": (lambda: [hds[i] for i in rows], 1, None)},
+        "shuffled iterate (MB/s)": {  # a permutation of all rows, the first rows_iter read
+            "nanosets": (lambda: first_rows(ds.shuffle(seed=0).iter(batch_size=1000)), 1, mb),
+            "pyarrow": (lambda: first_rows(pt.take(pa.array(perm[s : s + 1000].numpy())).to_pydict()
+                                           for s in range(0, n, 1000)), 1, mb),
+            "hf": (lambda: first_rows(hds.shuffle(seed=0).iter(batch_size=1000)), 1, mb)},
+    }
+    for metric, libs in measure.items():
+        res[metric] = {}
+        for lib, (fn, repeat, scale) in libs.items():
+            if lib in kinds:
+                t = _timeit(fn, repeat)
+                res[metric][lib] = t / rows_random * 1e6 if scale is None else scale / t
+    res["_rows"], res["_bytes"] = n, size
+    return res
 
 
-# ---- self-test: python nanosets.py ----------------------------------------------------------------
+# ---- self-test and command line ------------------------------------------------------------------
 
 
 def selftest():
+    """`python nanosets.py`: a round trip through a file, the API, a corrupt byte caught by its
+    checksum, folder splits, packing and the sampler, in a few seconds."""
     rows = [{"q": "1+1", "ids": [1, 2, 3], "meta": {"level": 1, "tags": ["a"]}, "x": 0.5},
             {"q": "héllo", "ids": [], "meta": None, "x": None},
             {"q": None, "ids": [7], "meta": {"level": 3, "tags": []}, "x": 2.0}]
     ds = Dataset.from_list(rows, schema={"ids": "list<int32>"})
     assert ds.to_list() == rows, ds.to_list()
     with tempfile.TemporaryDirectory() as d:
-        back = load_dataset(ds.save_to_disk(os.path.join(d, "t.nano")))
+        path = ds.save_to_disk(os.path.join(d, "train.nano"))
+        back = load_dataset(path, verify=True)
         assert back.to_list() == rows and back.schema == ds.schema
         assert back.shuffle(seed=0).sort("ids")[0]["ids"] == []  # list comparison sorts [] first
         ids = back.with_format("torch")[0]["ids"]
@@ -2415,13 +2492,26 @@ def selftest():
         m = back.map(lambda r: {"n": len(r["ids"])}, remove_columns=["meta"])
         assert m.column_names == ["q", "ids", "x", "n"] and m["n"] == [3, 0, 1]
         assert back.filter(lambda r: r["x"] is not None)["x"] == [0.5, 2.0]
-        with open(os.path.join(d, "t.nano"), "r+b") as f:
-            f.truncate(200)
+        # a folder of splits: split names from the file names, manifest.json is not data
+        ds.select([2]).save_to_disk(os.path.join(d, "test.nano"))
+        with open(os.path.join(d, "manifest.json"), "w") as f:
+            f.write("{}")
+        dd = load_dataset(d)
+        assert list(dd) == ["train", "test"] and len(dd["test"]) == 1
+        assert load_dataset(d, split="test")["q"] == [None]
+        # one flipped bit in a token id: the open (O(1)) cannot see it, verify names the buffer
+        with open(path, "r+b") as f:
+            raw = bytearray(f.read())
+            at = raw.index(struct.pack("<3i", 1, 2, 3))  # the ids child's values buffer
+            raw[at] ^= 0x10
+            f.seek(0)
+            f.write(raw)
+        assert load_dataset(path)[0]["ids"] == [17, 2, 3]
         try:
-            load_dataset(os.path.join(d, "t.nano"))
-            raise AssertionError("a truncated file must not open")
+            verify_nano(path)
+            raise AssertionError("a flipped byte must fail verify")
         except NanosetsError as e:
-            assert "truncated" in str(e)
+            assert "'ids[]'" in str(e) and "checksum" in str(e), e
     packs = pack_sequences([[1, 2, 3], [4, 5], [6, 7, 8, 9]], token_budget=5)
     assert [p["cu_seqlens"].tolist() for p in packs] == [[0, 3, 5], [0, 4]]
     s = ShardedSampler(10, dp_rank=1, dp_size=2, seed=0)
@@ -2432,17 +2522,66 @@ def selftest():
     print("nanosets selftest: OK")
 
 
-if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--bench-open":
-        print(json.dumps(_bench_open(sys.argv[2], sys.argv[3])))
-    elif "--bench" in sys.argv:
-        import argparse
+def _verify_cli(paths: list[str]) -> None:
+    """--verify: every .nano file given (a folder: its .nano files), one line each with the rate."""
+    files = []
+    for p in paths:
+        found = sorted(glob.glob(os.path.join(p, "*.nano"))) if os.path.isdir(p) else [p]
+        if not found:
+            raise FileNotFoundError(f"--verify: folder {p!r} holds no .nano files")
+        files += found
+    for f in files:
+        t0 = time.perf_counter()
+        n = verify_nano(f)
+        dt, gb = time.perf_counter() - t0, os.path.getsize(f) / 1e9
+        print(f"{f}: OK, {n:,} rows, {gb:.3f} GB checked in {dt:.2f} s ({gb / max(dt, 1e-9):.2f} GB/s)")
 
-        ap = argparse.ArgumentParser(description="nanosets benchmark")
-        ap.add_argument("--bench", action="store_true")
-        ap.add_argument("--gb", type=float, default=1.0, help="dataset size to generate")
-        ap.add_argument("--dir", default=None, help="where to put the generated files (reused if present)")
-        a = ap.parse_args()
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: no flag runs the self-test; --verify, --bench (see --help)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):  # one line, like every other expected error, instead of usage + error
+            raise ValueError(f"{message} (see --help)")
+
+    ap = Parser(prog="nanosets.py", description="nanosets: columnar datasets and the .nano file. "
+                "With no flag: the CPU self-test (seconds).")
+    ap.add_argument("--verify", nargs="+", metavar="PATH",
+                    help="check every data buffer's crc32 of these .nano files (a folder: its .nano files)")
+    ap.add_argument("--bench", action="store_true", help="benchmark against pyarrow and HF datasets (needs pyarrow)")
+    ap.add_argument("--gb", type=float, default=1.0, help="--bench: size of the generated dataset in GB")
+    ap.add_argument("--dir", default=None, help="--bench: keep the generated files here and reuse them "
+                    "(default: a temp folder, removed at the end)")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of every error")
+    ap.add_argument("--bench-open", nargs=2, help=argparse.SUPPRESS)  # internal: one fresh-process open
+    a = ap.parse_args(argv)
+    if a.bench_open:
+        print(json.dumps(_bench_open(*a.bench_open)))
+    elif a.verify:
+        _verify_cli(a.verify)
+    elif a.bench:
+        if not a.gb > 0:
+            raise ValueError(f"--gb must be positive, got {a.gb}")
         bench(a.gb, a.dir)
     else:
         selftest()
+    return 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """main() under the project's error convention: an expected error (a bad flag, a missing or
+    corrupt file) prints one line `nanosets.py: error: ...` to stderr and returns 2; any other
+    exception keeps its traceback; --debug shows the traceback of everything."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return main(argv)
+    except (ValueError, OSError, TimeoutError) as e:
+        if "--debug" in argv:
+            raise
+        print(f"nanosets.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
