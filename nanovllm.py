@@ -998,18 +998,22 @@ class StepInput:
         return parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(B, W), parts[6]
 
     def sampling(self, ints) -> SamplingBatch:
-        R = self.sb["R"]
-        w = ints[-11 * R:] if R else ints[:0]                             # 6R + 4R + R int32 words
-        keys = w[: 6 * R].view(torch.int64).view(3, R)
-        f = w[6 * R: 10 * R].view(torch.float32).view(4, R)
-        return SamplingBatch(w[10 * R:].long(), f[0], f[1], f[2], f[3], uniform_t(keys[0], keys[1], keys[2]),
-                             self.sb["all_greedy"], self.sb["any_filter"], self.sb["logprobs"], self.sb["processed"])
+        """Views of the sampling part (laid out for Rp >= R rows: a graph step pads to max_num_seqs)."""
+        R, Rp = self.sb["R"], self.sb["Rp"]
+        w = ints[self.n_model + self.n_model % 2:]                         # 6Rp + 4Rp + Rp int32 words
+        keys = w[: 6 * Rp].view(torch.int64).view(3, Rp)[:, :R]
+        f = w[6 * Rp: 10 * Rp].view(torch.float32).view(4, Rp)[:, :R]
+        return SamplingBatch(w[10 * Rp: 10 * Rp + R].long(), f[0], f[1], f[2], f[3],
+                             uniform_t(keys[0], keys[1], keys[2]), self.sb["all_greedy"], self.sb["any_filter"],
+                             self.sb["logprobs"], self.sb["processed"])
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, tp: TPGroup, device: torch.device, dtype: torch.dtype, block_size: int,
-                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_kernels: bool = True):
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_kernels: bool = True,
+                 processed_logprobs: bool = True):
         self.cfg, self.tp, self.device, self.dtype, self.P = cfg, tp, device, dtype, block_size
+        self.processed = processed_logprobs
         self.W = -(-max_model_len // block_size)                        # block-table width
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.model = Model(cfg, tp, use_kernels, dtype, device).eval()
@@ -1119,10 +1123,10 @@ class ModelRunner:
         host = st.ints.pin_memory() if self.device.type == "cuda" else st.ints
         ints = host.to(self.device, non_blocking=True)
         if st.graph_bs:
-            self.graph_ints.copy_(ints[: st.n_model])
+            self.graph_ints.copy_(ints)                                  # the static buffer's image
             if prev_tokens is not None:
                 self.graph_ints[: st.B].copy_(prev_tokens)
-            graph, logits = self.graphs[st.graph_bs]
+            graph, (logits, g_tok, g_lp) = self.graphs[st.graph_bs]
             graph.replay()
             logits = logits[: st.B]
         else:
@@ -1134,7 +1138,10 @@ class ModelRunner:
             logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
         if self.tp.rank != 0:
             return None
-        tok, lp, top = sample(logits, st.sampling(ints))
+        if st.graph_bs and not st.sb["any_filter"] and not st.sb["logprobs"]:   # sampled inside the graph
+            tok, lp, top = g_tok[: st.B], None if st.sb["logprobs"] is None else g_lp[: st.B], None
+        else:
+            tok, lp, top = sample(logits, st.sampling(self.graph_ints if st.graph_bs else ints))
         outs = [tok, lp] + ([None, None] if top is None else [top.values, top.indices])
         if self.device.type != "cuda":
             return tok, outs, None
@@ -1204,14 +1211,26 @@ class ModelRunner:
     @torch.inference_mode()
     def capture(self):
         mb, W, dev = self.max_num_seqs, self.W, self.device
-        self.graph_ints = torch.zeros(4 * mb + mb * W, dtype=torch.int32, device=dev)
-        ids, pos, slots, ctx, bt = self.graph_ints.split([mb, mb, mb, mb, mb * W])
+        n_model = 4 * mb + mb * W
+        off = n_model + n_model % 2
+        self.graph_ints = torch.zeros(off + 11 * mb, dtype=torch.int32, device=dev)
+        ids, pos, slots, ctx, bt = self.graph_ints[:n_model].split([mb, mb, mb, mb, mb * W])
+        keys = self.graph_ints[off: off + 6 * mb].view(torch.int64).view(3, mb)
+        f = self.graph_ints[off + 6 * mb: off + 10 * mb].view(torch.float32).view(4, mb)
         slots.fill_(-1)
         bt = bt.view(mb, W)
+        rows = torch.arange(mb, device=dev)
         pool = None
         for bs in reversed(self.graph_sizes()):                          # largest first: the pool fits all
             meta = AttnMeta(True, slots[:bs], bt[:bs], ctx[:bs])
-            fwd = lambda: self.model.logits(self.model(ids[:bs], pos[:bs], meta))   # noqa: E731
+
+            def fwd(bs=bs, meta=meta):
+                """decode forward + sampling (the common case: temperature, no top-k/p masks, token log-prob)"""
+                logits = self.model.logits(self.model(ids[:bs], pos[:bs], meta))
+                sb = SamplingBatch(rows[:bs], f[0, :bs], f[1, :bs], f[2, :bs], f[3, :bs],
+                                   uniform_t(keys[0, :bs], keys[1, :bs], keys[2, :bs]), False, False, 0, self.processed)
+                tok, lp, _ = sample(logits, sb)
+                return logits, tok, lp
             fwd()                                                        # warm-up (Triton compiles here)
             torch.cuda.synchronize(dev)
             g = torch.cuda.CUDAGraph()
@@ -1439,7 +1458,8 @@ class LLM:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         args = dict(cfg=c, tp=TPGroup(), device=dev, dtype=self.dtype, block_size=block_size,
                     max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens, use_kernels=use_kernels)
+                    max_num_batched_tokens=max_num_batched_tokens, use_kernels=use_kernels,
+                    processed_logprobs=logprobs_mode == "processed_logprobs")
         self.executor = (UniExecutor(args) if tp == 1 else MultiprocExecutor(args, tp, dev.type == "cuda"))
         load = "dummy" if load_format == "dummy" or weights is not None else str(folder)
         try:
@@ -1573,14 +1593,14 @@ class LLM:
             parts = [torch.tensor(ids + pos + slots + ctx + cu, dtype=torch.int32), tables.view(-1),
                      torch.tensor(rows, dtype=torch.int32)]
         n_model = sum(t.numel() for t in parts)
-        sb = self._sampling(plan, ahead)
+        sb = self._sampling(plan, ahead, self.max_num_seqs if graph_bs else None)
         parts += [torch.zeros(n_model % 2, dtype=torch.int32), sb.pop("words")]   # int64 keys need 8-byte alignment
         st = StepInput(torch.cat(parts), len(ids), B, W, len(rows), max(n for _, n in scheduled), decode, graph_bs,
                        n_model, sb, self._copies)
         self._copies = []
         return st, plan
 
-    def _sampling(self, plan: list, ahead: int = 0) -> dict:
+    def _sampling(self, plan: list, ahead: int = 0, pad_to: int | None = None) -> dict:
         """Per sampled row: its random-stream key (request seed, sample index, output position), its sampling
         params and the logits row it reads, as int32 words (int64 and fp32 bits) that travel in the step's one
         host-to-device copy. Forking prompts read their row n times (one per sample)."""
@@ -1599,10 +1619,16 @@ class LLM:
             filt |= req.filtered
             if p.logprobs is not None:
                 lp = max(lp or 0, p.logprobs)
+        R = len(rix)
+        Rp = pad_to or R
+        if Rp > R:                            # graph padding rows: greedy, no masks, never read back
+            for col, v in zip(keys + fl, (0, 0, 0, 0.0, float(self.cfg.vocab_size), 1.0, 0.0)):
+                col.extend([v] * (Rp - R))
+            rix.extend(range(R, Rp))
         words = torch.cat([torch.tensor(keys, dtype=torch.int64).view(-1).view(torch.int32),
                            torch.tensor(fl, dtype=torch.float32).view(-1).view(torch.int32),
                            torch.tensor(rix, dtype=torch.int32)])
-        return dict(words=words, R=len(rix), all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
+        return dict(words=words, R=R, Rp=Rp, all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run and sample one step; returns the requests that finished in it.
