@@ -591,6 +591,10 @@ class Sequence:
                 f"tokens={self.num_tokens}, computed={self.num_computed}, blocks={self.block_table}, {self.status})")
 
 
+def _pad4(xs: list) -> list:
+    return xs + [0] * (-len(xs) % 4)
+
+
 def _table_row(seq: Sequence, W: int) -> torch.Tensor:
     """seq.block_table as an int32 [W] tensor, kept in step with the list by writing only the new entries
     (blocks are only ever appended, or all dropped by free_seq, which resets bt_synced)."""
@@ -956,13 +960,18 @@ def sample(logits: torch.Tensor, sb: SamplingBatch):
     tok = torch.where(greedy, greedy_tok, tok)
     if sb.logprobs is None:
         return tok, None, None
-    lp = torch.log_softmax(zt, -1) if sb.processed else torch.log_softmax(z, -1)
-    if sb.processed and not sb.all_greedy:                             # greedy rows report the raw view
-        lp = torch.where(greedy[:, None], torch.log_softmax(z, -1), lp)
-    elif sb.processed:
-        lp = torch.log_softmax(z, -1)
-    tok_lp = lp.gather(1, tok[:, None]).squeeze(1)
-    top = lp.topk(sb.logprobs, dim=-1) if sb.logprobs > 0 else None
+    # log p(token) = logit - logsumexp(logits): one reduction per view, no [R, V] log-softmax written out.
+    # Greedy rows report the raw view (T = 1, no masks).
+    raw = lambda: z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)          # noqa: E731
+    if not sb.processed or sb.all_greedy:
+        tok_lp = raw()
+    else:
+        tok_lp = torch.where(greedy, raw(), zt.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(zt, -1))
+    top = None
+    if sb.logprobs > 0:                                                # top-k: the full log-softmax, rarely asked
+        lp = torch.log_softmax(zt if sb.processed else z, -1)
+        top = torch.where(greedy[:, None], torch.log_softmax(z, -1), lp).topk(sb.logprobs, dim=-1) if sb.processed \
+            else lp.topk(sb.logprobs, dim=-1)
     return tok, tok_lp, top
 
 
@@ -994,8 +1003,10 @@ class StepInput:
 
     def views(self, ints):
         N, B, W, S = self.N, self.B, self.W, self.S
-        parts = ints[: self.n_model].split([N, N, N, B, B + 1, B * W, S])
-        return parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(B, W), parts[6]
+        sizes = [N, N, N, B, B + 1, B * W, S]
+        parts = ints[: self.n_model].split([-(-n // 4) * 4 for n in sizes])     # segments start 16-byte aligned
+        ids, pos, slots, ctx, cu, bt, rows = (p[:n] for p, n in zip(parts, sizes))
+        return ids, pos, slots, ctx, cu, bt.view(B, W), rows
 
     def sampling(self, ints) -> SamplingBatch:
         """Views of the sampling part (laid out for Rp >= R rows: a graph step pads to max_num_seqs)."""
@@ -1589,9 +1600,9 @@ class LLM:
             head = torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + ctx + [0] * pad,
                                 dtype=torch.int32)
             parts = [head, tables.view(-1), torch.zeros(pad * W, dtype=torch.int32)]
-        else:
-            parts = [torch.tensor(ids + pos + slots + ctx + cu, dtype=torch.int32), tables.view(-1),
-                     torch.tensor(rows, dtype=torch.int32)]
+        else:   # every segment padded to 4 words: Triton compiles a variant per pointer alignment (16 bytes)
+            parts = [torch.tensor(_pad4(ids) + _pad4(pos) + _pad4(slots) + _pad4(ctx) + _pad4(cu), dtype=torch.int32),
+                     tables.view(-1), torch.zeros(-B * W % 4, dtype=torch.int32), torch.tensor(_pad4(rows), dtype=torch.int32)]
         n_model = sum(t.numel() for t in parts)
         sb = self._sampling(plan, ahead, self.max_num_seqs if graph_bs else None)
         parts += [torch.zeros(n_model % 2, dtype=torch.int32), sb.pop("words")]   # int64 keys need 8-byte alignment
@@ -1987,8 +1998,10 @@ def _bench_hf(folder, prompts, new: int, batch_api: bool) -> float:
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
         run = lambda: m.generate(ids, attention_mask=mask, generation_config=gc)      # noqa: E731
-    with torch.inference_mode():
-        secs, _ = _timed(run)
+    with torch.no_grad():                 # (generate_batch writes its own buffers in place: not inference_mode)
+        secs, out = _timed(run)
+    if batch_api and len(out) != len(prompts):
+        raise RuntimeError(f"generate_batch returned {len(out)} of {len(prompts)} requests")
     del m
     torch.cuda.empty_cache()
     return len(prompts) * new / secs
