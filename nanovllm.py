@@ -503,7 +503,7 @@ class Model(nn.Module):
             s[f"{p}post_attention_layernorm.weight"] = (L.post_attn_norm.weight, "rep", 0, 0)
         return s
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "the weights",
                      require_all: bool = True) -> int:
         """Copy (hf_name, full tensor) pairs into this rank's shards, in place (so CUDA graphs, which baked
@@ -570,6 +570,7 @@ class Sequence:
         self.fork_blocks: list[int] = []               # blocks reserved for those forks' last-block copies
         self.logprobs: list[float] = []
         self.top_logprobs: list[dict] = []
+        self.bt_row, self.bt_synced = None, 0         # block_table mirrored in an int32 tensor (see _table_row)
         self.finish_reason = self.stop_reason = None
 
     @property
@@ -588,6 +589,22 @@ class Sequence:
     def __repr__(self):
         return (f"Sequence(id={self.seq_id}, req={self.request.request_id}, sample={self.sample}, "
                 f"tokens={self.num_tokens}, computed={self.num_computed}, blocks={self.block_table}, {self.status})")
+
+
+def _pad4(xs: list) -> list:
+    return xs + [0] * (-len(xs) % 4)
+
+
+def _table_row(seq: Sequence, W: int) -> torch.Tensor:
+    """seq.block_table as an int32 [W] tensor, kept in step with the list by writing only the new entries
+    (blocks are only ever appended, or all dropped by free_seq, which resets bt_synced)."""
+    if seq.bt_row is None:
+        seq.bt_row = torch.zeros(W, dtype=torch.int32)
+    bt = seq.block_table
+    for i in range(seq.bt_synced, len(bt)):
+        seq.bt_row[i] = bt[i]
+    seq.bt_synced = len(bt)
+    return seq.bt_row
 
 
 # ---- block manager ---------------------------------------------------------------------------------------
@@ -650,7 +667,7 @@ class BlockManager:
             self.release(bid)
         for bid in seq.fork_blocks:
             self.release(bid)
-        seq.block_table, seq.fork_blocks, seq.block_hashes = [], [], []
+        seq.block_table, seq.fork_blocks, seq.block_hashes, seq.bt_synced = [], [], [], 0
 
     def blocks_needed(self, seq: Sequence, num_new: int) -> int:
         return max(0, -(-(seq.num_computed + num_new) // self.P) - len(seq.block_table))
@@ -854,6 +871,27 @@ def uniform(seed: int, sample: int, position: int) -> float:
     return (_mix64(_mix64(_mix64(seed & M64) ^ sample) ^ position) >> 11) / float(1 << 53)
 
 
+def _s64(c: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 with the same bits (torch has no uint64 math)."""
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mix64_t(x: torch.Tensor) -> torch.Tensor:
+    """_mix64 on an int64 tensor: multiplication and addition wrap mod 2^64 exactly as uint64 does; >> is
+    arithmetic in torch, so each shift masks off the copied sign bits to act as a logical shift."""
+    srl = lambda v, k: (v >> k) & ((1 << (64 - k)) - 1)                  # noqa: E731
+    x = x + _s64(0x9E3779B97F4A7C15)
+    x = (x ^ srl(x, 30)) * _s64(0xBF58476D1CE4E5B9)
+    x = (x ^ srl(x, 27)) * _s64(0x94D049BB133111EB)
+    return x ^ srl(x, 31)
+
+
+def uniform_t(seed: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """uniform() for whole int64 columns at once, on the device: float64 [R], bit-equal to the scalar one."""
+    x = _mix64_t(_mix64_t(_mix64_t(seed) ^ sample) ^ position)
+    return (x >> 11 & ((1 << 53) - 1)).double() / float(1 << 53)
+
+
 def sampling_probs_ref(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The exact distribution one row is sampled from, in float64, written plainly (the test oracle)."""
     x = logits.double()
@@ -922,13 +960,18 @@ def sample(logits: torch.Tensor, sb: SamplingBatch):
     tok = torch.where(greedy, greedy_tok, tok)
     if sb.logprobs is None:
         return tok, None, None
-    lp = torch.log_softmax(zt, -1) if sb.processed else torch.log_softmax(z, -1)
-    if sb.processed and not sb.all_greedy:                             # greedy rows report the raw view
-        lp = torch.where(greedy[:, None], torch.log_softmax(z, -1), lp)
-    elif sb.processed:
-        lp = torch.log_softmax(z, -1)
-    tok_lp = lp.gather(1, tok[:, None]).squeeze(1)
-    top = lp.topk(sb.logprobs, dim=-1) if sb.logprobs > 0 else None
+    # log p(token) = logit - logsumexp(logits): one reduction per view, no [R, V] log-softmax written out.
+    # Greedy rows report the raw view (T = 1, no masks).
+    raw = lambda: z.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(z, -1)          # noqa: E731
+    if not sb.processed or sb.all_greedy:
+        tok_lp = raw()
+    else:
+        tok_lp = torch.where(greedy, raw(), zt.gather(1, tok[:, None]).squeeze(1) - torch.logsumexp(zt, -1))
+    top = None
+    if sb.logprobs > 0:                                                # top-k: the full log-softmax, rarely asked
+        lp = torch.log_softmax(zt if sb.processed else z, -1)
+        top = torch.where(greedy[:, None], torch.log_softmax(z, -1), lp).topk(sb.logprobs, dim=-1) if sb.processed \
+            else lp.topk(sb.logprobs, dim=-1)
     return tok, tok_lp, top
 
 
@@ -940,9 +983,11 @@ def sample(logits: torch.Tensor, sb: SamplingBatch):
 
 @dataclass
 class StepInput:
-    """One step, packed. ints (int32) = [input_ids N | positions N | slot_mapping N | context_lens B |
-    cu_seqlens_q B+1 | block_table B*W | hidden_rows S] for an eager step; for a CUDA-graph decode step
-    (graph_bs > 0) the fixed layout of the graph's static buffer instead (see ModelRunner.capture).
+    """One step, packed in ONE int32 tensor `ints` (one host-to-device copy). The model part (n_model words):
+    [input_ids N | positions N | slot_mapping N | context_lens B | cu_seqlens_q B+1 | block_table B*W |
+    hidden_rows S] for an eager step, or for a CUDA-graph decode step (graph_bs > 0) the image of the graph's
+    static buffer (see ModelRunner.capture). Then, 8-byte aligned, the sampling part of R rows: keys int64
+    [3, R] (seed, sample, position), params fp32 [4, R] (temperature, top_k, top_p, min_p), logits row [R].
     hidden_rows: the token row of each sequence whose last token is sampled this step."""
     ints: torch.Tensor
     N: int
@@ -952,19 +997,34 @@ class StepInput:
     max_seqlen_q: int
     decode: bool
     graph_bs: int
-    sb: dict                       # SamplingBatch fields as CPU tensors / flags
+    n_model: int
+    sb: dict                       # R and the host-side flags of the SamplingBatch
     copies: list                   # [(src_block, dst_block)]: fork copies to make before the forward
 
     def views(self, ints):
         N, B, W, S = self.N, self.B, self.W, self.S
-        parts = ints.split([N, N, N, B, B + 1, B * W, S])
-        return parts[0], parts[1], parts[2], parts[3], parts[4], parts[5].view(B, W), parts[6]
+        sizes = [N, N, N, B, B + 1, B * W, S]
+        parts = ints[: self.n_model].split([-(-n // 4) * 4 for n in sizes])     # segments start 16-byte aligned
+        ids, pos, slots, ctx, cu, bt, rows = (p[:n] for p, n in zip(parts, sizes))
+        return ids, pos, slots, ctx, cu, bt.view(B, W), rows
+
+    def sampling(self, ints) -> SamplingBatch:
+        """Views of the sampling part (laid out for Rp >= R rows: a graph step pads to max_num_seqs)."""
+        R, Rp = self.sb["R"], self.sb["Rp"]
+        w = ints[self.n_model + self.n_model % 2:]                         # 6Rp + 4Rp + Rp int32 words
+        keys = w[: 6 * Rp].view(torch.int64).view(3, Rp)[:, :R]
+        f = w[6 * Rp: 10 * Rp].view(torch.float32).view(4, Rp)[:, :R]
+        return SamplingBatch(w[10 * Rp: 10 * Rp + R].long(), f[0], f[1], f[2], f[3],
+                             uniform_t(keys[0], keys[1], keys[2]), self.sb["all_greedy"], self.sb["any_filter"],
+                             self.sb["logprobs"], self.sb["processed"])
 
 
 class ModelRunner:
     def __init__(self, cfg: ModelConfig, tp: TPGroup, device: torch.device, dtype: torch.dtype, block_size: int,
-                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_kernels: bool = True):
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_kernels: bool = True,
+                 processed_logprobs: bool = True):
         self.cfg, self.tp, self.device, self.dtype, self.P = cfg, tp, device, dtype, block_size
+        self.processed = processed_logprobs
         self.W = -(-max_model_len // block_size)                        # block-table width
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.model = Model(cfg, tp, use_kernels, dtype, device).eval()
@@ -1022,25 +1082,34 @@ class ModelRunner:
             raise ValueError(f"the KV cache fits {max(num_blocks, 0) * self.P} tokens, less than one sequence of "
                              f"max_model_len={self.W * self.P}: lower max_model_len or raise gpu_memory_utilization")
         self.allocate_kv(num_blocks)
+        if cuda:                                  # each autotuning bucket of the prefill kernel, once
+            for n in (500, 1000, 2000, 4000, 8000):
+                if n <= min(self.max_num_batched_tokens, self.W * self.P):
+                    self._dummy_prefill(n)
         if capture_graphs and cuda:
             self.capture()
         return num_blocks, sorted(self.graphs)
 
+    def _dummy_prefill(self, n: int):
+        """A forward of n prompt tokens (as sequences of at most max_model_len) that writes no K/V (slots -1):
+        to profile memory and to make Triton compile and autotune the prefill kernels before anyone times them."""
+        dev, L = self.device, min(n, self.W * self.P)
+        i32 = dict(dtype=torch.int32, device=dev)
+        lens = [L] * (n // L) + ([n % L] if n % L else [])
+        cu = torch.tensor([0] + list(itertools.accumulate(lens)), **i32)
+        pos = torch.cat([torch.arange(k, **i32) for k in lens])
+        meta = AttnMeta(False, torch.full((n,), -1, **i32), torch.zeros(len(lens), self.W, **i32),
+                        torch.tensor(lens, **i32), cu, L)
+        h = self.model(torch.zeros(n, **i32), pos, meta)
+        return self.model.logits(h[-min(n, self.max_num_seqs):])
+
     @torch.inference_mode()
     def profile_peak_bytes(self) -> int:
-        """Peak memory of a forward over max_num_batched_tokens tokens (prefill, the worst case) plus the
-        logits of max_num_seqs rows, measured with a throwaway cache just big enough for it."""
-        n = self.max_num_batched_tokens
+        """Peak memory of the worst step: max_num_batched_tokens of prefill (+ the logits of max_num_seqs
+        rows), measured with a throwaway cache of one sequence."""
         torch.cuda.reset_peak_memory_stats(self.device)
-        self.allocate_kv(-(-n // self.P) + 1)
-        ids = torch.zeros(n, dtype=torch.int32, device=self.device)
-        pos = torch.arange(n, dtype=torch.int32, device=self.device) % self.cfg.max_position_embeddings
-        meta = AttnMeta(False, torch.arange(n, dtype=torch.int32, device=self.device),
-                        torch.arange(-(-n // self.P), dtype=torch.int32, device=self.device)[None, :],
-                        torch.tensor([n], dtype=torch.int32, device=self.device),
-                        torch.tensor([0, n], dtype=torch.int32, device=self.device), n)
-        h = self.model(ids, pos, meta)
-        self.model.logits(h[: self.max_num_seqs])
+        self.allocate_kv(self.W)
+        self._dummy_prefill(self.max_num_batched_tokens)
         torch.cuda.synchronize(self.device)
         self.free_kv()
         return torch.cuda.max_memory_allocated(self.device)
@@ -1054,31 +1123,59 @@ class ModelRunner:
     # -- one step --
 
     @torch.inference_mode()
-    def execute(self, st: StepInput):
-        """Run one step; tp rank 0 returns (tokens, logprobs or None, top-k (values, ids) or None) as lists."""
+    def launch(self, st: StepInput, prev_tokens=None):
+        """Queue one step on the device and return without waiting: tp rank 0 gets (tokens, logprobs, top-k)
+        as device tensors, their host copies started (pinned, non-blocking) and an event that marks them done.
+        prev_tokens: the device tokens sampled by the step still in flight; they become this step's input ids
+        (one-step-ahead decoding: the host never had them)."""
         if st.copies:
             self.copy_blocks(st.copies)
-        ints = st.ints.to(self.device, non_blocking=True)
+        # FOOTGUN: a copy from pageable host memory waits for the whole stream first; pinned memory does not
+        host = st.ints.pin_memory() if self.device.type == "cuda" else st.ints
+        ints = host.to(self.device, non_blocking=True)
         if st.graph_bs:
-            self.graph_ints.copy_(ints)
-            graph, logits = self.graphs[st.graph_bs]
+            self.graph_ints.copy_(ints)                                  # the static buffer's image
+            if prev_tokens is not None:
+                self.graph_ints[: st.B].copy_(prev_tokens)
+            graph, (logits, g_tok, g_lp) = self.graphs[st.graph_bs]
             graph.replay()
             logits = logits[: st.B]
         else:
             ids, pos, slots, ctx, cu, bt, rows = st.views(ints)
+            if prev_tokens is not None:
+                ids.copy_(prev_tokens)
             meta = AttnMeta(st.decode, slots, bt, ctx, cu, st.max_seqlen_q)
             hidden = self.model(ids, pos, meta)                          # [N, Hd]
             logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
         if self.tp.rank != 0:
             return None
-        f = st.sb["floats"].to(self.device, non_blocking=True)           # [5, R] fp64
-        sb = SamplingBatch(st.sb["rows"].to(self.device, non_blocking=True), f[0].float(), f[1].float(),
-                           f[2].float(), f[3].float(), f[4], st.sb["all_greedy"], st.sb["any_filter"],
-                           st.sb["logprobs"], st.sb["processed"])
-        tok, lp, top = sample(logits, sb)
-        out = (tok.tolist(), None if lp is None else lp.tolist(),          # .tolist() syncs: once per step
-               None if top is None else (top.values.tolist(), top.indices.tolist()))
-        return out
+        if st.graph_bs and not st.sb["any_filter"] and not st.sb["logprobs"]:   # sampled inside the graph
+            tok, lp, top = g_tok[: st.B], None if st.sb["logprobs"] is None else g_lp[: st.B], None
+        else:
+            tok, lp, top = sample(logits, st.sampling(self.graph_ints if st.graph_bs else ints))
+        outs = [tok, lp] + ([None, None] if top is None else [top.values, top.indices])
+        if self.device.type != "cuda":
+            return tok, outs, None
+        host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                for t in outs]
+        done = torch.cuda.Event()
+        done.record()
+        return tok, host, done
+
+    @staticmethod
+    def fetch(handle):
+        """Wait for a launched step's host copies (only for them: later steps may already be queued) ->
+        (tokens, logprobs or None, (top values, top ids) or None) as lists."""
+        _, (tok, lp, tv, ti), done = handle
+        if done is not None:
+            done.synchronize()
+        return tok.tolist(), None if lp is None else lp.tolist(), None if tv is None else (tv.tolist(), ti.tolist())
+
+    @torch.inference_mode()
+    def execute(self, st: StepInput):
+        """One step, synchronously: tp rank 0 returns (tokens, logprobs or None, top-k or None) as lists."""
+        h = self.launch(st)
+        return None if h is None else self.fetch(h)
 
     # -- RL hooks --
 
@@ -1125,14 +1222,26 @@ class ModelRunner:
     @torch.inference_mode()
     def capture(self):
         mb, W, dev = self.max_num_seqs, self.W, self.device
-        self.graph_ints = torch.zeros(4 * mb + mb * W, dtype=torch.int32, device=dev)
-        ids, pos, slots, ctx, bt = self.graph_ints.split([mb, mb, mb, mb, mb * W])
+        n_model = 4 * mb + mb * W
+        off = n_model + n_model % 2
+        self.graph_ints = torch.zeros(off + 11 * mb, dtype=torch.int32, device=dev)
+        ids, pos, slots, ctx, bt = self.graph_ints[:n_model].split([mb, mb, mb, mb, mb * W])
+        keys = self.graph_ints[off: off + 6 * mb].view(torch.int64).view(3, mb)
+        f = self.graph_ints[off + 6 * mb: off + 10 * mb].view(torch.float32).view(4, mb)
         slots.fill_(-1)
         bt = bt.view(mb, W)
+        rows = torch.arange(mb, device=dev)
         pool = None
         for bs in reversed(self.graph_sizes()):                          # largest first: the pool fits all
             meta = AttnMeta(True, slots[:bs], bt[:bs], ctx[:bs])
-            fwd = lambda: self.model.logits(self.model(ids[:bs], pos[:bs], meta))   # noqa: E731
+
+            def fwd(bs=bs, meta=meta):
+                """decode forward + sampling (the common case: temperature, no top-k/p masks, token log-prob)"""
+                logits = self.model.logits(self.model(ids[:bs], pos[:bs], meta))
+                sb = SamplingBatch(rows[:bs], f[0, :bs], f[1, :bs], f[2, :bs], f[3, :bs],
+                                   uniform_t(keys[0, :bs], keys[1, :bs], keys[2, :bs]), False, False, 0, self.processed)
+                tok, lp, _ = sample(logits, sb)
+                return logits, tok, lp
             fwd()                                                        # warm-up (Triton compiles here)
             torch.cuda.synchronize(dev)
             g = torch.cuda.CUDAGraph()
@@ -1141,25 +1250,6 @@ class ModelRunner:
             pool = pool or g.pool()
             self.graphs[bs] = (g, out)
         torch.cuda.synchronize(dev)
-
-
-def pack_graph_ints(mb: int, W: int, ids, pos, slots, ctx, tables) -> torch.Tensor:
-    """[ids | pos | slots (pad -1) | ctx (pad 0)] (mb each) + block tables (mb x W), int32, on the host."""
-    from array import array
-    B = len(ids)
-    a = array("i", ids)
-    a.extend(itertools.repeat(0, mb - B))
-    a.extend(pos)
-    a.extend(itertools.repeat(0, mb - B))
-    a.extend(slots)
-    a.extend(itertools.repeat(-1, mb - B))
-    a.extend(ctx)
-    a.extend(itertools.repeat(0, mb - B))
-    for t in tables:
-        a.extend(t)
-        a.extend(itertools.repeat(0, W - len(t)))
-    a.extend(itertools.repeat(0, (mb - B) * W))
-    return torch.frombuffer(a, dtype=torch.int32)
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
@@ -1235,6 +1325,13 @@ class UniExecutor:
 
     def execute(self, st: StepInput):
         return self.runner.execute(st)
+
+    @torch.inference_mode()
+    def launch(self, st: StepInput, prev_tokens=None):
+        return self.runner.launch(st, prev_tokens)
+
+    def fetch(self, handle):
+        return self.runner.fetch(handle)
 
     def shutdown(self):
         pass
@@ -1338,7 +1435,7 @@ class LLM:
                  enable_prefix_caching: bool = True, block_size: int = 16, num_gpu_blocks_override: int | None = None,
                  load_format: str = "auto", weights: Iterable | None = None,
                  logprobs_mode: str = "processed_logprobs", skip_tokenizer_init: bool = False,
-                 device: str | None = None, use_kernels: bool = True):
+                 device: str | None = None, use_kernels: bool = True, async_scheduling: bool = True):
         t0 = time.perf_counter()
         folder = resolve_model(model)
         self.cfg = c = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()), f"{folder}/config.json")
@@ -1372,22 +1469,24 @@ class LLM:
             self.eos_ids.add(self.tokenizer.eos_token_id)
         args = dict(cfg=c, tp=TPGroup(), device=dev, dtype=self.dtype, block_size=block_size,
                     max_model_len=self.max_model_len, max_num_seqs=max_num_seqs,
-                    max_num_batched_tokens=max_num_batched_tokens, use_kernels=use_kernels)
+                    max_num_batched_tokens=max_num_batched_tokens, use_kernels=use_kernels,
+                    processed_logprobs=logprobs_mode == "processed_logprobs")
         self.executor = (UniExecutor(args) if tp == 1 else MultiprocExecutor(args, tp, dev.type == "cuda"))
         load = "dummy" if load_format == "dummy" or weights is not None else str(folder)
         try:
             num_blocks, self.graph_sizes = self.executor.call(
                 "setup", load, seed, gpu_memory_utilization, num_gpu_blocks_override,
                 not enforce_eager and dev.type == "cuda")
+            self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
             if weights is not None:
                 self.update_weights(weights)
         except BaseException:
             self.executor.shutdown()
             raise
         self.block_size, self.W = block_size, -(-self.max_model_len // block_size)
-        self.max_num_seqs = max_num_seqs
-        self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.max_num_seqs, self.async_scheduling = max_num_seqs, async_scheduling
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
+        self._inflight, self._aborted = None, []
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
@@ -1443,6 +1542,10 @@ class LLM:
             raise ValueError(f"LLM: request {rid}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
         seed = params.seed if params.seed is not None else _mix64((self.seed << 32) ^ arrival)
         req = Request(rid, text, ids, params, arrival, seed)
+        req.seed64 = _s64(seed & M64)
+        req.row = (params.temperature, params.top_k if params.top_k > 0 else self.cfg.vocab_size, params.top_p,
+                   params.min_p)
+        req.filtered = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
         seq = Sequence(next(self._seq_ids), req, 0, list(ids))
         seq.pending_forks = params.n - 1
         req.seqs.append(seq)
@@ -1451,104 +1554,171 @@ class LLM:
         return rid
 
     def abort_request(self, request_id: str):
-        req = self.requests.get(str(request_id))
+        """Stop a request now: its samples end with finish_reason "abort" and the next step returns it."""
+        req = self.requests.pop(str(request_id), None)
         if req is not None:
-            self.scheduler.abort(req.seqs)
             for s in req.seqs:
                 s.pending_forks = 0
+            self.scheduler.abort(req.seqs)
+            self._aborted.append(self._output(req))
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None or bool(self._aborted)
 
     # -- one step --
 
-    def _build_step(self, scheduled) -> tuple[StepInput, list]:
-        """Pack the scheduled (sequence, new tokens) pairs into one StepInput; plan which rows sample."""
+    def _build_step(self, scheduled, ahead: int = 0) -> tuple[StepInput, list]:
+        """Pack the scheduled (sequence, new tokens) pairs into one StepInput; plan which rows sample.
+        Hot path: at 256 sequences this runs every few milliseconds, so it builds flat Python lists and
+        stacks the per-sequence block-table rows (cached as tensors, see _table_row) in one call."""
         P, W = self.block_size, self.W
-        ids, pos, slots, ctx, cu, tables, rows, plan = [], [], [], [], [0], [], [], []
         decode = all(n == 1 and s.num_computed == s.num_tokens - 1 for s, n in scheduled)
-        for seq, n in scheduled:
-            a, bt = seq.num_computed, seq.block_table
-            ids.extend(seq.token_ids[a:a + n])
-            pos.extend(range(a, a + n))
-            slots.extend(bt[p // P] * P + p % P for p in range(a, a + n))
-            ctx.append(a + n)
-            cu.append(cu[-1] + n)
-            tables.append(bt)
-            if a + n == seq.num_tokens:                         # its last token is in: sample the next one
-                rows.append(cu[-1] - 1)
-                plan.append(seq)
-        N, B, S = len(ids), len(scheduled), len(rows)
-        graph_bs = next((g for g in self.graph_sizes if g >= B), 0) if decode and not self._copies else 0
-        if graph_bs:
-            ints = pack_graph_ints(self.max_num_seqs, W, ids, pos, slots, ctx, tables)
+        seqs = [s for s, _ in scheduled]
+        B = len(seqs)
+        if decode:                                               # one token each: no per-token loops
+            ids = [s.token_ids[-1] for s in seqs] if not ahead else [0] * B   # ahead: filled on the device
+            pos = [s.num_tokens - 1 + ahead for s in seqs]
+            slots = [s.block_table[p // P] * P + p % P for s, p in zip(seqs, pos)]
+            ctx = [p + 1 for p in pos]
+            cu, rows, plan = list(range(B + 1)), list(range(B)), seqs
         else:
-            from array import array
-            a = array("i", ids)
-            for part in (pos, slots, ctx, cu):
-                a.extend(part)
-            for bt in tables:
-                a.extend(bt)
-                a.extend(itertools.repeat(0, W - len(bt)))
-            a.extend(rows)
-            ints = torch.frombuffer(a, dtype=torch.int32)
-        st = StepInput(ints, N, B, W, S, max(n for _, n in scheduled), decode, graph_bs,
-                       self._sampling(plan, rows), self._copies)
+            ids, pos, slots, ctx, cu, rows, plan = [], [], [], [], [0], [], []
+            for seq, n in scheduled:
+                a, bt = seq.num_computed, seq.block_table
+                ids.extend(seq.token_ids[a:a + n])
+                pos.extend(range(a, a + n))
+                slots.extend(bt[p // P] * P + p % P for p in range(a, a + n))
+                ctx.append(a + n)
+                cu.append(cu[-1] + n)
+                if a + n == seq.num_tokens:                     # its last token is in: sample the next one
+                    rows.append(cu[-1] - 1)
+                    plan.append(seq)
+        tables = torch.stack([_table_row(s, W) for s in seqs])  # [B, W]
+        graph_bs = next((g for g in self.graph_sizes if g >= B), 0) if decode and not self._copies else 0
+        if graph_bs:                                             # the graph's static layout, padded to max_bs
+            pad = self.max_num_seqs - B
+            head = torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + ctx + [0] * pad,
+                                dtype=torch.int32)
+            parts = [head, tables.view(-1), torch.zeros(pad * W, dtype=torch.int32)]
+        else:   # every segment padded to 4 words: Triton compiles a variant per pointer alignment (16 bytes)
+            parts = [torch.tensor(_pad4(ids) + _pad4(pos) + _pad4(slots) + _pad4(ctx) + _pad4(cu), dtype=torch.int32),
+                     tables.view(-1), torch.zeros(-B * W % 4, dtype=torch.int32), torch.tensor(_pad4(rows), dtype=torch.int32)]
+        n_model = sum(t.numel() for t in parts)
+        sb = self._sampling(plan, ahead, self.max_num_seqs if graph_bs else None)
+        parts += [torch.zeros(n_model % 2, dtype=torch.int32), sb.pop("words")]   # int64 keys need 8-byte alignment
+        st = StepInput(torch.cat(parts), len(ids), B, W, len(rows), max(n for _, n in scheduled), decode, graph_bs,
+                       n_model, sb, self._copies)
         self._copies = []
         return st, plan
 
-    def _sampling(self, plan: list, rows: list) -> dict:
-        """Per sampled row: the logits row it reads and its sampling params; forking prompts read their row
-        n times (one per sample, each with its own random stream)."""
-        V = float(self.cfg.vocab_size)
-        rix, fl, lp, greedy, filt = [], [[], [], [], [], []], None, True, False
+    def _sampling(self, plan: list, ahead: int = 0, pad_to: int | None = None) -> dict:
+        """Per sampled row: its random-stream key (request seed, sample index, output position), its sampling
+        params and the logits row it reads, as int32 words (int64 and fp32 bits) that travel in the step's one
+        host-to-device copy. Forking prompts read their row n times (one per sample)."""
+        keys, fl, rix, lp, greedy, filt = [[], [], []], [[], [], [], []], [], None, True, False
         for i, seq in enumerate(plan):
-            p, req = seq.request.params, seq.request
+            req = seq.request
+            p = req.params
             for k in range(seq.seats):
-                sample = seq.sample + k
                 rix.append(i)
-                for col, v in zip(fl, (p.temperature, p.top_k if p.top_k > 0 else V, p.top_p, p.min_p,
-                                       uniform(req.seed, sample, seq.num_output))):
+                keys[0].append(req.seed64)
+                keys[1].append(seq.sample + k)
+                keys[2].append(seq.num_output + ahead)
+                for col, v in zip(fl, req.row):
                     col.append(v)
             greedy &= p.greedy
-            filt |= p.top_k > 0 or p.top_p < 1 or p.min_p > 0
+            filt |= req.filtered
             if p.logprobs is not None:
                 lp = max(lp or 0, p.logprobs)
-        return dict(rows=torch.tensor(rix, dtype=torch.int64), floats=torch.tensor(fl, dtype=torch.float64),
-                    all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
+        R = len(rix)
+        Rp = pad_to or R
+        if Rp > R:                            # graph padding rows: greedy, no masks, never read back
+            for col, v in zip(keys + fl, (0, 0, 0, 0.0, float(self.cfg.vocab_size), 1.0, 0.0)):
+                col.extend([v] * (Rp - R))
+            rix.extend(range(R, Rp))
+        words = torch.cat([torch.tensor(keys, dtype=torch.int64).view(-1).view(torch.int32),
+                           torch.tensor(fl, dtype=torch.float32).view(-1).view(torch.int32),
+                           torch.tensor(rix, dtype=torch.int32)])
+        return dict(words=words, R=R, Rp=Rp, all_greedy=greedy, any_filter=filt, logprobs=lp, processed=self.processed)
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one step; returns the requests that finished in it."""
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            return []
-        st, plan = self._build_step(scheduled)
-        toks, lps, top = self.executor.execute(st)
-        for seq, n in scheduled:
-            seq.num_computed += n
-            self.bm.commit(seq)
+        """Schedule, run and sample one step; returns the requests that finished in it.
+        One step ahead (async_scheduling, tp = 1): while a pure-decode step runs on the device, the next one is
+        built and queued behind it, its input ids taken ON THE DEVICE from the running step's samples; the host
+        then processes the running step's tokens while the device computes the next. The host's Python work
+        (scheduling, packing, stop checks) hides behind device time instead of adding to it. A sequence that
+        stopped meanwhile has its one extra token discarded; blocks are only freed after the step that wrote
+        them was queued, and the stream runs steps in order, so a reused block is never overwritten late."""
+        t0 = time.perf_counter()
+        cur, self._inflight = self._inflight, None
+        if cur is None:
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                done, self._aborted = self._aborted, []
+                return done
+            cur = self._launch(scheduled)
+        t1 = time.perf_counter()
+        if self.async_scheduling:
+            self._inflight = self._speculate(cur)
+        t2 = time.perf_counter()
+        done = self._finish(cur) + self._aborted
+        self._aborted = []
+        for k, v in zip(("launch_s", "ahead_s", "finish_s"), (t1 - t0, t2 - t1, time.perf_counter() - t2)):
+            self.stats[k] = self.stats.get(k, 0.0) + v
+        return done
+
+    def _launch(self, scheduled, ahead: int = 0, prev=None) -> tuple:
+        st, plan = self._build_step(scheduled, ahead)
         self.stats["steps"] += 1
         self.stats["graph_steps"] += bool(st.graph_bs)
         self.stats["decode_tokens" if st.decode else "prefill_tokens"] += st.N
-        done, k = [], 0
-        new = {}
+        if isinstance(self.executor, UniExecutor):
+            return scheduled, plan, st, self.executor.launch(st, prev)
+        return scheduled, plan, st, self.executor.execute(st)        # tp workers: one synchronous step
+
+    def _speculate(self, cur):
+        """Queue the decode step after `cur` before its tokens are known (see step), when that next step is
+        sure to be exactly 'every running sequence, one more token': cur was a pure decode of all of them,
+        nobody waits to be admitted, and the blocks for the next position are free (else: the normal path)."""
+        scheduled, _, st, handle = cur
+        seqs = [q for q, _ in scheduled]
+        if (not st.decode or self.scheduler.waiting or self._copies or not isinstance(self.executor, UniExecutor)
+                or len(seqs) != len(self.scheduler.running) or any(q.status != RUNNING or q.seats > 1 for q in seqs)):
+            return None
+        if sum(self.bm.blocks_needed(q, 2) for q in seqs) > self.bm.num_free():
+            return None
+        for q in seqs:
+            self.bm.grow(q, 2)
+        return self._launch([(q, 1) for q in seqs], ahead=1, prev=handle[0])
+
+    def _finish(self, cur) -> list[RequestOutput]:
+        """Wait for a launched step's samples and apply them: computed counts, prefix-cache hashes, forks,
+        new tokens, stops. Sequences finished in the meantime (stopped one step earlier, or aborted) skip."""
+        scheduled, plan, st, handle = cur
+        toks, lps, top = self.executor.fetch(handle) if isinstance(self.executor, UniExecutor) else handle
+        for seq, n in scheduled:
+            if seq.status != FINISHED:
+                seq.num_computed += n
+                self.bm.commit(seq)
+        done, k, new = [], 0, {}
         for seq in plan:
+            if seq.status == FINISHED:
+                k += seq.seats
+                continue
             group = [seq] + self._fork(seq)
             if len(group) > 1:
                 new[seq.seq_id] = group[1:]
-            for s in group:
-                self._append(s, toks[k], None if lps is None else lps[k],
-                             None if top is None else (top[0][k], top[1][k]))
+            for q in group:
+                self._append(q, toks[k], None if lps is None else lps[k], None if top is None else (top[0][k], top[1][k]))
                 k += 1
         running = []
-        for s in self.scheduler.running:                      # children go right after their parent (FCFS)
-            running.append(s)
-            running.extend(new.get(s.seq_id, ()))
-        self.scheduler.running = [s for s in running if s.status != FINISHED]
+        for q in self.scheduler.running:                      # children go right after their parent (FCFS)
+            running.append(q)
+            running.extend(new.get(q.seq_id, ()))
+        self.scheduler.running = [q for q in running if q.status != FINISHED]
         for seq in plan:
             req = seq.request
-            if all(s.status == FINISHED for s in req.seqs) and not any(s.pending_forks for s in req.seqs) \
-                    and req.request_id in self.requests:
+            if req.request_id in self.requests and not any(q.pending_forks or q.status != FINISHED for q in req.seqs):
                 done.append(self._output(self.requests.pop(req.request_id)))
         return done
 
@@ -1653,9 +1823,10 @@ class LLM:
                     done[out.request_id] = out
                     if bar is not None:
                         bar.update(1)
-        except BaseException:
+        except BaseException:                             # leave the engine empty and usable
             self.scheduler.abort(s for r in list(self.requests.values()) for s in r.seqs)
             self.requests.clear()
+            self._inflight, self._aborted = None, []
             raise
         finally:
             if bar is not None:
@@ -1721,6 +1892,12 @@ def _generation_eos(folder: Path) -> list[int]:
 
 def load_tokenizer(name, required: bool = False):
     """The HF tokenizer of a folder / hub id, or None when the folder has none (token-id prompts only)."""
+    p = Path(str(name))
+    if p.is_dir() and not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json",
+                                                          "tokenizer.model")):
+        if required:
+            raise ValueError(f"LLM: the tokenizer folder {p} has no tokenizer files")
+        return None                       # (transformers would build an EMPTY tokenizer from config.json)
     try:
         from transformers import AutoTokenizer
         return AutoTokenizer.from_pretrained(str(name))
@@ -1736,3 +1913,216 @@ def _progress(total: int):
     except ImportError:
         return None
     return tqdm(total=total, desc="nanovllm", unit="req", dynamic_ncols=True, file=sys.stderr)
+
+
+# ---- benchmark --------------------------------------------------------------------------------------------
+# `python nanovllm.py --bench` (one GPU). The workload of nano-vllm's bench.py: 256 requests with prompt and
+# output lengths uniform in 100..1024, ignore_eos, random weights of the Qwen3-0.6B shape (and of the
+# SmolLM2-135M shape, where the host decides). The bound: decode is bandwidth-bound, so no engine beats
+# reading, every decode step, all weights once (the embedding: only B rows) plus every active sequence's
+# K/V; summed over the steps of the ideal schedule (all requests in flight from the start) at the copy
+# bandwidth measured in the same run. Prefill is left out of the bound (it only makes the bound harder).
+
+SHAPES = {   # config.json fields of the benchmarked shapes (random weights)
+    "qwen3-0.6b": dict(model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                       num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+                       rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True, rms_norm_eps=1e-6),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                         rope_theta=1e5, max_position_embeddings=8192, tie_word_embeddings=True, rms_norm_eps=1e-5),
+}
+
+
+def _timed(fn) -> tuple[float, object]:
+    """(seconds, result) of fn() with the GPU drained before and after: the one timer of this file."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write), the best of 5: the roofline of this run."""
+    a = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    return max(nbytes / _timed(lambda: b.copy_(a))[0] for _ in range(5))
+
+
+def decode_bound(c: ModelConfig, prompt_lens, out_lens, bw: float, dtype_bytes: int = 2) -> float:
+    """Output tokens/s of an engine that only ever waits for HBM (see the banner)."""
+    D, I, Hd, L = c.head_dim, c.intermediate_size, c.hidden_size, c.num_layers
+    layer = Hd * (c.num_heads + 2 * c.num_kv_heads) * D + c.num_heads * D * Hd + 3 * Hd * I
+    weights = (L * layer + c.vocab_size * Hd) * dtype_bytes          # the head reads all of [V, Hd]
+    kv_tok = 2 * L * c.num_kv_heads * D * dtype_bytes
+    seconds = 0.0
+    for t in range(1, max(out_lens) + 1):
+        ctx = sum(p + t for p, o in zip(prompt_lens, out_lens) if o >= t)
+        seconds += (weights + ctx * kv_tok) / bw
+    return sum(out_lens) / seconds
+
+
+def _bench_folder(shape: str) -> Path:
+    import tempfile
+    folder = Path(tempfile.mkdtemp(prefix=f"nanovllm-{shape}-"))
+    (folder / "config.json").write_text(json.dumps({**SHAPES[shape], "torch_dtype": "bfloat16", "hidden_act": "silu"}))
+    return folder
+
+
+def _bench_engine(folder, prompts, outs, **kw) -> float:
+    """Output tokens/s of nanovllm on prompts (token lists) with per-request output lengths."""
+    llm = LLM(folder, load_format="dummy", max_model_len=2048, **kw)
+    llm.generate([[1, 2, 3]], SamplingParams(max_tokens=8), use_tqdm=False)        # warm-up (Triton compiles)
+    sps = [SamplingParams(temperature=0.6, max_tokens=o, ignore_eos=True) for o in outs]
+    secs, _ = _timed(lambda: llm.generate(prompts, sps, use_tqdm=False))
+    llm.log(f"  {len(prompts)} requests: {llm.stats['steps']} steps, {llm.stats['graph_steps']} as CUDA graphs")
+    llm.shutdown()
+    del llm
+    torch.cuda.empty_cache()
+    return sum(outs) / secs
+
+
+def _bench_hf(folder, prompts, new: int, batch_api: bool) -> float:
+    """Output tokens/s of transformers on the same prompts: generate_batch (continuous batching, paged
+    attention) or one padded generate call."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    cfg = AutoConfig.from_pretrained(folder)
+    m = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16,
+                                         attn_implementation="paged|sdpa" if batch_api else "sdpa").cuda().eval()
+    gc = GenerationConfig(max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0)
+    if batch_api:
+        run = lambda: m.generate_batch(inputs=prompts, generation_config=gc)          # noqa: E731
+    else:
+        width = max(map(len, prompts))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device="cuda")
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device="cuda")
+        run = lambda: m.generate(ids, attention_mask=mask, generation_config=gc)      # noqa: E731
+    with torch.no_grad():                 # (generate_batch writes its own buffers in place: not inference_mode)
+        secs, out = _timed(run)
+    if batch_api and len(out) != len(prompts):
+        raise RuntimeError(f"generate_batch returned {len(out)} of {len(prompts)} requests")
+    del m
+    torch.cuda.empty_cache()
+    return len(prompts) * new / secs
+
+
+def bench(argv=None) -> list[dict]:
+    if not torch.cuda.is_available():
+        raise ValueError("--bench needs a CUDA GPU (the CPU path is for tests; see `python nanovllm.py`)")
+    LLM.verbose = False
+    rng = torch.Generator().manual_seed(0)
+    lens = lambda n: torch.randint(100, 1025, (n,), generator=rng).tolist()   # noqa: E731
+    bw, rows = copy_bandwidth(), []
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw / 1e9:,.0f} GB/s")
+    for shape in ("qwen3-0.6b", "smollm2-135m"):
+        folder = _bench_folder(shape)
+        c = ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+        p_len, o_len = lens(256), lens(256)
+        prompts = [torch.randint(0, 10000, (n,), generator=rng).tolist() for n in p_len]
+        tps = _bench_engine(folder, prompts, o_len)
+        rows.append(dict(what=f"{shape}: 256 req, in/out U[100,1024]", system="nanovllm", tok_s=tps,
+                         bound=decode_bound(c, p_len, o_len, bw)))
+        if shape == "qwen3-0.6b":
+            tps = _bench_engine(folder, prompts[:1], [512], max_num_seqs=1)
+            rows.append(dict(what=f"{shape}: batch 1, {p_len[0]} in, 512 out", system="nanovllm", tok_s=tps,
+                             bound=decode_bound(c, p_len[:1], [512], bw)))
+            peer = prompts[:64]
+            rows.append(dict(what=f"{shape}: 64 req U[100,1024] in, 256 out", system="nanovllm",
+                             tok_s=_bench_engine(folder, peer, [256] * 64), bound=decode_bound(c, p_len[:64], [256] * 64, bw)))
+            for api in (True, False):
+                try:
+                    tps = _bench_hf(folder, peer, 256, api)
+                except Exception as e:        # a peer's failure is reported, never fatal to our own numbers
+                    print(f"# HF {'generate_batch' if api else 'generate'} failed: {type(e).__name__}: {e}")
+                    tps = float("nan")
+                rows.append(dict(what=rows[-1]["what"], system="HF " + ("generate_batch" if api else "generate"),
+                                 tok_s=tps, bound=rows[-1]["bound"]))
+    print(f"| workload | system | output tok/s | HBM bound tok/s | of bound |\n|---|---|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['what']} | {r['system']} | {r['tok_s']:,.0f} | {r['bound']:,.0f} | {r['tok_s'] / r['bound']:.1%} |")
+    return rows
+
+
+# ---- CLI and self-test -------------------------------------------------------------------------------------
+
+def selftest() -> None:
+    """Seconds on CPU: a tiny random Qwen3; every engine path (prefix cache, chunked prefill, preemption, n > 1
+    forks, torch fallbacks) gives the same greedy tokens, and transformers' generate agrees when installed."""
+    import tempfile
+    LLM.verbose = False
+    cfg = dict(SHAPES["qwen3-0.6b"], vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 101, (n,), generator=g).tolist() for n in (5, 19, 33, 12)]
+    sp = SamplingParams(temperature=0, max_tokens=10)
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            from transformers import Qwen3Config, Qwen3ForCausalLM
+            torch.manual_seed(0)
+            hf = Qwen3ForCausalLM(Qwen3Config(**{k: v for k, v in cfg.items() if k != "model_type"},
+                                              initializer_range=0.2)).eval()
+            hf.save_pretrained(d)
+            load = "auto"
+        except ImportError:
+            hf, load = None, "dummy"
+            (Path(d) / "config.json").write_text(json.dumps(cfg))
+        runs = {}
+        for name, kw in {"plain": dict(enable_prefix_caching=False), "prefix cache": {},
+                         "chunked prefill": dict(max_num_batched_tokens=6),
+                         "preemption": dict(num_gpu_blocks_override=11, block_size=4, max_model_len=44),
+                         "torch fallbacks": dict(use_kernels=False)}.items():
+            llm = LLM(d, load_format=load, device="cpu", **{"num_gpu_blocks_override": 64, "block_size": 8, **kw})
+            runs[name] = [o.outputs[0].token_ids for o in llm.generate(prompts + prompts[:2], sp, use_tqdm=False)]
+            llm.bm.check([])
+        forks = llm.generate(prompts[1], SamplingParams(n=3, temperature=0, max_tokens=10), use_tqdm=False)
+        plain = runs.pop("plain")
+        runs["n=3 forks"] = [c.token_ids for c in forks[0].outputs] * 2
+        for name, toks in runs.items():
+            ok = toks == (plain if name != "n=3 forks" else [plain[1]] * 6)
+            print(f"{'OK' if ok else 'FAIL':8}{name}: greedy tokens equal the plain engine's")
+            assert ok, name
+        if hf is None:
+            print("SKIPPED transformers is not installed: no comparison with HF generate")
+            return
+        for p, toks in zip(prompts, plain):
+            ids = torch.tensor([p])
+            ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
+                              eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+            assert toks == ref, (p, toks, ref)
+        print(f"OK      the plain engine equals transformers' greedy generate on {len(prompts)} prompts")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="nanovllm.py", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF folder (or hub id when online) to generate with")
+    ap.add_argument("--prompt", default="What is 12 * 7?", help="the user message (sent through the chat template)")
+    ap.add_argument("--max_tokens", type=int, default=128)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--n", type=int, default=1, help="samples of the prompt")
+    ap.add_argument("--raw", action="store_true", help="send the prompt as plain text, not as a chat turn")
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel workers")
+    ap.add_argument("--bench", action="store_true", help="GPU benchmark: the nano-vllm workload vs HF, one table")
+    ap.add_argument("--debug", action="store_true", help="full tracebacks for every error")
+    args = ap.parse_args(argv)
+    if args.bench:
+        return bench()
+    if not args.model:
+        return selftest()
+    llm = LLM(args.model, tensor_parallel_size=args.tp)
+    sp = SamplingParams(n=args.n, temperature=args.temperature, max_tokens=args.max_tokens)
+    outs = (llm.generate(args.prompt, sp) if args.raw else llm.chat([{"role": "user", "content": args.prompt}], sp))
+    for c in outs[0].outputs:
+        print(f"--- sample {c.index} ({len(c.token_ids)} tokens, {c.finish_reason})\n{c.text}")
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, OSError, TimeoutError) as e:    # expected: bad flags, files, inputs -> one line
+        if "--debug" in sys.argv:
+            raise
+        print(f"nanovllm.py: error: {e}", file=sys.stderr)
+        sys.exit(2)

