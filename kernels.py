@@ -223,16 +223,6 @@ def _gather_kv_ref(cache, block_table_b, n):
     return cache[pages].flatten(0, 1)[:n]          # [pages, P, Hkv, D] -> [pages * P, Hkv, D] -> [n, Hkv, D]
 
 
-def paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None):
-    """q [B, H, D]: sequence b's one new query attends to its context_lens[b] cached tokens -> [B, H, D]."""
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    outs = []
-    for b, n in enumerate(context_lens.tolist()):
-        k, v = _gather_kv_ref(k_cache, block_table[b], n), _gather_kv_ref(v_cache, block_table[b], n)
-        outs.append(_attend_ref(q[b:b + 1], k, v, scale, None))
-    return torch.cat(outs).to(q.dtype)
-
-
 def paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale=None):
     """q [N, H, D]: sequence b's q_len_b new tokens are the LAST q_len_b of its context_lens[b] cached
     tokens (already stored) and attend causally (offset = context_len - q_len) -> [N, H, D]."""
@@ -243,6 +233,13 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, 
         k, v = _gather_kv_ref(k_cache, block_table[b], n), _gather_kv_ref(v_cache, block_table[b], n)
         outs.append(_attend_ref(qb, k, v, scale, n - qb.shape[0]))
     return torch.cat(outs).to(q.dtype)
+
+
+def paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None):
+    """q [B, H, D]: sequence b's one new query attends to its context_lens[b] cached tokens -> [B, H, D].
+    Prefill with one query per sequence: the newest token, whose causal limit is the whole context."""
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)   # [B+1] = 0, 1, ..., B
+    return paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale)
 
 
 def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -613,35 +610,21 @@ def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
 
 # ---- varlen and dense API ---------------------------------------------------------------------------
 
-def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
-    """q [N, H, D], k/v [N, Hkv, D] contiguous -> (o [N, H, D], lse [H, N] fp32)."""
-    N, H, D = q.shape
-    B = cu_seqlens.numel() - 1
+def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=None, context_lens=None):
+    """Launch _attn_fwd_kernel on contiguous q [N, H, D] and k/v: packed [N, Hkv, D] (varlen), or the
+    [num_blocks, P, Hkv, D] caches when block_table is given (paged) -> (o [N, H, D], lse [H, N] fp32 in
+    the log2 domain; paged: no lse, o in its place)."""
+    (N, H, D), B, paged = q.shape, cu_seqlens_q.numel() - 1, block_table is not None
     o = torch.empty_like(q)
-    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
-    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen, bm))  # noqa: E731
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda,
-            q, k, v, o, lse, cu_seqlens, cu_seqlens, cu_seqlens, N, H, 0, max_seqlen, _seq_bucket(max_seqlen),
-            scale * LOG2E, HEAD_GROUP, G=H // k.shape[1], D=D, CAUSAL=causal, PAGED=False, P=1, STORE_LSE=True)
+    lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
+    if not paged:   # the kernel reads the keys of sequence b at the query rows: no table, no context_lens
+        block_table, context_lens = cu_seqlens_q, cu_seqlens_q
+    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda, q, k, v, o, lse, cu_seqlens_q,
+            context_lens, block_table, N, H, block_table.stride(0) if paged else 0, max_seqlen_q,
+            _seq_bucket(max_seqlen_q), scale * LOG2E, HEAD_GROUP, G=H // k.shape[-2], D=D, CAUSAL=causal,
+            PAGED=paged, P=k.shape[1] if paged else 1, STORE_LSE=not paged)
     return o, lse
-
-
-def _flash_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale):
-    """FA2 backward: (dq [N, H, D], dk/dv [N, Hkv, D]) in the input dtype."""
-    N, H, D = q.shape
-    Hkv, B = k.shape[1], cu_seqlens.numel() - 1
-    delta = torch.empty_like(lse)                                      # [H, N] fp32
-    BLOCK = 64 if q.is_cuda else 16
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common, bucket = dict(G=H // Hkv, D=D, CAUSAL=causal), _seq_bucket(max_seqlen)
-    _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(max_seqlen, bn)),
-            _CPU_DKDV, q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
-            HEAD_GROUP, **common)
-    _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(max_seqlen, bm)),
-            _CPU_FWD, q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, max_seqlen, bucket, scale,
-            scale * LOG2E, HEAD_GROUP, **common)
-    return dq, dk, dv
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
@@ -657,8 +640,20 @@ class _FlashAttnVarlen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        """FA2 backward: delta, then dK/dV and dQ -> (dq [N, H, D], dk/dv [N, Hkv, D]) in the input dtype."""
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do.contiguous(), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+        (N, H, D), Hkv, B, S = q.shape, k.shape[1], cu_seqlens.numel() - 1, ctx.max_seqlen
+        do, delta, scale = do.contiguous(), torch.empty_like(lse), ctx.scale    # delta [H, N] fp32
+        BLOCK = 64 if q.is_cuda else 16
+        _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common, bucket = dict(G=H // Hkv, D=D, CAUSAL=ctx.causal), _seq_bucket(S)
+        _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(S, bn)), _CPU_DKDV,
+                q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
+                HEAD_GROUP, **common)
+        _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(S, bm)), _CPU_FWD,
+                q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, S, bucket, scale, scale * LOG2E,
+                HEAD_GROUP, **common)
         return dq, dk, dv, None, None, None, None
 
 
@@ -717,20 +712,10 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        rows = _kv_rows(offs_n, 0, hi, bt_row, True, P)              # page gather through the block table
-        kv_off = rows[:, None] * (Hkv * D) + kvh * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
-        qk = tl.where(n_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))   # [G_PAD, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # The flash forward's loop over this split's keys [lo, hi): pages gathered through the block table,
+    # every tile masked at hi (a split may end mid-tile), no causal mask (the newest token sees them all).
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kvh * D, V + kvh * D, bt_row, offs_g, lo, hi, 0, hi, 0,
+                                    qk_scale, Hkv * D, D, BLOCK_N, True, False, True, P)
     # An empty split (lo >= ctx, or ctx == 0) writes o = 0 and lse = -inf: it then weighs 0 in the merge.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     row = (b.to(tl.int64) * H + heads) * splits + split                  # [G_PAD] row of O viewed as [B*H*splits, D]
@@ -825,17 +810,9 @@ def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, cont
         return paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, scale)
     q, cu_seqlens_q, context_lens = q.contiguous(), cu_seqlens_q.contiguous(), context_lens.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
-    N, H, D = q.shape
-    B = block_table.shape[0]
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())   # .item() syncs the GPU
-    o = torch.empty_like(q)
-    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda,
-            q, k_cache, v_cache, o, o, cu_seqlens_q, context_lens, block_table, N, H, block_table.stride(0),
-            max_seqlen_q, _seq_bucket(max_seqlen_q), scale * LOG2E, HEAD_GROUP, G=H // k_cache.shape[2], D=D, CAUSAL=True,
-            PAGED=True, P=k_cache.shape[1], STORE_LSE=False)
-    return o
+    return _flash_fwd(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, True, scale, block_table, context_lens)[0]
 
 
 # ---- KV-cache store ------------------------------------------------------------------------------------
