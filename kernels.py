@@ -98,12 +98,11 @@ def _sm_count(device: torch.device) -> int:
 
 
 # ==== attention ===============================================================================
-# FlashAttention-2 on packed varlen sequences (training), paged attention over a block table
-# (inference decode and chunked prefill) and the KV-cache store. Stands in for flash-attn's
-# `flash_attn_varlen_func` (forward AND backward, causal or not, grouped-query attention) and for
-# vLLM's paged-attention / flash-decoding kernels and `reshape_and_cache`. It keeps head dims 16..128
-# (powers of two), fp16/bf16 (and fp32, which the GPU multiplies in TF32) and bottom-right causal masks;
-# it drops dropout, ALiBi, sliding windows, softcapping, fp8 and the KV-cache quantization.
+# FlashAttention-2 on packed varlen sequences (training: flash-attn's `flash_attn_varlen_func`, forward
+# AND backward, causal or not, grouped-query attention), paged attention over a block table (inference
+# decode and chunked prefill: vLLM's paged-attention / flash-decoding kernels) and the KV-cache store
+# (vLLM's `reshape_and_cache`). Head dims 16..128 (powers of two), fp16/bf16 (fp32 multiplies in TF32 on
+# a GPU), bottom-right causal masks; no dropout, ALiBi, sliding windows, softcapping or fp8 KV caches.
 #
 # How it works (Dao 2023, FlashAttention-2, Algorithms 1 and 2): a program owns a tile of BLOCK_M
 # queries and streams the keys/values in tiles of BLOCK_N through SRAM, keeping a running row max m
@@ -115,17 +114,14 @@ def _sm_count(device: torch.device) -> int:
 #
 # Shapes legend: N packed tokens, B sequences, S (max) sequence length, H query heads, Hkv kv heads,
 # G = H / Hkv query heads per kv head, D head dim, P block (page) size of the paged cache.
-# Parts: helpers . torch references . flash forward . backward . varlen/dense API . paged decode .
-#        paged prefill . KV-cache store
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634   # log2(e): exp(x) = exp2(x * log2 e), and exp2 is one MUFU instruction
 
-# Tile sizes. On a GPU the kernels are autotuned over a few Hopper configs (see _cfgs below); on CPU
-# (the interpreter) these small tiles are used. They are deliberately NOT square (BLOCK_M != BLOCK_N)
-# so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
+# CPU (interpreter) tiles; a GPU autotunes over Hopper configs (_cfgs below). NOT square (BLOCK_M !=
+# BLOCK_N), so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
 _CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)   # forward and dQ: 32 queries x 16 keys per step
 _CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)  # dK/dV: 32 keys resident, 16 queries per step
 _CPU_DECODE_BLOCK_N = 32                  # decode: 32 cached tokens per step (2 pages of 16)
@@ -996,62 +992,47 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
     tl.store(dw_part_ptr + pid * Hd + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
 
-def _rms_norm_fwd(x2, r2, weight, eps):
-    """Launch the forward on rows x2 [R, Hd] (+ r2 [R, Hd]) -> (y [R, Hd], h [R, Hd], rstd [R] fp32).
-    One tile of 2 rows per program on 2 warps (32 elements per thread: four 16-byte loads in flight per
-    thread): a plain copy_ of the same bytes is the ceiling, and this lands on it."""
-    R, Hd = x2.shape
-    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32)
-    y = torch.empty((R, Hd), dtype=x2.dtype, device=x2.device)
-    h = torch.empty_like(y) if r2 is not None else x2
-    rstd = torch.empty(R, dtype=torch.float32, device=x2.device)
-    _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](
-        x2, r2 if r2 is not None else x2, weight, y, h, rstd, R, Hd, x2.stride(0),
-        r2.stride(0) if r2 is not None else 0, eps, HAS_RES=r2 is not None, ROWS=ROWS, BLOCK=BLOCK,
-        num_warps=num_warps)
-    return y, h, rstd
-
-
-def _rms_norm_bwd(dy2, dho2, h2, weight, rstd):
-    """Launch the backward -> (dh [R, Hd] in h's dtype, dW [Hd] in weight's dtype): 2 rows x 4 warps per
-    tile (16 elements per thread), 4 persistent programs per SM (each writes one [Hd] row of dW partials,
-    so fewer programs = fewer partials to sum)."""
-    R, Hd = h2.shape
-    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
-    nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
-    dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
-    dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
-    _rms_norm_bwd_kernel[(nprog,)](
-        dy2, dho2 if dho2 is not None else dy2, h2, weight, rstd, dh, dw_part, R, Hd, dy2.stride(0),
-        dho2.stride(0) if dho2 is not None else 0, h2.stride(0), HAS_DHO=dho2 is not None,
-        ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
-    return dh, dw_part.sum(0).to(weight.dtype)                                    # stage 2: [Hd]
-
-
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
         ctx.set_materialize_grads(False)   # an unused output gets grad None, not a tensor of zeros to read
         x2 = _as_rows(x)                                                  # [..., Hd] -> [R, Hd]
-        r2 = _as_rows(residual) if residual is not None else None
-        y, h, rstd = _rms_norm_fwd(x2, r2, weight, eps)
-        ctx.save_for_backward(h, weight, rstd)   # h is x itself (no copy) when there is no residual
-        ctx.shape, ctx.has_res = x.shape, residual is not None
-        if residual is None:
-            return y.view(x.shape)
-        return y.view(x.shape), h.view(x.shape)
+        r2 = _as_rows(residual) if residual is not None else x2           # (x2: a placeholder, never read)
+        (R, Hd), has_res = x2.shape, residual is not None
+        # One tile of 2 rows on 2 warps per program (32 elements per thread: four 16-byte loads in
+        # flight): as fast as a plain copy_ of the same bytes, the ceiling (BENCHMARKS.md).
+        BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32)
+        y = torch.empty((R, Hd), dtype=x.dtype, device=x.device)
+        h = torch.empty_like(y) if has_res else x2                        # h is x itself without a residual
+        rstd = torch.empty(R, dtype=torch.float32, device=x.device)
+        _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](x2, r2, weight, y, h, rstd, R, Hd, x2.stride(0),
+                                                      r2.stride(0), eps, HAS_RES=has_res, ROWS=ROWS,
+                                                      BLOCK=BLOCK, num_warps=num_warps)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.shape, ctx.has_res = x.shape, has_res
+        return (y.view(x.shape), h.view(x.shape)) if has_res else y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, dh_out=None):
         h2, weight, rstd = ctx.saved_tensors
         if dy is None:   # only the residual output was used: y's gradient is zero
             dy = torch.zeros(ctx.shape, dtype=h2.dtype, device=h2.device)
-        dho2 = _as_rows(dh_out) if dh_out is not None else None
-        dh, dw = _rms_norm_bwd(_as_rows(dy), dho2, h2, weight, rstd)
+        dy2 = _as_rows(dy)
+        dho2 = _as_rows(dh_out) if dh_out is not None else dy2            # (dy2: a placeholder, never read)
+        R, Hd = h2.shape
+        # 2 rows x 4 warps per tile (16 elements per thread), 4 persistent programs per SM, each writing one
+        # [Hd] row of dW partials (fewer programs = fewer partials to sum)
+        BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
+        nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
+        dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
+        dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
+        _rms_norm_bwd_kernel[(nprog,)](dy2, dho2, h2, weight, rstd, dh, dw_part, R, Hd, dy2.stride(0),
+                                       dho2.stride(0), h2.stride(0), HAS_DHO=dh_out is not None, ROWS=ROWS,
+                                       BLOCK=BLOCK, num_warps=num_warps)
         dh = dh.view(ctx.shape)
         # h = x + residual: dL/dx = dL/dresidual = dL/dh (one tensor handed to both; autograd copies
-        # before accumulating into a shared buffer)
-        return dh, (dh if ctx.has_res else None), dw, None
+        # before accumulating into a shared buffer). Stage 2 of dW: [nprog, Hd] -> [Hd], one rounding.
+        return dh, (dh if ctx.has_res else None), dw_part.sum(0).to(weight.dtype), None
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
@@ -1304,53 +1285,49 @@ def swiglu_ref(gate, up):
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-@_jit(dynamic=('n_rows',))
-def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n_rows, n_cols, stride_g, stride_u,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)   # [ROWS]
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK]
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)            # [ROWS, BLOCK]
-    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
-    tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 @_jit(dynamic=('n',))
 def _swiglu_fwd_flat_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     # contiguous gate/up: one flat 1-D stream, no row/column index math and no masked column tail per
-    # row; each thread moves whole 16-byte vectors. (The 2-D kernel above stays for strided views.)
+    # row; each thread moves whole 16-byte vectors (no eviction hint: a pure stream has nothing to protect)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]; int64: n may pass 2^31
     mask = offs < n
-    # no eviction hint: on a pure stream there is nothing in L2 worth protecting
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@_jit(dynamic=('n_rows',))
+def _swiglu_2d_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, du_ptr, n_rows, n_cols, stride_dy, stride_g, stride_u,
+                      BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """[ROWS, BLOCK] tiles of row-strided [R, I] inputs (e.g. column slices of a fused gate_up) ->
+    contiguous [R, I] outputs: out = y (forward), or out = dg and du (BACKWARD)."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)   # [ROWS]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)            # [ROWS, BLOCK]
+    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    sg = tl.sigmoid(g)                                                    # backward: recomputed, cheaper than storing
+    out = rows[:, None] * n_cols + cols[None, :]
+    if BACKWARD:
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(du_ptr + out, (dy * g * sg).to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + out, (dy * u * sg * (1.0 + g * (1.0 - sg))).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out, (g * sg * u).to(out_ptr.dtype.element_ty), mask=mask)
+
+
 _SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps): any 1024-8192 x 4-16 is as fast
 
 
-@_jit(dynamic=('n_rows',))
-def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols, stride_dy, stride_g, stride_u,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(g)                                                    # recomputed: cheaper than storing
-    out = rows[:, None] * n_cols + cols[None, :]                          # dg, du contiguous [R, I]
-    tl.store(du_ptr + out, (dy * g * sg).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + out, (dy * u * sg * (1.0 + g * (1.0 - sg))).to(dg_ptr.dtype.element_ty), mask=mask)
-
-
-def _swiglu_grid(R, I):
-    """2-D grid of [ROWS, BLOCK] tiles, BLOCK <= 1024 columns, ~4096 elements (8 warps) per program."""
+def _swiglu_2d(g2, u2, out, dy2=None, du=None):
+    """Launch _swiglu_2d_kernel (the backward when dy2 is given): tiles of BLOCK <= 1024 columns, ~4096
+    elements (8 warps) per program."""
+    (R, I), bwd = g2.shape, dy2 is not None
     BLOCK = min(triton.next_power_of_2(I), 1024)
     ROWS = max(1, 4096 // BLOCK)
-    return (triton.cdiv(R, ROWS), triton.cdiv(I, BLOCK)), dict(ROWS=ROWS, BLOCK=BLOCK, num_warps=8)
+    _swiglu_2d_kernel[(triton.cdiv(R, ROWS), triton.cdiv(I, BLOCK))](
+        dy2 if bwd else g2, g2, u2, out, du if bwd else out, R, I, dy2.stride(0) if bwd else 0, g2.stride(0),
+        u2.stride(0), BACKWARD=bwd, ROWS=ROWS, BLOCK=BLOCK, num_warps=8)
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -1364,8 +1341,7 @@ class _SwiGLUFn(torch.autograd.Function):
             _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, BLOCK),)](g2, u2, y, R * I, BLOCK=BLOCK,
                                                                   num_warps=num_warps)
         else:
-            grid, meta = _swiglu_grid(R, I)
-            _swiglu_fwd_kernel[grid](g2, u2, y, R, I, g2.stride(0), u2.stride(0), **meta)
+            _swiglu_2d(g2, u2, y)
         ctx.save_for_backward(g2, u2)
         ctx.shape = gate.shape
         return y.view(gate.shape)
@@ -1373,12 +1349,8 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        dy2 = _as_rows(dy)
-        R, I = g2.shape
-        dg = torch.empty((R, I), dtype=g2.dtype, device=g2.device)
-        du = torch.empty((R, I), dtype=u2.dtype, device=u2.device)
-        grid, meta = _swiglu_grid(R, I)
-        _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, R, I, dy2.stride(0), g2.stride(0), u2.stride(0), **meta)
+        dg, du = (torch.empty(g2.shape, dtype=t.dtype, device=t.device) for t in (g2, u2))   # contiguous [R, I]
+        _swiglu_2d(g2, u2, dg, _as_rows(dy), du)
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 
