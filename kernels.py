@@ -1368,31 +1368,29 @@ def swiglu(gate, up, impl="auto"):
 
 
 # ==== losses over the LM head =================================================================
-# Losses over the LM head that never hold the [N, V] fp32 logits. Stands in for Liger-Kernel's fused linear cross-entropy and the "Cut Cross-Entropy" idea (Wijmans et
-# al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). Keeps: SFT cross-entropy with
-# ignore_index and sum/mean/none, PPO per-token log-probs of given tokens with temperature and entropy,
-# a Megatron-style vocab-parallel mode. Drops: label smoothing, z-loss, soft-capping, bias.
+# Losses over the LM head that never hold the [N, V] fp32 logits: Liger-Kernel's fused linear
+# cross-entropy, the "Cut Cross-Entropy" idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
+# Language Models"). Keeps SFT cross-entropy (ignore_index, sum/mean/none), PPO per-token log-probs of
+# given tokens with temperature and entropy, a Megatron-style vocab-parallel mode. Drops label
+# smoothing, z-loss, soft-capping, bias.
 #
-# Why: the eager LM-head loss `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab
-# of V=151936 holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (16384 x 151936 x
-# 4 B = 9.96 GB), the fp32 log-softmax saved for backward (9.96 GB) and in backward the fp32 and bf16
-# gradients of the logits: ~30 GB (29.9 GB measured) for a loss that is one number per token.
+# Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936
+# holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax
+# saved for backward (9.96 GB) and in backward the fp32 and bf16 gradients of the logits: ~30 GB (29.9 GB
+# measured) for a loss that is one number per token.
 # How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype
 # (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
 # logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
 # matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed over the chunks in fp32 and rounded to
-# the weight dtype once (V x Hd fp32: 0.62 GB at Hd=1024, and as much for one chunk's product).
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed in fp32 (_add_grad_w).
 # - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
 #   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
 # - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
 #   logits (one extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
 # Precision in bf16: the logits are rounded to bf16 (as eager, HF and Liger do: the largest error left,
 # several % on the rows of a few large logits against fp32 logits), d loss/d logits is rounded to bf16
-# to feed the GEMMs (one rounding per term, as eager does), and the result once (grad_W: see _add_grad_w).
+# to feed the GEMMs (one rounding per term, as eager does), and grad_W once.
 # Legend: N packed tokens, Hd hidden size, V vocab (V_r: this rank's vocab slice), C rows per chunk.
-# Parts: references . vocab-parallel hooks . Triton kernels (+ torch twins) . chunked autograd
-#        Functions . public API
 
 
 # ---- references: the plain math, materialising the fp32 logits (test oracles, CPU fallback) ----
@@ -1579,36 +1577,30 @@ def _dlogits_ref_(logits, tok, lse, ent, g_lp, g_ent, inv_temp):
     logits.copy_(dz * inv_temp)
 
 
-def _loss_launch_cfg(V):
+def _loss_launch(V):
+    """Launch meta of the two loss kernels: BLOCK_V columns per step (<= _LOSS_MAX_BLOCK_V), warps."""
     block = min(_LOSS_MAX_BLOCK_V, triton.next_power_of_2(V))
-    return block, (8 if block >= 2048 else 4)
-
-
-def _row_stats(logits, tok, inv_temp, use_triton):
-    if not use_triton:
-        return _row_stats_ref(logits, tok, inv_temp)
-    C, V = logits.shape
-    stats = torch.empty(4, C, dtype=torch.float32, device=logits.device)
-    block, warps = _loss_launch_cfg(V)
-    _loss_row_stats_kernel[(C,)](logits, logits.stride(0), tok, stats, C, V, inv_temp,
-                                 BLOCK_V=block, num_warps=warps)
-    return stats
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
 
 
 def _dlogits_(logits, tok, lse, ent, g_lp, g_ent, inv_temp, use_triton):
     if not use_triton:
         return _dlogits_ref_(logits, tok, lse, ent, g_lp, g_ent, inv_temp)
-    C, V = logits.shape
     has_ent = ent is not None
-    block, warps = _loss_launch_cfg(V)
-    _loss_dlogits_kernel[(C,)](logits, logits.stride(0), tok, lse, ent if has_ent else lse, g_lp,
-                               g_ent if has_ent else g_lp, V, inv_temp, HAS_ENT=has_ent,
-                               BLOCK_V=block, num_warps=warps)
+    _loss_dlogits_kernel[(logits.shape[0],)](logits, logits.stride(0), tok, lse, ent if has_ent else lse, g_lp,
+                                             g_ent if has_ent else g_lp, logits.shape[1], inv_temp,
+                                             HAS_ENT=has_ent, **_loss_launch(logits.shape[1]))
 
 
 def _softmax_stats(logits, tok, inv_temp, vp, use_triton):
     """One chunk's per-row (lse, target z, entropy), global over the vocab even when vocab-parallel."""
-    m, s, t, sz = _row_stats(logits, tok, inv_temp, use_triton).unbind(0)       # each [C]
+    C, V = logits.shape
+    if use_triton:   # [4, C] fp32: local max, sum-exp, target z, sum e*z
+        stats = torch.empty(4, C, dtype=torch.float32, device=logits.device)
+        _loss_row_stats_kernel[(C,)](logits, logits.stride(0), tok, stats, C, V, inv_temp, **_loss_launch(V))
+    else:
+        stats = _row_stats_ref(logits, tok, inv_temp)
+    m, s, t, sz = stats.unbind(0)                                               # each [C]
     if vp is not None:
         gm = m.clone()
         vp.all_reduce_max(gm)                           # 1) the global max M
@@ -1623,24 +1615,20 @@ def _softmax_stats(logits, tok, inv_temp, vp, use_triton):
 # ---- chunked autograd Functions ----
 
 def _default_chunk_size(V, itemsize):
-    """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB),
-    within [128, 8192]. At V=151936 in bf16 that is C=2048: a 0.62 GB buffer and 8 chunks at 16k tokens.
-    Why not smaller (Liger's N*Hd/V heuristic gives 128 rows here): every chunk re-reads W and
-    read-modify-writes grad_W (V x Hd fp32: 0.62 GB each), and grad_W += dlogits^T @ h_c contracts over only
-    C rows, so small chunks turn three compute-bound GEMMs into many bandwidth-bound ones. Why not
-    larger: memory grows as C*V, while a [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256
-    output tiles for 132 SMs, so more rows buy little speed."""
+    """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB), within
+    [128, 8192]: C=2048 at V=151936 in bf16. Not smaller (Liger's N*Hd/V gives 128 rows): every chunk
+    re-reads W and read-modify-writes grad_W (0.62 GB each), and grad_W's GEMM contracts over only C rows,
+    so small chunks make compute-bound GEMMs bandwidth-bound. Not larger: memory grows as C*V, while a
+    [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256 output tiles for 132 SMs."""
     rows = max(1, _LOSS_CHUNK_BYTES // (V * itemsize))
     return max(128, min(8192, 1 << (rows.bit_length() - 1)))
 
 
 def _add_grad_w(acc, dlogits, h_c):
     """acc + dlogits^T @ h_c: [V_r, c] x [c, Hd] -> [V_r, Hd], kept in FP32 across chunks (acc None: the
-    first chunk). Why: grad_W sums one product per chunk; a bf16 running sum (`grad_w.addmm_` on a bf16
-    tensor) rounds the partial sum to 8 bits after EVERY chunk, so its error grows with the chunk count
-    (twice the one-rounding error at 16 chunks). Here every chunk's product leaves the GEMM in fp32
-    (bf16 operands, fp32 accumulate and output) and is added in fp32; the caller rounds once.
-    Cost at V=151936, Hd=1024: 0.62 GB for acc plus a 0.62 GB product per chunk, vs 0.31 GB in bf16."""
+    first chunk). A bf16 running sum would round the partial sum to 8 bits after EVERY chunk, an error
+    growing with the chunk count; here each chunk's product leaves the GEMM in fp32 and is added in fp32,
+    and the caller rounds once. Cost at V=151936, Hd=1024: 0.62 GB for acc + 0.62 GB per chunk's product."""
     if dlogits.dtype == torch.float32:
         return torch.mm(dlogits.t(), h_c) if acc is None else acc.addmm_(dlogits.t(), h_c)
     if dlogits.is_cuda:
@@ -1772,23 +1760,20 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     hidden [N, Hd] and weight [V, Hd] (same dtype: bf16/fp16/fp32), labels [N] int, ignore_index rows
     contribute 0. reduction: "sum"; "mean" (sum / number of non-ignored labels, or / num_tokens_for_mean
     when given; a count of 0 is clamped to 1); "none" ([N] fp32, 0 on ignored rows).
-    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. With gradient
-    accumulation and data parallelism, a per-micro-batch mean over-weights short micro-batches; passing
-    the step's total count (all-reduced over DP once per step) makes sum(micro-batch losses) with a SUM
-    all-reduce of gradients exactly the per-token mean over the whole batch.
-    chunk_size: rows per [C, V] logits chunk (default: see _default_chunk_size, 2048 at V=151936 bf16).
-    Memory: one [C, V] buffer in the input dtype + the gradients (grad_W summed in fp32), vs ~30 GB
-    eager at 16k x 152k.
+    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. A per-micro-batch
+    mean over-weights short micro-batches; with the step's count (all-reduced over DP once per step), the
+    sum of micro-batch losses and a SUM all-reduce of gradients give exactly the per-token mean.
+    chunk_size: rows per [C, V] logits chunk (default: _default_chunk_size, 2048 at V=151936 bf16).
     "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales
     them by grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
-    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref".
+    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref" (with vocab_parallel:
+    the same chunked algorithm on the torch twins).
     vocab_parallel: None, or a VocabParallel / dict / object with vocab_start and in-place all-reduce
     hooks all_reduce_max(t) and all_reduce_sum(t) over the tensor-parallel group; weight is then this
-    rank's rows W[vocab_start : vocab_start + V_r] and labels stay global ids. The returned loss is the
-    full (global-vocab) loss on every rank and grad_W is this rank's slice, but grad_h is only THIS
-    RANK'S PARTIAL SUM over its vocab slice: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP,
-    as Megatron does in the backward of `copy_to_tensor_model_parallel_region` before the LM head.
-    With impl="ref" the vocab-parallel path runs the same chunked algorithm with torch twins."""
+    rank's rows W[vocab_start : vocab_start + V_r] and labels stay global ids. The loss is the full
+    (global-vocab) loss on every rank and grad_W this rank's slice, but grad_h is only THIS RANK'S
+    PARTIAL SUM: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP, as Megatron does in the
+    backward of `copy_to_tensor_model_parallel_region` before the LM head."""
     chunk = _loss_check_inputs(hidden, weight, labels, "labels", chunk_size)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
