@@ -303,8 +303,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_l
         offs_n = start_n + tl.arange(0, BLOCK_N)                         # key positions in the sequence
         if PAGED:    # rows are gathered through the block table: one page lookup per key row and step
             kv_off = _kv_rows(offs_n, k_start, k_len, bt_row, PAGED, P)[:, None] * kv_stride + offs_d[None, :]
-            k_ptrs = K + kv_off
-            v_ptrs = V + kv_off
+            k_ptrs, v_ptrs = K + kv_off, V + kv_off
         if MASKED:   # ragged end: rows past k_len may be another sequence, garbage or out of bounds
             k = tl.load(k_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
         else:
@@ -347,18 +346,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
     not read: it only keys the autotuner."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t     # causal: the LAST query tile sees the most keys
-    b = bh // H
-    h = bh % H
+    b, h = bh // H, bh % H
     q_start = tl.load(cu_seqlens_q + b)
     q_len = tl.load(cu_seqlens_q + b + 1) - q_start
     if pid_m * BLOCK_M >= q_len:          # this sequence is shorter than the longest one (or empty)
         return
-    if PAGED:
-        k_start = 0
-        k_len = tl.load(context_lens + b)
-    else:
-        k_start = q_start
-        k_len = q_len
+    if PAGED:   # keys: the sequence's context_lens[b] cached tokens, through its block table
+        k_start, k_len = 0, tl.load(context_lens + b)
+    else:       # keys: the sequence's own packed rows
+        k_start, k_len = q_start, q_len
     causal_offset = k_len - q_len
     Hkv = H // G
     kv_stride = Hkv * D                                  # one token row of a [*, Hkv, D] buffer
@@ -380,8 +376,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
         unmasked_hi = (first_limit + 1) // BLOCK_N * BLOCK_N
         hi = tl.minimum(first_limit + BLOCK_M, k_len)
     else:
-        unmasked_hi = k_len // BLOCK_N * BLOCK_N
-        hi = k_len
+        unmasked_hi, hi = k_len // BLOCK_N * BLOCK_N, k_len
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, 0, unmasked_hi, k_start, k_len,
                                     causal_offset, qk_scale, kv_stride, D, BLOCK_N, False, CAUSAL, PAGED, P)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, unmasked_hi, hi, k_start, k_len,
@@ -409,8 +404,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
 @_jit(dynamic=('N',))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
     """delta[h, n] = sum_d O[n, h, d] * dO[n, h, d] (fp32). Grid (cdiv(N, BLOCK), H)."""
-    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
+    offs_n, h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), tl.program_id(1)
     off = offs_n.to(tl.int64)[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
     mask = (offs_n < N)[:, None]
     o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
@@ -437,10 +431,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
             lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse2 = tl.load(LSE + offs_m)
-            delta = tl.load(DELTA + offs_m)
+            q, do = tl.load(q_ptrs), tl.load(do_ptrs)
+            lse2, delta = tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
         # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
         if MASKED:
@@ -462,8 +454,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq
     """Grid (B * Hkv, cdiv(max_seqlen, BLOCK_N)). Each program: one key tile of one kv head -> dK, dV rows."""
     bh, pid_n = _tile_order(head_group)   # causal: the FIRST key tile is seen by the most queries
     Hkv = H // G
-    b = bh // Hkv
-    kvh = bh % Hkv
+    b, kvh = bh // Hkv, bh % Hkv
     start = tl.load(cu_seqlens + b)
     seq_len = tl.load(cu_seqlens + b + 1) - start
     if pid_n * BLOCK_N >= seq_len:
@@ -510,8 +501,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, 
             k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k, v = tl.load(k_ptrs), tl.load(v_ptrs)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
             keep = offs_n[None, :] < seq_len
@@ -534,8 +524,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     """Grid (B * H, cdiv(max_seqlen, BLOCK_M)). Each program: one query tile of one head -> dQ rows."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t   # causal: the LAST query tile sees the most keys (as in the forward)
-    b = bh // H
-    h = bh % H
+    b, h = bh // H, bh % H
     start = tl.load(cu_seqlens + b)
     seq_len = tl.load(cu_seqlens + b + 1) - start
     if pid_m * BLOCK_M >= seq_len:
@@ -548,7 +537,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
-    K += (h // G) * D
+    K += (h // G) * D                    # GQA: query head h reads kv head h // G
     V += (h // G) * D
     kv_stride = (H // G) * D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -556,8 +545,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
         unmasked_hi = pid_m * BLOCK_M
         hi = tl.minimum(unmasked_hi + BLOCK_M, seq_len)
     else:
-        unmasked_hi = seq_len // BLOCK_N * BLOCK_N
-        hi = seq_len
+        unmasked_hi, hi = seq_len // BLOCK_N * BLOCK_N, seq_len
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, 0, unmasked_hi, kv_stride,
                        qk_scale, D, BLOCK_N, False, CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, unmasked_hi, hi, kv_stride,
@@ -691,10 +679,7 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
                          P: tl.constexpr, SPLIT: tl.constexpr):
     """Grid (B, Hkv, splits). Q [B, H, D]; K/V [num_blocks, P, Hkv, D]. Writes O [B, H, splits, D] (the
     output itself when splits == 1) and, when SPLIT, LSE [B, H, splits]."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    splits = tl.num_programs(2)
+    b, kvh, split, splits = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2)
     Hkv = H // G
     ctx = tl.load(context_lens + b)
     lo = split * chunk
@@ -953,8 +938,7 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
                          BLOCK: tl.constexpr):
     # persistent: program pid handles tiles pid, pid + nprog, ... and owns one fp32 row of dW partials,
     # accumulated in registers over all its tiles and written once at the end
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK)                                            # [BLOCK]
     cmask = cols < Hd
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -1112,8 +1096,7 @@ def _rope_norm_fwd_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, out_ptr, rstd
     mask = rmask[:, None] & (cols[None, :] < HALF)                        # [ROWS, BLOCK]
     x1 = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0)
     x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0)
-    a1 = x1.to(tl.float32)
-    a2 = x2.to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
@@ -1157,8 +1140,7 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
                           n_rows, n_heads, HALF, stride_xn, stride_xh, stride_cos, stride_sin,
                           HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # persistent like _rms_norm_bwd_kernel; do and dx are contiguous [n_rows, D]
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < HALF
     if HAS_NORM:
@@ -1181,8 +1163,7 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
         p64 = posc.to(tl.int64)[:, None]                                  # gather of table rows (L2-resident)
         c = tl.load(cos_ptr + p64 * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + p64 * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        do1f = do1c.to(tl.float32)
-        do2f = do2c.to(tl.float32)
+        do1f, do2f = do1c.to(tl.float32), do2c.to(tl.float32)
         da1 = do1f * c + do2f * s                                         # rotate back by -angle
         da2 = do2f * c - do1f * s
         if HAS_NORM:
@@ -1190,8 +1171,7 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
             n2 = x2c.to(tl.float32) * rstdc[:, None]
             dw1_acc += da1 * n1
             dw2_acc += da2 * n2
-            dn1 = da1 * w1[None, :]
-            dn2 = da2 * w2[None, :]
+            dn1, dn2 = da1 * w1[None, :], da2 * w2[None, :]
             cdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / (2 * HALF)   # [ROWS]
             da1 = rstdc[:, None] * (dn1 - n1 * cdot[:, None])
             da2 = rstdc[:, None] * (dn2 - n2 * cdot[:, None])
