@@ -562,10 +562,8 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
 # The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all
 # do. The sweeps that chose them are in BENCHMARKS.md.
 def _short_seq_prune(configs, named_args, **kwargs):
-    """Autotune pruning: batches of short sequences (max_seqlen <= 1024) run the LAST config of each list
-    untimed: at S=1k they were the fastest (or within 4%) and their kernels are short enough that
-    autotune timing noise picked worse ones; it also keeps many-shape runs (the GPU tests) from
-    compiling every config."""
+    """Autotune pruning: max_seqlen <= 1024 runs the LAST config of each list untimed (autotune timing noise
+    picked worse ones there); many-shape runs (the GPU tests) then do not compile every config."""
     return configs[-1:] if named_args["seq_bucket"] <= 1024 else configs
 
 
@@ -1594,6 +1592,15 @@ def _softmax_stats(logits, tok, inv_temp, vp, use_triton):
 
 # ---- chunked autograd Functions ----
 
+def _chunks(hidden, weight, chunk):
+    """Yield (rows, h_c, logits) per chunk of C rows: rows a slice of [0, N), h_c [c, Hd] (c <= C) and
+    logits = h_c @ W^T [c, V_r] in the input dtype, written into ONE buffer reused by every chunk."""
+    buf = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])   # the only [C, V_r] tensor
+    for s0 in range(0, hidden.shape[0], chunk):
+        h_c = hidden[s0:s0 + chunk]
+        yield slice(s0, s0 + chunk), h_c, torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])
+
+
 def _default_chunk_size(V, itemsize):
     """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB), within
     [128, 8192]: C=2048 at V=151936 in bf16. Not smaller (Liger's N*Hd/V gives 128 rows): every chunk
@@ -1627,24 +1634,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tok, row_w, chunk, need_gh, need_gw, use_triton, vp):
-        N, V = hidden.shape[0], weight.shape[0]
-        loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        loss_rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = hidden.new_empty(hidden.shape) if need_gh else None        # contiguous, for out=
         grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
-        buf = hidden.new_empty(min(chunk, N), V)                # the only [C, V_r] tensor that exists
-        for s0 in range(0, N, chunk):
-            h_c = hidden[s0:s0 + chunk]                                          # [c, Hd], c <= C
-            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # [c, V_r] input dtype
-            lse, t, _ = _softmax_stats(logits, tok[s0:s0 + chunk], 1.0, vp, use_triton)
-            loss_rows[s0:s0 + chunk] = lse - t
+        for rows, h_c, logits in _chunks(hidden, weight, chunk):
+            lse, t, _ = _softmax_stats(logits, tok[rows], 1.0, vp, use_triton)
+            loss_rows[rows] = lse - t
             if need_gh or need_gw:
                 # logp has d/dz = onehot - p, the loss is -w * logp: so g_lp = -w (0 on ignored rows).
                 # FOOTGUN (fp16 only): w = 1/n is folded into dlogits, so entries below fp16's 6e-8
                 # flush to zero at large n; bf16 has fp32's exponent range and does not care.
-                _dlogits_(logits, tok[s0:s0 + chunk], lse, None, -row_w[s0:s0 + chunk], None, 1.0,
-                          use_triton)                   # logits now holds dlogits [c, V_r]
+                _dlogits_(logits, tok[rows], lse, None, -row_w[rows], None, 1.0, use_triton)   # now dlogits
                 if need_gh:
-                    torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])          # [c, Hd]
+                    torch.mm(logits, weight, out=grad_h[rows])                   # [c, Hd]
                 if need_gw:
                     grad_w = _add_grad_w(grad_w, logits, h_c)                   # [V_r, Hd] fp32
         if need_gw and grad_w is None:                          # N == 0: no chunk ran
@@ -1670,15 +1672,10 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tok, inv_temp, chunk, use_triton, vp):
-        N, V = hidden.shape[0], weight.shape[0]
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         tgt, ent = torch.empty_like(lse), torch.empty_like(lse)
-        buf = hidden.new_empty(min(chunk, N), V)
-        for s0 in range(0, N, chunk):
-            h_c = hidden[s0:s0 + chunk]
-            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # [c, V_r]
-            lse[s0:s0 + chunk], tgt[s0:s0 + chunk], ent[s0:s0 + chunk] = _softmax_stats(
-                logits, tok[s0:s0 + chunk], inv_temp, vp, use_triton)
+        for rows, _, logits in _chunks(hidden, weight, chunk):
+            lse[rows], tgt[rows], ent[rows] = _softmax_stats(logits, tok[rows], inv_temp, vp, use_triton)
         ctx.save_for_backward(hidden, weight, tok, lse, ent)
         ctx.cfg = (inv_temp, chunk, use_triton)
         ctx.set_materialize_grads(False)                # an unused output's grad arrives as None
@@ -1688,20 +1685,15 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         hidden, weight, tok, lse, ent = ctx.saved_tensors
         inv_temp, chunk, use_triton = ctx.cfg
-        N, V = hidden.shape[0], weight.shape[0]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         grad_h = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
         grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
-        buf = hidden.new_empty(min(chunk, N), V)
-        for s0 in range(0, N, chunk):
-            h_c = hidden[s0:s0 + chunk]
-            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # recompute [c, V_r]
-            _dlogits_(logits, tok[s0:s0 + chunk], lse[s0:s0 + chunk],
-                      None if g_ent is None else ent[s0:s0 + chunk], g_lp[s0:s0 + chunk],
-                      None if g_ent is None else g_ent[s0:s0 + chunk], inv_temp, use_triton)
+        for rows, h_c, logits in _chunks(hidden, weight, chunk):               # logits recomputed
+            _dlogits_(logits, tok[rows], lse[rows], None if g_ent is None else ent[rows], g_lp[rows],
+                      None if g_ent is None else g_ent[rows], inv_temp, use_triton)   # now dlogits
             if grad_h is not None:
-                torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])              # [c, Hd]
+                torch.mm(logits, weight, out=grad_h[rows])                       # [c, Hd]
             if ctx.needs_input_grad[1]:
                 grad_w = _add_grad_w(grad_w, logits, h_c)                       # [V_r, Hd] fp32
         if ctx.needs_input_grad[1]:                             # round once (zeros when N == 0)
