@@ -1182,48 +1182,35 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
         tl.store(dw_part_ptr + pid * 2 * HALF + HALF + cols, tl.sum(dw2_acc, axis=0), mask=cmask)
 
 
-def _rope_launch_args(x, cos, sin, backward=False):
-    """Launch geometry: x [N, heads, D] with unit last stride (a qkv slice is fine). A tile holds
-    ROWS half-rows (BLOCK = next_pow2(D/2)) and a row is two of them. D=128 forward: 32 rows, 8 warps;
-    backward: 16 rows, 4 warps, 4 persistent programs per SM."""
-    N, heads, D = x.shape
-    if backward:
-        BLOCK, ROWS, num_warps = _row_cfg(D // 2, rows=16, warps=4)
-    else:
-        BLOCK, ROWS, num_warps = _row_cfg(D // 2, 2048, 8)
-    return (N * heads, heads, D // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0)), \
-        dict(ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
-
-
 class _RopeNormFn(torch.autograd.Function):
-    """One of q or k: out = rope(qk_norm(x)). cos/sin are constants (no gradient)."""
+    """One of q or k: out = rope(qk_norm(x)). x [N, heads, D] needs only a unit last stride (a qkv slice is
+    read in place); cos/sin are constants (no gradient). A row is two half-rows of BLOCK = next_pow2(D/2)."""
 
     @staticmethod
     def forward(ctx, x, positions, cos, sin, weight, eps):
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        x = x if x.stride(-1) == 1 else x.contiguous()
         N, heads, D = x.shape
-        args, meta = _rope_launch_args(x, cos, sin)
+        ctx.args = (N * heads, heads, D // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0))
+        BLOCK, ROWS, num_warps = _row_cfg(D // 2, 2048, 8)                # D=128: 32 rows, 8 warps
         out = torch.empty((N, heads, D), dtype=x.dtype, device=x.device)
         rstd = torch.empty(N * heads if weight is not None else 1, dtype=torch.float32, device=x.device)
-        _rope_norm_fwd_kernel[(triton.cdiv(N * heads, meta["ROWS"]),)](
-            x, positions, cos, sin, weight if weight is not None else cos, out, rstd, *args, eps,
-            HAS_NORM=weight is not None, **meta)
+        _rope_norm_fwd_kernel[(triton.cdiv(N * heads, ROWS),)](
+            x, positions, cos, sin, weight if weight is not None else cos, out, rstd, *ctx.args, eps,
+            HAS_NORM=weight is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
         ctx.save_for_backward(x, positions, cos, sin, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, positions, cos, sin, weight, rstd = ctx.saved_tensors
-        dout = dout.contiguous()                                          # [N, heads, D]
-        args, meta = _rope_launch_args(x, cos, sin, backward=True)
-        nprog = _persistent_programs(x.device, triton.cdiv(args[0], meta["ROWS"]), per_sm=4)
+        BLOCK, ROWS, num_warps = _row_cfg(x.shape[-1] // 2, rows=16, warps=4)   # 4 persistent programs per SM
+        nprog = _persistent_programs(x.device, triton.cdiv(ctx.args[0], ROWS), per_sm=4)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dw_part = torch.empty((nprog, x.shape[-1]) if weight is not None else (1,), dtype=torch.float32,
                               device=x.device)
         _rope_norm_bwd_kernel[(nprog,)](
-            dout, x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part, *args,
-            HAS_NORM=weight is not None, **meta)
+            dout.contiguous(), x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part,
+            *ctx.args, HAS_NORM=weight is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
         dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None   # [nprog, D] -> [D]
         return dx, None, None, None, dw, None
 
