@@ -26,8 +26,6 @@ Commands:
   python kernels.py --bench   GPU benchmark (bf16), one table: ours vs torch SDPA, eager torch,
                               torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
   python kernels.py --help    (--debug: full tracebacks)
-  pytest -q test_all.py -k "kernels or flash or paged or store or attn or attention or rms or rope or
-      swiglu or rowwise or entropy or logprobs or vocab or grad_w or int32 or blocks or loss_bad"
 
 First read (~600 lines): the shared helpers; the attention section from its opening comment through
 the flash forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the
@@ -35,9 +33,8 @@ varlen API; RMSNorm (reference, forward kernel, autograd Function); the LM-head 
 references and chunked autograd Functions. The rest are independent chapters, each readable alone:
 flash backward . paged decode (split-K) . paged prefill and the KV-cache store . RoPE + qk-norm .
 SwiGLU . vocab-parallel losses (hooks and the two row kernels) . benchmark . self-test and CLI.
-
-Sections: shared helpers . attention . row-wise kernels . losses over the LM head . benchmark .
-          self-test and command line
+Sections (`# ====` banners): shared helpers . attention . row-wise kernels . losses over the LM head .
+benchmark . self-test and command line
 """
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
@@ -108,9 +105,7 @@ def _sm_count(device: torch.device) -> int:
 # queries and streams the keys/values in tiles of BLOCK_N through SRAM, keeping a running row max m
 # and row sum l (the "online softmax"), so the [S, S] score matrix never touches HBM. The backward
 # recomputes the probabilities from the saved log-sum-exp. Paged attention (Kwon et al. 2023, vLLM)
-# is the same loop with the key/value rows gathered through a block table; decode gives one program
-# all H/Hkv query heads of a kv head (each KV byte read once) and can split the context across
-# programs (flash-decoding, Dao et al. 2023) when there are too few programs to fill the GPU.
+# is the same loop with the key/value rows gathered through a block table (decode: + flash-decoding).
 #
 # Shapes legend: N packed tokens, B sequences, S (max) sequence length, H query heads, Hkv kv heads,
 # G = H / Hkv query heads per kv head, D head dim, P block (page) size of the paged cache.
@@ -120,21 +115,15 @@ def _sm_count(device: torch.device) -> int:
 
 LOG2E = 1.4426950408889634   # log2(e): exp(x) = exp2(x * log2 e), and exp2 is one MUFU instruction
 
-# CPU (interpreter) tiles; a GPU autotunes over Hopper configs (_cfgs below). NOT square (BLOCK_M !=
+# CPU (interpreter) tiles; a GPU autotunes over Hopper configs (see _short_seq_prune). NOT square (BLOCK_M !=
 # BLOCK_N), so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
 _CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)   # forward and dQ: 32 queries x 16 keys per step
 _CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)  # dK/dV: 32 keys resident, 16 queries per step
 _CPU_DECODE_BLOCK_N = 32                  # decode: 32 cached tokens per step (2 pages of 16)
-# Decode on a GPU is not autotuned (it runs inside CUDA graphs; tuning there would benchmark mid-capture):
-# 64 tokens x 128 dims x 2 B = 16 KiB of K and of V per step, ~4 programs per SM: enough loads in flight
-# per SM to cover bandwidth x latency (~35 KiB), which is all a bandwidth-bound kernel needs.
+# GPU decode is not autotuned (it runs inside CUDA graphs, where tuning would benchmark mid-capture): 64
+# tokens x 128 dims x 2 B = 16 KiB of K and of V per step, ~4 programs per SM cover bandwidth x latency.
 _GPU_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 HEAD_GROUP = 4   # launch order of the flash kernels (_tile_order): groups of 4 (sequence, head) pairs
-
-
-def _cfgs(rows):
-    """[(BLOCK_M, BLOCK_N, num_warps, num_stages)] -> triton.Config list for triton.autotune."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
 
 
 def _check_head_dim(D: int, name: str):
@@ -568,6 +557,8 @@ def _short_seq_prune(configs, named_args, **kwargs):
 
 
 if triton is not None:
+    def _cfgs(rows):   # [(BLOCK_M, BLOCK_N, num_warps, num_stages)] -> triton.Config list
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
     _prune = {"early_config_prune": _short_seq_prune}
     _attn_fwd_tuned = triton.autotune(_cfgs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
                                       key=["D", "CAUSAL", "PAGED", "seq_bucket"], prune_configs_by=_prune)(_attn_fwd_kernel)
@@ -1791,13 +1782,12 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
 # bandwidth for the memory-bound rest). Measured history and tuning sweeps live in BENCHMARKS.md.
 
 def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
-    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush.
-    graph=True times replays of fn captured once in a CUDA graph: the row-wise and decode kernels run
-    ~30 us, less than the host needs to launch them from Python (50-150 us through autograd and
-    Triton's launcher), so timing the calls would time the host. Attention and the LM-head losses take
+    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times
+    replays of a CUDA graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs
+    to launch them (50-150 us through autograd and Triton's launcher); attention and the losses take
     milliseconds and are called directly (graph=False), as is a fn that cannot be captured.
-    flush="dirty" WRITES 256 MB (as triton's do_bench does), leaving an L2 full of dirty lines that the
-    kernel must write back, which caps even a copy_ of 64 MB; "clean" READS it (a cold, clean L2)."""
+    flush="dirty" WRITES 256 MB (as triton's do_bench does): the kernel must write back an L2 full of
+    dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):    # warm-up (compile, autotune) on the capture stream, so that the
