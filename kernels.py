@@ -139,22 +139,6 @@ def _scale(softmax_scale, D: int) -> float:
     return scale
 
 
-def _check_varlen(q, k, v, cu_seqlens):
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}]; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads H={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1; "
-                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    _check_head_dim(q.shape[2], "q")
-
-
 def _check_paged(q, k_cache, v_cache, block_table, context_lens, what):
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"{what}: k_cache and v_cache must both be [num_blocks, block_size, Hkv, D]; "
@@ -266,19 +250,6 @@ def _tile_order(head_group):
 
 
 @_jit
-def _kv_rows(offs_n, k_start, k_len, bt_row, PAGED: tl.constexpr, P: tl.constexpr):
-    """Cache row ("slot") of each key position offs_n [BLOCK_N] of a sequence. Varlen: packed rows start at
-    k_start. Paged (vLLM): position t lives in page block_table[b, t // P] at offset t % P. Positions past
-    k_len read page 0 (valid memory; their scores are masked), never a garbage block-table entry."""
-    if PAGED:
-        page = tl.load(bt_row + offs_n // P, mask=offs_n < k_len, other=0)
-        rows = page.to(tl.int64) * P + offs_n % P
-    else:
-        rows = (k_start + offs_n).to(tl.int64)
-    return rows
-
-
-@_jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_len, causal_offset, qk_scale,
                     kv_stride, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     PAGED: tl.constexpr, P: tl.constexpr):
@@ -290,8 +261,11 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_l
     v_ptrs = V + (k_start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)                         # key positions in the sequence
-        if PAGED:    # rows are gathered through the block table: one page lookup per key row and step
-            kv_off = _kv_rows(offs_n, k_start, k_len, bt_row, PAGED, P)[:, None] * kv_stride + offs_d[None, :]
+        if PAGED:
+            # vLLM's gather: position t lives in page block_table[b, t // P] at offset t % P (one page lookup
+            # per key row and step). Positions past k_len read page 0 (valid memory, masked scores).
+            page = tl.load(bt_row + offs_n // P, mask=offs_n < k_len, other=0)
+            kv_off = (page.to(tl.int64) * P + offs_n % P)[:, None] * kv_stride + offs_d[None, :]
             k_ptrs, v_ptrs = K + kv_off, V + kv_off
         if MASKED:   # ragged end: rows past k_len may be another sequence, garbage or out of bounds
             k = tl.load(k_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
@@ -635,7 +609,19 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scal
     query head h uses kv head h // (H / Hkv)), cu_seqlens int32 [B+1] (cu_seqlens[-1] == N; empty
     sequences allowed), max_seqlen = max sequence length (a Python int: it sizes the grid, so no sync).
     FOOTGUN: a max_seqlen smaller than the true maximum silently leaves rows unwritten. Returns [N, H, D]."""
-    _check_varlen(q, k, v, cu_seqlens)
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads H={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1; "
+                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    _check_head_dim(q.shape[2], "q")
     scale = _scale(softmax_scale, q.shape[-1])
     if not _use_triton(impl, q, k, v, cu_seqlens):
         return attention_ref(q, k, v, cu_seqlens, causal, scale)
@@ -710,18 +696,6 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PA
     tl.store(O + bh * D + offs_d, out.to(O.dtype.element_ty))
 
 
-def _decode_splits(programs: int, max_ctx: int, device, min_chunk: int) -> int:
-    """Flash-decoding split count: 1 when B * Hkv programs already cover the SMs; else enough splits for
-    ~2 programs per SM, each keeping >= min_chunk tokens. Uses only static shapes (block_table width)
-    so it is CUDA-graph safe; FOOTGUN: contexts much shorter than that width gain little from splitting."""
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device)
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), max_ctx // min_chunk))
-
-
 def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None, impl="auto",
                            num_splits=None):
     """One decode step: q [B, H, D] (the new token of each sequence, its k/v ALREADY stored), k_cache/v_cache
@@ -739,7 +713,12 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
     P, Hkv = k_cache.shape[1], k_cache.shape[2]
     BLOCK_N = _GPU_DECODE["BLOCK_N"] if q.is_cuda else _CPU_DECODE_BLOCK_N
     max_ctx = block_table.shape[1] * P
-    splits = num_splits or _decode_splits(B * Hkv, max_ctx, q.device, 4 * BLOCK_N)
+    # Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM,
+    # each >= 4 tiles of tokens. Static shapes only (the block_table width), so CUDA-graph safe; FOOTGUN:
+    # contexts much shorter than that width gain little from splitting.
+    sms, splits = (_sm_count(q.device) if q.is_cuda else 0), num_splits or 1
+    if not num_splits and B * Hkv < sms:
+        splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), max_ctx // (4 * BLOCK_N)))
     chunk = triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N    # tokens per split, whole tiles
     splits = max(1, triton.cdiv(max_ctx, chunk))
     out = torch.empty_like(q)
