@@ -1660,7 +1660,8 @@ class _LinearLogprobs(torch.autograd.Function):
 
 # ---- public API ----
 
-def _loss_check_inputs(hidden, weight, ids, ids_name, chunk_size):
+def _loss_setup(hidden, weight, ids, ids_name, chunk_size, impl, vocab_parallel):
+    """Check the inputs -> (rows per chunk, VocabParallel or None, whether Triton runs)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, Hd] and weight [V, Hd] with the same Hd, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -1672,7 +1673,8 @@ def _loss_check_inputs(hidden, weight, ids, ids_name, chunk_size):
                          f"got {ids.dtype} {tuple(ids.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size or _default_chunk_size(weight.shape[0], weight.element_size())
+    chunk = chunk_size or _default_chunk_size(weight.shape[0], weight.element_size())
+    return chunk, _as_vocab_parallel(vocab_parallel), _use_triton(impl, hidden, weight, ids)
 
 
 def _local_ids(ids, valid, vp, V_r):
@@ -1703,11 +1705,9 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     (global-vocab) loss on every rank and grad_W this rank's slice, but grad_h is only THIS RANK'S
     PARTIAL SUM: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP, as Megatron does in the
     backward of `copy_to_tensor_model_parallel_region` before the LM head."""
-    chunk = _loss_check_inputs(hidden, weight, labels, "labels", chunk_size)
+    chunk, vp, use_triton = _loss_setup(hidden, weight, labels, "labels", chunk_size, impl, vocab_parallel)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
-    vp = _as_vocab_parallel(vocab_parallel)
-    use_triton = _use_triton(impl, hidden, weight, labels)
     if vp is None and not use_triton:
         return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction,
                                         num_tokens_for_mean)
@@ -1733,17 +1733,14 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
     Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for
     any loss using both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the
     SAME temperature the rollout sampled with, or the ratio compares two different distributions.
-    Backward, with g_lp = d loss/d logp_i and g_H = d loss/d H_i:
-        d loss/d z_ij = g_lp_i ([j == t_i] - p_ij) - g_H_i p_ij (log p_ij + H_i),  d z/d logits = 1/T,
-    done chunk by chunk on recomputed logits (forward keeps only h, lse and H: 8 bytes per token).
-    tokens must lie in [0, V) (not checked: that would sync the GPU); an id outside gives logp = -lse.
-    impl, chunk_size and vocab_parallel as in fused_linear_cross_entropy (tokens are global ids; under
-    vocab_parallel THE CALLER MUST ALL-REDUCE grad_h over the TP group; backward needs no collective)."""
-    chunk = _loss_check_inputs(hidden, weight, tokens, "tokens", chunk_size)
+    The backward (see _loss_dlogits_kernel) runs chunk by chunk on recomputed logits: the forward keeps
+    only h, lse and H (8 bytes per token). tokens must lie in [0, V) (not checked: that would sync the
+    GPU); an id outside gives logp = -lse. impl, chunk_size and vocab_parallel as in
+    fused_linear_cross_entropy (tokens are global ids; under vocab_parallel THE CALLER MUST ALL-REDUCE
+    grad_h over the TP group; backward needs no collective)."""
+    chunk, vp, use_triton = _loss_setup(hidden, weight, tokens, "tokens", chunk_size, impl, vocab_parallel)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    vp = _as_vocab_parallel(vocab_parallel)
-    use_triton = _use_triton(impl, hidden, weight, tokens)
     if vp is None and not use_triton:
         return linear_logprobs_ref(hidden, weight, tokens, temperature, return_entropy)
     ok = torch.ones_like(tokens, dtype=torch.bool)
