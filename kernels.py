@@ -27,7 +27,7 @@ Commands:
                               torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
   python kernels.py --help    (--debug: full tracebacks)
 
-First read (~600 lines): the shared helpers; the attention section from its opening comment through
+First read (~700 lines): the shared helpers; the attention section from its opening comment through
 the flash forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the
 varlen API; RMSNorm (reference, forward kernel, autograd Function); the LM-head losses' opening comment,
 references and chunked autograd Functions. The rest are independent chapters, each readable alone:
@@ -709,8 +709,7 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
         return paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, scale)
     q, context_lens = q.contiguous(), context_lens.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()  # rows may be a slice
-    B, H, D = q.shape
-    P, Hkv = k_cache.shape[1], k_cache.shape[2]
+    (B, H, D), (P, Hkv) = q.shape, k_cache.shape[1:3]
     BLOCK_N = _GPU_DECODE["BLOCK_N"] if q.is_cuda else _CPU_DECODE_BLOCK_N
     max_ctx = block_table.shape[1] * P
     # Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM,
@@ -800,10 +799,8 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
 
 
 # ==== row-wise kernels: RMSNorm, RoPE + q/k norm, SwiGLU ======================================
-# Row-wise and elementwise training kernels (RMSNorm, RoPE + qk-norm, SwiGLU). Stands in for
-# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: it keeps the three memory-bound
-# ops of a Qwen3/Llama block, forward AND backward, and drops everything else (LayerNorm, GeGLU,
-# offset/gemma casting modes, in-place grads).
+# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: the three memory-bound ops of a
+# Qwen3/Llama block, forward AND backward; no LayerNorm, GeGLU, offset/gemma casting modes, in-place grads.
 #
 # How it works: every op reads each input once and writes each output once (that is the whole speed
 # story: these ops do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS
@@ -1377,8 +1374,7 @@ def _shard_stats_ref(hidden, weight_shards, tokens, temperature):
     return lse, sum(t), lse - sum(x * ri for x, ri in zip(sz, r)) / S            # lse, target logit, entropy
 
 
-def linear_cross_entropy_vocab_parallel_ref(hidden, weight_shards, labels, ignore_index=-100,
-                                            reduction="mean"):
+def linear_cross_entropy_vocab_parallel_ref(hidden, weight_shards, labels, ignore_index=-100, reduction="mean"):
     """Cross-entropy from the shard-wise math above: loss_i = lse_i - z_i[label_i]."""
     valid = labels != ignore_index
     lse, tgt, _ = _shard_stats_ref(hidden, weight_shards, torch.where(valid, labels, -1), 1.0)
@@ -1684,8 +1680,7 @@ def _local_ids(ids, valid, vp, V_r):
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean",
-                               chunk_size=None, impl="auto", vocab_parallel=None,
-                               num_tokens_for_mean=None):
+                               chunk_size=None, impl="auto", vocab_parallel=None, num_tokens_for_mean=None):
     """Cross-entropy of softmax(hidden @ weight^T) against labels without the [N, V] fp32 logits.
 
     hidden [N, Hd] and weight [V, Hd] (same dtype: bf16/fp16/fp32), labels [N] int, ignore_index rows
@@ -1709,8 +1704,7 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
     if vp is None and not use_triton:
-        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction,
-                                        num_tokens_for_mean)
+        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction, num_tokens_for_mean)
     valid = labels != ignore_index
     if reduction == "none":   # per-row grad_output is only known in backward: the recompute path
         lp, _ = fused_linear_logprobs(hidden, weight, torch.where(valid, labels, 0), 1.0, False,
