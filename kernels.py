@@ -564,7 +564,7 @@ def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=N
     (N, H, D), B, paged = q.shape, cu_seqlens_q.numel() - 1, block_table is not None
     o = torch.empty_like(q)
     lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
-    if not paged:   # the kernel reads the keys of sequence b at the query rows: no table, no context_lens
+    if not paged:   # varlen: the keys are the query rows themselves; table and context_lens go unread
         block_table, context_lens = cu_seqlens_q, cu_seqlens_q
     grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda, q, k, v, o, lse, cu_seqlens_q,
@@ -1238,7 +1238,7 @@ def _swiglu_2d_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, du_ptr, n_rows, n_cols, str
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)            # [ROWS, BLOCK]
     g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(g)                                                    # backward: recomputed, cheaper than storing
+    sg = tl.sigmoid(g)                                                    # recomputed in the backward
     out = rows[:, None] * n_cols + cols[None, :]
     if BACKWARD:
         dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -1248,7 +1248,7 @@ def _swiglu_2d_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, du_ptr, n_rows, n_cols, str
         tl.store(out_ptr + out, (g * sg * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps): any 1024-8192 x 4-16 is as fast
+_SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps); the sweep is in BENCHMARKS.md
 
 
 def _swiglu_2d(g2, u2, out, dy2=None, du=None):
