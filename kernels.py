@@ -26,18 +26,15 @@ Commands:
   python kernels.py --bench   GPU benchmark (bf16), one table: ours vs torch SDPA, eager torch,
                               torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
   python kernels.py --help    (--debug: full tracebacks)
-  pytest -q test_all.py -k "kernels or flash or paged or store or attn or attention or rms or rope or
-      swiglu or rowwise or entropy or logprobs or vocab or grad_w or int32 or blocks or loss_bad"
 
-First read (~600 lines): the shared helpers; the attention section from its opening comment through
+First read (~700 lines): the shared helpers; the attention section from its opening comment through
 the flash forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the
 varlen API; RMSNorm (reference, forward kernel, autograd Function); the LM-head losses' opening comment,
 references and chunked autograd Functions. The rest are independent chapters, each readable alone:
 flash backward . paged decode (split-K) . paged prefill and the KV-cache store . RoPE + qk-norm .
 SwiGLU . vocab-parallel losses (hooks and the two row kernels) . benchmark . self-test and CLI.
-
-Sections: shared helpers . attention . row-wise kernels . losses over the LM head . benchmark .
-          self-test and command line
+Sections (`# ====` banners): shared helpers . attention . row-wise kernels . losses over the LM head .
+benchmark . self-test and command line
 """
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
@@ -98,47 +95,35 @@ def _sm_count(device: torch.device) -> int:
 
 
 # ==== attention ===============================================================================
-# FlashAttention-2 on packed varlen sequences (training), paged attention over a block table
-# (inference decode and chunked prefill) and the KV-cache store. Stands in for flash-attn's
-# `flash_attn_varlen_func` (forward AND backward, causal or not, grouped-query attention) and for
-# vLLM's paged-attention / flash-decoding kernels and `reshape_and_cache`. It keeps head dims 16..128
-# (powers of two), fp16/bf16 (and fp32, which the GPU multiplies in TF32) and bottom-right causal masks;
-# it drops dropout, ALiBi, sliding windows, softcapping, fp8 and the KV-cache quantization.
+# FlashAttention-2 on packed varlen sequences (training: flash-attn's `flash_attn_varlen_func`, forward
+# AND backward, causal or not, grouped-query attention), paged attention over a block table (inference
+# decode and chunked prefill: vLLM's paged-attention / flash-decoding kernels) and the KV-cache store
+# (vLLM's `reshape_and_cache`). Head dims 16..128 (powers of two), fp16/bf16 (fp32 multiplies in TF32 on
+# a GPU), bottom-right causal masks; no dropout, ALiBi, sliding windows, softcapping or fp8 KV caches.
 #
 # How it works (Dao 2023, FlashAttention-2, Algorithms 1 and 2): a program owns a tile of BLOCK_M
 # queries and streams the keys/values in tiles of BLOCK_N through SRAM, keeping a running row max m
 # and row sum l (the "online softmax"), so the [S, S] score matrix never touches HBM. The backward
 # recomputes the probabilities from the saved log-sum-exp. Paged attention (Kwon et al. 2023, vLLM)
-# is the same loop with the key/value rows gathered through a block table; decode gives one program
-# all H/Hkv query heads of a kv head (each KV byte read once) and can split the context across
-# programs (flash-decoding, Dao et al. 2023) when there are too few programs to fill the GPU.
+# is the same loop with the key/value rows gathered through a block table (decode: + flash-decoding).
 #
 # Shapes legend: N packed tokens, B sequences, S (max) sequence length, H query heads, Hkv kv heads,
 # G = H / Hkv query heads per kv head, D head dim, P block (page) size of the paged cache.
-# Parts: helpers . torch references . flash forward . backward . varlen/dense API . paged decode .
-#        paged prefill . KV-cache store
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
 
 LOG2E = 1.4426950408889634   # log2(e): exp(x) = exp2(x * log2 e), and exp2 is one MUFU instruction
 
-# Tile sizes. On a GPU the kernels are autotuned over a few Hopper configs (see _cfgs below); on CPU
-# (the interpreter) these small tiles are used. They are deliberately NOT square (BLOCK_M != BLOCK_N)
-# so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
+# CPU (interpreter) tiles; a GPU autotunes over Hopper configs (see _short_seq_prune). NOT square (BLOCK_M !=
+# BLOCK_N), so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
 _CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)   # forward and dQ: 32 queries x 16 keys per step
 _CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)  # dK/dV: 32 keys resident, 16 queries per step
 _CPU_DECODE_BLOCK_N = 32                  # decode: 32 cached tokens per step (2 pages of 16)
-# Decode on a GPU is not autotuned (it runs inside CUDA graphs; tuning there would benchmark mid-capture):
-# 64 tokens x 128 dims x 2 B = 16 KiB of K and of V per step, ~4 programs per SM: enough loads in flight
-# per SM to cover bandwidth x latency (~35 KiB), which is all a bandwidth-bound kernel needs.
+# GPU decode is not autotuned (it runs inside CUDA graphs, where tuning would benchmark mid-capture): 64
+# tokens x 128 dims x 2 B = 16 KiB of K and of V per step, ~4 programs per SM cover bandwidth x latency.
 _GPU_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 HEAD_GROUP = 4   # launch order of the flash kernels (_tile_order): groups of 4 (sequence, head) pairs
-
-
-def _cfgs(rows):
-    """[(BLOCK_M, BLOCK_N, num_warps, num_stages)] -> triton.Config list for triton.autotune."""
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
 
 
 def _check_head_dim(D: int, name: str):
@@ -152,22 +137,6 @@ def _scale(softmax_scale, D: int) -> float:
     if not scale > 0:
         raise ValueError(f"softmax_scale must be > 0, got {softmax_scale}")
     return scale
-
-
-def _check_varlen(q, k, v, cu_seqlens):
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}]; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads H={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
-        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1; "
-                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
-    _check_head_dim(q.shape[2], "q")
 
 
 def _check_paged(q, k_cache, v_cache, block_table, context_lens, what):
@@ -223,16 +192,6 @@ def _gather_kv_ref(cache, block_table_b, n):
     return cache[pages].flatten(0, 1)[:n]          # [pages, P, Hkv, D] -> [pages * P, Hkv, D] -> [n, Hkv, D]
 
 
-def paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None):
-    """q [B, H, D]: sequence b's one new query attends to its context_lens[b] cached tokens -> [B, H, D]."""
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    outs = []
-    for b, n in enumerate(context_lens.tolist()):
-        k, v = _gather_kv_ref(k_cache, block_table[b], n), _gather_kv_ref(v_cache, block_table[b], n)
-        outs.append(_attend_ref(q[b:b + 1], k, v, scale, None))
-    return torch.cat(outs).to(q.dtype)
-
-
 def paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale=None):
     """q [N, H, D]: sequence b's q_len_b new tokens are the LAST q_len_b of its context_lens[b] cached
     tokens (already stored) and attend causally (offset = context_len - q_len) -> [N, H, D]."""
@@ -243,6 +202,13 @@ def paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, 
         k, v = _gather_kv_ref(k_cache, block_table[b], n), _gather_kv_ref(v_cache, block_table[b], n)
         outs.append(_attend_ref(qb, k, v, scale, n - qb.shape[0]))
     return torch.cat(outs).to(q.dtype)
+
+
+def paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None):
+    """q [B, H, D]: sequence b's one new query attends to its context_lens[b] cached tokens -> [B, H, D].
+    Prefill with one query per sequence: the newest token, whose causal limit is the whole context."""
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32, device=q.device)   # [B+1] = 0, 1, ..., B
+    return paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale)
 
 
 def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
@@ -284,19 +250,6 @@ def _tile_order(head_group):
 
 
 @_jit
-def _kv_rows(offs_n, k_start, k_len, bt_row, PAGED: tl.constexpr, P: tl.constexpr):
-    """Cache row ("slot") of each key position offs_n [BLOCK_N] of a sequence. Varlen: packed rows start at
-    k_start. Paged (vLLM): position t lives in page block_table[b, t // P] at offset t % P. Positions past
-    k_len read page 0 (valid memory; their scores are masked), never a garbage block-table entry."""
-    if PAGED:
-        page = tl.load(bt_row + offs_n // P, mask=offs_n < k_len, other=0)
-        rows = page.to(tl.int64) * P + offs_n % P
-    else:
-        rows = (k_start + offs_n).to(tl.int64)
-    return rows
-
-
-@_jit
 def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_len, causal_offset, qk_scale,
                     kv_stride, D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
                     PAGED: tl.constexpr, P: tl.constexpr):
@@ -308,10 +261,12 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_l
     v_ptrs = V + (k_start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)                         # key positions in the sequence
-        if PAGED:    # rows are gathered through the block table: one page lookup per key row and step
-            kv_off = _kv_rows(offs_n, k_start, k_len, bt_row, PAGED, P)[:, None] * kv_stride + offs_d[None, :]
-            k_ptrs = K + kv_off
-            v_ptrs = V + kv_off
+        if PAGED:
+            # vLLM's gather: position t lives in page block_table[b, t // P] at offset t % P (one page lookup
+            # per key row and step). Positions past k_len read page 0 (valid memory, masked scores).
+            page = tl.load(bt_row + offs_n // P, mask=offs_n < k_len, other=0)
+            kv_off = (page.to(tl.int64) * P + offs_n % P)[:, None] * kv_stride + offs_d[None, :]
+            k_ptrs, v_ptrs = K + kv_off, V + kv_off
         if MASKED:   # ragged end: rows past k_len may be another sequence, garbage or out of bounds
             k = tl.load(k_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
         else:
@@ -354,18 +309,15 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
     not read: it only keys the autotuner."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t     # causal: the LAST query tile sees the most keys
-    b = bh // H
-    h = bh % H
+    b, h = bh // H, bh % H
     q_start = tl.load(cu_seqlens_q + b)
     q_len = tl.load(cu_seqlens_q + b + 1) - q_start
     if pid_m * BLOCK_M >= q_len:          # this sequence is shorter than the longest one (or empty)
         return
-    if PAGED:
-        k_start = 0
-        k_len = tl.load(context_lens + b)
-    else:
-        k_start = q_start
-        k_len = q_len
+    if PAGED:   # keys: the sequence's context_lens[b] cached tokens, through its block table
+        k_start, k_len = 0, tl.load(context_lens + b)
+    else:       # keys: the sequence's own packed rows
+        k_start, k_len = q_start, q_len
     causal_offset = k_len - q_len
     Hkv = H // G
     kv_stride = Hkv * D                                  # one token row of a [*, Hkv, D] buffer
@@ -387,8 +339,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
         unmasked_hi = (first_limit + 1) // BLOCK_N * BLOCK_N
         hi = tl.minimum(first_limit + BLOCK_M, k_len)
     else:
-        unmasked_hi = k_len // BLOCK_N * BLOCK_N
-        hi = k_len
+        unmasked_hi, hi = k_len // BLOCK_N * BLOCK_N, k_len
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, 0, unmasked_hi, k_start, k_len,
                                     causal_offset, qk_scale, kv_stride, D, BLOCK_N, False, CAUSAL, PAGED, P)
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, unmasked_hi, hi, k_start, k_len,
@@ -416,8 +367,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
 @_jit(dynamic=('N',))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
     """delta[h, n] = sum_d O[n, h, d] * dO[n, h, d] (fp32). Grid (cdiv(N, BLOCK), H)."""
-    offs_n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    h = tl.program_id(1)
+    offs_n, h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), tl.program_id(1)
     off = offs_n.to(tl.int64)[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
     mask = (offs_n < N)[:, None]
     o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
@@ -444,10 +394,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
             lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
             delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         else:
-            q = tl.load(q_ptrs)
-            do = tl.load(do_ptrs)
-            lse2 = tl.load(LSE + offs_m)
-            delta = tl.load(DELTA + offs_m)
+            q, do = tl.load(q_ptrs), tl.load(do_ptrs)
+            lse2, delta = tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
         # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
         if MASKED:
@@ -469,8 +417,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq
     """Grid (B * Hkv, cdiv(max_seqlen, BLOCK_N)). Each program: one key tile of one kv head -> dK, dV rows."""
     bh, pid_n = _tile_order(head_group)   # causal: the FIRST key tile is seen by the most queries
     Hkv = H // G
-    b = bh // Hkv
-    kvh = bh % Hkv
+    b, kvh = bh // Hkv, bh % Hkv
     start = tl.load(cu_seqlens + b)
     seq_len = tl.load(cu_seqlens + b + 1) - start
     if pid_n * BLOCK_N >= seq_len:
@@ -517,8 +464,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, 
             k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
         else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+            k, v = tl.load(k_ptrs), tl.load(v_ptrs)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
             keep = offs_n[None, :] < seq_len
@@ -541,8 +487,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     """Grid (B * H, cdiv(max_seqlen, BLOCK_M)). Each program: one query tile of one head -> dQ rows."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t   # causal: the LAST query tile sees the most keys (as in the forward)
-    b = bh // H
-    h = bh % H
+    b, h = bh // H, bh % H
     start = tl.load(cu_seqlens + b)
     seq_len = tl.load(cu_seqlens + b + 1) - start
     if pid_m * BLOCK_M >= seq_len:
@@ -555,7 +500,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
-    K += (h // G) * D
+    K += (h // G) * D                    # GQA: query head h reads kv head h // G
     V += (h // G) * D
     kv_stride = (H // G) * D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
@@ -563,8 +508,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
         unmasked_hi = pid_m * BLOCK_M
         hi = tl.minimum(unmasked_hi + BLOCK_M, seq_len)
     else:
-        unmasked_hi = seq_len // BLOCK_N * BLOCK_N
-        hi = seq_len
+        unmasked_hi, hi = seq_len // BLOCK_N * BLOCK_N, seq_len
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, 0, unmasked_hi, kv_stride,
                        qk_scale, D, BLOCK_N, False, CAUSAL)
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, unmasked_hi, hi, kv_stride,
@@ -581,14 +525,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
 # The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all
 # do. The sweeps that chose them are in BENCHMARKS.md.
 def _short_seq_prune(configs, named_args, **kwargs):
-    """Autotune pruning: batches of short sequences (max_seqlen <= 1024) run the LAST config of each list
-    untimed: at S=1k they were the fastest (or within 4%) and their kernels are short enough that
-    autotune timing noise picked worse ones; it also keeps many-shape runs (the GPU tests) from
-    compiling every config."""
+    """Autotune pruning: max_seqlen <= 1024 runs the LAST config of each list untimed (autotune timing noise
+    picked worse ones there); many-shape runs (the GPU tests) then do not compile every config."""
     return configs[-1:] if named_args["seq_bucket"] <= 1024 else configs
 
 
 if triton is not None:
+    def _cfgs(rows):   # [(BLOCK_M, BLOCK_N, num_warps, num_stages)] -> triton.Config list
+        return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
     _prune = {"early_config_prune": _short_seq_prune}
     _attn_fwd_tuned = triton.autotune(_cfgs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)]),
                                       key=["D", "CAUSAL", "PAGED", "seq_bucket"], prune_configs_by=_prune)(_attn_fwd_kernel)
@@ -613,35 +557,21 @@ def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
 
 # ---- varlen and dense API ---------------------------------------------------------------------------
 
-def _flash_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale):
-    """q [N, H, D], k/v [N, Hkv, D] contiguous -> (o [N, H, D], lse [H, N] fp32)."""
-    N, H, D = q.shape
-    B = cu_seqlens.numel() - 1
+def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=None, context_lens=None):
+    """Launch _attn_fwd_kernel on contiguous q [N, H, D] and k/v: packed [N, Hkv, D] (varlen), or the
+    [num_blocks, P, Hkv, D] caches when block_table is given (paged) -> (o [N, H, D], lse [H, N] fp32 in
+    the log2 domain; paged: no lse, o in its place)."""
+    (N, H, D), B, paged = q.shape, cu_seqlens_q.numel() - 1, block_table is not None
     o = torch.empty_like(q)
-    lse = torch.empty(H, N, device=q.device, dtype=torch.float32)
-    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen, bm))  # noqa: E731
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda,
-            q, k, v, o, lse, cu_seqlens, cu_seqlens, cu_seqlens, N, H, 0, max_seqlen, _seq_bucket(max_seqlen),
-            scale * LOG2E, HEAD_GROUP, G=H // k.shape[1], D=D, CAUSAL=causal, PAGED=False, P=1, STORE_LSE=True)
+    lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
+    if not paged:   # varlen: the keys are the query rows themselves; table and context_lens go unread
+        block_table, context_lens = cu_seqlens_q, cu_seqlens_q
+    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
+    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda, q, k, v, o, lse, cu_seqlens_q,
+            context_lens, block_table, N, H, block_table.stride(0) if paged else 0, max_seqlen_q,
+            _seq_bucket(max_seqlen_q), scale * LOG2E, HEAD_GROUP, G=H // k.shape[-2], D=D, CAUSAL=causal,
+            PAGED=paged, P=k.shape[1] if paged else 1, STORE_LSE=not paged)
     return o, lse
-
-
-def _flash_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen, causal, scale):
-    """FA2 backward: (dq [N, H, D], dk/dv [N, Hkv, D]) in the input dtype."""
-    N, H, D = q.shape
-    Hkv, B = k.shape[1], cu_seqlens.numel() - 1
-    delta = torch.empty_like(lse)                                      # [H, N] fp32
-    BLOCK = 64 if q.is_cuda else 16
-    _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    common, bucket = dict(G=H // Hkv, D=D, CAUSAL=causal), _seq_bucket(max_seqlen)
-    _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(max_seqlen, bn)),
-            _CPU_DKDV, q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
-            HEAD_GROUP, **common)
-    _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(max_seqlen, bm)),
-            _CPU_FWD, q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, max_seqlen, bucket, scale,
-            scale * LOG2E, HEAD_GROUP, **common)
-    return dq, dk, dv
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
@@ -657,8 +587,20 @@ class _FlashAttnVarlen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
+        """FA2 backward: delta, then dK/dV and dQ -> (dq [N, H, D], dk/dv [N, Hkv, D]) in the input dtype."""
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv = _flash_bwd(do.contiguous(), q, k, v, o, lse, cu_seqlens, ctx.max_seqlen, ctx.causal, ctx.scale)
+        (N, H, D), Hkv, B, S = q.shape, k.shape[1], cu_seqlens.numel() - 1, ctx.max_seqlen
+        do, delta, scale = do.contiguous(), torch.empty_like(lse), ctx.scale    # delta [H, N] fp32
+        BLOCK = 64 if q.is_cuda else 16
+        _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        common, bucket = dict(G=H // Hkv, D=D, CAUSAL=ctx.causal), _seq_bucket(S)
+        _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(S, bn)), _CPU_DKDV,
+                q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
+                HEAD_GROUP, **common)
+        _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(S, bm)), _CPU_FWD,
+                q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, S, bucket, scale, scale * LOG2E,
+                HEAD_GROUP, **common)
         return dq, dk, dv, None, None, None, None
 
 
@@ -667,7 +609,19 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scal
     query head h uses kv head h // (H / Hkv)), cu_seqlens int32 [B+1] (cu_seqlens[-1] == N; empty
     sequences allowed), max_seqlen = max sequence length (a Python int: it sizes the grid, so no sync).
     FOOTGUN: a max_seqlen smaller than the true maximum silently leaves rows unwritten. Returns [N, H, D]."""
-    _check_varlen(q, k, v, cu_seqlens)
+    if q.dim() != 3 or k.dim() != 3:
+        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(f"query heads H={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be int32 [B+1] with B >= 1; "
+                         f"got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    _check_head_dim(q.shape[2], "q")
     scale = _scale(softmax_scale, q.shape[-1])
     if not _use_triton(impl, q, k, v, cu_seqlens):
         return attention_ref(q, k, v, cu_seqlens, causal, scale)
@@ -700,10 +654,7 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
                          P: tl.constexpr, SPLIT: tl.constexpr):
     """Grid (B, Hkv, splits). Q [B, H, D]; K/V [num_blocks, P, Hkv, D]. Writes O [B, H, splits, D] (the
     output itself when splits == 1) and, when SPLIT, LSE [B, H, splits]."""
-    b = tl.program_id(0)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    splits = tl.num_programs(2)
+    b, kvh, split, splits = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2)
     Hkv = H // G
     ctx = tl.load(context_lens + b)
     lo = split * chunk
@@ -717,20 +668,10 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
-    for start_n in range(lo, hi, BLOCK_N):
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < hi
-        rows = _kv_rows(offs_n, 0, hi, bt_row, True, P)              # page gather through the block table
-        kv_off = rows[:, None] * (Hkv * D) + kvh * D + offs_d[None, :]
-        k = tl.load(K + kv_off, mask=n_ok[:, None], other=0.0)
-        qk = tl.where(n_ok[None, :], tl.dot(q, tl.trans(k)), float("-inf"))   # [G_PAD, BLOCK_N]
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off, mask=n_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    # The flash forward's loop over this split's keys [lo, hi): pages gathered through the block table,
+    # every tile masked at hi (a split may end mid-tile), no causal mask (the newest token sees them all).
+    acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kvh * D, V + kvh * D, bt_row, offs_g, lo, hi, 0, hi, 0,
+                                    qk_scale, Hkv * D, D, BLOCK_N, True, False, True, P)
     # An empty split (lo >= ctx, or ctx == 0) writes o = 0 and lse = -inf: it then weighs 0 in the merge.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     row = (b.to(tl.int64) * H + heads) * splits + split                  # [G_PAD] row of O viewed as [B*H*splits, D]
@@ -755,18 +696,6 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PA
     tl.store(O + bh * D + offs_d, out.to(O.dtype.element_ty))
 
 
-def _decode_splits(programs: int, max_ctx: int, device, min_chunk: int) -> int:
-    """Flash-decoding split count: 1 when B * Hkv programs already cover the SMs; else enough splits for
-    ~2 programs per SM, each keeping >= min_chunk tokens. Uses only static shapes (block_table width)
-    so it is CUDA-graph safe; FOOTGUN: contexts much shorter than that width gain little from splitting."""
-    if device.type != "cuda":
-        return 1
-    sms = _sm_count(device)
-    if programs >= sms:
-        return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), max_ctx // min_chunk))
-
-
 def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None, impl="auto",
                            num_splits=None):
     """One decode step: q [B, H, D] (the new token of each sequence, its k/v ALREADY stored), k_cache/v_cache
@@ -780,11 +709,15 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
         return paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, scale)
     q, context_lens = q.contiguous(), context_lens.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()  # rows may be a slice
-    B, H, D = q.shape
-    P, Hkv = k_cache.shape[1], k_cache.shape[2]
+    (B, H, D), (P, Hkv) = q.shape, k_cache.shape[1:3]
     BLOCK_N = _GPU_DECODE["BLOCK_N"] if q.is_cuda else _CPU_DECODE_BLOCK_N
     max_ctx = block_table.shape[1] * P
-    splits = num_splits or _decode_splits(B * Hkv, max_ctx, q.device, 4 * BLOCK_N)
+    # Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM,
+    # each >= 4 tiles of tokens. Static shapes only (the block_table width), so CUDA-graph safe; FOOTGUN:
+    # contexts much shorter than that width gain little from splitting.
+    sms, splits = (_sm_count(q.device) if q.is_cuda else 0), num_splits or 1
+    if not num_splits and B * Hkv < sms:
+        splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), max_ctx // (4 * BLOCK_N)))
     chunk = triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N    # tokens per split, whole tiles
     splits = max(1, triton.cdiv(max_ctx, chunk))
     out = torch.empty_like(q)
@@ -825,17 +758,9 @@ def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, cont
         return paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, scale)
     q, cu_seqlens_q, context_lens = q.contiguous(), cu_seqlens_q.contiguous(), context_lens.contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
-    N, H, D = q.shape
-    B = block_table.shape[0]
     if max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())   # .item() syncs the GPU
-    o = torch.empty_like(q)
-    grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
-    _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda,
-            q, k_cache, v_cache, o, o, cu_seqlens_q, context_lens, block_table, N, H, block_table.stride(0),
-            max_seqlen_q, _seq_bucket(max_seqlen_q), scale * LOG2E, HEAD_GROUP, G=H // k_cache.shape[2], D=D, CAUSAL=True,
-            PAGED=True, P=k_cache.shape[1], STORE_LSE=False)
-    return o
+    return _flash_fwd(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, True, scale, block_table, context_lens)[0]
 
 
 # ---- KV-cache store ------------------------------------------------------------------------------------
@@ -874,10 +799,8 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
 
 
 # ==== row-wise kernels: RMSNorm, RoPE + q/k norm, SwiGLU ======================================
-# Row-wise and elementwise training kernels (RMSNorm, RoPE + qk-norm, SwiGLU). Stands in for
-# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: it keeps the three memory-bound
-# ops of a Qwen3/Llama block, forward AND backward, and drops everything else (LayerNorm, GeGLU,
-# offset/gemma casting modes, in-place grads).
+# Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: the three memory-bound ops of a
+# Qwen3/Llama block, forward AND backward; no LayerNorm, GeGLU, offset/gemma casting modes, in-place grads.
 #
 # How it works: every op reads each input once and writes each output once (that is the whole speed
 # story: these ops do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS
@@ -980,8 +903,7 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
                          BLOCK: tl.constexpr):
     # persistent: program pid handles tiles pid, pid + nprog, ... and owns one fp32 row of dW partials,
     # accumulated in registers over all its tiles and written once at the end
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK)                                            # [BLOCK]
     cmask = cols < Hd
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -1019,62 +941,47 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
     tl.store(dw_part_ptr + pid * Hd + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
 
-def _rms_norm_fwd(x2, r2, weight, eps):
-    """Launch the forward on rows x2 [R, Hd] (+ r2 [R, Hd]) -> (y [R, Hd], h [R, Hd], rstd [R] fp32).
-    One tile of 2 rows per program on 2 warps (32 elements per thread: four 16-byte loads in flight per
-    thread): a plain copy_ of the same bytes is the ceiling, and this lands on it."""
-    R, Hd = x2.shape
-    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32)
-    y = torch.empty((R, Hd), dtype=x2.dtype, device=x2.device)
-    h = torch.empty_like(y) if r2 is not None else x2
-    rstd = torch.empty(R, dtype=torch.float32, device=x2.device)
-    _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](
-        x2, r2 if r2 is not None else x2, weight, y, h, rstd, R, Hd, x2.stride(0),
-        r2.stride(0) if r2 is not None else 0, eps, HAS_RES=r2 is not None, ROWS=ROWS, BLOCK=BLOCK,
-        num_warps=num_warps)
-    return y, h, rstd
-
-
-def _rms_norm_bwd(dy2, dho2, h2, weight, rstd):
-    """Launch the backward -> (dh [R, Hd] in h's dtype, dW [Hd] in weight's dtype): 2 rows x 4 warps per
-    tile (16 elements per thread), 4 persistent programs per SM (each writes one [Hd] row of dW partials,
-    so fewer programs = fewer partials to sum)."""
-    R, Hd = h2.shape
-    BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
-    nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
-    dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
-    dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
-    _rms_norm_bwd_kernel[(nprog,)](
-        dy2, dho2 if dho2 is not None else dy2, h2, weight, rstd, dh, dw_part, R, Hd, dy2.stride(0),
-        dho2.stride(0) if dho2 is not None else 0, h2.stride(0), HAS_DHO=dho2 is not None,
-        ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
-    return dh, dw_part.sum(0).to(weight.dtype)                                    # stage 2: [Hd]
-
-
 class _RMSNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps):
         ctx.set_materialize_grads(False)   # an unused output gets grad None, not a tensor of zeros to read
         x2 = _as_rows(x)                                                  # [..., Hd] -> [R, Hd]
-        r2 = _as_rows(residual) if residual is not None else None
-        y, h, rstd = _rms_norm_fwd(x2, r2, weight, eps)
-        ctx.save_for_backward(h, weight, rstd)   # h is x itself (no copy) when there is no residual
-        ctx.shape, ctx.has_res = x.shape, residual is not None
-        if residual is None:
-            return y.view(x.shape)
-        return y.view(x.shape), h.view(x.shape)
+        r2 = _as_rows(residual) if residual is not None else x2           # (x2: a placeholder, never read)
+        (R, Hd), has_res = x2.shape, residual is not None
+        # One tile of 2 rows on 2 warps per program (32 elements per thread: four 16-byte loads in
+        # flight): as fast as a plain copy_ of the same bytes, the ceiling (BENCHMARKS.md).
+        BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32)
+        y = torch.empty((R, Hd), dtype=x.dtype, device=x.device)
+        h = torch.empty_like(y) if has_res else x2                        # h is x itself without a residual
+        rstd = torch.empty(R, dtype=torch.float32, device=x.device)
+        _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](x2, r2, weight, y, h, rstd, R, Hd, x2.stride(0),
+                                                      r2.stride(0), eps, HAS_RES=has_res, ROWS=ROWS,
+                                                      BLOCK=BLOCK, num_warps=num_warps)
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.shape, ctx.has_res = x.shape, has_res
+        return (y.view(x.shape), h.view(x.shape)) if has_res else y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy, dh_out=None):
         h2, weight, rstd = ctx.saved_tensors
         if dy is None:   # only the residual output was used: y's gradient is zero
             dy = torch.zeros(ctx.shape, dtype=h2.dtype, device=h2.device)
-        dho2 = _as_rows(dh_out) if dh_out is not None else None
-        dh, dw = _rms_norm_bwd(_as_rows(dy), dho2, h2, weight, rstd)
+        dy2 = _as_rows(dy)
+        dho2 = _as_rows(dh_out) if dh_out is not None else dy2            # (dy2: a placeholder, never read)
+        R, Hd = h2.shape
+        # 2 rows x 4 warps per tile (16 elements per thread), 4 persistent programs per SM, each writing one
+        # [Hd] row of dW partials (fewer programs = fewer partials to sum)
+        BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
+        nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
+        dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
+        dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
+        _rms_norm_bwd_kernel[(nprog,)](dy2, dho2, h2, weight, rstd, dh, dw_part, R, Hd, dy2.stride(0),
+                                       dho2.stride(0), h2.stride(0), HAS_DHO=dh_out is not None, ROWS=ROWS,
+                                       BLOCK=BLOCK, num_warps=num_warps)
         dh = dh.view(ctx.shape)
         # h = x + residual: dL/dx = dL/dresidual = dL/dh (one tensor handed to both; autograd copies
-        # before accumulating into a shared buffer)
-        return dh, (dh if ctx.has_res else None), dw, None
+        # before accumulating into a shared buffer). Stage 2 of dW: [nprog, Hd] -> [Hd], one rounding.
+        return dh, (dh if ctx.has_res else None), dw_part.sum(0).to(weight.dtype), None
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
@@ -1154,8 +1061,7 @@ def _rope_norm_fwd_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, out_ptr, rstd
     mask = rmask[:, None] & (cols[None, :] < HALF)                        # [ROWS, BLOCK]
     x1 = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0)
     x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0)
-    a1 = x1.to(tl.float32)
-    a2 = x2.to(tl.float32)
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
     if HAS_NORM:
         rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)
         tl.store(rstd_ptr + rows, rstd, mask=rmask)
@@ -1199,8 +1105,7 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
                           n_rows, n_heads, HALF, stride_xn, stride_xh, stride_cos, stride_sin,
                           HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # persistent like _rms_norm_bwd_kernel; do and dx are contiguous [n_rows, D]
-    pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    pid, nprog = tl.program_id(0), tl.num_programs(0)
     cols = tl.arange(0, BLOCK)
     cmask = cols < HALF
     if HAS_NORM:
@@ -1223,8 +1128,7 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
         p64 = posc.to(tl.int64)[:, None]                                  # gather of table rows (L2-resident)
         c = tl.load(cos_ptr + p64 * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + p64 * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        do1f = do1c.to(tl.float32)
-        do2f = do2c.to(tl.float32)
+        do1f, do2f = do1c.to(tl.float32), do2c.to(tl.float32)
         da1 = do1f * c + do2f * s                                         # rotate back by -angle
         da2 = do2f * c - do1f * s
         if HAS_NORM:
@@ -1232,8 +1136,7 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
             n2 = x2c.to(tl.float32) * rstdc[:, None]
             dw1_acc += da1 * n1
             dw2_acc += da2 * n2
-            dn1 = da1 * w1[None, :]
-            dn2 = da2 * w2[None, :]
+            dn1, dn2 = da1 * w1[None, :], da2 * w2[None, :]
             cdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / (2 * HALF)   # [ROWS]
             da1 = rstdc[:, None] * (dn1 - n1 * cdot[:, None])
             da2 = rstdc[:, None] * (dn2 - n2 * cdot[:, None])
@@ -1246,48 +1149,35 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
         tl.store(dw_part_ptr + pid * 2 * HALF + HALF + cols, tl.sum(dw2_acc, axis=0), mask=cmask)
 
 
-def _rope_launch_args(x, cos, sin, backward=False):
-    """Launch geometry: x [N, heads, D] with unit last stride (a qkv slice is fine). A tile holds
-    ROWS half-rows (BLOCK = next_pow2(D/2)) and a row is two of them. D=128 forward: 32 rows, 8 warps;
-    backward: 16 rows, 4 warps, 4 persistent programs per SM."""
-    N, heads, D = x.shape
-    if backward:
-        BLOCK, ROWS, num_warps = _row_cfg(D // 2, rows=16, warps=4)
-    else:
-        BLOCK, ROWS, num_warps = _row_cfg(D // 2, 2048, 8)
-    return (N * heads, heads, D // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0)), \
-        dict(ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
-
-
 class _RopeNormFn(torch.autograd.Function):
-    """One of q or k: out = rope(qk_norm(x)). cos/sin are constants (no gradient)."""
+    """One of q or k: out = rope(qk_norm(x)). x [N, heads, D] needs only a unit last stride (a qkv slice is
+    read in place); cos/sin are constants (no gradient). A row is two half-rows of BLOCK = next_pow2(D/2)."""
 
     @staticmethod
     def forward(ctx, x, positions, cos, sin, weight, eps):
-        if x.stride(-1) != 1:
-            x = x.contiguous()
+        x = x if x.stride(-1) == 1 else x.contiguous()
         N, heads, D = x.shape
-        args, meta = _rope_launch_args(x, cos, sin)
+        ctx.args = (N * heads, heads, D // 2, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0))
+        BLOCK, ROWS, num_warps = _row_cfg(D // 2, 2048, 8)                # D=128: 32 rows, 8 warps
         out = torch.empty((N, heads, D), dtype=x.dtype, device=x.device)
         rstd = torch.empty(N * heads if weight is not None else 1, dtype=torch.float32, device=x.device)
-        _rope_norm_fwd_kernel[(triton.cdiv(N * heads, meta["ROWS"]),)](
-            x, positions, cos, sin, weight if weight is not None else cos, out, rstd, *args, eps,
-            HAS_NORM=weight is not None, **meta)
+        _rope_norm_fwd_kernel[(triton.cdiv(N * heads, ROWS),)](
+            x, positions, cos, sin, weight if weight is not None else cos, out, rstd, *ctx.args, eps,
+            HAS_NORM=weight is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
         ctx.save_for_backward(x, positions, cos, sin, weight, rstd)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         x, positions, cos, sin, weight, rstd = ctx.saved_tensors
-        dout = dout.contiguous()                                          # [N, heads, D]
-        args, meta = _rope_launch_args(x, cos, sin, backward=True)
-        nprog = _persistent_programs(x.device, triton.cdiv(args[0], meta["ROWS"]), per_sm=4)
+        BLOCK, ROWS, num_warps = _row_cfg(x.shape[-1] // 2, rows=16, warps=4)   # 4 persistent programs per SM
+        nprog = _persistent_programs(x.device, triton.cdiv(ctx.args[0], ROWS), per_sm=4)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
         dw_part = torch.empty((nprog, x.shape[-1]) if weight is not None else (1,), dtype=torch.float32,
                               device=x.device)
         _rope_norm_bwd_kernel[(nprog,)](
-            dout, x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part, *args,
-            HAS_NORM=weight is not None, **meta)
+            dout.contiguous(), x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part,
+            *ctx.args, HAS_NORM=weight is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
         dw = dw_part.sum(0).to(weight.dtype) if weight is not None else None   # [nprog, D] -> [D]
         return dx, None, None, None, dw, None
 
@@ -1327,53 +1217,49 @@ def swiglu_ref(gate, up):
     return (torch.nn.functional.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-@_jit(dynamic=('n_rows',))
-def _swiglu_fwd_kernel(g_ptr, u_ptr, y_ptr, n_rows, n_cols, stride_g, stride_u,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)   # [ROWS]
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK]
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)            # [ROWS, BLOCK]
-    g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    y = g * tl.sigmoid(g) * u
-    tl.store(y_ptr + rows[:, None] * n_cols + cols[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 @_jit(dynamic=('n',))
 def _swiglu_fwd_flat_kernel(g_ptr, u_ptr, y_ptr, n, BLOCK: tl.constexpr):
     # contiguous gate/up: one flat 1-D stream, no row/column index math and no masked column tail per
-    # row; each thread moves whole 16-byte vectors. (The 2-D kernel above stays for strided views.)
+    # row; each thread moves whole 16-byte vectors (no eviction hint: a pure stream has nothing to protect)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]; int64: n may pass 2^31
     mask = offs < n
-    # no eviction hint: on a pure stream there is nothing in L2 worth protecting
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + offs, (g * tl.sigmoid(g) * u).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps): any 1024-8192 x 4-16 is as fast
-
-
 @_jit(dynamic=('n_rows',))
-def _swiglu_bwd_kernel(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n_rows, n_cols, stride_dy, stride_g, stride_u,
-                       ROWS: tl.constexpr, BLOCK: tl.constexpr):
-    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+def _swiglu_2d_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, du_ptr, n_rows, n_cols, stride_dy, stride_g, stride_u,
+                      BACKWARD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """[ROWS, BLOCK] tiles of row-strided [R, I] inputs (e.g. column slices of a fused gate_up) ->
+    contiguous [R, I] outputs: out = y (forward), or out = dg and du (BACKWARD)."""
+    rows = (tl.program_id(0) * ROWS + tl.arange(0, ROWS)).to(tl.int64)   # [ROWS]
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)                 # [BLOCK]
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)            # [ROWS, BLOCK]
     g = tl.load(g_ptr + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(u_ptr + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    sg = tl.sigmoid(g)                                                    # recomputed: cheaper than storing
-    out = rows[:, None] * n_cols + cols[None, :]                          # dg, du contiguous [R, I]
-    tl.store(du_ptr + out, (dy * g * sg).to(du_ptr.dtype.element_ty), mask=mask)
-    tl.store(dg_ptr + out, (dy * u * sg * (1.0 + g * (1.0 - sg))).to(dg_ptr.dtype.element_ty), mask=mask)
+    sg = tl.sigmoid(g)                                                    # recomputed in the backward
+    out = rows[:, None] * n_cols + cols[None, :]
+    if BACKWARD:
+        dy = tl.load(dy_ptr + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(du_ptr + out, (dy * g * sg).to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + out, (dy * u * sg * (1.0 + g * (1.0 - sg))).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + out, (g * sg * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def _swiglu_grid(R, I):
-    """2-D grid of [ROWS, BLOCK] tiles, BLOCK <= 1024 columns, ~4096 elements (8 warps) per program."""
+_SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps); the sweep is in BENCHMARKS.md
+
+
+def _swiglu_2d(g2, u2, out, dy2=None, du=None):
+    """Launch _swiglu_2d_kernel (the backward when dy2 is given): tiles of BLOCK <= 1024 columns, ~4096
+    elements (8 warps) per program."""
+    (R, I), bwd = g2.shape, dy2 is not None
     BLOCK = min(triton.next_power_of_2(I), 1024)
     ROWS = max(1, 4096 // BLOCK)
-    return (triton.cdiv(R, ROWS), triton.cdiv(I, BLOCK)), dict(ROWS=ROWS, BLOCK=BLOCK, num_warps=8)
+    _swiglu_2d_kernel[(triton.cdiv(R, ROWS), triton.cdiv(I, BLOCK))](
+        dy2 if bwd else g2, g2, u2, out, du if bwd else out, R, I, dy2.stride(0) if bwd else 0, g2.stride(0),
+        u2.stride(0), BACKWARD=bwd, ROWS=ROWS, BLOCK=BLOCK, num_warps=8)
 
 
 class _SwiGLUFn(torch.autograd.Function):
@@ -1387,8 +1273,7 @@ class _SwiGLUFn(torch.autograd.Function):
             _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, BLOCK),)](g2, u2, y, R * I, BLOCK=BLOCK,
                                                                   num_warps=num_warps)
         else:
-            grid, meta = _swiglu_grid(R, I)
-            _swiglu_fwd_kernel[grid](g2, u2, y, R, I, g2.stride(0), u2.stride(0), **meta)
+            _swiglu_2d(g2, u2, y)
         ctx.save_for_backward(g2, u2)
         ctx.shape = gate.shape
         return y.view(gate.shape)
@@ -1396,12 +1281,8 @@ class _SwiGLUFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        dy2 = _as_rows(dy)
-        R, I = g2.shape
-        dg = torch.empty((R, I), dtype=g2.dtype, device=g2.device)
-        du = torch.empty((R, I), dtype=u2.dtype, device=u2.device)
-        grid, meta = _swiglu_grid(R, I)
-        _swiglu_bwd_kernel[grid](dy2, g2, u2, dg, du, R, I, dy2.stride(0), g2.stride(0), u2.stride(0), **meta)
+        dg, du = (torch.empty(g2.shape, dtype=t.dtype, device=t.device) for t in (g2, u2))   # contiguous [R, I]
+        _swiglu_2d(g2, u2, dg, _as_rows(dy), du)
         return dg.view(ctx.shape), du.view(ctx.shape)
 
 
@@ -1419,31 +1300,29 @@ def swiglu(gate, up, impl="auto"):
 
 
 # ==== losses over the LM head =================================================================
-# Losses over the LM head that never hold the [N, V] fp32 logits. Stands in for Liger-Kernel's fused linear cross-entropy and the "Cut Cross-Entropy" idea (Wijmans et
-# al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). Keeps: SFT cross-entropy with
-# ignore_index and sum/mean/none, PPO per-token log-probs of given tokens with temperature and entropy,
-# a Megatron-style vocab-parallel mode. Drops: label smoothing, z-loss, soft-capping, bias.
+# Losses over the LM head that never hold the [N, V] fp32 logits: Liger-Kernel's fused linear
+# cross-entropy, the "Cut Cross-Entropy" idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
+# Language Models"). Keeps SFT cross-entropy (ignore_index, sum/mean/none), PPO per-token log-probs of
+# given tokens with temperature and entropy, a Megatron-style vocab-parallel mode. Drops label
+# smoothing, z-loss, soft-capping, bias.
 #
-# Why: the eager LM-head loss `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab
-# of V=151936 holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (16384 x 151936 x
-# 4 B = 9.96 GB), the fp32 log-softmax saved for backward (9.96 GB) and in backward the fp32 and bf16
-# gradients of the logits: ~30 GB (29.9 GB measured) for a loss that is one number per token.
+# Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936
+# holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax
+# saved for backward (9.96 GB) and in backward the fp32 and bf16 gradients of the logits: ~30 GB (29.9 GB
+# measured) for a loss that is one number per token.
 # How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype
 # (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
 # logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
 # matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed over the chunks in fp32 and rounded to
-# the weight dtype once (V x Hd fp32: 0.62 GB at Hd=1024, and as much for one chunk's product).
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed in fp32 (_add_grad_w).
 # - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
 #   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
 # - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
 #   logits (one extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
 # Precision in bf16: the logits are rounded to bf16 (as eager, HF and Liger do: the largest error left,
 # several % on the rows of a few large logits against fp32 logits), d loss/d logits is rounded to bf16
-# to feed the GEMMs (one rounding per term, as eager does), and the result once (grad_W: see _add_grad_w).
+# to feed the GEMMs (one rounding per term, as eager does), and grad_W once.
 # Legend: N packed tokens, Hd hidden size, V vocab (V_r: this rank's vocab slice), C rows per chunk.
-# Parts: references . vocab-parallel hooks . Triton kernels (+ torch twins) . chunked autograd
-#        Functions . public API
 
 
 # ---- references: the plain math, materialising the fp32 logits (test oracles, CPU fallback) ----
@@ -1495,8 +1374,7 @@ def _shard_stats_ref(hidden, weight_shards, tokens, temperature):
     return lse, sum(t), lse - sum(x * ri for x, ri in zip(sz, r)) / S            # lse, target logit, entropy
 
 
-def linear_cross_entropy_vocab_parallel_ref(hidden, weight_shards, labels, ignore_index=-100,
-                                            reduction="mean"):
+def linear_cross_entropy_vocab_parallel_ref(hidden, weight_shards, labels, ignore_index=-100, reduction="mean"):
     """Cross-entropy from the shard-wise math above: loss_i = lse_i - z_i[label_i]."""
     valid = labels != ignore_index
     lse, tgt, _ = _shard_stats_ref(hidden, weight_shards, torch.where(valid, labels, -1), 1.0)
@@ -1630,36 +1508,30 @@ def _dlogits_ref_(logits, tok, lse, ent, g_lp, g_ent, inv_temp):
     logits.copy_(dz * inv_temp)
 
 
-def _loss_launch_cfg(V):
+def _loss_launch(V):
+    """Launch meta of the two loss kernels: BLOCK_V columns per step (<= _LOSS_MAX_BLOCK_V), warps."""
     block = min(_LOSS_MAX_BLOCK_V, triton.next_power_of_2(V))
-    return block, (8 if block >= 2048 else 4)
-
-
-def _row_stats(logits, tok, inv_temp, use_triton):
-    if not use_triton:
-        return _row_stats_ref(logits, tok, inv_temp)
-    C, V = logits.shape
-    stats = torch.empty(4, C, dtype=torch.float32, device=logits.device)
-    block, warps = _loss_launch_cfg(V)
-    _loss_row_stats_kernel[(C,)](logits, logits.stride(0), tok, stats, C, V, inv_temp,
-                                 BLOCK_V=block, num_warps=warps)
-    return stats
+    return dict(BLOCK_V=block, num_warps=8 if block >= 2048 else 4)
 
 
 def _dlogits_(logits, tok, lse, ent, g_lp, g_ent, inv_temp, use_triton):
     if not use_triton:
         return _dlogits_ref_(logits, tok, lse, ent, g_lp, g_ent, inv_temp)
-    C, V = logits.shape
     has_ent = ent is not None
-    block, warps = _loss_launch_cfg(V)
-    _loss_dlogits_kernel[(C,)](logits, logits.stride(0), tok, lse, ent if has_ent else lse, g_lp,
-                               g_ent if has_ent else g_lp, V, inv_temp, HAS_ENT=has_ent,
-                               BLOCK_V=block, num_warps=warps)
+    _loss_dlogits_kernel[(logits.shape[0],)](logits, logits.stride(0), tok, lse, ent if has_ent else lse, g_lp,
+                                             g_ent if has_ent else g_lp, logits.shape[1], inv_temp,
+                                             HAS_ENT=has_ent, **_loss_launch(logits.shape[1]))
 
 
 def _softmax_stats(logits, tok, inv_temp, vp, use_triton):
     """One chunk's per-row (lse, target z, entropy), global over the vocab even when vocab-parallel."""
-    m, s, t, sz = _row_stats(logits, tok, inv_temp, use_triton).unbind(0)       # each [C]
+    C, V = logits.shape
+    if use_triton:   # [4, C] fp32: local max, sum-exp, target z, sum e*z
+        stats = torch.empty(4, C, dtype=torch.float32, device=logits.device)
+        _loss_row_stats_kernel[(C,)](logits, logits.stride(0), tok, stats, C, V, inv_temp, **_loss_launch(V))
+    else:
+        stats = _row_stats_ref(logits, tok, inv_temp)
+    m, s, t, sz = stats.unbind(0)                                               # each [C]
     if vp is not None:
         gm = m.clone()
         vp.all_reduce_max(gm)                           # 1) the global max M
@@ -1673,25 +1545,30 @@ def _softmax_stats(logits, tok, inv_temp, vp, use_triton):
 
 # ---- chunked autograd Functions ----
 
+def _chunks(hidden, weight, chunk):
+    """Yield (rows, h_c, logits) per chunk of C rows: rows a slice of [0, N), h_c [c, Hd] (c <= C) and
+    logits = h_c @ W^T [c, V_r] in the input dtype, written into ONE buffer reused by every chunk."""
+    buf = hidden.new_empty(min(chunk, hidden.shape[0]), weight.shape[0])   # the only [C, V_r] tensor
+    for s0 in range(0, hidden.shape[0], chunk):
+        h_c = hidden[s0:s0 + chunk]
+        yield slice(s0, s0 + chunk), h_c, torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])
+
+
 def _default_chunk_size(V, itemsize):
-    """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB),
-    within [128, 8192]. At V=151936 in bf16 that is C=2048: a 0.62 GB buffer and 8 chunks at 16k tokens.
-    Why not smaller (Liger's N*Hd/V heuristic gives 128 rows here): every chunk re-reads W and
-    read-modify-writes grad_W (V x Hd fp32: 0.62 GB each), and grad_W += dlogits^T @ h_c contracts over only
-    C rows, so small chunks turn three compute-bound GEMMs into many bandwidth-bound ones. Why not
-    larger: memory grows as C*V, while a [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256
-    output tiles for 132 SMs, so more rows buy little speed."""
+    """Rows per chunk: the largest power of two whose [C, V] buffer fits _LOSS_CHUNK_BYTES (1 GiB), within
+    [128, 8192]: C=2048 at V=151936 in bf16. Not smaller (Liger's N*Hd/V gives 128 rows): every chunk
+    re-reads W and read-modify-writes grad_W (0.62 GB each), and grad_W's GEMM contracts over only C rows,
+    so small chunks make compute-bound GEMMs bandwidth-bound. Not larger: memory grows as C*V, while a
+    [2048, Hd] x [Hd, 151936] GEMM already has ~9.5k 128x256 output tiles for 132 SMs."""
     rows = max(1, _LOSS_CHUNK_BYTES // (V * itemsize))
     return max(128, min(8192, 1 << (rows.bit_length() - 1)))
 
 
 def _add_grad_w(acc, dlogits, h_c):
     """acc + dlogits^T @ h_c: [V_r, c] x [c, Hd] -> [V_r, Hd], kept in FP32 across chunks (acc None: the
-    first chunk). Why: grad_W sums one product per chunk; a bf16 running sum (`grad_w.addmm_` on a bf16
-    tensor) rounds the partial sum to 8 bits after EVERY chunk, so its error grows with the chunk count
-    (twice the one-rounding error at 16 chunks). Here every chunk's product leaves the GEMM in fp32
-    (bf16 operands, fp32 accumulate and output) and is added in fp32; the caller rounds once.
-    Cost at V=151936, Hd=1024: 0.62 GB for acc plus a 0.62 GB product per chunk, vs 0.31 GB in bf16."""
+    first chunk). A bf16 running sum would round the partial sum to 8 bits after EVERY chunk, an error
+    growing with the chunk count; here each chunk's product leaves the GEMM in fp32 and is added in fp32,
+    and the caller rounds once. Cost at V=151936, Hd=1024: 0.62 GB for acc + 0.62 GB per chunk's product."""
     if dlogits.dtype == torch.float32:
         return torch.mm(dlogits.t(), h_c) if acc is None else acc.addmm_(dlogits.t(), h_c)
     if dlogits.is_cuda:
@@ -1710,24 +1587,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tok, row_w, chunk, need_gh, need_gw, use_triton, vp):
-        N, V = hidden.shape[0], weight.shape[0]
-        loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        loss_rows = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         grad_h = hidden.new_empty(hidden.shape) if need_gh else None        # contiguous, for out=
         grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
-        buf = hidden.new_empty(min(chunk, N), V)                # the only [C, V_r] tensor that exists
-        for s0 in range(0, N, chunk):
-            h_c = hidden[s0:s0 + chunk]                                          # [c, Hd], c <= C
-            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # [c, V_r] input dtype
-            lse, t, _ = _softmax_stats(logits, tok[s0:s0 + chunk], 1.0, vp, use_triton)
-            loss_rows[s0:s0 + chunk] = lse - t
+        for rows, h_c, logits in _chunks(hidden, weight, chunk):
+            lse, t, _ = _softmax_stats(logits, tok[rows], 1.0, vp, use_triton)
+            loss_rows[rows] = lse - t
             if need_gh or need_gw:
                 # logp has d/dz = onehot - p, the loss is -w * logp: so g_lp = -w (0 on ignored rows).
                 # FOOTGUN (fp16 only): w = 1/n is folded into dlogits, so entries below fp16's 6e-8
                 # flush to zero at large n; bf16 has fp32's exponent range and does not care.
-                _dlogits_(logits, tok[s0:s0 + chunk], lse, None, -row_w[s0:s0 + chunk], None, 1.0,
-                          use_triton)                   # logits now holds dlogits [c, V_r]
+                _dlogits_(logits, tok[rows], lse, None, -row_w[rows], None, 1.0, use_triton)   # now dlogits
                 if need_gh:
-                    torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])          # [c, Hd]
+                    torch.mm(logits, weight, out=grad_h[rows])                   # [c, Hd]
                 if need_gw:
                     grad_w = _add_grad_w(grad_w, logits, h_c)                   # [V_r, Hd] fp32
         if need_gw and grad_w is None:                          # N == 0: no chunk ran
@@ -1753,15 +1625,10 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, tok, inv_temp, chunk, use_triton, vp):
-        N, V = hidden.shape[0], weight.shape[0]
-        lse = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         tgt, ent = torch.empty_like(lse), torch.empty_like(lse)
-        buf = hidden.new_empty(min(chunk, N), V)
-        for s0 in range(0, N, chunk):
-            h_c = hidden[s0:s0 + chunk]
-            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # [c, V_r]
-            lse[s0:s0 + chunk], tgt[s0:s0 + chunk], ent[s0:s0 + chunk] = _softmax_stats(
-                logits, tok[s0:s0 + chunk], inv_temp, vp, use_triton)
+        for rows, _, logits in _chunks(hidden, weight, chunk):
+            lse[rows], tgt[rows], ent[rows] = _softmax_stats(logits, tok[rows], inv_temp, vp, use_triton)
         ctx.save_for_backward(hidden, weight, tok, lse, ent)
         ctx.cfg = (inv_temp, chunk, use_triton)
         ctx.set_materialize_grads(False)                # an unused output's grad arrives as None
@@ -1771,20 +1638,15 @@ class _LinearLogprobs(torch.autograd.Function):
     def backward(ctx, g_lp, g_ent):
         hidden, weight, tok, lse, ent = ctx.saved_tensors
         inv_temp, chunk, use_triton = ctx.cfg
-        N, V = hidden.shape[0], weight.shape[0]
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         grad_h = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
         grad_w = None                                           # fp32 [V_r, Hd] after the first chunk
-        buf = hidden.new_empty(min(chunk, N), V)
-        for s0 in range(0, N, chunk):
-            h_c = hidden[s0:s0 + chunk]
-            logits = torch.mm(h_c, weight.t(), out=buf[:h_c.shape[0]])          # recompute [c, V_r]
-            _dlogits_(logits, tok[s0:s0 + chunk], lse[s0:s0 + chunk],
-                      None if g_ent is None else ent[s0:s0 + chunk], g_lp[s0:s0 + chunk],
-                      None if g_ent is None else g_ent[s0:s0 + chunk], inv_temp, use_triton)
+        for rows, h_c, logits in _chunks(hidden, weight, chunk):               # logits recomputed
+            _dlogits_(logits, tok[rows], lse[rows], None if g_ent is None else ent[rows], g_lp[rows],
+                      None if g_ent is None else g_ent[rows], inv_temp, use_triton)   # now dlogits
             if grad_h is not None:
-                torch.mm(logits, weight, out=grad_h[s0:s0 + chunk])              # [c, Hd]
+                torch.mm(logits, weight, out=grad_h[rows])                       # [c, Hd]
             if ctx.needs_input_grad[1]:
                 grad_w = _add_grad_w(grad_w, logits, h_c)                       # [V_r, Hd] fp32
         if ctx.needs_input_grad[1]:                             # round once (zeros when N == 0)
@@ -1794,7 +1656,8 @@ class _LinearLogprobs(torch.autograd.Function):
 
 # ---- public API ----
 
-def _loss_check_inputs(hidden, weight, ids, ids_name, chunk_size):
+def _loss_setup(hidden, weight, ids, ids_name, chunk_size, impl, vocab_parallel):
+    """Check the inputs -> (rows per chunk, VocabParallel or None, whether Triton runs)."""
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"hidden must be [N, Hd] and weight [V, Hd] with the same Hd, got "
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -1806,7 +1669,8 @@ def _loss_check_inputs(hidden, weight, ids, ids_name, chunk_size):
                          f"got {ids.dtype} {tuple(ids.shape)}")
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    return chunk_size or _default_chunk_size(weight.shape[0], weight.element_size())
+    chunk = chunk_size or _default_chunk_size(weight.shape[0], weight.element_size())
+    return chunk, _as_vocab_parallel(vocab_parallel), _use_triton(impl, hidden, weight, ids)
 
 
 def _local_ids(ids, valid, vp, V_r):
@@ -1816,38 +1680,31 @@ def _local_ids(ids, valid, vp, V_r):
 
 
 def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean",
-                               chunk_size=None, impl="auto", vocab_parallel=None,
-                               num_tokens_for_mean=None):
+                               chunk_size=None, impl="auto", vocab_parallel=None, num_tokens_for_mean=None):
     """Cross-entropy of softmax(hidden @ weight^T) against labels without the [N, V] fp32 logits.
 
     hidden [N, Hd] and weight [V, Hd] (same dtype: bf16/fp16/fp32), labels [N] int, ignore_index rows
     contribute 0. reduction: "sum"; "mean" (sum / number of non-ignored labels, or / num_tokens_for_mean
     when given; a count of 0 is clamped to 1); "none" ([N] fp32, 0 on ignored rows).
-    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. With gradient
-    accumulation and data parallelism, a per-micro-batch mean over-weights short micro-batches; passing
-    the step's total count (all-reduced over DP once per step) makes sum(micro-batch losses) with a SUM
-    all-reduce of gradients exactly the per-token mean over the whole batch.
-    chunk_size: rows per [C, V] logits chunk (default: see _default_chunk_size, 2048 at V=151936 bf16).
-    Memory: one [C, V] buffer in the input dtype + the gradients (grad_W summed in fp32), vs ~30 GB
-    eager at 16k x 152k.
+    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. A per-micro-batch
+    mean over-weights short micro-batches; with the step's count (all-reduced over DP once per step), the
+    sum of micro-batch losses and a SUM all-reduce of gradients give exactly the per-token mean.
+    chunk_size: rows per [C, V] logits chunk (default: _default_chunk_size, 2048 at V=151936 bf16).
     "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales
     them by grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
-    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref".
+    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref" (with vocab_parallel:
+    the same chunked algorithm on the torch twins).
     vocab_parallel: None, or a VocabParallel / dict / object with vocab_start and in-place all-reduce
     hooks all_reduce_max(t) and all_reduce_sum(t) over the tensor-parallel group; weight is then this
-    rank's rows W[vocab_start : vocab_start + V_r] and labels stay global ids. The returned loss is the
-    full (global-vocab) loss on every rank and grad_W is this rank's slice, but grad_h is only THIS
-    RANK'S PARTIAL SUM over its vocab slice: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP,
-    as Megatron does in the backward of `copy_to_tensor_model_parallel_region` before the LM head.
-    With impl="ref" the vocab-parallel path runs the same chunked algorithm with torch twins."""
-    chunk = _loss_check_inputs(hidden, weight, labels, "labels", chunk_size)
+    rank's rows W[vocab_start : vocab_start + V_r] and labels stay global ids. The loss is the full
+    (global-vocab) loss on every rank and grad_W this rank's slice, but grad_h is only THIS RANK'S
+    PARTIAL SUM: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP, as Megatron does in the
+    backward of `copy_to_tensor_model_parallel_region` before the LM head."""
+    chunk, vp, use_triton = _loss_setup(hidden, weight, labels, "labels", chunk_size, impl, vocab_parallel)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
-    vp = _as_vocab_parallel(vocab_parallel)
-    use_triton = _use_triton(impl, hidden, weight, labels)
     if vp is None and not use_triton:
-        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction,
-                                        num_tokens_for_mean)
+        return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction, num_tokens_for_mean)
     valid = labels != ignore_index
     if reduction == "none":   # per-row grad_output is only known in backward: the recompute path
         lp, _ = fused_linear_logprobs(hidden, weight, torch.where(valid, labels, 0), 1.0, False,
@@ -1870,17 +1727,14 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
     Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for
     any loss using both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the
     SAME temperature the rollout sampled with, or the ratio compares two different distributions.
-    Backward, with g_lp = d loss/d logp_i and g_H = d loss/d H_i:
-        d loss/d z_ij = g_lp_i ([j == t_i] - p_ij) - g_H_i p_ij (log p_ij + H_i),  d z/d logits = 1/T,
-    done chunk by chunk on recomputed logits (forward keeps only h, lse and H: 8 bytes per token).
-    tokens must lie in [0, V) (not checked: that would sync the GPU); an id outside gives logp = -lse.
-    impl, chunk_size and vocab_parallel as in fused_linear_cross_entropy (tokens are global ids; under
-    vocab_parallel THE CALLER MUST ALL-REDUCE grad_h over the TP group; backward needs no collective)."""
-    chunk = _loss_check_inputs(hidden, weight, tokens, "tokens", chunk_size)
+    The backward (see _loss_dlogits_kernel) runs chunk by chunk on recomputed logits: the forward keeps
+    only h, lse and H (8 bytes per token). tokens must lie in [0, V) (not checked: that would sync the
+    GPU); an id outside gives logp = -lse. impl, chunk_size and vocab_parallel as in
+    fused_linear_cross_entropy (tokens are global ids; under vocab_parallel THE CALLER MUST ALL-REDUCE
+    grad_h over the TP group; backward needs no collective)."""
+    chunk, vp, use_triton = _loss_setup(hidden, weight, tokens, "tokens", chunk_size, impl, vocab_parallel)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    vp = _as_vocab_parallel(vocab_parallel)
-    use_triton = _use_triton(impl, hidden, weight, tokens)
     if vp is None and not use_triton:
         return linear_logprobs_ref(hidden, weight, tokens, temperature, return_entropy)
     ok = torch.ones_like(tokens, dtype=torch.bool)
@@ -1898,13 +1752,12 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
 # bandwidth for the memory-bound rest). Measured history and tuning sweeps live in BENCHMARKS.md.
 
 def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
-    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush.
-    graph=True times replays of fn captured once in a CUDA graph: the row-wise and decode kernels run
-    ~30 us, less than the host needs to launch them from Python (50-150 us through autograd and
-    Triton's launcher), so timing the calls would time the host. Attention and the LM-head losses take
+    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times
+    replays of a CUDA graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs
+    to launch them (50-150 us through autograd and Triton's launcher); attention and the losses take
     milliseconds and are called directly (graph=False), as is a fn that cannot be captured.
-    flush="dirty" WRITES 256 MB (as triton's do_bench does), leaving an L2 full of dirty lines that the
-    kernel must write back, which caps even a copy_ of 64 MB; "clean" READS it (a cold, clean L2)."""
+    flush="dirty" WRITES 256 MB (as triton's do_bench does): the kernel must write back an L2 full of
+    dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):    # warm-up (compile, autotune) on the capture stream, so that the
