@@ -98,7 +98,7 @@ import types
 import weakref
 from collections import Counter, deque
 from contextlib import suppress
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 INLINE_MAX = 100 * 1024  # objects up to this size travel inside messages (Ray's max_direct_call_object_size)
 UNIT = 10_000  # resources are counted in 1/10000 units: fractional GPUs without float drift
@@ -876,7 +876,6 @@ class _Client:
 
 # ---- public API ------------------------------------------------------------------------------------
 
-_ATEXIT = []  # shutdown() registered once per process
 _IGNORED_INIT = {"include_dashboard", "dashboard_host", "dashboard_port", "logging_level", "log_to_driver",
                  "configure_logging"}  # Ray's cosmetic init options: accepted, without effect
 
@@ -920,8 +919,6 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
             proc.wait()
             raise
         _client.head_proc = proc
-    if not _ATEXIT:
-        _ATEXIT.append(atexit.register(shutdown))
     return _client.info
 
 
@@ -943,6 +940,9 @@ def shutdown() -> None:
         except subprocess.TimeoutExpired:
             c.head_proc.kill()
             c.head_proc.wait()
+
+
+atexit.register(shutdown)  # a driver that forgets shutdown() still stops the cluster it started
 
 
 def is_initialized() -> bool:
@@ -969,9 +969,8 @@ def put(value) -> ObjectRef:
     oid = c.new_id()
     desc, refs = c.store(value)
     c.send(("put", oid, desc, refs, True))
-    ref = ObjectRef(oid, _counted=True)
     c.descs[oid] = desc  # our own put: get() needs no round trip
-    return ref
+    return ObjectRef(oid, _counted=True)
 
 
 def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
@@ -1144,9 +1143,6 @@ class ActorHandle:
             raise AttributeError(f"'{self.__dict__.get('_cls_name')}' actor has no method '{name}'")
         return ActorMethod(self, name, self._methods[name])
 
-    def __reduce__(self):
-        return ActorHandle, (self._aid, self._cls_name, self._methods, self._ref)
-
     def __repr__(self):
         return f"Actor({self._cls_name}, {self._aid})"
 
@@ -1210,9 +1206,6 @@ class PlacementGroup:
             return True
         except GetTimeoutError:
             return False
-
-    def __reduce__(self):
-        return PlacementGroup, (self.id, self.bundle_specs, self.strategy)
 
 
 class PlacementGroupSchedulingStrategy:
@@ -2212,7 +2205,7 @@ def _desc_text(desc) -> str:
 
 
 def _fmt_res(units: dict) -> str:
-    return ", ".join(f"{k}={v / UNIT:g}" for k, v in sorted(units.items()))
+    return " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(units.items()) if v) or "-"
 
 
 # ---- node manager (head and raylets), raylet, worker ----------------------------------------------
@@ -2381,8 +2374,10 @@ def _node_main() -> None:
                 _log(f"raylet {nid}: lost the head at {cfg['address']}; stopping")
             finally:
                 mgr.shutdown()
-    if cfg.get("pidfile"):
-        _write_json(cfg["pidfile"], {"pid": os.getpid(), "address": address, "head": cfg["head"]})
+    if cfg.get("pidfile"):  # `start` waits for it: written whole (a temp name, then a rename)
+        with open(cfg["pidfile"] + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "address": address, "head": cfg["head"]}, f)
+        os.replace(cfg["pidfile"] + ".tmp", cfg["pidfile"])
     try:
         run()
     finally:
@@ -2499,13 +2494,6 @@ class StartConfig:
     block: bool = _opt(False, "run in the foreground instead of in the background")
 
 
-def _write_json(path, obj) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)  # nothing half-written
-
-
 def _pidfiles() -> list:
     out = []
     for name in sorted(os.listdir(STATE_DIR)) if os.path.isdir(STATE_DIR) else []:
@@ -2527,32 +2515,30 @@ def _local_head_address() -> str:
 def _start(cfg: StartConfig) -> None:
     if cfg.head == bool(cfg.address):
         raise ValueError("start: give exactly one of --head or --address HOST:PORT")
+    try:
+        resources = dict(json.loads(cfg.resources))
+    except (ValueError, TypeError):
+        raise ValueError(f"--resources {cfg.resources!r}: expected a JSON object such as '{{\"reward\": 4}}'") from None
     if cfg.head and not os.environ.get("NANORAY_SECRET") and not os.path.exists(cfg.secret_file or SECRET_FILE):
         path = cfg.secret_file or SECRET_FILE  # a first head on this machine makes the secret
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(os.urandom(32).hex())
     secret = _load_secret(cfg.secret_file or None)
-    try:
-        resources = json.loads(cfg.resources)
-        assert isinstance(resources, dict)
-    except (ValueError, AssertionError):
-        raise ValueError(f"--resources {cfg.resources!r}: expected a JSON object such as '{{\"reward\": 4}}'") from None
-    node = {"head": cfg.head, "address": cfg.address, "port": cfg.port, "host": cfg.node_ip_address,
-            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": resources,
-            "object_store_memory": cfg.object_store_memory}
+    node = dict(asdict(cfg), host=cfg.node_ip_address, resources=resources)
     if not cfg.head:
         _Client(cfg.address, secret, {"kind": "cli"}).sock.close()  # fail here, readably, if unreachable
-    env = dict(os.environ, NANORAY_SECRET=secret.decode())
+    os.environ["NANORAY_SECRET"] = secret.decode()  # the node reads it from its environment
     if cfg.block:
-        os.environ.update(NANORAY_SECRET=secret.decode(), NANORAY_CONFIG=json.dumps(node))
+        os.environ["NANORAY_CONFIG"] = json.dumps(node)
         return _node_main()
     stem = os.path.join(STATE_DIR, f"node-{time.time_ns()}")
     node["pidfile"], log = stem + ".json", stem + ".log"
     os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    env = dict(os.environ, NANORAY_CONFIG=json.dumps(node))
     with open(log, "ab") as logf:  # a daemon: its own session, output to the log, no terminal
         proc = subprocess.Popen([sys.executable, "-c", _boot("_node_main")], stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, start_new_session=True, env=dict(env, NANORAY_CONFIG=json.dumps(node)))
+                                stderr=logf, start_new_session=True, env=env)
     deadline = time.monotonic() + 30
     while not os.path.exists(node["pidfile"]):  # written once the node listens
         if proc.poll() is not None:
@@ -2593,12 +2579,11 @@ def _status(address: str) -> None:
     c = _Client(address or _local_head_address(), _load_secret(), {"kind": "cli"})
     s = c.rpc("status")
     c.sock.close()
-    res = lambda d: " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(d.items()) if v) or "-"  # noqa: E731
     print(f"nanoray cluster at {s['address']}: {len(s['nodes'])} node(s), {len(s['actors'])} actor(s), "
           f"{s['objects']} object(s)")
     for n in s["nodes"]:
-        print(f"  node {n['id']} {n['ip']} {'alive' if n['alive'] else 'DEAD'}: total {res(n['total'])}; free "
-              f"{res(n['free'])}; {n['workers']} workers; store {n['store_used'] / 1e6:.1f} of "
+        print(f"  node {n['id']} {n['ip']} {'alive' if n['alive'] else 'DEAD'}: total {_fmt_res(n['total'])}; "
+              f"free {_fmt_res(n['free'])}; {n['workers']} workers; store {n['store_used'] / 1e6:.1f} of "
               f"{n['store_size'] / 1e6:.0f} MB in {n['store_objects']} objects")
     for a in s["actors"]:
         print(f"  actor {a['id']} {a['class']}{' ' + repr(a['name']) if a['name'] else ''}: {a['state']}, "
@@ -2756,8 +2741,7 @@ def bench(mb: int = 800, systems=("nanoray", "ray")) -> dict:
         peer = results.get("ray", {}).get(k)
         ratio = "" if peer is None or not ours else f"{(peer / ours if k in lower else ours / peer):7.2f}"
         print(f"{k:34s} {ours:10.3f} {'-' if peer is None else f'{peer:10.3f}':>10s} {ratio:>7s}  {targets.get(k, '')}")
-    load1 = os.getloadavg()
-    print(f"ratio > 1: nanoray is better. load average before {load0[0]:.2f}, after {load1[0]:.2f} "
+    print(f"ratio > 1: nanoray is better. load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} cores)")
     return results
 
