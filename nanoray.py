@@ -1519,10 +1519,8 @@ class _Head:
             w.conn, w.pid, peer.worker, peer.node = peer, info["pid"], w, w.node
         elif peer.kind == "node":
             peer.node = self._add_node(info["nid"], peer, info)
-        info = peer.node.info if peer.node else {}
-        self._send(peer, ("reply", 0, {"job": peer.job, "address": self.address, "ip": info.get("ip"),
-                                       "arena": info.get("arena"), "arena_size": info.get("arena_size"),
-                                       "node": info.get("nid")}))
+        info = peer.node.info if peer.node else {}  # ip, arena path and size, ... of the peer's node
+        self._send(peer, ("reply", 0, dict(info, job=peer.job, address=self.address, node=info.get("nid"))))
         if peer.kind == "worker":
             w = peer.worker
             if w.job is not None:
