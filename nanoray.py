@@ -11,38 +11,36 @@ max_concurrency threads, async methods, named and detached actors), .options(), 
 timeouts, kill, get_actor, cluster/available_resources, nodes, get_gpu_ids, placement groups (PACK,
 SPREAD, STRICT_PACK, STRICT_SPREAD) as `nanoray.util.*`, the `exceptions` namespace. Drops: the
 dashboard, runtime_env, object spilling and lineage reconstruction (a lost object raises
-ObjectLostError), generators, cancel, Ray Client, autoscaling, every non-Python language. Differs
-where noted: an actor holds 0 CPUs unless asked (Ray also needs 1 free CPU to place it); bundles on a
-dead node are not rescheduled; sync methods of an async actor run on threads.
+ObjectLostError), generators, cancel, Ray Client, autoscaling, every non-Python language. Differs: an
+actor holds 0 CPUs unless asked (Ray also needs 1 free CPU to place it); bundles on a dead node are
+not rescheduled; sync methods of an async actor run on threads.
 
 How it works. Processes: one *head* per cluster (object directory, reference counts, scheduler, actor
 table, placement groups, and the node manager of its own machine); one *raylet* per extra machine
 (spawns that node's workers, owns its arena, moves objects between nodes); *workers* (one process each,
-reused by tasks, dedicated to an actor); *drivers*. Everyone talks to the head over TCP, messages are
-pickles, so every connection first proves a shared secret (HMAC challenge both ways). A worker is a
-fresh interpreter, as with multiprocessing's "spawn" (never a fork: forking after torch/CUDA
-initialised is unsafe), started with subprocess rather than multiprocessing so that it does not
-re-import the driver's __main__. So functions and classes defined in `__main__` or inside a function
-travel *by value* (code + the globals they use, like Ray's cloudpickle); the rest by reference.
+reused by tasks, dedicated to an actor); *drivers*. Everyone talks to the head over TCP in pickles, so
+every connection first proves a shared secret (HMAC challenge both ways). A worker is a fresh
+interpreter (never a fork: forking after torch/CUDA initialised is unsafe) started with subprocess, so
+it does not re-import the driver's __main__: functions and classes of `__main__` or of a function's
+locals travel *by value* (code + the globals they use, like Ray's cloudpickle), the rest by reference.
 A task's results are pushed to the process that submitted it (its owner), which waits for them.
   Objects. <= 100 KiB travel inside messages and live in the head's memory; larger ones live in the
 node's *arena*, one sparse file in /dev/shm that every process of the node maps. A writer asks the
-head for a region, copies its pickle stream and out-of-band buffers (pickle protocol 5: numpy arrays,
-and torch CPU tensors through a reducer here) into it; a reader maps the region copy-on-write, so
-arrays and tensors it gets view the store without a copy (time independent of size) and writes stay
-private. Reference counting, owner-based with the head as the single owner: a process reports its
-first and its last ObjectRef of an id ("+"/"-"); the head keeps the holders per object, plus pins
-(tasks using it as an argument, objects containing it). Messages of one connection arrive in order,
-so a ref passed to a task is pinned before the sender's "-" arrives. An object is freed when it has
-no holder and no pin; its region returns to the allocator once no process maps it any more (each
-mapping reports "m"/"u"; views die -> the mapping dies -> "u"). A crashed worker's regions are
-reclaimed by the head; a killed node's arena is removed by that node's janitor (a tiny process that
-waits on a pipe for its node to die).
-  Failures: a worker's death is seen as EOF on its socket (or its exit code): its task is retried up to
-max_retries (default 3), then the ref raises WorkerCrashedError; an actor restarts up to max_restarts
-(state lost; calls that were running fail with RayActorError, later ones reach the new process; once
-out of restarts, ActorDiedError). A node's death loses the objects only it had (ObjectLostError).
-get(timeout=) never waits past its timeout.
+head for a region and copies its pickle stream and out-of-band buffers (pickle protocol 5: numpy
+arrays, and torch CPU tensors through a reducer here) into it; a reader maps the region copy-on-write,
+so its arrays and tensors view the store without a copy and its writes stay private. Reference
+counting, with the head as the single owner: a process reports its first and last ObjectRef of an id
+("+"/"-"); the head keeps the holders per object, plus pins (tasks using it as an argument, objects
+containing it). One connection's messages arrive in order, so a ref passed to a task is pinned before
+the sender's "-" arrives. An object without holder and pin is freed; its region returns to the
+allocator once no process maps it (each mapping reports "m"/"u": views die -> the mapping dies ->
+"u"). The head reclaims a crashed worker's regions; a killed node's arena is removed by its janitor
+(a tiny process that waits on a pipe for its node to die).
+  Failures: a dead worker (EOF on its socket, or its exit code) has its task retried up to max_retries
+(default 3), then the ref raises WorkerCrashedError; an actor restarts up to max_restarts (state lost;
+running calls fail with RayActorError, later ones reach the new process; once out of restarts,
+ActorDiedError). A dead node loses the objects only it had (ObjectLostError). get(timeout=) never
+waits past its timeout.
 
 Commands:
   python nanoray.py                      # self-test (seconds): every API on a 2-CPU local cluster
@@ -53,18 +51,17 @@ Commands:
   python nanoray.py status [--address HOST:PORT]       # nodes, resources, actors, tasks, store use
   python nanoray.py stop                               # stop the nodes started on this machine
 
-With torchrun's SPMD code, under one driver (how ppo.py places its roles): reserve the GPUs with a
-placement group, start one actor per rank in its bundle, and give each actor the environment torchrun
-would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT); code written for torchrun (nanotron's
-mesh) then runs unchanged inside the actors. The driver asks rank 0 for its node address and a free
-port, so the group also forms across machines. Engines get their own placement group:
+torchrun's SPMD code under one driver (how ppo.py places its roles; test_all.py runs this with gloo):
+reserve the GPUs with a placement group, start one actor per rank in its bundle and give each the
+environment torchrun would (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): torchrun code
+(nanotron's mesh) then runs unchanged in the actors. Rank 0 tells its node address and a free port,
+so the group also forms across machines. Engines get their own placement group:
     pg = ray.util.placement_group([{"CPU": 1, "GPU": 1}] * W, strategy="PACK"); ray.get(pg.ready())
     ranks = [Trainer.options(num_gpus=1, scheduling_strategy=ray.util.scheduling_strategies.
              PlacementGroupSchedulingStrategy(pg, i)).remote() for i in range(W)]
     addr, port = ray.get(ranks[0].free_address.remote())
     ray.get([r.join.remote(rank=i, world=W, addr=addr, port=port) for i, r in enumerate(ranks)])
     # join(): os.environ.update(RANK=..., MASTER_ADDR=...); torch.distributed.init_process_group()
-(test_all.py runs exactly this with gloo on CPU.)
 
 First read (~600 lines): this docstring -> ObjectRef and the public API (init, remote, get, put, wait)
 -> _Head (the directory, _schedule, _on_done) -> _worker_main. Independent chapters: serialization
@@ -100,7 +97,8 @@ import traceback
 import types
 import weakref
 from collections import Counter, deque
-from dataclasses import dataclass, field, fields
+from contextlib import suppress
+from dataclasses import asdict, dataclass, field, fields
 
 INLINE_MAX = 100 * 1024  # objects up to this size travel inside messages (Ray's max_direct_call_object_size)
 UNIT = 10_000  # resources are counted in 1/10000 units: fractional GPUs without float drift
@@ -128,6 +126,7 @@ class RayError(Exception):
 class RayTaskError(RayError):
     """An exception raised by remote code, with the remote traceback. `get` raises it as an instance of
     both RayTaskError and the original class (as Ray does), so `except ValueError` still catches it."""
+    _dual: dict = {}  # the cause's class -> the class deriving from both (made once)
 
     def __init__(self, function_name="", traceback_str="", cause=None, pid=0):
         super().__init__(function_name, traceback_str, cause, pid)
@@ -141,7 +140,7 @@ class RayTaskError(RayError):
         if cause is None or isinstance(cause, RayTaskError):
             return self
         try:  # a class deriving from both; creating it fails for classes that cannot be subclassed
-            cls = _DUAL.get(type(cause)) or _DUAL.setdefault(
+            cls = self._dual.get(type(cause)) or self._dual.setdefault(
                 type(cause), type(f"RayTaskError({type(cause).__name__})", (RayTaskError, type(cause)), {}))
             err = cls.__new__(cls)
         except TypeError:
@@ -150,9 +149,6 @@ class RayTaskError(RayError):
         err.__dict__.update(self.__dict__)
         err.args = cause.args
         return err
-
-
-_DUAL: dict = {}
 
 
 class RayActorError(RayError):
@@ -183,10 +179,9 @@ class GetTimeoutError(RayError, TimeoutError):
     """get() did not finish within its timeout."""
 
 
-exceptions = types.SimpleNamespace(
-    RayError=RayError, RayTaskError=RayTaskError, RayActorError=RayActorError, ActorDiedError=ActorDiedError,
-    WorkerCrashedError=WorkerCrashedError, ObjectLostError=ObjectLostError, RaySystemError=RaySystemError,
-    ObjectStoreFullError=ObjectStoreFullError, GetTimeoutError=GetTimeoutError)
+exceptions = types.SimpleNamespace(**{e.__name__: e for e in (
+    RayError, RayTaskError, RayActorError, ActorDiedError, WorkerCrashedError, ObjectLostError, RaySystemError,
+    ObjectStoreFullError, GetTimeoutError)})
 
 
 # ---- serialization: by-value code, zero-copy tensors, the object layout ---------------------------
@@ -236,13 +231,11 @@ def _reduce_function(fn):
 
 
 def _make_function(code, name, qualname, module, ncells):
-    existing = _lookup(module, qualname, types.FunctionType)
-    if existing is not None:
-        return existing
-    g = {"__builtins__": builtins, "__name__": module}
-    closure = tuple(types.CellType() for _ in range(ncells)) or None
-    fn = types.FunctionType(marshal.loads(code), g, name, None, closure)
-    fn.__qualname__, fn.__nanoray_by_value__ = qualname, True
+    fn = _lookup(module, qualname, types.FunctionType)
+    if fn is None:  # a skeleton: its globals and cells are filled by _set_function_state
+        g, closure = {"__builtins__": builtins, "__name__": module}, tuple(types.CellType() for _ in range(ncells))
+        fn = types.FunctionType(marshal.loads(code), g, name, None, closure or None)
+        fn.__qualname__, fn.__nanoray_by_value__ = qualname, True
     return fn
 
 
@@ -265,11 +258,9 @@ def _reduce_class(cls):
 
 
 def _make_class(meta, name, qualname, module, bases):
-    existing = _lookup(module, qualname, type)
-    if existing is not None:
-        return existing
-    cls = meta(name, bases, {"__module__": module, "__nanoray_by_value__": True})
-    cls.__qualname__ = qualname
+    cls = _lookup(module, qualname, type)
+    if cls is None:
+        cls = meta(name, bases, {"__module__": module, "__qualname__": qualname, "__nanoray_by_value__": True})
     return cls
 
 
@@ -338,14 +329,17 @@ def _plain(value) -> bool:
         t is dict and len(value) < 16 and all(type(k) is str and _plain(v) for k, v in value.items()))
 
 
-def _dumps(value):
+def _dumps(value, what="a value"):
     """value -> (parts [(offset, bytes-like)], size, ids of contained refs, temporaries to keep alive)."""
     if _plain(value):  # the common small case (a task's arguments, None returned): the C pickler alone
         data = pickle.dumps(value, protocol=5)
         return [(0, _HDR.pack(_MAGIC, 0, len(data))), (_HDR.size, data)], _HDR.size + len(data), [], None
     bufs, f = [], io.BytesIO()
     p = _Pickler(f, bufs)
-    p.dump(value)
+    try:
+        p.dump(value)
+    except (pickle.PicklingError, TypeError, AttributeError) as e:
+        raise TypeError(f"{what} cannot be sent to another process: {e}") from None
     data, raws = f.getbuffer(), [b.raw() for b in bufs]
     pos = _HDR.size + _BUF.size * len(raws) + len(data)
     table = []
@@ -380,11 +374,7 @@ def _loads(mv):
 
 
 def _bytes_of(value, what="a value") -> bytes:
-    try:
-        parts, size, _, _ = _dumps(value)
-    except (pickle.PicklingError, TypeError, AttributeError) as e:
-        raise TypeError(f"{what} cannot be sent to another process: {e}") from None
-    return _to_bytes(parts, size)
+    return _to_bytes(*_dumps(value, what)[:2])
 
 
 def _error_desc(exc) -> tuple:
@@ -446,16 +436,12 @@ def _auth_client(sock, secret: bytes) -> None:
         raise ConnectionError("the node failed to prove the shared secret")
 
 
-def _split_address(address: str):
+def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socket:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"address {address!r}: expected HOST:PORT")
-    return host or "127.0.0.1", int(port)
-
-
-def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socket:
     try:
-        sock = socket.create_connection(_split_address(address), timeout=timeout)
+        sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout)
     except OSError as e:
         raise ConnectionError(f"cannot reach a nanoray node at {address}: {e}") from None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages: no Nagle delay
@@ -658,8 +644,8 @@ class _Client:
     the arena. No reader thread: a thread that waits reads the socket itself ("caller pumps") and
     files what it reads for the others, so a synchronous call costs one send and one receive."""
 
-    def __init__(self, address: str, secret: bytes, hello: dict, timeout: float = 10.0):
-        self.address, self.secret, self.sock = address, secret, _connect(address, secret, timeout)
+    def __init__(self, address: str, secret: bytes, hello: dict):
+        self.address, self.secret, self.sock = address, secret, _connect(address, secret)
         self.send_lock, self.ref_lock, self.cond = threading.Lock(), threading.RLock(), threading.Condition()
         self.reading, self.rbuf, self.rpos = False, bytearray(), 0
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
@@ -870,10 +856,7 @@ class _Client:
                 return _Arg(x._id)
             return x
         payload = ([mark(a) for a in args], {k: mark(v) for k, v in kwargs.items()})
-        try:
-            parts, size, refs, _keep = _dumps(payload)
-        except (pickle.PicklingError, TypeError, AttributeError) as e:
-            raise TypeError(f"an argument of {what} cannot be sent to another process: {e}") from None
+        parts, size, refs, _keep = _dumps(payload, f"an argument of {what}")
         if size <= INLINE_MAX:
             return _to_bytes(parts, size), deps, refs
         oid = self.new_id()  # large arguments become an object of their own, pinned by the task
@@ -893,7 +876,6 @@ class _Client:
 
 # ---- public API ------------------------------------------------------------------------------------
 
-_ATEXIT = []  # shutdown() registered once per process
 _IGNORED_INIT = {"include_dashboard", "dashboard_host", "dashboard_port", "logging_level", "log_to_driver",
                  "configure_logging"}  # Ray's cosmetic init options: accepted, without effect
 
@@ -937,8 +919,6 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
             proc.wait()
             raise
         _client.head_proc = proc
-    if not _ATEXIT:
-        _ATEXIT.append(atexit.register(shutdown))
     return _client.info
 
 
@@ -949,10 +929,8 @@ def shutdown() -> None:
     if c is None:
         return
     if c.head_proc is not None:
-        try:
+        with suppress(RayError, OSError):  # (the head is gone already: its janitor removes the arena)
             c.rpc("shutdown", timeout=10)
-        except (RayError, OSError):
-            pass  # the head is gone already: its janitor removes the arena
     c.sock.close()
     if c.arena is not None:
         c.arena.mv.release()  # arrays still viewing the arena keep their own mappings
@@ -962,6 +940,9 @@ def shutdown() -> None:
         except subprocess.TimeoutExpired:
             c.head_proc.kill()
             c.head_proc.wait()
+
+
+atexit.register(shutdown)  # a driver that forgets shutdown() still stops the cluster it started
 
 
 def is_initialized() -> bool:
@@ -988,9 +969,8 @@ def put(value) -> ObjectRef:
     oid = c.new_id()
     desc, refs = c.store(value)
     c.send(("put", oid, desc, refs, True))
-    ref = ObjectRef(oid, _counted=True)
     c.descs[oid] = desc  # our own put: get() needs no round trip
-    return ref
+    return ObjectRef(oid, _counted=True)
 
 
 def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
@@ -1163,9 +1143,6 @@ class ActorHandle:
             raise AttributeError(f"'{self.__dict__.get('_cls_name')}' actor has no method '{name}'")
         return ActorMethod(self, name, self._methods[name])
 
-    def __reduce__(self):
-        return ActorHandle, (self._aid, self._cls_name, self._methods, self._ref)
-
     def __repr__(self):
         return f"Actor({self._cls_name}, {self._aid})"
 
@@ -1229,9 +1206,6 @@ class PlacementGroup:
             return True
         except GetTimeoutError:
             return False
-
-    def __reduce__(self):
-        return PlacementGroup, (self.id, self.bundle_specs, self.strategy)
 
 
 class PlacementGroupSchedulingStrategy:
@@ -1370,7 +1344,8 @@ class _Peer:
     def __init__(self, sock, addr):
         self.sock, self.addr, self.rbuf, self.rpos, self.wbuf = sock, addr, bytearray(), 0, bytearray()
         self.kind = self.node = self.job = self.worker = None
-        self.held, self.maps, self.allocs, self.subs, self.closed = set(), Counter(), set(), {}, False
+        self.held, self.maps, self.allocs, self.subs = set(), Counter(), set(), {}
+        self.closed = self.writing = False  # writing: the loop waits for EVENT_WRITE to flush wbuf
 
 
 class _Head:
@@ -1398,10 +1373,8 @@ class _Head:
     # -- the loop
     def post(self, fn) -> None:
         self.posted.append(fn)
-        try:
+        with suppress(OSError):
             self.wake_w.send(b"x")
-        except OSError:
-            pass
 
     def loop(self) -> None:
         next_poll = 0.0
@@ -1410,10 +1383,8 @@ class _Head:
                 if key.data == "listen":
                     self._accept()
                 elif key.data == "wake":
-                    try:
+                    with suppress(BlockingIOError):
                         self.wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
                     while self.posted:
                         self.posted.popleft()()
                 else:
@@ -1486,32 +1457,24 @@ class _Head:
             self._close(peer, "bad message")
 
     def _send(self, peer, msg) -> None:
-        if peer.closed or peer.sock is None:
-            return
-        data = _frame(msg)
-        if not peer.wbuf:
-            try:
-                n = peer.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                n = 0
-            except OSError as e:
-                return self._close(peer, f"send failed: {e}")
-            if n == len(data):
-                return
-            data = data[n:]
-            self.sel.modify(peer.sock, selectors.EVENT_READ | selectors.EVENT_WRITE, peer)
-        peer.wbuf += data
+        if not peer.closed and peer.sock is not None:
+            queued = bool(peer.wbuf)
+            peer.wbuf += _frame(msg)
+            if not queued:  # else the loop flushes once the socket is writable again
+                self._flush(peer)
 
     def _flush(self, peer) -> None:
+        """Send what the socket takes now; while bytes are left, the loop also waits for EVENT_WRITE."""
         try:
             n = peer.sock.send(peer.wbuf)
         except (BlockingIOError, InterruptedError):
-            return
+            n = 0
         except OSError as e:
             return self._close(peer, f"send failed: {e}")
         del peer.wbuf[:n]
-        if not peer.wbuf:
-            self.sel.modify(peer.sock, selectors.EVENT_READ, peer)
+        if peer.writing != bool(peer.wbuf):
+            peer.writing = bool(peer.wbuf)
+            self.sel.modify(peer.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writing else 0), peer)
 
     def _close(self, peer, why, loud=False) -> None:
         if peer.closed or peer.sock is None:
@@ -1556,10 +1519,8 @@ class _Head:
             w.conn, w.pid, peer.worker, peer.node = peer, info["pid"], w, w.node
         elif peer.kind == "node":
             peer.node = self._add_node(info["nid"], peer, info)
-        info = peer.node.info if peer.node else {}
-        self._send(peer, ("reply", 0, {"job": peer.job, "address": self.address, "ip": info.get("ip"),
-                                       "arena": info.get("arena"), "arena_size": info.get("arena_size"),
-                                       "node": info.get("nid")}))
+        info = peer.node.info if peer.node else {}  # ip, arena path and size, ... of the peer's node
+        self._send(peer, ("reply", 0, dict(info, job=peer.job, address=self.address, node=info.get("nid"))))
         if peer.kind == "worker":
             w = peer.worker
             if w.job is not None:
@@ -2035,13 +1996,11 @@ class _Head:
             else:  # RayActorError, not ActorDiedError: the actor itself may come back
                 self._fail(t, _error_desc(RayActorError(
                     f"the actor {a.spec.name} ({a.aid}) died while running {t.name}: {why}")))
+        a.queue.extendleft(reversed(retry))
         if a.state != "dead" and a.restarts != 0:
-            a.restarts -= 1
-            a.state = "restarting"
-            a.queue.extendleft(reversed(retry))
+            a.restarts, a.state = a.restarts - 1, "restarting"
             self._runnable(a.spec)
         else:
-            a.queue.extendleft(reversed(retry))
             self._actor_dead(a, why)
 
     def _actor_dead(self, a, why) -> None:
@@ -2085,10 +2044,8 @@ class _Head:
         if w.conn is not None:
             self._close(w.conn, why)
         self._node_call(w.node, "kill", w.wid)
-        if w.alloc is not None:
-            w.pool.give(w.alloc)
-            w.alloc = None
         t, w.task = w.task, None
+        self._release_worker(w)
         if t is not None and not t.done:
             if not self.jobs[t.job]["alive"]:
                 self._fail(t, _error_desc(RayError("its driver exited")))
@@ -2246,7 +2203,7 @@ def _desc_text(desc) -> str:
 
 
 def _fmt_res(units: dict) -> str:
-    return ", ".join(f"{k}={v / UNIT:g}" for k, v in sorted(units.items()))
+    return " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(units.items()) if v) or "-"
 
 
 # ---- node manager (head and raylets), raylet, worker ----------------------------------------------
@@ -2271,12 +2228,13 @@ class _NodeManager:
             self.gpus = (self.gpus + [str(i) for i in range(len(self.gpus), cfg["num_gpus"])])[:cfg["num_gpus"]]
         for stale in os.listdir(SHM_DIR):  # our arenas whose node died without its janitor (kill -9 of both)
             pid, path = stale.split("_")[1] if stale.startswith("nanoray_") else "", os.path.join(SHM_DIR, stale)
-            try:
+            with suppress(OSError):
                 if pid.isdigit() and not _alive(int(pid)) and os.stat(path).st_uid == os.getuid():
                     os.unlink(path)
-            except OSError:
-                pass
-        size = cfg.get("object_store_memory") or _default_store_size()
+        size, st = cfg.get("object_store_memory"), os.statvfs(SHM_DIR)
+        if not size:  # 30% of RAM (Ray's default), at most 80% of what /dev/shm has free
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            size = int(min(0.3 * ram, 0.8 * st.f_bavail * st.f_frsize)) // PAGE * PAGE
         self.arena = _Arena(os.path.join(SHM_DIR, f"nanoray_{os.getpid()}_{nid}"), size, create=True)
         # the janitor: removes the arena when this process dies, however it dies
         self.janitor = subprocess.Popen(
@@ -2380,13 +2338,6 @@ def _alive(pid: int) -> bool:
         return True
 
 
-def _default_store_size() -> int:
-    """30% of RAM (Ray's default), at most 80% of what /dev/shm has free."""
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    st = os.statvfs(SHM_DIR)
-    return int(min(0.3 * ram, 0.8 * st.f_bavail * st.f_frsize)) // PAGE * PAGE
-
-
 def _node_main() -> None:
     """Entry of a head or raylet process (started by init() or by `start`)."""
     cfg = json.loads(os.environ.pop("NANORAY_CONFIG"))
@@ -2421,8 +2372,10 @@ def _node_main() -> None:
                 _log(f"raylet {nid}: lost the head at {cfg['address']}; stopping")
             finally:
                 mgr.shutdown()
-    if cfg.get("pidfile"):
-        _write_json(cfg["pidfile"], {"pid": os.getpid(), "address": address, "head": cfg["head"]})
+    if cfg.get("pidfile"):  # `start` waits for it: written whole (a temp name, then a rename)
+        with open(cfg["pidfile"] + ".tmp", "w") as f:
+            json.dump({"pid": os.getpid(), "address": address, "head": cfg["head"]}, f)
+        os.replace(cfg["pidfile"] + ".tmp", cfg["pidfile"])
     try:
         run()
     finally:
@@ -2501,28 +2454,21 @@ def _actor_runner(c, instance, opts):
         threading.Thread(target=loop.run_forever, daemon=True).start()
         sem = asyncio.Semaphore(opts["max_concurrency"])
 
-        async def acall(tid, name, args, deps, rids):
-            async with sem:
-                try:
-                    out = await loop.run_in_executor(None, body, tid, name, args, deps)
-                    out = (await out) if inspect.isawaitable(out) else out
-                except Exception as e:
-                    out = e
-            await loop.run_in_executor(None, _run_call, c, tid, name, rids, lambda: _reraise(out))
-        return lambda tid, name, args, deps, rids: asyncio.run_coroutine_threadsafe(
-            acall(tid, name, args, deps, rids), loop)
+        async def acall(tid, name, args, deps):
+            async with sem:  # body on a helper thread: resolving the arguments may block in get()
+                out = await loop.run_in_executor(None, body, tid, name, args, deps)
+                return (await out) if inspect.isawaitable(out) else out
+
+        def run(tid, name, args, deps, rids):  # the result is stored on a helper thread too: store() may block
+            fut = asyncio.run_coroutine_threadsafe(acall(tid, name, args, deps), loop)
+            fut.add_done_callback(lambda f: loop.run_in_executor(None, _run_call, c, tid, name, rids, f.result))
+        return run
     if opts["max_concurrency"] > 1:
         from concurrent.futures import ThreadPoolExecutor
         pool = ThreadPoolExecutor(opts["max_concurrency"])
         return lambda tid, name, args, deps, rids: pool.submit(
             _run_call, c, tid, name, rids, lambda: body(tid, name, args, deps))
     return lambda tid, name, args, deps, rids: _run_call(c, tid, name, rids, lambda: body(tid, name, args, deps))
-
-
-def _reraise(out):
-    if isinstance(out, Exception):
-        raise out
-    return out
 
 
 # ---- CLI: start / stop / status, the self-test, the benchmark -------------------------------------
@@ -2546,13 +2492,6 @@ class StartConfig:
     block: bool = _opt(False, "run in the foreground instead of in the background")
 
 
-def _write_json(path, obj) -> None:
-    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f)
-    os.replace(path + ".tmp", path)  # nothing half-written
-
-
 def _pidfiles() -> list:
     out = []
     for name in sorted(os.listdir(STATE_DIR)) if os.path.isdir(STATE_DIR) else []:
@@ -2574,32 +2513,30 @@ def _local_head_address() -> str:
 def _start(cfg: StartConfig) -> None:
     if cfg.head == bool(cfg.address):
         raise ValueError("start: give exactly one of --head or --address HOST:PORT")
+    try:
+        resources = dict(json.loads(cfg.resources))
+    except (ValueError, TypeError):
+        raise ValueError(f"--resources {cfg.resources!r}: expected a JSON object such as '{{\"reward\": 4}}'") from None
     if cfg.head and not os.environ.get("NANORAY_SECRET") and not os.path.exists(cfg.secret_file or SECRET_FILE):
         path = cfg.secret_file or SECRET_FILE  # a first head on this machine makes the secret
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
             f.write(os.urandom(32).hex())
     secret = _load_secret(cfg.secret_file or None)
-    try:
-        resources = json.loads(cfg.resources)
-        assert isinstance(resources, dict)
-    except (ValueError, AssertionError):
-        raise ValueError(f"--resources {cfg.resources!r}: expected a JSON object such as '{{\"reward\": 4}}'") from None
-    node = {"head": cfg.head, "address": cfg.address, "port": cfg.port, "host": cfg.node_ip_address,
-            "num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus, "resources": resources,
-            "object_store_memory": cfg.object_store_memory}
+    node = dict(asdict(cfg), host=cfg.node_ip_address, resources=resources)
     if not cfg.head:
         _Client(cfg.address, secret, {"kind": "cli"}).sock.close()  # fail here, readably, if unreachable
-    env = dict(os.environ, NANORAY_SECRET=secret.decode())
+    os.environ["NANORAY_SECRET"] = secret.decode()  # the node reads it from its environment
     if cfg.block:
-        os.environ.update(NANORAY_SECRET=secret.decode(), NANORAY_CONFIG=json.dumps(node))
+        os.environ["NANORAY_CONFIG"] = json.dumps(node)
         return _node_main()
     stem = os.path.join(STATE_DIR, f"node-{time.time_ns()}")
     node["pidfile"], log = stem + ".json", stem + ".log"
     os.makedirs(STATE_DIR, mode=0o700, exist_ok=True)
+    env = dict(os.environ, NANORAY_CONFIG=json.dumps(node))
     with open(log, "ab") as logf:  # a daemon: its own session, output to the log, no terminal
         proc = subprocess.Popen([sys.executable, "-c", _boot("_node_main")], stdin=subprocess.DEVNULL, stdout=logf,
-                                stderr=logf, start_new_session=True, env=dict(env, NANORAY_CONFIG=json.dumps(node)))
+                                stderr=logf, start_new_session=True, env=env)
     deadline = time.monotonic() + 30
     while not os.path.exists(node["pidfile"]):  # written once the node listens
         if proc.poll() is not None:
@@ -2640,12 +2577,11 @@ def _status(address: str) -> None:
     c = _Client(address or _local_head_address(), _load_secret(), {"kind": "cli"})
     s = c.rpc("status")
     c.sock.close()
-    res = lambda d: " ".join(f"{k}={v / UNIT:g}" for k, v in sorted(d.items()) if v) or "-"  # noqa: E731
     print(f"nanoray cluster at {s['address']}: {len(s['nodes'])} node(s), {len(s['actors'])} actor(s), "
           f"{s['objects']} object(s)")
     for n in s["nodes"]:
-        print(f"  node {n['id']} {n['ip']} {'alive' if n['alive'] else 'DEAD'}: total {res(n['total'])}; free "
-              f"{res(n['free'])}; {n['workers']} workers; store {n['store_used'] / 1e6:.1f} of "
+        print(f"  node {n['id']} {n['ip']} {'alive' if n['alive'] else 'DEAD'}: total {_fmt_res(n['total'])}; "
+              f"free {_fmt_res(n['free'])}; {n['workers']} workers; store {n['store_used'] / 1e6:.1f} of "
               f"{n['store_size'] / 1e6:.0f} MB in {n['store_objects']} objects")
     for a in s["actors"]:
         print(f"  actor {a['id']} {a['class']}{' ' + repr(a['name']) if a['name'] else ''}: {a['state']}, "
@@ -2803,8 +2739,7 @@ def bench(mb: int = 800, systems=("nanoray", "ray")) -> dict:
         peer = results.get("ray", {}).get(k)
         ratio = "" if peer is None or not ours else f"{(peer / ours if k in lower else ours / peer):7.2f}"
         print(f"{k:34s} {ours:10.3f} {'-' if peer is None else f'{peer:10.3f}':>10s} {ratio:>7s}  {targets.get(k, '')}")
-    load1 = os.getloadavg()
-    print(f"ratio > 1: nanoray is better. load average before {load0[0]:.2f}, after {load1[0]:.2f} "
+    print(f"ratio > 1: nanoray is better. load average before {load0[0]:.2f}, after {os.getloadavg()[0]:.2f} "
           f"({os.cpu_count()} cores)")
     return results
 
