@@ -6839,3 +6839,217 @@ def test_gpu_nanovllm_bf16_logprobs_match_hf_fp32(nv_models, kind):
         want = ref.gather(1, torch.tensor(o.outputs[0].token_ids)[:, None])[:, 0]
         err = (torch.tensor(o.outputs[0].token_logprobs, dtype=torch.double) - want).abs()
         assert err.mean() < 0.03 and err.max() < 0.2, (kind, err.mean().item(), err.max().item())
+
+
+# ==== ppo.py ======================================================================================
+# The algorithm core first: every estimator, KL estimator and loss against values worked out by hand on
+# tensors small enough to check on paper; then the invariances the trainer relies on.
+
+import ppo  # noqa: E402
+
+
+def test_ppo_group_advantages_by_hand():
+    s = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])                  # 2 prompts x n=3
+    # prompt 0: mean 1/3, unbiased std sqrt(1/3); prompt 1: all equal -> 0 (std 0 guarded by eps)
+    std = (1 / 3) ** 0.5
+    torch.testing.assert_close(ppo.group_advantages(s, 3, "grpo"),
+                               torch.tensor([(2 / 3) / std, -(1 / 3) / std, -(1 / 3) / std, 0, 0, 0]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ppo.group_advantages(s, 3, "dr_grpo"), torch.tensor([2 / 3, -1 / 3, -1 / 3, 0, 0, 0]))
+    # rloo: 1 - mean(0, 0) = 1; 0 - mean(1, 0) = -0.5
+    torch.testing.assert_close(ppo.group_advantages(s, 3, "rloo"), torch.tensor([1.0, -0.5, -0.5, 0, 0, 0]))
+    torch.testing.assert_close(ppo.group_advantages(s, 3, "remax", baseline=torch.tensor([0.0, 1.0])),
+                               torch.tensor([1.0, 0, 0, 0, 0, 0]))
+    with pytest.raises(ValueError, match="leave-one-out"):
+        ppo.group_advantages(s, 1, "rloo")
+
+
+def test_ppo_gae_and_returns_by_hand():
+    # one response of 3 tokens (a 4th is padding), reward 1 at the end, values 0.5, 0.4, 0.2
+    r = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
+    v = torch.tensor([[0.5, 0.4, 0.2, 9.0]])                            # the padded value must not leak in
+    m = torch.tensor([[1, 1, 1, 0]])
+    g, lam = 0.9, 0.8
+    d2 = 1.0 - 0.2                                                      # no V after the last real token
+    d1 = 0.0 + g * 0.2 - 0.4
+    d0 = 0.0 + g * 0.4 - 0.5
+    a2, a1 = d2, d1 + g * lam * d2
+    a0 = d0 + g * lam * a1
+    adv, ret = ppo.gae(r, v, m, g, lam)
+    torch.testing.assert_close(adv, torch.tensor([[a0, a1, a2, 0.0]]))
+    torch.testing.assert_close(ret, torch.tensor([[a0 + 0.5, a1 + 0.4, a2 + 0.2, 0.0]]))
+    torch.testing.assert_close(ppo.discounted_returns(r, m, 0.5), torch.tensor([[0.25, 0.5, 1.0, 0.0]]))
+
+
+def test_ppo_token_rewards_put_the_score_on_the_last_token_and_kl_on_all():
+    m = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]])
+    kl = torch.full((2, 4), 0.5)
+    r = ppo.token_rewards(torch.tensor([1.0, 2.0]), m, kl, kl_coef=0.1)
+    torch.testing.assert_close(r, torch.tensor([[-0.05, -0.05, 0.95, 0.0], [1.95, 0, 0, 0]]))
+
+
+def test_ppo_kl_estimators_by_hand():
+    lp, ref = torch.tensor([-1.0, -2.0]), torch.tensor([-1.5, -1.0])   # x = 0.5, -1
+    torch.testing.assert_close(ppo.kl_estimate(lp, ref, "k1"), torch.tensor([0.5, -1.0]))
+    torch.testing.assert_close(ppo.kl_estimate(lp, ref, "k2"), torch.tensor([0.125, 0.5]))
+    torch.testing.assert_close(ppo.kl_estimate(lp, ref, "k3"),
+                               torch.tensor([math.exp(-0.5) - 1 + 0.5, math.exp(1) - 1 - 1]))
+    # k1 and k3 are unbiased: on samples from p, E[k] = KL(p || q); check on a 3-token distribution
+    p, q = torch.tensor([0.5, 0.3, 0.2]), torch.tensor([0.2, 0.5, 0.3])
+    kl = float((p * (p / q).log()).sum())
+    for kind in ("k1", "k3"):
+        est = float((p * ppo.kl_estimate(p.log(), q.log(), kind)).sum())
+        assert est == pytest.approx(kl, rel=1e-5), kind
+    assert (ppo.kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+
+
+def test_ppo_policy_loss_clip_higher_and_dual_clip_on_crafted_ratios():
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.1, 1.5, 0.5, 5.0]]))             # ratios 1.1, 1.5, 0.5, 5.0
+    m = torch.ones(1, 4)
+    pos, neg = torch.ones(1, 4), -torch.ones(1, 4)
+    loss, st = ppo.policy_loss(logp, old, pos, m, clip_low=0.2, clip_high=0.28)
+    # A > 0: min(ratio, 1 + clip_high) counts: 1.1, 1.28, 0.5, 1.28 (the low side is not clipped for A > 0)
+    torch.testing.assert_close(loss, -torch.tensor([[1.1, 1.28, 0.5, 1.28]]))
+    assert st["clip_frac"] == pytest.approx(0.5)
+    loss, _ = ppo.policy_loss(logp, old, neg, m, clip_low=0.2, clip_high=0.28)
+    # A < 0: max(ratio, 1 - clip_low): 1.1, 1.5, 0.8, 5.0 -> loss = +those
+    torch.testing.assert_close(loss, torch.tensor([[1.1, 1.5, 0.8, 5.0]]))
+    loss, _ = ppo.policy_loss(logp, old, neg, m, clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    torch.testing.assert_close(loss, torch.tensor([[1.1, 1.5, 0.8, 3.0]]))   # the 5x ratio is capped at c = 3
+    w = ppo.tis_weights(torch.log(torch.tensor([[0.5, 0.9, 0.2, 0.3]])), torch.log(torch.tensor([[0.25, 0.9, 0.4, 0.1]])))
+    torch.testing.assert_close(w, torch.tensor([[2.0, 1.0, 0.5, 2.0]]))      # 3.0 truncated at cap 2
+    loss_w, _ = ppo.policy_loss(logp, old, neg, m, weights=w)
+    torch.testing.assert_close(loss_w, torch.tensor([[1.1, 1.5, 0.8, 5.0]]) * w)   # A < 0: no cap above
+
+
+def test_ppo_gspo_uses_one_ratio_per_response():
+    old = torch.zeros(2, 3)
+    logp = torch.tensor([[0.1, -0.1, 0.3], [0.2, 0.0, 0.0]], requires_grad=True)
+    m = torch.tensor([[1, 1, 1], [1, 1, 0]]).float()
+    loss, _ = ppo.policy_loss(logp, old, torch.ones(2, 3), m, clip_low=10, clip_high=10, gspo=True)
+    s = torch.exp(torch.tensor([0.3 / 3, 0.2 / 2]))                     # geometric mean of the token ratios
+    torch.testing.assert_close((loss * m).detach(), -(s[:, None] * m))
+    (loss * m).sum().backward()                                         # d/dlogp_t = -s_i on real tokens
+    torch.testing.assert_close(logp.grad, -(s[:, None] * m))
+
+
+def test_ppo_value_loss_clips_like_ppo2():
+    v, old, ret = torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.5]), torch.tensor([2.0, 0.0])
+    # row 0: unclipped (1-2)^2 = 1; clipped V = 0.7 -> 1.69: max -> 1.69; row 1: 0 vs clipped 0.3 -> 0.09
+    torch.testing.assert_close(ppo.value_loss(v, old, ret, 0.2), 0.5 * torch.tensor([1.69, 0.09]))
+
+
+@pytest.mark.parametrize("mode", ppo.AGGREGATIONS)
+def test_ppo_loss_is_invariant_to_the_micro_batch_split(mode):
+    """Splitting a step into micro-batches (in any way, any order) gives the same loss and gradient."""
+    g = torch.Generator().manual_seed(0)
+    B, T = 6, 7
+    mask = (torch.arange(T)[None, :] < torch.randint(1, T + 1, (B, 1), generator=g)).float()
+    logp = torch.randn(B, T, generator=g).requires_grad_()
+    adv = torch.randn(B, T, generator=g)
+    n_tok, n_seq = float(mask.sum()), float(B)
+
+    def total(parts):
+        out = 0.0
+        for idx in parts:
+            x, _ = ppo.policy_loss(logp[idx], torch.zeros(len(idx), T), adv[idx], mask[idx])
+            out = out + ppo.aggregate(x, mask[idx], mode, n_tok, n_seq, max_len=T)
+        return out
+
+    full = total([list(range(B))])
+    (gf,) = torch.autograd.grad(full, logp)
+    split = total([[4, 0], [5], [1, 2, 3]])
+    (gs,) = torch.autograd.grad(split, logp)
+    torch.testing.assert_close(split, full)
+    torch.testing.assert_close(gs, gf)
+
+
+def test_ppo_aggregations_by_hand():
+    x = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0]])
+    m = torch.tensor([[1, 1, 1], [1, 0, 0]])
+    assert float(ppo.aggregate(x, m, "token-mean", 4, 2)) == pytest.approx(10 / 4)
+    assert float(ppo.aggregate(x, m, "seq-mean-token-sum", 4, 2)) == pytest.approx((6 + 4) / 2)
+    assert float(ppo.aggregate(x, m, "seq-mean-token-mean", 4, 2)) == pytest.approx((2 + 4) / 2)
+    assert float(ppo.aggregate(x, m, "seq-mean-token-sum-norm", 4, 2, max_len=3)) == pytest.approx(10 / 6)
+
+
+def test_ppo_whiten_overlong_penalty_and_dynamic_sampling():
+    x, m = torch.tensor([[1.0, 2.0, 3.0, 100.0]]), torch.tensor([[1, 1, 1, 0]])
+    w = ppo.whiten(x, m)
+    torch.testing.assert_close(w, torch.tensor([[-1.0, 0.0, 1.0, 0.0]]), atol=1e-5, rtol=0)
+    pen = ppo.overlong_penalty(torch.tensor([10, 16, 18, 20, 25]), max_len=20, buffer=4)
+    torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
+    keep = ppo.informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2)
+    assert keep.tolist() == [False, True, False]
+
+
+# ---- the driver on the toy task (tiny random model, CPU) ----
+
+PPO_FAST = ["--steps", "8", "--prompts_per_step", "8", "--n", "8", "--eval_problems", "16", "--results", "r.jsonl"]
+
+
+def _ppo_rows(out):
+    return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_ppo_grpo_learns_the_toy_reward(tmp_path, monkeypatch):
+    """The whole loop (nanovllm rollouts -> rewards -> trainer log-probs -> GRPO update -> weight sync): the
+    tiny model's reward rises within 8 steps, and the engine always sampled with the trainer's weights."""
+    monkeypatch.chdir(tmp_path)
+    s = ppo.main(PPO_FAST + ["--out", "o"])
+    rows = [r for r in _ppo_rows("o") if "reward" in r]
+    assert len(rows) == 8 and all(r["staleness"] == 0 for r in rows)
+    assert sum(r["reward"] for r in rows[-3:]) / 3 > sum(r["reward"] for r in rows[:3]) / 3 + 0.08
+    assert max(r["logp_gap_mean"] for r in rows) < 1e-4          # engine and trainer agree (fp32, same weights)
+    assert s["eval_accuracy_after"] >= s["eval_accuracy_before"]
+    assert (tmp_path / "o" / "step_8" / "manifest.json").is_file() and (tmp_path / "o" / "curves.png").is_file() \
+        or importlib.util.find_spec("matplotlib") is None
+
+
+def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ppo.main(PPO_FAST + ["--steps", "4", "--mode", "one_step_off", "--out", "o"])
+    rows = [r for r in _ppo_rows("o") if "reward" in r]
+    assert [r["staleness"] for r in rows] == [0, 1, 1, 1]
+    # stale samples: pi_engine (the weights of step k-1) differs from pi_old (step k), and TIS is on by default
+    assert rows[-1]["logp_gap_mean"] > 1e-4
+
+
+@pytest.mark.parametrize("algo,extra", [("dr_grpo", ["--loss_agg", "seq-mean-token-sum-norm"]),
+                                        ("rloo", ["--kl_coef", "0.05", "--kl_estimator", "k2"]),
+                                        ("reinforce_pp", ["--kl_coef", "0.05", "--kl_in", "reward"]),
+                                        ("remax", ["--gspo", "--dynamic_sampling"]),
+                                        ("raft", []),
+                                        ("ppo", ["--value_warmup_steps", "1", "--epochs", "2", "--mini_batches", "2",
+                                                 "--overlong_buffer", "2", "--entropy_coef", "0.01"])])
+def test_ppo_every_estimator_runs(tmp_path, monkeypatch, algo, extra):
+    monkeypatch.chdir(tmp_path)
+    s = ppo.main(["--algo", algo, "--steps", "2", "--prompts_per_step", "4", "--eval_problems", "4",
+                  "--results", "r.jsonl", "--out", "o"] + extra)
+    rows = [r for r in _ppo_rows("o") if "reward" in r]
+    assert len(rows) == 2 and all(math.isfinite(r.get("grad_norm", 0.0)) for r in rows), rows
+    if algo == "ppo":
+        assert "value_loss" in rows[-1] and (tmp_path / "o" / "step_2" / "critic.pt").is_file()
+    if "--kl_coef" in extra and "loss" in extra:
+        assert rows[-1]["kl"] >= 0
+
+
+def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["--steps", "4", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl"]
+    ppo.main(base + ["--out", "full", "--save_every", "2"])
+    ppo.main(base + ["--out", "cut", "--save_every", "2", "--steps", "2"])
+    ppo.main(base + ["--out", "cut", "--save_every", "2"])          # resumes from cut/step_2
+    full = [r["reward"] for r in _ppo_rows("full") if "reward" in r]
+    cut = [r["reward"] for r in _ppo_rows("cut") if "reward" in r]
+    assert cut == full
+
+
+def test_ppo_cli_errors_are_one_line(tmp_path):
+    for args, msg in ((["--algo", "dpo"], "--algo 'dpo'"), (["--algo", "grpo", "--n", "1"], "--n must be >= 2"),
+                      (["--data", str(tmp_path)], "train.nano is missing")):
+        r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--out", str(tmp_path / "o"), *args],
+                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
+    r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "usage" in r.stdout

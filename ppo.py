@@ -1,0 +1,907 @@
+"""ppo.py -- reinforcement learning with verifiable math rewards: PPO, GRPO and their relatives.
+
+The RL stage of the pipeline (prepare -> SFT -> eval -> RL -> eval). Stands in for verl / OpenRLHF's PPO
+trainers. Keeps: the policy-gradient family an RL-for-reasoning user reaches for (PPO with a critic and
+GAE, GRPO, Dr. GRPO, RLOO, REINFORCE++, ReMax, and RAFT as the rejection-sampling baseline), KL to a frozen
+reference (in the reward or in the loss, k1 / k2 / k3 estimators), clip-higher and dual clip, value clipping,
+an entropy bonus, the three loss aggregations, dynamic sampling, the overlong penalty, GSPO's sequence
+ratio, and truncated importance sampling against the engine/trainer log-prob gap.
+
+How a step runs (one process today: the trainer and the engine share the device, "colocated"):
+  1. ROLLOUT: P prompts x n samples on nanovllm (the behaviour policy), with each token's log-prob.
+  2. REWARD: eval.Grader grades the last \boxed{} against the gold answer in a process pool (timeouts
+     count as wrong); optional overlong penalty; dynamic sampling drops groups that all scored the same.
+  3. SCORE: the trainer (nanotron) recomputes the log-probs of the sampled tokens (pi_old), the frozen
+     reference's (for KL) and the critic's values (PPO); the estimator turns scores into advantages.
+  4. UPDATE: epochs x mini-batches of PPO-clipped policy-gradient steps on packed micro-batches.
+  5. SYNC: the new weights go to the engine in memory (update_weights), timed.
+One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
+with the weights of step k-1 while step k trains (staleness exactly 1, asserted), and truncated importance
+sampling corrects for it. Here the two run one after the other; the overlap needs the engine on its own
+device (split placement), which is what the --backend nanoray / ray roles will add.
+
+Commands:
+    python ppo.py                                     # CPU: tiny random model learns a toy reward, seconds
+    python ppo.py --model smollm2 --data synthetic    # SmolLM2-135M-Instruct on the synthetic math task
+    python ppo.py --algo ppo --value_warmup_steps 5   # PPO with a critic (GAE), value warm-up first
+    pytest -q test_all.py -k ppo
+
+First read: the algorithm core (advantages -> KL -> losses: pure functions on padded [B, T] tensors, each
+tested against hand-computed values), then rl_step and main. Legend: B sampled responses, T response tokens
+(padded; mask [B, T] marks real ones), P prompts, n samples per prompt (B = P * n, grouped contiguously:
+rows [i*n, (i+1)*n) answer prompt i), N packed tokens of a micro-batch.
+
+Contents: advantages . KL . losses . batch shaping . config . prompts and rewards . trainer . the step .
+          driver . CLI
+"""
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, asdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+# ---- advantages ----------------------------------------------------------------------------------------
+# Every estimator answers "how much better than expected was this token's continuation?". They differ in
+# the baseline ("expected"): a learned value per token (GAE), the other samples of the same prompt
+# (GRPO, Dr. GRPO, RLOO), the batch (REINFORCE++) or a greedy rollout of the prompt (ReMax). Outcome
+# rewards (one score per response, e.g. 1 if the boxed answer is right) give every token of a response the
+# same advantage, except under GAE and REINFORCE++, which also see per-token rewards (the KL penalty).
+
+EPS = 1e-6
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
+    m = mask.to(x.dtype)
+    return (x * m).sum() / m.sum().clamp(min=1) if dim is None else (x * m).sum(dim) / m.sum(dim).clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """(x - mean) / std over the real tokens of the batch (unbiased var, as PPO implementations do)."""
+    m = mask.to(x.dtype)
+    n = m.sum().clamp(min=2)
+    mean = (x * m).sum() / n
+    var = (((x - mean) * m) ** 2).sum() / (n - 1)
+    out = (x - mean) * torch.rsqrt(var + EPS)
+    return (out if shift_mean else out + mean) * m
+
+
+def group_advantages(scores: torch.Tensor, n: int, mode: str, baseline: torch.Tensor | None = None) -> torch.Tensor:
+    """scores [B] (one per response, B = P * n, grouped) -> advantages [B] for the group estimators.
+    grpo    (Shao et al. 2024, eq. 3 outcome supervision): (r - mean_group) / (std_group + eps)
+    dr_grpo (Liu et al. 2025): r - mean_group (no std: it up-weights too-easy / too-hard prompts)
+    rloo    (Ahmadian et al. 2024): r_i - mean_{j != i} r_j = n / (n - 1) * (r_i - mean_group)
+    remax   (Li et al. 2023): r - r_greedy, the score of the prompt's greedy response (`baseline` [P])"""
+    g = scores.view(-1, n).double()                                     # [P, n]
+    mean = g.mean(1, keepdim=True)
+    if mode == "grpo":
+        adv = (g - mean) / (g.std(1, keepdim=True, unbiased=True).nan_to_num(0.0) + EPS)
+    elif mode == "dr_grpo":
+        adv = g - mean
+    elif mode == "rloo":
+        if n < 2:
+            raise ValueError("rloo needs n >= 2 samples per prompt (leave-one-out)")
+        adv = (g - mean) * n / (n - 1)
+    elif mode == "remax":
+        if baseline is None:
+            raise ValueError("remax needs the greedy responses' scores as the baseline")
+        adv = g - baseline.double().view(-1, 1)
+    else:
+        raise ValueError(f"group_advantages: unknown mode {mode!r}")
+    return adv.view(-1).to(scores.dtype)
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
+        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalized advantage estimation (Schulman et al. 2016, eq. 16). rewards, values, mask [B, T]:
+    delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.
+    V after the last real token is 0 (the episode ends there). Returns (advantages, returns) [B, T]."""
+    B, T = rewards.shape
+    m = mask.to(values.dtype)
+    adv = torch.zeros_like(values)
+    last = torch.zeros(B, dtype=values.dtype, device=values.device)
+    for t in reversed(range(T)):                                        # T is a few hundred: a loop is fine
+        v_next = values[:, t + 1] * m[:, t + 1] if t + 1 < T else torch.zeros_like(last)
+        delta = rewards[:, t] + gamma * v_next - values[:, t]
+        last = (delta + gamma * lam * last) * m[:, t]
+        adv[:, t] = last
+    return adv, (adv + values) * m
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """R_t = sum_{k >= t} gamma^(k - t) r_k over the real tokens [B, T] (REINFORCE++'s return; Hu 2025)."""
+    out = torch.zeros_like(rewards)
+    run = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
+    for t in reversed(range(rewards.shape[1])):
+        run = (rewards[:, t] + gamma * run) * mask[:, t]
+        out[:, t] = run
+    return out
+
+
+def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | None = None,
+                  kl_coef: float = 0.0) -> torch.Tensor:
+    """[B, T] per-token rewards: the outcome score on each response's LAST real token, minus kl_coef * KL_t on
+    every token when the KL penalty goes into the reward (InstructGPT's r - beta KL)."""
+    r = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    last = mask.long().sum(1).clamp(min=1) - 1                          # index of the last real token
+    r[torch.arange(len(scores), device=mask.device), last] = scores.float()
+    if kl is not None and kl_coef:
+        r = r - kl_coef * kl * mask
+    return r
+
+
+# ---- KL to the reference ---------------------------------------------------------------------------------
+# With log-ratio x = log pi(a) - log pi_ref(a) for a token sampled from pi (Schulman 2020, "Approximating KL
+# divergence"): k1 = x (unbiased, high variance, can be negative), k2 = x^2 / 2 (biased, low variance),
+# k3 = exp(-x) - 1 + x (unbiased and always >= 0: GRPO's choice in the loss).
+
+def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
+    x = logp - ref_logp
+    if kind == "k1":
+        return x
+    if kind == "k2":
+        return 0.5 * x * x
+    if kind == "k3":
+        return torch.expm1(-x) + x                                      # exp(-x) - 1 + x, exact near x = 0
+    raise ValueError(f"kl_estimate: kind must be k1, k2 or k3, got {kind!r}")
+
+
+# ---- losses ------------------------------------------------------------------------------------------------
+# A step's batch is split into micro-batches (and data-parallel ranks); the update must not depend on how.
+# So each micro-batch returns a SUM, normalised by a constant of the whole step: `aggregate` divides by the
+# step's total real tokens (token-mean), total responses (seq-mean-*), or responses x max length (Dr. GRPO).
+# Adding the micro-batches' losses then gives exactly the loss of the whole batch, and its gradient.
+
+AGGREGATIONS = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+def aggregate(x: torch.Tensor, mask: torch.Tensor, mode: str, n_tokens: float, n_seqs: float,
+              max_len: float = 1.0) -> torch.Tensor:
+    """x, mask [b, T] (this micro-batch) -> its share of the step's loss.
+    token-mean: sum / all tokens of the step (long answers weigh more: DAPO, verl's default);
+    seq-mean-token-sum: sum / responses (each response's token sum, averaged: Dr. GRPO's unbiased form
+    with max_len=1); seq-mean-token-mean: per-response token mean, averaged over responses (GRPO's paper);
+    seq-mean-token-sum-norm: sum / (responses * max_len), Dr. GRPO's constant normaliser."""
+    m = mask.to(x.dtype)
+    if mode == "token-mean":
+        return (x * m).sum() / n_tokens
+    if mode == "seq-mean-token-sum":
+        return (x * m).sum() / n_seqs
+    if mode == "seq-mean-token-mean":
+        return ((x * m).sum(1) / m.sum(1).clamp(min=1)).sum() / n_seqs
+    if mode == "seq-mean-token-sum-norm":
+        return (x * m).sum() / (n_seqs * max_len)
+    raise ValueError(f"aggregate: mode must be one of {AGGREGATIONS}, got {mode!r}")
+
+
+def tis_weights(trainer_old_logp: torch.Tensor, engine_logp: torch.Tensor, cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance sampling (Yao et al. 2025, "Your efficient RL framework secretly brings you
+    off-policy RL"): the engine sampled from pi_engine, not from the trainer's pi_old (other kernels, bf16),
+    so each token's gradient is reweighted by min(pi_old / pi_engine, cap). Detached: a weight, not a path."""
+    return torch.exp(trainer_old_logp - engine_logp).clamp(max=cap).detach()
+
+
+def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, mask: torch.Tensor,
+                clip_low: float = 0.2, clip_high: float = 0.2, dual_clip: float = 0.0, gspo: bool = False,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
+    """Per-token PPO clipped surrogate (Schulman et al. 2017, eq. 7), [B, T], to be aggregated.
+    ratio = pi / pi_old; loss = max(-A ratio, -A clip(ratio, 1 - clip_low, 1 + clip_high)).
+    clip_high > clip_low is DAPO's clip-higher (Yu et al. 2025): room for rare tokens' probability to grow.
+    dual_clip = c > 1 (Ye et al. 2020): for A < 0 the loss is also capped at -A c, so a token whose ratio
+    exploded cannot dominate. gspo (Zheng et al. 2025): one ratio per response, the geometric mean of its
+    token ratios, s = exp(mean_t log ratio), carried through each token as s.detach() * pi_t / pi_t.detach().
+    weights: per-token factors (truncated importance sampling). Returns (loss [B, T], stats)."""
+    log_ratio = (logp - old_logp) * mask
+    if gspo:
+        seq = (log_ratio.sum(1) / mask.sum(1).clamp(min=1)).detach()   # log s_i, [B]
+        log_ratio = seq[:, None] + logp - logp.detach()                  # value s_i, gradient d log pi_t
+    ratio = torch.exp(log_ratio)
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+    loss = torch.maximum(pg1, pg2)
+    clipped = (pg2 > pg1).float()
+    if dual_clip > 0:
+        capped = torch.minimum(loss, -adv * dual_clip)
+        loss = torch.where(adv < 0, capped, loss)
+    if weights is not None:
+        loss = loss * weights
+    with torch.no_grad():
+        m = mask.float()
+        stats = {"clip_frac": float(masked_mean(clipped, m)),
+                 "approx_kl": float(masked_mean(0.5 * (logp - old_logp) ** 2, m)),   # k2 of the update
+                 "ratio_max": float((ratio * m).max()) if m.any() else 1.0}
+    return loss, stats
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+               clip: float = 0.2) -> torch.Tensor:
+    """Per-token clipped value loss [B, T] (PPO2's): 0.5 max((V - R)^2, (V_old + clip(V - V_old) - R)^2)."""
+    v_clip = old_values + (values - old_values).clamp(-clip, clip)
+    return 0.5 * torch.maximum((values - returns) ** 2, (v_clip - returns) ** 2)
+
+
+# ---- batch shaping -----------------------------------------------------------------------------------------
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, eq. 13), added to the score: 0 up to max_len - buffer
+    tokens, then falling linearly to -1 at max_len (a response cut at max_len gets -1)."""
+    start = max_len - buffer
+    pen = (start - lengths.float()) / max(buffer, 1)
+    return torch.where(lengths <= start, torch.zeros_like(pen), pen.clamp(min=-1.0))
+
+
+def informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """[P] bool: groups whose n scores are not all equal. DAPO's dynamic sampling drops the others (every
+    group-relative advantage is 0 there: they cost compute and teach nothing) and refills the batch."""
+    g = scores.view(-1, n)
+    return (g != g[:, :1]).any(1)
+
+
+# ---- config ------------------------------------------------------------------------------------------------
+
+ALGOS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "raft", "ppo")
+
+
+@dataclass
+class Config:
+    model: str = "tiny"  # actor init: an HF folder (merge.py's SFT output) | smollm2 (offline SmolLM2-135M-Instruct) | tiny (random, tests)
+    data: str = ""  # prompts: a prepare_data rl folder (prompt_ids + answer) | synthetic (built if missing) | toy; "" = toy for tiny, else synthetic
+    out: str = ""  # checkpoints step_N/, metrics.jsonl, curves PNG; "" = ckpt/ppo-<model>
+    results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
+    algo: str = "grpo"  # advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | remax | raft | ppo (critic + GAE)
+    mode: str = "sync"  # sync (generate, then train) | one_step_off (rollout k+1 from the weights of step k-1)
+    steps: int = 0  # RL steps; 0 = 30 (toy), 100 (GPU)
+    prompts_per_step: int = 0  # P prompts per step; 0 = 8 (CPU) / 64 (GPU)
+    n: int = 0  # samples per prompt; 0 = 8 (1 for ppo, whose baseline is the critic)
+    max_new_tokens: int = 0  # response budget; 0 = 8 (toy) / 96 (CPU) / 512 (GPU)
+    temperature: float = 1.0  # sampling temperature (the trainer's log-probs use the same one)
+    top_p: float = 1.0  # nucleus sampling (log-probs are then of the masked distribution: keep 1.0 for RL)
+    lr: float = 0.0  # actor peak LR; 0 = 3e-3 (tiny) / 1e-6 (pretrained)
+    critic_lr: float = 0.0  # critic LR (ppo); 0 = 10 x lr
+    warmup_steps: int = 0  # linear LR warmup steps
+    epochs: int = 1  # passes over each batch (PPO reuse: > 1 makes the clip matter)
+    mini_batches: int = 1  # optimizer steps per epoch (the batch split in this many parts)
+    micro_batch_tokens: int = 0  # packed tokens per forward (the memory knob); 0 = 4096 (CPU) / 16384 (GPU)
+    clip_low: float = 0.2  # PPO clip below 1
+    clip_high: float = 0.28  # PPO clip above 1; > clip_low is DAPO's clip-higher
+    dual_clip: float = 3.0  # dual-clip constant c for negative advantages (0 = off)
+    value_clip: float = 0.2  # PPO value clipping around the old values
+    kl_coef: float = 0.0  # KL(pi || pi_ref) strength; 0 = no reference model at all
+    kl_in: str = "loss"  # loss (GRPO: beta * KL term in the loss) | reward (InstructGPT: r_t -= beta * KL_t)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators; k3 is unbiased and >= 0)
+    entropy_coef: float = 0.0  # entropy bonus in the loss
+    loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
+    gamma: float = 1.0  # discount (GAE, REINFORCE++)
+    lam: float = 0.95  # GAE lambda
+    whiten: str = "auto"  # whiten advantages over the batch: auto (ppo, reinforce_pp) | yes | no
+    dynamic_sampling: bool = False  # drop groups whose samples all scored the same (DAPO)
+    overlong_buffer: int = 0  # soft overlong penalty over the last this-many tokens of max_new_tokens (0 = off)
+    gspo: bool = False  # one importance ratio per response (GSPO) instead of per token
+    tis_cap: float = -1.0  # truncated importance sampling cap on pi_old / pi_engine; -1 = 2.0 in one_step_off, off in sync; 0 = off
+    value_warmup_steps: int = 0  # ppo: fit the critic on the first rollouts' returns before any policy step
+    grad_clip: float = 1.0  # clip the global grad norm
+    eval_every: int = 0  # steps between held-out greedy evals (0 = before and after only)
+    eval_problems: int = 0  # held-out prompts per eval; 0 = 64 (CPU) / 1000 (GPU)
+    save_every: int = 0  # steps between checkpoints (the last step is always saved; -1 = none)
+    keep_last: int = 2  # complete checkpoints kept in --out
+    resume: str = "auto"  # auto (latest in --out) | never | a checkpoint folder
+    seed: int = 0  # prompt order, sampling, the tiny model's init
+    dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
+    engine_memory: float = 0.3  # share of GPU memory the colocated engine takes (weights + KV cache)
+    grade_workers: int = 2  # math-verify grading processes
+    grade_timeout_s: float = 5.0  # per answer; slower ones count as wrong
+    backend: str = "local"  # local (one process); nanoray / ray (roles as actors) come with split placement
+    log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
+
+
+def resolve(cfg: Config, cuda: bool) -> Config:
+    """Check every choice and fill the device-dependent defaults, before anything is built."""
+    checks = [(cfg.algo in ALGOS, f"--algo {cfg.algo!r}: expected one of {', '.join(ALGOS)}"),
+              (cfg.mode in ("sync", "one_step_off"), f"--mode {cfg.mode!r}: expected sync or one_step_off"),
+              (cfg.kl_in in ("loss", "reward"), f"--kl_in {cfg.kl_in!r}: expected loss or reward"),
+              (cfg.kl_estimator in ("k1", "k2", "k3"), f"--kl_estimator {cfg.kl_estimator!r}: k1, k2 or k3"),
+              (cfg.loss_agg in AGGREGATIONS, f"--loss_agg {cfg.loss_agg!r}: one of {', '.join(AGGREGATIONS)}"),
+              (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
+              (cfg.backend == "local", f"--backend {cfg.backend!r}: only local (one process) exists today"),
+              (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
+              (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
+    for ok, msg in checks:
+        if not ok:
+            raise ValueError(f"ppo.py: {msg}")
+    toy = (cfg.data or ("toy" if cfg.model == "tiny" else "synthetic")) == "toy"
+    pick = lambda v, toy_v, cpu_v, gpu_v: v or (toy_v if toy else gpu_v if cuda else cpu_v)  # noqa: E731
+    n = cfg.n or (1 if cfg.algo == "ppo" else 8)
+    if cfg.algo in ("grpo", "dr_grpo", "rloo") and n < 2:
+        raise ValueError(f"ppo.py: --algo {cfg.algo} compares the samples of a prompt: --n must be >= 2")
+    return dataclasses.replace(
+        cfg, data=cfg.data or ("toy" if toy else "synthetic"), out=cfg.out or f"ckpt/ppo-{Path(cfg.model).name}",
+        steps=pick(cfg.steps, 30, 30, 100), prompts_per_step=pick(cfg.prompts_per_step, 8, 8, 64), n=n,
+        max_new_tokens=pick(cfg.max_new_tokens, 8, 96, 512),
+        lr=cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6), critic_lr=cfg.critic_lr or 10 * (cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6)),
+        micro_batch_tokens=pick(cfg.micro_batch_tokens, 4096, 4096, 16384),
+        eval_problems=pick(cfg.eval_problems, 32, 64, 1000),
+        tis_cap=(2.0 if cfg.mode == "one_step_off" else 0.0) if cfg.tis_cap < 0 else cfg.tis_cap,
+        dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32"))
+
+
+# ---- prompts and rewards -----------------------------------------------------------------------------------
+# Prompts are token ids (prepare_data's rl recipe: the chat template + the shared instruction, the exact
+# prompt SFT trained on) with a gold answer. The toy task lets a tiny random model learn in seconds on a
+# CPU: prompts of random tokens, reward = the share of response tokens below TOY_GOOD (about 1 in 5 of the
+# vocabulary at random init, so every group has variance and the policy gradient has a signal).
+
+TOY_GOOD = 20
+
+
+def toy_prompts(n: int, vocab: int, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"prompt_ids": torch.randint(TOY_GOOD, vocab, (4,), generator=g).tolist(), "answer": ""} for _ in range(n)]
+
+
+def load_prompts(cfg: Config, vocab: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, held-out rows) as [{prompt_ids, answer}]."""
+    if cfg.data == "toy":
+        return toy_prompts(512, vocab, cfg.seed), toy_prompts(cfg.eval_problems, vocab, cfg.seed + 1)
+    import nanosets
+    import prepare_data
+    folder = Path(cfg.data)
+    if cfg.data == "synthetic":
+        folder = Path(prepare_data.build(prepare_data.Config(recipe="rl"))["folder"])
+    splits = {}
+    for split in ("train", "test"):
+        path = folder / f"{split}.nano"
+        if not path.is_file():
+            raise FileNotFoundError(f"ppo.py: --data {cfg.data}: {path} is missing (build it with "
+                                    "`python prepare_data.py --recipe rl ...`)")
+        ds = nanosets.load_dataset(str(path))
+        if not {"prompt_ids", "answer"} <= set(ds.column_names):
+            raise ValueError(f"ppo.py: {path} has columns {ds.column_names}; RL needs prompt_ids and answer "
+                             "(prepare_data.py --recipe rl)")
+        splits[split] = [{"prompt_ids": r["prompt_ids"].tolist() if torch.is_tensor(r["prompt_ids"]) else list(r["prompt_ids"]),
+                          "answer": r["answer"]} for r in ds.with_format("torch")]
+        if any(max(r["prompt_ids"]) >= vocab for r in splits[split]):
+            raise ValueError(f"ppo.py: {path} holds token ids >= the model's vocabulary {vocab}: another tokenizer")
+    return splits["train"], splits["test"][: cfg.eval_problems]
+
+
+class Rewarder:
+    """Scores responses: math (the last \\boxed{} graded by eval.Grader against the gold) or toy."""
+
+    def __init__(self, cfg: Config, tokenizer):
+        self.toy, self.tok, self.grader = cfg.data == "toy", tokenizer, None
+        if not self.toy:
+            import eval as ev
+            if tokenizer is None:
+                raise ValueError(f"ppo.py: --model {cfg.model} has no tokenizer: math rewards need the text")
+            self.grader = ev.Grader(cfg.grade_workers, cfg.grade_timeout_s)
+            self.grader.start()                                  # workers import math-verify meanwhile
+
+    def __call__(self, samples: list[dict]) -> tuple[list[float], list[bool]]:
+        """(scores, a-final-answer-was-given) per sample."""
+        if self.toy:
+            s = [sum(t < TOY_GOOD for t in x["response"]) / max(1, len(x["response"])) for x in samples]
+            return s, [True] * len(samples)
+        texts = [self.tok.decode(x["response"], skip_special_tokens=True) for x in samples]
+        grades = self.grader.grade(zip(texts, [x["answer"] for x in samples]))
+        return [float(g.correct) for g in grades], [g.status != "no_answer" for g in grades]
+
+    def close(self):
+        if self.grader is not None:
+            self.grader.close()
+
+
+# ---- trainer -----------------------------------------------------------------------------------------------
+# The actor (and, for PPO, the critic: the same network with a fresh scalar value head; and the frozen
+# reference for KL) are nanotron Transformers. A batch of responses is packed, with their prompts, into
+# micro-batches of at most micro_batch_tokens; only the rows that predict a response token go through the
+# LM head (`rows`), and their per-token results are scattered back to the padded [B, T] layout that the
+# algorithm core works in. Each micro-batch's loss is already divided by the whole step's counts
+# (aggregate), so accumulating the micro-batches' gradients gives exactly the full batch's gradient.
+
+def pack(samples: list[dict], idx: list[int], budget: int, device) -> list[dict]:
+    """Samples idx -> micro-batches: input_ids [N], positions [N], cu_seqlens [b+1], rows (the packed row that
+    predicts each response token, [n_resp]), targets [n_resp], where (b_index, t) [n_resp] into [B, T]."""
+    mbs, cur = [], []
+
+    def flush():
+        if not cur:
+            return
+        ids, pos, cu, rows, tgt, where_b, where_t = [], [], [0], [], [], [], []
+        for i in cur:
+            s = samples[i]
+            seq = s["prompt_ids"] + s["response"]
+            off, L = cu[-1], len(s["prompt_ids"])
+            ids += seq
+            pos += range(len(seq))
+            cu.append(off + len(seq))
+            R = len(s["response"])
+            rows += range(off + L - 1, off + L - 1 + R)             # row p predicts token p + 1
+            tgt += s["response"]
+            where_b += [i] * R
+            where_t += range(R)
+        t = lambda x, dt=torch.int64: torch.tensor(x, dtype=dt, device=device)  # noqa: E731
+        mbs.append({"input_ids": t(ids), "positions": t(pos), "cu_seqlens": t(cu, torch.int32),
+                    "max_seqlen": max(b - a for a, b in zip(cu, cu[1:])), "rows": t(rows), "targets": t(tgt),
+                    "where": (t(where_b), t(where_t)), "samples": list(cur)})
+        cur.clear()
+    used = 0
+    for i in idx:
+        n = len(samples[i]["prompt_ids"]) + len(samples[i]["response"])
+        if cur and used + n > budget:
+            flush()
+            used = 0
+        cur.append(i)
+        used += n
+    flush()
+    return mbs
+
+
+class Trainer:
+    """Actor (+ critic, + reference) on one nanotron mesh."""
+
+    def __init__(self, cfg: Config, nt, mesh, mcfg, path, critic_state: dict | None = None):
+        self.cfg, self.nt, self.mesh = cfg, nt, mesh
+        dtype = getattr(torch, cfg.dtype)
+
+        def build(seed):
+            m = nt.Transformer(mcfg, mesh, dtype=dtype)
+            return m.init_random(seed) if path is None else m.load_hf(path)
+        self.actor = build(cfg.seed)
+        self.opt = nt.build_optimizer(self.actor, mesh, 1 if mesh.dp > 1 else 0, cfg.lr, weight_decay=0.0)
+        self.ref = build(cfg.seed).requires_grad_(False) if cfg.kl_coef > 0 else None
+        self.critic = self.value_head = None
+        if cfg.algo == "ppo":
+            self.critic = build(cfg.seed)
+            if critic_state is not None:                   # before the optimizer copies the weights in
+                self.critic.load_state_dict(critic_state["critic"])
+            self.critic_opt = nt.build_optimizer(self.critic, mesh, 1 if mesh.dp > 1 else 0, cfg.critic_lr,
+                                                 weight_decay=0.0)
+            g = torch.Generator().manual_seed(cfg.seed + 7)
+            self.value_head = nn.Linear(mcfg.hidden_size, 1).to(mesh.device)   # fresh, fp32, replicated
+            with torch.no_grad():
+                self.value_head.weight.copy_(torch.randn(1, mcfg.hidden_size, generator=g) * 1e-3)
+                self.value_head.bias.zero_()
+            self.head_opt = torch.optim.AdamW(self.value_head.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
+            if critic_state is not None:
+                self.value_head.load_state_dict(critic_state["head"])
+                self.head_opt.load_state_dict(critic_state["head_opt"])
+
+    def _scatter(self, vals: torch.Tensor, mb: dict, shape) -> torch.Tensor:
+        out = torch.zeros(shape, dtype=torch.float32, device=vals.device)
+        out[mb["where"][0], mb["where"][1]] = vals.float()
+        return out
+
+    def _forward(self, model, mb, entropy=False):
+        """(log p of the response tokens at the sampling temperature, entropy or None), packed [n_resp]."""
+        h = model(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"])
+        return model.logprobs(h.index_select(0, mb["rows"]), mb["targets"], self.cfg.temperature, entropy)
+
+    def _values(self, mb):
+        h = self.critic(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"])
+        return self.value_head(h.index_select(0, mb["rows"]).float()).squeeze(-1)
+
+    @torch.no_grad()
+    def score(self, samples: list[dict], shape) -> dict:
+        """Forward-only passes: the trainer's log-probs (pi_old), the reference's, the critic's values [B, T]."""
+        out = {"old_logp": torch.zeros(shape), "ref_logp": None, "values": None}
+        if self.ref is not None:
+            out["ref_logp"] = torch.zeros(shape)
+        if self.critic is not None:
+            out["values"] = torch.zeros(shape)
+        for mb in pack(samples, list(range(len(samples))), self.cfg.micro_batch_tokens, self.mesh.device):
+            out["old_logp"] += self._scatter(self._forward(self.actor, mb)[0], mb, shape).cpu()
+            if self.ref is not None:
+                out["ref_logp"] += self._scatter(self._forward(self.ref, mb)[0], mb, shape).cpu()
+            if self.critic is not None:
+                out["values"] += self._scatter(self._values(mb), mb, shape).cpu()
+        return out
+
+    def _micro_steps(self, mbs, opt, loss_of):
+        """Accumulate the micro-batches' gradients (dp reduces once, on the last) -> summed loss value."""
+        total = 0.0
+        for k, mb in enumerate(mbs):
+            with opt.no_sync() if k < len(mbs) - 1 else _null():
+                loss = loss_of(mb)
+                loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def update_actor(self, samples, batch: dict, idx: list[int], lr: float, norm: dict) -> dict:
+        cfg, dev = self.cfg, self.mesh.device
+        stats = {"clip_frac": [], "approx_kl": [], "entropy": [], "kl": []}
+
+        def loss_of(mb):
+            sel = mb["samples"]
+            logp_p, ent_p = self._forward(self.actor, mb, entropy=True)
+            shape = batch["mask"].shape
+            logp = self._scatter(logp_p, mb, shape)[sel]
+            take = lambda k: batch[k][sel].to(dev)                       # noqa: E731
+            mask = take("mask")
+            if cfg.algo == "raft":                                       # SFT on the correct samples
+                loss = aggregate(-logp, mask * take("keep")[:, None], cfg.loss_agg, norm["tokens"], norm["seqs"],
+                                 norm["max_len"])
+            else:
+                w = tis_weights(take("old_logp"), take("engine_logp"), cfg.tis_cap) if cfg.tis_cap > 0 else None
+                pl, st = policy_loss(logp, take("old_logp"), take("adv"), mask, cfg.clip_low, cfg.clip_high,
+                                     cfg.dual_clip, cfg.gspo, w)
+                stats["clip_frac"].append(st["clip_frac"])
+                stats["approx_kl"].append(st["approx_kl"])
+                loss = aggregate(pl, mask, cfg.loss_agg, norm["tokens"], norm["seqs"], norm["max_len"])
+                if cfg.kl_coef > 0 and cfg.kl_in == "loss":
+                    kl = kl_estimate(logp, take("ref_logp"), cfg.kl_estimator)
+                    loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.loss_agg, norm["tokens"], norm["seqs"],
+                                                          norm["max_len"])
+                    stats["kl"].append(float(masked_mean(kl.detach(), mask)))
+            ent = self._scatter(ent_p, mb, shape)[sel]
+            stats["entropy"].append(float(masked_mean(ent.detach(), mask)))
+            if cfg.entropy_coef > 0:
+                loss = loss - cfg.entropy_coef * aggregate(ent, mask, cfg.loss_agg, norm["tokens"], norm["seqs"],
+                                                           norm["max_len"])
+            return loss
+        self.opt.zero_grad()
+        loss = self._micro_steps(pack(samples, idx, cfg.micro_batch_tokens, dev), self.opt, loss_of)
+        gnorm = self.opt.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else self.opt.dp.grad_norm()
+        self.opt.step(lr=lr)
+        mean = lambda v: sum(v) / len(v) if v else 0.0                  # noqa: E731
+        return {"pg_loss": loss, "grad_norm": float(gnorm), **{k: mean(v) for k, v in stats.items()}}
+
+    def update_critic(self, samples, batch: dict, idx: list[int], lr: float, norm: dict) -> float:
+        cfg, dev = self.cfg, self.mesh.device
+
+        def loss_of(mb):
+            sel = mb["samples"]
+            v = self._scatter(self._values(mb), mb, batch["mask"].shape)[sel]
+            vl = value_loss(v, batch["values"][sel].to(dev), batch["returns"][sel].to(dev), cfg.value_clip)
+            return aggregate(vl, batch["mask"][sel].to(dev), "token-mean", norm["tokens"], norm["seqs"])
+        self.critic_opt.zero_grad()
+        self.head_opt.zero_grad()
+        loss = self._micro_steps(pack(samples, idx, cfg.micro_batch_tokens, dev), self.critic_opt, loss_of)
+        if cfg.grad_clip > 0:
+            self.critic_opt.clip_grad_norm_(cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.grad_clip)
+        self.critic_opt.step(lr=lr)
+        for g in self.head_opt.param_groups:
+            g["lr"] = lr
+        self.head_opt.step()
+        return loss
+
+    def weights(self):
+        """(hf_name, full tensor) of the actor, for the engine (all-gathered over tp: every rank iterates)."""
+        return self.actor.state_dict_hf()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ---- the step ----------------------------------------------------------------------------------------------
+
+def _seed(*xs) -> int:
+    h = 1469598103934665603
+    for x in xs:                                  # FNV-1a over the ints: a stable per-(run, step, prompt) seed
+        h = ((h ^ (x & 0xFFFFFFFF)) * 1099511628211) % (1 << 63)
+    return h
+
+
+def rollout(llm, rows: list[dict], cfg: Config, step: int, version: int, greedy: bool = False) -> list[dict]:
+    """rows [P] -> samples [P * n] grouped by prompt, each with the engine's log-prob of every token."""
+    from nanovllm import SamplingParams
+    n = 1 if greedy else cfg.n
+    sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
+                          max_tokens=cfg.max_new_tokens, logprobs=0, seed=_seed(cfg.seed, step, i)) for i in range(len(rows))]
+    outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], sps, use_tqdm=False)
+    return [{"prompt_ids": r["prompt_ids"], "response": c.token_ids, "engine_logp": c.token_logprobs,
+             "answer": r["answer"], "group": g, "finish": c.finish_reason, "version": version}
+            for g, (r, o) in enumerate(zip(rows, outs)) for c in o.outputs]
+
+
+def padded(samples: list[dict], key: str | None = None) -> torch.Tensor:
+    """[B, T] of a per-token list (or the response mask when key is None), zero padded."""
+    T = max(len(s["response"]) for s in samples)
+    out = torch.zeros(len(samples), T)
+    for i, s in enumerate(samples):
+        v = s[key] if key else [1.0] * len(s["response"])
+        out[i, : len(v)] = torch.tensor(v, dtype=torch.float32)
+    return out
+
+
+def advantages(cfg: Config, scores: torch.Tensor, batch: dict, baseline=None) -> None:
+    """Fill batch["adv"] (and "returns" for ppo) [B, T] from the scores [B] and the trainer's tensors."""
+    mask = batch["mask"]
+    kl = None
+    if cfg.kl_coef > 0 and cfg.kl_in == "reward":
+        kl = kl_estimate(batch["old_logp"], batch["ref_logp"], cfg.kl_estimator) * mask
+    if cfg.algo in ("grpo", "dr_grpo", "rloo", "remax"):
+        s = scores - cfg.kl_coef * kl.sum(1) if kl is not None else scores     # sequence-level KL penalty
+        adv = group_advantages(s, cfg.n, cfg.algo, baseline)[:, None] * mask
+    elif cfg.algo == "raft":
+        g = scores.view(-1, cfg.n)
+        batch["keep"] = ((g == g.max(1, keepdim=True).values) & (g > 0)).view(-1).float()
+        adv = torch.zeros_like(mask)
+    else:
+        r = token_rewards(scores, mask, kl, cfg.kl_coef)
+        if cfg.algo == "reinforce_pp":
+            adv = discounted_returns(r, mask, cfg.gamma)
+        else:                                                             # ppo
+            adv, batch["returns"] = gae(r, batch["values"], mask, cfg.gamma, cfg.lam)
+    if cfg.whiten == "yes" or (cfg.whiten == "auto" and cfg.algo in ("ppo", "reinforce_pp")):
+        adv = whiten(adv, mask)
+    batch["adv"] = adv
+
+
+def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, step: int, lr: float) -> dict:
+    """epochs x mini-batches of updates on one batch; critic first (ppo), on the same split."""
+    B, stats, rng = len(samples), {}, random.Random(_seed(cfg.seed, step, 99))
+    for _ in range(cfg.epochs):
+        order = list(range(B))
+        rng.shuffle(order)
+        for part in (order[k::cfg.mini_batches] for k in range(cfg.mini_batches)):
+            part = sorted(part)
+            m = batch["mask"][part]
+            norm = {"tokens": float(m.sum()), "seqs": float(len(part)), "max_len": float(m.shape[1])}
+            if trainer.critic is not None:
+                stats.setdefault("value_loss", []).append(trainer.update_critic(samples, batch, part, cfg.critic_lr, norm))
+            for k, v in trainer.update_actor(samples, batch, part, lr, norm).items():
+                stats.setdefault(k, []).append(v)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def rl_step(trainer: Trainer, llm, rewarder: Rewarder, samples: list[dict], cfg: Config, step: int, lr: float,
+            timer: dict) -> dict:
+    """Reward, score, advantages, update for one batch of rollouts; returns the step's metrics."""
+    t0 = time.perf_counter()
+    scores, answered = rewarder(samples)
+    scores = torch.tensor(scores)
+    acc = float(scores.mean())
+    if cfg.overlong_buffer:
+        scores = scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
+                                           cfg.overlong_buffer)
+    timer["reward"] = time.perf_counter() - t0
+    kept = len(samples)
+    if cfg.dynamic_sampling and cfg.n > 1:
+        keep = informative_groups(scores, cfg.n)
+        if not keep.any():
+            return {"skipped": True, "reward": acc, "accuracy": acc, "groups_kept": 0}
+        rows = keep.repeat_interleave(cfg.n)
+        samples = [s for s, k in zip(samples, rows.tolist()) if k]
+        scores, kept = scores[rows], int(keep.sum())
+    t0 = time.perf_counter()
+    batch = {"mask": padded(samples), "engine_logp": padded(samples, "engine_logp")}
+    batch.update(trainer.score(samples, batch["mask"].shape))
+    timer["score"] = time.perf_counter() - t0
+    baseline = None
+    if cfg.algo == "remax":                                       # the greedy response of each prompt
+        greedy = rollout(llm, [{"prompt_ids": samples[i]["prompt_ids"], "answer": samples[i]["answer"]}
+                               for i in range(0, len(samples), cfg.n)], cfg, step, -1, greedy=True)
+        baseline = torch.tensor(rewarder(greedy)[0])
+    advantages(cfg, scores, batch, baseline)
+    t0 = time.perf_counter()
+    stats = train_on(trainer, samples, batch, cfg, step, lr)
+    timer["train"] = time.perf_counter() - t0
+    m = batch["mask"]
+    gap = ((batch["engine_logp"] - batch["old_logp"]).abs() * m)
+    return {"reward": float(scores.mean()), "accuracy": acc, "answered": sum(answered) / len(answered),
+            "groups_kept": kept if cfg.dynamic_sampling else None, **stats,
+            "logp_gap_mean": float(gap.sum() / m.sum()), "logp_gap_max": float(gap.max()),
+            "response_len": float(m.sum(1).mean()), "truncated": sum(s["finish"] == "length" for s in samples) / len(samples),
+            "tokens": int(m.sum())}
+
+
+# ---- driver ------------------------------------------------------------------------------------------------
+
+def evaluate(llm, rewarder: Rewarder, rows: list[dict], cfg: Config) -> dict:
+    """Greedy accuracy on held-out prompts, through the engine (its weights are the trainer's after a sync)."""
+    samples = rollout(llm, rows, cfg, -1, -1, greedy=True)
+    scores, answered = rewarder(samples)
+    return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
+
+
+def value_warmup(trainer: Trainer, llm, rewarder: Rewarder, rows: list[dict], cfg: Config, log) -> None:
+    """PPO with rule-based rewards on a small model: a critic that starts from noise makes the first policy
+    steps follow noise. Fit it first to the Monte-Carlo returns of the initial policy's rollouts."""
+    for k in range(cfg.value_warmup_steps):
+        samples = rollout(llm, rows[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step], cfg, -2 - k, 0)
+        scores = torch.tensor(rewarder(samples)[0])
+        batch = {"mask": padded(samples)}
+        batch.update(trainer.score(samples, batch["mask"].shape))
+        batch["returns"] = discounted_returns(token_rewards(scores, batch["mask"]), batch["mask"], cfg.gamma)
+        m = batch["mask"]
+        loss = trainer.update_critic(samples, batch, list(range(len(samples))), cfg.critic_lr,
+                                     {"tokens": float(m.sum()), "seqs": float(len(samples))})
+        log(f"value warm-up {k + 1}/{cfg.value_warmup_steps}: value loss {loss:.4f}")
+
+
+def plot_curves(metrics: Path, png: Path) -> bool:
+    """reward and held-out accuracy per step, one PNG (skipped when matplotlib is missing)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key in ("reward", "eval_accuracy"):
+        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker="." if key == "reward" else "o", label=key)
+    ax.set_xlabel("RL step")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    import nanotron as nt
+    import prepare_data
+    from nanovllm import LLM
+    cfg = parse_args(argv)
+    t_start = time.time()
+    if nt.dist_env()[1] > 1:
+        raise ValueError("ppo.py: multi-process runs (torchrun, --backend nanoray / ray) are not implemented yet; "
+                         "run `python ppo.py` (one process: trainer and engine share the device)")
+    cuda = torch.cuda.is_available()
+    cfg = resolve(cfg, cuda)
+    mesh = nt.Mesh.build(1, 1)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    # -- model and engine --
+    if cfg.model == "tiny":
+        mcfg, path = nt.preset_config("tiny"), None
+    else:
+        path = prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)
+        mcfg = nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
+    train_rows, test_rows = load_prompts(cfg, mcfg.vocab_size)
+    src = nt.latest_checkpoint(out) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
+    trainer = Trainer(cfg, nt, mesh, mcfg, path, _critic_state(src) if src is not None and cfg.algo == "ppo" else None)
+    start, pending, sampler_state = 0, None, None
+    if src is not None:
+        man = nt.load_checkpoint(src, trainer.actor, trainer.opt, mesh)
+        start, extra = int(man["step"]), man["extra"]
+        pending, sampler_state = extra.get("pending"), extra["sampler"]
+        print(f"ppo.py: resumed from {src} at step {start}")
+    elif out.exists() and any(out.glob("step_*")):
+        raise ValueError(f"ppo.py: --out {out} holds another run's checkpoints; pass --resume auto, another --out, "
+                         "or delete them")
+    engine_folder = path
+    if path is None or src is not None:                 # the engine loads the trainer's current weights
+        engine_folder = out / "engine_init"
+        nt.save_hf(trainer.actor, engine_folder, dtype=cfg.dtype)
+        for f in Path(path).iterdir() if path is not None else ():      # tokenizer and template files
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+                (engine_folder / f.name).write_bytes(f.read_bytes())
+    L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
+    llm = LLM(engine_folder, seed=cfg.seed, gpu_memory_utilization=cfg.engine_memory, max_model_len=L,
+              max_num_seqs=min(256, cfg.prompts_per_step * cfg.n), device=str(mesh.device))
+    llm.verbose = False
+    rewarder = Rewarder(cfg, llm.get_tokenizer())
+    import nanosets
+    sampler = nanosets.ShardedSampler(len(train_rows), seed=cfg.seed)
+    if sampler_state:
+        sampler.load_state_dict(sampler_state)
+    take = lambda: [train_rows[i] for i in sampler.take(cfg.prompts_per_step)]   # noqa: E731
+    print(f"ppo config: {json.dumps(asdict(cfg))}\n{cfg.algo}, {cfg.mode}: {cfg.prompts_per_step} prompts x {cfg.n} "
+          f"samples = {cfg.prompts_per_step * cfg.n} responses of <= {cfg.max_new_tokens} tokens per step, "
+          f"{cfg.epochs} epoch(s) x {cfg.mini_batches} mini-batch(es), {len(train_rows)} train prompts, "
+          f"{len(test_rows)} held out, {cfg.steps} steps, device {mesh.device}")
+    out.mkdir(parents=True, exist_ok=True)
+    log = _Log(out / "metrics.jsonl", start)
+    try:
+        if start == 0 and trainer.critic is not None and cfg.value_warmup_steps:
+            value_warmup(trainer, llm, rewarder, take(), cfg, print)
+        first_eval = evaluate(llm, rewarder, test_rows, cfg)
+        log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy {first_eval['eval_accuracy']:.3f}")
+        version = start                                   # optimizer steps behind the engine's weights
+        if pending is None:
+            pending = rollout(llm, take(), cfg, start, version)
+        for step in range(start, cfg.steps):
+            timer, t0 = {}, time.perf_counter()
+            samples = pending
+            if cfg.mode == "one_step_off" and step + 1 < cfg.steps:
+                pending = rollout(llm, take(), cfg, step + 1, version)      # made with weights of step `version`
+            stale = step - samples[0]["version"]
+            assert stale == (0 if cfg.mode == "sync" or step == 0 else 1), f"staleness {stale} at step {step}"
+            timer["generate"] = time.perf_counter() - t0
+            lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
+            m = rl_step(trainer, llm, rewarder, samples, cfg, step, lr, timer)
+            t0 = time.perf_counter()
+            llm.update_weights(trainer.weights())                            # in memory, no disk
+            version = step + 1
+            timer["sync"] = time.perf_counter() - t0
+            if cfg.mode == "sync" and step + 1 < cfg.steps:
+                t0 = time.perf_counter()
+                pending = rollout(llm, take(), cfg, step + 1, version)
+                timer["generate"] += time.perf_counter() - t0
+            row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
+            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                row.update(evaluate(llm, rewarder, test_rows, cfg))
+            log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
+            if cfg.save_every >= 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
+                _save(trainer, nt, mesh, out, step + 1, cfg, sampler, pending if cfg.mode == "one_step_off" else None)
+    finally:
+        rewarder.close()
+        llm.shutdown()
+    rows = log.rows
+    summary = {"steps": cfg.steps, "first_reward": rows[1]["reward"] if len(rows) > 1 else None,
+               "last_reward": rows[-1].get("reward"), "eval_accuracy_before": first_eval["eval_accuracy"],
+               "eval_accuracy_after": rows[-1].get("eval_accuracy"), "seconds": round(time.time() - t_start, 1)}
+    plot_curves(out / "metrics.jsonl", out / "curves.png")
+    prepare_data.append_result(cfg.results, "ppo", asdict(cfg), summary)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"ppo.py: {cfg.algo} {start} -> {cfg.steps} steps, reward {summary['first_reward']} -> {summary['last_reward']}, "
+          f"held-out {summary['eval_accuracy_before']:.3f} -> {summary['eval_accuracy_after']:.3f}, "
+          f"{summary['seconds']} s; out {out}")
+    mesh.destroy()
+    return summary
+
+
+class _Log:
+    def __init__(self, path: Path, start: int):
+        self.path, self.rows = path, []
+        if start and path.is_file():                       # resume: keep the rows up to the resumed step
+            keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
+            path.write_text("".join(k + "\n" for k in keep))
+        elif path.is_file():
+            path.unlink()
+
+    def write(self, row: dict, line: str | None):
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if line:
+            print(line, flush=True)
+
+
+def _line(r: dict, cfg: Config) -> str:
+    t = " ".join(f"{k[5:]} {v:.2f}s" for k, v in r.items() if k.startswith("time_"))
+    ev = f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
+    return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | kl {r.get('kl', 0):.4f} | "
+            f"entropy {r.get('entropy', 0):.3f} | clip {r.get('clip_frac', 0):.3f} | gap {r['logp_gap_mean']:.2e} | "
+            f"len {r['response_len']:.0f} | trunc {r['truncated']:.2f}{ev} | {t}")
+
+
+def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler, pending) -> None:
+    folder = out / f"step_{step}"
+    extra = {"sampler": sampler.state_dict(), "pending": pending}
+    nt.save_checkpoint(folder, trainer.actor, trainer.opt, mesh, step, extra=extra, config=asdict(cfg))
+    if trainer.critic is not None:                       # the critic beside it (not an HF model: a value head)
+        tmp = out / f".critic_{step}.pt.tmp"
+        torch.save({"critic": trainer.critic.state_dict(), "head": trainer.value_head.state_dict(),
+                    "head_opt": trainer.head_opt.state_dict()}, tmp)
+        tmp.replace(folder / "critic.pt")
+    done = sorted((p for p in out.glob("step_*") if (p / "manifest.json").is_file()),
+                  key=lambda p: int(p.name.split("_")[1]))
+    for p in done[:-cfg.keep_last] if cfg.keep_last > 0 else []:
+        import shutil
+        shutil.rmtree(p)
+
+
+def _critic_state(src: Path) -> dict:
+    f = Path(src) / "critic.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"ppo.py: {f} is missing: that checkpoint has no critic (from a run without --algo ppo?)")
+    return torch.load(f, map_location="cpu")
+
+
+# ---- CLI ---------------------------------------------------------------------------------------------------
+
+def parse_args(argv=None) -> Config:
+    from prepare_data import config_from_argv
+    return config_from_argv(Config, argv, __doc__.split("\n\n")[0].strip())
+
+
+if __name__ == "__main__":
+    from prepare_data import run_cli
+    run_cli(main, prog="ppo.py")
