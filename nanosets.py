@@ -15,12 +15,13 @@ How it works, in five lines:
      and only parses the metadata, so opening is O(1) in data size and columns are views into the map.
   5. `Dataset` wraps a Table with an optional row-index indirection and the HF-datasets-like API.
 
-First read (~600 lines): the format table below -> arrays (Array, PrimitiveArray, _OffsetsMixin,
-ListArray) -> the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) -> Dataset (its
-docstring, _physical, __getitem__, select, shuffle) -> load_dataset. The other chapters stand alone:
-types (the type grammar), building arrays from Python (inference, errors that name the row),
-take/concat, tables (chunking), pyarrow interop, training helpers (packing, the sharded sampler),
-the benchmark, the command line.
+Sections, in file order; * marks the ~600-line first read (after the format table below), the
+others stand alone:
+  types (the type grammar) . buffers and bitmaps . *arrays (Array, PrimitiveArray, _OffsetsMixin,
+  ListArray) . building arrays from Python (inference, errors that name the row) . take and concat .
+  tables (chunking) . *the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) .
+  *Dataset (its docstring, _physical, __getitem__, select, shuffle) . *loading files (load_dataset) .
+  pyarrow interop . training helpers (packing, the sharded sampler) . benchmark . self-test and CLI
 
 Commands:
   python nanosets.py                      # CPU self-test, a few seconds
@@ -70,16 +71,11 @@ THE .nano FILE FORMAT (version 2; all integers little-endian)
     verify (verify_nano, load_dataset(verify=True), --verify; O(size)): every data buffer's crc32 and
         that every offsets buffer is non-decreasing. A flipped byte in a token id, a length or a mask
         is invisible to the checks above and caught only here: run it once before a long job.
-        Cost: crc32 runs at ~2.3 GB/s on one core here, ~0.5 s per GB when the pages are cached;
-        a cold file is read from disk first (BENCHMARKS.md has the measured numbers).
+        Cost: ~0.5 s per GB when the pages are cached, a cold file is read from disk first
+        (BENCHMARKS.md has the measured numbers).
   Version 1 files (buffers as [offset, nbytes], no checksums) still open and read. verify can only
   decode every row of them (offsets, UTF-8), which misses a changed number, and warns so: rebuild
   such a file from its source (for prepare_data.py output: rerun it with --overwrite).
-
-Sections:
-  types . buffers and bitmaps . arrays . building arrays from Python . take and concat . tables .
-  the .nano file . Dataset . loading files . pyarrow interop . training helpers . benchmark .
-  self-test and command line
 """
 from __future__ import annotations
 
@@ -109,7 +105,6 @@ import torch
 # A DataType says how to interpret an Array's buffers. Primitive types are fixed-width scalars; the
 # others are built from them. `str(t)` is a compact readable form ("list<int32>") that `parse_type`
 # reads back, so users can write schemas as strings.
-
 
 class DataType:
     """Base class of all types. `name` is the canonical string form ("list<int32>") that parse_type
@@ -274,7 +269,6 @@ def type_from_json(j) -> DataType:
 # Every buffer is a 1-D memoryview of bytes: over a bytearray (built in memory), an mmap (read from a
 # .nano file) or a pyarrow Buffer. Views are how zero-copy works: slicing a memoryview copies nothing.
 
-
 class NanosetsError(ValueError):
     """Bad input: a corrupt file, a row that disagrees with the schema, a bad argument. A ValueError,
     so callers (and CLIs) can treat it as an expected error with a message for the user."""
@@ -324,6 +318,12 @@ def unpack_bits(bitmap, offset: int, length: int) -> torch.Tensor:
 # An Array = type + length + buffers + `offset` (the first row it shows inside its buffers). slice()
 # only moves offset/length, which is why slicing is O(1) and shares memory with its parent.
 
+def _row_index(i: int, n: int, what: str) -> int:
+    """Python's indexing rules for row i of n: -n <= i < n, negative i counts from the end."""
+    if not -n <= i < n:
+        raise IndexError(f"row {i} out of range for {what} of {n} rows")
+    return i + n if i < 0 else i
+
 
 class Array:
     """One column (or one chunk of a column): `length` rows starting at row `offset` of its buffers.
@@ -365,12 +365,6 @@ class Array:
         valid = unpack_bits(self.validity, self.offset, self.length)  # [length] bool
         return [v if ok else None for v, ok in zip(values, (valid if idx is None else valid[idx]).tolist())]
 
-    def _check_index(self, i: int) -> int:
-        """Python's rules: -length <= i < length, negative i counts from the end."""
-        if not -self.length <= i < self.length:
-            raise IndexError(f"row {i} out of range for an array of {self.length} rows")
-        return i + self.length if i < 0 else i
-
     def slice(self, start: int, stop: int) -> "Array":
         """Rows [start, stop) as a new Array sharing every buffer (O(1), no copy)."""
         start, stop = max(0, min(start, self.length)), max(0, min(stop, self.length))
@@ -394,7 +388,7 @@ class NullArray(Array):
     type = NULL
 
     def get(self, i):
-        self._check_index(i)
+        _row_index(i, self.length, "an array")
         return None
 
     def to_pylist(self):
@@ -445,7 +439,7 @@ class PrimitiveArray(_FixedWidth):
         return frombuffer(self.values, self.type.torch_dtype, self.length, self.offset * self.row_bytes)
 
     def get(self, i):
-        i = self._check_index(i)
+        i = _row_index(i, self.length, "an array")
         if not self.is_valid(i):
             return None
         if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
@@ -474,7 +468,7 @@ class TensorArray(_FixedWidth):
         return flat.view(self.length, *t.shape)  # [length * numel] -> [length, *shape]
 
     def get(self, i):
-        i = self._check_index(i)
+        i = _row_index(i, self.length, "an array")
         return self.to_torch()[i].tolist() if self.is_valid(i) else None  # nested lists, shape [*shape]
 
     def to_pylist(self):
@@ -490,35 +484,28 @@ class _OffsetsMixin:
     offsets: memoryview
     _offs_view = None
 
-    def _offs(self) -> memoryview:
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """Row i's [start, end) in the values, checked: the one span that ds[i] uses."""
         if self._offs_view is None:
             self._offs_view = self.offsets.cast("q")  # int64 view, no copy; cached (hot in ds[i])
-        return self._offs_view
-
-    def _bounds(self, i: int) -> tuple[int, int]:
-        o = self._offs()
-        return o[self.offset + i], o[self.offset + i + 1]  # row i's [start, end) in the values
+        a, b, limit = self._offs_view[self.offset + i], self._offs_view[self.offset + i + 1], self._num_values()
+        if not 0 <= a <= b <= limit:
+            raise NanosetsError(f"corrupt {self.type} column: row {i} spans values [{a}, {b}) of {limit}")
+        return a, b
 
     def _offsets_tensor(self) -> torch.Tensor:
         return frombuffer(self.offsets, torch.int64, self.length + 1, self.offset * 8)  # [length+1]
-
-    def _span_list(self) -> list[int]:
-        """This window's length+1 offsets as Python ints, checked: non-decreasing, inside the values."""
-        offs, limit = self._offs()[self.offset : self.offset + self.length + 1].tolist(), self._num_values()
-        # one Python pass over ints we convert anyway: far cheaper than decoding a wrong row
-        if offs and (offs[0] < 0 or offs[-1] > limit or any(b < a for a, b in zip(offs, offs[1:]))):
-            raise NanosetsError(f"corrupt {self.type} column: offsets {offs[:4]}...{offs[-2:]} leave the "
-                                f"values (size {limit})")
-        return offs
 
     def _spans(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Start/end value positions of rows ((start, stop) or an index tensor), vectorised and checked
         (a clamped slice would silently return the wrong values; pyarrow would read out of bounds)."""
         offs = self._offsets_tensor()  # [length+1]
-        sel = torch.arange(*rows) if isinstance(rows, tuple) else rows  # [k] rows of this window
-        starts, ends = offs[sel], offs[sel + 1]  # [k], [k]
+        if isinstance(rows, tuple):  # a window of rows: two views of the offsets, no gather
+            starts, ends = offs[rows[0] : rows[1]], offs[rows[0] + 1 : rows[1] + 1]  # [k], [k]
+        else:
+            starts, ends = offs[rows], offs[rows + 1]  # [k], [k]
         limit = self._num_values()
-        if len(sel) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
+        if len(starts) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
             raise NanosetsError(f"corrupt {self.type} column: offsets leave the values (size {limit}) "
                                 "or run backwards")
         return starts, ends
@@ -553,26 +540,24 @@ class StringArray(_OffsetsMixin, Array):
         return len(self.data)
 
     def get(self, i):
-        i = self._check_index(i)
+        i = _row_index(i, self.length, "an array")
         if not self.is_valid(i):
             return None
         a, b = self._bounds(i)
-        if not 0 <= a <= b <= len(self.data):  # never trust a file's offsets: check the one span we use
-            raise NanosetsError(f"corrupt string column: row {i} spans bytes [{a}, {b}) of {len(self.data)}")
         return _utf8(self.data[a:b], i)
 
     def to_pylist(self):
         if self.length == 0:
             return []
-        offs = self._span_list()
-        base, blob = offs[0], bytes(self.data[offs[0] : offs[-1]])  # one copy of this window's bytes
+        starts, ends = (x.tolist() for x in self._spans((0, self.length)))
+        base, blob = starts[0], bytes(self.data[starts[0] : ends[-1]])  # one copy of this window's bytes
         # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
         # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
         if blob.isascii():  # a C-speed scan of the bytes
             text = blob.decode("ascii")
-            values = [text[a - base : b - base] for a, b in zip(offs, offs[1:])]
+            values = [text[a - base : b - base] for a, b in zip(starts, ends)]
         else:
-            values = [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(offs, offs[1:]))]
+            values = [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(starts, ends))]
         return self._with_nulls(values)
 
     def take_pylist(self, idx):
@@ -599,21 +584,16 @@ class ListArray(_OffsetsMixin, Array):
     def _num_values(self) -> int:
         return self.child.length
 
-    def _check_span(self, a, b, i):
-        if not 0 <= a <= b <= self.child.length:
-            raise NanosetsError(f"corrupt list column: row {i} spans values [{a}, {b}) of {self.child.length}")
-
     def _typed_child(self) -> memoryview | None:
         """The child's typed memoryview when rows can be read from it directly (numbers, no nulls)."""
         c = self.child
         return c._typed if isinstance(c, PrimitiveArray) and c._typed is not None and c.null_count == 0 else None
 
     def get(self, i):
-        i = self._check_index(i)
+        i = _row_index(i, self.length, "an array")
         if not self.is_valid(i):
             return None
         a, b = self._bounds(i)
-        self._check_span(a, b, i)
         mv = self._typed_child()
         if mv is not None:
             return mv[self.child.offset + a : self.child.offset + b].tolist()
@@ -631,10 +611,8 @@ class ListArray(_OffsetsMixin, Array):
         return [flat[a - lo : b - lo] for a, b in zip(starts, ends)]  # cut into rows (list slices)
 
     def to_pylist(self):
-        if self.length == 0:
-            return []
-        offs = self._span_list()
-        return self._with_nulls(self._rows_from(offs[:-1], offs[1:], contiguous=True))
+        starts, ends = self._spans((0, self.length))
+        return self._with_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=True))
 
     def take_pylist(self, idx):
         starts, ends = self._spans(idx)
@@ -661,7 +639,7 @@ class StructArray(Array):
         return new
 
     def get(self, i):
-        i = self._check_index(i)
+        i = _row_index(i, self.length, "an array")
         if not self.is_valid(i):
             return None
         return {k: c.get(i) for k, c in self.children.items()}
@@ -689,7 +667,6 @@ class StructArray(Array):
 # Python rows -> columns. Two steps: infer a type for each column (unless a schema says it), then
 # pack the values into buffers with the stdlib `array` module (which converts and range-checks a
 # whole list in C). When packing fails we go back and find the exact row to name in the error.
-
 
 class _Mismatch(Exception):
     """Internal: value at `row` (within the list being built) does not fit `expected`."""
@@ -917,13 +894,6 @@ def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor)
 # Everything above views memory. These two build new buffers: take_array gathers rows into a fresh
 # Array (what save_to_disk does to a shuffled dataset), concat_arrays joins chunks into one.
 
-
-def _gather_validity(a: Array, idx: torch.Tensor):
-    if a.validity is None or a.null_count == 0:
-        return None
-    return pack_bits(unpack_bits(a.validity, a.offset, a.length)[idx])
-
-
 def _ranges_index(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated aranges [s0..e0) ++ [s1..e1) ++ ... without a Python loop; plus new offsets.
 
@@ -939,7 +909,9 @@ def _ranges_index(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tenso
 
 def take_array(a: Array, idx: torch.Tensor) -> Array:
     """A new Array with rows a[idx] copied into fresh buffers (used to materialise an indirection)."""
-    n, valid = len(idx), _gather_validity(a, idx)
+    n, valid = len(idx), None
+    if a.validity is not None and a.null_count:  # gather the validity bits of the selected rows too
+        valid = pack_bits(unpack_bits(a.validity, a.offset, a.length)[idx])
     if isinstance(a, NullArray):
         return NullArray(n)
     if isinstance(a, _FixedWidth):  # one tensor gather: [length, ...] -> [n, ...]
@@ -997,6 +969,16 @@ def _schema_str(schema: Schema) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in schema.items()) + "}"
 
 
+def _require(schema: Schema, columns: str | Iterable[str], what: str = "no columns") -> list[str]:
+    """columns (one name or several) as a list, after checking each exists (a KeyError naming the
+    missing ones and the real ones)."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise KeyError(f"{what} {missing}; columns are {list(schema)}")
+    return columns
+
+
 class RecordBatch:
     """Named columns of one length: one chunk of a Table (and one batch of a .nano file)."""
 
@@ -1048,22 +1030,19 @@ def _merge(pieces: list, n: int):
     """Per-chunk results -> one result of n rows in output order. pieces = [(values, positions)]:
     positions None means the pieces are consecutive ranges (concatenate them); else each piece's
     values go to its output positions (an index tensor). Values are lists or tensors."""
-    if len(pieces) == 1 and pieces[0][1] is None:
-        return pieces[0][0]  # the common case: one chunk, in order, returned untouched (views stay views)
-    first = pieces[0][0]
-    if isinstance(first, torch.Tensor):  # numbers: one tensor [n, ...] (a copy: the chunks are apart)
-        if pieces[0][1] is None:
-            return torch.cat([p for p, _ in pieces])
-        out = first.new_empty((n, *first.shape[1:]))  # [n, ...]
-        for p, pos in pieces:
-            out[pos] = p
-        return out
-    if pieces[0][1] is None:  # Python values (or per-row tensors): concatenate or scatter the lists
-        return [v for p, _ in pieces for v in p]
-    out = [None] * n
+    first, in_order = pieces[0][0], pieces[0][1] is None
+    if in_order and len(pieces) == 1:
+        return first  # the common case: one chunk, in order, returned untouched (views stay views)
+    is_tensor = isinstance(first, torch.Tensor)  # numbers: one tensor [n, ...] (a copy: the chunks are apart)
+    if in_order:
+        return torch.cat([p for p, _ in pieces]) if is_tensor else [v for p, _ in pieces for v in p]
+    out = first.new_empty((n, *first.shape[1:])) if is_tensor else [None] * n  # [n, ...] or n values
     for p, pos in pieces:
-        for i, v in zip(pos.tolist(), p):
-            out[i] = v
+        if is_tensor:
+            out[pos] = p
+        else:  # Python values (or per-row tensors): scattered one by one
+            for i, v in zip(pos.tolist(), p):
+                out[i] = v
     return out
 
 
@@ -1109,9 +1088,7 @@ class Table:
 
     def _locate(self, i: int) -> tuple[int, int]:
         """Global row i -> (chunk, row within the chunk)."""
-        if not -self.num_rows <= i < self.num_rows:
-            raise IndexError(f"row {i} out of range for a table of {self.num_rows} rows")
-        i = i + self.num_rows if i < 0 else i
+        i = _row_index(i, self.num_rows, "a table")
         c = bisect.bisect_right(self._starts, i) - 1  # the last chunk starting at or before row i
         return c, i - self._starts[c]
 
@@ -1136,8 +1113,9 @@ class Table:
             parts.append((c, rows[where] - self._starts[c], where))
         return parts or [(0, rows, None)]
 
-    def to_pydict(self, rows, columns: list[str] | None = None) -> dict[str, list]:
+    def to_pydict(self, rows, columns: list[str], as_tensors=()) -> dict[str, Any]:
         """Rows as {column: list}: rows is a (start, stop) range or an int64 index tensor (any order).
+        Columns in `as_tensors` come back as tensors instead (see _read_rows).
 
         Python's cyclic garbage collector is paused meanwhile: decoding a batch allocates hundreds of
         thousands of lists, every 700 allocations CPython walks the young objects looking for
@@ -1147,22 +1125,19 @@ class Table:
         parts, was_enabled = self.split_rows(rows), gc.isenabled()
         gc.disable()
         try:
-            return {k: _merge([(_read_rows(self.batches[c].columns[k], local), pos) for c, local, pos in parts], n)
-                    for k in columns or self.column_names}
+            return {k: _merge([(_read_rows(self.batches[c].columns[k], local, k in as_tensors), pos)
+                               for c, local, pos in parts], n) for k in columns}
         finally:
             if was_enabled:
                 gc.enable()
 
     def column(self, name: str) -> Array:
         """The whole column as one Array: zero-copy when the table has one chunk, else concatenated."""
-        if name not in self.schema:
-            raise KeyError(f"no column {name!r}; columns are {self.column_names}")
+        _require(self.schema, [name])
         return concat_arrays([b.columns[name] for b in self.batches])
 
     def select(self, names: list[str]) -> "Table":
-        missing = [n for n in names if n not in self.schema]
-        if missing:
-            raise KeyError(f"no columns {missing}; columns are {self.column_names}")
+        names = _require(self.schema, names)
         return Table([RecordBatch({n: b.columns[n] for n in names}) for b in self.batches],
                      {n: self.schema[n] for n in names})
 
@@ -1465,7 +1440,6 @@ def verify_nano(path: str | os.PathLike) -> int:
 # select/shuffle/filter/sort/train_test_split only build a new indices tensor, so they copy no data
 # and are O(rows) at worst; save_to_disk / flatten_indices materialise the rows in their new order.
 
-
 def _progress(total: int, desc: str, enabled: bool | None):
     """tqdm when installed and the job is big enough to watch; a no-op otherwise."""
     if enabled is False or (enabled is None and total < 50_000):
@@ -1525,13 +1499,6 @@ class Dataset:
         """{column: list | tensor | Array} -> Dataset (1-D tensors are wrapped without a copy)."""
         return cls(Table.from_pydict(columns, schema))
 
-    def _require(self, columns: list[str], what: str = "no columns") -> list[str]:
-        """columns, after checking each exists (a KeyError naming the missing ones and the real ones)."""
-        missing = [c for c in columns if c not in self.schema]
-        if missing:
-            raise KeyError(f"{what} {missing}; columns are {self.column_names}")
-        return columns
-
     def _derive(self, table=None, indices=..., format=None) -> "Dataset":
         """A new Dataset sharing everything not given (the one place row/column operations build one)."""
         return Dataset(self._table if table is None else table, self._indices if indices is ... else indices,
@@ -1580,32 +1547,22 @@ class Dataset:
         tensors (zero-copy views when the rows are contiguous inside one chunk, a gather otherwise) and
         list<number> rows as one tensor each (views); columns with nulls, strings and nested types stay
         Python values, since no tensor holds a None."""
-        if self._format["type"] != "torch":
-            return self._table.to_pydict(rows, columns)
-        n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
-        parts = self._table.split_rows(rows)  # [(chunk, local rows, output positions or None)]
-        out, python_cols = {}, []  # tensor columns are read here; the rest in one to_pydict call
-        for k in columns:
+        as_tensors = set()
+        for k in columns if self._format["type"] == "torch" else []:
             t, chunks = self.schema[k], [b.columns[k] for b in self._table.batches]
             lists = isinstance(t, ListType) and isinstance(t.value, PrimitiveType)
-            if not (isinstance(t, (PrimitiveType, TensorType)) or lists) or \
-                    any(a.null_count or (lists and a.child.null_count) for a in chunks):
-                python_cols.append(k)
-                continue
-            out[k] = _merge([(_read_rows(chunks[c], local, as_tensors=True), pos) for c, local, pos in parts], n)
-        out.update(self._table.to_pydict(rows, python_cols) if python_cols else {})
-        return {k: out[k] for k in columns}
+            if (lists or isinstance(t, (PrimitiveType, TensorType))) and \
+                    not any(a.null_count or (lists and a.child.null_count) for a in chunks):
+                as_tensors.add(k)
+        return self._table.to_pydict(rows, columns, as_tensors)
 
     def __getitem__(self, key):
         """ds[i] -> row dict; ds[a:b] / ds[[i, j]] -> {column: values}; ds["col"] -> the column."""
         columns = self._format["columns"] or self.column_names
         if isinstance(key, str):
-            return self._fetch(self._physical(slice(None)), self._require([key]))[key]
+            return self._fetch(self._physical(slice(None)), _require(self.schema, [key]))[key]
         if isinstance(key, int) or (isinstance(key, torch.Tensor) and key.dim() == 0):
-            i = int(key)
-            if not -len(self) <= i < len(self):
-                raise IndexError(f"row {i} out of range for a dataset of {len(self)} rows")
-            i = i + len(self) if i < 0 else i
+            i = _row_index(int(key), len(self), "a dataset")
             p = i if self._indices is None else int(self._indices[i])
             if self._format["type"] == "torch":
                 return {k: v[0] for k, v in self._fetch((p, p + 1), columns).items()}  # one-row batch -> row
@@ -1635,7 +1592,7 @@ class Dataset:
         """'torch': numbers as tensors (zero-copy views when possible); None/'python': Python objects."""
         if type not in (None, "python", "torch"):
             raise ValueError(f"format {type!r} is not supported; use None, 'python' or 'torch'")
-        columns = None if columns is None else self._require(list(columns))
+        columns = None if columns is None else _require(self.schema, columns)
         return self._derive(format={"type": type or "python", "columns": columns})
 
     def reset_format(self) -> "Dataset":
@@ -1728,17 +1685,17 @@ class Dataset:
 
     # -- column operations: metadata only, no copy --
     def select_columns(self, columns: str | list[str]) -> "Dataset":
-        return self._derive(table=self._table.select([columns] if isinstance(columns, str) else list(columns)))
+        return self._derive(table=self._table.select(columns))
 
     def remove_columns(self, columns: str | list[str]) -> "Dataset":
-        drop = self._require([columns] if isinstance(columns, str) else list(columns), "cannot remove columns")
+        drop = _require(self.schema, columns, "cannot remove columns")
         return self.select_columns([c for c in self.column_names if c not in drop])
 
     def rename_column(self, original: str, new: str) -> "Dataset":
         return self.rename_columns({original: new})
 
     def rename_columns(self, mapping: dict[str, str]) -> "Dataset":
-        self._require(list(mapping), "cannot rename missing columns")
+        _require(self.schema, mapping, "cannot rename missing columns")
         return self._derive(table=self._table.rename(mapping))
 
     # -- map: the one operation that builds new columns --
@@ -1751,8 +1708,7 @@ class Dataset:
         function may change the row count if every input column is removed or returned). Returned
         columns replace or add columns; columns neither returned nor removed are carried over as
         they are, without re-encoding. `schema` pins output types (e.g. {"ids": "list<int32>"})."""
-        remove = [remove_columns] if isinstance(remove_columns, str) else list(remove_columns or [])
-        self._require(remove, "remove_columns names missing columns")
+        remove = _require(self.schema, remove_columns or [], "remove_columns names missing columns")
         outputs: dict[str, list] = {}  # output column -> values so far (n_out rows)
         n_out = 0
         for n, out in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, desc):
@@ -2042,7 +1998,6 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
 # direction hands over the same memory. Two exceptions copy: bool (Arrow packs bools into bits, we
 # keep a byte per value) and bfloat16 (Arrow has no such type: widened to float32).
 
-
 def _pa_type(t: DataType):
     """DataType -> pyarrow type (large_string/large_list: Arrow's 64-bit-offset variants, like ours)."""
     import pyarrow as pa
@@ -2163,7 +2118,6 @@ def from_arrow(table) -> Table:
 # What a trainer needs from its data besides rows: packing variable-length sequences into fixed token
 # budgets without padding (the varlen layout of DESIGN.md), and a sampler that splits rows across
 # data-parallel ranks identically on every rank and resumes mid-epoch from a checkpoint.
-
 
 def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit") -> list[list[int]]:
     """Assign sequences to packs of at most `token_budget` tokens; returns packs of sequence indices.
@@ -2299,7 +2253,6 @@ class ShardedSampler:
 # .nano and as an Arrow IPC stream (what HF datasets caches), then read by nanosets, pyarrow and HF
 # datasets (when installed) in the same run. Opening and RSS are measured in fresh subprocesses.
 # One timer (_timeit), one table; the measured numbers live in BENCHMARKS.md.
-
 
 def _bench_table(gb: float, seed: int = 0) -> Table:
     g = torch.Generator().manual_seed(seed)
@@ -2472,7 +2425,6 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
 
 
 # ---- self-test and command line ------------------------------------------------------------------
-
 
 def selftest():
     """`python nanosets.py`: a round trip through a file, the API, a corrupt byte caught by its
