@@ -325,15 +325,21 @@ def _row_index(i: int, n: int, what: str) -> int:
     return i + n if i < 0 else i
 
 
+def _rows_of(columns: dict[str, list], n: int = 0) -> list[dict]:
+    """{column: values} -> one dict per row (n rows: only used when there are no columns)."""
+    names = list(columns)
+    return [dict(zip(names, vals)) for vals in zip(*columns.values())] if names else [{} for _ in range(n)]
+
+
 class Array:
     """One column (or one chunk of a column): `length` rows starting at row `offset` of its buffers.
 
     Why an offset: slice() returns a shallow copy over the SAME buffers with a moved window, so a
     slice is O(1) and copies nothing (as in Arrow). compact() does the opposite when a writer needs
-    offset 0: it re-bases the buffers and copies only what must move. Each subclass implements
-    get(i) (one Python value), to_pylist() (every row, vectorised where it can), take_pylist(idx)
-    (rows idx, an int64 tensor, in any order) and compact(). Nulls live in `validity` (a bitmap, or
-    None when there are none); the values under a null row are zeros and are never shown."""
+    offset 0: it re-bases the buffers and copies only what must move. Nulls live in `validity` (a
+    bitmap, or None when there are none); the values under a null row are zeros and are never shown:
+    get() and take_pylist() here put the Nones in, and each subclass only decodes values, in _get(i)
+    (one row) and _pylist(idx) (rows idx, or every row when idx is None, vectorised where it can)."""
 
     type: DataType
 
@@ -358,8 +364,17 @@ class Array:
         j = self.offset + i  # the bitmap, like every buffer, is indexed from the buffer's start
         return self.validity is None or bool((self.validity[j >> 3] >> (j & 7)) & 1)
 
-    def _with_nulls(self, values: list, idx: torch.Tensor | None = None) -> list:
-        """values (of every row, or of rows idx) with None put where those rows are null."""
+    def get(self, i: int):
+        """Row i as a Python value (None when the row is null)."""
+        i = _row_index(i, self.length, "an array")
+        return self._get(i) if self.is_valid(i) else None
+
+    def to_pylist(self) -> list:
+        return self.take_pylist(None)
+
+    def take_pylist(self, idx: torch.Tensor | None) -> list:
+        """Rows idx (an int64 tensor: any order, repeats allowed; None: every row) as Python values."""
+        values = self._pylist(idx)
         if self.validity is None or self.null_count == 0:
             return values  # the common case: no bitmap to read
         valid = unpack_bits(self.validity, self.offset, self.length)  # [length] bool
@@ -387,36 +402,50 @@ class NullArray(Array):
 
     type = NULL
 
-    def get(self, i):
-        _row_index(i, self.length, "an array")
-        return None
-
-    def to_pylist(self):
-        return [None] * self.length
-
-    def take_pylist(self, idx):
-        return [None] * len(idx)
-
-    def compact(self):
-        return NullArray(self.length)
-
     @property
     def null_count(self):
         return self.length
 
+    def _get(self, i):
+        return None
+
+    def _pylist(self, idx):
+        return [None] * (self.length if idx is None else len(idx))
+
+    def compact(self):
+        return NullArray(self.length)
+
 
 class _FixedWidth(Array):
-    """Shared by PrimitiveArray and TensorArray: every row is `row_bytes` bytes of `values`, so row i
-    sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes): no offsets buffer needed."""
+    """Numbers (PrimitiveArray) and fixed-shape tensors (TensorArray): every row is `row_bytes` bytes
+    of `values`, so row i sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes) and needs
+    no offsets buffer; the whole column is one zero-copy tensor."""
 
-    row_bytes: int
+    _typed = None  # a typed memoryview over `values` (PrimitiveArray, where Python has the format)
 
     def __init__(self, type, length, values, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.values = type, values
+        tensor = isinstance(type, TensorType)
+        self.elem, self.shape = (type.value, type.shape) if tensor else (type, ())  # element type, row shape
+        self.numel = type.numel if tensor else 1
+        self.row_bytes = self.numel * self.elem.itemsize
 
-    def take_pylist(self, idx):
-        return self._with_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
+    def to_torch(self) -> torch.Tensor:
+        """ZERO-COPY tensor [length, *shape] over the values buffer (null rows hold zeros)."""
+        n, at = self.length * self.numel, self.offset * self.row_bytes  # elements, byte offset
+        flat = frombuffer(self.values, self.elem.torch_dtype, n, at)
+        return flat.view(self.length, *self.shape)  # [length * numel] -> [length, *shape]
+
+    def _get(self, i):
+        if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
+            return self._typed[self.offset + i]
+        return self.to_torch()[i].tolist()  # a number, or nested lists of shape [*shape]
+
+    def _pylist(self, idx):
+        if idx is None and self._typed is not None:  # memoryview.tolist() builds Python numbers in C: fast
+            return self._typed[self.offset : self.offset + self.length].tolist()
+        return (self.to_torch() if idx is None else self.to_torch()[idx]).tolist()  # one gather, one conversion
 
     def compact(self):
         rb = self.row_bytes
@@ -425,54 +454,17 @@ class _FixedWidth(Array):
 
 
 class PrimitiveArray(_FixedWidth):
-    """Fixed-width scalars (ints, floats, bool as one byte each): a column is one flat buffer, so
-    to_torch() is a zero-copy tensor and to_pylist() converts the whole buffer in C."""
+    """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length], to_pylist()
+    converts the whole buffer in C."""
 
     def __init__(self, type: PrimitiveType, length, values, validity=None, offset=0):
         super().__init__(type, length, values, validity, offset)
-        self.row_bytes = type.itemsize
         # A typed memoryview (e.g. 'i' for int32) indexes and converts in C; halves have no format char.
         self._typed = values.cast(type.fmt) if type.fmt and len(values) % type.itemsize == 0 else None
-
-    def to_torch(self) -> torch.Tensor:
-        """ZERO-COPY tensor [length] over the values buffer (null rows hold whatever bytes are there)."""
-        return frombuffer(self.values, self.type.torch_dtype, self.length, self.offset * self.row_bytes)
-
-    def get(self, i):
-        i = _row_index(i, self.length, "an array")
-        if not self.is_valid(i):
-            return None
-        if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
-            return self._typed[self.offset + i]
-        return frombuffer(self.values, self.type.torch_dtype, 1, (self.offset + i) * self.row_bytes).item()
-
-    def to_pylist(self):
-        if self._typed is not None:  # memoryview.tolist() builds Python numbers in C: fast
-            values = self._typed[self.offset : self.offset + self.length].tolist()
-        else:
-            values = self.to_torch().tolist()
-        return self._with_nulls(values)
 
 
 class TensorArray(_FixedWidth):
     """Fixed-shape tensor per row: values hold length * prod(shape) elements, row-major."""
-
-    def __init__(self, type: TensorType, length, values, validity=None, offset=0):
-        super().__init__(type, length, values, validity, offset)
-        self.row_bytes = type.numel * type.value.itemsize
-
-    def to_torch(self) -> torch.Tensor:
-        """ZERO-COPY tensor [length, *shape] over the values buffer."""
-        t = self.type
-        flat = frombuffer(self.values, t.value.torch_dtype, self.length * t.numel, self.offset * self.row_bytes)
-        return flat.view(self.length, *t.shape)  # [length * numel] -> [length, *shape]
-
-    def get(self, i):
-        i = _row_index(i, self.length, "an array")
-        return self.to_torch()[i].tolist() if self.is_valid(i) else None  # nested lists, shape [*shape]
-
-    def to_pylist(self):
-        return self._with_nulls(self.to_torch().tolist())
 
 
 class _OffsetsMixin:
@@ -496,14 +488,16 @@ class _OffsetsMixin:
     def _offsets_tensor(self) -> torch.Tensor:
         return frombuffer(self.offsets, torch.int64, self.length + 1, self.offset * 8)  # [length+1]
 
-    def _spans(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start/end value positions of rows ((start, stop) or an index tensor), vectorised and checked
-        (a clamped slice would silently return the wrong values; pyarrow would read out of bounds)."""
+    def _spans(self, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start/end value positions of rows (None: this whole window; a (start, stop) range; or an
+        index tensor), vectorised and checked (a clamped slice would silently return the wrong
+        values; pyarrow would read out of bounds)."""
         offs = self._offsets_tensor()  # [length+1]
-        if isinstance(rows, tuple):  # a window of rows: two views of the offsets, no gather
-            starts, ends = offs[rows[0] : rows[1]], offs[rows[0] + 1 : rows[1] + 1]  # [k], [k]
-        else:
-            starts, ends = offs[rows], offs[rows + 1]  # [k], [k]
+        if isinstance(rows, torch.Tensor):
+            starts, ends = offs[rows], offs[rows + 1]  # [k], [k] gathers
+        else:  # a window of rows: two views of the offsets, no gather
+            start, stop = rows or (0, self.length)
+            starts, ends = offs[start:stop], offs[start + 1 : stop + 1]  # [k], [k]
         limit = self._num_values()
         if len(starts) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
             raise NanosetsError(f"corrupt {self.type} column: offsets leave the values (size {limit}) "
@@ -539,31 +533,23 @@ class StringArray(_OffsetsMixin, Array):
     def _num_values(self) -> int:
         return len(self.data)
 
-    def get(self, i):
-        i = _row_index(i, self.length, "an array")
-        if not self.is_valid(i):
-            return None
+    def _get(self, i):
         a, b = self._bounds(i)
         return _utf8(self.data[a:b], i)
 
-    def to_pylist(self):
-        if self.length == 0:
+    def _pylist(self, idx):
+        starts, ends = (x.tolist() for x in self._spans(idx))
+        if idx is not None:  # scattered rows: one decode each
+            return [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts, ends)]
+        if not starts:
             return []
-        starts, ends = (x.tolist() for x in self._spans((0, self.length)))
         base, blob = starts[0], bytes(self.data[starts[0] : ends[-1]])  # one copy of this window's bytes
         # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
         # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
         if blob.isascii():  # a C-speed scan of the bytes
             text = blob.decode("ascii")
-            values = [text[a - base : b - base] for a, b in zip(starts, ends)]
-        else:
-            values = [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(starts, ends))]
-        return self._with_nulls(values)
-
-    def take_pylist(self, idx):
-        starts, ends = self._spans(idx)  # checked, vectorised; then one decode per row
-        out = [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts.tolist(), ends.tolist())]
-        return self._with_nulls(out, idx)
+            return [text[a - base : b - base] for a, b in zip(starts, ends)]
+        return [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(starts, ends))]
 
     def compact(self):
         offsets, first, last = self._compact_offsets()
@@ -589,34 +575,24 @@ class ListArray(_OffsetsMixin, Array):
         c = self.child
         return c._typed if isinstance(c, PrimitiveArray) and c._typed is not None and c.null_count == 0 else None
 
-    def get(self, i):
-        i = _row_index(i, self.length, "an array")
-        if not self.is_valid(i):
-            return None
+    def _get(self, i):
         a, b = self._bounds(i)
         mv = self._typed_child()
         if mv is not None:
             return mv[self.child.offset + a : self.child.offset + b].tolist()
         return self.child.slice(a, b).to_pylist()
 
-    def _rows_from(self, starts: list[int], ends: list[int], contiguous: bool) -> list[list]:
-        """Python lists for the value spans [starts[k], ends[k]) (already checked). Contiguous spans
-        (a window of rows) decode their child range once and cut it; scattered ones decode per row."""
+    def _pylist(self, idx):
+        """A window of rows (idx None) decodes its child range once and cuts it; scattered rows decode
+        one by one."""
+        starts, ends = (x.tolist() for x in self._spans(idx))
         mv, o = self._typed_child(), self.child.offset
         if mv is not None:  # list<number>: each row converted straight from the buffer
             return [mv[o + a : o + b].tolist() for a, b in zip(starts, ends)]
-        if not contiguous or not starts:
+        if idx is not None or not starts:
             return [self.child.slice(a, b).to_pylist() for a, b in zip(starts, ends)]
         lo, flat = starts[0], self.child.slice(starts[0], ends[-1]).to_pylist()  # the window's values
         return [flat[a - lo : b - lo] for a, b in zip(starts, ends)]  # cut into rows (list slices)
-
-    def to_pylist(self):
-        starts, ends = self._spans((0, self.length))
-        return self._with_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=True))
-
-    def take_pylist(self, idx):
-        starts, ends = self._spans(idx)
-        return self._with_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=False), idx)
 
     def compact(self):
         offsets, first, last = self._compact_offsets()  # the child keeps only the values we cover
@@ -638,25 +614,12 @@ class StructArray(Array):
         new.children = {k: c.slice(s, s + new.length) for k, c in self.children.items()}
         return new
 
-    def get(self, i):
-        i = _row_index(i, self.length, "an array")
-        if not self.is_valid(i):
-            return None
+    def _get(self, i):
         return {k: c.get(i) for k, c in self.children.items()}
 
-    def _zip(self, columns: dict[str, list], n: int) -> list[dict]:
-        """{field: values} -> one dict per row (n rows; a struct with no fields gives empty dicts)."""
-        if not columns:
-            return [{} for _ in range(n)]
-        names = list(columns)
-        return [dict(zip(names, vals)) for vals in zip(*columns.values())]
-
-    def to_pylist(self):
-        return self._with_nulls(self._zip({k: c.to_pylist() for k, c in self.children.items()}, self.length))
-
-    def take_pylist(self, idx):
-        rows = self._zip({k: c.take_pylist(idx) for k, c in self.children.items()}, len(idx))
-        return self._with_nulls(rows, idx)
+    def _pylist(self, idx):
+        n = self.length if idx is None else len(idx)
+        return _rows_of({k: c.take_pylist(idx) for k, c in self.children.items()}, n)
 
     def compact(self):
         kids = {k: c.compact() for k, c in self.children.items()}
@@ -1573,9 +1536,7 @@ class Dataset:
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.iter(batch_size=1024):  # decode in batches (fast), hand out rows
-            names = list(batch)
-            for values in zip(*batch.values()):
-                yield dict(zip(names, values))
+            yield from _rows_of(batch)
 
     def iter(self, batch_size: int = 1000, drop_last_batch: bool = False) -> Iterator[dict[str, list]]:
         """Yield {column: values} batches in order (tensors under with_format('torch'))."""
@@ -1630,8 +1591,7 @@ class Dataset:
                 if batched:
                     out = function(*((batch, idx) if with_indices else (batch,)), **kw)
                 else:
-                    names = list(batch)
-                    rows = [dict(zip(names, vals)) for vals in zip(*batch.values())]  # columns -> row dicts
+                    rows = _rows_of(batch, n)  # columns -> row dicts
                     out = [function(*((r, i) if with_indices else (r,)), **kw) for r, i in zip(rows, idx)]
                 yield n, out
                 if bar is not None:
@@ -2030,7 +1990,7 @@ def _to_pa(a: Array):
         values = tensor_to_buffer(a.to_torch().float()) if t.name == "bfloat16" else a.values
         return pa.Array.from_buffers(_pa_type(t), n, [val, pa.py_buffer(values)])
     if isinstance(a, (StringArray, ListArray)):
-        a._spans((0, n))  # pyarrow trusts offsets blindly: a bad one would read out of bounds
+        a._spans()  # pyarrow trusts offsets blindly: a bad one would read out of bounds
     if isinstance(a, StringArray):
         return pa.Array.from_buffers(pa.large_string(), n, [val, pa.py_buffer(a.offsets), pa.py_buffer(a.data)])
     if isinstance(a, ListArray):
