@@ -84,6 +84,7 @@ import bisect
 import copy
 import gc
 import glob
+import itertools
 import json
 import math
 import mmap
@@ -103,8 +104,7 @@ import torch
 
 # ---- types ----------------------------------------------------------------------------------------
 # A DataType says how to interpret an Array's buffers. Primitive types are fixed-width scalars; the
-# others are built from them. `str(t)` is a compact readable form ("list<int32>") that `parse_type`
-# reads back, so users can write schemas as strings.
+# others are built from them. Schemas may be written as strings: parse_type reads str(t) back.
 
 class DataType:
     """Base class of all types. `name` is the canonical string form ("list<int32>") that parse_type
@@ -134,14 +134,12 @@ class PrimitiveType(DataType):
 
 class NullType(DataType):
     """A column where every value is None (what inference gives for an all-None column)."""
-
     name = "null"
 
 
 class StringType(DataType):
     """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8; 64-bit offsets so a
     column may hold more than 2 GB of text)."""
-
     name = "string"
 
 
@@ -203,20 +201,19 @@ def parse_type(spec: str | DataType) -> DataType:
 
 
 def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
-    j = i
-    while j < len(s) and (s[j].isalnum() or s[j] == "_"):  # the type's name: letters, digits, '_'
-        j += 1
-    name = s[i:j]
+    m = re.compile(r"\w*").match(s, i)  # the type's name: letters, digits, '_'
+    name, j = m.group(), m.end()
     simple = {**PRIMITIVES, "string": STRING, "null": NULL}  # the types that are just a name
     if name in simple:
         return simple[name], j
     if name in ("list", "struct", "tensor") and s[j : j + 1] == "<":
         if name != "struct":  # list<T> and tensor<T>[d0,d1,...] both start with one inner type
             inner, k = _parse_type_at(s, j + 1, spec)
-            _expect(s, k, ">", spec)
+            want = ">[" if name == "tensor" else ">"  # tensor: the shape follows the '>' as [d0,d1,...]
+            if s[k : k + len(want)] != want:
+                raise ValueError(f"cannot parse type {spec!r}: expected {want!r} at {s[k:]!r}")
             if name == "list":
                 return ListType(inner), k + 1
-            _expect(s, k + 1, "[", spec)  # tensor: the shape follows the '>' as [d0,d1,...]
             close = s.find("]", k + 2)
             if close < 0:
                 raise ValueError(f"cannot parse type {spec!r}: tensor shape has no closing ']'")
@@ -234,11 +231,6 @@ def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
         f"cannot parse type {spec!r} at {s[i:]!r}: expected one of {sorted(PRIMITIVES)}, "
         "string, null, list<T>, struct<name: T, ...>, tensor<T>[d0,d1,...]"
     )
-
-
-def _expect(s: str, i: int, ch: str, spec: str):
-    if s[i : i + 1] != ch:
-        raise ValueError(f"cannot parse type {spec!r}: expected {ch!r} at {s[i:]!r}")
 
 
 def type_to_json(t: DataType):
@@ -399,7 +391,6 @@ class Array:
 
 class NullArray(Array):
     """The `null` type: every row is None, so there are no buffers at all."""
-
     type = NULL
 
     @property
@@ -523,7 +514,6 @@ def _utf8(b, row) -> str:
 
 class StringArray(_OffsetsMixin, Array):
     """UTF-8 strings: int64 offsets[length+1] into one `data` bytes buffer."""
-
     type = STRING
 
     def __init__(self, length, offsets, data, validity=None, offset=0):
@@ -680,8 +670,7 @@ def unify_types(a: DataType, b: DataType) -> DataType | None:
         return a
     if a == NULL:
         return b
-    nums = ("int64", "float64")
-    if str(a) in nums and str(b) in nums:
+    if {str(a), str(b)} <= {"int64", "float64"}:
         return PRIMITIVES["float64"]  # int + float -> float, as pyarrow and pandas do
     if isinstance(a, ListType) and isinstance(b, ListType):
         v = unify_types(a.value, b.value)
@@ -725,11 +714,7 @@ def infer_type(values: list, name: str = "column") -> DataType:
 
 def _offsets_of(lengths: Iterable[int]) -> memoryview:
     """Lengths -> int64 offsets [0, l0, l0+l1, ...] as bytes: row i spans [offsets[i], offsets[i+1])."""
-    offsets, total = pyarray.array("q", [0]), 0
-    for n in lengths:
-        total += n
-        offsets.append(total)
-    return memoryview(offsets).cast("B")
+    return memoryview(pyarray.array("q", itertools.accumulate(lengths, initial=0))).cast("B")
 
 
 def _build(values: list, t: DataType, path: str) -> Array:
@@ -737,10 +722,8 @@ def _build(values: list, t: DataType, path: str) -> Array:
 
     Nested types recurse: a list column builds its child from all rows' items flattened, a struct
     builds one child per field. `path` names the position for errors (e.g. "col[].field")."""
-    n = len(values)
-    valid = [v is not None for v in values]
-    has_nulls = not all(valid)
-    validity = pack_bits(torch.tensor(valid, dtype=torch.bool)) if has_nulls else None  # None: no nulls
+    n, has_nulls = len(values), any(v is None for v in values)
+    validity = pack_bits(torch.tensor([v is not None for v in values])) if has_nulls else None  # None: no nulls
     if isinstance(t, NullType):
         _check_all(values, lambda v: False, path, t)  # only None fits
         return NullArray(n)
@@ -1025,9 +1008,7 @@ class Table:
         if not batches:  # keep one (empty) chunk, so every column always has an Array to read
             batches = [RecordBatch.from_pydict({k: [] for k in self.schema}, self.schema)]
         self.batches = [b for b in batches if b.num_rows] or batches[:1]  # empty chunks only cost lookups
-        self._starts = [0]
-        for b in self.batches:
-            self._starts.append(self._starts[-1] + b.num_rows)
+        self._starts = list(itertools.accumulate((b.num_rows for b in self.batches), initial=0))  # [chunks+1]
         self.num_rows = self._starts[-1]
 
     @property
@@ -1048,12 +1029,6 @@ class Table:
             names.update(dict.fromkeys(r))
         names.update(dict.fromkeys(schema or {}))  # schema columns no row has: all null
         return cls.from_pydict({k: [r.get(k) for r in rows] for k in names}, schema)
-
-    def _locate(self, i: int) -> tuple[int, int]:
-        """Global row i -> (chunk, row within the chunk)."""
-        i = _row_index(i, self.num_rows, "a table")
-        c = bisect.bisect_right(self._starts, i) - 1  # the last chunk starting at or before row i
-        return c, i - self._starts[c]
 
     def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
         """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local
@@ -1124,15 +1099,6 @@ class Table:
             return self
         return Table([RecordBatch({k: self.column(k) for k in self.schema})], self.schema)
 
-    @staticmethod
-    def concat(tables: list["Table"]) -> "Table":
-        """Tables with equal schemas -> one table whose chunks are all of theirs (no copy)."""
-        for i, t in enumerate(tables[1:], 1):
-            if list(t.schema.items()) != list(tables[0].schema.items()):
-                raise NanosetsError(f"cannot concat: table {i} has schema {_schema_str(t.schema)}, "
-                                    f"table 0 has {_schema_str(tables[0].schema)}")
-        return Table([b for t in tables for b in t.batches], tables[0].schema)
-
 
 # ---- the .nano file ---------------------------------------------------------------------------------
 # Layout in the module docstring. Writing streams each buffer straight from its memoryview into a
@@ -1144,15 +1110,11 @@ _HEADER_FMT = "<8sIIQQQI20x"  # magic, version, header size, file size, meta off
 _CHUNK = 1 << 24  # buffers are checksummed and written 16 MB at a time: the chunk is still in cache
 
 
-def _pad(f):
-    f.write(bytes(-f.tell() % ALIGN))  # zeros up to the next multiple of 64: aligned for any dtype and SIMD
-
-
 def _write_buffer(f, buf) -> list[int] | None:
     """Write one buffer at the next 64-byte boundary; returns its metadata [offset, nbytes, crc32]."""
     if buf is None:
         return None
-    _pad(f)
+    f.write(bytes(-f.tell() % ALIGN))  # zeros up to the next multiple of 64: aligned for any dtype and SIMD
     off, crc = f.tell(), 0
     mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf  # bytes
     for s in range(0, mv.nbytes, _CHUNK):
@@ -1220,7 +1182,7 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
         meta = json.dumps({"version": VERSION, "num_rows": num_rows,  # the metadata goes last: only now known
                            "schema": [[k, type_to_json(t)] for k, t in schema.items()],
                            "batches": batches, "metadata": metadata or {}}).encode()
-        _pad(f)
+        f.write(bytes(-f.tell() % ALIGN))  # the metadata starts aligned too
         meta_off = f.tell()
         f.write(meta + TAIL)
         size = f.tell()  # recorded, so a truncated copy is caught at open
@@ -1403,17 +1365,6 @@ def verify_nano(path: str | os.PathLike) -> int:
 # select/shuffle/filter/sort/train_test_split only build a new indices tensor, so they copy no data
 # and are O(rows) at worst; save_to_disk / flatten_indices materialise the rows in their new order.
 
-def _progress(total: int, desc: str, enabled: bool | None):
-    """tqdm when installed and the job is big enough to watch; a no-op otherwise."""
-    if enabled is False or (enabled is None and total < 50_000):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="rows")
-
-
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
     if isinstance(indices, range):  # no Python list of a million ints for select(range(...))
@@ -1529,9 +1480,10 @@ class Dataset:
             p = i if self._indices is None else int(self._indices[i])
             if self._format["type"] == "torch":
                 return {k: v[0] for k, v in self._fetch((p, p + 1), columns).items()}  # one-row batch -> row
-            c, j = self._table._locate(p)  # hot path for random access: no tensors, no slicing
-            cols = self._table.batches[c].columns  # ~20 us for a row with ~500 token ids (BENCHMARKS.md)
-            return {k: cols[k].get(j) for k in columns}
+            # the hot path of random access, ~20 us for a row of ~500 token ids: no tensors, no slicing
+            c = bisect.bisect_right(self._table._starts, p) - 1  # the last chunk starting at or before p
+            cols = self._table.batches[c].columns
+            return {k: cols[k].get(p - self._table._starts[c]) for k in columns}
         return self._fetch(self._physical(key), columns)
 
     def __iter__(self) -> Iterator[dict]:
@@ -1542,10 +1494,8 @@ class Dataset:
         """Yield {column: values} batches in order (tensors under with_format('torch'))."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n = len(self)
-        for start in range(0, n, batch_size):
-            if drop_last_batch and start + batch_size > n:
-                break
+        stop = len(self) - batch_size + 1 if drop_last_batch else len(self)  # drop_last: full batches only
+        for start in range(0, stop, batch_size):
             yield self[start : start + batch_size]
 
     # -- formats --
@@ -1582,7 +1532,13 @@ class Dataset:
                fn_kwargs: dict | None, progress: bool | None, desc: str) -> Iterator[tuple[int, Any]]:
         """The loop map and filter share: yields (n, out) per batch of batch_size rows, where out is
         function(batch[, indices]) when batched, else [function(row[, index]) for each row]."""
-        src, kw, bar = self.reset_format(), fn_kwargs or {}, _progress(len(self), desc, progress)
+        src, kw, bar = self.reset_format(), fn_kwargs or {}, None
+        if progress or (progress is None and len(self) >= 50_000):  # a bar for jobs big enough to watch
+            try:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(self), desc=desc, unit="rows")
+            except ImportError:
+                pass  # no tqdm: no bar
         try:
             for start in range(0, len(self), batch_size):
                 batch = src[start : start + batch_size]  # {column: values}, decoded in one pass
@@ -1755,7 +1711,11 @@ def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
     """Rows of all datasets in order. Zero-copy: chunks are appended and indices offset."""
     if not datasets:
         raise ValueError("concatenate_datasets needs at least one dataset")
-    table = Table.concat([d._table for d in datasets])
+    for i, d in enumerate(datasets):
+        if list(d.schema.items()) != list(datasets[0].schema.items()):
+            raise NanosetsError(f"cannot concatenate: dataset {i} has schema {_schema_str(d.schema)}, "
+                                f"dataset 0 has {_schema_str(datasets[0].schema)}")
+    table = Table([b for d in datasets for b in d._table.batches], datasets[0].schema)  # their chunks, no copy
     if all(d._indices is None for d in datasets):
         return Dataset(table, None, dict(datasets[0]._format))
     parts, base = [], 0
@@ -1799,15 +1759,11 @@ def _read_json_rows(path: str) -> list[dict]:
             lens = {k: len(v) for k, v in obj.items()}
             if len(set(lens.values())) != 1:
                 raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
-            obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+            obj = _rows_of(obj)
         elif isinstance(obj, dict):
             obj = [obj]  # one object is one row
         if isinstance(obj, list):
-            bad = next((i for i, r in enumerate(obj) if not isinstance(r, dict)), None)
-            if bad is not None:
-                raise NanosetsError(f"{path}: item {bad} of the JSON list is a {type(obj[bad]).__name__}, "
-                                    "expected an object")
-            return obj
+            return obj  # Table.from_pylist refuses an item that is not an object, naming it
     rows = []
     # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which JSON strings may hold raw
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -1844,14 +1800,6 @@ def _expand(paths, what: str) -> list[str]:
     return out
 
 
-def _split_of(name: str) -> str | None:
-    """The split a file name names ('gsm8k_test.jsonl' -> 'test'), or None when it names none."""
-    found = {SPLIT_WORDS[w] for w in re.split(r"[-_. 0-9]+", name.lower()) if w in SPLIT_WORDS}
-    if len(found) > 1:
-        raise NanosetsError(f"{name!r} names more than one split ({sorted(found)}); rename it")
-    return found.pop() if found else None
-
-
 def _folder_splits(folder: str) -> dict[str, list[str]]:
     """A folder's data files grouped by split, as HF datasets groups them.
 
@@ -1865,7 +1813,10 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
         raise FileNotFoundError(f"folder {folder!r} holds no {'/'.join(SUPPORTED)} files")
     splits: dict[str | None, list[str]] = {}
     for f in (f for f in names if f.endswith(ext)):
-        splits.setdefault(_split_of(f), []).append(os.path.join(folder, f))
+        found = {SPLIT_WORDS[w] for w in re.split(r"[-_. 0-9]+", f.lower()) if w in SPLIT_WORDS}
+        if len(found) > 1:
+            raise NanosetsError(f"{f!r} names more than one split ({sorted(found)}); rename it")
+        splits.setdefault(found.pop() if found else None, []).append(os.path.join(folder, f))  # None: no split
     unnamed = splits.pop(None, [])
     if not splits:
         return {"train": unnamed}
@@ -1961,7 +1912,6 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
 def _pa_type(t: DataType):
     """DataType -> pyarrow type (large_string/large_list: Arrow's 64-bit-offset variants, like ours)."""
     import pyarrow as pa
-
     if isinstance(t, PrimitiveType):
         return pa.float32() if t.name == "bfloat16" else getattr(pa, {"bool": "bool_"}.get(t.name, t.name))()
     if isinstance(t, StringType):
@@ -1978,7 +1928,6 @@ def _pa_type(t: DataType):
 def _to_pa(a: Array):
     """Array -> pyarrow Array over the same memory (bool and bfloat16 are converted)."""
     import pyarrow as pa
-
     a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0
     val = a._compact_validity()
     val = pa.py_buffer(val) if val is not None else None
@@ -2008,7 +1957,6 @@ def _to_pa(a: Array):
 def to_arrow(table: Table):
     """nanosets Table -> pyarrow.Table, zero-copy for numbers, strings and lists."""
     import pyarrow as pa
-
     schema = pa.schema([(k, _pa_type(t)) for k, t in table.schema.items()])
     batches = [pa.RecordBatch.from_arrays([_to_pa(b.columns[k]) for k in table.schema], schema=schema)
                for b in table.batches]
@@ -2019,7 +1967,6 @@ def _from_pa(arr, name: str) -> Array:
     """pyarrow Array -> Array over pyarrow's buffers where the layouts agree. An arrow array may start
     at a nonzero `offset` (a slice): numbers keep it by slicing the view, offsets are re-based."""
     import pyarrow as pa
-
     t, n, off = arr.type, len(arr), arr.offset
     if isinstance(arr, pa.ExtensionArray):
         if not hasattr(t, "shape"):
@@ -2066,7 +2013,6 @@ def _from_pa(arr, name: str) -> Array:
 def from_arrow(table) -> Table:
     """pyarrow.Table -> nanosets Table, sharing pyarrow's buffers wherever the layouts agree."""
     import pyarrow as pa
-
     batches = [RecordBatch({name: _from_pa(b.column(i), name) for i, name in enumerate(b.schema.names)})
                for b in table.to_batches()]
     if not batches:  # an empty table still has a schema: one empty batch of the right types
