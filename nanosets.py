@@ -109,7 +109,6 @@ import torch
 class DataType:
     """Base class of all types. `name` is the canonical string form ("list<int32>") that parse_type
     reads back; equality and hashing go through it, so two separately built list<int32> are equal."""
-
     name: str
 
     def __str__(self):
@@ -127,7 +126,6 @@ class DataType:
 
 class PrimitiveType(DataType):
     """Fixed-width scalar. `fmt` is the memoryview/struct format char (None where Python has none)."""
-
     def __init__(self, name: str, fmt: str | None, torch_dtype: torch.dtype):
         self.name, self.fmt, self.torch_dtype, self.itemsize = name, fmt, torch_dtype, torch_dtype.itemsize
 
@@ -145,7 +143,6 @@ class StringType(DataType):
 
 class ListType(DataType):
     """Variable-length list of `value` (any type, so lists nest to any depth): Arrow's large_list."""
-
     def __init__(self, value: DataType):
         self.value, self.name = value, f"list<{value}>"
 
@@ -153,7 +150,6 @@ class ListType(DataType):
 class StructType(DataType):
     """A record of named fields, each a child Array of the same length. Field names may not contain
     the type grammar's punctuation, or str(t) could not be parsed back."""
-
     def __init__(self, fields: dict[str, DataType]):
         for name in fields:  # these characters are the grammar's: "struct<a: int32, b: list<string>>"
             if any(c in name for c in "<>,:"):
@@ -165,7 +161,6 @@ class StructType(DataType):
 class TensorType(DataType):
     """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, so a
     whole column is one zero-copy tensor and needs no offsets."""
-
     def __init__(self, value: PrimitiveType, shape: tuple[int, ...]):
         if not isinstance(value, PrimitiveType) or value.name == "bool":
             raise ValueError(f"tensor values must be a numeric primitive type, got {value}")
@@ -307,8 +302,7 @@ def unpack_bits(bitmap, offset: int, length: int) -> torch.Tensor:
 
 
 # ---- arrays ---------------------------------------------------------------------------------------
-# An Array = type + length + buffers + `offset` (the first row it shows inside its buffers). slice()
-# only moves offset/length, which is why slicing is O(1) and shares memory with its parent.
+# An Array = type + length + buffers + `offset` (the first row it shows inside its buffers).
 
 def _row_index(i: int, n: int, what: str) -> int:
     """Python's indexing rules for row i of n: -n <= i < n, negative i counts from the end."""
@@ -332,7 +326,6 @@ class Array:
     bitmap, or None when there are none); the values under a null row are zeros and are never shown:
     get() and take_pylist() here put the Nones in, and each subclass only decodes values, in _get(i)
     (one row) and _pylist(idx) (rows idx, or every row when idx is None, vectorised where it can)."""
-
     type: DataType
 
     def __init__(self, length: int, validity=None, offset: int = 0):
@@ -411,7 +404,6 @@ class _FixedWidth(Array):
     """Numbers (PrimitiveArray) and fixed-shape tensors (TensorArray): every row is `row_bytes` bytes
     of `values`, so row i sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes) and needs
     no offsets buffer; the whole column is one zero-copy tensor."""
-
     _typed = None  # a typed memoryview over `values` (PrimitiveArray, where Python has the format)
 
     def __init__(self, type, length, values, validity=None, offset=0):
@@ -447,7 +439,6 @@ class _FixedWidth(Array):
 class PrimitiveArray(_FixedWidth):
     """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length], to_pylist()
     converts the whole buffer in C."""
-
     def __init__(self, type: PrimitiveType, length, values, validity=None, offset=0):
         super().__init__(type, length, values, validity, offset)
         # A typed memoryview (e.g. 'i' for int32) indexes and converts in C; halves have no format char.
@@ -463,7 +454,6 @@ class _OffsetsMixin:
 
     The offsets of a file are not trusted blindly: every read checks the spans it uses (a span that
     runs backwards or past the values would otherwise return the wrong rows without a word)."""
-
     offsets: memoryview
     _offs_view = None
 
@@ -552,7 +542,6 @@ class ListArray(_OffsetsMixin, Array):
     The child is itself any Array, so list<list<int32>> is a ListArray over a ListArray over a
     PrimitiveArray. For list<number> without nulls the row values come straight from the child's typed
     memoryview (no Array object per row): the hot path of a token-id column."""
-
     def __init__(self, type: ListType, length, offsets, child: Array, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.offsets, self.child = type, offsets, child
@@ -593,7 +582,6 @@ class ListArray(_OffsetsMixin, Array):
 class StructArray(Array):
     """struct<...>: one child Array per field, all of this array's length. The children are kept
     pre-sliced to this window; `offset` only locates rows in this array's own validity bitmap."""
-
     def __init__(self, type: StructType, length, children: dict[str, Array], validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.children = type, children
@@ -623,7 +611,6 @@ class StructArray(Array):
 
 class _Mismatch(Exception):
     """Internal: value at `row` (within the list being built) does not fit `expected`."""
-
     def __init__(self, row: int, path: str, expected, value):
         self.row, self.path, self.expected, self.value = row, path, expected, value
 
@@ -906,7 +893,7 @@ def concat_arrays(arrays: list[Array]) -> Array:
 
 # ---- tables -----------------------------------------------------------------------------------------
 # A RecordBatch is a set of equal-length named Arrays; a Table is a list of RecordBatches with one
-# schema ("chunked", like pyarrow.Table). Chunks let us append and concat without copying.
+# schema ("chunked", like pyarrow.Table).
 
 Schema = dict  # column name -> DataType, in column order
 
@@ -927,7 +914,6 @@ def _require(schema: Schema, columns: str | Iterable[str], what: str = "no colum
 
 class RecordBatch:
     """Named columns of one length: one chunk of a Table (and one batch of a .nano file)."""
-
     def __init__(self, columns: dict[str, Array]):
         lengths = {k: a.length for k, a in columns.items()}
         if len(set(lengths.values())) > 1:  # a row is position i in every column: lengths must agree
@@ -998,7 +984,6 @@ class Table:
     _starts[c] is the global row of chunk c's first row, so a row is found by bisection and a range of
     rows visits only the chunks it overlaps. Chunks are what make concatenate_datasets and multi-file
     loads zero-copy; operations that need one buffer per column call combine_chunks()."""
-
     def __init__(self, batches: list[RecordBatch], schema: Schema | None = None):
         self.schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
         for i, b in enumerate(batches):
@@ -1197,7 +1182,6 @@ class _Reader:
 
     It also records every buffer it hands out (with its stored crc32) and every offsets buffer, which
     is all that verify() needs: checking is a pass over those lists, not a second walk of the tree."""
-
     def __init__(self, path: str, mv: memoryview, data_end: int, version: int):
         self.path, self.mv, self.data_end, self.version = path, mv, data_end, version
         self.buffers: list[tuple[str, str, memoryview, int | None]] = []  # (where, name, view, crc32)
@@ -1278,10 +1262,8 @@ class _Reader:
         self.fail(where, f"unknown type {t}")
 
     def verify(self, table: Table) -> None:
-        """The O(size) check. Version 2: every buffer's crc32, then every offsets buffer non-decreasing
-        (vectorised; with the first = 0 and last = size checks of open, every span is then in range).
-        Version 1 has no checksums: decode every row instead (catches broken offsets and UTF-8, not a
-        changed number) and warn that a rebuild would give the file checksums."""
+        """The O(size) check of the module docstring. With open's first = 0 and last = size checks,
+        non-decreasing offsets put every span in range. Version 1 (no checksums) decodes every row."""
         if self.version == 1:  # decode in 64k-row windows, so memory stays bounded
             for bi, b in enumerate(table.batches):
                 for k, a in b.columns.items():
@@ -1361,9 +1343,8 @@ def verify_nano(path: str | os.PathLike) -> int:
 
 
 # ---- Dataset: the HF-datasets-like API -----------------------------------------------------------
-# A Dataset = Table + optional `indices` (int64 tensor: logical row i is physical row indices[i]).
-# select/shuffle/filter/sort/train_test_split only build a new indices tensor, so they copy no data
-# and are O(rows) at worst; save_to_disk / flatten_indices materialise the rows in their new order.
+# A Dataset = Table + optional `indices`: select/shuffle/filter/sort/train_test_split only build a new
+# indices tensor (no data copied); save_to_disk / flatten_indices materialise the rows in their new order.
 
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
@@ -1381,7 +1362,6 @@ def _index_tensor(indices, n: int) -> torch.Tensor:
 class DatasetDict(dict):
     """{split name: Dataset}, as returned by train_test_split and by load_dataset on a folder or a
     data_files dict (HF's DatasetDict, as a plain dict)."""
-
     def __repr__(self):
         return "DatasetDict({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.items()) + "})"
 
@@ -1395,7 +1375,6 @@ class Dataset:
     leave the columns (often views of an mmap'd file) untouched. Reads turn logical rows into
     physical ones (_physical), then gather them per chunk. `_format` says what reads return:
     Python objects, or tensors ("torch") that are zero-copy views when the rows are contiguous."""
-
     def __init__(self, table: Table, indices: torch.Tensor | None = None, format: dict | None = None,
                  metadata: dict | None = None):
         self._table, self._indices = table, indices  # indices None: logical row i is physical row i
@@ -2103,7 +2082,6 @@ class ShardedSampler:
     one, and rank r takes every dp_size-th index starting at r. state_dict() records (epoch,
     position); a sampler loaded from it continues with exactly the indices the original would have
     produced next. Iterating never ends: the training loop decides how many steps to run."""
-
     def __init__(self, num_rows: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = True):
         if not 0 <= dp_rank < dp_size:
