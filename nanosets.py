@@ -71,8 +71,7 @@ THE .nano FILE FORMAT (version 2; all integers little-endian)
     verify (verify_nano, load_dataset(verify=True), --verify; O(size)): every data buffer's crc32 and
         that every offsets buffer is non-decreasing. A flipped byte in a token id, a length or a mask
         is invisible to the checks above and caught only here: run it once before a long job.
-        Cost: ~0.5 s per GB when the pages are cached, a cold file is read from disk first
-        (BENCHMARKS.md has the measured numbers).
+        Cost: ~0.5 s per GB when the pages are cached (BENCHMARKS.md has the measured numbers).
   Version 1 files (buffers as [offset, nbytes], no checksums) still open and read. verify can only
   decode every row of them (offsets, UTF-8), which misses a changed number, and warns so: rebuild
   such a file from its source (for prepare_data.py output: rerun it with --overwrite).
@@ -89,7 +88,6 @@ import json
 import math
 import mmap
 import os
-import random
 import re
 import struct
 import sys
@@ -177,6 +175,8 @@ PRIMITIVES: dict[str, PrimitiveType] = {n: PrimitiveType(n, fmt or None, getattr
     ("int64", "q"), ("uint64", "Q"), ("float16", ""), ("bfloat16", ""), ("float32", "f"), ("float64", "d")]}
 STRING, NULL = StringType(), NullType()  # types without parameters: one instance each
 _TORCH_TO_PRIMITIVE = {t.torch_dtype: t for t in PRIMITIVES.values()}  # for columns built from tensors
+# Python scalar -> column type; bool first, because bool is a subclass of int in Python
+_PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIVES["float64"], str: STRING}
 
 
 def parse_type(spec: str | DataType) -> DataType:
@@ -262,11 +262,9 @@ class NanosetsError(ValueError):
 
 
 def frombuffer(buf, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
-    """torch.frombuffer that accepts empty ranges and read-only buffers (pyarrow's, bytes).
-
-    ZERO-COPY: the tensor views `buf`; writing to it writes into the buffer. Read-only sources
-    (e.g. an mmap opened for reading) make torch warn; we silence that one warning, as our files are
-    mapped copy-on-write (a write changes this process's copy, never the file)."""
+    """torch.frombuffer that accepts empty ranges and read-only buffers (pyarrow's, bytes). ZERO-COPY:
+    the tensor views `buf`. torch's warning about read-only buffers is silenced: our files are mapped
+    copy-on-write (a write through the tensor changes this process's copy, never the file)."""
     if count == 0:
         return torch.empty(0, dtype=dtype)  # torch.frombuffer refuses a zero-length range
     with warnings.catch_warnings():
@@ -625,10 +623,6 @@ def _check_all(values: list, ok: Callable, path: str, t) -> None:
     bad = next((row for row, v in enumerate(values) if v is not None and not ok(v)), None)
     if bad is not None:
         raise _Mismatch(bad, path, t, values[bad])
-
-
-# Python scalar -> column type; bool first, because bool is a subclass of int in Python
-_PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIVES["float64"], str: STRING}
 
 
 def _infer_one(v, name: str) -> DataType:
@@ -1041,9 +1035,8 @@ class Table:
         Columns in `as_tensors` come back as tensors instead (see _read_rows).
 
         Python's cyclic garbage collector is paused meanwhile: decoding a batch allocates hundreds of
-        thousands of lists, every 700 allocations CPython walks the young objects looking for
-        reference cycles, and lists of ints and strs can never form one. Pausing it makes iteration
-        ~1.3x faster; reference counting still frees everything as usual."""
+        thousands of lists, CPython would scan them for reference cycles every 700 allocations, and
+        lists of ints and strs never form one (~1.3x faster; reference counting still frees them)."""
         n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
         parts, was_enabled = self.split_rows(rows), gc.isenabled()
         gc.disable()
@@ -1367,8 +1360,7 @@ class DatasetDict(dict):
 
 
 class Dataset:
-    """Rows over a Table, with HF datasets' API: ds[i], ds[a:b], ds["col"], iter, map, filter,
-    select, shuffle, sort, shard, train_test_split, with_format("torch"), save_to_disk.
+    """Rows over a Table, with HF datasets' API (ds[i], ds[a:b], ds["col"], map, filter, shuffle, ...).
 
     Why an index indirection: a shuffle of a 1 GB file should not copy 1 GB. `_indices` (int64
     [len]) maps logical row i to physical row _indices[i] of `_table`; row operations compose it and
@@ -1705,9 +1697,8 @@ def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
 
 
 # ---- loading files --------------------------------------------------------------------------------
-# load_dataset follows HF datasets where it can: a file, a glob or a list of files is one Dataset; a
-# folder is a DatasetDict whose split names come from the file names (train*.jsonl, test-0001.parquet,
-# ...), so the splits of a prepare_data.py output folder are never mixed; `split=` picks one.
+# load_dataset follows HF datasets where it can (its docstring says where it differs): a folder's
+# split names come from its file names, so the splits of a prepare_data.py output are never mixed.
 
 SUPPORTED = (".nano", ".parquet", ".jsonl", ".json")  # also the order a folder's format is chosen in
 # HF's split keywords: a file whose name holds one of these words (between '-', '_', '.', ' ' or
@@ -1803,8 +1794,7 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
         raise NanosetsError(f"folder {folder!r}: {os.path.basename(unnamed[0])} names no split while "
                             f"{', '.join(os.path.basename(v[0]) for v in splits.values())} do; rename it "
                             "(train*/validation*/test*) or pass data_files={split: files}")
-    order = ["train", "validation", "test"]
-    return dict(sorted(splits.items(), key=lambda kv: order.index(kv[0])))
+    return dict(sorted(splits.items(), key=lambda kv: ["train", "validation", "test"].index(kv[0])))
 
 
 def load_from_disk(path: str | os.PathLike, verify: bool = False) -> Dataset:
@@ -2000,9 +1990,8 @@ def from_arrow(table) -> Table:
 
 
 # ---- training helpers: packing and a resumable sharded sampler -----------------------------------
-# What a trainer needs from its data besides rows: packing variable-length sequences into fixed token
-# budgets without padding (the varlen layout of DESIGN.md), and a sampler that splits rows across
-# data-parallel ranks identically on every rank and resumes mid-epoch from a checkpoint.
+# What a trainer needs from its data besides rows: packs without padding (the varlen layout of
+# DESIGN.md) and a sampler that splits rows across data-parallel ranks and resumes mid-epoch.
 
 def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit") -> list[list[int]]:
     """Assign sequences to packs of at most `token_budget` tokens; returns packs of sequence indices.
@@ -2018,9 +2007,7 @@ def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit
             raise NanosetsError(f"sequence {i} has {L} tokens; each must be in [1, token_budget={token_budget}]")
     n = len(lengths)
     order = sorted(range(n), key=lambda i: -lengths[i]) if strategy == "sorted" else range(n)
-    size = 1
-    while size < max(n, 1):  # leaves: a power of two >= the most packs we can need (one per sequence)
-        size *= 2
+    size = 1 << max(n - 1, 0).bit_length()  # leaves: a power of two >= the most packs we can need (n)
     tree = [token_budget] * (2 * size)  # tree[1] = root; leaves tree[size + p] = free space of pack p
     packs: list[list[int]] = []
     for i in order:
@@ -2098,10 +2085,8 @@ class ShardedSampler:
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's indices of one epoch (the same on every call: a pure function of the seed)."""
-        if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(self.num_rows)
+        g = torch.Generator().manual_seed(self.seed + epoch)  # seeded per epoch: every rank draws the same
+        order = torch.randperm(self.num_rows, generator=g) if self.shuffle else torch.arange(self.num_rows)
         total = len(self) * self.dp_size
         if total > self.num_rows:  # pad by wrapping around so every rank gets the same count
             order = torch.cat([order, order[: total - self.num_rows]])
@@ -2229,7 +2214,6 @@ def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, 
 def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa, hf) -> dict:
     """The measurements of bench(): {metric: {"nanosets": x, "pyarrow": y, "hf": z}}."""
     import subprocess
-
     nano_path, arrow_path = os.path.join(folder, "bench.nano"), os.path.join(folder, "bench.arrow")
     res: dict = {}
     if not (os.path.exists(nano_path) and os.path.exists(arrow_path)):
@@ -2268,12 +2252,11 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
     mb = rows_iter * size / n / 1e6  # file bytes of the rows the iteration benchmarks read
 
     def first_rows(batches):  # consume (and drop) batches of 1000 rows until rows_iter rows were read
-        for j, _ in enumerate(batches):
-            if (j + 1) * 1000 >= rows_iter:
-                break
+        for _ in itertools.islice(batches, -(-rows_iter // 1000)):
+            pass
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    rows = random.Random(0).sample(range(n), rows_random)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:rows_random].tolist()  # distinct rows
     score = lambda: ds.with_format("torch")["score"].sum()  # noqa: E731  (the sum reads every byte)
     measure = {  # metric -> {library: (function, repeats, scale: result = scale / seconds)}
         "verify, full check (GB/s)": {
@@ -2337,11 +2320,8 @@ def selftest():
         assert load_dataset(d, split="test")["q"] == [None]
         # one flipped bit in a token id: the open (O(1)) cannot see it, verify names the buffer
         with open(path, "r+b") as f:
-            raw = bytearray(f.read())
-            at = raw.index(struct.pack("<3i", 1, 2, 3))  # the ids child's values buffer
-            raw[at] ^= 0x10
-            f.seek(0)
-            f.write(raw)
+            f.seek(f.read().index(struct.pack("<3i", 1, 2, 3)))  # the ids child's values buffer
+            f.write(b"\x11")  # token id 1 -> 17: one bit flipped
         assert load_dataset(path)[0]["ids"] == [17, 2, 3]
         try:
             verify_nano(path)
@@ -2407,8 +2387,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """main() under the project's error convention: an expected error (a bad flag, a missing or
-    corrupt file) prints one line `nanosets.py: error: ...` to stderr and returns 2; any other
-    exception keeps its traceback; --debug shows the traceback of everything."""
+    corrupt file) prints one line to stderr and returns 2; --debug shows every traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)
