@@ -181,7 +181,6 @@ _PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIV
 
 def parse_type(spec: str | DataType) -> DataType:
     """'list<struct<a: int32, b: string>>' -> DataType, so schemas can be written as strings.
-
     A small recursive-descent parser: _parse_type_at reads one type starting at position i and
     returns where it stopped; composite types call it again for their inner types."""
     if isinstance(spec, DataType):
@@ -402,8 +401,6 @@ class _FixedWidth(Array):
     """Numbers (PrimitiveArray) and fixed-shape tensors (TensorArray): every row is `row_bytes` bytes
     of `values`, so row i sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes) and needs
     no offsets buffer; the whole column is one zero-copy tensor."""
-    _typed = None  # a typed memoryview over `values` (PrimitiveArray, where Python has the format)
-
     def __init__(self, type, length, values, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.values = type, values
@@ -411,6 +408,10 @@ class _FixedWidth(Array):
         self.elem, self.shape = (type.value, type.shape) if tensor else (type, ())  # element type, row shape
         self.numel = type.numel if tensor else 1
         self.row_bytes = self.numel * self.elem.itemsize
+        # Numbers get a typed memoryview (e.g. 'i' for int32) that indexes and converts in C; halves have
+        # no format char, and tensors are read through torch.
+        fmt = None if tensor else type.fmt
+        self._typed = values.cast(fmt) if fmt and len(values) % self.row_bytes == 0 else None
 
     def to_torch(self) -> torch.Tensor:
         """ZERO-COPY tensor [length, *shape] over the values buffer (null rows hold zeros)."""
@@ -437,10 +438,6 @@ class _FixedWidth(Array):
 class PrimitiveArray(_FixedWidth):
     """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length], to_pylist()
     converts the whole buffer in C."""
-    def __init__(self, type: PrimitiveType, length, values, validity=None, offset=0):
-        super().__init__(type, length, values, validity, offset)
-        # A typed memoryview (e.g. 'i' for int32) indexes and converts in C; halves have no format char.
-        self._typed = values.cast(type.fmt) if type.fmt and len(values) % type.itemsize == 0 else None
 
 
 class TensorArray(_FixedWidth):
@@ -449,7 +446,6 @@ class TensorArray(_FixedWidth):
 
 class _OffsetsMixin:
     """Shared by string and list arrays: row i spans values [offsets[offset+i], offsets[offset+i+1]).
-
     The offsets of a file are not trusted blindly: every read checks the spans it uses (a span that
     runs backwards or past the values would otherwise return the wrong rows without a word)."""
     offsets: memoryview
@@ -536,7 +532,6 @@ class StringArray(_OffsetsMixin, Array):
 
 class ListArray(_OffsetsMixin, Array):
     """list<T>: int64 offsets[length+1] into a child Array that holds all rows' values back to back.
-
     The child is itself any Array, so list<list<int32>> is a ListArray over a ListArray over a
     PrimitiveArray. For list<number> without nulls the row values come straight from the child's typed
     memoryview (no Array object per row): the hot path of a token-id column."""
@@ -644,7 +639,6 @@ def _infer_one(v, name: str) -> DataType:
 
 def unify_types(a: DataType, b: DataType) -> DataType | None:
     """The narrowest type holding values of both a and b (None when there is none).
-
     This is how a column's type grows over its rows: null joins anything, int64 + float64 -> float64,
     lists unify their items, structs take the union of their fields (a missing field is a null)."""
     if a == b or b == NULL:
@@ -700,7 +694,6 @@ def _offsets_of(lengths: Iterable[int]) -> memoryview:
 
 def _build(values: list, t: DataType, path: str) -> Array:
     """Pack Python values into an Array of type t (raises _Mismatch with the row inside `values`).
-
     Nested types recurse: a list column builds its child from all rows' items flattened, a struct
     builds one child per field. `path` names the position for errors (e.g. "col[].field")."""
     n, has_nulls = len(values), any(v is None for v in values)
@@ -715,14 +708,10 @@ def _build(values: list, t: DataType, path: str) -> Array:
         enc = [b"" if v is None else v.encode("utf-8") for v in values]  # a null row is an empty span
         return StringArray(n, _offsets_of(map(len, enc)), memoryview(b"".join(enc)), validity)
     if isinstance(t, ListType):
-        rows = []  # each row as a sequence (a null row is empty), then all items flattened into the child
-        for row, v in enumerate(values):
-            if v is None or isinstance(v, (list, tuple)):
-                rows.append(v or ())
-            elif isinstance(v, torch.Tensor) and v.dim() == 1:
-                rows.append(v.tolist())
-            else:
-                raise _Mismatch(row, path, t, v)
+        # each row as a sequence (a 1-D tensor as a list, a null row empty), then all items flattened
+        rows = [v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 else v for v in values]
+        _check_all(rows, lambda v: isinstance(v, (list, tuple)), path, t)
+        rows = [v or () for v in rows]
         offsets = _offsets_of(map(len, rows))
         try:
             child = _build([x for r in rows for x in r], t.value, path + "[]")
@@ -823,11 +812,9 @@ def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor)
 
 def _ranges_index(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated aranges [s0..e0) ++ [s1..e1) ++ ... without a Python loop; plus new offsets.
-
     Example: starts [5, 0], ends [7, 3] -> positions [5, 6, 0, 1, 2], new offsets [0, 2, 5]."""
     lens = ends - starts  # [k]
-    new_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)  # [k+1]
-    torch.cumsum(lens, 0, out=new_offsets[1:])
+    new_offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])  # [k+1]
     total = int(new_offsets[-1])
     # position p of the output comes from starts[row(p)] + (p - new_offsets[row(p)])
     within = torch.arange(total, dtype=torch.int64) - new_offsets[:-1].repeat_interleave(lens)  # [total]
@@ -872,14 +859,10 @@ def concat_arrays(arrays: list[Array]) -> Array:
     if isinstance(t, StructType):
         kids = {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}
         return StructArray(t, n, kids, valid)
-    # strings and lists: each part's offsets, shifted by the values that come before it
+    # strings and lists: the parts' row lengths back to back, summed into new offsets
     parts = [x.compact() for x in arrays]
-    offs, base = [torch.zeros(1, dtype=torch.int64)], 0
-    for p in parts:
-        o = p._offsets_tensor()  # [len+1], starting at 0 after compact()
-        offs.append(o[1:] + base)
-        base += int(o[-1])
-    offsets = tensor_to_buffer(torch.cat(offs))  # [n+1]
+    lens = torch.cat([p._offsets_tensor().diff() for p in parts])  # [n]: the number of values of each row
+    offsets = tensor_to_buffer(torch.cat([lens.new_zeros(1), lens.cumsum(0)]))  # [n+1]
     if isinstance(t, StringType):
         return StringArray(n, offsets, memoryview(b"".join(p.data for p in parts)), valid)
     return ListArray(t, n, offsets, concat_arrays([p.child for p in parts]), valid)
@@ -974,7 +957,6 @@ def _merge(pieces: list, n: int):
 
 class Table:
     """Chunked columnar table: `batches` share one schema; rows are numbered across chunks.
-
     _starts[c] is the global row of chunk c's first row, so a row is found by bisection and a range of
     rows visits only the chunks it overlaps. Chunks are what make concatenate_datasets and multi-file
     loads zero-copy; operations that need one buffer per column call combine_chunks()."""
@@ -1001,12 +983,10 @@ class Table:
     @classmethod
     def from_pylist(cls, rows: list[dict], schema: dict | None = None) -> "Table":
         """Row dicts -> Table. Columns appear in order of first appearance; a missing key is a null."""
-        names: dict[str, None] = {}
-        for i, r in enumerate(rows):
-            if not isinstance(r, dict):
-                raise NanosetsError(f"row {i} is a {type(r).__name__}, expected a dict of column -> value")
-            names.update(dict.fromkeys(r))
-        names.update(dict.fromkeys(schema or {}))  # schema columns no row has: all null
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise NanosetsError(f"row {bad} is a {type(rows[bad]).__name__}, expected a dict of column -> value")
+        names = dict.fromkeys([k for r in rows for k in r] + list(schema or {}))  # schema columns no row has: null
         return cls.from_pydict({k: [r.get(k) for r in rows] for k in names}, schema)
 
     def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
@@ -1033,7 +1013,6 @@ class Table:
     def to_pydict(self, rows, columns: list[str], as_tensors=()) -> dict[str, Any]:
         """Rows as {column: list}: rows is a (start, stop) range or an int64 index tensor (any order).
         Columns in `as_tensors` come back as tensors instead (see _read_rows).
-
         Python's cyclic garbage collector is paused meanwhile: decoding a batch allocates hundreds of
         thousands of lists, CPython would scan them for reference cycles every 700 allocations, and
         lists of ints and strs never form one (~1.3x faster; reference counting still frees them)."""
@@ -1172,7 +1151,6 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
 
 class _Reader:
     """Turns metadata nodes back into Arrays over the mapped file, checking every range first.
-
     It also records every buffer it hands out (with its stored crc32) and every offsets buffer, which
     is all that verify() needs: checking is a pass over those lists, not a second walk of the tree."""
     def __init__(self, path: str, mv: memoryview, data_end: int, version: int):
@@ -1414,14 +1392,12 @@ class Dataset:
     def _physical(self, key) -> tuple[int, int] | torch.Tensor:
         """Logical rows -> physical rows: a (start, stop) range when contiguous, else an index tensor.
         Ranges matter: a range of a single chunk is read as zero-copy slices, never gathered."""
-        n = len(self)
         if isinstance(key, slice):
-            start, stop, step = key.indices(n)  # Python's slice rules (negatives, clamping)
+            start, stop, step = key.indices(len(self))  # Python's slice rules (negatives, clamping)
             if step == 1 and self._indices is None:  # no indirection: logical rows are physical rows
                 return start, max(start, stop)
-            idx = torch.arange(start, stop, step, dtype=torch.int64)
-        else:
-            idx = _index_tensor(key, n)
+            key = range(start, stop, step)
+        idx = _index_tensor(key, len(self))
         idx = idx if self._indices is None else self._indices[idx]  # compose with the indirection
         if len(idx) > 1 and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and bool((idx[1:] > idx[:-1]).all()):
             return int(idx[0]), int(idx[-1]) + 1  # a run like 7,8,9: read it as a zero-copy range
@@ -1530,8 +1506,7 @@ class Dataset:
     def filter(self, function: Callable, batched: bool = False, batch_size: int = 1000,
                with_indices: bool = False, fn_kwargs: dict | None = None, progress: bool | None = None) -> "Dataset":
         """Keep rows where function(row) is true (function(batch) -> list of bools when batched)."""
-        keep: list[int] = []
-        start = 0
+        keep, start = [], 0  # the kept logical rows; the first row of the next batch
         for n, mask in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, "filter"):
             mask = list(mask)
             if len(mask) != n:
@@ -1590,14 +1565,12 @@ class Dataset:
             remove_columns: str | list[str] | None = None, fn_kwargs: dict | None = None,
             schema: dict | None = None, progress: bool | None = None, desc: str = "map") -> "Dataset":
         """Apply function to rows (or batches) and return a Dataset with its outputs as columns.
-
         function(row) -> dict, or function(batch: {col: list}) -> {col: list} when batched (a batched
         function may change the row count if every input column is removed or returned). Returned
         columns replace or add columns; columns neither returned nor removed are carried over as
         they are, without re-encoding. `schema` pins output types (e.g. {"ids": "list<int32>"})."""
         remove = _require(self.schema, remove_columns or [], "remove_columns names missing columns")
-        outputs: dict[str, list] = {}  # output column -> values so far (n_out rows)
-        n_out = 0
+        outputs, n_out = {}, 0  # output column -> its values so far (n_out rows)
         for n, out in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, desc):
             if batched:
                 out = {} if out is None else out
@@ -1663,12 +1636,9 @@ class Dataset:
         return list(self.reset_format())
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
-        """One JSON object per line (UTF-8, tensors as lists), written atomically."""
-        def write(f):
-            for row in self.reset_format():
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-        _atomic_write(os.fspath(path), ".jsonl", write, "w", encoding="utf-8")
+        """One JSON object per line (UTF-8), written atomically."""
+        lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in self.reset_format())  # Python values
+        _atomic_write(os.fspath(path), ".jsonl", lambda f: f.writelines(lines), "w", encoding="utf-8")
 
     def to_arrow(self):
         return to_arrow(Table(list(self._batches()), self.schema))
