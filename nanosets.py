@@ -17,7 +17,7 @@ How it works, in five lines:
 
 Sections, in file order; * marks the ~600-line first read (after the format table below), the
 others stand alone:
-  types (the type grammar) . buffers and bitmaps . *arrays (Array, PrimitiveArray, _OffsetsMixin,
+  types (the type grammar) . buffers and bitmaps . *arrays (Array, _FixedWidth, _OffsetsMixin,
   ListArray) . building arrays from Python (inference, errors that name the row) . take and concat .
   tables (chunking) . *the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) .
   *Dataset (its docstring, _physical, __getitem__, select, shuffle) . *loading files (load_dataset) .
@@ -221,10 +221,8 @@ def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
             if s[k : k + 1] == ",":
                 k += 1
         return StructType(fields), k + 1
-    raise ValueError(
-        f"cannot parse type {spec!r} at {s[i:]!r}: expected one of {sorted(PRIMITIVES)}, "
-        "string, null, list<T>, struct<name: T, ...>, tensor<T>[d0,d1,...]"
-    )
+    raise ValueError(f"cannot parse type {spec!r} at {s[i:]!r}: expected one of {sorted(PRIMITIVES)}, "
+                     "string, null, list<T>, struct<name: T, ...>, tensor<T>[d0,d1,...]")
 
 
 def type_to_json(t: DataType):
