@@ -15,12 +15,13 @@ How it works, in five lines:
      and only parses the metadata, so opening is O(1) in data size and columns are views into the map.
   5. `Dataset` wraps a Table with an optional row-index indirection and the HF-datasets-like API.
 
-First read (~600 lines): the format table below -> arrays (Array, PrimitiveArray, _OffsetsMixin,
-ListArray) -> the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) -> Dataset (its
-docstring, _physical, __getitem__, select, shuffle) -> load_dataset. The other chapters stand alone:
-types (the type grammar), building arrays from Python (inference, errors that name the row),
-take/concat, tables (chunking), pyarrow interop, training helpers (packing, the sharded sampler),
-the benchmark, the command line.
+Sections, in file order; * marks the ~600-line first read (after the format table below), the
+others stand alone:
+  types (the type grammar) . buffers and bitmaps . *arrays (Array, _FixedWidth, _OffsetsMixin,
+  ListArray) . building arrays from Python (inference, errors that name the row) . take and concat .
+  tables (chunking) . *the .nano file (write_nano, _Reader.node, read_nano, _Reader.verify) .
+  *Dataset (its docstring, _physical, __getitem__, select, shuffle) . *loading files (load_dataset) .
+  pyarrow interop . training helpers (packing, the sharded sampler) . benchmark . self-test and CLI
 
 Commands:
   python nanosets.py                      # CPU self-test, a few seconds
@@ -70,16 +71,10 @@ THE .nano FILE FORMAT (version 2; all integers little-endian)
     verify (verify_nano, load_dataset(verify=True), --verify; O(size)): every data buffer's crc32 and
         that every offsets buffer is non-decreasing. A flipped byte in a token id, a length or a mask
         is invisible to the checks above and caught only here: run it once before a long job.
-        Cost: crc32 runs at ~2.3 GB/s on one core here, ~0.5 s per GB when the pages are cached;
-        a cold file is read from disk first (BENCHMARKS.md has the measured numbers).
+        Cost: ~0.5 s per GB when the pages are cached (BENCHMARKS.md has the measured numbers).
   Version 1 files (buffers as [offset, nbytes], no checksums) still open and read. verify can only
   decode every row of them (offsets, UTF-8), which misses a changed number, and warns so: rebuild
   such a file from its source (for prepare_data.py output: rerun it with --overwrite).
-
-Sections:
-  types . buffers and bitmaps . arrays . building arrays from Python . take and concat . tables .
-  the .nano file . Dataset . loading files . pyarrow interop . training helpers . benchmark .
-  self-test and command line
 """
 from __future__ import annotations
 
@@ -88,11 +83,11 @@ import bisect
 import copy
 import gc
 import glob
+import itertools
 import json
 import math
 import mmap
 import os
-import random
 import re
 import struct
 import sys
@@ -107,14 +102,11 @@ import torch
 
 # ---- types ----------------------------------------------------------------------------------------
 # A DataType says how to interpret an Array's buffers. Primitive types are fixed-width scalars; the
-# others are built from them. `str(t)` is a compact readable form ("list<int32>") that `parse_type`
-# reads back, so users can write schemas as strings.
-
+# others are built from them. Schemas may be written as strings: parse_type reads str(t) back.
 
 class DataType:
     """Base class of all types. `name` is the canonical string form ("list<int32>") that parse_type
     reads back; equality and hashing go through it, so two separately built list<int32> are equal."""
-
     name: str
 
     def __str__(self):
@@ -132,27 +124,23 @@ class DataType:
 
 class PrimitiveType(DataType):
     """Fixed-width scalar. `fmt` is the memoryview/struct format char (None where Python has none)."""
-
     def __init__(self, name: str, fmt: str | None, torch_dtype: torch.dtype):
         self.name, self.fmt, self.torch_dtype, self.itemsize = name, fmt, torch_dtype, torch_dtype.itemsize
 
 
 class NullType(DataType):
     """A column where every value is None (what inference gives for an all-None column)."""
-
     name = "null"
 
 
 class StringType(DataType):
     """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8; 64-bit offsets so a
     column may hold more than 2 GB of text)."""
-
     name = "string"
 
 
 class ListType(DataType):
     """Variable-length list of `value` (any type, so lists nest to any depth): Arrow's large_list."""
-
     def __init__(self, value: DataType):
         self.value, self.name = value, f"list<{value}>"
 
@@ -160,7 +148,6 @@ class ListType(DataType):
 class StructType(DataType):
     """A record of named fields, each a child Array of the same length. Field names may not contain
     the type grammar's punctuation, or str(t) could not be parsed back."""
-
     def __init__(self, fields: dict[str, DataType]):
         for name in fields:  # these characters are the grammar's: "struct<a: int32, b: list<string>>"
             if any(c in name for c in "<>,:"):
@@ -172,7 +159,6 @@ class StructType(DataType):
 class TensorType(DataType):
     """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, so a
     whole column is one zero-copy tensor and needs no offsets."""
-
     def __init__(self, value: PrimitiveType, shape: tuple[int, ...]):
         if not isinstance(value, PrimitiveType) or value.name == "bool":
             raise ValueError(f"tensor values must be a numeric primitive type, got {value}")
@@ -189,11 +175,12 @@ PRIMITIVES: dict[str, PrimitiveType] = {n: PrimitiveType(n, fmt or None, getattr
     ("int64", "q"), ("uint64", "Q"), ("float16", ""), ("bfloat16", ""), ("float32", "f"), ("float64", "d")]}
 STRING, NULL = StringType(), NullType()  # types without parameters: one instance each
 _TORCH_TO_PRIMITIVE = {t.torch_dtype: t for t in PRIMITIVES.values()}  # for columns built from tensors
+# Python scalar -> column type; bool first, because bool is a subclass of int in Python
+_PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIVES["float64"], str: STRING}
 
 
 def parse_type(spec: str | DataType) -> DataType:
     """'list<struct<a: int32, b: string>>' -> DataType, so schemas can be written as strings.
-
     A small recursive-descent parser: _parse_type_at reads one type starting at position i and
     returns where it stopped; composite types call it again for their inner types."""
     if isinstance(spec, DataType):
@@ -208,20 +195,19 @@ def parse_type(spec: str | DataType) -> DataType:
 
 
 def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
-    j = i
-    while j < len(s) and (s[j].isalnum() or s[j] == "_"):  # the type's name: letters, digits, '_'
-        j += 1
-    name = s[i:j]
+    m = re.compile(r"\w*").match(s, i)  # the type's name: letters, digits, '_'
+    name, j = m.group(), m.end()
     simple = {**PRIMITIVES, "string": STRING, "null": NULL}  # the types that are just a name
     if name in simple:
         return simple[name], j
     if name in ("list", "struct", "tensor") and s[j : j + 1] == "<":
         if name != "struct":  # list<T> and tensor<T>[d0,d1,...] both start with one inner type
             inner, k = _parse_type_at(s, j + 1, spec)
-            _expect(s, k, ">", spec)
+            want = ">[" if name == "tensor" else ">"  # tensor: the shape follows the '>' as [d0,d1,...]
+            if s[k : k + len(want)] != want:
+                raise ValueError(f"cannot parse type {spec!r}: expected {want!r} at {s[k:]!r}")
             if name == "list":
                 return ListType(inner), k + 1
-            _expect(s, k + 1, "[", spec)  # tensor: the shape follows the '>' as [d0,d1,...]
             close = s.find("]", k + 2)
             if close < 0:
                 raise ValueError(f"cannot parse type {spec!r}: tensor shape has no closing ']'")
@@ -235,15 +221,8 @@ def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
             if s[k : k + 1] == ",":
                 k += 1
         return StructType(fields), k + 1
-    raise ValueError(
-        f"cannot parse type {spec!r} at {s[i:]!r}: expected one of {sorted(PRIMITIVES)}, "
-        "string, null, list<T>, struct<name: T, ...>, tensor<T>[d0,d1,...]"
-    )
-
-
-def _expect(s: str, i: int, ch: str, spec: str):
-    if s[i : i + 1] != ch:
-        raise ValueError(f"cannot parse type {spec!r}: expected {ch!r} at {s[i:]!r}")
+    raise ValueError(f"cannot parse type {spec!r} at {s[i:]!r}: expected one of {sorted(PRIMITIVES)}, "
+                     "string, null, list<T>, struct<name: T, ...>, tensor<T>[d0,d1,...]")
 
 
 def type_to_json(t: DataType):
@@ -274,18 +253,15 @@ def type_from_json(j) -> DataType:
 # Every buffer is a 1-D memoryview of bytes: over a bytearray (built in memory), an mmap (read from a
 # .nano file) or a pyarrow Buffer. Views are how zero-copy works: slicing a memoryview copies nothing.
 
-
 class NanosetsError(ValueError):
     """Bad input: a corrupt file, a row that disagrees with the schema, a bad argument. A ValueError,
     so callers (and CLIs) can treat it as an expected error with a message for the user."""
 
 
 def frombuffer(buf, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
-    """torch.frombuffer that accepts empty ranges and read-only buffers (pyarrow's, bytes).
-
-    ZERO-COPY: the tensor views `buf`; writing to it writes into the buffer. Read-only sources
-    (e.g. an mmap opened for reading) make torch warn; we silence that one warning, as our files are
-    mapped copy-on-write (a write changes this process's copy, never the file)."""
+    """torch.frombuffer that accepts empty ranges and read-only buffers (pyarrow's, bytes). ZERO-COPY:
+    the tensor views `buf`. torch's warning about read-only buffers is silenced: our files are mapped
+    copy-on-write (a write through the tensor changes this process's copy, never the file)."""
     if count == 0:
         return torch.empty(0, dtype=dtype)  # torch.frombuffer refuses a zero-length range
     with warnings.catch_warnings():
@@ -321,8 +297,19 @@ def unpack_bits(bitmap, offset: int, length: int) -> torch.Tensor:
 
 
 # ---- arrays ---------------------------------------------------------------------------------------
-# An Array = type + length + buffers + `offset` (the first row it shows inside its buffers). slice()
-# only moves offset/length, which is why slicing is O(1) and shares memory with its parent.
+# An Array = type + length + buffers + `offset` (the first row it shows inside its buffers).
+
+def _row_index(i: int, n: int, what: str) -> int:
+    """Python's indexing rules for row i of n: -n <= i < n, negative i counts from the end."""
+    if not -n <= i < n:
+        raise IndexError(f"row {i} out of range for {what} of {n} rows")
+    return i + n if i < 0 else i
+
+
+def _rows_of(columns: dict[str, list], n: int = 0) -> list[dict]:
+    """{column: values} -> one dict per row (n rows: only used when there are no columns)."""
+    names = list(columns)
+    return [dict(zip(names, vals)) for vals in zip(*columns.values())] if names else [{} for _ in range(n)]
 
 
 class Array:
@@ -330,11 +317,10 @@ class Array:
 
     Why an offset: slice() returns a shallow copy over the SAME buffers with a moved window, so a
     slice is O(1) and copies nothing (as in Arrow). compact() does the opposite when a writer needs
-    offset 0: it re-bases the buffers and copies only what must move. Each subclass implements
-    get(i) (one Python value), to_pylist() (every row, vectorised where it can), take_pylist(idx)
-    (rows idx, an int64 tensor, in any order) and compact(). Nulls live in `validity` (a bitmap, or
-    None when there are none); the values under a null row are zeros and are never shown."""
-
+    offset 0: it re-bases the buffers and copies only what must move. Nulls live in `validity` (a
+    bitmap, or None when there are none); the values under a null row are zeros and are never shown:
+    get() and take_pylist() here put the Nones in, and each subclass only decodes values, in _get(i)
+    (one row) and _pylist(idx) (rows idx, or every row when idx is None, vectorised where it can)."""
     type: DataType
 
     def __init__(self, length: int, validity=None, offset: int = 0):
@@ -358,18 +344,21 @@ class Array:
         j = self.offset + i  # the bitmap, like every buffer, is indexed from the buffer's start
         return self.validity is None or bool((self.validity[j >> 3] >> (j & 7)) & 1)
 
-    def _with_nulls(self, values: list, idx: torch.Tensor | None = None) -> list:
-        """values (of every row, or of rows idx) with None put where those rows are null."""
+    def get(self, i: int):
+        """Row i as a Python value (None when the row is null)."""
+        i = _row_index(i, self.length, "an array")
+        return self._get(i) if self.is_valid(i) else None
+
+    def to_pylist(self) -> list:
+        return self.take_pylist(None)
+
+    def take_pylist(self, idx: torch.Tensor | None) -> list:
+        """Rows idx (an int64 tensor: any order, repeats allowed; None: every row) as Python values."""
+        values = self._pylist(idx)
         if self.validity is None or self.null_count == 0:
             return values  # the common case: no bitmap to read
         valid = unpack_bits(self.validity, self.offset, self.length)  # [length] bool
         return [v if ok else None for v, ok in zip(values, (valid if idx is None else valid[idx]).tolist())]
-
-    def _check_index(self, i: int) -> int:
-        """Python's rules: -length <= i < length, negative i counts from the end."""
-        if not -self.length <= i < self.length:
-            raise IndexError(f"row {i} out of range for an array of {self.length} rows")
-        return i + self.length if i < 0 else i
 
     def slice(self, start: int, stop: int) -> "Array":
         """Rows [start, stop) as a new Array sharing every buffer (O(1), no copy)."""
@@ -390,39 +379,53 @@ class Array:
 
 class NullArray(Array):
     """The `null` type: every row is None, so there are no buffers at all."""
-
     type = NULL
-
-    def get(self, i):
-        self._check_index(i)
-        return None
-
-    def to_pylist(self):
-        return [None] * self.length
-
-    def take_pylist(self, idx):
-        return [None] * len(idx)
-
-    def compact(self):
-        return NullArray(self.length)
 
     @property
     def null_count(self):
         return self.length
 
+    def _get(self, i):
+        return None
+
+    def _pylist(self, idx):
+        return [None] * (self.length if idx is None else len(idx))
+
+    def compact(self):
+        return NullArray(self.length)
+
 
 class _FixedWidth(Array):
-    """Shared by PrimitiveArray and TensorArray: every row is `row_bytes` bytes of `values`, so row i
-    sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes): no offsets buffer needed."""
-
-    row_bytes: int
-
+    """Numbers (PrimitiveArray) and fixed-shape tensors (TensorArray): every row is `row_bytes` bytes
+    of `values`, so row i sits at bytes [(offset+i) * row_bytes, (offset+i+1) * row_bytes) and needs
+    no offsets buffer; the whole column is one zero-copy tensor."""
     def __init__(self, type, length, values, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.values = type, values
+        tensor = isinstance(type, TensorType)
+        self.elem, self.shape = (type.value, type.shape) if tensor else (type, ())  # element type, row shape
+        self.numel = type.numel if tensor else 1
+        self.row_bytes = self.numel * self.elem.itemsize
+        # Numbers get a typed memoryview (e.g. 'i' for int32) that indexes and converts in C; halves have
+        # no format char, and tensors are read through torch.
+        fmt = None if tensor else type.fmt
+        self._typed = values.cast(fmt) if fmt and len(values) % self.row_bytes == 0 else None
 
-    def take_pylist(self, idx):
-        return self._with_nulls(self.to_torch()[idx].tolist(), idx)  # one gather, one conversion
+    def to_torch(self) -> torch.Tensor:
+        """ZERO-COPY tensor [length, *shape] over the values buffer (null rows hold zeros)."""
+        n, at = self.length * self.numel, self.offset * self.row_bytes  # elements, byte offset
+        flat = frombuffer(self.values, self.elem.torch_dtype, n, at)
+        return flat.view(self.length, *self.shape)  # [length * numel] -> [length, *shape]
+
+    def _get(self, i):
+        if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
+            return self._typed[self.offset + i]
+        return self.to_torch()[i].tolist()  # a number, or nested lists of shape [*shape]
+
+    def _pylist(self, idx):
+        if idx is None and self._typed is not None:  # memoryview.tolist() builds Python numbers in C: fast
+            return self._typed[self.offset : self.offset + self.length].tolist()
+        return (self.to_torch() if idx is None else self.to_torch()[idx]).tolist()  # one gather, one conversion
 
     def compact(self):
         rb = self.row_bytes
@@ -431,94 +434,45 @@ class _FixedWidth(Array):
 
 
 class PrimitiveArray(_FixedWidth):
-    """Fixed-width scalars (ints, floats, bool as one byte each): a column is one flat buffer, so
-    to_torch() is a zero-copy tensor and to_pylist() converts the whole buffer in C."""
-
-    def __init__(self, type: PrimitiveType, length, values, validity=None, offset=0):
-        super().__init__(type, length, values, validity, offset)
-        self.row_bytes = type.itemsize
-        # A typed memoryview (e.g. 'i' for int32) indexes and converts in C; halves have no format char.
-        self._typed = values.cast(type.fmt) if type.fmt and len(values) % type.itemsize == 0 else None
-
-    def to_torch(self) -> torch.Tensor:
-        """ZERO-COPY tensor [length] over the values buffer (null rows hold whatever bytes are there)."""
-        return frombuffer(self.values, self.type.torch_dtype, self.length, self.offset * self.row_bytes)
-
-    def get(self, i):
-        i = self._check_index(i)
-        if not self.is_valid(i):
-            return None
-        if self._typed is not None:  # the hot path of ds[i]: one C-level index, no tensor
-            return self._typed[self.offset + i]
-        return frombuffer(self.values, self.type.torch_dtype, 1, (self.offset + i) * self.row_bytes).item()
-
-    def to_pylist(self):
-        if self._typed is not None:  # memoryview.tolist() builds Python numbers in C: fast
-            values = self._typed[self.offset : self.offset + self.length].tolist()
-        else:
-            values = self.to_torch().tolist()
-        return self._with_nulls(values)
+    """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length], to_pylist()
+    converts the whole buffer in C."""
 
 
 class TensorArray(_FixedWidth):
     """Fixed-shape tensor per row: values hold length * prod(shape) elements, row-major."""
 
-    def __init__(self, type: TensorType, length, values, validity=None, offset=0):
-        super().__init__(type, length, values, validity, offset)
-        self.row_bytes = type.numel * type.value.itemsize
-
-    def to_torch(self) -> torch.Tensor:
-        """ZERO-COPY tensor [length, *shape] over the values buffer."""
-        t = self.type
-        flat = frombuffer(self.values, t.value.torch_dtype, self.length * t.numel, self.offset * self.row_bytes)
-        return flat.view(self.length, *t.shape)  # [length * numel] -> [length, *shape]
-
-    def get(self, i):
-        i = self._check_index(i)
-        return self.to_torch()[i].tolist() if self.is_valid(i) else None  # nested lists, shape [*shape]
-
-    def to_pylist(self):
-        return self._with_nulls(self.to_torch().tolist())
-
 
 class _OffsetsMixin:
     """Shared by string and list arrays: row i spans values [offsets[offset+i], offsets[offset+i+1]).
-
     The offsets of a file are not trusted blindly: every read checks the spans it uses (a span that
     runs backwards or past the values would otherwise return the wrong rows without a word)."""
-
     offsets: memoryview
     _offs_view = None
 
-    def _offs(self) -> memoryview:
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """Row i's [start, end) in the values, checked: the one span that ds[i] uses."""
         if self._offs_view is None:
             self._offs_view = self.offsets.cast("q")  # int64 view, no copy; cached (hot in ds[i])
-        return self._offs_view
-
-    def _bounds(self, i: int) -> tuple[int, int]:
-        o = self._offs()
-        return o[self.offset + i], o[self.offset + i + 1]  # row i's [start, end) in the values
+        a, b, limit = self._offs_view[self.offset + i], self._offs_view[self.offset + i + 1], self._num_values()
+        if not 0 <= a <= b <= limit:
+            raise NanosetsError(f"corrupt {self.type} column: row {i} spans values [{a}, {b}) of {limit}")
+        return a, b
 
     def _offsets_tensor(self) -> torch.Tensor:
         return frombuffer(self.offsets, torch.int64, self.length + 1, self.offset * 8)  # [length+1]
 
-    def _span_list(self) -> list[int]:
-        """This window's length+1 offsets as Python ints, checked: non-decreasing, inside the values."""
-        offs, limit = self._offs()[self.offset : self.offset + self.length + 1].tolist(), self._num_values()
-        # one Python pass over ints we convert anyway: far cheaper than decoding a wrong row
-        if offs and (offs[0] < 0 or offs[-1] > limit or any(b < a for a, b in zip(offs, offs[1:]))):
-            raise NanosetsError(f"corrupt {self.type} column: offsets {offs[:4]}...{offs[-2:]} leave the "
-                                f"values (size {limit})")
-        return offs
-
-    def _spans(self, rows) -> tuple[torch.Tensor, torch.Tensor]:
-        """Start/end value positions of rows ((start, stop) or an index tensor), vectorised and checked
-        (a clamped slice would silently return the wrong values; pyarrow would read out of bounds)."""
+    def _spans(self, rows=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Start/end value positions of rows (None: this whole window; a (start, stop) range; or an
+        index tensor), vectorised and checked (a clamped slice would silently return the wrong
+        values; pyarrow would read out of bounds)."""
         offs = self._offsets_tensor()  # [length+1]
-        sel = torch.arange(*rows) if isinstance(rows, tuple) else rows  # [k] rows of this window
-        starts, ends = offs[sel], offs[sel + 1]  # [k], [k]
+        if isinstance(rows, torch.Tensor):
+            starts, ends = offs[rows], offs[rows + 1]  # [k], [k] gathers
+        else:  # a window of rows: two views of the offsets, no gather
+            start, stop = rows or (0, self.length)
+            starts, ends = offs[start:stop], offs[start + 1 : stop + 1]  # [k], [k]
         limit = self._num_values()
-        if len(sel) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
+        if len(starts) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
             raise NanosetsError(f"corrupt {self.type} column: offsets leave the values (size {limit}) "
                                 "or run backwards")
         return starts, ends
@@ -542,7 +496,6 @@ def _utf8(b, row) -> str:
 
 class StringArray(_OffsetsMixin, Array):
     """UTF-8 strings: int64 offsets[length+1] into one `data` bytes buffer."""
-
     type = STRING
 
     def __init__(self, length, offsets, data, validity=None, offset=0):
@@ -552,33 +505,23 @@ class StringArray(_OffsetsMixin, Array):
     def _num_values(self) -> int:
         return len(self.data)
 
-    def get(self, i):
-        i = self._check_index(i)
-        if not self.is_valid(i):
-            return None
+    def _get(self, i):
         a, b = self._bounds(i)
-        if not 0 <= a <= b <= len(self.data):  # never trust a file's offsets: check the one span we use
-            raise NanosetsError(f"corrupt string column: row {i} spans bytes [{a}, {b}) of {len(self.data)}")
         return _utf8(self.data[a:b], i)
 
-    def to_pylist(self):
-        if self.length == 0:
+    def _pylist(self, idx):
+        starts, ends = (x.tolist() for x in self._spans(idx))
+        if idx is not None:  # scattered rows: one decode each
+            return [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts, ends)]
+        if not starts:
             return []
-        offs = self._span_list()
-        base, blob = offs[0], bytes(self.data[offs[0] : offs[-1]])  # one copy of this window's bytes
+        base, blob = starts[0], bytes(self.data[starts[0] : ends[-1]])  # one copy of this window's bytes
         # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
         # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
         if blob.isascii():  # a C-speed scan of the bytes
             text = blob.decode("ascii")
-            values = [text[a - base : b - base] for a, b in zip(offs, offs[1:])]
-        else:
-            values = [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(offs, offs[1:]))]
-        return self._with_nulls(values)
-
-    def take_pylist(self, idx):
-        starts, ends = self._spans(idx)  # checked, vectorised; then one decode per row
-        out = [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts.tolist(), ends.tolist())]
-        return self._with_nulls(out, idx)
+            return [text[a - base : b - base] for a, b in zip(starts, ends)]
+        return [_utf8(blob[a - base : b - base], i) for i, (a, b) in enumerate(zip(starts, ends))]
 
     def compact(self):
         offsets, first, last = self._compact_offsets()
@@ -587,11 +530,9 @@ class StringArray(_OffsetsMixin, Array):
 
 class ListArray(_OffsetsMixin, Array):
     """list<T>: int64 offsets[length+1] into a child Array that holds all rows' values back to back.
-
     The child is itself any Array, so list<list<int32>> is a ListArray over a ListArray over a
     PrimitiveArray. For list<number> without nulls the row values come straight from the child's typed
     memoryview (no Array object per row): the hot path of a token-id column."""
-
     def __init__(self, type: ListType, length, offsets, child: Array, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.offsets, self.child = type, offsets, child
@@ -599,46 +540,29 @@ class ListArray(_OffsetsMixin, Array):
     def _num_values(self) -> int:
         return self.child.length
 
-    def _check_span(self, a, b, i):
-        if not 0 <= a <= b <= self.child.length:
-            raise NanosetsError(f"corrupt list column: row {i} spans values [{a}, {b}) of {self.child.length}")
-
     def _typed_child(self) -> memoryview | None:
         """The child's typed memoryview when rows can be read from it directly (numbers, no nulls)."""
         c = self.child
         return c._typed if isinstance(c, PrimitiveArray) and c._typed is not None and c.null_count == 0 else None
 
-    def get(self, i):
-        i = self._check_index(i)
-        if not self.is_valid(i):
-            return None
+    def _get(self, i):
         a, b = self._bounds(i)
-        self._check_span(a, b, i)
         mv = self._typed_child()
         if mv is not None:
             return mv[self.child.offset + a : self.child.offset + b].tolist()
         return self.child.slice(a, b).to_pylist()
 
-    def _rows_from(self, starts: list[int], ends: list[int], contiguous: bool) -> list[list]:
-        """Python lists for the value spans [starts[k], ends[k]) (already checked). Contiguous spans
-        (a window of rows) decode their child range once and cut it; scattered ones decode per row."""
+    def _pylist(self, idx):
+        """A window of rows (idx None) decodes its child range once and cuts it; scattered rows decode
+        one by one."""
+        starts, ends = (x.tolist() for x in self._spans(idx))
         mv, o = self._typed_child(), self.child.offset
         if mv is not None:  # list<number>: each row converted straight from the buffer
             return [mv[o + a : o + b].tolist() for a, b in zip(starts, ends)]
-        if not contiguous or not starts:
+        if idx is not None or not starts:
             return [self.child.slice(a, b).to_pylist() for a, b in zip(starts, ends)]
         lo, flat = starts[0], self.child.slice(starts[0], ends[-1]).to_pylist()  # the window's values
         return [flat[a - lo : b - lo] for a, b in zip(starts, ends)]  # cut into rows (list slices)
-
-    def to_pylist(self):
-        if self.length == 0:
-            return []
-        offs = self._span_list()
-        return self._with_nulls(self._rows_from(offs[:-1], offs[1:], contiguous=True))
-
-    def take_pylist(self, idx):
-        starts, ends = self._spans(idx)
-        return self._with_nulls(self._rows_from(starts.tolist(), ends.tolist(), contiguous=False), idx)
 
     def compact(self):
         offsets, first, last = self._compact_offsets()  # the child keeps only the values we cover
@@ -649,7 +573,6 @@ class ListArray(_OffsetsMixin, Array):
 class StructArray(Array):
     """struct<...>: one child Array per field, all of this array's length. The children are kept
     pre-sliced to this window; `offset` only locates rows in this array's own validity bitmap."""
-
     def __init__(self, type: StructType, length, children: dict[str, Array], validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.children = type, children
@@ -660,25 +583,12 @@ class StructArray(Array):
         new.children = {k: c.slice(s, s + new.length) for k, c in self.children.items()}
         return new
 
-    def get(self, i):
-        i = self._check_index(i)
-        if not self.is_valid(i):
-            return None
+    def _get(self, i):
         return {k: c.get(i) for k, c in self.children.items()}
 
-    def _zip(self, columns: dict[str, list], n: int) -> list[dict]:
-        """{field: values} -> one dict per row (n rows; a struct with no fields gives empty dicts)."""
-        if not columns:
-            return [{} for _ in range(n)]
-        names = list(columns)
-        return [dict(zip(names, vals)) for vals in zip(*columns.values())]
-
-    def to_pylist(self):
-        return self._with_nulls(self._zip({k: c.to_pylist() for k, c in self.children.items()}, self.length))
-
-    def take_pylist(self, idx):
-        rows = self._zip({k: c.take_pylist(idx) for k, c in self.children.items()}, len(idx))
-        return self._with_nulls(rows, idx)
+    def _pylist(self, idx):
+        n = self.length if idx is None else len(idx)
+        return _rows_of({k: c.take_pylist(idx) for k, c in self.children.items()}, n)
 
     def compact(self):
         kids = {k: c.compact() for k, c in self.children.items()}
@@ -690,10 +600,8 @@ class StructArray(Array):
 # pack the values into buffers with the stdlib `array` module (which converts and range-checks a
 # whole list in C). When packing fails we go back and find the exact row to name in the error.
 
-
 class _Mismatch(Exception):
     """Internal: value at `row` (within the list being built) does not fit `expected`."""
-
     def __init__(self, row: int, path: str, expected, value):
         self.row, self.path, self.expected, self.value = row, path, expected, value
 
@@ -708,10 +616,6 @@ def _check_all(values: list, ok: Callable, path: str, t) -> None:
     bad = next((row for row, v in enumerate(values) if v is not None and not ok(v)), None)
     if bad is not None:
         raise _Mismatch(bad, path, t, values[bad])
-
-
-# Python scalar -> column type; bool first, because bool is a subclass of int in Python
-_PY_TYPES = {bool: PRIMITIVES["bool"], int: PRIMITIVES["int64"], float: PRIMITIVES["float64"], str: STRING}
 
 
 def _infer_one(v, name: str) -> DataType:
@@ -733,15 +637,13 @@ def _infer_one(v, name: str) -> DataType:
 
 def unify_types(a: DataType, b: DataType) -> DataType | None:
     """The narrowest type holding values of both a and b (None when there is none).
-
     This is how a column's type grows over its rows: null joins anything, int64 + float64 -> float64,
     lists unify their items, structs take the union of their fields (a missing field is a null)."""
     if a == b or b == NULL:
         return a
     if a == NULL:
         return b
-    nums = ("int64", "float64")
-    if str(a) in nums and str(b) in nums:
+    if {str(a), str(b)} <= {"int64", "float64"}:
         return PRIMITIVES["float64"]  # int + float -> float, as pyarrow and pandas do
     if isinstance(a, ListType) and isinstance(b, ListType):
         v = unify_types(a.value, b.value)
@@ -785,22 +687,15 @@ def infer_type(values: list, name: str = "column") -> DataType:
 
 def _offsets_of(lengths: Iterable[int]) -> memoryview:
     """Lengths -> int64 offsets [0, l0, l0+l1, ...] as bytes: row i spans [offsets[i], offsets[i+1])."""
-    offsets, total = pyarray.array("q", [0]), 0
-    for n in lengths:
-        total += n
-        offsets.append(total)
-    return memoryview(offsets).cast("B")
+    return memoryview(pyarray.array("q", itertools.accumulate(lengths, initial=0))).cast("B")
 
 
 def _build(values: list, t: DataType, path: str) -> Array:
     """Pack Python values into an Array of type t (raises _Mismatch with the row inside `values`).
-
     Nested types recurse: a list column builds its child from all rows' items flattened, a struct
     builds one child per field. `path` names the position for errors (e.g. "col[].field")."""
-    n = len(values)
-    valid = [v is not None for v in values]
-    has_nulls = not all(valid)
-    validity = pack_bits(torch.tensor(valid, dtype=torch.bool)) if has_nulls else None  # None: no nulls
+    n, has_nulls = len(values), any(v is None for v in values)
+    validity = pack_bits(torch.tensor([v is not None for v in values])) if has_nulls else None  # None: no nulls
     if isinstance(t, NullType):
         _check_all(values, lambda v: False, path, t)  # only None fits
         return NullArray(n)
@@ -811,14 +706,10 @@ def _build(values: list, t: DataType, path: str) -> Array:
         enc = [b"" if v is None else v.encode("utf-8") for v in values]  # a null row is an empty span
         return StringArray(n, _offsets_of(map(len, enc)), memoryview(b"".join(enc)), validity)
     if isinstance(t, ListType):
-        rows = []  # each row as a sequence (a null row is empty), then all items flattened into the child
-        for row, v in enumerate(values):
-            if v is None or isinstance(v, (list, tuple)):
-                rows.append(v or ())
-            elif isinstance(v, torch.Tensor) and v.dim() == 1:
-                rows.append(v.tolist())
-            else:
-                raise _Mismatch(row, path, t, v)
+        # each row as a sequence (a 1-D tensor as a list, a null row empty), then all items flattened
+        rows = [v.tolist() if isinstance(v, torch.Tensor) and v.dim() == 1 else v for v in values]
+        _check_all(rows, lambda v: isinstance(v, (list, tuple)), path, t)
+        rows = [v or () for v in rows]
         offsets = _offsets_of(map(len, rows))
         try:
             child = _build([x for r in rows for x in r], t.value, path + "[]")
@@ -917,20 +808,11 @@ def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor)
 # Everything above views memory. These two build new buffers: take_array gathers rows into a fresh
 # Array (what save_to_disk does to a shuffled dataset), concat_arrays joins chunks into one.
 
-
-def _gather_validity(a: Array, idx: torch.Tensor):
-    if a.validity is None or a.null_count == 0:
-        return None
-    return pack_bits(unpack_bits(a.validity, a.offset, a.length)[idx])
-
-
 def _ranges_index(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenated aranges [s0..e0) ++ [s1..e1) ++ ... without a Python loop; plus new offsets.
-
     Example: starts [5, 0], ends [7, 3] -> positions [5, 6, 0, 1, 2], new offsets [0, 2, 5]."""
     lens = ends - starts  # [k]
-    new_offsets = torch.zeros(len(lens) + 1, dtype=torch.int64)  # [k+1]
-    torch.cumsum(lens, 0, out=new_offsets[1:])
+    new_offsets = torch.cat([lens.new_zeros(1), lens.cumsum(0)])  # [k+1]
     total = int(new_offsets[-1])
     # position p of the output comes from starts[row(p)] + (p - new_offsets[row(p)])
     within = torch.arange(total, dtype=torch.int64) - new_offsets[:-1].repeat_interleave(lens)  # [total]
@@ -939,7 +821,9 @@ def _ranges_index(starts: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tenso
 
 def take_array(a: Array, idx: torch.Tensor) -> Array:
     """A new Array with rows a[idx] copied into fresh buffers (used to materialise an indirection)."""
-    n, valid = len(idx), _gather_validity(a, idx)
+    n, valid = len(idx), None
+    if a.validity is not None and a.null_count:  # gather the validity bits of the selected rows too
+        valid = pack_bits(unpack_bits(a.validity, a.offset, a.length)[idx])
     if isinstance(a, NullArray):
         return NullArray(n)
     if isinstance(a, _FixedWidth):  # one tensor gather: [length, ...] -> [n, ...]
@@ -973,14 +857,10 @@ def concat_arrays(arrays: list[Array]) -> Array:
     if isinstance(t, StructType):
         kids = {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}
         return StructArray(t, n, kids, valid)
-    # strings and lists: each part's offsets, shifted by the values that come before it
+    # strings and lists: the parts' row lengths back to back, summed into new offsets
     parts = [x.compact() for x in arrays]
-    offs, base = [torch.zeros(1, dtype=torch.int64)], 0
-    for p in parts:
-        o = p._offsets_tensor()  # [len+1], starting at 0 after compact()
-        offs.append(o[1:] + base)
-        base += int(o[-1])
-    offsets = tensor_to_buffer(torch.cat(offs))  # [n+1]
+    lens = torch.cat([p._offsets_tensor().diff() for p in parts])  # [n]: the number of values of each row
+    offsets = tensor_to_buffer(torch.cat([lens.new_zeros(1), lens.cumsum(0)]))  # [n+1]
     if isinstance(t, StringType):
         return StringArray(n, offsets, memoryview(b"".join(p.data for p in parts)), valid)
     return ListArray(t, n, offsets, concat_arrays([p.child for p in parts]), valid)
@@ -988,7 +868,7 @@ def concat_arrays(arrays: list[Array]) -> Array:
 
 # ---- tables -----------------------------------------------------------------------------------------
 # A RecordBatch is a set of equal-length named Arrays; a Table is a list of RecordBatches with one
-# schema ("chunked", like pyarrow.Table). Chunks let us append and concat without copying.
+# schema ("chunked", like pyarrow.Table).
 
 Schema = dict  # column name -> DataType, in column order
 
@@ -997,9 +877,18 @@ def _schema_str(schema: Schema) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in schema.items()) + "}"
 
 
+def _require(schema: Schema, columns: str | Iterable[str], what: str = "no columns") -> list[str]:
+    """columns (one name or several) as a list, after checking each exists (a KeyError naming the
+    missing ones and the real ones)."""
+    columns = [columns] if isinstance(columns, str) else list(columns)
+    missing = [c for c in columns if c not in schema]
+    if missing:
+        raise KeyError(f"{what} {missing}; columns are {list(schema)}")
+    return columns
+
+
 class RecordBatch:
     """Named columns of one length: one chunk of a Table (and one batch of a .nano file)."""
-
     def __init__(self, columns: dict[str, Array]):
         lengths = {k: a.length for k, a in columns.items()}
         if len(set(lengths.values())) > 1:  # a row is position i in every column: lengths must agree
@@ -1048,32 +937,27 @@ def _merge(pieces: list, n: int):
     """Per-chunk results -> one result of n rows in output order. pieces = [(values, positions)]:
     positions None means the pieces are consecutive ranges (concatenate them); else each piece's
     values go to its output positions (an index tensor). Values are lists or tensors."""
-    if len(pieces) == 1 and pieces[0][1] is None:
-        return pieces[0][0]  # the common case: one chunk, in order, returned untouched (views stay views)
-    first = pieces[0][0]
-    if isinstance(first, torch.Tensor):  # numbers: one tensor [n, ...] (a copy: the chunks are apart)
-        if pieces[0][1] is None:
-            return torch.cat([p for p, _ in pieces])
-        out = first.new_empty((n, *first.shape[1:]))  # [n, ...]
-        for p, pos in pieces:
-            out[pos] = p
-        return out
-    if pieces[0][1] is None:  # Python values (or per-row tensors): concatenate or scatter the lists
-        return [v for p, _ in pieces for v in p]
-    out = [None] * n
+    first, in_order = pieces[0][0], pieces[0][1] is None
+    if in_order and len(pieces) == 1:
+        return first  # the common case: one chunk, in order, returned untouched (views stay views)
+    is_tensor = isinstance(first, torch.Tensor)  # numbers: one tensor [n, ...] (a copy: the chunks are apart)
+    if in_order:
+        return torch.cat([p for p, _ in pieces]) if is_tensor else [v for p, _ in pieces for v in p]
+    out = first.new_empty((n, *first.shape[1:])) if is_tensor else [None] * n  # [n, ...] or n values
     for p, pos in pieces:
-        for i, v in zip(pos.tolist(), p):
-            out[i] = v
+        if is_tensor:
+            out[pos] = p
+        else:  # Python values (or per-row tensors): scattered one by one
+            for i, v in zip(pos.tolist(), p):
+                out[i] = v
     return out
 
 
 class Table:
     """Chunked columnar table: `batches` share one schema; rows are numbered across chunks.
-
     _starts[c] is the global row of chunk c's first row, so a row is found by bisection and a range of
     rows visits only the chunks it overlaps. Chunks are what make concatenate_datasets and multi-file
     loads zero-copy; operations that need one buffer per column call combine_chunks()."""
-
     def __init__(self, batches: list[RecordBatch], schema: Schema | None = None):
         self.schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
         for i, b in enumerate(batches):
@@ -1083,9 +967,7 @@ class Table:
         if not batches:  # keep one (empty) chunk, so every column always has an Array to read
             batches = [RecordBatch.from_pydict({k: [] for k in self.schema}, self.schema)]
         self.batches = [b for b in batches if b.num_rows] or batches[:1]  # empty chunks only cost lookups
-        self._starts = [0]
-        for b in self.batches:
-            self._starts.append(self._starts[-1] + b.num_rows)
+        self._starts = list(itertools.accumulate((b.num_rows for b in self.batches), initial=0))  # [chunks+1]
         self.num_rows = self._starts[-1]
 
     @property
@@ -1099,21 +981,11 @@ class Table:
     @classmethod
     def from_pylist(cls, rows: list[dict], schema: dict | None = None) -> "Table":
         """Row dicts -> Table. Columns appear in order of first appearance; a missing key is a null."""
-        names: dict[str, None] = {}
-        for i, r in enumerate(rows):
-            if not isinstance(r, dict):
-                raise NanosetsError(f"row {i} is a {type(r).__name__}, expected a dict of column -> value")
-            names.update(dict.fromkeys(r))
-        names.update(dict.fromkeys(schema or {}))  # schema columns no row has: all null
+        bad = next((i for i, r in enumerate(rows) if not isinstance(r, dict)), None)
+        if bad is not None:
+            raise NanosetsError(f"row {bad} is a {type(rows[bad]).__name__}, expected a dict of column -> value")
+        names = dict.fromkeys([k for r in rows for k in r] + list(schema or {}))  # schema columns no row has: null
         return cls.from_pydict({k: [r.get(k) for r in rows] for k in names}, schema)
-
-    def _locate(self, i: int) -> tuple[int, int]:
-        """Global row i -> (chunk, row within the chunk)."""
-        if not -self.num_rows <= i < self.num_rows:
-            raise IndexError(f"row {i} out of range for a table of {self.num_rows} rows")
-        i = i + self.num_rows if i < 0 else i
-        c = bisect.bisect_right(self._starts, i) - 1  # the last chunk starting at or before row i
-        return c, i - self._starts[c]
 
     def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
         """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local
@@ -1136,33 +1008,29 @@ class Table:
             parts.append((c, rows[where] - self._starts[c], where))
         return parts or [(0, rows, None)]
 
-    def to_pydict(self, rows, columns: list[str] | None = None) -> dict[str, list]:
+    def to_pydict(self, rows, columns: list[str], as_tensors=()) -> dict[str, Any]:
         """Rows as {column: list}: rows is a (start, stop) range or an int64 index tensor (any order).
-
+        Columns in `as_tensors` come back as tensors instead (see _read_rows).
         Python's cyclic garbage collector is paused meanwhile: decoding a batch allocates hundreds of
-        thousands of lists, every 700 allocations CPython walks the young objects looking for
-        reference cycles, and lists of ints and strs can never form one. Pausing it makes iteration
-        ~1.3x faster; reference counting still frees everything as usual."""
+        thousands of lists, CPython would scan them for reference cycles every 700 allocations, and
+        lists of ints and strs never form one (~1.3x faster; reference counting still frees them)."""
         n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
         parts, was_enabled = self.split_rows(rows), gc.isenabled()
         gc.disable()
         try:
-            return {k: _merge([(_read_rows(self.batches[c].columns[k], local), pos) for c, local, pos in parts], n)
-                    for k in columns or self.column_names}
+            return {k: _merge([(_read_rows(self.batches[c].columns[k], local, k in as_tensors), pos)
+                               for c, local, pos in parts], n) for k in columns}
         finally:
             if was_enabled:
                 gc.enable()
 
     def column(self, name: str) -> Array:
         """The whole column as one Array: zero-copy when the table has one chunk, else concatenated."""
-        if name not in self.schema:
-            raise KeyError(f"no column {name!r}; columns are {self.column_names}")
+        _require(self.schema, [name])
         return concat_arrays([b.columns[name] for b in self.batches])
 
     def select(self, names: list[str]) -> "Table":
-        missing = [n for n in names if n not in self.schema]
-        if missing:
-            raise KeyError(f"no columns {missing}; columns are {self.column_names}")
+        names = _require(self.schema, names)
         return Table([RecordBatch({n: b.columns[n] for n in names}) for b in self.batches],
                      {n: self.schema[n] for n in names})
 
@@ -1186,15 +1054,6 @@ class Table:
             return self
         return Table([RecordBatch({k: self.column(k) for k in self.schema})], self.schema)
 
-    @staticmethod
-    def concat(tables: list["Table"]) -> "Table":
-        """Tables with equal schemas -> one table whose chunks are all of theirs (no copy)."""
-        for i, t in enumerate(tables[1:], 1):
-            if list(t.schema.items()) != list(tables[0].schema.items()):
-                raise NanosetsError(f"cannot concat: table {i} has schema {_schema_str(t.schema)}, "
-                                    f"table 0 has {_schema_str(tables[0].schema)}")
-        return Table([b for t in tables for b in t.batches], tables[0].schema)
-
 
 # ---- the .nano file ---------------------------------------------------------------------------------
 # Layout in the module docstring. Writing streams each buffer straight from its memoryview into a
@@ -1206,15 +1065,11 @@ _HEADER_FMT = "<8sIIQQQI20x"  # magic, version, header size, file size, meta off
 _CHUNK = 1 << 24  # buffers are checksummed and written 16 MB at a time: the chunk is still in cache
 
 
-def _pad(f):
-    f.write(bytes(-f.tell() % ALIGN))  # zeros up to the next multiple of 64: aligned for any dtype and SIMD
-
-
 def _write_buffer(f, buf) -> list[int] | None:
     """Write one buffer at the next 64-byte boundary; returns its metadata [offset, nbytes, crc32]."""
     if buf is None:
         return None
-    _pad(f)
+    f.write(bytes(-f.tell() % ALIGN))  # zeros up to the next multiple of 64: aligned for any dtype and SIMD
     off, crc = f.tell(), 0
     mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) or buf.format != "B" else buf  # bytes
     for s in range(0, mv.nbytes, _CHUNK):
@@ -1282,7 +1137,7 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
         meta = json.dumps({"version": VERSION, "num_rows": num_rows,  # the metadata goes last: only now known
                            "schema": [[k, type_to_json(t)] for k, t in schema.items()],
                            "batches": batches, "metadata": metadata or {}}).encode()
-        _pad(f)
+        f.write(bytes(-f.tell() % ALIGN))  # the metadata starts aligned too
         meta_off = f.tell()
         f.write(meta + TAIL)
         size = f.tell()  # recorded, so a truncated copy is caught at open
@@ -1294,10 +1149,8 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
 
 class _Reader:
     """Turns metadata nodes back into Arrays over the mapped file, checking every range first.
-
     It also records every buffer it hands out (with its stored crc32) and every offsets buffer, which
     is all that verify() needs: checking is a pass over those lists, not a second walk of the tree."""
-
     def __init__(self, path: str, mv: memoryview, data_end: int, version: int):
         self.path, self.mv, self.data_end, self.version = path, mv, data_end, version
         self.buffers: list[tuple[str, str, memoryview, int | None]] = []  # (where, name, view, crc32)
@@ -1378,10 +1231,8 @@ class _Reader:
         self.fail(where, f"unknown type {t}")
 
     def verify(self, table: Table) -> None:
-        """The O(size) check. Version 2: every buffer's crc32, then every offsets buffer non-decreasing
-        (vectorised; with the first = 0 and last = size checks of open, every span is then in range).
-        Version 1 has no checksums: decode every row instead (catches broken offsets and UTF-8, not a
-        changed number) and warn that a rebuild would give the file checksums."""
+        """The O(size) check of the module docstring. With open's first = 0 and last = size checks,
+        non-decreasing offsets put every span in range. Version 1 (no checksums) decodes every row."""
         if self.version == 1:  # decode in 64k-row windows, so memory stays bounded
             for bi, b in enumerate(table.batches):
                 for k, a in b.columns.items():
@@ -1461,21 +1312,8 @@ def verify_nano(path: str | os.PathLike) -> int:
 
 
 # ---- Dataset: the HF-datasets-like API -----------------------------------------------------------
-# A Dataset = Table + optional `indices` (int64 tensor: logical row i is physical row indices[i]).
-# select/shuffle/filter/sort/train_test_split only build a new indices tensor, so they copy no data
-# and are O(rows) at worst; save_to_disk / flatten_indices materialise the rows in their new order.
-
-
-def _progress(total: int, desc: str, enabled: bool | None):
-    """tqdm when installed and the job is big enough to watch; a no-op otherwise."""
-    if enabled is False or (enabled is None and total < 50_000):
-        return None
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return None
-    return tqdm(total=total, desc=desc, unit="rows")
-
+# A Dataset = Table + optional `indices`: select/shuffle/filter/sort/train_test_split only build a new
+# indices tensor (no data copied); save_to_disk / flatten_indices materialise the rows in their new order.
 
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
@@ -1493,21 +1331,18 @@ def _index_tensor(indices, n: int) -> torch.Tensor:
 class DatasetDict(dict):
     """{split name: Dataset}, as returned by train_test_split and by load_dataset on a folder or a
     data_files dict (HF's DatasetDict, as a plain dict)."""
-
     def __repr__(self):
         return "DatasetDict({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.items()) + "})"
 
 
 class Dataset:
-    """Rows over a Table, with HF datasets' API: ds[i], ds[a:b], ds["col"], iter, map, filter,
-    select, shuffle, sort, shard, train_test_split, with_format("torch"), save_to_disk.
+    """Rows over a Table, with HF datasets' API (ds[i], ds[a:b], ds["col"], map, filter, shuffle, ...).
 
     Why an index indirection: a shuffle of a 1 GB file should not copy 1 GB. `_indices` (int64
     [len]) maps logical row i to physical row _indices[i] of `_table`; row operations compose it and
     leave the columns (often views of an mmap'd file) untouched. Reads turn logical rows into
     physical ones (_physical), then gather them per chunk. `_format` says what reads return:
     Python objects, or tensors ("torch") that are zero-copy views when the rows are contiguous."""
-
     def __init__(self, table: Table, indices: torch.Tensor | None = None, format: dict | None = None,
                  metadata: dict | None = None):
         self._table, self._indices = table, indices  # indices None: logical row i is physical row i
@@ -1524,13 +1359,6 @@ class Dataset:
     def from_dict(cls, columns: dict[str, list], schema: dict | None = None) -> "Dataset":
         """{column: list | tensor | Array} -> Dataset (1-D tensors are wrapped without a copy)."""
         return cls(Table.from_pydict(columns, schema))
-
-    def _require(self, columns: list[str], what: str = "no columns") -> list[str]:
-        """columns, after checking each exists (a KeyError naming the missing ones and the real ones)."""
-        missing = [c for c in columns if c not in self.schema]
-        if missing:
-            raise KeyError(f"{what} {missing}; columns are {self.column_names}")
-        return columns
 
     def _derive(self, table=None, indices=..., format=None) -> "Dataset":
         """A new Dataset sharing everything not given (the one place row/column operations build one)."""
@@ -1562,14 +1390,12 @@ class Dataset:
     def _physical(self, key) -> tuple[int, int] | torch.Tensor:
         """Logical rows -> physical rows: a (start, stop) range when contiguous, else an index tensor.
         Ranges matter: a range of a single chunk is read as zero-copy slices, never gathered."""
-        n = len(self)
         if isinstance(key, slice):
-            start, stop, step = key.indices(n)  # Python's slice rules (negatives, clamping)
+            start, stop, step = key.indices(len(self))  # Python's slice rules (negatives, clamping)
             if step == 1 and self._indices is None:  # no indirection: logical rows are physical rows
                 return start, max(start, stop)
-            idx = torch.arange(start, stop, step, dtype=torch.int64)
-        else:
-            idx = _index_tensor(key, n)
+            key = range(start, stop, step)
+        idx = _index_tensor(key, len(self))
         idx = idx if self._indices is None else self._indices[idx]  # compose with the indirection
         if len(idx) > 1 and int(idx[-1]) - int(idx[0]) == len(idx) - 1 and bool((idx[1:] > idx[:-1]).all()):
             return int(idx[0]), int(idx[-1]) + 1  # a run like 7,8,9: read it as a zero-copy range
@@ -1580,54 +1406,41 @@ class Dataset:
         tensors (zero-copy views when the rows are contiguous inside one chunk, a gather otherwise) and
         list<number> rows as one tensor each (views); columns with nulls, strings and nested types stay
         Python values, since no tensor holds a None."""
-        if self._format["type"] != "torch":
-            return self._table.to_pydict(rows, columns)
-        n = rows[1] - rows[0] if isinstance(rows, tuple) else len(rows)
-        parts = self._table.split_rows(rows)  # [(chunk, local rows, output positions or None)]
-        out, python_cols = {}, []  # tensor columns are read here; the rest in one to_pydict call
-        for k in columns:
+        as_tensors = set()
+        for k in columns if self._format["type"] == "torch" else []:
             t, chunks = self.schema[k], [b.columns[k] for b in self._table.batches]
             lists = isinstance(t, ListType) and isinstance(t.value, PrimitiveType)
-            if not (isinstance(t, (PrimitiveType, TensorType)) or lists) or \
-                    any(a.null_count or (lists and a.child.null_count) for a in chunks):
-                python_cols.append(k)
-                continue
-            out[k] = _merge([(_read_rows(chunks[c], local, as_tensors=True), pos) for c, local, pos in parts], n)
-        out.update(self._table.to_pydict(rows, python_cols) if python_cols else {})
-        return {k: out[k] for k in columns}
+            if (lists or isinstance(t, (PrimitiveType, TensorType))) and \
+                    not any(a.null_count or (lists and a.child.null_count) for a in chunks):
+                as_tensors.add(k)
+        return self._table.to_pydict(rows, columns, as_tensors)
 
     def __getitem__(self, key):
         """ds[i] -> row dict; ds[a:b] / ds[[i, j]] -> {column: values}; ds["col"] -> the column."""
         columns = self._format["columns"] or self.column_names
         if isinstance(key, str):
-            return self._fetch(self._physical(slice(None)), self._require([key]))[key]
+            return self._fetch(self._physical(slice(None)), _require(self.schema, [key]))[key]
         if isinstance(key, int) or (isinstance(key, torch.Tensor) and key.dim() == 0):
-            i = int(key)
-            if not -len(self) <= i < len(self):
-                raise IndexError(f"row {i} out of range for a dataset of {len(self)} rows")
-            i = i + len(self) if i < 0 else i
+            i = _row_index(int(key), len(self), "a dataset")
             p = i if self._indices is None else int(self._indices[i])
             if self._format["type"] == "torch":
                 return {k: v[0] for k, v in self._fetch((p, p + 1), columns).items()}  # one-row batch -> row
-            c, j = self._table._locate(p)  # hot path for random access: no tensors, no slicing
-            cols = self._table.batches[c].columns  # ~20 us for a row with ~500 token ids (BENCHMARKS.md)
-            return {k: cols[k].get(j) for k in columns}
+            # the hot path of random access, ~20 us for a row of ~500 token ids: no tensors, no slicing
+            c = bisect.bisect_right(self._table._starts, p) - 1  # the last chunk starting at or before p
+            cols = self._table.batches[c].columns
+            return {k: cols[k].get(p - self._table._starts[c]) for k in columns}
         return self._fetch(self._physical(key), columns)
 
     def __iter__(self) -> Iterator[dict]:
         for batch in self.iter(batch_size=1024):  # decode in batches (fast), hand out rows
-            names = list(batch)
-            for values in zip(*batch.values()):
-                yield dict(zip(names, values))
+            yield from _rows_of(batch)
 
     def iter(self, batch_size: int = 1000, drop_last_batch: bool = False) -> Iterator[dict[str, list]]:
         """Yield {column: values} batches in order (tensors under with_format('torch'))."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        n = len(self)
-        for start in range(0, n, batch_size):
-            if drop_last_batch and start + batch_size > n:
-                break
+        stop = len(self) - batch_size + 1 if drop_last_batch else len(self)  # drop_last: full batches only
+        for start in range(0, stop, batch_size):
             yield self[start : start + batch_size]
 
     # -- formats --
@@ -1635,7 +1448,7 @@ class Dataset:
         """'torch': numbers as tensors (zero-copy views when possible); None/'python': Python objects."""
         if type not in (None, "python", "torch"):
             raise ValueError(f"format {type!r} is not supported; use None, 'python' or 'torch'")
-        columns = None if columns is None else self._require(list(columns))
+        columns = None if columns is None else _require(self.schema, columns)
         return self._derive(format={"type": type or "python", "columns": columns})
 
     def reset_format(self) -> "Dataset":
@@ -1664,7 +1477,13 @@ class Dataset:
                fn_kwargs: dict | None, progress: bool | None, desc: str) -> Iterator[tuple[int, Any]]:
         """The loop map and filter share: yields (n, out) per batch of batch_size rows, where out is
         function(batch[, indices]) when batched, else [function(row[, index]) for each row]."""
-        src, kw, bar = self.reset_format(), fn_kwargs or {}, _progress(len(self), desc, progress)
+        src, kw, bar = self.reset_format(), fn_kwargs or {}, None
+        if progress or (progress is None and len(self) >= 50_000):  # a bar for jobs big enough to watch
+            try:
+                from tqdm.auto import tqdm
+                bar = tqdm(total=len(self), desc=desc, unit="rows")
+            except ImportError:
+                pass  # no tqdm: no bar
         try:
             for start in range(0, len(self), batch_size):
                 batch = src[start : start + batch_size]  # {column: values}, decoded in one pass
@@ -1673,8 +1492,7 @@ class Dataset:
                 if batched:
                     out = function(*((batch, idx) if with_indices else (batch,)), **kw)
                 else:
-                    names = list(batch)
-                    rows = [dict(zip(names, vals)) for vals in zip(*batch.values())]  # columns -> row dicts
+                    rows = _rows_of(batch, n)  # columns -> row dicts
                     out = [function(*((r, i) if with_indices else (r,)), **kw) for r, i in zip(rows, idx)]
                 yield n, out
                 if bar is not None:
@@ -1686,8 +1504,7 @@ class Dataset:
     def filter(self, function: Callable, batched: bool = False, batch_size: int = 1000,
                with_indices: bool = False, fn_kwargs: dict | None = None, progress: bool | None = None) -> "Dataset":
         """Keep rows where function(row) is true (function(batch) -> list of bools when batched)."""
-        keep: list[int] = []
-        start = 0
+        keep, start = [], 0  # the kept logical rows; the first row of the next batch
         for n, mask in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, "filter"):
             mask = list(mask)
             if len(mask) != n:
@@ -1728,17 +1545,17 @@ class Dataset:
 
     # -- column operations: metadata only, no copy --
     def select_columns(self, columns: str | list[str]) -> "Dataset":
-        return self._derive(table=self._table.select([columns] if isinstance(columns, str) else list(columns)))
+        return self._derive(table=self._table.select(columns))
 
     def remove_columns(self, columns: str | list[str]) -> "Dataset":
-        drop = self._require([columns] if isinstance(columns, str) else list(columns), "cannot remove columns")
+        drop = _require(self.schema, columns, "cannot remove columns")
         return self.select_columns([c for c in self.column_names if c not in drop])
 
     def rename_column(self, original: str, new: str) -> "Dataset":
         return self.rename_columns({original: new})
 
     def rename_columns(self, mapping: dict[str, str]) -> "Dataset":
-        self._require(list(mapping), "cannot rename missing columns")
+        _require(self.schema, mapping, "cannot rename missing columns")
         return self._derive(table=self._table.rename(mapping))
 
     # -- map: the one operation that builds new columns --
@@ -1746,15 +1563,12 @@ class Dataset:
             remove_columns: str | list[str] | None = None, fn_kwargs: dict | None = None,
             schema: dict | None = None, progress: bool | None = None, desc: str = "map") -> "Dataset":
         """Apply function to rows (or batches) and return a Dataset with its outputs as columns.
-
         function(row) -> dict, or function(batch: {col: list}) -> {col: list} when batched (a batched
         function may change the row count if every input column is removed or returned). Returned
         columns replace or add columns; columns neither returned nor removed are carried over as
         they are, without re-encoding. `schema` pins output types (e.g. {"ids": "list<int32>"})."""
-        remove = [remove_columns] if isinstance(remove_columns, str) else list(remove_columns or [])
-        self._require(remove, "remove_columns names missing columns")
-        outputs: dict[str, list] = {}  # output column -> values so far (n_out rows)
-        n_out = 0
+        remove = _require(self.schema, remove_columns or [], "remove_columns names missing columns")
+        outputs, n_out = {}, 0  # output column -> its values so far (n_out rows)
         for n, out in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, desc):
             if batched:
                 out = {} if out is None else out
@@ -1820,12 +1634,9 @@ class Dataset:
         return list(self.reset_format())
 
     def to_jsonl(self, path: str | os.PathLike) -> None:
-        """One JSON object per line (UTF-8, tensors as lists), written atomically."""
-        def write(f):
-            for row in self.reset_format():
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-        _atomic_write(os.fspath(path), ".jsonl", write, "w", encoding="utf-8")
+        """One JSON object per line (UTF-8), written atomically."""
+        lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in self.reset_format())  # Python values
+        _atomic_write(os.fspath(path), ".jsonl", lambda f: f.writelines(lines), "w", encoding="utf-8")
 
     def to_arrow(self):
         return to_arrow(Table(list(self._batches()), self.schema))
@@ -1839,7 +1650,11 @@ def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
     """Rows of all datasets in order. Zero-copy: chunks are appended and indices offset."""
     if not datasets:
         raise ValueError("concatenate_datasets needs at least one dataset")
-    table = Table.concat([d._table for d in datasets])
+    for i, d in enumerate(datasets):
+        if list(d.schema.items()) != list(datasets[0].schema.items()):
+            raise NanosetsError(f"cannot concatenate: dataset {i} has schema {_schema_str(d.schema)}, "
+                                f"dataset 0 has {_schema_str(datasets[0].schema)}")
+    table = Table([b for d in datasets for b in d._table.batches], datasets[0].schema)  # their chunks, no copy
     if all(d._indices is None for d in datasets):
         return Dataset(table, None, dict(datasets[0]._format))
     parts, base = [], 0
@@ -1850,9 +1665,8 @@ def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
 
 
 # ---- loading files --------------------------------------------------------------------------------
-# load_dataset follows HF datasets where it can: a file, a glob or a list of files is one Dataset; a
-# folder is a DatasetDict whose split names come from the file names (train*.jsonl, test-0001.parquet,
-# ...), so the splits of a prepare_data.py output folder are never mixed; `split=` picks one.
+# load_dataset follows HF datasets where it can (its docstring says where it differs): a folder's
+# split names come from its file names, so the splits of a prepare_data.py output are never mixed.
 
 SUPPORTED = (".nano", ".parquet", ".jsonl", ".json")  # also the order a folder's format is chosen in
 # HF's split keywords: a file whose name holds one of these words (between '-', '_', '.', ' ' or
@@ -1883,15 +1697,11 @@ def _read_json_rows(path: str) -> list[dict]:
             lens = {k: len(v) for k, v in obj.items()}
             if len(set(lens.values())) != 1:
                 raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
-            obj = [dict(zip(obj, vals)) for vals in zip(*obj.values())]
+            obj = _rows_of(obj)
         elif isinstance(obj, dict):
             obj = [obj]  # one object is one row
         if isinstance(obj, list):
-            bad = next((i for i, r in enumerate(obj) if not isinstance(r, dict)), None)
-            if bad is not None:
-                raise NanosetsError(f"{path}: item {bad} of the JSON list is a {type(obj[bad]).__name__}, "
-                                    "expected an object")
-            return obj
+            return obj  # Table.from_pylist refuses an item that is not an object, naming it
     rows = []
     # split on "\n" only: str.splitlines() also breaks on U+2028/U+0085, which JSON strings may hold raw
     for lineno, line in enumerate(text.split("\n"), 1):
@@ -1928,14 +1738,6 @@ def _expand(paths, what: str) -> list[str]:
     return out
 
 
-def _split_of(name: str) -> str | None:
-    """The split a file name names ('gsm8k_test.jsonl' -> 'test'), or None when it names none."""
-    found = {SPLIT_WORDS[w] for w in re.split(r"[-_. 0-9]+", name.lower()) if w in SPLIT_WORDS}
-    if len(found) > 1:
-        raise NanosetsError(f"{name!r} names more than one split ({sorted(found)}); rename it")
-    return found.pop() if found else None
-
-
 def _folder_splits(folder: str) -> dict[str, list[str]]:
     """A folder's data files grouped by split, as HF datasets groups them.
 
@@ -1949,7 +1751,10 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
         raise FileNotFoundError(f"folder {folder!r} holds no {'/'.join(SUPPORTED)} files")
     splits: dict[str | None, list[str]] = {}
     for f in (f for f in names if f.endswith(ext)):
-        splits.setdefault(_split_of(f), []).append(os.path.join(folder, f))
+        found = {SPLIT_WORDS[w] for w in re.split(r"[-_. 0-9]+", f.lower()) if w in SPLIT_WORDS}
+        if len(found) > 1:
+            raise NanosetsError(f"{f!r} names more than one split ({sorted(found)}); rename it")
+        splits.setdefault(found.pop() if found else None, []).append(os.path.join(folder, f))  # None: no split
     unnamed = splits.pop(None, [])
     if not splits:
         return {"train": unnamed}
@@ -1957,8 +1762,7 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
         raise NanosetsError(f"folder {folder!r}: {os.path.basename(unnamed[0])} names no split while "
                             f"{', '.join(os.path.basename(v[0]) for v in splits.values())} do; rename it "
                             "(train*/validation*/test*) or pass data_files={split: files}")
-    order = ["train", "validation", "test"]
-    return dict(sorted(splits.items(), key=lambda kv: order.index(kv[0])))
+    return dict(sorted(splits.items(), key=lambda kv: ["train", "validation", "test"].index(kv[0])))
 
 
 def load_from_disk(path: str | os.PathLike, verify: bool = False) -> Dataset:
@@ -2042,11 +1846,9 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
 # direction hands over the same memory. Two exceptions copy: bool (Arrow packs bools into bits, we
 # keep a byte per value) and bfloat16 (Arrow has no such type: widened to float32).
 
-
 def _pa_type(t: DataType):
     """DataType -> pyarrow type (large_string/large_list: Arrow's 64-bit-offset variants, like ours)."""
     import pyarrow as pa
-
     if isinstance(t, PrimitiveType):
         return pa.float32() if t.name == "bfloat16" else getattr(pa, {"bool": "bool_"}.get(t.name, t.name))()
     if isinstance(t, StringType):
@@ -2063,7 +1865,6 @@ def _pa_type(t: DataType):
 def _to_pa(a: Array):
     """Array -> pyarrow Array over the same memory (bool and bfloat16 are converted)."""
     import pyarrow as pa
-
     a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0
     val = a._compact_validity()
     val = pa.py_buffer(val) if val is not None else None
@@ -2075,7 +1876,7 @@ def _to_pa(a: Array):
         values = tensor_to_buffer(a.to_torch().float()) if t.name == "bfloat16" else a.values
         return pa.Array.from_buffers(_pa_type(t), n, [val, pa.py_buffer(values)])
     if isinstance(a, (StringArray, ListArray)):
-        a._spans((0, n))  # pyarrow trusts offsets blindly: a bad one would read out of bounds
+        a._spans()  # pyarrow trusts offsets blindly: a bad one would read out of bounds
     if isinstance(a, StringArray):
         return pa.Array.from_buffers(pa.large_string(), n, [val, pa.py_buffer(a.offsets), pa.py_buffer(a.data)])
     if isinstance(a, ListArray):
@@ -2093,7 +1894,6 @@ def _to_pa(a: Array):
 def to_arrow(table: Table):
     """nanosets Table -> pyarrow.Table, zero-copy for numbers, strings and lists."""
     import pyarrow as pa
-
     schema = pa.schema([(k, _pa_type(t)) for k, t in table.schema.items()])
     batches = [pa.RecordBatch.from_arrays([_to_pa(b.columns[k]) for k in table.schema], schema=schema)
                for b in table.batches]
@@ -2104,7 +1904,6 @@ def _from_pa(arr, name: str) -> Array:
     """pyarrow Array -> Array over pyarrow's buffers where the layouts agree. An arrow array may start
     at a nonzero `offset` (a slice): numbers keep it by slicing the view, offsets are re-based."""
     import pyarrow as pa
-
     t, n, off = arr.type, len(arr), arr.offset
     if isinstance(arr, pa.ExtensionArray):
         if not hasattr(t, "shape"):
@@ -2151,7 +1950,6 @@ def _from_pa(arr, name: str) -> Array:
 def from_arrow(table) -> Table:
     """pyarrow.Table -> nanosets Table, sharing pyarrow's buffers wherever the layouts agree."""
     import pyarrow as pa
-
     batches = [RecordBatch({name: _from_pa(b.column(i), name) for i, name in enumerate(b.schema.names)})
                for b in table.to_batches()]
     if not batches:  # an empty table still has a schema: one empty batch of the right types
@@ -2160,10 +1958,8 @@ def from_arrow(table) -> Table:
 
 
 # ---- training helpers: packing and a resumable sharded sampler -----------------------------------
-# What a trainer needs from its data besides rows: packing variable-length sequences into fixed token
-# budgets without padding (the varlen layout of DESIGN.md), and a sampler that splits rows across
-# data-parallel ranks identically on every rank and resumes mid-epoch from a checkpoint.
-
+# What a trainer needs from its data besides rows: packs without padding (the varlen layout of
+# DESIGN.md) and a sampler that splits rows across data-parallel ranks and resumes mid-epoch.
 
 def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit") -> list[list[int]]:
     """Assign sequences to packs of at most `token_budget` tokens; returns packs of sequence indices.
@@ -2179,9 +1975,7 @@ def plan_packs(lengths: list[int], token_budget: int, strategy: str = "first_fit
             raise NanosetsError(f"sequence {i} has {L} tokens; each must be in [1, token_budget={token_budget}]")
     n = len(lengths)
     order = sorted(range(n), key=lambda i: -lengths[i]) if strategy == "sorted" else range(n)
-    size = 1
-    while size < max(n, 1):  # leaves: a power of two >= the most packs we can need (one per sequence)
-        size *= 2
+    size = 1 << max(n - 1, 0).bit_length()  # leaves: a power of two >= the most packs we can need (n)
     tree = [token_budget] * (2 * size)  # tree[1] = root; leaves tree[size + p] = free space of pack p
     packs: list[list[int]] = []
     for i in order:
@@ -2243,7 +2037,6 @@ class ShardedSampler:
     one, and rank r takes every dp_size-th index starting at r. state_dict() records (epoch,
     position); a sampler loaded from it continues with exactly the indices the original would have
     produced next. Iterating never ends: the training loop decides how many steps to run."""
-
     def __init__(self, num_rows: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = True):
         if not 0 <= dp_rank < dp_size:
@@ -2260,10 +2053,8 @@ class ShardedSampler:
 
     def epoch_indices(self, epoch: int) -> torch.Tensor:
         """This rank's indices of one epoch (the same on every call: a pure function of the seed)."""
-        if self.shuffle:
-            order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(self.seed + epoch))
-        else:
-            order = torch.arange(self.num_rows)
+        g = torch.Generator().manual_seed(self.seed + epoch)  # seeded per epoch: every rank draws the same
+        order = torch.randperm(self.num_rows, generator=g) if self.shuffle else torch.arange(self.num_rows)
         total = len(self) * self.dp_size
         if total > self.num_rows:  # pad by wrapping around so every rank gets the same count
             order = torch.cat([order, order[: total - self.num_rows]])
@@ -2299,7 +2090,6 @@ class ShardedSampler:
 # .nano and as an Arrow IPC stream (what HF datasets caches), then read by nanosets, pyarrow and HF
 # datasets (when installed) in the same run. Opening and RSS are measured in fresh subprocesses.
 # One timer (_timeit), one table; the measured numbers live in BENCHMARKS.md.
-
 
 def _bench_table(gb: float, seed: int = 0) -> Table:
     g = torch.Generator().manual_seed(seed)
@@ -2392,7 +2182,6 @@ def bench(gb: float = 1.0, folder: str | None = None, rows_iter: int = 100_000, 
 def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa, hf) -> dict:
     """The measurements of bench(): {metric: {"nanosets": x, "pyarrow": y, "hf": z}}."""
     import subprocess
-
     nano_path, arrow_path = os.path.join(folder, "bench.nano"), os.path.join(folder, "bench.arrow")
     res: dict = {}
     if not (os.path.exists(nano_path) and os.path.exists(arrow_path)):
@@ -2431,12 +2220,11 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
     mb = rows_iter * size / n / 1e6  # file bytes of the rows the iteration benchmarks read
 
     def first_rows(batches):  # consume (and drop) batches of 1000 rows until rows_iter rows were read
-        for j, _ in enumerate(batches):
-            if (j + 1) * 1000 >= rows_iter:
-                break
+        for _ in itertools.islice(batches, -(-rows_iter // 1000)):
+            pass
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    rows = random.Random(0).sample(range(n), rows_random)
+    rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:rows_random].tolist()  # distinct rows
     score = lambda: ds.with_format("torch")["score"].sum()  # noqa: E731  (the sum reads every byte)
     measure = {  # metric -> {library: (function, repeats, scale: result = scale / seconds)}
         "verify, full check (GB/s)": {
@@ -2473,7 +2261,6 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
 
 # ---- self-test and command line ------------------------------------------------------------------
 
-
 def selftest():
     """`python nanosets.py`: a round trip through a file, the API, a corrupt byte caught by its
     checksum, folder splits, packing and the sampler, in a few seconds."""
@@ -2501,11 +2288,8 @@ def selftest():
         assert load_dataset(d, split="test")["q"] == [None]
         # one flipped bit in a token id: the open (O(1)) cannot see it, verify names the buffer
         with open(path, "r+b") as f:
-            raw = bytearray(f.read())
-            at = raw.index(struct.pack("<3i", 1, 2, 3))  # the ids child's values buffer
-            raw[at] ^= 0x10
-            f.seek(0)
-            f.write(raw)
+            f.seek(f.read().index(struct.pack("<3i", 1, 2, 3)))  # the ids child's values buffer
+            f.write(b"\x11")  # token id 1 -> 17: one bit flipped
         assert load_dataset(path)[0]["ids"] == [17, 2, 3]
         try:
             verify_nano(path)
@@ -2571,8 +2355,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def cli(argv: list[str] | None = None) -> int:
     """main() under the project's error convention: an expected error (a bad flag, a missing or
-    corrupt file) prints one line `nanosets.py: error: ...` to stderr and returns 2; any other
-    exception keeps its traceback; --debug shows the traceback of everything."""
+    corrupt file) prints one line to stderr and returns 2; --debug shows every traceback."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return main(argv)
