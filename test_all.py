@@ -3657,7 +3657,7 @@ def test_gpu_selftest_kernels_path_equals_torch_path(capsys, kernels_switch):
     assert "kernels path vs torch path OK" in capsys.readouterr().out
 
 
-def _cli(*args, cwd=ROOT, script="nanotron.py", timeout=300):
+def _tron_cli(*args, cwd=ROOT, script="nanotron.py", timeout=300):
     return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -3666,15 +3666,15 @@ def test_cli_help_selftest_under_another_name_and_bench_on_cpu(tmp_path):
     """--help prints usage and runs nothing; the self-test passes from a copy under another name, alone in a
     folder (no kernels.py: the torch path, its kernel comparison SKIPPED, never OK); --bench without a GPU is
     one line and exit 2."""
-    r = _cli("--help")
+    r = _tron_cli("--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: nanotron.py") and "selftest" not in r.stdout
     shutil.copy(ROOT / "nanotron.py", tmp_path / "my_trainer.py")
-    r = _cli(cwd=tmp_path, script="my_trainer.py")
+    r = _tron_cli(cwd=tmp_path, script="my_trainer.py")
     assert r.returncode == 0, r.stderr
     assert "nanotron selftest OK" in r.stdout and "pipeline selftest OK" in r.stdout
     assert "kernels path vs torch path: SKIPPED" in r.stdout
     if not CUDA:
-        r = _cli("--bench")
+        r = _tron_cli("--bench")
         assert r.returncode == 2 and r.stderr.startswith("nanotron.py: error: --bench times the Qwen3-0.6B shape")
         assert r.stderr.count("\n") == 1 and not r.stdout
 
