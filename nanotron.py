@@ -55,10 +55,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -78,7 +79,7 @@ IGNORE_INDEX = -100   # label of a position that has no loss (prompt tokens, las
 _ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-@dataclass
+@dataclasses.dataclass
 class ModelConfig:
     """Everything that fixes the shapes and the math of a decoder. Field names are ours; from_hf/to_hf
     translate to HF config.json (num_layers <-> num_hidden_layers, num_heads <-> num_attention_heads)."""
@@ -438,20 +439,17 @@ class Transformer(nn.Module):
         if not 0 <= a <= b <= cfg.num_layers:
             raise ValueError(f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
         self.layer_range, self.has_embedding, self.has_head = (a, b), has_embedding, has_head
-        tpg = self.mesh.tp_group
-        self.embed = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
-                      if has_embedding else None)
+        vocab = partial(VocabParallelEmbedding, cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
+        self.embed = vocab() if has_embedding else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
                                     for _ in range(a, b))
         self.norm = self.lm_head = None
         if has_head:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels, tpg if self.sp else None,
-                                dtype, device)
-            # tied + embedding on this stage: the head IS the embedding matrix. Tied on a last stage without
-            # the embedding: its own copy, loaded from embed_tokens (pipeline part syncs their grads).
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels,
+                                self.mesh.tp_group if self.sp else None, dtype, device)
+            # tied: the head IS the embedding matrix, or on a last stage without it, a copy (PP chapter)
             if not (cfg.tie_word_embeddings and has_embedding):
-                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp,
-                                                      dtype, device)
+                self.lm_head = vocab()
         # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
         self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                                 device), persistent=False)
@@ -578,8 +576,7 @@ class Transformer(nn.Module):
         where = str(source) if isinstance(source, (str, Path)) else "the state dict"
         if isinstance(source, (str, Path)):
             source = load_hf_state(source)[1]
-        slots, known = self.hf_slots(), set(hf_tensor_names(self.cfg))
-        seen = set()
+        slots, known, seen = self.hf_slots(), set(hf_tensor_names(self.cfg)), set()
         for name, full in source:
             if name not in slots:
                 if strict_unexpected and name not in known and not name.endswith("rotary_emb.inv_freq"):
@@ -592,8 +589,7 @@ class Transformer(nn.Module):
                                  f"expected {slot.full_shape} from the config")
             slot.local().copy_(self._shard_of(full, slot.kind, slot.rows))
             seen.add(name)
-        missing = [n for n in slots if n not in seen]
-        if missing:
+        if missing := [n for n in slots if n not in seen]:
             raise KeyError(f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
                            + (" ..." if len(missing) > 5 else ""))
         return self
@@ -1433,8 +1429,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     if M == 0:
         raise ValueError("pipeline_step: no micro-batches")
     for k, mb in enumerate(micro_batches):
-        missing = {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb)
-        if missing:
+        if missing := {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb):
             raise KeyError(f"pipeline_step: micro-batch {k} lacks {sorted(missing)}")
     if stage.mesh is not mesh:
         raise ValueError("pipeline_step: the stage was built on another mesh")
@@ -1496,9 +1491,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 #         | while its layer runs     |                                   |                        | per layer x2
 #
 # ZeRO splits each rank's (pp, tp) slice over its dp group only (W=8, tp=2, pp=2, dp=2: stage 0's tp-0
-# slice between ranks {0, 2}, its tp-1 slice between {1, 3}; stage 1's between {4, 6} and {5, 7}). So the
-# global grad norm sums over dp (owned shards), tp (sharded tensors once each, replicated norm weights
-# once, not tp times) and pp (disjoint layers).
+# slice between ranks {0, 2}, its tp-1 slice between {1, 3}; stage 1's between {4, 6} and {5, 7}).
 #
 # Stage 0 is plain DP: every rank steps every parameter (identical math, identical results). Buckets:
 # stage 0-2 ~bucket_mb of parameters each, the embedding and the LM head alone (so a tied embedding's
@@ -1840,8 +1833,7 @@ class DataParallel:
                 b.grad_buf.zero_()
             else:
                 b.grad_shard.zero_()
-                if _allocated(b.grad_buf):
-                    _free(b.grad_buf)
+                _free(b.grad_buf)                   # (a no-op when already freed)
             b.ready, b.pending, b.reduced = 0, False, False
             for p in b.params:
                 p.grad = None
@@ -1977,25 +1969,23 @@ class AdamW:
         self.t += 1
         b1, b2 = self.betas
         if self._fused is not None:
-            # the same update in 1 launch per decay class instead of ~8 full passes per bucket: 28 B/element
-            # (read p, g, m, v; write p, m, v) instead of ~100 (BENCHMARKS.md has the measured gain)
+            # the same update in 1 launch per decay class: 28 B/element (read p, g, m, v; write p, m, v), not ~100
             for (lists, steps), wd in zip(self._fused, (self.weight_decay, 0.0)):
                 if lists[0]:
                     torch._foreach_add_(steps, 1.0)                      # == self.t (load_state_dict syncs)
                     torch._fused_adamw_(*lists, [], steps, lr=self.lr, beta1=b1, beta2=b2, weight_decay=wd,
                                         eps=self.eps, amsgrad=False, maximize=False)
-            self._publish()
-            return
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for b, p, m, v, decay in zip(self.dp.buckets, self.master, self.exp_avg, self.exp_avg_sq, self.decay):
-            g = b.grad_shard
-            if self.weight_decay:
-                for a, e in decay:
-                    p[a:e].mul_(1 - self.lr * self.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / bc1)
+        else:                                   # the reference: the formulas of the class docstring
+            bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+            for b, p, m, v, decay in zip(self.dp.buckets, self.master, self.exp_avg, self.exp_avg_sq, self.decay):
+                g = b.grad_shard
+                if self.weight_decay:
+                    for a, e in decay:
+                        p[a:e].mul_(1 - self.lr * self.weight_decay)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+                p.addcdiv_(m, denom, value=-self.lr / bc1)
         self._publish()
 
     @torch.no_grad()
@@ -2036,8 +2026,7 @@ class AdamW:
                 for name, slot in slots_of.get(id(p), []):
                     local_shape = (slot.rows, *p.shape[1:]) if slot.kind == "col" else tuple(p.shape)
                     start = o + slot.offset * row                       # offset is 0 unless 'col'
-                    n = math.prod(local_shape)
-                    r = _clip(start, n, b.lo, b.hi)
+                    r = _clip(start, math.prod(local_shape), b.lo, b.hi)
                     if r is None:
                         continue
                     info = {"full_shape": slot.full_shape, "kind": slot.kind, "tp_rank": mesh.tp_rank,
@@ -2049,10 +2038,8 @@ class AdamW:
     def state_dict(self) -> dict:
         """{'step', 'hparams', 'tensors': {hf_name: info + {'master', 'exp_avg', 'exp_avg_sq'}}}, this
         rank's pieces only (no communication). Save every rank's dict; load_state_dict takes them all."""
-        tensors = {}
-        for name, i, (s, e), info in self._pieces:
-            tensors[name] = dict(info, **{k: getattr(self, k)[i][s:e].clone()
-                                          for k in _OPT_KEYS})
+        tensors = {name: dict(info, **{k: getattr(self, k)[i][s:e].clone() for k in _OPT_KEYS})
+                   for name, i, (s, e), info in self._pieces}
         return {"step": self.t, "hparams": {"betas": self.betas, "eps": self.eps,
                                             "weight_decay": self.weight_decay}, "tensors": tensors}
 
@@ -2136,11 +2123,9 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 #   row    columns split (o_proj, down_proj)         full = cat(pieces, dim 1)
 #   vocab  rows split; padding rows NOT stored       full = cat(pieces, dim 0)
 #   rep    replicated (norm weights)                 full = tp rank 0's piece (the only one stored)
-# Optimizer pieces are finer: ZeRO cuts each TP-local tensor into flat element ranges over dp; AdamW's
-# layout-independent state_dict records (tp rank, local shape, range) per HF name, and its
-# load_state_dict glues any set of pieces back. So loading in ANOTHER layout is: rebuild the full HF
-# tensors this rank needs from the files that hold their pieces, cut this rank's piece. Each rank reads
-# only the tensors it needs (safetensors reads by name); every rank must see the same filesystem.
+# Optimizer pieces are finer: flat ZeRO ranges of the TP-local tensors (AdamW.state_dict). Loading in
+# ANOTHER layout: rebuild each full HF tensor this rank needs from the files that hold its pieces, cut
+# this rank's piece (safetensors reads by name; every rank must see the same filesystem).
 #
 # Crash safety: all ranks write into <folder>.tmp-save; after a barrier rank 0 checks that every expected
 # file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>.
@@ -2333,8 +2318,7 @@ def read_manifest(folder) -> dict:
     if m.get("version") != CKPT_VERSION:
         raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}; this nanotron reads "
                          f"version {CKPT_VERSION}")
-    missing = [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]
-    if missing:
+    if missing := [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]:
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}")
     return m
 
@@ -2388,8 +2372,7 @@ class CheckpointReader(contextlib.ExitStack):
         when the model files lack one."""
         tied = self.config.tie_word_embeddings
         names = [n for n in hf_tensor_names(self.config) if not (tied and n == "lm_head.weight")]
-        missing = [n for n in names if n not in self.model_index]
-        if missing:
+        if missing := [n for n in names if n not in self.model_index]:
             raise self._damaged(f"{len(missing)} tensor(s) of the model are in no model file: {missing[:5]}")
         return names
 
@@ -2560,11 +2543,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
 
 def peak_tflops(device) -> float | None:
     """Peak dense bf16 TFLOP/s of one GPU of this kind, or None (CPU, or a GPU not in PEAK_TFLOPS: MFU n/a)."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 
 # `python nanotron.py --bench`: one training step of the Qwen3-0.6B shape on one GPU, ours against what users
@@ -2583,16 +2564,15 @@ def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
     opt = build_optimizer(model, zero_stage=0, lr=3e-4, weight_decay=0.1)
     per = mb_tokens // T
     cu, pos = cu_seqlens_from_lengths([T] * per, device=dev)
-    mbs = [dict(ids=ids[s:s + per].reshape(-1)) for s in range(0, S, per)]               # [per * T] each
-    for mb in mbs:
-        mb["labels"] = next_token_labels(mb["ids"], cu)
+    mbs = [ids[s:s + per].reshape(-1) for s in range(0, S, per)]                          # [per * T] each
+    mbs = [(x, next_token_labels(x, cu)) for x in mbs]
     n_labels = S * (T - 1)                          # the last token of each sequence has no label
 
     def step(i):
         opt.zero_grad()
-        for k, mb in enumerate(mbs):                # the dp grad sync (a no-op here) waits for the last one
+        for k, (x, labels) in enumerate(mbs):       # the dp grad sync (a no-op here) waits for the last one
             with opt.no_sync() if k < len(mbs) - 1 else contextlib.nullcontext():
-                total, _ = model.loss(model(mb["ids"], pos, cu, T), mb["labels"])
+                total, _ = model.loss(model(x, pos, cu, T), labels)
                 (total / n_labels).backward()       # micro-batch sums add up to the step's mean
         opt.clip_grad_norm_(1.0)
         opt.step(lr=lr_at(i, 100, 1000, 3e-4))
@@ -2708,8 +2688,6 @@ def bench_one(args) -> None:
 def bench(argv: list[str]) -> int:
     """`--bench`: each system in a subprocess (`--one`), then one table. Returns the exit code: 1 when a run
     failed (crashed, OOM: its row says so), else 0. Without a GPU only the tiny smoke test runs."""
-    import subprocess
-    import sys
     args = _parser().parse_args(argv)
     if args.tiny:                                   # Liger-Kernel needs CUDA: the tiny peer is plain HF
         args.seqs, args.seq_len, args.steps, args.warmup, args.mb, args.hf_mb = 4, 64, 2, 1, 4, 2
@@ -2722,12 +2700,10 @@ def bench(argv: list[str]) -> int:
         raise ValueError("--bench times the Qwen3-0.6B shape on a CUDA GPU and this machine has none; "
                          "--bench --tiny is the CPU smoke test of the same harness")
     rows, seen = [], {}
-    # the flags go on to each subprocess, minus the driver's own (--systems X, --out X)
-    rest = [a for i, a in enumerate(argv) if a not in ("--bench", "--systems", "--out")
-            and argv[i - 1:i] not in (["--systems"], ["--out"])]
     for system in args.systems.split(","):
         seen[system] = seen.get(system, 0) + 1
-        cmd = [sys.executable, os.path.abspath(__file__), "--bench", "--one", system] + rest
+        # the same flags (a worker ignores the driver's --systems and --out) + the worker's own --one
+        cmd = [sys.executable, os.path.abspath(__file__), "--bench", *argv, "--one", system]
         print("$ " + " ".join(cmd[1:]), flush=True)
         got = len(rows)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
@@ -2871,7 +2847,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     try:
         sys.exit(main(sys.argv[1:]))
     except (ValueError, OSError, TimeoutError) as e:   # expected errors: one line; --debug: the traceback
