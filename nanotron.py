@@ -126,9 +126,8 @@ class ModelConfig:
         if rope_type not in (None, "default"):
             raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented "
                              "(nanotron has plain RoPE only: 'default')")
-        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
-            if d.get(flag):
-                raise ValueError(f"config.json: {flag}=true is not supported by nanotron")
+        if on := [f for f in ("attention_bias", "mlp_bias", "use_sliding_window") if d.get(f)]:
+            raise ValueError(f"config.json: {on[0]}=true is not supported by nanotron")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
             raise ValueError("config.json: layer_types other than 'full_attention' are not supported")
         H = d["num_attention_heads"]
@@ -667,10 +666,8 @@ def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor
         raise FileNotFoundError(f"load_hf_state: {cfg_file} is missing (not an HF model folder)")
     cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else sorted(p.name for p in folder.glob("*.safetensors")))
     if not files:
         raise FileNotFoundError(f"load_hf_state: no *.safetensors in {folder}")
 
@@ -1549,19 +1546,14 @@ def _merge(ranges):
 #   HELD       all added, not reduced: more micro-batches may still add    [ready 0, pending]
 #   IN FLIGHT  the async collective is launched, not waited for            [work; 0/1: reduced; 2/3: rs_out]
 #   REDUCED    summed over dp: 0/1 in grad_buf; 2/3 added into grad_shard, grad_buf freed   [work None]
-#
-#   event                                            | transition
-#   -------------------------------------------------+----------------------------------------------------
-#   grad hook (_on_grad), not the bucket's last param | CLEAN, HELD, REDUCED (2/3) -> FILLING (IN FLIGHT, 2/3:
-#                                                    |   the next micro-batch, waits for it first)
-#   grad hook of the last param: bucketed mode and   | FILLING -> IN FLIGHT (_launch)
-#     outside no_sync (0/1), or always (2/3)         |
-#   the same in naive mode or inside no_sync (0/1)   | FILLING -> HELD
-#   a backward ends (_drain, bucketed 2/3)           | IN FLIGHT -> REDUCED
-#   finish_grad_sync (clip, step)                    | any -> REDUCED (0/1: CLEAN ones too, every rank must
-#                                                    |   issue the same all-reduces)
-#   zero_grad                                        | any -> CLEAN
-#   grad hook once REDUCED at stage 0/1              | RuntimeError: the step already reduced that bucket
+# event -> transition:
+#   grad hook (_on_grad) ...................... CLEAN, HELD, REDUCED (2/3) -> FILLING (2/3: waits for IN FLIGHT)
+#     of the bucket's last param .............. FILLING -> IN FLIGHT (_launch) when bucketed and outside
+#                                               no_sync (0/1), or always (2/3); else FILLING -> HELD
+#   a backward ends (_drain, bucketed 2/3) .... IN FLIGHT -> REDUCED
+#   finish_grad_sync (clip, step) ............. any -> REDUCED (0/1: CLEAN too: all ranks, same all-reduces)
+#   zero_grad ................................. any -> CLEAN
+#   grad hook once REDUCED at stage 0/1 ....... RuntimeError: the step already reduced that bucket
 
 class Bucket:
     """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
@@ -1848,19 +1840,11 @@ class DataParallel:
           tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
           pp: a tied LM head copy on the last stage (no embedding there) duplicates the first stage's
               embedding -> it does not count."""
-        kinds = {id(slot.param): slot.kind for slot in model.hf_slots().values()}
-        tied_copy = (model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding)
-        out = []
-        for b in self.buckets:
-            rs = []
-            for p, o in zip(b.params, b.offsets):
-                if kinds.get(id(p)) == "rep" and self.mesh.tp_rank > 0:
-                    continue
-                if tied_copy and p is model.lm_head.weight:
-                    continue
-                rs.append(_clip(o, p.numel(), b.lo, b.hi))
-            out.append(_merge(rs))
-        return out
+        skip = {id(slot.param) for slot in model.hf_slots().values() if slot.kind == "rep" and self.mesh.tp_rank > 0}
+        if model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding:
+            skip.add(id(model.lm_head.weight))                          # the last stage's tied copy
+        return [_merge(_clip(o, p.numel(), b.lo, b.hi) for p, o in zip(b.params, b.offsets) if id(p) not in skip)
+                for b in self.buckets]
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of all gradients (fp32 0-dim tensor, the same on every rank). A collective."""
@@ -2109,9 +2093,8 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 #
 #   ckpt/sft/step_120/
 #     manifest.json                        WRITTEN LAST: format version, step, layout (tp, pp, dp, zero,
-#                                          the stage partition), the model's config.json, the run config,
-#                                          `extra` (data position...), optimizer step + hparams, and for
-#                                          every file its size, sha256 and tensor index
+#                                          partition), the model's config.json, the run config, `extra`,
+#                                          optimizer step + hparams, per file its size, sha256, tensor index
 #     model-pp{p}-tp{t}.safetensors        stage p's weights as held by TP rank t (written by dp rank 0):
 #                                          HF names, TP-LOCAL pieces (q_proj: rank t's H/tp heads' rows)
 #     optim-pp{p}-tp{t}-dp{d}.safetensors  that rank's AdamW shards: master/NAME, exp_avg/NAME,
@@ -2128,11 +2111,10 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 # this rank's piece (safetensors reads by name; every rank must see the same filesystem).
 #
 # Crash safety: all ranks write into <folder>.tmp-save; after a barrier rank 0 checks that every expected
-# file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>.
-# latest_checkpoint() only picks step_N folders that have a manifest, so a save that died halfway (a
-# temp folder, or nothing) is never resumed from. The checksums catch what a rename cannot: a file
-# damaged afterwards (a full disk, a bad copy, truncation); load_checkpoint then refuses it and names the
-# newest complete checkpoint before it (CheckpointDamaged).
+# file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>, so
+# latest_checkpoint() (step_N folders with a manifest) never picks a save that died halfway. The
+# checksums catch what a rename cannot (a file damaged later: full disk, bad copy, truncation):
+# load_checkpoint refuses it and names the newest complete checkpoint before it (CheckpointDamaged).
 
 CKPT_FORMAT, CKPT_VERSION = "nanotron-checkpoint", 1
 _CFG_IGNORED = ("bos_token_id", "eos_token_id")   # config fields that do not change the weights or the math
@@ -2731,21 +2713,20 @@ def selftest_pp():
     """CPU, one process (pp = 1): both schedules equal one plain forward/backward of the packed batch, and
     the partition puts the head's cost on the last stage."""
     cfg = tiny_config(num_layers=4)
-    mbs, ids_all, lengths_all = [], [], []
+    mbs, lengths_all = [], []
     g = torch.Generator().manual_seed(0)
     for lengths in ([5, 3], [7], [2, 4, 6]):
         cu, pos = cu_seqlens_from_lengths(lengths)
         ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),), generator=g)
         mbs.append(dict(input_ids=ids, positions=pos, cu_seqlens=cu, max_seqlen=max(lengths),
                         labels=next_token_labels(ids, cu)))
-        ids_all.append(ids)
         lengths_all += lengths
     grads = {}
     for schedule in ("afab", "1f1b", "plain"):
         model = build_stage(cfg, Mesh(), use_kernels=False).init_random(1)
         if schedule == "plain":
             cu, pos = cu_seqlens_from_lengths(lengths_all)
-            ids = torch.cat(ids_all)
+            ids = torch.cat([mb["input_ids"] for mb in mbs])
             total, n = model.loss(model(ids, pos, cu), next_token_labels(ids, cu))
             (total / n).backward()
             loss = total.item()
