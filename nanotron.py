@@ -16,7 +16,7 @@ all-gather + reduce-scatter pair under sequence parallelism) make every layout c
 numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, lines 1-718: the model at tp=1, config -> pure functions -> model -> HF folders, then
+Read first, lines 1-697: the model at tp=1, config -> pure functions -> model -> HF folders, then
 selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
 nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
 (after the mesh); each opens with a comment that teaches its idea before any code:
@@ -465,13 +465,12 @@ class Transformer(nn.Module):
         if self.has_embedding:
             x = self.embed(x)                                           # [N, Hd] (or [N/tp, Hd] under SP)
         res = None                                                      # x + res is the residual stream
+        # checkpointing keeps only each layer's inputs and recomputes the inside in backward (its collectives
+        # too: every TP rank recomputes in the same order, so they still match)
+        ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only the layer inputs; recompute the inside in backward (its collectives too: every
-                # TP rank recomputes in the same order, so they still match)
-                x, res = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, res, use_reentrant=False)
-            else:
-                x, res = layer(x, positions, cu_seqlens, max_seqlen, self.rope, res)
+            run = partial(checkpoint, layer, use_reentrant=False) if ckpt else layer
+            x, res = run(x, positions, cu_seqlens, max_seqlen, self.rope, res)
         if self.has_head:
             return self.norm(x, res)[0] if res is not None else self.norm(x)
         return x + res if res is not None else x                        # stages exchange the full stream
@@ -1214,9 +1213,8 @@ def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] |
 
 def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = None):
     """Sum the two tied copies' gradients over the embedding group, once per step after the last backward
-    (pipeline_step does). With an optimizer (`dp` = optimizer.dp) the gradients live in its fp32 buffers:
-    finish the dp reduction, then sum the owned shards (they line up: the embedding and the head have
-    buckets of their own, cut the same way on both stages)."""
+    (pipeline_step does). With an optimizer (`dp` = optimizer.dp): its owned fp32 shards, after the dp
+    reduction (they line up: embedding and head have buckets of their own, cut alike on both stages)."""
     if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1 or not (stage.has_embedding or stage.has_head):
         return                              # untied, one stage (the head IS the embedding), a middle stage
     w = stage.embed.weight if stage.has_embedding else stage.lm_head.weight     # this stage's copy
@@ -1422,8 +1420,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
-    M = len(micro_batches)
-    if M == 0:
+    if (M := len(micro_batches)) == 0:
         raise ValueError("pipeline_step: no micro-batches")
     for k, mb in enumerate(micro_batches):
         if missing := {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb):
