@@ -1251,26 +1251,14 @@ def _p2p(ops, group):
         work.wait()
 
 
-def _header(t):
-    if t.dim() >= _HEADER:
-        raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
-    return torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
-
-
-def _shape(h, src, hidden):
-    h = h.tolist()                                           # .tolist() syncs the GPU (once per micro-batch)
-    shape = tuple(h[1:1 + h[0]])
-    if not shape or shape[-1] != hidden:
-        raise RuntimeError(f"recv_activation: rank {src} sent shape {shape}, expected [.., {hidden}] (hidden "
-                           "size); are both stages built from the same config?")
-    return shape
-
-
 def send_activation(t, dst, group=None, recv_grad_of=None):
     """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of
     (1F1B's steady state) also receive from dst, in the same batch, the gradient of recv_grad_of (an
     EARLIER activation sent there) and return it."""
-    _p2p([(dist.isend, _header(t), dst)], group)
+    if t.dim() >= _HEADER:
+        raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
+    header = torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
+    _p2p([(dist.isend, header, dst)], group)
     g = None if recv_grad_of is None else torch.empty_like(recv_grad_of)
     _p2p([(dist.isend, t.contiguous(), dst)] + ([(dist.irecv, g, dst)] if g is not None else []), group)
     return g
@@ -1281,7 +1269,12 @@ def recv_activation(src, hidden, dtype, device=None, group=None, send_grad_back=
     steady state) also send that gradient (of an earlier activation) to src in the same batch."""
     h = torch.empty(_HEADER, dtype=torch.int64, device=device)
     _p2p([(dist.irecv, h, src)], group)
-    x = torch.empty(_shape(h, src, hidden), dtype=dtype, device=device)
+    h = h.tolist()                                           # .tolist() syncs the GPU (once per micro-batch)
+    shape = tuple(h[1:1 + h[0]])                             # h = [ndim, *shape, 0 ..]
+    if not shape or shape[-1] != hidden:
+        raise RuntimeError(f"recv_activation: rank {src} sent shape {shape}, expected [.., {hidden}] (hidden "
+                           "size); are both stages built from the same config?")
+    x = torch.empty(shape, dtype=dtype, device=device)
     g = send_grad_back
     _p2p([(dist.irecv, x, src)] + ([(dist.isend, g.contiguous(), src)] if g is not None else []), group)
     return x
