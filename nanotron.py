@@ -16,7 +16,7 @@ all-gather + reduce-scatter pair under sequence parallelism) make every layout c
 numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, lines 1-718: the model at tp=1, config -> pure functions -> model -> HF folders, then
+Read first, lines 1-697: the model at tp=1, config -> pure functions -> model -> HF folders, then
 selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
 nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
 (after the mesh); each opens with a comment that teaches its idea before any code:
@@ -55,10 +55,11 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Iterator, NamedTuple
@@ -78,7 +79,7 @@ IGNORE_INDEX = -100   # label of a position that has no loss (prompt tokens, las
 _ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
-@dataclass
+@dataclasses.dataclass
 class ModelConfig:
     """Everything that fixes the shapes and the math of a decoder. Field names are ours; from_hf/to_hf
     translate to HF config.json (num_layers <-> num_hidden_layers, num_heads <-> num_attention_heads)."""
@@ -125,9 +126,8 @@ class ModelConfig:
         if rope_type not in (None, "default"):
             raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented "
                              "(nanotron has plain RoPE only: 'default')")
-        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
-            if d.get(flag):
-                raise ValueError(f"config.json: {flag}=true is not supported by nanotron")
+        if on := [f for f in ("attention_bias", "mlp_bias", "use_sliding_window") if d.get(f)]:
+            raise ValueError(f"config.json: {on[0]}=true is not supported by nanotron")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
             raise ValueError("config.json: layer_types other than 'full_attention' are not supported")
         H = d["num_attention_heads"]
@@ -195,8 +195,7 @@ def tiny_config(**kw) -> ModelConfig:
 # ---- pure functions (the torch reference path) ------------------------------------------------------
 # kernels.py has a Triton version of each; these are what runs without it, and what a reader reads first.
 
-_UNSET = object()
-_KERNELS = _UNSET
+_KERNELS = _UNSET = object()
 _KERNEL_API = ("rms_norm", "rope_qk_norm", "swiglu", "flash_attn_varlen", "fused_linear_cross_entropy",
                "fused_linear_logprobs")
 
@@ -210,9 +209,7 @@ def _kernels():
         except ImportError:
             k = None
         # FOOTGUN: Hugging Face's PyPI package is also called `kernels`; use only a module with our API
-        if k is not None and not all(hasattr(k, f) for f in _KERNEL_API):
-            k = None
-        _KERNELS = k
+        _KERNELS = k if k is not None and all(hasattr(k, f) for f in _KERNEL_API) else None
     return _KERNELS
 
 
@@ -421,14 +418,11 @@ class HFSlot(NamedTuple):
 
 class Transformer(nn.Module):
     """The decoder, or one pipeline stage of it: layers [a, b) plus the embedding and/or the head.
-
-    forward(x, positions, cu_seqlens, max_seqlen) -> hidden. x is input_ids [N] on the stage with the
-    embedding, else the previous stage's hidden. The result is the final-norm output on the stage with the
-    head (feed it to logits / loss / logprobs), else the residual stream. Under sequence parallelism the
-    hidden between stages and at the output is this rank's token shard [N/tp, Hd] (N % tp == 0 needed);
-    the head methods take exactly what forward returned.
-    Parameters are allocated EMPTY: fill them with load_hf(...) or init_random(seed) (or use
-    Transformer.from_pretrained)."""
+    forward(x, positions, cu_seqlens, max_seqlen) -> hidden. x: input_ids [N] on the stage with the
+    embedding, else the previous stage's hidden. Returns the final-norm output on the stage with the head
+    (feed it to logits / loss / logprobs), else the residual stream; under sequence parallelism, this
+    rank's token shard [N/tp, Hd] (N % tp == 0 needed). Parameters are allocated EMPTY: fill them with
+    load_hf(...) or init_random(seed), or use Transformer.from_pretrained."""
 
     def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, *, layer_range=None, has_embedding=True,
                  has_head=True, sequence_parallel=False, use_kernels=True, activation_checkpointing=False,
@@ -444,20 +438,17 @@ class Transformer(nn.Module):
         if not 0 <= a <= b <= cfg.num_layers:
             raise ValueError(f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
         self.layer_range, self.has_embedding, self.has_head = (a, b), has_embedding, has_head
-        tpg = self.mesh.tp_group
-        self.embed = (VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
-                      if has_embedding else None)
+        vocab = partial(VocabParallelEmbedding, cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
+        self.embed = vocab() if has_embedding else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
                                     for _ in range(a, b))
         self.norm = self.lm_head = None
         if has_head:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels, tpg if self.sp else None,
-                                dtype, device)
-            # tied + embedding on this stage: the head IS the embedding matrix. Tied on a last stage without
-            # the embedding: its own copy, loaded from embed_tokens (pipeline part syncs their grads).
+            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels,
+                                self.mesh.tp_group if self.sp else None, dtype, device)
+            # tied: the head IS the embedding matrix, or on a last stage without it, a copy (PP chapter)
             if not (cfg.tie_word_embeddings and has_embedding):
-                self.lm_head = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp,
-                                                      dtype, device)
+                self.lm_head = vocab()
         # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
         self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                                 device), persistent=False)
@@ -474,13 +465,12 @@ class Transformer(nn.Module):
         if self.has_embedding:
             x = self.embed(x)                                           # [N, Hd] (or [N/tp, Hd] under SP)
         res = None                                                      # x + res is the residual stream
+        # checkpointing keeps only each layer's inputs and recomputes the inside in backward (its collectives
+        # too: every TP rank recomputes in the same order, so they still match)
+        ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
-            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
-                # keep only the layer inputs; recompute the inside in backward (its collectives too: every
-                # TP rank recomputes in the same order, so they still match)
-                x, res = checkpoint(layer, x, positions, cu_seqlens, max_seqlen, self.rope, res, use_reentrant=False)
-            else:
-                x, res = layer(x, positions, cu_seqlens, max_seqlen, self.rope, res)
+            run = partial(checkpoint, layer, use_reentrant=False) if ckpt else layer
+            x, res = run(x, positions, cu_seqlens, max_seqlen, self.rope, res)
         if self.has_head:
             return self.norm(x, res)[0] if res is not None else self.norm(x)
         return x + res if res is not None else x                        # stages exchange the full stream
@@ -584,8 +574,7 @@ class Transformer(nn.Module):
         where = str(source) if isinstance(source, (str, Path)) else "the state dict"
         if isinstance(source, (str, Path)):
             source = load_hf_state(source)[1]
-        slots, known = self.hf_slots(), set(hf_tensor_names(self.cfg))
-        seen = set()
+        slots, known, seen = self.hf_slots(), set(hf_tensor_names(self.cfg)), set()
         for name, full in source:
             if name not in slots:
                 if strict_unexpected and name not in known and not name.endswith("rotary_emb.inv_freq"):
@@ -598,8 +587,7 @@ class Transformer(nn.Module):
                                  f"expected {slot.full_shape} from the config")
             slot.local().copy_(self._shard_of(full, slot.kind, slot.rows))
             seen.add(name)
-        missing = [n for n in slots if n not in seen]
-        if missing:
+        if missing := [n for n in slots if n not in seen]:
             raise KeyError(f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
                            + (" ..." if len(missing) > 5 else ""))
         return self
@@ -628,17 +616,10 @@ class Transformer(nn.Module):
         g = self.mesh.tp_group
         for name, slot in self.hf_slots().items():
             t = slot.param.grad if grads else slot.param
-            t = torch.zeros_like(slot.param) if t is None else t.detach()
-            local = slot.local(t)
-            if slot.kind == "col":
-                full = all_gather(local, 0, g)                          # [tp * rows, ..] rank-major
-            elif slot.kind == "row":
-                full = all_gather(local, 1, g)
-            elif slot.kind == "vocab":
-                full = all_gather(local, 0, g)[: slot.full_shape[0]]    # drop the padding rows
-            else:
-                full = local
-            yield name, full
+            local = slot.local(torch.zeros_like(slot.param) if t is None else t.detach())
+            # col/vocab: rows of tp ranks in rank order [tp * rows, ..]; row: columns; rep: as is
+            full = local if slot.kind == "rep" else all_gather(local, 1 if slot.kind == "row" else 0, g)
+            yield name, full[: slot.full_shape[0]]                      # vocab: drop the padding rows
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
@@ -684,10 +665,8 @@ def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor
         raise FileNotFoundError(f"load_hf_state: {cfg_file} is missing (not an HF model folder)")
     cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
     index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else sorted(p.name for p in folder.glob("*.safetensors")))
     if not files:
         raise FileNotFoundError(f"load_hf_state: no *.safetensors in {folder}")
 
@@ -767,8 +746,7 @@ def _size(group) -> int:
 def all_reduce_(t, group, op: str = "sum"):
     """In-place all-reduce (op: sum | max | min) over group; returns t."""
     if _size(group) > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX,
-                               "min": dist.ReduceOp.MIN}[op], group=group)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op.upper()), group=group)
     return t
 
 
@@ -802,7 +780,6 @@ def reduce_scatter(t, dim, group):
 
 class Mesh:
     """The (dp, pp, tp) rank grid and its process groups, passed around as a value (no globals).
-
     Build it with Mesh.build(tp, pp) under torchrun (dp = W / (tp * pp)), or Mesh() for one process
     (no process group at all). Groups: tp, dp, pp, and dp_tp (all ranks of one pipeline stage, for ZeRO
     shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
@@ -813,18 +790,14 @@ class Mesh:
         for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
             if not (isinstance(n, int) and n >= 1):
                 raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
-        self.tp, self.pp, self.dp = tp, pp, dp
-        self.world = tp * pp * dp
+        self.tp, self.pp, self.dp, self.world, self.rank = tp, pp, dp, tp * pp * dp, rank
         if not 0 <= rank < self.world:
             raise ValueError(f"Mesh: rank {rank} outside the grid of {self.world} ranks")
-        self.rank = rank
-        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.device = torch.device(device if device is not None else "cpu")
         self._groups = groups or {}
         self.timeout = datetime.timedelta(seconds=timeout_s)   # of every process group Mesh.build makes
         # coordinates from rank = (pp_rank * dp + dp_rank) * tp + tp_rank
-        self.tp_rank = rank % tp
-        self.dp_rank = (rank // tp) % dp
-        self.pp_rank = rank // (tp * dp)
+        self.tp_rank, self.dp_rank, self.pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
 
     def rank_of(self, dp_rank: int = 0, pp_rank: int = 0, tp_rank: int = 0) -> int:
         return (pp_rank * self.dp + dp_rank) * self.tp + tp_rank
@@ -940,80 +913,42 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
 # all-gather (same bytes moved: an all-reduce IS a reduce-scatter + an all-gather), and the norm
 # activations take 1/tp of the memory.
 
-class _CopyToTP(torch.autograd.Function):
-    """f: identity forward, all-reduce backward."""
+class _Comm(torch.autograd.Function):
+    """A communication op and its conjugate: forward(x) = fwd(x, group), backward(g) = bwd(g, group)."""
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        # reduce a copy: the incoming grad may be shared (add's backward hands one tensor to both inputs)
-        return all_reduce_(g.clone(), ctx.group), None
-
-
-class _ReduceFromTP(torch.autograd.Function):
-    """g: all-reduce forward, identity backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce_(x.clone(), group)           # a copy: a Function must not modify its input
+    def forward(ctx, x, group, fwd, bwd):
+        ctx.group, ctx.bwd = group, bwd
+        return fwd(x, group)
 
     @staticmethod
     def backward(ctx, g):
-        return g, None
+        return ctx.bwd(g, ctx.group), None, None, None
 
 
-class _GatherFromSP(torch.autograd.Function):
-    """Sequence parallel f: all-gather the token dim forward [N/tp, ..] -> [N, ..], reduce-scatter backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return all_gather(x, 0, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return reduce_scatter(g, 0, ctx.group), None
+def _comm(fwd, bwd):
+    """op(x, group): _Comm with this fwd/bwd pair, or x itself when the group has one rank (None): no node."""
+    return lambda x, group: x if _size(group) == 1 else _Comm.apply(x, group, fwd, bwd)
 
 
-class _ScatterToSP(torch.autograd.Function):
-    """Sequence parallel g: reduce-scatter forward [N, ..] -> [N/tp, ..], all-gather backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return reduce_scatter(x, 0, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        return all_gather(g, 0, ctx.group), None
+def _own_last_dim(g, group):
+    """This rank's slice of the last dim of g [.., W*n] -> [.., n] (the backward of an all-gather there)."""
+    n = g.shape[-1] // _size(group)
+    return g.narrow(-1, dist.get_rank(group) * n, n).contiguous()
 
 
-class _GatherLastDim(torch.autograd.Function):
-    """All-gather the last dim forward (column-parallel outputs -> full), keep own slice backward."""
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group, ctx.n = group, x.shape[-1]
-        return all_gather(x, -1, group)
-
-    @staticmethod
-    def backward(ctx, g):
-        r = dist.get_rank(ctx.group) if _size(ctx.group) > 1 else 0
-        return g.narrow(-1, r * ctx.n, ctx.n).contiguous(), None
-
-
-def _on_group(fn):
-    """f(x, group) = fn.apply(x, group), or x itself when the group has one rank (None): no autograd node."""
-    return lambda x, group: x if _size(group) == 1 else fn.apply(x, group)
-
-
-copy_to_tp, reduce_from_tp = _on_group(_CopyToTP), _on_group(_ReduceFromTP)          # f, g
-gather_from_sp, scatter_to_sp = _on_group(_GatherFromSP), _on_group(_ScatterToSP)    # f, g under SP
-gather_last_dim = _on_group(_GatherLastDim)
+# f: identity forward, all-reduce backward (of a copy: add's backward may hand one grad to both inputs)
+copy_to_tp = _comm(lambda x, grp: x.view_as(x), lambda g, grp: all_reduce_(g.clone(), grp))
+# g: all-reduce forward (of a copy: a Function must not modify its input), identity backward
+reduce_from_tp = _comm(lambda x, grp: all_reduce_(x.clone(), grp), lambda g, grp: g)
+# f and g under SP: all-gather the token dim [N/tp, ..] -> [N, ..] / reduce-scatter [N, ..] -> [N/tp, ..]
+gather_from_sp = _comm(lambda x, grp: all_gather(x, 0, grp), lambda g, grp: reduce_scatter(g, 0, grp))
+scatter_to_sp = _comm(lambda x, grp: reduce_scatter(x, 0, grp), lambda g, grp: all_gather(g, 0, grp))
+# column-parallel outputs -> full (logits): all-gather the last dim, keep this rank's slice backward
+gather_last_dim = _comm(lambda x, grp: all_gather(x, -1, grp), _own_last_dim)
 
 
 class ColumnParallelLinear(nn.Module):
     """y = x A^T with A's rows (out features) split over TP: rank r keeps rows [r*O/tp, (r+1)*O/tp).
-
     out_parts: one or more logical outputs fused into one matmul, e.g. [H*D, Hkv*D, Hkv*D] for q/k/v or
     [I, I] for gate/up. EACH PART is split separately, so rank r holds [q_r; k_r; v_r], its own heads of
     all three (splitting the concatenation instead would hand rank 0 all of q and none of v).
@@ -1025,14 +960,12 @@ class ColumnParallelLinear(nn.Module):
         super().__init__()
         mesh = mesh or Mesh()
         self.out_parts = [out_parts] if isinstance(out_parts, int) else list(out_parts)
-        for p in self.out_parts:
-            if p % mesh.tp:
-                raise ValueError(f"ColumnParallelLinear: out features {p} not divisible by tp={mesh.tp}")
+        if bad := [p for p in self.out_parts if p % mesh.tp]:
+            raise ValueError(f"ColumnParallelLinear: out features {bad} not divisible by tp={mesh.tp}")
         self.local_parts = [p // mesh.tp for p in self.out_parts]
-        self.group, self.sp = mesh.tp_group, sequence_parallel
-        self.weight = nn.Parameter(torch.empty(sum(self.local_parts), in_features, dtype=dtype, device=device))
-        self.bias = (nn.Parameter(torch.empty(sum(self.local_parts), dtype=dtype, device=device))
-                     if bias else None)
+        self.group, self.sp, n = mesh.tp_group, sequence_parallel, sum(self.local_parts)
+        self.weight = nn.Parameter(torch.empty(n, in_features, dtype=dtype, device=device))
+        self.bias = nn.Parameter(torch.empty(n, dtype=dtype, device=device)) if bias else None
 
     def forward(self, x):
         x = gather_from_sp(x, self.group) if self.sp else copy_to_tp(x, self.group)
@@ -1110,7 +1043,7 @@ def _softmax_stats(hidden, weight, ids, vocab_start, group, inv_temp):
     rank r has logits z[:, V_r slice]; the global lse = M + log sum_r sum_j exp(z_rj - M) with
     M = max over all ranks (all-reduce MAX, no gradient: the shift cancels). Each all-reduce SUM is the
     g operator (identity backward), which is exact because every rank computes the same replicated
-    loss downstream. Returns (lse [N], target logit [N] (0 where ids is outside V), M, e = exp(z - M), z)."""
+    loss downstream. Returns (lse [N], target logit [N] (0 where ids is outside V), e = exp(z - M), z)."""
     z = (hidden @ weight.t()).float() * inv_temp                          # [N, V_r] fp32
     M = all_reduce_(z.max(-1).values.detach(), group, "max")              # [N] global max
     e = torch.exp(z - M[:, None])                                         # [N, V_r]
@@ -1148,11 +1081,10 @@ def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, t
         return k.fused_linear_logprobs(hidden, weight, tokens, temperature, return_entropy,
                                        vocab_parallel=_vp_hooks(group, vocab_start))
     lse, tgt, e, z = _softmax_stats(hidden, weight, tokens, vocab_start, group, 1.0 / temperature)
-    ent = None
-    if return_entropy:
-        S, EZ = reduce_from_tp(e.sum(-1), group), reduce_from_tp((e * z).sum(-1), group)
-        ent = lse - EZ / S
-    return tgt - lse, ent
+    if not return_entropy:
+        return tgt - lse, None
+    S, EZ = reduce_from_tp(e.sum(-1), group), reduce_from_tp((e * z).sum(-1), group)      # [N] each
+    return tgt - lse, lse - EZ / S
 
 
 # ---- pipeline parallelism --------------------------------------------------------------------------
@@ -1161,11 +1093,6 @@ def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, t
 # that flow through the stages so that several stages work at once. Each micro-batch is a packed varlen
 # batch (input_ids[N], positions[N], cu_seqlens[B+1], labels[N]) whose N differs from the next one's, so
 # every activation travels with a small shape header.
-#
-#     stage_layers(cfg, pp) ....... balanced contiguous partition of the layers (embedding and head counted)
-#     build_stage(cfg, mesh) ...... this rank's Transformer stage (+ the tied-embedding group)
-#     send_activation / recv_activation / send_grad / recv_grad ... p2p over the pp group
-#     pipeline_step(stage, mesh, micro_batches, schedule="1f1b"|"afab") -> (loss_sum, n_tokens)
 #
 # Schedules, pp = 4 stages, M = 6 micro-batches, time flows right (F3 = forward of micro-batch 3, B3 its
 # backward; one slot each for the picture, a real backward takes ~2 forwards):
@@ -1186,7 +1113,7 @@ def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, t
 #     stage 3: .. .. .. F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 .. .. ..
 #
 # Both run the backwards in micro-batch order 0, 1, .., M-1, so the gradients accumulate in the same
-# order and the two schedules give bit-identical gradients (tested in test_all.py).
+# order and the two schedules give bit-identical gradients.
 #
 # Tied embeddings (Megatron's approach): the last stage holds its OWN copy of the embedding matrix for
 # the LM head (Transformer builds it, init_random / load_hf fill it from model.embed_tokens.weight). The
@@ -1233,8 +1160,7 @@ def stage_layers(cfg: ModelConfig, pp: int, seq_len: int = 2048) -> list[tuple[i
     def cost(s, a, b):                                       # stage s holding layers [a, b)
         return (b - a) + (emb if s == 0 else 0.0) + (head if s == pp - 1 else 0.0)
     # best[s][i]: the smallest possible max-cost of putting layers [0, i) into stages 0..s-1
-    INF = float("inf")
-    best = [[INF] * (L + 1) for _ in range(pp + 1)]
+    best = [[float("inf")] * (L + 1) for _ in range(pp + 1)]
     best[0][0] = 0.0
     for s in range(1, pp + 1):
         for i in range(s, L + 1):
@@ -1253,9 +1179,8 @@ def stage_layers(cfg: ModelConfig, pp: int, seq_len: int = 2048) -> list[tuple[i
 
 def build_embedding_groups(mesh: Mesh):
     """Create the tied-embedding groups {rank_of(d, 0, t), rank_of(d, pp-1, t)} for every (dp d, tp t) and
-    return this rank's (None on middle stages, and when pp == 1). EVERY rank must call it, in the same
-    order relative to other group creations: new_group is a collective over the default group. Cached on
-    the mesh, so a second call (another model on the same mesh) creates nothing."""
+    return this rank's (None on middle stages and when pp == 1). EVERY rank calls it, in the same order
+    (new_group is a collective). Cached on the mesh: another model on the same mesh creates nothing."""
     if "embedding" in mesh._groups or mesh.pp == 1:
         return mesh._groups.get("embedding")
     if not dist.is_initialized():
@@ -1287,11 +1212,9 @@ def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] |
 
 
 def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = None):
-    """Sum the two tied copies' gradients over the embedding group (no-op when untied or pp == 1, and on
-    middle stages). Run once per optimizer step, after the last backward (pipeline_step does). With an
-    optimizer attached (`dp` = optimizer.dp) the gradients live in its fp32 buffers, not in .grad: finish
-    the dp reduction first, then sum the owned fp32 shards (they line up: the embedding and the head have
-    buckets of their own, cut the same way on both stages)."""
+    """Sum the two tied copies' gradients over the embedding group, once per step after the last backward
+    (pipeline_step does). With an optimizer (`dp` = optimizer.dp): its owned fp32 shards, after the dp
+    reduction (they line up: embedding and head have buckets of their own, cut alike on both stages)."""
     if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1 or not (stage.has_embedding or stage.has_head):
         return                              # untied, one stage (the head IS the embedding), a middle stage
     w = stage.embed.weight if stage.has_embedding else stage.lm_head.weight     # this stage's copy
@@ -1324,31 +1247,18 @@ _HEADER = 8
 
 def _p2p(ops, group):
     """Run [(dist.isend | dist.irecv, tensor, global peer rank)] as one batch and wait for all of it."""
-    if ops:
-        for work in dist.batch_isend_irecv([dist.P2POp(op, t, peer, group) for op, t, peer in ops]):
-            work.wait()
-
-
-def _header(t):
-    if t.dim() >= _HEADER:
-        raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
-    return torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
-
-
-def _shape(h, src, hidden):
-    h = h.tolist()                                           # .tolist() syncs the GPU (once per micro-batch)
-    shape = tuple(h[1:1 + h[0]])
-    if not shape or shape[-1] != hidden:
-        raise RuntimeError(f"recv_activation: rank {src} sent shape {shape}, expected [.., {hidden}] (hidden "
-                           "size); are both stages built from the same config?")
-    return shape
+    for work in dist.batch_isend_irecv([dist.P2POp(op, t, peer, group) for op, t, peer in ops]):
+        work.wait()
 
 
 def send_activation(t, dst, group=None, recv_grad_of=None):
     """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of
     (1F1B's steady state) also receive from dst, in the same batch, the gradient of recv_grad_of (an
     EARLIER activation sent there) and return it."""
-    _p2p([(dist.isend, _header(t), dst)], group)
+    if t.dim() >= _HEADER:
+        raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
+    header = torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
+    _p2p([(dist.isend, header, dst)], group)
     g = None if recv_grad_of is None else torch.empty_like(recv_grad_of)
     _p2p([(dist.isend, t.contiguous(), dst)] + ([(dist.irecv, g, dst)] if g is not None else []), group)
     return g
@@ -1359,7 +1269,12 @@ def recv_activation(src, hidden, dtype, device=None, group=None, send_grad_back=
     steady state) also send that gradient (of an earlier activation) to src in the same batch."""
     h = torch.empty(_HEADER, dtype=torch.int64, device=device)
     _p2p([(dist.irecv, h, src)], group)
-    x = torch.empty(_shape(h, src, hidden), dtype=dtype, device=device)
+    h = h.tolist()                                           # .tolist() syncs the GPU (once per micro-batch)
+    shape = tuple(h[1:1 + h[0]])                             # h = [ndim, *shape, 0 ..]
+    if not shape or shape[-1] != hidden:
+        raise RuntimeError(f"recv_activation: rank {src} sent shape {shape}, expected [.., {hidden}] (hidden "
+                           "size); are both stages built from the same config?")
+    x = torch.empty(shape, dtype=dtype, device=device)
     g = send_grad_back
     _p2p([(dist.irecv, x, src)] + ([(dist.isend, g.contiguous(), src)] if g is not None else []), group)
     return x
@@ -1420,14 +1335,21 @@ class _Pipe:
             torch.autograd.backward(y, grad_tensors=g)
         return x.grad if x is not None else None
 
-    def recv_forward(self):
+    # Megatron's p2p vocabulary; a one-way call is the paired one with nothing to pair (dx / y_old None)
+    def send_backward_recv_forward(self, dx=None):
+        """Send gradient dx back (if any) and, in the same batch, receive the next activation."""
         if self.prev is None:
             return None
-        return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group).requires_grad_()
+        return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group,
+                               send_grad_back=dx).requires_grad_()
 
-    def send_forward(self, y):
+    def send_forward_recv_backward(self, y, y_old=None):
+        """Send activation y forward and, in the same batch, receive the gradient of the older y_old."""
         if self.next is not None:
-            send_activation(y.detach(), self.next, self.group)
+            return send_activation(y.detach(), self.next, self.group, recv_grad_of=y_old)
+
+    recv_forward = send_backward_recv_forward
+    send_forward = send_forward_recv_backward
 
     def recv_backward(self, y):
         return recv_grad(self.next, y, self.group) if self.next is not None else None
@@ -1435,19 +1357,6 @@ class _Pipe:
     def send_backward(self, dx):
         if self.prev is not None:
             send_grad(dx, self.prev, self.group)
-
-    def send_forward_recv_backward(self, y, y_old):
-        """Send activation y forward and, in the same batch, receive the gradient of the older y_old."""
-        if self.next is None:
-            return None
-        return send_activation(y.detach(), self.next, self.group, recv_grad_of=y_old)
-
-    def send_backward_recv_forward(self, dx):
-        """Send gradient dx back and, in the same batch, receive the next activation."""
-        if self.prev is None:
-            return None
-        return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group,
-                               send_grad_back=dx).requires_grad_()
 
 
 def _afab(p: _Pipe, M: int):
@@ -1494,26 +1403,20 @@ SCHEDULES = {"1f1b": _1f1b, "afab": _afab}
 
 def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], schedule: str = "1f1b",
                   loss_scale: float | None = None, check: bool = True, optimizer=None) -> tuple[float, int]:
-    """Forward + backward of one step's micro-batches through the pipeline; the parameter gradients
-    ACCUMULATE into .grad (zero them before, step the optimizer after). Every rank of the pipeline calls it
-    with the SAME list of micro-batches (same length, same order): dicts with input_ids [N], positions [N],
-    cu_seqlens [B+1], max_seqlen (int, optional), labels [N] (next tokens, IGNORE_INDEX where no loss).
-    loss_scale: the backward runs on loss_sum * loss_scale. Pass 1 / (tokens with a label in the whole step,
-    over all micro-batches AND dp ranks): then the gradient is the same however the batch is split. None:
-    1 / this pipeline's token count (the mean over its micro-batches).
-    Returns (loss_sum, n_tokens) of this pipeline's micro-batches (unscaled sum of token losses and the
-    count), the same on every rank of the pipeline (broadcast from the last stage). Tied embeddings: the two
-    copies' gradients are summed at the end. check: one tiny all-reduce that turns different micro-batch
-    counts on different stages into an error instead of a hang. optimizer: the one build_optimizer made for
-    this stage, so the dp gradient reduction runs once, on the last micro-batch (None: grads stay in .grad)."""
+    """Forward + backward of one step's micro-batches through the pipeline; the gradients ACCUMULATE (zero
+    them before, step after). Every rank of the pipeline passes the SAME list of dicts: input_ids [N],
+    positions [N], cu_seqlens [B+1], max_seqlen (int, optional), labels [N] (next tokens or IGNORE_INDEX).
+    loss_scale: backward runs on loss_sum * loss_scale; pass 1 / (labelled tokens of the whole step, all
+    micro-batches AND dp ranks) and the gradient does not depend on the split (None: this pipeline's mean).
+    Returns (loss_sum, n_tokens) of this pipeline, unscaled, on every rank (broadcast from the last stage).
+    check: one tiny all-reduce turns unequal micro-batch counts into an error instead of a hang.
+    optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad)."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
-    M = len(micro_batches)
-    if M == 0:
+    if (M := len(micro_batches)) == 0:
         raise ValueError("pipeline_step: no micro-batches")
     for k, mb in enumerate(micro_batches):
-        missing = {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb)
-        if missing:
+        if missing := {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb):
             raise KeyError(f"pipeline_step: micro-batch {k} lacks {sorted(missing)}")
     if stage.mesh is not mesh:
         raise ValueError("pipeline_step: the stage was built on another mesh")
@@ -1538,11 +1441,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 
 
 # ---- data parallelism + ZeRO -----------------------------------------------------------------------
-# Data parallelism and the optimizer: naive or bucketed/overlapped gradient
-# reduction and ZeRO stages 0-3, bf16 params with fp32 master weights and fp32 gradient accumulation,
-# global gradient clipping over (dp, tp, pp), our own AdamW, and the warmup + cosine LR schedule.
-#
-# The training loop it serves (every rank runs the same lines):
+# The training loop that this chapter and the optimizer serve (every rank runs the same lines):
 #
 #     opt = build_optimizer(model, mesh, zero_stage=1, lr=3e-4, weight_decay=0.1)   # after loading weights
 #     for step in range(total):
@@ -1578,19 +1477,13 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 #     3   | own shard S; full P only | as stage 2                        | own shard S            | RS + all-gather
 #         | while its layer runs     |                                   |                        | per layer x2
 #
-# Who shards over what (W=8, tp=2, pp=2, dp=2): rank (pp, dp, tp) first holds the TP-local slice of its
-# pipeline stage's layers (nanotron's TP and PP), then ZeRO splits THAT over the dp group only:
-#   stage 0 (pp=0): tp 0 slice -> buckets split between ranks {0, 2}; tp 1 slice -> between {1, 3}
-#   stage 1 (pp=1): tp 0 slice -> buckets split between ranks {4, 6}; tp 1 slice -> between {5, 7}
-# so from stage 1 on each element of a (pp, tp) slice has ONE optimizer owner among its dp ranks (stage 0:
-# all of them), and the global grad norm sums over dp (owned shards), tp (sharded tensors once each,
-# replicated norm weights once, not tp times) and pp (disjoint layers).
+# ZeRO splits each rank's (pp, tp) slice over its dp group only (W=8, tp=2, pp=2, dp=2: stage 0's tp-0
+# slice between ranks {0, 2}, its tp-1 slice between {1, 3}; stage 1's between {4, 6} and {5, 7}).
 #
-# Stage 0 is plain DP: every rank also steps every parameter (identical math, identical results).
-# Buckets: in stage 0-2 ~bucket_mb of parameters each, the embedding and the LM head alone in their own
-# bucket (so a tied embedding's shard lines up on the first and the last pipeline stage: the pipeline
-# part can all-reduce their owned grads elementwise). In stage 3 a bucket is a "unit" that is gathered
-# as a whole: one per decoder layer, plus a root unit with everything else (embedding, final norm, head).
+# Stage 0 is plain DP: every rank steps every parameter (identical math, identical results). Buckets:
+# stage 0-2 ~bucket_mb of parameters each, the embedding and the LM head alone (so a tied embedding's
+# shards line up on the first and last pipeline stage, for an elementwise all-reduce of their grads);
+# stage 3 one "unit" gathered as a whole per decoder layer, plus a root unit (embedding, norm, head).
 #
 # ZeRO-3 life of a layer's parameters, per micro-batch:
 #   forward pre-hook: all-gather -> layer forward -> forward hook: free, and wrap the output in
@@ -1643,30 +1536,23 @@ def _merge(ranges):
 #   HELD       all added, not reduced: more micro-batches may still add    [ready 0, pending]
 #   IN FLIGHT  the async collective is launched, not waited for            [work; 0/1: reduced; 2/3: rs_out]
 #   REDUCED    summed over dp: 0/1 in grad_buf; 2/3 added into grad_shard, grad_buf freed   [work None]
-#
-#   event                                            | transition
-#   -------------------------------------------------+----------------------------------------------------
-#   grad hook (_on_grad), not the bucket's last param | CLEAN, HELD, REDUCED (2/3) -> FILLING (IN FLIGHT, 2/3:
-#                                                    |   the next micro-batch, waits for it first)
-#   grad hook of the last param: bucketed mode and   | FILLING -> IN FLIGHT (_launch)
-#     outside no_sync (0/1), or always (2/3)         |
-#   the same in naive mode or inside no_sync (0/1)   | FILLING -> HELD
-#   a backward ends (_drain, bucketed 2/3)           | IN FLIGHT -> REDUCED
-#   finish_grad_sync (clip, step)                    | any -> REDUCED (0/1: CLEAN ones too, every rank must
-#                                                    |   issue the same all-reduces)
-#   zero_grad                                        | any -> CLEAN
-#   grad hook once REDUCED at stage 0/1              | RuntimeError: the step already reduced that bucket
+# event -> transition:
+#   grad hook (_on_grad) ...................... CLEAN, HELD, REDUCED (2/3) -> FILLING (2/3: waits for IN FLIGHT)
+#     of the bucket's last param .............. FILLING -> IN FLIGHT (_launch) when bucketed and outside
+#                                               no_sync (0/1), or always (2/3); else FILLING -> HELD
+#   a backward ends (_drain, bucketed 2/3) .... IN FLIGHT -> REDUCED
+#   finish_grad_sync (clip, step) ............. any -> REDUCED (0/1: CLEAN too: all ranks, same all-reduces)
+#   zero_grad ................................. any -> CLEAN
+#   grad hook once REDUCED at stage 0/1 ....... RuntimeError: the step already reduced that bucket
 
 class Bucket:
     """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
-
     [lo, hi) is the element range this rank's optimizer owns: [0, P) in stage 0, shard dp_rank after.
     param_shard [hi - lo] and grad_shard [hi - lo] are views of the full buffers when those persist
     (stage 0/1: both; stage 2: the params) and separate tensors otherwise."""
 
     def __init__(self, named, dp, dp_rank, stage):
-        self.names = [n for n, _ in named]
-        self.params = [p for _, p in named]
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         if len(dtypes := {p.dtype for p in self.params}) != 1:
             raise ValueError(f"Bucket: parameters {self.names} mix dtypes {dtypes}; build the model in one dtype")
         dev = self.params[0].device
@@ -1720,15 +1606,12 @@ class _GatherBeforeBackward(torch.autograd.Function):
 
 class DataParallel:
     """Gradient synchronisation over mesh.dp and the ZeRO ownership of one model (or pipeline stage).
-
-    Gradients: a post-accumulate-grad hook on every parameter adds p.grad (model dtype) into p.main_grad
-    (fp32) and drops p.grad, so bf16 grads of many micro-batches sum in fp32 (Megatron's
-    gradient_accumulation_fusion does the same inside the matmul). AFTER BACKWARD THE GRADIENTS ARE IN
-    p.main_grad (stage 0/1) OR THE BUCKETS' grad_shard (stage 2/3), NEVER IN p.grad.
-    grad_sync: 'naive' reduces every bucket after backward (finish_grad_sync), one at a time, nothing
-    overlapped; 'bucketed' launches a bucket's collective asynchronously from the hook that completes it,
-    so communication runs while backward computes the earlier layers (Li et al. 2020, "PyTorch
-    Distributed", sec. 3.2.3), and finish_grad_sync only waits. Both produce the same numbers."""
+    A post-accumulate-grad hook on every parameter adds p.grad (model dtype) into p.main_grad (fp32) and
+    drops p.grad, so bf16 grads of many micro-batches sum in fp32 (Megatron's gradient_accumulation_fusion).
+    AFTER BACKWARD THE GRADIENTS ARE IN p.main_grad (stage 0/1) OR THE BUCKETS' grad_shard (stage 2/3).
+    grad_sync 'naive' reduces every bucket after backward, one at a time; 'bucketed' launches a bucket's
+    collective asynchronously from the hook that completes it, so communication overlaps the backward of
+    earlier layers (Li et al. 2020, "PyTorch Distributed", sec. 3.2.3). Both give the same numbers."""
 
     def __init__(self, model, mesh, zero_stage: int = 0, grad_sync: str = "bucketed", bucket_mb: float = 25.0):
         if zero_stage not in (0, 1, 2, 3):
@@ -1798,10 +1681,8 @@ class DataParallel:
     def _after_forward(self, b, out):
         # a layer returns (sublayer output, residual): wrapping the first is enough, since the layer's first
         # backward node (post_attn_norm's, which made both) waits for the grad through it
-        first = out[0] if isinstance(out, tuple) else out
-        if torch.is_grad_enabled() and first.requires_grad:
-            first = _GatherBeforeBackward.apply(first, self, b)
-            out = (first, *out[1:]) if isinstance(out, tuple) else first
+        if torch.is_grad_enabled() and out[0].requires_grad:
+            out = (_GatherBeforeBackward.apply(out[0], self, b), *out[1:])
         if not b.in_backward:
             self._release(b)
         return out
@@ -1919,10 +1800,8 @@ class DataParallel:
             self._release(b)                # stage 3: nothing stays gathered past the step
 
     def owned_grad(self, param) -> torch.Tensor:
-        """The fp32 gradient this rank owns of a parameter that has a bucket of its own (the embedding, the
-        LM head): all of it in stage 0, its dp shard after. For the pipeline part's tied-embedding sync:
-        after finish_grad_sync, all-reduce it between the first and the last stage (same shapes, same dp
-        -> the same shard on both), then clip and step."""
+        """The fp32 gradient this rank owns (stage 0: all of it, then its dp shard) of a parameter alone in
+        its bucket (embedding, LM head): what sync_tied_embedding_grads sums over the two stages."""
         b = next((b for b in self.buckets if any(p is param for p in b.params)), None)
         if b is None or len(b.params) != 1:
             raise ValueError("DataParallel.owned_grad: only a parameter alone in its bucket (embedding, LM head; "
@@ -1936,8 +1815,7 @@ class DataParallel:
                 b.grad_buf.zero_()
             else:
                 b.grad_shard.zero_()
-                if _allocated(b.grad_buf):
-                    _free(b.grad_buf)
+                _free(b.grad_buf)                   # (a no-op when already freed)
             b.ready, b.pending, b.reduced = 0, False, False
             for p in b.params:
                 p.grad = None
@@ -1952,19 +1830,11 @@ class DataParallel:
           tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
           pp: a tied LM head copy on the last stage (no embedding there) duplicates the first stage's
               embedding -> it does not count."""
-        kinds = {id(slot.param): slot.kind for slot in model.hf_slots().values()}
-        tied_copy = (model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding)
-        out = []
-        for b in self.buckets:
-            rs = []
-            for p, o in zip(b.params, b.offsets):
-                if kinds.get(id(p)) == "rep" and self.mesh.tp_rank > 0:
-                    continue
-                if tied_copy and p is model.lm_head.weight:
-                    continue
-                rs.append(_clip(o, p.numel(), b.lo, b.hi))
-            out.append(_merge(rs))
-        return out
+        skip = {id(slot.param) for slot in model.hf_slots().values() if slot.kind == "rep" and self.mesh.tp_rank > 0}
+        if model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding:
+            skip.add(id(model.lm_head.weight))                          # the last stage's tied copy
+        return [_merge(_clip(o, p.numel(), b.lo, b.hi) for p, o in zip(b.params, b.offsets) if id(p) not in skip)
+                for b in self.buckets]
 
     def grad_norm(self) -> torch.Tensor:
         """The global L2 norm of all gradients (fp32 0-dim tensor, the same on every rank). A collective."""
@@ -1980,10 +1850,9 @@ class DataParallel:
 
 
 def clip_grad_norm_(dp: DataParallel, max_norm: float) -> torch.Tensor:
-    """Scale all gradients by min(1, max_norm / (norm + 1e-6)) where norm is the global L2 norm over every
-    gradient shard of every (dp, tp, pp) rank (torch.nn.utils.clip_grad_norm_'s rule, Pascanu et al. 2013,
-    sec. 3.2, computed as if the model were in one process). Returns the norm before clipping.
-    Only owned shards are scaled: they are what the optimizer reads. No .item(): no host sync."""
+    """Scale the owned gradient shards (what the optimizer reads) by min(1, max_norm / (norm + 1e-6)), norm
+    the global L2 norm over every (dp, tp, pp) rank: torch.nn.utils.clip_grad_norm_'s rule (Pascanu et al.
+    2013, sec. 3.2) as if in one process. Returns the norm before clipping. No .item(): no host sync."""
     norm = dp.grad_norm()
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     torch._foreach_mul_([b.grad_shard for b in dp.buckets], scale)
@@ -2014,6 +1883,9 @@ def lr_at(step: int, warmup: int, total: int, peak: float, min_ratio: float = 0.
     lo = peak * min_ratio
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return lo + (peak - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+_OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")   # AdamW's per-element state: fp32 weights, Adam's m and v
 
 
 class AdamW:
@@ -2071,25 +1943,23 @@ class AdamW:
         self.t += 1
         b1, b2 = self.betas
         if self._fused is not None:
-            # the same update in 1 launch per decay class instead of ~8 full passes per bucket: 28 B/element
-            # (read p, g, m, v; write p, m, v) instead of ~100 (BENCHMARKS.md has the measured gain)
+            # the same update in 1 launch per decay class: 28 B/element (read p, g, m, v; write p, m, v), not ~100
             for (lists, steps), wd in zip(self._fused, (self.weight_decay, 0.0)):
                 if lists[0]:
                     torch._foreach_add_(steps, 1.0)                      # == self.t (load_state_dict syncs)
                     torch._fused_adamw_(*lists, [], steps, lr=self.lr, beta1=b1, beta2=b2, weight_decay=wd,
                                         eps=self.eps, amsgrad=False, maximize=False)
-            self._publish()
-            return
-        bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
-        for b, p, m, v, decay in zip(self.dp.buckets, self.master, self.exp_avg, self.exp_avg_sq, self.decay):
-            g = b.grad_shard
-            if self.weight_decay:
-                for a, e in decay:
-                    p[a:e].mul_(1 - self.lr * self.weight_decay)
-            m.lerp_(g, 1 - b1)
-            v.mul_(b2).addcmul_(g, g, value=1 - b2)
-            denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
-            p.addcdiv_(m, denom, value=-self.lr / bc1)
+        else:                                   # the reference: the formulas of the class docstring
+            bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
+            for b, p, m, v, decay in zip(self.dp.buckets, self.master, self.exp_avg, self.exp_avg_sq, self.decay):
+                g = b.grad_shard
+                if self.weight_decay:
+                    for a, e in decay:
+                        p[a:e].mul_(1 - self.lr * self.weight_decay)
+                m.lerp_(g, 1 - b1)
+                v.mul_(b2).addcmul_(g, g, value=1 - b2)
+                denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
+                p.addcdiv_(m, denom, value=-self.lr / bc1)
         self._publish()
 
     @torch.no_grad()
@@ -2130,8 +2000,7 @@ class AdamW:
                 for name, slot in slots_of.get(id(p), []):
                     local_shape = (slot.rows, *p.shape[1:]) if slot.kind == "col" else tuple(p.shape)
                     start = o + slot.offset * row                       # offset is 0 unless 'col'
-                    n = math.prod(local_shape)
-                    r = _clip(start, n, b.lo, b.hi)
+                    r = _clip(start, math.prod(local_shape), b.lo, b.hi)
                     if r is None:
                         continue
                     info = {"full_shape": slot.full_shape, "kind": slot.kind, "tp_rank": mesh.tp_rank,
@@ -2143,10 +2012,8 @@ class AdamW:
     def state_dict(self) -> dict:
         """{'step', 'hparams', 'tensors': {hf_name: info + {'master', 'exp_avg', 'exp_avg_sq'}}}, this
         rank's pieces only (no communication). Save every rank's dict; load_state_dict takes them all."""
-        tensors = {}
-        for name, i, (s, e), info in self._pieces:
-            tensors[name] = dict(info, **{k: getattr(self, k)[i][s:e].clone()
-                                          for k in ("master", "exp_avg", "exp_avg_sq")})
+        tensors = {name: dict(info, **{k: getattr(self, k)[i][s:e].clone() for k in _OPT_KEYS})
+                   for name, i, (s, e), info in self._pieces}
         return {"step": self.t, "hparams": {"betas": self.betas, "eps": self.eps,
                                             "weight_decay": self.weight_decay}, "tensors": tensors}
 
@@ -2178,32 +2045,26 @@ def _assemble(name, pieces):
     """Full HF-shaped tensors {master, exp_avg, exp_avg_sq} from the pieces of all ranks (any layout)."""
     if not pieces:
         raise KeyError(f"AdamW.load_state_dict: no saved state for tensor {name!r}")
-    full_shape = tuple(pieces[0]["full_shape"])
-    keys = ("master", "exp_avg", "exp_avg_sq")
-    locals_ = {}                                                       # tp_rank -> ({key: flat}, covered)
+    full_shape, kind = tuple(pieces[0]["full_shape"]), pieces[0]["kind"]
+    flat, covered, shape_of = {}, {}, {}            # per tp rank: [3, n] (the _OPT_KEYS stacked), [n] bool
     for pc in pieces:
-        n = math.prod(pc["local_shape"])
-        bufs, cov = locals_.setdefault(pc["tp_rank"], ({k: torch.zeros(n) for k in keys},
-                                                       torch.zeros(n, dtype=torch.bool)))
-        a, z = pc["range"]
-        for k in keys:
-            bufs[k][a:z] = pc[k].float()
-        cov[a:z] = True
-    tp, kind = pieces[0]["tp"], pieces[0]["kind"]
-    if (kind != "rep" and sorted(locals_) != list(range(tp))) or not all(c.all() for _, c in locals_.values()):
+        r, (a, z) = pc["tp_rank"], pc["range"]
+        if r not in flat:
+            n = math.prod(pc["local_shape"])
+            flat[r], covered[r], shape_of[r] = torch.zeros(3, n), torch.zeros(n, dtype=torch.bool), pc["local_shape"]
+        flat[r][:, a:z] = torch.stack([pc[k].float() for k in _OPT_KEYS])
+        covered[r][a:z] = True
+    if (kind != "rep" and sorted(flat) != list(range(pieces[0]["tp"]))) or not all(c.all() for c in covered.values()):
         raise ValueError(f"AdamW.load_state_dict: the saved pieces of {name!r} do not cover the whole tensor; "
                          "pass the state dicts of EVERY rank of the saving job")
-    shape_of = {pc["tp_rank"]: pc["local_shape"] for pc in pieces}
-    out = {}
-    for k in keys:
-        locs = [locals_[r][0][k].view(shape_of[r]) for r in sorted(locals_)]
-        # TP pieces in rank order glue like the checkpoint's model pieces (see the checkpoints chapter);
-        # a vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
-        out[k] = locs[0] if kind == "rep" else torch.cat(locs, 1 if kind == "row" else 0)[: full_shape[0]]
-        if tuple(out[k].shape) != full_shape:
-            raise ValueError(f"AdamW.load_state_dict: the pieces of {name!r} glue to {tuple(out[k].shape)}, not "
-                             f"{full_shape}")
-    return out
+    locs = [flat[r].view(3, *shape_of[r]) for r in sorted(flat)]
+    # TP pieces in rank order glue like the checkpoint's model pieces (see the checkpoints chapter); a
+    # vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
+    full = locs[0] if kind == "rep" else torch.cat(locs, 2 if kind == "row" else 1)[:, : full_shape[0]]
+    if tuple(full.shape[1:]) != full_shape:
+        raise ValueError(f"AdamW.load_state_dict: the pieces of {name!r} glue to {tuple(full.shape[1:])}, not "
+                         f"{full_shape}")
+    return dict(zip(_OPT_KEYS, full))
 
 
 def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, betas=(0.9, 0.95),
@@ -2222,9 +2083,8 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 #
 #   ckpt/sft/step_120/
 #     manifest.json                        WRITTEN LAST: format version, step, layout (tp, pp, dp, zero,
-#                                          the stage partition), the model's config.json, the run config,
-#                                          `extra` (data position...), optimizer step + hparams, and for
-#                                          every file its size, sha256 and tensor index
+#                                          partition), the model's config.json, the run config, `extra`,
+#                                          optimizer step + hparams, per file its size, sha256, tensor index
 #     model-pp{p}-tp{t}.safetensors        stage p's weights as held by TP rank t (written by dp rank 0):
 #                                          HF names, TP-LOCAL pieces (q_proj: rank t's H/tp heads' rows)
 #     optim-pp{p}-tp{t}-dp{d}.safetensors  that rank's AdamW shards: master/NAME, exp_avg/NAME,
@@ -2236,21 +2096,17 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 #   row    columns split (o_proj, down_proj)         full = cat(pieces, dim 1)
 #   vocab  rows split; padding rows NOT stored       full = cat(pieces, dim 0)
 #   rep    replicated (norm weights)                 full = tp rank 0's piece (the only one stored)
-# Optimizer pieces are finer: ZeRO cuts each TP-local tensor into flat element ranges over dp; AdamW's
-# layout-independent state_dict records (tp rank, local shape, range) per HF name, and its
-# load_state_dict glues any set of pieces back. So loading in ANOTHER layout is: rebuild the full HF
-# tensors this rank needs from the files that hold their pieces, cut this rank's piece. Each rank reads
-# only the tensors it needs (safetensors reads by name); every rank must see the same filesystem.
+# Optimizer pieces are finer: flat ZeRO ranges of the TP-local tensors (AdamW.state_dict). Loading in
+# ANOTHER layout: rebuild each full HF tensor this rank needs from the files that hold its pieces, cut
+# this rank's piece (safetensors reads by name; every rank must see the same filesystem).
 #
 # Crash safety: all ranks write into <folder>.tmp-save; after a barrier rank 0 checks that every expected
-# file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>.
-# latest_checkpoint() only picks step_N folders that have a manifest, so a save that died halfway (a
-# temp folder, or nothing) is never resumed from. The checksums catch what a rename cannot: a file
-# damaged afterwards (a full disk, a bad copy, truncation); load_checkpoint then refuses it and names the
-# newest complete checkpoint before it (CheckpointDamaged).
+# file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>, so
+# latest_checkpoint() (step_N folders with a manifest) never picks a save that died halfway. The
+# checksums catch what a rename cannot (a file damaged later: full disk, bad copy, truncation):
+# load_checkpoint refuses it and names the newest complete checkpoint before it (CheckpointDamaged).
 
 CKPT_FORMAT, CKPT_VERSION = "nanotron-checkpoint", 1
-_OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")
 _CFG_IGNORED = ("bos_token_id", "eos_token_id")   # config fields that do not change the weights or the math
 
 
@@ -2295,15 +2151,11 @@ def _model_shards(model: Transformer) -> tuple[dict, dict]:
 
 def _optim_shards(optimizer) -> tuple[dict, dict, dict]:
     """AdamW.state_dict() as safetensors tensors {"master/NAME": .., ..}, its piece index, and its scalars."""
-    sd = optimizer.state_dict()
-    tensors, index = {}, {}
-    for name, piece in sd["tensors"].items():
-        for k in _OPT_KEYS:
-            tensors[f"{k}/{name}"] = piece[k]                # state_dict() already cloned them
-        index[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in piece.items() if k not in _OPT_KEYS}
-    hp = sd["hparams"]
-    return tensors, index, {"step": sd["step"], "zero_stage": optimizer.dp.stage,
-                            "hparams": {**hp, "betas": list(hp["betas"])}}
+    sd = optimizer.state_dict()                              # its tensors are copies already
+    pieces = sd["tensors"].items()
+    tensors = {f"{k}/{name}": piece[k] for name, piece in pieces for k in _OPT_KEYS}
+    index = {name: {k: v for k, v in piece.items() if k not in _OPT_KEYS} for name, piece in pieces}
+    return tensors, index, {"step": sd["step"], "zero_stage": optimizer.dp.stage, "hparams": sd["hparams"]}
 
 
 def _rng_state() -> dict:
@@ -2438,23 +2290,24 @@ def read_manifest(folder) -> dict:
     if m.get("version") != CKPT_VERSION:
         raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}; this nanotron reads "
                          f"version {CKPT_VERSION}")
-    missing = [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]
-    if missing:
+    if missing := [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]:
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}")
     return m
 
 
-class CheckpointReader:
+class CheckpointReader(contextlib.ExitStack):
     """The read side of a checkpoint of any layout, in ONE process (no torch.distributed): the manifest, the
     ModelConfig, full HF tensors glued from their TP pieces, optimizer pieces, RNG states. load_checkpoint
-    and merge.py use it. Each file is verified (size, then sha256) the first time it is opened.
-    Use it as a context manager: it keeps the files it opened open until close()."""
+    and merge.py use it. Each file is verified (size, then sha256) the first time it is opened. Use it as a
+    context manager (it is an ExitStack): the files it opened stay open until it exits."""
 
     def __init__(self, folder):
+        super().__init__()
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         self.config = ModelConfig.from_hf(self.manifest["model_config"])
-        self._open, self._stack = {}, contextlib.ExitStack()
+        self._open = {}
+        self.callback(self._open.clear)         # runs last on exit, after the files it holds are closed
         # hf_name -> [(file, piece info)], files in sorted order (so a tied embedding's stage-0 copy comes first)
         self.model_index, self.optim_index = {}, {}
         for fname, entry in sorted(self.manifest["files"].items()):
@@ -2463,36 +2316,27 @@ class CheckpointReader:
                 for name, info in entry["tensors"].items():
                     index.setdefault(name, []).append((fname, info))
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def close(self):
-        self._stack.close()
-        self._open.clear()
+    def _damaged(self, what: str) -> CheckpointDamaged:
+        return CheckpointDamaged(f"checkpoint {self.folder} is damaged: {what}")
 
     def verify(self, fname: str) -> Path:
         """The path of a file of this checkpoint, after checking it is there, complete and unaltered."""
         entry, path = self.manifest["files"].get(fname), self.folder / fname
-        bad = f"checkpoint {self.folder} is damaged: {fname}"
         if entry is None:
-            raise CheckpointDamaged(f"{bad} is not listed in manifest.json")
+            raise self._damaged(f"{fname} is not listed in manifest.json")
         if not path.is_file():
-            raise CheckpointDamaged(f"{bad} is missing (manifest.json lists it)")
-        size = path.stat().st_size
-        if size != entry["bytes"]:
-            raise CheckpointDamaged(f"{bad} has {size} bytes, manifest.json says {entry['bytes']} (truncated or "
-                                    "overwritten)")
+            raise self._damaged(f"{fname} is missing (manifest.json lists it)")
+        if (size := path.stat().st_size) != entry["bytes"]:
+            raise self._damaged(f"{fname} has {size} bytes, manifest.json says {entry['bytes']} (truncated or "
+                                "overwritten)")
         if _sha256(path) != entry["sha256"]:
-            raise CheckpointDamaged(f"{bad} fails its sha256 checksum (its bytes changed after the save)")
+            raise self._damaged(f"{fname} fails its sha256 checksum (its bytes changed after the save)")
         return path
 
     def _file(self, fname: str):
         if fname not in self._open:
             from safetensors import safe_open
-            self._open[fname] = self._stack.enter_context(safe_open(str(self.verify(fname)), framework="pt"))
+            self._open[fname] = self.enter_context(safe_open(str(self.verify(fname)), framework="pt"))
         return self._open[fname]
 
     def model_names(self) -> list[str]:
@@ -2500,39 +2344,32 @@ class CheckpointReader:
         when the model files lack one."""
         tied = self.config.tie_word_embeddings
         names = [n for n in hf_tensor_names(self.config) if not (tied and n == "lm_head.weight")]
-        missing = [n for n in names if n not in self.model_index]
-        if missing:
-            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: {len(missing)} tensor(s) of the model "
-                                    f"are in no model file: {missing[:5]}")
+        if missing := [n for n in names if n not in self.model_index]:
+            raise self._damaged(f"{len(missing)} tensor(s) of the model are in no model file: {missing[:5]}")
         return names
 
     def tensor(self, name: str, expect_shape=None) -> torch.Tensor:
         """The full HF tensor `name` (dtype as saved), glued from the TP pieces of the saving layout."""
         pieces = self.model_index.get(name)
         if not pieces:
-            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: tensor {name!r} is in no model file")
+            raise self._damaged(f"tensor {name!r} is in no model file")
         by_tp = {}
         for fname, info in pieces:              # a tied embedding sits on two stages: equal copies, keep one
             by_tp.setdefault(info["tp_rank"], (fname, info))
         info = pieces[0][1]
         kind, shape = info["kind"], tuple(info["full_shape"])
         ranks = [0] if kind == "rep" else list(range(info["tp"]))
-        lost = [r for r in ranks if r not in by_tp]
-        if lost:
-            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: tensor {name!r} lacks the pieces of "
-                                    f"tp ranks {lost}")
+        if lost := [r for r in ranks if r not in by_tp]:
+            raise self._damaged(f"tensor {name!r} lacks the pieces of tp ranks {lost}")
         parts = []
-        for r in ranks:
-            fname, info = by_tp[r]
-            t = self._file(fname).get_tensor(name)
-            if list(t.shape) != info["shape"]:
-                raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: {fname}: tensor {name!r} has shape "
-                                        f"{list(t.shape)}, its index says {info['shape']}")
-            parts.append(t)
+        for fname, info in (by_tp[r] for r in ranks):
+            parts.append(self._file(fname).get_tensor(name))
+            if list(parts[-1].shape) != info["shape"]:
+                raise self._damaged(f"{fname}: tensor {name!r} has shape {list(parts[-1].shape)}, its index says "
+                                    f"{info['shape']}")
         full = parts[0] if kind == "rep" else torch.cat(parts, 1 if kind == "row" else 0)
         if tuple(full.shape) != shape:
-            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: tensor {name!r} glues to shape "
-                                    f"{tuple(full.shape)}, its index says {shape}")
+            raise self._damaged(f"tensor {name!r} glues to shape {tuple(full.shape)}, its index says {shape}")
         if expect_shape is not None and tuple(expect_shape) != shape:
             raise ValueError(f"checkpoint {self.folder}: tensor {name!r} has shape {shape}, the model expects "
                              f"{tuple(expect_shape)}")
@@ -2546,10 +2383,8 @@ class CheckpointReader:
             raise ValueError(f"checkpoint {self.folder} holds weights only (no optimizer state): a run cannot "
                              f"resume from it; start a new one from its weights: python merge.py {self.folder}, "
                              f"then --model {self.folder}/hf")
-        lost = [n for n in names if n not in self.optim_index]
-        if lost:
-            raise CheckpointDamaged(f"checkpoint {self.folder} is damaged: no optimizer state for {len(lost)} "
-                                    f"tensor(s): {lost[:5]}")
+        if lost := [n for n in names if n not in self.optim_index]:
+            raise self._damaged(f"no optimizer state for {len(lost)} tensor(s): {lost[:5]}")
         sds = {}
         for name in names:
             for fname, info in self.optim_index[name]:
@@ -2586,8 +2421,7 @@ def _steps(root: Path) -> list[tuple[int, Path]]:
 
 
 def is_complete(folder) -> bool:
-    """Cheap: the manifest reads and every file it lists is there with its size. (The sha256 checksums,
-    a full read, are checked when the files are loaded.)"""
+    """Cheap: the manifest reads and every file it lists is there with its size (sha256: when loaded)."""
     try:
         files = read_manifest(folder)["files"]
         return all((Path(folder) / f).is_file() and (Path(folder) / f).stat().st_size == e["bytes"]
@@ -2613,46 +2447,42 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
     BEFORE build_optimizer under ZeRO-3). The RNG states are restored only when tp, pp and dp equal the
     saving job's: rank r of another layout is another rank (printed as a note otherwise). A damaged one
     raises an error that names the newest complete checkpoint before it."""
+    folder, mesh = Path(folder), mesh or model.mesh
+    dp = optimizer.dp if optimizer is not None else None
     try:
-        return _load_checkpoint(Path(folder), model, optimizer, mesh or model.mesh, load_rng)
+        with CheckpointReader(folder) as ck:
+            if diffs := config_mismatches(ck.config, model.cfg):
+                raise ValueError(f"checkpoint {folder} was saved from a different model config: {'; '.join(diffs)}"
+                                 ". Resume it with the --model it was trained with, or start a new run in another "
+                                 "--out")
+            if optimizer is not None and ck.manifest["optimizer"] is None:
+                ck.optimizer_state_dicts([])                   # raises the "no optimizer state" error
+            # ZeRO-3: the writes into the gathered params are dropped on exit, and the optimizer's loaded
+            # master becomes the params below; stage 0-2: the weights land in place
+            with dp.gathered_params() if dp is not None else contextlib.nullcontext():
+                _require_allocated(model, "load_checkpoint")
+                model.load_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
+            if optimizer is not None:                          # rewrites the params from the loaded master
+                names = list(dict.fromkeys(name for name, *_ in optimizer._pieces))
+                optimizer.load_state_dict(ck.optimizer_state_dicts(names))
+            saved = ck.manifest["layout"]
+            same = all(saved[k] == getattr(mesh, k) for k in ("tp", "pp", "dp"))
+            if load_rng and same:
+                _set_rng_state(ck.rng_state(mesh.rank))
     except (CheckpointDamaged, FileNotFoundError) as e:
-        raise type(e)(f"{e}; {_resume_hint(Path(folder))}") from None
-
-
-def _load_checkpoint(folder: Path, model: Transformer, optimizer, mesh, load_rng: bool) -> dict:
-    with CheckpointReader(folder) as ck:
-        diffs = config_mismatches(ck.config, model.cfg)
-        if diffs:
-            raise ValueError(f"checkpoint {folder} was saved from a different model config: {'; '.join(diffs)}. "
-                             "Resume it with the --model it was trained with, or start a new run in another --out")
-        if optimizer is not None and ck.manifest["optimizer"] is None:
-            ck.optimizer_state_dicts([])                       # raises the "no optimizer state" error
-        dp = optimizer.dp if optimizer is not None else None
-        # ZeRO-3: the writes into the gathered params are dropped on exit, and the optimizer's loaded master
-        # becomes the params below; stage 0-2: the weights land in place
-        with dp.gathered_params() if dp is not None else contextlib.nullcontext():
-            _require_allocated(model, "load_checkpoint")
-            model.load_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
-        if optimizer is not None:
-            names = list(dict.fromkeys(name for name, *_ in optimizer._pieces))
-            optimizer.load_state_dict(ck.optimizer_state_dicts(names))   # rewrites the params from the master
-        saved = ck.manifest["layout"]
-        same = all(saved[k] == getattr(mesh, k) for k in ("tp", "pp", "dp"))
-        if load_rng and same:
-            _set_rng_state(ck.rng_state(mesh.rank))
-        note = ("restored" if same else "NOT restored (another layout: rank r is not the same rank)") \
-            if load_rng else "not requested"
-        if mesh.rank == 0:
-            print(f"load_checkpoint: step {ck.manifest['step']} from {ck.folder} (saved as tp={saved['tp']} "
-                  f"pp={saved['pp']} dp={saved['dp']} zero={saved['zero_stage']}; now tp={mesh.tp} pp={mesh.pp} "
-                  f"dp={mesh.dp}), optimizer {'loaded' if optimizer is not None else 'skipped'}, RNG {note}")
-        return ck.manifest
+        raise type(e)(f"{e}; {_resume_hint(folder)}") from None
+    note = ("restored" if same else "NOT restored (another layout: rank r is not the same rank)") \
+        if load_rng else "not requested"
+    if mesh.rank == 0:
+        print(f"load_checkpoint: step {ck.manifest['step']} from {folder} (saved as tp={saved['tp']} "
+              f"pp={saved['pp']} dp={saved['dp']} zero={saved['zero_stage']}; now tp={mesh.tp} pp={mesh.pp} "
+              f"dp={mesh.dp}), optimizer {'loaded' if dp is not None else 'skipped'}, RNG {note}")
+    return ck.manifest
 
 
 def latest_checkpoint(root) -> Path | None:
     """The step_N folder under root with the highest N that has a manifest.json (a finished save), or None.
-    Temp folders of unfinished saves (step_N.tmp-save) never qualify. A damaged one does (it is refused
-    when loaded, with the name of the newest complete one: resuming elsewhere is the user's decision)."""
+    A damaged one qualifies: loading refuses it and names the newest complete one (the user decides)."""
     found = _steps(Path(root))
     return found[-1][1] if found else None
 
@@ -2685,11 +2515,9 @@ def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
 
 def peak_tflops(device) -> float | None:
     """Peak dense bf16 TFLOP/s of one GPU of this kind, or None (CPU, or a GPU not in PEAK_TFLOPS: MFU n/a)."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
 
 
 # `python nanotron.py --bench`: one training step of the Qwen3-0.6B shape on one GPU, ours against what users
@@ -2708,16 +2536,15 @@ def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
     opt = build_optimizer(model, zero_stage=0, lr=3e-4, weight_decay=0.1)
     per = mb_tokens // T
     cu, pos = cu_seqlens_from_lengths([T] * per, device=dev)
-    mbs = [dict(ids=ids[s:s + per].reshape(-1)) for s in range(0, S, per)]               # [per * T] each
-    for mb in mbs:
-        mb["labels"] = next_token_labels(mb["ids"], cu)
+    mbs = [ids[s:s + per].reshape(-1) for s in range(0, S, per)]                          # [per * T] each
+    mbs = [(x, next_token_labels(x, cu)) for x in mbs]
     n_labels = S * (T - 1)                          # the last token of each sequence has no label
 
     def step(i):
         opt.zero_grad()
-        for k, mb in enumerate(mbs):                # the dp grad sync (a no-op here) waits for the last one
+        for k, (x, labels) in enumerate(mbs):       # the dp grad sync (a no-op here) waits for the last one
             with opt.no_sync() if k < len(mbs) - 1 else contextlib.nullcontext():
-                total, _ = model.loss(model(mb["ids"], pos, cu, T), mb["labels"])
+                total, _ = model.loss(model(x, pos, cu, T), labels)
                 (total / n_labels).backward()       # micro-batch sums add up to the step's mean
         opt.clip_grad_norm_(1.0)
         opt.step(lr=lr_at(i, 100, 1000, 3e-4))
@@ -2833,8 +2660,6 @@ def bench_one(args) -> None:
 def bench(argv: list[str]) -> int:
     """`--bench`: each system in a subprocess (`--one`), then one table. Returns the exit code: 1 when a run
     failed (crashed, OOM: its row says so), else 0. Without a GPU only the tiny smoke test runs."""
-    import subprocess
-    import sys
     args = _parser().parse_args(argv)
     if args.tiny:                                   # Liger-Kernel needs CUDA: the tiny peer is plain HF
         args.seqs, args.seq_len, args.steps, args.warmup, args.mb, args.hf_mb = 4, 64, 2, 1, 4, 2
@@ -2847,12 +2672,10 @@ def bench(argv: list[str]) -> int:
         raise ValueError("--bench times the Qwen3-0.6B shape on a CUDA GPU and this machine has none; "
                          "--bench --tiny is the CPU smoke test of the same harness")
     rows, seen = [], {}
-    # the flags go on to each subprocess, minus the driver's own (--systems X, --out X)
-    rest = [a for i, a in enumerate(argv) if a not in ("--bench", "--systems", "--out")
-            and argv[i - 1:i] not in (["--systems"], ["--out"])]
     for system in args.systems.split(","):
         seen[system] = seen.get(system, 0) + 1
-        cmd = [sys.executable, os.path.abspath(__file__), "--bench", "--one", system] + rest
+        # the same flags (a worker ignores the driver's --systems and --out) + the worker's own --one
+        cmd = [sys.executable, os.path.abspath(__file__), "--bench", *argv, "--one", system]
         print("$ " + " ".join(cmd[1:]), flush=True)
         got = len(rows)
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as p:
@@ -2880,21 +2703,20 @@ def selftest_pp():
     """CPU, one process (pp = 1): both schedules equal one plain forward/backward of the packed batch, and
     the partition puts the head's cost on the last stage."""
     cfg = tiny_config(num_layers=4)
-    mbs, ids_all, lengths_all = [], [], []
+    mbs, lengths_all = [], []
     g = torch.Generator().manual_seed(0)
     for lengths in ([5, 3], [7], [2, 4, 6]):
         cu, pos = cu_seqlens_from_lengths(lengths)
         ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),), generator=g)
         mbs.append(dict(input_ids=ids, positions=pos, cu_seqlens=cu, max_seqlen=max(lengths),
                         labels=next_token_labels(ids, cu)))
-        ids_all.append(ids)
         lengths_all += lengths
     grads = {}
     for schedule in ("afab", "1f1b", "plain"):
         model = build_stage(cfg, Mesh(), use_kernels=False).init_random(1)
         if schedule == "plain":
             cu, pos = cu_seqlens_from_lengths(lengths_all)
-            ids = torch.cat(ids_all)
+            ids = torch.cat([mb["input_ids"] for mb in mbs])
             total, n = model.loss(model(ids, pos, cu), next_token_labels(ids, cu))
             (total / n).backward()
             loss = total.item()
@@ -2912,9 +2734,8 @@ def selftest_pp():
 
 
 def selftest():
-    """CPU, one process, the torch path: forward/backward of a tiny Qwen3 on 3 packed sequences; the packed
-    run must equal running each sequence alone (no cross-sequence leakage), and checkpointing must not
-    change the loss."""
+    """CPU, the torch path: forward/backward of a tiny Qwen3 on 3 packed sequences, equal to running each
+    sequence alone (no cross-sequence leakage); activation checkpointing must not change the loss."""
     torch.manual_seed(0)
     t0 = time.time()
     cfg = tiny_config()
@@ -2997,7 +2818,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    import sys
     try:
         sys.exit(main(sys.argv[1:]))
     except (ValueError, OSError, TimeoutError) as e:   # expected errors: one line; --debug: the traceback

@@ -100,7 +100,7 @@ from prepare_data import Config, build  # noqa: E402
 # Every module is one flat file that opens with its README docstring, runs a self-test as a script,
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
-LINE_BUDGETS = {"nanosets.py": 2370, "prepare_data.py": 1010, "kernels.py": 2100, "nanotron.py": 3010,
+LINE_BUDGETS = {"nanosets.py": 2370, "prepare_data.py": 1010, "kernels.py": 2100, "nanotron.py": 2830,
                 "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1300, "merge.py": 200,
                 "eval.py": 600}
 
@@ -3657,7 +3657,7 @@ def test_gpu_selftest_kernels_path_equals_torch_path(capsys, kernels_switch):
     assert "kernels path vs torch path OK" in capsys.readouterr().out
 
 
-def _nt_cli(*args, cwd=ROOT, script="nanotron.py", timeout=300):
+def _tron_cli(*args, cwd=ROOT, script="nanotron.py", timeout=300):
     return subprocess.run([sys.executable, script, *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout)
 
@@ -3666,15 +3666,15 @@ def test_cli_help_selftest_under_another_name_and_bench_on_cpu(tmp_path):
     """--help prints usage and runs nothing; the self-test passes from a copy under another name, alone in a
     folder (no kernels.py: the torch path, its kernel comparison SKIPPED, never OK); --bench without a GPU is
     one line and exit 2."""
-    r = _nt_cli("--help")
+    r = _tron_cli("--help")
     assert r.returncode == 0 and r.stdout.startswith("usage: nanotron.py") and "selftest" not in r.stdout
     shutil.copy(ROOT / "nanotron.py", tmp_path / "my_trainer.py")
-    r = _nt_cli(cwd=tmp_path, script="my_trainer.py")
+    r = _tron_cli(cwd=tmp_path, script="my_trainer.py")
     assert r.returncode == 0, r.stderr
     assert "nanotron selftest OK" in r.stdout and "pipeline selftest OK" in r.stdout
     assert "kernels path vs torch path: SKIPPED" in r.stdout
     if not CUDA:
-        r = _nt_cli("--bench")
+        r = _tron_cli("--bench")
         assert r.returncode == 2 and r.stderr.startswith("nanotron.py: error: --bench times the Qwen3-0.6B shape")
         assert r.stderr.count("\n") == 1 and not r.stdout
 
