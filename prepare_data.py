@@ -472,10 +472,6 @@ def smollm2_tokenizer_dir() -> Path:
     return final
 
 
-def default_model_path():  # temporary shim until the GGUF glue moves here from nanotron.py
-    import nanotron; return nanotron.default_model_path()
-
-
 def load_tokenizer(name: str = "smollm2"):
     from transformers import AutoTokenizer
 
