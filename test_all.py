@@ -6,7 +6,8 @@ processes; tests on the real data in ../shared/data skip when it is absent. The 
 under 15 minutes on 2 CPU cores with no network.
 
 Sections: repo hygiene . nanosets . prepare_data . kernels (attention, row-wise, losses) . nanotron (model,
-TP, pipeline parallelism, data parallelism + ZeRO + optimizer, checkpoints, merge.py) . sft.py
+TP, pipeline parallelism, data parallelism + ZeRO + optimizer, checkpoints, merge.py) . sft.py . nanoray .
+eval.py . nanovllm . ppo.py
 """
 from __future__ import annotations
 
