@@ -7,7 +7,8 @@ reference (in the reward or in the loss, k1 / k2 / k3 estimators), clip-higher a
 an entropy bonus, the three loss aggregations, dynamic sampling, the overlong penalty, GSPO's sequence
 ratio, and truncated importance sampling against the engine/trainer log-prob gap.
 
-How a step runs (one process today: the trainer and the engine share the device, "colocated"):
+How a step runs (the trainer and its engine share each device, "colocated"; under torchrun every rank is a
+data-parallel replica with its own engine and its share of the prompts):
   1. ROLLOUT: P prompts x n samples on nanovllm (the behaviour policy), with each token's log-prob.
   2. REWARD: eval.Grader grades the last \boxed{} against the gold answer in a process pool (timeouts
      count as wrong); optional overlong penalty; dynamic sampling drops groups that all scored the same.
@@ -18,12 +19,13 @@ How a step runs (one process today: the trainer and the engine share the device,
 One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
 with the weights of step k-1 while step k trains (staleness exactly 1, asserted), and truncated importance
 sampling corrects for it. Here the two run one after the other; the overlap needs the engine on its own
-device (split placement), which is what the --backend nanoray / ray roles will add.
+device (split placement), which is what the --backend nanoray / ray roles will add (not written yet).
 
 Commands:
     python ppo.py                                     # CPU: tiny random model learns a toy reward, seconds
     python ppo.py --model smollm2 --data synthetic    # SmolLM2-135M-Instruct on the synthetic math task
     python ppo.py --algo ppo --value_warmup_steps 5   # PPO with a critic (GAE), value warm-up first
+    torchrun --nproc_per_node 2 ppo.py                # data parallel: the same run as one process, on 2 ranks
     pytest -q test_all.py -k ppo
 
 First read: the algorithm core (advantages -> KL -> losses: pure functions on padded [B, T] tensors, each
@@ -61,13 +63,18 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1) if dim is None else (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
-    """(x - mean) / std over the real tokens of the batch (unbiased var, as PPO implementations do)."""
+def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
+    """(x - mean) / std over the real tokens of the batch (unbiased var, as PPO implementations do).
+    reduce: sums a list of floats over the data-parallel ranks, so every rank whitens with the whole
+    batch's statistics (None: this batch is the whole batch)."""
     m = mask.to(x.dtype)
-    n = m.sum().clamp(min=2)
-    mean = (x * m).sum() / n
-    var = (((x - mean) * m) ** 2).sum() / (n - 1)
-    out = (x - mean) * torch.rsqrt(var + EPS)
+    s1, s2, n = float((x * m).sum()), float((x * x * m).sum()), float(m.sum())
+    if reduce is not None:
+        s1, s2, n = reduce([s1, s2, n])
+    n = max(n, 2.0)
+    mean = s1 / n
+    var = max(s2 - n * mean * mean, 0.0) / (n - 1)
+    out = (x - mean) / math.sqrt(var + EPS)
     return (out if shift_mean else out + mean) * m
 
 
@@ -249,15 +256,15 @@ ALGOS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "raft", "ppo")
 
 @dataclass
 class Config:
-    model: str = "tiny"  # actor init: an HF folder (merge.py's SFT output) | smollm2 (offline SmolLM2-135M-Instruct) | tiny (random, tests)
-    data: str = ""  # prompts: a prepare_data rl folder (prompt_ids + answer) | synthetic (built if missing) | toy; "" = toy for tiny, else synthetic
+    model: str = "tiny"  # actor init: an HF folder (merge.py's SFT output) | smollm2 | tiny (random, tests)
+    data: str = ""  # prompts: a prepare_data rl folder | synthetic (built if missing) | toy; "" = toy for tiny
     out: str = ""  # checkpoints step_N/, metrics.jsonl, curves PNG; "" = ckpt/ppo-<model>
     results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
     algo: str = "grpo"  # advantage estimator: grpo | dr_grpo | rloo | reinforce_pp | remax | raft | ppo (critic + GAE)
     mode: str = "sync"  # sync (generate, then train) | one_step_off (rollout k+1 from the weights of step k-1)
     steps: int = 0  # RL steps; 0 = 30 (toy), 100 (GPU)
     prompts_per_step: int = 0  # P prompts per step; 0 = 8 (CPU) / 64 (GPU)
-    n: int = 0  # samples per prompt; 0 = 8 (1 for ppo, whose baseline is the critic)
+    samples_per_prompt: int = 0  # n samples of each prompt; 0 = 8 (1 for ppo, whose baseline is the critic)
     max_new_tokens: int = 0  # response budget; 0 = 8 (toy) / 96 (CPU) / 512 (GPU)
     temperature: float = 1.0  # sampling temperature (the trainer's log-probs use the same one)
     top_p: float = 1.0  # nucleus sampling (log-probs are then of the masked distribution: keep 1.0 for RL)
@@ -282,7 +289,7 @@ class Config:
     dynamic_sampling: bool = False  # drop groups whose samples all scored the same (DAPO)
     overlong_buffer: int = 0  # soft overlong penalty over the last this-many tokens of max_new_tokens (0 = off)
     gspo: bool = False  # one importance ratio per response (GSPO) instead of per token
-    tis_cap: float = -1.0  # truncated importance sampling cap on pi_old / pi_engine; -1 = 2.0 in one_step_off, off in sync; 0 = off
+    tis_cap: float = -1.0  # truncated importance sampling cap on pi_old / pi_engine; -1 = 2 off-policy, 0 = off
     value_warmup_steps: int = 0  # ppo: fit the critic on the first rollouts' returns before any policy step
     grad_clip: float = 1.0  # clip the global grad norm
     eval_every: int = 0  # steps between held-out greedy evals (0 = before and after only)
@@ -315,14 +322,17 @@ def resolve(cfg: Config, cuda: bool) -> Config:
             raise ValueError(f"ppo.py: {msg}")
     toy = (cfg.data or ("toy" if cfg.model == "tiny" else "synthetic")) == "toy"
     pick = lambda v, toy_v, cpu_v, gpu_v: v or (toy_v if toy else gpu_v if cuda else cpu_v)  # noqa: E731
-    n = cfg.n or (1 if cfg.algo == "ppo" else 8)
+    n = cfg.samples_per_prompt or (1 if cfg.algo == "ppo" else 8)
+    lr = cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6)
     if cfg.algo in ("grpo", "dr_grpo", "rloo") and n < 2:
-        raise ValueError(f"ppo.py: --algo {cfg.algo} compares the samples of a prompt: --n must be >= 2")
+        raise ValueError(f"ppo.py: --algo {cfg.algo} compares the samples of a prompt: "
+                         "--samples_per_prompt must be >= 2")
     return dataclasses.replace(
         cfg, data=cfg.data or ("toy" if toy else "synthetic"), out=cfg.out or f"ckpt/ppo-{Path(cfg.model).name}",
-        steps=pick(cfg.steps, 30, 30, 100), prompts_per_step=pick(cfg.prompts_per_step, 8, 8, 64), n=n,
+        steps=pick(cfg.steps, 30, 30, 100), prompts_per_step=pick(cfg.prompts_per_step, 8, 8, 64),
+        samples_per_prompt=n,
         max_new_tokens=pick(cfg.max_new_tokens, 8, 96, 512),
-        lr=cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6), critic_lr=cfg.critic_lr or 10 * (cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6)),
+        lr=lr, critic_lr=cfg.critic_lr or 10 * lr,
         micro_batch_tokens=pick(cfg.micro_batch_tokens, 4096, 4096, 16384),
         eval_problems=pick(cfg.eval_problems, 32, 64, 1000),
         tis_cap=(2.0 if cfg.mode == "one_step_off" else 0.0) if cfg.tis_cap < 0 else cfg.tis_cap,
@@ -351,7 +361,7 @@ def load_prompts(cfg: Config, vocab: int) -> tuple[list[dict], list[dict]]:
     import prepare_data
     folder = Path(cfg.data)
     if cfg.data == "synthetic":
-        folder = Path(prepare_data.build(prepare_data.Config(recipe="rl"))["folder"])
+        folder = Path(prepare_data.build(prepare_data.Config(recipe="rl"))["path"])
     splits = {}
     for split in ("train", "test"):
         path = folder / f"{split}.nano"
@@ -362,8 +372,7 @@ def load_prompts(cfg: Config, vocab: int) -> tuple[list[dict], list[dict]]:
         if not {"prompt_ids", "answer"} <= set(ds.column_names):
             raise ValueError(f"ppo.py: {path} has columns {ds.column_names}; RL needs prompt_ids and answer "
                              "(prepare_data.py --recipe rl)")
-        splits[split] = [{"prompt_ids": r["prompt_ids"].tolist() if torch.is_tensor(r["prompt_ids"]) else list(r["prompt_ids"]),
-                          "answer": r["answer"]} for r in ds.with_format("torch")]
+        splits[split] = [{"prompt_ids": [int(t) for t in r["prompt_ids"]], "answer": r["answer"]} for r in ds]
         if any(max(r["prompt_ids"]) >= vocab for r in splits[split]):
             raise ValueError(f"ppo.py: {path} holds token ids >= the model's vocabulary {vocab}: another tokenizer")
     return splits["train"], splits["test"][: cfg.eval_problems]
@@ -521,7 +530,7 @@ class Trainer:
             shape = batch["mask"].shape
             logp = self._scatter(logp_p, mb, shape)[sel]
             take = lambda k: batch[k][sel].to(dev)                       # noqa: E731
-            mask = take("mask")
+            mask = take("lmask")                    # the response tokens that count (dynamic sampling zeroes some)
             if cfg.algo == "raft":                                       # SFT on the correct samples
                 loss = aggregate(-logp, mask * take("keep")[:, None], cfg.loss_agg, norm["tokens"], norm["seqs"],
                                  norm["max_len"])
@@ -557,10 +566,12 @@ class Trainer:
             sel = mb["samples"]
             v = self._scatter(self._values(mb), mb, batch["mask"].shape)[sel]
             vl = value_loss(v, batch["values"][sel].to(dev), batch["returns"][sel].to(dev), cfg.value_clip)
-            return aggregate(vl, batch["mask"][sel].to(dev), "token-mean", norm["tokens"], norm["seqs"])
+            return aggregate(vl, batch["lmask"][sel].to(dev), "token-mean", norm["tokens"], norm["seqs"])
         self.critic_opt.zero_grad()
         self.head_opt.zero_grad()
         loss = self._micro_steps(pack(samples, idx, cfg.micro_batch_tokens, dev), self.critic_opt, loss_of)
+        for p in self.value_head.parameters():       # the head is outside nanotron's DataParallel: sum it here
+            self.nt.all_reduce_(p.grad, self.mesh.group("dp"))
         if cfg.grad_clip > 0:
             self.critic_opt.clip_grad_norm_(cfg.grad_clip)
             torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.grad_clip)
@@ -595,9 +606,10 @@ def _seed(*xs) -> int:
 def rollout(llm, rows: list[dict], cfg: Config, step: int, version: int, greedy: bool = False) -> list[dict]:
     """rows [P] -> samples [P * n] grouped by prompt, each with the engine's log-prob of every token."""
     from nanovllm import SamplingParams
-    n = 1 if greedy else cfg.n
-    sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,
-                          max_tokens=cfg.max_new_tokens, logprobs=0, seed=_seed(cfg.seed, step, i)) for i in range(len(rows))]
+    n = 1 if greedy else cfg.samples_per_prompt
+    sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,     # seeded by the
+                          max_tokens=cfg.max_new_tokens, logprobs=0, seed=_seed(cfg.seed, step, r.get("row", i)))
+           for i, r in enumerate(rows)]                 # prompt's row: the same samples in any dp layout
     outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], sps, use_tqdm=False)
     return [{"prompt_ids": r["prompt_ids"], "response": c.token_ids, "engine_logp": c.token_logprobs,
              "answer": r["answer"], "group": g, "finish": c.finish_reason, "version": version}
@@ -614,17 +626,18 @@ def padded(samples: list[dict], key: str | None = None) -> torch.Tensor:
     return out
 
 
-def advantages(cfg: Config, scores: torch.Tensor, batch: dict, baseline=None) -> None:
-    """Fill batch["adv"] (and "returns" for ppo) [B, T] from the scores [B] and the trainer's tensors."""
+def advantages(cfg: Config, scores: torch.Tensor, batch: dict, baseline=None, reduce=None) -> None:
+    """Fill batch["adv"] (and "returns" for ppo) [B, T] from the scores [B] and the trainer's tensors.
+    reduce: the data-parallel sum (whitening uses the whole batch's statistics)."""
     mask = batch["mask"]
     kl = None
     if cfg.kl_coef > 0 and cfg.kl_in == "reward":
         kl = kl_estimate(batch["old_logp"], batch["ref_logp"], cfg.kl_estimator) * mask
     if cfg.algo in ("grpo", "dr_grpo", "rloo", "remax"):
         s = scores - cfg.kl_coef * kl.sum(1) if kl is not None else scores     # sequence-level KL penalty
-        adv = group_advantages(s, cfg.n, cfg.algo, baseline)[:, None] * mask
+        adv = group_advantages(s, cfg.samples_per_prompt, cfg.algo, baseline)[:, None] * mask
     elif cfg.algo == "raft":
-        g = scores.view(-1, cfg.n)
+        g = scores.view(-1, cfg.samples_per_prompt)
         batch["keep"] = ((g == g.max(1, keepdim=True).values) & (g > 0)).view(-1).float()
         adv = torch.zeros_like(mask)
     else:
@@ -634,66 +647,80 @@ def advantages(cfg: Config, scores: torch.Tensor, batch: dict, baseline=None) ->
         else:                                                             # ppo
             adv, batch["returns"] = gae(r, batch["values"], mask, cfg.gamma, cfg.lam)
     if cfg.whiten == "yes" or (cfg.whiten == "auto" and cfg.algo in ("ppo", "reinforce_pp")):
-        adv = whiten(adv, mask)
+        adv = whiten(adv, batch["lmask"], reduce=reduce)
     batch["adv"] = adv
 
 
-def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, step: int, lr: float) -> dict:
-    """epochs x mini-batches of updates on one batch; critic first (ppo), on the same split."""
+def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, step: int, lr: float, reduce) -> dict:
+    """epochs x mini-batches of updates on one batch; critic first (ppo), on the same split. Every loss is
+    divided by the mini-batch's counts over ALL data-parallel ranks (reduce) and dp sums the gradients:
+    the update is the one a single process would make on the whole batch."""
     B, stats, rng = len(samples), {}, random.Random(_seed(cfg.seed, step, 99))
     for _ in range(cfg.epochs):
         order = list(range(B))
         rng.shuffle(order)
         for part in (order[k::cfg.mini_batches] for k in range(cfg.mini_batches)):
             part = sorted(part)
-            m = batch["mask"][part]
-            norm = {"tokens": float(m.sum()), "seqs": float(len(part)), "max_len": float(m.shape[1])}
+            m = batch["lmask"][part]
+            tokens, seqs = reduce([float(m.sum()), float((m.sum(1) > 0).sum())])
+            norm = {"tokens": max(tokens, 1.0), "seqs": max(seqs, 1.0), "max_len": float(cfg.max_new_tokens)}
             if trainer.critic is not None:
-                stats.setdefault("value_loss", []).append(trainer.update_critic(samples, batch, part, cfg.critic_lr, norm))
+                v = trainer.update_critic(samples, batch, part, cfg.critic_lr, norm)
+                stats.setdefault("value_loss", []).append(v)
             for k, v in trainer.update_actor(samples, batch, part, lr, norm).items():
                 stats.setdefault(k, []).append(v)
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
 def rl_step(trainer: Trainer, llm, rewarder: Rewarder, samples: list[dict], cfg: Config, step: int, lr: float,
-            timer: dict) -> dict:
-    """Reward, score, advantages, update for one batch of rollouts; returns the step's metrics."""
+            timer: dict, reduce) -> dict:
+    """Reward, score, advantages, update for this rank's share of one step's rollouts; returns the step's
+    metrics over all ranks (reduce sums a list of floats over data parallelism)."""
     t0 = time.perf_counter()
     scores, answered = rewarder(samples)
     scores = torch.tensor(scores)
-    acc = float(scores.mean())
+    raw = scores.clone()
     if cfg.overlong_buffer:
         scores = scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
                                            cfg.overlong_buffer)
     timer["reward"] = time.perf_counter() - t0
-    kept = len(samples)
-    if cfg.dynamic_sampling and cfg.n > 1:
-        keep = informative_groups(scores, cfg.n)
-        if not keep.any():
-            return {"skipped": True, "reward": acc, "accuracy": acc, "groups_kept": 0}
-        rows = keep.repeat_interleave(cfg.n)
-        samples = [s for s, k in zip(samples, rows.tolist()) if k]
-        scores, kept = scores[rows], int(keep.sum())
+    n = cfg.samples_per_prompt
+    keep = torch.ones(len(samples) // n, dtype=torch.bool)
+    if cfg.dynamic_sampling and n > 1:   # the dropped groups stay in the batch with no weight (every rank then
+        keep = informative_groups(scores, n)                # still runs the same collectives)
     t0 = time.perf_counter()
     batch = {"mask": padded(samples), "engine_logp": padded(samples, "engine_logp")}
-    batch.update(trainer.score(samples, batch["mask"].shape))
+    batch["lmask"] = batch["mask"] * keep.repeat_interleave(n)[:, None]
+    kept = reduce([float(keep.sum())])[0]
+    B = len(samples)
+    m = batch["mask"]
+    local = [float(raw.sum()), float(scores.sum()), float(sum(answered)), float(m.sum()),
+             float(sum(s["finish"] == "length" for s in samples)), float(B)]
+    if kept == 0:                                       # no group anywhere had a signal: no update at all
+        r_raw, _, ans, tok, trunc, n = reduce(local)
+        return {"skipped": True, "reward": r_raw / n, "accuracy": r_raw / n, "groups_kept": 0}
+    batch.update(trainer.score(samples, m.shape))
     timer["score"] = time.perf_counter() - t0
     baseline = None
     if cfg.algo == "remax":                                       # the greedy response of each prompt
-        greedy = rollout(llm, [{"prompt_ids": samples[i]["prompt_ids"], "answer": samples[i]["answer"]}
-                               for i in range(0, len(samples), cfg.n)], cfg, step, -1, greedy=True)
+        greedy = rollout(llm, [{"prompt_ids": samples[i]["prompt_ids"], "answer": samples[i]["answer"],
+                                "row": samples[i].get("row", i)} for i in range(0, B, n)], cfg, step, -1, greedy=True)
         baseline = torch.tensor(rewarder(greedy)[0])
-    advantages(cfg, scores, batch, baseline)
+    advantages(cfg, scores, batch, baseline, reduce)
     t0 = time.perf_counter()
-    stats = train_on(trainer, samples, batch, cfg, step, lr)
+    stats = train_on(trainer, samples, batch, cfg, step, lr, reduce)
     timer["train"] = time.perf_counter() - t0
-    m = batch["mask"]
-    gap = ((batch["engine_logp"] - batch["old_logp"]).abs() * m)
-    return {"reward": float(scores.mean()), "accuracy": acc, "answered": sum(answered) / len(answered),
-            "groups_kept": kept if cfg.dynamic_sampling else None, **stats,
-            "logp_gap_mean": float(gap.sum() / m.sum()), "logp_gap_max": float(gap.max()),
-            "response_len": float(m.sum(1).mean()), "truncated": sum(s["finish"] == "length" for s in samples) / len(samples),
-            "tokens": int(m.sum())}
+    gap = (batch["engine_logp"] - batch["old_logp"]).abs() * m
+    names = sorted(stats)
+    tot = reduce(local + [float(gap.sum())] + [stats[k] for k in names])
+    r_raw, r, ans, tok, trunc, n, gap_sum = tot[:7]
+    world = reduce([1.0])[0]
+    out = {"reward": r / n, "accuracy": r_raw / n, "answered": ans / n,
+           "groups_kept": kept if cfg.dynamic_sampling else None,
+           **{k: v if k.endswith("loss") else v / world for k, v in zip(names, tot[7:])},   # losses: the
+           "logp_gap_mean": gap_sum / tok,            # ranks' shares of one global mean add up; the rest: averages
+           "logp_gap_max": float(gap.max()), "response_len": tok / n, "truncated": trunc / n, "tokens": int(tok)}
+    return out
 
 
 # ---- driver ------------------------------------------------------------------------------------------------
@@ -705,18 +732,19 @@ def evaluate(llm, rewarder: Rewarder, rows: list[dict], cfg: Config) -> dict:
     return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
 
 
-def value_warmup(trainer: Trainer, llm, rewarder: Rewarder, rows: list[dict], cfg: Config, log) -> None:
+def value_warmup(trainer: Trainer, llm, rewarder: Rewarder, rows: list[dict], cfg: Config, log, reduce) -> None:
     """PPO with rule-based rewards on a small model: a critic that starts from noise makes the first policy
     steps follow noise. Fit it first to the Monte-Carlo returns of the initial policy's rollouts."""
     for k in range(cfg.value_warmup_steps):
-        samples = rollout(llm, rows[k * cfg.prompts_per_step:(k + 1) * cfg.prompts_per_step], cfg, -2 - k, 0)
+        samples = rollout(llm, rows, cfg, -2 - k, 0)
         scores = torch.tensor(rewarder(samples)[0])
         batch = {"mask": padded(samples)}
+        batch["lmask"] = batch["mask"]
         batch.update(trainer.score(samples, batch["mask"].shape))
         batch["returns"] = discounted_returns(token_rewards(scores, batch["mask"]), batch["mask"], cfg.gamma)
-        m = batch["mask"]
+        tokens, seqs = reduce([float(batch["mask"].sum()), float(len(samples))])
         loss = trainer.update_critic(samples, batch, list(range(len(samples))), cfg.critic_lr,
-                                     {"tokens": float(m.sum()), "seqs": float(len(samples))})
+                                     {"tokens": tokens, "seqs": seqs})
         log(f"value warm-up {k + 1}/{cfg.value_warmup_steps}: value loss {loss:.4f}")
 
 
@@ -744,65 +772,90 @@ def plot_curves(metrics: Path, png: Path) -> bool:
 
 
 def main(argv=None) -> dict:
+    """One RL run. Plain `python ppo.py`: one process. Under torchrun every rank is a data-parallel replica
+    with its own colocated engine: it generates, grades and scores its share of each step's prompts, and
+    the ranks meet only in the gradient reduction and the few sums that make the loss and the metrics
+    those of the whole batch."""
     import nanotron as nt
     import prepare_data
     from nanovllm import LLM
     cfg = parse_args(argv)
     t_start = time.time()
-    if nt.dist_env()[1] > 1:
-        raise ValueError("ppo.py: multi-process runs (torchrun, --backend nanoray / ray) are not implemented yet; "
-                         "run `python ppo.py` (one process: trainer and engine share the device)")
-    cuda = torch.cuda.is_available()
-    cfg = resolve(cfg, cuda)
-    mesh = nt.Mesh.build(1, 1)
+    cfg = resolve(cfg, torch.cuda.is_available())
+    mesh = nt.Mesh.build(1, 1)                            # dp = the world size (tensor / pipeline: not yet)
+    rank0, dp = mesh.rank == 0, mesh.dp
+    if cfg.prompts_per_step % dp:
+        raise ValueError(f"ppo.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the {dp} "
+                         "data-parallel ranks (torchrun --nproc_per_node)")
+
+    def reduce(values: list) -> list:
+        """Sum floats over the data-parallel ranks (one small all-reduce)."""
+        t = torch.tensor(values, dtype=torch.float64, device=mesh.device)
+        return nt.all_reduce_(t, mesh.group("dp")).tolist()
+    say = print if rank0 else (lambda *a, **k: None)
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    # -- model and engine --
+    # -- model, data, resume --
     if cfg.model == "tiny":
         mcfg, path = nt.preset_config("tiny"), None
     else:
         path = prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)
         mcfg = nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
     train_rows, test_rows = load_prompts(cfg, mcfg.vocab_size)
+    for i, r in enumerate(train_rows):
+        r["row"] = i                                      # the sampling seed of this prompt, in any layout
     src = nt.latest_checkpoint(out) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
     trainer = Trainer(cfg, nt, mesh, mcfg, path, _critic_state(src) if src is not None and cfg.algo == "ppo" else None)
-    start, pending, sampler_state = 0, None, None
+    start, pending, samplers = 0, None, None
     if src is not None:
         man = nt.load_checkpoint(src, trainer.actor, trainer.opt, mesh)
         start, extra = int(man["step"]), man["extra"]
-        pending, sampler_state = extra.get("pending"), extra["sampler"]
-        print(f"ppo.py: resumed from {src} at step {start}")
+        if len(extra["sampler"]) != dp:
+            raise ValueError(f"ppo.py: {src} was saved by {len(extra['sampler'])} data-parallel ranks, this run has "
+                             f"{dp}: resume with the same torchrun --nproc_per_node")
+        samplers, pending = extra["sampler"][mesh.dp_rank], (extra.get("pending") or [None] * dp)[mesh.dp_rank]
+        say(f"ppo.py: resumed from {src} at step {start}")
     elif out.exists() and any(out.glob("step_*")):
         raise ValueError(f"ppo.py: --out {out} holds another run's checkpoints; pass --resume auto, another --out, "
                          "or delete them")
+    # -- the colocated engine: the trainer's weights, loaded from a folder once --
     engine_folder = path
-    if path is None or src is not None:                 # the engine loads the trainer's current weights
+    if path is None or src is not None:
         engine_folder = out / "engine_init"
-        nt.save_hf(trainer.actor, engine_folder, dtype=cfg.dtype)
-        for f in Path(path).iterdir() if path is not None else ():      # tokenizer and template files
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
-                (engine_folder / f.name).write_bytes(f.read_bytes())
+        if rank0:
+            nt.save_hf(trainer.actor, engine_folder, dtype=cfg.dtype)
+            for f in Path(path).iterdir() if path is not None else ():      # tokenizer and template files
+                if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
+                                                                                "model.safetensors.index.json"):
+                    (engine_folder / f.name).write_bytes(f.read_bytes())
+        if dp > 1:
+            torch.distributed.barrier()
     L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
     llm = LLM(engine_folder, seed=cfg.seed, gpu_memory_utilization=cfg.engine_memory, max_model_len=L,
-              max_num_seqs=min(256, cfg.prompts_per_step * cfg.n), device=str(mesh.device))
+              max_num_seqs=min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt),
+              device=str(mesh.device))
     llm.verbose = False
     rewarder = Rewarder(cfg, llm.get_tokenizer())
     import nanosets
-    sampler = nanosets.ShardedSampler(len(train_rows), seed=cfg.seed)
-    if sampler_state:
-        sampler.load_state_dict(sampler_state)
-    take = lambda: [train_rows[i] for i in sampler.take(cfg.prompts_per_step)]   # noqa: E731
-    print(f"ppo config: {json.dumps(asdict(cfg))}\n{cfg.algo}, {cfg.mode}: {cfg.prompts_per_step} prompts x {cfg.n} "
-          f"samples = {cfg.prompts_per_step * cfg.n} responses of <= {cfg.max_new_tokens} tokens per step, "
-          f"{cfg.epochs} epoch(s) x {cfg.mini_batches} mini-batch(es), {len(train_rows)} train prompts, "
-          f"{len(test_rows)} held out, {cfg.steps} steps, device {mesh.device}")
+    sampler = nanosets.ShardedSampler(len(train_rows), mesh.dp_rank, dp, seed=cfg.seed)
+    if samplers:
+        sampler.load_state_dict(samplers)
+    take = lambda: [train_rows[i] for i in sampler.take(cfg.prompts_per_step // dp)]   # noqa: E731
+    P, n = cfg.prompts_per_step, cfg.samples_per_prompt
+    say(f"ppo config: {json.dumps(asdict(cfg))}\n{cfg.algo}, {cfg.mode}: {P} prompts x {n} samples = {P * n} "
+        f"responses of <= {cfg.max_new_tokens} tokens per step over {dp} data-parallel rank(s), {cfg.epochs} "
+        f"epoch(s) x {cfg.mini_batches} mini-batch(es), {len(train_rows)} train prompts, {len(test_rows)} held out, "
+        f"{cfg.steps} steps, device {mesh.device}")
     out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "metrics.jsonl", start)
+    log = _Log(out / "metrics.jsonl", start, rank0)
+    first_eval = {"eval_accuracy": None}
     try:
         if start == 0 and trainer.critic is not None and cfg.value_warmup_steps:
-            value_warmup(trainer, llm, rewarder, take(), cfg, print)
-        first_eval = evaluate(llm, rewarder, test_rows, cfg)
-        log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy {first_eval['eval_accuracy']:.3f}")
+            value_warmup(trainer, llm, rewarder, take(), cfg, say, reduce)
+        if rank0:
+            first_eval = evaluate(llm, rewarder, test_rows, cfg)
+            log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy "
+                      f"{first_eval['eval_accuracy']:.3f}")
         version = start                                   # optimizer steps behind the engine's weights
         if pending is None:
             pending = rollout(llm, take(), cfg, start, version)
@@ -815,7 +868,7 @@ def main(argv=None) -> dict:
             assert stale == (0 if cfg.mode == "sync" or step == 0 else 1), f"staleness {stale} at step {step}"
             timer["generate"] = time.perf_counter() - t0
             lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
-            m = rl_step(trainer, llm, rewarder, samples, cfg, step, lr, timer)
+            m = rl_step(trainer, llm, rewarder, samples, cfg, step, lr, timer, reduce)
             t0 = time.perf_counter()
             llm.update_weights(trainer.weights())                            # in memory, no disk
             version = step + 1
@@ -825,7 +878,7 @@ def main(argv=None) -> dict:
                 pending = rollout(llm, take(), cfg, step + 1, version)
                 timer["generate"] += time.perf_counter() - t0
             row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
-            if cfg.eval_every and (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if rank0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 row.update(evaluate(llm, rewarder, test_rows, cfg))
             log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
             if cfg.save_every >= 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
@@ -834,22 +887,29 @@ def main(argv=None) -> dict:
         rewarder.close()
         llm.shutdown()
     rows = log.rows
-    summary = {"steps": cfg.steps, "first_reward": rows[1]["reward"] if len(rows) > 1 else None,
-               "last_reward": rows[-1].get("reward"), "eval_accuracy_before": first_eval["eval_accuracy"],
-               "eval_accuracy_after": rows[-1].get("eval_accuracy"), "seconds": round(time.time() - t_start, 1)}
-    plot_curves(out / "metrics.jsonl", out / "curves.png")
-    prepare_data.append_result(cfg.results, "ppo", asdict(cfg), summary)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"ppo.py: {cfg.algo} {start} -> {cfg.steps} steps, reward {summary['first_reward']} -> {summary['last_reward']}, "
-          f"held-out {summary['eval_accuracy_before']:.3f} -> {summary['eval_accuracy_after']:.3f}, "
-          f"{summary['seconds']} s; out {out}")
+    summary = {"steps": cfg.steps, "first_reward": next((r["reward"] for r in rows if "reward" in r), None),
+               "last_reward": rows[-1].get("reward") if rows else None,
+               "eval_accuracy_before": first_eval["eval_accuracy"],
+               "eval_accuracy_after": rows[-1].get("eval_accuracy") if rows else None,
+               "seconds": round(time.time() - t_start, 1), "dp": dp}
+    if rank0:
+        plot_curves(out / "metrics.jsonl", out / "curves.png")
+        prepare_data.append_result(cfg.results, "ppo", asdict(cfg), summary)
+        (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"ppo.py: {cfg.algo} {start} -> {cfg.steps} steps, reward {summary['first_reward']} -> "
+              f"{summary['last_reward']}, held-out {summary['eval_accuracy_before']} -> "
+              f"{summary['eval_accuracy_after']}, {summary['seconds']} s; out {out}")
     mesh.destroy()
     return summary
 
 
 class _Log:
-    def __init__(self, path: Path, start: int):
-        self.path, self.rows = path, []
+    """metrics.jsonl (rank 0 writes; every rank keeps its rows for the summary)."""
+
+    def __init__(self, path: Path, start: int, write: bool = True):
+        self.path, self.rows, self.on = path, [], write
+        if not write:
+            return
         if start and path.is_file():                       # resume: keep the rows up to the resumed step
             keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
             path.write_text("".join(k + "\n" for k in keep))
@@ -858,6 +918,8 @@ class _Log:
 
     def write(self, row: dict, line: str | None):
         self.rows.append(row)
+        if not self.on:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         if line:
@@ -867,15 +929,24 @@ class _Log:
 def _line(r: dict, cfg: Config) -> str:
     t = " ".join(f"{k[5:]} {v:.2f}s" for k, v in r.items() if k.startswith("time_"))
     ev = f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
-    return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | kl {r.get('kl', 0):.4f} | "
+    return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
+            f"kl {r.get('kl', 0):.4f} | "
             f"entropy {r.get('entropy', 0):.3f} | clip {r.get('clip_frac', 0):.3f} | gap {r['logp_gap_mean']:.2e} | "
             f"len {r['response_len']:.0f} | trunc {r['truncated']:.2f}{ev} | {t}")
 
 
 def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler, pending) -> None:
+    """Every rank calls it: the actor through nanotron (mergeable by merge.py), the data position and the
+    in-flight rollout of every rank in the manifest, the critic beside it."""
     folder = out / f"step_{step}"
-    extra = {"sampler": sampler.state_dict(), "pending": pending}
+    states = [(sampler.state_dict(), pending)]
+    if mesh.dp > 1:
+        states = [None] * mesh.dp
+        torch.distributed.all_gather_object(states, (sampler.state_dict(), pending), group=mesh.group("dp"))
+    extra = {"sampler": [s for s, _ in states], "pending": [p for _, p in states]}
     nt.save_checkpoint(folder, trainer.actor, trainer.opt, mesh, step, extra=extra, config=asdict(cfg))
+    if mesh.rank != 0:
+        return
     if trainer.critic is not None:                       # the critic beside it (not an HF model: a value head)
         tmp = out / f".critic_{step}.pt.tmp"
         torch.save({"critic": trainer.critic.state_dict(), "head": trainer.value_head.state_dict(),
@@ -891,7 +962,7 @@ def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler
 def _critic_state(src: Path) -> dict:
     f = Path(src) / "critic.pt"
     if not f.is_file():
-        raise FileNotFoundError(f"ppo.py: {f} is missing: that checkpoint has no critic (from a run without --algo ppo?)")
+        raise FileNotFoundError(f"ppo.py: {f} is missing: that checkpoint has no critic (a run without --algo ppo?)")
     return torch.load(f, map_location="cpu")
 
 
