@@ -18,14 +18,17 @@ data-parallel replica with its own engine and its share of the prompts):
   5. SYNC: the new weights go to the engine in memory (update_weights), timed.
 One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
 with the weights of step k-1 while step k trains (staleness exactly 1, asserted), and truncated importance
-sampling corrects for it. Here the two run one after the other; the overlap needs the engine on its own
-device (split placement), which is what the --backend nanoray / ray roles will add (not written yet).
+sampling corrects for it. With --backend local (roles in this process) the two run one after the other;
+with --backend nanoray or ray the trainer and the engine are actors in their own processes (on their own
+GPUs when there are two), the engine generates step k+1 while the trainer trains step k, and the weights
+travel through the object store. Every backend computes the same numbers (tested).
 
 Commands:
     python ppo.py                                     # CPU: tiny random model learns a toy reward, seconds
     python ppo.py --model smollm2 --data synthetic    # SmolLM2-135M-Instruct on the synthetic math task
     python ppo.py --algo ppo --value_warmup_steps 5   # PPO with a critic (GAE), value warm-up first
     torchrun --nproc_per_node 2 ppo.py                # data parallel: the same run as one process, on 2 ranks
+    python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
     pytest -q test_all.py -k ppo
 
 First read: the algorithm core (advantages -> KL -> losses: pure functions on padded [B, T] tensors, each
@@ -40,6 +43,7 @@ Contents: advantages . KL . losses . batch shaping . config . prompts and reward
 import dataclasses
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, asdict
@@ -302,7 +306,7 @@ class Config:
     engine_memory: float = 0.3  # share of GPU memory the colocated engine takes (weights + KV cache)
     grade_workers: int = 2  # math-verify grading processes
     grade_timeout_s: float = 5.0  # per answer; slower ones count as wrong
-    backend: str = "local"  # local (one process); nanoray / ray (roles as actors) come with split placement
+    backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
 
 
@@ -314,7 +318,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.kl_estimator in ("k1", "k2", "k3"), f"--kl_estimator {cfg.kl_estimator!r}: k1, k2 or k3"),
               (cfg.loss_agg in AGGREGATIONS, f"--loss_agg {cfg.loss_agg!r}: one of {', '.join(AGGREGATIONS)}"),
               (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
-              (cfg.backend == "local", f"--backend {cfg.backend!r}: only local (one process) exists today"),
+              (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),
               (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
               (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
     for ok, msg in checks:
@@ -672,18 +676,15 @@ def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, st
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
-def rl_step(trainer: Trainer, llm, rewarder: Rewarder, samples: list[dict], cfg: Config, step: int, lr: float,
-            timer: dict, reduce) -> dict:
-    """Reward, score, advantages, update for this rank's share of one step's rollouts; returns the step's
-    metrics over all ranks (reduce sums a list of floats over data parallelism)."""
-    t0 = time.perf_counter()
-    scores, answered = rewarder(samples)
+def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered: list[bool], cfg: Config,
+            step: int, lr: float, timer: dict, reduce, baseline: list[float] | None = None) -> dict:
+    """Score, advantages, update for this rank's share of one step's rollouts (graded by the driver);
+    returns the step's metrics over all ranks (reduce sums a list of floats over data parallelism)."""
     scores = torch.tensor(scores)
     raw = scores.clone()
     if cfg.overlong_buffer:
         scores = scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
                                            cfg.overlong_buffer)
-    timer["reward"] = time.perf_counter() - t0
     n = cfg.samples_per_prompt
     keep = torch.ones(len(samples) // n, dtype=torch.bool)
     if cfg.dynamic_sampling and n > 1:   # the dropped groups stay in the batch with no weight (every rank then
@@ -701,12 +702,7 @@ def rl_step(trainer: Trainer, llm, rewarder: Rewarder, samples: list[dict], cfg:
         return {"skipped": True, "reward": r_raw / n, "accuracy": r_raw / n, "groups_kept": 0}
     batch.update(trainer.score(samples, m.shape))
     timer["score"] = time.perf_counter() - t0
-    baseline = None
-    if cfg.algo == "remax":                                       # the greedy response of each prompt
-        greedy = rollout(llm, [{"prompt_ids": samples[i]["prompt_ids"], "answer": samples[i]["answer"],
-                                "row": samples[i].get("row", i)} for i in range(0, B, n)], cfg, step, -1, greedy=True)
-        baseline = torch.tensor(rewarder(greedy)[0])
-    advantages(cfg, scores, batch, baseline, reduce)
+    advantages(cfg, scores, batch, None if baseline is None else torch.tensor(baseline), reduce)
     t0 = time.perf_counter()
     stats = train_on(trainer, samples, batch, cfg, step, lr, reduce)
     timer["train"] = time.perf_counter() - t0
@@ -725,27 +721,23 @@ def rl_step(trainer: Trainer, llm, rewarder: Rewarder, samples: list[dict], cfg:
 
 # ---- driver ------------------------------------------------------------------------------------------------
 
-def evaluate(llm, rewarder: Rewarder, rows: list[dict], cfg: Config) -> dict:
-    """Greedy accuracy on held-out prompts, through the engine (its weights are the trainer's after a sync)."""
-    samples = rollout(llm, rows, cfg, -1, -1, greedy=True)
-    scores, answered = rewarder(samples)
-    return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
+def greedy_rows(samples: list[dict], n: int) -> list[dict]:
+    """The prompts of a batch, once each (ReMax's greedy baseline; held-out evals)."""
+    return [{"prompt_ids": samples[i]["prompt_ids"], "answer": samples[i]["answer"], "row": samples[i].get("row", i)}
+            for i in range(0, len(samples), n)]
 
 
-def value_warmup(trainer: Trainer, llm, rewarder: Rewarder, rows: list[dict], cfg: Config, log, reduce) -> None:
-    """PPO with rule-based rewards on a small model: a critic that starts from noise makes the first policy
-    steps follow noise. Fit it first to the Monte-Carlo returns of the initial policy's rollouts."""
-    for k in range(cfg.value_warmup_steps):
-        samples = rollout(llm, rows, cfg, -2 - k, 0)
-        scores = torch.tensor(rewarder(samples)[0])
-        batch = {"mask": padded(samples)}
-        batch["lmask"] = batch["mask"]
-        batch.update(trainer.score(samples, batch["mask"].shape))
-        batch["returns"] = discounted_returns(token_rewards(scores, batch["mask"]), batch["mask"], cfg.gamma)
-        tokens, seqs = reduce([float(batch["mask"].sum()), float(len(samples))])
-        loss = trainer.update_critic(samples, batch, list(range(len(samples))), cfg.critic_lr,
-                                     {"tokens": tokens, "seqs": seqs})
-        log(f"value warm-up {k + 1}/{cfg.value_warmup_steps}: value loss {loss:.4f}")
+def warmup_batch(trainer: Trainer, samples: list[dict], scores: list[float], cfg: Config, reduce) -> float:
+    """PPO's value warm-up step: with rule-based rewards on a small model, a critic that starts from noise makes
+    the first policy steps follow noise, so it is first fitted to the Monte-Carlo returns of the initial
+    policy's rollouts (no policy update)."""
+    batch = {"mask": padded(samples)}
+    batch["lmask"] = batch["mask"]
+    batch.update(trainer.score(samples, batch["mask"].shape))
+    batch["returns"] = discounted_returns(token_rewards(torch.tensor(scores), batch["mask"]), batch["mask"], cfg.gamma)
+    tokens, seqs = reduce([float(batch["mask"].sum()), float(len(samples))])
+    return trainer.update_critic(samples, batch, list(range(len(samples))), cfg.critic_lr,
+                                 {"tokens": tokens, "seqs": seqs})
 
 
 def plot_curves(metrics: Path, png: Path) -> bool:
@@ -771,127 +763,266 @@ def plot_curves(metrics: Path, png: Path) -> bool:
     return True
 
 
+# ---- roles: in-process, or actors on nanoray / Ray ------------------------------------------------------------
+# The driver holds the loop, the data position, the grader and the log; the two roles hold the models. With
+# --backend local they are plain objects in the driver's process (under torchrun: one of each per rank, a
+# data-parallel replica). With --backend nanoray or ray each is an actor in its own process: on a machine
+# with two GPUs, one each (split placement: the engine generates step k+1 WHILE the trainer trains step k in
+# one-step-off mode); on one GPU they share it (half each); on CPU both simply run. The weights travel
+# trainer -> driver -> engine as CPU tensors through the object store (zero-copy within a machine).
+
+class EngineRole:
+    """The rollout engine: nanovllm on the trainer's current weights."""
+
+    def __init__(self, folder: str, cfg: Config, max_model_len: int, max_num_seqs: int, device: str | None):
+        from nanovllm import LLM
+        self.cfg = cfg
+        self.llm = LLM(folder, seed=cfg.seed, gpu_memory_utilization=cfg.engine_memory, max_model_len=max_model_len,
+                       max_num_seqs=max_num_seqs, device=device)
+        self.llm.verbose = False
+
+    def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False) -> list[dict]:
+        return rollout(self.llm, rows, self.cfg, step, version, greedy)
+
+    def load(self, weights) -> float:
+        """New weights in place (no disk); seconds."""
+        return self.llm.update_weights(weights)
+
+    def shutdown(self):
+        self.llm.shutdown()
+
+
+class TrainerRole:
+    """The trainer: actor (+ critic, + reference) on a nanotron mesh, resumed from `src` when given."""
+
+    def __init__(self, cfg: Config, path: str | None, src: str | None):
+        import nanotron as nt
+        self.cfg, self.nt = cfg, nt
+        self.mesh = nt.Mesh.build(1, 1)                  # dp = the world size (one process: 1)
+        mcfg = nt.preset_config("tiny") if path is None else \
+            nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
+        self.trainer = Trainer(cfg, nt, self.mesh, mcfg, path, _critic_state(src) if src and cfg.algo == "ppo" else None)
+        self.start, self.extra = 0, {}
+        if src is not None:
+            man = nt.load_checkpoint(src, self.trainer.actor, self.trainer.opt, self.mesh)
+            self.start, self.extra = int(man["step"]), man["extra"]
+
+    def info(self) -> dict:
+        return {"start": self.start, "extra": self.extra, "rank": self.mesh.rank, "dp": self.mesh.dp,
+                "dp_rank": self.mesh.dp_rank, "device": str(self.mesh.device),
+                "vocab": self.trainer.actor.cfg.vocab_size}
+
+    def reduce(self, values: list) -> list:
+        """Sum floats over the data-parallel ranks (one small all-reduce)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.mesh.device)
+        return self.nt.all_reduce_(t, self.mesh.group("dp")).tolist()
+
+    def step(self, samples, scores, answered, step: int, lr: float, baseline=None) -> tuple[dict, dict]:
+        timer = {}
+        m = rl_step(self.trainer, samples, scores, answered, self.cfg, step, lr, timer, self.reduce, baseline)
+        return m, timer
+
+    def warmup(self, samples, scores) -> float:
+        return warmup_batch(self.trainer, samples, scores, self.cfg, self.reduce)
+
+    def weights(self, cpu: bool):
+        """(hf_name, tensor) of the actor: a generator in-process; CPU copies when they cross processes."""
+        w = self.trainer.weights()
+        return [(k, v.cpu()) for k, v in w] if cpu else w
+
+    def write_folder(self, folder: str, tokenizer_src: str | None) -> None:
+        """An HF folder of the actor's current weights (+ the tokenizer files), for the engine to start from."""
+        folder = Path(folder)
+        self.nt.save_hf(self.trainer.actor, folder, dtype=self.cfg.dtype)
+        for f in Path(tokenizer_src).iterdir() if tokenizer_src else ():
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
+                (folder / f.name).write_bytes(f.read_bytes())
+
+    def save(self, out: str, step: int, sampler_states: list, pending: list) -> None:
+        _save(self.trainer, self.nt, self.mesh, Path(out), step, self.cfg, sampler_states, pending)
+
+    def barrier(self):
+        if self.mesh.world > 1:
+            torch.distributed.barrier()
+
+    def close(self):
+        self.mesh.destroy()
+
+
+class _Here:
+    """An in-process object called the way an actor is: obj.method.remote(...) runs now; get() is identity."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __getattr__(self, name):
+        fn = getattr(self.obj, name)
+        return type("_M", (), {"remote": staticmethod(fn)})
+
+
+def start_roles(cfg: Config, path, src, device_for_engine):
+    """(trainer handle, get, backend module or None) for --backend."""
+    if cfg.backend == "local":
+        return _Here(TrainerRole(cfg, path, src)), (lambda x: x), None
+    if cfg.backend == "ray":
+        import ray
+        kw = {"runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}}
+    else:
+        import nanoray as ray
+        kw = {}
+    import ppo                    # the roles by module name (not __main__), so worker processes import them
+    gpus = torch.cuda.device_count()
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=gpus, **kw)
+    share = 1 if gpus >= 2 else 0.5 if gpus == 1 else 0           # two GPUs: split; one: shared; none: CPU
+    trainer = ray.remote(num_gpus=share)(ppo.TrainerRole).remote(ppo.Config(**asdict(cfg)), str(path) if path else None,
+                                                                str(src) if src else None)
+    return trainer, ray.get, ray
+
+
 def main(argv=None) -> dict:
-    """One RL run. Plain `python ppo.py`: one process. Under torchrun every rank is a data-parallel replica
-    with its own colocated engine: it generates, grades and scores its share of each step's prompts, and
-    the ranks meet only in the gradient reduction and the few sums that make the loss and the metrics
-    those of the whole batch."""
-    import nanotron as nt
+    """One RL run: the loop of the single controller (this process), driving the two roles."""
     import prepare_data
-    from nanovllm import LLM
+    import nanotron as nt
     cfg = parse_args(argv)
     t_start = time.time()
     cfg = resolve(cfg, torch.cuda.is_available())
-    mesh = nt.Mesh.build(1, 1)                            # dp = the world size (tensor / pipeline: not yet)
-    rank0, dp = mesh.rank == 0, mesh.dp
-    if cfg.prompts_per_step % dp:
-        raise ValueError(f"ppo.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the {dp} "
-                         "data-parallel ranks (torchrun --nproc_per_node)")
-
-    def reduce(values: list) -> list:
-        """Sum floats over the data-parallel ranks (one small all-reduce)."""
-        t = torch.tensor(values, dtype=torch.float64, device=mesh.device)
-        return nt.all_reduce_(t, mesh.group("dp")).tolist()
-    say = print if rank0 else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
+    if cfg.backend != "local" and nt.dist_env()[1] > 1:
+        raise ValueError(f"ppo.py: --backend {cfg.backend} places the roles itself: run `python ppo.py`, not torchrun")
     out = Path(cfg.out)
-    # -- model, data, resume --
-    if cfg.model == "tiny":
-        mcfg, path = nt.preset_config("tiny"), None
-    else:
-        path = prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)
-        mcfg = nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
-    train_rows, test_rows = load_prompts(cfg, mcfg.vocab_size)
-    for i, r in enumerate(train_rows):
-        r["row"] = i                                      # the sampling seed of this prompt, in any layout
+    path = None if cfg.model == "tiny" else \
+        prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)
     src = nt.latest_checkpoint(out) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
-    trainer = Trainer(cfg, nt, mesh, mcfg, path, _critic_state(src) if src is not None and cfg.algo == "ppo" else None)
-    start, pending, samplers = 0, None, None
-    if src is not None:
-        man = nt.load_checkpoint(src, trainer.actor, trainer.opt, mesh)
-        start, extra = int(man["step"]), man["extra"]
-        if len(extra["sampler"]) != dp:
-            raise ValueError(f"ppo.py: {src} was saved by {len(extra['sampler'])} data-parallel ranks, this run has "
-                             f"{dp}: resume with the same torchrun --nproc_per_node")
-        samplers, pending = extra["sampler"][mesh.dp_rank], (extra.get("pending") or [None] * dp)[mesh.dp_rank]
-        say(f"ppo.py: resumed from {src} at step {start}")
-    elif out.exists() and any(out.glob("step_*")):
+    if src is None and out.exists() and any(out.glob("step_*")):
         raise ValueError(f"ppo.py: --out {out} holds another run's checkpoints; pass --resume auto, another --out, "
                          "or delete them")
-    # -- the colocated engine: the trainer's weights, loaded from a folder once --
-    engine_folder = path
-    if path is None or src is not None:
-        engine_folder = out / "engine_init"
-        if rank0:
-            nt.save_hf(trainer.actor, engine_folder, dtype=cfg.dtype)
-            for f in Path(path).iterdir() if path is not None else ():      # tokenizer and template files
-                if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json",
-                                                                                "model.safetensors.index.json"):
-                    (engine_folder / f.name).write_bytes(f.read_bytes())
-        if dp > 1:
-            torch.distributed.barrier()
-    L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
-    llm = LLM(engine_folder, seed=cfg.seed, gpu_memory_utilization=cfg.engine_memory, max_model_len=L,
-              max_num_seqs=min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt),
-              device=str(mesh.device))
-    llm.verbose = False
-    rewarder = Rewarder(cfg, llm.get_tokenizer())
+    trainer, get, ray = start_roles(cfg, path, src, None)
+    engine = None
+    try:
+        info = get(trainer.info.remote())
+        rank0, dp, start = info["rank"] == 0, info["dp"], info["start"]
+        say = print if rank0 else (lambda *a, **k: None)
+        if cfg.prompts_per_step % dp:
+            raise ValueError(f"ppo.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the {dp} "
+                             "data-parallel ranks (torchrun --nproc_per_node)")
+        train_rows, test_rows = load_prompts(cfg, info["vocab"])
+        for i, r in enumerate(train_rows):
+            r["row"] = i                                      # the sampling seed of this prompt, in any layout
+        extra = info["extra"]
+        if src is not None and len(extra["sampler"]) != dp:
+            raise ValueError(f"ppo.py: {src} was saved by {len(extra['sampler'])} data-parallel ranks, this run has "
+                             f"{dp}: resume with the same torchrun --nproc_per_node")
+        say(f"ppo.py: resumed from {src} at step {start}" if src else "", end="\n" if src else "")
+        # -- the engine starts from the trainer's current weights (one folder, written once) --
+        folder = str(path) if path is not None and src is None else str(out / "engine_init")
+        if folder != str(path):
+            if rank0:
+                get(trainer.write_folder.remote(folder, str(path) if path else None))
+            get(trainer.barrier.remote())
+        L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
+        args = (folder, cfg, L, min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt))
+        if ray is None:
+            engine = _Here(EngineRole(*args, info["device"]))
+        else:
+            import ppo
+            gpus = torch.cuda.device_count()
+            engine = ray.remote(num_gpus=1 if gpus >= 2 else 0.5 if gpus else 0)(ppo.EngineRole).remote(
+                args[0], ppo.Config(**asdict(cfg)), *args[2:], "cuda" if gpus else "cpu")
+        from nanovllm import load_tokenizer
+        rewarder = Rewarder(cfg, load_tokenizer(folder))
+        return _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extra, say, out, t_start)
+    finally:
+        if engine is not None:
+            get(engine.shutdown.remote())
+        if ray is not None:
+            ray.shutdown()
+        else:
+            trainer.obj.close()
+
+
+def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extra, say, out, t_start) -> dict:
     import nanosets
-    sampler = nanosets.ShardedSampler(len(train_rows), mesh.dp_rank, dp, seed=cfg.seed)
-    if samplers:
-        sampler.load_state_dict(samplers)
+    import nanotron as nt
+    import prepare_data
+    rank0, dp, start = info["rank"] == 0, info["dp"], info["start"]
+    sampler = nanosets.ShardedSampler(len(train_rows), info["dp_rank"], dp, seed=cfg.seed)
+    pending = None
+    if start:
+        sampler.load_state_dict(extra["sampler"][info["dp_rank"]])
+        pending = (extra.get("pending") or [None] * dp)[info["dp_rank"]]
     take = lambda: [train_rows[i] for i in sampler.take(cfg.prompts_per_step // dp)]   # noqa: E731
     P, n = cfg.prompts_per_step, cfg.samples_per_prompt
-    say(f"ppo config: {json.dumps(asdict(cfg))}\n{cfg.algo}, {cfg.mode}: {P} prompts x {n} samples = {P * n} "
-        f"responses of <= {cfg.max_new_tokens} tokens per step over {dp} data-parallel rank(s), {cfg.epochs} "
-        f"epoch(s) x {cfg.mini_batches} mini-batch(es), {len(train_rows)} train prompts, {len(test_rows)} held out, "
-        f"{cfg.steps} steps, device {mesh.device}")
+    say(f"ppo config: {json.dumps(asdict(cfg))}\n{cfg.algo}, {cfg.mode}, backend {cfg.backend}: {P} prompts x {n} "
+        f"samples = {P * n} responses of <= {cfg.max_new_tokens} tokens per step over {dp} data-parallel rank(s), "
+        f"{cfg.epochs} epoch(s) x {cfg.mini_batches} mini-batch(es), {len(train_rows)} train prompts, "
+        f"{len(test_rows)} held out, {cfg.steps} steps, trainer on {info['device']}")
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "metrics.jsonl", start, rank0)
-    first_eval = {"eval_accuracy": None}
+    cpu = cfg.backend != "local"                           # weights cross a process boundary as CPU tensors
+
+    def evaluate() -> dict:
+        scores, answered = rewarder(get(engine.generate.remote(test_rows, -1, -1, True)))
+        return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
     try:
-        if start == 0 and trainer.critic is not None and cfg.value_warmup_steps:
-            value_warmup(trainer, llm, rewarder, take(), cfg, say, reduce)
+        first_eval = {"eval_accuracy": None}
+        if start == 0 and cfg.algo == "ppo" and cfg.value_warmup_steps:
+            rows = take()
+            for k in range(cfg.value_warmup_steps):
+                samples = get(engine.generate.remote(rows, -2 - k, 0))
+                loss = get(trainer.warmup.remote(samples, rewarder(samples)[0]))
+                say(f"value warm-up {k + 1}/{cfg.value_warmup_steps}: value loss {loss:.4f}")
         if rank0:
-            first_eval = evaluate(llm, rewarder, test_rows, cfg)
+            first_eval = evaluate()
             log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy "
                       f"{first_eval['eval_accuracy']:.3f}")
-        version = start                                   # optimizer steps behind the engine's weights
-        if pending is None:
-            pending = rollout(llm, take(), cfg, start, version)
+        version = start                                    # optimizer steps behind the engine's weights
+        # pending: the next batch of rollouts -- a list, or (actors) a future of one, being generated meanwhile
+        pending = engine.generate.remote(take(), start, version) if pending is None else pending
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
-            samples = pending
+            samples = pending if isinstance(pending, list) else get(pending)
             if cfg.mode == "one_step_off" and step + 1 < cfg.steps:
-                pending = rollout(llm, take(), cfg, step + 1, version)      # made with weights of step `version`
+                # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
+                pending = engine.generate.remote(take(), step + 1, version)
             stale = step - samples[0]["version"]
             assert stale == (0 if cfg.mode == "sync" or step == 0 else 1), f"staleness {stale} at step {step}"
             timer["generate"] = time.perf_counter() - t0
-            lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
-            m = rl_step(trainer, llm, rewarder, samples, cfg, step, lr, timer, reduce)
             t0 = time.perf_counter()
-            llm.update_weights(trainer.weights())                            # in memory, no disk
+            scores, answered = rewarder(samples)
+            baseline = None
+            if cfg.algo == "remax":                        # the score of each prompt's greedy response
+                baseline = rewarder(get(engine.generate.remote(greedy_rows(samples, n), step, -1, True)))[0]
+            timer["reward"] = time.perf_counter() - t0
+            lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
+            m, t = get(trainer.step.remote(samples, scores, answered, step, lr, baseline))
+            timer.update(t)
+            t0 = time.perf_counter()
+            # an actor runs its calls in order: this load waits for the generation asked for above
+            get(engine.load.remote(get(trainer.weights.remote(cpu))))        # in memory, no disk
             version = step + 1
             timer["sync"] = time.perf_counter() - t0
             if cfg.mode == "sync" and step + 1 < cfg.steps:
                 t0 = time.perf_counter()
-                pending = rollout(llm, take(), cfg, step + 1, version)
+                pending = engine.generate.remote(take(), step + 1, version)
+                pending = pending if isinstance(pending, list) else get(pending)
                 timer["generate"] += time.perf_counter() - t0
             row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
             if rank0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
-                row.update(evaluate(llm, rewarder, test_rows, cfg))
+                row.update(evaluate())
             log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
             if cfg.save_every >= 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
-                _save(trainer, nt, mesh, out, step + 1, cfg, sampler, pending if cfg.mode == "one_step_off" else None)
+                if cfg.mode == "one_step_off" and not isinstance(pending, list):
+                    pending = get(pending)                 # the in-flight rollout goes into the checkpoint
+                keep = pending if cfg.mode == "one_step_off" and step + 1 < cfg.steps else None
+                states = _gather(trainer, (sampler.state_dict(), keep), dp)
+                get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))
     finally:
         rewarder.close()
-        llm.shutdown()
     rows = log.rows
     summary = {"steps": cfg.steps, "first_reward": next((r["reward"] for r in rows if "reward" in r), None),
                "last_reward": rows[-1].get("reward") if rows else None,
                "eval_accuracy_before": first_eval["eval_accuracy"],
                "eval_accuracy_after": rows[-1].get("eval_accuracy") if rows else None,
-               "seconds": round(time.time() - t_start, 1), "dp": dp}
+               "seconds": round(time.time() - t_start, 1), "dp": dp, "backend": cfg.backend}
     if rank0:
         plot_curves(out / "metrics.jsonl", out / "curves.png")
         prepare_data.append_result(cfg.results, "ppo", asdict(cfg), summary)
@@ -899,8 +1030,16 @@ def main(argv=None) -> dict:
         print(f"ppo.py: {cfg.algo} {start} -> {cfg.steps} steps, reward {summary['first_reward']} -> "
               f"{summary['last_reward']}, held-out {summary['eval_accuracy_before']} -> "
               f"{summary['eval_accuracy_after']}, {summary['seconds']} s; out {out}")
-    mesh.destroy()
     return summary
+
+
+def _gather(trainer, item, dp: int) -> list:
+    """item from every data-parallel rank (in-process roles under torchrun), in rank order."""
+    if dp == 1:
+        return [item]
+    out = [None] * dp
+    torch.distributed.all_gather_object(out, item, group=trainer.obj.mesh.group("dp"))
+    return out
 
 
 class _Log:
@@ -935,15 +1074,11 @@ def _line(r: dict, cfg: Config) -> str:
             f"len {r['response_len']:.0f} | trunc {r['truncated']:.2f}{ev} | {t}")
 
 
-def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler, pending) -> None:
+def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler_states: list, pending: list) -> None:
     """Every rank calls it: the actor through nanotron (mergeable by merge.py), the data position and the
-    in-flight rollout of every rank in the manifest, the critic beside it."""
+    in-flight rollout of every data-parallel rank in the manifest, the critic beside it."""
     folder = out / f"step_{step}"
-    states = [(sampler.state_dict(), pending)]
-    if mesh.dp > 1:
-        states = [None] * mesh.dp
-        torch.distributed.all_gather_object(states, (sampler.state_dict(), pending), group=mesh.group("dp"))
-    extra = {"sampler": [s for s, _ in states], "pending": [p for _, p in states]}
+    extra = {"sampler": sampler_states, "pending": pending}
     nt.save_checkpoint(folder, trainer.actor, trainer.opt, mesh, step, extra=extra, config=asdict(cfg))
     if mesh.rank != 0:
         return

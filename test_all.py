@@ -7080,6 +7080,26 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path):
     assert len(man["extra"]["sampler"]) == 2 and len(man["extra"]["pending"]) == 2
 
 
+@pytest.mark.parametrize("backend", ["nanoray", "ray"])
+def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend):
+    """--backend nanoray / ray: the trainer and the engine are actors in their own processes (the weights travel
+    through the object store; in one-step-off mode the engine generates while the trainer trains), and the
+    run equals the in-process one step for step."""
+    if backend == "ray":
+        pytest.importorskip("ray")
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps", "3", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl",
+              "--mode", "one_step_off"]
+    ppo.main(common + ["--out", "here"])
+    s = ppo.main(common + ["--out", "actors", "--backend", backend])
+    here, actors = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("here", "actors"))
+    assert [r["reward"] for r in actors] == [r["reward"] for r in here]
+    assert [r["staleness"] for r in actors] == [0, 1, 1]
+    for a, b in zip(here, actors):
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+    assert s["backend"] == backend and (tmp_path / "actors" / "step_3" / "manifest.json").is_file()
+
+
 def test_ppo_cli_errors_are_one_line(tmp_path):
     for args, msg in ((["--algo", "dpo"], "--algo 'dpo'"),
                       (["--algo", "grpo", "--samples_per_prompt", "1"], "--samples_per_prompt must be >= 2"),
