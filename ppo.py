@@ -28,6 +28,7 @@ Commands:
     python ppo.py --model smollm2 --data synthetic    # SmolLM2-135M-Instruct on the synthetic math task
     python ppo.py --algo ppo --value_warmup_steps 5   # PPO with a critic (GAE), value warm-up first
     torchrun --nproc_per_node 2 ppo.py                # data parallel: the same run as one process, on 2 ranks
+    torchrun --nproc_per_node 2 ppo.py --tp 2         # tensor-parallel trainer (each rank keeps a full engine)
     python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
     pytest -q test_all.py -k ppo
 
@@ -307,6 +308,7 @@ class Config:
     grade_workers: int = 2  # math-verify grading processes
     grade_timeout_s: float = 5.0  # per answer; slower ones count as wrong
     backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
+    tp: int = 1  # tensor-parallel ranks of the trainer (under torchrun; dp = world / tp); each rank keeps an engine
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
 
 
@@ -320,6 +322,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
               (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),
               (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
+              (cfg.tp == 1 or cfg.backend == "local", f"--tp {cfg.tp} needs --backend local under torchrun"),
               (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
     for ok, msg in checks:
         if not ok:
@@ -798,7 +801,7 @@ class TrainerRole:
     def __init__(self, cfg: Config, path: str | None, src: str | None):
         import nanotron as nt
         self.cfg, self.nt = cfg, nt
-        self.mesh = nt.Mesh.build(1, 1)                  # dp = the world size (one process: 1)
+        self.mesh = nt.Mesh.build(cfg.tp, 1)              # dp = world / tp (one process: 1)
         mcfg = nt.preset_config("tiny") if path is None else \
             nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
         self.trainer = Trainer(cfg, nt, self.mesh, mcfg, path, _critic_state(src) if src and cfg.algo == "ppo" else None)
@@ -808,7 +811,7 @@ class TrainerRole:
             self.start, self.extra = int(man["step"]), man["extra"]
 
     def info(self) -> dict:
-        return {"start": self.start, "extra": self.extra, "rank": self.mesh.rank, "dp": self.mesh.dp,
+        return {"start": self.start, "extra": self.extra, "rank": self.mesh.rank, "dp": self.mesh.dp, "tp": self.mesh.tp,
                 "dp_rank": self.mesh.dp_rank, "device": str(self.mesh.device),
                 "vocab": self.trainer.actor.cfg.vocab_size}
 
@@ -833,7 +836,10 @@ class TrainerRole:
     def write_folder(self, folder: str, tokenizer_src: str | None) -> None:
         """An HF folder of the actor's current weights (+ the tokenizer files), for the engine to start from."""
         folder = Path(folder)
-        self.nt.save_hf(self.trainer.actor, folder, dtype=self.cfg.dtype)
+        if self.mesh.dp_rank == 0:      # a collective over tp (it gathers the shards); global rank 0 writes
+            self.nt.save_hf(self.trainer.actor, folder, dtype=self.cfg.dtype)
+        if self.mesh.rank != 0:
+            return
         for f in Path(tokenizer_src).iterdir() if tokenizer_src else ():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
                 (folder / f.name).write_bytes(f.read_bytes())
@@ -915,8 +921,7 @@ def main(argv=None) -> dict:
         # -- the engine starts from the trainer's current weights (one folder, written once) --
         folder = str(path) if path is not None and src is None else str(out / "engine_init")
         if folder != str(path):
-            if rank0:
-                get(trainer.write_folder.remote(folder, str(path) if path else None))
+            get(trainer.write_folder.remote(folder, str(path) if path else None))
             get(trainer.barrier.remote())
         L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
         args = (folder, cfg, L, min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt))

@@ -7055,10 +7055,12 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
     assert cut == full
 
 
-def test_ppo_torchrun_dp2_equals_one_process(tmp_path):
-    """torchrun --nproc_per_node 2 (gloo): each rank generates, grades and scores half of each step's prompts
-    on its own engine; the loss is normalised by the whole step's counts and dp sums the gradients, and the
-    samples are seeded by prompt row: the run equals the one-process run, step for step."""
+@pytest.mark.parametrize("layout", [[], ["--tp", "2"]])
+def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
+    """torchrun --nproc_per_node 2 (gloo). dp 2: each rank generates, grades and scores half of each step's
+    prompts on its own engine; the loss is normalised by the whole step's counts and dp sums the gradients,
+    and the samples are seeded by prompt row. tp 2: the two ranks hold half of every layer (and each a full
+    engine, which samples the same tokens). Either way the run equals the one-process run, step for step."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -7069,15 +7071,16 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path):
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
     r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "ppo.py"),
-                         *common, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                         *common, *layout, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                        timeout=300)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
     one, two = ([r for r in _ppo_rows(tmp_path / d) if "reward" in r] for d in ("one", "two"))
     assert [r["reward"] for r in two] == [r["reward"] for r in one]
-    for a, b in zip(one, two):
-        assert b["value_loss"] == pytest.approx(a["value_loss"], rel=1e-4, abs=1e-6)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    for a, b in zip(one, two):             # (tp sums partial matmuls in another order: fp32 round-off only)
+        assert b["value_loss"] == pytest.approx(a["value_loss"], rel=1e-3, abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     man = json.loads((tmp_path / "two" / "step_3" / "manifest.json").read_text())
-    assert len(man["extra"]["sampler"]) == 2 and len(man["extra"]["pending"]) == 2
+    assert len(man["extra"]["sampler"]) == len(man["extra"]["pending"]) == (1 if layout else 2)
 
 
 @pytest.mark.parametrize("backend", ["nanoray", "ray"])
