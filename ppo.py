@@ -878,7 +878,9 @@ def start_roles(cfg: Config, path, src, device_for_engine):
         kw = {}
     import ppo                    # the roles by module name (not __main__), so worker processes import them
     gpus = torch.cuda.device_count()
-    ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=gpus, **kw)
+    ppo._STARTED = not ray.is_initialized()         # a cluster the caller started is joined, and left running
+    if ppo._STARTED:
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=gpus, **kw)
     share = 1 if gpus >= 2 else 0.5 if gpus == 1 else 0           # two GPUs: split; one: shared; none: CPU
     trainer = ray.remote(num_gpus=share)(ppo.TrainerRole).remote(ppo.Config(**asdict(cfg)), str(path) if path else None,
                                                                 str(src) if src else None)
@@ -938,10 +940,15 @@ def main(argv=None) -> dict:
     finally:
         if engine is not None:
             get(engine.shutdown.remote())
-        if ray is not None:
-            ray.shutdown()
-        else:
+        if ray is None:
             trainer.obj.close()
+        else:
+            import ppo
+            for actor in (engine, trainer):
+                if actor is not None:
+                    ray.kill(actor)
+            if ppo._STARTED:
+                ray.shutdown()
 
 
 def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extra, say, out, t_start) -> dict:
