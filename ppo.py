@@ -11,7 +11,7 @@ How a step runs (the trainer and its engine share each device, "colocated"; unde
 data-parallel replica with its own engine and its share of the prompts):
   1. ROLLOUT: P prompts x n samples on nanovllm (the behaviour policy), with each token's log-prob.
   2. REWARD: eval.Grader grades the last \boxed{} against the gold answer in a process pool (timeouts
-     count as wrong); optional overlong penalty; dynamic sampling drops groups that all scored the same.
+     count as wrong); optional overlong penalty; dynamic sampling zeroes groups that all scored the same.
   3. SCORE: the trainer (nanotron) recomputes the log-probs of the sampled tokens (pi_old), the frozen
      reference's (for KL) and the critic's values (PPO); the estimator turns scores into advantages.
   4. UPDATE: epochs x mini-batches of PPO-clipped policy-gradient steps on packed micro-batches.
@@ -38,7 +38,7 @@ tested against hand-computed values), then rl_step and main. Legend: B sampled r
 rows [i*n, (i+1)*n) answer prompt i), N packed tokens of a micro-batch.
 
 Contents: advantages . KL . losses . batch shaping . config . prompts and rewards . trainer . the step .
-          driver . CLI
+          roles (in-process, or actors on nanoray / Ray) . driver . CLI
 """
 
 import dataclasses
