@@ -896,10 +896,11 @@ def main(argv=None) -> dict:
     cfg = resolve(cfg, torch.cuda.is_available())
     if cfg.backend != "local" and nt.dist_env()[1] > 1:
         raise ValueError(f"ppo.py: --backend {cfg.backend} places the roles itself: run `python ppo.py`, not torchrun")
-    out = Path(cfg.out)
-    path = None if cfg.model == "tiny" else \
-        prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)
-    src = nt.latest_checkpoint(out) if cfg.resume == "auto" else None if cfg.resume == "never" else Path(cfg.resume)
+    out = Path(cfg.out).resolve()   # absolute: actor processes of a cluster started elsewhere have another cwd
+    path = None if cfg.model == "tiny" else (
+        prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)).resolve()
+    src = nt.latest_checkpoint(out) if cfg.resume == "auto" else None if cfg.resume == "never" else \
+        Path(cfg.resume).resolve()
     if src is None and out.exists() and any(out.glob("step_*")):
         raise ValueError(f"ppo.py: --out {out} holds another run's checkpoints; pass --resume auto, another --out, "
                          "or delete them")
