@@ -1299,8 +1299,8 @@ class _Pipe:
     """One pipeline_step's plumbing: this stage's forward/backward of one micro-batch and the p2p to its
     neighbours (None where there is no neighbour: every call below is a no-op at the ends)."""
 
-    def __init__(self, stage, mesh, micro_batches, loss_scale, dp=None):
-        self.stage, self.mesh, self.mbs, self.loss_scale = stage, mesh, micro_batches, loss_scale
+    def __init__(self, stage, mesh, micro_batches, loss_scale, dp=None, loss_fn=None):
+        self.stage, self.mesh, self.mbs, self.loss_scale, self.loss_fn = stage, mesh, micro_batches, loss_scale, loss_fn
         self.dp, self.n_backward = dp, 0    # dp: the optimizer's DataParallel (grad sync on the last backward)
         r, d, t = mesh.pp_rank, mesh.dp_rank, mesh.tp_rank
         self.prev = mesh.rank_of(d, r - 1, t) if r > 0 else None
@@ -1317,7 +1317,11 @@ class _Pipe:
         mb = {n: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for n, v in self.mbs[k].items()}
         s = self.stage
         y = s(mb["input_ids"] if s.has_embedding else x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
-        if s.has_head:
+        if s.has_head and self.loss_fn is not None:     # a custom loss, already scaled to the step (RL)
+            y = self.loss_fn(y, k)
+            self.loss_sum += y.detach().double()
+            self.n_tokens += 1
+        elif s.has_head:
             total, n = s.loss(y, mb["labels"], rows=label_rows(self.mbs[k]["labels"], self.device))
             self.loss_sum += total.detach()
             self.n_tokens += n
@@ -1402,7 +1406,8 @@ SCHEDULES = {"1f1b": _1f1b, "afab": _afab}
 
 
 def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], schedule: str = "1f1b",
-                  loss_scale: float | None = None, check: bool = True, optimizer=None) -> tuple[float, int]:
+                  loss_scale: float | None = None, check: bool = True, optimizer=None,
+                  loss_fn=None) -> tuple[float, int]:
     """Forward + backward of one step's micro-batches through the pipeline; the gradients ACCUMULATE (zero
     them before, step after). Every rank of the pipeline passes the SAME list of dicts: input_ids [N],
     positions [N], cu_seqlens [B+1], max_seqlen (int, optional), labels [N] (next tokens or IGNORE_INDEX).
@@ -1410,13 +1415,15 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     micro-batches AND dp ranks) and the gradient does not depend on the split (None: this pipeline's mean).
     Returns (loss_sum, n_tokens) of this pipeline, unscaled, on every rank (broadcast from the last stage).
     check: one tiny all-reduce turns unequal micro-batch counts into an error instead of a hang.
-    optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad)."""
+    optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad).
+    loss_fn(hidden [N, Hd], k) -> scalar: another loss for micro-batch k on the last stage (ppo.py's policy
+    and value losses), already scaled to the step; no labels needed, and (loss_sum, M) is returned."""
     if schedule not in SCHEDULES:
         raise ValueError(f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
     if (M := len(micro_batches)) == 0:
         raise ValueError("pipeline_step: no micro-batches")
     for k, mb in enumerate(micro_batches):
-        if missing := {"input_ids", "positions", "cu_seqlens", "labels"} - set(mb):
+        if missing := ({"input_ids", "positions", "cu_seqlens"} | ({"labels"} if loss_fn is None else set())) - set(mb):
             raise KeyError(f"pipeline_step: micro-batch {k} lacks {sorted(missing)}")
     if stage.mesh is not mesh:
         raise ValueError("pipeline_step: the stage was built on another mesh")
@@ -1426,10 +1433,10 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
             raise RuntimeError(f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the stages "
                                f"of this pipeline have between {-int(mm[1])} and {int(mm[0])}; give every "
                                "stage the same list")
-    if loss_scale is None:          # .item() syncs: pass loss_scale in (you know the step's token count)
+    if loss_scale is None and loss_fn is None:   # .item() syncs: pass loss_scale in (you know the token count)
         loss_scale = 1.0 / max(1, sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
     dp = optimizer.dp if optimizer is not None else None
-    p = _Pipe(stage, mesh, micro_batches, loss_scale, dp)
+    p = _Pipe(stage, mesh, micro_batches, loss_scale, dp, loss_fn)
     SCHEDULES[schedule](p, M)
     sync_tied_embedding_grads(stage, dp)
     # the last stage knows the loss: broadcast it so every rank logs the same numbers (one small collective)
@@ -1438,6 +1445,26 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
         dist.broadcast(out, src=mesh.rank_of(mesh.dp_rank, mesh.pp - 1, mesh.tp_rank), group=mesh.pp_group)
     loss_sum, n = out.tolist()
     return loss_sum, int(n)
+
+
+@torch.no_grad()
+def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], fn) -> list:
+    """Forward only (no graph kept, no backward): micro-batch k flows through the stages, and the last
+    stage returns [fn(hidden_k [N, Hd], k) for every k]; the other stages return []. Every rank of the
+    pipeline passes the same list, as for pipeline_step (RL scores its rollouts this way)."""
+    r, d, t = mesh.pp_rank, mesh.dp_rank, mesh.tp_rank
+    prev = mesh.rank_of(d, r - 1, t) if r > 0 else None
+    nxt = mesh.rank_of(d, r + 1, t) if r < mesh.pp - 1 else None
+    dtype, out = next(stage.parameters()).dtype, []
+    for k, mb in enumerate(micro_batches):
+        x = mb["input_ids"] if prev is None else recv_activation(prev, stage.cfg.hidden_size, dtype, mesh.device,
+                                                                 mesh.pp_group)
+        y = stage(x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
+        if nxt is not None:
+            send_activation(y, nxt, mesh.pp_group)
+        else:
+            out.append(fn(y, k))
+    return out
 
 
 # ---- data parallelism + ZeRO -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ Commands:
     python ppo.py --algo ppo --value_warmup_steps 5   # PPO with a critic (GAE), value warm-up first
     torchrun --nproc_per_node 2 ppo.py                # data parallel: the same run as one process, on 2 ranks
     torchrun --nproc_per_node 2 ppo.py --tp 2         # tensor-parallel trainer (each rank keeps a full engine)
+    torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2  # + pipeline stages (1F1B; the RL loss on the last stage)
     python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
     pytest -q test_all.py -k ppo
 
@@ -308,7 +309,8 @@ class Config:
     grade_workers: int = 2  # math-verify grading processes
     grade_timeout_s: float = 5.0  # per answer; slower ones count as wrong
     backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
-    tp: int = 1  # tensor-parallel ranks of the trainer (under torchrun; dp = world / tp); each rank keeps an engine
+    tp: int = 1  # tensor-parallel ranks of the trainer (under torchrun; dp = world / (tp * pp)); each rank keeps an engine
+    pp: int = 1  # pipeline stages of the trainer (under torchrun; 1F1B)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
 
 
@@ -322,7 +324,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
               (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),
               (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
-              (cfg.tp == 1 or cfg.backend == "local", f"--tp {cfg.tp} needs --backend local under torchrun"),
+              (cfg.tp == cfg.pp == 1 or cfg.backend == "local", "--tp / --pp need --backend local under torchrun"),
               (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
     for ok, msg in checks:
         if not ok:
@@ -460,12 +462,12 @@ def pack(samples: list[dict], idx: list[int], budget: int, device) -> list[dict]
 class Trainer:
     """Actor (+ critic, + reference) on one nanotron mesh."""
 
-    def __init__(self, cfg: Config, nt, mesh, mcfg, path, critic_state: dict | None = None):
+    def __init__(self, cfg: Config, nt, mesh, mcfg, path):
         self.cfg, self.nt, self.mesh = cfg, nt, mesh
         dtype = getattr(torch, cfg.dtype)
 
-        def build(seed):
-            m = nt.Transformer(mcfg, mesh, dtype=dtype)
+        def build(seed):    # pp > 1: this rank's stage (its layers; the embedding first, the head last)
+            m = nt.build_stage(mcfg, mesh, dtype=dtype) if mesh.pp > 1 else nt.Transformer(mcfg, mesh, dtype=dtype)
             return m.init_random(seed) if path is None else m.load_hf(path)
         self.actor = build(cfg.seed)
         self.opt = nt.build_optimizer(self.actor, mesh, 1 if mesh.dp > 1 else 0, cfg.lr, weight_decay=0.0)
@@ -473,8 +475,6 @@ class Trainer:
         self.critic = self.value_head = None
         if cfg.algo == "ppo":
             self.critic = build(cfg.seed)
-            if critic_state is not None:                   # before the optimizer copies the weights in
-                self.critic.load_state_dict(critic_state["critic"])
             self.critic_opt = nt.build_optimizer(self.critic, mesh, 1 if mesh.dp > 1 else 0, cfg.critic_lr,
                                                  weight_decay=0.0)
             g = torch.Generator().manual_seed(cfg.seed + 7)
@@ -483,46 +483,63 @@ class Trainer:
                 self.value_head.weight.copy_(torch.randn(1, mcfg.hidden_size, generator=g) * 1e-3)
                 self.value_head.bias.zero_()
             self.head_opt = torch.optim.AdamW(self.value_head.parameters(), lr=cfg.critic_lr, weight_decay=0.0)
-            if critic_state is not None:
-                self.value_head.load_state_dict(critic_state["head"])
-                self.head_opt.load_state_dict(critic_state["head_opt"])
 
     def _scatter(self, vals: torch.Tensor, mb: dict, shape) -> torch.Tensor:
         out = torch.zeros(shape, dtype=torch.float32, device=vals.device)
         out[mb["where"][0], mb["where"][1]] = vals.float()
         return out
 
-    def _forward(self, model, mb, entropy=False):
-        """(log p of the response tokens at the sampling temperature, entropy or None), packed [n_resp]."""
-        h = model(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"])
+    def _logp(self, model, h, mb, entropy=False):
+        """(log p of the response tokens at the sampling temperature, entropy or None), packed [n_resp], from the
+        last stage's hidden states h [N, Hd] (only the rows that predict a response token reach the LM head)."""
         return model.logprobs(h.index_select(0, mb["rows"]), mb["targets"], self.cfg.temperature, entropy)
 
-    def _values(self, mb):
-        h = self.critic(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"])
+    def _values(self, h, mb):
         return self.value_head(h.index_select(0, mb["rows"]).float()).squeeze(-1)
+
+    def _from_last_stage(self, t: torch.Tensor) -> torch.Tensor:
+        """pp > 1: only the last stage computed t; broadcast it to the other stages of this pipeline."""
+        if self.mesh.pp == 1:
+            return t
+        m = self.mesh
+        t = t.to(m.device)
+        torch.distributed.broadcast(t, src=m.rank_of(m.dp_rank, m.pp - 1, m.tp_rank), group=m.pp_group)
+        return t.cpu()
 
     @torch.no_grad()
     def score(self, samples: list[dict], shape) -> dict:
-        """Forward-only passes: the trainer's log-probs (pi_old), the reference's, the critic's values [B, T]."""
-        out = {"old_logp": torch.zeros(shape), "ref_logp": None, "values": None}
-        if self.ref is not None:
-            out["ref_logp"] = torch.zeros(shape)
-        if self.critic is not None:
-            out["values"] = torch.zeros(shape)
-        for mb in pack(samples, list(range(len(samples))), self.cfg.micro_batch_tokens, self.mesh.device):
-            out["old_logp"] += self._scatter(self._forward(self.actor, mb)[0], mb, shape).cpu()
-            if self.ref is not None:
-                out["ref_logp"] += self._scatter(self._forward(self.ref, mb)[0], mb, shape).cpu()
-            if self.critic is not None:
-                out["values"] += self._scatter(self._values(mb), mb, shape).cpu()
+        """Forward-only passes: the trainer's log-probs (pi_old), the reference's, the critic's values [B, T].
+        pp > 1: the micro-batches flow through the stages (nt.pipeline_forward) and the last one scatters."""
+        mbs = pack(samples, list(range(len(samples))), self.cfg.micro_batch_tokens, self.mesh.device)
+        out = {}
+        for key, model, fn in (("old_logp", self.actor, lambda h, mb: self._logp(self.actor, h, mb)[0]),
+                               ("ref_logp", self.ref, lambda h, mb: self._logp(self.ref, h, mb)[0]),
+                               ("values", self.critic, self._values)):
+            if model is None:
+                out[key] = None
+                continue
+            t = torch.zeros(shape)
+            if self.mesh.pp > 1:
+                vals = self.nt.pipeline_forward(model, self.mesh, mbs, lambda h, k: fn(h, mbs[k]))
+            else:
+                vals = [fn(model(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"]), mb)
+                        for mb in mbs]
+            for mb, v in zip(mbs, vals):                   # (empty on the stages before the last)
+                t += self._scatter(v, mb, shape).cpu()
+            out[key] = self._from_last_stage(t)
         return out
 
-    def _micro_steps(self, mbs, opt, loss_of):
-        """Accumulate the micro-batches' gradients (dp reduces once, on the last) -> summed loss value."""
+    def _micro_steps(self, model, mbs, opt, loss_on):
+        """Accumulate the micro-batches' gradients (dp reduces once, on the last) -> summed loss value.
+        loss_on(hidden of the last stage, mb) -> this micro-batch's loss, already divided by the step's counts.
+        pp > 1: nanotron's 1F1B pipeline runs the same micro-batches through the stages (loss_fn hook)."""
+        if self.mesh.pp > 1:
+            return self.nt.pipeline_step(model, self.mesh, mbs, optimizer=opt,
+                                         loss_fn=lambda h, k: loss_on(h, mbs[k]))[0]
         total = 0.0
         for k, mb in enumerate(mbs):
             with opt.no_sync() if k < len(mbs) - 1 else _null():
-                loss = loss_of(mb)
+                loss = loss_on(model(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"]), mb)
                 loss.backward()
             total += float(loss.detach())
         return total
@@ -531,9 +548,9 @@ class Trainer:
         cfg, dev = self.cfg, self.mesh.device
         stats = {"clip_frac": [], "approx_kl": [], "entropy": [], "kl": []}
 
-        def loss_of(mb):
+        def loss_on(h, mb):
             sel = mb["samples"]
-            logp_p, ent_p = self._forward(self.actor, mb, entropy=True)
+            logp_p, ent_p = self._logp(self.actor, h, mb, entropy=True)
             shape = batch["mask"].shape
             logp = self._scatter(logp_p, mb, shape)[sel]
             take = lambda k: batch[k][sel].to(dev)                       # noqa: E731
@@ -560,25 +577,29 @@ class Trainer:
                                                            norm["max_len"])
             return loss
         self.opt.zero_grad()
-        loss = self._micro_steps(pack(samples, idx, cfg.micro_batch_tokens, dev), self.opt, loss_of)
+        loss = self._micro_steps(self.actor, pack(samples, idx, cfg.micro_batch_tokens, dev), self.opt, loss_on)
         gnorm = self.opt.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else self.opt.dp.grad_norm()
         self.opt.step(lr=lr)
         mean = lambda v: sum(v) / len(v) if v else 0.0                  # noqa: E731
-        return {"pg_loss": loss, "grad_norm": float(gnorm), **{k: mean(v) for k, v in stats.items()}}
+        names = sorted(stats)                   # pp > 1: the statistics live on the last stage
+        means = self._from_last_stage(torch.tensor([mean(stats[k]) for k in names], dtype=torch.float64)).tolist()
+        return {"pg_loss": loss, "grad_norm": float(gnorm), **dict(zip(names, means))}
 
     def update_critic(self, samples, batch: dict, idx: list[int], lr: float, norm: dict) -> float:
         cfg, dev = self.cfg, self.mesh.device
 
-        def loss_of(mb):
+        def loss_on(h, mb):
             sel = mb["samples"]
-            v = self._scatter(self._values(mb), mb, batch["mask"].shape)[sel]
+            v = self._scatter(self._values(h, mb), mb, batch["mask"].shape)[sel]
             vl = value_loss(v, batch["values"][sel].to(dev), batch["returns"][sel].to(dev), cfg.value_clip)
             return aggregate(vl, batch["lmask"][sel].to(dev), "token-mean", norm["tokens"], norm["seqs"])
         self.critic_opt.zero_grad()
         self.head_opt.zero_grad()
-        loss = self._micro_steps(pack(samples, idx, cfg.micro_batch_tokens, dev), self.critic_opt, loss_of)
+        loss = self._micro_steps(self.critic, pack(samples, idx, cfg.micro_batch_tokens, dev), self.critic_opt,
+                                 loss_on)
         for p in self.value_head.parameters():       # the head is outside nanotron's DataParallel: sum it here
-            self.nt.all_reduce_(p.grad, self.mesh.group("dp"))
+            if p.grad is not None:                   # (pp > 1: only the last stage uses the head)
+                self.nt.all_reduce_(p.grad, self.mesh.group("dp"))
         if cfg.grad_clip > 0:
             self.critic_opt.clip_grad_norm_(cfg.grad_clip)
             torch.nn.utils.clip_grad_norm_(self.value_head.parameters(), cfg.grad_clip)
@@ -588,9 +609,48 @@ class Trainer:
         self.head_opt.step()
         return loss
 
-    def weights(self):
-        """(hf_name, full tensor) of the actor, for the engine (all-gathered over tp: every rank iterates)."""
-        return self.actor.state_dict_hf()
+    def weights(self) -> list:
+        """(hf_name, full tensor) of the actor, for the engine: all-gathered over tp (a collective: every rank
+        iterates) and, pp > 1, every stage's tensors broadcast to its whole pipeline (each rank's engine holds
+        the full model). A tied embedding comes from the first stage (the last stage's copy is the same)."""
+        named, m = list(self.actor.state_dict_hf()), self.mesh
+        if m.pp == 1:
+            return named
+        full = {}
+        for s in range(m.pp):
+            got = broadcast_tensors(named if m.pp_rank == s else None, m.rank_of(m.dp_rank, s, m.tp_rank),
+                                    m.pp_group, m.device)
+            for n, t in got:
+                full.setdefault(n, t)
+        return list(full.items())
+
+
+def broadcast_tensors(named: list | None, src: int, group, device, bucket_bytes: int = 256 << 20) -> list:
+    """[(name, tensor)] from global rank src (which passes them; the others pass None) to every rank of group.
+    The names, shapes and dtypes go first as one pickled object; then the tensors in flat BUCKETS of one dtype,
+    one broadcast per ~bucket_bytes instead of one per tensor (a 0.6B model has ~310 tensors, and every call
+    pays a launch and a handshake). Returns views into the received buckets (on src: copies)."""
+    meta = [[(n, tuple(t.shape), t.dtype) for n, t in named] if named is not None else None]
+    torch.distributed.broadcast_object_list(meta, src=src, group=group, device=device)
+    meta, out, i = meta[0], [], 0
+    while i < len(meta):
+        j, size, dt = i, 0, meta[i][2]              # the bucket: meta[i:j], same dtype, <= bucket_bytes
+        while j < len(meta) and meta[j][2] == dt and (j == i or size + math.prod(meta[j][1]) * dt.itemsize
+                                                      <= bucket_bytes):
+            size += math.prod(meta[j][1]) * dt.itemsize
+            j += 1
+        if named is not None:
+            flat = torch.cat([t.reshape(-1) for _, t in named[i:j]]).to(device)
+        else:
+            flat = torch.empty(size // dt.itemsize, dtype=dt, device=device)
+        torch.distributed.broadcast(flat, src=src, group=group)
+        off = 0
+        for n, shape, _ in meta[i:j]:
+            k = math.prod(shape)
+            out.append((n, flat[off: off + k].view(shape)))
+            off += k
+        i = j
+    return out
 
 
 class _null:
@@ -801,13 +861,15 @@ class TrainerRole:
     def __init__(self, cfg: Config, path: str | None, src: str | None):
         import nanotron as nt
         self.cfg, self.nt = cfg, nt
-        self.mesh = nt.Mesh.build(cfg.tp, 1)              # dp = world / tp (one process: 1)
+        self.mesh = nt.Mesh.build(cfg.tp, cfg.pp)         # dp = world / (tp * pp) (one process: 1)
         mcfg = nt.preset_config("tiny") if path is None else \
             nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
-        self.trainer = Trainer(cfg, nt, self.mesh, mcfg, path, _critic_state(src) if src and cfg.algo == "ppo" else None)
+        self.trainer = t = Trainer(cfg, nt, self.mesh, mcfg, path)
         self.start, self.extra = 0, {}
         if src is not None:
-            man = nt.load_checkpoint(src, self.trainer.actor, self.trainer.opt, self.mesh)
+            if t.critic is not None:
+                _load_critic(t, nt, self.mesh, Path(src))
+            man = nt.load_checkpoint(src, t.actor, t.opt, self.mesh)
             self.start, self.extra = int(man["step"]), man["extra"]
 
     def info(self) -> dict:
@@ -835,11 +897,15 @@ class TrainerRole:
 
     def write_folder(self, folder: str, tokenizer_src: str | None) -> None:
         """An HF folder of the actor's current weights (+ the tokenizer files), for the engine to start from."""
+        from safetensors.torch import save_file
         folder = Path(folder)
-        if self.mesh.dp_rank == 0:      # a collective over tp (it gathers the shards); global rank 0 writes
-            self.nt.save_hf(self.trainer.actor, folder, dtype=self.cfg.dtype)
+        tensors = self.trainer.weights()    # a collective over tp and pp (it gathers the shards); rank 0 writes
         if self.mesh.rank != 0:
             return
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({n: t.to(getattr(torch, self.cfg.dtype)).contiguous().cpu() for n, t in tensors},
+                  str(folder / "model.safetensors"), metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(self.trainer.actor.cfg.to_hf(self.cfg.dtype), indent=2))
         for f in Path(tokenizer_src).iterdir() if tokenizer_src else ():
             if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):
                 (folder / f.name).write_bytes(f.read_bytes())
@@ -1088,30 +1154,42 @@ def _line(r: dict, cfg: Config) -> str:
 
 
 def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler_states: list, pending: list) -> None:
-    """Every rank calls it: the actor through nanotron (mergeable by merge.py), the data position and the
-    in-flight rollout of every data-parallel rank in the manifest, the critic beside it."""
+    """Every rank calls it. The critic FIRST, as a nanotron checkpoint of its own beside the actor's
+    (critic_step_N/: every tp/pp shard and its AdamW state, + the value head and its optimizer in
+    value_head.pt), then the actor (step_N/, mergeable by merge.py) with the data position and the in-flight
+    rollout of every data-parallel rank in its manifest. step_N/manifest.json is written last of all, so a
+    complete step_N always has its critic."""
     folder = out / f"step_{step}"
+    if trainer.critic is not None:
+        critic = out / f"critic_step_{step}"
+        nt.save_checkpoint(critic, trainer.critic, trainer.critic_opt, mesh, step)
+        if mesh.is_last_stage and mesh.dp_rank == 0 and mesh.tp_rank == 0:    # the head lives on the last stage
+            tmp = critic / "value_head.pt.tmp"
+            torch.save({"head": trainer.value_head.state_dict(), "head_opt": trainer.head_opt.state_dict()}, tmp)
+            tmp.replace(critic / "value_head.pt")
+        mesh.barrier()
     extra = {"sampler": sampler_states, "pending": pending}
     nt.save_checkpoint(folder, trainer.actor, trainer.opt, mesh, step, extra=extra, config=asdict(cfg))
     if mesh.rank != 0:
         return
-    if trainer.critic is not None:                       # the critic beside it (not an HF model: a value head)
-        tmp = out / f".critic_{step}.pt.tmp"
-        torch.save({"critic": trainer.critic.state_dict(), "head": trainer.value_head.state_dict(),
-                    "head_opt": trainer.head_opt.state_dict()}, tmp)
-        tmp.replace(folder / "critic.pt")
     done = sorted((p for p in out.glob("step_*") if (p / "manifest.json").is_file()),
                   key=lambda p: int(p.name.split("_")[1]))
     for p in done[:-cfg.keep_last] if cfg.keep_last > 0 else []:
         import shutil
         shutil.rmtree(p)
+        shutil.rmtree(p.with_name(f"critic_{p.name}"), ignore_errors=True)
 
 
-def _critic_state(src: Path) -> dict:
-    f = Path(src) / "critic.pt"
-    if not f.is_file():
-        raise FileNotFoundError(f"ppo.py: {f} is missing: that checkpoint has no critic (a run without --algo ppo?)")
-    return torch.load(f, map_location="cpu")
+def _load_critic(trainer: Trainer, nt, mesh, src: Path) -> None:
+    """The critic of checkpoint src (critic_<name> beside it): weights, AdamW state, value head."""
+    critic = src.with_name(f"critic_{src.name}")
+    if not (critic / "value_head.pt").is_file():
+        raise FileNotFoundError(f"ppo.py: {critic} is missing or incomplete: the critic of {src} (was it saved by "
+                                "a run with --algo ppo?)")
+    nt.load_checkpoint(critic, trainer.critic, trainer.critic_opt, mesh)
+    state = torch.load(critic / "value_head.pt", map_location="cpu")
+    trainer.value_head.load_state_dict(state["head"])
+    trainer.head_opt.load_state_dict(state["head_opt"])
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------

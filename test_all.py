@@ -7039,28 +7039,37 @@ def test_ppo_every_estimator_runs(tmp_path, monkeypatch, algo, extra):
     rows = [r for r in _ppo_rows("o") if "reward" in r]
     assert len(rows) == 2 and all(math.isfinite(r.get("grad_norm", 0.0)) for r in rows), rows
     if algo == "ppo":
-        assert "value_loss" in rows[-1] and (tmp_path / "o" / "step_2" / "critic.pt").is_file()
+        assert "value_loss" in rows[-1] and (tmp_path / "o" / "critic_step_2" / "value_head.pt").is_file()
     if "--kl_coef" in extra and "loss" in extra:
         assert rows[-1]["kl"] >= 0
 
 
-def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch):
+@pytest.mark.parametrize("algo", ["grpo", "ppo"])
+def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, algo):
+    """Stop after 2 of 4 steps and resume: the same rewards, and (ppo) the same critic losses, so the critic's
+    weights, its AdamW moments and the value head's came back exactly."""
     monkeypatch.chdir(tmp_path)
-    base = ["--steps", "4", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl"]
+    base = ["--steps", "4", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl",
+            "--algo", algo] + (["--samples_per_prompt", "2"] if algo == "ppo" else [])
     ppo.main(base + ["--out", "full", "--save_every", "2"])
     ppo.main(base + ["--out", "cut", "--save_every", "2", "--steps", "2"])
     ppo.main(base + ["--out", "cut", "--save_every", "2"])          # resumes from cut/step_2
-    full = [r["reward"] for r in _ppo_rows("full") if "reward" in r]
-    cut = [r["reward"] for r in _ppo_rows("cut") if "reward" in r]
-    assert cut == full
+    full, cut = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("full", "cut"))
+    assert [r["reward"] for r in cut] == [r["reward"] for r in full]
+    if algo == "ppo":
+        assert [r["value_loss"] for r in cut] == [r["value_loss"] for r in full]
+        assert sorted(p.name for p in Path("cut").glob("*step_*")) == ["critic_step_2", "critic_step_4", "step_2",
+                                                                       "step_4"]
 
 
-@pytest.mark.parametrize("layout", [[], ["--tp", "2"]])
+@pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"]])
 def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     """torchrun --nproc_per_node 2 (gloo). dp 2: each rank generates, grades and scores half of each step's
     prompts on its own engine; the loss is normalised by the whole step's counts and dp sums the gradients,
     and the samples are seeded by prompt row. tp 2: the two ranks hold half of every layer (and each a full
-    engine, which samples the same tokens). Either way the run equals the one-process run, step for step."""
+    engine, which samples the same tokens). pp 2: two pipeline stages (1F1B with the RL loss on the last stage;
+    the log-probs flow forward-only and are broadcast back; each engine gets both stages' weights). Every
+    layout equals the one-process run, step for step."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -7081,6 +7090,7 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     man = json.loads((tmp_path / "two" / "step_3" / "manifest.json").read_text())
     assert len(man["extra"]["sampler"]) == len(man["extra"]["pending"]) == (1 if layout else 2)
+    assert (man["layout"]["tp"], man["layout"]["pp"]) == ((2, 1) if "--tp" in layout else (1, 2) if layout else (1, 1))
 
 
 @pytest.mark.parametrize("backend", ["nanoray", "ray"])
