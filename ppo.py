@@ -46,6 +46,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 import time
 from dataclasses import dataclass, asdict
@@ -311,6 +312,8 @@ class Config:
     backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
     tp: int = 1  # tensor-parallel ranks of the trainer (under torchrun; dp = world / (tp * pp)); each rank keeps an engine
     pp: int = 1  # pipeline stages of the trainer (under torchrun; 1F1B)
+    engines: int = 1  # rollout engines (--backend nanoray|ray: actors, one GPU each when there are enough)
+    weight_sync: str = "broadcast"  # actors: broadcast (a process group, NCCL / gloo, buckets) | store (object store)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
 
 
@@ -325,6 +328,9 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),
               (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
               (cfg.tp == cfg.pp == 1 or cfg.backend == "local", "--tp / --pp need --backend local under torchrun"),
+              (cfg.engines == 1 or cfg.backend != "local", "--engines > 1 needs --backend nanoray or ray"),
+              (cfg.engines >= 1, "--engines must be >= 1"),
+              (cfg.weight_sync in ("broadcast", "store"), f"--weight_sync {cfg.weight_sync!r}: broadcast or store"),
               (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
     for ok, msg in checks:
         if not ok:
@@ -617,22 +623,28 @@ class Trainer:
         if m.pp == 1:
             return named
         full = {}
+        bcast = lambda t, src: torch.distributed.broadcast(t, src, group=m.pp_group)     # noqa: E731
         for s in range(m.pp):
             got = broadcast_tensors(named if m.pp_rank == s else None, m.rank_of(m.dp_rank, s, m.tp_rank),
-                                    m.pp_group, m.device)
+                                    bcast, m.device)
             for n, t in got:
                 full.setdefault(n, t)
         return list(full.items())
 
 
-def broadcast_tensors(named: list | None, src: int, group, device, bucket_bytes: int = 256 << 20) -> list:
-    """[(name, tensor)] from global rank src (which passes them; the others pass None) to every rank of group.
-    The names, shapes and dtypes go first as one pickled object; then the tensors in flat BUCKETS of one dtype,
+def broadcast_tensors(named: list | None, src: int, bcast, device, bucket_bytes: int = 256 << 20) -> list:
+    """[(name, tensor)] from rank src (which passes them; the others pass None) to every rank of a group;
+    bcast(tensor, src) broadcasts one tensor in place (torch.distributed.broadcast on a group, or a link's).
+    The names, shapes and dtypes go first as pickled bytes; then the tensors in flat BUCKETS of one dtype,
     one broadcast per ~bucket_bytes instead of one per tensor (a 0.6B model has ~310 tensors, and every call
     pays a launch and a handshake). Returns views into the received buckets (on src: copies)."""
-    meta = [[(n, tuple(t.shape), t.dtype) for n, t in named] if named is not None else None]
-    torch.distributed.broadcast_object_list(meta, src=src, group=group, device=device)
-    meta, out, i = meta[0], [], 0
+    blob = pickle.dumps([(n, tuple(t.shape), t.dtype) for n, t in named]) if named is not None else b""
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    bcast(size, src)
+    buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(device) if named is not None else \
+        torch.empty(int(size), dtype=torch.uint8, device=device)
+    bcast(buf, src)
+    meta, out, i = pickle.loads(buf.cpu().numpy().tobytes()), [], 0
     while i < len(meta):
         j, size, dt = i, 0, meta[i][2]              # the bucket: meta[i:j], same dtype, <= bucket_bytes
         while j < len(meta) and meta[j][2] == dt and (j == i or size + math.prod(meta[j][1]) * dt.itemsize
@@ -643,7 +655,7 @@ def broadcast_tensors(named: list | None, src: int, group, device, bucket_bytes:
             flat = torch.cat([t.reshape(-1) for _, t in named[i:j]]).to(device)
         else:
             flat = torch.empty(size // dt.itemsize, dtype=dt, device=device)
-        torch.distributed.broadcast(flat, src=src, group=group)
+        bcast(flat, src)
         off = 0
         for n, shape, _ in meta[i:j]:
             k = math.prod(shape)
@@ -851,6 +863,15 @@ class EngineRole:
         """New weights in place (no disk); seconds."""
         return self.llm.update_weights(weights)
 
+    def join_link(self, addr: str, rank: int, world: int, backend: str) -> None:
+        self.link = _Link(addr, rank, world, backend)
+
+    def receive(self) -> float:
+        """The trainer's weights through the link (a collective with TrainerRole.send), into the engine."""
+        t0 = time.perf_counter()
+        self.llm.update_weights(broadcast_tensors(None, 0, self.link.bcast, self.link.device))
+        return time.perf_counter() - t0
+
     def shutdown(self):
         self.llm.shutdown()
 
@@ -913,12 +934,73 @@ class TrainerRole:
     def save(self, out: str, step: int, sampler_states: list, pending: list) -> None:
         _save(self.trainer, self.nt, self.mesh, Path(out), step, self.cfg, sampler_states, pending)
 
+    def link_address(self) -> str:
+        """host:port of a free port on this machine, where the weight link's TCP store will listen."""
+        import socket
+        with socket.socket() as sk:
+            sk.bind(("", 0))
+            return f"{socket.gethostbyname(socket.gethostname())}:{sk.getsockname()[1]}"
+
+    def join_link(self, addr: str, rank: int, world: int, backend: str) -> None:
+        self.link = _Link(addr, rank, world, backend)
+
+    def send(self) -> float:
+        """The actor's weights to every engine through the link (a collective with EngineRole.receive)."""
+        t0 = time.perf_counter()
+        named = [(n, t.to(self.link.device)) for n, t in self.trainer.weights()]
+        broadcast_tensors(named, 0, self.link.bcast, self.link.device)
+        return time.perf_counter() - t0
+
     def barrier(self):
         if self.mesh.world > 1:
             torch.distributed.barrier()
 
     def close(self):
         self.mesh.destroy()
+
+
+class _Link:
+    """The weight link: a process group of its own between the trainer (rank 0) and the engines (1..E), met at
+    addr through a TCP store (torch's default group is left alone: under torchrun it belongs to the mesh).
+    NCCL when every member has a GPU of its own (GPU to GPU, no host copy); gloo on CPU tensors otherwise
+    (NCCL refuses two ranks on one device, so roles sharing one GPU stage the weights through host memory)."""
+
+    def __init__(self, addr: str, rank: int, world: int, backend: str):
+        import datetime
+        import torch.distributed as dist
+        host, port = addr.rsplit(":", 1)
+        timeout = datetime.timedelta(seconds=600)        # a member that died: an error, not a hang
+        store = dist.TCPStore(host, int(port), world, rank == 0, timeout=timeout)
+        if backend == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            self.pg = dist.ProcessGroupNCCL(store, rank, world)
+        else:
+            self.device, self.pg = torch.device("cpu"), dist.ProcessGroupGloo(store, rank, world, timeout)
+
+    def bcast(self, t: torch.Tensor, src: int) -> None:
+        self.pg.broadcast(t, src).wait()
+
+
+class _Engines:
+    """E engine handles driven as one. generate() splits the prompts into E contiguous slices, one per engine
+    (each sample's seed depends on its prompt's row, not on the engine, so any E samples the same tokens), and
+    returns a future: call it for the samples, in prompt order."""
+
+    def __init__(self, handles: list, get):
+        self.handles, self.get = handles, get
+
+    def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False):
+        k = -(-len(rows) // len(self.handles))                       # ceil: prompts per engine
+        futs = [h.generate.remote(rows[i * k:(i + 1) * k], step, version, greedy)
+                for i, h in enumerate(self.handles) if rows[i * k:(i + 1) * k]]
+
+        def result() -> list[dict]:
+            samples = [s for f in futs for s in self.get(f)]
+            per = 1 if greedy else len(samples) // max(1, len(rows))
+            for i, s in enumerate(samples):
+                s["group"] = i // per                                 # the prompt's index in this batch
+            return samples
+        return result
 
 
 class _Here:
@@ -947,7 +1029,7 @@ def start_roles(cfg: Config, path, src, device_for_engine):
     ppo._STARTED = not ray.is_initialized()         # a cluster the caller started is joined, and left running
     if ppo._STARTED:
         ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=gpus, **kw)
-    share = 1 if gpus >= 2 else 0.5 if gpus == 1 else 0           # two GPUs: split; one: shared; none: CPU
+    share = 1 if gpus >= 1 + cfg.engines else 0.5 if gpus else 0   # a GPU per role: split; fewer: shared
     trainer = ray.remote(num_gpus=share)(ppo.TrainerRole).remote(ppo.Config(**asdict(cfg)), str(path) if path else None,
                                                                 str(src) if src else None)
     return trainer, ray.get, ray
@@ -971,7 +1053,7 @@ def main(argv=None) -> dict:
         raise ValueError(f"ppo.py: --out {out} holds another run's checkpoints; pass --resume auto, another --out, "
                          "or delete them")
     trainer, get, ray = start_roles(cfg, path, src, None)
-    engine = None
+    handles = []
     try:
         info = get(trainer.info.remote())
         rank0, dp, start = info["rank"] == 0, info["dp"], info["start"]
@@ -994,31 +1076,46 @@ def main(argv=None) -> dict:
             get(trainer.barrier.remote())
         L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
         args = (folder, cfg, L, min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt))
+        E, gpus = cfg.engines, torch.cuda.device_count()
         if ray is None:
-            engine = _Here(EngineRole(*args, info["device"]))
+            handles = [_Here(EngineRole(*args, info["device"]))]
         else:
             import ppo
-            gpus = torch.cuda.device_count()
-            engine = ray.remote(num_gpus=1 if gpus >= 2 else 0.5 if gpus else 0)(ppo.EngineRole).remote(
-                args[0], ppo.Config(**asdict(cfg)), *args[2:], "cuda" if gpus else "cpu")
+            share = 1 if gpus >= 1 + E else 0.5 / E if gpus else 0   # a GPU each, or half of one shared by all
+            role = ray.remote(num_gpus=share)(ppo.EngineRole)
+            handles = [role.remote(args[0], ppo.Config(**asdict(cfg)), *args[2:], "cuda" if gpus else "cpu")
+                       for _ in range(E)]
+        link = ray is not None and cfg.weight_sync == "broadcast"
+        if link:      # the weight link: trainer = rank 0, engines 1..E (every member joins at once)
+            addr, backend = get(trainer.link_address.remote()), "nccl" if gpus >= 1 + E else "gloo"
+            get([trainer.join_link.remote(addr, 0, 1 + E, backend)] +
+                [h.join_link.remote(addr, i + 1, 1 + E, backend) for i, h in enumerate(handles)])
+
+        def sync() -> None:
+            """The trainer's new weights into every engine, in memory (never through disk)."""
+            if link:                                        # one bucketed broadcast to all engines
+                get([trainer.send.remote()] + [h.receive.remote() for h in handles])
+            else:      # in-process: the tensors themselves; actors: CPU copies through the object store
+                w = get(trainer.weights.remote(ray is not None))
+                get([h.load.remote(w) for h in handles])
         from nanovllm import load_tokenizer
         rewarder = Rewarder(cfg, load_tokenizer(folder))
-        return _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extra, say, out, t_start)
+        return _loop(cfg, trainer, _Engines(handles, get), sync, get, rewarder, train_rows, test_rows, info, extra,
+                     say, out, t_start)
     finally:
-        if engine is not None:
-            get(engine.shutdown.remote())
+        for h in handles:
+            get(h.shutdown.remote())
         if ray is None:
             trainer.obj.close()
         else:
             import ppo
-            for actor in (engine, trainer):
-                if actor is not None:
-                    ray.kill(actor)
+            for actor in handles + [trainer]:
+                ray.kill(actor)
             if ppo._STARTED:
                 ray.shutdown()
 
 
-def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extra, say, out, t_start) -> dict:
+def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, info, extra, say, out, t_start) -> dict:
     import nanosets
     import nanotron as nt
     import prepare_data
@@ -1036,17 +1133,16 @@ def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extr
         f"{len(test_rows)} held out, {cfg.steps} steps, trainer on {info['device']}")
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "metrics.jsonl", start, rank0)
-    cpu = cfg.backend != "local"                           # weights cross a process boundary as CPU tensors
 
     def evaluate() -> dict:
-        scores, answered = rewarder(get(engine.generate.remote(test_rows, -1, -1, True)))
+        scores, answered = rewarder(engines.generate(test_rows, -1, -1, True)())
         return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
     try:
         first_eval = {"eval_accuracy": None}
         if start == 0 and cfg.algo == "ppo" and cfg.value_warmup_steps:
             rows = take()
             for k in range(cfg.value_warmup_steps):
-                samples = get(engine.generate.remote(rows, -2 - k, 0))
+                samples = engines.generate(rows, -2 - k, 0)()
                 loss = get(trainer.warmup.remote(samples, rewarder(samples)[0]))
                 say(f"value warm-up {k + 1}/{cfg.value_warmup_steps}: value loss {loss:.4f}")
         if rank0:
@@ -1054,14 +1150,14 @@ def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extr
             log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy "
                       f"{first_eval['eval_accuracy']:.3f}")
         version = start                                    # optimizer steps behind the engine's weights
-        # pending: the next batch of rollouts -- a list, or (actors) a future of one, being generated meanwhile
-        pending = engine.generate.remote(take(), start, version) if pending is None else pending
+        # pending: the next batch of rollouts -- a list (resumed), or a future of one, being generated meanwhile
+        pending = engines.generate(take(), start, version) if pending is None else pending
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
-            samples = pending if isinstance(pending, list) else get(pending)
+            samples = pending if isinstance(pending, list) else pending()
             if cfg.mode == "one_step_off" and step + 1 < cfg.steps:
                 # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
-                pending = engine.generate.remote(take(), step + 1, version)
+                pending = engines.generate(take(), step + 1, version)
             stale = step - samples[0]["version"]
             assert stale == (0 if cfg.mode == "sync" or step == 0 else 1), f"staleness {stale} at step {step}"
             timer["generate"] = time.perf_counter() - t0
@@ -1069,20 +1165,18 @@ def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extr
             scores, answered = rewarder(samples)
             baseline = None
             if cfg.algo == "remax":                        # the score of each prompt's greedy response
-                baseline = rewarder(get(engine.generate.remote(greedy_rows(samples, n), step, -1, True)))[0]
+                baseline = rewarder(engines.generate(greedy_rows(samples, n), step, -1, True)())[0]
             timer["reward"] = time.perf_counter() - t0
             lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
             m, t = get(trainer.step.remote(samples, scores, answered, step, lr, baseline))
             timer.update(t)
             t0 = time.perf_counter()
-            # an actor runs its calls in order: this load waits for the generation asked for above
-            get(engine.load.remote(get(trainer.weights.remote(cpu))))        # in memory, no disk
+            sync()            # an actor runs its calls in order: this waits for the generation asked for above
             version = step + 1
             timer["sync"] = time.perf_counter() - t0
             if cfg.mode == "sync" and step + 1 < cfg.steps:
                 t0 = time.perf_counter()
-                pending = engine.generate.remote(take(), step + 1, version)
-                pending = pending if isinstance(pending, list) else get(pending)
+                pending = engines.generate(take(), step + 1, version)()
                 timer["generate"] += time.perf_counter() - t0
             row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
             if rank0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
@@ -1090,7 +1184,7 @@ def _loop(cfg, trainer, engine, get, rewarder, train_rows, test_rows, info, extr
             log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
             if cfg.save_every >= 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
                 if cfg.mode == "one_step_off" and not isinstance(pending, list):
-                    pending = get(pending)                 # the in-flight rollout goes into the checkpoint
+                    pending = pending()                    # the in-flight rollout goes into the checkpoint
                 keep = pending if cfg.mode == "one_step_off" and step + 1 < cfg.steps else None
                 states = _gather(trainer, (sampler.state_dict(), keep), dp)
                 get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))

@@ -7093,11 +7093,13 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     assert (man["layout"]["tp"], man["layout"]["pp"]) == ((2, 1) if "--tp" in layout else (1, 2) if layout else (1, 1))
 
 
-@pytest.mark.parametrize("backend", ["nanoray", "ray"])
-def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend):
-    """--backend nanoray / ray: the trainer and the engine are actors in their own processes (the weights travel
-    through the object store; in one-step-off mode the engine generates while the trainer trains), and the
-    run equals the in-process one step for step."""
+@pytest.mark.parametrize("backend,extra", [("nanoray", []), ("nanoray", ["--weight_sync", "store"]),
+                                           ("nanoray", ["--engines", "2"]), ("ray", [])])
+def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend, extra):
+    """--backend nanoray / ray: the trainer and the engine(s) are actors in their own processes (the weights
+    travel by a bucketed broadcast on a process group of their own, or through the object store; in one-step-
+    off mode the engines generate while the trainer trains; two engines each take half of the prompts), and
+    the run equals the in-process one step for step."""
     if backend == "ray":
         pytest.importorskip("ray")
     import nanoray
@@ -7111,7 +7113,7 @@ def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend)
               "--mode", "one_step_off"]
     ppo.main(common + ["--out", "here"])
     try:
-        s = ppo.main(common + ["--out", "actors", "--backend", backend])
+        s = ppo.main(common + ["--out", "actors", "--backend", backend] + extra)
     finally:
         if started:
             nanoray.shutdown()
