@@ -39,6 +39,7 @@ benchmark . self-test and command line
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
 import argparse
+import functools
 import os
 import sys
 from dataclasses import dataclass
@@ -84,14 +85,10 @@ def _use_triton(impl: str, *tensors) -> bool:
     return triton is not None and all(t.is_cuda for t in tensors if t is not None)
 
 
-_SM_COUNT: dict = {}   # device index -> SM count: get_device_properties costs host time on every launch
-
-
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    """SMs of a CUDA tensor's device (cached: get_device_properties costs host time on every launch)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 # ==== attention ===============================================================================
@@ -180,8 +177,7 @@ def attention_ref(q, k, v, cu_seqlens, causal=True, softmax_scale=None):
     q's dtype. Differentiable: its autograd is the oracle for the Triton backward. .tolist() syncs."""
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     bounds = cu_seqlens.tolist()
-    outs = [_attend_ref(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None)
-            for s, e in zip(bounds[:-1], bounds[1:])]
+    outs = [_attend_ref(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None) for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs).to(q.dtype)
 
 
@@ -321,8 +317,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
     causal_offset = k_len - q_len
     Hkv = H // G
     kv_stride = Hkv * D                                  # one token row of a [*, Hkv, D] buffer
-    K += (h // G) * D                                    # GQA: query head h reads kv head h // G
-    V += (h // G) * D
+    K, V = K + (h // G) * D, V + (h // G) * D            # GQA: query head h reads kv head h // G
     bt_row = block_table + b.to(tl.int64) * bt_stride
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)     # query positions in the sequence
@@ -481,8 +476,7 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, 
 
 @_jit(dynamic=('N', 'max_seqlen'))
 def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqlen, seq_bucket, sm_scale, qk_scale,
-                        head_group,
-                        G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        head_group, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         CAUSAL: tl.constexpr):
     """Grid (B * H, cdiv(max_seqlen, BLOCK_M)). Each program: one query tile of one head -> dQ rows."""
     bh, t = _tile_order(head_group)
@@ -500,8 +494,7 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
-    K += (h // G) * D                    # GQA: query head h reads kv head h // G
-    V += (h // G) * D
+    K, V = K + (h // G) * D, V + (h // G) * D            # GQA: query head h reads kv head h // G
     kv_stride = (H // G) * D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     if CAUSAL:   # same split as the forward: unmasked tiles left of the diagonal band, then the band
@@ -594,13 +587,11 @@ class _FlashAttnVarlen(torch.autograd.Function):
         BLOCK = 64 if q.is_cuda else 16
         _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common, bucket = dict(G=H // Hkv, D=D, CAUSAL=ctx.causal), _seq_bucket(S)
+        common, bucket = dict(head_group=HEAD_GROUP, G=H // Hkv, D=D, CAUSAL=ctx.causal), _seq_bucket(S)
         _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(S, bn)), _CPU_DKDV,
-                q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
-                HEAD_GROUP, **common)
+                q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E, **common)
         _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(S, bm)), _CPU_FWD,
-                q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, S, bucket, scale, scale * LOG2E,
-                HEAD_GROUP, **common)
+                q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, S, bucket, scale, scale * LOG2E, **common)
         return dq, dk, dv, None, None, None, None
 
 
@@ -898,9 +889,8 @@ def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows, Hd
 
 
 @_jit(dynamic=('n_rows',))
-def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_part_ptr, n_rows, Hd,
-                         stride_dy, stride_dho, stride_h, HAS_DHO: tl.constexpr, ROWS: tl.constexpr,
-                         BLOCK: tl.constexpr):
+def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_part_ptr, n_rows, Hd, stride_dy,
+                         stride_dho, stride_h, HAS_DHO: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # persistent: program pid handles tiles pid, pid + nprog, ... and owns one fp32 row of dW partials,
     # accumulated in registers over all its tiles and written once at the end
     pid, nprog = tl.program_id(0), tl.num_programs(0)
@@ -935,8 +925,7 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
         if HAS_DHO:   # gradient reaching the returned residual stream h adds to the norm's
             dh += dhoc.to(tl.float32)
         mask = (rows[:, None] < n_rows) & cmask[None, :]
-        tl.store(dh_ptr + rows.to(tl.int64)[:, None] * Hd + cols[None, :], dh.to(dh_ptr.dtype.element_ty),
-                 mask=mask)
+        tl.store(dh_ptr + rows.to(tl.int64)[:, None] * Hd + cols[None, :], dh.to(dh_ptr.dtype.element_ty), mask=mask)
         rows = nxt
     tl.store(dw_part_ptr + pid * Hd + cols, tl.sum(dw_acc, axis=0), mask=cmask)
 
@@ -954,9 +943,8 @@ class _RMSNormFn(torch.autograd.Function):
         y = torch.empty((R, Hd), dtype=x.dtype, device=x.device)
         h = torch.empty_like(y) if has_res else x2                        # h is x itself without a residual
         rstd = torch.empty(R, dtype=torch.float32, device=x.device)
-        _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](x2, r2, weight, y, h, rstd, R, Hd, x2.stride(0),
-                                                      r2.stride(0), eps, HAS_RES=has_res, ROWS=ROWS,
-                                                      BLOCK=BLOCK, num_warps=num_warps)
+        _rms_norm_fwd_kernel[(triton.cdiv(R, ROWS),)](x2, r2, weight, y, h, rstd, R, Hd, x2.stride(0), r2.stride(0),
+                                                      eps, HAS_RES=has_res, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
         ctx.save_for_backward(h, weight, rstd)
         ctx.shape, ctx.has_res = x.shape, has_res
         return (y.view(x.shape), h.view(x.shape)) if has_res else y.view(x.shape)
@@ -969,8 +957,7 @@ class _RMSNormFn(torch.autograd.Function):
         dy2 = _as_rows(dy)
         dho2 = _as_rows(dh_out) if dh_out is not None else dy2            # (dy2: a placeholder, never read)
         R, Hd = h2.shape
-        # 2 rows x 4 warps per tile (16 elements per thread), 4 persistent programs per SM, each writing one
-        # [Hd] row of dW partials (fewer programs = fewer partials to sum)
+        # 2 rows x 4 warps per tile (16 elements per thread), 4 persistent programs per SM
         BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
         nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
         dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
@@ -1092,8 +1079,7 @@ def _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows, n_heads
     if HAS_NORM:
         base = tok.to(tl.int64) * stride_xn + (rows % n_heads) * stride_xh   # x may be a qkv slice
         x1 = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
-        x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0,
-                     eviction_policy="evict_first")
+        x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
         rstd = tl.load(rstd_ptr + rows, mask=rmask, other=0.0)            # [ROWS]; 0 on padding rows
     else:   # plain RoPE's backward never reads x: placeholders the compiler drops
         x1, x2, rstd = do1, do2, pos
@@ -1270,8 +1256,7 @@ class _SwiGLUFn(torch.autograd.Function):
         y = torch.empty((R, I), dtype=gate.dtype, device=gate.device)
         if g2.is_contiguous() and u2.is_contiguous():
             BLOCK, num_warps = _SWIGLU_FLAT_CFG
-            _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, BLOCK),)](g2, u2, y, R * I, BLOCK=BLOCK,
-                                                                  num_warps=num_warps)
+            _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, BLOCK),)](g2, u2, y, R * I, BLOCK=BLOCK, num_warps=num_warps)
         else:
             _swiglu_2d(g2, u2, y)
         ctx.save_for_backward(g2, u2)
@@ -1327,8 +1312,7 @@ def swiglu(gate, up, impl="auto"):
 
 # ---- references: the plain math, materialising the fp32 logits (test oracles, CPU fallback) ----
 
-def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, reduction="mean",
-                             num_tokens_for_mean=None):
+def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, reduction="mean", num_tokens_for_mean=None):
     """Eager torch: logits = h @ W^T in the input dtype, then fp32 cross-entropy. 'mean' divides by the
     number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0.
     labels may be any integer dtype (F.cross_entropy itself wants int64)."""
@@ -1423,8 +1407,7 @@ _LOSS_CHUNK_BYTES = 1 << 30       # budget for one [C, V_r] logits chunk; see _d
 
 
 @_jit(dynamic=('n_rows',))
-def _loss_row_stats_kernel(logits_ptr, stride_row, tok_ptr, stats_ptr, n_rows, V, inv_temp,
-                           BLOCK_V: tl.constexpr):
+def _loss_row_stats_kernel(logits_ptr, stride_row, tok_ptr, stats_ptr, n_rows, V, inv_temp, BLOCK_V: tl.constexpr):
     """stats[:, row] = (max_j z_j, sum_j e^(z_j - max), z[tok] or 0, sum_j e^(z_j - max) z_j) where
     z = logits[row] * inv_temp in fp32; tok is this slice's local id (-1 or >= V: not in the slice)."""
     row = tl.program_id(0)
@@ -1707,17 +1690,15 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
         return linear_cross_entropy_ref(hidden, weight, labels, ignore_index, reduction, num_tokens_for_mean)
     valid = labels != ignore_index
     if reduction == "none":   # per-row grad_output is only known in backward: the recompute path
-        lp, _ = fused_linear_logprobs(hidden, weight, torch.where(valid, labels, 0), 1.0, False,
-                                      chunk, impl, vp)
+        lp, _ = fused_linear_logprobs(hidden, weight, torch.where(valid, labels, 0), 1.0, False, chunk, impl, vp)
         return torch.where(valid, -lp, 0.0)
     row_w = valid.float()                                                        # [N] d loss/d loss_i
     if reduction == "mean":   # stays on the device: no .item() sync
         n = valid.sum() if num_tokens_for_mean is None else num_tokens_for_mean
         row_w = row_w / torch.as_tensor(n, dtype=torch.float32, device=hidden.device).clamp(min=1)
     grad_on = torch.is_grad_enabled()   # Function.forward sees requires_grad even under no_grad
-    return _LinearCrossEntropy.apply(hidden, weight, _local_ids(labels, valid, vp, weight.shape[0]),
-                                     row_w, chunk, grad_on and hidden.requires_grad,
-                                     grad_on and weight.requires_grad, use_triton, vp)
+    return _LinearCrossEntropy.apply(hidden, weight, _local_ids(labels, valid, vp, weight.shape[0]), row_w, chunk,
+                                     grad_on and hidden.requires_grad, grad_on and weight.requires_grad, use_triton, vp)
 
 
 def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entropy=True,
@@ -1804,7 +1785,10 @@ def _peaks() -> dict:
     x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    return {"GB/s": 2 * x.numel() / _time_ms(lambda: y.copy_(x)) / 1e6,         # bytes / ms / 1e6
+    # The copy is timed eagerly (graph=False): captured in a CUDA graph, copy_ becomes a memcpy node that may
+    # run on a DMA copy engine, slower than the SM copy kernel an eager copy_ launches (~2.7 vs ~4 TB/s on an
+    # H200), and rooflines would pass 100%. A 1 GiB copy takes ~0.5 ms: launch overhead is negligible.
+    return {"GB/s": 2 * x.numel() / _time_ms(lambda: y.copy_(x), graph=False) / 1e6,   # bytes / ms / 1e6
             "TFLOP/s": 2 * 8192 ** 3 / _time_ms(lambda: a @ b, graph=False) / 1e9}
 
 
@@ -2066,18 +2050,14 @@ def selftest() -> None:
                                   else f"OK, {len(checks)} ops"))
 
 
-def _fail(message: str):
-    print(f"kernels.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="kernels.py", description="Triton kernels beside their torch twins. "
                                  "Without flags: the self-test (each public op vs its reference, seconds).")
     ap.add_argument("--bench", action="store_true", help="GPU benchmark in bf16: ours vs torch SDPA, eager, "
                     "torch.compile and Liger-Kernel (when importable), one table")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of any error")
-    ap.error = lambda message: _fail(f"{message} (see --help)")    # one line and exit 2, like every error
+    fail = lambda message: ap.exit(2, f"kernels.py: error: {message}\n")  # noqa: E731 (one line, exit 2)
+    ap.error = lambda message: fail(f"{message} (see --help)")
     args = ap.parse_args(argv)
     try:
         if args.bench and (triton is None or not torch.cuda.is_available()):
@@ -2088,7 +2068,7 @@ def main(argv=None) -> int:
     except (ValueError, OSError, TimeoutError) as e:
         if args.debug:
             raise
-        _fail(str(e))
+        fail(str(e))
     return 0
 
 

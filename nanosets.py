@@ -473,8 +473,7 @@ class _OffsetsMixin:
             starts, ends = offs[start:stop], offs[start + 1 : stop + 1]  # [k], [k]
         limit = self._num_values()
         if len(starts) and (bool((ends < starts).any()) or int(starts.min()) < 0 or int(ends.max()) > limit):
-            raise NanosetsError(f"corrupt {self.type} column: offsets leave the values (size {limit}) "
-                                "or run backwards")
+            raise NanosetsError(f"corrupt {self.type} column: offsets leave the values (size {limit}) or run backwards")
         return starts, ends
 
     def _compact_offsets(self) -> tuple[memoryview, int, int]:
@@ -679,8 +678,7 @@ def infer_type(values: list, name: str = "column") -> DataType:
             raise NanosetsError(f"column {name!r}, row {row}: {e}") from None
         u = unify_types(result, t)
         if u is None:
-            raise NanosetsError(f"column {name!r}, row {row} holds {_describe(v)} ({t}) but earlier rows are "
-                                f"{result}")
+            raise NanosetsError(f"column {name!r}, row {row} holds {_describe(v)} ({t}) but earlier rows are {result}")
         result = u
     return result
 

@@ -146,8 +146,7 @@ class ModelConfig:
         """The config.json dict that transformers' AutoModelForCausalLM loads as this architecture."""
         if self.qk_norm != (self.model_type == "qwen3") or self.qkv_bias != (self.model_type == "qwen2"):
             raise ValueError(f"ModelConfig.to_hf: qk_norm={self.qk_norm}, qkv_bias={self.qkv_bias} has no HF "
-                             f"architecture with model_type {self.model_type!r} (qk_norm is qwen3's, "
-                             "qkv_bias qwen2's)")
+                             f"architecture with model_type {self.model_type!r} (qk_norm is qwen3's, qkv_bias qwen2's)")
         d = {"architectures": [_ARCHS[self.model_type]], "model_type": self.model_type,
              "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
@@ -503,8 +502,7 @@ class Transformer(nn.Module):
         h, n = self._head_input(hidden), (labels != ignore_index).sum()
         if rows is not None:
             h, labels = h.index_select(0, rows), labels.index_select(0, rows)     # [N, Hd] -> [n, Hd]
-        total = vocab_parallel_cross_entropy(h, W, labels, start, self.mesh.tp_group, ignore_index,
-                                             self.use_kernels)
+        total = vocab_parallel_cross_entropy(h, W, labels, start, self.mesh.tp_group, ignore_index, self.use_kernels)
         return total, n
 
     def logprobs(self, hidden, tokens, temperature=1.0, return_entropy=True):
@@ -712,8 +710,7 @@ def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) when run as plain python."""
     try:
-        rank, world, local = (int(os.environ.get(k, d)) for k, d in
-                              (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+        rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     except ValueError as e:
         raise ValueError(f"dist_env: RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from None
     if not 0 <= rank < world:
@@ -955,8 +952,7 @@ class ColumnParallelLinear(nn.Module):
     Input: replicated [N, in] (f operator), or with sequence_parallel this rank's [N/tp, in] shard
     (all-gathered here). Output: [N, sum(out_parts)/tp], this rank's columns (the next layer is row-parallel)."""
 
-    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False, dtype=None,
-                 device=None):
+    def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False, dtype=None, device=None):
         super().__init__()
         mesh = mesh or Mesh()
         self.out_parts = [out_parts] if isinstance(out_parts, int) else list(out_parts)
@@ -1430,9 +1426,8 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     if check and mesh.pp > 1:
         mm = all_reduce_(torch.tensor([M, -M], device=mesh.device), mesh.pp_group, "max")
         if mm.tolist() != [M, -M]:
-            raise RuntimeError(f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the stages "
-                               f"of this pipeline have between {-int(mm[1])} and {int(mm[0])}; give every "
-                               "stage the same list")
+            raise RuntimeError(f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the stages of this "
+                               f"pipeline have between {-int(mm[1])} and {int(mm[0])}; give every stage the same list")
     if loss_scale is None and loss_fn is None:   # .item() syncs: pass loss_scale in (you know the token count)
         loss_scale = 1.0 / max(1, sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
     dp = optimizer.dp if optimizer is not None else None
@@ -2030,9 +2025,8 @@ class AdamW:
                     r = _clip(start, math.prod(local_shape), b.lo, b.hi)
                     if r is None:
                         continue
-                    info = {"full_shape": slot.full_shape, "kind": slot.kind, "tp_rank": mesh.tp_rank,
-                            "tp": mesh.tp, "local_shape": local_shape,
-                            "range": (r[0] + b.lo - start, r[1] + b.lo - start)}
+                    info = {"full_shape": slot.full_shape, "kind": slot.kind, "tp_rank": mesh.tp_rank, "tp": mesh.tp,
+                            "local_shape": local_shape, "range": (r[0] + b.lo - start, r[1] + b.lo - start)}
                     table.append((name, i, r, info))
         return table
 
@@ -2239,8 +2233,7 @@ def save_checkpoint(folder, model: Transformer, optimizer, mesh, step: int, extr
     if optimizer is not None:
         tensors, index, opt_meta = _optim_shards(optimizer)
         if dp.stage >= 1 or d == 0:             # ZeRO 0: every dp rank owns everything, one copy is enough
-            files.update(_write_safetensors(tmp / f"optim-pp{p}-tp{t}-dp{d}.safetensors", tensors, index,
-                                            **opt_meta))
+            files.update(_write_safetensors(tmp / f"optim-pp{p}-tp{t}-dp{d}.safetensors", tensors, index, **opt_meta))
     torch.save(_rng_state(), tmp / f"rng-rank{r}.pt")
     files.update(_file_entry(tmp / f"rng-rank{r}.pt"))
     part = {"rank": r, "layer_range": list(model.layer_range), "files": files, "optimizer": opt_meta}
@@ -2479,9 +2472,8 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
     try:
         with CheckpointReader(folder) as ck:
             if diffs := config_mismatches(ck.config, model.cfg):
-                raise ValueError(f"checkpoint {folder} was saved from a different model config: {'; '.join(diffs)}"
-                                 ". Resume it with the --model it was trained with, or start a new run in another "
-                                 "--out")
+                raise ValueError(f"checkpoint {folder} was saved from a different model config: {'; '.join(diffs)}. "
+                                 "Resume it with the --model it was trained with, or start a new run in another --out")
             if optimizer is not None and ck.manifest["optimizer"] is None:
                 ck.optimizer_state_dicts([])                   # raises the "no optimizer state" error
             # ZeRO-3: the writes into the gathered params are dropped on exit, and the optimizer's loaded
@@ -2590,8 +2582,7 @@ def _bench_hf(cfg, ids, mb: int, liger: bool, dev):
     torch.manual_seed(0)
     with torch.device(dev):
         model = transformers.Qwen3ForCausalLM(hcfg).to(torch.bfloat16)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
-                            fused=dev.type == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
     S = ids.shape[0]
 
     def step(i):
