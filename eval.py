@@ -199,6 +199,7 @@ class Grader:
                 todo.append((i, answer, str(gold)))
         if todo:
             self.start()
+        self._retried = set()   # answers whose worker died under them: graded once more, on a fresh worker
         try:
             while todo or any(w.job for w in self.pool):
                 self._step(todo, grades)
@@ -226,7 +227,11 @@ class Grader:
             except (EOFError, OSError):  # the worker died: out of memory, a crash in C code
                 if not w.ready:  # e.g. math-verify fails to import: its traceback is above
                     raise ChildProcessError("eval.py: a grading worker died while starting") from None
-                grades[w.job[0]] = Grade(False, "error", w.job[1], detail="the grading worker died")
+                if w.job[0] in self._retried:   # twice: the answer itself kills workers (a crash in C code)
+                    grades[w.job[0]] = Grade(False, "error", w.job[1], detail="the grading worker died (twice)")
+                else:                           # once: an OOM kill, a kill -9 -- grade it again
+                    self._retried.add(w.job[0])
+                    todo.appendleft(w.job)
                 self._replace(w)
                 continue
             if msg[0] == "ready":

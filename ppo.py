@@ -866,6 +866,9 @@ class EngineRole:
     def join_link(self, addr: str, rank: int, world: int, backend: str) -> None:
         self.link = _Link(addr, rank, world, backend)
 
+    def where(self) -> str:
+        return f"pid {os.getpid()} on {self.llm.device}"
+
     def receive(self) -> float:
         """The trainer's weights through the link (a collective with TrainerRole.send), into the engine."""
         t0 = time.perf_counter()
@@ -895,7 +898,7 @@ class TrainerRole:
 
     def info(self) -> dict:
         return {"start": self.start, "extra": self.extra, "rank": self.mesh.rank, "dp": self.mesh.dp, "tp": self.mesh.tp,
-                "dp_rank": self.mesh.dp_rank, "device": str(self.mesh.device),
+                "dp_rank": self.mesh.dp_rank, "device": str(self.mesh.device), "pid": os.getpid(),
                 "vocab": self.trainer.actor.cfg.vocab_size}
 
     def reduce(self, values: list) -> list:
@@ -1091,21 +1094,33 @@ def main(argv=None) -> dict:
             get([trainer.join_link.remote(addr, 0, 1 + E, backend)] +
                 [h.join_link.remote(addr, i + 1, 1 + E, backend) for i, h in enumerate(handles)])
 
+        if ray is not None:                 # where each role lives (a kill -9 of one ends the run with one line)
+            say(f"roles: trainer pid {info['pid']} on {info['device']}, " +
+                ", ".join(f"engine {i} {w}" for i, w in enumerate(get([h.where.remote() for h in handles]))))
+
         def sync() -> None:
             """The trainer's new weights into every engine, in memory (never through disk)."""
-            if link:                                        # one bucketed broadcast to all engines
-                get([trainer.send.remote()] + [h.receive.remote() for h in handles])
+            if link:        # one bucketed broadcast to all engines (an engine's death shows first: get it first)
+                sent = trainer.send.remote()
+                get([h.receive.remote() for h in handles])
+                get(sent)
             else:      # in-process: the tensors themselves; actors: CPU copies through the object store
                 w = get(trainer.weights.remote(ray is not None))
                 get([h.load.remote(w) for h in handles])
         from nanovllm import load_tokenizer
         rewarder = Rewarder(cfg, load_tokenizer(folder))
-        return _loop(cfg, trainer, _Engines(handles, get), sync, get, rewarder, train_rows, test_rows, info, extra,
-                     say, out, t_start)
+        try:
+            return _loop(cfg, trainer, _Engines(handles, get), sync, get, rewarder, train_rows, test_rows, info,
+                         extra, say, out, t_start)
+        except Exception as e:
+            if ray is None or not isinstance(e, ray.exceptions.RayActorError):
+                raise
+            raise ChildProcessError(f"ppo.py: a role's actor died ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                                    f"run the same command again to resume from the last checkpoint in {out}") from e
     finally:
-        for h in handles:
-            get(h.shutdown.remote())
         if ray is None:
+            for h in handles:
+                h.obj.shutdown()
             trainer.obj.close()
         else:
             import ppo

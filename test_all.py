@@ -6165,6 +6165,21 @@ def test_eval_grader_timeout_kills_a_stuck_worker_and_goes_on():
         assert g.grade([("\\boxed{4}", "4")])[0].correct
 
 
+def test_eval_grader_worker_killed_with_sigkill_is_replaced_and_the_answer_regraded():
+    """kill -9 of the grading workers (an OOM kill, a crash in C code): the answers they are given are graded
+    again on fresh workers, once each, and the grades equal those of an undisturbed pool."""
+    pytest.importorskip("math_verify")
+    with ev.Grader(workers=2, timeout_s=10.0) as g:
+        g.grade([("\\boxed{1}", "1")])                     # both workers up
+        pids = [w.proc.pid for w in g.pool]
+        for w in g.pool:
+            os.kill(w.proc.pid, _signal.SIGKILL)
+            w.proc.join(10)
+        grades = g.grade([("\\boxed{2}", "2"), ("\\boxed{1/2}", "0.5"), ("\\boxed{3}", "2")])
+        assert [(x.status, x.correct) for x in grades] == [("ok", True), ("ok", True), ("ok", False)]
+        assert not {w.proc.pid for w in g.pool} & set(pids)
+
+
 def _eval_pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -7125,6 +7140,35 @@ def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend,
     for a, b in zip(here, actors):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     assert s["backend"] == backend and (tmp_path / "actors" / "step_3" / "manifest.json").is_file()
+
+
+def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path):
+    """kill -9 of the engine actor's process mid-run (--backend nanoray): the driver stops within seconds with
+    one line naming the dead actor and how to resume (exit 2), instead of hanging on the dead engine."""
+    cmd = [sys.executable, str(ROOT / "ppo.py"), "--backend", "nanoray", "--steps", "400", "--prompts_per_step", "4",
+           "--eval_problems", "4", "--out", "o", "--results", "r.jsonl", "--mode", "one_step_off"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    watchdog = threading.Timer(240, proc.kill)           # a hang fails the test instead of the suite
+    watchdog.start()
+    try:
+        pid = None
+        for line in proc.stdout:
+            if line.startswith("roles:"):
+                pid = int(line.split("engine 0 pid ")[1].split()[0])
+            if line.startswith("step 2/") and pid:
+                os.kill(pid, _signal.SIGKILL)
+                t0 = time.monotonic()
+                break
+        assert pid, "no roles line"
+        out, err = proc.communicate(timeout=120)
+        assert time.monotonic() - t0 < 60
+    finally:
+        watchdog.cancel()
+        proc.kill()
+    assert proc.returncode == 2, err[-3000:]
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ppo.py: error:") and "died" in last and "resume" in last and "Traceback" not in err
 
 
 def test_ppo_cli_errors_are_one_line(tmp_path):
