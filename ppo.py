@@ -315,6 +315,7 @@ class Config:
     engines: int = 1  # rollout engines (--backend nanoray|ray: actors, one GPU each when there are enough)
     weight_sync: str = "broadcast"  # actors: broadcast (a process group, NCCL / gloo, buckets) | store (object store)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
+    wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
 
 
 def resolve(cfg: Config, cuda: bool) -> Config:
@@ -513,18 +514,19 @@ class Trainer:
         return t.cpu()
 
     @torch.no_grad()
-    def score(self, samples: list[dict], shape) -> dict:
+    def score(self, samples: list[dict], shape, timer: dict | None = None) -> dict:
         """Forward-only passes: the trainer's log-probs (pi_old), the reference's, the critic's values [B, T].
-        pp > 1: the micro-batches flow through the stages (nt.pipeline_forward) and the last one scatters."""
+        pp > 1: the micro-batches flow through the stages (nt.pipeline_forward) and the last one scatters.
+        timer: seconds per role (actor, reference, critic) are added to it."""
         mbs = pack(samples, list(range(len(samples))), self.cfg.micro_batch_tokens, self.mesh.device)
-        out = {}
-        for key, model, fn in (("old_logp", self.actor, lambda h, mb: self._logp(self.actor, h, mb)[0]),
-                               ("ref_logp", self.ref, lambda h, mb: self._logp(self.ref, h, mb)[0]),
-                               ("values", self.critic, self._values)):
+        out, timer = {}, {} if timer is None else timer
+        for key, role, model, fn in (("old_logp", "actor", self.actor, lambda h, mb: self._logp(self.actor, h, mb)[0]),
+                                     ("ref_logp", "reference", self.ref, lambda h, mb: self._logp(self.ref, h, mb)[0]),
+                                     ("values", "critic", self.critic, self._values)):
             if model is None:
                 out[key] = None
                 continue
-            t = torch.zeros(shape)
+            t0, t = time.perf_counter(), torch.zeros(shape)
             if self.mesh.pp > 1:
                 vals = self.nt.pipeline_forward(model, self.mesh, mbs, lambda h, k: fn(h, mbs[k]))
             else:
@@ -532,7 +534,8 @@ class Trainer:
                         for mb in mbs]
             for mb, v in zip(mbs, vals):                   # (empty on the stages before the last)
                 t += self._scatter(v, mb, shape).cpu()
-            out[key] = self._from_last_stage(t)
+            out[key] = self._from_last_stage(t)             # (.cpu() waited for the device: honest timing)
+            timer[role] = timer.get(role, 0.0) + time.perf_counter() - t0
         return out
 
     def _micro_steps(self, model, mbs, opt, loss_on):
@@ -730,10 +733,11 @@ def advantages(cfg: Config, scores: torch.Tensor, batch: dict, baseline=None, re
     batch["adv"] = adv
 
 
-def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, step: int, lr: float, reduce) -> dict:
+def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, step: int, lr: float, reduce,
+             timer: dict) -> dict:
     """epochs x mini-batches of updates on one batch; critic first (ppo), on the same split. Every loss is
     divided by the mini-batch's counts over ALL data-parallel ranks (reduce) and dp sums the gradients:
-    the update is the one a single process would make on the whole batch."""
+    the update is the one a single process would make on the whole batch. Seconds per role go to timer."""
     B, stats, rng = len(samples), {}, random.Random(_seed(cfg.seed, step, 99))
     for _ in range(cfg.epochs):
         order = list(range(B))
@@ -744,10 +748,14 @@ def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, st
             tokens, seqs = reduce([float(m.sum()), float((m.sum(1) > 0).sum())])
             norm = {"tokens": max(tokens, 1.0), "seqs": max(seqs, 1.0), "max_len": float(cfg.max_new_tokens)}
             if trainer.critic is not None:
+                t0 = time.perf_counter()
                 v = trainer.update_critic(samples, batch, part, cfg.critic_lr, norm)
                 stats.setdefault("value_loss", []).append(v)
+                timer["critic"] = timer.get("critic", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
             for k, v in trainer.update_actor(samples, batch, part, lr, norm).items():
                 stats.setdefault(k, []).append(v)
+            timer["actor"] = timer.get("actor", 0.0) + time.perf_counter() - t0
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
@@ -764,7 +772,6 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     keep = torch.ones(len(samples) // n, dtype=torch.bool)
     if cfg.dynamic_sampling and n > 1:   # the dropped groups stay in the batch with no weight (every rank then
         keep = informative_groups(scores, n)                # still runs the same collectives)
-    t0 = time.perf_counter()
     batch = {"mask": padded(samples), "engine_logp": padded(samples, "engine_logp")}
     batch["lmask"] = batch["mask"] * keep.repeat_interleave(n)[:, None]
     kept = reduce([float(keep.sum())])[0]
@@ -775,12 +782,9 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     if kept == 0:                                       # no group anywhere had a signal: no update at all
         r_raw, _, ans, tok, trunc, n = reduce(local)
         return {"skipped": True, "reward": r_raw / n, "accuracy": r_raw / n, "groups_kept": 0}
-    batch.update(trainer.score(samples, m.shape))
-    timer["score"] = time.perf_counter() - t0
+    batch.update(trainer.score(samples, m.shape, timer))       # timer: actor, reference, critic forwards
     advantages(cfg, scores, batch, None if baseline is None else torch.tensor(baseline), reduce)
-    t0 = time.perf_counter()
-    stats = train_on(trainer, samples, batch, cfg, step, lr, reduce)
-    timer["train"] = time.perf_counter() - t0
+    stats = train_on(trainer, samples, batch, cfg, step, lr, reduce, timer)    # + their updates
     gap = (batch["engine_logp"] - batch["old_logp"]).abs() * m
     names = sorted(stats)
     tot = reduce(local + [float(gap.sum())] + [stats[k] for k in names])
@@ -1147,7 +1151,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
         f"{cfg.epochs} epoch(s) x {cfg.mini_batches} mini-batch(es), {len(train_rows)} train prompts, "
         f"{len(test_rows)} held out, {cfg.steps} steps, trainer on {info['device']}")
     out.mkdir(parents=True, exist_ok=True)
-    log = _Log(out / "metrics.jsonl", start, rank0)
+    log = _Log(out / "metrics.jsonl", start, rank0, cfg.wandb, asdict(cfg))
 
     def evaluate() -> dict:
         scores, answered = rewarder(engines.generate(test_rows, -1, -1, True)())
@@ -1169,6 +1173,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
         pending = engines.generate(take(), start, version) if pending is None else pending
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
+            t_step = t0
             samples = pending if isinstance(pending, list) else pending()
             if cfg.mode == "one_step_off" and step + 1 < cfg.steps:
                 # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
@@ -1194,6 +1199,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 pending = engines.generate(take(), step + 1, version)()
                 timer["generate"] += time.perf_counter() - t0
             row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
+            row["tokens_per_s"] = m.get("tokens", 0) / (time.perf_counter() - t_step)   # sampled tokens, all ranks
             if rank0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 row.update(evaluate())
             log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
@@ -1205,6 +1211,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))
     finally:
         rewarder.close()
+    if log.wandb is not None:
+        log.wandb.finish()
     rows = log.rows
     summary = {"steps": cfg.steps, "first_reward": next((r["reward"] for r in rows if "reward" in r), None),
                "last_reward": rows[-1].get("reward") if rows else None,
@@ -1231,12 +1239,19 @@ def _gather(trainer, item, dp: int) -> list:
 
 
 class _Log:
-    """metrics.jsonl (rank 0 writes; every rank keeps its rows for the summary)."""
+    """metrics.jsonl (rank 0 writes; every rank keeps its rows for the summary), and wandb when asked."""
 
-    def __init__(self, path: Path, start: int, write: bool = True):
-        self.path, self.rows, self.on = path, [], write
+    def __init__(self, path: Path, start: int, write: bool = True, wandb_project: str = "", config: dict | None = None):
+        self.path, self.rows, self.on, self.wandb = path, [], write, None
         if not write:
             return
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise ValueError("ppo.py: --wandb needs the wandb package (pip install wandb)") from None
+            self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent),
+                                    name=path.parent.name, resume="allow")
         if start and path.is_file():                       # resume: keep the rows up to the resumed step
             keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
             path.write_text("".join(k + "\n" for k in keep))
@@ -1249,6 +1264,8 @@ class _Log:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in row.items() if isinstance(v, (int, float))}, step=row["step"])
         if line:
             print(line, flush=True)
 
@@ -1256,10 +1273,12 @@ class _Log:
 def _line(r: dict, cfg: Config) -> str:
     t = " ".join(f"{k[5:]} {v:.2f}s" for k, v in r.items() if k.startswith("time_"))
     ev = f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
+    if r.get("skipped"):
+        return f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | skipped: no group had a signal{ev} | {t}"
     return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
             f"kl {r.get('kl', 0):.4f} | "
             f"entropy {r.get('entropy', 0):.3f} | clip {r.get('clip_frac', 0):.3f} | gap {r['logp_gap_mean']:.2e} | "
-            f"len {r['response_len']:.0f} | trunc {r['truncated']:.2f}{ev} | {t}")
+            f"len {r['response_len']:.0f} | trunc {r['truncated']:.2f}{ev} | {r['tokens_per_s']:.0f} tok/s | {t}")
 
 
 def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler_states: list, pending: list) -> None:

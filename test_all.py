@@ -7142,6 +7142,31 @@ def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend,
     assert s["backend"] == backend and (tmp_path / "actors" / "step_3" / "manifest.json").is_file()
 
 
+def test_ppo_logs_time_per_role_tokens_per_s_and_to_wandb(tmp_path, monkeypatch):
+    """Every step's row has the time of each role (generate, reward, actor, reference, critic, sync) and
+    tokens/s; --wandb sends the same numbers to a wandb run (a stand-in module records the calls)."""
+    calls = []
+
+    class Run:
+        def log(self, row, step):
+            calls.append(("log", step, row))
+
+        def finish(self):
+            calls.append(("finish",))
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)) or Run())
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    ppo.main(["--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "2", "--eval_problems", "4",
+              "--results", "r.jsonl", "--algo", "ppo", "--kl_coef", "0.1", "--out", "o", "--wandb", "proj"])
+    rows = [r for r in _ppo_rows("o") if "reward" in r]
+    for r in rows:
+        assert {f"time_{k}" for k in ("generate", "reward", "actor", "reference", "critic", "sync")} <= set(r)
+        assert r["tokens_per_s"] > 0 and r["tokens"] > 0
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "proj" and calls[-1] == ("finish",)
+    logged = [c for c in calls if c[0] == "log"]
+    assert [c[1] for c in logged] == [0, 1, 2] and logged[-1][2]["reward"] == rows[-1]["reward"]
+
+
 def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path):
     """kill -9 of the engine actor's process mid-run (--backend nanoray): the driver stops within seconds with
     one line naming the dead actor and how to resume (exit 2), instead of hanging on the dead engine."""
