@@ -1046,6 +1046,8 @@ def main(argv=None) -> dict:
     """One RL run: the loop of the single controller (this process), driving the two roles."""
     import prepare_data
     import nanotron as nt
+    if argv is not None and "--bench" in argv:
+        return bench([a for a in argv if a != "--bench"])
     cfg = parse_args(argv)
     t_start = time.time()
     cfg = resolve(cfg, torch.cuda.is_available())
@@ -1199,7 +1201,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 pending = engines.generate(take(), step + 1, version)()
                 timer["generate"] += time.perf_counter() - t0
             row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
-            row["tokens_per_s"] = m.get("tokens", 0) / (time.perf_counter() - t_step)   # sampled tokens, all ranks
+            row["step_s"] = time.perf_counter() - t_step
+            row["tokens_per_s"] = m.get("tokens", 0) / row["step_s"]          # sampled tokens, all ranks
             if rank0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):
                 row.update(evaluate())
             log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
@@ -1318,6 +1321,114 @@ def _load_critic(trainer: Trainer, nt, mesh, src: Path) -> None:
     state = torch.load(critic / "value_head.pt", map_location="cpu")
     trainer.value_head.load_state_dict(state["head"])
     trainer.head_opt.load_state_dict(state["head_opt"])
+
+
+# ---- benchmark ---------------------------------------------------------------------------------------------
+# `python ppo.py --bench [ppo flags]`: GRPO steps at the setting TRL's GRPOTrainer was measured at (16 prompts
+# x 8 samples of <= 128 tokens, beta 0, the synthetic math task, SmolLM2-135M-Instruct unless --model says
+# otherwise), ours and, in the same run, TRL's (HF generate; bench-only, when trl is installed). One table:
+# seconds per step and samples/s (the first step, compile and warm-up, is left out); then where our step's
+# time goes, and the in-memory weight sync of the 135M model and of the Qwen3-0.6B shape. On CPU only
+# --model tiny runs (a check of the harness itself, not a measurement).
+
+def bench(argv: list) -> list[dict]:
+    import statistics
+    import tempfile
+    cuda = torch.cuda.is_available()
+    base = ["--algo", "grpo", "--prompts_per_step", "16", "--samples_per_prompt", "8", "--max_new_tokens", "128",
+            "--steps", "6", "--lr", "1e-6", "--kl_coef", "0", "--eval_problems", "16", "--save_every", "-1",
+            "--model", "smollm2" if cuda else "tiny"]
+    cfg = resolve(parse_args(base + argv), cuda)
+    if not cuda and cfg.model != "tiny":
+        raise ValueError("ppo.py: --bench without a CUDA GPU runs only --model tiny (a check of the harness)")
+    tmp = Path(tempfile.mkdtemp(prefix="ppo-bench-"))
+    B = cfg.prompts_per_step * cfg.samples_per_prompt
+    main(base + argv + ["--out", str(tmp / "ours"), "--results", str(tmp / "results.jsonl")])
+    rows = [r for r in _ppo_rows_of(tmp / "ours") if "step_s" in r][1:]           # the first step warms up
+    step_s = statistics.median(r["step_s"] for r in rows)
+    table = [{"system": "ppo.py (nanovllm + nanotron)", "step_s": step_s, "samples_s": B / step_s}]
+    try:
+        trl_s = _bench_trl(cfg, tmp)
+        table.append({"system": "TRL GRPOTrainer (HF generate)", "step_s": trl_s, "samples_s": B / trl_s})
+    except Exception as e:     # noqa: BLE001 (a peer that is missing or fails is reported, never fatal to ours)
+        print(f"# TRL peer skipped: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+    dev = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"\n# {dev}, torch {torch.__version__}; {cfg.model}, {cfg.prompts_per_step} prompts x "
+          f"{cfg.samples_per_prompt} samples <= {cfg.max_new_tokens} tokens, {len(rows)} timed steps")
+    print("| system | s / step | samples / s | vs TRL |\n|---|---:|---:|---:|")
+    for t in table:
+        print(f"| {t['system']} | {t['step_s']:.2f} | {t['samples_s']:.1f} | "
+              f"{t['samples_s'] / table[-1]['samples_s']:.2f}x |" if len(table) > 1 else
+              f"| {t['system']} | {t['step_s']:.2f} | {t['samples_s']:.1f} | - |")
+    parts = sorted({k for r in rows for k in r if k.startswith("time_")})
+    print("\nour step, median seconds: " + ", ".join(
+        f"{k[5:]} {statistics.median(r.get(k, 0.0) for r in rows):.3f}" for k in parts) +
+        f"; rollout {statistics.median(r['tokens'] / max(r['time_generate'], 1e-9) for r in rows):,.0f} tok/s")
+    if cuda:
+        print(f"weight sync in memory, Qwen3-0.6B shape: {_bench_sync('qwen3-0.6b', cfg):.3f} s")
+    return table
+
+
+def _ppo_rows_of(out: Path) -> list[dict]:
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def _bench_sync(shape: str, cfg: Config) -> float:
+    """Seconds of one trainer -> engine weight update (colocated, in memory) for a random model of `shape`."""
+    import nanotron as nt
+    from nanovllm import _bench_folder
+    folder = _bench_folder(shape)
+    mcfg = nt.ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
+    model = nt.Transformer(mcfg, nt.Mesh(), dtype=torch.bfloat16).init_random(0)
+    role = EngineRole(str(folder), dataclasses.replace(cfg, engine_memory=0.2), 1024, 64, "cuda")
+    role.llm.update_weights(model.state_dict_hf())                              # warm-up
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    role.llm.update_weights(model.state_dict_hf())
+    torch.cuda.synchronize()
+    role.shutdown()
+    return time.perf_counter() - t0
+
+
+def _bench_trl(cfg: Config, tmp: Path) -> float:
+    """Median seconds per GRPOTrainer step at the same setting, on the same prompts, with the same grader."""
+    import eval as ev
+    import prepare_data
+    from datasets import Dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOConfig, GRPOTrainer
+    if cfg.model == "tiny":
+        raise ValueError("the tiny model has no tokenizer for TRL")
+    folder = str(prepare_data.default_model_path() if cfg.model == "smollm2" else Path(cfg.model))
+    tok = AutoTokenizer.from_pretrained(folder)
+    train, _ = load_prompts(cfg, len(tok))
+    data = Dataset.from_list([{"prompt": tok.decode(r["prompt_ids"]), "answer": r["answer"]} for r in train[:2048]])
+    grader = ev.Grader(cfg.grade_workers, cfg.grade_timeout_s)
+    times = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - self.t)
+
+    def reward(completions, answer, **kw):
+        return [float(g.correct) for g in grader.grade(zip(completions, answer))]
+    args = GRPOConfig(output_dir=str(tmp / "trl"), per_device_train_batch_size=cfg.prompts_per_step *
+                      cfg.samples_per_prompt, num_generations=cfg.samples_per_prompt, max_completion_length=
+                      cfg.max_new_tokens, beta=0.0, learning_rate=cfg.lr, max_steps=cfg.steps, temperature=cfg.temperature,
+                      logging_steps=1, report_to="none", save_strategy="no", bf16=torch.cuda.is_available(),
+                      use_cpu=not torch.cuda.is_available(), seed=cfg.seed)
+    try:
+        GRPOTrainer(model=folder, reward_funcs=reward, args=args, train_dataset=data, processing_class=tok,
+                    callbacks=[Clock()]).train()
+    finally:
+        grader.close()
+    import statistics
+    return statistics.median(times[1:] or times)
 
 
 # ---- CLI ---------------------------------------------------------------------------------------------------
