@@ -323,7 +323,8 @@ class Config:
     backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
     tp: int = 1  # tensor-parallel ranks of the trainer (under torchrun; dp = world / tp); each rank keeps an engine
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
-    # a learned reward beside the rule: reward = rule + reward_model_coef * rm_score (rm_score is logged apart)
+    # a learned reward beside the rule: reward = rule + reward_model_coef * rm_score (rm_score is logged apart). The
+    # RM reads the text (decoded, then its own tokenizer) when its folder has a tokenizer, else the actor's token ids
     reward_model: str = ""  # HF sequence-classification folder (num_labels 1), on the trainer's devices; "" = none
     reward_model_coef: float = 1.0  # c in reward = rule + c * rm_score
     rule_reward: bool = True  # the rule (math-verify / toy) in the reward; --no-rule_reward: data without answers
