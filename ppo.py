@@ -12,6 +12,9 @@ data-parallel replica with its own engine and its share of the prompts):
   1. ROLLOUT: P prompts x n samples on nanovllm (the behaviour policy), with each token's log-prob.
   2. REWARD: eval.Grader grades the last \boxed{} against the gold answer in a process pool (timeouts
      count as wrong); optional overlong penalty; dynamic sampling zeroes groups that all scored the same.
+     With --reward_model, an HF sequence classifier held by the trainer role scores each prompt + response
+     too: reward = rule + reward_model_coef * rm_score (--no-rule_reward: the RM alone, for data without
+     answers). Held-out evals stay the rule's accuracy.
   3. SCORE: the trainer (nanotron) recomputes the log-probs of the sampled tokens (pi_old), the frozen
      reference's (for KL) and the critic's values (PPO); the estimator turns scores into advantages.
   4. UPDATE: epochs x mini-batches of PPO-clipped policy-gradient steps on packed micro-batches.
@@ -19,9 +22,16 @@ data-parallel replica with its own engine and its share of the prompts):
 One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
 with the weights of step k-1 while step k trains (staleness exactly 1, asserted), and truncated importance
 sampling corrects for it. With --backend local (roles in this process) the two run one after the other;
-with --backend nanoray or ray the trainer and the engine are actors in their own processes (on their own
-GPUs when there are two), the engine generates step k+1 while the trainer trains step k, and the weights
-travel through the object store. Every backend computes the same numbers (tested).
+with --backend nanoray or ray the trainer and the engine(s) are actors in their own processes (each on a GPU
+of its own when there are enough), the engines generate step k+1 while the trainer trains step k, and the
+weights go trainer -> engines by a bucketed broadcast on a process group of their own (NCCL / gloo). Every
+backend and layout (dp, tp, pp under torchrun) computes the same numbers (tested).
+
+LoRA (--lora_rank r): the actor's base weights are frozen and low-rank adapters train instead (optimizer
+state for r * (in + out) numbers per matrix, not in * out: a bigger actor fits one GPU); the KL reference is
+the actor with its adapters off (no second model). The engine always gets the MERGED weights W + alpha/r B A,
+and so do checkpoints' model files (plus lora.pt: the adapters and their AdamW state, to resume): `python
+merge.py ckpt/ppo-<model>/step_N` is an HF folder of the trained model, as for a full fine-tuning run.
 
 Commands:
     python ppo.py                                     # CPU: tiny random model learns a toy reward, seconds
@@ -31,6 +41,9 @@ Commands:
     torchrun --nproc_per_node 2 ppo.py --tp 2         # tensor-parallel trainer (each rank keeps a full engine)
     torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2  # + pipeline stages (1F1B; the RL loss on the last stage)
     python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
+    python ppo.py --bench                             # GPU: samples/s vs TRL's GRPOTrainer, time per role
+    python ppo.py --model ckpt/sft/hf --lora_rank 32      # LoRA on the actor (tp 1); merge.py exports it merged
+    python ppo.py --reward_model RM_FOLDER --reward_model_coef 0.5   # + a learned reward (--no-rule_reward: RM only)
     pytest -q test_all.py -k ppo
 
 First read: the algorithm core (advantages -> KL -> losses: pure functions on padded [B, T] tensors, each
@@ -38,10 +51,11 @@ tested against hand-computed values), then rl_step and main. Legend: B sampled r
 (padded; mask [B, T] marks real ones), P prompts, n samples per prompt (B = P * n, grouped contiguously:
 rows [i*n, (i+1)*n) answer prompt i), N packed tokens of a micro-batch.
 
-Contents: advantages . KL . losses . batch shaping . config . prompts and rewards . trainer . the step .
-          roles (in-process, or actors on nanoray / Ray) . driver . CLI
+Contents: advantages . KL . losses . batch shaping . config . prompts and rewards (+ the reward model) .
+          LoRA . trainer . the step . roles (in-process, or actors on nanoray / Ray) . driver . benchmark . CLI
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -49,6 +63,7 @@ import os
 import pickle
 import random
 import time
+import zlib
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -275,8 +290,8 @@ class Config:
     max_new_tokens: int = 0  # response budget; 0 = 8 (toy) / 96 (CPU) / 512 (GPU)
     temperature: float = 1.0  # sampling temperature (the trainer's log-probs use the same one)
     top_p: float = 1.0  # nucleus sampling (log-probs are then of the masked distribution: keep 1.0 for RL)
-    lr: float = 0.0  # actor peak LR; 0 = 3e-3 (tiny) / 1e-6 (pretrained)
-    critic_lr: float = 0.0  # critic LR (ppo); 0 = 10 x lr
+    lr: float = 0.0  # actor peak LR; 0 = 3e-3 (tiny) / 1e-6 (pretrained), x10 with LoRA (its best LR is ~10x higher)
+    critic_lr: float = 0.0  # critic LR (ppo); 0 = 10 x the full fine-tuning lr
     warmup_steps: int = 0  # linear LR warmup steps
     epochs: int = 1  # passes over each batch (PPO reuse: > 1 makes the clip matter)
     mini_batches: int = 1  # optimizer steps per epoch (the batch split in this many parts)
@@ -316,6 +331,15 @@ class Config:
     weight_sync: str = "broadcast"  # actors: broadcast (a process group, NCCL / gloo, buckets) | store (object store)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
+    # a learned reward beside the rule: reward = rule + reward_model_coef * rm_score (rm_score is logged apart). The
+    # RM reads the text (decoded, then its own tokenizer) when its folder has a tokenizer, else the actor's token ids
+    reward_model: str = ""  # HF sequence-classification folder (num_labels 1), on the trainer's devices; "" = none
+    reward_model_coef: float = 1.0  # c in reward = rule + c * rm_score
+    rule_reward: bool = True  # the rule (math-verify / toy) in the reward; --no-rule_reward: data without answers
+    # LoRA on the actor (the critic, when ppo, stays full): W frozen, W + alpha/r B A trains
+    lora_rank: int = 0  # r of the adapters; 0 = full fine-tuning. Needs --tp 1
+    lora_alpha: float = 0.0  # the adapters' scale is alpha / r; 0 = 2 x lora_rank (scale 2)
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"  # every projection (QLoRA's finding)
 
 
 def resolve(cfg: Config, cuda: bool) -> Config:
@@ -332,6 +356,11 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.engines == 1 or cfg.backend != "local", "--engines > 1 needs --backend nanoray or ray"),
               (cfg.engines >= 1, "--engines must be >= 1"),
               (cfg.weight_sync in ("broadcast", "store"), f"--weight_sync {cfg.weight_sync!r}: broadcast or store"),
+              (cfg.rule_reward or cfg.reward_model, "--no-rule_reward needs --reward_model (else there is no reward)"),
+              (cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.tp == cfg.pp == 1),
+               f"--lora_rank {cfg.lora_rank}: must be >= 0, and LoRA needs --tp 1 --pp 1 (adapters are not split)"),
+              (not (bad := {t.strip() for t in cfg.lora_targets.split(",")} - set(LORA_TARGETS)),
+               f"--lora_targets: unknown {sorted(bad)}; a comma list of {','.join(LORA_TARGETS)}"),
               (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
     for ok, msg in checks:
         if not ok:
@@ -339,7 +368,9 @@ def resolve(cfg: Config, cuda: bool) -> Config:
     toy = (cfg.data or ("toy" if cfg.model == "tiny" else "synthetic")) == "toy"
     pick = lambda v, toy_v, cpu_v, gpu_v: v or (toy_v if toy else gpu_v if cuda else cpu_v)  # noqa: E731
     n = cfg.samples_per_prompt or (1 if cfg.algo == "ppo" else 8)
-    lr = cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6)
+    full_lr = cfg.lr or (3e-3 if cfg.model == "tiny" else 1e-6)
+    # LoRA's best LR is about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret")
+    lr = full_lr * 10 if cfg.lora_rank and not cfg.lr else full_lr
     if cfg.algo in ("grpo", "dr_grpo", "rloo") and n < 2:
         raise ValueError(f"ppo.py: --algo {cfg.algo} compares the samples of a prompt: "
                          "--samples_per_prompt must be >= 2")
@@ -348,11 +379,13 @@ def resolve(cfg: Config, cuda: bool) -> Config:
         steps=pick(cfg.steps, 30, 30, 100), prompts_per_step=pick(cfg.prompts_per_step, 8, 8, 64),
         samples_per_prompt=n,
         max_new_tokens=pick(cfg.max_new_tokens, 8, 96, 512),
-        lr=lr, critic_lr=cfg.critic_lr or 10 * lr,
+        lr=lr, critic_lr=cfg.critic_lr or 10 * full_lr,
         micro_batch_tokens=pick(cfg.micro_batch_tokens, 4096, 4096, 16384),
         eval_problems=pick(cfg.eval_problems, 32, 64, 1000),
         tis_cap=(2.0 if cfg.mode == "one_step_off" else 0.0) if cfg.tis_cap < 0 else cfg.tis_cap,
-        dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32"))
+        dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32"),
+        reward_model=str(Path(cfg.reward_model).resolve()) if cfg.reward_model else "",   # actors have another cwd
+        lora_alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, lora_targets=cfg.lora_targets.replace(" ", ""))
 
 
 # ---- prompts and rewards -----------------------------------------------------------------------------------
@@ -385,20 +418,24 @@ def load_prompts(cfg: Config, vocab: int) -> tuple[list[dict], list[dict]]:
             raise FileNotFoundError(f"ppo.py: --data {cfg.data}: {path} is missing (build it with "
                                     "`python prepare_data.py --recipe rl ...`)")
         ds = nanosets.load_dataset(str(path))
-        if not {"prompt_ids", "answer"} <= set(ds.column_names):
-            raise ValueError(f"ppo.py: {path} has columns {ds.column_names}; RL needs prompt_ids and answer "
+        need = {"prompt_ids", "answer"} if cfg.rule_reward else {"prompt_ids"}    # a reward model needs no gold
+        if not need <= set(ds.column_names):
+            raise ValueError(f"ppo.py: {path} has columns {ds.column_names}; RL needs {' and '.join(sorted(need))} "
                              "(prepare_data.py --recipe rl)")
-        splits[split] = [{"prompt_ids": [int(t) for t in r["prompt_ids"]], "answer": r["answer"]} for r in ds]
+        splits[split] = [{"prompt_ids": [int(t) for t in r["prompt_ids"]], "answer": r.get("answer", "")} for r in ds]
         if any(max(r["prompt_ids"]) >= vocab for r in splits[split]):
             raise ValueError(f"ppo.py: {path} holds token ids >= the model's vocabulary {vocab}: another tokenizer")
     return splits["train"], splits["test"][: cfg.eval_problems]
 
 
 class Rewarder:
-    """Scores responses: math (the last \\boxed{} graded by eval.Grader against the gold) or toy."""
+    """Scores responses: the rule -- math (the last \\boxed{} graded by eval.Grader against the gold) or toy --
+    and, given `rm` (a function: samples -> the reward model's scores, asked of the trainer role),
+    reward = rule (unless --no-rule_reward) + reward_model_coef * rm."""
 
-    def __init__(self, cfg: Config, tokenizer):
+    def __init__(self, cfg: Config, tokenizer, rm=None):
         self.toy, self.tok, self.grader = cfg.data == "toy", tokenizer, None
+        self.rm, self.rule, self.coef = rm, cfg.rule_reward, cfg.reward_model_coef
         if not self.toy:
             import eval as ev
             if tokenizer is None:
@@ -406,8 +443,20 @@ class Rewarder:
             self.grader = ev.Grader(cfg.grade_workers, cfg.grade_timeout_s)
             self.grader.start()                                  # workers import math-verify meanwhile
 
-    def __call__(self, samples: list[dict]) -> tuple[list[float], list[bool]]:
-        """(scores, a-final-answer-was-given) per sample."""
+    def __call__(self, samples: list[dict], rm: bool = True) -> tuple[list[float], list[bool]]:
+        """(scores, a-final-answer-was-given) per sample; rm=False: the rule alone (held-out accuracy). With the
+        reward model, each sample keeps its two parts (rule_score, rm_score) for the step's metrics."""
+        if self.rm is None or not rm:
+            return self.grade(samples)
+        n = len(samples)
+        rule, answered = self.grade(samples) if self.rule else ([0.0] * n, [False] * n)
+        rms = self.rm(samples)
+        for x, r, s in zip(samples, rule, rms):
+            x["rule_score"], x["rm_score"] = r, s
+        return [r + self.coef * s for r, s in zip(rule, rms)], answered
+
+    def grade(self, samples: list[dict]) -> tuple[list[float], list[bool]]:
+        """The rule: (scores, a-final-answer-was-given) per sample."""
         if self.toy:
             s = [sum(t < TOY_GOOD for t in x["response"]) / max(1, len(x["response"])) for x in samples]
             return s, [True] * len(samples)
@@ -418,6 +467,274 @@ class Rewarder:
     def close(self):
         if self.grader is not None:
             self.grader.close()
+
+
+class RewardModel:
+    """A learned reward: an HF sequence classifier with one label (AutoModelForSequenceClassification), held by
+    the trainer role on the trainer's device in its dtype; rm(samples) -> one float per prompt + response.
+    What it reads: when its folder has a tokenizer, the TEXT (prompt + response decoded by the actor's
+    tokenizer, chat markup included, then encoded by the RM's own without adding special tokens: the markup
+    is already in the text); when it has none, the actor's token ids as they are (it must share the actor's
+    vocabulary: checked). Forward-only, batched by the token budget (padded tokens), shortest first."""
+
+    def __init__(self, path: str, dtype, device, budget: int, actor_folder: str | None):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+        from nanovllm import load_tokenizer
+        self.where, want = f"ppo.py: --reward_model {path}", "an HF sequence-classification folder (num_labels=1)"
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"{self.where}: no config.json there; expected {want}")
+        hf = AutoConfig.from_pretrained(path)
+        archs = hf.architectures or []
+        if not any(a.endswith("ForSequenceClassification") for a in archs) or hf.num_labels != 1:
+            raise ValueError(f"{self.where}: expected {want}; its config.json says architectures {archs}, "
+                             f"num_labels {hf.num_labels}")
+        if hf.pad_token_id is None:
+            raise ValueError(f"{self.where}: config.json has no pad_token_id (batches are padded with it)")
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.pad, self.vocab, self.budget, self.device = hf.pad_token_id, hf.vocab_size, budget, device
+        self.tok = load_tokenizer(path)
+        self.actor_tok = load_tokenizer(actor_folder) if self.tok is not None and actor_folder else None
+        if self.tok is not None and self.actor_tok is None:
+            raise ValueError(f"{self.where} reads text (it has a tokenizer), but the actor has no tokenizer to "
+                             "decode the responses with")
+
+    def _ids(self, samples: list[dict]) -> list[list[int]]:
+        seqs = [s["prompt_ids"] + s["response"] for s in samples]
+        if self.tok is not None:
+            texts = self.actor_tok.batch_decode(seqs)                    # special tokens (chat markup) kept
+            return self.tok(texts, add_special_tokens=False)["input_ids"]
+        if (top := max(max(q) for q in seqs)) >= self.vocab:
+            raise ValueError(f"{self.where}: token id {top} >= its vocabulary of {self.vocab}: without a tokenizer "
+                             "of its own it reads the actor's ids, so it must share the actor's tokenizer")
+        return seqs
+
+    @torch.no_grad()
+    def __call__(self, samples: list[dict]) -> list[float]:
+        seqs, out = self._ids(samples), [0.0] * len(samples)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))     # similar lengths share a batch
+        k = 0
+        while k < len(order):
+            b = 1                              # grow while (b + 1) rows x the longest one fit the token budget
+            while k + b < len(order) and (b + 1) * len(seqs[order[k + b]]) <= self.budget:
+                b += 1
+            rows, T = order[k:k + b], len(seqs[order[k + b - 1]])
+            ids = torch.full((b, T), self.pad, dtype=torch.long)          # [b, T], padded on the right
+            mask = torch.zeros(b, T, dtype=torch.long)
+            for j, i in enumerate(rows):
+                ids[j, : len(seqs[i])] = torch.tensor(seqs[i])
+                mask[j, : len(seqs[i])] = 1
+            # HF's classifier pools each row at its last token that is not pad_token_id: right padding makes
+            # that the last real token, as when the row is scored alone
+            scores = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            for i, v in zip(rows, scores[:, 0].float().tolist()):          # [b, 1] -> b floats (syncs the GPU)
+                out[i] = v
+            k += b
+        return out
+
+
+# ---- LoRA --------------------------------------------------------------------------------------------------
+# LoRA (Hu et al. 2021, eq. 3): freeze a weight W [out, in] and learn a low-rank change of it,
+#     y = x W^T + (alpha / r) (x A^T) B^T,      A [r, in] random,  B [out, r] zeros (the run starts AT the base),
+# so the trained state is r * (in + out) numbers per matrix instead of in * out, and with it AdamW's fp32
+# master, m and v: what lets a bigger actor train on one GPU. How it attaches without touching nanotron: the
+# model applies every projection through a module (qkv, o_proj, gate_up, down: F.linear of its .weight) and
+# Transformer.hf_slots() says which output rows of which module hold an HF tensor (q, k, v are row blocks of
+# the fused qkv; gate, up of gate_up). A forward hook on each module adds the adapters' term to those rows of
+# its output. Everything that leaves the trainer is MERGED, W + (alpha / r) B A in the model dtype: the
+# engine's weights on every sync (the rollout policy is the trained one), and the checkpoints' model files
+# (merge.py then exports the trained model); lora.pt beside them holds A, B and their AdamW state. With the
+# adapters off the actor IS the base model: the KL reference needs no second copy. Not done: tp > 1 (a
+# row-parallel layer's A would be split over ranks, its x A^T summed by an all-reduce).
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRA:
+    """Adapters on the `targets` projections of a nanotron Transformer (tp = 1), attached as forward hooks.
+    A[key], B[key]: fp32 parameters, key = the HF module name (model.layers.3.self_attn.q_proj)."""
+
+    def __init__(self, model, rank: int, alpha: float, targets: list[str], seed: int):
+        self.scale, self.on, self.A, self.B = alpha / rank, True, {}, {}
+        model.requires_grad_(False)                       # the base is frozen: no grads, no optimizer state
+        owner = {id(m.weight): m for m in model.modules() if isinstance(getattr(m, "weight", None), nn.Parameter)}
+        parts = {}                                        # module -> [(first output row, rows, key)]
+        for name, slot in model.hf_slots().items():
+            key = name.removesuffix(".weight")
+            if not name.endswith(".weight") or key.rsplit(".", 1)[-1] not in targets:
+                continue
+            out, inp = slot.full_shape
+            dev = slot.param.device
+            # A ~ U(-1/sqrt(in), 1/sqrt(in)): nn.Linear's (and PEFT's) kaiming_uniform(a=sqrt(5)); seeded by
+            # name, so every layout starts from the same adapters
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            self.A[key] = nn.Parameter(((torch.rand(rank, inp, generator=g) * 2 - 1) / math.sqrt(inp)).to(dev))
+            self.B[key] = nn.Parameter(torch.zeros(out, rank, device=dev))
+            first = slot.offset if slot.kind == "col" else 0
+            parts.setdefault(owner[id(slot.param)], []).append((first, out, key))
+        for module, ps in parts.items():
+            module.register_forward_hook(lambda m, args, y, ps=sorted(ps): self._add(ps, args[0], y))
+
+    def _add(self, parts, x, y):
+        """y [N, out] of a frozen projection of x [N, in] -> y + (alpha / r) x A^T B^T on each part's rows."""
+        if not self.on:
+            return y
+        pieces, at = [], 0
+        for first, rows, key in parts:
+            A, B = self.A[key].to(x.dtype), self.B[key].to(x.dtype)     # fp32 masters, the model's dtype to compute
+            delta = self.scale * ((x @ A.t()) @ B.t())                    # [N, in] -> [N, r] -> [N, rows]
+            pieces += [y[..., at:first], y[..., first:first + rows] + delta]
+            at = first + rows
+        pieces = [p for p in pieces + [y[..., at:]] if p.shape[-1]]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, -1)
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for key in self.A for p in (self.A[key], self.B[key])]
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Inside: the base model (the KL reference)."""
+        self.on = False
+        try:
+            yield
+        finally:
+            self.on = True
+
+    def delta(self, key: str) -> torch.Tensor:
+        """(alpha / r) B A [out, in] fp32: what merging adds to the base weight."""
+        return self.scale * (self.B[key].detach() @ self.A[key].detach())
+
+    def merged(self, named):
+        """(hf_name, tensor) pairs of the base -> the same with W + (alpha / r) B A for the targeted ones."""
+        for name, t in named:
+            key = name.removesuffix(".weight")
+            yield name, ((t.float() + self.delta(key)).to(t.dtype) if key in self.A else t)
+
+    @contextlib.contextmanager
+    def merged_into(self, model):
+        """Inside: the model's own parameters hold the merged weights (for save_checkpoint / save_hf to write);
+        after: exactly the base again (copied back from CPU memory, not subtracted: no round-off)."""
+        slots, saved = model.hf_slots(), {}
+        with torch.no_grad():
+            for name, w in self.merged((k + ".weight", slots[k + ".weight"].local()) for k in self.A):
+                saved[name] = slots[name].local().to("cpu", copy=True)
+                slots[name].local().copy_(w)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                for name, w0 in saved.items():
+                    slots[name].local().copy_(w0)
+
+    def state_dict(self) -> dict:
+        return {"A": {k: v.detach().cpu() for k, v in self.A.items()},
+                "B": {k: v.detach().cpu() for k, v in self.B.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, sd: dict):
+        for k in self.A:
+            self.A[k].copy_(sd["A"][k])
+            self.B[k].copy_(sd["B"][k])
+
+
+class LoRAAdamW:
+    """torch's AdamW on the adapters, answering the calls Trainer makes of nanotron's optimizer. Data parallel:
+    each rank's adapter grads come from its own samples, and (every loss being divided by the whole step's
+    counts) their SUM over dp is the full batch's gradient: one all-reduce of all of them, as one flat buffer,
+    before the norm (nanotron does the same for the base weights; here the critic's value head is the model)."""
+
+    def __init__(self, lora: LoRA, nt, mesh, lr: float):
+        self.params, self.nt, self.mesh, self.synced = lora.params(), nt, mesh, False
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)  # nanotron's
+
+    def no_sync(self):
+        return contextlib.nullcontext()                  # micro-batches accumulate locally; _sync sums once
+
+    def zero_grad(self):
+        self.opt.zero_grad(set_to_none=False)
+        self.synced = False
+
+    def _sync(self):
+        if self.synced or self.mesh.dp == 1:
+            return
+        flat = torch.cat([p.grad.reshape(-1) for p in self.params])   # [all adapter elements]
+        self.nt.all_reduce_(flat, self.mesh.group("dp"))
+        for p, g in zip(self.params, flat.split([p.numel() for p in self.params])):
+            p.grad.copy_(g.view_as(p))
+        self.synced = True
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        self._sync()
+        return torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+
+    @property
+    def dp(self):                 # nanotron's optimizer answers opt.dp.grad_norm(): so does this one
+        return self
+
+    def grad_norm(self) -> torch.Tensor:
+        self._sync()
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.params]))
+
+    def step(self, lr: float | None = None):
+        self._sync()
+        for g in self.opt.param_groups:
+            g["lr"] = lr if lr is not None else g["lr"]
+        self.opt.step()
+
+    def state_dict(self) -> dict:
+        return self.opt.state_dict()
+
+    def load_state_dict(self, sd: dict):
+        self.opt.load_state_dict(sd)
+
+
+class LoRABase:
+    """The actor with its adapters off: the frozen base model, used as the KL reference (no second copy)."""
+
+    def __init__(self, actor, lora: LoRA):
+        self.actor, self.lora = actor, lora
+
+    def __call__(self, *args):
+        with self.lora.disabled():
+            return self.actor(*args)
+
+    def logprobs(self, *args):
+        return self.actor.logprobs(*args)                # the LM head has no adapter
+
+
+def lora_save(trainer, folder: Path) -> None:
+    """lora.pt beside a checkpoint's (merged) model files: A, B, their AdamW state, the LoRA hyper-parameters."""
+    tmp = folder.with_name(f".{folder.name}-lora.pt.tmp")
+    torch.save({"lora": trainer.lora.state_dict(), "opt": trainer.opt.state_dict(),
+                "hparams": _lora_hparams(trainer.cfg)}, tmp)
+    tmp.replace(folder / "lora.pt")
+
+
+def lora_resume(trainer, nt, src: Path) -> dict:
+    """Resume a LoRA run: the base as built from --model, A, B and their AdamW state from src/lora.pt; the
+    checkpoint's merged weights must then equal base + (alpha / r) B A (else --model is another base).
+    Returns the manifest. (The RNG is not restored: ppo.py draws from seeded generators only.)"""
+    f, want = Path(src) / "lora.pt", _lora_hparams(trainer.cfg)
+    if not f.is_file():
+        raise FileNotFoundError(f"ppo.py: {f} is missing: {src} is not a LoRA run's checkpoint (resume it without "
+                                "--lora_rank, or start a new --out)")
+    state = torch.load(f, map_location="cpu")
+    if state["hparams"] != want:
+        raise ValueError(f"ppo.py: {src} was trained with LoRA {state['hparams']}, this run asks for {want}")
+    trainer.lora.load_state_dict(state["lora"])
+    trainer.opt.load_state_dict(state["opt"])
+    with nt.CheckpointReader(src) as ck:
+        if diffs := nt.config_mismatches(ck.config, trainer.actor.cfg):
+            raise ValueError(f"ppo.py: {src} was saved from another model: {'; '.join(diffs)}")
+        name = next(iter(trainer.lora.A)) + ".weight"
+        saved, (_, mine) = ck.tensor(name), next(trainer.lora.merged([(name, trainer.actor.hf_slots()[name].local())]))
+        if not torch.allclose(saved.float(), mine.float().cpu(), rtol=1e-2, atol=1e-3):
+            raise ValueError(f"ppo.py: {src} holds {name} = base + LoRA for another base model than --model "
+                             f"{trainer.cfg.model}: resume with the --model that run trained")
+        return ck.manifest
+
+
+def _lora_hparams(cfg: Config) -> dict:
+    return {"rank": cfg.lora_rank, "alpha": cfg.lora_alpha, "targets": cfg.lora_targets}
 
 
 # ---- trainer -----------------------------------------------------------------------------------------------
@@ -477,8 +794,14 @@ class Trainer:
             m = nt.build_stage(mcfg, mesh, dtype=dtype) if mesh.pp > 1 else nt.Transformer(mcfg, mesh, dtype=dtype)
             return m.init_random(seed) if path is None else m.load_hf(path)
         self.actor = build(cfg.seed)
-        self.opt = nt.build_optimizer(self.actor, mesh, 1 if mesh.dp > 1 else 0, cfg.lr, weight_decay=0.0)
-        self.ref = build(cfg.seed).requires_grad_(False) if cfg.kl_coef > 0 else None
+        self.lora = None
+        if cfg.lora_rank:            # LoRA: the base frozen, the adapters train; the reference is the base itself
+            self.lora = LoRA(self.actor, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets.split(","), cfg.seed)
+            self.opt = LoRAAdamW(self.lora, nt, mesh, cfg.lr)
+        else:
+            self.opt = nt.build_optimizer(self.actor, mesh, 1 if mesh.dp > 1 else 0, cfg.lr, weight_decay=0.0)
+        self.ref = None if cfg.kl_coef <= 0 else LoRABase(self.actor, self.lora) if self.lora else \
+            build(cfg.seed).requires_grad_(False)
         self.critic = self.value_head = None
         if cfg.algo == "ppo":
             self.critic = build(cfg.seed)
@@ -623,6 +946,8 @@ class Trainer:
         iterates) and, pp > 1, every stage's tensors broadcast to its whole pipeline (each rank's engine holds
         the full model). A tied embedding comes from the first stage (the last stage's copy is the same)."""
         named, m = list(self.actor.state_dict_hf()), self.mesh
+        if self.lora is not None:
+            named = list(self.lora.merged(named))                        # LoRA: W + (alpha / r) B A
         if m.pp == 1:
             return named
         full = {}
@@ -633,6 +958,10 @@ class Trainer:
             for n, t in got:
                 full.setdefault(n, t)
         return list(full.items())
+
+    def merged(self):
+        """Inside: the actor's parameters hold the weights the engine gets (LoRA: merged), for writing them."""
+        return self.lora.merged_into(self.actor) if self.lora is not None else _null()
 
 
 def broadcast_tensors(named: list | None, src: int, bcast, device, bucket_bytes: int = 256 << 20) -> list:
@@ -764,7 +1093,7 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     """Score, advantages, update for this rank's share of one step's rollouts (graded by the driver);
     returns the step's metrics over all ranks (reduce sums a list of floats over data parallelism)."""
     scores = torch.tensor(scores)
-    raw = scores.clone()
+    raw = torch.tensor([s["rule_score"] for s in samples]) if cfg.reward_model else scores.clone()  # accuracy
     if cfg.overlong_buffer:
         scores = scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
                                            cfg.overlong_buffer)
@@ -785,6 +1114,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     batch.update(trainer.score(samples, m.shape, timer))       # timer: actor, reference, critic forwards
     advantages(cfg, scores, batch, None if baseline is None else torch.tensor(baseline), reduce)
     stats = train_on(trainer, samples, batch, cfg, step, lr, reduce, timer)    # + their updates
+    if cfg.reward_model:                    # every rank has as many samples: the mean of the means is the mean
+        stats["rm_score"] = sum(s["rm_score"] for s in samples) / B
     gap = (batch["engine_logp"] - batch["old_logp"]).abs() * m
     names = sorted(stats)
     tot = reduce(local + [float(gap.sum())] + [stats[k] for k in names])
@@ -845,10 +1176,11 @@ def plot_curves(metrics: Path, png: Path) -> bool:
 # ---- roles: in-process, or actors on nanoray / Ray ------------------------------------------------------------
 # The driver holds the loop, the data position, the grader and the log; the two roles hold the models. With
 # --backend local they are plain objects in the driver's process (under torchrun: one of each per rank, a
-# data-parallel replica). With --backend nanoray or ray each is an actor in its own process: on a machine
-# with two GPUs, one each (split placement: the engine generates step k+1 WHILE the trainer trains step k in
-# one-step-off mode); on one GPU they share it (half each); on CPU both simply run. The weights travel
-# trainer -> driver -> engine as CPU tensors through the object store (zero-copy within a machine).
+# data-parallel replica). With --backend nanoray or ray each is an actor in its own process: with a GPU for
+# the trainer and one per engine, split placement (the engines generate step k+1 WHILE the trainer trains
+# step k in one-step-off mode); with fewer they share one GPU; on CPU they simply run. The weights go
+# trainer -> engines by a bucketed broadcast on the weight link (_Link: a process group of their own), or,
+# --weight_sync store, trainer -> driver -> engines as CPU tensors through the object store.
 
 class EngineRole:
     """The rollout engine: nanovllm on the trainer's current weights."""
@@ -890,6 +1222,10 @@ class TrainerRole:
         import nanotron as nt
         self.cfg, self.nt = cfg, nt
         self.mesh = nt.Mesh.build(cfg.tp, cfg.pp)         # dp = world / (tp * pp) (one process: 1)
+        self.rm = None                                     # the reward model first: a bad folder fails fast
+        if cfg.reward_model:
+            self.rm = RewardModel(cfg.reward_model, getattr(torch, cfg.dtype), self.mesh.device, cfg.micro_batch_tokens,
+                                  path)
         mcfg = nt.preset_config("tiny") if path is None else \
             nt.ModelConfig.from_hf(json.loads((Path(path) / "config.json").read_text()))
         self.trainer = t = Trainer(cfg, nt, self.mesh, mcfg, path)
@@ -897,7 +1233,7 @@ class TrainerRole:
         if src is not None:
             if t.critic is not None:
                 _load_critic(t, nt, self.mesh, Path(src))
-            man = nt.load_checkpoint(src, t.actor, t.opt, self.mesh)
+            man = lora_resume(t, nt, src) if cfg.lora_rank else nt.load_checkpoint(src, t.actor, t.opt, self.mesh)
             self.start, self.extra = int(man["step"]), man["extra"]
 
     def info(self) -> dict:
@@ -917,6 +1253,10 @@ class TrainerRole:
 
     def warmup(self, samples, scores) -> float:
         return warmup_batch(self.trainer, samples, scores, self.cfg, self.reduce)
+
+    def rm_scores(self, samples) -> list[float]:
+        """The reward model's score of each sample (this rank's own, under data parallelism)."""
+        return self.rm(samples)
 
     def weights(self, cpu: bool):
         """(hf_name, tensor) of the actor: a generator in-process; CPU copies when they cross processes."""
@@ -1114,7 +1454,8 @@ def main(argv=None) -> dict:
                 w = get(trainer.weights.remote(ray is not None))
                 get([h.load.remote(w) for h in handles])
         from nanovllm import load_tokenizer
-        rewarder = Rewarder(cfg, load_tokenizer(folder))
+        rewarder = Rewarder(cfg, load_tokenizer(folder),
+                            (lambda s: get(trainer.rm_scores.remote(s))) if cfg.reward_model else None)
         try:
             return _loop(cfg, trainer, _Engines(handles, get), sync, get, rewarder, train_rows, test_rows, info,
                          extra, say, out, t_start)
@@ -1156,7 +1497,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     log = _Log(out / "metrics.jsonl", start, rank0, cfg.wandb, asdict(cfg))
 
     def evaluate() -> dict:
-        scores, answered = rewarder(engines.generate(test_rows, -1, -1, True)())
+        scores, answered = rewarder(engines.generate(test_rows, -1, -1, True)(), rm=False)
         return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
     try:
         first_eval = {"eval_accuracy": None}
@@ -1278,7 +1619,8 @@ def _line(r: dict, cfg: Config) -> str:
     ev = f" | held-out {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
     if r.get("skipped"):
         return f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | skipped: no group had a signal{ev} | {t}"
-    return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | acc {r['accuracy']:.3f} | "
+    rm = f" | rm {r['rm_score']:.3f}" if "rm_score" in r else ""
+    return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f}{rm} | acc {r['accuracy']:.3f} | "
             f"kl {r.get('kl', 0):.4f} | "
             f"entropy {r.get('entropy', 0):.3f} | clip {r.get('clip_frac', 0):.3f} | gap {r['logp_gap_mean']:.2e} | "
             f"len {r['response_len']:.0f} | trunc {r['truncated']:.2f}{ev} | {r['tokens_per_s']:.0f} tok/s | {t}")
@@ -1300,9 +1642,13 @@ def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler
             tmp.replace(critic / "value_head.pt")
         mesh.barrier()
     extra = {"sampler": sampler_states, "pending": pending}
-    nt.save_checkpoint(folder, trainer.actor, trainer.opt, mesh, step, extra=extra, config=asdict(cfg))
+    with trainer.merged():              # LoRA: the model files hold the merged weights, lora.pt the adapters
+        nt.save_checkpoint(folder, trainer.actor, None if trainer.lora else trainer.opt, mesh, step, extra=extra,
+                           config=asdict(cfg))
     if mesh.rank != 0:
         return
+    if trainer.lora is not None:
+        lora_save(trainer, folder)
     done = sorted((p for p in out.glob("step_*") if (p / "manifest.json").is_file()),
                   key=lambda p: int(p.name.split("_")[1]))
     for p in done[:-cfg.keep_last] if cfg.keep_last > 0 else []:

@@ -102,7 +102,7 @@ from prepare_data import Config, build  # noqa: E402
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
 LINE_BUDGETS = {"nanosets.py": 2368, "prepare_data.py": 1010, "kernels.py": 2076, "nanotron.py": 2845,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1400, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1800, "merge.py": 200,
                 "eval.py": 600}
 
 
@@ -7167,6 +7167,21 @@ def test_ppo_logs_time_per_role_tokens_per_s_and_to_wandb(tmp_path, monkeypatch)
     assert [c[1] for c in logged] == [0, 1, 2] and logged[-1][2]["reward"] == rows[-1]["reward"]
 
 
+def test_ppo_bench_harness_runs_on_cpu_with_the_tiny_model(capsys):
+    """`ppo.py --bench` on CPU is a check of the harness (tiny model, no TRL peer: it has no tokenizer): one
+    table row for ours, the time per role, and a one-line refusal for a real model without a GPU."""
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU --bench is the real benchmark (minutes)")
+    table = ppo.main(["--bench", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--max_new_tokens", "8",
+                      "--steps", "3"])
+    out = capsys.readouterr().out
+    assert [t["system"] for t in table] == ["ppo.py (nanovllm + nanotron)"] and table[0]["samples_s"] > 0
+    assert "| system | s / step | samples / s | vs TRL |" in out and "TRL peer skipped" in out
+    assert "our step, median seconds: " in out and "actor" in out and "rollout" in out
+    with pytest.raises(ValueError, match="--bench without a CUDA GPU runs only --model tiny"):
+        ppo.main(["--bench", "--model", "smollm2"])
+
+
 def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path):
     """kill -9 of the engine actor's process mid-run (--backend nanoray): the driver stops within seconds with
     one line naming the dead actor and how to resume (exit 2), instead of hanging on the dead engine."""
@@ -7205,3 +7220,224 @@ def test_ppo_cli_errors_are_one_line(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
     r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "usage" in r.stdout
+
+
+# ---- ppo.py: the reward model hook and LoRA on the actor ----
+
+def _tiny_rm(folder, num_labels=1, vocab=101, pad=100, causal=False):
+    """A random 1-layer Llama sequence classifier saved as an HF folder (score head scaled up: scores ~ 1)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+    c = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=1, num_labels=num_labels, pad_token_id=pad)
+    torch.manual_seed(0)
+    m = (LlamaForCausalLM if causal else LlamaForSequenceClassification)(c)
+    if not causal:
+        with torch.no_grad():
+            m.score.weight.normal_(0.0, 1.0)
+    m.save_pretrained(folder)
+    return str(folder)
+
+
+def _rm_alone(folder, ids_list):
+    """The oracle: transformers scores each sequence alone (no batching, no padding)."""
+    from transformers import AutoModelForSequenceClassification
+    m = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return [float(m(torch.tensor([ids])).logits[0, 0]) for ids in ids_list]
+
+
+def test_ppo_reward_model_adds_to_the_rule_and_actors_agree(tmp_path, monkeypatch):
+    """--reward_model: every sample's reward is rule + c * the RM's score of its prompt + response ids (the oracle:
+    transformers on each sequence alone), the RM's mean is logged, and the run with the roles as nanoray actors
+    (the trainer actor holds the RM and the adapters) equals the in-process one."""
+    monkeypatch.chdir(tmp_path)
+    rm = _tiny_rm(tmp_path / "rm")
+    seen = []
+    real = ppo.rl_step
+
+    def spy(trainer, samples, scores, *a, **k):
+        seen.append(([s["prompt_ids"] + s["response"] for s in samples], [s["response"] for s in samples], scores))
+        return real(trainer, samples, scores, *a, **k)
+    monkeypatch.setattr(ppo, "rl_step", spy)
+    common = ["--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "4", "--eval_problems", "4",
+              "--results", "r.jsonl", "--reward_model", "rm", "--reward_model_coef", "0.5", "--lora_rank", "4"]
+    ppo.main(common + ["--out", "here"])
+    rows = [r for r in _ppo_rows("here") if "reward" in r]
+    assert len(seen) == len(rows) == 2
+    for (ids, responses, scores), row in zip(seen, rows):
+        rm_scores = _rm_alone(rm, ids)
+        rule = [sum(t < ppo.TOY_GOOD for t in r) / len(r) for r in responses]
+        assert scores == pytest.approx([a + 0.5 * b for a, b in zip(rule, rm_scores)], abs=1e-5)
+        assert row["rm_score"] == pytest.approx(sum(rm_scores) / len(ids), abs=1e-5)
+        assert row["accuracy"] == pytest.approx(sum(rule) / len(ids), abs=1e-6)
+        assert row["reward"] == pytest.approx(sum(scores) / len(ids), abs=1e-5)
+    assert len({round(s, 4) for s in rm_scores}) > 1                   # the RM does discriminate
+    monkeypatch.setattr(ppo, "rl_step", real)
+    ppo.main(common + ["--out", "actors", "--backend", "nanoray"])
+    actors = [r for r in _ppo_rows("actors") if "reward" in r]
+    for a, b in zip(rows, actors):
+        assert b["reward"] == pytest.approx(a["reward"], abs=1e-6) and b["rm_score"] == pytest.approx(a["rm_score"], abs=1e-6)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
+
+
+def test_ppo_reward_model_with_a_tokenizer_reads_the_text(tmp_path):
+    """An RM with its own tokenizer scores the TEXT: decoded by the actor's tokenizer, encoded by its own (here
+    another vocabulary: word w_i is id i + 1), batched by the token budget; equal to scoring each text alone."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    def tokenizer(folder, shift):
+        t = Tokenizer(models.WordLevel({f"w{i}": i + shift for i in range(101)}, unk_token="w1"))
+        t.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+        PreTrainedTokenizerFast(tokenizer_object=t).save_pretrained(folder)
+    rm = _tiny_rm(tmp_path / "rm", vocab=102, pad=0)
+    tokenizer(tmp_path / "rm", 1)
+    tokenizer(tmp_path / "actor", 0)
+    g = torch.Generator().manual_seed(0)
+    samples = [{"prompt_ids": torch.randint(0, 101, (4,), generator=g).tolist(),
+                "response": torch.randint(0, 101, (L,), generator=g).tolist()} for L in (5, 1, 9, 3, 7)]
+    model = ppo.RewardModel(rm, torch.float32, torch.device("cpu"), 24, str(tmp_path / "actor"))
+    want = _rm_alone(rm, [[t + 1 for t in s["prompt_ids"] + s["response"]] for s in samples])
+    assert model(samples) == pytest.approx(want, abs=1e-5)
+    with pytest.raises(ValueError, match="reads text .* the actor has no tokenizer"):
+        ppo.RewardModel(rm, torch.float32, torch.device("cpu"), 24, None)
+
+
+def test_ppo_reward_model_bad_folders_are_one_line_errors(tmp_path):
+    cpu = torch.device("cpu")
+    with pytest.raises(FileNotFoundError, match=r"ppo.py: --reward_model \S+: no config.json there; expected an HF "
+                                                r"sequence-classification folder \(num_labels=1\)"):
+        ppo.RewardModel(str(tmp_path), torch.float32, cpu, 64, None)
+    with pytest.raises(ValueError, match=r"expected an HF sequence-classification folder \(num_labels=1\); its "
+                                         r"config.json says architectures \['LlamaForSequenceClassification'\], num_labels 3"):
+        ppo.RewardModel(_tiny_rm(tmp_path / "three", num_labels=3), torch.float32, cpu, 64, None)
+    with pytest.raises(ValueError, match="--no-rule_reward needs --reward_model"):
+        ppo.resolve(ppo.Config(rule_reward=False), False)
+    with pytest.raises(ValueError, match="LoRA needs --tp 1"):
+        ppo.resolve(ppo.Config(lora_rank=4, tp=2), False)
+    with pytest.raises(ValueError, match=r"--lora_targets: unknown \['qkv'\]"):
+        ppo.resolve(ppo.Config(lora_rank=4, lora_targets="qkv,o_proj"), False)
+    lm = _tiny_rm(tmp_path / "lm", causal=True)                          # a causal LM is not a reward model
+    r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--out", str(tmp_path / "o"), "--reward_model", lm],
+                       capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    err = [x for x in r.stderr.splitlines() if "error" in x]
+    assert err == [f"ppo.py: error: --reward_model {lm}: expected an HF sequence-classification folder (num_labels=1); "
+                   "its config.json says architectures ['LlamaForCausalLM'], num_labels 1"], r.stderr[-2000:]
+
+
+def _lora_samples(P=2, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for p in range(P):
+        prompt = torch.randint(ppo.TOY_GOOD, 101, (4,), generator=g).tolist()
+        for i in range(n):
+            L = int(torch.randint(2, 7, (1,), generator=g))
+            out.append({"prompt_ids": prompt, "response": torch.randint(0, 101, (L,), generator=g).tolist(),
+                        "engine_logp": [0.0] * L, "answer": "", "group": p, "finish": "length", "version": 0})
+    return out
+
+
+def test_ppo_lora_trains_only_the_adapters_and_the_engine_gets_them_merged(tmp_path):
+    """--lora_rank: after steps the base weights are bit-for-bit the initial ones, B moved off zero, the policy
+    learned (the rewarded responses' log-probs rose against the others), the reference (adapters off) is the
+    base model, the weights sent to the engine are W + alpha/r B A, and an engine on them gives the trainer's
+    log-probs."""
+    cfg = ppo.resolve(ppo.Config(lora_rank=4, kl_coef=0.1, lora_targets="q_proj,v_proj,o_proj,up_proj,down_proj",
+                                 out=str(tmp_path / "o")), False)
+    role = ppo.TrainerRole(cfg, None, None)
+    tr = role.trainer
+    base = {k: v.clone() for k, v in tr.actor.state_dict_hf()}
+    samples = _lora_samples()
+    scores = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0]
+    shape = ppo.padded(samples).shape
+
+    def margin():                     # mean log-prob of a rewarded response minus that of an unrewarded one
+        lp = tr.score(samples, shape)["old_logp"].sum(1)
+        good = torch.tensor(scores).bool()
+        return float(lp[good].mean() - lp[~good].mean())
+    before = margin()
+    for k in range(4):
+        m, _ = role.step(samples, scores, [True] * 8, k, cfg.lr)
+        assert math.isfinite(m["grad_norm"]) and m["kl"] >= 0
+    assert margin() > before + 0.5                                      # (4.5 -> 7.6 here)
+    assert all(torch.equal(v, base[k]) for k, v in tr.actor.state_dict_hf())              # the base is frozen
+    assert all(p.grad is None for p in tr.actor.parameters())
+    assert set(tr.lora.A) == {f"model.layers.{i}.{m}" for i in range(2) for m in (
+        "self_attn.q_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")}
+    assert all(float(b.detach().abs().sum()) > 0 for b in tr.lora.B.values())
+    sent = dict(role.weights(False))
+    for name, w in sent.items():
+        key = name.removesuffix(".weight")
+        want = base[name] + cfg.lora_alpha / cfg.lora_rank * tr.lora.B[key].detach() @ tr.lora.A[key].detach() \
+            if key in tr.lora.A else base[name]
+        torch.testing.assert_close(w, want, rtol=0, atol=1e-6)
+    fresh = nt.Transformer(nt.tiny_config(), dtype=torch.float32).init_random(cfg.seed)
+    mb = ppo.pack(samples, list(range(8)), 4096, torch.device("cpu"))[0]
+    logp = lambda m: tr._logp(m, m(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"]), mb)[0]  # noqa: E731
+    with torch.no_grad():
+        torch.testing.assert_close(logp(tr.ref), logp(fresh))
+        assert not torch.allclose(logp(tr.actor), logp(fresh))
+    role.write_folder(str(tmp_path / "merged"), None)      # (the checkpoint's merged files: the same context)
+    assert all(torch.equal(v, base[k]) for k, v in tr.actor.state_dict_hf())              # restored exactly
+    llm = nv.LLM(tmp_path / "merged", device="cpu", num_gpu_blocks_override=32)
+    llm.verbose = False
+    rows = [{"prompt_ids": s["prompt_ids"], "answer": ""} for s in samples[::4]]
+    out = ppo.rollout(llm, rows, dataclasses.replace(cfg, max_new_tokens=6), 0, 0)
+    gap = (ppo.padded(out, "engine_logp") - tr.score(out, ppo.padded(out).shape)["old_logp"]).abs()
+    assert float(gap.max()) < 1e-4
+    role.close()
+
+
+def test_ppo_lora_run_resumes_exactly_and_merge_exports_the_merged_model(tmp_path, monkeypatch):
+    """A LoRA run of 4 steps equals 2 steps + a resume for 2 (adapters and their AdamW state in lora.pt; the
+    base rebuilt from --model); the engine samples from the merged weights on every sync (trainer and engine
+    log-probs agree); merge.py turns the checkpoint into the merged model (base + alpha/r B A)."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--steps", "4", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl",
+            "--lora_rank", "4", "--kl_coef", "0.05", "--save_every", "2"]
+    ppo.main(base + ["--out", "full"])
+    ppo.main(base + ["--out", "cut", "--steps", "2"])
+    ppo.main(base + ["--out", "cut"])                                   # resumes from cut/step_2
+    full, cut = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("full", "cut"))
+    assert [r["reward"] for r in cut] == [r["reward"] for r in full]
+    assert [r["grad_norm"] for r in cut] == [r["grad_norm"] for r in full]
+    assert max(r["logp_gap_mean"] for r in full) < 1e-4
+    with pytest.raises(ValueError, match="trained with LoRA .*'rank': 4.* this run asks for .*'rank': 8"):
+        ppo.main(base + ["--out", "cut", "--steps", "5", "--lora_rank", "8"])
+    hf = mg.merge(tmp_path / "full" / "step_4", dtype="float32")
+    from safetensors.torch import load_file
+    merged, lora = load_file(hf / "model.safetensors"), torch.load(tmp_path / "full" / "step_4" / "lora.pt")
+    scale = lora["hparams"]["alpha"] / lora["hparams"]["rank"]
+    init = dict(nt.Transformer(nt.tiny_config(), dtype=torch.float32).init_random(0).state_dict_hf())
+    assert set(merged) == set(init) and len(lora["lora"]["A"]) == 14
+    for name, w in init.items():
+        key = name.removesuffix(".weight")
+        if key in lora["lora"]["A"]:
+            w = w + scale * lora["lora"]["B"][key] @ lora["lora"]["A"][key]
+        torch.testing.assert_close(merged[name], w, rtol=0, atol=1e-6)
+
+
+def test_ppo_reward_model_and_lora_torchrun_dp2_equal_one_process(tmp_path):
+    """torchrun dp 2 with the RM alone (--no-rule_reward) and LoRA: each rank scores its own samples with its RM
+    and sums the adapters' grads over dp; the run equals the one-process run."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun not on PATH")
+    rm = _tiny_rm(tmp_path / "rm")
+    common = ["--steps", "2", "--prompts_per_step", "4", "--samples_per_prompt", "2", "--eval_problems", "4",
+              "--results", "r.jsonl", "--reward_model", rm, "--no-rule_reward", "--reward_model_coef", "0.5",
+              "--lora_rank", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r1 = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *common, "--out", "one"], cwd=tmp_path, env=env,
+                        capture_output=True, text=True, timeout=300)
+    assert r1.returncode == 0, r1.stderr[-3000:]
+    r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "ppo.py"),
+                         *common, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
+    one, two = ([r for r in _ppo_rows(tmp_path / d) if "reward" in r] for d in ("one", "two"))
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        assert a["reward"] == pytest.approx(0.5 * a["rm_score"], abs=1e-6) and a["accuracy"] == 0
+        assert b["rm_score"] == pytest.approx(a["rm_score"], abs=1e-5)
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
