@@ -41,6 +41,7 @@ Commands:
     torchrun --nproc_per_node 2 ppo.py --tp 2         # tensor-parallel trainer (each rank keeps a full engine)
     torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2  # + pipeline stages (1F1B; the RL loss on the last stage)
     python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
+    python ppo.py --backend nanoray --tp 2 --pp 2 --engines 4   # split: a trainer group of 4 actors + 4 engines
     python ppo.py --bench                             # GPU: samples/s vs TRL's GRPOTrainer, time per role
     python ppo.py --model ckpt/sft/hf --lora_rank 32      # LoRA on the actor (tp 1); merge.py exports it merged
     python ppo.py --reward_model RM_FOLDER --reward_model_coef 0.5   # + a learned reward (--no-rule_reward: RM only)
@@ -328,6 +329,7 @@ class Config:
     tp: int = 1  # tensor-parallel ranks of the trainer (under torchrun; dp = world / (tp * pp)); each rank keeps an engine
     pp: int = 1  # pipeline stages of the trainer (under torchrun; 1F1B)
     engines: int = 1  # rollout engines (--backend nanoray|ray: actors, one GPU each when there are enough)
+    trainer_ranks: int = 0  # --backend nanoray|ray: trainer actors, an SPMD group of tp x pp x dp; 0 = tp x pp
     weight_sync: str = "broadcast"  # actors: broadcast (a process group, NCCL / gloo, buckets) | store (object store)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
@@ -352,7 +354,9 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
               (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),
               (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
-              (cfg.tp == cfg.pp == 1 or cfg.backend == "local", "--tp / --pp need --backend local under torchrun"),
+              (cfg.backend != "local" or cfg.trainer_ranks == 0, "--trainer_ranks needs --backend nanoray or ray"),
+              (cfg.trainer_ranks % (cfg.tp * cfg.pp) == 0,
+               f"--trainer_ranks {cfg.trainer_ranks} must be a multiple of --tp {cfg.tp} x --pp {cfg.pp}"),
               (cfg.engines == 1 or cfg.backend != "local", "--engines > 1 needs --backend nanoray or ray"),
               (cfg.engines >= 1, "--engines must be >= 1"),
               (cfg.weight_sync in ("broadcast", "store"), f"--weight_sync {cfg.weight_sync!r}: broadcast or store"),
@@ -1216,11 +1220,19 @@ class EngineRole:
 
 
 class TrainerRole:
-    """The trainer: actor (+ critic, + reference) on a nanotron mesh, resumed from `src` when given."""
+    """The trainer: actor (+ critic, + reference) on a nanotron mesh, resumed from `src` when given.
+    In-process (--backend local) it is this process's rank of the torchrun job. As actors it is one rank of an
+    SPMD group (group = (rank, world, "host:port"), see _Group): torchrun's environment is set for
+    nanotron.Mesh.build, every method runs on every rank, and each rank takes its data-parallel share of the
+    step's samples itself (shard), since one driver holds them all."""
 
-    def __init__(self, cfg: Config, path: str | None, src: str | None):
+    def __init__(self, cfg: Config, path: str | None, src: str | None, group: tuple | None = None):
         import nanotron as nt
-        self.cfg, self.nt = cfg, nt
+        self.cfg, self.nt, self.link, self.shard = cfg, nt, None, group is not None
+        if group is not None:
+            rank, world, addr = group
+            host, port = addr.rsplit(":", 1)
+            os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=host, MASTER_PORT=port)
         self.mesh = nt.Mesh.build(cfg.tp, cfg.pp)         # dp = world / (tp * pp) (one process: 1)
         self.rm = None                                     # the reward model first: a bad folder fails fast
         if cfg.reward_model:
@@ -1237,9 +1249,23 @@ class TrainerRole:
             self.start, self.extra = int(man["step"]), man["extra"]
 
     def info(self) -> dict:
-        return {"start": self.start, "extra": self.extra, "rank": self.mesh.rank, "dp": self.mesh.dp, "tp": self.mesh.tp,
-                "dp_rank": self.mesh.dp_rank, "device": str(self.mesh.device), "pid": os.getpid(),
-                "vocab": self.trainer.actor.cfg.vocab_size}
+        """dp / dp_rank are the DRIVER's data layout: under torchrun each rank drives its share; an actor group
+        has one driver for the whole step (dp 1) and shards it here."""
+        m = self.mesh
+        return {"start": self.start, "extra": self.extra, "rank": m.rank, "dp": 1 if self.shard else m.dp,
+                "dp_rank": 0 if self.shard else m.dp_rank, "tp": m.tp, "pp": m.pp, "trainer_dp": m.dp,
+                "device": str(m.device), "pid": os.getpid(), "vocab": self.trainer.actor.cfg.vocab_size}
+
+    def _mine(self, samples: list, scores: list, answered: list | None = None, baseline: list | None = None):
+        """An actor group's data-parallel share of the step: the prompts [a, b) of this dp rank with their n
+        samples each (contiguous) and the same rows of the per-sample lists; baseline is per prompt (ReMax)."""
+        if not self.shard or self.mesh.dp == 1:
+            return samples, scores, answered, baseline
+        n, dp, r = self.cfg.samples_per_prompt, self.mesh.dp, self.mesh.dp_rank
+        P = len(samples) // n
+        a, b = r * P // dp, (r + 1) * P // dp
+        cut = lambda x, k: None if x is None else x[a * k: b * k]      # noqa: E731
+        return cut(samples, n), cut(scores, n), cut(answered, n), cut(baseline, 1)
 
     def reduce(self, values: list) -> list:
         """Sum floats over the data-parallel ranks (one small all-reduce)."""
@@ -1248,10 +1274,12 @@ class TrainerRole:
 
     def step(self, samples, scores, answered, step: int, lr: float, baseline=None) -> tuple[dict, dict]:
         timer = {}
+        samples, scores, answered, baseline = self._mine(samples, scores, answered, baseline)
         m = rl_step(self.trainer, samples, scores, answered, self.cfg, step, lr, timer, self.reduce, baseline)
         return m, timer
 
     def warmup(self, samples, scores) -> float:
+        samples, scores, _, _ = self._mine(samples, scores)
         return warmup_batch(self.trainer, samples, scores, self.cfg, self.reduce)
 
     def rm_scores(self, samples) -> list[float]:
@@ -1292,10 +1320,12 @@ class TrainerRole:
         self.link = _Link(addr, rank, world, backend)
 
     def send(self) -> float:
-        """The actor's weights to every engine through the link (a collective with EngineRole.receive)."""
+        """The actor's weights to every engine through the link (a collective with EngineRole.receive). In a
+        group every rank gathers (tp / pp collectives) and rank 0, the link's only trainer member, sends."""
         t0 = time.perf_counter()
-        named = [(n, t.to(self.link.device)) for n, t in self.trainer.weights()]
-        broadcast_tensors(named, 0, self.link.bcast, self.link.device)
+        named = self.trainer.weights()
+        if self.link is not None:
+            broadcast_tensors([(n, t.to(self.link.device)) for n, t in named], 0, self.link.bcast, self.link.device)
         return time.perf_counter() - t0
 
     def barrier(self):
@@ -1350,6 +1380,25 @@ class _Engines:
         return result
 
 
+class _Group:
+    """The trainer's SPMD actors driven as one handle: group.method.remote(...) calls it on every rank (they meet
+    in their collectives) and returns the futures; get() of them gives rank 0's result (_group_get). The weight
+    link and the reward model are rank 0's alone."""
+    ONLY_RANK0 = ("link_address", "join_link", "rm_scores")
+
+    def __init__(self, actors: list):
+        self.actors = actors
+
+    def __getattr__(self, name):
+        actors = self.actors[:1] if name in self.ONLY_RANK0 else self.actors
+        return type("_M", (), {"remote": staticmethod(lambda *a, **k: _Futures(
+            getattr(h, name).remote(*a, **k) for h in actors))})
+
+
+class _Futures(list):
+    """The futures of one group call."""
+
+
 class _Here:
     """An in-process object called the way an actor is: obj.method.remote(...) runs now; get() is identity."""
 
@@ -1376,10 +1425,20 @@ def start_roles(cfg: Config, path, src, device_for_engine):
     ppo._STARTED = not ray.is_initialized()         # a cluster the caller started is joined, and left running
     if ppo._STARTED:
         ray.init(num_cpus=max(2, os.cpu_count() or 2), num_gpus=gpus, **kw)
-    share = 1 if gpus >= 1 + cfg.engines else 0.5 if gpus else 0   # a GPU per role: split; fewer: shared
-    trainer = ray.remote(num_gpus=share)(ppo.TrainerRole).remote(ppo.Config(**asdict(cfg)), str(path) if path else None,
-                                                                str(src) if src else None)
-    return trainer, ray.get, ray
+    T = cfg.trainer_ranks or cfg.tp * cfg.pp
+    share = 1 if gpus >= T + cfg.engines else 0.5 / T if gpus else 0   # a GPU per rank and engine: split
+    role = ray.remote(num_gpus=share)(ppo.TrainerRole)
+    args = (ppo.Config(**asdict(cfg)), str(path) if path else None, str(src) if src else None)
+    if T == 1:
+        return role.remote(*args), ray.get, ray
+    import socket
+    with socket.socket() as sk:               # the group's rendezvous (torchrun's MASTER_ADDR:MASTER_PORT)
+        sk.bind(("", 0))
+        addr = f"{socket.gethostbyname(socket.gethostname())}:{sk.getsockname()[1]}"
+
+    def get(x):                               # a group call: every rank's result, rank 0's returned
+        return ray.get(list(x))[0] if isinstance(x, _Futures) else ray.get(x)
+    return _Group([role.remote(*args, (r, T, addr)) for r in range(T)]), get, ray
 
 
 def main(argv=None) -> dict:
@@ -1407,9 +1466,10 @@ def main(argv=None) -> dict:
         info = get(trainer.info.remote())
         rank0, dp, start = info["rank"] == 0, info["dp"], info["start"]
         say = print if rank0 else (lambda *a, **k: None)
-        if cfg.prompts_per_step % dp:
-            raise ValueError(f"ppo.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the {dp} "
-                             "data-parallel ranks (torchrun --nproc_per_node)")
+        if cfg.prompts_per_step % (dp * info["trainer_dp"] if dp == 1 else dp):
+            raise ValueError(f"ppo.py: --prompts_per_step {cfg.prompts_per_step} must be a multiple of the "
+                             f"{max(dp, info['trainer_dp'])} data-parallel ranks (torchrun --nproc_per_node, or "
+                             "--trainer_ranks / (tp x pp))")
         train_rows, test_rows = load_prompts(cfg, info["vocab"])
         for i, r in enumerate(train_rows):
             r["row"] = i                                      # the sampling seed of this prompt, in any layout
@@ -1437,8 +1497,9 @@ def main(argv=None) -> dict:
         link = ray is not None and cfg.weight_sync == "broadcast"
         if link:      # the weight link: trainer = rank 0, engines 1..E (every member joins at once)
             addr, backend = get(trainer.link_address.remote()), "nccl" if gpus >= 1 + E else "gloo"
-            get([trainer.join_link.remote(addr, 0, 1 + E, backend)] +
-                [h.join_link.remote(addr, i + 1, 1 + E, backend) for i, h in enumerate(handles)])
+            joined = trainer.join_link.remote(addr, 0, 1 + E, backend)         # all asked first, then awaited
+            get([h.join_link.remote(addr, i + 1, 1 + E, backend) for i, h in enumerate(handles)])
+            get(joined)
 
         if ray is not None:                 # where each role lives (a kill -9 of one ends the run with one line)
             say(f"roles: trainer pid {info['pid']} on {info['device']}, " +
@@ -1471,7 +1532,7 @@ def main(argv=None) -> dict:
             trainer.obj.close()
         else:
             import ppo
-            for actor in handles + [trainer]:
+            for actor in handles + (trainer.actors if isinstance(trainer, _Group) else [trainer]):
                 ray.kill(actor)
             if ppo._STARTED:
                 ray.shutdown()

@@ -7109,12 +7109,14 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
 
 
 @pytest.mark.parametrize("backend,extra", [("nanoray", []), ("nanoray", ["--weight_sync", "store"]),
-                                           ("nanoray", ["--engines", "2"]), ("ray", [])])
+                                           ("nanoray", ["--engines", "2"]),
+                                           ("nanoray", ["--tp", "2", "--trainer_ranks", "4"]), ("ray", [])])
 def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend, extra):
     """--backend nanoray / ray: the trainer and the engine(s) are actors in their own processes (the weights
     travel by a bucketed broadcast on a process group of their own, or through the object store; in one-step-
-    off mode the engines generate while the trainer trains; two engines each take half of the prompts), and
-    the run equals the in-process one step for step."""
+    off mode the engines generate while the trainer trains; two engines each take half of the prompts; the
+    trainer as an SPMD group of 4 actors, tp 2 x dp 2, each rank taking its dp share of the step), and the run
+    equals the in-process one step for step."""
     if backend == "ray":
         pytest.importorskip("ray")
     import nanoray
@@ -7140,6 +7142,8 @@ def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend,
     for a, b in zip(here, actors):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5)
     assert s["backend"] == backend and (tmp_path / "actors" / "step_3" / "manifest.json").is_file()
+    layout = json.loads((tmp_path / "actors" / "step_3" / "manifest.json").read_text())["layout"]
+    assert (layout["tp"], layout["dp"]) == ((2, 2) if "--trainer_ranks" in extra else (1, 1))
 
 
 def test_ppo_logs_time_per_role_tokens_per_s_and_to_wandb(tmp_path, monkeypatch):
