@@ -1485,18 +1485,19 @@ def main(argv=None) -> dict:
             get(trainer.barrier.remote())
         L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
         args = (folder, cfg, L, min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt))
-        E, gpus = cfg.engines, torch.cuda.device_count()
+        E, T, gpus = cfg.engines, cfg.trainer_ranks or cfg.tp * cfg.pp, torch.cuda.device_count()
+        split = gpus >= T + E                       # a GPU for every trainer rank and every engine
         if ray is None:
             handles = [_Here(EngineRole(*args, info["device"]))]
         else:
             import ppo
-            share = 1 if gpus >= 1 + E else 0.5 / E if gpus else 0   # a GPU each, or half of one shared by all
+            share = 1 if split else 0.5 / E if gpus else 0       # a GPU each, or half of one shared by all
             role = ray.remote(num_gpus=share)(ppo.EngineRole)
             handles = [role.remote(args[0], ppo.Config(**asdict(cfg)), *args[2:], "cuda" if gpus else "cpu")
                        for _ in range(E)]
         link = ray is not None and cfg.weight_sync == "broadcast"
         if link:      # the weight link: trainer = rank 0, engines 1..E (every member joins at once)
-            addr, backend = get(trainer.link_address.remote()), "nccl" if gpus >= 1 + E else "gloo"
+            addr, backend = get(trainer.link_address.remote()), "nccl" if split else "gloo"
             joined = trainer.join_link.remote(addr, 0, 1 + E, backend)         # all asked first, then awaited
             get([h.join_link.remote(addr, i + 1, 1 + E, backend) for i, h in enumerate(handles)])
             get(joined)
