@@ -67,11 +67,13 @@ pipeline() {
   local prep prep_rl evals sft_args ppo_args merge_args=()
   case "$preset" in
     cpu)  # a demo of every stage on 2 CPU cores, not a quality result (the card says so)
+      # One thread per process: with two, each OpenMP thread waits for a descheduled peer whenever the cores are
+      # shared (measured on 2 busy cores: an SFT step 17 s with one thread, 90-230 s with two).
+      export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
       prep=()                                       # prepare_data's defaults: 2000 train, 200 held-out problems
       evals=(--data synthetic --limit 16 --max_tokens 256)
       sft_args=()                                   # sft.py's CPU defaults: 4 steps of 2048 tokens
-      # an RL step of SmolLM2 on 2 cores is minutes: 2 steps of 2 prompts x 4 samples, 64 new tokens each
-      ppo_args=(--steps 2 --prompts_per_step 2 --samples_per_prompt 4 --max_new_tokens 64 --eval_problems 8)
+      ppo_args=(--steps 3 --prompts_per_step 2 --samples_per_prompt 4 --eval_problems 8)   # 96 new tokens each
       merge_args=(--dtype float32)                  # bf16 would round away most of the demo's small updates
       ;;
     gpu)  # one GPU: the real recipe on the synthetic task
