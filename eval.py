@@ -454,12 +454,8 @@ def format_table(s: dict) -> str:
 
 def plot_accuracy(s: dict, path: Path) -> bool:
     """Accuracy per level (or per subject when there are no levels) as bars with standard-error whiskers."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval.py: no matplotlib, so no accuracy.png (pip install matplotlib); the numbers are in summary.json")
+    plt = _pyplot(path.name, "summary.json")
+    if plt is None:
         return False
     field = "level" if s["by_level"] else "subject" if s["by_subject"] else None
     groups = s[f"by_{field}"] if field else {"all": s}
@@ -470,8 +466,24 @@ def plot_accuracy(s: dict, path: Path) -> bool:
     ax.set(ylabel="accuracy (%)", xlabel=field or "", ylim=(0, 100),
            title=f"{s['model_name']}\non {s['data_name']} ({s['engine']}, n={s['samples_per_problem']})")
     ax.legend(loc="upper right")
+    return _save_png(plt, fig, path)
+
+
+def _pyplot(png: str, numbers: str):
+    """matplotlib.pyplot drawing to files, or None (no matplotlib: the PNG is skipped, the numbers stay)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"eval.py: no matplotlib, so no {png} (pip install matplotlib); the numbers are in {numbers}")
+        return None
+    return plt
+
+
+def _save_png(plt, fig, path: Path) -> bool:
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(path.name + ".tmp.png")  # then a rename: a viewer never reads half a PNG
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -565,12 +577,8 @@ def format_card(card: dict) -> str:
 
 def plot_card(card: dict, path: Path) -> bool:
     """Left: accuracy (with standard-error whiskers) and boxed rate per model; right: wall time per stage."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval.py: no matplotlib, so no report.png (pip install matplotlib); the numbers are in report.md")
+    plt = _pyplot(path.name, "report.md")
+    if plt is None:
         return False
     names, ms, times = list(card["models"]), list(card["models"].values()), card["times"]
     fig, axes = plt.subplots(1, 2 if times else 1, figsize=(11 if times else 5.5, 4), squeeze=False)
@@ -586,12 +594,7 @@ def plot_card(card: dict, path: Path) -> bool:
         b = axes[0][1]
         b.barh(list(times)[::-1], [v / 60 for v in times.values()][::-1], color="tab:gray")
         b.set(xlabel="minutes", title=f"wall time per stage (total {card['total_s'] / 60:.1f} min)")
-    fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return True
+    return _save_png(plt, fig, path)
 
 
 def report(cfg: Config) -> dict:

