@@ -17,6 +17,8 @@ How it works:
      gold); an answer that takes longer than --timeout_s is killed with its worker and counted.
   5. REPORT: accuracy (overall, per level, per subject, +- standard error), pass@k, maj@k, format and
      truncation rates, response length; samples.jsonl, summary.json, accuracy.png, a results.jsonl line.
+  --report: the pipeline's report card (run.sh's last step): the evals of the base, SFT and RL models read back
+     from results.jsonl into one table + PNG, beside the wall time of every stage.
 
 Commands:
   python eval.py                    # CPU demo: SmolLM2-135M-Instruct, 16 synthetic test problems (~1 min)
@@ -24,10 +26,11 @@ Commands:
   python eval.py --model M --data gsm8k --n 8 --temperature 0.6      # pass@1..8 and maj@1..8
   python eval.py --model M --data my.jsonl --question_field q --answer_field a
   python eval.py --model M --data ../shared/data/gsm8k/test.jsonl --engine hf   # transformers' generate
+  python eval.py --report runs/report --evals base=runs/eval/base sft=runs/eval/sft --times sft=130
   From Python (ppo.py's rewards): `with Grader(workers=4) as g: grades = g.grade([(response, gold)])`.
 
 First read: Grader (the pool and why it exists) -> metrics (pass@k, maj@k) -> evaluate (the driver).
-Contents: config | grading | metrics | data | generation | report | driver | CLI
+Contents: config | grading | metrics | data | generation | report | report card | driver | CLI
 """
 
 import dataclasses
@@ -51,8 +54,9 @@ import prepare_data as pd
 
 @dataclass
 class Config:
-    model: str = ""  # an HF folder (merge.py's output or any HF model) or hub id; "" = SmolLM2-135M-Instruct
+    model: str = ""  # an HF folder (merge.py's output or any HF model) or hub id; "" or smollm2 = SmolLM2-135M-Instruct
     data: str = "synthetic"  # synthetic | gsm8k | math500 (from the Hub) | a .jsonl/.json/.parquet file
+    synthetic_test: int = pd.Config.synthetic_test  # --data synthetic: the held-out split's size (= prepare_data's)
     source: str = "auto"  # adapter of a data file: auto (from its columns) | gsm8k | math500 | math | numina | deepmath
     question_field: str = ""  # any file: the column with the problem (with --answer_field; replaces --source)
     answer_field: str = ""  # any file: the column with the final answer
@@ -77,6 +81,9 @@ class Config:
     timeout_s: float = 5.0  # wall clock per graded answer; slower ones are killed and counted as timeouts
     out: str = ""  # folder for samples.jsonl, summary.json, accuracy.png; "" = runs/eval/<model>_<data>
     results: str = "results.jsonl"  # the artifact root's log: one JSON line per pipeline stage
+    report: str = ""  # a folder: instead of evaluating, write the pipeline's report card there (report.md, .png)
+    evals: list = dataclasses.field(default_factory=list)  # --report: NAME=FOLDER per model, FOLDER = its eval's --out
+    times: list = dataclasses.field(default_factory=list)  # --report: NAME=SECONDS, each pipeline stage's wall time
 
 
 CPU_LIMIT, CPU_MAX_TOKENS, GPU_MAX_TOKENS = 16, 256, 2048
@@ -348,8 +355,8 @@ def _adapt(rows, where: str, adapter: str, cfg: Config) -> list:
 def load_problems(cfg: Config) -> tuple[list, str]:
     """The problems of --data as common rows, and a short name for the data (for file names and tables)."""
     if cfg.data == "synthetic":  # the held-out split SFT never saw: same generator, seed and size as prepare_data
-        d = pd.Config()
-        return pd.synthetic_math(0, d.synthetic_test, d.seed)["test"], "synthetic"
+        # (its test split does not depend on the train size; a bigger one starts with the same problems)
+        return pd.synthetic_math(0, cfg.synthetic_test, pd.Config.seed)["test"], "synthetic"
     if cfg.data in ("gsm8k", "math500"):  # the test split of the seed's Hub repo (prepare_data.DEFAULT_HUB)
         repo = pd.DEFAULT_HUB[cfg.data]
         try:
@@ -452,12 +459,8 @@ def format_table(s: dict) -> str:
 
 def plot_accuracy(s: dict, path: Path) -> bool:
     """Accuracy per level (or per subject when there are no levels) as bars with standard-error whiskers."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("eval.py: no matplotlib, so no accuracy.png (pip install matplotlib); the numbers are in summary.json")
+    plt = _pyplot(path.name, "summary.json")
+    if plt is None:
         return False
     field = "level" if s["by_level"] else "subject" if s["by_subject"] else None
     groups = s[f"by_{field}"] if field else {"all": s}
@@ -468,8 +471,24 @@ def plot_accuracy(s: dict, path: Path) -> bool:
     ax.set(ylabel="accuracy (%)", xlabel=field or "", ylim=(0, 100),
            title=f"{s['model_name']}\non {s['data_name']} ({s['engine']}, n={s['samples_per_problem']})")
     ax.legend(loc="upper right")
+    return _save_png(plt, fig, path)
+
+
+def _pyplot(png: str, numbers: str):
+    """matplotlib.pyplot drawing to files, or None (no matplotlib: the PNG is skipped, the numbers stay)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print(f"eval.py: no matplotlib, so no {png} (pip install matplotlib); the numbers are in {numbers}")
+        return None
+    return plt
+
+
+def _save_png(plt, fig, path: Path) -> bool:
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
+    tmp = path.with_name(path.name + ".tmp.png")  # then a rename: a viewer never reads half a PNG
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
@@ -489,6 +508,110 @@ def write_report(out: Path, records: list, summary: dict, cfg: Config):
     _write(out / "summary.json", json.dumps({"config": dataclasses.asdict(cfg), **summary}, indent=2) + "\n")
     plot_accuracy(summary, out / "accuracy.png")
     pd.append_result(cfg.results, "eval", dataclasses.asdict(cfg), summary)
+
+
+# ---------------------------------------------------------- report card ----
+# The pipeline's last page (run.sh): the base model, after SFT and after RL, side by side. Each eval already
+# appended its summary to results.jsonl; the card reads them back (the latest line per --out folder), puts
+# run.sh's wall time of every stage next to them, and says when the numbers are a CPU demo or not comparable.
+
+COMPARED = ("data_name", "problems", "samples_per_problem", "max_tokens", "temperature", "engine")
+
+
+def _pairs(items: list, flag: str) -> dict:
+    if not all("=" in x for x in items):
+        raise ValueError(f"eval.py: --{flag} {' '.join(items)}: expected NAME=VALUE items")
+    return dict(x.split("=", 1) for x in items)
+
+
+def report_card(cfg: Config) -> dict:
+    """The card as a dict (models, stage times, flags) from results.jsonl; errors name the missing eval."""
+    evals, times = _pairs(cfg.evals, "evals"), _pairs(cfg.times, "times")
+    if not evals:
+        raise ValueError("eval.py: --report needs --evals NAME=FOLDER ... (the --out of each model's eval)")
+    try:
+        times = {k: float(v) for k, v in times.items()}
+    except ValueError:
+        raise ValueError(f"eval.py: --times {' '.join(cfg.times)}: SECONDS must be numbers") from None
+    if not Path(cfg.results).is_file():
+        raise FileNotFoundError(f"eval.py: --results {cfg.results}: no such file (the evals append to it)")
+    latest = {}  # eval --out folder -> its last summary (a re-run replaces an earlier one)
+    for i, line in enumerate(Path(cfg.results).read_text(encoding="utf-8").splitlines()):
+        try:
+            r = json.loads(line) if line.strip() else {}
+        except ValueError:  # a line cut short by a crash: skip it, as sft.py does with its metrics
+            print(f"eval.py: WARNING: {cfg.results}: line {i + 1} is not JSON; skipped")
+            continue
+        if r.get("stage") == "eval" and r.get("config", {}).get("out"):
+            latest[os.path.normpath(r["config"]["out"])] = r["metrics"]
+    models = {}
+    for name, folder in evals.items():
+        if os.path.normpath(folder) not in latest:
+            raise ValueError(f"eval.py: --evals {name}={folder}: no eval with --out {folder} in {cfg.results}")
+        models[name] = latest[os.path.normpath(folder)]
+    differ = [k for k in COMPARED if len({json.dumps(m.get(k)) for m in models.values()}) > 1]
+    return {"models": models, "times": times, "total_s": sum(times.values()), "differ": differ,
+            "cpu_demo": any(m.get("device") == "cpu" for m in models.values())}
+
+
+def format_card(card: dict) -> str:
+    """The card as markdown: what a person reads at the end of `bash run.sh`."""
+    pct, first = (lambda x: f"{100 * x:.1f}%"), next(iter(card["models"].values()))
+    mins = lambda s: f"{s:.0f} s" if s < 90 else f"{s / 60:.1f} min"  # noqa: E731
+    lines = ["# nanorlhf report card", ""]
+    if card["cpu_demo"]:
+        lines += ["**CPU DEMO, not a quality result**: every stage ran on tiny budgets (a few problems, short answers, "
+                  "a few SFT and RL steps) to show the pipeline works end to end. Run `bash run.sh` on a GPU for the "
+                  "real recipe.", ""]
+    if card["differ"]:
+        lines += [f"**WARNING: not comparable**: the evals differ in {', '.join(card['differ'])}.", ""]
+    lines += [f"Held-out: {first['data_name']}, {first['problems']} of {first['problems_in_data']} problems x "
+              f"{first['samples_per_problem']} sample(s), temperature {first['temperature']:g}, max_tokens "
+              f"{first['max_tokens']}, {first['engine']} on {first['device']}.", "",
+              "| model | accuracy | +- se | boxed (format) | truncated | mean tokens | folder |",
+              "|---|---:|---:|---:|---:|---:|---|"]
+    lines += [f"| {n} | {pct(m['accuracy'])} | {pct(m['stderr'])} | {pct(m['format_rate'])} | "
+              f"{pct(m['truncation_rate'])} | {m['mean_response_tokens']:.0f} | `{m['model']}` |"
+              for n, m in card["models"].items()]
+    if card["times"]:
+        lines += ["", "| stage | wall time |", "|---|---:|", *[f"| {k} | {mins(v)} |" for k, v in
+                                                              card["times"].items()],
+                  f"| **total** | **{mins(card['total_s'])}** |"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_card(card: dict, path: Path) -> bool:
+    """Left: accuracy (with standard-error whiskers) and boxed rate per model; right: wall time per stage."""
+    plt = _pyplot(path.name, "report.md")
+    if plt is None:
+        return False
+    names, ms, times = list(card["models"]), list(card["models"].values()), card["times"]
+    fig, axes = plt.subplots(1, 2 if times else 1, figsize=(11 if times else 5.5, 4), squeeze=False)
+    a, x = axes[0][0], range(len(names))
+    for dx, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "format_rate", "boxed (format)")):
+        bars = a.bar([i + dx for i in x], [100 * m[key] for m in ms], 0.4, label=label, alpha=1 if dx < 0 else 0.6,
+                     yerr=[100 * m["stderr"] for m in ms] if key == "accuracy" else None, capsize=3)
+        a.bar_label(bars, fmt="%.0f%%", fontsize=8)
+    a.set(xticks=list(x), xticklabels=names, ylim=(0, 110), ylabel="% of held-out problems",
+          title=f"{ms[0]['data_name']}, {ms[0]['problems']} problems" + (" (CPU DEMO)" if card["cpu_demo"] else ""))
+    a.legend(loc="upper left")
+    if times:
+        b = axes[0][1]
+        b.barh(list(times)[::-1], [v / 60 for v in times.values()][::-1], color="tab:gray")
+        b.set(xlabel="minutes", title=f"wall time per stage (total {card['total_s'] / 60:.1f} min)")
+    return _save_png(plt, fig, path)
+
+
+def report(cfg: Config) -> dict:
+    """--report FOLDER: the card -> FOLDER/report.md (+ report.png), printed, and one line in results.jsonl."""
+    card, out = report_card(cfg), Path(cfg.report)
+    out.mkdir(parents=True, exist_ok=True)
+    text = format_card(card)
+    _write(out / "report.md", text)
+    png = plot_card(card, out / "report.png")
+    pd.append_result(cfg.results, "report", {"evals": cfg.evals, "times": cfg.times}, card)
+    print(text + f"-> {out / 'report.md'}" + (f", {out / 'report.png'}" if png else "") + f", {cfg.results}")
+    return card
 
 
 # --------------------------------------------------------------- driver ----
@@ -529,7 +652,7 @@ def resolve(cfg: Config) -> tuple:
 def model_folder(cfg: Config) -> Path:
     """--model as a local HF folder: itself, the offline default, or a hub id downloaded by nanovllm."""
     from nanovllm import resolve_model  # its errors name the folder or the hub id
-    return resolve_model(cfg.model) if cfg.model else pd.default_model_path()
+    return pd.default_model_path() if cfg.model in ("", "smollm2") else resolve_model(cfg.model)
 
 
 def evaluate(cfg: Config) -> dict:
@@ -595,7 +718,8 @@ def evaluate(cfg: Config) -> dict:
 
 
 def main(argv=None) -> dict:
-    return evaluate(pd.config_from_argv(Config, argv, __doc__.strip().split("\n")[0]))
+    cfg = pd.config_from_argv(Config, argv, __doc__.strip().split("\n")[0])
+    return report(cfg) if cfg.report else evaluate(cfg)
 
 
 if __name__ == "__main__":

