@@ -379,7 +379,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
         raise ValueError(f"ppo.py: --algo {cfg.algo} compares the samples of a prompt: "
                          "--samples_per_prompt must be >= 2")
     return dataclasses.replace(
-        cfg, data=cfg.data or ("toy" if toy else "synthetic"), out=cfg.out or f"ckpt/ppo-{Path(cfg.model).name}",
+        cfg, data=cfg.data or ("toy" if toy else "synthetic"), out=cfg.out or "ckpt/ppo-" + "-".join(Path(cfg.model).parts[-3:]),   # .../step_N/hf: not just "hf"
         steps=pick(cfg.steps, 30, 30, 100), prompts_per_step=pick(cfg.prompts_per_step, 8, 8, 64),
         samples_per_prompt=n,
         max_new_tokens=pick(cfg.max_new_tokens, 8, 96, 512),
@@ -1455,11 +1455,17 @@ def main(argv=None) -> dict:
     out = Path(cfg.out).resolve()   # absolute: actor processes of a cluster started elsewhere have another cwd
     path = None if cfg.model == "tiny" else (
         prepare_data.default_model_path() if cfg.model == "smollm2" else nt.resolve_model_path(cfg.model)).resolve()
+    if cfg.model not in ("tiny", "smollm2"):
+        cfg = dataclasses.replace(cfg, model=str(path))       # absolute in checkpoints: resume checks it
     src = nt.latest_checkpoint(out) if cfg.resume == "auto" else None if cfg.resume == "never" else \
         Path(cfg.resume).resolve()
     if src is None and out.exists() and any(out.glob("step_*")):
         raise ValueError(f"ppo.py: --out {out} holds another run's checkpoints; pass --resume auto, another --out, "
                          "or delete them")
+    if src is not None and (was := json.loads((src / "manifest.json").read_text())["config"].get("model")) and \
+            Path(was).resolve() != Path(cfg.model).resolve():       # (tiny / smollm2 resolve alike on both sides)
+        raise ValueError(f"ppo.py: {src} continues a run of --model {was}, not {cfg.model}: pass another --out, "
+                         "--resume never, or the same --model")
     trainer, get, ray = start_roles(cfg, path, src, None)
     handles = []
     try:

@@ -7339,6 +7339,22 @@ def test_ppo_logs_time_per_role_tokens_per_s_and_to_wandb(tmp_path, monkeypatch)
     assert [c[1] for c in logged] == [0, 1, 2] and logged[-1][2]["reward"] == rows[-1]["reward"]
 
 
+def test_ppo_resume_refuses_a_checkpoint_of_another_model(tmp_path, monkeypatch):
+    """--resume auto must not continue another model's run in the same --out (the default --out of every
+    merged SFT folder once was ckpt/ppo-hf): one line naming both models."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--steps", "1", "--prompts_per_step", "2", "--samples_per_prompt", "2", "--eval_problems", "2",
+            "--results", "r.jsonl", "--out", "o"]
+    ppo.main(base)
+    man = tmp_path / "o" / "step_1" / "manifest.json"
+    m = json.loads(man.read_text())
+    m["config"]["model"] = str(tmp_path / "another" / "hf")
+    man.write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"continues a run of --model .*another/hf, not tiny"):
+        ppo.main(base[:1] + ["2"] + base[2:])
+    assert ppo.resolve(ppo.Config(model="ckpt/sft/step_4/hf"), False).out == "ckpt/ppo-sft-step_4-hf"
+
+
 def test_ppo_bench_harness_runs_on_cpu_with_the_tiny_model(capsys):
     """`ppo.py --bench` on CPU is a check of the harness (tiny model, no TRL peer: it has no tokenizer): one
     table row for ours, the time per role, and a one-line refusal for a real model without a GPU."""
