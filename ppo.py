@@ -63,6 +63,7 @@ import math
 import os
 import pickle
 import random
+import sys
 import time
 import zlib
 from dataclasses import dataclass, asdict
@@ -333,6 +334,7 @@ class Config:
     weight_sync: str = "broadcast"  # actors: broadcast (a process group, NCCL / gloo, buckets) | store (object store)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
+    bench: bool = False  # the benchmark instead of a run: GRPO samples/s vs TRL at its setting (GPU; see below)
     # a learned reward beside the rule: reward = rule + reward_model_coef * rm_score (rm_score is logged apart). The
     # RM reads the text (decoded, then its own tokenizer) when its folder has a tokenizer, else the actor's token ids
     reward_model: str = ""  # HF sequence-classification folder (num_labels 1), on the trainer's devices; "" = none
@@ -1445,9 +1447,9 @@ def main(argv=None) -> dict:
     """One RL run: the loop of the single controller (this process), driving the two roles."""
     import prepare_data
     import nanotron as nt
-    if argv is not None and "--bench" in argv:
-        return bench([a for a in argv if a != "--bench"])
     cfg = parse_args(argv)
+    if cfg.bench:
+        return bench([a for a in (sys.argv[1:] if argv is None else argv) if a != "--bench"])
     t_start = time.time()
     cfg = resolve(cfg, torch.cuda.is_available())
     if cfg.backend != "local" and nt.dist_env()[1] > 1:
