@@ -1583,7 +1583,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                       f"{first_eval['eval_accuracy']:.3f}")
         version = start                                    # optimizer steps behind the engine's weights
         # pending: the next batch of rollouts -- a list (resumed), or a future of one, being generated meanwhile
-        pending = engines.generate(take(), start, version) if pending is None else pending
+        fresh = pending is None         # a first rollout from the current weights (a new run, or one extended
+        pending = engines.generate(take(), start, version) if fresh else pending      # past its last step)
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
             t_step = t0
@@ -1592,7 +1593,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
                 pending = engines.generate(take(), step + 1, version)
             stale = step - samples[0]["version"]
-            assert stale == (0 if cfg.mode == "sync" or step == 0 else 1), f"staleness {stale} at step {step}"
+            assert stale == (0 if cfg.mode == "sync" or (step == start and fresh) else 1), \
+                f"staleness {stale} at step {step}"
             timer["generate"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             scores, answered = rewarder(samples)

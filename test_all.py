@@ -7206,6 +7206,9 @@ def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch
     assert [r["staleness"] for r in rows] == [0, 1, 1, 1]
     # stale samples: pi_engine (the weights of step k-1) differs from pi_old (step k), and TIS is on by default
     assert rows[-1]["logp_gap_mean"] > 1e-4
+    # extended past its last step (no rollout was in flight there): the first new step is a fresh rollout
+    ppo.main(PPO_FAST + ["--steps", "6", "--mode", "one_step_off", "--out", "o"])
+    assert [r["staleness"] for r in _ppo_rows("o") if "reward" in r] == [0, 1, 1, 1, 0, 1]
 
 
 @pytest.mark.parametrize("algo,extra", [("dr_grpo", ["--loss_agg", "seq-mean-token-sum-norm"]),
