@@ -1782,8 +1782,8 @@ def bench(argv: list) -> list[dict]:
     print("\nour step, median seconds: " + ", ".join(
         f"{k[5:]} {statistics.median(r.get(k, 0.0) for r in rows):.3f}" for k in parts) +
         f"; rollout {statistics.median(r['tokens'] / max(r['time_generate'], 1e-9) for r in rows):,.0f} tok/s")
-    if cuda:
-        print(f"weight sync in memory, Qwen3-0.6B shape: {_bench_sync('qwen3-0.6b', cfg):.3f} s")
+    print(f"weight sync in memory, Qwen3-0.6B shape{'' if cuda else ' (2 layers, CPU)'}: "
+          f"{_bench_sync('qwen3-0.6b'):.3f} s")
     return table
 
 
@@ -1791,21 +1791,26 @@ def _ppo_rows_of(out: Path) -> list[dict]:
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def _bench_sync(shape: str, cfg: Config) -> float:
-    """Seconds of one trainer -> engine weight update (colocated, in memory) for a random model of `shape`."""
+def _bench_sync(shape: str) -> float:
+    """Seconds of one trainer -> engine weight update (colocated, in memory) for a random model of `shape`
+    (nanovllm.SHAPES; on CPU a 2-layer cut of it, a check of the harness)."""
     import nanotron as nt
-    from nanovllm import _bench_folder
+    from nanovllm import LLM, _bench_folder
+    cuda = torch.cuda.is_available()
     folder = _bench_folder(shape)
-    mcfg = nt.ModelConfig.from_hf(json.loads((folder / "config.json").read_text()))
-    model = nt.Transformer(mcfg, nt.Mesh(), dtype=torch.bfloat16).init_random(0)
-    role = EngineRole(str(folder), dataclasses.replace(cfg, engine_memory=0.2), 1024, 64, "cuda")
-    role.llm.update_weights(model.state_dict_hf())                              # warm-up
-    torch.cuda.synchronize()
+    hf = {**json.loads((folder / "config.json").read_text()), **({} if cuda else {"num_hidden_layers": 2})}
+    (folder / "config.json").write_text(json.dumps(hf))
+    model = nt.Transformer(nt.ModelConfig.from_hf(hf), nt.Mesh(), dtype=torch.bfloat16 if cuda else torch.float32
+                           ).init_random(0)
+    llm = LLM(str(folder), load_format="dummy", gpu_memory_utilization=0.2, max_model_len=1024, max_num_seqs=64,
+              **({} if cuda else {"device": "cpu", "num_gpu_blocks_override": 128, "block_size": 8}))
+    llm.update_weights(model.state_dict_hf())                                   # warm-up
     t0 = time.perf_counter()
-    role.llm.update_weights(model.state_dict_hf())
-    torch.cuda.synchronize()
-    role.shutdown()
-    return time.perf_counter() - t0
+    llm.update_weights(model.state_dict_hf())                                   # returns once the copy is done
+    if cuda:
+        torch.cuda.synchronize()
+    secs, _ = time.perf_counter() - t0, llm.shutdown()
+    return secs
 
 
 def _bench_trl(cfg: Config, tmp: Path) -> float:

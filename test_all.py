@@ -7371,6 +7371,7 @@ def test_ppo_bench_harness_runs_on_cpu_with_the_tiny_model(capsys):
     assert [t["system"] for t in table] == ["ppo.py (nanovllm + nanotron)"] and table[0]["samples_s"] > 0
     assert "| system | s / step | samples / s | vs TRL |" in out and "TRL peer skipped" in out
     assert "our step, median seconds: " in out and "actor" in out and "rollout" in out
+    assert "weight sync in memory, Qwen3-0.6B shape (2 layers, CPU): " in out
     with pytest.raises(ValueError, match="--bench without a CUDA GPU runs only --model tiny"):
         ppo.main(["--bench", "--model", "smollm2"])
 
