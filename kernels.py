@@ -541,7 +541,9 @@ def _seq_bucket(max_seqlen: int) -> int:
 
 
 def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
-    """GPU: the autotuned kernel, grid computed from the chosen config. CPU: the raw kernel, small tiles."""
+    """GPU: the autotuned kernel, grid computed from the chosen config. CPU: the raw kernel, small tiles.
+    FOOTGUN: tl.dot rounds fp32 inputs to TF32 by default; fp32 (the reference dtype) gets exact IEEE products."""
+    kwargs["default_dot_input_precision"] = "ieee" if args[0].dtype == torch.float32 else "tf32"
     if on_gpu:
         tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
     else:
@@ -721,7 +723,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, o_part, lse_part, block_table, context_lens, block_table.stride(0), H, chunk,
         scale * LOG2E, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=BLOCK_N, P=P,
-        SPLIT=splits > 1, num_warps=_GPU_DECODE["num_warps"], num_stages=_GPU_DECODE["num_stages"])
+        SPLIT=splits > 1, num_warps=_GPU_DECODE["num_warps"], num_stages=_GPU_DECODE["num_stages"],
+        default_dot_input_precision="ieee" if q.dtype == torch.float32 else "tf32")    # see _launch
     if splits > 1:
         _decode_merge_kernel[(B * H,)](o_part, lse_part, out, splits, D=D,
                                        SPLITS_PAD=max(2, triton.next_power_of_2(splits)))
@@ -1761,9 +1764,7 @@ def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
     for _ in range(reps):
         buf.zero_() if flush == "dirty" else torch.sum(buf.view(torch.int64), dim=0, out=sink)
         events.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
-        events[-1][0].record()
-        run()
-        events[-1][1].record()
+        events[-1][0].record(), run(), events[-1][1].record()
     torch.cuda.synchronize()
     return sorted(s.elapsed_time(e) for s, e in events)[reps // 2]
 
@@ -1771,11 +1772,9 @@ def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
 def _peak_gb(fn) -> float:
     """GB that one fn() allocates at its peak beyond what was allocated before it."""
     fn()                                                      # warm-up: compile, autotune, workspaces
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
+    torch.cuda.synchronize(), torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
+    fn(), torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 1e9
 
 

@@ -1195,7 +1195,7 @@ class EngineRole:
         from nanovllm import LLM
         self.cfg = cfg
         self.llm = LLM(folder, seed=cfg.seed, gpu_memory_utilization=cfg.engine_memory, max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, device=device)
+                       max_num_seqs=max_num_seqs, device=device, dtype=cfg.dtype)   # the trainer's ("auto": bf16 on GPU)
         self.llm.verbose = False
 
     def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False) -> list[dict]:
@@ -1806,9 +1806,8 @@ def _bench_sync(shape: str) -> float:
               **({} if cuda else {"device": "cpu", "num_gpu_blocks_override": 128, "block_size": 8}))
     llm.update_weights(model.state_dict_hf())                                   # warm-up
     t0 = time.perf_counter()
-    llm.update_weights(model.state_dict_hf())                                   # returns once the copy is done
-    if cuda:
-        torch.cuda.synchronize()
+    llm.update_weights(model.state_dict_hf())
+    torch.cuda.synchronize() if cuda else None
     secs, _ = time.perf_counter() - t0, llm.shutdown()
     return secs
 

@@ -7199,6 +7199,11 @@ def test_ppo_grpo_learns_the_toy_reward(tmp_path, monkeypatch):
     llm.verbose = False                                                 # ...that the engine serves: the learned
     out = llm.generate([[30, 40, 50, 60]], nv.SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
     assert sum(t < ppo.TOY_GOOD for t in out[0].outputs[0].token_ids) >= 4   # policy's greedy answer is "good"
+    # the engine computes in the trainer's --dtype (it once took nanovllm's "auto", bf16 on any GPU, so a GPU run
+    # with --dtype float32 compared a bf16 engine against an fp32 trainer)
+    role = ppo.EngineRole(str(tmp_path / "o" / "step_14" / "hf"), ppo.Config(dtype="bfloat16"), 64, 4, "cpu")
+    assert role.llm.dtype == torch.bfloat16
+    role.shutdown()
 
 
 def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
