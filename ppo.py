@@ -42,6 +42,7 @@ Commands:
     torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2  # + pipeline stages (1F1B; the RL loss on the last stage)
     python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
     python ppo.py --backend nanoray --tp 2 --pp 2 --engines 4   # split: a trainer group of 4 actors + 4 engines
+    torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2 --rollout_gpus 4   # the same split from a torchrun launch
     python ppo.py --bench                             # GPU: samples/s vs TRL's GRPOTrainer, time per role
     python ppo.py --model ckpt/sft/hf --lora_rank 32      # LoRA on the actor (tp 1); merge.py exports it merged
     python ppo.py --reward_model RM_FOLDER --reward_model_coef 0.5   # + a learned reward (--no-rule_reward: RM only)
@@ -331,6 +332,7 @@ class Config:
     pp: int = 1  # pipeline stages of the trainer (under torchrun; 1F1B)
     engines: int = 1  # rollout engines (--backend nanoray|ray: actors, one GPU each when there are enough)
     trainer_ranks: int = 0  # --backend nanoray|ray: trainer actors, an SPMD group of tp x pp x dp; 0 = tp x pp
+    rollout_gpus: int = 0  # torchrun: split the ranks' GPUs: R engines + (world - R) trainer ranks, driven by rank 0
     weight_sync: str = "broadcast"  # actors: broadcast (a process group, NCCL / gloo, buckets) | store (object store)
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
@@ -1412,6 +1414,34 @@ class _Here:
         return type("_M", (), {"remote": staticmethod(fn)})
 
 
+def _split_launch(cfg: Config, rank: int, world: int) -> Config | None:
+    """`torchrun --nproc_per_node W ppo.py --rollout_gpus R` (one machine): the seed's split layout from a
+    torchrun launch. Rank 0 becomes the single controller of `--backend nanoray` (or ray): it drops torchrun's
+    environment (the actors it starts must not inherit RANK / WORLD_SIZE; the trainer group gets its own),
+    starts a cluster over the machine's GPUs and places W - R trainer ranks and R engines as actors, a GPU
+    each. The other ranks hold nothing and return at once (None). Across machines, start nanoray on each
+    (`python nanoray.py start ...`) and run `python ppo.py --backend nanoray --trainer_ranks T --engines R`."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    for ok, msg in [(world > cfg.rollout_gpus >= 1, f"--rollout_gpus {cfg.rollout_gpus} splits a torchrun launch "
+                     f"of more ranks (torchrun --nproc_per_node N ppo.py --rollout_gpus R, N > R >= 1; got {world})"),
+                    (local_world == world, "--rollout_gpus runs on one machine (torchrun --nnodes 1); across "
+                     "machines start nanoray on each and use --backend nanoray --trainer_ranks T --engines R"),
+                    (cfg.trainer_ranks == 0 and cfg.engines == 1, "--rollout_gpus sets --trainer_ranks and "
+                     "--engines itself (world - R and R): pass neither"),
+                    ((world - cfg.rollout_gpus) % (cfg.tp * cfg.pp) == 0, f"the {world - cfg.rollout_gpus} trainer "
+                     f"ranks left by --rollout_gpus {cfg.rollout_gpus} must be a multiple of --tp x --pp")]:
+        if not ok:
+            raise ValueError(f"ppo.py: {msg}")
+    if rank != 0:
+        return None
+    for k in [k for k in os.environ if k.startswith("TORCHELASTIC_") or k in (
+            "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "ROLE_RANK",
+            "ROLE_WORLD_SIZE", "ROLE_NAME", "MASTER_ADDR", "MASTER_PORT")]:
+        del os.environ[k]
+    return dataclasses.replace(cfg, backend="nanoray" if cfg.backend == "local" else cfg.backend,
+                               trainer_ranks=world - cfg.rollout_gpus, engines=cfg.rollout_gpus)
+
+
 def start_roles(cfg: Config, path, src, device_for_engine):
     """(trainer handle, get, backend module or None) for --backend."""
     if cfg.backend == "local":
@@ -1452,6 +1482,8 @@ def main(argv=None) -> dict:
         return bench([a for a in (sys.argv[1:] if argv is None else argv) if a != "--bench"])
     t_start = time.time()
     cfg = resolve(cfg, torch.cuda.is_available())
+    if cfg.rollout_gpus and (cfg := _split_launch(cfg, *nt.dist_env()[:2])) is None:
+        return {}                                          # not rank 0: its GPU goes to one of rank 0's actors
     if cfg.backend != "local" and nt.dist_env()[1] > 1:
         raise ValueError(f"ppo.py: --backend {cfg.backend} places the roles itself: run `python ppo.py`, not torchrun")
     out = Path(cfg.out).resolve()   # absolute: actor processes of a cluster started elsewhere have another cwd

@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2368, "prepare_data.py": 1010, "kernels.py": 2076, "nanotron.py": 2845,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1865, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1897, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7255,14 +7255,15 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, algo):
                                                                        "step_4"]
 
 
-@pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"]])
+@pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"], ["--tp", "2", "--rollout_gpus", "1"]])
 def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     """torchrun --nproc_per_node 2 (gloo). dp 2: each rank generates, grades and scores half of each step's
     prompts on its own engine; the loss is normalised by the whole step's counts and dp sums the gradients,
     and the samples are seeded by prompt row. tp 2: the two ranks hold half of every layer (and each a full
     engine, which samples the same tokens). pp 2: two pipeline stages (1F1B with the RL loss on the last stage;
     the log-probs flow forward-only and are broadcast back; each engine gets both stages' weights). Every
-    layout equals the one-process run, step for step."""
+    layout equals the one-process run, step for step. --rollout_gpus 1 (3 ranks): the split layout from a
+    torchrun launch -- rank 0 drives a tp 2 trainer group of 2 actors and 1 engine actor, the others exit."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -7272,10 +7273,12 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     r1 = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *common, "--out", "one"], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "ppo.py"),
+    nproc = "3" if "--rollout_gpus" in layout else "2"
+    r2 = subprocess.run([torchrun, "--nproc_per_node", nproc, "--master_port", str(free_port()), str(ROOT / "ppo.py"),
                          *common, *layout, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=300)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
+    assert ("roles: trainer pid" in r2.stdout) == ("--rollout_gpus" in layout)     # actors only when split
     one, two = ([r for r in _ppo_rows(tmp_path / d) if "reward" in r] for d in ("one", "two"))
     assert [r["reward"] for r in two] == [r["reward"] for r in one]
     for a, b in zip(one, two):             # (tp sums partial matmuls in another order: fp32 round-off only)
@@ -7413,7 +7416,8 @@ def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path):
 def test_ppo_cli_errors_are_one_line(tmp_path):
     for args, msg in ((["--algo", "dpo"], "--algo 'dpo'"),
                       (["--algo", "grpo", "--samples_per_prompt", "1"], "--samples_per_prompt must be >= 2"),
-                      (["--data", str(tmp_path)], "train.nano is missing")):
+                      (["--data", str(tmp_path)], "train.nano is missing"),
+                      (["--rollout_gpus", "1"], "--rollout_gpus 1 splits a torchrun launch")):
         r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--out", str(tmp_path / "o"), *args],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
@@ -7631,7 +7635,8 @@ def test_ppo_reward_model_and_lora_torchrun_dp2_equal_one_process(tmp_path):
     r1 = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *common, "--out", "one"], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=300)
     assert r1.returncode == 0, r1.stderr[-3000:]
-    r2 = subprocess.run([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), str(ROOT / "ppo.py"),
+    nproc = "3" if "--rollout_gpus" in layout else "2"
+    r2 = subprocess.run([torchrun, "--nproc_per_node", nproc, "--master_port", str(free_port()), str(ROOT / "ppo.py"),
                          *common, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
     one, two = ([r for r in _ppo_rows(tmp_path / d) if "reward" in r] for d in ("one", "two"))
