@@ -11,7 +11,8 @@ How a step runs (the trainer and its engine share each device, "colocated"; unde
 data-parallel replica with its own engine and its share of the prompts):
   1. ROLLOUT: P prompts x n samples on nanovllm (the behaviour policy), with each token's log-prob.
   2. REWARD: eval.Grader grades the last \boxed{} against the gold answer in a process pool (timeouts
-     count as wrong); optional overlong penalty; dynamic sampling zeroes groups that all scored the same.
+     count as wrong); optional overlong penalty; dynamic sampling drops groups that all scored the same and
+     refills the batch from new prompts (DAPO; at most --refill_rounds more rounds, then zero-weighted fillers).
      With --reward_model, an HF sequence classifier held by the trainer role scores each prompt + response
      too: reward = rule + reward_model_coef * rm_score (--no-rule_reward: the RM alone, for data without
      answers). Held-out evals stay the rule's accuracy.
@@ -274,6 +275,22 @@ def informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
     return (g != g[:, :1]).any(1)
 
 
+def fill_informative(rounds, need: int, n: int) -> tuple[list, list, list, int]:
+    """DAPO's refill: `rounds` yields (samples, scores, answered) of whole groups of n (the step's rollout, then
+    each further one generates and grades more prompts, lazily). Informative groups are kept in order until
+    `need` are in hand or the rounds run out; a short batch is topped up with uninformative groups, which the
+    step gives no weight. Returns (samples, scores, answered) of exactly `need` groups, and the groups seen."""
+    good, rest, seen = [], [], 0
+    for samples, scores, answered in rounds:
+        for g, ok in enumerate(informative_groups(torch.tensor(scores, dtype=torch.float64), n).tolist()):
+            (good if ok else rest).append([x[g * n:(g + 1) * n] for x in (samples, scores, answered)])
+        seen += len(scores) // n
+        if len(good) >= need:
+            break
+    groups = (good + rest)[:need]
+    return *([x for g in groups for x in g[i]] for i in range(3)), seen
+
+
 # ---- config ------------------------------------------------------------------------------------------------
 
 ALGOS = ("grpo", "dr_grpo", "rloo", "reinforce_pp", "remax", "raft", "ppo")
@@ -311,7 +328,8 @@ class Config:
     gamma: float = 1.0  # discount (GAE, REINFORCE++)
     lam: float = 0.95  # GAE lambda
     whiten: str = "auto"  # whiten advantages over the batch: auto (ppo, reinforce_pp) | yes | no
-    dynamic_sampling: bool = False  # drop groups whose samples all scored the same (DAPO)
+    dynamic_sampling: bool = False  # drop groups whose samples all scored the same, refill with new prompts (DAPO)
+    refill_rounds: int = 4  # dynamic sampling: extra generation rounds at most to refill the batch (0 = drop only)
     overlong_buffer: int = 0  # soft overlong penalty over the last this-many tokens of max_new_tokens (0 = off)
     gspo: bool = False  # one importance ratio per response (GSPO) instead of per token
     tis_cap: float = -1.0  # truncated importance sampling cap on pi_old / pi_engine; -1 = 2 off-policy, 0 = off
@@ -1630,10 +1648,24 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             timer["generate"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             scores, answered = rewarder(samples)
+            refill, t_gen = 0, timer["generate"]
+            if cfg.dynamic_sampling and n > 1 and cfg.refill_rounds:   # more prompts, from the engine's weights now
+
+                def rounds():
+                    yield samples, scores, answered
+                    for _ in range(cfg.refill_rounds):
+                        t1 = time.perf_counter()
+                        more = engines.generate(take(), step, version)()
+                        timer["generate"] += time.perf_counter() - t1
+                        yield more, *rewarder(more)
+                samples, scores, answered, seen = fill_informative(rounds(), P // dp, n)
+                for i, s in enumerate(samples):
+                    s["group"] = i // n
+                refill = seen - P // dp                             # extra groups generated and graded
             baseline = None
             if cfg.algo == "remax":                        # the score of each prompt's greedy response
                 baseline = rewarder(engines.generate(greedy_rows(samples, n), step, -1, True)())[0]
-            timer["reward"] = time.perf_counter() - t0
+            timer["reward"] = time.perf_counter() - t0 - (timer["generate"] - t_gen)
             lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
             m, t = get(trainer.step.remote(samples, scores, answered, step, lr, baseline))
             timer.update(t)
@@ -1646,6 +1678,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 pending = engines.generate(take(), step + 1, version)()
                 timer["generate"] += time.perf_counter() - t0
             row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
+            if cfg.dynamic_sampling:
+                row["refill_groups"] = refill                       # (under torchrun dp: rank 0's share)
             row["step_s"] = time.perf_counter() - t_step
             row["tokens_per_s"] = m.get("tokens", 0) / row["step_s"]          # sampled tokens, all ranks
             if rank0 and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or step + 1 == cfg.steps):

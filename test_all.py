@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2368, "prepare_data.py": 1010, "kernels.py": 2076, "nanotron.py": 2845,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1897, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1931, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7170,6 +7170,34 @@ def test_ppo_whiten_overlong_penalty_and_dynamic_sampling():
     torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -0.5, -1.0, -1.0]))
     keep = ppo.informative_groups(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0, 0.0]), 2)
     assert keep.tolist() == [False, True, False]
+    # the refill: informative groups in order across rounds, topped up with uninformative ones when short;
+    # later rounds are not even generated once enough are in hand (the rounds are lazy)
+    def rounds(batches, asked):
+        for b in batches:
+            asked.append(b)
+            yield [f"s{b}{i}" for i in range(4)], [[1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 1.0, 1.0], [0, 0, 0, 0]][b], \
+                [True] * 4
+    asked = []
+    smp, sc, ans, seen = ppo.fill_informative(rounds([0, 1, 2], asked), 2, 2)
+    assert (smp, sc, seen, asked) == (["s02", "s03", "s10", "s11"], [0.0, 1.0, 0.0, 1.0], 4, [0, 1])
+    smp, sc, ans, seen = ppo.fill_informative(rounds([2, 0], []), 3, 2)      # short: 1 informative + 2 others
+    assert (smp, sc, seen) == (["s02", "s03", "s20", "s21", "s22", "s23"], [0.0, 1.0, 0, 0, 0, 0], 4)
+
+
+def test_ppo_dynamic_sampling_refills_the_batch_and_resumes_exactly(tmp_path, monkeypatch):
+    """One-token responses score 0 or 1, so many groups of 2 are uniform: they are dropped and new prompts
+    generated (up to --refill_rounds more rounds) until the step has P informative groups; the prompts used
+    for refills are part of the sampler state, so resume equals the uninterrupted run."""
+    monkeypatch.chdir(tmp_path)
+    common = ["--steps", "4", "--prompts_per_step", "4", "--samples_per_prompt", "2", "--max_new_tokens", "1",
+              "--eval_problems", "4", "--results", "r.jsonl", "--dynamic_sampling", "--save_every", "2"]
+    ppo.main(common + ["--out", "full"])
+    rows = [r for r in _ppo_rows("full") if "reward" in r]
+    assert sum(r["refill_groups"] for r in rows) > 0 and max(r["groups_kept"] for r in rows) == 4
+    ppo.main(common + ["--out", "cut", "--steps", "2"])
+    ppo.main(common + ["--out", "cut"])
+    cut = [r for r in _ppo_rows("cut") if "reward" in r]
+    assert [(r["reward"], r["refill_groups"]) for r in cut] == [(r["reward"], r["refill_groups"]) for r in rows]
 
 
 # ---- the driver on the toy task (tiny random model, CPU) ----
