@@ -24,6 +24,7 @@ Commands:
     python sft.py --bench 1,tp2,pp2,dp2 --model qwen3-0.6b --data data/gsm8k_sft --lr 3e-4 --out runs/layouts
                                                        # 2 GPUs: each layout once -> table + loss_layouts.png
     python sft.py --bench auto --model tiny --data toy --steps 2   # CPU: the same 4 layouts on gloo, seconds
+    python sft.py --model smollm2 --steps 8 --profile 3   # host vs GPU time, launches, syncs per step; trace.json
     pytest -q test_all.py -k sft
 Outputs (--out, default ckpt/<objective>-<model>): step_N/ (checkpoints, the newest --keep_last kept),
 metrics.jsonl, loss.png, summary.json; one line in results.jsonl. Everything that can be checked runs before
@@ -35,7 +36,6 @@ Contents: config | data (toy task, preference pairs, packing) | losses and steps
 First read: config -> data (Batcher, collate) -> losses and steps (train_step) -> driver (main and its four
 phases). Independent chapters: DPO, the forward-only eval pipeline, the checks, the layout benchmark.
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -93,6 +93,7 @@ class Config:
     dpo_beta: float = 0.1  # DPO's KL strength: larger = stay closer to the reference
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases (when the package is installed)
+    profile: int = 0  # profile this many steps after the warm-up (torch.profiler): host vs GPU time, launches, syncs
     bench: str = ""  # layouts, e.g. 1,tp2,pp2,dp2, or auto (1,dpG,tpG,ppG on G GPUs): a torchrun job each -> table, PNG
 
 
@@ -784,6 +785,48 @@ def save(job: Job, model, opt, batcher, step: int, log) -> Path:
     return folder
 
 
+# ---- profile (--profile K) -----------------------------------------------------------------------------
+# Where a step's time goes when a small model is host-bound: torch.profiler records K steps after the warm-up
+# (UNTIMED_STEPS), then rank 0 prints per step: wall time, GPU busy time (kernels, summed), kernel launches
+# and host syncs (the CUDA runtime calls that wait for the device), and the top host ops and kernels; the
+# Chrome trace goes to --out/trace.json (chrome://tracing or ui.perfetto.dev). On CPU only the host side.
+# FOOTGUN: recording costs host time itself; compare GPU busy with the unprofiled steps' time, not wall.
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+class _NoProfile:
+    start = step = stop = staticmethod(lambda: None)
+
+
+def profiler(cfg: Config, rank: int):
+    """A torch.profiler that records steps [UNTIMED_STEPS, UNTIMED_STEPS + K) of this run (start(), step()
+    after every step, stop()) and reports them when they are done; a stand-in that does nothing when K = 0."""
+    if not cfg.profile:
+        return _NoProfile()
+    from torch.profiler import ProfilerActivity, profile, schedule
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    def report(prof):
+        if rank != 0:
+            return
+        K, ev = cfg.profile, prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+        count = lambda names: sum(e.count for e in ev if e.key in names)   # noqa: E731
+        wall_ms = sum(e.cpu_time_total for e in ev if e.key.startswith("ProfilerStep")) / 1e3 / K
+        print(f"-- profile of {K} steps: wall {wall_ms:.1f} ms/step, GPU busy {gpu_us / 1e3 / K:.1f} ms/step "
+              f"({100 * gpu_us / 1e3 / K / max(wall_ms, 1e-9):.0f}%), {count(LAUNCHES) / K:.0f} kernel launches and "
+              f"{count(SYNCS) / K:.0f} host syncs per step --")
+        print(ev.table(sort_by="self_cpu_time_total", row_limit=12))
+        if gpu_us:
+            print(ev.table(sort_by="self_device_time_total", row_limit=12))
+        prof.export_chrome_trace(str(Path(cfg.out) / "trace.json"))
+        print(f"-> {Path(cfg.out) / 'trace.json'}")
+    return profile(activities=acts, schedule=schedule(wait=UNTIMED_STEPS - 1, warmup=1, active=cfg.profile),
+                   on_trace_ready=report)
+
+
 def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
     """The loop: a step, a log line, evals and saves on their schedules. Returns the numbers of the summary."""
     cfg, mesh, start, total, warmup = job.cfg, job.mesh, job.start, job.derived["total"], job.derived["warmup"]
@@ -795,6 +838,8 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
               "or start over with --resume never --overwrite, or another --out)")
     log.log({"step": start, "eval_loss": eval_loss}, f"step {start}/{total} | eval loss {eval_loss:.4f} per {unit}")
     r = {"first": None, "last": None, "eval_loss": eval_loss, "tokens": 0, "seconds": 0.0, "flops": 0.0}
+    prof = profiler(cfg, mesh.rank)
+    prof.start()
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
@@ -821,6 +866,8 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
                     f"step {step + 1}/{total} | eval loss {r['eval_loss']:.4f} per {unit}")
         if _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0):
             save(job, model, opt, batcher, step + 1, log)
+        prof.step()
+    prof.stop()
     log.close()
     return r
 

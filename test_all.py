@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2368, "prepare_data.py": 1010, "kernels.py": 2076, "nanotron.py": 2845,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 990, "ppo.py": 1931, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1030, "ppo.py": 1931, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -4937,6 +4937,19 @@ def test_sft_no_flags_is_the_tiny_toy_run(tmp_path):
     assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
     assert "model: tiny (random init)" in r.stdout and "sft.py: sft 0 -> 4 steps" in r.stdout
     assert (tmp_path / "ckpt" / "sft-tiny" / "step_4" / "manifest.json").is_file()
+
+
+def test_sft_profile_reports_the_steps_after_the_warm_up(tmp_path, monkeypatch, capsys):
+    """--profile K: K steps after the warm-up are recorded, summarised (host ops; on a GPU also kernel time,
+    launches and syncs per step) and written as a Chrome trace; the training numbers are those of a plain run."""
+    monkeypatch.chdir(tmp_path)
+    plain = sft.main(["--steps", "5", "--out", "a", "--results", "r.jsonl"])
+    capsys.readouterr()
+    prof = sft.main(["--steps", "5", "--out", "b", "--results", "r.jsonl", "--profile", "2"])
+    out = capsys.readouterr().out
+    assert "-- profile of 2 steps: wall " in out and "kernel launches and" in out and "aten::" in out
+    assert json.loads((tmp_path / "b" / "trace.json").read_text())["traceEvents"]
+    assert prof["last_loss"] == plain["last_loss"]
 
 
 def test_sft_never_mixes_runs_in_one_out(tmp_path, monkeypatch):
