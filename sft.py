@@ -32,10 +32,11 @@ a model is built: flags against the world size and the model's heads, the data (
 model against a checkpoint in --out, and --out itself (a new run never mixes with an old run's steps).
 
 Contents: config | data (toy task, preference pairs, packing) | losses and steps | eval |
-          FLOPs and MFU | logging | checks and checkpoints | driver | layout benchmark | CLI
+          FLOPs and MFU | logging | checks and checkpoints | profile | driver | layout benchmark | CLI
 First read: config -> data (Batcher, collate) -> losses and steps (train_step) -> driver (main and its four
 phases). Independent chapters: DPO, the forward-only eval pipeline, the checks, the layout benchmark.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -642,6 +643,48 @@ def prune_checkpoints(root, keep: int) -> list:
     return old
 
 
+# ---- profile (--profile K) -----------------------------------------------------------------------------
+# Where a step's time goes when a small model is host-bound: torch.profiler records K steps after the warm-up
+# (UNTIMED_STEPS), then rank 0 prints per step: wall time, GPU busy time (kernels, summed), kernel launches
+# and host syncs (the CUDA runtime calls that wait for the device), and the top host ops and kernels; the
+# Chrome trace goes to --out/trace.json (chrome://tracing or ui.perfetto.dev). On CPU only the host side.
+# FOOTGUN: recording costs host time itself; compare GPU busy with the unprofiled steps' time, not wall.
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+
+
+class _NoProfile:
+    start = step = stop = staticmethod(lambda: None)
+
+
+def profiler(cfg: Config, rank: int):
+    """A torch.profiler that records steps [UNTIMED_STEPS, UNTIMED_STEPS + K) of this run (start(), step()
+    after every step, stop()) and reports them when they are done; a stand-in that does nothing when K = 0."""
+    if not cfg.profile:
+        return _NoProfile()
+    from torch.profiler import ProfilerActivity, profile, schedule
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+    def report(prof):
+        if rank != 0:
+            return
+        K, ev = cfg.profile, prof.key_averages()
+        gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
+        count = lambda names: sum(e.count for e in ev if e.key in names)   # noqa: E731
+        wall_ms = sum(e.cpu_time_total for e in ev if e.key.startswith("ProfilerStep")) / 1e3 / K
+        print(f"-- profile of {K} steps: wall {wall_ms:.1f} ms/step, GPU busy {gpu_us / 1e3 / K:.1f} ms/step "
+              f"({100 * gpu_us / 1e3 / K / max(wall_ms, 1e-9):.0f}%), {count(LAUNCHES) / K:.0f} kernel launches and "
+              f"{count(SYNCS) / K:.0f} host syncs per step --")
+        print(ev.table(sort_by="self_cpu_time_total", row_limit=12))
+        if gpu_us:
+            print(ev.table(sort_by="self_device_time_total", row_limit=12))
+        prof.export_chrome_trace(str(Path(cfg.out) / "trace.json"))
+        print(f"-> {Path(cfg.out) / 'trace.json'}")
+    return profile(activities=acts, schedule=schedule(wait=UNTIMED_STEPS - 1, warmup=1, active=cfg.profile),
+                   on_trace_ready=report)
+
+
 # ---- driver ------------------------------------------------------------------------------------------
 # main = setup (flags, mesh, data, model config: everything that can fail cheaply) -> build (model,
 # optimizer, data order, resume) -> train (the loop, evals, saves) -> summarize.
@@ -783,48 +826,6 @@ def save(job: Job, model, opt, batcher, step: int, log) -> Path:
                 f"{', '.join(p.name for p in gone)}" if gone else ""))
     mesh.barrier()                                  # no rank reads --out while rank 0 prunes it
     return folder
-
-
-# ---- profile (--profile K) -----------------------------------------------------------------------------
-# Where a step's time goes when a small model is host-bound: torch.profiler records K steps after the warm-up
-# (UNTIMED_STEPS), then rank 0 prints per step: wall time, GPU busy time (kernels, summed), kernel launches
-# and host syncs (the CUDA runtime calls that wait for the device), and the top host ops and kernels; the
-# Chrome trace goes to --out/trace.json (chrome://tracing or ui.perfetto.dev). On CPU only the host side.
-# FOOTGUN: recording costs host time itself; compare GPU busy with the unprofiled steps' time, not wall.
-
-LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
-SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
-
-
-class _NoProfile:
-    start = step = stop = staticmethod(lambda: None)
-
-
-def profiler(cfg: Config, rank: int):
-    """A torch.profiler that records steps [UNTIMED_STEPS, UNTIMED_STEPS + K) of this run (start(), step()
-    after every step, stop()) and reports them when they are done; a stand-in that does nothing when K = 0."""
-    if not cfg.profile:
-        return _NoProfile()
-    from torch.profiler import ProfilerActivity, profile, schedule
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-
-    def report(prof):
-        if rank != 0:
-            return
-        K, ev = cfg.profile, prof.key_averages()
-        gpu_us = sum(e.self_device_time_total for e in ev if e.device_type == torch.autograd.DeviceType.CUDA)
-        count = lambda names: sum(e.count for e in ev if e.key in names)   # noqa: E731
-        wall_ms = sum(e.cpu_time_total for e in ev if e.key.startswith("ProfilerStep")) / 1e3 / K
-        print(f"-- profile of {K} steps: wall {wall_ms:.1f} ms/step, GPU busy {gpu_us / 1e3 / K:.1f} ms/step "
-              f"({100 * gpu_us / 1e3 / K / max(wall_ms, 1e-9):.0f}%), {count(LAUNCHES) / K:.0f} kernel launches and "
-              f"{count(SYNCS) / K:.0f} host syncs per step --")
-        print(ev.table(sort_by="self_cpu_time_total", row_limit=12))
-        if gpu_us:
-            print(ev.table(sort_by="self_device_time_total", row_limit=12))
-        prof.export_chrome_trace(str(Path(cfg.out) / "trace.json"))
-        print(f"-> {Path(cfg.out) / 'trace.json'}")
-    return profile(activities=acts, schedule=schedule(wait=UNTIMED_STEPS - 1, warmup=1, active=cfg.profile),
-                   on_trace_ready=report)
 
 
 def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
