@@ -134,8 +134,7 @@ class NullType(DataType):
 
 
 class StringType(DataType):
-    """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8; 64-bit offsets so a
-    column may hold more than 2 GB of text)."""
+    """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8: a column may hold > 2 GB of text)."""
     name = "string"
 
 
@@ -157,8 +156,7 @@ class StructType(DataType):
 
 
 class TensorType(DataType):
-    """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, so a
-    whole column is one zero-copy tensor and needs no offsets."""
+    """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, no offsets."""
     def __init__(self, value: PrimitiveType, shape: tuple[int, ...]):
         if not isinstance(value, PrimitiveType) or value.name == "bool":
             raise ValueError(f"tensor values must be a numeric primitive type, got {value}")
@@ -280,9 +278,8 @@ def tensor_to_buffer(t: torch.Tensor) -> memoryview:
 
 def pack_bits(valid: torch.Tensor) -> memoryview:
     """bool[n] -> validity bitmap, LSB first (bit i of byte i//8 is row i), as Arrow lays it out."""
-    n = valid.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)  # [8 * ceil(n/8)], zero bits past the end
-    padded[:n] = valid.to(torch.uint8)
+    flat = valid.reshape(-1).to(torch.uint8)  # [n]
+    padded = torch.nn.functional.pad(flat, (0, -len(flat) % 8))  # [8 * ceil(n/8)], zero bits past the end
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # bit j of a byte = row 8k+j
     return tensor_to_buffer((padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8))  # [ceil(n/8)]
 
@@ -402,13 +399,12 @@ class _FixedWidth(Array):
     def __init__(self, type, length, values, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.values = type, values
-        tensor = isinstance(type, TensorType)
-        self.elem, self.shape = (type.value, type.shape) if tensor else (type, ())  # element type, row shape
-        self.numel = type.numel if tensor else 1
+        self.elem, self.shape = (type.value, type.shape) if isinstance(type, TensorType) else (type, ())
+        self.numel = math.prod(self.shape)  # elements per row: 1 for a number (an empty shape)
         self.row_bytes = self.numel * self.elem.itemsize
         # Numbers get a typed memoryview (e.g. 'i' for int32) that indexes and converts in C; halves have
-        # no format char, and tensors are read through torch.
-        fmt = None if tensor else type.fmt
+        # no format char, and tensors (no `fmt`) are read through torch.
+        fmt = getattr(type, "fmt", None)
         self._typed = values.cast(fmt) if fmt and len(values) % self.row_bytes == 0 else None
 
     def to_torch(self) -> torch.Tensor:
@@ -434,8 +430,7 @@ class _FixedWidth(Array):
 
 
 class PrimitiveArray(_FixedWidth):
-    """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length], to_pylist()
-    converts the whole buffer in C."""
+    """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length]; to_pylist() runs in C."""
 
 
 class TensorArray(_FixedWidth):
@@ -552,8 +547,7 @@ class ListArray(_OffsetsMixin, Array):
         return self.child.slice(a, b).to_pylist()
 
     def _pylist(self, idx):
-        """A window of rows (idx None) decodes its child range once and cuts it; scattered rows decode
-        one by one."""
+        """A window of rows (idx None) decodes its child range once and cuts it; scattered rows, one by one."""
         starts, ends = (x.tolist() for x in self._spans(idx))
         mv, o = self._typed_child(), self.child.offset
         if mv is not None:  # list<number>: each row converted straight from the buffer
@@ -665,9 +659,8 @@ def infer_type(values: list, name: str = "column") -> DataType:
     if simple <= {int, float} and simple:  # ints mixed with floats: float64, as pyarrow does
         return PRIMITIVES["float64"]
     if simple and simple <= {list, tuple}:  # infer lists from their flattened values in one call
-        flat = [x for v in values if v is not None for x in v]
         try:
-            return ListType(infer_type(flat, name + "[]"))
+            return ListType(infer_type([x for v in values if v is not None for x in v], name + "[]"))
         except NanosetsError:
             pass  # fall through to the row-by-row scan, which names the row
     result = NULL  # the slow path: grow the type row by row, so a conflict names its row
@@ -748,12 +741,11 @@ def _build_primitive(values, t: PrimitiveType, path, validity, has_nulls) -> Pri
         _check_all(values, lambda v: isinstance(v, bool), path, t)
         return PrimitiveArray(t, len(values), memoryview(pyarray.array("b", filled)).cast("B"), validity)
     is_int = not t.torch_dtype.is_floating_point
-    code = t.fmt if t.fmt else "d"  # halves are checked as doubles, then rounded by torch
 
     def pack(vals):
         if is_int and any(type(v) in (float, bool) for v in vals):
             raise TypeError  # array('q') rejects floats and would take True as 1: name the row instead
-        return pyarray.array(code, vals)
+        return pyarray.array(t.fmt or "d", vals)  # halves are checked as doubles, then rounded by torch
 
     try:
         packed = pack(filled)  # the fast path: one C call for the whole column
@@ -853,8 +845,7 @@ def concat_arrays(arrays: list[Array]) -> Array:
     if isinstance(arrays[0], _FixedWidth):
         return type(arrays[0])(t, n, tensor_to_buffer(torch.cat([x.to_torch() for x in arrays])), valid)
     if isinstance(t, StructType):
-        kids = {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}
-        return StructArray(t, n, kids, valid)
+        return StructArray(t, n, {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}, valid)
     # strings and lists: the parts' row lengths back to back, summed into new offsets
     parts = [x.compact() for x in arrays]
     lens = torch.cat([p._offsets_tensor().diff() for p in parts])  # [n]: the number of values of each row
@@ -865,8 +856,7 @@ def concat_arrays(arrays: list[Array]) -> Array:
 
 
 # ---- tables -----------------------------------------------------------------------------------------
-# A RecordBatch is a set of equal-length named Arrays; a Table is a list of RecordBatches with one
-# schema ("chunked", like pyarrow.Table).
+# A Table is chunked like pyarrow.Table: a list of RecordBatches (equal-length named Arrays), one schema.
 
 Schema = dict  # column name -> DataType, in column order
 
@@ -876,8 +866,7 @@ def _schema_str(schema: Schema) -> str:
 
 
 def _require(schema: Schema, columns: str | Iterable[str], what: str = "no columns") -> list[str]:
-    """columns (one name or several) as a list, after checking each exists (a KeyError naming the
-    missing ones and the real ones)."""
+    """`columns` (one name or several) as a list, each checked: a KeyError names the missing and the real ones."""
     columns = [columns] if isinstance(columns, str) else list(columns)
     missing = [c for c in columns if c not in schema]
     if missing:
@@ -957,11 +946,10 @@ class Table:
     rows visits only the chunks it overlaps. Chunks are what make concatenate_datasets and multi-file
     loads zero-copy; operations that need one buffer per column call combine_chunks()."""
     def __init__(self, batches: list[RecordBatch], schema: Schema | None = None):
-        self.schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
+        self.schema = schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
         for i, b in enumerate(batches):
-            if list(b.schema.items()) != list(self.schema.items()):
-                raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, "
-                                    f"expected {_schema_str(self.schema)}")
+            if list(b.schema.items()) != list(schema.items()):
+                raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, expected {_schema_str(schema)}")
         if not batches:  # keep one (empty) chunk, so every column always has an Array to read
             batches = [RecordBatch.from_pydict({k: [] for k in self.schema}, self.schema)]
         self.batches = [b for b in batches if b.num_rows] or batches[:1]  # empty chunks only cost lookups
@@ -1043,8 +1031,7 @@ class Table:
         """Rows idx copied into one new chunk (materialises a select/shuffle/filter indirection)."""
         if len(self.batches) > 1:  # take_array gathers inside one Array: join the chunks first
             return self.combine_chunks().take(idx)
-        b = self.batches[0]
-        return Table([RecordBatch({k: take_array(a, idx) for k, a in b.columns.items()})], self.schema)
+        return Table([RecordBatch({k: take_array(a, idx) for k, a in self.batches[0].columns.items()})], self.schema)
 
     def combine_chunks(self) -> "Table":
         """One chunk holding every row (copies each column once when there are several chunks)."""
@@ -1310,15 +1297,13 @@ def verify_nano(path: str | os.PathLike) -> int:
 
 
 # ---- Dataset: the HF-datasets-like API -----------------------------------------------------------
-# A Dataset = Table + optional `indices`: select/shuffle/filter/sort/train_test_split only build a new
-# indices tensor (no data copied); save_to_disk / flatten_indices materialise the rows in their new order.
+# A Dataset = Table + optional `indices`: row operations only build indices; saving materialises them.
 
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
     if isinstance(indices, range):  # no Python list of a million ints for select(range(...))
-        idx = torch.arange(indices.start, indices.stop, indices.step, dtype=torch.int64)
-    else:
-        idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.int64)
+        indices = torch.arange(indices.start, indices.stop, indices.step)
+    idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.int64)
     idx = idx.reshape(-1)  # [k]
     if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):  # two reductions, not a Python loop
         bad = idx[(idx < -n) | (idx >= n)][0]
@@ -1327,8 +1312,7 @@ def _index_tensor(indices, n: int) -> torch.Tensor:
 
 
 class DatasetDict(dict):
-    """{split name: Dataset}, as returned by train_test_split and by load_dataset on a folder or a
-    data_files dict (HF's DatasetDict, as a plain dict)."""
+    """HF's DatasetDict as a plain {split: Dataset}: from train_test_split and load_dataset(folder or data_files)."""
     def __repr__(self):
         return "DatasetDict({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.items()) + "})"
 
@@ -1462,8 +1446,7 @@ class Dataset:
         """A seeded random permutation of the rows (a fresh random seed when None)."""
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         # a private generator: shuffling never touches (or depends on) torch's global RNG state
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.select(perm)
+        return self.select(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)))
 
     def sort(self, column: str, reverse: bool = False) -> "Dataset":
         """Rows ordered by `column` (stable: equal values keep their order); nulls last either way."""
@@ -1482,7 +1465,7 @@ class Dataset:
                 bar = tqdm(total=len(self), desc=desc, unit="rows")
             except ImportError:
                 pass  # no tqdm: no bar
-        try:
+        with bar if bar is not None else nullcontext():  # closes the bar, also when the caller stops early
             for start in range(0, len(self), batch_size):
                 batch = src[start : start + batch_size]  # {column: values}, decoded in one pass
                 n = len(next(iter(batch.values()), []))
@@ -1495,9 +1478,6 @@ class Dataset:
                 yield n, out
                 if bar is not None:
                     bar.update(n)
-        finally:
-            if bar is not None:
-                bar.close()
 
     def filter(self, function: Callable, batched: bool = False, batch_size: int = 1000,
                with_indices: bool = False, fn_kwargs: dict | None = None, progress: bool | None = None) -> "Dataset":
@@ -1653,13 +1633,12 @@ def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
             raise NanosetsError(f"cannot concatenate: dataset {i} has schema {_schema_str(d.schema)}, "
                                 f"dataset 0 has {_schema_str(datasets[0].schema)}")
     table = Table([b for d in datasets for b in d._table.batches], datasets[0].schema)  # their chunks, no copy
-    if all(d._indices is None for d in datasets):
-        return Dataset(table, None, dict(datasets[0]._format))
-    parts, base = [], 0
-    for d in datasets:  # each dataset's logical rows, shifted past the chunks of those before it
-        parts.append((d._indices if d._indices is not None else torch.arange(d._table.num_rows)) + base)
-        base += d._table.num_rows
-    return Dataset(table, torch.cat(parts), dict(datasets[0]._format))
+    indices = None
+    if any(d._indices is not None for d in datasets):  # each one's rows, shifted past the chunks before it
+        bases = itertools.accumulate((d._table.num_rows for d in datasets), initial=0)
+        indices = torch.cat([(torch.arange(d._table.num_rows) if d._indices is None else d._indices) + base
+                             for d, base in zip(datasets, bases)])
+    return Dataset(table, indices, dict(datasets[0]._format))
 
 
 # ---- loading files --------------------------------------------------------------------------------
@@ -1764,8 +1743,7 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
 
 
 def load_from_disk(path: str | os.PathLike, verify: bool = False) -> Dataset:
-    """Open a .nano file (or a folder with data.nano) written by save_to_disk. O(1), zero-copy;
-    verify=True also checks every buffer's checksum (O(size))."""
+    """Open save_to_disk's .nano file (or folder with data.nano): O(1), zero-copy; verify=True: checksums, O(size)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "data.nano")):
@@ -1847,12 +1825,9 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
 def _pa_type(t: DataType):
     """DataType -> pyarrow type (large_string/large_list: Arrow's 64-bit-offset variants, like ours)."""
     import pyarrow as pa
-    if isinstance(t, PrimitiveType):
-        return pa.float32() if t.name == "bfloat16" else getattr(pa, {"bool": "bool_"}.get(t.name, t.name))()
-    if isinstance(t, StringType):
-        return pa.large_string()
-    if isinstance(t, NullType):
-        return pa.null()
+    simple = {"bfloat16": pa.float32, "bool": pa.bool_, "string": pa.large_string, "null": pa.null}
+    if t.name in simple or isinstance(t, PrimitiveType):
+        return (simple.get(t.name) or getattr(pa, t.name))()  # the other primitives have pyarrow's names
     if isinstance(t, ListType):
         return pa.large_list(_pa_type(t.value))
     if isinstance(t, StructType):
@@ -1863,9 +1838,8 @@ def _pa_type(t: DataType):
 def _to_pa(a: Array):
     """Array -> pyarrow Array over the same memory (bool and bfloat16 are converted)."""
     import pyarrow as pa
-    a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0
-    val = a._compact_validity()
-    val = pa.py_buffer(val) if val is not None else None
+    a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0 (compact also re-bases validity)
+    val = None if a.validity is None else pa.py_buffer(a.validity)
     if isinstance(a, NullArray):
         return pa.nulls(n)
     if isinstance(a, PrimitiveArray):
@@ -2016,8 +1990,7 @@ def pack_sequences(sequences: list, token_budget: int, loss_masks: list | None =
         ids = torch.cat([seqs[i] for i in pack])  # [N]
         mask = torch.cat([masks[i] for i in pack])  # [N]
         lens = torch.tensor([len(seqs[i]) for i in pack], dtype=torch.int64)  # [B]
-        cu = torch.zeros(len(pack) + 1, dtype=torch.int32)  # [B+1]
-        cu[1:] = torch.cumsum(lens, 0)
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # [B+1]: 0, then the running ends
         positions = torch.cat([torch.arange(int(L)) for L in lens])  # [N]
         labels = torch.full_like(ids, -100)
         labels[:-1] = torch.where(mask[1:], ids[1:], -100)  # next token, if it is a target...
@@ -2068,8 +2041,7 @@ class ShardedSampler:
 
     def take(self, k: int) -> list[int]:
         """The next k indices (crossing epoch boundaries as needed)."""
-        it = iter(self)
-        return [next(it) for _ in range(k)]
+        return list(itertools.islice(self, k))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": self.num_rows,
@@ -2097,14 +2069,11 @@ def _bench_table(gb: float, seed: int = 0) -> Table:
     text[torch.rand(len(text), generator=g) < 0.15] = 32  # spaces, so it looks like words
     ids_len = torch.randint(64, 961, (n,), generator=g)  # ~512 token ids per row
     ids = torch.randint(0, 151_936, (int(ids_len.sum()),), generator=g, dtype=torch.int32)
-
-    def offsets(lens):
-        return torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
-
+    text_offs, ids_offs = (torch.nn.functional.pad(lens.cumsum(0), (1, 0)) for lens in (text_len, ids_len))  # [n+1]
     cols = {"id": array_from_tensor(torch.arange(n, dtype=torch.int64)),
             "score": array_from_tensor(torch.rand(n, generator=g)),
-            "text": StringArray(n, tensor_to_buffer(offsets(text_len)), tensor_to_buffer(text)),
-            "input_ids": list_array_from_tensors(offsets(ids_len), ids)}
+            "text": StringArray(n, tensor_to_buffer(text_offs), tensor_to_buffer(text)),
+            "input_ids": list_array_from_tensors(ids_offs, ids)}
     return Table([RecordBatch(cols)])
 
 
@@ -2223,13 +2192,12 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:rows_random].tolist()  # distinct rows
-    score = lambda: ds.with_format("torch")["score"].sum()  # noqa: E731  (the sum reads every byte)
     measure = {  # metric -> {library: (function, repeats, scale: result = scale / seconds)}
         "verify, full check (GB/s)": {
             "nanosets": (lambda: verify_nano(nano_path), 3, size / 1e9),
             "pyarrow": (lambda: pt.validate(full=True), 3, os.path.getsize(arrow_path) / 1e9)},
         "scan float32 column (GB/s)": {
-            "nanosets": (score, 3, n * 4 / 1e9),
+            "nanosets": (lambda: ds.with_format("torch")["score"].sum(), 3, n * 4 / 1e9),  # reads every byte
             "pyarrow": (lambda: torch.from_numpy(pt.column("score").combine_chunks().to_numpy(
                 zero_copy_only=True)).sum(), 3, n * 4 / 1e9),
             "hf": (lambda: hds.with_format("torch", columns=["score"])[:]["score"].sum(), 1, n * 4 / 1e9)},
