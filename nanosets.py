@@ -100,6 +100,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+
+class NanosetsError(ValueError):
+    """Bad input: a corrupt file, a row that disagrees with the schema, a bad argument. A ValueError,
+    so callers (and CLIs) can treat it as an expected error with a message for the user."""
+
+
+def _expect(ok, msg: str, exc: type[Exception] = NanosetsError) -> None:
+    """Raise exc(msg) unless ok: one line per input check, the expectation stated positively. The
+    message is built even when ok, so hot paths and per-row loops keep a plain `if ...: raise`."""
+    if not ok:
+        raise exc(msg)
+
+
 # ---- types ----------------------------------------------------------------------------------------
 # A DataType says how to interpret an Array's buffers. Primitive types are fixed-width scalars; the
 # others are built from them. Schemas may be written as strings: parse_type reads str(t) back.
@@ -134,8 +147,7 @@ class NullType(DataType):
 
 
 class StringType(DataType):
-    """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8; 64-bit offsets so a
-    column may hold more than 2 GB of text)."""
+    """UTF-8 text: int64 offsets into one bytes buffer (Arrow's large_utf8: a column may hold > 2 GB of text)."""
     name = "string"
 
 
@@ -157,8 +169,7 @@ class StructType(DataType):
 
 
 class TensorType(DataType):
-    """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, so a
-    whole column is one zero-copy tensor and needs no offsets."""
+    """Fixed-shape tensor per row (Arrow's fixed_shape_tensor): n rows = one [n, *shape] buffer, no offsets."""
     def __init__(self, value: PrimitiveType, shape: tuple[int, ...]):
         if not isinstance(value, PrimitiveType) or value.name == "bool":
             raise ValueError(f"tensor values must be a numeric primitive type, got {value}")
@@ -185,12 +196,10 @@ def parse_type(spec: str | DataType) -> DataType:
     returns where it stopped; composite types call it again for their inner types."""
     if isinstance(spec, DataType):
         return spec
-    if not isinstance(spec, str):
-        raise TypeError(f"a type must be a DataType or a string like 'list<int32>', got {spec!r}")
+    _expect(isinstance(spec, str), f"a type must be a DataType or a string like 'list<int32>', got {spec!r}", TypeError)
     s = spec.replace(" ", "")  # spaces are decoration: "list< int32 >" is "list<int32>"
     t, end = _parse_type_at(s, 0, spec)
-    if end != len(s):
-        raise ValueError(f"cannot parse type {spec!r}: unexpected text at {s[end:]!r}")
+    _expect(end == len(s), f"cannot parse type {spec!r}: unexpected text at {s[end:]!r}", ValueError)
     return t
 
 
@@ -204,19 +213,16 @@ def _parse_type_at(s: str, i: int, spec: str) -> tuple[DataType, int]:
         if name != "struct":  # list<T> and tensor<T>[d0,d1,...] both start with one inner type
             inner, k = _parse_type_at(s, j + 1, spec)
             want = ">[" if name == "tensor" else ">"  # tensor: the shape follows the '>' as [d0,d1,...]
-            if s[k : k + len(want)] != want:
-                raise ValueError(f"cannot parse type {spec!r}: expected {want!r} at {s[k:]!r}")
+            _expect(s.startswith(want, k), f"cannot parse type {spec!r}: expected {want!r} at {s[k:]!r}", ValueError)
             if name == "list":
                 return ListType(inner), k + 1
             close = s.find("]", k + 2)
-            if close < 0:
-                raise ValueError(f"cannot parse type {spec!r}: tensor shape has no closing ']'")
+            _expect(close >= 0, f"cannot parse type {spec!r}: tensor shape has no closing ']'", ValueError)
             return TensorType(inner, tuple(int(x) for x in s[k + 2 : close].split(","))), close + 1
         fields, k = {}, j + 1  # struct<name: T, ...>: fields until the closing '>'
         while s[k : k + 1] != ">":
             colon = s.find(":", k)
-            if colon < 0:
-                raise ValueError(f"cannot parse type {spec!r}: struct field without ':'")
+            _expect(colon >= 0, f"cannot parse type {spec!r}: struct field without ':'", ValueError)
             fields[s[k:colon]], k = _parse_type_at(s, colon + 1, spec)
             if s[k : k + 1] == ",":
                 k += 1
@@ -253,11 +259,6 @@ def type_from_json(j) -> DataType:
 # Every buffer is a 1-D memoryview of bytes: over a bytearray (built in memory), an mmap (read from a
 # .nano file) or a pyarrow Buffer. Views are how zero-copy works: slicing a memoryview copies nothing.
 
-class NanosetsError(ValueError):
-    """Bad input: a corrupt file, a row that disagrees with the schema, a bad argument. A ValueError,
-    so callers (and CLIs) can treat it as an expected error with a message for the user."""
-
-
 def frombuffer(buf, dtype: torch.dtype, count: int, offset: int = 0) -> torch.Tensor:
     """torch.frombuffer that accepts empty ranges and read-only buffers (pyarrow's, bytes). ZERO-COPY:
     the tensor views `buf`. torch's warning about read-only buffers is silenced: our files are mapped
@@ -280,9 +281,8 @@ def tensor_to_buffer(t: torch.Tensor) -> memoryview:
 
 def pack_bits(valid: torch.Tensor) -> memoryview:
     """bool[n] -> validity bitmap, LSB first (bit i of byte i//8 is row i), as Arrow lays it out."""
-    n = valid.numel()
-    padded = torch.zeros((n + 7) // 8 * 8, dtype=torch.uint8)  # [8 * ceil(n/8)], zero bits past the end
-    padded[:n] = valid.to(torch.uint8)
+    flat = valid.reshape(-1).to(torch.uint8)  # [n]
+    padded = torch.nn.functional.pad(flat, (0, -len(flat) % 8))  # [8 * ceil(n/8)], zero bits past the end
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)  # bit j of a byte = row 8k+j
     return tensor_to_buffer((padded.view(-1, 8) * weights).sum(1, dtype=torch.uint8))  # [ceil(n/8)]
 
@@ -402,13 +402,12 @@ class _FixedWidth(Array):
     def __init__(self, type, length, values, validity=None, offset=0):
         super().__init__(length, validity, offset)
         self.type, self.values = type, values
-        tensor = isinstance(type, TensorType)
-        self.elem, self.shape = (type.value, type.shape) if tensor else (type, ())  # element type, row shape
-        self.numel = type.numel if tensor else 1
+        self.elem, self.shape = (type.value, type.shape) if isinstance(type, TensorType) else (type, ())
+        self.numel = math.prod(self.shape)  # elements per row: 1 for a number (an empty shape)
         self.row_bytes = self.numel * self.elem.itemsize
         # Numbers get a typed memoryview (e.g. 'i' for int32) that indexes and converts in C; halves have
-        # no format char, and tensors are read through torch.
-        fmt = None if tensor else type.fmt
+        # no format char, and tensors (no `fmt`) are read through torch.
+        fmt = getattr(type, "fmt", None)
         self._typed = values.cast(fmt) if fmt and len(values) % self.row_bytes == 0 else None
 
     def to_torch(self) -> torch.Tensor:
@@ -434,8 +433,7 @@ class _FixedWidth(Array):
 
 
 class PrimitiveArray(_FixedWidth):
-    """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length], to_pylist()
-    converts the whole buffer in C."""
+    """Fixed-width scalars (ints, floats, bool as one byte each): to_torch() is [length]; to_pylist() runs in C."""
 
 
 class TensorArray(_FixedWidth):
@@ -552,8 +550,7 @@ class ListArray(_OffsetsMixin, Array):
         return self.child.slice(a, b).to_pylist()
 
     def _pylist(self, idx):
-        """A window of rows (idx None) decodes its child range once and cuts it; scattered rows decode
-        one by one."""
+        """A window of rows (idx None) decodes its child range once and cuts it; scattered rows, one by one."""
         starts, ends = (x.tolist() for x in self._spans(idx))
         mv, o = self._typed_child(), self.child.offset
         if mv is not None:  # list<number>: each row converted straight from the buffer
@@ -665,9 +662,8 @@ def infer_type(values: list, name: str = "column") -> DataType:
     if simple <= {int, float} and simple:  # ints mixed with floats: float64, as pyarrow does
         return PRIMITIVES["float64"]
     if simple and simple <= {list, tuple}:  # infer lists from their flattened values in one call
-        flat = [x for v in values if v is not None for x in v]
         try:
-            return ListType(infer_type(flat, name + "[]"))
+            return ListType(infer_type([x for v in values if v is not None for x in v], name + "[]"))
         except NanosetsError:
             pass  # fall through to the row-by-row scan, which names the row
     result = NULL  # the slow path: grow the type row by row, so a conflict names its row
@@ -748,12 +744,11 @@ def _build_primitive(values, t: PrimitiveType, path, validity, has_nulls) -> Pri
         _check_all(values, lambda v: isinstance(v, bool), path, t)
         return PrimitiveArray(t, len(values), memoryview(pyarray.array("b", filled)).cast("B"), validity)
     is_int = not t.torch_dtype.is_floating_point
-    code = t.fmt if t.fmt else "d"  # halves are checked as doubles, then rounded by torch
 
     def pack(vals):
         if is_int and any(type(v) in (float, bool) for v in vals):
             raise TypeError  # array('q') rejects floats and would take True as 1: name the row instead
-        return pyarray.array(code, vals)
+        return pyarray.array(t.fmt or "d", vals)  # halves are checked as doubles, then rounded by torch
 
     try:
         packed = pack(filled)  # the fast path: one C call for the whole column
@@ -782,8 +777,7 @@ def array_from_pylist(values: list, type: DataType | str | None = None, name: st
 
 def array_from_tensor(t: torch.Tensor) -> Array:
     """A CPU tensor -> PrimitiveArray ([n]) or TensorArray ([n, ...]), ZERO-COPY over its memory."""
-    if t.dtype not in _TORCH_TO_PRIMITIVE:
-        raise NanosetsError(f"unsupported tensor dtype {t.dtype}")
+    _expect(t.dtype in _TORCH_TO_PRIMITIVE, f"unsupported tensor dtype {t.dtype}")
     p = _TORCH_TO_PRIMITIVE[t.dtype]
     if t.dim() == 1:
         return PrimitiveArray(p, t.shape[0], tensor_to_buffer(t))
@@ -797,8 +791,7 @@ def list_array_from_tensors(offsets: torch.Tensor, values: Array | torch.Tensor)
     offsets = offsets.to(torch.int64)  # [n+1]
     if offsets.numel() == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != child.length:
         raise NanosetsError("list offsets must start at 0 and end at the number of values")
-    if bool((offsets[1:] < offsets[:-1]).any()):
-        raise NanosetsError("list offsets must be non-decreasing")
+    _expect(bool((offsets[1:] >= offsets[:-1]).all()), "list offsets must be non-decreasing")
     return ListArray(ListType(child.type), offsets.numel() - 1, tensor_to_buffer(offsets), child)
 
 
@@ -839,8 +832,7 @@ def take_array(a: Array, idx: torch.Tensor) -> Array:
 def concat_arrays(arrays: list[Array]) -> Array:
     """One Array holding the rows of all `arrays` (same type) back to back."""
     t = arrays[0].type
-    if any(a.type != t for a in arrays):
-        raise NanosetsError(f"cannot concat arrays of types {sorted({str(a.type) for a in arrays})}")
+    _expect(all(a.type == t for a in arrays), f"cannot concat arrays of types {sorted({str(a.type) for a in arrays})}")
     if len(arrays) == 1:
         return arrays[0]
     n = sum(a.length for a in arrays)
@@ -853,8 +845,7 @@ def concat_arrays(arrays: list[Array]) -> Array:
     if isinstance(arrays[0], _FixedWidth):
         return type(arrays[0])(t, n, tensor_to_buffer(torch.cat([x.to_torch() for x in arrays])), valid)
     if isinstance(t, StructType):
-        kids = {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}
-        return StructArray(t, n, kids, valid)
+        return StructArray(t, n, {k: concat_arrays([x.children[k] for x in arrays]) for k in t.fields}, valid)
     # strings and lists: the parts' row lengths back to back, summed into new offsets
     parts = [x.compact() for x in arrays]
     lens = torch.cat([p._offsets_tensor().diff() for p in parts])  # [n]: the number of values of each row
@@ -865,8 +856,7 @@ def concat_arrays(arrays: list[Array]) -> Array:
 
 
 # ---- tables -----------------------------------------------------------------------------------------
-# A RecordBatch is a set of equal-length named Arrays; a Table is a list of RecordBatches with one
-# schema ("chunked", like pyarrow.Table).
+# A Table is chunked like pyarrow.Table: a list of RecordBatches (equal-length named Arrays), one schema.
 
 Schema = dict  # column name -> DataType, in column order
 
@@ -876,12 +866,10 @@ def _schema_str(schema: Schema) -> str:
 
 
 def _require(schema: Schema, columns: str | Iterable[str], what: str = "no columns") -> list[str]:
-    """columns (one name or several) as a list, after checking each exists (a KeyError naming the
-    missing ones and the real ones)."""
+    """`columns` (one name or several) as a list, each checked: a KeyError names the missing and the real ones."""
     columns = [columns] if isinstance(columns, str) else list(columns)
     missing = [c for c in columns if c not in schema]
-    if missing:
-        raise KeyError(f"{what} {missing}; columns are {list(schema)}")
+    _expect(not missing, f"{what} {missing}; columns are {list(schema)}", KeyError)
     return columns
 
 
@@ -903,8 +891,7 @@ class RecordBatch:
         """{column: list | tensor | Array} -> RecordBatch; `schema` pins some columns' types."""
         schema = {k: parse_type(v) for k, v in (schema or {}).items()}
         unknown = set(schema) - set(data)
-        if unknown:
-            raise NanosetsError(f"schema names columns {sorted(unknown)} that the data does not have")
+        _expect(not unknown, f"schema names columns {sorted(unknown)} that the data does not have")
         cols = {}
         for k, v in data.items():
             if isinstance(v, Array):  # already columnar: used as is
@@ -957,11 +944,10 @@ class Table:
     rows visits only the chunks it overlaps. Chunks are what make concatenate_datasets and multi-file
     loads zero-copy; operations that need one buffer per column call combine_chunks()."""
     def __init__(self, batches: list[RecordBatch], schema: Schema | None = None):
-        self.schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
+        self.schema = schema = dict(schema if schema is not None else (batches[0].schema if batches else {}))
         for i, b in enumerate(batches):
-            if list(b.schema.items()) != list(self.schema.items()):
-                raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, "
-                                    f"expected {_schema_str(self.schema)}")
+            if list(b.schema.items()) != list(schema.items()):
+                raise NanosetsError(f"batch {i} has schema {_schema_str(b.schema)}, expected {_schema_str(schema)}")
         if not batches:  # keep one (empty) chunk, so every column always has an Array to read
             batches = [RecordBatch.from_pydict({k: [] for k in self.schema}, self.schema)]
         self.batches = [b for b in batches if b.num_rows] or batches[:1]  # empty chunks only cost lookups
@@ -1034,8 +1020,7 @@ class Table:
 
     def rename(self, mapping: dict[str, str]) -> "Table":
         new = [mapping.get(n, n) for n in self.schema]
-        if len(set(new)) != len(new):
-            raise NanosetsError(f"renaming {mapping} would give duplicate column names {new}")
+        _expect(len(set(new)) == len(new), f"renaming {mapping} would give duplicate column names {new}")
         batches = [RecordBatch({mapping.get(k, k): a for k, a in b.columns.items()}) for b in self.batches]
         return Table(batches, {mapping.get(k, k): t for k, t in self.schema.items()})
 
@@ -1043,8 +1028,7 @@ class Table:
         """Rows idx copied into one new chunk (materialises a select/shuffle/filter indirection)."""
         if len(self.batches) > 1:  # take_array gathers inside one Array: join the chunks first
             return self.combine_chunks().take(idx)
-        b = self.batches[0]
-        return Table([RecordBatch({k: take_array(a, idx) for k, a in b.columns.items()})], self.schema)
+        return Table([RecordBatch({k: take_array(a, idx) for k, a in self.batches[0].columns.items()})], self.schema)
 
     def combine_chunks(self) -> "Table":
         """One chunk holding every row (copies each column once when there are several chunks)."""
@@ -1121,8 +1105,7 @@ def write_nano(path: str | os.PathLike, table: Table | Iterable[RecordBatch], me
     is computed on the way out (~+25% write time, see BENCHMARKS.md) and stored in the metadata."""
     if isinstance(table, Table):  # a Table is its batches plus their schema
         schema, table = table.schema, table.batches
-    elif schema is None:
-        raise NanosetsError("write_nano needs schema= when given batches instead of a Table")
+    _expect(schema is not None, "write_nano needs schema= when given batches instead of a Table")
 
     def write(f):
         f.write(bytes(HEADER))  # placeholder, patched at the end when we know the offsets
@@ -1245,10 +1228,9 @@ class _Reader:
             return
         for where, name, view, crc in self.buffers:
             got = zlib.crc32(view)  # releases the GIL; ~2.3 GB/s on one core of this machine
-            if got != crc:
-                raise NanosetsError(f"{self.path}: {where}, buffer {name!r}: checksum mismatch (stored crc32 "
-                                    f"{crc:08x}, the bytes give {got:08x}): the data changed after it was "
-                                    "written; rebuild the file from its source")
+            _expect(got == crc, f"{self.path}: {where}, buffer {name!r}: checksum mismatch (stored crc32 {crc:08x}, "
+                    f"the bytes give {got:08x}): the data changed after it was written; rebuild the file from "
+                    "its source")
         for where, view in self.offsets_views:  # crc-clean but written wrong: still refuse it
             o = frombuffer(view, torch.int64, len(view) // 8)  # [length+1]
             if bool((o[1:] < o[:-1]).any()):
@@ -1262,23 +1244,19 @@ def read_nano(path: str | os.PathLike, verify: bool = False) -> tuple[Table, dic
     path = os.fspath(path)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
-        if size < HEADER + len(TAIL):
-            raise NanosetsError(f"{path}: {size} bytes is too small for a .nano file (at least {HEADER + 8})")
+        _expect(size >= HEADER + 8, f"{path}: {size} bytes is too small for a .nano file (at least {HEADER + 8})")
         # ACCESS_COPY = MAP_PRIVATE: pages come from the page cache on first touch (nothing is read
         # now), and a write through a tensor view changes only this process's copy, never the file.
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     magic, version, hsize, fsize, moff, mlen, crc = struct.unpack_from(_HEADER_FMT, mm, 0)
-    if magic != MAGIC:
-        raise NanosetsError(f"{path}: not a .nano file (magic {magic!r}, expected {MAGIC!r})")
+    _expect(magic == MAGIC, f"{path}: not a .nano file (magic {magic!r}, expected {MAGIC!r})")
     if version not in (1, VERSION):
         raise NanosetsError(f"{path}: .nano format version {version}; this nanosets reads versions 1 and {VERSION}")
-    if fsize != size:
-        raise NanosetsError(f"{path}: truncated or padded: the header says {fsize} bytes, the file has {size}")
+    _expect(fsize == size, f"{path}: truncated or padded: the header says {fsize} bytes, the file has {size}")
     if hsize != HEADER or moff < HEADER or moff + mlen + len(TAIL) != size or mm[size - 8 :] != TAIL:
         raise NanosetsError(f"{path}: corrupt .nano header (metadata at {moff}+{mlen} in a {size}-byte file)")
     meta_bytes = mm[moff : moff + mlen]  # the only bytes an open reads besides the header and the tail
-    if zlib.crc32(meta_bytes) != crc:
-        raise NanosetsError(f"{path}: metadata checksum mismatch: the file is corrupt")
+    _expect(zlib.crc32(meta_bytes) == crc, f"{path}: metadata checksum mismatch: the file is corrupt")
     reader = _Reader(path, memoryview(mm), moff, version)  # every buffer must end before the metadata
     try:
         meta = json.loads(meta_bytes)
@@ -1310,15 +1288,13 @@ def verify_nano(path: str | os.PathLike) -> int:
 
 
 # ---- Dataset: the HF-datasets-like API -----------------------------------------------------------
-# A Dataset = Table + optional `indices`: select/shuffle/filter/sort/train_test_split only build a new
-# indices tensor (no data copied); save_to_disk / flatten_indices materialise the rows in their new order.
+# A Dataset = Table + optional `indices`: row operations only build indices; saving materialises them.
 
 def _index_tensor(indices, n: int) -> torch.Tensor:
     """list/range/tensor of row numbers -> int64 tensor, checked against the dataset size n."""
     if isinstance(indices, range):  # no Python list of a million ints for select(range(...))
-        idx = torch.arange(indices.start, indices.stop, indices.step, dtype=torch.int64)
-    else:
-        idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.int64)
+        indices = torch.arange(indices.start, indices.stop, indices.step)
+    idx = torch.as_tensor(indices if isinstance(indices, torch.Tensor) else list(indices), dtype=torch.int64)
     idx = idx.reshape(-1)  # [k]
     if len(idx) and (int(idx.min()) < -n or int(idx.max()) >= n):  # two reductions, not a Python loop
         bad = idx[(idx < -n) | (idx >= n)][0]
@@ -1327,8 +1303,7 @@ def _index_tensor(indices, n: int) -> torch.Tensor:
 
 
 class DatasetDict(dict):
-    """{split name: Dataset}, as returned by train_test_split and by load_dataset on a folder or a
-    data_files dict (HF's DatasetDict, as a plain dict)."""
+    """HF's DatasetDict as a plain {split: Dataset}: from train_test_split and load_dataset(folder or data_files)."""
     def __repr__(self):
         return "DatasetDict({" + ", ".join(f"{k!r}: {v!r}" for k, v in self.items()) + "})"
 
@@ -1435,8 +1410,7 @@ class Dataset:
 
     def iter(self, batch_size: int = 1000, drop_last_batch: bool = False) -> Iterator[dict[str, list]]:
         """Yield {column: values} batches in order (tensors under with_format('torch'))."""
-        if batch_size <= 0:
-            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        _expect(batch_size > 0, f"batch_size must be positive, got {batch_size}", ValueError)
         stop = len(self) - batch_size + 1 if drop_last_batch else len(self)  # drop_last: full batches only
         for start in range(0, stop, batch_size):
             yield self[start : start + batch_size]
@@ -1462,8 +1436,7 @@ class Dataset:
         """A seeded random permutation of the rows (a fresh random seed when None)."""
         seed = int.from_bytes(os.urandom(4), "little") if seed is None else seed
         # a private generator: shuffling never touches (or depends on) torch's global RNG state
-        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
-        return self.select(perm)
+        return self.select(torch.randperm(len(self), generator=torch.Generator().manual_seed(seed)))
 
     def sort(self, column: str, reverse: bool = False) -> "Dataset":
         """Rows ordered by `column` (stable: equal values keep their order); nulls last either way."""
@@ -1482,7 +1455,7 @@ class Dataset:
                 bar = tqdm(total=len(self), desc=desc, unit="rows")
             except ImportError:
                 pass  # no tqdm: no bar
-        try:
+        with bar if bar is not None else nullcontext():  # closes the bar, also when the caller stops early
             for start in range(0, len(self), batch_size):
                 batch = src[start : start + batch_size]  # {column: values}, decoded in one pass
                 n = len(next(iter(batch.values()), []))
@@ -1495,9 +1468,6 @@ class Dataset:
                 yield n, out
                 if bar is not None:
                     bar.update(n)
-        finally:
-            if bar is not None:
-                bar.close()
 
     def filter(self, function: Callable, batched: bool = False, batch_size: int = 1000,
                with_indices: bool = False, fn_kwargs: dict | None = None, progress: bool | None = None) -> "Dataset":
@@ -1505,22 +1475,19 @@ class Dataset:
         keep, start = [], 0  # the kept logical rows; the first row of the next batch
         for n, mask in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, "filter"):
             mask = list(mask)
-            if len(mask) != n:
-                raise NanosetsError(f"filter function returned {len(mask)} values for a batch of {n} rows")
+            _expect(len(mask) == n, f"filter function returned {len(mask)} values for a batch of {n} rows")
             keep.extend(start + j for j, m in enumerate(mask) if m)
             start += n
         return self.select(keep)  # an index list: the kept rows are not copied
 
     def shard(self, num_shards: int, index: int, contiguous: bool = True) -> "Dataset":
         """The index-th of num_shards pieces (contiguous blocks, or every num_shards-th row)."""
-        if not 0 <= index < num_shards:
-            raise ValueError(f"shard index {index} is not in [0, {num_shards})")
-        n = len(self)
+        _expect(0 <= index < num_shards, f"shard index {index} is not in [0, {num_shards})", ValueError)
         if contiguous:
-            div, mod = divmod(n, num_shards)  # the first `mod` shards get one extra row
+            div, mod = divmod(len(self), num_shards)  # the first `mod` shards get one extra row
             start = index * div + min(index, mod)
             return self.select(range(start, start + div + (index < mod)))
-        return self.select(range(index, n, num_shards))
+        return self.select(range(index, len(self), num_shards))
 
     def train_test_split(self, test_size: float | int | None = None, train_size: float | int | None = None,
                          shuffle: bool = True, seed: int | None = None) -> DatasetDict:
@@ -1570,11 +1537,9 @@ class Dataset:
         for n, out in self._calls(function, batched, batch_size, with_indices, fn_kwargs, progress, desc):
             if batched:
                 out = {} if out is None else out
-                if not isinstance(out, dict):
-                    raise NanosetsError(f"map function must return a dict of lists, got {type(out).__name__}")
+                _expect(isinstance(out, dict), f"map function must return a dict of lists, got {type(out).__name__}")
                 lens = {k: len(v) for k, v in out.items()}
-                if len(set(lens.values())) > 1:
-                    raise NanosetsError(f"map function returned columns of different lengths: {lens}")
+                _expect(len(set(lens.values())) <= 1, f"map function returned columns of different lengths: {lens}")
                 m = next(iter(lens.values()), n)  # rows this batch produced (n when it returned nothing)
             else:
                 bad = next((j for j, r in enumerate(out) if r is not None and not isinstance(r, dict)), None)
@@ -1589,9 +1554,8 @@ class Dataset:
                 outputs[k].extend(out[k] if k in out else [None] * m)
             n_out += m
         keep = [c for c in self.column_names if c not in remove and c not in outputs]
-        if keep and n_out != len(self):
-            raise NanosetsError(f"map changed the row count ({len(self)} -> {n_out}) but keeps columns {keep}: "
-                                "remove them with remove_columns= or return them")
+        _expect(not keep or n_out == len(self), f"map changed the row count ({len(self)} -> {n_out}) but keeps "
+                f"columns {keep}: remove them with remove_columns= or return them")
         # carried-over columns: materialised in the current row order, one chunk, no re-encoding
         cols = dict(self.select_columns(keep).flatten_indices()._table.combine_chunks().batches[0].columns) \
             if keep else {}
@@ -1646,20 +1610,17 @@ class Dataset:
 
 def concatenate_datasets(datasets: list[Dataset]) -> Dataset:
     """Rows of all datasets in order. Zero-copy: chunks are appended and indices offset."""
-    if not datasets:
-        raise ValueError("concatenate_datasets needs at least one dataset")
+    _expect(datasets, "concatenate_datasets needs at least one dataset", ValueError)
     for i, d in enumerate(datasets):
-        if list(d.schema.items()) != list(datasets[0].schema.items()):
-            raise NanosetsError(f"cannot concatenate: dataset {i} has schema {_schema_str(d.schema)}, "
-                                f"dataset 0 has {_schema_str(datasets[0].schema)}")
+        _expect(list(d.schema.items()) == list(datasets[0].schema.items()), f"cannot concatenate: dataset {i} has "
+                f"schema {_schema_str(d.schema)}, dataset 0 has {_schema_str(datasets[0].schema)}")
     table = Table([b for d in datasets for b in d._table.batches], datasets[0].schema)  # their chunks, no copy
-    if all(d._indices is None for d in datasets):
-        return Dataset(table, None, dict(datasets[0]._format))
-    parts, base = [], 0
-    for d in datasets:  # each dataset's logical rows, shifted past the chunks of those before it
-        parts.append((d._indices if d._indices is not None else torch.arange(d._table.num_rows)) + base)
-        base += d._table.num_rows
-    return Dataset(table, torch.cat(parts), dict(datasets[0]._format))
+    indices = None
+    if any(d._indices is not None for d in datasets):  # each dataset's rows, shifted past the chunks before it
+        bases = itertools.accumulate((d._table.num_rows for d in datasets), initial=0)
+        indices = torch.cat([(torch.arange(d._table.num_rows) if d._indices is None else d._indices) + base
+                             for d, base in zip(datasets, bases)])
+    return Dataset(table, indices, dict(datasets[0]._format))
 
 
 # ---- loading files --------------------------------------------------------------------------------
@@ -1693,8 +1654,7 @@ def _read_json_rows(path: str) -> list[dict]:
             obj = obj["data"]
         elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {column: values}
             lens = {k: len(v) for k, v in obj.items()}
-            if len(set(lens.values())) != 1:
-                raise NanosetsError(f"{path}: a dict of columns needs equal lengths, got {lens}")
+            _expect(len(set(lens.values())) == 1, f"{path}: a dict of columns needs equal lengths, got {lens}")
             obj = _rows_of(obj)
         elif isinstance(obj, dict):
             obj = [obj]  # one object is one row
@@ -1723,8 +1683,7 @@ def _expand(paths, what: str) -> list[str]:
         p = os.fspath(p)
         if any(c in p for c in "*?["):
             found = sorted(f for f in glob.glob(p) if os.path.isfile(f))
-            if not found:
-                raise FileNotFoundError(f"{what}: no files match {p!r}")
+            _expect(found, f"{what}: no files match {p!r}", FileNotFoundError)
             out.extend(found)
         elif os.path.isdir(p):
             raise NanosetsError(f"{what}: {p!r} is a folder; pass files or a glob, or load_dataset({p!r}) "
@@ -1745,13 +1704,11 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
     every file is "train" (HF's rule); a mix of named and unnamed files is refused, not guessed."""
     names = sorted(f for f in os.listdir(folder) if not f.startswith(".") and os.path.isfile(os.path.join(folder, f)))
     ext = next((e for e in SUPPORTED if any(f.endswith(e) for f in names)), None)
-    if ext is None:
-        raise FileNotFoundError(f"folder {folder!r} holds no {'/'.join(SUPPORTED)} files")
+    _expect(ext is not None, f"folder {folder!r} holds no {'/'.join(SUPPORTED)} files", FileNotFoundError)
     splits: dict[str | None, list[str]] = {}
     for f in (f for f in names if f.endswith(ext)):
         found = {SPLIT_WORDS[w] for w in re.split(r"[-_. 0-9]+", f.lower()) if w in SPLIT_WORDS}
-        if len(found) > 1:
-            raise NanosetsError(f"{f!r} names more than one split ({sorted(found)}); rename it")
+        _expect(len(found) <= 1, f"{f!r} names more than one split ({sorted(found)}); rename it")
         splits.setdefault(found.pop() if found else None, []).append(os.path.join(folder, f))  # None: no split
     unnamed = splits.pop(None, [])
     if not splits:
@@ -1764,13 +1721,11 @@ def _folder_splits(folder: str) -> dict[str, list[str]]:
 
 
 def load_from_disk(path: str | os.PathLike, verify: bool = False) -> Dataset:
-    """Open a .nano file (or a folder with data.nano) written by save_to_disk. O(1), zero-copy;
-    verify=True also checks every buffer's checksum (O(size))."""
+    """Open save_to_disk's .nano file (or folder with data.nano): O(1), zero-copy; verify=True: checksums, O(size)."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "data.nano")):
-            raise FileNotFoundError(f"folder {path!r} has no data.nano (what save_to_disk writes); "
-                                    "for a folder of split files use load_dataset(folder)")
+        _expect(os.path.isfile(os.path.join(path, "data.nano")), f"folder {path!r} has no data.nano (what save_to_disk "
+                "writes); for a folder of split files use load_dataset(folder)", FileNotFoundError)
         path = os.path.join(path, "data.nano")
     table, meta = read_nano(path, verify=verify)
     return Dataset(table, metadata=meta)
@@ -1779,12 +1734,10 @@ def load_from_disk(path: str | os.PathLike, verify: bool = False) -> Dataset:
 def _load_files(files: list[str], schema: dict | None, verify: bool) -> Dataset:
     """One Dataset from files of one split. JSON rows are pooled first so types are inferred over every
     file at once; .nano and parquet files become chunks of one table (no copy)."""
-    kinds = {os.path.splitext(f)[1] for f in files}
-    unknown = kinds - set(SUPPORTED)
-    if unknown:
-        raise NanosetsError(f"cannot load {[f for f in files if os.path.splitext(f)[1] in unknown][0]!r}: "
-                            f"supported endings are {SUPPORTED}")
-    if kinds <= {".jsonl", ".json"}:
+    bad = [f for f in files if os.path.splitext(f)[1] not in SUPPORTED]
+    if bad:
+        raise NanosetsError(f"cannot load {bad[0]!r}: supported endings are {SUPPORTED}")
+    if {os.path.splitext(f)[1] for f in files} <= {".jsonl", ".json"}:
         rows = [r for f in files for r in _read_json_rows(f)]
         try:
             return Dataset.from_list(rows, schema)
@@ -1819,8 +1772,7 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
     Unlike HF, a file or list gives a Dataset, not {"train": Dataset}. Hub names are not fetched
     (prepare_data.py downloads hub files, then loads them with this)."""
     if path in ("json", "jsonl", "nano", "parquet", None):
-        if data_files is None:
-            raise ValueError("pass a path, or a format name with data_files=")
+        _expect(data_files is not None, "pass a path, or a format name with data_files=", ValueError)
         path = data_files
     if isinstance(path, dict):
         splits, source = {k: _expand(v, f"data_files[{k!r}]") for k, v in path.items()}, "data_files"
@@ -1828,14 +1780,12 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
         splits, source = _folder_splits(os.fspath(path)), f"folder {os.fspath(path)!r}"
     else:  # files: one Dataset, which HF would call the train split
         files = _expand(path, "load_dataset")
-        if split not in (None, "train"):
-            raise NanosetsError(f"split={split!r}: a file, glob or list of files is the one split 'train'; "
-                                "pass a folder or data_files={split: files} to choose between splits")
+        _expect(split in (None, "train"), f"split={split!r}: a file, glob or list of files is the one split 'train'; "
+                "pass a folder or data_files={split: files} to choose between splits")
         return _load_files(files, schema, verify)
     if split is None:
         return DatasetDict({k: _load_files(v, schema, verify) for k, v in splits.items()})
-    if split not in splits:
-        raise NanosetsError(f"no split {split!r} in {source}; its splits are {list(splits)}")
+    _expect(split in splits, f"no split {split!r} in {source}; its splits are {list(splits)}")
     return _load_files(splits[split], schema, verify)
 
 
@@ -1847,12 +1797,9 @@ def load_dataset(path=None, data_files=None, split: str | None = None, schema: d
 def _pa_type(t: DataType):
     """DataType -> pyarrow type (large_string/large_list: Arrow's 64-bit-offset variants, like ours)."""
     import pyarrow as pa
-    if isinstance(t, PrimitiveType):
-        return pa.float32() if t.name == "bfloat16" else getattr(pa, {"bool": "bool_"}.get(t.name, t.name))()
-    if isinstance(t, StringType):
-        return pa.large_string()
-    if isinstance(t, NullType):
-        return pa.null()
+    simple = {"bfloat16": pa.float32, "bool": pa.bool_, "string": pa.large_string, "null": pa.null}
+    if t.name in simple or isinstance(t, PrimitiveType):
+        return (simple.get(t.name) or getattr(pa, t.name))()  # the other primitives have pyarrow's names
     if isinstance(t, ListType):
         return pa.large_list(_pa_type(t.value))
     if isinstance(t, StructType):
@@ -1863,9 +1810,8 @@ def _pa_type(t: DataType):
 def _to_pa(a: Array):
     """Array -> pyarrow Array over the same memory (bool and bfloat16 are converted)."""
     import pyarrow as pa
-    a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0
-    val = a._compact_validity()
-    val = pa.py_buffer(val) if val is not None else None
+    a, t, n = a.compact(), a.type, a.length  # pyarrow buffers start at row 0 (compact also re-bases validity)
+    val = None if a.validity is None else pa.py_buffer(a.validity)
     if isinstance(a, NullArray):
         return pa.nulls(n)
     if isinstance(a, PrimitiveArray):
@@ -1904,8 +1850,7 @@ def _from_pa(arr, name: str) -> Array:
     import pyarrow as pa
     t, n, off = arr.type, len(arr), arr.offset
     if isinstance(arr, pa.ExtensionArray):
-        if not hasattr(t, "shape"):
-            raise NanosetsError(f"column {name!r}: arrow extension type {t} is not supported")
+        _expect(hasattr(t, "shape"), f"column {name!r}: arrow extension type {t} is not supported")
         storage = _from_pa(arr.storage, name)  # a tensor<T>[numel]; give it the real shape
         return TensorArray(TensorType(storage.type.value, tuple(t.shape)), n, storage.values, storage.validity)
     if pa.types.is_string(t) or pa.types.is_list(t):
@@ -1935,12 +1880,10 @@ def _from_pa(arr, name: str) -> Array:
     if pa.types.is_fixed_size_list(t):
         k = t.list_size
         flat = _from_pa(arr.values.slice(off * k, n * k), name + "[]")
-        if not isinstance(flat, PrimitiveArray):
-            raise NanosetsError(f"column {name!r}: fixed-size lists must hold numbers, got {t}")
+        _expect(isinstance(flat, PrimitiveArray), f"column {name!r}: fixed-size lists must hold numbers, got {t}")
         return TensorArray(TensorType(flat.type, (k,)), n, flat.compact().values, validity)
     pname = {"bool": "bool", "halffloat": "float16", "float": "float32", "double": "float64"}.get(str(t), str(t))
-    if pname not in PRIMITIVES:
-        raise NanosetsError(f"column {name!r} has arrow type {t}, which nanosets does not support")
+    _expect(pname in PRIMITIVES, f"column {name!r} has arrow type {t}, which nanosets does not support")
     p = PRIMITIVES[pname]
     return PrimitiveArray(p, n, memoryview(bufs[1])[off * p.itemsize : (off + n) * p.itemsize], validity)
 
@@ -2016,8 +1959,7 @@ def pack_sequences(sequences: list, token_budget: int, loss_masks: list | None =
         ids = torch.cat([seqs[i] for i in pack])  # [N]
         mask = torch.cat([masks[i] for i in pack])  # [N]
         lens = torch.tensor([len(seqs[i]) for i in pack], dtype=torch.int64)  # [B]
-        cu = torch.zeros(len(pack) + 1, dtype=torch.int32)  # [B+1]
-        cu[1:] = torch.cumsum(lens, 0)
+        cu = torch.nn.functional.pad(lens.cumsum(0), (1, 0)).to(torch.int32)  # [B+1]: 0, then the running ends
         positions = torch.cat([torch.arange(int(L)) for L in lens])  # [N]
         labels = torch.full_like(ids, -100)
         labels[:-1] = torch.where(mask[1:], ids[1:], -100)  # next token, if it is a target...
@@ -2037,8 +1979,7 @@ class ShardedSampler:
     produced next. Iterating never ends: the training loop decides how many steps to run."""
     def __init__(self, num_rows: int, dp_rank: int = 0, dp_size: int = 1, shuffle: bool = True,
                  seed: int = 0, drop_last: bool = True):
-        if not 0 <= dp_rank < dp_size:
-            raise ValueError(f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})")
+        _expect(0 <= dp_rank < dp_size, f"dp_rank {dp_rank} is not in [0, dp_size={dp_size})", ValueError)
         if num_rows < (dp_size if drop_last else 1):
             raise ValueError(f"{num_rows} rows cannot feed {dp_size} data-parallel ranks")
         self.num_rows, self.dp_rank, self.dp_size = num_rows, dp_rank, dp_size
@@ -2068,12 +2009,10 @@ class ShardedSampler:
 
     def take(self, k: int) -> list[int]:
         """The next k indices (crossing epoch boundaries as needed)."""
-        it = iter(self)
-        return [next(it) for _ in range(k)]
+        return list(itertools.islice(self, k))
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_rows": self.num_rows,
-                "dp_rank": self.dp_rank, "dp_size": self.dp_size}
+        return {k: getattr(self, k) for k in ("epoch", "position", "seed", "num_rows", "dp_rank", "dp_size")}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from `state`; refuses one from a different dataset size, dp size or seed."""
@@ -2097,15 +2036,11 @@ def _bench_table(gb: float, seed: int = 0) -> Table:
     text[torch.rand(len(text), generator=g) < 0.15] = 32  # spaces, so it looks like words
     ids_len = torch.randint(64, 961, (n,), generator=g)  # ~512 token ids per row
     ids = torch.randint(0, 151_936, (int(ids_len.sum()),), generator=g, dtype=torch.int32)
-
-    def offsets(lens):
-        return torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
-
-    cols = {"id": array_from_tensor(torch.arange(n, dtype=torch.int64)),
-            "score": array_from_tensor(torch.rand(n, generator=g)),
-            "text": StringArray(n, tensor_to_buffer(offsets(text_len)), tensor_to_buffer(text)),
-            "input_ids": list_array_from_tensors(offsets(ids_len), ids)}
-    return Table([RecordBatch(cols)])
+    text_offs, ids_offs = (torch.nn.functional.pad(lens.cumsum(0), (1, 0)) for lens in (text_len, ids_len))  # [n+1]
+    return Table([RecordBatch({"id": array_from_tensor(torch.arange(n, dtype=torch.int64)),
+                               "score": array_from_tensor(torch.rand(n, generator=g)),
+                               "text": StringArray(n, tensor_to_buffer(text_offs), tensor_to_buffer(text)),
+                               "input_ids": list_array_from_tensors(ids_offs, ids)})])
 
 
 def _rss_mb() -> float:
@@ -2202,8 +2137,8 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
     kinds = ["nanosets", "pyarrow"] + (["hf"] if hf else [])
     opened = {}
     for k in kinds:
+        path = nano_path if k == "nanosets" else arrow_path
         for _ in range(2):  # the first run warms the page cache for the metadata; keep the second
-            path = nano_path if k == "nanosets" else arrow_path
             out = subprocess.run([sys.executable, __file__, "--bench-open", k, path], capture_output=True, text=True,
                                  check=True, timeout=600)
         opened[k] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -2223,13 +2158,12 @@ def _bench_measure(folder: str, gb: float, rows_iter: int, rows_random: int, pa,
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(0))
     rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:rows_random].tolist()  # distinct rows
-    score = lambda: ds.with_format("torch")["score"].sum()  # noqa: E731  (the sum reads every byte)
     measure = {  # metric -> {library: (function, repeats, scale: result = scale / seconds)}
         "verify, full check (GB/s)": {
             "nanosets": (lambda: verify_nano(nano_path), 3, size / 1e9),
             "pyarrow": (lambda: pt.validate(full=True), 3, os.path.getsize(arrow_path) / 1e9)},
         "scan float32 column (GB/s)": {
-            "nanosets": (score, 3, n * 4 / 1e9),
+            "nanosets": (lambda: ds.with_format("torch")["score"].sum(), 3, n * 4 / 1e9),  # reads every byte
             "pyarrow": (lambda: torch.from_numpy(pt.column("score").combine_chunks().to_numpy(
                 zero_copy_only=True)).sum(), 3, n * 4 / 1e9),
             "hf": (lambda: hds.with_format("torch", columns=["score"])[:]["score"].sum(), 1, n * 4 / 1e9)},
@@ -2309,8 +2243,7 @@ def _verify_cli(paths: list[str]) -> None:
     files = []
     for p in paths:
         found = sorted(glob.glob(os.path.join(p, "*.nano"))) if os.path.isdir(p) else [p]
-        if not found:
-            raise FileNotFoundError(f"--verify: folder {p!r} holds no .nano files")
+        _expect(found, f"--verify: folder {p!r} holds no .nano files", FileNotFoundError)
         files += found
     for f in files:
         t0 = time.perf_counter()
@@ -2343,8 +2276,7 @@ def main(argv: list[str] | None = None) -> int:
     elif a.verify:
         _verify_cli(a.verify)
     elif a.bench:
-        if not a.gb > 0:
-            raise ValueError(f"--gb must be positive, got {a.gb}")
+        _expect(a.gb > 0, f"--gb must be positive, got {a.gb}", ValueError)
         bench(a.gb, a.dir)
     else:
         selftest()
