@@ -220,10 +220,9 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
 # which then needs no ln 2 <-> log2 e conversion per score). FA2's change over FA1: the 1/l rescale
 # happens ONCE at the end, not per tile.
 #
-# Masking costs a compare + select per score, so the key range of a query tile is split in two:
-# tiles entirely at or below the first query's causal limit run UNMASKED (the vast majority at long S:
-# no compare, no select, no load predicates), the few tiles crossing the diagonal (and the ragged end) run
-# MASKED in a second, short loop.
+# Masking costs a compare + select per score, so the key range of a query tile is split in two: tiles entirely
+# at or below the first query's causal limit run UNMASKED (the vast majority at long S: no compare, no select,
+# no load predicates), the few tiles crossing the diagonal (and the ragged end) run MASKED in a short loop.
 
 @_jit
 def _tile_order(head_group):
@@ -292,9 +291,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, P: tl.constexpr,
                      STORE_LSE: tl.constexpr):
     """Grid (B * H, cdiv(max_q_len, BLOCK_M)): one query tile of one head. Q/O [N, H, D], LSE [H, N] (log2
-    domain). Varlen: K/V [N, Hkv, D] and the keys are the sequence's own tokens. Paged: K/V are [num_blocks,
-    P, Hkv, D] caches holding context_lens[b] keys, the queries being the last q_len of them. seq_bucket is
-    not read: it only keys the autotuner."""
+    domain). Varlen: K/V [N, Hkv, D], the keys are the sequence's own tokens. Paged: K/V are [num_blocks, P,
+    Hkv, D] caches of context_lens[b] keys, the queries the last q_len of them. seq_bucket only keys the autotuner."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t     # causal: the LAST query tile sees the most keys
     b, h = bh // H, bh % H
@@ -341,15 +339,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
 # ---- flash-attention backward (FA2 Algorithm 2) -------------------------------------------------------
 # With P = softmax(S), S = scale * Q K^T, and delta_i = rowsum(dO_i * O_i) (= rowsum(P_i * dP_i)):
 #   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
-# P is recomputed tile by tile from the saved log2-domain lse2: P_ij = 2^(S_ij log2 e - lse2_i), no running
-# max needed. Two kernels, no atomics: dK/dV programs own a key tile and loop over query tiles (and, for
-# GQA, over the G query heads sharing the kv head, so dK/dV are summed in registers); dQ programs own a
-# query tile and loop over key tiles. The price: Q K^T and dO V^T are computed twice, 7 matmuls instead of
-# the 5 of FA2's atomic-dQ backward (3.5x instead of 2.5x the forward's 2). The gain: determinism
-# (bitwise-repeatable gradients, which the RL trainer's reproducibility checks want), no fp32 dQ scratch
-# buffer, and no per-tile atomic traffic (Triton issues one scalar fp32 red.add per element).
-# As in the forward, every accumulation goes through tl.dot's accumulator operand (no second fp32 tile),
-# pointers are bumped rather than recomputed, and the causal compare runs only on the diagonal band.
+# P is recomputed tile by tile from the saved log2-domain lse2: P_ij = 2^(S_ij log2 e - lse2_i), no running max
+# needed. Two kernels, no atomics: dK/dV programs own a key tile and loop over query tiles (and, for GQA, over the G
+# query heads sharing the kv head, so dK/dV are summed in registers); dQ programs own a query tile and loop over key
+# tiles. The price: Q K^T and dO V^T are computed twice, 7 matmuls instead of the 5 of FA2's atomic-dQ backward (3.5x
+# instead of 2.5x the forward's 2). The gain: determinism (bitwise-repeatable gradients, which the RL trainer's
+# reproducibility checks want), no fp32 dQ scratch buffer, and no per-tile atomic traffic (Triton issues one scalar
+# fp32 red.add per element). As in the forward: accumulation into tl.dot's accumulator operand, bumped pointers, the
+# causal compare only on the diagonal band.
 
 @_jit(dynamic=('N',))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -385,9 +382,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
             lse2, delta = tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
         # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
-        if MASKED:
-            if CAUSAL:
-                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)  # causal: query pos >= key pos
+        if MASKED and CAUSAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)      # causal: query pos >= key pos
         dv = tl.dot(pT.to(do.dtype), do, dv)                             # dV += P^T dO
         dpT = tl.dot(v, tl.trans(do))                                    # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])                                # dS^T = P^T * (dP^T - delta)
@@ -540,9 +536,8 @@ def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
 # ---- varlen and dense API ---------------------------------------------------------------------------
 
 def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=None, context_lens=None):
-    """Launch _attn_fwd_kernel on contiguous q [N, H, D] and k/v: packed [N, Hkv, D] (varlen), or the
-    [num_blocks, P, Hkv, D] caches when block_table is given (paged) -> (o [N, H, D], lse [H, N] fp32 in
-    the log2 domain; paged: no lse, o in its place)."""
+    """Launch _attn_fwd_kernel on contiguous q [N, H, D] and k/v: packed [N, Hkv, D] (varlen), or the [num_blocks,
+    P, Hkv, D] caches when block_table is given (paged) -> (o [N, H, D], lse [H, N] fp32 log2-domain; paged: (o, o))."""
     (N, H, D), B, paged = q.shape, cu_seqlens_q.numel() - 1, block_table is not None
     o = torch.empty_like(q)
     lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
@@ -720,9 +715,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
 
 def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale=None,
                             impl="auto", max_seqlen_q=None):
-    """q [N, H, D] new tokens (k/v already stored by store_kvcache), cu_seqlens_q int32 [B+1], context_lens
-    int32 [B] (cached tokens incl. the new ones, >= q_len) -> [N, H, D]. max_seqlen_q=None computes it
-    from cu_seqlens_q (a .item() sync)."""
+    """q [N, H, D] new tokens (their k/v already stored), cu_seqlens_q int32 [B+1], context_lens int32 [B] (cached
+    tokens incl. the new ones, >= q_len) -> [N, H, D]. max_seqlen_q=None reads it from cu_seqlens_q (.item() syncs)."""
     _check_paged(q, k_cache, v_cache, block_table, context_lens, "paged_attention_prefill")
     if q.dim() != 3 or cu_seqlens_q.shape != (block_table.shape[0] + 1,) or cu_seqlens_q.dtype != torch.int32:
         raise ValueError(f"paged_attention_prefill: q must be [N, H, D] and cu_seqlens_q int32 [B+1="
@@ -777,12 +771,11 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
 # Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: the three memory-bound ops of a
 # Qwen3/Llama block, forward AND backward; no LayerNorm, GeGLU, offset/gemma casting modes, in-place grads.
 #
-# How it works: every op reads each input once and writes each output once (that is the whole speed
-# story: these ops do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS
-# rows x BLOCK columns, with BLOCK = next_pow2(row length) so a row's reduction stays in registers. All
-# math is fp32 inside; results are stored in the input dtype. Weight gradients are reduced without
-# atomics: a persistent backward grid writes one fp32 partial row per program, torch sums them
-# (deterministic, bitwise repeatable).
+# How it works: every op reads each input once and writes each output once (that is the whole speed story: these ops
+# do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS rows x BLOCK columns, with BLOCK =
+# next_pow2(row length) so a row's reduction stays in registers. All math is fp32 inside; results are stored in the
+# input dtype. Weight gradients are reduced without atomics: a persistent backward grid writes one fp32 partial row
+# per program, torch sums them (deterministic, bitwise repeatable).
 #
 # Shapes legend: N packed tokens, H query heads, Hkv kv heads, D head dim, Hd hidden size, I MLP width.
 
@@ -839,9 +832,8 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
 
 @_jit
 def _load_rows(ptr, rows, cols, stride, n_rows, n_cols):
-    """[ROWS, BLOCK] tile of a row-major matrix (row stride `stride`, unit column stride), 0 outside.
-    evict_first: every streamed tensor is read exactly once, so it should not push the small, reused
-    tensors (the weight, the RoPE table) out of L2."""
+    """[ROWS, BLOCK] tile of a row-major matrix (row stride `stride`, unit column stride), 0 outside. evict_first:
+    each streamed tensor is read once, so it must not push the small reused ones (weight, RoPE table) out of L2."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0,
                    eviction_policy="evict_first")   # int64: row * stride may pass 2^31
@@ -955,8 +947,8 @@ class _RMSNormFn(torch.autograd.Function):
 
 def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
     """RMSNorm over the last dim, optionally fused with the pre-norm residual add.
-    x [..., Hd], weight [Hd], residual [..., Hd] | None (same shape and dtype as x).
-    Returns y [..., Hd] in x's dtype, or (y, h) with h = x + residual, the new residual stream.
+    x [..., Hd], weight [Hd], residual [..., Hd] | None (same shape and dtype as x). Returns y [..., Hd] in
+    x's dtype, or (y, h) with h = x + residual, the new residual stream.
     rms_norm_ref is HF Qwen3RMSNorm bit for bit; the kernel agrees to rounding (its sum order differs).
     One difference: an fp32 weight with a bf16 x gives HF an fp32 output (promotion), here bf16."""
     if x.dim() < 1 or weight.shape != (x.shape[-1],):
@@ -978,8 +970,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
 #     out[:D/2] = x1 * cos - x2 * sin        out[D/2:] = x2 * cos + x1 * sin
 # Backward: a rotation is orthogonal, so its transpose is the rotation by -angle:
 #     da1 = do1 * cos + do2 * sin            da2 = do2 * cos - do1 * sin
-# then the RMSNorm backward above over the D dims of each (token, head) row.
-# With both weights None this is plain RoPE (Llama, Qwen2).
+# then the RMSNorm backward over the D dims of each (token, head) row. No weights: plain RoPE (Llama, Qwen2).
 
 def rope_cos_sin(max_positions, D, theta=1e6, device=None, dtype=torch.float32):
     """The RoPE table [max_positions, D]: cos in the first D/2 columns, sin in the last D/2.
@@ -1154,8 +1145,7 @@ def rope_qk_norm(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight=Non
     q [N, H, D], k [N, Hkv, D] (views into a fused qkv output are read in place), positions [N] int,
     cos_sin: rope_cos_sin's [max_pos, D] table or a (cos, sin) pair of [max_pos, D/2] (fp32 is more
     exact than HF, which rounds cos/sin to the model dtype; pass a bf16 table to mimic it).
-    Returns (q_out [N, H, D], k_out [N, Hkv, D]) in q's dtype. Positions are NOT range-checked (that
-    would sync the GPU): each must be < max_pos."""
+    Returns (q_out [N, H, D], k_out [N, Hkv, D]) in q's dtype. Positions must be < max_pos (unchecked: a sync)."""
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
         raise ValueError(f"rope_qk_norm: expected q [N, H, D] and k [N, Hkv, D] with the same N and an even D, "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
@@ -1216,8 +1206,7 @@ def _swiglu_2d_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, du_ptr, n_rows, n_cols, str
 
 
 def _swiglu_2d(g2, u2, out, dy2=None, du=None):
-    """Launch _swiglu_2d_kernel (the backward when dy2 is given): tiles of BLOCK <= 1024 columns, ~4096
-    elements (8 warps) per program."""
+    """Launch _swiglu_2d_kernel (the backward when dy2 is given): BLOCK <= 1024 columns, ~4096 elements per program."""
     (R, I), bwd = g2.shape, dy2 is not None
     BLOCK = min(triton.next_power_of_2(I), 1024)
     ROWS = max(1, 4096 // BLOCK)
@@ -1262,21 +1251,19 @@ def swiglu(gate, up, impl="auto"):
 
 
 # ==== losses over the LM head =================================================================
-# Losses over the LM head that never hold the [N, V] fp32 logits: Liger-Kernel's fused linear
-# cross-entropy, the "Cut Cross-Entropy" idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
-# Language Models"). Keeps SFT cross-entropy (ignore_index, sum/mean/none), PPO per-token log-probs of
-# given tokens with temperature and entropy, a Megatron-style vocab-parallel mode. Drops label
-# smoothing, z-loss, soft-capping, bias.
+# Losses over the LM head that never hold the [N, V] fp32 logits: Liger-Kernel's fused linear cross-entropy, the "Cut
+# Cross-Entropy" idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). Keeps SFT
+# cross-entropy (ignore_index, sum/mean/none), PPO per-token log-probs of given tokens with temperature and entropy, a
+# Megatron-style vocab-parallel mode. Drops label smoothing, z-loss, soft-capping, bias.
 #
-# Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936
-# holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax
-# saved for backward (9.96 GB) and in backward the fp32 and bf16 gradients of the logits: ~30 GB (29.9 GB
-# measured) for a loss that is one number per token.
+# Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936 holds the bf16
+# logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax saved for backward (9.96 GB)
+# and in backward the fp32 and bf16 gradients of the logits: 29.9 GB measured, for a loss of one number per token.
 # How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype
 # (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
 # logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
-# matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed in fp32 (_add_grad_w).
+# matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. One [C, V] buffer is
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus the fp32 grad_W (_add_grad_w).
 # - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
 #   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
 # - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
@@ -1681,14 +1668,13 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
                           chunk_size=None, impl="auto", vocab_parallel=None):
     """Per-token log-prob of `tokens` and entropy under softmax(hidden @ weight^T / temperature).
 
-    Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for
-    any loss using both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the
-    SAME temperature the rollout sampled with, or the ratio compares two different distributions.
-    The backward (see _loss_dlogits_kernel) runs chunk by chunk on recomputed logits: the forward keeps
-    only h, lse and H (8 bytes per token). tokens must lie in [0, V) (not checked: that would sync the
-    GPU); an id outside gives logp = -lse. impl, chunk_size and vocab_parallel as in
-    fused_linear_cross_entropy (tokens are global ids; under vocab_parallel THE CALLER MUST ALL-REDUCE
-    grad_h over the TP group; backward needs no collective)."""
+    Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for any loss using
+    both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the SAME temperature the rollout
+    sampled with, or the ratio compares two different distributions. The backward (see _loss_dlogits_kernel) runs
+    chunk by chunk on recomputed logits: the forward keeps only h, lse and H (8 bytes per token). tokens must lie in
+    [0, V) (not checked: that would sync the GPU); an id outside gives logp = -lse. impl, chunk_size and
+    vocab_parallel as in fused_linear_cross_entropy (tokens are global ids; under vocab_parallel THE CALLER MUST
+    ALL-REDUCE grad_h over the TP group; backward needs no collective)."""
     chunk, vp, use_triton = _loss_setup(hidden, weight, tokens, "tokens", chunk_size, impl, vocab_parallel)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -1708,12 +1694,11 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
 # peak (matmul FLOP/s for attention and the LM head, copy bandwidth for the memory-bound rest).
 
 def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
-    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times
-    replays of a CUDA graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs
-    to launch them (50-150 us through autograd and Triton's launcher); attention and the losses take
-    milliseconds and are called directly (graph=False), as is a fn that cannot be captured.
-    flush="dirty" WRITES 256 MB (as triton's do_bench does): the kernel must write back an L2 full of
-    dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
+    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times replays of a CUDA
+    graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs to launch them (50-150 us
+    through autograd and Triton's launcher); attention and the losses take milliseconds and are called directly
+    (graph=False), as is a fn that cannot be captured. flush="dirty" WRITES 256 MB (as triton's do_bench does): the
+    kernel must write back an L2 full of dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):    # warm-up (compile, autotune) on the capture stream, so that the
@@ -1781,8 +1766,7 @@ def _rate(work, **timer):
 
 
 def _grad_fn(f, inputs, grads):
-    """A closure timing only the backward of f(): its first call (the untimed warm-up) runs f once, later
-    calls reuse that graph (retain_graph)."""
+    """Time only the backward of f(): the first call (the untimed warm-up) runs f once, later ones reuse its graph."""
     forward = functools.cache(f)
     return lambda: torch.autograd.grad(forward(), inputs, grads, retain_graph=True)
 
@@ -1944,10 +1928,9 @@ def bench() -> list:
 # ==== self-test and command line: python kernels.py [--bench] ======================================
 
 def selftest() -> None:
-    """Every public op against its torch reference at tiny odd shapes, forward, plus the backward of
-    the two autograd paths that differ most (flash attention, LM-head log-probs). Compiled on a GPU, in
-    Triton's interpreter on a CPU. Without Triton no kernel can run (impl="auto" IS the reference
-    then): every op says SKIPPED and nothing claims OK."""
+    """Every public op against its torch reference at tiny odd shapes, forward, plus the backward of the two
+    autograd paths that differ most (flash attention, LM-head log-probs). Compiled on a GPU, in Triton's interpreter
+    on a CPU. Without Triton no kernel can run (impl="auto" IS the reference then): all SKIPPED, nothing OK."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
