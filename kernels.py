@@ -74,15 +74,12 @@ def _jit(fn=None, *, dynamic: tuple = ()):
 def _use_triton(impl: str, *tensors) -> bool:
     """impl='auto': Triton on CUDA tensors when Triton is installed; 'triton' forces it (CPU tensors run
     under TRITON_INTERPRET=1); 'ref' forces the torch reference."""
-    if impl == "ref":
-        return False
-    if impl == "triton":
-        if triton is None:
-            raise RuntimeError("impl='triton' needs the triton package")
-        return True
-    if impl != "auto":
+    if impl not in ("auto", "triton", "ref"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'ref', got {impl!r}")
-    return triton is not None and all(t.is_cuda for t in tensors if t is not None)
+    if impl == "triton" and triton is None:
+        raise RuntimeError("impl='triton' needs the triton package")
+    on_cuda = triton is not None and all(t.is_cuda for t in tensors if t is not None)
+    return impl == "triton" or (impl == "auto" and on_cuda)
 
 
 @functools.lru_cache(maxsize=None)
@@ -95,8 +92,8 @@ def _sm_count(device: torch.device) -> int:
 # FlashAttention-2 on packed varlen sequences (training: flash-attn's `flash_attn_varlen_func`, forward
 # AND backward, causal or not, grouped-query attention), paged attention over a block table (inference
 # decode and chunked prefill: vLLM's paged-attention / flash-decoding kernels) and the KV-cache store
-# (vLLM's `reshape_and_cache`). Head dims 16..128 (powers of two), fp16/bf16 (fp32 multiplies in TF32 on
-# a GPU), bottom-right causal masks; no dropout, ALiBi, sliding windows, softcapping or fp8 KV caches.
+# (vLLM's `reshape_and_cache`). Head dims 16..128 (powers of two), fp16/bf16/fp32 (fp32 with IEEE products,
+# see _launch), bottom-right causal masks; no dropout, ALiBi, sliding windows, softcapping or fp8 KV caches.
 #
 # How it works (Dao 2023, FlashAttention-2, Algorithms 1 and 2): a program owns a tile of BLOCK_M
 # queries and streams the keys/values in tiles of BLOCK_N through SRAM, keeping a running row max m
@@ -223,10 +220,9 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
 # which then needs no ln 2 <-> log2 e conversion per score). FA2's change over FA1: the 1/l rescale
 # happens ONCE at the end, not per tile.
 #
-# Masking costs a compare + select per score, so the key range of a query tile is split in two:
-# tiles entirely at or below the first query's causal limit run UNMASKED (the vast majority at long S:
-# no compare, no select, no load predicates), the few tiles crossing the diagonal (and the ragged end) run
-# MASKED in a second, short loop.
+# Masking costs a compare + select per score, so the key range of a query tile is split in two: tiles entirely
+# at or below the first query's causal limit run UNMASKED (the vast majority at long S: no compare, no select,
+# no load predicates), the few tiles crossing the diagonal (and the ragged end) run MASKED in a short loop.
 
 @_jit
 def _tile_order(head_group):
@@ -263,10 +259,8 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_l
             page = tl.load(bt_row + offs_n // P, mask=offs_n < k_len, other=0)
             kv_off = (page.to(tl.int64) * P + offs_n % P)[:, None] * kv_stride + offs_d[None, :]
             k_ptrs, v_ptrs = K + kv_off, V + kv_off
-        if MASKED:   # ragged end: rows past k_len may be another sequence, garbage or out of bounds
-            k = tl.load(k_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
+        # MASKED (ragged end): rows past k_len may be another sequence, garbage or out of bounds
+        k = tl.load(k_ptrs, mask=(offs_n < k_len)[:, None], other=0.0) if MASKED else tl.load(k_ptrs)
         qk = tl.dot(q, tl.trans(k))                                      # [BLOCK_M, BLOCK_N] raw q.k
         if MASKED:
             keep = offs_n[None, :] < k_len
@@ -279,10 +273,7 @@ def _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, lo, hi, k_start, k_l
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)         # rescale of the old statistics (0 on the first tile)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if MASKED:
-            v = tl.load(v_ptrs, mask=(offs_n < k_len)[:, None], other=0.0)
-        else:
-            v = tl.load(v_ptrs)
+        v = tl.load(v_ptrs, mask=(offs_n < k_len)[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
         # Accumulate INTO acc (tl.dot's third operand): the tensor cores add p @ v onto the rescaled acc in
         # place. `acc * alpha + tl.dot(p, v)` would materialise a second fp32 [BLOCK_M, D] tile (64 more
         # registers per thread at 128x128 on 8 warps) plus an extra add per element.
@@ -300,9 +291,8 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
                      BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, PAGED: tl.constexpr, P: tl.constexpr,
                      STORE_LSE: tl.constexpr):
     """Grid (B * H, cdiv(max_q_len, BLOCK_M)): one query tile of one head. Q/O [N, H, D], LSE [H, N] (log2
-    domain). Varlen: K/V [N, Hkv, D] and the keys are the sequence's own tokens. Paged: K/V are [num_blocks,
-    P, Hkv, D] caches holding context_lens[b] keys, the queries being the last q_len of them. seq_bucket is
-    not read: it only keys the autotuner."""
+    domain). Varlen: K/V [N, Hkv, D], the keys are the sequence's own tokens. Paged: K/V are [num_blocks, P,
+    Hkv, D] caches of context_lens[b] keys, the queries the last q_len of them. seq_bucket only keys the autotuner."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t     # causal: the LAST query tile sees the most keys
     b, h = bh // H, bh % H
@@ -349,15 +339,14 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
 # ---- flash-attention backward (FA2 Algorithm 2) -------------------------------------------------------
 # With P = softmax(S), S = scale * Q K^T, and delta_i = rowsum(dO_i * O_i) (= rowsum(P_i * dP_i)):
 #   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
-# P is recomputed tile by tile from the saved log2-domain lse2: P_ij = 2^(S_ij log2 e - lse2_i), no running
-# max needed. Two kernels, no atomics: dK/dV programs own a key tile and loop over query tiles (and, for
-# GQA, over the G query heads sharing the kv head, so dK/dV are summed in registers); dQ programs own a
-# query tile and loop over key tiles. The price: Q K^T and dO V^T are computed twice, 7 matmuls instead of
-# the 5 of FA2's atomic-dQ backward (3.5x instead of 2.5x the forward's 2). The gain: determinism
-# (bitwise-repeatable gradients, which the RL trainer's reproducibility checks want), no fp32 dQ scratch
-# buffer, and no per-tile atomic traffic (Triton issues one scalar fp32 red.add per element).
-# As in the forward, every accumulation goes through tl.dot's accumulator operand (no second fp32 tile),
-# pointers are bumped rather than recomputed, and the causal compare runs only on the diagonal band.
+# P is recomputed tile by tile from the saved log2-domain lse2: P_ij = 2^(S_ij log2 e - lse2_i), no running max
+# needed. Two kernels, no atomics: dK/dV programs own a key tile and loop over query tiles (and, for GQA, over the G
+# query heads sharing the kv head, so dK/dV are summed in registers); dQ programs own a query tile and loop over key
+# tiles. The price: Q K^T and dO V^T are computed twice, 7 matmuls instead of the 5 of FA2's atomic-dQ backward (3.5x
+# instead of 2.5x the forward's 2). The gain: determinism (bitwise-repeatable gradients, which the RL trainer's
+# reproducibility checks want), no fp32 dQ scratch buffer, and no per-tile atomic traffic (Triton issues one scalar
+# fp32 red.add per element). As in the forward: accumulation into tl.dot's accumulator operand, bumped pointers, the
+# causal compare only on the diagonal band.
 
 @_jit(dynamic=('N',))
 def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
@@ -393,9 +382,8 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
             lse2, delta = tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
         # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
-        if MASKED:
-            if CAUSAL:
-                pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)  # causal: query pos >= key pos
+        if MASKED and CAUSAL:
+            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)      # causal: query pos >= key pos
         dv = tl.dot(pT.to(do.dtype), do, dv)                             # dV += P^T dO
         dpT = tl.dot(v, tl.trans(do))                                    # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])                                # dS^T = P^T * (dP^T - delta)
@@ -455,11 +443,8 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, 
     v_ptrs = V + (start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        if MASKED:
-            k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
-        else:
-            k, v = tl.load(k_ptrs), tl.load(v_ptrs)
+        k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0) if MASKED else tl.load(k_ptrs)
+        v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
             keep = offs_n[None, :] < seq_len
@@ -510,16 +495,14 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
 
 
 # Hopper configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (D, CAUSAL[, PAGED, G]) and
-# max-seqlen bucket (so a short first batch does not pick the tiles for every later long one); the LAST
-# one of each list is the untimed pick for short sequences (_short_seq_prune). The forward's 128x128 on 8
-# warps is two warpgroups of 64 rows (the wgmma shape) by wgmma's widest efficient N; 3 stages of K/V
-# keep the tensor cores fed. In the backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the
+# max-seqlen bucket (so a short first batch does not pick the tiles for every later long one). The forward's
+# 128x128 on 8 warps is two warpgroups of 64 rows (the wgmma shape) by wgmma's widest efficient N; 3 stages
+# of K/V keep the tensor cores fed. In the backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the
 # wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators in registers, hence its narrower query tiles.
-# The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all
-# do. The sweeps that chose them are in BENCHMARKS.md.
+# The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
 def _short_seq_prune(configs, named_args, **kwargs):
-    """Autotune pruning: max_seqlen <= 1024 runs the LAST config of each list untimed (autotune timing noise
-    picked worse ones there); many-shape runs (the GPU tests) then do not compile every config."""
+    """Autotune pruning: max_seqlen <= 1024 runs the LAST config of each list untimed (timing noise can pick a
+    worse one for short sequences); many-shape runs (the GPU tests) then do not compile every config."""
     return configs[-1:] if named_args["seq_bucket"] <= 1024 else configs
 
 
@@ -553,9 +536,8 @@ def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
 # ---- varlen and dense API ---------------------------------------------------------------------------
 
 def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=None, context_lens=None):
-    """Launch _attn_fwd_kernel on contiguous q [N, H, D] and k/v: packed [N, Hkv, D] (varlen), or the
-    [num_blocks, P, Hkv, D] caches when block_table is given (paged) -> (o [N, H, D], lse [H, N] fp32 in
-    the log2 domain; paged: no lse, o in its place)."""
+    """Launch _attn_fwd_kernel on contiguous q [N, H, D] and k/v: packed [N, Hkv, D] (varlen), or the [num_blocks,
+    P, Hkv, D] caches when block_table is given (paged) -> (o [N, H, D], lse [H, N] fp32 log2-domain; paged: (o, o))."""
     (N, H, D), B, paged = q.shape, cu_seqlens_q.numel() - 1, block_table is not None
     o = torch.empty_like(q)
     lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
@@ -602,11 +584,9 @@ def flash_attn_varlen(q, k, v, cu_seqlens, max_seqlen, causal=True, softmax_scal
     query head h uses kv head h // (H / Hkv)), cu_seqlens int32 [B+1] (cu_seqlens[-1] == N; empty
     sequences allowed), max_seqlen = max sequence length (a Python int: it sizes the grid, so no sync).
     FOOTGUN: a max_seqlen smaller than the true maximum silently leaves rows unwritten. Returns [N, H, D]."""
-    if q.dim() != 3 or k.dim() != 3:
-        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D]; got q {tuple(q.shape)}, k {tuple(k.shape)}")
-    if k.shape != v.shape or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"k and v must be [N={q.shape[0]}, Hkv, D={q.shape[2]}]; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape or (k.shape[0], k.shape[2]) != (q.shape[0], q.shape[2]):
+        raise ValueError(f"q must be [N, H, D] and k, v [N, Hkv, D] with q's N and D; "
+                         f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads H={q.shape[1]} must be a multiple of kv heads Hkv={k.shape[1]}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -713,16 +693,12 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
         splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), max_ctx // (4 * BLOCK_N)))
     chunk = triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N    # tokens per split, whole tiles
     splits = max(1, triton.cdiv(max_ctx, chunk))
-    out = torch.empty_like(q)
-    if splits == 1:
-        o_part, lse_part = out, out                      # write the output directly; LSE unused
-    else:
-        o_part = torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
-    G = H // Hkv
+    out = torch.empty_like(q)   # splits == 1: the kernel writes it directly (no partials, LSE unused)
+    o_part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
+    lse_part = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     _paged_decode_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, o_part, lse_part, block_table, context_lens, block_table.stride(0), H, chunk,
-        scale * LOG2E, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=BLOCK_N, P=P,
+        scale * LOG2E, G=H // Hkv, G_PAD=max(16, triton.next_power_of_2(H // Hkv)), D=D, BLOCK_N=BLOCK_N, P=P,
         SPLIT=splits > 1, num_warps=_GPU_DECODE["num_warps"], num_stages=_GPU_DECODE["num_stages"],
         default_dot_input_precision="ieee" if q.dtype == torch.float32 else "tf32")    # see _launch
     if splits > 1:
@@ -739,9 +715,8 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
 
 def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, softmax_scale=None,
                             impl="auto", max_seqlen_q=None):
-    """q [N, H, D] new tokens (k/v already stored by store_kvcache), cu_seqlens_q int32 [B+1], context_lens
-    int32 [B] (cached tokens incl. the new ones, >= q_len) -> [N, H, D]. max_seqlen_q=None computes it
-    from cu_seqlens_q (a .item() sync)."""
+    """q [N, H, D] new tokens (their k/v already stored), cu_seqlens_q int32 [B+1], context_lens int32 [B] (cached
+    tokens incl. the new ones, >= q_len) -> [N, H, D]. max_seqlen_q=None reads it from cu_seqlens_q (.item() syncs)."""
     _check_paged(q, k_cache, v_cache, block_table, context_lens, "paged_attention_prefill")
     if q.dim() != 3 or cu_seqlens_q.shape != (block_table.shape[0] + 1,) or cu_seqlens_q.dtype != torch.int32:
         raise ValueError(f"paged_attention_prefill: q must be [N, H, D] and cu_seqlens_q int32 [B+1="
@@ -796,12 +771,11 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
 # Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: the three memory-bound ops of a
 # Qwen3/Llama block, forward AND backward; no LayerNorm, GeGLU, offset/gemma casting modes, in-place grads.
 #
-# How it works: every op reads each input once and writes each output once (that is the whole speed
-# story: these ops do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS
-# rows x BLOCK columns, with BLOCK = next_pow2(row length) so a row's reduction stays in registers. All
-# math is fp32 inside; results are stored in the input dtype. Weight gradients are reduced without
-# atomics: a persistent backward grid writes one fp32 partial row per program, torch sums them
-# (deterministic, bitwise repeatable).
+# How it works: every op reads each input once and writes each output once (that is the whole speed story: these ops
+# do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS rows x BLOCK columns, with BLOCK =
+# next_pow2(row length) so a row's reduction stays in registers. All math is fp32 inside; results are stored in the
+# input dtype. Weight gradients are reduced without atomics: a persistent backward grid writes one fp32 partial row
+# per program, torch sums them (deterministic, bitwise repeatable).
 #
 # Shapes legend: N packed tokens, H query heads, Hkv kv heads, D head dim, Hd hidden size, I MLP width.
 
@@ -858,9 +832,8 @@ def rms_norm_ref(x, weight, eps=1e-6, residual=None):
 
 @_jit
 def _load_rows(ptr, rows, cols, stride, n_rows, n_cols):
-    """[ROWS, BLOCK] tile of a row-major matrix (row stride `stride`, unit column stride), 0 outside.
-    evict_first: every streamed tensor is read exactly once, so it should not push the small, reused
-    tensors (the weight, the RoPE table) out of L2."""
+    """[ROWS, BLOCK] tile of a row-major matrix (row stride `stride`, unit column stride), 0 outside. evict_first:
+    each streamed tensor is read once, so it must not push the small reused ones (weight, RoPE table) out of L2."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     return tl.load(ptr + rows.to(tl.int64)[:, None] * stride + cols[None, :], mask=mask, other=0.0,
                    eviction_policy="evict_first")   # int64: row * stride may pass 2^31
@@ -940,8 +913,7 @@ class _RMSNormFn(torch.autograd.Function):
         x2 = _as_rows(x)                                                  # [..., Hd] -> [R, Hd]
         r2 = _as_rows(residual) if residual is not None else x2           # (x2: a placeholder, never read)
         (R, Hd), has_res = x2.shape, residual is not None
-        # One tile of 2 rows on 2 warps per program (32 elements per thread: four 16-byte loads in
-        # flight): as fast as a plain copy_ of the same bytes, the ceiling (BENCHMARKS.md).
+        # Hd=1024: 2 rows on 2 warps per tile, 32 elements per thread (four 16-byte loads in flight)
         BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=32)
         y = torch.empty((R, Hd), dtype=x.dtype, device=x.device)
         h = torch.empty_like(y) if has_res else x2                        # h is x itself without a residual
@@ -960,8 +932,7 @@ class _RMSNormFn(torch.autograd.Function):
         dy2 = _as_rows(dy)
         dho2 = _as_rows(dh_out) if dh_out is not None else dy2            # (dy2: a placeholder, never read)
         R, Hd = h2.shape
-        # 2 rows x 4 warps per tile (16 elements per thread), 4 persistent programs per SM
-        BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)
+        BLOCK, ROWS, num_warps = _row_cfg(Hd, elems=2048, per_thread=16)   # Hd=1024: 2 rows x 4 warps
         nprog = _persistent_programs(h2.device, triton.cdiv(R, ROWS), per_sm=4)
         dh = torch.empty((R, Hd), dtype=h2.dtype, device=h2.device)
         dw_part = torch.empty((nprog, Hd), dtype=torch.float32, device=h2.device)   # stage 1: [nprog, Hd]
@@ -976,8 +947,8 @@ class _RMSNormFn(torch.autograd.Function):
 
 def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
     """RMSNorm over the last dim, optionally fused with the pre-norm residual add.
-    x [..., Hd], weight [Hd], residual [..., Hd] | None (same shape and dtype as x).
-    Returns y [..., Hd] in x's dtype, or (y, h) with h = x + residual, the new residual stream.
+    x [..., Hd], weight [Hd], residual [..., Hd] | None (same shape and dtype as x). Returns y [..., Hd] in
+    x's dtype, or (y, h) with h = x + residual, the new residual stream.
     rms_norm_ref is HF Qwen3RMSNorm bit for bit; the kernel agrees to rounding (its sum order differs).
     One difference: an fp32 weight with a bf16 x gives HF an fp32 output (promotion), here bf16."""
     if x.dim() < 1 or weight.shape != (x.shape[-1],):
@@ -999,8 +970,7 @@ def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
 #     out[:D/2] = x1 * cos - x2 * sin        out[D/2:] = x2 * cos + x1 * sin
 # Backward: a rotation is orthogonal, so its transpose is the rotation by -angle:
 #     da1 = do1 * cos + do2 * sin            da2 = do2 * cos - do1 * sin
-# then the RMSNorm backward above over the D dims of each (token, head) row.
-# With both weights None this is plain RoPE (Llama, Qwen2).
+# then the RMSNorm backward over the D dims of each (token, head) row. No weights: plain RoPE (Llama, Qwen2).
 
 def rope_cos_sin(max_positions, D, theta=1e6, device=None, dtype=torch.float32):
     """The RoPE table [max_positions, D]: cos in the first D/2 columns, sin in the last D/2.
@@ -1103,9 +1073,8 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
     dw1_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     dw2_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
-    # As in _rms_norm_bwd_kernel, tile i+1's loads fly while tile i computes. Without that each tile
-    # pays two dependent DRAM latencies (positions, then the cos/sin rows they index) with little else
-    # in flight, and the kernel sits near 50% of bandwidth.
+    # As in _rms_norm_bwd_kernel, tile i+1's loads fly while tile i computes: otherwise each tile pays two
+    # dependent DRAM latencies (positions, then the cos/sin rows they index) with little else in flight.
     do1, do2, x1, x2, pos, rstd = _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows,
                                                  n_heads, HALF, stride_xn, stride_xh, HAS_NORM)
     for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
@@ -1176,8 +1145,7 @@ def rope_qk_norm(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight=Non
     q [N, H, D], k [N, Hkv, D] (views into a fused qkv output are read in place), positions [N] int,
     cos_sin: rope_cos_sin's [max_pos, D] table or a (cos, sin) pair of [max_pos, D/2] (fp32 is more
     exact than HF, which rounds cos/sin to the model dtype; pass a bf16 table to mimic it).
-    Returns (q_out [N, H, D], k_out [N, Hkv, D]) in q's dtype. Positions are NOT range-checked (that
-    would sync the GPU): each must be < max_pos."""
+    Returns (q_out [N, H, D], k_out [N, Hkv, D]) in q's dtype. Positions must be < max_pos (unchecked: a sync)."""
     if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
         raise ValueError(f"rope_qk_norm: expected q [N, H, D] and k [N, Hkv, D] with the same N and an even D, "
                          f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
@@ -1237,12 +1205,8 @@ def _swiglu_2d_kernel(dy_ptr, g_ptr, u_ptr, out_ptr, du_ptr, n_rows, n_cols, str
         tl.store(out_ptr + out, (g * sg * u).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_SWIGLU_FLAT_CFG = (1024, 8)   # flat SwiGLU forward (BLOCK, num_warps); the sweep is in BENCHMARKS.md
-
-
 def _swiglu_2d(g2, u2, out, dy2=None, du=None):
-    """Launch _swiglu_2d_kernel (the backward when dy2 is given): tiles of BLOCK <= 1024 columns, ~4096
-    elements (8 warps) per program."""
+    """Launch _swiglu_2d_kernel (the backward when dy2 is given): BLOCK <= 1024 columns, ~4096 elements per program."""
     (R, I), bwd = g2.shape, dy2 is not None
     BLOCK = min(triton.next_power_of_2(I), 1024)
     ROWS = max(1, 4096 // BLOCK)
@@ -1257,9 +1221,8 @@ class _SwiGLUFn(torch.autograd.Function):
         g2, u2 = _as_rows(gate), _as_rows(up)                             # [R, I] views, row strides kept
         R, I = g2.shape
         y = torch.empty((R, I), dtype=gate.dtype, device=gate.device)
-        if g2.is_contiguous() and u2.is_contiguous():
-            BLOCK, num_warps = _SWIGLU_FLAT_CFG
-            _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, BLOCK),)](g2, u2, y, R * I, BLOCK=BLOCK, num_warps=num_warps)
+        if g2.is_contiguous() and u2.is_contiguous():   # one flat stream: 1024 elements per 8-warp program
+            _swiglu_fwd_flat_kernel[(triton.cdiv(R * I, 1024),)](g2, u2, y, R * I, BLOCK=1024, num_warps=8)
         else:
             _swiglu_2d(g2, u2, y)
         ctx.save_for_backward(g2, u2)
@@ -1288,21 +1251,19 @@ def swiglu(gate, up, impl="auto"):
 
 
 # ==== losses over the LM head =================================================================
-# Losses over the LM head that never hold the [N, V] fp32 logits: Liger-Kernel's fused linear
-# cross-entropy, the "Cut Cross-Entropy" idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary
-# Language Models"). Keeps SFT cross-entropy (ignore_index, sum/mean/none), PPO per-token log-probs of
-# given tokens with temperature and entropy, a Megatron-style vocab-parallel mode. Drops label
-# smoothing, z-loss, soft-capping, bias.
+# Losses over the LM head that never hold the [N, V] fp32 logits: Liger-Kernel's fused linear cross-entropy, the "Cut
+# Cross-Entropy" idea (Wijmans et al. 2024, "Cut Your Losses in Large-Vocabulary Language Models"). Keeps SFT
+# cross-entropy (ignore_index, sum/mean/none), PPO per-token log-probs of given tokens with temperature and entropy, a
+# Megatron-style vocab-parallel mode. Drops label smoothing, z-loss, soft-capping, bias.
 #
-# Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936
-# holds the bf16 logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax
-# saved for backward (9.96 GB) and in backward the fp32 and bf16 gradients of the logits: ~30 GB (29.9 GB
-# measured) for a loss that is one number per token.
+# Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936 holds the bf16
+# logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax saved for backward (9.96 GB)
+# and in backward the fp32 and bf16 gradients of the logits: 29.9 GB measured, for a loss of one number per token.
 # How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype
 # (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
 # logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
-# matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. Only one [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus grad_W, summed in fp32 (_add_grad_w).
+# matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. One [C, V] buffer is
+# alive (C=2048: 0.62 GB at V=151936 in bf16) plus the fp32 grad_W (_add_grad_w).
 # - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
 #   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
 # - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
@@ -1606,8 +1567,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """(logp_i, H_i) of z = h W^T / T. Forward keeps h, lse and H only; backward recomputes each chunk's
-    logits, turns them in place into d loss/d logits, then grad_h = dl @ W, grad_W += dl^T @ h."""
+    """(logp_i, H_i) of z = h W^T / T: the forward keeps h, lse and H only, the backward recomputes the logits."""
 
     @staticmethod
     def forward(ctx, hidden, weight, tok, inv_temp, chunk, use_triton, vp):
@@ -1708,14 +1668,13 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
                           chunk_size=None, impl="auto", vocab_parallel=None):
     """Per-token log-prob of `tokens` and entropy under softmax(hidden @ weight^T / temperature).
 
-    Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for
-    any loss using both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the
-    SAME temperature the rollout sampled with, or the ratio compares two different distributions.
-    The backward (see _loss_dlogits_kernel) runs chunk by chunk on recomputed logits: the forward keeps
-    only h, lse and H (8 bytes per token). tokens must lie in [0, V) (not checked: that would sync the
-    GPU); an id outside gives logp = -lse. impl, chunk_size and vocab_parallel as in
-    fused_linear_cross_entropy (tokens are global ids; under vocab_parallel THE CALLER MUST ALL-REDUCE
-    grad_h over the TP group; backward needs no collective)."""
+    Returns (logprobs [N] fp32, entropy [N] fp32 or None), differentiable w.r.t. hidden and weight for any loss using
+    both (PPO: ratio = exp(logp - logp_old), minus an entropy bonus). Divide by the SAME temperature the rollout
+    sampled with, or the ratio compares two different distributions. The backward (see _loss_dlogits_kernel) runs
+    chunk by chunk on recomputed logits: the forward keeps only h, lse and H (8 bytes per token). tokens must lie in
+    [0, V) (not checked: that would sync the GPU); an id outside gives logp = -lse. impl, chunk_size and
+    vocab_parallel as in fused_linear_cross_entropy (tokens are global ids; under vocab_parallel THE CALLER MUST
+    ALL-REDUCE grad_h over the TP group; backward needs no collective)."""
     chunk, vp, use_triton = _loss_setup(hidden, weight, tokens, "tokens", chunk_size, impl, vocab_parallel)
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
@@ -1728,20 +1687,18 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
 
 
 # ==== benchmark: python kernels.py --bench ==========================================================
-# One harness for every kernel: one timer (_time_ms), one source of peaks (_peaks: the copy bandwidth and
-# bf16 matmul rate of THIS GPU, measured at the start of the run) and one table. Each row is ours against
-# one peer measured in the same run: torch SDPA (the default backend, and the best one, cuDNN, forced),
-# eager torch, torch.compile, Liger-Kernel when importable. ratio > 1: ours is better (faster, or less
-# memory); roofline: our rate over the measured peak (matmul FLOP/s for attention and the LM head, copy
-# bandwidth for the memory-bound rest). Measured history and tuning sweeps live in BENCHMARKS.md.
+# One harness for every kernel: one timer (_time_ms), one source of peaks (_peaks, measured on THIS GPU at
+# the start of the run) and one table. Each row is ours against one peer measured in the same run: torch
+# SDPA (the default backend, and the best one, cuDNN, forced), eager torch, torch.compile, Liger-Kernel
+# when importable. ratio > 1: ours is better (faster, or less memory); roofline: our rate over the measured
+# peak (matmul FLOP/s for attention and the LM head, copy bandwidth for the memory-bound rest).
 
 def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
-    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times
-    replays of a CUDA graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs
-    to launch them (50-150 us through autograd and Triton's launcher); attention and the losses take
-    milliseconds and are called directly (graph=False), as is a fn that cannot be captured.
-    flush="dirty" WRITES 256 MB (as triton's do_bench does): the kernel must write back an L2 full of
-    dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
+    """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times replays of a CUDA
+    graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs to launch them (50-150 us
+    through autograd and Triton's launcher); attention and the losses take milliseconds and are called directly
+    (graph=False), as is a fn that cannot be captured. flush="dirty" WRITES 256 MB (as triton's do_bench does): the
+    kernel must write back an L2 full of dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):    # warm-up (compile, autotune) on the capture stream, so that the
@@ -1784,9 +1741,8 @@ def _peaks() -> dict:
     x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    # The copy is timed eagerly (graph=False): captured in a CUDA graph, copy_ becomes a memcpy node that may
-    # run on a DMA copy engine, slower than the SM copy kernel an eager copy_ launches (~2.7 vs ~4 TB/s on an
-    # H200), and rooflines would pass 100%. A 1 GiB copy takes ~0.5 ms: launch overhead is negligible.
+    # Timed eagerly (graph=False): in a CUDA graph copy_ becomes a memcpy node that may run on a DMA copy
+    # engine, slower than the SM copy kernel (rooflines would pass 100%); 0.5 ms dwarfs the launch overhead.
     return {"GB/s": 2 * x.numel() / _time_ms(lambda: y.copy_(x), graph=False) / 1e6,   # bytes / ms / 1e6
             "TFLOP/s": 2 * 8192 ** 3 / _time_ms(lambda: a @ b, graph=False) / 1e9}
 
@@ -1810,14 +1766,9 @@ def _rate(work, **timer):
 
 
 def _grad_fn(f, inputs, grads):
-    """A closure timing only the backward of f(): its first call (the untimed warm-up) runs f once."""
-    saved = []
-
-    def run():
-        if not saved:
-            saved.append((lambda o: o if isinstance(o, tuple) else (o,))(f()))
-        return torch.autograd.grad(saved[0], inputs, grads, retain_graph=True)
-    return run
+    """Time only the backward of f(): the first call (the untimed warm-up) runs f once, later ones reuse its graph."""
+    forward = functools.cache(f)
+    return lambda: torch.autograd.grad(forward(), inputs, grads, retain_graph=True)
 
 
 def _bench_attention(rows, peaks):
@@ -1940,20 +1891,14 @@ def _bench_losses(rows, peaks):
         liger = LigerFusedLinearCrossEntropyLoss()
     except ImportError:
         liger = None
-
-    def lp_eager():
-        logp = torch.log_softmax((h @ w.t()).float() / 0.7, -1)
-        return grads((logp.gather(1, y.clamp(min=0)[:, None])[:, 0] * a).sum() - ((logp.exp() * logp).sum(-1) * a).sum())
-
-    def lp_ours():
-        lp, ent = fused_linear_logprobs(h, w, y.clamp(min=0), temperature=0.7)
-        return grads((lp * a).sum() + (ent * a).sum())
+    lp_grads = lambda f: grads(sum((t * a).sum() for t in f(h, w, y.clamp(min=0), 0.7)))  # noqa: E731 (logp, H)
     roof_ms = 6 * N * V * Hd / (peaks["TFLOP/s"] * 1e9)
     for case, ours, peers in (
             ("linear+CE fwd+bwd", lambda: grads(fused_linear_cross_entropy(h, w, y)),
              {"eager": lambda: grads(eager(h, w, y)), "torch.compile": lambda: grads(comp(h, w, y)),
               "liger": liger and (lambda: grads(liger(w, h, y)))}),
-            ("logprobs+entropy fwd+bwd T=0.7", lp_ours, {"eager": lp_eager})):
+            ("logprobs+entropy fwd+bwd T=0.7", lambda: lp_grads(fused_linear_logprobs),
+             {"eager": lambda: lp_grads(linear_logprobs_ref)})):
         _compare(rows, f"{case}, time", "ms", lambda fn: _time_ms(fn, graph=False), ours, peers, lambda t: roof_ms / t)
         _compare(rows, f"{case}, memory", "GB", _peak_gb, ours, peers)
 
@@ -1983,10 +1928,9 @@ def bench() -> list:
 # ==== self-test and command line: python kernels.py [--bench] ======================================
 
 def selftest() -> None:
-    """Every public op against its torch reference at tiny odd shapes, forward, plus the backward of
-    the two autograd paths that differ most (flash attention, LM-head log-probs). Compiled on a GPU, in
-    Triton's interpreter on a CPU. Without Triton no kernel can run (impl="auto" IS the reference
-    then): every op says SKIPPED and nothing claims OK."""
+    """Every public op against its torch reference at tiny odd shapes, forward, plus the backward of the two
+    autograd paths that differ most (flash attention, LM-head log-probs). Compiled on a GPU, in Triton's interpreter
+    on a CPU. Without Triton no kernel can run (impl="auto" IS the reference then): all SKIPPED, nothing OK."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     g = torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
