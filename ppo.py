@@ -1133,9 +1133,10 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     B = len(samples)
     m = batch["mask"]
     local = [float(raw.sum()), float(scores.sum()), float(sum(answered)), float(m.sum()),
-             float(sum(s["finish"] == "length" for s in samples)), float(B)]
+             float(sum(s["finish"] == "length" for s in samples)), float(B),
+             float(informative_groups(scores, n).sum()) if n > 1 else 0.0]     # groups with a signal at all
     if kept == 0:                                       # no group anywhere had a signal: no update at all
-        r_raw, _, ans, tok, trunc, n = reduce(local)
+        r_raw, _, ans, tok, trunc, n, _ = reduce(local)
         return {"skipped": True, "reward": r_raw / n, "accuracy": r_raw / n, "groups_kept": 0}
     batch.update(trainer.score(samples, m.shape, timer))       # timer: actor, reference, critic forwards
     advantages(cfg, scores, batch, None if baseline is None else torch.tensor(baseline), reduce)
@@ -1145,13 +1146,14 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     gap = (batch["engine_logp"] - batch["old_logp"]).abs() * m
     names = sorted(stats)
     tot = reduce(local + [float(gap.sum())] + [stats[k] for k in names])
-    r_raw, r, ans, tok, trunc, n, gap_sum = tot[:7]
+    r_raw, r, ans, tok, trunc, n_all, informative, gap_sum = tot[:8]
     world = reduce([1.0])[0]
-    out = {"reward": r / n, "accuracy": r_raw / n, "answered": ans / n,
-           "groups_kept": kept if cfg.dynamic_sampling else None,
-           **{k: v if k.endswith("loss") else v / world for k, v in zip(names, tot[7:])},   # losses: the
+    out = {"reward": r / n_all, "accuracy": r_raw / n_all, "answered": ans / n_all,
+           "groups_kept": kept if cfg.dynamic_sampling else None, "informative": informative * n / n_all if n > 1 else None,
+           **{k: v if k.endswith("loss") else v / world for k, v in zip(names, tot[8:])},   # losses: the
            "logp_gap_mean": gap_sum / tok,            # ranks' shares of one global mean add up; the rest: averages
-           "logp_gap_max": float(gap.max()), "response_len": tok / n, "truncated": trunc / n, "tokens": int(tok)}
+           "logp_gap_max": float(gap.max()), "response_len": tok / n_all, "truncated": trunc / n_all,
+           "tokens": int(tok)}
     return out
 
 
@@ -1758,6 +1760,7 @@ def _line(r: dict, cfg: Config) -> str:
     if r.get("skipped"):
         return f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f} | skipped: no group had a signal{ev} | {t}"
     rm = f" | rm {r['rm_score']:.3f}" if "rm_score" in r else ""
+    rm += "" if r.get("informative") is None else f" | signal {r['informative']:.2f}"   # groups not all equal
     return (f"step {r['step']}/{cfg.steps} | reward {r['reward']:.3f}{rm} | acc {r['accuracy']:.3f} | "
             f"kl {r.get('kl', 0):.4f} | "
             f"entropy {r.get('entropy', 0):.3f} | clip {r.get('clip_frac', 0):.3f} | gap {r['logp_gap_mean']:.2e} | "
