@@ -1149,7 +1149,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     r_raw, r, ans, tok, trunc, n_all, informative, gap_sum = tot[:8]
     world = reduce([1.0])[0]
     out = {"reward": r / n_all, "accuracy": r_raw / n_all, "answered": ans / n_all,
-           "groups_kept": kept if cfg.dynamic_sampling else None, "informative": informative * n / n_all if n > 1 else None,
+           "groups_kept": kept if cfg.dynamic_sampling else None,
+           "informative": informative * n / n_all if n > 1 else None,            # the share of groups with a signal
            **{k: v if k.endswith("loss") else v / world for k, v in zip(names, tot[8:])},   # losses: the
            "logp_gap_mean": gap_sum / tok,            # ranks' shares of one global mean add up; the rest: averages
            "logp_gap_max": float(gap.max()), "response_len": tok / n_all, "truncated": trunc / n_all,
@@ -1217,7 +1218,7 @@ class EngineRole:
         from nanovllm import LLM
         self.cfg = cfg
         self.llm = LLM(folder, seed=cfg.seed, gpu_memory_utilization=cfg.engine_memory, max_model_len=max_model_len,
-                       max_num_seqs=max_num_seqs, device=device, dtype=cfg.dtype)   # the trainer's ("auto": bf16 on GPU)
+                       max_num_seqs=max_num_seqs, device=device, dtype=cfg.dtype)     # the trainer's dtype
         self.llm.verbose = False
 
     def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False) -> list[dict]:
