@@ -621,18 +621,11 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
-        names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else []
-        names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
-        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    if cfg.tie_word_embeddings:
-        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
-    return names
+    """Every tensor name an HF checkpoint of this config has: the hf_slots() of the whole model, built on the
+    meta device (shapes only, no memory), and lm_head.weight when tied (some tied checkpoints store it anyway:
+    tolerated, not required)."""
+    names = list(Transformer(cfg, use_kernels=False, device="meta").hf_slots())
+    return names + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
 
 
 # ---- HF folders: config.json + safetensors in, and out -----------------------------------------------
@@ -751,28 +744,26 @@ _all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _along(coll, t, dim, group, n_out):
+    """Run coll(out, x, group), a collective on dim 0, along dim of t instead: out has n_out rows there."""
+    x = t.movedim(dim, 0).contiguous()
+    out = x.new_empty((n_out, *x.shape[1:]))
+    coll(out, x, group=group)
+    return out.movedim(0, dim)
+
+
 def all_gather(t, dim, group):
     """Concatenate every rank's t along dim (rank order): [.., n, ..] -> [.., W*n, ..]."""
     W = _size(group)
-    if W == 1:
-        return t
-    x = t.movedim(dim, 0).contiguous()                                   # the collective works on dim 0
-    out = x.new_empty((W * x.shape[0], *x.shape[1:]))
-    _all_gather_base(out, x, group=group)
-    return out.movedim(0, dim)
+    return t if W == 1 else _along(_all_gather_base, t, dim, group, W * t.shape[dim])
 
 
 def reduce_scatter(t, dim, group):
     """Sum t over the group and keep this rank's 1/W slice along dim: [.., W*n, ..] -> [.., n, ..]."""
     W = _size(group)
-    if W == 1:
-        return t
-    x = t.movedim(dim, 0).contiguous()
-    if x.shape[0] % W:
-        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[0]} is not divisible by {W} ranks")
-    out = x.new_empty((x.shape[0] // W, *x.shape[1:]))
-    _reduce_scatter_base(out, x, group=group)
-    return out.movedim(0, dim)
+    if W > 1 and t.shape[dim] % W:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {t.shape[dim]} is not divisible by {W} ranks")
+    return t if W == 1 else _along(_reduce_scatter_base, t, dim, group, t.shape[dim] // W)
 
 
 class Mesh:
@@ -1447,16 +1438,12 @@ def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], 
     """Forward only (no graph kept, no backward): micro-batch k flows through the stages, and the last
     stage returns [fn(hidden_k [N, Hd], k) for every k]; the other stages return []. Every rank of the
     pipeline passes the same list, as for pipeline_step (RL scores its rollouts this way)."""
-    r, d, t = mesh.pp_rank, mesh.dp_rank, mesh.tp_rank
-    prev = mesh.rank_of(d, r - 1, t) if r > 0 else None
-    nxt = mesh.rank_of(d, r + 1, t) if r < mesh.pp - 1 else None
-    dtype, out = next(stage.parameters()).dtype, []
+    p, out = _Pipe(stage, mesh, micro_batches, loss_scale=None), []     # its p2p only: no loss, no backward
     for k, mb in enumerate(micro_batches):
-        x = mb["input_ids"] if prev is None else recv_activation(prev, stage.cfg.hidden_size, dtype, mesh.device,
-                                                                 mesh.pp_group)
-        y = stage(x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
-        if nxt is not None:
-            send_activation(y, nxt, mesh.pp_group)
+        x = p.recv_forward()                                    # None on the first stage
+        y = stage(mb["input_ids"] if x is None else x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
+        if p.next is not None:
+            p.send_forward(y)
         else:
             out.append(fn(y, k))
     return out
