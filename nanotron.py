@@ -833,17 +833,19 @@ class Mesh:
             raise ValueError(f"--tp {tp} x --pp {pp} x dp {dp} = {tp * pp * dp} != world size {world}")
         device = init_distributed(backend, timeout_s)
         mesh = cls(tp, pp, dp, rank, device, timeout_s=timeout_s)
-        if world > 1:
-            # EVERY rank must call new_group for EVERY group, in the same order (even groups it is not
-            # in): group creation is itself a collective over the default group.
-            for kind in cls.KINDS:
-                if mesh.size(kind) == 1:
-                    continue                            # same decision on every rank: skipping is safe
-                for ranks in mesh.all_group_ranks(kind):
-                    g = dist.new_group(ranks, timeout=mesh.timeout)
-                    if rank in ranks:
-                        mesh._groups[kind] = g
+        for kind in cls.KINDS:
+            if mesh.size(kind) > 1:                     # same decision on every rank: skipping is safe
+                mesh._new_groups(kind, mesh.all_group_ranks(kind))
         return mesh
+
+    def _new_groups(self, kind: str, rank_lists: list[list[int]]):
+        """Create a process group per rank list; this rank's becomes group `kind`. EVERY rank must call it for
+        EVERY list, in the same order (even lists it is not in): group creation is itself a collective over
+        the default group."""
+        for ranks in rank_lists:
+            g = dist.new_group(ranks, timeout=self.timeout)
+            if self.rank in ranks:
+                self._groups[kind] = g
 
     # collectives by group name: no-ops on a group of one rank
     def all_reduce_(self, t, kind="tp", op="sum"):
@@ -1173,15 +1175,10 @@ def build_embedding_groups(mesh: Mesh):
     if not dist.is_initialized():
         raise RuntimeError("build_embedding_groups: no process group; build the mesh with Mesh.build(...) under "
                            "torchrun (Mesh(pp=...) alone only does rank arithmetic)")
-    mine = None
-    for d in range(mesh.dp):
-        for t in range(mesh.tp):
-            ranks = [mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
-            g = dist.new_group(ranks, timeout=mesh.timeout)
-            if mesh.rank in ranks:
-                mine = g
-    mesh._groups["embedding"] = mine
-    return mine
+    mesh._groups["embedding"] = None                         # stays None on the middle stages
+    mesh._new_groups("embedding", [[mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
+                                   for d in range(mesh.dp) for t in range(mesh.tp)])
+    return mesh._groups["embedding"]
 
 
 def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] | None = None,
@@ -1910,14 +1907,13 @@ class AdamW:
                  weight_decay: float = 0.0, no_decay=default_no_decay):
         self.dp, self.lr, self.betas, self.eps, self.weight_decay = dp, lr, tuple(betas), eps, weight_decay
         self.t = 0
-        self.master, self.exp_avg, self.exp_avg_sq, self.decay = [], [], [], []
-        for b in dp.buckets:
-            fp32 = b.param_shard.dtype == torch.float32
-            self.master.append(b.param_shard if fp32 else b.param_shard.detach().float())
-            self.exp_avg.append(torch.zeros_like(self.master[-1]))
-            self.exp_avg_sq.append(torch.zeros_like(self.master[-1]))
-            self.decay.append(_merge(_clip(o, p.numel(), b.lo, b.hi)
-                                     for n, p, o in zip(b.names, b.params, b.offsets) if not no_decay(n)))
+        # one flat fp32 tensor per bucket for each state; an fp32 model's master IS its param shard (an alias)
+        self.master = [b.param_shard if b.param_shard.dtype == torch.float32 else b.param_shard.detach().float()
+                       for b in dp.buckets]
+        self.exp_avg = [torch.zeros_like(p) for p in self.master]               # Adam's m
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.master]            # Adam's v
+        self.decay = [_merge(_clip(o, p.numel(), b.lo, b.hi) for n, p, o in zip(b.names, b.params, b.offsets)
+                             if not no_decay(n)) for b in dp.buckets]
         self._pieces = self._piece_table()
         self._fused = self._fused_lists() if self.master and self.master[0].is_cuda else None
 
