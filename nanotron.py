@@ -16,7 +16,7 @@ all-gather + reduce-scatter pair under sequence parallelism) make every layout c
 numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, lines 1-697: the model at tp=1, config -> pure functions -> model -> HF folders, then
+Read first, lines 1-689: the model at tp=1, config -> pure functions -> model -> HF folders, then
 selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
 nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
 (after the mesh); each opens with a comment that teaches its idea before any code:
@@ -2036,12 +2036,10 @@ class AdamW:
         for name, i, (s, e), info in self._pieces:
             # one full tensor at a time (a name has one piece per rank): keeping them all would hold
             # 3 x fp32 x the stage's parameters in host memory at once
-            full_by_kind = _assemble(name, [sd["tensors"][name] for sd in sds if name in sd["tensors"]])
-            local = {k: self.dp.model._shard_of(full, info["kind"], info["local_shape"][0])
-                     for k, full in full_by_kind.items()}
             a, z = info["range"]
-            for k, t in local.items():
-                getattr(self, k)[i][s:e].copy_(t.reshape(-1)[a:z])
+            for k, full in _assemble(name, [sd["tensors"][name] for sd in sds if name in sd["tensors"]]).items():
+                local = self.dp.model._shard_of(full, info["kind"], info["local_shape"][0])
+                getattr(self, k)[i][s:e].copy_(local.reshape(-1)[a:z])
         self._publish()
 
 
