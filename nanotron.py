@@ -124,8 +124,7 @@ class ModelConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in (None, "default"):
-            raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented "
-                             "(nanotron has plain RoPE only: 'default')")
+            raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented (plain RoPE only)")
         if on := [f for f in ("attention_bias", "mlp_bias", "use_sliding_window") if d.get(f)]:
             raise ValueError(f"config.json: {on[0]}=true is not supported by nanotron")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
@@ -621,9 +620,8 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has: the hf_slots() of the whole model, built on the
-    meta device (shapes only, no memory), and lm_head.weight when tied (some tied checkpoints store it anyway:
-    tolerated, not required)."""
+    """Every tensor name an HF checkpoint of this config has: hf_slots() of the whole model on the meta device
+    (no memory), plus lm_head.weight when tied (some tied checkpoints store it: tolerated, not required)."""
     names = list(Transformer(cfg, use_kernels=False, device="meta").hf_slots())
     return names + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
 
@@ -839,9 +837,8 @@ class Mesh:
         return mesh
 
     def _new_groups(self, kind: str, rank_lists: list[list[int]]):
-        """Create a process group per rank list; this rank's becomes group `kind`. EVERY rank must call it for
-        EVERY list, in the same order (even lists it is not in): group creation is itself a collective over
-        the default group."""
+        """A process group per rank list; this rank's becomes group `kind`. EVERY rank calls it for EVERY list,
+        in the same order, even lists it is not in: group creation is a collective over the default group."""
         for ranks in rank_lists:
             g = dist.new_group(ranks, timeout=self.timeout)
             if self.rank in ranks:
@@ -992,8 +989,7 @@ def vocab_shard(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int, int]:
     logits and the loss exclude: rank r's real rows are [vocab_start, vocab_start + n_valid)."""
     V_r = -(-vocab_size // tp)
     if (tp - 1) * V_r >= vocab_size:
-        raise ValueError(f"vocab_shard: vocab {vocab_size} is too small for tp={tp} (the last rank would own "
-                         "no real row)")
+        raise ValueError(f"vocab_shard: vocab {vocab_size} is too small for tp={tp}: the last rank would own no row")
     start = tp_rank * V_r
     return V_r, start, min(V_r, vocab_size - start)
 
@@ -1236,9 +1232,8 @@ def _p2p(ops, group):
 
 
 def send_activation(t, dst, group=None, recv_grad_of=None):
-    """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of
-    (1F1B's steady state) also receive from dst, in the same batch, the gradient of recv_grad_of (an
-    EARLIER activation sent there) and return it."""
+    """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of (1F1B's
+    steady state) also receive from dst, in the same batch, the gradient of that EARLIER activation; return it."""
     if t.dim() >= _HEADER:
         raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
     header = torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
@@ -1270,8 +1265,7 @@ def send_grad(g, dst, group=None):
 
 
 def recv_grad(src, like, group=None):
-    """Receive dL/d(like) from the next stage (global rank src): same shape and dtype as the activation
-    `like` that this rank sent there."""
+    """Receive dL/d(like) from the next stage (global rank src); `like` is the activation this rank sent there."""
     g = torch.empty_like(like)
     _p2p([(dist.irecv, g, src)], group)
     return g
@@ -1834,8 +1828,7 @@ class DataParallel:
           dp: stage 0 grads are replicated over dp -> count the full buffer, reduce over tp, pp only;
               stage >= 1 count the owned shard and reduce over dp too;
           tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
-          pp: a tied LM head copy on the last stage (no embedding there) duplicates the first stage's
-              embedding -> it does not count."""
+          pp: the last stage's tied LM head copy (no embedding there) duplicates stage 0's -> not counted."""
         skip = {id(slot.param) for slot in model.hf_slots().values() if slot.kind == "rep" and self.mesh.tp_rank > 0}
         if model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding:
             skip.add(id(model.lm_head.weight))                          # the last stage's tied copy
@@ -2064,8 +2057,7 @@ def _assemble(name, pieces):
     # vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
     full = locs[0] if kind == "rep" else torch.cat(locs, 2 if kind == "row" else 1)[:, : full_shape[0]]
     if tuple(full.shape[1:]) != full_shape:
-        raise ValueError(f"AdamW.load_state_dict: the pieces of {name!r} glue to {tuple(full.shape[1:])}, not "
-                         f"{full_shape}")
+        raise ValueError(f"AdamW.load_state_dict: {name!r} glues to {tuple(full.shape[1:])}, not {full_shape}")
     return dict(zip(_OPT_KEYS, full))
 
 
@@ -2289,8 +2281,7 @@ def read_manifest(folder) -> dict:
     if not isinstance(m, dict) or m.get("format") != CKPT_FORMAT:
         raise ValueError(f"checkpoint {path}: format is not {CKPT_FORMAT!r}")
     if m.get("version") != CKPT_VERSION:
-        raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}; this nanotron reads "
-                         f"version {CKPT_VERSION}")
+        raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}, this nanotron reads {CKPT_VERSION}")
     if missing := [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]:
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}")
     return m
@@ -2341,8 +2332,7 @@ class CheckpointReader(contextlib.ExitStack):
         return self._open[fname]
 
     def model_names(self) -> list[str]:
-        """The HF tensor names of the whole model in config.json order (tied: no lm_head.weight); raises
-        when the model files lack one."""
+        """The HF tensor names of the whole model (tied: no lm_head.weight); raises if a model file lacks one."""
         tied = self.config.tie_word_embeddings
         names = [n for n in hf_tensor_names(self.config) if not (tied and n == "lm_head.weight")]
         if missing := [n for n in names if n not in self.model_index]:
