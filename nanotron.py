@@ -16,7 +16,7 @@ all-gather + reduce-scatter pair under sequence parallelism) make every layout c
 numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, lines 1-697: the model at tp=1, config -> pure functions -> model -> HF folders, then
+Read first, lines 1-689: the model at tp=1, config -> pure functions -> model -> HF folders, then
 selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
 nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
 (after the mesh); each opens with a comment that teaches its idea before any code:
@@ -124,8 +124,7 @@ class ModelConfig:
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in (None, "default"):
-            raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented "
-                             "(nanotron has plain RoPE only: 'default')")
+            raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented (plain RoPE only)")
         if on := [f for f in ("attention_bias", "mlp_bias", "use_sliding_window") if d.get(f)]:
             raise ValueError(f"config.json: {on[0]}=true is not supported by nanotron")
         if any(t != "full_attention" for t in d.get("layer_types") or []):
@@ -621,18 +620,10 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
-    for i in range(cfg.num_layers):
-        p = f"model.layers.{i}."
-        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
-        names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else []
-        names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
-        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
-        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    if cfg.tie_word_embeddings:
-        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
-    return names
+    """Every tensor name an HF checkpoint of this config has: hf_slots() of the whole model on the meta device
+    (no memory), plus lm_head.weight when tied (some tied checkpoints store it: tolerated, not required)."""
+    names = list(Transformer(cfg, use_kernels=False, device="meta").hf_slots())
+    return names + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
 
 
 # ---- HF folders: config.json + safetensors in, and out -----------------------------------------------
@@ -751,28 +742,26 @@ _all_gather_base = getattr(dist, "all_gather_single", None) or dist.all_gather_i
 _reduce_scatter_base = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
+def _along(coll, t, dim, group, n_out):
+    """Run coll(out, x, group), a collective on dim 0, along dim of t instead: out has n_out rows there."""
+    x = t.movedim(dim, 0).contiguous()
+    out = x.new_empty((n_out, *x.shape[1:]))
+    coll(out, x, group=group)
+    return out.movedim(0, dim)
+
+
 def all_gather(t, dim, group):
     """Concatenate every rank's t along dim (rank order): [.., n, ..] -> [.., W*n, ..]."""
     W = _size(group)
-    if W == 1:
-        return t
-    x = t.movedim(dim, 0).contiguous()                                   # the collective works on dim 0
-    out = x.new_empty((W * x.shape[0], *x.shape[1:]))
-    _all_gather_base(out, x, group=group)
-    return out.movedim(0, dim)
+    return t if W == 1 else _along(_all_gather_base, t, dim, group, W * t.shape[dim])
 
 
 def reduce_scatter(t, dim, group):
     """Sum t over the group and keep this rank's 1/W slice along dim: [.., W*n, ..] -> [.., n, ..]."""
     W = _size(group)
-    if W == 1:
-        return t
-    x = t.movedim(dim, 0).contiguous()
-    if x.shape[0] % W:
-        raise ValueError(f"reduce_scatter: dim {dim} of size {x.shape[0]} is not divisible by {W} ranks")
-    out = x.new_empty((x.shape[0] // W, *x.shape[1:]))
-    _reduce_scatter_base(out, x, group=group)
-    return out.movedim(0, dim)
+    if W > 1 and t.shape[dim] % W:
+        raise ValueError(f"reduce_scatter: dim {dim} of size {t.shape[dim]} is not divisible by {W} ranks")
+    return t if W == 1 else _along(_reduce_scatter_base, t, dim, group, t.shape[dim] // W)
 
 
 class Mesh:
@@ -842,17 +831,18 @@ class Mesh:
             raise ValueError(f"--tp {tp} x --pp {pp} x dp {dp} = {tp * pp * dp} != world size {world}")
         device = init_distributed(backend, timeout_s)
         mesh = cls(tp, pp, dp, rank, device, timeout_s=timeout_s)
-        if world > 1:
-            # EVERY rank must call new_group for EVERY group, in the same order (even groups it is not
-            # in): group creation is itself a collective over the default group.
-            for kind in cls.KINDS:
-                if mesh.size(kind) == 1:
-                    continue                            # same decision on every rank: skipping is safe
-                for ranks in mesh.all_group_ranks(kind):
-                    g = dist.new_group(ranks, timeout=mesh.timeout)
-                    if rank in ranks:
-                        mesh._groups[kind] = g
+        for kind in cls.KINDS:
+            if mesh.size(kind) > 1:                     # same decision on every rank: skipping is safe
+                mesh._new_groups(kind, mesh.all_group_ranks(kind))
         return mesh
+
+    def _new_groups(self, kind: str, rank_lists: list[list[int]]):
+        """A process group per rank list; this rank's becomes group `kind`. EVERY rank calls it for EVERY list,
+        in the same order, even lists it is not in: group creation is a collective over the default group."""
+        for ranks in rank_lists:
+            g = dist.new_group(ranks, timeout=self.timeout)
+            if self.rank in ranks:
+                self._groups[kind] = g
 
     # collectives by group name: no-ops on a group of one rank
     def all_reduce_(self, t, kind="tp", op="sum"):
@@ -999,8 +989,7 @@ def vocab_shard(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int, int]:
     logits and the loss exclude: rank r's real rows are [vocab_start, vocab_start + n_valid)."""
     V_r = -(-vocab_size // tp)
     if (tp - 1) * V_r >= vocab_size:
-        raise ValueError(f"vocab_shard: vocab {vocab_size} is too small for tp={tp} (the last rank would own "
-                         "no real row)")
+        raise ValueError(f"vocab_shard: vocab {vocab_size} is too small for tp={tp}: the last rank would own no row")
     start = tp_rank * V_r
     return V_r, start, min(V_r, vocab_size - start)
 
@@ -1182,15 +1171,10 @@ def build_embedding_groups(mesh: Mesh):
     if not dist.is_initialized():
         raise RuntimeError("build_embedding_groups: no process group; build the mesh with Mesh.build(...) under "
                            "torchrun (Mesh(pp=...) alone only does rank arithmetic)")
-    mine = None
-    for d in range(mesh.dp):
-        for t in range(mesh.tp):
-            ranks = [mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
-            g = dist.new_group(ranks, timeout=mesh.timeout)
-            if mesh.rank in ranks:
-                mine = g
-    mesh._groups["embedding"] = mine
-    return mine
+    mesh._groups["embedding"] = None                         # stays None on the middle stages
+    mesh._new_groups("embedding", [[mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
+                                   for d in range(mesh.dp) for t in range(mesh.tp)])
+    return mesh._groups["embedding"]
 
 
 def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] | None = None,
@@ -1248,9 +1232,8 @@ def _p2p(ops, group):
 
 
 def send_activation(t, dst, group=None, recv_grad_of=None):
-    """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of
-    (1F1B's steady state) also receive from dst, in the same batch, the gradient of recv_grad_of (an
-    EARLIER activation sent there) and return it."""
+    """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of (1F1B's
+    steady state) also receive from dst, in the same batch, the gradient of that EARLIER activation; return it."""
     if t.dim() >= _HEADER:
         raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
     header = torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
@@ -1282,8 +1265,7 @@ def send_grad(g, dst, group=None):
 
 
 def recv_grad(src, like, group=None):
-    """Receive dL/d(like) from the next stage (global rank src): same shape and dtype as the activation
-    `like` that this rank sent there."""
+    """Receive dL/d(like) from the next stage (global rank src); `like` is the activation this rank sent there."""
     g = torch.empty_like(like)
     _p2p([(dist.irecv, g, src)], group)
     return g
@@ -1447,16 +1429,12 @@ def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], 
     """Forward only (no graph kept, no backward): micro-batch k flows through the stages, and the last
     stage returns [fn(hidden_k [N, Hd], k) for every k]; the other stages return []. Every rank of the
     pipeline passes the same list, as for pipeline_step (RL scores its rollouts this way)."""
-    r, d, t = mesh.pp_rank, mesh.dp_rank, mesh.tp_rank
-    prev = mesh.rank_of(d, r - 1, t) if r > 0 else None
-    nxt = mesh.rank_of(d, r + 1, t) if r < mesh.pp - 1 else None
-    dtype, out = next(stage.parameters()).dtype, []
+    p, out = _Pipe(stage, mesh, micro_batches, loss_scale=None), []     # its p2p only: no loss, no backward
     for k, mb in enumerate(micro_batches):
-        x = mb["input_ids"] if prev is None else recv_activation(prev, stage.cfg.hidden_size, dtype, mesh.device,
-                                                                 mesh.pp_group)
-        y = stage(x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
-        if nxt is not None:
-            send_activation(y, nxt, mesh.pp_group)
+        x = p.recv_forward()                                    # None on the first stage
+        y = stage(mb["input_ids"] if x is None else x, mb["positions"], mb["cu_seqlens"], mb.get("max_seqlen"))
+        if p.next is not None:
+            p.send_forward(y)
         else:
             out.append(fn(y, k))
     return out
@@ -1850,8 +1828,7 @@ class DataParallel:
           dp: stage 0 grads are replicated over dp -> count the full buffer, reduce over tp, pp only;
               stage >= 1 count the owned shard and reduce over dp too;
           tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
-          pp: a tied LM head copy on the last stage (no embedding there) duplicates the first stage's
-              embedding -> it does not count."""
+          pp: the last stage's tied LM head copy (no embedding there) duplicates stage 0's -> not counted."""
         skip = {id(slot.param) for slot in model.hf_slots().values() if slot.kind == "rep" and self.mesh.tp_rank > 0}
         if model.cfg.tie_word_embeddings and model.lm_head is not None and not model.has_embedding:
             skip.add(id(model.lm_head.weight))                          # the last stage's tied copy
@@ -1923,14 +1900,13 @@ class AdamW:
                  weight_decay: float = 0.0, no_decay=default_no_decay):
         self.dp, self.lr, self.betas, self.eps, self.weight_decay = dp, lr, tuple(betas), eps, weight_decay
         self.t = 0
-        self.master, self.exp_avg, self.exp_avg_sq, self.decay = [], [], [], []
-        for b in dp.buckets:
-            fp32 = b.param_shard.dtype == torch.float32
-            self.master.append(b.param_shard if fp32 else b.param_shard.detach().float())
-            self.exp_avg.append(torch.zeros_like(self.master[-1]))
-            self.exp_avg_sq.append(torch.zeros_like(self.master[-1]))
-            self.decay.append(_merge(_clip(o, p.numel(), b.lo, b.hi)
-                                     for n, p, o in zip(b.names, b.params, b.offsets) if not no_decay(n)))
+        # one flat fp32 tensor per bucket for each state; an fp32 model's master IS its param shard (an alias)
+        self.master = [b.param_shard if b.param_shard.dtype == torch.float32 else b.param_shard.detach().float()
+                       for b in dp.buckets]
+        self.exp_avg = [torch.zeros_like(p) for p in self.master]               # Adam's m
+        self.exp_avg_sq = [torch.zeros_like(p) for p in self.master]            # Adam's v
+        self.decay = [_merge(_clip(o, p.numel(), b.lo, b.hi) for n, p, o in zip(b.names, b.params, b.offsets)
+                             if not no_decay(n)) for b in dp.buckets]
         self._pieces = self._piece_table()
         self._fused = self._fused_lists() if self.master and self.master[0].is_cuda else None
 
@@ -2053,12 +2029,10 @@ class AdamW:
         for name, i, (s, e), info in self._pieces:
             # one full tensor at a time (a name has one piece per rank): keeping them all would hold
             # 3 x fp32 x the stage's parameters in host memory at once
-            full_by_kind = _assemble(name, [sd["tensors"][name] for sd in sds if name in sd["tensors"]])
-            local = {k: self.dp.model._shard_of(full, info["kind"], info["local_shape"][0])
-                     for k, full in full_by_kind.items()}
             a, z = info["range"]
-            for k, t in local.items():
-                getattr(self, k)[i][s:e].copy_(t.reshape(-1)[a:z])
+            for k, full in _assemble(name, [sd["tensors"][name] for sd in sds if name in sd["tensors"]]).items():
+                local = self.dp.model._shard_of(full, info["kind"], info["local_shape"][0])
+                getattr(self, k)[i][s:e].copy_(local.reshape(-1)[a:z])
         self._publish()
 
 
@@ -2083,8 +2057,7 @@ def _assemble(name, pieces):
     # vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
     full = locs[0] if kind == "rep" else torch.cat(locs, 2 if kind == "row" else 1)[:, : full_shape[0]]
     if tuple(full.shape[1:]) != full_shape:
-        raise ValueError(f"AdamW.load_state_dict: the pieces of {name!r} glue to {tuple(full.shape[1:])}, not "
-                         f"{full_shape}")
+        raise ValueError(f"AdamW.load_state_dict: {name!r} glues to {tuple(full.shape[1:])}, not {full_shape}")
     return dict(zip(_OPT_KEYS, full))
 
 
@@ -2308,8 +2281,7 @@ def read_manifest(folder) -> dict:
     if not isinstance(m, dict) or m.get("format") != CKPT_FORMAT:
         raise ValueError(f"checkpoint {path}: format is not {CKPT_FORMAT!r}")
     if m.get("version") != CKPT_VERSION:
-        raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}; this nanotron reads "
-                         f"version {CKPT_VERSION}")
+        raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}, this nanotron reads {CKPT_VERSION}")
     if missing := [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]:
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}")
     return m
@@ -2360,8 +2332,7 @@ class CheckpointReader(contextlib.ExitStack):
         return self._open[fname]
 
     def model_names(self) -> list[str]:
-        """The HF tensor names of the whole model in config.json order (tied: no lm_head.weight); raises
-        when the model files lack one."""
+        """The HF tensor names of the whole model (tied: no lm_head.weight); raises if a model file lacks one."""
         tied = self.config.tie_word_embeddings
         names = [n for n in hf_tensor_names(self.config) if not (tied and n == "lm_head.weight")]
         if missing := [n for n in names if n not in self.model_index]:
