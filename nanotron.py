@@ -620,10 +620,19 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has: hf_slots() of the whole model on the meta device
-    (no memory), plus lm_head.weight when tied (some tied checkpoints store it: tolerated, not required)."""
-    names = list(Transformer(cfg, use_kernels=False, device="meta").hf_slots())
-    return names + (["lm_head.weight"] if cfg.tie_word_embeddings else [])
+    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied). Spelled out
+    rather than read from a meta-device model: building one imports torch's meta registrations (~2 s a process)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
+        names += [f"{p}self_attn.{x}_proj.bias" for x in "qkv"] if cfg.qkv_bias else []
+        names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
+        names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
+        names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
+    if cfg.tie_word_embeddings:
+        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
+    return names
 
 
 # ---- HF folders: config.json + safetensors in, and out -----------------------------------------------
