@@ -122,7 +122,7 @@ def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
     if cfg.dtype not in ("auto", "bfloat16", "float32"):
         raise ValueError(f"sft.py: --dtype {cfg.dtype!r}: expected auto, bfloat16 or float32")
     for flag, low in (("tp", 1), ("pp", 1), ("keep_last", 0), ("tokens_per_step", 0), ("micro_batch_tokens", 0),
-                      ("steps", 0), ("eval_tokens", 0)):
+                      ("steps", 0), ("eval_tokens", 0), ("profile", 0)):
         if getattr(cfg, flag) < low:
             raise ValueError(f"sft.py: --{flag} {getattr(cfg, flag)}: expected >= {low}")
     if world % (cfg.tp * cfg.pp):
