@@ -66,8 +66,10 @@ import os
 import pickle
 import random
 import sys
+import threading
 import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, asdict
 from pathlib import Path
 
@@ -461,7 +463,7 @@ class Rewarder:
 
     def __init__(self, cfg: Config, tokenizer, rm=None):
         self.toy, self.tok, self.grader = cfg.data == "toy", tokenizer, None
-        self.rm, self.rule, self.coef = rm, cfg.rule_reward, cfg.reward_model_coef
+        self.rm, self.rule, self.coef, self.lock = rm, cfg.rule_reward, cfg.reward_model_coef, threading.Lock()
         if not self.toy:
             import eval as ev
             if tokenizer is None:
@@ -487,7 +489,8 @@ class Rewarder:
             s = [sum(t < TOY_GOOD for t in x["response"]) / max(1, len(x["response"])) for x in samples]
             return s, [True] * len(samples)
         texts = [self.tok.decode(x["response"], skip_special_tokens=True) for x in samples]
-        grades = self.grader.grade(zip(texts, [x["answer"] for x in samples]))
+        with self.lock:                                    # one caller at a time (see _loop's thread)
+            grades = self.grader.grade(zip(texts, [x["answer"] for x in samples]))
         return [float(g.correct) for g in grades], [g.status != "no_answer" for g in grades]
 
     def close(self):
@@ -1179,22 +1182,25 @@ def warmup_batch(trainer: Trainer, samples: list[dict], scores: list[float], cfg
                                  {"tokens": tokens, "seqs": seqs})
 
 
-def plot_curves(metrics: Path, png: Path) -> bool:
-    """reward and held-out accuracy per step, one PNG (skipped when matplotlib is missing)."""
+def plot_curves(runs: Path | dict, png: Path) -> bool:
+    """Reward and held-out accuracy per step of a run's metrics.jsonl, or of several overlaid ({label: path}:
+    `python -c "import ppo; from pathlib import Path as P; ppo.plot_curves({'a': P(x), 'b': P(y)}, P(png))"`).
+    Skipped when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
     fig, ax = plt.subplots(figsize=(7, 4))
-    for key in ("reward", "eval_accuracy"):
-        pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-        if pts:
-            ax.plot(*zip(*pts), marker="." if key == "reward" else "o", label=key)
+    for i, (label, path) in enumerate((runs if isinstance(runs, dict) else {"": runs}).items()):
+        rows = [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+        for key in ("reward", "eval_accuracy"):
+            if pts := [(r["step"], r[key]) for r in rows if r.get(key) is not None]:
+                ax.plot(*zip(*pts), marker="." if key == "reward" else "o", ls="-" if key == "reward" else "--",
+                        color=f"C{i}", label=f"{label} {key}".strip())
     ax.set_xlabel("RL step")
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
@@ -1222,11 +1228,22 @@ class EngineRole:
         self.llm.verbose = False
 
     def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False) -> list[dict]:
-        return rollout(self.llm, rows, self.cfg, step, version, greedy)
+        t0 = time.perf_counter()
+        out = rollout(self.llm, rows, self.cfg, step, version, greedy)
+        for s in out:
+            s["engine_s"] = time.perf_counter() - t0         # this engine's own generation time (the tokens are on
+        return out                                           # the host: nothing is left queued on the GPU)
+
+    def _done(self, t0: float) -> float:
+        if self.llm.device.type == "cuda":          # the copies were only queued: time them to their completion
+            torch.cuda.synchronize(self.llm.device)
+        return time.perf_counter() - t0
 
     def load(self, weights) -> float:
         """New weights in place (no disk); seconds."""
-        return self.llm.update_weights(weights)
+        t0 = time.perf_counter()
+        self.llm.update_weights(weights)
+        return self._done(t0)
 
     def join_link(self, addr: str, rank: int, world: int, backend: str) -> None:
         self.link = _Link(addr, rank, world, backend)
@@ -1238,7 +1255,7 @@ class EngineRole:
         """The trainer's weights through the link (a collective with TrainerRole.send), into the engine."""
         t0 = time.perf_counter()
         self.llm.update_weights(broadcast_tensors(None, 0, self.link.bcast, self.link.device))
-        return time.perf_counter() - t0
+        return self._done(t0)
 
     def shutdown(self):
         self.llm.shutdown()
@@ -1545,8 +1562,9 @@ def main(argv=None) -> dict:
             get(trainer.write_folder.remote(folder, str(path) if path else None))
             get(trainer.barrier.remote())
         L = max(len(r["prompt_ids"]) for r in train_rows + test_rows) + cfg.max_new_tokens
-        args = (folder, cfg, L, min(256, cfg.prompts_per_step // dp * cfg.samples_per_prompt))
         E, T, gpus = cfg.engines, cfg.trainer_ranks or cfg.tp * cfg.pp, torch.cuda.device_count()
+        seats = -(-cfg.prompts_per_step // dp // E) * cfg.samples_per_prompt    # an engine's share of a step's
+        args = (folder, cfg, L, min(1024, seats))     # samples, decoded in ONE wave (decode time ~ flat in batch)
         split = gpus >= T + E                       # a GPU for every trainer rank and every engine
         if ray is None:
             handles = [_Here(EngineRole(*args, info["device"]))]
@@ -1567,15 +1585,17 @@ def main(argv=None) -> dict:
             say(f"roles: trainer pid {info['pid']} on {info['device']}, " +
                 ", ".join(f"engine {i} {w}" for i, w in enumerate(get([h.where.remote() for h in handles]))))
 
-        def sync() -> None:
-            """The trainer's new weights into every engine, in memory (never through disk)."""
+        def sync() -> float | None:
+            """The trainer's new weights into every engine, in memory (never through disk). Link: the engines'
+            own seconds of the transfer (the call also waits for a generation still running on them)."""
             if link:        # one bucketed broadcast to all engines (an engine's death shows first: get it first)
                 sent = trainer.send.remote()
-                get([h.receive.remote() for h in handles])
+                secs = max(get([h.receive.remote() for h in handles]))
                 get(sent)
-            else:      # in-process: the tensors themselves; actors: CPU copies through the object store
-                w = get(trainer.weights.remote(ray is not None))
-                get([h.load.remote(w) for h in handles])
+                return secs
+            w = get(trainer.weights.remote(ray is not None))    # in-process: the tensors themselves; actors: CPU
+            get([h.load.remote(w) for h in handles])            # copies through the object store
+            return None
         from nanovllm import load_tokenizer
         rewarder = Rewarder(cfg, load_tokenizer(folder),
                             (lambda s: get(trainer.rm_scores.remote(s))) if cfg.reward_model else None)
@@ -1619,6 +1639,16 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     out.mkdir(parents=True, exist_ok=True)
     log = _Log(out / "metrics.jsonl", start, rank0, cfg.wandb, asdict(cfg))
 
+    # one-step-off: a thread grades the rollout of step k + 1 the moment it is generated, so its rewards (math-
+    # verify, on CPU) come with it, also overlapped with step k's training (rule rewards: a reward model is the
+    # trainer's). Rewarder calls hold a lock: the thread and this loop share its grader processes.
+    pool = ThreadPoolExecutor(1) if cfg.mode == "one_step_off" and rewarder.rm is None else None
+
+    def ask(rows: list[dict], step: int, version: int):
+        """A future (a function to call) of the rollout of rows; with the thread, of (samples, (scores, answered))."""
+        fut = engines.generate(rows, step, version)
+        return fut if pool is None else pool.submit(lambda: (lambda s: (s, rewarder(s)))(fut())).result
+
     def evaluate() -> dict:
         scores, answered = rewarder(engines.generate(test_rows, -1, -1, True)(), rm=False)
         return {"eval_accuracy": sum(scores) / len(scores), "eval_answered": sum(answered) / len(answered)}
@@ -1637,20 +1667,20 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
         version = start                                    # optimizer steps behind the engine's weights
         # pending: the next batch of rollouts -- a list (resumed), or a future of one, being generated meanwhile
         fresh = pending is None         # a first rollout from the current weights (a new run, or one extended
-        pending = engines.generate(take(), start, version) if fresh else pending      # past its last step)
+        pending = ask(take(), start, version) if fresh else pending                   # past its last step)
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
             t_step = t0
-            samples = pending if isinstance(pending, list) else pending()
+            samples, graded = _got(pending if isinstance(pending, list) else pending())
             if cfg.mode == "one_step_off" and step + 1 < cfg.steps:
                 # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
-                pending = engines.generate(take(), step + 1, version)
+                pending = ask(take(), step + 1, version)
             stale = step - samples[0]["version"]
             assert stale == (0 if cfg.mode == "sync" or (step == start and fresh) else 1), \
                 f"staleness {stale} at step {step}"
             timer["generate"] = time.perf_counter() - t0
             t0 = time.perf_counter()
-            scores, answered = rewarder(samples)
+            scores, answered = graded or rewarder(samples)
             refill, t_gen = 0, timer["generate"]
             if cfg.dynamic_sampling and n > 1 and cfg.refill_rounds:   # more prompts, from the engine's weights now
 
@@ -1673,14 +1703,16 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             m, t = get(trainer.step.remote(samples, scores, answered, step, lr, baseline))
             timer.update(t)
             t0 = time.perf_counter()
-            sync()            # an actor runs its calls in order: this waits for the generation asked for above
+            moved = sync()    # an actor runs its calls in order: this waits for the generation asked for above
             version = step + 1
-            timer["sync"] = time.perf_counter() - t0
+            timer["sync"] = time.perf_counter() - t0 if moved is None else moved
+            timer["generate"] += time.perf_counter() - t0 - timer["sync"]      # (that wait: generation not hidden)
             if cfg.mode == "sync" and step + 1 < cfg.steps:
                 t0 = time.perf_counter()
                 pending = engines.generate(take(), step + 1, version)()
                 timer["generate"] += time.perf_counter() - t0
-            row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()}}
+            row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()},
+                   "engine_generate_s": max(s.get("engine_s", 0.0) for s in samples)}    # the engines' own time
             if cfg.dynamic_sampling:
                 row["refill_groups"] = refill                       # (under torchrun dp: rank 0's share)
             row["step_s"] = time.perf_counter() - t_step
@@ -1690,11 +1722,13 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             log.write(row, _line(row, cfg) if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps else None)
             if cfg.save_every >= 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
                 if cfg.mode == "one_step_off" and not isinstance(pending, list):
-                    pending = pending()                    # the in-flight rollout goes into the checkpoint
+                    pending = _got(pending())[0]           # the in-flight rollout goes into the checkpoint
                 keep = pending if cfg.mode == "one_step_off" and step + 1 < cfg.steps else None
                 states = _gather(trainer, (sampler.state_dict(), keep), dp)
                 get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))
     finally:
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
         rewarder.close()
     if log.wandb is not None:
         log.wandb.finish()
@@ -1712,6 +1746,11 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
               f"{summary['last_reward']}, held-out {summary['eval_accuracy_before']} -> "
               f"{summary['eval_accuracy_after']}, {summary['seconds']} s; out {out}")
     return summary
+
+
+def _got(x) -> tuple[list, tuple | None]:
+    """(samples, (scores, answered) or None) of what a rollout future gave: graded by the thread, or not."""
+    return x if isinstance(x, tuple) else (x, None)
 
 
 def _gather(trainer, item, dp: int) -> list:
