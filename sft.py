@@ -71,7 +71,7 @@ class Config:
     zero_stage: int = 1  # 1 shards the fp32 Adam state over dp for free; 2/3 shard grads/params too
     schedule: str = "1f1b"  # pipeline schedule: 1f1b (memory of pp micro-batches) | afab (the naive reference)
     tokens_per_step: int = 0  # global packed tokens per optimizer step; 0 = 16384 on CUDA, 2048 on CPU
-    micro_batch_tokens: int = 0  # packing budget of one micro-batch (the memory knob); 0 = 2048 CUDA, 1024 CPU
+    micro_batch_tokens: int = 0  # packing budget of one micro-batch (the memory knob); 0 = from memory (CUDA), 1024 CPU
     steps: int = 0  # optimizer steps; 0 = `epochs` passes over train on CUDA, 4 on CPU (a demo)
     epochs: float = 1.0  # passes over the train split when steps is derived (CUDA)
     lr: float = 0.0  # peak LR; 0 = 2e-5 (pretrained weights want a small one; DPO: ~5e-7 at scale), 3e-3 for tiny
@@ -99,14 +99,34 @@ class Config:
 
 
 # Defaults that depend on the device: (CUDA, CPU). The CPU column makes `python sft.py` a < 2 minute demo.
-# CUDA micro_batch_tokens = prepare_data's max_total_tokens (2048): no row is skipped, and the user command
-# (8 GPUs, tp 2, pp 2 -> dp 2) gets M = 16384 / (2 * 2048) = 4 micro-batches: a 1/5 pipeline bubble.
-AUTO = {"tokens_per_step": (16384, 2048), "micro_batch_tokens": (2048, 1024), "eval_tokens": (65536, 1024),
+# CUDA micro_batch_tokens 0: derived from memory once the model's shape is known (auto_micro_batch_tokens).
+AUTO = {"tokens_per_step": (16384, 2048), "micro_batch_tokens": (0, 1024), "eval_tokens": (65536, 1024),
         "dtype": ("bfloat16", "float32")}
 CPU_DEMO_STEPS = 4
 # The first steps of a run compile and autotune the Triton kernels and grow the allocator (on 2 H200s: 4-8 s,
 # then 0.3-0.6 s): the summary's tokens/s and MFU average the steps after them (every step is in metrics.jsonl).
 UNTIMED_STEPS = 3
+# Small models are host-bound: a micro-batch costs ~1,200 kernel launches and their Python whatever its size
+# (135M model, H200: 32 micro-batches of 2048 tokens = 39k launches, 0.28 s of GPU work in a 3.3 s step). So
+# CUDA packs as many tokens per micro-batch as memory allows: the largest power of two that splits
+# tokens_per_step / dp evenly, with estimated activations <= ACT_SHARE of the GPU, >= 2048 (prepare_data's
+# max_total_tokens: longer rows are skipped), and pipelined, M >= 4 pp (1F1B's bubble stays below 1/5).
+ACT_SHARE = 0.4
+
+
+def auto_micro_batch_tokens(tokens_per_step: int, dp: int, tp: int, pp: int, mcfg, dtype_bytes: int,
+                            gpu_bytes: float) -> tuple[int, float]:
+    """(micro_batch_tokens, estimated activation bytes per token). A layer keeps ~12 vectors of the residual
+    width per token for backward (norm inputs and outputs, q, k, v, attention output, residuals) and ~4 of the
+    MLP width (split by tp); times the stage's layers and the pp micro-batches 1F1B holds on its first stage."""
+    layer = (12 * mcfg.hidden_size + 4 * mcfg.intermediate_size // tp) * dtype_bytes
+    per_token = -(-mcfg.num_layers // pp) * layer * pp
+    share = tokens_per_step // dp
+    cap = share // (4 * pp) if pp > 1 else share
+    m = min(2048, share)
+    while 2 * m <= cap and share % (2 * m) == 0 and 2 * m * per_token <= ACT_SHARE * gpu_bytes:
+        m *= 2
+    return m, per_token
 
 
 def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
@@ -733,13 +753,19 @@ def setup(cfg: Config) -> Job:
     t_start = time.time()
     cfg = resolve(cfg, torch.cuda.is_available(), nt.dist_env()[1])
     mesh = nt.Mesh.build(cfg.tp, cfg.pp)                     # joins torchrun's group; dp = world / (tp * pp)
-    if mesh.rank == 0:
-        print("sft config:", json.dumps(asdict(cfg)))
     src, start, stale = plan_resume(cfg)
     train_ds, test_ds, vocab, check_line = open_data(cfg, mesh)
     mcfg, path = model_config(cfg, mesh, vocab)
     check_model(cfg, mcfg, vocab, src)
-    derived = derive(cfg, mesh, train_ds) | {"check": check_line}
+    act = None
+    if not cfg.micro_batch_tokens:                             # CUDA: from memory (see auto_micro_batch_tokens)
+        micro, act = auto_micro_batch_tokens(cfg.tokens_per_step, mesh.dp, cfg.tp, cfg.pp, mcfg,
+                                             getattr(torch, cfg.dtype).itemsize,
+                                             torch.cuda.get_device_properties(mesh.device).total_memory)
+        cfg = dataclasses.replace(cfg, micro_batch_tokens=micro)
+    if mesh.rank == 0:
+        print("sft config:", json.dumps(asdict(cfg)))
+    derived = derive(cfg, mesh, train_ds) | {"check": check_line, "act": act}
     return Job(cfg, mesh, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
 
 
@@ -758,7 +784,10 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
     lines = [
         f"world {mesh.world} = dp {mesh.dp} x tp {mesh.tp} x pp {mesh.pp}  (dp inferred from the world size)",
         f"micro-batches per step per dp rank M = tokens_per_step / (dp * micro_batch_tokens) = "
-        f"{cfg.tokens_per_step} / ({mesh.dp} * {cfg.micro_batch_tokens}) = {d['M']}",
+        f"{cfg.tokens_per_step} / ({mesh.dp} * {cfg.micro_batch_tokens}) = {d['M']}" + ("" if d["act"] is None else
+            f"  (micro_batch_tokens from memory: ~{d['act'] / 1024:.0f} KiB of activations per token x "
+            f"{cfg.micro_batch_tokens} = {d['act'] * cfg.micro_batch_tokens / 2**30:.1f} GiB, <= {ACT_SHARE:.0%} of "
+            f"the GPU; the closing line prints the real peak)"),
         f"{'pairs' if cfg.objective == 'dpo' else 'sequences'} per step ~ {seqs:.0f} (mean train row "
         f"{d['mean_len']:.0f} tokens; packs are filled first-fit, so a step holds <= tokens_per_step)",
         f"train rows {d['n_rows']}, {d['n_long']} longer than micro_batch_tokens (skipped, never truncated)",
@@ -894,8 +923,8 @@ def summarize(job: Job, r: dict, skipped: int) -> dict:
             plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png",
                       f"{cfg.objective} loss per {unit}")
         print(f"sft.py: {cfg.objective} {job.start} -> {total} steps, loss {r['first']} -> {r['last']}, eval "
-              f"{r['eval_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, {summary['seconds']} s; "
-              f"out {cfg.out}")
+              f"{r['eval_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, peak "
+              f"{summary['peak_gb']} GB, {summary['seconds']} s; out {cfg.out}")
         from prepare_data import append_result
         append_result(cfg.results, cfg.objective, asdict(cfg), summary)
         (Path(cfg.out) / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")

@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2020, "nanotron.py": 2825,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1030, "ppo.py": 1975, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1057, "ppo.py": 1974, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -4929,6 +4929,22 @@ def test_sft_defaults_per_model():
             sft.check_model(sft.Config(**bad), mcfg, 101, None)
     with pytest.raises(ValueError, match="--data toy has token ids up to 101, --model tiny only 101"):
         sft.check_model(sft.resolve(sft.Config(), cuda=False), mcfg, 102, None)
+
+
+def test_sft_micro_batch_from_memory():
+    """CUDA's micro_batch_tokens 0: the largest power of two that splits tokens_per_step / dp evenly, fits
+    ACT_SHARE of the GPU by the activation estimate, keeps M >= 4 pp when pipelined, and is >= 2048 (or the
+    whole share when that is smaller). Worked by hand for the SmolLM2-135M shape in bf16."""
+    smol = nt.ModelConfig.from_hf(dict(nv.SHAPES["smollm2-135m"], torch_dtype="bfloat16", hidden_act="silu"))
+    per = 30 * (12 * 576 + 4 * 1536) * 2                              # 783,360 bytes per token
+    assert sft.auto_micro_batch_tokens(16384, 1, 1, 1, smol, 2, 141e9) == (16384, per)   # one micro-batch a step
+    assert sft.auto_micro_batch_tokens(16384, 1, 1, 1, smol, 2, 8 * 2**30)[0] == 4096     # 0.4 * 8 GiB / per = 4384
+    assert sft.auto_micro_batch_tokens(24576, 1, 1, 1, smol, 2, 141e9)[0] == 8192         # must divide 24576
+    assert sft.auto_micro_batch_tokens(65536, 2, 2, 2, smol, 2, 141e9)[0] == 4096         # pp 2: M = 8 >= 4 pp
+    assert sft.auto_micro_batch_tokens(16384, 2, 2, 2, smol, 2, 141e9)[0] == 2048         # the floor (M = 4)
+    assert sft.auto_micro_batch_tokens(2048, 2, 1, 1, smol, 2, 141e9)[0] == 1024          # the whole share
+    assert sft.resolve(sft.Config(), cuda=True).micro_batch_tokens == 0                   # decided in setup()
+    assert sft.resolve(sft.Config(), cuda=False).micro_batch_tokens == 1024
 
 
 def test_sft_no_flags_is_the_tiny_toy_run(tmp_path):
