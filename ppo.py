@@ -16,8 +16,9 @@ data-parallel replica with its own engine and its share of the prompts):
      With --reward_model, an HF sequence classifier held by the trainer role scores each prompt + response
      too: reward = rule + reward_model_coef * rm_score (--no-rule_reward: the RM alone, for data without
      answers). Held-out evals stay the rule's accuracy.
-  3. SCORE: the trainer (nanotron) recomputes the log-probs of the sampled tokens (pi_old), the frozen
-     reference's (for KL) and the critic's values (PPO); the estimator turns scores into advantages.
+  3. SCORE: the trainer (nanotron) recomputes the log-probs of the sampled tokens (pi_old; with one update
+     per batch, the update's own forward: Trainer.reuse_logp), the frozen reference's (for KL) and the
+     critic's values (PPO); the estimator turns scores into advantages.
   4. UPDATE: epochs x mini-batches of PPO-clipped policy-gradient steps on packed micro-batches.
   5. SYNC: the new weights go to the engine in memory (update_weights), timed.
 One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
@@ -812,11 +813,19 @@ def pack(samples: list[dict], idx: list[int], budget: int, device) -> list[dict]
     return mbs
 
 
+REUSE_LOGP = True      # tests turn it off to check that the shortcut below changes nothing
+
+
 class Trainer:
     """Actor (+ critic, + reference) on one nanotron mesh."""
 
     def __init__(self, cfg: Config, nt, mesh, mcfg, path):
         self.cfg, self.nt, self.mesh = cfg, nt, mesh
+        # One update per batch (1 epoch, 1 mini-batch): pi_old IS the policy being updated, so its log-probs are
+        # the update's own forward, detached (ratio exactly 1, gradient grad log pi), and the separate forward
+        # pass for them is skipped (~1/3 of the actor's time). Not with KL in the reward: advantages need it first.
+        self.reuse_logp = REUSE_LOGP and cfg.epochs == cfg.mini_batches == 1 and not (
+            cfg.kl_coef > 0 and cfg.kl_in == "reward")
         dtype = getattr(torch, cfg.dtype)
 
         def build(seed):    # pp > 1: this rank's stage (its layers; the embedding first, the head last)
@@ -866,13 +875,15 @@ class Trainer:
         return t.cpu()
 
     @torch.no_grad()
-    def score(self, samples: list[dict], shape, timer: dict | None = None) -> dict:
+    def score(self, samples: list[dict], shape, timer: dict | None = None, old: bool | None = None) -> dict:
         """Forward-only passes: the trainer's log-probs (pi_old), the reference's, the critic's values [B, T].
         pp > 1: the micro-batches flow through the stages (nt.pipeline_forward) and the last one scatters.
-        timer: seconds per role (actor, reference, critic) are added to it."""
+        timer: seconds per role (actor, reference, critic) are added to it. old: pi_old's log-probs too (default:
+        unless reuse_logp, where update_actor fills them in)."""
         mbs = pack(samples, list(range(len(samples))), self.cfg.micro_batch_tokens, self.mesh.device)
         out, timer = {}, {} if timer is None else timer
-        for key, role, model, fn in (("old_logp", "actor", self.actor, lambda h, mb: self._logp(self.actor, h, mb)[0]),
+        actor = self.actor if (not self.reuse_logp if old is None else old) else None
+        for key, role, model, fn in (("old_logp", "actor", actor, lambda h, mb: self._logp(self.actor, h, mb)[0]),
                                      ("ref_logp", "reference", self.ref, lambda h, mb: self._logp(self.ref, h, mb)[0]),
                                      ("values", "critic", self.critic, self._values)):
             if model is None:
@@ -908,20 +919,24 @@ class Trainer:
     def update_actor(self, samples, batch: dict, idx: list[int], lr: float, norm: dict) -> dict:
         cfg, dev = self.cfg, self.mesh.device
         stats = {"clip_frac": [], "approx_kl": [], "entropy": [], "kl": []}
+        shape = batch["mask"].shape
+        reused = torch.zeros(shape, device=dev) if batch["old_logp"] is None else None     # see reuse_logp
 
         def loss_on(h, mb):
             sel = mb["samples"]
             logp_p, ent_p = self._logp(self.actor, h, mb, entropy=True)
-            shape = batch["mask"].shape
             logp = self._scatter(logp_p, mb, shape)[sel]
             take = lambda k: batch[k][sel].to(dev)                       # noqa: E731
+            if reused is not None:
+                reused[sel] = logp.detach()                    # pi_old = this very forward (see reuse_logp)
+            old = logp.detach() if reused is not None else take("old_logp")
             mask = take("lmask")                    # the response tokens that count (dynamic sampling zeroes some)
             if cfg.algo == "raft":                                       # SFT on the correct samples
                 loss = aggregate(-logp, mask * take("keep")[:, None], cfg.loss_agg, norm["tokens"], norm["seqs"],
                                  norm["max_len"])
             else:
-                w = tis_weights(take("old_logp"), take("engine_logp"), cfg.tis_cap) if cfg.tis_cap > 0 else None
-                pl, st = policy_loss(logp, take("old_logp"), take("adv"), mask, cfg.clip_low, cfg.clip_high,
+                w = tis_weights(old, take("engine_logp"), cfg.tis_cap) if cfg.tis_cap > 0 else None
+                pl, st = policy_loss(logp, old, take("adv"), mask, cfg.clip_low, cfg.clip_high,
                                      cfg.dual_clip, cfg.gspo, w)
                 stats["clip_frac"].append(st["clip_frac"])
                 stats["approx_kl"].append(st["approx_kl"])
@@ -941,6 +956,8 @@ class Trainer:
         loss = self._micro_steps(self.actor, pack(samples, idx, cfg.micro_batch_tokens, dev), self.opt, loss_on)
         gnorm = self.opt.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else self.opt.dp.grad_norm()
         self.opt.step(lr=lr)
+        if reused is not None:                                    # pp > 1: the last stage computed them
+            batch["old_logp"] = self._from_last_stage(reused.cpu())
         mean = lambda v: sum(v) / len(v) if v else 0.0                  # noqa: E731
         names = sorted(stats)                   # pp > 1: the statistics live on the last stage
         means = self._from_last_stage(torch.tensor([mean(stats[k]) for k in names], dtype=torch.float64)).tolist()

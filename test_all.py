@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2020, "nanotron.py": 2825,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1057, "ppo.py": 1974, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1057, "ppo.py": 1991, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7264,6 +7264,29 @@ def test_ppo_grpo_learns_the_toy_reward(tmp_path, monkeypatch):
     role.shutdown()
 
 
+@pytest.mark.parametrize("extra", [[], ["--mode", "one_step_off", "--kl_coef", "0.05"]])
+def test_ppo_reused_logp_equals_the_separate_forward(tmp_path, monkeypatch, extra):
+    """One update per batch: pi_old's log-probs come from the update's own forward (REUSE_LOGP) instead of a
+    forward pass of their own. The same run with the shortcut off: the same losses, gaps and weights (fp32)."""
+    monkeypatch.chdir(tmp_path)
+    runs = {}
+    for reuse in (True, False):
+        monkeypatch.setattr(ppo, "REUSE_LOGP", reuse)
+        ppo.main(PPO_FAST + ["--steps", "3", "--out", f"o{reuse}", "--save_every", "3"] + extra)
+        runs[reuse] = [r for r in _ppo_rows(f"o{reuse}") if "reward" in r]
+    for a, b in zip(runs[True], runs[False]):
+        for k in ("reward", "pg_loss", "logp_gap_mean", "logp_gap_max", "grad_norm", "kl"):
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a[k], b[k])
+    if extra:
+        assert runs[True][-1]["logp_gap_mean"] > 1e-4                 # off-policy: the real gap, still measured
+    from safetensors.torch import load_file
+    w = []
+    for r in (True, False):
+        mg.main([str(tmp_path / f"o{r}"), "--dtype", "float32"])
+        w.append(load_file(str(tmp_path / f"o{r}" / "step_3" / "hf" / "model.safetensors")))
+    assert w[0].keys() == w[1].keys() and all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0])
+
+
 def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     ppo.main(PPO_FAST + ["--steps", "4", "--mode", "one_step_off", "--out", "o"])
@@ -7614,7 +7637,7 @@ def test_ppo_lora_trains_only_the_adapters_and_the_engine_gets_them_merged(tmp_p
     shape = ppo.padded(samples).shape
 
     def margin():                     # mean log-prob of a rewarded response minus that of an unrewarded one
-        lp = tr.score(samples, shape)["old_logp"].sum(1)
+        lp = tr.score(samples, shape, old=True)["old_logp"].sum(1)
         good = torch.tensor(scores).bool()
         return float(lp[good].mean() - lp[~good].mean())
     before = margin()
@@ -7645,7 +7668,7 @@ def test_ppo_lora_trains_only_the_adapters_and_the_engine_gets_them_merged(tmp_p
     llm.verbose = False
     rows = [{"prompt_ids": s["prompt_ids"], "answer": ""} for s in samples[::4]]
     out = ppo.rollout(llm, rows, dataclasses.replace(cfg, max_new_tokens=6), 0, 0)
-    gap = (ppo.padded(out, "engine_logp") - tr.score(out, ppo.padded(out).shape)["old_logp"]).abs()
+    gap = (ppo.padded(out, "engine_logp") - tr.score(out, ppo.padded(out).shape, old=True)["old_logp"]).abs()
     assert float(gap.max()) < 1e-4
     role.close()
 
