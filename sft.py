@@ -386,6 +386,8 @@ def _global_counts(mbs: list, mesh: nt.Mesh, objective: str) -> list:
     units = sum(mb["n_pairs"] if objective == "dpo" else int((mb["labels"] != IGNORE).sum()) for mb in mbs)
     ntok = sum(len(mb["input_ids"]) for mb in mbs)
     sq = sum(int(((mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).double() ** 2).sum()) for mb in mbs)
+    if mesh.dp == 1:                      # host numbers (the micro-batches are still on the CPU): no GPU sync
+        return [units, ntok, sq]
     t = torch.tensor([units, ntok, sq], dtype=torch.float64, device=mesh.device)
     return mesh.all_reduce_(t, "dp").tolist()                                           # .tolist() syncs
 
@@ -420,11 +422,13 @@ def train_step(model, mesh, opt, mbs: list, cfg: Config, lr: float, ref=None) ->
     grad_norm = opt.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else opt.dp.grad_norm()
     opt.step(lr=lr)
     # the logged loss: the same global mean the gradient came from (pipeline_step returns this pipeline's sum)
-    t = mesh.all_reduce_(torch.tensor([loss_sum, acc], dtype=torch.float64, device=mesh.device), "dp")
-    out = {"loss": t[0].item() / max(units, 1.0), "grad_norm": grad_norm.item(), "tokens": int(ntok),
+    if mesh.dp > 1:                    # (a host list copied to the GPU waits for the stream: dp = 1 skips it)
+        t = mesh.all_reduce_(torch.tensor([loss_sum, acc], dtype=torch.float64, device=mesh.device), "dp")
+        loss_sum, acc = t.tolist()
+    out = {"loss": loss_sum / max(units, 1.0), "grad_norm": float(grad_norm), "tokens": int(ntok),
            "loss_units": int(units), "seq_len_eff": sq / max(ntok, 1.0)}
     if cfg.objective == "dpo":
-        out["reward_acc"] = t[1].item() / max(units, 1.0)
+        out["reward_acc"] = acc / max(units, 1.0)
     return out
 
 

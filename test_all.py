@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2020, "nanotron.py": 2825,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1057, "ppo.py": 1991, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1061, "ppo.py": 1991, "merge.py": 200,
                 "eval.py": 730}
 
 
