@@ -346,6 +346,7 @@ class Config:
     seed: int = 0  # prompt order, sampling, the tiny model's init
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
     engine_memory: float = 0.3  # share of GPU memory the colocated engine takes (weights + KV cache)
+    engine_sleep: bool = False  # colocated: the engine frees its weights and KV cache while the trainer steps
     grade_workers: int = 2  # math-verify grading processes
     grade_timeout_s: float = 5.0  # per answer; slower ones count as wrong
     backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
@@ -1265,6 +1266,9 @@ class EngineRole:
     def join_link(self, addr: str, rank: int, world: int, backend: str) -> None:
         self.link = _Link(addr, rank, world, backend)
 
+    def nap(self, wake: bool) -> float:
+        return self.llm.wake_up() if wake else self.llm.sleep(2)
+
     def where(self) -> str:
         return f"pid {os.getpid()} on {self.llm.device}"
 
@@ -1422,8 +1426,13 @@ class _Engines:
     (each sample's seed depends on its prompt's row, not on the engine, so any E samples the same tokens), and
     returns a future: call it for the samples, in prompt order."""
 
-    def __init__(self, handles: list, get):
-        self.handles, self.get = handles, get
+    def __init__(self, handles: list, get, sleepy: bool = False):
+        self.handles, self.get, self.sleepy = handles, get, sleepy
+
+    def nap(self, wake: bool) -> float:
+        """--engine_sleep (engines sharing the trainer's GPU): free the engines' KV cache and weights for the
+        trainer's step (nanovllm sleep level 2: the sync refills the weights), or restore them; seconds."""
+        return max(self.get([h.nap.remote(wake) for h in self.handles])) if self.sleepy else 0.0
 
     def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False):
         k = -(-len(rows) // len(self.handles))                       # ceil: prompts per engine
@@ -1617,7 +1626,7 @@ def main(argv=None) -> dict:
         rewarder = Rewarder(cfg, load_tokenizer(folder),
                             (lambda s: get(trainer.rm_scores.remote(s))) if cfg.reward_model else None)
         try:
-            return _loop(cfg, trainer, _Engines(handles, get), sync, get, rewarder, train_rows, test_rows, info,
+            return _loop(cfg, trainer, _Engines(handles, get, cfg.engine_sleep and not split), sync, get, rewarder, train_rows, test_rows, info,
                          extra, say, out, t_start)
         except Exception as e:
             if ray is None or not isinstance(e, ray.exceptions.RayActorError):
@@ -1717,8 +1726,12 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 baseline = rewarder(engines.generate(greedy_rows(samples, n), step, -1, True)())[0]
             timer["reward"] = time.perf_counter() - t0 - (timer["generate"] - t_gen)
             lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
+            if engines.sleepy:                   # colocated: the trainer's step gets the engine's memory
+                timer["sleep"] = engines.nap(False)
             m, t = get(trainer.step.remote(samples, scores, answered, step, lr, baseline))
             timer.update(t)
+            if engines.sleepy:
+                timer["wake"] = engines.nap(True)
             t0 = time.perf_counter()
             moved = sync()    # an actor runs its calls in order: this waits for the generation asked for above
             version = step + 1

@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2020, "nanotron.py": 2825,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1061, "ppo.py": 1991, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1061, "ppo.py": 2004, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7285,6 +7285,27 @@ def test_ppo_reused_logp_equals_the_separate_forward(tmp_path, monkeypatch, extr
         mg.main([str(tmp_path / f"o{r}"), "--dtype", "float32"])
         w.append(load_file(str(tmp_path / f"o{r}" / "step_3" / "hf" / "model.safetensors")))
     assert w[0].keys() == w[1].keys() and all(torch.allclose(w[0][k], w[1][k], atol=1e-6) for k in w[0])
+
+
+def test_ppo_engine_sleep_frees_the_engine_during_the_step_and_changes_nothing(tmp_path, monkeypatch):
+    """--engine_sleep: the colocated engine holds no weights while the trainer steps (nanovllm sleep level 2),
+    wakes up, gets the new weights by the sync, and the run equals the one without sleeping."""
+    monkeypatch.chdir(tmp_path)
+    naps, nap = [], ppo.EngineRole.nap
+
+    def spy(self, wake):
+        secs = nap(self, wake)
+        naps.append((wake, sum(p.numel() for p in self.llm.executor.runner.model.parameters())))
+        return secs
+    monkeypatch.setattr(ppo.EngineRole, "nap", spy)
+    ppo.main(PPO_FAST + ["--steps", "3", "--out", "a", "--engine_sleep"])
+    ppo.main(PPO_FAST + ["--steps", "3", "--out", "b"])
+    assert [w for w, _ in naps] == [False, True] * 3
+    assert all((n > 0) == w for w, n in naps)                        # asleep: no weights; awake: all of them
+    a, b = ([r for r in _ppo_rows(o) if "reward" in r] for o in ("a", "b"))
+    assert [r["reward"] for r in a] == [r["reward"] for r in b] and "time_wake" in a[0] and "time_wake" not in b[0]
+    assert [r["eval_accuracy"] for r in _ppo_rows("a") if "eval_accuracy" in r] == \
+        [r["eval_accuracy"] for r in _ppo_rows("b") if "eval_accuracy" in r]
 
 
 def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
