@@ -159,10 +159,7 @@ class ModelConfig:
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
         if self.model_type != "qwen2":     # Qwen2's q/k/v bias is hard-wired, the others have a flag
             d["attention_bias"] = False
-        if self.model_type == "llama":
-            d["mlp_bias"] = False
-        else:
-            d["use_sliding_window"] = False
+        d["mlp_bias" if self.model_type == "llama" else "use_sliding_window"] = False
         return d
 
 
@@ -620,9 +617,10 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied). Spelled out
-    rather than read from a meta-device model: building one imports torch's meta registrations (~2 s a process)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    """Every tensor name an HF checkpoint of this config may have: lm_head.weight also when tied (some tied checkpoints
+    store it anyway: tolerated, not required). Spelled out rather than read from a meta-device model: building one
+    imports torch's meta registrations (~2 s a process)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
@@ -630,8 +628,6 @@ def hf_tensor_names(cfg: ModelConfig) -> list[str]:
         names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
         names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
         names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    if cfg.tie_word_embeddings:
-        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
     return names
 
 
@@ -693,9 +689,7 @@ def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
     os.replace(tmp, folder)
 
 
-# ==== The chapters. Above: the model at tp=1 (the first read). Each chapter below adds one idea and reads
-# on its own after the mesh: tensor parallelism, pipeline parallelism, data parallelism + ZeRO, the
-# optimizer, checkpoints, the benchmark. ===============================================================
+# ==== The chapters (see the module docstring): each adds one idea and reads on its own after the mesh ====
 
 # ---- mesh ------------------------------------------------------------------------------------------
 # Rank layout: rank = (pp_rank * dp + dp_rank) * tp + tp_rank, i.e. tp varies fastest, then dp, then pp.
@@ -860,9 +854,6 @@ class Mesh:
     def all_gather(self, t, dim=0, kind="tp"):
         return all_gather(t, dim, self.group(kind))
 
-    def reduce_scatter(self, t, dim=0, kind="tp"):
-        return reduce_scatter(t, dim, self.group(kind))
-
     def barrier(self):
         if self.world > 1:
             dist.barrier()
@@ -890,8 +881,7 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
             ok = [t for t in range(1, c.num_kv_heads + 1) if all(m % t == 0 for _, m in cuts)]
             raise ValueError(f"--tp {tp} must divide the model's {n} {name} ({c.num_heads} heads, {c.num_kv_heads} "
                              f"kv heads, intermediate_size {c.intermediate_size}); this model takes --tp in {ok}")
-    if -(-c.vocab_size // tp) * (tp - 1) >= c.vocab_size:
-        raise ValueError(f"--tp {tp}: the model's vocab of {c.vocab_size} rows leaves the last TP rank no row")
+    vocab_shard(c.vocab_size, tp, 0)                   # raises when the last TP rank would own no vocab row
     if pp > c.num_layers:
         raise ValueError(f"--pp {pp}: the model has {c.num_layers} layers and every pipeline stage needs at "
                          f"least one; use --pp <= {c.num_layers}")
