@@ -1,19 +1,17 @@
 """nanotron: the training model of nanorlhf and the (dp, pp, tp) machinery that trains it on 1..N GPUs.
 
-Stands in for Megatron-LM / picotron / nanotron. Keeps: the Qwen3 / Qwen2 / Llama (SmolLM2) decoder
-family loaded from HF safetensors, packed varlen batches (no padding), activation checkpointing, one
-explicit rank-grid object, Megatron tensor parallelism (column / row / vocab-parallel layers, the
-vocab-parallel loss) with optional sequence parallelism, pipeline parallelism (AFAB, 1F1B), data
-parallelism with ZeRO 0-3, fp32 master weights and AdamW. Drops: MoE, rope scaling, sliding windows,
-context parallelism, fp8, kv-head replication when tp > num_kv_heads.
+Stands in for Megatron-LM / picotron / nanotron. Keeps: the Qwen3 / Qwen2 / Llama (SmolLM2) decoder family loaded from
+HF safetensors, packed varlen batches (no padding), activation checkpointing, one explicit rank-grid object, Megatron
+tensor parallelism (column / row / vocab-parallel layers, the vocab-parallel loss) with optional sequence parallelism,
+pipeline parallelism (AFAB, 1F1B), data parallelism with ZeRO 0-3, fp32 master weights and AdamW. Drops: MoE, rope
+scaling, sliding windows, context parallelism, fp8, kv-head replication when tp > num_kv_heads.
 
-How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp)
-and creates one process group per row/column of it. `Transformer(cfg, mesh)` builds only this rank's
-slice of every weight (a column-parallel layer keeps out_features/tp rows, a row-parallel one
-in_features/tp columns, the vocab layers V/tp rows) and `load_hf` cuts each full HF tensor for it.
-The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`; two all-reduces per layer (or an
-all-gather + reduce-scatter pair under sequence parallelism) make every layout compute the same
-numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
+How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp) and creates
+one process group per row/column of it. `Transformer(cfg, mesh)` builds only this rank's slice of every weight (a
+column-parallel layer keeps out_features/tp rows, a row-parallel one in_features/tp columns, the vocab layers V/tp
+rows) and `load_hf` cuts each full HF tensor for it. The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`;
+two all-reduces per layer (or an all-gather + reduce-scatter pair under sequence parallelism) make every layout
+compute the same numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
 Read first, lines 1-689: the model at tp=1, config -> pure functions -> model -> HF folders, then
@@ -894,10 +892,9 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
 #   f: identity forward, all-reduce backward  (before a column-parallel layer: X is replicated, but each
 #      rank's dL/dX is only its own columns' contribution)
 #   g: all-reduce forward, identity backward  (after a row-parallel layer: sums the partial products)
-# Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps the activations BETWEEN the parallel
-# regions (norms, residual adds) split along the token dim: g becomes a reduce-scatter and f an
-# all-gather (same bytes moved: an all-reduce IS a reduce-scatter + an all-gather), and the norm
-# activations take 1/tp of the memory.
+# Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps the activations BETWEEN the parallel regions
+# (norms, residual adds) split along the token dim: g becomes a reduce-scatter and f an all-gather (same bytes moved:
+# an all-reduce IS a reduce-scatter + an all-gather), and the norm activations take 1/tp of the memory.
 
 class _Comm(torch.autograd.Function):
     """A communication op and its conjugate: forward(x) = fwd(x, group), backward(g) = bwd(g, group)."""
@@ -1210,16 +1207,15 @@ def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = No
 
 
 # -- point-to-point --
-# Activations go from pp rank r to r+1, gradients from r+1 back to r, between ranks of the same (dp, tp)
-# coordinate (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under sequence
-# parallelism). N varies per micro-batch, so an activation is preceded by an int64 header [8] =
-# [ndim, *shape, 0 ..]. A gradient needs none: it has the shape of the activation the receiver sent.
-# DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv of all its sends and receives, so two
-# neighbours that send to each other at the same moment (1F1B's steady state: r sends activation k+1
-# while r+1 sends gradient k) cannot both block in send. Headers go in their own batch BEFORE the
-# tensors (the receiver must allocate), on both sides, so the two sides' sequences of batches between
-# any pair stay in step. The ops run on the pp group: its first use is pipeline_step's micro-batch count
-# check, which all its ranks join (NCCL requires that of a group's first batched p2p).
+# Activations go from pp rank r to r+1, gradients from r+1 back to r, between ranks of the same (dp, tp) coordinate
+# (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under sequence parallelism). N varies per
+# micro-batch, so an activation is preceded by an int64 header [8] = [ndim, *shape, 0 ..]. A gradient needs none: it
+# has the shape of the activation the receiver sent. DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv
+# of all its sends and receives, so two neighbours that send to each other at the same moment (1F1B's steady state: r
+# sends activation k+1 while r+1 sends gradient k) cannot both block in send. Headers go in their own batch BEFORE the
+# tensors (the receiver must allocate), on both sides, so the two sides' sequences of batches between any pair stay in
+# step. The ops run on the pp group: its first use is pipeline_step's micro-batch count check, which all its ranks
+# join (NCCL requires that of a group's first batched p2p).
 
 _HEADER = 8
 
