@@ -379,10 +379,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, mesh, sp, use_kernels, dtype, device)
 
     def forward(self, x, positions, cu_seqlens, max_seqlen, rope, residual=None):
-        if residual is None:                                            # the first layer: x is the stream
-            y, residual = self.input_norm(x), x
-        else:
-            y, residual = self.input_norm(x, residual)                  # residual = x + residual
+        # the first layer's x is the stream itself; later layers fuse residual = x + residual into the norm
+        y, residual = (self.input_norm(x), x) if residual is None else self.input_norm(x, residual)
         a = self.attn(y, positions, cu_seqlens, max_seqlen, rope)
         y, residual = self.post_attn_norm(a, residual)                  # h = a + residual
         return self.mlp(y), residual
@@ -1655,23 +1653,17 @@ class DataParallel:
         in_layer = {id(p) for layer in model.layers for p in layer.parameters()}
         units = [[(name_of[id(p)], p) for p in layer.parameters()] for layer in reversed(model.layers)]
         root = [(n, p) for n, p in named if id(p) not in in_layer]
-        return [u for u in units if u] + ([root] if root else [])
+        return units + ([root] if root else [])
 
     def _install_zero3_hooks(self, model):
-        by_first = {id(b.params[0]): b for b in self.buckets}
-        for layer in model.layers:
-            b = by_first[id(next(layer.parameters()))]
+        for layer, b in zip(reversed(model.layers), self.buckets):      # _units: the layers' units come first
             layer.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
             layer.register_forward_hook(lambda m, args, out, b=b: self._after_forward(b, out))
-        in_layer = {id(p) for layer in model.layers for p in layer.parameters()}
-        roots = [b for b in self.buckets if id(b.params[0]) not in in_layer]
-        # The root (embedding, final norm, LM head) is gathered when forward starts and stays gathered
-        # until its grads are all in: the loss uses the head weight OUTSIDE any module call, so no
-        # module hook could gather it in time. It is the one unit that is not freed after its forward.
-        def gather_roots(module, args):
-            for b in roots:
-                self._gather(b)
-        model.register_forward_pre_hook(gather_roots)
+        # The root (embedding, final norm, LM head) is gathered when forward starts and stays gathered until its
+        # grads are all in: the loss uses the head weight OUTSIDE any module call, so no module hook could gather
+        # it in time. It is the one unit that is not freed after its forward.
+        for b in self.buckets[len(model.layers):]:
+            model.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
 
     def _after_forward(self, b, out):
         # a layer returns (sublayer output, residual): wrapping the first is enough, since the layer's first
