@@ -388,18 +388,13 @@ class DecoderLayer(nn.Module):
 
 class HFSlot(NamedTuple):
     """Where one HF tensor lives in this rank's parameters and how TP cut it. Transformer.hf_slots() drives
-    loading, random init, state dicts, the optimizer's layout-free state and checkpoints.
-        param       the nn.Parameter that holds (a piece of) the tensor
-        kind        'rep' replicated | 'col' rows split over TP (a part of a fused column-parallel weight:
-                    q of qkv, up of gate_up) | 'row' columns split | 'vocab' rows split, padded to V_r per rank
-        offset      'col': the first row of this part in param (k starts after q's rows); else 0
-        rows        'col': this part's rows on this rank (its out features / tp); else 0
-        full_shape  the shape of the full HF tensor"""
-    param: nn.Parameter
-    kind: str
-    offset: int
-    rows: int
-    full_shape: tuple
+    loading, random init, state dicts, the optimizer's layout-free state and checkpoints."""
+    param: nn.Parameter     # the nn.Parameter that holds (a piece of) the tensor
+    kind: str               # 'rep' replicated | 'col' rows split over TP (a part of a fused column-parallel weight:
+                            # q of qkv, up of gate_up) | 'row' columns split | 'vocab' rows split, padded to V_r
+    offset: int             # 'col': the first row of this part in param (k starts after q's rows); else 0
+    rows: int               # 'col': this part's rows on this rank (its out features / tp); else 0
+    full_shape: tuple       # the shape of the full HF tensor
 
     def local(self, t=None):
         """The slice of t (default: the parameter; or a tensor of its shape, its grad) this HF tensor fills."""
@@ -433,13 +428,10 @@ class Transformer(nn.Module):
         self.embed = vocab() if has_embedding else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
                                     for _ in range(a, b))
-        self.norm = self.lm_head = None
-        if has_head:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels,
-                                self.mesh.tp_group if self.sp else None, dtype, device)
-            # tied: the head IS the embedding matrix, or on a last stage without it, a copy (PP chapter)
-            if not (cfg.tie_word_embeddings and has_embedding):
-                self.lm_head = vocab()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels,
+                            self.mesh.tp_group if self.sp else None, dtype, device) if has_head else None
+        # tied: the head IS the embedding matrix, or on a last stage without it, a copy (PP chapter)
+        self.lm_head = vocab() if has_head and not (cfg.tie_word_embeddings and has_embedding) else None
         # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
         self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                                 device), persistent=False)
@@ -770,8 +762,7 @@ class Mesh:
     shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
     KINDS = ("tp", "dp", "pp", "dp_tp")
 
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None,
-                 timeout_s: float = 600.0):
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, timeout_s: float = 600.0):
         for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
             if not (isinstance(n, int) and n >= 1):
                 raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
@@ -779,7 +770,7 @@ class Mesh:
         if not 0 <= rank < self.world:
             raise ValueError(f"Mesh: rank {rank} outside the grid of {self.world} ranks")
         self.device = torch.device(device if device is not None else "cpu")
-        self._groups = groups or {}
+        self._groups = {}                                      # kind -> ProcessGroup, filled by Mesh.build
         self.timeout = datetime.timedelta(seconds=timeout_s)   # of every process group Mesh.build makes
         # coordinates from rank = (pp_rank * dp + dp_rank) * tp + tp_rank
         self.tp_rank, self.dp_rank, self.pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
