@@ -14,7 +14,7 @@ two all-reduces per layer (or an all-gather + reduce-scatter pair under sequence
 compute the same numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, lines 1-689: the model at tp=1, config -> pure functions -> model -> HF folders, then
+Read first, lines 1-677: the model at tp=1, config -> pure functions -> model -> HF folders, then
 selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
 nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
 (after the mesh); each opens with a comment that teaches its idea before any code:
