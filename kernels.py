@@ -10,7 +10,7 @@ tensors when Triton is installed, the reference otherwise; "triton" or "ref" for
 with "triton" run under TRITON_INTERPRET=1). Training kernels are autograd Functions.
 
 Public API (shapes: N packed tokens, B sequences, H query heads, Hkv kv heads, D head dim, Hd hidden,
-V vocab; varlen batches are packed with cu_seqlens[B+1]):
+I MLP width, V vocab; varlen batches are packed with cu_seqlens[B+1]):
   attention   flash_attn_varlen(q[N,H,D], k[N,Hkv,D], v, cu_seqlens, max_seqlen)  (+ flash_attn dense)
               paged_attention_decode(q[B,H,D], k_cache, v_cache, block_table, context_lens)
               paged_attention_prefill(q[N,H,D], k_cache, v_cache, block_table, cu_seqlens_q, context_lens)
@@ -27,14 +27,13 @@ Commands:
                               torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
   python kernels.py --help    (--debug: full tracebacks)
 
-First read (~700 lines): the shared helpers; the attention section from its opening comment through
-the flash forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the
-varlen API; RMSNorm (reference, forward kernel, autograd Function); the LM-head losses' opening comment,
-references and chunked autograd Functions. The rest are independent chapters, each readable alone:
-flash backward . paged decode (split-K) . paged prefill and the KV-cache store . RoPE + qk-norm .
-SwiGLU . vocab-parallel losses (hooks and the two row kernels) . benchmark . self-test and CLI.
-Sections (`# ====` banners): shared helpers . attention . row-wise kernels . losses over the LM head .
-benchmark . self-test and command line
+First read (~700 lines): the shared helpers; the attention section from its opening comment through the flash
+forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the varlen API; RMSNorm
+(reference, forward kernel, autograd Function); the LM-head losses' opening comment, references and chunked autograd
+Functions. The rest are independent chapters, each readable alone: flash backward . paged decode (split-K) . paged
+prefill and the KV-cache store . RoPE + qk-norm . SwiGLU . vocab-parallel losses (hooks and the two row kernels) .
+benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise kernels . losses
+over the LM head . benchmark . self-test and command line
 """
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
@@ -66,14 +65,11 @@ def _jit(fn=None, *, dynamic: tuple = ()):
     a step brings a new kind: in the middle of a training or serving run. They only bound loops and masks."""
     if fn is None:
         return lambda f: _jit(f, dynamic=dynamic)
-    if triton is None:
-        return fn
-    return triton.jit(fn, do_not_specialize=list(dynamic)) if dynamic else triton.jit(fn)
+    return fn if triton is None else triton.jit(fn, do_not_specialize=list(dynamic))
 
 
 def _use_triton(impl: str, *tensors) -> bool:
-    """impl='auto': Triton on CUDA tensors when Triton is installed; 'triton' forces it (CPU tensors run
-    under TRITON_INTERPRET=1); 'ref' forces the torch reference."""
+    """Whether the Triton path runs for impl 'auto' | 'triton' | 'ref' (the rule: see the module docstring)."""
     if impl not in ("auto", "triton", "ref"):
         raise ValueError(f"impl must be 'auto', 'triton' or 'ref', got {impl!r}")
     if impl == "triton" and triton is None:
@@ -101,8 +97,7 @@ def _sm_count(device: torch.device) -> int:
 # recomputes the probabilities from the saved log-sum-exp. Paged attention (Kwon et al. 2023, vLLM)
 # is the same loop with the key/value rows gathered through a block table (decode: + flash-decoding).
 #
-# Shapes legend: N packed tokens, B sequences, S (max) sequence length, H query heads, Hkv kv heads,
-# G = H / Hkv query heads per kv head, D head dim, P block (page) size of the paged cache.
+# Shapes beyond the docstring's: S (max) sequence length, G = H / Hkv query heads per kv head, P block (page) size.
 
 
 # ---- helpers ------------------------------------------------------------------------------------------
@@ -305,8 +300,7 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
     else:       # keys: the sequence's own packed rows
         k_start, k_len = q_start, q_len
     causal_offset = k_len - q_len
-    Hkv = H // G
-    kv_stride = Hkv * D                                  # one token row of a [*, Hkv, D] buffer
+    kv_stride = (H // G) * D                             # one token row of a [*, Hkv, D] buffer
     K, V = K + (h // G) * D, V + (h // G) * D            # GQA: query head h reads kv head h // G
     bt_row = block_table + b.to(tl.int64) * bt_stride
 
@@ -628,7 +622,6 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
     """Grid (B, Hkv, splits). Q [B, H, D]; K/V [num_blocks, P, Hkv, D]. Writes O [B, H, splits, D] (the
     output itself when splits == 1) and, when SPLIT, LSE [B, H, splits]."""
     b, kvh, split, splits = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2)
-    Hkv = H // G
     ctx = tl.load(context_lens + b)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, ctx)
@@ -644,7 +637,7 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
     # The flash forward's loop over this split's keys [lo, hi): pages gathered through the block table,
     # every tile masked at hi (a split may end mid-tile), no causal mask (the newest token sees them all).
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K + kvh * D, V + kvh * D, bt_row, offs_g, lo, hi, 0, hi, 0,
-                                    qk_scale, Hkv * D, D, BLOCK_N, True, False, True, P)
+                                    qk_scale, (H // G) * D, D, BLOCK_N, True, False, True, P)
     # An empty split (lo >= ctx, or ctx == 0) writes o = 0 and lse = -inf: it then weighs 0 in the merge.
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     row = (b.to(tl.int64) * H + heads) * splits + split                  # [G_PAD] row of O viewed as [B*H*splits, D]
@@ -775,18 +768,15 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
 # do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS rows x BLOCK columns, with BLOCK =
 # next_pow2(row length) so a row's reduction stays in registers. All math is fp32 inside; results are stored in the
 # input dtype. Weight gradients are reduced without atomics: a persistent backward grid writes one fp32 partial row
-# per program, torch sums them (deterministic, bitwise repeatable).
-#
-# Shapes legend: N packed tokens, H query heads, Hkv kv heads, D head dim, Hd hidden size, I MLP width.
+# per program, torch sums them (deterministic, bitwise repeatable). Shapes: the legend of the module docstring.
 
 
 # ---- helpers ----------------------------------------------------------------------------------------
 
 def _row_cfg(row_len: int, elems: int = 4096, per_thread: int = 16, rows=None, warps=None):
-    """(BLOCK, ROWS, num_warps) for a tile of ROWS whole rows (BLOCK = next_pow2(row_len) columns).
-    Callers pick ~elems elements per tile and per_thread elements per thread (per_thread 8 = one
-    16-byte bf16 load per input per thread). Small rows (qk-norm's D=128) pack many rows per program so
-    the launch is not a million tiny programs. rows/warps override the heuristic."""
+    """(BLOCK, ROWS, num_warps) for a tile of ROWS whole rows (BLOCK = next_pow2(row_len) columns): ~elems elements
+    per tile, per_thread per thread (8 = one 16-byte bf16 load per input). Small rows (qk-norm's D=128) pack many
+    rows per program, so the launch is not a million tiny programs. rows/warps override the heuristic."""
     BLOCK = triton.next_power_of_2(row_len)
     if BLOCK > 32768:
         raise ValueError(f"row length {row_len} too large: these kernels keep a whole row (<= 32768) in registers")
@@ -946,11 +936,10 @@ class _RMSNormFn(torch.autograd.Function):
 
 
 def rms_norm(x, weight, eps=1e-6, residual=None, impl="auto"):
-    """RMSNorm over the last dim, optionally fused with the pre-norm residual add.
-    x [..., Hd], weight [Hd], residual [..., Hd] | None (same shape and dtype as x). Returns y [..., Hd] in
-    x's dtype, or (y, h) with h = x + residual, the new residual stream.
-    rms_norm_ref is HF Qwen3RMSNorm bit for bit; the kernel agrees to rounding (its sum order differs).
-    One difference: an fp32 weight with a bf16 x gives HF an fp32 output (promotion), here bf16."""
+    """RMSNorm over the last dim, optionally fused with the pre-norm residual add. x [..., Hd], weight [Hd], residual
+    [..., Hd] | None (same shape and dtype as x). Returns y [..., Hd] in x's dtype, or (y, h) with h = x + residual,
+    the new residual stream. rms_norm_ref is HF Qwen3RMSNorm bit for bit; the kernel agrees to rounding (its sum
+    order differs). One difference: an fp32 weight with a bf16 x gives HF an fp32 output (promotion), here bf16."""
     if x.dim() < 1 or weight.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm: weight must have shape [{x.shape[-1] if x.dim() else '?'}] "
                          f"(x's last dim), got {tuple(weight.shape)}")
@@ -1259,18 +1248,17 @@ def swiglu(gate, up, impl="auto"):
 # Why: the eager `F.cross_entropy((h @ W^T).float(), y)` at N=16k tokens and a Qwen vocab of V=151936 holds the bf16
 # logits (16384 x 151936 x 2 B = 5.0 GB), their fp32 copy (9.96 GB), the fp32 log-softmax saved for backward (9.96 GB)
 # and in backward the fp32 and bf16 gradients of the logits: 29.9 GB measured, for a loss of one number per token.
-# How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype
-# (cuBLAS); ONE Triton pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target
-# logit, entropy); a second Triton pass writes d loss/d logits IN PLACE over the same buffer; two more
-# matmuls turn it into grad_h_c = dlogits @ W and grad_W += dlogits^T @ h_c. One [C, V] buffer is
-# alive (C=2048: 0.62 GB at V=151936 in bf16) plus the fp32 grad_W (_add_grad_w).
-# - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so
-#   d loss/d loss_i is known up front); backward only multiplies them by grad_output.
-# - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's
-#   logits (one extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
-# Precision in bf16: the logits are rounded to bf16 (as eager, HF and Liger do: the largest error left,
-# several % on the rows of a few large logits against fp32 logits), d loss/d logits is rounded to bf16
-# to feed the GEMMs (one rounding per term, as eager does), and grad_W once.
+# How: cut the N tokens into chunks of C rows. Per chunk: logits = h_c @ W^T in the input dtype (cuBLAS); ONE Triton
+# pass per row computes the online max and sum-exp in fp32 (log-sum-exp, target logit, entropy); a second Triton pass
+# writes d loss/d logits IN PLACE over the same buffer; two more matmuls turn it into grad_h_c = dlogits @ W and
+# grad_W += dlogits^T @ h_c. One [C, V] buffer is alive (C=2048: 0.62 GB at V=151936 in bf16) plus the fp32 grad_W.
+# - cross-entropy (sum/mean) computes the gradients during the forward (the reduction is a sum, so d loss/d loss_i is
+#   known up front); backward only multiplies them by grad_output.
+# - log-probs (+ entropy) keeps only h and the per-row lse / entropy; backward recomputes each chunk's logits (one
+#   extra matmul) because d loss/d logp_i and d loss/d H_i are only known then.
+# Precision in bf16: the logits are rounded to bf16 (as eager, HF and Liger do: the largest error left, several % on
+# the rows of a few large logits against fp32 logits), d loss/d logits is rounded to bf16 to feed the GEMMs (one
+# rounding per term, as eager does), and grad_W once (_add_grad_w).
 # Legend: N packed tokens, Hd hidden size, V vocab (V_r: this rank's vocab slice), C rows per chunk.
 
 
@@ -1339,11 +1327,9 @@ def linear_logprobs_vocab_parallel_ref(hidden, weight_shards, tokens, temperatur
 
 
 # ---- vocab-parallel hooks ----
-# Megatron's vocab-parallel cross-entropy (Shoeybi et al. 2019, sec. 3): rank r holds the rows
-# W[v0:v0+V_r] of the LM head and computes only its [C, V_r] logits. Softmax statistics combine
-# exactly: a global max (all-reduce MAX), then the local sums rescaled to it, the target logit (only
-# the owning rank has a non-zero one) and the entropy numerator (all-reduce SUM). After that every rank
-# knows the global lse and finishes its own slice of the gradient with no further communication.
+# Megatron's vocab-parallel cross-entropy (Shoeybi et al. 2019, sec. 3): rank r holds the rows W[v0:v0+V_r] of the
+# LM head and computes only its [C, V_r] logits. The statistics combine exactly as in _shard_stats_ref (a MAX, then
+# a SUM all-reduce); then every rank knows the global lse and finishes its own slice of the gradient alone.
 
 @dataclass
 class VocabParallel:
@@ -1357,9 +1343,8 @@ class VocabParallel:
 def _as_vocab_parallel(vp):
     if vp is None or isinstance(vp, VocabParallel):
         return vp
-    if isinstance(vp, dict):
-        return VocabParallel(**vp)
-    return VocabParallel(vp.vocab_start, vp.all_reduce_max, vp.all_reduce_sum)
+    return VocabParallel(**vp) if isinstance(vp, dict) else VocabParallel(vp.vocab_start, vp.all_reduce_max,
+                                                                         vp.all_reduce_sum)
 
 
 # ---- Triton kernels (each with its torch twin) ----
@@ -1567,8 +1552,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 class _LinearLogprobs(torch.autograd.Function):
-    """(logp_i, H_i) of z = h W^T / T: the forward keeps h, lse and H only, the backward recomputes the logits."""
-
     @staticmethod
     def forward(ctx, hidden, weight, tok, inv_temp, chunk, use_triton, vp):
         lse = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
@@ -1629,23 +1612,22 @@ def fused_linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduct
                                chunk_size=None, impl="auto", vocab_parallel=None, num_tokens_for_mean=None):
     """Cross-entropy of softmax(hidden @ weight^T) against labels without the [N, V] fp32 logits.
 
-    hidden [N, Hd] and weight [V, Hd] (same dtype: bf16/fp16/fp32), labels [N] int, ignore_index rows
-    contribute 0. reduction: "sum"; "mean" (sum / number of non-ignored labels, or / num_tokens_for_mean
-    when given; a count of 0 is clamped to 1); "none" ([N] fp32, 0 on ignored rows).
-    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. A per-micro-batch
-    mean over-weights short micro-batches; with the step's count (all-reduced over DP once per step), the
-    sum of micro-batch losses and a SUM all-reduce of gradients give exactly the per-token mean.
+    hidden [N, Hd] and weight [V, Hd] (same dtype: bf16/fp16/fp32), labels [N] int, ignore_index rows contribute 0.
+    reduction: "sum"; "mean" (sum / number of non-ignored labels, or / num_tokens_for_mean when given; a count of 0
+    is clamped to 1); "none" ([N] fp32, 0 on ignored rows).
+    num_tokens_for_mean: the GLOBAL number of non-ignored labels of the optimizer step. A per-micro-batch mean
+    over-weights short micro-batches; with the step's count (all-reduced over DP once per step), the sum of
+    micro-batch losses and a SUM all-reduce of gradients give exactly the per-token mean.
     chunk_size: rows per [C, V] logits chunk (default: _default_chunk_size, 2048 at V=151936 bf16).
-    "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales
-    them by grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
-    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref" (with vocab_parallel:
-    the same chunked algorithm on the torch twins).
-    vocab_parallel: None, or a VocabParallel / dict / object with vocab_start and in-place all-reduce
-    hooks all_reduce_max(t) and all_reduce_sum(t) over the tensor-parallel group; weight is then this
-    rank's rows W[vocab_start : vocab_start + V_r] and labels stay global ids. The loss is the full
-    (global-vocab) loss on every rank and grad_W this rank's slice, but grad_h is only THIS RANK'S
-    PARTIAL SUM: THE CALLER MUST ALL-REDUCE (SUM) grad_h OVER THE TP GROUP, as Megatron does in the
-    backward of `copy_to_tensor_model_parallel_region` before the LM head."""
+    "sum"/"mean" compute grad_h and grad_W inside the forward (backward may run ONCE and only scales them by
+    grad_output); "none" goes through fused_linear_logprobs (backward recomputes the logits).
+    impl: "auto" (Triton on CUDA, else linear_cross_entropy_ref), "triton", "ref" (with vocab_parallel: the same
+    chunked algorithm on the torch twins).
+    vocab_parallel: None, or a VocabParallel / dict / object with vocab_start and in-place all-reduce hooks
+    all_reduce_max(t) and all_reduce_sum(t) over the tensor-parallel group; weight is then this rank's rows
+    W[vocab_start : vocab_start + V_r] and labels stay global ids. The loss is the full (global-vocab) loss on every
+    rank and grad_W this rank's slice, but grad_h is only THIS RANK'S PARTIAL SUM: THE CALLER MUST ALL-REDUCE (SUM)
+    grad_h OVER THE TP GROUP, as Megatron does in the backward of `copy_to_tensor_model_parallel_region`."""
     chunk, vp, use_triton = _loss_setup(hidden, weight, labels, "labels", chunk_size, impl, vocab_parallel)
     if reduction not in ("sum", "mean", "none"):
         raise ValueError(f"reduction must be 'sum', 'mean' or 'none', got {reduction!r}")
@@ -1738,8 +1720,7 @@ def _peak_gb(fn) -> float:
 def _peaks() -> dict:
     """This GPU's practical peaks, measured now with _time_ms, not read from a datasheet: copy bandwidth
     (a 1 GiB copy_, read + write counted) and dense bf16 matmul FLOP/s (8192^3)."""
-    x = torch.empty(2 ** 30, dtype=torch.uint8, device="cuda")
-    y = torch.empty_like(x)
+    x, y = (torch.empty(2 ** 30, dtype=torch.uint8, device="cuda") for _ in range(2))
     a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     # Timed eagerly (graph=False): in a CUDA graph copy_ becomes a memcpy node that may run on a DMA copy
     # engine, slower than the SM copy kernel (rooflines would pass 100%); 0.5 ms dwarfs the launch overhead.
@@ -1986,8 +1967,7 @@ def selftest() -> None:
             print(f"  {name:42s} SKIPPED (no triton: only the reference can run)")
             continue
         err = max(((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item() for a, b in zip(*pair()))
-        # GPU: cuBLAS and the kernels reduce in other orders (attention's dots are IEEE fp32 now; the bound
-        # dates from TF32 dots and is still to be tightened on a GPU)
+        # GPU: cuBLAS and the kernels reduce in other orders (a bound from the TF32 days, still to tighten)
         assert err < (5e-3 if dev == "cuda" else 1e-4), f"{name}: relative error {err:.2e}"
         print(f"  {name:42s} OK (max relative error {err:.1e})")
     print("kernels selftest: " + ("SKIPPED: the triton package is not importable, no kernel ran" if triton is None

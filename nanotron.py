@@ -1,22 +1,20 @@
 """nanotron: the training model of nanorlhf and the (dp, pp, tp) machinery that trains it on 1..N GPUs.
 
-Stands in for Megatron-LM / picotron / nanotron. Keeps: the Qwen3 / Qwen2 / Llama (SmolLM2) decoder
-family loaded from HF safetensors, packed varlen batches (no padding), activation checkpointing, one
-explicit rank-grid object, Megatron tensor parallelism (column / row / vocab-parallel layers, the
-vocab-parallel loss) with optional sequence parallelism, pipeline parallelism (AFAB, 1F1B), data
-parallelism with ZeRO 0-3, fp32 master weights and AdamW. Drops: MoE, rope scaling, sliding windows,
-context parallelism, fp8, kv-head replication when tp > num_kv_heads.
+Stands in for Megatron-LM / picotron / nanotron. Keeps: the Qwen3 / Qwen2 / Llama (SmolLM2) decoder family loaded from
+HF safetensors, packed varlen batches (no padding), activation checkpointing, one explicit rank-grid object, Megatron
+tensor parallelism (column / row / vocab-parallel layers, the vocab-parallel loss) with optional sequence parallelism,
+pipeline parallelism (AFAB, 1F1B), data parallelism with ZeRO 0-3, fp32 master weights and AdamW. Drops: MoE, rope
+scaling, sliding windows, context parallelism, fp8, kv-head replication when tp > num_kv_heads.
 
-How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp)
-and creates one process group per row/column of it. `Transformer(cfg, mesh)` builds only this rank's
-slice of every weight (a column-parallel layer keeps out_features/tp rows, a row-parallel one
-in_features/tp columns, the vocab layers V/tp rows) and `load_hf` cuts each full HF tensor for it.
-The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`; two all-reduces per layer (or an
-all-gather + reduce-scatter pair under sequence parallelism) make every layout compute the same
-numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
+How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp) and creates
+one process group per row/column of it. `Transformer(cfg, mesh)` builds only this rank's slice of every weight (a
+column-parallel layer keeps out_features/tp rows, a row-parallel one in_features/tp columns, the vocab layers V/tp
+rows) and `load_hf` cuts each full HF tensor for it. The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`;
+two all-reduces per layer (or an all-gather + reduce-scatter pair under sequence parallelism) make every layout
+compute the same numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
 Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
 
-Read first, lines 1-689: the model at tp=1, config -> pure functions -> model -> HF folders, then
+Read first, lines 1-677: the model at tp=1, config -> pure functions -> model -> HF folders, then
 selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
 nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
 (after the mesh); each opens with a comment that teaches its idea before any code:
@@ -159,10 +157,7 @@ class ModelConfig:
              "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
         if self.model_type != "qwen2":     # Qwen2's q/k/v bias is hard-wired, the others have a flag
             d["attention_bias"] = False
-        if self.model_type == "llama":
-            d["mlp_bias"] = False
-        else:
-            d["use_sliding_window"] = False
+        d["mlp_bias" if self.model_type == "llama" else "use_sliding_window"] = False
         return d
 
 
@@ -384,10 +379,8 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, mesh, sp, use_kernels, dtype, device)
 
     def forward(self, x, positions, cu_seqlens, max_seqlen, rope, residual=None):
-        if residual is None:                                            # the first layer: x is the stream
-            y, residual = self.input_norm(x), x
-        else:
-            y, residual = self.input_norm(x, residual)                  # residual = x + residual
+        # the first layer's x is the stream itself; later layers fuse residual = x + residual into the norm
+        y, residual = (self.input_norm(x), x) if residual is None else self.input_norm(x, residual)
         a = self.attn(y, positions, cu_seqlens, max_seqlen, rope)
         y, residual = self.post_attn_norm(a, residual)                  # h = a + residual
         return self.mlp(y), residual
@@ -395,18 +388,13 @@ class DecoderLayer(nn.Module):
 
 class HFSlot(NamedTuple):
     """Where one HF tensor lives in this rank's parameters and how TP cut it. Transformer.hf_slots() drives
-    loading, random init, state dicts, the optimizer's layout-free state and checkpoints.
-        param       the nn.Parameter that holds (a piece of) the tensor
-        kind        'rep' replicated | 'col' rows split over TP (a part of a fused column-parallel weight:
-                    q of qkv, up of gate_up) | 'row' columns split | 'vocab' rows split, padded to V_r per rank
-        offset      'col': the first row of this part in param (k starts after q's rows); else 0
-        rows        'col': this part's rows on this rank (its out features / tp); else 0
-        full_shape  the shape of the full HF tensor"""
-    param: nn.Parameter
-    kind: str
-    offset: int
-    rows: int
-    full_shape: tuple
+    loading, random init, state dicts, the optimizer's layout-free state and checkpoints."""
+    param: nn.Parameter     # the nn.Parameter that holds (a piece of) the tensor
+    kind: str               # 'rep' replicated | 'col' rows split over TP (a part of a fused column-parallel weight:
+                            # q of qkv, up of gate_up) | 'row' columns split | 'vocab' rows split, padded to V_r
+    offset: int             # 'col': the first row of this part in param (k starts after q's rows); else 0
+    rows: int               # 'col': this part's rows on this rank (its out features / tp); else 0
+    full_shape: tuple       # the shape of the full HF tensor
 
     def local(self, t=None):
         """The slice of t (default: the parameter; or a tensor of its shape, its grad) this HF tensor fills."""
@@ -440,13 +428,10 @@ class Transformer(nn.Module):
         self.embed = vocab() if has_embedding else None
         self.layers = nn.ModuleList(DecoderLayer(cfg, self.mesh, self.sp, self.use_kernels, dtype, device)
                                     for _ in range(a, b))
-        self.norm = self.lm_head = None
-        if has_head:
-            self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels,
-                                self.mesh.tp_group if self.sp else None, dtype, device)
-            # tied: the head IS the embedding matrix, or on a last stage without it, a copy (PP chapter)
-            if not (cfg.tie_word_embeddings and has_embedding):
-                self.lm_head = vocab()
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, self.use_kernels,
+                            self.mesh.tp_group if self.sp else None, dtype, device) if has_head else None
+        # tied: the head IS the embedding matrix, or on a last stage without it, a copy (PP chapter)
+        self.lm_head = vocab() if has_head and not (cfg.tie_word_embeddings and has_embedding) else None
         # RoPE cos|sin table [max_pos, D], fp32 (more exact than HF's bf16 copy), not saved in checkpoints
         self.register_buffer("rope", rope_table(cfg.max_position_embeddings, cfg.head_dim, cfg.rope_theta,
                                                 device), persistent=False)
@@ -620,9 +605,10 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config has (lm_head.weight only when untied). Spelled out
-    rather than read from a meta-device model: building one imports torch's meta registrations (~2 s a process)."""
-    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    """Every tensor name an HF checkpoint of this config may have: lm_head.weight also when tied (some tied checkpoints
+    store it anyway: tolerated, not required). Spelled out rather than read from a meta-device model: building one
+    imports torch's meta registrations (~2 s a process)."""
+    names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
         names += [f"{p}self_attn.{x}_proj.weight" for x in "qkvo"]
@@ -630,8 +616,6 @@ def hf_tensor_names(cfg: ModelConfig) -> list[str]:
         names += [f"{p}self_attn.{x}_norm.weight" for x in "qk"] if cfg.qk_norm else []
         names += [f"{p}mlp.{x}_proj.weight" for x in ("gate", "up", "down")]
         names += [f"{p}input_layernorm.weight", f"{p}post_attention_layernorm.weight"]
-    if cfg.tie_word_embeddings:
-        names.append("lm_head.weight")     # some tied checkpoints store it anyway: tolerated, not required
     return names
 
 
@@ -693,9 +677,7 @@ def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
     os.replace(tmp, folder)
 
 
-# ==== The chapters. Above: the model at tp=1 (the first read). Each chapter below adds one idea and reads
-# on its own after the mesh: tensor parallelism, pipeline parallelism, data parallelism + ZeRO, the
-# optimizer, checkpoints, the benchmark. ===============================================================
+# ==== The chapters (see the module docstring): each adds one idea and reads on its own after the mesh ====
 
 # ---- mesh ------------------------------------------------------------------------------------------
 # Rank layout: rank = (pp_rank * dp + dp_rank) * tp + tp_rank, i.e. tp varies fastest, then dp, then pp.
@@ -780,8 +762,7 @@ class Mesh:
     shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
     KINDS = ("tp", "dp", "pp", "dp_tp")
 
-    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, groups=None,
-                 timeout_s: float = 600.0):
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, timeout_s: float = 600.0):
         for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
             if not (isinstance(n, int) and n >= 1):
                 raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
@@ -789,7 +770,7 @@ class Mesh:
         if not 0 <= rank < self.world:
             raise ValueError(f"Mesh: rank {rank} outside the grid of {self.world} ranks")
         self.device = torch.device(device if device is not None else "cpu")
-        self._groups = groups or {}
+        self._groups = {}                                      # kind -> ProcessGroup, filled by Mesh.build
         self.timeout = datetime.timedelta(seconds=timeout_s)   # of every process group Mesh.build makes
         # coordinates from rank = (pp_rank * dp + dp_rank) * tp + tp_rank
         self.tp_rank, self.dp_rank, self.pp_rank = rank % tp, (rank // tp) % dp, rank // (tp * dp)
@@ -860,9 +841,6 @@ class Mesh:
     def all_gather(self, t, dim=0, kind="tp"):
         return all_gather(t, dim, self.group(kind))
 
-    def reduce_scatter(self, t, dim=0, kind="tp"):
-        return reduce_scatter(t, dim, self.group(kind))
-
     def barrier(self):
         if self.world > 1:
             dist.barrier()
@@ -890,8 +868,7 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
             ok = [t for t in range(1, c.num_kv_heads + 1) if all(m % t == 0 for _, m in cuts)]
             raise ValueError(f"--tp {tp} must divide the model's {n} {name} ({c.num_heads} heads, {c.num_kv_heads} "
                              f"kv heads, intermediate_size {c.intermediate_size}); this model takes --tp in {ok}")
-    if -(-c.vocab_size // tp) * (tp - 1) >= c.vocab_size:
-        raise ValueError(f"--tp {tp}: the model's vocab of {c.vocab_size} rows leaves the last TP rank no row")
+    vocab_shard(c.vocab_size, tp, 0)                   # raises when the last TP rank would own no vocab row
     if pp > c.num_layers:
         raise ValueError(f"--pp {pp}: the model has {c.num_layers} layers and every pipeline stage needs at "
                          f"least one; use --pp <= {c.num_layers}")
@@ -904,10 +881,9 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
 #   f: identity forward, all-reduce backward  (before a column-parallel layer: X is replicated, but each
 #      rank's dL/dX is only its own columns' contribution)
 #   g: all-reduce forward, identity backward  (after a row-parallel layer: sums the partial products)
-# Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps the activations BETWEEN the parallel
-# regions (norms, residual adds) split along the token dim: g becomes a reduce-scatter and f an
-# all-gather (same bytes moved: an all-reduce IS a reduce-scatter + an all-gather), and the norm
-# activations take 1/tp of the memory.
+# Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps the activations BETWEEN the parallel regions
+# (norms, residual adds) split along the token dim: g becomes a reduce-scatter and f an all-gather (same bytes moved:
+# an all-reduce IS a reduce-scatter + an all-gather), and the norm activations take 1/tp of the memory.
 
 class _Comm(torch.autograd.Function):
     """A communication op and its conjugate: forward(x) = fwd(x, group), backward(g) = bwd(g, group)."""
@@ -1220,16 +1196,15 @@ def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = No
 
 
 # -- point-to-point --
-# Activations go from pp rank r to r+1, gradients from r+1 back to r, between ranks of the same (dp, tp)
-# coordinate (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under sequence
-# parallelism). N varies per micro-batch, so an activation is preceded by an int64 header [8] =
-# [ndim, *shape, 0 ..]. A gradient needs none: it has the shape of the activation the receiver sent.
-# DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv of all its sends and receives, so two
-# neighbours that send to each other at the same moment (1F1B's steady state: r sends activation k+1
-# while r+1 sends gradient k) cannot both block in send. Headers go in their own batch BEFORE the
-# tensors (the receiver must allocate), on both sides, so the two sides' sequences of batches between
-# any pair stay in step. The ops run on the pp group: its first use is pipeline_step's micro-batch count
-# check, which all its ranks join (NCCL requires that of a group's first batched p2p).
+# Activations go from pp rank r to r+1, gradients from r+1 back to r, between ranks of the same (dp, tp) coordinate
+# (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under sequence parallelism). N varies per
+# micro-batch, so an activation is preceded by an int64 header [8] = [ndim, *shape, 0 ..]. A gradient needs none: it
+# has the shape of the activation the receiver sent. DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv
+# of all its sends and receives, so two neighbours that send to each other at the same moment (1F1B's steady state: r
+# sends activation k+1 while r+1 sends gradient k) cannot both block in send. Headers go in their own batch BEFORE the
+# tensors (the receiver must allocate), on both sides, so the two sides' sequences of batches between any pair stay in
+# step. The ops run on the pp group: its first use is pipeline_step's micro-batch count check, which all its ranks
+# join (NCCL requires that of a group's first batched p2p).
 
 _HEADER = 8
 
@@ -1669,23 +1644,17 @@ class DataParallel:
         in_layer = {id(p) for layer in model.layers for p in layer.parameters()}
         units = [[(name_of[id(p)], p) for p in layer.parameters()] for layer in reversed(model.layers)]
         root = [(n, p) for n, p in named if id(p) not in in_layer]
-        return [u for u in units if u] + ([root] if root else [])
+        return units + ([root] if root else [])
 
     def _install_zero3_hooks(self, model):
-        by_first = {id(b.params[0]): b for b in self.buckets}
-        for layer in model.layers:
-            b = by_first[id(next(layer.parameters()))]
+        for layer, b in zip(reversed(model.layers), self.buckets):      # _units: the layers' units come first
             layer.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
             layer.register_forward_hook(lambda m, args, out, b=b: self._after_forward(b, out))
-        in_layer = {id(p) for layer in model.layers for p in layer.parameters()}
-        roots = [b for b in self.buckets if id(b.params[0]) not in in_layer]
-        # The root (embedding, final norm, LM head) is gathered when forward starts and stays gathered
-        # until its grads are all in: the loss uses the head weight OUTSIDE any module call, so no
-        # module hook could gather it in time. It is the one unit that is not freed after its forward.
-        def gather_roots(module, args):
-            for b in roots:
-                self._gather(b)
-        model.register_forward_pre_hook(gather_roots)
+        # The root (embedding, final norm, LM head) is gathered when forward starts and stays gathered until its
+        # grads are all in: the loss uses the head weight OUTSIDE any module call, so no module hook could gather
+        # it in time. It is the one unit that is not freed after its forward.
+        for b in self.buckets[len(model.layers):]:
+            model.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
 
     def _after_forward(self, b, out):
         # a layer returns (sublayer output, residual): wrapping the first is enough, since the layer's first
