@@ -170,6 +170,10 @@ PRESETS = {
     "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
                        num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960,
                        tie_word_embeddings=True, qk_norm=True, model_type="qwen3"),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct)'s config.json: a Llama (no q/k norm), 134,515,008 parameters
+    "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                         num_kv_heads=3, head_dim=64, rope_theta=1e5, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True, qk_norm=False, model_type="llama"),
 }
 
 
@@ -2521,16 +2525,17 @@ def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
 
 
 def _bench_hf(cfg, ids, mb: int, liger: bool, dev):
-    """HF Qwen3ForCausalLM's step on ids [S, T] in dense micro-batches of mb sequences."""
+    """HF's Qwen3ForCausalLM (LlamaForCausalLM for a Llama shape) step on ids [S, T] in dense micro-batches."""
     import transformers
+    arch = "Llama" if cfg.model_type == "llama" else "Qwen3"
     if liger:   # patches the module classes, so it must run BEFORE the model is built
-        from liger_kernel.transformers import apply_liger_kernel_to_qwen3
-        apply_liger_kernel_to_qwen3()
-    hcfg = transformers.Qwen3Config.from_dict({**cfg.to_hf(), "use_cache": False})
+        import liger_kernel.transformers as lk
+        getattr(lk, f"apply_liger_kernel_to_{arch.lower()}")()
+    hcfg = getattr(transformers, f"{arch}Config").from_dict({**cfg.to_hf(), "use_cache": False})
     hcfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     with torch.device(dev):
-        model = transformers.Qwen3ForCausalLM(hcfg).to(torch.bfloat16)
+        model = getattr(transformers, f"{arch}ForCausalLM")(hcfg).to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=dev.type == "cuda")
     S = ids.shape[0]
 
@@ -2586,7 +2591,7 @@ def _print_table(rows: list[dict], title: str):
 def bench_one(args) -> None:
     """One system (args.one), each of its configs in this process: one `RESULT {json}` line per config."""
     dev = torch.device("cpu") if args.tiny else torch.device("cuda", 0)
-    cfg = preset_config("tiny", tie_word_embeddings=True) if args.tiny else preset_config("qwen3-0.6b")
+    cfg = preset_config("tiny", tie_word_embeddings=True) if args.tiny else preset_config(args.shape)
     g = torch.Generator(device=dev).manual_seed(1)
     ids = torch.randint(0, cfg.vocab_size, (args.seqs, args.seq_len), device=dev, generator=g)  # [S, T]
     peak, fpt = peak_tflops(dev), flops_per_token(cfg, args.seq_len)
@@ -2652,7 +2657,7 @@ def bench(argv: list[str]) -> int:
                     rows.append(dict(json.loads(line[7:]), sample=seen[system]))
         if p.returncode or len(rows) == got:
             rows.append(dict(system=system, config="", error=f"exit code {p.returncode}", sample=seen[system]))
-    shape = "tiny preset (CPU)" if args.tiny else "Qwen3-0.6B shape"
+    shape = "tiny preset (CPU)" if args.tiny else f"{args.shape} shape"
     _print_table(rows, f"{shape}, {args.seqs} x {args.seq_len} tokens per step; MFU: 6N + 12LHDT (PaLM) over "
                        f"the GPU's peak; peak = max_memory_allocated (GB = 1e9 B)")
     if args.out:
@@ -2760,6 +2765,7 @@ def _parser():
     add("--debug", action="store_true", help="show the full traceback of every error")
     add("--bench", action="store_true", help="the benchmark instead of the self-test")
     add("--tiny", action="store_true", help="bench: CPU smoke test, the tiny preset, 4 x 64 tokens")
+    add("--shape", default="qwen3-0.6b", choices=sorted(set(PRESETS) - {"tiny"}), help="bench: the model's shape")
     add("--systems", help="bench: in order, a repeat is another sample (ours,hf_liger,hf; --tiny: ours,hf)")
     add("--configs", help="bench, ours: mb_tokens:checkpointing(0|1),.. (16384:0,8192:0,32768:1; --tiny: 128:0,64:1)")
     add("--mb", type=int, default=16, help="bench, hf_liger: sequences per micro-batch")
