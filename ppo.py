@@ -11,7 +11,8 @@ How a step runs (the trainer and its engine share each device, "colocated"; unde
 data-parallel replica with its own engine and its share of the prompts):
   1. ROLLOUT: P prompts x n samples on nanovllm (the behaviour policy), with each token's log-prob.
   2. REWARD: eval.Grader grades the last \boxed{} against the gold answer in a process pool (timeouts
-     count as wrong); optional overlong penalty; dynamic sampling drops groups that all scored the same and
+     count as wrong); optional overlong penalty and format reward (--format_reward: + f for a boxed final
+     answer, right or wrong); dynamic sampling drops groups that all scored the same and
      refills the batch from new prompts (DAPO; at most --refill_rounds more rounds, then zero-weighted fillers).
      With --reward_model, an HF sequence classifier held by the trainer role scores each prompt + response
      too: reward = rule + reward_model_coef * rm_score (--no-rule_reward: the RM alone, for data without
@@ -364,6 +365,7 @@ class Config:
     reward_model: str = ""  # HF sequence-classification folder (num_labels 1), on the trainer's devices; "" = none
     reward_model_coef: float = 1.0  # c in reward = rule + c * rm_score
     rule_reward: bool = True  # the rule (math-verify / toy) in the reward; --no-rule_reward: data without answers
+    format_reward: float = 0.0  # + this for every response with a final \boxed{} answer, right or wrong (0 = off)
     # LoRA on the actor (the critic, when ppo, stays full): W frozen, W + alpha/r B A trains
     lora_rank: int = 0  # r of the adapters; 0 = full fine-tuning. Needs --tp 1
     lora_alpha: float = 0.0  # the adapters' scale is alpha / r; 0 = 2 x lora_rank (scale 2)
@@ -387,6 +389,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.engines >= 1, "--engines must be >= 1"),
               (cfg.weight_sync in ("broadcast", "store"), f"--weight_sync {cfg.weight_sync!r}: broadcast or store"),
               (cfg.rule_reward or cfg.reward_model, "--no-rule_reward needs --reward_model (else there is no reward)"),
+              (cfg.format_reward >= 0, f"--format_reward {cfg.format_reward}: must be >= 0"),
               (cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.tp == cfg.pp == 1),
                f"--lora_rank {cfg.lora_rank}: must be >= 0, and LoRA needs --tp 1 --pp 1 (adapters are not split)"),
               (not (bad := {t.strip() for t in cfg.lora_targets.split(",")} - set(LORA_TARGETS)),
@@ -461,11 +464,12 @@ def load_prompts(cfg: Config, vocab: int) -> tuple[list[dict], list[dict]]:
 class Rewarder:
     """Scores responses: the rule -- math (the last \\boxed{} graded by eval.Grader against the gold) or toy --
     and, given `rm` (a function: samples -> the reward model's scores, asked of the trainer role),
-    reward = rule (unless --no-rule_reward) + reward_model_coef * rm."""
+    reward = rule (unless --no-rule_reward) + reward_model_coef * rm + format_reward * (a final answer given)."""
 
     def __init__(self, cfg: Config, tokenizer, rm=None):
         self.toy, self.tok, self.grader = cfg.data == "toy", tokenizer, None
         self.rm, self.rule, self.coef, self.lock = rm, cfg.rule_reward, cfg.reward_model_coef, threading.Lock()
+        self.fmt = cfg.format_reward
         if not self.toy:
             import eval as ev
             if tokenizer is None:
@@ -475,15 +479,15 @@ class Rewarder:
 
     def __call__(self, samples: list[dict], rm: bool = True) -> tuple[list[float], list[bool]]:
         """(scores, a-final-answer-was-given) per sample; rm=False: the rule alone (held-out accuracy). With the
-        reward model, each sample keeps its two parts (rule_score, rm_score) for the step's metrics."""
-        if self.rm is None or not rm:
+        reward model or a format reward, each sample keeps its parts (rule_score, rm_score) for the metrics."""
+        if not rm or (self.rm is None and not self.fmt):
             return self.grade(samples)
         n = len(samples)
         rule, answered = self.grade(samples) if self.rule else ([0.0] * n, [False] * n)
-        rms = self.rm(samples)
+        rms = self.rm(samples) if self.rm is not None else [0.0] * n
         for x, r, s in zip(samples, rule, rms):
             x["rule_score"], x["rm_score"] = r, s
-        return [r + self.coef * s for r, s in zip(rule, rms)], answered
+        return [r + self.coef * s + self.fmt * a for r, s, a in zip(rule, rms, answered)], answered
 
     def grade(self, samples: list[dict]) -> tuple[list[float], list[bool]]:
         """The rule: (scores, a-final-answer-was-given) per sample."""
@@ -1140,7 +1144,7 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
     """Score, advantages, update for this rank's share of one step's rollouts (graded by the driver);
     returns the step's metrics over all ranks (reduce sums a list of floats over data parallelism)."""
     scores = torch.tensor(scores)
-    raw = torch.tensor([s["rule_score"] for s in samples]) if cfg.reward_model else scores.clone()  # accuracy
+    raw = torch.tensor([s["rule_score"] for s in samples]) if "rule_score" in samples[0] else scores.clone()  # acc.
     if cfg.overlong_buffer:
         scores = scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
                                            cfg.overlong_buffer)

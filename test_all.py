@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2000, "nanotron.py": 2800,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1061, "ppo.py": 2004, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1061, "ppo.py": 2008, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7317,6 +7317,23 @@ def test_ppo_engine_sleep_frees_the_engine_during_the_step_and_changes_nothing(t
     assert [r["reward"] for r in a] == [r["reward"] for r in b] and "time_wake" in a[0] and "time_wake" not in b[0]
     assert [r["eval_accuracy"] for r in _ppo_rows("a") if "eval_accuracy" in r] == \
         [r["eval_accuracy"] for r in _ppo_rows("b") if "eval_accuracy" in r]
+
+
+def test_ppo_format_reward_pays_for_a_final_answer_not_for_accuracy(smollm2_tok):
+    """--format_reward f: + f for a response with a final \\boxed{} answer, right or wrong; the held-out
+    accuracy (rm=False) and the logged accuracy (rule_score) stay the rule's."""
+    texts = ["2 + 2 = 4, so \\boxed{4}.", "I think it is \\boxed{5}.", "No idea."]
+    samples = [{"response": smollm2_tok.encode(t), "answer": "4"} for t in texts]
+    rw = ppo.Rewarder(ppo.Config(data="synthetic", format_reward=0.1), smollm2_tok)
+    try:
+        scores, answered = rw(samples)
+        assert scores == pytest.approx([1.1, 0.1, 0.0]) and answered == [True, True, False]
+        assert [s["rule_score"] for s in samples] == [1.0, 0.0, 0.0]
+        assert rw(samples, rm=False)[0] == [1.0, 0.0, 0.0]
+    finally:
+        rw.close()
+    with pytest.raises(ValueError, match="--format_reward -1.0: must be >= 0"):
+        ppo.resolve(ppo.Config(format_reward=-1.0), False)
 
 
 def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
