@@ -2641,7 +2641,7 @@ def bench(argv: list[str]) -> int:
         bench_one(args)
         return 0
     if not args.tiny and not torch.cuda.is_available():
-        raise ValueError("--bench times the Qwen3-0.6B shape on a CUDA GPU and this machine has none; "
+        raise ValueError("--bench times a model shape (--shape) on a CUDA GPU and this machine has none; "
                          "--bench --tiny is the CPU smoke test of the same harness")
     rows, seen = [], {}
     for system in args.systems.split(","):

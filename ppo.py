@@ -389,7 +389,10 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.engines >= 1, "--engines must be >= 1"),
               (cfg.weight_sync in ("broadcast", "store"), f"--weight_sync {cfg.weight_sync!r}: broadcast or store"),
               (cfg.rule_reward or cfg.reward_model, "--no-rule_reward needs --reward_model (else there is no reward)"),
-              (cfg.format_reward >= 0, f"--format_reward {cfg.format_reward}: must be >= 0"),
+              (not (cfg.engine_sleep and cfg.backend != "local" and cfg.mode != "sync"), "--engine_sleep with "
+               "actors needs --mode sync (asleep, an engine cannot generate the next rollout meanwhile)"),
+              (cfg.format_reward >= 0 and (cfg.rule_reward or not cfg.format_reward),
+               f"--format_reward {cfg.format_reward}: must be >= 0, and needs the rule (it finds the final answer)"),
               (cfg.lora_rank >= 0 and (cfg.lora_rank == 0 or cfg.tp == cfg.pp == 1),
                f"--lora_rank {cfg.lora_rank}: must be >= 0, and LoRA needs --tp 1 --pp 1 (adapters are not split)"),
               (not (bad := {t.strip() for t in cfg.lora_targets.split(",")} - set(LORA_TARGETS)),
@@ -501,7 +504,8 @@ class Rewarder:
 
     def close(self):
         if self.grader is not None:
-            self.grader.close()
+            with self.lock:                               # not while _loop's thread grades
+                self.grader.close()
 
 
 class RewardModel:
@@ -1164,6 +1168,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
         r_raw, _, ans, tok, trunc, n, _ = reduce(local)
         return {"skipped": True, "reward": r_raw / n, "accuracy": r_raw / n, "groups_kept": 0}
     batch.update(trainer.score(samples, m.shape, timer))       # timer: actor, reference, critic forwards
+    if cfg.algo == "raft" and cfg.format_reward:     # RAFT keeps the best responses: a boxed wrong one is not
+        scores = scores - cfg.format_reward * torch.tensor(answered, dtype=scores.dtype)
     advantages(cfg, scores, batch, None if baseline is None else torch.tensor(baseline), reduce)
     stats = train_on(trainer, samples, batch, cfg, step, lr, reduce, timer)    # + their updates
     if cfg.reward_model:                    # every rank has as many samples: the mean of the means is the mean
@@ -1343,6 +1349,8 @@ class TrainerRole:
         timer = {}
         samples, scores, answered, baseline = self._mine(samples, scores, answered, baseline)
         m = rl_step(self.trainer, samples, scores, answered, self.cfg, step, lr, timer, self.reduce, baseline)
+        if self.cfg.engine_sleep and torch.cuda.is_available():     # hand the engine's memory back: an engine in
+            torch.cuda.empty_cache()                                # another process cannot take it from our cache
         return m, timer
 
     def warmup(self, samples, scores) -> float:
@@ -1604,6 +1612,9 @@ def main(argv=None) -> dict:
             role = ray.remote(num_gpus=share)(ppo.EngineRole)
             handles = [role.remote(args[0], ppo.Config(**asdict(cfg)), *args[2:], "cuda" if gpus else "cpu")
                        for _ in range(E)]
+        if cfg.engine_sleep and ray is not None and split:
+            raise ValueError("ppo.py: --engine_sleep frees an engine's memory for a trainer on the same GPU: these "
+                             "engines have GPUs of their own")
         link = ray is not None and cfg.weight_sync == "broadcast"
         if link:      # the weight link: trainer = rank 0, engines 1..E (every member joins at once)
             addr, backend = get(trainer.link_address.remote()), "nccl" if split else "gloo"
@@ -1615,23 +1626,23 @@ def main(argv=None) -> dict:
             say(f"roles: trainer pid {info['pid']} on {info['device']}, " +
                 ", ".join(f"engine {i} {w}" for i, w in enumerate(get([h.where.remote() for h in handles]))))
 
-        def sync() -> float | None:
-            """The trainer's new weights into every engine, in memory (never through disk). Link: the engines'
-            own seconds of the transfer (the call also waits for a generation still running on them)."""
+        def sync() -> float:
+            """The trainer's new weights into every engine, in memory (never through disk). Returns the seconds of
+            the transfer itself (the call also waits for a generation still running on an engine)."""
             if link:        # one bucketed broadcast to all engines (an engine's death shows first: get it first)
                 sent = trainer.send.remote()
                 secs = max(get([h.receive.remote() for h in handles]))
                 get(sent)
                 return secs
+            t0 = time.perf_counter()
             w = get(trainer.weights.remote(ray is not None))    # in-process: the tensors themselves; actors: CPU
-            get([h.load.remote(w) for h in handles])            # copies through the object store
-            return None
+            return time.perf_counter() - t0 + max(get([h.load.remote(w) for h in handles]))   # via the object store
         from nanovllm import load_tokenizer
         rewarder = Rewarder(cfg, load_tokenizer(folder),
                             (lambda s: get(trainer.rm_scores.remote(s))) if cfg.reward_model else None)
         try:
-            return _loop(cfg, trainer, _Engines(handles, get, cfg.engine_sleep and not split), sync, get, rewarder, train_rows, test_rows, info,
-                         extra, say, out, t_start)
+            return _loop(cfg, trainer, _Engines(handles, get, cfg.engine_sleep), sync, get, rewarder, train_rows,
+                         test_rows, info, extra, say, out, t_start)
         except Exception as e:
             if ray is None or not isinstance(e, ray.exceptions.RayActorError):
                 raise
@@ -1737,10 +1748,9 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             if engines.sleepy:
                 timer["wake"] = engines.nap(True)
             t0 = time.perf_counter()
-            moved = sync()    # an actor runs its calls in order: this waits for the generation asked for above
-            version = step + 1
-            timer["sync"] = time.perf_counter() - t0 if moved is None else moved
-            timer["generate"] += time.perf_counter() - t0 - timer["sync"]      # (that wait: generation not hidden)
+            timer["sync"] = sync()    # an actor runs its calls in order: this waits for the generation asked for
+            version = step + 1        # above, which counts as generate (generation the step did not hide)
+            timer["generate"] += max(0.0, time.perf_counter() - t0 - timer["sync"])
             if cfg.mode == "sync" and step + 1 < cfg.steps:
                 t0 = time.perf_counter()
                 pending = engines.generate(take(), step + 1, version)()

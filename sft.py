@@ -118,13 +118,16 @@ def auto_micro_batch_tokens(tokens_per_step: int, dp: int, tp: int, pp: int, mcf
                             gpu_bytes: float) -> tuple[int, float]:
     """(micro_batch_tokens, estimated activation bytes per token). A layer keeps ~12 vectors of the residual
     width per token for backward (norm inputs and outputs, q, k, v, attention output, residuals) and ~4 of the
-    MLP width (split by tp); times the stage's layers and the pp micro-batches 1F1B holds on its first stage."""
+    MLP width (split by tp); times the stage's layers and the pp micro-batches 1F1B holds on its first stage.
+    The model's state comes off the GPU first: ~18 bytes a parameter (weights, fp32 grads, master and Adam)."""
     layer = (12 * mcfg.hidden_size + 4 * mcfg.intermediate_size // tp) * dtype_bytes
     per_token = -(-mcfg.num_layers // pp) * layer * pp
+    state = 18 * nt.flops_per_token(mcfg, 0) / 6 / (tp * pp)          # flops_per_token / 6 = the parameters
+    room = min(ACT_SHARE * gpu_bytes, 0.9 * gpu_bytes - state)
     share = tokens_per_step // dp
     cap = share // (4 * pp) if pp > 1 else share
     m = min(2048, share)
-    while 2 * m <= cap and share % (2 * m) == 0 and 2 * m * per_token <= ACT_SHARE * gpu_bytes:
+    while 2 * m <= cap and share % (2 * m) == 0 and 2 * m * per_token <= room:
         m *= 2
     return m, per_token
 
@@ -766,6 +769,8 @@ def setup(cfg: Config) -> Job:
         micro, act = auto_micro_batch_tokens(cfg.tokens_per_step, mesh.dp, cfg.tp, cfg.pp, mcfg,
                                              getattr(torch, cfg.dtype).itemsize,
                                              torch.cuda.get_device_properties(mesh.device).total_memory)
+        if src is not None:                 # a resume packs as the run did (on whatever GPU it ran)
+            micro = nt.read_manifest(src)["config"].get("micro_batch_tokens") or micro
         cfg = dataclasses.replace(cfg, micro_batch_tokens=micro)
     if mesh.rank == 0:
         print("sft config:", json.dumps(asdict(cfg)))

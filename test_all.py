@@ -103,7 +103,7 @@ from prepare_data import Config, build  # noqa: E402
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2000, "nanotron.py": 2800,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1061, "ppo.py": 2008, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1066, "ppo.py": 2018, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -4943,6 +4943,9 @@ def test_sft_micro_batch_from_memory():
     assert sft.auto_micro_batch_tokens(65536, 2, 2, 2, smol, 2, 141e9)[0] == 4096         # pp 2: M = 8 >= 4 pp
     assert sft.auto_micro_batch_tokens(16384, 2, 2, 2, smol, 2, 141e9)[0] == 2048         # the floor (M = 4)
     assert sft.auto_micro_batch_tokens(2048, 2, 1, 1, smol, 2, 141e9)[0] == 1024          # the whole share
+    qwen = nt.preset_config("qwen3-0.6b")     # its ~10.7 GB of state: on 16 GB 2048 fits, 4096 (5.6 GB) not
+    assert sft.auto_micro_batch_tokens(16384, 1, 1, 1, qwen, 2, 16e9)[0] == 2048
+    assert sft.auto_micro_batch_tokens(16384, 1, 1, 1, qwen, 2, 24e9)[0] == 4096
     assert sft.resolve(sft.Config(), cuda=True).micro_batch_tokens == 0                   # decided in setup()
     assert sft.resolve(sft.Config(), cuda=False).micro_batch_tokens == 1024
 
@@ -7334,6 +7337,10 @@ def test_ppo_format_reward_pays_for_a_final_answer_not_for_accuracy(smollm2_tok)
         rw.close()
     with pytest.raises(ValueError, match="--format_reward -1.0: must be >= 0"):
         ppo.resolve(ppo.Config(format_reward=-1.0), False)
+    with pytest.raises(ValueError, match="needs the rule"):
+        ppo.resolve(ppo.Config(format_reward=0.1, rule_reward=False, reward_model="rm"), False)
+    with pytest.raises(ValueError, match="--engine_sleep with actors needs --mode sync"):
+        ppo.resolve(ppo.Config(engine_sleep=True, backend="nanoray", mode="one_step_off"), False)
 
 
 def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
