@@ -3677,7 +3677,7 @@ def test_cli_help_selftest_under_another_name_and_bench_on_cpu(tmp_path):
     assert "kernels path vs torch path: SKIPPED" in r.stdout
     if not CUDA:
         r = _tron_cli("--bench")
-        assert r.returncode == 2 and r.stderr.startswith("nanotron.py: error: --bench times the Qwen3-0.6B shape")
+        assert r.returncode == 2 and r.stderr.startswith("nanotron.py: error: --bench times a model shape (--shape)")
         assert r.stderr.count("\n") == 1 and not r.stdout
 
 
