@@ -796,7 +796,7 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
         f"{cfg.tokens_per_step} / ({mesh.dp} * {cfg.micro_batch_tokens}) = {d['M']}" + ("" if d["act"] is None else
             f"  (micro_batch_tokens from memory: ~{d['act'] / 1024:.0f} KiB of activations per token x "
             f"{cfg.micro_batch_tokens} = {d['act'] * cfg.micro_batch_tokens / 2**30:.1f} GiB, <= {ACT_SHARE:.0%} of "
-            f"the GPU; the closing line prints the real peak)"),
+            f"the GPU and what the model's state leaves; the closing line prints the real peak)"),
         f"{'pairs' if cfg.objective == 'dpo' else 'sequences'} per step ~ {seqs:.0f} (mean train row "
         f"{d['mean_len']:.0f} tokens; packs are filled first-fit, so a step holds <= tokens_per_step)",
         f"train rows {d['n_rows']}, {d['n_long']} longer than micro_batch_tokens (skipped, never truncated)",
