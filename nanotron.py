@@ -6,27 +6,24 @@ tensor parallelism (column / row / vocab-parallel layers, the vocab-parallel los
 pipeline parallelism (AFAB, 1F1B), data parallelism with ZeRO 0-3, fp32 master weights and AdamW. Drops: MoE, rope
 scaling, sliding windows, context parallelism, fp8, kv-head replication when tp > num_kv_heads.
 
-How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp) and creates
-one process group per row/column of it. `Transformer(cfg, mesh)` builds only this rank's slice of every weight (a
-column-parallel layer keeps out_features/tp rows, a row-parallel one in_features/tp columns, the vocab layers V/tp
-rows) and `load_hf` cuts each full HF tensor for it. The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`;
-two all-reduces per layer (or an all-gather + reduce-scatter pair under sequence parallelism) make every layout
-compute the same numbers as one process. The loss never gathers the [N, V] logits: ranks combine softmax statistics.
-Kernels: kernels.py (Triton) when importable and `use_kernels=True`, a readable torch path otherwise.
+How it works: `Mesh.build(tp, pp)` lays the torchrun ranks out as a grid (tp fastest, then dp, then pp) with one
+process group per row/column. `Transformer(cfg, mesh)` builds only this rank's slice of every weight (column-parallel
+layers keep out_features/tp rows, row-parallel ones in_features/tp columns, the vocab layers V/tp rows); `load_hf`
+cuts each HF tensor for it. The forward takes `input_ids[N], positions[N], cu_seqlens[B+1]`; two all-reduces per layer
+(an all-gather + reduce-scatter pair under sequence parallelism) make every layout compute one process's numbers; the
+loss combines softmax statistics, never gathering [N, V] logits. Kernels: kernels.py (Triton) or a torch path.
 
-Read first, lines 1-677: the model at tp=1, config -> pure functions -> model -> HF folders, then
-selftest() at the bottom. At tp=1 the parallel layers the model is built from are plain nn.Linear /
-nn.Embedding and every collective is a no-op. The chapters after it are independent of each other
-(after the mesh); each opens with a comment that teaches its idea before any code:
+Read first, lines 1-631: the model at tp=1, config -> pure functions -> model -> HF folders, then selftest() at
+the bottom. At tp=1 its parallel layers are plain nn.Linear / nn.Embedding and every collective a no-op. The
+chapters after it read independently (after the mesh); each opens with a comment that teaches its idea first:
     mesh .................. dist_env, init_distributed, collectives, Mesh (the rank grid), check_layout
     tensor parallelism .... f/g operators, sequence parallelism, Column/RowParallelLinear,
                             VocabParallelEmbedding, vocab_parallel_cross_entropy / _logprobs
     pipeline parallelism .. stage_layers, build_stage, p2p of varlen activations, AFAB / 1F1B pipeline_step
-    data parallelism ...... DataParallel: Bucket (a state machine), naive / bucketed overlapped grad
-                            reduction, ZeRO stages 0-3
+    data parallelism ...... DataParallel: Bucket (a state machine), naive / bucketed (overlapped) grad sync, ZeRO 0-3
     optimizer ............. fp32 master weights + main_grad, clip_grad_norm_, AdamW, lr_at, build_optimizer
-    checkpoints ........... save_checkpoint / load_checkpoint (any layout), latest_checkpoint,
-                            checkpoint_model_config, CheckpointReader
+    checkpoints ........... save/load_checkpoint (any layout), latest_checkpoint, checkpoint_model_config,
+                            CheckpointReader
     benchmark ............. flops_per_token / peak_tflops (the repo's one MFU definition), `--bench`
     self-test and CLI ..... selftest(), main()
 
@@ -71,16 +68,20 @@ from torch.utils.checkpoint import checkpoint
 IGNORE_INDEX = -100   # label of a position that has no loss (prompt tokens, last token of a sequence)
 
 
-# ---- config ----------------------------------------------------------------------------------------
+def _require(ok, msg: str, exc: type = ValueError):
+    """Raise exc(msg) unless ok. msg is built even when ok, so hot paths (per token, per hook) keep a plain `if`."""
+    if not ok:
+        raise exc(msg)
 
+
+# ---- config ----------------------------------------------------------------------------------------
 # The HF architectures we implement, and the flags that tell them apart. SmolLM2 is model_type "llama".
 _ARCHS = {"qwen3": "Qwen3ForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 
 
 @dataclasses.dataclass
 class ModelConfig:
-    """Everything that fixes the shapes and the math of a decoder. Field names are ours; from_hf/to_hf
-    translate to HF config.json (num_layers <-> num_hidden_layers, num_heads <-> num_attention_heads)."""
+    """Everything that fixes a decoder's shapes and math. Field names are ours; from_hf / to_hf speak HF's."""
     vocab_size: int = 151936            # V: rows of the embedding and the LM head
     hidden_size: int = 1024             # Hd: width of the residual stream
     intermediate_size: int = 3072       # I: width of the SwiGLU MLP
@@ -99,38 +100,31 @@ class ModelConfig:
     eos_token_id: int | list | None = None
 
     def __post_init__(self):
-        if self.model_type not in _ARCHS:
-            raise ValueError(f"ModelConfig: model_type {self.model_type!r} is not supported; "
-                             f"nanotron implements {sorted(_ARCHS)} (SmolLM2 is 'llama')")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelConfig: num_heads={self.num_heads} must be a multiple of "
-                             f"num_kv_heads={self.num_kv_heads} (grouped-query attention)")
-        if self.head_dim % 2:
-            raise ValueError(f"ModelConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
+        _require(self.model_type in _ARCHS, f"ModelConfig: model_type {self.model_type!r} is not supported; "
+                 f"nanotron implements {sorted(_ARCHS)} (SmolLM2 is 'llama')")
+        _require(self.num_heads % self.num_kv_heads == 0, f"ModelConfig: num_heads={self.num_heads} must be a "
+                 f"multiple of num_kv_heads={self.num_kv_heads} (grouped-query attention)")
+        _require(self.head_dim % 2 == 0, f"ModelConfig: head_dim={self.head_dim} must be even (RoPE rotates pairs)")
 
     @classmethod
     def from_hf(cls, d: dict) -> "ModelConfig":
         """An HF config.json dict -> ModelConfig. Refuses what we do not implement instead of silently
         computing a different model (rope scaling, sliding windows, biases we lack, other activations)."""
-        mt = d.get("model_type")
-        if mt not in _ARCHS:
-            raise ValueError(f"config.json: model_type {mt!r} is not supported; nanotron implements "
-                             f"{sorted(_ARCHS)} (Qwen3, Qwen2, Llama/SmolLM2)")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"config.json: hidden_act {d['hidden_act']!r} is not supported (only silu/SwiGLU)")
-        # transformers >= 5 writes rope_parameters {rope_type, rope_theta}; older files rope_theta + rope_scaling
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        mt, act = d.get("model_type"), d.get("hidden_act", "silu")
+        _require(mt in _ARCHS, f"config.json: model_type {mt!r} is not supported; nanotron implements "
+                 f"{sorted(_ARCHS)} (Qwen3, Qwen2, Llama/SmolLM2)")
+        _require(act == "silu", f"config.json: hidden_act {act!r} is not supported (only silu/SwiGLU)")
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}     # transformers >= 5: rope_parameters
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type not in (None, "default"):
-            raise ValueError(f"config.json: rope scaling type {rope_type!r} is not implemented (plain RoPE only)")
+        _require(rope_type in (None, "default"),
+                 f"config.json: rope scaling type {rope_type!r} is not implemented (plain RoPE only)")
         if on := [f for f in ("attention_bias", "mlp_bias", "use_sliding_window") if d.get(f)]:
             raise ValueError(f"config.json: {on[0]}=true is not supported by nanotron")
-        if any(t != "full_attention" for t in d.get("layer_types") or []):
-            raise ValueError("config.json: layer_types other than 'full_attention' are not supported")
+        _require(all(t == "full_attention" for t in d.get("layer_types") or []),
+                 "config.json: layer_types other than 'full_attention' are not supported")
         H = d["num_attention_heads"]
-        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-                   num_heads=H, num_kv_heads=d.get("num_key_value_heads") or H,
+        return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+                   num_layers=d["num_hidden_layers"], num_heads=H, num_kv_heads=d.get("num_key_value_heads") or H,
                    head_dim=d.get("head_dim") or d["hidden_size"] // H,
                    rope_theta=float(rope.get("rope_theta", d.get("rope_theta", 10000.0))),
                    rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
@@ -141,35 +135,31 @@ class ModelConfig:
 
     def to_hf(self, dtype: str = "bfloat16") -> dict:
         """The config.json dict that transformers' AutoModelForCausalLM loads as this architecture."""
-        if self.qk_norm != (self.model_type == "qwen3") or self.qkv_bias != (self.model_type == "qwen2"):
-            raise ValueError(f"ModelConfig.to_hf: qk_norm={self.qk_norm}, qkv_bias={self.qkv_bias} has no HF "
-                             f"architecture with model_type {self.model_type!r} (qk_norm is qwen3's, qkv_bias qwen2's)")
+        _require(self.qk_norm == (self.model_type == "qwen3") and self.qkv_bias == (self.model_type == "qwen2"),
+                 f"ModelConfig.to_hf: qk_norm={self.qk_norm}, qkv_bias={self.qkv_bias} has no HF "
+                 f"architecture with model_type {self.model_type!r} (qk_norm is qwen3's, qkv_bias qwen2's)")
         d = {"architectures": [_ARCHS[self.model_type]], "model_type": self.model_type,
              "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
              "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
              "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
              "head_dim": self.head_dim, "hidden_act": "silu", "rms_norm_eps": self.rms_norm_eps,
-             "max_position_embeddings": self.max_position_embeddings,
-             "rope_theta": self.rope_theta, "rope_scaling": None,
-             "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+             "max_position_embeddings": self.max_position_embeddings, "rope_theta": self.rope_theta,
+             "rope_scaling": None, "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
              "tie_word_embeddings": self.tie_word_embeddings, "torch_dtype": dtype, "dtype": dtype,
-             "attention_dropout": 0.0, "use_cache": True,
-             "bos_token_id": self.bos_token_id, "eos_token_id": self.eos_token_id}
+             "attention_dropout": 0.0, "use_cache": True, "bos_token_id": self.bos_token_id,
+             "eos_token_id": self.eos_token_id}
         if self.model_type != "qwen2":     # Qwen2's q/k/v bias is hard-wired, the others have a flag
             d["attention_bias"] = False
         d["mlp_bias" if self.model_type == "llama" else "use_sliding_window"] = False
         return d
 
 
-# Shapes known by name, for random-init runs (tests, benchmarks, `sft.py --model qwen3-0.6b`): a config,
-# no weights. Real weights come from an HF folder or hub id (load_hf_state).
+# Shapes by name, for random-init runs (tests, benchmarks, `sft.py --model qwen3-0.6b`); real weights: load_hf_state.
 PRESETS = {
     "tiny": dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
                  head_dim=16, rope_theta=10000.0, max_position_embeddings=256, qk_norm=True),
-    # Qwen/Qwen3-0.6B's config.json: 596,049,920 parameters (tied embedding counted once)
-    "qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28, num_heads=16,
-                       num_kv_heads=8, head_dim=128, rope_theta=1e6, max_position_embeddings=40960,
-                       tie_word_embeddings=True, qk_norm=True, model_type="qwen3"),
+    # Qwen/Qwen3-0.6B's config.json: the ModelConfig defaults, tied, with q/k norm; 596,049,920 parameters
+    "qwen3-0.6b": dict(tie_word_embeddings=True, qk_norm=True, model_type="qwen3"),
     # HuggingFaceTB/SmolLM2-135M(-Instruct)'s config.json: a Llama (no q/k norm), 134,515,008 parameters
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
                          num_kv_heads=3, head_dim=64, rope_theta=1e5, max_position_embeddings=8192, rms_norm_eps=1e-5,
@@ -179,8 +169,7 @@ PRESETS = {
 
 def preset_config(name: str, **kw) -> ModelConfig:
     """PRESETS[name] with fields overridden by kw."""
-    if name not in PRESETS:
-        raise ValueError(f"preset_config: unknown preset {name!r}; known: {sorted(PRESETS)}")
+    _require(name in PRESETS, f"preset_config: unknown preset {name!r}; known: {sorted(PRESETS)}")
     return ModelConfig(**{**PRESETS[name], **kw})
 
 
@@ -237,12 +226,10 @@ def apply_rope_ref(x, positions, table):
 
 
 def attention_varlen_ref(q, k, v, cu_seqlens):
-    """Causal attention of packed sequences: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D].
-    One SDPA call per sequence, so a token never sees another sequence: the block-diagonal causal mask
-    without building it. GQA: query head h reads kv head h // (H / Hkv) (SDPA's enable_gqa).
-    .tolist() syncs the GPU: this is the readable path, kernels.flash_attn_varlen the fast one."""
-    bounds = cu_seqlens.tolist()
-    outs = []
+    """Causal attention of packed sequences: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D]. One SDPA call per sequence, so
+    a token never sees another sequence (the block-diagonal causal mask, never built). GQA: query head h reads kv head
+    h // (H / Hkv). .tolist() syncs the GPU: kernels.flash_attn_varlen is the fast path."""
+    bounds, outs = cu_seqlens.tolist(), []
     for s, e in zip(bounds[:-1], bounds[1:]):
         if e == s:
             continue
@@ -253,9 +240,8 @@ def attention_varlen_ref(q, k, v, cu_seqlens):
 
 
 def next_token_labels(input_ids, cu_seqlens, loss_mask=None):
-    """labels[i] = input_ids[i + 1] inside each packed sequence, IGNORE_INDEX at each sequence's last
-    token (it has no next token in its own sequence: the next packed token belongs to another one) and
-    where loss_mask [N] is False (prompt tokens in SFT). Returns int64 [N]."""
+    """labels[i] = input_ids[i + 1] inside each packed sequence; IGNORE_INDEX at each sequence's last token (the next
+    packed token belongs to another sequence) and where loss_mask [N] is False (SFT prompts). Returns int64 [N]."""
     labels = torch.full_like(input_ids, IGNORE_INDEX, dtype=torch.long)
     labels[:-1] = input_ids[1:]
     labels[cu_seqlens[1:].long() - 1] = IGNORE_INDEX                      # the last token of every sequence
@@ -265,9 +251,8 @@ def next_token_labels(input_ids, cu_seqlens, loss_mask=None):
 
 
 def label_rows(labels, device=None):
-    """The positions [n] of the labelled tokens of labels [N], for Transformer.loss(rows=...), or None when
-    skipping rows would not pay (every row labelled, none labelled) or would cost a GPU sync (labels
-    already on the GPU: finding them there is a device->host copy). Give it the host copy of labels."""
+    """The positions [n] of the labelled tokens of labels [N], for Transformer.loss(rows=...), or None when skipping
+    rows would not pay (all or no rows labelled) or would cost a GPU sync (labels on the GPU): pass the host copy."""
     if labels.device.type != "cpu":
         return None
     rows = (labels != IGNORE_INDEX).nonzero().squeeze(1)                     # [n], on the host: no sync
@@ -283,22 +268,18 @@ def cu_seqlens_from_lengths(lengths, device=None):
 
 
 # ---- model -----------------------------------------------------------------------------------------
-# A pre-norm decoder (Llama / Qwen): embedding -> L x [RMSNorm -> attention -> add, RMSNorm -> SwiGLU MLP
-# -> add] -> RMSNorm -> LM head. It is written once for every layout: its linear layers are the TP
-# chapter's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding, which at tp=1 are exactly
-# nn.Linear / nn.Embedding (their collectives return the input unchanged), so a first read can take
-# them as such. Only this rank's slice of each weight exists; hf_slots() maps HF names onto the slices.
+# A pre-norm decoder (Llama / Qwen): embedding -> L x [RMSNorm -> attention -> add, RMSNorm -> SwiGLU MLP -> add] ->
+# RMSNorm -> LM head, written once for every layout: its linear layers are the TP chapter's ColumnParallelLinear /
+# RowParallelLinear / VocabParallelEmbedding, which at tp=1 are exactly nn.Linear / nn.Embedding (no-op collectives): a
+# first read can take them as such. Only this rank's slice of each weight exists; hf_slots() maps HF names onto them.
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a [dim] weight. grad_group: set when each TP rank sees only PART of the inputs that
-    share this weight (sequence-parallel tokens, or its own heads for Qwen3's q/k norm): the f operator
-    then sums the partial weight gradients over TP (Megatron does the same for SP layernorm grads)."""
-
+    """RMSNorm with a [dim] weight. grad_group: set when each TP rank sees only PART of the inputs sharing this weight
+    (SP token shards, or its own heads for Qwen3's q/k norm): the f operator then sums the partial grads over TP."""
     def __init__(self, dim, eps, use_kernels=False, grad_group=None, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.eps, self.grad_group = eps, grad_group
-        self.kern = _kernels() if use_kernels else None
+        self.eps, self.grad_group, self.kern = eps, grad_group, _kernels() if use_kernels else None
 
     def w(self):
         return copy_to_tp(self.weight, self.grad_group)
@@ -315,10 +296,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA self-attention, heads split over TP: rank r owns query heads [r*H/tp, ..) and kv heads
-    [r*Hkv/tp, ..), so attention itself needs no communication; q/k/v is one column-parallel matmul and
-    o_proj one row-parallel one. Qwen3: RMSNorm over each head's D dims of q and k before RoPE."""
-
+    """GQA self-attention, heads split over TP: rank r owns query heads [r*H/tp, ..) and kv heads [r*Hkv/tp, ..), so
+    attention itself needs no communication; q/k/v is one column-parallel matmul, o_proj one row-parallel. Qwen3:
+    RMSNorm over each head's q and k before RoPE."""
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
         super().__init__()
         D = cfg.head_dim
@@ -327,10 +307,9 @@ class Attention(nn.Module):
         self.qkv = ColumnParallelLinear(cfg.hidden_size, [cfg.num_heads * D, cfg.num_kv_heads * D,
                                                           cfg.num_kv_heads * D], bias=cfg.qkv_bias, **kw)
         self.o_proj = RowParallelLinear(cfg.num_heads * D, cfg.hidden_size, **kw)
-        self.q_norm = self.k_norm = None
-        if cfg.qk_norm:   # each rank normalises only its own heads: the shared [D] weights get partial grads
-            self.q_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
-            self.k_norm = RMSNorm(D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
+        # q/k norm: each rank normalises only its own heads, so the shared [D] weights get partial grads
+        norm = partial(RMSNorm, D, cfg.rms_norm_eps, use_kernels, mesh.tp_group, dtype, device)
+        self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
         self.kern = _kernels() if use_kernels else None
 
     def forward(self, x, positions, cu_seqlens, max_seqlen, rope):
@@ -338,8 +317,7 @@ class Attention(nn.Module):
         N, D = qkv.shape[0], self.D
         q, k, v = qkv.split([self.h * D, self.hkv * D, self.hkv * D], dim=-1)
         q, k, v = q.view(N, self.h, D), k.view(N, self.hkv, D), v.view(N, self.hkv, D)
-        qw = self.q_norm.w() if self.q_norm is not None else None
-        kw = self.k_norm.w() if self.k_norm is not None else None
+        qw, kw = (n.w() if n is not None else None for n in (self.q_norm, self.k_norm))
         if self.kern is not None:
             q, k = self.kern.rope_qk_norm(q, k, positions, rope, qw, kw, self.eps)
             o = self.kern.flash_attn_varlen(q, k, v.contiguous(), cu_seqlens, max_seqlen, causal=True)
@@ -354,7 +332,6 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU (Shazeer 2020, eq. 6): down(silu(x W_gate) * x W_up); gate/up fused column-parallel, down
     row-parallel: the intermediate [N, I/tp] never leaves the rank."""
-
     def __init__(self, cfg: ModelConfig, mesh: Mesh, sp: bool, use_kernels: bool, dtype=None, device=None):
         super().__init__()
         I = cfg.intermediate_size
@@ -365,15 +342,12 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate, up = self.gate_up(x).chunk(2, dim=-1)                      # [N, I/tp] each
-        y = self.kern.swiglu(gate, up) if self.kern is not None else F.silu(gate) * up
-        return self.down(y)
+        return self.down(self.kern.swiglu(gate, up) if self.kern is not None else F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)). The adds are deferred into the next
-    norm (vLLM's layout): forward(x, .., residual) takes the previous sublayer's output x NOT yet added to
-    the residual stream and returns (mlp output, residual) with out = mlp output + residual."""
-
+    """Pre-norm block: h = x + attn(norm(x)); out = h + mlp(norm(h)), each add deferred into the next norm (vLLM's
+    layout): forward(x, .., residual) takes the last sublayer's output x NOT yet added, returns (mlp out, residual)."""
     def __init__(self, cfg, mesh, sp, use_kernels, dtype=None, device=None):
         super().__init__()
         g = mesh.tp_group if sp else None       # under SP the norms see 1/tp of the tokens: partial grads
@@ -408,25 +382,20 @@ class HFSlot(NamedTuple):
 
 class Transformer(nn.Module):
     """The decoder, or one pipeline stage of it: layers [a, b) plus the embedding and/or the head.
-    forward(x, positions, cu_seqlens, max_seqlen) -> hidden. x: input_ids [N] on the stage with the
-    embedding, else the previous stage's hidden. Returns the final-norm output on the stage with the head
-    (feed it to logits / loss / logprobs), else the residual stream; under sequence parallelism, this
-    rank's token shard [N/tp, Hd] (N % tp == 0 needed). Parameters are allocated EMPTY: fill them with
-    load_hf(...) or init_random(seed), or use Transformer.from_pretrained."""
-
+    forward(x, positions, cu_seqlens, max_seqlen) -> hidden; x: input_ids [N] on the embedding's stage, else the
+    previous stage's hidden. Returns the final norm's output on the head's stage, else the residual stream; under SP
+    this rank's [N/tp, Hd] token shard. Parameters start EMPTY (load_hf, init_random, from_pretrained fill them)."""
     def __init__(self, cfg: ModelConfig, mesh: Mesh | None = None, *, layer_range=None, has_embedding=True,
                  has_head=True, sequence_parallel=False, use_kernels=True, activation_checkpointing=False,
                  dtype=torch.float32, device=None):
         super().__init__()
         self.cfg, self.mesh = cfg, mesh or Mesh()
         check_layout(cfg, self.mesh.tp)
-        self.sp = sequence_parallel and self.mesh.tp > 1
-        self.use_kernels = use_kernels and _kernels() is not None
+        self.sp, self.use_kernels = sequence_parallel and self.mesh.tp > 1, use_kernels and _kernels() is not None
         self.activation_checkpointing = activation_checkpointing
         device = device if device is not None else self.mesh.device
         a, b = layer_range if layer_range is not None else (0, cfg.num_layers)
-        if not 0 <= a <= b <= cfg.num_layers:
-            raise ValueError(f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
+        _require(0 <= a <= b <= cfg.num_layers, f"Transformer: layer_range {(a, b)} outside [0, {cfg.num_layers}]")
         self.layer_range, self.has_embedding, self.has_head = (a, b), has_embedding, has_head
         vocab = partial(VocabParallelEmbedding, cfg.vocab_size, cfg.hidden_size, self.mesh, self.sp, dtype, device)
         self.embed = vocab() if has_embedding else None
@@ -441,19 +410,16 @@ class Transformer(nn.Module):
                                                 device), persistent=False)
 
     # -- forward --
-
     def forward(self, x, positions, cu_seqlens, max_seqlen=None):
         if max_seqlen is None:
             max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())   # .max() syncs: pass it when you can
         N = positions.shape[0]
-        if self.sp and N % self.mesh.tp:
-            raise ValueError(f"Transformer: sequence parallelism needs N % tp == 0; got N={N} packed tokens, "
-                             f"tp={self.mesh.tp}: pack to a multiple of tp (e.g. add a filler sequence)")
+        _require(not self.sp or N % self.mesh.tp == 0, f"Transformer: sequence parallelism needs N % tp == 0; got "
+                 f"N={N} packed tokens, tp={self.mesh.tp}: pack to a multiple of tp (e.g. add a filler sequence)")
         if self.has_embedding:
             x = self.embed(x)                                           # [N, Hd] (or [N/tp, Hd] under SP)
         res = None                                                      # x + res is the residual stream
-        # checkpointing keeps only each layer's inputs and recomputes the inside in backward (its collectives
-        # too: every TP rank recomputes in the same order, so they still match)
+        # checkpointing keeps each layer's inputs, recomputes the rest in backward (TP collectives too, in order)
         ckpt = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.layers:
             run = partial(checkpoint, layer, use_reentrant=False) if ckpt else layer
@@ -468,24 +434,20 @@ class Transformer(nn.Module):
         return m.weight[: m.n_valid], m.vocab_start
 
     def _head_input(self, hidden):
-        g = self.mesh.tp_group
-        return gather_from_sp(hidden, g) if self.sp else copy_to_tp(hidden, g)
+        return (gather_from_sp if self.sp else copy_to_tp)(hidden, self.mesh.tp_group)
 
     def logits(self, hidden):
-        """[N, V] logits in the model dtype (all-gathered over TP: materialises N x V, for tests and
-        small batches; training uses loss / logprobs)."""
+        """[N, V] logits (model dtype), all-gathered over TP: N x V in memory, for tests; training uses loss."""
         m = self.lm_head if self.lm_head is not None else self.embed
         z = F.linear(self._head_input(hidden), m.weight)                # [N, V_r]; zero padding rows give 0
         # rank-major concatenation [rank 0's V_r | rank 1's | ..]: all padding sits at the end -> cut it
         return gather_last_dim(z, self.mesh.tp_group)[:, : self.cfg.vocab_size]
 
     def loss(self, hidden, labels, ignore_index=IGNORE_INDEX, rows=None):
-        """(sum of token cross-entropies fp32, number of counted tokens int64). Sum, not mean, so the
-        caller can divide by the token count of the whole step (all micro-batches, all DP ranks).
-        labels [N] are the next tokens already (see next_token_labels). rows: optional int64 [n] positions
-        of the labelled tokens (label_rows): the LM head then runs on those rows only. Same sum, same
-        gradients, less work: in SFT about half the tokens are prompt, and the head's [N, Hd] x [Hd, V]
-        matmul (forward, and two in backward) is the biggest of a small model (V = 151936 for Qwen3)."""
+        """(sum of token cross-entropies fp32, number of counted tokens int64): a sum, so the caller can divide by the
+        whole step's token count (all micro-batches, DP ranks). labels [N]: the next tokens (next_token_labels). rows:
+        optional int64 [n] positions of the labelled tokens (label_rows): the head runs on them only. Same sum, less
+        work: in SFT about half the tokens are prompt, and the [N, Hd] x [Hd, V] head is the largest matmul."""
         W, start = self._head()
         h, n = self._head_input(hidden), (labels != ignore_index).sum()
         if rows is not None:
@@ -506,13 +468,10 @@ class Transformer(nn.Module):
         return cls(cfg, mesh, dtype=dtype, **kw).load_hf(state)
 
     # -- HF name <-> shard mapping --
-
     def hf_slots(self) -> dict[str, "HFSlot"]:
-        """{hf_name: HFSlot} for the tensors this rank holds. Ordered: every rank walks the same names in
-        the same order (state_dict_hf all-gathers them one by one)."""
+        """{hf_name: HFSlot} of this rank's tensors, in one order on every rank (state_dict_hf all-gathers them)."""
         c, tp, S = self.cfg, self.mesh.tp, HFSlot
-        D, Hd, I = c.head_dim, c.hidden_size, c.intermediate_size
-        slots = {}
+        D, Hd, I, slots = c.head_dim, c.hidden_size, c.intermediate_size, {}
         if self.has_embedding:
             slots["model.embed_tokens.weight"] = S(self.embed.weight, "vocab", 0, 0, (c.vocab_size, Hd))
         for i, layer in zip(range(*self.layer_range), self.layers):
@@ -553,36 +512,32 @@ class Transformer(nn.Module):
         return full
 
     @torch.no_grad()
-    def load_hf(self, source, strict_unexpected=True):
-        """Copy HF weights into this rank's shards. source: an HF folder, or an iterable of (name, tensor)
-        (e.g. load_hf_state(folder)[1]). Tensors of layers owned by other pipeline stages are skipped;
-        a name that belongs to no tensor of this architecture, a wrong shape, or a missing tensor raise."""
+    def load_hf(self, source):
+        """Copy HF weights into this rank's shards. source: an HF folder, or (name, tensor) pairs like
+        load_hf_state(folder)[1]. Other stages' layers are skipped; unknown names, bad shapes, missing tensors raise."""
         where = str(source) if isinstance(source, (str, Path)) else "the state dict"
         if isinstance(source, (str, Path)):
             source = load_hf_state(source)[1]
         slots, known, seen = self.hf_slots(), set(hf_tensor_names(self.cfg)), set()
         for name, full in source:
             if name not in slots:
-                if strict_unexpected and name not in known and not name.endswith("rotary_emb.inv_freq"):
-                    raise KeyError(f"load_hf: unexpected tensor {name!r} in {where}; a "
-                                   f"{self.cfg.model_type} model with this config has no such weight")
+                _require(name in known or name.endswith("rotary_emb.inv_freq"), f"load_hf: unexpected tensor {name!r} "
+                         f"in {where}; a {self.cfg.model_type} model with this config has no such weight", KeyError)
                 continue
             slot = slots[name]
-            if tuple(full.shape) != slot.full_shape:
-                raise ValueError(f"load_hf: tensor {name!r} in {where} has shape {tuple(full.shape)}, "
-                                 f"expected {slot.full_shape} from the config")
+            _require(tuple(full.shape) == slot.full_shape, f"load_hf: tensor {name!r} in {where} has shape "
+                     f"{tuple(full.shape)}, expected {slot.full_shape} from the config")
             slot.local().copy_(self._shard_of(full, slot.kind, slot.rows))
             seen.add(name)
-        if missing := [n for n in slots if n not in seen]:
-            raise KeyError(f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
-                           + (" ..." if len(missing) > 5 else ""))
+        missing = [n for n in slots if n not in seen]
+        _require(not missing, f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
+                 + (" ..." if len(missing) > 5 else ""), KeyError)
         return self
 
     @torch.no_grad()
     def init_random(self, seed: int = 0, std: float = 0.02):
-        """Random init that does NOT depend on the layout: each full HF tensor is drawn from a generator
-        seeded by (seed, name), then sliced like a checkpoint. Norm weights 1, biases 0, matrices N(0, std).
-        So tp=4 starts from exactly the weights tp=1 starts from."""
+        """Layout-independent random init: each full HF tensor is drawn from a generator seeded by (seed, name), then
+        sliced like a checkpoint, so tp=4 starts from tp=1's weights. Norms 1, biases 0, matrices N(0, std)."""
         def full_tensors():
             for name, slot in self.hf_slots().items():
                 if name.endswith("norm.weight"):
@@ -596,9 +551,8 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def state_dict_hf(self, grads=False) -> Iterator[tuple[str, torch.Tensor]]:
-        """(hf_name, full tensor) for this stage, all-gathered over TP: a COLLECTIVE, every TP rank must
-        iterate it to the end. grads=True yields the gradients instead (None grads as zeros).
-        Tied embeddings yield model.embed_tokens.weight only (HF's tied checkpoints omit lm_head.weight)."""
+        """(hf_name, full tensor) for this stage, all-gathered over TP: a COLLECTIVE, every TP rank iterates it to the
+        end. grads=True: the gradients (None as zeros). Tied: embed_tokens only (as HF's tied checkpoints)."""
         g = self.mesh.tp_group
         for name, slot in self.hf_slots().items():
             t = slot.param.grad if grads else slot.param
@@ -609,9 +563,8 @@ class Transformer(nn.Module):
 
 
 def hf_tensor_names(cfg: ModelConfig) -> list[str]:
-    """Every tensor name an HF checkpoint of this config may have: lm_head.weight also when tied (some tied checkpoints
-    store it anyway: tolerated, not required). Spelled out rather than read from a meta-device model: building one
-    imports torch's meta registrations (~2 s a process)."""
+    """Every tensor name an HF checkpoint of this config may have (lm_head.weight also when tied: some tied
+    checkpoints store it). Spelled out, not read from a meta-device model (that imports torch's meta ops: ~2 s)."""
     names = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
@@ -624,14 +577,13 @@ def hf_tensor_names(cfg: ModelConfig) -> list[str]:
 
 
 # ---- HF folders: config.json + safetensors in, and out -----------------------------------------------
-
 def resolve_model_path(name_or_path) -> Path:
     """A local HF folder, or a hub id downloaded with huggingface_hub (config + safetensors + tokenizer)."""
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         return p
-    if str(name_or_path).count("/") != 1 or p.exists():
-        raise FileNotFoundError(f"model {str(name_or_path)!r}: not a folder and not a hub id like 'org/name'")
+    _require(str(name_or_path).count("/") == 1 and not p.exists(),
+             f"model {str(name_or_path)!r}: not a folder and not a hub id like 'org/name'", FileNotFoundError)
     try:
         from huggingface_hub import snapshot_download
         return Path(snapshot_download(str(name_or_path), allow_patterns=[
@@ -647,14 +599,12 @@ def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor
     shards listed in model.safetensors.index.json. Lazy: one tensor is read (mmap) at a time."""
     folder = resolve_model_path(folder)
     cfg_file = folder / "config.json"
-    if not cfg_file.is_file():
-        raise FileNotFoundError(f"load_hf_state: {cfg_file} is missing (not an HF model folder)")
+    _require(cfg_file.is_file(), f"load_hf_state: {cfg_file} is missing (not an HF model folder)", FileNotFoundError)
     cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
     index = folder / "model.safetensors.index.json"
     files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
              else sorted(p.name for p in folder.glob("*.safetensors")))
-    if not files:
-        raise FileNotFoundError(f"load_hf_state: no *.safetensors in {folder}")
+    _require(files, f"load_hf_state: no *.safetensors in {folder}", FileNotFoundError)
 
     def tensors():
         from safetensors import safe_open
@@ -699,15 +649,14 @@ def dist_env() -> tuple[int, int, int]:
         rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     except ValueError as e:
         raise ValueError(f"dist_env: RANK / WORLD_SIZE / LOCAL_RANK must be integers: {e}") from None
-    if not 0 <= rank < world:
-        raise ValueError(f"dist_env: RANK={rank} must lie in [0, WORLD_SIZE={world})")
+    _require(0 <= rank < world, f"dist_env: RANK={rank} must lie in [0, WORLD_SIZE={world})")
     return rank, world, local
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> torch.device:
-    """Join torchrun's process group (once) and return this rank's device. backend: nccl on CUDA, gloo
-    otherwise. The timeout turns a rank that never shows up (or a mismatched collective) into an error
-    instead of a hang. World size 1 initialises nothing: single-process code makes zero dist calls."""
+    """Join torchrun's process group (once) and return this rank's device (backend: nccl on CUDA, else gloo). The
+    timeout turns a rank that never shows up, or a mismatched collective, into an error instead of a hang. World size
+    1 initialises nothing: single-process code makes zero dist calls."""
     rank, world, local = dist_env()
     cuda = torch.cuda.is_available() and backend != "gloo"
     device = torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -719,8 +668,7 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> to
     return device
 
 
-# Collectives on a process group that may be None (a group of one rank): then every call is a no-op.
-# They return new tensors (or reduce the tensor given in place, for all_reduce_).
+# Collectives on a group that may be None (one rank): then a no-op. New tensors out, except all_reduce_ (in place).
 
 def _size(group) -> int:
     return 1 if group is None else dist.get_world_size(group)
@@ -760,19 +708,16 @@ def reduce_scatter(t, dim, group):
 
 
 class Mesh:
-    """The (dp, pp, tp) rank grid and its process groups, passed around as a value (no globals).
-    Build it with Mesh.build(tp, pp) under torchrun (dp = W / (tp * pp)), or Mesh() for one process
-    (no process group at all). Groups: tp, dp, pp, and dp_tp (all ranks of one pipeline stage, for ZeRO
-    shards and the gradient norm). A group of one rank is None, so its collectives are no-ops."""
+    """The (dp, pp, tp) rank grid and its process groups, passed around as a value (no globals): Mesh.build(tp, pp)
+    under torchrun (dp = W / (tp * pp)), or Mesh() for one process (no process group). Groups: tp, dp, pp, dp_tp (one
+    pipeline stage: ZeRO shards, grad norm); a one-rank group is None, so its collectives are no-ops."""
     KINDS = ("tp", "dp", "pp", "dp_tp")
 
     def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, rank: int = 0, device=None, timeout_s: float = 600.0):
         for name, n in (("tp", tp), ("pp", pp), ("dp", dp)):
-            if not (isinstance(n, int) and n >= 1):
-                raise ValueError(f"Mesh: {name} must be a positive int, got {n!r}")
+            _require(isinstance(n, int) and n >= 1, f"Mesh: {name} must be a positive int, got {n!r}")
         self.tp, self.pp, self.dp, self.world, self.rank = tp, pp, dp, tp * pp * dp, rank
-        if not 0 <= rank < self.world:
-            raise ValueError(f"Mesh: rank {rank} outside the grid of {self.world} ranks")
+        _require(0 <= rank < self.world, f"Mesh: rank {rank} outside the grid of {self.world} ranks")
         self.device = torch.device(device if device is not None else "cpu")
         self._groups = {}                                      # kind -> ProcessGroup, filled by Mesh.build
         self.timeout = datetime.timedelta(seconds=timeout_s)   # of every process group Mesh.build makes
@@ -797,9 +742,8 @@ class Mesh:
         """This rank's ProcessGroup of that kind, or None when the group has one rank."""
         if self.size(kind) == 1:
             return None
-        if kind not in self._groups:
-            raise RuntimeError(f"Mesh: no process group {kind!r}; build the mesh with Mesh.build(...) "
-                               "under torchrun (Mesh(...) alone only does rank arithmetic)")
+        _require(kind in self._groups, f"Mesh: no process group {kind!r}; build the mesh with Mesh.build(...) "
+                 "under torchrun (Mesh(...) alone only does rank arithmetic)", RuntimeError)
         return self._groups[kind]
 
     tp_group = property(lambda self: self.group("tp"))
@@ -811,20 +755,17 @@ class Mesh:
     @classmethod
     def build(cls, tp: int = 1, pp: int = 1, dp: int | None = None, backend: str | None = None,
               timeout_s: float = 600.0) -> "Mesh":
-        """The mesh of this torchrun job: joins the process group if needed and creates every group.
-        dp=None infers dp = W / (tp * pp). timeout_s applies to EVERY group (without it a subgroup gets
-        torch's 30-minute default): a collective that waits longer, on a stuck or dead rank, raises."""
+        """The mesh of this torchrun job: joins the process group if needed, creates every group; dp=None infers
+        W / (tp * pp). timeout_s applies to EVERY group (a subgroup would get torch's 30-minute default): a collective
+        that waits longer, on a stuck or dead rank, raises."""
         rank, world, _ = dist_env()
         if dist.is_initialized():                  # someone joined already (tests, notebooks): trust it
             rank, world = dist.get_rank(), dist.get_world_size()
-        if world % (tp * pp):
-            raise ValueError(f"world size {world} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: start "
-                             f"a multiple of {tp * pp} processes (torchrun --nproc_per_node) or change --tp/--pp")
+        _require(world % (tp * pp) == 0, f"world size {world} is not divisible by --tp {tp} x --pp {pp} = {tp * pp}: "
+                 f"start a multiple of {tp * pp} processes (torchrun --nproc_per_node) or change --tp/--pp")
         dp = world // (tp * pp) if dp is None else dp
-        if tp * pp * dp != world:
-            raise ValueError(f"--tp {tp} x --pp {pp} x dp {dp} = {tp * pp * dp} != world size {world}")
-        device = init_distributed(backend, timeout_s)
-        mesh = cls(tp, pp, dp, rank, device, timeout_s=timeout_s)
+        _require(tp * pp * dp == world, f"--tp {tp} x --pp {pp} x dp {dp} = {tp * pp * dp} != world size {world}")
+        mesh = cls(tp, pp, dp, rank, init_distributed(backend, timeout_s), timeout_s=timeout_s)
         for kind in cls.KINDS:
             if mesh.size(kind) > 1:                     # same decision on every rank: skipping is safe
                 mesh._new_groups(kind, mesh.all_group_ranks(kind))
@@ -862,9 +803,8 @@ class Mesh:
 
 
 def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
-    """Refuse a (tp, pp) this model cannot be cut into, from the config alone: call it before building
-    anything (Transformer and build_stage do). TP splits whole heads (kv heads too: replicating them when
-    tp > Hkv is not implemented), the MLP's columns and the vocab rows; PP needs a layer per stage."""
+    """Refuse a (tp, pp) this model cannot be cut into, from the config alone, before building anything. TP splits whole
+    heads (kv heads too: no replication when tp > Hkv), MLP columns and vocab rows; PP needs a layer per stage."""
     c, cuts = cfg, (("attention heads", cfg.num_heads), ("kv heads", cfg.num_kv_heads),
                     ("MLP columns (intermediate_size)", cfg.intermediate_size))
     for name, n in cuts:
@@ -873,17 +813,14 @@ def check_layout(cfg: ModelConfig, tp: int = 1, pp: int = 1):
             raise ValueError(f"--tp {tp} must divide the model's {n} {name} ({c.num_heads} heads, {c.num_kv_heads} "
                              f"kv heads, intermediate_size {c.intermediate_size}); this model takes --tp in {ok}")
     vocab_shard(c.vocab_size, tp, 0)                   # raises when the last TP rank would own no vocab row
-    if pp > c.num_layers:
-        raise ValueError(f"--pp {pp}: the model has {c.num_layers} layers and every pipeline stage needs at "
-                         f"least one; use --pp <= {c.num_layers}")
+    _require(pp <= c.num_layers, f"--pp {pp}: the model has {c.num_layers} layers and every pipeline stage needs "
+             f"at least one; use --pp <= {c.num_layers}")
 
 
 # ---- tensor parallelism ----------------------------------------------------------------------------
-# Megatron-LM (Shoeybi et al. 2019, sec. 3): an MLP Y = GeLU(X A) B splits A by columns and B by rows,
-# so each rank computes GeLU(X A_r) B_r with no communication in between and ONE all-reduce at the end
-# sums the partial outputs. Two conjugate operators carry the communication through autograd:
-#   f: identity forward, all-reduce backward  (before a column-parallel layer: X is replicated, but each
-#      rank's dL/dX is only its own columns' contribution)
+# Megatron-LM (Shoeybi et al. 2019, sec. 3): for an MLP Y = GeLU(X A) B, A split by columns and B by rows, each rank
+# computes GeLU(X A_r) B_r alone and ONE all-reduce sums the partials. Two conjugate operators in autograd:
+#   f: identity forward, all-reduce backward  (before column-parallel: X is replicated, each rank's dL/dX partial)
 #   g: all-reduce forward, identity backward  (after a row-parallel layer: sums the partial products)
 # Sequence parallelism (Korthikanti et al. 2022, sec. 4.2.2) keeps the activations BETWEEN the parallel regions
 # (norms, residual adds) split along the token dim: g becomes a reduce-scatter and f an all-gather (same bytes moved:
@@ -924,19 +861,16 @@ gather_last_dim = _comm(lambda x, grp: all_gather(x, -1, grp), _own_last_dim)
 
 
 class ColumnParallelLinear(nn.Module):
-    """y = x A^T with A's rows (out features) split over TP: rank r keeps rows [r*O/tp, (r+1)*O/tp).
-    out_parts: one or more logical outputs fused into one matmul, e.g. [H*D, Hkv*D, Hkv*D] for q/k/v or
-    [I, I] for gate/up. EACH PART is split separately, so rank r holds [q_r; k_r; v_r], its own heads of
-    all three (splitting the concatenation instead would hand rank 0 all of q and none of v).
-    Input: replicated [N, in] (f operator), or with sequence_parallel this rank's [N/tp, in] shard
-    (all-gathered here). Output: [N, sum(out_parts)/tp], this rank's columns (the next layer is row-parallel)."""
-
+    """y = x A^T with A's rows (out features) split over TP. out_parts: logical outputs fused into one matmul, e.g.
+    [H*D, Hkv*D, Hkv*D] for q/k/v or [I, I] for gate/up, EACH split separately: rank r holds [q_r; k_r; v_r], its own
+    heads of all three (splitting the concatenation would give rank 0 all of q, none of v). Input: replicated [N, in]
+    (f operator), or under SP this rank's [N/tp, in] shard, all-gathered here. Output: [N, sum(out_parts)/tp]."""
     def __init__(self, in_features, out_parts, bias=False, mesh=None, sequence_parallel=False, dtype=None, device=None):
         super().__init__()
         mesh = mesh or Mesh()
         self.out_parts = [out_parts] if isinstance(out_parts, int) else list(out_parts)
-        if bad := [p for p in self.out_parts if p % mesh.tp]:
-            raise ValueError(f"ColumnParallelLinear: out features {bad} not divisible by tp={mesh.tp}")
+        bad = [p for p in self.out_parts if p % mesh.tp]
+        _require(not bad, f"ColumnParallelLinear: out features {bad} not divisible by tp={mesh.tp}")
         self.local_parts = [p // mesh.tp for p in self.out_parts]
         self.group, self.sp, n = mesh.tp_group, sequence_parallel, sum(self.local_parts)
         self.weight = nn.Parameter(torch.empty(n, in_features, dtype=dtype, device=device))
@@ -948,16 +882,14 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y = x A^T with A's columns (in features) split over TP: the input is already split (the output
-    of a column-parallel layer), each rank computes a partial [N, out] and one all-reduce sums them (or a
-    reduce-scatter to [N/tp, out] under sequence parallelism). The bias is added ONCE, after the reduce."""
-
+    """y = x A^T with A's columns (in features) split over TP: the input is already split (column-parallel output), each
+    rank's partial [N, out] is summed by one all-reduce (SP: reduce-scatter to [N/tp, out]), the bias added ONCE."""
     def __init__(self, in_features, out_features, bias=False, mesh=None, sequence_parallel=False,
                  dtype=None, device=None):
         super().__init__()
         mesh = mesh or Mesh()
-        if in_features % mesh.tp:
-            raise ValueError(f"RowParallelLinear: in features {in_features} not divisible by tp={mesh.tp}")
+        _require(in_features % mesh.tp == 0,
+                 f"RowParallelLinear: in features {in_features} not divisible by tp={mesh.tp}")
         self.group, self.sp = mesh.tp_group, sequence_parallel
         self.weight = nn.Parameter(torch.empty(out_features, in_features // mesh.tp, dtype=dtype, device=device))
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device)) if bias else None
@@ -972,13 +904,12 @@ class RowParallelLinear(nn.Module):
 
 
 def vocab_shard(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int, int]:
-    """(V_r, vocab_start, n_valid): the vocab rows rank tp_rank owns. PADDING RULE: V is padded up to a
-    multiple of tp, V_pad = ceil(V / tp) * tp, so every rank holds V_r = V_pad / tp rows (equal shapes
-    for all-gathers); the padded rows (on the last ranks) are zeros that no id looks up and that the
-    logits and the loss exclude: rank r's real rows are [vocab_start, vocab_start + n_valid)."""
+    """(V_r, vocab_start, n_valid): the vocab rows of rank tp_rank. PADDING RULE: V is padded to a multiple of tp,
+    V_pad = ceil(V / tp) * tp, so every rank holds V_r = V_pad / tp rows (equal shapes for all-gathers); the padded
+    rows (last ranks) are zeros that no id looks up, excluded from logits and loss: real rows [start, start+n_valid)."""
     V_r = -(-vocab_size // tp)
-    if (tp - 1) * V_r >= vocab_size:
-        raise ValueError(f"vocab_shard: vocab {vocab_size} is too small for tp={tp}: the last rank would own no row")
+    _require((tp - 1) * V_r < vocab_size,
+             f"vocab_shard: vocab {vocab_size} is too small for tp={tp}: the last rank would own no row")
     start = tp_rank * V_r
     return V_r, start, min(V_r, vocab_size - start)
 
@@ -986,7 +917,6 @@ def vocab_shard(vocab_size: int, tp: int, tp_rank: int) -> tuple[int, int, int]:
 class VocabParallelEmbedding(nn.Module):
     """Embedding with the vocab rows split over TP: each rank looks up the ids in its slice, writes zeros
     for the others, and an all-reduce (a reduce-scatter to [N/tp, Hd] under SP) assembles the rows."""
-
     def __init__(self, vocab_size, dim, mesh=None, sequence_parallel=False, dtype=None, device=None):
         super().__init__()
         mesh = mesh or Mesh()
@@ -1006,18 +936,15 @@ class VocabParallelEmbedding(nn.Module):
 
 def _vp_hooks(group, vocab_start):
     """The kernels.py vocab-parallel hooks (see its VocabParallel): in-place MAX / SUM over the TP group."""
-    if group is None:
-        return None
-    return {"vocab_start": vocab_start, "all_reduce_max": lambda t: all_reduce_(t, group, "max"),
-            "all_reduce_sum": lambda t: all_reduce_(t, group, "sum")}
+    return None if group is None else {"vocab_start": vocab_start, "all_reduce_sum": lambda t: all_reduce_(t, group),
+                                       "all_reduce_max": lambda t: all_reduce_(t, group, "max")}
 
 
 def _softmax_stats(hidden, weight, ids, vocab_start, group, inv_temp):
-    """Vocab-parallel softmax statistics, torch path, differentiable (Shoeybi et al. 2019, sec. 3):
-    rank r has logits z[:, V_r slice]; the global lse = M + log sum_r sum_j exp(z_rj - M) with
-    M = max over all ranks (all-reduce MAX, no gradient: the shift cancels). Each all-reduce SUM is the
-    g operator (identity backward), which is exact because every rank computes the same replicated
-    loss downstream. Returns (lse [N], target logit [N] (0 where ids is outside V), e = exp(z - M), z)."""
+    """Vocab-parallel softmax statistics, torch path, differentiable (Shoeybi et al. 2019, sec. 3): rank r has logits
+    z[:, V_r slice]; the global lse = M + log sum_r sum_j exp(z_rj - M), M = max over all ranks (all-reduce MAX, no
+    gradient: the shift cancels). Each all-reduce SUM is the g operator (identity backward), exact since every rank
+    computes the same loss. Returns (lse [N], target logit [N] (0 where ids is outside V), e = exp(z - M), z)."""
     z = (hidden @ weight.t()).float() * inv_temp                          # [N, V_r] fp32
     M = all_reduce_(z.max(-1).values.detach(), group, "max")              # [N] global max
     e = torch.exp(z - M[:, None])                                         # [N, V_r]
@@ -1030,12 +957,11 @@ def _softmax_stats(hidden, weight, ids, vocab_start, group, inv_temp):
 
 def vocab_parallel_cross_entropy(hidden, weight, labels, vocab_start=0, group=None,
                                  ignore_index=IGNORE_INDEX, use_kernels=True):
-    """SUM over tokens of -log softmax(hidden @ weight^T)[label], never gathering the [N, V] logits.
-    hidden [N, Hd]: the LM head input, which THE CALLER MUST PASS THROUGH copy_to_tp (or gather_from_sp):
-    each rank's dL/dhidden is only its vocab slice's share. weight [V_valid_r, Hd]: this rank's REAL rows
-    (no padding rows: a zero row would still add e^0 to the softmax), global rows [vocab_start, ..).
-    labels [N] global ids, ignore_index rows add 0. Returns a 0-dim fp32 loss, replicated on every rank.
-    use_kernels: kernels.fused_linear_cross_entropy (chunked: one [C, V_r] buffer) when importable."""
+    """SUM over tokens of -log softmax(hidden @ weight^T)[label], never gathering the [N, V] logits. hidden [N, Hd]:
+    the LM head input, which THE CALLER MUST PASS THROUGH copy_to_tp (or gather_from_sp): each rank's dL/dhidden is
+    only its vocab slice's share. weight [V_valid_r, Hd]: this rank's REAL rows (a zero padding row would still add
+    e^0 to the softmax), global rows [vocab_start, ..). labels [N]: global ids, ignore_index rows add 0. Returns a
+    0-dim fp32 loss, the same on every rank. use_kernels: kernels.fused_linear_cross_entropy."""
     k = _kernels() if use_kernels else None
     if k is not None:
         return k.fused_linear_cross_entropy(hidden, weight, labels, ignore_index, reduction="sum",
@@ -1062,52 +988,40 @@ def vocab_parallel_logprobs(hidden, weight, tokens, vocab_start=0, group=None, t
 
 
 # ---- pipeline parallelism --------------------------------------------------------------------------
-# Pipeline parallelism (GPipe, Huang et al. 2019; PipeDream-Flush / 1F1B, Narayanan et al. 2021) cuts the
-# L decoder layers into pp contiguous stages, one per pp rank; a step's batch is cut into M micro-batches
-# that flow through the stages so that several stages work at once. Each micro-batch is a packed varlen
-# batch (input_ids[N], positions[N], cu_seqlens[B+1], labels[N]) whose N differs from the next one's, so
-# every activation travels with a small shape header.
+# Pipeline parallelism (GPipe, Huang et al. 2019; PipeDream-Flush / 1F1B, Narayanan et al. 2021) cuts the L decoder
+# layers into pp contiguous stages, one per pp rank; a step's batch is cut into M micro-batches that flow through the
+# stages so that several stages work at once. Each micro-batch is a packed varlen batch (input_ids[N], positions[N],
+# cu_seqlens[B+1], labels[N]) whose N differs from the next one's, so every activation travels with a shape header.
 #
-# Schedules, pp = 4 stages, M = 6 micro-batches, time flows right (F3 = forward of micro-batch 3, B3 its
-# backward; one slot each for the picture, a real backward takes ~2 forwards):
-#
-#   AFAB (all forward, all backward; GPipe with a flush): the naive reference. Every stage holds the
-#   activations of ALL M micro-batches at its peak.
+# Schedules, time flowing right (pp = 4, M = 6; F3 / B3: forward / backward of micro-batch 3; a real B takes ~2 F):
+#   AFAB (all forward, all backward; GPipe with a flush): the naive reference; holds ALL M micro-batches' activations.
 #     stage 0: F0 F1 F2 F3 F4 F5 .. .. .. .. .. .. B0 B1 B2 B3 B4 B5
 #     stage 1: .. F0 F1 F2 F3 F4 F5 .. .. .. .. B0 B1 B2 B3 B4 B5 ..
 #     stage 2: .. .. F0 F1 F2 F3 F4 F5 .. .. B0 B1 B2 B3 B4 B5 .. ..
 #     stage 3: .. .. .. F0 F1 F2 F3 F4 F5 B0 B1 B2 B3 B4 B5 .. .. ..
 #
-#   1F1B (PipeDream-Flush): stage r runs w = pp - r - 1 warm-up forwards, then alternates one forward and
-#   one backward, then drains w backwards. The same bubble as AFAB ((pp-1)/(M+pp-1) of the step idle), but
-#   stage r holds at most w + 1 <= pp micro-batches of activations instead of M.
+#   1F1B (PipeDream-Flush): stage r runs w = pp - r - 1 warm-up forwards, alternates one forward and one backward,
+#   then drains w backwards: AFAB's bubble ((pp-1)/(M+pp-1) of the step idle), but w + 1 <= pp micro-batches held.
 #     stage 0: F0 F1 F2 F3 .. .. .. B0 F4 B1 F5 B2 .. B3 .. B4 .. B5
 #     stage 1: .. F0 F1 F2 .. .. B0 F3 B1 F4 B2 F5 B3 .. B4 .. B5 ..
 #     stage 2: .. .. F0 F1 .. B0 F2 B1 F3 B2 F4 B3 F5 B4 .. B5 .. ..
 #     stage 3: .. .. .. F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 .. .. ..
+# Both run the backwards in micro-batch order 0..M-1: the same accumulation order, so bit-identical gradients.
 #
-# Both run the backwards in micro-batch order 0, 1, .., M-1, so the gradients accumulate in the same
-# order and the two schedules give bit-identical gradients.
-#
-# Tied embeddings (Megatron's approach): the last stage holds its OWN copy of the embedding matrix for
-# the LM head (Transformer builds it, init_random / load_hf fill it from model.embed_tokens.weight). The
-# true gradient of the shared matrix is the sum of the two copies' gradients, so after the backward the
-# two are all-reduced over an "embedding group" {first-stage rank, last-stage rank} per (dp, tp)
-# coordinate; both copies then take the same optimizer update and stay equal.
+# Tied embeddings (Megatron's approach): the last stage holds its OWN copy of the embedding matrix for the LM head
+# (filled from model.embed_tokens.weight). The shared matrix's gradient is the sum of the copies' gradients, so after
+# the backward they are all-reduced over an "embedding group" {first, last stage} per (dp, tp) and take the same update.
 
 # -- stage partition --
-# Cost model, forward FLOPs per token (one multiply-add = 2 FLOPs; the backward costs ~2x the forward for
-# every part, so the RATIOS below hold for forward + backward too):
+# Cost model, forward FLOPs per token (multiply-add = 2 FLOPs; a backward costs ~2x its forward, so RATIOS hold):
 #   decoder layer = 2*Hd*(H*D + 2*Hkv*D)  q/k/v projections
 #                 + 2*H*D*Hd              o projection
 #                 + 2*3*Hd*I              SwiGLU gate, up, down
-#                 + 2*H*D*S               causal attention: q.k and p.v, 2*D FLOPs each, over S/2 keys on
-#                                         average (S: the typical sequence length, the only data-dependent term)
+#                 + 2*H*D*S               attention: q.k, p.v, 2*D FLOPs each over S/2 keys (S: typical length)
 #   LM head       = 2*Hd*V                (+ the softmax of the loss, O(V), ignored)
 #   embedding     = Hd                    a row lookup: ~0 FLOPs but a memory read; charged lightly
-# In "layer equivalents" (cost / layer cost), Qwen3-0.6B (Hd 1024, V 151936, S 2048) has a head worth
-# ~8 layers: a 4-stage split of its 28 layers gives the last stage 1 layer, not 7. (Activation
-# checkpointing re-runs the layers' forward, making them ~4/3 dearer than the head: ignored.)
+# In "layer equivalents" (cost / layer cost), Qwen3-0.6B (Hd 1024, V 151936, S 2048) has a head worth ~8 layers: a
+# 4-stage split of its 28 layers gives the last stage 1 layer, not 7 (checkpointing's recompute: ignored).
 
 def stage_costs(cfg: ModelConfig, seq_len: int = 2048) -> tuple[float, float, float]:
     """(embedding, decoder layer, head) forward FLOPs per token, per the cost model above."""
@@ -1117,17 +1031,14 @@ def stage_costs(cfg: ModelConfig, seq_len: int = 2048) -> tuple[float, float, fl
 
 
 def stage_layers(cfg: ModelConfig, pp: int, seq_len: int = 2048) -> list[tuple[int, int]]:
-    """Split layers [0, L) into pp contiguous stages [(a0, b0), (a1, b1), ..], each >= 1 layer, minimising
-    the cost of the most expensive stage, where stage 0 also pays for the embedding and stage pp-1 for the
-    final norm + LM head + loss (cost model above). Exact: a DP over split points, O(pp * L^2).
-    Ties go to the split whose LATER stages hold more layers: under 1F1B stage r keeps pp - r micro-batches
-    of activations in flight, so the first stages are the ones short of memory."""
+    """Split layers [0, L) into pp contiguous stages [(a0, b0), (a1, b1), ..], each >= 1 layer, minimising the most
+    expensive stage's cost, where stage 0 also pays for the embedding and stage pp-1 for the final norm + LM head +
+    loss (cost model above). Exact: a DP over split points, O(pp * L^2). Ties give the LATER stages more layers: under
+    1F1B stage r keeps pp - r micro-batches in flight, so the first stages are short of memory."""
     L = cfg.num_layers
-    if not (isinstance(pp, int) and pp >= 1):
-        raise ValueError(f"stage_layers: pp must be a positive int, got {pp!r}")
-    if pp > L:
-        raise ValueError(f"stage_layers: pp={pp} pipeline stages but the model has only {L} layers; every stage "
-                         f"needs at least one layer (use pp <= {L})")
+    _require(isinstance(pp, int) and pp >= 1, f"stage_layers: pp must be a positive int, got {pp!r}")
+    _require(pp <= L, f"stage_layers: pp={pp} pipeline stages but the model has only {L} layers; every stage "
+             f"needs at least one layer (use pp <= {L})")
     emb, layer, head = stage_costs(cfg, seq_len)
     emb, head = emb / layer, head / layer                    # layer equivalents: a decoder layer costs 1
 
@@ -1150,16 +1061,13 @@ def stage_layers(cfg: ModelConfig, pp: int, seq_len: int = 2048) -> list[tuple[i
 
 
 # -- building this rank's stage --
-
 def build_embedding_groups(mesh: Mesh):
-    """Create the tied-embedding groups {rank_of(d, 0, t), rank_of(d, pp-1, t)} for every (dp d, tp t) and
-    return this rank's (None on middle stages and when pp == 1). EVERY rank calls it, in the same order
-    (new_group is a collective). Cached on the mesh: another model on the same mesh creates nothing."""
+    """Create the tied-embedding groups {rank_of(d, 0, t), rank_of(d, pp-1, t)} for every (dp d, tp t); return this
+    rank's (None on middle stages, or pp == 1). EVERY rank calls it in one order (a collective); cached on the mesh."""
     if "embedding" in mesh._groups or mesh.pp == 1:
         return mesh._groups.get("embedding")
-    if not dist.is_initialized():
-        raise RuntimeError("build_embedding_groups: no process group; build the mesh with Mesh.build(...) under "
-                           "torchrun (Mesh(pp=...) alone only does rank arithmetic)")
+    _require(dist.is_initialized(), "build_embedding_groups: no process group; build the mesh with Mesh.build(...) "
+             "under torchrun (Mesh(pp=...) alone only does rank arithmetic)", RuntimeError)
     mesh._groups["embedding"] = None                         # stays None on the middle stages
     mesh._new_groups("embedding", [[mesh.rank_of(d, 0, t), mesh.rank_of(d, mesh.pp - 1, t)]
                                    for d in range(mesh.dp) for t in range(mesh.tp)])
@@ -1168,47 +1076,40 @@ def build_embedding_groups(mesh: Mesh):
 
 def build_stage(cfg: ModelConfig, mesh: Mesh, partition: list[tuple[int, int]] | None = None,
                 seq_len: int = 2048, **transformer_kwargs) -> Transformer:
-    """This rank's pipeline stage: layers stage_layers(cfg, pp)[pp_rank] (or partition[pp_rank]), the
-    embedding on the first stage, final norm + head on the last. Parameters are EMPTY, as for Transformer:
-    fill them with init_random(seed) / load_hf(...). A collective (creates the embedding groups)."""
+    """This rank's pipeline stage: layers stage_layers(cfg, pp)[pp_rank] (or partition[pp_rank]), the embedding on the
+    first stage, final norm + head on the last; EMPTY like Transformer (init_random / load_hf fill it). A collective."""
     check_layout(cfg, mesh.tp, mesh.pp)
     partition = partition or stage_layers(cfg, mesh.pp, seq_len)
-    if len(partition) != mesh.pp:
-        raise ValueError(f"build_stage: partition has {len(partition)} stages, the mesh pp={mesh.pp}")
+    _require(len(partition) == mesh.pp, f"build_stage: partition has {len(partition)} stages, the mesh pp={mesh.pp}")
     build_embedding_groups(mesh)
     return Transformer(cfg, mesh, layer_range=partition[mesh.pp_rank], has_embedding=mesh.is_first_stage,
                        has_head=mesh.is_last_stage, **transformer_kwargs)
 
 
 def sync_tied_embedding_grads(stage: Transformer, dp: "DataParallel | None" = None):
-    """Sum the two tied copies' gradients over the embedding group, once per step after the last backward
-    (pipeline_step does). With an optimizer (`dp` = optimizer.dp): its owned fp32 shards, after the dp
-    reduction (they line up: embedding and head have buckets of their own, cut alike on both stages)."""
+    """Sum the two tied copies' gradients over the embedding group after the step's last backward (pipeline_step does).
+    With an optimizer's dp: its owned fp32 shards, after the dp reduction (lone buckets: they line up)."""
     if not stage.cfg.tie_word_embeddings or stage.mesh.pp == 1 or not (stage.has_embedding or stage.has_head):
         return                              # untied, one stage (the head IS the embedding), a middle stage
     w = stage.embed.weight if stage.has_embedding else stage.lm_head.weight     # this stage's copy
-    if "embedding" not in stage.mesh._groups:
-        raise RuntimeError("sync_tied_embedding_grads: no embedding group on this mesh; build the stage with "
-                           "build_stage(...) (or call build_embedding_groups(mesh) on every rank)")
+    _require("embedding" in stage.mesh._groups, "sync_tied_embedding_grads: no embedding group on this mesh; build "
+             "the stage with build_stage(...) (or call build_embedding_groups(mesh) on every rank)", RuntimeError)
     if dp is not None:
         dp.finish_grad_sync()
-        all_reduce_(dp.owned_grad(w), stage.mesh._groups["embedding"])
-        return
-    if w.grad is None:                      # a stage that saw no token still joins the collective
+    elif w.grad is None:                    # a stage that saw no token still joins the collective
         w.grad = torch.zeros_like(w)
-    all_reduce_(w.grad, stage.mesh._groups["embedding"])
+    all_reduce_(dp.owned_grad(w) if dp is not None else w.grad, stage.mesh._groups["embedding"])
 
 
 # -- point-to-point --
 # Activations go from pp rank r to r+1, gradients from r+1 back to r, between ranks of the same (dp, tp) coordinate
-# (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under sequence parallelism). N varies per
-# micro-batch, so an activation is preceded by an int64 header [8] = [ndim, *shape, 0 ..]. A gradient needs none: it
-# has the shape of the activation the receiver sent. DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv
-# of all its sends and receives, so two neighbours that send to each other at the same moment (1F1B's steady state: r
-# sends activation k+1 while r+1 sends gradient k) cannot both block in send. Headers go in their own batch BEFORE the
-# tensors (the receiver must allocate), on both sides, so the two sides' sequences of batches between any pair stay in
-# step. The ops run on the pp group: its first use is pipeline_step's micro-batch count check, which all its ranks
-# join (NCCL requires that of a group's first batched p2p).
+# (each TP rank sends its own copy, or its own [N/tp, Hd] token shard under SP). N varies per micro-batch, so an
+# activation is preceded by an int64 header [8] = [ndim, *shape, 0 ..]; a gradient has the shape of the activation the
+# receiver sent. DEADLOCK AVOIDANCE: every exchange is one dist.batch_isend_irecv of all its sends and receives, so two
+# neighbours that send to each other at once (1F1B's steady state: r sends activation k+1 while r+1 sends gradient k)
+# cannot both block in send. Headers go in their own batch BEFORE the tensors (the receiver must allocate), on both
+# sides, so the sequences of batches stay in step. The ops run on the pp group: its first use is pipeline_step's
+# micro-batch count check, which all its ranks join (NCCL requires that of a first batched p2p).
 
 _HEADER = 8
 
@@ -1222,8 +1123,7 @@ def _p2p(ops, group):
 def send_activation(t, dst, group=None, recv_grad_of=None):
     """Send the activation t [N, Hd] (any shape) to global rank dst: header, then tensor. With recv_grad_of (1F1B's
     steady state) also receive from dst, in the same batch, the gradient of that EARLIER activation; return it."""
-    if t.dim() >= _HEADER:
-        raise ValueError(f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
+    _require(t.dim() < _HEADER, f"send_activation: {t.dim()}-d tensor; at most {_HEADER - 1} dims fit the header")
     header = torch.tensor([t.dim(), *t.shape] + [0] * (_HEADER - 1 - t.dim()), dtype=torch.int64, device=t.device)
     _p2p([(dist.isend, header, dst)], group)
     g = None if recv_grad_of is None else torch.empty_like(recv_grad_of)
@@ -1238,9 +1138,8 @@ def recv_activation(src, hidden, dtype, device=None, group=None, send_grad_back=
     _p2p([(dist.irecv, h, src)], group)
     h = h.tolist()                                           # .tolist() syncs the GPU (once per micro-batch)
     shape = tuple(h[1:1 + h[0]])                             # h = [ndim, *shape, 0 ..]
-    if not shape or shape[-1] != hidden:
-        raise RuntimeError(f"recv_activation: rank {src} sent shape {shape}, expected [.., {hidden}] (hidden "
-                           "size); are both stages built from the same config?")
+    _require(shape and shape[-1] == hidden, f"recv_activation: rank {src} sent shape {shape}, expected [.., "
+             f"{hidden}] (hidden size); are both stages built from the same config?", RuntimeError)
     x = torch.empty(shape, dtype=dtype, device=device)
     g = send_grad_back
     _p2p([(dist.irecv, x, src)] + ([(dist.isend, g.contiguous(), src)] if g is not None else []), group)
@@ -1260,19 +1159,16 @@ def recv_grad(src, like, group=None):
 
 
 # -- schedules --
-
 class _Pipe:
     """One pipeline_step's plumbing: this stage's forward/backward of one micro-batch and the p2p to its
     neighbours (None where there is no neighbour: every call below is a no-op at the ends)."""
-
     def __init__(self, stage, mesh, micro_batches, loss_scale, dp=None, loss_fn=None):
         self.stage, self.mesh, self.mbs, self.loss_scale, self.loss_fn = stage, mesh, micro_batches, loss_scale, loss_fn
         self.dp, self.n_backward = dp, 0    # dp: the optimizer's DataParallel (grad sync on the last backward)
         r, d, t = mesh.pp_rank, mesh.dp_rank, mesh.tp_rank
         self.prev = mesh.rank_of(d, r - 1, t) if r > 0 else None
         self.next = mesh.rank_of(d, r + 1, t) if r < mesh.pp - 1 else None
-        self.group = mesh.pp_group
-        p = next(stage.parameters())
+        p, self.group = next(stage.parameters()), mesh.pp_group
         self.dtype, self.device, self.hidden = p.dtype, p.device, stage.cfg.hidden_size
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.n_tokens = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -1295,31 +1191,27 @@ class _Pipe:
         return x, y
 
     def backward(self, x, y, g):
-        """Backpropagate g = dL/dy (None when y is the loss) through this stage; returns dL/dx (None on the
-        first stage). The grads of the parameters ACCUMULATE into .grad over the micro-batches. With an
-        optimizer attached, only the LAST backward of the step (micro-batch M-1: both schedules run the
-        backwards in order) lets the dp gradient reduction run; the earlier ones accumulate locally."""
-        self.n_backward += 1
-        last = self.n_backward == len(self.mbs)
-        with (self.dp.no_sync() if self.dp is not None and not last else contextlib.nullcontext()):
+        """Backpropagate g = dL/dy (None when y is the loss) through this stage; returns dL/dx (None on the first
+        stage). Parameter grads ACCUMULATE over the micro-batches; with an optimizer, only the step's LAST backward
+        (micro-batch M-1: both schedules go in order) lets the dp reduction run."""
+        self.n_backward += 1                    # the step's last backward (n_backward == M) lets dp reduce
+        with (self.dp.no_sync() if self.dp and self.n_backward < len(self.mbs) else contextlib.nullcontext()):
             torch.autograd.backward(y, grad_tensors=g)
         return x.grad if x is not None else None
 
     # Megatron's p2p vocabulary; a one-way call is the paired one with nothing to pair (dx / y_old None)
     def send_backward_recv_forward(self, dx=None):
         """Send gradient dx back (if any) and, in the same batch, receive the next activation."""
-        if self.prev is None:
-            return None
-        return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group,
-                               send_grad_back=dx).requires_grad_()
+        if self.prev is not None:
+            return recv_activation(self.prev, self.hidden, self.dtype, self.device, self.group,
+                                   send_grad_back=dx).requires_grad_()
 
     def send_forward_recv_backward(self, y, y_old=None):
         """Send activation y forward and, in the same batch, receive the gradient of the older y_old."""
         if self.next is not None:
             return send_activation(y.detach(), self.next, self.group, recv_grad_of=y_old)
 
-    recv_forward = send_backward_recv_forward
-    send_forward = send_forward_recv_backward
+    recv_forward, send_forward = send_backward_recv_forward, send_forward_recv_backward
 
     def recv_backward(self, y):
         return recv_grad(self.next, y, self.group) if self.next is not None else None
@@ -1356,8 +1248,7 @@ def _1f1b(p: _Pipe, M: int):
         x, y = p.forward(k + w, x_next)
         inflight.append((x, y))
         x_old, y_old = inflight.popleft()                       # the oldest micro-batch: k
-        # our output k + w goes down while the gradient of output k comes up: ONE batch, no deadlock
-        g = p.send_forward_recv_backward(y, y_old)
+        g = p.send_forward_recv_backward(y, y_old)              # y goes down, y_old's grad up: ONE batch
         dx = p.backward(x_old, y_old, g)
         if k == M - w - 1:                                      # last steady step: nothing left to receive
             p.send_backward(dx)
@@ -1374,33 +1265,29 @@ SCHEDULES = {"1f1b": _1f1b, "afab": _afab}
 def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], schedule: str = "1f1b",
                   loss_scale: float | None = None, check: bool = True, optimizer=None,
                   loss_fn=None) -> tuple[float, int]:
-    """Forward + backward of one step's micro-batches through the pipeline; the gradients ACCUMULATE (zero
-    them before, step after). Every rank of the pipeline passes the SAME list of dicts: input_ids [N],
-    positions [N], cu_seqlens [B+1], max_seqlen (int, optional), labels [N] (next tokens or IGNORE_INDEX).
-    loss_scale: backward runs on loss_sum * loss_scale; pass 1 / (labelled tokens of the whole step, all
-    micro-batches AND dp ranks) and the gradient does not depend on the split (None: this pipeline's mean).
-    Returns (loss_sum, n_tokens) of this pipeline, unscaled, on every rank (broadcast from the last stage).
+    """Forward + backward of one step's micro-batches through the pipeline; grads ACCUMULATE (zero before, step
+    after). Every pipeline rank passes the SAME list of dicts: input_ids [N], positions [N], cu_seqlens [B+1],
+    max_seqlen (optional int), labels [N]. Returns this pipeline's unscaled (loss_sum, n_tokens) on every rank.
+    loss_scale: backward runs on loss_sum * loss_scale; pass 1 / (labelled tokens of the whole step, all micro-batches
+    AND dp ranks) and the gradient does not depend on the split (None: this pipeline's mean).
     check: one tiny all-reduce turns unequal micro-batch counts into an error instead of a hang.
     optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad).
-    loss_fn(hidden [N, Hd], k) -> scalar: another loss for micro-batch k on the last stage (ppo.py's policy
-    and value losses), already scaled to the step; no labels needed, and (loss_sum, M) is returned."""
-    if schedule not in SCHEDULES:
-        raise ValueError(f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
-    if (M := len(micro_batches)) == 0:
-        raise ValueError("pipeline_step: no micro-batches")
+    loss_fn(hidden [N, Hd], k) -> scalar: another loss for micro-batch k on the last stage (ppo.py's policy and value
+    losses), already scaled to the step; no labels needed, and (loss_sum, M) is returned."""
+    _require(schedule in SCHEDULES, f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
+    _require((M := len(micro_batches)) > 0, "pipeline_step: no micro-batches")
+    need = {"input_ids", "positions", "cu_seqlens"} | ({"labels"} if loss_fn is None else set())
     for k, mb in enumerate(micro_batches):
-        if missing := ({"input_ids", "positions", "cu_seqlens"} | ({"labels"} if loss_fn is None else set())) - set(mb):
-            raise KeyError(f"pipeline_step: micro-batch {k} lacks {sorted(missing)}")
-    if stage.mesh is not mesh:
-        raise ValueError("pipeline_step: the stage was built on another mesh")
+        _require(need <= set(mb), f"pipeline_step: micro-batch {k} lacks {sorted(need - set(mb))}", KeyError)
+    _require(stage.mesh is mesh, "pipeline_step: the stage was built on another mesh")
     if check and mesh.pp > 1:
         mm = all_reduce_(torch.tensor([M, -M], device=mesh.device), mesh.pp_group, "max")
-        if mm.tolist() != [M, -M]:
-            raise RuntimeError(f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the stages of this "
-                               f"pipeline have between {-int(mm[1])} and {int(mm[0])}; give every stage the same list")
+        _require(mm.tolist() == [M, -M], f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the "
+                 f"stages of this pipeline have between {-int(mm[1])} and {int(mm[0])}; give every stage the same list",
+                 RuntimeError)
     if loss_scale is None and loss_fn is None:   # .item() syncs: pass loss_scale in (you know the token count)
         loss_scale = 1.0 / max(1, sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
-    dp = optimizer.dp if optimizer is not None else None
+    dp = getattr(optimizer, "dp", None)
     p = _Pipe(stage, mesh, micro_batches, loss_scale, dp, loss_fn)
     SCHEDULES[schedule](p, M)
     sync_tied_embedding_grads(stage, dp)
@@ -1414,9 +1301,9 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 
 @torch.no_grad()
 def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], fn) -> list:
-    """Forward only (no graph kept, no backward): micro-batch k flows through the stages, and the last
-    stage returns [fn(hidden_k [N, Hd], k) for every k]; the other stages return []. Every rank of the
-    pipeline passes the same list, as for pipeline_step (RL scores its rollouts this way)."""
+    """Forward only (no graph, no backward): micro-batch k flows through the stages and the last stage returns
+    [fn(hidden_k [N, Hd], k) for every k], the others []. Every rank of the pipeline passes the same list, as for
+    pipeline_step (RL scores its rollouts this way)."""
     p, out = _Pipe(stage, mesh, micro_batches, loss_scale=None), []     # its p2p only: no loss, no backward
     for k, mb in enumerate(micro_batches):
         x = p.recv_forward()                                    # None on the first stage
@@ -1430,7 +1317,6 @@ def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], 
 
 # ---- data parallelism + ZeRO -----------------------------------------------------------------------
 # The training loop that this chapter and the optimizer serve (every rank runs the same lines):
-#
 #     opt = build_optimizer(model, mesh, zero_stage=1, lr=3e-4, weight_decay=0.1)   # after loading weights
 #     for step in range(total):
 #         opt.zero_grad()
@@ -1440,17 +1326,15 @@ def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], 
 #                 (total_loss / global_tokens).backward()        # global_tokens: the whole step, all dp ranks
 #         grad_norm = opt.clip_grad_norm_(1.0)
 #         opt.step(lr=lr_at(step, warmup, total, peak_lr, min_ratio=0.1))
+# Every dp rank holds the same model (its (pp, tp) slice) and runs its share of the step's sequences; gradients are
+# SUMMED over dp. SUM, not mean: each micro-batch's loss is already divided by the WHOLE step's token count (all
+# micro-batches, all dp ranks), so the sum is the global mean's exact gradient even when ranks hold unequal token
+# counts (a mean over ranks would not be).
 #
-# Every dp rank holds the same model (its (pp, tp) slice of it), runs its own share of the step's
-# sequences, and the gradients are SUMMED over dp before the optimizer step. SUM, not mean: the loss of
-# each micro-batch is already divided by the token count of the WHOLE step (all micro-batches, all dp
-# ranks), so the dp sum is exactly the gradient of the global mean loss, whatever each rank's share of
-# tokens (a mean over ranks would be wrong when ranks hold different numbers of tokens).
-#
-# Ownership (Rajbhandari et al. 2020, "ZeRO", sec. 5). This rank's parameters are packed into flat
-# BUCKETS, each padded to a multiple of dp; every bucket is cut into dp equal shards, and dp rank r
-# OWNS shard r of every bucket (Megatron's distributed optimizer cuts buckets the same way):
-#
+# Ownership (Rajbhandari et al. 2020, "ZeRO", sec. 5). This rank's parameters are packed into flat BUCKETS, each
+# padded to a multiple of dp; every bucket is cut into dp equal shards, and dp rank r OWNS shard r of every bucket
+# (as in Megatron's distributed optimizer). ZeRO splits each rank's (pp, tp) slice over its dp group only (W=8,
+# tp=pp=dp=2: stage 0's tp-0 slice between ranks {0, 2}, its tp-1 slice between {1, 3}; stage 1's {4, 6}, {5, 7}).
 #   bucket (P elements, P % dp == 0; reverse parameter order = the order backward produces grads)
 #     param_buf  [ lm_head.w          | norm.w | layers.1.mlp.down.w ...          | pad ]  model dtype
 #     grad_buf   [ the same layout in fp32: p.main_grad is a view of it                   ]  fp32
@@ -1465,26 +1349,18 @@ def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], 
 #     3   | own shard S; full P only | as stage 2                        | own shard S            | RS + all-gather
 #         | while its layer runs     |                                   |                        | per layer x2
 #
-# ZeRO splits each rank's (pp, tp) slice over its dp group only (W=8, tp=2, pp=2, dp=2: stage 0's tp-0
-# slice between ranks {0, 2}, its tp-1 slice between {1, 3}; stage 1's between {4, 6} and {5, 7}).
+# Stage 0 is plain DP: every rank steps every parameter, identically. Buckets: stage 0-2 ~bucket_mb of parameters
+# each, the embedding and the LM head alone (so a tied embedding's shards line up on the first and last stage for an
+# elementwise all-reduce); stage 3 one "unit" per decoder layer, plus a root unit (embedding, norm, head).
 #
-# Stage 0 is plain DP: every rank steps every parameter (identical math, identical results). Buckets:
-# stage 0-2 ~bucket_mb of parameters each, the embedding and the LM head alone (so a tied embedding's
-# shards line up on the first and last pipeline stage, for an elementwise all-reduce of their grads);
-# stage 3 one "unit" gathered as a whole per decoder layer, plus a root unit (embedding, norm, head).
+# ZeRO-3 life of a layer's parameters, per micro-batch: forward pre-hook: all-gather -> layer forward -> forward hook:
+# free, wrap the output in _GatherBeforeBackward -> ... backward reaches the output: all-gather again
+# (Bucket.in_backward: a checkpointing recompute must not free it) -> layer backward -> its last grad hook: free,
+# reduce-scatter the grads into the owned shard. The root unit stays gathered through forward + backward. No prefetch.
 #
-# ZeRO-3 life of a layer's parameters, per micro-batch:
-#   forward pre-hook: all-gather -> layer forward -> forward hook: free, and wrap the output in
-#   _GatherBeforeBackward -> ... backward reaches the output: all-gather again (Bucket.in_backward: an
-#   activation-checkpointing recompute must not free it) -> layer backward -> the last grad hook of the
-#   layer: free, reduce-scatter the grads (bucketed) into the owned shard. (Bucket.gathered: the state.)
-# The root unit (embedding, final norm, head) is gathered for the whole forward + backward instead.
-# Not done: prefetching the next layer's all-gather (so here it is on the critical path).
-#
-# Freeing memory without breaking autograd: a view of a tensor keeps pointing at the tensor's storage
-# OBJECT, so `buf.untyped_storage().resize_(0)` frees the bytes while every view (the params, the
-# main_grads, and the weight views autograd saved for backward) stays valid, and resizing it back and
-# all-gathering into it makes them all see the data again. FSDP (v1) frees its flat parameters this way.
+# Freeing memory without breaking autograd: a view keeps pointing at its tensor's storage OBJECT, so
+# `buf.untyped_storage().resize_(0)` frees the bytes while every view (params, main_grads, the weight views autograd
+# saved) stays valid; resizing it back and all-gathering into it makes them all see the data again (as FSDP v1 does).
 
 def _free(t: torch.Tensor):
     t.untyped_storage().resize_(0)
@@ -1526,25 +1402,21 @@ def _merge(ranges):
 #   REDUCED    summed over dp: 0/1 in grad_buf; 2/3 added into grad_shard, grad_buf freed   [work None]
 # event -> transition:
 #   grad hook (_on_grad) ...................... CLEAN, HELD, REDUCED (2/3) -> FILLING (2/3: waits for IN FLIGHT)
-#     of the bucket's last param .............. FILLING -> IN FLIGHT (_launch) when bucketed and outside
-#                                               no_sync (0/1), or always (2/3); else FILLING -> HELD
+#     of the bucket's last param .............. -> IN FLIGHT (_launch) if bucketed, unless no_sync at 0/1; else HELD
 #   a backward ends (_drain, bucketed 2/3) .... IN FLIGHT -> REDUCED
 #   finish_grad_sync (clip, step) ............. any -> REDUCED (0/1: CLEAN too: all ranks, same all-reduces)
 #   zero_grad ................................. any -> CLEAN
 #   grad hook once REDUCED at stage 0/1 ....... RuntimeError: the step already reduced that bucket
 
 class Bucket:
-    """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table).
-    [lo, hi) is the element range this rank's optimizer owns: [0, P) in stage 0, shard dp_rank after.
-    param_shard [hi - lo] and grad_shard [hi - lo] are views of the full buffers when those persist
-    (stage 0/1: both; stage 2: the params) and separate tensors otherwise."""
-
+    """One flat slab of this rank's parameters and its fp32 gradients, cut into dp shards (see the table). [lo, hi):
+    the elements this rank's optimizer owns ([0, P) in stage 0, shard dp_rank after). param_shard and grad_shard
+    [hi - lo] view the full buffers while those persist (stage 0/1: both; 2: params), else are own tensors."""
     def __init__(self, named, dp, dp_rank, stage):
         self.names, self.params = [n for n, _ in named], [p for _, p in named]
-        if len(dtypes := {p.dtype for p in self.params}) != 1:
-            raise ValueError(f"Bucket: parameters {self.names} mix dtypes {dtypes}; build the model in one dtype")
-        dev = self.params[0].device
-        n = sum(p.numel() for p in self.params)
+        dtypes = {p.dtype for p in self.params}
+        _require(len(dtypes) == 1, f"Bucket: parameters {self.names} mix dtypes {dtypes}; build the model in one dtype")
+        dev, n = self.params[0].device, sum(p.numel() for p in self.params)
         self.P = -(-n // dp) * dp                                         # padded so dp shards are equal
         S = self.P // dp
         self.lo, self.hi = (0, self.P) if stage == 0 else (dp_rank * S, (dp_rank + 1) * S)
@@ -1577,9 +1449,8 @@ class Bucket:
 
 
 class _GatherBeforeBackward(torch.autograd.Function):
-    """ZeRO-3's backward pre-hook: identity on a layer's output; its backward runs when the gradient of
-    that output is ready, i.e. JUST BEFORE the layer's own backward, and all-gathers the layer's params
-    there (the weight views autograd saved in forward see them again: see the storage trick above)."""
+    """ZeRO-3's backward pre-hook: identity on a layer's output, whose backward runs JUST BEFORE the layer's own and
+    all-gathers the layer's params (the weight views autograd saved see them again)."""
     @staticmethod
     def forward(ctx, x, dp, bucket):
         ctx.dp, ctx.bucket = dp, bucket
@@ -1593,22 +1464,17 @@ class _GatherBeforeBackward(torch.autograd.Function):
 
 
 class DataParallel:
-    """Gradient synchronisation over mesh.dp and the ZeRO ownership of one model (or pipeline stage).
-    A post-accumulate-grad hook on every parameter adds p.grad (model dtype) into p.main_grad (fp32) and
-    drops p.grad, so bf16 grads of many micro-batches sum in fp32 (Megatron's gradient_accumulation_fusion).
-    AFTER BACKWARD THE GRADIENTS ARE IN p.main_grad (stage 0/1) OR THE BUCKETS' grad_shard (stage 2/3).
-    grad_sync 'naive' reduces every bucket after backward, one at a time; 'bucketed' launches a bucket's
-    collective asynchronously from the hook that completes it, so communication overlaps the backward of
-    earlier layers (Li et al. 2020, "PyTorch Distributed", sec. 3.2.3). Both give the same numbers."""
-
+    """Gradient synchronisation over mesh.dp and the ZeRO ownership of one model (or pipeline stage). A
+    post-accumulate-grad hook moves each p.grad into the fp32 p.main_grad, so bf16 grads of many micro-batches sum in
+    fp32 (Megatron's gradient_accumulation_fusion). AFTER BACKWARD THE GRADIENTS ARE IN p.main_grad (stage 0/1) OR THE
+    BUCKETS' grad_shard (stage 2/3). grad_sync 'naive' reduces each bucket after backward; 'bucketed' launches a
+    bucket's collective from the hook completing it, overlapping the backward (Li et al. 2020). Both agree."""
     def __init__(self, model, mesh, zero_stage: int = 0, grad_sync: str = "bucketed", bucket_mb: float = 25.0):
-        if zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
-        if grad_sync not in ("naive", "bucketed"):
-            raise ValueError(f"DataParallel: grad_sync must be 'naive' or 'bucketed', got {grad_sync!r}")
-        if zero_stage == 3 and mesh.pp > 1:
-            raise ValueError(f"--zero_stage 3 is implemented for --pp 1 only (got --pp {mesh.pp}): use "
-                             "--zero_stage <= 2 with pipeline parallelism")
+        _require(zero_stage in (0, 1, 2, 3), f"--zero_stage must be 0, 1, 2 or 3, got {zero_stage!r}")
+        _require(grad_sync in ("naive", "bucketed"),
+                 f"DataParallel: grad_sync must be 'naive' or 'bucketed', got {grad_sync!r}")
+        _require(zero_stage != 3 or mesh.pp == 1, f"--zero_stage 3 is implemented for --pp 1 only (got --pp "
+                 f"{mesh.pp}): use --zero_stage <= 2 with pipeline parallelism")
         self.model, self.mesh, self.stage = model, mesh, zero_stage
         self.group, self.overlap = mesh.dp_group, grad_sync == "bucketed"
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -1623,22 +1489,16 @@ class DataParallel:
         self._norm_ranges = self._norm_ranges_of(model)
 
     # -- layout --
-
     @staticmethod
     def _buckets(model, named, bucket_mb):
         """Stage 0-2: reverse parameter order, closed when ~bucket_mb full; embedding / head alone."""
         solo = {id(m.weight) for m in (model.embed, model.lm_head) if m is not None}
         limit, groups, cur, nbytes = bucket_mb * 2 ** 20, [], [], 0
         for n, p in reversed(named):
-            if id(p) in solo:
-                groups += [cur, [(n, p)]] if cur else [[(n, p)]]
-                cur, nbytes = [], 0
-                continue
+            if cur and (nbytes >= limit or id(p) in solo or id(cur[-1][1]) in solo):   # full, or a solo one
+                groups, cur, nbytes = groups + [cur], [], 0
             cur.append((n, p))
             nbytes += p.numel() * p.element_size()
-            if nbytes >= limit:
-                groups.append(cur)
-                cur, nbytes = [], 0
         return groups + ([cur] if cur else [])
 
     @staticmethod
@@ -1654,15 +1514,13 @@ class DataParallel:
         for layer, b in zip(reversed(model.layers), self.buckets):      # _units: the layers' units come first
             layer.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
             layer.register_forward_hook(lambda m, args, out, b=b: self._after_forward(b, out))
-        # The root (embedding, final norm, LM head) is gathered when forward starts and stays gathered until its
-        # grads are all in: the loss uses the head weight OUTSIDE any module call, so no module hook could gather
-        # it in time. It is the one unit that is not freed after its forward.
+        # The root unit (embedding, final norm, LM head) stays gathered from the start of forward until its grads
+        # are in: the loss uses the head weight OUTSIDE any module call, so no module hook could gather it in time.
         for b in self.buckets[len(model.layers):]:
             model.register_forward_pre_hook(lambda m, args, b=b: self._gather(b))
 
     def _after_forward(self, b, out):
-        # a layer returns (sublayer output, residual): wrapping the first is enough, since the layer's first
-        # backward node (post_attn_norm's, which made both) waits for the grad through it
+        # out = (y, residual): wrapping y suffices, as residual's node (post_attn_norm's, made both) waits for y's grad
         if torch.is_grad_enabled() and out[0].requires_grad:
             out = (_GatherBeforeBackward.apply(out[0], self, b), *out[1:])
         if not b.in_backward:
@@ -1688,10 +1546,9 @@ class DataParallel:
 
     @contextlib.contextmanager
     def gathered_params(self):
-        """Stage 3: every parameter full for the duration (checkpoints, state_dict_hf, weight sync to the
-        inference engine, evaluation). A no-op for stage 0-2. A collective: all dp ranks enter it.
-        FOOTGUN: tensors that view the params (state_dict_hf at tp=1 yields views) point at FREED memory
-        after the block (reading them can segfault): clone what you keep."""
+        """Stage 3: every parameter full for the duration (checkpoints, state_dict_hf, weight sync to the inference
+        engine, evaluation); a no-op for stage 0-2. A collective over dp. FOOTGUN: views of the params (state_dict_hf
+        at tp=1 yields views) point at FREED memory after the block: clone what you keep."""
         for b in self.buckets:
             self._gather(b)
         try:
@@ -1701,7 +1558,6 @@ class DataParallel:
                 self._release(b)
 
     # -- gradients --
-
     def _on_grad(self, b, p):
         """Post-accumulate-grad hook: p.grad (model dtype) -> p.main_grad (fp32), then maybe launch b."""
         if self.stage <= 1 and b.reduced:
@@ -1771,9 +1627,8 @@ class DataParallel:
             self._sync = prev
 
     def finish_grad_sync(self):
-        """Launch what the hooks did not (naive mode; buckets with unused params) and wait for everything.
-        Called by clip_grad_norm_ and step(); idempotent. Every rank issues the same collectives in the same
-        order (backward order, then bucket order), which gloo and NCCL require."""
+        """Launch what the hooks did not (naive mode; buckets with unused params), wait for all; idempotent. Every
+        rank issues the same collectives in the same order (backward, then bucket), as gloo and NCCL require."""
         for b in self.buckets:
             if (self.stage <= 1 and not b.reduced) or (self.stage >= 2 and b.pending):
                 self._launch(b)
@@ -1785,9 +1640,8 @@ class DataParallel:
         """The fp32 gradient this rank owns (stage 0: all of it, then its dp shard) of a parameter alone in
         its bucket (embedding, LM head): what sync_tied_embedding_grads sums over the two stages."""
         b = next((b for b in self.buckets if any(p is param for p in b.params)), None)
-        if b is None or len(b.params) != 1:
-            raise ValueError("DataParallel.owned_grad: only a parameter alone in its bucket (embedding, LM head; "
-                             "stage 0-2) has an owned gradient that lines up across pipeline stages")
+        _require(b is not None and len(b.params) == 1, "DataParallel.owned_grad: only a parameter alone in its "
+                 "bucket (embedding, LM head; stage 0-2) has an owned gradient that lines up across pipeline stages")
         return b.grad_shard
 
     def zero_grad(self):
@@ -1803,12 +1657,11 @@ class DataParallel:
                 p.grad = None
 
     # -- the global gradient norm --
-
     def _norm_ranges_of(self, model):
-        """Per bucket, the shard ranges whose grads count in the global norm. Every element of the full
-        model must count exactly once over all (dp, tp, pp) ranks:
-          dp: stage 0 grads are replicated over dp -> count the full buffer, reduce over tp, pp only;
-              stage >= 1 count the owned shard and reduce over dp too;
+        """Per bucket, the shard ranges whose grads count in the global norm. Every element of the full model must
+        count exactly once over all (dp, tp, pp) ranks:
+          dp: stage 0 grads are replicated over dp -> count the full buffer, reduce over tp, pp only; stage >= 1 count
+              the owned shard and reduce over dp too;
           tp: 'rep' tensors (norm weights) are identical on every tp rank -> only tp rank 0 counts them;
           pp: the last stage's tied LM head copy (no embedding there) duplicates stage 0's -> not counted."""
         skip = {id(slot.param) for slot in model.hf_slots().values() if slot.kind == "rep" and self.mesh.tp_rank > 0}
@@ -1831,21 +1684,19 @@ class DataParallel:
 
 
 def clip_grad_norm_(dp: DataParallel, max_norm: float) -> torch.Tensor:
-    """Scale the owned gradient shards (what the optimizer reads) by min(1, max_norm / (norm + 1e-6)), norm
-    the global L2 norm over every (dp, tp, pp) rank: torch.nn.utils.clip_grad_norm_'s rule (Pascanu et al.
-    2013, sec. 3.2) as if in one process. Returns the norm before clipping. No .item(): no host sync."""
+    """Scale the owned gradient shards (what the optimizer reads) by min(1, max_norm / (norm + 1e-6)), norm the global
+    L2 norm over all (dp, tp, pp) ranks: torch's clip_grad_norm_ rule (Pascanu et al. 2013, sec. 3.2) as in one
+    process. Returns the norm before clipping; no .item(), no host sync."""
     norm = dp.grad_norm()
-    scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-    torch._foreach_mul_([b.grad_shard for b in dp.buckets], scale)
+    torch._foreach_mul_([b.grad_shard for b in dp.buckets], (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
 
 # ---- optimizer ---------------------------------------------------------------------------------------
-# Mixed precision (Micikevicius et al. 2018, sec. 3.1): the model computes in bf16 (its params, its
-# grads), but a bf16 weight cannot absorb an update smaller than 2^-8 of itself, so the optimizer keeps
-# an fp32 MASTER copy of the weights it owns and does all its math in fp32; after the step the master is
-# rounded into the bf16 params. Gradients are accumulated and reduced in fp32 (main_grad, see above).
-# In an fp32 model the master IS the parameter shard (an alias, no copy).
+# Mixed precision (Micikevicius et al. 2018, sec. 3.1): the model computes in bf16 (params, grads), but a bf16
+# weight cannot absorb an update smaller than 2^-8 of itself, so the optimizer keeps an fp32 MASTER copy of the
+# weights it owns and does all its math in fp32; after the step the master is rounded into the bf16 params. Grads
+# are accumulated and reduced in fp32 (main_grad, above). In an fp32 model the master IS the param shard (an alias).
 
 def default_no_decay(name: str) -> bool:
     """Parameters without weight decay: biases and norm weights (their module's name contains 'norm').
@@ -1861,8 +1712,7 @@ def lr_at(step: int, warmup: int, total: int, peak: float, min_ratio: float = 0.
         lo = peak * min_ratio;  t is clamped to [0, 1], so lr = lo from step `total` on."""
     if step < warmup:
         return peak * (step + 1) / warmup
-    lo = peak * min_ratio
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    lo, t = peak * min_ratio, min(1.0, (step - warmup) / max(1, total - warmup))
     return lo + (peak - lo) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
@@ -1870,23 +1720,18 @@ _OPT_KEYS = ("master", "exp_avg", "exp_avg_sq")   # AdamW's per-element state: f
 
 
 class AdamW:
-    """AdamW (Loshchilov & Hutter 2019, Algorithm 2: Adam with DECOUPLED weight decay) on the fp32 shards
-    this rank owns, with torch.optim.AdamW's exact formulas, t = step count:
+    """AdamW (Loshchilov & Hutter 2019, Alg. 2: DECOUPLED weight decay) on this rank's fp32 shards; torch's formulas:
         p <- p * (1 - lr * wd)                      (decay the weight itself, not the gradient)
         m <- b1 m + (1 - b1) g;    v <- b2 v + (1 - b2) g^2
-        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
-    Every tensor is flat [hi - lo]: one fused op per bucket instead of one per parameter; the padding
-    elements have g = p = 0 and stay 0. Weight decay applies on merged ranges (no_decay(name) excluded)."""
-
+        p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)      (t = step count)
+    Every tensor is flat [hi - lo]: one fused op per bucket instead of one per parameter; the padding elements have
+    g = p = 0 and stay 0. Weight decay applies on merged ranges (no_decay(name) excluded)."""
     def __init__(self, dp: DataParallel, lr: float = 3e-4, betas=(0.9, 0.95), eps: float = 1e-8,
                  weight_decay: float = 0.0, no_decay=default_no_decay):
-        self.dp, self.lr, self.betas, self.eps, self.weight_decay = dp, lr, tuple(betas), eps, weight_decay
-        self.t = 0
-        # one flat fp32 tensor per bucket for each state; an fp32 model's master IS its param shard (an alias)
+        self.dp, self.lr, self.betas, self.eps, self.weight_decay, self.t = dp, lr, tuple(betas), eps, weight_decay, 0
         self.master = [b.param_shard if b.param_shard.dtype == torch.float32 else b.param_shard.detach().float()
                        for b in dp.buckets]
-        self.exp_avg = [torch.zeros_like(p) for p in self.master]               # Adam's m
-        self.exp_avg_sq = [torch.zeros_like(p) for p in self.master]            # Adam's v
+        self.exp_avg, self.exp_avg_sq = ([torch.zeros_like(p) for p in self.master] for _ in "mv")  # Adam's m, v
         self.decay = [_merge(_clip(o, p.numel(), b.lo, b.hi) for n, p, o in zip(b.names, b.params, b.offsets)
                              if not no_decay(n)) for b in dp.buckets]
         self._pieces = self._piece_table()
@@ -1933,9 +1778,8 @@ class AdamW:
             bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
             for b, p, m, v, decay in zip(self.dp.buckets, self.master, self.exp_avg, self.exp_avg_sq, self.decay):
                 g = b.grad_shard
-                if self.weight_decay:
-                    for a, e in decay:
-                        p[a:e].mul_(1 - self.lr * self.weight_decay)
+                for a, e in decay:
+                    p[a:e].mul_(1 - self.lr * self.weight_decay)
                 m.lerp_(g, 1 - b1)
                 v.mul_(b2).addcmul_(g, g, value=1 - b2)
                 denom = (v.sqrt() / math.sqrt(bc2)).add_(self.eps)
@@ -1962,11 +1806,10 @@ class AdamW:
                               for b in bs)}
 
     # -- state dict: layout-independent --
-    # A checkpoint must reload into ANY (dp, tp, pp, zero) layout, so state is saved per HF tensor name:
-    # for each HF tensor this rank holds a piece of, its full shape, how TP cut it (kind, tp rank, the
-    # local shape) and the flat element range [a, b) of the TP-local tensor that this rank's shard covers.
-    # A col-kind HF tensor (q in the fused qkv) is a run of whole rows of the local param, so its local
-    # piece is one contiguous range of the bucket and its owned part is contiguous too.
+    # A checkpoint must reload into ANY (dp, tp, pp, zero) layout, so state is saved per HF tensor name: for each
+    # HF tensor this rank holds a piece of, its full shape, how TP cut it (kind, tp rank, local shape) and the flat
+    # element range [a, b) of the TP-local tensor that this rank's shard covers. A col-kind HF tensor (q in the fused
+    # qkv) is a run of whole rows of the local param: one contiguous range of the bucket, its owned part too.
 
     def _piece_table(self):
         """[(hf_name, bucket index, shard range (s, e), info dict)] for every owned piece."""
@@ -1998,19 +1841,16 @@ class AdamW:
 
     @torch.no_grad()
     def load_state_dict(self, state_dicts):
-        """Load the state saved by state_dict() from ANY layout: pass the list of every rank's dicts (or
-        one dict from a one-rank run). Each HF tensor is reassembled in full from its pieces, cut for this
-        rank, and the params are rewritten from the loaded master (stage 1/2: a collective all-gather)."""
+        """Load state_dict()'s state from ANY layout (every rank's dicts, or one). Each HF tensor is reassembled from
+        its pieces and cut for this rank; params are rewritten from the master (stage 1/2: a collective all-gather)."""
         sds = [state_dicts] if isinstance(state_dicts, dict) else list(state_dicts)
-        if not sds:
-            raise ValueError("AdamW.load_state_dict: no state dicts given")
+        _require(sds, "AdamW.load_state_dict: no state dicts given")
         self.t = sds[0]["step"]
         for _, steps in self._fused or []:      # the fused kernel keeps its own step counts
             for st in steps:
                 st.fill_(self.t)
         for name, i, (s, e), info in self._pieces:
-            # one full tensor at a time (a name has one piece per rank): keeping them all would hold
-            # 3 x fp32 x the stage's parameters in host memory at once
+            # one full tensor at a time: all at once would hold 3 x fp32 x the stage's parameters in host memory
             a, z = info["range"]
             for k, full in _assemble(name, [sd["tensors"][name] for sd in sds if name in sd["tensors"]]).items():
                 local = self.dp.model._shard_of(full, info["kind"], info["local_shape"][0])
@@ -2020,8 +1860,7 @@ class AdamW:
 
 def _assemble(name, pieces):
     """Full HF-shaped tensors {master, exp_avg, exp_avg_sq} from the pieces of all ranks (any layout)."""
-    if not pieces:
-        raise KeyError(f"AdamW.load_state_dict: no saved state for tensor {name!r}")
+    _require(pieces, f"AdamW.load_state_dict: no saved state for tensor {name!r}", KeyError)
     full_shape, kind = tuple(pieces[0]["full_shape"]), pieces[0]["kind"]
     flat, covered, shape_of = {}, {}, {}            # per tp rank: [3, n] (the _OPT_KEYS stacked), [n] bool
     for pc in pieces:
@@ -2031,15 +1870,15 @@ def _assemble(name, pieces):
             flat[r], covered[r], shape_of[r] = torch.zeros(3, n), torch.zeros(n, dtype=torch.bool), pc["local_shape"]
         flat[r][:, a:z] = torch.stack([pc[k].float() for k in _OPT_KEYS])
         covered[r][a:z] = True
-    if (kind != "rep" and sorted(flat) != list(range(pieces[0]["tp"]))) or not all(c.all() for c in covered.values()):
-        raise ValueError(f"AdamW.load_state_dict: the saved pieces of {name!r} do not cover the whole tensor; "
-                         "pass the state dicts of EVERY rank of the saving job")
+    _require((kind == "rep" or sorted(flat) == list(range(pieces[0]["tp"]))) and all(c.all() for c in covered.values()),
+             f"AdamW.load_state_dict: the saved pieces of {name!r} do not cover the whole tensor; "
+             "pass the state dicts of EVERY rank of the saving job")
     locs = [flat[r].view(3, *shape_of[r]) for r in sorted(flat)]
     # TP pieces in rank order glue like the checkpoint's model pieces (see the checkpoints chapter); a
     # vocab tensor's padding rows are the last rank's last rows (vocab_shard): cut them off
     full = locs[0] if kind == "rep" else torch.cat(locs, 2 if kind == "row" else 1)[:, : full_shape[0]]
-    if tuple(full.shape[1:]) != full_shape:
-        raise ValueError(f"AdamW.load_state_dict: {name!r} glues to {tuple(full.shape[1:])}, not {full_shape}")
+    _require(tuple(full.shape[1:]) == full_shape,
+             f"AdamW.load_state_dict: {name!r} glues to {tuple(full.shape[1:])}, not {full_shape}")
     return dict(zip(_OPT_KEYS, full))
 
 
@@ -2053,10 +1892,9 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 
 
 # ---- checkpoints -----------------------------------------------------------------------------------
-# A checkpoint is one folder that a job of ANY layout can resume from, and merge.py can turn into an HF
-# folder without torch.distributed. Each rank writes only what it holds, so saving moves no tensor
-# between ranks (ZeRO-3 excepted: its params are all-gathered over dp for the duration):
-#
+# A checkpoint is one folder that a job of ANY layout can resume from, and merge.py can turn into an HF folder
+# without torch.distributed. Each rank writes only what it holds, so saving moves no tensor between ranks (ZeRO-3
+# excepted: its params are all-gathered over dp for the duration):
 #   ckpt/sft/step_120/
 #     manifest.json                        WRITTEN LAST: format version, step, layout (tp, pp, dp, zero,
 #                                          partition), the model's config.json, the run config, `extra`,
@@ -2066,21 +1904,18 @@ def build_optimizer(model, mesh=None, zero_stage: int = 0, lr: float = 3e-4, bet
 #     optim-pp{p}-tp{t}-dp{d}.safetensors  that rank's AdamW shards: master/NAME, exp_avg/NAME,
 #                                          exp_avg_sq/NAME (ZeRO 0: dp rank 0 only, the others are copies)
 #     rng-rank{r}.pt                       global rank r's torch CPU (+ CUDA) and python `random` states
-#
 # How a piece was cut (its "kind", from Transformer.hf_slots) and how a reader glues it back:
 #   col    rows split (q/k/v, gate/up, q/k/v bias)   full = cat(pieces of tp ranks 0..tp-1, dim 0)
 #   row    columns split (o_proj, down_proj)         full = cat(pieces, dim 1)
 #   vocab  rows split; padding rows NOT stored       full = cat(pieces, dim 0)
 #   rep    replicated (norm weights)                 full = tp rank 0's piece (the only one stored)
-# Optimizer pieces are finer: flat ZeRO ranges of the TP-local tensors (AdamW.state_dict). Loading in
-# ANOTHER layout: rebuild each full HF tensor this rank needs from the files that hold its pieces, cut
-# this rank's piece (safetensors reads by name; every rank must see the same filesystem).
+# Optimizer pieces are finer: flat ZeRO ranges of the TP-local tensors (AdamW.state_dict). Loading in ANOTHER layout
+# rebuilds each full HF tensor this rank needs from its pieces' files, then cuts it (all ranks see one filesystem).
 #
-# Crash safety: all ranks write into <folder>.tmp-save; after a barrier rank 0 checks that every expected
-# file arrived, writes manifest.json (the commit record) and renames the temp folder to <folder>, so
-# latest_checkpoint() (step_N folders with a manifest) never picks a save that died halfway. The
-# checksums catch what a rename cannot (a file damaged later: full disk, bad copy, truncation):
-# load_checkpoint refuses it and names the newest complete checkpoint before it (CheckpointDamaged).
+# Crash safety: all ranks write into <folder>.tmp-save; after a barrier rank 0 checks that every expected file arrived,
+# writes manifest.json (the commit record) and renames the folder into place, so latest_checkpoint() never picks a save
+# that died halfway. Checksums catch what a rename cannot (a file damaged later: full disk, bad copy, truncation):
+# load_checkpoint refuses it and names the newest complete checkpoint before it.
 
 CKPT_FORMAT, CKPT_VERSION = "nanotron-checkpoint", 1
 _CFG_IGNORED = ("bos_token_id", "eos_token_id")   # config fields that do not change the weights or the math
@@ -2118,8 +1953,7 @@ def _model_shards(model: Transformer) -> tuple[dict, dict]:
         t = slot.local(slot.param.detach())
         if slot.kind == "vocab":                             # padding rows depend on tp: never stored
             t = t[: vocab_shard(slot.full_shape[0], mesh.tp, mesh.tp_rank)[2]]
-        # a copy: safetensors refuses tensors that share memory (q, k and v are views of one qkv weight)
-        tensors[name] = t.clone()
+        tensors[name] = t.clone()       # a copy: safetensors refuses shared memory (q, k, v view one qkv weight)
         index[name] = {"kind": slot.kind, "tp": mesh.tp, "tp_rank": mesh.tp_rank,
                        "full_shape": list(slot.full_shape), "shape": list(t.shape)}
     return tensors, index
@@ -2150,18 +1984,16 @@ def _set_rng_state(s: dict):
 
 def _require_allocated(model, what: str):
     """ZeRO-3 frees the full params between steps: reading or writing them then would touch freed memory."""
-    if any(p.untyped_storage().size() == 0 for p in model.parameters()):
-        raise RuntimeError(f"{what}: the model's parameters are freed (ZeRO-3 shards them between steps); "
-                           "pass the optimizer so they can be gathered")
+    _require(all(_allocated(p) for p in model.parameters()), f"{what}: the model's parameters are freed (ZeRO-3 "
+             "shards them between steps); pass the optimizer so they can be gathered", RuntimeError)
 
 
 def save_checkpoint(folder, model: Transformer, optimizer, mesh, step: int, extra: dict | None = None,
                     config: dict | None = None) -> Path:
-    """Write a resumable checkpoint of this job into `folder` (layout: see the section comment). EVERY rank
-    calls it (barriers inside; ZeRO-3 gathers its params). optimizer: the AdamW of build_optimizer, or None
-    for weights only. extra: JSON state to resume with (data sampler position, ...); config: the run
-    config (a dict or dataclass), both stored in manifest.json. Returns the folder."""
-    folder, mesh = Path(folder), mesh or model.mesh
+    """Write a resumable checkpoint of this job into `folder` (layout: the section comment). EVERY rank calls it
+    (barriers inside; ZeRO-3 gathers). optimizer: build_optimizer's AdamW, or None for weights only. extra: JSON state
+    to resume with (sampler position ...), config: the run config (dict or dataclass), both stored in manifest.json."""
+    folder, mesh, dp = Path(folder), mesh or model.mesh, getattr(optimizer, "dp", None)
     if dataclasses.is_dataclass(config):
         config = dataclasses.asdict(config)
     for what, obj in (("extra", extra), ("config", config)):
@@ -2170,21 +2002,18 @@ def save_checkpoint(folder, model: Transformer, optimizer, mesh, step: int, extr
         except (TypeError, ValueError) as e:
             raise TypeError(f"save_checkpoint: `{what}` goes into manifest.json and must be JSON-serialisable: "
                             f"{e}") from None
-    t0 = time.time()
-    tmp = folder.with_name(f"{folder.name}.tmp-save")
+    t0, tmp = time.time(), folder.with_name(f"{folder.name}.tmp-save")
     if mesh.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)  # the leftovers of a save that crashed
         tmp.mkdir(parents=True)
     mesh.barrier()
     p, t, d, r = mesh.pp_rank, mesh.tp_rank, mesh.dp_rank, mesh.rank
     files, opt_meta = {}, None
-    dp = optimizer.dp if optimizer is not None else None
     # ZeRO-3: every param full for the duration (a collective over dp); stage 0-2: a no-op
     with dp.gathered_params() if dp is not None else contextlib.nullcontext():
         _require_allocated(model, "save_checkpoint")
         if d == 0:                              # the dp replicas hold the same weights: one writes
-            tensors, index = _model_shards(model)
-            files.update(_write_safetensors(tmp / f"model-pp{p}-tp{t}.safetensors", tensors, index))
+            files.update(_write_safetensors(tmp / f"model-pp{p}-tp{t}.safetensors", *_model_shards(model)))
     if optimizer is not None:
         tensors, index, opt_meta = _optim_shards(optimizer)
         if dp.stage >= 1 or d == 0:             # ZeRO 0: every dp rank owns everything, one copy is enough
@@ -2204,13 +2033,11 @@ def save_checkpoint(folder, model: Transformer, optimizer, mesh, step: int, extr
 
 
 def _commit(tmp: Path, folder: Path, mesh, model_config: dict, step, extra, config, dp) -> int:
-    """Rank 0, after every rank wrote: merge the ranks' file lists, check nothing is missing, write
-    manifest.json LAST, rename the temp folder into place. Returns the checkpoint's size in bytes."""
+    """Rank 0 after all wrote: check no file is missing, write manifest.json LAST, rename into place. Returns bytes."""
     parts = []
     for r in range(mesh.world):
         f = tmp / f"part-rank{r}.json"
-        if not f.is_file():
-            raise RuntimeError(f"save_checkpoint: rank {r} did not finish writing into {tmp}")
+        _require(f.is_file(), f"save_checkpoint: rank {r} did not finish writing into {tmp}", RuntimeError)
         parts.append(json.loads(f.read_text()))
         f.unlink()
     files = {name: e for part in parts for name, e in sorted(part["files"].items())}
@@ -2219,8 +2046,8 @@ def _commit(tmp: Path, folder: Path, mesh, model_config: dict, step, extra, conf
     if dp is not None:
         want |= {f"optim-pp{p}-tp{t}-dp{d}.safetensors" for p in range(mesh.pp) for t in range(mesh.tp)
                  for d in range(mesh.dp if dp.stage >= 1 else 1)}
-    if want - files.keys():
-        raise RuntimeError(f"save_checkpoint: files missing from {tmp}: {sorted(want - files.keys())}")
+    _require(want <= files.keys(), f"save_checkpoint: files missing from {tmp}: {sorted(want - files.keys())}",
+             RuntimeError)
     manifest = {"format": CKPT_FORMAT, "version": CKPT_VERSION, "step": step,
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
                 "layout": {"tp": mesh.tp, "pp": mesh.pp, "dp": mesh.dp, "world": mesh.world,
@@ -2249,32 +2076,27 @@ class CheckpointDamaged(ValueError):
 
 def read_manifest(folder) -> dict:
     """manifest.json of a checkpoint folder, checked for the keys a reader needs."""
-    folder = Path(folder)
-    path = folder / "manifest.json"
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint {folder}: no such folder")
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {folder}: no manifest.json. Not a checkpoint, or a save that did not "
-                                "finish (the manifest is written last)")
+    folder, path = Path(folder), Path(folder) / "manifest.json"
+    _require(folder.is_dir(), f"checkpoint {folder}: no such folder", FileNotFoundError)
+    _require(path.is_file(), f"checkpoint {folder}: no manifest.json. Not a checkpoint, or a save that did not "
+             "finish (the manifest is written last)", FileNotFoundError)
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json: not valid JSON ({e})") from None
-    if not isinstance(m, dict) or m.get("format") != CKPT_FORMAT:
-        raise ValueError(f"checkpoint {path}: format is not {CKPT_FORMAT!r}")
-    if m.get("version") != CKPT_VERSION:
-        raise ValueError(f"checkpoint {path}: format version {m.get('version')!r}, this nanotron reads {CKPT_VERSION}")
-    if missing := [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]:
-        raise CheckpointDamaged(f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}")
+    _require(isinstance(m, dict) and m.get("format") == CKPT_FORMAT,
+             f"checkpoint {path}: format is not {CKPT_FORMAT!r}")
+    _require(m.get("version") == CKPT_VERSION,
+             f"checkpoint {path}: format version {m.get('version')!r}, this nanotron reads {CKPT_VERSION}")
+    missing = [k for k in ("step", "layout", "model_config", "files", "optimizer") if k not in m]
+    _require(not missing, f"checkpoint {folder} is damaged: manifest.json lacks the keys {missing}", CheckpointDamaged)
     return m
 
 
 class CheckpointReader(contextlib.ExitStack):
-    """The read side of a checkpoint of any layout, in ONE process (no torch.distributed): the manifest, the
-    ModelConfig, full HF tensors glued from their TP pieces, optimizer pieces, RNG states. load_checkpoint
-    and merge.py use it. Each file is verified (size, then sha256) the first time it is opened. Use it as a
-    context manager (it is an ExitStack): the files it opened stay open until it exits."""
-
+    """The read side of a checkpoint of any layout, in ONE process (no torch.distributed): manifest, ModelConfig, full
+    HF tensors glued from their TP pieces, optimizer pieces, RNG states (for load_checkpoint and merge.py). Each file
+    is verified (size, sha256) when first opened. An ExitStack: the files stay open until it exits."""
     def __init__(self, folder):
         super().__init__()
         self.folder = Path(folder)
@@ -2290,21 +2112,17 @@ class CheckpointReader(contextlib.ExitStack):
                 for name, info in entry["tensors"].items():
                     index.setdefault(name, []).append((fname, info))
 
-    def _damaged(self, what: str) -> CheckpointDamaged:
-        return CheckpointDamaged(f"checkpoint {self.folder} is damaged: {what}")
+    def _check(self, ok, what: str):
+        _require(ok, f"checkpoint {self.folder} is damaged: {what}", CheckpointDamaged)
 
     def verify(self, fname: str) -> Path:
         """The path of a file of this checkpoint, after checking it is there, complete and unaltered."""
         entry, path = self.manifest["files"].get(fname), self.folder / fname
-        if entry is None:
-            raise self._damaged(f"{fname} is not listed in manifest.json")
-        if not path.is_file():
-            raise self._damaged(f"{fname} is missing (manifest.json lists it)")
-        if (size := path.stat().st_size) != entry["bytes"]:
-            raise self._damaged(f"{fname} has {size} bytes, manifest.json says {entry['bytes']} (truncated or "
-                                "overwritten)")
-        if _sha256(path) != entry["sha256"]:
-            raise self._damaged(f"{fname} fails its sha256 checksum (its bytes changed after the save)")
+        self._check(entry is not None, f"{fname} is not listed in manifest.json")
+        self._check(path.is_file(), f"{fname} is missing (manifest.json lists it)")
+        self._check((size := path.stat().st_size) == entry["bytes"], f"{fname} has {size} bytes, manifest.json says "
+                    f"{entry['bytes']} (truncated or overwritten)")
+        self._check(_sha256(path) == entry["sha256"], f"{fname} fails its sha256 checksum (changed after the save)")
         return path
 
     def _file(self, fname: str):
@@ -2317,32 +2135,29 @@ class CheckpointReader(contextlib.ExitStack):
         """The HF tensor names of the whole model (tied: no lm_head.weight); raises if a model file lacks one."""
         tied = self.config.tie_word_embeddings
         names = [n for n in hf_tensor_names(self.config) if not (tied and n == "lm_head.weight")]
-        if missing := [n for n in names if n not in self.model_index]:
-            raise self._damaged(f"{len(missing)} tensor(s) of the model are in no model file: {missing[:5]}")
+        missing = [n for n in names if n not in self.model_index]
+        self._check(not missing, f"{len(missing)} tensor(s) of the model are in no model file: {missing[:5]}")
         return names
 
     def tensor(self, name: str, expect_shape=None) -> torch.Tensor:
         """The full HF tensor `name` (dtype as saved), glued from the TP pieces of the saving layout."""
         pieces = self.model_index.get(name)
-        if not pieces:
-            raise self._damaged(f"tensor {name!r} is in no model file")
-        by_tp = {}
-        for fname, info in pieces:              # a tied embedding sits on two stages: equal copies, keep one
-            by_tp.setdefault(info["tp_rank"], (fname, info))
+        self._check(pieces, f"tensor {name!r} is in no model file")
+        # a tied embedding sits on two stages: equal copies, keep the first (reversed: the first one wins)
+        by_tp = {info["tp_rank"]: (fname, info) for fname, info in reversed(pieces)}
         info = pieces[0][1]
         kind, shape = info["kind"], tuple(info["full_shape"])
         ranks = [0] if kind == "rep" else list(range(info["tp"]))
-        if lost := [r for r in ranks if r not in by_tp]:
-            raise self._damaged(f"tensor {name!r} lacks the pieces of tp ranks {lost}")
+        lost = [r for r in ranks if r not in by_tp]
+        self._check(not lost, f"tensor {name!r} lacks the pieces of tp ranks {lost}")
         parts = []
         for fname, info in (by_tp[r] for r in ranks):
             parts.append(self._file(fname).get_tensor(name))
-            if list(parts[-1].shape) != info["shape"]:
-                raise self._damaged(f"{fname}: tensor {name!r} has shape {list(parts[-1].shape)}, its index says "
-                                    f"{info['shape']}")
+            self._check(list(parts[-1].shape) == info["shape"], f"{fname}: tensor {name!r} has shape "
+                        f"{list(parts[-1].shape)}, its index says {info['shape']}")
         full = parts[0] if kind == "rep" else torch.cat(parts, 1 if kind == "row" else 0)
-        if tuple(full.shape) != shape:
-            raise self._damaged(f"tensor {name!r} glues to shape {tuple(full.shape)}, its index says {shape}")
+        self._check(tuple(full.shape) == shape, f"tensor {name!r} glues to shape {tuple(full.shape)}, its index says "
+                    f"{shape}")
         if expect_shape is not None and tuple(expect_shape) != shape:
             raise ValueError(f"checkpoint {self.folder}: tensor {name!r} has shape {shape}, the model expects "
                              f"{tuple(expect_shape)}")
@@ -2352,12 +2167,11 @@ class CheckpointReader(contextlib.ExitStack):
         """AdamW.load_state_dict's input for the HF tensors `names`: one dict per optim file that holds a
         piece of them (each piece complete with its master / exp_avg / exp_avg_sq)."""
         opt = self.manifest["optimizer"]
-        if opt is None:
-            raise ValueError(f"checkpoint {self.folder} holds weights only (no optimizer state): a run cannot "
-                             f"resume from it; start a new one from its weights: python merge.py {self.folder}, "
-                             f"then --model {self.folder}/hf")
-        if lost := [n for n in names if n not in self.optim_index]:
-            raise self._damaged(f"no optimizer state for {len(lost)} tensor(s): {lost[:5]}")
+        _require(opt is not None, f"checkpoint {self.folder} holds weights only (no optimizer state): a run cannot "
+                 f"resume from it; start a new one from its weights: python merge.py {self.folder}, then --model "
+                 f"{self.folder}/hf")
+        lost = [n for n in names if n not in self.optim_index]
+        self._check(not lost, f"no optimizer state for {len(lost)} tensor(s): {lost[:5]}")
         sds = {}
         for name in names:
             for fname, info in self.optim_index[name]:
@@ -2379,9 +2193,9 @@ def config_mismatches(saved: ModelConfig, cfg: ModelConfig) -> list[str]:
 
 
 def checkpoint_model_config(path) -> dict | None:
-    """The HF config.json dict of the model a checkpoint holds, from its manifest alone (no tensor is read):
-    path is a checkpoint folder, or a run folder (its latest step_N); None when it holds none. For checks
-    before a minute is spent building a model: config_mismatches(ModelConfig.from_hf(it), the model's)."""
+    """The HF config.json dict of a checkpoint's model, from its manifest alone: path is a checkpoint folder or a run
+    folder (its latest step_N); None when it holds none. Check it before spending a minute building a model:
+    config_mismatches(ModelConfig.from_hf(it), the model's)."""
     path = Path(path)
     folder = path if (path / "manifest.json").is_file() else latest_checkpoint(path)
     return None if folder is None else read_manifest(folder)["model_config"]
@@ -2414,14 +2228,11 @@ def _resume_hint(folder: Path) -> str:
 
 
 def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_rng: bool = True) -> dict:
-    """Load a checkpoint saved in ANY layout (tp / pp / dp / ZeRO may all differ from this job's) into this
-    rank's model and optimizer; returns the manifest (step, extra, config, layout). Every rank calls it
-    (ZeRO-3 gathers; stage 1/2's optimizer load all-gathers). optimizer=None loads the weights only (do it
-    BEFORE build_optimizer under ZeRO-3). The RNG states are restored only when tp, pp and dp equal the
-    saving job's: rank r of another layout is another rank (printed as a note otherwise). A damaged one
-    raises an error that names the newest complete checkpoint before it."""
-    folder, mesh = Path(folder), mesh or model.mesh
-    dp = optimizer.dp if optimizer is not None else None
+    """Load a checkpoint saved in ANY layout (tp / pp / dp / ZeRO may all differ) into this rank's model and optimizer;
+    returns the manifest. Every rank calls it (ZeRO-3 gathers; stage 1/2's optimizer load all-gathers). optimizer=None
+    loads the weights only (under ZeRO-3 BEFORE build_optimizer). RNG states are restored only in the saving job's tp,
+    pp, dp (rank r of another layout is another rank). A damaged one's error names the last good one."""
+    folder, mesh, dp = Path(folder), mesh or model.mesh, getattr(optimizer, "dp", None)
     try:
         with CheckpointReader(folder) as ck:
             if diffs := config_mismatches(ck.config, model.cfg):
@@ -2429,8 +2240,7 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
                                  "Resume it with the --model it was trained with, or start a new run in another --out")
             if optimizer is not None and ck.manifest["optimizer"] is None:
                 ck.optimizer_state_dicts([])                   # raises the "no optimizer state" error
-            # ZeRO-3: the writes into the gathered params are dropped on exit, and the optimizer's loaded
-            # master becomes the params below; stage 0-2: the weights land in place
+            # ZeRO-3: writes into the gathered params are dropped on exit; the loaded master becomes the params below
             with dp.gathered_params() if dp is not None else contextlib.nullcontext():
                 _require_allocated(model, "load_checkpoint")
                 model.load_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
@@ -2460,17 +2270,14 @@ def latest_checkpoint(root) -> Path | None:
 
 
 # ---- benchmark: the MFU definition, `--bench` -------------------------------------------------------
-# MFU (model FLOPs utilisation) = the useful FLOP/s a training run achieves / the hardware's peak. The one
-# definition of the repo (sft.py and --bench use it): training FLOPs per token in the PaLM convention
-# (Chowdhery et al. 2022, app. B), 6N + 12*L*H*D*T:
-#   6N          every matmul parameter costs 2 FLOPs per token forward and 4 backward. N = the MATMUL
-#               parameters: q/k/v/o and gate/up/down of every layer, plus the LM head (V*Hd, once, also
-#               when tied to the embedding). The embedding lookup and the norms do no matmul: not counted.
-#   12*L*H*D*T  attention's q.k^T and p.v (2 FLOPs per multiply-add, x3 for forward + backward) against T
-#               keys (PaLM counts all T, not the causal T/2). Packed batches: T = the token-weighted mean
-#               sequence length sum(L_i^2) / sum(L_i).
-# Recompute under activation checkpointing and a frozen reference model's forward are NOT counted: MFU
-# counts useful training FLOPs. Qwen3-0.6B at T=2048: 4.985 GFLOP per token.
+# MFU (model FLOPs utilisation) = achieved useful FLOP/s / the hardware's peak, the repo's one definition (sft.py,
+# --bench): training FLOPs per token in the PaLM convention (Chowdhery et al. 2022, app. B), 6N + 12*L*H*D*T:
+#   6N          every matmul parameter costs 2 FLOPs per token forward and 4 backward. N = the MATMUL parameters:
+#               q/k/v/o, gate/up/down of every layer and the LM head (V*Hd, also when tied); lookups, norms: none.
+#   12*L*H*D*T  attention's q.k^T and p.v (2 FLOPs per multiply-add, x3 for forward + backward) against T keys
+#               (PaLM counts all T, not the causal T/2). Packed: T = sum(L_i^2) / sum(L_i), token-weighted.
+# Recompute under activation checkpointing and a frozen reference model's forward are NOT counted: MFU counts useful
+# training FLOPs. Qwen3-0.6B at T=2048: 4.985 GFLOP per token.
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16 per GPU (vendor sheets, SXM)
 
@@ -2487,18 +2294,16 @@ def flops_per_token(cfg: ModelConfig, seq_len: float) -> float:
 
 def peak_tflops(device) -> float | None:
     """Peak dense bf16 TFLOP/s of one GPU of this kind, or None (CPU, or a GPU not in PEAK_TFLOPS: MFU n/a)."""
-    if torch.device(device).type != "cuda":
-        return None
-    return next((v for k, v in PEAK_TFLOPS.items() if k in torch.cuda.get_device_name(device)), None)
+    name = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "CPU"
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
 
 
-# `python nanotron.py --bench`: one training step of the Qwen3-0.6B shape on one GPU, ours against what users
-# would otherwise pick, HF transformers with Liger-Kernel's patches (and plain HF), at the same tokens per
-# step. Ours: Transformer(use_kernels=True), the S sequences PACKED into micro-batches of mb_tokens, fused
-# linear cross-entropy, build_optimizer(zero_stage=0) AdamW (fp32 master weights and grads), clip. HF:
-# Qwen3ForCausalLM from the same config (ModelConfig.to_hf), SDPA, dense [mb, T] micro-batches,
-# torch.optim.AdamW(fused=True) on the bf16 params. Each system runs in its own subprocess (its peak memory
-# is its own) through one timer (_time_steps) into one table (_print_table). Measurements: BENCHMARKS.md.
+# `python nanotron.py --bench`: one training step of a model shape (--shape) on one GPU, ours against what users
+# would otherwise pick, HF transformers with Liger-Kernel's patches (and plain HF), at the same tokens per step.
+# Ours: Transformer(use_kernels=True), S sequences PACKED into mb_tokens micro-batches, fused linear cross-entropy,
+# build_optimizer(zero_stage=0) AdamW (fp32 master weights and grads), clip. HF: the same config (to_hf), SDPA,
+# dense [mb, T] micro-batches, torch.optim.AdamW(fused=True) on the bf16 params. Each system runs in its own
+# subprocess (its own peak memory) through one timer (_time_steps) into one table. Measurements: BENCHMARKS.md.
 
 def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
     """Our training step on ids [S, T]: packed micro-batches of mb_tokens tokens (mb_tokens / T sequences)."""
@@ -2506,10 +2311,9 @@ def _bench_ours(cfg, ids, mb_tokens: int, ckpt: bool, dev):
     model = Transformer(cfg, Mesh(device=dev), use_kernels=True, dtype=torch.bfloat16, device=dev).init_random(0)
     model.activation_checkpointing = ckpt
     opt = build_optimizer(model, zero_stage=0, lr=3e-4, weight_decay=0.1)
-    per = mb_tokens // T
+    per = mb_tokens // T                            # sequences per micro-batch
     cu, pos = cu_seqlens_from_lengths([T] * per, device=dev)
-    mbs = [ids[s:s + per].reshape(-1) for s in range(0, S, per)]                          # [per * T] each
-    mbs = [(x, next_token_labels(x, cu)) for x in mbs]
+    mbs = [(x, next_token_labels(x, cu)) for x in ids.reshape(-1).split(per * T)]       # x: [per * T] tokens
     n_labels = S * (T - 1)                          # the last token of each sequence has no label
 
     def step(i):
@@ -2640,9 +2444,8 @@ def bench(argv: list[str]) -> int:
     if args.one:
         bench_one(args)
         return 0
-    if not args.tiny and not torch.cuda.is_available():
-        raise ValueError("--bench times a model shape (--shape) on a CUDA GPU and this machine has none; "
-                         "--bench --tiny is the CPU smoke test of the same harness")
+    _require(args.tiny or torch.cuda.is_available(), "--bench times a model shape (--shape) on a CUDA GPU and this "
+             "machine has none; --bench --tiny is the CPU smoke test of the same harness")
     rows, seen = [], {}
     for system in args.systems.split(","):
         seen[system] = seen.get(system, 0) + 1
@@ -2670,13 +2473,10 @@ def bench(argv: list[str]) -> int:
 
 
 # ---- self-test -------------------------------------------------------------------------------------
-
 def selftest_pp():
-    """CPU, one process (pp = 1): both schedules equal one plain forward/backward of the packed batch, and
-    the partition puts the head's cost on the last stage."""
-    cfg = tiny_config(num_layers=4)
+    """CPU, pp = 1: AFAB = 1F1B = one plain forward/backward; the partition charges the head to the last stage."""
+    cfg, g = tiny_config(num_layers=4), torch.Generator().manual_seed(0)
     mbs, lengths_all = [], []
-    g = torch.Generator().manual_seed(0)
     for lengths in ([5, 3], [7], [2, 4, 6]):
         cu, pos = cu_seqlens_from_lengths(lengths)
         ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),), generator=g)
@@ -2698,8 +2498,7 @@ def selftest_pp():
     for schedule in ("afab", "1f1b"):
         assert abs(grads[schedule][0] - grads["plain"][0]) < 1e-4 * abs(grads["plain"][0])
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[schedule][1], grads["plain"][1]))
-    big = ModelConfig(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_layers=28)
-    parts = stage_layers(big, 4)
+    parts = stage_layers(preset_config("qwen3-0.6b"), 4)
     assert parts[-1][1] - parts[-1][0] < parts[0][1] - parts[0][0]
     print(f"pipeline selftest OK: AFAB = 1F1B = plain over {len(mbs)} micro-batches, loss/token "
           f"{grads['plain'][0] / n:.4f}; Qwen3-0.6B-shaped pp=4 partition {parts}")
@@ -2709,14 +2508,12 @@ def selftest():
     """CPU, the torch path: forward/backward of a tiny Qwen3 on 3 packed sequences, equal to running each
     sequence alone (no cross-sequence leakage); activation checkpointing must not change the loss."""
     torch.manual_seed(0)
-    t0 = time.time()
-    cfg = tiny_config()
+    t0, cfg = time.time(), tiny_config()
     model = Transformer(cfg, use_kernels=False).init_random(seed=0)
     lengths = [5, 9, 3]
     cu, pos = cu_seqlens_from_lengths(lengths)
     ids = torch.randint(0, cfg.vocab_size, (int(cu[-1]),))
-    labels = next_token_labels(ids, cu)
-    hidden = model(ids, pos, cu, max(lengths))
+    labels, hidden = next_token_labels(ids, cu), model(ids, pos, cu, max(lengths))
     total, n = model.loss(hidden, labels)
     (total / n).backward()
     g = model.layers[0].attn.qkv.weight.grad.norm().item()

@@ -102,7 +102,7 @@ from prepare_data import Config, build  # noqa: E402
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2000, "nanotron.py": 2800,
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2000, "nanotron.py": 2600,
                 "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1066, "ppo.py": 2018, "merge.py": 200,
                 "eval.py": 730}
 
