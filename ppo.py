@@ -134,7 +134,7 @@ def group_advantages(scores: torch.Tensor, n: int, mode: str, baseline: torch.Te
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+        lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16). rewards, values, mask [B, T]:
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.
     V after the last real token is 0 (the episode ends there). Returns (advantages, returns) [B, T]."""
@@ -330,7 +330,7 @@ class Config:
     entropy_coef: float = 0.0  # entropy bonus in the loss
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     gamma: float = 1.0  # discount (GAE, REINFORCE++)
-    lam: float = 0.95  # GAE lambda
+    lam: float = 1.0  # GAE lambda; < 1 shrinks a last-token reward by lam^T on its way back (0.95^70 = 0.03)
     whiten: str = "auto"  # whiten advantages over the batch: auto (ppo, reinforce_pp) | yes | no
     dynamic_sampling: bool = False  # drop groups whose samples all scored the same, refill with new prompts (DAPO)
     refill_rounds: int = 4  # dynamic sampling: extra generation rounds at most to refill the batch (0 = drop only)
