@@ -24,11 +24,11 @@ data-parallel replica with its own engine and its share of the prompts):
   5. SYNC: the new weights go to the engine in memory (update_weights), timed.
 One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
 with the weights of step k-1 while step k trains (staleness exactly 1, asserted), and truncated importance
-sampling corrects for it. With --backend local (roles in this process) the two run one after the other;
-with --backend nanoray or ray the trainer and the engine(s) are actors in their own processes (each on a GPU
-of its own when there are enough), the engines generate step k+1 while the trainer trains step k, and the
-weights go trainer -> engines by a bucketed broadcast on a process group of their own (NCCL / gloo). Every
-backend and layout (dp, tp, pp under torchrun) computes the same numbers (tested).
+sampling corrects for it. With --backend local (roles in this process) a thread generates step k+1 on the
+engine's own CUDA stream while the trainer trains step k on the same GPU (colocated off-policy); with --backend
+nanoray or ray the trainer and the engine(s) are actors in their own processes (each on a GPU of its own when
+there are enough), and the weights go trainer -> engines by a bucketed broadcast on a process group of their
+own (NCCL / gloo). Every backend and layout (dp, tp, pp under torchrun) computes the same numbers (tested).
 
 LoRA (--lora_rank r): the actor's base weights are frozen and low-rank adapters train instead (optimizer
 state for r * (in + out) numbers per matrix, not in * out: a bigger actor fits one GPU); the KL reference is
@@ -317,6 +317,7 @@ class Config:
     lr: float = 0.0  # actor peak LR; 0 = 3e-3 (tiny) / 1e-6 (pretrained), x10 with LoRA (its best LR is ~10x higher)
     critic_lr: float = 0.0  # critic LR (ppo); 0 = 10 x the full fine-tuning lr
     warmup_steps: int = 0  # linear LR warmup steps
+    min_lr_ratio: float = 1.0  # after the warm-up, cosine decay to lr * this at the last step (1 = constant)
     epochs: int = 1  # passes over each batch (PPO reuse: > 1 makes the clip matter)
     mini_batches: int = 1  # optimizer steps per epoch (the batch split in this many parts)
     micro_batch_tokens: int = 0  # packed tokens per forward (the memory knob); 0 = 4096 (CPU) / 16384 (GPU)
@@ -386,7 +387,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.trainer_ranks % (cfg.tp * cfg.pp) == 0,
                f"--trainer_ranks {cfg.trainer_ranks} must be a multiple of --tp {cfg.tp} x --pp {cfg.pp}"),
               (cfg.engines == 1 or cfg.backend != "local", "--engines > 1 needs --backend nanoray or ray"),
-              (cfg.engines >= 1, "--engines must be >= 1"),
+              (cfg.engines >= 1, "--engines must be >= 1"), (0 <= cfg.min_lr_ratio <= 1, "--min_lr_ratio: 0..1"),
               (cfg.weight_sync in ("broadcast", "store"), f"--weight_sync {cfg.weight_sync!r}: broadcast or store"),
               (cfg.rule_reward or cfg.reward_model, "--no-rule_reward needs --reward_model (else there is no reward)"),
               (not (cfg.engine_sleep and cfg.backend != "local" and cfg.mode != "sync"), "--engine_sleep with "
@@ -408,8 +409,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
     # LoRA's best LR is about 10x full fine-tuning's (Schulman et al. 2025, "LoRA Without Regret")
     lr = full_lr * 10 if cfg.lora_rank and not cfg.lr else full_lr
     if cfg.algo in ("grpo", "dr_grpo", "rloo") and n < 2:
-        raise ValueError(f"ppo.py: --algo {cfg.algo} compares the samples of a prompt: "
-                         "--samples_per_prompt must be >= 2")
+        raise ValueError(f"ppo.py: --algo {cfg.algo} compares a prompt's samples: --samples_per_prompt must be >= 2")
     return dataclasses.replace(
         cfg, data=cfg.data or ("toy" if toy else "synthetic"), out=cfg.out or "ckpt/ppo-" + "-".join(Path(cfg.model).parts[-3:]),   # .../step_N/hf: not just "hf"
         steps=pick(cfg.steps, 30, 30, 100), prompts_per_step=pick(cfg.prompts_per_step, 8, 8, 64),
@@ -823,6 +823,7 @@ def pack(samples: list[dict], idx: list[int], budget: int, device) -> list[dict]
 
 
 REUSE_LOGP = True      # tests turn it off to check that the shortcut below changes nothing
+OVERLAP_HERE = True    # one-step-off with in-process engines: generate in a thread (tests compare it with off)
 
 
 class Trainer:
@@ -1440,6 +1441,7 @@ class _Engines:
 
     def __init__(self, handles: list, get, sleepy: bool = False):
         self.handles, self.get, self.sleepy = handles, get, sleepy
+        self.lock = threading.Lock()        # in-process engines run generate() now: one caller at a time
 
     def nap(self, wake: bool) -> float:
         """--engine_sleep (engines sharing the trainer's GPU): free the engines' KV cache and weights for the
@@ -1448,8 +1450,9 @@ class _Engines:
 
     def generate(self, rows: list[dict], step: int, version: int, greedy: bool = False):
         k = -(-len(rows) // len(self.handles))                       # ceil: prompts per engine
-        futs = [h.generate.remote(rows[i * k:(i + 1) * k], step, version, greedy)
-                for i, h in enumerate(self.handles) if rows[i * k:(i + 1) * k]]
+        with self.lock:
+            futs = [h.generate.remote(rows[i * k:(i + 1) * k], step, version, greedy)
+                    for i, h in enumerate(self.handles) if rows[i * k:(i + 1) * k]]
 
         def result() -> list[dict]:
             samples = [s for f in futs for s in self.get(f)]
@@ -1684,9 +1687,28 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     # verify, on CPU) come with it, also overlapped with step k's training (rule rewards: a reward model is the
     # trainer's). Rewarder calls hold a lock: the thread and this loop share its grader processes.
     pool = ThreadPoolExecutor(1) if cfg.mode == "one_step_off" and rewarder.rm is None else None
+    # With in-process engines (the local backend: colocated, one per rank) the thread also GENERATES it, on a CUDA
+    # stream of its own: the engine decodes step k + 1 while the trainer steps on k, on the same GPU (colocated
+    # off-policy). The rollout is the same as without the thread: the engine's weights change only in sync(),
+    # which first waits for it, and every sample's seed is its prompt's.
+    here = pool is not None and OVERLAP_HERE and isinstance(engines.handles[0], _Here) and not engines.sleepy
+    side = torch.cuda.Stream(info["device"]) if here and torch.device(info["device"]).type == "cuda" else None
+
+    def on_side(rows: list[dict], step: int, version: int, ready) -> tuple:
+        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+            if side is not None:
+                torch.cuda.set_device(side.device)          # (a thread starts on device 0)
+                side.wait_event(ready)                      # the weights the main stream synced last
+            samples = engines.generate(rows, step, version)()
+            if side is not None:
+                side.synchronize()
+        return samples, rewarder(samples)
 
     def ask(rows: list[dict], step: int, version: int):
         """A future (a function to call) of the rollout of rows; with the thread, of (samples, (scores, answered))."""
+        if here:
+            ready = None if side is None else torch.cuda.current_stream(side.device).record_event()
+            return pool.submit(on_side, rows, step, version, ready).result
         fut = engines.generate(rows, step, version)
         return fut if pool is None else pool.submit(lambda: (lambda s: (s, rewarder(s)))(fut())).result
 
@@ -1740,7 +1762,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             if cfg.algo == "remax":                        # the score of each prompt's greedy response
                 baseline = rewarder(engines.generate(greedy_rows(samples, n), step, -1, True)())[0]
             timer["reward"] = time.perf_counter() - t0 - (timer["generate"] - t_gen)
-            lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, 1.0)
+            lr = nt.lr_at(step, cfg.warmup_steps, cfg.steps, cfg.lr, cfg.min_lr_ratio)
             if engines.sleepy:                   # colocated: the trainer's step gets the engine's memory
                 timer["sleep"] = engines.nap(False)
             m, t = get(trainer.step.remote(samples, scores, answered, step, lr, baseline))
@@ -1748,6 +1770,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             if engines.sleepy:
                 timer["wake"] = engines.nap(True)
             t0 = time.perf_counter()
+            if here and callable(pending):
+                pending()             # the thread's generation ends before sync() changes the engine's weights
             timer["sync"] = sync()    # an actor runs its calls in order: this waits for the generation asked for
             version = step + 1        # above, which counts as generate (generation the step did not hide)
             timer["generate"] += max(0.0, time.perf_counter() - t0 - timer["sync"])
@@ -1755,7 +1779,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 t0 = time.perf_counter()
                 pending = engines.generate(take(), step + 1, version)()
                 timer["generate"] += time.perf_counter() - t0
-            row = {"step": step + 1, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()},
+            row = {"step": step + 1, "lr": lr, **m, "staleness": stale, **{f"time_{k}": v for k, v in timer.items()},
                    "engine_generate_s": max(s.get("engine_s", 0.0) for s in samples)}    # the engines' own time
             if cfg.dynamic_sampling:
                 row["refill_groups"] = refill                       # (under torchrun dp: rank 0's share)
