@@ -33,14 +33,14 @@ forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kern
 Functions. The rest are independent chapters, each readable alone: flash backward . paged decode (split-K) . paged
 prefill and the KV-cache store . RoPE + qk-norm . SwiGLU . vocab-parallel losses (hooks and the two row kernels) .
 benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise kernels . losses
-over the LM head . benchmark . self-test and command line
-"""
+over the LM head . benchmark . self-test and command line"""
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
 import argparse
 import functools
 import os
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -214,7 +214,6 @@ def store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping):
 # and at the end o = acc / l, lse2 = m + log2 l (the log-sum-exp in the LOG2 domain, saved for the backward,
 # which then needs no ln 2 <-> log2 e conversion per score). FA2's change over FA1: the 1/l rescale
 # happens ONCE at the end, not per tile.
-#
 # Masking costs a compare + select per score, so the key range of a query tile is split in two: tiles entirely
 # at or below the first query's causal limit run UNMASKED (the vast majority at long S: no compare, no select,
 # no load predicates), the few tiles crossing the diagonal (and the ragged end) run MASKED in a short loop.
@@ -510,6 +509,7 @@ if triton is not None:
                                        key=["D", "CAUSAL", "G", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
     _attn_dq_tuned = triton.autotune(_cfgs([(128, 64, 8, 3), (64, 32, 4, 3)]),
                                      key=["D", "CAUSAL", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dq_kernel)
+    _TUNE_LOCK = threading.Lock()   # an Autotuner keeps a call's args on itself: ppo's engine thread takes turns
 
 
 def _seq_bucket(max_seqlen: int) -> int:
@@ -522,7 +522,8 @@ def _launch(raw, tuned, grid, cpu_cfg, on_gpu, *args, **kwargs):
     FOOTGUN: tl.dot rounds fp32 inputs to TF32 by default; fp32 (the reference dtype) gets exact IEEE products."""
     kwargs["default_dot_input_precision"] = "ieee" if args[0].dtype == torch.float32 else "tf32"
     if on_gpu:
-        tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
+        with _TUNE_LOCK:
+            tuned[lambda meta: grid(meta["BLOCK_M"], meta["BLOCK_N"])](*args, **kwargs)
     else:
         raw[grid(cpu_cfg["BLOCK_M"], cpu_cfg["BLOCK_N"])](*args, **kwargs, **cpu_cfg)
 
@@ -763,7 +764,6 @@ def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
 # ==== row-wise kernels: RMSNorm, RoPE + q/k norm, SwiGLU ======================================
 # Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: the three memory-bound ops of a
 # Qwen3/Llama block, forward AND backward; no LayerNorm, GeGLU, offset/gemma casting modes, in-place grads.
-#
 # How it works: every op reads each input once and writes each output once (that is the whole speed story: these ops
 # do ~5 FLOPs per byte, so time = bytes / bandwidth). A program owns a tile of ROWS rows x BLOCK columns, with BLOCK =
 # next_pow2(row length) so a row's reduction stays in registers. All math is fp32 inside; results are stored in the

@@ -317,7 +317,7 @@ class Config:
     lr: float = 0.0  # actor peak LR; 0 = 3e-3 (tiny) / 1e-6 (pretrained), x10 with LoRA (its best LR is ~10x higher)
     critic_lr: float = 0.0  # critic LR (ppo); 0 = 10 x the full fine-tuning lr
     warmup_steps: int = 0  # linear LR warmup steps
-    min_lr_ratio: float = 1.0  # after the warm-up, cosine decay to lr * this at the last step (1 = constant)
+    min_lr_ratio: float = 1.0  # actor LR after the warm-up: cosine decay towards lr * this at the end (1 = constant)
     epochs: int = 1  # passes over each batch (PPO reuse: > 1 makes the clip matter)
     mini_batches: int = 1  # optimizer steps per epoch (the batch split in this many parts)
     micro_batch_tokens: int = 0  # packed tokens per forward (the memory knob); 0 = 4096 (CPU) / 16384 (GPU)
@@ -1691,13 +1691,15 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     # stream of its own: the engine decodes step k + 1 while the trainer steps on k, on the same GPU (colocated
     # off-policy). The rollout is the same as without the thread: the engine's weights change only in sync(),
     # which first waits for it, and every sample's seed is its prompt's.
-    here = pool is not None and OVERLAP_HERE and isinstance(engines.handles[0], _Here) and not engines.sleepy
+    here = pool is not None and OVERLAP_HERE and isinstance(engines.handles[0], _Here) and not engines.sleepy \
+        and not cfg.dynamic_sampling and cfg.algo != "remax"     # (those generate more during the step itself)
     side = torch.cuda.Stream(info["device"]) if here and torch.device(info["device"]).type == "cuda" else None
 
     def on_side(rows: list[dict], step: int, version: int, ready) -> tuple:
+        if side is not None:
+            torch.cuda.set_device(side.device)              # first: a thread starts on device 0
         with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
             if side is not None:
-                torch.cuda.set_device(side.device)          # (a thread starts on device 0)
                 side.wait_event(ready)                      # the weights the main stream synced last
             samples = engines.generate(rows, step, version)()
             if side is not None:
@@ -1796,7 +1798,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))
     finally:
         if pool is not None:
-            pool.shutdown(wait=False, cancel_futures=True)
+            pool.shutdown(wait=here, cancel_futures=True)    # a generation in flight ends before the engine
         rewarder.close()
     if log.wandb is not None:
         log.wandb.finish()

@@ -755,12 +755,12 @@ def profiler(cfg: Config, rank: int):
     def report(prof):
         if rank != 0:
             return
-        K, ev = cfg.profile, prof.key_averages()
-        cpu, mark = torch.autograd.DeviceType.CPU, "ProfilerStep"                 # (the step markers are no work)
+        ev, cpu, mark = prof.key_averages(), torch.autograd.DeviceType.CPU, "ProfilerStep"   # markers: no work
         gpu_us = sum(e.self_device_time_total for e in ev if e.device_type != cpu and not e.key.startswith(mark))
         count = lambda names: sum(e.count for e in ev if e.key in names)   # noqa: E731
-        steps = [e for e in ev if e.key.startswith(mark) and e.device_type == cpu]   # the host's K step markers
-        wall_ms = sum(e.cpu_time_total for e in steps) / 1e3 / max(1, sum(e.count for e in steps))
+        steps = [e for e in ev if e.key.startswith(mark) and e.device_type == cpu]   # the host's step markers:
+        K = max(1, sum(e.count for e in steps))                  # cfg.profile of them, fewer if the run ended first
+        wall_ms = sum(e.cpu_time_total for e in steps) / 1e3 / K
         print(f"-- profile of {K} steps: wall {wall_ms:.1f} ms/step, GPU busy {gpu_us / 1e3 / K:.1f} ms/step "
               f"({100 * gpu_us / 1e3 / K / max(wall_ms, 1e-9):.0f}%), {count(LAUNCHES) / K:.0f} kernel launches and "
               f"{count(SYNCS) / K:.0f} host syncs per step --")

