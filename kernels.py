@@ -14,7 +14,8 @@ I MLP width, V vocab; varlen batches are packed with cu_seqlens[B+1]):
   attention   flash_attn_varlen(q[N,H,D], k[N,Hkv,D], v, cu_seqlens, max_seqlen)  (+ flash_attn dense)
               paged_attention_decode(q[B,H,D], k_cache, v_cache, block_table, context_lens)
               paged_attention_prefill(q[N,H,D], k_cache, v_cache, block_table, cu_seqlens_q, context_lens)
-              store_kvcache(k[N,Hkv,D], v, k_cache, v_cache, slot_mapping)
+              store_kvcache(k[N,Hkv,D], v, k_cache, v_cache, slot_mapping) . rope_qk_norm_store(q, k, v, ...,
+              k_cache, v_cache, slot_mapping): RoPE + qk-norm of q and k, then the store, in one launch (inference)
   row-wise    rms_norm(x, w, eps, residual=None) . rope_cos_sin(...) . rope_qk_norm(q, k, positions, ...)
               swiglu(gate, up)
   losses      fused_linear_cross_entropy(h[N,Hd], W[V,Hd], labels) . fused_linear_logprobs(h, W, tokens)
@@ -27,13 +28,13 @@ Commands:
                               torch.compile and Liger-Kernel, rooflines from this GPU's measured peaks
   python kernels.py --help    (--debug: full tracebacks)
 
-First read (~700 lines): the shared helpers; the attention section from its opening comment through the flash
-forward (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the varlen API; RMSNorm
-(reference, forward kernel, autograd Function); the LM-head losses' opening comment, references and chunked autograd
-Functions. The rest are independent chapters, each readable alone: flash backward . paged decode (split-K) . paged
-prefill and the KV-cache store . RoPE + qk-norm . SwiGLU . vocab-parallel losses (hooks and the two row kernels) .
-benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise kernels . losses
-over the LM head . benchmark . self-test and command line"""
+First read (~700 lines): the shared helpers; the attention section from its opening comment through the flash forward
+(torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the varlen API; RMSNorm (reference,
+forward kernel, autograd Function); the LM-head losses' opening comment, references and chunked autograd Functions.
+The rest are independent chapters, each readable alone: flash backward . paged decode (split-K) . paged prefill .
+RoPE + qk-norm . the KV-cache store (alone or fused with RoPE) . SwiGLU . vocab-parallel losses (hooks and the two
+row kernels) . benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise
+kernels . losses over the LM head . benchmark . self-test and command line"""
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
 import argparse
@@ -87,8 +88,8 @@ def _sm_count(device: torch.device) -> int:
 # ==== attention ===============================================================================
 # FlashAttention-2 on packed varlen sequences (training: flash-attn's `flash_attn_varlen_func`, forward
 # AND backward, causal or not, grouped-query attention), paged attention over a block table (inference
-# decode and chunked prefill: vLLM's paged-attention / flash-decoding kernels) and the KV-cache store
-# (vLLM's `reshape_and_cache`). Head dims 16..128 (powers of two), fp16/bf16/fp32 (fp32 with IEEE products,
+# decode and chunked prefill: vLLM's paged-attention / flash-decoding kernels); the KV-cache store that feeds it
+# comes after RoPE (it fuses with it). Head dims 16..128 (powers of two), fp16/bf16/fp32 (fp32 with IEEE products,
 # see _launch), bottom-right causal masks; no dropout, ALiBi, sliding windows, softcapping or fp8 KV caches.
 #
 # How it works (Dao 2023, FlashAttention-2, Algorithms 1 and 2): a program owns a tile of BLOCK_M
@@ -128,7 +129,7 @@ def _scale(softmax_scale, D: int) -> float:
     return scale
 
 
-def _check_paged(q, k_cache, v_cache, block_table, context_lens, what):
+def _check_paged(q, k_cache, v_cache, block_table, context_lens, softmax_scale, what) -> float:
     if k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
         raise ValueError(f"{what}: k_cache and v_cache must both be [num_blocks, block_size, Hkv, D]; "
                          f"got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
@@ -145,6 +146,7 @@ def _check_paged(q, k_cache, v_cache, block_table, context_lens, what):
         raise ValueError(f"{what}: context_lens must be int32 [B={B}]; "
                          f"got {context_lens.dtype} {tuple(context_lens.shape)}")
     _check_head_dim(D, what)
+    return _scale(softmax_scale, D)
 
 
 # ---- torch references (test oracles and the CPU fallback) ------------------------------------------
@@ -158,8 +160,7 @@ def _attend_ref(q, k, v, scale, causal_offset):
     q, k, v = (t.float().transpose(0, 1) for t in (q, k, v))             # [H, L, D]
     s = q @ k.transpose(1, 2) * scale                                    # [H, Lq, Lk]
     if causal_offset is not None:
-        i = torch.arange(s.shape[1], device=s.device)[:, None]
-        j = torch.arange(s.shape[2], device=s.device)[None, :]
+        i, j = torch.arange(s.shape[1], device=s.device)[:, None], torch.arange(s.shape[2], device=s.device)[None, :]
         s = s.masked_fill(j > i + causal_offset, float("-inf"))
     return (s.softmax(-1) @ v).transpose(0, 1)                           # [Lq, H, D]; Lk=0 gives zeros
 
@@ -167,8 +168,7 @@ def _attend_ref(q, k, v, scale, causal_offset):
 def attention_ref(q, k, v, cu_seqlens, causal=True, softmax_scale=None):
     """Varlen attention, one readable loop over sequences: q [N, H, D], k/v [N, Hkv, D] -> [N, H, D] in
     q's dtype. Differentiable: its autograd is the oracle for the Triton backward. .tolist() syncs."""
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    bounds = cu_seqlens.tolist()
+    scale, bounds = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5, cu_seqlens.tolist()
     outs = [_attend_ref(q[s:e], k[s:e], v[s:e], scale, 0 if causal else None) for s, e in zip(bounds[:-1], bounds[1:])]
     return torch.cat(outs).to(q.dtype)
 
@@ -226,8 +226,7 @@ def _tile_order(head_group):
     tiles of ONE head share their streamed K/V (Q/dO for dK/dV) in L2 only while they run together. So heads
     go in groups of head_group: within a group, every head's longest tile, then every head's next one, ...
     head_group = 1 is head by head (most reuse), = B * heads is longest-first over the whole grid."""
-    pid = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    n_bh = tl.num_programs(0)
+    pid, n_bh = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0), tl.num_programs(0)
     per_group = head_group * tl.num_programs(1)
     first = pid // per_group * head_group                 # first (sequence, head) of this group
     size = tl.minimum(n_bh - first, head_group)           # the last group may be smaller
@@ -307,15 +306,13 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, cu_seqlens_q, context_lens, block_table, N
     offs_d = tl.arange(0, D)
     q_off = (q_start + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + offs_d[None, :]
     q = tl.load(Q + q_off, mask=(offs_m < q_len)[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
+    m_i, l_i = tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32)   # running max, sum
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     if CAUSAL:
         # Row r sees keys <= r + causal_offset. A key tile is visible to EVERY row of this tile when its last
         # key <= the first row's limit; the masked band then runs to the last row's limit (capped at k_len).
         first_limit = pid_m * BLOCK_M + causal_offset
-        unmasked_hi = (first_limit + 1) // BLOCK_N * BLOCK_N
-        hi = tl.minimum(first_limit + BLOCK_M, k_len)
+        unmasked_hi, hi = (first_limit + 1) // BLOCK_N * BLOCK_N, tl.minimum(first_limit + BLOCK_M, k_len)
     else:
         unmasked_hi, hi = k_len // BLOCK_N * BLOCK_N, k_len
     acc, l_i, m_i = _attn_fwd_inner(acc, l_i, m_i, q, K, V, bt_row, offs_m, 0, unmasked_hi, k_start, k_len,
@@ -366,13 +363,10 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
             # Rows past seq_len load as zeros (q = dO = lse = delta = 0): then P = 1 but dV += P^T 0 = 0 and
             # dS = P * (0 - 0) = 0, so they add nothing and need no score mask.
             m_ok = offs_m < seq_len
-            q = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0)
-            do = tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
-            lse2 = tl.load(LSE + offs_m, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
+            q, do = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0), tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+            lse2, delta = tl.load(LSE + offs_m, mask=m_ok, other=0.0), tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         else:
-            q, do = tl.load(q_ptrs), tl.load(do_ptrs)
-            lse2, delta = tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
+            q, do, lse2, delta = tl.load(q_ptrs), tl.load(do_ptrs), tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
         # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
         if MASKED and CAUSAL:
@@ -398,14 +392,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq
     seq_len = tl.load(cu_seqlens + b + 1) - start
     if pid_n * BLOCK_N >= seq_len:
         return
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, D)
+    offs_n, offs_d = pid_n * BLOCK_N + tl.arange(0, BLOCK_N), tl.arange(0, D)
     kv_off = (start + offs_n).to(tl.int64)[:, None] * (Hkv * D) + kvh * D + offs_d[None, :]
     n_ok = (offs_n < seq_len)[:, None]   # key rows past seq_len are computed but never stored
-    k = tl.load(K + kv_off, mask=n_ok, other=0.0)
-    v = tl.load(V + kv_off, mask=n_ok, other=0.0)
-    dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    k, v = tl.load(K + kv_off, mask=n_ok, other=0.0), tl.load(V + kv_off, mask=n_ok, other=0.0)
+    dk, dv = tl.zeros([BLOCK_N, D], tl.float32), tl.zeros([BLOCK_N, D], tl.float32)
     # Query ranges: [lo, band_hi) the diagonal band (causal mask), [band_hi, mid_hi) whole unmasked tiles,
     # [mid_hi, seq_len) the ragged last tile (load masks). BLOCK_N % BLOCK_M == 0 keeps them tile-aligned.
     lo = pid_n * BLOCK_N if CAUSAL else 0
@@ -415,8 +406,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq
         h = kvh * G + g
         Qh = Q + start.to(tl.int64) * (H * D) + h * D      # row 0 of this sequence, head h
         DOh = DO + start.to(tl.int64) * (H * D) + h * D
-        LSEh = LSE + h.to(tl.int64) * N + start
-        DELTAh = DELTA + h.to(tl.int64) * N + start
+        LSEh, DELTAh = LSE + h.to(tl.int64) * N + start, DELTA + h.to(tl.int64) * N + start
         if CAUSAL:
             dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, lo, band_hi, H * D,
                                      qk_scale, D, BLOCK_M, True, CAUSAL)
@@ -464,20 +454,16 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     seq_len = tl.load(cu_seqlens + b + 1) - start
     if pid_m * BLOCK_M >= seq_len:
         return
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
+    offs_m, offs_d = pid_m * BLOCK_M + tl.arange(0, BLOCK_M), tl.arange(0, D)
     m_ok = offs_m < seq_len
     q_off = (start + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + offs_d[None, :]
-    q = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0)
-    do = tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
+    q, do = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0), tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
     K, V = K + (h // G) * D, V + (h // G) * D            # GQA: query head h reads kv head h // G
-    kv_stride = (H // G) * D
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    kv_stride, dq = (H // G) * D, tl.zeros([BLOCK_M, D], tl.float32)
     if CAUSAL:   # same split as the forward: unmasked tiles left of the diagonal band, then the band
-        unmasked_hi = pid_m * BLOCK_M
-        hi = tl.minimum(unmasked_hi + BLOCK_M, seq_len)
+        unmasked_hi, hi = pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len)
     else:
         unmasked_hi, hi = seq_len // BLOCK_N * BLOCK_N, seq_len
     dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, 0, unmasked_hi, kv_stride,
@@ -603,8 +589,7 @@ def flash_attn(q, k, v, causal=True, softmax_scale=None, impl="auto"):
                          f"got {tuple(q.shape)}, {tuple(k.shape)}")
     B, S = q.shape[:2]
     cu = torch.arange(0, (B + 1) * S, S, dtype=torch.int32, device=q.device)      # [B+1] = 0, S, 2S, ...
-    out = flash_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1),   # [B*S, H|Hkv, D]
-                            cu, S, causal, softmax_scale, impl)
+    out = flash_attn_varlen(*(t.flatten(0, 1) for t in (q, k, v)), cu, S, causal, softmax_scale, impl)  # [B*S, H, D]
     return out.view(B, S, *out.shape[1:])                                         # [B, S, H, D]
 
 
@@ -623,17 +608,13 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
     """Grid (B, Hkv, splits). Q [B, H, D]; K/V [num_blocks, P, Hkv, D]. Writes O [B, H, splits, D] (the
     output itself when splits == 1) and, when SPLIT, LSE [B, H, splits]."""
     b, kvh, split, splits = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2)
-    ctx = tl.load(context_lens + b)
-    lo = split * chunk
-    hi = tl.minimum(lo + chunk, ctx)
-    offs_g = tl.arange(0, G_PAD)
-    offs_d = tl.arange(0, D)
+    lo, offs_g, offs_d = split * chunk, tl.arange(0, G_PAD), tl.arange(0, D)
+    hi = tl.minimum(lo + chunk, tl.load(context_lens + b))
     heads = kvh * G + offs_g                                         # the query heads of this kv head
     g_ok = (offs_g < G)[:, None]
     q = tl.load(Q + b.to(tl.int64) * (H * D) + heads[:, None] * D + offs_d[None, :], mask=g_ok, other=0.0)
     bt_row = block_table + b.to(tl.int64) * bt_stride
-    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([G_PAD], tl.float32)
+    m_i, l_i = tl.full([G_PAD], float("-inf"), tl.float32), tl.zeros([G_PAD], tl.float32)   # running max, sum
     acc = tl.zeros([G_PAD, D], tl.float32)
     # The flash forward's loop over this split's keys [lo, hi): pages gathered through the block table,
     # every tile masked at hi (a split may end mid-tile), no causal mask (the newest token sees them all).
@@ -651,9 +632,7 @@ def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, 
 @_jit(dynamic=('splits',))
 def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PAD: tl.constexpr):
     """Grid (B * H,). O_PART [B*H, splits, D] fp32, LSE_PART [B*H, splits] (log2) -> O [B*H, D]."""
-    bh = tl.program_id(0).to(tl.int64)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, D)
+    bh, offs_s, offs_d = tl.program_id(0).to(tl.int64), tl.arange(0, SPLITS_PAD), tl.arange(0, D)
     lse = tl.load(LSE_PART + bh * splits + offs_s, mask=offs_s < splits, other=float("-inf"))
     m = tl.max(lse, 0)
     w = tl.math.exp2(lse - tl.where(m == float("-inf"), 0.0, m))   # all -inf (context 0): every w = 0
@@ -668,10 +647,9 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
     """One decode step: q [B, H, D] (the new token of each sequence, its k/v ALREADY stored), k_cache/v_cache
     [num_blocks, P, Hkv, D], block_table int32 [B, max_blocks_per_seq], context_lens int32 [B] (cached
     tokens incl. the new one; 0 gives a zero output) -> [B, H, D]. num_splits: split-K override."""
-    _check_paged(q, k_cache, v_cache, block_table, context_lens, "paged_attention_decode")
+    scale = _check_paged(q, k_cache, v_cache, block_table, context_lens, softmax_scale, "paged_attention_decode")
     if q.dim() != 3 or q.shape[0] != block_table.shape[0]:
         raise ValueError(f"paged_attention_decode: q must be [B={block_table.shape[0]}, H, D]; got {tuple(q.shape)}")
-    scale = _scale(softmax_scale, q.shape[-1])
     if not _use_triton(impl, q, k_cache, v_cache, block_table, context_lens):
         return paged_attention_decode_ref(q, k_cache, v_cache, block_table, context_lens, scale)
     q, context_lens = q.contiguous(), context_lens.contiguous()
@@ -711,12 +689,11 @@ def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, cont
                             impl="auto", max_seqlen_q=None):
     """q [N, H, D] new tokens (their k/v already stored), cu_seqlens_q int32 [B+1], context_lens int32 [B] (cached
     tokens incl. the new ones, >= q_len) -> [N, H, D]. max_seqlen_q=None reads it from cu_seqlens_q (.item() syncs)."""
-    _check_paged(q, k_cache, v_cache, block_table, context_lens, "paged_attention_prefill")
+    scale = _check_paged(q, k_cache, v_cache, block_table, context_lens, softmax_scale, "paged_attention_prefill")
     if q.dim() != 3 or cu_seqlens_q.shape != (block_table.shape[0] + 1,) or cu_seqlens_q.dtype != torch.int32:
         raise ValueError(f"paged_attention_prefill: q must be [N, H, D] and cu_seqlens_q int32 [B+1="
                          f"{block_table.shape[0] + 1}]; got {tuple(q.shape)}, {cu_seqlens_q.dtype} "
                          f"{tuple(cu_seqlens_q.shape)}")
-    scale = _scale(softmax_scale, q.shape[-1])
     if not _use_triton(impl, q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens):
         return paged_attention_prefill_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, scale)
     q, cu_seqlens_q, context_lens = q.contiguous(), cu_seqlens_q.contiguous(), context_lens.contiguous()
@@ -726,42 +703,7 @@ def paged_attention_prefill(q, k_cache, v_cache, block_table, cu_seqlens_q, cont
     return _flash_fwd(q, k_cache, v_cache, cu_seqlens_q, max_seqlen_q, True, scale, block_table, context_lens)[0]
 
 
-# ---- KV-cache store ------------------------------------------------------------------------------------
-
-@_jit
-def _store_kvcache_kernel(K, V, K_CACHE, V_CACHE, slot_mapping, HKV: tl.constexpr, HKV_PAD: tl.constexpr,
-                          D: tl.constexpr):
-    """Grid (N,): copy token i's [Hkv, D] rows of k and v to cache slot slot_mapping[i] (skip if < 0)."""
-    i = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slot_mapping + i).to(tl.int64)
-    if slot < 0:                                    # padding token (e.g. CUDA-graph batch padding)
-        return
-    offs = tl.arange(0, HKV_PAD)[:, None] * D + tl.arange(0, D)[None, :]   # [HKV_PAD, D] within a row
-    mask = (tl.arange(0, HKV_PAD) < HKV)[:, None]
-    tl.store(K_CACHE + slot * (HKV * D) + offs, tl.load(K + i * (HKV * D) + offs, mask=mask), mask=mask)
-    tl.store(V_CACHE + slot * (HKV * D) + offs, tl.load(V + i * (HKV * D) + offs, mask=mask), mask=mask)
-
-
-def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
-    """In place: k_cache/v_cache [num_blocks, P, Hkv, D] <- k/v [N, Hkv, D] at flat slots slot_mapping [N]
-    (int32/int64, slot = block * P + offset, -1 = skip). The caches must be contiguous (written in place)."""
-    if k.dim() != 3 or k.shape != v.shape or k_cache.shape != v_cache.shape or k.shape[1:] != k_cache.shape[2:]:
-        raise ValueError(f"store_kvcache: k, v must be [N, Hkv, D] matching the caches' [num_blocks, P, Hkv, D]; "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)}")
-    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"store_kvcache: slot_mapping must be int32/int64 [N={k.shape[0]}]; got "
-                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or k.dtype != k_cache.dtype:
-        raise ValueError(f"store_kvcache: caches must be contiguous with k's dtype {k.dtype}; got {k_cache.dtype}")
-    if not _use_triton(impl, k, v, k_cache, v_cache, slot_mapping):
-        return store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
-    Hkv, D = k.shape[1:]
-    _check_head_dim(D, "store_kvcache")
-    _store_kvcache_kernel[(k.shape[0],)](k.contiguous(), v.contiguous(), k_cache, v_cache, slot_mapping.contiguous(),
-                                          HKV=Hkv, HKV_PAD=triton.next_power_of_2(Hkv), D=D)
-
-
-# ==== row-wise kernels: RMSNorm, RoPE + q/k norm, SwiGLU ======================================
+# ==== row-wise kernels: RMSNorm, RoPE + q/k norm (+ the KV-cache store), SwiGLU ===============
 # Liger-Kernel's RMSNorm / RoPE / SwiGLU and vLLM's fused_add_rms_norm: the three memory-bound ops of a
 # Qwen3/Llama block, forward AND backward; no LayerNorm, GeGLU, offset/gemma casting modes, in-place grads.
 # How it works: every op reads each input once and writes each output once (that is the whole speed story: these ops
@@ -833,8 +775,7 @@ def _load_rows(ptr, rows, cols, stride, n_rows, n_cols):
 def _rms_norm_fwd_kernel(x_ptr, r_ptr, w_ptr, y_ptr, h_ptr, rstd_ptr, n_rows, Hd, stride_x, stride_r,
                          eps, HAS_RES: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # one program = one tile of ROWS rows x all Hd columns; y and h are contiguous [R, Hd]
-    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                   # [ROWS]
-    cols = tl.arange(0, BLOCK)                                            # [BLOCK]
+    rows, cols = tl.program_id(0) * ROWS + tl.arange(0, ROWS), tl.arange(0, BLOCK)   # [ROWS], [BLOCK]
     mask = (rows[:, None] < n_rows) & (cols[None, :] < Hd)                # [ROWS, BLOCK]
     w = tl.load(w_ptr + cols, mask=cols < Hd, other=0.0).to(tl.float32)   # [BLOCK]
     x = _load_rows(x_ptr, rows, cols, stride_x, n_rows, Hd)
@@ -859,8 +800,7 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
                          stride_dho, stride_h, HAS_DHO: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # persistent: program pid handles tiles pid, pid + nprog, ... and owns one fp32 row of dW partials,
     # accumulated in registers over all its tiles and written once at the end
-    pid, nprog = tl.program_id(0), tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)                                            # [BLOCK]
+    pid, nprog, cols = tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK)   # cols [BLOCK]
     cmask = cols < Hd
     w = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     dw_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)                    # summed over axis 0 at the end only
@@ -868,22 +808,19 @@ def _rms_norm_bwd_kernel(dy_ptr, dh_out_ptr, h_ptr, w_ptr, rstd_ptr, dh_ptr, dw_
     # Software pipelining by hand: tile i+1 is loaded before tile i is computed, so two tiles of bytes
     # are in flight per program; otherwise each tile's loads would wait for the previous tile's
     # reduction and stores, and the loop would be latency-bound.
-    dy = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd)
-    h = _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
+    dy, h = _load_rows(dy_ptr, rows, cols, stride_dy, n_rows, Hd), _load_rows(h_ptr, rows, cols, stride_h, n_rows, Hd)
     rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
     if HAS_DHO:
         dho = _load_rows(dh_out_ptr, rows, cols, stride_dho, n_rows, Hd)
     for _ in range(pid, tl.cdiv(n_rows, ROWS), nprog):
         nxt = rows + nprog * ROWS                                         # masked off past the end
         dyc, hc, rstdc = dy, h, rstd
-        dy = _load_rows(dy_ptr, nxt, cols, stride_dy, n_rows, Hd)
-        h = _load_rows(h_ptr, nxt, cols, stride_h, n_rows, Hd)
+        dy, h = _load_rows(dy_ptr, nxt, cols, stride_dy, n_rows, Hd), _load_rows(h_ptr, nxt, cols, stride_h, n_rows, Hd)
         rstd = tl.load(rstd_ptr + nxt, mask=nxt < n_rows, other=0.0)
         if HAS_DHO:
             dhoc = dho
             dho = _load_rows(dh_out_ptr, nxt, cols, stride_dho, n_rows, Hd)
-        dyf = dyc.to(tl.float32)
-        n = hc.to(tl.float32) * rstdc[:, None]                            # rstd is 0 on padding rows
+        dyf, n = dyc.to(tl.float32), hc.to(tl.float32) * rstdc[:, None]  # rstd is 0 on padding rows
         dw_acc += dyf * n                                                 # dW = sum_rows dy * n
         dn = dyf * w[None, :]
         c = tl.sum(dn * n, axis=1) / Hd                                   # [ROWS] mean_j dn_j n_j
@@ -972,21 +909,35 @@ def rope_cos_sin(max_positions, D, theta=1e6, device=None, dtype=torch.float32):
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1).to(dtype)                 # [max_pos, D]
 
 
-def _split_cos_sin(cos_sin, D):
+def _split_cos_sin(cos_sin, D, what="rope_qk_norm"):
     """cos_sin [max_pos, D] (rope_cos_sin's table) or a (cos, sin) pair of [max_pos, D/2] -> (cos, sin)."""
     cos, sin = cos_sin if isinstance(cos_sin, (tuple, list)) else (cos_sin[:, : D // 2], cos_sin[:, D // 2:])
     for name, t in (("cos", cos), ("sin", sin)):
         if t.dim() != 2 or t.shape[1] != D // 2 or t.stride(1) != 1:
-            raise ValueError(f"rope_qk_norm: {name} must be [max_pos, D/2={D // 2}] with unit last stride "
+            raise ValueError(f"{what}: {name} must be [max_pos, D/2={D // 2}] with unit last stride "
                              f"(or pass cos_sin [max_pos, D]), got {tuple(t.shape)}")
     return cos, sin
+
+
+def _check_rope(q, k, positions, cos_sin, q_norm_weight, k_norm_weight, what):
+    """rope_qk_norm's argument checks (shared with rope_qk_norm_store) -> (cos, sin)."""
+    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
+        raise ValueError(f"{what}: expected q [N, H, D] and k [N, Hkv, D] with the same N and an even D, "
+                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    N, _, D = q.shape
+    if positions.shape != (N,) or positions.is_floating_point():
+        raise ValueError(f"{what}: positions must be an integer tensor [N={N}], "
+                         f"got {tuple(positions.shape)} {positions.dtype}")
+    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        if w is not None and w.shape != (D,):
+            raise ValueError(f"{what}: {name} must be [D={D}], got {tuple(w.shape)}")
+    return _split_cos_sin(cos_sin, D, what)
 
 
 def rope_qk_norm_ref(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight=None, eps=1e-6):
     """Naive twin: Qwen3RMSNorm per head, then HF apply_rotary_pos_emb (fp32 rotation, one rounding)."""
     cos, sin = _split_cos_sin(cos_sin, q.shape[-1])
-    c = cos[positions].float()[:, None, :]                                # [N, 1, D/2]
-    s = sin[positions].float()[:, None, :]
+    c, s = cos[positions].float()[:, None, :], sin[positions].float()[:, None, :]   # [N, 1, D/2] each
 
     def one(x, w):                                                        # x [N, heads, D]
         if w is not None:
@@ -997,42 +948,49 @@ def rope_qk_norm_ref(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight
     return one(q, q_norm_weight), one(k, k_norm_weight)
 
 
+@_jit
+def _norm_rope(x1, x2, c, s, w_ptr, cols, HALF, eps, HAS_NORM: tl.constexpr):
+    """The forward math of a tile of head vectors, shared by both forward kernels (so they agree bit for bit):
+    x1, x2 [ROWS, BLOCK] the two halves as loaded, c, s fp32 broadcastable to them -> out halves, rstd [ROWS]."""
+    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
+    rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)   # dropped if unused
+    if HAS_NORM:
+        w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
+        # Qwen3RMSNorm's two roundings: normalised value to the dtype, then the weighted output
+        a1 = ((a1 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
+        a2 = ((a2 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
+    return (a1 * c - a2 * s).to(x1.dtype), (a2 * c + a1 * s).to(x1.dtype), rstd
+
+
 @_jit(dynamic=('n_rows',))
 def _rope_norm_fwd_kernel(x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, out_ptr, rstd_ptr, n_rows, n_heads,
                           HALF, stride_xn, stride_xh, stride_cos, stride_sin, eps,
                           HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # a row is one (token, head) vector of D = 2 * HALF; row = token * n_heads + head. out is contiguous.
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)                   # [ROWS]
-    rmask = rows < n_rows
-    tok = rows // n_heads
+    rmask, tok = rows < n_rows, rows // n_heads
     base = tok.to(tl.int64) * stride_xn + (rows % n_heads) * stride_xh    # [ROWS] (x may be a qkv slice)
     cols = tl.arange(0, BLOCK)                                            # [BLOCK] over one half
     mask = rmask[:, None] & (cols[None, :] < HALF)                        # [ROWS, BLOCK]
     x1 = tl.load(x_ptr + base[:, None] + cols[None, :], mask=mask, other=0.0)
     x2 = tl.load(x_ptr + base[:, None] + HALF + cols[None, :], mask=mask, other=0.0)
-    a1, a2 = x1.to(tl.float32), x2.to(tl.float32)
-    if HAS_NORM:
-        rstd = tl.rsqrt((tl.sum(a1 * a1, axis=1) + tl.sum(a2 * a2, axis=1)) / (2 * HALF) + eps)
-        tl.store(rstd_ptr + rows, rstd, mask=rmask)
-        w1 = tl.load(w_ptr + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        w2 = tl.load(w_ptr + HALF + cols, mask=cols < HALF, other=0.0).to(tl.float32)
-        # Qwen3RMSNorm's two roundings: normalised value to the dtype, then the weighted output
-        a1 = ((a1 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w1[None, :]).to(x1.dtype).to(tl.float32)
-        a2 = ((a2 * rstd[:, None]).to(x1.dtype).to(tl.float32) * w2[None, :]).to(x1.dtype).to(tl.float32)
     pos = tl.load(pos_ptr + tok, mask=rmask, other=0).to(tl.int64)        # [ROWS] gather of table rows
     c = tl.load(cos_ptr + pos[:, None] * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     s = tl.load(sin_ptr + pos[:, None] * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    o1, o2, rstd = _norm_rope(x1, x2, c, s, w_ptr, cols, HALF, eps, HAS_NORM)
+    if HAS_NORM:
+        tl.store(rstd_ptr + rows, rstd, mask=rmask)
     out = out_ptr + rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
-    tl.store(out, (a1 * c - a2 * s).to(x1.dtype), mask=mask)
-    tl.store(out + HALF, (a2 * c + a1 * s).to(x1.dtype), mask=mask)
+    tl.store(out, o1, mask=mask)
+    tl.store(out + HALF, o2, mask=mask)
 
 
 @_jit
 def _rope_bwd_load(do_ptr, x_ptr, pos_ptr, rstd_ptr, rows, cols, n_rows, n_heads, HALF, stride_xn,
                    stride_xh, HAS_NORM: tl.constexpr):
     """The streamed inputs of one backward tile (do halves, x halves, positions, rstd)."""
-    rmask = rows < n_rows
-    tok = rows // n_heads
+    rmask, tok = rows < n_rows, rows // n_heads
     mask = rmask[:, None] & (cols[None, :] < HALF)                        # [ROWS, BLOCK]
     dst = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]         # do is contiguous [n_rows, D]
     do1 = tl.load(do_ptr + dst, mask=mask, other=0.0, eviction_policy="evict_first")
@@ -1053,14 +1011,12 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
                           n_rows, n_heads, HALF, stride_xn, stride_xh, stride_cos, stride_sin,
                           HAS_NORM: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     # persistent like _rms_norm_bwd_kernel; do and dx are contiguous [n_rows, D]
-    pid, nprog = tl.program_id(0), tl.num_programs(0)
-    cols = tl.arange(0, BLOCK)
+    pid, nprog, cols = tl.program_id(0), tl.num_programs(0), tl.arange(0, BLOCK)
     cmask = cols < HALF
     if HAS_NORM:
         w1 = tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         w2 = tl.load(w_ptr + HALF + cols, mask=cmask, other=0.0).to(tl.float32)
-    dw1_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
-    dw2_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32)
+    dw1_acc, dw2_acc = tl.zeros([ROWS, BLOCK], dtype=tl.float32), tl.zeros([ROWS, BLOCK], dtype=tl.float32)
     rows = pid * ROWS + tl.arange(0, ROWS)                                # [ROWS]
     # As in _rms_norm_bwd_kernel, tile i+1's loads fly while tile i computes: otherwise each tile pays two
     # dependent DRAM latencies (positions, then the cos/sin rows they index) with little else in flight.
@@ -1076,17 +1032,14 @@ def _rope_norm_bwd_kernel(do_ptr, x_ptr, pos_ptr, cos_ptr, sin_ptr, w_ptr, rstd_
         c = tl.load(cos_ptr + p64 * stride_cos + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         s = tl.load(sin_ptr + p64 * stride_sin + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         do1f, do2f = do1c.to(tl.float32), do2c.to(tl.float32)
-        da1 = do1f * c + do2f * s                                         # rotate back by -angle
-        da2 = do2f * c - do1f * s
+        da1, da2 = do1f * c + do2f * s, do2f * c - do1f * s               # rotate back by -angle
         if HAS_NORM:
-            n1 = x1c.to(tl.float32) * rstdc[:, None]                      # normalised input, recomputed
-            n2 = x2c.to(tl.float32) * rstdc[:, None]
+            n1, n2 = x1c.to(tl.float32) * rstdc[:, None], x2c.to(tl.float32) * rstdc[:, None]   # normalised, recomputed
             dw1_acc += da1 * n1
             dw2_acc += da2 * n2
             dn1, dn2 = da1 * w1[None, :], da2 * w2[None, :]
             cdot = (tl.sum(dn1 * n1, axis=1) + tl.sum(dn2 * n2, axis=1)) / (2 * HALF)   # [ROWS]
-            da1 = rstdc[:, None] * (dn1 - n1 * cdot[:, None])
-            da2 = rstdc[:, None] * (dn2 - n2 * cdot[:, None])
+            da1, da2 = rstdc[:, None] * (dn1 - n1 * cdot[:, None]), rstdc[:, None] * (dn2 - n2 * cdot[:, None])
         dst = rows.to(tl.int64)[:, None] * (2 * HALF) + cols[None, :]
         tl.store(dx_ptr + dst, da1.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dx_ptr + dst + HALF, da2.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -1120,8 +1073,7 @@ class _RopeNormFn(torch.autograd.Function):
         BLOCK, ROWS, num_warps = _row_cfg(x.shape[-1] // 2, rows=16, warps=4)   # 4 persistent programs per SM
         nprog = _persistent_programs(x.device, triton.cdiv(ctx.args[0], ROWS), per_sm=4)
         dx = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-        dw_part = torch.empty((nprog, x.shape[-1]) if weight is not None else (1,), dtype=torch.float32,
-                              device=x.device)
+        dw_part = x.new_empty((nprog, x.shape[-1]) if weight is not None else (1,), dtype=torch.float32)
         _rope_norm_bwd_kernel[(nprog,)](
             dout.contiguous(), x, positions, cos, sin, weight if weight is not None else cos, rstd, dx, dw_part,
             *ctx.args, HAS_NORM=weight is not None, ROWS=ROWS, BLOCK=BLOCK, num_warps=num_warps)
@@ -1135,21 +1087,118 @@ def rope_qk_norm(q, k, positions, cos_sin, q_norm_weight=None, k_norm_weight=Non
     cos_sin: rope_cos_sin's [max_pos, D] table or a (cos, sin) pair of [max_pos, D/2] (fp32 is more
     exact than HF, which rounds cos/sin to the model dtype; pass a bf16 table to mimic it).
     Returns (q_out [N, H, D], k_out [N, Hkv, D]) in q's dtype. Positions must be < max_pos (unchecked: a sync)."""
-    if q.dim() != 3 or k.dim() != 3 or k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2] or q.shape[2] % 2:
-        raise ValueError(f"rope_qk_norm: expected q [N, H, D] and k [N, Hkv, D] with the same N and an even D, "
-                         f"got q {tuple(q.shape)} and k {tuple(k.shape)}")
-    N, _, D = q.shape
-    if positions.shape != (N,) or positions.is_floating_point():
-        raise ValueError(f"rope_qk_norm: positions must be an integer tensor [N={N}], "
-                         f"got {tuple(positions.shape)} {positions.dtype}")
-    for name, w in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-        if w is not None and w.shape != (D,):
-            raise ValueError(f"rope_qk_norm: {name} must be [D={D}], got {tuple(w.shape)}")
-    cos, sin = _split_cos_sin(cos_sin, D)
+    cos, sin = _check_rope(q, k, positions, cos_sin, q_norm_weight, k_norm_weight, "rope_qk_norm")
     if not _use_triton(impl, q, k, positions, cos, q_norm_weight, k_norm_weight):
         return rope_qk_norm_ref(q, k, positions, (cos, sin), q_norm_weight, k_norm_weight, eps)
     return (_RopeNormFn.apply(q, positions, cos, sin, q_norm_weight, eps),
             _RopeNormFn.apply(k, positions, cos, sin, k_norm_weight, eps))
+
+
+# ---- the KV-cache store, alone or fused with RoPE + qk-norm (inference) ------------------------------------
+# vLLM's `reshape_and_cache`: token i's k and v rows go to its flat cache slot (block * P + offset). With ROPE the same
+# launch first applies RoPE + qk-norm, because batch-1 decode is launch-bound (a kernel moves a few KiB, a launch
+# costs ~3-5 us even in a CUDA graph) and a layer launched FOUR kernels between its qkv GEMM and paged attention:
+# rope_qk_norm's two _RopeNormFn (q, k), v.contiguous() (v is a strided slice of the qkv output) and the store. Now
+# one program per token reads q, k, v in place, writes the normed, rotated q to q_out and the rotated k and raw v to
+# the cache (k_out never touches HBM). Inference only, no autograd: training keeps rope_qk_norm and its backward.
+
+def rope_qk_norm_store_ref(q, k, v, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                           slot_mapping):
+    """Naive twin: the two references in a row (rotate q and k, then store the rotated k and the raw v)."""
+    q_out, k_out = rope_qk_norm_ref(q, k, positions, cos_sin, q_norm_weight, k_norm_weight, eps)
+    store_kvcache_ref(k_out, v, k_cache, v_cache, slot_mapping)
+    return q_out
+
+
+@_jit
+def _heads_to_rows(X, stride_xh, w_ptr, c, s, OUT, out_row, n_heads, HALF, eps, ROPE: tl.constexpr,
+                   NORM: tl.constexpr, HEADS: tl.constexpr, BLOCK: tl.constexpr):
+    """Heads [0, n_heads) of one token (head h at X + h * stride_xh) -> rows out_row + h of OUT [*, D = 2 * HALF],
+    normed and rotated (ROPE) or copied as they are. One [HEADS, BLOCK] tile per half of D."""
+    h, cols = tl.arange(0, HEADS)[:, None], tl.arange(0, BLOCK)            # [HEADS, 1], [BLOCK]
+    mask, x = (h < n_heads) & (cols[None, :] < HALF), X + h * stride_xh + cols[None, :]   # [HEADS, BLOCK] each
+    x1, x2 = tl.load(x, mask=mask, other=0.0), tl.load(x + HALF, mask=mask, other=0.0)
+    if ROPE:
+        x1, x2, _ = _norm_rope(x1, x2, c, s, w_ptr, cols, HALF, eps, NORM)
+    out = OUT + (out_row + h) * (2 * HALF) + cols[None, :]                # out_row is int64
+    tl.store(out, x1, mask=mask)
+    tl.store(out + HALF, x2, mask=mask)
+
+
+@_jit
+def _kv_store_kernel(Q, K, V, pos_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, Q_OUT, K_CACHE, V_CACHE, slots, stride_qn,
+                     stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cos, stride_sin, eps, H, HKV, HALF,
+                     ROPE: tl.constexpr, Q_NORM: tl.constexpr, K_NORM: tl.constexpr, H_PAD: tl.constexpr,
+                     HKV_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """Grid (N,): token i's k (normed and rotated if ROPE) and v heads -> rows slots[i] * Hkv + h of the caches as
+    [num_blocks * P * Hkv, D] (none if slots[i] < 0); with ROPE, its H q heads -> rows i * H + h of Q_OUT [N * H, D]."""
+    i = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slots + i).to(tl.int64)
+    c, s = 0.0, 0.0                                 # plain store: no rotation
+    if ROPE:
+        pos, cols = tl.load(pos_ptr + i).to(tl.int64), tl.arange(0, BLOCK)   # [BLOCK] over one half of D
+        c = tl.load(cos_ptr + pos * stride_cos + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]  # [1,BLOCK]
+        s = tl.load(sin_ptr + pos * stride_sin + cols, mask=cols < HALF, other=0.0).to(tl.float32)[None, :]
+        _heads_to_rows(Q + i * stride_qn, stride_qh, qw_ptr, c, s, Q_OUT, i * H, H, HALF, eps, True, Q_NORM, H_PAD,
+                       BLOCK)
+    kv_heads = tl.where(slot >= 0, HKV, 0)          # a padding token (slot -1: CUDA-graph padding) writes no row
+    _heads_to_rows(K + i * stride_kn, stride_kh, kw_ptr, c, s, K_CACHE, slot * HKV, kv_heads, HALF, eps, ROPE,
+                   K_NORM, HKV_PAD, BLOCK)
+    _heads_to_rows(V + i * stride_vn, stride_vh, kw_ptr, c, s, V_CACHE, slot * HKV, kv_heads, HALF, eps, False,
+                   False, HKV_PAD, BLOCK)
+
+
+def _kv_store(k, v, k_cache, v_cache, slots, q=None, positions=None, cos=None, sin=None, qw=None, kw=None, eps=0.0):
+    """Launch _kv_store_kernel (inputs with a unit last stride are read in place): the plain store (q None), or with
+    RoPE + qk-norm of q and k on the way -> q_out [N, H, D]."""
+    rope, (N, Hkv, D), H = q is not None, k.shape, q.shape[1] if q is not None else 0
+    q, k, v = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    q_out = torch.empty((N, H, D), dtype=q.dtype, device=q.device) if rope else k
+    if not rope:                                    # placeholders, never read
+        q, positions, cos, sin = k, slots, k, k
+    BLOCK, H_PAD, num_warps = _row_cfg(D // 2, per_thread=8, rows=triton.next_power_of_2(max(H, Hkv)))  # 4 at H=16
+    _kv_store_kernel[(N,)](
+        q, k, v, positions.contiguous(), cos, sin, cos if qw is None else qw, cos if kw is None else kw, q_out,
+        k_cache, v_cache, slots.contiguous(), *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+        cos.stride(0), sin.stride(0), eps, H, Hkv, D // 2, ROPE=rope, Q_NORM=qw is not None, K_NORM=kw is not None,
+        H_PAD=H_PAD, HKV_PAD=triton.next_power_of_2(Hkv), BLOCK=BLOCK, num_warps=num_warps)
+    return q_out if rope else None
+
+
+def _check_store(k, v, k_cache, v_cache, slot_mapping, what):
+    if k.dim() != 3 or k.shape != v.shape or k_cache.shape != v_cache.shape or k.shape[1:] != k_cache.shape[2:]:
+        raise ValueError(f"{what}: k, v must be [N, Hkv, D] matching the caches' [num_blocks, P, Hkv, D]; "
+                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}, caches {tuple(k_cache.shape)}")
+    if slot_mapping.shape != (k.shape[0],) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{what}: slot_mapping must be int32/int64 [N={k.shape[0]}]; got "
+                         f"{slot_mapping.dtype} {tuple(slot_mapping.shape)}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not k.dtype == v.dtype == k_cache.dtype:
+        raise ValueError(f"{what}: caches must be contiguous, v and caches of k's dtype {k.dtype}; got {v.dtype}, "
+                         f"{k_cache.dtype}")
+
+
+def store_kvcache(k, v, k_cache, v_cache, slot_mapping, impl="auto"):
+    """In place: k_cache/v_cache [num_blocks, P, Hkv, D] <- k/v [N, Hkv, D] at flat slots slot_mapping [N]
+    (int32/int64, slot = block * P + offset, -1 = skip). The caches must be contiguous (written in place)."""
+    _check_store(k, v, k_cache, v_cache, slot_mapping, "store_kvcache")
+    if not _use_triton(impl, k, v, k_cache, v_cache, slot_mapping):
+        return store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping)
+    _check_head_dim(k.shape[-1], "store_kvcache")
+    _kv_store(k, v, k_cache, v_cache, slot_mapping)
+
+
+def rope_qk_norm_store(q, k, v, positions, cos_sin, q_norm_weight, k_norm_weight, eps, k_cache, v_cache,
+                       slot_mapping, impl="auto"):
+    """rope_qk_norm, then store_kvcache of the rotated k and v, in ONE launch (inference: no autograd). q [N, H, D],
+    k, v [N, Hkv, D] (views into a fused qkv output are read in place), positions, cos_sin, the weights (None: plain
+    RoPE) and eps as rope_qk_norm; k_cache/v_cache [num_blocks, P, Hkv, D] and slot_mapping [N] (-1 = skip) as
+    store_kvcache. Returns q_out [N, H, D] in q's dtype. Positions and slots are not range-checked (a sync)."""
+    cos, sin = _check_rope(q, k, positions, cos_sin, q_norm_weight, k_norm_weight, "rope_qk_norm_store")
+    _check_store(k, v, k_cache, v_cache, slot_mapping, "rope_qk_norm_store")
+    if not _use_triton(impl, q, k, v, positions, cos, q_norm_weight, k_norm_weight, k_cache, v_cache, slot_mapping):
+        return rope_qk_norm_store_ref(q, k, v, positions, (cos, sin), q_norm_weight, k_norm_weight, eps, k_cache,
+                                      v_cache, slot_mapping)
+    return _kv_store(k, v, k_cache, v_cache, slot_mapping, q, positions, cos, sin, q_norm_weight, k_norm_weight, eps)
 
 
 # ---- SwiGLU ------------------------------------------------------------------------------------------
@@ -1268,8 +1317,7 @@ def linear_cross_entropy_ref(hidden, weight, labels, ignore_index=-100, reductio
     """Eager torch: logits = h @ W^T in the input dtype, then fp32 cross-entropy. 'mean' divides by the
     number of non-ignored labels (or num_tokens_for_mean), clamped to >= 1 so an all-ignored batch is 0.
     labels may be any integer dtype (F.cross_entropy itself wants int64)."""
-    logits = (hidden @ weight.t()).float()                                       # [N, V] fp32
-    labels = labels.long()
+    logits, labels = (hidden @ weight.t()).float(), labels.long()               # [N, V] fp32, [N] int64
     if reduction == "none":
         return F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
     total = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="sum")
@@ -1294,8 +1342,7 @@ def _shard_stats_ref(hidden, weight_shards, tokens, temperature):
     Milakov & Gimelshein 2018, 'Online normalizer calculation for softmax', applied across shards)."""
     v0, m, s, t, sz = 0, [], [], [], []
     for w in weight_shards:
-        z = (hidden @ w.t()).float() / temperature                 # [N, V_r]: this shard's logits
-        loc = tokens.long() - v0
+        z, loc = (hidden @ w.t()).float() / temperature, tokens.long() - v0   # [N, V_r]: this shard's logits
         hit = (loc >= 0) & (loc < w.shape[0])
         t.append(torch.where(hit, z.gather(1, loc.clamp(0, w.shape[0] - 1)[:, None])[:, 0], 0.0))
         m.append(z.max(-1).values.detach())     # the shift cancels in lse: no gradient through the max
@@ -1359,14 +1406,12 @@ _LOSS_CHUNK_BYTES = 1 << 30       # budget for one [C, V_r] logits chunk; see _d
 def _loss_row_stats_kernel(logits_ptr, stride_row, tok_ptr, stats_ptr, n_rows, V, inv_temp, BLOCK_V: tl.constexpr):
     """stats[:, row] = (max_j z_j, sum_j e^(z_j - max), z[tok] or 0, sum_j e^(z_j - max) z_j) where
     z = logits[row] * inv_temp in fp32; tok is this slice's local id (-1 or >= V: not in the slice)."""
-    row = tl.program_id(0)
+    row, cols = tl.program_id(0), tl.arange(0, BLOCK_V)
     ptr = logits_ptr + row.to(tl.int64) * stride_row
-    cols = tl.arange(0, BLOCK_V)
     # one running (max, sum-exp, sum-exp*z) per lane: the online softmax of Milakov & Gimelshein 2018,
     # kept as vectors so the loop has no cross-lane reduction; the lanes are merged once at the end
     m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)
-    sz = tl.zeros([BLOCK_V], dtype=tl.float32)
+    s, sz = tl.zeros([BLOCK_V], dtype=tl.float32), tl.zeros([BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         mask = start + cols < V
         z = tl.load(ptr + start + cols, mask=mask, other=float("-inf")).to(tl.float32) * inv_temp
@@ -1407,15 +1452,11 @@ def _loss_dlogits_kernel(logits_ptr, stride_row, tok_ptr, lse_ptr, ent_ptr, glp_
         d logp_i/d z_j = [j == tok_i] - p_ij                   (log-softmax)
         d H_i/d z_j    = -p_ij (log p_ij + H_i)                (entropy; H = -sum p log p)
         d z/d logits   = inv_temp                              (z = logits / T)"""
-    row = tl.program_id(0)
+    row, cols = tl.program_id(0), tl.arange(0, BLOCK_V)
     ptr = logits_ptr + row.to(tl.int64) * stride_row
-    cols = tl.arange(0, BLOCK_V)
-    tok = tl.load(tok_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    g_lp = tl.load(glp_ptr + row)
+    tok, lse, g_lp = tl.load(tok_ptr + row), tl.load(lse_ptr + row), tl.load(glp_ptr + row)
     if HAS_ENT:
-        ent = tl.load(ent_ptr + row)
-        g_ent = tl.load(gent_ptr + row)
+        ent, g_ent = tl.load(ent_ptr + row), tl.load(gent_ptr + row)
     for start in range(0, V, BLOCK_V):
         idx = start + cols
         mask = idx < V
@@ -1565,8 +1606,7 @@ class _LinearLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_lp, g_ent):
-        hidden, weight, tok, lse, ent = ctx.saved_tensors
-        inv_temp, chunk, use_triton = ctx.cfg
+        (hidden, weight, tok, lse, ent), (inv_temp, chunk, use_triton) = ctx.saved_tensors, ctx.cfg
         g_lp = torch.zeros_like(lse) if g_lp is None else g_lp.float().contiguous()
         g_ent = None if g_ent is None else g_ent.float().contiguous()
         grad_h = hidden.new_empty(hidden.shape) if ctx.needs_input_grad[0] else None
@@ -1857,8 +1897,7 @@ def _bench_rowwise(rows, peaks):
 def _bench_losses(rows, peaks):
     """Linear + cross-entropy and log-probs + entropy, fwd+bwd, N=16384, Hd=1024, V=151936: time and peak
     extra memory. Roofline: the 3 GEMMs any method needs, 6 N V Hd FLOPs, at the measured matmul peak."""
-    N, Hd, V, bf = 16384, 1024, 151936, torch.bfloat16
-    gen = torch.Generator(device="cuda").manual_seed(0)
+    N, Hd, V, bf, gen = 16384, 1024, 151936, torch.bfloat16, torch.Generator(device="cuda").manual_seed(0)
     h = torch.randn(N, Hd, device="cuda", dtype=bf, generator=gen).requires_grad_()
     w = (torch.randn(V, Hd, device="cuda", dtype=bf, generator=gen) * 0.02).requires_grad_()
     y = torch.randint(0, V, (N,), device="cuda", generator=gen)
@@ -1912,8 +1951,7 @@ def selftest() -> None:
     """Every public op against its torch reference at tiny odd shapes, forward, plus the backward of the two
     autograd paths that differ most (flash attention, LM-head log-probs). Compiled on a GPU, in Triton's interpreter
     on a CPU. Without Triton no kernel can run (impl="auto" IS the reference then): all SKIPPED, nothing OK."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    g = torch.Generator().manual_seed(0)
+    dev, g = "cuda" if torch.cuda.is_available() else "cpu", torch.Generator().manual_seed(0)
     rnd = lambda *shape: torch.randn(*shape, generator=g).to(dev)  # noqa: E731
     ints = lambda *xs: torch.tensor(xs, dtype=torch.int32, device=dev)  # noqa: E731
     T = dict(impl="triton")
@@ -1924,11 +1962,11 @@ def selftest() -> None:
         sum((o.float() * torch.linspace(-1, 1, o.numel(), device=dev).view(o.shape)).sum() for o in outs).backward()
         return (*outs, *(x.grad for x in xs))
 
-    def store_prefill(store, prefill):   # write 10 new tokens' k/v through their slots, then attend
+    def store_prefill(store, prefill):   # write 10 new tokens' k/v through their slots, then attend (with q_out if any)
         kc2, vc2 = kc.clone(), vc.clone()
         pos, seq = torch.arange(30, 40, device=dev), ints(*[0] * 7, *[1] * 3)   # new tokens 30..36 | 37..39
-        store(kn, vn, kc2, vc2, bt[seq, pos // 16].long() * 16 + pos % 16)      # slot = page * P + offset
-        return prefill(qn, kc2, vc2, bt, ints(0, 7, 10), ints(37, 40)), kc2, vc2
+        q_out = store(kn, vn, kc2, vc2, bt[seq, pos // 16].long() * 16 + pos % 16)   # slot = page * P + offset
+        return prefill(qn if q_out is None else q_out, kc2, vc2, bt, ints(0, 7, 10), ints(37, 40)), kc2, vc2
 
     cu, cl = ints(0, 5, 5, 22), ints(37, 40)                       # lengths 5, 0, 17; cached 37 and 40
     q, k, v = rnd(22, 4, 32), rnd(22, 2, 32), rnd(22, 2, 32)       # H=4, Hkv=2 (GQA), D=32
@@ -1939,6 +1977,7 @@ def selftest() -> None:
     h, W, y = rnd(9, 16), rnd(50, 16), torch.randint(0, 50, (9,), generator=g).to(dev)
     y[3] = -100
     dense = [t[:20].view(2, 10, -1, 32) for t in (q, k, v)]        # [B=2, S=10, H|Hkv, D]
+    rope_store = lambda f, **t: lambda *a: f(qn, *a[:2], pos[:10], cs, w[:32], w[16:], 1e-6, *a[2:], **t)  # noqa: E731
     checks = {   # name: () -> (ours, reference), each a tuple of tensors
         "flash_attn_varlen fwd+bwd": lambda: (
             fwd_bwd(lambda q, k, v: (flash_attn_varlen(q, k, v, cu, 17, **T),), q, k, v),
@@ -1950,6 +1989,9 @@ def selftest() -> None:
         "store_kvcache + paged_attention_prefill": lambda: (
             store_prefill(lambda *a: store_kvcache(*a, **T), lambda *a: paged_attention_prefill(*a, **T)),
             store_prefill(store_kvcache_ref, paged_attention_prefill_ref)),
+        "rope_qk_norm_store + paged prefill": lambda: (
+            store_prefill(rope_store(rope_qk_norm_store, **T), lambda *a: paged_attention_prefill(*a, **T)),
+            store_prefill(rope_store(rope_qk_norm_store_ref), paged_attention_prefill_ref)),
         "rms_norm + residual": lambda: (rms_norm(x, w, residual=r, **T), rms_norm_ref(x, w, residual=r)),
         "rope_qk_norm": lambda: (rope_qk_norm(q, k, pos, cs, w[:32], w[16:], **T), rope_qk_norm_ref(q, k, pos, cs, w[:32], w[16:])),
         "swiglu": lambda: ((swiglu(x, r, **T),), (swiglu_ref(x, r),)),

@@ -200,7 +200,7 @@ class ModelConfig:
 
 # ---- torch fallbacks ---------------------------------------------------------------------------------
 # kernels.py (Triton) runs the hot ops when it is importable: RMSNorm (+ residual), RoPE with Qwen3's
-# q/k norm, SwiGLU, the KV-cache store and paged attention, each with a torch twin of its own. These few
+# q/k norm fused with the KV-cache store, SwiGLU and paged attention, each with a torch twin of its own. These few
 # lines are what runs when nanovllm.py is copied without kernels.py: the same math, written plainly.
 
 def _kernels():
@@ -388,8 +388,10 @@ class Attention(nn.Module):
         kw = self.k_norm.weight if self.k_norm is not None else None
         kern = self.kern
         if kern is not None:
-            q, k = kern.rope_qk_norm(q, k, positions, rope, qw, kw, self.eps)
-            kern.store_kvcache(k, v.contiguous(), self.k_cache, self.v_cache, meta.slot_mapping)
+            # ONE launch (decode is launch-bound): q/k norm + RoPE, the rotated k and v (read in place from the
+            # qkv output) written straight into the cache at slot_mapping; q [N, H, D] comes back rotated
+            q = kern.rope_qk_norm_store(q, k, v, positions, rope, qw, kw, self.eps, self.k_cache, self.v_cache,
+                                        meta.slot_mapping)
             if meta.decode:                  # [B, H, D]: one query per sequence, split-K over the context
                 o = kern.paged_attention_decode(q, self.k_cache, self.v_cache, meta.block_table,
                                                 meta.context_lens, self.scale)
