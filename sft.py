@@ -25,6 +25,7 @@ Commands:
                                                        # 2 GPUs: each layout once -> table + loss_layouts.png
     python sft.py --bench auto --model tiny --data toy --steps 2   # CPU: the same 4 layouts on gloo, seconds
     python sft.py --model smollm2 --steps 8 --profile 3   # host vs GPU time, launches, syncs per step; trace.json
+    python sft.py --fixed_shape                        # every micro-batch padded to one shape: the same losses
     pytest -q test_all.py -k sft
 Outputs (--out, default ckpt/<objective>-<model>): step_N/ (checkpoints, the newest --keep_last kept),
 metrics.jsonl, loss.png, summary.json; one line in results.jsonl. Everything that can be checked runs before
@@ -48,6 +49,7 @@ import threading
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +98,7 @@ class Config:
     dpo_beta: float = 0.1  # DPO's KL strength: larger = stay closer to the reference
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases (when the package is installed)
+    fixed_shape: bool = False  # pad every train micro-batch to micro_batch_tokens and a fixed sequence count (collate)
     prefetch: bool = True  # build step k+1's micro-batches in a thread while step k runs (False: in the loop)
     profile: int = 0  # profile this many steps after the warm-up (torch.profiler): host vs GPU time, launches, syncs
     bench: str = ""  # layouts, e.g. 1,tp2,pp2,dp2, or auto (1,dpG,tpG,ppG on G GPUs): a torchrun job each -> table, PNG
@@ -285,20 +288,57 @@ def row_sequences(row: dict, objective: str) -> list:
     return [(row["input_ids"], row["loss_mask"])]
 
 
-def collate(seqs: list, multiple_of: int = 1) -> dict:
+class FixedShape(NamedTuple):
+    """The shape of every micro-batch under --fixed_shape (fixed_shape() derives it from the train rows)."""
+    tokens: int      # N: input_ids, positions, labels are [tokens] (the packing budget)
+    seqs: int        # B: cu_seqlens is [seqs + 1]
+    max_seqlen: int  # no sequence is longer (the attention kernels size their grids by it)
+
+
+def fixed_shape(lengths: list, budget: int, objective: str) -> FixedShape:
+    """The smallest fixed shape every pack of these rows fits. max_seqlen = the longest row that fits the budget
+    (the filler is cut into pieces no longer; the budget itself would launch budget / tile query tiles per
+    sequence and head, nearly all of which exit at once). seqs = the most slots a pack can need: k rows hold at
+    least S_k tokens (the k shortest rows), and the filler of the rest takes ceil((budget - S_k) / max_seqlen)
+    pieces, so seqs = max over k of (k, or 2k for DPO pairs) + that. Empty slots cost a program that exits."""
+    short = sorted(x for x in lengths if x <= budget)
+    cap, per, S = short[-1], 2 if objective == "dpo" else 1, 0
+    seqs = -(-budget // cap)                                              # k = 0: filler only
+    for k, x in enumerate(short, 1):
+        if (S := S + x) > budget:
+            break
+        seqs = max(seqs, per * k + -(-(budget - S) // cap))
+    return FixedShape(budget, seqs, cap)
+
+
+def collate(seqs: list, multiple_of: int = 1, shape: FixedShape | None = None) -> dict:
     """[(ids, loss_mask)] -> one packed micro-batch for pipeline_step: input_ids [N], positions [N],
-    cu_seqlens [B+1], labels [N] (the next token where IT is a response token, else -100), max_seqlen.
-    multiple_of: sequence parallelism needs N % tp == 0; a filler sequence with no labels pads N."""
+    cu_seqlens [B+1], labels [N] (the next token where IT is a response token, else -100), max_seqlen, and the
+    host counts of the REAL sequences: tokens, sq (sum of squared lengths, for the FLOPs of attention).
+    multiple_of: sequence parallelism needs N % tp == 0; a filler sequence with no labels pads N.
+    shape (--fixed_shape): pad to exactly shape.tokens with filler sequences (no labels, <= shape.max_seqlen tokens
+    each), then cu_seqlens to shape.seqs + 1 offsets by repeating the last one: EMPTY sequences at the end, which
+    the attention kernels skip. Every micro-batch then has the same shapes and kernel grids (one CUDA graph can
+    replay them all) and the same loss: filler rows have no labels, so they add 0 to the loss and its gradients."""
     seqs = list(seqs)
-    n = sum(len(s) for s, _ in seqs)
-    if n % multiple_of:
-        pad = multiple_of - n % multiple_of
-        seqs.append((torch.zeros(pad, dtype=torch.int64), torch.zeros(pad, dtype=torch.uint8)))
+    lens = [len(s) for s, _ in seqs]
+    pad = -sum(lens) % multiple_of if shape is None else shape.tokens - sum(lens)
+    cap = pad if shape is None else shape.max_seqlen
+    if shape is not None and (pad < 0 or max(lens, default=0) > cap or len(lens) - (-pad // cap) > shape.seqs):
+        raise ValueError(f"sft.py: collate: {len(lens)} sequences of {sum(lens)} tokens (longest {max(lens)}) and "
+                         f"their filler do not fit the fixed shape {shape} (--fixed_shape)")
+    while pad > 0:
+        k = min(pad, cap)
+        seqs.append((torch.zeros(k, dtype=torch.int64), torch.zeros(k, dtype=torch.uint8)))
+        pad -= k
     ids, masks = [s for s, _ in seqs], [m for _, m in seqs]
     # one pack holding everything in order (the budget is the total): nanosets builds the shifted labels
     mb = nanosets.pack_sequences(ids, sum(len(s) for s in ids), masks)[0]
-    return {"input_ids": mb["input_ids"], "positions": mb["positions"], "cu_seqlens": mb["cu_seqlens"],
-            "labels": mb["labels"], "max_seqlen": max(len(s) for s in ids), "n_rows": len(ids)}
+    cu = mb["cu_seqlens"] if shape is None else torch.cat([mb["cu_seqlens"], mb["cu_seqlens"][-1:].expand(
+        shape.seqs - len(ids))])                                           # [B+1] -> [seqs+1]: empty at the end
+    return {"input_ids": mb["input_ids"], "positions": mb["positions"], "cu_seqlens": cu, "labels": mb["labels"],
+            "max_seqlen": cap if shape is not None else max(len(s) for s in ids), "tokens": sum(lens),
+            "sq": sum(L * L for L in lens)}
 
 
 class Batcher:
@@ -308,8 +348,9 @@ class Batcher:
     and counted (never truncated: a cut response teaches the model to stop mid-answer)."""
 
     def __init__(self, ds, objective: str, M: int, budget: int, dp_rank: int, dp: int, seed: int,
-                 multiple_of: int = 1):
+                 multiple_of: int = 1, shape: FixedShape | None = None):
         self.ds, self.objective, self.M, self.budget, self.multiple_of = ds, objective, M, budget, multiple_of
+        self.shape = shape
         self.lengths = ds["num_tokens"].tolist()
         self.sampler = nanosets.ShardedSampler(len(ds), dp_rank, dp, shuffle=True, seed=seed)
         self.it, self.pending, self.skipped = iter(self.sampler), None, 0
@@ -331,8 +372,8 @@ class Batcher:
         flat = [i for p in packs for i in p]
         cols = self.ds[torch.tensor(flat, dtype=torch.int64)]      # ONE gather: {column: [len(flat) rows]}
         rows = iter([{c: v[j] for c, v in cols.items()} for j in range(len(flat))])
-        return [collate([s for _ in p for s in row_sequences(next(rows), self.objective)], self.multiple_of)
-                | {"n_pairs": len(p)} for p in packs]
+        return [collate([s for _ in p for s in row_sequences(next(rows), self.objective)], self.multiple_of,
+                        self.shape) | {"n_pairs": len(p)} for p in packs]
 
     def epoch(self) -> float:
         return self.sampler.epoch + self.sampler.position / max(1, len(self.sampler))
@@ -446,8 +487,7 @@ def _global_counts(mbs: list, mesh: nt.Mesh, objective: str) -> list:
     """[loss units, tokens, sum of squared sequence lengths] of the whole step, summed over dp: ONE tiny
     all-reduce. Loss units = label tokens (sft) or pairs (dpo): the loss is their mean over the step."""
     units = sum(mb["n_pairs"] if objective == "dpo" else int((mb["labels"] != IGNORE).sum()) for mb in mbs)
-    ntok = sum(len(mb["input_ids"]) for mb in mbs)
-    sq = sum(int(((mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).double() ** 2).sum()) for mb in mbs)
+    ntok, sq = sum(mb["tokens"] for mb in mbs), sum(mb["sq"] for mb in mbs)     # real sequences: no filler
     if mesh.dp == 1:                      # host numbers (the micro-batches are still on the CPU): no GPU sync
         return [units, ntok, sq]
     t = torch.tensor([units, ntok, sq], dtype=torch.float64, device=mesh.device)
@@ -809,11 +849,16 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds) -> dict:
         raise ValueError(f"sft.py: every train row of --data {cfg.data} is longer than --micro_batch_tokens "
                          f"{cfg.micro_batch_tokens} (shortest {int(lengths.min())}); raise --micro_batch_tokens")
     mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
+    if cfg.fixed_shape and cfg.sequence_parallel and cfg.micro_batch_tokens % mesh.tp:
+        raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
+                         f"must be a multiple of --tp {mesh.tp} (each tp rank holds 1/tp of the padded tokens)")
+    shape = fixed_shape(train_ds["num_tokens"].tolist(), cfg.micro_batch_tokens, cfg.objective) \
+        if cfg.fixed_shape else None
     total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
                           if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
     return {"M": cfg.tokens_per_step // share, "n_rows": len(lengths), "n_long": n_long, "mean_len": mean_len,
             "per_seq": mean_len / 2 if cfg.objective == "dpo" else mean_len,      # attention sees each sequence
-            "total": total, "warmup": min(cfg.warmup_steps, total // 10)}
+            "total": total, "warmup": min(cfg.warmup_steps, total // 10), "shape": shape}
 
 
 def setup(cfg: Config) -> Job:
@@ -866,6 +911,9 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
         f"cosine to {cfg.lr * cfg.min_lr_ratio:.2e}",
         f"FLOPs/token, PaLM convention 6N + 12*L*H*D*T (N = matmul params, T = {d['per_seq']:.0f}): {fpt / 1e9:.3f} G",
         f"peak for MFU: {'n/a (CPU or unknown GPU)' if peak is None else f'{peak:.0f} TFLOP/s per GPU (bf16 dense)'}",
+        "fixed shapes: off (each micro-batch as packed)" if d["shape"] is None else
+        f"fixed shapes: every micro-batch padded to {d['shape'].tokens} tokens in {d['shape'].seqs} sequence slots, "
+        f"max_seqlen {d['shape'].max_seqlen} (filler and empty slots have no labels; tokens/s counts real tokens)",
     ]
     if cfg.pp > 1 and d["M"] < cfg.pp:
         lines.append(f"NOTE: M = {d['M']} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise "
@@ -894,7 +942,7 @@ def build(job: Job) -> tuple:
     opt = nt.build_optimizer(model, mesh, cfg.zero_stage, cfg.lr, cfg.betas, cfg.weight_decay)
     mult = mesh.tp if cfg.sequence_parallel else 1
     batcher = Batcher(job.train_ds, cfg.objective, d["M"], cfg.micro_batch_tokens, mesh.dp_rank, mesh.dp,
-                      cfg.seed, mult)
+                      cfg.seed, mult, d["shape"])
     if job.src is not None:
         states = nt.load_checkpoint(job.src, model, opt, mesh)["extra"]["batcher"]
         if len(states) == mesh.dp:

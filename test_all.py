@@ -101,11 +101,12 @@ from prepare_data import Config, build  # noqa: E402
 # Every module is one flat file that opens with its README docstring, runs a self-test as a script,
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
-# sft.py grew from 1066 to 1140 with issue 13's prefetch thread (Prefetcher) and the split of train() it needed;
+# sft.py grew from 1066 to 1140 with issue 13's prefetch thread (Prefetcher) and the split of train() it needed, to
+# 1188 with fixed-shape micro-batches (--fixed_shape: FixedShape, fixed_shape(), collate's padding);
 # ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio.
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2000, "nanotron.py": 2600,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1140, "ppo.py": 2044, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1188, "ppo.py": 2044, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -2396,6 +2397,21 @@ def test_flash_dense_entry_matches_varlen_and_ref(causal):
     for a, b, c in zip(ours, varlen, ref):
         assert torch.equal(a, b)                  # the same kernels on the same packed rows: bitwise equal
         assert rel(a, c) < max(1e-4, ATTN_F32_TOL)
+
+
+def test_flash_varlen_empty_sequences_at_the_end():
+    """--fixed_shape pads cu_seqlens to a fixed count by repeating its last offset (empty sequences at the end, as
+    well as ATTN_LENS's empty first one): the kernel, forward and backward, gives bitwise what it gives without
+    them, and both references (kernels.attention_ref, nanotron's attention_varlen_ref) agree."""
+    q, k, v, cu = varlen_inputs([5, 0, 17, 9], 4, 2, 16, torch.float32, ATTN_DEV)
+    padded = torch.cat([cu, cu[-1:].expand(6)])                                 # [5] -> [11]: 6 empty sequences
+    flash = lambda c: lambda q, k, v: K.flash_attn_varlen(q, k, v, c, 17, impl="triton")   # noqa: E731
+    ours, plain = fwd_bwd(flash(padded), q, k, v), fwd_bwd(flash(cu), q, k, v)
+    refs = [fwd_bwd(lambda q, k, v: f(q, k, v, c), q, k, v) for f in (K.attention_ref, nt.attention_varlen_ref)
+            for c in (cu, padded)]
+    for name, a, b, *r in zip(("out", "dq", "dk", "dv"), ours, plain, *refs):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(r[0], x) for x in r[1:]) and rel(a, r[0]) < ATTN_F32_TOL, name
 
 
 def test_flash_softmax_scale_and_auto_dispatch():
@@ -4830,6 +4846,79 @@ def test_loss_on_labelled_rows_only():
     # nothing to skip, nothing labelled, or labels on another device (a GPU: finding rows would sync)
     assert nt.label_rows(torch.arange(5)) is None and nt.label_rows(torch.full((5,), -100)) is None
     assert nt.label_rows(torch.arange(5, device="meta")) is None
+
+
+def _sft_fixed_rows(tmp):
+    """Toy rows and a fixed shape for them: micro-batch A = rows 0-1 (room left: filler pieces, then an empty
+    slot), B = rows 2-6, which fill the shape EXACTLY (tokens = budget, sequences = slots: no filler, no empty)."""
+    rows = _sft_toy_rows(tmp, n=16)
+    lens = [len(r[0]) for r in rows]
+    shape = sft.FixedShape(sum(lens[2:7]), 5, max(lens))
+    return rows, shape, [rows[:2], rows[2:7]]
+
+
+def test_sft_fixed_shape_collate(tmp_path):
+    """collate(shape=): exactly shape.tokens tokens and shape.seqs + 1 offsets; the real sequences as without it,
+    then filler sequences of <= max_seqlen tokens (no labels, positions from 0), then empty ones; the host counts
+    (tokens, sq) are the real sequences'. fixed_shape() bounds every pack the Batcher makes; bad fits are refused."""
+    rows, shape, (a, b) = _sft_fixed_rows(tmp_path)
+    for seqs in (a, b):
+        plain, mb = sft.collate(seqs), sft.collate(seqs, shape=shape)
+        n, cu = len(plain["input_ids"]), mb["cu_seqlens"]
+        assert len(mb["input_ids"]) == len(mb["positions"]) == len(mb["labels"]) == shape.tokens
+        assert cu.dtype == torch.int32 and len(cu) == shape.seqs + 1 and int(cu[-1]) == shape.tokens
+        assert torch.equal(cu[: len(plain["cu_seqlens"])], plain["cu_seqlens"]) and mb["max_seqlen"] == shape.max_seqlen
+        for k in ("input_ids", "positions", "labels"):
+            assert torch.equal(mb[k][:n], plain[k])
+        assert (mb["labels"][n:] == -100).all() and (cu[1:] - cu[:-1]).max() <= shape.max_seqlen
+        assert (mb["tokens"], mb["sq"]) == (plain["tokens"], plain["sq"]) == (n, sum(len(s) ** 2 for s, _ in seqs))
+    ca, cb = sft.collate(a, shape=shape)["cu_seqlens"], sft.collate(b, shape=shape)["cu_seqlens"]
+    assert ca[-1] == ca[-2] and ca[3] - ca[2] > 0                             # A: rows, filler, >= 1 empty slot
+    assert len(set(cb.tolist())) == len(cb) and int(cb[-1]) == shape.tokens   # B: exactly full
+    for seqs, sh in ((rows[:8], shape), (b, shape._replace(seqs=4)), (a, shape._replace(seqs=2)),
+                     (rows[:1], shape._replace(max_seqlen=len(rows[0][0]) - 1))):   # tokens, slots, slots, longest
+        with pytest.raises(ValueError, match="and their filler do not fit the fixed shape"):
+            sft.collate(seqs, shape=sh)
+    ds = sft.open_split(tmp_path / "toy", "train", "sft")
+    fixed = sft.fixed_shape(ds["num_tokens"].tolist(), 96, "sft")
+    assert fixed.tokens == 96 and fixed.max_seqlen == max(ds["num_tokens"].tolist())
+    batcher = sft.Batcher(ds, "sft", 3, 96, 0, 1, seed=0, shape=fixed)
+    for _ in range(8):              # every pack fits (collate would raise), and every shape is the same
+        for mb in batcher.next_step():
+            assert (len(mb["input_ids"]), len(mb["cu_seqlens"])) == (96, fixed.seqs + 1)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])   # CPU: kernels.py's torch twins, or nanotron's references
+def test_sft_fixed_shape_leaves_loss_and_grads_unchanged(tmp_path, use_kernels):
+    """A train step on fixed-shape micro-batches (one with room left, one exactly full) has the loss, the loss
+    count (real label tokens only), the token count (real tokens only) and the gradients of the same step on
+    plainly packed ones (fp32, CPU)."""
+    _, shape, parts = _sft_fixed_rows(tmp_path)
+    out = []
+    for sh in (None, shape):
+        model = nt.build_stage(nt.tiny_config(), nt.Mesh(), use_kernels=use_kernels).init_random(0)
+        opt = nt.build_optimizer(model, model.mesh, zero_stage=1, lr=0.0, weight_decay=0.0)
+        mbs = [sft.collate(p, shape=sh) | {"n_pairs": len(p)} for p in parts]
+        m = sft.train_step(model, model.mesh, opt, mbs, sft.Config(grad_clip=0.0), lr=0.0)
+        out.append((m, torch.cat([b.grad_buf for b in opt.dp.buckets])))
+    (m0, g0), (m1, g1) = out
+    assert (m1["loss_units"], m1["tokens"], m1["seq_len_eff"]) == (m0["loss_units"], m0["tokens"], m0["seq_len_eff"])
+    assert m1["tokens"] < 2 * shape.tokens and g0.abs().sum() > 0
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-6) and m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_sft_fixed_shape_run_equals_plain_run(tmp_path, monkeypatch, capsys):
+    """--fixed_shape through main (Batcher, derive, the derived block): the same losses as the plain run."""
+    monkeypatch.chdir(tmp_path)
+    args = SFT_TINY + ["--steps", "3", "--save_every", "-1", "--results", "r.jsonl", "--micro_batch_tokens", "512"]
+    plain = sft.main(args + ["--out", "a"])
+    capsys.readouterr()
+    fixed = sft.main(args + ["--out", "b", "--fixed_shape"])
+    assert re.search(r"fixed shapes: every micro-batch padded to 512 tokens in \d+ sequence slots, max_seqlen 27",
+                     capsys.readouterr().out)
+    la, lb = ([r["loss"] for r in _sft_metrics(d) if "loss" in r] for d in ("a", "b"))
+    assert len(la) == 3 and lb == pytest.approx(la, rel=1e-6) and fixed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
 
 
 def test_response_only_loss():
