@@ -25,16 +25,18 @@ Commands:
                                                        # 2 GPUs: each layout once -> table + loss_layouts.png
     python sft.py --bench auto --model tiny --data toy --steps 2   # CPU: the same 4 layouts on gloo, seconds
     python sft.py --model smollm2 --steps 8 --profile 3   # host vs GPU time, launches, syncs per step; trace.json
+    python sft.py --fixed_shape                        # every micro-batch padded to one shape: the same losses
+    python sft.py --model smollm2 --data data/gsm8k_sft --cuda_graphs   # 1 GPU: one graph replay per micro-batch
     pytest -q test_all.py -k sft
 Outputs (--out, default ckpt/<objective>-<model>): step_N/ (checkpoints, the newest --keep_last kept),
 metrics.jsonl, loss.png, summary.json; one line in results.jsonl. Everything that can be checked runs before
 a model is built: flags against the world size and the model's heads, the data (one vectorised pass), the
 model against a checkpoint in --out, and --out itself (a new run never mixes with an old run's steps).
 
-Contents: config | data (toy task, preference pairs, packing) | losses and steps | eval |
+Contents: config | data (toy task, preference pairs, packing) | losses and steps | CUDA graphs | eval |
           FLOPs and MFU | logging | checks and checkpoints | profile | driver | layout benchmark | CLI
 First read: config -> data (Batcher, collate) -> losses and steps (train_step) -> driver (main and its four
-phases). Independent chapters: DPO, the forward-only eval pipeline, the checks, the layout benchmark.
+phases). Independent chapters: DPO, CUDA graphs, the forward-only eval pipeline, the checks, the layout benchmark.
 """
 import contextlib
 import dataclasses
@@ -48,6 +50,7 @@ import threading
 import time
 from dataclasses import dataclass, asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -96,6 +99,8 @@ class Config:
     dpo_beta: float = 0.1  # DPO's KL strength: larger = stay closer to the reference
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases (when the package is installed)
+    fixed_shape: bool = False  # pad every train micro-batch to micro_batch_tokens and a fixed sequence count (collate)
+    cuda_graphs: bool = False  # CUDA, tp = pp = 1: replay ONE captured forward + backward per micro-batch (fixed shape)
     prefetch: bool = True  # build step k+1's micro-batches in a thread while step k runs (False: in the loop)
     profile: int = 0  # profile this many steps after the warm-up (torch.profiler): host vs GPU time, launches, syncs
     bench: str = ""  # layouts, e.g. 1,tp2,pp2,dp2, or auto (1,dpG,tpG,ppG on G GPUs): a torchrun job each -> table, PNG
@@ -154,12 +159,20 @@ def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
     if world % (cfg.tp * cfg.pp):
         raise ValueError(f"sft.py: --tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the world size "
                          f"{world} (torchrun --nproc_per_node); dp = world / (tp * pp) must be a whole number")
+    for bad, need in ((not cuda, "a CUDA GPU"), (cfg.tp * cfg.pp > 1, "--tp 1 --pp 1 (no collectives in the graph)"),
+                      (cfg.objective != "sft", "--objective sft"),
+                      (cfg.zero_stage > 1, "--zero_stage 0 or 1 (2/3 free the gradients between micro-batches)"),
+                      (cfg.activation_checkpointing, "no --activation_checkpointing (not tested under capture)"),
+                      (not cfg.use_kernels, "--use_kernels (torch's attention reference syncs on cu_seqlens)")):
+        if cfg.cuda_graphs and bad:
+            raise ValueError(f"sft.py: --cuda_graphs needs {need}")
     auto = {k: v[0 if cuda else 1] for k, v in AUTO.items() if getattr(cfg, k) in (0, "auto")}
     data = cfg.data or ("toy" if cfg.model == "tiny" else f"data/synthetic_{cfg.objective}")
     name = cfg.model if cfg.model in nt.PRESETS or cfg.model == "smollm2" else Path(cfg.model.rstrip("/")).name
     out = cfg.out or f"ckpt/{cfg.objective}-{name}"
     lr = cfg.lr or (3e-3 if cfg.model == "tiny" else 2e-5)         # a random init learns at a much larger one
-    return dataclasses.replace(cfg, data=data, out=out, lr=lr, betas=tuple(cfg.betas), **auto)
+    return dataclasses.replace(cfg, data=data, out=out, lr=lr, betas=tuple(cfg.betas),
+                               fixed_shape=cfg.fixed_shape or cfg.cuda_graphs, **auto)
 
 
 # ---- data --------------------------------------------------------------------------------------------
@@ -285,20 +298,57 @@ def row_sequences(row: dict, objective: str) -> list:
     return [(row["input_ids"], row["loss_mask"])]
 
 
-def collate(seqs: list, multiple_of: int = 1) -> dict:
+class FixedShape(NamedTuple):
+    """The shape of every micro-batch under --fixed_shape (fixed_shape() derives it from the train rows)."""
+    tokens: int      # N: input_ids, positions, labels are [tokens] (the packing budget)
+    seqs: int        # B: cu_seqlens is [seqs + 1]
+    max_seqlen: int  # no sequence is longer (the attention kernels size their grids by it)
+
+
+def fixed_shape(lengths: list, budget: int, objective: str) -> FixedShape:
+    """The smallest fixed shape every pack of these rows fits. max_seqlen = the longest row that fits the budget
+    (the filler is cut into pieces no longer; the budget itself would launch budget / tile query tiles per
+    sequence and head, nearly all of which exit at once). seqs = the most slots a pack can need: k rows hold at
+    least S_k tokens (the k shortest rows), and the filler of the rest takes ceil((budget - S_k) / max_seqlen)
+    pieces, so seqs = max over k of (k, or 2k for DPO pairs) + that. Empty slots cost a program that exits."""
+    short = sorted(x for x in lengths if x <= budget)
+    cap, per, S = short[-1], 2 if objective == "dpo" else 1, 0
+    seqs = -(-budget // cap)                                              # k = 0: filler only
+    for k, x in enumerate(short, 1):
+        if (S := S + x) > budget:
+            break
+        seqs = max(seqs, per * k + -(-(budget - S) // cap))
+    return FixedShape(budget, seqs, cap)
+
+
+def collate(seqs: list, multiple_of: int = 1, shape: FixedShape | None = None) -> dict:
     """[(ids, loss_mask)] -> one packed micro-batch for pipeline_step: input_ids [N], positions [N],
-    cu_seqlens [B+1], labels [N] (the next token where IT is a response token, else -100), max_seqlen.
-    multiple_of: sequence parallelism needs N % tp == 0; a filler sequence with no labels pads N."""
+    cu_seqlens [B+1], labels [N] (the next token where IT is a response token, else -100), max_seqlen, and the
+    host counts of the REAL sequences: tokens, sq (sum of squared lengths, for the FLOPs of attention).
+    multiple_of: sequence parallelism needs N % tp == 0; a filler sequence with no labels pads N.
+    shape (--fixed_shape): pad to exactly shape.tokens with filler sequences (no labels, <= shape.max_seqlen tokens
+    each), then cu_seqlens to shape.seqs + 1 offsets by repeating the last one: EMPTY sequences at the end, which
+    the attention kernels skip. Every micro-batch then has the same shapes and kernel grids (one CUDA graph can
+    replay them all) and the same loss: filler rows have no labels, so they add 0 to the loss and its gradients."""
     seqs = list(seqs)
-    n = sum(len(s) for s, _ in seqs)
-    if n % multiple_of:
-        pad = multiple_of - n % multiple_of
-        seqs.append((torch.zeros(pad, dtype=torch.int64), torch.zeros(pad, dtype=torch.uint8)))
+    lens = [len(s) for s, _ in seqs]
+    pad = -sum(lens) % multiple_of if shape is None else shape.tokens - sum(lens)
+    cap = pad if shape is None else shape.max_seqlen
+    if shape is not None and (pad < 0 or max(lens, default=0) > cap or len(lens) - (-pad // cap) > shape.seqs):
+        raise ValueError(f"sft.py: collate: {len(lens)} sequences of {sum(lens)} tokens (longest {max(lens)}) and "
+                         f"their filler do not fit the fixed shape {shape} (--fixed_shape)")
+    while pad > 0:
+        k = min(pad, cap)
+        seqs.append((torch.zeros(k, dtype=torch.int64), torch.zeros(k, dtype=torch.uint8)))
+        pad -= k
     ids, masks = [s for s, _ in seqs], [m for _, m in seqs]
     # one pack holding everything in order (the budget is the total): nanosets builds the shifted labels
     mb = nanosets.pack_sequences(ids, sum(len(s) for s in ids), masks)[0]
-    return {"input_ids": mb["input_ids"], "positions": mb["positions"], "cu_seqlens": mb["cu_seqlens"],
-            "labels": mb["labels"], "max_seqlen": max(len(s) for s in ids), "n_rows": len(ids)}
+    cu = mb["cu_seqlens"] if shape is None else torch.cat([mb["cu_seqlens"], mb["cu_seqlens"][-1:].expand(
+        shape.seqs - len(ids))])                                           # [B+1] -> [seqs+1]: empty at the end
+    return {"input_ids": mb["input_ids"], "positions": mb["positions"], "cu_seqlens": cu, "labels": mb["labels"],
+            "max_seqlen": cap if shape is not None else max(len(s) for s in ids), "tokens": sum(lens),
+            "sq": sum(L * L for L in lens)}
 
 
 class Batcher:
@@ -308,8 +358,9 @@ class Batcher:
     and counted (never truncated: a cut response teaches the model to stop mid-answer)."""
 
     def __init__(self, ds, objective: str, M: int, budget: int, dp_rank: int, dp: int, seed: int,
-                 multiple_of: int = 1):
+                 multiple_of: int = 1, shape: FixedShape | None = None):
         self.ds, self.objective, self.M, self.budget, self.multiple_of = ds, objective, M, budget, multiple_of
+        self.shape = shape
         self.lengths = ds["num_tokens"].tolist()
         self.sampler = nanosets.ShardedSampler(len(ds), dp_rank, dp, shuffle=True, seed=seed)
         self.it, self.pending, self.skipped = iter(self.sampler), None, 0
@@ -331,8 +382,8 @@ class Batcher:
         flat = [i for p in packs for i in p]
         cols = self.ds[torch.tensor(flat, dtype=torch.int64)]      # ONE gather: {column: [len(flat) rows]}
         rows = iter([{c: v[j] for c, v in cols.items()} for j in range(len(flat))])
-        return [collate([s for _ in p for s in row_sequences(next(rows), self.objective)], self.multiple_of)
-                | {"n_pairs": len(p)} for p in packs]
+        return [collate([s for _ in p for s in row_sequences(next(rows), self.objective)], self.multiple_of,
+                        self.shape) | {"n_pairs": len(p)} for p in packs]
 
     def epoch(self) -> float:
         return self.sampler.epoch + self.sampler.position / max(1, len(self.sampler))
@@ -446,8 +497,7 @@ def _global_counts(mbs: list, mesh: nt.Mesh, objective: str) -> list:
     """[loss units, tokens, sum of squared sequence lengths] of the whole step, summed over dp: ONE tiny
     all-reduce. Loss units = label tokens (sft) or pairs (dpo): the loss is their mean over the step."""
     units = sum(mb["n_pairs"] if objective == "dpo" else int((mb["labels"] != IGNORE).sum()) for mb in mbs)
-    ntok = sum(len(mb["input_ids"]) for mb in mbs)
-    sq = sum(int(((mb["cu_seqlens"][1:] - mb["cu_seqlens"][:-1]).double() ** 2).sum()) for mb in mbs)
+    ntok, sq = sum(mb["tokens"] for mb in mbs), sum(mb["sq"] for mb in mbs)     # real sequences: no filler
     if mesh.dp == 1:                      # host numbers (the micro-batches are still on the CPU): no GPU sync
         return [units, ntok, sq]
     t = torch.tensor([units, ntok, sq], dtype=torch.float64, device=mesh.device)
@@ -469,20 +519,24 @@ def dpo_backward(model, ref, mesh, opt, mbs, n_pairs_global: float, beta: float)
     return stats.tolist()
 
 
-def train_step(model, mesh, opt, mbs: list, cfg: Config, lr: float, ref=None) -> dict:
+def train_step(model, mesh, opt, mbs: list, cfg: Config, lr: float, ref=None, graphs=None) -> dict:
     """One optimizer step on this dp rank's micro-batches. The loss is the mean over the step's loss units
     (response tokens, or pairs) of ALL micro-batches on ALL dp ranks: each micro-batch's sum is scaled by
-    1 / that global count and dp SUMS the gradients, so any split of the same rows gives the same update."""
+    1 / that global count and dp SUMS the gradients, so any split of the same rows gives the same update.
+    graphs: a GraphStep (--cuda_graphs) runs the micro-batches instead of pipeline_step."""
     units, ntok, sq = _global_counts(mbs, mesh, cfg.objective)
     opt.zero_grad()
     acc = 0.0
     if cfg.objective == "dpo":
         loss_sum, acc = dpo_backward(model, ref, mesh, opt, mbs, max(units, 1.0), cfg.dpo_beta)
+    elif graphs is not None:                            # a device tensor, read after the optimizer step is queued
+        loss_sum = graphs.step(mbs, 1.0 / max(units, 1.0))
     else:
         loss_sum, _ = nt.pipeline_step(model, mesh, mbs, cfg.schedule, loss_scale=1.0 / max(units, 1.0),
                                        optimizer=opt)
     grad_norm = opt.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else opt.dp.grad_norm()
     opt.step(lr=lr)
+    loss_sum = float(loss_sum)                          # (GraphStep's tensor: .item() syncs, once a step)
     # the logged loss: the same global mean the gradient came from (pipeline_step returns this pipeline's sum)
     if mesh.dp > 1:                    # (a host list copied to the GPU waits for the stream: dp = 1 skips it)
         t = mesh.all_reduce_(torch.tensor([loss_sum, acc], dtype=torch.float64, device=mesh.device), "dp")
@@ -492,6 +546,95 @@ def train_step(model, mesh, opt, mbs: list, cfg: Config, lr: float, ref=None) ->
     if cfg.objective == "dpo":
         out["reward_acc"] = acc / max(units, 1.0)
     return out
+
+
+# ---- CUDA graphs (--cuda_graphs) ---------------------------------------------------------------------
+# A small model is host-bound: a micro-batch of the 135M model is ~1,400 kernel launches, and the Python that issues
+# them takes longer than the GPU takes to run them. A CUDA graph records the launches of one forward + loss + backward
+# ONCE (stream capture: the kernels are recorded, not run) and replays them all with one launch; per micro-batch the
+# host then only copies the tokens in. What capture requires, and how this file meets it:
+#   STATIC ADDRESSES. A replay reads and writes exactly the memory the capture saw. The inputs are copied into fixed
+#     buffers (input_ids, positions, cu_seqlens, labels, and the loss scale as a 0-dim DEVICE tensor: a Python float
+#     would be baked into the graph as a constant). The parameters live in the optimizer's flat buckets, updated in
+#     place. The gradients accumulate into the buckets' fp32 main_grad through the dp grad hooks, whose add_ the
+#     graph recorded; zero_grad zeroes them IN PLACE (ZeRO 2/3 free and re-allocate them between micro-batches:
+#     refused, as would be any zero_grad(set_to_none=True)). Activations come from the graph's private memory pool.
+#   STATIC SHAPES. Every tensor of a replay has its captured shape and every kernel its captured grid: --fixed_shape
+#     pads each micro-batch to the budget, a fixed count of sequences and a fixed max_seqlen (collate), and the LM
+#     head runs on every row (Transformer.loss's rows= would keep the labelled rows only, a count that varies).
+#   NO HOST SYNCS, NO HOST DECISIONS ON GPU VALUES (.item(), .tolist(), int(t), `if t:`): during capture nothing
+#     has run, so there is no value to read. kernels.py's training path has none (max_seqlen is a host int); torch's
+#     attention reference reads cu_seqlens (.tolist()), so --cuda_graphs needs the kernels. Host work is NOT
+#     recorded: Python state changed during capture (the dp buckets' counters) does not change on replay.
+#   NO FIRST-CALL WORK during capture: Triton compiles and autotunes (benchmarks, syncs) a kernel on its first call,
+#     cuBLAS makes a handle and workspace per stream, the allocator grows. So the step first runs eagerly, on the
+#     side stream that then captures (autograd's grad-accumulation nodes keep the stream they first ran on: after a
+#     warm-up on another stream the capture would wait on a stream it does not capture), on a filler-only
+#     micro-batch: every label ignored, so the loss and every gradient are exactly 0.
+#   NOTHING ELSE QUERIES THE GPU during capture, from any thread: the Prefetcher's pin_memory() polls CUDA events,
+#     which invalidates a capture, so the graph is captured in build(), before the Prefetcher starts.
+# dp > 1 works: the graph holds no collective, and the optimizer all-reduces the gradients after the step's last
+# replay (finish_grad_sync), so communication no longer overlaps the backward. tp/pp > 1 would put collectives and
+# p2p inside the graph (and pipeline schedules are host control flow): refused.
+
+GRAPH_WARMUP = 2   # eager runs before capture: the first compiles, autotunes and grows; the second finds it all done
+
+
+class GraphStep:
+    """--cuda_graphs: forward + loss + backward of one FixedShape micro-batch, captured once as a CUDA graph and
+    replayed for every micro-batch (capture=True), or run eagerly on the same static buffers (capture=False: the
+    CPU path the tests compare with pipeline_step). step() stands in for pipeline_step at tp = pp = 1 (sft only)."""
+
+    def __init__(self, model, opt, shape: FixedShape, capture: bool):
+        if model.mesh.tp * model.mesh.pp > 1 or opt.dp.stage > 1:
+            raise ValueError(f"sft.py: GraphStep needs tp = pp = 1 and ZeRO 0/1; got tp {model.mesh.tp}, pp "
+                             f"{model.mesh.pp}, zero {opt.dp.stage}")
+        self.model, self.opt, self.shape, self.graph = model, opt, shape, None
+        dev = next(model.parameters()).device
+        filler = collate([], shape=shape)                 # filler only: every label ignored (the warm-up input)
+        self.static = {k: filler[k].to(dev) for k in ("input_ids", "positions", "cu_seqlens", "labels")}
+        self.scale = torch.zeros((), dtype=torch.float32, device=dev)       # 1 / the step's label tokens
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)    # the step's sum, added by each replay
+        if capture:
+            self._capture()
+
+    def _fwd_bwd(self):
+        s = self.static
+        hidden = self.model(s["input_ids"], s["positions"], s["cu_seqlens"], self.shape.max_seqlen)
+        total, _ = self.model.loss(hidden, s["labels"])           # every row (see the section's comment)
+        (total * self.scale).backward()                           # grads ADD into main_grad (the dp hooks)
+        self.loss_sum += total.detach()
+
+    def _capture(self):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())             # the static buffers were filled on the default one
+        with self.opt.no_sync():                                  # no collective in the warm-up or the graph
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP):
+                    self._fwd_bwd()
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(self.graph, stream=side):   # syncs, then records on `side` until the exit
+                    self._fwd_bwd()
+            except RuntimeError as e:
+                raise RuntimeError(f"sft.py: --cuda_graphs: capturing the step failed ({e}); without --cuda_graphs "
+                                   "(--fixed_shape keeps the padding) the same step runs eagerly") from e
+        self.opt.zero_grad()                                      # (the warm-up's gradients were zeros anyway)
+
+    def step(self, mbs: list, loss_scale: float) -> torch.Tensor:
+        """All micro-batches of the step -> the sum of their losses (a 0-dim device tensor: no sync here)."""
+        self.scale.fill_(loss_scale)
+        self.loss_sum.zero_()
+        with self.opt.no_sync():        # the eager path as the graph: grads stay local, the optimizer reduces them
+            for k, mb in enumerate(mbs):
+                if (len(mb["input_ids"]), len(mb["cu_seqlens"]) - 1) != self.shape[:2]:
+                    raise ValueError(f"sft.py: --cuda_graphs: micro-batch {k} has {len(mb['input_ids'])} tokens and "
+                                     f"{len(mb['cu_seqlens']) - 1} sequence slots; the graph holds {self.shape}")
+                for name, t in self.static.items():     # host -> the captured addresses (pinned: asynchronous)
+                    t.copy_(mb[name], non_blocking=True)
+                self.graph.replay() if self.graph is not None else self._fwd_bwd()
+        return self.loss_sum
 
 
 # ---- eval --------------------------------------------------------------------------------------------
@@ -763,7 +906,7 @@ def profiler(cfg: Config, rank: int):
         wall_ms = sum(e.cpu_time_total for e in steps) / 1e3 / K
         print(f"-- profile of {K} steps: wall {wall_ms:.1f} ms/step, GPU busy {gpu_us / 1e3 / K:.1f} ms/step "
               f"({100 * gpu_us / 1e3 / K / max(wall_ms, 1e-9):.0f}%), {count(LAUNCHES) / K:.0f} kernel launches and "
-              f"{count(SYNCS) / K:.0f} host syncs per step --")
+              f"{count(SYNCS) / K:.0f} host syncs per step; cuda graphs {'on' if cfg.cuda_graphs else 'off'} --")
         print(ev.table(sort_by="self_cpu_time_total", row_limit=12))
         if gpu_us:
             print(ev.table(sort_by="self_device_time_total", row_limit=12))
@@ -809,11 +952,16 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds) -> dict:
         raise ValueError(f"sft.py: every train row of --data {cfg.data} is longer than --micro_batch_tokens "
                          f"{cfg.micro_batch_tokens} (shortest {int(lengths.min())}); raise --micro_batch_tokens")
     mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
+    if cfg.fixed_shape and cfg.sequence_parallel and cfg.micro_batch_tokens % mesh.tp:
+        raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
+                         f"must be a multiple of --tp {mesh.tp} (each tp rank holds 1/tp of the padded tokens)")
+    shape = fixed_shape(train_ds["num_tokens"].tolist(), cfg.micro_batch_tokens, cfg.objective) \
+        if cfg.fixed_shape else None
     total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
                           if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
     return {"M": cfg.tokens_per_step // share, "n_rows": len(lengths), "n_long": n_long, "mean_len": mean_len,
             "per_seq": mean_len / 2 if cfg.objective == "dpo" else mean_len,      # attention sees each sequence
-            "total": total, "warmup": min(cfg.warmup_steps, total // 10)}
+            "total": total, "warmup": min(cfg.warmup_steps, total // 10), "shape": shape}
 
 
 def setup(cfg: Config) -> Job:
@@ -866,6 +1014,11 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
         f"cosine to {cfg.lr * cfg.min_lr_ratio:.2e}",
         f"FLOPs/token, PaLM convention 6N + 12*L*H*D*T (N = matmul params, T = {d['per_seq']:.0f}): {fpt / 1e9:.3f} G",
         f"peak for MFU: {'n/a (CPU or unknown GPU)' if peak is None else f'{peak:.0f} TFLOP/s per GPU (bf16 dense)'}",
+        "fixed shapes: off (each micro-batch as packed)" if d["shape"] is None else
+        f"fixed shapes: every micro-batch padded to {d['shape'].tokens} tokens in {d['shape'].seqs} sequence slots, "
+        f"max_seqlen {d['shape'].max_seqlen} (filler and empty slots have no labels; tokens/s counts real tokens)",
+        "cuda graphs: " + (f"on (forward + loss + backward captured once after {GRAPH_WARMUP} eager runs on filler, "
+                           "one replay per micro-batch)" if cfg.cuda_graphs else "off"),
     ]
     if cfg.pp > 1 and d["M"] < cfg.pp:
         lines.append(f"NOTE: M = {d['M']} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise "
@@ -874,7 +1027,8 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
 
 
 def build(job: Job) -> tuple:
-    """(model, frozen reference or None, optimizer, batcher, eval micro-batches), resumed from job.src."""
+    """(model, frozen reference or None, optimizer, batcher, eval micro-batches, GraphStep or None), resumed from
+    job.src."""
     cfg, mesh, d = job.cfg, job.mesh, job.derived
     if job.stale and mesh.rank == 0:                  # --overwrite: only now that every check has passed
         for p in job.stale:
@@ -894,7 +1048,7 @@ def build(job: Job) -> tuple:
     opt = nt.build_optimizer(model, mesh, cfg.zero_stage, cfg.lr, cfg.betas, cfg.weight_decay)
     mult = mesh.tp if cfg.sequence_parallel else 1
     batcher = Batcher(job.train_ds, cfg.objective, d["M"], cfg.micro_batch_tokens, mesh.dp_rank, mesh.dp,
-                      cfg.seed, mult)
+                      cfg.seed, mult, d["shape"])
     if job.src is not None:
         states = nt.load_checkpoint(job.src, model, opt, mesh)["extra"]["batcher"]
         if len(states) == mesh.dp:
@@ -905,7 +1059,11 @@ def build(job: Job) -> tuple:
         if mesh.rank == 0:
             print(f"sft.py: resumed from {job.src} at step {job.start}" + ("" if len(states) == mesh.dp else
                   f" (dp {len(states)} -> {mesh.dp}: data restarts at an epoch)"))
-    return model, ref, opt, batcher, eval_batches(job.test_ds, cfg, mesh, cfg.micro_batch_tokens)
+    if cfg.cuda_graphs and not model.use_kernels:
+        raise ValueError("sft.py: --cuda_graphs needs kernels.py's Triton kernels (pip install triton): torch's "
+                         "attention reference reads cu_seqlens on the host, which a CUDA graph cannot replay")
+    graphs = GraphStep(model, opt, d["shape"], capture=True) if cfg.cuda_graphs else None   # before the Prefetcher
+    return model, ref, opt, batcher, eval_batches(job.test_ds, cfg, mesh, cfg.micro_batch_tokens), graphs
 
 
 def save(job: Job, model, opt, batcher, step: int, log) -> Path:
@@ -927,7 +1085,7 @@ def save(job: Job, model, opt, batcher, step: int, log) -> Path:
     return folder
 
 
-def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
+def train(job: Job, model, ref, opt, batcher, eval_mbs, graphs=None) -> dict:
     """The first eval, then the loop over a Prefetcher (or the plain Batcher); returns the summary's numbers."""
     cfg, mesh, start, total = job.cfg, job.mesh, job.start, job.derived["total"]
     log = Logger(cfg, mesh.rank == 0, start, total)
@@ -942,7 +1100,7 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
     prof.start()
     batches = Prefetcher(batcher, pin=mesh.device.type == "cuda") if cfg.prefetch and start < total else batcher
     try:
-        _loop(job, model, ref, opt, batches, eval_mbs, log, prof, r)
+        _loop(job, model, ref, opt, batches, eval_mbs, log, prof, r, graphs)
     finally:
         if batches is not batcher:
             batches.close()
@@ -952,14 +1110,14 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs) -> dict:
     return r
 
 
-def _loop(job: Job, model, ref, opt, batches, eval_mbs, log, prof, r: dict):
+def _loop(job: Job, model, ref, opt, batches, eval_mbs, log, prof, r: dict, graphs=None):
     """The steps: a step, a log line, evals and saves on their schedules; sums the timed steps into r."""
     cfg, mesh, start, total, warmup = job.cfg, job.mesh, job.start, job.derived["total"], job.derived["warmup"]
     unit, peak = ("pair" if cfg.objective == "dpo" else "token"), nt.peak_tflops(mesh.device)
     for step in range(start, total):
         t0 = time.perf_counter()
         lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
-        m = train_step(model, mesh, opt, batches.next_step(), cfg, lr, ref)
+        m = train_step(model, mesh, opt, batches.next_step(), cfg, lr, ref, graphs)
         dt = time.perf_counter() - t0
         fpt = nt.flops_per_token(model.cfg, m["seq_len_eff"])
         if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
@@ -999,14 +1157,16 @@ def summarize(job: Job, r: dict, skipped: int) -> dict:
                r["flops"] / r["seconds"] / (mesh.world * peak * 1e12),
                "peak_gb": round(mem.item() / 1e9, 2), "skipped_rows": skipped,
                "seconds": round(time.time() - job.t_start, 1), "world": mesh.world, "dp": mesh.dp, "tp": mesh.tp,
-               "pp": mesh.pp, "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
+               "pp": mesh.pp, "cuda_graphs": cfg.cuda_graphs, "fixed_shape": cfg.fixed_shape,
+               "checkpoint": str(Path(cfg.out) / f"step_{total}") if cfg.save_every >= 0 else None}
     if mesh.rank == 0:
         unit = "pair" if cfg.objective == "dpo" else "token"
         if (Path(cfg.out) / "metrics.jsonl").is_file():
             plot_loss({"": Path(cfg.out) / "metrics.jsonl"}, Path(cfg.out) / "loss.png",
                       f"{cfg.objective} loss per {unit}")
         print(f"sft.py: {cfg.objective} {job.start} -> {total} steps, loss {r['first']} -> {r['last']}, eval "
-              f"{r['eval_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up, peak "
+              f"{r['eval_loss']:.4f}, {summary['tokens_per_s'] or 0:,.0f} tok/s after warm-up"
+              f"{' (cuda graphs)' if cfg.cuda_graphs else ''}, peak "
               f"{summary['peak_gb']} GB, {summary['seconds']} s; out {cfg.out}")
         from prepare_data import append_result
         append_result(cfg.results, cfg.objective, asdict(cfg), summary)
@@ -1026,8 +1186,8 @@ def main(argv=None) -> dict:
             raise ValueError("sft.py: --bench starts its own torchrun jobs: run it as `python sft.py --bench ..`")
         return bench_layouts(cfg, argv)
     job = setup(cfg)                                  # every check that needs no model
-    model, ref, opt, batcher, eval_mbs = build(job)
-    r = train(job, model, ref, opt, batcher, eval_mbs)
+    model, ref, opt, batcher, eval_mbs, graphs = build(job)
+    r = train(job, model, ref, opt, batcher, eval_mbs, graphs)
     return summarize(job, r, r["skipped"])
 
 
@@ -1077,6 +1237,9 @@ def bench_layouts(cfg: Config, argv=None) -> list:
     spec = cfg.bench if cfg.bench != "auto" else ",".join(["1"] + [f"{k}{G}" for k in ("dp", "tp", "pp")] * (G > 1))
     layouts = [x.strip() for x in spec.split(",") if x.strip()]
     specs = {name: parse_layout(name) for name in layouts}
+    if cfg.cuda_graphs and any(d["tp"] * d["pp"] > 1 for d in specs.values()):
+        raise ValueError(f"sft.py: --bench {spec} --cuda_graphs: every layout needs tp 1 and pp 1 (dp only), got "
+                         f"{', '.join(n for n, d in specs.items() if d['tp'] * d['pp'] > 1)}")
     base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
                        {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
     root = Path(cfg.out or "runs/layouts")
@@ -1116,7 +1279,8 @@ def bench_layouts(cfg: Config, argv=None) -> list:
                      f"| {r['last_loss']:.4f} | {r['eval_loss']:.4f} | {r['speedup']:.2f}x | {dmax:.4f} |")
     table = "\n".join(lines)
     against = first["layout"] if first else "-"
-    print(f"\nsft.py --bench ({cfg.model}, {cfg.data}; speed-up and |dloss| against {against}):"
+    print(f"\nsft.py --bench ({cfg.model}, {cfg.data}; cuda graphs {'on' if cfg.cuda_graphs else 'off'}; speed-up "
+          f"and |dloss| against {against}):"
           f"\n{table}")
     root.mkdir(parents=True, exist_ok=True)
     (root / "bench.md").write_text(table + "\n")

@@ -101,13 +101,15 @@ from prepare_data import Config, build  # noqa: E402
 # Every module is one flat file that opens with its README docstring, runs a self-test as a script,
 # and stays within a line budget (a file that outgrows it should lose code, not gain a package).
 
-# sft.py grew from 1066 to 1140 with issue 13's prefetch thread (Prefetcher) and the split of train() it needed;
+# sft.py grew from 1066 to 1140 with issue 13's prefetch thread (Prefetcher) and the split of train() it needed, to
+# 1188 with fixed-shape micro-batches (--fixed_shape: FixedShape, fixed_shape(), collate's padding), to 1304 with
+# CUDA graphs (--cuda_graphs: GraphStep and the chapter comment that teaches what capture requires);
 # ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio.
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 # kernels.py grew from 2000 to 2042 with rope_qk_norm_store (batch-1 decode's RoPE + qk-norm + KV-cache store in one
 # launch), after ~50 lines were tightened elsewhere in it with no feature, test or comment idea dropped.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1140, "ppo.py": 2044, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1304, "ppo.py": 2044, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -2398,6 +2400,21 @@ def test_flash_dense_entry_matches_varlen_and_ref(causal):
     for a, b, c in zip(ours, varlen, ref):
         assert torch.equal(a, b)                  # the same kernels on the same packed rows: bitwise equal
         assert rel(a, c) < max(1e-4, ATTN_F32_TOL)
+
+
+def test_flash_varlen_empty_sequences_at_the_end():
+    """--fixed_shape pads cu_seqlens to a fixed count by repeating its last offset (empty sequences at the end, as
+    well as ATTN_LENS's empty first one): the kernel, forward and backward, gives bitwise what it gives without
+    them, and both references (kernels.attention_ref, nanotron's attention_varlen_ref) agree."""
+    q, k, v, cu = varlen_inputs([5, 0, 17, 9], 4, 2, 16, torch.float32, ATTN_DEV)
+    padded = torch.cat([cu, cu[-1:].expand(6)])                                 # [5] -> [11]: 6 empty sequences
+    flash = lambda c: lambda q, k, v: K.flash_attn_varlen(q, k, v, c, 17, impl="triton")   # noqa: E731
+    ours, plain = fwd_bwd(flash(padded), q, k, v), fwd_bwd(flash(cu), q, k, v)
+    refs = [fwd_bwd(lambda q, k, v: f(q, k, v, c), q, k, v) for f in (K.attention_ref, nt.attention_varlen_ref)
+            for c in (cu, padded)]
+    for name, a, b, *r in zip(("out", "dq", "dk", "dv"), ours, plain, *refs):
+        assert torch.equal(a, b), name
+        assert all(torch.equal(r[0], x) for x in r[1:]) and rel(a, r[0]) < ATTN_F32_TOL, name
 
 
 def test_flash_softmax_scale_and_auto_dispatch():
@@ -4821,27 +4838,29 @@ def _sft_metrics(out):
     return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
-def _sft_run_steps(steps_rows, budget, mesh):
+def _sft_run_steps(steps_rows, budget, mesh, graphs=False):
     """Two optimizer steps of a fresh tiny model; each dp rank takes rows r, r + dp, .. of every step and
-    packs them first-fit to `budget`. Returns (losses, full params)."""
+    packs them first-fit to `budget`. graphs: fixed-shape micro-batches through an (eager) GraphStep instead of
+    pipeline_step. Returns (losses, full params)."""
     cfg = sft.Config(objective="sft", grad_clip=1.0)
     model = nt.build_stage(nt.tiny_config(), mesh).init_random(0)
     opt = nt.build_optimizer(model, mesh, zero_stage=1, lr=1e-3, weight_decay=0.0)
-    losses = []
+    shape = sft.fixed_shape([len(r[0]) for rows in steps_rows for r in rows], budget, "sft") if graphs else None
+    runner, losses = sft.GraphStep(model, opt, shape, capture=False) if graphs else None, []
     for rows in steps_rows:
         mine = rows[mesh.dp_rank::mesh.dp]
         packs = ns.plan_packs([len(r[0]) for r in mine], budget)
-        mbs = [sft.collate([mine[i] for i in p]) | {"n_pairs": len(p)} for p in packs]
-        losses.append(sft.train_step(model, mesh, opt, mbs, cfg, lr=1e-3)["loss"])
+        mbs = [sft.collate([mine[i] for i in p], shape=shape) | {"n_pairs": len(p)} for p in packs]
+        losses.append(sft.train_step(model, mesh, opt, mbs, cfg, lr=1e-3, graphs=runner)["loss"])
     return losses, {n: t.clone() for n, t in model.state_dict_hf()}
 
 
-def _sft_dp_worker(rank, world, port, steps_rows, budget, out):
+def _sft_dp_worker(rank, world, port, steps_rows, budget, out, graphs=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     mesh = nt.Mesh.build(1, 1, backend="gloo")
-    losses, params = _sft_run_steps(steps_rows, budget, mesh)
+    losses, params = _sft_run_steps(steps_rows, budget, mesh, graphs)
     if rank == 0:
         torch.save((losses, params), out)
     _dist_teardown()
@@ -4916,6 +4935,169 @@ def test_loss_on_labelled_rows_only():
     # nothing to skip, nothing labelled, or labels on another device (a GPU: finding rows would sync)
     assert nt.label_rows(torch.arange(5)) is None and nt.label_rows(torch.full((5,), -100)) is None
     assert nt.label_rows(torch.arange(5, device="meta")) is None
+
+
+def _sft_fixed_rows(tmp):
+    """Toy rows and a fixed shape for them: micro-batch A = rows 0-1 (room left: filler pieces, then an empty
+    slot), B = rows 2-6, which fill the shape EXACTLY (tokens = budget, sequences = slots: no filler, no empty)."""
+    rows = _sft_toy_rows(tmp, n=16)
+    lens = [len(r[0]) for r in rows]
+    shape = sft.FixedShape(sum(lens[2:7]), 5, max(lens))
+    return rows, shape, [rows[:2], rows[2:7]]
+
+
+def test_sft_fixed_shape_collate(tmp_path):
+    """collate(shape=): exactly shape.tokens tokens and shape.seqs + 1 offsets; the real sequences as without it,
+    then filler sequences of <= max_seqlen tokens (no labels, positions from 0), then empty ones; the host counts
+    (tokens, sq) are the real sequences'. fixed_shape() bounds every pack the Batcher makes; bad fits are refused."""
+    rows, shape, (a, b) = _sft_fixed_rows(tmp_path)
+    for seqs in (a, b):
+        plain, mb = sft.collate(seqs), sft.collate(seqs, shape=shape)
+        n, cu = len(plain["input_ids"]), mb["cu_seqlens"]
+        assert len(mb["input_ids"]) == len(mb["positions"]) == len(mb["labels"]) == shape.tokens
+        assert cu.dtype == torch.int32 and len(cu) == shape.seqs + 1 and int(cu[-1]) == shape.tokens
+        assert torch.equal(cu[: len(plain["cu_seqlens"])], plain["cu_seqlens"]) and mb["max_seqlen"] == shape.max_seqlen
+        for k in ("input_ids", "positions", "labels"):
+            assert torch.equal(mb[k][:n], plain[k])
+        assert (mb["labels"][n:] == -100).all() and (cu[1:] - cu[:-1]).max() <= shape.max_seqlen
+        assert (mb["tokens"], mb["sq"]) == (plain["tokens"], plain["sq"]) == (n, sum(len(s) ** 2 for s, _ in seqs))
+    ca, cb = sft.collate(a, shape=shape)["cu_seqlens"], sft.collate(b, shape=shape)["cu_seqlens"]
+    assert ca[-1] == ca[-2] and ca[3] - ca[2] > 0                             # A: rows, filler, >= 1 empty slot
+    assert len(set(cb.tolist())) == len(cb) and int(cb[-1]) == shape.tokens   # B: exactly full
+    for seqs, sh in ((rows[:8], shape), (b, shape._replace(seqs=4)), (a, shape._replace(seqs=2)),
+                     (rows[:1], shape._replace(max_seqlen=len(rows[0][0]) - 1))):   # tokens, slots, slots, longest
+        with pytest.raises(ValueError, match="and their filler do not fit the fixed shape"):
+            sft.collate(seqs, shape=sh)
+    ds = sft.open_split(tmp_path / "toy", "train", "sft")
+    fixed = sft.fixed_shape(ds["num_tokens"].tolist(), 96, "sft")
+    assert fixed.tokens == 96 and fixed.max_seqlen == max(ds["num_tokens"].tolist())
+    batcher = sft.Batcher(ds, "sft", 3, 96, 0, 1, seed=0, shape=fixed)
+    for _ in range(8):              # every pack fits (collate would raise), and every shape is the same
+        for mb in batcher.next_step():
+            assert (len(mb["input_ids"]), len(mb["cu_seqlens"])) == (96, fixed.seqs + 1)
+
+
+@pytest.mark.parametrize("use_kernels", [True, False])   # CPU: kernels.py's torch twins, or nanotron's references
+def test_sft_fixed_shape_leaves_loss_and_grads_unchanged(tmp_path, use_kernels):
+    """A train step on fixed-shape micro-batches (one with room left, one exactly full) has the loss, the loss
+    count (real label tokens only), the token count (real tokens only) and the gradients of the same step on
+    plainly packed ones (fp32, CPU)."""
+    _, shape, parts = _sft_fixed_rows(tmp_path)
+    out = []
+    for sh in (None, shape):
+        model = nt.build_stage(nt.tiny_config(), nt.Mesh(), use_kernels=use_kernels).init_random(0)
+        opt = nt.build_optimizer(model, model.mesh, zero_stage=1, lr=0.0, weight_decay=0.0)
+        mbs = [sft.collate(p, shape=sh) | {"n_pairs": len(p)} for p in parts]
+        m = sft.train_step(model, model.mesh, opt, mbs, sft.Config(grad_clip=0.0), lr=0.0)
+        out.append((m, torch.cat([b.grad_buf for b in opt.dp.buckets])))
+    (m0, g0), (m1, g1) = out
+    assert (m1["loss_units"], m1["tokens"], m1["seq_len_eff"]) == (m0["loss_units"], m0["tokens"], m0["seq_len_eff"])
+    assert m1["tokens"] < 2 * shape.tokens and g0.abs().sum() > 0
+    assert m1["loss"] == pytest.approx(m0["loss"], rel=1e-6) and m1["grad_norm"] == pytest.approx(m0["grad_norm"], rel=1e-5)
+    torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
+
+
+def test_sft_fixed_shape_run_equals_plain_run(tmp_path, monkeypatch, capsys):
+    """--fixed_shape through main (Batcher, derive, the derived block): the same losses as the plain run."""
+    monkeypatch.chdir(tmp_path)
+    args = SFT_TINY + ["--steps", "3", "--save_every", "-1", "--results", "r.jsonl", "--micro_batch_tokens", "512"]
+    plain = sft.main(args + ["--out", "a"])
+    capsys.readouterr()
+    fixed = sft.main(args + ["--out", "b", "--fixed_shape"])
+    assert re.search(r"fixed shapes: every micro-batch padded to 512 tokens in \d+ sequence slots, max_seqlen 27",
+                     capsys.readouterr().out)
+    la, lb = ([r["loss"] for r in _sft_metrics(d) if "loss" in r] for d in ("a", "b"))
+    assert len(la) == 3 and lb == pytest.approx(la, rel=1e-6) and fixed["eval_loss"] == pytest.approx(plain["eval_loss"], rel=1e-6)
+
+
+def _sft_graph_steps(tmp, device, dtype, runner, steps=3, M=3, budget=96):
+    """`steps` optimizer steps of a fresh tiny model on fixed-shape toy micro-batches (M per step), through
+    pipeline_step (runner None) or a GraphStep made by runner(model, opt, shape). Returns (losses, params, runner)."""
+    if not (tmp / "toy" / "train.nano").is_file():
+        sft.make_toy_data(tmp / "toy", "sft", n_train=256, n_test=8)
+    ds = sft.open_split(tmp / "toy", "train", "sft")
+    shape = sft.fixed_shape(ds["num_tokens"].tolist(), budget, "sft")
+    batcher = sft.Batcher(ds, "sft", M, budget, 0, 1, seed=0, shape=shape)
+    mesh = nt.Mesh(device=torch.device(device))
+    model = nt.build_stage(nt.tiny_config(), mesh, dtype=dtype).init_random(0)
+    opt = nt.build_optimizer(model, mesh, zero_stage=1, lr=1e-3, weight_decay=0.0)
+    graphs = runner(model, opt, shape) if runner else None
+    losses = [sft.train_step(model, mesh, opt, batcher.next_step(), sft.Config(), 1e-3, graphs=graphs)["loss"]
+              for _ in range(steps)]
+    return losses, {n: t.float().cpu() for n, t in model.state_dict_hf()}, graphs
+
+
+def test_sft_graph_step_static_buffers_equal_pipeline_step(tmp_path):
+    """GraphStep's eager path (capture=False: the same static buffers, device loss scale, loss summed in place,
+    head on every row, grads reduced after the step) trains as pipeline_step does (fp32, CPU, 3 steps); a micro-batch
+    of another shape is refused. --cuda_graphs refuses what a graph cannot replay, naming the flag."""
+    ref_losses, ref_params, _ = _sft_graph_steps(tmp_path, "cpu", torch.float32, None)
+    losses, params, g = _sft_graph_steps(tmp_path, "cpu", torch.float32, lambda m, o, sh: sft.GraphStep(m, o, sh, False))
+    assert g.graph is None and losses == pytest.approx(ref_losses, rel=1e-5) and ref_losses[-1] != ref_losses[0]
+    for k, v in ref_params.items():
+        torch.testing.assert_close(params[k], v, rtol=1e-5, atol=1e-6)
+    bad = sft.collate(_sft_toy_rows(tmp_path / "b", n=2)) | {"n_pairs": 2}
+    with pytest.raises(ValueError, match=r"--cuda_graphs: micro-batch 0 has \d+ tokens and 2 sequence slots; the graph"):
+        g.step([bad], 1.0)
+    opt3 = nt.build_optimizer(g.model, g.model.mesh, zero_stage=3)
+    with pytest.raises(ValueError, match="GraphStep needs tp = pp = 1 and ZeRO 0/1; got tp 1, pp 1, zero 3"):
+        sft.GraphStep(g.model, opt3, g.shape, False)
+    for kw, need in ((dict(), "a CUDA GPU"), (dict(tp=2), "--tp 1 --pp 1"), (dict(objective="dpo"), "--objective sft"),
+                     (dict(zero_stage=2), "--zero_stage 0 or 1"), (dict(use_kernels=False), "--use_kernels"),
+                     (dict(activation_checkpointing=True), "no --activation_checkpointing")):
+        with pytest.raises(ValueError, match=f"sft.py: --cuda_graphs needs {re.escape(need)}"):
+            sft.resolve(sft.Config(cuda_graphs=True, **kw), cuda=bool(kw), world=2)
+    assert sft.resolve(sft.Config(cuda_graphs=True), cuda=True).fixed_shape       # graphs imply fixed shapes
+    with pytest.raises(ValueError, match="--bench 1,tp2 --cuda_graphs: every layout needs tp 1 and pp 1"):
+        sft.main(["--bench", "1,tp2", "--cuda_graphs"])
+
+
+def test_sft_graph_step_dp2_equals_one_process(tmp_path):
+    """dp = 2 (gloo) through GraphStep's eager path, whose gradients stay local during the micro-batches (as in a
+    replayed graph) and are all-reduced by the optimizer after the step: the losses and params of one process
+    running pipeline_step on the same rows (fp32, 2 steps)."""
+    rows = _sft_toy_rows(tmp_path)
+    steps_rows = [rows[:24], rows[24:]]
+    ref_losses, ref_params = _sft_run_steps(steps_rows, 4096, nt.Mesh())
+    out = tmp_path / "dp2.pt"
+    spawn(_sft_dp_worker, (2, free_port(), steps_rows, 64, str(out), True), 2)
+    losses, params = torch.load(out)
+    assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6)
+    for k, v in ref_params.items():
+        assert torch.allclose(params[k], v, atol=1e-5, rtol=0), k
+
+
+@requires_cuda
+def test_gpu_sft_cuda_graph_replay_equals_eager(tmp_path, kernels_switch):
+    """--cuda_graphs on a GPU (bf16, Triton kernels): the captured graph replayed per micro-batch gives the losses
+    and parameters of the same GraphStep run eagerly (same kernels, same order: equal to rounding), and those of
+    pipeline_step on the same fixed-shape micro-batches (the head on all rows vs the labelled ones: bf16 tolerance)."""
+    assert kernels_switch(True), "kernels.py is not importable"
+    eager, ep, _ = _sft_graph_steps(tmp_path, "cuda", torch.bfloat16, lambda m, o, sh: sft.GraphStep(m, o, sh, False))
+    replay, rp, g = _sft_graph_steps(tmp_path, "cuda", torch.bfloat16, lambda m, o, sh: sft.GraphStep(m, o, sh, True))
+    plain, pp_, _ = _sft_graph_steps(tmp_path, "cuda", torch.bfloat16, None)
+    assert g.graph is not None and all(math.isfinite(x) for x in replay)
+    assert replay == pytest.approx(eager, rel=1e-5) and replay == pytest.approx(plain, rel=2e-2)
+    for k in ep:
+        assert rel(rp[k], ep[k]) < 1e-3, k
+        assert rel(rp[k], pp_[k]) < 2e-2, k
+
+
+@requires_cuda
+def test_gpu_sft_cuda_graphs_main_reports_the_mode(tmp_path, monkeypatch, capsys):
+    """sft.py --cuda_graphs end to end: the derived block, the profile and the summary say graphs are on; the losses
+    follow the --fixed_shape eager run's (the same micro-batches), and the loss falls."""
+    monkeypatch.chdir(tmp_path)
+    args = ["--model", "tiny", "--data", "toy", "--steps", "6", "--lr", "3e-3", "--tokens_per_step", "2048",
+            "--micro_batch_tokens", "512", "--save_every", "-1", "--results", "r.jsonl"]
+    eager = sft.main(args + ["--out", "e", "--fixed_shape"])
+    capsys.readouterr()
+    s = sft.main(args + ["--out", "g", "--cuda_graphs", "--profile", "2"])
+    out = capsys.readouterr().out
+    assert "cuda graphs: on (forward + loss + backward captured once" in out and "cuda graphs on --" in out
+    assert "(cuda graphs)" in out and s["cuda_graphs"] and s["fixed_shape"] and not eager["cuda_graphs"]
+    le, lg = ([r["loss"] for r in _sft_metrics(d) if "loss" in r] for d in ("e", "g"))
+    assert lg == pytest.approx(le, rel=2e-2) and s["last_loss"] < s["first_loss"]
 
 
 def test_response_only_loss():
@@ -5055,6 +5237,7 @@ def test_sft_profile_reports_the_steps_after_the_warm_up(tmp_path, monkeypatch, 
     prof = sft.main(["--steps", "9", "--out", "b", "--results", "r.jsonl", "--profile", "2"])
     out = capsys.readouterr().out
     assert "-- profile of 2 steps: wall " in out and "kernel launches and" in out and "aten::" in out
+    assert "cuda graphs off --" in out
     assert out.count("-- profile of") == 1          # one window: the schedule does not start a second one
     assert json.loads((tmp_path / "b" / "trace.json").read_text())["traceEvents"]
     assert prof["last_loss"] == plain["last_loss"]
