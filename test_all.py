@@ -104,12 +104,13 @@ from prepare_data import Config, build  # noqa: E402
 # sft.py grew from 1066 to 1140 with issue 13's prefetch thread (Prefetcher) and the split of train() it needed, to
 # 1188 with fixed-shape micro-batches (--fixed_shape: FixedShape, fixed_shape(), collate's padding), to 1304 with
 # CUDA graphs (--cuda_graphs: GraphStep and the chapter comment that teaches what capture requires);
-# ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio.
+# ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio,
+# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops.
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
 # kernels.py grew from 2000 to 2042 with rope_qk_norm_store (batch-1 decode's RoPE + qk-norm + KV-cache store in one
 # launch), after ~50 lines were tightened elsewhere in it with no feature, test or comment idea dropped.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1304, "ppo.py": 2044, "merge.py": 200,
+                "nanovllm.py": 2130, "nanoray.py": 2790, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7419,6 +7420,72 @@ def test_ppo_group_advantages_by_hand():
                                torch.tensor([1.0, 0, 0, 0, 0, 0]))
     with pytest.raises(ValueError, match="leave-one-out"):
         ppo.group_advantages(s, 1, "rloo")
+
+
+def _pack_ref(samples, idx, budget):
+    """ppo.pack's readable twin: one Python pass over every token (what ppo.pack computes with tensor ops)."""
+    mbs, cur, used = [], [], 0
+
+    def flush():
+        ids, pos, cu, rows, tgt, wb, wt = [], [], [0], [], [], [], []
+        for i in cur:
+            p, r = samples[i]["prompt_ids"], samples[i]["response"]
+            off = cu[-1]
+            ids += p + r
+            pos += range(len(p) + len(r))
+            cu.append(off + len(p) + len(r))
+            rows += range(off + len(p) - 1, off + len(p) - 1 + len(r))     # row q predicts token q + 1
+            tgt += r
+            wb += [i] * len(r)
+            wt += range(len(r))
+        mbs.append((ids, pos, cu, max(b - a for a, b in zip(cu, cu[1:])), rows, tgt, wb, wt, list(cur)))
+    for i in idx:
+        n = len(samples[i]["prompt_ids"]) + len(samples[i]["response"])
+        if cur and used + n > budget:
+            flush()
+            cur, used = [], 0
+        cur.append(i)
+        used += n
+    if cur:
+        flush()
+    return mbs
+
+
+@pytest.mark.parametrize("budget", [1, 40, 100, 10_000])
+def test_ppo_pack_equals_the_per_token_reference(budget):
+    """The vectorised pack == the per-token loop: every field, with empty responses, a sample longer than the
+    budget (a micro-batch of its own), a subset of the samples in shuffled order."""
+    g = random.Random(budget)
+    samples = [{"prompt_ids": [g.randrange(1000) for _ in range(g.randint(1, 30))],
+                "response": [g.randrange(1000) for _ in range(g.choice([0, 1, g.randint(2, 60)]))]} for _ in range(40)]
+    idx = g.sample(range(40), 31)
+    got, want = ppo.pack(samples, idx, budget, torch.device("cpu")), _pack_ref(samples, idx, budget)
+    assert len(got) == len(want) >= (2 if budget < 10_000 else 1)
+    for mb, (ids, pos, cu, L, rows, tgt, wb, wt, members) in zip(got, want):
+        assert mb["input_ids"].tolist() == ids and mb["positions"].tolist() == pos and mb["max_seqlen"] == L
+        assert mb["cu_seqlens"].dtype == torch.int32 and mb["cu_seqlens"].tolist() == cu
+        assert mb["rows"].tolist() == rows and mb["targets"].tolist() == tgt and mb["samples"] == members
+        assert mb["where"][0].tolist() == wb and mb["where"][1].tolist() == wt
+        assert all(t.dtype == torch.int64 for t in (mb["input_ids"], mb["positions"], mb["rows"], mb["targets"]))
+
+
+def test_ppo_trainer_micro_batch_tokens_come_from_memory():
+    """The GPU default of --micro_batch_tokens: sft.py's rule on the memory the trainer has (the GPU less the
+    engine's share, less a critic's or a reference's state): bigger on a bigger GPU, smaller beside a critic or a
+    bigger engine, never below 2048 or above 65,536; an explicit value and the CPU default are left alone."""
+    import nanotron as nt
+    smol, qwen, h200 = nt.preset_config("smollm2-135m"), nt.preset_config("qwen3-0.6b"), 141e9
+    cfg = dataclasses.replace(ppo.Config(), dtype="bfloat16", engine_memory=0.3)
+    mb = lambda c, m=smol, g=h200, dp=1: ppo.trainer_micro_batch_tokens(c, nt, m, 1, 1, dp, g)  # noqa: E731
+    assert mb(cfg) == 32768 and mb(cfg, qwen) == 16384       # 0.4 of the 99 GB left: ~52k / ~29k tokens
+    assert mb(cfg, g=1e12) == 65536 and mb(cfg, qwen, g=16e9) == 2048                     # the cap, the floor
+    assert mb(cfg, qwen) < mb(dataclasses.replace(cfg, engine_memory=0.15), qwen) == 32768
+    assert mb(dataclasses.replace(cfg, algo="ppo"), qwen, g=40e9) == 2048 < mb(cfg, qwen, g=40e9)   # the critic
+    assert mb(dataclasses.replace(cfg, kl_coef=0.1), qwen, g=30e9) <= mb(cfg, qwen, g=30e9)
+    assert ppo.resolve(ppo.Config(micro_batch_tokens=8192), True).micro_batch_tokens == 8192
+    real = ppo.Config(model="smollm2")
+    assert ppo.resolve(real, True).micro_batch_tokens == 0            # derived by the trainer, from its GPU
+    assert ppo.resolve(real, False).micro_batch_tokens == ppo.resolve(ppo.Config(), True).micro_batch_tokens == 4096
 
 
 def test_ppo_gae_and_returns_by_hand():
