@@ -63,11 +63,32 @@ so the group also forms across machines. Engines get their own placement group:
     ray.get([r.join.remote(rank=i, world=W, addr=addr, port=port) for i, r in enumerate(ranks)])
     # join(): os.environ.update(RANK=..., MASTER_ADDR=...); torch.distributed.init_process_group()
 
-First read (~600 lines): this docstring -> ObjectRef and the public API (init, remote, get, put, wait)
--> _Head (the directory, _schedule, _on_done) -> _worker_main. Independent chapters: serialization
-(by-value functions, tensors, the object layout), the wire (frames + HMAC), the arena allocator,
-placement groups, failures, the CLI. Sections: errors . serialization . wire . resources and arena .
-client side (ObjectRef, _Client, public API) . head . node manager, raylet, worker . CLI, self-test, bench.
+First read (~600 lines of code, ~1,000 with their comments), in this order:
+  1. this docstring, then the opening comment under every section banner (what the part does, and why);
+  2. ObjectRef and _Client: addref/delref, send, pump, fetch, store (how any process talks to the head);
+  3. the public API: init, get, put, wait, RemoteFunction.remote, ActorMethod.remote;
+  4. _Head: the records (_Obj, _Task, _Actor, _Worker), loop, _on_refs -> _maybe_free, _on_get -> _notify,
+     _on_submit -> _check_deps -> _runnable -> _schedule -> _place -> _start -> _dispatch, _on_done -> _finish,
+     _worker_dead;
+  5. _worker_main and _run_call.
+Independent chapters, for when you need them: serialization (by-value functions, tensors, the object layout),
+the wire (frames + HMAC), the arena and its allocator, placement groups (_place_pg), actor restarts
+(_actor_lost), objects across machines (_pull, _NodeManager.pull), the CLI.
+
+The life of one task, `ref = f.remote(x_ref); get(ref)`, as a trace through the code:
+  driver  RemoteFunction.remote: f pickled once, pack_args (x_ref becomes an _Arg), send ("submit", ...)
+  head    _on_submit -> _admit (the return id exists, pending; x is pinned) -> _check_deps (is x ready?)
+          -> _runnable (a FIFO queue per resource shape) -> _schedule -> _place (a node whose pool has room:
+          the resources are taken) -> _start (an idle worker, else a new one) -> _dispatch ("exec", ...)
+  worker  _worker_main: resolve_args maps x from the arena (or unpickles it from the message), runs f;
+          _run_call stores the result (inline, or a region got by rpc "alloc") and sends ("done", ...)
+  head    _on_done -> _release_worker (resources back, the worker idle) -> _finish: _seal the result, unpin x,
+          push ("objs", None, [(rid, descriptor)]) to the owner -> _schedule starts the next queued task
+  driver  get -> fetch: the pushed descriptor is (or soon will be) in descs, no request needed; value()
+          unpickles it (a zero-copy view for arena objects).
+
+Sections: errors . serialization . wire . resources and arena . client side (ObjectRef, _Client) . public
+API . head . node manager, raylet, worker . CLI, self-test, bench.
 """
 
 import atexit
@@ -118,6 +139,13 @@ def _log(msg: str) -> None:
 
 
 # ---- errors: the `exceptions` namespace (ray.exceptions) ------------------------------------------
+# In a distributed program an error happens in one process and is seen in another, later, through get(). So
+# errors are values: a failed task's returns become objects whose descriptor is ("error", pickled exception),
+# stored like any result, and get() raises what it unpickles. Which class tells the caller what failed:
+# RayTaskError (the user's code raised: the bug is yours, and it is not retried unless retry_exceptions),
+# WorkerCrashedError / RayActorError / ActorDiedError (a process died: system failures, retried or restarted
+# per the options), ObjectLostError (the data is gone), GetTimeoutError (nothing failed, it is just not ready).
+# Ray has many more classes; these are the ones a Ray program catches in practice, with the same names.
 
 class RayError(Exception):
     """Base of every nanoray error."""
@@ -136,15 +164,20 @@ class RayTaskError(RayError):
         return f"{self.function_name} failed in worker pid {self.pid}:\n{self.traceback_str.rstrip()}"
 
     def as_instanceof_cause(self):
+        """The error get() raises: an instance of RayTaskError(KeyError) when the cause was a KeyError, so both
+        `except KeyError` and `except RayTaskError` catch it; self when no such class can be made."""
         cause = self.cause
         if cause is None or isinstance(cause, RayTaskError):
             return self
         try:  # a class deriving from both; creating it fails for classes that cannot be subclassed
             cls = self._dual.get(type(cause)) or self._dual.setdefault(
                 type(cause), type(f"RayTaskError({type(cause).__name__})", (RayTaskError, type(cause)), {}))
-            err = cls.__new__(cls)
+            err = cls.__new__(cls)  # __new__ without __init__: the cause's __init__ may want arguments we lack
         except TypeError:
             return self
+        # the cause's instance attributes (a custom .code survives; FOOTGUN: fields kept in C slots, such as
+        # OSError.errno, do not), then ours on top; args as the cause had them. RayTaskError comes first in the
+        # bases, so str(err) is ours: the remote traceback.
         err.__dict__.update(cause.__dict__)
         err.__dict__.update(self.__dict__)
         err.args = cause.args
@@ -189,13 +222,24 @@ exceptions = types.SimpleNamespace(**{e.__name__: e for e in (
 # as (marshalled code, the globals it names, closure cells); classes as (bases, attribute dict). The
 # reconstructor first looks for the same object in the receiving process (the driver gets its own
 # classes back, so `except MyError` works) and builds a copy only when it is not there.
+#   Ray ships code with cloudpickle (a third-party pickler that can serialise any function) and data with
+# pickle protocol 5, whose out-of-band buffers let a numpy array's bytes skip the pickle stream and land in
+# the shared store as they are. nanoray keeps exactly that split with the standard library alone: a Pickler
+# subclass whose reducer_override handles by-value code, ObjectRefs and torch CPU tensors, and leaves every
+# other object to pickle's own rules (so module-level functions and classes go by reference, a name the
+# worker imports: it has the driver's sys.path, see "bind"). Everything a value needs becomes one flat byte
+# layout (end of this section) that can be copied into a message or into the arena with the same code.
 
 def _by_value(obj) -> bool:
+    """Whether a function or class must travel as code (the worker cannot import it by name): it lives in
+    a module listed in _BY_VALUE (the driver's __main__), inside a function's locals, or is a lambda."""
     qual = getattr(obj, "__qualname__", "")
     return getattr(obj, "__module__", None) in _BY_VALUE or "<locals>" in qual or qual == "<lambda>"
 
 
 def _lookup(module, qualname, kind):
+    """The receiver's own object named module.qualname if it has one of that kind, else None. Only modules
+    already imported count (no import is triggered here), and locals never resolve: they have no name."""
     obj = sys.modules.get(module)
     if obj is None or "<locals>" in qualname:
         return None
@@ -205,6 +249,7 @@ def _lookup(module, qualname, kind):
 
 
 def _code_names(code, out):
+    """Every name a code object (and the code of its nested functions, lambdas, comprehensions) looks up."""
     out.update(code.co_names)  # globals and attribute names; only keys of the globals dict are kept
     for c in code.co_consts:
         if isinstance(c, types.CodeType):
@@ -216,21 +261,32 @@ _EMPTY = object()  # an empty closure cell
 
 
 def _reduce_function(fn):
+    """A function as a 6-item reduce tuple: (rebuild, args, state, -, -, state setter). Pickle first builds
+    the skeleton from args and memoises it, then pickles state, then calls the setter: the order that lets a
+    function reference itself through its globals or closure.
+    FOOTGUN: the globals it names are copied at pickling time into the copy's own globals dict, so a by-value
+    function that assigns a global (`global n; n += 1`) changes its private copy, never the driver's, and two
+    by-value functions never share one globals dict (not even when pickled together). A name used as an
+    attribute (`self.lock`) also captures a global of the same name, if there is one; an unpicklable one makes
+    the call fail."""
     g = fn.__globals__
     cells = []
     for c in fn.__closure__ or ():
         try:
             cells.append(c.cell_contents)
-        except ValueError:
+        except ValueError:  # a closure variable not assigned yet (e.g. defined later in the enclosing function)
             cells.append(_EMPTY)
     # state comes after the skeleton is memoised: a function that names itself (recursion) just works
     state = ({n: g[n] for n in _code_names(fn.__code__, set()) if n in g}, fn.__defaults__,
              fn.__kwdefaults__, cells, fn.__dict__, fn.__doc__)
+    # FOOTGUN: marshal's bytecode format is tied to the Python version: every machine of a cluster must run the
+    # same minor version (3.x), or by-value functions fail to load (Ray has the same rule)
     args = (marshal.dumps(fn.__code__), fn.__name__, fn.__qualname__, fn.__module__, len(cells))
     return _make_function, args, state, None, None, _set_function_state
 
 
 def _make_function(code, name, qualname, module, ncells):
+    """The receiver's own function when it has it, else a skeleton: code + empty globals and cells."""
     fn = _lookup(module, qualname, types.FunctionType)
     if fn is None:  # a skeleton: its globals and cells are filled by _set_function_state
         g, closure = {"__builtins__": builtins, "__name__": module}, tuple(types.CellType() for _ in range(ncells))
@@ -240,6 +296,7 @@ def _make_function(code, name, qualname, module, ncells):
 
 
 def _set_function_state(fn, state):
+    """Fill a skeleton's globals, defaults, cells, __dict__ and doc; the receiver's own function is untouched."""
     if not fn.__dict__.get("__nanoray_by_value__"):
         return fn  # the receiving process's own function: leave it alone
     g, fn.__defaults__, fn.__kwdefaults__, cells, d, fn.__doc__ = state
@@ -252,12 +309,15 @@ def _set_function_state(fn, state):
 
 
 def _reduce_class(cls):
+    """A class as (metaclass, name, bases) for the skeleton, its attribute dict as state (methods go by value
+    through _reduce_function, so a class and the functions inside it travel together)."""
     d = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
     return (_make_class, (type(cls), cls.__name__, cls.__qualname__, cls.__module__, cls.__bases__), d,
             None, None, _set_class_state)
 
 
 def _make_class(meta, name, qualname, module, bases):
+    """The receiver's own class when it has it (so isinstance and except clauses match), else an empty one."""
     cls = _lookup(module, qualname, type)
     if cls is None:
         cls = meta(name, bases, {"__module__": module, "__qualname__": qualname, "__nanoray_by_value__": True})
@@ -265,6 +325,7 @@ def _make_class(meta, name, qualname, module, bases):
 
 
 def _set_class_state(cls, d):
+    """Attach the attributes to a class built here; a class the receiver already had is left as it is."""
     if cls.__dict__.get("__nanoray_by_value__"):
         for k, v in d.items():
             if k not in ("__module__", "__qualname__"):
@@ -276,6 +337,8 @@ def _tensor_from_buffer(buf, dtype, shape, requires_grad):
     """Rebuild a CPU tensor on top of `buf` (a view of the store or of a message): no copy."""
     import torch  # only processes that receive tensors pay for importing torch
     mv, dt = memoryview(buf), getattr(torch, dtype)
+    # bytes -> uint8 tensor -> reinterpret as dtype -> shape; frombuffer needs a writable buffer to avoid a
+    # warning, which _loads guarantees. The tensor keeps `buf` (and so the arena mapping) alive.
     t = torch.frombuffer(mv, dtype=torch.uint8).view(dt).reshape(shape) if mv.nbytes else torch.empty(shape, dtype=dt)
     return t.requires_grad_() if requires_grad else t
 
@@ -289,6 +352,7 @@ class _Pickler(pickle.Pickler):
         self.refs, self.keep = [], []  # ids of ObjectRefs inside; temporaries the buffers point into
 
     def reducer_override(self, obj):  # called for every object but the plain containers and scalars
+        # returning NotImplemented hands the object back to pickle's normal rules (by reference, __reduce__)
         t = type(obj)
         if t is ObjectRef:
             self.refs.append(obj._id)
@@ -297,17 +361,21 @@ class _Pickler(pickle.Pickler):
             return _reduce_function(obj) if _by_value(obj) else NotImplemented
         if isinstance(obj, type):
             return _reduce_class(obj) if _by_value(obj) else NotImplemented
-        if t is types.ModuleType:
+        if t is types.ModuleType:  # a module a by-value function uses (np, torch): re-imported by name
             return importlib.import_module, (obj.__name__,)
+        # the wrappers found in a by-value class's __dict__, which plain pickle refuses
         if t is staticmethod or t is classmethod:
             return t, (obj.__func__,)
         if t is property:
             return property, (obj.fget, obj.fset, obj.fdel, obj.__doc__)
         torch = sys.modules.get("torch")  # no torch imported -> no tensors can exist
+        # the zero-copy path takes exact torch.Tensor on the CPU, strided, with no autograd graph; the rest
+        # (CUDA tensors, nn.Parameter, sparse, non-leaf) fall back to torch's own pickling: the bytes go inside
+        # the pickle stream, one more copy each way, and a CUDA tensor needs a GPU in the receiver
         if torch is not None and t is torch.Tensor and obj.device.type == "cpu" and obj.layout == torch.strided \
                 and obj.grad_fn is None:
             c = obj.detach().contiguous()  # a copy only when the tensor is not contiguous
-            self.keep.append(c)
+            self.keep.append(c)  # the buffer below is a raw pointer: c must outlive the write of the object
             n = c.numel() * c.element_size()
             # the tensor's bytes as a buffer without numpy: a ctypes array over its data pointer
             raw = (ctypes.c_ubyte * n).from_address(c.data_ptr()) if n else bytearray()
@@ -317,6 +385,10 @@ class _Pickler(pickle.Pickler):
 
 # One object = header | buffer table | pickle stream | out-of-band buffers, each buffer 64-byte aligned
 # (vector loads). The same layout lives inline in a message or in an arena region.
+#   header  = magic b"NRAYOBJ1" (8 bytes), number of buffers (u32), length of the pickle stream (u64)
+#   table   = per buffer: (offset from the object's start, nbytes), u64 each
+#   example: a 1 MB float32 array -> [20 B header][16 B table][121 B pickle][pad to 192][1,000,000 B of floats]
+# The reader needs no other metadata: descriptor ("shm", offset, size) or ("inline", bytes) is enough.
 _HDR, _BUF, _MAGIC = struct.Struct("<8sIQ"), struct.Struct("<QQ"), b"NRAYOBJ1"
 
 
@@ -324,6 +396,7 @@ _PLAIN = {type(None), bool, int, float, str, bytes}  # values that cannot hold r
 
 
 def _plain(value) -> bool:
+    """A small value of scalars (and short lists/tuples/str-keyed dicts of them): safe for plain pickle."""
     t = type(value)
     return t in _PLAIN or (t in (list, tuple) and len(value) < 16 and all(_plain(v) for v in value)) or (
         t is dict and len(value) < 16 and all(type(k) is str and _plain(v) for k, v in value.items()))
@@ -331,7 +404,9 @@ def _plain(value) -> bool:
 
 def _dumps(value, what="a value"):
     """value -> (parts [(offset, bytes-like)], size, ids of contained refs, temporaries to keep alive)."""
-    if _plain(value):  # the common small case (a task's arguments, None returned): the C pickler alone
+    # the common small case (a task's arguments, None returned): the C pickler alone. _Pickler is C too, but
+    # its reducer_override is a Python call per object, which dominates the cost of tiny messages.
+    if _plain(value):
         data = pickle.dumps(value, protocol=5)
         return [(0, _HDR.pack(_MAGIC, 0, len(data))), (_HDR.size, data)], _HDR.size + len(data), [], None
     bufs, f = [], io.BytesIO()
@@ -340,7 +415,8 @@ def _dumps(value, what="a value"):
         p.dump(value)
     except (pickle.PicklingError, TypeError, AttributeError) as e:
         raise TypeError(f"{what} cannot be sent to another process: {e}") from None
-    data, raws = f.getbuffer(), [b.raw() for b in bufs]
+    data, raws = f.getbuffer(), [b.raw() for b in bufs]  # views: no byte is copied until the caller writes
+    # lay the buffers out after the pickle stream, each at the next multiple of 64; pos ends as the total size
     pos = _HDR.size + _BUF.size * len(raws) + len(data)
     table = []
     for r in raws:
@@ -353,6 +429,7 @@ def _dumps(value, what="a value"):
 
 
 def _to_bytes(parts, size) -> bytes:
+    """The layout as one bytes object (an inline object, a message payload); the gaps stay zero."""
     out = bytearray(size)
     for off, chunk in parts:
         out[off:off + len(chunk)] = chunk
@@ -368,8 +445,10 @@ def _loads(mv):
     pos, bufs = _HDR.size, []
     for _ in range(nbuf):
         off, n = _BUF.unpack_from(mv, pos)
-        bufs.append(mv[off:off + n])
+        bufs.append(mv[off:off + n])  # a slice of a memoryview is a view: the arrays will point into mv
         pos += _BUF.size
+    # FOOTGUN: unpickling runs code named in the stream (it imports modules, calls constructors): only ever
+    # called on bytes from an authenticated peer or from our own store
     return pickle.loads(mv[pos:pos + plen], buffers=bufs)
 
 
@@ -390,6 +469,26 @@ def _error_desc(exc) -> tuple:
 # server -> b"NRAY1" + nonce_s; client -> HMAC(secret, "C" + nonce_s) + nonce_c; server checks, then
 # -> HMAC(secret, "S" + nonce_c); the client checks. Different role prefixes stop a reflection attack.
 # This authenticates peers; it does not encrypt: across machines, use a trusted network (as with Ray).
+#   Ray's processes speak gRPC (protobuf messages) to each other: a worker submits tasks straight to a worker
+# leased from a raylet, and the control store (GCS) keeps cluster-wide tables (nodes, actors, jobs, groups).
+# nanoray routes all control through the head: every process keeps ONE TCP connection to it, and every
+# message is a frame = 4-byte little-endian length + a pickled tuple (op, ...). One hop more per task than
+# Ray, but one place holds all state (no consistency protocol between schedulers), and TCP keeps each
+# connection's messages in order, which the reference counting relies on (see _Client.send). The vocabulary:
+#   any -> head     ("hello", info) first; ("refs", [(op, id)]) rides in front of the next message (+ - m u);
+#                   ("rpc", req, name, args) -> ("reply", req, value or exception); name: the _rpc_* methods;
+#                   ("get", req, ids, ack) -> ("objs", req, [(id, descriptor)]) as they get ready; ("unsub", req);
+#                   ("put", id, descriptor, contained ids, hold); ("submit", task...); ("call", actor call...);
+#                   ("pg", id, bundles, strategy, value, detached); ("rm_pg", id)
+#   worker -> head  ("blocked", flag); ("done", task id, [(return id, descriptor, contained)], failed);
+#                   ("created", actor id, error descriptor or None)
+#   raylet -> head  ("worker_exit", worker id, exit code); ("pulled", id, node id, offset, error or None)
+#   head -> owner   ("objs", None, [(return id, descriptor or None)]): a task's results, pushed unasked
+#   head -> worker  ("bind", sys.path); ("exec", ...); ("create", ...); ("call", ...)
+#   head -> raylet  ("node", method, args): spawn, kill, pull, shutdown of _NodeManager
+# A descriptor says where an object's bytes are: ("inline", bytes) | ("shm", offset, size) in the arena of the
+# reader's node | ("error", bytes). Bulk data never crosses the head: an arena object moves between nodes on
+# a connection of its own (_NodeManager.pull: handshake, 16 bytes (offset, size), then the raw region).
 
 _LEN = struct.Struct("<I")
 
@@ -404,6 +503,7 @@ def _mac(secret: bytes, role: bytes, nonce: bytes) -> bytes:
 
 
 def _recv_exact(sock, n: int) -> bytes:
+    """Exactly n bytes from a blocking socket (recv may return fewer); its timeout bounds each recv."""
     buf = bytearray()
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -414,6 +514,8 @@ def _recv_exact(sock, n: int) -> bytes:
 
 
 def _auth_server(sock, secret: bytes) -> None:
+    """The accepting side of the handshake; raises ConnectionError if the peer does not know the secret."""
+    # a fresh random nonce per connection: a recorded reply from an earlier handshake is worthless
     nonce = os.urandom(32)
     sock.sendall(b"NRAY1" + nonce)
     reply = _recv_exact(sock, 64)
@@ -423,6 +525,8 @@ def _auth_server(sock, secret: bytes) -> None:
 
 
 def _auth_client(sock, secret: bytes) -> None:
+    """The connecting side: answer the server's challenge, then make the server answer ours (both directions
+    are checked, so a driver never unpickles the replies of an impostor head)."""
     hello = _recv_exact(sock, 37)
     if hello[:5] != b"NRAY1":
         raise ConnectionError("the server is not a nanoray node")
@@ -437,6 +541,7 @@ def _auth_client(sock, secret: bytes) -> None:
 
 
 def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socket:
+    """An authenticated, blocking TCP socket to HOST:PORT; ConnectionError (with the address) if not."""
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError(f"address {address!r}: expected HOST:PORT")
@@ -450,7 +555,7 @@ def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socke
     except (OSError, ConnectionError) as e:
         sock.close()
         raise ConnectionError(f"{address}: {e}") from None
-    sock.settimeout(None)
+    sock.settimeout(None)  # the handshake had `timeout`; from now on the users of the socket set their own
     return sock
 
 
@@ -476,8 +581,21 @@ def _load_secret(path=None) -> bytes:
 
 
 # ---- resources, the arena and its allocator -------------------------------------------------------
+# Resources are pure bookkeeping, in Ray as here: a node advertises counts ({"CPU": 8, "GPU": 2, "reward":
+# 4}), a task declares what it needs, and the scheduler subtracts while it runs. Nothing stops a num_cpus=1
+# task from using every core; only GPUs are enforced, by giving the worker CUDA_VISIBLE_DEVICES = the devices
+# it got. Counts are integers in 1/10000 units, so four num_gpus=0.25 tasks fill a device exactly.
+#   The object store. Passing a 1 GB array through a socket costs pickle + send + receive + unpickle, and
+# every reader pays again. Ray's answer (its "plasma" store, kept by the raylet) is one shared-memory area per
+# node: a writer copies the object in once, readers map it and use it in place. Objects are immutable once
+# sealed, which is what makes that safe without locks: nobody writes a region after its descriptor is
+# published. nanoray keeps that design with the smallest parts: one sparse file in /dev/shm per node (the
+# arena), which every process of the node maps, and a first-fit allocator that only the head runs. The head
+# deals in offsets (pure bookkeeping); the bytes move between the writer's and the readers' mappings and never
+# through the head. Drops: spilling to disk when full (a put that does not fit raises ObjectStoreFullError).
 
 def _units(x, what: str) -> int:
+    """A resource amount (1, 0.5, 2.25) as integer units; integers never drift the way 0.1 + 0.2 floats do."""
     if not isinstance(x, (int, float)) or x < 0:
         raise ValueError(f"{what}={x!r}: expected a number >= 0")
     return round(x * UNIT)
@@ -503,7 +621,8 @@ class _Pool:
         self.free, self.gpus = dict(free), dict(gpus)  # resource -> units; gpu index -> free units
 
     def take(self, req: dict):
-        """Allocate `req` -> (resources, {gpu index: units}), or None when it does not fit now."""
+        """Allocate `req` -> (resources, {gpu index: units}), or None when it does not fit now. All or nothing:
+        on None, the pool is unchanged. The pair is what give() takes back when the task ends."""
         if any(self.free.get(k, 0) < v for k, v in req.items()):
             return None
         g, ids = req.get("GPU", 0), {}
@@ -512,7 +631,7 @@ class _Pool:
             if not fits:
                 return None
             ids = {min(fits, key=lambda i: self.gpus[i]): g}
-        elif g:  # several whole devices
+        elif g:  # several whole devices (the lowest free indices; a partly used device never counts)
             whole = [i for i, f in sorted(self.gpus.items()) if f == UNIT][:g // UNIT]
             if len(whole) < g // UNIT:
                 return None
@@ -538,7 +657,9 @@ class _Alloc:
         self.size, self.free_list = size, [(0, size)]
 
     def alloc(self, n: int):
-        n = -(-max(n, 1) // PAGE) * PAGE
+        """The offset of a free region of n bytes (rounded up to pages), or None when no hole is big enough:
+        the store may have that much free in total, but fragmented."""
+        n = -(-max(n, 1) // PAGE) * PAGE  # ceil(n / PAGE) pages
         for i, (off, size) in enumerate(self.free_list):
             if size >= n:
                 self.free_list[i:i + 1] = [(off + n, size - n)] if size > n else []
@@ -546,8 +667,10 @@ class _Alloc:
         return None
 
     def free(self, off: int, n: int) -> None:
+        """Give back the region at `off` of n bytes (the same n alloc got: it is rounded the same way)."""
         n = -(-max(n, 1) // PAGE) * PAGE
         fl = self.free_list
+        # insert in offset order, then coalesce, so the list never holds two adjacent holes (O(holes) per call)
         i = next((k for k, (o, _) in enumerate(fl) if o > off), len(fl))
         fl.insert(i, (off, n))
         if i + 1 < len(fl) and off + n == fl[i + 1][0]:  # merge with the block after
@@ -565,11 +688,12 @@ class _Arena:
     copy-on-write, so a reader's arrays view the store and the mapping's life tracks theirs."""
 
     def __init__(self, path: str, size: int, create: bool = False):
+        # create: only the node manager, once (O_EXCL: never adopt a stale file); every other process opens it
         self.path, self.size = path, size
         self.fd = os.open(path, os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0), 0o600)
         if create:
             os.ftruncate(self.fd, size)  # sparse: a page costs memory only once written
-        self.map = mmap.mmap(self.fd, size)
+        self.map = mmap.mmap(self.fd, size)  # MAP_SHARED: what we write here, every process of the node sees
         self.mv = memoryview(self.map)
 
     def write(self, off: int, parts) -> None:
@@ -577,7 +701,14 @@ class _Arena:
             self.mv[off + o:off + o + len(chunk)] = chunk  # the one copy of a put
 
     def view(self, off: int, size: int, on_unmap):
-        base = off - off % PAGE
+        """A writable memoryview of the region, through a private (copy-on-write) mapping of its own.
+        Why private: numpy and torch need a writable buffer to give back writable arrays, and a reader that
+        writes into its array must not change the object for everyone else. The kernel copies a page only
+        when the reader writes it (FOOTGUN: writing a whole 1 GB array in place costs 1 GB of private RAM).
+        Why a mapping per read: a private mapping still shows the FILE for the pages the reader did not
+        write, so the region must not be reused while any reader maps it; one mapping per get lets
+        `on_unmap` say exactly when this reader is done (the head counts "m"/"u" per region)."""
+        base = off - off % PAGE  # mmap offsets must be page multiples (regions are: this is a safety net)
         m = mmap.mmap(self.fd, size + off - base, offset=base, access=mmap.ACCESS_COPY)
         weakref.finalize(m, on_unmap, off)  # runs when the last array/tensor viewing it is gone
         return memoryview(m)[off - base:off - base + size]
@@ -589,6 +720,25 @@ class _Arena:
 
 
 # ---- client side: ObjectRef, the connection to the head, the public API ---------------------------
+# Every process (driver, worker, raylet, the CLI) talks to the cluster through one _Client: one socket to the
+# head, plus what the process knows locally. Three ideas carry this section.
+#   Reference counting. Objects live in the head's memory or in shared memory, where no garbage collector
+# can see them, so the cluster must learn when nobody needs an object any more. Ray makes the process that
+# created a ref its *owner* (it counts the copies, including those lent to other processes, and its death
+# loses what it owned). nanoray keeps one owner for everything, the head, and a two-level count: each process
+# counts its own ObjectRef instances and tells the head only about the first ("+") and the last ("-"), so
+# passing a ref around inside one process costs no message. Those reports are queued and ride in front of
+# the next message the process sends (send), never alone.
+# FOOTGUN: a process that drops its refs and then says nothing keeps those objects alive until it next sends
+# (a worker always does, with "done"; an idle driver does at its next call).
+#   Futures without a reader thread. A get() must block until the head says the object is ready, with other
+# threads of the process possibly waiting for other things on the same socket. Whichever thread is waiting
+# becomes the reader: it reads one message, files it (a reply, a descriptor, or work in the inbox), wakes
+# everyone on the condition variable, and each waiter re-checks its own predicate (pump). A blocking get thus
+# costs one send and one receive, with no hand-off between threads. Every wait has a deadline: gets may be
+# bounded by the user (timeout=) and internal requests are bounded by RPC_TIMEOUT: nothing hangs forever.
+#   Results are pushed. The head sends a task's result descriptors to the process that submitted it, unasked,
+# so a get() on your own task's result sends nothing: it waits for a push that is already on its way.
 
 _client = None  # this process's _Client once init() ran (or the worker/raylet connection)
 
@@ -601,7 +751,10 @@ def _need_client():
 
 class ObjectRef:
     """A future for one object. Creating the first ref of an id in a process and dropping the last are
-    reported to the head ("+"/"-"), which frees the object when no process holds it."""
+    reported to the head ("+"/"-"), which frees the object when no process holds it.
+    A ref is only an id (a str); the value is fetched by get(). Ids are made by the submitting process
+    (_Client.new_id: a random per-process prefix + a counter), so f.remote() returns at once, before the head
+    has even read the submission."""
     __slots__ = ("_id", "__weakref__")
 
     def __init__(self, oid: str, _counted: bool = False):
@@ -610,8 +763,10 @@ class ObjectRef:
             _client.addref(oid, _counted)  # _counted: the head already counted this process
 
     def __del__(self):
+        # FOOTGUN: __del__ runs whenever the last Python reference goes: on any thread, possibly while this
+        # thread already holds ref_lock (a GC pass inside addref): hence an RLock, and no I/O here
         c = _client
-        if c is not None:
+        if c is not None:  # None: interpreter teardown, or a process without a cluster (the head)
             c.delref(self._id)
 
     def hex(self) -> str:
@@ -646,15 +801,20 @@ class _Client:
 
     def __init__(self, address: str, secret: bytes, hello: dict):
         self.address, self.secret, self.sock = address, secret, _connect(address, secret)
+        # send_lock: one frame at a time on the socket; ref_lock: counts and ops (held briefly, from any thread,
+        # __del__ included); cond: guards `reading`; _file runs and waiters test their predicates under it
         self.send_lock, self.ref_lock, self.cond = threading.Lock(), threading.RLock(), threading.Condition()
-        self.reading, self.rbuf, self.rpos = False, bytearray(), 0
+        self.reading, self.rbuf, self.rpos = False, bytearray(), 0  # a thread is in _recv; bytes read, not parsed
+        # inbox: work for this process (exec/call/create, raylet commands); replies: rpc req -> value;
+        # descs: object id -> descriptor, for ids held here; acks: requests the head has answered
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
         self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
         self.owned, self.elsewhere = set(), set()  # returns of our tasks, not pushed yet; pushed as "ask"
-        self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()
+        self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()  # request/id counter; our ids' prefix
+        # in_task: a worker running a plain task (get() lends its CPU back); head_proc: the head init() started
         self.in_task, self.arena, self.head_proc = False, None, None
         try:
-            self.send(("hello", hello))
+            self.send(("hello", hello))  # answered as request 0 (self.ids starts at 1)
             if not self.pump(lambda: 0 in self.replies, time.monotonic() + RPC_TIMEOUT):
                 raise TimeoutError(f"the nanoray head at {address} did not answer hello")
             self.info = self._reply(0)
@@ -663,10 +823,12 @@ class _Client:
             raise
 
     def new_id(self) -> str:
+        """A cluster-unique id with no round trip: 48 random bits for this process + a counter."""
         return f"{self.prefix}{next(self.ids):x}"
 
     # -- references: local counts, "+"/"-" and map/unmap reports queued and flushed with the next send
     def addref(self, oid, counted):
+        """One more ObjectRef of oid in this process; the first one is reported unless the head counted it."""
         with self.ref_lock:
             n = self.counts.get(oid, 0)
             self.counts[oid] = n + 1
@@ -674,6 +836,7 @@ class _Client:
                 self.ops.append(("+", oid))
 
     def delref(self, oid):
+        """One ObjectRef of oid fewer; at zero, forget its cached descriptor and report "-"."""
         with self.ref_lock:
             n = self.counts.get(oid)
             if n is None:
@@ -686,13 +849,19 @@ class _Client:
             self.ops.append(("-", oid))
 
     def unmapped(self, off):
+        """The mapping of the region at `off` died (called by a weakref finalizer, on any thread)."""
         with self.ref_lock:
             self.ops.append(("u", off))
 
     # -- the socket
     def send(self, msg) -> None:
+        """Queued ref ops first, then msg, in ONE sendall. The order is the correctness argument of the
+        reference counting: TCP delivers one connection's bytes in order and the head handles frames in that
+        order, so (a) a "+" for a ref we unpickled from a task's arguments reaches the head before this
+        worker's "done" unpins those arguments, and (b) a "-" for a ref we just passed to f.remote() is
+        queued after the submit that pins it. The object can never be freed in between."""
         with self.send_lock:
-            with self.ref_lock:
+            with self.ref_lock:  # taken inside send_lock: ops are drained in the order their frames go out
                 ops, self.ops = self.ops, []
             data = (_frame(("refs", ops)) if ops else b"") + _frame(msg)
             try:
@@ -701,6 +870,9 @@ class _Client:
                 raise RaySystemError(f"lost the connection to the nanoray head at {self.address}: {e}") from None
 
     def _recv(self, timeout):
+        """The next message, or None when nothing complete arrived within timeout (None: wait forever).
+        Only the thread that set self.reading calls this. Reads in 1 MiB chunks and parses frames out of
+        rbuf, so one recv may deliver many small messages (the rest are served from rbuf, no syscall)."""
         while True:
             buf, pos = self.rbuf, self.rpos
             if len(buf) - pos >= 4:
@@ -713,6 +885,7 @@ class _Client:
             if pos > (1 << 20):  # compact now and then, not per message (that would be quadratic)
                 del buf[:pos]
                 self.rpos = 0
+            # FOOTGUN: a socket has one timeout for both directions, and other threads may be in sendall on it
             self.sock.settimeout(timeout)
             try:
                 chunk = self.sock.recv(1 << 20)
@@ -720,12 +893,15 @@ class _Client:
                 return None
             except OSError:
                 chunk = b""
-            if not chunk:
+            if not chunk:  # EOF (or a reset): the head is gone; every waiter sees this error in turn
                 raise RaySystemError(f"lost the connection to the nanoray head at {self.address}")
             self.rbuf += chunk
 
     def pump(self, done, deadline=None) -> bool:
-        """Read and file messages until done() (True) or the deadline (False)."""
+        """Read and file messages until done() (True) or the deadline (False).
+        done() is checked under self.cond, so it may read what _file writes. At most one thread reads the
+        socket at a time; the others sleep on the condition and re-check after every filed message (and at
+        least every second, so a waiter with a deadline notices it even if the reader sleeps forever)."""
         while True:
             with self.cond:
                 if done():
@@ -738,22 +914,23 @@ class _Client:
                     continue
                 self.reading = True
             msg = None
-            try:
+            try:  # outside the lock: the other threads may send, and check their predicates, meanwhile
                 msg = self._recv(left)
             finally:
                 with self.cond:
                     self.reading = False
                     if msg is not None:
                         self._file(msg)
-                    self.cond.notify_all()
+                    self.cond.notify_all()  # on errors too: another waiter takes over the reading (or fails)
 
     def _file(self, msg):
+        """Put one message where its waiter looks (called under self.cond)."""
         if msg[0] == "objs":  # descriptors: answers to a get, or the results of tasks we submitted
             for oid, d in msg[2]:
                 self.owned.discard(oid)
                 if d is None:  # ready, but not readable here (another node's arena): get() asks
                     self.elsewhere.add(oid)
-                elif oid in self.counts or self.wanted[oid] > 0:
+                elif oid in self.counts or self.wanted[oid] > 0:  # else nobody here cares any more: drop it
                     self.descs[oid] = d
             self.acks.add(msg[1])
         elif msg[0] == "reply":
@@ -762,16 +939,19 @@ class _Client:
             self.inbox.append(msg)
 
     def next_message(self, timeout=None):
+        """The next inbox message (work for a worker, a command for a raylet), or None after timeout."""
         deadline = None if timeout is None else time.monotonic() + timeout
         return self.inbox.popleft() if self.pump(lambda: self.inbox, deadline) else None
 
     def _reply(self, req):
+        """The reply to request req; an exception the head caught in the handler is raised here."""
         v = self.replies.pop(req)
         if isinstance(v, BaseException):
             raise v
         return v
 
     def rpc(self, name, *args, timeout=RPC_TIMEOUT):
+        """Call the head's _rpc_<name>(peer, *args) and return its value: one round trip, bounded."""
         req = next(self.ids)
         self.send(("rpc", req, name, args))
         if not self.pump(lambda: req in self.replies, time.monotonic() + timeout):
@@ -780,34 +960,43 @@ class _Client:
 
     # -- objects
     def fetch(self, ids, timeout=None):
-        """Descriptors of `ids`, waiting until they are ready (and local) or raising GetTimeoutError."""
+        """Descriptors of `ids`, waiting until they are ready (and local) or raising GetTimeoutError.
+        The steps: ids already in descs cost nothing; the others are marked wanted (so _file keeps their
+        descriptors even without a ref here: a task's arguments) and asked for with one "get", except our own
+        task results, which the head pushes anyway. Then pump until all arrived. A push or answer with no
+        descriptor means "ready, but in another node's arena": those are asked for again, and the head copies
+        them here first (_pull) before it answers. On timeout, "unsub" tells the head to forget this request."""
         missing = [i for i in ids if i not in self.descs]
         if missing:
             deadline = None if timeout is None else time.monotonic() + timeout
             req = next(self.ids)
+            # FOOTGUN: wanted is a Counter shared by the threads of a threaded actor, updated without a lock
             self.wanted.update(missing)
             ask = [i for i in missing if i not in self.owned]  # our own task results are pushed anyway
             if ask:
                 self.send(("get", req, ask, False))
-            pending = missing[::-1]
+            pending = missing[::-1]  # reversed: pop() from the end as they arrive, in order, O(1) each
 
-            def done():
+            def done():  # (under self.cond) all arrived, or some arrived as "elsewhere" and must be asked for
                 while pending and pending[-1] in self.descs:
                     pending.pop()
                 return not pending or bool(self.elsewhere)
+            # pump with a deadline of now = a check that reads nothing: only a task that will really wait says so
             blocked = self.in_task and not self.pump(done, time.monotonic())
-            if blocked:  # a task waiting in get lends its CPU back, so nested tasks can run
+            # a task waiting in get lends its CPU back, so nested tasks can run: without it, N tasks that each
+            # wait for a child fill N CPUs and the children never start (Ray releases the CPU the same way)
+            if blocked:
                 self.send(("blocked", True))
             try:
                 while True:
                     ok = self.pump(done, deadline)
-                    with self.cond:
+                    with self.cond:  # take the "elsewhere" ids (any thread's) that someone here still wants
                         there, self.elsewhere = [i for i in self.elsewhere if self.wanted[i] > 0], set()
-                    if there:
+                    if there:  # the head answers on req, but _file stores descriptors for every waiting thread
                         self.send(("get", req, there, False))
                     if not ok or not pending:
                         break
-            finally:
+            finally:  # also on timeout and errors: the CPU is taken back before the task goes on
                 if blocked:
                     self.send(("blocked", False))
                 self.wanted.subtract(missing)
@@ -823,10 +1012,15 @@ class _Client:
         return out
 
     def value(self, desc):
+        """The value a descriptor stands for; raises when it is an error. Inline bytes are copied into a
+        bytearray (a writable buffer: arrays come back writable); arena objects are mapped, not copied."""
         kind = desc[0]
         if kind == "inline":
             return _loads(memoryview(bytearray(desc[1])))
         if kind == "shm":
+            # "m" is queued BEFORE the mapping exists and "u" only when it dies, so the head can never count
+            # this mapping as gone while it lives. The region stays allocated meanwhile: we hold a ref (or, for
+            # a task argument, the task pins it until our "done", which is sent after this "m")
             with self.ref_lock:
                 self.ops.append(("m", desc[1]))
             return _loads(self.get_arena().view(desc[1], desc[2], self.unmapped))
@@ -834,20 +1028,28 @@ class _Client:
         raise err.as_instanceof_cause() if isinstance(err, RayTaskError) else err
 
     def get_arena(self):
+        """This node's arena, opened on first use (a driver that only moves small objects never maps it)."""
         if self.arena is None:
             self.arena = _Arena(self.info["arena"], self.info["arena_size"])
         return self.arena
 
     def store(self, value):
         """value -> (descriptor, contained ref ids): inline when small, else a region of the arena."""
-        parts, size, refs, _keep = _dumps(value)
+        parts, size, refs, _keep = _dumps(value)  # _keep: tensor copies the parts point into, alive until written
         if size <= INLINE_MAX:
             return ("inline", _to_bytes(parts, size)), refs
+        # the head owns the allocator of every arena (one allocator, no cross-process lock): one round trip per
+        # large object. Until the caller's "put"/"done" seals it, the region belongs to this connection, so a
+        # process that dies mid-write gives it back (_Head._close)
         off = self.rpc("alloc", size)
         self.get_arena().write(off, parts)
         return ("shm", off, size), refs
 
     def pack_args(self, args, kwargs, what="the call"):
+        """(args, kwargs) -> (payload, deps, contained) for a submit: payload is the pickled (args, kwargs)
+        with each top-level ObjectRef replaced by an _Arg (resolved to its value by the worker), or, above
+        INLINE_MAX, the id of an object holding them; deps lists the ids the task must wait for (top-level
+        refs, + that object); contained lists refs nested deeper (pinned, passed on as refs)."""
         deps = []
 
         def mark(x):
@@ -860,12 +1062,15 @@ class _Client:
         if size <= INLINE_MAX:
             return _to_bytes(parts, size), deps, refs
         oid = self.new_id()  # large arguments become an object of their own, pinned by the task
-        desc, refs = self.store(payload)
+        desc, refs = self.store(payload)  # (pickles the payload a second time: the cost of a simple path)
+        # hold=False: no process holds it; the "submit" that follows on this connection pins it, and when the
+        # task ends and unpins it, it is freed
         self.send(("put", oid, desc, refs, False))
         return oid, deps + [oid], []
 
     def resolve_args(self, args, deps):
-        """(args, kwargs) of a task, top-level refs replaced by their values."""
+        """(args, kwargs) of a task, top-level refs replaced by their values. deps: [(id, descriptor or
+        None)] as the head sent them, with the descriptors it already knew for this node (no round trip)."""
         descs = dict(deps)
         need = [d for d, v in descs.items() if v is None]  # not on this node (or not inline): fetch
         descs.update(zip(need, self.fetch(need)))
@@ -875,6 +1080,13 @@ class _Client:
 
 
 # ---- public API ------------------------------------------------------------------------------------
+# Ray's names and signatures, thin: each function checks its arguments (errors name the argument and what
+# was expected), turns them into one message for the head, and returns. Nothing here decides where or when
+# anything runs: submit returns ObjectRefs at once (ids are made locally) and the head schedules later;
+# get/wait block in _Client.fetch/pump. The options of @remote are validated once, at decoration, into what
+# the head needs (_head_options: integer resource units, an encoded strategy), so a bad num_gpus fails at the
+# definition, not in a worker an hour later. Functions and classes are pickled on their first .remote() and
+# cached (FOOTGUN: a change to a global they use, made in the driver after that, never reaches the workers).
 
 _IGNORED_INIT = {"include_dashboard", "dashboard_host", "dashboard_port", "logging_level", "log_to_driver",
                  "configure_logging"}  # Ray's cosmetic init options: accepted, without effect
@@ -892,6 +1104,7 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
         if ignore_reinit_error:
             return _client.info
         raise RuntimeError("Maybe you called nanoray.init twice by accident? Pass ignore_reinit_error=True.")
+    # (a process started from inside a task inherits NANORAY_ADDRESS and the secret: its init() joins our cluster)
     address = address or os.environ.get("NANORAY_ADDRESS")
     hello = {"kind": "driver", "pid": os.getpid(), "host": socket.gethostname(), "sys_path": sys.path,
              "namespace": namespace}
@@ -902,12 +1115,17 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
         if address == "auto":
             address = _local_head_address()
         _client = _Client(address, _load_secret(), hello)
-    else:
+    else:  # a private cluster for this driver: a random secret, a head on loopback that dies with us
         secret = os.urandom(16).hex()
+        # the driver binds the port and hands the listening socket to the head (pass_fds): the address is known
+        # before the head runs, and connect() just waits in the backlog until the head accepts: no port file,
+        # no polling, no race for a free port
         listen = socket.create_server(("127.0.0.1", 0))
         cfg = {"head": True, "listen_fd": listen.fileno(), "lifeline": True, "num_cpus": num_cpus,
                "num_gpus": num_gpus, "resources": resources or {}, "object_store_memory": object_store_memory}
         env = dict(os.environ, NANORAY_SECRET=secret, NANORAY_CONFIG=json.dumps(cfg))
+        # stdin=PIPE is the lifeline (the head stops at its EOF: we died); a session of its own keeps a Ctrl-C
+        # in the terminal from reaching the head and workers: the driver's atexit shutdown stops them in order
         proc = subprocess.Popen([sys.executable, "-c", _boot("_node_main")], env=env, stdin=subprocess.PIPE,
                                 pass_fds=(listen.fileno(),), start_new_session=True)
         address = "127.0.0.1:%d" % listen.getsockname()[1]
@@ -925,7 +1143,7 @@ def init(address=None, *, num_cpus=None, num_gpus=None, resources=None, object_s
 def shutdown() -> None:
     """Disconnect; a cluster this process started is stopped (workers killed, the arena removed)."""
     global _client
-    c, _client = _client, None
+    c, _client = _client, None  # first: ObjectRefs dying from here on report nothing
     if c is None:
         return
     if c.head_proc is not None:
@@ -958,11 +1176,15 @@ def get(object_refs, *, timeout=None):
     if timeout is not None and timeout < 0:
         raise ValueError(f"get(timeout={timeout}): expected None or >= 0")
     c = _need_client()
+    # all descriptors first, then the values: a list waits once, and the first error (in list order) raises
+    # only after every object of the list is ready
     values = [c.value(d) for d in c.fetch([r._id for r in refs], timeout)]
     return values[0] if single else values
 
 
 def put(value) -> ObjectRef:
+    """Store value in the cluster and return its ref: small values go inline to the head, large ones are
+    copied once into this node's arena. The head counts this process as a holder from the start (hold=True)."""
     if type(value) is ObjectRef:
         raise TypeError("Calling 'put' on an ObjectRef is not allowed (wrap it in a list to store it)")
     c = _need_client()
@@ -974,7 +1196,8 @@ def put(value) -> ObjectRef:
 
 
 def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
-    """(ready, not_ready): the first num_returns refs that are ready (and local), in input order."""
+    """(ready, not_ready): the first num_returns refs that are ready (and local), in input order.
+    fetch_local is accepted for Ray's signature; objects on another node are always copied here first."""
     refs = list(object_refs)
     if any(type(r) is not ObjectRef for r in refs):
         raise TypeError("wait() expects a list of ObjectRefs")
@@ -983,14 +1206,19 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
     if not 0 <= num_returns <= len(refs):
         raise ValueError(f"wait(num_returns={num_returns}): expected 0..{len(refs)} (the number of refs)")
     c = _need_client()
-    missing = [r._id for r in refs if r._id not in c.descs]
-    if missing and num_returns > len(refs) - len(missing):
+    missing = [r._id for r in refs if r._id not in c.descs]  # ready = its descriptor is cached here
+    if missing and num_returns > len(refs) - len(missing):  # not enough ready yet: ask the head
         req = next(c.ids)
+        # ack=True: the head answers at once, even with an empty list, so "req in acks" means "the head has
+        # told us everything that was ready when it read the request" (not just the first push to arrive)
         c.send(("get", req, missing, True))
         deadline = None if timeout is None else time.monotonic() + timeout
+        # enough = num_returns minus those already ready before the request
+        # FOOTGUN: pump reads nothing once the deadline has passed, so timeout=0 only sees what earlier calls
+        # already read from the socket
         c.pump(lambda: req in c.acks and sum(i in c.descs for i in missing) >= num_returns - len(refs)
                + len(missing), deadline)
-        c.send(("unsub", req))
+        c.send(("unsub", req))  # the objects still pending stop waking us (their descriptors would be stale work)
         c.acks.discard(req)
     ready = [r for r in refs if r._id in c.descs][:num_returns]
     taken = set(ready)
@@ -998,12 +1226,14 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
 
 
 def kill(actor, *, no_restart=True) -> None:
+    """Kill the actor's process now (running calls fail). no_restart=False lets it restart if it may."""
     if not isinstance(actor, ActorHandle):
         raise ValueError(f"kill() only supports actors, got {type(actor).__name__}")
     _need_client().rpc("kill", actor._aid, no_restart)
 
 
 def get_actor(name: str, namespace=None):
+    """A handle to a live named actor (namespace: the caller's job's unless given)."""
     aid, cls_name, methods = _need_client().rpc("get_actor", name, namespace)
     return ActorHandle(aid, cls_name, methods, ObjectRef(aid, _counted=True))
 
@@ -1013,6 +1243,7 @@ def cluster_resources() -> dict:
 
 
 def available_resources() -> dict:
+    """What is free now on the live nodes (resources inside placement-group bundles count as used)."""
     return _need_client().rpc("resources", "free")
 
 
@@ -1025,6 +1256,8 @@ def get_gpu_ids() -> list:
     return [int(g) if g.isdigit() else g for g in os.environ.get("NANORAY_GPU_IDS", "").split(",") if g]
 
 
+# the defaults (Ray's, but for actor CPUs: see the module docstring): a task holds 1 CPU and is retried 3 times
+# if its worker dies; an actor holds 0 CPUs (it is mostly idle between calls) and never restarts unless asked
 _TASK_OPTIONS = {"num_cpus": 1, "num_gpus": 0, "resources": None, "max_retries": 3, "retry_exceptions": False,
                  "num_returns": 1, "scheduling_strategy": None, "name": None}
 _ACTOR_OPTIONS = {"num_cpus": 0, "num_gpus": 0, "resources": None, "max_restarts": 0, "max_task_retries": 0,
@@ -1045,6 +1278,8 @@ def _head_options(opts: dict, defaults: dict, what: str) -> dict:
         if k in ("CPU", "GPU"):
             raise ValueError(f"{what}: use num_cpus / num_gpus, not resources={{{k!r}: ...}}")
         req[k] = _units(v, f"resources[{k!r}]")
+    # the strategy as the head stores it: None (default: the submitter's node first), "SPREAD" (round robin
+    # over nodes), or ("pg", group id, bundle index; -1 = any bundle of the group)
     s = o["scheduling_strategy"]
     if isinstance(s, PlacementGroupSchedulingStrategy):
         pg, i = s.placement_group, s.placement_group_bundle_index
@@ -1077,21 +1312,24 @@ class RemoteFunction:
     def options(self, **options):
         return RemoteFunction(self._function, {**self._options, **options}, self._shared)
 
-    def __getstate__(self):
+    def __getstate__(self):  # a remote function passed to a task (nested submission): its function + options only
         return {"_function": self._function, "_options": self._options}
 
     def __setstate__(self, d):
         self.__init__(d["_function"], d["_options"])
 
     def remote(self, *args, **kwargs):
+        """Submit one task: no round trip. The function is pickled once per process and the same bytes are
+        sent with every call (the worker keeps the loaded function per distinct bytes, so it unpickles once)."""
         c, o = _need_client(), self._opts
         blob = self._shared.get("blob") or self._shared.setdefault(
             "blob", _bytes_of(self._function, f"remote function {self.__name__} (or a global it uses)"))
         tid, rids = c.new_id(), [c.new_id() for _ in range(o["num_returns"])]
         args_blob, deps, contained = c.pack_args(args, kwargs, f"{self.__name__}.remote()")
-        c.owned.update(rids)
+        c.owned.update(rids)  # before the send: the push of a fast result can never beat this line
         c.send(("submit", tid, blob, o["name"] or self._function.__qualname__, args_blob, deps, contained, rids,
                 {k: o[k] for k in ("req", "strategy", "max_retries", "retry_exceptions")}))
+        # _counted: the head makes the submitter a holder of each return when it admits the task (_admit)
         refs = [ObjectRef(r, _counted=True) for r in rids]
         return refs[0] if len(refs) == 1 else refs
 
@@ -1103,6 +1341,8 @@ class ActorClass:
         self._cls, self._options = cls, options
         self._opts = _head_options(options, _ACTOR_OPTIONS, f"actor class {cls.__qualname__}")
         self._shared = {} if _shared is None else _shared
+        # the method table travels with every handle, so handle.method checks names locally (no round trip);
+        # dunder methods are not callable remotely
         funcs = inspect.getmembers(cls, inspect.isfunction)
         self._methods = {n: getattr(f, "__nanoray_num_returns__", 1) for n, f in funcs if not n.startswith("__")}
         self._is_async = any(inspect.iscoroutinefunction(f) for _, f in funcs)
@@ -1126,6 +1366,8 @@ class ActorClass:
                  "name": o["name"], "namespace": o["namespace"], "detached": o["lifetime"] == "detached",
                  "get_if_exists": o["get_if_exists"]}
         args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._cls.__name__}.remote()")
+        # an rpc, not a plain send like tasks: a taken name must raise here, and get_if_exists may return
+        # another actor's id. The constructor itself runs later: its errors surface at the first call.
         aid = c.rpc("create_actor", c.new_id(), blob, self._cls.__name__, args_blob, deps, contained, hopts,
                     self._methods)
         return ActorHandle(aid, self._cls.__name__, self._methods, ObjectRef(aid, _counted=True))
@@ -1133,7 +1375,10 @@ class ActorClass:
 
 class ActorHandle:
     """handle.method.remote(*args) -> ObjectRef. Handles can be passed to tasks and other actors; a
-    non-detached actor ends when the last handle anywhere is gone."""
+    non-detached actor ends when the last handle anywhere is gone.
+    The trick: a handle owns an ObjectRef whose id is the actor id. The head keeps an object for it (_Obj
+    with .actor set), so handles are counted by the same "+"/"-" machinery as objects, across processes,
+    and when that object is freed the actor exits once its queued calls are done (_maybe_free)."""
 
     def __init__(self, aid, cls_name, methods, ref):
         self._aid, self._cls_name, self._methods, self._ref = aid, cls_name, methods, ref
@@ -1148,6 +1393,8 @@ class ActorHandle:
 
 
 class ActorMethod:
+    """handle.method: .remote(*args) sends one call; .options(num_returns=) overrides the decorator's."""
+
     def __init__(self, handle, name, num_returns):
         self._handle, self._name, self._num_returns = handle, name, num_returns
 
@@ -1163,6 +1410,9 @@ class ActorMethod:
         tid, rids = c.new_id(), [c.new_id() for _ in range(self._num_returns)]
         args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._name}.remote()")
         c.owned.update(rids)
+        # calls from one process go out in program order on one connection and the head queues them per actor
+        # in arrival order: an actor gets one caller's calls in the order they were made (and, with
+        # max_concurrency=1, runs them in that order)
         c.send(("call", tid, self._handle._aid, self._name, args_blob, deps, contained, rids))
         refs = [ObjectRef(r, _counted=True) for r in rids]
         return refs[0] if len(refs) == 1 else refs
@@ -1188,7 +1438,13 @@ def method(*, num_returns=1):
 
 
 class PlacementGroup:
-    """Reserved bundles of resources. ready() -> an ObjectRef that resolves once they are placed."""
+    """Reserved bundles of resources. ready() -> an ObjectRef that resolves once they are placed.
+    Why reserve: a torchrun-style job needs ALL its W ranks running at once; started one by one, two jobs can
+    each get half their GPUs and wait for each other forever. A group is placed all at once or not at all
+    (gang scheduling), then tasks and actors are started inside its bundles. In Ray the control store runs a
+    two-phase commit with the raylets to reserve the bundles; with one head holding every pool, nanoray's
+    reservation is a single function call (_Head._place_pg).
+    bundle_specs: the bundles as given, e.g. [{"CPU": 1, "GPU": 1}] * 4; id: made here, like object ids."""
 
     def __init__(self, pg_id, bundle_specs, strategy):
         self.id, self.bundle_specs, self.strategy = pg_id, bundle_specs, strategy
@@ -1198,6 +1454,8 @@ class PlacementGroup:
         return len(self.bundle_specs)
 
     def ready(self) -> ObjectRef:
+        # an object the head made with the group (pinned while the group lives) and seals with this
+        # PlacementGroup as its value once every bundle is reserved: get() on it is the wait
         return ObjectRef(self.id + ".ready")
 
     def wait(self, timeout_seconds=30) -> bool:
@@ -1209,12 +1467,20 @@ class PlacementGroup:
 
 
 class PlacementGroupSchedulingStrategy:
+    """scheduling_strategy= for a task or actor: run in bundle `placement_group_bundle_index` of the group
+    (-1: any bundle with room). Its resources come out of the bundle, not out of the node's free pool.
+    capture_child_tasks is accepted for Ray's signature and ignored: children schedule normally."""
+
     def __init__(self, placement_group, placement_group_bundle_index=-1, placement_group_capture_child_tasks=None):
         self.placement_group, self.placement_group_bundle_index = placement_group, placement_group_bundle_index
         self.placement_group_capture_child_tasks = placement_group_capture_child_tasks
 
 
 def placement_group(bundles, strategy="PACK", name="", lifetime=None) -> PlacementGroup:
+    """Ask the head to reserve `bundles` (a list of resource dicts) with a strategy: PACK (as few nodes as
+    possible), SPREAD (as many as possible), STRICT_PACK (one node, or wait), STRICT_SPREAD (one node per
+    bundle, or wait). Returns at once; pg.ready() resolves when reserved. name is accepted and unused;
+    lifetime="detached" keeps the group after this driver exits."""
     if strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
         raise ValueError(f"placement_group(strategy={strategy!r}): expected PACK, SPREAD, STRICT_PACK or STRICT_SPREAD")
     if not bundles or not all(isinstance(b, dict) and b for b in bundles):
@@ -1224,15 +1490,18 @@ def placement_group(bundles, strategy="PACK", name="", lifetime=None) -> Placeme
     if any(b.get("GPU", 0) > UNIT and b["GPU"] % UNIT for b in units):
         raise ValueError("placement_group: a bundle asking for more than one GPU must ask for a whole number")
     pg = PlacementGroup(c.new_id(), [dict(b) for b in bundles], strategy)
+    # the pickled group travels along: it is the value that pg.ready() resolves to, in any process
     c.send(("pg", pg.id, units, strategy, _bytes_of(pg), lifetime == "detached"))
     return pg
 
 
 def remove_placement_group(placement_group) -> None:
+    """Give the bundles back; actors placed in the group are killed, running tasks finish."""
     _need_client().send(("rm_pg", placement_group.id))
 
 
 def get_node_ip_address() -> str:
+    """The address this process's node announced (what rank 0 hands to the others as MASTER_ADDR)."""
     return _need_client().info["ip"]
 
 
@@ -1247,9 +1516,31 @@ util = types.SimpleNamespace(
 # One thread runs everything (a selectors loop), so no state needs a lock: sockets are non-blocking,
 # a slow peer only grows its own output buffer, and handshakes run on helper threads that hand
 # authenticated sockets to the loop. Each handler is `_on_<op>(peer, ...)` for a message (op, ...).
+#   What Ray spreads over several services, the head holds in a handful of dicts: the object directory
+# (objects: id -> _Obj, where each object is, who holds or pins it, who waits for it), the task queues,
+# the actor table, the workers and nodes with their free resources, the placement groups. Ray has a control
+# store (GCS) for cluster tables, a raylet per node that schedules and leases workers, and owners that track
+# their objects; nanoray's head is all three, for every node. Simpler to read and to get right (one thread,
+# one consistent view, no races between schedulers); the cost is that every task passes through one Python
+# thread, which bounds the task rate of the whole cluster (`--bench` measures it).
+#   Why a single thread and not one per connection: every handler touches shared tables (a "done" frees
+# resources that a queued task of another peer takes), so threads would need one big lock anyway, and the
+# loop never blocks: a handler only updates dicts and appends to output buffers.
+#   The scheduler, in short: a task whose arguments are all ready enters a FIFO queue keyed by its resource
+# shape and strategy (_runnable); _schedule, run after every event that may free or add capacity, walks
+# the queues and places the head of each while it fits (_place: a node's pool, or a placement-group bundle),
+# then binds a worker (_start: an idle one started with the same GPUs, else a new process). One queue per
+# shape stops a big GPU task from blocking the small CPU tasks behind it, while keeping FIFO among equals.
+#   Failures: a worker is dead when its socket hits EOF or its process exits (its node manager reports the
+# exit code). Its task is retried (max_retries, system failures only) or its returns become errors; an actor
+# restarts by running its creation task again (_actor_lost). A node is dead when its raylet's socket
+# closes: its workers die with it and objects with no copy elsewhere become ObjectLostError.
 
 @dataclass(eq=False)
 class _Obj:
+    """The head's record of one object id (also of each actor's handle count and each group's ready flag).
+    Lifetime: created pending by a submit (or ready by a put), sealed ready by _seal, freed by _maybe_free
+    once nobody holds, pins or still produces it. Arena copies live in `locs`; small values in `desc`."""
     state: str = "pending"  # pending (a task will produce it) | ready
     desc: tuple = None  # ("inline", bytes) | ("error", bytes); None when it lives in arenas
     locs: dict = field(default_factory=dict)  # node id -> (offset, size) of a copy in that node's arena
@@ -1265,6 +1556,8 @@ class _Obj:
 
 @dataclass(eq=False)
 class _Task:
+    """One unit of work as the head tracks it, from submit to _finish (or _fail). Invariant: while not
+    done, its deps and contained ids are pinned (they cannot be freed under it); `done` flips exactly once."""
     tid: str
     kind: str  # task | actor (a creation) | call (an actor method)
     job: str
@@ -1275,57 +1568,68 @@ class _Task:
     deps: list  # ids of top-level ref arguments (+ the args object)
     contained: list  # ids of refs nested in the arguments (pinned, not resolved)
     rids: list  # ids of the returns
-    opts: dict
+    opts: dict  # req (resource units), strategy, max_retries, retry_exceptions; calls: aid; actors: the lot
     missing: int = 0  # arguments not ready yet
-    done: bool = False
-    retries: int = 0
+    done: bool = False  # results sealed (or failed): late events for this task are ignored
+    retries: int = 0  # retries left (-1: forever): max_retries for tasks, max_task_retries for calls
 
 
 @dataclass(eq=False)
 class _Actor:
+    """One actor: its creation task (kept to restart it), its dedicated worker, its calls. Calls wait in
+    `queue` until the actor is alive and their arguments are ready, then move to `inflight` until "done"."""
     aid: str
     spec: _Task  # the creation task, run again on restart
     job: str
     state: str = "pending"  # pending | alive | restarting | dead
     worker: object = None
     queue: deque = field(default_factory=deque)  # calls in submission order, sent when their args are ready
-    inflight: dict = field(default_factory=dict)
+    inflight: dict = field(default_factory=dict)  # task id -> call sent to the worker, not done yet
     restarts: int = 0  # restarts left (-1: unlimited)
     out_of_scope: bool = False  # no handle left: exit once the queue drains
-    cause: str = ""
+    cause: str = ""  # why it died (the first reason wins): the text of every later ActorDiedError
 
 
 @dataclass(eq=False)
 class _Worker:
+    """One worker process. Its GPUs are fixed at spawn (CUDA_VISIBLE_DEVICES cannot change in a live
+    process), and its job once bound (it has that driver's sys.path and imported modules): a worker is
+    reused only for tasks with the same job and the same GPU indices."""
     wid: str
     node: object
     job: str  # None until its first task (prestarted workers serve any job)
-    gpus: tuple
+    gpus: tuple  # indices into its node's GPU list, () for a CPU worker
     state: str = "starting"  # starting | idle | busy | actor | dead
-    conn: object = None
+    conn: object = None  # its _Peer once it connected (a task may be bound to it before that: sent on hello)
     pid: int = 0
-    task: _Task = None
-    actor: str = None
-    alloc: tuple = None
-    pool: _Pool = None
+    task: _Task = None  # the plain task it runs
+    actor: str = None  # the actor it is dedicated to, for life
+    alloc: tuple = None  # what it took from `pool` (_Pool.take's pair), given back when its work ends
+    pool: _Pool = None  # its node's pool, or the placement-group bundle's
     blocked_cpu: int = 0  # CPU units lent back while its task waits in get()
 
 
 @dataclass(eq=False)
 class _Node:
+    """One machine: its resources (total and the free pool), its arena's allocator and regions, its idle
+    workers. The head's own machine is a _Node too, served in-process by self.local (conn None)."""
     nid: str
     conn: object  # the raylet's peer; None for the head's own node
     info: dict  # ip, object server address, arena path and size, hostname
     total: dict
     pool: _Pool
     alloc: _Alloc
-    allocs: dict = field(default_factory=dict)  # offset -> [size, owner]: object id | peer | ("pull", id) | None
+    # the arena's regions: offset -> [size, owner]. owner: an object id (sealed) | the peer writing it (not
+    # sealed yet) | ("pull", id) (a transfer fills it) | None (let go, waiting for its last reader to unmap)
+    allocs: dict = field(default_factory=dict)
     idle: dict = field(default_factory=dict)  # (job, gpus) -> idle workers
     alive: bool = True
 
 
 @dataclass(eq=False)
 class _PG:
+    """A placement group. Once created: bundle i lives on nodes[i], carved out of that node's pool into a
+    pool of its own, pools[i]; allocs[i] is what was taken from the node (given back on removal)."""
     pgid: str
     bundles: list
     strategy: str
@@ -1342,28 +1646,43 @@ class _Peer:
     """The head's end of one authenticated connection (a driver, a worker, a raylet or the CLI)."""
 
     def __init__(self, sock, addr):
+        # rbuf/rpos: bytes received and how far they are parsed; wbuf: frames not yet taken by the kernel
         self.sock, self.addr, self.rbuf, self.rpos, self.wbuf = sock, addr, bytearray(), 0, bytearray()
-        self.kind = self.node = self.job = self.worker = None
+        self.kind = self.node = self.job = self.worker = None  # set by hello: who it is, its node, job, _Worker
+        # what dies with the connection: ids it holds a ref to, regions it maps ((node, offset) -> count),
+        # regions it allocated but did not seal, its pending get requests (req -> ids)
         self.held, self.maps, self.allocs, self.subs = set(), Counter(), set(), {}
         self.closed = self.writing = False  # writing: the loop waits for EVENT_WRITE to flush wbuf
 
 
 class _Head:
+    """The cluster's brain, in one process and one thread (see the section comment above)."""
+
     def __init__(self, cfg: dict, listen: socket.socket, secret: bytes):
         self.cfg, self.secret, self.listen = cfg, secret, listen
         listen.setblocking(False)
+        # the selector's key.data says what a ready socket is: "listen", "wake", or the _Peer of a connection
         self.sel = selectors.DefaultSelector()
         self.sel.register(listen, selectors.EVENT_READ, "listen")
+        # the self-pipe trick: another thread wakes the loop out of select() by writing a byte to wake_w
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
         self.sel.register(self.wake_r, selectors.EVENT_READ, "wake")
         self.posted = deque()  # callables from other threads, run by the loop
         self.handshakes = threading.BoundedSemaphore(64)  # handshakes in flight
+        # objects: id -> _Obj; queues: (resource shape, strategy) -> deque of runnable tasks; actors: id ->
+        # _Actor; names: (namespace, name) -> actor id; pgs: id -> _PG
         self.objects, self.queues, self.actors, self.names, self.pgs = {}, {}, {}, {}, {}
+        # nodes: id -> _Node; workers: id -> live _Worker; jobs: job id -> {ns, sys_path, alive};
+        # maps: (node id, offset) -> how many live mappings of that region, over all processes
         self.nodes, self.workers, self.jobs, self.maps = {}, {}, {}, Counter()
+        # ids: worker/job numbers; rr: SPREAD's round-robin cursor; warned: names already warned (log once)
         self.ids, self.rr, self.stopping, self.warned = itertools.count(), 0, False, set()
         host, port = listen.getsockname()[:2]
         self.address = f"{host}:{port}"
+        # the head's own machine is also a node: its manager runs in this process, and its events (a worker
+        # exited, a transfer ended) come from helper threads, so they are posted to the loop as if a raylet
+        # had sent them, through a socket-less peer (_send to it is a no-op)
         self.local = _NodeManager(os.urandom(4).hex(), self.address, secret, cfg, host,
                                   report=lambda msg: self.post(lambda: self._handle(self.local_peer, msg)))
         self.local_peer = _Peer(None, "local")
@@ -1372,25 +1691,27 @@ class _Head:
 
     # -- the loop
     def post(self, fn) -> None:
-        self.posted.append(fn)
+        """Run fn on the loop thread, soon, in post order: the only way other threads touch head state."""
+        self.posted.append(fn)  # before the wake byte: the loop must find fn when it wakes
         with suppress(OSError):
             self.wake_w.send(b"x")
 
     def loop(self) -> None:
+        """Until shutdown: wait (at most 0.1 s) for sockets, handle what is ready, reap exited workers."""
         next_poll = 0.0
         while not self.stopping:
-            for key, events in self.sel.select(timeout=0.1):
+            for key, events in self.sel.select(timeout=0.1):  # the timeout bounds how late poll() and stop run
                 if key.data == "listen":
                     self._accept()
                 elif key.data == "wake":
-                    with suppress(BlockingIOError):
+                    with suppress(BlockingIOError):  # drain the wake bytes (one per post) in bulk
                         self.wake_r.recv(4096)
                     while self.posted:
                         self.posted.popleft()()
                 else:
                     if events & selectors.EVENT_READ:
                         self._read(key.data)
-                    if events & selectors.EVENT_WRITE and not key.data.closed:
+                    if events & selectors.EVENT_WRITE and not key.data.closed:  # (_read may have closed it)
                         self._flush(key.data)
             if time.monotonic() >= next_poll:  # reap exited worker processes of this node
                 self.local.poll()
@@ -1398,6 +1719,7 @@ class _Head:
         self._shutdown()
 
     def _accept(self) -> None:
+        """A new connection: authenticate it on a helper thread (the handshake blocks, the loop must not)."""
         try:
             sock, addr = self.listen.accept()
         except OSError:
@@ -1418,10 +1740,13 @@ class _Head:
         finally:
             self.handshakes.release()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setblocking(False)
+        sock.setblocking(False)  # from here on only the loop touches it, and the loop never waits on a socket
+        # registered by the loop itself (selectors are not thread-safe); bytes that arrive meanwhile wait in
+        # the kernel and make the socket readable as soon as it is registered
         self.post(lambda: self.sel.register(sock, selectors.EVENT_READ, _Peer(sock, addr)))
 
     def _read(self, peer) -> None:
+        """Take what the socket has (up to 1 MiB), handle every complete frame in it, keep the partial rest."""
         try:
             data = peer.sock.recv(1 << 20)
         except (BlockingIOError, InterruptedError):
@@ -1433,21 +1758,24 @@ class _Head:
         peer.rbuf += data
         while not peer.closed and len(peer.rbuf) - peer.rpos >= 4:
             (n,) = _LEN.unpack_from(peer.rbuf, peer.rpos)
-            if n > MAX_FRAME:
+            if n > MAX_FRAME:  # checked before buffering n bytes: a garbage header cannot make us allocate 4 GB
                 return self._close(peer, f"a frame header claims {n} bytes (limit {MAX_FRAME})", loud=True)
             if len(peer.rbuf) - peer.rpos - 4 < n:
                 break
             payload = peer.rbuf[peer.rpos + 4:peer.rpos + 4 + n]
-            peer.rpos += 4 + n
+            peer.rpos += 4 + n  # advance a cursor instead of deleting the front: no quadratic copying
             try:
                 msg = pickle.loads(payload)
             except Exception as e:
                 return self._close(peer, f"an undecodable frame ({type(e).__name__}: {e})", loud=True)
-            self._handle(peer, msg)
+            self._handle(peer, msg)  # in arrival order: the ordering guarantees of _Client.send hold here
+        # the buffer is reset only when it ends on a frame boundary (unlike _Client._recv, no compaction)
         if peer.rpos == len(peer.rbuf):
             peer.rbuf, peer.rpos = bytearray(), 0
 
     def _handle(self, peer, msg) -> None:
+        """Dispatch one message (op, *args) to _on_<op>(peer, *args). Only authenticated peers get here, so a
+        bad message is a bug or a version mismatch, not an attack: it is logged and costs its connection."""
         try:
             if peer.kind is None and msg[0] != "hello":
                 raise ValueError("the first message must be hello")
@@ -1457,10 +1785,12 @@ class _Head:
             self._close(peer, "bad message")
 
     def _send(self, peer, msg) -> None:
+        """Queue msg for peer and send what the kernel takes now; never blocks. A closed peer (or the local
+        node's socket-less peer) drops it: whoever waited for it learns of the death another way."""
         if not peer.closed and peer.sock is not None:
             queued = bool(peer.wbuf)
             peer.wbuf += _frame(msg)
-            if not queued:  # else the loop flushes once the socket is writable again
+            if not queued:  # else the loop flushes once the socket is writable again (frames stay in order)
                 self._flush(peer)
 
     def _flush(self, peer) -> None:
@@ -1472,11 +1802,16 @@ class _Head:
         except OSError as e:
             return self._close(peer, f"send failed: {e}")
         del peer.wbuf[:n]
+        # ask for EVENT_WRITE only while bytes are left: a writable socket with nothing to write would make
+        # select() return at once forever (a busy loop)
         if peer.writing != bool(peer.wbuf):
             peer.writing = bool(peer.wbuf)
             self.sel.modify(peer.sock, selectors.EVENT_READ | (selectors.EVENT_WRITE if peer.writing else 0), peer)
 
     def _close(self, peer, why, loud=False) -> None:
+        """A connection ended (EOF, error, bad message): undo everything it had, in this order: its refs,
+        its mappings, its unsealed regions, then what its kind implies (a worker's task is retried or failed,
+        a driver's job ends, a node's workers and objects are lost). Idempotent."""
         if peer.closed or peer.sock is None:
             return
         peer.closed = True
@@ -1502,19 +1837,23 @@ class _Head:
 
     # -- peers arrive
     def _on_hello(self, peer, info) -> None:
+        """A peer says who it is (kind: driver | worker | node | cli); the reply (request 0) tells it its node's
+        facts: the arena to map, the ip, the job id."""
         peer.kind = info["kind"]
         if peer.kind == "driver":
+            # a driver needs a node on its own machine: large objects go through that node's arena
             here = [n for n in self.nodes.values() if n.alive and n.info["host"] == info["host"]]
             if not here:
                 self._send(peer, ("reply", 0, ValueError(
                     f"no nanoray node runs on this machine ({info['host']}); start one with "
                     f"`python nanoray.py start --address {self.address}` first")))
                 return self._close(peer, "no local node")
+            # one job per driver connection: its tasks, actors, workers and groups end when it disconnects
             peer.node, peer.job = here[0], f"job{next(self.ids)}"
             self.jobs[peer.job] = {"ns": info["namespace"] or peer.job, "sys_path": info["sys_path"], "alive": True}
         elif peer.kind == "worker":
-            w = self.workers.get(info["wid"])
-            if w is None or w.state == "dead":
+            w = self.workers.get(info["wid"])  # the id we gave it at spawn: it ties the process to its record
+            if w is None or w.state == "dead":  # e.g. killed (its job ended) before it got to connect
                 return self._close(peer, "unknown worker")
             w.conn, w.pid, peer.worker, peer.node = peer, info["pid"], w, w.node
         elif peer.kind == "node":
@@ -1525,13 +1864,14 @@ class _Head:
             w = peer.worker
             if w.job is not None:
                 self._send(peer, ("bind", self.jobs[w.job]["sys_path"]))
-            if w.task is not None or w.actor is not None:
+            if w.task is not None or w.actor is not None:  # spawned for a task: it has been waiting for this
                 self._dispatch(w)
-            else:
+            else:  # a prestarted worker: now it can take queued work
                 self._idle(w)
                 self._schedule()
 
     def _add_node(self, nid, conn, info) -> _Node:
+        """Register a machine (the head's own, or a raylet that said hello) and start its workers."""
         gpus = {i: UNIT for i in range(info["num_gpus"])}
         total = {"CPU": info["num_cpus"] * UNIT, "GPU": len(gpus) * UNIT, **info["resources"]}
         node = _Node(nid, conn, info, total, _Pool(total, gpus), _Alloc(info["arena_size"]))
@@ -1542,9 +1882,15 @@ class _Head:
         return node
 
     # -- references and objects
+    # An object lives while it has a holder (a peer with an ObjectRef to it), a pin (a task using it as an
+    # argument, an object containing it, a transfer reading it) or a producer (state pending). The last of
+    # those to go calls _maybe_free. Its arena regions are a second, lower level: a region returns to the
+    # allocator only when its object let go of it AND no process still maps it (self.maps), because a reader's
+    # arrays may outlive the object itself (get, then drop the ref, keep the array).
     def _on_refs(self, peer, ops) -> None:
+        """The ref ops a process queued since its last message, applied in its order (see _Client.send)."""
         for op, x in ops:
-            if op == "+" and x in self.objects:
+            if op == "+" and x in self.objects:  # (an unknown id was freed already: a get on it raises)
                 self.objects[x].holders.add(peer)
                 peer.held.add(x)
             elif op == "-":
@@ -1561,6 +1907,7 @@ class _Head:
                 self._unmap((peer.node.nid, x), 1)
 
     def _new_obj(self, oid, holder, **kw) -> _Obj:
+        """Record a new object; holder (a peer, or None) is counted at once, before any "+" could arrive."""
         o = self.objects[oid] = _Obj(**kw)
         if holder is not None:
             o.holders.add(holder)
@@ -1568,6 +1915,10 @@ class _Head:
         return o
 
     def _maybe_free(self, oid, o) -> None:
+        """Free the object if nothing keeps it: its regions are let go, the refs it contained are unpinned
+        (which may free them in turn: a cascade), and an actor whose last handle this was is told to exit."""
+        # a pending object is kept even without holders: its task will seal it (the result is then freed
+        # right after the push). The identity check makes a call on an already freed _Obj a no-op.
         if o.holders or o.pins or o.state == "pending" or self.objects.get(oid) is not o:
             return
         del self.objects[oid]
@@ -1582,6 +1933,7 @@ class _Head:
                 self._maybe_exit(a)
 
     def _pin(self, oid) -> None:
+        """Keep oid alive for a task or a containing object (an unknown id is ignored: its get raises)."""
         if oid in self.objects:
             self.objects[oid].pins += 1
 
@@ -1595,14 +1947,15 @@ class _Head:
         """The owner lets go of a region: it returns to the allocator once no process maps it."""
         node = self.nodes.get(nid)
         reg = node.allocs.get(off) if node else None
-        if reg is None or reg[1] != owner:
+        if reg is None or reg[1] != owner:  # not (or no longer) this owner's: e.g. already sealed by another
             return
-        reg[1] = None
+        reg[1] = None  # owner-less: from now on only the mappings keep it
         if not self.maps.get((nid, off)):
             node.alloc.free(off, reg[0])
             del node.allocs[off]
 
     def _unmap(self, key, n) -> None:
+        """n mappings of region key = (node id, offset) are gone; the last one frees an owner-less region."""
         left = self.maps[key] - n
         if left > 0:
             self.maps[key] = left
@@ -1613,6 +1966,7 @@ class _Head:
             self._release_region(key[0], key[1], None)
 
     def _rpc_alloc(self, peer, size):
+        """A region of `size` bytes in the arena of the caller's node; it belongs to the caller until sealed."""
         node = peer.node
         off = node.alloc.alloc(size)
         if off is None:
@@ -1625,10 +1979,13 @@ class _Head:
         return off
 
     def _on_put(self, peer, oid, desc, contained, hold) -> None:
+        """put() (hold: the putter holds a ref) or a large argument object (no holder: the submit pins it)."""
         self._seal(oid, self._new_obj(oid, peer if hold else None), desc, contained, peer.node, peer)
 
     def _seal(self, oid, o, desc, contained, node, writer) -> None:
         """The value of `oid` exists now: record where, wake its gets and the tasks waiting for it."""
+        # sealing is the publication point: the writer finished its copy before it sent put/done, and only
+        # now can any reader learn the descriptor, so no reader ever sees a half-written region
         if desc[0] == "shm":
             off, o.size = desc[1], desc[2]
             node.allocs[off][1] = oid  # the region belongs to the object from now on
@@ -1642,12 +1999,16 @@ class _Head:
         self._notify(oid, o)
 
     def _desc_for(self, o, node):
+        """What a process on `node` needs to read o: its inline/error descriptor, the local arena copy, or None
+        (the object is only in other nodes' arenas: it must be pulled first)."""
         if o.desc is not None:
             return o.desc
         loc = o.locs.get(node.nid) if node else None
         return None if loc is None else ("shm",) + loc
 
     def _notify(self, oid, o) -> None:
+        """oid became readable somewhere (sealed, copied to a node, or turned into an error): answer the gets
+        that can read it now, start copies for the others, and tell the tasks waiting for it as an argument."""
         waiting = []
         for peer, req in o.waiters:
             if peer.closed:
@@ -1664,6 +2025,8 @@ class _Head:
             self._dep_ready(t, o)
 
     def _on_get(self, peer, req, oids, ack) -> None:
+        """Answer now with what is readable on the peer's node, subscribe (peer, req) to the rest: each is
+        answered by _notify later (and copied to the peer's node first if it is elsewhere)."""
         ready = []
         for oid in oids:
             o = self.objects.get(oid)
@@ -1687,7 +2050,7 @@ class _Head:
 
     def _pull(self, oid, o, dst) -> None:
         """Copy an arena object to node dst: dst's manager fetches it from a node that has it."""
-        if dst.nid in o.pulling:
+        if dst.nid in o.pulling:  # one copy per (object, node), however many readers wait for it there
             return
         src = next((self.nodes[n] for n in o.locs if self.nodes[n].alive), None)
         off = dst.alloc.alloc(o.size) if src else None
@@ -1696,8 +2059,9 @@ class _Head:
                                       else ObjectStoreFullError(f"object {oid} ({o.size / 1e6:.1f} MB) does not "
                                                                 f"fit in the store of node {dst.nid}"))
         dst.allocs[off] = [o.size, ("pull", oid)]
-        o.pins += 1
+        o.pins += 1  # the source region must outlive the transfer: the object cannot be freed until "pulled"
         o.pulling.add(dst.nid)
+        # the bytes go node to node (dst connects to src's object server), never through the head
         self._node_call(dst, "pull", oid, src.info["objects"], o.locs[src.nid][0], o.size, off)
 
     def _fail_waiters(self, oid, o, node, exc) -> None:
@@ -1707,6 +2071,8 @@ class _Head:
         o.waiters = [w for w in o.waiters if w[0].node is not node]
 
     def _on_pulled(self, peer, oid, nid, off, err) -> None:
+        """A transfer ended: on success the object has one more location and its waiters there are answered;
+        on failure the region is given back and those waiters get ObjectLostError."""
         node, o = self.nodes[nid], self.objects.get(oid)
         if o is not None:
             o.pins -= 1
@@ -1725,16 +2091,22 @@ class _Head:
             self._maybe_free(oid, o)
 
     # -- tasks
+    # A task's life at the head: _on_submit -> _admit -> _check_deps -> (waits in its arguments' dependents
+    # lists) -> _runnable -> a queue -> _schedule/_place/_start -> running on a worker -> _on_done -> _finish.
+    # Failure exits: _fail (a failed or freed argument, a dead driver, a removed group) and _worker_dead
+    # (retry, or WorkerCrashedError). Every exit goes through _finish, which seals the returns exactly once.
     def _job(self, peer):
         return peer.job if peer.kind == "driver" else peer.worker.job
 
     def _admit(self, t: _Task, peer) -> None:
+        """The returns exist from now on (pending, held by the submitter) and the arguments are pinned."""
         for rid in t.rids:
             self._new_obj(rid, peer)
         for d in t.deps + t.contained:
             self._pin(d)
 
     def _check_deps(self, t: _Task) -> None:
+        """Count the arguments still being produced and subscribe to them; run the task when none is."""
         t.missing = 0
         for d in t.deps:
             o = self.objects.get(d)
@@ -1756,15 +2128,19 @@ class _Head:
             self._runnable(t)
 
     def _runnable(self, t) -> None:
+        """All arguments are ready: queue the task for the scheduler (an actor call goes to its actor's queue,
+        which is already in order). Also the re-entry point of retries and actor restarts."""
         if not self.jobs[t.job]["alive"] and not (t.kind == "actor" and t.opts["detached"]):
             return self._fail(t, _error_desc(RayError("its driver exited")))
         if t.kind == "call":
             return self._pump_actor(self.actors[t.opts["aid"]])
+        # one FIFO per (resource shape, strategy): tasks that ask the same are served in submission order
         key = (tuple(sorted(t.opts["req"].items())), repr(t.opts["strategy"]))
         self.queues.setdefault(key, deque()).append(t)
         self._schedule()
 
     def _on_submit(self, peer, tid, blob, name, args, deps, contained, rids, opts) -> None:
+        """f.remote(): the submitter is the owner (results are pushed to it) and first holder of the returns."""
         t = _Task(tid, "task", self._job(peer), peer, blob, name, args, deps, contained, rids, opts,
                   retries=opts["max_retries"])
         self._admit(t, peer)
@@ -1776,21 +2152,23 @@ class _Head:
         for rid, desc, contained in results:
             o = self.objects.get(rid)
             if o is None or o.state != "pending":  # nobody wants it any more: give the region back
+                # (defensive: a pending return is never freed, so this should not happen)
                 if desc[0] == "shm":
                     writer.allocs.discard((node.nid, desc[1]))
                     self._release_region(node.nid, desc[1], writer)
                 continue
             self._seal(rid, o, desc, contained, node, writer)
-        for d in t.deps + t.contained:
+        for d in t.deps + t.contained:  # after the seal: results that contain an argument pin it first
             self._unpin(d)
         if t.rids and not t.owner.closed:  # the owner waits for this push instead of asking (None: ask)
             self._send(t.owner, ("objs", None, [(r, self._desc_for(self.objects[r], t.owner.node) if r in
                                                  self.objects else None) for r in t.rids]))
-        for rid in t.rids:
+        for rid in t.rids:  # no longer pending: a result whose refs were all dropped is freed now
             if rid in self.objects:
                 self._maybe_free(rid, self.objects[rid])
 
     def _fail(self, t, desc) -> None:
+        """Finish t with an error descriptor as every return (an actor creation: the actor dies instead)."""
         if t.done:
             return
         if t.kind == "actor":
@@ -1799,16 +2177,18 @@ class _Head:
         self._finish(t, [(r, desc, ()) for r in t.rids], None, None)
 
     def _on_done(self, peer, tid, results, failed) -> None:
+        """A worker finished a task or an actor call. results: [(return id, descriptor, contained ids)];
+        failed: _run_call caught an exception (the descriptors are errors)."""
         w = peer.worker
-        if w.actor is not None:
+        if w.actor is not None:  # an actor call: the worker stays the actor's; its calls may run concurrently
             a = self.actors[w.actor]
             t = a.inflight.pop(tid, None)
-            if t is not None:
+            if t is not None:  # None: the call was already failed (the actor was declared dead meanwhile)
                 self._finish(t, results, w.node, peer)
             self._maybe_exit(a)
             return
         t, w.task = w.task, None
-        self._release_worker(w)
+        self._release_worker(w)  # resources back and the worker idle BEFORE the retry/finish, so _schedule sees both
         if failed and t.opts["retry_exceptions"] and t.retries != 0:  # an application error, retried on request
             t.retries -= 1
             self._runnable(t)
@@ -1817,12 +2197,14 @@ class _Head:
         self._schedule()
 
     def _on_blocked(self, peer, flag) -> None:
+        """The worker's task waits in get() (flag True) or stopped waiting: lend its CPUs to the pool meanwhile.
+        Only CPUs: a GPU is bound to the process (CUDA_VISIBLE_DEVICES), and actors are never blocked here."""
         w = peer.worker
         if w is None or w.alloc is None or w.actor is not None:
             return
         if flag and not w.blocked_cpu and w.alloc[0].get("CPU"):
             w.blocked_cpu = w.alloc[0]["CPU"]
-            w.alloc[0]["CPU"] = 0
+            w.alloc[0]["CPU"] = 0  # the alloc now holds no CPU: whatever happens next, give() cannot double-return it
             w.pool.free["CPU"] += w.blocked_cpu
             self._schedule()
         elif not flag and w.blocked_cpu:  # take it back, even if that oversubscribes for a moment (as Ray)
@@ -1830,14 +2212,23 @@ class _Head:
             w.alloc[0]["CPU"], w.blocked_cpu = w.blocked_cpu, 0
 
     # -- scheduling: queues per resource shape; a task takes resources, then a worker
+    # Ray's raylets schedule locally first and spill to other nodes; its control store places actors and
+    # groups. Here one function sees every node's free pool, so placement is a plain loop over nodes.
     def _schedule(self) -> None:
+        """Start everything that fits now. Called after any event that may free or add capacity (a task
+        done, a worker or node arrived, a CPU lent back, a group removed) and after each new runnable task.
+        Pending placement groups are tried first, so resources that free up go to a waiting group before the
+        queued tasks; nothing is held back while it does not fit, so a steady stream of small tasks can still
+        keep a large group waiting."""
         for pg in [p for p in self.pgs.values() if p.state == "pending"]:
             self._place_pg(pg)
         for key in list(self.queues):
             q = self.queues[key]
             while q:
                 t = q[0]
-                placed = None if t.done else self._place(t)
+                placed = None if t.done else self._place(t)  # (done: failed while queued, dropped lazily here)
+                # stopping at the first task that does not fit is exact, not a heuristic: every task of this
+                # queue asks for the same resources under the same strategy, so none behind it would fit
                 if placed is None and not t.done:
                     break
                 q.popleft()
@@ -1847,6 +2238,7 @@ class _Head:
                 del self.queues[key]
 
     def _place(self, t):
+        """Where t can run now -> (node, pool, alloc) with the resources already taken, or None (it waits)."""
         req, s = t.opts["req"], t.opts["strategy"]
         if s is not None and s[0] == "pg":
             pg = self.pgs.get(s[1])
@@ -1861,30 +2253,35 @@ class _Head:
                     return pg.nodes[i], pg.pools[i], alloc
             return None
         nodes = [n for n in self.nodes.values() if n.alive]
-        if s == "SPREAD":
+        if s == "SPREAD":  # rotate the start node per task: consecutive tasks land on different nodes
             self.rr += 1
             nodes = nodes[self.rr % len(nodes):] + nodes[:self.rr % len(nodes)]
-        else:  # the submitter's node first: its arguments are likely there
+        else:  # the submitter's node first: its arguments are likely there (sort is stable: then node order)
             nodes.sort(key=lambda n: n is not t.owner.node)
         for n in nodes:
             alloc = n.pool.take(req)
             if alloc is not None:
                 return n, n.pool, alloc
+        # infeasible (no node is big enough even when idle): say so once per name, and keep it queued, since
+        # a bigger node may join (a get(timeout=) on its result still returns in time)
         if not any(all(n.total.get(k, 0) >= v for k, v in req.items()) for n in nodes) and t.name not in self.warned:
             self.warned.add(t.name)
             _log(f"head: {t.name} asks for {_fmt_res(req)}, more than any node has; it waits for a node that does")
         return None
 
     def _start(self, t, node, pool, alloc) -> None:
+        """Bind t to a worker on node: a reusable idle one, else a new process (t is sent when it connects)."""
         gpus = tuple(sorted(alloc[1]))
         w = None
         for key in ((t.job, gpus), (None, gpus)):  # an idle worker of this job, else an unbound one
             while w is None and node.idle.get(key):
+                # pop(): the most recently idle worker (warm caches). Idle lists are cleaned lazily: an entry
+                # may be a worker that died or was taken since, hence the state check
                 cand = node.idle[key].pop()
                 w = cand if cand.state == "idle" else None
         if w is None:
             w = self._spawn(node, t.job, gpus)
-        elif w.job is None:
+        elif w.job is None:  # a prestarted worker joins this job for good (it gets the driver's sys.path)
             w.job = t.job
             self._send(w.conn, ("bind", self.jobs[t.job]["sys_path"]))
         w.alloc, w.pool = alloc, pool
@@ -1893,16 +2290,20 @@ class _Head:
             a.worker, w.actor, w.state = w, a.aid, "actor"
         else:
             w.task, w.state = t, "busy"
-        if w.conn is not None:
+        if w.conn is not None:  # else _on_hello dispatches when the new process connects
             self._dispatch(w)
 
     def _spawn(self, node, job, gpus) -> _Worker:
+        """Ask node's manager for a new worker process; its record exists now, its connection later (hello).
+        A spawn costs a fresh interpreter's start-up (more with heavy imports): hence prestarted workers."""
         w = _Worker(f"w{next(self.ids)}", node, job, gpus)
         self.workers[w.wid] = w
         self._node_call(node, "spawn", w.wid, list(gpus))
         return w
 
     def _dispatch(self, w) -> None:
+        """Send a bound worker its work: an actor's constructor, or a task. Argument descriptors ride along,
+        so a worker reads arguments already on its node without asking."""
         if w.actor is not None:
             t = self.actors[w.actor].spec
             self._send(w.conn, ("create", t.tid, t.blob, t.name, t.args, self._dep_descs(t, w.node), t.opts))
@@ -1914,10 +2315,13 @@ class _Head:
         return [(d, self._desc_for(self.objects[d], node)) for d in t.deps if d in self.objects]
 
     def _idle(self, w) -> None:
+        """File w under (job, gpus) for _start to reuse. Idle workers are not reaped: they live until their
+        job ends (unbound ones until the cluster stops)."""
         w.state = "idle"
         w.node.idle.setdefault((w.job, w.gpus), []).append(w)
 
     def _release_worker(self, w) -> None:
+        """Give w's resources back to its pool (node or bundle); a task worker becomes idle."""
         if w.alloc is not None:
             w.pool.give(w.alloc)
         w.alloc = w.pool = None
@@ -1926,13 +2330,22 @@ class _Head:
             self._idle(w)
 
     def _node_call(self, node, method, *args) -> None:
+        """Run a _NodeManager method on node: in this process for the head's machine, else a message."""
         if node.conn is None:
             getattr(self.local, method)(*args)
         elif node.alive:
             self._send(node.conn, ("node", method, args))
 
     # -- actors
+    # An actor = a creation task that binds a worker for good + a queue of calls. States: pending (creation
+    # queued or its constructor running) -> alive ("created" arrived) -> restarting (its process died and
+    # restarts are left: the creation task runs again, in a new process, from scratch) -> ... -> dead (out of
+    # restarts, killed, constructor failed, driver gone, or no handle left). Calls queue while it is not alive,
+    # and are sent in order once it is. Ray does the same with the creation task kept by the control store;
+    # its per-caller ordering and out-of-order execution for threaded actors are subtler than this one queue.
     def _rpc_create_actor(self, peer, aid, blob, cls_name, args, deps, contained, opts, methods):
+        """A.remote(): record the actor and queue its creation task; returns its id (another's for
+        get_if_exists). A name is taken at once, so a second create with that name fails at its call site."""
         job = self._job(peer)
         if opts["name"]:
             key = (opts["namespace"] or self.jobs[job]["ns"], opts["name"])
@@ -1948,11 +2361,13 @@ class _Head:
         t = _Task(aid, "actor", job, peer, blob, cls_name, args, deps, contained, [], opts)
         self.actors[aid] = _Actor(aid, t, job, restarts=opts["max_restarts"])
         self._new_obj(aid, peer, state="ready", actor=aid)  # counts the handles
-        self._admit(t, peer)
+        self._admit(t, peer)  # pins the constructor's arguments for the actor's whole life (restarts reuse them)
         self._check_deps(t)
         return aid
 
     def _on_created(self, peer, aid, err) -> None:
+        """The constructor returned (err None) or raised. A raising constructor is not restarted: it would
+        raise again."""
         a = self.actors.get(aid)
         if a is None or a.state == "dead":
             return
@@ -1962,6 +2377,7 @@ class _Head:
         self._pump_actor(a)
 
     def _on_call(self, peer, tid, aid, method, args, deps, contained, rids) -> None:
+        """handle.method.remote(): queue the call behind the actor's earlier ones (a dead actor: fail it)."""
         a = self.actors.get(aid)
         t = _Task(tid, "call", self._job(peer), peer, None, method, args, deps, contained, rids,
                   {"aid": aid}, retries=a.spec.opts["max_task_retries"] if a else 0)
@@ -1982,6 +2398,7 @@ class _Head:
         self._maybe_exit(a)
 
     def _maybe_exit(self, a) -> None:
+        """An actor whose last handle is gone exits once it has nothing queued or running."""
         if a.out_of_scope and a.state == "alive" and not a.queue and not a.inflight:
             self._actor_dead(a, "all its handles are gone")
 
@@ -1989,6 +2406,9 @@ class _Head:
         """The actor's process died: fail (or retry) what ran there, restart if it may."""
         a.worker = None
         inflight, a.inflight = list(a.inflight.values()), {}
+        # calls that were running: retried in the new process if max_task_retries allows (they go back to the
+        # FRONT of the queue, in their old order), else failed. FOOTGUN: a retried call runs again from
+        # scratch on the restarted actor, whose state is whatever its constructor makes
         retry = [t for t in inflight if t.retries != 0 and a.state != "dead"]
         for t in inflight:
             if t in retry:
@@ -2004,6 +2424,8 @@ class _Head:
             self._actor_dead(a, why)
 
     def _actor_dead(self, a, why) -> None:
+        """The actor is dead for good: fail its calls, release its constructor's arguments, kill its
+        process. Its resources return when the process is seen dead (_worker_dead). Idempotent."""
         first = a.state != "dead"
         a.state, a.cause = "dead", a.cause or why
         for t in list(a.queue) + list(a.inflight.values()):
@@ -2018,6 +2440,7 @@ class _Head:
             self._node_call(a.worker.node, "kill", a.worker.wid)
 
     def _rpc_kill(self, peer, aid, no_restart):
+        """kill(): no_restart -> dead now; else just kill the process and let _actor_lost restart it."""
         a = self.actors.get(aid)
         if a is None:
             raise ValueError(f"kill(): no actor {aid}")
@@ -2036,14 +2459,20 @@ class _Head:
         return a.aid, a.spec.name, a.spec.opts["methods"]
 
     # -- failures
+    # Two signals can report one death, in either order: the worker's socket reaching EOF (_close) and its
+    # node manager seeing the process exit (_on_worker_exit, with the exit code). Both land here; the first
+    # one acts, the second finds state "dead" and returns. Ray's policy is kept: a system failure (the
+    # process died) is retried by default, because it is usually not the task's fault (OOM kill, node loss);
+    # an exception from user code is not, unless retry_exceptions, because it would most likely raise again.
     def _worker_dead(self, w, why) -> None:
+        """A worker process is gone: free what it had, retry or fail its task, restart or bury its actor."""
         if w.state == "dead":
             return
         w.state = "dead"
         self.workers.pop(w.wid, None)
-        if w.conn is not None:
+        if w.conn is not None:  # (re-entry from _close is harmless: the state is already "dead")
             self._close(w.conn, why)
-        self._node_call(w.node, "kill", w.wid)
+        self._node_call(w.node, "kill", w.wid)  # a socket that died first may hide a process that lives on
         t, w.task = w.task, None
         self._release_worker(w)
         if t is not None and not t.done:
@@ -2062,11 +2491,14 @@ class _Head:
         self._schedule()
 
     def _on_worker_exit(self, peer, wid, code) -> None:
+        """A node manager reaped a worker process (also one that died before it ever connected)."""
         w = self.workers.get(wid)
         if w is not None:
             self._worker_dead(w, f"exit code {code}")
 
     def _job_end(self, job) -> None:
+        """A driver disconnected (exit, crash, shutdown): its actors die (detached ones stay), its task workers
+        are killed, its queued tasks fail, its groups are removed (detached ones stay)."""
         self.jobs[job]["alive"] = False
         for a in self.actors.values():
             if a.job == job and not a.spec.opts["detached"] and a.state != "dead":
@@ -2074,6 +2506,7 @@ class _Head:
         for w in list(self.workers.values()):
             if w.job == job and w.actor is None:
                 self._node_call(w.node, "kill", w.wid)
+        # (this includes the queued creation of a detached actor, e.g. one restarting, which _runnable spares)
         for t in [t for q in self.queues.values() for t in q if t.job == job]:
             self._fail(t, _error_desc(RayError("its driver exited")))
         for pg in list(self.pgs.values()):
@@ -2081,17 +2514,25 @@ class _Head:
                 self._on_rm_pg(None, pg.pgid)
 
     def _node_dead(self, node) -> None:
+        """A raylet's connection closed: its workers are dead (their tasks retried elsewhere) and objects
+        whose only copy was in its arena become ObjectLostError (no lineage to recompute them). Placement-
+        group bundles on it are not moved: tasks aimed at them wait."""
         node.alive = False
         _log(f"head: node {node.nid} ({node.info['ip']}) is gone")
         for w in [w for w in self.workers.values() if w.node is node]:
             self._worker_dead(w, "its node died")
-        for oid, o in list(self.objects.items()):
+        for oid, o in list(self.objects.items()):  # an object with a copy on a live node just loses a location
             if o.locs.pop(node.nid, None) and not o.locs and o.desc is None:
                 o.desc = _error_desc(ObjectLostError(f"object {oid}: its only copy was on node {node.nid}, which died"))
                 self._notify(oid, o)
 
     # -- placement groups
+    # A created group moves resources from node pools into bundle pools (one _Pool per bundle); tasks placed
+    # in the group take from the bundle, everything else from what the nodes have left. Removal gives the
+    # bundles back to the nodes. Reservation is all-or-nothing within one loop turn: no other event can
+    # interleave, so there is no partial state to roll back across messages (Ray needs two phases for that).
     def _on_pg(self, peer, pgid, bundles, strategy, value, detached) -> None:
+        """placement_group(): record it and its ready object (pending until placed), then try to place it."""
         self.pgs[pgid] = _PG(pgid, bundles, strategy, value, detached, self._job(peer))
         self._new_obj(pgid + ".ready", None).pins = 1  # lives as long as the group
         self._schedule()
@@ -2099,15 +2540,19 @@ class _Head:
     def _place_pg(self, pg) -> None:
         """Reserve every bundle or none. PACK: one node if possible, else as few as possible;
         SPREAD: distinct nodes if possible; STRICT_*: exactly that, or wait."""
+        # taken: [(node, alloc)] per bundle, in bundle order. Both passes are greedy first-fit, not a search:
+        # FOOTGUN: a group can wait although another assignment of its bundles to nodes would fit now
         nodes, taken = [n for n in self.nodes.values() if n.alive], []
         for n in nodes if pg.strategy in ("PACK", "STRICT_PACK") else []:  # every bundle on one node
             taken = [(n, n.pool.take(b)) for b in pg.bundles]
             if all(a for _, a in taken):
                 break
-            for _, a in taken:
+            for _, a in taken:  # this node cannot hold them all: undo, try the next
                 if a:
                     n.pool.give(a)
             taken = []
+        # bundle by bundle over nodes: PACK prefers nodes already used by this group, SPREAD unused ones,
+        # STRICT_SPREAD allows only unused ones; one bundle that fits nowhere undoes the whole group
         if not taken and pg.strategy != "STRICT_PACK":
             used = set()
             for b in pg.bundles:
@@ -2129,11 +2574,13 @@ class _Head:
                 _log(f"head: placement group {pg.pgid} asks for bundles larger than any node; it waits")
             return
         pg.state, pg.allocs = "created", taken
+        # each bundle's pool holds exactly what was taken for it, GPU device indices included
         pg.nodes, pg.pools = [n for n, _ in taken], [_Pool(a[0], a[1]) for _, a in taken]
         oid = pg.pgid + ".ready"
         self._seal(oid, self.objects[oid], ("inline", pg.value), (), None, None)
 
     def _on_rm_pg(self, peer, pgid) -> None:
+        """remove_placement_group() (or the end of its job): give the bundles back to their nodes."""
         pg = self.pgs.pop(pgid, None)
         if pg is None:
             return
@@ -2141,6 +2588,8 @@ class _Head:
             s = a.spec.opts["strategy"]
             if s and s[0] == "pg" and s[1] == pgid and a.state != "dead":
                 self._actor_dead(a, "its placement group was removed")
+        # FOOTGUN: tasks still running in a bundle keep running, so their node is oversubscribed until they
+        # end (they then return their share to the removed bundle's pool, which nobody uses any more)
         if pg.state == "created":
             for n, alloc in pg.allocs:
                 n.pool.give(alloc)
@@ -2150,6 +2599,7 @@ class _Head:
 
     # -- queries and shutdown
     def _on_rpc(self, peer, req, name, args) -> None:
+        """A request that expects a reply: run _rpc_<name>; its exception travels back and is raised there."""
         try:
             value = getattr(self, "_rpc_" + name)(peer, *args)
         except Exception as e:  # the caller raises it
@@ -2183,14 +2633,17 @@ class _Head:
                 "inline_bytes": sum(inline), "objects": len(self.objects)}
 
     def _rpc_shutdown(self, peer):
+        """The driver that started this cluster leaves: the loop ends after this turn (the reply may be lost
+        with the socket; the driver does not wait for it past its timeout)."""
         self.stopping = True
 
     def _shutdown(self) -> None:
+        """Stop the raylets, this machine's workers and arena, then close every socket."""
         for n in self.nodes.values():
             if n.conn is not None and n.alive:
                 self._send(n.conn, ("node", "shutdown", ()))
-                n.conn.sock.setblocking(True)
-                self._flush(n.conn)
+                n.conn.sock.setblocking(True)  # this once, wait for the kernel to take the last frames
+                self._flush(n.conn)  # (one send(); a raylet that misses it stops anyway at the EOF that follows)
         self.local.shutdown()
         for key in list(self.sel.get_map().values()):
             key.fileobj.close()
@@ -2199,6 +2652,8 @@ class _Head:
 
 def _desc_text(desc) -> str:
     """The message of an error descriptor (for the errors of actors that could not start)."""
+    # FOOTGUN: this unpickles the user's exception IN THE HEAD: a class the head cannot import (a module on
+    # the driver's sys.path only) raises here, and _handle then drops the reporting worker's connection
     return str(_loads(memoryview(bytearray(desc[1]))))
 
 
@@ -2207,6 +2662,20 @@ def _fmt_res(units: dict) -> str:
 
 
 # ---- node manager (head and raylets), raylet, worker ----------------------------------------------
+# Per machine, one _NodeManager does the local chores the head cannot do from afar: start and kill worker
+# processes (with the GPUs they were given), own the arena file, and serve/fetch arena regions to/from
+# other machines. On the head's machine it lives inside the head process; elsewhere it is the heart of a
+# *raylet* process, which is just a manager plus a _Client loop that runs the head's ("node", method, args)
+# commands. Ray's raylet also schedules and leases workers; here all decisions stay in the head.
+#   Process lifetimes, so nothing outlives its parent (a leaked process holds GPUs, a leaked arena holds
+# RAM): every child that must die with its parent (workers, the head that init() starts) gets a pipe on
+# stdin and watches it (_lifeline): the parent's death, however it happens (even kill -9), closes the pipe,
+# and the child exits. The arena is removed by a *janitor* child waiting on the same kind of pipe, since a
+# killed node cannot clean up after itself. (Nodes made by `start` are daemons: `stop` ends them.)
+#   A worker is a loop over the messages the head sends it: exec (run a task, reply "done"), create
+# (become an actor), call (run an actor method, in order, on threads, or on an event loop), bind (add the
+# driver's sys.path). Workers start as fresh interpreters (subprocess, never fork: CUDA and threads do not
+# survive a fork) that import this file as the module `nanoray`.
 
 def _boot(entry: str) -> str:
     """The -c program of a head, raylet or worker. Each process would otherwise compile this file again
@@ -2224,6 +2693,7 @@ class _NodeManager:
     def __init__(self, nid, head_address, secret, cfg, host, report):
         self.nid, self.head_address, self.secret, self.cfg, self.report = nid, head_address, secret, cfg, report
         self.procs, self.gpus = {}, _detect_gpus()
+        # self.gpus: index -> physical id string (what CUDA_VISIBLE_DEVICES needs); the head only sees indices
         if cfg.get("num_gpus") is not None:  # declared GPUs (a CPU box may pretend, for placement tests)
             self.gpus = (self.gpus + [str(i) for i in range(len(self.gpus), cfg["num_gpus"])])[:cfg["num_gpus"]]
         for stale in os.listdir(SHM_DIR):  # our arenas whose node died without its janitor (kill -9 of both)
@@ -2235,15 +2705,20 @@ class _NodeManager:
         if not size:  # 30% of RAM (Ray's default), at most 80% of what /dev/shm has free
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             size = int(min(0.3 * ram, 0.8 * st.f_bavail * st.f_frsize)) // PAGE * PAGE
+        # the pid in the name lets a later node tell a dead node's arena (above) from a live one's
         self.arena = _Arena(os.path.join(SHM_DIR, f"nanoray_{os.getpid()}_{nid}"), size, create=True)
-        # the janitor: removes the arena when this process dies, however it dies
+        # the janitor: removes the arena when this process dies, however it dies. Its stdin is a pipe whose only
+        # write end we hold: read() returns at EOF, i.e. when we are gone. Its own session: a Ctrl-C sent to
+        # our process group does not kill it before it has done its one job.
         self.janitor = subprocess.Popen(
             [sys.executable, "-S", "-c", "import os, sys; sys.stdin.buffer.read(); os.path.exists(sys.argv[1]) and "
              "os.unlink(sys.argv[1])", self.arena.path], stdin=subprocess.PIPE, start_new_session=True)
+        # the object server (any free port, announced in info()): other nodes pull arena regions from it
         self.server = socket.create_server((host, 0))
         threading.Thread(target=self._serve, daemon=True).start()
 
     def info(self) -> dict:
+        """What the head needs to know about this machine (sent in the raylet's hello)."""
         host, port = self.server.getsockname()[:2]
         return {"nid": self.nid, "ip": host, "host": socket.gethostname(), "objects": f"{host}:{port}",
                 "arena": self.arena.path, "arena_size": self.arena.size, "num_gpus": len(self.gpus),
@@ -2251,47 +2726,61 @@ class _NodeManager:
                 "resources": {k: _units(v, k) for k, v in (self.cfg.get("resources") or {}).items()}}
 
     def spawn(self, wid, gpus) -> None:
+        """Start worker `wid` (it connects to the head by itself and says hello with that id). gpus: indices
+        into self.gpus. FOOTGUN: a worker given no GPU keeps this node's CUDA_VISIBLE_DEVICES, so a num_gpus=0
+        task can still see, and allocate memory on, every GPU of the machine."""
         env = dict(os.environ, NANORAY_ADDRESS=self.head_address, NANORAY_WORKER_ID=wid, NANORAY_NODE_ID=self.nid)
         env.pop("NANORAY_CONFIG", None)
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = env["NANORAY_GPU_IDS"] = ",".join(self.gpus[i] for i in gpus)
+        # stdin=PIPE: the worker's lifeline to us. Popen returns as soon as the process exists: the imports and
+        # the hello happen while the head goes on with other work
         self.procs[wid] = subprocess.Popen([sys.executable, "-c", _boot("_worker_main")], env=env,
                                            stdin=subprocess.PIPE, start_new_session=True)
 
     def kill(self, wid) -> None:
+        """SIGKILL, no grace period: the head has already written off whatever the worker was doing."""
         p = self.procs.get(wid)
         if p is not None and p.poll() is None:
             p.kill()
 
     def poll(self) -> None:
+        """Report workers that exited (called every ~0.1 s: by the head's loop, or the raylet's)."""
         for wid, p in list(self.procs.items()):
             if p.poll() is not None:
                 del self.procs[wid]
                 self.report(("worker_exit", wid, p.returncode))
 
     def _serve(self) -> None:
+        """The object server's accept loop: one thread per transfer (transfers are few and large)."""
         while True:
             try:
                 sock, addr = self.server.accept()
-            except OSError:
+            except OSError:  # the server socket was closed: shutdown
                 return
             threading.Thread(target=self._serve_one, args=(sock, addr), daemon=True).start()
 
     def _serve_one(self, sock, addr) -> None:
+        """Send one region: handshake, then (offset, size) in, raw bytes out. The head pinned the object for
+        the transfer, so the region cannot be freed or reused while we send it."""
         try:
             sock.settimeout(AUTH_TIMEOUT)
             _auth_server(sock, self.secret)
+            # FOOTGUN: for sendall this bounds the WHOLE send (Python >= 3.5), not each chunk: an object that
+            # needs more than 60 s on the link fails to transfer (the puller gets ObjectLostError)
             sock.settimeout(60)
             off, size = struct.unpack("<QQ", _recv_exact(sock, 16))
             if off + size > self.arena.size:
                 raise ValueError(f"region {off}+{size} is outside the arena")
-            sock.sendall(self.arena.mv[off:off + size])
+            sock.sendall(self.arena.mv[off:off + size])  # from the shared mapping: no copy in user space
         except (OSError, ConnectionError, ValueError) as e:
             _log(f"object server: refused {addr[0]}:{addr[1]}: {e}")
         finally:
             sock.close()
 
     def pull(self, oid, src, src_off, size, dst_off) -> None:
+        """Copy a region of node `src`'s arena (its object server's HOST:PORT) into ours at dst_off, on a
+        thread; report ("pulled", ..., error or None) to the head either way."""
         def run():
             err = None
             try:
@@ -2310,6 +2799,8 @@ class _NodeManager:
         threading.Thread(target=run, daemon=True).start()
 
     def shutdown(self) -> None:
+        """Kill the workers and wait for them (no zombie keeps a GPU), close the server, remove the arena,
+        and release the janitor (its pipe's EOF; the file it would remove is already gone)."""
         for p in self.procs.values():
             p.kill()
         for p in self.procs.values():
@@ -2323,12 +2814,14 @@ class _NodeManager:
 
 def _lifeline(then) -> None:
     """Block until stdin (a pipe from the parent) reaches EOF, i.e. the parent died, then call then()."""
+    # no polling and no pid checks: the kernel closes a dead process's pipe ends, so EOF is exact and instant
     while os.read(0, 4096):
         pass
     then()
 
 
 def _alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 checks without sending; EPERM: it exists, not ours)."""
     try:
         os.kill(pid, 0)
         return True
@@ -2347,19 +2840,21 @@ def _node_main() -> None:
         listen = socket.socket(fileno=cfg["listen_fd"]) if cfg.get("listen_fd") else \
             socket.create_server((host, cfg["port"]))
         node = _Head(cfg, listen, secret)
+        # a signal handler (or the lifeline thread) only posts: the stop itself happens on the loop thread
         stop = lambda *_: node.post(lambda: setattr(node, "stopping", True))  # noqa: E731
         signal.signal(signal.SIGTERM, stop)
         if cfg.get("lifeline"):  # started by init(): live as long as the driver
             threading.Thread(target=_lifeline, args=(stop,), daemon=True).start()
         address, run = node.address, node.loop
-    else:
+    else:  # a raylet: a node manager driven by the head's ("node", method, args) messages
         nid = os.urandom(4).hex()
         mgr = _NodeManager(nid, cfg["address"], secret, cfg, host, report=None)
         client = _Client(cfg["address"], secret, {"kind": "node", **mgr.info()})
+        # reports come from transfer threads as well as this one: client.send is thread-safe (send_lock)
         mgr.report, address = client.send, cfg["address"]
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # SystemExit unwinds through run()'s finally
 
-        def run():
+        def run():  # one thread reads commands; a 0.1 s timeout lets it also reap exited workers
             try:
                 while True:
                     msg = client.next_message(timeout=0.1)
@@ -2390,10 +2885,14 @@ def _worker_main() -> None:
     allow concurrency); results go back as ("done", task id, [(return id, descriptor, refs)], failed)."""
     global _client
     threading.Thread(target=_lifeline, args=(lambda: os._exit(1),), daemon=True).start()  # the node died
+    # the module-level _client: ObjectRefs unpickled in this process count through it, and tasks may call
+    # get/put/remote themselves (nested tasks), exactly like a driver
     c = _client = _Client(os.environ["NANORAY_ADDRESS"], os.environ["NANORAY_SECRET"].encode(),
                           {"kind": "worker", "wid": os.environ["NANORAY_WORKER_ID"], "pid": os.getpid()})
+    # fns: pickled function bytes -> function (one unpickle per distinct function, however many tasks);
+    # instance/run: set once by "create" when this worker becomes an actor
     fns, instance, run = {}, None, None
-    while True:
+    while True:  # the main thread is the only consumer of the inbox: work arrives in the order the head sent it
         try:
             msg = c.next_message()
         except RaySystemError:
@@ -2408,32 +2907,37 @@ def _worker_main() -> None:
                 fn = fns.get(blob) or fns.setdefault(blob, _loads(memoryview(bytearray(blob))))
                 a, kw = c.resolve_args(args, deps)
                 return fn(*a, **kw)
-            c.in_task = True
-            _run_call(c, tid, name, rids, call)
+            c.in_task = True  # (a get() inside the task now lends its CPU back while it waits)
+            _run_call(c, tid, name, rids, call)  # runs on this thread: one task at a time per worker
             c.in_task = False
         elif op == "create":
             _, aid, blob, name, args, deps, opts = msg
             try:
                 a, kw = c.resolve_args(args, deps)
                 instance, err = _loads(memoryview(bytearray(blob)))(*a, **kw), None
-            except Exception as e:
+            except Exception as e:  # the head marks the actor dead with this error; no call will come
                 err = _error_desc(RayTaskError(f"{name}.__init__", _format_tb(e), e, os.getpid()))
             run = _actor_runner(c, instance, opts)
             c.send(("created", aid, err))
-        elif op == "call":
+        elif op == "call":  # returns at once for threaded and async actors: the loop keeps reading
             run(*msg[1:])
 
 
 def _format_tb(e) -> str:
+    """The traceback text without its first frame (the nanoray function that caught the exception)."""
     return "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
 
 
 def _run_call(c, tid, name, rids, call) -> None:
+    """Run call() (load the function, resolve the arguments, run it), store each return, report "done".
+    Any exception, in the user's code or in loading/storing, becomes an error object for every return."""
     try:
         out = call()
         values = [out] if len(rids) == 1 else list(out)
         if len(values) != len(rids):
             raise ValueError(f"{name} returned {len(values)} values, num_returns={len(rids)}")
+        # FOOTGUN: if storing return k > 0 fails (store full, unpicklable), the regions of returns 0..k-1 stay
+        # allocated to this worker's connection, unsealed, until the worker process exits
         results = [(r, *c.store(v)) for r, v in zip(rids, values)]
         failed = False
     except Exception as e:
@@ -2447,7 +2951,10 @@ def _actor_runner(c, instance, opts):
     or as coroutines on an event loop thread (async methods), at most max_concurrency at once."""
     def body(tid, name, args, deps):
         a, kw = c.resolve_args(args, deps)
-        return getattr(instance, name)(*a, **kw)
+        return getattr(instance, name)(*a, **kw)  # an async method returns its coroutine here, not run yet
+    # async actor: one event loop on its own thread runs the coroutines; argument resolution, sync methods
+    # and result storage run on the loop's default thread pool, because they may block (get, rpc "alloc"),
+    # and a blocked event loop would stall every other coroutine of the actor
     if opts["is_async"]:
         import asyncio
         loop = asyncio.new_event_loop()
@@ -2460,18 +2967,28 @@ def _actor_runner(c, instance, opts):
                 return (await out) if inspect.isawaitable(out) else out
 
         def run(tid, name, args, deps, rids):  # the result is stored on a helper thread too: store() may block
+            # called on the main thread: hand the coroutine to the loop thread; when it ends, _run_call gets
+            # f.result as its `call`, which returns the value or re-raises the method's exception
             fut = asyncio.run_coroutine_threadsafe(acall(tid, name, args, deps), loop)
             fut.add_done_callback(lambda f: loop.run_in_executor(None, _run_call, c, tid, name, rids, f.result))
         return run
+    # threaded actor: up to max_concurrency calls at once, so they may finish out of order and the instance
+    # must be thread-safe (FOOTGUN: nothing here locks it for you)
     if opts["max_concurrency"] > 1:
         from concurrent.futures import ThreadPoolExecutor
         pool = ThreadPoolExecutor(opts["max_concurrency"])
         return lambda tid, name, args, deps, rids: pool.submit(
             _run_call, c, tid, name, rids, lambda: body(tid, name, args, deps))
+    # the default: one call at a time, on the main thread, in the order the head sent them
     return lambda tid, name, args, deps, rids: _run_call(c, tid, name, rids, lambda: body(tid, name, args, deps))
 
 
 # ---- CLI: start / stop / status, the self-test, the benchmark -------------------------------------
+# A multi-machine cluster is started by hand, as with Ray: `start --head` on one machine, `start --address`
+# on the others, each a background process (a daemon with its own session and a log file) that leaves a
+# JSON pidfile in STATE_DIR; `stop` signals what those files name, and `init("auto")` finds the head there.
+# The self-test and the benchmark are the executable spec: every public API once, and nanoray against the
+# ray package measured in the same run.
 
 def _opt(default, why):
     return field(default=default, metadata={"help": why})
@@ -2493,6 +3010,7 @@ class StartConfig:
 
 
 def _pidfiles() -> list:
+    """[(path, {"pid", "address", "head"})] of the nodes `start` ran on this machine (other files skipped)."""
     out = []
     for name in sorted(os.listdir(STATE_DIR)) if os.path.isdir(STATE_DIR) else []:
         try:
@@ -2504,6 +3022,7 @@ def _pidfiles() -> list:
 
 
 def _local_head_address() -> str:
+    """init("auto"): the newest live head started on this machine."""
     heads = [d["address"] for _, d in _pidfiles() if d.get("head") and _alive(d["pid"])]
     if not heads:
         raise ConnectionError("address='auto': no nanoray head runs on this machine (`python nanoray.py start --head`)")
@@ -2511,6 +3030,8 @@ def _local_head_address() -> str:
 
 
 def _start(cfg: StartConfig) -> None:
+    """`start`: check everything that can fail readably here, then start the node in the background and wait
+    (at most 30 s) until it listens, so a printed "started" means it is up."""
     if cfg.head == bool(cfg.address):
         raise ValueError("start: give exactly one of --head or --address HOST:PORT")
     try:
@@ -2556,6 +3077,7 @@ def _start(cfg: StartConfig) -> None:
 
 
 def _stop() -> None:
+    """`stop`: SIGTERM every node of this machine, SIGKILL after 10 s (their janitors still clean up)."""
     found = _pidfiles()
     for path, d in found:
         if _alive(d["pid"]):
