@@ -23,10 +23,20 @@ Commands:
     python nanovllm.py --bench                           # GPU: the nano-vllm workload vs HF, one table
     pytest -q test_all.py -k nanovllm
 
-First read (~600 lines): SamplingParams and the outputs -> the model (ModelConfig, the layers, Model)
--> Sequence, BlockManager, Scheduler -> the sampler -> ModelRunner.execute -> LLM.generate -> selftest.
-Independent chapters after that: CUDA graphs, tensor parallelism (worker processes), RL hooks
-(update_weights, sleep / wake_up), benchmark.
+First read (~600 lines: the engine at tp = 1, eager, one step at a time), in this order:
+    1. sequences and block manager (lines 596-827, up to check()): plain Python, no tensors. How a
+       sequence's tokens map to pages of the KV cache; how pages are shared (n > 1 forks, the prefix cache).
+    2. the scheduler (lines 848-975): what one step runs: decodes + prefill chunks under a token budget, and
+       preemption by recompute when pages run out.
+    3. LLM._build_step (lines 1822-1870), then LLM._finish and _fork (lines 1959-2014): a scheduled step
+       packed into flat tensors; its sampled tokens applied, samples forked, stops checked.
+    4. Attention.forward (lines 427-459) and the torch fallbacks it calls, store_kv_ref and paged_attention_ref
+       (lines 276-305): each layer writes the new tokens' K/V into their pages, then attends over them.
+    5. sample() (lines 1091-1126): temperature, masks, one uniform per row, log-probs; then selftest().
+Independent chapters after that, each opened by its own comment: CUDA graphs (ModelRunner.capture),
+one-step-ahead decoding (LLM.step, _speculate), memory sizing (ModelRunner.setup), tensor parallelism
+(TPGroup, Linear, Embedding, load_weights' shards, the executors), RL hooks (update_weights, sleep /
+wake_up), loading, benchmark.
 
 Numerics (ppo.py compares these log-probs with the trainer's): weights and activations in the model
 dtype (bf16 on GPU, fp32 on CPU); the LM head accumulates in fp32 and its logits are fp32 (never rounded
@@ -40,8 +50,8 @@ Legend: N packed tokens of a step, B sequences of a step, H query heads, Hkv kv 
 Hd hidden size, V vocab, P block size (tokens per KV page), L layers, tp tensor-parallel ranks.
 
 Contents: config and outputs . model config . torch fallbacks . model . sequences . block manager .
-          scheduler . sampler . model runner (+ CUDA graphs) . tensor parallelism . LLM . CLI .
-          benchmark . self-test
+          scheduler . sampler . model runner (+ RL hooks, CUDA graphs) . loading . executors (tensor
+          parallelism) . LLM . benchmark . CLI and self-test
 """
 from __future__ import annotations
 
@@ -63,6 +73,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # ---- config and outputs ----------------------------------------------------------------------------
+# What a user hands in (one SamplingParams per request) and gets back (a RequestOutput holding n
+# CompletionOutputs), with vLLM's names and defaults so that code written against vLLM runs unchanged.
+# Kept: what RL and evaluation use (n samples, temperature, top-k / top-p / min-p, per-request seeds, stop
+# tokens and strings, log-probs). Dropped: beam search, repetition / presence / frequency penalties, logit
+# processors, guided decoding and prompt log-probs: most cost another pass over the [B, V] logits every
+# step, and the RL loop needs none of them.
 
 
 @dataclass
@@ -79,7 +95,7 @@ class SamplingParams:
     ignore_eos: bool = False            # keep going past the EOS token (benchmarks)
     seed: int | None = None             # per-request seed: the same seed gives the same sample, in any batch
     logprobs: int | None = None         # None: no log-probs; 0: the sampled token's; k: also the top k
-    include_stop_str_in_output: bool = False
+    include_stop_str_in_output: bool = False  # keep the matched stop string at the end of text
     skip_special_tokens: bool = True    # in the detokenized text
 
     def __post_init__(self):
@@ -149,6 +165,8 @@ _ARCHS = ("qwen3", "qwen2", "llama")
 
 @dataclass
 class ModelConfig:
+    """The architecture the engine builds: the dimensions of the legend (V, Hd, I, L, H, Hkv, D), RoPE and
+    norm constants, the tie of the LM head to the embedding, the EOS ids and the checkpoint's dtype."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -186,6 +204,8 @@ class ModelConfig:
         if d.get("hidden_act", "silu") != "silu":
             raise ValueError(f"{where}: hidden_act {d['hidden_act']!r} is not supported (SwiGLU/silu only)")
         H = d["num_attention_heads"]
+        # HF's defaults for absent fields: kv heads = H (plain multi-head attention), head_dim = Hd / H; the
+        # EOS id may be an int, a list or missing (generation_config.json can add more, see LLM.__init__)
         eos = d.get("eos_token_id")
         return cls(vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
                    intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"], num_heads=H,
@@ -212,7 +232,7 @@ def _kernels():
         return None
 
 
-_MM_OUT_DTYPE: list = []
+_MM_OUT_DTYPE: list = []     # the answer of _mm_out_dtype_ok, computed on first use (a one-slot cache)
 
 
 def _mm_out_dtype_ok() -> bool:
@@ -228,6 +248,8 @@ def _mm_out_dtype_ok() -> bool:
 
 def rms_norm_ref(x, w, eps, residual=None):
     """RMSNorm in fp32, rounded once (HF's formula); with a residual: (norm(x + residual), x + residual)."""
+    # y = w * x / sqrt(mean(x^2) + eps) (Zhang & Sennrich 2019). The sum x + residual is rounded to the model
+    # dtype first, as HF does: the residual stream that the next layer receives is that rounded sum.
     h = x if residual is None else x + residual
     hf = h.float()
     y = (w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)).to(x.dtype)
@@ -236,8 +258,10 @@ def rms_norm_ref(x, w, eps, residual=None):
 
 def rope_table(max_pos: int, D: int, theta: float, device=None) -> torch.Tensor:
     """[max_pos, D] fp32: cos in the first D/2 columns, sin in the last D/2 (HF's inv_freq formula)."""
+    # RoPE (Su et al. 2021): pair i of a head turns by angle pos * theta^(-2i/D). Built once for every
+    # position up to max_position_embeddings, so a step only gathers rows: no trig on the hot path.
     inv_freq = 1.0 / (theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D))  # [D/2]
-    f = torch.arange(max_pos, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]
+    f = torch.arange(max_pos, dtype=torch.float32, device=device)[:, None] * inv_freq[None, :]   # [max_pos, D/2]
     return torch.cat([f.cos(), f.sin()], dim=-1)
 
 
@@ -245,12 +269,14 @@ def rope_ref(x, positions, table):
     """Rotate pairs (i, i + D/2) of x [N, heads, D] by angle position * inv_freq_i (rotate_half layout)."""
     D = x.shape[-1]
     c, s = table[positions, : D // 2][:, None, :], table[positions, D // 2:][:, None, :]   # [N, 1, D/2]
-    x1, x2 = x.float().chunk(2, dim=-1)
+    x1, x2 = x.float().chunk(2, dim=-1)                                # [N, heads, D/2] each
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
 
 
 def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
     """k/v [N, Hkv, D] -> flat cache slots (block * P + offset); slot -1 is a padding token: skipped."""
+    # the cache [num_blocks, P, Hkv, D] seen as [num_blocks * P, Hkv, D]: slot s is row s. Boolean indexing
+    # syncs with the device (its output size is data-dependent): fine here, the fast path is kernels.py.
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
     k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slots, k[keep])
@@ -259,11 +285,17 @@ def store_kv_ref(k, v, k_cache, v_cache, slot_mapping):
 
 def paged_attention_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_lens, scale):
     """Causal attention of each sequence's new queries over its cached tokens (the new ones included: they
-    are the LAST q_len of context_len), gathered page by page through the block table. q [N, H, D]."""
+    are the LAST q_len of context_len), gathered page by page through the block table. q [N, H, D].
+
+    The same loop serves prefill (q_len new tokens of a sequence) and decode (q_len = 1). It copies each
+    sequence's pages into a contiguous [n, H, D] tensor, the very copy the paged kernels in kernels.py avoid
+    by reading K/V through the block table inside the attention loop. The .tolist() calls sync the host with
+    the device: FOOTGUN, this reference cannot run inside a CUDA graph capture."""
     P, out = k_cache.shape[1], []
-    G = q.shape[1] // k_cache.shape[2]
+    G = q.shape[1] // k_cache.shape[2]                                 # query heads per kv head (GQA)
     for b, (s, e, n) in enumerate(zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist(), context_lens.tolist())):
-        pages = block_table[b, : -(-n // P)].long()
+        pages = block_table[b, : -(-n // P)].long()                    # ceil(n / P) pages hold its n tokens
+        # [pages, P, Hkv, D] -> [pages * P, Hkv, D] -> the first n slots; query head h reads kv head h // G
         k = k_cache[pages].flatten(0, 1)[:n].repeat_interleave(G, dim=1)     # [n, H, D]
         v = v_cache[pages].flatten(0, 1)[:n].repeat_interleave(G, dim=1)
         sc = torch.einsum("qhd,khd->hqk", q[s:e].float(), k.float()) * scale  # [H, q_len, n]
@@ -279,14 +311,22 @@ def paged_attention_ref(q, k_cache, v_cache, block_table, cu_seqlens_q, context_
 # q/k/v and gate/up are column-parallel (each rank owns heads / intermediate rows), o_proj and down are
 # row-parallel (each rank owns input columns, the outputs are summed by an all-reduce), the embedding
 # and LM head are vocab-parallel (each rank owns V/tp rows). With tp = 1 every collective is a no-op.
+#
+# What serving changes in the model: no backward, no dropout, no activation checkpointing; the input of a
+# step is the packed new tokens of MANY sequences at different positions (input_ids[N], positions[N]); every
+# layer first writes the new tokens' K and V into the paged cache (at slot_mapping) and then attends over the
+# cache, so a sequence's past is never recomputed; and only the rows that are sampled (the last token of each
+# sequence) go through the LM head, whose [., V] matmul is the largest of a small model.
 
 class TPGroup:
-    """The tensor-parallel ranks of one engine: rank, size, and the collectives the model needs."""
+    """The tensor-parallel ranks of one engine: rank, size, and the collectives the model needs.
+    group None means torch.distributed's default group: in a tp worker, the engine's own group."""
 
     def __init__(self, rank: int = 0, size: int = 1, group=None):
         self.rank, self.size, self.group = rank, size, group
 
     def all_reduce(self, x):
+        """Sum x over the tp ranks, in place (the row-parallel outputs, the vocab-parallel embedding)."""
         if self.size > 1:
             torch.distributed.all_reduce(x, group=self.group)
         return x
@@ -330,6 +370,8 @@ class Embedding(nn.Module):
     def forward(self, ids):
         if self.tp.size == 1:
             return F.embedding(ids, self.weight)
+        # tokens of other ranks: look up a clamped (valid) row and zero it; the sum over ranks then holds
+        # exactly one non-zero term per token, its owner's row
         local = ids - self.start
         mine = (local >= 0) & (local < self.V_r)
         x = F.embedding(local.clamp(0, self.V_r - 1), self.weight) * mine[:, None]
@@ -337,6 +379,8 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
+    """RMSNorm over the last dim; forward(x, residual) fuses the residual add (see DecoderLayer)."""
+
     def __init__(self, dim, eps, kern, dtype=None, device=None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device), requires_grad=False)
@@ -381,7 +425,10 @@ class Attention(nn.Module):
         self.k_cache = self.v_cache = None          # [num_blocks, P, Hkv/tp, D] each, set by the runner
 
     def forward(self, x, positions, meta: AttnMeta, rope):
+        """x [N, Hd] -> [N, Hd]. Writes the K/V of the N new tokens into this layer's cache pages, then each
+        new token attends over its sequence's cached tokens (itself included, hence write-then-read)."""
         N, D = x.shape[0], self.D
+        # one fused matmul [N, Hd] -> [N, (h + 2 hkv) D] (this rank's heads), split into q, k, v
         q, k, v = self.qkv(x).split([self.h * D, self.hkv * D, self.hkv * D], dim=-1)
         q, k, v = q.view(N, self.h, D), k.view(N, self.hkv, D), v.view(N, self.hkv, D)
         qw = self.q_norm.weight if self.q_norm is not None else None
@@ -403,13 +450,13 @@ class Attention(nn.Module):
             if qw is not None:
                 q, k = rms_norm_ref(q, qw, self.eps), rms_norm_ref(k, kw, self.eps)
             q, k = rope_ref(q, positions, rope), rope_ref(k, positions, rope)
-            store_kv_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+            store_kv_ref(k, v, self.k_cache, self.v_cache, meta.slot_mapping)    # cache the ROTATED k
             cu = meta.cu_seqlens_q
             if meta.decode:                  # one new token per sequence: cu_seqlens_q = 0, 1, .., B
                 cu = torch.arange(N + 1, dtype=torch.int32, device=x.device)
             o = paged_attention_ref(q, self.k_cache, self.v_cache, meta.block_table, cu, meta.context_lens,
                                     self.scale)
-        return self.o_proj(o.reshape(N, self.h * D))
+        return self.o_proj(o.reshape(N, self.h * D))                  # [N, h, D] -> [N, h D] -> [N, Hd]
 
 
 class MLP(nn.Module):
@@ -438,6 +485,9 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(c, tp, kern, dtype, device)
 
     def forward(self, x, residual, positions, meta, rope):
+        # HF computes h = h + attn(norm(h)); h = h + mlp(norm(h)). Here a layer returns its mlp output x and
+        # the residual stream WITHOUT that output added; the next norm adds them (norm(x, residual) returns
+        # (norm(x + residual), x + residual)): one fused read of x per norm instead of an add and a norm.
         y, residual = (self.input_norm(x), x) if residual is None else self.input_norm(x, residual)
         y, residual = self.post_attn_norm(self.attn(y, positions, meta, rope), residual)
         return self.mlp(y), residual
@@ -462,7 +512,7 @@ class Model(nn.Module):
         x, res = self.embed(input_ids), None                         # [N, Hd]
         for layer in self.layers:
             x, res = layer(x, res, positions, meta, self.rope)
-        return self.norm(x, res)[0]
+        return self.norm(x, res)[0]                                   # the final norm adds the last mlp output
 
     def logits(self, hidden):
         """fp32 logits [B, V]: the matmul accumulates in fp32 and is NOT rounded to bf16 on the way out
@@ -511,6 +561,8 @@ class Model(nn.Module):
         """Copy (hf_name, full tensor) pairs into this rank's shards, in place (so CUDA graphs, which baked
         in the parameters' addresses, stay valid). Returns the number of tensors loaded."""
         slots, r, tp, seen = self.weight_slots(), self.tp.rank, self.tp.size, set()
+        # every rank reads the FULL HF tensor and keeps its slice: simple, and the same code serves a
+        # checkpoint, dummy weights and a trainer's live tensors (update_weights); copy_ casts the dtype
         for name, full in tensors:
             if name not in slots:
                 if name == "lm_head.weight" and self.cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
@@ -518,13 +570,13 @@ class Model(nn.Module):
                 raise KeyError(f"{where}: unexpected tensor {name!r}: a {self.cfg.model_type} model with this "
                                "config.json has no such weight")
             param, kind, off, rows = slots[name]
-            if kind == "col":
+            if kind == "col":                   # rank r's rows of q/k/v or gate/up, into its slice of the fused weight
                 part = full.narrow(0, r * rows, rows)
                 dst = param.narrow(0, off, rows)
             elif kind == "row":
                 n = full.shape[-1] // tp
                 part, dst = full.narrow(-1, r * n, n), param
-            elif kind == "vocab":
+            elif kind == "vocab":               # the last rank may get fewer than V_r rows: its padding rows stay 0
                 V_r = param.shape[0]
                 part = full[r * V_r: (r + 1) * V_r]
                 dst = param[: part.shape[0]]
@@ -546,11 +598,20 @@ class Model(nn.Module):
 # tokens and the KV blocks that hold them). A request with n > 1 starts as ONE sequence: its prompt is
 # prefilled once, then it forks into n sequences that share the prompt's full blocks (reference counts,
 # no copy) and each get a copy of the last, partly filled block, which they will write into.
+#
+# The one invariant to keep in mind for the rest of the file: tokens [0, num_computed) of a sequence have
+# their K/V in the cache, token i in slot block_table[i // P] * P + i % P, and every step moves num_computed
+# towards num_tokens. A decoding sequence has num_computed = num_tokens - 1: its newest token was sampled
+# from the last step's logits and its K/V are written by the next step, which samples the token after it.
+# (vLLM's scheduler keeps the same two counters per request: num_tokens and num_computed_tokens.)
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
 class Request:
+    """One prompt and its SamplingParams; seqs are its n samples once forked. LLM.add_request also sets
+    seed64 (its random stream), row (its sampling params as one float row) and filtered (any mask on)."""
+
     def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams,
                  arrival: int, seed: int):
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
@@ -560,6 +621,11 @@ class Request:
 
 
 class Sequence:
+    """One sample of a request: its tokens, how many have K/V in the cache, and the blocks that hold them.
+    Invariants: len(block_table) >= ceil(num_computed / P) (blocks for the tokens being computed are added by
+    the scheduler before the step); block_hashes[i] names the prefix up to the end of block i for the first
+    len(block_hashes) full blocks; between steps, a WAITING sequence holds no blocks."""
+
     def __init__(self, seq_id: int, request: Request, sample: int, token_ids: list[int]):
         self.seq_id, self.request, self.sample = seq_id, request, sample
         self.token_ids = token_ids                     # prompt + output
@@ -594,12 +660,15 @@ class Sequence:
 
 
 def _pad4(xs: list) -> list:
+    """xs padded with zeros to a multiple of 4 int32 words, so the next segment starts 16-byte aligned."""
     return xs + [0] * (-len(xs) % 4)
 
 
 def _table_row(seq: Sequence, W: int) -> torch.Tensor:
     """seq.block_table as an int32 [W] tensor, kept in step with the list by writing only the new entries
-    (blocks are only ever appended, or all dropped by free_seq, which resets bt_synced)."""
+    (blocks are only ever appended, or all dropped by free_seq, which resets bt_synced). Entries past
+    len(block_table) may be stale: harmless, attention reads only the ceil(context_len / P) first pages.
+    Why: converting every block list to a tensor each decode step is Python work per element."""
     if seq.bt_row is None:
         seq.bt_row = torch.zeros(W, dtype=torch.int32)
     bt = seq.block_table
@@ -621,8 +690,25 @@ def _table_row(seq: Sequence, W: int) -> torch.Tensor:
 #   free, empty          0   yes       no        take() -> held
 #   free, cached         0   yes       yes       take() (evicts the hash) -> held; a prefix hit -> held
 #   held                >0   no        maybe     last release -> free (keeps its hash, if any)
+#
+# Why pages: reserving max_model_len slots per sequence up front wastes most of the cache (outputs end
+# early, and their final length is unknown), so the batch, and with it the throughput, stays small. Pages of
+# P tokens are taken on demand and waste less than one page per sequence; and a page can be SHARED, which a
+# contiguous buffer cannot: the n samples of a prompt read one copy of its K/V, and so do later requests
+# with the same prefix (a system prompt, a few-shot header, the same RL prompt again). Sharing needs a
+# reference count: a block returns to the free list only when its last holder lets go.
+#
+# Why a CHAINED hash: the K/V of a block depend on every token before it (the deeper layers mix the whole
+# prefix), so a block is named by its whole prefix, not by its own P tokens. Chaining makes that name cost
+# O(P) per block (hash(previous name, own tokens)) instead of O(prefix length). Only FULL blocks are hashed:
+# a partial block is still being written. vLLM names blocks the same way and keeps freed-but-cached blocks in
+# an eviction queue; nano-vllm also stores each block's token ids to rule out a false hit. This file does both,
+# with Python's hash of a (previous hash, token tuple) key. Dropped: extra hash inputs (LoRA ids, images),
+# cache salts, and offloading evicted blocks to CPU memory.
 
 class Block:
+    """One page of the KV cache (the same page index in every layer). ref: how many sequences hold it;
+    hash / key: the prefix name it is cached under (key = (previous block's hash, its P tokens)), or None."""
     __slots__ = ("id", "ref", "hash", "key")
 
     def __init__(self, i: int):
@@ -630,12 +716,16 @@ class Block:
 
 
 class BlockManager:
+    """Host-side bookkeeping of the KV pages (it never touches a tensor): who holds which block, which are
+    free (an LRU queue), and which hold a cached prefix. Its invariants are written out in check()."""
+
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True):
         if num_blocks < 1:
             raise ValueError(f"the KV cache has {num_blocks} blocks: raise gpu_memory_utilization or "
                              "num_gpu_blocks_override, or lower max_num_batched_tokens")
         self.P, self.prefix_caching = block_size, prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
+        # an OrderedDict as an ordered set: O(1) pop of the oldest, O(1) removal of any block (a prefix hit)
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self.cached: dict[int, int] = {}               # prefix hash -> block id
 
@@ -643,10 +733,11 @@ class BlockManager:
         return len(self.free)
 
     def take(self) -> int:
-        """A block for new tokens: the least recently freed one; its old prefix hash is forgotten."""
+        """A block for new tokens: the least recently freed one; its old prefix hash is forgotten.
+        FOOTGUN: raises KeyError when nothing is free; callers check num_free() / blocks_needed() first."""
         bid, _ = self.free.popitem(last=False)
         b = self.blocks[bid]
-        if b.hash is not None and self.cached.get(b.hash) == bid:
+        if b.hash is not None and self.cached.get(b.hash) == bid:     # evict: its contents are about to change
             del self.cached[b.hash]
         b.ref, b.hash, b.key = 1, None, None
         return bid
@@ -659,12 +750,14 @@ class BlockManager:
         b.ref += 1
 
     def release(self, bid: int):
+        """One holder fewer; at ref 0 the block joins the free queue's tail, hash and contents intact."""
         b = self.blocks[bid]
         b.ref -= 1
         if b.ref == 0:
             self.free[bid] = None                      # most recently freed: evicted last
 
     def free_seq(self, seq: Sequence):
+        """Release all of a sequence's blocks (finish, preemption, abort) and reset its block state."""
         for bid in reversed(seq.block_table):          # tail first: the prefix stays cached longest
             self.release(bid)
         for bid in seq.fork_blocks:
@@ -672,6 +765,7 @@ class BlockManager:
         seq.block_table, seq.fork_blocks, seq.block_hashes, seq.bt_synced = [], [], [], 0
 
     def blocks_needed(self, seq: Sequence, num_new: int) -> int:
+        """New blocks for num_new more computed tokens: ceil((computed + new) / P) minus the blocks held."""
         return max(0, -(-(seq.num_computed + num_new) // self.P) - len(seq.block_table))
 
     def grow(self, seq: Sequence, num_new: int):
@@ -688,15 +782,19 @@ class BlockManager:
         if not self.prefix_caching or seq.num_computed or seq.block_table:
             return 0
         P, prev, hits = self.P, None, []
+        # only full blocks that end before the last token: a prompt of exactly k * P tokens hits k - 1 blocks
+        # at most, since the step must still compute one token to get the logits that sample the next one
         for i in range((seq.num_tokens - 1) // P):
             key = self._key(prev, seq.token_ids[i * P:(i + 1) * P])
             h = hash(key)
             bid = self.cached.get(h)
+            # (for this block's own hash; two different prefixes whose chained hashes collided at an EARLIER
+            # block would still pass: the odds of a 64-bit collision)
             if bid is None or self.blocks[bid].key != key:     # the key check makes a hash collision harmless
                 break
             hits.append((bid, h))
             prev = h
-        for bid, h in hits:
+        for bid, h in hits:                                    # held by others (ref > 0) or free-but-cached
             self.acquire(bid)
             seq.block_table.append(bid)
             seq.block_hashes.append(h)
@@ -708,18 +806,22 @@ class BlockManager:
         if not self.prefix_caching:
             return
         P = self.P
+        # blocks [len(block_hashes), num_computed // P) became full in this step; output tokens count too,
+        # so a preempted sequence's recompute and a multi-turn follow-up can hit its generated text
         for i in range(len(seq.block_hashes), seq.num_computed // P):
             prev = seq.block_hashes[-1] if seq.block_hashes else None
             key = self._key(prev, seq.token_ids[i * P:(i + 1) * P])
             h = hash(key)
             seq.block_hashes.append(h)
             b = self.blocks[seq.block_table[i]]
+            # (a duplicate, computed by two sequences in the same steps, stays unnamed: only its holder uses it)
             if b.hash is None and h not in self.cached:   # the first block with this content is the cached one
                 b.hash, b.key = h, key
                 self.cached[h] = b.id
 
     def reset_prefix_cache(self):
-        """Forget every hash (the weights changed, or the cache memory was released)."""
+        """Forget every hash (the weights changed, or the cache memory was released). Running sequences keep
+        their block_hashes (a name depends on tokens only), so the blocks they fill later are still cached."""
         for b in self.blocks:
             b.hash = b.key = None
         self.cached.clear()
@@ -745,15 +847,30 @@ class BlockManager:
 
 # ---- scheduler -------------------------------------------------------------------------------------------
 # One step = a token budget (max_num_batched_tokens) shared by every sequence that runs in it. Running
-# sequences go first, in arrival order (FCFS): a decoding one takes 1 token, one still in its prompt takes
+# sequences go first, in the order they were admitted (FCFS; forked samples sit right after their parent, a
+# recomputed sequence rejoins at the end): a decoding one takes 1 token, one still in its prompt takes
 # the next chunk (chunked prefill: a long prompt never stalls the decodes of everyone else). Then waiting
 # sequences are admitted, oldest first, while budget, seats (max_num_seqs) and free blocks last. When a
 # running sequence needs a block and none is free, the NEWEST running sequence is preempted: its blocks are
 # freed and it goes back to the front of the queue with all its tokens, to be recomputed later (vLLM's
 # preemption by recompute; the prefix cache often makes that cheap). No new sequence is admitted in a step
 # that preempted, so a preempted sequence is never overtaken by a newer one.
+#
+# Why a token budget: a step's time and activation memory grow with its token count, not its sequence count,
+# so one number bounds both (ModelRunner.setup profiles memory at exactly that many tokens) and, by capping
+# how much prefill rides along, keeps the time between two tokens of a running sequence steady. Why chunks:
+# without them a 30k-token prompt is one huge step during which every decode waits. nano-vllm runs a step of
+# prefills OR a step of decodes and never splits a prompt; vLLM's current scheduler, like this one, mixes both
+# under one budget. Why preempt by recompute: the alternative, swapping the victim's pages to CPU memory and
+# back, needs a pinned CPU pool and PCIe time; recomputing is a prefill, compute-bound and fast, and the prefix
+# cache usually still holds most of the victim's blocks when it returns. Seats (max_num_seqs) count the
+# samples a request WILL fork into, so a fork never overflows the batch. Dropped: priorities, swapping, and
+# waiting on remote KV transfers.
 
 class Scheduler:
+    """Decides each step which sequences run and how many of their tokens; owns the waiting queue and the
+    running list, and allocates (through the BlockManager) the blocks those tokens need. Pure host code."""
+
     def __init__(self, bm: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
         self.bm, self.max_num_seqs, self.budget = bm, max_num_seqs, max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -768,6 +885,8 @@ class Scheduler:
 
     def _need(self, seq: Sequence, n: int) -> int:
         """Blocks to allocate for n more tokens (+ one per fork if this chunk completes a forking prompt)."""
+        # each fork needs its own copy of the prompt's partial last block (none when the prompt fills whole
+        # blocks); reserving them now, with the chunk that ends the prompt, means _fork can never run out
         done = seq.num_computed + n == seq.num_tokens
         forks = seq.pending_forks if done and seq.num_prompt % self.bm.P else 0
         return self.bm.blocks_needed(seq, n) + forks - len(seq.fork_blocks)
@@ -779,6 +898,8 @@ class Scheduler:
                 seq.fork_blocks.append(self.bm.take())
 
     def preempt(self, seq: Sequence):
+        """Drop a running sequence's K/V (blocks freed, num_computed 0) and queue it FIRST, with all its tokens:
+        when re-admitted it is prefilled again (prompt + outputs so far) and continues where it stopped."""
         self.bm.free_seq(seq)
         seq.num_computed, seq.status = 0, WAITING
         self.waiting.appendleft(seq)
@@ -787,9 +908,13 @@ class Scheduler:
     def schedule(self) -> list[tuple[Sequence, int]]:
         """[(sequence, new tokens this step)], running ones first. Mutates block tables and queues."""
         budget, out, preempted, i = self.budget, [], False, 0
+        # 1. running sequences, oldest first: 1 token (decode) or the next prompt chunk
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens - seq.num_computed, budget)
+            # while ... else: preempt from the END of running until seq's blocks fit (the else branch runs
+            # then), or until seq itself was the victim (break). Victims sit at index >= i, so nothing already
+            # in `out` is ever preempted.
             while self._need(seq, n) > self.bm.num_free():
                 victim = self.running.pop()              # the newest; may be seq itself
                 self.preempt(victim)
@@ -805,6 +930,8 @@ class Scheduler:
                 out.append((seq, n))
                 budget -= n
                 i += 1
+        # 2. waiting sequences, oldest first (preempted ones are at the front), while budget, seats and blocks
+        # last; the first that does not fit stops admission (strict FCFS: no smaller request jumps the queue)
         seats = sum(s.seats for s in self.running)
         while self.waiting and budget > 0 and not preempted:
             seq = self.waiting[0]
@@ -833,10 +960,12 @@ class Scheduler:
         return out
 
     def finish(self, seq: Sequence, reason: str, stop_reason=None):
+        """Mark a sequence done and free its blocks now (the caller drops it from running)."""
         seq.status, seq.finish_reason, seq.stop_reason = FINISHED, reason, stop_reason
         self.bm.free_seq(seq)
 
     def abort(self, seqs: Iterable[Sequence]):
+        """Finish these sequences with reason "abort", wherever they are (waiting or running)."""
         for seq in seqs:
             if seq.status == FINISHED:
                 continue
@@ -849,13 +978,22 @@ class Scheduler:
 # ---- sampler ---------------------------------------------------------------------------------------------
 # All on the GPU, batched, with no host sync: the logits of each sampled row are tempered, masked by
 # top-k / min-p / top-p, turned into a CDF, and a token is drawn by inverse transform with ONE uniform
-# number per row. That number is a hash of (request seed, sample index, output position), computed on the
-# host: so a request with a seed gets the same tokens whatever else shares its batch, and a run with the
-# same LLM seed and the same requests is reproducible. Temperature 0 is an exact argmax of the raw logits.
+# number per row. That number is a hash of (request seed, sample index, output position), keys packed on
+# the host and hashed on the device: so a request with a seed gets the same tokens whatever else shares its
+# batch, and a run with the same LLM seed and the same requests is reproducible. Temperature 0 is an exact
+# argmax of the raw logits.
 #
 # The target distribution, in the order the masks apply (sampling_probs_ref is the float64 oracle):
 #   p = softmax(logits / T); drop ranks >= top_k; drop p_i < min_p * max(p); renormalise; keep the
 #   smallest prefix (by decreasing p) whose mass reaches top_p; renormalise.
+#
+# Why a hashed counter, not torch.Generator: a generator is one stream of state, so per-request seeds would
+# need a Python loop over per-row generators every step, and a shared one ties a request's tokens to its
+# batch-mates. A counter-based draw (Salmon et al. 2011) is a pure function of its key, so any row of any
+# step in any batch gets its own number, computed on the device from three int64 columns. nano-vllm divides
+# the probabilities by exponential noise and takes the argmax (also exact): V random numbers per row; here one.
+# Log-probs (RL's importance ratios need the behaviour policy's exact log p): "processed" = log_softmax of the
+# tempered, masked logits zt, the distribution the token was drawn from; "raw" = log_softmax(logits), T = 1.
 
 M64 = (1 << 64) - 1
 
@@ -895,11 +1033,13 @@ def uniform_t(seed: torch.Tensor, sample: torch.Tensor, position: torch.Tensor) 
 
 
 def sampling_probs_ref(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The exact distribution one row is sampled from, in float64, written plainly (the test oracle)."""
+    """The exact distribution one row is sampled from, in float64, written plainly (the test oracle).
+    logits [V] -> probabilities [V]."""
     x = logits.double()
     if p.greedy:
         return F.one_hot(x.argmax(), x.numel()).double()
     probs = (x / p.temperature).softmax(-1)
+    # work in rank order (most likely first), then scatter the kept mass back to token order at the end
     order = probs.argsort(descending=True, stable=True)
     ps = probs[order]
     keep = torch.ones_like(ps, dtype=torch.bool)
@@ -934,29 +1074,38 @@ class SamplingBatch:
 
 def _mask_logits(z: torch.Tensor, sb: SamplingBatch) -> torch.Tensor:
     """Tempered logits z [R, V] -> the same with masked tokens at -inf (top-k, min-p, then top-p)."""
+    # the full sort of [R, V] is this file's most expensive sampling op: it runs only when some row has a mask
+    # (SamplingBatch.any_filter), never in the plain-temperature CUDA-graph path
     sz, idx = z.sort(dim=-1, descending=True)                          # [R, V], idx[r, j] = token of rank j
     ps = sz.softmax(-1)
     rank = torch.arange(z.shape[-1], device=z.device)
-    drop = (rank[None, :] >= sb.top_k[:, None]) | (ps < sb.min_p[:, None] * ps[:, :1])
+    drop = (rank[None, :] >= sb.top_k[:, None]) | (ps < sb.min_p[:, None] * ps[:, :1])   # top-k, min-p
     ps = ps.masked_fill(drop, 0.0)
     ps = ps / ps.sum(-1, keepdim=True)
+    # top-p: drop a token when the tokens ranked above it already hold top_p of the (renormalised) mass
     drop |= (ps.cumsum(-1) - ps) >= sb.top_p[:, None]
     drop[:, 0] = False                                                 # the most likely token always stays
     return torch.empty_like(z).scatter_(-1, idx, sz.masked_fill(drop, float("-inf")))
 
 
 def sample(logits: torch.Tensor, sb: SamplingBatch):
-    """logits [B, V] fp32 -> (tokens [R] int64, logprobs [R] fp32 | None, (top values, top ids) | None)."""
+    """logits [B, V] fp32 -> (tokens [R] int64, logprobs [R] fp32 | None, (top values, top ids) | None).
+    R >= B: a prompt that forks into n samples has its logits row read n times (sb.rows). No host sync: every
+    branch is decided by host-side flags, so this also runs inside a CUDA graph."""
     z = logits.index_select(0, sb.rows) if sb.rows.numel() != logits.shape[0] else logits   # [R, V]
     greedy_tok = z.argmax(-1)
     if sb.all_greedy and sb.logprobs is None:
         return greedy_tok, None, None
-    greedy = sb.temperature == 0
-    zt = z / torch.where(greedy, 1.0, sb.temperature)[:, None]
+    greedy = sb.temperature == 0                                       # [R] bool, on the device
+    zt = z / torch.where(greedy, 1.0, sb.temperature)[:, None]        # tempered logits [R, V] (greedy rows: T 1)
     if sb.any_filter:
         zt = _mask_logits(zt, sb)
     probs = zt.softmax(-1)
     cdf = probs.cumsum(-1)                                             # fp32; searchsorted skips p = 0 tokens
+    # inverse transform: the first token whose cdf exceeds u * total (scaling by the total absorbs the fp32
+    # cumsum's drift from 1). right=True: a p = 0 token repeats the previous cdf value, so it is never first.
+    # FOOTGUN: u * total is rounded to fp32; for u within ~2^-25 of 1 it rounds UP to cdf[-1], searchsorted
+    # returns V, and the clamp picks token V - 1, even when that token is masked (p = 0).
     target = (sb.u * cdf[:, -1].double()).float()[:, None]
     tok = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=z.shape[-1] - 1)
     tok = torch.where(greedy, greedy_tok, tok)
@@ -981,6 +1130,12 @@ def sample(logits: torch.Tensor, sb: SamplingBatch):
 # Owns the model, the KV cache and the CUDA graphs of one tp rank. A step arrives as a StepInput: plain CPU
 # tensors built by the LLM (so the same object can be sent to tp worker processes), all integers packed in
 # ONE int32 tensor so a step costs one host-to-device copy.
+#
+# The runner knows nothing of requests or scheduling: flat tensors in, sampled tokens out. Why one packed
+# copy: each torch.tensor(list, device="cuda") is its own transfer from pageable memory, which, FOOTGUN, first
+# waits for all work queued on the stream; nano-vllm pins each input and copies them one by one; here every
+# segment (ids, positions, slots, lengths, block table, sampling keys and params) rides in one pinned buffer,
+# one copy, which the device splits into views.
 
 
 @dataclass
@@ -1004,6 +1159,8 @@ class StepInput:
     copies: list                   # [(src_block, dst_block)]: fork copies to make before the forward
 
     def views(self, ints):
+        """The eager step's segments as views of ints (no copies): ids, positions, slot_mapping [N];
+        context_lens [B]; cu_seqlens_q [B+1]; block_table [B, W]; hidden_rows [S]."""
         N, B, W, S = self.N, self.B, self.W, self.S
         sizes = [N, N, N, B, B + 1, B * W, S]
         parts = ints[: self.n_model].split([-(-n // 4) * 4 for n in sizes])     # segments start 16-byte aligned
@@ -1014,6 +1171,7 @@ class StepInput:
         """Views of the sampling part (laid out for Rp >= R rows: a graph step pads to max_num_seqs)."""
         R, Rp = self.sb["R"], self.sb["Rp"]
         w = ints[self.n_model + self.n_model % 2:]                         # 6Rp + 4Rp + Rp int32 words
+        # reinterpret the bits (view(dtype), no conversion): 2 int32 words per int64 key, 1 per fp32 param
         keys = w[: 6 * Rp].view(torch.int64).view(3, Rp)[:, :R]
         f = w[6 * Rp: 10 * Rp].view(torch.float32).view(4, Rp)[:, :R]
         return SamplingBatch(w[10 * Rp: 10 * Rp + R].long(), f[0], f[1], f[2], f[3],
@@ -1022,6 +1180,9 @@ class StepInput:
 
 
 class ModelRunner:
+    """One tp rank's GPU side: the model shard, the KV cache [L, 2, num_blocks, P, Hkv/tp, D], the CUDA
+    graphs; runs a StepInput (launch / fetch / execute), copies fork blocks, and hosts the RL hooks."""
+
     def __init__(self, cfg: ModelConfig, tp: TPGroup, device: torch.device, dtype: torch.dtype, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int, use_kernels: bool = True,
                  processed_logprobs: bool = True):
@@ -1032,13 +1193,15 @@ class ModelRunner:
         self.model = Model(cfg, tp, use_kernels, dtype, device).eval()
         self.kv = None
         self.num_blocks = 0
-        self.graphs: dict[int, tuple] = {}
-        self.graph_ints = None
+        self.graphs: dict[int, tuple] = {}      # batch size -> (CUDAGraph, its static outputs (logits, tok, lp))
+        self.graph_ints = None                  # the graphs' one static int32 input buffer (see capture)
         self.offloaded = None
 
     # -- KV cache --
 
     def bytes_per_block(self) -> int:
+        """K and V of P tokens in every layer, this rank's kv heads: 2 * L * P * (Hkv/tp) * D * dtype bytes.
+        (Qwen3-0.6B in bf16, P 16: 2 * 28 * 16 * 8 * 128 * 2 = 1.8 MB, 112 KB per token.)"""
         c = self.cfg
         return 2 * c.num_layers * self.P * (c.num_kv_heads // self.tp.size) * c.head_dim * self.dtype.itemsize
 
@@ -1052,6 +1215,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
 
     def free_kv(self):
+        """Drop every reference to the cache tensor (the layers' views too), so its memory can be released."""
         for layer in self.model.layers:
             layer.attn.k_cache = layer.attn.v_cache = None
         self.kv = None
@@ -1068,6 +1232,11 @@ class ModelRunner:
             base = torch.cuda.memory_allocated(self.device)
         src = dummy_weights(self.model, seed) if load == "dummy" else safetensors_weights(Path(load))
         self.model.load_weights(src, where=load)
+        # How many KV blocks fit: vLLM's recipe. Run the worst step once (profile_peak_bytes: a full token
+        # budget of prefill) and measure the peak; what remains of the engine's share of the GPU, minus a
+        # reserve for what the profile cannot see (CUDA graphs' memory pool, allocator fragmentation, NCCL's
+        # buffers), becomes the cache. The cache is the engine's throughput: more
+        # blocks = more sequences in flight = bigger decode batches.
         if num_blocks is None:
             if cuda:   # this engine may use util * total, never more than was free when it started
                 peak = self.profile_peak_bytes() - base
@@ -1076,7 +1245,7 @@ class ModelRunner:
             else:      # CPU: enough for max_num_seqs sequences of max_model_len, at most 2 GiB
                 need = self.max_num_seqs * self.W
                 num_blocks = int(min(need, max(self.W, (2 << 30) // self.bytes_per_block())))
-            if self.tp.size > 1:
+            if self.tp.size > 1:                  # every rank's block ids must name the same pages: take the min
                 t = torch.tensor([num_blocks], device=self.device)
                 torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
                 num_blocks = int(t.item())
@@ -1084,6 +1253,8 @@ class ModelRunner:
             raise ValueError(f"the KV cache fits {max(num_blocks, 0) * self.P} tokens, less than one sequence of "
                              f"max_model_len={self.W * self.P}: lower max_model_len or raise gpu_memory_utilization")
         self.allocate_kv(num_blocks)
+        # Triton compiles and autotunes on first use; doing it here keeps those seconds out of the first
+        # generate (and out of benchmarks)
         if cuda:                                  # each autotuning bucket of the prefill kernel, once
             for n in (500, 1000, 2000, 4000, 8000):
                 if n <= min(self.max_num_batched_tokens, self.W * self.P):
@@ -1097,6 +1268,8 @@ class ModelRunner:
         to profile memory and to make Triton compile and autotune the prefill kernels before anyone times them."""
         dev, L = self.device, min(n, self.W * self.P)
         i32 = dict(dtype=torch.int32, device=dev)
+        # n tokens as full-length sequences (+ a remainder); every block table row is page 0 and no slot is
+        # written: the attention reads whatever page 0 holds, which is all a profile needs
         lens = [L] * (n // L) + ([n % L] if n % L else [])
         cu = torch.tensor([0] + list(itertools.accumulate(lens)), **i32)
         pos = torch.cat([torch.arange(k, **i32) for k in lens])
@@ -1117,7 +1290,9 @@ class ModelRunner:
         return torch.cuda.max_memory_allocated(self.device)
 
     def copy_blocks(self, copies):
-        """Fork copies: block dst <- block src in every layer, k and v (one indexed copy)."""
+        """Fork copies: block dst <- block src in every layer, k and v (one indexed copy).
+        kv[:, :, ids] is [L, 2, copies, P, Hkv/tp, D]. The two index tensors are built from Python lists, small
+        synchronous uploads: fine, this runs once per forking request (and never in a graph or ahead step)."""
         src = torch.tensor([s for s, _ in copies], device=self.device)
         dst = torch.tensor([d for _, d in copies], device=self.device)
         self.kv[:, :, dst] = self.kv[:, :, src]
@@ -1130,12 +1305,14 @@ class ModelRunner:
         as device tensors, their host copies started (pinned, non-blocking) and an event that marks them done.
         prev_tokens: the device tokens sampled by the step still in flight; they become this step's input ids
         (one-step-ahead decoding: the host never had them)."""
-        if st.copies:
+        if st.copies:                           # before the forward: the forks write their next K/V into the copies
             self.copy_blocks(st.copies)
         # FOOTGUN: a copy from pageable host memory waits for the whole stream first; pinned memory does not
         host = st.ints.pin_memory() if self.device.type == "cuda" else st.ints
         ints = host.to(self.device, non_blocking=True)
         if st.graph_bs:
+            # a graph reads its inputs from fixed addresses: refresh the static buffer (device to device), patch in
+            # the in-flight step's tokens when one-step-ahead, replay; logits stay [graph_bs, V], B rows are real
             self.graph_ints.copy_(ints)                                  # the static buffer's image
             if prev_tokens is not None:
                 self.graph_ints[: st.B].copy_(prev_tokens)
@@ -1148,9 +1325,12 @@ class ModelRunner:
                 ids.copy_(prev_tokens)
             meta = AttnMeta(st.decode, slots, bt, ctx, cu, st.max_seqlen_q)
             hidden = self.model(ids, pos, meta)                          # [N, Hd]
+            # the LM head only on the S rows that sample (a sequence's newest token, prompt all in): [S, Hd] -> [S, V]
             logits = self.model.logits(hidden.index_select(0, rows.long()) if st.S != st.N else hidden)
-        if self.tp.rank != 0:
+        if self.tp.rank != 0:                   # the logits are gathered on every rank; rank 0 alone samples
             return None
+        # the graphs were captured with plain temperature sampling + the token's log-prob: reuse their tokens unless
+        # a row has a mask or top-k log-probs are wanted, then sample again from the graph's logits, eagerly
         if st.graph_bs and not st.sb["any_filter"] and not st.sb["logprobs"]:   # sampled inside the graph
             tok, lp, top = g_tok[: st.B], None if st.sb["logprobs"] is None else g_lp[: st.B], None
         else:
@@ -1158,6 +1338,8 @@ class ModelRunner:
         outs = [tok, lp] + ([None, None] if top is None else [top.values, top.indices])
         if self.device.type != "cuda":
             return tok, outs, None
+        # queue the device-to-host copies right behind this step (before any later step can overwrite the graph's
+        # static outputs), into pinned buffers so they do not block the host; the event says when they landed
         host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
                 for t in outs]
         done = torch.cuda.Event()
@@ -1170,7 +1352,7 @@ class ModelRunner:
         (tokens, logprobs or None, (top values, top ids) or None) as lists."""
         _, (tok, lp, tv, ti), done = handle
         if done is not None:
-            done.synchronize()
+            done.synchronize()                  # the host waits here, for this step's copies only
         return tok.tolist(), None if lp is None else lp.tolist(), None if tv is None else (tv.tolist(), ti.tolist())
 
     @torch.inference_mode()
@@ -1180,8 +1362,15 @@ class ModelRunner:
         return None if h is None else self.fetch(h)
 
     # -- RL hooks --
+    # What a trainer colocated with the engine needs: new weights without a restart (copied IN PLACE, so the
+    # CUDA graphs, which recorded the parameters' addresses, stay valid), and the GPU memory back while it
+    # trains. sleep frees the KV cache (usually the largest allocation) and the weights (level 1 parks them
+    # in CPU memory, level 2 drops them: the next update_weights refills them anyway), and the graphs; it
+    # keeps the process, its CUDA context, the compiled Triton kernels, the RoPE table and the host-side
+    # block manager (empty, its prefix hashes forgotten: the pages' contents are gone).
 
     def load_weights(self, batch: list):
+        """update_weights' entry on this rank: (hf_name, full tensor) pairs, a subset is fine."""
         self.model.load_weights(batch, "update_weights", require_all=False)
 
     def sleep(self, level: int):
@@ -1193,6 +1382,8 @@ class ModelRunner:
         self.free_kv()
         self.offloaded = {}
         for name, p in self.model.named_parameters():
+            # swap the storage under the Parameter (the module tree stays as it is; a tied LM head is the
+            # embedding itself). The copy to pageable CPU memory is synchronous.
             self.offloaded[name] = p.data.to("cpu") if level == 1 else (p.shape, p.dtype)
             p.data = torch.empty(0, dtype=p.dtype, device=self.device)
         if self.device.type == "cuda":
@@ -1200,6 +1391,9 @@ class ModelRunner:
 
     @torch.inference_mode()
     def wake_up(self):
+        """Undo sleep: weights back (level 1) or fresh uninitialised storage (level 2: load weights next), a
+        zeroed cache of the same num_blocks, and the graphs captured again if there were any. Only after sleep
+        (self.slept is set there)."""
         level, graphs = self.slept
         for name, p in self.model.named_parameters():
             v = self.offloaded[name]
@@ -1216,6 +1410,14 @@ class ModelRunner:
     # buffer holds [input_ids | positions | slot_mapping | context_lens] (max_bs each) and the block table
     # (max_bs x W); a step copies its packed ints into it, padded (slot -1: no KV write; context 0: zero
     # attention output), and replays the smallest graph >= its batch size.
+    #
+    # Why only decode: a graph fixes every shape, and a decode step's shapes are set by one number, its batch
+    # size B, so a handful of graphs covers every decode step; a prefill step varies in token count, sequence
+    # count and chunk lengths, and is big enough that its launches are a small share of its time anyway. Which
+    # sizes: 1, 2, 4, 8, then every multiple of 16 up to max_num_seqs (as nano-vllm does): a step pads at most
+    # 15 rows, and each extra graph costs capture time and a little memory, kept small by one shared memory
+    # pool (captured largest first, so the first graph sizes the pool). Unlike nano-vllm, the LM head and the
+    # plain-temperature sampler are inside the graph too: at small batch sizes they are many launches as well.
 
     def graph_sizes(self) -> list[int]:
         m = self.max_num_seqs
@@ -1223,6 +1425,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def capture(self):
+        """Record one graph per size of graph_sizes() over one static buffer graph_ints (mb = max_num_seqs):
+        [ids mb | positions mb | slots mb | context_lens mb | block_table mb*W | (pad to even) | keys int64
+        [3, mb] | params fp32 [4, mb] | rows mb (unread: graph row i samples logits row i)], the layout that
+        _build_step writes for a graph step. The graph of size bs reads the first bs entries of each segment;
+        its outputs (logits [bs, V], tokens [bs], log-probs [bs]) are static tensors too, overwritten by every
+        replay. FOOTGUN: the graph samples ONE token per row; a step whose plan needs more rows than B (a
+        forking prompt whose last token is computed alone) does not fit that contract."""
         mb, W, dev = self.max_num_seqs, self.W, self.device
         n_model = 4 * mb + mb * W
         off = n_model + n_model % 2
@@ -1244,6 +1453,8 @@ class ModelRunner:
                                    uniform_t(keys[0, :bs], keys[1, :bs], keys[2, :bs]), False, False, 0, self.processed)
                 tok, lp, _ = sample(logits, sb)
                 return logits, tok, lp
+            # a graph records kernel launches, so everything lazy (Triton's compile and autotune, cuBLAS
+            # workspaces, the allocator's first blocks) must happen in an untimed eager run first
             fwd()                                                        # warm-up (Triton compiles here)
             torch.cuda.synchronize(dev)
             g = torch.cuda.CUDAGraph()
@@ -1255,6 +1466,11 @@ class ModelRunner:
 
 
 # ---- loading ---------------------------------------------------------------------------------------------
+# Weights reach the model as a stream of (HF name, full tensor) pairs, whatever their source: a safetensors
+# folder (read one tensor at a time, so host memory stays at one tensor), random tensors of the right shapes
+# (load_format="dummy": benchmarks and tests need no checkpoint), or a trainer's live tensors
+# (update_weights). Model.load_weights is the one place that cuts them into this rank's shards. Dropped:
+# .bin (pickle) checkpoints and quantised formats.
 
 def resolve_model(model) -> Path:
     """A local HF folder, or a hub id ("org/name") downloaded with huggingface_hub when online."""
@@ -1290,6 +1506,7 @@ def safetensors_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def dummy_weights(model: Model, seed: int = 0, std: float = 0.02) -> Iterator[tuple[str, torch.Tensor]]:
     """Random full HF tensors (norms 1, biases 0, matrices N(0, std)), the same on every tp rank."""
+    # the FULL (unsharded) HF shapes, so dummy weights go through the same slicing as a checkpoint
     c, D, I, Hd = model.cfg, model.cfg.head_dim, model.cfg.intermediate_size, model.cfg.hidden_size
     shapes = {"model.embed_tokens.weight": (c.vocab_size, Hd), "lm_head.weight": (c.vocab_size, Hd)}
     for i in range(c.num_layers):
@@ -1301,7 +1518,7 @@ def dummy_weights(model: Model, seed: int = 0, std: float = 0.02) -> Iterator[tu
         shapes.update({f"{p}mlp.gate_proj.weight": (I, Hd), f"{p}mlp.up_proj.weight": (I, Hd),
                        f"{p}mlp.down_proj.weight": (Hd, I)})
     dev = model.norm.weight.device
-    g = torch.Generator(dev).manual_seed(seed)
+    g = torch.Generator(dev).manual_seed(seed)             # one seeded stream: every rank draws the same tensors
     for name in model.weight_slots():
         if "norm" in name:
             yield name, torch.ones(model.cfg.head_dim if "_norm." in name and "self_attn" in name else Hd, device=dev)
@@ -1317,12 +1534,21 @@ def dummy_weights(model: Model, seed: int = 0, std: float = 0.02) -> Iterator[tu
 # works inside a program that already has one (ppo.py under torchrun). Every step the driver sends the same
 # StepInput to all of them (a pipe each); they run the forward in lockstep (the all-reduces line them up)
 # and rank 0 sends back the sampled tokens.
+#
+# Why processes: one process per GPU is what NCCL and the CUDA caching allocator expect, and Python threads
+# would share one GIL for the per-step host work. The scheduler and block manager stay in the driver alone:
+# a worker receives finished StepInputs, so tp ranks never have to agree on a schedule. nano-vllm broadcasts
+# each step through shared memory and events, vLLM through a message queue; a pipe per worker is slower but
+# plain. Dropped with tp > 1: one-step-ahead decoding (every tp step is synchronous: send, wait for rank 0).
 
 class UniExecutor:
+    """tp = 1: the runner in this process; launch / fetch are the asynchronous pair one-step-ahead uses."""
+
     def __init__(self, runner_args: dict):
         self.runner = ModelRunner(**runner_args)
 
     def call(self, method: str, *args):
+        """Run a runner method by name (setup, sleep, load_weights, ..): the interface both executors share."""
         return getattr(self.runner, method)(*args)
 
     def execute(self, st: StepInput):
@@ -1341,7 +1567,7 @@ class UniExecutor:
 
 def _worker_main(rank: int, size: int, port: int, runner_args: dict, conn, cuda: bool):
     """A tp worker: join the engine's group, build this rank's runner, then serve calls until 'exit'."""
-    if cuda:
+    if cuda:                  # FOOTGUN: rank r takes visible GPU r; pick the GPUs with CUDA_VISIBLE_DEVICES
         torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
     import datetime
@@ -1356,6 +1582,7 @@ def _worker_main(rank: int, size: int, port: int, runner_args: dict, conn, cuda:
                 break
             try:
                 out = runner.execute(*args) if method == "execute" else getattr(runner, method)(*args)
+                # a step's answer comes from rank 0 alone (the others return None); other calls answer on every rank
                 if method != "execute" or rank == 0:
                     conn.send(("ok", out))
             except Exception as e:          # report, then stop: the group is out of step now
@@ -1367,11 +1594,13 @@ def _worker_main(rank: int, size: int, port: int, runner_args: dict, conn, cuda:
 
 
 class MultiprocExecutor:
+    """tp > 1: `size` worker processes, each a ModelRunner of one rank, driven through one pipe each."""
+
     def __init__(self, runner_args: dict, size: int, cuda: bool, timeout_s: float = 600.0):
         import multiprocessing as mp
         import socket
         ctx = mp.get_context("spawn")                 # never fork a process that may hold CUDA state
-        with socket.socket() as s:
+        with socket.socket() as s:                    # a free port for the workers' rendezvous (tcp:// init)
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.conns, self.procs, self.timeout_s = [], [], timeout_s
@@ -1382,7 +1611,7 @@ class MultiprocExecutor:
             p.start()
             self.conns.append(a)
             self.procs.append(p)
-        for r in range(size):
+        for r in range(size):                         # each answers "ok" once its runner is built
             self._recv(r)
 
     def _recv(self, rank: int):
@@ -1402,6 +1631,7 @@ class MultiprocExecutor:
         return out
 
     def call(self, method: str, *args):
+        """Run a runner method on every rank (they must all take part: collectives); rank 0's result."""
         for c in self.conns:
             c.send((method, args))
         return [self._recv(r) for r in range(len(self.conns))][0]
@@ -1426,6 +1656,17 @@ class MultiprocExecutor:
 
 
 # ---- LLM: the engine's front door --------------------------------------------------------------------------
+# The driver: it owns the tokenizer, the requests, the Scheduler and the BlockManager (all host state) and
+# one executor (the GPU side). One step, the loop everything else serves:
+#   schedule()             which sequences run, how many tokens each; blocks allocated  (Scheduler)
+#   _build_step()          the step packed into one int32 tensor + the sampling plan     (host)
+#   executor.launch()      forward + sample queued on the device, results copied back    (ModelRunner)
+#   _speculate()           the NEXT decode step queued before this one's tokens are read  (one step ahead)
+#   _finish()              wait for the tokens; computed counts, prefix hashes, forks, stops, outputs
+# vLLM splits this across an engine core, a scheduler, an executor and an output processor, possibly in other
+# processes; nano-vllm has an LLMEngine.step of the same shape without the one-step-ahead part. Kept here: the
+# offline LLM class and the step-level API (add_request / step / abort_request) ppo.py drives; dropped: the
+# async HTTP server, streaming outputs, incremental detokenisation (text is decoded once, at the end).
 
 class LLM:
     """vLLM's offline API. `generate` / `chat` run requests to completion; `add_request` / `step` /
@@ -1466,6 +1707,8 @@ class LLM:
         self.max_model_len = max_model_len or c.max_position_embeddings
         self.processed = logprobs_mode == "processed_logprobs"
         self.tokenizer = None if skip_tokenizer_init else load_tokenizer(tokenizer or folder, required=tokenizer is not None)
+        # the end-of-sequence ids: config.json, generation_config.json (chat models often add <|im_end|> etc.
+        # there) and the tokenizer's; any of them stops a sample unless ignore_eos
         self.eos_ids = set(c.eos_token_id) | set(_generation_eos(folder))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             self.eos_ids.add(self.tokenizer.eos_token_id)
@@ -1474,6 +1717,7 @@ class LLM:
                     max_num_batched_tokens=max_num_batched_tokens, use_kernels=use_kernels,
                     processed_logprobs=logprobs_mode == "processed_logprobs")
         self.executor = (UniExecutor(args) if tp == 1 else MultiprocExecutor(args, tp, dev.type == "cuda"))
+        # weights=[(name, tensor), ..] (a trainer's live model): start from dummy weights, then copy those in
         load = "dummy" if load_format == "dummy" or weights is not None else str(folder)
         try:
             num_blocks, self.graph_sizes = self.executor.call(
@@ -1488,11 +1732,11 @@ class LLM:
         self.block_size, self.W = block_size, -(-self.max_model_len // block_size)
         self.max_num_seqs, self.async_scheduling = max_num_seqs, async_scheduling
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
-        self._inflight, self._aborted = None, []
+        self._inflight, self._aborted = None, []   # the step queued ahead (see step); aborted outputs to return
         self.requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
-        self._copies: list = []
+        self._copies: list = []                    # fork block copies (src, dst) for the next step to make first
         self.stats = dict(steps=0, prefill_tokens=0, decode_tokens=0, graph_steps=0, load_s=0.0)
         self.stats["load_s"] = time.perf_counter() - t0
         self.log(f"nanovllm: {c.model_type} {c.num_layers} layers from {folder} on {dev} ({dtype}, tp={tp}), "
@@ -1511,6 +1755,7 @@ class LLM:
     # -- requests in --
 
     def _prompt_ids(self, prompt) -> tuple[str | None, list[int]]:
+        """(text or None, token ids) of a prompt given as text, token ids or a vLLM-style dict."""
         if isinstance(prompt, dict):
             if "prompt_token_ids" in prompt:
                 return prompt.get("prompt"), list(prompt["prompt_token_ids"])
@@ -1542,13 +1787,17 @@ class LLM:
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"LLM: request {rid}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
+        # no seed given: derive one from (LLM seed, arrival number), so a rerun of the same requests in the same
+        # order gives the same samples, while two requests never share a stream
         seed = params.seed if params.seed is not None else _mix64((self.seed << 32) ^ arrival)
         req = Request(rid, text, ids, params, arrival, seed)
+        # what _sampling copies into every step's rows, computed once: the seed as int64 bits, the float params
+        # (top_k off = V: "keep all V ranks"), and whether any mask is on (the host flag that skips the sort)
         req.seed64 = _s64(seed & M64)
         req.row = (params.temperature, params.top_k if params.top_k > 0 else self.cfg.vocab_size, params.top_p,
                    params.min_p)
         req.filtered = params.top_k > 0 or params.top_p < 1 or params.min_p > 0
-        seq = Sequence(next(self._seq_ids), req, 0, list(ids))
+        seq = Sequence(next(self._seq_ids), req, 0, list(ids))   # ONE sequence; it forks after its prompt
         seq.pending_forks = params.n - 1
         req.seqs.append(seq)
         self.requests[rid] = req
@@ -1565,6 +1814,7 @@ class LLM:
             self._aborted.append(self._output(req))
 
     def has_unfinished_requests(self) -> bool:
+        """Work left: queued or running sequences, a step in flight, or aborted outputs not yet returned."""
         return self.scheduler.has_work() or self._inflight is not None or bool(self._aborted)
 
     # -- one step --
@@ -1574,18 +1824,21 @@ class LLM:
         Hot path: at 256 sequences this runs every few milliseconds, so it builds flat Python lists and
         stacks the per-sequence block-table rows (cached as tensors, see _table_row) in one call."""
         P, W = self.block_size, self.W
+        # a pure-decode step: every sequence computes exactly its last token. (A prompt whose last chunk is one
+        # token, after a prefix hit or chunking, passes this test too, forking prompts included.)
         decode = all(n == 1 and s.num_computed == s.num_tokens - 1 for s, n in scheduled)
         seqs = [s for s, _ in scheduled]
         B = len(seqs)
         if decode:                                               # one token each: no per-token loops
             ids = [s.token_ids[-1] for s in seqs] if not ahead else [0] * B   # ahead: filled on the device
             pos = [s.num_tokens - 1 + ahead for s in seqs]
+            # slot = (page holding position p) * P + offset in it: where this token's K/V are written
             slots = [s.block_table[p // P] * P + p % P for s, p in zip(seqs, pos)]
-            ctx = [p + 1 for p in pos]
+            ctx = [p + 1 for p in pos]                          # tokens to attend over, the new one included
             cu, rows, plan = list(range(B + 1)), list(range(B)), seqs
         else:
             ids, pos, slots, ctx, cu, rows, plan = [], [], [], [], [0], [], []
-            for seq, n in scheduled:
+            for seq, n in scheduled:                            # tokens [a, a + n) of each sequence, packed
                 a, bt = seq.num_computed, seq.block_table
                 ids.extend(seq.token_ids[a:a + n])
                 pos.extend(range(a, a + n))
@@ -1595,9 +1848,12 @@ class LLM:
                 if a + n == seq.num_tokens:                     # its last token is in: sample the next one
                     rows.append(cu[-1] - 1)
                     plan.append(seq)
+                # (a chunk that ends mid-prompt samples nothing: its last logits predict a known token)
         tables = torch.stack([_table_row(s, W) for s in seqs])  # [B, W]
+        # the smallest captured size >= B, or 0 = eager (prefill, no graphs, or fork copies to make first)
         graph_bs = next((g for g in self.graph_sizes if g >= B), 0) if decode and not self._copies else 0
         if graph_bs:                                             # the graph's static layout, padded to max_bs
+            # padding rows: token 0 at position 0, slot -1 (no K/V write), context 0 (attends to nothing)
             pad = self.max_num_seqs - B
             head = torch.tensor(ids + [0] * pad + pos + [0] * pad + slots + [-1] * pad + ctx + [0] * pad,
                                 dtype=torch.int32)
@@ -1610,7 +1866,7 @@ class LLM:
         parts += [torch.zeros(n_model % 2, dtype=torch.int32), sb.pop("words")]   # int64 keys need 8-byte alignment
         st = StepInput(torch.cat(parts), len(ids), B, W, len(rows), max(n for _, n in scheduled), decode, graph_bs,
                        n_model, sb, self._copies)
-        self._copies = []
+        self._copies = []                                        # handed to this step, made before its forward
         return st, plan
 
     def _sampling(self, plan: list, ahead: int = 0, pad_to: int | None = None) -> dict:
@@ -1621,6 +1877,8 @@ class LLM:
         for i, seq in enumerate(plan):
             req = seq.request
             p = req.params
+            # one row per seat: a forking prompt samples its n first tokens now, one per future sample k, from
+            # the same logits row i; the key (seed, sample, output position) gives each its own draw
             for k in range(seq.seats):
                 rix.append(i)
                 keys[0].append(req.seed64)
@@ -1630,7 +1888,7 @@ class LLM:
                     col.append(v)
             greedy &= p.greedy
             filt |= req.filtered
-            if p.logprobs is not None:
+            if p.logprobs is not None:        # one batch-wide setting: the largest top-k asked for (None: nobody)
                 lp = max(lp or 0, p.logprobs)
         R = len(rix)
         Rp = pad_to or R
@@ -1652,6 +1910,8 @@ class LLM:
         stopped meanwhile has its one extra token discarded; blocks are only freed after the step that wrote
         them was queued, and the stream runs steps in order, so a reused block is never overwritten late."""
         t0 = time.perf_counter()
+        # cur: the step whose tokens this call applies: the one queued ahead by the previous call, or else a
+        # freshly scheduled one (the scheduler only ever runs when nothing is in flight)
         cur, self._inflight = self._inflight, None
         if cur is None:
             scheduled = self.scheduler.schedule()
@@ -1670,6 +1930,8 @@ class LLM:
         return done
 
     def _launch(self, scheduled, ahead: int = 0, prev=None) -> tuple:
+        """Build and start one step -> (scheduled, plan, StepInput, handle). handle: launch's device handle
+        at tp = 1, the finished (tokens, logprobs, top) lists with tp workers (their steps are synchronous)."""
         st, plan = self._build_step(scheduled, ahead)
         self.stats["steps"] += 1
         self.stats["graph_steps"] += bool(st.graph_bs)
@@ -1687,6 +1949,7 @@ class LLM:
         if (not st.decode or self.scheduler.waiting or self._copies or not isinstance(self.executor, UniExecutor)
                 or len(seqs) != len(self.scheduler.running) or any(q.status != RUNNING or q.seats > 1 for q in seqs)):
             return None
+        # num_computed does not count cur's token yet: 2 = the token cur writes + the one this step writes
         if sum(self.bm.blocks_needed(q, 2) for q in seqs) > self.bm.num_free():
             return None
         for q in seqs:
@@ -1698,6 +1961,7 @@ class LLM:
         new tokens, stops. Sequences finished in the meantime (stopped one step earlier, or aborted) skip."""
         scheduled, plan, st, handle = cur
         toks, lps, top = self.executor.fetch(handle) if isinstance(self.executor, UniExecutor) else handle
+        # toks / lps / top are flat over the plan's rows: seats rows per planned sequence, in plan order; k walks them
         for seq, n in scheduled:
             if seq.status != FINISHED:
                 seq.num_computed += n
@@ -1713,6 +1977,7 @@ class LLM:
             for q in group:
                 self._append(q, toks[k], None if lps is None else lps[k], None if top is None else (top[0][k], top[1][k]))
                 k += 1
+        # rebuild running: new children after their parent, finished sequences out (their blocks are already free)
         running = []
         for q in self.scheduler.running:                      # children go right after their parent (FCFS)
             running.append(q)
@@ -1735,12 +2000,12 @@ class LLM:
         for j in range(1, parent.pending_forks + 1):
             kid = Sequence(next(self._seq_ids), parent.request, j, list(parent.token_ids))
             kid.num_computed, kid.status = parent.num_computed, RUNNING
-            kid.block_hashes = list(parent.block_hashes)
+            kid.block_hashes = list(parent.block_hashes)      # the shared full blocks keep their prefix names
             for bid in parent.block_table[:full]:
                 self.bm.acquire(bid)
                 kid.block_table.append(bid)
-            if parent.num_prompt % P:
-                dst = parent.fork_blocks.pop()
+            if parent.num_prompt % P:                          # the partial last block: a private copy each
+                dst = parent.fork_blocks.pop()                  # reserved by the scheduler with the last chunk
                 kid.block_table.append(dst)
                 self._copies.append((parent.block_table[full], dst))
             kids.append(kid)
@@ -1749,9 +2014,11 @@ class LLM:
         return kids
 
     def _append(self, seq: Sequence, tok: int, lp, top):
+        """Add one sampled token (+ its log-probs) to a sequence and check the stop conditions, in this order:
+        a stop token, EOS, the length limits (max_tokens, max_model_len), a stop string in the decoded tail."""
         seq.token_ids.append(tok)
         p = seq.request.params
-        if lp is not None:
+        if lp is not None:                    # (present when ANY request of the step wants log-probs)
             seq.logprobs.append(lp)
             if p.logprobs:
                 d = {i: Logprob(v, r + 1) for r, (v, i) in enumerate(zip(top[0][: p.logprobs], top[1][: p.logprobs]))}
@@ -1772,6 +2039,8 @@ class LLM:
                 self.scheduler.finish(seq, "stop", hit)
 
     def _output(self, req: Request) -> RequestOutput:
+        """The finished request as vLLM's RequestOutput: detokenised text (cut at a stop string), token ids, and
+        log-probs in both forms (token_logprobs: a flat list; logprobs: vLLM's per-token dicts)."""
         outs = []
         for s in sorted(req.seqs, key=lambda s: s.sample):
             ids, p = s.token_ids[s.num_prompt:], req.params
@@ -1817,6 +2086,7 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, order: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        """Step until every request is done (also any queued before this call); outputs in `order`."""
         bar = _progress(len(order)) if use_tqdm and self.verbose else None
         done, t0 = {}, time.perf_counter()
         try:
@@ -1842,9 +2112,13 @@ class LLM:
         """Load new weights in place from (hf_name, full tensor) pairs (no disk), then forget the prefix
         cache (its K/V came from the old weights). Returns the seconds it took."""
         t0 = time.perf_counter()
+        # FOOTGUN: a subset of the names is accepted (require_all=False): a tensor that is not sent keeps its
+        # old value silently. Sequences still running keep K/V computed with the old weights.
         if isinstance(self.executor, UniExecutor):
+            # tensors may live on any device (a colocated trainer's GPU: a device-to-device copy)
             self.executor.runner.model.load_weights(weights, "update_weights", require_all=False)
         else:
+            # tp workers live in other processes: send CPU copies through the pipes, ~256 MiB per message
             batch, size = [], 0
             for name, t in weights:
                 batch.append((name, t.detach().cpu()))
@@ -1858,11 +2132,12 @@ class LLM:
         return time.perf_counter() - t0
 
     def reset_prefix_cache(self):
+        """Make every cached block unhittable (vLLM's name): needed whenever the weights change."""
         self.bm.reset_prefix_cache()
 
     def sleep(self, level: int = 1) -> float:
-        """Free the KV cache (and with level 1 move the weights to CPU memory) so a trainer can use the GPU.
-        Nothing may be running. Returns the seconds it took."""
+        """Free the KV cache and the weights (level 1 keeps them in CPU memory, level 2 drops them: refill with
+        update_weights after wake_up) so a trainer can use the GPU. Nothing may be running. Returns seconds."""
         if self.has_unfinished_requests():
             raise RuntimeError("LLM.sleep: requests are still running; finish or abort them first")
         t0 = time.perf_counter()
@@ -1871,6 +2146,8 @@ class LLM:
         return time.perf_counter() - t0
 
     def wake_up(self) -> float:
+        """Reallocate what sleep freed (after level 2, load weights with update_weights before generating).
+        Returns the seconds it took."""
         t0 = time.perf_counter()
         self.executor.call("wake_up")
         return time.perf_counter() - t0
@@ -2010,6 +2287,8 @@ def _bench_hf(folder, prompts, new: int, batch_api: bool) -> float:
 
 
 def bench(argv=None) -> list[dict]:
+    """Print and return the benchmark table (see the banner): nanovllm on both shapes, batch 1, and HF's
+    generate_batch / generate on 64 requests, each next to its HBM bound."""
     if not torch.cuda.is_available():
         raise ValueError("--bench needs a CUDA GPU (the CPU path is for tests; see `python nanovllm.py`)")
     LLM.verbose = False
@@ -2047,6 +2326,10 @@ def bench(argv=None) -> list[dict]:
 
 
 # ---- CLI and self-test -------------------------------------------------------------------------------------
+# The self-test is the executable summary of the engine's contract: however a step is cut (prefix hits,
+# chunks of 6 tokens, preemptions in an 11-block cache, n = 3 forks, torch fallbacks instead of kernels.py),
+# greedy decoding must give the same tokens as the plainest configuration, and that one must equal
+# transformers' generate. test_all.py checks the rest (sampling oracles, log-probs, tp, RL hooks).
 
 def selftest() -> None:
     """Seconds on CPU: a tiny random Qwen3; every engine path (prefix cache, chunked prefill, preemption, n > 1
@@ -2096,6 +2379,7 @@ def selftest() -> None:
 
 
 def main(argv=None):
+    """No flags: the self-test; --model: one generation (a chat turn unless --raw); --bench: the benchmark."""
     ap = argparse.ArgumentParser(prog="nanovllm.py", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF folder (or hub id when online) to generate with")

@@ -110,8 +110,9 @@ from prepare_data import Config, build  # noqa: E402
 # kernels.py grew from 2000 to 2042 with rope_qk_norm_store (batch-1 decode's RoPE + qk-norm + KV-cache store in one
 # launch), after ~50 lines were tightened elsewhere in it with no feature, test or comment idea dropped.
 # nanoray.py grew from 2790 to 3312 with its teaching pass, comments and docstrings only (density 0.155 -> 0.429).
+# nanovllm.py grew from 2130 to 2414 with its teaching pass (comments only; comment density 0.231 -> 0.426).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2130, "nanoray.py": 3312, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2414, "nanoray.py": 3312, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
