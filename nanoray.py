@@ -902,13 +902,19 @@ class _Client:
         done() is checked under self.cond, so it may read what _file writes. At most one thread reads the
         socket at a time; the others sleep on the condition and re-check after every filed message (and at
         least every second, so a waiter with a deadline notices it even if the reader sleeps forever)."""
+        drained = False
         while True:
             with self.cond:
                 if done():
                     return True
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
-                    return False
+                    # Past the deadline, still file what has ALREADY arrived (a 1 us poll per message) before
+                    # giving up: wait(timeout=0) must see a task that finished long ago, whose result sits
+                    # unread in the socket.
+                    if drained or self.reading:
+                        return False
+                    left = 1e-6
                 if self.reading:  # another thread reads for us and notifies
                     self.cond.wait(1.0 if left is None else min(left, 1.0))
                     continue
@@ -916,6 +922,7 @@ class _Client:
             msg = None
             try:  # outside the lock: the other threads may send, and check their predicates, meanwhile
                 msg = self._recv(left)
+                drained = msg is None  # (a timed-out read: nothing complete is waiting)
             finally:
                 with self.cond:
                     self.reading = False
@@ -1214,8 +1221,8 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
         c.send(("get", req, missing, True))
         deadline = None if timeout is None else time.monotonic() + timeout
         # enough = num_returns minus those already ready before the request
-        # FOOTGUN: pump reads nothing once the deadline has passed, so timeout=0 only sees what earlier calls
-        # already read from the socket
+        # timeout=0: pump still files the messages already in the socket (results pushed to us earlier), so a
+        # task that finished before this call is ready even though the head's answer to this request is not
         c.pump(lambda: req in c.acks and sum(i in c.descs for i in missing) >= num_returns - len(refs)
                + len(missing), deadline)
         c.send(("unsub", req))  # the objects still pending stop waking us (their descriptors would be stale work)

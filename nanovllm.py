@@ -1104,9 +1104,11 @@ def sample(logits: torch.Tensor, sb: SamplingBatch):
     cdf = probs.cumsum(-1)                                             # fp32; searchsorted skips p = 0 tokens
     # inverse transform: the first token whose cdf exceeds u * total (scaling by the total absorbs the fp32
     # cumsum's drift from 1). right=True: a p = 0 token repeats the previous cdf value, so it is never first.
-    # FOOTGUN: u * total is rounded to fp32; for u within ~2^-25 of 1 it rounds UP to cdf[-1], searchsorted
-    # returns V, and the clamp picks token V - 1, even when that token is masked (p = 0).
-    target = (sb.u * cdf[:, -1].double()).float()[:, None]
+    # u * total is rounded to fp32: for u within ~2^-25 of 1 it could round UP to cdf[-1], searchsorted would
+    # return V and the clamp pick token V - 1 even when it is masked (p = 0). So the target stays BELOW the total
+    # (the largest fp32 under it): the first cdf above it is then always a token with p > 0.
+    last = cdf[:, -1:]                                                 # [R, 1]
+    target = torch.minimum((sb.u * last[:, 0].double()).float()[:, None], torch.nextafter(last, torch.zeros_like(last)))
     tok = torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=z.shape[-1] - 1)
     tok = torch.where(greedy, greedy_tok, tok)
     if sb.logprobs is None:
@@ -1430,8 +1432,8 @@ class ModelRunner:
         [3, mb] | params fp32 [4, mb] | rows mb (unread: graph row i samples logits row i)], the layout that
         _build_step writes for a graph step. The graph of size bs reads the first bs entries of each segment;
         its outputs (logits [bs, V], tokens [bs], log-probs [bs]) are static tensors too, overwritten by every
-        replay. FOOTGUN: the graph samples ONE token per row; a step whose plan needs more rows than B (a
-        forking prompt whose last token is computed alone) does not fit that contract."""
+        replay. The graph samples ONE token per row: a forking prompt (n rows from one logits row) is therefore
+        never a decode step (_build_step), even when its last chunk is one token."""
         mb, W, dev = self.max_num_seqs, self.W, self.device
         n_model = 4 * mb + mb * W
         off = n_model + n_model % 2
@@ -1824,9 +1826,10 @@ class LLM:
         Hot path: at 256 sequences this runs every few milliseconds, so it builds flat Python lists and
         stacks the per-sequence block-table rows (cached as tensors, see _table_row) in one call."""
         P, W = self.block_size, self.W
-        # a pure-decode step: every sequence computes exactly its last token. (A prompt whose last chunk is one
-        # token, after a prefix hit or chunking, passes this test too, forking prompts included.)
-        decode = all(n == 1 and s.num_computed == s.num_tokens - 1 for s, n in scheduled)
+        # a pure-decode step: every sequence computes exactly its last token and samples ONE row. (A prompt whose
+        # last chunk is one token, after chunking, passes too, unless it forks: its n samples draw n rows from
+        # one logits row, which the decode graph's in-graph sampler, one row per sequence, cannot do.)
+        decode = all(n == 1 and s.num_computed == s.num_tokens - 1 and not s.pending_forks for s, n in scheduled)
         seqs = [s for s, _ in scheduled]
         B = len(seqs)
         if decode:                                               # one token each: no per-token loops
