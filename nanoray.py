@@ -105,6 +105,7 @@ import marshal
 import mmap
 import os
 import pickle
+import select
 import selectors
 import signal
 import socket
@@ -805,6 +806,8 @@ class _Client:
         # __del__ included); cond: guards `reading`; _file runs and waiters test their predicates under it
         self.send_lock, self.ref_lock, self.cond = threading.Lock(), threading.RLock(), threading.Condition()
         self.reading, self.rbuf, self.rpos = False, bytearray(), 0  # a thread is in _recv; bytes read, not parsed
+        self.poller = select.poll()  # _recv's wait for bytes (poll: no FD_SETSIZE limit, unlike select)
+        self.poller.register(self.sock, select.POLLIN)
         # inbox: work for this process (exec/call/create, raylet commands); replies: rpc req -> value;
         # descs: object id -> descriptor, for ids held here; acks: requests the head has answered
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
@@ -885,12 +888,13 @@ class _Client:
             if pos > (1 << 20):  # compact now and then, not per message (that would be quadratic)
                 del buf[:pos]
                 self.rpos = 0
-            # FOOTGUN: a socket has one timeout for both directions, and other threads may be in sendall on it
-            self.sock.settimeout(timeout)
+            # Wait with poll(), not sock.settimeout(): a socket has ONE timeout for both directions, and another
+            # thread may be in sendall on it (a short get deadline here would time out its send). The socket stays
+            # blocking; after POLLIN, recv returns what has arrived without waiting.
+            if timeout is not None and not self.poller.poll(max(timeout, 0.0) * 1000):
+                return None
             try:
                 chunk = self.sock.recv(1 << 20)
-            except socket.timeout:
-                return None
             except OSError:
                 chunk = b""
             if not chunk:  # EOF (or a reset): the head is gone; every waiter sees this error in turn
@@ -977,8 +981,8 @@ class _Client:
         if missing:
             deadline = None if timeout is None else time.monotonic() + timeout
             req = next(self.ids)
-            # FOOTGUN: wanted is a Counter shared by the threads of a threaded actor, updated without a lock
-            self.wanted.update(missing)
+            with self.cond:  # wanted is shared by the threads of a threaded actor and read by _file (under cond)
+                self.wanted.update(missing)
             ask = [i for i in missing if i not in self.owned]  # our own task results are pushed anyway
             if ask:
                 self.send(("get", req, ask, False))
@@ -988,7 +992,8 @@ class _Client:
                 while pending and pending[-1] in self.descs:
                     pending.pop()
                 return not pending or bool(self.elsewhere)
-            # pump with a deadline of now = a check that reads nothing: only a task that will really wait says so
+            # pump with a deadline of now = a check that waits for nothing (it files what has already arrived):
+            # only a task that will really wait says so
             blocked = self.in_task and not self.pump(done, time.monotonic())
             # a task waiting in get lends its CPU back, so nested tasks can run: without it, N tasks that each
             # wait for a child fill N CPUs and the children never start (Ray releases the CPU the same way)
@@ -1006,16 +1011,18 @@ class _Client:
             finally:  # also on timeout and errors: the CPU is taken back before the task goes on
                 if blocked:
                     self.send(("blocked", False))
-                self.wanted.subtract(missing)
+                with self.cond:
+                    self.wanted.subtract(missing)
             if not ok:
                 self.send(("unsub", req))
                 raise GetTimeoutError(f"get timed out after {timeout} s: {len(pending)} of {len(ids)} objects "
                                       f"not ready")
-        out = [self.descs[i] for i in ids]
-        for i in missing:  # not ours to cache (no ref here), unless another thread still waits for it
-            if i not in self.counts and self.wanted[i] <= 0:
-                self.descs.pop(i, None)
-                del self.wanted[i]
+        with self.cond:
+            out = [self.descs[i] for i in ids]
+            for i in missing:  # not ours to cache (no ref here), unless another thread still waits for it
+                if i not in self.counts and self.wanted[i] <= 0:
+                    self.descs.pop(i, None)
+                    del self.wanted[i]
         return out
 
     def value(self, desc):
@@ -1776,9 +1783,11 @@ class _Head:
             except Exception as e:
                 return self._close(peer, f"an undecodable frame ({type(e).__name__}: {e})", loud=True)
             self._handle(peer, msg)  # in arrival order: the ordering guarantees of _Client.send hold here
-        # the buffer is reset only when it ends on a frame boundary (unlike _Client._recv, no compaction)
-        if peer.rpos == len(peer.rbuf):
+        if peer.rpos == len(peer.rbuf):  # ends on a frame boundary: start afresh
             peer.rbuf, peer.rpos = bytearray(), 0
+        elif peer.rpos > (1 << 20):  # a peer that always sends mid-frame: drop the parsed front now and then
+            del peer.rbuf[:peer.rpos]
+            peer.rpos = 0
 
     def _handle(self, peer, msg) -> None:
         """Dispatch one message (op, *args) to _on_<op>(peer, *args). Only authenticated peers get here, so a
@@ -2773,13 +2782,14 @@ class _NodeManager:
         try:
             sock.settimeout(AUTH_TIMEOUT)
             _auth_server(sock, self.secret)
-            # FOOTGUN: for sendall this bounds the WHOLE send (Python >= 3.5), not each chunk: an object that
-            # needs more than 60 s on the link fails to transfer (the puller gets ObjectLostError)
             sock.settimeout(60)
             off, size = struct.unpack("<QQ", _recv_exact(sock, 16))
             if off + size > self.arena.size:
                 raise ValueError(f"region {off}+{size} is outside the arena")
-            sock.sendall(self.arena.mv[off:off + size])  # from the shared mapping: no copy in user space
+            # from the shared mapping (no copy in user space), in 64 MiB pieces: sendall's timeout bounds its
+            # WHOLE send (Python >= 3.5), so 60 s is a limit on a stall, not on a big object over a slow link
+            for a in range(off, off + size, 1 << 26):
+                sock.sendall(self.arena.mv[a:min(a + (1 << 26), off + size)])
         except (OSError, ConnectionError, ValueError) as e:
             _log(f"object server: refused {addr[0]}:{addr[1]}: {e}")
         finally:

@@ -1197,7 +1197,7 @@ class ModelRunner:
         self.num_blocks = 0
         self.graphs: dict[int, tuple] = {}      # batch size -> (CUDAGraph, its static outputs (logits, tok, lp))
         self.graph_ints = None                  # the graphs' one static int32 input buffer (see capture)
-        self.offloaded = None
+        self.offloaded, self.slept = None, None   # sleep's CPU copies; (level, had graphs) while asleep
 
     # -- KV cache --
 
@@ -1377,7 +1377,10 @@ class ModelRunner:
 
     def sleep(self, level: int):
         """Level 1: weights to CPU memory, KV cache freed; level 2: both freed (reload with update_weights).
-        CUDA graphs baked in the old addresses, so they are dropped here and captured again by wake_up."""
+        CUDA graphs baked in the old addresses, so they are dropped here and captured again by wake_up.
+        Asleep already: nothing to do (a second pass would offload the empty placeholders over the weights)."""
+        if self.slept is not None:
+            return
         self.slept = (level, bool(self.graphs))
         self.graphs.clear()
         self.graph_ints = None
@@ -1395,8 +1398,10 @@ class ModelRunner:
     def wake_up(self):
         """Undo sleep: weights back (level 1) or fresh uninitialised storage (level 2: load weights next), a
         zeroed cache of the same num_blocks, and the graphs captured again if there were any. Only after sleep
-        (self.slept is set there)."""
-        level, graphs = self.slept
+        (self.slept is set there); awake: nothing to do."""
+        if self.slept is None:
+            return
+        (level, graphs), self.slept = self.slept, None
         for name, p in self.model.named_parameters():
             v = self.offloaded[name]
             p.data = v.to(self.device) if level == 1 else torch.empty(v[0], dtype=v[1], device=self.device)
@@ -2018,7 +2023,8 @@ class LLM:
 
     def _append(self, seq: Sequence, tok: int, lp, top):
         """Add one sampled token (+ its log-probs) to a sequence and check the stop conditions, in this order:
-        a stop token, EOS, the length limits (max_tokens, max_model_len), a stop string in the decoded tail."""
+        a stop token, EOS, a stop string in the decoded tail, the length limits (max_tokens, max_model_len): a
+        stop string completed by the last allowed token still ends the sample as "stop", cut there (as vLLM)."""
         seq.token_ids.append(tok)
         p = seq.request.params
         if lp is not None:                    # (present when ANY request of the step wants log-probs)
@@ -2031,15 +2037,19 @@ class LLM:
             self.scheduler.finish(seq, "stop", tok)
         elif tok in self.eos_ids and not p.ignore_eos:
             self.scheduler.finish(seq, "stop")
+        elif (hit := self._stop_string(seq, p)) is not None:
+            self.scheduler.finish(seq, "stop", hit)
         elif (p.max_tokens is not None and seq.num_output >= p.max_tokens) or seq.num_tokens >= self.max_model_len:
             self.scheduler.finish(seq, "length")
-        elif p.stop and self.tokenizer is not None:
-            width = max(len(s) for s in p.stop) + 2                 # a stop string spans at most that many tokens
-            tail = self.tokenizer.decode(seq.token_ids[max(seq.num_prompt, seq.num_tokens - width):],
-                                         skip_special_tokens=p.skip_special_tokens)
-            hit = next((s for s in p.stop if s in tail), None)
-            if hit is not None:
-                self.scheduler.finish(seq, "stop", hit)
+
+    def _stop_string(self, seq: Sequence, p: SamplingParams) -> str | None:
+        """The first of p.stop found in the decoded tail of the output (None: none, or no tokenizer)."""
+        if not p.stop or self.tokenizer is None:
+            return None
+        width = max(len(s) for s in p.stop) + 2                     # a stop string spans at most that many tokens
+        tail = self.tokenizer.decode(seq.token_ids[max(seq.num_prompt, seq.num_tokens - width):],
+                                     skip_special_tokens=p.skip_special_tokens)
+        return next((s for s in p.stop if s in tail), None)
 
     def _output(self, req: Request) -> RequestOutput:
         """The finished request as vLLM's RequestOutput: detokenised text (cut at a stop string), token ids, and
