@@ -24,15 +24,15 @@ Commands:
     pytest -q test_all.py -k nanovllm
 
 First read (~600 lines: the engine at tp = 1, eager, one step at a time), in this order:
-    1. sequences and block manager (lines 596-827, up to check()): plain Python, no tensors. How a
+    1. the sequences and block manager sections (up to BlockManager.check()): plain Python, no tensors. How a
        sequence's tokens map to pages of the KV cache; how pages are shared (n > 1 forks, the prefix cache).
-    2. the scheduler (lines 848-975): what one step runs: decodes + prefill chunks under a token budget, and
+    2. the scheduler section: what one step runs: decodes + prefill chunks under a token budget, and
        preemption by recompute when pages run out.
-    3. LLM._build_step (lines 1822-1870), then LLM._finish and _fork (lines 1959-2014): a scheduled step
-       packed into flat tensors; its sampled tokens applied, samples forked, stops checked.
-    4. Attention.forward (lines 427-459) and the torch fallbacks it calls, store_kv_ref and paged_attention_ref
-       (lines 276-305): each layer writes the new tokens' K/V into their pages, then attends over them.
-    5. sample() (lines 1091-1126): temperature, masks, one uniform per row, log-probs; then selftest().
+    3. LLM._build_step, then LLM._finish and _fork: a scheduled step packed into flat tensors; its sampled
+       tokens applied, samples forked, stops checked.
+    4. Attention.forward and the torch fallbacks it calls, store_kv_ref and paged_attention_ref: each layer
+       writes the new tokens' K/V into their pages, then attends over them.
+    5. sample(): temperature, masks, one uniform per row, log-probs; then selftest().
 Independent chapters after that, each opened by its own comment: CUDA graphs (ModelRunner.capture),
 one-step-ahead decoding (LLM.step, _speculate), memory sizing (ModelRunner.setup), tensor parallelism
 (TPGroup, Linear, Embedding, load_weights' shards, the executors), RL hooks (update_weights, sleep /
