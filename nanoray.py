@@ -482,7 +482,7 @@ def _error_desc(exc) -> tuple:
 #                   ("put", id, descriptor, contained ids, hold); ("submit", task...); ("call", actor call...);
 #                   ("pg", id, bundles, strategy, value, detached); ("rm_pg", id)
 #   worker -> head  ("blocked", flag); ("done", task id, [(return id, descriptor, contained)], failed);
-#                   ("created", actor id, error descriptor or None)
+#                   ("created", actor id, (error descriptor, its text) or None)
 #   raylet -> head  ("worker_exit", worker id, exit code); ("pulled", id, node id, offset, error or None)
 #   head -> owner   ("objs", None, [(return id, descriptor or None)]): a task's results, pushed unasked
 #   head -> worker  ("bind", sys.path); ("exec", ...); ("create", ...); ("call", ...)
@@ -2387,8 +2387,8 @@ class _Head:
         a = self.actors.get(aid)
         if a is None or a.state == "dead":
             return
-        if err is not None:
-            return self._actor_dead(a, "its constructor raised: " + _desc_text(err))
+        if err is not None:                       # (descriptor, its text): never unpickled here
+            return self._actor_dead(a, "its constructor raised: " + err[1])
         a.state = "alive"
         self._pump_actor(a)
 
@@ -2667,10 +2667,12 @@ class _Head:
 
 
 def _desc_text(desc) -> str:
-    """The message of an error descriptor (for the errors of actors that could not start)."""
-    # FOOTGUN: this unpickles the user's exception IN THE HEAD: a class the head cannot import (a module on
-    # the driver's sys.path only) raises here, and _handle then drops the reporting worker's connection
-    return str(_loads(memoryview(bytearray(desc[1]))))
+    """The message of an error descriptor (for the errors of actors that could not start). It unpickles the
+    user's exception IN THE HEAD, which may not import its class: then a line that says so, not a crash."""
+    try:
+        return str(_loads(memoryview(bytearray(desc[1]))))
+    except Exception as e:  # noqa: BLE001 (any unpickling failure)
+        return f"(an error the head cannot rebuild: {type(e).__name__}: {e})"
 
 
 def _fmt_res(units: dict) -> str:
@@ -2933,7 +2935,8 @@ def _worker_main() -> None:
                 a, kw = c.resolve_args(args, deps)
                 instance, err = _loads(memoryview(bytearray(blob)))(*a, **kw), None
             except Exception as e:  # the head marks the actor dead with this error; no call will come
-                err = _error_desc(RayTaskError(f"{name}.__init__", _format_tb(e), e, os.getpid()))
+                exc = RayTaskError(f"{name}.__init__", _format_tb(e), e, os.getpid())
+                err = (_error_desc(exc), str(exc))    # the text too: the head may not import the cause's class
             run = _actor_runner(c, instance, opts)
             c.send(("created", aid, err))
         elif op == "call":  # returns at once for threaded and async actors: the loop keeps reading

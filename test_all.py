@@ -112,10 +112,11 @@ from prepare_data import Config, build  # noqa: E402
 # nanoray.py grew from 2790 to 3312 with its teaching pass, comments and docstrings only (density 0.155 -> 0.429).
 # nanovllm.py grew from 2130 to 2414 with its teaching pass (comments only; comment density 0.231 -> 0.426), to 2427
 # with the fixes it found (forking prompts and decode steps, the sampler's last token, sleep twice, stop strings on
-# the last token); nanoray.py to 3329 with its fixes (wait(timeout=0), poll instead of a shared socket timeout,
-# `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece).
+# the last token); nanoray.py to 3332 with its fixes (wait(timeout=0), poll instead of a shared socket timeout,
+# `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece, a constructor
+# error's text sent with it).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3329, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2427, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -5894,6 +5895,26 @@ def test_nanoray_actors_state_order_names_concurrency(nr):
         c.nope
     with pytest.raises(TypeError, match="remote"):
         Counter(1)
+
+
+def test_nanoray_constructor_error_the_head_cannot_import(nr, tmp_path):
+    """An actor's constructor raises an exception of a module that only its worker can import (the head cannot
+    unpickle it): the actor dies with the error's text, and the head keeps serving."""
+    (tmp_path / "nr_only_here.py").write_text("class OddError(Exception):\n    pass\n")
+    where = str(tmp_path)
+
+    @nr.remote
+    class Odd:
+        def __init__(self):
+            sys.path.insert(0, where)
+            import nr_only_here
+            raise nr_only_here.OddError("odd config 42")
+
+        def f(self):
+            return 1
+    with pytest.raises(nr.exceptions.ActorDiedError, match="odd config 42"):
+        nr.get(Odd.remote().f.remote(), timeout=30)
+    assert nr.get(nr.put(7), timeout=30) == 7
 
 
 def test_nanoray_actor_ends_when_its_last_handle_is_gone(nr):
