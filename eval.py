@@ -98,7 +98,7 @@ CPU_LIMIT, CPU_MAX_TOKENS, GPU_MAX_TOKENS = 16, 256, 2048
 # answer comes back as a Grade whose status says what happened.
 
 
-@dataclass
+@dataclass(frozen=True)  # frozen: grade() hands the same Grade to every copy of an answer
 class Grade:
     correct: bool  # the answer equals the gold answer; always False unless status is "ok"
     status: str  # ok | no_answer (no final \boxed{}) | parse_error (answer or gold unparsable) | timeout | error
@@ -172,6 +172,7 @@ class Grader:
             raise FileNotFoundError("eval.py: grading needs math-verify: pip install 'math-verify[antlr4_13_2]'")
         self.n_workers, self.timeout_s, self.mode, self.start_timeout_s = workers, timeout_s, mode, start_timeout_s
         self.ctx, self.pool = mp.get_context("spawn"), []
+        self.sent = 0  # answers the last grade() sent to the workers (distinct (answer, gold) pairs)
 
     def __enter__(self):
         return self
@@ -197,13 +198,21 @@ class Grader:
         """pairs: iterable of (response text, gold answer) -> one Grade per pair, in order."""
         pairs = list(pairs)
         grades, todo = [None] * len(pairs), deque()
+        # Each distinct (answer, gold) pair is graded once: RL samples n responses per prompt, and a confident
+        # model boxes the same answer in most of them (GRPO on the SFT model: ~1024 answers, a few hundred
+        # distinct). first[(answer, gold)] = the index that is sent; same[i] = the earlier index i copies.
+        first, same = {}, {}
         for i, (response, gold) in enumerate(pairs):
             answer = pd.last_boxed(response) if self.mode == "boxed" else response
             if answer is None or not answer.strip():  # no box, an empty one, or unbalanced braces
                 grades[i] = Grade(False, "no_answer", detail="no final \\boxed{} answer" if self.mode == "boxed"
                                   else "empty response")
+            elif (answer, str(gold)) in first:
+                same[i] = first[answer, str(gold)]
             else:
+                first[answer, str(gold)] = i
                 todo.append((i, answer, str(gold)))
+        self.sent = len(todo)   # answers sent to the workers in this call (the rest copied a grade)
         if todo:
             self.start()
         self._retried = set()   # answers whose worker died under them: graded once more, on a fresh worker
@@ -213,6 +222,8 @@ class Grader:
         except BaseException:  # a failed start or Ctrl-C: no worker may carry a job of this call into the next
             self.close()
             raise
+        for i, j in same.items():  # a timeout or error is copied too: the same text would fail the same way
+            grades[i] = grades[j]
         return grades
 
     def _step(self, todo: deque, grades: list):

