@@ -25,7 +25,9 @@ data-parallel replica with its own engine and its share of the prompts):
 One-step off-policy (--mode one_step_off, the seed's recipe after verl): the rollout of step k+1 is made
 with the weights of step k-1 while step k trains (staleness exactly 1, asserted), and truncated importance
 sampling corrects for it. With --backend local (roles in this process) a thread generates step k+1 on the
-engine's own CUDA stream while the trainer trains step k on the same GPU (colocated off-policy); with --backend
+engine's own CUDA stream while the trainer trains step k on the same GPU (colocated off-policy; with
+--engine_process the engine lives in a child process on that GPU instead, so the two roles do not share a GIL, and
+the weights go through a buffer shared by CUDA IPC); with --backend
 nanoray or ray the trainer and the engine(s) are actors in their own processes (each on a GPU of its own when
 there are enough), and the weights go trainer -> engines by a bucketed broadcast on a process group of their
 own (NCCL / gloo). Every backend and layout (dp, tp, pp under torchrun) computes the same numbers (tested).
@@ -43,6 +45,7 @@ Commands:
     torchrun --nproc_per_node 2 ppo.py                # data parallel: the same run as one process, on 2 ranks
     torchrun --nproc_per_node 2 ppo.py --tp 2         # tensor-parallel trainer (each rank keeps a full engine)
     torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2  # + pipeline stages (1F1B; the RL loss on the last stage)
+    torchrun --nproc_per_node 2 ppo.py --mode one_step_off --engine_process   # colocated off-policy, engine per process
     python ppo.py --backend nanoray --mode one_step_off   # roles as actors: rollout overlaps training (--backend ray)
     python ppo.py --backend nanoray --tp 2 --pp 2 --engines 4   # split: a trainer group of 4 actors + 4 engines
     torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2 --rollout_gpus 4   # the same split from a torchrun launch
@@ -351,6 +354,7 @@ class Config:
     dtype: str = "auto"  # auto (bfloat16 on CUDA, float32 on CPU) | bfloat16 | float32
     engine_memory: float = 0.3  # share of GPU memory the colocated engine takes (weights + KV cache)
     engine_sleep: bool = False  # colocated: the engine frees its weights and KV cache while the trainer steps
+    engine_process: bool = False  # local backend: each rank's engine in a child process on its device (own GIL)
     grade_workers: int = 2  # math-verify grading processes
     grade_timeout_s: float = 5.0  # per answer; slower ones count as wrong
     backend: str = "local"  # local (roles in this process; torchrun: data parallel) | nanoray | ray (roles as actors)
@@ -400,7 +404,9 @@ def resolve(cfg: Config, cuda: bool) -> Config:
                f"--lora_rank {cfg.lora_rank}: must be >= 0, and LoRA needs --tp 1 --pp 1 (adapters are not split)"),
               (not (bad := {t.strip() for t in cfg.lora_targets.split(",")} - set(LORA_TARGETS)),
                f"--lora_targets: unknown {sorted(bad)}; a comma list of {','.join(LORA_TARGETS)}"),
-              (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)")]
+              (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)"),
+              (not cfg.engine_process or cfg.backend == "local", "--engine_process is the local backend's layout "
+               "(with --backend nanoray or ray every engine is an actor, a process of its own already)")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"ppo.py: {msg}")
@@ -1516,6 +1522,151 @@ class _Here:
         return type("_M", (), {"remote": staticmethod(fn)})
 
 
+# ------------------------------------------------------------------ the engine in a process of its own ----
+# --engine_process (local backend, one engine per rank): the engine runs in a CHILD process on the rank's own
+# device instead of in the trainer's process. Why: with the engine in a thread (the default one-step-off layout
+# above) both roles are host-bound Python on one GIL, and each runs ~1.5-2.5x slower beside the other (BENCHMARKS,
+# issue 15). A process of its own has its own interpreter; the GPU runs both processes' kernels (time-sliced).
+#   requests:  parent --(id, method, args)--> child     replies: child --(id, "ok" | "error", value)--> parent
+# in order, over one pipe. Weights: a flat byte buffer allocated once on the device and shared with the child
+# (CUDA IPC under torch.multiprocessing: the child maps the same memory; on CPU, shared memory). A sync copies
+# the trainer's tensors into it, then sends only the layout [(name, byte offset, bytes, dtype, shape)]; the child
+# loads views of it into the engine (update_weights copies), so no tensor crosses the pipe per step.
+
+def _engine_main(conn, args: tuple, device: str) -> None:
+    """The child: build EngineRole(*args, device), then serve requests in order until the pipe closes."""
+    import signal
+    import traceback
+    signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C belongs to the parent, which ends us
+    torch.set_num_threads(max(1, torch.get_num_threads() // 2))     # on CPU: leave the trainer its cores
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    try:
+        role = EngineRole(*args, device)
+        conn.send((0, "ok", role.where()))
+    except BaseException:
+        conn.send((0, "error", traceback.format_exc()))
+        return
+    shared = None
+    while True:
+        try:
+            i, name, a = conn.recv()
+        except EOFError:                                # the parent closed the pipe (or died): done
+            break
+        try:
+            if name == "share":                          # the weight buffer, once (an IPC handle, not a copy)
+                shared, out = a[0], None
+            elif name == "load":                         # views of the buffer -> the engine's weights
+                out = role.load([(n, shared[o:o + nb].view(dt).view(shape)) for n, o, nb, dt, shape in a[0]])
+            else:
+                out = getattr(role, name)(*a)
+            conn.send((i, "ok", out))
+        except BaseException:
+            conn.send((i, "error", traceback.format_exc()))
+    role.shutdown()
+
+
+class _EngineDied(ChildProcessError):
+    """The engine's child process is gone (killed, out of memory, a crash in C code)."""
+
+
+class _Reply:
+    """The answer to request i of an engine process: call it (or get() it) to wait for the value."""
+
+    def __init__(self, proc, i: int):
+        self.proc, self.i = proc, i
+
+    def __call__(self):
+        return self.proc.result(self.i)
+
+
+class _EngineProcess:
+    """The parent's handle of an engine in a child process: h.method.remote(...) sends the request now and
+    returns a _Reply (the child works meanwhile: generation overlaps the trainer's step). Two threads may wait at
+    once (the grading thread for a rollout, the main thread for a sync): whoever reads the pipe files the reply
+    it finds under its id."""
+
+    def __init__(self, args: tuple, device: str):
+        import torch.multiprocessing as tmp          # registers the tensor reductions (CUDA IPC, shared memory)
+        ctx = tmp.get_context("spawn")               # never fork a process that has CUDA or threads
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_main, args=(child, args, device), daemon=True, name="ppo-engine")
+        self.proc.start()
+        child.close()                                # the child's end lives in the child: its death is EOF here
+        self.send_lock, self.recv_lock, self.done, self.ids = threading.Lock(), threading.Lock(), {}, itertools.count(1)
+        self.buf, self.pid = None, self.proc.pid
+        self.started = self.result(0)                # the child's where(): waits for the engine to be built
+
+    def result(self, i: int):
+        with self.recv_lock:
+            while i not in self.done:
+                try:
+                    j, status, value = self.conn.recv()
+                except (EOFError, OSError):
+                    raise self._died() from None
+                self.done[j] = (status, value)
+            status, value = self.done.pop(i)
+        if status == "error":
+            raise RuntimeError(f"ppo.py: the engine process (pid {self.pid}) failed:\n{value}")
+        return value
+
+    def _died(self) -> _EngineDied:
+        self.proc.join(5)
+        return _EngineDied(f"the engine process (pid {self.pid}) died, exit code {self.proc.exitcode}; its last "
+                           "words, if any, are above")
+
+    def _send(self, name: str, *a) -> _Reply:
+        with self.send_lock:
+            i = next(self.ids)
+            try:
+                self.conn.send((i, name, a))
+            except OSError:                                    # a broken pipe: the child is gone
+                raise self._died() from None
+        return _Reply(self, i)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):                       # (pickle and copy probe dunders: not requests)
+            raise AttributeError(name)
+        send = self._load if name == "load" else lambda *a: self._send(name, *a)
+        return type("_M", (), {"remote": staticmethod(send)})
+
+    def _load(self, weights) -> _Reply:
+        """Copy the trainer's (name, tensor) into the shared buffer, then ask the child to load them. The copies
+        are complete before the request goes out (synchronize: the child reads from another process), and the
+        next _load waits for this one's reply before it overwrites the buffer (its caller gets the reply)."""
+        named = list(weights)
+        layout, off = [], 0
+        for n, t in named:
+            nb = t.numel() * t.element_size()
+            layout.append((n, off, nb, t.dtype, tuple(t.shape)))
+            off += -(-nb // 64) * 64                           # 64-byte aligned: any dtype views the bytes
+        dev = named[0][1].device
+        if self.buf is None or self.buf.numel() < off or self.buf.device != dev:
+            self.buf = torch.empty(off, dtype=torch.uint8, device=dev)
+            if dev.type == "cpu":
+                self.buf.share_memory_()
+            self._send("share", self.buf)()                    # the child maps it once
+        for (n, t), (_, o, nb, dt, shape) in zip(named, layout):
+            self.buf[o:o + nb].view(dt).view(shape).copy_(t)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        return self._send("load", layout)
+
+    def close(self) -> None:
+        self.conn.close()                                      # EOF: the child shuts its engine down and exits
+        self.proc.join(30)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(5)
+
+
+def _local_get(x):
+    """get() of the local backend: in-process calls return values already; an engine process's replies wait."""
+    if isinstance(x, list):
+        return [_local_get(y) for y in x]
+    return x() if isinstance(x, _Reply) else x
+
+
 def _split_launch(cfg: Config, rank: int, world: int) -> Config | None:
     """`torchrun --nproc_per_node W ppo.py --rollout_gpus R` (one machine): the seed's split layout from a
     torchrun launch. Rank 0 becomes the single controller of `--backend nanoray` (or ray): it drops torchrun's
@@ -1547,7 +1698,7 @@ def _split_launch(cfg: Config, rank: int, world: int) -> Config | None:
 def start_roles(cfg: Config, path, src, device_for_engine):
     """(trainer handle, get, backend module or None) for --backend."""
     if cfg.backend == "local":
-        return _Here(TrainerRole(cfg, path, src)), (lambda x: x), None
+        return _Here(TrainerRole(cfg, path, src)), _local_get, None
     if cfg.backend == "ray":
         import ray
         kw = {"runtime_env": {"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parent)}}}
@@ -1630,7 +1781,10 @@ def main(argv=None) -> dict:
         seats = -(-cfg.prompts_per_step // dp // E) * cfg.samples_per_prompt    # an engine's share of a step's
         args = (folder, cfg, L, min(1024, seats))     # samples, decoded in ONE wave (decode time ~ flat in batch)
         split = gpus >= T + E                       # a GPU for every trainer rank and every engine
-        if ray is None:
+        if ray is None and cfg.engine_process:
+            handles = [_EngineProcess(args, info["device"])]
+            say(f"roles: trainer pid {os.getpid()} on {info['device']}, engine (a process of its own) {handles[0].started}")
+        elif ray is None:
             handles = [_Here(EngineRole(*args, info["device"]))]
         else:
             import ppo
@@ -1670,14 +1824,14 @@ def main(argv=None) -> dict:
             return _loop(cfg, trainer, _Engines(handles, get, cfg.engine_sleep), sync, get, rewarder, train_rows,
                          test_rows, info, extra, say, out, t_start)
         except Exception as e:
-            if ray is None or not isinstance(e, ray.exceptions.RayActorError):
+            if not isinstance(e, _EngineDied) and (ray is None or not isinstance(e, ray.exceptions.RayActorError)):
                 raise
-            raise ChildProcessError(f"ppo.py: a role's actor died ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+            raise ChildProcessError(f"ppo.py: a role's process died ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                     f"run the same command again to resume from the last checkpoint in {out}") from e
     finally:
         if ray is None:
             for h in handles:
-                h.obj.shutdown()
+                h.close() if isinstance(h, _EngineProcess) else h.obj.shutdown()
             trainer.obj.close()
         else:
             import ppo

@@ -105,8 +105,10 @@ from prepare_data import Config, build  # noqa: E402
 # 1188 with fixed-shape micro-batches (--fixed_shape: FixedShape, fixed_shape(), collate's padding), to 1304 with
 # CUDA graphs (--cuda_graphs: GraphStep and the chapter comment that teaches what capture requires);
 # ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio,
-# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops.
-# eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries.
+# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops, to 2222 with
+# --engine_process (the colocated engine in a child process: the request pipe, the shared weight buffer, deaths).
+# eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries, to 737
+# with the grader's one job per distinct (answer, gold) pair.
 # kernels.py grew from 2000 to 2042 with rope_qk_norm_store (batch-1 decode's RoPE + qk-norm + KV-cache store in one
 # launch), after ~50 lines were tightened elsewhere in it with no feature, test or comment idea dropped.
 # nanoray.py grew from 2790 to 3312 with its teaching pass, comments and docstrings only (density 0.155 -> 0.429).
@@ -116,8 +118,8 @@ from prepare_data import Config, build  # noqa: E402
 # `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece, a constructor
 # error's text sent with it).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
-                "eval.py": 730}
+                "nanovllm.py": 2427, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2222, "merge.py": 200,
+                "eval.py": 737}
 
 
 @pytest.mark.parametrize("name", sorted(LINE_BUDGETS))
@@ -7819,6 +7821,10 @@ def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch
     same = lambda r: {k: v for k, v in r.items() if not (k.startswith("time_") or k.endswith("_s"))}  # noqa: E731
     assert [same(r) for r in _ppo_rows("seq") if "reward" in r] == [same(r) for r in rows]
     monkeypatch.setattr(ppo, "OVERLAP_HERE", True)
+    # the engine in a child process of its own (--engine_process: weights through a shared buffer): the same run
+    ppo.main(PPO_FAST + ["--steps", "4", "--mode", "one_step_off", "--out", "proc", "--min_lr_ratio", "0.1",
+                         "--engine_process"])
+    assert [same(r) for r in _ppo_rows("proc") if "reward" in r] == [same(r) for r in rows]
     # extended past its last step (no rollout was in flight there): the first new step is a fresh rollout
     ppo.main(PPO_FAST + ["--steps", "6", "--mode", "one_step_off", "--out", "o"])
     assert [r["staleness"] for r in _ppo_rows("o") if "reward" in r] == [0, 1, 1, 1, 0, 1]
@@ -7861,7 +7867,8 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, algo):
                                                                        "step_4"]
 
 
-@pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"], ["--tp", "2", "--rollout_gpus", "1"]])
+@pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"], ["--tp", "2", "--rollout_gpus", "1"],
+                                    ["--engine_process"]])
 def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     """torchrun --nproc_per_node 2 (gloo). dp 2: each rank generates, grades and scores half of each step's
     prompts on its own engine; the loss is normalised by the whole step's counts and dp sums the gradients,
@@ -7869,7 +7876,8 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     engine, which samples the same tokens). pp 2: two pipeline stages (1F1B with the RL loss on the last stage;
     the log-probs flow forward-only and are broadcast back; each engine gets both stages' weights). Every
     layout equals the one-process run, step for step. --rollout_gpus 1 (3 ranks): the split layout from a
-    torchrun launch -- rank 0 drives a tp 2 trainer group of 2 actors and 1 engine actor, the others exit."""
+    torchrun launch -- rank 0 drives a tp 2 trainer group of 2 actors and 1 engine actor, the others exit.
+    --engine_process: dp 2, each rank's engine in a child process of its own (weights through a shared buffer)."""
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun not on PATH")
@@ -7884,15 +7892,17 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
                          *common, *layout, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=300)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
-    assert ("roles: trainer pid" in r2.stdout) == ("--rollout_gpus" in layout)     # actors only when split
+    assert ("roles: trainer pid" in r2.stdout) == ("--rollout_gpus" in layout or "--engine_process" in layout)
     one, two = ([r for r in _ppo_rows(tmp_path / d) if "reward" in r] for d in ("one", "two"))
     assert [r["reward"] for r in two] == [r["reward"] for r in one]
     for a, b in zip(one, two):             # (tp sums partial matmuls in another order: fp32 round-off only)
         assert b["value_loss"] == pytest.approx(a["value_loss"], rel=1e-3, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
     man = json.loads((tmp_path / "two" / "step_3" / "manifest.json").read_text())
-    assert len(man["extra"]["sampler"]) == len(man["extra"]["pending"]) == (1 if layout else 2)
-    assert (man["layout"]["tp"], man["layout"]["pp"]) == ((2, 1) if "--tp" in layout else (1, 2) if layout else (1, 1))
+    dp = 2 if not layout or "--engine_process" in layout else 1
+    assert len(man["extra"]["sampler"]) == len(man["extra"]["pending"]) == dp
+    assert (man["layout"]["tp"], man["layout"]["pp"]) == ((2, 1) if "--tp" in layout else (1, 2) if "--pp" in layout
+                                                          else (1, 1))
 
 
 @pytest.mark.parametrize("backend,extra", [("nanoray", []), ("nanoray", ["--weight_sync", "store"]),
@@ -7990,10 +8000,12 @@ def test_ppo_bench_harness_runs_on_cpu_with_the_tiny_model(capsys):
         ppo.main(["--bench", "--model", "smollm2"])
 
 
-def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path):
-    """kill -9 of the engine actor's process mid-run (--backend nanoray): the driver stops within seconds with
-    one line naming the dead actor and how to resume (exit 2), instead of hanging on the dead engine."""
-    cmd = [sys.executable, str(ROOT / "ppo.py"), "--backend", "nanoray", "--steps", "400", "--prompts_per_step", "4",
+@pytest.mark.parametrize("layout", [["--backend", "nanoray"], ["--engine_process"]])
+def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path, layout):
+    """kill -9 of the engine's process mid-run (an actor of --backend nanoray, or the local backend's
+    --engine_process child): the driver stops within seconds with one line saying that a role's process died
+    and how to resume (exit 2), instead of hanging on the dead engine."""
+    cmd = [sys.executable, str(ROOT / "ppo.py"), *layout, "--steps", "400", "--prompts_per_step", "4",
            "--eval_problems", "4", "--out", "o", "--results", "r.jsonl", "--mode", "one_step_off"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
@@ -8003,7 +8015,7 @@ def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path):
         pid = None
         for line in proc.stdout:
             if line.startswith("roles:"):
-                pid = int(line.split("engine 0 pid ")[1].split()[0])
+                pid = int(line.split(" pid ")[2].split()[0])      # roles: trainer pid A ..., engine ... pid B
             if line.startswith("step 2/") and pid:
                 os.kill(pid, _signal.SIGKILL)
                 t0 = time.monotonic()
