@@ -2367,6 +2367,9 @@ class _Head:
             key = (opts["namespace"] or self.jobs[job]["ns"], opts["name"])
             old = self.actors.get(self.names.get(key))
             if old is not None and old.state != "dead":
+                # no actor will pin this call's arguments: free the object of large ones (put unheld, for that pin)
+                for d in [d for d in deps if d in self.objects]:
+                    self._maybe_free(d, self.objects[d])
                 if opts["get_if_exists"]:
                     self.objects[old.aid].holders.add(peer)
                     peer.held.add(old.aid)
