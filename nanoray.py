@@ -1510,7 +1510,7 @@ def placement_group(bundles, strategy="PACK", name="", lifetime=None) -> Placeme
 
 
 def remove_placement_group(placement_group) -> None:
-    """Give the bundles back; actors placed in the group are killed, running tasks finish."""
+    """Give the bundles back; actors and running tasks placed in the group are killed (as Ray does)."""
     _need_client().send(("rm_pg", placement_group.id))
 
 
@@ -1613,7 +1613,7 @@ class _Worker:
     node: object
     job: str  # None until its first task (prestarted workers serve any job)
     gpus: tuple  # indices into its node's GPU list, () for a CPU worker
-    state: str = "starting"  # starting | idle | busy | actor | dead
+    state: str = "starting"  # starting | idle | busy | actor | leaving (killed, not reused) | dead
     conn: object = None  # its _Peer once it connected (a task may be bound to it before that: sent on hello)
     pid: int = 0
     task: _Task = None  # the plain task it runs
@@ -1643,7 +1643,7 @@ class _Node:
 @dataclass(eq=False)
 class _PG:
     """A placement group. Once created: bundle i lives on nodes[i], carved out of that node's pool into a
-    pool of its own, pools[i]; allocs[i] is what was taken from the node (given back on removal)."""
+    pool of its own, pools[i] (what is free in it, plus what its workers hold, returns on removal)."""
     pgid: str
     bundles: list
     strategy: str
@@ -1653,7 +1653,6 @@ class _PG:
     state: str = "pending"  # pending | created | removed
     nodes: list = field(default_factory=list)
     pools: list = field(default_factory=list)
-    allocs: list = field(default_factory=list)
 
 
 class _Peer:
@@ -2164,6 +2163,8 @@ class _Head:
 
     def _finish(self, t, results, node, writer) -> None:
         """Seal a task's results (or its error), release its arguments, push results to its owner."""
+        if t.done:  # failed while it ran (its group was removed): the late results' regions go with its worker
+            return
         t.done = True
         for rid, desc, contained in results:
             o = self.objects.get(rid)
@@ -2592,26 +2593,34 @@ class _Head:
                 self.warned.add(pg.pgid)
                 _log(f"head: placement group {pg.pgid} asks for bundles larger than any node; it waits")
             return
-        pg.state, pg.allocs = "created", taken
+        pg.state = "created"
         # each bundle's pool holds exactly what was taken for it, GPU device indices included
         pg.nodes, pg.pools = [n for n, _ in taken], [_Pool(a[0], a[1]) for _, a in taken]
         oid = pg.pgid + ".ready"
         self._seal(oid, self.objects[oid], ("inline", pg.value), (), None, None)
 
     def _on_rm_pg(self, peer, pgid) -> None:
-        """remove_placement_group() (or the end of its job): give the bundles back to their nodes."""
+        """remove_placement_group() (or the end of its job): kill what runs in the group, give the bundles back."""
         pg = self.pgs.pop(pgid, None)
         if pg is None:
             return
-        for a in self.actors.values():  # actors in the group die with it (running tasks finish)
+        # Ray's rule: its actors die, its running tasks fail and their processes are killed (below), its queued
+        # tasks fail when _place meets them
+        for a in self.actors.values():
             s = a.spec.opts["strategy"]
             if s and s[0] == "pg" and s[1] == pgid and a.state != "dead":
                 self._actor_dead(a, "its placement group was removed")
-        # FOOTGUN: tasks still running in a bundle keep running, so their node is oversubscribed until they
-        # end (they then return their share to the removed bundle's pool, which nobody uses any more)
-        if pg.state == "created":
-            for n, alloc in pg.allocs:
-                n.pool.give(alloc)
+        # a killed process runs on until the kill lands (a message away on another node), so the resources come
+        # back in two steps and the node is never oversubscribed: each bundle's free part now, each worker's
+        # share when its process is seen dead (_release_worker gives to w.pool: now its node's pool)
+        for w in [w for w in self.workers.values() if w.pool in pg.pools]:  # (pools compare by identity)
+            w.pool = w.node.pool
+            if w.task is not None:  # "leaving": _release_worker never makes it idle, so no task is given to it
+                self._fail(w.task, _error_desc(RayError(f"{w.task.name}: placement group {pgid} was removed")))
+                w.state = "leaving"
+                self._node_call(w.node, "kill", w.wid)
+        for n, p in zip(pg.nodes, pg.pools):  # (none while the group was pending)
+            n.pool.give((p.free, p.gpus))
         pg.state = "removed"
         self._unpin(pgid + ".ready")
         self._schedule()

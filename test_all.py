@@ -114,9 +114,10 @@ from prepare_data import Config, build  # noqa: E402
 # with the fixes it found (forking prompts and decode steps, the sampler's last token, sleep twice, stop strings on
 # the last token); nanoray.py to 3332 with its fixes (wait(timeout=0), poll instead of a shared socket timeout,
 # `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece, a constructor
-# error's text sent with it), to 3335 with one more (a failed named create frees its large arguments).
+# error's text sent with it), to 3344 with two more (a failed named create frees its large arguments, removing a group
+# kills what runs in it and returns its resources as the processes die).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3335, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2427, "nanoray.py": 3344, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -6046,6 +6047,44 @@ def test_nanoray_resources_gpus_and_placement_groups(nr):
         nr.util.remove_placement_group(g)
     with pytest.raises(ValueError, match="strategy"):
         nr.util.placement_group([{"CPU": 1}], strategy="TIGHT")
+
+
+def test_nanoray_removing_a_group_kills_what_runs_in_it_before_its_cpus_return(nr, tmp_path):
+    """remove_placement_group, as Ray: a running task and an actor in the group are killed and the task fails
+    saying why; the bundles' CPUs come back only as those processes die, so the node is never oversubscribed
+    (they came back at once, while the task ran on for minutes)."""
+    @nr.remote(num_cpus=1)
+    def hang(marker):
+        Path(marker).write_text(str(os.getpid()))
+        time.sleep(120)
+
+    @nr.remote(num_cpus=1)
+    class InGroup:
+        def pid(self):
+            return os.getpid()
+    _nr_wait_until(lambda: nr.available_resources().get("CPU") == 2.0, what="earlier tasks to finish")
+    pg = nr.util.placement_group([{"CPU": 1}, {"CPU": 1}])
+    assert pg.wait(30)
+    strat = nr.util.scheduling_strategies.PlacementGroupSchedulingStrategy
+    marker = tmp_path / "pid"
+    ref = hang.options(scheduling_strategy=strat(pg, 0)).remote(str(marker))
+    actor = InGroup.options(scheduling_strategy=strat(pg, 1)).remote()
+    pids = [nr.get(actor.pid.remote(), timeout=60)]
+    _nr_wait_until(lambda: marker.exists() and marker.read_text(), what="the task to start")
+    pids.append(int(marker.read_text()))
+    nr.util.remove_placement_group(pg)
+    deadline = time.monotonic() + 30
+    while True:
+        free = nr.available_resources().get("CPU", 0.0)
+        alive = sum(_nr_pid_alive(p) for p in pids)  # counted after the sample: those were alive at it too
+        assert free + alive <= 2.0, f"{free} CPUs free while {alive} process(es) of the removed group still run"
+        if not alive:
+            break
+        assert time.monotonic() < deadline, "the removed group's processes were not killed"
+        time.sleep(0.02)
+    with pytest.raises(nr.exceptions.RayError, match="placement group .* was removed"):
+        nr.get(ref, timeout=30)
+    _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="the group's CPUs back")
 
 
 def test_nanoray_nested_tasks_lend_their_cpu(nr):
