@@ -1993,6 +1993,12 @@ class _Head:
         peer.allocs.add((node.nid, off))
         return off
 
+    def _on_unalloc(self, peer, offs) -> None:
+        """A worker gives back regions it allocated but will not seal (a multi-return store failed midway)."""
+        for off in offs:
+            peer.allocs.discard((peer.node.nid, off))
+            self._release_region(peer.node.nid, off, peer)
+
     def _on_put(self, peer, oid, desc, contained, hold) -> None:
         """put() (hold: the putter holds a ref) or a large argument object (no holder: the submit pins it)."""
         self._seal(oid, self._new_obj(oid, peer if hold else None), desc, contained, peer.node, peer)
@@ -2963,17 +2969,20 @@ def _format_tb(e) -> str:
 def _run_call(c, tid, name, rids, call) -> None:
     """Run call() (load the function, resolve the arguments, run it), store each return, report "done".
     Any exception, in the user's code or in loading/storing, becomes an error object for every return."""
+    results, what = [], name
     try:
         out = call()
         values = [out] if len(rids) == 1 else list(out)
         if len(values) != len(rids):
             raise ValueError(f"{name} returned {len(values)} values, num_returns={len(rids)}")
-        # FOOTGUN: if storing return k > 0 fails (store full, unpicklable), the regions of returns 0..k-1 stay
-        # allocated to this worker's connection, unsealed, until the worker process exits
-        results = [(r, *c.store(v)) for r, v in zip(rids, values)]
+        for i, (r, v) in enumerate(zip(rids, values)):
+            what = f"{name} (storing return {i} of {len(rids)})"  # a store error (full, unpicklable) says which
+            results.append((r, *c.store(v)))
         failed = False
     except Exception as e:
-        err = _error_desc(RayTaskError(name, _format_tb(e), e, os.getpid()))
+        if results:  # returns stored before the failing one hold regions no "done" will seal: give them back
+            c.send(("unalloc", [d[1] for _, d, _ in results if d[0] == "shm"]))  # (else: until the worker exits)
+        err = _error_desc(RayTaskError(what, _format_tb(e), e, os.getpid()))
         results, failed = [(r, err, ()) for r in rids], True
     c.send(("done", tid, results, failed))
 
