@@ -2386,7 +2386,8 @@ class _Head:
         opts = dict(opts, methods=methods, cls_name=cls_name)
         t = _Task(aid, "actor", job, peer, blob, cls_name, args, deps, contained, [], opts)
         self.actors[aid] = _Actor(aid, t, job, restarts=opts["max_restarts"])
-        self._new_obj(aid, peer, state="ready", actor=aid)  # counts the handles
+        # counts the handles; a detached actor's is pinned: get_actor must find it after its creator is gone
+        self._new_obj(aid, peer, state="ready", actor=aid).pins = int(opts["detached"])
         self._admit(t, peer)  # pins the constructor's arguments for the actor's whole life (restarts reuse them)
         self._check_deps(t)
         return aid
@@ -2532,8 +2533,8 @@ class _Head:
         for w in list(self.workers.values()):
             if w.job == job and w.actor is None:
                 self._node_call(w.node, "kill", w.wid)
-        # (this includes the queued creation of a detached actor, e.g. one restarting, which _runnable spares)
-        for t in [t for q in self.queues.values() for t in q if t.job == job]:
+        # (a detached actor's queued creation is spared, as _runnable spares it: it outlives its driver)
+        for t in [t for q in self.queues.values() for t in q if t.job == job and not t.opts.get("detached")]:
             self._fail(t, _error_desc(RayError("its driver exited")))
         for pg in list(self.pgs.values()):
             if pg.job == job and not pg.detached:

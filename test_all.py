@@ -114,11 +114,11 @@ from prepare_data import Config, build  # noqa: E402
 # with the fixes it found (forking prompts and decode steps, the sampler's last token, sleep twice, stop strings on
 # the last token); nanoray.py to 3332 with its fixes (wait(timeout=0), poll instead of a shared socket timeout,
 # `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece, a constructor
-# error's text sent with it), to 3353 with three more (a failed named create frees its large arguments, removing a
-# group kills what runs in it and returns its resources as the processes die, a half-stored multi-return frees what it
-# stored).
+# error's text sent with it), to 3354 with four more (a failed named create frees its large arguments, removing a group
+# kills what runs in it and returns its resources as the processes die, a half-stored multi-return frees what it
+# stored, a queued detached actor outlives its driver).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3353, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2427, "nanoray.py": 3354, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -6102,6 +6102,32 @@ def test_nanoray_removing_a_group_kills_what_runs_in_it_before_its_cpus_return(n
     with pytest.raises(nr.exceptions.RayError, match="placement group .* was removed"):
         nr.get(ref, timeout=30)
     _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="the group's CPUs back")
+
+
+def test_nanoray_detached_actor_queued_when_its_driver_exits_lives_on(nr):
+    """Another driver creates a detached named actor that must wait for a GPU, then exits. The queued creation
+    survives that job's end (it was failed with it), get_actor finds it (its handle entry was freed with the
+    driver's last ref), and it starts once the GPUs free up."""
+    pg = nr.util.placement_group([{"GPU": 2}])  # holds both GPUs, so the actor's creation waits in a queue
+    assert pg.wait(30)
+    prog = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import nanoray as ray\n"
+            "ray.init(namespace='nr-detached')  # joins the cluster of the task that runs this ($NANORAY_ADDRESS)\n"
+            "@ray.remote(num_gpus=1)\nclass Keeper:\n    def gpus(self):\n        return ray.get_gpu_ids()\n"
+            "Keeper.options(name='keeper', lifetime='detached').remote()\n")
+
+    @nr.remote
+    def other_driver(prog):
+        out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60)
+        return out.returncode, out.stderr
+    code, err = nr.get(other_driver.remote(prog), timeout=90)
+    assert code == 0, err
+    keeper = nr.get_actor("keeper", namespace="nr-detached")
+    nr.util.remove_placement_group(pg)
+    try:
+        assert len(nr.get(keeper.gpus.remote(), timeout=60)) == 1
+    finally:
+        nr.kill(keeper)
+    _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="the actor's GPU back")
 
 
 def test_nanoray_nested_tasks_lend_their_cpu(nr):
