@@ -2548,6 +2548,9 @@ class _Head:
         _log(f"head: node {node.nid} ({node.info['ip']}) is gone")
         for w in [w for w in self.workers.values() if w.node is node]:
             self._worker_dead(w, "its node died")
+        for off, (_, owner) in list(node.allocs.items()):  # copies to it never report "pulled": end them (unpin)
+            if type(owner) is tuple:
+                self._on_pulled(None, owner[1], node.nid, off, "its node died")
         for oid, o in list(self.objects.items()):  # an object with a copy on a live node just loses a location
             if o.locs.pop(node.nid, None) and not o.locs and o.desc is None:
                 o.desc = _error_desc(ObjectLostError(f"object {oid}: its only copy was on node {node.nid}, which died"))

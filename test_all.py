@@ -114,11 +114,11 @@ from prepare_data import Config, build  # noqa: E402
 # with the fixes it found (forking prompts and decode steps, the sampler's last token, sleep twice, stop strings on
 # the last token); nanoray.py to 3332 with its fixes (wait(timeout=0), poll instead of a shared socket timeout,
 # `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece, a constructor
-# error's text sent with it), to 3354 with four more (a failed named create frees its large arguments, removing a group
+# error's text sent with it), to 3357 with five more (a failed named create frees its large arguments, removing a group
 # kills what runs in it and returns its resources as the processes die, a half-stored multi-return frees what it
-# stored, a queued detached actor outlives its driver).
+# stored, a queued detached actor outlives its driver, a node dying mid-transfer unpins the source).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3354, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2427, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -6128,6 +6128,31 @@ def test_nanoray_detached_actor_queued_when_its_driver_exits_lives_on(nr):
     finally:
         nr.kill(keeper)
     _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="the actor's GPU back")
+
+
+def test_nanoray_a_node_dying_mid_transfer_unpins_the_source():
+    """Head bookkeeping only (no loop, no workers): a reader on node n2 starts a copy of an object from the
+    head's node, then n2 dies before its "pulled" can come. The source object must be unpinned (and, with
+    no holder left, freed); it stayed pinned forever."""
+    import nanoray
+    head = nanoray._Head({"num_cpus": 0, "num_gpus": 0, "object_store_memory": 1 << 22},
+                         socket.create_server(("127.0.0.1", 0)), b"secret")
+    try:
+        def peer(kind, node):  # a socket-less peer: whatever the head sends it is dropped
+            p = nanoray._Peer(None, kind)
+            p.kind, p.node = kind, node
+            return p
+        n2 = head._add_node("n2", None, dict(head.local.info(), nid="n2"))
+        n2.conn = peer("node", n2)
+        writer, reader = peer("driver", head.nodes[head.local.nid]), peer("driver", n2)
+        off = head._rpc_alloc(writer, 200_000)
+        head._on_put(writer, "obj", ("shm", off, 200_000), [], False)
+        head._on_get(reader, 1, ["obj"], False)
+        assert head.objects["obj"].pins == 1 and head.objects["obj"].pulling == {"n2"}, "the transfer started"
+        head._node_dead(n2)
+        assert "obj" not in head.objects, "the source of the dead node's transfer was unpinned and freed"
+    finally:
+        head._shutdown()
 
 
 def test_nanoray_nested_tasks_lend_their_cpu(nr):
