@@ -1510,7 +1510,7 @@ def placement_group(bundles, strategy="PACK", name="", lifetime=None) -> Placeme
 
 
 def remove_placement_group(placement_group) -> None:
-    """Give the bundles back; actors placed in the group are killed, running tasks finish."""
+    """Give the bundles back; actors and running tasks placed in the group are killed (as Ray does)."""
     _need_client().send(("rm_pg", placement_group.id))
 
 
@@ -1613,7 +1613,7 @@ class _Worker:
     node: object
     job: str  # None until its first task (prestarted workers serve any job)
     gpus: tuple  # indices into its node's GPU list, () for a CPU worker
-    state: str = "starting"  # starting | idle | busy | actor | dead
+    state: str = "starting"  # starting | idle | busy | actor | leaving (killed, not reused) | dead
     conn: object = None  # its _Peer once it connected (a task may be bound to it before that: sent on hello)
     pid: int = 0
     task: _Task = None  # the plain task it runs
@@ -1643,7 +1643,7 @@ class _Node:
 @dataclass(eq=False)
 class _PG:
     """A placement group. Once created: bundle i lives on nodes[i], carved out of that node's pool into a
-    pool of its own, pools[i]; allocs[i] is what was taken from the node (given back on removal)."""
+    pool of its own, pools[i] (what is free in it, plus what its workers hold, returns on removal)."""
     pgid: str
     bundles: list
     strategy: str
@@ -1653,7 +1653,6 @@ class _PG:
     state: str = "pending"  # pending | created | removed
     nodes: list = field(default_factory=list)
     pools: list = field(default_factory=list)
-    allocs: list = field(default_factory=list)
 
 
 class _Peer:
@@ -1994,6 +1993,12 @@ class _Head:
         peer.allocs.add((node.nid, off))
         return off
 
+    def _on_unalloc(self, peer, offs) -> None:
+        """A worker gives back regions it allocated but will not seal (a multi-return store failed midway)."""
+        for off in offs:
+            peer.allocs.discard((peer.node.nid, off))
+            self._release_region(peer.node.nid, off, peer)
+
     def _on_put(self, peer, oid, desc, contained, hold) -> None:
         """put() (hold: the putter holds a ref) or a large argument object (no holder: the submit pins it)."""
         self._seal(oid, self._new_obj(oid, peer if hold else None), desc, contained, peer.node, peer)
@@ -2164,6 +2169,8 @@ class _Head:
 
     def _finish(self, t, results, node, writer) -> None:
         """Seal a task's results (or its error), release its arguments, push results to its owner."""
+        if t.done:  # failed while it ran (its group was removed): the late results' regions go with its worker
+            return
         t.done = True
         for rid, desc, contained in results:
             o = self.objects.get(rid)
@@ -2367,6 +2374,9 @@ class _Head:
             key = (opts["namespace"] or self.jobs[job]["ns"], opts["name"])
             old = self.actors.get(self.names.get(key))
             if old is not None and old.state != "dead":
+                # no actor will pin this call's arguments: free the object of large ones (put unheld, for that pin)
+                for d in [d for d in deps if d in self.objects]:
+                    self._maybe_free(d, self.objects[d])
                 if opts["get_if_exists"]:
                     self.objects[old.aid].holders.add(peer)
                     peer.held.add(old.aid)
@@ -2376,7 +2386,8 @@ class _Head:
         opts = dict(opts, methods=methods, cls_name=cls_name)
         t = _Task(aid, "actor", job, peer, blob, cls_name, args, deps, contained, [], opts)
         self.actors[aid] = _Actor(aid, t, job, restarts=opts["max_restarts"])
-        self._new_obj(aid, peer, state="ready", actor=aid)  # counts the handles
+        # counts the handles; a detached actor's is pinned: get_actor must find it after its creator is gone
+        self._new_obj(aid, peer, state="ready", actor=aid).pins = int(opts["detached"])
         self._admit(t, peer)  # pins the constructor's arguments for the actor's whole life (restarts reuse them)
         self._check_deps(t)
         return aid
@@ -2522,8 +2533,8 @@ class _Head:
         for w in list(self.workers.values()):
             if w.job == job and w.actor is None:
                 self._node_call(w.node, "kill", w.wid)
-        # (this includes the queued creation of a detached actor, e.g. one restarting, which _runnable spares)
-        for t in [t for q in self.queues.values() for t in q if t.job == job]:
+        # (a detached actor's queued creation is spared, as _runnable spares it: it outlives its driver)
+        for t in [t for q in self.queues.values() for t in q if t.job == job and not t.opts.get("detached")]:
             self._fail(t, _error_desc(RayError("its driver exited")))
         for pg in list(self.pgs.values()):
             if pg.job == job and not pg.detached:
@@ -2537,6 +2548,9 @@ class _Head:
         _log(f"head: node {node.nid} ({node.info['ip']}) is gone")
         for w in [w for w in self.workers.values() if w.node is node]:
             self._worker_dead(w, "its node died")
+        for off, (_, owner) in list(node.allocs.items()):  # copies to it never report "pulled": end them (unpin)
+            if type(owner) is tuple:
+                self._on_pulled(None, owner[1], node.nid, off, "its node died")
         for oid, o in list(self.objects.items()):  # an object with a copy on a live node just loses a location
             if o.locs.pop(node.nid, None) and not o.locs and o.desc is None:
                 o.desc = _error_desc(ObjectLostError(f"object {oid}: its only copy was on node {node.nid}, which died"))
@@ -2589,26 +2603,34 @@ class _Head:
                 self.warned.add(pg.pgid)
                 _log(f"head: placement group {pg.pgid} asks for bundles larger than any node; it waits")
             return
-        pg.state, pg.allocs = "created", taken
+        pg.state = "created"
         # each bundle's pool holds exactly what was taken for it, GPU device indices included
         pg.nodes, pg.pools = [n for n, _ in taken], [_Pool(a[0], a[1]) for _, a in taken]
         oid = pg.pgid + ".ready"
         self._seal(oid, self.objects[oid], ("inline", pg.value), (), None, None)
 
     def _on_rm_pg(self, peer, pgid) -> None:
-        """remove_placement_group() (or the end of its job): give the bundles back to their nodes."""
+        """remove_placement_group() (or the end of its job): kill what runs in the group, give the bundles back."""
         pg = self.pgs.pop(pgid, None)
         if pg is None:
             return
-        for a in self.actors.values():  # actors in the group die with it (running tasks finish)
+        # Ray's rule: its actors die, its running tasks fail and their processes are killed (below), its queued
+        # tasks fail when _place meets them
+        for a in self.actors.values():
             s = a.spec.opts["strategy"]
             if s and s[0] == "pg" and s[1] == pgid and a.state != "dead":
                 self._actor_dead(a, "its placement group was removed")
-        # FOOTGUN: tasks still running in a bundle keep running, so their node is oversubscribed until they
-        # end (they then return their share to the removed bundle's pool, which nobody uses any more)
-        if pg.state == "created":
-            for n, alloc in pg.allocs:
-                n.pool.give(alloc)
+        # a killed process runs on until the kill lands (a message away on another node), so the resources come
+        # back in two steps and the node is never oversubscribed: each bundle's free part now, each worker's
+        # share when its process is seen dead (_release_worker gives to w.pool: now its node's pool)
+        for w in [w for w in self.workers.values() if w.pool in pg.pools]:  # (pools compare by identity)
+            w.pool = w.node.pool
+            if w.task is not None:  # "leaving": _release_worker never makes it idle, so no task is given to it
+                self._fail(w.task, _error_desc(RayError(f"{w.task.name}: placement group {pgid} was removed")))
+                w.state = "leaving"
+                self._node_call(w.node, "kill", w.wid)
+        for n, p in zip(pg.nodes, pg.pools):  # (none while the group was pending)
+            n.pool.give((p.free, p.gpus))
         pg.state = "removed"
         self._unpin(pgid + ".ready")
         self._schedule()
@@ -2951,17 +2973,20 @@ def _format_tb(e) -> str:
 def _run_call(c, tid, name, rids, call) -> None:
     """Run call() (load the function, resolve the arguments, run it), store each return, report "done".
     Any exception, in the user's code or in loading/storing, becomes an error object for every return."""
+    results, what = [], name
     try:
         out = call()
         values = [out] if len(rids) == 1 else list(out)
         if len(values) != len(rids):
             raise ValueError(f"{name} returned {len(values)} values, num_returns={len(rids)}")
-        # FOOTGUN: if storing return k > 0 fails (store full, unpicklable), the regions of returns 0..k-1 stay
-        # allocated to this worker's connection, unsealed, until the worker process exits
-        results = [(r, *c.store(v)) for r, v in zip(rids, values)]
+        for i, (r, v) in enumerate(zip(rids, values)):
+            what = f"{name} (storing return {i} of {len(rids)})"  # a store error (full, unpicklable) says which
+            results.append((r, *c.store(v)))
         failed = False
     except Exception as e:
-        err = _error_desc(RayTaskError(name, _format_tb(e), e, os.getpid()))
+        if results:  # returns stored before the failing one hold regions no "done" will seal: give them back
+            c.send(("unalloc", [d[1] for _, d, _ in results if d[0] == "shm"]))  # (else: until the worker exits)
+        err = _error_desc(RayTaskError(what, _format_tb(e), e, os.getpid()))
         results, failed = [(r, err, ()) for r in rids], True
     c.send(("done", tid, results, failed))
 
