@@ -7960,6 +7960,20 @@ def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch
     assert [r["staleness"] for r in _ppo_rows("o") if "reward" in r] == [0, 1, 1, 1, 0, 1]
 
 
+@requires_cuda
+def test_gpu_ppo_engine_process_equals_the_thread(tmp_path, monkeypatch):
+    """On a GPU the engine process gets its weights through CUDA IPC (a buffer the trainer shares once): the same
+    rewards as the in-process engine, and a log-prob gap of the same size (a broken sync would sample from stale
+    or garbage weights: the gap would grow by orders of magnitude)."""
+    monkeypatch.chdir(tmp_path)
+    for out, extra in (("thread", []), ("proc", ["--engine_process"])):
+        ppo.main(PPO_FAST + ["--steps", "4", "--mode", "one_step_off", "--out", out] + extra)
+    a, b = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("thread", "proc"))
+    assert [r["reward"] for r in b] == [r["reward"] for r in a]
+    for x, y in zip(a, b):
+        assert y["logp_gap_mean"] == pytest.approx(x["logp_gap_mean"], rel=0.2, abs=1e-4)
+
+
 @pytest.mark.parametrize("algo,extra", [("dr_grpo", ["--loss_agg", "seq-mean-token-sum-norm"]),
                                         ("rloo", ["--kl_coef", "0.05", "--kl_estimator", "k2"]),
                                         ("reinforce_pp", ["--kl_coef", "0.05", "--kl_in", "reward"]),
