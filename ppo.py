@@ -1533,25 +1533,34 @@ class _Here:
 # the trainer's tensors into it, then sends only the layout [(name, byte offset, bytes, dtype, shape)]; the child
 # loads views of it into the engine (update_weights copies), so no tensor crosses the pipe per step.
 
-def _engine_main(conn, args: tuple, device: str) -> None:
-    """The child: build EngineRole(*args, device), then serve requests in order until the pipe closes."""
+def _engine_main(conn, args: tuple, device: str, role_cls=None) -> None:
+    """The child: build EngineRole(*args, device) (tests: another role_cls), then serve requests in order until
+    "exit" or EOF."""
     import signal
     import traceback
     signal.signal(signal.SIGINT, signal.SIG_IGN)       # Ctrl-C belongs to the parent, which ends us
     torch.set_num_threads(max(1, torch.get_num_threads() // 2))     # on CPU: leave the trainer its cores
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+
+    def failed(i, e: BaseException) -> tuple:         # (id, "error", (a user's error?, one line, traceback))
+        return i, "error", (isinstance(e, (ValueError, OSError)), f"{type(e).__name__}: {e}", traceback.format_exc())
     try:
-        role = EngineRole(*args, device)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        role = (role_cls or EngineRole)(*args, device)
         conn.send((0, "ok", role.where()))
-    except BaseException:
-        conn.send((0, "error", traceback.format_exc()))
+    except BaseException as e:                        # e.g. nanovllm: "the KV cache has 0 blocks: raise ..."
+        conn.send(failed(0, e))
         return
     shared = None
     while True:
         try:
-            i, name, a = conn.recv()
-        except EOFError:                                # the parent closed the pipe (or died): done
+            i, name, a = conn.recv()                  # unpickling happens here: the CUDA IPC open of "share" too
+        except (EOFError, OSError):                   # the parent is gone
+            break
+        except Exception as e:                        # a request that does not unpickle: fatal for every waiter
+            conn.send(failed(None, e))
+            break
+        if name == "exit":
             break
         try:
             if name == "share":                          # the weight buffer, once (an IPC handle, not a copy)
@@ -1560,9 +1569,10 @@ def _engine_main(conn, args: tuple, device: str) -> None:
                 out = role.load([(n, shared[o:o + nb].view(dt).view(shape)) for n, o, nb, dt, shape in a[0]])
             else:
                 out = getattr(role, name)(*a)
-            conn.send((i, "ok", out))
-        except BaseException:
-            conn.send((i, "error", traceback.format_exc()))
+        except Exception as e:
+            conn.send(failed(i, e))
+            continue
+        conn.send((i, "ok", out))
     role.shutdown()
 
 
@@ -1571,53 +1581,82 @@ class _EngineDied(ChildProcessError):
 
 
 class _Reply:
-    """The answer to request i of an engine process: call it (or get() it) to wait for the value."""
+    """The answer to request i of an engine process: call it (or get() it) to wait for the value (once;
+    later calls return the same value)."""
 
     def __init__(self, proc, i: int):
-        self.proc, self.i = proc, i
+        self.proc, self.i, self.value, self.has = proc, i, None, False
 
     def __call__(self):
-        return self.proc.result(self.i)
+        if not self.has:
+            self.value, self.has = self.proc.result(self.i), True
+        return self.value
 
 
 class _EngineProcess:
     """The parent's handle of an engine in a child process: h.method.remote(...) sends the request now and
-    returns a _Reply (the child works meanwhile: generation overlaps the trainer's step). Two threads may wait at
-    once (the grading thread for a rollout, the main thread for a sync): whoever reads the pipe files the reply
-    it finds under its id."""
+    returns a _Reply (the child works meanwhile: generation overlaps the trainer's step). A reader thread owns
+    the receiving end and files every reply under its id the moment it arrives, so the child never blocks on a
+    full pipe (a big rollout reply nobody asked for yet, while the parent sends a big request) and any number
+    of threads can wait for their own replies."""
 
-    def __init__(self, args: tuple, device: str):
+    def __init__(self, args: tuple, device: str, role_cls=None):
         import torch.multiprocessing as tmp          # registers the tensor reductions (CUDA IPC, shared memory)
         ctx = tmp.get_context("spawn")               # never fork a process that has CUDA or threads
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_engine_main, args=(child, args, device), daemon=True, name="ppo-engine")
+        self.proc = ctx.Process(target=_engine_main, args=(child, args, device, role_cls), daemon=True, name="ppo-engine")
         self.proc.start()
         child.close()                                # the child's end lives in the child: its death is EOF here
-        self.send_lock, self.recv_lock, self.done, self.ids = threading.Lock(), threading.Lock(), {}, itertools.count(1)
-        self.buf, self.pid = None, self.proc.pid
+        self.pid, self.cond, self.done, self.waiting, self.dead = self.proc.pid, threading.Condition(), {}, {0}, None
+        self.send_lock, self.ids, self.buf, self.last_load = threading.Lock(), itertools.count(1), None, None
+        threading.Thread(target=self._read, daemon=True, name="ppo-engine-replies").start()
         self.started = self.result(0)                # the child's where(): waits for the engine to be built
 
-    def result(self, i: int):
-        with self.recv_lock:
-            while i not in self.done:
-                try:
-                    j, status, value = self.conn.recv()
-                except (EOFError, OSError):
-                    raise self._died() from None
-                self.done[j] = (status, value)
-            status, value = self.done.pop(i)
-        if status == "error":
-            raise RuntimeError(f"ppo.py: the engine process (pid {self.pid}) failed:\n{value}")
-        return value
+    def _read(self) -> None:
+        while True:
+            try:
+                j, status, value = self.conn.recv()
+            except (EOFError, OSError):              # the child exited (asked to, or died)
+                dead = self._died()
+                with self.cond:
+                    self.dead = dead
+                    self.cond.notify_all()
+                return
+            with self.cond:
+                if j is None:                        # the child could not read a request: it has stopped
+                    self.dead = self._error(value)
+                else:
+                    self.done[j] = (status, value)
+                    self.waiting.discard(j)
+                self.cond.notify_all()
 
     def _died(self) -> _EngineDied:
         self.proc.join(5)
         return _EngineDied(f"the engine process (pid {self.pid}) died, exit code {self.proc.exitcode}; its last "
                            "words, if any, are above")
 
+    def _error(self, value: tuple) -> Exception:
+        """An exception of the child, as one: a user's error (ValueError, OSError) keeps one line."""
+        user, line, tb = value
+        return ValueError(f"ppo.py: the engine process failed: {line}") if user else \
+            RuntimeError(f"ppo.py: the engine process (pid {self.pid}) failed:\n{tb}")
+
+    def result(self, i: int):
+        with self.cond:
+            while i not in self.done and self.dead is None:
+                self.cond.wait()
+            if i not in self.done:
+                raise self.dead
+            status, value = self.done.pop(i)
+        if status == "error":
+            raise self._error(value)
+        return value
+
     def _send(self, name: str, *a) -> _Reply:
         with self.send_lock:
             i = next(self.ids)
+            with self.cond:
+                self.waiting.add(i)
             try:
                 self.conn.send((i, name, a))
             except OSError:                                    # a broken pipe: the child is gone
@@ -1633,7 +1672,9 @@ class _EngineProcess:
     def _load(self, weights) -> _Reply:
         """Copy the trainer's (name, tensor) into the shared buffer, then ask the child to load them. The copies
         are complete before the request goes out (synchronize: the child reads from another process), and the
-        next _load waits for this one's reply before it overwrites the buffer (its caller gets the reply)."""
+        previous load has been read out of the buffer before it is overwritten (its reply is awaited)."""
+        if self.last_load is not None:
+            self.last_load()
         named = list(weights)
         layout, off = [], 0
         for n, t in named:
@@ -1650,10 +1691,21 @@ class _EngineProcess:
             self.buf[o:o + nb].view(dt).view(shape).copy_(t)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        return self._send("load", layout)
+        self.last_load = self._send("load", layout)
+        return self.last_load
 
     def close(self) -> None:
-        self.conn.close()                                      # EOF: the child shuts its engine down and exits
+        """Ask the child to exit; one still working on a request (a run that failed mid-rollout) is terminated
+        instead of waited for. The reader thread sees EOF and ends."""
+        with self.cond:
+            busy = bool(self.waiting) and self.dead is None
+        if busy:
+            self.proc.terminate()
+        else:
+            try:
+                self._send("exit")
+            except ChildProcessError:
+                pass
         self.proc.join(30)
         if self.proc.is_alive():
             self.proc.kill()

@@ -105,8 +105,9 @@ from prepare_data import Config, build  # noqa: E402
 # 1188 with fixed-shape micro-batches (--fixed_shape: FixedShape, fixed_shape(), collate's padding), to 1304 with
 # CUDA graphs (--cuda_graphs: GraphStep and the chapter comment that teaches what capture requires);
 # ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio,
-# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops, to 2222 with
-# --engine_process (the colocated engine in a child process: the request pipe, the shared weight buffer, deaths).
+# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops, to 2274 with
+# --engine_process (the colocated engine in a child process: the request pipe and its reader thread, the shared
+# weight buffer, the child's errors and deaths, close() of a busy child).
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries, to 737
 # with the grader's one job per distinct (answer, gold) pair.
 # kernels.py grew from 2000 to 2042 with rope_qk_norm_store (batch-1 decode's RoPE + qk-norm + KV-cache store in one
@@ -120,7 +121,7 @@ from prepare_data import Config, build  # noqa: E402
 # kills what runs in it and returns its resources as the processes die, a half-stored multi-return frees what it
 # stored, a queued detached actor outlives its driver, a node dying mid-transfer unpins the source).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2222, "merge.py": 200,
+                "nanovllm.py": 2427, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2274, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -7958,6 +7959,68 @@ def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch
     # extended past its last step (no rollout was in flight there): the first new step is a fresh rollout
     ppo.main(PPO_FAST + ["--steps", "6", "--mode", "one_step_off", "--out", "o"])
     assert [r["staleness"] for r in _ppo_rows("o") if "reward" in r] == [0, 1, 1, 1, 0, 1]
+
+
+class _EchoRole:
+    """A stand-in engine for the --engine_process protocol tests (built in the child by name: test_all._EchoRole)."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def where(self):
+        return f"pid {os.getpid()} on {self.device}"
+
+    def echo(self, x):
+        return x
+
+    def wait(self, s):
+        time.sleep(s)
+        return s
+
+    def fail(self, kind):
+        raise {"user": ValueError, "bug": KeyError}[kind](f"bad {kind}")
+
+    def load(self, weights):                     # what the child saw in the shared buffer
+        return [(n, t.tolist()) for n, t in weights]
+
+    def shutdown(self):
+        pass
+
+
+def test_ppo_engine_process_protocol_big_messages_errors_loads_and_close():
+    """The child's pipe under stress: a 3 MB reply nobody reads yet while a 3 MB request goes out (both sides
+    would block in send without the parent's reader thread), replies waited for out of order, the child's
+    errors (a user's ValueError: one line; a bug: its traceback; the engine keeps serving), weights through the
+    shared buffer twice (the second overwrites the first), and close() of a child busy with a long request."""
+    h = ppo._EngineProcess((), "cpu", _EchoRole)
+    try:
+        assert h.started.startswith("pid ")
+        done = []
+
+        def big():
+            r1 = h.echo.remote("x" * 3_000_000)
+            r2 = h.echo.remote("y" * 3_000_000)
+            done.append((len(r2()), len(r1()), len(r1())))      # out of order; a second call: the same value
+        t = threading.Thread(target=big, daemon=True)
+        t.start()
+        t.join(60)
+        assert done == [(3_000_000, 3_000_000, 3_000_000)], "deadlocked on the pipe"
+        with pytest.raises(ValueError, match="engine process failed: ValueError: bad user"):
+            h.fail.remote("user")()
+        with pytest.raises(RuntimeError, match="(?s)Traceback.*KeyError: 'bad bug'"):
+            h.fail.remote("bug")()
+        w = [("a", torch.ones(3)), ("b", torch.arange(4, dtype=torch.float64).view(2, 2)),
+             ("c", torch.tensor([7], dtype=torch.int32))]
+        assert ppo._local_get(h.load.remote(w)) == [("a", [1.0] * 3), ("b", [[0.0, 1.0], [2.0, 3.0]]), ("c", [7])]
+        w2 = [(n, t * 2) for n, t in w]
+        assert h.load.remote(w2)() == [("a", [2.0] * 3), ("b", [[0.0, 2.0], [4.0, 6.0]]), ("c", [14])]
+        h.wait.remote(60)                                          # busy for a minute: close() must not wait
+        t0 = time.monotonic()
+        h.close()
+        assert time.monotonic() - t0 < 20 and not h.proc.is_alive()
+    finally:
+        if h.proc.is_alive():
+            h.proc.kill()
 
 
 @requires_cuda
