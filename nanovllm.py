@@ -617,7 +617,7 @@ class Request:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.arrival, self.seed = arrival, seed
         self.seqs: list[Sequence] = []                # all n samples once forked (sample order)
-        self.num_cached_tokens = 0
+        self.num_cached_tokens = None                 # prompt tokens the prefix cache served at its FIRST admission
 
 
 class Sequence:
@@ -937,10 +937,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seats + seq.seats > self.max_num_seqs:
                 break
-            if seq.num_computed == 0:
-                cached = self.bm.match_prefix(seq)
-                if seq.num_output == 0 and seq.sample == 0:   # a first admission, not a recompute
-                    seq.request.num_cached_tokens = cached
+            cached = self.bm.match_prefix(seq)          # (a waiting sequence holds no blocks: num_computed 0)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if self._need(seq, n) > self.bm.num_free():
                 if not self.running and not out:
@@ -951,6 +948,10 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
+            # vLLM's num_cached_tokens: prompt tokens served by the cache at the FIRST admission only; a recompute
+            # after preemption (even mid-prompt) hits the blocks it computed itself: its own work, not cache hits
+            if seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = cached
             self._allocate(seq, n)
             seq.status = RUNNING
             self.running.append(seq)
@@ -2068,7 +2069,7 @@ class LLM:
             outs.append(CompletionOutput(s.sample, text, ids, None if lp is None else float(sum(lp)),
                                          (s.top_logprobs or [{t: Logprob(v)} for t, v in zip(ids, lp)])
                                          if lp is not None else None, s.finish_reason, s.stop_reason, lp))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens or 0)
 
     # -- batch API --
 
