@@ -116,9 +116,10 @@ from prepare_data import Config, build  # noqa: E402
 # `wanted` under the lock, the head's read buffer compacted, transfers bounded per 64 MiB piece, a constructor
 # error's text sent with it).
 # nanovllm.py to 2428 with num_cached_tokens taken at a request's first admission only (a recompute after
-# preemption no longer overwrites it).
+# preemption no longer overwrites it), to 2440 with the weight-name checks (HF's missing / unexpected keys as one
+# ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2428, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2440, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7382,8 +7383,30 @@ def test_nanovllm_update_weights_equals_a_fresh_engine(nv_models, tmp_path):
     fresh = [o.outputs[0].token_ids for o in _nv_llm(tmp_path).generate(prompts, GREEDY, use_tqdm=False)]
     assert after == fresh == [_hf_greedy(new, p, 12) for p in prompts]
     assert after != [o.outputs[0].token_ids for o in before]
-    with pytest.raises(KeyError, match="unexpected tensor"):
+    with pytest.raises(ValueError, match=r"0 missing \[\], 1 unknown \['model.layers.9.mlp.up_proj.weight'\]"):
         llm.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+
+
+def test_nanovllm_live_weights_name_the_missing_and_unknown_tensors(nv_models):
+    """LLM(weights=...) checks the names like HF's missing / unexpected keys, before anything runs: a tensor not
+    sent would keep its dummy values (silently, before the fix). A tied model needs no lm_head.weight; and
+    update_weights takes a subset (documented) but never an unknown name."""
+    folder, m = nv_models["llama"]
+    sd = [(n, t.detach()) for n, t in m.state_dict().items()]
+    partial = [(n, t) for n, t in sd if ".layers.1." not in n]                        # layer 1's 9 tensors left out
+    with pytest.raises(ValueError, match=r"LLM\(weights=...\): 9 missing \['model.layers.1.input_layernorm.weight', "
+                                         r".*0 unknown \[\]"):
+        _nv_llm(folder, weights=iter(partial))
+    with pytest.raises(ValueError, match=r"9 missing.*, 1 unknown \['model.layers.7.mlp.up_proj.weight'\]"):
+        _nv_llm(folder, weights=iter(partial + [("model.layers.7.mlp.up_proj.weight", torch.zeros(1))]))
+    folder, m = nv_models["qwen3"]                          # tied: lm_head is the embedding
+    prompts = _nv_prompts([11, 4])
+    llm = _nv_llm(folder, weights=((n, t.detach()) for n, t in m.state_dict().items() if n != "lm_head.weight"))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
+        [_hf_greedy(m, p, 12) for p in prompts]
+    llm.update_weights([("model.norm.weight", m.state_dict()["model.norm.weight"])])   # a subset: fine
+    with pytest.raises(ValueError, match=r"update_weights: 0 missing \[\], 1 unknown \['lm_head.bias'\]"):
+        llm.update_weights([("model.norm.weight", m.state_dict()["model.norm.weight"]), ("lm_head.bias", torch.zeros(1))])
 
 
 def test_nanovllm_live_tensors_and_sleep_wake(nv_models):
@@ -7418,6 +7441,10 @@ def test_nanovllm_tp2_gloo_equals_tp1(nv_models):
         for a, b in zip(sampled, one):
             torch.testing.assert_close(a.outputs[0].token_logprobs, b.outputs[0].token_logprobs, atol=1e-5, rtol=0)
         llm.update_weights((n, t.detach()) for n, t in m.state_dict().items())
+        with pytest.raises(ValueError, match=r"1 unknown \['lm_head.bias'\]"):   # the driver checks: workers live on
+            llm.update_weights([("lm_head.bias", torch.zeros(1))])
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
+            [o.outputs[0].token_ids for o in outs]
     finally:
         llm.shutdown()
     assert all(not p.is_alive() for p in llm.executor.procs) if llm.executor.procs else True
