@@ -2133,6 +2133,11 @@ class LLM:
         cache (its K/V came from the old weights). Returns the seconds it took. The rule on names: a SUBSET
         is accepted (RL sends every weight, but a caller may send only those that changed; a tensor not sent
         keeps its value); an UNKNOWN name always raises ValueError (after the known ones were copied)."""
+        # Only between generations: a running sample would go on from K/V of the old weights with tokens of the
+        # new ones, one sample of two policies, silently. (ppo.py waits for its rollout thread before it syncs.)
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"LLM.update_weights: {len(self.requests)} request(s) in flight: generate() must finish "
+                               "them, or abort_request them and step() until has_unfinished_requests() is False")
         t0 = time.perf_counter()
         self._load_weights(weights, "update_weights", require_all=False)
         return time.perf_counter() - t0

@@ -117,9 +117,10 @@ from prepare_data import Config, build  # noqa: E402
 # error's text sent with it).
 # nanovllm.py to 2428 with num_cached_tokens taken at a request's first admission only (a recompute after
 # preemption no longer overwrites it), to 2440 with the weight-name checks (HF's missing / unexpected keys as one
-# ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included).
+# ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
+# update_weights refusing while requests are in flight.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2440, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
+                "nanovllm.py": 2445, "nanoray.py": 3332, "sft.py": 1304, "ppo.py": 2068, "merge.py": 200,
                 "eval.py": 730}
 
 
@@ -7407,6 +7408,28 @@ def test_nanovllm_live_weights_name_the_missing_and_unknown_tensors(nv_models):
     llm.update_weights([("model.norm.weight", m.state_dict()["model.norm.weight"])])   # a subset: fine
     with pytest.raises(ValueError, match=r"update_weights: 0 missing \[\], 1 unknown \['lm_head.bias'\]"):
         llm.update_weights([("model.norm.weight", m.state_dict()["model.norm.weight"]), ("lm_head.bias", torch.zeros(1))])
+
+
+def test_nanovllm_update_weights_refuses_requests_in_flight(nv_models):
+    """New weights in the middle of a generation would make one sample from two policies (old K/V, new
+    logits). update_weights must refuse while requests are in the engine, copy nothing, and work once they
+    are finished or aborted and drained (before the fix it mixed the weights silently)."""
+    folder, m = nv_models["llama"]
+    new = [(n, t.detach()) for n, t in _nv_hf_model("llama", seed=7).state_dict().items()]
+    prompts = _nv_prompts([12, 30])
+    llm = _nv_llm(folder)
+    keep, drop = (llm.add_request(p, GREEDY) for p in prompts)
+    llm.step()
+    with pytest.raises(RuntimeError, match=r"2 request\(s\) in flight.*generate\(\) must finish them"):
+        llm.update_weights(new)
+    llm.abort_request(drop)
+    outs = {}
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in llm.step())
+    assert outs[keep].outputs[0].token_ids == _hf_greedy(m, prompts[0], 12), "the old weights throughout"
+    assert outs[drop].outputs[0].finish_reason == "abort"
+    llm.update_weights(new)                                 # drained: allowed
+    assert llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids != outs[keep].outputs[0].token_ids
 
 
 def test_nanovllm_live_tensors_and_sleep_wake(nv_models):
