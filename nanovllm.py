@@ -556,19 +556,18 @@ class Model(nn.Module):
         return s
 
     @torch.inference_mode()
-    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "the weights",
-                     require_all: bool = True) -> int:
-        """Copy (hf_name, full tensor) pairs into this rank's shards, in place (so CUDA graphs, which baked
-        in the parameters' addresses, stay valid). Returns the number of tensors loaded."""
-        slots, r, tp, seen = self.weight_slots(), self.tp.rank, self.tp.size, set()
+    def load_weights(self, tensors: Iterable[tuple[str, torch.Tensor]], where: str = "the weights") -> tuple[set, list]:
+        """Copy (hf_name, full tensor) pairs into this rank's shards, in place (so CUDA graphs, which baked in the
+        parameters' addresses, stay valid). Returns (names loaded, unknown names): the caller checks them."""
+        slots, r, tp, seen, unknown = self.weight_slots(), self.tp.rank, self.tp.size, set(), []
         # every rank reads the FULL HF tensor and keeps its slice: simple, and the same code serves a
         # checkpoint, dummy weights and a trainer's live tensors (update_weights); copy_ casts the dtype
         for name, full in tensors:
-            if name not in slots:
-                if name == "lm_head.weight" and self.cfg.tie_word_embeddings or name.endswith("rotary_emb.inv_freq"):
-                    continue                                            # tied checkpoints may store it
-                raise KeyError(f"{where}: unexpected tensor {name!r}: a {self.cfg.model_type} model with this "
-                               "config.json has no such weight")
+            if name not in slots:               # tied checkpoints may store lm_head: skip it
+                tied = name == "lm_head.weight" and self.cfg.tie_word_embeddings
+                if not (tied or name.endswith("rotary_emb.inv_freq")):
+                    unknown.append(name)        # reported all together by the caller, not just the first one
+                continue
             param, kind, off, rows = slots[name]
             if kind == "col":                   # rank r's rows of q/k/v or gate/up, into its slice of the fused weight
                 part = full.narrow(0, r * rows, rows)
@@ -587,10 +586,15 @@ class Model(nn.Module):
                                  f"this config (shard {tuple(dst.shape)} at tp={tp})")
             dst.copy_(part)
             seen.add(name)
-        missing = sorted(set(slots) - seen)
-        if require_all and missing:
-            raise KeyError(f"{where}: {len(missing)} tensor(s) missing, e.g. {missing[:3]}")
-        return len(seen)
+        return seen, unknown
+
+
+def check_weight_names(where: str, model_type: str, missing: list, unknown: list):
+    """HF's "missing keys / unexpected keys" as one ValueError: a weight never sent keeps its old (dummy) values
+    and an unknown name (a typo, another layout) is a no-op; either way the engine would run on, silently wrong."""
+    if missing or unknown:
+        raise ValueError(f"{where}: {len(missing)} missing {missing[:5]}, {len(unknown)} unknown {unknown[:5]} "
+                         f"(the first five of each; names of a {model_type} model with this config.json, HF style)")
 
 
 # ---- sequences -----------------------------------------------------------------------------------------
@@ -617,7 +621,7 @@ class Request:
         self.request_id, self.prompt, self.prompt_ids, self.params = request_id, prompt, prompt_ids, params
         self.arrival, self.seed = arrival, seed
         self.seqs: list[Sequence] = []                # all n samples once forked (sample order)
-        self.num_cached_tokens = 0
+        self.num_cached_tokens = None                 # prompt tokens the prefix cache served at its FIRST admission
 
 
 class Sequence:
@@ -937,10 +941,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seats + seq.seats > self.max_num_seqs:
                 break
-            if seq.num_computed == 0:
-                cached = self.bm.match_prefix(seq)
-                if seq.num_output == 0 and seq.sample == 0:   # a first admission, not a recompute
-                    seq.request.num_cached_tokens = cached
+            cached = self.bm.match_prefix(seq)          # (a waiting sequence holds no blocks: num_computed 0)
             n = min(seq.num_tokens - seq.num_computed, budget)
             if self._need(seq, n) > self.bm.num_free():
                 if not self.running and not out:
@@ -951,6 +952,10 @@ class Scheduler:
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
+            # vLLM's num_cached_tokens: prompt tokens served by the cache at the FIRST admission only; a recompute
+            # after preemption (even mid-prompt) hits the blocks it computed itself: its own work, not cache hits
+            if seq.request.num_cached_tokens is None:
+                seq.request.num_cached_tokens = cached
             self._allocate(seq, n)
             seq.status = RUNNING
             self.running.append(seq)
@@ -1224,16 +1229,17 @@ class ModelRunner:
 
     @torch.inference_mode()
     def setup(self, load: str, seed: int, gpu_memory_utilization: float, num_blocks: int | None,
-              capture_graphs: bool) -> tuple[int, list[int]]:
+              capture_graphs: bool) -> tuple[int, list[int], set]:
         """Load weights (an HF folder, or 'dummy'), size and allocate the KV cache, capture the CUDA graphs.
-        Returns (num_blocks, graph batch sizes). tp ranks agree on the smallest cache any of them fits."""
+        Returns (num_blocks, graph batch sizes, HF weight names). tp ranks agree on the smallest cache that fits."""
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
             free0, total = torch.cuda.mem_get_info(self.device)
             base = torch.cuda.memory_allocated(self.device)
         src = dummy_weights(self.model, seed) if load == "dummy" else safetensors_weights(Path(load))
-        self.model.load_weights(src, where=load)
+        seen, unknown = self.model.load_weights(src, where=load)
+        check_weight_names(load, self.cfg.model_type, sorted(set(self.model.weight_slots()) - seen), unknown)
         # How many KV blocks fit: vLLM's recipe. Run the worst step once (profile_peak_bytes: a full token
         # budget of prefill) and measure the peak; what remains of the engine's share of the GPU, minus a
         # reserve for what the profile cannot see (CUDA graphs' memory pool, allocator fragmentation, NCCL's
@@ -1263,7 +1269,7 @@ class ModelRunner:
                     self._dummy_prefill(n)
         if capture_graphs and cuda:
             self.capture()
-        return num_blocks, sorted(self.graphs)
+        return num_blocks, sorted(self.graphs), set(self.model.weight_slots())
 
     def _dummy_prefill(self, n: int):
         """A forward of n prompt tokens (as sequences of at most max_model_len) that writes no K/V (slots -1):
@@ -1371,9 +1377,10 @@ class ModelRunner:
     # keeps the process, its CUDA context, the compiled Triton kernels, the RoPE table and the host-side
     # block manager (empty, its prefix hashes forgotten: the pages' contents are gone).
 
-    def load_weights(self, batch: list):
-        """update_weights' entry on this rank: (hf_name, full tensor) pairs, a subset is fine."""
-        self.model.load_weights(batch, "update_weights", require_all=False)
+    def load_weights(self, batch: list) -> tuple[set, list]:
+        """update_weights' entry on this rank: (hf_name, full tensor) pairs, a subset is fine; (loaded, unknown)
+        go back to the driver, which checks the names over all batches (raising here would kill the worker)."""
+        return self.model.load_weights(batch, "update_weights")
 
     def sleep(self, level: int):
         """Level 1: weights to CPU memory, KV cache freed; level 2: both freed (reload with update_weights).
@@ -1727,12 +1734,12 @@ class LLM:
         # weights=[(name, tensor), ..] (a trainer's live model): start from dummy weights, then copy those in
         load = "dummy" if load_format == "dummy" or weights is not None else str(folder)
         try:
-            num_blocks, self.graph_sizes = self.executor.call(
+            num_blocks, self.graph_sizes, self.weight_names = self.executor.call(
                 "setup", load, seed, gpu_memory_utilization, num_gpu_blocks_override,
                 not enforce_eager and dev.type == "cuda")
             self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
-            if weights is not None:
-                self.update_weights(weights)
+            if weights is not None:      # ALL weights this time: a missing one would keep its dummy values
+                self._load_weights(weights, "LLM(weights=...)", require_all=True)
         except BaseException:
             self.executor.shutdown()
             raise
@@ -2068,7 +2075,7 @@ class LLM:
             outs.append(CompletionOutput(s.sample, text, ids, None if lp is None else float(sum(lp)),
                                          (s.top_logprobs or [{t: Logprob(v)} for t, v in zip(ids, lp)])
                                          if lp is not None else None, s.finish_reason, s.stop_reason, lp))
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens or 0)
 
     # -- batch API --
 
@@ -2123,26 +2130,37 @@ class LLM:
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> float:
         """Load new weights in place from (hf_name, full tensor) pairs (no disk), then forget the prefix
-        cache (its K/V came from the old weights). Returns the seconds it took."""
+        cache (its K/V came from the old weights). Returns the seconds it took. The rule on names: a SUBSET
+        is accepted (RL sends every weight, but a caller may send only those that changed; a tensor not sent
+        keeps its value); an UNKNOWN name always raises ValueError (after the known ones were copied)."""
+        # Only between generations: a running sample would go on from K/V of the old weights with tokens of the
+        # new ones, one sample of two policies, silently. (ppo.py waits for its rollout thread before it syncs.)
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"LLM.update_weights: {len(self.requests)} request(s) in flight: generate() must finish "
+                               "them, or abort_request them and step() until has_unfinished_requests() is False")
         t0 = time.perf_counter()
-        # FOOTGUN: a subset of the names is accepted (require_all=False): a tensor that is not sent keeps its
-        # old value silently. Sequences still running keep K/V computed with the old weights.
+        self._load_weights(weights, "update_weights", require_all=False)
+        return time.perf_counter() - t0
+
+    def _load_weights(self, weights, where: str, require_all: bool):
+        """Stream (hf_name, tensor) pairs into every rank's model, then check the names HERE, over the whole
+        stream (tp: over every batch): a trainer's pairs come from a generator, never held all at once."""
         if isinstance(self.executor, UniExecutor):
             # tensors may live on any device (a colocated trainer's GPU: a device-to-device copy)
-            self.executor.runner.model.load_weights(weights, "update_weights", require_all=False)
+            seen, unknown = self.executor.runner.model.load_weights(weights, where)
         else:
             # tp workers live in other processes: send CPU copies through the pipes, ~256 MiB per message
-            batch, size = [], 0
-            for name, t in weights:
-                batch.append((name, t.detach().cpu()))
-                size += t.numel() * t.element_size()
-                if size > 256 << 20:
-                    self.executor.call("load_weights", batch)
-                    batch, size = [], 0
-            if batch:
-                self.executor.call("load_weights", batch)
-        self.reset_prefix_cache()
-        return time.perf_counter() - t0
+            seen, unknown, batch, size = set(), [], [], 0
+            for name, t in itertools.chain(weights, [(None, None)]):    # (None, None): send the last batch
+                if name is not None:
+                    batch.append((name, t.detach().cpu()))
+                    size += t.numel() * t.element_size()
+                if batch and (size > 256 << 20 or name is None):
+                    s, u = self.executor.call("load_weights", batch)
+                    seen, unknown, batch, size = seen | s, unknown + u, [], 0
+        self.reset_prefix_cache()           # even when the names fail below: some weights have changed
+        check_weight_names(where, self.cfg.model_type, sorted(self.weight_names - seen) if require_all else [],
+                           unknown)
 
     def reset_prefix_cache(self):
         """Make every cached block unhittable (vLLM's name): needed whenever the weights change."""

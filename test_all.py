@@ -120,8 +120,12 @@ from prepare_data import Config, build  # noqa: E402
 # error's text sent with it), to 3357 with five more (a failed named create frees its large arguments, removing a group
 # kills what runs in it and returns its resources as the processes die, a half-stored multi-return frees what it
 # stored, a queued detached actor outlives its driver, a node dying mid-transfer unpins the source).
+# nanovllm.py to 2428 with num_cached_tokens taken at a request's first admission only (a recompute after
+# preemption no longer overwrites it), to 2440 with the weight-name checks (HF's missing / unexpected keys as one
+# ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
+# update_weights refusing while requests are in flight.
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2427, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2274, "merge.py": 200,
+                "nanovllm.py": 2445, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2274, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -7287,6 +7291,23 @@ def test_nanovllm_preemption_and_chunked_prefill(nv_models):
             assert llm.stats["steps"] > 12 + 78 // 7 - 1    # prompts of 78 tokens need >= 12 prefill steps
 
 
+def test_nanovllm_num_cached_tokens_survive_preemption(nv_models):
+    """num_cached_tokens is vLLM's: the prompt tokens the prefix cache served at the request's first admission.
+    B hits 16 tokens (an earlier request's blocks), is preempted in the middle of its chunked prompt (no output
+    yet) and re-admitted: its recompute hits the blocks it computed itself, which must not count (before the
+    fix the re-admission overwrote the 16 with those self-hits). Outputs stay exactly greedy."""
+    folder, m = nv_models["llama"]
+    a, b = _nv_prompts([8, 30], seed=1)
+    llm = _nv_llm(folder, num_gpu_blocks_override=10, block_size=4, max_model_len=40, max_num_batched_tokens=8)
+    assert llm.generate([b[:16]], nv.SamplingParams(temperature=0, max_tokens=1), use_tqdm=False)[0].num_cached_tokens == 0
+    preempted, preempt = [], llm.scheduler.preempt
+    llm.scheduler.preempt = lambda seq: (preempted.append((seq.request.request_id, seq.num_output)), preempt(seq))
+    outs = llm.generate([a, b], [nv.SamplingParams(temperature=0, max_tokens=30), GREEDY], use_tqdm=False)
+    assert preempted and all(p == ("2", 0) for p in preempted), "B, in its prompt"
+    assert [o.num_cached_tokens for o in outs] == [0, 16]
+    assert [o.outputs[0].token_ids for o in outs] == [_hf_greedy(m, a, 30), _hf_greedy(m, b, 10)]  # max_model_len
+
+
 def test_nanovllm_one_step_ahead_equals_synchronous(nv_models):
     """async_scheduling queues each decode step before the previous one's tokens reach the host; it must give
     exactly the synchronous engine's tokens and log-probs, stops and EOS included."""
@@ -7496,8 +7517,52 @@ def test_nanovllm_update_weights_equals_a_fresh_engine(nv_models, tmp_path):
     fresh = [o.outputs[0].token_ids for o in _nv_llm(tmp_path).generate(prompts, GREEDY, use_tqdm=False)]
     assert after == fresh == [_hf_greedy(new, p, 12) for p in prompts]
     assert after != [o.outputs[0].token_ids for o in before]
-    with pytest.raises(KeyError, match="unexpected tensor"):
+    with pytest.raises(ValueError, match=r"0 missing \[\], 1 unknown \['model.layers.9.mlp.up_proj.weight'\]"):
         llm.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+
+
+def test_nanovllm_live_weights_name_the_missing_and_unknown_tensors(nv_models):
+    """LLM(weights=...) checks the names like HF's missing / unexpected keys, before anything runs: a tensor not
+    sent would keep its dummy values (silently, before the fix). A tied model needs no lm_head.weight; and
+    update_weights takes a subset (documented) but never an unknown name."""
+    folder, m = nv_models["llama"]
+    sd = [(n, t.detach()) for n, t in m.state_dict().items()]
+    partial = [(n, t) for n, t in sd if ".layers.1." not in n]                        # layer 1's 9 tensors left out
+    with pytest.raises(ValueError, match=r"LLM\(weights=...\): 9 missing \['model.layers.1.input_layernorm.weight', "
+                                         r".*0 unknown \[\]"):
+        _nv_llm(folder, weights=iter(partial))
+    with pytest.raises(ValueError, match=r"9 missing.*, 1 unknown \['model.layers.7.mlp.up_proj.weight'\]"):
+        _nv_llm(folder, weights=iter(partial + [("model.layers.7.mlp.up_proj.weight", torch.zeros(1))]))
+    folder, m = nv_models["qwen3"]                          # tied: lm_head is the embedding
+    prompts = _nv_prompts([11, 4])
+    llm = _nv_llm(folder, weights=((n, t.detach()) for n, t in m.state_dict().items() if n != "lm_head.weight"))
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
+        [_hf_greedy(m, p, 12) for p in prompts]
+    llm.update_weights([("model.norm.weight", m.state_dict()["model.norm.weight"])])   # a subset: fine
+    with pytest.raises(ValueError, match=r"update_weights: 0 missing \[\], 1 unknown \['lm_head.bias'\]"):
+        llm.update_weights([("model.norm.weight", m.state_dict()["model.norm.weight"]), ("lm_head.bias", torch.zeros(1))])
+
+
+def test_nanovllm_update_weights_refuses_requests_in_flight(nv_models):
+    """New weights in the middle of a generation would make one sample from two policies (old K/V, new
+    logits). update_weights must refuse while requests are in the engine, copy nothing, and work once they
+    are finished or aborted and drained (before the fix it mixed the weights silently)."""
+    folder, m = nv_models["llama"]
+    new = [(n, t.detach()) for n, t in _nv_hf_model("llama", seed=7).state_dict().items()]
+    prompts = _nv_prompts([12, 30])
+    llm = _nv_llm(folder)
+    keep, drop = (llm.add_request(p, GREEDY) for p in prompts)
+    llm.step()
+    with pytest.raises(RuntimeError, match=r"2 request\(s\) in flight.*generate\(\) must finish them"):
+        llm.update_weights(new)
+    llm.abort_request(drop)
+    outs = {}
+    while llm.has_unfinished_requests():
+        outs.update((o.request_id, o) for o in llm.step())
+    assert outs[keep].outputs[0].token_ids == _hf_greedy(m, prompts[0], 12), "the old weights throughout"
+    assert outs[drop].outputs[0].finish_reason == "abort"
+    llm.update_weights(new)                                 # drained: allowed
+    assert llm.generate(prompts[:1], GREEDY, use_tqdm=False)[0].outputs[0].token_ids != outs[keep].outputs[0].token_ids
 
 
 def test_nanovllm_live_tensors_and_sleep_wake(nv_models):
@@ -7532,6 +7597,10 @@ def test_nanovllm_tp2_gloo_equals_tp1(nv_models):
         for a, b in zip(sampled, one):
             torch.testing.assert_close(a.outputs[0].token_logprobs, b.outputs[0].token_logprobs, atol=1e-5, rtol=0)
         llm.update_weights((n, t.detach()) for n, t in m.state_dict().items())
+        with pytest.raises(ValueError, match=r"1 unknown \['lm_head.bias'\]"):   # the driver checks: workers live on
+            llm.update_weights([("lm_head.bias", torch.zeros(1))])
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == \
+            [o.outputs[0].token_ids for o in outs]
     finally:
         llm.shutdown()
     assert all(not p.is_alive() for p in llm.executor.procs) if llm.executor.procs else True
