@@ -232,6 +232,12 @@ def _kernels():
         return None
 
 
+def capture_graphs(enforce_eager: bool, device: torch.device, use_kernels: bool) -> bool:
+    """CUDA graphs for decode only on CUDA, unless enforce_eager, and only with kernels.py: the torch fallbacks
+    sync with the host (.tolist(), boolean indexing), which a graph capture cannot contain."""
+    return not enforce_eager and device.type == "cuda" and use_kernels and _kernels() is not None
+
+
 _MM_OUT_DTYPE: list = []     # the answer of _mm_out_dtype_ok, computed on first use (a one-slot cache)
 
 
@@ -1736,7 +1742,7 @@ class LLM:
         try:
             num_blocks, self.graph_sizes, self.weight_names = self.executor.call(
                 "setup", load, seed, gpu_memory_utilization, num_gpu_blocks_override,
-                not enforce_eager and dev.type == "cuda")
+                capture_graphs(enforce_eager, dev, use_kernels))
             self.bm = BlockManager(num_blocks, block_size, enable_prefix_caching)
             if weights is not None:      # ALL weights this time: a missing one would keep its dummy values
                 self._load_weights(weights, "LLM(weights=...)", require_all=True)

@@ -123,9 +123,10 @@ from prepare_data import Config, build  # noqa: E402
 # nanovllm.py to 2428 with num_cached_tokens taken at a request's first admission only (a recompute after
 # preemption no longer overwrites it), to 2440 with the weight-name checks (HF's missing / unexpected keys as one
 # ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
-# update_weights refusing while requests are in flight.
+# update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
+# fallbacks on CUDA).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2445, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2274, "merge.py": 200,
+                "nanovllm.py": 2451, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2274, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -7519,6 +7520,17 @@ def test_nanovllm_update_weights_equals_a_fresh_engine(nv_models, tmp_path):
     assert after != [o.outputs[0].token_ids for o in before]
     with pytest.raises(ValueError, match=r"0 missing \[\], 1 unknown \['model.layers.9.mlp.up_proj.weight'\]"):
         llm.update_weights([("model.layers.9.mlp.up_proj.weight", torch.zeros(1))])
+
+
+def test_nanovllm_captures_graphs_only_with_kernels_on_cuda(monkeypatch):
+    """The torch fallbacks sync with the host, so they must run eager: no kernels.py (or use_kernels=False) on
+    CUDA means no graph capture (it used to try, and the capture failed on the fallbacks' .tolist())."""
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert nv.capture_graphs(False, cuda, True) == (nv._kernels() is not None)
+    assert not nv.capture_graphs(False, cuda, False) and not nv.capture_graphs(True, cuda, True)
+    assert not nv.capture_graphs(False, cpu, True)
+    monkeypatch.setattr(nv, "_kernels", lambda: None)                    # nanovllm.py copied without kernels.py
+    assert not nv.capture_graphs(False, cuda, True)
 
 
 def test_nanovllm_live_weights_name_the_missing_and_unknown_tensors(nv_models):
