@@ -1563,8 +1563,9 @@ def _engine_main(conn, args: tuple, device: str, role_cls=None) -> None:
         if name == "exit":
             break
         try:
-            if name == "share":                          # the weight buffer, once (an IPC handle, not a copy)
-                shared, out = a[0], None
+            if name == "share":                          # the weight buffer, once (an IPC handle, not a copy):
+                from multiprocessing.reduction import ForkingPickler     # unpickled HERE, so a refused CUDA
+                shared, out = ForkingPickler.loads(a[0]), None            # IPC open is this request's error
             elif name == "load":                         # views of the buffer -> the engine's weights
                 out = role.load([(n, shared[o:o + nb].view(dt).view(shape)) for n, o, nb, dt, shape in a[0]])
             else:
@@ -1609,6 +1610,7 @@ class _EngineProcess:
         child.close()                                # the child's end lives in the child: its death is EOF here
         self.pid, self.cond, self.done, self.waiting, self.dead = self.proc.pid, threading.Condition(), {}, {0}, None
         self.send_lock, self.ids, self.buf, self.last_load = threading.Lock(), itertools.count(1), None, None
+        self.shared_on = None                        # where the weight buffer lives: cuda (IPC) | cpu
         threading.Thread(target=self._read, daemon=True, name="ppo-engine-replies").start()
         self.started = self.result(0)                # the child's where(): waits for the engine to be built
 
@@ -1682,17 +1684,36 @@ class _EngineProcess:
             layout.append((n, off, nb, t.dtype, tuple(t.shape)))
             off += -(-nb // 64) * 64                           # 64-byte aligned: any dtype views the bytes
         dev = named[0][1].device
-        if self.buf is None or self.buf.numel() < off or self.buf.device != dev:
-            self.buf = torch.empty(off, dtype=torch.uint8, device=dev)
-            if dev.type == "cpu":
-                self.buf.share_memory_()
-            self._send("share", self.buf)()                    # the child maps it once
+        if self.buf is None or self.buf.numel() < off:
+            self.buf = self._share(dev, off)
         for (n, t), (_, o, nb, dt, shape) in zip(named, layout):
             self.buf[o:o + nb].view(dt).view(shape).copy_(t)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.last_load = self._send("load", layout)
         return self.last_load
+
+    @staticmethod
+    def _share_blob(buf: torch.Tensor) -> bytes:
+        from multiprocessing.reduction import ForkingPickler  # torch's reductions: a CUDA IPC handle, or a shared fd
+        return bytes(ForkingPickler.dumps(buf))
+
+    def _share(self, dev: torch.device, nbytes: int) -> torch.Tensor:
+        """The weight buffer, shared with the child once: on the trainer's device (CUDA IPC: the child maps the
+        same GPU memory), or where the driver or a sandbox refuses IPC, in host shared memory (then a sync copies
+        device -> host -> device: slower, still no pickled tensors). Returns the buffer."""
+        for where in (dev, torch.device("cpu")):
+            buf = torch.empty(nbytes, dtype=torch.uint8, device=where)
+            if where.type == "cpu":
+                buf.share_memory_()
+            try:
+                self._send("share", self._share_blob(buf))()
+                self.shared_on = where.type
+                return buf
+            except (RuntimeError, ValueError) as e:
+                print(f"ppo.py: the engine process could not map the weight buffer on {where} "
+                      f"({str(e).strip().splitlines()[-1][:160]}); trying host memory", flush=True)
+        raise RuntimeError("ppo.py: the engine process could map no weight buffer (see above)")
 
     def close(self) -> None:
         """Ask the child to exit; one still working on a request (a run that failed mid-rollout) is terminated

@@ -105,9 +105,9 @@ from prepare_data import Config, build  # noqa: E402
 # 1188 with fixed-shape micro-batches (--fixed_shape: FixedShape, fixed_shape(), collate's padding), to 1304 with
 # CUDA graphs (--cuda_graphs: GraphStep and the chapter comment that teaches what capture requires);
 # ppo.py from 2018 to 2044 with colocated off-policy (in-process engines generate in a thread) and --min_lr_ratio,
-# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops, to 2274 with
+# to 2068 with the trainer's micro-batches sized from its GPU's memory and pack() in tensor ops, to 2295 with
 # --engine_process (the colocated engine in a child process: the request pipe and its reader thread, the shared
-# weight buffer, the child's errors and deaths, close() of a busy child).
+# weight buffer and its host-memory fallback, the child's errors and deaths, close() of a busy child).
 # eval.py grew from 600 to 730 with the pipeline's report card (--report), which reads eval's own summaries, to 737
 # with the grader's one job per distinct (answer, gold) pair.
 # kernels.py grew from 2000 to 2042 with rope_qk_norm_store (batch-1 decode's RoPE + qk-norm + KV-cache store in one
@@ -126,7 +126,7 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2042, "nanotron.py": 2600,
-                "nanovllm.py": 2451, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2274, "merge.py": 200,
+                "nanovllm.py": 2451, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2295, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -8095,6 +8095,7 @@ def test_ppo_engine_process_protocol_big_messages_errors_loads_and_close():
         assert ppo._local_get(h.load.remote(w)) == [("a", [1.0] * 3), ("b", [[0.0, 1.0], [2.0, 3.0]]), ("c", [7])]
         w2 = [(n, t * 2) for n, t in w]
         assert h.load.remote(w2)() == [("a", [2.0] * 3), ("b", [[0.0, 2.0], [4.0, 6.0]]), ("c", [14])]
+        assert h.shared_on == "cpu"
         h.wait.remote(60)                                          # busy for a minute: close() must not wait
         t0 = time.monotonic()
         h.close()
@@ -8102,6 +8103,25 @@ def test_ppo_engine_process_protocol_big_messages_errors_loads_and_close():
     finally:
         if h.proc.is_alive():
             h.proc.kill()
+
+
+def test_ppo_engine_process_falls_back_to_host_memory_when_the_buffer_cannot_be_mapped(monkeypatch, capsys):
+    """A child that cannot map the shared weight buffer (CUDA IPC refused by a driver or a sandbox; here a
+    blob that does not unpickle) is an error of that one request: the parent says so and shares a buffer in
+    host memory instead, and the weights still arrive."""
+    real, calls = ppo._EngineProcess._share_blob, []
+
+    def flaky(buf):
+        calls.append(buf.device.type)
+        return b"not a pickle" if len(calls) == 1 else real(buf)
+    monkeypatch.setattr(ppo._EngineProcess, "_share_blob", staticmethod(flaky))
+    h = ppo._EngineProcess((), "cpu", _EchoRole)
+    try:
+        assert h.load.remote([("w", torch.arange(3.0))])() == [("w", [0.0, 1.0, 2.0])]
+        assert len(calls) == 2 and h.shared_on == "cpu" and "trying host memory" in capsys.readouterr().out
+        assert h.echo.remote(5)() == 5                                    # the child kept serving
+    finally:
+        h.close()
 
 
 @requires_cuda
