@@ -405,8 +405,8 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (not (bad := {t.strip() for t in cfg.lora_targets.split(",")} - set(LORA_TARGETS)),
                f"--lora_targets: unknown {sorted(bad)}; a comma list of {','.join(LORA_TARGETS)}"),
               (cfg.temperature > 0, "--temperature must be > 0 (RL samples; greedy has no exploration)"),
-              (not cfg.engine_process or cfg.backend == "local", "--engine_process is the local backend's layout "
-               "(with --backend nanoray or ray every engine is an actor, a process of its own already)")]
+              (not cfg.engine_process or (cfg.backend == "local" and not cfg.rollout_gpus), "--engine_process is the "
+               "colocated layout of the local backend (actors: --backend nanoray/ray, --rollout_gpus: own processes)")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(f"ppo.py: {msg}")

@@ -8016,6 +8016,9 @@ def test_ppo_format_reward_pays_for_a_final_answer_not_for_accuracy(smollm2_tok)
         ppo.resolve(ppo.Config(engine_sleep=True, backend="nanoray", mode="one_step_off"), False)
     with pytest.raises(ValueError, match="--min_lr_ratio: 0..1"):
         ppo.resolve(ppo.Config(min_lr_ratio=1.5), False)
+    for bad in (dict(backend="nanoray"), dict(rollout_gpus=1)):
+        with pytest.raises(ValueError, match="--engine_process is the colocated layout of the local backend"):
+            ppo.resolve(ppo.Config(engine_process=True, **bad), False)
 
 
 def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch):
