@@ -1528,10 +1528,11 @@ class _Here:
 # above) both roles are host-bound Python on one GIL, and each runs ~1.5-2.5x slower beside the other (BENCHMARKS,
 # issue 15). A process of its own has its own interpreter; the GPU runs both processes' kernels (time-sliced).
 #   requests:  parent --(id, method, args)--> child     replies: child --(id, "ok" | "error", value)--> parent
-# in order, over one pipe. Weights: a flat byte buffer allocated once on the device and shared with the child
-# (CUDA IPC under torch.multiprocessing: the child maps the same memory; on CPU, shared memory). A sync copies
-# the trainer's tensors into it, then sends only the layout [(name, byte offset, bytes, dtype, shape)]; the child
-# loads views of it into the engine (update_weights copies), so no tensor crosses the pipe per step.
+# in order, over one pipe; a reader thread in the parent files each reply under its id. Weights: a flat byte
+# buffer allocated once on the device and shared with the child (CUDA IPC under torch.multiprocessing: the child
+# maps the same memory; on CPU, or where IPC is refused, host shared memory). A sync copies the trainer's tensors
+# into it, then sends only the layout [(name, byte offset, bytes, dtype, shape)]; the child loads views of it into
+# the engine (update_weights copies), so no tensor crosses the pipe per step.
 
 def _engine_main(conn, args: tuple, device: str, role_cls=None) -> None:
     """The child: build EngineRole(*args, device) (tests: another role_cls), then serve requests in order until
@@ -1554,7 +1555,7 @@ def _engine_main(conn, args: tuple, device: str, role_cls=None) -> None:
     shared = None
     while True:
         try:
-            i, name, a = conn.recv()                  # unpickling happens here: the CUDA IPC open of "share" too
+            i, name, a = conn.recv()
         except (EOFError, OSError):                   # the parent is gone
             break
         except Exception as e:                        # a request that does not unpickle: fatal for every waiter
