@@ -1586,12 +1586,13 @@ class _Reply:
     """The answer to request i of an engine process: call it (or get() it) to wait for the value (once;
     later calls return the same value)."""
 
-    def __init__(self, proc, i: int):
-        self.proc, self.i, self.value, self.has = proc, i, None, False
+    def __init__(self, proc, i: int, plus: float = 0.0):
+        self.proc, self.i, self.value, self.has, self.plus = proc, i, None, False, plus
 
     def __call__(self):
-        if not self.has:
-            self.value, self.has = self.proc.result(self.i), True
+        if not self.has:                              # plus: a load's seconds in the parent (its copy into the buffer)
+            v = self.proc.result(self.i)
+            self.value, self.has = v + self.plus if isinstance(v, float) else v, True
         return self.value
 
 
@@ -1655,7 +1656,7 @@ class _EngineProcess:
             raise self._error(value)
         return value
 
-    def _send(self, name: str, *a) -> _Reply:
+    def _send(self, name: str, *a, plus: float = 0.0) -> _Reply:
         with self.send_lock:
             i = next(self.ids)
             with self.cond:
@@ -1664,7 +1665,7 @@ class _EngineProcess:
                 self.conn.send((i, name, a))
             except OSError:                                    # a broken pipe: the child is gone
                 raise self._died() from None
-        return _Reply(self, i)
+        return _Reply(self, i, plus)
 
     def __getattr__(self, name):
         if name.startswith("_"):                       # (pickle and copy probe dunders: not requests)
@@ -1678,7 +1679,7 @@ class _EngineProcess:
         previous load has been read out of the buffer before it is overwritten (its reply is awaited)."""
         if self.last_load is not None:
             self.last_load()
-        named = list(weights)
+        t0, named = time.perf_counter(), list(weights)
         layout, off = [], 0
         for n, t in named:
             nb = t.numel() * t.element_size()
@@ -1691,7 +1692,7 @@ class _EngineProcess:
             self.buf[o:o + nb].view(dt).view(shape).copy_(t)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        self.last_load = self._send("load", layout)
+        self.last_load = self._send("load", layout, plus=time.perf_counter() - t0)   # sync = our copy + its load
         return self.last_load
 
     @staticmethod
