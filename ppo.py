@@ -1612,7 +1612,7 @@ class _EngineProcess:
         child.close()                                # the child's end lives in the child: its death is EOF here
         self.pid, self.cond, self.done, self.waiting, self.dead = self.proc.pid, threading.Condition(), {}, {0}, None
         self.send_lock, self.ids, self.buf, self.last_load = threading.Lock(), itertools.count(1), None, None
-        self.shared_on = None                        # where the weight buffer lives: cuda (IPC) | cpu
+        self.shared_on, self.join_lock = None, threading.Lock()   # where the weight buffer lives: cuda | cpu
         threading.Thread(target=self._read, daemon=True, name="ppo-engine-replies").start()
         self.started = self.result(0)                # the child's where(): waits for the engine to be built
 
@@ -1620,10 +1620,9 @@ class _EngineProcess:
         while True:
             try:
                 j, status, value = self.conn.recv()
-            except (EOFError, OSError):              # the child exited (asked to, or died)
-                dead = self._died()
-                with self.cond:
-                    self.dead = dead
+            except (EOFError, OSError):              # the child exited (asked to, or died): waiters raise
+                with self.cond:                      # _died() themselves (this thread never reaps the child)
+                    self.dead = self.dead or "exited"
                     self.cond.notify_all()
                 return
             with self.cond:
@@ -1635,7 +1634,8 @@ class _EngineProcess:
                 self.cond.notify_all()
 
     def _died(self) -> _EngineDied:
-        self.proc.join(5)
+        with self.join_lock:                         # one reaper at a time: two racing waitpid()s can make
+            self.proc.join(5)                        # is_alive() answer True for a process already gone
         return _EngineDied(f"the engine process (pid {self.pid}) died, exit code {self.proc.exitcode}; its last "
                            "words, if any, are above")
 
@@ -1649,9 +1649,11 @@ class _EngineProcess:
         with self.cond:
             while i not in self.done and self.dead is None:
                 self.cond.wait()
-            if i not in self.done:
-                raise self.dead
-            status, value = self.done.pop(i)
+            dead = self.dead if i not in self.done else None
+            if dead is None:
+                status, value = self.done.pop(i)
+        if dead is not None:
+            raise self._died() if dead == "exited" else dead
         if status == "error":
             raise self._error(value)
         return value
@@ -1722,17 +1724,18 @@ class _EngineProcess:
         instead of waited for. The reader thread sees EOF and ends."""
         with self.cond:
             busy = bool(self.waiting) and self.dead is None
-        if busy:
-            self.proc.terminate()
-        else:
+        if not busy:
             try:
                 self._send("exit")
             except ChildProcessError:
                 pass
-        self.proc.join(30)
-        if self.proc.is_alive():
-            self.proc.kill()
-            self.proc.join(5)
+        with self.join_lock:
+            if busy:
+                self.proc.terminate()
+            self.proc.join(30)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
 
 
 def _local_get(x):
