@@ -66,6 +66,7 @@ pipeline() {
   # what an earlier run left (data, checkpoints): delete data/ ckpt/ runs/ to start over.
   local preset=$1 base=smollm2 sft_out=ckpt/sft-smollm2 rl_out=ckpt/ppo-smollm2 launch=("$PY")
   local prep prep_rl evals sft_args ppo_args merge_args=() algo=${ALGO:-grpo}
+  [ "$algo" = grpo ] || rl_out=ckpt/ppo-smollm2-$algo   # its own folder: a stage resumes what it finds there
   case "$preset" in
     cpu)  # a demo of every stage on 2 CPU cores, not a quality result (the card says so)
       # One thread per process: with two, each OpenMP thread waits for a descheduled peer whenever the cores are

@@ -7095,6 +7095,7 @@ def test_run_sh_pipeline_stages_parse_and_compare(tmp_path, job, device, algo):
     assert prep.synthetic_test == prep_rl.synthetic_test == base.synthetic_test
     assert prep.synthetic_train == prep_rl.synthetic_train and rl.data == "data/synthetic_rl"
     assert rl.algo == (algo or "grpo") and (rl.value_warmup_steps > 0) == (algo == "ppo")
+    assert rl.out == "ckpt/ppo-smollm2" + (f"-{algo}" if algo else "")    # never resumes the other algorithm's run
     if device == "gpu":   # the measured recipes (BENCHMARKS.md: +5.8 points GRPO, +4.9 PPO)
         assert base.limit == 0 and base.synthetic_test >= 1000 and rl.eval_problems >= 1000
         assert (rl.lr, rl.warmup_steps, rl.temperature) == (1e-5, 10, 0.7)
