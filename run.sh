@@ -88,7 +88,7 @@ pipeline() {
       # steps of 128 prompts x 8 samples, ~10 min; +4.9 for PPO in 300 steps of 64 x 8, ~11.5 min): lr 1e-5 after
       # a 10-step warm-up, sampling temperature 0.7, held-out accuracy every 25 steps (the curve)
       ppo_args=(--lr 1e-5 --warmup_steps 10 --temperature 0.7 --eval_problems 1000 --eval_every 25)
-      if [ "$algo" = ppo ]; then ppo_args+=(--algo ppo --value_warmup_steps 10 --steps 300)
+      if [ "$algo" = ppo ]; then ppo_args+=(--algo ppo --samples_per_prompt 8 --value_warmup_steps 10 --steps 300)
       else ppo_args+=(--algo "$algo" --prompts_per_step 128 --steps 200); fi
       ;;
     seed)  # the seed's recipe: 8 GPUs and the Hub (model and data are downloaded); hours
