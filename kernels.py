@@ -17,7 +17,7 @@ I MLP width, V vocab; varlen batches are packed with cu_seqlens[B+1]):
               store_kvcache(k[N,Hkv,D], v, k_cache, v_cache, slot_mapping) . rope_qk_norm_store(q, k, v, ...,
               k_cache, v_cache, slot_mapping): RoPE + qk-norm of q and k, then the store, in one launch (inference)
   row-wise    rms_norm(x, w, eps, residual=None) . rope_cos_sin(...) . rope_qk_norm(q, k, positions, ...)
-              swiglu(gate, up)
+              swiglu(gate, up) . skinny_linear(x[M<=2, K], w[N, K], bias): decode's few-row matmul (a GEMV)
   losses      fused_linear_cross_entropy(h[N,Hd], W[V,Hd], labels) . fused_linear_logprobs(h, W, tokens)
               (vocab-parallel through VocabParallel(vocab_start, all_reduce_max, all_reduce_sum) hooks)
 
@@ -600,16 +600,21 @@ def flash_attn(q, k, v, causal=True, softmax_scale=None, impl="auto"):
 # When B * Hkv programs cannot fill the GPU (small batch, long context), the context is split into
 # chunks whose partial (o_s, lse_s) are merged by a second kernel (flash-decoding):
 #   o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
+# The chunk length is computed IN the kernel from the sequence's own length (the number of splits is fixed on
+# the host, so a CUDA graph can hold the launch): a 300-token context over 33 splits is 33 chunks of one
+# 64-token tile or less, not one chunk of ~1,200 (the block table's width / 33) with 32 idle splits.
 
-@_jit(dynamic=('chunk',))
-def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, H, chunk, qk_scale,
+@_jit
+def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, H, qk_scale,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                          P: tl.constexpr, SPLIT: tl.constexpr):
     """Grid (B, Hkv, splits). Q [B, H, D]; K/V [num_blocks, P, Hkv, D]. Writes O [B, H, splits, D] (the
     output itself when splits == 1) and, when SPLIT, LSE [B, H, splits]."""
     b, kvh, split, splits = tl.program_id(0), tl.program_id(1), tl.program_id(2), tl.num_programs(2)
+    ctx = tl.load(context_lens + b)
+    chunk = tl.cdiv(tl.cdiv(ctx, splits), BLOCK_N) * BLOCK_N           # whole tiles; splits past ctx are empty
     lo, offs_g, offs_d = split * chunk, tl.arange(0, G_PAD), tl.arange(0, D)
-    hi = tl.minimum(lo + chunk, tl.load(context_lens + b))
+    hi = tl.minimum(lo + chunk, ctx)
     heads = kvh * G + offs_g                                         # the query heads of this kv head
     g_ok = (offs_g < G)[:, None]
     q = tl.load(Q + b.to(tl.int64) * (H * D) + heads[:, None] * D + offs_d[None, :], mask=g_ok, other=0.0)
@@ -657,20 +662,18 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
     (B, H, D), (P, Hkv) = q.shape, k_cache.shape[1:3]
     BLOCK_N = _GPU_DECODE["BLOCK_N"] if q.is_cuda else _CPU_DECODE_BLOCK_N
     max_ctx = block_table.shape[1] * P
-    # Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM,
-    # each >= 4 tiles of tokens. Static shapes only (the block_table width), so CUDA-graph safe; FOOTGUN:
-    # contexts much shorter than that width gain little from splitting.
+    # Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM and
+    # at most one per tile of the longest context the block table holds. Static shapes only (the block_table
+    # width), so CUDA-graph safe; each sequence's chunks are sized in the kernel from its own length.
     sms, splits = (_sm_count(q.device) if q.is_cuda else 0), num_splits or 1
     if not num_splits and B * Hkv < sms:
-        splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), max_ctx // (4 * BLOCK_N)))
-    chunk = triton.cdiv(triton.cdiv(max_ctx, splits), BLOCK_N) * BLOCK_N    # tokens per split, whole tiles
-    splits = max(1, triton.cdiv(max_ctx, chunk))
+        splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), triton.cdiv(max_ctx, BLOCK_N)))
     out = torch.empty_like(q)   # splits == 1: the kernel writes it directly (no partials, LSE unused)
     o_part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     lse_part = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
     _paged_decode_kernel[(B, Hkv, splits)](
-        q, k_cache, v_cache, o_part, lse_part, block_table, context_lens, block_table.stride(0), H, chunk,
-        scale * LOG2E, G=H // Hkv, G_PAD=max(16, triton.next_power_of_2(H // Hkv)), D=D, BLOCK_N=BLOCK_N, P=P,
+        q, k_cache, v_cache, o_part, lse_part, block_table, context_lens, block_table.stride(0), H, scale * LOG2E,
+        G=H // Hkv, G_PAD=max(16, triton.next_power_of_2(H // Hkv)), D=D, BLOCK_N=BLOCK_N, P=P,
         SPLIT=splits > 1, num_warps=_GPU_DECODE["num_warps"], num_stages=_GPU_DECODE["num_stages"],
         default_dot_input_precision="ieee" if q.dtype == torch.float32 else "tf32")    # see _launch
     if splits > 1:
@@ -1286,6 +1289,69 @@ def swiglu(gate, up, impl="auto"):
     if not _use_triton(impl, gate, up):
         return swiglu_ref(gate, up)
     return _SwiGLUFn.apply(gate, up)
+
+
+# ---- skinny matmul: y = x W^T for a few rows (decode of one or a few sequences) ----------------------
+# Decoding one sequence multiplies ONE row of activations by every weight matrix: 2 FLOPs per weight, so the
+# whole step is reading the weights from HBM once (Qwen3-0.6B: 1.2 GB, ~250 us at 4.8 TB/s). cuBLAS picks GEMM
+# tiles for it that stream a layer's 2-12 MB matrices at well under a third of the bandwidth (measured on an H200 at
+# batch 1: 0.9 ms of a 1.8 ms token in matmuls; BENCHMARKS.md). A GEMV needs no tensor cores, only many loads in
+# flight: a program owns BLOCK_N output columns (= rows of W, each K contiguous elements), streams them in
+# [BLOCK_N, BLOCK_K] tiles and dots each tile with all M rows of x (x is tiny and stays in L1/L2). The tiles are
+# a sweep's winners on an H200 (BENCHMARKS.md): 2 rows of W x 1024 columns per 2-warp program, so a 1024-column
+# matrix is 512 programs (~4 per SM): many small programs keep more loads in flight than a few wide ones.
+# fp32 accumulation, one rounding at the store; no split-K (its atomics would make the sums order-dependent).
+# Past 2 rows of x cuBLAS wins (the [M, BLOCK_N, BLOCK_K] fp32 product outgrows the registers): SKINNY_MAX_M.
+
+def skinny_linear_ref(x, w, bias=None):
+    """Naive twin: F.linear, i.e. x [M, K] @ w[N, K]^T (+ bias [N]) -> [M, N]."""
+    return F.linear(x, w, bias)
+
+
+@_jit
+def _skinny_linear_kernel(X, W, BIAS, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr,
+                          M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Grid (cdiv(N, BLOCK_N),). X [M, K], W [N, K], Y [M, N]; rows K-contiguous (strides given per row)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)           # [BLOCK_N] this program's columns
+    offs_m, offs_k = tl.arange(0, M_PAD), tl.arange(0, BLOCK_K)
+    n_ok, m_ok = offs_n < N, offs_m < M
+    w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn                 # [BLOCK_N, 1] row starts of W
+    x_rows = X + offs_m[:, None] * stride_xm                              # [M_PAD, 1]
+    acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        w = tl.load(w_rows + k0 + offs_k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)  # [M_PAD, BLOCK_K]
+        # [M_PAD, 1, BLOCK_K] * [1, BLOCK_N, BLOCK_K] summed over K -> [M_PAD, BLOCK_N]
+        acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+SKINNY_MAX_M = 2   # rows up to which skinny_linear beats cuBLAS (H200 sweep, BENCHMARKS.md); callers check it
+
+
+def skinny_linear(x, w, bias=None, impl="auto"):
+    """F.linear for x [M, K] with one or two rows (M <= SKINNY_MAX_M): x @ w[N, K]^T (+ bias[N]) -> [M, N] in x's dtype.
+    x and w need contiguous rows (stride 1 along K); x may be a row slice. Not differentiable (inference only)."""
+    if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
+        raise ValueError(f"skinny_linear: x [M, K] and w [N, K] of one dtype; got {tuple(x.shape)} {x.dtype}, "
+                         f"{tuple(w.shape)} {w.dtype}")
+    if not 1 <= x.shape[0] <= SKINNY_MAX_M:
+        raise ValueError(f"skinny_linear: 1..{SKINNY_MAX_M} rows (more are a GEMM for cuBLAS); got {x.shape[0]}")
+    if not _use_triton(impl, x, w, bias):
+        return skinny_linear_ref(x, w, bias)
+    x, w = (t if t.stride(1) == 1 else t.contiguous() for t in (x, w))
+    (M, K), N = x.shape, w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    BLOCK_N, BLOCK_K = (2 if N <= 4096 else 4), max(16, min(triton.next_power_of_2(K), 1024))
+    _skinny_linear_kernel[(triton.cdiv(N, BLOCK_N),)](
+        x, w, bias if bias is not None else x, y, N, K, x.stride(0), w.stride(0), y.stride(0), M=M,
+        M_PAD=triton.next_power_of_2(M), HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, num_warps=2,
+        num_stages=3)
+    return y
 
 
 # ==== losses over the LM head =================================================================
@@ -1923,6 +1989,29 @@ def _bench_losses(rows, peaks):
         _compare(rows, f"{case}, memory", "GB", _peak_gb, ours, peers)
 
 
+def _bench_decode(rows, peaks):
+    """Decode of one or two sequences at Qwen3-0.6B's shapes: a layer's four matmuls with M = 1, 2 rows, the GEMV
+    vs F.linear (cuBLAS), GB/s = weight bytes / time; paged attention of ONE 1024-token context in a block table as
+    wide as a 40,960-token max_model_len (the shape the engine's CUDA graphs are captured with)."""
+    bf, bw = torch.bfloat16, (lambda r: r / peaks["GB/s"])
+    for M in (1, 2):
+        for name, N, K in (("qkv", 4096, 1024), ("o_proj", 1024, 2048), ("gate_up", 6144, 1024), ("down", 1024, 3072)):
+            x, w = torch.randn(M, K, device="cuda", dtype=bf), torch.randn(N, K, device="cuda", dtype=bf)
+            _compare(rows, f"skinny_linear {name} M={M} [{N}, {K}]", "GB/s", _rate(N * K * 2 / 1e6),
+                     lambda: skinny_linear(x, w), {"F.linear (cuBLAS)": lambda: F.linear(x, w)}, bw)
+    H, Hkv, D, P, ctx, width = 16, 8, 128, 16, 1024, 2560
+    kc, vc = (torch.randn(width, P, Hkv, D, device="cuda", dtype=bf) for _ in range(2))
+    bt = torch.randperm(width, device="cuda").view(1, -1).to(torch.int32)
+    cl, q = torch.full((1,), ctx, device="cuda", dtype=torch.int32), torch.randn(1, H, D, device="cuda", dtype=bf)
+
+    def gather_sdpa():   # the eager peer: gather the sequence's pages, then SDPA
+        kk, vv = (c[bt[:, :ctx // P].long()].view(1, ctx, Hkv, D).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+                  for c in (kc, vc))
+        return F.scaled_dot_product_attention(q.unsqueeze(2), kk, vv)
+    _compare(rows, f"paged decode 1x{ctx} of {width * P}", "GB/s", _rate(2 * ctx * Hkv * D * 2 / 1e6),
+             lambda: paged_attention_decode(q, kc, vc, bt, cl), {"torch gather + SDPA": gather_sdpa}, bw)
+
+
 def _print_table(rows):
     print(f"{'case':44s} {'unit':7s} {'ours':>8s}  {'peer':26s} {'peer':>8s} {'ratio':>6s} {'roofline':>8s}")
     for case, unit, ours, peer, theirs, roof in rows:
@@ -1938,7 +2027,7 @@ def bench() -> list:
     peaks = _peaks()
     print(f"measured peaks: copy {peaks['GB/s']:.0f} GB/s, bf16 matmul {peaks['TFLOP/s']:.0f} TFLOP/s")
     rows = []
-    for part in (_bench_attention, _bench_rowwise, _bench_losses):
+    for part in (_bench_attention, _bench_decode, _bench_rowwise, _bench_losses):
         print(f"  {part.__name__[7:]} ...", flush=True)
         part(rows, peaks)
     _print_table(rows)
@@ -1995,6 +2084,7 @@ def selftest() -> None:
         "rms_norm + residual": lambda: (rms_norm(x, w, residual=r, **T), rms_norm_ref(x, w, residual=r)),
         "rope_qk_norm": lambda: (rope_qk_norm(q, k, pos, cs, w[:32], w[16:], **T), rope_qk_norm_ref(q, k, pos, cs, w[:32], w[16:])),
         "swiglu": lambda: ((swiglu(x, r, **T),), (swiglu_ref(x, r),)),
+        "skinny_linear (2 rows)": lambda: ((skinny_linear(x[:2], r, w[:7], **T),), (skinny_linear_ref(x[:2], r, w[:7]),)),
         "fused_linear_cross_entropy, 3 chunks": lambda: (
             (fused_linear_cross_entropy(h, W, y, chunk_size=4, **T),), (linear_cross_entropy_ref(h, W, y),)),
         "fused_linear_logprobs fwd+bwd, T=0.7": lambda: (

@@ -220,7 +220,8 @@ class ModelConfig:
 
 # ---- torch fallbacks ---------------------------------------------------------------------------------
 # kernels.py (Triton) runs the hot ops when it is importable: RMSNorm (+ residual), RoPE with Qwen3's
-# q/k norm fused with the KV-cache store, SwiGLU and paged attention, each with a torch twin of its own. These few
+# q/k norm fused with the KV-cache store, SwiGLU, paged attention and the few-row matmuls of small decode
+# batches, each with a torch twin of its own. These few
 # lines are what runs when nanovllm.py is copied without kernels.py: the same math, written plainly.
 
 def _kernels():
@@ -348,18 +349,22 @@ class TPGroup:
 
 class Linear(nn.Module):
     """y = x W^T (+ b). W is this rank's shard: [out/tp, in] (column-parallel) or [out, in/tp] (row-parallel,
-    then the partial outputs are summed over tp)."""
+    then the partial outputs are summed over tp). With kernels.py, a GPU x of at most SKINNY_MAX_M rows (a decode
+    step of a few sequences) runs its skinny_linear GEMV: cuBLAS's GEMM tiles read W far below the HBM bandwidth."""
 
-    def __init__(self, n_in, n_out, tp: TPGroup, parallel: str, bias=False, dtype=None, device=None):
+    def __init__(self, n_in, n_out, tp: TPGroup, parallel: str, bias=False, dtype=None, device=None, kern=None):
         super().__init__()
-        self.tp, self.parallel = tp, parallel
+        self.tp, self.parallel, self.kern = tp, parallel, kern
         shape = (n_out // tp.size, n_in) if parallel == "column" else (n_out, n_in // tp.size)
         self.weight = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
         self.bias = (nn.Parameter(torch.zeros(shape[0], dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
     def forward(self, x):
-        y = F.linear(x, self.weight, self.bias)
+        if self.kern is not None and x.is_cuda and x.shape[0] <= self.kern.SKINNY_MAX_M:
+            y = self.kern.skinny_linear(x, self.weight, self.bias)     # decode of a few sequences: a GEMV
+        else:
+            y = F.linear(x, self.weight, self.bias)
         return self.tp.all_reduce(y) if self.parallel == "row" else y
 
 
@@ -424,8 +429,8 @@ class Attention(nn.Module):
         self.scale, self.eps, self.kern = c.head_dim ** -0.5, c.rms_norm_eps, kern
         D = c.head_dim
         self.qkv = Linear(c.hidden_size, (c.num_heads + 2 * c.num_kv_heads) * D, tp, "column", c.qkv_bias,
-                          dtype, device)
-        self.o_proj = Linear(c.num_heads * D, c.hidden_size, tp, "row", dtype=dtype, device=device)
+                          dtype, device, kern)
+        self.o_proj = Linear(c.num_heads * D, c.hidden_size, tp, "row", dtype=dtype, device=device, kern=kern)
         self.q_norm = RMSNorm(D, c.rms_norm_eps, kern, dtype, device) if c.qk_norm else None
         self.k_norm = RMSNorm(D, c.rms_norm_eps, kern, dtype, device) if c.qk_norm else None
         self.k_cache = self.v_cache = None          # [num_blocks, P, Hkv/tp, D] each, set by the runner
@@ -470,8 +475,9 @@ class MLP(nn.Module):
 
     def __init__(self, c: ModelConfig, tp: TPGroup, kern, dtype=None, device=None):
         super().__init__()
-        self.gate_up = Linear(c.hidden_size, 2 * c.intermediate_size, tp, "column", dtype=dtype, device=device)
-        self.down = Linear(c.intermediate_size, c.hidden_size, tp, "row", dtype=dtype, device=device)
+        self.gate_up = Linear(c.hidden_size, 2 * c.intermediate_size, tp, "column", dtype=dtype, device=device,
+                              kern=kern)
+        self.down = Linear(c.intermediate_size, c.hidden_size, tp, "row", dtype=dtype, device=device, kern=kern)
         self.kern = kern
 
     def forward(self, x):
