@@ -601,8 +601,10 @@ def flash_attn(q, k, v, causal=True, softmax_scale=None, impl="auto"):
 # chunks whose partial (o_s, lse_s) are merged by a second kernel (flash-decoding):
 #   o = sum_s exp(lse_s - M) o_s / sum_s exp(lse_s - M),  M = max_s lse_s.
 # The chunk length is computed IN the kernel from the sequence's own length (the number of splits is fixed on
-# the host, so a CUDA graph can hold the launch): a 300-token context over 33 splits is 33 chunks of one
-# 64-token tile or less, not one chunk of ~1,200 (the block table's width / 33) with 32 idle splits.
+# the host, so a CUDA graph can hold the launch): chunk = ceil(ceil(ctx / splits) / BLOCK_N) * BLOCK_N, so
+# splits * chunk >= ctx and only cdiv(ctx, chunk) splits have work. A 300-token context over 33 splits (2 x 132 SMs
+# / 8 kv heads, batch 1) is chunks of one 64-token tile: 5 splits work, 28 exit at once; sized from a 40,960-token
+# block table on the host (40,960 / 33 -> 1,280 tokens per chunk), one split held all 300 tokens.
 
 @_jit
 def _paged_decode_kernel(Q, K, V, O, LSE, block_table, context_lens, bt_stride, H, qk_scale,
@@ -647,6 +649,16 @@ def _decode_merge_kernel(O_PART, LSE_PART, O, splits, D: tl.constexpr, SPLITS_PA
     tl.store(O + bh * D + offs_d, out.to(O.dtype.element_ty))
 
 
+def _decode_splits(B: int, Hkv: int, max_ctx: int, BLOCK_N: int, sms: int) -> int:
+    """Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM (when
+    the context has that many tiles), at most one per tile of the longest context the block table holds and at
+    most 64 (the merge keeps a [splits, D] fp32 tile in registers). From static shapes only (the block table's
+    width, not the lengths): a CUDA graph captures one launch for every length."""
+    if B * Hkv >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, B * Hkv), triton.cdiv(max_ctx, BLOCK_N), 64))
+
+
 def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softmax_scale=None, impl="auto",
                            num_splits=None):
     """One decode step: q [B, H, D] (the new token of each sequence, its k/v ALREADY stored), k_cache/v_cache
@@ -662,12 +674,7 @@ def paged_attention_decode(q, k_cache, v_cache, block_table, context_lens, softm
     (B, H, D), (P, Hkv) = q.shape, k_cache.shape[1:3]
     BLOCK_N = _GPU_DECODE["BLOCK_N"] if q.is_cuda else _CPU_DECODE_BLOCK_N
     max_ctx = block_table.shape[1] * P
-    # Flash-decoding splits: 1 when the B * Hkv programs cover the SMs, else enough for ~2 programs per SM and
-    # at most one per tile of the longest context the block table holds. Static shapes only (the block_table
-    # width), so CUDA-graph safe; each sequence's chunks are sized in the kernel from its own length.
-    sms, splits = (_sm_count(q.device) if q.is_cuda else 0), num_splits or 1
-    if not num_splits and B * Hkv < sms:
-        splits = max(1, min(triton.cdiv(2 * sms, B * Hkv), triton.cdiv(max_ctx, BLOCK_N)))
+    splits = num_splits or _decode_splits(B, Hkv, max_ctx, BLOCK_N, _sm_count(q.device) if q.is_cuda else 0)
     out = torch.empty_like(q)   # splits == 1: the kernel writes it directly (no partials, LSE unused)
     o_part = out if splits == 1 else torch.empty(B, H, splits, D, device=q.device, dtype=torch.float32)
     lse_part = out if splits == 1 else torch.empty(B, H, splits, device=q.device, dtype=torch.float32)
@@ -1294,12 +1301,13 @@ def swiglu(gate, up, impl="auto"):
 # ---- skinny matmul: y = x W^T for a few rows (decode of one or a few sequences) ----------------------
 # Decoding one sequence multiplies ONE row of activations by every weight matrix: 2 FLOPs per weight, so the
 # whole step is reading the weights from HBM once (Qwen3-0.6B: 1.2 GB, ~250 us at 4.8 TB/s). cuBLAS picks GEMM
-# tiles for it that stream a layer's 2-12 MB matrices at well under a third of the bandwidth (measured on an H200 at
-# batch 1: 0.9 ms of a 1.8 ms token in matmuls; BENCHMARKS.md). A GEMV needs no tensor cores, only many loads in
-# flight: a program owns BLOCK_N output columns (= rows of W, each K contiguous elements), streams them in
-# [BLOCK_N, BLOCK_K] tiles and dots each tile with all M rows of x (x is tiny and stays in L1/L2). The tiles are
-# a sweep's winners on an H200 (BENCHMARKS.md): 2 rows of W x 1024 columns per 2-warp program, so a 1024-column
-# matrix is 512 programs (~4 per SM): many small programs keep more loads in flight than a few wide ones.
+# tiles for it that stream a layer's 4-13 MB matrices at a fraction of the bandwidth (measured on an H200 at
+# batch 1: 0.9 ms of a 1.8 ms token in matmuls, o_proj at 0.26 TB/s; BENCHMARKS.md). A GEMV needs no tensor
+# cores, only many loads in flight: a program owns BLOCK_N rows of W (= output features, each K contiguous
+# weights), streams them in [BLOCK_N, BLOCK_K] tiles and dots each tile with the M rows of x (x is tiny and stays
+# in L1/L2). Tiles from a sweep on an H200 (BENCHMARKS.md): BLOCK_N = 2 rows x BLOCK_K = 1,024 weights on 2 warps,
+# so o_proj and down (N = 1,024) are 512 programs, ~3.9 per SM of 132: many small programs keep more loads in
+# flight than a few wide ones. Above N = 4,096 (gate_up) 4 rows per program measured as fast and halve the grid.
 # fp32 accumulation, one rounding at the store; no split-K (its atomics would make the sums order-dependent).
 # Past 2 rows of x cuBLAS wins (the [M, BLOCK_N, BLOCK_K] fp32 product outgrows the registers): SKINNY_MAX_M.
 
@@ -1314,7 +1322,7 @@ def _skinny_linear_kernel(X, W, BIAS, Y, N, K, stride_xm, stride_wn, stride_ym, 
     """Grid (cdiv(N, BLOCK_N),). X [M, K], W [N, K], Y [M, N]; rows K-contiguous (strides given per row)."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)           # [BLOCK_N] this program's columns
     offs_m, offs_k = tl.arange(0, M_PAD), tl.arange(0, BLOCK_K)
-    n_ok, m_ok = offs_n < N, offs_m < M
+    n_ok, m_ok = offs_n < N, offs_m < M          # (M_PAD == M while SKINNY_MAX_M <= 2: m_ok guards larger M)
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn                 # [BLOCK_N, 1] row starts of W
     x_rows = X + offs_m[:, None] * stride_xm                              # [M_PAD, 1]
     acc = tl.zeros([M_PAD, BLOCK_N], tl.float32)
@@ -1341,9 +1349,12 @@ def skinny_linear(x, w, bias=None, impl="auto"):
                          f"{tuple(w.shape)} {w.dtype}")
     if not 1 <= x.shape[0] <= SKINNY_MAX_M:
         raise ValueError(f"skinny_linear: 1..{SKINNY_MAX_M} rows (more are a GEMM for cuBLAS); got {x.shape[0]}")
-    if not _use_triton(impl, x, w, bias):
+    if bias is not None and (bias.shape != (w.shape[0],) or bias.dtype != x.dtype):
+        raise ValueError(f"skinny_linear: bias must be [{w.shape[0]}] {x.dtype}; got {tuple(bias.shape)} {bias.dtype}")
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or not _use_triton(impl, x, w, bias):
         return skinny_linear_ref(x, w, bias)
     x, w = (t if t.stride(1) == 1 else t.contiguous() for t in (x, w))
+    bias = bias.contiguous() if bias is not None else None                 # the kernel reads it with stride 1
     (M, K), N = x.shape, w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     BLOCK_N, BLOCK_K = (2 if N <= 4096 else 4), max(16, min(triton.next_power_of_2(K), 1024))

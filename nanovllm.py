@@ -221,8 +221,8 @@ class ModelConfig:
 # ---- torch fallbacks ---------------------------------------------------------------------------------
 # kernels.py (Triton) runs the hot ops when it is importable: RMSNorm (+ residual), RoPE with Qwen3's
 # q/k norm fused with the KV-cache store, SwiGLU, paged attention and the few-row matmuls of small decode
-# batches, each with a torch twin of its own. These few
-# lines are what runs when nanovllm.py is copied without kernels.py: the same math, written plainly.
+# batches, each with a torch twin of its own. These few lines are what runs when nanovllm.py is copied
+# without kernels.py: the same math, written plainly.
 
 def _kernels():
     """kernels.py if importable (it falls back to its own torch twins on CPU tensors), else None."""
@@ -361,7 +361,7 @@ class Linear(nn.Module):
                      if bias else None)
 
     def forward(self, x):
-        if self.kern is not None and x.is_cuda and x.shape[0] <= self.kern.SKINNY_MAX_M:
+        if self.kern is not None and x.is_cuda and x.dim() == 2 and 0 < x.shape[0] <= self.kern.SKINNY_MAX_M:
             y = self.kern.skinny_linear(x, self.weight, self.bias)     # decode of a few sequences: a GEMV
         else:
             y = F.linear(x, self.weight, self.bias)

@@ -125,7 +125,7 @@ from prepare_data import Config, build  # noqa: E402
 # ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2132, "nanotron.py": 2600,
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
                 "nanovllm.py": 2457, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2300, "merge.py": 200,
                 "eval.py": 737}
 
@@ -2485,6 +2485,15 @@ def test_paged_decode_matches_ref(dtype, P, splits):
     assert ours[5].abs().max() == 0
 
 
+def test_paged_decode_split_count():
+    """The host's flash-decoding split count (CPU runs never reach it: no SMs): ~2 programs per SM at batch 1 on an
+    H200 (132 SMs, 8 kv heads), at most one split per tile of the table's width, at most 64, 1 once B * Hkv fills."""
+    assert K._decode_splits(1, 8, 40960, 64, 132) == 33
+    assert K._decode_splits(1, 8, 1024, 64, 132) == 16            # a narrow table: one split per 64-token tile
+    assert K._decode_splits(1, 1, 40960, 64, 132) == 64           # capped: the merge's [splits, D] fp32 tile
+    assert K._decode_splits(32, 8, 40960, 64, 132) == 1 == K._decode_splits(1, 8, 40960, 64, 0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_paged_prefill_with_and_without_cached_prefix(dtype):
     # (context_len, q_len): whole prompt; 33-token prefix + 7 new (chunked prefill / prefix-cache hit);
@@ -2874,12 +2883,16 @@ def test_swiglu_forward_and_grads(dtype, views):
 @pytest.mark.parametrize("M,N,Kd,bias", [(1, 10, 37, False), (2, 100, 64, True), (1, 33, 300, True),
                                          (2, 4099, 1030, False)])
 def test_skinny_linear_matches_f_linear(dtype, M, N, Kd, bias):
-    """Odd N and K (masked tails of both tile dims; 4099: the 4-row tiles), M = 1 and 2, bias, and x a row
-    slice of a wider buffer (decode's activations are views): equal to F.linear in fp64 up to the dtype."""
+    """Odd N and K (masked tails of both tile dims; 4099: the 4-row tiles), M = 1 and 2, bias, and every operand a
+    slice of a wider, taller NaN-filled buffer (decode's activations are views; a wrong row stride or a missing K
+    mask reads a NaN): equal to F.linear in fp64 up to the dtype."""
     g = torch.Generator().manual_seed(M * N)
-    buf = torch.randn(M + 2, Kd, generator=g).to(NORM_DEV, dtype)
-    x, w = buf[1:M + 1], torch.randn(N, Kd, generator=g).to(NORM_DEV, dtype)
-    b = torch.randn(N, generator=g).to(NORM_DEV, dtype) if bias else None
+    nan = lambda *shape: torch.full(shape, float("nan"), device=NORM_DEV, dtype=dtype)
+    xb, wb, bb = nan(M + 2, Kd + 8), nan(N + 1, Kd + 8), nan(N + 1)   # NaN around every operand: a read past a
+    xb[1:M + 1, :Kd] = torch.randn(M, Kd, generator=g).to(NORM_DEV, dtype)    # mask or a wrong stride poisons y
+    wb[:N, :Kd] = torch.randn(N, Kd, generator=g).to(NORM_DEV, dtype)
+    bb[:N] = torch.randn(N, generator=g).to(NORM_DEV, dtype)
+    x, w, b = xb[1:M + 1, :Kd], wb[:N, :Kd], (bb[:N] if bias else None)    # row strides Kd + 8, not Kd
     y = K.skinny_linear(x, w, b, impl="triton")
     ref = torch.nn.functional.linear(x.double(), w.double(), None if b is None else b.double())
     assert y.shape == (M, N) and y.dtype == dtype and rel64(y, ref) < NORM_TOL[dtype], rel64(y, ref)
@@ -2888,6 +2901,9 @@ def test_skinny_linear_matches_f_linear(dtype, M, N, Kd, bias):
 def test_skinny_linear_errors():
     with pytest.raises(ValueError, match="rows"):
         K.skinny_linear(torch.randn(K.SKINNY_MAX_M + 1, 8), torch.randn(4, 8))
+    for bad in (torch.randn(3), torch.randn(4, dtype=torch.float64)):      # short; another dtype
+        with pytest.raises(ValueError, match="bias"):
+            K.skinny_linear(torch.randn(1, 8), torch.randn(4, 8), bad)
     with pytest.raises(ValueError, match=r"x \[M, K\] and w \[N, K\]"):
         K.skinny_linear(torch.randn(2, 8), torch.randn(4, 9))
     assert torch.equal(K.skinny_linear(torch.ones(1, 8), torch.ones(3, 8)), torch.full((1, 3), 8.0))   # CPU: ref
