@@ -63,7 +63,7 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict, abc, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -126,6 +126,29 @@ class Logprob:
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
+
+
+class TokenLogprobs(abc.Sequence):
+    """vLLM's per-token view of a sample's log-probs, [{token_id: Logprob}, ...], made on access from the flat
+    list. Why lazy: RL reads the flat token_logprobs; building 1,000 samples x 70 tokens of dicts and Logprob
+    objects at the end of every rollout cost ~0.2 s of host time, on the critical path of an RL step."""
+
+    def __init__(self, ids: list[int], lps: list[float]):
+        self.ids, self.lps = ids, lps
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return {self.ids[i]: Logprob(self.lps[i])}
+
+    def __eq__(self, other):
+        return list(self) == list(other)
+
+    def __repr__(self):
+        return repr(list(self))
 
 
 @dataclass
@@ -1900,23 +1923,20 @@ class LLM:
         """Per sampled row: its random-stream key (request seed, sample index, output position), its sampling
         params and the logits row it reads, as int32 words (int64 and fp32 bits) that travel in the step's one
         host-to-device copy. Forking prompts read their row n times (one per sample)."""
-        keys, fl, rix, lp, greedy, filt = [[], [], []], [[], [], [], []], [], None, True, False
-        for i, seq in enumerate(plan):
-            req = seq.request
-            p = req.params
-            # one row per seat: a forking prompt samples its n first tokens now, one per future sample k, from
-            # the same logits row i; the key (seed, sample, output position) gives each its own draw
-            for k in range(seq.seats):
-                rix.append(i)
-                keys[0].append(req.seed64)
-                keys[1].append(seq.sample + k)
-                keys[2].append(seq.num_output + ahead)
-                for col, v in zip(fl, req.row):
-                    col.append(v)
-            greedy &= p.greedy
-            filt |= req.filtered
-            if p.logprobs is not None:        # one batch-wide setting: the largest top-k asked for (None: nobody)
-                lp = max(lp or 0, p.logprobs)
+        # one row per seat: a forking prompt samples its n first tokens now, one per future sample k, from the same
+        # logits row i; the key (seed, sample, output position) gives each its own draw. Hot path (every decode
+        # step, one row per sequence): comprehensions over the sequences, no per-row appends.
+        seats = [(i, q, k) for i, q in enumerate(plan) for k in range(q.seats)] if any(q.pending_forks for q in plan) \
+            else [(i, q, 0) for i, q in enumerate(plan)]
+        reqs = [q.request for _, q, _ in seats]
+        keys = [[r.seed64 for r in reqs], [q.sample + k for _, q, k in seats],
+                [len(q.token_ids) - q.num_prompt + ahead for _, q, _ in seats]]       # (output position)
+        fl = [list(col) for col in zip(*(r.row for r in reqs))] or [[], [], [], []]   # 4 float columns
+        rix = [i for i, _, _ in seats]
+        uniq = {id(q.request): q.request for q in plan}.values()                     # the batch-wide flags
+        greedy, filt = all(r.params.greedy for r in uniq), any(r.filtered for r in uniq)
+        asked = [r.params.logprobs for r in uniq if r.params.logprobs is not None]
+        lp = max(asked) if asked else None    # one batch-wide setting: the largest top-k asked for (None: nobody)
         R = len(rix)
         Rp = pad_to or R
         if Rp > R:                            # graph padding rows: greedy, no masks, never read back
@@ -1993,27 +2013,30 @@ class LLM:
             if seq.status != FINISHED:
                 seq.num_computed += n
                 self.bm.commit(seq)
-        done, k, new = [], 0, {}
+        done, k, new, ended = [], 0, {}, {}
         for seq in plan:
             if seq.status == FINISHED:
                 k += seq.seats
                 continue
-            group = [seq] + self._fork(seq)
+            group = [seq] + self._fork(seq) if seq.pending_forks else [seq]
             if len(group) > 1:
                 new[seq.seq_id] = group[1:]
             for q in group:
                 self._append(q, toks[k], None if lps is None else lps[k], None if top is None else (top[0][k], top[1][k]))
                 k += 1
+                if q.status == FINISHED:
+                    ended[q.request.request_id] = q.request
         # rebuild running: new children after their parent, finished sequences out (their blocks are already free)
-        running = []
-        for q in self.scheduler.running:                      # children go right after their parent (FCFS)
-            running.append(q)
-            running.extend(new.get(q.seq_id, ()))
-        self.scheduler.running = [q for q in running if q.status != FINISHED]
-        for seq in plan:
-            req = seq.request
-            if req.request_id in self.requests and not any(q.pending_forks or q.status != FINISHED for q in req.seqs):
-                done.append(self._output(self.requests.pop(req.request_id)))
+        if new or ended:
+            running = []
+            for q in self.scheduler.running:                  # children go right after their parent (FCFS)
+                running.append(q)
+                running.extend(new.get(q.seq_id, ()))
+            self.scheduler.running = [q for q in running if q.status != FINISHED]
+        # only a request with a sample that ended in THIS step can have just finished (earlier ones were popped then)
+        for rid, req in ended.items():
+            if rid in self.requests and not any(q.pending_forks or q.status != FINISHED for q in req.seqs):
+                done.append(self._output(self.requests.pop(rid)))
         return done
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
@@ -2085,8 +2108,8 @@ class LLM:
                         text = text[: cut + (len(s.stop_reason) if p.include_stop_str_in_output else 0)]
             lp = s.logprobs if p.logprobs is not None else None
             outs.append(CompletionOutput(s.sample, text, ids, None if lp is None else float(sum(lp)),
-                                         (s.top_logprobs or [{t: Logprob(v)} for t, v in zip(ids, lp)])
-                                         if lp is not None else None, s.finish_reason, s.stop_reason, lp))
+                                         (s.top_logprobs or TokenLogprobs(ids, lp)) if lp is not None else None,
+                                         s.finish_reason, s.stop_reason, lp))
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, True, req.num_cached_tokens or 0)
 
     # -- batch API --

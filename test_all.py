@@ -126,7 +126,7 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2457, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2300, "merge.py": 200,
+                "nanovllm.py": 2480, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2300, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -7560,6 +7560,17 @@ def test_nanovllm_logprobs_equal_hf_log_softmax(nv_models, mode):
         assert c.cumulative_logprob == pytest.approx(sum(c.token_logprobs))
         top = [max(d.values(), key=lambda x: x.logprob) for d in c.logprobs]
         assert all(t.rank == 1 for t in top) and len(c.logprobs[0]) >= 2
+
+
+def test_nanovllm_logprobs_zero_gives_vllms_per_token_dicts(nv_models):
+    """logprobs=0 (RL's setting): vLLM's per-token {sampled id: Logprob} view, made on access from the flat list
+    (TokenLogprobs), indexes, slices and compares like the list it stands for."""
+    folder, _ = nv_models["qwen2"]
+    c = _nv_llm(folder).generate(_nv_prompts([7]), nv.SamplingParams(temperature=0.7, max_tokens=6, logprobs=0,
+                                                                   seed=1), use_tqdm=False)[0].outputs[0]
+    want = [{t: nv.Logprob(v)} for t, v in zip(c.token_ids, c.token_logprobs)]
+    assert len(c.logprobs) == 6 and c.logprobs == want and c.logprobs[-1] == want[-1] and c.logprobs[1:3] == want[1:3]
+    assert [d for d in c.logprobs] == want and repr(c.logprobs) == repr(want)
 
 
 def test_nanovllm_device_rng_equals_the_python_oracle():
