@@ -97,6 +97,7 @@ class SamplingParams:
     logprobs: int | None = None         # None: no log-probs; 0: the sampled token's; k: also the top k
     include_stop_str_in_output: bool = False  # keep the matched stop string at the end of text
     skip_special_tokens: bool = True    # in the detokenized text
+    detokenize: bool = True             # False: text stays "" (a caller that decodes token_ids itself, as RL does)
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -110,7 +111,8 @@ class SamplingParams:
                   (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
                   (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be >= 1 or None"),
                   (self.logprobs is None or self.logprobs >= 0, "logprobs must be None or >= 0"),
-                  (all(s for s in self.stop), "stop strings must be non-empty")]
+                  (all(s for s in self.stop), "stop strings must be non-empty"),
+                  (self.detokenize or not self.stop, "stop strings need detokenize=True (they match the text)")]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(f"SamplingParams: {msg}; got {self}")
@@ -2100,7 +2102,7 @@ class LLM:
         for s in sorted(req.seqs, key=lambda s: s.sample):
             ids, p = s.token_ids[s.num_prompt:], req.params
             text = ""
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and p.detokenize:
                 text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
                 if isinstance(s.stop_reason, str):
                     cut = text.find(s.stop_reason)

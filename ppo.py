@@ -1086,8 +1086,9 @@ def rollout(llm, rows: list[dict], cfg: Config, step: int, version: int, greedy:
     from nanovllm import SamplingParams
     n = 1 if greedy else cfg.samples_per_prompt
     sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,     # seeded by the
-                          max_tokens=cfg.max_new_tokens, logprobs=0, seed=_seed(cfg.seed, step, r.get("row", i)))
-           for i, r in enumerate(rows)]                 # prompt's row: the same samples in any dp layout
+                          max_tokens=cfg.max_new_tokens, logprobs=0, seed=_seed(cfg.seed, step, r.get("row", i)),
+                          detokenize=False)             # prompt's row: the same samples in any dp layout; the
+           for i, r in enumerate(rows)]                 # grader decodes the token ids itself
     outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], sps, use_tqdm=False)
     return [{"prompt_ids": r["prompt_ids"], "response": c.token_ids, "engine_logp": c.token_logprobs,
              "answer": r["answer"], "group": g, "finish": c.finish_reason, "version": version}

@@ -126,7 +126,7 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2480, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2300, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2301, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -7458,6 +7458,8 @@ def test_nanovllm_eos_and_stop_strings_with_a_tokenizer(tmp_path):
     llm = _nv_llm(tmp_path)
     o = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0]
     assert o.text == tok.decode(o.token_ids, skip_special_tokens=True)
+    raw = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, detokenize=False), use_tqdm=False)
+    assert raw[0].outputs[0].text == "" and raw[0].outputs[0].token_ids == o.token_ids      # RL decodes itself
     stop = o.text[5:8]
     assert stop.strip(), "pick a stop string inside the text"
     o2 = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, stop=[stop]), use_tqdm=False)[0].outputs[0]
@@ -7709,6 +7711,8 @@ def test_nanovllm_bad_inputs_name_the_problem(nv_models, tmp_path):
         llm.generate("text", GREEDY, use_tqdm=False)
     with pytest.raises(ValueError, match="top_p"):
         nv.SamplingParams(top_p=0)
+    with pytest.raises(ValueError, match="detokenize"):
+        nv.SamplingParams(stop="x", detokenize=False)
     with pytest.raises(ValueError, match="tensor_parallel_size=3"):
         _nv_llm(folder, tensor_parallel_size=3)
     with pytest.raises(FileNotFoundError, match="no config.json"):
