@@ -126,7 +126,7 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2301, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2305, "merge.py": 200,
                 "eval.py": 737}
 
 
@@ -7848,6 +7848,18 @@ def test_ppo_trainer_micro_batch_tokens_come_from_memory():
     real = ppo.Config(model="smollm2")
     assert ppo.resolve(real, True).micro_batch_tokens == 0            # derived by the trainer, from its GPU
     assert ppo.resolve(real, False).micro_batch_tokens == ppo.resolve(ppo.Config(), True).micro_batch_tokens == 4096
+
+
+@pytest.mark.parametrize("cores,ranks,want", [(2, 1, 2), (16, 1, 8), (32, 2, 8), (12, 2, 3), (128, 8, 8), (None, 1, 2)])
+def test_ppo_grade_workers_follow_the_cores(monkeypatch, cores, ranks, want):
+    """--grade_workers 0: grading sits on a synchronous step's path, so a GPU host's cores grade in parallel
+    (8 at most, 2 at least, shared by the ranks of the machine); an explicit count is kept; < 0 is refused."""
+    monkeypatch.setattr(os, "cpu_count", lambda: cores)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+    assert ppo.resolve(ppo.Config(), False).grade_workers == want
+    assert ppo.resolve(ppo.Config(grade_workers=3), False).grade_workers == 3
+    with pytest.raises(ValueError, match="--grade_workers -1"):
+        ppo.resolve(ppo.Config(grade_workers=-1), False)
 
 
 def test_ppo_gae_and_returns_by_hand():
