@@ -431,9 +431,13 @@ def resolve(cfg: Config, cuda: bool) -> Config:
         dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32"),
         reward_model=str(Path(cfg.reward_model).resolve()) if cfg.reward_model else "",   # actors have another cwd
         lora_alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, lora_targets=cfg.lora_targets.replace(" ", ""),
-        # grading sits on a synchronous step's path (~0.3 s of a 2.5 s GRPO step with 2 workers, H200 host)
-        grade_workers=cfg.grade_workers or min(8, max(2, (os.cpu_count() or 2) // (2 * int(os.environ.get(
-            "LOCAL_WORLD_SIZE", 1))))))
+        grade_workers=cfg.grade_workers or default_grade_workers())
+
+
+def default_grade_workers() -> int:
+    """--grade_workers 0: 2..8 processes, the cores over 2 x this machine's ranks. Grading sits on a synchronous
+    step's path (~0.3 s of a 2.5 s GRPO step with 2 workers on the H200 host), so a GPU host's cores should share it."""
+    return min(8, max(2, (os.cpu_count() or 2) // (2 * int(os.environ.get("LOCAL_WORLD_SIZE", 1)))))
 
 
 # ---- prompts and rewards -----------------------------------------------------------------------------------
@@ -489,7 +493,7 @@ class Rewarder:
             import eval as ev
             if tokenizer is None:
                 raise ValueError(f"ppo.py: --model {cfg.model} has no tokenizer: math rewards need the text")
-            self.grader = ev.Grader(cfg.grade_workers, cfg.grade_timeout_s)
+            self.grader = ev.Grader(cfg.grade_workers or default_grade_workers(), cfg.grade_timeout_s)
             self.grader.start()                                  # workers import math-verify meanwhile
 
     def __call__(self, samples: list[dict], rm: bool = True) -> tuple[list[float], list[bool]]:
@@ -2265,7 +2269,7 @@ def _bench_trl(cfg: Config, tmp: Path) -> float:
     tok = AutoTokenizer.from_pretrained(folder)
     train, _ = load_prompts(cfg, len(tok))
     data = Dataset.from_list([{"prompt": tok.decode(r["prompt_ids"]), "answer": r["answer"]} for r in train[:2048]])
-    grader = ev.Grader(cfg.grade_workers, cfg.grade_timeout_s)
+    grader = ev.Grader(cfg.grade_workers or default_grade_workers(), cfg.grade_timeout_s)
     times = []
 
     class Clock(TrainerCallback):
