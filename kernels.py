@@ -1320,7 +1320,7 @@ def skinny_linear_ref(x, w, bias=None):
 def _skinny_linear_kernel(X, W, BIAS, Y, N, K, stride_xm, stride_wn, stride_ym, M: tl.constexpr,
                           M_PAD: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Grid (cdiv(N, BLOCK_N),). X [M, K], W [N, K], Y [M, N]; rows K-contiguous (strides given per row)."""
-    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)           # [BLOCK_N] this program's columns
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)           # [BLOCK_N] its rows of W = columns of y
     offs_m, offs_k = tl.arange(0, M_PAD), tl.arange(0, BLOCK_K)
     n_ok, m_ok = offs_n < N, offs_m < M          # (M_PAD == M while SKINNY_MAX_M <= 2: m_ok guards larger M)
     w_rows = W + offs_n.to(tl.int64)[:, None] * stride_wn                 # [BLOCK_N, 1] row starts of W
@@ -1342,8 +1342,8 @@ SKINNY_MAX_M = 2   # rows up to which skinny_linear beats cuBLAS (H200 sweep, BE
 
 
 def skinny_linear(x, w, bias=None, impl="auto"):
-    """F.linear for x [M, K] with one or two rows (M <= SKINNY_MAX_M): x @ w[N, K]^T (+ bias[N]) -> [M, N] in x's dtype.
-    x and w need contiguous rows (stride 1 along K); x may be a row slice. Not differentiable (inference only)."""
+    """F.linear for x [M, K] with one or two rows (M <= SKINNY_MAX_M): x @ w[N, K]^T (+ bias[N]) -> [M, N] in x's
+    dtype. Rows need not be packed (x may be a row slice; a strided last dim is copied). Inference only (no grad)."""
     if x.dim() != 2 or w.dim() != 2 or x.shape[1] != w.shape[1] or x.dtype != w.dtype:
         raise ValueError(f"skinny_linear: x [M, K] and w [N, K] of one dtype; got {tuple(x.shape)} {x.dtype}, "
                          f"{tuple(w.shape)} {w.dtype}")
