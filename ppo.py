@@ -1318,11 +1318,13 @@ def trainer_micro_batch_tokens(cfg: Config, nt, mcfg, tp: int, pp: int, dp: int,
     fit its share of memory; a small model is host-bound, so fewer, bigger micro-batches are faster) applied to the
     memory this trainer has: the GPU less the colocated engine's share (--engine_memory; counted even when the
     engines have GPUs of their own: the safe side) and less the state of the models beside the actor (a critic:
-    weights, fp32 grads, master and Adam, ~18 bytes a parameter; a reference: its weights). <= 65,536 tokens."""
+    weights, fp32 grads, master and Adam, ~18 bytes a parameter; a reference: its weights; --engine_process: the
+    shared weight buffer, the whole model, and the child's CUDA context, ~0.5 GiB). <= 65,536 tokens."""
     import sft
     params = nt.flops_per_token(mcfg, 0) / 6 / (tp * pp)              # flops_per_token / 6 = the parameters
     width = torch.finfo(getattr(torch, cfg.dtype)).bits // 8
-    beside = (18 * params if cfg.algo == "ppo" else 0) + (width * params if cfg.kl_coef > 0 else 0)
+    beside = (18 * params if cfg.algo == "ppo" else 0) + (width * params if cfg.kl_coef > 0 else 0) + \
+        ((width * params * tp * pp + 2 ** 29) if cfg.engine_process else 0)
     room = gpu_bytes * (1 - cfg.engine_memory) - beside / 0.9
     return sft.auto_micro_batch_tokens(65536 * dp, dp, tp, pp, mcfg, width, room)[0]
 
