@@ -2911,7 +2911,7 @@ def test_skinny_linear_errors():
 
 @requires_cuda
 @pytest.mark.parametrize("M", [1, 2])
-def test_gpu_skinny_linear_bf16_qwen3_shapes(M):
+def test_gpu_skinny_linear_bf16_qwen3_shapes(M, monkeypatch):
     """The Qwen3-0.6B decode matmuls (qkv, o, gate_up, down) in bf16 against an fp32 F.linear, and the engine's
     Linear takes this path for <= SKINNY_MAX_M rows (cuBLAS above)."""
     import nanovllm as nv
@@ -2920,14 +2920,10 @@ def test_gpu_skinny_linear_bf16_qwen3_shapes(M):
         assert rel64(K.skinny_linear(x, w), x.float() @ w.float().t()) < 1e-2
     lin = nv.Linear(64, 32, nv.TPGroup(), "column", dtype=torch.bfloat16, device="cuda", kern=K)
     torch.nn.init.normal_(lin.weight)
-    calls = []
-    orig = K.skinny_linear
-    try:
-        K.skinny_linear = lambda *a: calls.append(a[0].shape[0]) or orig(*a)
-        for rows in (M, 16):
-            lin(torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16))
-    finally:
-        K.skinny_linear = orig
+    calls, orig = [], K.skinny_linear
+    monkeypatch.setattr(K, "skinny_linear", lambda *a: calls.append(a[0].shape[0]) or orig(*a))
+    for rows in (M, 16):
+        lin(torch.randn(rows, 64, device="cuda", dtype=torch.bfloat16))
     assert calls == [M]
 
 
