@@ -614,6 +614,17 @@ def _detect_gpus() -> list:
         return []
 
 
+def _node_gpus(declared=None) -> list:
+    """The node's GPU ids: the detected ones, cut or padded to `declared` GPUs (a CPU box may pretend, for
+    placement tests). Padding takes the smallest ids not already there, so the ids stay distinct even when
+    CUDA_VISIBLE_DEVICES names a higher one (visible "1", 2 declared -> ["1", "0"], never ["1", "1"])."""
+    gpus = _detect_gpus()
+    if declared is None:
+        return gpus
+    spare = (str(i) for i in range(len(gpus) + declared) if str(i) not in gpus)
+    return (gpus + [next(spare) for _ in range(declared - len(gpus))])[:declared]
+
+
 class _Pool:
     """Free resources of a node or of a placement-group bundle, in units; GPUs also per device so a
     task gets device ids (num_gpus=0.5 shares a device, num_gpus=2 takes two whole ones)."""
@@ -2732,10 +2743,8 @@ class _NodeManager:
 
     def __init__(self, nid, head_address, secret, cfg, host, report):
         self.nid, self.head_address, self.secret, self.cfg, self.report = nid, head_address, secret, cfg, report
-        self.procs, self.gpus = {}, _detect_gpus()
         # self.gpus: index -> physical id string (what CUDA_VISIBLE_DEVICES needs); the head only sees indices
-        if cfg.get("num_gpus") is not None:  # declared GPUs (a CPU box may pretend, for placement tests)
-            self.gpus = (self.gpus + [str(i) for i in range(len(self.gpus), cfg["num_gpus"])])[:cfg["num_gpus"]]
+        self.procs, self.gpus = {}, _node_gpus(cfg.get("num_gpus"))
         for stale in os.listdir(SHM_DIR):  # our arenas whose node died without its janitor (kill -9 of both)
             pid, path = stale.split("_")[1] if stale.startswith("nanoray_") else "", os.path.join(SHM_DIR, stale)
             with suppress(OSError):

@@ -6091,6 +6091,16 @@ def test_nanoray_multi_return_store_failing_midway_frees_the_stored_returns(nr):
                    what="the region of the stored return 0 back")
 
 
+def test_nanoray_declared_gpus_stay_distinct(monkeypatch):
+    # found on a two-GPU machine: the GPU tests ran with CUDA_VISIBLE_DEVICES=1 and the nr fixture declares 2,
+    # which padded the ids to ["1", "1"] (one device handed out twice)
+    import nanoray
+    for visible, declared, want in [("1", 2, ["1", "0"]), ("2,0", 3, ["2", "0", "1"]), ("3,1", 1, ["3"]),
+                                    ("", 2, ["0", "1"]), ("0", None, ["0"])]:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert nanoray._node_gpus(declared) == want, (visible, declared)
+
+
 def test_nanoray_resources_gpus_and_placement_groups(nr):
     @nr.remote
     def env():
@@ -6108,7 +6118,8 @@ def test_nanoray_resources_gpus_and_placement_groups(nr):
     del h
     _nr_wait_until(lambda: nr.available_resources().get("CPU") == 2.0, what="the actor's CPU back")
     assert nr.get(env.options(num_gpus=0.5).remote())[0] in ("0", "1")
-    assert nr.get(env.options(num_gpus=2).remote()) == ("0,1", [0, 1])
+    visible, ids = nr.get(env.options(num_gpus=2).remote())
+    assert len(set(ids)) == 2 and visible == ",".join(map(str, ids)), (visible, ids)
     assert nr.get(env.remote())[1] == []
     pg = nr.util.placement_group([{"CPU": 1, "GPU": 1}, {"GPU": 1}], strategy="STRICT_PACK")
     assert nr.get(pg.ready(), timeout=30).bundle_count == 2
