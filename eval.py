@@ -18,7 +18,8 @@ How it works:
   5. REPORT: accuracy (overall, per level, per subject, +- standard error), pass@k, maj@k, format and
      truncation rates, response length; samples.jsonl, summary.json, accuracy.png, a results.jsonl line.
   --report: the pipeline's report card (run.sh's last step): the evals of the base, SFT and RL models read back
-     from results.jsonl into one table + PNG, beside the wall time of every stage.
+     from results.jsonl into one table + PNG, beside the wall time of every stage (and, with --ood, the same
+     models on a second, out-of-distribution set: run.sh's GPU recipe adds GSM8K's test split when it has it).
 
 Commands:
   python eval.py                    # CPU demo: SmolLM2-135M-Instruct, 16 synthetic test problems (~1 min)
@@ -26,7 +27,8 @@ Commands:
   python eval.py --model M --data gsm8k --n 8 --temperature 0.6      # pass@1..8 and maj@1..8
   python eval.py --model M --data my.jsonl --question_field q --answer_field a
   python eval.py --model M --data ../shared/data/gsm8k/test.jsonl --engine hf   # transformers' generate
-  python eval.py --report runs/report --evals base=runs/eval/base sft=runs/eval/sft --times sft=130
+  python eval.py --report runs/report --evals base=runs/eval/base sft=runs/eval/sft --times sft=130 \
+                 --ood base=runs/eval/base_gsm8k sft=runs/eval/sft_gsm8k
   From Python (ppo.py's rewards): `with Grader(workers=4) as g: grades = g.grade([(response, gold)])`.
 
 First read: Grader (the pool and why it exists) -> metrics (pass@k, maj@k) -> evaluate (the driver).
@@ -84,6 +86,8 @@ class Config:
     report: str = ""  # a folder: instead of evaluating, write the pipeline's report card there (report.md, .png)
     evals: list = dataclasses.field(default_factory=list)  # --report: NAME=FOLDER per model, FOLDER = its eval's --out
     times: list = dataclasses.field(default_factory=list)  # --report: NAME=SECONDS, each pipeline stage's wall time
+    # --report: NAME=FOLDER, the same models on a second, out-of-distribution set (SFT on one task can narrow a model)
+    ood: list = dataclasses.field(default_factory=list)
 
 
 CPU_LIMIT, CPU_MAX_TOKENS, GPU_MAX_TOKENS = 16, 256, 2048
@@ -555,14 +559,19 @@ def report_card(cfg: Config) -> dict:
             continue
         if r.get("stage") == "eval" and r.get("config", {}).get("out"):
             latest[os.path.normpath(r["config"]["out"])] = r["metrics"]
-    models = {}
-    for name, folder in evals.items():
-        if os.path.normpath(folder) not in latest:
-            raise ValueError(f"eval.py: --evals {name}={folder}: no eval with --out {folder} in {cfg.results}")
-        models[name] = latest[os.path.normpath(folder)]
-    differ = [k for k in COMPARED if len({json.dumps(m.get(k)) for m in models.values()}) > 1]
-    return {"models": models, "times": times, "total_s": sum(times.values()), "differ": differ,
-            "cpu_demo": any(m.get("device") == "cpu" for m in models.values())}
+    def lookup(flag: str, pairs: dict) -> dict:
+        for name, folder in pairs.items():
+            if os.path.normpath(folder) not in latest:
+                raise ValueError(f"eval.py: --{flag} {name}={folder}: no eval with --out {folder} in {cfg.results}")
+        return {name: latest[os.path.normpath(folder)] for name, folder in pairs.items()}
+
+    models, ood = lookup("evals", evals), lookup("ood", _pairs(cfg.ood, "ood"))
+    if set(ood) - set(models):
+        raise ValueError(f"eval.py: --ood {' '.join(cfg.ood)}: names {sorted(set(ood) - set(models))} are not in "
+                         f"--evals (the out-of-distribution rows are the same models)")
+    differ = lambda ms: [k for k in COMPARED if len({json.dumps(m.get(k)) for m in ms.values()}) > 1]  # noqa: E731
+    return {"models": models, "ood": ood, "times": times, "total_s": sum(times.values()), "differ": differ(models),
+            "ood_differ": differ(ood), "cpu_demo": any(m.get("device") == "cpu" for m in models.values())}
 
 
 def format_card(card: dict) -> str:
@@ -584,6 +593,15 @@ def format_card(card: dict) -> str:
     lines += [f"| {n} | {pct(m['accuracy'])} | {pct(m['stderr'])} | {pct(m['format_rate'])} | "
               f"{pct(m['truncation_rate'])} | {m['mean_response_tokens']:.0f} | `{m['model']}` |"
               for n, m in card["models"].items()]
+    if card.get("ood"):
+        o = next(iter(card["ood"].values()))
+        lines += ["", f"Out of distribution (the same models): {o['data_name']}, {o['problems']} of "
+                  f"{o['problems_in_data']} problems, max_tokens {o['max_tokens']}."]
+        if card["ood_differ"]:
+            lines += [f"**WARNING: not comparable**: these evals differ in {', '.join(card['ood_differ'])}."]
+        lines += ["", "| model | accuracy | +- se | boxed (format) | truncated |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {n} | {pct(m['accuracy'])} | {pct(m['stderr'])} | {pct(m['format_rate'])} | "
+                  f"{pct(m['truncation_rate'])} |" for n, m in card["ood"].items()]
     if card["times"]:
         lines += ["", "| stage | wall time |", "|---|---:|", *[f"| {k} | {mins(v)} |" for k, v in
                                                               card["times"].items()],
@@ -599,9 +617,16 @@ def plot_card(card: dict, path: Path) -> bool:
     names, ms, times = list(card["models"]), list(card["models"].values()), card["times"]
     fig, axes = plt.subplots(1, 2 if times else 1, figsize=(11 if times else 5.5, 4), squeeze=False)
     a, x = axes[0][0], range(len(names))
-    for dx, key, label in ((-0.2, "accuracy", "accuracy"), (0.2, "format_rate", "boxed (format)")):
-        bars = a.bar([i + dx for i in x], [100 * m[key] for m in ms], 0.4, label=label, alpha=1 if dx < 0 else 0.6,
-                     yerr=[100 * m["stderr"] for m in ms] if key == "accuracy" else None, capsize=3)
+    ood = card.get("ood") or {}
+    series = [("accuracy", ms, "accuracy"), ("format_rate", ms, "boxed (format)")]
+    if ood:   # a third bar per model: its accuracy on the out-of-distribution set (0 where it was not evaluated)
+        o = [ood.get(n, {"accuracy": 0.0, "stderr": 0.0}) for n in names]
+        series.append(("accuracy", o, f"{next(iter(ood.values()))['data_name']} (out of distribution)"))
+    w = 0.8 / len(series)
+    for j, (key, rows, label) in enumerate(series):
+        bars = a.bar([i + (j - (len(series) - 1) / 2) * w for i in x], [100 * m[key] for m in rows], w, label=label,
+                     alpha=(1, 0.6, 0.8)[j], hatch="//" if j == 2 else None,
+                     yerr=[100 * m["stderr"] for m in rows] if key == "accuracy" else None, capsize=3)
         a.bar_label(bars, fmt="%.0f%%", fontsize=8)
     a.set(xticks=list(x), xticklabels=names, ylim=(0, 110), ylabel="% of held-out problems",
           title=f"{ms[0]['data_name']}, {ms[0]['problems']} problems" + (" (CPU DEMO)" if card["cpu_demo"] else ""))
@@ -620,7 +645,7 @@ def report(cfg: Config) -> dict:
     text = format_card(card)
     _write(out / "report.md", text)
     png = plot_card(card, out / "report.png")
-    pd.append_result(cfg.results, "report", {"evals": cfg.evals, "times": cfg.times}, card)
+    pd.append_result(cfg.results, "report", {"evals": cfg.evals, "ood": cfg.ood, "times": cfg.times}, card)
     print(text + f"-> {out / 'report.md'}" + (f", {out / 'report.png'}" if png else "") + f", {cfg.results}")
     return card
 

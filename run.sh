@@ -61,11 +61,12 @@ stage() {
 latest_hf() { ls -d "$1"/step_*/hf | sort -V | tail -n 1; }   # merge.py wrote <root>/step_N/hf
 
 pipeline() {
-  # data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL -> merge -> eval (RL) -> report card. The three evals
-  # are eval.py on the same held-out problems with the same flags, so their numbers compare. Each stage reuses
+  # data -> eval (base) -> SFT -> merge -> eval (SFT) -> RL -> merge -> eval (RL) [-> the three models on GSM8K] ->
+  # report card. The three evals are eval.py on the same held-out problems with the same flags, so their numbers
+  # compare. Each stage reuses
   # what an earlier run left (data, checkpoints): delete data/ ckpt/ runs/ to start over.
   local preset=$1 base=smollm2 sft_out=ckpt/sft-smollm2 rl_out=ckpt/ppo-smollm2 launch=("$PY")
-  local prep prep_rl evals sft_args ppo_args merge_args=() algo=${ALGO:-grpo}
+  local prep prep_rl evals sft_args ppo_args merge_args=() algo=${ALGO:-grpo} ood=()
   [ "$algo" = grpo ] || rl_out=ckpt/ppo-smollm2-$algo   # its own folder: a stage resumes what it finds there
   case "$preset" in
     cpu)  # a demo of every stage on 2 CPU cores, not a quality result (the card says so)
@@ -91,6 +92,11 @@ pipeline() {
       ppo_args=(--lr 1e-5 --warmup_steps 10 --temperature 0.7 --eval_problems 1000 --eval_every 25
                 --algo "$algo" --prompts_per_step 128 --samples_per_prompt 8 --steps 200)
       [ "$algo" = ppo ] && ppo_args+=(--value_warmup_steps 10)
+      # the out-of-distribution check: the same three models on GSM8K's test split (SFT on the synthetic task can
+      # narrow a model), when its jsonl is here (this workspace's ../shared/data, or GSM8K_TEST=path/test.jsonl)
+      local gsm8k=${GSM8K_TEST:-../shared/data/gsm8k/test.jsonl}
+      if [ -f "$gsm8k" ]; then ood=(--data "$gsm8k" --limit 0 --max_tokens 512 --gpu_memory_utilization 0.25)
+      else echo "run.sh: no GSM8K test file at $gsm8k (set GSM8K_TEST): the card has no out-of-distribution rows" >&2; fi
       ;;
     seed)  # the seed's recipe: 8 GPUs and the Hub (model and data are downloaded); hours
       base=Qwen/Qwen3-0.6B-Base sft_out=ckpt/sft-qwen3-0.6b rl_out=ckpt/ppo-qwen3-0.6b
@@ -115,7 +121,14 @@ pipeline() {
   stage rl "${launch[@]}" ppo.py --model "$sft_hf" "${ppo_args[@]}" --out "$rl_out"
   stage merge_rl "$PY" merge.py "$rl_out" "${merge_args[@]}"
   stage eval_rl "$PY" eval.py --model "$(latest_hf "$rl_out")" "${evals[@]}" --out runs/eval/rl
-  "$PY" eval.py --report runs/report --evals base=runs/eval/base sft=runs/eval/sft rl=runs/eval/rl --times "${times[@]}"
+  local card=(--evals base=runs/eval/base sft=runs/eval/sft rl=runs/eval/rl)
+  if [ ${#ood[@]} -gt 0 ]; then
+    stage ood_base "$PY" eval.py --model "$base" "${ood[@]}" --out runs/eval/base_ood
+    stage ood_sft "$PY" eval.py --model "$sft_hf" "${ood[@]}" --out runs/eval/sft_ood
+    stage ood_rl "$PY" eval.py --model "$(latest_hf "$rl_out")" "${ood[@]}" --out runs/eval/rl_ood
+    card+=(--ood base=runs/eval/base_ood sft=runs/eval/sft_ood rl=runs/eval/rl_ood)
+  fi
+  "$PY" eval.py --report runs/report "${card[@]}" --times "${times[@]}"
 }
 
 job=${1:-pipeline}

@@ -124,10 +124,11 @@ from prepare_data import Config, build  # noqa: E402
 # preemption no longer overwrites it), to 2440 with the weight-name checks (HF's missing / unexpected keys as one
 # ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
-# fallbacks on CUDA).
+# fallbacks on CUDA). Session 11: nanoray.py to 3366 (GPU ids padded to a declared count stay distinct), eval.py to
+# 762 (the report card's out-of-distribution rows, --ood).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3357, "sft.py": 1304, "ppo.py": 2311, "merge.py": 200,
-                "eval.py": 737}
+                "nanovllm.py": 2482, "nanoray.py": 3366, "sft.py": 1304, "ppo.py": 2311, "merge.py": 200,
+                "eval.py": 762}
 
 
 @pytest.mark.parametrize("name", sorted(LINE_BUDGETS))
@@ -7058,6 +7059,31 @@ def test_eval_report_card_table_png_and_results_line(tmp_path, capsys):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5000
 
 
+def test_eval_report_card_out_of_distribution_rows(tmp_path):
+    """--ood NAME=FOLDER: the same models on a second set (run.sh: GSM8K's test split) in a table of their own and a
+    third bar per model; a name that is not in --evals, or an eval that never ran, is a one-line error."""
+    gsm = dict(data_name="test.jsonl", problems=1319, problems_in_data=1319, max_tokens=512, device="cuda")
+    res = _card_results(tmp_path / "results.jsonl", {
+        "e/base": _card_summary(0.0, 0.05, device="cuda"), "e/sft": _card_summary(0.547, 1.0, device="cuda"),
+        "e/base_g": _card_summary(0.0, 0.033, **gsm), "e/sft_g": _card_summary(0.013, 0.7, **gsm)}, junk=False)
+    base = ["--report", str(tmp_path / "card"), "--results", str(res), "--evals", "base=e/base", "sft=e/sft"]
+    card = ev.main(base + ["--ood", "base=e/base_g", "sft=e/sft_g"])
+    md = (tmp_path / "card" / "report.md").read_text()
+    assert [m["accuracy"] for m in card["ood"].values()] == [0.0, 0.013] and not card["differ"] + card["ood_differ"]
+    assert "Out of distribution (the same models): test.jsonl, 1319 of 1319 problems, max_tokens 512." in md
+    assert "| base | 0.0% | 10.0% | 3.3% | 25.0% |" in md and "| sft | 1.3% | 10.0% | 70.0% | 25.0% |" in md
+    assert "| sft | 54.7% | 10.0% | 100.0% | 25.0% | 42 | `m` |" in md   # the main table unchanged
+    assert json.loads(res.read_text().splitlines()[-1])["config"]["ood"] == ["base=e/base_g", "sft=e/sft_g"]
+    assert "Out of distribution" not in (ev.main(base) and (tmp_path / "card" / "report.md").read_text())
+    for extra, words in [(["--ood", "rl=e/sft_g"], "--ood rl=e/sft_g: names ['rl'] are not in --evals"),
+                         (["--ood", "sft=e/nowhere"], "--ood sft=e/nowhere: no eval with --out e/nowhere")]:
+        with pytest.raises(ValueError, match=re.escape(words)):
+            ev.main(base + extra)
+    if importlib.util.find_spec("matplotlib") is not None:   # the card's PNG with the third bar
+        ev.main(base + ["--ood", "base=e/base_g", "sft=e/sft_g"])
+        assert (tmp_path / "card" / "report.png").stat().st_size > 5000
+
+
 def test_eval_report_card_flags_what_does_not_compare(tmp_path):
     """Evals of different sizes or token budgets get a 'not comparable' warning naming the fields; a GPU run has
     no demo banner; an eval folder that never ran, or a malformed --evals / --times item, is a one-line error."""
@@ -7111,10 +7137,9 @@ if a[0] == "merge.py":                # what merge.py leaves: <root>/step_N/hf
 '''
 
 
-def _run_sh_plan(tmp_path: Path, job: str, device: str, algo: str = "") -> list:
+def _run_sh_plan(tmp_path: Path, job: str, device: str, algo: str = "", **env_extra) -> list:
     """The commands `[ALGO=algo] bash run.sh JOB` runs on DEVICE (cpu | gpu), as [{launch, file, args}], in order."""
-    root = tmp_path / f"{job}-{device}-{algo}"
-    root.mkdir()
+    root = Path(tempfile.mkdtemp(prefix=f"{job}-{device}-{algo}-", dir=tmp_path))
     shutil.copy(ROOT / "run.sh", root / "run.sh")
     (root / "requirements.txt").write_text("")
     fake = root / "fake-python"
@@ -7123,6 +7148,8 @@ def _run_sh_plan(tmp_path: Path, job: str, device: str, algo: str = "") -> list:
     env = {**os.environ, "PYTHON": str(fake), "FAKE_DEVICE": device, "FAKE_LOG": str(root / "log.jsonl")}
     env.pop("ALGO", None)
     env.update({"ALGO": algo} if algo else {})
+    env.pop("GSM8K_TEST", None)
+    env.update(env_extra)
     out = subprocess.run(["bash", str(root / "run.sh"), *([job] if job else [])], env=env, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -7175,6 +7202,23 @@ def test_run_sh_pipeline_stages_parse_and_compare(tmp_path, job, device, algo):
         assert (rl.steps, rl.prompts_per_step or 64, n) == (200, 128, 8)
     else:
         assert base.limit == ev.CPU_LIMIT and merge_sft.dtype == "float32"
+
+
+def test_run_sh_gpu_pipeline_checks_the_models_on_gsm8k_when_it_has_the_file(tmp_path):
+    """The GPU recipe's out-of-distribution rows: with GSM8K's test jsonl (GSM8K_TEST), the base, SFT and RL models
+    are evaluated on it after the three held-out evals (all of it, greedy, 512 tokens) and the card gets --ood."""
+    gsm = tmp_path / "test.jsonl"
+    gsm.write_text('{"question": "1+1?", "answer": "#### 2"}\n')
+    plan = _run_sh_plan(tmp_path, "", "gpu", GSM8K_TEST=str(gsm))
+    assert [c["file"] for c in plan][-5:] == ["eval.py", "eval.py", "eval.py", "eval.py", "eval.py"]
+    held, ood = ([pd.config_from_argv(ev.Config, c["args"]) for c in plan[i:j]] for i, j in ((2, 3), (-4, -1)))
+    evs = [pd.config_from_argv(ev.Config, c["args"]) for c in plan if c["file"] == "eval.py"][:3]
+    assert [o.model for o in ood] == [e.model for e in evs] and {(o.data, o.limit, o.max_tokens, o.temperature)
+                                                               for o in ood} == {(str(gsm), 0, 512, 0.0)}
+    card = pd.config_from_argv(ev.Config, plan[-1]["args"])
+    assert card.ood == [f"{n}={o.out}" for n, o in zip(("base", "sft", "rl"), ood)] and len({o.out for o in ood}) == 3
+    assert [t.split("=")[0] for t in card.times][-3:] == ["ood_base", "ood_sft", "ood_rl"] and held[0].data == "synthetic"
+    assert not pd.config_from_argv(ev.Config, _run_sh_plan(tmp_path, "", "gpu", GSM8K_TEST="nowhere")[-1]["args"]).ood
 
 
 def test_run_sh_pipeline_refuses_arguments(tmp_path):
