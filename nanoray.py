@@ -1067,7 +1067,11 @@ class _Client:
         # large object. Until the caller's "put"/"done" seals it, the region belongs to this connection, so a
         # process that dies mid-write gives it back (_Head._close)
         off = self.rpc("alloc", size)
-        self.get_arena().write(off, parts)
+        try:
+            self.get_arena().write(off, parts)
+        except BaseException:   # (a Ctrl-C mid-copy too) the region would stay this connection's until it closes
+            self.send(("unalloc", [off]))
+            raise
         return ("shm", off, size), refs
 
     def pack_args(self, args, kwargs, what="the call"):

@@ -124,10 +124,10 @@ from prepare_data import Config, build  # noqa: E402
 # preemption no longer overwrites it), to 2440 with the weight-name checks (HF's missing / unexpected keys as one
 # ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
-# fallbacks on CUDA). Session 11: nanoray.py to 3366 (GPU ids padded to a declared count stay distinct), eval.py to
-# 762 (the report card's out-of-distribution rows, --ood).
+# fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
+# failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3366, "sft.py": 1304, "ppo.py": 2311, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2311, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -6100,6 +6100,23 @@ def test_nanoray_declared_gpus_stay_distinct(monkeypatch):
                                     ("", 2, ["0", "1"]), ("0", None, ["0"])]:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
         assert nanoray._node_gpus(declared) == want, (visible, declared)
+
+
+def test_nanoray_put_failing_mid_write_gives_the_region_back(nr, monkeypatch):
+    """A large put() whose copy into the arena fails (here a Ctrl-C mid-copy) gives its region back at once."""
+    import nanoray
+    np = pytest.importorskip("numpy")
+    used0 = _nr_status(nr)["nodes"][0]["store_used"]
+
+    def broken(self, off, parts):
+        raise KeyboardInterrupt("mid-copy")
+    monkeypatch.setattr(nanoray._Arena, "write", broken)
+    with pytest.raises(KeyboardInterrupt, match="mid-copy"):
+        nr.put(np.ones(1_000_000))
+    _nr_wait_until(lambda: _nr_status(nr)["nodes"][0]["store_used"] <= used0, timeout=10,
+                   what="the allocated region back (it leaked until the driver exited)")
+    monkeypatch.undo()
+    assert nr.get(nr.put(np.ones(1_000_000))).sum() == 1_000_000
 
 
 def test_nanoray_resources_gpus_and_placement_groups(nr):
