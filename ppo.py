@@ -1940,6 +1940,10 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     if start:
         sampler.load_state_dict(extra["sampler"][info["dp_rank"]])
         pending = (extra.get("pending") or [None] * dp)[info["dp_rank"]]
+        if pending is not None and len(pending) != cfg.prompts_per_step // dp * cfg.samples_per_prompt:
+            say(f"ppo.py: the checkpoint's next rollout has {len(pending)} samples, this run asks for "
+                f"{cfg.prompts_per_step // dp} prompts x {cfg.samples_per_prompt} per rank: generating a fresh one")
+            pending = None
     take = lambda: [train_rows[i] for i in sampler.take(cfg.prompts_per_step // dp)]   # noqa: E731
     P, n = cfg.prompts_per_step, cfg.samples_per_prompt
     say(f"ppo config: {json.dumps(asdict(cfg))}\n{cfg.algo}, {cfg.mode}, backend {cfg.backend}: {P} prompts x {n} "
@@ -1996,10 +2000,12 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             first_eval = evaluate()
             log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy "
                       f"{first_eval['eval_accuracy']:.3f}")
-        version = start                                    # optimizer steps behind the engine's weights
+        version = start                  # the engine holds the trainer's weights after `version` optimizer steps
         # pending: the next batch of rollouts -- a list (resumed), or a future of one, being generated meanwhile
-        fresh = pending is None         # a first rollout from the current weights (a new run, or one extended
-        pending = ask(take(), start, version) if fresh else pending                   # past its last step)
+        # fresh: a first rollout from the current weights (a new run, one extended past its last step, or a resume
+        # of a sync run's checkpoint, whose saved rollout was made from the saved weights)
+        fresh = pending is None or pending[0]["version"] == start
+        pending = ask(take(), start, version) if pending is None else pending
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
             t_step = t0
@@ -2008,8 +2014,13 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
                 pending = ask(take(), step + 1, version)
             stale = step - samples[0]["version"]
-            assert stale == (0 if cfg.mode == "sync" or (step == start and fresh) else 1), \
-                f"staleness {stale} at step {step}"
+            # exactly one step behind in one-step-off mode, none in sync; the first step of a resume trains on the
+            # saved rollout, whichever mode made it (a one-step-off checkpoint resumed in sync mode: 1 once)
+            if stale != (0 if cfg.mode == "sync" or (step == start and fresh) else 1) and not (step == start and
+                                                                                              stale in (0, 1)):
+                raise RuntimeError(f"ppo.py: step {step} got a rollout of the weights after step "
+                                   f"{samples[0]['version']} (staleness {stale}; {cfg.mode} mode allows "
+                                   f"{0 if cfg.mode == 'sync' else 1}): a bug, please report it")
             timer["generate"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             scores, answered = graded or rewarder(samples)
@@ -2060,7 +2071,9 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
             if cfg.save_every >= 0 and ((cfg.save_every and (step + 1) % cfg.save_every == 0) or step + 1 == cfg.steps):
                 if cfg.mode == "one_step_off" and not isinstance(pending, list):
                     pending = _got(pending())[0]           # the in-flight rollout goes into the checkpoint
-                keep = pending if cfg.mode == "one_step_off" and step + 1 < cfg.steps else None
+                # both modes have taken step + 1's prompts by now (sync generated them above): the sampler's saved
+                # position is past them, so their rollout is saved too, else a resume would skip that batch
+                keep = pending if step + 1 < cfg.steps else None
                 states = _gather(trainer, (sampler.state_dict(), keep), dp)
                 get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))
     finally:

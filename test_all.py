@@ -8333,12 +8333,36 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, algo):
     ppo.main(base + ["--out", "full", "--save_every", "2"])
     ppo.main(base + ["--out", "cut", "--save_every", "2", "--steps", "2"])
     ppo.main(base + ["--out", "cut", "--save_every", "2"])          # resumes from cut/step_2
-    full, cut = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("full", "cut"))
-    assert [r["reward"] for r in cut] == [r["reward"] for r in full]
+    # a crash after step 2's checkpoint of a 4-step run: unlike the cut run (its last step takes no next batch),
+    # step 3's prompts were already taken and generated when step_2 was saved (it used to resume one batch ahead)
+    for d in Path("full").glob("*step_2"):                            # the actor's and (ppo) the critic's
+        shutil.copytree(d, Path("crash") / d.name)
+    ppo.main(base + ["--out", "crash", "--save_every", "2"])
+    full, cut, crash = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("full", "cut", "crash"))
+    assert [r["reward"] for r in cut] == [r["reward"] for r in full] == [r["reward"] for r in full[:2] + crash]
     if algo == "ppo":
         assert [r["value_loss"] for r in cut] == [r["value_loss"] for r in full]
         assert sorted(p.name for p in Path("cut").glob("*step_*")) == ["critic_step_2", "critic_step_4", "step_2",
                                                                        "step_4"]
+
+
+def test_ppo_resume_with_another_mode_or_batch(tmp_path, monkeypatch, capsys):
+    """A checkpoint's saved next rollout (both modes save it) resumes in the other mode: a sync run's (made from
+    the saved weights) in one-step-off mode, a one-step-off run's (one step stale) in sync mode, trained on once;
+    with another batch shape it is dropped with a message and a fresh one generated. It used to raise a bare
+    AssertionError (staleness) or regroup the samples silently."""
+    monkeypatch.chdir(tmp_path)
+    base = ["--steps", "3", "--prompts_per_step", "4", "--eval_problems", "2", "--results", "r.jsonl", "--save_every",
+            "2", "--samples_per_prompt", "2"]
+    for mode, other in (("sync", "one_step_off"), ("one_step_off", "sync")):
+        ppo.main(base + ["--out", mode, "--mode", mode])
+        for extra, out in (([], f"{mode}-then-{other}"), (["--samples_per_prompt", "4"], f"{mode}-then-4")):
+            shutil.copytree(Path(mode) / "step_2", Path(out) / "step_2")
+            capsys.readouterr()
+            ppo.main(base + ["--out", out, "--mode", other] + extra)
+            rows = [r for r in _ppo_rows(out) if "reward" in r]
+            assert [r["step"] for r in rows] == [3] and rows[0]["staleness"] == (mode == "one_step_off" and not extra)
+            assert ("generating a fresh one" in capsys.readouterr().out) == bool(extra)
 
 
 @pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"], ["--tp", "2", "--rollout_gpus", "1"],
