@@ -180,7 +180,15 @@ def token_rewards(scores: torch.Tensor, mask: torch.Tensor, kl: torch.Tensor | N
 # ---- KL to the reference ---------------------------------------------------------------------------------
 # With log-ratio x = log pi(a) - log pi_ref(a) for a token sampled from pi (Schulman 2020, "Approximating KL
 # divergence"): k1 = x (unbiased, high variance, can be negative), k2 = x^2 / 2 (biased, low variance),
-# k3 = exp(-x) - 1 + x (unbiased and always >= 0: GRPO's choice in the loss).
+# k3 = exp(-x) - 1 + x (unbiased and always >= 0). As VALUES (a penalty in the reward, or a logged number) all
+# three estimate KL(pi || ref). As a LOSS their gradients differ, because the tokens were sampled from pi and the
+# gradient flows only through log pi(a): per token it is (d k / d x) grad log pi(a), whose mean over a ~ pi is
+#   k1: 1 * grad log pi            -> sum_a pi grad log pi = grad sum_a pi = 0: no gradient at all (refused)
+#   k2: x * grad log pi            -> grad KL(pi || ref), the true gradient
+#   k3: (1 - exp(-x)) grad log pi  -> sum_a (pi - ref) grad log pi = grad KL(ref || pi), the REVERSE KL's
+# k3 in the loss is GRPO's choice (both KLs vanish at pi = ref and pull pi back towards it); k2 is the exact one.
+# k3 grows like exp(-x) where pi gives a token far less than ref did (x = -20: 5e8): clamped at 10 (as verl does),
+# so one such token cannot swamp a step's clipped gradient.
 
 def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") -> torch.Tensor:
     x = logp - ref_logp
@@ -189,7 +197,7 @@ def kl_estimate(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k3") ->
     if kind == "k2":
         return 0.5 * x * x
     if kind == "k3":
-        return torch.expm1(-x) + x                                      # exp(-x) - 1 + x, exact near x = 0
+        return (torch.expm1(-x) + x).clamp(max=10.0)                   # exp(-x) - 1 + x, exact near x = 0
     raise ValueError(f"kl_estimate: kind must be k1, k2 or k3, got {kind!r}")
 
 
@@ -332,7 +340,7 @@ class Config:
     value_clip: float = 0.2  # PPO value clipping around the old values
     kl_coef: float = 0.0  # KL(pi || pi_ref) strength; 0 = no reference model at all
     kl_in: str = "loss"  # loss (GRPO: beta * KL term in the loss) | reward (InstructGPT: r_t -= beta * KL_t)
-    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators; k3 is unbiased and >= 0)
+    kl_estimator: str = "k3"  # k1 | k2 | k3 (Schulman's estimators; in the loss: see kl_estimate's comment)
     entropy_coef: float = 0.0  # entropy bonus in the loss
     loss_agg: str = "token-mean"  # token-mean | seq-mean-token-sum | seq-mean-token-mean | seq-mean-token-sum-norm
     gamma: float = 1.0  # discount (GAE, REINFORCE++)
@@ -386,6 +394,9 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.kl_in in ("loss", "reward"), f"--kl_in {cfg.kl_in!r}: expected loss or reward"),
               (cfg.grade_workers >= 0, f"--grade_workers {cfg.grade_workers}: expected >= 0 (0 = from the cores)"),
               (cfg.kl_estimator in ("k1", "k2", "k3"), f"--kl_estimator {cfg.kl_estimator!r}: k1, k2 or k3"),
+              (not (cfg.kl_estimator == "k1" and cfg.kl_in == "loss" and cfg.kl_coef > 0),
+               "--kl_estimator k1 with --kl_in loss has no gradient in expectation (E[grad log pi] = 0): use k2 "
+               "or k3 in the loss, or --kl_in reward"),
               (cfg.loss_agg in AGGREGATIONS, f"--loss_agg {cfg.loss_agg!r}: one of {', '.join(AGGREGATIONS)}"),
               (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
               (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),

@@ -7968,6 +7968,28 @@ def test_ppo_kl_estimators_by_hand():
         est = float((p * ppo.kl_estimate(p.log(), q.log(), kind)).sum())
         assert est == pytest.approx(kl, rel=1e-5), kind
     assert (ppo.kl_estimate(torch.randn(100), torch.randn(100), "k3") >= 0).all()
+    assert ppo.kl_estimate(torch.tensor([-95.0]), torch.tensor([-1.0]), "k3").item() == 10.0  # was inf (exp(94))
+
+
+def test_ppo_kl_estimators_gradients_in_the_loss():
+    """What each estimator's gradient is when it is a loss on tokens sampled from pi (kl_estimate's comment): exact
+    expectations over a 4-token softmax. k1: zero (refused by the config), k2: grad KL(pi || ref), k3: grad
+    KL(ref || pi)."""
+    theta, ref = torch.tensor([0.3, -0.2, 1.0, 0.1], requires_grad=True), torch.tensor([0.1, 0.4, -0.3, 0.0])
+    lref = ref.log_softmax(0)
+
+    def grad(f):
+        return torch.autograd.grad(f(theta.log_softmax(0)), theta)[0]
+    # a score-function gradient: E_{a~pi}[k(x_a)] where only log pi(a) carries the gradient, pi(a) the weight
+    expect = lambda kind: grad(lambda lp: (lp.detach().exp() * ppo.kl_estimate(lp, lref, kind)).sum())  # noqa: E731
+    forward_kl = grad(lambda lp: (lp.exp() * (lp - lref)).sum())
+    reverse_kl = grad(lambda lp: (lref.exp() * (lref - lp)).sum())
+    torch.testing.assert_close(expect("k1"), torch.zeros(4), atol=1e-6, rtol=0)
+    torch.testing.assert_close(expect("k2"), forward_kl)
+    torch.testing.assert_close(expect("k3"), reverse_kl)
+    with pytest.raises(ValueError, match="k1 with --kl_in loss has no gradient"):
+        ppo.resolve(ppo.Config(kl_coef=0.1, kl_estimator="k1", kl_in="loss"), False)
+    ppo.resolve(ppo.Config(kl_coef=0.1, kl_estimator="k1", kl_in="reward"), False)   # as a value it is fine
 
 
 def test_ppo_policy_loss_clip_higher_and_dual_clip_on_crafted_ratios():
