@@ -1155,12 +1155,19 @@ def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, st
     divided by the mini-batch's counts over ALL data-parallel ranks (reduce) and dp sums the gradients:
     the update is the one a single process would make on the whole batch. Seconds per role go to timer."""
     B, stats, rng = len(samples), {}, random.Random(_seed(cfg.seed, step, 99))
+    if B < cfg.mini_batches:     # an empty mini-batch would step AdamW on zero gradients (its moments still move)
+        raise ValueError(f"--mini_batches {cfg.mini_batches} > the {B} samples of a step on this rank "
+                         f"(--prompts_per_step / data-parallel ranks x --samples_per_prompt): lower it")
     for _ in range(cfg.epochs):
+        # NOTE: each rank shuffles its own samples, so with mini_batches > 1 WHICH samples share a mini-batch depends
+        # on the dp layout (the same distribution, not the same numbers); one mini-batch is layout-free (tested)
         order = list(range(B))
         rng.shuffle(order)
         for part in (order[k::cfg.mini_batches] for k in range(cfg.mini_batches)):
             part = sorted(part)
             m = batch["lmask"][part]
+            if cfg.algo == "raft":   # RAFT is SFT on the kept samples: a mean over THEIR tokens, whatever the share
+                m = m * batch["keep"][part][:, None]
             tokens, seqs = reduce([float(m.sum()), float((m.sum(1) > 0).sum())])
             norm = {"tokens": max(tokens, 1.0), "seqs": max(seqs, 1.0), "max_len": float(cfg.max_new_tokens)}
             if trainer.critic is not None:

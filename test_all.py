@@ -8345,6 +8345,28 @@ def test_ppo_every_estimator_runs(tmp_path, monkeypatch, algo, extra):
         assert rows[-1]["kl"] >= 0
 
 
+def test_ppo_train_on_counts_raft_tokens_of_the_kept_samples_and_refuses_empty_mini_batches():
+    """RAFT is SFT on the kept samples: its loss is divided by THEIR tokens (it was every response's, so the step
+    size grew with the share kept); more mini-batches than samples is a one-line error (an empty one would step
+    AdamW on zero gradients)."""
+    seen = []
+
+    class FakeTrainer:
+        critic = None
+
+        def update_actor(self, samples, batch, part, lr, norm):
+            seen.append(norm)
+            return {}
+    lmask = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    for algo, keep, tokens in (("raft", [1.0, 0, 0, 1.0], 4.0), ("raft", [0, 0, 1.0, 0], 4.0), ("grpo", None, 10.0)):
+        batch = {"lmask": lmask, **({"keep": torch.tensor(keep)} if keep else {})}
+        cfg = ppo.Config(algo=algo, samples_per_prompt=4)
+        ppo.train_on(FakeTrainer(), [{}] * 4, batch, cfg, 0, 1e-5, lambda xs: xs, {})
+        assert seen[-1]["tokens"] == tokens and seen[-1]["seqs"] == (float(sum(x > 0 for x in keep)) if keep else 4.0)
+    with pytest.raises(ValueError, match="--mini_batches 8 > the 4 samples of a step on this rank"):
+        ppo.train_on(FakeTrainer(), [{}] * 4, {"lmask": lmask}, ppo.Config(mini_batches=8), 0, 1e-5, lambda x: x, {})
+
+
 @pytest.mark.parametrize("algo", ["grpo", "ppo"])
 def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, algo):
     """Stop after 2 of 4 steps and resume: the same rewards, and (ppo) the same critic losses, so the critic's
