@@ -1404,9 +1404,44 @@ class TrainerRole:
         t = torch.tensor(values, dtype=torch.float64, device=self.mesh.device)
         return self.nt.all_reduce_(t, self.mesh.group("dp")).tolist()
 
+    def _agree(self, samples: list, scores: list, answered: list, baseline: list | None):
+        """torchrun with tp or pp > 1: each rank of a model-parallel group generated and graded the same prompts on
+        an engine and a grader of its own. The tokens match (same seeds, same weights); the grades may not (a
+        grading timeout under load counts as wrong on one rank only), and ranks that disagree would mix gradients
+        of different losses, or hang when one skips a step its peers take. So the group takes the grades of its
+        first rank (tp 0, pp 0), and different samples stop every rank of the group with one clear error."""
+        m, nt = self.mesh, self.nt
+        if self.shard or m.tp * m.pp == 1:          # an actor group: one driver sent every rank the same lists
+            return scores, answered, baseline
+        toks = [t for s in samples for t in (len(s["response"]), *s["response"])]
+        mine = [float(len(samples)), float(zlib.crc32(np.asarray(toks, dtype=np.int64).tobytes()))]
+        # tp first (every stage gets its tp rank 0's), then pp (from stage 0): all get the (tp 0, pp 0) rank's.
+        # The check is agreed over the WHOLE tp x pp group before anyone raises: a subgroup raising alone would
+        # leave the other subgroup waiting in the next broadcast.
+        hops = [(g, src) for size, g, src in ((m.tp, m.tp_group, m.rank_of(m.dp_rank, m.pp_rank, 0)),
+                                              (m.pp, m.pp_group, m.rank_of(m.dp_rank, 0, m.tp_rank))) if size > 1]
+
+        def from_first(values: list) -> list:
+            t = torch.tensor(values, dtype=torch.float64, device=m.device)
+            for group, src in hops:
+                torch.distributed.broadcast(t, src, group=group)
+            return t.tolist()
+        head = from_first(mine)                                                # [count, CRC of the tokens]
+        bad = torch.tensor([float(head != mine)], dtype=torch.float64, device=m.device)
+        for group, _ in hops:
+            nt.all_reduce_(bad, group, op="max")                               # max over tp, then over pp
+        if bad.item():
+            raise RuntimeError("ppo.py: the tp/pp ranks of one data-parallel replica generated different samples "
+                               f"(rank {m.rank}: {len(samples)} samples, token CRC {int(mine[1])}; its group's "
+                               f"first rank: {int(head[0])}, CRC {int(head[1])}); their engines must sample alike")
+        payload = from_first(scores + [float(a) for a in answered] + (baseline or []))
+        B = len(samples)
+        return payload[:B], [bool(a) for a in payload[B:2 * B]], None if baseline is None else payload[2 * B:]
+
     def step(self, samples, scores, answered, step: int, lr: float, baseline=None) -> tuple[dict, dict]:
         timer = {}
         samples, scores, answered, baseline = self._mine(samples, scores, answered, baseline)
+        scores, answered, baseline = self._agree(samples, scores, answered, baseline)
         m = rl_step(self.trainer, samples, scores, answered, self.cfg, step, lr, timer, self.reduce, baseline)
         if self.cfg.engine_sleep and torch.cuda.is_available():     # hand the engine's memory back: an engine in
             torch.cuda.empty_cache()                                # another process cannot take it from our cache

@@ -125,9 +125,11 @@ from prepare_data import Config, build  # noqa: E402
 # ValueError for a checkpoint, LLM(weights=...) and update_weights, tp batches included), to 2445 with
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
-# failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood).
+# failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood),
+# ppo.py to 2377 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
+# tp/pp ranks' agreement on grades).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2311, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2377, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -8407,6 +8409,39 @@ def test_ppo_resume_with_another_mode_or_batch(tmp_path, monkeypatch, capsys):
             rows = [r for r in _ppo_rows(out) if "reward" in r]
             assert [r["step"] for r in rows] == [3] and rows[0]["staleness"] == (mode == "one_step_off" and not extra)
             assert ("generating a fresh one" in capsys.readouterr().out) == bool(extra)
+
+
+def _ppo_agree_worker(rank, world, port, out):
+    """tp 2 x pp 2 (4 gloo ranks): each rank 'graded' alike samples differently; then rank 3 'sampled' others."""
+    import ppo
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        role = ppo.TrainerRole.__new__(ppo.TrainerRole)          # only what _agree reads: the mesh, nanotron, shard
+        role.mesh, role.nt, role.shard = nt.Mesh.build(2, 2, backend="gloo", timeout_s=60), nt, False
+        samples = [{"response": [5, 6, 7]}, {"response": [8]}]
+        got = role._agree(samples, [0.1 * rank, 1.0], [rank % 2 == 1, True], [rank + 0.5])
+        samples[1]["response"] = [8, 9] if rank == 3 else [8]
+        try:
+            role._agree(samples, [0.0, 0.0], [False, False], None)
+            err = None
+        except RuntimeError as e:
+            err = str(e)
+        torch.save((got, err), f"{out}.{rank}")
+    finally:
+        _dist_teardown()
+
+
+def test_ppo_model_parallel_ranks_agree_on_the_grades(tmp_path):
+    """torchrun with tp/pp > 1 grades on every rank: the group takes its first rank's grades (a grading timeout on
+    one rank would otherwise mix different losses or hang), and different samples raise on EVERY rank (one rank
+    raising alone would leave its peers waiting in the next collective)."""
+    spawn(_ppo_agree_worker, (4, free_port(), str(tmp_path / "r")), 4, timeout_s=120)
+    for rank in range(4):
+        got, err = torch.load(tmp_path / f"r.{rank}")
+        assert got == ([0.0, 1.0], [False, True], [0.5]), (rank, got)
+        assert err and "generated different samples" in err and "their engines must sample alike" in err, (rank, err)
 
 
 @pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"], ["--tp", "2", "--rollout_gpus", "1"],
