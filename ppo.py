@@ -98,7 +98,7 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim=None) -> torch.Tensor:
     return (x * m).sum() / m.sum().clamp(min=1) if dim is None else (x * m).sum(dim) / m.sum(dim).clamp(min=1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=None) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor, reduce=None) -> torch.Tensor:
     """(x - mean) / std over the real tokens of the batch (unbiased var, as PPO implementations do).
     reduce: sums a list of floats over the data-parallel ranks, so every rank whitens with the whole
     batch's statistics (None: this batch is the whole batch)."""
@@ -110,7 +110,7 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, reduce=
     mean = s1 / n
     var = max(s2 - n * mean * mean, 0.0) / (n - 1)
     out = (x - mean) / math.sqrt(var + EPS)
-    return (out if shift_mean else out + mean) * m
+    return out * m
 
 
 def group_advantages(scores: torch.Tensor, n: int, mode: str, baseline: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,7 +142,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         lam: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalized advantage estimation (Schulman et al. 2016, eq. 16). rewards, values, mask [B, T]:
     delta_t = r_t + gamma V_{t+1} - V_t;  A_t = delta_t + gamma lam A_{t+1};  returns R_t = A_t + V_t.
-    V after the last real token is 0 (the episode ends there). Returns (advantages, returns) [B, T]."""
+    V after the last real token is 0: the outcome score on the last token is the whole return, also for a
+    response cut at max_new_tokens (graded as it stands: there is nothing after it to bootstrap from).
+    Returns (advantages, returns) [B, T]."""
     B, T = rewards.shape
     m = mask.to(values.dtype)
     adv = torch.zeros_like(values)
@@ -245,7 +247,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     dual_clip = c > 1 (Ye et al. 2020): for A < 0 the loss is also capped at -A c, so a token whose ratio
     exploded cannot dominate. gspo (Zheng et al. 2025): one ratio per response, the geometric mean of its
     token ratios, s = exp(mean_t log ratio), carried through each token as s.detach() * pi_t / pi_t.detach().
-    weights: per-token factors (truncated importance sampling). Returns (loss [B, T], stats)."""
+    weights: per-token factors (truncated importance sampling). Returns (loss [B, T], stats).
+    NOTE: with one epoch and one mini-batch (the defaults) pi_old IS the policy being updated (the same forward:
+    ratio = 1 exactly), so the clips, the dual clip and gspo change nothing; they bite from the second update on
+    the same rollout (--epochs, --mini_batches). Off-policy samples (one-step-off mode) are corrected by the
+    truncated importance weights instead. GSPO's ratio is a geometric mean: it uses far smaller clips (~3e-4)."""
     log_ratio = (logp - old_logp) * mask
     if gspo:
         seq = (log_ratio.sum(1) / mask.sum(1).clamp(min=1)).detach()   # log s_i, [B]
@@ -334,7 +340,7 @@ class Config:
     epochs: int = 1  # passes over each batch (PPO reuse: > 1 makes the clip matter)
     mini_batches: int = 1  # optimizer steps per epoch (the batch split in this many parts)
     micro_batch_tokens: int = 0  # packed tokens per forward (the memory knob); 0 = 4096 (CPU) / from memory (GPU)
-    clip_low: float = 0.2  # PPO clip below 1
+    clip_low: float = 0.2  # PPO clip below 1 (no effect at 1 epoch x 1 mini-batch: the ratio is 1; see policy_loss)
     clip_high: float = 0.28  # PPO clip above 1; > clip_low is DAPO's clip-higher
     dual_clip: float = 3.0  # dual-clip constant c for negative advantages (0 = off)
     value_clip: float = 0.2  # PPO value clipping around the old values
@@ -965,7 +971,7 @@ class Trainer:
         def loss_on(h, mb):
             sel = mb["samples"]
             logp_p, ent_p = self._logp(self.actor, h, mb, entropy=True)
-            logp = self._scatter(logp_p, mb, shape)[sel]
+            logp = self._scatter(logp_p, mb, shape)[sel]   # [n_resp] -> [B, T] -> [b, T]: this mb's rows
             take = lambda k: batch[k][sel].to(dev)                       # noqa: E731
             if reused is not None:
                 reused[sel] = logp.detach()                    # pi_old = this very forward (see reuse_logp)
