@@ -505,7 +505,7 @@ class Rewarder:
     def __init__(self, cfg: Config, tokenizer, rm=None):
         self.toy, self.tok, self.grader = cfg.data == "toy", tokenizer, None
         self.rm, self.rule, self.coef, self.lock = rm, cfg.rule_reward, cfg.reward_model_coef, threading.Lock()
-        self.fmt = cfg.format_reward
+        self.fmt, self.closed = cfg.format_reward, False
         if not self.toy:
             import eval as ev
             if tokenizer is None:
@@ -527,6 +527,8 @@ class Rewarder:
 
     def grade(self, samples: list[dict]) -> tuple[list[float], list[bool]]:
         """The rule: (scores, a-final-answer-was-given) per sample."""
+        if self.closed:
+            raise RuntimeError("ppo.py: the rewarder was closed (the run is over): nothing grades any more")
         if self.toy:
             s = [sum(t < TOY_GOOD for t in x["response"]) / max(1, len(x["response"])) for x in samples]
             return s, [True] * len(samples)
@@ -536,6 +538,7 @@ class Rewarder:
         return [float(g.correct) for g in grades], [g.status != "no_answer" for g in grades]
 
     def close(self):
+        self.closed = True            # a late grade() (a thread's rollout finishing after the run) would restart them
         if self.grader is not None:
             with self.lock:                               # not while _loop's thread grades
                 self.grader.close()
@@ -1968,7 +1971,7 @@ def main(argv=None) -> dict:
         from nanovllm import load_tokenizer
         rewarder = Rewarder(cfg, load_tokenizer(folder),
                             (lambda s: get(trainer.rm_scores.remote(s))) if cfg.reward_model else None)
-        try:
+        try:              # (_loop closes the rewarder too; this covers what raises before its own try)
             return _loop(cfg, trainer, _Engines(handles, get, cfg.engine_sleep), sync, get, rewarder, train_rows,
                          test_rows, info, extra, say, out, t_start)
         except Exception as e:
@@ -1976,6 +1979,8 @@ def main(argv=None) -> dict:
                 raise
             raise ChildProcessError(f"ppo.py: a role's process died ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                                     f"run the same command again to resume from the last checkpoint in {out}") from e
+        finally:
+            rewarder.close()
     finally:
         if ray is None:
             for h in handles:

@@ -126,10 +126,10 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
 # failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood),
-# ppo.py to 2383 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
-# tp/pp ranks' agreement on grades).
+# ppo.py to 2388 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
+# tp/pp ranks' agreement on grades, the rewarder closed on every path).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2383, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2388, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -8195,6 +8195,9 @@ def test_ppo_format_reward_pays_for_a_final_answer_not_for_accuracy(smollm2_tok)
         assert rw(samples, rm=False)[0] == [1.0, 0.0, 0.0]
     finally:
         rw.close()
+    with pytest.raises(RuntimeError, match="the rewarder was closed"):    # a late call must not restart the pool
+        rw(samples)
+    assert rw.grader.pool == []
     with pytest.raises(ValueError, match="--format_reward -1.0: must be >= 0"):
         ppo.resolve(ppo.Config(format_reward=-1.0), False)
     with pytest.raises(ValueError, match="needs the rule"):
@@ -8345,6 +8348,26 @@ def test_ppo_every_estimator_runs(tmp_path, monkeypatch, algo, extra):
         assert "value_loss" in rows[-1] and (tmp_path / "o" / "critic_step_2" / "value_head.pt").is_file()
     if "--kl_coef" in extra and "loss" in extra:
         assert rows[-1]["kl"] >= 0
+
+
+def test_ppo_closes_the_rewarder_when_the_loop_fails_early(tmp_path, monkeypatch):
+    """An error before _loop's own try (a checkpoint's sampler that does not fit the data, --wandb without the
+    package) used to leave the grader processes running: main closes the rewarder whatever happens."""
+    monkeypatch.chdir(tmp_path)
+    closed = []
+
+    class Spy(ppo.Rewarder):
+        def close(self):
+            closed.append(True)
+            super().close()
+
+    def fail(*args, **kwargs):
+        raise ValueError("failed before the loop's try")
+    monkeypatch.setattr(ppo, "Rewarder", Spy)
+    monkeypatch.setattr(ppo, "_loop", fail)
+    with pytest.raises(ValueError, match="failed before the loop's try"):
+        ppo.main(["--steps", "1", "--prompts_per_step", "2", "--out", "o", "--results", "r.jsonl"])
+    assert closed
 
 
 def test_ppo_train_on_counts_raft_tokens_of_the_kept_samples_and_refuses_empty_mini_batches():
