@@ -1213,8 +1213,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
              float(sum(s["finish"] == "length" for s in samples)), float(B),
              float(informative_groups(scores, n).sum()) if n > 1 else 0.0]     # groups with a signal at all
     if kept == 0:                                       # no group anywhere had a signal: no update at all
-        r_raw, _, ans, tok, trunc, n, _ = reduce(local)
-        return {"skipped": True, "reward": r_raw / n, "accuracy": r_raw / n, "groups_kept": 0}
+        r_raw, r, ans, tok, trunc, n, _ = reduce(local)
+        return {"skipped": True, "reward": r / n, "accuracy": r_raw / n, "groups_kept": 0}   # as other rows
     batch.update(trainer.score(samples, m.shape, timer))       # timer: actor, reference, critic forwards
     if cfg.algo == "raft" and cfg.format_reward:     # RAFT keeps the best responses: a boxed wrong one is not
         scores = scores - cfg.format_reward * torch.tensor(answered, dtype=scores.dtype)
@@ -2062,7 +2062,7 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 say(f"value warm-up {k + 1}/{cfg.value_warmup_steps}: value loss {loss:.4f}")
         if rank0:
             first_eval = evaluate()
-            log.write({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy "
+            log.merge({"step": start, **first_eval}, f"step {start} | held-out greedy accuracy "
                       f"{first_eval['eval_accuracy']:.3f}")
         version = start                  # the engine holds the trainer's weights after `version` optimizer steps
         # pending: the next batch of rollouts -- a list (resumed), or a future of one, being generated meanwhile
@@ -2149,7 +2149,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     rows = log.rows
     summary = {"steps": cfg.steps, "first_reward": next((r["reward"] for r in rows if "reward" in r), None),
                "last_reward": rows[-1].get("reward") if rows else None,
-               "eval_accuracy_before": first_eval["eval_accuracy"],
+               "eval_accuracy_before": next((r["eval_accuracy"] for r in rows if "eval_accuracy" in r),   # step 0's,
+                                            first_eval["eval_accuracy"]),                      # also after a resume
                "eval_accuracy_after": rows[-1].get("eval_accuracy") if rows else None,
                "seconds": round(time.time() - t_start, 1), "dp": dp, "backend": cfg.backend}
     if rank0:
@@ -2190,11 +2191,22 @@ class _Log:
                 raise ValueError("ppo.py: --wandb needs the wandb package (pip install wandb)") from None
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent),
                                     name=path.parent.name, resume="allow")
-        if start and path.is_file():                       # resume: keep the rows up to the resumed step
-            keep = [x for x in path.read_text().splitlines() if x.strip() and json.loads(x)["step"] <= start]
-            path.write_text("".join(k + "\n" for k in keep))
+        if start and path.is_file():     # resume: keep the rows up to the resumed step (the summary's too)
+            self.rows = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if r["step"] <= start]
+            path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         elif path.is_file():
             path.unlink()
+
+    def merge(self, row: dict, line: str | None):
+        """write(), unless a row of that step is there already (a resume's held-out eval of the resumed step):
+        then the new keys go into it, and the file is rewritten (one row per step)."""
+        old = next((r for r in self.rows if r["step"] == row["step"]), None)
+        if old is None:
+            return self.write(row, line)
+        old.update(row)
+        if self.on:
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+            print(line, flush=True)
 
     def write(self, row: dict, line: str | None):
         self.rows.append(row)

@@ -126,10 +126,10 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
 # failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood),
-# ppo.py to 2388 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
-# tp/pp ranks' agreement on grades, the rewarder closed on every path).
+# ppo.py to 2400 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
+# tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2388, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2400, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -8399,9 +8399,13 @@ def test_ppo_resume_equals_the_uninterrupted_run(tmp_path, monkeypatch, algo):
     monkeypatch.chdir(tmp_path)
     base = ["--steps", "4", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl",
             "--algo", algo] + (["--samples_per_prompt", "2"] if algo == "ppo" else [])
-    ppo.main(base + ["--out", "full", "--save_every", "2"])
+    s_full = ppo.main(base + ["--out", "full", "--save_every", "2"])
     ppo.main(base + ["--out", "cut", "--save_every", "2", "--steps", "2"])
-    ppo.main(base + ["--out", "cut", "--save_every", "2"])          # resumes from cut/step_2
+    s_cut = ppo.main(base + ["--out", "cut", "--save_every", "2"])          # resumes from cut/step_2
+    # the summary starts at step 0 (not at the resumed step), and the resumed step's eval merged into its row
+    assert (s_cut["first_reward"], s_cut["eval_accuracy_before"]) == (s_full["first_reward"],
+                                                                      s_full["eval_accuracy_before"])
+    assert [r["step"] for r in _ppo_rows("cut")] == [r["step"] for r in _ppo_rows("full")] == [0, 1, 2, 3, 4]
     # a crash after step 2's checkpoint of a 4-step run: unlike the cut run (its last step takes no next batch),
     # step 3's prompts were already taken and generated when step_2 was saved (it used to resume one batch ahead)
     for d in Path("full").glob("*step_2"):                            # the actor's and (ppo) the critic's
