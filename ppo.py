@@ -35,7 +35,7 @@ own (NCCL / gloo). Every backend and layout (dp, tp, pp under torchrun) computes
 LoRA (--lora_rank r): the actor's base weights are frozen and low-rank adapters train instead (optimizer
 state for r * (in + out) numbers per matrix, not in * out: a bigger actor fits one GPU); the KL reference is
 the actor with its adapters off (no second model). The engine always gets the MERGED weights W + alpha/r B A,
-and so do checkpoints' model files (plus lora.pt: the adapters and their AdamW state, to resume): `python
+and so do checkpoints' model files (plus lora_step_N.pt: the adapters and their AdamW state, to resume): `python
 merge.py ckpt/ppo-<model>/step_N` is an HF folder of the trained model, as for a full fine-tuning run.
 
 Commands:
@@ -617,7 +617,7 @@ class RewardModel:
 # the fused qkv; gate, up of gate_up). A forward hook on each module adds the adapters' term to those rows of
 # its output. Everything that leaves the trainer is MERGED, W + (alpha / r) B A in the model dtype: the
 # engine's weights on every sync (the rollout policy is the trained one), and the checkpoints' model files
-# (merge.py then exports the trained model); lora.pt beside them holds A, B and their AdamW state. With the
+# (merge.py then exports the trained model); lora_step_N.pt beside step_N holds A, B and their AdamW state. With the
 # adapters off the actor IS the base model: the KL reference needs no second copy. Not done: tp > 1 (a
 # row-parallel layer's A would be split over ranks, its x A^T summed by an all-reduce).
 
@@ -776,19 +776,26 @@ class LoRABase:
         return self.actor.logprobs(*args)                # the LM head has no adapter
 
 
+def lora_file(folder: Path) -> Path:
+    """lora_step_N.pt beside the checkpoint step_N: written BEFORE step_N (whose manifest.json, written last, makes
+    it complete), so a complete step_N always has its adapters (as critic_step_N)."""
+    return Path(folder).with_name(f"lora_{Path(folder).name}.pt")
+
+
 def lora_save(trainer, folder: Path) -> None:
-    """lora.pt beside a checkpoint's (merged) model files: A, B, their AdamW state, the LoRA hyper-parameters."""
+    """A checkpoint's adapters: A, B, their AdamW state, the LoRA hyper-parameters (the model files: merged)."""
     tmp = folder.with_name(f".{folder.name}-lora.pt.tmp")
     torch.save({"lora": trainer.lora.state_dict(), "opt": trainer.opt.state_dict(),
                 "hparams": _lora_hparams(trainer.cfg)}, tmp)
-    tmp.replace(folder / "lora.pt")
+    tmp.replace(lora_file(folder))
 
 
 def lora_resume(trainer, nt, src: Path) -> dict:
-    """Resume a LoRA run: the base as built from --model, A, B and their AdamW state from src/lora.pt; the
+    """Resume a LoRA run: the base as built from --model, A, B and their AdamW state from lora_file(src); the
     checkpoint's merged weights must then equal base + (alpha / r) B A (else --model is another base).
     Returns the manifest. (The RNG is not restored: ppo.py draws from seeded generators only.)"""
-    f, want = Path(src) / "lora.pt", _lora_hparams(trainer.cfg)
+    f, want = Path(src) / "lora.pt", _lora_hparams(trainer.cfg)     # (inside step_N: checkpoints of before)
+    f = f if f.is_file() else lora_file(src)
     if not f.is_file():
         raise FileNotFoundError(f"ppo.py: {f} is missing: {src} is not a LoRA run's checkpoint (resume it without "
                                 "--lora_rank, or start a new --out)")
@@ -2238,7 +2245,7 @@ def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler
     (critic_step_N/: every tp/pp shard and its AdamW state, + the value head and its optimizer in
     value_head.pt), then the actor (step_N/, mergeable by merge.py) with the data position and the in-flight
     rollout of every data-parallel rank in its manifest. step_N/manifest.json is written last of all, so a
-    complete step_N always has its critic."""
+    complete step_N always has its critic (and, LoRA, its adapters)."""
     folder = out / f"step_{step}"
     if trainer.critic is not None:
         critic = out / f"critic_step_{step}"
@@ -2249,19 +2256,20 @@ def _save(trainer: Trainer, nt, mesh, out: Path, step: int, cfg: Config, sampler
             tmp.replace(critic / "value_head.pt")
         mesh.barrier()
     extra = {"sampler": sampler_states, "pending": pending}
-    with trainer.merged():              # LoRA: the model files hold the merged weights, lora.pt the adapters
+    if trainer.lora is not None and mesh.rank == 0:
+        lora_save(trainer, folder)      # before the actor's files: see lora_file
+    with trainer.merged():              # LoRA: the model files hold the merged weights, lora_file the adapters
         nt.save_checkpoint(folder, trainer.actor, None if trainer.lora else trainer.opt, mesh, step, extra=extra,
                            config=asdict(cfg))
     if mesh.rank != 0:
         return
-    if trainer.lora is not None:
-        lora_save(trainer, folder)
     done = sorted((p for p in out.glob("step_*") if (p / "manifest.json").is_file()),
                   key=lambda p: int(p.name.split("_")[1]))
     for p in done[:-cfg.keep_last] if cfg.keep_last > 0 else []:
         import shutil
         shutil.rmtree(p)
         shutil.rmtree(p.with_name(f"critic_{p.name}"), ignore_errors=True)
+        lora_file(p).unlink(missing_ok=True)
 
 
 def _load_critic(trainer: Trainer, nt, mesh, src: Path) -> None:

@@ -126,10 +126,11 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
 # failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood),
-# ppo.py to 2400 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
-# tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume).
+# ppo.py to 2408 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
+# tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume,
+# LoRA adapters saved before the checkpoint they belong to).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2400, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2408, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -8830,9 +8831,24 @@ def test_ppo_lora_run_resumes_exactly_and_merge_exports_the_merged_model(tmp_pat
     assert max(r["logp_gap_mean"] for r in full) < 1e-4
     with pytest.raises(ValueError, match="trained with LoRA .*'rank': 4.* this run asks for .*'rank': 8"):
         ppo.main(base + ["--out", "cut", "--steps", "5", "--lora_rank", "8"])
+    # a crash while step_4's adapters are written: they go before the actor's files, so step_4 never completes and
+    # the resume takes step_2 (they were written after: a complete step_4 without them refused to resume)
+    save = ppo.lora_save
+
+    def crash_at_4(trainer, folder):
+        if Path(folder).name == "step_4":
+            raise OSError("disk full")
+        return save(trainer, folder)
+    monkeypatch.setattr(ppo, "lora_save", crash_at_4)
+    with pytest.raises(OSError, match="disk full"):
+        ppo.main(base + ["--out", "crash"])
+    monkeypatch.setattr(ppo, "lora_save", save)
+    assert not (tmp_path / "crash" / "step_4" / "manifest.json").exists()
+    ppo.main(base + ["--out", "crash"])
+    assert [r["reward"] for r in _ppo_rows("crash") if "reward" in r] == [r["reward"] for r in full]
     hf = mg.merge(tmp_path / "full" / "step_4", dtype="float32")
     from safetensors.torch import load_file
-    merged, lora = load_file(hf / "model.safetensors"), torch.load(tmp_path / "full" / "step_4" / "lora.pt")
+    merged, lora = load_file(hf / "model.safetensors"), torch.load(tmp_path / "full" / "lora_step_4.pt")
     scale = lora["hparams"]["alpha"] / lora["hparams"]["rank"]
     init = dict(nt.Transformer(nt.tiny_config(), dtype=torch.float32).init_random(0).state_dict_hf())
     assert set(merged) == set(init) and len(lora["lora"]["A"]) == 14
