@@ -291,6 +291,15 @@ def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int) -> torch.
     return torch.where(lengths <= start, torch.zeros_like(pen), pen.clamp(min=-1.0))
 
 
+def shaped_scores(cfg, samples: list[dict], scores) -> torch.Tensor:
+    """The scores a step trains on [B]: the reward, plus DAPO's overlong penalty when --overlong_buffer is set."""
+    scores = torch.as_tensor(scores, dtype=torch.float32)
+    if not cfg.overlong_buffer:
+        return scores
+    return scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
+                                     cfg.overlong_buffer)
+
+
 def informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
     """[P] bool: groups whose n scores are not all equal. DAPO's dynamic sampling drops the others (every
     group-relative advantage is 0 there: they cost compute and teach nothing) and refills the batch."""
@@ -298,14 +307,16 @@ def informative_groups(scores: torch.Tensor, n: int) -> torch.Tensor:
     return (g != g[:, :1]).any(1)
 
 
-def fill_informative(rounds, need: int, n: int) -> tuple[list, list, list, int]:
+def fill_informative(rounds, need: int, n: int, shape=None) -> tuple[list, list, list, int]:
     """DAPO's refill: `rounds` yields (samples, scores, answered) of whole groups of n (the step's rollout, then
     each further one generates and grades more prompts, lazily). Informative groups are kept in order until
     `need` are in hand or the rounds run out; a short batch is topped up with uninformative groups, which the
-    step gives no weight. Returns (samples, scores, answered) of exactly `need` groups, and the groups seen."""
+    step gives no weight. shape(samples, scores) -> the scores the step will train on (the overlong penalty), so
+    both judge a group alike. Returns (samples, scores, answered) of exactly `need` groups, and the groups seen."""
     good, rest, seen = [], [], 0
     for samples, scores, answered in rounds:
-        for g, ok in enumerate(informative_groups(torch.tensor(scores, dtype=torch.float64), n).tolist()):
+        judged = torch.tensor(scores, dtype=torch.float64) if shape is None else shape(samples, scores).double()
+        for g, ok in enumerate(informative_groups(judged, n).tolist()):
             (good if ok else rest).append([x[g * n:(g + 1) * n] for x in (samples, scores, answered)])
         seen += len(scores) // n
         if len(good) >= need:
@@ -1202,11 +1213,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
             step: int, lr: float, timer: dict, reduce, baseline: list[float] | None = None) -> dict:
     """Score, advantages, update for this rank's share of one step's rollouts (graded by the driver);
     returns the step's metrics over all ranks (reduce sums a list of floats over data parallelism)."""
-    scores = torch.tensor(scores)
-    raw = torch.tensor([s["rule_score"] for s in samples]) if "rule_score" in samples[0] else scores.clone()  # acc.
-    if cfg.overlong_buffer:
-        scores = scores + overlong_penalty(torch.tensor([len(s["response"]) for s in samples]), cfg.max_new_tokens,
-                                           cfg.overlong_buffer)
+    raw = torch.tensor([s["rule_score"] for s in samples] if "rule_score" in samples[0] else scores)  # accuracy
+    scores = shaped_scores(cfg, samples, scores)
     n = cfg.samples_per_prompt
     keep = torch.ones(len(samples) // n, dtype=torch.bool)
     if cfg.dynamic_sampling and n > 1:   # the dropped groups stay in the batch with no weight (every rank then
@@ -2105,7 +2113,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                         more = engines.generate(take(), step, version)()
                         timer["generate"] += time.perf_counter() - t1
                         yield more, *rewarder(more)
-                samples, scores, answered, seen = fill_informative(rounds(), P // dp, n)
+                samples, scores, answered, seen = fill_informative(rounds(), P // dp, n,
+                                                                   lambda smp, sc: shaped_scores(cfg, smp, sc))
                 for i, s in enumerate(samples):
                     s["group"] = i // n
                 refill = seen - P // dp                             # extra groups generated and graded

@@ -126,11 +126,11 @@ from prepare_data import Config, build  # noqa: E402
 # update_weights refusing while requests are in flight, to 2451 with capture_graphs (no graph capture of the torch
 # fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
 # failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood),
-# ppo.py to 2408 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
+# ppo.py to 2417 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
 # tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume,
-# LoRA adapters saved before the checkpoint they belong to).
+# LoRA adapters saved before the checkpoint they belong to, the refill judging the scores the step trains on).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2408, "merge.py": 200,
+                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -8086,6 +8086,14 @@ def test_ppo_whiten_overlong_penalty_and_dynamic_sampling():
     assert (smp, sc, seen, asked) == (["s02", "s03", "s10", "s11"], [0.0, 1.0, 0.0, 1.0], 4, [0, 1])
     smp, sc, ans, seen = ppo.fill_informative(rounds([2, 0], []), 3, 2)      # short: 1 informative + 2 others
     assert (smp, sc, seen) == (["s02", "s03", "s20", "s21", "s22", "s23"], [0.0, 1.0, 0, 0, 0, 0], 4)
+    # with --overlong_buffer the refill judges the scores the step trains on: an all-wrong group whose lengths
+    # differ in the penalty zone has a signal (the step gave it weight while the refill had dropped it)
+    cfg = ppo.Config(max_new_tokens=20, overlong_buffer=4)
+    wrong = [{"response": [0] * k} for k in (10, 10, 10, 18)]              # group 1: lengths 10, 18 -> -0, -0.5
+    torch.testing.assert_close(ppo.shaped_scores(cfg, wrong, [0.0] * 4), torch.tensor([0.0, 0.0, 0.0, -0.5]))
+    smp, sc, ans, seen = ppo.fill_informative(iter([(wrong, [0.0] * 4, [True] * 4)]), 1, 2,
+                                              lambda x, y: ppo.shaped_scores(cfg, x, y))
+    assert smp == wrong[2:] and sc == [0.0, 0.0]                          # (scores stay the reward: shaped later)
 
 
 def test_ppo_dynamic_sampling_refills_the_batch_and_resumes_exactly(tmp_path, monkeypatch):
