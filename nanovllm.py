@@ -103,9 +103,20 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
+        if isinstance(self.stop_token_ids, int):
+            raise ValueError(f"SamplingParams: stop_token_ids must be a list of ints; got {self.stop_token_ids!r}")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == 0:
             self.top_k = -1
+        is_int = lambda x: isinstance(x, int) and not isinstance(x, bool)                     # noqa: E731
+        types = [(is_int(self.n) and is_int(self.top_k), "n and top_k must be ints"),
+                 (self.max_tokens is None or is_int(self.max_tokens), "max_tokens must be an int or None"),
+                 (self.logprobs is None or is_int(self.logprobs), "logprobs must be an int or None"),
+                 (self.seed is None or is_int(self.seed), "seed must be an int or None"),
+                 (all(is_int(t) for t in self.stop_token_ids), "stop_token_ids must be ints")]
+        for ok, msg in types:     # (a float n or logprobs passed here used to fail mid-step, taking the batch along)
+            if not ok:
+                raise ValueError(f"SamplingParams: {msg}; got {self}")
         checks = [(self.n >= 1, "n must be >= 1"), (self.temperature >= 0, "temperature must be >= 0"),
                   (0 < self.top_p <= 1, "top_p must be in (0, 1]"), (self.top_k >= -1, "top_k must be -1 or >= 1"),
                   (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
@@ -1233,6 +1244,7 @@ class ModelRunner:
         self.cfg, self.tp, self.device, self.dtype, self.P = cfg, tp, device, dtype, block_size
         self.processed = processed_logprobs
         self.W = -(-max_model_len // block_size)                        # block-table width
+        self.max_model_len = max_model_len        # (W * P rounds it up to a whole block: past the RoPE table)
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
         self.model = Model(cfg, tp, use_kernels, dtype, device).eval()
         self.kv = None
@@ -1296,13 +1308,13 @@ class ModelRunner:
                 num_blocks = int(t.item())
         if num_blocks * self.P < self.W * self.P:
             raise ValueError(f"the KV cache fits {max(num_blocks, 0) * self.P} tokens, less than one sequence of "
-                             f"max_model_len={self.W * self.P}: lower max_model_len or raise gpu_memory_utilization")
+                             f"max_model_len={self.max_model_len}: lower max_model_len or raise gpu_memory_utilization")
         self.allocate_kv(num_blocks)
         # Triton compiles and autotunes on first use; doing it here keeps those seconds out of the first
         # generate (and out of benchmarks)
         if cuda:                                  # each autotuning bucket of the prefill kernel, once
             for n in (500, 1000, 2000, 4000, 8000):
-                if n <= min(self.max_num_batched_tokens, self.W * self.P):
+                if n <= min(self.max_num_batched_tokens, self.max_model_len):
                     self._dummy_prefill(n)
         if capture_graphs and cuda:
             self.capture()
@@ -1311,7 +1323,7 @@ class ModelRunner:
     def _dummy_prefill(self, n: int):
         """A forward of n prompt tokens (as sequences of at most max_model_len) that writes no K/V (slots -1):
         to profile memory and to make Triton compile and autotune the prefill kernels before anyone times them."""
-        dev, L = self.device, min(n, self.W * self.P)
+        dev, L = self.device, min(n, self.max_model_len)
         i32 = dict(dtype=torch.int32, device=dev)
         # n tokens as full-length sequences (+ a remainder); every block table row is page 0 and no slot is
         # written: the attention reads whatever page 0 holds, which is all a profile needs
@@ -1826,6 +1838,8 @@ class LLM:
         text, ids = self._prompt_ids(prompt)
         arrival = next(self._ids)
         rid = str(arrival) if request_id is None else str(request_id)
+        while request_id is None and rid in self.requests:     # a caller's own id "3" must not block arrival 3
+            rid += "'"
         if rid in self.requests:
             raise ValueError(f"LLM: request id {rid!r} is already in use")
         if not ids:
@@ -1835,6 +1849,11 @@ class LLM:
                              f"{self.max_model_len} (room for at least one new token is needed)")
         if params.n > self.max_num_seqs:
             raise ValueError(f"LLM: request {rid}: n={params.n} > max_num_seqs={self.max_num_seqs}")
+        if params.stop and self.tokenizer is None:      # (else they would be ignored: the text is never made)
+            raise ValueError(f"LLM: request {rid}: stop={params.stop} needs a tokenizer (this engine has none); "
+                             "use stop_token_ids")
+        if (params.logprobs or 0) > self.cfg.vocab_size:
+            raise ValueError(f"LLM: request {rid}: logprobs={params.logprobs} > the vocabulary ({self.cfg.vocab_size})")
         bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"LLM: request {rid}: token id {bad[0]} outside the vocabulary [0, {self.cfg.vocab_size})")
@@ -2090,7 +2109,9 @@ class LLM:
         """The first of p.stop found in the decoded tail of the output (None: none, or no tokenizer)."""
         if not p.stop or self.tokenizer is None:
             return None
-        width = max(len(s) for s in p.stop) + 2                     # a stop string spans at most that many tokens
+        # a stop string spans at most that many tokens: every token decodes to >= 1 byte (byte-level BPE splits a
+        # rare character into single-byte tokens: counting characters would miss a Chinese stop string)
+        width = max(len(s.encode("utf-8")) for s in p.stop) + 2
         tail = self.tokenizer.decode(seq.token_ids[max(seq.num_prompt, seq.num_tokens - width):],
                                      skip_special_tokens=p.skip_special_tokens)
         return next((s for s in p.stop if s in tail), None)
@@ -2125,7 +2146,15 @@ class LLM:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"LLM.generate: {len(prompts)} prompts but {len(params)} sampling params")
-        order = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        order = []
+        try:
+            for i, (p, sp) in enumerate(zip(prompts, params)):
+                order.append(self.add_request(p, sp))
+        except ValueError as e:   # none of the batch stays queued (a half-queued batch would block update_weights)
+            for rid in order:
+                self.abort_request(rid)
+            self._aborted = [o for o in self._aborted if o.request_id not in order]
+            raise ValueError(f"LLM.generate: prompt {i} of {len(prompts)}: {e}") from None
         return self._run(order, use_tqdm)
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True, add_generation_prompt: bool = True,

@@ -128,9 +128,11 @@ from prepare_data import Config, build  # noqa: E402
 # failing mid-copy gives its region back), eval.py to 762 (the report card's out-of-distribution rows, --ood),
 # ppo.py to 2417 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
 # tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume,
-# LoRA adapters saved before the checkpoint they belong to, the refill judging the scores the step trains on).
+# LoRA adapters saved before the checkpoint they belong to, the refill judging the scores the step trains on),
+# nanovllm.py to 2511 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
+# characters, a half-queued generate, automatic ids, the profile's RoPE positions).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2482, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
+                "nanovllm.py": 2511, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -7790,7 +7792,49 @@ def test_nanovllm_bad_inputs_name_the_problem(nv_models, tmp_path):
         nv.LLM(tmp_path)
     with pytest.raises(ValueError, match="less than one sequence"):
         _nv_llm(folder, num_gpu_blocks_override=2)
+    # found by a review: each of these passed the checks and failed mid-step (taking the batch along), or was ignored
+    for kw, words in [(dict(n=2.0), "n and top_k must be ints"), (dict(logprobs=1.5), "logprobs must be an int"),
+                      (dict(seed=1.5), "seed must be an int"), (dict(stop_token_ids=5), "must be a list of ints")]:
+        with pytest.raises(ValueError, match=words):
+            nv.SamplingParams(**kw)
+    with pytest.raises(ValueError, match=r"prompt 1 of 2: .*logprobs=200 > the vocabulary \(97\)"):
+        llm.generate([[1, 2], [3, 4]], [GREEDY, nv.SamplingParams(logprobs=200)], use_tqdm=False)
+    with pytest.raises(ValueError, match=r"stop=\['x'\] needs a tokenizer .* use stop_token_ids"):
+        llm.generate([[1, 2]], nv.SamplingParams(stop="x"), use_tqdm=False)
+    # a batch whose prompt 2 is bad queues none of it (prompts 0 and 1 used to stay, blocking update_weights)
+    with pytest.raises(ValueError, match="prompt 2 of 3: .*token id 500"):
+        llm.generate([[1, 2], [3, 4], [1, 500]], GREEDY, use_tqdm=False)
     assert not llm.has_unfinished_requests() and llm.bm.num_free() == 64   # failed calls queued nothing
+    llm.update_weights([])
+    first = llm.add_request([1, 2], GREEDY)                                # an automatic id: the arrival number
+    rid = llm.add_request([1, 2], GREEDY, request_id=str(int(first) + 2))  # a caller's id = a later arrival's
+    outs = llm.generate([[5, 6], [7, 8]], GREEDY, use_tqdm=False)         # no "already in use": it steps aside
+    assert len(outs) == 2 and rid not in {o.request_id for o in outs[:2]} and outs[0].outputs[0].token_ids
+
+
+def test_nanovllm_profile_prefill_stays_inside_the_rope_table(tmp_path):
+    """The start-up profile (a dummy prefill, CUDA only in the engine: called directly here) cut its sequences at
+    the block table's width, max_model_len rounded up to a block (100 -> 112 with 16-token blocks): positions past
+    a RoPE table of max_position_embeddings = 100 rows, an IndexError at engine start."""
+    m = _nv_hf_model("qwen3")
+    m.config.max_position_embeddings = 100
+    m.save_pretrained(tmp_path)
+    llm = _nv_llm(tmp_path, block_size=16)
+    with torch.inference_mode():                            # (as profile_peak_bytes runs it)
+        assert llm.executor.runner._dummy_prefill(300).shape[0] == llm.max_num_seqs
+
+
+def test_nanovllm_stop_strings_span_bytes_not_characters():
+    """A byte-level BPE splits a rare character into one token per byte: the decoded tail that can hold a stop
+    string is its UTF-8 length in tokens, not its length in characters ("答案" = 6 single-byte tokens)."""
+    class ByteTokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="ignore")
+    out = list("answer: ".encode()) + list("答案".encode())
+    seq = types.SimpleNamespace(token_ids=[1, 2] + out, num_prompt=2, num_tokens=2 + len(out))
+    engine = types.SimpleNamespace(tokenizer=ByteTokenizer())
+    assert nv.LLM._stop_string(engine, seq, nv.SamplingParams(stop=["答案"])) == "答案"
+    assert nv.LLM._stop_string(engine, seq, nv.SamplingParams(stop=["答案x"])) is None
 
 
 # ---- GPU: CUDA graphs, bf16, Triton kernels ----
