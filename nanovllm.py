@@ -1674,34 +1674,55 @@ class MultiprocExecutor:
             p.start()
             self.conns.append(a)
             self.procs.append(p)
-        for r in range(size):                         # each answers "ok" once its runner is built
-            self._recv(r)
+        try:
+            for r in range(size):                     # each answers "ok" once its runner is built
+                self._recv(r)
+        except BaseException:                         # no worker outlives a failed start (they hold a GPU each)
+            self.shutdown()
+            raise
+
+    def _died(self, r: int) -> RuntimeError:
+        """Worker r's error message if it sent one before exiting (a killed worker's pipe only reads EOF)."""
+        c, p = self.conns[r], self.procs[r]
+        try:
+            msg = c.recv()[1] if c.poll() else None
+        except (EOFError, OSError):
+            msg = None
+        p.join(1)
+        return RuntimeError(f"nanovllm: tp worker {r} died: {msg or f'exit code {p.exitcode}'}")
+
+    def _send(self, msg):
+        for r, c in enumerate(self.conns):
+            try:
+                c.send(msg)
+            except (BrokenPipeError, OSError):        # a dead worker's pipe
+                raise self._died(r) from None
 
     def _recv(self, rank: int):
         """Wait for one worker's reply. A worker that fails sends its error and exits; any worker that dies
         meanwhile (the others then wait in a collective) or a timeout raises here: never a hang."""
         conn, deadline = self.conns[rank], time.monotonic() + self.timeout_s
         while not conn.poll(0.05):
-            for r, (c, p) in enumerate(zip(self.conns, self.procs)):
+            for r, p in enumerate(self.procs):
                 if not p.is_alive():
-                    msg = c.recv()[1] if c.poll() else f"exit code {p.exitcode}"
-                    raise RuntimeError(f"nanovllm: tp worker {r} died: {msg}")
+                    raise self._died(r)
             if time.monotonic() > deadline:
                 raise TimeoutError(f"nanovllm: tp worker {rank} did not answer within {self.timeout_s:.0f} s")
-        status, out = conn.recv()
+        try:
+            status, out = conn.recv()
+        except EOFError:                              # it died with nothing sent: its pipe polls readable (EOF)
+            raise self._died(rank) from None
         if status == "error":
             raise RuntimeError(out)
         return out
 
     def call(self, method: str, *args):
         """Run a runner method on every rank (they must all take part: collectives); rank 0's result."""
-        for c in self.conns:
-            c.send((method, args))
+        self._send((method, args))
         return [self._recv(r) for r in range(len(self.conns))][0]
 
     def execute(self, st: StepInput):
-        for c in self.conns:
-            c.send(("execute", (st,)))
+        self._send(("execute", (st,)))
         return self._recv(0)
 
     def shutdown(self):
@@ -1797,6 +1818,7 @@ class LLM:
         self.scheduler = Scheduler(self.bm, max_num_seqs, max_num_batched_tokens)
         self._inflight, self._aborted = None, []   # the step queued ahead (see step); aborted outputs to return
         self.requests: dict[str, Request] = {}
+        self._asleep, self._missing = 0, set()    # sleep()'s level; after sleep(2), the weights not loaded since
         self._ids = itertools.count()
         self._seq_ids = itertools.count()
         self._copies: list = []                    # fork block copies (src, dst) for the next step to make first
@@ -1834,6 +1856,10 @@ class LLM:
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one prompt (text, token ids, or {"prompt_token_ids": ...}); returns its request id."""
+        if self._asleep or self._missing:     # (generating from freed or never-loaded weights: NaN, no error)
+            raise RuntimeError("LLM: the engine is asleep: call wake_up() first" if self._asleep else
+                               f"LLM: sleep(2) dropped the weights and {len(self._missing)} are not loaded again "
+                               f"(e.g. {min(self._missing)}): update_weights must send them before generating")
         params = params or SamplingParams()
         text, ids = self._prompt_ids(prompt)
         arrival = next(self._ids)
@@ -2204,8 +2230,10 @@ class LLM:
         if self.has_unfinished_requests():
             raise RuntimeError(f"LLM.update_weights: {len(self.requests)} request(s) in flight: generate() must finish "
                                "them, or abort_request them and step() until has_unfinished_requests() is False")
+        if self._asleep:
+            raise RuntimeError("LLM.update_weights: the engine is asleep (its weights are freed): wake_up() first")
         t0 = time.perf_counter()
-        self._load_weights(weights, "update_weights", require_all=False)
+        self._missing -= self._load_weights(weights, "update_weights", require_all=False)
         return time.perf_counter() - t0
 
     def _load_weights(self, weights, where: str, require_all: bool):
@@ -2227,6 +2255,7 @@ class LLM:
         self.reset_prefix_cache()           # even when the names fail below: some weights have changed
         check_weight_names(where, self.cfg.model_type, sorted(self.weight_names - seen) if require_all else [],
                            unknown)
+        return seen
 
     def reset_prefix_cache(self):
         """Make every cached block unhittable (vLLM's name): needed whenever the weights change."""
@@ -2240,6 +2269,9 @@ class LLM:
         t0 = time.perf_counter()
         self.executor.call("sleep", level)
         self.bm.reset_prefix_cache()
+        self._asleep = level
+        if level == 2:
+            self._missing = set(self.weight_names)
         return time.perf_counter() - t0
 
     def wake_up(self) -> float:
@@ -2247,6 +2279,7 @@ class LLM:
         Returns the seconds it took."""
         t0 = time.perf_counter()
         self.executor.call("wake_up")
+        self._asleep = 0
         return time.perf_counter() - t0
 
     def shutdown(self):

@@ -129,10 +129,11 @@ from prepare_data import Config, build  # noqa: E402
 # ppo.py to 2417 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
 # tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume,
 # LoRA adapters saved before the checkpoint they belong to, the refill judging the scores the step trains on),
-# nanovllm.py to 2511 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
-# characters, a half-queued generate, automatic ids, the profile's RoPE positions).
+# nanovllm.py to 2544 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
+# characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
+# sleeping engine refusing work).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2511, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
+                "nanovllm.py": 2544, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -7742,8 +7743,16 @@ def test_nanovllm_live_tensors_and_sleep_wake(nv_models):
     llm.wake_up()
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
     llm.sleep(2)                                            # weights discarded: reload them after waking
+    with pytest.raises(RuntimeError, match="asleep: call wake_up"):      # (it failed deep in the model)
+        llm.generate(prompts, GREEDY, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="asleep .*wake_up"):          # (it blamed the tensors' shapes)
+        llm.update_weights((n, t.detach()) for n, t in m.state_dict().items())
     llm.wake_up()
-    llm.update_weights((n, t.detach()) for n, t in m.state_dict().items())
+    names = sorted(llm.weight_names)                        # (the tied lm_head.weight is not one of them)
+    llm.update_weights((n, t.detach()) for n, t in m.state_dict().items() if n != names[0])
+    with pytest.raises(RuntimeError, match=rf"dropped the weights and 1 are not loaded again \(e.g. {names[0]}\)"):
+        llm.generate(prompts, GREEDY, use_tqdm=False)                   # (it sampled from garbage: NaN log-probs)
+    llm.update_weights((n, t.detach()) for n, t in m.state_dict().items() if n == names[0])
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
 
 
@@ -7822,6 +7831,20 @@ def test_nanovllm_profile_prefill_stays_inside_the_rope_table(tmp_path):
     llm = _nv_llm(tmp_path, block_size=16)
     with torch.inference_mode():                            # (as profile_peak_bytes runs it)
         assert llm.executor.runner._dummy_prefill(300).shape[0] == llm.max_num_seqs
+
+
+def test_nanovllm_a_killed_tp_worker_is_named(nv_models):
+    """kill -9 of a tp worker: the next call says which worker died and how (it was a bare EOFError or
+    BrokenPipeError), and shutdown leaves no process behind."""
+    folder, _ = nv_models["qwen3"]
+    llm = _nv_llm(folder, tensor_parallel_size=2)
+    procs = list(llm.executor.procs)
+    procs[1].kill()
+    procs[1].join(10)
+    with pytest.raises(RuntimeError, match="tp worker 1 died: exit code -9"):
+        llm.generate([[1, 2, 3]], GREEDY, use_tqdm=False)
+    llm.shutdown()
+    assert not any(p.is_alive() for p in procs)
 
 
 def test_nanovllm_stop_strings_span_bytes_not_characters():
