@@ -1849,10 +1849,11 @@ class LLM:
             if self.tokenizer is None:
                 raise ValueError("LLM: text prompts need a tokenizer (this engine has none): pass token ids")
             return prompt, self.tokenizer(prompt).input_ids
-        ids = list(prompt)
-        if not all(isinstance(t, int) for t in ids):
-            raise ValueError(f"LLM: a prompt must be a string, a list of token ids or a dict; got {type(prompt)}")
-        return None, ids
+        try:                          # numpy / torch integers are token ids too
+            return None, [t.__index__() for t in prompt]
+        except (AttributeError, TypeError):
+            raise ValueError(f"LLM: a prompt must be a string, a sequence of integer token ids or a dict; got "
+                             f"{type(prompt).__name__} {str(prompt)[:60]}") from None
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
         """Queue one prompt (text, token ids, or {"prompt_token_ids": ...}); returns its request id."""
@@ -2150,7 +2151,10 @@ class LLM:
             ids, p = s.token_ids[s.num_prompt:], req.params
             text = ""
             if self.tokenizer is not None and p.detokenize:
-                text = self.tokenizer.decode(ids, skip_special_tokens=p.skip_special_tokens)
+                # as vLLM: the token that stopped the sample (a stop token id, or EOS) is in token_ids, not in text
+                cut_last = s.finish_reason == "stop" and not isinstance(s.stop_reason, str) and ids and \
+                    not p.include_stop_str_in_output
+                text = self.tokenizer.decode(ids[:-1] if cut_last else ids, skip_special_tokens=p.skip_special_tokens)
                 if isinstance(s.stop_reason, str):
                     cut = text.find(s.stop_reason)
                     if cut >= 0:
@@ -2166,9 +2170,10 @@ class LLM:
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
         """Run prompts to completion; outputs in the order of the prompts. prompts: a string, a list of
         token ids, a dict, or a list of those. sampling_params: one for all, or one per prompt."""
-        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        one = lambda x: isinstance(x, int) or (hasattr(x, "__index__") and getattr(x, "ndim", 0) == 0)  # noqa: E731
+        prompts = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
+        if prompts and one(prompts[0]):               # ONE prompt of token ids (a list, tuple, numpy array)
             prompts = [prompts]
-        prompts = list(prompts)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"LLM.generate: {len(prompts)} prompts but {len(params)} sampling params")

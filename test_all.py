@@ -129,11 +129,11 @@ from prepare_data import Config, build  # noqa: E402
 # ppo.py to 2417 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
 # tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume,
 # LoRA adapters saved before the checkpoint they belong to, the refill judging the scores the step trains on),
-# nanovllm.py to 2544 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
+# nanovllm.py to 2549 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
-# sleeping engine refusing work).
+# sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1010, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2544, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
                 "eval.py": 762}
 
 
@@ -7547,6 +7547,19 @@ def test_nanovllm_eos_and_stop_strings_with_a_tokenizer(tmp_path):
     llm.eos_ids = {o.token_ids[2]}                          # the third greedy token plays EOS
     e = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30), use_tqdm=False)[0].outputs[0]
     assert e.token_ids == o.token_ids[:3] and e.finish_reason == "stop" and e.stop_reason is None
+    # as vLLM: the stopping token (EOS, or a stop token id) is in token_ids but not in text
+    assert e.text == tok.decode(o.token_ids[:2], skip_special_tokens=True)
+    t = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, stop_token_ids=[o.token_ids[1]],
+                                                ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert t.stop_reason == o.token_ids[1] and t.text == tok.decode(o.token_ids[:1], skip_special_tokens=True)
+    # prompts of token ids in any integer sequence: a tuple, a numpy array, a list of numpy ints
+    np = pytest.importorskip("numpy")
+    ids, sp = tok("Hello").input_ids, nv.SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    ref = llm.generate(ids, sp, use_tqdm=False)[0].outputs[0].token_ids
+    for p in (tuple(ids), np.array(ids), list(np.array(ids))):
+        assert llm.generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids == ref, type(p)
+    with pytest.raises(ValueError, match="a sequence of integer token ids"):
+        llm.generate([[1, "2"]], nv.SamplingParams(max_tokens=3), use_tqdm=False)
     e = llm.generate("Hello", nv.SamplingParams(temperature=0, max_tokens=30, ignore_eos=True), use_tqdm=False)[0]
     assert e.outputs[0].token_ids == o.token_ids and e.outputs[0].finish_reason == "length"
     c = llm.chat([{"role": "user", "content": "hi"}], nv.SamplingParams(temperature=0, max_tokens=2), use_tqdm=False)[0]
