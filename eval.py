@@ -116,6 +116,7 @@ def _verify(mode: str, answer: str, gold: str) -> tuple:
     like the model's (wrapped in \\boxed{}), so a gold "\\frac{1}{2}" and an answer "0.5" both become 1/2."""
     from math_verify import parse, verify
     # Timeouts off (None): the parent's wall clock is the one timeout; math-verify's alarms would race it.
+    gold, answer = _digit_groups(gold), _digit_groups(answer)
     g = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
     p = parse(f"\\boxed{{{answer}}}" if mode == "boxed" else answer, parsing_timeout=None)
     # what the model answered: the box content as written, or the text math-verify picked ([expr, text])
@@ -125,7 +126,29 @@ def _verify(mode: str, answer: str, gold: str) -> tuple:
         return "parse_error", False, None, pred, f"gold {gold[:80]!r} did not parse"
     if all(isinstance(x, str) for x in p):
         return "parse_error", False, None, pred, f"answer {answer[:80]!r} did not parse"
-    return "ok", bool(verify(g, p, timeout_seconds=None)), str(p[0]), pred, ""
+    return "ok", bool(verify(g, p, timeout_seconds=None)), _vote_key(p[0]), pred, ""
+
+
+# "10\,080", "10,\!080", "10~080", "10 080": a digit group separator (LaTeX thin spaces etc.) before exactly three
+# digits. math-verify reads "10\,080" as 10 * 080 (= 90). Commas are left alone: "(1, 234)" is a pair.
+_DIGIT_SEP = re.compile(r"(?<=\d)(?:,?\\[,;:! ]|~|\s)(?=\d{3}(?!\d))")
+
+
+def _digit_groups(s: str) -> str:
+    return _DIGIT_SEP.sub("", s)
+
+
+def _vote_key(x) -> str:
+    """The maj@k vote of a parsed answer: numbers in one exact form (2.5, \\frac{5}{2} and 250\\% all 5/2), else
+    sympy's text. Without it equal wrong answers written differently split their votes, while every correct one
+    votes together: maj@k leaned towards 'correct'. (Inside the worker: the parent's timeout covers it.)"""
+    import sympy
+    try:
+        if isinstance(x, sympy.Expr) and x.is_number:
+            return str(sympy.nsimplify(sympy.simplify(x), rational=True))
+    except Exception:               # noqa: BLE001 (sympy raises many kinds; the text is the fallback vote)
+        pass
+    return str(x)
 
 
 def _grade_worker(conn, mode: str):
@@ -732,7 +755,7 @@ def evaluate(cfg: Config) -> dict:
         samples.append([])
         for j, s in enumerate(ss):
             g, n_new = next(grades), len(s["token_ids"])
-            samples[-1].append({"grade": g, "boxed": pd.last_boxed(s["text"]) is not None,
+            samples[-1].append({"grade": g, "boxed": bool((pd.last_boxed(s["text"]) or "").strip()),   # as graded
                                 "finish_reason": s["finish_reason"], "num_tokens": n_new})
             records.append({"id": p["unique_id"], "sample": j, "level": p["level"], "subject": p["subject"],
                             "problem": p["problem"], "prompt": r["prompt"], "response": s["text"], "pred": g.pred,
@@ -745,6 +768,7 @@ def evaluate(cfg: Config) -> dict:
                    device="cuda" if gpu else "cpu", generate_s=t2 - t1, grade_s=t3 - t2, total_s=time.time() - t0,
                    output_tokens_per_s=sum(x["num_tokens"] for x in records) / max(t2 - t1, 1e-9))
     out = Path(cfg.out or f"runs/eval/{name}_{data_name}")
+    cfg = dataclasses.replace(cfg, out=str(out))       # results.jsonl names the folder: --report finds it by it
     write_report(out, records, summary, cfg)
     print(format_table(summary) + f"\n  -> {out}/ (samples.jsonl, summary.json, accuracy.png), {cfg.results}")
     return summary

@@ -209,23 +209,36 @@ def synthetic_math(n_train: int, n_test: int, seed: int = 0) -> dict:
 # ------------------------------------------------------ answer parsing ----
 
 
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")          # \boxed or \fbox as a whole command name
+# the brace-less form "\boxed 5" (in MATH), only where math mode ends right after it: "I used \boxed to mark it"
+# must not answer "to"
+_BARE_BOX = re.compile(r"\\(?:boxed|fbox) +([^\s${}]+?)[.,;]?\s*(?:\$|\\\]|\\\)|\Z)")
+
+
 def last_boxed(text: str):
     r"""Content of the LAST \boxed{...} (or \fbox{...}) in text, or None. Braces are matched by counting,
-    because answers nest them: \boxed{\frac{1}{2}} must give \frac{1}{2}, which a regex cannot do."""
-    start = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if start < 0:
-        return None
-    i = text.find("{", start)
-    if i < 0 or text[start:i].strip() not in ("\\boxed", "\\fbox"):
-        # "\boxed 5" (no braces) also occurs in MATH; take the token after the space.
-        m = re.match(r"\\boxed ([^\s$]+)", text[start:])
-        return m.group(1) if m else None
-    depth = 0
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i + 1:j]
-    return None  # unbalanced braces: no answer rather than a wrong one
+    because answers nest them: \boxed{\frac{1}{2}} must give \frac{1}{2}, which a regex cannot do; an escaped
+    brace (\{ \}) is a character, not a group. A \boxed with neither a brace group nor a math-mode
+    brace-less answer after it (prose: "I used \boxed") is skipped for the one before it."""
+    for m in reversed(list(_BOX.finditer(text))):
+        j = m.end()
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and text[j] == "{":
+            depth, i = 0, j
+            while j < len(text):
+                if text[j] == "\\":                              # \{ \} \\: skip the escaped character
+                    j += 2
+                    continue
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1:j]
+                j += 1
+            return None  # the last box is cut off (unbalanced): no answer rather than a wrong one
+        bare = _BARE_BOX.match(text, m.start())
+        if bare:
+            return bare.group(1)
+    return None
 
 
 GSM8K_CALC = re.compile(r"<<[^<>]*>>")  # GSM8K's calculator annotations, e.g. "48/2 = <<48/2=24>>24"
@@ -293,8 +306,8 @@ def adapt_gsm8k(row: dict) -> dict:
     """GSM8K: the answer column is '<steps>\\n#### 72'. Steps lose their <<48/2=24>> calculator notes (a
     model should not learn to emit them) and end with \\boxed{72} like every other SFT target."""
     question, text = _need(row, "question", "answer")
-    if "####" not in text:
-        raise BadRow(f"expected the 'answer' field to end with '#### <final answer>', got {text[-60:]!r}")
+    if not isinstance(text, str) or "####" not in text:   # (a number: another dataset; see --answer_field)
+        raise BadRow(f"expected the 'answer' field to end with '#### <final answer>', got {str(text)[-60:]!r}")
     steps, final = text.rsplit("####", 1)
     final = final.strip().replace(",", "")  # "1,000" -> "1000": GSM8K answers are plain numbers
     return {"problem": question, "solution": with_boxed(GSM8K_CALC.sub("", steps), final), "answer": final,
