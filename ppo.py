@@ -2208,7 +2208,8 @@ class _Log:
             self.wandb = wandb.init(project=wandb_project, config=config, dir=str(path.parent),
                                     name=path.parent.name, resume="allow")
         if start and path.is_file():     # resume: keep the rows up to the resumed step (the summary's too)
-            self.rows = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines())) if r["step"] <= start]
+            rows = map(json.loads, filter(str.strip, path.read_text().splitlines()))
+            self.rows = [r for r in rows if r["step"] <= start]
             path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         elif path.is_file():
             path.unlink()

@@ -127,14 +127,14 @@ from prepare_data import Config, build  # noqa: E402
 # fallbacks on CUDA). Session 11: nanoray.py to 3370 (GPU ids padded to a declared count stay distinct; a put
 # failing mid-copy gives its region back), eval.py to 786 (the report card's out-of-distribution rows, --ood; a
 # review: digit groups, maj@k's vote key), prepare_data.py to 1017 (last_boxed skips prose and escaped braces),
-# ppo.py to 2417 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
+# ppo.py to 2418 (a review's fixes: resumes in sync mode, the KL estimators' gradients, RAFT's normalisation, the
 # tp/pp ranks' agreement on grades, the rewarder closed on every path, one metrics row per step on resume,
 # LoRA adapters saved before the checkpoint they belong to, the refill judging the scores the step trains on),
 # nanovllm.py to 2549 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1017, "kernels.py": 2143, "nanotron.py": 2600,
-                "nanovllm.py": 2549, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2417, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2418, "merge.py": 200,
                 "eval.py": 786}
 
 
