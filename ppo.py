@@ -1212,7 +1212,7 @@ def train_on(trainer: Trainer, samples: list[dict], batch: dict, cfg: Config, st
 def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered: list[bool], cfg: Config,
             step: int, lr: float, timer: dict, reduce, baseline: list[float] | None = None) -> dict:
     """Score, advantages, update for this rank's share of one step's rollouts (graded by the driver);
-    returns the step's metrics over all ranks (reduce sums a list of floats over data parallelism)."""
+    returns the step's metrics over all ranks (reduce(floats[, "max"]) sums, or maxes, over data parallelism)."""
     raw = torch.tensor([s["rule_score"] for s in samples] if "rule_score" in samples[0] else scores)  # accuracy
     scores = shaped_scores(cfg, samples, scores)
     n = cfg.samples_per_prompt
@@ -1247,7 +1247,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
            "informative": informative * n / n_all if n > 1 else None,            # the share of groups with a signal
            **{k: v if k.endswith("loss") else v / world for k, v in zip(names, tot[8:])},   # losses: the
            "logp_gap_mean": gap_sum / tok,            # ranks' shares of one global mean add up; the rest: averages
-           "logp_gap_max": float(gap.max()), "response_len": tok / n_all, "truncated": trunc / n_all,
+           "logp_gap_max": reduce([float(gap.max())], "max")[0],      # the largest on any rank, not this one's
+           "response_len": tok / n_all, "truncated": trunc / n_all,
            "tokens": int(tok)}
     return out
 
@@ -1423,10 +1424,10 @@ class TrainerRole:
         cut = lambda x, k: None if x is None else x[a * k: b * k]      # noqa: E731
         return cut(samples, n), cut(scores, n), cut(answered, n), cut(baseline, 1)
 
-    def reduce(self, values: list) -> list:
-        """Sum floats over the data-parallel ranks (one small all-reduce)."""
+    def reduce(self, values: list, op: str = "sum") -> list:
+        """Sum (or max) floats over the data-parallel ranks (one small all-reduce)."""
         t = torch.tensor(values, dtype=torch.float64, device=self.mesh.device)
-        return self.nt.all_reduce_(t, self.mesh.group("dp")).tolist()
+        return self.nt.all_reduce_(t, self.mesh.group("dp"), op).tolist()
 
     def _agree(self, samples: list, scores: list, answered: list, baseline: list | None):
         """torchrun with tp or pp > 1: each rank of a model-parallel group generated and graded the same prompts on

@@ -8623,6 +8623,7 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     for a, b in zip(one, two):             # (tp sums partial matmuls in another order: fp32 round-off only)
         assert b["value_loss"] == pytest.approx(a["value_loss"], rel=1e-3, abs=1e-6)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-3)
+        assert b["logp_gap_max"] == pytest.approx(a["logp_gap_max"], rel=1e-3, abs=1e-6)   # over all ranks' tokens
     man = json.loads((tmp_path / "two" / "step_3" / "manifest.json").read_text())
     dp = 2 if not layout or "--engine_process" in layout else 1
     assert len(man["extra"]["sampler"]) == len(man["extra"]["pending"]) == dp
