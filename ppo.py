@@ -1247,9 +1247,8 @@ def rl_step(trainer: Trainer, samples: list[dict], scores: list[float], answered
            "informative": informative * n / n_all if n > 1 else None,            # the share of groups with a signal
            **{k: v if k.endswith("loss") else v / world for k, v in zip(names, tot[8:])},   # losses: the
            "logp_gap_mean": gap_sum / tok,            # ranks' shares of one global mean add up; the rest: averages
-           "logp_gap_max": reduce([float(gap.max())], "max")[0],      # the largest on any rank, not this one's
-           "response_len": tok / n_all, "truncated": trunc / n_all,
-           "tokens": int(tok)}
+           "logp_gap_max": reduce([float(gap.max())], "max")[0],                # the largest on any rank
+           "response_len": tok / n_all, "truncated": trunc / n_all, "tokens": int(tok)}
     return out
 
 
