@@ -65,6 +65,7 @@ Contents: advantages . KL . losses . batch shaping . config . prompts and reward
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -392,6 +393,9 @@ class Config:
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
     bench: bool = False  # the benchmark instead of a run: GRPO samples/s vs TRL at its setting (GPU; see below)
+    # speed runs of random weights, which never stop on their own: a JSON list of response lengths (a real model's);
+    # each prompt's samples run to one drawn from it, EOS ignored (vLLM's benchmarks replay a dataset's lengths so)
+    response_lengths: str = ""
     # a learned reward beside the rule: reward = rule + reward_model_coef * rm_score (rm_score is logged apart). The
     # RM reads the text (decoded, then its own tokenizer) when its folder has a tokenizer, else the actor's token ids
     reward_model: str = ""  # HF sequence-classification folder (num_labels 1), on the trainer's devices; "" = none
@@ -458,8 +462,21 @@ def resolve(cfg: Config, cuda: bool) -> Config:
         tis_cap=(2.0 if cfg.mode == "one_step_off" else 0.0) if cfg.tis_cap < 0 else cfg.tis_cap,
         dtype=cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if cuda else "float32"),
         reward_model=str(Path(cfg.reward_model).resolve()) if cfg.reward_model else "",   # actors have another cwd
+        response_lengths=str(Path(cfg.response_lengths).resolve()) if _lengths(cfg.response_lengths) else "",
         lora_alpha=cfg.lora_alpha or 2.0 * cfg.lora_rank, lora_targets=cfg.lora_targets.replace(" ", ""),
         grade_workers=cfg.grade_workers or default_grade_workers())
+
+
+@functools.lru_cache(maxsize=4)
+def _lengths(path: str) -> tuple:
+    """--response_lengths FILE -> its lengths (a JSON list of positive ints; read once); "" -> ()."""
+    try:
+        xs = json.loads(Path(path).read_text()) if path else []
+    except (OSError, ValueError) as e:
+        xs = f"{type(e).__name__}: {e}"
+    if not isinstance(xs, list) or (path and not xs) or not all(type(x) is int and x > 0 for x in xs):
+        raise ValueError(f"ppo.py: --response_lengths {path}: expected a JSON list of positive ints ({str(xs)[:80]})")
+    return tuple(xs)
 
 
 def default_grade_workers() -> int:
@@ -1130,15 +1147,21 @@ def _seed(*xs) -> int:
 def rollout(llm, rows: list[dict], cfg: Config, step: int, version: int, greedy: bool = False) -> list[dict]:
     """rows [P] -> samples [P * n] grouped by prompt, each with the engine's log-prob of every token."""
     from nanovllm import SamplingParams
-    n = 1 if greedy else cfg.samples_per_prompt
-    sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p,     # seeded by the
-                          max_tokens=cfg.max_new_tokens, logprobs=0, seed=_seed(cfg.seed, step, r.get("row", i)),
-                          detokenize=False)             # prompt's row: the same samples in any dp layout; the
-           for i, r in enumerate(rows)]                 # grader decodes the token ids itself
+    n, replay = (1, False) if greedy else (cfg.samples_per_prompt, bool(cfg.response_lengths))
+    sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, logprobs=0,
+                          max_tokens=_length(cfg, step, row) if replay else cfg.max_new_tokens, ignore_eos=replay,
+                          seed=_seed(cfg.seed, step, row), detokenize=False)  # seeded by the prompt's row: the same
+           for row in (r.get("row", i) for i, r in enumerate(rows))]  # samples in any dp layout (the grader decodes
+    # the token ids itself)
     outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], sps, use_tqdm=False)
     return [{"prompt_ids": r["prompt_ids"], "response": c.token_ids, "engine_logp": c.token_logprobs,
              "answer": r["answer"], "group": g, "finish": c.finish_reason, "version": version}
             for g, (r, o) in enumerate(zip(rows, outs)) for c in o.outputs]
+
+
+def _length(cfg: Config, step: int, row: int) -> int:
+    """--response_lengths: a prompt's response length, drawn from the file (seeded like its samples), capped."""
+    return min(cfg.max_new_tokens, random.Random(_seed(cfg.seed, step, row)).choice(_lengths(cfg.response_lengths)))
 
 
 def padded(samples: list[dict], key: str | None = None) -> torch.Tensor:

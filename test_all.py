@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1017, "kernels.py": 2205, "nanotron.py": 2600,
-                "nanovllm.py": 2549, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2418, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3370, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -8793,6 +8793,33 @@ def test_ppo_engine_killed_mid_run_ends_the_run_with_one_line(tmp_path, layout):
     assert proc.returncode == 2, err[-3000:]
     last = err.strip().splitlines()[-1]
     assert last.startswith("ppo.py: error:") and "died" in last and "resume" in last and "Traceback" not in err
+
+
+def test_ppo_response_lengths_replay_a_length_distribution(tmp_path, monkeypatch):
+    """--response_lengths (speed runs of random weights, which never stop on their own): each prompt's samples run to
+    a length drawn from the file, capped by --max_new_tokens, past EOS; the draw is seeded by (step, row), so sync and
+    one-step-off runs replay the same lengths. A file that is not a list of positive ints is a one-line error."""
+    monkeypatch.chdir(tmp_path)
+    Path("l.json").write_text("[2, 5, 50]")
+    seen, real = {}, ppo.rollout
+
+    def spy(llm, rows, cfg, step, version, greedy=False):
+        out = real(llm, rows, cfg, step, version, greedy)
+        if not greedy:
+            seen.setdefault(cfg.mode, []).append([(s["group"], len(s["response"]), s["finish"]) for s in out])
+        return out
+    monkeypatch.setattr(ppo, "rollout", spy)
+    for mode in ("sync", "one_step_off"):
+        ppo.main(PPO_FAST[2:] + ["--steps", "3", "--max_new_tokens", "8", "--response_lengths", "l.json",
+                                 "--mode", mode, "--out", mode, "--save_every", "-1"])
+    got = [t for step in seen["sync"] for t in step]
+    assert {n for _, n, _ in got} == {2, 5, 8} and all(f == "length" for _, _, f in got)   # 50 capped at 8
+    assert all(len({n for g2, n, _ in st if g2 == g}) == 1 for st in seen["sync"] for g, _, _ in st)   # per prompt
+    assert seen["sync"][:2] == seen["one_step_off"][:2]               # the same rollouts for the same steps' prompts
+    for text in ("[]", "[3, 0]", "{}", "not json"):
+        Path("bad.json").write_text(text)
+        with pytest.raises(ValueError, match="--response_lengths bad.json: expected a JSON list of positive ints"):
+            ppo.main(PPO_FAST[2:] + ["--steps", "1", "--response_lengths", "bad.json", "--out", "bad"])
 
 
 def test_ppo_cli_errors_are_one_line(tmp_path):
