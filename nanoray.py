@@ -1179,8 +1179,8 @@ def shutdown() -> None:
         with suppress(RayError, OSError):  # (the head is gone already: its janitor removes the arena)
             c.rpc("shutdown", timeout=10)
     c.sock.close()
-    if c.arena is not None:
-        c.arena.mv.release()  # arrays still viewing the arena keep their own mappings
+    if c.arena is not None:  # its fd too: an open fd keeps an unlinked arena's pages in RAM until we exit
+        c.arena.close()  # (arrays still viewing the arena keep their own mappings, with their own fds)
     if c.head_proc is not None:
         try:
             c.head_proc.wait(10)

@@ -6629,8 +6629,11 @@ a = A.remote()
 pids = [ray.get(a.pid.remote()), ray.get(pid_then_hang.remote()), ray._client.head_proc.pid]
 os.kill(pids[0], signal.SIGKILL)          # a crashed actor worker
 big = ray.put(bytearray(5_000_000))        # an object in the arena at shutdown
-print("PIDS", *pids, ray._client.info["arena"], ray._client.address, flush=True)
+arena = ray._client.info["arena"]
+print("PIDS", *pids, arena, ray._client.address, flush=True)
 ray.shutdown()
+fds = [os.path.join("/proc/self/fd", fd) for fd in os.listdir("/proc/self/fd")]
+print("ARENA_FDS", sum(os.path.islink(f) and os.readlink(f).startswith(arena) for f in fds), flush=True)
 '''
 
 
@@ -6644,6 +6647,8 @@ def test_nanoray_no_leaked_processes_or_arenas_after_shutdown():
     assert out.returncode == 0 and line, out.stdout + out.stderr
     *pids, arena, address = line[0].split()[1:]
     assert not os.path.exists(arena), "the arena is removed by shutdown"
+    assert "ARENA_FDS 0" in out.stdout, "shutdown closes the driver's fd of the arena (it kept the RAM of the " \
+                                        "unlinked file until the driver exited)"
 
     def leftovers():
         found = []
