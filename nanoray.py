@@ -2646,8 +2646,11 @@ class _Head:
                 self._node_call(w.node, "kill", w.wid)
         for n, p in zip(pg.nodes, pg.pools):  # (none while the group was pending)
             n.pool.give((p.free, p.gpus))
-        pg.state = "removed"
-        self._unpin(pgid + ".ready")
+        pg.state, oid = "removed", pgid + ".ready"
+        if self.objects[oid].state == "pending":  # never placed: get(pg.ready()) raises instead of waiting forever
+            self._seal(oid, self.objects[oid], _error_desc(RayError(f"placement group {pgid} was removed before "
+                                                                    f"it could be placed")), (), None, None)
+        self._unpin(oid)
         self._schedule()
 
     # -- queries and shutdown

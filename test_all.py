@@ -6214,6 +6214,16 @@ def test_nanoray_resources_gpus_and_placement_groups(nr):
         nr.util.placement_group([{"CPU": 1}], strategy="TIGHT")
 
 
+def test_nanoray_removing_a_group_that_never_got_placed_fails_its_ready_ref(nr):
+    """get(pg.ready()) on a group removed before it could be placed raises saying so (it waited forever, and the
+    ready object stayed pending in the head)."""
+    pg = nr.util.placement_group([{"CPU": 64}])  # more than the node has: it stays pending
+    ready = pg.ready()
+    nr.util.remove_placement_group(pg)
+    with pytest.raises(nr.exceptions.RayError, match="placement group .* was removed"):
+        nr.get(ready, timeout=10)
+
+
 def test_nanoray_removing_a_group_kills_what_runs_in_it_before_its_cpus_return(nr, tmp_path):
     """remove_placement_group, as Ray: a running task and an actor in the group are killed and the task fails
     saying why; the bundles' CPUs come back only as those processes die, so the node is never oversubscribed
