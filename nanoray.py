@@ -2393,9 +2393,7 @@ class _Head:
                 for d in [d for d in deps if d in self.objects]:
                     self._maybe_free(d, self.objects[d])
                 if opts["get_if_exists"]:
-                    self.objects[old.aid].holders.add(peer)
-                    peer.held.add(old.aid)
-                    return old.aid
+                    return self._hold_actor(peer, old)
                 raise ValueError(f"the actor name {opts['name']!r} is already taken in namespace {key[0]!r}")
             self.names[key] = aid
         opts = dict(opts, methods=methods, cls_name=cls_name)
@@ -2496,9 +2494,16 @@ class _Head:
         a = self.actors.get(self.names.get(key))
         if a is None or a.state == "dead":
             raise ValueError(f"Failed to look up actor with name '{name}' in namespace '{key[0]}'")
-        self.objects[a.aid].holders.add(peer)  # counted now: the creator may drop its handle meanwhile
+        return self._hold_actor(peer, a), a.spec.name, a.spec.opts["methods"]
+
+    def _hold_actor(self, peer, a):
+        """peer gets a handle to live actor a, counted now (its creator may drop its own meanwhile). An actor
+        whose last handle just went, still starting or running calls, has no handle entry: it is back in scope."""
+        o = self.objects.get(a.aid) or self._new_obj(a.aid, None, state="ready", actor=a.aid)
+        o.holders.add(peer)
         peer.held.add(a.aid)
-        return a.aid, a.spec.name, a.spec.opts["methods"]
+        a.out_of_scope = False
+        return a.aid
 
     # -- failures
     # Two signals can report one death, in either order: the worker's socket reaching EOF (_close) and its

@@ -6051,6 +6051,22 @@ def test_nanoray_actor_ends_when_its_last_handle_is_gone(nr):
     _nr_wait_until(lambda: not _nr_pid_alive(pid), what="the actor process to exit after its last handle")
 
 
+def test_nanoray_named_actor_found_after_its_last_handle_went_while_a_call_runs(nr):
+    """The creator drops its only handle while a call still runs: the actor is alive, so get_actor and
+    get_if_exists return working handles that keep it alive (the head raised KeyError on the freed handle entry)."""
+    @nr.remote
+    class Slow:
+        def nap(self, s):
+            time.sleep(s)
+            return s
+    first = Slow.options(name="nr-dropped").remote().nap.remote(1)  # the handle is gone after this line
+    h = nr.get_actor("nr-dropped")
+    second = h.nap.remote(1)
+    del h
+    again = Slow.options(name="nr-dropped", get_if_exists=True).remote()
+    assert nr.get([first, second, again.nap.remote(0)], timeout=60) == [1, 1, 0]
+
+
 def _nr_pid_alive(pid):
     psutil = pytest.importorskip("psutil")
     try:
