@@ -2551,7 +2551,8 @@ class _Head:
             if a.job == job and not a.spec.opts["detached"] and a.state != "dead":
                 self._actor_dead(a, "its driver exited")
         for w in list(self.workers.values()):
-            if w.job == job and w.actor is None:
+            if w.job == job and w.actor is None:  # "leaving": never reused, e.g. by a detached actor of this job
+                w.state = "leaving"
                 self._node_call(w.node, "kill", w.wid)
         # (a detached actor's queued creation is spared, as _runnable spares it: it outlives its driver)
         for t in [t for q in self.queues.values() for t in q if t.job == job and not t.opts.get("detached")]:

@@ -6304,6 +6304,28 @@ def test_nanoray_detached_actor_queued_when_its_driver_exits_lives_on(nr):
     _nr_wait_until(lambda: nr.available_resources() == {"CPU": 2.0, "GPU": 2.0}, what="the actor's GPU back")
 
 
+def test_nanoray_detached_actor_placed_at_its_drivers_exit_gets_a_live_worker(nr):
+    """The exiting driver leaves an idle worker of its job and a group whose removal frees the CPU its detached
+    actor waits for: the actor must not be started in that worker, which is being killed with the job (it was,
+    and died at once)."""
+    _nr_wait_until(lambda: nr.available_resources().get("CPU") == 2.0, what="earlier tasks to finish")
+    prog = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import nanoray as ray\n"
+            "ray.init(namespace='nr-detached2')\n"
+            "@ray.remote\ndef warm():\n    return 1\n"
+            "ray.get(warm.remote())  # leaves an idle worker bound to this job\n"
+            "pg = ray.util.placement_group([{'CPU': 2}]); ray.get(pg.ready(), timeout=30)\n"
+            "@ray.remote(num_cpus=1)\nclass Keeper:\n    def ok(self):\n        return True\n"
+            "Keeper.options(name='keeper2', lifetime='detached').remote()  # waits for the group's CPUs\n")
+    env = dict(os.environ, NANORAY_ADDRESS=nr._client.address, NANORAY_SECRET=nr._client.secret.decode())
+    out = subprocess.run([sys.executable, "-c", prog], capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 0, out.stderr
+    keeper = nr.get_actor("keeper2", namespace="nr-detached2")
+    try:
+        assert nr.get(keeper.ok.remote(), timeout=60)
+    finally:
+        nr.kill(keeper)
+
+
 def test_nanoray_a_node_dying_mid_transfer_unpins_the_source():
     """Head bookkeeping only (no loop, no workers): a reader on node n2 starts a copy of an object from the
     head's node, then n2 dies before its "pulled" can come. The source object must be unpinned (and, with
