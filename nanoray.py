@@ -1397,8 +1397,13 @@ class ActorClass:
         args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._cls.__name__}.remote()")
         # an rpc, not a plain send like tasks: a taken name must raise here, and get_if_exists may return
         # another actor's id. The constructor itself runs later: its errors surface at the first call.
-        aid = c.rpc("create_actor", c.new_id(), blob, self._cls.__name__, args_blob, deps, contained, hopts,
-                    self._methods)
+        aid = c.new_id()
+        try:
+            aid = c.rpc("create_actor", aid, blob, self._cls.__name__, args_blob, deps, contained, hopts, self._methods)
+        except BaseException:  # (a timeout, a Ctrl-C) the head may still create it, with us as the holder of a
+            with c.ref_lock:   # handle we never got: let go of it, or the actor lives as long as this process
+                c.ops.append(("-", aid))
+            raise
         return ActorHandle(aid, self._cls.__name__, self._methods, ObjectRef(aid, _counted=True))
 
 

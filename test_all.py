@@ -6067,6 +6067,25 @@ def test_nanoray_named_actor_found_after_its_last_handle_went_while_a_call_runs(
     assert nr.get([first, second, again.nap.remote(0)], timeout=60) == [1, 1, 0]
 
 
+def test_nanoray_actor_creation_interrupted_in_its_rpc_does_not_outlive_it(nr, monkeypatch):
+    """A.remote() interrupted while it waits for the head's answer (a Ctrl-C; a timeout leaves the same state)
+    raises, but the head still creates the actor, counting this driver as the holder of a handle it never got:
+    the actor must end, not live (and hold its resources) until the driver exits."""
+    @nr.remote
+    class Orphan:
+        def ok(self):
+            return True
+
+    def ctrl_c(done, deadline=None):
+        raise KeyboardInterrupt("while waiting for the head")
+    monkeypatch.setattr(nr._client, "pump", ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        Orphan.remote()
+    monkeypatch.undo()
+    orphans = lambda: [a["state"] for a in _nr_status(nr)["actors"] if a["class"] == "Orphan"]  # noqa: E731
+    _nr_wait_until(lambda: orphans() == ["dead"], timeout=20, what="the actor nobody holds to end")
+
+
 def _nr_pid_alive(pid):
     psutil = pytest.importorskip("psutil")
     try:
