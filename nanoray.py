@@ -820,7 +820,7 @@ class _Client:
         self.poller = select.poll()  # _recv's wait for bytes (poll: no FD_SETSIZE limit, unlike select)
         self.poller.register(self.sock, select.POLLIN)
         # inbox: work for this process (exec/call/create, raylet commands); replies: rpc req -> value;
-        # descs: object id -> descriptor, for ids held here; acks: requests the head has answered
+        # descs: object id -> descriptor, for ids held here; acks: wait() requests the head has not answered yet
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
         self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
         self.owned, self.elsewhere = set(), set()  # returns of our tasks, not pushed yet; pushed as "ask"
@@ -954,7 +954,7 @@ class _Client:
                     self.elsewhere.add(oid)
                 elif oid in self.counts or self.wanted[oid] > 0:  # else nobody here cares any more: drop it
                     self.descs[oid] = d
-            self.acks.add(msg[1])
+            self.acks.discard(msg[1])  # (kept for no other request: a late answer leaves nothing behind)
         elif msg[0] == "reply":
             self.replies[msg[1]] = msg[2]
         else:  # work for a worker, commands for a raylet
@@ -1238,14 +1238,15 @@ def wait(object_refs, *, num_returns=1, timeout=None, fetch_local=True):
     missing = [r._id for r in refs if r._id not in c.descs]  # ready = its descriptor is cached here
     if missing and num_returns > len(refs) - len(missing):  # not enough ready yet: ask the head
         req = next(c.ids)
-        # ack=True: the head answers at once, even with an empty list, so "req in acks" means "the head has
+        # ack=True: the head answers at once, even with an empty list, so "req not in acks" means "the head has
         # told us everything that was ready when it read the request" (not just the first push to arrive)
+        c.acks.add(req)
         c.send(("get", req, missing, True))
         deadline = None if timeout is None else time.monotonic() + timeout
         # enough = num_returns minus those already ready before the request
         # timeout=0: pump still files the messages already in the socket (results pushed to us earlier), so a
         # task that finished before this call is ready even though the head's answer to this request is not
-        c.pump(lambda: req in c.acks and sum(i in c.descs for i in missing) >= num_returns - len(refs)
+        c.pump(lambda: req not in c.acks and sum(i in c.descs for i in missing) >= num_returns - len(refs)
                + len(missing), deadline)
         c.send(("unsub", req))  # the objects still pending stop waking us (their descriptors would be stale work)
         c.acks.discard(req)

@@ -5914,6 +5914,21 @@ def test_nanoray_wait_semantics(nr):
         nr.wait([fast], num_returns=2)
 
 
+def test_nanoray_polling_wait_keeps_no_state_per_call(nr):
+    """wait(timeout=0) in a polling loop returns before the head's answer to its request arrives: that late
+    answer must not be recorded (one entry per call stayed in the driver forever)."""
+    @nr.remote
+    def nap(s):
+        time.sleep(s)
+        return s
+    slow = nap.remote(3)
+    for _ in range(100):
+        assert nr.wait([slow], timeout=0) == ([], [slow])
+    nr.available_resources()  # its reply comes after every late answer: they are all filed now
+    assert len(nr._client.acks) <= 1, f"{len(nr._client.acks)} answered requests kept"
+    assert nr.get(slow, timeout=60) == 3
+
+
 def test_nanoray_remote_errors_carry_the_remote_traceback(nr):
     @nr.remote
     def parse(s):
