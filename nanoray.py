@@ -1401,9 +1401,8 @@ class ActorClass:
         aid = c.new_id()
         try:
             aid = c.rpc("create_actor", aid, blob, self._cls.__name__, args_blob, deps, contained, hopts, self._methods)
-        except BaseException:  # (a timeout, a Ctrl-C) the head may still create it, with us as the holder of a
-            with c.ref_lock:   # handle we never got: let go of it, or the actor lives as long as this process
-                c.ops.append(("-", aid))
+        except BaseException:  # (a timeout, a Ctrl-C) the head may still create it, counting us as the holder of a
+            ObjectRef(aid, _counted=True)  # handle we never got: a ref made and dropped at once tells it "-"
             raise
         return ActorHandle(aid, self._cls.__name__, self._methods, ObjectRef(aid, _counted=True))
 
@@ -2399,7 +2398,7 @@ class _Head:
                 for d in [d for d in deps if d in self.objects]:
                     self._maybe_free(d, self.objects[d])
                 if opts["get_if_exists"]:
-                    return self._hold_actor(peer, old)
+                    return self._rpc_get_actor(peer, opts["name"], key[0])[0]
                 raise ValueError(f"the actor name {opts['name']!r} is already taken in namespace {key[0]!r}")
             self.names[key] = aid
         opts = dict(opts, methods=methods, cls_name=cls_name)
@@ -2500,16 +2499,13 @@ class _Head:
         a = self.actors.get(self.names.get(key))
         if a is None or a.state == "dead":
             raise ValueError(f"Failed to look up actor with name '{name}' in namespace '{key[0]}'")
-        return self._hold_actor(peer, a), a.spec.name, a.spec.opts["methods"]
-
-    def _hold_actor(self, peer, a):
-        """peer gets a handle to live actor a, counted now (its creator may drop its own meanwhile). An actor
-        whose last handle just went, still starting or running calls, has no handle entry: it is back in scope."""
+        # counted now: the creator may drop its handle meanwhile. An actor whose last handle just went, still
+        # starting or running calls, has no handle entry any more: it is back in scope
         o = self.objects.get(a.aid) or self._new_obj(a.aid, None, state="ready", actor=a.aid)
         o.holders.add(peer)
         peer.held.add(a.aid)
         a.out_of_scope = False
-        return a.aid
+        return a.aid, a.spec.name, a.spec.opts["methods"]
 
     # -- failures
     # Two signals can report one death, in either order: the worker's socket reaching EOF (_close) and its
@@ -2660,8 +2656,8 @@ class _Head:
             n.pool.give((p.free, p.gpus))
         pg.state, oid = "removed", pgid + ".ready"
         if self.objects[oid].state == "pending":  # never placed: get(pg.ready()) raises instead of waiting forever
-            self._seal(oid, self.objects[oid], _error_desc(RayError(f"placement group {pgid} was removed before "
-                                                                    f"it could be placed")), (), None, None)
+            err = _error_desc(RayError(f"placement group {pgid} was removed"))
+            self._seal(oid, self.objects[oid], err, (), None, None)
         self._unpin(oid)
         self._schedule()
 
