@@ -1995,8 +1995,8 @@ class ShardedSampler:
         g = torch.Generator().manual_seed(self.seed + epoch)  # seeded per epoch: every rank draws the same
         order = torch.randperm(self.num_rows, generator=g) if self.shuffle else torch.arange(self.num_rows)
         total = len(self) * self.dp_size
-        if total > self.num_rows:  # pad by wrapping around so every rank gets the same count
-            order = torch.cat([order, order[: total - self.num_rows]])
+        if total > self.num_rows:  # pad by wrapping around (more than once when dp_size > 2 * rows): equal counts
+            order = order.repeat(-(-total // self.num_rows))[:total]
         return order[self.dp_rank : total : self.dp_size]
 
     def __iter__(self) -> Iterator[int]:

@@ -1841,6 +1841,17 @@ def test_sampler_ranks_partition_each_epoch(n, dp, drop_last):
         assert set(flat) == set(range(n))
 
 
+def test_sampler_more_ranks_than_twice_the_rows_wraps_again():
+    """drop_last=False with 3 rows on 8 ranks: the wrap-around must repeat the order more than once, or
+    ranks 6 and 7 get no index while len() says 1 (and iterating them spins forever without yielding)."""
+    per_rank = [ns.ShardedSampler(3, r, 8, seed=0, drop_last=False).epoch_indices(0).tolist() for r in range(8)]
+    assert [len(x) for x in per_rank] == [1] * 8
+    flat = [i for x in per_rank for i in x]
+    assert sorted(flat.count(i) for i in range(3)) == [2, 3, 3]  # the permutation, wrapped twice
+    second = ns.ShardedSampler(3, 7, 8, seed=0, drop_last=False).epoch_indices(1).tolist()
+    assert ns.ShardedSampler(3, 7, 8, seed=0, drop_last=False).take(2) == per_rank[7] + second
+
+
 def test_sampler_determinism_epochs_and_resume():
     n, dp = 37, 3
     for rank in range(dp):
