@@ -510,9 +510,7 @@ class StringArray(_OffsetsMixin, Array):
         starts, ends = (x.tolist() for x in self._spans(idx))
         if idx is not None:  # scattered rows: one decode each
             return [_utf8(self.data[a:b], r) for r, a, b in zip(idx.tolist(), starts, ends)]
-        if not starts:
-            return []
-        base, blob = starts[0], bytes(self.data[starts[0] : ends[-1]])  # one copy of this window's bytes
+        base, blob = (starts[0], bytes(self.data[starts[0] : ends[-1]])) if starts else (0, b"")  # one copy
         # TRICK: when the bytes are pure ASCII (common for math text), byte offsets equal character
         # offsets, so we decode the whole blob once and slice str objects instead of decoding each.
         if blob.isascii():  # a C-speed scan of the bytes
@@ -697,7 +695,10 @@ def _build(values: list, t: DataType, path: str) -> Array:
         return _build_primitive(values, t, path, validity, has_nulls)
     if isinstance(t, StringType):
         _check_all(values, lambda v: isinstance(v, str), path, t)
-        enc = [b"" if v is None else v.encode("utf-8") for v in values]  # a null row is an empty span
+        try:
+            enc = [b"" if v is None else v.encode("utf-8") for v in values]  # a null row is an empty span
+        except UnicodeEncodeError:  # a lone surrogate ("\ud83d": JSON may escape one) has no UTF-8 form
+            _check_all(values, lambda v: not re.search("[\ud800-\udfff]", v), path, "text without lone surrogates")
         return StringArray(n, _offsets_of(map(len, enc)), memoryview(b"".join(enc)), validity)
     if isinstance(t, ListType):
         # each row as a sequence (a 1-D tensor as a list, a null row empty), then all items flattened
@@ -1032,9 +1033,7 @@ class Table:
 
     def combine_chunks(self) -> "Table":
         """One chunk holding every row (copies each column once when there are several chunks)."""
-        if len(self.batches) <= 1:
-            return self
-        return Table([RecordBatch({k: self.column(k) for k in self.schema})], self.schema)
+        return self if len(self.batches) <= 1 else Table([RecordBatch({k: self.column(k) for k in self.schema})])
 
 
 # ---- the .nano file ---------------------------------------------------------------------------------

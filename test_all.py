@@ -1138,6 +1138,17 @@ def test_tensor_wrong_shape_names_row():
     assert "row 1" in msg
 
 
+def test_lone_surrogate_names_file_column_and_row(tmp_path):
+    """JSON may escape half a surrogate pair ("\\ud83d"), which json.loads accepts and UTF-8 cannot encode:
+    a bare UnicodeEncodeError named no file, column or row."""
+    p = tmp_path / "s.jsonl"
+    p.write_text('{"q": "ok"}\n{"q": "cut \\ud83d emoji"}\n')
+    with pytest.raises(ns.NanosetsError, match=r"s\.jsonl: column 'q', row 1 .*lone surrogates"):
+        ns.load_dataset(str(p))
+    with pytest.raises(ns.NanosetsError, match=r"column 'm', row 0 \(at m\[1\]\.t\)"):
+        ns.Dataset.from_list([{"m": [{"t": "a"}, {"t": "\udc00"}]}])
+
+
 def test_load_dataset_type_error_names_file_and_row(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"x": 1}\n{"x": 2}\n{"x": "abc"}\n')
