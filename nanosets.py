@@ -1644,11 +1644,12 @@ def _read_json_rows(path: str) -> list[dict]:
     except UnicodeDecodeError as e:  # a bare UnicodeDecodeError names neither the file nor the line
         line = raw.count(b"\n", 0, e.start) + 1
         raise NanosetsError(f"{path}, line {line}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    if path.endswith(".json") and text.lstrip()[:1] in "[{":
+    if path.endswith(".json") and text.lstrip()[:1] in ("[", "{"):  # a tuple: "" (an empty file) is `in` any str
         try:
             obj = json.loads(text)
-        except json.JSONDecodeError:
-            obj = None  # not one JSON document: maybe JSON lines saved as .json
+        except json.JSONDecodeError as e:  # "Extra data": JSON lines saved as .json; else one broken document
+            _expect(e.msg == "Extra data", f"{path}, line {e.lineno}: invalid JSON ({e.msg} at column {e.colno})")
+            obj = None
         if isinstance(obj, dict) and isinstance(obj.get("data"), list):
             obj = obj["data"]
         elif isinstance(obj, dict) and obj and all(isinstance(v, list) for v in obj.values()):  # {column: values}

@@ -1646,6 +1646,13 @@ def test_bad_json_line_names_file_and_line(tmp_path):
     with pytest.raises(ns.NanosetsError) as ei:
         ns.load_dataset(str(u))
     assert str(u) in str(ei.value) and "line 3" in str(ei.value) and "UTF-8" in str(ei.value)
+    # a pretty-printed .json document (MATH ships one per problem) broken on line 3 was blamed on line 1
+    for text, line in [('[\n  {"a": 1},\n  {"a": 2,},\n  {"a": 3}\n]\n', 3), ('{\n "data": [\n  {"a": 1}\n  {"a": 2}\n ]\n}', 4),
+                       ('{"a": 1}\n{"a": 2}\n{"a": ,}\n', 3)]:  # the last: JSON lines saved as .json
+        j = tmp_path / "pretty.json"
+        j.write_text(text)
+        with pytest.raises(ns.NanosetsError, match=rf"pretty\.json, line {line}: invalid JSON"):
+            ns.load_dataset(str(j))
 
 
 def test_folder_save_and_load_from_disk(tmp_path, ds23):
