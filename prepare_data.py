@@ -294,10 +294,10 @@ def adapt_deepmath(row: dict):
 
 
 def adapt_math(row: dict) -> dict:
-    """MATH and MATH-500: problem/solution(/answer). Without an answer column (original MATH) the answer is
-    the last \\boxed{} of the solution."""
+    """MATH and MATH-500: problem/solution(/answer); without an answer (original MATH) the last \\boxed{}."""
     problem, solution = _need(row, "problem", "solution")
-    answer = row.get("answer") or last_boxed(solution)
+    answer = row.get("answer")  # a number is text in the output, and 0 is an answer (`or` took the \boxed{})
+    answer = str(answer) if answer is not None and str(answer).strip() else last_boxed(solution)
     return {"problem": problem, "solution": solution, "answer": answer,
             **_meta(row, row.get("level"), row.get("subject") or row.get("type"), row.get("unique_id"))}
 

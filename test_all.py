@@ -2061,6 +2061,9 @@ def test_adapters():
     x = pd.adapt_math({"problem": "P", "solution": "S", "answer": "9", "level": 3, "subject": "Number Theory",
                        "unique_id": "test/nt/1.json"})
     assert (x["answer"], x["level"], x["subject"], x["unique_id"]) == ("9", "3", "Number Theory", "test/nt/1.json")
+    # a numeric answer column (AIME-style files) is text; 0 was replaced by the solution's \boxed{}, 42 stayed an int
+    for raw, want in [(0, "0"), (42, "42"), (2.5, "2.5"), ("", "1"), (" ", "1"), (None, "1")]:
+        assert pd.adapt_math({"problem": "P", "solution": r"so \boxed{1}", "answer": raw})["answer"] == want, raw
     # GSM8K: '####' answer, <<...>> annotations stripped, response ends in \boxed{}.
     x = pd.adapt_gsm8k({"question": "Q", "answer": "She sold 48/2 = <<48/2=24>>24.\nTotal $<<48+24=72>>72.\n#### 1,072"})
     assert x["answer"] == "1072"
