@@ -973,9 +973,8 @@ class Table:
         return cls.from_pydict({k: [r.get(k) for r in rows] for k in names}, schema)
 
     def split_rows(self, rows) -> list[tuple[int, Any, torch.Tensor | None]]:
-        """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local
-        ranges in order (positions None); an index tensor gives per-chunk local indices plus where
-        their values go in the output."""
+        """Global rows -> [(chunk, local rows, output positions)]. A (start, stop) range gives local ranges in order
+        (positions None); an index tensor gives per-chunk local indices plus where their values go in the output."""
         if isinstance(rows, tuple):
             start, stop = rows
             parts, c = [], max(0, bisect.bisect_right(self._starts, start) - 1)  # the chunk holding `start`
@@ -1389,7 +1388,7 @@ class Dataset:
 
     def __getitem__(self, key):
         """ds[i] -> row dict; ds[a:b] / ds[[i, j]] -> {column: values}; ds["col"] -> the column."""
-        columns = self._format["columns"] or self.column_names
+        columns = [c for c in self._format["columns"] or () if c in self._table.schema] or self.column_names  # existing
         if isinstance(key, str):
             return self._fetch(self._physical(slice(None)), _require(self.schema, [key]))[key]
         if isinstance(key, int) or (isinstance(key, torch.Tensor) and key.dim() == 0):
@@ -1417,8 +1416,7 @@ class Dataset:
     # -- formats --
     def with_format(self, type: str | None = None, columns: list[str] | None = None) -> "Dataset":
         """'torch': numbers as tensors (zero-copy views when possible); None/'python': Python objects."""
-        if type not in (None, "python", "torch"):
-            raise ValueError(f"format {type!r} is not supported; use None, 'python' or 'torch'")
+        _expect(type in (None, "python", "torch"), f"format {type!r}: expected None, 'python' or 'torch'", ValueError)
         columns = None if columns is None else _require(self.schema, columns)
         return self._derive(format={"type": type or "python", "columns": columns})
 
@@ -1520,7 +1518,9 @@ class Dataset:
 
     def rename_columns(self, mapping: dict[str, str]) -> "Dataset":
         _require(self.schema, mapping, "cannot rename missing columns")
-        return self._derive(table=self._table.rename(mapping))
+        cols = self._format["columns"]  # with_format(columns=...): a renamed column keeps its format
+        fmt = cols and {**self._format, "columns": [mapping.get(c, c) for c in cols]}
+        return self._derive(table=self._table.rename(mapping), format=fmt)
 
     # -- map: the one operation that builds new columns --
     def map(self, function: Callable, batched: bool = False, batch_size: int = 1000, with_indices: bool = False,

@@ -1501,6 +1501,17 @@ def test_column_operations(ds23):
     assert sh.select_columns(["id"])["id"] == sh["id"]  # column ops keep the row selection
 
 
+def test_formatted_columns_follow_column_operations():
+    """with_format(columns=[...]) then a column operation: rows name the columns that still exist (a renamed
+    one under its new name, still as a tensor); every read raised KeyError on the removed or old name."""
+    d = ns.Dataset.from_list([{"a": 1, "b": 2, "c": 3}]).with_format("torch", columns=["a", "b"])
+    cases = [(d.rename_column("a", "z"), ["z", "b"]), (d.remove_columns("b"), ["a"]), (d.select_columns(["c"]), ["c"]),
+             (d.map(lambda r: {"n": 1}, remove_columns=["b"]), ["a"])]
+    for got, want in cases:
+        assert list(got[0]) == want and list(got[:1]) == want, (list(got[0]), want)
+        assert isinstance(got[0][want[0]], torch.Tensor) and int(got[0][want[0]]) in (1, 3)
+
+
 def test_concatenate_datasets(tmp_path, ds23):
     rows = _rows()
     other = ns.Dataset.from_list(_rows(5), schema={"ids": "list<int32>"})
@@ -1647,7 +1658,8 @@ def test_bad_json_line_names_file_and_line(tmp_path):
         ns.load_dataset(str(u))
     assert str(u) in str(ei.value) and "line 3" in str(ei.value) and "UTF-8" in str(ei.value)
     # a pretty-printed .json document (MATH ships one per problem) broken on line 3 was blamed on line 1
-    for text, line in [('[\n  {"a": 1},\n  {"a": 2,},\n  {"a": 3}\n]\n', 3), ('{\n "data": [\n  {"a": 1}\n  {"a": 2}\n ]\n}', 4),
+    for text, line in [('[\n  {"a": 1},\n  {"a": 2,},\n  {"a": 3}\n]\n', 3),
+                       ('{\n "data": [\n  {"a": 1}\n  {"a": 2}\n ]\n}', 4),
                        ('{"a": 1}\n{"a": 2}\n{"a": ,}\n', 3)]:  # the last: JSON lines saved as .json
         j = tmp_path / "pretty.json"
         j.write_text(text)
