@@ -1468,6 +1468,12 @@ def test_train_test_split_complementary_fractions():
     assert (len(dd["train"]), len(dd["test"])) == (7, 3)
     dd = ds.train_test_split(train_size=0.75, seed=0)  # train alone: floor(7.5) = 7, the rest is test
     assert (len(dd["train"]), len(dd["test"])) == (7, 3)
+    # float noise: 0.07 * 100 = 7.000000000000001 took ceil 8 test rows, and 8 + 93 > 100 raised
+    for n in (25, 50, 100, 1000):
+        ds = ns.Dataset.from_dict({"i": list(range(n))})
+        for k in (k for k in range(1, 100) if k * n >= 100 and (100 - k) * n >= 100):  # both splits non-empty
+            dd = ds.train_test_split(test_size=k / 100, train_size=1 - k / 100)
+            assert len(dd["train"]) + len(dd["test"]) == n and len(dd["test"]) == -(-k * n // 100), (n, k)
 
 
 def test_train_test_split_unshuffled_and_errors(ds23):
