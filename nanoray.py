@@ -127,6 +127,9 @@ UNIT = 10_000  # resources are counted in 1/10000 units: fractional GPUs without
 MAX_FRAME = 1 << 28  # a length header above 256 MiB is garbage: no message is that big
 AUTH_TIMEOUT = 5.0  # seconds a peer gets to prove the secret before it is dropped
 RPC_TIMEOUT = 120.0  # an internal request to the head that takes longer than this means the head is stuck
+# seconds a new worker process gets to connect (Ray's worker_register_timeout_seconds): one stuck importing would
+# otherwise hold its CPUs and its task forever. Then it is killed and its task retried (max_retries) or failed
+WORKER_START_TIMEOUT = float(os.environ.get("NANORAY_WORKER_START_TIMEOUT", 60))
 PAGE = mmap.ALLOCATIONGRANULARITY  # arena regions start on page boundaries (mmap offsets must)
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
@@ -1641,6 +1644,7 @@ class _Worker:
     alloc: tuple = None  # what it took from `pool` (_Pool.take's pair), given back when its work ends
     pool: _Pool = None  # its node's pool, or the placement-group bundle's
     blocked_cpu: int = 0  # CPU units lent back while its task waits in get()
+    born: float = field(default_factory=time.monotonic)  # spawn time: WORKER_START_TIMEOUT counts from here
 
 
 @dataclass(eq=False)
@@ -1746,9 +1750,13 @@ class _Head:
                         self._read(key.data)
                     if events & selectors.EVENT_WRITE and not key.data.closed:  # (_read may have closed it)
                         self._flush(key.data)
-            if time.monotonic() >= next_poll:  # reap exited worker processes of this node
+            if time.monotonic() >= next_poll:  # reap exited worker processes of this node, and silent new ones
                 self.local.poll()
                 next_poll = time.monotonic() + 0.1
+                for w in [w for w in self.workers.values() if w.conn is None and w.state != "dead"
+                          and next_poll - w.born > WORKER_START_TIMEOUT]:
+                    self._worker_dead(w, f"it did not connect within {WORKER_START_TIMEOUT:g} s of its start "
+                                         "(stuck importing? NANORAY_WORKER_START_TIMEOUT sets the limit)")
         self._shutdown()
 
     def _accept(self) -> None:

@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1017, "kernels.py": 2205, "nanotron.py": 2600,
-                "nanovllm.py": 2549, "nanoray.py": 3381, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3390, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -6790,6 +6790,40 @@ def test_nanoray_no_leaked_processes_or_arenas_after_shutdown():
                 found.append((p.pid, cmd[:80]))
         return found + [(int(pid), "reported") for pid in pids if _nr_pid_alive(int(pid))]
     _nr_wait_until(lambda: not leftovers(), what="every process of the cluster gone")
+
+
+_NR_SILENT_DRIVER = r'''
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import nanoray as ray
+ray.init(num_cpus=1)
+
+@ray.remote(max_retries=1)
+def f():
+    return 1
+t = time.monotonic()
+try:
+    ray.get(f.remote(), timeout=60)
+except Exception as e:
+    print("ERROR", type(e).__name__, str(e).replace("\n", " "))
+print(f"AFTER {time.monotonic() - t:.1f}")
+ray.shutdown()
+'''
+
+
+def test_nanoray_worker_that_never_connects_is_killed_and_its_task_fails(tmp_path):
+    """A worker process stuck before its hello (here: a sitecustomize that sleeps in every worker) is killed after
+    NANORAY_WORKER_START_TIMEOUT seconds, and its task is retried (max_retries), then fails with an error that says
+    why; before, the task waited forever (get without a timeout hung) and the worker held its CPU."""
+    (tmp_path / "sitecustomize.py").write_text("import os, time\nif os.environ.get('NANORAY_WORKER_ID'):\n"
+                                               "    time.sleep(600)\n")
+    env = dict(os.environ, NANORAY_WORKER_START_TIMEOUT="2",
+               PYTHONPATH=os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    out = subprocess.run([sys.executable, "-c", _NR_SILENT_DRIVER, str(ROOT)], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert "ERROR WorkerCrashedError" in out.stdout and "did not connect within 2 s" in out.stdout \
+        and "tried 2 time(s)" in out.stdout, out.stdout + out.stderr[-2000:]
+    assert float(out.stdout.split("AFTER ")[1].split()[0]) < 30, out.stdout
 
 
 def _nr_compat_program(ray):
