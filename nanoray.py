@@ -1323,6 +1323,11 @@ def _head_options(opts: dict, defaults: dict, what: str) -> dict:
         raise ValueError(f"{what}: scheduling_strategy={s!r}: expected 'DEFAULT', 'SPREAD' or a "
                          f"PlacementGroupSchedulingStrategy")
     o["req"], o["strategy"] = {k: v for k, v in req.items() if v}, None if s == "DEFAULT" else s
+    r = o.get("retry_exceptions")   # a list of exception classes: the worker matches them (the head may not
+    if isinstance(r, (list, tuple)):  # import the user's classes), so they travel pickled by our pickler
+        if not all(isinstance(x, type) and issubclass(x, BaseException) for x in r):
+            raise ValueError(f"{what}: retry_exceptions={r!r}: expected a bool or a list of exception classes")
+        o["retry_exceptions"], o["retry_on"] = bool(r), _bytes_of(tuple(r), f"{what}'s retry_exceptions")
     if not isinstance(o.get("num_returns", 1), int) or o.get("num_returns", 1) < 1:
         raise ValueError(f"{what}: num_returns={o['num_returns']}: expected an int >= 1")
     del o["scheduling_strategy"], o["resources"]
@@ -1361,7 +1366,7 @@ class RemoteFunction:
         args_blob, deps, contained = c.pack_args(args, kwargs, f"{self.__name__}.remote()")
         c.owned.update(rids)  # before the send: the push of a fast result can never beat this line
         c.send(("submit", tid, blob, o["name"] or self._function.__qualname__, args_blob, deps, contained, rids,
-                {k: o[k] for k in ("req", "strategy", "max_retries", "retry_exceptions")}))
+                {k: o.get(k) for k in ("req", "strategy", "max_retries", "retry_exceptions", "retry_on")}))
         # _counted: the head makes the submitter a holder of each return when it admits the task (_admit)
         refs = [ObjectRef(r, _counted=True) for r in rids]
         return refs[0] if len(refs) == 1 else refs
@@ -2360,7 +2365,8 @@ class _Head:
             self._send(w.conn, ("create", t.tid, t.blob, t.name, t.args, self._dep_descs(t, w.node), t.opts))
         else:
             t = w.task
-            self._send(w.conn, ("exec", t.tid, t.blob, t.name, t.args, self._dep_descs(t, w.node), t.rids))
+            self._send(w.conn, ("exec", t.tid, t.blob, t.name, t.args, self._dep_descs(t, w.node), t.rids,
+                                t.opts.get("retry_on")))
 
     def _dep_descs(self, t, node) -> list:
         return [(d, self._desc_for(self.objects[d], node)) for d in t.deps if d in self.objects]
@@ -2974,14 +2980,16 @@ def _worker_main() -> None:
         if op == "bind":  # the driver's sys.path, so its own modules import here too
             sys.path.extend(p for p in msg[1] if p not in sys.path)
         elif op == "exec":
-            _, tid, blob, name, args, deps, rids = msg
+            _, tid, blob, name, args, deps, rids, retry_on = msg
 
             def call(blob=blob, args=args, deps=deps):  # a function that cannot load fails its task, readably
                 fn = fns.get(blob) or fns.setdefault(blob, _loads(memoryview(bytearray(blob))))
                 a, kw = c.resolve_args(args, deps)
                 return fn(*a, **kw)
             c.in_task = True  # (a get() inside the task now lends its CPU back while it waits)
-            _run_call(c, tid, name, rids, call)  # runs on this thread: one task at a time per worker
+            retry = retry_on and (fns.get(retry_on) or fns.setdefault(retry_on, _loads(memoryview(bytearray(
+                retry_on)))))      # retry_exceptions=[classes], loaded once per distinct list like functions
+            _run_call(c, tid, name, rids, call, retry)  # runs on this thread: one task at a time per worker
             c.in_task = False
         elif op == "create":
             _, aid, blob, name, args, deps, opts = msg
@@ -3002,9 +3010,10 @@ def _format_tb(e) -> str:
     return "".join(traceback.format_exception(type(e), e, e.__traceback__.tb_next))
 
 
-def _run_call(c, tid, name, rids, call) -> None:
+def _run_call(c, tid, name, rids, call, retry_on=None) -> None:
     """Run call() (load the function, resolve the arguments, run it), store each return, report "done".
-    Any exception, in the user's code or in loading/storing, becomes an error object for every return."""
+    Any exception, in the user's code or in loading/storing, becomes an error object for every return.
+    failed: the head may retry it (retry_exceptions); with a list of classes (retry_on) only those."""
     results, what = [], name
     try:
         out = call()
@@ -3019,7 +3028,11 @@ def _run_call(c, tid, name, rids, call) -> None:
         if results:  # returns stored before the failing one hold regions no "done" will seal: give them back
             c.send(("unalloc", [d[1] for _, d, _ in results if d[0] == "shm"]))  # (else: until the worker exits)
         err = _error_desc(RayTaskError(what, _format_tb(e), e, os.getpid()))
-        results, failed = [(r, err, ()) for r in rids], True
+        # matched by name: a class of the driver's __main__ ships by value, so the list's copy is not the
+        # function's copy of the same class (isinstance would say no)
+        names = {(k.__module__, k.__qualname__) for k in type(e).__mro__}
+        results, failed = [(r, err, ()) for r in rids], not retry_on or any(
+            (k.__module__, k.__qualname__) in names for k in retry_on)
     c.send(("done", tid, results, failed))
 
 

@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1017, "kernels.py": 2205, "nanotron.py": 2600,
-                "nanovllm.py": 2549, "nanoray.py": 3390, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3402, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -6809,6 +6809,45 @@ except Exception as e:
 print(f"AFTER {time.monotonic() - t:.1f}")
 ray.shutdown()
 '''
+
+
+_NR_RETRY_DRIVER = r'''
+import sys
+sys.path.insert(0, sys.argv[1])
+import nanoray as ray
+ray.init(num_cpus=1)
+
+class MyError(Exception):      # defined in the driver's __main__: the head cannot import it
+    pass
+
+@ray.remote(max_retries=2, retry_exceptions=[MyError])
+def f(kind, log):
+    open(log, "a").write(kind + "\n")
+    raise (TypeError if kind == "type" else MyError)(kind)
+for kind in ("type", "mine"):
+    try:
+        ray.get(f.remote(kind, sys.argv[2]), timeout=60)
+    except Exception as e:
+        print("ERROR", kind, type(e).__name__)
+try:
+    ray.remote(retry_exceptions=[ValueError, "x"])(lambda: 1)
+except ValueError as e:
+    print("BAD", e)
+ray.shutdown()
+'''
+
+
+def test_nanoray_retry_exceptions_takes_a_list_of_the_drivers_own_classes(tmp_path):
+    """retry_exceptions=[MyError] (Ray's list form) retries only those exceptions, MyError defined in the driver's
+    __main__. Before, the head unpickled the options, could not import MyError, and dropped the driver's
+    connection (every later call: RaySystemError); a list matched every exception anyway."""
+    log = tmp_path / "calls.txt"
+    out = subprocess.run([sys.executable, "-c", _NR_RETRY_DRIVER, str(ROOT), str(log)], capture_output=True,
+                         text=True, timeout=120)
+    assert "ERROR type RayTaskError(TypeError)" in out.stdout and "ERROR mine RayTaskError(MyError)" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+    assert log.read_text().split() == ["type"] + ["mine"] * 3          # TypeError not retried; MyError 1 + 2
+    assert "expected a bool or a list of exception classes" in out.stdout, out.stdout
 
 
 def test_nanoray_worker_that_never_connects_is_killed_and_its_task_fails(tmp_path):
