@@ -107,7 +107,7 @@ def _sm_count(device: torch.device) -> int:
 # recomputes the probabilities from the saved log-sum-exp. Paged attention (Kwon et al. 2023, vLLM)
 # is the same loop with the key/value rows gathered through a block table (decode: + flash-decoding).
 # On Hopper the varlen forward loads whole tiles through TMA (tensor descriptors: a bulk copy per tile instead
-# of per-element addresses; FWD_TMA, _fwd_tma), 10-14% faster at S = 1k-4k; the pointer path is its twin.
+# of per-element addresses; FWD_TMA, _fwd_tma), 8% faster at S = 1k on an H200; the pointer path is its twin.
 #
 # Shapes beyond the docstring's: S (max) sequence length, G = H / Hkv query heads per kv head, P block (page) size.
 
@@ -583,7 +583,8 @@ FWD_TMA = "auto"   # the varlen forward's loads through TMA: "auto" (CUDA GPUs o
 
 def _fwd_tma(q, k, v) -> bool:
     """Whether the varlen forward loads through tensor descriptors (TMA). Hopper's TMA needs 16-byte aligned bases
-    and row strides; measured on an H200 (BENCHMARKS.md), 10-14% faster than pointer loads at 1k and 4k. False
+    and row strides; measured on an H200 (BENCHMARKS.md): 8% faster than pointer loads at S = 1k and on a packed RL-like
+    mix, even at 4k-8k. False
     forces the pointer path, True also runs TMA in the interpreter (tests: the two paths agree)."""
     if TensorDescriptor is None or FWD_TMA is False or (FWD_TMA == "auto" and not (
             q.is_cuda and _capability(q.device)[0] >= 9)):
