@@ -272,9 +272,8 @@ def open_split(folder: Path, split: str, objective: str):
 
 
 def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
-    """(train, test, vocab size, a line for the derived block): both splits opened and checked in
-    one vectorised pass each (prepare_data.check_token_split) before any model exists. The vocabulary is
-    the data manifest's (its tokenizer's size), else 1 + the largest id seen."""
+    """(train, test, vocab size, a line for the derived block): each split checked in one vectorised pass before any
+    model exists (prepare_data.check_token_split); vocab = the manifest's (its tokenizer's), else 1 + the largest id."""
     from prepare_data import check_token_split
     folder, t0 = ensure_data(cfg, mesh), time.perf_counter()
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
@@ -285,6 +284,8 @@ def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
     for split in ("train", "test"):
         splits.append(open_split(folder, split, cfg.objective))
         stats.append(check_token_split(splits[-1], folder / f"{split}.nano", vocab, seqs))
+        if not stats[-1]["rows"]:         # nothing to train on, or an eval loss of 0 / 0 printed as 0.0000
+            raise ValueError(f"sft.py: {folder / split}.nano has no rows; expected tokenized {cfg.objective} rows")
     vocab = vocab or 1 + max(st["max_id"] for st in stats)
     line = (f"data check: {stats[0]['rows']} + {stats[1]['rows']} rows, {sum(st['tokens'] for st in stats):,} "
             f"tokens: ids < {vocab}, masks 0/1, num_tokens = row lengths ({time.perf_counter() - t0:.2f} s)")
@@ -955,8 +956,7 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds) -> dict:
     if cfg.fixed_shape and cfg.sequence_parallel and cfg.micro_batch_tokens % mesh.tp:
         raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
                          f"must be a multiple of --tp {mesh.tp} (each tp rank holds 1/tp of the padded tokens)")
-    shape = fixed_shape(train_ds["num_tokens"].tolist(), cfg.micro_batch_tokens, cfg.objective) \
-        if cfg.fixed_shape else None
+    shape = fixed_shape(lengths.long().tolist(), cfg.micro_batch_tokens, cfg.objective) if cfg.fixed_shape else None
     total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
                           if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
     return {"M": cfg.tokens_per_step // share, "n_rows": len(lengths), "n_long": n_long, "mean_len": mean_len,

@@ -5526,6 +5526,19 @@ def test_sft_refuses_corrupt_data_before_building(tmp_path, monkeypatch, _sft_no
     assert not (tmp_path / "o").exists()
 
 
+def test_sft_refuses_an_empty_split_before_building(tmp_path, monkeypatch, _sft_no_build):
+    """A train or test split with no rows stops sft.py at start naming the file (an empty train split raised torch's
+    'min(): Expected reduction dim'; an empty test split trained on and reported eval loss 0.0000)."""
+    monkeypatch.chdir(tmp_path)
+    sft.make_toy_data(tmp_path / "good", "sft", n_train=16, n_test=4)
+    for split in ("train", "test"):
+        shutil.copytree(tmp_path / "good", tmp_path / split)
+        ns.Dataset.from_list([], schema=sft.SFT_SCHEMA).save_to_disk(str(tmp_path / split / f"{split}.nano"))
+        with pytest.raises(ValueError, match=rf"{split}/{split}\.nano has no rows"):
+            sft.main(["--model", "tiny", "--data", split, "--out", "o", "--steps", "1", "--results", "r.jsonl"])
+    assert not (tmp_path / "o").exists()
+
+
 def test_sft_resume_skips_a_torn_metrics_line(tmp_path, monkeypatch, capsys):
     """A last line of metrics.jsonl cut short (power loss) does not stop the resume: it is skipped with a
     warning naming the file and line, and the rewritten file holds only whole lines."""
