@@ -92,6 +92,9 @@ def merge(ckpt, out=None, dtype: str = "bfloat16", max_shard_gb: float = 5.0, to
                                     "finished step_N checkpoints")
         ckpt = nt.latest_checkpoint(ckpt)
     out = Path(out) if out else ckpt / "hf"
+    if ckpt.resolve().is_relative_to(out.resolve()):    # out is replaced whole: the checkpoint would go with it
+        raise ValueError(f"merge: --out {out} holds the checkpoint {ckpt} (it is replaced whole, so the checkpoint "
+                         "would be deleted); pass a new folder, e.g. the default <ckpt>/hf")
     tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
     from prepare_data import replace_dir
     try:                                                # a failure leaves no half-written folder behind

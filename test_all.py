@@ -5605,6 +5605,19 @@ def test_merge_failure_leaves_no_temp_folder(tmp_path):
     assert (_ck_copy / "hf" / "keep.txt").read_text() == "old"
 
 
+def test_merge_refuses_an_out_that_holds_the_checkpoint(tmp_path):
+    """--out is replaced whole, so an --out that is the checkpoint or a folder above it (the run root) would delete
+    the checkpoint being merged (and every other step of the run): refused, naming both, with nothing touched."""
+    model, opt = _ck_setup(nt.Mesh(), 0, False)
+    ckpt = nt.save_checkpoint(tmp_path / "run" / "step_2", model, opt, model.mesh, step=2)
+    for out in (ckpt, tmp_path / "run", tmp_path):
+        with pytest.raises(ValueError, match=rf"--out {re.escape(str(out))} holds the checkpoint {re.escape(str(ckpt))}"):
+            mg.merge(ckpt, out)
+        with pytest.raises(ValueError, match="holds the checkpoint"):
+            mg.merge(tmp_path / "run", out)                               # a root: its latest step
+        assert nt.is_complete(ckpt) and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["step_2"]
+
+
 def _readme_blocks(lang: str) -> list:
     text = (ROOT / "README.md").read_text()
     return [b.split("\n", 1)[1] for b in text.split("```")[1::2] if b.startswith(lang + "\n")]
