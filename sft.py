@@ -798,17 +798,17 @@ def step_folders(root) -> dict:
 
 
 def plan_resume(cfg: Config) -> tuple:
-    """(checkpoint to resume from or None, its step, the step folders of --out that --overwrite deletes).
-    Refuses, naming the flags, when --out holds steps after the one this run starts from."""
-    src = None
-    if cfg.resume == "auto":
-        src = nt.latest_checkpoint(cfg.out)
-    elif cfg.resume != "never":
-        src = Path(cfg.resume)
-        if not (src / "manifest.json").is_file():
-            raise FileNotFoundError(f"sft.py: --resume {cfg.resume}: no checkpoint there (no manifest.json); "
-                                    "expected a step_N folder, auto or never")
-    start = int(nt.read_manifest(src)["step"]) if src is not None else 0
+    """(checkpoint to resume from or None, its step, the step folders of --out that --overwrite deletes). Refuses,
+    naming the flags, a checkpoint of another --objective and an --out holding steps after this run's start."""
+    src = None if cfg.resume == "never" else nt.latest_checkpoint(cfg.out) if cfg.resume == "auto" else Path(cfg.resume)
+    if cfg.resume not in ("auto", "never") and not (src / "manifest.json").is_file():
+        raise FileNotFoundError(f"sft.py: --resume {cfg.resume}: no checkpoint there (no manifest.json); "
+                                "expected a step_N folder, auto or never")
+    man = nt.read_manifest(src) if src is not None else {"step": 0}
+    if (saved := man.get("extra", {}).get("objective", cfg.objective)) != cfg.objective:   # its steps, Adam, data
+        raise ValueError(f"sft.py: {src} is a checkpoint of --objective {saved}, not {cfg.objective}: a resume "
+                         f"continues that run; to start {cfg.objective} from its weights, merge.py it into --model")
+    start = int(man["step"])
     later = [p for n, p in step_folders(cfg.out).items() if n > start]
     if later and not cfg.overwrite:
         how = "a new run (--resume never)" if src is None else f"this run (resuming from step {start})"

@@ -5509,6 +5509,18 @@ def test_sft_checks_model_against_checkpoint_before_building(tmp_path, monkeypat
         sft.main(["--model", "qwen3-0.6b", "--data", "toy", "--out", "o", "--steps", "2", "--results", "r.jsonl"])
 
 
+def test_sft_refuses_to_resume_another_objective(tmp_path, monkeypatch):
+    """--objective dpo --resume <an sft checkpoint> is refused before a model is built, pointing at merge.py: it went
+    on silently with the sft run's step count, Adam state and sampler position (the toy splits have the same row
+    count) and a reference model that is not the resumed weights."""
+    monkeypatch.chdir(tmp_path)
+    sft.main(SFT_TINY + ["--steps", "1", "--out", "o", "--results", "r.jsonl"])
+    monkeypatch.setattr(nt, "build_stage", lambda *a, **k: pytest.fail("built a model before the check"))
+    with pytest.raises(ValueError, match=r"o/step_1 is a checkpoint of --objective sft, not dpo: .*merge\.py"):
+        sft.main(SFT_TINY + ["--objective", "dpo", "--steps", "3", "--out", "d", "--resume", "o/step_1",
+                             "--results", "r.jsonl"])
+
+
 def test_sft_refuses_corrupt_data_before_building(tmp_path, monkeypatch, _sft_no_build):
     """A damaged train row (an id past the vocabulary, a mask of 2, a wrong num_tokens) stops sft.py at start
     with the file, row and column, before a model is built."""
