@@ -940,18 +940,19 @@ class Job:
     t_start: float
 
 
-def derive(cfg: Config, mesh: nt.Mesh, train_ds) -> dict:
+def derive(cfg: Config, mesh: nt.Mesh, train_ds, test_ds) -> dict:
     """The few dials -> micro-batches per step M, total steps, warmup, and the row statistics printed."""
     share = mesh.dp * cfg.micro_batch_tokens
     if cfg.tokens_per_step % share:
         raise ValueError(f"sft.py: --tokens_per_step {cfg.tokens_per_step} must be a multiple of dp * "
                          f"--micro_batch_tokens = {mesh.dp} * {cfg.micro_batch_tokens} = {share}; e.g. "
                          f"--tokens_per_step {max(1, round(cfg.tokens_per_step / share)) * share}")
+    for split, L in (("train", train_ds["num_tokens"]), ("test", test_ds["num_tokens"])):   # (eval: 0 / 0 -> 0.0)
+        if not bool((L <= cfg.micro_batch_tokens).any()):
+            raise ValueError(f"sft.py: every {split} row of --data {cfg.data} is longer than --micro_batch_tokens "
+                             f"{cfg.micro_batch_tokens} (shortest {int(L.min())}); raise --micro_batch_tokens")
     lengths = train_ds["num_tokens"].double()
     n_long = int((lengths > cfg.micro_batch_tokens).sum())
-    if n_long == len(lengths):
-        raise ValueError(f"sft.py: every train row of --data {cfg.data} is longer than --micro_batch_tokens "
-                         f"{cfg.micro_batch_tokens} (shortest {int(lengths.min())}); raise --micro_batch_tokens")
     mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
     if cfg.fixed_shape and cfg.sequence_parallel and cfg.micro_batch_tokens % mesh.tp:
         raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
@@ -983,7 +984,7 @@ def setup(cfg: Config) -> Job:
         cfg = dataclasses.replace(cfg, micro_batch_tokens=micro)
     if mesh.rank == 0:
         print("sft config:", json.dumps(asdict(cfg)))
-    derived = derive(cfg, mesh, train_ds) | {"check": check_line, "act": act}
+    derived = derive(cfg, mesh, train_ds, test_ds) | {"check": check_line, "act": act}
     return Job(cfg, mesh, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
 
 
@@ -997,8 +998,7 @@ def build_model(job: Job, dtype):
 
 
 def print_derived(cfg, mesh, d: dict, mcfg, peak):
-    seqs = cfg.tokens_per_step / d["mean_len"]
-    fpt = nt.flops_per_token(mcfg, d["per_seq"])
+    seqs, fpt = cfg.tokens_per_step / d["mean_len"], nt.flops_per_token(mcfg, d["per_seq"])
     lines = [
         f"world {mesh.world} = dp {mesh.dp} x tp {mesh.tp} x pp {mesh.pp}  (dp inferred from the world size)",
         f"micro-batches per step per dp rank M = tokens_per_step / (dp * micro_batch_tokens) = "

@@ -5509,6 +5509,19 @@ def test_sft_checks_model_against_checkpoint_before_building(tmp_path, monkeypat
         sft.main(["--model", "qwen3-0.6b", "--data", "toy", "--out", "o", "--steps", "2", "--results", "r.jsonl"])
 
 
+def test_sft_refuses_a_test_split_longer_than_the_budget(tmp_path, monkeypatch, _sft_no_build):
+    """Every test row longer than --micro_batch_tokens: refused at start naming the split and the flag; eval skipped
+    them all and reported an eval loss of 0.0000 (0 / 0) at every eval."""
+    monkeypatch.chdir(tmp_path)
+    sft.make_toy_data(tmp_path / "d", "sft", n_train=16, n_test=4)
+    row = {"input_ids": list(range(5, 45)), "loss_mask": [0] * 20 + [1] * 20, "num_tokens": 40}
+    ns.Dataset.from_list([row] * 4, schema=sft.SFT_SCHEMA).save_to_disk(str(tmp_path / "d" / "test.nano"))
+    with pytest.raises(ValueError, match=r"every test row of --data d is longer than --micro_batch_tokens 32 "
+                                         r"\(shortest 40\)"):
+        sft.main(["--model", "tiny", "--data", "d", "--out", "o", "--steps", "1", "--results", "r.jsonl",
+                  "--tokens_per_step", "64", "--micro_batch_tokens", "32"])
+
+
 def test_sft_refuses_to_resume_another_objective(tmp_path, monkeypatch):
     """--objective dpo --resume <an sft checkpoint> is refused before a model is built, pointing at merge.py: it went
     on silently with the sft run's step count, Adam state and sampler position (the toy splits have the same row
