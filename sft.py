@@ -952,13 +952,13 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds, test_ds) -> dict:
             raise ValueError(f"sft.py: every {split} row of --data {cfg.data} is longer than --micro_batch_tokens "
                              f"{cfg.micro_batch_tokens} (shortest {int(L.min())}); raise --micro_batch_tokens")
     lengths = train_ds["num_tokens"].double()
-    n_long = int((lengths > cfg.micro_batch_tokens).sum())
-    mean_len = float(lengths[lengths <= cfg.micro_batch_tokens].mean())
+    fit = lengths[lengths <= cfg.micro_batch_tokens]        # the rows that train: longer ones are skipped
+    n_long, mean_len = len(lengths) - len(fit), float(fit.mean())
     if cfg.fixed_shape and cfg.sequence_parallel and cfg.micro_batch_tokens % mesh.tp:
         raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
                          f"must be a multiple of --tp {mesh.tp} (each tp rank holds 1/tp of the padded tokens)")
     shape = fixed_shape(lengths.long().tolist(), cfg.micro_batch_tokens, cfg.objective) if cfg.fixed_shape else None
-    total = cfg.steps or (math.ceil(cfg.epochs * float(lengths.sum()) / cfg.tokens_per_step)
+    total = cfg.steps or (math.ceil(cfg.epochs * float(fit.sum()) / cfg.tokens_per_step)
                           if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
     return {"M": cfg.tokens_per_step // share, "n_rows": len(lengths), "n_long": n_long, "mean_len": mean_len,
             "per_seq": mean_len / 2 if cfg.objective == "dpo" else mean_len,      # attention sees each sequence
@@ -1010,7 +1010,7 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
         f"{d['mean_len']:.0f} tokens; packs are filled first-fit, so a step holds <= tokens_per_step)",
         f"train rows {d['n_rows']}, {d['n_long']} longer than micro_batch_tokens (skipped, never truncated)",
         d["check"],
-        f"steps {d['total']} (~{d['total'] * seqs / max(d['n_rows'], 1):.2f} epochs), warmup {d['warmup']}, "
+        f"steps {d['total']} (~{d['total'] * seqs / (d['n_rows'] - d['n_long']):.2f} epochs), warmup {d['warmup']}, "
         f"cosine to {cfg.lr * cfg.min_lr_ratio:.2e}",
         f"FLOPs/token, PaLM convention 6N + 12*L*H*D*T (N = matmul params, T = {d['per_seq']:.0f}): {fpt / 1e9:.3f} G",
         f"peak for MFU: {'n/a (CPU or unknown GPU)' if peak is None else f'{peak:.0f} TFLOP/s per GPU (bf16 dense)'}",

@@ -5522,6 +5522,24 @@ def test_sft_refuses_a_test_split_longer_than_the_budget(tmp_path, monkeypatch, 
                   "--tokens_per_step", "64", "--micro_batch_tokens", "32"])
 
 
+def _sft_len_rows(tmp, lengths):
+    """A train split of rows of these lengths (and a 4-row test split): prompt of half, response of the rest."""
+    rows = [{"input_ids": [5] * L, "loss_mask": [0] * (L // 2) + [1] * (L - L // 2), "num_tokens": L} for L in lengths]
+    sft._write_splits(Path(tmp), {"train": rows, "test": rows[:4]}, sft.SFT_SCHEMA, {"vocab_size": 101})
+    return sft.open_split(Path(tmp), "train", "sft"), sft.open_split(Path(tmp), "test", "sft")
+
+
+def test_sft_epochs_count_the_rows_that_train(tmp_path):
+    """CUDA's steps from --epochs: the tokens of the rows that train (longer ones are skipped); 32 rows of 20
+    tokens and 32 of 60 with a 32-token budget: 640 / 64 = 10 steps a pass (counting the skipped rows gave 40 steps,
+    4 passes over the data instead of 1)."""
+    train, test = _sft_len_rows(tmp_path / "d", [20, 60] * 32)
+    cuda = types.SimpleNamespace(dp=1, tp=1, device=torch.device("cuda"))      # derive reads only these
+    cfg = sft.Config(data="d", tokens_per_step=64, micro_batch_tokens=32, epochs=1.0)
+    d = sft.derive(cfg, cuda, train, test)
+    assert (d["total"], d["n_rows"], d["n_long"], d["mean_len"]) == (10, 64, 32, 20.0)
+
+
 def test_sft_refuses_to_resume_another_objective(tmp_path, monkeypatch):
     """--objective dpo --resume <an sft checkpoint> is refused before a model is built, pointing at merge.py: it went
     on silently with the sft run's step count, Adam state and sampler position (the toy splits have the same row
