@@ -77,7 +77,7 @@ class Config:
     schedule: str = "1f1b"  # pipeline schedule: 1f1b (memory of pp micro-batches) | afab (the naive reference)
     tokens_per_step: int = 0  # global packed tokens per optimizer step; 0 = 16384 on CUDA, 2048 on CPU
     micro_batch_tokens: int = 0  # packing budget of one micro-batch (the memory knob); 0 = from memory (CUDA), 1024 CPU
-    steps: int = 0  # optimizer steps; 0 = `epochs` passes over train on CUDA, 4 on CPU (a demo)
+    steps: int = 0  # optimizer steps; 0 = `epochs` passes over train on CUDA, 4 on CPU or --data toy (a demo)
     epochs: float = 1.0  # passes over the train split when steps is derived (CUDA)
     lr: float = 0.0  # peak LR; 0 = 2e-5 (pretrained weights want a small one; DPO: ~5e-7 at scale), 3e-3 for tiny
     min_lr_ratio: float = 0.1  # cosine decays to lr * this, not to 0 (the last steps still learn)
@@ -141,8 +141,7 @@ def auto_micro_batch_tokens(tokens_per_step: int, dp: int, tp: int, pp: int, mcf
 
 
 def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
-    """Validate the flags (before any process group or model exists) and fill the derived defaults, so the
-    printed config is what ran."""
+    """Validate the flags (before any process group or model exists), fill the derived defaults: printed as run."""
     if cfg.objective not in ("sft", "dpo"):
         raise ValueError(f"sft.py: --objective {cfg.objective!r}: expected sft or dpo")
     if cfg.objective == "dpo" and cfg.pp > 1:
@@ -361,8 +360,7 @@ class Batcher:
     def __init__(self, ds, objective: str, M: int, budget: int, dp_rank: int, dp: int, seed: int,
                  multiple_of: int = 1, shape: FixedShape | None = None):
         self.ds, self.objective, self.M, self.budget, self.multiple_of = ds, objective, M, budget, multiple_of
-        self.shape = shape
-        self.lengths = ds["num_tokens"].tolist()
+        self.shape, self.lengths = shape, ds["num_tokens"].tolist()
         self.sampler = nanosets.ShardedSampler(len(ds), dp_rank, dp, shuffle=True, seed=seed)
         self.it, self.pending, self.skipped = iter(self.sampler), None, 0
 
@@ -958,8 +956,11 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds, test_ds) -> dict:
         raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
                          f"must be a multiple of --tp {mesh.tp} (each tp rank holds 1/tp of the padded tokens)")
     shape = fixed_shape(lengths.long().tolist(), cfg.micro_batch_tokens, cfg.objective) if cfg.fixed_shape else None
-    total = cfg.steps or (math.ceil(cfg.epochs * float(fit.sum()) / cfg.tokens_per_step)
-                          if mesh.device.type == "cuda" else CPU_DEMO_STEPS)
+    epochs = not cfg.steps and mesh.device.type == "cuda" and cfg.data != "toy"   # toy: the 4-step demo anywhere
+    if epochs and (cfg.epochs <= 0 or fit.sum() < cfg.tokens_per_step):     # (a step > the data: rows repeat in it)
+        raise ValueError(f"sft.py: --epochs {cfg.epochs} of {int(fit.sum())} train tokens (--data {cfg.data}): expected"
+                         f" epochs > 0 and >= one step of them (--tokens_per_step {cfg.tokens_per_step}), or --steps")
+    total = cfg.steps or (math.ceil(cfg.epochs * float(fit.sum()) / cfg.tokens_per_step) if epochs else CPU_DEMO_STEPS)
     return {"M": cfg.tokens_per_step // share, "n_rows": len(lengths), "n_long": n_long, "mean_len": mean_len,
             "per_seq": mean_len / 2 if cfg.objective == "dpo" else mean_len,      # attention sees each sequence
             "total": total, "warmup": min(cfg.warmup_steps, total // 10), "shape": shape}
@@ -1027,8 +1028,7 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
 
 
 def build(job: Job) -> tuple:
-    """(model, frozen reference or None, optimizer, batcher, eval micro-batches, GraphStep or None), resumed from
-    job.src."""
+    """(model, frozen reference or None, optimizer, batcher, eval micro-batches, GraphStep or None), resumed."""
     cfg, mesh, d = job.cfg, job.mesh, job.derived
     if job.stale and mesh.rank == 0:                  # --overwrite: only now that every check has passed
         for p in job.stale:

@@ -5540,6 +5540,22 @@ def test_sft_epochs_count_the_rows_that_train(tmp_path):
     assert (d["total"], d["n_rows"], d["n_long"], d["mean_len"]) == (10, 64, 32, 20.0)
 
 
+def test_sft_epochs_need_one_step_of_data(tmp_path):
+    """CUDA's steps from --epochs: a train split smaller than one step (or --epochs <= 0) is refused naming the
+    flags; it ran ONE step holding every row ~13 times (first-fit refills the packs across epochs), or 0 steps."""
+    train, test = _sft_len_rows(tmp_path / "d", [20] * 8)                      # 160 tokens, a step is 2048
+    cuda = types.SimpleNamespace(dp=1, tp=1, device=torch.device("cuda"))
+    for epochs in (1.0, 0.0):
+        cfg = sft.Config(data="d", tokens_per_step=2048, micro_batch_tokens=1024, epochs=epochs)
+        with pytest.raises(ValueError, match=rf"--epochs {epochs} of 160 train tokens \(--data d\): expected epochs > 0 "
+                                             r"and >= one step of them \(--tokens_per_step 2048\), or --steps"):
+            sft.derive(cfg, cuda, train, test)
+    assert sft.derive(dataclasses.replace(cfg, steps=3), cuda, train, test)["total"] == 3       # --steps: as asked
+    assert sft.derive(dataclasses.replace(cfg, data="toy"), cuda, train, test)["total"] == 4    # `python sft.py`
+    assert sft.derive(dataclasses.replace(cfg, tokens_per_step=128, micro_batch_tokens=64, epochs=1.0), cuda,
+                      train, test)["total"] == 2
+
+
 def test_sft_refuses_to_resume_another_objective(tmp_path, monkeypatch):
     """--objective dpo --resume <an sft checkpoint> is refused before a model is built, pointing at merge.py: it went
     on silently with the sft run's step count, Adam state and sampler position (the toy splits have the same row
