@@ -767,6 +767,8 @@ def check_token_split(ds, path, vocab_size, sequences: dict, count: str = "num_t
         total = torch.zeros(n, dtype=torch.int64)                           # [n] tokens per row
         for ids_col, mask_col in sequences.items():
             offs, ids = _flat_list(batch, ids_col, path, row0)
+            if ids.is_floating_point():                                     # 5.5 would train as token 5
+                raise ValueError(f"{path}: column {ids_col!r}: expected integer token ids, got {ids.dtype} values")
             lens = offs[1:] - offs[:-1]
             total += lens
             lo, hi = (int(ids.min()), int(ids.max())) if len(ids) else (0, -1)   # two reductions, no temporaries
