@@ -99,6 +99,9 @@ def merge(ckpt, out=None, dtype: str = "bfloat16", max_shard_gb: float = 5.0, to
     from prepare_data import replace_dir
     try:                                                # a failure leaves no half-written folder behind
         step, lay, names, groups, n_bytes, src, copied = _write(ckpt, tmp, dtype, max_shard_gb, tokenizer)
+        if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():   # not an earlier merge
+            raise ValueError(f"merge: --out {out} is a folder with other files (no config.json); it would be "
+                             "replaced whole: pass a new or empty folder")
         replace_dir(tmp, out)                           # an old `out` is deleted once the new one is in place
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

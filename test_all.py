@@ -5668,6 +5668,21 @@ def test_merge_failure_leaves_no_temp_folder(tmp_path):
     assert (_ck_copy / "hf" / "keep.txt").read_text() == "old"
 
 
+def test_merge_refuses_to_replace_a_folder_that_is_not_an_hf_folder(tmp_path):
+    """--out is replaced whole: an existing folder with other files and no config.json (not an earlier merge) is
+    refused, untouched and with no temp folder left; an earlier merge's folder is replaced as before."""
+    model, opt = _ck_setup(nt.Mesh(), 0, False)
+    ckpt = nt.save_checkpoint(tmp_path / "run" / "step_2", model, opt, model.mesh, step=2)
+    mine = tmp_path / "notes"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    with pytest.raises(ValueError, match=rf"--out {re.escape(str(mine))} is a folder with other files"):
+        mg.merge(ckpt, mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"] and not list(tmp_path.glob("notes.tmp-*"))
+    out = mg.merge(ckpt, tmp_path / "hf")
+    assert mg.merge(ckpt, out) == out and (out / "config.json").is_file()
+
+
 def test_merge_refuses_an_out_that_holds_the_checkpoint(tmp_path):
     """--out is replaced whole, so an --out that is the checkpoint or a folder above it (the run root) would delete
     the checkpoint being merged (and every other step of the run): refused, naming both, with nothing touched."""
