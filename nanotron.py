@@ -597,8 +597,7 @@ def resolve_model_path(name_or_path) -> Path:
 def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """(ModelConfig, iterator of (name, tensor)) of an HF folder: config.json + model.safetensors, or the
     shards listed in model.safetensors.index.json. Lazy: one tensor is read (mmap) at a time."""
-    folder = resolve_model_path(folder)
-    cfg_file = folder / "config.json"
+    cfg_file = (folder := resolve_model_path(folder)) / "config.json"
     _require(cfg_file.is_file(), f"load_hf_state: {cfg_file} is missing (not an HF model folder)", FileNotFoundError)
     cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
     index = folder / "model.safetensors.index.json"
@@ -608,9 +607,13 @@ def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor
 
     def tensors():
         from safetensors import safe_open
+        file_of = {}                            # a name in two files (a stale shard): refused, never last-wins
         for f in files:
             with safe_open(str(folder / f), framework="pt") as sf:
                 for name in sf.keys():
+                    _require(name not in file_of, f"load_hf_state: tensor {name!r} is in both {file_of.get(name)} "
+                             f"and {f} in {folder}; delete the stale file (or list the shards in an index.json)")
+                    file_of[name] = f
                     yield name, sf.get_tensor(name)
     return cfg, tensors()
 

@@ -3659,6 +3659,15 @@ def test_load_errors():
         nt.load_hf_state("/nonexistent/dir/x")
 
 
+def test_hf_folder_with_a_tensor_in_two_files_is_refused(tmp_path):
+    """A stale shard next to model.safetensors (no index) must not overwrite a weight silently (the last file won)."""
+    from safetensors.torch import save_file
+    nt.save_hf(nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(0), tmp_path / "m", dtype="float32")
+    save_file({"model.norm.weight": torch.full((64,), 5.0)}, str(tmp_path / "m" / "zz-old.safetensors"))
+    with pytest.raises(ValueError, match="'model.norm.weight' is in both model.safetensors and zz-old.safetensors"):
+        nt.Transformer.from_pretrained(tmp_path / "m")
+
+
 def test_mesh_layout_and_errors():
     # W=8, tp=2, pp=2, dp=2: tp fastest, then dp, then pp
     m = nt.Mesh(tp=2, pp=2, dp=2, rank=5)
