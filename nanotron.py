@@ -516,8 +516,7 @@ class Transformer(nn.Module):
         """Copy HF weights into this rank's shards. source: an HF folder, or (name, tensor) pairs like
         load_hf_state(folder)[1]. Other stages' layers are skipped; unknown names, bad shapes, missing tensors raise."""
         where = str(source) if isinstance(source, (str, Path)) else "the state dict"
-        if isinstance(source, (str, Path)):
-            source = load_hf_state(source)[1]
+        source = load_hf_state(source)[1] if isinstance(source, (str, Path)) else source
         slots, known, seen = self.hf_slots(), set(hf_tensor_names(self.cfg)), set()
         for name, full in source:
             if name not in slots:
@@ -606,15 +605,17 @@ def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor
     _require(files, f"load_hf_state: no *.safetensors in {folder}", FileNotFoundError)
 
     def tensors():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
         file_of = {}                            # a name in two files (a stale shard): refused, never last-wins
         for f in files:
-            with safe_open(str(folder / f), framework="pt") as sf:
-                for name in sf.keys():
-                    _require(name not in file_of, f"load_hf_state: tensor {name!r} is in both {file_of.get(name)} "
-                             f"and {f} in {folder}; delete the stale file (or list the shards in an index.json)")
-                    file_of[name] = f
-                    yield name, sf.get_tensor(name)
+            try:                                # a cut download: the header promises more bytes than there are
+                with safe_open(str(folder / f), framework="pt") as sf:
+                    for name in sf.keys():
+                        _require(file_of.setdefault(name, f) == f, f"load_hf_state: tensor {name!r} is in both "
+                                 f"{file_of[name]} and {f} in {folder}: delete the stale one")
+                        yield name, sf.get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"load_hf_state: {folder / f} is not a readable safetensors file ({e})") from None
     return cfg, tensors()
 
 
@@ -625,8 +626,7 @@ def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
     tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}
     if model.mesh.tp_rank != 0:
         return
-    folder = Path(folder)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    tmp = (folder := Path(folder)).with_name(f"{folder.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(dtype), indent=2))

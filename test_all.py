@@ -3668,6 +3668,16 @@ def test_hf_folder_with_a_tensor_in_two_files_is_refused(tmp_path):
         nt.Transformer.from_pretrained(tmp_path / "m")
 
 
+def test_hf_folder_with_a_cut_safetensors_file_names_it(tmp_path):
+    """A download cut short: an expected error (ValueError, one CLI line) naming the file, not safetensors' bare
+    SafetensorError 'incomplete metadata' (no file name, a traceback from every CLI)."""
+    nt.save_hf(nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(0), tmp_path / "m", dtype="float32")
+    f = tmp_path / "m" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    with pytest.raises(ValueError, match=r"m/model.safetensors is not a readable safetensors file .*incomplete"):
+        nt.Transformer(nt.tiny_config(), use_kernels=False).load_hf(tmp_path / "m")
+
+
 def test_mesh_layout_and_errors():
     # W=8, tp=2, pp=2, dp=2: tp fastest, then dp, then pp
     m = nt.Mesh(tp=2, pp=2, dp=2, rank=5)
