@@ -521,7 +521,7 @@ class Transformer(nn.Module):
         for name, full in source:
             if name not in slots:
                 _require(name in known or name.endswith("rotary_emb.inv_freq"), f"load_hf: unexpected tensor {name!r} "
-                         f"in {where}; a {self.cfg.model_type} model with this config has no such weight", KeyError)
+                         f"in {where}; a {self.cfg.model_type} model with this config has no such weight")
                 continue
             slot = slots[name]
             _require(tuple(full.shape) == slot.full_shape, f"load_hf: tensor {name!r} in {where} has shape "
@@ -530,7 +530,7 @@ class Transformer(nn.Module):
             seen.add(name)
         missing = [n for n in slots if n not in seen]
         _require(not missing, f"load_hf: {len(missing)} tensor(s) missing from {where}: {missing[:5]}"
-                 + (" ..." if len(missing) > 5 else ""), KeyError)
+                 + (" ..." if len(missing) > 5 else ""))
         return self
 
     @torch.no_grad()
