@@ -519,11 +519,10 @@ class Transformer(nn.Module):
         source = load_hf_state(source)[1] if isinstance(source, (str, Path)) else source
         slots, known, seen = self.hf_slots(), set(hf_tensor_names(self.cfg)), set()
         for name, full in source:
-            if name not in slots:
+            if (slot := slots.get(name)) is None:
                 _require(name in known or name.endswith("rotary_emb.inv_freq"), f"load_hf: unexpected tensor {name!r} "
                          f"in {where}; a {self.cfg.model_type} model with this config has no such weight")
                 continue
-            slot = slots[name]
             _require(tuple(full.shape) == slot.full_shape, f"load_hf: tensor {name!r} in {where} has shape "
                      f"{tuple(full.shape)}, expected {slot.full_shape} from the config")
             slot.local().copy_(self._shard_of(full, slot.kind, slot.rows))
@@ -578,8 +577,7 @@ def hf_tensor_names(cfg: ModelConfig) -> list[str]:
 # ---- HF folders: config.json + safetensors in, and out -----------------------------------------------
 def resolve_model_path(name_or_path) -> Path:
     """A local HF folder, or a hub id downloaded with huggingface_hub (config + safetensors + tokenizer)."""
-    p = Path(name_or_path).expanduser()
-    if p.is_dir():
+    if (p := Path(name_or_path).expanduser()).is_dir():
         return p
     _require(str(name_or_path).count("/") == 1 and not p.exists(),
              f"model {str(name_or_path)!r}: not a folder and not a hub id like 'org/name'", FileNotFoundError)
@@ -596,12 +594,14 @@ def resolve_model_path(name_or_path) -> Path:
 def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor]]]:
     """(ModelConfig, iterator of (name, tensor)) of an HF folder: config.json + model.safetensors, or the
     shards listed in model.safetensors.index.json. Lazy: one tensor is read (mmap) at a time."""
-    cfg_file = (folder := resolve_model_path(folder)) / "config.json"
+    cfg_file, index = (folder := resolve_model_path(folder)) / "config.json", folder / "model.safetensors.index.json"
     _require(cfg_file.is_file(), f"load_hf_state: {cfg_file} is missing (not an HF model folder)", FileNotFoundError)
-    cfg = ModelConfig.from_hf(json.loads(cfg_file.read_text()))
-    index = folder / "model.safetensors.index.json"
-    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
-             else sorted(p.name for p in folder.glob("*.safetensors")))
+    try:                                        # json's errors and a missing key name no file: a cut download?
+        cfg = ModelConfig.from_hf(json.loads((where := cfg_file).read_text()))
+        files = (sorted(set(json.loads((where := index).read_text())["weight_map"].values())) if index.is_file()
+                 else sorted(p.name for p in folder.glob("*.safetensors")))
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"load_hf_state: {where}: cut short or lacks a field ({type(e).__name__}: {e})") from None
     _require(files, f"load_hf_state: no *.safetensors in {folder}", FileNotFoundError)
 
     def tensors():

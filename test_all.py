@@ -3692,6 +3692,23 @@ def test_hf_folder_missing_a_tensor_is_one_cli_line_not_a_traceback(tmp_path, ca
     assert e.value.code == 2 and err.count("\n") == 1 and "model.layers.0.mlp.up_proj.weight" in err, err
 
 
+def test_hf_folder_with_a_cut_or_foreign_json_names_the_file(tmp_path):
+    """json.loads and a missing config key named no file (and the KeyError left a traceback in every CLI)."""
+    nt.save_hf(nt.Transformer(nt.tiny_config(), use_kernels=False).init_random(0), tmp_path / "m", dtype="float32")
+    cfg_file, index = tmp_path / "m" / "config.json", tmp_path / "m" / "model.safetensors.index.json"
+    good = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps(good)[:100])
+    with pytest.raises(ValueError, match=r"m/config.json: .*JSONDecodeError"):
+        nt.load_hf_state(tmp_path / "m")
+    cfg_file.write_text(json.dumps({k: v for k, v in good.items() if k != "num_attention_heads"}))
+    with pytest.raises(ValueError, match=r"m/config.json: .*'num_attention_heads'"):
+        nt.load_hf_state(tmp_path / "m")
+    cfg_file.write_text(json.dumps(good))
+    index.write_text('{"weight_map": {"model.norm.weight": "mo')
+    with pytest.raises(ValueError, match=r"m/model.safetensors.index.json: .*JSONDecodeError"):
+        nt.load_hf_state(tmp_path / "m")
+
+
 def test_mesh_layout_and_errors():
     # W=8, tp=2, pp=2, dp=2: tp fastest, then dp, then pp
     m = nt.Mesh(tp=2, pp=2, dp=2, rank=5)
