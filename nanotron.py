@@ -1273,7 +1273,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     max_seqlen (optional int), labels [N]. Returns this pipeline's unscaled (loss_sum, n_tokens) on every rank.
     loss_scale: backward runs on loss_sum * loss_scale; pass 1 / (labelled tokens of the whole step, all micro-batches
     AND dp ranks) and the gradient does not depend on the split (None: this pipeline's mean).
-    check: one tiny all-reduce turns unequal micro-batch counts into an error instead of a hang.
+    check: a tiny all-reduce (over pp; ZeRO-2/3: dp too) turns unequal micro-batch counts into an error, not a hang.
     optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad).
     loss_fn(hidden [N, Hd], k) -> scalar: another loss for micro-batch k on the last stage (ppo.py's policy and value
     losses), already scaled to the step; no labels needed, and (loss_sum, M) is returned."""
@@ -1283,14 +1283,15 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     for k, mb in enumerate(micro_batches):
         _require(need <= set(mb), f"pipeline_step: micro-batch {k} lacks {sorted(need - set(mb))}", KeyError)
     _require(stage.mesh is mesh, "pipeline_step: the stage was built on another mesh")
-    if check and mesh.pp > 1:
+    dp = getattr(optimizer, "dp", None)
+    zero23 = dp is not None and dp.stage >= 2     # they reduce-scatter EVERY micro-batch: dp ranks must match too
+    if check and (mesh.pp > 1 or (zero23 and mesh.dp > 1)):
         mm = all_reduce_(torch.tensor([M, -M], device=mesh.device), mesh.pp_group, "max")
-        _require(mm.tolist() == [M, -M], f"pipeline_step: pp rank {mesh.pp_rank} has {M} micro-batches, but the "
-                 f"stages of this pipeline have between {-int(mm[1])} and {int(mm[0])}; give every stage the same list",
-                 RuntimeError)
+        all_reduce_(mm, dp.group if zero23 else None, "max")                  # max over the pipeline, then over dp
+        _require(mm.tolist() == [M, -M], f"pipeline_step: {M} micro-batches here, between {-int(mm[1])} and "
+                 f"{int(mm[0])} in this pipeline{' and its ZeRO-2/3 dp group' if zero23 else ''}", RuntimeError)
     if loss_scale is None and loss_fn is None:   # .item() syncs: pass loss_scale in (you know the token count)
         loss_scale = 1.0 / max(1, sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
-    dp = getattr(optimizer, "dp", None)
     p = _Pipe(stage, mesh, micro_batches, loss_scale, dp, loss_fn)
     SCHEDULES[schedule](p, M)
     sync_tied_embedding_grads(stage, dp)
@@ -1298,8 +1299,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     out = torch.stack([p.loss_sum, p.n_tokens.double()])
     if mesh.pp > 1:
         dist.broadcast(out, src=mesh.rank_of(mesh.dp_rank, mesh.pp - 1, mesh.tp_rank), group=mesh.pp_group)
-    loss_sum, n = out.tolist()
-    return loss_sum, int(n)
+    return out[0].item(), int(out[1])
 
 
 @torch.no_grad()

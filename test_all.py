@@ -4608,6 +4608,35 @@ def test_pipeline_step_with_optimizer_equals_single_process():
     _dp_spawn(4, [(1, 2, (0, 1, 2), "tied", "pipeline")])
 
 
+def _dp_unequal_counts_worker(rank, world, port):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        mesh = nt.Mesh.build(backend="gloo", timeout_s=15)
+        seqs = _ck_batch(0, 101, use_rng=False)
+        mbs = [_ck_micro(seqs[i:i + 1]) for i in range(3 - rank)]           # dp rank 0: 3, dp rank 1: 2
+        for zero in (1, 2, 3):
+            model = nt.build_stage(nt.tiny_config(), mesh, use_kernels=False).init_random(0).train()
+            opt = nt.build_optimizer(model, mesh, zero, bucket_mb=0.01)
+            if zero == 1:                   # one all-reduce a step: any split over dp is fine
+                nt.pipeline_step(model, mesh, mbs, loss_scale=1 / 20, optimizer=opt)
+                opt.clip_grad_norm_(1.0)
+                opt.step()
+                continue
+            with pytest.raises(RuntimeError, match="between 2 and 3"):
+                nt.pipeline_step(model, mesh, mbs, loss_scale=1 / 20, optimizer=opt)
+    finally:
+        _dist_teardown()
+
+
+def test_zero23_unequal_micro_batch_counts_over_dp_raise_instead_of_hanging():
+    """ZeRO-2/3 reduce-scatter after EVERY micro-batch: a dp rank with one micro-batch fewer left its peer's last
+    reduce-scatter unanswered (a hang until the process-group timeout, then gloo's 'Timed out waiting'), or worse,
+    paired buckets of equal size wrongly. pipeline_step's count check now covers those dp ranks too."""
+    spawn(_dp_unequal_counts_worker, (2, free_port()), 2)
+
+
 def test_tp2_dp2_and_pp2_dp2_and_tp2_pp2_equal_single_process():
     _dp_spawn(4, [(2, 1, (0, 1, 2, 3)), (1, 2, (1, 2), "tied"), (2, 2, (0, 2))])
 
