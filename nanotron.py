@@ -1299,7 +1299,8 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     out = torch.stack([p.loss_sum, p.n_tokens.double()])
     if mesh.pp > 1:
         dist.broadcast(out, src=mesh.rank_of(mesh.dp_rank, mesh.pp - 1, mesh.tp_rank), group=mesh.pp_group)
-    return out[0].item(), int(out[1])
+    loss_sum, n = out.tolist()                    # one host sync for both (two .item()s would be two)
+    return loss_sum, int(n)
 
 
 @torch.no_grad()
