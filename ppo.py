@@ -1148,11 +1148,11 @@ def rollout(llm, rows: list[dict], cfg: Config, step: int, version: int, greedy:
     """rows [P] -> samples [P * n] grouped by prompt, each with the engine's log-prob of every token."""
     from nanovllm import SamplingParams
     n, replay = (1, False) if greedy else (cfg.samples_per_prompt, bool(cfg.response_lengths))
+    # seeded by the prompt's row: the same samples in any dp layout (the grader decodes the token ids itself)
     sps = [SamplingParams(n=n, temperature=0.0 if greedy else cfg.temperature, top_p=cfg.top_p, logprobs=0,
                           max_tokens=_length(cfg, step, row) if replay else cfg.max_new_tokens, ignore_eos=replay,
-                          seed=_seed(cfg.seed, step, row), detokenize=False)  # seeded by the prompt's row: the same
-           for row in (r.get("row", i) for i, r in enumerate(rows))]  # samples in any dp layout (the grader decodes
-    # the token ids itself)
+                          seed=_seed(cfg.seed, step, row), detokenize=False)
+           for row in (r.get("row", i) for i, r in enumerate(rows))]
     outs = llm.generate([{"prompt_token_ids": r["prompt_ids"]} for r in rows], sps, use_tqdm=False)
     return [{"prompt_ids": r["prompt_ids"], "response": c.token_ids, "engine_logp": c.token_logprobs,
              "answer": r["answer"], "group": g, "finish": c.finish_reason, "version": version}
