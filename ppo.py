@@ -898,6 +898,11 @@ def pack(samples: list[dict], idx: list[int], budget: int, device) -> list[dict]
 
 REUSE_LOGP = True      # tests turn it off to check that the shortcut below changes nothing
 OVERLAP_HERE = True    # one-step-off with in-process engines: generate in a thread (tests compare it with off)
+# ...on a CUDA stream that outranks the trainer's (priority -1 beats the default 0: when both streams have kernels
+# waiting, the GPU's block scheduler starts the engine's first). A decode step is a few short kernels whose latency
+# is the rollout's speed, most of all in the tail, where a few long responses decode alone; the trainer's big
+# matmuls fill whatever SMs the engine leaves idle. Benchmarks flip it to measure what it buys.
+ENGINE_STREAM_PRIORITY = -1
 
 
 class Trainer:
@@ -2066,7 +2071,8 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
     # which first waits for it, and every sample's seed is its prompt's.
     here = pool is not None and OVERLAP_HERE and isinstance(engines.handles[0], _Here) and not engines.sleepy \
         and not cfg.dynamic_sampling and cfg.algo != "remax"     # (those generate more during the step itself)
-    side = torch.cuda.Stream(info["device"]) if here and torch.device(info["device"]).type == "cuda" else None
+    side = torch.cuda.Stream(info["device"], priority=ENGINE_STREAM_PRIORITY) \
+        if here and torch.device(info["device"]).type == "cuda" else None
 
     def on_side(rows: list[dict], step: int, version: int, ready) -> tuple:
         if side is not None:
