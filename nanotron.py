@@ -928,6 +928,14 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.V_r, dim, dtype=dtype, device=device))
 
     def forward(self, ids):
+        # An id outside [0, V) is a data bug: tp = 1 fails on it (F.embedding), but at tp > 1 every rank masks it as
+        # another's and the all-reduce sums a SILENT zero row. Host ids (CPU, gloo): an exact check naming the id. On
+        # GPU, reading an answer would SYNC the host every forward: a device-side assert instead, as F.embedding's.
+        if ids.device.type == "cpu" and (bad := ((ids < 0) | (ids >= self.vocab_size)).nonzero()).numel():
+            raise ValueError(f"input_ids[{int(bad[0])}] = {int(ids[bad[0]])} is outside the vocabulary [0, vocab_size "
+                             f"{self.vocab_size}) ({len(bad)} such ids): a tokenizer not made for this model?")
+        if ids.is_cuda and self.group is not None:
+            torch._assert_async(((ids >= 0) & (ids < self.vocab_size)).all(), f"an id outside [0, {self.vocab_size})")
         if self.group is None:                                           # tp = 1: a plain lookup
             return F.embedding(ids, self.weight)
         local = ids - self.vocab_start

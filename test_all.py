@@ -133,7 +133,7 @@ from prepare_data import Config, build  # noqa: E402
 # nanovllm.py to 2549 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1019, "kernels.py": 2206, "nanotron.py": 2601,
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1019, "kernels.py": 2206, "nanotron.py": 2609,
                 "nanovllm.py": 2549, "nanoray.py": 3402, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
@@ -3817,6 +3817,7 @@ def _tp_worker(rank, world, port, cases):
             set_kernels(use_kernels)
             _tp_case(world, sp, use_kernels and nt._KERNELS is not None, tie)
         _vocab_parallel_functions(MESH[0])
+        _oov_ids_raise(MESH[0])
     finally:
         _dist_teardown()
 
@@ -3859,6 +3860,22 @@ def test_tp2_equals_single_process():
 
 def test_tp4_equals_single_process():
     _spawn(4, [(False, False, True), (True, True, False)])
+
+
+def _oov_ids_raise(mesh):
+    """An id outside [0, V) names itself and V at every tp; the vocab-parallel lookup must not zero it (each rank masks
+    the ids it does not own, so an id no rank owns would come out a silent zero row)."""
+    cfg = nt.tiny_config(num_heads=8, num_kv_heads=4)            # V = 101: tp=2 ranks own rows [0, 51), [51, 101)
+    model = nt.Transformer(cfg, mesh, use_kernels=False).init_random(0)
+    cu, pos = nt.cu_seqlens_from_lengths([3])
+    for bad in (cfg.vocab_size, cfg.vocab_size + 50, -1):
+        with pytest.raises(ValueError, match=f"input_ids\\[1\\] = {bad} .*vocab_size {cfg.vocab_size}"):
+            model(torch.tensor([0, bad, 7]), pos, cu)
+
+
+def test_out_of_vocab_ids_raise():
+    """tp=1 here; tp=2 and tp=4 in _tp_worker (a spawned test costs ~10 s of imports: its cases share one)."""
+    _oov_ids_raise(nt.Mesh())
 
 
 # ---- a stuck rank: every process group times out -----------------------------------------------------
