@@ -1273,6 +1273,15 @@ def _1f1b(p: _Pipe, M: int):
 SCHEDULES = {"1f1b": _1f1b, "afab": _afab}
 
 
+def _same_micro_batch_count(M: int, mesh: Mesh, who: str, dp_group=None):
+    """A stage (or ZeRO-2/3 dp rank) with one micro-batch more waits forever on a peer that finished: a hang, not an
+    error. A tiny all-reduce MAX of (M, -M), over the pipeline then dp_group, gives every rank the max and the min."""
+    mm = all_reduce_(torch.tensor([M, -M], device=mesh.device), mesh.pp_group, "max")
+    all_reduce_(mm, dp_group, "max")
+    _require(mm.tolist() == [M, -M], f"{who}: {M} micro-batches here, between {-int(mm[1])} and {int(mm[0])} in "
+             f"this pipeline{' and its ZeRO-2/3 dp group' if dp_group is not None else ''}", RuntimeError)
+
+
 def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], schedule: str = "1f1b",
                   loss_scale: float | None = None, check: bool = True, optimizer=None,
                   loss_fn=None) -> tuple[float, int]:
@@ -1294,10 +1303,7 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     dp = getattr(optimizer, "dp", None)
     zero23 = dp is not None and dp.stage >= 2     # they reduce-scatter EVERY micro-batch: dp ranks must match too
     if check and (mesh.pp > 1 or (zero23 and mesh.dp > 1)):
-        mm = all_reduce_(torch.tensor([M, -M], device=mesh.device), mesh.pp_group, "max")
-        all_reduce_(mm, dp.group if zero23 else None, "max")                  # max over the pipeline, then over dp
-        _require(mm.tolist() == [M, -M], f"pipeline_step: {M} micro-batches here, between {-int(mm[1])} and "
-                 f"{int(mm[0])} in this pipeline{' and its ZeRO-2/3 dp group' if zero23 else ''}", RuntimeError)
+        _same_micro_batch_count(M, mesh, "pipeline_step", dp.group if zero23 else None)
     if loss_scale is None and loss_fn is None:   # .item() syncs: pass loss_scale in (you know the token count)
         loss_scale = 1.0 / max(1, sum(int((mb["labels"] != IGNORE_INDEX).sum()) for mb in micro_batches))
     p = _Pipe(stage, mesh, micro_batches, loss_scale, dp, loss_fn)
@@ -1316,6 +1322,8 @@ def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], 
     """Forward only (no graph, no backward): micro-batch k flows through the stages and the last stage returns
     [fn(hidden_k [N, Hd], k) for every k], the others []. Every rank of the pipeline passes the same list, as for
     pipeline_step (RL scores its rollouts this way)."""
+    if mesh.pp > 1:                                             # one tiny all-reduce + host sync per call
+        _same_micro_batch_count(len(micro_batches), mesh, "pipeline_forward")
     p, out = _Pipe(stage, mesh, micro_batches, loss_scale=None), []     # its p2p only: no loss, no backward
     for k, mb in enumerate(micro_batches):
         x = p.recv_forward()                                    # None on the first stage
