@@ -620,18 +620,19 @@ def load_hf_state(folder) -> tuple[ModelConfig, Iterator[tuple[str, torch.Tensor
 
 
 def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
-    """Write an HF folder (config.json + model.safetensors) of a tp-sharded single-stage model: a
-    collective over TP (all ranks call it), TP rank 0 writes, to a temp folder renamed at the end."""
+    """Write an HF folder (config.json + model.safetensors) of a tp-sharded single-stage model: a collective (EVERY
+    rank calls it); one rank writes, to a temp folder renamed at the end; a barrier: no rank returns before it is."""
     from safetensors.torch import save_file
-    tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}
-    if model.mesh.tp_rank != 0:
-        return
-    tmp = (folder := Path(folder)).with_name(f"{folder.name}.tmp-{os.getpid()}")
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(dtype), indent=2))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}   # gathers over tp
+    # ONE writer: dp replicas hold the same weights, and two writers' rmtree + rename of one folder race
+    if model.mesh.tp_rank == 0 and model.mesh.dp_rank == 0:
+        tmp = (folder := Path(folder)).with_name(f"{folder.name}.tmp-{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(model.cfg.to_hf(dtype), indent=2))
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    model.mesh.barrier()
 
 
 # ==== The chapters (see the module docstring): each adds one idea and reads on its own after the mesh ====

@@ -133,7 +133,7 @@ from prepare_data import Config, build  # noqa: E402
 # nanovllm.py to 2549 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1019, "kernels.py": 2206, "nanotron.py": 2617,
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1019, "kernels.py": 2206, "nanotron.py": 2618,
                 "nanovllm.py": 2549, "nanoray.py": 3402, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
@@ -4598,12 +4598,31 @@ def _dp_worker(rank, world, port, layouts):
             mesh = nt.Mesh.build(tp=tp, pp=pp, backend="gloo", timeout_s=120)
             if tp == 1 and pp == 1 and zeros == "all":
                 _dp_dp2_cases(mesh, cfg, data, ref)
+                _dp_save_hf_one_writer(mesh, cfg)
                 continue
             for zero in zeros:
                 what = f"tp{tp} pp{pp} dp{mesh.dp} zero{zero} tied={tied} pipeline={pipeline}"
                 _dp_check(_dp_run_layout(cfg, data, mesh, zero, pipeline=pipeline), ref, what)
     finally:
         _dist_teardown()
+
+
+def _dp_save_hf_one_writer(mesh, cfg):
+    """save_hf at dp=2: ONE rank writes (two replicas' rmtree + rename of one folder race: one's rename meets the
+    other's folder), and no rank returns before the folder is complete (every rank reads it right after)."""
+    folder = Path(tempfile.gettempdir()) / f"save_hf-dp2-{os.getppid()}" / "m"       # the same on both ranks
+    model = nt.Transformer(cfg, mesh, use_kernels=False).init_random(5)
+    renames, real = [], os.replace
+    os.replace = lambda a, b: (renames.append(b), real(a, b))[1]       # this process only: it is a spawned worker
+    try:
+        nt.save_hf(model, folder, dtype="float32")
+    finally:
+        os.replace = real
+    assert int(mesh.all_reduce_(torch.tensor(len(renames)), "dp")) == 1, "every dp replica wrote the folder"
+    assert all(torch.equal(t, dict(model.state_dict_hf())[n]) for n, t in nt.load_hf_state(folder)[1])
+    mesh.barrier()
+    if mesh.rank == 0:
+        shutil.rmtree(folder.parent)
 
 
 def _dp_spawn(world, layouts):
