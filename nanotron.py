@@ -1878,6 +1878,17 @@ class AdamW:
                 getattr(self, k)[i][s:e].copy_(local.reshape(-1)[a:z])
         self._publish()
 
+    @torch.no_grad()
+    def reload_model_params(self):
+        """Megatron's name: master <- the params, after weights were written into them (load_checkpoint with
+        optimizer_state=False); else step() updates the OLD master and publishes it over them. ZeRO-3: call it
+        inside dp.gathered_params(), where the written params live."""
+        for b, p in zip(self.dp.buckets, self.master):
+            if self.dp.stage == 3:
+                b.param_shard.copy_(b.param_buf[b.lo:b.hi])
+            if p is not b.param_shard:                          # bf16 params: the master is an fp32 copy
+                p.copy_(b.param_shard)
+
 
 def _assemble(name, pieces):
     """Full HF-shaped tensors {master, exp_avg, exp_avg_sq} from the pieces of all ranks (any layout)."""
@@ -2248,24 +2259,33 @@ def _resume_hint(folder: Path) -> str:
     return f"the newest complete checkpoint is {good}: resume from it with --resume {good}"
 
 
-def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_rng: bool = True) -> dict:
+def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_rng: bool = True,
+                    optimizer_state: bool = True) -> dict:
     """Load a checkpoint saved in ANY layout (tp / pp / dp / ZeRO may all differ) into this rank's model and optimizer;
     returns the manifest. Every rank calls it (ZeRO-3 gathers; stage 1/2's optimizer load all-gathers). optimizer=None
-    loads the weights only (under ZeRO-3 BEFORE build_optimizer). RNG states are restored only in the saving job's tp,
+    loads the weights only, before build_optimizer; after it pass the optimizer and optimizer_state=False (its fp32
+    master takes the loaded weights: Megatron's --no-load-optim). RNG states are restored only in the saving job's tp,
     pp, dp (rank r of another layout is another rank). A damaged one's error names the last good one."""
     folder, mesh, dp = Path(folder), mesh or model.mesh, getattr(optimizer, "dp", None)
+    # an optimizer's params have a main_grad; in bf16 its master is a COPY that the first step would publish back
+    _require(optimizer is not None or not any(hasattr(p, "main_grad") and p.dtype != torch.float32
+                                              for p in model.parameters()),
+             "load_checkpoint: build_optimizer already ran on this model, and its fp32 master weights would undo this "
+             "load at the first step: pass the optimizer (optimizer_state=False for the weights only)", RuntimeError)
     try:
         with CheckpointReader(folder) as ck:
             if diffs := config_mismatches(ck.config, model.cfg):
                 raise ValueError(f"checkpoint {folder} was saved from a different model config: {'; '.join(diffs)}. "
                                  "Resume it with the --model it was trained with, or start a new run in another --out")
-            if optimizer is not None and ck.manifest["optimizer"] is None:
+            if optimizer is not None and optimizer_state and ck.manifest["optimizer"] is None:
                 ck.optimizer_state_dicts([])                   # raises the "no optimizer state" error
             # ZeRO-3: writes into the gathered params are dropped on exit; the loaded master becomes the params below
             with dp.gathered_params() if dp is not None else contextlib.nullcontext():
                 _require_allocated(model, "load_checkpoint")
                 model.load_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
-            if optimizer is not None:                          # rewrites the params from the loaded master
+                if optimizer is not None and not optimizer_state:
+                    optimizer.reload_model_params()
+            if optimizer is not None and optimizer_state:      # rewrites the params from the loaded master
                 names = list(dict.fromkeys(name for name, *_ in optimizer._pieces))
                 optimizer.load_state_dict(ck.optimizer_state_dicts(names))
             saved = ck.manifest["layout"]
@@ -2279,7 +2299,7 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
     if mesh.rank == 0:
         print(f"load_checkpoint: step {ck.manifest['step']} from {folder} (saved as tp={saved['tp']} "
               f"pp={saved['pp']} dp={saved['dp']} zero={saved['zero_stage']}; now tp={mesh.tp} pp={mesh.pp} "
-              f"dp={mesh.dp}), optimizer {'loaded' if dp is not None else 'skipped'}, RNG {note}")
+              f"dp={mesh.dp}), optimizer {'loaded' if dp is not None and optimizer_state else 'skipped'}, RNG {note}")
     return ck.manifest
 
 
