@@ -34,6 +34,7 @@ Contents: config | synthetic task | answer parsing | adapters | reading sources 
 
 import argparse
 import dataclasses
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -828,13 +829,35 @@ def resolve(cfg: Config) -> Config:
                                test_files=[str(Path(p).resolve()) for p in cfg.test_files])
 
 
+TOKENIZER_FILES = ("tokenizer*", "vocab*", "merges.txt", "*.model", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template*")   # what decides the ids and the template; never the weights beside them
+
+
+def tokenizer_sha256(name: str):
+    """sha256 of the files that define tokenizer `name`, or None while they are not on disk (a hub name not yet in
+    the HF cache). The name alone is not enough: a folder re-filled with another tokenizer keeps its path. Hashing
+    ~10 MB takes milliseconds; loading the tokenizer would import transformers (seconds) on every reuse."""
+    if name == "smollm2" or Path(name).is_dir():
+        folder = smollm2_tokenizer_dir() if name == "smollm2" else Path(name)
+    else:
+        from huggingface_hub import snapshot_download
+        try:
+            folder = Path(snapshot_download(name, allow_patterns=list(TOKENIZER_FILES), local_files_only=True))
+        except (OSError, ValueError):   # not cached (or not a repo name): None matches no recorded hash
+            return None
+    h = hashlib.sha256()
+    for p in sorted({p for pattern in TOKENIZER_FILES for p in folder.glob(pattern) if p.is_file()}):
+        h.update(p.name.encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
 def _fingerprint(cfg: Config) -> dict:
-    # What decides the output: the config (minus --overwrite) and the input files' sizes and mtimes,
-    # so editing a data file invalidates the reuse check too.
+    # What decides the output: the config (minus --overwrite), the input files' sizes and mtimes (editing a data
+    # file invalidates the reuse check too) and the tokenizer's files (another vocabulary means other ids).
     conf = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}
     files = [{"path": p, "bytes": os.path.getsize(p), "mtime": int(os.path.getmtime(p))}
              for p in cfg.train_files + cfg.test_files if os.path.exists(p)]
-    return {"config": conf, "input_files": files}
+    return {"config": conf, "input_files": files, "tokenizer_sha256": tokenizer_sha256(cfg.tokenizer)}
 
 
 def build(cfg: Config) -> dict:
@@ -862,6 +885,7 @@ def build(cfg: Config) -> dict:
     if not raw:
         raise ValueError(f"prepare_data: no rows in {cfg.train_files + cfg.test_files or cfg.hub_id}")
     tok = load_tokenizer(cfg.tokenizer)
+    fp = _fingerprint(cfg)   # again: a hub tokenizer's files are on disk only now
 
     # Write everything into a temp folder next to the final one, then rename: readers never see half output.
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
