@@ -618,13 +618,21 @@ def prompt_messages(problem: str, cfg: Config) -> list:
     return [{"role": "user", "content": f"{problem.strip()}\n\n{cfg.instruction}"}]
 
 
-def sft_loss_mask(prompt_ids: list, full_ids: list, special_ids: set) -> list:
+def sft_loss_mask(prompt_ids: list, full_ids: list, special_ids: set, is_blank=lambda t: False) -> list:
     """1 on the response tokens through the end-of-turn token, 0 elsewhere. The model must learn to answer
-    AND to stop, so <|im_end|> is trained; the prompt and template text after end-of-turn (a newline)
-    are not. End-of-turn = the last special token after the prompt (or the last token if none is)."""
+    AND to stop, so <|im_end|> is trained; the prompt and template text after end-of-turn are not: ChatML's
+    newline, and Phi-3's "\n<|endoftext|>" after <|end|>, an EOS written after the LAST turn only (earlier
+    turns go on with <|user|>): generation stops at <|end|> and never emits it (TRL's training templates
+    mark the same span: content + end-of-turn). End-of-turn = the first special token of the row's tail of
+    special and blank (is_blank: whitespace-only) tokens, else the last special token after the prompt,
+    else the last token."""
     n_prompt, n = len(prompt_ids), len(full_ids)
-    ends = [i for i in range(n_prompt, n) if full_ids[i] in special_ids]
-    last = ends[-1] if ends else n - 1
+    i, last = n - 1, None
+    while i >= n_prompt and (full_ids[i] in special_ids or is_blank(full_ids[i])):   # walk the tail back
+        last, i = (i if full_ids[i] in special_ids else last), i - 1
+    if last is None:
+        ends = [i for i in range(n_prompt, n) if full_ids[i] in special_ids]
+        last = ends[-1] if ends else n - 1
     return [0] * n_prompt + [1] * (last + 1 - n_prompt) + [0] * (n - last - 1)
 
 
@@ -645,6 +653,7 @@ def encode_chunk(items: list, tok, cfg: Config) -> list:
                                      tokenize=False, **kw) for m, x in zip(msgs, items)]
     full_ids = tok(fulls, add_special_tokens=False)["input_ids"]
     special = {i for i, t in tok.added_tokens_decoder.items() if t.special} | set(tok.all_special_ids)
+    blank = lambda t: not tok.decode([t]).strip()   # noqa: E731 -- called on a few tail tokens per row
     out = []
     for x, p, full, p_ids, f_ids in zip(items, prompts, fulls, prompt_ids, full_ids):
         if f_ids[:len(p_ids)] != p_ids:
@@ -657,7 +666,7 @@ def encode_chunk(items: list, tok, cfg: Config) -> list:
             # Same text, but BPE merged across the boundary (a prompt ending in "\n\n" followed by "10"
             # becomes "\n" + "\n10"). Rollouts start from prompt_ids exactly, so train on those too.
             f_ids = p_ids + tok(full[len(p):], add_special_tokens=False)["input_ids"]
-        out.append({"input_ids": f_ids, "loss_mask": sft_loss_mask(p_ids, f_ids, special),
+        out.append({"input_ids": f_ids, "loss_mask": sft_loss_mask(p_ids, f_ids, special, blank),
                     "num_tokens": len(f_ids), "problem": x["problem"], "answer": x["answer"] or "",
                     "_prompt_len": len(p_ids)})
     return out
