@@ -797,7 +797,7 @@ def step_folders(root) -> dict:
 
 def plan_resume(cfg: Config) -> tuple:
     """(checkpoint to resume from or None, its step, the step folders of --out that --overwrite deletes). Refuses,
-    naming the flags, a checkpoint of another --objective and an --out holding steps after this run's start."""
+    naming the flags, a checkpoint of another --objective or --seed and an --out holding steps after this start."""
     src = None if cfg.resume == "never" else nt.latest_checkpoint(cfg.out) if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume not in ("auto", "never") and not (src / "manifest.json").is_file():
         raise FileNotFoundError(f"sft.py: --resume {cfg.resume}: no checkpoint there (no manifest.json); "
@@ -806,6 +806,9 @@ def plan_resume(cfg: Config) -> tuple:
     if (saved := man.get("extra", {}).get("objective", cfg.objective)) != cfg.objective:   # its steps, Adam, data
         raise ValueError(f"sft.py: {src} is a checkpoint of --objective {saved}, not {cfg.objective}: a resume "
                          f"continues that run; to start {cfg.objective} from its weights, merge.py it into --model")
+    if (seed := man.get("config", {}).get("seed", cfg.seed)) != cfg.seed:   # (the init it seeded: overwritten)
+        raise ValueError(f"sft.py: {src} is a checkpoint of --seed {seed}, not {cfg.seed}: the seed orders the data "
+                         f"and the checkpoint holds a position in that order; resume with --seed {seed}")
     start = int(man["step"])
     later = [p for n, p in step_folders(cfg.out).items() if n > start]
     if later and not cfg.overwrite:

@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2638,
-                "nanovllm.py": 2549, "nanoray.py": 3402, "sft.py": 1304, "ppo.py": 2445, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3402, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -5746,6 +5746,17 @@ def test_sft_refuses_to_resume_another_objective(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"o/step_1 is a checkpoint of --objective sft, not dpo: .*merge\.py"):
         sft.main(SFT_TINY + ["--objective", "dpo", "--steps", "3", "--out", "d", "--resume", "o/step_1",
                              "--results", "r.jsonl"])
+
+
+def test_sft_refuses_to_resume_with_another_seed(tmp_path, monkeypatch):
+    """--seed 1 resuming a --seed 0 checkpoint is refused before a model is built, naming both seeds: the seed orders
+    the data, and the checkpoint's sampler position means nothing in another order (nanosets refused it only after
+    the model was built and the checkpoint loaded)."""
+    monkeypatch.chdir(tmp_path)
+    sft.main(SFT_TINY + ["--steps", "1", "--out", "o", "--results", "r.jsonl"])
+    monkeypatch.setattr(nt, "build_stage", lambda *a, **k: pytest.fail("built a model before the check"))
+    with pytest.raises(ValueError, match=r"o/step_1 is a checkpoint of --seed 0, not 1: .*--seed 0"):
+        sft.main(SFT_TINY + ["--seed", "1", "--steps", "2", "--out", "o", "--results", "r.jsonl"])
 
 
 def test_sft_refuses_corrupt_data_before_building(tmp_path, monkeypatch, _sft_no_build):
