@@ -127,6 +127,7 @@ UNIT = 10_000  # resources are counted in 1/10000 units: fractional GPUs without
 MAX_FRAME = 1 << 28  # a length header above 256 MiB is garbage: no message is that big
 AUTH_TIMEOUT = 5.0  # seconds a peer gets to prove the secret before it is dropped
 RPC_TIMEOUT = 120.0  # an internal request to the head that takes longer than this means the head is stuck
+KEEPALIVE = (10, 5, 4)  # TCP keepalive (Linux): probe a peer silent for 10 s, every 5 s; 4 unanswered: it is dead
 # seconds a new worker process gets to connect (Ray's worker_register_timeout_seconds): one stuck importing would
 # otherwise hold its CPUs and its task forever. Then it is killed and its task retried (max_retries) or failed
 WORKER_START_TIMEOUT = float(os.environ.get("NANORAY_WORKER_START_TIMEOUT", 60))
@@ -544,6 +545,19 @@ def _auth_client(sock, secret: bytes) -> None:
         raise ConnectionError("the node failed to prove the shared secret")
 
 
+def _tune(sock) -> None:
+    """Options for every TCP connection nanoray makes or accepts. Small messages: no Nagle delay. Keepalive:
+    a peer that vanishes without a FIN or RST (a pulled cable, a frozen VM) would otherwise leave a recv
+    waiting forever and its tasks never failed; the probes turn its silence into an error (~30 s) that the
+    reader handles like an EOF. Ray gets the same from gRPC keepalives. (The knobs are Linux names; other
+    systems keep their defaults, often 2 hours of silence before the first probe.)"""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+        if hasattr(socket, name):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socket:
     """An authenticated, blocking TCP socket to HOST:PORT; ConnectionError (with the address) if not."""
     host, sep, port = address.rpartition(":")
@@ -553,7 +567,7 @@ def _connect(address: str, secret: bytes, timeout: float = 10.0) -> socket.socke
         sock = socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout)
     except OSError as e:
         raise ConnectionError(f"cannot reach a nanoray node at {address}: {e}") from None
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages: no Nagle delay
+    _tune(sock)
     try:
         _auth_client(sock, secret)
     except (OSError, ConnectionError) as e:
@@ -1785,7 +1799,7 @@ class _Head:
             return
         finally:
             self.handshakes.release()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        _tune(sock)
         sock.setblocking(False)  # from here on only the loop touches it, and the loop never waits on a socket
         # registered by the loop itself (selectors are not thread-safe); bytes that arrive meanwhile wait in
         # the kernel and make the socket readable as soon as it is registered
@@ -2842,6 +2856,7 @@ class _NodeManager:
         """Send one region: handshake, then (offset, size) in, raw bytes out. The head pinned the object for
         the transfer, so the region cannot be freed or reused while we send it."""
         try:
+            _tune(sock)
             sock.settimeout(AUTH_TIMEOUT)
             _auth_server(sock, self.secret)
             sock.settimeout(60)

@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2638,
-                "nanovllm.py": 2549, "nanoray.py": 3402, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3417, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -7027,6 +7027,28 @@ def test_nanoray_head_refuses_bad_peers_and_survives_bad_frames(tmp_path):
         head.send_signal(_signal.SIGTERM)
         head.wait(30)
     assert head.returncode == 0
+
+
+def test_nanoray_every_connection_probes_a_silent_peer(nr):
+    """A peer that vanishes without a FIN or RST (a pulled cable, a frozen VM) must not leave a recv blocked
+    forever: both ends of every connection have TCP keepalive on (Ray relies on gRPC keepalives the same way).
+    The head's ends live in another process, so they are read from /proc/net/tcp, where timer 02 is keepalive."""
+    s = nr._client.sock
+    assert s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        got = [s.getsockopt(socket.IPPROTO_TCP, getattr(socket, o)) for o in ("TCP_KEEPIDLE", "TCP_KEEPINTVL",
+                                                                              "TCP_KEEPCNT")]
+        assert got == list(nr.KEEPALIVE)
+    if not os.path.exists("/proc/net/tcp"):
+        return
+    port = int(nr._client.address.rsplit(":", 1)[1])
+
+    def head_timers():  # established (01) connections whose local port is the head's: its accepted sockets
+        rows = [r.split() for r in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+        return [r[5][:2] for r in rows if r[3] == "01" and int(r[1].split(":")[1], 16) == port]
+    # (at least the driver's; 01, retransmit, shows while a frame is unacknowledged: a moment on loopback;
+    # a socket without keepalive: 00)
+    _nr_wait_until(lambda: set(head_timers()) == {"02"}, timeout=5, what="keepalive on the head's connections")
 
 
 def _nr_try(fn):
