@@ -839,6 +839,7 @@ class _Client:
         # inbox: work for this process (exec/call/create, raylet commands); replies: rpc req -> value;
         # descs: object id -> descriptor, for ids held here; acks: wait() requests the head has not answered yet
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
+        self.awaited = {0}  # rpc requests someone still waits for (0: hello's): _file keeps only their replies
         self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
         self.owned, self.elsewhere = set(), set()  # returns of our tasks, not pushed yet; pushed as "ask"
         self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()  # request/id counter; our ids' prefix
@@ -849,6 +850,7 @@ class _Client:
             if not self.pump(lambda: 0 in self.replies, time.monotonic() + RPC_TIMEOUT):
                 raise TimeoutError(f"the nanoray head at {address} did not answer hello")
             self.info = self._reply(0)
+            self.awaited.discard(0)
         except BaseException:
             self.sock.close()
             raise
@@ -973,7 +975,8 @@ class _Client:
                     self.descs[oid] = d
             self.acks.discard(msg[1])  # (kept for no other request: a late answer leaves nothing behind)
         elif msg[0] == "reply":
-            self.replies[msg[1]] = msg[2]
+            if msg[1] in self.awaited:  # else its caller gave up (a timeout, a Ctrl-C): nobody would ever pop it
+                self.replies[msg[1]] = msg[2]
         else:  # work for a worker, commands for a raylet
             self.inbox.append(msg)
 
@@ -991,9 +994,18 @@ class _Client:
 
     def rpc(self, name, *args, timeout=RPC_TIMEOUT):
         """Call the head's _rpc_<name>(peer, *args) and return its value: one round trip, bounded."""
-        req = next(self.ids)
-        self.send(("rpc", req, name, args))
-        if not self.pump(lambda: req in self.replies, time.monotonic() + timeout):
+        req, ok = next(self.ids), False
+        with self.cond:
+            self.awaited.add(req)
+        try:
+            self.send(("rpc", req, name, args))
+            ok = self.pump(lambda: req in self.replies, time.monotonic() + timeout)
+        finally:
+            with self.cond:  # (under cond: _file may be filing this very reply on another thread)
+                self.awaited.discard(req)
+                if not ok:  # gave up: a reply that came meanwhile goes, a later one is dropped by _file
+                    self.replies.pop(req, None)
+        if not ok:
             raise TimeoutError(f"the nanoray head at {self.address} did not answer {name!r} within {timeout:.0f} s")
         return self._reply(req)
 

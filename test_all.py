@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2638,
-                "nanovllm.py": 2549, "nanoray.py": 3417, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3429, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -6268,6 +6268,17 @@ def test_nanoray_polling_wait_keeps_no_state_per_call(nr):
     nr.available_resources()  # its reply comes after every late answer: they are all filed now
     assert len(nr._client.acks) <= 1, f"{len(nr._client.acks)} answered requests kept"
     assert nr.get(slow, timeout=60) == 3
+
+
+def test_nanoray_a_late_rpc_reply_is_dropped(nr, monkeypatch):
+    """A reply that arrives after its caller gave up (a timeout, a Ctrl-C) has nobody to read it: it is dropped
+    when it arrives, not kept for the life of the process."""
+    monkeypatch.setattr(nr._client, "pump", lambda done, deadline=None: False)  # as if the deadline passed
+    with pytest.raises(TimeoutError, match="did not answer 'resources'"):
+        nr.available_resources()
+    monkeypatch.undo()
+    assert nr.available_resources()["CPU"] == 2  # its reply comes after the late one: that was read too
+    assert not nr._client.replies
 
 
 def test_nanoray_remote_errors_carry_the_remote_traceback(nr):
