@@ -840,6 +840,7 @@ class _Client:
         # descs: object id -> descriptor, for ids held here; acks: wait() requests the head has not answered yet
         self.inbox, self.replies, self.descs, self.acks = deque(), {}, {}, set()
         self.awaited = {0}  # rpc requests someone still waits for (0: hello's): _file keeps only their replies
+        self.late = {}  # rpc requests given up on -> what to do with their reply when it comes (rpc's on_late)
         self.counts, self.ops, self.wanted = {}, [], Counter()  # wanted: ids fetched without a ref (task args)
         self.owned, self.elsewhere = set(), set()  # returns of our tasks, not pushed yet; pushed as "ask"
         self.ids, self.prefix = itertools.count(1), os.urandom(6).hex()  # request/id counter; our ids' prefix
@@ -977,6 +978,8 @@ class _Client:
         elif msg[0] == "reply":
             if msg[1] in self.awaited:  # else its caller gave up (a timeout, a Ctrl-C): nobody would ever pop it
                 self.replies[msg[1]] = msg[2]
+            elif msg[1] in self.late:
+                self.late.pop(msg[1])(msg[2])
         else:  # work for a worker, commands for a raylet
             self.inbox.append(msg)
 
@@ -992,8 +995,10 @@ class _Client:
             raise v
         return v
 
-    def rpc(self, name, *args, timeout=RPC_TIMEOUT):
-        """Call the head's _rpc_<name>(peer, *args) and return its value: one round trip, bounded."""
+    def rpc(self, name, *args, timeout=RPC_TIMEOUT, on_late=None):
+        """Call the head's _rpc_<name>(peer, *args) and return its value: one round trip, bounded.
+        on_late(value) undoes what the head did for a call we gave up on, when its reply comes (or came) anyway
+        (under self.cond: no I/O in it)."""
         req, ok = next(self.ids), False
         with self.cond:
             self.awaited.add(req)
@@ -1003,8 +1008,12 @@ class _Client:
         finally:
             with self.cond:  # (under cond: _file may be filing this very reply on another thread)
                 self.awaited.discard(req)
-                if not ok:  # gave up: a reply that came meanwhile goes, a later one is dropped by _file
-                    self.replies.pop(req, None)
+                if not ok and req in self.replies:  # gave up, yet the reply came meanwhile
+                    v = self.replies.pop(req)
+                    if on_late is not None:
+                        on_late(v)
+                elif not ok and on_late is not None:  # a later reply goes to on_late, then is dropped (_file)
+                    self.late[req] = on_late
         if not ok:
             raise TimeoutError(f"the nanoray head at {self.address} did not answer {name!r} within {timeout:.0f} s")
         return self._reply(req)
@@ -1291,9 +1300,15 @@ def kill(actor, *, no_restart=True) -> None:
     _need_client().rpc("kill", actor._aid, no_restart)
 
 
+def _drop_handle(reply) -> None:
+    """rpc's on_late for create_actor and get_actor: the head counted us as holding the actor it names."""
+    if isinstance(reply, (str, tuple)):  # (an exception: it counted nothing)
+        ObjectRef(reply if isinstance(reply, str) else reply[0], _counted=True)  # made and dropped: "-"
+
+
 def get_actor(name: str, namespace=None):
     """A handle to a live named actor (namespace: the caller's job's unless given)."""
-    aid, cls_name, methods = _need_client().rpc("get_actor", name, namespace)
+    aid, cls_name, methods = _need_client().rpc("get_actor", name, namespace, on_late=_drop_handle)
     return ActorHandle(aid, cls_name, methods, ObjectRef(aid, _counted=True))
 
 
@@ -1432,12 +1447,11 @@ class ActorClass:
         args_blob, deps, contained = c.pack_args(args, kwargs, f"{self._cls.__name__}.remote()")
         # an rpc, not a plain send like tasks: a taken name must raise here, and get_if_exists may return
         # another actor's id. The constructor itself runs later: its errors surface at the first call.
-        aid = c.new_id()
-        try:
-            aid = c.rpc("create_actor", aid, blob, self._cls.__name__, args_blob, deps, contained, hopts, self._methods)
-        except BaseException:  # (a timeout, a Ctrl-C) the head may still create it, counting us as the holder of a
-            ObjectRef(aid, _counted=True)  # handle we never got: a ref made and dropped at once tells it "-"
-            raise
+        # If we give up waiting (a timeout, a Ctrl-C), the head still creates the actor (or, for get_if_exists,
+        # finds the existing one: another id), counting us as the holder of a handle we never got: when its
+        # answer comes, a ref of the id it names, made and dropped at once, tells it "-"
+        aid = c.rpc("create_actor", c.new_id(), blob, self._cls.__name__, args_blob, deps, contained, hopts,
+                    self._methods, on_late=_drop_handle)
         return ActorHandle(aid, self._cls.__name__, self._methods, ObjectRef(aid, _counted=True))
 
 

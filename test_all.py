@@ -134,7 +134,7 @@ from prepare_data import Config, build  # noqa: E402
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2638,
-                "nanovllm.py": 2549, "nanoray.py": 3429, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3443, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -6432,6 +6432,27 @@ def test_nanoray_named_actor_found_after_its_last_handle_went_while_a_call_runs(
     del h
     again = Slow.options(name="nr-dropped", get_if_exists=True).remote()
     assert nr.get([first, second, again.nap.remote(0)], timeout=60) == [1, 1, 0]
+
+
+def test_nanoray_get_if_exists_that_timed_out_holds_no_handle(nr, monkeypatch):
+    """get_if_exists (or get_actor) whose answer came too late: the head counted this driver as a holder of the
+    EXISTING actor (another id than the one the call made up), so dropping the made-up id was not enough: the actor
+    outlived its last real handle, until the driver exited. The late answer itself releases the handle it names."""
+    @nr.remote
+    class Nap:
+        def nap(self, s):
+            time.sleep(s)
+            return os.getpid()
+    call = Nap.options(name="nr-late-get").remote().nap.remote(0.5)  # the only handle is gone after this line
+    monkeypatch.setattr(nr._client, "pump", lambda done, deadline=None: False)  # as if the deadline passed
+    with pytest.raises(TimeoutError):
+        Nap.options(name="nr-late-get", get_if_exists=True).remote()
+    with pytest.raises(TimeoutError):  # get_actor: the same shape
+        nr.get_actor("nr-late-get")
+    monkeypatch.undo()
+    pid = nr.get(call, timeout=30)  # (reads the late answer on the way)
+    nr.available_resources()  # any call flushes the "-"
+    _nr_wait_until(lambda: not _nr_pid_alive(pid), timeout=5, what="the actor to exit after its last call")
 
 
 def test_nanoray_actor_creation_interrupted_in_its_rpc_does_not_outlive_it(nr, monkeypatch):
