@@ -2014,11 +2014,12 @@ class _Head:
             self._release_region(nid, off, oid)
         for c in o.contained:
             self._unpin(c)
-        if o.actor is not None:
-            a = self.actors.get(o.actor)
-            if a is not None and not a.spec.opts["detached"]:
+        a = self.actors.get(o.actor) if o.actor is not None else None
+        if a is not None:
+            if not a.spec.opts["detached"]:
                 a.out_of_scope = True
                 self._maybe_exit(a)
+            self._forget(a)
 
     def _pin(self, oid) -> None:
         """Keep oid alive for a task or a containing object (an unknown id is ignored: its get raises)."""
@@ -2535,14 +2536,29 @@ class _Head:
             a.spec.done = True
             for d in a.spec.deps + a.spec.contained:
                 self._unpin(d)
+        if first and a.spec.opts["detached"]:  # its handle entry was pinned to outlive its creator: no more
+            self._unpin(a.aid)
         if a.worker is not None:
             self._node_call(a.worker.node, "kill", a.worker.wid)
+        self._forget(a)
+
+    def _forget(self, a) -> None:
+        """Drop a dead actor's record (and its name) once nothing can reach it: no handle left (its handle
+        entry is freed) and no process (a late frame from it would look the actor up). A long run that starts
+        and kills many actors would grow the table forever. A handle that comes back later (unpickled from an
+        old object) reaches no record: its calls fail with ActorDiedError all the same, without the cause."""
+        if a.state != "dead" or a.worker is not None or a.aid in self.objects or self.actors.get(a.aid) is not a:
+            return
+        del self.actors[a.aid]
+        key = (a.spec.opts["namespace"] or self.jobs[a.job]["ns"], a.spec.opts["name"])
+        if self.names.get(key) == a.aid:
+            del self.names[key]
 
     def _rpc_kill(self, peer, aid, no_restart):
         """kill(): no_restart -> dead now; else just kill the process and let _actor_lost restart it."""
         a = self.actors.get(aid)
-        if a is None:
-            raise ValueError(f"kill(): no actor {aid}")
+        if a is None:  # dead and forgotten (_forget): as in Ray, killing a dead actor does nothing
+            return
         if no_restart:
             self._actor_dead(a, "killed by nanoray.kill()")
         elif a.worker is not None:
@@ -2603,7 +2619,7 @@ class _Head:
         """A driver disconnected (exit, crash, shutdown): its actors die (detached ones stay), its task workers
         are killed, its queued tasks fail, its groups are removed (detached ones stay)."""
         self.jobs[job]["alive"] = False
-        for a in self.actors.values():
+        for a in list(self.actors.values()):  # (a list: _actor_dead may _forget)
             if a.job == job and not a.spec.opts["detached"] and a.state != "dead":
                 self._actor_dead(a, "its driver exited")
         for w in list(self.workers.values()):
@@ -2693,7 +2709,7 @@ class _Head:
             return
         # Ray's rule: its actors die, its running tasks fail and their processes are killed (below), its queued
         # tasks fail when _place meets them
-        for a in self.actors.values():
+        for a in list(self.actors.values()):  # (a list: _actor_dead may _forget)
             s = a.spec.opts["strategy"]
             if s and s[0] == "pg" and s[1] == pgid and a.state != "dead":
                 self._actor_dead(a, "its placement group was removed")
