@@ -133,6 +133,12 @@ from prepare_data import Config, build  # noqa: E402
 # nanovllm.py to 2549 (a review's fixes: parameter types, stop strings without a tokenizer or of multi-byte
 # characters, a half-queued generate, automatic ids, the profile's RoPE positions, a dead tp worker named, a
 # sleeping engine refusing work, the stopping token out of the text as in vLLM, numpy prompts).
+# Session 13: prepare_data.py to 1052 (the tokenizer's files in the reuse fingerprint; the SFT mask stopping at
+# end-of-turn before a template's trailing EOS), sft.py to 1307 (a resume with another --seed refused before a model
+# is built), nanotron.py to 2638 (out-of-vocabulary ids raise at every tp, pipeline_forward's count check, save_hf's
+# one writer, a weights-only load refreshing the fp32 master), nanoray.py to 3459 (TCP keepalive, late rpc replies
+# dropped, an interrupted create/get_actor releasing its handle, dead actors leaving the head's table), kernels.py
+# to 2206 (the forward's 64x64 up to 4k).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2638,
                 "nanovllm.py": 2549, "nanoray.py": 3459, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
