@@ -141,7 +141,10 @@ case "$job" in
     # interpreter; accelerate lets transformers load the GGUF model the nanotron tests compare against.
     "$PY" -m pip install -q pytest pyarrow psutil triton==3.9.0 accelerate ray
     set +e
-    "$PY" -m pytest test_all.py -q "$@"
+    # Bytecode caching on, whatever the environment says: the suite starts a few hundred Python processes
+    # (torchrun ranks, spawned workers, CLIs), and each one otherwise recompiles test_all.py and the stack's
+    # files (~1 s a process on a slow 2-core machine; .pyc files land in the git-ignored __pycache__/).
+    env -u PYTHONDONTWRITEBYTECODE "$PY" -m pytest test_all.py -q "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi
