@@ -8862,6 +8862,18 @@ def _ppo_rows(out):
     return [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+_REFERENCE_RUNS = {}
+
+
+def _reference_rows(key, run, tmp_path_factory) -> list[dict]:
+    """The one-process run that every parametrization of a test compares against, made once per session in a
+    folder of its own (run(folder) writes folder/metrics.jsonl; each run costs seconds of the suite's budget)."""
+    if key not in _REFERENCE_RUNS:
+        run(folder := tmp_path_factory.mktemp("reference"))
+        _REFERENCE_RUNS[key] = [r for r in _ppo_rows(folder) if "reward" in r]
+    return _REFERENCE_RUNS[key]
+
+
 def test_ppo_grpo_learns_the_toy_reward(tmp_path, monkeypatch):
     """The whole loop (nanovllm rollouts -> rewards -> trainer log-probs -> GRPO update -> weight sync): the
     tiny model's reward rises within 14 steps (0.19 -> 0.50 here), and the engine always sampled with the
@@ -9221,7 +9233,7 @@ def test_ppo_model_parallel_ranks_agree_on_the_grades(tmp_path):
 
 @pytest.mark.parametrize("layout", [[], ["--tp", "2"], ["--pp", "2"], ["--tp", "2", "--rollout_gpus", "1"],
                                     ["--engine_process"]])
-def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
+def test_ppo_torchrun_dp2_equals_one_process(tmp_path, tmp_path_factory, layout):
     """torchrun --nproc_per_node 2 (gloo). dp 2: each rank generates, grades and scores half of each step's
     prompts on its own engine; the loss is normalised by the whole step's counts and dp sums the gradients,
     and the samples are seeded by prompt row. tp 2: the two ranks hold half of every layer (and each a full
@@ -9236,16 +9248,19 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
     common = ["--steps", "3", "--prompts_per_step", "8", "--eval_problems", "8", "--results", "r.jsonl",
               "--algo", "ppo", "--samples_per_prompt", "2", "--save_every", "2", "--mode", "one_step_off"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    r1 = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *common, "--out", "one"], cwd=tmp_path, env=env,
-                        capture_output=True, text=True, timeout=300)
-    assert r1.returncode == 0, r1.stderr[-3000:]
+
+    def one_process(folder):
+        r1 = subprocess.run([sys.executable, str(ROOT / "ppo.py"), *common, "--out", str(folder)], cwd=folder,
+                            env=env, capture_output=True, text=True, timeout=300)
+        assert r1.returncode == 0, r1.stderr[-3000:]
+    one = _reference_rows(("torchrun", *common), one_process, tmp_path_factory)
     nproc = "3" if "--rollout_gpus" in layout else "2"
     r2 = subprocess.run([torchrun, "--nproc_per_node", nproc, "--master_port", str(free_port()), str(ROOT / "ppo.py"),
                          *common, *layout, "--out", "two"], cwd=tmp_path, env=env, capture_output=True, text=True,
                         timeout=300)
     assert r2.returncode == 0, (r2.stdout + r2.stderr)[-3000:]
     assert ("roles: trainer pid" in r2.stdout) == ("--rollout_gpus" in layout or "--engine_process" in layout)
-    one, two = ([r for r in _ppo_rows(tmp_path / d) if "reward" in r] for d in ("one", "two"))
+    two = [r for r in _ppo_rows(tmp_path / "two") if "reward" in r]
     assert [r["reward"] for r in two] == [r["reward"] for r in one]
     for a, b in zip(one, two):             # (tp sums partial matmuls in another order: fp32 round-off only)
         assert b["value_loss"] == pytest.approx(a["value_loss"], rel=1e-3, abs=1e-6)
@@ -9261,7 +9276,7 @@ def test_ppo_torchrun_dp2_equals_one_process(tmp_path, layout):
 @pytest.mark.parametrize("backend,extra", [("nanoray", []), ("nanoray", ["--weight_sync", "store"]),
                                            ("nanoray", ["--engines", "2"]),
                                            ("nanoray", ["--tp", "2", "--trainer_ranks", "4"]), ("ray", [])])
-def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend, extra):
+def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, tmp_path_factory, monkeypatch, backend, extra):
     """--backend nanoray / ray: the trainer and the engine(s) are actors in their own processes (the weights
     travel by a bucketed broadcast on a process group of their own, or through the object store; in one-step-
     off mode the engines generate while the trainer trains; two engines each take half of the prompts; the
@@ -9278,7 +9293,8 @@ def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend,
     monkeypatch.chdir(tmp_path)
     common = ["--steps", "3", "--prompts_per_step", "4", "--eval_problems", "4", "--results", "r.jsonl",
               "--mode", "one_step_off"]
-    ppo.main(common + ["--out", "here"])
+    here = _reference_rows(("actors", *common), lambda d: ppo.main(common + ["--out", str(d), "--results",
+                                                                           str(d / "r.jsonl")]), tmp_path_factory)
     try:
         s = ppo.main(common + ["--out", "actors", "--backend", backend] + extra)
     finally:
@@ -9286,7 +9302,7 @@ def test_ppo_roles_as_actors_equal_the_local_run(tmp_path, monkeypatch, backend,
             nanoray.shutdown()
     if started:
         assert not any((tmp_path / "elsewhere").iterdir()), "nothing written relative to the actors' cwd"
-    here, actors = ([r for r in _ppo_rows(d) if "reward" in r] for d in ("here", "actors"))
+    actors = [r for r in _ppo_rows("actors") if "reward" in r]
     assert [r["reward"] for r in actors] == [r["reward"] for r in here]
     assert [r["staleness"] for r in actors] == [0, 1, 1]
     for a, b in zip(here, actors):
