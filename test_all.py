@@ -2404,9 +2404,22 @@ def test_run_cli_one_line_exit_2_and_debug(capsys, monkeypatch):
 
 
 def _cli(args, cwd, env=None, timeout=300):
+    return _clis([args], cwd, env, timeout)[0]
+
+
+def _clis(argss, cwd, env=None, timeout=300) -> list:
+    """`python ARGS` for each ARGS at once -> their CompletedProcess in order. A CLI test's process is mostly the
+    interpreter importing torch (seconds on a slow core): side by side, the machine's other core takes half."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env or {}))
     env.pop("RANK", None)
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    procs = [subprocess.Popen([sys.executable, *a], cwd=cwd, env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for a in argss]
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+        return [subprocess.CompletedProcess(p.args, p.returncode, *o) for p, o in zip(procs, outs)]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None else None
 
 
 def test_root_clis_bad_input_is_one_line(tmp_path):
@@ -2417,17 +2430,16 @@ def test_root_clis_bad_input_is_one_line(tmp_path):
              (["sft.py", "--tp", "3"], "sft.py: error: --tp 3 x --pp 1 = 3 does not divide the world size 1"),
              (["sft.py", "--resume", "nowhere"], "sft.py: error: --resume nowhere: no checkpoint there"),
              (["merge.py", "nowhere"], "merge.py: error: nowhere is neither a checkpoint")]
-    for args, line in cases:
-        r = _cli([str(ROOT / args[0]), *args[1:]], tmp_path)
-        assert r.returncode == 2 and r.stderr.startswith(line) and r.stderr.count("\n") == 1, (args, r.stderr[-2000:])
-    r = _cli([str(ROOT / "sft.py"), "--tp", "3", "--debug"], tmp_path)
-    assert r.returncode == 1 and "Traceback" in r.stderr and "ValueError: sft.py: --tp 3" in r.stderr
-    for f in ("sft.py", "prepare_data.py"):
-        r = _cli([str(ROOT / f), "--help"], tmp_path)
-        assert r.returncode == 0 and r.stdout.startswith("usage:") and "--debug" in r.stdout and "config:" not in r.stdout
     no_tqdm = f"import sys, runpy; sys.modules['tqdm'] = None; sys.argv = ['merge.py', '--help']; " \
               f"runpy.run_path({str(ROOT / 'merge.py')!r}, run_name='__main__')"
-    r = _cli(["-c", no_tqdm], tmp_path)
+    *rs, debug, h1, h2, r = _clis([[str(ROOT / a[0]), *a[1:]] for a, _ in cases] + [
+        [str(ROOT / "sft.py"), "--tp", "3", "--debug"], [str(ROOT / "sft.py"), "--help"],
+        [str(ROOT / "prepare_data.py"), "--help"], ["-c", no_tqdm]], tmp_path)
+    for (args, line), r1 in zip(cases, rs):
+        assert r1.returncode == 2 and r1.stderr.startswith(line) and r1.stderr.count("\n") == 1, (args, r1.stderr[-2000:])
+    assert debug.returncode == 1 and "Traceback" in debug.stderr and "ValueError: sft.py: --tp 3" in debug.stderr
+    for h in (h1, h2):
+        assert h.returncode == 0 and h.stdout.startswith("usage:") and "--debug" in h.stdout and "config:" not in h.stdout
     assert r.returncode == 0 and r.stdout.startswith("usage:"), r.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == []             # nothing was run or written
 
@@ -9428,15 +9440,15 @@ def test_ppo_response_lengths_replay_a_length_distribution(tmp_path, monkeypatch
 
 
 def test_ppo_cli_errors_are_one_line(tmp_path):
-    for args, msg in ((["--algo", "dpo"], "--algo 'dpo'"),
-                      (["--algo", "grpo", "--samples_per_prompt", "1"], "--samples_per_prompt must be >= 2"),
-                      (["--data", str(tmp_path)], "train.nano is missing"),
-                      (["--rollout_gpus", "1"], "--rollout_gpus 1 splits a torchrun launch")):
-        r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--out", str(tmp_path / "o"), *args],
-                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    cases = ((["--algo", "dpo"], "--algo 'dpo'"),
+             (["--algo", "grpo", "--samples_per_prompt", "1"], "--samples_per_prompt must be >= 2"),
+             (["--data", str(tmp_path)], "train.nano is missing"),
+             (["--rollout_gpus", "1"], "--rollout_gpus 1 splits a torchrun launch"))
+    *rs, h = _clis([[str(ROOT / "ppo.py"), "--out", str(tmp_path / "o"), *a] for a, _ in cases] +
+                   [[str(ROOT / "ppo.py"), "--help"]], tmp_path)
+    for (args, msg), r in zip(cases, rs):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-500:])
-    r = subprocess.run([sys.executable, str(ROOT / "ppo.py"), "--help"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0 and "usage" in r.stdout
+    assert h.returncode == 0 and "usage" in h.stdout
 
 
 # ---- ppo.py: the reward model hook and LoRA on the actor ----
