@@ -549,11 +549,15 @@ def _tune(sock) -> None:
     """Options for every TCP connection nanoray makes or accepts. Small messages: no Nagle delay. Keepalive:
     a peer that vanishes without a FIN or RST (a pulled cable, a frozen VM) would otherwise leave a recv
     waiting forever and its tasks never failed; the probes turn its silence into an error (~30 s) that the
-    reader handles like an EOF. Ray gets the same from gRPC keepalives. (The knobs are Linux names; other
-    systems keep their defaults, often 2 hours of silence before the first probe.)"""
+    reader handles like an EOF. Ray gets the same from gRPC keepalives. Keepalive probes only an IDLE
+    connection: a send whose data the vanished peer never acknowledges would retransmit for ~15 minutes, so
+    TCP_USER_TIMEOUT caps unacknowledged data at the same 30 s. (The knobs are Linux names; other systems keep
+    their defaults, often 2 hours of silence before the first probe.)"""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+    idle, every, count = KEEPALIVE
+    for name, value in (("TCP_KEEPIDLE", idle), ("TCP_KEEPINTVL", every), ("TCP_KEEPCNT", count),
+                        ("TCP_USER_TIMEOUT", 1000 * (idle + every * count))):    # (the last one in ms)
         if hasattr(socket, name):
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 

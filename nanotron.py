@@ -514,7 +514,18 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def load_hf(self, source):
         """Copy HF weights into this rank's shards. source: an HF folder, or (name, tensor) pairs like
-        load_hf_state(folder)[1]. Other stages' layers are skipped; unknown names, bad shapes, missing tensors raise."""
+        load_hf_state(folder)[1]. Other stages' layers are skipped; unknown names, bad shapes, missing tensors raise.
+        Before build_optimizer only: in bf16 the optimizer's fp32 master is a COPY, which its first step would publish
+        back over these weights (after it: load_checkpoint with the optimizer and optimizer_state=False)."""
+        _require(not any(hasattr(p, "main_grad") and p.dtype != torch.float32 for p in self.parameters()),
+                 "load_hf / init_random: build_optimizer already ran on this model, and its fp32 master weights would "
+                 "undo this load at the first step: load before build_optimizer, or use load_checkpoint(folder, model, "
+                 "optimizer, optimizer_state=False)", RuntimeError)
+        return self._copy_hf(source)
+
+    @torch.no_grad()
+    def _copy_hf(self, source):
+        """load_hf's copy, without its check (load_checkpoint refreshes the optimizer's master right after)."""
         where = str(source) if isinstance(source, (str, Path)) else "the state dict"
         source = load_hf_state(source)[1] if isinstance(source, (str, Path)) else source
         slots, known, seen = self.hf_slots(), set(hf_tensor_names(self.cfg)), set()
@@ -623,6 +634,9 @@ def save_hf(model: Transformer, folder, dtype: str = "bfloat16"):
     """Write an HF folder (config.json + model.safetensors) of a tp-sharded single-stage model: a collective (EVERY
     rank calls it); one rank writes, to a temp folder renamed at the end; a barrier: no rank returns before it is."""
     from safetensors.torch import save_file
+    # a pipeline stage holds only its layers: every stage's writer would put a partial model in the same folder
+    _require(model.mesh.pp == 1, f"save_hf: the model is one pipeline stage of pp={model.mesh.pp}; save a "
+             f"checkpoint (save_checkpoint) and export it with merge.py, which joins the stages")
     tensors = {n: t.to(getattr(torch, dtype)).contiguous() for n, t in model.state_dict_hf()}   # gathers over tp
     # ONE writer: dp replicas hold the same weights, and two writers' rmtree + rename of one folder race
     if model.mesh.tp_rank == 0 and model.mesh.dp_rank == 0:
@@ -2282,7 +2296,7 @@ def load_checkpoint(folder, model: Transformer, optimizer=None, mesh=None, load_
             # ZeRO-3: writes into the gathered params are dropped on exit; the loaded master becomes the params below
             with dp.gathered_params() if dp is not None else contextlib.nullcontext():
                 _require_allocated(model, "load_checkpoint")
-                model.load_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
+                model._copy_hf((name, ck.tensor(name, slot.full_shape)) for name, slot in model.hf_slots().items())
                 if optimizer is not None and not optimizer_state:
                     optimizer.reload_model_params()
             if optimizer is not None and optimizer_state:      # rewrites the params from the loaded master

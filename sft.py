@@ -288,7 +288,19 @@ def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
     vocab = vocab or 1 + max(st["max_id"] for st in stats)
     line = (f"data check: {stats[0]['rows']} + {stats[1]['rows']} rows, {sum(st['tokens'] for st in stats):,} "
             f"tokens: ids < {vocab}, masks 0/1, num_tokens = row lengths ({time.perf_counter() - t0:.2f} s)")
-    return splits[0], splits[1], vocab, line
+    return splits[0], splits[1], vocab, line, {"rows": stats[0]["rows"], "tokens": stats[0]["tokens"]}
+
+
+def check_resume_data(cfg: Config, src, data_id: dict):
+    """A checkpoint holds a position in its run's data order: resuming it on other data would go on silently with
+    rows the sampler never ordered. The identity compared is cheap, the train split's row and token counts (saved
+    in the checkpoint's extra; older checkpoints have none): another --data of the same row count is caught."""
+    saved = nt.read_manifest(src).get("extra", {}).get("data") if src is not None else None
+    if saved is not None and saved != data_id:
+        raise ValueError(f"sft.py: {src} was trained on a train split of {saved['rows']} rows / {saved['tokens']:,} "
+                         f"tokens; --data {cfg.data} has {data_id['rows']} rows / {data_id['tokens']:,} tokens: a "
+                         "resume continues that run's place in its data. Resume with its --data, or start a new run "
+                         "from its weights (merge.py it into --model)")
 
 
 def row_sequences(row: dict, objective: str) -> list:
@@ -975,7 +987,8 @@ def setup(cfg: Config) -> Job:
     cfg = resolve(cfg, torch.cuda.is_available(), nt.dist_env()[1])
     mesh = nt.Mesh.build(cfg.tp, cfg.pp)                     # joins torchrun's group; dp = world / (tp * pp)
     src, start, stale = plan_resume(cfg)
-    train_ds, test_ds, vocab, check_line = open_data(cfg, mesh)
+    train_ds, test_ds, vocab, check_line, data_id = open_data(cfg, mesh)
+    check_resume_data(cfg, src, data_id)
     mcfg, path = model_config(cfg, mesh, vocab)
     check_model(cfg, mcfg, vocab, src)
     act = None
@@ -988,7 +1001,7 @@ def setup(cfg: Config) -> Job:
         cfg = dataclasses.replace(cfg, micro_batch_tokens=micro)
     if mesh.rank == 0:
         print("sft config:", json.dumps(asdict(cfg)))
-    derived = derive(cfg, mesh, train_ds, test_ds) | {"check": check_line, "act": act}
+    derived = derive(cfg, mesh, train_ds, test_ds) | {"check": check_line, "act": act, "data_id": data_id}
     return Job(cfg, mesh, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
 
 
@@ -1077,7 +1090,8 @@ def save(job: Job, model, opt, batcher, step: int, log) -> Path:
         states = [None] * mesh.dp
         dist.all_gather_object(states, batcher.state_dict(), group=mesh.dp_group)
     folder = nt.save_checkpoint(Path(cfg.out) / f"step_{step}", model, opt, mesh, step,
-                                extra={"batcher": states, "objective": cfg.objective}, config=asdict(cfg))
+                                extra={"batcher": states, "objective": cfg.objective,
+                                       "data": job.derived["data_id"]}, config=asdict(cfg))
     if mesh.rank == 0:
         size = sum(e["bytes"] for e in nt.read_manifest(folder)["files"].values())
         gone = prune_checkpoints(cfg.out, cfg.keep_last)

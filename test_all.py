@@ -149,8 +149,11 @@ from prepare_data import Config, build  # noqa: E402
 # one writer, a weights-only load refreshing the fp32 master), nanoray.py to 3459 (TCP keepalive, late rpc replies
 # dropped, an interrupted create/get_actor releasing its handle, dead actors leaving the head's table), kernels.py
 # to 2206 (the forward's 64x64 up to 4k).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2638,
-                "nanovllm.py": 2549, "nanoray.py": 3459, "sft.py": 1307, "ppo.py": 2445, "merge.py": 200,
+# Session 14: nanotron.py to 2652 (save_hf refuses a pipeline stage; load_hf / init_random after build_optimizer in bf16
+# refused), sft.py to 1321 (a resume on other data of the same row count refused before a model is built),
+# nanoray.py to 3463 (TCP_USER_TIMEOUT beside the keepalive).
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2652,
+                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1321, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -4680,6 +4683,16 @@ def _dp_worker(rank, world, port, layouts):
         _dist_teardown()
 
 
+def test_save_hf_refuses_a_pipeline_stage(tmp_path):
+    """At pp > 1 a stage holds only its layers, and each stage's tp 0 / dp 0 rank would write its part into the one
+    folder: refused, naming the way that joins the stages (a checkpoint, then merge.py); nothing is written."""
+    stage = nt.Transformer(nt.tiny_config(num_layers=2), nt.Mesh(pp=2, rank=0), layer_range=(0, 1), has_head=False,
+                           use_kernels=False).init_random(0)
+    with pytest.raises(ValueError, match=r"save_hf: the model is one pipeline stage of pp=2; .*merge\.py"):
+        nt.save_hf(stage, tmp_path / "m")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _dp_save_hf_one_writer(mesh, cfg):
     """save_hf at dp=2: ONE rank writes (two replicas' rmtree + rename of one folder race: one's rename meets the
     other's folder), and no rank returns before the folder is complete (every rank reads it right after)."""
@@ -4988,6 +5001,9 @@ def test_weights_only_load_after_build_optimizer_refreshes_the_bf16_master(tmp_p
         if zero == 0:
             with pytest.raises(RuntimeError, match="optimizer_state=False"):
                 nt.load_checkpoint(ckpt, model, load_rng=False)
+            for load in (lambda: model.load_hf(want.items()), lambda: model.init_random(1)):   # the same, directly
+                with pytest.raises(RuntimeError, match="load_hf / init_random: build_optimizer already ran"):
+                    load()
         nt.load_checkpoint(ckpt, model, opt, optimizer_state=False, load_rng=False)
         opt.zero_grad()
         opt.step()                                          # zero grads, no decay: the weights must not move
@@ -5791,6 +5807,19 @@ def test_sft_refuses_to_resume_with_another_seed(tmp_path, monkeypatch):
     monkeypatch.setattr(nt, "build_stage", lambda *a, **k: pytest.fail("built a model before the check"))
     with pytest.raises(ValueError, match=r"o/step_1 is a checkpoint of --seed 0, not 1: .*--seed 0"):
         sft.main(SFT_TINY + ["--seed", "1", "--steps", "2", "--out", "o", "--results", "r.jsonl"])
+
+
+def test_sft_refuses_to_resume_on_other_data(tmp_path, monkeypatch):
+    """A resume on another --data of the SAME row count is refused before a model is built, naming both splits' row
+    and token counts (it went on silently: the sampler's position indexed rows of another file)."""
+    monkeypatch.chdir(tmp_path)
+    sft.make_toy_data(tmp_path / "a", "sft", n_train=48, n_test=8)
+    sft.make_toy_data(tmp_path / "b", "sft", n_train=48, n_test=8, seed=1)
+    sft.main(["--model", "tiny", "--data", "a", "--steps", "1", "--out", "o", "--results", "r.jsonl"])
+    monkeypatch.setattr(nt, "build_stage", lambda *a, **k: pytest.fail("built a model before the check"))
+    with pytest.raises(ValueError, match=r"o/step_1 was trained on a train split of 48 rows / [\d,]+ tokens; --data b "
+                                         r"has 48 rows / [\d,]+ tokens: a resume continues"):
+        sft.main(["--model", "tiny", "--data", "b", "--steps", "2", "--out", "o", "--results", "r.jsonl"])
 
 
 def test_sft_refuses_corrupt_data_before_building(tmp_path, monkeypatch, _sft_no_build):
@@ -7133,6 +7162,9 @@ def test_nanoray_every_connection_probes_a_silent_peer(nr):
         got = [s.getsockopt(socket.IPPROTO_TCP, getattr(socket, o)) for o in ("TCP_KEEPIDLE", "TCP_KEEPINTVL",
                                                                               "TCP_KEEPCNT")]
         assert got == list(nr.KEEPALIVE)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):          # a send the silent peer never acknowledges: the same 30 s
+        idle, every, count = nr.KEEPALIVE
+        assert s.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 1000 * (idle + every * count)
     if not os.path.exists("/proc/net/tcp"):
         return
     port = int(nr._client.address.rsplit(":", 1)[1])
