@@ -139,13 +139,15 @@ case "$job" in
     install
     # test-only: pyarrow is the oracle nanosets is checked against; triton runs the kernels in its CPU
     # interpreter; accelerate lets transformers load the GGUF model the nanotron tests compare against.
-    "$PY" -m pip install -q pytest pyarrow psutil triton==3.9.0 accelerate ray
+    "$PY" -m pip install -q pytest pytest-xdist pyarrow psutil triton==3.9.0 accelerate ray
     set +e
     # Bytecode caching on, whatever the environment says: the suite starts a few hundred Python processes
     # (torchrun ranks, spawned workers, CLIs), and each one otherwise recompiles test_all.py and the stack's
     # files (~1 s a process on a slow 2-core machine; .pyc files land in the git-ignored __pycache__/). And one
     # OpenMP thread per process, as in the CPU pipeline: the tests' 2-8 process groups share 2 cores (6% faster).
-    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} env -u PYTHONDONTWRITEBYTECODE "$PY" -m pytest test_all.py -q "$@"
+    # Two test processes (pytest-xdist): one at a time kept ~1 of 2 cores busy (14.5 -> 8.4 min on a slow 2-core
+    # machine); `bash run.sh test -n 0 ...` runs in one process (the last -n wins).
+    OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} env -u PYTHONDONTWRITEBYTECODE "$PY" -m pytest test_all.py -q -n 2 "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: that is a failure here" >&2; exit 1; fi

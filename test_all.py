@@ -1,6 +1,6 @@
 """test_all.py: every test of nanorlhf in one pytest file, one section per module.
 
-Run: `bash run.sh test` (installs what is missing, then `pytest test_all.py -q`). CPU by default:
+Run: `bash run.sh test` (installs what is missing, then `pytest test_all.py -q -n 2`: two processes). CPU by default:
 GPU-only tests are marked `requires_cuda` and skip without CUDA; distributed tests spawn gloo
 processes; tests on the real data in ../shared/data skip when it is absent. The whole file stays
 under 15 minutes on 2 CPU cores with no network.
@@ -7072,7 +7072,9 @@ def test_nanoray_two_nodes_cli_exchange_objects_and_survive_a_node_kill(tmp_path
     pytest.importorskip("numpy")
     env = dict(os.environ, NANORAY_SECRET="two-node-test", NANORAY_STATE_DIR=str(tmp_path / "state"))
     port = free_port()
-    shm_before = {n for n in os.listdir("/dev/shm") if n.startswith("nanoray_")}
+
+    def arenas(*pids):  # a node's arena is /dev/shm/nanoray_<its pid>_<id> (not other tests' clusters)
+        return [n for n in os.listdir("/dev/shm") if n.startswith(tuple(f"nanoray_{p}_" for p in pids))]
 
     def cluster_processes():
         found = []
@@ -7082,6 +7084,8 @@ def test_nanoray_two_nodes_cli_exchange_objects_and_survive_a_node_kill(tmp_path
         return found
     out = _nr_cli("start", "--head", "--port", str(port), "--num-cpus", "1", env=env)
     assert out.returncode == 0 and f"127.0.0.1:{port}" in out.stdout, out.stdout + out.stderr
+    head_pid = int(re.search(r"started \(pid (\d+)\)", out.stdout).group(1))
+    assert len(arenas(head_pid)) == 1
     side = subprocess.Popen([sys.executable, str(NR_FILE), "start", "--address", f"127.0.0.1:{port}", "--num-cpus",
                              "1", "--resources", '{"side": 1}', "--block"], env=env, stderr=subprocess.PIPE)
     try:
@@ -7102,8 +7106,7 @@ def test_nanoray_two_nodes_cli_exchange_objects_and_survive_a_node_kill(tmp_path
         stop = _nr_cli("stop", env=env)
     assert stop.returncode == 0 and "stopped head" in stop.stdout, stop.stdout + stop.stderr
     _nr_wait_until(lambda: not cluster_processes(), what="every worker of the cluster to exit")
-    _nr_wait_until(lambda: {n for n in os.listdir("/dev/shm") if n.startswith("nanoray_")} <= shm_before,
-                   what="both arenas removed (the killed node's by its janitor)")
+    _nr_wait_until(lambda: not arenas(head_pid, side.pid), what="both arenas removed (the killed node's by its janitor)")
 
 
 def test_nanoray_head_refuses_bad_peers_and_survives_bad_frames(tmp_path):
