@@ -1336,7 +1336,8 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
 def pipeline_forward(stage: Transformer, mesh: Mesh, micro_batches: list[dict], fn) -> list:
     """Forward only (no graph, no backward): micro-batch k flows through the stages and the last stage returns
     [fn(hidden_k [N, Hd], k) for every k], the others []. Every rank of the pipeline passes the same list, as for
-    pipeline_step (RL scores its rollouts this way)."""
+    pipeline_step (RL scores its rollouts this way). Under ZeRO-3 every forward all-gathers over dp: the dp ranks
+    must pass as many micro-batches too (pad with fillers, as sft.evaluate does), or the longer ones wait forever."""
     if mesh.pp > 1:                                             # one tiny all-reduce + host sync per call
         _same_micro_batch_count(len(micro_batches), mesh, "pipeline_forward")
     p, out = _Pipe(stage, mesh, micro_batches, loss_scale=None), []     # its p2p only: no loss, no backward
