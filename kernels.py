@@ -106,8 +106,9 @@ def _sm_count(device: torch.device) -> int:
 # and row sum l (the "online softmax"), so the [S, S] score matrix never touches HBM. The backward
 # recomputes the probabilities from the saved log-sum-exp. Paged attention (Kwon et al. 2023, vLLM)
 # is the same loop with the key/value rows gathered through a block table (decode: + flash-decoding).
-# On Hopper the varlen forward loads whole tiles through TMA (tensor descriptors: a bulk copy per tile instead
-# of per-element addresses; FWD_TMA, _fwd_tma), 8% faster at S = 1k on an H200; the pointer path is its twin.
+# On Hopper the varlen kernels load their streamed tiles through TMA (tensor descriptors: a bulk copy per tile
+# instead of per-element addresses; FWD_TMA, BWD_TMA, _use_tma): forward 8%, backward 12% faster at S = 1k on an H200;
+# the pointer path is their twin (the tests check that they agree bitwise).
 #
 # Shapes beyond the docstring's: S (max) sequence length, G = H / Hkv query heads per kv head, P block (page) size.
 
@@ -125,6 +126,14 @@ _CPU_DECODE_BLOCK_N = 32                  # decode: 32 cached tokens per step (2
 # tokens x 128 dims x 2 B = 16 KiB of K and of V per step, ~4 programs per SM cover bandwidth x latency.
 _GPU_DECODE = dict(BLOCK_N=64, num_warps=4, num_stages=3)
 HEAD_GROUP = 4   # launch order of the flash kernels (_tile_order): groups of 4 (sequence, head) pairs
+# ... except varlen batches of sequences <= 1k: one head's K/V (or Q/dO) is <= 256 KiB there, so 16 heads in flight
+# still share them in L2, and longest-first over more heads shortens the last wave (H200, S = 1k fwd+bwd: group 4
+# 0.865-0.869 ms, 8 0.856-0.859, 16 0.847-0.853; at 4k group 4 stays best: 2.30 vs 2.34 ms).
+HEAD_GROUP_SHORT, SHORT_SEQ = 16, 1024
+
+
+def _head_group(max_seqlen: int) -> int:
+    return HEAD_GROUP_SHORT if max_seqlen <= SHORT_SEQ else HEAD_GROUP
 
 
 def _check_head_dim(D: int, name: str):
@@ -368,41 +377,44 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QD, KD, VD, cu_seqlens_q, context_lens, bl
 # instead of 2.5x the forward's 2). The gain: determinism (bitwise-repeatable gradients, which the RL trainer's
 # reproducibility checks want), no fp32 dQ scratch buffer, and no per-tile atomic traffic (Triton issues one scalar
 # fp32 red.add per element). As in the forward: accumulation into tl.dot's accumulator operand, bumped pointers, the
-# causal compare only on the diagonal band.
-
-@_jit(dynamic=('N',))
-def _attn_bwd_preprocess_kernel(O, DO, DELTA, N, H, D: tl.constexpr, BLOCK: tl.constexpr):
-    """delta[h, n] = sum_d O[n, h, d] * dO[n, h, d] (fp32). Grid (cdiv(N, BLOCK), H)."""
-    offs_n, h = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), tl.program_id(1)
-    off = offs_n.to(tl.int64)[:, None] * (H * D) + h * D + tl.arange(0, D)[None, :]
-    mask = (offs_n < N)[:, None]
-    o = tl.load(O + off, mask=mask, other=0.0).to(tl.float32)
-    do = tl.load(DO + off, mask=mask, other=0.0).to(tl.float32)
-    tl.store(DELTA + h.to(tl.int64) * N + offs_n, tl.sum(o * do, 1), mask=offs_n < N)
-
+# causal compare only on the diagonal band. The dQ kernel runs first and computes delta for its own query tile on the
+# way (it holds dO already; one more [BLOCK_M, D] read of O), storing it for the dK/dV kernel: FA2's separate
+# preprocess pass over O and dO was ~4% of the backward at S = 1k. On Hopper the streamed tiles (q/dO in dK/dV, k/v in
+# dQ) come through TMA, as in the forward (BWD_TMA; 12% faster at 1k on an H200).
 
 @_jit
-def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_stride, qk_scale,
-                    D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, QD, DOD, q_row0, q_col, LSE, DELTA, seq_len, offs_n, lo, hi, q_stride,
+                    qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                    TMA: tl.constexpr):
     """Query tiles [lo, hi) of one head against the resident key tile. Q/DO point at the sequence's row 0 of
-    head h (row stride q_stride), LSE/DELTA at its row 0 of head h (stride 1)."""
+    head h (row stride q_stride), LSE/DELTA at its row 0 of head h (stride 1). TMA: Q/dO tiles come whole through
+    the descriptors QD/DOD (rows q_row0 + start_m.., columns q_col..); in a MASKED run their rows past seq_len
+    are the next sequence's (or zeros past N), so P is masked there instead of the loads."""
     offs_m = lo + tl.arange(0, BLOCK_M)
     q_ptrs = Q + offs_m.to(tl.int64)[:, None] * q_stride + tl.arange(0, D)[None, :]   # [BLOCK_M, D]
     do_ptrs = DO + offs_m.to(tl.int64)[:, None] * q_stride + tl.arange(0, D)[None, :]
     for start_m in range(lo, hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
-        if MASKED:
+        m_ok = offs_m < seq_len
+        if TMA:
+            q, do = QD.load([q_row0 + start_m, q_col]), DOD.load([q_row0 + start_m, q_col])
+        elif MASKED:
             # Rows past seq_len load as zeros (q = dO = lse = delta = 0): then P = 1 but dV += P^T 0 = 0 and
             # dS = P * (0 - 0) = 0, so they add nothing and need no score mask.
-            m_ok = offs_m < seq_len
             q, do = tl.load(q_ptrs, mask=m_ok[:, None], other=0.0), tl.load(do_ptrs, mask=m_ok[:, None], other=0.0)
+        else:
+            q, do = tl.load(q_ptrs), tl.load(do_ptrs)
+        if MASKED:
             lse2, delta = tl.load(LSE + offs_m, mask=m_ok, other=0.0), tl.load(DELTA + offs_m, mask=m_ok, other=0.0)
         else:
-            q, do, lse2, delta = tl.load(q_ptrs), tl.load(do_ptrs), tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
+            lse2, delta = tl.load(LSE + offs_m), tl.load(DELTA + offs_m)
         # Work transposed ([keys, queries]) so every matmul has the resident key tile as its M dim.
         pT = tl.math.exp2(tl.dot(k, tl.trans(q)) * qk_scale - lse2[None, :])   # [BLOCK_N, BLOCK_M]
-        if MASKED and CAUSAL:
-            pT = tl.where(offs_m[None, :] >= offs_n[:, None], pT, 0.0)      # causal: query pos >= key pos
+        if MASKED:   # rows past seq_len: the pointer path's zeros add 0 anyway; TMA's are another sequence's
+            keep = m_ok[None, :]
+            if CAUSAL:
+                keep = keep & (offs_m[None, :] >= offs_n[:, None])           # causal: query pos >= key pos
+            pT = tl.where(keep, pT, 0.0)
         dv = tl.dot(pT.to(do.dtype), do, dv)                             # dV += P^T dO
         dpT = tl.dot(v, tl.trans(do))                                    # (dO V^T)^T
         dsT = pT * (dpT - delta[None, :])                                # dS^T = P^T * (dP^T - delta)
@@ -413,10 +425,11 @@ def _bwd_dkdv_inner(dk, dv, k, v, Q, DO, LSE, DELTA, seq_len, offs_n, lo, hi, q_
 
 
 @_jit(dynamic=('N',))
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq_bucket, sm_scale, qk_scale, head_group,
-                          G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                          CAUSAL: tl.constexpr):
-    """Grid (B * Hkv, cdiv(max_seqlen, BLOCK_N)). Each program: one key tile of one kv head -> dK, dV rows."""
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq_bucket, sm_scale, qk_scale,
+                          head_group, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          CAUSAL: tl.constexpr, TMA: tl.constexpr):
+    """Grid (B * Hkv, cdiv(max_seqlen, BLOCK_N)). Each program: one key tile of one kv head -> dK, dV rows.
+    TMA: QD/DOD describe the packed [N, H * D] views of q and dO (the streamed tiles); otherwise QD/DOD = Q/DO."""
     bh, pid_n = _tile_order(head_group)   # causal: the FIRST key tile is seen by the most queries
     Hkv = H // G
     b, kvh = bh // Hkv, bh % Hkv
@@ -440,26 +453,34 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, cu_seqlens, N, H, seq
         DOh = DO + start.to(tl.int64) * (H * D) + h * D
         LSEh, DELTAh = LSE + h.to(tl.int64) * N + start, DELTA + h.to(tl.int64) * N + start
         if CAUSAL:
-            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, lo, band_hi, H * D,
-                                     qk_scale, D, BLOCK_M, True, CAUSAL)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, band_hi, mid_hi, H * D,
-                                 qk_scale, D, BLOCK_M, False, CAUSAL)
-        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, seq_len, offs_n, mid_hi, seq_len, H * D,
-                                 qk_scale, D, BLOCK_M, True, CAUSAL)
+            dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, QD, DOD, start, h * D, LSEh, DELTAh, seq_len, offs_n, lo,
+                                     band_hi, H * D, qk_scale, D, BLOCK_M, True, CAUSAL, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, QD, DOD, start, h * D, LSEh, DELTAh, seq_len, offs_n, band_hi,
+                                 mid_hi, H * D, qk_scale, D, BLOCK_M, False, CAUSAL, TMA)
+        dk, dv = _bwd_dkdv_inner(dk, dv, k, v, Qh, DOh, QD, DOD, start, h * D, LSEh, DELTAh, seq_len, offs_n, mid_hi,
+                                 seq_len, H * D, qk_scale, D, BLOCK_M, True, CAUSAL, TMA)
     tl.store(DK + kv_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=n_ok)
     tl.store(DV + kv_off, dv.to(DV.dtype.element_ty), mask=n_ok)
 
 
 @_jit
-def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, kv_stride, qk_scale,
-                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr):
+def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KD, VD, kv_col, start, seq_len, offs_m, lo, hi, kv_stride, qk_scale,
+                  D: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
+                  TMA: tl.constexpr):
+    """Key tiles [lo, hi) against the resident query tile. TMA: K/V tiles through the descriptors KD/VD (rows
+    past seq_len are another sequence's: their P is masked to 0 below, as with the pointer loads' zeros)."""
     offs_d = tl.arange(0, D)
     k_ptrs = K + (start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
     v_ptrs = V + (start + lo + tl.arange(0, BLOCK_N)).to(tl.int64)[:, None] * kv_stride + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
-        k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0) if MASKED else tl.load(k_ptrs)
-        v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0) if MASKED else tl.load(v_ptrs)
+        if TMA:
+            k, v = KD.load([start + start_n, kv_col]), VD.load([start + start_n, kv_col])
+        elif MASKED:
+            k = tl.load(k_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(offs_n < seq_len)[:, None], other=0.0)
+        else:
+            k, v = tl.load(k_ptrs), tl.load(v_ptrs)
         p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])  # [BLOCK_M, BLOCK_N]
         if MASKED:
             keep = offs_n[None, :] < seq_len
@@ -475,10 +496,12 @@ def _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, lo, hi, 
 
 
 @_jit(dynamic=('N', 'max_seqlen'))
-def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqlen, seq_bucket, sm_scale, qk_scale,
-                        head_group, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        CAUSAL: tl.constexpr):
-    """Grid (B * H, cdiv(max_seqlen, BLOCK_M)). Each program: one query tile of one head -> dQ rows."""
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, KD, VD, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqlen, seq_bucket, sm_scale,
+                        qk_scale, head_group, G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, TMA: tl.constexpr):
+    """Grid (B * H, cdiv(max_seqlen, BLOCK_M)). Each program: one query tile of one head -> dQ rows, and the tile's
+    delta = rowsum(dO * O) (fp32, [H, N] like LSE) for the dK/dV kernel. TMA: KD/VD describe the packed
+    [N, Hkv * D] views of k and v (the streamed tiles); otherwise KD/VD = K/V."""
     bh, t = _tile_order(head_group)
     pid_m = tl.num_programs(1) - 1 - t   # causal: the LAST query tile sees the most keys (as in the forward)
     b, h = bh // H, bh % H
@@ -491,17 +514,20 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
     q_off = (start + offs_m).to(tl.int64)[:, None] * (H * D) + h * D + offs_d[None, :]
     q, do = tl.load(Q + q_off, mask=m_ok[:, None], other=0.0), tl.load(DO + q_off, mask=m_ok[:, None], other=0.0)
     lse2 = tl.load(LSE + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + h.to(tl.int64) * N + start + offs_m, mask=m_ok, other=0.0)
+    o = tl.load(O + q_off, mask=m_ok[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)                 # [BLOCK_M]: rows past seq_len get 0
+    tl.store(DELTA + h.to(tl.int64) * N + start + offs_m, delta, mask=m_ok)
     K, V = K + (h // G) * D, V + (h // G) * D            # GQA: query head h reads kv head h // G
     kv_stride, dq = (H // G) * D, tl.zeros([BLOCK_M, D], tl.float32)
     if CAUSAL:   # same split as the forward: unmasked tiles left of the diagonal band, then the band
         unmasked_hi, hi = pid_m * BLOCK_M, tl.minimum(pid_m * BLOCK_M + BLOCK_M, seq_len)
     else:
         unmasked_hi, hi = seq_len // BLOCK_N * BLOCK_N, seq_len
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, 0, unmasked_hi, kv_stride,
-                       qk_scale, D, BLOCK_N, False, CAUSAL)
-    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, start, seq_len, offs_m, unmasked_hi, hi, kv_stride,
-                       qk_scale, D, BLOCK_N, True, CAUSAL)
+    kv_col = (h // G) * D                                # this kv head's columns in the [N, Hkv * D] view (TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KD, VD, kv_col, start, seq_len, offs_m, 0, unmasked_hi,
+                       kv_stride, qk_scale, D, BLOCK_N, False, CAUSAL, TMA)
+    dq = _bwd_dq_inner(dq, q, do, lse2, delta, K, V, KD, VD, kv_col, start, seq_len, offs_m, unmasked_hi, hi,
+                       kv_stride, qk_scale, D, BLOCK_N, True, CAUSAL, TMA)
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
@@ -512,11 +538,15 @@ def _attn_bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, cu_seqlens, N, H, max_seqle
 # RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators
 # in registers, hence its narrower query tiles.
 # The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
-def _tma_tiles(nargs):
-    """Autotuner pre-hook: a descriptor carries its tile shape, so each config sets it before its launch."""
-    if isinstance(nargs["QD"], TensorDescriptor or ()):
-        nargs["QD"].block_shape = [nargs["BLOCK_M"], nargs["D"]]
-        nargs["KD"].block_shape = nargs["VD"].block_shape = [nargs["BLOCK_N"], nargs["D"]]
+def _tma_tiles(m_descs=(), n_descs=()):
+    """An autotuner pre-hook: a descriptor carries its tile shape, so each config sets it before its launch: the
+    descriptors named in m_descs get [BLOCK_M, D] tiles, those in n_descs [BLOCK_N, D] (pointer args: untouched)."""
+    def hook(nargs):
+        for names, block in ((m_descs, "BLOCK_M"), (n_descs, "BLOCK_N")):
+            for name in names:
+                if isinstance(nargs[name], TensorDescriptor or ()):
+                    nargs[name].block_shape = [nargs[block], nargs["D"]]
+    return hook
 
 
 def _short_seq_prune(configs, named_args, upto=1024, **kwargs):
@@ -531,13 +561,15 @@ if triton is not None:
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
                 for m, n, w, s in rows]
     _prune, _prune4k = ({"early_config_prune": functools.partial(_short_seq_prune, upto=u)} for u in (1024, 4096))
-    _attn_fwd_tuned = triton.autotune(_cfgs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)], _tma_tiles),
+    _attn_fwd_tuned = triton.autotune(_cfgs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+                                            _tma_tiles(("QD",), ("KD", "VD"))),
                                       key=["D", "CAUSAL", "PAGED", "TMA", "seq_bucket"],
                                       prune_configs_by=_prune4k)(_attn_fwd_kernel)
-    _attn_dkdv_tuned = triton.autotune(_cfgs([(64, 128, 8, 2), (32, 128, 8, 3), (32, 64, 4, 3)]),
-                                       key=["D", "CAUSAL", "G", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
-    _attn_dq_tuned = triton.autotune(_cfgs([(128, 64, 8, 3), (64, 32, 4, 3)]),
-                                     key=["D", "CAUSAL", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dq_kernel)
+    _attn_dkdv_tuned = triton.autotune(_cfgs([(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 3), (32, 64, 4, 2)],
+                                             _tma_tiles(m_descs=("QD", "DOD"))),
+                                       key=["D", "CAUSAL", "G", "TMA", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
+    _attn_dq_tuned = triton.autotune(_cfgs([(128, 64, 8, 3), (64, 32, 4, 3)], _tma_tiles(n_descs=("KD", "VD"))),
+                                     key=["D", "CAUSAL", "TMA", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dq_kernel)
     _TUNE_LOCK = threading.Lock()   # an Autotuner keeps a call's args on itself: ppo's engine thread takes turns
 
 
@@ -568,31 +600,42 @@ def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=N
     if not paged:   # varlen: the keys are the query rows themselves; table and context_lens go unread
         block_table, context_lens = cu_seqlens_q, cu_seqlens_q
     tma = not paged and _fwd_tma(q, k, v)
-    if tma:   # [N, heads * D] views; the tile shapes are the CPU tiles here, the autotuner's config's on a GPU
-        descs = [TensorDescriptor.from_tensor(t.view(N, -1), [_CPU_FWD[b], D])
-                 for t, b in ((q, "BLOCK_M"), (k, "BLOCK_N"), (v, "BLOCK_N"))]
+    if tma:
+        descs = _descs(_CPU_FWD["BLOCK_M"], q) + _descs(_CPU_FWD["BLOCK_N"], k, v)
     grid = lambda bm, bn: (B * H, triton.cdiv(max_seqlen_q, bm))  # noqa: E731
     _launch(_attn_fwd_kernel, _attn_fwd_tuned, grid, _CPU_FWD, q.is_cuda, q, k, v, o, lse,
             *(descs if tma else (q, k, v)), cu_seqlens_q, context_lens, block_table, N, H,
             block_table.stride(0) if paged else 0, max_seqlen_q, _seq_bucket(max_seqlen_q), scale * LOG2E,
-            HEAD_GROUP, G=H // k.shape[-2], D=D, CAUSAL=causal, PAGED=paged, P=k.shape[1] if paged else 1,
-            STORE_LSE=not paged, TMA=tma)
+            HEAD_GROUP if paged else _head_group(max_seqlen_q), G=H // k.shape[-2], D=D, CAUSAL=causal,
+            PAGED=paged, P=k.shape[1] if paged else 1, STORE_LSE=not paged, TMA=tma)
     return o, lse
 
 
 FWD_TMA = "auto"   # the varlen forward's loads through TMA: "auto" (CUDA GPUs of compute capability >= 9), True, False
+BWD_TMA = "auto"   # the same for the backward's streamed tiles (q/dO in dK/dV, k/v in dQ)
+
+
+def _use_tma(flag, *tensors) -> bool:
+    """Whether a kernel loads through tensor descriptors (TMA). Hopper's TMA needs 16-byte aligned bases and row
+    strides; measured on an H200 (BENCHMARKS.md): 8% faster than pointer loads at S = 1k and on a packed RL-like mix,
+    even at 4k-8k. flag False forces the pointer path, True also runs TMA in the interpreter (tests: the two paths
+    agree)."""
+    t0 = tensors[0]
+    if TensorDescriptor is None or flag is False or (flag == "auto" and not (
+            t0.is_cuda and _capability(t0.device)[0] >= 9)):
+        return False
+    return t0.shape[0] > 0 and all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size()
+                                   % 16 == 0 for t in tensors)
 
 
 def _fwd_tma(q, k, v) -> bool:
-    """Whether the varlen forward loads through tensor descriptors (TMA). Hopper's TMA needs 16-byte aligned bases
-    and row strides; measured on an H200 (BENCHMARKS.md): 8% faster than pointer loads at S = 1k and on a packed RL-like
-    mix, even at 4k-8k. False
-    forces the pointer path, True also runs TMA in the interpreter (tests: the two paths agree)."""
-    if TensorDescriptor is None or FWD_TMA is False or (FWD_TMA == "auto" and not (
-            q.is_cuda and _capability(q.device)[0] >= 9)):
-        return False
-    return q.shape[0] > 0 and all(t.is_contiguous() and t.data_ptr() % 16 == 0 and t.stride(0) * t.element_size()
-                                  % 16 == 0 for t in (q, k, v))
+    return _use_tma(FWD_TMA, q, k, v)
+
+
+def _descs(block_rows, *tensors):
+    """Tensor descriptors over the [N, heads * D] views of packed [N, heads, D] tensors, tiles [block_rows, D] (the
+    CPU tiles; on a GPU the autotuner's pre-hook resets them to its config's)."""
+    return [TensorDescriptor.from_tensor(t.view(t.shape[0], -1), [block_rows, t.shape[-1]]) for t in tensors]
 
 
 class _FlashAttnVarlen(torch.autograd.Function):
@@ -608,18 +651,22 @@ class _FlashAttnVarlen(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do):
-        """FA2 backward: delta, then dK/dV and dQ -> (dq [N, H, D], dk/dv [N, Hkv, D]) in the input dtype."""
+        """FA2 backward: dQ (and delta on the way), then dK/dV -> (dq [N, H, D], dk/dv [N, Hkv, D]) in the input
+        dtype."""
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         (N, H, D), Hkv, B, S = q.shape, k.shape[1], cu_seqlens.numel() - 1, ctx.max_seqlen
-        do, delta, scale = do.contiguous(), torch.empty_like(lse), ctx.scale    # delta [H, N] fp32
-        BLOCK = 64 if q.is_cuda else 16
-        _attn_bwd_preprocess_kernel[(triton.cdiv(N, BLOCK), H)](o, do, delta, N, H, D=D, BLOCK=BLOCK)
+        do, delta, scale = do.contiguous(), torch.empty_like(lse), ctx.scale    # delta [H, N] fp32, from the dQ kernel
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        common, bucket = dict(head_group=HEAD_GROUP, G=H // Hkv, D=D, CAUSAL=ctx.causal), _seq_bucket(S)
-        _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(S, bn)), _CPU_DKDV,
-                q.is_cuda, q, k, v, do, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E, **common)
+        tma = _use_tma(BWD_TMA, q, k, v, do)
+        common, bucket = dict(head_group=_head_group(S), G=H // Hkv, D=D, CAUSAL=ctx.causal, TMA=tma), _seq_bucket(S)
+        qd = _descs(_CPU_DKDV["BLOCK_M"], q, do) if tma else (q, do)        # the streamed tiles of each kernel
+        kd = _descs(_CPU_FWD["BLOCK_N"], k, v) if tma else (k, v)
         _launch(_attn_bwd_dq_kernel, _attn_dq_tuned, lambda bm, bn: (B * H, triton.cdiv(S, bm)), _CPU_FWD,
-                q.is_cuda, q, k, v, do, lse, delta, dq, cu_seqlens, N, H, S, bucket, scale, scale * LOG2E, **common)
+                q.is_cuda, q, k, v, o, do, *kd, lse, delta, dq, cu_seqlens, N, H, S, bucket, scale, scale * LOG2E,
+                **common)
+        _launch(_attn_bwd_dkdv_kernel, _attn_dkdv_tuned, lambda bm, bn: (B * Hkv, triton.cdiv(S, bn)), _CPU_DKDV,
+                q.is_cuda, q, k, v, do, *qd, lse, delta, dk, dv, cu_seqlens, N, H, bucket, scale, scale * LOG2E,
+                **common)
         return dq, dk, dv, None, None, None, None
 
 
@@ -1855,12 +1902,15 @@ def fused_linear_logprobs(hidden, weight, tokens, temperature=1.0, return_entrop
 # when importable. ratio > 1: ours is better (faster, or less memory); roofline: our rate over the measured
 # peak (matmul FLOP/s for attention and the LM head, copy bandwidth for the memory-bound rest).
 
-def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
+def _time_ms(fn, graph=True, flush="dirty", reps=50, ahead_cycles=2_000_000) -> float:
     """Median GPU milliseconds of fn(), each call after an untimed 256 MB L2 flush. graph=True times replays of a CUDA
     graph of fn: the row-wise and decode kernels run ~30 us, less than the host needs to launch them (50-150 us
     through autograd and Triton's launcher); attention and the losses take milliseconds and are called directly
     (graph=False), as is a fn that cannot be captured. flush="dirty" WRITES 256 MB (as triton's do_bench does): the
-    kernel must write back an L2 full of dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2)."""
+    kernel must write back an L2 full of dirty lines, which caps even a copy_; "clean" READS it (a cold, clean L2).
+    ahead_cycles: a GPU spin (~1 ms) queued after the flush, before the start event, so the host has enqueued fn's
+    launches by the time the GPU reaches them: the time is the device's alone. Without it a direct call's host work
+    (autograd, descriptors, Triton's launcher) showed through as idle gaps in the sub-millisecond attention rows."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):    # warm-up (compile, autotune) on the capture stream, so that the
@@ -1882,6 +1932,8 @@ def _time_ms(fn, graph=True, flush="dirty", reps=50) -> float:
     sink, events = torch.empty((), dtype=torch.int64, device="cuda"), []
     for _ in range(reps):
         buf.zero_() if flush == "dirty" else torch.sum(buf.view(torch.int64), dim=0, out=sink)
+        if ahead_cycles:
+            torch.cuda._sleep(ahead_cycles)
         events.append([torch.cuda.Event(enable_timing=True) for _ in range(2)])
         events[-1][0].record(), run(), events[-1][1].record()
     torch.cuda.synchronize()

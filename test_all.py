@@ -152,7 +152,9 @@ from prepare_data import Config, build  # noqa: E402
 # Session 14: nanotron.py to 2653 (save_hf refuses a pipeline stage; load_hf / init_random after build_optimizer in bf16
 # refused; pipeline_forward says ZeRO-3 needs equal counts over dp), sft.py to 1321 (a resume on other data of the
 # same row count refused before a model is built), nanoray.py to 3463 (TCP_USER_TIMEOUT beside the keepalive).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2206, "nanotron.py": 2653,
+# Session 15: kernels.py to 2258 (the backward's streamed tiles through TMA beside the pointer path, delta computed
+# in the dQ kernel, the launch order's head group by sequence length, a benchmark timer that hides the host).
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2258, "nanotron.py": 2653,
                 "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1321, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
@@ -2593,6 +2595,45 @@ def test_flash_forward_tma_loads_equal_pointer_loads(monkeypatch, dtype, causal)
     assert K._fwd_tma(odd.copy_(q), k, v) is False
 
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal", [True, False])
+def test_flash_backward_tma_loads_equal_pointer_loads(monkeypatch, dtype, causal):
+    """The backward's TMA path (dK/dV streams q/dO tiles, dQ streams k/v tiles through descriptors) reads whole
+    tiles, rows past a sequence included (the next one's q/dO, or zeros past N): those rows must be masked out of
+    P, where the pointer path loads zeros. Forced on in the interpreter it gives bitwise the pointer path's dq, dk,
+    dv (ragged ends, an empty and a one-token sequence, GQA, a second head group), which match the reference."""
+    lens = ATTN_LENS + [20]                 # a ragged sequence AFTER the longest: its rows follow a masked tile
+    q, k, v, cu = varlen_inputs(lens, 4, 2, 32, dtype, ATTN_DEV)
+    monkeypatch.setattr(K, "FWD_TMA", False)
+    flash = lambda q, k, v: K.flash_attn_varlen(q, k, v, cu, max(lens), causal, impl="triton")   # noqa: E731
+    got = {}
+    for tma in (False, True):
+        monkeypatch.setattr(K, "BWD_TMA", tma)
+        assert K._use_tma(K.BWD_TMA, q, k, v) == tma
+        got[tma] = fwd_bwd(flash, q, k, v)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got[False], got[True]):
+        assert torch.equal(a, b), name
+    ref = fwd_bwd(lambda q, k, v: K.attention_ref(q, k, v, cu, causal), q, k, v, upcast=True)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got[True], ref):
+        assert rel(a, b) < (2e-3 if dtype == torch.float16 else ATTN_F32_TOL), name
+
+
+def test_flash_launch_order_groups_leave_results_unchanged(monkeypatch):
+    """The head group of the launch order (_tile_order: 16 (sequence, head) pairs at <= 1k, 4 above) only reorders
+    the programs: every group size, one that leaves a smaller last group included, covers every tile once and gives
+    bitwise the same output and gradients (forward, dQ and dK/dV kernels)."""
+    q, k, v, cu = varlen_inputs(ATTN_LENS, 4, 2, 32, torch.float32, ATTN_DEV)       # 5 x 4 = 20 (sequence, head)
+    flash = lambda q, k, v: K.flash_attn_varlen(q, k, v, cu, max(ATTN_LENS), impl="triton")   # noqa: E731
+    assert K._head_group(max(ATTN_LENS)) == K.HEAD_GROUP_SHORT and K._head_group(4096) == K.HEAD_GROUP
+    got = []
+    for group in (1, 3, 16, 64):
+        monkeypatch.setattr(K, "HEAD_GROUP_SHORT", group)
+        got.append(fwd_bwd(flash, q, k, v))
+    for other in got[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got[0], other))
+    assert rel(got[0][0], K.attention_ref(q, k, v, cu, True)) < ATTN_F32_TOL
+
 def test_flash_softmax_scale_and_auto_dispatch():
     q, k, v, cu = varlen_inputs([7, 9], 2, 1, 16, torch.float32, ATTN_DEV)
     ours = K.flash_attn_varlen(q, k, v, cu, 9, softmax_scale=0.3, impl="triton")
@@ -2799,6 +2840,25 @@ def test_gpu_flash_forward_tma_equals_pointer_loads(monkeypatch):
     assert (got[True][1] - got[False][1]).abs().max() < 1e-2                  # lse (log2 domain)
     assert rel(got[True][0].float(), K.attention_ref(q.float(), k.float(), v.float(), cu, True)) < 1e-2
 
+
+
+@requires_cuda
+def test_gpu_flash_backward_tma_equals_pointer_loads(monkeypatch):
+    """On a Hopper+ GPU the backward streams its tiles through TMA by default: dq, dk, dv agree with the pointer
+    path's (each autotuned on its own: bf16 round-off only) and with the fp32 reference's."""
+    if K._capability(torch.device("cuda"))[0] < 9:
+        pytest.skip("TMA needs compute capability >= 9")
+    lens = [1000, 1, 0, 937, 1024, 1000, 300]
+    q, k, v, cu = varlen_inputs(lens, 16, 8, 128, torch.bfloat16, "cuda")
+    assert K._use_tma("auto", q, k, v)
+    flash = lambda q, k, v: K.flash_attn_varlen(q, k, v, cu, max(lens))   # noqa: E731
+    got = {}
+    for tma in (False, "auto"):
+        monkeypatch.setattr(K, "BWD_TMA", tma)
+        got[tma] = fwd_bwd(flash, q, k, v)
+    ref = fwd_bwd(lambda q, k, v: K.attention_ref(q, k, v, cu, True), q, k, v, upcast=True)
+    for name, a, b, r in zip(("out", "dq", "dk", "dv"), got[False], got["auto"], ref):
+        assert rel(b, a) < 1e-2 and rel(b, r) < 2e-2, name
 
 @requires_cuda
 def test_gpu_flash_dense_noncausal_bf16():
