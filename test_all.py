@@ -2595,7 +2595,6 @@ def test_flash_forward_tma_loads_equal_pointer_loads(monkeypatch, dtype, causal)
     assert K._fwd_tma(odd.copy_(q), k, v) is False
 
 
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("causal", [True, False])
 def test_flash_backward_tma_loads_equal_pointer_loads(monkeypatch, dtype, causal):
@@ -2633,6 +2632,7 @@ def test_flash_launch_order_groups_leave_results_unchanged(monkeypatch):
     for other in got[1:]:
         assert all(torch.equal(a, b) for a, b in zip(got[0], other))
     assert rel(got[0][0], K.attention_ref(q, k, v, cu, True)) < ATTN_F32_TOL
+
 
 def test_flash_softmax_scale_and_auto_dispatch():
     q, k, v, cu = varlen_inputs([7, 9], 2, 1, 16, torch.float32, ATTN_DEV)
@@ -2841,7 +2841,6 @@ def test_gpu_flash_forward_tma_equals_pointer_loads(monkeypatch):
     assert rel(got[True][0].float(), K.attention_ref(q.float(), k.float(), v.float(), cu, True)) < 1e-2
 
 
-
 @requires_cuda
 def test_gpu_flash_backward_tma_equals_pointer_loads(monkeypatch):
     """On a Hopper+ GPU the backward streams its tiles through TMA by default: dq, dk, dv agree with the pointer
@@ -2859,6 +2858,7 @@ def test_gpu_flash_backward_tma_equals_pointer_loads(monkeypatch):
     ref = fwd_bwd(lambda q, k, v: K.attention_ref(q, k, v, cu, True), q, k, v, upcast=True)
     for name, a, b, r in zip(("out", "dq", "dk", "dv"), got[False], got["auto"], ref):
         assert rel(b, a) < 1e-2 and rel(b, r) < 2e-2, name
+
 
 @requires_cuda
 def test_gpu_flash_dense_noncausal_bf16():
