@@ -117,7 +117,7 @@ def _sm_count(device: torch.device) -> int:
 
 LOG2E = 1.4426950408889634   # log2(e): exp(x) = exp2(x * log2 e), and exp2 is one MUFU instruction
 
-# CPU (interpreter) tiles; a GPU autotunes over Hopper configs (see _short_seq_prune). NOT square (BLOCK_M !=
+# CPU (interpreter) tiles; a GPU runs the Hopper configs above _tma_tiles. NOT square (BLOCK_M !=
 # BLOCK_N), so the tests walk the multi-tile diagonal of the causal mask and ragged last tiles.
 _CPU_FWD = dict(BLOCK_M=32, BLOCK_N=16)   # forward and dQ: 32 queries x 16 keys per step
 _CPU_DKDV = dict(BLOCK_M=16, BLOCK_N=32)  # dK/dV: 32 keys resident, 16 queries per step
@@ -531,12 +531,13 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, KD, VD, LSE, DELTA, DQ, cu_seqlens, N, H
     tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None])
 
 
-# Hopper configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (D, CAUSAL[, PAGED, G]) and
-# max-seqlen bucket (so a short first batch does not pick the tiles for every later long one). The forward's
-# 128x128 on 8 warps is two warpgroups of 64 rows (the wgmma shape) by wgmma's widest efficient N; 3 stages of
-# K/V keep the tensor cores fed (from 8k on; below, 64x64 was faster: see the pruning). In the backward the
-# RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators
-# in registers, hence its narrower query tiles.
+# Hopper configs, (BLOCK_M, BLOCK_N, num_warps, num_stages), autotuned per (D, CAUSAL[, G]) and max-seqlen bucket
+# (so a short first batch does not pick the tiles for every later long one). The forward runs ONE config at every
+# length: 64 queries x 64 keys on 4 warps (one warpgroup: wgmma's 64-row shape), 3 stages of K/V; two such programs
+# share an SM. H200 sweeps (BENCHMARKS.md) found nothing faster from 1k to 8k: 128x128 on 8 warps, the classic pick,
+# was 10% slower at 4k and 8% at 8k, and an autotuner kept choosing it there (sub-ms timings are noisy). In the
+# backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one; dK/dV keeps two fp32 [BLOCK_N, D]
+# accumulators in registers, hence its narrower query tiles.
 # The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
 def _tma_tiles(m_descs=(), n_descs=()):
     """An autotuner pre-hook: a descriptor carries its tile shape, so each config sets it before its launch: the
@@ -549,22 +550,19 @@ def _tma_tiles(m_descs=(), n_descs=()):
     return hook
 
 
-def _short_seq_prune(configs, named_args, upto=1024, **kwargs):
-    """Autotune pruning: max_seqlen <= upto runs the LAST config of each list untimed (timing noise can pick a
-    worse one for short sequences); many-shape runs (the GPU tests) then do not compile every config. The
-    forward's upto is 4096: at 4k the autotuner picked 128x128, 10% slower than 64x64 in three H200 runs."""
-    return configs[-1:] if named_args["seq_bucket"] <= upto else configs
+def _short_seq_prune(configs, named_args, **kwargs):
+    """Autotune pruning of the backward: max_seqlen <= 1024 runs the LAST config of each list untimed (timing noise
+    can pick a worse one for short sequences); many-shape runs (the GPU tests) then do not compile every config."""
+    return configs[-1:] if named_args["seq_bucket"] <= 1024 else configs
 
 
 if triton is not None:
     def _cfgs(rows, pre_hook=None):   # [(BLOCK_M, BLOCK_N, num_warps, num_stages)] -> triton.Config list
         return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s, pre_hook=pre_hook)
                 for m, n, w, s in rows]
-    _prune, _prune4k = ({"early_config_prune": functools.partial(_short_seq_prune, upto=u)} for u in (1024, 4096))
-    _attn_fwd_tuned = triton.autotune(_cfgs([(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-                                            _tma_tiles(("QD",), ("KD", "VD"))),
-                                      key=["D", "CAUSAL", "PAGED", "TMA", "seq_bucket"],
-                                      prune_configs_by=_prune4k)(_attn_fwd_kernel)
+    _prune = {"early_config_prune": _short_seq_prune}
+    _attn_fwd_tuned = triton.autotune(_cfgs([(64, 64, 4, 3)], _tma_tiles(("QD",), ("KD", "VD"))),   # one: untimed
+                                      key=["D", "CAUSAL", "PAGED", "TMA", "seq_bucket"])(_attn_fwd_kernel)
     _attn_dkdv_tuned = triton.autotune(_cfgs([(64, 128, 8, 2), (64, 64, 4, 2), (32, 128, 8, 3), (32, 64, 4, 2)],
                                              _tma_tiles(m_descs=("QD", "DOD"))),
                                        key=["D", "CAUSAL", "G", "TMA", "seq_bucket"], prune_configs_by=_prune)(_attn_bwd_dkdv_kernel)
