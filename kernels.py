@@ -535,9 +535,11 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, KD, VD, LSE, DELTA, DQ, cu_seqlens, N, H
 # (so a short first batch does not pick the tiles for every later long one). The forward runs ONE config at every
 # length: 64 queries x 64 keys on 4 warps (one warpgroup: wgmma's 64-row shape), 3 stages of K/V; two such programs
 # share an SM. H200 sweeps (BENCHMARKS.md) found nothing faster from 1k to 8k: 128x128 on 8 warps, the classic pick,
-# was 10% slower at 4k and 8% at 8k, and an autotuner kept choosing it there (sub-ms timings are noisy). In the
-# backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one; dK/dV keeps two fp32 [BLOCK_N, D]
-# accumulators in registers, hence its narrower query tiles.
+# was 10% slower at 4k and 8% at 8k, and an autotuner kept choosing it there (sub-ms timings are noisy). It is bound
+# by latency (Nsight Compute, 1k: 2 programs per SM, 194 registers and 113 KB of shared memory each; tensor pipe 40%
+# busy): cuDNN / FlashAttention-3, ~1.25x faster at 1k, overlap one tile's softmax with another's matmuls in separate
+# warpgroups, which Triton 3.6 cannot express. In the backward the RESIDENT tile (keys for dK/dV, queries for dQ) is
+# the wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators in registers, hence its narrower query tiles.
 # The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
 def _tma_tiles(m_descs=(), n_descs=()):
     """An autotuner pre-hook: a descriptor carries its tile shape, so each config sets it before its launch: the
