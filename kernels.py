@@ -31,9 +31,9 @@ Commands:
 First read (~700 lines): the shared helpers; the attention section from its opening comment through the flash forward
 (torch references, the online softmax of _attn_fwd_inner, _attn_fwd_kernel) and the varlen API; RMSNorm (reference,
 forward kernel, autograd Function); the LM-head losses' opening comment, references and chunked autograd Functions.
-The rest are independent chapters, each readable alone: flash backward . paged decode (split-K) . paged prefill .
-RoPE + qk-norm . the KV-cache store (alone or fused with RoPE) . SwiGLU . vocab-parallel losses (hooks and the two
-row kernels) . benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise
+The rest are independent chapters, each readable alone: the Hopper forward in Gluon . flash backward . paged decode
+(split-K) . paged prefill . RoPE + qk-norm . the KV-cache store (alone or fused with RoPE) . SwiGLU . vocab-parallel
+losses (hooks and the two row kernels) . benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise
 kernels . losses over the LM head . benchmark . self-test and command line"""
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
@@ -59,6 +59,15 @@ try:   # Hopper's tensor memory accelerator (TMA): tile loads described once on 
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
     TensorDescriptor = None
+try:   # Gluon, Triton's explicit dialect (shared memory, barriers, Hopper's async matmul by hand): the Hopper forward
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier as mbarrier_gl, tma as tma_gl
+    from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
+    _gl_tma_load = getattr(tma_gl, "async_load", None) or tma_gl.async_copy_global_to_shared   # renamed after 3.6
+except ImportError:
+    gluon = gl = None
 
 # ---- shared helpers ---------------------------------------------------------------------------------
 
@@ -71,6 +80,13 @@ def _jit(fn=None, *, dynamic: tuple = ()):
     if fn is None:
         return lambda f: _jit(f, dynamic=dynamic)
     return fn if triton is None else triton.jit(fn, do_not_specialize=list(dynamic))
+
+
+def _gluon_jit(fn=None, *, dynamic: tuple = ()):
+    """gluon.jit when Gluon is importable, else the plain function (never called); dynamic: as in _jit."""
+    if fn is None:
+        return lambda f: _gluon_jit(f, dynamic=dynamic)
+    return fn if gluon is None else gluon.jit(fn, do_not_specialize=list(dynamic))
 
 
 def _use_triton(impl: str, *tensors) -> bool:
@@ -108,7 +124,9 @@ def _sm_count(device: torch.device) -> int:
 # is the same loop with the key/value rows gathered through a block table (decode: + flash-decoding).
 # On Hopper the varlen kernels load their streamed tiles through TMA (tensor descriptors: a bulk copy per tile
 # instead of per-element addresses; FWD_TMA, BWD_TMA, _use_tma): forward 8%, backward 12% faster at S = 1k on an H200;
-# the pointer path is their twin (the tests check that they agree bitwise).
+# the pointer path is their twin (the tests check that they agree bitwise). And the varlen forward runs a Gluon kernel
+# there (_attn_fwd_gluon_kernel: FlashAttention-3's overlap of the softmax with the matmuls, written out by hand),
+# another 10% at 1k, bitwise the Triton kernel's output.
 #
 # Shapes beyond the docstring's: S (max) sequence length, G = H / Hkv query heads per kv head, P block (page) size.
 
@@ -367,6 +385,147 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QD, KD, VD, cu_seqlens_q, context_lens, bl
         tl.store(LSE + h.to(tl.int64) * N + q_start + offs_m, lse2, mask=offs_m < q_len)
 
 
+# ---- the forward on Hopper, in Gluon: FlashAttention-3's overlap, written out -----------------------------
+# The Triton kernel above leaves the schedule to the compiler: one warpgroup loads, multiplies and exponentiates in
+# turn, 2 programs per SM, and Nsight Compute shows it waiting on latency (BENCHMARKS.md). Gluon is Triton's explicit
+# dialect: shared memory, barriers, layouts and the asynchronous Hopper matmul (wgmma) are spelled out, so two
+# things the compiler would not do can be written down:
+#   1. FA3's intra-warpgroup overlap. Iteration j issues S_j = q k_j^T AND the previous tile's o += p_{j-1} v_{j-1}
+#      as asynchronous wgmmas, waits only for S_j, and computes tile j's softmax while the p v matmul runs.
+#   2. A smaller footprint, for 3 programs (12 warps) per SM instead of 2: K in a 2-slot TMA ring, V in ONE slot
+#      (v_j is needed one iteration after k_j, so its load has that iteration to land): 64 KB of shared memory and
+#      ~140 registers, where the Triton kernel takes 113 KB and 194.
+# Same math, same tiles and the same order of every sum as the Triton kernel: on an H200 its o and lse are bitwise
+# the Triton kernel's (the GPU test checks). One difference: in a tile that crosses a sequence's end the next
+# sequence's V rows are multiplied by p = 0 instead of being zeroed first (as FA3 does), so only an inf or NaN in a
+# NEIGHBOUR's values, never a finite one, could reach this sequence's output. The Triton kernel stays the readable twin, and runs everywhere else
+# (CPU interpreter, paged prefill, fp32, GPUs other than Hopper: sm_90 is the one that has wgmma).
+# Ring bookkeeping: tile t lives in slot t % SLOTS, and it is that slot's (t // SLOTS)-th fill, so its mbarrier
+# wait uses parity (t // SLOTS) & 1. A slot is refilled only after the wgmma that read it has been waited for.
+
+@_gluon_jit
+def _gl_load_tile(desc, smem, bars, t, n_tiles, row0, col, BLOCK_N: gl.constexpr, SLOTS: gl.constexpr):
+    """TMA: rows row0 + t * BLOCK_N.. of desc (a [BLOCK_N, D] tile) -> ring slot t % SLOTS; nothing past n_tiles."""
+    slot, ok = t % SLOTS, t < n_tiles
+    mbarrier_gl.expect(bars.index(slot), desc.block_type.nbytes, pred=ok)
+    _gl_tma_load(desc, [row0 + t * BLOCK_N, col], bars.index(slot), smem.index(slot), pred=ok)
+
+
+@_gluon_jit
+def _gl_softmax_tile(s, m_i, offs_m, n0, q_len, qk_scale, MASKED, CAUSAL: gl.constexpr, BLOCK_N: gl.constexpr,
+                     col_layout: gl.constexpr):
+    """One score tile into the online softmax -> (p, new row max, alpha = rescale of the old sums)."""
+    if MASKED:   # the diagonal band and the ragged end (rows of other sequences past q_len)
+        offs_n = n0 + gl.arange(0, BLOCK_N, layout=col_layout)
+        keep = offs_n[None, :] < q_len
+        if CAUSAL:
+            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        s = gl.where(keep, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    return gl.exp2(s * qk_scale - m_new[:, None]), m_new, gl.exp2(m_i - m_new)
+
+
+@_gluon_jit(dynamic=('N', 'head_group'))
+def _attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, cu_seqlens, N, qk_scale, head_group, H: gl.constexpr,
+                           G: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                           K_SLOTS: gl.constexpr, V_SLOTS: gl.constexpr, CAUSAL: gl.constexpr,
+                           num_warps: gl.constexpr):
+    """Grid (B * H, cdiv(max_seqlen, BLOCK_M)) in _tile_order's launch order; descriptors over the packed [N, H * D]
+    (q) and [N, Hkv * D] (k, v) views. Writes O [N, H, D] and LSE [H, N] (log2 domain), as _attn_fwd_kernel."""
+    pid = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)       # _tile_order, inlined
+    per_group = head_group * gl.num_programs(1)
+    first = pid // per_group * head_group
+    size = gl.minimum(gl.num_programs(0) - first, head_group)
+    bh = first + pid % per_group % size
+    pid_m = gl.num_programs(1) - 1 - pid % per_group // size
+    b, h = bh // H, bh % H
+    q_start = gl.load(cu_seqlens + b)
+    q_len = gl.load(cu_seqlens + b + 1) - q_start
+    if pid_m * BLOCK_M < q_len:
+        # wgmma's register layouts: 16-row slabs per warp, 4 warps = 64 rows; a row's statistics live in its slice
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)  # p from registers
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        q_smem = gl.allocate_shared_memory(q_desc.dtype, [BLOCK_M, D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(k_desc.dtype, [K_SLOTS, BLOCK_N, D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(v_desc.dtype, [V_SLOTS, BLOCK_N, D], v_desc.layout)
+        k_bars = gl.allocate_shared_memory(gl.int64, [K_SLOTS, 1], mbarrier_gl.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [V_SLOTS, 1], mbarrier_gl.MBarrierLayout())
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier_gl.MBarrierLayout())
+        for i in gl.static_range(K_SLOTS):
+            mbarrier_gl.init(k_bars.index(i), count=1)
+        for i in gl.static_range(V_SLOTS):
+            mbarrier_gl.init(v_bars.index(i), count=1)
+        mbarrier_gl.init(q_bar, count=1)
+
+        # key tiles [0, n_tiles); from unmasked_hi on they need the mask (as in _attn_fwd_kernel)
+        if CAUSAL:
+            hi = gl.minimum(pid_m * BLOCK_M + BLOCK_M, q_len)
+            unmasked_hi = (pid_m * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+        else:
+            hi = q_len
+            unmasked_hi = q_len // BLOCK_N * BLOCK_N
+        n_tiles = gl.cdiv(hi, BLOCK_N)
+        kv_col = (h // G) * D
+        mbarrier_gl.expect(q_bar, q_desc.block_type.nbytes)
+        _gl_tma_load(q_desc, [q_start + pid_m * BLOCK_M, h * D], q_bar, q_smem)
+        for i in gl.static_range(K_SLOTS):
+            _gl_load_tile(k_desc, k_smem, k_bars, i, n_tiles, q_start, kv_col, BLOCK_N, K_SLOTS)
+        for i in gl.static_range(V_SLOTS):
+            _gl_load_tile(v_desc, v_smem, v_bars, i, n_tiles, q_start, kv_col, BLOCK_N, V_SLOTS)
+
+        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)    # query positions in the sequence
+        col_s: gl.constexpr = gl.SliceLayout(0, s_layout)
+        zero_s = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        acc = gl.zeros([BLOCK_M, D], gl.float32, layout=o_layout)
+        # tile 0 alone: S_0, its softmax (nothing to overlap with yet); k slot 0 then takes tile K_SLOTS
+        mbarrier_gl.wait(q_bar, 0)
+        mbarrier_gl.wait(k_bars.index(0), 0)
+        s = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        _gl_load_tile(k_desc, k_smem, k_bars, K_SLOTS, n_tiles, q_start, kv_col, BLOCK_N, K_SLOTS)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=row_s)
+        p, m_i, alpha = _gl_softmax_tile(s, m_i, offs_m, 0, q_len, qk_scale, unmasked_hi <= 0, CAUSAL, BLOCK_N, col_s)
+        l_i = gl.sum(p, 1)
+        p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+        for j in range(1, n_tiles):
+            ks, vs = j % K_SLOTS, (j - 1) % V_SLOTS
+            mbarrier_gl.wait(k_bars.index(ks), (j // K_SLOTS) & 1)
+            s = warpgroup_mma(q_smem, k_smem.index(ks).permute((1, 0)), zero_s, use_acc=False, is_async=True)
+            mbarrier_gl.wait(v_bars.index(vs), ((j - 1) // V_SLOTS) & 1)
+            acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)       # o += p_{j-1} v_{j-1}, in flight
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))              # S_j done; the p v may still run
+            _gl_load_tile(k_desc, k_smem, k_bars, j + K_SLOTS, n_tiles, q_start, kv_col, BLOCK_N, K_SLOTS)
+            p, m_i, alpha = _gl_softmax_tile(s, m_i, offs_m, j * BLOCK_N, q_len, qk_scale, j * BLOCK_N >= unmasked_hi,
+                                             CAUSAL, BLOCK_N, col_s)
+            l_i = l_i * alpha + gl.sum(p, 1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            _gl_load_tile(v_desc, v_smem, v_bars, j - 1 + V_SLOTS, n_tiles, q_start, kv_col, BLOCK_N, V_SLOTS)
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]               # o, m to the new row max
+            p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
+        vs = (n_tiles - 1) % V_SLOTS
+        mbarrier_gl.wait(v_bars.index(vs), ((n_tiles - 1) // V_SLOTS) & 1)
+        acc = warpgroup_mma(p, v_smem.index(vs), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        for i in gl.static_range(K_SLOTS):
+            mbarrier_gl.invalidate(k_bars.index(i))
+        for i in gl.static_range(V_SLOTS):
+            mbarrier_gl.invalidate(v_bars.index(i))
+        mbarrier_gl.invalidate(q_bar)
+
+        l_safe = gl.where(l_i > 0, l_i, 1.0)
+        rows = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
+        cols = gl.arange(0, D, layout=gl.SliceLayout(0, o_layout))
+        out = acc / gl.convert_layout(l_safe, row_o)[:, None]
+        gl.store(O + (q_start + rows).to(gl.int64)[:, None] * (H * D) + h * D + cols[None, :],
+                 out.to(O.dtype.element_ty), mask=(rows < q_len)[:, None])
+        gl.store(LSE + h.to(gl.int64) * N + q_start + offs_m, m_i + gl.log2(l_safe), mask=offs_m < q_len)
+
+
 # ---- flash-attention backward (FA2 Algorithm 2) -------------------------------------------------------
 # With P = softmax(S), S = scale * Q K^T, and delta_i = rowsum(dO_i * O_i) (= rowsum(P_i * dP_i)):
 #   dV = P^T dO,   dP = dO V^T,   dS = P * (dP - delta),   dQ = scale * dS K,   dK = scale * dS^T Q.
@@ -535,11 +694,10 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, KD, VD, LSE, DELTA, DQ, cu_seqlens, N, H
 # (so a short first batch does not pick the tiles for every later long one). The forward runs ONE config at every
 # length: 64 queries x 64 keys on 4 warps (one warpgroup: wgmma's 64-row shape), 3 stages of K/V; two such programs
 # share an SM. H200 sweeps (BENCHMARKS.md) found nothing faster from 1k to 8k: 128x128 on 8 warps, the classic pick,
-# was 10% slower at 4k and 8% at 8k, and an autotuner kept choosing it there (sub-ms timings are noisy). It is bound
-# by latency (Nsight Compute, 1k: 2 programs per SM, 194 registers and 113 KB of shared memory each; tensor pipe 40%
-# busy): cuDNN / FlashAttention-3, ~1.25x faster at 1k, overlap one tile's softmax with another's matmuls in separate
-# warpgroups, which Triton 3.6 cannot express. In the backward the RESIDENT tile (keys for dK/dV, queries for dQ) is
-# the wide one; dK/dV keeps two fp32 [BLOCK_N, D] accumulators in registers, hence its narrower query tiles.
+# was 10% slower at 4k and 8% at 8k, and an autotuner kept choosing it there (sub-ms timings are noisy). On Hopper
+# the Gluon kernel above replaces it (same tiles, 3 programs per SM, the softmax under the p v matmul). In the
+# backward the RESIDENT tile (keys for dK/dV, queries for dQ) is the wide one; dK/dV keeps two fp32 [BLOCK_N, D]
+# accumulators in registers, hence its narrower query tiles.
 # The causal band needs BLOCK_M % BLOCK_N == 0 (forward, dQ) and BLOCK_N % BLOCK_M == 0 (dK/dV): all do.
 def _tma_tiles(m_descs=(), n_descs=()):
     """An autotuner pre-hook: a descriptor carries its tile shape, so each config sets it before its launch: the
@@ -599,6 +757,8 @@ def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=N
     lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
     if not paged:   # varlen: the keys are the query rows themselves; table and context_lens go unread
         block_table, context_lens = cu_seqlens_q, cu_seqlens_q
+    if not paged and _fwd_gluon(q, k, v) and _flash_fwd_gluon(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, o, lse):
+        return o, lse
     tma = not paged and _fwd_tma(q, k, v)
     if tma:
         descs = _descs(_CPU_FWD["BLOCK_M"], q) + _descs(_CPU_FWD["BLOCK_N"], k, v)
@@ -609,6 +769,37 @@ def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=N
             HEAD_GROUP if paged else _head_group(max_seqlen_q), G=H // k.shape[-2], D=D, CAUSAL=causal,
             PAGED=paged, P=k.shape[1] if paged else 1, STORE_LSE=not paged, TMA=tma)
     return o, lse
+
+
+FWD_GLUON = "auto"   # the varlen forward in Gluon (_attn_fwd_gluon_kernel): "auto" (Hopper, fp16/bf16), False: Triton's
+_GLUON_FWD = dict(BLOCK_M=64, BLOCK_N=64, K_SLOTS=2, V_SLOTS=1, num_warps=4)   # 64 KB + ~140 registers: 3 per SM
+_gluon_failed = []   # the error of a Gluon launch that failed (a Triton whose Gluon API moved on): then never again
+
+
+def _fwd_gluon(q, k, v) -> bool:
+    """Whether the Gluon forward runs: Hopper (sm_90 has wgmma; Blackwell does not), fp16/bf16, TMA-able tensors."""
+    return (FWD_GLUON == "auto" and gluon is not None and not _gluon_failed and q.is_cuda
+            and _capability(q.device)[0] == 9 and q.dtype in (torch.float16, torch.bfloat16) and _use_tma(True, q, k, v))
+
+
+def _flash_fwd_gluon(q, k, v, cu_seqlens, max_seqlen, causal, scale, o, lse) -> bool:
+    """Launch _attn_fwd_gluon_kernel into o [N, H, D] and lse [H, N]. False (after one warning) if Gluon cannot build
+    it on this Triton: Gluon is experimental and its API changes between releases (written for 3.6, checked on 3.9)."""
+    (N, H, D), c = q.shape, _GLUON_FWD
+    layout = lambda rows: gl.NVMMASharedLayout.get_default_for(  # noqa: E731
+        [rows, D], gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16)
+    qd, kd, vd = (GluonDescriptor.from_tensor(t.view(N, -1), [rows, D], layout(rows))
+                  for t, rows in ((q, c["BLOCK_M"]), (k, c["BLOCK_N"]), (v, c["BLOCK_N"])))
+    try:
+        _attn_fwd_gluon_kernel[((cu_seqlens.numel() - 1) * H, triton.cdiv(max_seqlen, c["BLOCK_M"]))](
+            qd, kd, vd, o, lse, cu_seqlens, N, scale * LOG2E, _head_group(max_seqlen), H=H, G=H // k.shape[1], D=D,
+            CAUSAL=causal, **c)
+        return True
+    except Exception as e:   # noqa: BLE001 (compile errors come in many types)
+        _gluon_failed.append(e)
+        print(f"kernels: the Gluon attention forward failed on triton {triton.__version__} ({type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the Triton kernel from now on", file=sys.stderr)
+        return False
 
 
 FWD_TMA = "auto"   # the varlen forward's loads through TMA: "auto" (CUDA GPUs of compute capability >= 9), True, False
