@@ -505,7 +505,7 @@ def _attn_fwd_gluon_kernel(q_desc, k_desc, v_desc, O, LSE, cu_seqlens, N, qk_sca
             l_i = l_i * alpha + gl.sum(p, 1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             _gl_load_tile(v_desc, v_smem, v_bars, j - 1 + V_SLOTS, n_tiles, q_start, kv_col, BLOCK_N, V_SLOTS)
-            acc = acc * gl.convert_layout(alpha, row_o)[:, None]               # o, m to the new row max
+            acc = acc * gl.convert_layout(alpha, row_o)[:, None]               # o rescaled to the new row max
             p = gl.convert_layout(p.to(q_desc.dtype), p_layout)
         vs = (n_tiles - 1) % V_SLOTS
         mbarrier_gl.wait(v_bars.index(vs), ((n_tiles - 1) // V_SLOTS) & 1)
