@@ -777,8 +777,9 @@ _gluon_failed = []   # the error of a Gluon launch that failed (a Triton whose G
 
 
 def _fwd_gluon(q, k, v) -> bool:
-    """Whether the Gluon forward runs: Hopper (sm_90 has wgmma; Blackwell does not), fp16/bf16, TMA-able tensors."""
-    return (FWD_GLUON == "auto" and gluon is not None and not _gluon_failed and q.is_cuda
+    """Whether the Gluon forward runs: Hopper (sm_90 has wgmma; Blackwell does not), fp16/bf16, head dims 64 and 128
+    (the ones checked on a GPU against the Triton kernel), TMA-able tensors."""
+    return (FWD_GLUON == "auto" and gluon is not None and not _gluon_failed and q.is_cuda and q.shape[-1] in (64, 128)
             and _capability(q.device)[0] == 9 and q.dtype in (torch.float16, torch.bfloat16) and _use_tma(True, q, k, v))
 
 
