@@ -66,7 +66,7 @@ try:   # Gluon, Triton's explicit dialect (shared memory, barriers, Hopper's asy
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier as mbarrier_gl, tma as tma_gl
     from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
     _gl_tma_load = getattr(tma_gl, "async_load", None) or tma_gl.async_copy_global_to_shared   # renamed after 3.6
-except ImportError:
+except (ImportError, AttributeError):   # no Gluon, or one whose API moved on: the Triton forward runs everywhere
     gluon = gl = None
 
 # ---- shared helpers ---------------------------------------------------------------------------------
