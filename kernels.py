@@ -33,8 +33,8 @@ First read (~700 lines): the shared helpers; the attention section from its open
 forward kernel, autograd Function); the LM-head losses' opening comment, references and chunked autograd Functions.
 The rest are independent chapters, each readable alone: the Hopper forward in Gluon . flash backward . paged decode
 (split-K) . paged prefill . RoPE + qk-norm . the KV-cache store (alone or fused with RoPE) . SwiGLU . vocab-parallel
-losses (hooks and the two row kernels) . benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers . attention . row-wise
-kernels . losses over the LM head . benchmark . self-test and command line"""
+losses (hooks and the two row kernels) . benchmark . self-test and CLI. Sections (`# ====` banners): shared helpers .
+attention . row-wise kernels . losses over the LM head . benchmark . self-test and command line"""
 from __future__ import annotations  # `BLOCK: tl.constexpr` stays a string: the defs load without Triton
 
 import argparse
@@ -396,10 +396,10 @@ def _attn_fwd_kernel(Q, K, V, O, LSE, QD, KD, VD, cu_seqlens_q, context_lens, bl
 #      (v_j is needed one iteration after k_j, so its load has that iteration to land): 64 KB of shared memory and
 #      ~140 registers, where the Triton kernel takes 113 KB and 194.
 # Same math, same tiles and the same order of every sum as the Triton kernel: on an H200 its o and lse are bitwise
-# the Triton kernel's (the GPU test checks). One difference: in a tile that crosses a sequence's end the next
-# sequence's V rows are multiplied by p = 0 instead of being zeroed first (as FA3 does), so only an inf or NaN in a
-# NEIGHBOUR's values, never a finite one, could reach this sequence's output. The Triton kernel stays the readable twin, and runs everywhere else
-# (CPU interpreter, paged prefill, fp32, GPUs other than Hopper: sm_90 is the one that has wgmma).
+# the Triton kernel's (the GPU test checks); that kernel stays the readable twin and runs everywhere else (CPU
+# interpreter, paged prefill, fp32, GPUs other than Hopper: sm_90 is the one with wgmma). One difference: in a tile
+# crossing a sequence's end the next sequence's V rows are multiplied by p = 0 instead of zeroed first (as in FA3),
+# so only an inf or NaN in a NEIGHBOUR's values, never a finite one, could reach this sequence's output.
 # Ring bookkeeping: tile t lives in slot t % SLOTS, and it is that slot's (t // SLOTS)-th fill, so its mbarrier
 # wait uses parity (t // SLOTS) & 1. A slot is refilled only after the wgmma that read it has been waited for.
 
@@ -757,7 +757,7 @@ def _flash_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, block_table=N
     lse = o if paged else torch.empty(H, N, device=q.device, dtype=torch.float32)
     if not paged:   # varlen: the keys are the query rows themselves; table and context_lens go unread
         block_table, context_lens = cu_seqlens_q, cu_seqlens_q
-    if not paged and _fwd_gluon(q, k, v) and _flash_fwd_gluon(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, o, lse):
+    if not paged and _fwd_gluon(q, k, v) and _gluon_fwd(q, k, v, cu_seqlens_q, max_seqlen_q, causal, scale, o, lse):
         return o, lse
     tma = not paged and _fwd_tma(q, k, v)
     if tma:
@@ -780,10 +780,11 @@ def _fwd_gluon(q, k, v) -> bool:
     """Whether the Gluon forward runs: Hopper (sm_90 has wgmma; Blackwell does not), fp16/bf16, head dims 64 and 128
     (the ones checked on a GPU against the Triton kernel), TMA-able tensors."""
     return (FWD_GLUON == "auto" and gluon is not None and not _gluon_failed and q.is_cuda and q.shape[-1] in (64, 128)
-            and _capability(q.device)[0] == 9 and q.dtype in (torch.float16, torch.bfloat16) and _use_tma(True, q, k, v))
+            and _capability(q.device)[0] == 9 and q.dtype in (torch.float16, torch.bfloat16)
+            and _use_tma(True, q, k, v))
 
 
-def _flash_fwd_gluon(q, k, v, cu_seqlens, max_seqlen, causal, scale, o, lse) -> bool:
+def _gluon_fwd(q, k, v, cu_seqlens, max_seqlen, causal, scale, o, lse) -> bool:
     """Launch _attn_fwd_gluon_kernel into o [N, H, D] and lse [H, N]. False (after one warning) if Gluon cannot build
     it on this Triton: Gluon is experimental and its API changes between releases (written for 3.6, checked on 3.9)."""
     (N, H, D), c = q.shape, _GLUON_FWD
@@ -798,8 +799,9 @@ def _flash_fwd_gluon(q, k, v, cu_seqlens, max_seqlen, causal, scale, o, lse) -> 
         return True
     except Exception as e:   # noqa: BLE001 (compile errors come in many types)
         _gluon_failed.append(e)
+        first = str(e).splitlines()[0][:200] if str(e) else ""
         print(f"kernels: the Gluon attention forward failed on triton {triton.__version__} ({type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200] if str(e) else ''}); using the Triton kernel from now on", file=sys.stderr)
+              f"{first}); using the Triton kernel from now on", file=sys.stderr)
         return False
 
 
