@@ -2201,9 +2201,10 @@ def _bench_attention(rows, peaks):
         peers = {"SDPA default (enable_gqa)": (lambda: sdpa(qs, ks, vs, is_causal=True, enable_gqa=True), (qs, ks, vs)),
                  "SDPA cuDNN (kv repeated)": (lambda: cudnn(qs, kr, vr), (qs, kr, vr))}
         ours = lambda: flash_attn_varlen(q, k, v, cu, S)  # noqa: E731
-        _compare(rows, f"flash varlen fwd S={S}", "TFLOP/s", _rate(flops / 1e9, graph=False), ours,
+        fwd = " (Gluon fwd)" if _fwd_gluon(q, k, v) else ""   # which forward kernel the rows measure (Hopper: Gluon)
+        _compare(rows, f"flash varlen fwd S={S}{fwd}", "TFLOP/s", _rate(flops / 1e9, graph=False), ours,
                  {n: f for n, (f, _) in peers.items()}, mfu)
-        _compare(rows, f"flash varlen fwd+bwd S={S}", "TFLOP/s", _rate(3.5 * flops / 1e9, graph=False),
+        _compare(rows, f"flash varlen fwd+bwd S={S}{fwd}", "TFLOP/s", _rate(3.5 * flops / 1e9, graph=False),
                  both(ours, (q, k, v), do), {n: both(f, xs, dos) for n, (f, xs) in peers.items()}, mfu)
     B, ctx = 256, 1024                    # decode: 256 sequences x 1024 cached tokens, Qwen3-0.6B KV shape
     for P in (16, 256):
