@@ -1299,7 +1299,7 @@ def _same_micro_batch_count(M: int, mesh: Mesh, who: str, dp_group=None):
 
 def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], schedule: str = "1f1b",
                   loss_scale: float | None = None, check: bool = True, optimizer=None,
-                  loss_fn=None) -> tuple[float, int]:
+                  loss_fn=None, sync: bool = True) -> tuple:
     """Forward + backward of one step's micro-batches through the pipeline; grads ACCUMULATE (zero before, step
     after). Every pipeline rank passes the SAME list of dicts: input_ids [N], positions [N], cu_seqlens [B+1],
     max_seqlen (optional int), labels [N]. Returns this pipeline's unscaled (loss_sum, n_tokens) on every rank.
@@ -1308,7 +1308,9 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     check: a tiny all-reduce (over pp; ZeRO-2/3: dp too) turns unequal micro-batch counts into an error, not a hang.
     optimizer: build_optimizer's, so the dp reduction runs once, on the last micro-batch (None: .grad).
     loss_fn(hidden [N, Hd], k) -> scalar: another loss for micro-batch k on the last stage (ppo.py's policy and value
-    losses), already scaled to the step; no labels needed, and (loss_sum, M) is returned."""
+    losses), already scaled to the step; no labels needed, and (loss_sum, M) is returned.
+    sync=False: return the two numbers as 0-dim float64 DEVICE tensors instead of reading them (a host sync: the host
+    would wait for the whole backward before it could queue the optimizer and the next step; read them later)."""
     _require(schedule in SCHEDULES, f"pipeline_step: schedule {schedule!r}; expected one of {sorted(SCHEDULES)}")
     _require((M := len(micro_batches)) > 0, "pipeline_step: no micro-batches")
     need = {"input_ids", "positions", "cu_seqlens"} | ({"labels"} if loss_fn is None else set())
@@ -1328,6 +1330,8 @@ def pipeline_step(stage: Transformer, mesh: Mesh, micro_batches: list[dict], sch
     out = torch.stack([p.loss_sum, p.n_tokens.double()])
     if mesh.pp > 1:
         dist.broadcast(out, src=mesh.rank_of(mesh.dp_rank, mesh.pp - 1, mesh.tp_rank), group=mesh.pp_group)
+    if not sync:
+        return out[0], out[1]
     loss_sum, n = out.tolist()                    # one host sync for both (two .item()s would be two)
     return loss_sum, int(n)
 

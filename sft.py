@@ -515,9 +515,9 @@ def _global_counts(mbs: list, mesh: nt.Mesh, objective: str) -> list:
     return mesh.all_reduce_(t, "dp").tolist()                                           # .tolist() syncs
 
 
-def dpo_backward(model, ref, mesh, opt, mbs, n_pairs_global: float, beta: float) -> list:
+def dpo_backward(model, ref, mesh, opt, mbs, n_pairs_global: float, beta: float) -> torch.Tensor:
     """Forward + backward of the step's pair micro-batches (pp = 1); the grad sync runs on the last one.
-    Returns [sum of pair losses, pairs ranked right] of this dp rank."""
+    Returns [sum of pair losses, pairs ranked right] of this dp rank (float64 on the device: no sync)."""
     stats = torch.zeros(2, dtype=torch.float64, device=mesh.device)
     for k, mb in enumerate(mbs):
         mb = _to(mb, mesh.device)
@@ -527,35 +527,72 @@ def dpo_backward(model, ref, mesh, opt, mbs, n_pairs_global: float, beta: float)
             losses, margin = dpo_losses(sequence_logps(model, mb), ref_lp, mb["n_pairs"], beta)
             (losses.sum() / n_pairs_global).backward()
         stats += torch.stack([losses.detach().sum().double(), (margin > 0).sum().double()])
-    return stats.tolist()
+    return stats
 
 
 def train_step(model, mesh, opt, mbs: list, cfg: Config, lr: float, ref=None, graphs=None) -> dict:
-    """One optimizer step on this dp rank's micro-batches. The loss is the mean over the step's loss units
-    (response tokens, or pairs) of ALL micro-batches on ALL dp ranks: each micro-batch's sum is scaled by
-    1 / that global count and dp SUMS the gradients, so any split of the same rows gives the same update.
-    graphs: a GraphStep (--cuda_graphs) runs the micro-batches instead of pipeline_step."""
+    """One optimizer step on this dp rank's micro-batches, run to the end: read_step(queue_step(..)). The loss is the
+    mean over the step's loss units (response tokens, or pairs) of ALL micro-batches on ALL dp ranks: each
+    micro-batch's sum is scaled by 1 / that global count and dp SUMS the gradients, so any split of the same rows
+    gives the same update. graphs: a GraphStep (--cuda_graphs) runs the micro-batches instead of pipeline_step."""
+    return read_step(queue_step(model, mesh, opt, mbs, cfg, lr, ref, graphs))
+
+
+# Why the training loop reads a step's numbers one step LATE. A GPU runs what the host queued, in order; the host
+# waits only when it reads a GPU value (.item(), .tolist(), float(t)): a host sync. Read the loss at the end of
+# step k and the GPU runs dry: it finishes step k, then idles while the host prints, fetches the next batch and
+# issues step k+1's first kernels (135M model, one H200: the GPU was busy 75% of each step). So queue_step issues
+# a whole step (forward, backward, clip, optimizer) and its numbers' copy to the host, and records a CUDA event
+# after them; the loop queues step k+1, THEN reads step k (read_step): it waits for that event, i.e. for step k
+# only, while step k+1 is already queued behind it. (A .tolist() of the device tensor at that point would queue
+# its copy BEHIND step k+1 and wait for both: the GPU would run dry again, one step later.)
+#
+#   host:  [queue k][read k-1][queue k+1][read k ...wait...][queue k+2][read k+1 ...
+#   GPU:        [ step k ..................... ][ step k+1 ..................... ][ ...
+#
+# The numbers are the same, only printed one step later; before an eval, a checkpoint or the end the loop reads
+# the pending step first, so those see a finished step. At dp > 1 _global_counts still syncs (a tiny all-reduce of
+# host counts that queues behind the GPU's work), so the overlap is a one-GPU gain.
+
+
+def queue_step(model, mesh, opt, mbs: list, cfg: Config, lr: float, ref=None, graphs=None) -> dict:
+    """Queue one optimizer step and return without waiting for the GPU (at dp = 1): the host counts, and the step's
+    [loss sum, pairs ranked right, grad norm] (float64; on CUDA a pinned host copy still being written, with the
+    event that marks its end) for read_step."""
     units, ntok, sq = _global_counts(mbs, mesh, cfg.objective)
     opt.zero_grad()
-    acc = 0.0
     if cfg.objective == "dpo":
-        loss_sum, acc = dpo_backward(model, ref, mesh, opt, mbs, max(units, 1.0), cfg.dpo_beta)
-    elif graphs is not None:                            # a device tensor, read after the optimizer step is queued
-        loss_sum = graphs.step(mbs, 1.0 / max(units, 1.0))
+        stats = dpo_backward(model, ref, mesh, opt, mbs, max(units, 1.0), cfg.dpo_beta)          # [2]
     else:
-        loss_sum, _ = nt.pipeline_step(model, mesh, mbs, cfg.schedule, loss_scale=1.0 / max(units, 1.0),
-                                       optimizer=opt)
+        if graphs is not None:
+            loss_sum = graphs.step(mbs, 1.0 / max(units, 1.0))
+        else:
+            loss_sum, _ = nt.pipeline_step(model, mesh, mbs, cfg.schedule, loss_scale=1.0 / max(units, 1.0),
+                                           optimizer=opt, sync=False)
+        stats = torch.stack([loss_sum.double(), torch.zeros_like(loss_sum, dtype=torch.float64)])
     grad_norm = opt.clip_grad_norm_(cfg.grad_clip) if cfg.grad_clip > 0 else opt.dp.grad_norm()
     opt.step(lr=lr)
-    loss_sum = float(loss_sum)                          # (GraphStep's tensor: .item() syncs, once a step)
-    # the logged loss: the same global mean the gradient came from (pipeline_step returns this pipeline's sum)
-    if mesh.dp > 1:                    # (a host list copied to the GPU waits for the stream: dp = 1 skips it)
-        t = mesh.all_reduce_(torch.tensor([loss_sum, acc], dtype=torch.float64, device=mesh.device), "dp")
-        loss_sum, acc = t.tolist()
-    out = {"loss": loss_sum / max(units, 1.0), "grad_norm": float(grad_norm), "tokens": int(ntok),
-           "loss_units": int(units), "seq_len_eff": sq / max(ntok, 1.0)}
-    if cfg.objective == "dpo":
-        out["reward_acc"] = acc / max(units, 1.0)
+    # the logged loss: the same global mean the gradient came from (each pipeline's sum, summed over dp)
+    if mesh.dp > 1:
+        stats = mesh.all_reduce_(stats, "dp")
+    stats, done = torch.cat([stats, grad_norm.double().reshape(1)]), None                   # [3]
+    if stats.is_cuda:       # the copy out is queued NOW, behind this step; read_step waits for the event after it
+        stats = torch.empty(3, dtype=torch.float64, pin_memory=True).copy_(stats, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=True)
+        done.record()
+    return {"stats": stats, "done": done, "units": units, "tokens": ntok, "sq": sq, "dpo": cfg.objective == "dpo"}
+
+
+def read_step(q: dict) -> dict:
+    """queue_step's step -> its numbers (one host sync: waits until the GPU has finished that step)."""
+    if q["done"] is not None:
+        q["done"].synchronize()
+    loss_sum, acc, grad_norm = q["stats"].tolist()
+    units = max(q["units"], 1.0)
+    out = {"loss": loss_sum / units, "grad_norm": grad_norm, "tokens": int(q["tokens"]),
+           "loss_units": int(q["units"]), "seq_len_eff": q["sq"] / max(q["tokens"], 1.0)}
+    if q["dpo"]:
+        out["reward_acc"] = acc / units
     return out
 
 
@@ -1128,36 +1165,70 @@ def train(job: Job, model, ref, opt, batcher, eval_mbs, graphs=None) -> dict:
 
 
 def _loop(job: Job, model, ref, opt, batches, eval_mbs, log, prof, r: dict, graphs=None):
-    """The steps: a step, a log line, evals and saves on their schedules; sums the timed steps into r."""
+    """The steps: queue step k, then read and log step k - 1 (see queue_step's comment), evals and saves on their
+    schedules (after reading the pending step); sums the timed steps into r."""
     cfg, mesh, start, total, warmup = job.cfg, job.mesh, job.start, job.derived["total"], job.derived["warmup"]
-    unit, peak = ("pair" if cfg.objective == "dpo" else "token"), nt.peak_tflops(mesh.device)
+    unit = "pair" if cfg.objective == "dpo" else "token"
+    pending, t_read, since = None, 0.0, None      # the step read next; when the last was read; where timing starts
     for step in range(start, total):
         t0 = time.perf_counter()
+        if since is None:                         # after a drain (or at the start): the step's time starts now
+            since = _gpu_now(mesh.device)
         lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
-        m = train_step(model, mesh, opt, batches.next_step(), cfg, lr, ref, graphs)
-        dt = time.perf_counter() - t0
-        fpt = nt.flops_per_token(model.cfg, m["seq_len_eff"])
-        if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
-            r["tokens"], r["seconds"], r["flops"] = r["tokens"] + m["tokens"], r["seconds"] + dt, \
-                r["flops"] + fpt * m["tokens"]
-        tps = m["tokens"] / dt
-        mfu = None if peak is None else fpt * tps / (mesh.world * peak * 1e12)
-        r["first"], r["last"] = m["loss"] if r["first"] is None else r["first"], m["loss"]
-        line = (f"step {step + 1}/{total} | loss {m['loss']:.4f} | lr {lr:.2e} | gnorm {m['grad_norm']:.3f} | "
-                f"{tps:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {dt:.2f}s" +
-                (f" | acc {m['reward_acc']:.2f}" if "reward_acc" in m else ""))
-        log.log({"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": batches.epoch(),
-                 "skipped_rows": batches.skipped, "seconds": dt},
-                line if _every(cfg.log_every, step + 1) or step == start else None)
-        log.advance()
+        q = queue_step(model, mesh, opt, batches.next_step(), cfg, lr, ref, graphs)
+        q |= {"epoch": batches.epoch(), "skipped": batches.skipped, "since": since}   # the data position after it
+        since = q["done"]                         # the next step's time starts where this one ends (GPU clock)
+        if pending is not None:
+            t_read = _report(job, log, r, *pending, t_read)
+        pending = (step, q, lr, t0)
         done = step + 1 == total
-        if _every(cfg.eval_every, step + 1) or done:
+        evals, saves = _every(cfg.eval_every, step + 1) or done, \
+            _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0)
+        if evals or saves:                    # they need the step finished: read it now
+            t_read, pending, since = _report(job, log, r, *pending, t_read), None, None
+        if evals:
             r["eval_loss"] = evaluate(model, mesh, eval_mbs, cfg, ref)
             log.log({"step": step + 1, "eval_loss": r["eval_loss"]},
                     f"step {step + 1}/{total} | eval loss {r['eval_loss']:.4f} per {unit}")
-        if _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0):
+        if saves:
             save(job, model, opt, batches, step + 1, log)
         prof.step()
+
+
+def _report(job: Job, log, r: dict, step: int, q: dict, lr: float, t_queued: float, t_read: float) -> float:
+    """Read a queued step (read_step), log it and add it to the summary's sums; returns when it was read.
+    A step's time on CUDA is read off the GPU's clock, from the end of the step before (or its own start, after a
+    drain) to its own end: the host clock cannot tell, with the loop one step ahead, when the GPU finished a step;
+    it includes any time the GPU waited for the host, and consecutive steps add up to the GPU's wall time. On the
+    CPU a step runs as it is queued: from its queueing (or the previous read) to its read."""
+    cfg, mesh, start, total = job.cfg, job.mesh, job.start, job.derived["total"]
+    m = read_step(q)
+    now = time.perf_counter()
+    dt = q["since"].elapsed_time(q["done"]) / 1e3 if q["done"] is not None else now - max(t_queued, t_read)
+    fpt, peak = nt.flops_per_token(job.mcfg, m["seq_len_eff"]), nt.peak_tflops(mesh.device)
+    if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
+        r["tokens"], r["seconds"], r["flops"] = r["tokens"] + m["tokens"], r["seconds"] + dt, \
+            r["flops"] + fpt * m["tokens"]
+    tps = m["tokens"] / dt
+    mfu = None if peak is None else fpt * tps / (mesh.world * peak * 1e12)
+    r["first"], r["last"] = m["loss"] if r["first"] is None else r["first"], m["loss"]
+    line = (f"step {step + 1}/{total} | loss {m['loss']:.4f} | lr {lr:.2e} | gnorm {m['grad_norm']:.3f} | "
+            f"{tps:,.0f} tok/s | mfu {'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {dt:.2f}s" +
+            (f" | acc {m['reward_acc']:.2f}" if "reward_acc" in m else ""))
+    log.log({"step": step + 1, **m, "lr": lr, "tokens_per_s": tps, "mfu": mfu, "epoch": q["epoch"],
+             "skipped_rows": q["skipped"], "seconds": dt},
+            line if _every(cfg.log_every, step + 1) or step == start else None)
+    log.advance()
+    return now
+
+
+def _gpu_now(device):
+    """A timing event queued on the current CUDA stream now (it fires when the GPU gets there); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    ev = torch.cuda.Event(enable_timing=True)
+    ev.record()
+    return ev
 
 
 def summarize(job: Job, r: dict, skipped: int) -> dict:

@@ -156,8 +156,10 @@ from prepare_data import Config, build  # noqa: E402
 # in the dQ kernel, the launch order's head group by sequence length, a benchmark timer that hides the host).
 # Session 16: kernels.py to 2453 (the varlen forward on Hopper in Gluon: FlashAttention-3's overlap written out, 3
 # programs per SM; its import guard, launcher and fallback; the bench rows name the forward kernel they measure).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2453, "nanotron.py": 2653,
-                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1321, "ppo.py": 2445, "merge.py": 200,
+# Session 17: sft.py to 1392 (the loop queues step k + 1 before it reads step k, through a pinned copy and a CUDA
+# event; step times off the GPU's clock), nanotron.py to 2657 (pipeline_step(sync=False)).
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2453, "nanotron.py": 2657,
+                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1392, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -4432,7 +4434,8 @@ def _pp_pp_case(mesh, tie, sp, n_mb=4):
 
 
 def _pp_train_case(mesh, tie, steps=3, lr=0.5):
-    """3 SGD steps on fresh micro-batches each step: per-step losses equal the single process."""
+    """3 SGD steps on fresh micro-batches each step: per-step losses equal the single process (step 1 with
+    sync=False, the numbers returned as device tensors)."""
     cfg = _pp_cfg(tie)
     ref = nt.Transformer(cfg, use_kernels=False).init_random(3).train()
     stage = nt.build_stage(cfg, mesh, use_kernels=False).init_random(3).train()
@@ -4441,7 +4444,10 @@ def _pp_train_case(mesh, tie, steps=3, lr=0.5):
         ids, pos, cu, labels = _pp_pack(mbs)
         total, n = ref.loss(ref(ids, pos, cu), labels)
         (total / n).backward()
-        loss, m = nt.pipeline_step(stage, mesh, mbs, "1f1b", loss_scale=1.0 / int(n))
+        out = nt.pipeline_step(stage, mesh, mbs, "1f1b", loss_scale=1.0 / int(n), sync=step != 1)
+        if step == 1:          # sync=False: the same numbers as 0-dim float64 tensors (read later, by the caller)
+            assert all(isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.dim() == 0 for t in out)
+        loss, m = float(out[0]), int(out[1])
         assert m == int(n) and abs(loss / m - total.item() / int(n)) <= 1e-4 * total.item() / int(n), (step, loss)
         with torch.no_grad():
             for model in (ref, stage):
@@ -5564,6 +5570,37 @@ def test_sft_fixed_shape_leaves_loss_and_grads_unchanged(tmp_path, use_kernels):
     torch.testing.assert_close(g1, g0, rtol=1e-5, atol=1e-7)
 
 
+def test_sft_loop_queues_the_next_step_before_reading_one(tmp_path, monkeypatch):
+    """The training loop queues step k + 1 before it reads step k (so the GPU never waits for the host's logging
+    and batch fetch), reads every step once, in order, before an eval, and logs each step's numbers under its own
+    step number with its own learning rate."""
+    monkeypatch.chdir(tmp_path)
+    events, reads = [], []
+    queue_step, read_step, evaluate = sft.queue_step, sft.read_step, sft.evaluate
+
+    def queued(*a, **kw):
+        q = queue_step(*a, **kw) | {"k": sum(e[0] == "queue" for e in events), "lr": a[5]}
+        events.append(("queue", q["k"]))
+        return q
+
+    def read(q):
+        events.append(("read", q["k"]))
+        reads.append(read_step(q) | {"lr": q["lr"]})
+        return reads[-1]
+
+    monkeypatch.setattr(sft, "queue_step", queued)
+    monkeypatch.setattr(sft, "read_step", read)
+    monkeypatch.setattr(sft, "evaluate", lambda *a: events.append(("eval",)) or evaluate(*a))
+    sft.main(SFT_TINY + ["--steps", "5", "--eval_every", "2", "--save_every", "-1", "--results", "r.jsonl",
+                         "--out", "a"])
+    q, r = (lambda k: ("queue", k)), (lambda k: ("read", k))
+    assert events == [("eval",), q(0), q(1), r(0), r(1), ("eval",), q(2), q(3), r(2), r(3), ("eval",), q(4), r(4),
+                      ("eval",)]
+    logged = [m for m in _sft_metrics("a") if "loss" in m]
+    assert [m["step"] for m in logged] == [1, 2, 3, 4, 5] and len({m["loss"] for m in logged}) == 5
+    assert [(m["loss"], m["grad_norm"], m["lr"]) for m in logged] == [(m["loss"], m["grad_norm"], m["lr"]) for m in reads]
+
+
 def test_sft_fixed_shape_run_equals_plain_run(tmp_path, monkeypatch, capsys):
     """--fixed_shape through main (Batcher, derive, the derived block): the same losses as the plain run."""
     monkeypatch.chdir(tmp_path)
@@ -5648,6 +5685,30 @@ def test_gpu_sft_cuda_graph_replay_equals_eager(tmp_path, kernels_switch):
     for k in ep:
         assert rel(rp[k], ep[k]) < 1e-3, k
         assert rel(rp[k], pp_[k]) < 2e-2, k
+
+
+@requires_cuda
+def test_gpu_sft_read_step_waits_for_its_own_step_only(tmp_path):
+    """read_step waits for the step it reads, not for work queued behind it: with ~1 s of GPU sleep queued after
+    step k, reading step k returns while the GPU is still busy (a .tolist() of the device tensor would wait for the
+    sleep too), with the numbers a synchronous train_step gives for the same step."""
+    mesh = nt.Mesh(device=torch.device("cuda"))
+    rows = _sft_toy_rows(tmp_path, n=16)
+    mbs, runs = [sft.collate(rows) | {"n_pairs": 16}], []
+    for lagged in (False, True):
+        model = nt.build_stage(nt.tiny_config(), mesh, dtype=torch.bfloat16).init_random(0)
+        opt = nt.build_optimizer(model, mesh, zero_stage=1, lr=1e-3, weight_decay=0.0)
+        first = sft.train_step(model, mesh, opt, mbs, sft.Config(), 1e-3)          # compiles, autotunes
+        if not lagged:
+            runs.append(sft.train_step(model, mesh, opt, mbs, sft.Config(), 1e-3))
+            continue
+        q = sft.queue_step(model, mesh, opt, mbs, sft.Config(), 1e-3)
+        torch.cuda._sleep(2_000_000_000)                                            # ~1 s of a GPU spinning
+        runs.append(sft.read_step(q))
+        busy = not torch.cuda.current_stream().query()
+        torch.cuda.synchronize()
+    assert busy and first["loss"] > runs[1]["loss"] and runs[1]["tokens"] == sum(len(r[0]) for r in rows)
+    assert runs[1] == pytest.approx(runs[0], rel=1e-4)
 
 
 @requires_cuda
