@@ -768,13 +768,14 @@ def check_token_split(ds, path, vocab_size, sequences: dict, count: str = "num_t
     `count` equal to the row's total length. sequences: {ids column: its mask column or None}, e.g.
     {"input_ids": "loss_mask"} (sft), {"chosen_ids": "chosen_mask", "rejected_ids": "rejected_mask"} (dpo),
     {"prompt_ids": None} (rl). `ds` as load_dataset opened it (rows are the file's rows: ds[row]).
-    Raises ValueError naming the file, row and column; returns {"rows", "tokens", "max_id"}."""
+    Raises ValueError naming the file, row and column; returns {"rows", "tokens", "max_id", "max_mask_share"} (the
+    largest share of a row's tokens whose mask is 1: sft.py's CUDA graphs size the LM head's rows by it)."""
     import torch
 
-    row0, tokens, max_id = 0, 0, -1
+    row0, tokens, max_id, share = 0, 0, -1, 0.0
     for batch in ds._table.batches:                                        # chunks of the file
         n = batch.num_rows
-        total = torch.zeros(n, dtype=torch.int64)                           # [n] tokens per row
+        total, ones = torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.int64)   # [n] tokens, mask 1s
         for ids_col, mask_col in sequences.items():
             offs, ids = _flat_list(batch, ids_col, path, row0)
             if ids.is_floating_point():                                     # 5.5 would train as token 5
@@ -800,6 +801,7 @@ def check_token_split(ds, path, vocab_size, sequences: dict, count: str = "num_t
                     row = int(torch.searchsorted(moffs, k, right=True)) - 1
                     raise ValueError(f"{path}: row {row0 + row}, column {mask_col!r}: mask value {int(mask[k])}, "
                                      "expected 0 or 1")
+                ones += torch.nn.functional.pad(mask.long().cumsum(0), (1, 0))[moffs.long()].diff()  # per-row sums
         if count:
             c = batch.columns.get(count)
             if c is None or c.null_count:
@@ -810,7 +812,8 @@ def check_token_split(ds, path, vocab_size, sequences: dict, count: str = "num_t
                 raise ValueError(f"{path}: row {row0 + r}, column {count!r}: says {int(c.to_torch()[r])}, the "
                                  f"row holds {int(total[r])} token ids in {list(sequences)}")
         row0, tokens = row0 + n, tokens + int(total.sum())
-    return {"rows": row0, "tokens": tokens, "max_id": max_id}
+        share = max(share, float((ones / total.clamp(min=1)).max())) if n else share
+    return {"rows": row0, "tokens": tokens, "max_id": max_id, "max_mask_share": share}
 
 
 # --------------------------------------------------------------- driver ----
@@ -999,7 +1002,7 @@ def config_from_argv(cls, argv=None, description: str = "", positional: tuple = 
         h = helps.get(f.name, "").replace("%", "%%")  # argparse formats help with %
         if f.name in positional:
             p.add_argument(f.name, nargs="?", default=default, help=h)
-        elif f.type in (bool, "bool"):
+        elif f.type in (bool, "bool", bool | None, "bool | None"):   # bool | None: None = decided by the program
             p.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, default=default, help=h)
         elif f.type in (list, "list"):
             p.add_argument(f"--{f.name}", nargs="*", default=default, help=h)

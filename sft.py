@@ -26,7 +26,7 @@ Commands:
     python sft.py --bench auto --model tiny --data toy --steps 2   # CPU: the same 4 layouts on gloo, seconds
     python sft.py --model smollm2 --steps 8 --profile 3   # host vs GPU time, launches, syncs per step; trace.json
     python sft.py --fixed_shape                        # every micro-batch padded to one shape: the same losses
-    python sft.py --model smollm2 --data data/gsm8k_sft --cuda_graphs   # 1 GPU: one graph replay per micro-batch
+    python sft.py --model smollm2 --data data/gsm8k_sft --no-cuda_graphs   # 1 GPU, eager (default: graph replays)
     pytest -q test_all.py -k sft
 Outputs (--out, default ckpt/<objective>-<model>): step_N/ (checkpoints, the newest --keep_last kept),
 metrics.jsonl, loss.png, summary.json; one line in results.jsonl. Everything that can be checked runs before
@@ -100,7 +100,7 @@ class Config:
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: bool = False  # also log to Weights & Biases (when the package is installed)
     fixed_shape: bool = False  # pad every train micro-batch to micro_batch_tokens and a fixed sequence count (collate)
-    cuda_graphs: bool = False  # CUDA, tp = pp = 1: replay ONE captured forward + backward per micro-batch (fixed shape)
+    cuda_graphs: bool | None = None  # replay 1 captured fwd + bwd per micro-batch; None: on for 1 CUDA process, sft
     prefetch: bool = True  # build step k+1's micro-batches in a thread while step k runs (False: in the loop)
     profile: int = 0  # profile this many steps after the warm-up (torch.profiler): host vs GPU time, launches, syncs
     bench: str = ""  # layouts, e.g. 1,tp2,pp2,dp2, or auto (1,dpG,tpG,ppG on G GPUs): a torchrun job each -> table, PNG
@@ -158,13 +158,17 @@ def resolve(cfg: Config, cuda: bool, world: int = 1) -> Config:
     if world % (cfg.tp * cfg.pp):
         raise ValueError(f"sft.py: --tp {cfg.tp} x --pp {cfg.pp} = {cfg.tp * cfg.pp} does not divide the world size "
                          f"{world} (torchrun --nproc_per_node); dp = world / (tp * pp) must be a whole number")
-    for bad, need in ((not cuda, "a CUDA GPU"), (cfg.tp * cfg.pp > 1, "--tp 1 --pp 1 (no collectives in the graph)"),
-                      (cfg.objective != "sft", "--objective sft"),
-                      (cfg.zero_stage > 1, "--zero_stage 0 or 1 (2/3 free the gradients between micro-batches)"),
-                      (cfg.activation_checkpointing, "no --activation_checkpointing (not tested under capture)"),
-                      (not cfg.use_kernels, "--use_kernels (torch's attention reference syncs on cu_seqlens)")):
+    needs = ((not cuda, "a CUDA GPU"), (cfg.tp * cfg.pp > 1, "--tp 1 --pp 1 (no collectives in the graph)"),
+             (cfg.objective != "sft", "--objective sft"),
+             (cfg.zero_stage > 1, "--zero_stage 0 or 1 (2/3 free the gradients between micro-batches)"),
+             (cfg.activation_checkpointing, "no --activation_checkpointing (not tested under capture)"),
+             (not cfg.use_kernels, "--use_kernels (torch's attention reference syncs on cu_seqlens)"))
+    for bad, need in needs:
         if cfg.cuda_graphs and bad:
             raise ValueError(f"sft.py: --cuda_graphs needs {need}")
+    if cfg.cuda_graphs is None:        # the default: one process (dp > 1 runs eagerly unless asked) that can capture
+        cfg = dataclasses.replace(cfg, cuda_graphs=world == 1 and not any(bad for bad, _ in needs)
+                                  and nt._kernels() is not None)
     auto = {k: v[0 if cuda else 1] for k, v in AUTO.items() if getattr(cfg, k) in (0, "auto")}
     data = cfg.data or ("toy" if cfg.model == "tiny" else f"data/synthetic_{cfg.objective}")
     name = cfg.model if cfg.model in nt.PRESETS or cfg.model == "smollm2" else Path(cfg.model.rstrip("/")).name
@@ -271,8 +275,9 @@ def open_split(folder: Path, split: str, objective: str):
 
 
 def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
-    """(train, test, vocab size, a line for the derived block): each split checked in one vectorised pass before any
-    model exists (prepare_data.check_token_split); vocab = the manifest's (its tokenizer's), else 1 + the largest id."""
+    """(train, test, vocab size, a line for the derived block, the data's id, the train rows' largest labelled share):
+    each split checked in one vectorised pass before any model exists (prepare_data.check_token_split); vocab = the
+    manifest's (its tokenizer's), else 1 + the largest id."""
     from prepare_data import check_token_split
     folder, t0 = ensure_data(cfg, mesh), time.perf_counter()
     manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
@@ -288,7 +293,8 @@ def open_data(cfg: Config, mesh: nt.Mesh) -> tuple:
     vocab = vocab or 1 + max(st["max_id"] for st in stats)
     line = (f"data check: {stats[0]['rows']} + {stats[1]['rows']} rows, {sum(st['tokens'] for st in stats):,} "
             f"tokens: ids < {vocab}, masks 0/1, num_tokens = row lengths ({time.perf_counter() - t0:.2f} s)")
-    return splits[0], splits[1], vocab, line, {"rows": stats[0]["rows"], "tokens": stats[0]["tokens"]}
+    return (splits[0], splits[1], vocab, line, {"rows": stats[0]["rows"], "tokens": stats[0]["tokens"]},
+            stats[0]["max_mask_share"])
 
 
 def check_resume_data(cfg: Config, src, data_id: dict):
@@ -315,14 +321,18 @@ class FixedShape(NamedTuple):
     tokens: int      # N: input_ids, positions, labels are [tokens] (the packing budget)
     seqs: int        # B: cu_seqlens is [seqs + 1]
     max_seqlen: int  # no sequence is longer (the attention kernels size their grids by it)
+    head_rows: int = 0   # the LM head's rows under --cuda_graphs: >= any pack's labelled tokens (0: all tokens)
 
 
-def fixed_shape(lengths: list, budget: int, objective: str) -> FixedShape:
+def fixed_shape(lengths: list, budget: int, objective: str, mask_share: float = 1.0) -> FixedShape:
     """The smallest fixed shape every pack of these rows fits. max_seqlen = the longest row that fits the budget
     (the filler is cut into pieces no longer; the budget itself would launch budget / tile query tiles per
     sequence and head, nearly all of which exit at once). seqs = the most slots a pack can need: k rows hold at
     least S_k tokens (the k shortest rows), and the filler of the rest takes ceil((budget - S_k) / max_seqlen)
-    pieces, so seqs = max over k of (k, or 2k for DPO pairs) + that. Empty slots cost a program that exits."""
+    pieces, so seqs = max over k of (k, or 2k for DPO pairs) + that. Empty slots cost a program that exits.
+    head_rows: a pack's labelled share is at most its rows' largest (mask_share, check_token_split's), so it holds at
+    most budget * mask_share labelled tokens: the LM head, the largest matmul, runs on that many rows (a graph cannot
+    take each pack's own count), not on all of them (GSM8K: 74% of the rows, where a pack's labelled mean is 46%)."""
     short = sorted(x for x in lengths if x <= budget)
     cap, per, S = short[-1], 2 if objective == "dpo" else 1, 0
     seqs = -(-budget // cap)                                              # k = 0: filler only
@@ -330,7 +340,7 @@ def fixed_shape(lengths: list, budget: int, objective: str) -> FixedShape:
         if (S := S + x) > budget:
             break
         seqs = max(seqs, per * k + -(-(budget - S) // cap))
-    return FixedShape(budget, seqs, cap)
+    return FixedShape(budget, seqs, cap, min(budget, -(-math.ceil(budget * mask_share) // 8) * 8))
 
 
 def collate(seqs: list, multiple_of: int = 1, shape: FixedShape | None = None) -> dict:
@@ -341,7 +351,9 @@ def collate(seqs: list, multiple_of: int = 1, shape: FixedShape | None = None) -
     shape (--fixed_shape): pad to exactly shape.tokens with filler sequences (no labels, <= shape.max_seqlen tokens
     each), then cu_seqlens to shape.seqs + 1 offsets by repeating the last one: EMPTY sequences at the end, which
     the attention kernels skip. Every micro-batch then has the same shapes and kernel grids (one CUDA graph can
-    replay them all) and the same loss: filler rows have no labels, so they add 0 to the loss and its gradients."""
+    replay them all) and the same loss: filler rows have no labels, so they add 0 to the loss and its gradients.
+    It also gets head_rows [shape.head_rows or N]: the labelled positions, then unlabelled ones repeated (they add
+    0 too), the rows the LM head runs on in a CUDA graph."""
     seqs = list(seqs)
     lens = [len(s) for s, _ in seqs]
     pad = -sum(lens) % multiple_of if shape is None else shape.tokens - sum(lens)
@@ -358,9 +370,17 @@ def collate(seqs: list, multiple_of: int = 1, shape: FixedShape | None = None) -
     mb = nanosets.pack_sequences(ids, sum(len(s) for s in ids), masks)[0]
     cu = mb["cu_seqlens"] if shape is None else torch.cat([mb["cu_seqlens"], mb["cu_seqlens"][-1:].expand(
         shape.seqs - len(ids))])                                           # [B+1] -> [seqs+1]: empty at the end
-    return {"input_ids": mb["input_ids"], "positions": mb["positions"], "cu_seqlens": cu, "labels": mb["labels"],
-            "max_seqlen": cap if shape is not None else max(len(s) for s in ids), "tokens": sum(lens),
-            "sq": sum(L * L for L in lens)}
+    out = {"input_ids": mb["input_ids"], "positions": mb["positions"], "cu_seqlens": cu, "labels": mb["labels"],
+           "max_seqlen": cap if shape is not None else max(len(s) for s in ids), "tokens": sum(lens),
+           "sq": sum(L * L for L in lens)}
+    if shape is not None:
+        lab, C = mb["labels"] != IGNORE, shape.head_rows or shape.tokens
+        rows, unlabelled = lab.nonzero().squeeze(1), (~lab).nonzero().squeeze(1)
+        if len(rows) > C:
+            raise ValueError(f"sft.py: collate: {len(rows)} labelled tokens, more than the fixed shape's head_rows "
+                             f"{C} ({shape}); fixed_shape's mask_share must bound every row's")
+        out["head_rows"] = torch.cat([rows, unlabelled[:1].expand(C - len(rows))])   # [C]
+    return out
 
 
 class Batcher:
@@ -608,8 +628,9 @@ def read_step(q: dict) -> dict:
 #     graph recorded; zero_grad zeroes them IN PLACE (ZeRO 2/3 free and re-allocate them between micro-batches:
 #     refused, as would be any zero_grad(set_to_none=True)). Activations come from the graph's private memory pool.
 #   STATIC SHAPES. Every tensor of a replay has its captured shape and every kernel its captured grid: --fixed_shape
-#     pads each micro-batch to the budget, a fixed count of sequences and a fixed max_seqlen (collate), and the LM
-#     head runs on every row (Transformer.loss's rows= would keep the labelled rows only, a count that varies).
+#     pads each micro-batch to the budget, a fixed count of sequences and a fixed max_seqlen (collate). The LM head
+#     (Transformer.loss's rows=) runs on a fixed count of rows, FixedShape.head_rows: the labelled ones (a count
+#     that varies) padded with unlabelled ones, enough for any pack of the data (fixed_shape).
 #   NO HOST SYNCS, NO HOST DECISIONS ON GPU VALUES (.item(), .tolist(), int(t), `if t:`): during capture nothing
 #     has run, so there is no value to read. kernels.py's training path has none (max_seqlen is a host int); torch's
 #     attention reference reads cu_seqlens (.tolist()), so --cuda_graphs needs the kernels. Host work is NOT
@@ -624,6 +645,11 @@ def read_step(q: dict) -> dict:
 # dp > 1 works: the graph holds no collective, and the optimizer all-reduces the gradients after the step's last
 # replay (finish_grad_sync), so communication no longer overlaps the backward. tp/pp > 1 would put collectives and
 # p2p inside the graph (and pipeline schedules are host control flow): refused.
+# THE DEFAULT: on for one process (sft, the kernels, ZeRO 0/1); dp > 1 and DPO run eagerly unless asked. What it buys
+# and costs, one H200, real packed GSM8K: SmolLM2-135M at the default 16,384 tokens per step 149k -> 410k tokens/s
+# (the eager step is host-bound); at 65,536-token micro-batches, where the GPU already keeps up with the host, and on
+# the 0.6B shape it is 4-5% slower (the padding, and the LM head on head_rows rows instead of each pack's own count):
+# --no-cuda_graphs there.
 
 GRAPH_WARMUP = 2   # eager runs before capture: the first compiles, autotunes and grows; the second finds it all done
 
@@ -640,7 +666,7 @@ class GraphStep:
         self.model, self.opt, self.shape, self.graph = model, opt, shape, None
         dev = next(model.parameters()).device
         filler = collate([], shape=shape)                 # filler only: every label ignored (the warm-up input)
-        self.static = {k: filler[k].to(dev) for k in ("input_ids", "positions", "cu_seqlens", "labels")}
+        self.static = {k: filler[k].to(dev) for k in ("input_ids", "positions", "cu_seqlens", "labels", "head_rows")}
         self.scale = torch.zeros((), dtype=torch.float32, device=dev)       # 1 / the step's label tokens
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=dev)    # the step's sum, added by each replay
         if capture:
@@ -649,7 +675,7 @@ class GraphStep:
     def _fwd_bwd(self):
         s = self.static
         hidden = self.model(s["input_ids"], s["positions"], s["cu_seqlens"], self.shape.max_seqlen)
-        total, _ = self.model.loss(hidden, s["labels"])           # every row (see the section's comment)
+        total, _ = self.model.loss(hidden, s["labels"], rows=s["head_rows"])   # a fixed count (the comment above)
         (total * self.scale).backward()                           # grads ADD into main_grad (the dp hooks)
         self.loss_sum += total.detach()
 
@@ -666,7 +692,7 @@ class GraphStep:
                 with torch.cuda.graph(self.graph, stream=side):   # syncs, then records on `side` until the exit
                     self._fwd_bwd()
             except RuntimeError as e:
-                raise RuntimeError(f"sft.py: --cuda_graphs: capturing the step failed ({e}); without --cuda_graphs "
+                raise RuntimeError(f"sft.py: --cuda_graphs: capturing the step failed ({e}); with --no-cuda_graphs "
                                    "(--fixed_shape keeps the padding) the same step runs eagerly") from e
         self.opt.zero_grad()                                      # (the warm-up's gradients were zeros anyway)
 
@@ -676,9 +702,10 @@ class GraphStep:
         self.loss_sum.zero_()
         with self.opt.no_sync():        # the eager path as the graph: grads stay local, the optimizer reduces them
             for k, mb in enumerate(mbs):
-                if (len(mb["input_ids"]), len(mb["cu_seqlens"]) - 1) != self.shape[:2]:
-                    raise ValueError(f"sft.py: --cuda_graphs: micro-batch {k} has {len(mb['input_ids'])} tokens and "
-                                     f"{len(mb['cu_seqlens']) - 1} sequence slots; the graph holds {self.shape}")
+                have = (len(mb["input_ids"]), len(mb["cu_seqlens"]) - 1, len(mb.get("head_rows", ())))
+                if have != (self.shape.tokens, self.shape.seqs, self.shape.head_rows or self.shape.tokens):
+                    raise ValueError(f"sft.py: --cuda_graphs: micro-batch {k} has {have[0]} tokens, {have[1]} "
+                                     f"sequence slots and {have[2]} head rows; the graph holds {self.shape}")
                 for name, t in self.static.items():     # host -> the captured addresses (pinned: asynchronous)
                     t.copy_(mb[name], non_blocking=True)
                 self.graph.replay() if self.graph is not None else self._fwd_bwd()
@@ -990,8 +1017,9 @@ class Job:
     t_start: float
 
 
-def derive(cfg: Config, mesh: nt.Mesh, train_ds, test_ds) -> dict:
-    """The few dials -> micro-batches per step M, total steps, warmup, and the row statistics printed."""
+def derive(cfg: Config, mesh: nt.Mesh, train_ds, test_ds, mask_share: float = 1.0) -> dict:
+    """The few dials -> micro-batches per step M, total steps, warmup, and the row statistics printed. mask_share:
+    the train rows' largest labelled share (open_data), which sizes the LM head of a fixed shape."""
     share = mesh.dp * cfg.micro_batch_tokens
     if cfg.tokens_per_step % share:
         raise ValueError(f"sft.py: --tokens_per_step {cfg.tokens_per_step} must be a multiple of dp * "
@@ -1007,7 +1035,8 @@ def derive(cfg: Config, mesh: nt.Mesh, train_ds, test_ds) -> dict:
     if cfg.fixed_shape and cfg.sequence_parallel and cfg.micro_batch_tokens % mesh.tp:
         raise ValueError(f"sft.py: --fixed_shape --sequence_parallel: --micro_batch_tokens {cfg.micro_batch_tokens} "
                          f"must be a multiple of --tp {mesh.tp} (each tp rank holds 1/tp of the padded tokens)")
-    shape = fixed_shape(lengths.long().tolist(), cfg.micro_batch_tokens, cfg.objective) if cfg.fixed_shape else None
+    shape = (fixed_shape(lengths.long().tolist(), cfg.micro_batch_tokens, cfg.objective, mask_share)
+             if cfg.fixed_shape else None)
     epochs = not cfg.steps and mesh.device.type == "cuda" and cfg.data != "toy"   # toy: the 4-step demo anywhere
     if epochs and (cfg.epochs <= 0 or fit.sum() < cfg.tokens_per_step):     # (a step > the data: rows repeat in it)
         raise ValueError(f"sft.py: --epochs {cfg.epochs} of {int(fit.sum())} train tokens (--data {cfg.data}): expected"
@@ -1024,7 +1053,7 @@ def setup(cfg: Config) -> Job:
     cfg = resolve(cfg, torch.cuda.is_available(), nt.dist_env()[1])
     mesh = nt.Mesh.build(cfg.tp, cfg.pp)                     # joins torchrun's group; dp = world / (tp * pp)
     src, start, stale = plan_resume(cfg)
-    train_ds, test_ds, vocab, check_line, data_id = open_data(cfg, mesh)
+    train_ds, test_ds, vocab, check_line, data_id, mask_share = open_data(cfg, mesh)
     check_resume_data(cfg, src, data_id)
     mcfg, path = model_config(cfg, mesh, vocab)
     check_model(cfg, mcfg, vocab, src)
@@ -1038,7 +1067,7 @@ def setup(cfg: Config) -> Job:
         cfg = dataclasses.replace(cfg, micro_batch_tokens=micro)
     if mesh.rank == 0:
         print("sft config:", json.dumps(asdict(cfg)))
-    derived = derive(cfg, mesh, train_ds, test_ds) | {"check": check_line, "act": act, "data_id": data_id}
+    derived = derive(cfg, mesh, train_ds, test_ds, mask_share) | {"check": check_line, "act": act, "data_id": data_id}
     return Job(cfg, mesh, train_ds, test_ds, mcfg, path, src, start, stale, derived, t_start)
 
 
@@ -1072,7 +1101,8 @@ def print_derived(cfg, mesh, d: dict, mcfg, peak):
         f"fixed shapes: every micro-batch padded to {d['shape'].tokens} tokens in {d['shape'].seqs} sequence slots, "
         f"max_seqlen {d['shape'].max_seqlen} (filler and empty slots have no labels; tokens/s counts real tokens)",
         "cuda graphs: " + (f"on (forward + loss + backward captured once after {GRAPH_WARMUP} eager runs on filler, "
-                           "one replay per micro-batch)" if cfg.cuda_graphs else "off"),
+                           f"one replay per micro-batch; the LM head on {d['shape'].head_rows} rows: the train rows' "
+                           "largest labelled share of the budget)" if cfg.cuda_graphs else "off"),
     ]
     if cfg.pp > 1 and d["M"] < cfg.pp:
         lines.append(f"NOTE: M = {d['M']} < pp = {cfg.pp}: the pipeline bubble is over half the step; raise "
@@ -1330,6 +1360,7 @@ def bench_layouts(cfg: Config, argv=None) -> list:
                          f"{', '.join(n for n, d in specs.items() if d['tp'] * d['pp'] > 1)}")
     base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
                        {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
+    base += ["--no-cuda_graphs"] if cfg.cuda_graphs is None else []   # the default would differ by layout (1 GPU: on)
     root = Path(cfg.out or "runs/layouts")
     rows = []
     for name, d in specs.items():

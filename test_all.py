@@ -156,10 +156,11 @@ from prepare_data import Config, build  # noqa: E402
 # in the dQ kernel, the launch order's head group by sequence length, a benchmark timer that hides the host).
 # Session 16: kernels.py to 2453 (the varlen forward on Hopper in Gluon: FlashAttention-3's overlap written out, 3
 # programs per SM; its import guard, launcher and fallback; the bench rows name the forward kernel they measure).
-# Session 17: sft.py to 1392 (the loop queues step k + 1 before it reads step k, through a pinned copy and a CUDA
-# event; step times off the GPU's clock), nanotron.py to 2657 (pipeline_step(sync=False)).
-LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1052, "kernels.py": 2453, "nanotron.py": 2657,
-                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1392, "ppo.py": 2445, "merge.py": 200,
+# Session 17: sft.py to 1423 (the loop queues step k + 1 before it reads step k, through a pinned copy and a CUDA
+# event; step times off the GPU's clock; CUDA graphs on by default for one process, the LM head on FixedShape.head_rows
+# rows), nanotron.py to 2657 (pipeline_step(sync=False)), prepare_data.py to 1055 (check_token_split's max_mask_share).
+LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1055, "kernels.py": 2453, "nanotron.py": 2657,
+                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1423, "ppo.py": 2445, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -2191,7 +2192,8 @@ def test_check_token_split_names_file_row_and_column(tmp_path):
     assert len(ds._table.batches) == 2                              # the test covers a multi-chunk file
     st = pd.check_token_split(ds, "ok.nano", 50, {"input_ids": "loss_mask"})
     assert st == {"rows": 40, "tokens": sum(r["num_tokens"] for r in rows),
-                  "max_id": max(max(r["input_ids"]) for r in rows)}
+                  "max_id": max(max(r["input_ids"]) for r in rows),     # over both chunks, as is the largest share:
+                  "max_mask_share": pytest.approx(max(sum(r["loss_mask"]) / r["num_tokens"] for r in rows))}
     corruptions = {"input_ids": lambda r: r["input_ids"].__setitem__(1, 50),      # id == vocab size
                    "loss_mask": lambda r: r["loss_mask"].__setitem__(-1, 2),       # not 0 or 1
                    "num_tokens": lambda r: r.__setitem__("num_tokens", r["num_tokens"] + 1),
@@ -5534,6 +5536,14 @@ def test_sft_fixed_shape_collate(tmp_path):
             assert torch.equal(mb[k][:n], plain[k])
         assert (mb["labels"][n:] == -100).all() and (cu[1:] - cu[:-1]).max() <= shape.max_seqlen
         assert (mb["tokens"], mb["sq"]) == (plain["tokens"], plain["sq"]) == (n, sum(len(s) ** 2 for s, _ in seqs))
+        lab = (plain["labels"] != -100).nonzero().squeeze(1)       # head_rows: the labelled rows, then unlabelled
+        hr = mb["head_rows"]                                       # ones (head_rows 0 = all tokens)
+        assert len(hr) == shape.tokens and torch.equal(hr[: len(lab)], lab)
+        assert (mb["labels"][hr[len(lab):]] == -100).all()
+        tight = sft.collate(seqs, shape=shape._replace(head_rows=len(lab)))["head_rows"]
+        assert torch.equal(tight, lab)
+        with pytest.raises(ValueError, match=f"{len(lab)} labelled tokens, more than the fixed shape's head_rows"):
+            sft.collate(seqs, shape=shape._replace(head_rows=len(lab) - 1))
     ca, cb = sft.collate(a, shape=shape)["cu_seqlens"], sft.collate(b, shape=shape)["cu_seqlens"]
     assert ca[-1] == ca[-2] and ca[3] - ca[2] > 0                             # A: rows, filler, >= 1 empty slot
     assert len(set(cb.tolist())) == len(cb) and int(cb[-1]) == shape.tokens   # B: exactly full
@@ -5542,8 +5552,10 @@ def test_sft_fixed_shape_collate(tmp_path):
         with pytest.raises(ValueError, match="and their filler do not fit the fixed shape"):
             sft.collate(seqs, shape=sh)
     ds = sft.open_split(tmp_path / "toy", "train", "sft")
-    fixed = sft.fixed_shape(ds["num_tokens"].tolist(), 96, "sft")
+    share = max(float(r["loss_mask"].sum()) / len(r["loss_mask"]) for r in ds)
+    fixed = sft.fixed_shape(ds["num_tokens"].tolist(), 96, "sft", share)
     assert fixed.tokens == 96 and fixed.max_seqlen == max(ds["num_tokens"].tolist())
+    assert 96 * share <= fixed.head_rows < 96 and fixed.head_rows % 8 == 0
     batcher = sft.Batcher(ds, "sft", 3, 96, 0, 1, seed=0, shape=fixed)
     for _ in range(8):              # every pack fits (collate would raise), and every shape is the same
         for mb in batcher.next_step():
@@ -5620,7 +5632,9 @@ def _sft_graph_steps(tmp, device, dtype, runner, steps=3, M=3, budget=96):
     if not (tmp / "toy" / "train.nano").is_file():
         sft.make_toy_data(tmp / "toy", "sft", n_train=256, n_test=8)
     ds = sft.open_split(tmp / "toy", "train", "sft")
-    shape = sft.fixed_shape(ds["num_tokens"].tolist(), budget, "sft")
+    share = max(float(r["loss_mask"].sum()) / len(r["loss_mask"]) for r in ds)    # the LM head on < budget rows
+    shape = sft.fixed_shape(ds["num_tokens"].tolist(), budget, "sft", share)
+    assert shape.head_rows < budget
     batcher = sft.Batcher(ds, "sft", M, budget, 0, 1, seed=0, shape=shape)
     mesh = nt.Mesh(device=torch.device(device))
     model = nt.build_stage(nt.tiny_config(), mesh, dtype=dtype).init_random(0)
@@ -5631,17 +5645,18 @@ def _sft_graph_steps(tmp, device, dtype, runner, steps=3, M=3, budget=96):
     return losses, {n: t.float().cpu() for n, t in model.state_dict_hf()}, graphs
 
 
-def test_sft_graph_step_static_buffers_equal_pipeline_step(tmp_path):
+def test_sft_graph_step_static_buffers_equal_pipeline_step(tmp_path, monkeypatch):
     """GraphStep's eager path (capture=False: the same static buffers, device loss scale, loss summed in place,
-    head on every row, grads reduced after the step) trains as pipeline_step does (fp32, CPU, 3 steps); a micro-batch
-    of another shape is refused. --cuda_graphs refuses what a graph cannot replay, naming the flag."""
+    the head on a fixed count of rows, grads reduced after the step) trains as pipeline_step does (fp32, CPU, 3 steps);
+    a micro-batch of another shape is refused. --cuda_graphs refuses what a graph cannot replay, naming the flag; the
+    default turns graphs on only where they can run."""
     ref_losses, ref_params, _ = _sft_graph_steps(tmp_path, "cpu", torch.float32, None)
     losses, params, g = _sft_graph_steps(tmp_path, "cpu", torch.float32, lambda m, o, sh: sft.GraphStep(m, o, sh, False))
     assert g.graph is None and losses == pytest.approx(ref_losses, rel=1e-5) and ref_losses[-1] != ref_losses[0]
     for k, v in ref_params.items():
         torch.testing.assert_close(params[k], v, rtol=1e-5, atol=1e-6)
     bad = sft.collate(_sft_toy_rows(tmp_path / "b", n=2)) | {"n_pairs": 2}
-    with pytest.raises(ValueError, match=r"--cuda_graphs: micro-batch 0 has \d+ tokens and 2 sequence slots; the graph"):
+    with pytest.raises(ValueError, match=r"micro-batch 0 has \d+ tokens, 2 sequence slots and 0 head rows; the graph"):
         g.step([bad], 1.0)
     opt3 = nt.build_optimizer(g.model, g.model.mesh, zero_stage=3)
     with pytest.raises(ValueError, match="GraphStep needs tp = pp = 1 and ZeRO 0/1; got tp 1, pp 1, zero 3"):
@@ -5652,6 +5667,17 @@ def test_sft_graph_step_static_buffers_equal_pipeline_step(tmp_path):
         with pytest.raises(ValueError, match=f"sft.py: --cuda_graphs needs {re.escape(need)}"):
             sft.resolve(sft.Config(cuda_graphs=True, **kw), cuda=bool(kw), world=2)
     assert sft.resolve(sft.Config(cuda_graphs=True), cuda=True).fixed_shape       # graphs imply fixed shapes
+    # the default (None): on for one CUDA process training sft with the kernels, else off without an error
+    on = lambda cfg, cuda=True, world=1: sft.resolve(cfg, cuda=cuda, world=world).cuda_graphs   # noqa: E731
+    if nt._kernels() is not None:
+        assert on(sft.Config()) is True and sft.resolve(sft.Config(), cuda=True).fixed_shape
+    assert not any([on(sft.Config(), cuda=False), on(sft.Config(), world=2), on(sft.Config(objective="dpo")),
+                    on(sft.Config(zero_stage=2)), on(sft.Config(use_kernels=False)), on(sft.Config(cuda_graphs=False)),
+                    on(sft.Config(activation_checkpointing=True)), on(sft.Config(tp=2), world=2)])
+    assert not sft.resolve(sft.Config(), cuda=False).fixed_shape
+    with monkeypatch.context() as m:
+        m.setattr(nt, "_kernels", lambda: None)                                  # no Triton: eager, no error
+        assert on(sft.Config()) is False
     with pytest.raises(ValueError, match="--bench 1,tp2 --cuda_graphs: every layout needs tp 1 and pp 1"):
         sft.main(["--bench", "1,tp2", "--cuda_graphs"])
 
@@ -5718,7 +5744,7 @@ def test_gpu_sft_cuda_graphs_main_reports_the_mode(tmp_path, monkeypatch, capsys
     monkeypatch.chdir(tmp_path)
     args = ["--model", "tiny", "--data", "toy", "--steps", "6", "--lr", "3e-3", "--tokens_per_step", "2048",
             "--micro_batch_tokens", "512", "--save_every", "-1", "--results", "r.jsonl"]
-    eager = sft.main(args + ["--out", "e", "--fixed_shape"])
+    eager = sft.main(args + ["--out", "e", "--fixed_shape", "--no-cuda_graphs"])
     capsys.readouterr()
     s = sft.main(args + ["--out", "g", "--cuda_graphs", "--profile", "2"])
     out = capsys.readouterr().out
@@ -6338,11 +6364,12 @@ def test_gpu_fused_adamw_equals_loop():
 
 @requires_cuda
 def test_gpu_sft_main_bf16(tmp_path, monkeypatch):
-    """sft.py on a GPU: bf16, Triton kernels, a few steps of the tiny model; the loss falls."""
+    """sft.py on a GPU: bf16, Triton kernels, a few steps of the tiny model; the loss falls; one GPU replays CUDA
+    graphs by default."""
     monkeypatch.chdir(tmp_path)
     s = sft.main(["--model", "tiny", "--data", "toy", "--steps", "8", "--lr", "3e-3", "--out", "o",
                   "--tokens_per_step", "2048", "--micro_batch_tokens", "1024", "--results", "r.jsonl"])
-    assert s["last_loss"] < s["first_loss"] and s["peak_gb"] > 0
+    assert s["last_loss"] < s["first_loss"] and s["peak_gb"] > 0 and s["cuda_graphs"] and s["fixed_shape"]
     assert json.loads(Path("o/summary.json").read_text())["steps"] == 8
 
 
