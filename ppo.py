@@ -248,7 +248,7 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
     dual_clip = c > 1 (Ye et al. 2020): for A < 0 the loss is also capped at -A c, so a token whose ratio
     exploded cannot dominate. gspo (Zheng et al. 2025): one ratio per response, the geometric mean of its
     token ratios, s = exp(mean_t log ratio), carried through each token as s.detach() * pi_t / pi_t.detach().
-    weights: per-token factors (truncated importance sampling). Returns (loss [B, T], stats).
+    weights: per-token factors (truncated importance sampling). Returns (loss [B, T], stats: 0-dim tensors).
     NOTE: with one epoch and one mini-batch (the defaults) pi_old IS the policy being updated (the same forward:
     ratio = 1 exactly), so the clips, the dual clip and gspo change nothing; they bite from the second update on
     the same rollout (--epochs, --mini_batches). Off-policy samples (one-step-off mode) are corrected by the
@@ -267,11 +267,11 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, m
         loss = torch.where(adv < 0, capped, loss)
     if weights is not None:
         loss = loss * weights
-    with torch.no_grad():
+    with torch.no_grad():                       # 0-dim tensors: reading them here would stall the GPU per micro-batch
         m = mask.float()
-        stats = {"clip_frac": float(masked_mean(clipped, m)),
-                 "approx_kl": float(masked_mean(0.5 * (logp - old_logp) ** 2, m)),   # k2 of the update
-                 "ratio_max": float((ratio * m).max()) if m.any() else 1.0}
+        stats = {"clip_frac": masked_mean(clipped, m),
+                 "approx_kl": masked_mean(0.5 * (logp - old_logp) ** 2, m),   # k2 of the update
+                 "ratio_max": torch.where(m.any(), (ratio * m).max(), 1.0) if m.numel() else ratio.new_ones(())}
     return loss, stats
 
 
@@ -892,8 +892,16 @@ def pack(samples: list[dict], idx: list[int], budget: int, device) -> list[dict]
         on = lambda x: x.to(device)                                                     # noqa: E731
         mbs.append({"input_ids": on(ids), "positions": on(pos), "cu_seqlens": on(cu.to(torch.int32)),
                     "max_seqlen": int(L.max()), "rows": on(rows), "targets": on(tgt),
-                    "where": (on(torch.repeat_interleave(torch.tensor(g), R)), on(t)), "samples": list(g)})
+                    "where": (on(torch.repeat_interleave(torch.tensor(g), R)), on(t)), "samples": list(g),
+                    "samples_t": on(torch.tensor(g, dtype=torch.int64))})           # [b], to index device tensors
     return mbs
+
+
+def _to_device(batch: dict, keys: tuple, device) -> dict:
+    """The update's [B, T] tensors on the device ONCE, before its first micro-batch: indexing the host copies per
+    micro-batch and copying each (pageable memory: a copy the host waits on) stalled the GPU several times a
+    micro-batch. Missing or None entries are skipped."""
+    return {k: batch[k].to(device) for k in keys if torch.is_tensor(batch.get(k))}
 
 
 REUSE_LOGP = True      # tests turn it off to check that the shortcut below changes nothing
@@ -976,31 +984,32 @@ class Trainer:
             if model is None:
                 out[key] = None
                 continue
-            t0, t = time.perf_counter(), torch.zeros(shape)
+            t0, t = time.perf_counter(), torch.zeros(shape, device=self.mesh.device)
             if self.mesh.pp > 1:
                 vals = self.nt.pipeline_forward(model, self.mesh, mbs, lambda h, k: fn(h, mbs[k]))
             else:
                 vals = [fn(model(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"]), mb)
                         for mb in mbs]
             for mb, v in zip(mbs, vals):                   # (empty on the stages before the last)
-                t += self._scatter(v, mb, shape).cpu()
-            out[key] = self._from_last_stage(t)             # (.cpu() waited for the device: honest timing)
+                t += self._scatter(v, mb, shape)
+            out[key] = self._from_last_stage(t.cpu())       # (.cpu() waits for the device, once: honest timing)
             timer[role] = timer.get(role, 0.0) + time.perf_counter() - t0
         return out
 
     def _micro_steps(self, model, mbs, opt, loss_on):
-        """Accumulate the micro-batches' gradients (dp reduces once, on the last) -> summed loss value.
-        loss_on(hidden of the last stage, mb) -> this micro-batch's loss, already divided by the step's counts.
-        pp > 1: nanotron's 1F1B pipeline runs the same micro-batches through the stages (loss_fn hook)."""
+        """Accumulate the micro-batches' gradients (dp reduces once, on the last) -> summed loss, a 0-dim device
+        tensor (read it after the optimizer step is queued: a read per micro-batch would let the GPU run dry each
+        time). loss_on(hidden of the last stage, mb) -> this micro-batch's loss, already divided by the step's
+        counts. pp > 1: nanotron's 1F1B pipeline runs the same micro-batches through the stages (loss_fn hook)."""
         if self.mesh.pp > 1:
-            return self.nt.pipeline_step(model, self.mesh, mbs, optimizer=opt,
+            return self.nt.pipeline_step(model, self.mesh, mbs, optimizer=opt, sync=False,
                                          loss_fn=lambda h, k: loss_on(h, mbs[k]))[0]
-        total = 0.0
+        total = torch.zeros((), dtype=torch.float64, device=self.mesh.device)
         for k, mb in enumerate(mbs):
             with opt.no_sync() if k < len(mbs) - 1 else _null():
                 loss = loss_on(model(mb["input_ids"], mb["positions"], mb["cu_seqlens"], mb["max_seqlen"]), mb)
                 loss.backward()
-            total += float(loss.detach())
+            total += loss.detach()
         return total
 
     def update_actor(self, samples, batch: dict, idx: list[int], lr: float, norm: dict) -> dict:
@@ -1008,12 +1017,13 @@ class Trainer:
         stats = {"clip_frac": [], "approx_kl": [], "entropy": [], "kl": []}
         shape = batch["mask"].shape
         reused = torch.zeros(shape, device=dev) if batch["old_logp"] is None else None     # see reuse_logp
+        on_dev = _to_device(batch, ("old_logp", "lmask", "keep", "adv", "engine_logp", "ref_logp"), dev)
 
         def loss_on(h, mb):
-            sel = mb["samples"]
+            sel = mb["samples_t"]
             logp_p, ent_p = self._logp(self.actor, h, mb, entropy=True)
             logp = self._scatter(logp_p, mb, shape)[sel]   # [n_resp] -> [B, T] -> [b, T]: this mb's rows
-            take = lambda k: batch[k][sel].to(dev)                       # noqa: E731
+            take = lambda k: on_dev[k][sel]                              # noqa: E731
             if reused is not None:
                 reused[sel] = logp.detach()                    # pi_old = this very forward (see reuse_logp)
             old = logp.detach() if reused is not None else take("old_logp")
@@ -1032,9 +1042,9 @@ class Trainer:
                     kl = kl_estimate(logp, take("ref_logp"), cfg.kl_estimator)
                     loss = loss + cfg.kl_coef * aggregate(kl, mask, cfg.loss_agg, norm["tokens"], norm["seqs"],
                                                           norm["max_len"])
-                    stats["kl"].append(float(masked_mean(kl.detach(), mask)))
+                    stats["kl"].append(masked_mean(kl.detach(), mask))
             ent = self._scatter(ent_p, mb, shape)[sel]
-            stats["entropy"].append(float(masked_mean(ent.detach(), mask)))
+            stats["entropy"].append(masked_mean(ent.detach(), mask))
             if cfg.entropy_coef > 0:
                 loss = loss - cfg.entropy_coef * aggregate(ent, mask, cfg.loss_agg, norm["tokens"], norm["seqs"],
                                                            norm["max_len"])
@@ -1045,19 +1055,22 @@ class Trainer:
         self.opt.step(lr=lr)
         if reused is not None:                                    # pp > 1: the last stage computed them
             batch["old_logp"] = self._from_last_stage(reused.cpu())
-        mean = lambda v: sum(v) / len(v) if v else 0.0                  # noqa: E731
+        zero = torch.zeros((), device=dev)
         names = sorted(stats)                   # pp > 1: the statistics live on the last stage
-        means = self._from_last_stage(torch.tensor([mean(stats[k]) for k in names], dtype=torch.float64)).tolist()
-        return {"pg_loss": loss, "grad_norm": float(gnorm), **dict(zip(names, means))}
+        means = torch.stack([torch.stack(stats[k]).float().mean() if stats[k] else zero for k in names]).double()
+        means = self._from_last_stage(means.cpu()).tolist()      # the first read of the update: it waits for it
+        return {"pg_loss": float(loss), "grad_norm": float(gnorm), **dict(zip(names, means))}
 
     def update_critic(self, samples, batch: dict, idx: list[int], lr: float, norm: dict) -> float:
         cfg, dev = self.cfg, self.mesh.device
 
+        on_dev = _to_device(batch, ("values", "returns", "lmask"), dev)
+
         def loss_on(h, mb):
-            sel = mb["samples"]
+            sel = mb["samples_t"]
             v = self._scatter(self._values(h, mb), mb, batch["mask"].shape)[sel]
-            vl = value_loss(v, batch["values"][sel].to(dev), batch["returns"][sel].to(dev), cfg.value_clip)
-            return aggregate(vl, batch["lmask"][sel].to(dev), "token-mean", norm["tokens"], norm["seqs"])
+            vl = value_loss(v, on_dev["values"][sel], on_dev["returns"][sel], cfg.value_clip)
+            return aggregate(vl, on_dev["lmask"][sel], "token-mean", norm["tokens"], norm["seqs"])
         self.critic_opt.zero_grad()
         self.head_opt.zero_grad()
         loss = self._micro_steps(self.critic, pack(samples, idx, cfg.micro_batch_tokens, dev), self.critic_opt,
@@ -1072,7 +1085,7 @@ class Trainer:
         for g in self.head_opt.param_groups:
             g["lr"] = lr
         self.head_opt.step()
-        return loss
+        return float(loss)
 
     def weights(self) -> list:
         """(hf_name, full tensor) of the actor, for the engine: all-gathered over tp (a collective: every rank
