@@ -1199,23 +1199,25 @@ def _loop(job: Job, model, ref, opt, batches, eval_mbs, log, prof, r: dict, grap
     schedules (after reading the pending step); sums the timed steps into r."""
     cfg, mesh, start, total, warmup = job.cfg, job.mesh, job.start, job.derived["total"], job.derived["warmup"]
     unit = "pair" if cfg.objective == "dpo" else "token"
-    pending, t_read, since = None, 0.0, None      # the step read next; when the last was read; where timing starts
+    pending, since = None, None                   # the step read next; where the next step's time starts
     for step in range(start, total):
         t0 = time.perf_counter()
         if since is None:                         # after a drain (or at the start): the step's time starts now
             since = _gpu_now(mesh.device)
         lr = nt.lr_at(step, warmup, total, cfg.lr, cfg.min_lr_ratio)
         q = queue_step(model, mesh, opt, batches.next_step(), cfg, lr, ref, graphs)
-        q |= {"epoch": batches.epoch(), "skipped": batches.skipped, "since": since}   # the data position after it
+        q |= {"epoch": batches.epoch(), "skipped": batches.skipped, "since": since,   # the data position after it
+              "wall": time.perf_counter() - t0}  # (on the CPU the step ran while queued: its time)
         since = q["done"]                         # the next step's time starts where this one ends (GPU clock)
         if pending is not None:
-            t_read = _report(job, log, r, *pending, t_read)
-        pending = (step, q, lr, t0)
+            _report(job, log, r, *pending)
+        pending = (step, q, lr)
         done = step + 1 == total
         evals, saves = _every(cfg.eval_every, step + 1) or done, \
             _every(cfg.save_every, step + 1) or (done and cfg.save_every >= 0)
         if evals or saves:                    # they need the step finished: read it now
-            t_read, pending, since = _report(job, log, r, *pending, t_read), None, None
+            _report(job, log, r, *pending)
+            pending = since = None
         if evals:
             r["eval_loss"] = evaluate(model, mesh, eval_mbs, cfg, ref)
             log.log({"step": step + 1, "eval_loss": r["eval_loss"]},
@@ -1225,16 +1227,14 @@ def _loop(job: Job, model, ref, opt, batches, eval_mbs, log, prof, r: dict, grap
         prof.step()
 
 
-def _report(job: Job, log, r: dict, step: int, q: dict, lr: float, t_queued: float, t_read: float) -> float:
-    """Read a queued step (read_step), log it and add it to the summary's sums; returns when it was read.
-    A step's time on CUDA is read off the GPU's clock, from the end of the step before (or its own start, after a
-    drain) to its own end: the host clock cannot tell, with the loop one step ahead, when the GPU finished a step;
-    it includes any time the GPU waited for the host, and consecutive steps add up to the GPU's wall time. On the
-    CPU a step runs as it is queued: from its queueing (or the previous read) to its read."""
+def _report(job: Job, log, r: dict, step: int, q: dict, lr: float):
+    """Read a queued step (read_step), log it and add it to the summary's sums. A step's time on CUDA is read off
+    the GPU's clock, from the end of the step before (or its own start, after a drain) to its own end: the host clock
+    cannot tell, with the loop one step ahead, when the GPU finished a step; it includes any time the GPU waited for
+    the host, and consecutive steps add up to the GPU's wall time. On the CPU a step runs as it is queued."""
     cfg, mesh, start, total = job.cfg, job.mesh, job.start, job.derived["total"]
     m = read_step(q)
-    now = time.perf_counter()
-    dt = q["since"].elapsed_time(q["done"]) / 1e3 if q["done"] is not None else now - max(t_queued, t_read)
+    dt = q["since"].elapsed_time(q["done"]) / 1e3 if q["done"] is not None else q["wall"]
     fpt, peak = nt.flops_per_token(job.mcfg, m["seq_len_eff"]), nt.peak_tflops(mesh.device)
     if step >= start + min(UNTIMED_STEPS, total - start - 1):   # warm-up steps: not in the average
         r["tokens"], r["seconds"], r["flops"] = r["tokens"] + m["tokens"], r["seconds"] + dt, \
@@ -1249,7 +1249,6 @@ def _report(job: Job, log, r: dict, step: int, q: dict, lr: float, t_queued: flo
              "skipped_rows": q["skipped"], "seconds": dt},
             line if _every(cfg.log_every, step + 1) or step == start else None)
     log.advance()
-    return now
 
 
 def _gpu_now(device):

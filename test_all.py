@@ -156,12 +156,12 @@ from prepare_data import Config, build  # noqa: E402
 # in the dQ kernel, the launch order's head group by sequence length, a benchmark timer that hides the host).
 # Session 16: kernels.py to 2453 (the varlen forward on Hopper in Gluon: FlashAttention-3's overlap written out, 3
 # programs per SM; its import guard, launcher and fallback; the bench rows name the forward kernel they measure).
-# Session 17: sft.py to 1423 (the loop queues step k + 1 before it reads step k, through a pinned copy and a CUDA
+# Session 17: sft.py to 1422 (the loop queues step k + 1 before it reads step k, through a pinned copy and a CUDA
 # event; step times off the GPU's clock; CUDA graphs on by default for one process, the LM head on FixedShape.head_rows
 # rows), nanotron.py to 2657 (pipeline_step(sync=False)), prepare_data.py to 1055 (check_token_split's max_mask_share),
 # ppo.py to 2458 (an update reads the GPU once: its tensors moved to the device up front, statistics kept there).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1055, "kernels.py": 2453, "nanotron.py": 2657,
-                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1423, "ppo.py": 2458, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1422, "ppo.py": 2458, "merge.py": 200,
                 "eval.py": 786}
 
 
