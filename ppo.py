@@ -2125,13 +2125,15 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
         # of a sync run's checkpoint, whose saved rollout was made from the saved weights)
         fresh = pending is None or pending[0]["version"] == start
         pending = ask(take(), start, version) if pending is None else pending
+        ahead = None                     # one-step-off: the rollout of the step after next, once asked (see below)
         for step in range(start, cfg.steps):
             timer, t0 = {}, time.perf_counter()
             t_step = t0
             samples, graded = _got(pending if isinstance(pending, list) else pending())
             if cfg.mode == "one_step_off" and step + 1 < cfg.steps:
-                # asked for now: an actor engine generates it WHILE the trainer trains on `samples` below
-                pending = ask(take(), step + 1, version)
+                # the next rollout: an actor engine generates it WHILE the trainer trains on `samples` below. Asked
+                # at the end of the step before (`ahead`, below), or now on a run's first step
+                pending, ahead = (ahead if ahead is not None else ask(take(), step + 1, version)), None
             stale = step - samples[0]["version"]
             # exactly one step behind in one-step-off mode, none in sync; the first step of a resume trains on the
             # saved rollout, whichever mode made it (a one-step-off checkpoint resumed in sync mode: 1 once)
@@ -2196,6 +2198,15 @@ def _loop(cfg, trainer, engines, sync, get, rewarder, train_rows, test_rows, inf
                 keep = pending if step + 1 < cfg.steps else None
                 states = _gather(trainer, (sampler.state_dict(), keep), dp)
                 get(trainer.save.remote(str(out), step + 1, [a for a, _ in states], [b for _, b in states]))
+            if cfg.mode == "one_step_off" and step + 2 < cfg.steps:
+                # The rollout after next, asked the moment the engines hold this step's weights (sync above), not at
+                # the top of the next step: there the loop first waits for rollout step + 1 to reach this process
+                # and be graded, and an engine left idle for that wait (the transfer, math-verify) puts it on every
+                # step's critical path (the split layout measured 0.9 s per step around 0.67 s of generation). Same
+                # prompts, weights and calls in the same order to the engines, so the same run; asked after the
+                # eval and the save, so neither waits for it nor shares the engine with it, and a checkpoint's
+                # sampler position and in-flight rollout stay those of step + 1.
+                ahead = ask(take(), step + 2, version)
     finally:
         if pool is not None:
             pool.shutdown(wait=here, cancel_futures=True)    # a generation in flight ends before the engine

@@ -9310,6 +9310,40 @@ def test_ppo_one_step_off_policy_is_exactly_one_step_stale(tmp_path, monkeypatch
     assert [r["staleness"] for r in _ppo_rows("o") if "reward" in r] == [0, 1, 1, 1, 0, 1]
 
 
+def test_ppo_one_step_off_asks_the_rollout_after_next_before_reading_the_next(tmp_path, monkeypatch):
+    """One-step off: the engines get step s + 2's prompts the moment they hold step s's weights (after the sync),
+    before the loop waits for rollout s + 1 to arrive and be graded, so an engine never idles through that wait.
+    Recorded through the engines' generate (asks) and _got (the loop's reads, one per step; no checkpoints here).
+    Sync mode asks nothing ahead: step s + 1 is generated after step s's training, then read."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(ppo, "OVERLAP_HERE", False)        # asks from the loop itself (the thread would race them)
+    events, gen, got = [], ppo._Engines.generate, ppo._got
+
+    def asking(self, rows, step, version, greedy=False):
+        if step >= 0:                                              # (held-out evals: step -1)
+            events.append(("ask", step))
+        return gen(self, rows, step, version, greedy)
+
+    def reading(x):
+        events.append(("read", sum(e == "read" for e, _ in events)))   # the k-th read is step k's rollout
+        return got(x)
+    monkeypatch.setattr(ppo._Engines, "generate", asking)
+    monkeypatch.setattr(ppo, "_got", reading)
+    for mode in ("one_step_off", "sync"):
+        events.clear()
+        ppo.main(PPO_FAST + ["--steps", "5", "--mode", mode, "--out", mode, "--save_every", "-1"])
+        assert sorted(s for e, s in events if e == "ask") == [0, 1, 2, 3, 4] and \
+            [s for e, s in events if e == "read"] == [0, 1, 2, 3, 4], events
+        at = {e: i for i, e in enumerate(events)}
+        if mode == "one_step_off":
+            # step 0 reads, then asks step 1; from then on step s + 1 is asked before step s is read
+            assert at[("read", 0)] < at[("ask", 1)] and all(at[("ask", s + 1)] < at[("read", s)] for s in (1, 2, 3))
+        else:
+            assert all(at[("read", s)] < at[("ask", s + 1)] for s in range(4))
+    rows = [r for r in _ppo_rows("one_step_off") if "reward" in r]
+    assert [r["staleness"] for r in rows] == [0, 1, 1, 1, 1]
+
+
 class _EchoRole:
     """A stand-in engine for the --engine_process protocol tests (built in the child by name: test_all._EchoRole)."""
 
