@@ -50,6 +50,7 @@ Commands:
     python ppo.py --backend nanoray --tp 2 --pp 2 --engines 4   # split: a trainer group of 4 actors + 4 engines
     torchrun --nproc_per_node 8 ppo.py --tp 2 --pp 2 --rollout_gpus 4   # the same split from a torchrun launch
     python ppo.py --bench                             # GPU: samples/s vs TRL's GRPOTrainer, time per role
+    python ppo.py --bench --layouts sync,split,proc --model M   # one-step off vs sync, a torchrun job each: table, PNG
     python ppo.py --model ckpt/sft/hf --lora_rank 32      # LoRA on the actor (tp 1); merge.py exports it merged
     python ppo.py --reward_model RM_FOLDER --reward_model_coef 0.5   # + a learned reward (--no-rule_reward: RM only)
     pytest -q test_all.py -k ppo
@@ -393,6 +394,7 @@ class Config:
     log_every: int = 1  # steps between console lines (metrics.jsonl gets every step)
     wandb: str = ""  # a Weights & Biases project to log every step to as well ("" = off)
     bench: bool = False  # the benchmark instead of a run: GRPO samples/s vs TRL at its setting (GPU; see below)
+    layouts: str = ""  # with --bench: e.g. sync,split,proc: the same run as a torchrun job per layout -> steps/hour, PNG
     # speed runs of random weights, which never stop on their own: a JSON list of response lengths (a real model's);
     # each prompt's samples run to one drawn from it, EOS ignored (vLLM's benchmarks replay a dataset's lengths so)
     response_lengths: str = ""
@@ -421,6 +423,7 @@ def resolve(cfg: Config, cuda: bool) -> Config:
               (cfg.loss_agg in AGGREGATIONS, f"--loss_agg {cfg.loss_agg!r}: one of {', '.join(AGGREGATIONS)}"),
               (cfg.whiten in ("auto", "yes", "no"), f"--whiten {cfg.whiten!r}: auto, yes or no"),
               (cfg.backend in ("local", "nanoray", "ray"), f"--backend {cfg.backend!r}: local, nanoray or ray"),
+              (cfg.bench or not cfg.layouts, "--layouts is a benchmark's: python ppo.py --bench --layouts ..."),
               (cfg.epochs >= 1 and cfg.mini_batches >= 1, "--epochs and --mini_batches must be >= 1"),
               (cfg.backend != "local" or cfg.trainer_ranks == 0, "--trainer_ranks needs --backend nanoray or ray"),
               (cfg.trainer_ranks % (cfg.tp * cfg.pp) == 0,
@@ -1936,6 +1939,8 @@ def main(argv=None) -> dict:
     import prepare_data
     import nanotron as nt
     cfg = parse_args(argv)
+    if cfg.bench and cfg.layouts:
+        return bench_layouts(cfg, list(sys.argv[1:] if argv is None else argv))
     if cfg.bench:
         return bench([a for a in (sys.argv[1:] if argv is None else argv) if a != "--bench"])
     t_start = time.time()
@@ -2389,6 +2394,94 @@ def bench(argv: list) -> list[dict]:
     print(f"weight sync in memory, Qwen3-0.6B shape{'' if cuda else ' (2 layers, CPU)'}: "
           f"{_bench_sync('qwen3-0.6b'):.3f} s")
     return table
+
+
+# `python ppo.py --bench --layouts sync,split,proc [the run's flags]` (issue 15's measurement): the SAME run (model,
+# data, seeds, steps) once per layout, each a torchrun job over this machine's GPUs (2 gloo processes on CPU: a check
+# of the harness), then one table of steps per hour against the first layout and one PNG of the reward curves, which
+# must lie on each other (one step apart: off-policy trains on the rollout of the weights one step older). Step time =
+# the driver's `step_s` (held-out evals excluded) without the first step (compilation, graders starting) and the last
+# (no next rollout to generate in either mode). No checkpoints (--save_every -1).
+LAYOUTS = {"sync": ["--mode", "sync"],                                   # every GPU generates, then trains (dp)
+           "thread": ["--mode", "one_step_off"],                         # + the engine generates in a thread
+           "proc": ["--mode", "one_step_off", "--engine_process"],       # + in a child process of its own
+           "split": ["--mode", "one_step_off", "--rollout_gpus", "1"]}   # one GPU generates, the others train
+LAYOUT_TIMEOUT_S = 3 * 3600
+
+
+def bench_layouts(cfg: Config, argv: list) -> list[dict]:
+    import shutil
+    import statistics
+    import subprocess
+    names = [x.strip() for x in cfg.layouts.split(",") if x.strip()]
+    G = torch.cuda.device_count() if torch.cuda.is_available() else 2
+    for ok, msg in [(names and all(n in LAYOUTS for n in names), f"--layouts {cfg.layouts!r}: expected a comma-"
+                     f"separated list of {', '.join(LAYOUTS)}"), ("split" not in names or G >= 2, "--layouts split "
+                     "needs 2 GPUs or more (one generates, the others train)"), ("RANK" not in os.environ,
+                     "--bench --layouts starts its own torchrun jobs: run it as `python ppo.py --bench --layouts ..`")]:
+        if not ok:
+            raise ValueError(f"ppo.py: {msg}")
+    takes_value = {"layouts", "mode", "rollout_gpus", "out", "results", "resume", "save_every"}
+    base, args = [], iter(argv)
+    for a in args:                       # the run's own flags, without the ones each layout sets (--x v, --x=v)
+        name = a[2:].split("=")[0].removeprefix("no-") if a.startswith("--") else None
+        if name in takes_value | {"bench", "engine_process"}:
+            if name in takes_value and "=" not in a:
+                next(args, None)                                  # its value goes too
+            continue
+        base.append(a)
+    root = Path(cfg.out or "runs/ppo_layouts").resolve()
+    rows, curves = [], {}
+    for name in names:
+        out = root / name
+        shutil.rmtree(out, ignore_errors=True)                    # a fresh run, never a resumed one
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={G}",
+               str(Path(__file__).resolve()), *base, *LAYOUTS[name], "--out", str(out), "--resume", "never",
+               "--save_every", "-1", "--results", str(root / "results.jsonl")]
+        print(f"\n=== layout {name}: {' '.join(cmd[2:])}", flush=True)
+        try:
+            rc = subprocess.run(cmd, timeout=LAYOUT_TIMEOUT_S).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        every = _ppo_rows_of(out) if (out / "metrics.jsonl").is_file() else []
+        steps = [r for r in every if "step_s" in r][1:-1]
+        if rc != 0 or not steps:
+            rows.append({"layout": name, "error": f"exit {rc}" if rc != 0 else "fewer than 3 steps"})
+            continue
+        s, mean = [r["step_s"] for r in steps], lambda k: statistics.mean(r.get(k, 0.0) for r in steps)  # noqa: E731
+        evals = [r["eval_accuracy"] for r in every if r.get("eval_accuracy") is not None]
+        rewards = [r["reward"] for r in every if "reward" in r]
+        rows.append({"layout": name, "mean_s": statistics.mean(s), "median_s": statistics.median(s), "steps": len(s),
+                     "generate_s": mean("time_generate"), "engine_s": mean("engine_generate_s"),
+                     "trainer_s": sum(mean(f"time_{k}") for k in ("actor", "critic", "reference")),
+                     "sync_ms": (1e3 * statistics.median(r["time_sync"] for r in steps),
+                                 1e3 * max(r["time_sync"] for r in steps)),
+                     "reward_last": statistics.mean(rewards[-20:]), "first_reward": rewards[0], "evals": evals})
+        curves[name] = out / "metrics.jsonl"
+    ok = [r for r in rows if "error" not in r]
+    lines = [f"| layout | mean s / step | median | steps / hour | vs {ok[0]['layout'] if ok else '-'} (mean / median) "
+             "| generate on the path | engine's own | trainer | weight sync ms, median (max) | reward, last 20 "
+             "| held-out first -> last |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['layout']} | {r['error']} | | | | | | | | | |")
+            continue
+        r["vs_first"] = (ok[0]["mean_s"] / r["mean_s"], ok[0]["median_s"] / r["median_s"])
+        held = f"{r['evals'][0]:.3f} -> {r['evals'][-1]:.3f}" if r["evals"] else "-"
+        lines.append(f"| {r['layout']} | {r['mean_s']:.3f} | {r['median_s']:.3f} | {3600 / r['mean_s']:,.0f} | "
+                     f"{r['vs_first'][0]:.2f}x / {r['vs_first'][1]:.2f}x | {r['generate_s']:.3f} | {r['engine_s']:.3f} "
+                     f"| {r['trainer_s']:.3f} | {r['sync_ms'][0]:.0f} ({r['sync_ms'][1]:.0f}) | {r['reward_last']:.3f} "
+                     f"| {held} |")
+    dev = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    table = "\n".join(lines)
+    print(f"\nppo.py --bench --layouts ({G} x {dev}, torch {torch.__version__}; {' '.join(base)}; steps 2 to N - 1):"
+          f"\n{table}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "bench.md").write_text(table + "\n")
+    (root / "bench.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    if curves:
+        plot_curves(curves, root / "curves_layouts.png")
+    return rows
 
 
 def _ppo_rows_of(out: Path) -> list[dict]:

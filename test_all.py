@@ -160,8 +160,10 @@ from prepare_data import Config, build  # noqa: E402
 # event; step times off the GPU's clock; CUDA graphs on by default for one process, the LM head on FixedShape.head_rows
 # rows), nanotron.py to 2657 (pipeline_step(sync=False)), prepare_data.py to 1055 (check_token_split's max_mask_share),
 # ppo.py to 2458 (an update reads the GPU once: its tensors moved to the device up front, statistics kept there).
+# Session 18: ppo.py to 2562 (one-step off asks the rollout after next as soon as the engines hold the weights; the
+# layouts benchmark, `--bench --layouts sync,split,proc`: the same run as a torchrun job per layout, a table and a PNG).
 LINE_BUDGETS = {"nanosets.py": 2300, "prepare_data.py": 1055, "kernels.py": 2453, "nanotron.py": 2657,
-                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1422, "ppo.py": 2458, "merge.py": 200,
+                "nanovllm.py": 2549, "nanoray.py": 3463, "sft.py": 1422, "ppo.py": 2562, "merge.py": 200,
                 "eval.py": 786}
 
 
@@ -9716,6 +9718,32 @@ def test_ppo_bench_harness_runs_on_cpu_with_the_tiny_model(capsys):
     assert "weight sync in memory, Qwen3-0.6B shape (2 layers, CPU): " in out
     with pytest.raises(ValueError, match="--bench without a CUDA GPU runs only --model tiny"):
         ppo.main(["--bench", "--model", "smollm2"])
+
+
+def test_ppo_bench_layouts_runs_the_same_run_once_per_layout(tmp_path, monkeypatch, capsys):
+    """`ppo.py --bench --layouts sync,split` (issue 15's measurement): a torchrun job per layout (2 gloo processes
+    here) of the same run, with the layout's own --mode / --rollout_gpus over whatever the command line said, then a
+    table against the first layout, bench.json and the reward curves' PNG. Both layouts train step 1 on the same
+    rollout (same prompts, weights and seeds), so step 1's reward is equal; then sync is never stale, off-policy
+    always one step."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("RANK", raising=False)
+    rows = ppo.main(["--bench", "--layouts", "sync,split", "--steps", "4", "--prompts_per_step", "4",
+                     "--eval_problems", "4", "--mode", "one_step_off", "--save_every", "1", "--out", "L"])
+    assert [r["layout"] for r in rows] == ["sync", "split"] and not any("error" in r for r in rows), rows
+    assert rows[0]["vs_first"] == (1.0, 1.0) and rows[1]["vs_first"][0] > 0 and rows[0]["steps"] == 2
+    assert rows[0]["first_reward"] == rows[1]["first_reward"]
+    stale = {n: [r["staleness"] for r in _ppo_rows(Path("L") / n) if "reward" in r] for n in ("sync", "split")}
+    assert stale == {"sync": [0, 0, 0, 0], "split": [0, 1, 1, 1]}
+    assert not list(Path("L").glob("*/step_*")), "no checkpoints (--save_every -1 over the command line's 1)"
+    out = capsys.readouterr().out
+    assert "| layout | mean s / step | median | steps / hour | vs sync (mean / median)" in out and "| split | " in out
+    assert (Path("L") / "curves_layouts.png").is_file() and len(json.loads((Path("L") / "bench.json").read_text())) == 2
+    for argv, msg in ((["--bench", "--layouts", "sync,fast"], "expected a comma-separated list of sync, thread"),
+                      (["--layouts", "sync"], "--layouts is a benchmark's")):
+        with pytest.raises(ValueError, match=msg):
+            ppo.main(argv)
 
 
 @pytest.mark.parametrize("layout", [["--backend", "nanoray"], ["--engine_process"]])
