@@ -2421,15 +2421,9 @@ def bench_layouts(cfg: Config, argv: list) -> list[dict]:
                      "--bench --layouts starts its own torchrun jobs: run it as `python ppo.py --bench --layouts ..`")]:
         if not ok:
             raise ValueError(f"ppo.py: {msg}")
-    takes_value = {"layouts", "mode", "rollout_gpus", "out", "results", "resume", "save_every"}
-    base, args = [], iter(argv)
-    for a in args:                       # the run's own flags, without the ones each layout sets (--x v, --x=v)
-        name = a[2:].split("=")[0].removeprefix("no-") if a.startswith("--") else None
-        if name in takes_value | {"bench", "engine_process"}:
-            if name in takes_value and "=" not in a:
-                next(args, None)                                  # its value goes too
-            continue
-        base.append(a)
+    from prepare_data import drop_flags                 # the run's own flags, less those each layout sets
+    base = drop_flags(Config, argv, {"bench", "layouts", "mode", "rollout_gpus", "engine_process", "out", "results",
+                                     "resume", "save_every"})
     root = Path(cfg.out or "runs/ppo_layouts").resolve()
     rows, curves = [], {}
     for name in names:

@@ -1016,6 +1016,21 @@ def config_from_argv(cls, argv=None, description: str = "", positional: tuple = 
     return cls(**args)
 
 
+def drop_flags(cls, argv: list, names: set) -> list:
+    """argv without the flags of cls's fields in names: `--x v` and `--x=v`, or `--x` / `--no-x` for a bool field
+    (the layout benchmarks re-launch a run once per layout and set those flags themselves)."""
+    switch = {f.name for f in dataclasses.fields(cls) if f.type in (bool, "bool", bool | None, "bool | None")}
+    out, args = [], iter(argv)
+    for a in args:
+        name = a[2:].split("=")[0] if a.startswith("--") else None
+        name = name[3:] if name and name.startswith("no-") and name[3:] in switch else name
+        if name not in names:
+            out.append(a)
+        elif name not in switch and "=" not in a:
+            next(args, None)                                      # its value goes too
+    return out
+
+
 # The errors a user can fix (a bad flag value, a missing or corrupt file, a config that does not match a
 # checkpoint, a host that does not answer): one line, exit 2, like argparse's own errors. Anything else is
 # a bug and keeps its traceback. OSError covers FileNotFoundError, PermissionError, ConnectionError and

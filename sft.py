@@ -1332,21 +1332,6 @@ def parse_layout(name: str) -> dict:
     return d | {"world": d["tp"] * d["pp"] * d["dp"]}
 
 
-def _drop_flags(argv: list, names: set) -> list:
-    """argv without the flags in names (`--x v` and `--x=v` forms)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a[2:].split("=")[0] if a.startswith("--") else None
-        if name in names:
-            skip = "=" not in a
-            continue
-        out.append(a)
-    return out
-
-
 def bench_layouts(cfg: Config, argv=None) -> list:
     import subprocess
     import sys
@@ -1357,8 +1342,9 @@ def bench_layouts(cfg: Config, argv=None) -> list:
     if cfg.cuda_graphs and any(d["tp"] * d["pp"] > 1 for d in specs.values()):
         raise ValueError(f"sft.py: --bench {spec} --cuda_graphs: every layout needs tp 1 and pp 1 (dp only), got "
                          f"{', '.join(n for n, d in specs.items() if d['tp'] * d['pp'] > 1)}")
-    base = _drop_flags(list(sys.argv[1:] if argv is None else argv),
-                       {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
+    from prepare_data import drop_flags
+    base = drop_flags(Config, list(sys.argv[1:] if argv is None else argv),
+                      {"bench", "tp", "pp", "out", "resume", "results", "save_every"})
     base += ["--no-cuda_graphs"] if cfg.cuda_graphs is None else []   # the default would differ by layout (1 GPU: on)
     root = Path(cfg.out or "runs/layouts")
     rows = []
