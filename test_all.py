@@ -6311,8 +6311,8 @@ def test_sft_parse_layout_and_presets():
     for bad in ("tp", "tp2tp2", "2", "tp2x", "pp0"):
         with pytest.raises(ValueError, match="--bench layout"):
             sft.parse_layout(bad)
-    assert pd.drop_flags(sft.Config, ["--bench", "1,tp2", "--lr=3", "--out", "x", "--steps", "2", "--no-cuda_graphs",
-                                      "--overwrite"], {"bench", "lr", "out", "cuda_graphs"}) == ["--steps", "2", "--overwrite"]
+    argv = ["--bench", "1,tp2", "--lr=3", "--out", "x", "--steps", "2", "--no-cuda_graphs", "--overwrite"]
+    assert pd.drop_flags(sft.Config, argv, {"bench", "lr", "out", "cuda_graphs"}) == ["--steps", "2", "--overwrite"]
     assert pd.drop_flags(ppo.Config, ["--bench", "--model", "m", "--engine_process", "--mode", "sync", "--steps=3"],
                          {"bench", "engine_process", "mode", "steps"}) == ["--model", "m"]
     # the Qwen3-0.6B preset has Qwen3-0.6B's parameter count (tied embedding counted once)
